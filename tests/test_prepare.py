@@ -1,0 +1,281 @@
+"""Tests for tok1d.data.prepare and tok1d.data.records."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from tok1d.data import prepare as prepare_lib
+from tok1d.data import records
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLASSES = ["cat", "dog", "fish"]
+BAD_FILES = {"cat/bad.jpg", "dog/truncated.jpg", "fish/empty.png"}
+
+
+def _save(path, array: np.ndarray, fmt: str, **kwargs) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(array).save(path, format=fmt, **kwargs)
+
+
+def _make_tree(root) -> dict[str, tuple[int, np.ndarray | None]]:
+    """Writes a small class-subfolder tree.
+
+    Returns:
+        relpath -> (label, expected RGB pixels or None for lossy JPEG) for
+        every good image.
+    """
+    rng = np.random.default_rng(0)
+    good = {}
+
+    def rand(h, w, c=3):
+        shape = (h, w) if c == 1 else (h, w, c)
+        return rng.integers(0, 256, size=shape, dtype=np.uint8)
+
+    for label, name in enumerate(CLASSES):
+        for i, (h, w) in enumerate([(8, 12), (16, 10)]):
+            rel = f"{name}/png_{i}.png"
+            array = rand(h, w)
+            _save(os.path.join(root, rel), array, "PNG")
+            good[rel] = (label, array)
+        rel = f"{name}/sub/dir/photo.JPEG"  # Nested, upper-case extension.
+        _save(os.path.join(root, rel), rand(20, 14), "JPEG", quality=90)
+        good[rel] = (label, None)
+
+    gray = rand(9, 7, c=1)
+    _save(os.path.join(root, "cat/gray.png"), gray, "PNG")
+    good["cat/gray.png"] = (0, np.repeat(gray[:, :, None], 3, axis=-1))
+    rgba = rand(6, 11, c=4)
+    _save(os.path.join(root, "dog/rgba.png"), rgba, "PNG")
+    good["dog/rgba.png"] = (1, rgba[:, :, :3])
+
+    # Bad files: random bytes, truncated JPEG, empty PNG; plus a non-image.
+    with open(os.path.join(root, "cat/bad.jpg"), "wb") as f:
+        f.write(rng.integers(0, 256, size=500, dtype=np.uint8).tobytes())
+    buf = io.BytesIO()
+    Image.fromarray(rand(64, 64)).save(buf, format="JPEG")
+    with open(os.path.join(root, "dog/truncated.jpg"), "wb") as f:
+        f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+    open(os.path.join(root, "fish/empty.png"), "wb").close()
+    with open(os.path.join(root, "fish/notes.txt"), "w") as f:
+        f.write("not an image\n")
+    return good
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    good = _make_tree(str(root))
+    return str(root), good
+
+
+def _read_all(directory, split):
+    source = records.ArrayRecordImageSource(directory, split)
+    return source, [source[i] for i in range(len(source))]
+
+
+def _check_records(recs, good, root):
+    for rec in recs:
+        label, expected = good[rec["filename"]]
+        assert rec["label"] == label
+        assert rec["filename"].split("/")[0] == CLASSES[label]
+        pixels = records.decode_image(rec["image"], name=rec["filename"])
+        assert pixels.dtype == np.uint8 and pixels.shape[-1] == 3
+        if expected is not None:
+            np.testing.assert_array_equal(pixels, expected)
+        else:  # JPEG: stored bytes are the original file, unchanged.
+            path = os.path.join(root, rec["filename"])
+            with open(path, "rb") as f:
+                assert f.read() == rec["image"]
+
+
+def test_prepare_train(tree, tmp_path):
+    root, good = tree
+    out = str(tmp_path / "out")
+    summary = prepare_lib.prepare(root, out, workers=2, num_shards=2)
+
+    train = summary["splits"]["train"]
+    assert train["num_examples"] == len(good)
+    assert train["num_skipped"] == len(BAD_FILES)
+    assert summary["num_ignored"] == 1
+    assert summary["class_names"] == CLASSES
+
+    with open(os.path.join(out, "skipped_train.txt")) as f:
+        lines = [line.rstrip("\n").split("\t") for line in f]
+    assert {line[0] for line in lines} == BAD_FILES
+    assert all(len(line) == 2 and line[1] for line in lines)
+
+    with open(os.path.join(out, "dataset_info.json")) as f:
+        info = json.load(f)
+    assert info == {
+        "format": "tok1d.array_record.v1",
+        "class_names": CLASSES,
+        "splits": {"train": {
+            "num_examples": len(good),
+            "shards": ["train.array_record-00000-of-00002",
+                       "train.array_record-00001-of-00002"],
+            "num_skipped": len(BAD_FILES),
+        }},
+    }
+    assert not [f for f in os.listdir(out) if ".tmp-" in f]
+
+    source, recs = _read_all(out, "train")
+    assert len(source) == len(good)
+    assert source.num_classes == 3 and source.class_names == CLASSES
+    assert sorted(r["filename"] for r in recs) == sorted(good)
+    # Shuffled: not in the sorted scan order.
+    assert [r["filename"] for r in recs] != sorted(good)
+    _check_records(recs, good, root)
+    assert "skipped" in prepare_lib.format_summary(summary)
+
+
+def test_val_fraction_and_merge(tree, tmp_path):
+    root, good = tree
+    out = str(tmp_path / "out")
+    summary = prepare_lib.prepare(root, out, val_fraction=0.3, workers=1)
+    _, train = _read_all(out, "train")
+    _, val = _read_all(out, "validation")
+    train_files = {r["filename"] for r in train}
+    val_files = {r["filename"] for r in val}
+    assert not train_files & val_files
+    assert train_files | val_files == set(good)
+    # Every class gives files to validation (some may be skipped bad ones).
+    val_skipped = {p for p, _ in summary["splits"]["validation"]["skipped"]}
+    train_skipped = {p for p, _ in summary["splits"]["train"]["skipped"]}
+    assert val_skipped | train_skipped == BAD_FILES
+    assert {f.split("/")[0] for f in val_files | val_skipped} == set(CLASSES)
+    assert summary["splits"]["validation"]["num_examples"] == len(val)
+    _check_records(train + val, good, root)
+
+    # Same seed -> same result.
+    out2 = str(tmp_path / "out2")
+    prepare_lib.prepare(root, out2, val_fraction=0.3, workers=1)
+    _, val2 = _read_all(out2, "validation")
+    assert [r["filename"] for r in val2] == [r["filename"] for r in val]
+
+    # Writing another split into the same output merges the info file.
+    prepare_lib.prepare(root, out, split="extra", workers=1, resize_shorter=8)
+    with open(os.path.join(out, "dataset_info.json")) as f:
+        info = json.load(f)
+    assert set(info["splits"]) == {"train", "validation", "extra"}
+    _, extra = _read_all(out, "extra")
+    assert len(extra) == len(good)
+    for rec in extra:
+        assert min(records.decode_image(rec["image"]).shape[:2]) <= 8
+
+
+def test_class_mismatch_fails(tree, tmp_path):
+    root, _ = tree
+    out = str(tmp_path / "out")
+    prepare_lib.prepare(root, out, workers=1)
+    other = tmp_path / "other"
+    _save(str(other / "zebra" / "a.png"), np.zeros((4, 4, 3), np.uint8), "PNG")
+    with pytest.raises(ValueError, match="different classes"):
+        prepare_lib.prepare(str(other), out, split="zebra", workers=1)
+
+
+def test_cli(tree, tmp_path):
+    root, good = tree
+    out = str(tmp_path / "cli_out")
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tok1d.data.prepare", f"--input={root}",
+         f"--output={out}", "--workers=2"],
+        env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert f"skipped (could not decode): {len(BAD_FILES)}" in proc.stdout
+    assert f"train: {len(good)} examples" in proc.stdout
+    assert "cat/bad.jpg" in proc.stdout
+
+
+def test_missing_input_dir(tmp_path):
+    with pytest.raises(FileNotFoundError, match="Input directory not found"):
+        prepare_lib.prepare(str(tmp_path / "nope"), str(tmp_path / "out"))
+
+
+def test_no_classes_or_images(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="No class subfolders"):
+        prepare_lib.prepare(str(tmp_path / "empty"), str(tmp_path / "o1"))
+    (tmp_path / "noimg" / "a").mkdir(parents=True)
+    (tmp_path / "noimg" / "a" / "x.txt").write_text("hi")
+    with pytest.raises(ValueError, match="No image files"):
+        prepare_lib.prepare(str(tmp_path / "noimg"), str(tmp_path / "o2"))
+
+
+def test_source_errors(tree, tmp_path):
+    root, _ = tree
+    with pytest.raises(FileNotFoundError, match="not found"):
+        records.ArrayRecordImageSource(str(tmp_path / "missing"), "train")
+    with pytest.raises(FileNotFoundError, match="dataset_info.json"):
+        records.ArrayRecordImageSource(str(tmp_path), "train")
+    out = str(tmp_path / "out")
+    prepare_lib.prepare(root, out, workers=1)
+    with pytest.raises(KeyError, match="available splits: train"):
+        records.ArrayRecordImageSource(out, "test")
+
+
+def test_records_and_decode_image():
+    raw = records.encode_record(b"\x01\x02", 7, "a/b.png")
+    assert records.decode_record(raw) == {
+        "image": b"\x01\x02", "label": 7, "filename": "a/b.png"}
+    gray = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    for array in (gray, gray[:, :, None]):
+        out = records.decode_image(array)
+        assert out.shape == (3, 4, 3)
+        np.testing.assert_array_equal(out[:, :, 2], gray)
+    rgba = np.zeros((2, 2, 4), np.uint8)
+    assert records.decode_image(rgba).shape == (2, 2, 3)
+    buf = io.BytesIO()
+    Image.fromarray(gray).convert("P").save(buf, format="PNG")
+    np.testing.assert_array_equal(
+        records.decode_image(buf.getvalue())[:, :, 0], gray)
+    with pytest.raises(records.CorruptImageError, match="x.jpg"):
+        records.decode_image(b"not an image", name="x.jpg")
+
+
+def test_interrupted_run_leaves_dataset_intact(tree, tmp_path, monkeypatch):
+    root, good = tree
+    out = str(tmp_path / "out")
+    prepare_lib.prepare(root, out, workers=1)
+    with open(os.path.join(out, "dataset_info.json")) as f:
+        before = f.read()
+
+    calls = []
+
+    def failing_encode(*args):
+        calls.append(1)
+        if len(calls) > 3:
+            raise KeyboardInterrupt("simulated interruption")
+        return records.encode_record(*args)
+
+    monkeypatch.setattr(prepare_lib.records, "encode_record", failing_encode)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_lib.prepare(root, out, workers=1, num_shards=3, seed=1)
+    monkeypatch.undo()
+    with open(os.path.join(out, "dataset_info.json")) as f:
+        assert f.read() == before
+    assert not [f for f in os.listdir(out) if ".tmp-" in f]
+    assert len(records.ArrayRecordImageSource(out, "train")) == len(good)
+
+
+def test_summary_truncates_skipped_list():
+    skipped = [(f"c/{i}.jpg", "bad") for i in range(25)]
+    summary = {
+        "input_dir": "in", "output_dir": "out", "class_names": ["c"],
+        "splits": {"train": {
+            "num_examples": 1, "num_skipped": 25, "skipped": skipped,
+            "shards": ["s"], "skipped_file": "out/skipped_train.txt"}},
+        "num_skipped": 25, "num_ignored": 0, "bytes_written": 10,
+        "elapsed_s": 1.0, "images_per_s": 1.0,
+    }
+    text = prepare_lib.format_summary(summary)
+    assert "c/19.jpg" in text and "c/20.jpg" not in text
+    assert "... and 5 more" in text and "out/skipped_train.txt" in text

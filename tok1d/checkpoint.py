@@ -1,0 +1,102 @@
+"""Checkpoints: orbax CheckpointManager over {train state, data iterator}, plus preemption.
+
+- Async saves every `every_steps`, the last `keep` kept; the grain iterator state is saved
+  next to the train state so a resumed run sees exactly the batches it would have seen.
+- Restores go straight into the *current* shardings (abstract target tree).
+- SIGTERM / SIGINT set a flag; the trainer saves and exits at the next step boundary. On
+  multi-host runs the JAX preemption sync point makes all hosts stop at the same step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from typing import Any, Optional
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+STATE = "state"
+DATA_ITER = "data_iter"
+
+
+class PreemptionFlag:
+    """Turns SIGTERM/SIGINT into a polled flag; a second SIGINT interrupts at once."""
+
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+        self._event = threading.Event()
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):  # noqa: ARG002
+        name = signal.Signals(signum).name
+        if self._event.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        logging.warning("Received %s: will save a checkpoint and stop at the next step.", name)
+        self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
+class Checkpointer:
+    """Thin wrapper over `ocp.CheckpointManager` with a data-iterator item."""
+
+    def __init__(self, directory: str, *, every_steps: int, keep: int, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=max(every_steps, 1), max_to_keep=max(keep, 1), create=True,
+            enable_async_checkpointing=async_save)
+        self.manager = ocp.CheckpointManager(self.directory, item_names=(STATE, DATA_ITER),
+                                             options=options)
+
+    def latest_step(self) -> Optional[int]:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, data_iter: Any = None, *, force: bool = False) -> bool:
+        items = {STATE: ocp.args.StandardSave(state)}
+        if data_iter is not None:
+            items[DATA_ITER] = grain.checkpoint.CheckpointSave(data_iter)
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def restore(self, step: int, abstract_state: Any, data_iter: Any = None) -> Any:
+        """Restores into `abstract_state` (ShapeDtypeStructs carrying the target shardings);
+        the data iterator, if given, is restored in place."""
+        items = {STATE: ocp.args.StandardRestore(abstract_state)}
+        if data_iter is not None:
+            items[DATA_ITER] = grain.checkpoint.CheckpointRestore(data_iter)
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(
+                f"Checkpoint {self.directory}/{step} does not match the model/optimizer built "
+                f"from this config ({type(e).__name__}: {e}). Use the config it was trained "
+                "with, or a new --workdir.") from e
+        return restored[STATE]
+
+    def reached_preemption(self, step: int) -> bool:
+        """Multi-host preemption notice (all hosts agree on the step)."""
+        return jax.process_count() > 1 and self.manager.reached_preemption(step)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs of `tree` carrying `shardings` (the restore target)."""
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

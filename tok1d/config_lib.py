@@ -1,0 +1,166 @@
+"""Config defaults and start-up validation.
+
+Every config file starts from `base_config()` and changes what it needs. `validate(config)`
+runs before anything is built and fails with one message that names every problem: keys that
+are not in the defaults (typos), impossible shapes, batch sizes that do not divide over the mesh.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Iterator
+
+import ml_collections
+
+from tok1d import parallel
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """All known config keys with their defaults (the schema that `validate` checks against)."""
+    c = ml_collections.ConfigDict()
+    c.trainer = "tokenizer"
+    c.seed = 0
+    c.total_steps = 1000
+    c.batch_size = 64             # global, over all hosts and devices
+    c.eval_batch_size = 64
+    c.precision = "bfloat16"      # compute dtype; params and optimizer state stay float32
+    c.ema_decay = 0.999           # 0 disables the EMA of params
+
+    # Model: `name` picks the registry entry in tok1d.models, the rest are its keyword arguments
+    # (checked against the module's fields when the config is validated).
+    c.model = ml_collections.ConfigDict({"name": "titok"})
+
+    c.data = ml_collections.ConfigDict(dict(
+        name="demo",                  # "demo", "tfds:<name>" or "array_record:<dir>"
+        data_dir="",                  # TFDS data_dir (empty: TFDS default)
+        train_split="train",
+        eval_split="validation",
+        image_size=256,
+        augment="random_resized_crop",  # or "random_crop" / "center_crop"
+        min_scale=0.8,                # smallest area fraction of random_resized_crop
+        flip=True,
+        num_workers=0,                # grain worker processes (0: decode in the main process)
+        eval_examples=-1,             # -1: the whole eval split
+        demo_size=4096,               # number of random crops per epoch of the demo data
+    ))
+
+    c.optim = ml_collections.ConfigDict(dict(
+        lr=1e-4,
+        end_lr=1e-5,
+        warmup_steps=1000,
+        schedule="cosine",            # "cosine", "linear" or "constant" after warmup
+        b1=0.9,
+        b2=0.99,
+        eps=1e-8,
+        weight_decay=1e-4,            # applied to matrices only (not norms, biases, embeddings)
+        grad_clip=1.0,                # global-norm clipping; 0 disables
+        grad_accum_steps=1,
+        mu_dtype="float32",
+    ))
+
+    # Loss weights; a term with weight 0 is not computed.
+    c.losses = ml_collections.ConfigDict(dict(l2=1.0, l1=0.0, quantizer=1.0))
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.sharding = ml_collections.ConfigDict(dict(rules=parallel.DEFAULT_RULES))
+
+    c.log_every_steps = 50
+    c.eval_every_steps = 1000
+    c.num_grid_images = 16        # images in the input-vs-reconstruction grid
+
+    c.checkpoint = ml_collections.ConfigDict(dict(
+        every_steps=1000,
+        keep=3,
+        async_save=True,
+    ))
+    c.distributed = ml_collections.ConfigDict(dict(
+        coordinator_address="",       # empty: let jax.distributed auto-detect (TPU, SLURM)
+        num_processes=0,
+        process_id=-1,
+    ))
+    return c
+
+
+def _walk(cfg: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for key, value in cfg.items():
+        path = f"{prefix}{key}"
+        yield path, value
+        if isinstance(value, ml_collections.ConfigDict) and path != "model":
+            yield from _walk(value, path + ".")
+
+
+def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Keyword arguments for `tok1d.models.create(config.model.name, ...)`: the model dict plus
+    the data's image size and the compute / parameter dtypes."""
+    kwargs = dict(config.model)
+    kwargs.pop("name", None)
+    kwargs.setdefault("image_size", config.data.image_size)
+    kwargs["dtype"] = config.precision
+    kwargs["param_dtype"] = "float32"
+    return kwargs
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message lists every problem found."""
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+    """Checks keys against `base_config()` and the shapes against each other."""
+    problems: list[str] = []
+    known = dict(_walk(base_config()))
+    for path, _ in _walk(config):
+        if path not in known:
+            close = difflib.get_close_matches(path, list(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(f"unknown config key {path!r}{hint}")
+    if problems:  # shape checks below assume a well-formed config
+        raise ConfigError("Invalid config:\n  - " + "\n  - ".join(problems))
+
+    from tok1d import models  # Local import: models import jax/flax.
+    try:
+        model = models.create(config.model.get("name"), **model_kwargs(config))
+    except (ValueError, TypeError) as e:
+        problems.append(f"model: {e}")
+        model = None
+
+    image_size = config.data.image_size
+    if model is not None:
+        if getattr(model, "image_size", image_size) != image_size:
+            problems.append(f"model.image_size={model.image_size} differs from "
+                            f"data.image_size={image_size}")
+        patch = getattr(model, "patch_size", None)
+        if patch and image_size % patch:
+            problems.append(f"data.image_size={image_size} is not divisible by "
+                            f"model.patch_size={patch}")
+
+    if config.data.augment not in ("random_resized_crop", "random_crop", "center_crop"):
+        problems.append(f"data.augment={config.data.augment!r} is not one of "
+                        "'random_resized_crop', 'random_crop', 'center_crop'")
+    if config.optim.schedule not in ("cosine", "linear", "constant"):
+        problems.append(f"optim.schedule={config.optim.schedule!r} is not one of "
+                        "'cosine', 'linear', 'constant'")
+    if config.precision not in models.DTYPES:
+        problems.append(f"precision={config.precision!r} is not one of {sorted(models.DTYPES)}")
+
+    try:
+        mesh_shape = parallel.resolve_mesh_shape(dict(config.mesh), num_devices)
+        batch_div = mesh_shape[0] * mesh_shape[1]  # batch is split over data x fsdp
+        accum = config.optim.grad_accum_steps
+        if accum < 1:
+            problems.append(f"optim.grad_accum_steps={accum} must be >= 1")
+        elif config.batch_size % (batch_div * accum):
+            problems.append(
+                f"batch_size={config.batch_size} is not divisible by the data-parallel size "
+                f"{batch_div} (mesh data x fsdp = {mesh_shape[0]} x {mesh_shape[1]})"
+                + (f" times grad_accum_steps={accum}" if accum > 1 else ""))
+        if config.eval_batch_size % batch_div:
+            problems.append(f"eval_batch_size={config.eval_batch_size} is not divisible by the "
+                            f"data-parallel size {batch_div}")
+    except ValueError as e:
+        problems.append(f"mesh: {e}")
+
+    for key in ("total_steps", "batch_size", "eval_batch_size", "log_every_steps"):
+        if config[key] <= 0:
+            problems.append(f"{key}={config[key]} must be positive")
+    if problems:
+        raise ConfigError("Invalid config:\n  - " + "\n  - ".join(problems))

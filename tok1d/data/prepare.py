@@ -1,0 +1,631 @@
+r"""Converts a folder of images into tok1d ArrayRecord shards.
+
+The input uses the usual class-subfolder layout (as for ImageNet)::
+
+    INPUT/<class_name>/<any depth of image files>
+
+Classes are the sorted names of the subfolders of ``INPUT`` (hidden ones,
+starting with ".", excluded) and get labels ``0..C-1``. Every image file is
+fully decoded once in a worker pool; files that cannot be decoded are
+skipped and listed in ``OUTPUT/skipped_<split>.txt``, never silently
+dropped. The encoded bytes are stored unchanged unless ``--resize_shorter``
+is given. See `tok1d.data.records` for the output format.
+
+Usage::
+
+    python -m tok1d.data.prepare --input=/data/imagenet/train \
+        --output=/data/imagenet_ar --split=train
+    python -m tok1d.data.prepare --input=/data/imagenet/val \
+        --output=/data/imagenet_ar --split=validation
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import io
+import itertools
+import json
+import math
+import multiprocessing
+import os
+import re
+import sys
+import time
+import uuid
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+from absl import app
+from absl import flags
+import numpy as np
+from PIL import Image
+import tqdm
+
+from array_record.python import array_record_module
+from tok1d.data import records
+
+IMAGE_EXTENSIONS = frozenset({
+    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp",
+    ".tif", ".tiff",
+})
+VALIDATION_SPLIT = "validation"
+TARGET_SHARD_BYTES = 1 << 30  # About 1 GB per shard when auto-sharding.
+MAX_LISTED_SKIPPED = 20  # Skipped files listed in the printed summary.
+_CHUNK_SIZE = 16  # Files per worker task.
+_SPLIT_NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Example:
+    """An input image file."""
+
+    path: str  # Path to read from.
+    relpath: str  # Path relative to the input root, "/"-separated.
+    label: int
+    size: int  # File size in bytes.
+
+
+# -----------------------------------------------------------------------------
+# Scanning and splitting.
+# -----------------------------------------------------------------------------
+
+
+def is_image_file(path: str) -> bool:
+    """Whether ``path`` has a recognised image extension (case-insensitive)."""
+    return os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS
+
+
+def scan_input(input_dir: str) -> tuple[list[str], list[_Example], list[str]]:
+    """Lists the classes and image files of a class-subfolder tree.
+
+    Args:
+        input_dir: Root folder with one subfolder per class.
+
+    Returns:
+        ``(class_names, examples, ignored)``: sorted class names, the image
+        files in deterministic (sorted) order, and the relative paths of
+        ignored files (non-images, hidden files, files directly in the root).
+
+    Raises:
+        FileNotFoundError: If ``input_dir`` is not a directory.
+        ValueError: If there are no class subfolders or no images at all.
+    """
+    if not os.path.isdir(input_dir):
+        raise FileNotFoundError(f"Input directory not found: {input_dir!r}")
+    class_names, ignored = [], []
+    for entry in sorted(os.listdir(input_dir)):
+        if os.path.isdir(os.path.join(input_dir, entry)):
+            if not entry.startswith("."):
+                class_names.append(entry)
+        else:
+            ignored.append(entry)
+    if not class_names:
+        raise ValueError(
+            f"No class subfolders in {input_dir!r}: expected the layout "
+            "INPUT/<class_name>/<image files>.")
+
+    examples = []
+    for label, name in enumerate(class_names):
+        class_dir = os.path.join(input_dir, name)
+        for root, dirs, files in os.walk(class_dir, followlinks=True):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for filename in sorted(files):
+                path = os.path.join(root, filename)
+                relpath = os.path.relpath(path, input_dir).replace(os.sep, "/")
+                if filename.startswith(".") or not is_image_file(filename):
+                    ignored.append(relpath)
+                    continue
+                try:
+                    size = os.path.getsize(path)
+                except OSError:
+                    size = 0  # Unreadable: reported as skipped when loaded.
+                examples.append(_Example(path, relpath, label, size))
+    if not examples:
+        raise ValueError(
+            f"No image files found under {input_dir!r} ({len(class_names)} "
+            f"class folders, {len(ignored)} non-image files). Recognised "
+            f"extensions: {', '.join(sorted(IMAGE_EXTENSIONS))}.")
+    return class_names, examples, ignored
+
+
+def _split_off_validation(
+        examples: Sequence[_Example], val_fraction: float,
+        rng: np.random.Generator) -> tuple[list[_Example], list[_Example]]:
+    """Moves a random ``val_fraction`` of each class to a validation split.
+
+    Every class with at least 2 files gives at least 1 file to validation
+    and keeps at least 1; classes with a single file stay in the main split.
+    """
+    by_class = collections.defaultdict(list)
+    for example in examples:
+        by_class[example.label].append(example)
+    main, val = [], []
+    for label in sorted(by_class):
+        files = by_class[label]
+        n = len(files)
+        num_val = int(round(val_fraction * n))
+        if n >= 2:
+            num_val = min(max(num_val, 1), n - 1)
+        else:
+            num_val = 0
+        chosen = set(rng.permutation(n)[:num_val].tolist())
+        for i, example in enumerate(files):
+            (val if i in chosen else main).append(example)
+    return main, val
+
+
+def _shuffled(examples: Sequence[_Example],
+              rng: np.random.Generator) -> list[_Example]:
+    return [examples[i] for i in rng.permutation(len(examples))]
+
+
+def _auto_num_shards(examples: Sequence[_Example]) -> int:
+    total = sum(e.size for e in examples)
+    return max(1, math.ceil(total / TARGET_SHARD_BYTES))
+
+
+# -----------------------------------------------------------------------------
+# Loading (runs in worker processes).
+# -----------------------------------------------------------------------------
+
+
+def load_image_file(path: str, resize_shorter: int = 0) -> bytes:
+    """Reads an image file, checks that it decodes, optionally resizes it.
+
+    Args:
+        path: The file to read.
+        resize_shorter: If > 0 and the image's shorter side exceeds it, the
+            image is resized (bicubic, antialiased) so that its shorter side
+            is ``resize_shorter`` and re-encoded (PNG if the source was PNG,
+            JPEG quality 95 otherwise).
+
+    Returns:
+        The bytes to store: the original file unless it was resized.
+
+    Raises:
+        records.CorruptImageError: If the file is empty or does not decode.
+        OSError: If the file cannot be read.
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    if not data:
+        raise records.CorruptImageError("empty file (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            source_format = image.format
+            image.verify()
+        # `verify` leaves the image unusable, so decode from a fresh handle.
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            rgb = image.convert("RGB")
+    except Exception as e:  # PIL raises many kinds of errors on bad input.
+        raise records.CorruptImageError(records.describe_image_error(e)) from e
+
+    width, height = rgb.size
+    if resize_shorter <= 0 or min(width, height) <= resize_shorter:
+        return data
+    scale = resize_shorter / min(width, height)
+    if width <= height:
+        size = (resize_shorter, max(resize_shorter, round(height * scale)))
+    else:
+        size = (max(resize_shorter, round(width * scale)), resize_shorter)
+    # Pillow's resize widens the filter support when downscaling (antialias).
+    rgb = rgb.resize(size, Image.Resampling.BICUBIC)
+    out = io.BytesIO()
+    if source_format == "PNG":
+        rgb.save(out, format="PNG")
+    else:
+        rgb.save(out, format="JPEG", quality=95)
+    return out.getvalue()
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _load_chunk(
+        paths: Sequence[str],
+        resize_shorter: int) -> list[tuple[bytes | None, str | None]]:
+    """Loads several files; returns ``(data, None)`` or ``(None, reason)``."""
+    results = []
+    for path in paths:
+        try:
+            results.append((load_image_file(path, resize_shorter), None))
+        except records.CorruptImageError as e:
+            results.append((None, _one_line(e)))
+        except OSError as e:
+            results.append((None, _one_line(f"unreadable: {e}")))
+    return results
+
+
+def _ordered_map(fn: Callable[[Any], Any], items: Iterable[Any],
+                 pool: Any | None, max_in_flight: int) -> Iterator[Any]:
+    """Like ``pool.imap`` but with at most ``max_in_flight`` pending tasks.
+
+    Bounding the number of pending tasks bounds memory when the consumer
+    (the writer) is slower than the workers.
+    """
+    if pool is None:
+        yield from map(fn, items)
+        return
+    items = iter(items)
+    pending = collections.deque(
+        pool.apply_async(fn, (item,))
+        for item in itertools.islice(items, max_in_flight))
+    while pending:
+        result = pending.popleft().get()
+        for item in itertools.islice(items, 1):
+            pending.append(pool.apply_async(fn, (item,)))
+        yield result
+
+
+# -----------------------------------------------------------------------------
+# Writing.
+# -----------------------------------------------------------------------------
+
+
+def shard_name(split: str, index: int, num_shards: int) -> str:
+    """File name of shard ``index`` of ``num_shards`` of a split."""
+    return f"{split}.array_record-{index:05d}-of-{num_shards:05d}"
+
+
+def _tmp_path(output_dir: str, name: str, token: str) -> str:
+    return os.path.join(output_dir, f".{name}.tmp-{token}")
+
+
+def _atomic_write_text(path: str, text: str, token: str) -> None:
+    tmp = _tmp_path(os.path.dirname(path), os.path.basename(path), token)
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_info(output_dir: str, info: dict[str, Any], token: str) -> None:
+    path = os.path.join(output_dir, records.INFO_FILENAME)
+    _atomic_write_text(path, json.dumps(info, indent=2) + "\n", token)
+
+
+def _write_split(split: str, examples: Sequence[_Example], num_shards: int,
+                 output_dir: str, resize_shorter: int, pool: Any | None,
+                 max_in_flight: int, token: str,
+                 tmp_files: list[str]) -> dict[str, Any]:
+    """Loads ``examples`` (already shuffled) and writes temporary shards.
+
+    Shard ``k`` receives the contiguous block of examples
+    ``[k * n // num_shards, (k + 1) * n // num_shards)``, minus the skipped
+    ones. The temporary shard paths are appended to ``tmp_files`` as they
+    are created so that the caller can clean them up on failure.
+
+    Returns:
+        A dict with the split's statistics; ``tmp_shards`` maps temporary
+        paths to final shard names.
+    """
+    n = len(examples)
+    num_shards = max(1, min(num_shards, n))
+    names = [shard_name(split, k, num_shards) for k in range(num_shards)]
+    tmp_paths = [_tmp_path(output_dir, name, token) for name in names]
+    shard_of = [i * num_shards // n for i in range(n)]  # Contiguous blocks.
+
+    chunks = [examples[i:i + _CHUNK_SIZE] for i in range(0, n, _CHUNK_SIZE)]
+    load = functools.partial(_load_chunk, resize_shorter=resize_shorter)
+    results = _ordered_map(
+        load, ([e.path for e in chunk] for chunk in chunks), pool,
+        max_in_flight)
+
+    skipped, num_written, index = [], 0, 0
+    writer, current = None, -1
+    bar = tqdm.tqdm(total=n, desc=f"{split}", unit="img", file=sys.stderr,
+                    dynamic_ncols=True)
+    try:
+        for chunk, chunk_results in zip(chunks, results):
+            for example, (data, reason) in zip(chunk, chunk_results):
+                if shard_of[index] != current:
+                    if writer is not None:
+                        writer.close()
+                    current = shard_of[index]
+                    tmp_files.append(tmp_paths[current])
+                    writer = array_record_module.ArrayRecordWriter(
+                        tmp_paths[current], "group_size:1")
+                index += 1
+                if data is None:
+                    skipped.append((example.relpath, reason))
+                    continue
+                writer.write(records.encode_record(
+                    data, example.label, example.relpath))
+                num_written += 1
+            bar.update(len(chunk))
+            bar.set_postfix(skipped=len(skipped), refresh=False)
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.close()
+    return {
+        "num_examples": num_written,
+        "num_skipped": len(skipped),
+        "skipped": skipped,
+        "shards": names,
+        "tmp_shards": dict(zip(tmp_paths, names)),
+        "bytes_written": sum(os.path.getsize(p) for p in tmp_paths),
+    }
+
+
+def _read_existing_info(output_dir: str,
+                        class_names: list[str]) -> dict[str, Any] | None:
+    """Returns the existing info (or None) after checking it is compatible."""
+    path = os.path.join(output_dir, records.INFO_FILENAME)
+    if not os.path.exists(path):
+        return None
+    info = records.read_info(output_dir)
+    if list(info["class_names"]) != list(class_names):
+        old, new = info["class_names"], class_names
+        raise ValueError(
+            f"{path!r} already describes a dataset with different classes "
+            f"({len(old)} classes: {_preview(old)}) than the input "
+            f"({len(new)} classes: {_preview(new)}); use another --output.")
+    return info
+
+
+def _preview(names: Sequence[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (", ..." if len(names) > limit else "")
+
+
+def _remove_stale_shards(output_dir: str, split: str,
+                         keep: Sequence[str]) -> None:
+    """Deletes ``<split>.array_record-*`` files not listed in ``keep``."""
+    pattern = re.compile(
+        re.escape(split) + r"\.array_record-\d{5}-of-\d{5}$")
+    for name in os.listdir(output_dir):
+        if pattern.match(name) and name not in keep:
+            os.remove(os.path.join(output_dir, name))
+
+
+# -----------------------------------------------------------------------------
+# Main entry points.
+# -----------------------------------------------------------------------------
+
+
+def prepare(input_dir: str,
+            output_dir: str,
+            split: str = "train",
+            val_fraction: float = 0.0,
+            num_shards: int = 0,
+            resize_shorter: int = 0,
+            workers: int | None = None,
+            seed: int = 0) -> dict[str, Any]:
+    """Converts a class-subfolder image tree into ArrayRecord shards.
+
+    Args:
+        input_dir: Root with one subfolder per class.
+        output_dir: Where to write shards, ``dataset_info.json`` and
+            ``skipped_<split>.txt``. Created if needed; other splits already
+            described there are kept (the class names must match).
+        split: Name of the split to write.
+        val_fraction: If > 0, this fraction of each class goes to a second
+            split named ``validation`` (at least 1 file per class with >= 2
+            files), the rest to ``split``.
+        num_shards: Number of shards of ``split``; 0 picks about 1 GB per
+            shard. The validation split is always sharded automatically.
+        resize_shorter: If > 0, images whose shorter side exceeds it are
+            downscaled to that shorter side and re-encoded.
+        workers: Number of decoding processes; ``None`` uses all CPUs,
+            values <= 1 decode in this process.
+        seed: Seed for the validation selection and the example shuffling.
+
+    Returns:
+        A summary dict (see `format_summary`), with per-split statistics
+        under ``"splits"``.
+
+    Raises:
+        FileNotFoundError: If ``input_dir`` does not exist.
+        ValueError: For invalid arguments, an input without class folders or
+            images, incompatible existing output, or a split whose images
+            all fail to decode.
+    """
+    start = time.time()
+    if not _SPLIT_NAME_RE.match(split):
+        raise ValueError(
+            f"Invalid split name {split!r}: use letters, digits, '_' or '-'.")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+    if val_fraction > 0 and split == VALIDATION_SPLIT:
+        raise ValueError(
+            f"--val_fraction writes a {VALIDATION_SPLIT!r} split, so --split "
+            f"must be another name (got {split!r}).")
+    if num_shards < 0 or resize_shorter < 0:
+        raise ValueError("num_shards and resize_shorter must be >= 0.")
+    if workers is None:
+        workers = os.cpu_count() or 1
+
+    input_real = os.path.realpath(input_dir)
+    output_real = os.path.realpath(output_dir)
+    if os.path.commonpath([input_real, output_real]) == input_real:
+        raise ValueError(
+            f"The output {output_dir!r} must not be inside the input "
+            f"{input_dir!r} (it would be taken for a class folder).")
+
+    class_names, examples, ignored = scan_input(input_dir)
+    os.makedirs(output_dir, exist_ok=True)
+    _read_existing_info(output_dir, class_names)  # Fail early if incompatible.
+
+    rng = np.random.default_rng(seed)
+    if val_fraction > 0:
+        main_examples, val_examples = _split_off_validation(
+            examples, val_fraction, rng)
+        if not val_examples:
+            raise ValueError(
+                "val_fraction > 0 but no file can go to validation: every "
+                "class has a single image file.")
+        plan = {split: main_examples, VALIDATION_SPLIT: val_examples}
+    else:
+        plan = {split: list(examples)}
+    plan = {name: _shuffled(exs, rng) for name, exs in plan.items()}
+    shard_counts = {name: _auto_num_shards(exs) for name, exs in plan.items()}
+    if num_shards > 0:
+        shard_counts[split] = num_shards
+
+    token = uuid.uuid4().hex[:12]
+    tmp_files: list[str] = []
+    stats: dict[str, dict[str, Any]] = {}
+    pool = None
+    try:
+        if workers > 1:
+            pool = multiprocessing.get_context().Pool(workers)
+        for name, exs in plan.items():
+            stats[name] = _write_split(
+                name, exs, shard_counts[name], output_dir, resize_shorter,
+                pool, 4 * max(workers, 1), token, tmp_files)
+            if stats[name]["num_examples"] == 0:
+                raise ValueError(
+                    f"None of the {len(exs)} images of split {name!r} could "
+                    f"be decoded; e.g. {stats[name]['skipped'][0]}.")
+        _commit(output_dir, class_names, stats, token)
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        for path in tmp_files:
+            if os.path.exists(path):
+                os.remove(path)
+
+    elapsed = time.time() - start
+    for name, st in stats.items():
+        del st["tmp_shards"]
+        st["skipped_file"] = os.path.join(output_dir, f"skipped_{name}.txt")
+    total_written = sum(st["num_examples"] for st in stats.values())
+    return {
+        "input_dir": input_dir,
+        "output_dir": output_dir,
+        "class_names": class_names,
+        "num_classes": len(class_names),
+        "splits": stats,
+        "num_ignored": len(ignored),
+        "ignored": ignored,
+        "num_skipped": sum(st["num_skipped"] for st in stats.values()),
+        "bytes_written": sum(st["bytes_written"] for st in stats.values()),
+        "elapsed_s": elapsed,
+        "images_per_s": total_written / max(elapsed, 1e-9),
+    }
+
+
+def _commit(output_dir: str, class_names: list[str],
+            stats: dict[str, dict[str, Any]], token: str) -> None:
+    """Moves temporary shards into place and updates ``dataset_info.json``.
+
+    Order matters for crash safety: splits being replaced are first removed
+    from the info file, then shards are renamed, then the new info is
+    written. At no point does the info file list a partial shard.
+    """
+    info = _read_existing_info(output_dir, class_names) or {
+        "format": records.FORMAT_VERSION,
+        "class_names": class_names,
+        "splits": {},
+    }
+    if any(name in info["splits"] for name in stats):
+        for name in stats:
+            info["splits"].pop(name, None)
+        _write_info(output_dir, info, token)
+    for name, st in stats.items():
+        for tmp, final in st["tmp_shards"].items():
+            os.replace(tmp, os.path.join(output_dir, final))
+        lines = "".join(f"{path}\t{reason}\n" for path, reason in st["skipped"])
+        skipped_path = os.path.join(output_dir, f"skipped_{name}.txt")
+        _atomic_write_text(skipped_path, lines, token)
+        info["splits"][name] = {
+            "num_examples": st["num_examples"],
+            "shards": st["shards"],
+            "num_skipped": st["num_skipped"],
+        }
+    info["splits"] = dict(sorted(info["splits"].items()))
+    _write_info(output_dir, info, token)
+    for name, st in stats.items():
+        _remove_stale_shards(output_dir, name, st["shards"])
+
+
+def _format_bytes(num: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if num < 1000 or unit == "TB":
+            return f"{num:.1f} {unit}" if unit != "B" else f"{int(num)} B"
+        num /= 1000
+    return f"{num:.1f} TB"
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """Formats the dict returned by `prepare` for humans."""
+    lines = [f"Prepared {summary['input_dir']} -> {summary['output_dir']}"]
+    names = summary["class_names"]
+    lines.append(f"  classes: {len(names)} ({_preview(names, 10)})")
+    for name, st in summary["splits"].items():
+        lines.append(
+            f"  {name}: {st['num_examples']} examples written in "
+            f"{len(st['shards'])} shard(s), {st['num_skipped']} skipped")
+    lines.append(f"  skipped (could not decode): {summary['num_skipped']}")
+    for name, st in summary["splits"].items():
+        if not st["skipped"]:
+            continue
+        lines.append(f"    [{name}]")
+        for path, reason in st["skipped"][:MAX_LISTED_SKIPPED]:
+            lines.append(f"    {path}\t{reason}")
+        more = len(st["skipped"]) - MAX_LISTED_SKIPPED
+        if more > 0:
+            lines.append(f"    ... and {more} more")
+        lines.append(f"    full list: {st['skipped_file']}")
+    lines.append(f"  ignored (not images): {summary['num_ignored']}")
+    lines.append(f"  bytes written: {_format_bytes(summary['bytes_written'])}")
+    lines.append(
+        f"  elapsed: {summary['elapsed_s']:.1f} s "
+        f"({summary['images_per_s']:.1f} images/s)")
+    return "\n".join(lines)
+
+
+def _define_flags() -> None:
+    """Defines the CLI flags.
+
+    Only called when run as a script, so that importing this module never
+    clashes with flags of the same name defined by other modules.
+    """
+    flags.DEFINE_string("input", None, "Input root: INPUT/<class>/<images>.")
+    flags.DEFINE_string("output", None, "Output directory.")
+    flags.DEFINE_string("split", "train", "Name of the split to write.")
+    flags.DEFINE_float(
+        "val_fraction", 0.0,
+        f"Fraction of each class written to a {VALIDATION_SPLIT!r} split.")
+    flags.DEFINE_integer(
+        "num_shards", 0, "Shards of --split; 0 = about 1 GB per shard.")
+    flags.DEFINE_integer(
+        "resize_shorter", 0,
+        "If > 0, downscale images whose shorter side exceeds this.")
+    flags.DEFINE_integer(
+        "workers", None, "Decoding processes (default: all CPUs).")
+    flags.DEFINE_integer("seed", 0, "Seed for splitting and shuffling.")
+    flags.mark_flags_as_required(["input", "output"])
+
+
+def main(argv: Sequence[str]) -> int:
+    """CLI entry point: runs `prepare` with the flags, prints the summary."""
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    fl = flags.FLAGS
+    try:
+        summary = prepare(
+            input_dir=fl.input,
+            output_dir=fl.output,
+            split=fl.split,
+            val_fraction=fl.val_fraction,
+            num_shards=fl.num_shards,
+            resize_shorter=fl.resize_shorter,
+            workers=fl.workers,
+            seed=fl.seed)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(format_summary(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main)

@@ -1,0 +1,303 @@
+"""On-disk record format for image datasets prepared by tok1d.
+
+A prepared dataset is a directory holding ArrayRecord shards plus a
+``dataset_info.json`` file, written by ``python -m tok1d.data.prepare``::
+
+    OUTPUT/
+        dataset_info.json
+        train.array_record-00000-of-00002
+        train.array_record-00001-of-00002
+        validation.array_record-00000-of-00001
+        skipped_train.txt
+
+Each record is ``msgpack.packb({"image": bytes, "label": int,
+"filename": str})``: ``image`` holds the *encoded* image file (JPEG, PNG,
+...) and ``filename`` is the source path relative to the input root.
+Decoding to pixels is left to the training pipeline (see `decode_image`).
+
+``dataset_info.json`` looks like::
+
+    {
+        "format": "tok1d.array_record.v1",
+        "class_names": ["cat", "dog"],
+        "splits": {
+            "train": {
+                "num_examples": 10,
+                "shards": ["train.array_record-00000-of-00001"],
+                "num_skipped": 1
+            }
+        }
+    }
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from typing import Any, Sequence, Union
+
+import msgpack
+import numpy as np
+from PIL import Image
+
+FORMAT_VERSION = "tok1d.array_record.v1"
+INFO_FILENAME = "dataset_info.json"
+
+ImageLike = Union[bytes, bytearray, memoryview, np.ndarray]
+
+
+class CorruptImageError(ValueError):
+    """Raised when encoded image bytes cannot be decoded."""
+
+
+# -----------------------------------------------------------------------------
+# Records.
+# -----------------------------------------------------------------------------
+
+
+def encode_record(image_bytes: bytes, label: int, filename: str) -> bytes:
+    """Serialises one example.
+
+    Args:
+        image_bytes: The encoded image file (JPEG, PNG, ...), stored verbatim.
+        label: Integer class label.
+        filename: Path of the source file relative to the input root.
+
+    Returns:
+        The msgpack-encoded record.
+    """
+    record = {
+        "image": bytes(image_bytes),
+        "label": int(label),
+        "filename": str(filename),
+    }
+    return msgpack.packb(record, use_bin_type=True)
+
+
+def decode_record(raw: bytes) -> dict[str, Any]:
+    """Inverse of `encode_record`.
+
+    Args:
+        raw: Bytes of one record as stored in an ArrayRecord shard.
+
+    Returns:
+        A dict with keys ``image`` (bytes, still encoded), ``label`` (int)
+        and ``filename`` (str).
+    """
+    record = msgpack.unpackb(raw, raw=False)
+    return {
+        "image": bytes(record["image"]),
+        "label": int(record["label"]),
+        "filename": str(record["filename"]),
+    }
+
+
+# -----------------------------------------------------------------------------
+# Images.
+# -----------------------------------------------------------------------------
+
+
+def describe_image_error(error: BaseException) -> str:
+    """One-line, human-readable reason for a failed image decode."""
+    if isinstance(error, Image.UnidentifiedImageError):
+        # PIL's message embeds the repr of an in-memory file object; drop it.
+        return "UnidentifiedImageError: not a recognised image format"
+    return " ".join(f"{type(error).__name__}: {error}".split())
+
+
+def _array_to_rgb(array: np.ndarray) -> np.ndarray:
+    """Converts an already decoded uint8 array to HxWx3."""
+    if array.dtype != np.uint8:
+        raise ValueError(
+            f"Expected a uint8 image array, got dtype {array.dtype}.")
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
+        raise ValueError(
+            "Expected an image array of shape HxW, HxWx1, HxWx3 or HxWx4, "
+            f"got {array.shape}.")
+    if array.shape[-1] == 1:
+        array = np.repeat(array, 3, axis=-1)
+    elif array.shape[-1] == 4:
+        array = array[:, :, :3]
+    return np.ascontiguousarray(array)
+
+
+def decode_image(data: ImageLike, name: str | None = None) -> np.ndarray:
+    """Decodes an image to an RGB uint8 array of shape HxWx3.
+
+    Args:
+        data: Encoded image bytes in any format PIL can read, or an already
+            decoded uint8 array of shape HxW, HxWx1, HxWx3 or HxWx4.
+            Grayscale is repeated over the 3 channels, alpha is dropped, and
+            other modes (palette, CMYK, 16-bit, ...) are converted with PIL's
+            ``convert("RGB")``.
+        name: Optional file name, used in error messages only.
+
+    Returns:
+        A ``np.uint8`` array of shape (H, W, 3).
+
+    Raises:
+        CorruptImageError: If ``data`` are bytes that cannot be decoded.
+        ValueError: If ``data`` is an array of unsupported dtype or shape.
+        TypeError: If ``data`` is neither bytes nor an array.
+    """
+    if isinstance(data, np.ndarray):
+        return _array_to_rgb(data)
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(
+            f"decode_image expects bytes or a numpy array, got {type(data)}.")
+    where = f" {name!r}" if name else ""
+    if len(data) == 0:
+        raise CorruptImageError(f"Cannot decode image{where}: empty data.")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            rgb = image if image.mode == "RGB" else image.convert("RGB")
+            array = np.asarray(rgb, dtype=np.uint8)
+    except Exception as e:  # PIL raises many kinds of errors on bad input.
+        raise CorruptImageError(
+            f"Cannot decode image{where}: {describe_image_error(e)}") from e
+    return array
+
+
+# -----------------------------------------------------------------------------
+# Data source.
+# -----------------------------------------------------------------------------
+
+
+def read_info(directory: str) -> dict[str, Any]:
+    """Reads and checks ``directory/dataset_info.json``.
+
+    Args:
+        directory: A dataset directory written by ``tok1d.data.prepare``.
+
+    Returns:
+        The parsed info dict.
+
+    Raises:
+        FileNotFoundError: If the directory or the info file does not exist.
+        ValueError: If the info file is not a tok1d dataset description.
+    """
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"Dataset directory not found: {directory!r}")
+    path = os.path.join(directory, INFO_FILENAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"No {INFO_FILENAME} in {directory!r}; is this a dataset written "
+            "by `python -m tok1d.data.prepare`?")
+    with open(path, "r", encoding="utf-8") as f:
+        try:
+            info = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"Malformed {path!r}: {e}") from e
+    found = info.get("format") if isinstance(info, dict) else None
+    if found != FORMAT_VERSION:
+        raise ValueError(
+            f"{path!r} has format {found!r}, expected {FORMAT_VERSION!r}.")
+    if "class_names" not in info or "splits" not in info:
+        raise ValueError(f"{path!r} lacks 'class_names' or 'splits'.")
+    return info
+
+
+class ArrayRecordImageSource:
+    """Random-access source over one split of a prepared dataset.
+
+    Records are dicts ``{"image": bytes, "label": int, "filename": str}``;
+    the image stays encoded (decode it with `decode_image`).
+
+    Example::
+
+        source = ArrayRecordImageSource("/data/imagenet", "train")
+        record = source[0]
+        pixels = decode_image(record["image"])
+    """
+
+    def __init__(self, directory: str, split: str):
+        """Opens one split of a prepared dataset.
+
+        Args:
+            directory: Dataset directory containing ``dataset_info.json``.
+            split: Split name, e.g. ``"train"`` or ``"validation"``.
+
+        Raises:
+            FileNotFoundError: Missing directory, info file or shard files.
+            KeyError: Unknown split (the message lists the available ones).
+            ValueError: Malformed info file, or shards that do not match it.
+        """
+        # Imported here so that records can be used without importing grain.
+        import grain  # pylint: disable=g-import-not-at-top
+
+        self._directory = directory
+        self._split = split
+        self._info = read_info(directory)
+        splits = self._info["splits"]
+        if split not in splits:
+            available = ", ".join(sorted(splits)) or "<none>"
+            raise KeyError(
+                f"Unknown split {split!r} in {directory!r}; available "
+                f"splits: {available}.")
+        split_info = splits[split]
+        self._paths = [os.path.join(directory, s) for s in split_info["shards"]]
+        missing = [p for p in self._paths if not os.path.isfile(p)]
+        if missing:
+            raise FileNotFoundError(
+                f"Split {split!r} of {directory!r} is missing shard files: "
+                f"{missing}")
+        self._source = grain.sources.ArrayRecordDataSource(self._paths)
+        expected = split_info.get("num_examples")
+        if expected is not None and expected != len(self._source):
+            raise ValueError(
+                f"Split {split!r} of {directory!r}: {INFO_FILENAME} says "
+                f"{expected} examples but the shards hold "
+                f"{len(self._source)}.")
+
+    @property
+    def directory(self) -> str:
+        """The dataset directory."""
+        return self._directory
+
+    @property
+    def split(self) -> str:
+        """The split name."""
+        return self._split
+
+    @property
+    def paths(self) -> list[str]:
+        """Paths of the shard files, in order."""
+        return list(self._paths)
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class names; ``class_names[label]`` names a label."""
+        return list(self._info["class_names"])
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes."""
+        return len(self._info["class_names"])
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        """Returns record ``index`` (negative indices count from the end)."""
+        index = int(index)
+        size = len(self)
+        if index < 0:
+            index += size
+        if not 0 <= index < size:
+            raise IndexError(f"Index {index} out of range for {size} records.")
+        return decode_record(self._source[index])
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        """Reads several records at once (used by grain when available)."""
+        raws = self._source.__getitems__([int(i) for i in indices])
+        return [decode_record(raw) for raw in raws]
+
+    def __repr__(self) -> str:
+        return (
+            f"ArrayRecordImageSource(directory={self._directory!r}, "
+            f"split={self._split!r}, num_records={len(self)}, "
+            f"num_shards={len(self._paths)})")

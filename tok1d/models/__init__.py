@@ -1,0 +1,71 @@
+"""Model registry: `create(name, **kwargs)` builds a model from plain keyword arguments.
+
+Config files describe a model as `config.model = dict(name="titok", encoder_size="small", ...)`;
+size names are resolved through the tables in `tok1d.models.presets`. Unknown arguments fail
+with the list of valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from tok1d.models import presets
+from tok1d.models.titok import TiTok
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def dtype_from_name(name: Any):
+    if not isinstance(name, str):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"Unknown dtype {name!r}; expected one of {sorted(DTYPES)}.")
+    return DTYPES[name]
+
+
+def _module_fields(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls) if f.name not in ("parent", "name")}
+
+
+def check_kwargs(cls, kwargs: dict[str, Any], what: str) -> None:
+    """Raises a ValueError naming every unknown keyword (with close matches)."""
+    fields = _module_fields(cls)
+    unknown = sorted(set(kwargs) - fields)
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ValueError(f"Unknown argument(s) for {what}: {', '.join(hints)}. "
+                         f"Valid: {sorted(fields)}.")
+
+
+def _titok(encoder_size: str | None = None, decoder_size: str | None = None,
+           **kwargs: Any) -> TiTok:
+    for prefix, size in (("encoder", encoder_size), ("decoder", decoder_size)):
+        if size is not None:
+            preset = presets.vit_size(size)
+            kwargs.setdefault(f"{prefix}_width", preset["width"])
+            kwargs.setdefault(f"{prefix}_depth", preset["depth"])
+            kwargs.setdefault(f"{prefix}_heads", preset["num_heads"])
+            kwargs.setdefault(f"{prefix}_mlp_dim", preset["mlp_dim"])
+    check_kwargs(TiTok, kwargs, "model 'titok' (plus encoder_size/decoder_size)")
+    return TiTok(**kwargs)
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {"titok": _titok}
+
+
+def create(name: str, **kwargs: Any) -> nn.Module:
+    """Builds the model `name`; `dtype`/`param_dtype` may be given as strings."""
+    if name not in MODELS:
+        raise ValueError(f"Unknown model {name!r}; known models: {sorted(MODELS)}.")
+    for key in ("dtype", "param_dtype"):
+        if key in kwargs:
+            kwargs[key] = dtype_from_name(kwargs[key])
+    return MODELS[name](**kwargs)

@@ -1,0 +1,308 @@
+"""Transformer building blocks shared by every tok1d model.
+
+Attention, MLPs, pre-/post-norm blocks and the (optionally scanned and rematerialised) block
+stack are written once here and used by the tokenizers (TiTok, GigaTok) and the generators.
+
+Every parameter carries logical axis names (see `tok1d.parallel` for the rules table that maps
+them to mesh axes) and every module has a compute `dtype` and a `param_dtype`:
+
+  embed   model width              mlp     MLP hidden width
+  heads   attention heads          kv      per-head width
+  length  sequence positions       layers  scanned layer axis
+  norm    norm scales / biases     conv_h, conv_w, conv_in, conv_out  conv kernels
+
+Activations are constrained at block boundaries with ("act_batch", "act_len", "act_embed").
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+ACT = ("act_batch", "act_len", "act_embed")
+
+# PyTorch's trunc_normal_(std=0.02) (cut at +-2 absolute, i.e. effectively untruncated).
+default_kernel_init = nn.initializers.normal(stddev=0.02)
+
+
+def logical(init: Initializer, names: tuple[Optional[str], ...]) -> Initializer:
+    """Attaches logical axis names to an initializer."""
+    return nn.with_logical_partitioning(init, names)
+
+
+def constrain(x: jax.Array, names: tuple[Optional[str], ...] = ACT) -> jax.Array:
+    """Logical sharding constraint on an activation (a no-op outside a mesh)."""
+    return nn.with_logical_constraint(x, names)
+
+
+def gelu_exact(x: jax.Array) -> jax.Array:
+    return nn.gelu(x, approximate=False)
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": gelu_exact,  # PyTorch nn.GELU() default (erf).
+    "gelu_tanh": functools.partial(nn.gelu, approximate=True),
+    "silu": nn.silu,
+    "relu": nn.relu,
+    "tanh": jnp.tanh,
+}
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with logically-named scale/bias; statistics in float32."""
+
+    epsilon: float = 1e-5
+    use_bias: bool = True
+    use_scale: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return nn.LayerNorm(
+            epsilon=self.epsilon, use_bias=self.use_bias, use_scale=self.use_scale,
+            dtype=self.dtype, param_dtype=self.param_dtype,
+            scale_init=logical(nn.initializers.ones, ("norm",)),
+            bias_init=logical(nn.initializers.zeros, ("norm",)),
+            name="norm")(x)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm (LLaMA style): x / rms(x) * scale, computed in float32."""
+
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", logical(nn.initializers.ones, ("norm",)),
+                           (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.epsilon)
+        return (y * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+def make_norm(kind: str, epsilon: float, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.Module:
+    if kind == "layernorm":
+        return LayerNorm(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, name=name)
+    if kind == "rmsnorm":
+        return RMSNorm(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, name=name)
+    raise ValueError(f"Unknown norm {kind!r}; expected 'layernorm' or 'rmsnorm'.")
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with separate q/k/v projections.
+
+    Uses `jax.nn.dot_product_attention`, which XLA lowers to a fused kernel where the backend has
+    one (`implementation="cudnn"` on recent NVIDIA GPUs); softmax statistics are float32.
+    """
+
+    num_heads: int
+    qkv_bias: bool = True
+    out_bias: bool = True
+    implementation: Optional[str] = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Initializer = default_kernel_init
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
+        width = x.shape[-1]
+        if width % self.num_heads:
+            raise ValueError(f"Width {width} is not divisible by num_heads={self.num_heads}.")
+        head_dim = width // self.num_heads
+        proj = functools.partial(
+            HeadProjection, use_bias=self.qkv_bias, dtype=self.dtype,
+            param_dtype=self.param_dtype, kernel_init=self.kernel_init)
+        q = proj(self.num_heads, head_dim, name="query")(x)
+        k = proj(self.num_heads, head_dim, name="key")(x)
+        v = proj(self.num_heads, head_dim, name="value")(x)
+        heads = ("act_batch", "act_len", "act_heads", None)
+        q, k, v = (constrain(t, heads) for t in (q, k, v))
+        y = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)
+        y = constrain(y, heads)
+        return HeadProjection(self.num_heads, head_dim, out_features=width,
+                              use_bias=self.out_bias, dtype=self.dtype,
+                              param_dtype=self.param_dtype, kernel_init=self.kernel_init,
+                              name="out")(y)
+
+
+class HeadProjection(nn.Module):
+    """Width <-> (heads, head_dim) projections of attention, with 3-D logically named kernels.
+
+    Without `out_features`: (..., width) -> (..., heads, head_dim), kernel (embed, heads, kv).
+    With `out_features`: (..., heads, head_dim) -> (..., out_features), kernel (heads, kv, embed).
+    """
+
+    num_heads: int
+    head_dim: int
+    out_features: Optional[int] = None
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Initializer = default_kernel_init
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h, d = self.num_heads, self.head_dim
+        if self.out_features is None:
+            shape, names, eq = (x.shape[-1], h, d), ("embed", "heads", "kv"), "...e,ehd->...hd"
+            bias_shape, bias_names = (h, d), ("heads", "kv")
+        else:
+            shape, names, eq = (h, d, self.out_features), ("heads", "kv", "embed"), "...hd,hde->...e"
+            bias_shape, bias_names = (self.out_features,), ("embed",)
+        kernel = self.param("kernel", logical(self.kernel_init, names), shape, self.param_dtype)
+        y = jnp.einsum(eq, x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param("bias", logical(nn.initializers.zeros, bias_names), bias_shape,
+                              self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class Mlp(nn.Module):
+    """Two-layer MLP (`activation` = gelu, gelu_tanh, ...) or gated SwiGLU (`activation="swiglu"`)."""
+
+    hidden_dim: int
+    activation: str = "gelu"
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Initializer = default_kernel_init
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        width = x.shape[-1]
+        dense = functools.partial(nn.Dense, use_bias=self.use_bias, dtype=self.dtype,
+                                  param_dtype=self.param_dtype)
+        up = functools.partial(dense, self.hidden_dim,
+                               kernel_init=logical(self.kernel_init, ("embed", "mlp")),
+                               bias_init=logical(nn.initializers.zeros, ("mlp",)))
+        if self.activation == "swiglu":
+            h = nn.silu(up(name="gate")(x)) * up(name="up")(x)
+        else:
+            if self.activation not in ACTIVATIONS:
+                raise ValueError(f"Unknown activation {self.activation!r}; known: "
+                                 f"{sorted(ACTIVATIONS) + ['swiglu']}.")
+            h = ACTIVATIONS[self.activation](up(name="fc1")(x))
+        h = constrain(h, ("act_batch", "act_len", "act_mlp"))
+        return dense(width, kernel_init=logical(self.kernel_init, ("mlp", "embed")),
+                     bias_init=logical(nn.initializers.zeros, ("embed",)), name="fc2")(h)
+
+
+class Block(nn.Module):
+    """One transformer block: pre-norm (ViT/CLIP/LLaMA) or post-norm (BERT)."""
+
+    num_heads: int
+    mlp_dim: int
+    pre_norm: bool = True
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    activation: str = "gelu"
+    qkv_bias: bool = True
+    use_bias: bool = True
+    attention_impl: Optional[str] = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
+        norm = functools.partial(make_norm, self.norm, self.norm_eps, self.dtype, self.param_dtype)
+        attn = Attention(self.num_heads, qkv_bias=self.qkv_bias, out_bias=self.use_bias,
+                         implementation=self.attention_impl, dtype=self.dtype,
+                         param_dtype=self.param_dtype, name="attn")
+        mlp = Mlp(self.mlp_dim, activation=self.activation, use_bias=self.use_bias,
+                  dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")
+        x = constrain(x)
+        if self.pre_norm:
+            x = x + attn(norm(name="ln_1")(x), mask)
+            x = x + mlp(norm(name="ln_2")(x))
+        else:
+            x = norm(name="ln_1")(x + attn(x, mask))
+            x = norm(name="ln_2")(x + mlp(x))
+        return constrain(x)
+
+
+class _ScanBlock(Block):
+    """`Block` with the (carry, xs) -> (carry, ys) signature that `nn.scan` needs."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None):  # type: ignore[override]
+        return super().__call__(x, mask), None
+
+
+class Transformer(nn.Module):
+    """A stack of `depth` identical blocks.
+
+    scan=True stacks the layer parameters along a leading "layers" axis and compiles one block
+    (fast compiles, required for deep models); remat chooses what the backward pass recomputes:
+    "none", "full" (save nothing inside a block) or "dots" (save matmul outputs without batch dims,
+    i.e. `jax.checkpoint_policies.dots_with_no_batch_dims_saveable`), or any other name in
+    `jax.checkpoint_policies`.
+    """
+
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    pre_norm: bool = True
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    activation: str = "gelu"
+    qkv_bias: bool = True
+    use_bias: bool = True
+    attention_impl: Optional[str] = None
+    scan: bool = True
+    remat: str = "none"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def _block_kwargs(self) -> dict[str, Any]:
+        return dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, pre_norm=self.pre_norm,
+                    norm=self.norm, norm_eps=self.norm_eps, activation=self.activation,
+                    qkv_bias=self.qkv_bias, use_bias=self.use_bias,
+                    attention_impl=self.attention_impl, dtype=self.dtype,
+                    param_dtype=self.param_dtype)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
+        block_cls = _ScanBlock if self.scan else Block
+        if self.remat != "none":
+            block_cls = nn.remat(block_cls, policy=remat_policy(self.remat),
+                                 prevent_cse=not self.scan)
+        if self.scan:
+            stack = nn.scan(block_cls, variable_axes={"params": 0},
+                            split_rngs={"params": True, "dropout": True},
+                            in_axes=nn.broadcast, length=self.depth,
+                            metadata_params={nn.PARTITION_NAME: "layers"})
+            x, _ = stack(**self._block_kwargs(), name="blocks")(x, mask)
+            return x
+        for i in range(self.depth):
+            x = block_cls(**self._block_kwargs(), name=f"blocks_{i}")(x, mask)
+        return x
+
+
+def remat_policy(name: str):
+    """Maps a config string to a `jax.checkpoint_policies` policy (None = save nothing)."""
+    if name == "full":
+        return None
+    if name == "dots":
+        return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    policy = getattr(jax.checkpoint_policies, name, None)
+    if policy is None:
+        raise ValueError(f"Unknown remat policy {name!r}; use 'none', 'full', 'dots' or a name "
+                         "from jax.checkpoint_policies.")
+    return policy
+
+
+def embedding_param(module: nn.Module, name: str, shape: tuple[int, ...],
+                    names: tuple[Optional[str], ...], scale: float, dtype: Dtype) -> jax.Array:
+    """A learned embedding table initialised as `scale * N(0, 1)` (TiTok's `W**-0.5 * randn`)."""
+    return module.param(name, logical(nn.initializers.normal(stddev=scale), names), shape, dtype)

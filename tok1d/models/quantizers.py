@@ -1,0 +1,83 @@
+"""Quantizers shared by the tokenizers: vector quantization (optionally l2-normalised).
+
+Quantizer math always runs in float32, whatever the model's compute dtype: nearest-code
+decisions must not flip with the precision of the surrounding network.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tok1d.models.layers import logical
+
+Dtype = Any
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
+    """PyTorch `F.normalize`: x / max(||x||, eps)."""
+    norm = jnp.sqrt(jnp.sum(x * x, axis=axis, keepdims=True))
+    return x / jnp.maximum(norm, eps)
+
+
+def symmetric_uniform(scale: float):
+    """Uniform(-scale, scale) initializer."""
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, minval=-scale, maxval=scale)
+    return init
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-neighbour vector quantization with the straight-through estimator.
+
+    Returns the straight-through quantized vectors and a dict with
+      codes             int32 indices, shape = inputs.shape[:-1]
+      commitment_loss   commitment_cost * mean((sg[z_q] - z)**2)
+      codebook_loss     mean((z_q - sg[z])**2)
+      quantizer_loss    their sum
+    With `l2_norm`, both the inputs and the codebook rows are l2-normalised before the distance
+    (the losses are then computed on the normalised vectors), as in TiTok / ViT-VQGAN.
+    """
+
+    codebook_size: int
+    code_dim: int
+    l2_norm: bool = True
+    commitment_cost: float = 0.25
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        self.embedding = self.param(
+            "embedding", logical(symmetric_uniform(1.0 / self.codebook_size),
+                                 ("codebook", "code_dim")),
+            (self.codebook_size, self.code_dim), self.param_dtype)
+
+    def codebook(self) -> jax.Array:
+        e = self.embedding.astype(jnp.float32)
+        return l2_normalize(e) if self.l2_norm else e
+
+    def __call__(self, z: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        if z.shape[-1] != self.code_dim:
+            raise ValueError(f"Quantizer expects vectors of size {self.code_dim}, got {z.shape}.")
+        z = z.astype(jnp.float32)
+        if self.l2_norm:
+            z = l2_normalize(z)
+        e = self.codebook()
+        flat = z.reshape(-1, self.code_dim)
+        dist = (jnp.sum(flat * flat, axis=1, keepdims=True) + jnp.sum(e * e, axis=1)[None]
+                - 2.0 * jnp.dot(flat, e.T, precision=HIGHEST))
+        codes = jnp.argmin(dist, axis=1).astype(jnp.int32)
+        z_q = jnp.take(e, codes, axis=0).reshape(z.shape)
+        commitment = self.commitment_cost * jnp.mean(jnp.square(jax.lax.stop_gradient(z_q) - z))
+        codebook_loss = jnp.mean(jnp.square(z_q - jax.lax.stop_gradient(z)))
+        z_st = z + jax.lax.stop_gradient(z_q - z)
+        aux = dict(codes=codes.reshape(z.shape[:-1]), commitment_loss=commitment,
+                   codebook_loss=codebook_loss, quantizer_loss=commitment + codebook_loss)
+        return z_st, aux
+
+    def lookup(self, codes: jax.Array) -> jax.Array:
+        """Code indices (any shape) -> code vectors (shape + (code_dim,)), float32."""
+        return jnp.take(self.codebook(), codes, axis=0)

@@ -1,0 +1,172 @@
+"""Device mesh, logical-axis rules, sharded state creation and global batches.
+
+The mesh has three named axes:
+  data    pure data parallelism (params replicated)
+  fsdp    data parallelism with params and optimizer state sharded (ZeRO-3 / FSDP)
+  tensor  tensor (model) parallelism over heads / MLP width
+Models name the axes of every parameter and of the main activations (see
+`tok1d.models.layers`); the rules table below (overridable from the config as
+`config.sharding.rules`) maps those logical names onto mesh axes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# (logical name, mesh axis / axes / None). First match wins.
+DEFAULT_RULES = (
+    # activations
+    ("act_batch", ("data", "fsdp")),
+    ("act_len", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    # parameters
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("vocab", "tensor"),
+    ("conv_out", "tensor"),
+    ("conv_in", None),
+    ("conv_h", None),
+    ("conv_w", None),
+    ("length", None),
+    ("layers", None),
+    ("norm", None),
+    ("codebook", None),
+    ("code_dim", None),
+)
+
+
+def resolve_mesh_shape(sizes: Mapping[str, int], num_devices: Optional[int] = None
+                       ) -> tuple[int, ...]:
+    """Mesh sizes from the config ({"data": -1, "fsdp": 2, ...}); one -1 takes the rest."""
+    unknown = set(sizes) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"Unknown mesh axes {sorted(unknown)}; mesh axes are {MESH_AXES}.")
+    n = jax.device_count() if num_devices is None else num_devices
+    shape = [int(sizes.get(a, 1)) for a in MESH_AXES]
+    if sum(s == -1 for s in shape) > 1:
+        raise ValueError(f"At most one mesh axis may be -1, got {dict(zip(MESH_AXES, shape))}.")
+    known = math.prod(s for s in shape if s != -1)
+    if any(s == 0 or s < -1 for s in shape) or n % known:
+        raise ValueError(f"Mesh {dict(zip(MESH_AXES, shape))} does not fit {n} devices.")
+    shape = [n // known if s == -1 else s for s in shape]
+    if math.prod(shape) != n:
+        raise ValueError(f"Mesh {dict(zip(MESH_AXES, shape))} has {math.prod(shape)} devices "
+                         f"but {n} are available; use -1 for one axis to take the rest.")
+    return tuple(shape)
+
+
+def create_mesh(sizes: Mapping[str, int], devices: Optional[Sequence[jax.Device]] = None
+                ) -> Mesh:
+    """A (data, fsdp, tensor) mesh with Auto axis types (what Linen logical sharding needs)."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = resolve_mesh_shape(sizes, len(devices))
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices)
+
+
+def rules_from_config(rules: Any) -> tuple[tuple[str, Any], ...]:
+    """Normalises a rules table coming from a ConfigDict (lists -> tuples)."""
+    out = []
+    for name, axes in rules:
+        if isinstance(axes, list):
+            axes = tuple(axes)
+        out.append((name, axes))
+    return tuple(out)
+
+
+def _fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+    """Drops mesh axes from dimensions they do not divide (such tensors stay replicated there)."""
+    fitted = []
+    for i, axes in enumerate(tuple(spec) + (None,) * (len(shape) - len(spec))):
+        if axes is None:
+            fitted.append(None)
+            continue
+        names = (axes,) if isinstance(axes, str) else tuple(axes)
+        size = math.prod(mesh.shape[a] for a in names)
+        fitted.append(axes if shape[i] % size == 0 else None)
+    return P(*fitted)
+
+
+def unbox_abstract(tree: Any) -> Any:
+    """Removes Flax metadata boxes without applying sharding constraints (abstract trees)."""
+    return jax.tree.map(
+        lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.meta.AxisMetadata) else x,
+        tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
+def logical_shardings(abstract_tree: Any, mesh: Mesh, rules) -> Any:
+    """NamedShardings for a tree whose leaves may be Flax `LogicallyPartitioned` boxes."""
+    specs = nn.get_partition_spec(abstract_tree)
+    mesh_specs = nn.logical_to_mesh(specs, rules)
+    unboxed = unbox_abstract(abstract_tree)
+    return jax.tree.map(
+        lambda spec, leaf: NamedSharding(mesh, _fit_spec(spec, leaf.shape, mesh)),
+        mesh_specs, unboxed, is_leaf=lambda x: isinstance(x, P))
+
+
+def sharded_init(init_fn: Callable[..., Any], mesh: Mesh, rules, *args) -> tuple[Any, Any]:
+    """Runs `init_fn(*args)` directly into its shardings (no full copy on any one device).
+
+    Returns (unboxed state, its shardings)."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        abstract = jax.eval_shape(init_fn, *args)
+        shardings = logical_shardings(abstract, mesh, rules)
+        state = jax.jit(lambda *a: nn.unbox(init_fn(*a)), out_shardings=shardings)(*args)
+    return state, shardings
+
+
+def batch_sharding(mesh: Mesh, rules, ndim: int = 1) -> NamedSharding:
+    """Sharding of a batch: leading axis split like the "act_batch" logical axis."""
+    spec = nn.logical_to_mesh(P("act_batch"), rules)
+    return NamedSharding(mesh, P(*(tuple(spec) + (None,) * (ndim - 1))))
+
+
+def host_batch_slice(sharding: NamedSharding, global_batch: int) -> tuple[int, int]:
+    """The contiguous rows [start, stop) of a global batch that this process must load."""
+    index_map = sharding.addressable_devices_indices_map((global_batch,))
+    starts = [idx[0].start or 0 for idx in index_map.values()]
+    stops = [global_batch if idx[0].stop is None else idx[0].stop for idx in index_map.values()]
+    start, stop = min(starts), max(stops)
+    covered = sum(b - a for a, b in {(a, b) for a, b in zip(starts, stops)})
+    if covered != stop - start:
+        raise ValueError("This process's share of the batch is not contiguous; use a mesh whose "
+                         "data axes follow process order (jax.make_mesh does).")
+    return start, stop
+
+
+def global_batch(local: Mapping[str, np.ndarray], sharding: NamedSharding,
+                 global_size: int) -> dict[str, jax.Array]:
+    """Host-local numpy rows -> global jax.Arrays sharded along the batch axis."""
+    out = {}
+    for key, value in local.items():
+        value = np.asarray(value)
+        spec = P(*(tuple(sharding.spec)[:1] + (None,) * (value.ndim - 1)))
+        shard = NamedSharding(sharding.mesh, spec)
+        out[key] = jax.make_array_from_process_local_data(
+            shard, value, (global_size,) + value.shape[1:])
+    return out
+
+
+def maybe_initialize_distributed(coordinator_address: str = "", num_processes: int = 0,
+                                 process_id: int = -1) -> None:
+    """Starts multi-host JAX. Must run before anything touches the backend.
+
+    With no arguments, jax.distributed auto-detects TPU pods, SLURM and Open MPI clusters.
+    """
+    kwargs = {}
+    if coordinator_address:
+        kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes,
+                      process_id=process_id)
+    jax.distributed.initialize(**kwargs)

@@ -1,0 +1,135 @@
+"""Train-loop pieces shared by every trainer: state, sharded creation/restore, data feeding,
+metric collections, non-finite detection."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Callable, Iterator, Mapping, Optional
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from clu import metrics as clu_metrics
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from tok1d import checkpoint as ckpt_lib
+from tok1d import parallel
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    ema_params: Any = None   # None when the EMA is disabled
+
+
+def state_shardings_and_init(init_params: Callable[[jax.Array], Any],
+                             tx: optax.GradientTransformation, mesh, rules, use_ema: bool
+                             ) -> tuple[TrainState, TrainState, Callable[[jax.Array], TrainState]]:
+    """Abstract state, its shardings and a jitted init that creates it already sharded.
+
+    `init_params(rng)` returns (boxed) params. Optimizer moments get the same sharding as their
+    parameters (FSDP shards them too); scalars are replicated.
+    """
+    replicated = NamedSharding(mesh, P())
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        boxed = jax.eval_shape(init_params, jax.random.key(0))
+        param_sh = parallel.logical_shardings(boxed, mesh, rules)
+        params = parallel.unbox_abstract(boxed)
+        opt_state = jax.eval_shape(tx.init, params)
+        opt_sh = optax.tree_utils.tree_map_params(
+            tx, lambda _, s: s, opt_state, param_sh,
+            transform_non_params=lambda _: replicated)
+    abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                          opt_state=opt_state, ema_params=params if use_ema else None)
+    shardings = TrainState(step=replicated, params=param_sh, opt_state=opt_sh,
+                           ema_params=param_sh if use_ema else None)
+
+    def init(rng):
+        p = nn.unbox(init_params(rng))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
+                          ema_params=p if use_ema else None)
+
+    def jitted_init(rng):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            return jax.jit(init, out_shardings=shardings)(rng)
+
+    return abstract, shardings, jitted_init
+
+
+def init_or_restore(checkpointer: ckpt_lib.Checkpointer, abstract: TrainState,
+                    shardings: TrainState, init: Callable[[jax.Array], TrainState],
+                    rng: jax.Array, data_iter: Any) -> tuple[TrainState, int]:
+    """Resumes from the latest checkpoint in the workdir, else initialises from scratch."""
+    latest = checkpointer.latest_step()
+    if latest is None:
+        return init(rng), 0
+    logging.info("Resuming from %s/%d.", checkpointer.directory, latest)
+    target = ckpt_lib.abstract_with_shardings(abstract, shardings)
+    state = checkpointer.restore(latest, target, data_iter)
+    return state, int(latest)
+
+
+def ema_update(ema: Any, params: Any, decay: float) -> Any:
+    return optax.incremental_update(params, ema, step_size=1.0 - decay)
+
+
+def keep_if_finite(finite: jax.Array, new: Any, old: Any) -> Any:
+    """The new state when `finite`, else the old one (a bad step never reaches a checkpoint)."""
+    return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+
+def average_collection(names) -> type[clu_metrics.Collection]:
+    """A clu metrics Collection averaging each named scalar over the steps it is merged over."""
+    return clu_metrics.Collection.create(
+        **{name: clu_metrics.Average.from_output(name) for name in names})
+
+
+class Feeder:
+    """Turns the host-local numpy batches of a grain iterator into global sharded arrays."""
+
+    def __init__(self, iterator: Iterator[Mapping[str, np.ndarray]], mesh, rules,
+                 global_batch: int):
+        self.iterator = iterator
+        self.global_batch = global_batch
+        self._mesh, self._rules = mesh, rules
+
+    def shardings(self, batch: Mapping[str, Any]) -> dict[str, NamedSharding]:
+        return {k: parallel.batch_sharding(self._mesh, self._rules, np.ndim(v))
+                for k, v in batch.items()}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, jax.Array]:
+        local = next(self.iterator)
+        sharding = parallel.batch_sharding(self._mesh, self._rules)
+        return parallel.global_batch(local, sharding, self.global_batch)
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+def check_finite(step: int, finite: Any, last_saved: Optional[int]) -> None:
+    if not bool(jax.device_get(finite)):
+        raise NonFiniteLossError(
+            f"Loss or gradient norm became NaN/Inf at step {step}; the run stopped there. "
+            + (f"The last good checkpoint (step {last_saved}) is intact."
+               if last_saved is not None else "No checkpoint had been written yet."))
+
+
+def write_json(path: str, data: Mapping[str, Any]) -> None:
+    if jax.process_index() != 0:
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True, default=str)
+    os.replace(tmp, path)
