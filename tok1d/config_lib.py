@@ -59,7 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
     ))
 
     # Loss weights; a term with weight 0 is not computed.
-    c.losses = ml_collections.ConfigDict(dict(l2=1.0, l1=0.0, quantizer=1.0))
+    c.losses = ml_collections.ConfigDict(dict(l2=1.0, l1=0.0, quantizer=1.0, entropy=0.0))
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.sharding = ml_collections.ConfigDict(dict(rules=parallel.DEFAULT_RULES))

@@ -31,6 +31,16 @@ def symmetric_uniform(scale: float):
     return init
 
 
+def entropy_loss(affinity: jax.Array, temperature: float, eps: float = 1e-5) -> jax.Array:
+    """mean_tokens H(softmax(a / T)) - H(mean_tokens softmax(a / T)) over a (tokens, K) matrix."""
+    logits = affinity.astype(jnp.float32) / temperature
+    probs = jax.nn.softmax(logits, axis=-1)
+    sample_entropy = -jnp.mean(jnp.sum(probs * jax.nn.log_softmax(logits, axis=-1), axis=-1))
+    avg = jnp.mean(probs, axis=0)
+    avg_entropy = -jnp.sum(avg * jnp.log(avg + eps))
+    return sample_entropy - avg_entropy
+
+
 class VectorQuantizer(nn.Module):
     """Nearest-neighbour vector quantization with the straight-through estimator.
 
@@ -39,6 +49,10 @@ class VectorQuantizer(nn.Module):
       commitment_loss   commitment_cost * mean((sg[z_q] - z)**2)
       codebook_loss     mean((z_q - sg[z])**2)
       quantizer_loss    their sum
+      entropy_loss      mean per-token entropy of softmax(-distance / entropy_temperature)
+                        minus the entropy of its batch mean (LlamaGen / GigaTok form; low when
+                        each token is confident and the batch uses many codes). Only computed
+                        when a loss uses it (XLA drops it otherwise).
     With `l2_norm`, both the inputs and the codebook rows are l2-normalised before the distance
     (the losses are then computed on the normalised vectors), as in TiTok / ViT-VQGAN.
     """
@@ -47,6 +61,7 @@ class VectorQuantizer(nn.Module):
     code_dim: int
     l2_norm: bool = True
     commitment_cost: float = 0.25
+    entropy_temperature: float = 0.01
     param_dtype: Dtype = jnp.float32
 
     def setup(self):
@@ -75,7 +90,8 @@ class VectorQuantizer(nn.Module):
         codebook_loss = jnp.mean(jnp.square(z_q - jax.lax.stop_gradient(z)))
         z_st = z + jax.lax.stop_gradient(z_q - z)
         aux = dict(codes=codes.reshape(z.shape[:-1]), commitment_loss=commitment,
-                   codebook_loss=codebook_loss, quantizer_loss=commitment + codebook_loss)
+                   codebook_loss=codebook_loss, quantizer_loss=commitment + codebook_loss,
+                   entropy_loss=entropy_loss(-dist, self.entropy_temperature))
         return z_st, aux
 
     def lookup(self, codes: jax.Array) -> jax.Array:

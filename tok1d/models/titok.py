@@ -195,6 +195,7 @@ class TiTok(nn.Module):
     token_dim: int = 12
     l2_norm: bool = True
     commitment_cost: float = 0.25
+    entropy_temperature: float = 0.01
     decoder_head: str = "pixels"
     num_proxy_codes: int = 1024
     legacy_reshape: bool = False
@@ -221,6 +222,7 @@ class TiTok(nn.Module):
             legacy_reshape=self.legacy_reshape, **common)
         self.quantize = VectorQuantizer(self.codebook_size, self.token_dim, l2_norm=self.l2_norm,
                                         commitment_cost=self.commitment_cost,
+                                        entropy_temperature=self.entropy_temperature,
                                         param_dtype=self.param_dtype)
         self.decoder = TiTokDecoder(
             width=self.decoder_width, depth=self.decoder_depth, num_heads=self.decoder_heads,

@@ -1,0 +1,50 @@
+"""Test setup: 8 fake CPU devices, fast CPU compiles, a persistent compilation cache.
+
+Must run before JAX is imported anywhere (pytest imports conftest first)."""
+
+import os
+import sys
+
+import pytest
+
+FAST_XLA = ("--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
+            "--xla_llvm_disable_expensive_passes=true")
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FAST_XLA).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+CACHE_DIR = os.environ.setdefault("TOK1D_COMPILATION_CACHE", "/tmp/tok1d_test_jax_cache")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir", CACHE_DIR)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+try:  # absl flags must count as parsed before grain / tok1d code reads them.
+    from absl import flags
+    flags.FLAGS.mark_as_parsed()
+except Exception:  # pragma: no cover
+    pass
+
+
+def subprocess_env(num_devices: int = 8) -> dict:
+    """Environment for `python -m tok1d.main` subprocesses in tests."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = FAST_XLA.replace("device_count=8", f"device_count={num_devices}")
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env["TOK1D_COMPILATION_CACHE"] = CACHE_DIR
+    return env
+
+
+def main_command(config: str, workdir: str, *overrides: str) -> list:
+    return [sys.executable, "-m", "tok1d.main", f"--config={os.path.join(REPO, config)}",
+            f"--workdir={workdir}", *overrides]
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir():
+    """Golden fixtures of the official code: $TOK1D_FIXTURES, default ../shared/fixtures."""
+    path = os.environ.get("TOK1D_FIXTURES", os.path.join(REPO, "..", "shared", "fixtures"))
+    if not os.path.isdir(path):
+        pytest.skip(f"fixture directory {path} not found (set TOK1D_FIXTURES)")
+    return path

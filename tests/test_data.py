@@ -1,0 +1,97 @@
+"""Sources, augmentations and eval padding of the grain pipelines."""
+
+import numpy as np
+import pytest
+
+from tok1d.data import pipeline, sources
+
+
+def test_demo_source_is_deterministic_and_holds_out_eval_photos():
+    train = sources.DemoSource("train", size=32)
+    again = sources.DemoSource("train", size=32)
+    for i in (0, 5, 31):
+        a, b = train[i], again[i]
+        assert a["image"].dtype == np.uint8 and a["image"].ndim == 3 and a["image"].shape[2] == 3
+        np.testing.assert_array_equal(a["image"], b["image"])
+    assert not set(sources.DEMO_TRAIN_PHOTOS) & set(sources.DEMO_EVAL_PHOTOS)
+    assert sources.DemoSource("validation", size=4)[1]["label"] == 1
+    with pytest.raises(IndexError):
+        train[32]
+
+
+def test_unknown_source_names_fail_clearly():
+    with pytest.raises(ValueError, match="Unknown data source 'imagenet'"):
+        sources.get_source("imagenet", "train")
+    with pytest.raises(ValueError, match="splits 'train' and 'validation'"):
+        sources.get_source("demo", "test2")
+
+
+@pytest.mark.parametrize("augment", ["random_resized_crop", "random_crop", "center_crop"])
+def test_augmentations_give_the_requested_size_and_range(augment):
+    img = (np.random.default_rng(0).uniform(size=(40, 70, 3)) * 255).astype(np.uint8)
+    rng = np.random.default_rng(1)
+    out = pipeline.preprocess(img, image_size=24, augment=augment, flip=True, min_scale=0.3,
+                              rng=rng)
+    assert out.shape == (24, 24, 3) and out.dtype == np.float32
+    assert 0.0 <= out.min() and out.max() <= 1.0
+
+
+def test_center_crop_is_exact_when_no_resize_is_needed():
+    img = np.arange(6 * 8 * 3, dtype=np.uint8).reshape(6, 8, 3)
+    out = pipeline.preprocess(img, image_size=6, augment="center_crop", flip=False,
+                              min_scale=1.0, rng=None)
+    np.testing.assert_array_equal(out * 255.0, img[:, 1:7].astype(np.float32))
+
+
+def test_train_batches_are_seeded_and_shuffled():
+    src = sources.DemoSource("train", size=32)
+    kw = dict(global_batch=8, host_start=0, host_stop=8, image_size=16, augment="random_crop",
+              flip=True, min_scale=0.5)
+    a = next(iter(pipeline.train_dataset(src, seed=0, **kw)))
+    b = next(iter(pipeline.train_dataset(src, seed=0, **kw)))
+    c = next(iter(pipeline.train_dataset(src, seed=1, **kw)))
+    np.testing.assert_array_equal(a["image"], b["image"])
+    assert not np.array_equal(a["image"], c["image"])
+    assert a["image"].shape == (8, 16, 16, 3) and a["label"].shape == (8,)
+
+
+def test_eval_pass_is_padded_to_whole_batches_with_a_mask():
+    src = sources.DemoSource("validation", size=10)
+    ds, num_batches = pipeline.eval_dataset(src, global_batch=4, host_start=0, host_stop=4,
+                                            image_size=16, num_examples=-1)
+    batches = list(ds)
+    assert num_batches == 3 and len(batches) == 3
+    masks = np.concatenate([b["mask"] for b in batches])
+    assert masks.tolist() == [True] * 10 + [False] * 2
+    half, _ = pipeline.eval_dataset(src, global_batch=4, host_start=2, host_stop=4,
+                                    image_size=16, num_examples=-1)
+    np.testing.assert_array_equal(next(iter(half))["image"], batches[0]["image"][2:])
+
+
+def test_too_small_training_split_is_reported():
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        pipeline.train_dataset(sources.DemoSource("train", size=4), global_batch=8,
+                               host_start=0, host_stop=8, seed=0, image_size=16,
+                               augment="center_crop", flip=False, min_scale=1.0)
+
+
+def test_prepared_folder_trains_through_the_same_pipeline(tmp_path):
+    from PIL import Image
+    from tok1d.data.prepare import prepare
+    root = tmp_path / "imgs"
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        (root / c).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray((rng.uniform(size=(20, 30, 3)) * 255).astype(np.uint8)).save(
+                root / c / f"{i}.png")
+    (root / "dog" / "broken.jpg").write_bytes(b"not an image")
+    summary = prepare(str(root), str(tmp_path / "out"), workers=1)
+    src = sources.get_source(f"array_record:{tmp_path / 'out'}", "train")
+    assert len(src) == 12
+    batch = next(iter(pipeline.train_dataset(src, global_batch=4, host_start=0, host_stop=4,
+                                             seed=0, image_size=16, augment="random_crop",
+                                             flip=True, min_scale=1.0)))
+    assert batch["image"].shape == (4, 16, 16, 3)
+    assert set(batch["label"].tolist()) <= {0, 1}
+    assert "broken" in str(summary)

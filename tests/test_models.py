@@ -1,0 +1,204 @@
+"""TiTok model, transformer layers and the vector quantizer."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tok1d import models
+from tok1d.models import layers
+from tok1d.models.quantizers import VectorQuantizer
+from tok1d.models.titok import depth_to_space
+
+TINY = dict(image_size=32, patch_size=8, encoder_size="nano", decoder_size="nano",
+            codebook_size=64, token_dim=8)
+
+
+def images(b=2, size=32, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).uniform(size=(b, size, size, 3)), jnp.float32)
+
+
+@pytest.mark.parametrize("num_tokens", [4, 16])
+def test_titok_shapes_for_any_number_of_tokens(num_tokens):
+    model = models.create("titok", num_latent_tokens=num_tokens, **TINY)
+    x = images()
+    variables = model.init(jax.random.key(0), x)
+    recon, aux = model.apply(variables, x)
+    assert recon.shape == x.shape and recon.dtype == jnp.float32
+    assert aux["codes"].shape == (2, num_tokens) and aux["codes"].dtype == jnp.int32
+    params = nn.unbox(variables)["params"]
+    assert params["latent_tokens"].shape == (num_tokens, 32)
+    assert params["quantize"]["embedding"].shape == (64, 8)
+
+
+def test_decode_codes_matches_the_training_forward():
+    model = models.create("titok", num_latent_tokens=8, **TINY)
+    x = images()
+    variables = model.init(jax.random.key(1), x)
+    recon, aux = model.apply(variables, x)
+    again = model.apply(variables, aux["codes"], method="decode_codes")
+    np.testing.assert_allclose(again, recon, rtol=1e-5, atol=1e-5)
+
+
+def test_presets_sizes_and_official_parameter_count():
+    # TiTok-L-32 encoder+decoder transformer widths follow the official table.
+    model = models.create("titok", image_size=256, patch_size=16, num_latent_tokens=32,
+                          encoder_size="large", decoder_size="large", decoder_head="logits",
+                          legacy_reshape=True)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 256, 256, 3)))
+    count = sum(np.prod(x.shape) for x in jax.tree.leaves(nn.unbox(shapes)))
+    # Official TiTok-L-32 stage-1 state_dict: 610.31M without the pixel decoder / pixel codebook.
+    assert abs(count / 1e6 - 610.31) < 0.01, count
+
+
+def test_remat_and_scan_do_not_change_the_function():
+    x = images()
+    base = models.create("titok", num_latent_tokens=8, scan=True, remat="none", **TINY)
+    remat = models.create("titok", num_latent_tokens=8, scan=True, remat="full", **TINY)
+    variables = base.init(jax.random.key(2), x)
+
+    def loss(model, p):
+        recon, aux = model.apply(p, x)
+        return jnp.mean((recon - x) ** 2) + aux["quantizer_loss"]
+
+    g1 = jax.grad(lambda p: loss(base, p))(variables)
+    g2 = jax.grad(lambda p: loss(remat, p))(variables)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+    unscanned = models.create("titok", num_latent_tokens=8, scan=False, **TINY)
+    v2 = unscanned.init(jax.random.key(2), x)
+    assert "blocks_0" in str(jax.tree_util.tree_structure(nn.unbox(v2)))
+    assert unscanned.apply(v2, x)[0].shape == x.shape
+
+
+def test_bfloat16_compute_keeps_float32_params_and_outputs():
+    model = models.create("titok", num_latent_tokens=8, dtype="bfloat16", **TINY)
+    x = images()
+    variables = model.init(jax.random.key(3), x)
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nn.unbox(variables)))
+    recon, aux = model.apply(variables, x)
+    assert recon.dtype == jnp.float32 and np.isfinite(np.asarray(recon)).all()
+
+
+def test_wrong_image_size_is_a_clear_error():
+    model = models.create("titok", num_latent_tokens=8, **TINY)
+    variables = model.init(jax.random.key(0), images())
+    with pytest.raises(ValueError, match=r"expects images of shape \(B, 32, 32, 3\)"):
+        model.apply(variables, images(size=64))
+
+
+def test_unknown_model_and_size_names():
+    with pytest.raises(ValueError, match="Unknown model 'titik'"):
+        models.create("titik")
+    with pytest.raises(ValueError, match="Unknown ViT size 'huge'"):
+        models.create("titok", encoder_size="huge")
+
+
+def test_vector_quantizer_matches_numpy_reference():
+    vq = VectorQuantizer(codebook_size=16, code_dim=4, l2_norm=True, commitment_cost=0.25)
+    z = jnp.asarray(np.random.default_rng(0).normal(size=(3, 5, 4)), jnp.float32)
+    variables = vq.init(jax.random.key(0), z)
+    (z_q, aux) = vq.apply(variables, z)
+    e = np.asarray(nn.unbox(variables)["params"]["embedding"], np.float64)
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    zn = np.asarray(z, np.float64)
+    zn /= np.linalg.norm(zn, axis=-1, keepdims=True)
+    expected = np.argmin(((zn[..., None, :] - e) ** 2).sum(-1), axis=-1)
+    np.testing.assert_array_equal(aux["codes"], expected)
+    np.testing.assert_allclose(z_q, e[expected], rtol=1e-5, atol=1e-6)
+    mse = np.mean((e[expected] - zn) ** 2)
+    np.testing.assert_allclose(aux["commitment_loss"], 0.25 * mse, rtol=1e-4)
+    np.testing.assert_allclose(aux["codebook_loss"], mse, rtol=1e-4)
+    np.testing.assert_allclose(aux["quantizer_loss"], 1.25 * mse, rtol=1e-4)
+
+
+def test_straight_through_gradient_is_identity_to_the_inputs():
+    vq = VectorQuantizer(codebook_size=8, code_dim=3, l2_norm=False)
+    z = jnp.asarray(np.random.default_rng(1).normal(size=(4, 3)), jnp.float32)
+    variables = vq.init(jax.random.key(0), z)
+    w = jnp.asarray(np.random.default_rng(2).normal(size=(4, 3)), jnp.float32)
+    grad = jax.grad(lambda z_: jnp.sum(vq.apply(variables, z_)[0] * w))(z)
+    np.testing.assert_allclose(grad, w, rtol=1e-6)
+
+
+def test_legacy_reshape_reinterprets_memory_like_the_official_code():
+    enc_kwargs = dict(image_size=16, patch_size=8, width=8, depth=1, num_heads=2, mlp_dim=16,
+                      num_latent_tokens=4, out_dim=3)
+    from tok1d.models.titok import TiTokEncoder
+    x = images(b=1, size=16)
+    latents = jnp.ones((4, 8))
+    legacy = TiTokEncoder(legacy_reshape=True, **enc_kwargs)
+    clean = TiTokEncoder(legacy_reshape=False, **enc_kwargs)
+    variables = legacy.init(jax.random.key(0), x, latents)
+    out_legacy = legacy.apply(variables, x, latents)
+    out_clean = clean.apply(variables, x, latents)
+    assert not np.allclose(out_legacy, out_clean)
+    # Reference: the (B, N, W) ln_post output reshaped in C order to (B, W, N), 1x1 conv.
+    params = nn.unbox(variables)["params"]
+    captured = legacy.apply(variables, x, latents, capture_intermediates=True,
+                            mutable=["intermediates"])[1]["intermediates"]
+    feats = np.asarray(captured["trunk"]["__call__"][0])  # (1, 4, 8)
+    k, b = np.asarray(params["conv_out"]["kernel"]), np.asarray(params["conv_out"]["bias"])
+    ref = np.einsum("bwn,wc->bnc", feats.reshape(1, 8, 4), k) + b
+    np.testing.assert_allclose(out_legacy, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_depth_to_space_channel_order():
+    p, c = 2, 3
+    x = np.arange(1 * 2 * 2 * p * p * c, dtype=np.float32).reshape(1, 2, 2, p * p * c)
+    y = np.asarray(depth_to_space(jnp.asarray(x), p, c))
+    for h in range(2):
+        for w in range(2):
+            for p1 in range(p):
+                for p2 in range(p):
+                    for ch in range(c):
+                        assert y[0, h * p + p1, w * p + p2, ch] == x[0, h, w, (p1 * p + p2) * c + ch]
+
+
+def test_attention_matches_a_plain_softmax_reference():
+    attn = layers.Attention(num_heads=2)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 8)), jnp.float32)
+    variables = attn.init(jax.random.key(0), x)
+    p = nn.unbox(variables)["params"]
+    q = np.einsum("bte,ehd->bthd", x, p["query"]["kernel"]) + p["query"]["bias"]
+    k = np.einsum("bte,ehd->bthd", x, p["key"]["kernel"]) + p["key"]["bias"]
+    v = np.einsum("bte,ehd->bthd", x, p["value"]["kernel"]) + p["value"]["bias"]
+    s = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(4)
+    a = np.exp(s - s.max(-1, keepdims=True))
+    a /= a.sum(-1, keepdims=True)
+    o = np.einsum("bhqk,bkhd->bqhd", a, v)
+    ref = np.einsum("bqhd,hde->bqe", o, p["out"]["kernel"]) + p["out"]["bias"]
+    np.testing.assert_allclose(attn.apply(variables, x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_entropy_loss_matches_numpy_reference():
+    from tok1d.models.quantizers import entropy_loss
+    a = np.random.default_rng(0).normal(size=(6, 5)).astype(np.float32)
+    t = 0.5
+    logits = a.astype(np.float64) / t
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    sample = -np.mean(np.sum(p * np.log(p), axis=1))
+    avg = p.mean(0)
+    expected = sample + np.sum(avg * np.log(avg + 1e-5))
+    np.testing.assert_allclose(entropy_loss(jnp.asarray(a), t), expected, rtol=1e-5)
+    # Confident tokens spread over distinct codes -> close to -log(K); all on one code -> ~0.
+    spread = jnp.asarray(np.eye(5, dtype=np.float32) * 50)
+    assert float(entropy_loss(spread, 1.0)) < -np.log(5) + 1e-3
+    same = jnp.asarray(np.tile(np.eye(5, dtype=np.float32)[:1] * 50, (5, 1)))
+    assert abs(float(entropy_loss(same, 1.0))) < 1e-3
+
+
+def test_loss_weights_switch_terms_on_and_off():
+    from tok1d import losses
+    recon, target = jnp.zeros((1, 2, 2, 3)), jnp.ones((1, 2, 2, 3))
+    aux = dict(quantizer_loss=jnp.float32(2.0), entropy_loss=jnp.float32(-1.0))
+    total, terms = losses.combine(dict(l2=1.0, quantizer=0.5, entropy=0.0), recon, target, aux)
+    assert set(terms) == {"l2", "quantizer"} and float(total) == 2.0
+    total, terms = losses.combine(dict(l2=1.0, quantizer=0.5, entropy=0.1), recon, target, aux)
+    assert set(terms) == {"l2", "quantizer", "entropy"}
+    np.testing.assert_allclose(float(total), 1.9, rtol=1e-6)
+    with pytest.raises(ValueError, match="Loss term 'lpips'"):
+        losses.combine(dict(lpips=1.0), recon, target, aux)

@@ -1,0 +1,143 @@
+"""Two JAX processes on 127.0.0.1 (4 fake CPU devices each) train like one process with 8.
+
+Cross-process CPU collectives go through gloo (`tok1d.main` selects it before
+`jax.distributed.initialize`). Process 0 alone writes metrics.jsonl into the shared workdir.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import socket
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+try:
+    from conftest import main_command, subprocess_env
+except ImportError:  # pragma: no cover
+    import conftest
+    main_command, subprocess_env = conftest.main_command, conftest.subprocess_env
+
+CONFIG = "configs/tiny_test.py"
+STEPS = 4
+COMMON = (f"--config.total_steps={STEPS}", "--config.checkpoint.every_steps=100",
+          "--config.mesh.data=-1")
+TIMEOUT_S = 240
+
+try:  # pytest-timeout is optional; the subprocess timeouts below bound the test anyway.
+    import pytest_timeout  # noqa: F401
+    _timeout_mark = pytest.mark.timeout(TIMEOUT_S + 120)
+except ImportError:  # pragma: no cover
+    def _timeout_mark(f):
+        return f
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _train_records(records: list[dict]) -> dict[int, dict]:
+    return {r["step"]: r for r in records if "train/loss" in r}
+
+
+def _eval_record(records: list[dict]) -> dict:
+    evals = [r for r in records if "eval/psnr" in r]
+    return evals[-1] if evals else {}
+
+
+def _wait_all(procs: dict[str, subprocess.Popen], deadline: float) -> dict[str, tuple]:
+    """Waits for every process until `deadline`; kills the stragglers (ours only)."""
+    outputs = {}
+    for name, proc in procs.items():
+        try:
+            out, err = proc.communicate(timeout=max(deadline - time.monotonic(), 1.0))
+        except subprocess.TimeoutExpired:
+            for other in procs.values():
+                if other.poll() is None:
+                    other.kill()
+            out, err = proc.communicate()
+            err += f"\n*** {name} killed after the {TIMEOUT_S}s timeout ***"
+        outputs[name] = (proc.returncode, out, err)
+    return outputs
+
+
+def _report(outputs: dict[str, tuple]) -> str:
+    parts = []
+    for name, (rc, out, err) in outputs.items():
+        parts.append(f"===== {name}: exit {rc}\n--- stdout (tail)\n{out[-4000:]}\n"
+                     f"--- stderr (tail)\n{err[-8000:]}")
+    return "\n".join(parts)
+
+
+@_timeout_mark
+def test_two_processes_match_one(tmp_path):
+    wd1, wd2 = str(tmp_path / "one_process"), str(tmp_path / "two_processes")
+    port = _free_port()
+    dist = (f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+            "--config.distributed.num_processes=2")
+    kw = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # All three start together: the reference shares no state with the pair.
+    procs = {
+        "reference": subprocess.Popen(main_command(CONFIG, wd1, *COMMON),
+                                      env=subprocess_env(8), **kw),
+    }
+    for pid in (0, 1):
+        procs[f"process{pid}"] = subprocess.Popen(
+            main_command(CONFIG, wd2, *COMMON, *dist, f"--config.distributed.process_id={pid}"),
+            env=subprocess_env(4), **kw)
+    outputs = _wait_all(procs, time.monotonic() + TIMEOUT_S)
+    report = _report(outputs)
+    for name, (rc, _, _) in outputs.items():
+        assert rc == 0, f"{name} exited with {rc}\n{report}"
+
+    # Both processes joined one 2-process, 8-device job.
+    for pid in (0, 1):
+        _, out, err = outputs[f"process{pid}"]
+        log = out + err
+        assert f"process {pid}/2" in log, report
+        assert "8 devices" in log, report
+    _, out0, err0 = outputs["process0"]
+    assert "over 8 devices (2 processes)" in out0 + err0, report
+    _, ref_out, ref_err = outputs["reference"]
+    assert "process 0/1" in ref_out + ref_err, report
+
+    ref = _read_jsonl(os.path.join(wd1, "metrics.jsonl"))
+    got = _read_jsonl(os.path.join(wd2, "metrics.jsonl"))
+    ref_train, got_train = _train_records(ref), _train_records(got)
+    assert sorted(ref_train) == list(range(1, STEPS + 1)), ref
+    assert sorted(got_train) == sorted(ref_train), got
+    # Only process 0 writes: one line per step, one TensorBoard event file.
+    assert len(got) == len(ref), got
+    assert len(glob.glob(os.path.join(wd2, "events.out.tfevents.*"))) == 1
+    for step in ref_train:
+        for key in ("train/loss", "train/loss_l2", "train/loss_quantizer", "train/grad_norm"):
+            np.testing.assert_allclose(got_train[step][key], ref_train[step][key], rtol=1e-5,
+                                       err_msg=f"{key} at step {step}")
+        assert got_train[step]["train/lr"] == pytest.approx(ref_train[step]["train/lr"])
+    # Training actually changed the loss (params were updated and kept in sync).
+    assert ref_train[1]["train/loss"] != ref_train[STEPS]["train/loss"]
+
+    ref_eval, got_eval = _eval_record(ref), _eval_record(got)
+    assert ("eval/psnr" in ref_eval) == ("eval/psnr" in got_eval)
+    if ref_eval:
+        assert got_eval["step"] == ref_eval["step"] == STEPS
+        np.testing.assert_allclose(got_eval["eval/psnr"], ref_eval["eval/psnr"], rtol=1e-5)
+        assert got_eval["eval/num_examples"] == ref_eval["eval/num_examples"]
+
+    with open(os.path.join(wd2, "metrics.json"), encoding="utf-8") as f:
+        final = json.load(f)
+    assert final["step"] == STEPS
+    # Both runs saved their final checkpoint (process 0 and 1 cooperated on the save).
+    assert os.path.isdir(os.path.join(wd2, "checkpoints", str(STEPS)))
+    assert os.path.isdir(os.path.join(wd1, "checkpoints", str(STEPS)))

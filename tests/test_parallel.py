@@ -1,0 +1,369 @@
+"""Sharding tests: data / FSDP / tensor meshes give the same numbers, and really shard.
+
+Runs on the 8 fake CPU devices that conftest.py sets up. The model is a small TiTok whose
+widths divide the mesh axes (embed 64 over fsdp=4, heads 4 / MLP 128 over tensor=2), so every
+kernel is genuinely split rather than silently replicated.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from tok1d import config_lib, losses, optim, parallel
+from tok1d.trainers import common, tokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BATCH = 16
+IMAGE = 32
+MESHES = ((8, 1, 1), (2, 4, 1), (2, 2, 2))
+
+
+def _load_tiny_config():
+    spec = importlib.util.spec_from_file_location(
+        "tiny_test_config", os.path.join(REPO, "configs", "tiny_test.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def _config():
+    config = _load_tiny_config()
+    config.model = dict(name="titok", patch_size=8, num_latent_tokens=8,
+                        encoder_width=64, encoder_depth=2, encoder_heads=4, encoder_mlp_dim=128,
+                        decoder_width=64, decoder_depth=1, decoder_heads=4, decoder_mlp_dim=128,
+                        codebook_size=64, token_dim=8)
+    # No warm-up: the first step must really move the params (lr(0) would be 0 otherwise).
+    config.optim.warmup_steps = 0
+    config_lib.validate(config, num_devices=8)
+    return config
+
+
+def _images() -> np.ndarray:
+    return np.random.default_rng(1234).uniform(
+        0.0, 1.0, (BATCH, IMAGE, IMAGE, 3)).astype(np.float32)
+
+
+def _mesh(shape):
+    return parallel.create_mesh(dict(zip(parallel.MESH_AXES, shape)))
+
+
+def _setup(shape):
+    """Model, optimizer, mesh, rules and the sharded state machinery for one mesh shape."""
+    config = _config()
+    model = tokenizer.build_model(config)
+    tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
+    mesh = _mesh(shape)
+    rules = parallel.rules_from_config(config.sharding.rules)
+    dummy = np.zeros((2, IMAGE, IMAGE, 3), np.float32)
+    init_params = lambda rng: model.init(rng, dummy)["params"]  # noqa: E731
+    abstract, shardings, init = common.state_shardings_and_init(
+        init_params, tx, mesh, rules, use_ema=True)
+    return config, model, tx, schedule, mesh, rules, abstract, shardings, init
+
+
+def _run(shape):
+    config, model, tx, schedule, mesh, rules, abstract, shardings, init = _setup(shape)
+    rng = jax.random.key(config.seed)
+    batch_sh = parallel.batch_sharding(mesh, rules)
+    batch = parallel.global_batch({"image": _images()}, batch_sh, BATCH)
+    weights = {k: float(v) for k, v in config.losses.items()}
+
+    def loss_fn(params, images_):
+        recon, aux = model.apply({"params": params}, images_)
+        return losses.combine(weights, recon, images_, aux)[0]
+
+    state = init(rng)
+    init_params = jax.device_get(state.params)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        grad_fn = jax.jit(jax.value_and_grad(loss_fn),
+                          in_shardings=(shardings.params, batch_sh))
+        loss, grads = grad_fn(state.params, batch["image"])
+        step = jax.jit(tokenizer.make_train_step(model, tx, schedule, config),
+                       in_shardings=(shardings, batch_sh), out_shardings=(shardings, None, None),
+                       donate_argnums=(0,))
+        new_state, scalars, finite = step(state, batch)
+    return dict(
+        init_params=init_params,
+        loss=float(loss),
+        grads=jax.device_get(grads),
+        step_loss=float(scalars["loss"]),
+        grad_norm=float(scalars["grad_norm"]),
+        finite=bool(finite),
+        new_params=jax.device_get(new_state.params),
+        new_ema=jax.device_get(new_state.ema_params),
+        new_mu=jax.device_get(_adam_state(new_state.opt_state).mu),
+        new_step=int(new_state.step),
+        new_state_shardings=jax.tree.map(lambda x: x.sharding, new_state),
+        expected_shardings=shardings,
+        abstract=abstract,
+        fresh_state=init(rng),   # not donated: for the sharding-layout tests
+        mesh=mesh,
+        rules=rules,
+        batch=batch,
+    )
+
+
+@pytest.fixture(scope="module")
+def runs():
+    cache = {}
+
+    def get(shape):
+        if shape not in cache:
+            cache[shape] = _run(shape)
+        return cache[shape]
+
+    return get
+
+
+def _adam_state(opt_state) -> optax.ScaleByAdamState:
+    found = [s for s in jax.tree.leaves(opt_state,
+                                        is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+             if isinstance(s, optax.ScaleByAdamState)]
+    assert len(found) == 1, opt_state
+    return found[0]
+
+
+def _find(tree, *names):
+    """The single leaf whose path contains every one of `names` (in order)."""
+    hits = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+        it = iter(keys)
+        if all(name in it for name in names):
+            hits.append((keys, leaf))
+    assert len(hits) == 1, [h[0] for h in hits]
+    return hits[0][1]
+
+
+def _assert_trees_close(a, b, rtol, atol, what):
+    flat_a = jax.tree_util.tree_flatten_with_path(a)[0]
+    flat_b = jax.tree_util.tree_flatten_with_path(b)[0]
+    assert [p for p, _ in flat_a] == [p for p, _ in flat_b], what
+    for (path, x), (_, y) in zip(flat_a, flat_b):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol,
+                                   err_msg=f"{what} at {jax.tree_util.keystr(path)}")
+
+
+# ----------------------------------------------------------------------------- numerics
+
+
+@pytest.mark.parametrize("shape", MESHES[1:], ids=lambda s: "x".join(map(str, s)))
+def test_sharded_step_matches_data_parallel(runs, shape):
+    ref, got = runs(MESHES[0]), runs(shape)
+    # Same seed -> bit-identical init whatever the sharding.
+    _assert_trees_close(ref["init_params"], got["init_params"], 0, 0, "init params")
+    assert ref["finite"] and got["finite"]
+    np.testing.assert_allclose(got["loss"], ref["loss"], rtol=1e-5)
+    np.testing.assert_allclose(got["step_loss"], ref["step_loss"], rtol=1e-5)
+    np.testing.assert_allclose(got["step_loss"], got["loss"], rtol=1e-6)
+    np.testing.assert_allclose(got["grad_norm"], ref["grad_norm"], rtol=1e-4)
+    _assert_trees_close(ref["grads"], got["grads"], 1e-4, 1e-6, "grads")
+    # One AdamW step with lr 3e-3 moves every param by up to ~lr (Adam normalises the update,
+    # so gradients that are ~eps amplify float noise); require agreement 300x below lr.
+    _assert_trees_close(ref["new_params"], got["new_params"], 1e-5, 1e-5, "updated params")
+    _assert_trees_close(ref["new_ema"], got["new_ema"], 1e-5, 1e-6, "updated EMA")
+    _assert_trees_close(ref["new_mu"], got["new_mu"], 1e-4, 1e-7, "Adam mu")
+    assert ref["new_step"] == got["new_step"] == 1
+
+
+def test_step_really_updates(runs):
+    ref = runs(MESHES[0])
+    moved = [float(np.max(np.abs(np.asarray(n) - np.asarray(o))))
+             for n, o in zip(jax.tree.leaves(ref["new_params"]),
+                             jax.tree.leaves(ref["init_params"]))]
+    assert max(moved) > 1e-3   # lr 3e-3 and no warm-up
+    grad_leaves = jax.tree.leaves(ref["grads"])
+    assert all(np.all(np.isfinite(g)) for g in grad_leaves)
+    assert sum(float(np.abs(g).sum()) for g in grad_leaves) > 0
+
+
+@pytest.mark.parametrize("shape", MESHES, ids=lambda s: "x".join(map(str, s)))
+def test_step_keeps_state_shardings(runs, shape):
+    run = runs(shape)
+    got, expected = run["new_state_shardings"], run["expected_shardings"]
+    assert jax.tree.structure(got) == jax.tree.structure(expected)
+    for g, e, a in zip(jax.tree.leaves(got), jax.tree.leaves(expected),
+                       jax.tree.leaves(run["abstract"])):
+        assert g.is_equivalent_to(e, a.ndim), (g, e)
+
+
+# ----------------------------------------------------------------------------- layouts
+
+
+def _fc1(params):
+    return _find(params, "encoder", "transformer", "mlp", "fc1", "kernel")
+
+
+def test_fsdp_splits_embed(runs):
+    run = runs((2, 4, 1))
+    params = run["fresh_state"].params
+    fc1 = _fc1(params)
+    depth, embed, mlp = fc1.shape
+    assert (depth, embed, mlp) == (2, 64, 128)
+    assert fc1.sharding.spec == P(None, "fsdp", "tensor")
+    assert fc1.addressable_shards[0].data.shape == (depth, embed // 4, mlp)
+    assert not fc1.sharding.is_fully_replicated
+    # fc2 is ("mlp", "embed"): split on its last dim.
+    fc2 = _find(params, "encoder", "transformer", "mlp", "fc2", "kernel")
+    assert fc2.addressable_shards[0].data.shape == (depth, mlp, embed // 4)
+    # Attention q kernel (layers, embed, heads, kv).
+    q = _find(params, "encoder", "transformer", "attn", "query", "kernel")
+    assert q.addressable_shards[0].data.shape == (depth, 64 // 4, 4, 16)
+
+
+def test_fsdp_and_tensor_split(runs):
+    run = runs((2, 2, 2))
+    params = run["fresh_state"].params
+    fc1 = _fc1(params)
+    depth, embed, mlp = fc1.shape
+    assert fc1.sharding.spec == P(None, "fsdp", "tensor")
+    assert fc1.addressable_shards[0].data.shape == (depth, embed // 2, mlp // 2)
+    # Each of the 8 devices holds a distinct (embed, mlp) block, replicated only over "data".
+    blocks = {tuple((s.start, s.stop) for s in shard.index[1:]) for shard in fc1.addressable_shards}
+    assert len(blocks) == 4
+    # Attention: heads over tensor, embed over fsdp.
+    q = _find(params, "encoder", "transformer", "attn", "query", "kernel")
+    assert q.sharding.spec == P(None, "fsdp", "tensor", None)
+    assert q.addressable_shards[0].data.shape == (depth, 64 // 2, 4 // 2, 16)
+    # Decoder pixel head conv ("conv_h","conv_w","embed","conv_out"): 192 outputs over tensor.
+    ffn = _find(params, "decoder", "ffn", "kernel")
+    assert ffn.shape == (1, 1, 64, 8 * 8 * 3)
+    assert ffn.addressable_shards[0].data.shape == (1, 1, 32, 96)
+    # Final 3x3 conv has 3 output channels: tensor=2 does not divide them -> replicated there.
+    conv_out = _find(params, "decoder", "conv_out", "kernel")
+    assert conv_out.shape == (3, 3, 3, 3)
+    assert conv_out.sharding.spec == P(None, None, None, None)
+    assert conv_out.sharding.is_fully_replicated
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 1), (2, 2, 2)], ids=lambda s: "x".join(map(str, s)))
+def test_optimizer_and_ema_follow_params(runs, shape):
+    run = runs(shape)
+    state = run["fresh_state"]
+    adam = _adam_state(state.opt_state)
+    for moments in (adam.mu, adam.nu, state.ema_params):
+        assert jax.tree.structure(moments) == jax.tree.structure(state.params)
+        for m, p in zip(jax.tree.leaves(moments), jax.tree.leaves(state.params)):
+            assert m.sharding == p.sharding, (m.sharding, p.sharding)
+            assert m.addressable_shards[0].data.shape == p.addressable_shards[0].data.shape
+    assert adam.count.sharding.is_fully_replicated
+    assert state.step.sharding.is_fully_replicated
+    # The abstract shardings say the same thing.
+    sh = run["expected_shardings"]
+    sh_adam = _adam_state(sh.opt_state)
+    assert jax.tree.leaves(sh_adam.mu) == jax.tree.leaves(sh.params)
+    assert jax.tree.leaves(sh_adam.nu) == jax.tree.leaves(sh.params)
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 1), (2, 2, 2)], ids=lambda s: "x".join(map(str, s)))
+def test_codebook_replicated(runs, shape):
+    params = runs(shape)["fresh_state"].params
+    codebook = params["quantize"]["embedding"]
+    assert codebook.shape == (64, 8)
+    assert codebook.sharding.spec == P(None, None)
+    assert codebook.sharding.is_fully_replicated
+    assert codebook.addressable_shards[0].data.shape == (64, 8)
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+@pytest.mark.parametrize("shape", MESHES, ids=lambda s: "x".join(map(str, s)))
+def test_batch_sharding(runs, shape):
+    run = runs(shape)
+    mesh, rules, batch = run["mesh"], run["rules"], run["batch"]
+    image = batch["image"]
+    data, fsdp, tensor = shape
+    assert image.shape == (BATCH, IMAGE, IMAGE, 3)
+    assert image.sharding.spec[0] == ("data", "fsdp")
+    assert image.addressable_shards[0].data.shape == (BATCH // (data * fsdp), IMAGE, IMAGE, 3)
+    # Rows split over data x fsdp, replicated over tensor.
+    row_blocks = {shard.index[0].start for shard in image.addressable_shards}
+    assert len(row_blocks) == data * fsdp
+    np.testing.assert_array_equal(np.asarray(jax.device_get(image)), _images())
+    sharding = parallel.batch_sharding(mesh, rules)
+    assert sharding.spec == P(("data", "fsdp"))
+    assert parallel.batch_sharding(mesh, rules, 4).spec == P(("data", "fsdp"), None, None, None)
+    assert parallel.host_batch_slice(sharding, BATCH) == (0, BATCH)
+    assert parallel.host_batch_slice(sharding, 32) == (0, 32)
+
+
+def test_global_batch_extra_keys():
+    mesh = _mesh((2, 4, 1))
+    rules = parallel.rules_from_config(config_lib.base_config().sharding.rules)
+    sharding = parallel.batch_sharding(mesh, rules)
+    labels = np.arange(BATCH, dtype=np.int32)
+    out = parallel.global_batch({"image": _images(), "label": labels}, sharding, BATCH)
+    assert out["label"].shape == (BATCH,)
+    assert out["label"].addressable_shards[0].data.shape == (2,)
+    np.testing.assert_array_equal(np.asarray(jax.device_get(out["label"])), labels)
+
+
+# ----------------------------------------------------------------------------- mesh shapes
+
+
+def test_resolve_mesh_shape():
+    r = parallel.resolve_mesh_shape
+    assert r({"data": -1}, 8) == (8, 1, 1)
+    assert r({"data": -1, "fsdp": 1, "tensor": 1}, 8) == (8, 1, 1)
+    assert r({"data": 2, "fsdp": -1}, 8) == (2, 4, 1)
+    assert r({"data": -1, "fsdp": 2, "tensor": 2}, 8) == (2, 2, 2)
+    assert r({"tensor": -1}, 8) == (1, 1, 8)
+    assert r({"data": 2, "fsdp": 2, "tensor": 2}, 8) == (2, 2, 2)
+    assert r({"fsdp": -1, "tensor": 4}, 4) == (1, 1, 4)
+    assert r({"data": -1}) == (jax.device_count(), 1, 1) == (8, 1, 1)
+    # Rules coming from a ConfigDict / JSON (lists) normalise to tuples.
+    assert parallel.rules_from_config([["act_batch", ["data", "fsdp"]], ["embed", "fsdp"]]) == (
+        ("act_batch", ("data", "fsdp")), ("embed", "fsdp"))
+
+
+@pytest.mark.parametrize("sizes", [
+    {"data": -1, "fsdp": -1},
+    {"data": -1, "tensor": -1},
+    {"data": 3, "fsdp": -1},          # 3 does not divide 8
+    {"data": 3},
+    {"data": 2, "fsdp": 2},           # 4 != 8 and no -1 to take the rest
+    {"data": 16},
+    {"data": 0, "fsdp": -1},
+    {"data": -2},
+])
+def test_resolve_mesh_shape_errors(sizes):
+    with pytest.raises(ValueError):
+        parallel.resolve_mesh_shape(sizes, 8)
+
+
+def test_resolve_mesh_shape_unknown_axis():
+    with pytest.raises(ValueError, match="model"):
+        parallel.resolve_mesh_shape({"data": -1, "model": 2}, 8)
+    with pytest.raises(ValueError):
+        parallel.create_mesh({"batch": -1})
+
+
+def test_create_mesh():
+    mesh = _mesh((2, 2, 2))
+    assert mesh.axis_names == parallel.MESH_AXES
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert mesh.size == 8
+    sub = parallel.create_mesh({"data": -1, "fsdp": 2}, jax.devices()[:4])
+    assert dict(sub.shape) == {"data": 2, "fsdp": 2, "tensor": 1}
+
+
+def test_config_validate_rejects_bad_mesh():
+    config = _config()
+    config.mesh.data = 3
+    config.mesh.fsdp = -1
+    with pytest.raises(config_lib.ConfigError, match="mesh"):
+        config_lib.validate(config, num_devices=8)
+    config = _config()
+    config.mesh.data = -1
+    config.batch_size = 12   # not divisible by 8 data-parallel devices
+    with pytest.raises(config_lib.ConfigError, match="batch_size"):
+        config_lib.validate(config, num_devices=8)
