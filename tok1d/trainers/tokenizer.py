@@ -72,7 +72,10 @@ def make_train_step(model: nn.Module, tx, schedule, config):
                if state.ema_params is not None else None)
         new = common.TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                                 ema_params=ema)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # The update must be finite too (its float32 squared norm also overflows for absurd
+        # finite updates), so a step that would wreck the params is never applied or saved.
+        finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+                  & jnp.isfinite(optim.global_norm(updates)))
         new = common.keep_if_finite(finite, new, state)
         scalars = dict(loss=loss, grad_norm=grad_norm, lr=schedule(state.step), **extras,
                        **{f"loss_{k}": v for k, v in terms.items()})
@@ -200,9 +203,10 @@ def _loop(config, workdir, state, first_step, train_step, eval_step, feeder, tra
           eval_ds, eval_batches, feeder_args, checkpointer, writer) -> dict[str, Any]:
     total = config.total_steps
     preempt = ckpt_lib.PreemptionFlag()
+    log = _print if jax.process_index() == 0 else _quiet
     progress = summary.ProgressReporter(total, batch_size=config.batch_size,
                                         every_steps=config.log_every_steps, first_step=first_step,
-                                        print_fn=_print if jax.process_index() == 0 else _quiet)
+                                        print_fn=log)
     metric_cls, acc = None, None
     last_saved = first_step if first_step else None
     pending = None  # (step, finite flag) of the previous step, checked one step late
@@ -219,7 +223,7 @@ def _loop(config, workdir, state, first_step, train_step, eval_step, feeder, tra
             writer.write_images(step_, {"eval/input_vs_reconstruction": grid})
             if jax.process_index() == 0:
                 images.save_png(os.path.join(workdir, "reconstructions.png"), grid)
-            _print(f"eval @ step {step_}: " + ", ".join(
+            log(f"eval @ step {step_}: " + ", ".join(
                 f"{k} {summary.format_number(v)}" for k, v in metrics.items()))
         return metrics
 
@@ -257,11 +261,11 @@ def _loop(config, workdir, state, first_step, train_step, eval_step, feeder, tra
                         last_saved = step
             if stop:
                 checkpointer.wait()
-                _print(f"Stopped by a preemption signal at step {step}; checkpoint saved. "
+                log(f"Stopped by a preemption signal at step {step}; checkpoint saved. "
                        "Run the same command again to resume.")
                 return {"step": step, "preempted": True}
         if first_step >= total:
-            _print(f"Nothing to do: the checkpoint is already at step {first_step} >= "
+            log(f"Nothing to do: the checkpoint is already at step {first_step} >= "
                    f"total_steps {total}.")
         eval_metrics = run_eval(step)
         final = dict(step=step, **eval_metrics)
