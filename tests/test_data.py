@@ -13,7 +13,11 @@ def test_demo_source_is_deterministic_and_holds_out_eval_photos():
         a, b = train[i], again[i]
         assert a["image"].dtype == np.uint8 and a["image"].ndim == 3 and a["image"].shape[2] == 3
         np.testing.assert_array_equal(a["image"], b["image"])
-    assert not set(sources.DEMO_TRAIN_PHOTOS) & set(sources.DEMO_EVAL_PHOTOS)
+    # Eval crops come from the held-out bottom strip of each photo: never from training pixels.
+    photo = sources._load_photo(sources.DEMO_PHOTOS[0])
+    cut = int(photo.shape[0] * (1 - sources.DEMO_EVAL_FRACTION))
+    assert sources._demo_region(sources.DEMO_PHOTOS[0], 0).shape[0] == cut
+    assert sources._demo_region(sources.DEMO_PHOTOS[0], 1).shape[0] == photo.shape[0] - cut
     assert sources.DemoSource("validation", size=4)[1]["label"] == 1
     with pytest.raises(IndexError):
         train[32]
@@ -95,3 +99,16 @@ def test_prepared_folder_trains_through_the_same_pipeline(tmp_path):
     assert batch["image"].shape == (4, 16, 16, 3)
     assert set(batch["label"].tolist()) <= {0, 1}
     assert "broken" in str(summary)
+
+
+def test_tfds_imagenet_source_without_tensorflow():
+    import sys
+    import tensorflow_datasets as tfds
+    with tfds.testing.mock_data(num_examples=12):
+        src = sources.get_source("tfds:imagenet2012", "train")
+        assert len(src) == 12
+        batch = next(iter(pipeline.train_dataset(src, global_batch=4, host_start=0, host_stop=4,
+                                                 seed=0, image_size=16, augment="random_crop",
+                                                 flip=True, min_scale=1.0)))
+    assert batch["image"].shape == (4, 16, 16, 3) and batch["label"].dtype == np.int32
+    assert "tensorflow" not in sys.modules

@@ -202,3 +202,32 @@ def test_loss_weights_switch_terms_on_and_off():
     np.testing.assert_allclose(float(total), 1.9, rtol=1e-6)
     with pytest.raises(ValueError, match="Loss term 'lpips'"):
         losses.combine(dict(lpips=1.0), recon, target, aux)
+
+
+def test_gradient_accumulation_matches_the_full_batch_step():
+    import importlib.util
+    import os
+    from conftest import REPO
+    from tok1d import optim
+    from tok1d.trainers import common, tokenizer
+    spec = importlib.util.spec_from_file_location("c", os.path.join(REPO, "configs/tiny_test.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    config = mod.get_config()
+    config.optim.warmup_steps = 0
+    model = tokenizer.build_model(config)
+    tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
+    x = images(b=8)
+    params = nn.unbox(model.init(jax.random.key(0), x))["params"]
+    state = common.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                              opt_state=tx.init(params), ema_params=None)
+    outs = []
+    for accum in (1, 2):
+        config.optim.grad_accum_steps = accum
+        step = jax.jit(tokenizer.make_train_step(model, tx, schedule, config))
+        outs.append(step(state, {"image": x}))
+    (s1, m1, _), (s2, m2, _) = outs
+    np.testing.assert_allclose(m1["loss_l2"], m2["loss_l2"], rtol=1e-5)
+    np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-3)
+    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)

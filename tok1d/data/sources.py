@@ -17,9 +17,10 @@ from typing import Any, Sequence
 import numpy as np
 
 # Colour photos and textures that ship inside scikit-image (loaded without network access).
-DEMO_TRAIN_PHOTOS = ("astronaut", "rocket", "immunohistochemistry", "hubble_deep_field",
-                     "retina", "camera", "grass", "gravel", "brick", "moon", "coins", "cell")
-DEMO_EVAL_PHOTOS = ("chelsea", "coffee")  # held out: never seen in training
+DEMO_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry",
+               "hubble_deep_field", "retina", "camera", "grass", "gravel", "brick", "moon",
+               "coins", "cell")
+DEMO_EVAL_FRACTION = 0.25  # the bottom quarter of every photo is never used for training
 
 
 @functools.lru_cache(maxsize=None)
@@ -33,21 +34,24 @@ def _load_photo(name: str) -> np.ndarray:
     return np.ascontiguousarray(img[..., :3].astype(np.uint8))
 
 
+def _demo_region(name: str, split_id: int) -> np.ndarray:
+    photo = _load_photo(name)
+    cut = int(photo.shape[0] * (1 - DEMO_EVAL_FRACTION))
+    return photo[:cut] if split_id == 0 else photo[cut:]
+
+
 class DemoSource:
     """Deterministic square crops of scikit-image's bundled photos.
 
-    Item i is a crop of photo `i % len(photos)` whose side (between `min_frac` and `max_frac` of
-    the photo's shorter side) and position are drawn from a generator seeded by (split, i).
-    The eval split uses photos that the train split never contains.
+    Item i is a crop of photo `i % len(DEMO_PHOTOS)` whose side (between `min_frac` and
+    `max_frac` of the region's shorter side) and position are drawn from a generator seeded by
+    (split, i). Training crops come from the top 75% of each photo, eval crops from the bottom
+    25%: the eval pixels are never seen in training.
     """
 
-    def __init__(self, split: str, size: int = 4096, min_frac: float = 0.25,
-                 max_frac: float = 0.6):
-        if split == "train":
-            self.photos: Sequence[str] = DEMO_TRAIN_PHOTOS
-        elif split in ("validation", "eval", "test"):
-            self.photos = DEMO_EVAL_PHOTOS
-        else:
+    def __init__(self, split: str, size: int = 4096, min_frac: float = 0.35,
+                 max_frac: float = 0.9):
+        if split not in ("train", "validation", "eval", "test"):
             raise ValueError(f"Demo data has splits 'train' and 'validation', not {split!r}.")
         self._split_id = 0 if split == "train" else 1
         self.size, self.min_frac, self.max_frac = size, min_frac, max_frac
@@ -58,14 +62,14 @@ class DemoSource:
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < self.size:
             raise IndexError(index)
-        label = index % len(self.photos)
-        photo = _load_photo(self.photos[label])
+        label = index % len(DEMO_PHOTOS)
+        region = _demo_region(DEMO_PHOTOS[label], self._split_id)
         rng = np.random.default_rng([self._split_id, index])
-        h, w = photo.shape[:2]
+        h, w = region.shape[:2]
         side = int(min(h, w) * rng.uniform(self.min_frac, self.max_frac))
         top = int(rng.integers(0, h - side + 1))
         left = int(rng.integers(0, w - side + 1))
-        return {"image": photo[top:top + side, left:left + side], "label": label}
+        return {"image": region[top:top + side, left:left + side], "label": label}
 
 
 class TfdsSource:

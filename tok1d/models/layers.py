@@ -16,6 +16,7 @@ Activations are constrained at block boundaries with ("act_batch", "act_len", "a
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, Optional
 
@@ -239,8 +240,8 @@ class _ScanBlock(Block):
         return super().__call__(x, mask), None
 
 
-class Transformer(nn.Module):
-    """A stack of `depth` identical blocks.
+class Transformer(Block):
+    """`depth` identical blocks (the inherited fields configure each block).
 
     scan=True stacks the layer parameters along a leading "layers" axis and compiles one block
     (fast compiles, required for deep models); remat chooses what the backward pass recomputes:
@@ -249,27 +250,13 @@ class Transformer(nn.Module):
     `jax.checkpoint_policies`.
     """
 
-    depth: int
-    num_heads: int
-    mlp_dim: int
-    pre_norm: bool = True
-    norm: str = "layernorm"
-    norm_eps: float = 1e-5
-    activation: str = "gelu"
-    qkv_bias: bool = True
-    use_bias: bool = True
-    attention_impl: Optional[str] = None
+    depth: int = 1
     scan: bool = True
     remat: str = "none"
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     def _block_kwargs(self) -> dict[str, Any]:
-        return dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, pre_norm=self.pre_norm,
-                    norm=self.norm, norm_eps=self.norm_eps, activation=self.activation,
-                    qkv_bias=self.qkv_bias, use_bias=self.use_bias,
-                    attention_impl=self.attention_impl, dtype=self.dtype,
-                    param_dtype=self.param_dtype)
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(Block)
+                if f.name not in ("parent", "name")}
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Run a tok1d config on a Cloud TPU VM (single host or pod slice): create, copy code, install,
+# run on all workers, tail logs, delete.
+#
+#   launch/tpu_vm.sh [--dry-run] create  NAME ZONE ACCELERATOR [--spot]
+#   launch/tpu_vm.sh [--dry-run] setup   NAME ZONE
+#   launch/tpu_vm.sh [--dry-run] run     NAME ZONE CONFIG WORKDIR [--config.x=y ...]
+#   launch/tpu_vm.sh [--dry-run] tail    NAME ZONE [WORKER]
+#   launch/tpu_vm.sh [--dry-run] delete  NAME ZONE
+#
+# `run` starts the same command on every worker (required: all hosts must join
+# jax.distributed), with TOK1D_DISTRIBUTED=1 (auto-detected coordinator), a persistent
+# compilation cache on the VM's local disk and the workdir where you point it (gs://... works
+# for checkpoints and TensorBoard logs). Data: set TFDS_DATA_DIR / --config.data.data_dir to a
+# local disk or gcsfuse mount holding the array_record files.
+# Environment: TOK1D_PROJECT (gcloud project), TOK1D_TPU_VERSION (runtime, default
+# tpu-ubuntu2204-base), TOK1D_REMOTE_DIR (default tok1d).
+set -euo pipefail
+
+DRY_RUN=0
+if [[ "${1:-}" == "--dry-run" ]]; then DRY_RUN=1; shift; fi
+
+usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-1}"; }
+run() {
+  if [[ $DRY_RUN == 1 ]]; then printf '%q ' "$@"; printf '\n'; else "$@"; fi
+}
+
+CMD=${1:-}; [[ -n "$CMD" ]] || usage
+shift
+REMOTE=${TOK1D_REMOTE_DIR:-tok1d}
+PROJECT_FLAG=()
+[[ -n "${TOK1D_PROJECT:-}" ]] && PROJECT_FLAG=(--project "$TOK1D_PROJECT")
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+
+case "$CMD" in
+  create)
+    [[ $# -ge 3 ]] || usage
+    NAME=$1 ZONE=$2 ACC=$3; shift 3
+    EXTRA=(); [[ "${1:-}" == "--spot" ]] && EXTRA=(--spot)
+    run gcloud compute tpus tpu-vm create "$NAME" --zone "$ZONE" "${PROJECT_FLAG[@]}" \
+      --accelerator-type "$ACC" --version "${TOK1D_TPU_VERSION:-tpu-ubuntu2204-base}" "${EXTRA[@]}"
+    ;;
+  setup)
+    [[ $# -eq 2 ]] || usage
+    NAME=$1 ZONE=$2
+    run gcloud compute tpus tpu-vm scp --recurse "$REPO" "$NAME:$REMOTE" --zone "$ZONE" \
+      "${PROJECT_FLAG[@]}" --worker=all
+    run gcloud compute tpus tpu-vm ssh "$NAME" --zone "$ZONE" "${PROJECT_FLAG[@]}" --worker=all \
+      --command "cd $REMOTE && python3 -m venv .venv && . .venv/bin/activate && pip install -U pip && pip install -e '.[tpu]' && python -c 'import jax; print(jax.__version__, jax.device_count())'"
+    ;;
+  run)
+    [[ $# -ge 4 ]] || usage
+    NAME=$1 ZONE=$2 CONFIG=$3 WORKDIR=$4; shift 4
+    OVERRIDES=$(printf '%q ' "$@")
+    REMOTE_CMD="cd $REMOTE && . .venv/bin/activate && export TOK1D_DISTRIBUTED=1 TOK1D_COMPILATION_CACHE=\$HOME/.cache/tok1d_jax && nohup python -m tok1d.main --config=$CONFIG --workdir=$WORKDIR $OVERRIDES > \$HOME/tok1d.log 2>&1 &"
+    run gcloud compute tpus tpu-vm ssh "$NAME" --zone "$ZONE" "${PROJECT_FLAG[@]}" --worker=all \
+      --command "$REMOTE_CMD"
+    ;;
+  tail)
+    [[ $# -ge 2 ]] || usage
+    NAME=$1 ZONE=$2 WORKER=${3:-0}
+    run gcloud compute tpus tpu-vm ssh "$NAME" --zone "$ZONE" "${PROJECT_FLAG[@]}" \
+      --worker="$WORKER" --command "tail -n 100 -f \$HOME/tok1d.log"
+    ;;
+  delete)
+    [[ $# -eq 2 ]] || usage
+    run gcloud compute tpus tpu-vm delete "$1" --zone "$2" "${PROJECT_FLAG[@]}" --quiet
+    ;;
+  -h|--help|help) usage 0 ;;
+  *) echo "unknown command: $CMD" >&2; usage ;;
+esac
