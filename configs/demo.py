@@ -16,7 +16,7 @@ from tok1d import config_lib
 def get_config():
     config = config_lib.base_config()
     config.seed = 0
-    config.total_steps = 2000
+    config.total_steps = 1800
     config.batch_size = 32
     config.eval_batch_size = 32
     config.precision = "float32"   # bf16 matmuls are slow on most CPUs.
@@ -29,7 +29,7 @@ def get_config():
         encoder_size="tiny",
         decoder_size="tiny",
         codebook_size=1024,
-        token_dim=16,
+        token_dim=8,
         l2_norm=True,
         scan=True,
     )
@@ -40,6 +40,9 @@ def get_config():
     config.data.eval_examples = 256
     config.data.demo_size = 8192
 
+    # GigaTok's entropy loss keeps the codebook from collapsing onto one code per position.
+    config.losses.entropy = 0.01
+
     config.optim.lr = 1e-3
     config.optim.end_lr = 1e-4
     config.optim.warmup_steps = 200
@@ -47,7 +50,7 @@ def get_config():
     config.optim.weight_decay = 1e-4
 
     config.log_every_steps = 50
-    config.eval_every_steps = 500
-    config.checkpoint.every_steps = 500
+    config.eval_every_steps = 600
+    config.checkpoint.every_steps = 600
     config.checkpoint.keep = 2
     return config
