@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from tok1d import config_lib, losses, optim, parallel
 from tok1d.trainers import common, tokenizer

@@ -12,7 +12,7 @@ Models name the axes of every parameter and of the main activations (see
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -114,17 +114,6 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh, rules) -> Any:
     return jax.tree.map(
         lambda spec, leaf: NamedSharding(mesh, _fit_spec(spec, leaf.shape, mesh)),
         mesh_specs, unboxed, is_leaf=lambda x: isinstance(x, P))
-
-
-def sharded_init(init_fn: Callable[..., Any], mesh: Mesh, rules, *args) -> tuple[Any, Any]:
-    """Runs `init_fn(*args)` directly into its shardings (no full copy on any one device).
-
-    Returns (unboxed state, its shardings)."""
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        abstract = jax.eval_shape(init_fn, *args)
-        shardings = logical_shardings(abstract, mesh, rules)
-        state = jax.jit(lambda *a: nn.unbox(init_fn(*a)), out_shardings=shardings)(*args)
-    return state, shardings
 
 
 def batch_sharding(mesh: Mesh, rules, ndim: int = 1) -> NamedSharding:

@@ -12,7 +12,7 @@ the batches it would have seen.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator
+from typing import Any
 
 import grain
 import numpy as np
@@ -187,6 +187,3 @@ def eval_dataset(source, *, global_batch: int, host_start: int, host_stop: int,
     ds = ds.batch(host_stop - host_start, drop_remainder=True)
     return _to_iter(ds, num_workers), num_batches
 
-
-def take(it: Iterator, n: int) -> list:
-    return [next(it) for _ in range(n)]

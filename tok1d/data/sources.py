@@ -12,7 +12,7 @@ images are decoded (and augmented) later, in the grain pipeline, on the host tha
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -100,10 +100,6 @@ class Feeder:
         self.global_batch = global_batch
         self._mesh, self._rules = mesh, rules
 
-    def shardings(self, batch: Mapping[str, Any]) -> dict[str, NamedSharding]:
-        return {k: parallel.batch_sharding(self._mesh, self._rules, np.ndim(v))
-                for k, v in batch.items()}
-
     def __iter__(self):
         return self
 
