@@ -43,16 +43,15 @@ def main(argv):
                  jax.process_index(), jax.process_count(), jax.device_count(),
                  jax.devices()[0].platform)
     from tok1d import config_lib
-    try:
-        config_lib.validate(config)
-    except config_lib.ConfigError as e:
-        print(str(e), file=sys.stderr)
-        sys.exit(2)
     table = trainers()
     if config.trainer not in table:
         print(f"Unknown trainer {config.trainer!r}; known: {sorted(table)}.", file=sys.stderr)
         sys.exit(2)
-    table[config.trainer](config, FLAGS.workdir)
+    try:  # Every trainer validates the config before it touches the workdir.
+        table[config.trainer](config, FLAGS.workdir)
+    except config_lib.ConfigError as e:
+        print(str(e), file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -92,21 +92,20 @@ def average_collection(names) -> type[clu_metrics.Collection]:
 
 
 class Feeder:
-    """Turns the host-local numpy batches of a grain iterator into global sharded arrays."""
+    """Turns the host-local numpy batches of a grain iterator into global arrays sharded
+    along the batch axis with `sharding` (see `tok1d.parallel.batch_sharding`)."""
 
-    def __init__(self, iterator: Iterator[Mapping[str, np.ndarray]], mesh, rules,
+    def __init__(self, iterator: Iterator[Mapping[str, np.ndarray]], sharding: NamedSharding,
                  global_batch: int):
         self.iterator = iterator
+        self.sharding = sharding
         self.global_batch = global_batch
-        self._mesh, self._rules = mesh, rules
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, jax.Array]:
-        local = next(self.iterator)
-        sharding = parallel.batch_sharding(self._mesh, self._rules)
-        return parallel.global_batch(local, sharding, self.global_batch)
+        return parallel.global_batch(next(self.iterator), self.sharding, self.global_batch)
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -7,6 +7,7 @@ state (sharded init or resume), steps, evaluation, loop.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Any
@@ -121,11 +122,15 @@ def evaluate(eval_fn, params, eval_ds, num_batches: int, feeder_args, num_grid: 
     return metrics, (grid_in, grid_out)
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _first_rows(x: jax.Array, n: int, replicated: jax.sharding.NamedSharding) -> jax.Array:
+    return jax.lax.with_sharding_constraint(x[:n], replicated)
+
+
 def _gather_rows(x: jax.Array, n: int) -> np.ndarray:
     """First n rows of a global array, on every host (all-gathers only those rows)."""
-    rows = jax.jit(lambda a: a[:n], out_shardings=jax.sharding.NamedSharding(
-        x.sharding.mesh, jax.sharding.PartitionSpec()))(x)
-    return np.asarray(jax.device_get(rows))
+    replicated = jax.sharding.NamedSharding(x.sharding.mesh, jax.sharding.PartitionSpec())
+    return np.asarray(jax.device_get(_first_rows(x, n, replicated)))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -183,8 +188,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                  num_params / 1e6, first_step)
 
     # ---------------------------------------------------------------- steps
-    feeder = common.Feeder(train_iter, mesh, rules, config.batch_size)
-    feeder_args = (mesh, rules, config.eval_batch_size)
+    feeder = common.Feeder(train_iter, batch_sh, config.batch_size)
+    feeder_args = (batch_sh, config.eval_batch_size)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         train_step = jax.jit(make_train_step(model, tx, schedule, config),
                              in_shardings=(shardings, batch_sh), out_shardings=(shardings, None,
