@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from tok1d.models import presets
 from tok1d.models.titok import TiTok
+from tok1d.models.vqgan import MaskGITVQGAN
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -54,11 +55,20 @@ def _titok(encoder_size: str | None = None, decoder_size: str | None = None,
             kwargs.setdefault(f"{prefix}_depth", preset["depth"])
             kwargs.setdefault(f"{prefix}_heads", preset["num_heads"])
             kwargs.setdefault(f"{prefix}_mlp_dim", preset["mlp_dim"])
+    if "pixel_channel_mult" in kwargs:
+        kwargs["pixel_channel_mult"] = tuple(kwargs["pixel_channel_mult"])
     check_kwargs(TiTok, kwargs, "model 'titok' (plus encoder_size/decoder_size)")
     return TiTok(**kwargs)
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"titok": _titok}
+def _maskgit_vqgan(**kwargs: Any) -> MaskGITVQGAN:
+    if "channel_mult" in kwargs:
+        kwargs["channel_mult"] = tuple(kwargs["channel_mult"])
+    check_kwargs(MaskGITVQGAN, kwargs, "model 'maskgit_vqgan'")
+    return MaskGITVQGAN(**kwargs)
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {"titok": _titok, "maskgit_vqgan": _maskgit_vqgan}
 
 
 def create(name: str, **kwargs: Any) -> nn.Module:

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 
 from tok1d.models import layers
 from tok1d.models.layers import logical
-from tok1d.models.quantizers import VectorQuantizer
+from tok1d.models.quantizers import DiagonalGaussian, VectorQuantizer
+from tok1d.models.vqgan import VQGANDecoder
 
 Dtype = Any
 
@@ -177,8 +178,22 @@ class TiTokDecoder(nn.Module):
 
 
 class TiTok(nn.Module):
-    """TiTok tokenizer: `encode` (images -> codes), `decode_codes` (codes -> images),
-    `__call__` (the training forward: reconstruction + quantizer aux)."""
+    """TiTok tokenizer: `encode` (images -> latents + codes), `decode` / `decode_codes`
+    (latents / codes -> decoder output), `__call__` (the training forward).
+
+    quantizer   "vq" (codebook of `codebook_size` x `token_dim`) or "vae" (KL bottleneck with
+                `token_dim` channels; the encoder emits 2 * token_dim moments).
+    decoder_head  "pixels" (1x1 conv -> depth-to-space -> 3x3 conv) or "logits" (proxy-code
+                logits over the `num_proxy_codes` MaskGIT-VQGAN codes: stage 1 of two-stage
+                training).
+    pixel_decoder  stage 2 of two-stage training (logits head only): softmax over the proxy-code
+                logits mixes the rows of `pixel_quantize` (`num_proxy_codes` x `pixel_z_channels`)
+                and a MaskGIT-VQGAN decoder (`pixel_*` sizes) turns that map into pixels.
+    finetune_decoder  encoder, latent tokens and quantizer are frozen in the forward (stop
+                gradient; their losses report 0), as in the official stage 2.
+    legacy_reshape  the raw reshape of the released two-stage checkpoints (`is_legacy`); keep
+                False for new models.
+    """
 
     image_size: int = 256
     patch_size: int = 16
@@ -191,6 +206,7 @@ class TiTok(nn.Module):
     decoder_depth: int = 24
     decoder_heads: int = 16
     decoder_mlp_dim: int = 4096
+    quantizer: str = "vq"
     codebook_size: int = 4096
     token_dim: int = 12
     l2_norm: bool = True
@@ -199,6 +215,12 @@ class TiTok(nn.Module):
     decoder_head: str = "pixels"
     num_proxy_codes: int = 1024
     legacy_reshape: bool = False
+    finetune_decoder: bool = False
+    pixel_decoder: bool = False
+    pixel_channels: int = 128
+    pixel_channel_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
+    pixel_res_blocks: int = 2
+    pixel_z_channels: int = 256
     scan: bool = True
     remat: str = "none"
     attention_impl: Optional[str] = None
@@ -209,6 +231,10 @@ class TiTok(nn.Module):
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not divisible by patch_size "
                              f"{self.patch_size}.")
+        if self.quantizer not in ("vq", "vae"):
+            raise ValueError(f"Unknown quantizer {self.quantizer!r}; expected 'vq' or 'vae'.")
+        if self.pixel_decoder and self.decoder_head != "logits":
+            raise ValueError("pixel_decoder=True (stage 2) needs decoder_head='logits'.")
         common = dict(image_size=self.image_size, patch_size=self.patch_size,
                       num_latent_tokens=self.num_latent_tokens, scan=self.scan,
                       remat=self.remat, attention_impl=self.attention_impl, dtype=self.dtype,
@@ -216,18 +242,39 @@ class TiTok(nn.Module):
         self.latent_tokens = layers.embedding_param(
             self, "latent_tokens", (self.num_latent_tokens, self.encoder_width),
             ("length", "embed"), self.encoder_width ** -0.5, self.param_dtype)
+        vae = self.quantizer == "vae"
         self.encoder = TiTokEncoder(
             width=self.encoder_width, depth=self.encoder_depth, num_heads=self.encoder_heads,
-            mlp_dim=self.encoder_mlp_dim, out_dim=self.token_dim,
+            mlp_dim=self.encoder_mlp_dim, out_dim=self.token_dim * (2 if vae else 1),
             legacy_reshape=self.legacy_reshape, **common)
-        self.quantize = VectorQuantizer(self.codebook_size, self.token_dim, l2_norm=self.l2_norm,
-                                        commitment_cost=self.commitment_cost,
-                                        entropy_temperature=self.entropy_temperature,
-                                        param_dtype=self.param_dtype)
+        if vae:
+            self.quantize = DiagonalGaussian()
+        else:
+            self.quantize = VectorQuantizer(
+                self.codebook_size, self.token_dim, l2_norm=self.l2_norm,
+                commitment_cost=self.commitment_cost,
+                entropy_temperature=self.entropy_temperature, param_dtype=self.param_dtype)
         self.decoder = TiTokDecoder(
             width=self.decoder_width, depth=self.decoder_depth, num_heads=self.decoder_heads,
             mlp_dim=self.decoder_mlp_dim, head=self.decoder_head,
             num_logits=self.num_proxy_codes, **common)
+        if self.pixel_decoder:
+            self.pixel_quantize = VectorQuantizer(
+                self.num_proxy_codes, self.pixel_z_channels, l2_norm=False,
+                param_dtype=self.param_dtype)
+            self.pixel_decoder_net = VQGANDecoder(
+                hidden_channels=self.pixel_channels, channel_mult=tuple(self.pixel_channel_mult),
+                num_res_blocks=self.pixel_res_blocks, z_channels=self.pixel_z_channels,
+                dtype=self.dtype, param_dtype=self.param_dtype, name="pixel_decoder")
+
+    @property
+    def num_codes(self) -> Optional[int]:
+        """Codebook size of the discrete tokens (None for the continuous VAE variant)."""
+        return self.codebook_size if self.quantizer == "vq" else None
+
+    @property
+    def outputs_pixels(self) -> bool:
+        return self.decoder_head == "pixels" or self.pixel_decoder
 
     def check_images(self, images: jax.Array) -> None:
         expected = (self.image_size, self.image_size, 3)
@@ -235,19 +282,45 @@ class TiTok(nn.Module):
             raise ValueError(f"TiTok expects images of shape (B, {expected[0]}, {expected[1]}, 3) "
                              f"in [0, 1]; got {tuple(images.shape)}.")
 
-    def encode(self, images: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Images (B, H, W, 3) in [0, 1] -> (quantized latents (B, N, D), aux with `codes` (B, N))."""
+    def encode(self, images: jax.Array, sample: bool = False
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Images (B, H, W, 3) in [0, 1] -> (latents (B, N, D), aux). VQ aux has `codes` (B, N)
+        and the quantizer losses; VAE aux has the posterior and `kl_loss` (`sample=True` draws
+        from the posterior with rng "sample", else its mean)."""
         self.check_images(images)
         z = self.encoder(images, self.latent_tokens)
-        return self.quantize(z)
+        if self.quantizer == "vae":
+            z_q, aux = self.quantize(z, sample=sample)
+        else:
+            z_q, aux = self.quantize(z)
+        if self.finetune_decoder:
+            z_q = jax.lax.stop_gradient(z_q)
+            aux = {k: jnp.zeros_like(v) if k.endswith("_loss") else jax.lax.stop_gradient(v)
+                   for k, v in aux.items()}
+        return z_q, aux
 
     def decode(self, z_q: jax.Array) -> jax.Array:
-        return self.decoder(z_q)
+        """Latents (B, N, D) -> pixels (B, H, W, 3) (not clamped), or proxy-code logits
+        (B, h, w, num_proxy_codes) for a stage-1 model."""
+        out = self.decoder(z_q)
+        if not self.pixel_decoder:
+            return out
+        return self.decode_logits(out)
+
+    def decode_logits(self, logits: jax.Array) -> jax.Array:
+        """Stage 2: proxy-code logits -> softmax-weighted pixel codebook -> VQGAN decoder."""
+        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        e = self.pixel_quantize.codebook()
+        z = jnp.einsum("bhwk,kd->bhwd", probs, e, precision=jax.lax.Precision.HIGHEST)
+        return self.pixel_decoder_net(z).astype(jnp.float32)
 
     def decode_codes(self, codes: jax.Array) -> jax.Array:
-        """Codes (B, N) int -> decoder output (images in [0,1]-ish, or proxy-code logits)."""
-        return self.decoder(self.quantize.lookup(codes))
+        """Codes (B, N) int -> decoder output (see `decode`)."""
+        if self.quantizer != "vq":
+            raise ValueError("decode_codes needs a VQ model; this TiTok is a VAE (use decode).")
+        return self.decode(self.quantize.lookup(codes))
 
-    def __call__(self, images: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-        z_q, aux = self.encode(images)
+    def __call__(self, images: jax.Array, sample: bool = False
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        z_q, aux = self.encode(images, sample=sample)
         return self.decode(z_q), aux

@@ -1,0 +1,69 @@
+"""Converts official PyTorch checkpoints into tok1d pretrained directories.
+
+    python -m tok1d.convert titok tokenizer_titok_l32.bin titok_l32/
+    python -m tok1d.convert titok model.safetensors titok_bl64/ --config config.json
+    python -m tok1d.convert maskgit_vqgan maskgit-vqgan-imagenet-f16-256.bin maskgit_vqgan/
+
+Every tensor is checked against the model: a mismatch fails with the full list of missing,
+unexpected and mismatched keys, and nothing is written. Load the result with
+`tok1d.pretrained.load_pretrained(DIR)`. Perceptual networks (LPIPS-VGG, ConvNeXt-S) have their
+own command: `python -m tok1d.convert.perceptual --help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from tok1d import pretrained
+from tok1d.convert.common import ConversionError
+
+KINDS = ("titok", "maskgit_vqgan")
+
+
+def _model_kwargs(model) -> dict:
+    return {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
+            if f.name not in ("parent", "name")}
+
+
+def convert(kind: str, checkpoint: str, out: str, config: str | None = None,
+            image_size: int | None = None) -> str:
+    if kind == "titok":
+        from tok1d.convert import titok
+        model, params = titok.convert_file(checkpoint, config=config, image_size=image_size)
+    elif kind == "maskgit_vqgan":
+        from tok1d.convert import common, vqgan
+        from tok1d.models.vqgan import MaskGITVQGAN
+        model = MaskGITVQGAN()
+        params = vqgan.convert_maskgit_vqgan(common.load_state_dict(checkpoint), model)
+    else:
+        raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
+    kwargs = _model_kwargs(model)
+    for key in ("dtype", "param_dtype"):
+        kwargs.pop(key, None)
+    return pretrained.save_pretrained(out, kind, kwargs, params, source=checkpoint)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tok1d.convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("kind", choices=KINDS)
+    parser.add_argument("checkpoint", help=".bin / .pt / .safetensors / .npz state_dict")
+    parser.add_argument("out", help="new pretrained directory")
+    parser.add_argument("--config", help="official config (JSON/YAML); default: read sizes "
+                        "from the tensor shapes")
+    parser.add_argument("--image_size", type=int, help="input resolution (default: from the "
+                        "positional embeddings)")
+    args = parser.parse_args(argv)
+    try:
+        out = convert(args.kind, args.checkpoint, args.out, args.config, args.image_size)
+    except (ConversionError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,323 @@
+"""Shared machinery of the PyTorch -> tok1d checkpoint converters.
+
+A converter reads an official state_dict through `StateDict` (which records every key it
+consumes), writes tok1d parameters into a `ParamTree` (which records where each array came
+from), and ends with `finish(...)`: it fails with one `ConversionError` listing every missing,
+unexpected and shape-mismatched tensor, checked against the model's own parameter shapes.
+
+Layout rules (PyTorch -> Flax, NHWC):
+  Linear (out, in)            -> Dense kernel (in, out)                 `linear`
+  Conv2d (O, I, kh, kw)       -> Conv kernel (kh, kw, I, O)             `conv`
+  1x1 Conv2d used per token   -> Dense kernel (I, O)                    `conv1x1_as_dense`
+  packed MHA in_proj (3W, W)  -> q/k/v kernels (W, heads, head_dim)     `split_in_proj`
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterable, Mapping, Optional
+
+import jax
+import numpy as np
+
+Array = np.ndarray
+
+
+class ConversionError(ValueError):
+    """A checkpoint does not match the model it is converted for."""
+
+
+# --------------------------------------------------------------------------- reading files
+
+def _to_numpy(value: Any) -> Any:
+    if hasattr(value, "detach"):  # torch.Tensor (bf16 has no NumPy dtype: go through f32)
+        value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":
+            value = value.float()
+        return value.numpy()
+    return value
+
+
+def _unwrap(obj: Any, path: str) -> dict[str, Any]:
+    """Finds the flat name -> tensor dict inside common checkpoint wrappers."""
+    for key in ("state_dict", "model", "module", "params"):
+        if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
+            if not any(hasattr(v, "shape") for v in obj.values()):
+                return _unwrap(obj[key], path)
+    if not isinstance(obj, Mapping):
+        raise ConversionError(f"{path}: expected a state_dict (a dict of tensors), got "
+                              f"{type(obj).__name__}.")
+    return dict(obj)
+
+
+def load_state_dict(path: str, prefix: str = "") -> dict[str, Array]:
+    """Reads a state_dict as NumPy arrays from .safetensors, .npz or .bin/.pt/.pth/.ckpt.
+
+    .safetensors and .npz need only NumPy (and `safetensors`); torch pickles need torch
+    (`pip install tok1d[convert]`). With `prefix`, only keys starting with it are kept, with the
+    prefix removed (e.g. prefix="vq_legacy/sd/" for the golden fixtures).
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".safetensors":
+        try:
+            from safetensors.numpy import load_file
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError("Reading .safetensors needs `pip install safetensors`.") from e
+        sd = load_file(path)
+    elif ext == ".npz":
+        with np.load(path, allow_pickle=False) as z:
+            sd = {k: z[k] for k in z.files if k.startswith(prefix)}
+    elif ext in (".bin", ".pt", ".pth", ".ckpt"):
+        try:
+            import torch
+        except ImportError as e:
+            raise ImportError(f"Reading {ext} checkpoints needs PyTorch: "
+                              "`pip install 'tok1d[convert]'` (or convert the file to "
+                              ".safetensors elsewhere).") from e
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        sd = _unwrap(obj, path)
+    else:
+        raise ConversionError(f"{path}: unknown checkpoint format {ext!r}; expected "
+                              ".safetensors, .npz, .bin, .pt, .pth or .ckpt.")
+    out = {}
+    for key, value in sd.items():
+        if not key.startswith(prefix):
+            continue
+        value = _to_numpy(value)
+        if hasattr(value, "shape"):
+            out[key[len(prefix):]] = np.asarray(value)
+    return out
+
+
+# --------------------------------------------------------------------------- layout helpers
+
+def linear(w: Array) -> Array:
+    return np.ascontiguousarray(w.T)
+
+
+def conv(w: Array) -> Array:
+    return np.ascontiguousarray(w.transpose(2, 3, 1, 0))
+
+
+def conv1x1_as_dense(w: Array) -> Array:
+    if w.ndim != 4 or w.shape[2:] != (1, 1):
+        raise ConversionError(f"expected a 1x1 conv weight (O, I, 1, 1), got {w.shape}")
+    return np.ascontiguousarray(w[:, :, 0, 0].T)
+
+
+def split_in_proj(w: Array, b: Optional[Array], num_heads: int) -> dict[str, dict[str, Array]]:
+    """Packed `nn.MultiheadAttention` in_proj (rows [q; k; v]) -> {query, key, value} params."""
+    three_w, width = w.shape
+    if three_w != 3 * width or width % num_heads:
+        raise ConversionError(f"in_proj_weight {w.shape} does not fit width {width} with "
+                              f"{num_heads} heads")
+    head_dim = width // num_heads
+    out = {}
+    for i, name in enumerate(("query", "key", "value")):
+        rows = w[i * width:(i + 1) * width]                       # (out=W, in=W)
+        out[name] = {"kernel": rows.T.reshape(width, num_heads, head_dim)}
+        if b is not None:
+            out[name]["bias"] = b[i * width:(i + 1) * width].reshape(num_heads, head_dim)
+    return out
+
+
+def out_proj(w: Array, b: Optional[Array], num_heads: int) -> dict[str, Array]:
+    """Linear (W, W) over concatenated heads -> HeadProjection kernel (heads, head_dim, W)."""
+    width = w.shape[0]
+    out = {"kernel": w.T.reshape(num_heads, width // num_heads, width)}
+    if b is not None:
+        out["bias"] = b
+    return out
+
+
+# --------------------------------------------------------------------------- bookkeeping
+
+class StateDict:
+    """Read-only view of a state_dict that records which keys were consumed."""
+
+    def __init__(self, sd: Mapping[str, Array], what: str = "checkpoint"):
+        self._sd = dict(sd)
+        self.what = what
+        self.used: set[str] = set()
+        self.missing: list[str] = []
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._sd
+
+    def keys(self) -> Iterable[str]:
+        return self._sd.keys()
+
+    def has_prefix(self, prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in self._sd)
+
+    def take(self, key: str, dtype=np.float32) -> Optional[Array]:
+        """The array under `key` (cast to `dtype`), or None (recorded as missing)."""
+        if key not in self._sd:
+            self.missing.append(key)
+            return None
+        self.used.add(key)
+        value = np.asarray(self._sd[key])
+        return value.astype(dtype) if dtype is not None else value
+
+    def ignore(self, *keys: str) -> None:
+        """Marks keys as consumed without using them (buffers such as `position_ids`)."""
+        self.used.update(k for k in keys if k in self._sd)
+
+    def unused(self) -> list[str]:
+        return sorted(set(self._sd) - self.used)
+
+
+class ParamTree:
+    """Nested dict of converted params; remembers the source key(s) of every leaf."""
+
+    def __init__(self):
+        self.tree: dict[str, Any] = {}
+        self.sources: dict[tuple[str, ...], str] = {}
+
+    def set(self, path: str, value: Optional[Array], source: str) -> None:
+        """`path` is slash-separated ("encoder/trunk/ln_pre/norm/scale"). None is skipped (the
+        source key was missing and has been recorded as such)."""
+        if value is None:
+            return
+        keys = tuple(path.split("/"))
+        node = self.tree
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+        self.sources[keys] = source
+
+    def set_tree(self, path: str, subtree: Mapping[str, Any], source: str) -> None:
+        for key, value in subtree.items():
+            if isinstance(value, Mapping):
+                self.set_tree(f"{path}/{key}", value, source)
+            else:
+                self.set(f"{path}/{key}", value, source)
+
+
+def stack_layers(trees: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-layer param dicts -> one dict with a leading layers axis (for `scan=True` models)."""
+    return jax.tree.map(lambda *xs: np.stack(xs), *trees)
+
+
+def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, prefix + (key,)))
+        else:
+            out[prefix + (key,)] = value
+    return out
+
+
+def finish(sd: StateDict, params: ParamTree, abstract_params: Mapping[str, Any],
+           allow_unused: Iterable[str] = ()) -> dict[str, Any]:
+    """Checks the conversion against the model; returns the param tree or raises one error
+    listing every problem. `abstract_params` is `jax.eval_shape(model.init, ...)["params"]`
+    (boxed or not)."""
+    import flax.core
+    from flax import linen as nn
+
+    abstract = nn.unbox(flax.core.unfreeze(abstract_params))
+    want = {k: tuple(v.shape) for k, v in _flatten(abstract).items()}
+    got = _flatten(params.tree)
+    allow = tuple(allow_unused)
+    unexpected_src = [k for k in sd.unused() if not k.startswith(allow) or not allow]
+    problems = []
+    if sd.missing:
+        problems.append(f"missing in the checkpoint ({len(sd.missing)}): " + ", ".join(sd.missing))
+    if unexpected_src:
+        problems.append(f"unexpected in the checkpoint ({len(unexpected_src)}): "
+                        + ", ".join(unexpected_src))
+    mismatched = []
+    for path, value in got.items():
+        name = "/".join(path)
+        if path not in want:
+            mismatched.append(f"{name} (from {params.sources.get(path)}) has no place in the "
+                              "model")
+        elif tuple(value.shape) != want[path]:
+            mismatched.append(f"{name}: model expects {want[path]}, {params.sources.get(path)} "
+                              f"gives {tuple(value.shape)}")
+    if mismatched:
+        problems.append(f"shape mismatches ({len(mismatched)}): " + "; ".join(mismatched))
+    not_filled = sorted("/".join(p) for p in want if p not in got)
+    if not_filled and not sd.missing:
+        problems.append(f"model parameters not filled ({len(not_filled)}): "
+                        + ", ".join(not_filled))
+    if problems:
+        raise ConversionError(f"{sd.what} does not match the model:\n  " + "\n  ".join(problems))
+    dtypes = {k: v.dtype for k, v in _flatten(abstract).items()}
+
+    def cast(tree, prefix=()):
+        return {k: cast(v, prefix + (k,)) if isinstance(v, Mapping)
+                else np.asarray(v, dtype=dtypes[prefix + (k,)]) for k, v in tree.items()}
+
+    return cast(params.tree)
+
+
+# --------------------------------------------------------------------------- shared blocks
+
+# Key names of an open_clip-style `ResidualAttentionBlock` (TiTok, GigaTok ViTs).
+OPEN_CLIP_BLOCK = dict(ln_1="ln_1", ln_2="ln_2", attn="attn", fc1="mlp.c_fc", fc2="mlp.c_proj")
+
+
+def norm(sd: StateDict, src: str, bias: bool = True) -> dict[str, Array]:
+    """LayerNorm / GroupNorm `weight`, `bias` -> {scale, bias}."""
+    out = {"scale": sd.take(f"{src}.weight")}
+    if bias:
+        out["bias"] = sd.take(f"{src}.bias")
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def dense(sd: StateDict, src: str, bias: bool = True) -> dict[str, Array]:
+    w = sd.take(f"{src}.weight")
+    out = {"kernel": linear(w) if w is not None else None}
+    if bias:
+        out["bias"] = sd.take(f"{src}.bias")
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def conv_params(sd: StateDict, src: str, bias: bool = True) -> dict[str, Array]:
+    w = sd.take(f"{src}.weight")
+    out = {"kernel": conv(w) if w is not None else None}
+    if bias:
+        out["bias"] = sd.take(f"{src}.bias")
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def attention_block(sd: StateDict, src: str, num_heads: int,
+                    names: Mapping[str, str] = OPEN_CLIP_BLOCK) -> dict[str, Any]:
+    """One pre-norm block with a packed `nn.MultiheadAttention` -> `layers.Block` params."""
+    in_w = sd.take(f"{src}.{names['attn']}.in_proj_weight")
+    in_b = sd.take(f"{src}.{names['attn']}.in_proj_bias")
+    out_w = sd.take(f"{src}.{names['attn']}.out_proj.weight")
+    out_b = sd.take(f"{src}.{names['attn']}.out_proj.bias")
+    attn = {}
+    if in_w is not None:
+        attn.update(split_in_proj(in_w, in_b, num_heads))
+    if out_w is not None:
+        attn["out"] = out_proj(out_w, out_b, num_heads)
+    return {"ln_1": {"norm": norm(sd, f"{src}.{names['ln_1']}")}, "attn": attn,
+            "ln_2": {"norm": norm(sd, f"{src}.{names['ln_2']}")},
+            "mlp": {"fc1": dense(sd, f"{src}.{names['fc1']}"),
+                    "fc2": dense(sd, f"{src}.{names['fc2']}")}}
+
+
+def transformer(sd: StateDict, out: ParamTree, src: str, dst: str, depth: int, num_heads: int,
+                scan: bool, names: Mapping[str, str] = OPEN_CLIP_BLOCK) -> None:
+    """`{src}.{i}.*` for i < depth -> `layers.Transformer` params at `dst` (stacked along a
+    leading layers axis under `blocks` when the model scans, else `blocks_{i}`)."""
+    missing_before = len(sd.missing)
+    blocks = [attention_block(sd, f"{src}.{i}", num_heads, names) for i in range(depth)]
+    if scan:
+        if len(sd.missing) > missing_before:
+            return  # already reported; stacking incomplete blocks is meaningless
+        try:
+            stacked = stack_layers(blocks)
+        except ValueError as e:
+            raise ConversionError(f"{src}.*: the blocks have different shapes ({e})") from e
+        out.set_tree(f"{dst}/blocks", stacked, f"{src}.{{0..{depth - 1}}}")
+        return
+    for i, block in enumerate(blocks):
+        out.set_tree(f"{dst}/blocks_{i}", block, f"{src}.{i}")
