@@ -58,8 +58,47 @@ def base_config() -> ml_collections.ConfigDict:
         mu_dtype="float32",
     ))
 
+    # Comma-separated top-level parameter groups that are not trained (e.g. TiTok stage 2:
+    # "encoder,latent_tokens,quantize"): zero updates, no weight decay, no optimizer state.
+    c.optim.freeze = ""
+
     # Loss weights; a term with weight 0 is not computed.
-    c.losses = ml_collections.ConfigDict(dict(l2=1.0, l1=0.0, quantizer=1.0, entropy=0.0))
+    #   l2, l1       pixel reconstruction (images in [0, 1])
+    #   quantizer    VQ codebook + commitment; entropy: code-usage entropy; kl: VAE KL
+    #   proxy_ce     stage 1: cross-entropy of the decoder logits vs the teacher's codes
+    #   perceptual   `perceptual.kind` network loss; gan: generator term of `discriminator`
+    c.losses = ml_collections.ConfigDict(dict(l2=1.0, l1=0.0, quantizer=1.0, entropy=0.0,
+                                              kl=0.0, proxy_ce=0.0, perceptual=0.0, gan=0.0))
+
+    # Weights to start from (instead of random init); the optimizer starts fresh. `checkpoint`:
+    # a pretrained directory (python -m tok1d.convert) or a training workdir (its latest EMA
+    # params), matched by parameter path and shape. `pixel_decoder`: a converted MaskGIT-VQGAN
+    # whose decoder / quantizer become TiTok stage 2's pixel_decoder / pixel_quantize.
+    c.init = ml_collections.ConfigDict(dict(checkpoint="", pixel_decoder=""))
+
+    # Frozen teacher that gives stage 1 its proxy codes (`name` empty: none). `weights`: a
+    # converted directory or the official .bin; `model`: its size arguments (default: the
+    # released MaskGIT-VQGAN). allow_random_init is for tests only.
+    c.teacher = ml_collections.ConfigDict(dict(name="", weights="", allow_random_init=False,
+                                               model=ml_collections.ConfigDict()))
+
+    # Perceptual network (used when losses.perceptual > 0): "lpips", "convnext_s" or
+    # "lpips+convnext_s"; `weights`: converted directory (python -m tok1d.convert.perceptual).
+    c.perceptual = ml_collections.ConfigDict(dict(kind="lpips", weights="",
+                                                  allow_random_init=False))
+
+    # Discriminator (trained when losses.gan > 0) and its optimizer.
+    c.discriminator = ml_collections.ConfigDict(dict(
+        name="titok",                 # "titok" (NLayer + BlurPool) or "patchgan"
+        start_step=0,                 # neither the G term nor the D update runs before it
+        loss="hinge",                 # D and G loss family (tok1d.gan)
+        lecam=0.0,                    # LeCam regulariser weight (TiTok: 0.001)
+        lecam_decay=0.999,
+        model=ml_collections.ConfigDict(),   # size arguments of the discriminator
+    ))
+    c.disc_optim = ml_collections.ConfigDict(dict(
+        lr=1e-4, end_lr=1e-5, warmup_steps=0, schedule="cosine", b1=0.9, b2=0.999, eps=1e-8,
+        weight_decay=1e-4, grad_clip=1.0, grad_accum_steps=1, mu_dtype="float32", freeze=""))
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.sharding = ml_collections.ConfigDict(dict(rules=parallel.DEFAULT_RULES))
@@ -81,11 +120,15 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+# Sub-dicts holding module arguments: checked against the module's fields, not the schema.
+FREE_FORM = ("model", "teacher.model", "discriminator.model")
+
+
 def _walk(cfg: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
     for key, value in cfg.items():
         path = f"{prefix}{key}"
         yield path, value
-        if isinstance(value, ml_collections.ConfigDict) and path != "model":
+        if isinstance(value, ml_collections.ConfigDict) and path not in FREE_FORM:
             yield from _walk(value, path + ".")
 
 

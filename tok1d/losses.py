@@ -1,7 +1,9 @@
-"""Tokenizer losses: each term is a function; a weights table composes them.
+"""Tokenizer losses: each term is a function; a weights table (`config.losses`) composes them.
 
-Reconstruction terms work on images in [0, 1]. Perceptual, GAN, entropy and semantic terms join
-this table in later modules; a term whose weight is 0 is never computed.
+Reconstruction terms work on images in [0, 1]; `proxy_code_ce` is TiTok stage 1's objective;
+model-provided terms (quantizer, entropy, kl) come from the model's aux outputs; the perceptual
+networks live in `tok1d.perceptual` and the GAN losses in `tok1d.gan`. A term whose weight is 0
+is never computed.
 """
 
 from __future__ import annotations
@@ -18,6 +20,21 @@ def l2_loss(recon: jax.Array, target: jax.Array) -> jax.Array:
 
 def l1_loss(recon: jax.Array, target: jax.Array) -> jax.Array:
     return jnp.mean(jnp.abs(recon.astype(jnp.float32) - target.astype(jnp.float32)))
+
+
+def proxy_code_ce(logits: jax.Array, codes: jax.Array) -> jax.Array:
+    """Mean cross-entropy of (..., K) logits against integer codes (...): TiTok stage 1, where
+    the decoder predicts the frozen MaskGIT-VQGAN's code at every grid position."""
+    if logits.shape[:-1] != codes.shape:
+        raise ValueError(f"proxy-code logits {logits.shape} do not match the teacher's code grid "
+                         f"{codes.shape}: the teacher's downsampling factor must equal the "
+                         "TiTok patch size.")
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, codes[..., None].astype(jnp.int32), axis=-1))
+
+
+def weighted_sum(weights: Mapping[str, float], terms: Mapping[str, jax.Array]) -> jax.Array:
+    return jnp.asarray(sum(weights[name] * value for name, value in terms.items()), jnp.float32)
 
 
 # Terms computed from (reconstruction, target); model-provided terms (e.g. "quantizer") come

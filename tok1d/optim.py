@@ -34,13 +34,16 @@ def decay_mask(params: Any) -> Any:
     flat = traverse_util.flatten_dict(params)
     def decays(path, value) -> bool:
         name = path[-1]
-        return value.ndim >= 2 and name == "kernel"
+        return getattr(value, "ndim", 0) >= 2 and name == "kernel"  # MaskedNode: frozen
     return traverse_util.unflatten_dict({k: decays(k, v) for k, v in flat.items()})
 
 
-def make_optimizer(optim_cfg, total_steps: int) -> tuple[optax.GradientTransformation,
-                                                         optax.Schedule]:
-    """AdamW (+ global-norm clipping) with the configured schedule. Returns (tx, schedule)."""
+def make_optimizer(optim_cfg, total_steps: int, param_shapes: Any = None
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW (+ global-norm clipping) with the configured schedule. Returns (tx, schedule).
+
+    With `optim_cfg.freeze`, `param_shapes` (the param tree or its shapes) is needed to label
+    the frozen groups."""
     schedule = make_schedule(optim_cfg.lr, total_steps, optim_cfg.warmup_steps,
                              optim_cfg.schedule, optim_cfg.end_lr)
     parts = []
@@ -49,7 +52,28 @@ def make_optimizer(optim_cfg, total_steps: int) -> tuple[optax.GradientTransform
     parts.append(optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
                              weight_decay=optim_cfg.weight_decay, mask=decay_mask,
                              mu_dtype=jnp.dtype(optim_cfg.mu_dtype)))
-    return optax.chain(*parts), schedule
+    tx = optax.chain(*parts)
+    frozen = frozen_groups(optim_cfg)
+    if frozen:
+        if param_shapes is None:
+            raise ValueError("optim.freeze needs the parameter tree (param_shapes).")
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
+                                   freeze_labels(param_shapes, frozen))
+    return tx, schedule
+
+
+def frozen_groups(optim_cfg) -> tuple[str, ...]:
+    return tuple(s.strip() for s in str(optim_cfg.get("freeze", "")).split(",") if s.strip())
+
+
+def freeze_labels(params: Any, frozen: tuple[str, ...]) -> Any:
+    """"frozen" / "train" label per leaf by top-level group; unknown group names fail."""
+    unknown = sorted(set(frozen) - set(params))
+    if unknown:
+        raise ValueError(f"optim.freeze names unknown parameter groups {unknown}; the model "
+                         f"has {sorted(params)}.")
+    return {k: jax.tree.map(lambda _, k=k: "frozen" if k in frozen else "train", v)
+            for k, v in params.items()}
 
 
 def global_norm(tree: Any) -> jax.Array:

@@ -18,7 +18,7 @@ from clu import metrics as clu_metrics
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from tok1d import checkpoint as ckpt_lib
-from tok1d import parallel
+from tok1d import gan, parallel
 
 
 @flax.struct.dataclass
@@ -27,40 +27,82 @@ class TrainState:
     params: Any
     opt_state: Any
     ema_params: Any = None   # None when the EMA is disabled
+    disc_params: Any = None  # discriminator, its optimizer and LeCam EMAs (GAN runs only)
+    disc_opt_state: Any = None
+    lecam: Any = None
 
 
 def state_shardings_and_init(init_params: Callable[[jax.Array], Any],
-                             tx: optax.GradientTransformation, mesh, rules, use_ema: bool
+                             tx: optax.GradientTransformation, mesh, rules, use_ema: bool,
+                             init_disc: Optional[Callable[[jax.Array], Any]] = None,
+                             disc_tx: Optional[optax.GradientTransformation] = None
                              ) -> tuple[TrainState, TrainState, Callable[[jax.Array], TrainState]]:
     """Abstract state, its shardings and a jitted init that creates it already sharded.
 
-    `init_params(rng)` returns (boxed) params. Optimizer moments get the same sharding as their
-    parameters (FSDP shards them too); scalars are replicated.
+    `init_params(rng)` returns (boxed) params; `init_disc` likewise for a discriminator (then
+    `disc_tx` is its optimizer). Optimizer moments get the same sharding as their parameters
+    (FSDP shards them too); scalars are replicated.
     """
     replicated = NamedSharding(mesh, P())
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        boxed = jax.eval_shape(init_params, jax.random.key(0))
-        param_sh = parallel.logical_shardings(boxed, mesh, rules)
+
+    def abstract_of(init_fn, opt):
+        boxed = jax.eval_shape(init_fn, jax.random.key(0))
+        sh = parallel.logical_shardings(boxed, mesh, rules)
         params = parallel.unbox_abstract(boxed)
-        opt_state = jax.eval_shape(tx.init, params)
-        opt_sh = optax.tree_utils.tree_map_params(
-            tx, lambda _, s: s, opt_state, param_sh,
-            transform_non_params=lambda _: replicated)
+        opt_state = jax.eval_shape(opt.init, params)
+        return params, sh, opt_state, opt_state_shardings(opt_state, params, sh, replicated)
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        params, param_sh, opt_state, opt_sh = abstract_of(init_params, tx)
+        disc = abstract_of(init_disc, disc_tx) if init_disc is not None else (None,) * 4
+    lecam = gan.lecam_init() if init_disc is not None else None
     abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
-                          opt_state=opt_state, ema_params=params if use_ema else None)
+                          opt_state=opt_state, ema_params=params if use_ema else None,
+                          disc_params=disc[0], disc_opt_state=disc[2],
+                          lecam=jax.eval_shape(lambda: lecam) if lecam else None)
     shardings = TrainState(step=replicated, params=param_sh, opt_state=opt_sh,
-                           ema_params=param_sh if use_ema else None)
+                           ema_params=param_sh if use_ema else None, disc_params=disc[1],
+                           disc_opt_state=disc[3],
+                           lecam=jax.tree.map(lambda _: replicated, lecam) if lecam else None)
 
     def init(rng):
+        if init_disc is not None:
+            rng, disc_rng = jax.random.split(rng)
         p = nn.unbox(init_params(rng))
-        return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
-                          ema_params=p if use_ema else None)
+        state = TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
+                           ema_params=p if use_ema else None)
+        if init_disc is not None:
+            d = nn.unbox(init_disc(disc_rng))
+            state = state.replace(disc_params=d, disc_opt_state=disc_tx.init(d),
+                                  lecam=gan.lecam_init())
+        return state
 
     def jitted_init(rng):
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             return jax.jit(init, out_shardings=shardings)(rng)
 
     return abstract, shardings, jitted_init
+
+
+def opt_state_shardings(opt_state: Any, params: Any, param_sh: Any,
+                        default: NamedSharding) -> Any:
+    """Each optimizer-state leaf gets the sharding of the parameter it tracks (the param whose
+    path is the longest suffix of the leaf's dict-key path, with the same shape); counters and
+    other scalars get `default`. Works through masked / multi-transform states."""
+    by_path = {}
+    for (path, leaf), sh in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                                jax.tree.leaves(param_sh)):
+        by_path[tuple(k.key for k in path)] = (tuple(leaf.shape), sh)
+
+    def pick(path, leaf):
+        keys = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+        for i in range(len(keys)):
+            hit = by_path.get(keys[i:])
+            if hit is not None and hit[0] == tuple(leaf.shape):
+                return hit[1]
+        return default
+
+    return jax.tree_util.tree_map_with_path(pick, opt_state)
 
 
 def init_or_restore(checkpointer: ckpt_lib.Checkpointer, abstract: TrainState,

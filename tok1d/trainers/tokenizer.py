@@ -10,8 +10,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from typing import Any
+from typing import Any, Optional
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,7 @@ import ml_collections
 import numpy as np
 
 from tok1d import checkpoint as ckpt_lib
-from tok1d import config_lib, images, losses, models, optim, parallel, summary
+from tok1d import config_lib, gan, images, losses, models, optim, parallel, pretrained, summary
 from tok1d.data import pipeline, sources
 from tok1d.evaluation import codebook as codebook_lib
 from tok1d.evaluation.image_metrics import psnr
@@ -30,84 +31,279 @@ def build_model(config) -> nn.Module:
     return models.create(config.model.name, **config_lib.model_kwargs(config))
 
 
-def make_train_step(model: nn.Module, tx, schedule, config):
-    """The jitted-to-be update: forward, losses, grads (optionally accumulated), AdamW, EMA."""
-    weights = {k: float(v) for k, v in config.losses.items()}
+# -------------------------------------------------------------------- frozen helper networks
+
+def build_teacher(config) -> Optional[tuple[nn.Module, Any]]:
+    """The frozen proxy-code teacher of TiTok stage 1: (MaskGIT-VQGAN, params) or None."""
+    tcfg = config.teacher
+    if not tcfg.name:
+        return None
+    if tcfg.name != "maskgit_vqgan":
+        raise config_lib.ConfigError(f"teacher.name={tcfg.name!r}: only 'maskgit_vqgan' exists.")
+    kwargs = dict(tcfg.model)
+    if tcfg.weights and os.path.isdir(tcfg.weights):
+        teacher, params = pretrained.load_pretrained(tcfg.weights)
+    elif tcfg.weights:
+        from tok1d.convert import common as convert_common, vqgan as convert_vqgan
+        teacher = models.create("maskgit_vqgan", **kwargs)
+        params = convert_vqgan.convert_maskgit_vqgan(
+            convert_common.load_state_dict(tcfg.weights), teacher)
+    elif tcfg.allow_random_init:
+        teacher = models.create("maskgit_vqgan", **kwargs)
+        size = config.data.image_size
+        params = nn.unbox(teacher.init(jax.random.key(config.seed + 17),
+                                       jnp.zeros((1, size, size, 3)))["params"])
+    else:
+        raise config_lib.ConfigError(
+            "teacher.weights is empty: stage 1 needs the frozen MaskGIT-VQGAN. Download "
+            "maskgit-vqgan-imagenet-f16-256.bin (HF fun-research/TiTok) and pass it as "
+            "--config.teacher.weights=PATH (or convert it once: python -m tok1d.convert "
+            "maskgit_vqgan maskgit-vqgan-imagenet-f16-256.bin DIR).")
+    return teacher, params
+
+
+def build_discriminator(config) -> Optional[nn.Module]:
+    if not config.losses.gan:
+        return None
+    from tok1d.models import discriminator as disc_lib
+    classes = {"titok": disc_lib.TiTokDiscriminator, "patchgan": disc_lib.PatchGANDiscriminator}
+    name = config.discriminator.name
+    if name not in classes:
+        raise config_lib.ConfigError(f"discriminator.name={name!r}; expected one of "
+                                     f"{sorted(classes)}.")
+    kwargs = dict(config.discriminator.model)
+    models.check_kwargs(classes[name], kwargs, f"discriminator {name!r}")
+    return classes[name](**kwargs)
+
+
+def replicate(tree: Any, mesh) -> Any:
+    """Host NumPy tree -> arrays replicated over the mesh (works across hosts)."""
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def put(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+    return jax.tree.map(put, tree)
+
+
+def load_initial_weights(config, state: common.TrainState, log) -> common.TrainState:
+    """Overwrites freshly initialised params with `config.init` weights (path + shape match)."""
+    sources = []
+    if config.init.checkpoint:
+        sources.append((config.init.checkpoint, None))
+    if config.init.pixel_decoder:
+        sources.append((config.init.pixel_decoder, {"decoder": "pixel_decoder",
+                                                     "quantize": "pixel_quantize"}))
+    if not sources:
+        return state
+    flat = flax.traverse_util.flatten_dict(state.params)
+    shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in flat.items()}
+    shape_tree = flax.traverse_util.unflatten_dict(shapes)
+    for path, mapping in sources:
+        loaded = pretrained.load_params(path)
+        merged, done, problems = pretrained.merge_into(shape_tree, loaded, mapping)
+        if problems:
+            raise ValueError(f"init weights {path} do not match the model: " + "; ".join(problems))
+        if not done:
+            raise ValueError(f"init weights {path}: no parameter matched the model (groups in the "
+                             f"file: {sorted(loaded)}; in the model: {sorted(state.params)}).")
+        new_flat = flax.traverse_util.flatten_dict(merged)
+        for key in done:
+            k = tuple(key.split("/"))
+            value = np.asarray(new_flat[k])
+            flat[k] = jax.make_array_from_callback(value.shape, flat[k].sharding,
+                                                   lambda idx, v=value: v[idx])
+        groups = sorted({d.split("/")[0] for d in done})
+        log(f"Initialised {len(done)} parameter arrays ({', '.join(groups)}) from {path}.")
+    params = flax.traverse_util.unflatten_dict(flat)
+    # The EMA must not share buffers with params: the train step donates both.
+    ema = (jax.jit(lambda t: jax.tree.map(jnp.copy, t))(params)
+           if state.ema_params is not None else None)
+    return state.replace(params=params, ema_params=ema)
+
+
+# -------------------------------------------------------------------- steps
+
+def make_train_step(model: nn.Module, tx, schedule, config, teacher=None, perceptual=None,
+                    disc=None, disc_tx=None):
+    """The jitted-to-be update: forward, losses, grads (optionally accumulated), AdamW, EMA,
+    then (with a GAN) the discriminator update on the same, detached reconstructions.
+
+    Signature: (state, batch, frozen) -> (state, scalars, finite); `frozen` holds the params of
+    the teacher / perceptual networks."""
+    weights = {k: float(v) for k, v in config.losses.items() if v and k != "gan"}
+    gan_weight = float(config.losses.gan)
     accum = config.optim.grad_accum_steps
     ema_decay = config.ema_decay
-    codebook_size = getattr(model, "codebook_size", None)
+    num_codes = getattr(model, "num_codes", None)
+    sample = getattr(model, "quantizer", "vq") == "vae"
+    outputs_pixels = getattr(model, "outputs_pixels", True)
+    dcfg = config.discriminator
+    d_loss_fn_ = gan.d_loss_fn(dcfg.loss) if disc is not None else None
+    g_loss_fn_ = gan.g_loss_fn(dcfg.loss) if disc is not None else None
+    base_rng = jax.random.key(config.seed + 1)
 
-    def loss_fn(params, images_):
-        recon, aux = model.apply({"params": params}, images_)
-        total, terms = losses.combine(weights, recon, images_, aux)
-        extras = dict(psnr=jnp.mean(psnr(recon, images_)))
-        if codebook_size:
-            hist = codebook_lib.code_histogram(aux["codes"], codebook_size)
+    def term_values(out, aux, images, frozen):
+        terms = {}
+        for name in weights:
+            if name in losses.RECONSTRUCTION_TERMS:
+                if not outputs_pixels:
+                    raise config_lib.ConfigError(f"losses.{name} needs pixel outputs; this model "
+                                                 "predicts proxy codes (use losses.proxy_ce).")
+                terms[name] = losses.RECONSTRUCTION_TERMS[name](out, images)
+            elif name == "proxy_ce":
+                if teacher is None:
+                    raise config_lib.ConfigError("losses.proxy_ce needs a teacher (teacher.name).")
+                terms[name] = losses.proxy_code_ce(out, teacher_codes(frozen, images))
+            elif name == "perceptual":
+                terms[name] = perceptual.apply(frozen["perceptual"], out, images)
+            elif f"{name}_loss" in aux:
+                terms[name] = aux[f"{name}_loss"]
+            else:
+                raise config_lib.ConfigError(
+                    f"losses.{name} is neither a loss of this trainer nor provided by the model "
+                    f"({sorted(k[:-5] for k in aux if k.endswith('_loss'))}).")
+        return terms
+
+    def teacher_codes(frozen, images):
+        _, aux = teacher[0].apply({"params": frozen["teacher"]}, images,
+                                  method=teacher[0].encode)
+        return jax.lax.stop_gradient(aux["codes"])
+
+    def g_loss(params, images, frozen, disc_params, active, rng):
+        out, aux = model.apply({"params": params}, images, sample=sample, rngs={"sample": rng})
+        terms = term_values(out, aux, images, frozen)
+        total = losses.weighted_sum(weights, terms)
+        if disc is not None:
+            terms["gan"] = g_loss_fn_(disc.apply({"params": disc_params}, out))
+            total = total + gan_weight * active * terms["gan"]
+        extras = {}
+        if outputs_pixels:
+            extras["psnr"] = jnp.mean(psnr(out, images))
+        if num_codes:
+            hist = codebook_lib.code_histogram(aux["codes"], num_codes)
             extras["batch_perplexity"] = codebook_lib.perplexity(hist)
-        return total, (terms, extras)
+        return total, (terms, extras, out)
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    def d_loss(disc_params, images, fake, lecam_state):
+        real_logits = disc.apply({"params": disc_params}, images)
+        fake_logits = disc.apply({"params": disc_params}, fake)
+        loss = d_loss_fn_(real_logits, fake_logits)
+        means = dict(logits_real=jnp.mean(real_logits), logits_fake=jnp.mean(fake_logits))
+        if dcfg.lecam:
+            means["lecam"] = gan.lecam_loss(real_logits, fake_logits, lecam_state)
+            loss = loss + dcfg.lecam * means["lecam"]
+        return loss, means
 
-    def compute_grads(params, images_):
+    g_grad = jax.value_and_grad(g_loss, has_aux=True)
+    d_grad = jax.value_and_grad(d_loss, has_aux=True)
+
+    def micro_step(state, images, frozen, active, rng):
+        (loss, (terms, extras, out)), grads = g_grad(state.params, images, frozen,
+                                                     state.disc_params, active, rng)
+        result = dict(loss=loss, terms=terms, extras=extras, grads=grads)
+        if disc is not None:
+            (dl, means), dg = d_grad(state.disc_params, images, jax.lax.stop_gradient(out),
+                                     state.lecam)
+            result.update(d_loss=dl, d_means=means, d_grads=dg)
+        return result
+
+    def accumulate(state, images, frozen, active, rng):
         if accum == 1:
-            return grad_fn(params, images_)
+            return micro_step(state, images, frozen, active, rng)
         # Microbatch m takes rows m, m + accum, ... so every device contributes to each one.
-        micro = images_.reshape((-1, accum) + images_.shape[1:]).swapaxes(0, 1)
+        micro = images.reshape((-1, accum) + images.shape[1:]).swapaxes(0, 1)
+        rngs = jax.random.split(rng, accum)
 
-        def body(carry, x):
-            out, g = grad_fn(params, x)
-            acc_out, acc_g = carry
-            return (jax.tree.map(jnp.add, acc_out, out), jax.tree.map(jnp.add, acc_g, g)), None
+        def body(carry, xs):
+            out = micro_step(state, xs[0], frozen, active, xs[1])
+            return jax.tree.map(jnp.add, carry, out), None
 
-        zeros = jax.eval_shape(grad_fn, params, micro[0])
+        zeros = jax.eval_shape(micro_step, state, micro[0], frozen, active, rngs[0])
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
-        (out, g), _ = jax.lax.scan(body, zeros, micro)
-        return jax.tree.map(lambda x: x / accum, (out, g))
+        total, _ = jax.lax.scan(body, zeros, (micro, rngs))
+        return jax.tree.map(lambda x: x / accum, total)
 
-    def train_step(state: common.TrainState, batch):
-        (loss, (terms, extras)), grads = compute_grads(state.params, batch["image"])
+    def train_step(state: common.TrainState, batch, frozen):
+        rng = jax.random.fold_in(base_rng, state.step)
+        active = (gan.gan_active(state.step, dcfg.start_step) if disc is not None
+                  else jnp.float32(0))
+        r = accumulate(state, batch["image"], frozen, active, rng)
+        loss, grads = r["loss"], r["grads"]
         grad_norm = optim.global_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optim.optax.apply_updates(state.params, updates)
         ema = (common.ema_update(state.ema_params, params, ema_decay)
                if state.ema_params is not None else None)
-        new = common.TrainState(step=state.step + 1, params=params, opt_state=opt_state,
-                                ema_params=ema)
+        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                            ema_params=ema)
         # The update must be finite too (its float32 squared norm also overflows for absurd
         # finite updates), so a step that would wreck the params is never applied or saved.
         finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
                   & jnp.isfinite(optim.global_norm(updates)))
+        scalars = dict(loss=loss, grad_norm=grad_norm, lr=schedule(state.step), **r["extras"],
+                       **{f"loss_{k}": v for k, v in r["terms"].items()})
+        if disc is not None:
+            d_updates, d_opt = disc_tx.update(r["d_grads"], state.disc_opt_state,
+                                              state.disc_params)
+            d_params = optim.optax.apply_updates(state.disc_params, d_updates)
+            lecam = gan.lecam_update(state.lecam, r["d_means"]["logits_real"],
+                                     r["d_means"]["logits_fake"], dcfg.lecam_decay)
+            on = active > 0  # before start_step D is not trained (its optimizer count stays 0)
+            keep = lambda n, o: jax.tree.map(lambda a, b: jnp.where(on, a, b), n, o)  # noqa
+            new = new.replace(disc_params=keep(d_params, state.disc_params),
+                              disc_opt_state=keep(d_opt, state.disc_opt_state),
+                              lecam=keep(lecam, state.lecam))
+            finite = finite & jnp.isfinite(r["d_loss"])
+            scalars.update(d_loss=r["d_loss"], gan_active=active,
+                           **{f"d_{k}": v for k, v in r["d_means"].items()})
         new = common.keep_if_finite(finite, new, state)
-        scalars = dict(loss=loss, grad_norm=grad_norm, lr=schedule(state.step), **extras,
-                       **{f"loss_{k}": v for k, v in terms.items()})
         return new, scalars, finite
 
     return train_step
 
 
-def make_eval_step(model: nn.Module):
-    codebook_size = getattr(model, "codebook_size", None)
+def make_eval_step(model: nn.Module, teacher=None):
+    """(params, batch, frozen) -> (sums, reconstructions in [0, 1]). A proxy-code model is
+    judged through the teacher: pixels = teacher.decode(argmax logits)."""
+    num_codes = getattr(model, "num_codes", None)
+    outputs_pixels = getattr(model, "outputs_pixels", True)
 
-    def eval_step(params, batch):
-        recon, aux = model.apply({"params": params}, batch["image"])
+    def eval_step(params, batch, frozen):
+        images = batch["image"]
+        out, aux = model.apply({"params": params}, images)
         mask = batch["mask"].astype(jnp.float32)
-        err = jnp.mean(jnp.square(recon - batch["image"]), axis=(1, 2, 3))
-        out = dict(psnr_sum=jnp.sum(psnr(recon, batch["image"]) * mask),
-                   l2_sum=jnp.sum(err * mask), count=jnp.sum(mask))
-        if codebook_size:
-            out["hist"] = codebook_lib.code_histogram(aux["codes"], codebook_size, mask)
-        return out, jnp.clip(recon, 0.0, 1.0)
+        sums = {}
+        if outputs_pixels:
+            recon = out
+        else:
+            if teacher is None:
+                raise ValueError("A proxy-code model needs the teacher to evaluate.")
+            t_model = teacher[0]
+            _, t_aux = t_model.apply({"params": frozen["teacher"]}, images, method=t_model.encode)
+            pred = jnp.argmax(out, axis=-1)
+            acc = jnp.mean((pred == t_aux["codes"]).astype(jnp.float32), axis=(1, 2))
+            sums["proxy_accuracy_sum"] = jnp.sum(acc * mask)
+            recon = t_model.apply({"params": frozen["teacher"]}, pred,
+                                  method=t_model.decode_codes)
+        err = jnp.mean(jnp.square(recon - images), axis=(1, 2, 3))
+        sums.update(psnr_sum=jnp.sum(psnr(recon, images) * mask), l2_sum=jnp.sum(err * mask),
+                    count=jnp.sum(mask))
+        if num_codes:
+            sums["hist"] = codebook_lib.code_histogram(aux["codes"], num_codes, mask)
+        return sums, jnp.clip(recon, 0.0, 1.0)
 
     return eval_step
 
 
-def evaluate(eval_fn, params, eval_ds, num_batches: int, feeder_args, num_grid: int):
+def evaluate(eval_fn, params, frozen, eval_ds, num_batches: int, feeder_args, num_grid: int):
     """One pass over the eval split. Returns (metrics dict, (inputs, recons) for the grid)."""
     feeder = common.Feeder(iter(eval_ds), *feeder_args)
     totals, grid_in, grid_out = None, None, None
     for i in range(num_batches):
         batch = next(feeder)
-        out, recon = eval_fn(params, batch)
+        out, recon = eval_fn(params, batch, frozen)
         totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
         if i == 0:
             grid_in = _gather_rows(batch["image"], num_grid)
@@ -116,6 +312,8 @@ def evaluate(eval_fn, params, eval_ds, num_batches: int, feeder_args, num_grid: 
     count = max(float(totals["count"]), 1.0)
     metrics = dict(psnr=float(totals["psnr_sum"]) / count, l2=float(totals["l2_sum"]) / count,
                    num_examples=int(totals["count"]))
+    if "proxy_accuracy_sum" in totals:
+        metrics["proxy_accuracy"] = float(totals["proxy_accuracy_sum"]) / count
     if "hist" in totals:
         metrics["codebook_usage"] = float(codebook_lib.usage(np.asarray(totals["hist"])))
         metrics["codebook_perplexity"] = float(codebook_lib.perplexity(np.asarray(totals["hist"])))
@@ -169,20 +367,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     # ---------------------------------------------------------------- model and optimizer
     model = build_model(config)
-    tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
     local_rows = config.batch_size // config.optim.grad_accum_steps
     dummy = jnp.zeros((min(local_rows, 2), dcfg.image_size, dcfg.image_size, 3), jnp.float32)
     init_params = lambda rng: model.init(rng, dummy)["params"]  # noqa: E731
+    param_shapes = nn.unbox(jax.eval_shape(init_params, jax.random.key(0)))
+    tx, schedule = optim.make_optimizer(config.optim, config.total_steps, param_shapes)
+    log = _print if is_chief else _quiet
+
+    # ---------------------------------------------------------------- frozen networks, GAN
+    frozen = {}
+    teacher = build_teacher(config)
+    if teacher is not None:
+        frozen["teacher"] = teacher[1]
+    perceptual = None
+    if config.losses.perceptual:
+        from tok1d import perceptual as perceptual_lib
+        perceptual = perceptual_lib.make_perceptual(
+            config.perceptual.kind, config.perceptual.weights or None,
+            allow_random_init=config.perceptual.allow_random_init)
+        frozen["perceptual"] = perceptual.params
+    frozen = replicate(frozen, mesh)
+    disc = build_discriminator(config)
+    disc_tx = init_disc = None
+    if disc is not None:
+        disc_steps = max(config.total_steps - config.discriminator.start_step, 1)
+        disc_tx, _ = optim.make_optimizer(config.disc_optim, disc_steps)
+        init_disc = lambda rng: disc.init(rng, dummy)["params"]  # noqa: E731
 
     # ---------------------------------------------------------------- state
     abstract, shardings, init = common.state_shardings_and_init(
-        init_params, tx, mesh, rules, use_ema=config.ema_decay > 0)
+        init_params, tx, mesh, rules, use_ema=config.ema_decay > 0, init_disc=init_disc,
+        disc_tx=disc_tx)
     checkpointer = ckpt_lib.Checkpointer(
         os.path.join(workdir, "checkpoints"), every_steps=config.checkpoint.every_steps,
         keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     rng = jax.random.key(config.seed)
     state, first_step = common.init_or_restore(checkpointer, abstract, shardings, init, rng,
                                                train_iter)
+    if first_step == 0:
+        state = load_initial_weights(config, state, log)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     logging.info("Model %s: %.2fM parameters; starting at step %d.", config.model.name,
                  num_params / 1e6, first_step)
@@ -190,21 +413,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # ---------------------------------------------------------------- steps
     feeder = common.Feeder(train_iter, batch_sh, config.batch_size)
     feeder_args = (batch_sh, config.eval_batch_size)
+    frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        train_step = jax.jit(make_train_step(model, tx, schedule, config),
-                             in_shardings=(shardings, batch_sh), out_shardings=(shardings, None,
-                                                                                None),
-                             donate_argnums=(0,))
-        eval_step = jax.jit(make_eval_step(model))
+        step_fn = jax.jit(
+            make_train_step(model, tx, schedule, config, teacher, perceptual, disc, disc_tx),
+            in_shardings=(shardings, batch_sh, frozen_sh), out_shardings=(shardings, None, None),
+            donate_argnums=(0,))
+        train_step = lambda s, b: step_fn(s, b, frozen)  # noqa: E731
+        eval_step = jax.jit(make_eval_step(model, teacher))
 
         # ------------------------------------------------------------ loop
-        result = _loop(config, workdir, state, first_step, train_step, eval_step, feeder,
+        result = _loop(config, workdir, state, first_step, train_step, eval_step, frozen, feeder,
                        train_iter, eval_ds, eval_batches, feeder_args, checkpointer, writer)
     writer.close()
     return result
 
 
-def _loop(config, workdir, state, first_step, train_step, eval_step, feeder, train_iter,
+def _loop(config, workdir, state, first_step, train_step, eval_step, frozen, feeder, train_iter,
           eval_ds, eval_batches, feeder_args, checkpointer, writer) -> dict[str, Any]:
     total = config.total_steps
     preempt = ckpt_lib.PreemptionFlag()
@@ -221,7 +446,8 @@ def _loop(config, workdir, state, first_step, train_step, eval_step, feeder, tra
     def run_eval(step_):
         params = state.ema_params if state.ema_params is not None else state.params
         with progress.timed_pause():
-            metrics, (grid_in, grid_out) = evaluate(eval_step, params, eval_ds, eval_batches,
+            metrics, (grid_in, grid_out) = evaluate(eval_step, params, frozen, eval_ds,
+                                                    eval_batches,
                                                     feeder_args, config.num_grid_images)
             grid = images.make_grid(images.interleave_pairs(grid_in, grid_out))
             writer.write_scalars(step_, {f"eval/{k}": v for k, v in metrics.items()})

@@ -1,0 +1,130 @@
+"""Building blocks of the paper-recipe config files in configs/ (TiTok on ImageNet-1k).
+
+Numbers are those of the official bytedance/1d-tokenizer training configs
+(configs/training/TiTok/stage{1,2}/*.yaml) and the maintainers' description of the single-stage
+recipe; each config file's docstring gives the command, compute and target numbers.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from tok1d import config_lib
+
+# name: (encoder size, decoder size, latent tokens)
+TWO_STAGE = {"l32": ("large", "large", 32), "b64": ("base", "base", 64),
+             "s128": ("small", "small", 128)}
+# name: (encoder, decoder, tokens, quantizer)  (VQ-8k: 8192 x 64 codes; VAE: 16 channels)
+SINGLE_STAGE = {
+    "bl64": ("base", "large", 64, "vq"), "bl128": ("base", "large", 128, "vq"),
+    "sl256": ("small", "large", 256, "vq"), "ll32_vae": ("large", "large", 32, "vae"),
+    "bl64_vae": ("base", "large", 64, "vae"), "bl128_vae": ("base", "large", 128, "vae"),
+}
+# Paper / README reconstruction FID of the released weights (ImageNet 256, 50k val images).
+TARGET_RFID = {"l32": 2.21, "b64": 1.70, "s128": 1.71, "bl64": 2.06, "bl128": 1.49,
+               "sl256": 1.03, "ll32_vae": 1.61, "bl64_vae": 1.25, "bl128_vae": 0.84}
+
+
+def imagenet(config: ml_collections.ConfigDict) -> None:
+    """TFDS imagenet2012 (array_record), TiTok's augmentation: shorter side 256 + random crop
+    + flip; 10k validation images for the periodic eval."""
+    config.data.name = "tfds:imagenet2012"
+    config.data.train_split = "train"
+    config.data.eval_split = "validation"
+    config.data.image_size = 256
+    config.data.augment = "random_crop"
+    config.data.num_workers = 16
+    config.data.eval_examples = 10_000
+
+
+def base(total_steps: int, warmup: int, b2: float) -> ml_collections.ConfigDict:
+    """Batch 256, AdamW lr 1e-4 (wd 1e-4, eps 1e-8), warm-up then cosine to 1e-5, clip 1.0,
+    EMA 0.999, bf16 compute, FSDP over all devices, remat of every block."""
+    config = config_lib.base_config()
+    config.total_steps = total_steps
+    config.batch_size = 256
+    config.eval_batch_size = 256
+    config.precision = "bfloat16"
+    config.ema_decay = 0.999
+    imagenet(config)
+    o = config.optim
+    o.lr, o.end_lr, o.warmup_steps, o.schedule = 1e-4, 1e-5, warmup, "cosine"
+    o.b1, o.b2, o.eps, o.weight_decay, o.grad_clip = 0.9, b2, 1e-8, 1e-4, 1.0
+    config.mesh.data, config.mesh.fsdp = 1, -1
+    config.log_every_steps = 100
+    config.eval_every_steps = 50_000
+    config.checkpoint.every_steps = 5_000
+    config.checkpoint.keep = 3
+    return config
+
+
+def two_stage_model(variant: str, stage: int) -> dict:
+    """TiTok-{L-32, B-64, S-128}: 4096 x 12 l2-normalised codebook, 1024-way proxy-code head
+    (stage 1); stage 2 adds the MaskGIT-VQGAN pixel decoder and freezes the encoder side."""
+    if variant not in TWO_STAGE:
+        raise ValueError(f"Unknown two-stage TiTok {variant!r}; choose from {sorted(TWO_STAGE)}.")
+    enc, dec, tokens = TWO_STAGE[variant]
+    model = dict(name="titok", patch_size=16, num_latent_tokens=tokens, encoder_size=enc,
+                 decoder_size=dec, codebook_size=4096, token_dim=12, l2_norm=True,
+                 decoder_head="logits", num_proxy_codes=1024, remat="full")
+    if stage == 2:
+        model.update(pixel_decoder=True, finetune_decoder=True)
+    return model
+
+
+def single_stage_model(variant: str) -> dict:
+    if variant not in SINGLE_STAGE:
+        raise ValueError(f"Unknown single-stage TiTok {variant!r}; choose from "
+                         f"{sorted(SINGLE_STAGE)}.")
+    enc, dec, tokens, quantizer = SINGLE_STAGE[variant]
+    model = dict(name="titok", patch_size=16, num_latent_tokens=tokens, encoder_size=enc,
+                 decoder_size=dec, quantizer=quantizer, decoder_head="pixels", remat="full")
+    if quantizer == "vq":
+        model.update(codebook_size=8192, token_dim=64, l2_norm=False)
+    else:
+        model.update(token_dim=16)
+    return model
+
+
+def titok_stage1(variant: str) -> ml_collections.ConfigDict:
+    """Stage 1: predict the frozen MaskGIT-VQGAN's codes (CE) + VQ losses; 1M steps x 256."""
+    config = base(total_steps=1_000_000, warmup=10_000, b2=0.99)
+    config.model = two_stage_model(variant, stage=1)
+    config.teacher.name = "maskgit_vqgan"
+    config.losses.update(l2=0.0, l1=0.0, quantizer=1.0, entropy=0.0, proxy_ce=1.0)
+    return config
+
+
+def titok_stage2(variant: str) -> ml_collections.ConfigDict:
+    """Stage 2: decoder + pixel decoder fine-tuned on pixels (L2 + 0.1 ConvNeXt-S logit loss +
+    0.01 hinge GAN from step 20k with LeCam 0.001); encoder, latent tokens and codebook frozen."""
+    config = base(total_steps=500_000, warmup=5_000, b2=0.999)
+    config.model = two_stage_model(variant, stage=2)
+    config.optim.freeze = "encoder,latent_tokens,quantize"
+    config.losses.update(l2=1.0, quantizer=0.0, perceptual=0.1, gan=0.01)
+    config.perceptual.kind = "convnext_s"
+    gan_recipe(config, start_step=20_000, warmup=5_000)
+    return config
+
+
+def titok_single_stage(variant: str) -> ml_collections.ConfigDict:
+    """L2 + perceptual (LPIPS + 0.1 ConvNeXt-S) + 0.1 hinge GAN from step 200k, VQ losses or
+    KL 1e-6; 1M steps x 256 (the maintainers' ImageNet answer, issue #67)."""
+    config = base(total_steps=1_000_000, warmup=10_000, b2=0.999)
+    config.model = single_stage_model(variant)
+    vae = config.model["quantizer"] == "vae"
+    config.losses.update(l2=1.0, quantizer=0.0 if vae else 1.0, kl=1e-6 if vae else 0.0,
+                         perceptual=1.1, gan=0.1)
+    config.perceptual.kind = "lpips+convnext_s"
+    gan_recipe(config, start_step=200_000, warmup=10_000)
+    return config
+
+
+def gan_recipe(config: ml_collections.ConfigDict, start_step: int, warmup: int) -> None:
+    """TiTok's discriminator (NLayer + BlurPool), hinge loss, LeCam 0.001, AdamW (0.9, 0.999)
+    lr 1e-4 wd 1e-4 with its own warm-up + cosine schedule that starts at `start_step`."""
+    d = config.discriminator
+    d.name, d.start_step, d.loss, d.lecam, d.lecam_decay = "titok", start_step, "hinge", 1e-3, 0.999
+    o = config.disc_optim
+    o.lr, o.end_lr, o.warmup_steps, o.schedule = 1e-4, 1e-5, warmup, "cosine"
+    o.b1, o.b2, o.eps, o.weight_decay, o.grad_clip = 0.9, 0.999, 1e-8, 1e-4, 1.0
