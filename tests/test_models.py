@@ -225,7 +225,7 @@ def test_gradient_accumulation_matches_the_full_batch_step():
     for accum in (1, 2):
         config.optim.grad_accum_steps = accum
         step = jax.jit(tokenizer.make_train_step(model, tx, schedule, config))
-        outs.append(step(state, {"image": x}))
+        outs.append(step(state, {"image": x}, {}))
     (s1, m1, _), (s2, m2, _) = outs
     np.testing.assert_allclose(m1["loss_l2"], m2["loss_l2"], rtol=1e-5)
     np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-3)

@@ -87,9 +87,9 @@ def _run(shape):
                           in_shardings=(shardings.params, batch_sh))
         loss, grads = grad_fn(state.params, batch["image"])
         step = jax.jit(tokenizer.make_train_step(model, tx, schedule, config),
-                       in_shardings=(shardings, batch_sh), out_shardings=(shardings, None, None),
-                       donate_argnums=(0,))
-        new_state, scalars, finite = step(state, batch)
+                       in_shardings=(shardings, batch_sh, {}),
+                       out_shardings=(shardings, None, None), donate_argnums=(0,))
+        new_state, scalars, finite = step(state, batch, {})
     return dict(
         init_params=init_params,
         loss=float(loss),

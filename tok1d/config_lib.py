@@ -84,7 +84,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Perceptual network (used when losses.perceptual > 0): "lpips", "convnext_s" or
     # "lpips+convnext_s"; `weights`: converted directory (python -m tok1d.convert.perceptual).
-    c.perceptual = ml_collections.ConfigDict(dict(kind="lpips", weights="",
+    # `image_size`: ConvNeXt input resolution (224 as trained; smaller only for tests).
+    c.perceptual = ml_collections.ConfigDict(dict(kind="lpips", weights="", image_size=224,
                                                   allow_random_init=False))
 
     # Discriminator (trained when losses.gan > 0) and its optimizer.

@@ -384,7 +384,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         from tok1d import perceptual as perceptual_lib
         perceptual = perceptual_lib.make_perceptual(
             config.perceptual.kind, config.perceptual.weights or None,
-            allow_random_init=config.perceptual.allow_random_init)
+            allow_random_init=config.perceptual.allow_random_init,
+            image_size=config.perceptual.image_size)
         frozen["perceptual"] = perceptual.params
     frozen = replicate(frozen, mesh)
     disc = build_discriminator(config)
