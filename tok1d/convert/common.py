@@ -262,28 +262,30 @@ def finish(sd: StateDict, params: ParamTree, abstract_params: Mapping[str, Any],
 OPEN_CLIP_BLOCK = dict(ln_1="ln_1", ln_2="ln_2", attn="attn", fc1="mlp.c_fc", fc2="mlp.c_proj")
 
 
-def norm(sd: StateDict, src: str, bias: bool = True) -> dict[str, Array]:
-    """LayerNorm / GroupNorm `weight`, `bias` -> {scale, bias}."""
-    out = {"scale": sd.take(f"{src}.weight")}
+def _weight_and_bias(sd: StateDict, src: str, weight_name: str, transform, bias: bool
+                     ) -> dict[str, Array]:
+    """`{src}.weight` (transformed) and optionally `{src}.bias`; missing keys are left out
+    (they are recorded by `sd.take`)."""
+    w = sd.take(f"{src}.weight")
+    out = {weight_name: transform(w) if w is not None else None}
     if bias:
         out["bias"] = sd.take(f"{src}.bias")
     return {k: v for k, v in out.items() if v is not None}
+
+
+def norm(sd: StateDict, src: str, bias: bool = True) -> dict[str, Array]:
+    """LayerNorm / GroupNorm `weight`, `bias` -> {scale, bias}."""
+    return _weight_and_bias(sd, src, "scale", lambda w: w, bias)
 
 
 def dense(sd: StateDict, src: str, bias: bool = True) -> dict[str, Array]:
-    w = sd.take(f"{src}.weight")
-    out = {"kernel": linear(w) if w is not None else None}
-    if bias:
-        out["bias"] = sd.take(f"{src}.bias")
-    return {k: v for k, v in out.items() if v is not None}
+    """nn.Linear -> Dense {kernel (in, out), bias}."""
+    return _weight_and_bias(sd, src, "kernel", linear, bias)
 
 
 def conv_params(sd: StateDict, src: str, bias: bool = True) -> dict[str, Array]:
-    w = sd.take(f"{src}.weight")
-    out = {"kernel": conv(w) if w is not None else None}
-    if bias:
-        out["bias"] = sd.take(f"{src}.bias")
-    return {k: v for k, v in out.items() if v is not None}
+    """nn.Conv2d -> Conv {kernel (kh, kw, in, out), bias}."""
+    return _weight_and_bias(sd, src, "kernel", conv, bias)
 
 
 def attention_block(sd: StateDict, src: str, num_heads: int,
