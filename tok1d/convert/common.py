@@ -159,7 +159,7 @@ class StateDict:
             return None
         self.used.add(key)
         value = np.asarray(self._sd[key])
-        return value.astype(dtype) if dtype is not None else value
+        return value.astype(dtype, copy=False) if dtype is not None else value
 
     def ignore(self, *keys: str) -> None:
         """Marks keys as consumed without using them (buffers such as `position_ids`)."""
