@@ -42,6 +42,22 @@ def entropy_loss(affinity: jax.Array, temperature: float, eps: float = 1e-5) -> 
     return sample_entropy - avg_entropy
 
 
+def rotate_onto(z: jax.Array, z_q: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """The rotation trick as GigaTok computes it (vectors on the last axis): with
+    u = z/|z|, q = z_q/|z_q| and w = (u + q)/|u + q| (all without gradient),
+    e' = e - 2 (e.w) w + 2 (e.u) q for e = z/|z|, scaled by |z_q| / |e| (no gradient)."""
+    sg = jax.lax.stop_gradient
+    e = z / jnp.linalg.norm(z, axis=-1, keepdims=True)
+    u = e / (jnp.linalg.norm(e, axis=-1, keepdims=True) + eps)
+    q = z_q / (jnp.linalg.norm(z_q, axis=-1, keepdims=True) + eps)
+    w = sg((u + q) / jnp.linalg.norm(u + q, axis=-1, keepdims=True))
+    dot = lambda a, b: jnp.sum(a * b, axis=-1, keepdims=True)  # noqa: E731
+    rotated = e - 2.0 * dot(e, w) * w + 2.0 * dot(e, sg(u)) * sg(q)
+    scale = sg(jnp.linalg.norm(z_q, axis=-1, keepdims=True)
+               / (jnp.linalg.norm(e, axis=-1, keepdims=True) + eps))
+    return rotated * scale
+
+
 class VectorQuantizer(nn.Module):
     """Nearest-neighbour vector quantization with the straight-through estimator.
 
@@ -56,6 +72,9 @@ class VectorQuantizer(nn.Module):
                         when a loss uses it (XLA drops it otherwise).
     With `l2_norm`, both the inputs and the codebook rows are l2-normalised before the distance
     (the losses are then computed on the normalised vectors), as in TiTok / ViT-VQGAN.
+    With `rotation_trick` (GigaTok), the output is the input rotated onto its code and rescaled
+    (Fifty et al. 2024): the same value as the code up to float rounding, but the gradient
+    reaching the encoder is the incoming gradient rotated the same way instead of copied.
     """
 
     codebook_size: int
@@ -63,6 +82,7 @@ class VectorQuantizer(nn.Module):
     l2_norm: bool = True
     commitment_cost: float = 0.25
     entropy_temperature: float = 0.01
+    rotation_trick: bool = False
     param_dtype: Dtype = jnp.float32
 
     def setup(self):
@@ -89,7 +109,7 @@ class VectorQuantizer(nn.Module):
         z_q = jnp.take(e, codes, axis=0).reshape(z.shape)
         commitment = self.commitment_cost * jnp.mean(jnp.square(jax.lax.stop_gradient(z_q) - z))
         codebook_loss = jnp.mean(jnp.square(z_q - jax.lax.stop_gradient(z)))
-        z_st = z + jax.lax.stop_gradient(z_q - z)
+        z_st = rotate_onto(z, z_q) if self.rotation_trick else z + jax.lax.stop_gradient(z_q - z)
         aux = dict(codes=codes.reshape(z.shape[:-1]), commitment_loss=commitment,
                    codebook_loss=codebook_loss, quantizer_loss=commitment + codebook_loss,
                    entropy_loss=entropy_loss(-dist, self.entropy_temperature))
