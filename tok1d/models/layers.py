@@ -126,7 +126,11 @@ class Attention(nn.Module):
     kernel_init: Initializer = default_kernel_init
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None,
+                 kv: Optional[jax.Array] = None, q_pos: Optional[jax.Array] = None,
+                 k_pos: Optional[jax.Array] = None) -> jax.Array:
+        """Self-attention over x, or cross-attention from x to `kv` (DETR / Q-Former style:
+        `q_pos` is added to the query input, `k_pos` to the key input, values see neither)."""
         width = x.shape[-1]
         if width % self.num_heads:
             raise ValueError(f"Width {width} is not divisible by num_heads={self.num_heads}.")
@@ -134,9 +138,10 @@ class Attention(nn.Module):
         proj = functools.partial(
             HeadProjection, use_bias=self.qkv_bias, dtype=self.dtype,
             param_dtype=self.param_dtype, kernel_init=self.qkv_init)
-        q = proj(self.num_heads, head_dim, name="query")(x)
-        k = proj(self.num_heads, head_dim, name="key")(x)
-        v = proj(self.num_heads, head_dim, name="value")(x)
+        kv = x if kv is None else kv
+        q = proj(self.num_heads, head_dim, name="query")(x if q_pos is None else x + q_pos)
+        k = proj(self.num_heads, head_dim, name="key")(kv if k_pos is None else kv + k_pos)
+        v = proj(self.num_heads, head_dim, name="value")(kv)
         heads = ("act_batch", "act_len", "act_heads", None)
         q, k, v = (constrain(t, heads) for t in (q, k, v))
         y = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)

@@ -1,0 +1,89 @@
+"""GigaTok's 1D Q-Former encoder and 1D->2D Q-Former decoder against the official modules
+(gigatok_1d.npz), stage by stage from the fixture's own stored inputs: the CNN map -> tokens,
+the post-quant tokens -> the decoder grid, the semantic-regularisation features."""
+
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tok1d.convert import common, gigatok as convert_gigatok
+from tok1d.models.gigatok import QFormerDecoder, QFormerEncoder, VIT_SIZES
+
+
+def rel_err(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert got.shape == want.shape, (got.shape, want.shape)
+    return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
+
+
+TOL = 2e-5
+
+
+@pytest.fixture(scope="module")
+def fx(fixtures_dir):
+    path = os.path.join(fixtures_dir, "gigatok_1d.npz")
+    if not os.path.exists(path):
+        pytest.skip(f"{path} not found")
+    z = np.load(path)
+    meta = json.loads(str(z["meta_json"]))
+    sizes = dict(VIT_SIZES)
+    for name, s in meta.get("size_tables_added", {}).items():
+        sizes[name] = dict(width=s["width"], depth=s.get("num_layers", s.get("depth")),
+                           num_heads=s["num_heads"])
+    sd = common.StateDict(common.load_state_dict(path, prefix="sd/"), "gigatok_1d")
+    return z, meta["init_args"], sizes, sd
+
+
+def test_encoder(fx):
+    z, args, sizes, sd = fx
+    s = sizes[args["encoder_size"]]
+    enc = QFormerEncoder(s["width"], s["depth"], s["num_heads"], args["num_latent_tokens"],
+                         multi_level_query_init=args["multi_level_query_init"])
+    cnn = jnp.asarray(np.asarray(z["enc/cnn_out"], np.float32).transpose(0, 2, 3, 1))
+    out = common.ParamTree()
+    convert_gigatok.convert_qformer_encoder(sd, out, "s2to1encoder", "", s["depth"],
+                                            s["num_heads"])
+    params = out.tree[""]
+    abstract = nn.unbox(jax.eval_shape(enc.init, jax.random.key(0), cnn)["params"])
+    assert jax.tree.map(lambda a: a.shape, abstract) == jax.tree.map(lambda a: a.shape, params)
+    with jax.default_matmul_precision("highest"):
+        (tokens, feat), inter = enc.apply({"params": params}, cnn, mutable=["intermediates"])
+    assert rel_err(tokens, np.asarray(z["enc/vit_out"])[:, :, 0, :].transpose(0, 2, 1)) < TOL
+    assert rel_err(feat, np.asarray(z["enc/vit_feat_ln_post"])[:, :, 0, :].transpose(0, 2, 1)) < TOL
+    queries = inter["intermediates"]["queries"][0]
+    assert rel_err(queries[:1], np.asarray(z["hook/s2to1encoder.global_proj"]).transpose(1, 0, 2)) < TOL
+
+
+def test_decoder_and_semantic_head(fx):
+    z, args, sizes, sd = fx
+    s = sizes[args["decoder_size"]]
+    grid = z["dec/vit_out"].shape[-1]
+    dec = QFormerDecoder(s["width"], s["depth"], s["num_heads"], args["num_latent_tokens"], grid,
+                         distill_depth=args["distill_depth"], out_inner_dim=args["out_inner_dim"])
+    post = jnp.asarray(np.asarray(z["dec/post_quant"])[:, :, 0, :].transpose(0, 2, 1))
+    out = common.ParamTree()
+    convert_gigatok.convert_qformer_decoder(sd, out, "s1to2decoder", "", s["depth"],
+                                            s["num_heads"], distill=True)
+    params = out.tree[""]
+    abstract = nn.unbox(jax.eval_shape(dec.init, jax.random.key(0), post)["params"])
+    assert jax.tree.map(lambda a: a.shape, abstract) == jax.tree.map(lambda a: a.shape, params)
+    with jax.default_matmul_precision("highest"):
+        rec, inner, layer_feat = dec.apply({"params": params}, post)
+    assert rel_err(rec, np.asarray(z["dec/vit_out"]).transpose(0, 2, 3, 1)) < TOL
+    assert rel_err(inner, z["sem/distill_mlp_out"]) < TOL
+    assert rel_err(layer_feat, z["sem/decoder_layer_feat"]) < TOL
+
+
+def test_multi_level_query_groups():
+    from tok1d.models.gigatok import multi_level_queries
+    grid = jnp.arange(4 * 8, dtype=jnp.float32).reshape(1, 4, 8, 1)
+    q = np.asarray(multi_level_queries(grid, 8))[0, :, 0]
+    g = np.arange(32, dtype=np.float32).reshape(4, 8)
+    want = [g.mean(), g.mean(), g[:, :4].mean(), g[:, 4:].mean(),
+            g[:2, :4].mean(), g[:2, 4:].mean(), g[2:, :4].mean(), g[2:, 4:].mean()]
+    np.testing.assert_allclose(q, want)

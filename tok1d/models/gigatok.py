@@ -1,0 +1,220 @@
+"""GigaTok's transformer halves: the 1D Q-Former encoder (CNN map -> N latent tokens) and the
+1D -> 2D Q-Former decoder (N tokens -> a grid for the CNN decoder), with the semantic
+regularisation head.
+
+    CNN map (B, h, w, z) -> ln_pre -> encoder_embed -> memory (B, hw, W)
+        queries = global_proj(multi-level average pools of the memory grid)  (B, N, W)
+        depth x QFormerLayer(queries, memory) -> ln_post -> conv_out -> (B, N, z)
+    tokens (B, N, z) -> ln_pre -> decoder_embed -> memory (B, N, W)
+        queries = the first embedded token at every grid position          (B, hw, W)
+        depth x QFormerLayer(queries, memory) [distill_mlp after layer distill_depth]
+        -> ln_post -> 3x3 conv_out -> (B, h, w, z)
+
+A QFormerLayer is DETR's pre-norm decoder layer: self-attention with the query position added
+to queries and keys, cross-attention with the query position on the queries and the memory
+position on the keys, then a GELU MLP; LayerNorm eps 1e-5. Official sizes: `VIT_SIZES`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tok1d.models import layers
+from tok1d.models.layers import logical
+
+Dtype = Any
+
+# GigaTok's ViT sizes (width, layers, heads; MLP 4x width).
+VIT_SIZES = {
+    "tiny": dict(width=256, depth=4, num_heads=4),
+    "small": dict(width=512, depth=6, num_heads=8),
+    "base": dict(width=768, depth=12, num_heads=12),
+    "large": dict(width=1024, depth=24, num_heads=16),
+    "xl": dict(width=1280, depth=36, num_heads=20),
+    "xxl": dict(width=1536, depth=48, num_heads=24),
+    "xxxl": dict(width=2560, depth=48, num_heads=40),
+}
+
+
+def multi_level_queries(grid: jax.Array, num_tokens: int) -> jax.Array:
+    """(B, H, W, C) -> (B, num_tokens, C): group 0 is the global mean, group i >= 1 the average
+    pools over a grid of 2**((i - 1) // 2) rows x 2**(i // 2) columns (columns double first),
+    row-major within a group; num_tokens = 2**n gives n + 1 groups of 1, 1, 2, 4, ... tokens."""
+    b, h, w, c = grid.shape
+    levels = round(math.log2(num_tokens))
+    if 2 ** levels != num_tokens:
+        raise ValueError(f"multi-level queries need a power-of-two token count, got {num_tokens}.")
+    groups = []
+    for i in range(levels + 1):
+        level = max(i - 1, 0)
+        rows, cols = 2 ** (level // 2), 2 ** ((level + 1) // 2)
+        if h % rows or w % cols:
+            raise ValueError(f"a {h}x{w} grid cannot be pooled into {rows}x{cols} blocks.")
+        pooled = grid.reshape(b, rows, h // rows, cols, w // cols, c).mean(axis=(2, 4))
+        groups.append(pooled.reshape(b, rows * cols, c))
+    return jnp.concatenate(groups, axis=1)
+
+
+class QFormerLayer(nn.Module):
+    """DETR pre-norm decoder layer (self-attn, cross-attn, MLP), see the module docstring."""
+
+    num_heads: int
+    mlp_dim: int
+    norm_eps: float = 1e-5
+    attention_impl: Optional[str] = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, t: jax.Array, memory: jax.Array, query_pos: jax.Array,
+                 memory_pos: jax.Array) -> jax.Array:
+        norm = lambda name: layers.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype,  # noqa
+                                             param_dtype=self.param_dtype, name=name)
+        attn = lambda name: layers.Attention(  # noqa: E731
+            self.num_heads, implementation=self.attention_impl, dtype=self.dtype,
+            param_dtype=self.param_dtype, name=name)
+        t = layers.constrain(t)
+        h = norm("norm1")(t)
+        t = t + attn("self_attn")(h, q_pos=query_pos, k_pos=query_pos)
+        h = norm("norm2")(t)
+        t = t + attn("cross_attn")(h, kv=memory, q_pos=query_pos, k_pos=memory_pos)
+        t = t + layers.Mlp(self.mlp_dim, activation="gelu", dtype=self.dtype,
+                           param_dtype=self.param_dtype, name="mlp")(norm("norm3")(t))
+        return layers.constrain(t)
+
+
+def _position(module: nn.Module, name: str, length: int, width: int, dtype) -> jax.Array:
+    return layers.embedding_param(module, name, (length, width), ("length", "embed"),
+                                  width ** -0.5, dtype)
+
+
+class QFormerEncoder(nn.Module):
+    """CNN map (B, h, w, z) -> (latent tokens (B, N, z), features after ln_post (B, N, W))."""
+
+    width: int
+    depth: int
+    num_heads: int
+    num_latent_tokens: int
+    multi_level_query_init: bool = True
+    remat: str = "none"
+    attention_impl: Optional[str] = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, cnn_map: jax.Array) -> tuple[jax.Array, jax.Array]:
+        b, h, w, z = cnn_map.shape
+        n, width = self.num_latent_tokens, self.width
+        x = layers.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
+                             name="ln_pre")(cnn_map.reshape(b, h * w, z).astype(self.dtype))
+        memory = nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype,
+                          kernel_init=logical(layers.default_kernel_init, ("code_dim", "embed")),
+                          bias_init=logical(nn.initializers.zeros, ("embed",)),
+                          name="encoder_embed")(x)
+        if self.multi_level_query_init:
+            queries = multi_level_queries(memory.reshape(b, h, w, width), n)
+        else:
+            queries = jnp.broadcast_to(jnp.mean(memory, axis=1, keepdims=True), (b, n, width))
+        queries = nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype,
+                           kernel_init=logical(layers.default_kernel_init, ("embed", "mlp")),
+                           bias_init=logical(nn.initializers.zeros, ("mlp",)),
+                           name="global_proj")(queries)
+        self.sow("intermediates", "queries", queries)
+        pos = _position(self, "positional_embedding", h * w, width, self.param_dtype)
+        query_pos = _position(self, "latent_token_positional_embedding", n, width,
+                              self.param_dtype)
+        layer_cls = _maybe_remat(QFormerLayer, self.remat)
+        for i in range(self.depth):
+            queries = layer_cls(self.num_heads, 4 * width, attention_impl=self.attention_impl,
+                                dtype=self.dtype, param_dtype=self.param_dtype,
+                                name=f"layer_{i}")(queries, memory, query_pos.astype(self.dtype),
+                                                   pos.astype(self.dtype))
+        feat = layers.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
+                                name="ln_post")(queries)
+        tokens = nn.Dense(z, dtype=self.dtype, param_dtype=self.param_dtype,
+                          kernel_init=logical(layers.default_kernel_init, ("embed", "code_dim")),
+                          bias_init=logical(nn.initializers.zeros, ("code_dim",)),
+                          name="conv_out")(feat)
+        return tokens, feat
+
+
+class QFormerDecoder(nn.Module):
+    """Tokens (B, N, z) -> (grid (B, g, g, z), distill-MLP features (B, g*g, out_inner_dim) or
+    None, raw queries after layer `distill_depth` (B, g*g, W) or None)."""
+
+    width: int
+    depth: int
+    num_heads: int
+    num_latent_tokens: int
+    grid_size: int
+    distill_depth: int = 0            # 0: no semantic-regularisation head
+    out_inner_dim: int = 768
+    remat: str = "none"
+    attention_impl: Optional[str] = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array) -> tuple[jax.Array, Optional[jax.Array],
+                                                   Optional[jax.Array]]:
+        b, n, z = tokens.shape
+        g, width = self.grid_size, self.width
+        x = layers.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
+                             name="ln_pre")(tokens.astype(self.dtype))
+        memory = nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype,
+                          kernel_init=logical(layers.default_kernel_init, ("code_dim", "embed")),
+                          bias_init=logical(nn.initializers.zeros, ("embed",)),
+                          name="decoder_embed")(x)
+        queries = jnp.broadcast_to(memory[:, :1], (b, g * g, width))
+        query_pos = _position(self, "positional_embedding", g * g, width, self.param_dtype)
+        pos = _position(self, "latent_token_positional_embedding", self.num_latent_tokens, width,
+                        self.param_dtype)[:n]
+        layer_cls = _maybe_remat(QFormerLayer, self.remat)
+        inner, layer_feat = None, None
+        for i in range(self.depth):
+            queries = layer_cls(self.num_heads, 4 * width, attention_impl=self.attention_impl,
+                                dtype=self.dtype, param_dtype=self.param_dtype,
+                                name=f"layer_{i}")(queries, memory, query_pos.astype(self.dtype),
+                                                   pos.astype(self.dtype))
+            if self.distill_depth and i + 1 == self.distill_depth:
+                layer_feat = queries
+                inner = DistillMlp(width, self.out_inner_dim, dtype=self.dtype,
+                                   param_dtype=self.param_dtype, name="distill_mlp")(queries)
+        x = layers.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
+                             name="ln_post")(queries)
+        grid = nn.Conv(z, (3, 3), padding="SAME", dtype=self.dtype, param_dtype=self.param_dtype,
+                       kernel_init=logical(layers.default_kernel_init,
+                                           ("conv_h", "conv_w", "embed", "code_dim")),
+                       bias_init=logical(nn.initializers.zeros, ("code_dim",)),
+                       name="conv_out")(x.reshape(b, g, g, width))
+        return grid, inner, layer_feat
+
+
+class DistillMlp(nn.Module):
+    """Semantic-regularisation projection: W -> 4W -> 4W -> out_dim with SiLU in between."""
+
+    width: int
+    out_dim: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dense = lambda feats, names, name: nn.Dense(  # noqa: E731
+            feats, dtype=self.dtype, param_dtype=self.param_dtype,
+            kernel_init=logical(layers.default_kernel_init, names),
+            bias_init=logical(nn.initializers.zeros, names[1:]), name=name)
+        x = nn.silu(dense(4 * self.width, ("embed", "mlp"), "fc_0")(x))
+        x = nn.silu(dense(4 * self.width, (None, "mlp"), "fc_1")(x))
+        return dense(self.out_dim, ("mlp", None), "fc_2")(x).astype(jnp.float32)
+
+
+def _maybe_remat(cls, policy: str):
+    if policy == "none":
+        return cls
+    return nn.remat(cls, policy=layers.remat_policy(policy))
