@@ -87,3 +87,50 @@ def test_multi_level_query_groups():
     want = [g.mean(), g.mean(), g[:, :4].mean(), g[:, 4:].mean(),
             g[:2, :4].mean(), g[:2, 4:].mean(), g[2:, :4].mean(), g[2:, 4:].mean()]
     np.testing.assert_allclose(q, want)
+
+
+@pytest.fixture(scope="module")
+def fx2d(fixtures_dir):
+    path = os.path.join(fixtures_dir, "gigatok_2d.npz")
+    if not os.path.exists(path):
+        pytest.skip(f"{path} not found")
+    z = np.load(path)
+    meta = json.loads(str(z["meta_json"]))
+    sizes = dict(VIT_SIZES)
+    for name, s in meta.get("size_tables_added", {}).items():
+        sizes[name] = dict(width=s["width"], depth=s.get("num_layers", s.get("depth")),
+                           num_heads=s["num_heads"])
+    sd = common.StateDict(common.load_state_dict(path, prefix="sd/"), "gigatok_2d")
+    return z, meta["init_args"], sizes, sd
+
+
+def test_2d_encoder_and_decoder(fx2d):
+    from tok1d.models.gigatok import ViT2DDecoder, ViT2DEncoder
+    z, args, sizes, sd = fx2d
+    assert args["transformer_layer_type"] == "TransformerLayer"
+    se, sdec = sizes[args["encoder_size"]], sizes[args["decoder_size"]]
+    enc = ViT2DEncoder(se["width"], se["depth"], se["num_heads"])
+    grid = z["dec/vit_out"].shape[-1]
+    dec = ViT2DDecoder(sdec["width"], sdec["depth"], sdec["num_heads"], grid,
+                       distill_depth=args["distill_depth"], out_inner_dim=args["out_inner_dim"])
+    out = common.ParamTree()
+    convert_gigatok.convert_vit2d(sd, out, "s2dencoder", "enc", se["depth"], se["num_heads"],
+                                  "encoder")
+    convert_gigatok.convert_vit2d(sd, out, "s2ddecoder", "dec", sdec["depth"],
+                                  sdec["num_heads"], "decoder", distill=True)
+    cnn = jnp.asarray(np.asarray(z["enc/cnn_out"], np.float32).transpose(0, 2, 3, 1))
+    post = np.asarray(z["dec/post_quant"])
+    post = jnp.asarray(post.reshape(post.shape[0], post.shape[1], -1).transpose(0, 2, 1))
+    for module, params, x in ((enc, out.tree["enc"], cnn), (dec, out.tree["dec"], post)):
+        abstract = nn.unbox(jax.eval_shape(module.init, jax.random.key(0), x)["params"])
+        assert (jax.tree.map(lambda a: a.shape, abstract)
+                == jax.tree.map(lambda a: a.shape, params))
+    with jax.default_matmul_precision("highest"):
+        tokens, feat = enc.apply({"params": out.tree["enc"]}, cnn)
+        rec, inner, _ = dec.apply({"params": out.tree["dec"]}, post)
+    b, g = tokens.shape[0], grid
+    assert rel_err(tokens.reshape(b, g, g, -1), np.asarray(z["enc/vit_out"]).transpose(0, 2, 3, 1)) < TOL
+    assert rel_err(feat.reshape(b, g, g, -1),
+                   np.asarray(z["enc/vit_feat_ln_post"]).transpose(0, 2, 3, 1)) < TOL
+    assert rel_err(rec, np.asarray(z["dec/vit_out"]).transpose(0, 2, 3, 1)) < TOL
+    assert rel_err(inner, z["sem/distill_mlp_out"]) < TOL

@@ -81,3 +81,36 @@ def convert_qformer_decoder(sd: StateDict, out: ParamTree, src: str, dst: str, d
             out.set_tree(f"{dst}/distill_mlp/{ours}",
                          common.dense(sd, f"{src}.distill_mlp.{theirs}"),
                          f"{src}.distill_mlp.{theirs}")
+
+
+# Key names of GigaTok's plain `TransformerLayer` (the 2D tokenizers).
+TRANSFORMER_LAYER = dict(ln_1="norm1", ln_2="norm2", attn="self_attn", fc1="linear1",
+                         fc2="linear2")
+
+
+def convert_vit2d(sd: StateDict, out: ParamTree, src: str, dst: str, depth: int, num_heads: int,
+                  part: str, distill: bool = False) -> None:
+    """`s2dencoder.*` (part="encoder") or `s2ddecoder.*` (part="decoder") -> ViT2D params."""
+    out.set(f"{dst}/positional_embedding", _positions(sd, f"{src}.positional_embedding"),
+            f"{src}.positional_embedding")
+    out.set_tree(f"{dst}/ln_pre/norm", common.norm(sd, f"{src}.ln_pre"), f"{src}.ln_pre")
+    embed = "encoder_embed" if part == "encoder" else "decoder_embed"
+    out.set_tree(f"{dst}/{embed}", common.dense(sd, f"{src}.{embed}"), f"{src}.{embed}")
+    for i in range(depth):
+        out.set_tree(f"{dst}/layer_{i}",
+                     common.attention_block(sd, f"{src}.transformer.{i}", num_heads,
+                                            TRANSFORMER_LAYER), f"{src}.transformer.{i}")
+    out.set_tree(f"{dst}/ln_post/norm", common.norm(sd, f"{src}.ln_post"), f"{src}.ln_post")
+    if part == "encoder":
+        w = sd.take(f"{src}.conv_out.weight")
+        out.set(f"{dst}/conv_out/kernel", None if w is None else common.conv1x1_as_dense(w),
+                f"{src}.conv_out.weight")
+        out.set(f"{dst}/conv_out/bias", sd.take(f"{src}.conv_out.bias"), f"{src}.conv_out.bias")
+    else:
+        out.set_tree(f"{dst}/conv_out", common.conv_params(sd, f"{src}.conv_out"),
+                     f"{src}.conv_out")
+    if distill:
+        for ours, theirs in (("fc_0", 0), ("fc_1", 2), ("fc_2", 4)):
+            out.set_tree(f"{dst}/distill_mlp/{ours}",
+                         common.dense(sd, f"{src}.distill_mlp.{theirs}"),
+                         f"{src}.distill_mlp.{theirs}")

@@ -218,3 +218,93 @@ def _maybe_remat(cls, policy: str):
     if policy == "none":
         return cls
     return nn.remat(cls, policy=layers.remat_policy(policy))
+
+
+class ViT2DEncoder(nn.Module):
+    """GigaTok 2D encoder (`transformer_layer_type="TransformerLayer"`): CNN map (B, h, w, z)
+    -> ln_pre -> encoder_embed + positions -> pre-norm ViT blocks -> ln_post -> 1x1 conv_out;
+    returns (tokens (B, h*w, z) in raster order, features after ln_post (B, h*w, W))."""
+
+    width: int
+    depth: int
+    num_heads: int
+    remat: str = "none"
+    attention_impl: Optional[str] = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, cnn_map: jax.Array) -> tuple[jax.Array, jax.Array]:
+        b, h, w, z = cnn_map.shape
+        x = layers.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
+                             name="ln_pre")(cnn_map.reshape(b, h * w, z).astype(self.dtype))
+        x = nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
+                     kernel_init=logical(layers.default_kernel_init, ("code_dim", "embed")),
+                     bias_init=logical(nn.initializers.zeros, ("embed",)),
+                     name="encoder_embed")(x)
+        x = x + _position(self, "positional_embedding", h * w, self.width,
+                          self.param_dtype).astype(self.dtype)
+        x = _vit_layers(self, x, None)[0]
+        feat = layers.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
+                                name="ln_post")(x)
+        tokens = nn.Dense(z, dtype=self.dtype, param_dtype=self.param_dtype,
+                          kernel_init=logical(layers.default_kernel_init, ("embed", "code_dim")),
+                          bias_init=logical(nn.initializers.zeros, ("code_dim",)),
+                          name="conv_out")(feat)
+        return tokens, feat
+
+
+class ViT2DDecoder(nn.Module):
+    """GigaTok 2D decoder: tokens (B, g*g, z) -> ln_pre -> decoder_embed + positions -> ViT
+    blocks (distill MLP after layer `distill_depth`) -> ln_post -> 3x3 conv_out (B, g, g, z).
+    Returns (grid, distill features or None, raw features after `distill_depth` or None)."""
+
+    width: int
+    depth: int
+    num_heads: int
+    grid_size: int
+    distill_depth: int = 0
+    out_inner_dim: int = 768
+    remat: str = "none"
+    attention_impl: Optional[str] = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array) -> tuple[jax.Array, Optional[jax.Array],
+                                                   Optional[jax.Array]]:
+        b, n, z = tokens.shape
+        g = self.grid_size
+        x = layers.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
+                             name="ln_pre")(tokens.astype(self.dtype))
+        x = nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
+                     kernel_init=logical(layers.default_kernel_init, ("code_dim", "embed")),
+                     bias_init=logical(nn.initializers.zeros, ("embed",)),
+                     name="decoder_embed")(x)
+        x = x + _position(self, "positional_embedding", g * g, self.width,
+                          self.param_dtype).astype(self.dtype)
+        x, inner, layer_feat = _vit_layers(self, x, self.distill_depth, self.out_inner_dim)
+        x = layers.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
+                             name="ln_post")(x)
+        grid = nn.Conv(z, (3, 3), padding="SAME", dtype=self.dtype, param_dtype=self.param_dtype,
+                       kernel_init=logical(layers.default_kernel_init,
+                                           ("conv_h", "conv_w", "embed", "code_dim")),
+                       bias_init=logical(nn.initializers.zeros, ("code_dim",)),
+                       name="conv_out")(x.reshape(b, g, g, self.width))
+        return grid, inner, layer_feat
+
+
+def _vit_layers(module, x, distill_depth, out_inner_dim=768):
+    """`module.depth` pre-norm ViT blocks named layer_{i} (exact GELU, LayerNorm 1e-5), with
+    the distill MLP tapped after layer `distill_depth` (if set)."""
+    block_cls = _maybe_remat(layers.Block, module.remat)
+    inner = layer_feat = None
+    for i in range(module.depth):
+        x = block_cls(module.num_heads, 4 * module.width, pre_norm=True, norm_eps=1e-5,
+                      activation="gelu", attention_impl=module.attention_impl,
+                      dtype=module.dtype, param_dtype=module.param_dtype, name=f"layer_{i}")(x)
+        if distill_depth and i + 1 == distill_depth:
+            layer_feat = x
+            inner = DistillMlp(module.width, out_inner_dim, dtype=module.dtype,
+                               param_dtype=module.param_dtype, name="distill_mlp")(x)
+    return x, inner, layer_feat
