@@ -1,0 +1,142 @@
+"""DINOv2 teacher: parity with the official code (golden fixture dinov2.npz), parameter counts of
+the released sizes, resampling vs torch, converter errors."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tok1d.convert import dinov2 as conv
+from tok1d.convert.common import ConversionError
+from tok1d.models import dinov2 as dm
+
+BOUND = 2e-5  # README §0: transformer outputs (f32-vs-f64 floor here 4e-7 .. 4.7e-6)
+
+
+def maxrel(port, ref):
+    port, ref = np.asarray(port, np.float64), np.asarray(ref, np.float64)
+    assert port.shape == ref.shape, (port.shape, ref.shape)
+    return float(np.abs(port - ref).max() / np.abs(ref).max())
+
+
+@pytest.fixture(scope="module")
+def fixture(fixtures_dir):
+    path = os.path.join(fixtures_dir, "dinov2.npz")
+    if not os.path.exists(path):
+        pytest.skip(f"{path} not found")
+    with np.load(path) as z:
+        data = {k: z[k] for k in z.files}
+    sd = {k[3:]: v.astype(np.float32) for k, v in data.items() if k.startswith("sd/")}
+    return data, sd, json.loads(str(data["meta_json"]))
+
+
+def test_fixture_parity(fixture):
+    z, sd, meta = fixture
+    images = jnp.asarray(z["input/images"].astype(np.float32).transpose(0, 2, 3, 1))
+    pre = dm.preprocess_gigatok(images, 224)
+    errs = {"preprocessed_img0": maxrel(np.asarray(pre[:1]).transpose(0, 3, 1, 2),
+                                        z["out/preprocessed_img0"])}
+
+    # Official table (37x37) with DINOv2's own on-the-fly interpolation (offset 0.1).
+    kw = dm.kwargs_from_fixture_meta(meta)
+    assert kw == {**conv.kwargs_from_state_dict(sd, num_heads=meta["num_heads"]),
+                  "num_register_tokens": 0, "interpolate_antialias": False,
+                  "interpolate_offset": 0.1, "norm_eps": 1e-6}
+    native = dm.DinoV2(**kw)
+    params = conv.convert_dinov2(sd, native)
+    out = jax.jit(native.apply)({"params": params}, pre)
+    errs["native_x_norm_patchtokens"] = maxrel(out["patch_tokens"],
+                                               z["out/native_x_norm_patchtokens"])
+    errs["native_x_norm_clstoken"] = maxrel(out["cls"], z["out/native_x_norm_clstoken"])
+    interp = dm.interpolate_pos_embed(jnp.asarray(params["pos_embed"]), 16, 16, 0.1, False)
+    errs["pos_embed_native_interp_224"] = maxrel(interp[None], z["out/pos_embed_native_interp_224"])
+
+    # GigaTok: table resampled once to 16x16 (timm, antialiased) at conversion time.
+    giga = dm.DinoV2(**conv.kwargs_from_state_dict(sd, num_heads=meta["num_heads"], pos_grid=16))
+    gparams = conv.convert_dinov2(sd, giga)
+    errs["pos_embed_resampled_16x16"] = maxrel(gparams["pos_embed"][None],
+                                               z["out/pos_embed_resampled_16x16"])
+    out = jax.jit(giga.apply)({"params": gparams}, pre)
+    assert out["registers"].shape == (2, 0, 64)
+    errs["x_norm_patchtokens"] = maxrel(out["patch_tokens"], z["out/x_norm_patchtokens"])
+    errs["x_norm_clstoken"] = maxrel(out["cls"], z["out/x_norm_clstoken"])
+    errs["x_prenorm_img0"] = maxrel(out["prenorm"][:1], z["out/x_prenorm_img0"])
+    for i in range(meta["depth"]):
+        errs[f"blocks.{i}_img0"] = maxrel(out["hidden_states"][i][:1], z[f"hook/blocks.{i}_img0"])
+    print(errs)
+    bad = {k: v for k, v in errs.items() if not v < BOUND}
+    assert not bad, bad
+
+
+def _count(model):
+    return sum(x.size for x in jax.tree.leaves(conv.abstract_params(model)))
+
+
+@pytest.mark.parametrize("name,official", [
+    # sum(p.numel()) of the official hub models, minus mask_token (D), which is not ported.
+    ("vitb14", 86_580_480 - 768),
+    ("vitg14", 1_136_480_768 - 1536),
+])
+def test_param_count(name, official):
+    assert _count(dm.DinoV2(**dm.dinov2_kwargs(name))) == official
+
+
+def test_bicubic_matches_torch():
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 2, 37, 30)).astype(np.float32)
+    cases = [(dict(size=(16, 45), antialias=True), (16, 45), None, True),
+             (dict(size=(16, 45), antialias=False), (16, 45), None, False),
+             (dict(scale_factor=(16.1 / 37, 23.1 / 30)), (16, 23), (37 / 16.1, 30 / 23.1), False),
+             (dict(scale_factor=(0.7, 1.3), antialias=True), (25, 39), (1 / 0.7, 1 / 1.3), True)]
+    for kwargs, size, scales, aa in cases:
+        ref = F.interpolate(torch.from_numpy(x), mode="bicubic", align_corners=False,
+                            **kwargs).numpy()
+        assert ref.shape[2:] == size
+        s = scales or (None, None)
+        mh = dm.bicubic_matrix(37, size[0], s[0], aa)
+        mw = dm.bicubic_matrix(30, size[1], s[1], aa)
+        port = np.einsum("oh,nchw,pw->ncop", mh, x.astype(np.float64), mw)
+        assert maxrel(port, ref) < 1e-5, kwargs
+
+
+def _tiny_sd(seed=0, d=32, depth=2):
+    model = dm.DinoV2(embed_dim=d, depth=depth, num_heads=2)
+    rng = np.random.default_rng(seed)
+    r = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    sd = {"cls_token": r(1, 1, d), "pos_embed": r(1, 1 + 37 * 37, d), "mask_token": r(1, d),
+          "patch_embed.proj.weight": r(d, 3, 14, 14), "patch_embed.proj.bias": r(d),
+          "norm.weight": r(d), "norm.bias": r(d)}
+    for i in range(depth):
+        for n in ("norm1", "norm2"):
+            sd[f"blocks.{i}.{n}.weight"], sd[f"blocks.{i}.{n}.bias"] = r(d), r(d)
+        sd[f"blocks.{i}.attn.qkv.weight"], sd[f"blocks.{i}.attn.qkv.bias"] = r(3 * d, d), r(3 * d)
+        sd[f"blocks.{i}.attn.proj.weight"], sd[f"blocks.{i}.attn.proj.bias"] = r(d, d), r(d)
+        sd[f"blocks.{i}.mlp.fc1.weight"], sd[f"blocks.{i}.mlp.fc1.bias"] = r(4 * d, d), r(4 * d)
+        sd[f"blocks.{i}.mlp.fc2.weight"], sd[f"blocks.{i}.mlp.fc2.bias"] = r(d, 4 * d), r(d)
+        sd[f"blocks.{i}.ls1.gamma"], sd[f"blocks.{i}.ls2.gamma"] = r(d), r(d)
+    return model, sd
+
+
+def test_converter_errors():
+    model, sd = _tiny_sd()
+    assert conv.kwargs_from_state_dict(sd, num_heads=2)["depth"] == 2
+    conv.convert_dinov2(sd, model)  # complete state_dict (mask_token is skipped) converts
+    bad = dict(sd)
+    del bad["blocks.1.ls2.gamma"]
+    bad["register_tokens"] = np.zeros((1, 4, 32), np.float32)
+    bad["blocks.0.mlp.fc1.weight"] = np.zeros((96, 32), np.float32)
+    with pytest.raises(ConversionError) as e:
+        conv.convert_dinov2(bad, model)
+    msg = str(e.value)
+    assert "blocks.1.ls2.gamma" in msg and "register_tokens" in msg
+    assert "blocks_0/mlp/fc1/kernel: model expects (32, 128)" in msg
+    chunked = {k.replace("blocks.0.", "blocks.0.0."): v for k, v in sd.items()}
+    with pytest.raises(ConversionError, match="block_chunks"):
+        conv.convert_dinov2(chunked, model)
+    with pytest.raises(ConversionError, match="num_heads"):
+        conv.kwargs_from_state_dict({**sd, "cls_token": np.zeros((1, 1, 40), np.float32)})
