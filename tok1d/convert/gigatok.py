@@ -114,3 +114,86 @@ def convert_vit2d(sd: StateDict, out: ParamTree, src: str, dst: str, depth: int,
             out.set_tree(f"{dst}/distill_mlp/{ours}",
                          common.dense(sd, f"{src}.distill_mlp.{theirs}"),
                          f"{src}.distill_mlp.{theirs}")
+
+
+def kwargs_from_official(init_args: dict, size_tables: dict | None = None,
+                         ctor_patches: dict | None = None, image_size: int = 256,
+                         layout: str | None = None) -> dict:
+    """Official GigaTok `init_args` (configs/vq/*.yaml) -> `GigaTok` keyword arguments.
+
+    `size_tables` adds ViT size names ({name: {width, num_layers, num_heads}});
+    `ctor_patches` are constructor defaults that are not config fields upstream
+    ({"Encoder.ch": .., "Decoder.ch": ..}, as the golden fixtures record them)."""
+    from tok1d.models.gigatok import VIT_SIZES
+
+    sizes = {k: dict(width=v["width"], num_layers=v["depth"], num_heads=v["num_heads"])
+             for k, v in VIT_SIZES.items()}
+    sizes.update(size_tables or {})
+    a, patches = init_args, ctor_patches or {}
+    if layout is None:
+        layout = "2d" if "transformer_layer_type" in a else "1d"
+    if layout == "2d" and a.get("transformer_layer_type", "TransformerLayer") != "TransformerLayer":
+        raise common.ConversionError("only the released 2D layer type 'TransformerLayer' is "
+                                     f"supported, got {a['transformer_layer_type']!r}")
+    kw = dict(layout=layout, image_size=image_size,
+              encoder_ch=patches.get("Encoder.ch", 128), decoder_ch=patches.get("Decoder.ch", 128),
+              encoder_ch_mult=tuple(a["encoder_ch_mult"]),
+              decoder_ch_mult=tuple(a["decoder_ch_mult"]), z_channels=a["z_channels"],
+              codebook_size=a["codebook_size"], code_dim=a["codebook_embed_dim"],
+              l2_norm=a.get("codebook_l2_norm", True),
+              commitment_cost=a.get("commit_loss_beta", 0.25), rotation_trick=a.get("rot", False),
+              adaptive_gn=a.get("adaptive_gn", False), d2s_up=a.get("d2s_up", False),
+              distill_depth=a.get("distill_depth") or 0,
+              out_inner_dim=a.get("out_inner_dim", 768))
+    if a.get("use_attn"):
+        raise common.ConversionError("use_attn=True (CNN attention blocks) is not supported")
+    for prefix, key in (("encoder", "encoder_size"), ("decoder", "decoder_size")):
+        name = a.get(key) or a.get("model_size")
+        if name not in sizes:
+            raise common.ConversionError(f"unknown GigaTok ViT size {name!r}; known: "
+                                         f"{sorted(sizes)}")
+        s = sizes[name]
+        kw.update({f"{prefix}_width": s["width"], f"{prefix}_depth": s["num_layers"],
+                   f"{prefix}_heads": s["num_heads"]})
+    if layout == "1d":
+        kw.update(num_latent_tokens=a["num_latent_tokens"],
+                  multi_level_query_init=a.get("multi_level_query_init", False))
+    return kw
+
+
+def convert_gigatok(state_dict, model, what: str = "GigaTok checkpoint") -> dict:
+    """Official GigaTok state_dict (VQVitModelPlus / VQVitModel2DPlus) -> params of `model`."""
+    import jax
+    import jax.numpy as jnp
+
+    from tok1d.convert import gigatok_cnn
+
+    sd = StateDict(state_dict, what)
+    sd.ignore("quantize.codebook_used")  # usage-logging buffer
+    out = ParamTree()
+    gigatok_cnn.convert_cnn_encoder(sd, out, "encoder.", "encoder", model.encoder_ch_mult,
+                                    model.num_res_blocks)
+    gigatok_cnn.convert_cnn_decoder(sd, out, "decoder.", "decoder", model.decoder_ch_mult,
+                                    model.num_res_blocks, adaptive_gn=model.adaptive_gn,
+                                    d2s_up=model.d2s_up)
+    distill = model.distill_depth > 0
+    if model.layout == "1d":
+        convert_qformer_encoder(sd, out, "s2to1encoder", "vit_encoder", model.encoder_depth,
+                                model.encoder_heads)
+        convert_qformer_decoder(sd, out, "s1to2decoder", "vit_decoder", model.decoder_depth,
+                                model.decoder_heads, distill)
+    else:
+        convert_vit2d(sd, out, "s2dencoder", "vit_encoder", model.encoder_depth,
+                      model.encoder_heads, "encoder")
+        convert_vit2d(sd, out, "s2ddecoder", "vit_decoder", model.decoder_depth,
+                      model.decoder_heads, "decoder", distill)
+    for name in ("quant_conv", "post_quant_conv"):
+        w = sd.take(f"{name}.weight")
+        out.set(f"{name}/kernel", None if w is None else common.conv1x1_as_dense(w),
+                f"{name}.weight")
+        out.set(f"{name}/bias", sd.take(f"{name}.bias"), f"{name}.bias")
+    out.set("quantize/embedding", sd.take("quantize.embedding.weight"),
+            "quantize.embedding.weight")
+    images = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, 3), jnp.float32)
+    abstract = jax.eval_shape(model.init, jax.random.key(0), images)["params"]
+    return common.finish(sd, out, abstract)

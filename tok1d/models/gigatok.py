@@ -308,3 +308,141 @@ def _vit_layers(module, x, distill_depth, out_inner_dim=768):
             inner = DistillMlp(module.width, out_inner_dim, dtype=module.dtype,
                                param_dtype=module.param_dtype, name="distill_mlp")(x)
     return x, inner, layer_feat
+
+
+class GigaTok(nn.Module):
+    """GigaTok hybrid tokenizer (1D Q-Former or 2D ViT layout).
+
+        images (B, H, W, 3) in [-1, 1] -> CNN encoder -> map (B, h, w, z)
+          -> transformer encoder -> (B, N, z) -> quant_conv -> l2 VQ (rotation trick) -> codes
+          -> post_quant_conv -> transformer decoder -> grid (B, h, w, z) -> CNN decoder -> pixels
+
+    `__call__(images, train=True)` is the training forward: aux carries the quantizer losses,
+    `fea_rec_loss` = MSE(rec_spatial, sg(CNN map)), `shortcut_pixels` (the CNN decoder on the
+    encoder's map: GigaTok's early-phase auxiliary reconstruction) and `semantic_features`
+    (the distill-MLP output aligned with DINOv2 when distill_depth > 0).
+    """
+
+    layout: str = "1d"                # "1d" (Q-Former, num_latent_tokens) or "2d" (raster grid)
+    image_size: int = 256
+    encoder_ch: int = 128
+    decoder_ch: int = 128
+    encoder_ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
+    decoder_ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 256
+    encoder_width: int = 768
+    encoder_depth: int = 12
+    encoder_heads: int = 12
+    decoder_width: int = 1024
+    decoder_depth: int = 24
+    decoder_heads: int = 16
+    num_latent_tokens: int = 256
+    multi_level_query_init: bool = True
+    codebook_size: int = 16384
+    code_dim: int = 8
+    l2_norm: bool = True
+    commitment_cost: float = 0.25
+    rotation_trick: bool = True
+    entropy_temperature: float = 0.01
+    adaptive_gn: bool = True
+    d2s_up: bool = True
+    distill_depth: int = 0
+    out_inner_dim: int = 768
+    remat: str = "none"
+    attention_impl: Optional[str] = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        from tok1d.models.gigatok_cnn import GigaTokCNNDecoder, GigaTokCNNEncoder
+        from tok1d.models.quantizers import VectorQuantizer
+
+        if self.layout not in ("1d", "2d"):
+            raise ValueError(f"Unknown GigaTok layout {self.layout!r}; expected '1d' or '2d'.")
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        tkw = dict(remat=self.remat, attention_impl=self.attention_impl, **kw)
+        self.encoder = GigaTokCNNEncoder(ch=self.encoder_ch, ch_mult=tuple(self.encoder_ch_mult),
+                                         num_res_blocks=self.num_res_blocks,
+                                         z_channels=self.z_channels, **kw)
+        self.decoder = GigaTokCNNDecoder(ch=self.decoder_ch, ch_mult=tuple(self.decoder_ch_mult),
+                                         num_res_blocks=self.num_res_blocks,
+                                         z_channels=self.z_channels,
+                                         adaptive_gn=self.adaptive_gn, d2s_up=self.d2s_up, **kw)
+        grid = self.grid_size
+        if self.layout == "1d":
+            self.vit_encoder = QFormerEncoder(
+                self.encoder_width, self.encoder_depth, self.encoder_heads,
+                self.num_latent_tokens, multi_level_query_init=self.multi_level_query_init, **tkw)
+            self.vit_decoder = QFormerDecoder(
+                self.decoder_width, self.decoder_depth, self.decoder_heads,
+                self.num_latent_tokens, grid, distill_depth=self.distill_depth,
+                out_inner_dim=self.out_inner_dim, **tkw)
+        else:
+            self.vit_encoder = ViT2DEncoder(self.encoder_width, self.encoder_depth,
+                                            self.encoder_heads, **tkw)
+            self.vit_decoder = ViT2DDecoder(self.decoder_width, self.decoder_depth,
+                                            self.decoder_heads, grid,
+                                            distill_depth=self.distill_depth,
+                                            out_inner_dim=self.out_inner_dim, **tkw)
+        dense = lambda feats, names: nn.Dense(  # noqa: E731
+            feats, kernel_init=logical(layers.default_kernel_init, names),
+            bias_init=logical(nn.initializers.zeros, names[1:]), **kw)
+        self.quant_conv = dense(self.code_dim, ("embed", "code_dim"))
+        self.post_quant_conv = dense(self.z_channels, ("code_dim", "embed"))
+        self.quantize = VectorQuantizer(
+            self.codebook_size, self.code_dim, l2_norm=self.l2_norm,
+            commitment_cost=self.commitment_cost, entropy_temperature=self.entropy_temperature,
+            rotation_trick=self.rotation_trick, param_dtype=self.param_dtype)
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // 2 ** (len(self.encoder_ch_mult) - 1)
+
+    @property
+    def num_codes(self) -> int:
+        return self.codebook_size
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_latent_tokens if self.layout == "1d" else self.grid_size ** 2
+
+    def check_images(self, images: jax.Array) -> None:
+        expected = (self.image_size, self.image_size, 3)
+        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(f"GigaTok expects images of shape (B, {expected[0]}, {expected[1]}, "
+                             f"3) in [-1, 1]; got {tuple(images.shape)}.")
+
+    def encode(self, images: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Images in [-1, 1] -> (quantised latents (B, N, code_dim), aux with `codes` (B, N),
+        the quantizer losses and the CNN map `cnn_map`)."""
+        self.check_images(images)
+        cnn_map = self.encoder(images)
+        tokens, _ = self.vit_encoder(cnn_map)
+        z_q, aux = self.quantize(self.quant_conv(tokens))
+        aux["cnn_map"] = cnn_map
+        return z_q, aux
+
+    def decode_tokens(self, z_q: jax.Array) -> tuple[jax.Array, jax.Array, Optional[jax.Array]]:
+        """Latents (B, N, code_dim) -> (pixels, rec_spatial grid, semantic features)."""
+        rec_spatial, inner, _ = self.vit_decoder(self.post_quant_conv(z_q))
+        return self.decoder(rec_spatial), rec_spatial, inner
+
+    def decode(self, z_q: jax.Array) -> jax.Array:
+        return self.decode_tokens(z_q)[0]
+
+    def decode_codes(self, codes: jax.Array) -> jax.Array:
+        return self.decode(self.quantize.lookup(codes))
+
+    def __call__(self, images: jax.Array, train: bool = False
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        z_q, aux = self.encode(images)
+        pixels, rec_spatial, inner = self.decode_tokens(z_q)
+        cnn_map = aux.pop("cnn_map")
+        aux["fea_rec_loss"] = jnp.mean(jnp.square(
+            rec_spatial.astype(jnp.float32) - jax.lax.stop_gradient(cnn_map).astype(jnp.float32)))
+        if inner is not None:
+            aux["semantic_features"] = inner
+        if train:
+            aux["shortcut_pixels"] = self.decoder(cnn_map)
+        return pixels, aux

@@ -1,0 +1,76 @@
+"""The whole GigaTok tokenizer (1D and 2D) against the official modules: built from the config
+stored in the fixture, official weights converted, then images -> codes -> pixels and the
+training forward (rotation-trick latents, shortcut pixels, feature reconstruction, semantic
+features and the projection loss against a stand-in teacher)."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tok1d.convert import common, gigatok as convert_gigatok
+from tok1d.models.gigatok import GigaTok
+
+
+def rel_err(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert got.shape == want.shape, (got.shape, want.shape)
+    return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
+
+
+def nhwc(x):
+    return np.asarray(x, np.float32).transpose(0, 2, 3, 1)
+
+
+@pytest.fixture(scope="module", params=["gigatok_1d.npz", "gigatok_2d.npz"])
+def built(request, fixtures_dir):
+    path = os.path.join(fixtures_dir, request.param)
+    if not os.path.exists(path):
+        pytest.skip(f"{path} not found")
+    z = np.load(path)
+    meta = json.loads(str(z["meta_json"]))
+    images = nhwc(z["input/images"])
+    kwargs = convert_gigatok.kwargs_from_official(
+        meta["init_args"], meta.get("size_tables_added"), meta.get("ctor_patches"),
+        image_size=images.shape[1], layout=meta["variant"])
+    model = GigaTok(**kwargs)
+    params = convert_gigatok.convert_gigatok(common.load_state_dict(path, prefix="sd/"), model)
+    return z, meta, model, params, jnp.asarray(images)
+
+
+def _apply(model, params, *args, **kw):
+    with jax.default_matmul_precision("highest"):
+        return model.apply({"params": params}, *args, **kw)
+
+
+def test_codes_and_eval_pixels(built):
+    z, meta, model, params, images = built
+    z_q, aux = _apply(model, params, images, method=GigaTok.encode)
+    b = images.shape[0]
+    np.testing.assert_array_equal(np.asarray(aux["codes"]).reshape(b, -1),
+                                  np.asarray(z["quant/indices"]).reshape(b, -1))
+    assert rel_err(aux["cnn_map"], nhwc(z["enc/cnn_out"])) < 1e-4
+    pixels = _apply(model, params, aux["codes"], method=GigaTok.decode_codes)
+    assert rel_err(pixels, nhwc(z["dec/pixels"])) < 1e-4
+
+
+def test_training_forward(built):
+    z, meta, model, params, images = built
+    pixels, aux = _apply(model, params, images, True)
+    assert rel_err(pixels, nhwc(z["train/pixels"])) < 3e-4
+    assert rel_err(aux["shortcut_pixels"], nhwc(z["train/shortcut_pixels"])) < 3e-4
+    assert rel_err(aux["fea_rec_loss"], z["train/fea_rec_loss"]) < 1e-4
+    assert rel_err(aux["codebook_loss"], z["train/vq_loss"]) < 1e-5
+    assert rel_err(aux["commitment_loss"], z["train/commit_loss"]) < 1e-5
+    ratio = meta["init_args"]["entropy_loss_ratio"]
+    assert rel_err(ratio * aux["entropy_loss"], z["train/entropy_loss"]) < 1e-5
+    assert rel_err(aux["semantic_features"], z["train/inner_feat"]) < 2e-5
+    # The official projection loss on a stand-in teacher: mean over tokens of -cos.
+    teacher = np.asarray(z["train/fake_teacher"], np.float32)
+    feat = np.asarray(aux["semantic_features"], np.float64)
+    cos = np.sum(feat * teacher, -1) / (np.linalg.norm(feat, axis=-1)
+                                        * np.linalg.norm(teacher, axis=-1))
+    assert rel_err(-np.mean(cos), z["train/proj_loss"]) < 1e-5
