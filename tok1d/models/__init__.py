@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from tok1d.models import presets
+from tok1d.models.gigatok import VIT_SIZES as GIGATOK_VIT_SIZES, GigaTok
 from tok1d.models.titok import TiTok
 from tok1d.models.vqgan import MaskGITVQGAN
 
@@ -68,7 +69,39 @@ def _maskgit_vqgan(**kwargs: Any) -> MaskGITVQGAN:
     return MaskGITVQGAN(**kwargs)
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"titok": _titok, "maskgit_vqgan": _maskgit_vqgan}
+def _gigatok(preset: str | None = None, encoder_size: str | None = None,
+             decoder_size: str | None = None, **kwargs: Any) -> GigaTok:
+    """GigaTok from a released preset name (presets.GIGATOK_PRESETS) and/or ViT size names
+    (gigatok.VIT_SIZES); explicit keyword arguments win."""
+    if preset is not None:
+        if preset not in presets.GIGATOK_PRESETS:
+            raise ValueError(f"Unknown GigaTok preset {preset!r}; known: "
+                             f"{sorted(presets.GIGATOK_PRESETS)}.")
+        p = presets.GIGATOK_PRESETS[preset]
+        encoder_size = encoder_size or p["encoder_size"]
+        decoder_size = decoder_size or p["decoder_size"]
+        kwargs.setdefault("layout", p["layout"])
+        kwargs.setdefault("rotation_trick", p["rot"])
+        kwargs.setdefault("distill_depth", 3)
+        kwargs.setdefault("out_inner_dim", 768)
+    for prefix, size in (("encoder", encoder_size), ("decoder", decoder_size)):
+        if size is not None:
+            if size not in GIGATOK_VIT_SIZES:
+                raise ValueError(f"Unknown GigaTok ViT size {size!r}; known: "
+                                 f"{sorted(GIGATOK_VIT_SIZES)}.")
+            s = GIGATOK_VIT_SIZES[size]
+            kwargs.setdefault(f"{prefix}_width", s["width"])
+            kwargs.setdefault(f"{prefix}_depth", s["depth"])
+            kwargs.setdefault(f"{prefix}_heads", s["num_heads"])
+    for key in ("encoder_ch_mult", "decoder_ch_mult"):
+        if key in kwargs:
+            kwargs[key] = tuple(kwargs[key])
+    check_kwargs(GigaTok, kwargs, "model 'gigatok' (plus preset/encoder_size/decoder_size)")
+    return GigaTok(**kwargs)
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {"titok": _titok, "maskgit_vqgan": _maskgit_vqgan,
+                                               "gigatok": _gigatok}
 
 
 def create(name: str, **kwargs: Any) -> nn.Module:
