@@ -113,3 +113,29 @@ def test_maskgit_vqgan_cli(fixtures_dir, tmp_path):
                                          model)
     images = jnp.zeros((1, 32, 32, 3))
     assert model.apply({"params": params}, images)[0].shape == images.shape
+
+
+def test_gigatok_checkpoint_prefers_ema_and_reproduces_codes(fixtures_dir, tmp_path):
+    """A GigaTok trainer checkpoint ({"model", "ema", ...}) written by torch converts with the
+    EMA weights (as the official loaders do) and encodes the fixture images to its codes."""
+    import json
+    path = os.path.join(fixtures_dir, "gigatok_1d.npz")
+    if not os.path.exists(path):
+        pytest.skip(f"{path} not found")
+    sd = common.load_state_dict(path, prefix="sd/")
+    ema = {k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()}
+    noise = {k: torch.randn(v.shape) if v.dtype.is_floating_point else v for k, v in ema.items()}
+    torch.save({"model": noise, "ema": ema, "steps": 7}, tmp_path / "ckpt.pt")
+    with np.load(path) as z:
+        meta = json.loads(str(z["meta_json"]))
+        images = np.asarray(z["input/images"], np.float32).transpose(0, 2, 3, 1)
+        codes = np.asarray(z["quant/indices"])
+    config = dict(meta, image_size=images.shape[1])
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "gigatok"
+    assert convert_cli.main(["gigatok", str(tmp_path / "ckpt.pt"), str(out),
+                             "--config", str(tmp_path / "config.json")]) == 0
+    model, params = pretrained.load_pretrained(str(out))
+    with jax.default_matmul_precision("highest"):
+        _, aux = model.apply({"params": params}, jnp.asarray(images), method=model.encode)
+    np.testing.assert_array_equal(np.asarray(aux["codes"]), codes)

@@ -3,6 +3,8 @@
     python -m tok1d.convert titok tokenizer_titok_l32.bin titok_l32/
     python -m tok1d.convert titok model.safetensors titok_bl64/ --config config.json
     python -m tok1d.convert maskgit_vqgan maskgit-vqgan-imagenet-f16-256.bin maskgit_vqgan/
+    python -m tok1d.convert gigatok GigaTok_BL256.pt gigatok_b_l/ --preset b_l
+    python -m tok1d.convert gigatok ckpt.pt out/ --config VQ_BL256.yaml   # any official config
 
 Every tensor is checked against the model: a mismatch fails with the full list of missing,
 unexpected and mismatched keys, and nothing is written. Load the result with
@@ -19,7 +21,7 @@ import sys
 from tok1d import pretrained
 from tok1d.convert.common import ConversionError
 
-KINDS = ("titok", "maskgit_vqgan")
+KINDS = ("titok", "maskgit_vqgan", "gigatok")
 
 
 def _model_kwargs(model) -> dict:
@@ -27,8 +29,41 @@ def _model_kwargs(model) -> dict:
             if f.name not in ("parent", "name")}
 
 
+def _find_init_args(cfg):
+    """The dict holding GigaTok's `init_args` anywhere inside an official YAML/JSON config."""
+    if isinstance(cfg, dict):
+        if "codebook_size" in cfg and "z_channels" in cfg:
+            return cfg
+        for value in cfg.values():
+            found = _find_init_args(value)
+            if found is not None:
+                return found
+    return None
+
+
+def _gigatok(checkpoint: str, config: str | None, preset: str | None, image_size: int | None):
+    from tok1d import models
+    from tok1d.convert import common, gigatok, titok
+    if (config is None) == (preset is None):
+        raise ValueError("gigatok needs exactly one of --preset NAME or --config FILE")
+    if preset is not None:
+        model = models.create("gigatok", preset=preset, image_size=image_size or 256)
+    else:
+        cfg = titok._read_config(config)
+        init_args = _find_init_args(cfg)
+        if init_args is None:
+            raise common.ConversionError(f"{config}: no GigaTok init_args (codebook_size, "
+                                         "z_channels, ...) found")
+        kwargs = gigatok.kwargs_from_official(
+            init_args, cfg.get("size_tables_added"), cfg.get("ctor_patches"),
+            image_size=image_size or cfg.get("image_size", 256), layout=cfg.get("variant"))
+        model = models.create("gigatok", **kwargs)
+    return model, gigatok.convert_gigatok(common.load_state_dict(checkpoint), model,
+                                          what=checkpoint)
+
+
 def convert(kind: str, checkpoint: str, out: str, config: str | None = None,
-            image_size: int | None = None) -> str:
+            image_size: int | None = None, preset: str | None = None) -> str:
     if kind == "titok":
         from tok1d.convert import titok
         model, params = titok.convert_file(checkpoint, config=config, image_size=image_size)
@@ -37,6 +72,8 @@ def convert(kind: str, checkpoint: str, out: str, config: str | None = None,
         from tok1d.models.vqgan import MaskGITVQGAN
         model = MaskGITVQGAN()
         params = vqgan.convert_maskgit_vqgan(common.load_state_dict(checkpoint), model)
+    elif kind == "gigatok":
+        model, params = _gigatok(checkpoint, config, preset, image_size)
     else:
         raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
     kwargs = _model_kwargs(model)
@@ -55,10 +92,13 @@ def main(argv=None) -> int:
                         "from the tensor shapes")
     parser.add_argument("--image_size", type=int, help="input resolution (default: from the "
                         "positional embeddings)")
+    parser.add_argument("--preset", help="gigatok: released size name (s_s, s_b, b_l, xl_xxl, "
+                        "s_b_2d, b_l_2d)")
     args = parser.parse_args(argv)
     try:
-        out = convert(args.kind, args.checkpoint, args.out, args.config, args.image_size)
-    except (ConversionError, FileNotFoundError, FileExistsError) as e:
+        out = convert(args.kind, args.checkpoint, args.out, args.config, args.image_size,
+                      args.preset)
+    except (ConversionError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

@@ -40,7 +40,9 @@ def _to_numpy(value: Any) -> Any:
 
 def _unwrap(obj: Any, path: str) -> dict[str, Any]:
     """Finds the flat name -> tensor dict inside common checkpoint wrappers."""
-    for key in ("state_dict", "model", "module", "params"):
+    # "ema" first: GigaTok's trainer saves {"model", "ema", "optimizer", ...} and its loaders
+    # prefer the EMA weights.
+    for key in ("ema", "state_dict", "model", "module", "params"):
         if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
             if not any(hasattr(v, "shape") for v in obj.values()):
                 return _unwrap(obj[key], path)
