@@ -80,6 +80,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tok1d.models.cnn import TORCH_CONV_INIT, group_norm
 from tok1d.models.layers import logical
 
 Dtype = Any
@@ -91,8 +92,8 @@ CONV_TO_ONE = ("conv_h", "conv_w", "conv_in", None)  # width-1 logit convs: neve
 
 # --------------------------------------------------------------------------- initialisers
 
-# PyTorch's nn.Conv2d default: kaiming_uniform_(a=sqrt(5)) = U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+# PyTorch's nn.Conv2d default kernel init (shared with the tokenizers' CNNs).
+torch_default_kernel_init = TORCH_CONV_INIT
 
 
 def torch_default_bias_init(fan_in: int):
@@ -232,12 +233,8 @@ class TiTokDiscriminator(nn.Module):
             x = self._conv(x, width, 3, f"stage_{i}_conv")
             x = _avg_pool_2x2(x) if self.blur_kernel is None else blur_downsample(
                 x, self.blur_kernel)
-            x = nn.GroupNorm(num_groups=self.num_groups, epsilon=self.norm_epsilon,
-                             use_fast_variance=False, dtype=self.dtype,
-                             param_dtype=self.param_dtype,
-                             scale_init=logical(nn.initializers.ones, ("norm",)),
-                             bias_init=logical(nn.initializers.zeros, ("norm",)),
-                             name=f"stage_{i}_norm")(x)
+            x = group_norm(self.dtype, self.param_dtype, f"stage_{i}_norm",
+                           num_groups=self.num_groups, epsilon=self.norm_epsilon)(x)
             x = act(x)
         x = adaptive_max_pool(x, (self.pool_size, self.pool_size))
         x = act(self._conv(x, x.shape[-1], 1, "logits_hidden"))
@@ -278,12 +275,8 @@ class PatchGANDiscriminator(nn.Module):
                              scale_init=_normal_around(1.0, 0.02), dtype=self.dtype,
                              param_dtype=self.param_dtype, name=name)(x)
         if self.norm == "group":
-            return nn.GroupNorm(num_groups=32, epsilon=self.norm_epsilon,
-                                use_fast_variance=False, dtype=self.dtype,
-                                param_dtype=self.param_dtype,
-                                scale_init=logical(nn.initializers.ones, ("norm",)),
-                                bias_init=logical(nn.initializers.zeros, ("norm",)),
-                                name=name)(x)
+            return group_norm(self.dtype, self.param_dtype, name,
+                              epsilon=self.norm_epsilon)(x)
         raise ValueError(f"Unknown PatchGAN norm {self.norm!r}; expected 'batch' or 'group'.")
 
     @nn.compact

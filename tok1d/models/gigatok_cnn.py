@@ -54,6 +54,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tok1d.models.cnn import TORCH_CONV_INIT, ResnetBlock
+from tok1d.models.cnn import conv as _conv, group_norm as _group_norm
 from tok1d.models.layers import logical
 
 Dtype = Any
@@ -61,38 +63,6 @@ PrecisionLike = Any
 
 # The released configs (every GigaTok tokenizer): `ch` 128 is a hard-coded constructor default.
 GIGATOK_CNN_256 = dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, z_channels=256)
-
-# PyTorch's default conv / linear weight init (kaiming_uniform, a=sqrt(5)): U(+-1/sqrt(fan_in)).
-_torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-_CONV_NAMES = ("conv_h", "conv_w", "conv_in", "conv_out")
-
-
-def _conv(features: int, kernel_size: int, name: str, stride: int = 1, padding: Any = "SAME",
-          precision: PrecisionLike = None, dtype: Dtype = jnp.float32,
-          param_dtype: Dtype = jnp.float32) -> nn.Conv:
-    """Conv with bias; "SAME" at stride 1 is PyTorch's symmetric padding (k - 1) // 2 for odd k."""
-    return nn.Conv(
-        features, (kernel_size, kernel_size), strides=(stride, stride), padding=padding,
-        use_bias=True, precision=precision, dtype=dtype, param_dtype=param_dtype,
-        kernel_init=logical(_torch_kernel_init, _CONV_NAMES),
-        bias_init=logical(nn.initializers.zeros, ("conv_out",)),
-        name=name)
-
-
-def _group_norm(dtype: Dtype, param_dtype: Dtype, name: str, affine: bool = True
-                ) -> nn.GroupNorm:
-    """GroupNorm(32 groups, eps 1e-6), float32 two-pass statistics like PyTorch."""
-    return nn.GroupNorm(
-        num_groups=32, epsilon=1e-6, dtype=dtype, param_dtype=param_dtype,
-        use_scale=affine, use_bias=affine, use_fast_variance=False,
-        scale_init=logical(nn.initializers.ones, ("norm",)),
-        bias_init=logical(nn.initializers.zeros, ("norm",)),
-        name=name)
-
-
-def _swish(x: jax.Array) -> jax.Array:
-    return x * jax.nn.sigmoid(x)
-
 
 def depth_to_space_dcr(x: jax.Array, block: int = 2) -> jax.Array:
     """(B, H, W, b*b*C) -> (B, b*H, b*W, C) in DCR order: channel (i*b + j)*C + c of cell (h, w)
@@ -103,29 +73,6 @@ def depth_to_space_dcr(x: jax.Array, block: int = 2) -> jax.Array:
     x = x.reshape(b, h, w, block, block, out_c)          # (B, H, W, i, j, C)
     x = x.transpose(0, 1, 3, 2, 4, 5)                    # (B, H, i, W, j, C)
     return x.reshape(b, h * block, w * block, out_c)
-
-
-class ResnetBlock(nn.Module):
-    """GN -> swish -> conv3x3 -> GN -> swish -> conv3x3, plus the input (through a 1x1
-    `nin_shortcut` when the channel count changes)."""
-
-    out_channels: int
-    precision: PrecisionLike = None
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        kw = dict(precision=self.precision, dtype=self.dtype, param_dtype=self.param_dtype)
-        h = _swish(_group_norm(self.dtype, self.param_dtype, "norm1")(x))
-        h = _conv(self.out_channels, 3, name="conv1", **kw)(h)
-        h = _swish(_group_norm(self.dtype, self.param_dtype, "norm2")(h))
-        h = _conv(self.out_channels, 3, name="conv2", **kw)(h)
-        if x.shape[-1] != self.out_channels:
-            x = _conv(self.out_channels, 1, name="nin_shortcut", **kw)(x)
-        out = x.astype(h.dtype) + h
-        self.sow("intermediates", "output", out)
-        return out
 
 
 class Downsample(nn.Module):
@@ -181,7 +128,7 @@ class AdaptiveGroupNorm(nn.Module):
         dense = lambda name: nn.Dense(  # noqa: E731
             self.channels, precision=self.precision, dtype=self.dtype,
             param_dtype=self.param_dtype,
-            kernel_init=logical(_torch_kernel_init, ("conv_in", "conv_out")),
+            kernel_init=logical(TORCH_CONV_INIT, ("conv_in", "conv_out")),
             bias_init=logical(nn.initializers.zeros, ("conv_out",)), name=name)
         s = style.astype(jnp.float32).reshape(style.shape[0], -1, style.shape[-1])
         mu = jnp.mean(s, axis=1)
@@ -256,7 +203,7 @@ class GigaTokCNNEncoder(nn.Module):
         channels = self.ch * self.ch_mult[-1]
         for j in range(2):
             h = ResnetBlock(channels, **kw, name=f"mid_{j}")(h)
-        h = _swish(_group_norm(self.dtype, self.param_dtype, "norm_out")(h))
+        h = nn.silu(_group_norm(self.dtype, self.param_dtype, "norm_out")(h))
         return _conv(self.z_channels, 3, name="conv_out", **kw)(h)
 
 
@@ -305,7 +252,7 @@ class GigaTokCNNDecoder(nn.Module):
             h = _Level(self.ch * self.ch_mult[i_level], self.num_res_blocks + 1,
                        resample="up" if i_level != 0 else "none", d2s=self.d2s_up, **kw,
                        name=f"conv_blocks_{k}")(h)
-        h = _swish(_group_norm(self.dtype, self.param_dtype, "norm_out")(h))
+        h = nn.silu(_group_norm(self.dtype, self.param_dtype, "norm_out")(h))
         return _conv(self.out_channels, 3, name="conv_out", **kw)(h)
 
 

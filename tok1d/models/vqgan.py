@@ -39,7 +39,6 @@ pool, `intermediates/decoder/up_2/output` = after the upsample + conv,
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Optional, Sequence
 
@@ -47,7 +46,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tok1d.models.layers import logical
+from tok1d.models.cnn import ResnetBlock, conv as _conv, group_norm as _group_norm
 from tok1d.models.quantizers import VectorQuantizer
 
 Dtype = Any
@@ -56,61 +55,6 @@ PrecisionLike = Any
 # The released ImageNet 256x256 model (maskgit-vqgan-imagenet-f16-256.bin): 16x16 codes.
 MASKGIT_VQGAN_F16_256 = dict(hidden_channels=128, channel_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
                              z_channels=256, codebook_size=1024)
-
-# PyTorch's default conv weight init (kaiming_uniform with a=sqrt(5)): U(-1/sqrt(fan_in), ...).
-_conv_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-_CONV_NAMES = ("conv_h", "conv_w", "conv_in", "conv_out")
-
-
-def _conv(features: int, kernel_size: int, use_bias: bool, name: str,
-          precision: PrecisionLike = None, dtype: Dtype = jnp.float32,
-          param_dtype: Dtype = jnp.float32) -> nn.Conv:
-    """Stride-1 "SAME"-padded conv (Flax pads (k-1)//2 before and k//2 after, like TF and the
-    official `Conv2dSame`), kernel (k, k, I, O) with logical axis names."""
-    return nn.Conv(
-        features, (kernel_size, kernel_size), padding="SAME", use_bias=use_bias,
-        precision=precision, dtype=dtype, param_dtype=param_dtype,
-        kernel_init=logical(_conv_kernel_init, _CONV_NAMES),
-        bias_init=logical(nn.initializers.zeros, ("conv_out",)),
-        name=name)
-
-
-def _group_norm(dtype: Dtype, param_dtype: Dtype, name: str) -> nn.GroupNorm:
-    """GroupNorm(32 groups, eps 1e-6) as in the official code; float32 statistics (two-pass
-    variance, like PyTorch)."""
-    return nn.GroupNorm(
-        num_groups=32, epsilon=1e-6, dtype=dtype, param_dtype=param_dtype,
-        use_fast_variance=False,
-        scale_init=logical(nn.initializers.ones, ("norm",)),
-        bias_init=logical(nn.initializers.zeros, ("norm",)),
-        name=name)
-
-
-class ResnetBlock(nn.Module):
-    """GN -> SiLU -> conv3x3 -> GN -> SiLU -> conv3x3 (no conv biases), plus the MaskGIT
-    shortcut: `x + h` when the channel count is kept, `h + nin_shortcut(h)` (1x1, out -> out,
-    no bias; the input is dropped) when it changes."""
-
-    out_channels: int
-    precision: PrecisionLike = None
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        conv = functools.partial(_conv, self.out_channels, use_bias=False,
-                                 precision=self.precision, dtype=self.dtype,
-                                 param_dtype=self.param_dtype)
-        h = nn.silu(_group_norm(self.dtype, self.param_dtype, "norm1")(x))
-        h = conv(3, name="conv1")(h)
-        h = nn.silu(_group_norm(self.dtype, self.param_dtype, "norm2")(h))
-        h = conv(3, name="conv2")(h)
-        if x.shape[-1] != self.out_channels:
-            out = h + conv(1, name="nin_shortcut")(h)
-        else:
-            out = x.astype(h.dtype) + h
-        self.sow("intermediates", "output", out)
-        return out
 
 
 class _Level(nn.Module):
@@ -127,7 +71,8 @@ class _Level(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         for j in range(self.num_res_blocks):
-            x = ResnetBlock(self.out_channels, precision=self.precision, dtype=self.dtype,
+            x = ResnetBlock(self.out_channels, use_bias=False, shortcut="output",
+                            precision=self.precision, dtype=self.dtype,
                             param_dtype=self.param_dtype, name=f"block_{j}")(x)
         if self.resample == "down":
             # F.avg_pool2d(kernel 2, stride 2): floors odd sizes, like a VALID pool.
@@ -166,7 +111,8 @@ class VQGANEncoder(nn.Module):
                        name=f"down_{i}")(x)
         channels = self.hidden_channels * self.channel_mult[-1]
         for j in range(self.num_res_blocks):
-            x = ResnetBlock(channels, **kw, name=f"mid_{j}")(x)
+            x = ResnetBlock(channels, use_bias=False, shortcut="output", **kw,
+                            name=f"mid_{j}")(x)
         x = nn.silu(_group_norm(self.dtype, self.param_dtype, "norm_out")(x))
         return _conv(self.z_channels, 1, use_bias=True, **kw, name="conv_out")(x)
 
@@ -197,7 +143,8 @@ class VQGANDecoder(nn.Module):
         channels = self.hidden_channels * self.channel_mult[-1]
         x = _conv(channels, 3, use_bias=True, **kw, name="conv_in")(z.astype(self.dtype))
         for j in range(self.num_res_blocks):
-            x = ResnetBlock(channels, **kw, name=f"mid_{j}")(x)
+            x = ResnetBlock(channels, use_bias=False, shortcut="output", **kw,
+                            name=f"mid_{j}")(x)
         for i in reversed(range(len(self.channel_mult))):
             x = _Level(self.hidden_channels * self.channel_mult[i], self.num_res_blocks,
                        resample="up" if i != 0 else "none", **kw, name=f"up_{i}")(x)
