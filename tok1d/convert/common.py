@@ -285,6 +285,11 @@ def dense(sd: StateDict, src: str, bias: bool = True) -> dict[str, Array]:
     return _weight_and_bias(sd, src, "kernel", linear, bias)
 
 
+def conv1x1_dense(sd: StateDict, src: str, bias: bool = True) -> dict[str, Array]:
+    """1x1 nn.Conv2d applied per token / position -> Dense {kernel (in, out), bias}."""
+    return _weight_and_bias(sd, src, "kernel", conv1x1_as_dense, bias)
+
+
 def conv_params(sd: StateDict, src: str, bias: bool = True) -> dict[str, Array]:
     """nn.Conv2d -> Conv {kernel (kh, kw, in, out), bias}."""
     return _weight_and_bias(sd, src, "kernel", conv, bias)

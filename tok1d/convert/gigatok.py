@@ -35,85 +35,56 @@ def qformer_layer(sd: StateDict, src: str, num_heads: int) -> dict:
                     "fc2": common.dense(sd, f"{src}.linear2")}}
 
 
-def _layers(sd: StateDict, out: ParamTree, src: str, dst: str, depth: int,
-            num_heads: int) -> None:
-    for i in range(depth):
-        out.set_tree(f"{dst}/layer_{i}", qformer_layer(sd, f"{src}.transformer.{i}", num_heads),
-                     f"{src}.transformer.{i}")
-
-
-def convert_qformer_encoder(sd: StateDict, out: ParamTree, src: str, dst: str, depth: int,
-                            num_heads: int) -> None:
-    out.set(f"{dst}/positional_embedding", _positions(sd, f"{src}.positional_embedding"),
-            f"{src}.positional_embedding")
-    out.set(f"{dst}/latent_token_positional_embedding",
-            _positions(sd, f"{src}.latent_token_positional_embedding"),
-            f"{src}.latent_token_positional_embedding")
-    out.set_tree(f"{dst}/ln_pre/norm", common.norm(sd, f"{src}.ln_pre"), f"{src}.ln_pre")
-    out.set_tree(f"{dst}/encoder_embed", common.dense(sd, f"{src}.encoder_embed"),
-                 f"{src}.encoder_embed")
-    out.set_tree(f"{dst}/global_proj", common.dense(sd, f"{src}.global_proj"),
-                 f"{src}.global_proj")
-    _layers(sd, out, src, dst, depth, num_heads)
-    out.set_tree(f"{dst}/ln_post/norm", common.norm(sd, f"{src}.ln_post"), f"{src}.ln_post")
-    w = sd.take(f"{src}.conv_out.weight")
-    out.set(f"{dst}/conv_out/kernel", None if w is None else common.conv1x1_as_dense(w),
-            f"{src}.conv_out.weight")
-    out.set(f"{dst}/conv_out/bias", sd.take(f"{src}.conv_out.bias"), f"{src}.conv_out.bias")
-
-
-def convert_qformer_decoder(sd: StateDict, out: ParamTree, src: str, dst: str, depth: int,
-                            num_heads: int, distill: bool) -> None:
-    out.set(f"{dst}/positional_embedding", _positions(sd, f"{src}.positional_embedding"),
-            f"{src}.positional_embedding")
-    out.set(f"{dst}/latent_token_positional_embedding",
-            _positions(sd, f"{src}.latent_token_positional_embedding"),
-            f"{src}.latent_token_positional_embedding")
-    out.set_tree(f"{dst}/ln_pre/norm", common.norm(sd, f"{src}.ln_pre"), f"{src}.ln_pre")
-    out.set_tree(f"{dst}/decoder_embed", common.dense(sd, f"{src}.decoder_embed"),
-                 f"{src}.decoder_embed")
-    _layers(sd, out, src, dst, depth, num_heads)
-    out.set_tree(f"{dst}/ln_post/norm", common.norm(sd, f"{src}.ln_post"), f"{src}.ln_post")
-    out.set_tree(f"{dst}/conv_out", common.conv_params(sd, f"{src}.conv_out"),
-                 f"{src}.conv_out")
-    if distill:
-        for ours, theirs in (("fc_0", 0), ("fc_1", 2), ("fc_2", 4)):
-            out.set_tree(f"{dst}/distill_mlp/{ours}",
-                         common.dense(sd, f"{src}.distill_mlp.{theirs}"),
-                         f"{src}.distill_mlp.{theirs}")
-
-
 # Key names of GigaTok's plain `TransformerLayer` (the 2D tokenizers).
 TRANSFORMER_LAYER = dict(ln_1="norm1", ln_2="norm2", attn="self_attn", fc1="linear1",
                          fc2="linear2")
 
 
-def convert_vit2d(sd: StateDict, out: ParamTree, src: str, dst: str, depth: int, num_heads: int,
-                  part: str, distill: bool = False) -> None:
-    """`s2dencoder.*` (part="encoder") or `s2ddecoder.*` (part="decoder") -> ViT2D params."""
-    out.set(f"{dst}/positional_embedding", _positions(sd, f"{src}.positional_embedding"),
-            f"{src}.positional_embedding")
+def _convert_half(sd: StateDict, out: ParamTree, src: str, dst: str, depth: int,
+                  num_heads: int, layer: str, part: str, distill: bool) -> None:
+    """One transformer half: `layer` "qformer" (TransformerDecoderLayer) or "vit"
+    (TransformerLayer); `part` "encoder" (encoder_embed, 1x1 conv_out) or "decoder"
+    (decoder_embed, 3x3 conv_out, optional distill MLP)."""
+    names = ["positional_embedding"]
+    if layer == "qformer":
+        names.append("latent_token_positional_embedding")
+    for name in names:
+        out.set(f"{dst}/{name}", _positions(sd, f"{src}.{name}"), f"{src}.{name}")
+    embed = f"{part}_embed"
     out.set_tree(f"{dst}/ln_pre/norm", common.norm(sd, f"{src}.ln_pre"), f"{src}.ln_pre")
-    embed = "encoder_embed" if part == "encoder" else "decoder_embed"
     out.set_tree(f"{dst}/{embed}", common.dense(sd, f"{src}.{embed}"), f"{src}.{embed}")
+    if layer == "qformer" and part == "encoder":
+        out.set_tree(f"{dst}/global_proj", common.dense(sd, f"{src}.global_proj"),
+                     f"{src}.global_proj")
     for i in range(depth):
-        out.set_tree(f"{dst}/layer_{i}",
-                     common.attention_block(sd, f"{src}.transformer.{i}", num_heads,
-                                            TRANSFORMER_LAYER), f"{src}.transformer.{i}")
+        key = f"{src}.transformer.{i}"
+        block = (qformer_layer(sd, key, num_heads) if layer == "qformer"
+                 else common.attention_block(sd, key, num_heads, TRANSFORMER_LAYER))
+        out.set_tree(f"{dst}/layer_{i}", block, key)
     out.set_tree(f"{dst}/ln_post/norm", common.norm(sd, f"{src}.ln_post"), f"{src}.ln_post")
-    if part == "encoder":
-        w = sd.take(f"{src}.conv_out.weight")
-        out.set(f"{dst}/conv_out/kernel", None if w is None else common.conv1x1_as_dense(w),
-                f"{src}.conv_out.weight")
-        out.set(f"{dst}/conv_out/bias", sd.take(f"{src}.conv_out.bias"), f"{src}.conv_out.bias")
-    else:
-        out.set_tree(f"{dst}/conv_out", common.conv_params(sd, f"{src}.conv_out"),
-                     f"{src}.conv_out")
+    head = common.conv1x1_dense if part == "encoder" else common.conv_params
+    out.set_tree(f"{dst}/conv_out", head(sd, f"{src}.conv_out"), f"{src}.conv_out")
     if distill:
         for ours, theirs in (("fc_0", 0), ("fc_1", 2), ("fc_2", 4)):
             out.set_tree(f"{dst}/distill_mlp/{ours}",
                          common.dense(sd, f"{src}.distill_mlp.{theirs}"),
                          f"{src}.distill_mlp.{theirs}")
+
+
+def convert_qformer_encoder(sd: StateDict, out: ParamTree, src: str, dst: str, depth: int,
+                            num_heads: int) -> None:
+    _convert_half(sd, out, src, dst, depth, num_heads, "qformer", "encoder", distill=False)
+
+
+def convert_qformer_decoder(sd: StateDict, out: ParamTree, src: str, dst: str, depth: int,
+                            num_heads: int, distill: bool) -> None:
+    _convert_half(sd, out, src, dst, depth, num_heads, "qformer", "decoder", distill)
+
+
+def convert_vit2d(sd: StateDict, out: ParamTree, src: str, dst: str, depth: int, num_heads: int,
+                  part: str, distill: bool = False) -> None:
+    """`s2dencoder.*` (part="encoder") or `s2ddecoder.*` (part="decoder") -> ViT2D params."""
+    _convert_half(sd, out, src, dst, depth, num_heads, "vit", part, distill)
 
 
 def kwargs_from_official(init_args: dict, size_tables: dict | None = None,
@@ -188,10 +159,7 @@ def convert_gigatok(state_dict, model, what: str = "GigaTok checkpoint") -> dict
         convert_vit2d(sd, out, "s2ddecoder", "vit_decoder", model.decoder_depth,
                       model.decoder_heads, "decoder", distill)
     for name in ("quant_conv", "post_quant_conv"):
-        w = sd.take(f"{name}.weight")
-        out.set(f"{name}/kernel", None if w is None else common.conv1x1_as_dense(w),
-                f"{name}.weight")
-        out.set(f"{name}/bias", sd.take(f"{name}.bias"), f"{name}.bias")
+        out.set_tree(name, common.conv1x1_dense(sd, name), name)
     out.set("quantize/embedding", sd.take("quantize.embedding.weight"),
             "quantize.embedding.weight")
     images = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, 3), jnp.float32)

@@ -165,10 +165,8 @@ def _convert_into(sd: StateDict, model: TiTok, out: ParamTree) -> None:
                            heads, model.scan)
     out.set_tree("encoder/patch_embed", common.conv_params(sd, "encoder.patch_embed"),
                  "encoder.patch_embed")
-    w = sd.take("encoder.conv_out.weight")
-    out.set("encoder/conv_out/kernel", None if w is None else common.conv1x1_as_dense(w),
-            "encoder.conv_out.weight")
-    out.set("encoder/conv_out/bias", sd.take("encoder.conv_out.bias"), "encoder.conv_out.bias")
+    out.set_tree("encoder/conv_out", common.conv1x1_dense(sd, "encoder.conv_out"),
+                 "encoder.conv_out")
     out.set_tree("decoder/decoder_embed", common.dense(sd, "decoder.decoder_embed"),
                  "decoder.decoder_embed")
     if model.decoder_head == "logits":

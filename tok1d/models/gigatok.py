@@ -93,6 +93,41 @@ def _position(module: nn.Module, name: str, length: int, width: int, dtype) -> j
                                   width ** -0.5, dtype)
 
 
+def _layer_norm(module: nn.Module, name: str) -> layers.LayerNorm:
+    return layers.LayerNorm(epsilon=1e-5, dtype=module.dtype, param_dtype=module.param_dtype,
+                            name=name)
+
+
+def _embed_in(module: nn.Module, x: jax.Array, name: str) -> jax.Array:
+    """ln_pre over the z channels, then the linear embedding to the transformer width."""
+    x = _layer_norm(module, "ln_pre")(x.astype(module.dtype))
+    return nn.Dense(module.width, dtype=module.dtype, param_dtype=module.param_dtype,
+                    kernel_init=logical(layers.default_kernel_init, ("code_dim", "embed")),
+                    bias_init=logical(nn.initializers.zeros, ("embed",)), name=name)(x)
+
+
+def _tokens_out(module: nn.Module, x: jax.Array, z: int) -> jax.Array:
+    """Encoder head: ln_post, then the 1x1 `conv_out` to z channels (a per-token Dense).
+    Returns (tokens, features after ln_post)."""
+    feat = _layer_norm(module, "ln_post")(x)
+    tokens = nn.Dense(z, dtype=module.dtype, param_dtype=module.param_dtype,
+                      kernel_init=logical(layers.default_kernel_init, ("embed", "code_dim")),
+                      bias_init=logical(nn.initializers.zeros, ("code_dim",)),
+                      name="conv_out")(feat)
+    return tokens, feat
+
+
+def _grid_out(module: nn.Module, x: jax.Array, grid: int, z: int) -> jax.Array:
+    """Decoder head: ln_post, the (B, grid*grid, W) queries as a row-major grid, 3x3 `conv_out`."""
+    x = _layer_norm(module, "ln_post")(x)
+    return nn.Conv(z, (3, 3), padding="SAME", dtype=module.dtype,
+                   param_dtype=module.param_dtype,
+                   kernel_init=logical(layers.default_kernel_init,
+                                       ("conv_h", "conv_w", "embed", "code_dim")),
+                   bias_init=logical(nn.initializers.zeros, ("code_dim",)),
+                   name="conv_out")(x.reshape(x.shape[0], grid, grid, module.width))
+
+
 class QFormerEncoder(nn.Module):
     """CNN map (B, h, w, z) -> (latent tokens (B, N, z), features after ln_post (B, N, W))."""
 
@@ -110,12 +145,7 @@ class QFormerEncoder(nn.Module):
     def __call__(self, cnn_map: jax.Array) -> tuple[jax.Array, jax.Array]:
         b, h, w, z = cnn_map.shape
         n, width = self.num_latent_tokens, self.width
-        x = layers.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
-                             name="ln_pre")(cnn_map.reshape(b, h * w, z).astype(self.dtype))
-        memory = nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype,
-                          kernel_init=logical(layers.default_kernel_init, ("code_dim", "embed")),
-                          bias_init=logical(nn.initializers.zeros, ("embed",)),
-                          name="encoder_embed")(x)
+        memory = _embed_in(self, cnn_map.reshape(b, h * w, z), "encoder_embed")
         if self.multi_level_query_init:
             queries = multi_level_queries(memory.reshape(b, h, w, width), n)
         else:
@@ -134,13 +164,7 @@ class QFormerEncoder(nn.Module):
                                 dtype=self.dtype, param_dtype=self.param_dtype,
                                 name=f"layer_{i}")(queries, memory, query_pos.astype(self.dtype),
                                                    pos.astype(self.dtype))
-        feat = layers.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
-                                name="ln_post")(queries)
-        tokens = nn.Dense(z, dtype=self.dtype, param_dtype=self.param_dtype,
-                          kernel_init=logical(layers.default_kernel_init, ("embed", "code_dim")),
-                          bias_init=logical(nn.initializers.zeros, ("code_dim",)),
-                          name="conv_out")(feat)
-        return tokens, feat
+        return _tokens_out(self, queries, z)
 
 
 class QFormerDecoder(nn.Module):
@@ -164,12 +188,7 @@ class QFormerDecoder(nn.Module):
                                                    Optional[jax.Array]]:
         b, n, z = tokens.shape
         g, width = self.grid_size, self.width
-        x = layers.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
-                             name="ln_pre")(tokens.astype(self.dtype))
-        memory = nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype,
-                          kernel_init=logical(layers.default_kernel_init, ("code_dim", "embed")),
-                          bias_init=logical(nn.initializers.zeros, ("embed",)),
-                          name="decoder_embed")(x)
+        memory = _embed_in(self, tokens, "decoder_embed")
         queries = jnp.broadcast_to(memory[:, :1], (b, g * g, width))
         query_pos = _position(self, "positional_embedding", g * g, width, self.param_dtype)
         pos = _position(self, "latent_token_positional_embedding", self.num_latent_tokens, width,
@@ -185,14 +204,7 @@ class QFormerDecoder(nn.Module):
                 layer_feat = queries
                 inner = DistillMlp(width, self.out_inner_dim, dtype=self.dtype,
                                    param_dtype=self.param_dtype, name="distill_mlp")(queries)
-        x = layers.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
-                             name="ln_post")(queries)
-        grid = nn.Conv(z, (3, 3), padding="SAME", dtype=self.dtype, param_dtype=self.param_dtype,
-                       kernel_init=logical(layers.default_kernel_init,
-                                           ("conv_h", "conv_w", "embed", "code_dim")),
-                       bias_init=logical(nn.initializers.zeros, ("code_dim",)),
-                       name="conv_out")(x.reshape(b, g, g, width))
-        return grid, inner, layer_feat
+        return _grid_out(self, queries, g, z), inner, layer_feat
 
 
 class DistillMlp(nn.Module):
@@ -236,22 +248,11 @@ class ViT2DEncoder(nn.Module):
     @nn.compact
     def __call__(self, cnn_map: jax.Array) -> tuple[jax.Array, jax.Array]:
         b, h, w, z = cnn_map.shape
-        x = layers.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
-                             name="ln_pre")(cnn_map.reshape(b, h * w, z).astype(self.dtype))
-        x = nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
-                     kernel_init=logical(layers.default_kernel_init, ("code_dim", "embed")),
-                     bias_init=logical(nn.initializers.zeros, ("embed",)),
-                     name="encoder_embed")(x)
+        x = _embed_in(self, cnn_map.reshape(b, h * w, z), "encoder_embed")
         x = x + _position(self, "positional_embedding", h * w, self.width,
                           self.param_dtype).astype(self.dtype)
         x = _vit_layers(self, x, None)[0]
-        feat = layers.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
-                                name="ln_post")(x)
-        tokens = nn.Dense(z, dtype=self.dtype, param_dtype=self.param_dtype,
-                          kernel_init=logical(layers.default_kernel_init, ("embed", "code_dim")),
-                          bias_init=logical(nn.initializers.zeros, ("code_dim",)),
-                          name="conv_out")(feat)
-        return tokens, feat
+        return _tokens_out(self, x, z)
 
 
 class ViT2DDecoder(nn.Module):
@@ -273,25 +274,13 @@ class ViT2DDecoder(nn.Module):
     @nn.compact
     def __call__(self, tokens: jax.Array) -> tuple[jax.Array, Optional[jax.Array],
                                                    Optional[jax.Array]]:
-        b, n, z = tokens.shape
+        z = tokens.shape[-1]
         g = self.grid_size
-        x = layers.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
-                             name="ln_pre")(tokens.astype(self.dtype))
-        x = nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
-                     kernel_init=logical(layers.default_kernel_init, ("code_dim", "embed")),
-                     bias_init=logical(nn.initializers.zeros, ("embed",)),
-                     name="decoder_embed")(x)
+        x = _embed_in(self, tokens, "decoder_embed")
         x = x + _position(self, "positional_embedding", g * g, self.width,
                           self.param_dtype).astype(self.dtype)
         x, inner, layer_feat = _vit_layers(self, x, self.distill_depth, self.out_inner_dim)
-        x = layers.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
-                             name="ln_post")(x)
-        grid = nn.Conv(z, (3, 3), padding="SAME", dtype=self.dtype, param_dtype=self.param_dtype,
-                       kernel_init=logical(layers.default_kernel_init,
-                                           ("conv_h", "conv_w", "embed", "code_dim")),
-                       bias_init=logical(nn.initializers.zeros, ("code_dim",)),
-                       name="conv_out")(x.reshape(b, g, g, self.width))
-        return grid, inner, layer_feat
+        return _grid_out(self, x, g, z), inner, layer_feat
 
 
 def _vit_layers(module, x, distill_depth, out_inner_dim=768):
