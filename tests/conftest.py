@@ -29,6 +29,15 @@ except Exception:  # pragma: no cover
     pass
 
 
+def rel_err(got, want) -> float:
+    """max|got - want| / max|want| in float64 (the fixture README's error measure); the shapes
+    must agree exactly."""
+    import numpy as np
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert got.shape == want.shape, (got.shape, want.shape)
+    return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
+
+
 def subprocess_env(num_devices: int = 8) -> dict:
     """Environment for `python -m tok1d.main` subprocesses in tests."""
     env = dict(os.environ)

@@ -9,17 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import rel_err
 from tok1d.convert import dinov2 as conv
 from tok1d.convert.common import ConversionError
 from tok1d.models import dinov2 as dm
 
 BOUND = 2e-5  # README §0: transformer outputs (f32-vs-f64 floor here 4e-7 .. 4.7e-6)
-
-
-def maxrel(port, ref):
-    port, ref = np.asarray(port, np.float64), np.asarray(ref, np.float64)
-    assert port.shape == ref.shape, (port.shape, ref.shape)
-    return float(np.abs(port - ref).max() / np.abs(ref).max())
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +32,7 @@ def test_fixture_parity(fixture):
     z, sd, meta = fixture
     images = jnp.asarray(z["input/images"].astype(np.float32).transpose(0, 2, 3, 1))
     pre = dm.preprocess_gigatok(images, 224)
-    errs = {"preprocessed_img0": maxrel(np.asarray(pre[:1]).transpose(0, 3, 1, 2),
+    errs = {"preprocessed_img0": rel_err(np.asarray(pre[:1]).transpose(0, 3, 1, 2),
                                         z["out/preprocessed_img0"])}
 
     # Official table (37x37) with DINOv2's own on-the-fly interpolation (offset 0.1).
@@ -48,24 +43,24 @@ def test_fixture_parity(fixture):
     native = dm.DinoV2(**kw)
     params = conv.convert_dinov2(sd, native)
     out = jax.jit(native.apply)({"params": params}, pre)
-    errs["native_x_norm_patchtokens"] = maxrel(out["patch_tokens"],
+    errs["native_x_norm_patchtokens"] = rel_err(out["patch_tokens"],
                                                z["out/native_x_norm_patchtokens"])
-    errs["native_x_norm_clstoken"] = maxrel(out["cls"], z["out/native_x_norm_clstoken"])
+    errs["native_x_norm_clstoken"] = rel_err(out["cls"], z["out/native_x_norm_clstoken"])
     interp = dm.interpolate_pos_embed(jnp.asarray(params["pos_embed"]), 16, 16, 0.1, False)
-    errs["pos_embed_native_interp_224"] = maxrel(interp[None], z["out/pos_embed_native_interp_224"])
+    errs["pos_embed_native_interp_224"] = rel_err(interp[None], z["out/pos_embed_native_interp_224"])
 
     # GigaTok: table resampled once to 16x16 (timm, antialiased) at conversion time.
     giga = dm.DinoV2(**conv.kwargs_from_state_dict(sd, num_heads=meta["num_heads"], pos_grid=16))
     gparams = conv.convert_dinov2(sd, giga)
-    errs["pos_embed_resampled_16x16"] = maxrel(gparams["pos_embed"][None],
+    errs["pos_embed_resampled_16x16"] = rel_err(gparams["pos_embed"][None],
                                                z["out/pos_embed_resampled_16x16"])
     out = jax.jit(giga.apply)({"params": gparams}, pre)
     assert out["registers"].shape == (2, 0, 64)
-    errs["x_norm_patchtokens"] = maxrel(out["patch_tokens"], z["out/x_norm_patchtokens"])
-    errs["x_norm_clstoken"] = maxrel(out["cls"], z["out/x_norm_clstoken"])
-    errs["x_prenorm_img0"] = maxrel(out["prenorm"][:1], z["out/x_prenorm_img0"])
+    errs["x_norm_patchtokens"] = rel_err(out["patch_tokens"], z["out/x_norm_patchtokens"])
+    errs["x_norm_clstoken"] = rel_err(out["cls"], z["out/x_norm_clstoken"])
+    errs["x_prenorm_img0"] = rel_err(out["prenorm"][:1], z["out/x_prenorm_img0"])
     for i in range(meta["depth"]):
-        errs[f"blocks.{i}_img0"] = maxrel(out["hidden_states"][i][:1], z[f"hook/blocks.{i}_img0"])
+        errs[f"blocks.{i}_img0"] = rel_err(out["hidden_states"][i][:1], z[f"hook/blocks.{i}_img0"])
     print(errs)
     bad = {k: v for k, v in errs.items() if not v < BOUND}
     assert not bad, bad
@@ -101,7 +96,7 @@ def test_bicubic_matches_torch():
         mh = dm.bicubic_matrix(37, size[0], s[0], aa)
         mw = dm.bicubic_matrix(30, size[1], s[1], aa)
         port = np.einsum("oh,nchw,pw->ncop", mh, x.astype(np.float64), mw)
-        assert maxrel(port, ref) < 1e-5, kwargs
+        assert rel_err(port, ref) < 1e-5, kwargs
 
 
 def _tiny_sd(seed=0, d=32, depth=2):

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import rel_err
 from tok1d.convert.common import ConversionError
 from tok1d.convert.gigatok_cnn import convert_cnn_decoder_only, convert_cnn_encoder_only
 from tok1d.models.gigatok_cnn import (GIGATOK_CNN_256, GigaTokCNNDecoder, GigaTokCNNEncoder,
@@ -17,11 +18,6 @@ from tok1d.models.gigatok_cnn import (GIGATOK_CNN_256, GigaTokCNNDecoder, GigaTo
 
 CNN_TOL = 1e-4        # README §0: CNN outputs
 ROT_TOL = 3e-4        # README §0: train/*pixels
-
-
-def _rel(port, ref):
-    ref = np.asarray(ref, np.float64)
-    return float(np.max(np.abs(np.asarray(port, np.float64) - ref)) / np.max(np.abs(ref)))
 
 
 def _nchw(x):  # NHWC -> NCHW
@@ -66,9 +62,9 @@ def test_encoder_matches_official(case):
         out, state = jax.jit(lambda p, x: enc.apply({"params": p}, x, mutable=["intermediates"])
                              )(params, images)
     inter = state["intermediates"]
-    e = _rel(_nchw(out), z["enc/cnn_out"])
+    e = rel_err(_nchw(out), z["enc/cnn_out"])
     assert e < CNN_TOL, e
-    e = _rel(_nchw(inter["mid_1"]["output"][0][:1]), z["hook/encoder.mid.1"])
+    e = rel_err(_nchw(inter["mid_1"]["output"][0][:1]), z["hook/encoder.mid.1"])
     assert e < CNN_TOL, e
 
 
@@ -80,7 +76,7 @@ def test_decoder_matches_official(case, source, target, tol):
     with jax.default_matmul_precision("highest"):
         out, state = jax.jit(lambda p, x: dec.apply({"params": p}, x, mutable=["intermediates"])
                              )(params, _nhwc(z[source]))
-    e = _rel(_nchw(out), z[target])
+    e = rel_err(_nchw(out), z[target])
     assert e < tol, (target, e)
     if source == "dec/vit_out":
         inter = state["intermediates"]
@@ -90,7 +86,7 @@ def test_decoder_matches_official(case, source, target, tol):
                  "decoder.conv_blocks.0.upsample":
                      inter["conv_blocks_0"]["upsample"]["output"][0]}
         for name, value in hooks.items():
-            e = _rel(_nchw(value[:1]), z[f"hook/{name}"])
+            e = rel_err(_nchw(value[:1]), z[f"hook/{name}"])
             assert e < CNN_TOL, (name, e)
 
 

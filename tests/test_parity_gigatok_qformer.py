@@ -11,32 +11,30 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import rel_err
 from tok1d.convert import common, gigatok as convert_gigatok
 from tok1d.models.gigatok import QFormerDecoder, QFormerEncoder, VIT_SIZES
-
-
-def rel_err(got, want):
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    assert got.shape == want.shape, (got.shape, want.shape)
-    return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
-
 
 TOL = 2e-5
 
 
-@pytest.fixture(scope="module")
-def fx(fixtures_dir):
-    path = os.path.join(fixtures_dir, "gigatok_1d.npz")
+def load(fixtures_dir, name):
+    """(arrays, official init_args, ViT size table incl. the fixture's sizes, state_dict)."""
+    path = os.path.join(fixtures_dir, name)
     if not os.path.exists(path):
         pytest.skip(f"{path} not found")
     z = np.load(path)
     meta = json.loads(str(z["meta_json"]))
     sizes = dict(VIT_SIZES)
-    for name, s in meta.get("size_tables_added", {}).items():
-        sizes[name] = dict(width=s["width"], depth=s.get("num_layers", s.get("depth")),
-                           num_heads=s["num_heads"])
-    sd = common.StateDict(common.load_state_dict(path, prefix="sd/"), "gigatok_1d")
+    for size, s in meta.get("size_tables_added", {}).items():
+        sizes[size] = dict(width=s["width"], depth=s["num_layers"], num_heads=s["num_heads"])
+    sd = common.StateDict(common.load_state_dict(path, prefix="sd/"), name)
     return z, meta["init_args"], sizes, sd
+
+
+@pytest.fixture(scope="module")
+def fx(fixtures_dir):
+    return load(fixtures_dir, "gigatok_1d.npz")
 
 
 def test_encoder(fx):
@@ -91,17 +89,7 @@ def test_multi_level_query_groups():
 
 @pytest.fixture(scope="module")
 def fx2d(fixtures_dir):
-    path = os.path.join(fixtures_dir, "gigatok_2d.npz")
-    if not os.path.exists(path):
-        pytest.skip(f"{path} not found")
-    z = np.load(path)
-    meta = json.loads(str(z["meta_json"]))
-    sizes = dict(VIT_SIZES)
-    for name, s in meta.get("size_tables_added", {}).items():
-        sizes[name] = dict(width=s["width"], depth=s.get("num_layers", s.get("depth")),
-                           num_heads=s["num_heads"])
-    sd = common.StateDict(common.load_state_dict(path, prefix="sd/"), "gigatok_2d")
-    return z, meta["init_args"], sizes, sd
+    return load(fixtures_dir, "gigatok_2d.npz")
 
 
 def test_2d_encoder_and_decoder(fx2d):

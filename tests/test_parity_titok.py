@@ -13,18 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import rel_err
 from tok1d.convert import common, titok as titok_convert
 from tok1d.models.titok import TiTok
 
 TRANSFORMER_TOL = 2e-5
 CNN_TOL = 1e-4
 SOFTMAX_CNN_TOL = 3e-4
-
-
-def rel_err(got, want):
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    assert got.shape == want.shape, (got.shape, want.shape)
-    return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
 
 
 @pytest.fixture(scope="module")

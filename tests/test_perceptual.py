@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import rel_err
 from tok1d import perceptual as P
 from tok1d.convert import perceptual as CP
 from tok1d.convert.common import ConversionError
@@ -24,11 +25,6 @@ from tok1d.models.vgg import TAP_NAMES, TORCHVISION_INDEX, VGG16Features
 # 5-10x slower to run that way than they are to compile optimised.
 cnn_jit = functools.partial(jax.jit, compiler_options={
     "xla_backend_optimization_level": 2, "xla_llvm_disable_expensive_passes": False})
-
-
-def rel_err(got, want):
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
 
 
 def nchw_to_nhwc(x):

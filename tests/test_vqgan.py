@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import rel_err
 from tok1d.convert import common
 from tok1d.convert.vqgan import convert_maskgit_vqgan, kwargs_from_official
 from tok1d.models.vqgan import (MASKGIT_VQGAN_F16_256, MaskGITVQGAN, VQGANDecoder,
@@ -17,12 +18,6 @@ from tok1d.models.vqgan import (MASKGIT_VQGAN_F16_256, MaskGITVQGAN, VQGANDecode
 
 PREFIX = "maskgit_vqgan/"
 TOL = 1e-4  # fixtures README §0: CNN outputs
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
 def nhwc(x):
