@@ -5,6 +5,7 @@
     python -m tok1d.convert maskgit_vqgan maskgit-vqgan-imagenet-f16-256.bin maskgit_vqgan/
     python -m tok1d.convert gigatok GigaTok_BL256.pt gigatok_b_l/ --preset b_l
     python -m tok1d.convert gigatok ckpt.pt out/ --config VQ_BL256.yaml   # any official config
+    python -m tok1d.convert dinov2 dinov2_vitb14_pretrain.pth dinov2_b/ --pos_grid 16  # GigaTok
 
 Every tensor is checked against the model: a mismatch fails with the full list of missing,
 unexpected and mismatched keys, and nothing is written. Load the result with
@@ -21,7 +22,7 @@ import sys
 from tok1d import pretrained
 from tok1d.convert.common import ConversionError
 
-KINDS = ("titok", "maskgit_vqgan", "gigatok")
+KINDS = ("titok", "maskgit_vqgan", "gigatok", "dinov2")
 
 
 def _model_kwargs(model) -> dict:
@@ -56,14 +57,16 @@ def _gigatok(checkpoint: str, config: str | None, preset: str | None, image_size
                                          "z_channels, ...) found")
         kwargs = gigatok.kwargs_from_official(
             init_args, cfg.get("size_tables_added"), cfg.get("ctor_patches"),
-            image_size=image_size or cfg.get("image_size", 256), layout=cfg.get("variant"))
+            image_size=image_size or cfg.get("image_size", 256),
+            layout=cfg.get("variant") or gigatok.layout_from_config(cfg))
         model = models.create("gigatok", **kwargs)
     return model, gigatok.convert_gigatok(common.load_state_dict(checkpoint), model,
                                           what=checkpoint)
 
 
 def convert(kind: str, checkpoint: str, out: str, config: str | None = None,
-            image_size: int | None = None, preset: str | None = None) -> str:
+            image_size: int | None = None, preset: str | None = None,
+            pos_grid: int | None = None) -> str:
     if kind == "titok":
         from tok1d.convert import titok
         model, params = titok.convert_file(checkpoint, config=config, image_size=image_size)
@@ -74,6 +77,9 @@ def convert(kind: str, checkpoint: str, out: str, config: str | None = None,
         params = vqgan.convert_maskgit_vqgan(common.load_state_dict(checkpoint), model)
     elif kind == "gigatok":
         model, params = _gigatok(checkpoint, config, preset, image_size)
+    elif kind == "dinov2":
+        from tok1d.convert import dinov2
+        model, params = dinov2.convert_file(checkpoint, pos_grid=pos_grid)
     else:
         raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
     kwargs = _model_kwargs(model)
@@ -93,11 +99,13 @@ def main(argv=None) -> int:
     parser.add_argument("--image_size", type=int, help="input resolution (default: from the "
                         "positional embeddings)")
     parser.add_argument("--preset", help="gigatok: released size name (s_s, s_b, b_l, xl_xxl, "
-                        "s_b_2d, b_l_2d)")
+                        "s_s_2d, s_b_2d, b_l_2d)")
+    parser.add_argument("--pos_grid", type=int, help="dinov2: resample the position table to "
+                        "this grid (GigaTok's teacher: 16, i.e. 224 px inputs)")
     args = parser.parse_args(argv)
     try:
         out = convert(args.kind, args.checkpoint, args.out, args.config, args.image_size,
-                      args.preset)
+                      args.preset, args.pos_grid)
     except (ConversionError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

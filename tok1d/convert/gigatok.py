@@ -1,7 +1,8 @@
-"""Official GigaTok checkpoints (SilentView/GigaTok) -> tok1d parameters: the Q-Former halves.
+"""Official GigaTok checkpoints (SilentView/GigaTok) -> tok1d parameters: the transformer halves.
 
-`convert_qformer_encoder` / `convert_qformer_decoder` write the `s2to1encoder.*` /
-`s1to2decoder.*` tensors into a `ParamTree`; the CNN halves are in `convert.gigatok_cnn`.
+`convert_qformer_encoder` / `convert_qformer_decoder` write the 1D `s2to1encoder.*` /
+`s1to2decoder.*` tensors, `convert_vit2d` the 2D `s2dencoder.*` / `s2ddecoder.*` ones (either
+block type) into a `ParamTree`; the CNN halves are in `convert.gigatok_cnn`.
 """
 
 from __future__ import annotations
@@ -41,24 +42,28 @@ TRANSFORMER_LAYER = dict(ln_1="norm1", ln_2="norm2", attn="self_attn", fc1="line
 
 
 def _convert_half(sd: StateDict, out: ParamTree, src: str, dst: str, depth: int,
-                  num_heads: int, layer: str, part: str, distill: bool) -> None:
-    """One transformer half: `layer` "qformer" (TransformerDecoderLayer) or "vit"
+                  num_heads: int, layer: str, part: str, distill: bool,
+                  one_d: bool = False) -> None:
+    """One transformer half: `layer` "detr" (TransformerDecoderLayer) or "vit"
     (TransformerLayer); `part` "encoder" (encoder_embed, 1x1 conv_out) or "decoder"
-    (decoder_embed, 3x3 conv_out, optional distill MLP)."""
+    (decoder_embed, 3x3 conv_out, optional distill MLP); `one_d` adds the 1D Q-Former's
+    latent-token positions (and the encoder's global_proj)."""
+    if layer not in ("detr", "vit"):
+        raise common.ConversionError(f"unknown GigaTok layer type {layer!r}")
     names = ["positional_embedding"]
-    if layer == "qformer":
+    if one_d:
         names.append("latent_token_positional_embedding")
     for name in names:
         out.set(f"{dst}/{name}", _positions(sd, f"{src}.{name}"), f"{src}.{name}")
     embed = f"{part}_embed"
     out.set_tree(f"{dst}/ln_pre/norm", common.norm(sd, f"{src}.ln_pre"), f"{src}.ln_pre")
     out.set_tree(f"{dst}/{embed}", common.dense(sd, f"{src}.{embed}"), f"{src}.{embed}")
-    if layer == "qformer" and part == "encoder":
+    if one_d and part == "encoder":
         out.set_tree(f"{dst}/global_proj", common.dense(sd, f"{src}.global_proj"),
                      f"{src}.global_proj")
     for i in range(depth):
         key = f"{src}.transformer.{i}"
-        block = (qformer_layer(sd, key, num_heads) if layer == "qformer"
+        block = (qformer_layer(sd, key, num_heads) if layer == "detr"
                  else common.attention_block(sd, key, num_heads, TRANSFORMER_LAYER))
         out.set_tree(f"{dst}/layer_{i}", block, key)
     out.set_tree(f"{dst}/ln_post/norm", common.norm(sd, f"{src}.ln_post"), f"{src}.ln_post")
@@ -73,18 +78,41 @@ def _convert_half(sd: StateDict, out: ParamTree, src: str, dst: str, depth: int,
 
 def convert_qformer_encoder(sd: StateDict, out: ParamTree, src: str, dst: str, depth: int,
                             num_heads: int) -> None:
-    _convert_half(sd, out, src, dst, depth, num_heads, "qformer", "encoder", distill=False)
+    _convert_half(sd, out, src, dst, depth, num_heads, "detr", "encoder", False, one_d=True)
 
 
 def convert_qformer_decoder(sd: StateDict, out: ParamTree, src: str, dst: str, depth: int,
                             num_heads: int, distill: bool) -> None:
-    _convert_half(sd, out, src, dst, depth, num_heads, "qformer", "decoder", distill)
+    _convert_half(sd, out, src, dst, depth, num_heads, "detr", "decoder", distill, one_d=True)
 
 
 def convert_vit2d(sd: StateDict, out: ParamTree, src: str, dst: str, depth: int, num_heads: int,
-                  part: str, distill: bool = False) -> None:
-    """`s2dencoder.*` (part="encoder") or `s2ddecoder.*` (part="decoder") -> ViT2D params."""
-    _convert_half(sd, out, src, dst, depth, num_heads, "vit", part, distill)
+                  part: str, distill: bool = False, layer_type: str = "vit") -> None:
+    """`s2dencoder.*` (part="encoder") or `s2ddecoder.*` (part="decoder") -> ViT2D params;
+    `layer_type` "vit" (TransformerLayer: ln_1/attn/ln_2/mlp names) or "detr"
+    (TransformerDecoderLayer: norm1-3, self_attn, multihead_attn, linear1/2)."""
+    _convert_half(sd, out, src, dst, depth, num_heads, layer_type, part, distill)
+
+
+MODEL_CLASSES = {"VQVitModelPlus": "1d", "VQVitModel2DPlus": "2d"}
+
+
+def layout_from_config(cfg) -> str | None:
+    """The layout of an official config from its `model_cls` (searched anywhere in the nested
+    dict); None when there is none. Needed for VQ_SS256_2d, whose init_args alone do not show
+    that it is 2D."""
+    if isinstance(cfg, dict):
+        cls = cfg.get("model_cls")
+        if cls is not None:
+            if cls not in MODEL_CLASSES:
+                raise common.ConversionError(f"unsupported GigaTok model_cls {cls!r}; supported: "
+                                             f"{sorted(MODEL_CLASSES)}")
+            return MODEL_CLASSES[cls]
+        for value in cfg.values():
+            found = layout_from_config(value)
+            if found is not None:
+                return found
+    return None
 
 
 def kwargs_from_official(init_args: dict, size_tables: dict | None = None,
@@ -94,8 +122,11 @@ def kwargs_from_official(init_args: dict, size_tables: dict | None = None,
 
     `size_tables` adds ViT size names ({name: {width, num_layers, num_heads}});
     `ctor_patches` are constructor defaults that are not config fields upstream
-    ({"Encoder.ch": .., "Decoder.ch": ..}, as the golden fixtures record them)."""
-    from tok1d.models.gigatok import VIT_SIZES
+    ({"Encoder.ch": .., "Decoder.ch": ..}, as the golden fixtures record them). `layout`:
+    "1d" / "2d" (see `layout_from_config`); None guesses "2d" only when init_args name a
+    `transformer_layer_type`. A 2D config without that field gets the official default,
+    TransformerDecoderLayer ("detr")."""
+    from tok1d.models.gigatok import LAYER_TYPES_2D, VIT_SIZES
 
     sizes = {k: dict(width=v["width"], num_layers=v["depth"], num_heads=v["num_heads"])
              for k, v in VIT_SIZES.items()}
@@ -103,10 +134,15 @@ def kwargs_from_official(init_args: dict, size_tables: dict | None = None,
     a, patches = init_args, ctor_patches or {}
     if layout is None:
         layout = "2d" if "transformer_layer_type" in a else "1d"
-    if layout == "2d" and a.get("transformer_layer_type", "TransformerLayer") != "TransformerLayer":
-        raise common.ConversionError("only the released 2D layer type 'TransformerLayer' is "
-                                     f"supported, got {a['transformer_layer_type']!r}")
-    kw = dict(layout=layout, image_size=image_size,
+    layer_type = "vit"
+    if layout == "2d":
+        # The VQVitModel2DPlusArgs default applies when the yaml omits the field (VQ_SS256_2d).
+        official = a.get("transformer_layer_type") or "TransformerDecoderLayer"
+        if official not in LAYER_TYPES_2D:
+            raise common.ConversionError(f"unsupported 2D transformer_layer_type {official!r}; "
+                                         f"supported: {sorted(LAYER_TYPES_2D)}")
+        layer_type = LAYER_TYPES_2D[official]
+    kw = dict(layout=layout, layer_type=layer_type, image_size=image_size,
               encoder_ch=patches.get("Encoder.ch", 128), decoder_ch=patches.get("Decoder.ch", 128),
               encoder_ch_mult=tuple(a["encoder_ch_mult"]),
               decoder_ch_mult=tuple(a["decoder_ch_mult"]), z_channels=a["z_channels"],
@@ -155,9 +191,9 @@ def convert_gigatok(state_dict, model, what: str = "GigaTok checkpoint") -> dict
                                 model.decoder_heads, distill)
     else:
         convert_vit2d(sd, out, "s2dencoder", "vit_encoder", model.encoder_depth,
-                      model.encoder_heads, "encoder")
+                      model.encoder_heads, "encoder", layer_type=model.layer_type)
         convert_vit2d(sd, out, "s2ddecoder", "vit_decoder", model.decoder_depth,
-                      model.decoder_heads, "decoder", distill)
+                      model.decoder_heads, "decoder", distill, layer_type=model.layer_type)
     for name in ("quant_conv", "post_quant_conv"):
         out.set_tree(name, common.conv1x1_dense(sd, name), name)
     out.set("quantize/embedding", sd.take("quantize.embedding.weight"),

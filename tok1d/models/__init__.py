@@ -81,6 +81,7 @@ def _gigatok(preset: str | None = None, encoder_size: str | None = None,
         encoder_size = encoder_size or p["encoder_size"]
         decoder_size = decoder_size or p["decoder_size"]
         kwargs.setdefault("layout", p["layout"])
+        kwargs.setdefault("layer_type", p.get("layer_type", "vit"))
         kwargs.setdefault("rotation_trick", p["rot"])
         kwargs.setdefault("distill_depth", 3)
         kwargs.setdefault("out_inner_dim", 768)
@@ -100,8 +101,18 @@ def _gigatok(preset: str | None = None, encoder_size: str | None = None,
     return GigaTok(**kwargs)
 
 
+def _dinov2(size: str | None = None, **kwargs: Any) -> nn.Module:
+    """DINOv2 ViT from a hub size name (dinov2.DINOV2_SIZES, e.g. "vitb14") and/or explicit
+    `DinoV2` arguments (which win)."""
+    from tok1d.models import dinov2
+    if size is not None:
+        kwargs = dinov2.dinov2_kwargs(size, **kwargs)
+    check_kwargs(dinov2.DinoV2, kwargs, "model 'dinov2' (plus size)")
+    return dinov2.DinoV2(**kwargs)
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {"titok": _titok, "maskgit_vqgan": _maskgit_vqgan,
-                                               "gigatok": _gigatok}
+                                               "gigatok": _gigatok, "dinov2": _dinov2}
 
 
 def create(name: str, **kwargs: Any) -> nn.Module:

@@ -13,6 +13,10 @@ regularisation head.
 A QFormerLayer is DETR's pre-norm decoder layer: self-attention with the query position added
 to queries and keys, cross-attention with the query position on the queries and the memory
 position on the keys, then a GELU MLP; LayerNorm eps 1e-5. Official sizes: `VIT_SIZES`.
+
+The 2D layout (`ViT2DEncoder` / `ViT2DDecoder`) transforms the h*w grid tokens themselves, with
+plain pre-norm ViT blocks (S-B 2D, B-L 2D) or QFormerLayers whose memory is their own input
+(S-S 2D); see `_vit_layers`.
 """
 
 from __future__ import annotations
@@ -232,14 +236,19 @@ def _maybe_remat(cls, policy: str):
     return nn.remat(cls, policy=layers.remat_policy(policy))
 
 
+# The 2D halves' block types: GigaTok's `transformer_layer_type` -> ours.
+LAYER_TYPES_2D = {"TransformerLayer": "vit", "TransformerDecoderLayer": "detr"}
+
+
 class ViT2DEncoder(nn.Module):
-    """GigaTok 2D encoder (`transformer_layer_type="TransformerLayer"`): CNN map (B, h, w, z)
-    -> ln_pre -> encoder_embed + positions -> pre-norm ViT blocks -> ln_post -> 1x1 conv_out;
-    returns (tokens (B, h*w, z) in raster order, features after ln_post (B, h*w, W))."""
+    """GigaTok 2D encoder: CNN map (B, h, w, z) -> ln_pre -> encoder_embed -> `depth` blocks
+    (see `_vit_layers`) -> ln_post -> 1x1 conv_out; returns (tokens (B, h*w, z) in raster
+    order, features after ln_post (B, h*w, W))."""
 
     width: int
     depth: int
     num_heads: int
+    layer_type: str = "vit"           # "vit" (TransformerLayer) or "detr" (TransformerDecoderLayer)
     remat: str = "none"
     attention_impl: Optional[str] = None
     dtype: Dtype = jnp.float32
@@ -249,15 +258,14 @@ class ViT2DEncoder(nn.Module):
     def __call__(self, cnn_map: jax.Array) -> tuple[jax.Array, jax.Array]:
         b, h, w, z = cnn_map.shape
         x = _embed_in(self, cnn_map.reshape(b, h * w, z), "encoder_embed")
-        x = x + _position(self, "positional_embedding", h * w, self.width,
-                          self.param_dtype).astype(self.dtype)
-        x = _vit_layers(self, x, None)[0]
+        pos = _position(self, "positional_embedding", h * w, self.width, self.param_dtype)
+        x = _vit_layers(self, x, pos.astype(self.dtype), None)[0]
         return _tokens_out(self, x, z)
 
 
 class ViT2DDecoder(nn.Module):
-    """GigaTok 2D decoder: tokens (B, g*g, z) -> ln_pre -> decoder_embed + positions -> ViT
-    blocks (distill MLP after layer `distill_depth`) -> ln_post -> 3x3 conv_out (B, g, g, z).
+    """GigaTok 2D decoder: tokens (B, g*g, z) -> ln_pre -> decoder_embed -> `depth` blocks
+    (distill MLP after layer `distill_depth`) -> ln_post -> 3x3 conv_out (B, g, g, z).
     Returns (grid, distill features or None, raw features after `distill_depth` or None)."""
 
     width: int
@@ -266,6 +274,7 @@ class ViT2DDecoder(nn.Module):
     grid_size: int
     distill_depth: int = 0
     out_inner_dim: int = 768
+    layer_type: str = "vit"           # "vit" (TransformerLayer) or "detr" (TransformerDecoderLayer)
     remat: str = "none"
     attention_impl: Optional[str] = None
     dtype: Dtype = jnp.float32
@@ -277,21 +286,39 @@ class ViT2DDecoder(nn.Module):
         z = tokens.shape[-1]
         g = self.grid_size
         x = _embed_in(self, tokens, "decoder_embed")
-        x = x + _position(self, "positional_embedding", g * g, self.width,
-                          self.param_dtype).astype(self.dtype)
-        x, inner, layer_feat = _vit_layers(self, x, self.distill_depth, self.out_inner_dim)
+        pos = _position(self, "positional_embedding", g * g, self.width, self.param_dtype)
+        x, inner, layer_feat = _vit_layers(self, x, pos.astype(self.dtype), self.distill_depth,
+                                           self.out_inner_dim)
         return _grid_out(self, x, g, z), inner, layer_feat
 
 
-def _vit_layers(module, x, distill_depth, out_inner_dim=768):
-    """`module.depth` pre-norm ViT blocks named layer_{i} (exact GELU, LayerNorm 1e-5), with
-    the distill MLP tapped after layer `distill_depth` (if set)."""
-    block_cls = _maybe_remat(layers.Block, module.remat)
+def _vit_layers(module, x, pos, distill_depth, out_inner_dim=768):
+    """`module.depth` blocks named layer_{i} over the grid tokens x (B, L, W) with positions pos
+    (L, W), the distill MLP tapped after layer `distill_depth` (if set). LayerNorm eps 1e-5,
+    exact GELU. `module.layer_type`:
+
+    * "vit": pos added once to x, then pre-norm ViT blocks (self-attention, MLP).
+    * "detr": no addition to x; every layer is a `QFormerLayer` whose memory is that layer's own
+      input (not normalised), with pos on the self-attention queries/keys, the cross-attention
+      queries and the memory keys: two attentions over the grid per layer (S-S 2D).
+    """
+    if module.layer_type not in LAYER_TYPES_2D.values():
+        raise ValueError(f"Unknown GigaTok 2D layer type {module.layer_type!r}; expected one "
+                         f"of {sorted(LAYER_TYPES_2D.values())}.")
+    kw = dict(attention_impl=module.attention_impl, dtype=module.dtype,
+              param_dtype=module.param_dtype)
+    vit = module.layer_type == "vit"
+    layer_cls = _maybe_remat(layers.Block if vit else QFormerLayer, module.remat)
+    if vit:
+        x = x + pos
     inner = layer_feat = None
     for i in range(module.depth):
-        x = block_cls(module.num_heads, 4 * module.width, pre_norm=True, norm_eps=1e-5,
-                      activation="gelu", attention_impl=module.attention_impl,
-                      dtype=module.dtype, param_dtype=module.param_dtype, name=f"layer_{i}")(x)
+        if vit:
+            x = layer_cls(module.num_heads, 4 * module.width, pre_norm=True, norm_eps=1e-5,
+                          activation="gelu", name=f"layer_{i}", **kw)(x)
+        else:
+            x = layer_cls(module.num_heads, 4 * module.width, name=f"layer_{i}", **kw)(
+                x, x, pos, pos)
         if distill_depth and i + 1 == distill_depth:
             layer_feat = x
             inner = DistillMlp(module.width, out_inner_dim, dtype=module.dtype,
@@ -307,12 +334,14 @@ class GigaTok(nn.Module):
           -> post_quant_conv -> transformer decoder -> grid (B, h, w, z) -> CNN decoder -> pixels
 
     `__call__(images, train=True)` is the training forward: aux carries the quantizer losses,
+    the CNN map `cnn_map`,
     `fea_rec_loss` = MSE(rec_spatial, sg(CNN map)), `shortcut_pixels` (the CNN decoder on the
     encoder's map: GigaTok's early-phase auxiliary reconstruction) and `semantic_features`
     (the distill-MLP output aligned with DINOv2 when distill_depth > 0).
     """
 
     layout: str = "1d"                # "1d" (Q-Former, num_latent_tokens) or "2d" (raster grid)
+    layer_type: str = "vit"           # 2D blocks: "vit" (S-B, B-L) or "detr" (S-S); see _vit_layers
     image_size: int = 256
     encoder_ch: int = 128
     decoder_ch: int = 128
@@ -349,6 +378,9 @@ class GigaTok(nn.Module):
 
         if self.layout not in ("1d", "2d"):
             raise ValueError(f"Unknown GigaTok layout {self.layout!r}; expected '1d' or '2d'.")
+        if self.layout == "1d" and self.layer_type != "vit":
+            raise ValueError(f"layer_type={self.layer_type!r} applies to the 2D layout only (the "
+                             "1D halves are always Q-Former layers).")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         tkw = dict(remat=self.remat, attention_impl=self.attention_impl, **kw)
         self.encoder = GigaTokCNNEncoder(ch=self.encoder_ch, ch_mult=tuple(self.encoder_ch_mult),
@@ -369,11 +401,13 @@ class GigaTok(nn.Module):
                 out_inner_dim=self.out_inner_dim, **tkw)
         else:
             self.vit_encoder = ViT2DEncoder(self.encoder_width, self.encoder_depth,
-                                            self.encoder_heads, **tkw)
+                                            self.encoder_heads, layer_type=self.layer_type,
+                                            **tkw)
             self.vit_decoder = ViT2DDecoder(self.decoder_width, self.decoder_depth,
                                             self.decoder_heads, grid,
                                             distill_depth=self.distill_depth,
-                                            out_inner_dim=self.out_inner_dim, **tkw)
+                                            out_inner_dim=self.out_inner_dim,
+                                            layer_type=self.layer_type, **tkw)
         dense = lambda feats, names: nn.Dense(  # noqa: E731
             feats, kernel_init=logical(layers.default_kernel_init, names),
             bias_init=logical(nn.initializers.zeros, names[1:]), **kw)
@@ -391,6 +425,10 @@ class GigaTok(nn.Module):
     @property
     def num_codes(self) -> int:
         return self.codebook_size
+
+    @property
+    def pixel_range(self) -> tuple[float, float]:
+        return (-1.0, 1.0)
 
     @property
     def num_tokens(self) -> int:
@@ -420,6 +458,10 @@ class GigaTok(nn.Module):
     def decode(self, z_q: jax.Array) -> jax.Array:
         return self.decode_tokens(z_q)[0]
 
+    def decode_cnn_map(self, cnn_map: jax.Array) -> jax.Array:
+        """The CNN decoder applied straight to the CNN encoder's map (the warm-up shortcut)."""
+        return self.decoder(cnn_map)
+
     def decode_codes(self, codes: jax.Array) -> jax.Array:
         return self.decode(self.quantize.lookup(codes))
 
@@ -427,7 +469,7 @@ class GigaTok(nn.Module):
                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
         z_q, aux = self.encode(images)
         pixels, rec_spatial, inner = self.decode_tokens(z_q)
-        cnn_map = aux.pop("cnn_map")
+        cnn_map = aux["cnn_map"]
         aux["fea_rec_loss"] = jnp.mean(jnp.square(
             rec_spatial.astype(jnp.float32) - jax.lax.stop_gradient(cnn_map).astype(jnp.float32)))
         if inner is not None:

@@ -21,16 +21,21 @@ def vit_size(name: str) -> dict[str, int]:
     return dict(VIT_SIZES[name])
 
 
-# GigaTok's released tokenizers (configs/vq/*.yaml): encoder size, decoder size, layout, entropy
-# loss ratio, rotation trick. All: 16384 x 8 l2 codebook, 256 tokens, z 256, CNN ch 128 with
-# ch_mult (1, 1, 2, 2, 4), AdaGN + depth-to-space, distill MLP after decoder layer 3 -> 768.
-# Parameter counts (official, with the distill MLP): ss 136.07M, sb 232.40M, b_l 621.64M,
-# xl_xxl 2893.97M, sb_2d 197.13M, b_l_2d 491.41M (tests/test_gigatok_presets.py).
+# GigaTok's released tokenizers (configs/vq/*.yaml): encoder size, decoder size, layout, 2D
+# block type (`layer_type`, default "vit"; S-S 2D's yaml leaves `transformer_layer_type` at the
+# official default TransformerDecoderLayer = "detr"), entropy loss ratio, rotation trick. All:
+# 16384 x 8 l2 codebook, 256 tokens, z 256, CNN ch 128 with ch_mult (1, 1, 2, 2, 4), AdaGN +
+# depth-to-space, distill MLP after decoder layer 3 -> 768.
+# Parameter counts (official, with the distill MLP): s_s 136.07M, s_b 232.40M, b_l 621.64M,
+# xl_xxl 2893.97M, s_s_2d 135.55M (135,548,427), s_b_2d 197.13M, b_l_2d 491.41M
+# (tests/test_gigatok_presets.py).
 GIGATOK_PRESETS: dict[str, dict] = {
     "s_s": dict(encoder_size="small", decoder_size="small", layout="1d", entropy=0.0, rot=True),
     "s_b": dict(encoder_size="small", decoder_size="base", layout="1d", entropy=0.0, rot=True),
     "b_l": dict(encoder_size="base", decoder_size="large", layout="1d", entropy=0.0, rot=True),
     "xl_xxl": dict(encoder_size="xl", decoder_size="xxl", layout="1d", entropy=0.005, rot=True),
+    "s_s_2d": dict(encoder_size="small", decoder_size="small", layout="2d", layer_type="detr",
+                   entropy=0.0, rot=True),
     "s_b_2d": dict(encoder_size="small", decoder_size="base", layout="2d", entropy=0.0, rot=True),
     "b_l_2d": dict(encoder_size="base", decoder_size="large", layout="2d", entropy=0.005,
                    rot=True),
