@@ -30,7 +30,8 @@ def test_unknown_source_names_fail_clearly():
         sources.get_source("demo", "test2")
 
 
-@pytest.mark.parametrize("augment", ["random_resized_crop", "random_crop", "center_crop"])
+@pytest.mark.parametrize("augment", ["random_resized_crop", "random_crop", "adm_random_crop",
+                                     "center_crop"])
 def test_augmentations_give_the_requested_size_and_range(augment):
     img = (np.random.default_rng(0).uniform(size=(40, 70, 3)) * 255).astype(np.uint8)
     rng = np.random.default_rng(1)
@@ -38,6 +39,17 @@ def test_augmentations_give_the_requested_size_and_range(augment):
                               rng=rng)
     assert out.shape == (24, 24, 3) and out.dtype == np.float32
     assert 0.0 <= out.min() and out.max() <= 1.0
+
+
+def test_adm_random_crop_draws_the_shorter_side_in_its_range(monkeypatch):
+    seen = []
+    real = pipeline.resize_shorter
+    monkeypatch.setattr(pipeline, "resize_shorter", lambda img, s: seen.append(s) or real(img, s))
+    img = np.zeros((40, 70, 3), np.uint8)
+    for seed in range(40):
+        pipeline.adm_random_crop(img, 16, np.random.default_rng(seed), min_crop_frac=0.8)
+    sizes = set(seen[::2])  # each call resizes to the drawn size, then random_crop to >= 16
+    assert sizes <= set(range(16, 21)) and len(sizes) >= 4  # 16..ceil(16 / 0.8) = 20
 
 
 def test_center_crop_is_exact_when_no_resize_is_needed():

@@ -135,3 +135,28 @@ def test_converter_errors():
         conv.convert_dinov2(chunked, model)
     with pytest.raises(ConversionError, match="num_heads"):
         conv.kwargs_from_state_dict({**sd, "cls_token": np.zeros((1, 1, 40), np.float32)})
+
+
+def test_gigatok_teacher_from_the_official_file_or_a_converted_directory(tmp_path):
+    """`teacher.weights` may be the official checkpoint or `python -m tok1d.convert dinov2`
+    output; both give the same params with the table resampled to the student's grid."""
+    from tok1d import recipes
+    from tok1d.convert.__main__ import main as convert_main
+    from tok1d.trainers import tokenizer
+
+    _, sd = _tiny_sd(d=64, depth=1)  # 64 wide: one 64-dim head, as every released model
+    path = str(tmp_path / "dinov2_tiny_pretrain.npz")
+    np.savez(path, **sd)
+    out = str(tmp_path / "dinov2_dir")
+    assert convert_main(["dinov2", path, out, "--pos_grid", "8"]) == 0
+    config = recipes.gigatok("s_s")
+    config.data.image_size = 128  # GigaTok S-S at 128 px: an 8x8 decoder grid
+    student = tokenizer.build_model(config)
+    params = {}
+    for weights in (path, out):
+        config.teacher.weights = weights
+        teacher, params[weights] = tokenizer.build_teacher(config, student)
+        assert teacher.pos_grid == 8 and teacher.embed_dim == 64
+        assert teacher.dtype == jnp.bfloat16  # the compute precision (official: fp16 autocast)
+    assert params[path]["pos_embed"].shape == (1 + 64, 64)
+    jax.tree.map(np.testing.assert_array_equal, params[path], params[out])

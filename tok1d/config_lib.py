@@ -36,8 +36,9 @@ def base_config() -> ml_collections.ConfigDict:
         train_split="train",
         eval_split="validation",
         image_size=256,
-        augment="random_resized_crop",  # or "random_crop" / "center_crop"
-        min_scale=0.8,                # smallest area fraction of random_resized_crop
+        augment="random_resized_crop",  # or "random_crop" / "adm_random_crop" / "center_crop"
+        min_scale=0.8,                # smallest area fraction of random_resized_crop; smallest
+                                      # crop / shorter-side ratio of adm_random_crop
         flip=True,
         num_workers=0,                # grain worker processes (0: decode in the main process)
         eval_examples=-1,             # -1: the whole eval split
@@ -48,11 +49,14 @@ def base_config() -> ml_collections.ConfigDict:
         lr=1e-4,
         end_lr=1e-5,
         warmup_steps=1000,
+        warmup_init=0.0,              # warm-up starts at warmup_init * lr (GigaTok: 0.01)
         schedule="cosine",            # "cosine", "linear" or "constant" after warmup
         b1=0.9,
         b2=0.99,
         eps=1e-8,
-        weight_decay=1e-4,            # applied to matrices only (not norms, biases, embeddings)
+        weight_decay=1e-4,
+        decay_mask="kernels",         # decayed params: "kernels" (matrices only: not norms,
+                                      # biases, embeddings), "all" or "no_norm" (tok1d.optim)
         grad_clip=1.0,                # global-norm clipping; 0 disables
         grad_accum_steps=1,
         mu_dtype="float32",
@@ -62,13 +66,21 @@ def base_config() -> ml_collections.ConfigDict:
     # "encoder,latent_tokens,quantize"): zero updates, no weight decay, no optimizer state.
     c.optim.freeze = ""
 
-    # Loss weights; a term with weight 0 is not computed.
-    #   l2, l1       pixel reconstruction (images in [0, 1])
+    # Loss weights; a term with weight 0 is not computed. Pixel terms compare images in the
+    # model's own range (TiTok [0, 1], GigaTok [-1, 1], as the official losses do).
+    #   l2, l1       pixel reconstruction
     #   quantizer    VQ codebook + commitment; entropy: code-usage entropy; kl: VAE KL
     #   proxy_ce     stage 1: cross-entropy of the decoder logits vs the teacher's codes
     #   perceptual   `perceptual.kind` network loss; gan: generator term of `discriminator`
+    #   semantic     GigaTok: mean -cos(decoder features, DINOv2 teacher patch tokens)
+    #   fea_rec      GigaTok warm-up: MSE(transformer-decoder grid, sg(CNN-encoder map))
+    #   shortcut     GigaTok warm-up: the CNN decoder on the CNN-encoder map, l2 + perceptual
     c.losses = ml_collections.ConfigDict(dict(l2=1.0, l1=0.0, quantizer=1.0, entropy=0.0,
-                                              kl=0.0, proxy_ce=0.0, perceptual=0.0, gan=0.0))
+                                              kl=0.0, proxy_ce=0.0, perceptual=0.0, gan=0.0,
+                                              semantic=0.0, fea_rec=0.0, shortcut=0.0))
+    # The warm-up terms (losses.fea_rec, losses.shortcut) apply while step < aux_loss_end_step
+    # (GigaTok: 15000; 0 for XL-XXL).
+    c.aux_loss_end_step = 0
 
     # Weights to start from (instead of random init); the optimizer starts fresh. `checkpoint`:
     # a pretrained directory (python -m tok1d.convert) or a training workdir (its latest EMA
@@ -76,9 +88,10 @@ def base_config() -> ml_collections.ConfigDict:
     # whose decoder / quantizer become TiTok stage 2's pixel_decoder / pixel_quantize.
     c.init = ml_collections.ConfigDict(dict(checkpoint="", pixel_decoder=""))
 
-    # Frozen teacher that gives stage 1 its proxy codes (`name` empty: none). `weights`: a
-    # converted directory or the official .bin; `model`: its size arguments (default: the
-    # released MaskGIT-VQGAN). allow_random_init is for tests only.
+    # Frozen teacher (`name` empty: none): "maskgit_vqgan" gives TiTok stage 1 its proxy codes,
+    # "dinov2" gives GigaTok's semantic loss its targets. `weights`: a converted directory or the
+    # official checkpoint (.bin / dinov2_vit*14_pretrain.pth); `model`: its arguments (default:
+    # the released MaskGIT-VQGAN / dinov2 `size` "vitb14"). allow_random_init is for tests only.
     c.teacher = ml_collections.ConfigDict(dict(name="", weights="", allow_random_init=False,
                                                model=ml_collections.ConfigDict()))
 
@@ -90,15 +103,23 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Discriminator (trained when losses.gan > 0) and its optimizer.
     c.discriminator = ml_collections.ConfigDict(dict(
-        name="titok",                 # "titok" (NLayer + BlurPool) or "patchgan"
+        name="titok",                 # "titok" (NLayer + BlurPool), "patchgan" or "dino"
+        weights="",                   # dino: the frozen trunk, dino_deitsmall16_pretrain.pth
+        allow_random_init=False,      # dino: random trunk (tests only)
+        diffaug_prob=0.0,             # DiffAugment on D's inputs (GigaTok dino_disc: 1.0)
+        diffaug_cutout=0.2,
         start_step=0,                 # neither the G term nor the D update runs before it
         loss="hinge",                 # D and G loss family (tok1d.gan)
         lecam=0.0,                    # LeCam regulariser weight (TiTok: 0.001)
         lecam_decay=0.999,
+        d_weight=1.0,                 # scale of the D loss (GigaTok's disc_weight: 0.5)
+        global_schedule=False,        # D's lr at the global step (GigaTok) instead of a schedule
+                                      # over its own steps from start_step (TiTok)
         model=ml_collections.ConfigDict(),   # size arguments of the discriminator
     ))
     c.disc_optim = ml_collections.ConfigDict(dict(
-        lr=1e-4, end_lr=1e-5, warmup_steps=0, schedule="cosine", b1=0.9, b2=0.999, eps=1e-8,
+        lr=1e-4, end_lr=1e-5, warmup_steps=0, warmup_init=0.0, schedule="cosine", b1=0.9,
+        b2=0.999, eps=1e-8, decay_mask="kernels",
         weight_decay=1e-4, grad_clip=1.0, grad_accum_steps=1, mu_dtype="float32", freeze=""))
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
@@ -177,12 +198,17 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
             problems.append(f"data.image_size={image_size} is not divisible by "
                             f"model.patch_size={patch}")
 
-    if config.data.augment not in ("random_resized_crop", "random_crop", "center_crop"):
-        problems.append(f"data.augment={config.data.augment!r} is not one of "
-                        "'random_resized_crop', 'random_crop', 'center_crop'")
+    augments = ("random_resized_crop", "random_crop", "adm_random_crop", "center_crop")
+    if config.data.augment not in augments:
+        problems.append(f"data.augment={config.data.augment!r} is not one of {augments}")
     if config.optim.schedule not in ("cosine", "linear", "constant"):
         problems.append(f"optim.schedule={config.optim.schedule!r} is not one of "
                         "'cosine', 'linear', 'constant'")
+    from tok1d import optim  # Local import: optax.
+    for group in ("optim", "disc_optim"):
+        if config[group].decay_mask not in optim.DECAY_MASKS:
+            problems.append(f"{group}.decay_mask={config[group].decay_mask!r} is not one of "
+                            f"{optim.DECAY_MASKS}")
     if config.precision not in models.DTYPES:
         problems.append(f"precision={config.precision!r} is not one of {sorted(models.DTYPES)}")
 
@@ -203,6 +229,19 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     except ValueError as e:
         problems.append(f"mesh: {e}")
 
+    losses, teacher = config.losses, config.teacher.name
+    if teacher not in ("", "maskgit_vqgan", "dinov2"):
+        problems.append(f"teacher.name={teacher!r} is not one of '', 'maskgit_vqgan', 'dinov2'")
+    for term, needs in (("proxy_ce", "maskgit_vqgan"), ("semantic", "dinov2")):
+        if losses[term] and teacher != needs:
+            problems.append(f"losses.{term}={losses[term]} needs teacher.name={needs!r} "
+                            f"(got {teacher!r})")
+    for term in ("fea_rec", "shortcut"):
+        if losses[term] and config.aux_loss_end_step <= 0:
+            problems.append(f"losses.{term}={losses[term]} is a warm-up term but "
+                            f"aux_loss_end_step={config.aux_loss_end_step}: it would never apply "
+                            "(set losses.{term}=0 or aux_loss_end_step > 0)".replace("{term}",
+                                                                                    term))
     for key in ("total_steps", "batch_size", "eval_batch_size", "log_every_steps"):
         if config[key] <= 0:
             problems.append(f"{key}={config[key]} must be positive")

@@ -33,6 +33,19 @@ def proxy_code_ce(logits: jax.Array, codes: jax.Array) -> jax.Array:
     return -jnp.mean(jnp.take_along_axis(logp, codes[..., None].astype(jnp.int32), axis=-1))
 
 
+def semantic_cosine(student: jax.Array, teacher: jax.Array) -> jax.Array:
+    """GigaTok / REPA alignment: mean over tokens and images of -cos(student, sg(teacher)).
+    Both are (B, N, D) with the same N tokens in the same (raster) order."""
+    if student.shape != teacher.shape:
+        raise ValueError(f"semantic features {student.shape} do not match the teacher's "
+                         f"{teacher.shape}: the tokenizer's decoder grid must equal the teacher's "
+                         "patch grid and model.out_inner_dim its width.")
+    from tok1d.models.quantizers import l2_normalize  # F.normalize: x / max(|x|, 1e-12)
+    s = l2_normalize(student.astype(jnp.float32))
+    t = l2_normalize(jax.lax.stop_gradient(teacher.astype(jnp.float32)))
+    return -jnp.mean(jnp.sum(s * t, -1))
+
+
 def weighted_sum(weights: Mapping[str, float], terms: Mapping[str, jax.Array]) -> jax.Array:
     return jnp.asarray(sum(weights[name] * value for name, value in terms.items()), jnp.float32)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.traverse_util as traverse_util
@@ -11,8 +12,9 @@ import optax
 
 
 def make_schedule(lr: float, total_steps: int, warmup_steps: int = 0, schedule: str = "cosine",
-                  end_lr: float = 0.0) -> optax.Schedule:
-    """Linear warm-up from 0 to `lr`, then cosine / linear decay to `end_lr` (or constant)."""
+                  end_lr: float = 0.0, warmup_init: float = 0.0) -> optax.Schedule:
+    """Linear warm-up from `warmup_init * lr` to `lr`, then cosine / linear decay to `end_lr`
+    (or constant). GigaTok's `cosine_v2` is cosine with warmup_init 0.01 (warm-up from lr/100)."""
     warmup_steps = min(warmup_steps, total_steps)
     decay_steps = max(total_steps - warmup_steps, 1)
     if schedule == "cosine":
@@ -25,32 +27,53 @@ def make_schedule(lr: float, total_steps: int, warmup_steps: int = 0, schedule: 
         raise ValueError(f"Unknown schedule {schedule!r}; expected cosine, linear or constant.")
     if warmup_steps == 0:
         return after
-    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), after],
+    return optax.join_schedules([optax.linear_schedule(warmup_init * lr, lr, warmup_steps), after],
                                 [warmup_steps])
 
 
-def decay_mask(params: Any) -> Any:
-    """Weight decay on matrices and conv kernels only; not on norms, biases, embeddings, codebooks."""
+DECAY_MASKS = ("kernels", "all", "no_norm")
+
+
+def decay_mask(params: Any, which: str = "kernels") -> Any:
+    """Which params get weight decay: "kernels" (matrices and conv kernels; not norms, biases,
+    embeddings, codebooks), "all" (torch AdamW on every parameter, as GigaTok's DDP trainer) or
+    "no_norm" (all but params under a module whose name contains "norm", GigaTok's FSDP
+    trainer). Frozen leaves (optax MaskedNode) are never decayed."""
+    if which not in DECAY_MASKS:
+        raise ValueError(f"Unknown weight-decay mask {which!r}; expected one of {DECAY_MASKS}.")
     flat = traverse_util.flatten_dict(params)
+
     def decays(path, value) -> bool:
-        name = path[-1]
-        return getattr(value, "ndim", 0) >= 2 and name == "kernel"  # MaskedNode: frozen
+        if not hasattr(value, "ndim"):  # MaskedNode: frozen
+            return False
+        if which == "all":
+            return True
+        if which == "no_norm":
+            return not any("norm" in str(p) for p in path)
+        return value.ndim >= 2 and path[-1] == "kernel"
     return traverse_util.unflatten_dict({k: decays(k, v) for k, v in flat.items()})
 
 
-def make_optimizer(optim_cfg, total_steps: int, param_shapes: Any = None
+def make_optimizer(optim_cfg, total_steps: int, param_shapes: Any = None, step_offset: int = 0
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW (+ global-norm clipping) with the configured schedule. Returns (tx, schedule).
 
     With `optim_cfg.freeze`, `param_shapes` (the param tree or its shapes) is needed to label
-    the frozen groups."""
+    the frozen groups. `step_offset`: the schedule is evaluated at update count + offset (a
+    discriminator that starts at step s but follows the global schedule, as GigaTok's)."""
     schedule = make_schedule(optim_cfg.lr, total_steps, optim_cfg.warmup_steps,
-                             optim_cfg.schedule, optim_cfg.end_lr)
+                             optim_cfg.schedule, optim_cfg.end_lr,
+                             optim_cfg.get("warmup_init", 0.0))
+    if step_offset:
+        base = schedule
+        schedule = lambda count: base(count + step_offset)  # noqa: E731
     parts = []
     if optim_cfg.grad_clip > 0:
         parts.append(optax.clip_by_global_norm(optim_cfg.grad_clip))
     parts.append(optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
-                             weight_decay=optim_cfg.weight_decay, mask=decay_mask,
+                             weight_decay=optim_cfg.weight_decay,
+                             mask=functools.partial(decay_mask,
+                                                    which=optim_cfg.get("decay_mask", "kernels")),
                              mu_dtype=jnp.dtype(optim_cfg.mu_dtype)))
     tx = optax.chain(*parts)
     frozen = frozen_groups(optim_cfg)

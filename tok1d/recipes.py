@@ -1,8 +1,10 @@
-"""Building blocks of the paper-recipe config files in configs/ (TiTok on ImageNet-1k).
+"""Building blocks of the paper-recipe config files in configs/ (TiTok and GigaTok on
+ImageNet-1k).
 
-Numbers are those of the official bytedance/1d-tokenizer training configs
-(configs/training/TiTok/stage{1,2}/*.yaml) and the maintainers' description of the single-stage
-recipe; each config file's docstring gives the command, compute and target numbers.
+Numbers are those of the official training configs: bytedance/1d-tokenizer
+(configs/training/TiTok/stage{1,2}/*.yaml and the maintainers' description of the single-stage
+recipe) and SilentView/GigaTok (configs/vq/VQ_*.yaml with its trainer defaults); each config
+file's docstring gives the command, compute and target numbers.
 """
 
 from __future__ import annotations
@@ -128,3 +130,77 @@ def gan_recipe(config: ml_collections.ConfigDict, start_step: int, warmup: int) 
     o = config.disc_optim
     o.lr, o.end_lr, o.warmup_steps, o.schedule = 1e-4, 1e-5, warmup, "cosine"
     o.b1, o.b2, o.eps, o.weight_decay, o.grad_clip = 0.9, 0.999, 1e-8, 1e-4, 1.0
+
+
+# ---------------------------------------------------------------------------------- GigaTok
+
+# preset -> (global batch, epochs, warm-up steps, warm-up loss end step, entropy ratio)
+# Official configs/vq/VQ_*.yaml; epochs from the README recipes (the 2D models follow the 1D
+# model of the same size). Steps = epochs x 5000 x 256 / batch.
+GIGATOK = {
+    "s_s": (128, 100, 0, 15_000, 0.0), "s_b": (128, 200, 0, 15_000, 0.0),
+    "b_l": (256, 200, 0, 15_000, 0.0), "xl_xxl": (256, 300, 5_000, 0, 0.005),
+    "s_s_2d": (128, 100, 0, 15_000, 0.0), "s_b_2d": (128, 200, 0, 15_000, 0.0),
+    "b_l_2d": (256, 200, 0, 15_000, 0.005),
+}
+# README: rFID (50k ImageNet val) and gFID of GPT-B on the tokens.
+GIGATOK_TARGETS = {"s_s": (1.01, 4.05), "s_b": (0.89, 3.83), "b_l": (0.81, 3.26),
+                   "b_l_dino_disc": (0.51, 3.33), "xl_xxl": (0.79, 3.15)}
+
+
+def gigatok(preset: str, dino_disc: bool = False,
+            train_new: bool = False) -> ml_collections.ConfigDict:
+    """GigaTok tokenizer (configs/vq/VQ_{preset}.yaml):
+
+    L2 (on [-1, 1]) 1.0 + LPIPS-VGG 1.0 + VQ (codebook + 0.25 commitment) + entropy (ratio per
+    preset) + 0.5 x semantic (-cos vs DINOv2-B/14 patch tokens, decoder layer 3), warm-up terms
+    (feature reconstruction + shortcut L2/LPIPS) until step 15k (XL-XXL: none), PatchGAN hinge
+    with weight 0.5 on G and D from step 20k, no LeCam, no adaptive weight. AdamW (0.9, 0.95),
+    lr 1e-4, wd 1e-4 on every parameter, clip 10, `cosine_v2` (warm-up from lr/100, cosine to
+    1e-5), the same for D. ADM random crop (shorter side 256..320) + flip. No EMA (the release
+    scripts do not pass --ema; set ema_decay=0.9999 for the official option).
+
+    `dino_disc`: VQ_BL256_dino_disc (the DINO-v1 ViT-S/16 discriminator with DiffAugment from
+    step 80k). `train_new`: VQ_BL256_train_new (no rotation trick, entropy 0.005, 5k warm-up,
+    no shortcut reconstruction)."""
+    if preset not in GIGATOK:
+        raise ValueError(f"Unknown GigaTok preset {preset!r}; choose from {sorted(GIGATOK)}.")
+    batch, epochs, warmup, aux_end, entropy = GIGATOK[preset]
+    config = config_lib.base_config()
+    config.total_steps = epochs * 5000 * 256 // batch
+    config.batch_size = batch
+    config.eval_batch_size = 256
+    config.precision = "bfloat16"  # fp16 gives NaN semantic losses (GigaTok issue #6)
+    config.ema_decay = 0.0
+    imagenet(config)
+    config.data.augment, config.data.min_scale = "adm_random_crop", 0.8
+    big = preset in ("b_l", "xl_xxl", "b_l_2d")
+    config.model = dict(name="gigatok", preset=preset, remat="full" if big else "none")
+    shortcut = 1.0
+    if train_new:
+        config.model["rotation_trick"] = False
+        entropy, warmup, shortcut = 0.005, 5_000, 0.0
+    config.losses.update(l2=1.0, quantizer=1.0, entropy=entropy, perceptual=1.0, gan=0.5,
+                         semantic=0.5, fea_rec=1.0 if aux_end else 0.0,
+                         shortcut=shortcut if aux_end else 0.0)
+    config.aux_loss_end_step = aux_end
+    config.perceptual.kind = "lpips"
+    config.teacher.name = "dinov2"
+    config.teacher.model = ml_collections.ConfigDict(dict(size="vitb14"))
+    for o in (config.optim, config.disc_optim):
+        o.lr, o.end_lr, o.warmup_steps, o.warmup_init, o.schedule = (1e-4, 1e-5, warmup, 0.01,
+                                                                     "cosine")
+        o.b1, o.b2, o.eps, o.weight_decay, o.grad_clip = 0.9, 0.95, 1e-8, 1e-4, 10.0
+        o.decay_mask = "no_norm" if preset == "xl_xxl" else "all"
+    d = config.discriminator
+    d.name, d.start_step, d.loss, d.lecam, d.d_weight = "patchgan", 20_000, "hinge", 0.0, 0.5
+    d.global_schedule = True  # scheduler_disc(train_steps)
+    if dino_disc:  # VQ_BL256_dino_disc: frozen DINO ViT-S/16 trunk, trainable heads, DiffAug
+        d.name, d.start_step, d.diffaug_prob, d.diffaug_cutout = "dino", 80_000, 1.0, 0.2
+        config.disc_optim.freeze = "trunk"
+    config.mesh.data, config.mesh.fsdp = 1, -1
+    config.log_every_steps = 100
+    config.eval_every_steps = 50_000
+    config.checkpoint.every_steps = 5_000
+    config.checkpoint.keep = 3
+    return config

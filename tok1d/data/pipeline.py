@@ -53,6 +53,14 @@ def random_crop(img: np.ndarray, size: int, rng: np.random.Generator) -> np.ndar
     return img[top:top + size, left:left + size]
 
 
+def adm_random_crop(img: np.ndarray, size: int, rng: np.random.Generator,
+                    min_crop_frac: float = 0.8) -> np.ndarray:
+    """ADM's `random_crop_arr` (GigaTok, LlamaGen): resize the shorter side to a random integer
+    in [size, ceil(size / min_crop_frac)] (256..320 for 256 px), then a random square crop."""
+    shorter = int(rng.integers(size, math.ceil(size / min_crop_frac) + 1))
+    return random_crop(resize_shorter(img, shorter), size, rng)
+
+
 def random_resized_crop(img: np.ndarray, size: int, rng: np.random.Generator,
                         min_scale: float = 0.08, ratio=(3 / 4, 4 / 3)) -> np.ndarray:
     """Inception-style crop: area fraction in [min_scale, 1], log-uniform aspect ratio."""
@@ -79,6 +87,8 @@ def preprocess(image: Any, *, image_size: int, augment: str, flip: bool, min_sca
         img = random_crop(img, image_size, rng)
     elif augment == "random_resized_crop":
         img = random_resized_crop(img, image_size, rng, min_scale=min_scale)
+    elif augment == "adm_random_crop":
+        img = adm_random_crop(img, image_size, rng, min_crop_frac=min_scale)
     else:
         raise ValueError(f"Unknown augmentation {augment!r}.")
     if flip and rng is not None and rng.random() < 0.5:

@@ -230,6 +230,7 @@ class DinoBlock(nn.Module):
     layer_scale_init: Optional[float] = 1.0
     norm_eps: float = 1e-6
     qkv_bias: bool = True
+    mlp_activation: str = "gelu"  # for ffn="mlp"; "gelu_tanh" for GigaTok's DINO discriminator
     attention_impl: Optional[str] = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -249,7 +250,7 @@ class DinoBlock(nn.Module):
                              implementation=self.attention_impl, name="attn",
                              **kw)(norm(name="norm1")(x))
         x = x + scale("ls1")(y)
-        act = {"mlp": "gelu", "swiglu": "swiglu"}[self.ffn]
+        act = {"mlp": self.mlp_activation, "swiglu": "swiglu"}[self.ffn]
         y = layers.Mlp(self.mlp_dim, activation=act, name="mlp", **kw)(norm(name="norm2")(x))
         x = x + scale("ls2")(y)
         return layers.constrain(x)
@@ -264,6 +265,7 @@ class DinoV2(nn.Module):
                                   (x_norm_patchtokens)
       registers     (B, R, D)     register tokens after the final norm (R may be 0)
       prenorm       (B, 1+R+N, D) last block output before the final norm (x_prenorm)
+      embeddings    (B, 1+R+N, D) the tokens entering block 0 (position table added)
       hidden_states tuple of (B, 1+R+N, D), the output of every block
 
     The position table covers a `pos_grid` x `pos_grid` patch grid (default img_size //
@@ -287,6 +289,7 @@ class DinoV2(nn.Module):
     pos_grid: Optional[int] = None
     norm_eps: float = 1e-6
     qkv_bias: bool = True
+    mlp_activation: str = "gelu"  # MLP activation (ffn="mlp"); see layers.ACTIVATIONS
     attention_impl: Optional[str] = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -332,15 +335,16 @@ class DinoV2(nn.Module):
             reg = self.param("register_tokens", init, (r, d), self.param_dtype)
             x = jnp.concatenate([x[:, :1], jnp.broadcast_to(reg, (b, r, d)).astype(x.dtype),
                                  x[:, 1:]], axis=1)
+        embeddings = x
         hidden = []
         for i in range(self.depth):
             x = DinoBlock(self.num_heads, self.mlp_dim, ffn=self.ffn,
                           layer_scale_init=self.layer_scale_init, norm_eps=self.norm_eps,
-                          qkv_bias=self.qkv_bias, attention_impl=self.attention_impl,
-                          dtype=self.dtype, param_dtype=self.param_dtype,
-                          name=f"blocks_{i}")(x)
+                          qkv_bias=self.qkv_bias, mlp_activation=self.mlp_activation,
+                          attention_impl=self.attention_impl, dtype=self.dtype,
+                          param_dtype=self.param_dtype, name=f"blocks_{i}")(x)
             hidden.append(x)
         y = layers.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype,
                              param_dtype=self.param_dtype, name="norm")(x)
         return dict(cls=y[:, 0], registers=y[:, 1:1 + r], patch_tokens=y[:, 1 + r:],
-                    prenorm=x, hidden_states=tuple(hidden))
+                    prenorm=x, embeddings=embeddings, hidden_states=tuple(hidden))

@@ -30,6 +30,7 @@ class TrainState:
     disc_params: Any = None  # discriminator, its optimizer and LeCam EMAs (GAN runs only)
     disc_opt_state: Any = None
     lecam: Any = None
+    disc_state: Any = None   # the discriminator's other variable collections (e.g. spectral)
 
 
 def state_shardings_and_init(init_params: Callable[[jax.Array], Any],
@@ -39,11 +40,16 @@ def state_shardings_and_init(init_params: Callable[[jax.Array], Any],
                              ) -> tuple[TrainState, TrainState, Callable[[jax.Array], TrainState]]:
     """Abstract state, its shardings and a jitted init that creates it already sharded.
 
-    `init_params(rng)` returns (boxed) params; `init_disc` likewise for a discriminator (then
-    `disc_tx` is its optimizer). Optimizer moments get the same sharding as their parameters
-    (FSDP shards them too); scalars are replicated.
+    `init_params(rng)` returns (boxed) params; `init_disc(rng)` a discriminator's variables
+    {"params": ..., other collections} (then `disc_tx` is its optimizer; the other collections,
+    e.g. spectral-norm vectors, become `disc_state`, replicated). Optimizer moments get the
+    same sharding as their parameters (FSDP shards them too); scalars are replicated.
     """
     replicated = NamedSharding(mesh, P())
+
+    def disc_parts(rng):
+        variables = dict(init_disc(rng))
+        return variables.pop("params"), (variables or None)
 
     def abstract_of(init_fn, opt):
         boxed = jax.eval_shape(init_fn, jax.random.key(0))
@@ -54,16 +60,21 @@ def state_shardings_and_init(init_params: Callable[[jax.Array], Any],
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         params, param_sh, opt_state, opt_sh = abstract_of(init_params, tx)
-        disc = abstract_of(init_disc, disc_tx) if init_disc is not None else (None,) * 4
+        disc = (abstract_of(lambda r: disc_parts(r)[0], disc_tx) if init_disc is not None
+                else (None,) * 4)
+        disc_state = (nn.unbox(jax.eval_shape(lambda r: disc_parts(r)[1], jax.random.key(0)))
+                      if init_disc is not None else None)
     lecam = gan.lecam_init() if init_disc is not None else None
     abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                           opt_state=opt_state, ema_params=params if use_ema else None,
                           disc_params=disc[0], disc_opt_state=disc[2],
-                          lecam=jax.eval_shape(lambda: lecam) if lecam else None)
+                          lecam=jax.eval_shape(lambda: lecam) if lecam else None,
+                          disc_state=disc_state)
     shardings = TrainState(step=replicated, params=param_sh, opt_state=opt_sh,
                            ema_params=param_sh if use_ema else None, disc_params=disc[1],
                            disc_opt_state=disc[3],
-                           lecam=jax.tree.map(lambda _: replicated, lecam) if lecam else None)
+                           lecam=jax.tree.map(lambda _: replicated, lecam) if lecam else None,
+                           disc_state=jax.tree.map(lambda _: replicated, disc_state))
 
     def init(rng):
         if init_disc is not None:
@@ -72,9 +83,9 @@ def state_shardings_and_init(init_params: Callable[[jax.Array], Any],
         state = TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
                            ema_params=p if use_ema else None)
         if init_disc is not None:
-            d = nn.unbox(init_disc(disc_rng))
+            d, d_state = nn.unbox(disc_parts(disc_rng))
             state = state.replace(disc_params=d, disc_opt_state=disc_tx.init(d),
-                                  lecam=gan.lecam_init())
+                                  lecam=gan.lecam_init(), disc_state=d_state)
         return state
 
     def jitted_init(rng):

@@ -33,26 +33,54 @@ def build_model(config) -> nn.Module:
 
 # -------------------------------------------------------------------- frozen helper networks
 
-def build_teacher(config) -> Optional[tuple[nn.Module, Any]]:
-    """The frozen proxy-code teacher of TiTok stage 1: (MaskGIT-VQGAN, params) or None."""
+def build_teacher(config, student: Optional[nn.Module] = None) -> Optional[tuple[nn.Module, Any]]:
+    """The frozen teacher as (model, params), or None:
+      maskgit_vqgan  TiTok stage 1's proxy-code teacher (run in float32);
+      dinov2         GigaTok's semantic-regularisation target, with its position table
+                     resampled to the student's decoder grid (16x16 for 256 px, i.e. 224 px
+                     teacher inputs) as the official code does; run at the compute precision
+                     (the official code uses fp16 autocast)."""
     tcfg = config.teacher
-    if not tcfg.name:
+    name = tcfg.name
+    if not name:
         return None
-    if tcfg.name != "maskgit_vqgan":
-        raise config_lib.ConfigError(f"teacher.name={tcfg.name!r}: only 'maskgit_vqgan' exists.")
+    if name not in ("maskgit_vqgan", "dinov2"):
+        raise config_lib.ConfigError(f"teacher.name={name!r}: expected 'maskgit_vqgan' or "
+                                     "'dinov2'.")
     kwargs = dict(tcfg.model)
+    if name == "dinov2":
+        grid = getattr(student, "grid_size", None)
+        if "embed_dim" not in kwargs:
+            kwargs.setdefault("size", "vitb14")
+        if grid:
+            kwargs.setdefault("pos_grid", grid)
+        kwargs.setdefault("dtype", config.precision)
     if tcfg.weights and os.path.isdir(tcfg.weights):
-        teacher, params = pretrained.load_pretrained(tcfg.weights)
+        overrides = {k: kwargs[k] for k in ("dtype",) if k in kwargs}
+        teacher, params = pretrained.load_pretrained(tcfg.weights, **overrides)
+    elif tcfg.weights and name == "dinov2":
+        from tok1d.convert import dinov2 as convert_dinov2
+        teacher, params = convert_dinov2.convert_file(tcfg.weights,
+                                                      pos_grid=kwargs.get("pos_grid"))
+        teacher = teacher.clone(dtype=models.dtype_from_name(kwargs["dtype"]))
     elif tcfg.weights:
         from tok1d.convert import common as convert_common, vqgan as convert_vqgan
-        teacher = models.create("maskgit_vqgan", **kwargs)
+        teacher = models.create(name, **kwargs)
         params = convert_vqgan.convert_maskgit_vqgan(
             convert_common.load_state_dict(tcfg.weights), teacher)
     elif tcfg.allow_random_init:
-        teacher = models.create("maskgit_vqgan", **kwargs)
+        teacher = models.create(name, **kwargs)
         size = config.data.image_size
+        if name == "dinov2":
+            size = teacher.patch_size * (kwargs.get("pos_grid") or teacher.table_grid)
         params = nn.unbox(teacher.init(jax.random.key(config.seed + 17),
                                        jnp.zeros((1, size, size, 3)))["params"])
+    elif name == "dinov2":
+        raise config_lib.ConfigError(
+            "teacher.weights is empty: the semantic loss needs the frozen DINOv2 ViT-B/14. "
+            "Download dinov2_vitb14_pretrain.pth (facebookresearch/dinov2) and pass it as "
+            "--config.teacher.weights=PATH (or convert it once: python -m tok1d.convert dinov2 "
+            "dinov2_vitb14_pretrain.pth DIR --pos_grid 16).")
     else:
         raise config_lib.ConfigError(
             "teacher.weights is empty: stage 1 needs the frozen MaskGIT-VQGAN. Download "
@@ -62,11 +90,35 @@ def build_teacher(config) -> Optional[tuple[nn.Module, Any]]:
     return teacher, params
 
 
+def build_frozen(config, model: nn.Module):
+    """(teacher, perceptual, frozen): the frozen networks the losses need and their params as
+    one host tree {"teacher": ..., "perceptual": ...} (passed to the step, never optimized)."""
+    frozen = {}
+    teacher = build_teacher(config, model)
+    if teacher is not None:
+        frozen["teacher"] = teacher[1]
+    perceptual = None
+    if config.losses.perceptual:
+        from tok1d import perceptual as perceptual_lib
+        perceptual = perceptual_lib.make_perceptual(
+            config.perceptual.kind, config.perceptual.weights or None,
+            allow_random_init=config.perceptual.allow_random_init,
+            image_size=config.perceptual.image_size)
+        frozen["perceptual"] = perceptual.params
+    return teacher, perceptual, frozen
+
+
 def build_discriminator(config) -> Optional[nn.Module]:
+    """The discriminator module named by `discriminator.name` (None without a GAN term):
+    "titok" (NLayer + BlurPool), "patchgan" (LlamaGen / GigaTok) or "dino" (GigaTok's DINO-v1
+    ViT-S/16 trunk + spectral-norm heads; its trunk weights come from `discriminator.weights`,
+    see `load_disc_trunk`)."""
     if not config.losses.gan:
         return None
     from tok1d.models import discriminator as disc_lib
-    classes = {"titok": disc_lib.TiTokDiscriminator, "patchgan": disc_lib.PatchGANDiscriminator}
+    from tok1d.models import dino_disc
+    classes = {"titok": disc_lib.TiTokDiscriminator, "patchgan": disc_lib.PatchGANDiscriminator,
+               "dino": dino_disc.DinoDiscriminator}
     name = config.discriminator.name
     if name not in classes:
         raise config_lib.ConfigError(f"discriminator.name={name!r}; expected one of "
@@ -74,6 +126,65 @@ def build_discriminator(config) -> Optional[nn.Module]:
     kwargs = dict(config.discriminator.model)
     models.check_kwargs(classes[name], kwargs, f"discriminator {name!r}")
     return classes[name](**kwargs)
+
+
+def load_disc_trunk(config, disc: nn.Module) -> Optional[dict[str, Any]]:
+    """Converted frozen trunk params of the DINO discriminator (None for the others)."""
+    from tok1d.models import dino_disc
+    if not isinstance(disc, dino_disc.DinoDiscriminator):
+        return None
+    dcfg = config.discriminator
+    if dcfg.weights:
+        from tok1d.convert.dino_disc import convert_file
+        return convert_file(dcfg.weights, disc)
+    if dcfg.allow_random_init:
+        return None
+    raise config_lib.ConfigError(
+        "discriminator.weights is empty: the DINO discriminator needs the frozen DINO ViT-S/16 "
+        "trunk. Download dino_deitsmall16_pretrain.pth (facebookresearch/dino) and pass it as "
+        "--config.discriminator.weights=PATH.")
+
+
+def make_disc_apply(disc: nn.Module, dcfg, model: nn.Module):
+    """(params, state, images, rng) -> (logits, new state): one discriminator call in training
+    mode on images in the model's range (converted to the discriminator's `pixel_range` when it
+    declares one, e.g. the pretrained DINO trunk's [-1, 1]), with DiffAugment first when
+    `discriminator.diffaug_prob` > 0. `state` holds the discriminator's non-param collections
+    (the DINO discriminator's spectral-norm vectors, advanced by every call as torch's
+    spectral_norm in train mode) or None."""
+    import inspect
+    takes_train = "train" in inspect.signature(disc.__call__).parameters
+    _, to_unit = pixel_range_fns(model)
+    to_disc, _ = pixel_range_fns(disc)
+    convert = getattr(disc, "pixel_range", None) not in (None, getattr(model, "pixel_range",
+                                                                        (0.0, 1.0)))
+
+    def apply(params, state, images, rng):
+        if convert:
+            images = to_disc(to_unit(images))
+        k_aug, k_crop = jax.random.split(rng)
+        if dcfg.diffaug_prob > 0:
+            from tok1d import augment
+            images = augment.diff_augment(k_aug, images, prob=dcfg.diffaug_prob,
+                                          cutout=dcfg.diffaug_cutout)
+        kwargs = {"train": True} if takes_train else {}
+        if state is None:
+            return disc.apply({"params": params}, images, rngs={"crop": k_crop}, **kwargs), None
+        logits, new = disc.apply({"params": params, **state}, images, rngs={"crop": k_crop},
+                                 mutable=list(state), **kwargs)
+        return logits, dict(new)
+
+    return apply
+
+
+def _put_like(host_tree: Any, like: Any) -> Any:
+    """Host arrays -> global arrays with the shardings of `like` (same structure and shapes)."""
+    def put(x, ref):
+        x = np.asarray(x, ref.dtype)
+        if x.shape != ref.shape:
+            raise ValueError(f"shape {x.shape} does not match the model's {ref.shape}")
+        return jax.make_array_from_callback(x.shape, ref.sharding, lambda idx: x[idx])
+    return jax.tree.map(put, host_tree, like)
 
 
 def replicate(tree: Any, mesh) -> Any:
@@ -125,39 +236,62 @@ def load_initial_weights(config, state: common.TrainState, log) -> common.TrainS
 
 # -------------------------------------------------------------------- steps
 
-def make_train_step(model: nn.Module, tx, schedule, config, teacher=None, perceptual=None,
-                    disc=None, disc_tx=None):
-    """The jitted-to-be update: forward, losses, grads (optionally accumulated), AdamW, EMA,
-    then (with a GAN) the discriminator update on the same, detached reconstructions.
+# Warm-up terms: applied only while step < config.aux_loss_end_step.
+WARMUP_TERMS = ("fea_rec", "shortcut")
 
-    Signature: (state, batch, frozen) -> (state, scalars, finite); `frozen` holds the params of
-    the teacher / perceptual networks."""
+
+def pixel_range_fns(model: nn.Module):
+    """(to_model, to_unit): data images in [0, 1] <-> the model's pixel range (GigaTok works in
+    [-1, 1]). Pixel losses and the discriminator see the model's range, as in the official code;
+    perceptual networks, PSNR and the grids see [0, 1]."""
+    lo, hi = getattr(model, "pixel_range", (0.0, 1.0))
+    if (lo, hi) == (0.0, 1.0):
+        return (lambda x: x), (lambda y: y)
+    return (lambda x: x * (hi - lo) + lo), (lambda y: (y - lo) / (hi - lo))
+
+
+def make_loss_fn(model: nn.Module, config, teacher=None, perceptual=None, disc=None):
+    """The generator objective. Returns
+
+        loss_fn(params, images, frozen, disc_params, disc_state, active, aux_on, rng)
+            -> (total, (terms, extras, reconstructions, new disc_state))
+
+    `images` in [0, 1]; `frozen` holds the teacher / perceptual params (not differentiated:
+    they get no gradient and no optimizer state); `active` gates the GAN term, `aux_on` the
+    warm-up terms; `terms` are the unweighted values of every enabled term."""
     weights = {k: float(v) for k, v in config.losses.items() if v and k != "gan"}
     gan_weight = float(config.losses.gan)
-    accum = config.optim.grad_accum_steps
-    ema_decay = config.ema_decay
     num_codes = getattr(model, "num_codes", None)
     sample = getattr(model, "quantizer", "vq") == "vae"
+    call_kwargs = {"sample": True} if sample else {}
     outputs_pixels = getattr(model, "outputs_pixels", True)
-    dcfg = config.discriminator
-    d_loss_fn_ = gan.d_loss_fn(dcfg.loss) if disc is not None else None
-    g_loss_fn_ = gan.g_loss_fn(dcfg.loss) if disc is not None else None
-    base_rng = jax.random.key(config.seed + 1)
+    to_model, to_unit = pixel_range_fns(model)
+    g_loss_fn_ = gan.g_loss_fn(config.discriminator.loss) if disc is not None else None
+    disc_apply = (make_disc_apply(disc, config.discriminator, model) if disc is not None
+                  else None)
 
-    def term_values(out, aux, images, frozen):
+    def term_values(out, aux, x, images, frozen):
+        """Unweighted terms; `x` is the input in the model's range, `images` in [0, 1]."""
         terms = {}
         for name in weights:
             if name in losses.RECONSTRUCTION_TERMS:
                 if not outputs_pixels:
                     raise config_lib.ConfigError(f"losses.{name} needs pixel outputs; this model "
                                                  "predicts proxy codes (use losses.proxy_ce).")
-                terms[name] = losses.RECONSTRUCTION_TERMS[name](out, images)
+                terms[name] = losses.RECONSTRUCTION_TERMS[name](out, x)
             elif name == "proxy_ce":
-                if teacher is None:
-                    raise config_lib.ConfigError("losses.proxy_ce needs a teacher (teacher.name).")
                 terms[name] = losses.proxy_code_ce(out, teacher_codes(frozen, images))
             elif name == "perceptual":
-                terms[name] = perceptual.apply(frozen["perceptual"], out, images)
+                terms[name] = perceptual.apply(frozen["perceptual"], to_unit(out), images)
+            elif name == "semantic":
+                if "semantic_features" not in aux:
+                    raise config_lib.ConfigError("losses.semantic needs a model with a semantic "
+                                                 "head (gigatok with distill_depth > 0).")
+                feats = aux["semantic_features"]
+                terms[name] = losses.semantic_cosine(
+                    feats, teacher_features(frozen, images, feats.shape[1]))
+            elif name == "shortcut":
+                continue  # computed in g_loss, only during the warm-up
             elif f"{name}_loss" in aux:
                 terms[name] = aux[f"{name}_loss"]
             else:
@@ -171,65 +305,122 @@ def make_train_step(model: nn.Module, tx, schedule, config, teacher=None, percep
                                   method=teacher[0].encode)
         return jax.lax.stop_gradient(aux["codes"])
 
-    def g_loss(params, images, frozen, disc_params, active, rng):
-        out, aux = model.apply({"params": params}, images, sample=sample, rngs={"sample": rng})
-        terms = term_values(out, aux, images, frozen)
-        total = losses.weighted_sum(weights, terms)
+    def teacher_features(frozen, images, num_tokens):
+        """DINOv2 patch tokens on a sqrt(N) x sqrt(N) grid (224 px for N = 256)."""
+        from tok1d.models.dinov2 import preprocess_gigatok
+        t_model = teacher[0]
+        grid = int(round(num_tokens ** 0.5))
+        pixels = preprocess_gigatok(images * 2.0 - 1.0, size=grid * t_model.patch_size)
+        feats = t_model.apply({"params": frozen["teacher"]}, pixels)["patch_tokens"]
+        return jax.lax.stop_gradient(feats)
+
+    def shortcut_loss(params, cnn_map, x, images, frozen):
+        """GigaTok's early-phase direct reconstruction: CNN decoder on the encoder's map."""
+        pixels = model.apply({"params": params}, cnn_map, method="decode_cnn_map")
+        loss = losses.l2_loss(pixels, x)
+        if perceptual is not None:
+            loss = loss + weights["perceptual"] * perceptual.apply(frozen["perceptual"],
+                                                                   to_unit(pixels), images)
+        return loss
+
+    def g_loss(params, images, frozen, disc_params, disc_state, active, aux_on, rng):
+        rng, disc_rng = jax.random.split(rng)
+        x = to_model(images)
+        out, aux = model.apply({"params": params}, x, rngs={"sample": rng}, **call_kwargs)
+        terms = term_values(out, aux, x, images, frozen)
+        if "shortcut" in weights:
+            terms["shortcut"] = jax.lax.cond(
+                aux_on > 0, lambda: shortcut_loss(params, aux["cnn_map"], x, images, frozen),
+                lambda: jnp.zeros((), jnp.float32))
+        scale = {k: w * aux_on if k in WARMUP_TERMS else w for k, w in weights.items()}
+        total = losses.weighted_sum(scale, terms)
         if disc is not None:
-            terms["gan"] = g_loss_fn_(disc.apply({"params": disc_params}, out))
+            logits, disc_state = disc_apply(disc_params, disc_state, out, disc_rng)
+            terms["gan"] = g_loss_fn_(logits)
             total = total + gan_weight * active * terms["gan"]
         extras = {}
         if outputs_pixels:
-            extras["psnr"] = jnp.mean(psnr(out, images))
+            extras["psnr"] = jnp.mean(psnr(to_unit(out), images))
         if num_codes:
             hist = codebook_lib.code_histogram(aux["codes"], num_codes)
             extras["batch_perplexity"] = codebook_lib.perplexity(hist)
-        return total, (terms, extras, out)
+        return total, (terms, extras, out, disc_state)
 
-    def d_loss(disc_params, images, fake, lecam_state):
-        real_logits = disc.apply({"params": disc_params}, images)
-        fake_logits = disc.apply({"params": disc_params}, fake)
-        loss = d_loss_fn_(real_logits, fake_logits)
+    return g_loss
+
+
+def make_train_step(model: nn.Module, tx, schedule, config, teacher=None, perceptual=None,
+                    disc=None, disc_tx=None):
+    """The jitted-to-be update: forward, losses (`make_loss_fn`), grads (optionally
+    accumulated), AdamW, EMA, then (with a GAN) the discriminator update on the same, detached
+    reconstructions.
+
+    Signature: (state, batch, frozen) -> (state, scalars, finite); `frozen` holds the params of
+    the teacher / perceptual networks, which therefore get no gradient and no optimizer state."""
+    g_loss = make_loss_fn(model, config, teacher, perceptual, disc)
+    weights = {k for k, v in config.losses.items() if v and k != "gan"}
+    accum = config.optim.grad_accum_steps
+    ema_decay = config.ema_decay
+    to_model, _ = pixel_range_fns(model)
+    aux_end = config.aux_loss_end_step
+    dcfg = config.discriminator
+    d_loss_fn_ = gan.d_loss_fn(dcfg.loss) if disc is not None else None
+    disc_apply = make_disc_apply(disc, dcfg, model) if disc is not None else None
+    base_rng = jax.random.key(config.seed + 1)
+
+    def d_loss(disc_params, disc_state, images, fake, lecam_state, rng):
+        k_fake, k_real = jax.random.split(rng)  # fake first, as the official step
+        fake_logits, disc_state = disc_apply(disc_params, disc_state, fake, k_fake)
+        real_logits, disc_state = disc_apply(disc_params, disc_state, to_model(images), k_real)
+        loss = dcfg.d_weight * d_loss_fn_(real_logits, fake_logits)
         means = dict(logits_real=jnp.mean(real_logits), logits_fake=jnp.mean(fake_logits))
         if dcfg.lecam:
             means["lecam"] = gan.lecam_loss(real_logits, fake_logits, lecam_state)
             loss = loss + dcfg.lecam * means["lecam"]
-        return loss, means
+        return loss, (means, disc_state)
 
     g_grad = jax.value_and_grad(g_loss, has_aux=True)
     d_grad = jax.value_and_grad(d_loss, has_aux=True)
 
-    def micro_step(state, images, frozen, active, rng):
-        (loss, (terms, extras, out)), grads = g_grad(state.params, images, frozen,
-                                                     state.disc_params, active, rng)
+    def micro_step(state, disc_state, images, frozen, flags, rng):
+        """One microbatch: G loss + grads, then the D loss + grads on the detached output.
+        Returns (summable results, the advanced discriminator state)."""
+        active, aux_on = flags
+        g_rng, d_rng = jax.random.split(rng)
+        (loss, (terms, extras, out, disc_state)), grads = g_grad(
+            state.params, images, frozen, state.disc_params, disc_state, active, aux_on, g_rng)
         result = dict(loss=loss, terms=terms, extras=extras, grads=grads)
         if disc is not None:
-            (dl, means), dg = d_grad(state.disc_params, images, jax.lax.stop_gradient(out),
-                                     state.lecam)
+            (dl, (means, disc_state)), dg = d_grad(
+                state.disc_params, disc_state, images, jax.lax.stop_gradient(out), state.lecam,
+                d_rng)
             result.update(d_loss=dl, d_means=means, d_grads=dg)
-        return result
+        return result, disc_state
 
-    def accumulate(state, images, frozen, active, rng):
+    def accumulate(state, images, frozen, flags, rng):
         if accum == 1:
-            return micro_step(state, images, frozen, active, rng)
+            return micro_step(state, state.disc_state, images, frozen, flags, rng)
         # Microbatch m takes rows m, m + accum, ... so every device contributes to each one.
         micro = images.reshape((-1, accum) + images.shape[1:]).swapaxes(0, 1)
         rngs = jax.random.split(rng, accum)
 
         def body(carry, xs):
-            out = micro_step(state, xs[0], frozen, active, xs[1])
-            return jax.tree.map(jnp.add, carry, out), None
+            sums, disc_state = carry
+            out, disc_state = micro_step(state, disc_state, xs[0], frozen, flags, xs[1])
+            return (jax.tree.map(jnp.add, sums, out), disc_state), None
 
-        zeros = jax.eval_shape(micro_step, state, micro[0], frozen, active, rngs[0])
+        zeros = jax.eval_shape(micro_step, state, state.disc_state, micro[0], frozen, flags,
+                               rngs[0])[0]
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
-        total, _ = jax.lax.scan(body, zeros, (micro, rngs))
-        return jax.tree.map(lambda x: x / accum, total)
+        (total, disc_state), _ = jax.lax.scan(body, (zeros, state.disc_state), (micro, rngs))
+        return jax.tree.map(lambda x: x / accum, total), disc_state
 
     def train_step(state: common.TrainState, batch, frozen):
         rng = jax.random.fold_in(base_rng, state.step)
         active = (gan.gan_active(state.step, dcfg.start_step) if disc is not None
                   else jnp.float32(0))
-        r = accumulate(state, batch["image"], frozen, active, rng)
+        aux_on = (state.step < aux_end).astype(jnp.float32)
+        r, disc_state = accumulate(state, batch["image"], frozen, (active, aux_on), rng)
         loss, grads = r["loss"], r["grads"]
         grad_norm = optim.global_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -244,6 +435,8 @@ def make_train_step(model: nn.Module, tx, schedule, config, teacher=None, percep
                   & jnp.isfinite(optim.global_norm(updates)))
         scalars = dict(loss=loss, grad_norm=grad_norm, lr=schedule(state.step), **r["extras"],
                        **{f"loss_{k}": v for k, v in r["terms"].items()})
+        if any(k in weights for k in WARMUP_TERMS):
+            scalars["warmup_losses_active"] = aux_on
         if disc is not None:
             d_updates, d_opt = disc_tx.update(r["d_grads"], state.disc_opt_state,
                                               state.disc_params)
@@ -254,6 +447,7 @@ def make_train_step(model: nn.Module, tx, schedule, config, teacher=None, percep
             keep = lambda n, o: jax.tree.map(lambda a, b: jnp.where(on, a, b), n, o)  # noqa
             new = new.replace(disc_params=keep(d_params, state.disc_params),
                               disc_opt_state=keep(d_opt, state.disc_opt_state),
+                              disc_state=keep(disc_state, state.disc_state),
                               lecam=keep(lecam, state.lecam))
             finite = finite & jnp.isfinite(r["d_loss"])
             scalars.update(d_loss=r["d_loss"], gan_active=active,
@@ -269,14 +463,15 @@ def make_eval_step(model: nn.Module, teacher=None):
     judged through the teacher: pixels = teacher.decode(argmax logits)."""
     num_codes = getattr(model, "num_codes", None)
     outputs_pixels = getattr(model, "outputs_pixels", True)
+    to_model, to_unit = pixel_range_fns(model)
 
     def eval_step(params, batch, frozen):
         images = batch["image"]
-        out, aux = model.apply({"params": params}, images)
+        out, aux = model.apply({"params": params}, to_model(images))
         mask = batch["mask"].astype(jnp.float32)
         sums = {}
         if outputs_pixels:
-            recon = out
+            recon = to_unit(out)
         else:
             if teacher is None:
                 raise ValueError("A proxy-code model needs the teacher to evaluate.")
@@ -375,25 +570,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     log = _print if is_chief else _quiet
 
     # ---------------------------------------------------------------- frozen networks, GAN
-    frozen = {}
-    teacher = build_teacher(config)
-    if teacher is not None:
-        frozen["teacher"] = teacher[1]
-    perceptual = None
-    if config.losses.perceptual:
-        from tok1d import perceptual as perceptual_lib
-        perceptual = perceptual_lib.make_perceptual(
-            config.perceptual.kind, config.perceptual.weights or None,
-            allow_random_init=config.perceptual.allow_random_init,
-            image_size=config.perceptual.image_size)
-        frozen["perceptual"] = perceptual.params
+    teacher, perceptual, frozen = build_frozen(config, model)
     frozen = replicate(frozen, mesh)
     disc = build_discriminator(config)
     disc_tx = init_disc = None
     if disc is not None:
-        disc_steps = max(config.total_steps - config.discriminator.start_step, 1)
-        disc_tx, _ = optim.make_optimizer(config.disc_optim, disc_steps)
-        init_disc = lambda rng: disc.init(rng, dummy)["params"]  # noqa: E731
+        start = config.discriminator.start_step
+        if config.discriminator.global_schedule:  # GigaTok: D's lr follows the global step
+            disc_steps, offset = config.total_steps, start
+        else:  # TiTok: D's schedule (and warm-up) starts when D does
+            disc_steps, offset = max(config.total_steps - start, 1), 0
+
+        def _init_disc(rng):
+            return disc.init({"params": rng, "crop": rng}, dummy)
+
+        init_disc = _init_disc
+        disc_shapes = nn.unbox(jax.eval_shape(init_disc, jax.random.key(0))["params"])
+        disc_tx, _ = optim.make_optimizer(config.disc_optim, disc_steps, disc_shapes,
+                                          step_offset=offset)
 
     # ---------------------------------------------------------------- state
     abstract, shardings, init = common.state_shardings_and_init(
@@ -407,6 +601,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                                train_iter)
     if first_step == 0:
         state = load_initial_weights(config, state, log)
+        trunk = load_disc_trunk(config, disc) if disc is not None else None
+        if trunk is not None:
+            state = state.replace(disc_params={**state.disc_params, "trunk": _put_like(
+                trunk, state.disc_params["trunk"])})
+            log(f"Discriminator trunk loaded from {config.discriminator.weights}.")
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     logging.info("Model %s: %.2fM parameters; starting at step %d.", config.model.name,
                  num_params / 1e6, first_step)

@@ -1,0 +1,226 @@
+"""GigaTok training on the embedded data with a tiny model and tiny frozen networks: every loss
+term (L2, LPIPS, VQ, entropy, semantic vs DINOv2, warm-up feature-reconstruction and shortcut
+terms, PatchGAN) is finite and the learnable ones drop; switching the semantic or the entropy
+loss off removes exactly that term; the DINOv2 teacher is frozen (no gradient, no optimizer
+state); the warm-up terms stop at aux_loss_end_step; every GigaTok config validates."""
+
+import importlib.util
+import json
+import os
+
+import flax.traverse_util as tu
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from conftest import REPO
+
+from tok1d import config_lib, losses, pretrained, recipes
+from tok1d.data import pipeline, sources
+from tok1d.trainers import tokenizer
+
+# Tiny GigaTok: 32 px, CNN 32 channels down to an 8x8 map (64 decoder tokens), 16 latent tokens.
+TINY_MODEL = dict(encoder_ch=32, decoder_ch=32, encoder_ch_mult=(1, 1, 1),
+                  decoder_ch_mult=(1, 1, 1), num_res_blocks=1, z_channels=32,
+                  encoder_width=32, encoder_depth=1, encoder_heads=2, decoder_width=32,
+                  decoder_depth=2, decoder_heads=2, num_latent_tokens=16, codebook_size=64,
+                  distill_depth=1, out_inner_dim=32, remat="none")
+# Tiny DINOv2 teacher (patch 14, width 32): 8x8 patches at 112 px.
+TINY_TEACHER = dict(embed_dim=32, depth=1, num_heads=2)
+
+
+def tiny(config, steps, aux_end=0, gan_start=None):
+    config.total_steps = steps
+    config.batch_size = config.eval_batch_size = 16
+    config.precision = "float32"
+    config.model = dict(name="gigatok", **TINY_MODEL)
+    config.data.update(name="demo", image_size=32, eval_examples=16, demo_size=512,
+                       num_workers=0)
+    config.aux_loss_end_step = aux_end
+    if not aux_end:
+        config.losses.update(fea_rec=0.0, shortcut=0.0)
+    config.teacher.model = dict(TINY_TEACHER)
+    config.teacher.allow_random_init = True
+    config.perceptual.allow_random_init = True
+    config.discriminator.model = dict(base_channels=16, num_layers=2)
+    config.discriminator.start_step = steps if gan_start is None else gan_start
+    for o in (config.optim, config.disc_optim):
+        o.update(lr=5e-4, warmup_steps=2)
+    config.mesh.update(data=-1, fsdp=1)
+    config.log_every_steps = 1
+    config.eval_every_steps = 1000
+    config.checkpoint.update(every_steps=1000, keep=1, async_save=False)
+    config.num_grid_images = 4
+    return config
+
+
+def rows(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if '"train/loss"' in line]
+
+
+def series(workdir, key):
+    return [r[f"train/{key}"] for r in rows(workdir) if f"train/{key}" in r]
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """B-L recipe with every term on (plus the entropy term, which B-L leaves at 0 and which
+    keeps this tiny codebook from collapsing): warm-up terms until step 10, GAN from step 14."""
+    config = tiny(recipes.gigatok("b_l"), steps=20, aux_end=10, gan_start=14)
+    config.losses.entropy = 0.1
+    workdir = str(tmp_path_factory.mktemp("gigatok_full"))
+    result = tokenizer.train_and_evaluate(config, workdir)
+    return config, workdir, result
+
+
+def test_every_term_is_finite_and_the_learned_ones_drop(full_run):
+    _, workdir, result = full_run
+    for term in ("l2", "perceptual", "quantizer", "entropy", "semantic", "fea_rec", "shortcut",
+                 "gan"):
+        values = series(workdir, f"loss_{term}")
+        assert len(values) == 20 and np.all(np.isfinite(values)), (term, values)
+    assert np.all(np.isfinite(series(workdir, "d_loss")))
+    for term, stop in (("l2", 14), ("perceptual", 14), ("semantic", 14), ("quantizer", 14),
+                       ("entropy", 20), ("fea_rec", 10), ("shortcut", 10)):
+        v = series(workdir, f"loss_{term}")[:stop]  # before the GAN / the warm-up end
+        assert np.mean(v[-3:]) < np.mean(v[:3]), (term, v)
+    assert np.isfinite(result["psnr"]) and 0 < result["codebook_usage"] <= 1
+
+
+def test_warmup_terms_and_the_gan_start_on_schedule(full_run):
+    _, workdir, _ = full_run
+    assert series(workdir, "warmup_losses_active") == [1.0] * 10 + [0.0] * 10
+    shortcut = series(workdir, "loss_shortcut")
+    assert all(v > 0 for v in shortcut[:10]) and all(v == 0 for v in shortcut[10:])
+    assert series(workdir, "gan_active") == [0.0] * 14 + [1.0] * 6
+
+
+def test_only_the_tokenizer_is_optimized(full_run):
+    _, workdir, _ = full_run
+    state = pretrained._restore_numpy(pretrained._latest_training_state(workdir))
+    assert set(state["params"]) == {"encoder", "decoder", "vit_encoder", "vit_decoder",
+                                    "quant_conv", "post_quant_conv", "quantize"}
+    params = tu.flatten_dict(state["params"])
+    moments = [x for x in jax.tree.leaves(state["opt_state"]) if np.ndim(x) > 0]
+    assert len(moments) == 2 * len(params)  # Adam mu and nu per tokenizer param, nothing else
+
+
+@pytest.fixture(scope="module")
+def loss_setup():
+    """The generator objective of the tiny B-L recipe, with every term on, on demo images."""
+    config = tiny(recipes.gigatok("b_l"), steps=4, aux_end=2, gan_start=0)
+    config.losses.entropy = 0.05
+    model = tokenizer.build_model(config)
+    teacher, perceptual, frozen = tokenizer.build_frozen(config, model)
+    disc = tokenizer.build_discriminator(config)
+    src = sources.get_source("demo", "train", demo_size=8)
+    images = jnp.asarray(np.stack([pipeline.preprocess(src[i]["image"], image_size=32,
+                                                       augment="center_crop", flip=False,
+                                                       min_scale=1.0, rng=None)
+                                   for i in range(4)]))
+    params = model.init(jax.random.key(0), images)["params"]
+    disc_params = disc.init(jax.random.key(1), images)["params"]
+    return config, model, teacher, perceptual, disc, frozen, params, disc_params, images
+
+
+def objective(setup, **weights):
+    config, model, teacher, perceptual, disc, frozen, params, disc_params, images = setup
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.losses.update(weights)
+    fn = tokenizer.make_loss_fn(model, config, teacher, perceptual, disc)
+    return jax.jit(lambda p, f: fn(p, images, f, disc_params, 1.0, 1.0, jax.random.key(2))), \
+        params, frozen
+
+
+def test_switching_a_term_off_removes_exactly_that_term(loss_setup):
+    fn, params, frozen = objective(loss_setup)
+    total, (terms, _, _) = fn(params, frozen)
+    weights = loss_setup[0].losses
+    assert set(terms) == {"l2", "perceptual", "quantizer", "entropy", "semantic", "fea_rec",
+                          "shortcut", "gan"}
+    for term in ("semantic", "entropy"):
+        fn_off, _, _ = objective(loss_setup, **{term: 0.0})
+        total_off, (terms_off, _, _) = fn_off(params, frozen)
+        assert set(terms_off) == set(terms) - {term}
+        np.testing.assert_allclose(total_off, total - weights[term] * terms[term], rtol=1e-5,
+                                   atol=1e-6)
+        for name in terms_off:
+            np.testing.assert_allclose(terms_off[name], terms[name], rtol=1e-6)
+
+
+def test_the_frozen_networks_get_no_gradient(loss_setup):
+    fn, params, frozen = objective(loss_setup)
+    g_params, g_frozen = jax.grad(lambda p, f: fn(p, f)[0], argnums=(0, 1))(params, frozen)
+    assert set(g_frozen) == {"teacher", "perceptual"}
+    assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(g_frozen))
+    # ... while the tokenizer, including the semantic head, does get one.
+    head = g_params["vit_decoder"]["distill_mlp"]
+    assert all(np.any(np.asarray(x)) for x in jax.tree.leaves(head))
+    teacher = loss_setup[2][0]
+    assert teacher.embed_dim == 32 and teacher.pos_grid == 8  # the decoder's 8x8 grid
+
+
+def test_semantic_loss_is_mean_negative_cosine():
+    s = np.random.default_rng(0).normal(size=(3, 5, 4)).astype(np.float32)
+    t = np.random.default_rng(1).normal(size=(3, 5, 4)).astype(np.float32)
+    cos = np.sum(s * t, -1) / (np.linalg.norm(s, axis=-1) * np.linalg.norm(t, axis=-1))
+    np.testing.assert_allclose(losses.semantic_cosine(jnp.asarray(s), jnp.asarray(t)),
+                               -cos.mean(), rtol=1e-6)
+    with pytest.raises(ValueError, match="teacher's patch grid"):
+        losses.semantic_cosine(jnp.asarray(s), jnp.asarray(t[:, :4]))
+
+
+def test_missing_teacher_weights_fail_with_the_download_hint():
+    config = recipes.gigatok("s_s")
+    with pytest.raises(config_lib.ConfigError, match="dinov2_vitb14_pretrain.pth"):
+        tokenizer.build_teacher(config)
+
+
+def test_semantic_loss_without_the_dinov2_teacher_is_a_config_error():
+    config = recipes.gigatok("s_s")
+    config.teacher.name = "maskgit_vqgan"
+    with pytest.raises(config_lib.ConfigError, match="losses.semantic=0.5 needs "
+                                                     "teacher.name='dinov2'"):
+        config_lib.validate(config, num_devices=8)
+
+
+GIGATOK_CONFIGS = ["gigatok_s_s.py", "gigatok_s_b.py", "gigatok_b_l.py", "gigatok_xl_xxl.py",
+                   "gigatok_s_s_2d.py", "gigatok_s_b_2d.py", "gigatok_b_l_2d.py",
+                   "gigatok_b_l_dino_disc.py"]
+
+
+@pytest.mark.parametrize("name", GIGATOK_CONFIGS)
+def test_gigatok_configs_validate_on_a_pod(name):
+    spec = importlib.util.spec_from_file_location("cfg", os.path.join(REPO, "configs", name))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    config = mod.get_config()
+    config_lib.validate(config, num_devices=64)  # e.g. a v5p-128 slice (64 chips)
+    assert config.batch_size * config.total_steps in (128 * 1_000_000, 128 * 2_000_000,
+                                                      256 * 1_000_000, 256 * 1_500_000)
+    assert config.optim.b2 == 0.95 and config.optim.grad_clip == 10.0
+    assert config.losses.semantic == 0.5 and config.teacher.name == "dinov2"
+
+
+def test_schedules_are_cosine_v2_and_the_disc_follows_the_global_step():
+    """GigaTok's `cosine_v2`: lr * (t/w + (1 - t/w)/100) during warm-up, then
+    end + (lr - end)/2 * (1 + cos(pi * (t - w)/(T - w))); scheduler_disc(train_steps)."""
+    from tok1d import optim
+    config = recipes.gigatok("xl_xxl")
+    o, total = config.optim, config.total_steps
+    _, schedule = optim.make_optimizer(o, total)
+    w, lr, end = o.warmup_steps, o.lr, o.end_lr
+
+    def official(t):
+        if t < w:
+            return lr * (t / w + (1 - t / w) / 100)
+        return end + 0.5 * (lr - end) * (1 + np.cos(np.pi * (t - w) / (total - w)))
+
+    for t in (0, 1, 2500, 4999, 5000, 100_000, 750_000, total - 1):
+        assert float(schedule(t)) == pytest.approx(official(t), rel=1e-5)
+    start = config.discriminator.start_step
+    _, d_schedule = optim.make_optimizer(config.disc_optim, total, step_offset=start)
+    for count in (0, 1000, 500_000):  # the D's count c is the global step start + c
+        assert float(d_schedule(count)) == pytest.approx(official(start + count), rel=1e-5)
