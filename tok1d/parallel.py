@@ -36,7 +36,7 @@ DEFAULT_RULES = (
     ("kv", None),
     ("vocab", "tensor"),
     ("conv_out", "tensor"),
-    ("conv_in", None),
+    ("conv_in", "fsdp"),      # conv kernels (h, w, in, out): in over fsdp like a Dense's embed
     ("conv_h", None),
     ("conv_w", None),
     ("length", None),

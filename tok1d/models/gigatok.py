@@ -226,8 +226,8 @@ class DistillMlp(nn.Module):
             kernel_init=logical(layers.default_kernel_init, names),
             bias_init=logical(nn.initializers.zeros, names[1:]), name=name)
         x = nn.silu(dense(4 * self.width, ("embed", "mlp"), "fc_0")(x))
-        x = nn.silu(dense(4 * self.width, (None, "mlp"), "fc_1")(x))
-        return dense(self.out_dim, ("mlp", None), "fc_2")(x).astype(jnp.float32)
+        x = nn.silu(dense(4 * self.width, ("embed", "mlp"), "fc_1")(x))
+        return dense(self.out_dim, ("mlp", "embed"), "fc_2")(x).astype(jnp.float32)
 
 
 def _maybe_remat(cls, policy: str):
