@@ -52,12 +52,17 @@ def base(total_steps: int, warmup: int, b2: float) -> ml_collections.ConfigDict:
     o = config.optim
     o.lr, o.end_lr, o.warmup_steps, o.schedule = 1e-4, 1e-5, warmup, "cosine"
     o.b1, o.b2, o.eps, o.weight_decay, o.grad_clip = 0.9, b2, 1e-8, 1e-4, 1.0
+    pod_run(config)
+    return config
+
+
+def pod_run(config: ml_collections.ConfigDict) -> None:
+    """FSDP over all devices, logs every 100 steps, eval every 50k, checkpoints every 5k."""
     config.mesh.data, config.mesh.fsdp = 1, -1
     config.log_every_steps = 100
     config.eval_every_steps = 50_000
     config.checkpoint.every_steps = 5_000
     config.checkpoint.keep = 3
-    return config
 
 
 def two_stage_model(variant: str, stage: int) -> dict:
@@ -198,9 +203,5 @@ def gigatok(preset: str, dino_disc: bool = False,
     if dino_disc:  # VQ_BL256_dino_disc: frozen DINO ViT-S/16 trunk, trainable heads, DiffAug
         d.name, d.start_step, d.diffaug_prob, d.diffaug_cutout = "dino", 80_000, 1.0, 0.2
         config.disc_optim.freeze = "trunk"
-    config.mesh.data, config.mesh.fsdp = 1, -1
-    config.log_every_steps = 100
-    config.eval_every_steps = 50_000
-    config.checkpoint.every_steps = 5_000
-    config.checkpoint.keep = 3
+    pod_run(config)
     return config
