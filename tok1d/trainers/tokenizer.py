@@ -222,9 +222,7 @@ def load_initial_weights(config, state: common.TrainState, log) -> common.TrainS
         new_flat = flax.traverse_util.flatten_dict(merged)
         for key in done:
             k = tuple(key.split("/"))
-            value = np.asarray(new_flat[k])
-            flat[k] = jax.make_array_from_callback(value.shape, flat[k].sharding,
-                                                   lambda idx, v=value: v[idx])
+            flat[k] = _put_like(new_flat[k], flat[k])
         groups = sorted({d.split("/")[0] for d in done})
         log(f"Initialised {len(done)} parameter arrays ({', '.join(groups)}) from {path}.")
     params = flax.traverse_util.unflatten_dict(flat)
