@@ -130,19 +130,20 @@ def objective(setup, **weights):
     config = ml_collections.ConfigDict(config.to_dict())
     config.losses.update(weights)
     fn = tokenizer.make_loss_fn(model, config, teacher, perceptual, disc)
-    return jax.jit(lambda p, f: fn(p, images, f, disc_params, 1.0, 1.0, jax.random.key(2))), \
+    return jax.jit(lambda p, f: fn(p, images, f, disc_params, None, 1.0, 1.0,
+                                    jax.random.key(2))), \
         params, frozen
 
 
 def test_switching_a_term_off_removes_exactly_that_term(loss_setup):
     fn, params, frozen = objective(loss_setup)
-    total, (terms, _, _) = fn(params, frozen)
+    total, (terms, _, _, _) = fn(params, frozen)
     weights = loss_setup[0].losses
     assert set(terms) == {"l2", "perceptual", "quantizer", "entropy", "semantic", "fea_rec",
                           "shortcut", "gan"}
     for term in ("semantic", "entropy"):
         fn_off, _, _ = objective(loss_setup, **{term: 0.0})
-        total_off, (terms_off, _, _) = fn_off(params, frozen)
+        total_off, (terms_off, _, _, _) = fn_off(params, frozen)
         assert set(terms_off) == set(terms) - {term}
         np.testing.assert_allclose(total_off, total - weights[term] * terms[term], rtol=1e-5,
                                    atol=1e-6)
