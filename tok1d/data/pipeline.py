@@ -44,13 +44,16 @@ def center_crop(img: np.ndarray, size: int) -> np.ndarray:
     return img[top:top + size, left:left + size]
 
 
-def random_crop(img: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-    """Resize the shorter side to `size`, then a random `size` x `size` crop (TiTok's recipe)."""
-    img = resize_shorter(img, size)
+def _random_square(img: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
     h, w = img.shape[:2]
     top = int(rng.integers(0, h - size + 1))
     left = int(rng.integers(0, w - size + 1))
     return img[top:top + size, left:left + size]
+
+
+def random_crop(img: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Resize the shorter side to `size`, then a random `size` x `size` crop (TiTok's recipe)."""
+    return _random_square(resize_shorter(img, size), size, rng)
 
 
 def adm_random_crop(img: np.ndarray, size: int, rng: np.random.Generator,
@@ -58,7 +61,7 @@ def adm_random_crop(img: np.ndarray, size: int, rng: np.random.Generator,
     """ADM's `random_crop_arr` (GigaTok, LlamaGen): resize the shorter side to a random integer
     in [size, ceil(size / min_crop_frac)] (256..320 for 256 px), then a random square crop."""
     shorter = int(rng.integers(size, math.ceil(size / min_crop_frac) + 1))
-    return random_crop(resize_shorter(img, shorter), size, rng)
+    return _random_square(resize_shorter(img, shorter), size, rng)
 
 
 def random_resized_crop(img: np.ndarray, size: int, rng: np.random.Generator,
