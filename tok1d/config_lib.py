@@ -240,8 +240,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         if losses[term] and config.aux_loss_end_step <= 0:
             problems.append(f"losses.{term}={losses[term]} is a warm-up term but "
                             f"aux_loss_end_step={config.aux_loss_end_step}: it would never apply "
-                            "(set losses.{term}=0 or aux_loss_end_step > 0)".replace("{term}",
-                                                                                    term))
+                            f"(set losses.{term}=0 or aux_loss_end_step > 0)")
     for key in ("total_steps", "batch_size", "eval_batch_size", "log_every_steps"):
         if config[key] <= 0:
             problems.append(f"{key}={config[key]} must be positive")

@@ -156,8 +156,8 @@ def make_disc_apply(disc: nn.Module, dcfg, model: nn.Module):
     takes_train = "train" in inspect.signature(disc.__call__).parameters
     _, to_unit = pixel_range_fns(model)
     to_disc, _ = pixel_range_fns(disc)
-    convert = getattr(disc, "pixel_range", None) not in (None, getattr(model, "pixel_range",
-                                                                        (0.0, 1.0)))
+    disc_range = getattr(disc, "pixel_range", None)
+    convert = disc_range is not None and disc_range != getattr(model, "pixel_range", (0.0, 1.0))
 
     def apply(params, state, images, rng):
         if convert:
