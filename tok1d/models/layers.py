@@ -227,24 +227,27 @@ class Block(nn.Module):
     qkv_bias: bool = True
     use_bias: bool = True
     attention_impl: Optional[str] = None
+    dropout_rate: float = 0.0  # on each branch output before the residual add (BERT, LlamaGen)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None,
+                 deterministic: bool = True) -> jax.Array:
         norm = functools.partial(make_norm, self.norm, self.norm_eps, self.dtype, self.param_dtype)
         attn = Attention(self.num_heads, qkv_bias=self.qkv_bias, out_bias=self.use_bias,
                          implementation=self.attention_impl, dtype=self.dtype,
                          param_dtype=self.param_dtype, name="attn")
         mlp = Mlp(self.mlp_dim, activation=self.activation, use_bias=self.use_bias,
                   dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")
+        drop = nn.Dropout(self.dropout_rate, deterministic=deterministic or not self.dropout_rate)
         x = constrain(x)
         if self.pre_norm:
-            x = x + attn(norm(name="ln_1")(x), mask)
-            x = x + mlp(norm(name="ln_2")(x))
+            x = x + drop(attn(norm(name="ln_1")(x), mask))
+            x = x + drop(mlp(norm(name="ln_2")(x)))
         else:
-            x = norm(name="ln_1")(x + attn(x, mask))
-            x = norm(name="ln_2")(x + mlp(x))
+            x = norm(name="ln_1")(x + drop(attn(x, mask)))
+            x = norm(name="ln_2")(x + drop(mlp(x)))
         return constrain(x)
 
 
@@ -252,8 +255,9 @@ class _ScanBlock(Block):
     """`Block` with the (carry, xs) -> (carry, ys) signature that `nn.scan` needs."""
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None):  # type: ignore[override]
-        return super().__call__(x, mask), None
+    def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None,  # type: ignore[override]
+                 deterministic: bool = True):
+        return super().__call__(x, mask, deterministic), None
 
 
 class Transformer(Block):
@@ -275,20 +279,21 @@ class Transformer(Block):
                 if f.name not in ("parent", "name")}
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None,
+                 deterministic: bool = True) -> jax.Array:
         block_cls = _ScanBlock if self.scan else Block
         if self.remat != "none":
             block_cls = nn.remat(block_cls, policy=remat_policy(self.remat),
-                                 prevent_cse=not self.scan)
+                                 prevent_cse=not self.scan, static_argnums=(3,))
         if self.scan:
             stack = nn.scan(block_cls, variable_axes={"params": 0},
                             split_rngs={"params": True, "dropout": True},
-                            in_axes=nn.broadcast, length=self.depth,
+                            in_axes=(nn.broadcast, nn.broadcast), length=self.depth,
                             metadata_params={nn.PARTITION_NAME: "layers"})
-            x, _ = stack(**self._block_kwargs(), name="blocks")(x, mask)
+            x, _ = stack(**self._block_kwargs(), name="blocks")(x, mask, deterministic)
             return x
         for i in range(self.depth):
-            x = block_cls(**self._block_kwargs(), name=f"blocks_{i}")(x, mask)
+            x = block_cls(**self._block_kwargs(), name=f"blocks_{i}")(x, mask, deterministic)
         return x
 
 
