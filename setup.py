@@ -17,6 +17,7 @@ INSTALL_REQUIRES = [
     "msgpack>=1.0",
     "tensorboard>=2.16",   # event-file writer only; TensorFlow itself is NOT needed.
     "scikit-image>=0.22",  # bundled photos = the embedded demo dataset.
+    "scikit-learn>=1.3",   # bundled digits (demo generator data) + the demo classifier.
     "tqdm>=4.60",
 ]
 

@@ -4,6 +4,8 @@ A source has `__len__` and `__getitem__(i) -> {"image": bytes | uint8 array, "la
 images are decoded (and augmented) later, in the grain pipeline, on the host that needs them.
 
   "demo"                 crops of the photos bundled with scikit-image (no download)
+  "digits"               scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes),
+                         upscaled to RGB: a tiny class-labelled set for generator demos
   "tfds:<name>"          a TFDS dataset prepared in array_record format, read with
                          `tfds.data_source` (no TensorFlow): ImageNet-1k is "tfds:imagenet2012"
   "array_record:<dir>"   a folder prepared by `python -m tok1d.data.prepare`
@@ -12,6 +14,9 @@ images are decoded (and augmented) later, in the grain pipeline, on the host tha
 from __future__ import annotations
 
 import functools
+import gzip
+import importlib.util
+import os
 from typing import Any
 
 import numpy as np
@@ -49,6 +54,8 @@ class DemoSource:
     25%: the eval pixels are never seen in training.
     """
 
+    num_classes = len(DEMO_PHOTOS)  # the label is the photo's index
+
     def __init__(self, split: str, size: int = 4096, min_frac: float = 0.35,
                  max_frac: float = 0.9):
         if split not in ("train", "validation", "eval", "test"):
@@ -72,6 +79,103 @@ class DemoSource:
         return {"image": region[top:top + side, left:left + side], "label": label}
 
 
+DIGITS_FILE = os.path.join("datasets", "data", "digits.csv.gz")  # inside the sklearn package
+DIGITS_EVAL_FRACTION = 0.1  # held out per class (fixed draw), never used for training
+DIGITS_SPLIT_SEED = 0
+DIGITS_DEFAULT_SIZE = 32
+
+
+@functools.lru_cache(maxsize=None)
+def load_digits_array() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as (images (1797, 8, 8) uint8 in 0..16, labels (1797,) int64).
+
+    Reads the CSV bundled inside the installed scikit-learn package directly (no network, and
+    scikit-learn itself is not imported); falls back to `sklearn.datasets.load_digits`."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None:
+        raise ImportError("The 'digits' dataset ships with scikit-learn; "
+                          "install it with `pip install scikit-learn`.")
+    for root in spec.submodule_search_locations or ():
+        path = os.path.join(root, DIGITS_FILE)
+        if os.path.isfile(path):
+            with gzip.open(path, "rt") as f:
+                table = np.loadtxt(f, delimiter=",")
+            break
+    else:  # Unusual install layout: let scikit-learn find its own file.
+        from sklearn.datasets import load_digits
+        bunch = load_digits()
+        table = np.concatenate([bunch.data, bunch.target[:, None]], axis=1)
+    if table.ndim != 2 or table.shape[1] != 65:
+        raise ValueError(f"Unexpected digits table of shape {table.shape}; expected (N, 65).")
+    images = table[:, :64].reshape(-1, 8, 8).astype(np.uint8)
+    return images, table[:, 64].astype(np.int64)
+
+
+def digits_split_indices(labels: np.ndarray, split: str) -> np.ndarray:
+    """Sorted indices of `split`: per class, a fixed random DIGITS_EVAL_FRACTION (rounded, at
+    least one) is held out for "validation" (= "eval" = "test"); the rest is "train"."""
+    rng = np.random.default_rng(DIGITS_SPLIT_SEED)
+    held = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        k = max(1, int(round(DIGITS_EVAL_FRACTION * len(members))))
+        held.append(rng.permutation(members)[:k])
+    held = np.sort(np.concatenate(held))
+    if split == "train":
+        return np.setdiff1d(np.arange(len(labels)), held)
+    return held
+
+
+def upscale_digit(digit: np.ndarray, size: int) -> np.ndarray:
+    """An 8x8 digit in 0..16 -> (size, size, 3) uint8, white on black: a 1-pixel black margin
+    is added (so strokes touching the border are not cut), then a bicubic resize of the
+    float image (smooth strokes), clipped to 0..255."""
+    from PIL import Image  # Local import, as in records.py users.
+    padded = np.pad(digit.astype(np.float32) * (255.0 / 16.0), 1)
+    big = Image.fromarray(padded).resize((size, size), Image.BICUBIC)
+    gray = np.clip(np.rint(np.asarray(big)), 0, 255).astype(np.uint8)
+    return np.repeat(gray[..., None], 3, axis=-1)
+
+
+class DigitsSource:
+    """scikit-learn's handwritten digits (UCI optdigits test set: 1797 8x8 images, labels 0..9)
+    as RGB images of `image_size` pixels, white digits on black.
+
+    Splits: "train" (1618 images) and "validation" (alias "eval", "test"; 179 images), a
+    fixed draw of 10% of every class; the two are disjoint and the same in every run. Items
+    are {"image": (image_size, image_size, 3) uint8, "label": int} in the order of the
+    original file.
+    """
+
+    num_classes = 10
+    class_names = [str(d) for d in range(10)]
+
+    def __init__(self, split: str, image_size: int = DIGITS_DEFAULT_SIZE):
+        if split not in ("train", "validation", "eval", "test"):
+            raise ValueError(f"Digits data has splits 'train' and 'validation' (alias 'eval', "
+                             f"'test'), not {split!r}.")
+        if image_size < 8:
+            raise ValueError(f"Digits image_size must be >= 8, got {image_size}.")
+        images, labels = load_digits_array()
+        self.split, self.image_size = split, int(image_size)
+        self.indices = digits_split_indices(labels, split)
+        self._digits, self._labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = int(index)
+        if not 0 <= index < len(self.indices):
+            raise IndexError(index)
+        i = self.indices[index]
+        return {"image": upscale_digit(self._digits[i], self.image_size),
+                "label": int(self._labels[i])}
+
+    def __repr__(self) -> str:
+        return f"DigitsSource(split={self.split!r}, image_size={self.image_size}, n={len(self)})"
+
+
 class TfdsSource:
     """A TFDS dataset in array_record format through `tfds.data_source` (no TensorFlow)."""
 
@@ -83,19 +187,31 @@ class TfdsSource:
     def __len__(self) -> int:
         return len(self._source)
 
+    @property
+    def num_classes(self) -> int | None:
+        """Number of classes of the "label" feature (None if the dataset has none)."""
+        try:
+            return int(self._source.dataset_info.features["label"].num_classes)
+        except (AttributeError, KeyError, TypeError):
+            return None
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self._source[index]
         return {"image": record["image"], "label": int(record.get("label", 0))}
 
 
-def get_source(name: str, split: str, *, data_dir: str = "", demo_size: int = 4096):
-    """Builds the source named by `config.data.name` for one split."""
+def get_source(name: str, split: str, *, data_dir: str = "", demo_size: int = 4096,
+               image_size: int = 0):
+    """Builds the source named by `config.data.name` for one split. `image_size` is the native
+    size of the "digits" images (0: DIGITS_DEFAULT_SIZE); the other sources ignore it."""
     if name == "demo":
         return DemoSource(split, size=demo_size)
+    if name == "digits":
+        return DigitsSource(split, image_size=image_size or DIGITS_DEFAULT_SIZE)
     if name.startswith("tfds:"):
         return TfdsSource(name[len("tfds:"):], split, data_dir)
     if name.startswith("array_record:"):
         from tok1d.data.records import ArrayRecordImageSource
         return ArrayRecordImageSource(name[len("array_record:"):], split)
-    raise ValueError(f"Unknown data source {name!r}; use 'demo', 'tfds:<name>' or "
+    raise ValueError(f"Unknown data source {name!r}; use 'demo', 'digits', 'tfds:<name>' or "
                      "'array_record:<dir>'.")

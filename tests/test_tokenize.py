@@ -1,0 +1,255 @@
+"""Token datasets: tokenizing with a tiny TiTok on 8 fake devices, resuming, reading them back
+through TokenSource / token_dataset, and the embedded digits source."""
+
+import json
+import os
+import shutil
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from tok1d import models, tokenize
+from tok1d.data import sources, tokens
+
+TINY = dict(image_size=32, patch_size=8, num_latent_tokens=8, encoder_size="nano",
+            decoder_size="nano", codebook_size=64, token_dim=8)
+NUM = 100  # digits tokenized by the shared run
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A tiny random TiTok whose encoder weights are scaled up so that different images (and
+    their mirrors) get different codes."""
+    model = models.create("titok", **TINY)
+    variables = jax.jit(model.init)(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
+    params = nn.unbox(variables)
+    scale = lambda path, x: x * 10 if "encoder" in jax.tree_util.keystr(path) and x.ndim >= 2 \
+        else x  # noqa: E731
+    params = jax.tree_util.tree_map_with_path(scale, jax.tree.map(np.asarray, params["params"]))
+    return model, params
+
+
+@pytest.fixture(scope="module")
+def tokenized(tiny, tmp_path_factory):
+    model, params = tiny
+    out = str(tmp_path_factory.mktemp("tokens") / "digits")
+    summary = tokenize.tokenize_dataset(
+        model, params, sources.DigitsSource("train"), out, split="train", batch_size=20,
+        flip=True, num_shards=3, num_examples=NUM, tokenizer_info={"name": "tiny"},
+        log=lambda _: None)
+    return out, summary
+
+
+def _encode(model, params, images):
+    """Plain single-device encoding (jitted only to skip op-by-op dispatch)."""
+    fn = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode")[1]["codes"])
+    return np.asarray(fn(params, images))
+
+
+def test_codes_equal_the_unsharded_encoder_and_flip_is_the_mirror(tiny, tokenized):
+    model, params = tiny
+    out, summary = tokenized
+    assert summary["shards_written"] == 3 and summary["num_examples"] == NUM
+    assert 1 < summary["distinct_codes"] <= 64 and summary["perplexity"] > 1
+    src = sources.DigitsSource("train")
+    images = np.stack([tokenize.load_image(src[i]["image"], 32) for i in range(NUM)])
+    ts = tokens.TokenSource(out, "train")
+    records = [ts[i] for i in range(NUM)]
+    got = np.stack([r["codes"] for r in records])
+    assert got.shape == (NUM, 2, 8) and got.dtype == np.int32
+    np.testing.assert_array_equal(got[:, 0], _encode(model, params, images))
+    np.testing.assert_array_equal(got[:, 1], _encode(model, params, images[:, :, ::-1]))
+    assert (got[:, 0] != got[:, 1]).any()  # the mirror is a real second variant
+    assert [r["label"] for r in records] == [src[i]["label"] for i in range(NUM)]
+    assert [r["index"] for r in records] == list(range(NUM))
+    info = tokens.read_info(out)
+    assert (info["num_tokens"], info["codebook_size"], info["num_classes"]) == (8, 64, 10)
+    assert info["codes_dtype"] == "int16" and info["tokenizer"] == {"name": "tiny"}
+    split = info["splits"]["train"]
+    assert (split["num_examples"], split["num_variants"], len(split["shards"])) == (NUM, 2, 3)
+    assert (ts.num_tokens, ts.num_variants, ts.codebook_size, ts.num_classes) == (8, 2, 64, 10)
+    assert not [f for f in os.listdir(out) if f.startswith(".")]  # no tmp / plan files left
+
+
+def test_resume_rewrites_only_the_missing_shard(tiny, tokenized, tmp_path):
+    model, params = tiny
+    out = str(tmp_path / "copy")
+    shutil.copytree(tokenized[0], out)
+    shards = sorted(f for f in os.listdir(out) if ".array_record-" in f)
+    before = {f: open(os.path.join(out, f), "rb").read() for f in shards}
+    stats = {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in shards}
+    os.remove(os.path.join(out, shards[1]))
+    summary = tokenize.tokenize_dataset(
+        model, params, sources.DigitsSource("train"), out, split="train", batch_size=20,
+        flip=True, num_shards=3, num_examples=NUM, log=lambda _: None)
+    assert (summary["shards_written"], summary["shards_skipped"]) == (1, 2)
+    for f in shards:
+        assert open(os.path.join(out, f), "rb").read() == before[f]
+    assert os.stat(os.path.join(out, shards[0])).st_mtime_ns == stats[shards[0]]
+    assert os.stat(os.path.join(out, shards[2])).st_mtime_ns == stats[shards[2]]
+    assert summary["distinct_codes"] == tokenized[1]["distinct_codes"]  # read back the others
+    # Other settings or other weights never mix into an existing split.
+    with pytest.raises(ValueError, match="other settings.*num_variants"):
+        tokenize.tokenize_dataset(model, params, sources.DigitsSource("train"), out,
+                                  batch_size=20, flip=False, num_shards=3, num_examples=NUM,
+                                  log=lambda _: None)
+    other = jax.tree.map(lambda x: x + 1.0, params)
+    with pytest.raises(ValueError, match="another tokenizer"):
+        tokenize.tokenize_dataset(model, other, sources.DigitsSource("validation"), out,
+                                  split="validation", batch_size=8, log=lambda _: None)
+
+
+def test_token_dataset_batches_are_seeded_resumable_and_host_sliced():
+    n, num_tokens = 40, 4
+    index = np.arange(n)
+    codes = np.stack([np.repeat(index[:, None], num_tokens, 1),
+                      np.repeat(index[:, None] + 1000, num_tokens, 1)], axis=1)
+    src = tokens.ArrayTokenSource(codes, index % 10)
+    assert (src.num_variants, src.num_tokens, src.codebook_size, src.num_classes) == \
+        (2, 4, 1040, 10)
+    kw = dict(global_batch=8, host_start=0, host_stop=8)
+    it = iter(tokens.token_dataset(src, seed=0, **kw))
+    first = [next(it) for _ in range(10)]  # 2 epochs
+    b = first[0]
+    assert b["codes"].shape == (8, 4) and b["codes"].dtype == np.int32
+    assert b["label"].shape == (8,) and b["label"].dtype == np.int32
+    all_codes = np.concatenate([x["codes"] for x in first])
+    idx, variant = all_codes[:, 0] % 1000, all_codes[:, 0] // 1000
+    assert (all_codes == all_codes[:, :1]).all()
+    np.testing.assert_array_equal(np.concatenate([x["label"] for x in first]), idx % 10)
+    assert set(variant.tolist()) == {0, 1}
+    assert sorted(idx[:40].tolist()) == list(range(40))  # one epoch = a permutation
+    assert idx[:40].tolist() != idx[40:].tolist()  # reshuffled each epoch
+    again = iter(tokens.token_dataset(src, seed=0, **kw))
+    np.testing.assert_array_equal(next(again)["codes"], b["codes"])
+    other = next(iter(tokens.token_dataset(src, seed=1, **kw)))
+    assert not np.array_equal(other["codes"], b["codes"])
+    # Resume from the iterator state.
+    it = iter(tokens.token_dataset(src, seed=0, **kw))
+    for _ in range(3):
+        next(it)
+    state = it.get_state()
+    resumed = iter(tokens.token_dataset(src, seed=0, **kw))
+    resumed.set_state(state)
+    for want in first[3:6]:
+        np.testing.assert_array_equal(next(resumed)["codes"], want["codes"])
+    # Two hosts' rows make up the single-host batch.
+    lo = next(iter(tokens.token_dataset(src, seed=0, global_batch=8, host_start=0, host_stop=3)))
+    hi = next(iter(tokens.token_dataset(src, seed=0, global_batch=8, host_start=3, host_stop=8)))
+    np.testing.assert_array_equal(np.concatenate([lo["codes"], hi["codes"]]), b["codes"])
+    fixed = next(iter(tokens.token_dataset(src, seed=0, variant=1, **kw)))
+    assert (fixed["codes"] >= 1000).all()
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        tokens.token_dataset(src, seed=0, global_batch=64, host_start=0, host_stop=64)
+
+
+def test_token_source_on_disk_feeds_the_pipeline(tokenized):
+    ts = tokens.TokenSource(tokenized[0], "train")
+    batch = next(iter(tokens.token_dataset(ts, global_batch=16, host_start=0, host_stop=16,
+                                           seed=0)))
+    assert batch["codes"].shape == (16, 8) and batch["codes"].dtype == np.int32
+    assert batch["codes"].min() >= 0 and batch["codes"].max() < 64
+    assert batch["label"].dtype == np.int32 and set(batch["label"].tolist()) <= set(range(10))
+
+
+def _write_info(directory, info):
+    with open(os.path.join(directory, tokens.INFO_FILENAME), "w") as f:
+        json.dump(info, f)
+
+
+def test_corrupt_or_mismatched_datasets_fail_clearly(tokenized, tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        tokens.TokenSource(str(tmp_path / "nope"), "train")
+    with pytest.raises(FileNotFoundError, match="tokens_info.json"):
+        tokens.TokenSource(str(tmp_path), "train")
+    out = str(tmp_path / "copy")
+    shutil.copytree(tokenized[0], out)
+    info = tokens.read_info(out)
+    with pytest.raises(KeyError, match="Unknown split 'test'.*train"):
+        tokens.TokenSource(out, "test")
+    with open(os.path.join(out, tokens.INFO_FILENAME), "w") as f:
+        f.write("{not json")
+    with pytest.raises(ValueError, match="Malformed"):
+        tokens.TokenSource(out, "train")
+    _write_info(out, dict(info, format="tok1d.array_record.v1"))
+    with pytest.raises(ValueError, match="format"):
+        tokens.TokenSource(out, "train")
+    _write_info(out, dict(info, num_tokens=9))
+    with pytest.raises(ValueError, match="holds 16 codes.*2 variant.*9 tokens"):
+        tokens.TokenSource(out, "train")
+    bad = json.loads(json.dumps(info))
+    bad["splits"]["train"]["num_examples"] = 7
+    _write_info(out, bad)
+    with pytest.raises(ValueError, match="says 7 examples but the shards hold 100"):
+        tokens.TokenSource(out, "train")
+    _write_info(out, info)
+    os.remove(os.path.join(out, info["splits"]["train"]["shards"][0]))
+    with pytest.raises(FileNotFoundError, match="missing shard files"):
+        tokens.TokenSource(out, "train")
+
+
+def test_clear_errors_for_tokenizer_data_and_image_size(tiny, tmp_path):
+    model, params = tiny
+    with pytest.raises(FileNotFoundError, match="Tokenizer directory not found"):
+        tokenize.load_tokenizer(str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="neither a pretrained directory"):
+        tokenize.load_tokenizer(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="Tokenizer directory not found"):
+        tokenize.describe_tokenizer(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="Unknown data source 'imagenet'"):
+        tokenize.resolve_source("imagenet", "train")
+    with pytest.raises(FileNotFoundError, match="Data directory not found"):
+        tokenize.resolve_source(str(tmp_path / "no_such_dir"), "train")
+    with pytest.raises(FileNotFoundError, match="dataset_info.json"):
+        tokenize.resolve_source(str(tmp_path), "train")
+    with pytest.raises(ValueError, match="Image size mismatch: 64 px.*32 px"):
+        tokenize.tokenize_dataset(model, params, sources.DigitsSource("train"),
+                                  str(tmp_path / "o"), image_size=64)
+
+
+def test_load_tokenizer_from_pretrained_dir_and_training_workdir(tiny, tmp_path):
+    import orbax.checkpoint as ocp
+    from configs import tiny_test
+    from tok1d import pretrained
+
+    model, params = tiny
+    kwargs = {k: v for k, v in TINY.items()}
+    pretrained.save_pretrained(str(tmp_path / "pre"), "titok", kwargs, params)
+    m, p = tokenize.load_tokenizer(str(tmp_path / "pre"))
+    desc = tokenize.describe_tokenizer(str(tmp_path / "pre"))
+    assert desc["kind"] == "pretrained" and m.num_latent_tokens == 8
+    np.testing.assert_array_equal(p["latent_tokens"], params["latent_tokens"])
+    # A training workdir: config.json + checkpoints/<step>/state; EMA params are preferred.
+    work = tmp_path / "work"
+    (work / "checkpoints" / "4").mkdir(parents=True)
+    with open(work / "config.json", "w") as f:
+        json.dump(tiny_test.get_config().to_dict(), f)
+    ema = jax.tree.map(lambda x: x + 1.0, params)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(str(work / "checkpoints" / "4" / "state"), {"params": params, "ema_params": ema})
+    m, p = tokenize.load_tokenizer(str(work))
+    desc = tokenize.describe_tokenizer(str(work))
+    assert desc["kind"] == "workdir" and desc["step"] == 4 and m.codebook_size == 64
+    np.testing.assert_array_equal(p["latent_tokens"], ema["latent_tokens"])
+
+
+def test_digits_source_splits_labels_and_determinism():
+    train, val = sources.DigitsSource("train"), sources.get_source("digits", "validation")
+    assert len(train) + len(val) == 1797 and 170 <= len(val) <= 190
+    assert not set(train.indices.tolist()) & set(val.indices.tolist())
+    assert sources.DigitsSource("test").indices.tolist() == val.indices.tolist()
+    item = train[0]
+    assert item["image"].shape == (32, 32, 3) and item["image"].dtype == np.uint8
+    assert item["image"].max() > 200 and item["image"][0, 0].tolist() == [0, 0, 0]
+    labels = [val[i]["label"] for i in range(len(val))]
+    assert sorted(set(labels)) == list(range(10))
+    assert min(np.bincount(labels)) >= 17  # ~10% of every class is held out
+    np.testing.assert_array_equal(sources.DigitsSource("train")[5]["image"], train[5]["image"])
+    big = sources.get_source("digits", "train", image_size=64)[0]["image"]
+    assert big.shape == (64, 64, 3)
+    with pytest.raises(ValueError, match="splits 'train' and 'validation'"):
+        sources.DigitsSource("holdout")
+    with pytest.raises(IndexError):
+        train[len(train)]
