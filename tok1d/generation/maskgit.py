@@ -1,0 +1,247 @@
+"""MaskGIT training masks, loss and iterative parallel decoding (TiTok's generators).
+
+Reproduces bytedance/1d-tokenizer `ImageBert.masking_input_tokens` (training masks),
+`MLMLoss` (the loss) and `ImageBert.generate` (sampling), the latter as one jitted program
+(a `lax.fori_loop` over the decoding steps).
+
+Models follow the `tok1d.models.maskgit` interface: `model.apply({"params": p}, tokens, labels)
+-> (B, N, K) logits`, `model.mask_id` (= K), `model.null_label` (the unconditional label).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# --------------------------------------------------------------------------- schedules
+
+
+def _xp(r: Any):
+    return jnp if isinstance(r, jax.Array) else np
+
+
+def mask_ratio(schedule: str, r: Any) -> Any:
+    """Fraction of tokens that are masked at progress r in [0, 1] (1 at r = 0, 0 at r = 1).
+
+    arccos  arccos(r) / (pi/2)   the official TiTok schedule (training and sampling)
+    cosine  cos(pi/2 * r)        MaskGIT's default
+    linear  1 - r
+    square  1 - r^2              (MaskGIT "pow" with exponent 2)
+    cubic   1 - r^3
+    sqrt    1 - sqrt(r)
+
+    Works on NumPy values / Python floats (float64) and on JAX arrays.
+    """
+    xp = _xp(r)
+    if schedule == "arccos":
+        return xp.arccos(r) / (math.pi * 0.5)
+    if schedule == "cosine":
+        return xp.cos(math.pi * 0.5 * r)
+    if schedule == "linear":
+        return 1.0 - r
+    if schedule == "square":
+        return 1.0 - r ** 2
+    if schedule == "cubic":
+        return 1.0 - r ** 3
+    if schedule == "sqrt":
+        return 1.0 - xp.sqrt(r)
+    raise ValueError(f"Unknown mask schedule {schedule!r}; expected one of "
+                     "arccos, cosine, linear, square, cubic, sqrt.")
+
+
+# --------------------------------------------------------------------------- training
+
+
+def random_mask(rng: jax.Array, codes: jax.Array, mask_id: int, schedule: str = "arccos",
+                min_ratio: float = 1e-6) -> tuple[jax.Array, jax.Array]:
+    """Official training masks: per sample t ~ U(0, 1), ratio = schedule(t) clamped to
+    [min_ratio, 1], round(N * ratio) (at least 1) positions chosen uniformly at random are set
+    to `mask_id`. Returns (masked tokens, boolean mask (B, N))."""
+    b, n = codes.shape
+    k_t, k_perm = jax.random.split(rng)
+    t = jax.random.uniform(k_t, (b,))
+    ratio = jnp.clip(mask_ratio(schedule, t), min_ratio, 1.0)
+    num = jnp.maximum(jnp.round(n * ratio), 1.0)
+    perm = jnp.argsort(jax.random.uniform(k_perm, (b, n)), axis=-1)  # a random permutation
+    masked = perm < num[:, None]
+    return jnp.where(masked, jnp.asarray(mask_id, codes.dtype), codes), masked
+
+
+def token_loss(logits: jax.Array, targets: jax.Array, masked: jax.Array,
+               label_smoothing: float = 0.1, unmasked_weight: float = 0.1
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Official `MLMLoss`: cross-entropy with label smoothing (PyTorch convention: the target
+    distribution is (1 - eps) one-hot + eps / K uniform) on all N positions, weighted 1 on masked
+    and `unmasked_weight` on unmasked positions, normalised by the sum of the weights.
+
+    metrics: `loss` and `masked_accuracy` (argmax accuracy over the masked positions, averaged
+    per sample, then over the batch, as the official `correct_tokens`)."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    ce = (1.0 - label_smoothing) * nll - label_smoothing * jnp.mean(logp, axis=-1)
+    m = masked.astype(jnp.float32)
+    w = (1.0 - m) * unmasked_weight + m
+    loss = jnp.sum(ce * w) / (jnp.sum(w) + 1e-8)
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32) * m
+    acc = jnp.mean(jnp.sum(correct, axis=1) / (jnp.sum(m, axis=1) + 1e-8))
+    return loss, {"loss": loss, "masked_accuracy": acc}
+
+
+# --------------------------------------------------------------------------- sampling
+
+GUIDANCE_SCHEDULES = ("constant", "linear", "power-cosine")
+
+
+def gumbel_noise(rng: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """-log(-log(u)) with the official clamps (log(max(x, 1e-20)))."""
+    u = jax.random.uniform(rng, shape, jnp.float32)
+    log = lambda x: jnp.log(jnp.maximum(x, 1e-20))  # noqa: E731
+    return -log(-log(u))
+
+
+def step_tables(num_tokens: int, num_steps: int, guidance_scale: float, guidance_schedule: str,
+                guidance_pow: float, randomize_temperature: float, softmax_annealing: bool,
+                mask_schedule: str) -> dict[str, np.ndarray]:
+    """Per-step constants of the official `generate`, computed as it does (float64 / Python
+    floats, the power-cosine scale in float32 as torch does), step i = 0..T-1, r = (i+1)/T:
+
+    guidance    constant: g; linear: (i/T)·g (0 at step 0 = conditional pass only);
+                power-cosine: 1 + (g-1)·(1 - cos(pi·(i/T)^pow))/2
+    gumbel_temp randomize_temperature·(1 - r)
+    softmax_temp  0.5 + 0.8·(1 - r) with annealing, else 1
+    mask_len    floor(N·mask_ratio(r)) (clamped later by the number of masked positions)
+    """
+    if guidance_schedule not in GUIDANCE_SCHEDULES:
+        raise ValueError(f"Unknown guidance schedule {guidance_schedule!r}; expected one of "
+                         f"{GUIDANCE_SCHEDULES}.")
+    steps = np.arange(num_steps)
+    ratio = (steps + 1) / num_steps
+    if guidance_schedule == "constant":
+        scale = np.full(num_steps, guidance_scale, np.float64)
+    elif guidance_schedule == "linear":
+        scale = steps / num_steps * guidance_scale
+    else:
+        f32 = np.float32
+        x = (steps / num_steps).astype(f32) ** f32(guidance_pow)
+        step = (f32(1) - np.cos(x * f32(math.pi))) * f32(1) / f32(2)
+        scale = f32(guidance_scale - 1) * step + f32(1)
+    mask_len = np.floor(num_tokens * np.asarray(mask_ratio(mask_schedule, ratio), np.float64))
+    soft = 0.5 + 0.8 * (1.0 - ratio) if softmax_annealing else np.ones(num_steps)
+    return dict(guidance=scale.astype(np.float32),
+                gumbel_temp=(randomize_temperature * (1.0 - ratio)).astype(np.float32),
+                softmax_temp=soft.astype(np.float32), mask_len=mask_len.astype(np.int32))
+
+
+def guided_logits(model: Any, params: Any, ids: jax.Array, labels: jax.Array, scale: jax.Array,
+                  schedule: str) -> jax.Array:
+    """One forward over the doubled batch [labels; null] and the official combination:
+    constant/linear c + s(c - u), power-cosine u + s(c - u)."""
+    b = ids.shape[0]
+    null = jnp.full_like(labels, model.null_label)
+    both = model.apply({"params": params}, jnp.concatenate([ids, ids]),
+                       jnp.concatenate([labels, null]))
+    cond, uncond = both[:b], both[b:]
+    if schedule == "power-cosine":
+        return uncond + (cond - uncond) * scale
+    return cond + (cond - uncond) * scale
+
+
+def decode_step(ids: jax.Array, logits: jax.Array, rng: jax.Array, gumbel_temp: jax.Array,
+                mask_len: jax.Array, mask_id: int, last: jax.Array) -> jax.Array:
+    """One official re-masking step on (already guided and annealed) logits: sample ids with
+    Gumbel noise of temperature `gumbel_temp`, keep already-decoded ids (confidence +inf),
+    re-mask the `mask_len` least confident positions (confidence + fresh Gumbel noise; the count
+    is clamped to [1, #masked of batch element 0 - 1]; ties at the cut-off are re-masked too),
+    keep everything at the `last` step."""
+    k_ids, k_conf = jax.random.split(rng)
+    is_mask = ids == mask_id
+    noisy = logits + gumbel_temp * gumbel_noise(k_ids, logits.shape)
+    sampled = jnp.argmax(noisy, axis=-1).astype(ids.dtype)
+    sampled_logits = jnp.take_along_axis(logits, sampled[..., None], axis=-1)[..., 0]
+    sampled = jnp.where(is_mask, sampled, ids)
+    sampled_logits = jnp.where(is_mask, sampled_logits, jnp.inf)
+    n_masked0 = jnp.sum(is_mask[0]).astype(jnp.int32)
+    n = jnp.maximum(1, jnp.minimum(n_masked0 - 1, mask_len))
+    confidence = sampled_logits + gumbel_temp * gumbel_noise(k_conf, sampled_logits.shape)
+    cut_off = jnp.sort(confidence, axis=-1)[:, n - 1]
+    remask = (confidence <= cut_off[:, None]) & ~last
+    return jnp.where(remask, jnp.asarray(mask_id, ids.dtype), sampled)
+
+
+def _sample(model: Any, params: Any, labels: jax.Array, rng: jax.Array, *, num_steps: int,
+            guidance_scale: float, guidance_schedule: str, guidance_pow: float,
+            randomize_temperature: float, softmax_annealing: bool, mask_schedule: str
+            ) -> jax.Array:
+    tables = step_tables(model.num_tokens, num_steps, guidance_scale, guidance_schedule,
+                         guidance_pow, randomize_temperature, softmax_annealing, mask_schedule)
+    t = {k: jnp.asarray(v) for k, v in tables.items()}
+    any_guidance = bool(np.any(tables["guidance"] != 0))
+    labels = labels.astype(jnp.int32)
+    ids0 = jnp.full((labels.shape[0], model.num_tokens), model.mask_id, jnp.int32)
+
+    def cond_only(ids):
+        return model.apply({"params": params}, ids, labels)
+
+    def body(i, ids):
+        scale = t["guidance"][i]
+        if any_guidance:
+            logits = jax.lax.cond(
+                scale != 0,
+                lambda x: guided_logits(model, params, x, labels, scale, guidance_schedule),
+                cond_only, ids)
+        else:
+            logits = cond_only(ids)
+        logits = logits / t["softmax_temp"][i]
+        return decode_step(ids, logits, jax.random.fold_in(rng, i), t["gumbel_temp"][i],
+                           t["mask_len"][i], model.mask_id, i == num_steps - 1)
+
+    return jax.lax.fori_loop(0, num_steps, body, ids0)
+
+
+_STATIC = ("model", "num_steps", "guidance_scale", "guidance_schedule", "guidance_pow",
+           "randomize_temperature", "softmax_annealing", "mask_schedule")
+_sample_jit = jax.jit(_sample, static_argnames=_STATIC)
+
+
+def sample(model: Any, params: Any, labels: jax.Array, rng: jax.Array, *, num_steps: int = 8,
+           guidance_scale: float = 0.0, guidance_schedule: str = "constant",
+           guidance_pow: float = 3.0, randomize_temperature: float = 0.0,
+           softmax_annealing: bool = False, mask_schedule: str = "arccos") -> jax.Array:
+    """Official MaskGIT iterative parallel decoding (`ImageBert.generate`) -> ids (B, N) int32
+    in [0, K). Starts from all [MASK]; step i = 0..T-1 with r = (i+1)/T:
+
+    1. guidance scale s from `guidance_schedule` (see `step_tables`); s != 0: conditional and
+       unconditional logits from one forward over [labels; null labels], combined as
+       c + s(c - u) (constant, linear) or u + s(c - u) (power-cosine); s = 0: conditional only;
+    2. `softmax_annealing`: logits /= 0.5 + 0.8(1 - r);
+    3. `decode_step` with Gumbel temperature randomize_temperature·(1 - r) and
+       floor(N·mask_ratio(mask_schedule, r)) positions to re-mask.
+
+    Step i draws its noise from `fold_in(rng, i)` (split into the id-sampling and the
+    confidence noise). All settings are static (one compilation per setting).
+    """
+    return _sample_jit(model, params, labels, rng, num_steps=num_steps,
+                       guidance_scale=float(guidance_scale), guidance_schedule=guidance_schedule,
+                       guidance_pow=float(guidance_pow),
+                       randomize_temperature=float(randomize_temperature),
+                       softmax_annealing=bool(softmax_annealing), mask_schedule=mask_schedule)
+
+
+def make_sampler(model: Any, **kwargs: Any):
+    """A jitted `fn(params, labels, rng) -> ids` with the `sample` settings (keyword arguments
+    of `sample`) fixed."""
+    settings = dict(num_steps=8, guidance_scale=0.0, guidance_schedule="constant",
+                    guidance_pow=3.0, randomize_temperature=0.0, softmax_annealing=False,
+                    mask_schedule="arccos")
+    unknown = set(kwargs) - set(settings)
+    if unknown:
+        raise ValueError(f"Unknown sampler argument(s) {sorted(unknown)}; valid: "
+                         f"{sorted(settings)}.")
+    settings.update(kwargs)
+    step_tables(model.num_tokens, **settings)  # validates the settings now, not at first call
+    return jax.jit(functools.partial(_sample, model, **settings))
