@@ -12,6 +12,10 @@ them to mesh axes) and every module has a compute `dtype` and a `param_dtype`:
   norm    norm scales / biases     conv_h, conv_w, conv_in, conv_out  conv kernels
 
 Activations are constrained at block boundaries with ("act_batch", "act_len", "act_embed").
+
+Autoregressive decoding: `Attention(..., decode=True)` keeps a static key/value cache in the
+"cache" collection (see `Attention`); `Block` and `Transformer` pass `decode` (and optional
+rotary tables, `rope`) through, the scanned stack with the cache stacked along the layer axis.
 """
 
 from __future__ import annotations
@@ -101,6 +105,20 @@ class RMSNorm(nn.Module):
         return (y * scale.astype(jnp.float32)).astype(self.dtype)
 
 
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotary embedding on interleaved pairs (LLaMA / gpt-fast / LlamaGen `apply_rotary_emb`):
+    (x[2i], x[2i+1]) -> (x[2i] cos - x[2i+1] sin, x[2i+1] cos + x[2i] sin), in float32.
+
+    x: (B, L, heads, head_dim); cos, sin: (L, head_dim // 2) or (B, L, head_dim // 2).
+    """
+    x32 = x.astype(jnp.float32).reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
+    c = jnp.expand_dims(cos.astype(jnp.float32), -2)  # broadcast over heads
+    s = jnp.expand_dims(sin.astype(jnp.float32), -2)
+    x0, x1 = x32[..., 0], x32[..., 1]
+    out = jnp.stack([x0 * c - x1 * s, x1 * c + x0 * s], axis=-1)
+    return out.reshape(x.shape).astype(x.dtype)
+
+
 def make_norm(kind: str, epsilon: float, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.Module:
     if kind == "layernorm":
         return LayerNorm(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, name=name)
@@ -114,6 +132,20 @@ class Attention(nn.Module):
 
     Uses `jax.nn.dot_product_attention`, which XLA lowers to a fused kernel where the backend has
     one (`implementation="cudnn"` on recent NVIDIA GPUs); softmax statistics are float32.
+
+    Static KV cache (`decode=True`, causal self-attention only), the usual Flax pattern: the
+    first call with `decode=True` and an empty "cache" collection (apply with
+    `mutable=["cache"]`) only *creates* `cached_key` / `cached_value` (B, max_len, heads,
+    head_dim) zeros with max_len = that call's sequence length, and `cache_index` = 0; its output
+    is meaningless. Every later call writes its L new keys/values at `cache_index` with
+    `lax.dynamic_update_slice`, advances the index by L, and lets query i (absolute position
+    index + i) attend to cached positions <= index + i (the unfilled tail is masked out, so the
+    result equals causal attention over the filled prefix). `mask`, if given, is and-ed in (it
+    must broadcast to (B, heads, L, max_len)). Writing past max_len is not checked
+    (`dynamic_update_slice` clamps the start).
+
+    `rope=(cos, sin)`: rotary tables for the L query positions, applied to q and k (before
+    caching) with `apply_rope`.
     """
 
     num_heads: int
@@ -128,7 +160,8 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None,
                  kv: Optional[jax.Array] = None, q_pos: Optional[jax.Array] = None,
-                 k_pos: Optional[jax.Array] = None) -> jax.Array:
+                 k_pos: Optional[jax.Array] = None, decode: bool = False,
+                 rope: Optional[tuple[jax.Array, jax.Array]] = None) -> jax.Array:
         """Self-attention over x, or cross-attention from x to `kv` (DETR / Q-Former style:
         `q_pos` is added to the query input, `k_pos` to the key input, values see neither)."""
         width = x.shape[-1]
@@ -138,18 +171,50 @@ class Attention(nn.Module):
         proj = functools.partial(
             HeadProjection, use_bias=self.qkv_bias, dtype=self.dtype,
             param_dtype=self.param_dtype, kernel_init=self.qkv_init)
+        cross = kv is not None
         kv = x if kv is None else kv
         q = proj(self.num_heads, head_dim, name="query")(x if q_pos is None else x + q_pos)
         k = proj(self.num_heads, head_dim, name="key")(kv if k_pos is None else kv + k_pos)
         v = proj(self.num_heads, head_dim, name="value")(kv)
         heads = ("act_batch", "act_len", "act_heads", None)
         q, k, v = (constrain(t, heads) for t in (q, k, v))
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if decode:
+            if cross:
+                raise ValueError("decode=True supports self-attention only.")
+            cached = self._update_cache(k, v)
+            if cached is not None:
+                k, v, cache_mask = cached
+                mask = cache_mask if mask is None else jnp.logical_and(mask, cache_mask)
         y = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)
         y = constrain(y, heads)
         return HeadProjection(self.num_heads, head_dim, out_features=width,
                               use_bias=self.out_bias, dtype=self.dtype,
                               param_dtype=self.param_dtype, kernel_init=self.kernel_init,
                               name="out")(y)
+
+    def _update_cache(self, k: jax.Array, v: jax.Array):
+        """Creates the cache (first call: returns None) or writes k, v at `cache_index` and
+        returns (all keys, all values, mask (1, 1, L, max_len) over filled causal positions)."""
+        initialized = self.has_variable("cache", "cached_key")
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+        index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+        if not initialized:
+            return None
+        length, max_len = k.shape[1], cached_key.value.shape[1]
+        start = index.value
+        zero = jnp.zeros((), jnp.int32)
+        at = (zero, start, zero, zero)
+        cached_key.value = jax.lax.dynamic_update_slice(
+            cached_key.value, k.astype(cached_key.value.dtype), at)
+        cached_value.value = jax.lax.dynamic_update_slice(
+            cached_value.value, v.astype(cached_value.value.dtype), at)
+        index.value = start + length
+        query_pos = start + jnp.arange(length, dtype=jnp.int32)
+        mask = jnp.arange(max_len, dtype=jnp.int32)[None, :] <= query_pos[:, None]
+        return cached_key.value, cached_value.value, mask[None, None]
 
 
 class HeadProjection(nn.Module):
@@ -228,16 +293,22 @@ class Block(nn.Module):
     use_bias: bool = True
     attention_impl: Optional[str] = None
     dropout_rate: float = 0.0  # on each branch output before the residual add (BERT, LlamaGen)
+    qkv_init: Optional[Initializer] = None  # None: Attention's default (packed xavier uniform)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None,
-                 deterministic: bool = True) -> jax.Array:
+                 deterministic: bool = True, decode: bool = False,
+                 rope: Optional[tuple[jax.Array, jax.Array]] = None) -> jax.Array:
+        """`decode` / `rope`: see `Attention` (KV cache, rotary tables)."""
         norm = functools.partial(make_norm, self.norm, self.norm_eps, self.dtype, self.param_dtype)
-        attn = Attention(self.num_heads, qkv_bias=self.qkv_bias, out_bias=self.use_bias,
-                         implementation=self.attention_impl, dtype=self.dtype,
-                         param_dtype=self.param_dtype, name="attn")
+        init = {} if self.qkv_init is None else {"qkv_init": self.qkv_init}
+        attn = functools.partial(
+            Attention(self.num_heads, qkv_bias=self.qkv_bias, out_bias=self.use_bias,
+                      implementation=self.attention_impl, dtype=self.dtype,
+                      param_dtype=self.param_dtype, name="attn", **init),
+            decode=decode, rope=rope)
         mlp = Mlp(self.mlp_dim, activation=self.activation, use_bias=self.use_bias,
                   dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")
         drop = nn.Dropout(self.dropout_rate, deterministic=deterministic or not self.dropout_rate)
@@ -256,8 +327,9 @@ class _ScanBlock(Block):
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None,  # type: ignore[override]
-                 deterministic: bool = True):
-        return super().__call__(x, mask, deterministic), None
+                 deterministic: bool = True, decode: bool = False,
+                 rope: Optional[tuple[jax.Array, jax.Array]] = None):
+        return super().__call__(x, mask, deterministic, decode, rope), None
 
 
 class Transformer(Block):
@@ -268,6 +340,9 @@ class Transformer(Block):
     "none", "full" (save nothing inside a block) or "dots" (save matmul outputs without batch dims,
     i.e. `jax.checkpoint_policies.dots_with_no_batch_dims_saveable`), or any other name in
     `jax.checkpoint_policies`.
+
+    With `decode=True` every block keeps its KV cache (see `Attention`); when scanned, the cache
+    variables are stacked along the leading layer axis like the parameters.
     """
 
     depth: int = 1
@@ -280,20 +355,23 @@ class Transformer(Block):
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None,
-                 deterministic: bool = True) -> jax.Array:
+                 deterministic: bool = True, decode: bool = False,
+                 rope: Optional[tuple[jax.Array, jax.Array]] = None) -> jax.Array:
         block_cls = _ScanBlock if self.scan else Block
         if self.remat != "none":
             block_cls = nn.remat(block_cls, policy=remat_policy(self.remat),
-                                 prevent_cse=not self.scan, static_argnums=(3,))
+                                 prevent_cse=not self.scan, static_argnums=(3, 4))
         if self.scan:
-            stack = nn.scan(block_cls, variable_axes={"params": 0},
+            stack = nn.scan(block_cls, variable_axes={"params": 0, "cache": 0},
                             split_rngs={"params": True, "dropout": True},
-                            in_axes=(nn.broadcast, nn.broadcast), length=self.depth,
+                            in_axes=(nn.broadcast,) * 4, length=self.depth,
                             metadata_params={nn.PARTITION_NAME: "layers"})
-            x, _ = stack(**self._block_kwargs(), name="blocks")(x, mask, deterministic)
+            x, _ = stack(**self._block_kwargs(), name="blocks")(x, mask, deterministic, decode,
+                                                                 rope)
             return x
         for i in range(self.depth):
-            x = block_cls(**self._block_kwargs(), name=f"blocks_{i}")(x, mask, deterministic)
+            x = block_cls(**self._block_kwargs(), name=f"blocks_{i}")(x, mask, deterministic,
+                                                                      decode, rope)
         return x
 
 
