@@ -50,13 +50,15 @@ def base_config() -> ml_collections.ConfigDict:
         end_lr=1e-5,
         warmup_steps=1000,
         warmup_init=0.0,              # warm-up starts at warmup_init * lr (GigaTok: 0.01)
-        schedule="cosine",            # "cosine", "linear" or "constant" after warmup
+        schedule="cosine",            # "cosine", "linear", "constant" or "wsd" after warmup
+        decay_fraction=0.2,           # wsd: 1 - sqrt decay to 0 over this last fraction
         b1=0.9,
         b2=0.99,
         eps=1e-8,
         weight_decay=1e-4,
         decay_mask="kernels",         # decayed params: "kernels" (matrices only: not norms,
-                                      # biases, embeddings), "all" or "no_norm" (tok1d.optim)
+                                      # biases, embeddings), "all", "no_norm" or "matrices"
+                                      # (>= 2-D incl. embeddings; LlamaGen) (tok1d.optim)
         grad_clip=1.0,                # global-norm clipping; 0 disables
         grad_accum_steps=1,
         mu_dtype="float32",
@@ -119,8 +121,28 @@ def base_config() -> ml_collections.ConfigDict:
     ))
     c.disc_optim = ml_collections.ConfigDict(dict(
         lr=1e-4, end_lr=1e-5, warmup_steps=0, warmup_init=0.0, schedule="cosine", b1=0.9,
-        b2=0.999, eps=1e-8, decay_mask="kernels",
+        b2=0.999, eps=1e-8, decay_mask="kernels", decay_fraction=0.2,
         weight_decay=1e-4, grad_clip=1.0, grad_accum_steps=1, mu_dtype="float32", freeze=""))
+
+    # Generators (trainer "generator"; model "maskgit" or "gpt"), trained on a token dataset.
+    c.generator = ml_collections.ConfigDict(dict(
+        tokens="",                    # token dataset directory (python -m tok1d.tokenize)
+        tokenizer="",                 # decodes samples for grids / tok1d.sample: a pretrained
+                                      # directory or a tokenizer training workdir
+        label_dropout=0.1,            # labels -> null class with this probability (CFG)
+        mask_schedule="arccos",       # MaskGIT: training mask-ratio schedule
+        label_smoothing=0.1,          # MaskGIT: CE label smoothing
+        unmasked_weight=0.1,          # MaskGIT: loss weight of the unmasked positions
+        num_sample_classes=10,        # classes (0..n-1) in the periodic sample grid
+    ))
+    # Keyword arguments of the sampler (tok1d.generation.maskgit.sample or
+    # tok1d.generation.autoregressive.sample), used for the sample grids and tok1d.sample.
+    c.sampling = ml_collections.ConfigDict()
+
+    # Trainer "demo" (configs/demo.py): tokenizer, then tokens, then a generator. `generator`
+    # holds the generator config's values that differ from these defaults.
+    c.demo = ml_collections.ConfigDict(dict(generator=ml_collections.ConfigDict(),
+                                            samples_per_class=10))
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.sharding = ml_collections.ConfigDict(dict(rules=parallel.DEFAULT_RULES))
@@ -143,7 +165,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 # Sub-dicts holding module arguments: checked against the module's fields, not the schema.
-FREE_FORM = ("model", "teacher.model", "discriminator.model")
+FREE_FORM = ("model", "teacher.model", "discriminator.model", "sampling", "demo.generator")
 
 
 def _walk(cfg: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -159,7 +181,8 @@ def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
     the data's image size and the compute / parameter dtypes."""
     kwargs = dict(config.model)
     kwargs.pop("name", None)
-    kwargs.setdefault("image_size", config.data.image_size)
+    if config.trainer != "generator":  # generators see codes, not images
+        kwargs.setdefault("image_size", config.data.image_size)
     kwargs["dtype"] = config.precision
     kwargs["param_dtype"] = "float32"
     return kwargs
@@ -201,10 +224,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     augments = ("random_resized_crop", "random_crop", "adm_random_crop", "center_crop")
     if config.data.augment not in augments:
         problems.append(f"data.augment={config.data.augment!r} is not one of {augments}")
-    if config.optim.schedule not in ("cosine", "linear", "constant"):
-        problems.append(f"optim.schedule={config.optim.schedule!r} is not one of "
-                        "'cosine', 'linear', 'constant'")
     from tok1d import optim  # Local import: optax.
+    if config.optim.schedule not in optim.SCHEDULES:
+        problems.append(f"optim.schedule={config.optim.schedule!r} is not one of "
+                        f"{optim.SCHEDULES}")
     for group in ("optim", "disc_optim"):
         if config[group].decay_mask not in optim.DECAY_MASKS:
             problems.append(f"{group}.decay_mask={config[group].decay_mask!r} is not one of "

@@ -19,8 +19,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def trainers():
-    from tok1d.trainers import tokenizer
-    return {"tokenizer": tokenizer.train_and_evaluate}
+    from tok1d.trainers import demo, generator, tokenizer
+    return {"tokenizer": tokenizer.train_and_evaluate,
+            "generator": generator.train_and_evaluate,
+            "demo": demo.train_and_evaluate}
 
 
 def main(argv):

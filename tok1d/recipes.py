@@ -205,3 +205,93 @@ def gigatok(preset: str, dino_disc: bool = False,
         config.disc_optim.freeze = "trunk"
     pod_run(config)
     return config
+
+
+# --------------------------------------------------------------------------- generators
+
+# TiTok generators (configs/infer/TiTok/*.yaml): arch, tokens, released sampling settings, and
+# the paper's gFID (ImageNet 256, 50k samples) with those settings.
+MASKGIT = {
+    "l32": ("vit", 32, dict(num_steps=8, guidance_scale=4.5, guidance_schedule="linear",
+                            randomize_temperature=9.5, softmax_annealing=True), 2.77),
+    "b64": ("vit", 64, dict(num_steps=8, guidance_scale=3.0, guidance_schedule="linear",
+                            randomize_temperature=11.0, softmax_annealing=True), 2.48),
+    "s128": ("uvit", 128, dict(num_steps=64, guidance_scale=6.9,
+                               guidance_schedule="power-cosine", guidance_pow=3.0,
+                               randomize_temperature=2.8, softmax_annealing=True), 1.97),
+}
+
+
+def generator_base(total_steps: int, batch: int) -> ml_collections.ConfigDict:
+    """Generator trainer defaults: token dataset in `generator.tokens`, ImageNet's 1000
+    classes, bf16 compute, FSDP over all devices."""
+    config = config_lib.base_config()
+    config.trainer = "generator"
+    config.total_steps = total_steps
+    config.batch_size = batch
+    config.eval_batch_size = 256
+    config.precision = "bfloat16"
+    config.data.train_split, config.data.eval_split = "train", "validation"
+    config.data.eval_examples = 10_000
+    config.generator.num_sample_classes = 10
+    config.num_grid_images = 80
+    pod_run(config)
+    config.eval_every_steps = 25_000
+    return config
+
+
+def maskgit_titok(variant: str) -> ml_collections.ConfigDict:
+    """MaskGIT on TiTok tokens (configs/training/generator/maskgit.yaml): masks drawn with the
+    arccos schedule, CE with label smoothing 0.1 on all positions (masked weight 1, unmasked
+    0.1), class label dropout 0.1; AdamW lr 2e-4, betas (0.9, 0.96), wd 0.03 on matrices,
+    10k warm-up, cosine to 1e-5, clip 1.0, EMA 0.999; batch 2048 for 500k steps; center crop
+    256 + flip (tokenize with --flip). Sampling: the released settings of
+    configs/infer/TiTok/titok_{variant}.yaml."""
+    if variant not in MASKGIT:
+        raise ValueError(f"Unknown TiTok generator {variant!r}; choose from {sorted(MASKGIT)}.")
+    arch, tokens, sampling, _ = MASKGIT[variant]
+    config = generator_base(500_000, 2048)
+    config.ema_decay = 0.999
+    # The BERT generators use dropout 0.1 (their default); UViTBert has none.
+    config.model = dict(name="maskgit", arch=arch, size=variant, codebook_size=4096,
+                        num_tokens=tokens, num_classes=1000)
+    g = config.generator
+    g.label_dropout, g.mask_schedule, g.label_smoothing, g.unmasked_weight = (
+        0.1, "arccos", 0.1, 0.1)
+    o = config.optim
+    o.lr, o.end_lr, o.warmup_steps, o.schedule = 2e-4, 1e-5, 10_000, "cosine"
+    o.b1, o.b2, o.eps, o.weight_decay, o.grad_clip, o.decay_mask = (
+        0.9, 0.96, 1e-8, 0.03, 1.0, "kernels")
+    config.sampling = ml_collections.ConfigDict(sampling)
+    return config
+
+
+# GigaTok's AR generators (LlamaGen GPT, 1D, 256 tokens of a 16384-code tokenizer):
+# size: (batch, steps, warm-up, CFG scale start of the gFID search).
+GPT = {"B": (256, 1_500_000, 5_000, 2.5), "L": (256, 1_500_000, 5_000, 1.75),
+       "XL": (256, 1_500_000, 5_000, 1.25), "XXL": (512, 750_000, 200, 1.25)}
+
+
+def gpt_gigatok(size: str) -> ml_collections.ConfigDict:
+    """LlamaGen-style GPT on GigaTok tokens (autoregressive/train/train_c2i.py as the GigaTok
+    scripts call it): next-token CE, class dropout 0.1, token / residual dropout 0.1; AdamW
+    lr 1e-4, betas (0.9, 0.95), wd 0.05 on >= 2-D params, clip 1.0, WSD schedule (warm-up,
+    constant, 1 - sqrt decay over the last 20%); 300 epochs. Sampling: CFG with the `step`
+    schedule (window_start 0.18), temperature 1, no top-k / top-p."""
+    if size not in GPT:
+        raise ValueError(f"Unknown GPT size {size!r}; choose from {sorted(GPT)}.")
+    batch, steps, warmup, cfg = GPT[size]
+    config = generator_base(steps, batch)
+    config.ema_decay = 0.0
+    config.model = dict(name="gpt", size=size, vocab_size=16384, num_tokens=256,
+                        num_classes=1000, token_dropout=0.1, dropout_rate=0.1,
+                        remat="none" if size == "B" else "full")
+    config.generator.label_dropout = 0.1
+    o = config.optim
+    o.lr, o.warmup_steps, o.schedule, o.decay_fraction = 1e-4, warmup, "wsd", 0.2
+    o.b1, o.b2, o.eps, o.weight_decay, o.grad_clip, o.decay_mask = (
+        0.9, 0.95, 1e-8, 0.05, 1.0, "matrices")
+    config.sampling = ml_collections.ConfigDict(dict(
+        cfg_scale=cfg, cfg_schedule="step", cfg_kwargs=dict(window_start=0.18),
+        temperature=1.0, top_k=0, top_p=1.0))
+    return config

@@ -6,6 +6,8 @@
     python -m tok1d.convert gigatok GigaTok_BL256.pt gigatok_b_l/ --preset b_l
     python -m tok1d.convert gigatok ckpt.pt out/ --config VQ_BL256.yaml   # any official config
     python -m tok1d.convert dinov2 dinov2_vitb14_pretrain.pth dinov2_b/ --pos_grid 16  # GigaTok
+    python -m tok1d.convert maskgit generator_titok_l32.bin maskgit_l32/   # TiTok generators
+    python -m tok1d.convert gpt GPT_B_256.pt gpt_b/ [--size B] [--weights ema]   # GigaTok AR
 
 Every tensor is checked against the model: a mismatch fails with the full list of missing,
 unexpected and mismatched keys, and nothing is written. Load the result with
@@ -22,7 +24,7 @@ import sys
 from tok1d import pretrained
 from tok1d.convert.common import ConversionError
 
-KINDS = ("titok", "maskgit_vqgan", "gigatok", "dinov2")
+KINDS = ("titok", "maskgit_vqgan", "gigatok", "dinov2", "maskgit", "gpt")
 
 
 def _model_kwargs(model) -> dict:
@@ -66,7 +68,8 @@ def _gigatok(checkpoint: str, config: str | None, preset: str | None, image_size
 
 def convert(kind: str, checkpoint: str, out: str, config: str | None = None,
             image_size: int | None = None, preset: str | None = None,
-            pos_grid: int | None = None) -> str:
+            pos_grid: int | None = None, size: str | None = None,
+            weights: str = "model") -> str:
     if kind == "titok":
         from tok1d.convert import titok
         model, params = titok.convert_file(checkpoint, config=config, image_size=image_size)
@@ -80,9 +83,18 @@ def convert(kind: str, checkpoint: str, out: str, config: str | None = None,
     elif kind == "dinov2":
         from tok1d.convert import dinov2
         model, params = dinov2.convert_file(checkpoint, pos_grid=pos_grid)
+    elif kind == "maskgit":
+        from tok1d.convert import maskgit
+        model, params = maskgit.convert_file(checkpoint, config=config)
+    elif kind == "gpt":
+        from tok1d.convert import gpt
+        model, params = gpt.convert_file(checkpoint, size=size, weights=weights)
     else:
         raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
     kwargs = _model_kwargs(model)
+    if kind == "maskgit":  # the registry picks the class by arch
+        from tok1d.models.maskgit import MaskGITUViT
+        kwargs["arch"] = "uvit" if isinstance(model, MaskGITUViT) else "vit"
     for key in ("dtype", "param_dtype"):
         kwargs.pop(key, None)
     return pretrained.save_pretrained(out, kind, kwargs, params, source=checkpoint)
@@ -102,10 +114,15 @@ def main(argv=None) -> int:
                         "s_s_2d, s_b_2d, b_l_2d)")
     parser.add_argument("--pos_grid", type=int, help="dinov2: resample the position table to "
                         "this grid (GigaTok's teacher: 16, i.e. 224 px inputs)")
+    parser.add_argument("--size", help="gpt: size name (B, L, XL, XXL, XXXL) fixing the head "
+                        "count (default: from the width)")
+    parser.add_argument("--weights", default="model", choices=("model", "ema"),
+                        help="gpt: which weights of a training checkpoint (default: model, as "
+                        "the official sampler)")
     args = parser.parse_args(argv)
     try:
         out = convert(args.kind, args.checkpoint, args.out, args.config, args.image_size,
-                      args.preset, args.pos_grid)
+                      args.preset, args.pos_grid, args.size, args.weights)
     except (ConversionError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

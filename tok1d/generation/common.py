@@ -13,3 +13,14 @@ def drop_labels(rng: jax.Array, labels: jax.Array, prob: float, null_label: int)
         return labels
     drop = jax.random.bernoulli(rng, prob, labels.shape)
     return jnp.where(drop, jnp.asarray(null_label, labels.dtype), labels)
+
+
+def make_sampler(model, **kwargs):
+    """The jitted `fn(params, labels, rng) -> codes (B, N)` for `model`: MaskGIT's iterative
+    decoding for a model with a `mask_id`, else autoregressive decoding with a KV cache.
+    `kwargs` are the sampler's options (config.sampling); unknown ones fail."""
+    if hasattr(model, "mask_id"):
+        from tok1d.generation import maskgit
+        return maskgit.make_sampler(model, **kwargs)
+    from tok1d.generation import autoregressive
+    return autoregressive.make_sampler(model, **kwargs)

@@ -111,8 +111,21 @@ def _dinov2(size: str | None = None, **kwargs: Any) -> nn.Module:
     return dinov2.DinoV2(**kwargs)
 
 
+def _maskgit(**kwargs: Any) -> nn.Module:
+    """MaskGIT generator: `arch` "vit" (TiTok L-32 / B-64) or "uvit" (S-128), `size` names."""
+    from tok1d.models import maskgit
+    return maskgit.build(**kwargs)
+
+
+def _gpt(**kwargs: Any) -> nn.Module:
+    """LlamaGen-style GPT (GigaTok's AR generator), `size` "B" / "L" / "XL" / "XXL" / ..."""
+    from tok1d.models import gpt
+    return gpt.build(**kwargs)
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {"titok": _titok, "maskgit_vqgan": _maskgit_vqgan,
-                                               "gigatok": _gigatok, "dinov2": _dinov2}
+                                               "gigatok": _gigatok, "dinov2": _dinov2,
+                                               "maskgit": _maskgit, "gpt": _gpt}
 
 
 def create(name: str, **kwargs: Any) -> nn.Module:

@@ -544,9 +544,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     batch_sh = parallel.batch_sharding(mesh, rules)
     start, stop = parallel.host_batch_slice(batch_sh, config.batch_size)
     train_src = sources.get_source(dcfg.name, dcfg.train_split, data_dir=dcfg.data_dir,
-                                   demo_size=dcfg.demo_size)
+                                   demo_size=dcfg.demo_size, image_size=dcfg.image_size)
     eval_src = sources.get_source(dcfg.name, dcfg.eval_split, data_dir=dcfg.data_dir,
-                                  demo_size=dcfg.demo_size)
+                                  demo_size=dcfg.demo_size, image_size=dcfg.image_size)
     train_ds = pipeline.train_dataset(
         train_src, global_batch=config.batch_size, host_start=start, host_stop=stop,
         seed=config.seed, image_size=dcfg.image_size, augment=dcfg.augment, flip=dcfg.flip,
@@ -565,7 +565,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     init_params = lambda rng: model.init(rng, dummy)["params"]  # noqa: E731
     param_shapes = nn.unbox(jax.eval_shape(init_params, jax.random.key(0)))
     tx, schedule = optim.make_optimizer(config.optim, config.total_steps, param_shapes)
-    log = _print if is_chief else _quiet
+    log = common.log_fn()
 
     # ---------------------------------------------------------------- frozen networks, GAN
     teacher, perceptual, frozen = build_frozen(config, model)
@@ -620,95 +620,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         train_step = lambda s, b: step_fn(s, b, frozen)  # noqa: E731
         eval_step = jax.jit(make_eval_step(model, teacher))
 
+        def run_eval(state_, step_):
+            params = state_.ema_params if state_.ema_params is not None else state_.params
+            metrics, (grid_in, grid_out) = evaluate(eval_step, params, frozen, eval_ds,
+                                                    eval_batches, feeder_args,
+                                                    config.num_grid_images)
+            grid = images.make_grid(images.interleave_pairs(grid_in, grid_out))
+            writer.write_scalars(step_, {f"eval/{k}": v for k, v in metrics.items()})
+            writer.write_images(step_, {"eval/input_vs_reconstruction": grid})
+            if is_chief:
+                images.save_png(os.path.join(workdir, "reconstructions.png"), grid)
+            return metrics
+
         # ------------------------------------------------------------ loop
-        result = _loop(config, workdir, state, first_step, train_step, eval_step, frozen, feeder,
-                       train_iter, eval_ds, eval_batches, feeder_args, checkpointer, writer)
+        result = common.train_loop(config, workdir, state, first_step, train_step, feeder,
+                                   train_iter, checkpointer, writer, run_eval)
     writer.close()
     return result
 
 
-def _loop(config, workdir, state, first_step, train_step, eval_step, frozen, feeder, train_iter,
-          eval_ds, eval_batches, feeder_args, checkpointer, writer) -> dict[str, Any]:
-    total = config.total_steps
-    preempt = ckpt_lib.PreemptionFlag()
-    log = _print if jax.process_index() == 0 else _quiet
-    progress = summary.ProgressReporter(total, batch_size=config.batch_size,
-                                        every_steps=config.log_every_steps, first_step=first_step,
-                                        print_fn=log)
-    metric_cls, acc = None, None
-    last_saved = first_step if first_step else None
-    pending = None  # (step, finite flag) of the previous step, checked one step late
-    eval_metrics: dict[str, Any] = {}
-    step = first_step
-
-    def run_eval(step_):
-        params = state.ema_params if state.ema_params is not None else state.params
-        with progress.timed_pause():
-            metrics, (grid_in, grid_out) = evaluate(eval_step, params, frozen, eval_ds,
-                                                    eval_batches,
-                                                    feeder_args, config.num_grid_images)
-            grid = images.make_grid(images.interleave_pairs(grid_in, grid_out))
-            writer.write_scalars(step_, {f"eval/{k}": v for k, v in metrics.items()})
-            writer.write_images(step_, {"eval/input_vs_reconstruction": grid})
-            if jax.process_index() == 0:
-                images.save_png(os.path.join(workdir, "reconstructions.png"), grid)
-            log(f"eval @ step {step_}: " + ", ".join(
-                f"{k} {summary.format_number(v)}" for k, v in metrics.items()))
-        return metrics
-
-    try:
-        while step < total:
-            batch = next(feeder)
-            state, scalars, finite = train_step(state, batch)
-            step += 1
-            if pending is not None:
-                common.check_finite(*pending, last_saved)
-            pending = (step, finite)
-            if metric_cls is None:
-                metric_cls = common.average_collection(sorted(scalars))
-            update = metric_cls.single_from_model_output(**scalars)
-            acc = update if acc is None else acc.merge(update)
-
-            if step % config.log_every_steps == 0 or step == total:
-                common.check_finite(*pending, last_saved)
-                values = {k: float(v) for k, v in acc.compute().items()}
-                acc = None
-                rates = progress.update(step, values)
-                if rates:
-                    values.update({f"perf/{k}": v for k, v in rates.items()})
-                writer.write_scalars(step, {f"train/{k}": v for k, v in values.items()})
-
-            if step % config.eval_every_steps == 0 and step != total:
-                eval_metrics = run_eval(step)
-
-            stop = (checkpointer.reached_preemption(step) if jax.process_count() > 1
-                    else preempt.is_set())
-            if stop or step % config.checkpoint.every_steps == 0 or step == total:
-                common.check_finite(*pending, last_saved)
-                with progress.timed_pause():
-                    if checkpointer.save(step, state, train_iter, force=True):
-                        last_saved = step
-            if stop:
-                checkpointer.wait()
-                log(f"Stopped by a preemption signal at step {step}; checkpoint saved. "
-                       "Run the same command again to resume.")
-                return {"step": step, "preempted": True}
-        if first_step >= total:
-            log(f"Nothing to do: the checkpoint is already at step {first_step} >= "
-                   f"total_steps {total}.")
-        eval_metrics = run_eval(step)
-        final = dict(step=step, **eval_metrics)
-        common.write_json(os.path.join(workdir, "metrics.json"), final)
-        return final
-    finally:
-        preempt.restore()
-        checkpointer.close()
-        writer.flush()
-
-
-def _print(msg: str) -> None:
-    print(msg, flush=True)
-
-
-def _quiet(msg: str) -> None:  # noqa: ARG001
-    pass

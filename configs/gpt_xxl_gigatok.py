@@ -1,0 +1,25 @@
+"""GPT-XXL (1411.4M parameters, LlamaGen-style AR, 1D) on GigaTok tokens (256 codes of 16384),
+ImageNet-1k 256x256.
+
+    python -m tok1d.tokenize --tokenizer=gigatok_b_l/ --data=tfds:imagenet2012 --split=train \
+        --crop adm --flip --out=gs://BUCKET/tokens_gigatok_b_l
+    python -m tok1d.tokenize --tokenizer=gigatok_b_l/ --data=tfds:imagenet2012 \
+        --split=validation --out=gs://BUCKET/tokens_gigatok_b_l
+    python -m tok1d.main --config=configs/gpt_xxl_gigatok.py --workdir=gs://BUCKET/gpt_xxl \
+        --config.generator.tokens=gs://BUCKET/tokens_gigatok_b_l \
+        --config.generator.tokenizer=gigatok_b_l/
+    python -m tok1d.sample --config=configs/gpt_xxl_gigatok.py --checkpoint=gs://BUCKET/gpt_xxl \
+        --tokenizer=gigatok_b_l/ --num_images=50000 --out=samples_gpt_xxl/
+
+Recipe: `tok1d.recipes.gpt_gigatok` (GigaTok's autoregressive/train/train_c2i.py settings:
+AdamW 1e-4, betas (0.9, 0.95), wd 0.05, WSD schedule, 300 epochs, class dropout 0.1).
+GigaTok's AR probing stops GPT-B at 250k steps (--config.total_steps=250000 keeps the constant
+phase). Released GPT checkpoints convert with `python -m tok1d.convert gpt GPT_XXL.pt gpt_xxl/`.
+Target gFID (README, CFG scale from a line search with the step schedule): 2.03 on B-L, 1.98 on XL-XXL tokens.
+"""
+
+from tok1d import recipes
+
+
+def get_config():
+    return recipes.gpt_gigatok("XXL")

@@ -1,0 +1,25 @@
+"""MaskGIT generator on TiTok-B-64 (64 tokens, ViT/BERT generator, 177M), ImageNet-1k 256x256.
+
+    python -m tok1d.tokenize --tokenizer=titok_b64/ --data=tfds:imagenet2012 --split=train \
+        --flip --out=gs://BUCKET/tokens_titok_b64
+    python -m tok1d.tokenize --tokenizer=titok_b64/ --data=tfds:imagenet2012 \
+        --split=validation --out=gs://BUCKET/tokens_titok_b64
+    python -m tok1d.main --config=configs/maskgit_titok_b64.py --workdir=gs://BUCKET/maskgit_b64 \
+        --config.generator.tokens=gs://BUCKET/tokens_titok_b64 --config.generator.tokenizer=titok_b64/
+    python -m tok1d.sample --config=configs/maskgit_titok_b64.py --checkpoint=gs://BUCKET/maskgit_b64 \
+        --tokenizer=titok_b64/ --num_images=50000 --out=samples_b64/
+
+`titok_b64/` is the converted tokenizer (python -m tok1d.convert titok tokenizer_titok_b64.bin
+titok_b64/). Recipe: `tok1d.recipes.maskgit_titok` (the official
+configs/training/generator/maskgit.yaml: batch 2048, 500k steps, AdamW 2e-4, arccos masking,
+label smoothing 0.1, unmasked weight 0.1, class dropout 0.1, EMA). Sampling: the released
+settings of configs/infer/TiTok/titok_b64.yaml. The released generator converts with
+`python -m tok1d.convert maskgit generator_titok_b64.bin maskgit_b64/`.
+Target (paper, 50k samples vs the ADM reference batch): gFID 2.48.
+"""
+
+from tok1d import recipes
+
+
+def get_config():
+    return recipes.maskgit_titok("b64")
