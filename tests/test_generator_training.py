@@ -127,3 +127,27 @@ def test_generator_configs_validate():
         config = module.get_config()
         config_lib.validate(config, num_devices=64)
         assert config.trainer == "generator"
+
+
+def test_ar_probe_during_tokenizer_training(tmp_path):
+    """config.ar_probe: the tokenizer run trains a fresh small GPT on its current codes and
+    logs the probe's validation loss (below the uniform-code loss log K after a few steps)."""
+    from tok1d.trainers import tokenizer as tok_trainer
+    c = config_lib.base_config()
+    c.total_steps, c.batch_size, c.eval_batch_size = 4, 16, 16
+    c.precision, c.ema_decay = "float32", 0.0
+    c.log_every_steps, c.eval_every_steps, c.checkpoint.every_steps = 2, 1000, 1000
+    c.checkpoint.async_save = False
+    c.model = dict(name="titok", **{k: v for k, v in TOKENIZER.items() if k != "image_size"})
+    c.data.name, c.data.image_size, c.data.augment, c.data.flip = "digits", 32, "center_crop", False
+    c.data.eval_examples = 32
+    c.ar_probe.every_steps, c.ar_probe.train_examples, c.ar_probe.steps = 4, 64, 20
+    c.ar_probe.batch_size = 16
+    c.ar_probe.model = dict(width=32, depth=1, num_heads=2)
+    result = tok_trainer.train_and_evaluate(c, str(tmp_path / "tok"))
+    for key in ("ar_probe_train_loss", "ar_probe_val_loss", "ar_probe_val_accuracy"):
+        assert np.isfinite(result[key]), result
+    assert result["ar_probe_val_loss"] < np.log(64)
+    lines = [json.loads(line) for line in open(os.path.join(str(tmp_path / "tok"),
+                                                            "metrics.jsonl"))]
+    assert any("eval/ar_probe_val_loss" in line for line in lines)

@@ -139,6 +139,14 @@ def base_config() -> ml_collections.ConfigDict:
     # tok1d.generation.autoregressive.sample), used for the sample grids and tok1d.sample.
     c.sampling = ml_collections.ConfigDict()
 
+    # AR probing of a tokenizer run (GigaTok): at every `every_steps` (0: off) and at the end,
+    # encode `train_examples` training images and the eval split with the current tokenizer,
+    # train a small GPT (`model`: its size arguments) from scratch on those codes for `steps`
+    # steps and log its validation loss: how learnable the tokens are, while the tokenizer trains.
+    c.ar_probe = ml_collections.ConfigDict(dict(
+        every_steps=0, train_examples=2048, steps=300, batch_size=64, lr=1e-3,
+        model=ml_collections.ConfigDict(dict(width=256, depth=4, num_heads=4))))
+
     # Trainer "demo" (configs/demo.py): tokenizer, then tokens, then a generator. `generator`
     # holds the generator config's values that differ from these defaults.
     c.demo = ml_collections.ConfigDict(dict(generator=ml_collections.ConfigDict(),
@@ -165,7 +173,8 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 # Sub-dicts holding module arguments: checked against the module's fields, not the schema.
-FREE_FORM = ("model", "teacher.model", "discriminator.model", "sampling", "demo.generator")
+FREE_FORM = ("model", "teacher.model", "discriminator.model", "sampling", "demo.generator",
+             "ar_probe.model")
 
 
 def _walk(cfg: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:

@@ -336,3 +336,56 @@ def _replicated(x: jax.Array) -> jax.Array:
         return x
     rep = jax.sharding.NamedSharding(x.sharding.mesh, jax.sharding.PartitionSpec())
     return jax.jit(lambda y: y, out_shardings=rep)(x)
+
+
+# ---------------------------------------------------------------------------- AR probing
+
+
+def probe_config(probe_cfg, vocab: int, num_tokens: int, num_classes: int, mesh_cfg,
+                 seed: int) -> ml_collections.ConfigDict:
+    """The generator config of an AR probe (`config.ar_probe` of a tokenizer run): a small GPT
+    over the tokenizer's codes, AdamW at a constant lr after a short warm-up, no dropout."""
+    c = config_lib.base_config()
+    c.trainer, c.seed, c.precision, c.ema_decay = "generator", seed, "float32", 0.0
+    c.total_steps, c.batch_size, c.eval_batch_size = (probe_cfg.steps, probe_cfg.batch_size,
+                                                      probe_cfg.batch_size)
+    c.mesh = mesh_cfg
+    c.model = dict(name="gpt", vocab_size=vocab, num_tokens=num_tokens, num_classes=num_classes,
+                   token_dropout=0.0, dropout_rate=0.0, **probe_cfg.model.to_dict())
+    o = c.optim
+    o.lr, o.warmup_steps, o.schedule, o.b2, o.weight_decay, o.decay_mask = (
+        probe_cfg.lr, min(50, probe_cfg.steps // 10), "constant", 0.95, 0.05, "matrices")
+    return c
+
+
+def fit_probe(config, codes: np.ndarray, labels: np.ndarray, val_codes: np.ndarray,
+              val_labels: np.ndarray, mesh, rules) -> dict[str, float]:
+    """Trains the probe GPT of `config` from scratch on (codes, labels) (host arrays, the same
+    on every host) and returns its last train loss and its validation loss / accuracy: how
+    learnable the tokens are for an AR model (GigaTok's AR probing, shortened)."""
+    model = build_generator(config)
+    init_params = init_generator(model, 2)
+    tx, schedule = optim.make_optimizer(config.optim, config.total_steps)  # nothing frozen
+    _, shardings, init = common.state_shardings_and_init(init_params, tx, mesh, rules, False)
+    batch_sh = parallel.batch_sharding(mesh, rules)
+    start, stop = parallel.host_batch_slice(batch_sh, config.batch_size)
+    rng = np.random.default_rng(config.seed)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        state = init(jax.random.key(config.seed))
+        step_fn = jax.jit(make_train_step(model, tx, schedule, config),
+                          in_shardings=(shardings, batch_sh), out_shardings=(shardings, None, None),
+                          donate_argnums=(0,))
+        losses = []
+        for _ in range(config.total_steps):
+            rows = rng.choice(len(codes), config.batch_size, replace=len(codes) < config.batch_size)
+            local = {"codes": codes[rows[start:stop]], "label": labels[rows[start:stop]]}
+            state, scalars, _ = step_fn(state, parallel.global_batch(local, batch_sh,
+                                                                     config.batch_size))
+            losses.append(scalars["loss"])
+        val = evaluate_loss(jax.jit(make_eval_step(model, config.generator)), state.params,
+                            tokens_lib.ArrayTokenSource(val_codes, val_labels),
+                            config.eval_batch_size, -1, batch_sh)
+    tail = [float(x) for x in losses[-10:]]
+    out = {"train_loss": float(np.mean(tail))}
+    out.update({f"val_{k}": v for k, v in val.items() if k != "num_examples"})
+    return out

@@ -513,6 +513,48 @@ def evaluate(eval_fn, params, frozen, eval_ds, num_batches: int, feeder_args, nu
     return metrics, (grid_in, grid_out)
 
 
+def make_ar_probe(config, model, train_src, eval_ds, eval_batches: int, feeder_args, mesh, rules,
+                  host_start: int, host_stop: int):
+    """`probe(params) -> metrics` for `config.ar_probe` (None when off or the model has no
+    codes): encodes the first `train_examples` training images (center crops) and the eval
+    split with `params`, then fits a fresh probe GPT on those codes (`generator.fit_probe`)."""
+    pcfg = config.ar_probe
+    num_codes = getattr(model, "num_codes", None)
+    if pcfg.every_steps <= 0 or not num_codes:
+        return None
+    from tok1d.trainers import generator as gen_trainer
+    to_model, _ = pixel_range_fns(model)
+    batch_sh, eval_batch = feeder_args
+    train_ds, train_batches = pipeline.eval_dataset(
+        train_src, global_batch=eval_batch, host_start=host_start, host_stop=host_stop,
+        image_size=config.data.image_size, num_examples=pcfg.train_examples)
+    encode = jax.jit(lambda p, x: model.apply({"params": p}, to_model(x),
+                                              method=model.encode)[1]["codes"])
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    gather = jax.jit(lambda x: x, out_shardings=replicated)
+
+    def codes_of(params, ds, num_batches):
+        feeder = common.Feeder(iter(ds), batch_sh, eval_batch)
+        codes, labels = [], []
+        for _ in range(num_batches):
+            batch = next(feeder)
+            c = np.asarray(gather(encode(params, batch["image"])).addressable_data(0))
+            keep = np.asarray(gather(batch["mask"]).addressable_data(0))
+            codes.append(c.reshape(len(c), -1)[keep])
+            labels.append(np.asarray(gather(batch["label"]).addressable_data(0))[keep])
+        return np.concatenate(codes).astype(np.int32), np.concatenate(labels).astype(np.int32)
+
+    def probe(params):
+        codes, labels = codes_of(params, train_ds, train_batches)
+        val_codes, val_labels = codes_of(params, eval_ds, eval_batches)
+        num_classes = int(getattr(train_src, "num_classes", 0) or labels.max() + 1)
+        gcfg = gen_trainer.probe_config(pcfg, num_codes, codes.shape[1], num_classes,
+                                        config.mesh, config.seed)
+        return gen_trainer.fit_probe(gcfg, codes, labels, val_codes, val_labels, mesh, rules)
+
+    return probe
+
+
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _first_rows(x: jax.Array, n: int, replicated: jax.sharding.NamedSharding) -> jax.Array:
     return jax.lax.with_sharding_constraint(x[:n], replicated)
@@ -620,11 +662,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         train_step = lambda s, b: step_fn(s, b, frozen)  # noqa: E731
         eval_step = jax.jit(make_eval_step(model, teacher))
 
+        probe = make_ar_probe(config, model, train_src, eval_ds, eval_batches, feeder_args,
+                              mesh, rules, e_start, e_stop)
+
         def run_eval(state_, step_):
             params = state_.ema_params if state_.ema_params is not None else state_.params
             metrics, (grid_in, grid_out) = evaluate(eval_step, params, frozen, eval_ds,
                                                     eval_batches, feeder_args,
                                                     config.num_grid_images)
+            every = config.ar_probe.every_steps
+            if probe is not None and (step_ % every == 0 or step_ >= config.total_steps):
+                metrics.update({f"ar_probe_{k}": v for k, v in probe(params).items()})
             grid = images.make_grid(images.interleave_pairs(grid_in, grid_out))
             writer.write_scalars(step_, {f"eval/{k}": v for k, v in metrics.items()})
             writer.write_images(step_, {"eval/input_vs_reconstruction": grid})
