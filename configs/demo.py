@@ -1,19 +1,27 @@
-"""Demo: a small TiTok tokenizer on the embedded photo crops, on any machine (CPU is fine).
+"""Demo: tokenizer -> tokens -> class-conditional generator, on scikit-learn's bundled
+handwritten digits (no download), on any machine (CPU is fine).
 
     python -m tok1d.main --config=configs/demo.py --workdir=/tmp/tok1d_demo
 
-Trains 1800 steps at batch 32 (about 11 minutes on a 2-core CPU, ~3 steps/s, 1.6 GB RAM),
-then writes to the workdir:
-  reconstructions.png   held-out crops (rows of originals) above their reconstructions
-  metrics.json          eval PSNR, L2, codebook usage and perplexity
-  events.out.tfevents.* TensorBoard logs (`tensorboard --logdir /tmp/tok1d_demo`)
-  checkpoints/          orbax checkpoints (rerunning the command resumes / is a no-op)
-Expected result (measured on the 2-core CI machine, jax 0.10.2): eval PSNR 19.7 dB on 256
-held-out 64x64 crops (the bottom quarter of every photo, never trained on), L2 0.0176, codebook
-usage 11% (114 of 1024 codes), perplexity 102; train PSNR 18.9. 32 tokens of 10 bits for a 64x64
-image is a strong bottleneck and 1800 steps is short: reconstructions keep layout and colours but
-are blurry. The run leaves TiTok's cold start (uniform attention, mean-colour outputs) after
-~700 steps.
+Stages (tok1d.trainers.demo): a small TiTok (16 tokens of 8 bits for a 32x32 digit) on the
+1618 training digits; both splits encoded to tokens; a small MaskGIT generator on the tokens;
+then samples of every class. Writes to the workdir: `tokenizer/reconstructions.png`
+(validation digits above their reconstructions), `generator/samples.png` and
+`samples_per_class.png` (one row per requested class 0..9), `metrics.json` (tokenizer PSNR and
+code usage, generator validation loss, classifier accuracies), TensorBoard logs in each stage
+directory (`tensorboard --logdir /tmp/tok1d_demo`), checkpoints (rerunning resumes / is a no-op).
+
+The generated digits are judged by a classifier of the real ones (logistic regression on the
+8x8 grey levels, scikit-learn): the fraction of samples recognised as the class that was
+asked for.
+Measured on the 2-core CI machine (jax 0.10.2, one CPU device, seed 0): 6 min 17 s in all.
+Tokenizer (1500 steps at batch 32, ~9 steps/s): eval PSNR 20.6 dB on the 179 held-out digits,
+195 of 256 codes used (perplexity 139). Generator (MaskGIT, 0.86M parameters, 1500 steps at
+batch 64): validation loss 1.66, masked-token accuracy 0.70. Classifier: 94.4% on the real
+held-out digits, 89.4% on their reconstructions, and 100% of the 100 samples (10 per class,
+8 steps, guidance 2.0) are recognised as the requested class (chance: 10%). Samples of one
+class look alike (guidance 2 favours the typical digit); lower `sampling.guidance_scale` or
+raise `randomize_temperature` for more variety.
 """
 
 from tok1d import config_lib
@@ -21,42 +29,64 @@ from tok1d import config_lib
 
 def get_config():
     config = config_lib.base_config()
+    config.trainer = "demo"
     config.seed = 0
-    config.total_steps = 1800
-    config.batch_size = 32
-    config.eval_batch_size = 32
+    config.total_steps = 1500
+    config.batch_size = 32            # ~2x the steps/s of 64 on a 2-core CPU
+    config.eval_batch_size = 64
     config.precision = "float32"   # bf16 matmuls are slow on most CPUs.
     config.ema_decay = 0.99
 
     config.model = dict(
         name="titok",
         patch_size=8,
-        num_latent_tokens=32,
+        num_latent_tokens=16,
         encoder_size="tiny",
         decoder_size="tiny",
-        codebook_size=1024,
+        codebook_size=256,
         token_dim=8,
         l2_norm=True,
+        # A soft entropy temperature (distances on the unit sphere are in [0, 4]): at the
+        # default 0.01 the softmax is one-hot, the entropy loss is already met by one code per
+        # token position and the tokens stay image-independent (TiTok's cold start).
+        entropy_temperature=0.1,
         scan=True,
     )
-    config.data.name = "demo"
-    config.data.image_size = 64
-    config.data.augment = "random_resized_crop"
-    config.data.min_scale = 0.5
-    config.data.eval_examples = 256
-    config.data.demo_size = 8192
+    config.data.name = "digits"
+    config.data.image_size = 32
+    config.data.augment = "center_crop"
+    config.data.flip = False           # a mirrored digit is not the same digit
+    config.data.eval_examples = -1
 
     # GigaTok's entropy loss keeps the codebook from collapsing onto one code per position.
     config.losses.entropy = 0.01
 
     config.optim.lr = 1e-3
     config.optim.end_lr = 1e-4
-    config.optim.warmup_steps = 200
-    config.optim.b2 = 0.99
+    config.optim.warmup_steps = 100
     config.optim.weight_decay = 1e-4
 
     config.log_every_steps = 50
-    config.eval_every_steps = 600
-    config.checkpoint.every_steps = 600
-    config.checkpoint.keep = 2
+    config.eval_every_steps = 500
+    config.checkpoint.every_steps = 500
+    config.num_grid_images = 16
+
+    # The generator stage: a small MaskGIT (BERT-style) on the 16 tokens, 10 classes.
+    config.demo.generator = dict(
+        total_steps=1500,
+        batch_size=64,
+        eval_batch_size=64,
+        ema_decay=0.99,
+        log_every_steps=50,
+        eval_every_steps=500,
+        num_grid_images=40,
+        model=dict(name="maskgit", arch="vit", codebook_size=256, num_tokens=16,
+                   num_classes=10, width=128, depth=4, num_heads=4, mlp_dim=512,
+                   dropout_rate=0.1),
+        optim=dict(lr=1e-3, end_lr=1e-5, warmup_steps=100, b2=0.96, weight_decay=0.03),
+        sampling=dict(num_steps=8, guidance_scale=2.0, guidance_schedule="constant",
+                      randomize_temperature=1.0),
+        checkpoint=dict(every_steps=500),
+    )
+    config.demo.samples_per_class = 10
     return config

@@ -1,5 +1,5 @@
-"""The README's demo, shortened: trains, then writes the grid, metrics, TensorBoard logs and a
-checkpoint into the workdir; the loss goes down."""
+"""The README's demo, shortened: tokenizer -> tokens -> generator -> samples judged by a
+classifier, all stages writing their outputs; both losses go down; rerunning is a no-op."""
 
 import glob
 import json
@@ -9,26 +9,42 @@ import subprocess
 from conftest import main_command, subprocess_env
 
 
-def test_shortened_demo_writes_all_outputs_and_learns(tmp_path):
+def test_shortened_demo_runs_every_stage_and_learns(tmp_path):
     workdir = str(tmp_path / "demo")
-    cmd = main_command("configs/demo.py", workdir, "--config.total_steps=60",
-                       "--config.log_every_steps=10", "--config.eval_every_steps=1000",
-                       "--config.checkpoint.every_steps=1000", "--config.data.eval_examples=64",
-                       "--config.batch_size=16", "--config.optim.warmup_steps=10")
-    run = subprocess.run(cmd, env=subprocess_env(1), capture_output=True, text=True, timeout=600)
+    cmd = main_command(
+        "configs/demo.py", workdir, "--config.total_steps=60", "--config.log_every_steps=10",
+        "--config.eval_every_steps=1000", "--config.checkpoint.every_steps=1000",
+        "--config.optim.warmup_steps=10", "--config.demo.generator.total_steps=40",
+        "--config.demo.generator.log_every_steps=10",
+        "--config.demo.generator.eval_every_steps=1000",
+        "--config.demo.generator.optim.warmup_steps=10", "--config.demo.samples_per_class=4")
+    run = subprocess.run(cmd, env=subprocess_env(1), capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "img/s" in run.stdout and "ETA" in run.stdout
+    assert "Classifier accuracy" in run.stdout
 
     metrics = json.load(open(os.path.join(workdir, "metrics.json")))
-    assert metrics["step"] == 60 and metrics["num_examples"] == 64
-    for key in ("psnr", "l2", "codebook_usage", "codebook_perplexity"):
-        assert key in metrics
-    assert 0 < metrics["codebook_usage"] <= 1
-    assert os.path.getsize(os.path.join(workdir, "reconstructions.png")) > 1000
-    assert glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
-    assert os.path.isdir(os.path.join(workdir, "checkpoints", "60"))
+    tok, gen, clf = metrics["tokenizer"], metrics["generator"], metrics["classifier"]
+    assert tok["step"] == 60 and tok["num_examples"] == 179
+    assert 0 < tok["codebook_usage"] <= 1 and tok["psnr"] > 5
+    assert gen["step"] == 40 and gen["num_examples"] == 128 and gen["loss"] > 0
+    assert clf["real_accuracy"] > 0.9 and clf["num_samples"] == 40
+    assert 0 <= clf["sample_accuracy"] <= 1 and 0 <= clf["reconstruction_accuracy"] <= 1
+    for path in ("tokenizer/reconstructions.png", "generator/samples.png",
+                 "samples_per_class.png"):
+        assert os.path.getsize(os.path.join(workdir, path)) > 500, path
+    assert glob.glob(os.path.join(workdir, "tokenizer", "events.out.tfevents.*"))
+    assert glob.glob(os.path.join(workdir, "generator", "events.out.tfevents.*"))
+    info = json.load(open(os.path.join(workdir, "tokens", "tokens_info.json")))
+    assert info["num_tokens"] == 16 and set(info["splits"]) == {"train", "validation"}
 
-    lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-    train = [line["train/loss"] for line in lines if "train/loss" in line]
-    assert len(train) == 6
-    assert train[-1] < 0.7 * train[0], train
+    for stage in ("tokenizer", "generator"):
+        lines = [json.loads(line) for line in open(os.path.join(workdir, stage, "metrics.jsonl"))]
+        train = [line["train/loss"] for line in lines if "train/loss" in line]
+        assert train[-1] < 0.7 * train[0], (stage, train)
+
+    # Rerunning resumes every stage from its outputs: nothing is trained again.
+    again = subprocess.run(cmd, env=subprocess_env(1), capture_output=True, text=True,
+                           timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("Nothing to do") == 2

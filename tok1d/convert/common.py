@@ -15,7 +15,7 @@ Layout rules (PyTorch -> Flax, NHWC):
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 import jax
 import numpy as np
@@ -317,16 +317,25 @@ def transformer(sd: StateDict, out: ParamTree, src: str, dst: str, depth: int, n
                 scan: bool, names: Mapping[str, str] = OPEN_CLIP_BLOCK) -> None:
     """`{src}.{i}.*` for i < depth -> `layers.Transformer` params at `dst` (stacked along a
     leading layers axis under `blocks` when the model scans, else `blocks_{i}`)."""
+    put_layers(sd, out, src, dst, depth, scan,
+               lambda layer: attention_block(sd, layer, num_heads, names))
+
+
+def put_layers(sd: StateDict, out: ParamTree, src: str, dst: str, depth: int, scan: bool,
+               convert_layer: Callable[[str], dict[str, Any]]) -> None:
+    """Converts `{src}.{i}` with `convert_layer` for i < depth into a `layers.Transformer` at
+    `dst`: stacked under `blocks` for a scanned stack (only when every layer converted; missing
+    keys are already reported), else as `blocks_{i}`."""
     missing_before = len(sd.missing)
-    blocks = [attention_block(sd, f"{src}.{i}", num_heads, names) for i in range(depth)]
-    if scan:
-        if len(sd.missing) > missing_before:
-            return  # already reported; stacking incomplete blocks is meaningless
-        try:
-            stacked = stack_layers(blocks)
-        except ValueError as e:
-            raise ConversionError(f"{src}.*: the blocks have different shapes ({e})") from e
-        out.set_tree(f"{dst}/blocks", stacked, f"{src}.{{0..{depth - 1}}}")
+    blocks = [convert_layer(f"{src}.{i}") for i in range(depth)]
+    if not scan:
+        for i, block in enumerate(blocks):
+            out.set_tree(f"{dst}/blocks_{i}", block, f"{src}.{i}")
         return
-    for i, block in enumerate(blocks):
-        out.set_tree(f"{dst}/blocks_{i}", block, f"{src}.{i}")
+    if len(sd.missing) > missing_before:
+        return
+    try:
+        stacked = stack_layers(blocks)
+    except ValueError as e:
+        raise ConversionError(f"{src}.*: the layers have different shapes ({e})") from e
+    out.set_tree(f"{dst}/blocks", stacked, f"{src}.{{0..{depth - 1}}}")

@@ -115,18 +115,8 @@ def convert_gpt(state_dict: Mapping[str, Any], model: GPT) -> dict[str, Any]:
     out.set("cls_embedding/embedding", sd.take(key), key)
     if not model.rope:
         out.set("positional_embedding", sd.take("positional_embedding"), "positional_embedding")
-    missing_before = len(sd.missing)
-    blocks = [_block(sd, f"layers.{i}", model.num_heads) for i in range(model.depth)]
-    if model.scan:
-        if len(sd.missing) == missing_before:
-            try:
-                stacked = common.stack_layers(blocks)
-            except ValueError as e:
-                raise ConversionError(f"layers.*: the blocks have different shapes ({e})") from e
-            out.set_tree("transformer/blocks", stacked, f"layers.{{0..{model.depth - 1}}}")
-    else:
-        for i, block in enumerate(blocks):
-            out.set_tree(f"transformer/blocks_{i}", block, f"layers.{i}")
+    common.put_layers(sd, out, "layers", "transformer", model.depth, model.scan,
+                      lambda layer: _block(sd, layer, model.num_heads))
     out.set("norm/scale", sd.take("norm.weight"), "norm.weight")
     w = sd.take("output.weight")
     out.set("output/kernel", None if w is None else common.linear(w), "output.weight")

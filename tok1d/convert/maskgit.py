@@ -132,19 +132,8 @@ def _convert_bert(sd: StateDict, model: maskgit.MaskGITBert, out: ParamTree) -> 
         out.set(name, sd.take(key), key)
     out.set_tree("embed_ln/norm", common.norm(sd, "model.embeddings.LayerNorm"),
                  "model.embeddings.LayerNorm")
-    src = "model.encoder.layer"
-    missing_before = len(sd.missing)
-    blocks = [_bert_layer(sd, f"{src}.{i}", model.num_heads) for i in range(model.depth)]
-    if model.scan:
-        if len(sd.missing) == missing_before:
-            try:
-                stacked = common.stack_layers(blocks)
-            except ValueError as e:
-                raise ConversionError(f"{src}.*: the layers have different shapes ({e})") from e
-            out.set_tree("transformer/blocks", stacked, f"{src}.{{0..{model.depth - 1}}}")
-    else:
-        for i, block in enumerate(blocks):
-            out.set_tree(f"transformer/blocks_{i}", block, f"{src}.{i}")
+    common.put_layers(sd, out, "model.encoder.layer", "transformer", model.depth, model.scan,
+                      lambda layer: _bert_layer(sd, layer, model.num_heads))
     out.set_tree("lm_head", common.dense(sd, "model.lm_head"), "model.lm_head")
 
 

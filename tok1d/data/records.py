@@ -167,36 +167,43 @@ def decode_image(data: ImageLike, name: str | None = None) -> np.ndarray:
 # -----------------------------------------------------------------------------
 
 
-def read_info(directory: str) -> dict[str, Any]:
-    """Reads and checks ``directory/dataset_info.json``.
-
-    Args:
-        directory: A dataset directory written by ``tok1d.data.prepare``.
-
-    Returns:
-        The parsed info dict.
+def read_format_json(directory: str, filename: str, expected_format: str, what: str,
+                     written_by: str) -> dict[str, Any]:
+    """Loads `directory/filename` and checks its "format" field; the errors name the file and
+    the command that writes it (shared by image and token datasets).
 
     Raises:
-        FileNotFoundError: If the directory or the info file does not exist.
-        ValueError: If the info file is not a tok1d dataset description.
+        FileNotFoundError: If the directory or the file does not exist.
+        ValueError: Malformed JSON or another format.
     """
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"Dataset directory not found: {directory!r}")
-    path = os.path.join(directory, INFO_FILENAME)
+        raise FileNotFoundError(f"{what} directory not found: {directory!r}")
+    path = os.path.join(directory, filename)
     if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"No {INFO_FILENAME} in {directory!r}; is this a dataset written "
-            "by `python -m tok1d.data.prepare`?")
+        raise FileNotFoundError(f"No {filename} in {directory!r}; is this a {what.lower()} "
+                                f"written by `{written_by}` (and did it finish)?")
     with open(path, "r", encoding="utf-8") as f:
         try:
             info = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"Malformed {path!r}: {e}") from e
     found = info.get("format") if isinstance(info, dict) else None
-    if found != FORMAT_VERSION:
-        raise ValueError(
-            f"{path!r} has format {found!r}, expected {FORMAT_VERSION!r}.")
+    if found != expected_format:
+        raise ValueError(f"{path!r} has format {found!r}, expected {expected_format!r}.")
+    return info
+
+
+def read_info(directory: str) -> dict[str, Any]:
+    """Reads and checks ``directory/dataset_info.json`` (written by ``tok1d.data.prepare``).
+
+    Raises:
+        FileNotFoundError: If the directory or the info file does not exist.
+        ValueError: If the info file is not a tok1d dataset description.
+    """
+    info = read_format_json(directory, INFO_FILENAME, FORMAT_VERSION, "Dataset",
+                            "python -m tok1d.data.prepare")
     if "class_names" not in info or "splits" not in info:
+        path = os.path.join(directory, INFO_FILENAME)
         raise ValueError(f"{path!r} lacks 'class_names' or 'splits'.")
     return info
 

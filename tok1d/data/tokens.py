@@ -109,20 +109,10 @@ def read_info(directory: str) -> dict[str, Any]:
         FileNotFoundError: Missing directory or info file.
         ValueError: Malformed JSON, another format, or missing keys.
     """
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"Token dataset directory not found: {directory!r}")
+    from tok1d.data.records import read_format_json
+    info = read_format_json(directory, INFO_FILENAME, FORMAT_VERSION, "Token dataset",
+                            "python -m tok1d.tokenize")
     path = os.path.join(directory, INFO_FILENAME)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"No {INFO_FILENAME} in {directory!r}; is this a token dataset "
-                                "written by `python -m tok1d.tokenize` (and did it finish)?")
-    with open(path, encoding="utf-8") as f:
-        try:
-            info = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"Malformed {path!r}: {e}") from e
-    found = info.get("format") if isinstance(info, dict) else None
-    if found != FORMAT_VERSION:
-        raise ValueError(f"{path!r} has format {found!r}, expected {FORMAT_VERSION!r}.")
     missing = [k for k in _REQUIRED_KEYS if k not in info]
     if missing:
         raise ValueError(f"{path!r} lacks {missing}.")
