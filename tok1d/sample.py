@@ -89,7 +89,7 @@ def sample_images(config, model, params, tokenizer, tok_params, num_images: int,
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         params = jax.device_put(params, jax.sharding.NamedSharding(mesh,
                                                                    jax.sharding.PartitionSpec()))
-        decoder = SampleDecoder(model, dict(config.sampling), tokenizer, tok_params, sharding)
+        decoder = SampleDecoder(model, config.sampling.to_dict(), tokenizer, tok_params, sharding)
         for b, start in enumerate(range(0, num_images, batch_size)):
             batch = labels[start:start + batch_size]
             padded = np.resize(batch, batch_size)  # the last batch repeats labels; cut below

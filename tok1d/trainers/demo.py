@@ -142,13 +142,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 def _reconstruct(tokenizer, tok_params, pixels: np.ndarray, batch: int = 64) -> np.ndarray:
     from tok1d.trainers.tokenizer import pixel_range_fns
+    if not getattr(tokenizer, "outputs_pixels", True):
+        raise ValueError("The demo's tokenizer must output pixels (not proxy-code logits).")
     to_model, to_unit = pixel_range_fns(tokenizer)
 
     @jax.jit
     def run(x):
         out, _ = tokenizer.apply({"params": tok_params}, to_model(x))
-        if getattr(tokenizer, "outputs_pixels", True) is False:
-            raise ValueError("The demo tokenizer must output pixels.")
         return jax.numpy.clip(to_unit(out), 0.0, 1.0)
 
     return np.concatenate([np.asarray(run(pixels[i:i + batch].astype(np.float32)))

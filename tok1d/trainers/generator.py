@@ -231,7 +231,7 @@ def load_sample_decoder(config, model, sharding, log) -> Optional[SampleDecoder]
         return None
     from tok1d.tokenize import load_tokenizer
     tokenizer, tok_params = load_tokenizer(path)
-    return SampleDecoder(model, dict(config.sampling), tokenizer, tok_params, sharding)
+    return SampleDecoder(model, config.sampling.to_dict(), tokenizer, tok_params, sharding)
 
 
 def init_generator(model: nn.Module, batch: int):
