@@ -90,8 +90,9 @@ def test_sampler_settings_change_the_samples(token_data, tmp_path):
     tokens, _ = token_data
     config = tiny_config("maskgit", tokens, "")
     model = generator.build_generator(config)
-    params = generator.init_generator(model, 2)(jax.random.key(1))
-    params = nn.unbox(params)
+    params = nn.unbox(generator.init_generator(model, 2)(jax.random.key(1)))
+    # Scaled up (as the fixtures' random generators) so the class visibly steers the logits.
+    params = jax.tree.map(lambda x: x * 8 if x.ndim >= 2 else x, params)
     labels = np.arange(8, dtype=np.int32) % 10
     from tok1d.generation import common
     a = common.make_sampler(model, num_steps=4, guidance_scale=0.0)(params, labels,

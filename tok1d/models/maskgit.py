@@ -147,6 +147,7 @@ class MaskGITBert(_GeneratorBase):
         x = layers.Transformer(
             depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim, pre_norm=False,
             norm_eps=1e-12, activation="gelu", dropout_rate=self.dropout_rate, scan=self.scan,
+            qkv_init=layers.default_kernel_init,  # HF BERT: every Linear starts N(0, 0.02)
             remat=self.remat, attention_impl=self.attention_impl, dtype=self.dtype,
             param_dtype=self.param_dtype, name="transformer")(x, None, not train)
         return self._lm_head(x)
