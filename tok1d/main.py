@@ -6,7 +6,6 @@ trainer named by `config.trainer`.
 """
 
 import logging
-import os
 import sys
 
 from absl import app, flags
@@ -30,16 +29,9 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     config = FLAGS.config
     import jax
+    from tok1d import parallel
     dist = config.distributed
-    if dist.coordinator_address or os.environ.get("TOK1D_DISTRIBUTED") == "1":
-        # Cross-process collectives on CPU need gloo; harmless on GPU/TPU.
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        from tok1d import parallel
-        parallel.maybe_initialize_distributed(dist.coordinator_address, dist.num_processes,
-                                              dist.process_id)
-    cache = os.environ.get("TOK1D_COMPILATION_CACHE")
-    if cache:
-        jax.config.update("jax_compilation_cache_dir", cache)
+    parallel.setup_process(dist.coordinator_address, dist.num_processes, dist.process_id)
     logging.getLogger().setLevel(logging.INFO)
     logging.info("JAX %s, process %d/%d, %d devices (%s).", jax.__version__,
                  jax.process_index(), jax.process_count(), jax.device_count(),

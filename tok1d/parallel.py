@@ -159,3 +159,18 @@ def maybe_initialize_distributed(coordinator_address: str = "", num_processes: i
         kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes,
                       process_id=process_id)
     jax.distributed.initialize(**kwargs)
+
+
+def setup_process(coordinator_address: str = "", num_processes: int = 0,
+                  process_id: int = -1) -> None:
+    """What every command does first: joins a multi-host run when asked (a coordinator address,
+    or TOK1D_DISTRIBUTED=1 for auto-detection on TPU pods / SLURM; CPU collectives over gloo,
+    harmless on GPU/TPU) and turns on the persistent compilation cache named by
+    $TOK1D_COMPILATION_CACHE."""
+    import os
+    if coordinator_address or os.environ.get("TOK1D_DISTRIBUTED") == "1":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        maybe_initialize_distributed(coordinator_address, num_processes, process_id)
+    cache = os.environ.get("TOK1D_COMPILATION_CACHE")
+    if cache:
+        jax.config.update("jax_compilation_cache_dir", cache)

@@ -151,10 +151,8 @@ def main(argv: Sequence[str]) -> Optional[int]:
         if not getattr(FLAGS, name):
             print(f"--{name} is required.", file=sys.stderr)
             return 2
-    cache = os.environ.get("TOK1D_COMPILATION_CACHE")
-    if cache:
-        import jax
-        jax.config.update("jax_compilation_cache_dir", cache)
+    from tok1d import parallel
+    parallel.setup_process()  # TOK1D_DISTRIBUTED=1 on pods / SLURM; the compilation cache
     try:
         run(FLAGS.config, FLAGS.checkpoint, FLAGS.tokenizer, FLAGS.num_images, FLAGS.out,
             FLAGS.batch_size, FLAGS.seed, FLAGS.grid_classes)

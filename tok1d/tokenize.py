@@ -626,15 +626,8 @@ def main(argv) -> int:
     fl = flags.FLAGS
     from absl import logging as absl_logging
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every restore at INFO
-    import jax
-    if fl.coordinator_address or os.environ.get("TOK1D_DISTRIBUTED") == "1":
-        from tok1d import parallel
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        parallel.maybe_initialize_distributed(fl.coordinator_address, fl.num_processes,
-                                              fl.process_id)
-    cache = os.environ.get("TOK1D_COMPILATION_CACHE")
-    if cache:
-        jax.config.update("jax_compilation_cache_dir", cache)
+    from tok1d import parallel
+    parallel.setup_process(fl.coordinator_address, fl.num_processes, fl.process_id)
     try:
         # The data first: a wrong name fails before a large checkpoint is read.
         source = resolve_source(fl.data, fl.split, data_dir=fl.data_dir,
