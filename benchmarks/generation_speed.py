@@ -33,7 +33,7 @@ def _init(model, *args):
     return nn.unbox(jax.jit(model.init)(jax.random.key(0), *args))["params"]
 
 
-def titok_l32(dtype, attention_impl):
+def titok_l32(dtype, attention_impl, scan=True):
     from tok1d import models, recipes
     from tok1d.generation import common
     kw = recipes.two_stage_model("l32", 2)
@@ -41,7 +41,8 @@ def titok_l32(dtype, attention_impl):
     kw["remat"] = "none"
     tok = models.create("titok", **kw, dtype=dtype)
     tok_params = _init(tok, jnp.zeros((1, 256, 256, 3)))
-    gen = models.create("maskgit", size="l32", dtype=dtype, attention_impl=attention_impl)
+    gen = models.create("maskgit", size="l32", dtype=dtype, attention_impl=attention_impl,
+                        scan=scan)
     gen_params = _init(gen, jnp.zeros((1, 32), jnp.int32), jnp.zeros((1,), jnp.int32))
     sampler = common.make_sampler(gen, num_steps=8, guidance_scale=4.5,
                                   guidance_schedule="linear", randomize_temperature=9.5,
@@ -49,13 +50,13 @@ def titok_l32(dtype, attention_impl):
     return tok, tok_params, gen_params, sampler, 125
 
 
-def gpt_b(dtype, attention_impl):
+def gpt_b(dtype, attention_impl, scan=True):
     from tok1d import models
     from tok1d.generation import common
     tok = models.create("gigatok", preset="b_l", dtype=dtype)
     tok_params = _init(tok, jnp.zeros((1, 256, 256, 3)))
     gen = models.create("gpt", size="B", vocab_size=16384, num_tokens=256, dtype=dtype,
-                        attention_impl=attention_impl)
+                        attention_impl=attention_impl, scan=scan)
     gen_params = _init(gen, jnp.zeros((1, 256), jnp.int32), jnp.zeros((1,), jnp.int32))
     sampler = common.make_sampler(gen, cfg_scale=1.75, cfg_schedule="step",
                                   cfg_kwargs=dict(window_start=0.18), temperature=1.0)
@@ -65,8 +66,19 @@ def gpt_b(dtype, attention_impl):
 WORKLOADS = {"titok_l32": titok_l32, "gpt_b": gpt_b}
 
 
-def measure(name: str, repeats: int, dtype, attention_impl) -> dict:
-    tok, tok_params, gen_params, sampler, batch = WORKLOADS[name](dtype, attention_impl)
+def _median_time(fn, repeats: int) -> float:
+    """Median seconds of `fn(rng)` over `repeats` calls after a warm-up call."""
+    jax.block_until_ready(fn(jax.random.key(0)))
+    times = []
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(jax.random.key(r + 1)))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure(name: str, repeats: int, dtype, attention_impl, scan: bool = True) -> dict:
+    tok, tok_params, gen_params, sampler, batch = WORKLOADS[name](dtype, attention_impl, scan)
 
     @jax.jit
     def run(gen_params, tok_params, labels, rng):
@@ -84,17 +96,15 @@ def measure(name: str, repeats: int, dtype, attention_impl) -> dict:
         codes, pixels = jax.block_until_ready(run(gen_params, tok_params, labels,
                                                   jax.random.key(r + 1)))
         times.append(time.perf_counter() - t0)
-    sample_only = jax.jit(sampler)
-    jax.block_until_ready(sample_only(gen_params, labels, jax.random.key(0)))
-    s_times = []
-    for r in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(sample_only(gen_params, labels, jax.random.key(r + 1)))
-        s_times.append(time.perf_counter() - t0)
+    sample_fn = jax.jit(sampler)
+    sample_s = _median_time(lambda k: sample_fn(gen_params, labels, k), repeats)
+    decode = jax.jit(lambda p, c: tok.apply({"params": p}, c, method=tok.decode_codes))
+    decode_s = _median_time(lambda k: decode(tok_params, codes), repeats)
     stats = jax.devices()[0].memory_stats() or {}
     med = statistics.median(times)
     return dict(workload=name, batch=batch, images_per_s=batch / med, seconds_per_batch=med,
-                sampling_only_images_per_s=batch / statistics.median(s_times),
+                sampling_only_images_per_s=batch / sample_s,
+                decode_only_images_per_s=batch / decode_s, scan=scan,
                 first_call_s=compile_s, peak_gib=stats.get("peak_bytes_in_use", 0) / 2**30,
                 dtype=str(jnp.dtype(dtype)), attention_impl=attention_impl or "xla",
                 codes_in_range=bool((np.asarray(codes) >= 0).all()),
@@ -109,16 +119,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--attention_impl", default="", help="'' (XLA) or 'cudnn'")
+    parser.add_argument("--no_scan", action="store_true",
+                        help="unrolled generator layers instead of a scanned stack")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     names = list(WORKLOADS) if args.workload == "all" else [args.workload]
     for name in names:
-        r = measure(name, args.repeats, jnp.dtype(args.dtype), args.attention_impl or None)
+        r = measure(name, args.repeats, jnp.dtype(args.dtype), args.attention_impl or None,
+                    scan=not args.no_scan)
         print(f"{r['workload']:10s} batch {r['batch']:4d}  {r['images_per_s']:8.1f} img/s  "
               f"{r['seconds_per_batch'] * 1e3:8.1f} ms/batch  first call {r['first_call_s']:.1f} s"
               f"  peak {r['peak_gib']:.1f} GiB  (sampling alone "
-              f"{r['sampling_only_images_per_s']:.1f} img/s; {r['device']}, "
-              f"{r['attention_impl']})",
+              f"{r['sampling_only_images_per_s']:.1f} img/s, decoding alone "
+              f"{r['decode_only_images_per_s']:.1f} img/s; {r['device']}, "
+              f"{r['attention_impl']}, scan={r['scan']})",
               flush=True)
         if args.out:
             with open(args.out, "a", encoding="utf-8") as f:
