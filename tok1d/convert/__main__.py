@@ -69,7 +69,7 @@ def _gigatok(checkpoint: str, config: str | None, preset: str | None, image_size
 def convert(kind: str, checkpoint: str, out: str, config: str | None = None,
             image_size: int | None = None, preset: str | None = None,
             pos_grid: int | None = None, size: str | None = None,
-            weights: str = "model") -> str:
+            weights: str = "model", num_heads: int | None = None) -> str:
     if kind == "titok":
         from tok1d.convert import titok
         model, params = titok.convert_file(checkpoint, config=config, image_size=image_size)
@@ -88,7 +88,8 @@ def convert(kind: str, checkpoint: str, out: str, config: str | None = None,
         model, params = maskgit.convert_file(checkpoint, config=config)
     elif kind == "gpt":
         from tok1d.convert import gpt
-        model, params = gpt.convert_file(checkpoint, size=size, weights=weights)
+        model, params = gpt.convert_file(checkpoint, size=size, weights=weights,
+                                         num_heads=num_heads)
     else:
         raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
     kwargs = _model_kwargs(model)
@@ -119,10 +120,12 @@ def main(argv=None) -> int:
     parser.add_argument("--weights", default="model", choices=("model", "ema"),
                         help="gpt: which weights of a training checkpoint (default: model, as "
                         "the official sampler)")
+    parser.add_argument("--num_heads", type=int, help="gpt: attention heads, for a width that "
+                        "is not a released size")
     args = parser.parse_args(argv)
     try:
         out = convert(args.kind, args.checkpoint, args.out, args.config, args.image_size,
-                      args.preset, args.pos_grid, args.size, args.weights)
+                      args.preset, args.pos_grid, args.size, args.weights, args.num_heads)
     except (ConversionError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
