@@ -18,6 +18,7 @@ INSTALL_REQUIRES = [
     "tensorboard>=2.16",   # event-file writer only; TensorFlow itself is NOT needed.
     "scikit-image>=0.22",  # bundled photos = the embedded demo dataset.
     "scikit-learn>=1.3",   # bundled digits (demo generator data) + the demo classifier.
+    "scipy>=1.10",         # FID's matrix square root (float64).
     "tqdm>=4.60",
 ]
 
