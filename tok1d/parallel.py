@@ -11,6 +11,7 @@ Models name the axes of every parameter and of the main activations (see
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Mapping, Optional, Sequence
 
@@ -174,3 +175,17 @@ def setup_process(coordinator_address: str = "", num_processes: int = 0,
     cache = os.environ.get("TOK1D_COMPILATION_CACHE")
     if cache:
         jax.config.update("jax_compilation_cache_dir", cache)
+
+
+@functools.lru_cache(maxsize=None)
+def _replicate_fn(mesh: Mesh):
+    return jax.jit(lambda x: x, out_shardings=NamedSharding(mesh, P()))
+
+
+def host_array(x: Any) -> np.ndarray:
+    """The whole of a global array (sharded over devices and hosts) as NumPy on every host: one
+    all-gather, compiled once per mesh and shape. Plain arrays pass through."""
+    sharding = getattr(x, "sharding", None)
+    if not isinstance(sharding, NamedSharding):
+        return np.asarray(x)
+    return np.asarray(_replicate_fn(sharding.mesh)(x).addressable_data(0))

@@ -94,9 +94,7 @@ def sample_images(config, model, params, tokenizer, tok_params, num_images: int,
             batch = labels[start:start + batch_size]
             padded = np.resize(batch, batch_size)  # the last batch repeats labels; cut below
             _, pixels = decoder(params, padded, jax.random.fold_in(jax.random.key(seed), b))
-            rep = jax.jit(lambda x: x, out_shardings=jax.sharding.NamedSharding(
-                mesh, jax.sharding.PartitionSpec()))(pixels)
-            out.append(images_lib.to_uint8(np.asarray(rep.addressable_data(0)))[:len(batch)])
+            out.append(images_lib.to_uint8(parallel.host_array(pixels))[:len(batch)])
             done = start + len(batch)
             rate = done / max(time.time() - t0, 1e-9)
             log(f"{done}/{num_images} images, {rate:.1f} img/s, "

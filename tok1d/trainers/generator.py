@@ -310,7 +310,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 labels = sample_labels(n_cls, per_class)
                 labels = _pad_to_multiple(labels, mesh.shape["data"] * mesh.shape["fsdp"])
                 _, pixels = decoder(params, labels, jax.random.key(config.seed + step_))
-                pixels = np.asarray(jax.device_get(_replicated(pixels)))
+                pixels = parallel.host_array(pixels)
                 grid = images.make_grid([pixels[c * per_class:(c + 1) * per_class]
                                          for c in range(n_cls)])
                 writer.write_images(step_, {"eval/samples": grid})
@@ -330,12 +330,6 @@ def _pad_to_multiple(labels: np.ndarray, k: int) -> np.ndarray:
     extra = (-len(labels)) % k
     return np.concatenate([labels, labels[:extra]]) if extra else labels
 
-
-def _replicated(x: jax.Array) -> jax.Array:
-    if not hasattr(x, "sharding") or not hasattr(x.sharding, "mesh"):
-        return x
-    rep = jax.sharding.NamedSharding(x.sharding.mesh, jax.sharding.PartitionSpec())
-    return jax.jit(lambda y: y, out_shardings=rep)(x)
 
 
 # ---------------------------------------------------------------------------- AR probing

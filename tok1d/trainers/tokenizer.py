@@ -530,18 +530,15 @@ def make_ar_probe(config, model, train_src, eval_ds, eval_batches: int, feeder_a
         image_size=config.data.image_size, num_examples=pcfg.train_examples)
     encode = jax.jit(lambda p, x: model.apply({"params": p}, to_model(x),
                                               method=model.encode)[1]["codes"])
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    gather = jax.jit(lambda x: x, out_shardings=replicated)
-
     def codes_of(params, ds, num_batches):
         feeder = common.Feeder(iter(ds), batch_sh, eval_batch)
         codes, labels = [], []
         for _ in range(num_batches):
             batch = next(feeder)
-            c = np.asarray(gather(encode(params, batch["image"])).addressable_data(0))
-            keep = np.asarray(gather(batch["mask"]).addressable_data(0))
+            c = parallel.host_array(encode(params, batch["image"]))
+            keep = parallel.host_array(batch["mask"])
             codes.append(c.reshape(len(c), -1)[keep])
-            labels.append(np.asarray(gather(batch["label"]).addressable_data(0))[keep])
+            labels.append(parallel.host_array(batch["label"])[keep])
         return np.concatenate(codes).astype(np.int32), np.concatenate(labels).astype(np.int32)
 
     def probe(params):
