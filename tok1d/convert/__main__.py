@@ -8,6 +8,7 @@
     python -m tok1d.convert dinov2 dinov2_vitb14_pretrain.pth dinov2_b/ --pos_grid 16  # GigaTok
     python -m tok1d.convert maskgit generator_titok_l32.bin maskgit_l32/   # TiTok generators
     python -m tok1d.convert gpt GPT_B_256.pt gpt_b/ [--size B] [--weights ema]   # GigaTok AR
+    python -m tok1d.convert inception_fid pt_inception-2015-12-05-6726825d.pth inception_fid/
 
 Every tensor is checked against the model: a mismatch fails with the full list of missing,
 unexpected and mismatched keys, and nothing is written. Load the result with
@@ -24,7 +25,7 @@ import sys
 from tok1d import pretrained
 from tok1d.convert.common import ConversionError
 
-KINDS = ("titok", "maskgit_vqgan", "gigatok", "dinov2", "maskgit", "gpt")
+KINDS = ("titok", "maskgit_vqgan", "gigatok", "dinov2", "maskgit", "gpt", "inception_fid")
 
 
 def _model_kwargs(model) -> dict:
@@ -90,6 +91,9 @@ def convert(kind: str, checkpoint: str, out: str, config: str | None = None,
         from tok1d.convert import gpt
         model, params = gpt.convert_file(checkpoint, size=size, weights=weights,
                                          num_heads=num_heads)
+    elif kind == "inception_fid":  # pytorch-fid's FID InceptionV3 (+ IS fc head)
+        from tok1d.convert import inception
+        model, params = inception.convert_file(checkpoint)
     else:
         raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
     kwargs = _model_kwargs(model)

@@ -123,9 +123,17 @@ def _gpt(**kwargs: Any) -> nn.Module:
     return gpt.build(**kwargs)
 
 
+def _inception_fid(**kwargs: Any) -> nn.Module:
+    """pytorch-fid's FID InceptionV3 (+ 1008-way fc head); `resize_input` to 299 px."""
+    from tok1d.models import inception
+    check_kwargs(inception.FIDInceptionV3, kwargs, "model 'inception_fid'")
+    return inception.FIDInceptionV3(**kwargs)
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {"titok": _titok, "maskgit_vqgan": _maskgit_vqgan,
                                                "gigatok": _gigatok, "dinov2": _dinov2,
-                                               "maskgit": _maskgit, "gpt": _gpt}
+                                               "maskgit": _maskgit, "gpt": _gpt,
+                                               "inception_fid": _inception_fid}
 
 
 def create(name: str, **kwargs: Any) -> nn.Module:
