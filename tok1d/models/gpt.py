@@ -25,6 +25,10 @@ position's table is all zeros, i.e. the class token's q and k are zeroed, as ups
 RoPE option of `gpt_1d.py` is not reproduced: it calls `precompute_freqs_cis` with
 cls_token_num in the `base` slot, so base 1 and 120 zero rows; it is off in every release.)
 
+`hidden_states` is the teacher-forced, eval-mode residual stream before the final RMSNorm
+(upstream `forward(..., ret_inner_feat_layer=...)`), for GigaTok's linear probe
+(`tok1d.evaluation.linear_probe`, which cuts the stack to its first n blocks).
+
 Cached decoding ("cache" collection, see `layers.Attention`; apply with `mutable=["cache"]`):
 
     cache = init_cache(model, params, batch_size)          # zeros, index 0
@@ -133,6 +137,15 @@ class GPT(nn.Module):
         `forward(idx=codes[:, :-1], cond_idx=labels)`)."""
         return self._forward(labels, codes[:, :-1], train=train, decode=False)
 
+    def hidden_states(self, codes: jax.Array, labels: jax.Array) -> jax.Array:
+        """Teacher forcing in eval mode without the head: codes (B, N), labels (B,) -> the
+        residual stream after the last of the `depth` blocks, before the final RMSNorm,
+        (B, N, width) float32, position 0 being the class token (upstream `forward` with
+        `ret_inner_feat_layer=depth`). For the state after the first n blocks, apply this to
+        `model.clone(depth=n)` with the first n layers' parameters
+        (`tok1d.evaluation.linear_probe.truncate`)."""
+        return self._forward(labels, codes[:, :-1], train=False, decode=False, hidden=True)
+
     def prefill(self, labels: jax.Array, codes: Optional[jax.Array] = None) -> jax.Array:
         """Cached decoding, first call: feeds the class token (and optionally a prefix of codes
         (B, P)) from position 0 into an initialised cache; returns the logits (B, vocab) of the
@@ -153,7 +166,7 @@ class GPT(nn.Module):
 
     @nn.compact
     def _forward(self, labels: Optional[jax.Array], codes: Optional[jax.Array], train: bool,
-                 decode: bool) -> jax.Array:
+                 decode: bool, hidden: bool = False) -> jax.Array:
         width = self.width
         embed_init = nn.initializers.normal(stddev=0.02)
         parts = []
@@ -201,6 +214,8 @@ class GPT(nn.Module):
             qkv_init=layers.default_kernel_init, depth=self.depth, scan=self.scan,
             remat=self.remat, dtype=self.dtype, param_dtype=self.param_dtype,
             name="transformer")(x, mask, not train, decode, rope)
+        if hidden:  # `hidden_states`: the stack's output, before the final norm and head.
+            return x.astype(jnp.float32)
         x = layers.RMSNorm(self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
                            name="norm")(x)
         logits = nn.Dense(self.vocab_size, use_bias=False, dtype=self.dtype,

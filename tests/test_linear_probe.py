@@ -1,0 +1,288 @@
+"""GigaTok's AR linear probe (tok1d.evaluation.linear_probe): truncated GPT stacks against the
+full model's intermediate activations (scanned and unrolled), null-class mean-pooled features
+(padded batches, 1 vs 8 devices), the probe's BatchNorm, MAE's LARS and lr schedule against
+hand-written references, and that the probe learns separable classes, stays at chance on
+random labels and finds the class in the codes through a random tiny GPT."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from tok1d import parallel
+from tok1d.evaluation import linear_probe as lp
+from tok1d.models import layers
+from tok1d.models.gpt import GPT
+
+VOCAB, TOKENS, CLASSES, WIDTH, DEPTH = 16, 16, 4, 32, 4
+
+
+def _model(**kw) -> GPT:
+    kw = {"vocab_size": VOCAB, "num_tokens": TOKENS, "num_classes": CLASSES, "width": WIDTH,
+          "depth": DEPTH, "num_heads": 2, "mlp_dim": 64, **kw}
+    return GPT(**kw)
+
+
+def _params(model: GPT, seed: int = 0, perturb: float = 0.5):
+    """GPT-like random weights drawn with NumPy (no compiled init: fast on a shared CPU): norm
+    scales 1, positions N(0, width^-0.5), the rest N(0, 0.02); then, unless `perturb` is 0,
+    every tensor perturbed by N(0, perturb) so that each block changes the residual stream."""
+    shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0),
+                                     jnp.zeros((1, TOKENS), jnp.int32),
+                                     jnp.zeros((1,), jnp.int32)))["params"]
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = jax.tree_util.keystr(path)
+        if "scale" in name:
+            x = np.ones(leaf.shape)
+        else:
+            std = WIDTH ** -0.5 if "positional_embedding" in name else 0.02
+            x = std * rng.normal(size=leaf.shape)
+        return (x + perturb * rng.normal(size=leaf.shape)).astype(np.float32)
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def _stack(unrolled_params):
+    """Unrolled (`blocks_i`) parameters -> the scanned layout (leading "layers" axis)."""
+    params = dict(unrolled_params)
+    blocks = [params["transformer"][f"blocks_{i}"] for i in range(DEPTH)]
+    params["transformer"] = {"blocks": jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)}
+    return params
+
+
+def _codes(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, VOCAB, (n, TOKENS)).astype(np.int32)
+
+
+# ---------------------------------------------------------------------------- truncation
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_truncation_matches_intermediate_activation(scan):
+    unrolled = _model(scan=False)
+    p_unrolled = _params(unrolled)
+    model, params = (_model(scan=True), _stack(p_unrolled)) if scan else (unrolled, p_unrolled)
+    codes = jnp.asarray(_codes(3))
+    labels = jnp.asarray([0, 3, CLASSES], jnp.int32)
+
+    # The full (unrolled) model's block outputs, captured on the way to its logits.
+    logits, state = jax.jit(lambda p: unrolled.apply(
+        {"params": p}, codes, labels, capture_intermediates=True,
+        mutable=["intermediates"]))(p_unrolled)
+    inter = state["intermediates"]["transformer"]
+    after = [np.asarray(inter[f"blocks_{i}"]["__call__"][0]) for i in range(DEPTH)]
+    np.testing.assert_allclose(jax.jit(model.apply)({"params": params}, codes, labels), logits,
+                               rtol=0, atol=1e-5 * float(np.abs(logits).max()))
+
+    for n in (1, 2, DEPTH):
+        sub, sub_params = lp.truncate(model, params, n)
+        assert sub.depth == n and sub.scan == scan
+        if scan:
+            assert all(x.shape[0] == n for x in jax.tree.leaves(sub_params["transformer"]))
+        else:
+            assert sorted(sub_params["transformer"]) == [f"blocks_{i}" for i in range(n)]
+        h = jax.jit(lambda p: sub.apply({"params": p}, codes, labels,
+                                        method="hidden_states"))(sub_params)
+        assert h.shape == (3, TOKENS, WIDTH) and h.dtype == jnp.float32
+        np.testing.assert_allclose(h, after[n - 1], rtol=0,
+                                   atol=1e-6 * float(np.abs(after[n - 1]).max()))
+        if n < DEPTH:  # discriminative: the next block changes the stream
+            assert np.abs(after[n] - after[n - 1]).max() > 0.1 * np.abs(after[n - 1]).max()
+
+    # All blocks: the final RMSNorm and the head of the hidden states are the logits.
+    h = jax.jit(lambda p: model.apply({"params": p}, codes, labels,
+                                      method="hidden_states"))(params)
+    normed = layers.RMSNorm(model.norm_eps).apply({"params": params["norm"]}, h)
+    np.testing.assert_allclose(normed @ np.asarray(params["output"]["kernel"]), logits, rtol=0,
+                               atol=1e-5 * float(np.abs(logits).max()))
+    with pytest.raises(ValueError):
+        lp.truncate(model, params, DEPTH + 1)
+
+
+# ---------------------------------------------------------------------------- features
+
+
+def test_probe_features_null_label_mean_and_devices():
+    model = _model(scan=True)
+    params = _params(model)
+    codes = _codes(70)  # batches of 64: the second one is padded
+
+    feats = lp.probe_features(model, params, codes, batch_size=64)
+    assert feats.shape == (70, WIDTH) and feats.dtype == np.float32
+
+    sub, sub_params = lp.truncate(model, params, DEPTH // 2)
+    hidden = jax.jit(lambda p, c, y: sub.apply({"params": p}, c, y, method="hidden_states"))
+    null = np.full((70,), model.null_label, np.int32)
+    want = np.asarray(hidden(sub_params, codes, null)).mean(axis=1)
+    np.testing.assert_allclose(feats, want, rtol=0, atol=1e-6 * np.abs(want).max())
+    # The null class: any real label would give other features (there are no labels to pass).
+    real = np.asarray(hidden(sub_params, codes, np.zeros((70,), np.int32))).mean(axis=1)
+    assert np.abs(real - feats).max() > 1e-2 * np.abs(feats).max()
+    # Default layer depth // 2; other layers differ.
+    np.testing.assert_array_equal(lp.probe_features(model, params, codes, layer=2,
+                                                    batch_size=64), feats)
+    assert np.abs(lp.probe_features(model, params, codes, layer=3, batch_size=64)
+                  - feats).max() > 1e-2 * np.abs(feats).max()
+
+    # Sharded over 8 devices (8 rows each) or on a 1-device mesh: bit for bit the same. (On
+    # the CPU backend, 1-3 rows per device take another matmul path whose rounding differs by
+    # ~1 ulp; rows never interact, so that is the only way the device count can show.)
+    mesh8 = parallel.create_mesh({"data": -1})
+    assert mesh8.size == 8
+    np.testing.assert_array_equal(lp.probe_features(model, params, codes, batch_size=64,
+                                                    mesh=mesh8), feats)
+    mesh1 = parallel.create_mesh({"data": 1}, devices=jax.devices()[:1])
+    np.testing.assert_array_equal(lp.probe_features(model, params, codes, batch_size=64,
+                                                    mesh=mesh1), feats)
+
+
+# ---------------------------------------------------------------------------- probe pieces
+
+
+def test_linear_probe_batchnorm_train_and_eval():
+    probe = lp.LinearProbe(num_classes=5)
+    rng = np.random.default_rng(0)
+    x = (3.0 + 2.0 * rng.normal(size=(64, 40))).astype(np.float32)
+    variables = probe.init(jax.random.key(0), x[:2])
+    assert set(variables["params"]) == {"head"}  # BatchNorm without scale / bias
+    kernel = np.asarray(variables["params"]["head"]["kernel"])
+    assert kernel.shape == (40, 5) and abs(kernel.std() - 0.01) < 0.002
+    np.testing.assert_array_equal(variables["params"]["head"]["bias"], 0.0)
+    # Give the head a non-zero bias so that it shows in the comparisons.
+    variables = {"params": {"head": {"kernel": kernel, "bias": np.arange(5.0, dtype=np.float32)}},
+                 "batch_stats": variables["batch_stats"]}
+
+    out, new = probe.apply(variables, x, train=True, mutable=["batch_stats"])
+    mean, var = x.mean(0), x.var(0)  # biased batch variance, like torch's normalisation
+    np.testing.assert_allclose(out, (x - mean) / np.sqrt(var + 1e-6) @ kernel + np.arange(5.0),
+                               rtol=1e-4, atol=1e-4)
+    stats = new["batch_stats"]["bn"]  # torch momentum 0.1 from mean 0, var 1
+    np.testing.assert_allclose(stats["mean"], 0.1 * mean, rtol=1e-5)
+    np.testing.assert_allclose(stats["var"], 0.9 + 0.1 * var, rtol=1e-5)
+
+    evaluated = probe.apply({**variables, "batch_stats": new["batch_stats"]}, x[:3])
+    np.testing.assert_allclose(
+        evaluated, (x[:3] - stats["mean"]) / np.sqrt(stats["var"] + 1e-6) @ kernel
+        + np.arange(5.0), rtol=1e-4, atol=1e-4)
+
+
+def test_mae_schedule():
+    peak, per_epoch, epochs, warmup = 0.4, 10, 20, 5
+    schedule = lp.mae_schedule(peak, per_epoch, epochs, warmup)
+
+    def mae(step):  # MAE util/lr_sched.py adjust_learning_rate at epoch = step / per_epoch
+        e = step / per_epoch
+        if e < warmup:
+            return peak * e / warmup
+        return peak * 0.5 * (1.0 + math.cos(math.pi * (e - warmup) / (epochs - warmup)))
+
+    for step in (0, 1, 7, 49, 50, 51, 123, 150, 199, 200):
+        assert float(schedule(step)) == pytest.approx(mae(step), rel=1e-5, abs=1e-7), step
+    assert float(schedule(0)) == 0.0 and float(schedule(50)) == pytest.approx(peak)
+    assert float(schedule(200)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_mae_lars_matches_reference():
+    rng = np.random.default_rng(0)
+    params = {"head": {"kernel": rng.normal(size=(6, 3)).astype(np.float32),
+                       "bias": rng.normal(size=(3,)).astype(np.float32)}}
+    grads = [jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params)
+             for _ in range(4)]
+    lrs = [0.0, 0.5, 1.5, 0.7]
+    wd, momentum, trust = 0.05, 0.9, 0.001
+    tx = lp.mae_lars(lambda step: jnp.asarray(lrs)[step], weight_decay=wd)
+
+    state, got = tx.init(params), params
+    want = jax.tree.map(lambda p: p.astype(np.float64), params)
+    mu = jax.tree.map(np.zeros_like, want)
+    for lr, g in zip(lrs, grads):
+        updates, state = tx.update(g, state, got)
+        got = jax.tree.map(lambda p, u: p + u, got, updates)
+        # misc.py LARS.step: decay and trust ratio for ndim > 1, mu = m * mu + dp, p -= lr * mu
+        for name in ("kernel", "bias"):
+            p, dp = want["head"][name], np.asarray(g["head"][name], np.float64)
+            if p.ndim > 1:
+                dp = dp + wd * p
+                dp = dp * trust * np.linalg.norm(p) / np.linalg.norm(dp)
+            mu["head"][name] = momentum * mu["head"][name] + dp
+            want["head"][name] = p - lr * mu["head"][name]
+    for name in ("kernel", "bias"):
+        np.testing.assert_allclose(got["head"][name], want["head"][name], rtol=1e-5)
+        assert not np.allclose(got["head"][name], params["head"][name])
+
+
+# ---------------------------------------------------------------------------- training
+
+
+def _gaussian_classes(rng, n, means, noise=1.0):
+    y = rng.integers(0, len(means), n)
+    return (means[y] + noise * rng.normal(size=(n, means.shape[1]))).astype(np.float32), y
+
+
+def test_probe_learns_separable_classes_and_not_random_labels():
+    rng = np.random.default_rng(0)
+    dim = 16
+    means = 2.0 * rng.normal(size=(CLASSES, dim))
+    x, y = _gaussian_classes(rng, 512, means)
+    xv, yv = _gaussian_classes(rng, 256, means)
+    offset, scale = 5.0, 3.0  # far from BatchNorm's initial statistics
+    x, xv = offset + scale * x, offset + scale * xv
+    # Two variants per example: the features and a slightly noisier copy.
+    x2 = np.stack([x, x + 0.3 * rng.normal(size=x.shape).astype(np.float32)])
+    # LARS moves the weight by at most ~lr * 1e-3 * |w| * 10 a step: a few hundred steps need
+    # a larger lr than ImageNet's thousands.
+    kw = dict(epochs=30, batch_size=64, base_lr=10.0, warmup_epochs=3, seed=0)
+    logs = []
+    out = lp.train_linear_probe(x2, y, xv, yv, CLASSES, log_fn=logs.append, **kw)
+    assert out["val_accuracy"] > 0.9 and out["train_accuracy"] > 0.85
+    assert out["train_loss"] < 1.0 and out["steps"] == 30 * 8
+    assert out["lr"] == pytest.approx(10.0 * 64 / 256) and len(logs) == 31
+
+    # Evaluation uses the running statistics, which track the training features' moments.
+    stats = out["variables"]["batch_stats"]["bn"]
+    np.testing.assert_allclose(stats["mean"], x.mean(0), atol=0.5)
+    np.testing.assert_allclose(stats["var"], x.var(0), rtol=0.25)
+    head = out["variables"]["params"]["head"]
+    manual = ((xv - stats["mean"]) / np.sqrt(stats["var"] + 1e-6) @ head["kernel"]
+              + head["bias"]).argmax(-1)
+    assert out["val_accuracy"] == pytest.approx(np.mean(manual == yv))
+
+    # Deterministic given the seed.
+    again = lp.train_linear_probe(x2, y, xv, yv, CLASSES, **kw)
+    assert again["val_accuracy"] == out["val_accuracy"]
+    assert again["train_loss"] == out["train_loss"]
+
+    # Labels independent of the features: nothing to learn, validation stays at chance (0.25,
+    # std 0.027 over 256 examples).
+    noise, noise_val = (rng.normal(size=(n, dim)).astype(np.float32) for n in (512, 256))
+    chance = lp.train_linear_probe(noise, rng.integers(0, CLASSES, 512), noise_val,
+                                   rng.integers(0, CLASSES, 256), CLASSES, **kw)
+    assert abs(chance["val_accuracy"] - 0.25) < 0.1
+
+
+def test_run_linear_probe_end_to_end():
+    """Class c draws 70% of its codes from {4c, ..., 4c + 3}: a random tiny GPT's mean-pooled
+    middle features carry the class."""
+    model = _model(scan=True)
+    params = _params(model, perturb=0.0)
+    rng = np.random.default_rng(1)
+
+    def sample(n):
+        y = rng.integers(0, CLASSES, n)
+        own = 4 * y[:, None] + rng.integers(0, 4, (n, TOKENS))
+        codes = np.where(rng.random((n, TOKENS)) < 0.7, own, rng.integers(0, VOCAB, (n, TOKENS)))
+        return codes.astype(np.int32), y
+
+    codes, y = sample(256)
+    val_codes, val_y = sample(128)
+    # (N, V, T) like the token dataset: the codes and a reversed copy as a second variant.
+    train_codes = np.stack([codes, codes[:, ::-1]], axis=1)
+    out = lp.run_linear_probe(model, params, train_codes, y, val_codes, val_y,
+                              feature_batch_size=128, epochs=20, batch_size=32, base_lr=10.0,
+                              warmup_epochs=2)
+    assert out["layer"] == DEPTH // 2 and out["feature_dim"] == WIDTH
+    assert out["val_accuracy"] > 0.7, out  # chance: 0.25
