@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 
+import pytest
+
 from conftest import main_command, subprocess_env
 
 
@@ -17,7 +19,11 @@ def test_shortened_demo_runs_every_stage_and_learns(tmp_path):
         "--config.optim.warmup_steps=10", "--config.demo.generator.total_steps=40",
         "--config.demo.generator.log_every_steps=10",
         "--config.demo.generator.eval_every_steps=1000",
-        "--config.demo.generator.optim.warmup_steps=10", "--config.demo.samples_per_class=4")
+        "--config.demo.generator.optim.warmup_steps=10", "--config.demo.samples_per_class=4",
+        # the evaluation suite with random Inception / LPIPS weights at the Inception's
+        # smallest input (the real weights cannot be downloaded here)
+        "--config.evaluation.allow_random_init=True", "--config.evaluation.inception_size=75",
+        "--config.evaluation.is_splits=2")
     run = subprocess.run(cmd, env=subprocess_env(1), capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "img/s" in run.stdout and "ETA" in run.stdout
@@ -35,6 +41,15 @@ def test_shortened_demo_runs_every_stage_and_learns(tmp_path):
         assert os.path.getsize(os.path.join(workdir, path)) > 500, path
     assert glob.glob(os.path.join(workdir, "tokenizer", "events.out.tfevents.*"))
     assert glob.glob(os.path.join(workdir, "generator", "events.out.tfevents.*"))
+    rec, gen_eval = metrics["evaluation"]["reconstruction"], metrics["evaluation"]["generation"]
+    for key in ("psnr", "ssim", "lpips", "rfid", "inception_score", "precision", "recall",
+                "codebook_usage"):
+        assert key in rec and rec[key] == rec[key], key
+    assert rec["psnr"] == pytest.approx(tok["psnr"], rel=1e-5)
+    assert gen_eval["num_images"] == 40 and gen_eval["gfid"] > 0
+    report = open(os.path.join(workdir, "report.md")).read()
+    assert "rFID" in report and "gFID" in report and "samples_per_class.png" in report
+    assert os.path.exists(os.path.join(workdir, "eval", "report.md"))
     info = json.load(open(os.path.join(workdir, "tokens", "tokens_info.json")))
     assert info["num_tokens"] == 16 and set(info["splits"]) == {"train", "validation"}
 

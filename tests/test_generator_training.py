@@ -144,11 +144,45 @@ def test_ar_probe_during_tokenizer_training(tmp_path):
     c.data.eval_examples = 32
     c.ar_probe.every_steps, c.ar_probe.train_examples, c.ar_probe.steps = 4, 64, 20
     c.ar_probe.batch_size = 16
-    c.ar_probe.model = dict(width=32, depth=1, num_heads=2)
+    c.ar_probe.model = dict(width=32, depth=2, num_heads=2)
+    # The evals inside training: rFID & co. (random Inception / LPIPS) and the linear probe of
+    # the probe GPT's features.
+    e = c.evaluation
+    e.fid_every_steps, e.allow_random_init, e.inception_size, e.is_splits = 4, True, 75, 2
+    e.linear_probe_epochs, e.linear_probe_batch_size, e.linear_probe_lr = 4, 16, 10.0
     result = tok_trainer.train_and_evaluate(c, str(tmp_path / "tok"))
-    for key in ("ar_probe_train_loss", "ar_probe_val_loss", "ar_probe_val_accuracy"):
-        assert np.isfinite(result[key]), result
+    for key in ("ar_probe_train_loss", "ar_probe_val_loss", "ar_probe_val_accuracy",
+                "ar_probe_linear_probe_accuracy", "rfid", "ssim", "lpips", "inception_score",
+                "precision", "recall"):
+        assert np.isfinite(result[key]), (key, result)
+    assert result["ar_probe_linear_probe_layer"] == 1
     assert result["ar_probe_val_loss"] < np.log(64)
     lines = [json.loads(line) for line in open(os.path.join(str(tmp_path / "tok"),
                                                             "metrics.jsonl"))]
     assert any("eval/ar_probe_val_loss" in line for line in lines)
+
+
+def test_gfid_in_training_and_the_evaluate_job(token_data, tmp_path):
+    """A GPT run with evaluation.fid_every_steps logs gFID / IS / precision-recall of its samples
+    against the digits eval split (random Inception: smoke numbers); `tok1d.evaluate` on the
+    run adds GigaTok's linear probe and writes the report."""
+    from tok1d import evaluate
+    tokens, tok_dir = token_data
+    config = tiny_config("gpt", tokens, tok_dir, steps=8)
+    config.data.name, config.data.image_size, config.data.eval_examples = "digits", 32, 24
+    e = config.evaluation
+    e.fid_every_steps, e.allow_random_init, e.inception_size, e.is_splits = 8, True, 75, 2
+    e.num_samples, e.num_report_images = 16, 20
+    workdir = str(tmp_path / "gpt")
+    result = generator.train_and_evaluate(config, workdir)
+    for key in ("gfid", "inception_score", "precision", "recall"):
+        assert np.isfinite(result[key]), (key, result)
+    e.linear_probe_epochs, e.linear_probe_batch_size, e.linear_probe_lr = 3, 32, 10.0
+    out = tmp_path / "eval"
+    metrics = evaluate.run(config, checkpoint=workdir, tokenizer=tok_dir, out=str(out),
+                           log=lambda _: None)
+    assert metrics["num_images"] == 16 and np.isfinite(metrics["gfid"])
+    assert 0.0 <= metrics["linear_probe_accuracy"] <= 1.0
+    assert metrics["linear_probe_layer"] == 1
+    text = open(out / "report.md").read()
+    assert "gFID" in text and "samples.png" in text and "linear_probe_accuracy" in text

@@ -77,6 +77,23 @@ def test_lpips_head_matches_official_fixture(lpips_fixture):
     assert e < 1e-4, e
 
 
+def test_full_lpips_matches_official_fixture(fixtures_dir):
+    """`lpips.npz` (complete LPIPS-VGG with a random trunk; other fixture directories may hold
+    it): the converted network gives the official per-layer distances and LPIPS."""
+    path = os.path.join(fixtures_dir, "lpips.npz")
+    if not os.path.exists(path):
+        pytest.skip(f"{path} not found (the complete-LPIPS fixture is not in this pack)")
+    with np.load(path) as z:
+        z = {k: z[k] for k in z.files}
+    sd = {k[3:]: v.astype(np.float32) if v.dtype == np.float16 else v
+          for k, v in z.items() if k.startswith("sd/")}
+    params = CP.convert_lpips(None, sd)
+    x0, x1 = ((nchw_to_nhwc(z[f"input/in{i}"]) + 1.0) / 2.0 for i in (0, 1))  # [-1,1] -> [0,1]
+    model = P.LPIPS()
+    got = cnn_jit(lambda p, a, b: model.apply({"params": p}, a, b))(params, x0, x1)
+    assert rel_err(got, z["out/lpips"].reshape(-1)) < 1e-4
+
+
 def test_lpips_converter_cli_roundtrip_and_errors(lpips_fixture, tmp_path):
     vgg = fake_vgg16_state_dict(1)
     lins = {k[3:]: v for k, v in lpips_fixture.items() if k.startswith("sd/lin")}

@@ -147,6 +147,37 @@ def base_config() -> ml_collections.ConfigDict:
         every_steps=0, train_examples=2048, steps=300, batch_size=64, lr=1e-3,
         model=ml_collections.ConfigDict(dict(width=256, depth=4, num_heads=4))))
 
+    # Evaluation (tok1d.evaluation; `python -m tok1d.evaluate` and the evals inside training).
+    # rFID / gFID, Inception Score and precision/recall need the FID InceptionV3 converted with
+    # `python -m tok1d.convert inception_fid pt_inception-2015-12-05-6726825d.pth DIR`; LPIPS
+    # needs the converted LPIPS-VGG (default: `perceptual.weights` when it holds it). Metrics
+    # whose network is missing are left out (and said so); allow_random_init is for tests only.
+    c.evaluation = ml_collections.ConfigDict(dict(
+        inception="",                 # converted FID Inception directory
+        lpips="",                     # converted LPIPS weights (directory or .npz)
+        allow_random_init=False,      # random Inception / LPIPS weights (tests, smoke runs)
+        inception_size=299,           # Inception input resize (299 defines FID; >= 75, smaller
+                                      # only for tests / smoke runs)
+        fid_every_steps=0,            # FID inside training every K steps and at the end (0: off)
+        reference="",                 # gFID reference: an ADM reference batch .npz (mu, sigma
+                                      # and arr_0 images) or FeatureStats .npz; empty: the
+                                      # data's eval split (features computed and cached)
+        num_samples=50_000,           # gFID: generated images (50 per class, 1000 classes)
+        precision_recall=True,        # k=3 manifold precision / recall (keeps pool features)
+        is_splits=10,                 # Inception Score splits
+        chunk_size=8,                 # images per network call on each device: the numbers are
+                                      # bit-identical on any mesh whose per-device batch is a
+                                      # multiple of it (0: the whole per-device batch)
+        num_report_images=32,         # images in the report's grids
+        # GigaTok's linear probe of a GPT generator's features (null class, layer depth // 2,
+        # mean over positions; BN + linear head, LARS): epochs over generator.tokens' train
+        # split, accuracy on its eval split. 0: off; GigaTok: 90 epochs, lr 0.1 x batch / 256.
+        # In a tokenizer run with ar_probe on, the probe GPT is probed too.
+        linear_probe_epochs=0,
+        linear_probe_batch_size=256,
+        linear_probe_lr=0.1,
+    ))
+
     # Trainer "demo" (configs/demo.py): tokenizer, then tokens, then a generator. `generator`
     # holds the generator config's values that differ from these defaults.
     c.demo = ml_collections.ConfigDict(dict(generator=ml_collections.ConfigDict(),
@@ -273,6 +304,16 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
             problems.append(f"losses.{term}={losses[term]} is a warm-up term but "
                             f"aux_loss_end_step={config.aux_loss_end_step}: it would never apply "
                             f"(set losses.{term}=0 or aux_loss_end_step > 0)")
+    ev = config.evaluation
+    if (ev.fid_every_steps > 0 and not ev.inception and not ev.allow_random_init):
+        problems.append(f"evaluation.fid_every_steps={ev.fid_every_steps} needs "
+                        "evaluation.inception (python -m tok1d.convert inception_fid ...)")
+    if ev.inception_size < 75:
+        problems.append(f"evaluation.inception_size={ev.inception_size} must be >= 75 (the "
+                        "smallest input the Inception accepts)")
+    for key in ("num_samples", "is_splits"):
+        if ev[key] <= 0:
+            problems.append(f"evaluation.{key}={ev[key]} must be positive")
     for key in ("total_steps", "batch_size", "eval_batch_size", "log_every_steps"):
         if config[key] <= 0:
             problems.append(f"{key}={config[key]} must be positive")

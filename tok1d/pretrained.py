@@ -118,6 +118,21 @@ def load_pretrained(directory: str, **model_overrides: Any):
     return models.create(spec["name"], **kwargs), load_params(directory)
 
 
+def load_checked(path: str, shapes: Mapping[str, Any], what: str) -> dict[str, Any]:
+    """Params of `path` (pretrained directory or training workdir) that must match `shapes` (the
+    model's abstract params) exactly: every array present with its shape, else a ValueError
+    naming what differs."""
+    import flax.traverse_util as tu
+
+    merged, done, problems = merge_into(shapes, load_params(path))
+    missing = len(tu.flatten_dict(dict(shapes))) - len(done)
+    if problems or missing:
+        raise ValueError(f"Weights {path} do not match {what}: "
+                         + "; ".join(problems + ([f"{missing} parameter arrays missing"]
+                                                 if missing else [])))
+    return merged
+
+
 def merge_into(params: Mapping[str, Any], loaded: Mapping[str, Any],
                mapping: Optional[Mapping[str, str]] = None) -> tuple[dict[str, Any], list[str],
                                                                      list[str]]:

@@ -52,22 +52,14 @@ def cyclic_labels(num_images: int, num_classes: int) -> np.ndarray:
 def load_generator(config, checkpoint: str):
     """(model, params) with params read from `checkpoint` and checked against the model."""
     import flax.linen as nn
-    import flax.traverse_util as tu
     import jax
     from tok1d import pretrained
     from tok1d.trainers import generator as gen_trainer
     model = gen_trainer.build_generator(config)
     shapes = jax.eval_shape(gen_trainer.init_generator(model, 1), jax.random.key(0))
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nn.unbox(shapes))
-    loaded = pretrained.load_params(checkpoint)
-    merged, done, problems = pretrained.merge_into(shapes, loaded)
-    missing = len(tu.flatten_dict(shapes)) - len(done)
-    if problems or missing:
-        raise ValueError(f"Generator weights {checkpoint} do not match the model of the config"
-                         f" ({config.model.name}): "
-                         + "; ".join(problems + ([f"{missing} parameter arrays missing"]
-                                                 if missing else [])))
-    return model, merged
+    return model, pretrained.load_checked(
+        checkpoint, shapes, f"the generator of the config ({config.model.name})")
 
 
 def sample_images(config, model, params, tokenizer, tok_params, num_images: int,
@@ -85,20 +77,13 @@ def sample_images(config, model, params, tokenizer, tok_params, num_images: int,
     batch_size = batch_size or 32 * jax.device_count()
     batch_size = -(-batch_size // div) * div
     labels = cyclic_labels(num_images, model.num_classes)
-    out, t0 = [], time.time()
+    out = []
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         params = jax.device_put(params, jax.sharding.NamedSharding(mesh,
                                                                    jax.sharding.PartitionSpec()))
         decoder = SampleDecoder(model, config.sampling.to_dict(), tokenizer, tok_params, sharding)
-        for b, start in enumerate(range(0, num_images, batch_size)):
-            batch = labels[start:start + batch_size]
-            padded = np.resize(batch, batch_size)  # the last batch repeats labels; cut below
-            _, pixels = decoder(params, padded, jax.random.fold_in(jax.random.key(seed), b))
-            out.append(images_lib.to_uint8(parallel.host_array(pixels))[:len(batch)])
-            done = start + len(batch)
-            rate = done / max(time.time() - t0, 1e-9)
-            log(f"{done}/{num_images} images, {rate:.1f} img/s, "
-                f"ETA {(num_images - done) / max(rate, 1e-9):.0f} s")
+        for pixels, valid in decoder.batches(params, labels, batch_size, seed, log):
+            out.append(images_lib.to_uint8(parallel.host_array(pixels))[valid])
     return np.concatenate(out), labels
 
 

@@ -203,11 +203,12 @@ def stack_layers(trees: list[dict[str, Any]]) -> dict[str, Any]:
     return jax.tree.map(lambda *xs: np.stack(xs), *trees)
 
 
-def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple, Any]:
+def flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple, Any]:
+    """Nested dict -> {path tuple: leaf}."""
     out = {}
     for key, value in tree.items():
         if isinstance(value, Mapping):
-            out.update(_flatten(value, prefix + (key,)))
+            out.update(flatten(value, prefix + (key,)))
         else:
             out[prefix + (key,)] = value
     return out
@@ -222,8 +223,8 @@ def finish(sd: StateDict, params: ParamTree, abstract_params: Mapping[str, Any],
     from flax import linen as nn
 
     abstract = nn.unbox(flax.core.unfreeze(abstract_params))
-    want = {k: tuple(v.shape) for k, v in _flatten(abstract).items()}
-    got = _flatten(params.tree)
+    want = {k: tuple(v.shape) for k, v in flatten(abstract).items()}
+    got = flatten(params.tree)
     allow = tuple(allow_unused)
     unexpected_src = [k for k in sd.unused() if not k.startswith(allow) or not allow]
     problems = []
@@ -249,7 +250,7 @@ def finish(sd: StateDict, params: ParamTree, abstract_params: Mapping[str, Any],
                         + ", ".join(not_filled))
     if problems:
         raise ConversionError(f"{sd.what} does not match the model:\n  " + "\n  ".join(problems))
-    dtypes = {k: v.dtype for k, v in _flatten(abstract).items()}
+    dtypes = {k: v.dtype for k, v in flatten(abstract).items()}
 
     def cast(tree, prefix=()):
         return {k: cast(v, prefix + (k,)) if isinstance(v, Mapping)

@@ -47,16 +47,6 @@ def _full_abstract() -> dict[str, Any]:
     return inc.abstract_params(inc.FIDInceptionV3(resize_input=False))
 
 
-def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple, Any]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, prefix + (key,)))
-        else:
-            out[prefix + (key,)] = value
-    return out
-
-
 def _source_key(path: tuple[str, ...]) -> tuple[str, Any]:
     """Official state-dict key of a Flax param path, and the layout transform."""
     *modules, layer, leaf = path
@@ -77,7 +67,7 @@ def _convert_tree(state_dict: Mapping[str, np.ndarray], abstract: Mapping[str, A
     """Fills every param of `abstract` from its official key; one error lists all problems."""
     sd = StateDict(state_dict, what)
     out = ParamTree()
-    shapes = {p: tuple(v.shape) for p, v in _flatten(nn.unbox(dict(abstract))).items()}
+    shapes = {p: tuple(v.shape) for p, v in common.flatten(nn.unbox(dict(abstract))).items()}
     for path, shape in shapes.items():
         key, transform = _source_key(path)
         value = sd.take(key)
@@ -162,7 +152,7 @@ def to_state_dict(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """The inverse mapping: FIDInceptionV3 (or block) params -> a state dict under the official
     names (with `num_batches_tracked` = 0), as the weight file would hold it."""
     out = {}
-    for path, value in _flatten(nn.unbox(dict(params))).items():
+    for path, value in common.flatten(nn.unbox(dict(params))).items():
         key, transform = _source_key(path)
         value = np.asarray(value, np.float32)
         if transform is conv:

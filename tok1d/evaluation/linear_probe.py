@@ -394,3 +394,26 @@ def run_linear_probe(model: GPT, params: Any, train_codes: np.ndarray, train_lab
                                 log_fn=log_fn, **probe_kwargs)
     result.update(layer=layer, feature_dim=int(train_features.shape[-1]))
     return result
+
+
+def read_token_split(source) -> tuple[np.ndarray, np.ndarray]:
+    """(codes (N, V, T), labels (N,)) of a whole token split (`tok1d.data.tokens`)."""
+    items = source.__getitems__(range(len(source))) if hasattr(source, "__getitems__") else [
+        source[i] for i in range(len(source))]
+    codes = np.stack([np.asarray(r["codes"]).reshape(source.num_variants, -1) for r in items])
+    return codes.astype(np.int32), np.asarray([r["label"] for r in items], np.int32)
+
+
+def probe_from_config(model: GPT, params: Any, train: tuple[np.ndarray, np.ndarray],
+                      val: tuple[np.ndarray, np.ndarray], ecfg, mesh: Optional[Mesh] = None,
+                      rules=None, seed: int = 0, log_fn=None) -> dict[str, float]:
+    """`run_linear_probe` with a config's `evaluation.linear_probe_*` options; returns
+    {"linear_probe_accuracy", "linear_probe_train_accuracy", "linear_probe_layer"}."""
+    out = run_linear_probe(model, params, train[0], train[1], val[0], val[1], mesh=mesh,
+                           rules=rules, log_fn=log_fn, epochs=ecfg.linear_probe_epochs,
+                           batch_size=min(ecfg.linear_probe_batch_size, len(train[0])),
+                           base_lr=ecfg.linear_probe_lr,
+                           warmup_epochs=min(10, ecfg.linear_probe_epochs / 9), seed=seed)
+    return {"linear_probe_accuracy": float(out["val_accuracy"]),
+            "linear_probe_train_accuracy": float(out["train_accuracy"]),
+            "linear_probe_layer": float(out["layer"])}

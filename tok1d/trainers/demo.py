@@ -6,7 +6,10 @@ Runs in WORKDIR:
   tokens/      the train and validation splits encoded by it (`python -m tok1d.tokenize`)
   generator/   the generator run (generator trainer: samples.png, metrics.json, ...)
   samples_per_class.png   `demo.samples_per_class` samples for every class, one row each
-  metrics.json            tokenizer, generator and classifier numbers together
+  eval/                   the tokenizer's evaluation (tok1d.evaluate: PSNR, SSIM, LPIPS, codebook
+                          usage, rFID ...; metrics.json, report.md, reconstructions.png)
+  metrics.json            tokenizer, generator, evaluation and classifier numbers together
+  report.md               all of them in one page with the pictures
 Every stage resumes or is skipped when its outputs exist, so rerunning the command continues.
 
 The classifier: multinomial logistic regression on the real training images reduced to the
@@ -136,8 +139,62 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         log(f"Classifier accuracy: real {c['real_accuracy']:.3f}, reconstructions "
             f"{c['reconstruction_accuracy']:.3f}, samples of the requested class "
             f"{c['sample_accuracy']:.3f} ({c['num_samples']} samples; chance 0.1).")
+    result["evaluation"] = evaluate_demo(config, tok_cfg, workdir, samples, labels, log)
     common.write_json(os.path.join(workdir, "metrics.json"), result)
+    write_demo_report(workdir, result, config)
     return result
+
+
+def evaluate_demo(config, tok_cfg, workdir: str, samples: np.ndarray, labels: np.ndarray,
+                  log) -> dict[str, Any]:
+    """The evaluation suite on the demo's own data: reconstruction metrics of the tokenizer on
+    the eval split (tok1d.evaluate), and FID / IS / precision-recall of the samples against
+    the real eval images when `evaluation.inception` is given."""
+    from tok1d import evaluate as evaluate_lib
+    from tok1d import parallel
+    from tok1d.evaluation import evaluator
+    out = {"reconstruction": evaluate_lib.evaluate_tokenizer(
+        tok_cfg, os.path.join(workdir, "tokenizer"), os.path.join(workdir, "eval"), log)}
+    ecfg = config.evaluation
+    nets = evaluator.load_metric_nets(ecfg, "", lambda msg: None)
+    if nets.inception is not None:
+        mesh = parallel.create_mesh(dict(config.mesh))
+        sharding = parallel.batch_sharding(mesh, parallel.rules_from_config(
+            config.sharding.rules))
+        batch = config.eval_batch_size
+        with jax.set_mesh(mesh):
+            reference = evaluator.reference_from_data(config.data, nets, mesh, sharding, batch,
+                                                      ecfg)
+            gen, _ = evaluator.generation_metrics(
+                nets, mesh, reference, evaluator.numpy_batches(samples, batch, sharding), ecfg)
+        out["generation"] = gen
+    return out
+
+
+def write_demo_report(workdir: str, result: dict[str, Any], config) -> None:
+    """WORKDIR/report.md: every number of the demo with the pictures it is about."""
+    from tok1d.evaluation import report
+    if jax.process_index() != 0:
+        return
+    lines = ["# tok1d demo", "",
+             f"Data: {config.data.name} at {config.data.image_size} px. Pictures: "
+             "validation inputs above their reconstructions, then samples (one row per class).",
+             "", "![reconstructions](tokenizer/reconstructions.png)", "",
+             "![samples](samples_per_class.png)", ""]
+    evaluation = result.get("evaluation", {})
+    sections = [("Tokenizer (eval split)", evaluation.get("reconstruction", {})),
+                ("Generator", result.get("generator", {})),
+                ("Samples vs the real eval images", evaluation.get("generation", {})),
+                ("Classifier of the real digits", result.get("classifier", {}))]
+    for title, metrics in sections:
+        if metrics:
+            lines += [report.markdown(title, metrics).replace("# ", "## ", 1)]
+    if "generation" not in evaluation:
+        lines += ["FID / IS / precision-recall of the samples need the FID Inception: "
+                  "--config.evaluation.inception=DIR (python -m tok1d.convert inception_fid "
+                  "...).", ""]
+    with open(os.path.join(workdir, "report.md"), "w", encoding="utf-8") as f:
+        f.write("\n".join(lines))
 
 
 def _reconstruct(tokenizer, tok_params, pixels: np.ndarray, batch: int = 64) -> np.ndarray:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable, Optional
+import time
+from typing import Any, Callable, Iterator, Optional
 
 import flax.linen as nn
 import jax
@@ -185,6 +186,23 @@ class SampleDecoder:
         codes = self.sampler(params, global_labels, rng)
         return codes, self.decode(self.tok_params, codes)
 
+    def batches(self, params, labels: np.ndarray, batch_size: int, seed: int, log=None
+                ) -> Iterator[tuple[jax.Array, np.ndarray]]:
+        """Samples images for every label, `batch_size` at a time (the last batch repeats
+        labels); yields (global [0, 1] pixels of the whole batch, its valid-row mask) and
+        prints progress (images/s, ETA) through `log`."""
+        t0 = time.time()
+        for b, start in enumerate(range(0, len(labels), batch_size)):
+            batch = labels[start:start + batch_size]
+            padded = np.resize(batch, batch_size)
+            _, pixels = self(params, padded, jax.random.fold_in(jax.random.key(seed), b))
+            yield pixels, np.arange(batch_size) < len(batch)
+            done = start + len(batch)
+            if log is not None:
+                rate = done / max(time.time() - t0, 1e-9)
+                log(f"{done}/{len(labels)} images, {rate:.1f} img/s, "
+                    f"ETA {(len(labels) - done) / max(rate, 1e-9):.0f} s")
+
     def _host_rows(self, n: int) -> slice:
         start, stop = parallel.host_batch_slice(self.sharding, n)
         return slice(start, stop)
@@ -289,12 +307,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     # ---------------------------------------------------------------- steps
     feeder = common.Feeder(train_iter, batch_sh, config.batch_size)
+    nets = None
+    if config.evaluation.fid_every_steps > 0:
+        from tok1d.evaluation import evaluator
+        nets = evaluator.load_metric_nets(config.evaluation, "", log)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         train_step = jax.jit(make_train_step(model, tx, schedule, config),
                              in_shardings=(shardings, batch_sh),
                              out_shardings=(shardings, None, None), donate_argnums=(0,))
         eval_step = jax.jit(make_eval_step(model, config.generator))
         decoder = load_sample_decoder(config, model, batch_sh, log)
+        gfid = make_gfid_eval(config, model, decoder, nets, mesh, batch_sh)
 
         # ------------------------------------------------------------ evaluation
         def run_eval(state_, step_):
@@ -316,6 +339,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 writer.write_images(step_, {"eval/samples": grid})
                 if is_chief:
                     images.save_png(os.path.join(workdir, "samples.png"), grid)
+            every = config.evaluation.fid_every_steps
+            if gfid is not None and (step_ % every == 0 or step_ >= config.total_steps):
+                metrics.update(gfid(params, step_))
             writer.write_scalars(step_, {f"eval/{k}": v for k, v in metrics.items()})
             return metrics
 
@@ -324,6 +350,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                    train_iter, checkpointer, writer, run_eval)
     writer.close()
     return result
+
+
+def make_gfid_eval(config, model, decoder: Optional[SampleDecoder], nets, mesh, batch_sh):
+    """`gfid(params, step) -> metrics` (gFID, IS, precision / recall of
+    `evaluation.num_samples` cyclic-label samples against `evaluation.reference` or the
+    data's eval split, with the metric networks `nets`), or None when
+    `evaluation.fid_every_steps` is 0."""
+    from tok1d.evaluation import evaluator
+    from tok1d.sample import cyclic_labels
+    ecfg = config.evaluation
+    if ecfg.fid_every_steps <= 0:
+        return None
+    if decoder is None:
+        raise config_lib.ConfigError("evaluation.fid_every_steps needs generator.tokenizer to "
+                                     "decode the samples.")
+    cache: dict[str, Any] = {}
+
+    def gfid(params, step: int) -> dict[str, float]:
+        if "reference" not in cache:
+            cache["reference"] = evaluator.load_reference(ecfg, config.data, nets, mesh,
+                                                          batch_sh, config.eval_batch_size)
+        labels = cyclic_labels(ecfg.num_samples, model.num_classes)
+        batches = decoder.batches(params, labels, config.eval_batch_size, config.seed + step)
+        out, _ = evaluator.generation_metrics(nets, mesh, cache["reference"], batches, ecfg)
+        out.pop("num_images", None)
+        return out
+
+    return gfid
 
 
 def _pad_to_multiple(labels: np.ndarray, k: int) -> np.ndarray:
@@ -353,7 +407,7 @@ def probe_config(probe_cfg, vocab: int, num_tokens: int, num_classes: int, mesh_
 
 
 def fit_probe(config, codes: np.ndarray, labels: np.ndarray, val_codes: np.ndarray,
-              val_labels: np.ndarray, mesh, rules) -> dict[str, float]:
+              val_labels: np.ndarray, mesh, rules, ecfg=None) -> dict[str, float]:
     """Trains the probe GPT of `config` from scratch on (codes, labels) (host arrays, the same
     on every host) and returns its last train loss and its validation loss / accuracy: how
     learnable the tokens are for an AR model (GigaTok's AR probing, shortened)."""
@@ -382,4 +436,10 @@ def fit_probe(config, codes: np.ndarray, labels: np.ndarray, val_codes: np.ndarr
     tail = [float(x) for x in losses[-10:]]
     out = {"train_loss": float(np.mean(tail))}
     out.update({f"val_{k}": v for k, v in val.items() if k != "num_examples"})
+    from tok1d.models.gpt import GPT
+    if ecfg is not None and ecfg.linear_probe_epochs > 0 and isinstance(model, GPT):
+        from tok1d.evaluation import linear_probe
+        out.update(linear_probe.probe_from_config(model, state.params, (codes, labels),
+                                                  (val_codes, val_labels), ecfg, mesh, rules,
+                                                  seed=config.seed))
     return out

@@ -23,6 +23,7 @@ from tok1d import checkpoint as ckpt_lib
 from tok1d import config_lib, gan, images, losses, models, optim, parallel, pretrained, summary
 from tok1d.data import pipeline, sources
 from tok1d.evaluation import codebook as codebook_lib
+from tok1d.evaluation import evaluator
 from tok1d.evaluation.image_metrics import psnr
 from tok1d.trainers import common
 
@@ -490,14 +491,24 @@ def make_eval_step(model: nn.Module, teacher=None):
     return eval_step
 
 
-def evaluate(eval_fn, params, frozen, eval_ds, num_batches: int, feeder_args, num_grid: int):
-    """One pass over the eval split. Returns (metrics dict, (inputs, recons) for the grid)."""
+def evaluate(eval_fn, params, frozen, eval_ds, num_batches: int, feeder_args, num_grid: int,
+             image_metrics=None, log=None):
+    """One pass over the eval split. Returns (metrics dict, (inputs, recons) for the grid).
+
+    `image_metrics` (a `tok1d.evaluation.evaluator.ImageMetrics`) also receives every batch and
+    adds its numbers (SSIM, LPIPS, rFID, IS, precision/recall) to the dict."""
     feeder = common.Feeder(iter(eval_ds), *feeder_args)
     totals, grid_in, grid_out = None, None, None
+    progress = (summary.ProgressReporter(num_batches, batch_size=feeder_args[1],
+                                         every_secs=30.0, print_fn=log) if log else None)
     for i in range(num_batches):
         batch = next(feeder)
         out, recon = eval_fn(params, batch, frozen)
         totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+        if image_metrics is not None:
+            image_metrics.add_pairs(batch["image"], recon, batch["mask"])
+        if progress is not None:
+            progress.update(i + 1)
         if i == 0:
             grid_in = _gather_rows(batch["image"], num_grid)
             grid_out = _gather_rows(recon, num_grid)
@@ -510,6 +521,10 @@ def evaluate(eval_fn, params, frozen, eval_ds, num_batches: int, feeder_args, nu
     if "hist" in totals:
         metrics["codebook_usage"] = float(codebook_lib.usage(np.asarray(totals["hist"])))
         metrics["codebook_perplexity"] = float(codebook_lib.perplexity(np.asarray(totals["hist"])))
+    if image_metrics is not None:
+        extra = image_metrics.result()
+        extra.pop("num_images", None)
+        metrics.update({("rfid" if k == "fid" else k): v for k, v in extra.items()})
     return metrics, (grid_in, grid_out)
 
 
@@ -547,7 +562,8 @@ def make_ar_probe(config, model, train_src, eval_ds, eval_batches: int, feeder_a
         num_classes = int(getattr(train_src, "num_classes", 0) or labels.max() + 1)
         gcfg = gen_trainer.probe_config(pcfg, num_codes, codes.shape[1], num_classes,
                                         config.mesh, config.seed)
-        return gen_trainer.fit_probe(gcfg, codes, labels, val_codes, val_labels, mesh, rules)
+        return gen_trainer.fit_probe(gcfg, codes, labels, val_codes, val_labels, mesh, rules,
+                                     config.evaluation)
 
     return probe
 
@@ -651,6 +667,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     feeder = common.Feeder(train_iter, batch_sh, config.batch_size)
     feeder_args = (batch_sh, config.eval_batch_size)
     frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
+    ecfg = config.evaluation
+    nets = (evaluator.load_metric_nets(ecfg, config.perceptual.weights, log)
+            if ecfg.fid_every_steps > 0 else None)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         step_fn = jax.jit(
             make_train_step(model, tx, schedule, config, teacher, perceptual, disc, disc_tx),
@@ -664,9 +683,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
         def run_eval(state_, step_):
             params = state_.ema_params if state_.ema_params is not None else state_.params
+            image_metrics = None
+            if nets is not None and (step_ % ecfg.fid_every_steps == 0
+                                     or step_ >= config.total_steps):
+                image_metrics = evaluator.ImageMetrics.from_config(nets, mesh, ecfg)
             metrics, (grid_in, grid_out) = evaluate(eval_step, params, frozen, eval_ds,
                                                     eval_batches, feeder_args,
-                                                    config.num_grid_images)
+                                                    config.num_grid_images, image_metrics)
             every = config.ar_probe.every_steps
             if probe is not None and (step_ % every == 0 or step_ >= config.total_steps):
                 metrics.update({f"ar_probe_{k}": v for k, v in probe(params).items()})

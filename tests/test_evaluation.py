@@ -1,0 +1,184 @@
+"""The evaluation pipeline: streaming metrics over sharded batches, references, reports and the
+`python -m tok1d.evaluate` jobs (random Inception / LPIPS weights: no real weights here; the
+networks themselves are checked against the official code in test_inception / test_perceptual).
+"""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from tok1d import config_lib, parallel
+from tok1d.evaluation import evaluator, fid as fid_lib, report
+from tok1d.models import inception as inception_lib
+
+SIZE = 32          # image size of the test data (digits)
+INCEPTION = 75     # the smallest input the Inception takes: cheap on CPU
+
+
+@pytest.fixture(scope="module")
+def nets():
+    model = inception_lib.FIDInceptionV3(input_size=INCEPTION)
+    return evaluator.MetricNets(inception=(model, inception_lib.random_params(0)))
+
+
+def _images(n, seed):
+    """Smooth random colour images in [0, 1] (N, SIZE, SIZE, 3)."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.uniform(0, 1, (n, 4, 4, 3)).astype(np.float32)
+    return np.clip(np.kron(coarse, np.ones((1, 8, 8, 1), np.float32))
+                   + 0.05 * rng.standard_normal((n, SIZE, SIZE, 3)).astype(np.float32), 0, 1)
+
+
+def _mesh(num_devices):
+    return parallel.create_mesh({"data": -1}, jax.devices()[:num_devices])
+
+
+def _ecfg(**kw):
+    ecfg = config_lib.base_config().evaluation
+    ecfg.is_splits, ecfg.chunk_size = 2, 2
+    ecfg.update(kw)
+    return ecfg
+
+
+def _run(nets, mesh, real, recon, batch=16):
+    sharding = parallel.batch_sharding(mesh, parallel.DEFAULT_RULES)
+    metrics = evaluator.ImageMetrics.from_config(nets, mesh, _ecfg())
+    with jax.set_mesh(mesh):
+        for (x, m), (y, _) in zip(evaluator.numpy_batches(real, batch, sharding),
+                                  evaluator.numpy_batches(recon, batch, sharding)):
+            metrics.add_pairs(x, y, m)
+    return metrics
+
+
+def test_metrics_identical_on_1_and_8_devices(nets):
+    # Batches of 16: 8 chunks of 2 on one device, one chunk of 2 on each of 8 devices; the
+    # 20 images make 1.25 batches, so the padded rows must not count.
+    real = _images(20, 0)
+    recon = np.clip(real + 0.1 * np.random.default_rng(1).standard_normal(real.shape), 0, 1)
+    one = _run(nets, _mesh(1), real, recon).result()
+    eight = _run(nets, _mesh(8), real, recon).result()
+    assert set(one) >= {"psnr", "ssim", "fid", "inception_score", "precision", "recall"}
+    assert one["num_images"] == 20
+    assert one == eight, {k: (one[k], eight[k]) for k in one if one[k] != eight[k]}
+    assert one["fid"] > 0 and 0 < one["ssim"] < 1
+
+
+def test_fid_of_a_set_with_itself_and_against_references(nets, tmp_path):
+    real = _images(16, 2)
+    same = _run(nets, _mesh(8), real, real)
+    r = same.result()
+    # ~0 up to sqrtm of a singular covariance (16 images, 2048 features): |FID| << tr(sigma)
+    trace = np.trace(same.real.mean_cov()[1])
+    assert abs(r["fid"]) < 1e-5 * trace and r["precision"] == r["recall"] == 1.0
+    assert r["ssim"] == pytest.approx(1.0, abs=1e-6)
+    # The statistics are float64 sums: FID equals the direct computation from the features.
+    mu, sigma = same.real.mean_cov()
+    features = np.concatenate(same._real_pool).astype(np.float64)
+    np.testing.assert_allclose(mu, features.mean(0), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(features, rowvar=False), rtol=1e-8, atol=1e-10)
+
+    # A reference file: stats (FeatureStats.save / ADM mu, sigma) plus images for recall.
+    stats = tmp_path / "ref.npz"
+    np.savez(stats, mu=mu, sigma=sigma, arr_0=(real * 255).round().astype(np.uint8))
+    mesh = _mesh(8)
+    sharding = parallel.batch_sharding(mesh, parallel.DEFAULT_RULES)
+    with jax.set_mesh(mesh):
+        ref = evaluator.reference_from_file(str(stats), nets, mesh, sharding, 8, _ecfg())
+        fake = _images(12, 3)
+        gen, kept = evaluator.generation_metrics(
+            nets, mesh, ref, evaluator.numpy_batches(fake, 8, sharding), _ecfg(),
+            keep=np.arange(12) < 5)
+    assert kept.shape == (5, SIZE, SIZE, 3) and kept.dtype == np.uint8
+    assert ref.features.shape == (16, 2048)
+    mu_f, sigma_f = fid_lib.FeatureStats(2048).update(
+        np.concatenate(_run(nets, mesh, fake, fake)._real_pool)).mean_cov()
+    assert gen["gfid"] == pytest.approx(fid_lib.frechet_distance(mu_f, sigma_f, mu, sigma),
+                                        rel=1e-6)
+    assert 0 <= gen["precision"] <= 1 and 0 <= gen["recall"] <= 1
+
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, something=np.zeros(3))
+    with pytest.raises(ValueError, match="neither FID statistics"):
+        evaluator.reference_from_file(str(bad), nets, mesh, sharding, 8, _ecfg())
+
+
+def test_report_files(tmp_path):
+    grid = np.zeros((10, 20, 3), np.uint8)
+    path = report.write_report(str(tmp_path), "Reconstruction: x", {"rfid": 1.25, "psnr": 20.0},
+                               {"reconstructions": grid}, {"checkpoint": "x"}, ["a note"], step=7)
+    text = open(path).read()
+    assert "| rfid | 1.2500 | rFID" in text and "![reconstructions.png](reconstructions.png)" in text
+    assert "a note" in text
+    record = json.load(open(tmp_path / "metrics.json"))
+    assert record["metrics"] == {"rfid": 1.25, "psnr": 20.0} and record["step"] == 7
+    assert os.path.exists(tmp_path / "reconstructions.png")
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path))
+
+
+def _tokenizer_config():
+    c = config_lib.base_config()
+    c.model = dict(name="titok", patch_size=8, num_latent_tokens=8, encoder_size="tiny",
+                   decoder_size="tiny", codebook_size=64, token_dim=8)
+    c.data.name, c.data.image_size, c.data.eval_examples = "digits", SIZE, 20
+    c.eval_batch_size, c.precision = 8, "float32"
+    c.evaluation.allow_random_init = True
+    c.evaluation.inception_size = INCEPTION
+    c.evaluation.is_splits = 2
+    return c
+
+
+def test_evaluate_job_tokenizer_and_samples(tmp_path):
+    from tok1d import evaluate, models, pretrained
+    config = _tokenizer_config()
+    model = models.create("titok", **config_lib.model_kwargs(config))
+    params = model.init(jax.random.key(0), np.zeros((1, SIZE, SIZE, 3), np.float32))["params"]
+    kwargs = {k: v for k, v in config_lib.model_kwargs(config).items()
+              if k not in ("dtype", "param_dtype")}
+    ckpt = pretrained.save_pretrained(str(tmp_path / "tok"), "titok", kwargs, params)
+
+    out = tmp_path / "eval"
+    metrics = evaluate.run(config, checkpoint=ckpt, out=str(out), log=lambda m: None)
+    for key in ("psnr", "ssim", "lpips", "rfid", "inception_score", "precision", "recall",
+                "codebook_usage", "codebook_perplexity"):
+        assert np.isfinite(metrics[key]), key
+    assert metrics["num_examples"] == 20
+    record = json.load(open(out / "metrics.json"))
+    assert record["metrics"]["rfid"] == pytest.approx(metrics["rfid"])
+    assert "RANDOM" in " ".join(record["notes"])
+    assert os.path.exists(out / "reconstructions.png") and os.path.exists(out / "report.md")
+
+    # gFID of a samples .npz against the digits eval split.
+    rng = np.random.default_rng(0)
+    samples = tmp_path / "samples.npz"
+    np.savez(samples, arr_0=rng.integers(0, 256, (12, SIZE, SIZE, 3), dtype=np.uint8),
+             arr_1=np.arange(12) % 3)
+    gen = evaluate.run(config, samples=str(samples), out=str(tmp_path / "gen"),
+                       log=lambda m: None)
+    assert gen["num_images"] == 12 and gen["gfid"] > 0 and "inception_score" in gen
+    assert os.path.exists(tmp_path / "gen" / "samples.png")
+
+    # A checkpoint of another model is refused, naming the mismatch; nothing is written.
+    other = _tokenizer_config()
+    other.model.codebook_size = 32
+    with pytest.raises(ValueError, match="do not match the tokenizer"):
+        evaluate.run(other, checkpoint=ckpt, out=str(tmp_path / "other"))
+    assert not os.path.exists(tmp_path / "other")
+
+
+def test_missing_inception_weights_are_explained(tmp_path):
+    ecfg = config_lib.base_config().evaluation
+    notes = []
+    nets = evaluator.load_metric_nets(ecfg, "", notes.append)
+    assert nets.inception is None and nets.lpips is None
+    assert "python -m tok1d.convert inception_fid" in notes[0]
+    ecfg.inception = str(tmp_path / "nothing")
+    with pytest.raises(FileNotFoundError, match="pt_inception-2015-12-05"):
+        evaluator.load_metric_nets(ecfg)
+    config = _tokenizer_config()
+    config.evaluation.allow_random_init = False
+    config.evaluation.fid_every_steps = 100
+    with pytest.raises(config_lib.ConfigError, match="needs evaluation.inception"):
+        config_lib.validate(config)

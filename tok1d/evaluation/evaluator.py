@@ -1,0 +1,419 @@
+"""Streaming image metrics over sharded batches: the one place where images become FID, IS,
+precision/recall, PSNR, SSIM and LPIPS numbers (the eval job `python -m tok1d.evaluate`, the
+evals inside training and the demo all use it).
+
+    nets = load_metric_nets(config.evaluation, config.perceptual.weights)
+    metrics = ImageMetrics(nets, mesh)
+    for batch in ...:                        # global arrays sharded along the batch axis
+        metrics.add_pairs(batch["image"], recon, batch["mask"])     # reconstruction
+        # or metrics.add_fake(samples) (+ metrics.add_real(...) / set_reference(mu, sigma))
+    metrics.result()   # {"psnr", "ssim", "lpips", "fid", "inception_score", ...}
+
+Networks run jitted on the accelerators, sharded like the batch; their outputs are gathered to
+every host (`parallel.host_array`) and reduced there in float64, batch after batch in dataset
+order, so the numbers do not depend on how many devices or hosts computed them. Rows with
+mask 0 (the padding of the last batch) are dropped before anything is counted.
+
+FID compares the Inception pool features of the generated / reconstructed images ("fake")
+with those of the real images given to `add_real` / `add_pairs`, or with reference statistics
+(`set_reference`, e.g. the ADM reference batch); precision / recall (k=3) use the features of
+the same two sets; IS uses the fake images' 1008-way softmax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any, Iterator, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from tok1d import parallel
+from tok1d.evaluation import fid as fid_lib
+from tok1d.evaluation.image_metrics import psnr, ssim
+
+FEATURE_DIM = 2048
+
+_HOW_TO_GET_INCEPTION = (
+    "FID / IS / precision-recall need the FID InceptionV3: download pytorch-fid's "
+    "pt_inception-2015-12-05-6726825d.pth (github.com/mseitzer/pytorch-fid releases), convert "
+    "it with `python -m tok1d.convert inception_fid pt_inception-2015-12-05-6726825d.pth DIR` "
+    "and pass --config.evaluation.inception=DIR")
+
+
+@dataclasses.dataclass
+class MetricNets:
+    """Frozen networks of the metrics (None: that metric is skipped) and why any is missing."""
+
+    inception: Optional[tuple[nn.Module, Any]] = None
+    lpips: Optional[tuple[nn.Module, Any]] = None
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+def load_metric_nets(ecfg, perceptual_weights: str = "", log=print) -> MetricNets:
+    """The Inception / LPIPS networks named by a config's `evaluation` section.
+
+    A missing network is not an error (its metrics are left out and a note says how to add
+    them), except that a path that is given must load."""
+    from tok1d import perceptual
+    from tok1d.models import inception as inception_lib
+    nets = MetricNets()
+    size = ecfg.inception_size
+    if ecfg.inception:
+        nets.inception = inception_lib.load_inception(ecfg.inception, input_size=size)
+    elif ecfg.allow_random_init:
+        nets.inception = (inception_lib.FIDInceptionV3(input_size=size),
+                          inception_lib.random_params(0))
+        nets.notes.append("Inception weights are RANDOM (evaluation.allow_random_init): "
+                          "FID / IS / precision-recall are smoke-test numbers only.")
+    else:
+        nets.notes.append(_HOW_TO_GET_INCEPTION + ".")
+
+    lpips_path = ecfg.lpips or _lpips_file(perceptual_weights)
+    module = perceptual.build_module("lpips")
+    if lpips_path:
+        files = perceptual.resolve_weight_files(lpips_path, ("lpips",))
+        nets.lpips = (module, perceptual.load_params(files["lpips"], "lpips", module))
+    elif ecfg.allow_random_init:
+        nets.lpips = (module, perceptual.random_params("lpips", module, 0))
+        nets.notes.append("LPIPS weights are RANDOM (evaluation.allow_random_init).")
+    else:
+        nets.notes.append("LPIPS needs the converted LPIPS-VGG weights (python -m "
+                          "tok1d.convert.perceptual lpips ...; --config.evaluation.lpips=DIR).")
+    if size != inception_lib.INPUT_SIZE:
+        nets.notes.append(f"The Inception sees {size}-px images (evaluation.inception_size), "
+                          "not the 299 px that define FID: not comparable with published FIDs.")
+    for note in nets.notes:
+        log(note)
+    return nets
+
+
+def _lpips_file(weights: str) -> str:
+    """`weights` (perceptual.weights) when it holds converted LPIPS weights, else ""."""
+    from tok1d import perceptual
+    if not weights:
+        return ""
+    try:
+        return perceptual.resolve_weight_files(weights, ("lpips",))["lpips"]
+    except (FileNotFoundError, ValueError):
+        return ""
+
+
+class ImageMetrics:
+    """Accumulates the metrics of a stream of image batches (see the module docstring)."""
+
+    def __init__(self, nets: MetricNets, mesh: jax.sharding.Mesh, *,
+                 precision_recall: bool = True, is_splits: int = 10, chunk_size: int = 8):
+        self.nets = nets
+        self.mesh = mesh
+        self.chunk_size = chunk_size
+        self.precision_recall = precision_recall and nets.inception is not None
+        self.is_splits = is_splits
+        replicated = NamedSharding(mesh, P())
+        self._sums: dict[str, float] = {}
+        self._count = 0
+        self.real = fid_lib.FeatureStats(FEATURE_DIM)
+        self.fake = fid_lib.FeatureStats(FEATURE_DIM)
+        self._real_pool: list[np.ndarray] = []
+        self._fake_pool: list[np.ndarray] = []
+        self._probs: list[np.ndarray] = []
+        self._reference: Optional[tuple[np.ndarray, np.ndarray]] = None
+        self._reference_pool: Optional[np.ndarray] = None
+
+        self._inception_params = self._lpips_params = None
+        if nets.inception is not None:
+            self._inception_params = jax.device_put(nets.inception[1], replicated)
+        if nets.lpips is not None:
+            self._lpips_params = jax.device_put(nets.lpips[1], replicated)
+        self._fns: dict[Any, Any] = {}
+
+    def _chunked(self, name: str, fn, x: jax.Array):
+        """jit(shard_map(fn over `chunk_size`-image chunks of each device's rows)), one per
+        function and batch sharding: the per-image numbers do not depend on the mesh."""
+        spec = x.sharding.spec if isinstance(x.sharding, NamedSharding) else P()
+        key = (name, spec[:1], x.sharding.mesh if isinstance(x.sharding, NamedSharding) else None)
+        if key not in self._fns:
+            mesh = key[2] if key[2] is not None else self.mesh
+            batch_spec = P(*spec[:1])
+            local = x.shape[0] // _axis_size(mesh, spec[:1])
+            chunk = math.gcd(self.chunk_size, local) if self.chunk_size > 0 else local
+
+            def per_device(p, *arrays):
+                k = arrays[0].shape[0] // chunk
+                split = tuple(a.reshape((k, chunk) + a.shape[1:]) for a in arrays)
+                out = jax.lax.map(lambda xs: fn(p, *xs), split)
+                return jax.tree.map(lambda t: t.reshape((k * chunk,) + t.shape[2:]), out)
+
+            self._fns[key] = jax.jit(jax.shard_map(
+                per_device, mesh=mesh, in_specs=(P(),) + (batch_spec,) * 2,
+                out_specs=batch_spec))
+        return self._fns[key]
+
+    def _features(self, images: jax.Array):
+        model = self.nets.inception[0]
+
+        def features(p, x, _):
+            out = model.apply({"params": p}, x.astype(jnp.float32))
+            return out["pool3"], jax.nn.softmax(out["logits"], axis=-1)
+        return self._chunked("inception", features, images)(self._inception_params, images,
+                                                            images)
+
+    def _pair_metrics(self, real: jax.Array, recon: jax.Array):
+        lpips = self.nets.lpips
+
+        def pair_metrics(lp, real, recon):
+            out = {"psnr": psnr(recon, real), "ssim": ssim(recon, real)}
+            if lpips is not None:
+                out["lpips"] = lpips[0].apply({"params": lp}, jnp.clip(recon, 0.0, 1.0), real)
+            return out
+        return self._chunked("pairs", pair_metrics, real)(self._lpips_params, real, recon)
+
+    @classmethod
+    def from_config(cls, nets: MetricNets, mesh, ecfg) -> "ImageMetrics":
+        """With the options of a config's `evaluation` section."""
+        return cls(nets, mesh, precision_recall=ecfg.precision_recall, is_splits=ecfg.is_splits,
+                   chunk_size=ecfg.chunk_size)
+
+    # ------------------------------------------------------------------ input
+
+    @staticmethod
+    def _keep(images: jax.Array, mask: Optional[jax.Array]) -> np.ndarray:
+        if mask is None:
+            return np.ones(images.shape[0], bool)
+        return np.asarray(parallel.host_array(mask)).astype(bool)
+
+    def _inception(self, images: jax.Array, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        pool, probs = self._features(images)
+        return (parallel.host_array(pool)[keep].astype(np.float64),
+                parallel.host_array(probs)[keep])
+
+    def add_real(self, images: jax.Array, mask: Optional[jax.Array] = None) -> None:
+        """Real images (NHWC in [0, 1], global array): the FID / recall reference."""
+        if self.nets.inception is None:
+            return
+        pool, _ = self._inception(images, self._keep(images, mask))
+        self.real.update(pool)
+        if self.precision_recall:
+            self._real_pool.append(pool.astype(np.float32))
+
+    def add_fake(self, images: jax.Array, mask: Optional[jax.Array] = None) -> None:
+        """Generated or reconstructed images: FID, IS and precision."""
+        if self.nets.inception is None:
+            self._count += int(self._keep(images, mask).sum())
+            return
+        keep = self._keep(images, mask)
+        pool, probs = self._inception(images, keep)
+        self._count += int(keep.sum())
+        self.fake.update(pool)
+        self._probs.append(probs.astype(np.float64))
+        if self.precision_recall:
+            self._fake_pool.append(pool.astype(np.float32))
+
+    def add_pairs(self, real: jax.Array, recon: jax.Array,
+                  mask: Optional[jax.Array] = None) -> None:
+        """Inputs and their reconstructions: PSNR, SSIM, LPIPS and rFID (recon vs real)."""
+        keep = self._keep(real, mask)
+        for name, values in self._pair_metrics(real, recon).items():
+            values = parallel.host_array(values).astype(np.float64)[keep]
+            self._sums[name] = self._sums.get(name, 0.0) + float(values.sum())
+        self.add_real(real, mask)
+        self.add_fake(recon, mask)
+
+    def set_reference(self, mu: np.ndarray, sigma: np.ndarray,
+                      features: Optional[np.ndarray] = None) -> None:
+        """Reference statistics for FID (instead of the real images given here) and optionally
+        reference pool features for precision / recall."""
+        self._reference = (np.asarray(mu, np.float64), np.asarray(sigma, np.float64))
+        if features is not None:
+            self._reference_pool = np.asarray(features, np.float32)
+
+    # ------------------------------------------------------------------ output
+
+    def result(self) -> dict[str, float]:
+        out: dict[str, float] = {"num_images": float(self._count)}
+        for name, total in self._sums.items():
+            out[name] = total / max(self._count, 1)
+        if self.nets.inception is None or self.fake.count < 2:
+            return out
+        if self._reference is not None:
+            mu_r, sigma_r = self._reference
+        elif self.real.count >= 2:
+            mu_r, sigma_r = self.real.mean_cov()
+        else:
+            mu_r = None
+        if mu_r is not None:
+            mu_f, sigma_f = self.fake.mean_cov()
+            out["fid"] = fid_lib.frechet_distance(mu_f, sigma_f, mu_r, sigma_r)
+        probs = np.concatenate(self._probs)
+        splits = min(self.is_splits, len(probs))
+        out["inception_score"], out["inception_score_std"] = fid_lib.inception_score(probs,
+                                                                                     splits)
+        real_pool = (self._reference_pool if self._reference_pool is not None
+                     else (np.concatenate(self._real_pool) if self._real_pool else None))
+        k = 3  # neighbours of the manifold estimate; both sets need more than k points
+        if (self.precision_recall and real_pool is not None and len(real_pool) > k
+                and self.fake.count > k):
+            from tok1d.evaluation.precision_recall import precision_recall
+            pr = precision_recall(real_pool, np.concatenate(self._fake_pool), k=k)
+            out["precision"], out["recall"] = float(pr["precision"]), float(pr["recall"])
+        return out
+
+
+def _axis_size(mesh, spec_entry: tuple) -> int:
+    """Devices the batch axis is split over (spec_entry: the first entry of a PartitionSpec)."""
+    axes = spec_entry[0] if spec_entry else None
+    if axes is None:
+        return 1
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def numpy_batches(images: np.ndarray, batch_size: int, sharding: NamedSharding
+                  ) -> Iterator[tuple[jax.Array, jax.Array]]:
+    """(global images in [0, 1], global mask) batches of a host array that every host holds
+    (e.g. an ADM .npz's uint8 `arr_0`); the last batch is padded with mask-0 rows."""
+    start, stop = parallel.host_batch_slice(sharding, batch_size)
+    for i in range(0, len(images), batch_size):
+        chunk = np.asarray(images[i:i + batch_size])
+        valid = np.arange(batch_size) < len(chunk)
+        if len(chunk) < batch_size:
+            chunk = np.concatenate([chunk, np.zeros((batch_size - len(chunk),) + chunk.shape[1:],
+                                                    chunk.dtype)])
+        local = {"image": _to_unit(chunk[start:stop]), "mask": valid[start:stop]}
+        batch = parallel.global_batch(local, sharding, batch_size)
+        yield batch["image"], batch["mask"]
+
+
+def _to_unit(x: np.ndarray) -> np.ndarray:
+    if x.dtype == np.uint8:
+        return x.astype(np.float32) / 255.0
+    return np.asarray(x, np.float32)
+
+
+def load_npz_images(path: str, key: str = "arr_0") -> np.ndarray:
+    """NHWC images of an ADM-style .npz (uint8 `arr_0`), checked for shape and range."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Image file not found: {path}")
+    with np.load(path) as z:
+        if key not in z.files:
+            raise ValueError(f"{path}: no {key!r} array (found {sorted(z.files)}); expected "
+                             "uint8 images (N, H, W, 3) as tok1d.sample / the ADM suite write.")
+        images = z[key]
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"{path}: {key} has shape {images.shape}; expected (N, H, W, 3).")
+    if images.dtype != np.uint8 and (images.min() < 0 or images.max() > 1):
+        raise ValueError(f"{path}: {key} is {images.dtype} outside [0, 1]; expected uint8 "
+                         "or floats in [0, 1].")
+    return images
+
+
+# ---------------------------------------------------------------------------- references
+
+
+@dataclasses.dataclass
+class Reference:
+    """FID reference statistics and (optionally) pool features for precision / recall."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    features: Optional[np.ndarray] = None
+    source: str = ""
+
+    def apply(self, metrics: ImageMetrics) -> None:
+        metrics.set_reference(self.mu, self.sigma, self.features)
+
+
+def reference_from_batches(nets: MetricNets, mesh, batches, ecfg, source: str = ""
+                           ) -> Reference:
+    """Statistics of real images given as (global images, global mask) batches."""
+    metrics = ImageMetrics.from_config(nets, mesh, ecfg)
+    for images, mask in batches:
+        metrics.add_real(images, mask)
+    mu, sigma = metrics.real.mean_cov()
+    pool = np.concatenate(metrics._real_pool) if metrics._real_pool else None
+    return Reference(mu, sigma, pool, source)
+
+
+def reference_from_file(path: str, nets: MetricNets, mesh, sharding: NamedSharding,
+                        batch_size: int, ecfg) -> Reference:
+    """An ADM reference batch (`mu`, `sigma` and uint8 `arr_0` images, e.g.
+    VIRTUAL_imagenet256_labeled.npz), a `FeatureStats.save` file (mu, sigma) or a plain image
+    .npz (arr_0 only). FID uses the file's mu / sigma when present; the images, when present and
+    precision / recall is on, are run through the Inception for the reference features."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"FID reference not found: {path}")
+    with np.load(path) as z:
+        files = set(z.files)
+    if not ({"mu", "sigma"} <= files or "arr_0" in files):
+        raise ValueError(f"{path}: neither FID statistics (mu, sigma) nor images (arr_0); "
+                         f"found {sorted(files)}.")
+    ref = None
+    if {"mu", "sigma"} <= files:
+        mu, sigma = fid_lib.load_reference(path)
+        if mu.shape != (FEATURE_DIM,):
+            raise ValueError(f"{path}: mu has shape {mu.shape}; FID Inception pool features "
+                             f"have {FEATURE_DIM} dimensions.")
+        ref = Reference(mu, sigma, None, path)
+        if not (ecfg.precision_recall and "arr_0" in files):
+            return ref
+    images = load_npz_images(path)
+    from_images = reference_from_batches(nets, mesh, numpy_batches(images, batch_size, sharding),
+                                         ecfg, path)
+    if ref is None:
+        return from_images
+    ref.features = from_images.features
+    return ref
+
+
+def reference_from_data(dcfg, nets: MetricNets, mesh, sharding: NamedSharding, batch_size: int,
+                        ecfg) -> Reference:
+    """Statistics of a config's `data.eval_split` (center crops at `data.image_size`, the first
+    `data.eval_examples`), e.g. the 50k ImageNet validation images."""
+    from tok1d.data import pipeline, sources
+    from tok1d.trainers.common import Feeder
+    src = sources.get_source(dcfg.name, dcfg.eval_split, data_dir=dcfg.data_dir,
+                             demo_size=dcfg.demo_size, image_size=dcfg.image_size)
+    start, stop = parallel.host_batch_slice(sharding, batch_size)
+    ds, num_batches = pipeline.eval_dataset(src, global_batch=batch_size, host_start=start,
+                                            host_stop=stop, image_size=dcfg.image_size,
+                                            num_examples=dcfg.eval_examples)
+    feeder = Feeder(iter(ds), sharding, batch_size)
+    batches = ((b["image"], b["mask"]) for b in (next(feeder) for _ in range(num_batches)))
+    return reference_from_batches(nets, mesh, batches, ecfg, f"{dcfg.name}:{dcfg.eval_split}")
+
+
+def load_reference(ecfg, dcfg, nets: MetricNets, mesh, sharding: NamedSharding,
+                   batch_size: int) -> Reference:
+    """`evaluation.reference` when set, else the statistics of the data's eval split."""
+    if ecfg.reference:
+        return reference_from_file(ecfg.reference, nets, mesh, sharding, batch_size, ecfg)
+    return reference_from_data(dcfg, nets, mesh, sharding, batch_size, ecfg)
+
+
+def generation_metrics(nets: MetricNets, mesh, reference: Reference, batches, ecfg,
+                       keep: Optional[np.ndarray] = None) -> tuple[dict[str, float], np.ndarray]:
+    """gFID / IS / precision / recall of generated (global images, mask) batches against
+    `reference`; also returns, as uint8, the images whose position in the stream (counting
+    valid rows only) is True in `keep` (for the report's grid)."""
+    from tok1d import images as images_lib
+    metrics = ImageMetrics.from_config(nets, mesh, ecfg)
+    reference.apply(metrics)
+    kept: list[np.ndarray] = []
+    seen = 0
+    for images, mask in batches:
+        metrics.add_fake(images, mask)
+        valid = np.asarray(parallel.host_array(mask), bool)
+        n = int(valid.sum())
+        if keep is not None and keep[seen:seen + n].any():
+            rows = parallel.host_array(images)[valid][keep[seen:seen + n]]
+            kept.append(images_lib.to_uint8(rows))
+        seen += n
+    out = metrics.result()
+    if "fid" in out:
+        out["gfid"] = out.pop("fid")
+    return out, (np.concatenate(kept) if kept else np.zeros((0, 1, 1, 3), np.uint8))

@@ -1,0 +1,94 @@
+"""Evaluation results as files people read: `metrics.json`, TensorBoard scalars and images, and a
+short `report.md` with a metric table (each number explained) and the PNG grids beside it."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+
+from tok1d import images as images_lib
+from tok1d import summary
+
+# What each metric is, for the report (lower / higher is better).
+METRIC_DOCS = {
+    "rfid": "rFID: Frechet Inception distance of the reconstructions to their inputs (lower is "
+            "better)",
+    "gfid": "gFID: Frechet Inception distance of the samples to the reference (lower is better)",
+    "fid": "Frechet Inception distance (lower is better)",
+    "inception_score": "Inception Score (higher is better)",
+    "inception_score_std": "std of the Inception Score over the splits",
+    "precision": "precision, k=3 manifolds of Inception features (higher is better)",
+    "recall": "recall, k=3 manifolds of Inception features (higher is better)",
+    "psnr": "PSNR in dB of the reconstructions (higher is better)",
+    "ssim": "SSIM of the reconstructions (Gaussian 11x11, sigma 1.5; higher is better)",
+    "lpips": "LPIPS-VGG v0.1 distance of the reconstructions (lower is better)",
+    "l2": "mean squared error of the reconstructions in [0, 1]",
+    "codebook_usage": "fraction of the codebook used on this split",
+    "codebook_perplexity": "perplexity of the code distribution (effective number of codes)",
+    "proxy_accuracy": "stage 1: accuracy of the predicted proxy codes",
+    "num_examples": "images evaluated",
+    "num_images": "images evaluated",
+    "linear_probe_accuracy": "linear probe top-1 accuracy of the AR features (higher is better)",
+}
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, (int, np.integer)) or (isinstance(value, float) and value.is_integer()
+                                                 and abs(value) >= 100):
+        return f"{int(value):,}"
+    if isinstance(value, (float, np.floating)):
+        if not math.isfinite(value):
+            return str(value)
+        return f"{value:.4f}" if abs(value) < 1000 else f"{value:,.1f}"
+    return str(value)
+
+
+def markdown(title: str, metrics: Mapping[str, Any], grids: Sequence[str] = (),
+             details: Optional[Mapping[str, Any]] = None, notes: Sequence[str] = ()) -> str:
+    """The text of report.md (grids: PNG file names next to it)."""
+    lines = [f"# {title}", "", "| metric | value | meaning |", "|---|---|---|"]
+    for name, value in metrics.items():
+        lines.append(f"| {name} | {_fmt(value)} | {METRIC_DOCS.get(name, '')} |")
+    for grid in grids:
+        lines += ["", f"![{grid}]({grid})"]
+    if details:
+        lines += ["", "## Setup", ""]
+        lines += [f"- **{k}**: {v}" for k, v in details.items()]
+    if notes:
+        lines += ["", "## Notes", ""]
+        lines += [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out_dir: str, title: str, metrics: Mapping[str, Any],
+                 grids: Optional[Mapping[str, np.ndarray]] = None,
+                 details: Optional[Mapping[str, Any]] = None, notes: Sequence[str] = (),
+                 step: int = 0, enabled: bool = True) -> str:
+    """Writes metrics.json, one PNG per grid, report.md and TensorBoard events (scalars under
+    "eval/", images) to `out_dir`; returns the report path. `enabled=False` on non-chief hosts."""
+    path = os.path.join(out_dir, "report.md")
+    if not enabled:
+        return path
+    os.makedirs(out_dir, exist_ok=True)
+    grids = dict(grids or {})
+    for name, grid in grids.items():
+        images_lib.save_png(os.path.join(out_dir, f"{name}.png"), grid)
+    record = {"title": title, "metrics": {k: summary._json_value(v) for k, v in metrics.items()},
+              "details": {k: summary._json_value(v) for k, v in (details or {}).items()},
+              "notes": list(notes), "step": step,
+              "written": datetime.datetime.now().isoformat(timespec="seconds")}
+    with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(markdown(title, metrics, [f"{n}.png" for n in grids], details, notes))
+    with summary.MetricWriter(out_dir) as writer:
+        writer.write_scalars(step, {f"eval/{k}": float(v) for k, v in metrics.items()
+                                    if isinstance(v, (int, float, np.number))})
+        if grids:
+            writer.write_images(step, {f"eval/{k}": v for k, v in grids.items()})
+    return path
