@@ -182,3 +182,17 @@ def test_missing_inception_weights_are_explained(tmp_path):
     config.evaluation.fid_every_steps = 100
     with pytest.raises(config_lib.ConfigError, match="needs evaluation.inception"):
         config_lib.validate(config)
+
+
+def test_gfid_without_a_reference_is_refused(tmp_path):
+    from tok1d import evaluate
+    config = config_lib.base_config()  # data.name "demo": no real images to compare with
+    config.evaluation.allow_random_init, config.evaluation.inception_size = True, INCEPTION
+    samples = tmp_path / "s.npz"
+    np.savez(samples, arr_0=np.zeros((4, SIZE, SIZE, 3), np.uint8))
+    with pytest.raises(ValueError, match="gFID needs a reference"):
+        evaluate.run(config, samples=str(samples), out=str(tmp_path / "out"))
+    config.trainer = "generator"
+    config.evaluation.fid_every_steps = 10
+    with pytest.raises(config_lib.ConfigError, match="needs evaluation.reference"):
+        config_lib.validate(config)

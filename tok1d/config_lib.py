@@ -308,6 +308,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     if (ev.fid_every_steps > 0 and not ev.inception and not ev.allow_random_init):
         problems.append(f"evaluation.fid_every_steps={ev.fid_every_steps} needs "
                         "evaluation.inception (python -m tok1d.convert inception_fid ...)")
+    if (ev.fid_every_steps > 0 and config.trainer == "generator" and not ev.reference
+            and config.data.name == "demo"):
+        problems.append("evaluation.fid_every_steps on a generator needs evaluation.reference "
+                        "(e.g. VIRTUAL_imagenet256_labeled.npz) or data.name set to the real "
+                        "images' dataset (its eval split is the reference)")
     if ev.inception_size < 75:
         problems.append(f"evaluation.inception_size={ev.inception_size} must be >= 75 (the "
                         "smallest input the Inception accepts)")

@@ -38,6 +38,9 @@ from tok1d.evaluation import fid as fid_lib
 from tok1d.evaluation.image_metrics import psnr, ssim
 
 FEATURE_DIM = 2048
+NO_REFERENCE = ("gFID needs a reference: evaluation.reference (--reference=FILE: the ADM "
+                "reference batch VIRTUAL_imagenet256_labeled.npz, or statistics / images in a "
+                ".npz) or a config whose data.name / data.eval_split hold the real images.")
 
 _HOW_TO_GET_INCEPTION = (
     "FID / IS / precision-recall need the FID InceptionV3: download pytorch-fid's "
@@ -392,6 +395,8 @@ def load_reference(ecfg, dcfg, nets: MetricNets, mesh, sharding: NamedSharding,
     """`evaluation.reference` when set, else the statistics of the data's eval split."""
     if ecfg.reference:
         return reference_from_file(ecfg.reference, nets, mesh, sharding, batch_size, ecfg)
+    if dcfg.name == "demo":
+        raise ValueError(NO_REFERENCE)
     return reference_from_data(dcfg, nets, mesh, sharding, batch_size, ecfg)
 
 
