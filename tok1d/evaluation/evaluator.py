@@ -23,6 +23,7 @@ the same two sets; IS uses the fake images' 1008-way softmax.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from typing import Any, Iterator, Optional
@@ -133,48 +134,23 @@ class ImageMetrics:
             self._inception_params = jax.device_put(nets.inception[1], replicated)
         if nets.lpips is not None:
             self._lpips_params = jax.device_put(nets.lpips[1], replicated)
-        self._fns: dict[Any, Any] = {}
 
-    def _chunked(self, name: str, fn, x: jax.Array):
-        """jit(shard_map(fn over `chunk_size`-image chunks of each device's rows)), one per
-        function and batch sharding: the per-image numbers do not depend on the mesh."""
-        spec = x.sharding.spec if isinstance(x.sharding, NamedSharding) else P()
-        key = (name, spec[:1], x.sharding.mesh if isinstance(x.sharding, NamedSharding) else None)
-        if key not in self._fns:
-            mesh = key[2] if key[2] is not None else self.mesh
-            batch_spec = P(*spec[:1])
-            local = x.shape[0] // _axis_size(mesh, spec[:1])
-            chunk = math.gcd(self.chunk_size, local) if self.chunk_size > 0 else local
-
-            def per_device(p, *arrays):
-                k = arrays[0].shape[0] // chunk
-                split = tuple(a.reshape((k, chunk) + a.shape[1:]) for a in arrays)
-                out = jax.lax.map(lambda xs: fn(p, *xs), split)
-                return jax.tree.map(lambda t: t.reshape((k * chunk,) + t.shape[2:]), out)
-
-            self._fns[key] = jax.jit(jax.shard_map(
-                per_device, mesh=mesh, in_specs=(P(),) + (batch_spec,) * 2,
-                out_specs=batch_spec))
-        return self._fns[key]
+    def _compiled(self, kind: str, model, x: jax.Array):
+        """The jitted per-device function of `kind` for the sharding of the batch `x`."""
+        sharding = x.sharding if isinstance(x.sharding, NamedSharding) else None
+        mesh = sharding.mesh if sharding is not None else self.mesh
+        spec = tuple(sharding.spec)[:1] if sharding is not None else ()
+        local = x.shape[0] // _axis_size(mesh, spec)
+        chunk = math.gcd(self.chunk_size, local) if self.chunk_size > 0 else local
+        return _chunked_fn(kind, model, mesh, P(*spec), chunk)
 
     def _features(self, images: jax.Array):
-        model = self.nets.inception[0]
-
-        def features(p, x, _):
-            out = model.apply({"params": p}, x.astype(jnp.float32))
-            return out["pool3"], jax.nn.softmax(out["logits"], axis=-1)
-        return self._chunked("inception", features, images)(self._inception_params, images,
-                                                            images)
+        fn = self._compiled("inception", self.nets.inception[0], images)
+        return fn(self._inception_params, images, images)
 
     def _pair_metrics(self, real: jax.Array, recon: jax.Array):
-        lpips = self.nets.lpips
-
-        def pair_metrics(lp, real, recon):
-            out = {"psnr": psnr(recon, real), "ssim": ssim(recon, real)}
-            if lpips is not None:
-                out["lpips"] = lpips[0].apply({"params": lp}, jnp.clip(recon, 0.0, 1.0), real)
-            return out
-        return self._chunked("pairs", pair_metrics, real)(self._lpips_params, real, recon)
+        lpips = self.nets.lpips[0] if self.nets.lpips is not None else None
+        return self._compiled("pairs", lpips, real)(self._lpips_params, real, recon)
 
     @classmethod
     def from_config(cls, nets: MetricNets, mesh, ecfg) -> "ImageMetrics":
@@ -265,6 +241,39 @@ class ImageMetrics:
             pr = precision_recall(real_pool, np.concatenate(self._fake_pool), k=k)
             out["precision"], out["recall"] = float(pr["precision"]), float(pr["recall"])
         return out
+
+
+def _inception_outputs(model):
+    def features(p, x, _):
+        out = model.apply({"params": p}, x.astype(jnp.float32))
+        return out["pool3"], jax.nn.softmax(out["logits"], axis=-1)
+    return features
+
+
+def _pair_outputs(lpips):
+    def pair_metrics(lp, real, recon):
+        out = {"psnr": psnr(recon, real), "ssim": ssim(recon, real)}
+        if lpips is not None:
+            out["lpips"] = lpips.apply({"params": lp}, jnp.clip(recon, 0.0, 1.0), real)
+        return out
+    return pair_metrics
+
+
+@functools.lru_cache(maxsize=64)
+def _chunked_fn(kind: str, model, mesh, batch_spec: P, chunk: int):
+    """jit(shard_map(...)): each device runs the metric network over its rows in `chunk`-image
+    pieces (`lax.map`), so a row's numbers are computed by the same program whatever the mesh.
+    Cached by (kind, model, mesh, spec, chunk): evals during training compile once."""
+    fn = _inception_outputs(model) if kind == "inception" else _pair_outputs(model)
+
+    def per_device(p, *arrays):
+        k = arrays[0].shape[0] // chunk
+        split = tuple(a.reshape((k, chunk) + a.shape[1:]) for a in arrays)
+        out = jax.lax.map(lambda xs: fn(p, *xs), split)
+        return jax.tree.map(lambda t: t.reshape((k * chunk,) + t.shape[2:]), out)
+
+    return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(),) + (batch_spec,) * 2,
+                                 out_specs=batch_spec))
 
 
 def _axis_size(mesh, spec_entry: tuple) -> int:
