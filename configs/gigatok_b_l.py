@@ -25,6 +25,11 @@ analysis), 5.1e+20 FLOP for the run before LPIPS, DINOv2 and the discriminator: 
 360 H100-hours at 40% of the bf16 peak.
 Targets (paper / README, 50k ImageNet val): rFID 0.81, LPIPS 0.2059; GPT-B gFID 3.26 (GPT-XL
 2.13, GPT-XXL 2.03), linear probe 67.6%.
+
+Evaluate (rFID, IS, precision-recall, PSNR, SSIM, LPIPS, codebook usage; 50k val images):
+
+    python -m tok1d.evaluate --config=configs/gigatok_b_l.py --checkpoint=DIR --out=eval/ \
+        --inception=inception_fid/ --config.data.eval_examples=50000
 """
 
 from tok1d import recipes

@@ -22,6 +22,11 @@ analysis), 4.5e+20 FLOP for the run before LPIPS, DINOv2 and the discriminator: 
 319 H100-hours at 40% of the bf16 peak.
 Targets (paper / README, 50k ImageNet val): the README gives none for the 2D models (the paper
 compares 2D and 1D scaling curves).
+
+Evaluate (rFID, IS, precision-recall, PSNR, SSIM, LPIPS, codebook usage; 50k val images):
+
+    python -m tok1d.evaluate --config=configs/gigatok_b_l_2d.py --checkpoint=DIR --out=eval/ \
+        --inception=inception_fid/ --config.data.eval_examples=50000
 """
 
 from tok1d import recipes

@@ -18,6 +18,11 @@ Compute: as B-L (2.00 TFLOP per image for the tokenizer's forward + backward, 5.
 the run, about 360 H100-hours at 40% of the bf16 peak) plus the ViT-S/16 discriminator from
 step 80k (about 3 x 4.6 GFLOP per image and call).
 Targets (README, 50k ImageNet val): rFID 0.51, LPIPS 0.2056; GPT-B gFID 3.33, linear probe 67.7%.
+
+Evaluate (rFID, IS, precision-recall, PSNR, SSIM, LPIPS, codebook usage; 50k val images):
+
+    python -m tok1d.evaluate --config=configs/gigatok_b_l_dino_disc.py --checkpoint=DIR --out=eval/ \
+        --inception=inception_fid/ --config.data.eval_examples=50000
 """
 
 from tok1d import recipes

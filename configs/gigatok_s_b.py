@@ -22,6 +22,11 @@ analysis), 3.5e+20 FLOP for the run before LPIPS, DINOv2 and the discriminator: 
 249 H100-hours at 40% of the bf16 peak.
 Targets (paper / README, 50k ImageNet val): rFID 0.89, LPIPS 0.2121; GPT-B gFID 3.83, linear
 probe 62.9%.
+
+Evaluate (rFID, IS, precision-recall, PSNR, SSIM, LPIPS, codebook usage; 50k val images):
+
+    python -m tok1d.evaluate --config=configs/gigatok_s_b.py --checkpoint=DIR --out=eval/ \
+        --inception=inception_fid/ --config.data.eval_examples=50000
 """
 
 from tok1d import recipes

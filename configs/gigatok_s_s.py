@@ -22,6 +22,11 @@ analysis), 1.6e+20 FLOP for the run before LPIPS, DINOv2 and the discriminator: 
 111 H100-hours at 40% of the bf16 peak.
 Targets (paper / README, 50k ImageNet val): rFID 1.01, LPIPS 0.2226; GPT-B gFID 4.05, linear
 probe 62.6%.
+
+Evaluate (rFID, IS, precision-recall, PSNR, SSIM, LPIPS, codebook usage; 50k val images):
+
+    python -m tok1d.evaluate --config=configs/gigatok_s_s.py --checkpoint=DIR --out=eval/ \
+        --inception=inception_fid/ --config.data.eval_examples=50000
 """
 
 from tok1d import recipes

@@ -22,6 +22,11 @@ analysis), 2.2e+21 FLOP for the run before LPIPS, DINOv2 and the discriminator: 
 1,510 H100-hours at 40% of the bf16 peak.
 Targets (paper / README, 50k ImageNet val): rFID 0.79, LPIPS 0.1947; GPT-B gFID 3.15, GPT-XXL
 gFID 1.98, linear probe 72.0%.
+
+Evaluate (rFID, IS, precision-recall, PSNR, SSIM, LPIPS, codebook usage; 50k val images):
+
+    python -m tok1d.evaluate --config=configs/gigatok_xl_xxl.py --checkpoint=DIR --out=eval/ \
+        --inception=inception_fid/ --config.data.eval_examples=50000
 """
 
 from tok1d import recipes

@@ -16,6 +16,12 @@ AdamW 1e-4, betas (0.9, 0.95), wd 0.05, WSD schedule, 300 epochs, class dropout 
 GigaTok's AR probing stops GPT-B at 250k steps (--config.total_steps=250000 keeps the constant
 phase). Released GPT checkpoints convert with `python -m tok1d.convert gpt GPT_B.pt gpt_b/`.
 Target gFID (README, CFG scale from a line search with the step schedule): 3.26 on GigaTok B-L tokens (README: 300 epochs).
+
+Evaluate (gFID / IS / precision-recall of 50k samples; the linear probe too with
+--config.evaluation.linear_probe_epochs=90):
+
+    python -m tok1d.evaluate --config=configs/gpt_b_gigatok.py --checkpoint=DIR --tokenizer=TOK \
+        --out=eval/ --inception=inception_fid/ --reference=VIRTUAL_imagenet256_labeled.npz
 """
 
 from tok1d import recipes

@@ -16,6 +16,11 @@ label smoothing 0.1, unmasked weight 0.1, class dropout 0.1, EMA). Sampling: the
 settings of configs/infer/TiTok/titok_b64.yaml. The released generator converts with
 `python -m tok1d.convert maskgit generator_titok_b64.bin maskgit_b64/`.
 Target (paper, 50k samples vs the ADM reference batch): gFID 2.48.
+
+Evaluate (gFID / IS / precision-recall of 50k samples):
+
+    python -m tok1d.evaluate --config=configs/maskgit_titok_b64.py --checkpoint=DIR --tokenizer=TOK \
+        --out=eval/ --inception=inception_fid/ --reference=VIRTUAL_imagenet256_labeled.npz
 """
 
 from tok1d import recipes

@@ -16,6 +16,11 @@ label smoothing 0.1, unmasked weight 0.1, class dropout 0.1, EMA). Sampling: the
 settings of configs/infer/TiTok/titok_l32.yaml. The released generator converts with
 `python -m tok1d.convert maskgit generator_titok_l32.bin maskgit_l32/`.
 Target (paper, 50k samples vs the ADM reference batch): gFID 2.77.
+
+Evaluate (gFID / IS / precision-recall of 50k samples):
+
+    python -m tok1d.evaluate --config=configs/maskgit_titok_l32.py --checkpoint=DIR --tokenizer=TOK \
+        --out=eval/ --inception=inception_fid/ --reference=VIRTUAL_imagenet256_labeled.npz
 """
 
 from tok1d import recipes

@@ -19,6 +19,11 @@ bf16 compute. Perceptual weights: python -m tok1d.convert.perceptual (LPIPS-VGG 
 Targets (README rFID, 50k val): BL-64 2.06, BL-128 1.49, SL-256 1.03, LL-32 VAE 1.61,
 BL-64 VAE 1.25, BL-128 VAE 0.84. Compute: TiTok-BL-64 at batch 256 is ~0.3 PFLOP per step
 (6 x 390M params x ~320 tokens x 256 images); 1M steps is of the order of a v4-64 week.
+
+Evaluate (rFID, IS, precision-recall, PSNR, SSIM, LPIPS, codebook usage; 50k val images):
+
+    python -m tok1d.evaluate --config=configs/titok_imagenet_single_stage.py --checkpoint=DIR --out=eval/ \
+        --inception=inception_fid/ --config.data.eval_examples=50000
 """
 
 from tok1d import recipes

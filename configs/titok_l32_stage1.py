@@ -17,6 +17,11 @@ Expected: CE starts at ln 1024 = 6.9 and ends near 3.0 (maintainers, S-128); the
 proxy-code accuracy and PSNR of teacher.decode(argmax). Stage 1 alone reaches rFID ~5.5 for
 L-32 (paper ablation); stage 2 (titok_l32_stage2.py) brings it to 2.21.
 Compute: the official run is 8 x A100 for several days; on TPU use a v4-64 or larger slice.
+
+Evaluate (rFID, IS, precision-recall, PSNR, SSIM, LPIPS, codebook usage; 50k val images):
+
+    python -m tok1d.evaluate --config=configs/titok_l32_stage1.py --checkpoint=DIR --out=eval/ \
+        --inception=inception_fid/ --config.data.eval_examples=50000
 """
 
 from tok1d import recipes

@@ -15,6 +15,11 @@ betas (0.9, 0.999), wd 1e-4, 5k warm-up, cosine to 1e-5, clip 1.0, EMA 0.999, ba
 500k steps (100 epochs).
 
 Target (paper / README): rFID 2.21 on ImageNet 256 val.
+
+Evaluate (rFID, IS, precision-recall, PSNR, SSIM, LPIPS, codebook usage; 50k val images):
+
+    python -m tok1d.evaluate --config=configs/titok_l32_stage2.py --checkpoint=DIR --out=eval/ \
+        --inception=inception_fid/ --config.data.eval_examples=50000
 """
 
 from tok1d import recipes

@@ -2,7 +2,7 @@
 
     # Tokenizer (config with trainer "tokenizer"): rFID, IS, precision / recall, PSNR, SSIM,
     # LPIPS, codebook usage / perplexity over data.eval_split (the papers: 50k ImageNet val).
-    python -m tok1d.evaluate --config=configs/titok_l32.py --checkpoint=WORKDIR_OR_DIR \
+    python -m tok1d.evaluate --config=configs/titok_l32_stage2.py --checkpoint=WORKDIR_OR_DIR \
         --out=eval_l32/ --config.evaluation.inception=inception_fid/ \
         --config.data.eval_examples=50000
 
