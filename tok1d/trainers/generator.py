@@ -261,6 +261,21 @@ def init_generator(model: nn.Module, batch: int):
 # ---------------------------------------------------------------------------- train_and_evaluate
 
 
+def build_training(config: ml_collections.ConfigDict, model: nn.Module, mesh, rules, batch_sh
+                   ) -> tuple[Any, Any, Callable, Callable]:
+    """(abstract state, its shardings, rng -> sharded state, jitted step (state donated)) of a
+    generator config (shared by `train_and_evaluate` and `tok1d.bench`)."""
+    init_params = init_generator(model, 2)
+    param_shapes = nn.unbox(jax.eval_shape(init_params, jax.random.key(0)))
+    tx, schedule = optim.make_optimizer(config.optim, config.total_steps, param_shapes)
+    abstract, shardings, init = common.state_shardings_and_init(
+        init_params, tx, mesh, rules, use_ema=config.ema_decay > 0)
+    step_fn = jax.jit(make_train_step(model, tx, schedule, config),
+                      in_shardings=(shardings, batch_sh), out_shardings=(shardings, None, None),
+                      donate_argnums=(0,))
+    return abstract, shardings, init, step_fn
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains a class-conditional generator on tokens; writes checkpoints, TensorBoard logs,
     `samples.png` (one row per class) and metrics.json."""
@@ -286,14 +301,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                         host_start=start, host_stop=stop, seed=config.seed)
     train_iter = iter(train_ds)
 
-    # ---------------------------------------------------------------- model and optimizer
-    init_params = init_generator(model, 2)
-    param_shapes = nn.unbox(jax.eval_shape(init_params, jax.random.key(0)))
-    tx, schedule = optim.make_optimizer(config.optim, config.total_steps, param_shapes)
-
-    # ---------------------------------------------------------------- state
-    abstract, shardings, init = common.state_shardings_and_init(
-        init_params, tx, mesh, rules, use_ema=config.ema_decay > 0)
+    # ---------------------------------------------------------------- model, optimizer, state
+    abstract, shardings, init, step_fn = build_training(config, model, mesh, rules, batch_sh)
     checkpointer = ckpt_lib.Checkpointer(
         os.path.join(workdir, "checkpoints"), every_steps=config.checkpoint.every_steps,
         keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
@@ -312,9 +321,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         from tok1d.evaluation import evaluator
         nets = evaluator.load_metric_nets(config.evaluation, "", log)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        train_step = jax.jit(make_train_step(model, tx, schedule, config),
-                             in_shardings=(shardings, batch_sh),
-                             out_shardings=(shardings, None, None), donate_argnums=(0,))
+        train_step = step_fn
         eval_step = jax.jit(make_eval_step(model, config.generator))
         decoder = load_sample_decoder(config, model, batch_sh, log)
         gfid = make_gfid_eval(config, model, decoder, nets, mesh, batch_sh)
@@ -420,6 +427,8 @@ def fit_probe(config, codes: np.ndarray, labels: np.ndarray, val_codes: np.ndarr
     rng = np.random.default_rng(config.seed)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         state = init(jax.random.key(config.seed))
+        # (built here, not with build_training: this runs inside the tokenizer run's mesh
+        # context, where abstract evaluation of the boxed params would fail)
         step_fn = jax.jit(make_train_step(model, tx, schedule, config),
                           in_shardings=(shardings, batch_sh), out_shardings=(shardings, None, None),
                           donate_argnums=(0,))

@@ -7,10 +7,11 @@ state (sharded init or resume), steps, evaluation, loop.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import flax
 import flax.linen as nn
@@ -579,6 +580,65 @@ def _gather_rows(x: jax.Array, n: int) -> np.ndarray:
     return np.asarray(jax.device_get(_first_rows(x, n, replicated)))
 
 
+@dataclasses.dataclass
+class Training:
+    """Everything a tokenizer training step needs, built from a config (shared by
+    `train_and_evaluate` and `tok1d.bench`)."""
+
+    model: nn.Module
+    teacher: Any
+    perceptual: Any
+    disc: Optional[nn.Module]
+    frozen: Any                # frozen params (teacher, perceptual), replicated on the mesh
+    abstract: Any              # abstract TrainState
+    shardings: Any             # its shardings
+    init: Callable             # rng -> sharded TrainState (random init)
+    step_fn: Callable          # jitted (state, batch, frozen) -> (state, scalars, finite)
+
+
+def build_training(config: ml_collections.ConfigDict, mesh, rules, batch_sh) -> Training:
+    """Model, optimizer(s), frozen networks, discriminator, state shardings and the jitted step
+    (state donated) of `config`."""
+    dcfg = config.data
+    # ---------------------------------------------------------------- model and optimizer
+    model = build_model(config)
+    local_rows = config.batch_size // config.optim.grad_accum_steps
+    dummy = jnp.zeros((min(local_rows, 2), dcfg.image_size, dcfg.image_size, 3), jnp.float32)
+    init_params = lambda rng: model.init(rng, dummy)["params"]  # noqa: E731
+    param_shapes = nn.unbox(jax.eval_shape(init_params, jax.random.key(0)))
+    tx, schedule = optim.make_optimizer(config.optim, config.total_steps, param_shapes)
+
+    # ---------------------------------------------------------------- frozen networks, GAN
+    teacher, perceptual, frozen = build_frozen(config, model)
+    frozen = replicate(frozen, mesh)
+    disc = build_discriminator(config)
+    disc_tx = init_disc = None
+    if disc is not None:
+        start = config.discriminator.start_step
+        if config.discriminator.global_schedule:  # GigaTok: D's lr follows the global step
+            disc_steps, offset = config.total_steps, start
+        else:  # TiTok: D's schedule (and warm-up) starts when D does
+            disc_steps, offset = max(config.total_steps - start, 1), 0
+
+        def _init_disc(rng):
+            return disc.init({"params": rng, "crop": rng}, dummy)
+
+        init_disc = _init_disc
+        disc_shapes = nn.unbox(jax.eval_shape(init_disc, jax.random.key(0))["params"])
+        disc_tx, _ = optim.make_optimizer(config.disc_optim, disc_steps, disc_shapes,
+                                          step_offset=offset)
+
+    abstract, shardings, init = common.state_shardings_and_init(
+        init_params, tx, mesh, rules, use_ema=config.ema_decay > 0, init_disc=init_disc,
+        disc_tx=disc_tx)
+    frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
+    step_fn = jax.jit(
+        make_train_step(model, tx, schedule, config, teacher, perceptual, disc, disc_tx),
+        in_shardings=(shardings, batch_sh, frozen_sh), out_shardings=(shardings, None, None),
+        donate_argnums=(0,))
+    return Training(model, teacher, perceptual, disc, frozen, abstract, shardings, init, step_fn)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains a tokenizer; writes checkpoints, TensorBoard logs, grids and metrics.json."""
     # ---------------------------------------------------------------- setup
@@ -613,39 +673,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         image_size=dcfg.image_size, num_examples=dcfg.eval_examples,
         num_workers=dcfg.num_workers)
 
-    # ---------------------------------------------------------------- model and optimizer
-    model = build_model(config)
-    local_rows = config.batch_size // config.optim.grad_accum_steps
-    dummy = jnp.zeros((min(local_rows, 2), dcfg.image_size, dcfg.image_size, 3), jnp.float32)
-    init_params = lambda rng: model.init(rng, dummy)["params"]  # noqa: E731
-    param_shapes = nn.unbox(jax.eval_shape(init_params, jax.random.key(0)))
-    tx, schedule = optim.make_optimizer(config.optim, config.total_steps, param_shapes)
+    # ---------------------------------------------------------------- model, frozen nets, state
     log = common.log_fn()
-
-    # ---------------------------------------------------------------- frozen networks, GAN
-    teacher, perceptual, frozen = build_frozen(config, model)
-    frozen = replicate(frozen, mesh)
-    disc = build_discriminator(config)
-    disc_tx = init_disc = None
-    if disc is not None:
-        start = config.discriminator.start_step
-        if config.discriminator.global_schedule:  # GigaTok: D's lr follows the global step
-            disc_steps, offset = config.total_steps, start
-        else:  # TiTok: D's schedule (and warm-up) starts when D does
-            disc_steps, offset = max(config.total_steps - start, 1), 0
-
-        def _init_disc(rng):
-            return disc.init({"params": rng, "crop": rng}, dummy)
-
-        init_disc = _init_disc
-        disc_shapes = nn.unbox(jax.eval_shape(init_disc, jax.random.key(0))["params"])
-        disc_tx, _ = optim.make_optimizer(config.disc_optim, disc_steps, disc_shapes,
-                                          step_offset=offset)
-
-    # ---------------------------------------------------------------- state
-    abstract, shardings, init = common.state_shardings_and_init(
-        init_params, tx, mesh, rules, use_ema=config.ema_decay > 0, init_disc=init_disc,
-        disc_tx=disc_tx)
+    t = build_training(config, mesh, rules, batch_sh)
+    model, teacher, disc, frozen = t.model, t.teacher, t.disc, t.frozen
+    abstract, shardings, init = t.abstract, t.shardings, t.init
     checkpointer = ckpt_lib.Checkpointer(
         os.path.join(workdir, "checkpoints"), every_steps=config.checkpoint.every_steps,
         keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
@@ -666,16 +698,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # ---------------------------------------------------------------- steps
     feeder = common.Feeder(train_iter, batch_sh, config.batch_size)
     feeder_args = (batch_sh, config.eval_batch_size)
-    frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
     ecfg = config.evaluation
     nets = (evaluator.load_metric_nets(ecfg, config.perceptual.weights, log)
             if ecfg.fid_every_steps > 0 else None)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        step_fn = jax.jit(
-            make_train_step(model, tx, schedule, config, teacher, perceptual, disc, disc_tx),
-            in_shardings=(shardings, batch_sh, frozen_sh), out_shardings=(shardings, None, None),
-            donate_argnums=(0,))
-        train_step = lambda s, b: step_fn(s, b, frozen)  # noqa: E731
+        train_step = lambda s, b: t.step_fn(s, b, frozen)  # noqa: E731
         eval_step = jax.jit(make_eval_step(model, teacher))
 
         probe = make_ar_probe(config, model, train_src, eval_ds, eval_batches, feeder_args,

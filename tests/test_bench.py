@@ -1,0 +1,71 @@
+"""`python -m tok1d.bench`: every workload runs the real programs of a tiny config and reports
+step time, images/s, FLOPs and MFU; bad combinations are refused."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, subprocess_env
+from tok1d import bench, config_lib
+
+
+def _config(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs",
+                                                                      name + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def _generator_config():
+    c = config_lib.base_config()
+    c.trainer, c.precision, c.ema_decay = "generator", "float32", 0.99
+    c.batch_size = 16
+    c.model = dict(name="maskgit", arch="vit", codebook_size=64, num_tokens=8, num_classes=10,
+                   width=32, depth=2, num_heads=2, mlp_dim=64)
+    c.sampling = dict(num_steps=2, guidance_scale=1.5)
+    return c
+
+
+def _check(row, workload, batch):
+    assert row["workload"] == workload and row["batch"] == batch
+    assert row["step_ms"] > 0 and row["images_per_s"] == pytest.approx(
+        batch / (row["step_ms"] / 1e3))
+    assert row["device_bf16_tflops"] > 0
+
+
+@pytest.mark.parametrize("workload", ["train", "encode", "decode"])
+def test_tokenizer_workloads(workload):
+    row = bench.run(_config("tiny_test"), workload, batch_size=16, steps=2, warmup=1,
+                    log=lambda _: None)
+    _check(row, workload, 16)
+    if workload == "train":  # XLA's cost analysis of the step on CPU
+        assert row["tflop_per_step"] > 0 and 0 < row["mfu"]
+
+
+def test_generator_train_and_sample():
+    row = bench.run(_generator_config(), "train", steps=2, warmup=1, log=lambda _: None)
+    _check(row, "train", 16)
+    row = bench.run(_generator_config(), "sample", batch_size=8, steps=1, warmup=1,
+                    tokenizer_config=_config("tiny_test"), log=lambda _: None)
+    _check(row, "sample", 8)
+    with pytest.raises(ValueError, match="needs --tokenizer_config"):
+        bench.run(_generator_config(), "sample", steps=1, warmup=1)
+    with pytest.raises(ValueError, match="needs a tokenizer config"):
+        bench.run(_generator_config(), "encode", steps=1, warmup=1)
+
+
+def test_cli_prints_the_table_and_appends_json(tmp_path):
+    out = tmp_path / "bench.jsonl"
+    cmd = [sys.executable, "-m", "tok1d.bench", f"--config={REPO}/configs/tiny_test.py",
+           "--workload=encode", "--batch_size=8", "--steps=2", "--warmup=1",
+           "--peak_tflops=1.0", f"--out={out}"]
+    run = subprocess.run(cmd, env=subprocess_env(1), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "| workload | model | batch |" in run.stdout and "| encode | titok | 8 |" in run.stdout
+    row = json.loads(out.read_text().splitlines()[-1])
+    assert row["device_bf16_tflops"] == 1.0 and "tok1d.bench" in row["command"]

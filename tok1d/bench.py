@@ -1,0 +1,324 @@
+"""Speed, memory and MFU of any config's real programs, with random weights.
+
+    python -m tok1d.bench --config=configs/titok_l32_stage1.py --workload=train [--batch_size=64]
+    python -m tok1d.bench --config=configs/gigatok_b_l.py --workload=encode --batch_size=64
+    python -m tok1d.bench --config=configs/gigatok_b_l.py --workload=decode --batch_size=64
+    python -m tok1d.bench --config=configs/gpt_b_gigatok.py --workload=sample --batch_size=64 \
+        --tokenizer_config=configs/gigatok_b_l.py
+    python -m tok1d.bench --config=configs/maskgit_titok_l32.py --workload=train
+
+Workloads:
+  train   the trainer's own jitted step (tokenizer configs: with the teacher, perceptual network,
+          discriminator and EMA the config asks for; generator configs: the generator step) on
+          synthetic batches of `--batch_size` (default: the config's global batch);
+  encode  tokenizer: images -> codes;   decode: codes -> pixels (tokenizer configs);
+  sample  generator config: class-conditional sampling with `config.sampling`, then decoding by
+          a random tokenizer built from `--tokenizer_config` (one jitted program per batch).
+Frozen networks (teacher, LPIPS / ConvNeXt, DINO discriminator trunk) use random weights unless
+the config names weight files: the speed does not depend on the values.
+
+After `--warmup` calls (compilation included in the first), `--steps` calls are timed one by one
+(`block_until_ready`); the table gives the median step time, images/s, the first call's time,
+peak device memory (the allocator's high-water mark, where the backend reports it), the
+compiled program's FLOPs per step (XLA cost analysis of the per-device program) and MFU: those
+FLOPs / step time / the device's bf16 matmul rate, measured here on a large matmul (or
+`--peak_tflops`). `--out FILE` appends the result as a JSON line (record device, versions and
+command with it, e.g. in benchmarks/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from typing import Any, Callable, Optional, Sequence
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+WORKLOADS = ("train", "encode", "decode", "sample")
+
+
+def _define_flags() -> None:
+    config_flags.DEFINE_config_file("config", None, "Config file (get_config()).",
+                                    lock_config=True)
+    flags.DEFINE_enum("workload", "train", WORKLOADS, "What to measure.")
+    flags.DEFINE_integer("batch_size", 0, "Global batch (0: the config's batch_size).")
+    flags.DEFINE_integer("steps", 10, "Timed calls.")
+    flags.DEFINE_integer("warmup", 2, "Untimed calls first (the first one compiles).")
+    flags.DEFINE_string("tokenizer_config", "", "sample: tokenizer config file (random "
+                        "weights) that decodes the samples.")
+    flags.DEFINE_float("peak_tflops", 0.0, "Device bf16 peak for MFU (0: measure a matmul).")
+    flags.DEFINE_string("out", "", "Append the result as a JSON line to this file.")
+
+
+# ---------------------------------------------------------------------------- measurement
+
+
+def time_calls(call: Callable[[], Any], warmup: int, steps: int) -> tuple[list[float], float]:
+    """(seconds of each timed call, seconds of the first call incl. compilation)."""
+    import jax
+    first = None
+    for i in range(max(warmup, 1)):
+        t0 = time.perf_counter()
+        jax.block_until_ready(call())
+        if i == 0:
+            first = time.perf_counter() - t0
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(call())
+        times.append(time.perf_counter() - t0)
+    return times, first
+
+
+def compiled_flops(jitted, *args) -> Optional[float]:
+    """FLOPs of one call of the compiled (per-device) program, from XLA's cost analysis."""
+    try:
+        analysis = jitted.lower(*args).compile().cost_analysis()
+    except Exception:  # noqa: BLE001 - some backends do not implement it
+        return None
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else {}
+    flops = (analysis or {}).get("flops")
+    return float(flops) if flops and flops > 0 else None
+
+
+def matmul_tflops(size: int = 0, repeats: int = 5) -> float:
+    """The device's measured bf16 matmul rate in TFLOP/s (median of `repeats`)."""
+    import jax
+    import jax.numpy as jnp
+    size = size or (1024 if jax.devices()[0].platform == "cpu" else 8192)
+    x = jax.random.normal(jax.random.key(0), (size, size), jnp.bfloat16)
+    mm = jax.jit(lambda a, b: a @ b)
+    times, _ = time_calls(lambda: mm(x, x), 2, repeats)
+    return 2 * size ** 3 / statistics.median(times) / 1e12
+
+
+def peak_memory_gib() -> Optional[float]:
+    import jax
+    stats = jax.local_devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return peak / 2 ** 30 if peak is not None else None
+
+
+# ---------------------------------------------------------------------------- workloads
+
+
+def _random_frozen(config) -> None:
+    """Frozen helper networks without weight files get random weights (speed only)."""
+    with config.unlocked():
+        if not config.teacher.weights:
+            config.teacher.allow_random_init = True
+        if not config.perceptual.weights:
+            config.perceptual.allow_random_init = True
+        if not config.discriminator.weights:
+            config.discriminator.allow_random_init = True
+
+
+def _mesh(config):
+    from tok1d import parallel
+    mesh = parallel.create_mesh(dict(config.mesh))
+    rules = parallel.rules_from_config(config.sharding.rules)
+    return mesh, rules, parallel.batch_sharding(mesh, rules)
+
+
+def _global(local: dict, sharding, batch: int) -> dict:
+    from tok1d import parallel
+    start, stop = parallel.host_batch_slice(sharding, batch)
+    return parallel.global_batch({k: v[start:stop] for k, v in local.items()}, sharding, batch)
+
+
+def _tokenizer_and_params(config):
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    from tok1d.trainers import tokenizer as tok_trainer
+    model = tok_trainer.build_model(config)
+    size = config.data.image_size
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(0),
+                                          jnp.zeros((1, size, size, 3), jnp.float32)))["params"]
+    return model, params
+
+
+def bench_train(config, batch: int) -> tuple[Callable, Any, Callable]:
+    """(call, args for the FLOP count, jitted) of one training step."""
+    import flax.linen as nn
+    import jax
+    import numpy as np
+    from tok1d.trainers import generator as gen_trainer
+    from tok1d.trainers import tokenizer as tok_trainer
+    mesh, rules, batch_sh = _mesh(config)
+    rng = np.random.default_rng(0)
+    with config.unlocked():
+        config.batch_size = batch
+    if config.trainer == "generator":
+        model = gen_trainer.build_generator(config)
+        _, _, init, step_fn = gen_trainer.build_training(config, model, mesh, rules, batch_sh)
+        vocab = gen_trainer.vocab_size(model)
+        local = {"codes": rng.integers(0, vocab, (batch, model.num_tokens), dtype=np.int32),
+                 "label": rng.integers(0, model.num_classes, (batch,), dtype=np.int32)}
+        extra = ()
+    else:
+        _random_frozen(config)
+        t = tok_trainer.build_training(config, mesh, rules, batch_sh)
+        init, step_fn = t.init, t.step_fn
+        size = config.data.image_size
+        local = {"image": rng.uniform(0, 1, (batch, size, size, 3)).astype(np.float32)}
+        extra = (t.frozen,)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        state = {"s": init(jax.random.key(0))}
+        data = _global(local, batch_sh, batch)
+
+        def call():
+            with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+                state["s"], scalars, _ = step_fn(state["s"], data, *extra)
+            return scalars
+
+        flops = lambda: compiled_flops(step_fn, state["s"], data, *extra)  # noqa: E731
+    return call, flops, (mesh, rules)
+
+
+def bench_codec(config, batch: int, workload: str):
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from tok1d.trainers.tokenizer import pixel_range_fns
+    mesh, rules, batch_sh = _mesh(config)
+    model, params = _tokenizer_and_params(config)
+    to_model, _ = pixel_range_fns(model)
+    size = config.data.image_size
+    rng = np.random.default_rng(0)
+    images = _global({"image": rng.uniform(0, 1, (batch, size, size, 3)).astype(np.float32)},
+                     batch_sh, batch)["image"]
+    encode = jax.jit(lambda p, x: model.apply({"params": p}, to_model(x),
+                                              method=model.encode)[1]["codes"])
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        params = jax.device_put(params, jax.sharding.NamedSharding(mesh,
+                                                                   jax.sharding.PartitionSpec()))
+        if workload == "encode":
+            fn, args = encode, (params, images)
+        else:
+            codes = encode(params, images)
+            fn = jax.jit(lambda p, c: model.apply({"params": p}, c, method=model.decode_codes))
+            args = (params, codes)
+
+    def call():
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            return fn(*args)
+
+    return call, lambda: compiled_flops(fn, *args), (mesh, rules)
+
+
+def bench_sample(config, batch: int, tokenizer_config):
+    import flax.linen as nn
+    import jax
+    import numpy as np
+    from tok1d.trainers import generator as gen_trainer
+    if tokenizer_config is None:
+        raise ValueError("--workload=sample needs --tokenizer_config (the tokenizer config "
+                         "whose random-weight model decodes the samples).")
+    mesh, rules, batch_sh = _mesh(config)
+    model = gen_trainer.build_generator(config)
+    params = nn.unbox(gen_trainer.init_generator(model, 1)(jax.random.key(0)))
+    tokenizer, tok_params = _tokenizer_and_params(tokenizer_config)
+    labels = (np.arange(batch) % model.num_classes).astype(np.int32)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        params = jax.device_put(params, jax.sharding.NamedSharding(mesh,
+                                                                   jax.sharding.PartitionSpec()))
+        decoder = gen_trainer.SampleDecoder(model, config.sampling.to_dict(), tokenizer,
+                                            tok_params, batch_sh)
+    counter = {"i": 0}
+
+    def call():
+        counter["i"] += 1
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            return decoder(params, labels, jax.random.key(counter["i"]))[1]
+
+    return call, lambda: None, (mesh, rules)
+
+
+def run(config, workload: str, batch_size: int = 0, steps: int = 10, warmup: int = 2,
+        tokenizer_config=None, peak_tflops: float = 0.0, log=print) -> dict[str, Any]:
+    """Measures `workload` of `config`; returns (and logs) the result row."""
+    import jax
+    from tok1d import config_lib
+    if workload not in WORKLOADS:
+        raise ValueError(f"Unknown workload {workload!r}; expected one of {WORKLOADS}.")
+    is_generator = config.trainer == "generator"
+    if workload in ("encode", "decode") and is_generator:
+        raise ValueError(f"--workload={workload} needs a tokenizer config; "
+                         f"{config.model.name!r} is a generator.")
+    if workload == "sample" and not is_generator:
+        raise ValueError("--workload=sample needs a generator config (and --tokenizer_config).")
+    batch = batch_size or config.batch_size
+    config_lib.validate(config)
+    if workload == "train":
+        call, flops_fn, _ = bench_train(config, batch)
+    elif workload == "sample":
+        call, flops_fn, _ = bench_sample(config, batch, tokenizer_config)
+    else:
+        call, flops_fn, _ = bench_codec(config, batch, workload)
+    times, first = time_calls(call, warmup, steps)
+    step = statistics.median(times)
+    flops = flops_fn()
+    peak = peak_tflops or matmul_tflops()
+    device = jax.devices()[0]
+    row = dict(workload=workload, model=config.model.name, batch=batch,
+               devices=f"{jax.device_count()} x {device.device_kind}", step_ms=1e3 * step,
+               images_per_s=batch / step, first_call_s=first, peak_memory_gib=peak_memory_gib(),
+               tflop_per_step=None if flops is None else flops / 1e12,
+               mfu=None if flops is None else flops / step / (peak * 1e12),
+               device_bf16_tflops=peak, jax=jax.__version__, steps=steps)
+    log(format_row(row))
+    return row
+
+
+def format_row(row: dict[str, Any]) -> str:
+    def fmt(v, spec):
+        return "n/a" if v is None else format(v, spec)
+    header = ("| workload | model | batch | devices | step ms | images/s | first call s | "
+              "peak GiB | TFLOP/step | MFU |")
+    line = (f"| {row['workload']} | {row['model']} | {row['batch']} | {row['devices']} | "
+            f"{row['step_ms']:.1f} | {row['images_per_s']:.1f} | {row['first_call_s']:.1f} | "
+            f"{fmt(row['peak_memory_gib'], '.1f')} | {fmt(row['tflop_per_step'], '.3f')} | "
+            f"{fmt(None if row['mfu'] is None else 100 * row['mfu'], '.1f')}% |")
+    return header + "\n|---|---|---|---|---|---|---|---|---|---|\n" + line
+
+
+def _load_config(path: str):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("tokenizer_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def main(argv: Sequence[str]) -> Optional[int]:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if FLAGS.config is None:
+        print("--config is required.", file=sys.stderr)
+        return 2
+    from tok1d import parallel
+    parallel.setup_process()
+    tok_cfg = _load_config(FLAGS.tokenizer_config) if FLAGS.tokenizer_config else None
+    try:
+        row = run(FLAGS.config, FLAGS.workload, FLAGS.batch_size, FLAGS.steps, FLAGS.warmup,
+                  tok_cfg, FLAGS.peak_tflops)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if FLAGS.out:
+        with open(FLAGS.out, "a", encoding="utf-8") as f:
+            command = "python -m tok1d.bench " + " ".join(sys.argv[1:])
+            f.write(json.dumps(dict(row, command=command)) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(lambda argv: sys.exit(main(argv)))
