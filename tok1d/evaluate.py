@@ -76,7 +76,7 @@ def evaluate_tokenizer(config, checkpoint: str, out: str, log=print) -> dict[str
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
-    from tok1d import config_lib, images, pretrained
+    from tok1d import config_lib, images, parallel, pretrained
     from tok1d.data import pipeline, sources
     from tok1d.evaluation import evaluator, report
     from tok1d.trainers import tokenizer as tok_trainer
@@ -86,10 +86,11 @@ def evaluate_tokenizer(config, checkpoint: str, out: str, log=print) -> dict[str
     model = tok_trainer.build_model(config)
     size = config.data.image_size
     dummy = jnp.zeros((1, size, size, 3), jnp.float32)
-    shapes = nn.unbox(jax.eval_shape(lambda r: model.init(r, dummy)["params"],
-                                     jax.random.key(0)))
-    params = pretrained.load_checked(checkpoint, shapes,
+    boxed = jax.eval_shape(lambda r: model.init(r, dummy)["params"], jax.random.key(0))
+    params = pretrained.load_checked(checkpoint, parallel.unbox_abstract(boxed),
                                      f"the tokenizer of the config ({config.model.name})")
+    # Sharded like in training (fsdp / tensor axes of config.mesh), not replicated.
+    params = jax.device_put(params, parallel.logical_shardings(boxed, mesh, rules))
     teacher = tok_trainer.build_teacher(config, model)
     frozen = {"teacher": teacher[1]} if teacher is not None else {}
     nets = evaluator.load_metric_nets(config.evaluation, config.perceptual.weights, log)
@@ -97,7 +98,6 @@ def evaluate_tokenizer(config, checkpoint: str, out: str, log=print) -> dict[str
     dcfg, batch = config.data, config.eval_batch_size
     src = sources.get_source(dcfg.name, dcfg.eval_split, data_dir=dcfg.data_dir,
                              demo_size=dcfg.demo_size, image_size=size)
-    from tok1d import parallel
     start, stop = parallel.host_batch_slice(batch_sh, batch)
     ds, num_batches = pipeline.eval_dataset(src, global_batch=batch, host_start=start,
                                             host_stop=stop, image_size=size,
@@ -107,7 +107,6 @@ def evaluate_tokenizer(config, checkpoint: str, out: str, log=print) -> dict[str
         f"({num_batches} batches of {batch}).")
     ecfg = config.evaluation
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        params = tok_trainer.replicate(params, mesh)
         frozen = tok_trainer.replicate(frozen, mesh)
         eval_step = jax.jit(tok_trainer.make_eval_step(model, teacher))
         metrics_acc = evaluator.ImageMetrics.from_config(nets, mesh, ecfg)
