@@ -69,3 +69,24 @@ def test_cli_prints_the_table_and_appends_json(tmp_path):
     assert "| workload | model | batch |" in run.stdout and "| encode | titok | 8 |" in run.stdout
     row = json.loads(out.read_text().splitlines()[-1])
     assert row["device_bf16_tflops"] == 1.0 and "tok1d.bench" in row["command"]
+
+
+def test_flop_count_multiplies_loops():
+    """XLA's cost analysis counts a loop body once; the traced count multiplies by the length
+    and matches the closed forms for dense and conv layers."""
+    import jax
+    import jax.numpy as jnp
+    x = jax.ShapeDtypeStruct((8, 64), jnp.float32)
+    w = jax.ShapeDtypeStruct((64, 64), jnp.float32)
+    looped = lambda x, w: jax.lax.fori_loop(0, 10, lambda i, y: y @ w, x)  # noqa: E731
+    assert bench.traced_flops(looped, x, w) == 10 * 2 * 8 * 64 * 64
+    scanned = lambda x, w: jax.lax.scan(lambda c, _: (c @ w, None), x, None, length=7)[0]  # noqa
+    assert bench.traced_flops(jax.jit(scanned), x, w) == 7 * 2 * 8 * 64 * 64
+    img = jax.ShapeDtypeStruct((2, 16, 16, 3), jnp.float32)
+    kernel = jax.ShapeDtypeStruct((3, 3, 3, 32), jnp.float32)
+    conv = lambda a, k: jax.lax.conv_general_dilated(  # noqa: E731
+        a, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    assert bench.traced_flops(conv, img, kernel) == 2 * (2 * 16 * 16 * 32) * (3 * 3 * 3)
+    # through jax.grad: the forward matmul and the weight-gradient matmul
+    loss = lambda w, x: jnp.sum(x @ w)  # noqa: E731
+    assert bench.traced_flops(jax.grad(loss), w, x) == 2 * (2 * 8 * 64 * 64)

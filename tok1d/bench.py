@@ -19,16 +19,18 @@ the config names weight files: the speed does not depend on the values.
 
 After `--warmup` calls (compilation included in the first), `--steps` calls are timed one by one
 (`block_until_ready`); the table gives the median step time, images/s, the first call's time,
-peak device memory (the allocator's high-water mark, where the backend reports it), the
-compiled program's FLOPs per step (XLA cost analysis of the per-device program) and MFU: those
-FLOPs / step time / the device's bf16 matmul rate, measured here on a large matmul (or
-`--peak_tflops`). `--out FILE` appends the result as a JSON line (record device, versions and
+peak device memory (the allocator's high-water mark, where the backend reports it), the matmul
+and convolution FLOPs of one step over all devices (counted on the traced program, loops times
+their length: XLA's own cost analysis counts a scanned layer stack's body once), and MFU: those
+FLOPs / step time / (devices x the device's bf16 matmul rate, measured here on a large matmul,
+or `--peak_tflops`). Remat recomputation counts as work done. `--out FILE` appends the result as a JSON line (record device, versions and
 command with it, e.g. in benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import sys
 import time
@@ -74,16 +76,50 @@ def time_calls(call: Callable[[], Any], warmup: int, steps: int) -> tuple[list[f
     return times, first
 
 
-def compiled_flops(jitted, *args) -> Optional[float]:
-    """FLOPs of one call of the compiled (per-device) program, from XLA's cost analysis."""
+def _sub_jaxprs(value):
+    from jax.extend import core as jex_core
+    items = value if isinstance(value, (list, tuple)) else [value]
+    for item in items:
+        if isinstance(item, jex_core.ClosedJaxpr):
+            yield item.jaxpr
+        elif isinstance(item, jex_core.Jaxpr):
+            yield item
+
+
+def jaxpr_flops(jaxpr) -> float:
+    """Matmul + convolution FLOPs (2 per multiply-add) of a jaxpr, loops counted `length` times
+    (`scan`; a `while` body once, a `cond` by its most expensive branch). Elementwise work is
+    not counted: these are the FLOPs MFU is quoted in."""
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        out = eqn.outvars[0].aval.shape if eqn.outvars else ()
+        if name == "dot_general":
+            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += 2.0 * math.prod(out) * math.prod(lhs[d] for d in lhs_contract)
+        elif name == "conv_general_dilated":
+            rhs = eqn.invars[1].aval.shape
+            spec = eqn.params["dimension_numbers"].rhs_spec  # (out, in, *spatial)
+            total += 2.0 * math.prod(out) * rhs[spec[1]] * math.prod(rhs[d] for d in spec[2:])
+        elif name == "scan":
+            total += eqn.params["length"] * jaxpr_flops(eqn.params["jaxpr"].jaxpr)
+        elif name == "cond":
+            total += max((jaxpr_flops(b.jaxpr) for b in eqn.params["branches"]), default=0.0)
+        else:  # pjit, remat, custom_jvp / vjp, while, shard_map, ...: their inner jaxprs once
+            for value in eqn.params.values():
+                for sub in _sub_jaxprs(value):
+                    total += jaxpr_flops(sub)
+    return total
+
+
+def traced_flops(fn, *args) -> Optional[float]:
+    """Global matmul FLOPs of one call of `fn(*args)` (see `jaxpr_flops`)."""
+    import jax
     try:
-        analysis = jitted.lower(*args).compile().cost_analysis()
-    except Exception:  # noqa: BLE001 - some backends do not implement it
+        return jaxpr_flops(jax.make_jaxpr(fn)(*args).jaxpr) or None
+    except Exception:  # noqa: BLE001 - a primitive this walker does not know
         return None
-    if isinstance(analysis, (list, tuple)):
-        analysis = analysis[0] if analysis else {}
-    flops = (analysis or {}).get("flops")
-    return float(flops) if flops and flops > 0 else None
 
 
 def matmul_tflops(size: int = 0, repeats: int = 5) -> float:
@@ -177,14 +213,15 @@ def bench_train(config, batch: int) -> tuple[Callable, Any, Callable]:
                 state["s"], scalars, _ = step_fn(state["s"], data, *extra)
             return scalars
 
-        flops = lambda: compiled_flops(step_fn, state["s"], data, *extra)  # noqa: E731
+    def flops():
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            return traced_flops(step_fn, state["s"], data, *extra)
     return call, flops, (mesh, rules)
 
 
 def bench_codec(config, batch: int, workload: str):
     import flax.linen as nn
     import jax
-    import jax.numpy as jnp
     import numpy as np
     from tok1d.trainers.tokenizer import pixel_range_fns
     mesh, rules, batch_sh = _mesh(config)
@@ -210,7 +247,10 @@ def bench_codec(config, batch: int, workload: str):
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             return fn(*args)
 
-    return call, lambda: compiled_flops(fn, *args), (mesh, rules)
+    def flops():
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            return traced_flops(fn, *args)
+    return call, flops, (mesh, rules)
 
 
 def bench_sample(config, batch: int, tokenizer_config):
@@ -238,7 +278,11 @@ def bench_sample(config, batch: int, tokenizer_config):
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             return decoder(params, labels, jax.random.key(counter["i"]))[1]
 
-    return call, lambda: None, (mesh, rules)
+    def flops():
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            return traced_flops(lambda p, key: decoder(p, labels, key)[1], params,
+                                jax.random.key(0))
+    return call, flops, (mesh, rules)
 
 
 def run(config, workload: str, batch_size: int = 0, steps: int = 10, warmup: int = 2,
@@ -271,7 +315,7 @@ def run(config, workload: str, batch_size: int = 0, steps: int = 10, warmup: int
                devices=f"{jax.device_count()} x {device.device_kind}", step_ms=1e3 * step,
                images_per_s=batch / step, first_call_s=first, peak_memory_gib=peak_memory_gib(),
                tflop_per_step=None if flops is None else flops / 1e12,
-               mfu=None if flops is None else flops / step / (peak * 1e12),
+               mfu=None if flops is None else flops / step / (peak * 1e12 * jax.device_count()),
                device_bf16_tflops=peak, jax=jax.__version__, steps=steps)
     log(format_row(row))
     return row

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Every issue-7 speed target of one accelerator, measured with `python -m tok1d.bench` (random
+# weights, the configs' real programs). One call on the device machine:
+#
+#   bash benchmarks/targets.sh OUT_DIR      # appends OUT_DIR/bench.jsonl, logs OUT_DIR/*.log
+#
+# Targets (../shared/baselines.md: the official code on an H100 at the same batch):
+#   TiTok-L-32 stage-1 train >= 320 img/s @64 | stage-2 train >= 150 @32, batch 64 fits
+#   TiTok-L-32 8-step sampling + decode >= 400 @125 | GigaTok B-L train >= 85 @16, 32 fits
+#   GigaTok B-L encode >= 960 @64, decode >= 500 @64 | GPT-B 256-token CFG sampling >= 220 @64
+set -uo pipefail
+OUT=${1:?usage: benchmarks/targets.sh OUT_DIR}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+STEPS=${TOK1D_BENCH_STEPS:-10}
+
+bench() {  # name, then tok1d.bench arguments
+  local name=$1; shift
+  echo "== $name"
+  $PY -m tok1d.bench --steps="$STEPS" --warmup=2 --out="$OUT/bench.jsonl" "$@" \
+    > "$OUT/$name.log" 2>&1 && tail -n 3 "$OUT/$name.log" || { echo "FAILED (see $OUT/$name.log)"; tail -n 5 "$OUT/$name.log"; }
+}
+
+bench titok_s1_b64   --config=configs/titok_l32_stage1.py --workload=train --batch_size=64
+bench titok_s2_b32   --config=configs/titok_l32_stage2.py --workload=train --batch_size=32
+bench titok_s2_b64   --config=configs/titok_l32_stage2.py --workload=train --batch_size=64
+bench titok_sample   --config=configs/maskgit_titok_l32.py --workload=sample --batch_size=125 \
+                     --tokenizer_config=configs/titok_l32_stage2.py
+bench gigatok_b16    --config=configs/gigatok_b_l.py --workload=train --batch_size=16
+bench gigatok_b32    --config=configs/gigatok_b_l.py --workload=train --batch_size=32
+bench gigatok_encode --config=configs/gigatok_b_l.py --workload=encode --batch_size=64
+bench gigatok_decode --config=configs/gigatok_b_l.py --workload=decode --batch_size=64
+bench gpt_b_sample   --config=configs/gpt_b_gigatok.py --workload=sample --batch_size=64 \
+                     --tokenizer_config=configs/gigatok_b_l.py
