@@ -4,6 +4,15 @@
 #
 #   bash benchmarks/targets.sh OUT_DIR      # appends OUT_DIR/bench.jsonl, logs OUT_DIR/*.log
 #
+# The device machine (Python 3.12, jax + CUDA, flax, optax, orbax) lacks grain, clu and
+# ml_collections: carry an ignored .whl/ folder holding the cp312 wheels of grain, array_record,
+# dm-tree, more-itertools, portpicker, clu and ml_collections (`pip download --no-deps
+# --only-binary=:all: --python-version 3.12 ...`) and start with
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl &&
+#   export PYTHONPATH=/tmp/site:$PWD && bash benchmarks/targets.sh $OUT
+# Each target is one process (compilation included), so 9 targets need several minutes: split
+# them over calls with the per-call limit in mind.
+#
 # Targets (../shared/baselines.md: the official code on an H100 at the same batch):
 #   TiTok-L-32 stage-1 train >= 320 img/s @64 | stage-2 train >= 150 @32, batch 64 fits
 #   TiTok-L-32 8-step sampling + decode >= 400 @125 | GigaTok B-L train >= 85 @16, 32 fits
