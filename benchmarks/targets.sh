@@ -11,7 +11,7 @@
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl &&
 #   export PYTHONPATH=/tmp/site:$PWD && bash benchmarks/targets.sh $OUT
 # Each target is one process (compilation included), so 9 targets need several minutes: split
-# them over calls with the per-call limit in mind.
+# them over calls with the per-call limit in mind, e.g. TARGETS="titok_s1_b64 gpt_b_sample".
 #
 # Targets (../shared/baselines.md: the official code on an H100 at the same batch):
 #   TiTok-L-32 stage-1 train >= 320 img/s @64 | stage-2 train >= 150 @32, batch 64 fits
@@ -23,8 +23,9 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 STEPS=${TOK1D_BENCH_STEPS:-10}
 
-bench() {  # name, then tok1d.bench arguments
+bench() {  # name, then tok1d.bench arguments; TARGETS="name ..." runs a subset
   local name=$1; shift
+  if [[ -n "${TARGETS:-}" && " $TARGETS " != *" $name "* ]]; then return 0; fi
   echo "== $name"
   $PY -m tok1d.bench --steps="$STEPS" --warmup=2 --out="$OUT/bench.jsonl" "$@" \
     > "$OUT/$name.log" 2>&1 && tail -n 3 "$OUT/$name.log" || { echo "FAILED (see $OUT/$name.log)"; tail -n 5 "$OUT/$name.log"; }
