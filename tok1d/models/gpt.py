@@ -225,6 +225,21 @@ class GPT(nn.Module):
         return logits.astype(jnp.float32)
 
 
+def unrolled(model: GPT, params: Any) -> tuple[GPT, Any]:
+    """The same GPT with its layer stack unrolled (`scan=False`) and its params re-laid out
+    (`blocks` with a leading layer axis -> `blocks_0` .. `blocks_{depth-1}`); identity for an
+    unrolled model. Cached decoding uses it: with the scanned stack, the layer scan slices and
+    re-stacks the whole KV cache at every token (a full copy of it per token in XLA's program);
+    unrolled, each layer's cache is updated in place. Works under jit (the slices are free)."""
+    if not model.scan:
+        return model, params
+    stack = dict(params["transformer"])
+    blocks = stack.pop("blocks")
+    for i in range(model.depth):
+        stack[f"blocks_{i}"] = jax.tree.map(lambda x, i=i: x[i], blocks)
+    return model.clone(scan=False), {**params, "transformer": stack}
+
+
 def init_cache(model: GPT, params: Any, batch_size: int) -> dict:
     """The empty "cache" collection of `model` for `batch_size` sequences."""
     _, variables = model.apply({"params": params}, batch_size, method=GPT.init_cache,
