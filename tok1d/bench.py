@@ -180,7 +180,7 @@ def _tokenizer_and_params(config):
 
 
 def bench_train(config, batch: int) -> tuple[Callable, Any, Callable]:
-    """(call, args for the FLOP count, jitted) of one training step."""
+    """(call, FLOP count) of one training step: `call()` runs it, `flops()` counts it."""
     import flax.linen as nn
     import jax
     import numpy as np
@@ -216,7 +216,7 @@ def bench_train(config, batch: int) -> tuple[Callable, Any, Callable]:
     def flops():
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             return traced_flops(step_fn, state["s"], data, *extra)
-    return call, flops, (mesh, rules)
+    return call, flops
 
 
 def bench_codec(config, batch: int, workload: str):
@@ -250,7 +250,7 @@ def bench_codec(config, batch: int, workload: str):
     def flops():
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             return traced_flops(fn, *args)
-    return call, flops, (mesh, rules)
+    return call, flops
 
 
 def bench_sample(config, batch: int, tokenizer_config):
@@ -282,7 +282,7 @@ def bench_sample(config, batch: int, tokenizer_config):
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             return traced_flops(lambda p, key: decoder(p, labels, key)[1], params,
                                 jax.random.key(0))
-    return call, flops, (mesh, rules)
+    return call, flops
 
 
 def run(config, workload: str, batch_size: int = 0, steps: int = 10, warmup: int = 2,
@@ -301,11 +301,11 @@ def run(config, workload: str, batch_size: int = 0, steps: int = 10, warmup: int
     batch = batch_size or config.batch_size
     config_lib.validate(config)
     if workload == "train":
-        call, flops_fn, _ = bench_train(config, batch)
+        call, flops_fn = bench_train(config, batch)
     elif workload == "sample":
-        call, flops_fn, _ = bench_sample(config, batch, tokenizer_config)
+        call, flops_fn = bench_sample(config, batch, tokenizer_config)
     else:
-        call, flops_fn, _ = bench_codec(config, batch, workload)
+        call, flops_fn = bench_codec(config, batch, workload)
     times, first = time_calls(call, warmup, steps)
     step = statistics.median(times)
     flops = flops_fn()

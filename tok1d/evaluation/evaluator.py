@@ -142,11 +142,12 @@ class ImageMetrics:
         spec = tuple(sharding.spec)[:1] if sharding is not None else ()
         local = x.shape[0] // _axis_size(mesh, spec)
         chunk = math.gcd(self.chunk_size, local) if self.chunk_size > 0 else local
-        return _chunked_fn(kind, model, mesh, P(*spec), chunk)
+        num_arrays = 1 if kind == "inception" else 2
+        return _chunked_fn(kind, model, mesh, P(*spec), chunk, num_arrays)
 
     def _features(self, images: jax.Array):
         fn = self._compiled("inception", self.nets.inception[0], images)
-        return fn(self._inception_params, images, images)
+        return fn(self._inception_params, images)
 
     def _pair_metrics(self, real: jax.Array, recon: jax.Array):
         lpips = self.nets.lpips[0] if self.nets.lpips is not None else None
@@ -173,25 +174,11 @@ class ImageMetrics:
 
     def add_real(self, images: jax.Array, mask: Optional[jax.Array] = None) -> None:
         """Real images (NHWC in [0, 1], global array): the FID / recall reference."""
-        if self.nets.inception is None:
-            return
-        pool, _ = self._inception(images, self._keep(images, mask))
-        self.real.update(pool)
-        if self.precision_recall:
-            self._real_pool.append(pool.astype(np.float32))
+        self._add_real(images, self._keep(images, mask))
 
     def add_fake(self, images: jax.Array, mask: Optional[jax.Array] = None) -> None:
         """Generated or reconstructed images: FID, IS and precision."""
-        if self.nets.inception is None:
-            self._count += int(self._keep(images, mask).sum())
-            return
-        keep = self._keep(images, mask)
-        pool, probs = self._inception(images, keep)
-        self._count += int(keep.sum())
-        self.fake.update(pool)
-        self._probs.append(probs.astype(np.float64))
-        if self.precision_recall:
-            self._fake_pool.append(pool.astype(np.float32))
+        self._add_fake(images, self._keep(images, mask))
 
     def add_pairs(self, real: jax.Array, recon: jax.Array,
                   mask: Optional[jax.Array] = None) -> None:
@@ -200,8 +187,26 @@ class ImageMetrics:
         for name, values in self._pair_metrics(real, recon).items():
             values = parallel.host_array(values).astype(np.float64)[keep]
             self._sums[name] = self._sums.get(name, 0.0) + float(values.sum())
-        self.add_real(real, mask)
-        self.add_fake(recon, mask)
+        self._add_real(real, keep)
+        self._add_fake(recon, keep)
+
+    def _add_real(self, images: jax.Array, keep: np.ndarray) -> None:
+        if self.nets.inception is None:
+            return
+        pool, _ = self._inception(images, keep)
+        self.real.update(pool)
+        if self.precision_recall:
+            self._real_pool.append(pool.astype(np.float32))
+
+    def _add_fake(self, images: jax.Array, keep: np.ndarray) -> None:
+        self._count += int(keep.sum())
+        if self.nets.inception is None:
+            return
+        pool, probs = self._inception(images, keep)
+        self.fake.update(pool)
+        self._probs.append(probs.astype(np.float64))
+        if self.precision_recall:
+            self._fake_pool.append(pool.astype(np.float32))
 
     def set_reference(self, mu: np.ndarray, sigma: np.ndarray,
                       features: Optional[np.ndarray] = None) -> None:
@@ -244,7 +249,7 @@ class ImageMetrics:
 
 
 def _inception_outputs(model):
-    def features(p, x, _):
+    def features(p, x):
         out = model.apply({"params": p}, x.astype(jnp.float32))
         return out["pool3"], jax.nn.softmax(out["logits"], axis=-1)
     return features
@@ -260,7 +265,7 @@ def _pair_outputs(lpips):
 
 
 @functools.lru_cache(maxsize=64)
-def _chunked_fn(kind: str, model, mesh, batch_spec: P, chunk: int):
+def _chunked_fn(kind: str, model, mesh, batch_spec: P, chunk: int, num_arrays: int):
     """jit(shard_map(...)): each device runs the metric network over its rows in `chunk`-image
     pieces (`lax.map`), so a row's numbers are computed by the same program whatever the mesh.
     Cached by (kind, model, mesh, spec, chunk): evals during training compile once."""
@@ -272,7 +277,8 @@ def _chunked_fn(kind: str, model, mesh, batch_spec: P, chunk: int):
         out = jax.lax.map(lambda xs: fn(p, *xs), split)
         return jax.tree.map(lambda t: t.reshape((k * chunk,) + t.shape[2:]), out)
 
-    return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(),) + (batch_spec,) * 2,
+    return jax.jit(jax.shard_map(per_device, mesh=mesh,
+                                 in_specs=(P(),) + (batch_spec,) * num_arrays,
                                  out_specs=batch_spec))
 
 
