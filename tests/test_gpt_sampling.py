@@ -109,6 +109,30 @@ def test_jitted_sampler_matches_uncached_reference(settings):
             np.testing.assert_array_equal(np.asarray(got), want)
 
 
+@pytest.mark.parametrize("scan", [True, False])
+def test_compute_params_leaves_bf16_outputs_bitwise_unchanged(scan):
+    """The sampler casts the weights to the compute dtype once, before its token loop: kernels
+    and tables become bfloat16, the RMSNorm scales (perturbed away from 1 here) stay float32, and
+    the logits are bitwise those of the float32 params."""
+    model = _model(dtype=jnp.bfloat16, scan=scan)
+    params = _params(model)
+    cast = gpt_lib.compute_params(model, params)
+    dtypes = {"/".join(str(getattr(k, "key", k)) for k in path): x.dtype
+              for path, x in jax.tree_util.tree_leaves_with_path(cast)}
+    assert dtypes["norm/scale"] == jnp.float32 and dtypes["output/kernel"] == jnp.bfloat16
+    assert dtypes["tok_embeddings/embedding"] == dtypes["positional_embedding"] == jnp.bfloat16
+    assert {d for n, d in dtypes.items() if "ln_" in n} == {jnp.dtype(jnp.float32)}
+    rng = np.random.default_rng(0)
+    codes = jnp.asarray(rng.integers(0, VOCAB, (3, TOKENS)), jnp.int32)
+    labels = jnp.asarray([1, 7, model.null_label], jnp.int32)
+    apply = jax.jit(model.apply)
+    np.testing.assert_array_equal(apply({"params": cast}, codes, labels),
+                                  apply({"params": params}, codes, labels))
+    sampler = ar.make_sampler(model, cfg_scale=2.0)
+    np.testing.assert_array_equal(sampler(params, labels[:2], jax.random.key(3)),
+                                  sampler(cast, labels[:2], jax.random.key(3)))
+
+
 def test_cfg_changes_samples_and_top_k_1_is_greedy():
     model = _model()
     params = _params(model, seed=5)

@@ -14,7 +14,7 @@ Reproduces `autoregressive/models/generate.py` of SilentView/GigaTok (c2i):
 
 The whole loop is one jitted program: prefill, then `lax.scan` over the decode steps with the
 cache in the carry, the layer stack unrolled (`gpt.unrolled`) so every layer's cache is
-updated in place. Random draws use `jax.random.categorical` with one key per position (split
+updated in place, and the weights cast to the compute dtype once (`gpt.compute_params`). Random draws use `jax.random.categorical` with one key per position (split
 from the given key), so the streams are not PyTorch's.
 
 Deviations from upstream, all where upstream fails: `cfg_schedule="cosine"` is implemented
@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tok1d.models.gpt import GPT, init_cache, unrolled
+from tok1d.models.gpt import GPT, compute_params, init_cache, unrolled
 
 SCHEDULES = ("constant", "linear", "linear_re", "triangular", "rectangular", "step", "cosine")
 
@@ -162,7 +162,10 @@ def make_sampler(model: GPT, *, cfg_scale: float = 1.0, cfg_schedule: str = "con
 
     def fn(params, labels, rng):
         # Decode with the layer stack unrolled: each layer's KV cache is then updated in place
-        # (the scanned stack copies the whole cache at every token; 2.8x slower on CPU).
+        # (the scanned stack copies the whole cache at every token; 2.8x slower on CPU). The
+        # weights enter the token loop already in the compute dtype: cast once, and the barrier
+        # keeps XLA from sinking the casts back into the loop body (once per token).
+        params = jax.lax.optimization_barrier(compute_params(model, params))
         net, params = unrolled(model, params)
         labels = jnp.asarray(labels, jnp.int32)
         if cfg:

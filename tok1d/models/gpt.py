@@ -240,6 +240,26 @@ def unrolled(model: GPT, params: Any) -> tuple[GPT, Any]:
     return model.clone(scan=False), {**params, "transformer": stack}
 
 
+def compute_params(model: GPT, params: Any) -> Any:
+    """`params` with the matmul kernels and embedding tables (leaves named `kernel`,
+    `embedding`, `positional_embedding`) cast to the compute dtype `model.dtype`; the RMSNorm
+    scales, used in float32, stay as they are. Each of those leaves is cast to `model.dtype`
+    where it is used (a kernel before its matmul, a table row after its lookup, which commute),
+    so the model's outputs are bitwise unchanged. Cached decoding casts once before its token
+    loop instead of re-reading the float32 weights and writing compute-dtype copies at every
+    decoded token."""
+    dtype = jnp.dtype(model.dtype)
+    names = ("kernel", "embedding", "positional_embedding")
+
+    def cast(path, x):
+        name = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)][-1]
+        if name in names and jnp.issubdtype(x.dtype, jnp.floating):
+            return x.astype(dtype)
+        return x
+
+    return jax.tree_util.tree_map_with_path(cast, params)
+
+
 def init_cache(model: GPT, params: Any, batch_size: int) -> dict:
     """The empty "cache" collection of `model` for `batch_size` sequences."""
     _, variables = model.apply({"params": params}, batch_size, method=GPT.init_cache,
