@@ -73,6 +73,36 @@ def test_remat_and_scan_do_not_change_the_function():
     assert unscanned.apply(v2, x)[0].shape == x.shape
 
 
+@pytest.mark.parametrize("kind", ["vqgan", "gigatok"])
+def test_cnn_remat_keeps_the_function_and_cuts_the_saved_activations(kind):
+    """`remat="full"` on the CNN decoders (TiTok's pixel decoder, GigaTok's CNN halves: the
+    models' `cnn_remat`) keeps the parameter tree and gradients; what autodiff saves for the
+    backward pass (the VJP's residuals, backend-independent) shrinks to block inputs."""
+    from tok1d.models.gigatok_cnn import GigaTokCNNDecoder
+    from tok1d.models.vqgan import VQGANDecoder
+    if kind == "vqgan":
+        cls, kw = VQGANDecoder, dict(hidden_channels=32, channel_mult=(1, 2), num_res_blocks=2,
+                                     z_channels=8)
+    else:
+        cls, kw = GigaTokCNNDecoder, dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=8)
+    z = jax.random.normal(jax.random.key(0), (2, 32, 32, 8))
+    grads, saved = {}, {}
+    params = cls(**kw).init(jax.random.key(1), z)["params"]
+    for remat in ("none", "full"):
+        model = cls(remat=remat, **kw)
+        assert jax.tree.structure(model.init(jax.random.key(1), z)["params"]) == \
+            jax.tree.structure(params)
+
+        def loss(p, model=model):
+            return jnp.mean(model.apply({"params": p}, z) ** 2)
+        grads[remat] = jax.jit(jax.grad(loss))(params)
+        residuals = jax.eval_shape(lambda p, loss=loss: jax.vjp(loss, p)[1], params)
+        saved[remat] = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(residuals))
+    for a, b in zip(jax.tree.leaves(grads["none"]), jax.tree.leaves(grads["full"])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert saved["full"] < 0.4 * saved["none"]
+
+
 def test_bfloat16_compute_keeps_float32_params_and_outputs():
     model = models.create("titok", num_latent_tokens=8, dtype="bfloat16", **TINY)
     x = images()

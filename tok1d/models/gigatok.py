@@ -368,6 +368,7 @@ class GigaTok(nn.Module):
     distill_depth: int = 0
     out_inner_dim: int = 768
     remat: str = "none"
+    cnn_remat: str = "none"           # the CNN halves' ResnetBlocks (cnn.resnet_block)
     attention_impl: Optional[str] = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -385,11 +386,13 @@ class GigaTok(nn.Module):
         tkw = dict(remat=self.remat, attention_impl=self.attention_impl, **kw)
         self.encoder = GigaTokCNNEncoder(ch=self.encoder_ch, ch_mult=tuple(self.encoder_ch_mult),
                                          num_res_blocks=self.num_res_blocks,
-                                         z_channels=self.z_channels, **kw)
+                                         z_channels=self.z_channels, remat=self.cnn_remat,
+                                         **kw)
         self.decoder = GigaTokCNNDecoder(ch=self.decoder_ch, ch_mult=tuple(self.decoder_ch_mult),
                                          num_res_blocks=self.num_res_blocks,
                                          z_channels=self.z_channels,
-                                         adaptive_gn=self.adaptive_gn, d2s_up=self.d2s_up, **kw)
+                                         adaptive_gn=self.adaptive_gn, d2s_up=self.d2s_up,
+                                         remat=self.cnn_remat, **kw)
         grid = self.grid_size
         if self.layout == "1d":
             self.vit_encoder = QFormerEncoder(

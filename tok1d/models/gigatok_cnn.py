@@ -54,7 +54,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tok1d.models.cnn import TORCH_CONV_INIT, ResnetBlock
+from tok1d.models.cnn import TORCH_CONV_INIT, resnet_block
 from tok1d.models.cnn import conv as _conv, group_norm as _group_norm
 from tok1d.models.layers import logical
 
@@ -155,6 +155,7 @@ class _Level(nn.Module):
     num_blocks: int
     resample: str = "none"
     d2s: bool = True
+    remat: str = "none"
     precision: PrecisionLike = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -163,7 +164,7 @@ class _Level(nn.Module):
     def __call__(self, h: jax.Array) -> jax.Array:
         kw = dict(precision=self.precision, dtype=self.dtype, param_dtype=self.param_dtype)
         for j in range(self.num_blocks):
-            h = ResnetBlock(self.out_channels, **kw, name=f"res_{j}")(h)
+            h = resnet_block(self.remat)(self.out_channels, **kw, name=f"res_{j}")(h)
         if self.resample == "down":
             h = Downsample(self.out_channels, **kw, name="downsample")(h)
         elif self.resample == "up":
@@ -182,6 +183,7 @@ class GigaTokCNNEncoder(nn.Module):
     num_res_blocks: int = 2
     z_channels: int = 256
     use_attn: bool = False
+    remat: str = "none"  # rematerialise each ResnetBlock (see `cnn.resnet_block`)
     precision: PrecisionLike = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -198,11 +200,11 @@ class GigaTokCNNEncoder(nn.Module):
         h = _conv(self.ch, 3, name="conv_in", **kw)(images.astype(self.dtype))
         for i, mult in enumerate(self.ch_mult):
             h = _Level(self.ch * mult, self.num_res_blocks,
-                       resample="down" if i != levels - 1 else "none", **kw,
-                       name=f"conv_blocks_{i}")(h)
+                       resample="down" if i != levels - 1 else "none", remat=self.remat,
+                       **kw, name=f"conv_blocks_{i}")(h)
         channels = self.ch * self.ch_mult[-1]
         for j in range(2):
-            h = ResnetBlock(channels, **kw, name=f"mid_{j}")(h)
+            h = resnet_block(self.remat)(channels, **kw, name=f"mid_{j}")(h)
         h = nn.silu(_group_norm(self.dtype, self.param_dtype, "norm_out")(h))
         return _conv(self.z_channels, 3, name="conv_out", **kw)(h)
 
@@ -224,6 +226,7 @@ class GigaTokCNNDecoder(nn.Module):
     adaptive_gn: bool = True
     d2s_up: bool = True
     use_attn: bool = False
+    remat: str = "none"  # rematerialise each ResnetBlock (see `cnn.resnet_block`)
     precision: PrecisionLike = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -244,14 +247,14 @@ class GigaTokCNNDecoder(nn.Module):
         channels = self.ch * self.ch_mult[-1]
         h = _conv(channels, 3, name="conv_in", **kw)(z.astype(self.dtype))
         for j in range(2):
-            h = ResnetBlock(channels, **kw, name=f"mid_{j}")(h)
+            h = resnet_block(self.remat)(channels, **kw, name=f"mid_{j}")(h)
         for k in range(levels):
             i_level = levels - 1 - k
             if self.adaptive_gn:
                 h = AdaptiveGroupNorm(h.shape[-1], **kw, name=f"adaptive_{k}")(h, style)
             h = _Level(self.ch * self.ch_mult[i_level], self.num_res_blocks + 1,
-                       resample="up" if i_level != 0 else "none", d2s=self.d2s_up, **kw,
-                       name=f"conv_blocks_{k}")(h)
+                       resample="up" if i_level != 0 else "none", d2s=self.d2s_up,
+                       remat=self.remat, **kw, name=f"conv_blocks_{k}")(h)
         h = nn.silu(_group_norm(self.dtype, self.param_dtype, "norm_out")(h))
         return _conv(self.out_channels, 3, name="conv_out", **kw)(h)
 

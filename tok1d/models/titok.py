@@ -223,6 +223,7 @@ class TiTok(nn.Module):
     pixel_z_channels: int = 256
     scan: bool = True
     remat: str = "none"
+    cnn_remat: str = "none"  # the stage-2 pixel decoder's ResnetBlocks (see cnn.resnet_block)
     attention_impl: Optional[str] = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -265,7 +266,8 @@ class TiTok(nn.Module):
             self.pixel_decoder_net = VQGANDecoder(
                 hidden_channels=self.pixel_channels, channel_mult=tuple(self.pixel_channel_mult),
                 num_res_blocks=self.pixel_res_blocks, z_channels=self.pixel_z_channels,
-                dtype=self.dtype, param_dtype=self.param_dtype, name="pixel_decoder")
+                remat=self.cnn_remat, dtype=self.dtype, param_dtype=self.param_dtype,
+                name="pixel_decoder")
 
     @property
     def num_codes(self) -> Optional[int]:

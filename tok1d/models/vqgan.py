@@ -46,7 +46,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tok1d.models.cnn import ResnetBlock, conv as _conv, group_norm as _group_norm
+from tok1d.models.cnn import conv as _conv, group_norm as _group_norm, resnet_block
 from tok1d.models.quantizers import VectorQuantizer
 
 Dtype = Any
@@ -64,6 +64,7 @@ class _Level(nn.Module):
     out_channels: int
     num_res_blocks: int
     resample: str = "none"
+    remat: str = "none"
     precision: PrecisionLike = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -71,7 +72,7 @@ class _Level(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         for j in range(self.num_res_blocks):
-            x = ResnetBlock(self.out_channels, use_bias=False, shortcut="output",
+            x = resnet_block(self.remat)(self.out_channels, use_bias=False, shortcut="output",
                             precision=self.precision, dtype=self.dtype,
                             param_dtype=self.param_dtype, name=f"block_{j}")(x)
         if self.resample == "down":
@@ -95,6 +96,7 @@ class VQGANEncoder(nn.Module):
     channel_mult: Sequence[int]
     num_res_blocks: int
     z_channels: int
+    remat: str = "none"
     precision: PrecisionLike = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -107,11 +109,11 @@ class VQGANEncoder(nn.Module):
         x = _conv(self.hidden_channels, 3, use_bias=False, **kw, name="conv_in")(x)
         for i, mult in enumerate(self.channel_mult):
             x = _Level(self.hidden_channels * mult, self.num_res_blocks,
-                       resample="down" if i != levels - 1 else "none", **kw,
+                       resample="down" if i != levels - 1 else "none", remat=self.remat, **kw,
                        name=f"down_{i}")(x)
         channels = self.hidden_channels * self.channel_mult[-1]
         for j in range(self.num_res_blocks):
-            x = ResnetBlock(channels, use_bias=False, shortcut="output", **kw,
+            x = resnet_block(self.remat)(channels, use_bias=False, shortcut="output", **kw,
                             name=f"mid_{j}")(x)
         x = nn.silu(_group_norm(self.dtype, self.param_dtype, "norm_out")(x))
         return _conv(self.z_channels, 1, use_bias=True, **kw, name="conv_out")(x)
@@ -130,6 +132,7 @@ class VQGANDecoder(nn.Module):
     num_res_blocks: int
     z_channels: int
     out_channels: int = 3
+    remat: str = "none"
     precision: PrecisionLike = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -143,11 +146,12 @@ class VQGANDecoder(nn.Module):
         channels = self.hidden_channels * self.channel_mult[-1]
         x = _conv(channels, 3, use_bias=True, **kw, name="conv_in")(z.astype(self.dtype))
         for j in range(self.num_res_blocks):
-            x = ResnetBlock(channels, use_bias=False, shortcut="output", **kw,
+            x = resnet_block(self.remat)(channels, use_bias=False, shortcut="output", **kw,
                             name=f"mid_{j}")(x)
         for i in reversed(range(len(self.channel_mult))):
             x = _Level(self.hidden_channels * self.channel_mult[i], self.num_res_blocks,
-                       resample="up" if i != 0 else "none", **kw, name=f"up_{i}")(x)
+                       resample="up" if i != 0 else "none", remat=self.remat, **kw,
+                       name=f"up_{i}")(x)
         x = nn.silu(_group_norm(self.dtype, self.param_dtype, "norm_out")(x))
         return _conv(self.out_channels, 3, use_bias=True, **kw, name="conv_out")(x)
 
