@@ -59,6 +59,34 @@ def test_generator_train_and_sample():
         bench.run(_generator_config(), "encode", steps=1, warmup=1)
 
 
+@pytest.mark.parametrize("workload", ["train", "decode"])
+def test_compile_only_plans_memory_without_running(workload):
+    """Nothing is initialised or run: the state / params are shapes; the plan grows with the
+    batch and the FLOPs equal those of the timed run."""
+    rows = [bench.run(_config("tiny_test"), workload, batch_size=b, compile_only=True,
+                      log=lambda _: None) for b in (8, 32)]
+    for row in rows:
+        assert row["step_ms"] is None and row["steps"] == 0 and row["memory_plan_gib"] > 0
+        assert row["tflop_per_step"] > 0
+    assert rows[1]["memory_plan_gib"] > rows[0]["memory_plan_gib"]
+    if workload == "train":  # state independent of the batch, saved activations grow with it
+        assert rows[0]["state_gib"] == rows[1]["state_gib"] > 0
+        assert rows[1]["saved_activations_gib"] == pytest.approx(
+            4 * rows[0]["saved_activations_gib"], rel=0.1)
+        assert "per device: state" in bench.format_row(rows[0])
+    assert rows[1]["tflop_per_step"] == pytest.approx(4 * rows[0]["tflop_per_step"], rel=0.05)
+    timed = bench.run(_config("tiny_test"), workload, batch_size=8, steps=1, warmup=1,
+                      log=lambda _: None)
+    assert timed["tflop_per_step"] == pytest.approx(rows[0]["tflop_per_step"])
+    assert "n/a" in bench.format_row(rows[0])
+
+
+def test_compile_only_sample_plans_both_programs():
+    row = bench.run(_generator_config(), "sample", batch_size=8, compile_only=True,
+                    tokenizer_config=_config("tiny_test"), log=lambda _: None)
+    assert row["memory_plan_gib"] > 0 and row["tflop_per_step"] > 0
+
+
 def test_cli_prints_the_table_and_appends_json(tmp_path):
     out = tmp_path / "bench.jsonl"
     cmd = [sys.executable, "-m", "tok1d.bench", f"--config={REPO}/configs/tiny_test.py",

@@ -23,12 +23,24 @@ peak device memory (the allocator's high-water mark, where the backend reports i
 and convolution FLOPs of one step over all devices (counted on the traced program, loops times
 their length: XLA's own cost analysis counts a scanned layer stack's body once), and MFU: those
 FLOPs / step time / (devices x the device's bf16 matmul rate, measured here on a large matmul,
-or `--peak_tflops`). Remat recomputation counts as work done. `--out FILE` appends the result as a JSON line (record device, versions and
-command with it, e.g. in benchmarks/RESULTS.md).
+or `--peak_tflops`). Remat recomputation counts as work done. `--out FILE` appends the result
+as a JSON line (record device, versions and command with it, e.g. in benchmarks/RESULTS.md).
+
+`--compile_only` runs nothing: with the state and params as shapes only it compiles the
+workload's programs and reports the per-device memory XLA plans for the largest of them
+(arguments + outputs - donated buffers + temporaries; "planned GiB"), to check that a batch
+fits before a job is queued. Run it on the target backend: the plan depends on the compiler's
+fusion and scheduling decisions, so a CPU plan only approximates a GPU's or TPU's. For training
+it also gives two backend-independent parts per device: the train state (params, optimizer
+state, EMA, discriminator) and, for tokenizers, the activations autodiff saves for the backward
+pass (the loss's VJP residuals; `model.remat` / `model.cnn_remat` shrink them).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
 import json
 import math
 import statistics
@@ -53,6 +65,8 @@ def _define_flags() -> None:
     flags.DEFINE_string("tokenizer_config", "", "sample: tokenizer config file (random "
                         "weights) that decodes the samples.")
     flags.DEFINE_float("peak_tflops", 0.0, "Device bf16 peak for MFU (0: measure a matmul).")
+    flags.DEFINE_bool("compile_only", False, "Compile without running: FLOPs and the memory "
+                      "XLA plans per device (does the batch fit?), no timing.")
     flags.DEFINE_string("out", "", "Append the result as a JSON line to this file.")
 
 
@@ -167,32 +181,90 @@ def _global(local: dict, sharding, batch: int) -> dict:
     return parallel.global_batch({k: v[start:stop] for k, v in local.items()}, sharding, batch)
 
 
-def _tokenizer_and_params(config):
+def _tokenizer_and_params(config, abstract: bool = False):
+    """The config's tokenizer and its random params (shapes only with `abstract`)."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
     from tok1d.trainers import tokenizer as tok_trainer
     model = tok_trainer.build_model(config)
     size = config.data.image_size
-    params = nn.unbox(jax.jit(model.init)(jax.random.key(0),
-                                          jnp.zeros((1, size, size, 3), jnp.float32)))["params"]
-    return model, params
+    init = functools.partial(model.init, jax.random.key(0),
+                             jnp.zeros((1, size, size, 3), jnp.float32))
+    params = jax.eval_shape(init) if abstract else jax.jit(init)()
+    return model, nn.unbox(params)["params"]
 
 
-def bench_train(config, batch: int) -> tuple[Callable, Any, Callable]:
-    """(call, FLOP count) of one training step: `call()` runs it, `flops()` counts it."""
+def _replicated(tree, mesh, abstract: bool):
+    """`tree` replicated on `mesh`: placed there, or as ShapeDtypeStructs carrying that sharding."""
+    import jax
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    if abstract:
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                            tree)
+    return jax.device_put(tree, sharding)
+
+
+@dataclasses.dataclass
+class Workload:
+    """One benchmark: `call()` runs a timed unit of work (after `prepare()`), `programs` are the
+    jitted functions it runs with arguments to lower them with (concrete or abstract), and
+    `context()` enters the mesh and logical-axis rules they need."""
+    call: Callable[[], Any]
+    programs: list
+    context: Callable[[], Any]
+    prepare: Callable[[], None] = lambda: None
+    memory_parts: Callable[[], dict] = dict  # backend-independent parts of the memory plan
+
+    def flops(self) -> Optional[float]:
+        """Traced matmul + conv FLOPs of one call (see `jaxpr_flops`)."""
+        with self.context():
+            counts = [traced_flops(fn, *args) for fn, args in self.programs]
+        return None if None in counts else sum(counts)
+
+    def memory_plan_gib(self) -> Optional[float]:
+        """Per-device memory XLA plans for the largest of the programs: arguments + outputs -
+        donated aliases + temporaries, from the compiled program's memory analysis (None where
+        the backend gives none). Compiles without running anything."""
+        totals = []
+        with self.context():
+            for fn, args in self.programs:
+                m = fn.lower(*args).compile().memory_analysis()
+                if m is None:
+                    return None
+                totals.append(m.argument_size_in_bytes + m.output_size_in_bytes
+                              - m.alias_size_in_bytes + m.temp_size_in_bytes)
+        return max(totals) / 2 ** 30
+
+
+def _context(mesh, rules):
     import flax.linen as nn
     import jax
+
+    @contextlib.contextmanager
+    def context():
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            yield
+    return context
+
+
+def bench_train(config, batch: int, abstract: bool = False) -> Workload:
+    """The trainer's jitted step on a synthetic batch (the state is created by `prepare`; with
+    `abstract` only its shapes are used, for compiling)."""
+    import jax
     import numpy as np
+    from tok1d import checkpoint as ckpt_lib
     from tok1d.trainers import generator as gen_trainer
     from tok1d.trainers import tokenizer as tok_trainer
     mesh, rules, batch_sh = _mesh(config)
+    context = _context(mesh, rules)
     rng = np.random.default_rng(0)
     with config.unlocked():
         config.batch_size = batch
     if config.trainer == "generator":
         model = gen_trainer.build_generator(config)
-        _, _, init, step_fn = gen_trainer.build_training(config, model, mesh, rules, batch_sh)
+        abstract_state, shardings, init, step_fn = gen_trainer.build_training(
+            config, model, mesh, rules, batch_sh)
         vocab = gen_trainer.vocab_size(model)
         local = {"codes": rng.integers(0, vocab, (batch, model.num_tokens), dtype=np.int32),
                  "label": rng.integers(0, model.num_classes, (batch,), dtype=np.int32)}
@@ -200,60 +272,97 @@ def bench_train(config, batch: int) -> tuple[Callable, Any, Callable]:
     else:
         _random_frozen(config)
         t = tok_trainer.build_training(config, mesh, rules, batch_sh)
-        init, step_fn = t.init, t.step_fn
+        abstract_state, shardings, init, step_fn = t.abstract, t.shardings, t.init, t.step_fn
         size = config.data.image_size
         local = {"image": rng.uniform(0, 1, (batch, size, size, 3)).astype(np.float32)}
         extra = (t.frozen,)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        state = {"s": init(jax.random.key(0))}
+    with context():
         data = _global(local, batch_sh, batch)
+    shapes = ckpt_lib.abstract_with_shardings(abstract_state, shardings)
+    state = {}
 
-        def call():
-            with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-                state["s"], scalars, _ = step_fn(state["s"], data, *extra)
-            return scalars
+    def prepare():
+        with context():
+            state["s"] = init(jax.random.key(0))
 
-    def flops():
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            return traced_flops(step_fn, state["s"], data, *extra)
-    return call, flops
+    def call():
+        with context():
+            state["s"], scalars, _ = step_fn(state["s"], data, *extra)
+        return scalars
+
+    def memory_parts():
+        parts = dict(state_gib=_per_device_bytes(shapes) / 2 ** 30)
+        if config.trainer != "generator":
+            with context():
+                saved = _saved_activation_bytes(config, t, shapes, data["image"])
+            parts["saved_activations_gib"] = saved / jax.device_count() / 2 ** 30
+        return parts
+    return Workload(call, [(step_fn, (shapes, data, *extra))], context, prepare, memory_parts)
 
 
-def bench_codec(config, batch: int, workload: str):
-    import flax.linen as nn
+def _per_device_bytes(tree) -> int:
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs / arrays."""
+    import jax
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+               for x in jax.tree.leaves(tree))
+
+
+def _saved_activation_bytes(config, t, shapes, images) -> int:
+    """Bytes of what autodiff keeps from the tokenizer's forward for its backward pass (the
+    VJP's residuals of the generator loss for one microbatch, every term on: GAN and warm-up
+    losses), over all devices. Backend-independent: XLA may rematerialise some of it when
+    memory runs short, and fuses the rest, but this is what a step has to hold at its peak
+    besides the state; `model.remat` / `model.cnn_remat` shrink it."""
+    import jax
+    import jax.numpy as jnp
+    from tok1d.trainers import tokenizer as tok_trainer
+    g_loss = tok_trainer.make_loss_fn(t.model, config, t.teacher, t.perceptual, t.disc)
+    rows = images.shape[0] // config.optim.grad_accum_steps
+    micro = jax.ShapeDtypeStruct((rows,) + images.shape[1:], images.dtype)
+    one = jnp.float32(1)
+
+    def residuals(params, images, frozen, disc_params, disc_state):
+        def loss(p):
+            return g_loss(p, images, frozen, disc_params, disc_state, one, one,
+                          jax.random.key(0))
+        return jax.vjp(loss, params, has_aux=True)[1]
+    res = jax.eval_shape(residuals, shapes.params, micro, t.frozen, shapes.disc_params,
+                         shapes.disc_state)
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(res))
+
+
+def bench_codec(config, batch: int, workload: str, abstract: bool = False) -> Workload:
     import jax
     import numpy as np
     from tok1d.trainers.tokenizer import pixel_range_fns
     mesh, rules, batch_sh = _mesh(config)
-    model, params = _tokenizer_and_params(config)
+    context = _context(mesh, rules)
+    model, params = _tokenizer_and_params(config, abstract)
     to_model, _ = pixel_range_fns(model)
     size = config.data.image_size
     rng = np.random.default_rng(0)
-    images = _global({"image": rng.uniform(0, 1, (batch, size, size, 3)).astype(np.float32)},
-                     batch_sh, batch)["image"]
     encode = jax.jit(lambda p, x: model.apply({"params": p}, to_model(x),
                                               method=model.encode)[1]["codes"])
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        params = jax.device_put(params, jax.sharding.NamedSharding(mesh,
-                                                                   jax.sharding.PartitionSpec()))
+    with context():
+        images = _global({"image": rng.uniform(0, 1, (batch, size, size, 3)).astype(np.float32)},
+                         batch_sh, batch)["image"]
+        params = _replicated(params, mesh, abstract)
         if workload == "encode":
             fn, args = encode, (params, images)
         else:
-            codes = encode(params, images)
+            codes = (jax.eval_shape(encode, params, images) if abstract
+                     else encode(params, images))
             fn = jax.jit(lambda p, c: model.apply({"params": p}, c, method=model.decode_codes))
             args = (params, codes)
 
     def call():
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        with context():
             return fn(*args)
-
-    def flops():
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            return traced_flops(fn, *args)
-    return call, flops
+    return Workload(call, [(fn, args)], context)
 
 
-def bench_sample(config, batch: int, tokenizer_config):
+def bench_sample(config, batch: int, tokenizer_config, abstract: bool = False) -> Workload:
+    """Sampling then decoding (two jitted programs, as `tok1d.sample` runs them)."""
     import flax.linen as nn
     import jax
     import numpy as np
@@ -262,32 +371,37 @@ def bench_sample(config, batch: int, tokenizer_config):
         raise ValueError("--workload=sample needs --tokenizer_config (the tokenizer config "
                          "whose random-weight model decodes the samples).")
     mesh, rules, batch_sh = _mesh(config)
+    context = _context(mesh, rules)
     model = gen_trainer.build_generator(config)
-    params = nn.unbox(gen_trainer.init_generator(model, 1)(jax.random.key(0)))
-    tokenizer, tok_params = _tokenizer_and_params(tokenizer_config)
+    init = gen_trainer.init_generator(model, 1)
+    params = nn.unbox(jax.eval_shape(init, jax.random.key(0)) if abstract
+                      else init(jax.random.key(0)))
+    tokenizer, tok_params = _tokenizer_and_params(tokenizer_config, abstract)
     labels = (np.arange(batch) % model.num_classes).astype(np.int32)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        params = jax.device_put(params, jax.sharding.NamedSharding(mesh,
-                                                                   jax.sharding.PartitionSpec()))
+    with context():
+        params = _replicated(params, mesh, abstract)
+        tok_params = _replicated(tok_params, mesh, abstract)
         decoder = gen_trainer.SampleDecoder(model, config.sampling.to_dict(), tokenizer,
                                             tok_params, batch_sh)
+        global_labels = _global({"label": labels}, batch_sh, batch)["label"]
+        key = jax.random.key(0)
+        codes = jax.eval_shape(decoder.sampler, params, global_labels, key)
     counter = {"i": 0}
 
     def call():
         counter["i"] += 1
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        with context():
             return decoder(params, labels, jax.random.key(counter["i"]))[1]
-
-    def flops():
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            return traced_flops(lambda p, key: decoder(p, labels, key)[1], params,
-                                jax.random.key(0))
-    return call, flops
+    return Workload(call, [(decoder.sampler, (params, global_labels, key)),
+                           (decoder.decode, (tok_params, codes))], context)
 
 
 def run(config, workload: str, batch_size: int = 0, steps: int = 10, warmup: int = 2,
-        tokenizer_config=None, peak_tflops: float = 0.0, log=print) -> dict[str, Any]:
-    """Measures `workload` of `config`; returns (and logs) the result row."""
+        tokenizer_config=None, peak_tflops: float = 0.0, compile_only: bool = False,
+        log=print) -> dict[str, Any]:
+    """Measures `workload` of `config`; returns (and logs) the result row. `compile_only`:
+    nothing runs (the state and params are shapes only); the row gives the FLOPs and the
+    memory XLA plans per device (`memory_plan_gib`), e.g. to see whether a batch fits."""
     import jax
     from tok1d import config_lib
     if workload not in WORKLOADS:
@@ -301,22 +415,33 @@ def run(config, workload: str, batch_size: int = 0, steps: int = 10, warmup: int
     batch = batch_size or config.batch_size
     config_lib.validate(config)
     if workload == "train":
-        call, flops_fn = bench_train(config, batch)
+        work = bench_train(config, batch, compile_only)
     elif workload == "sample":
-        call, flops_fn = bench_sample(config, batch, tokenizer_config)
+        work = bench_sample(config, batch, tokenizer_config, compile_only)
     else:
-        call, flops_fn = bench_codec(config, batch, workload)
-    times, first = time_calls(call, warmup, steps)
-    step = statistics.median(times)
-    flops = flops_fn()
-    peak = peak_tflops or matmul_tflops()
+        work = bench_codec(config, batch, workload, compile_only)
     device = jax.devices()[0]
     row = dict(workload=workload, model=config.model.name, batch=batch,
-               devices=f"{jax.device_count()} x {device.device_kind}", step_ms=1e3 * step,
-               images_per_s=batch / step, first_call_s=first, peak_memory_gib=peak_memory_gib(),
-               tflop_per_step=None if flops is None else flops / 1e12,
-               mfu=None if flops is None else flops / step / (peak * 1e12 * jax.device_count()),
-               device_bf16_tflops=peak, jax=jax.__version__, steps=steps)
+               devices=f"{jax.device_count()} x {device.device_kind}", step_ms=None,
+               images_per_s=None, first_call_s=None, peak_memory_gib=None,
+               memory_plan_gib=None, tflop_per_step=None, mfu=None, device_bf16_tflops=None,
+               jax=jax.__version__, steps=0 if compile_only else steps)
+    flops = work.flops()
+    row["tflop_per_step"] = None if flops is None else flops / 1e12
+    if compile_only:
+        t0 = time.perf_counter()
+        row["memory_plan_gib"] = work.memory_plan_gib()
+        row["first_call_s"] = time.perf_counter() - t0  # compilation only
+        row.update(work.memory_parts())
+    else:
+        work.prepare()
+        times, first = time_calls(work.call, warmup, steps)
+        step = statistics.median(times)
+        peak = peak_tflops or matmul_tflops()
+        row.update(step_ms=1e3 * step, images_per_s=batch / step, first_call_s=first,
+                   peak_memory_gib=peak_memory_gib(), device_bf16_tflops=peak,
+                   mfu=None if flops is None else flops / step / (peak * 1e12
+                                                                 * jax.device_count()))
     log(format_row(row))
     return row
 
@@ -325,12 +450,16 @@ def format_row(row: dict[str, Any]) -> str:
     def fmt(v, spec):
         return "n/a" if v is None else format(v, spec)
     header = ("| workload | model | batch | devices | step ms | images/s | first call s | "
-              "peak GiB | TFLOP/step | MFU |")
+              "peak GiB | planned GiB | TFLOP/step | MFU |")
     line = (f"| {row['workload']} | {row['model']} | {row['batch']} | {row['devices']} | "
-            f"{row['step_ms']:.1f} | {row['images_per_s']:.1f} | {row['first_call_s']:.1f} | "
-            f"{fmt(row['peak_memory_gib'], '.1f')} | {fmt(row['tflop_per_step'], '.3f')} | "
-            f"{fmt(None if row['mfu'] is None else 100 * row['mfu'], '.1f')}% |")
-    return header + "\n|---|---|---|---|---|---|---|---|---|---|\n" + line
+            f"{fmt(row['step_ms'], '.1f')} | {fmt(row['images_per_s'], '.1f')} | "
+            f"{fmt(row['first_call_s'], '.1f')} | {fmt(row['peak_memory_gib'], '.1f')} | "
+            f"{fmt(row['memory_plan_gib'], '.2f')} | {fmt(row['tflop_per_step'], '.3f')} | "
+            f"{fmt(row['mfu'], '.1%')} |")
+    table = header + "\n|---|---|---|---|---|---|---|---|---|---|---|\n" + line
+    parts = [f"{name[:-4].replace('_', ' ')} {row[name]:.2f} GiB" for name in
+             ("state_gib", "saved_activations_gib") if row.get(name) is not None]
+    return table + ("\nper device: " + ", ".join(parts) if parts else "")
 
 
 def _load_config(path: str):
@@ -352,7 +481,7 @@ def main(argv: Sequence[str]) -> Optional[int]:
     tok_cfg = _load_config(FLAGS.tokenizer_config) if FLAGS.tokenizer_config else None
     try:
         row = run(FLAGS.config, FLAGS.workload, FLAGS.batch_size, FLAGS.steps, FLAGS.warmup,
-                  tok_cfg, FLAGS.peak_tflops)
+                  tok_cfg, FLAGS.peak_tflops, FLAGS.compile_only)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
