@@ -41,7 +41,11 @@ def imagenet(config: ml_collections.ConfigDict) -> None:
 
 def base(total_steps: int, warmup: int, b2: float) -> ml_collections.ConfigDict:
     """Batch 256, AdamW lr 1e-4 (wd 1e-4, eps 1e-8), warm-up then cosine to 1e-5, clip 1.0,
-    EMA 0.999, bf16 compute, FSDP over all devices, remat of every block."""
+    EMA 0.999, bf16 compute, FSDP over all devices. The TiTok models rematerialise their
+    blocks with the "dots" policy (matmul outputs kept, the rest recomputed): at batch 64 per
+    device TiTok-L-32 stage 1 saves 18 GiB of activations for its backward pass (83 GiB with
+    no remat, 4.8 GiB with "full") and needs 16% fewer FLOPs than "full" (`tok1d.bench
+    --compile_only`, benchmarks/RESULTS.md)."""
     config = config_lib.base_config()
     config.total_steps = total_steps
     config.batch_size = 256
@@ -73,9 +77,12 @@ def two_stage_model(variant: str, stage: int) -> dict:
     enc, dec, tokens = TWO_STAGE[variant]
     model = dict(name="titok", patch_size=16, num_latent_tokens=tokens, encoder_size=enc,
                  decoder_size=dec, codebook_size=4096, token_dim=12, l2_norm=True,
-                 decoder_head="logits", num_proxy_codes=1024, remat="full")
+                 decoder_head="logits", num_proxy_codes=1024, remat="dots")
     if stage == 2:
-        model.update(pixel_decoder=True, finetune_decoder=True)
+        # cnn_remat="full" rematerialises the pixel decoder's blocks, for batch 64 per 80 GB
+        # device: the step's saved activations are 77 GiB at 64 without it, 32 GiB with it
+        # (tok1d.bench --compile_only; 39 / 17 GiB at 32) for 4% more FLOPs.
+        model.update(pixel_decoder=True, finetune_decoder=True, cnn_remat="none")
     return model
 
 
@@ -85,7 +92,7 @@ def single_stage_model(variant: str) -> dict:
                          f"{sorted(SINGLE_STAGE)}.")
     enc, dec, tokens, quantizer = SINGLE_STAGE[variant]
     model = dict(name="titok", patch_size=16, num_latent_tokens=tokens, encoder_size=enc,
-                 decoder_size=dec, quantizer=quantizer, decoder_head="pixels", remat="full")
+                 decoder_size=dec, quantizer=quantizer, decoder_head="pixels", remat="dots")
     if quantizer == "vq":
         model.update(codebook_size=8192, token_dim=64, l2_norm=False)
     else:
@@ -180,7 +187,11 @@ def gigatok(preset: str, dino_disc: bool = False,
     imagenet(config)
     config.data.augment, config.data.min_scale = "adm_random_crop", 0.8
     big = preset in ("b_l", "xl_xxl", "b_l_2d")
-    config.model = dict(name="gigatok", preset=preset, remat="full" if big else "none")
+    # B-L and larger rematerialise the transformer blocks and the CNN halves' ResnetBlocks:
+    # B-L's saved activations at batch 32 are 127 GiB without cnn_remat, 39 GiB with it
+    # (tok1d.bench --compile_only), for 8% more FLOPs.
+    config.model = dict(name="gigatok", preset=preset, remat="full" if big else "none",
+                        cnn_remat="full" if big else "none")
     shortcut = 1.0
     if train_new:
         config.model["rotation_trick"] = False
