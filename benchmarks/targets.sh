@@ -12,6 +12,7 @@
 #   export PYTHONPATH=/tmp/site:$PWD && bash benchmarks/targets.sh $OUT
 # Each target is one process (compilation included), so 9 targets need several minutes: split
 # them over calls with the per-call limit in mind, e.g. TARGETS="titok_s1_b64 gpt_b_sample".
+# TOK1D_BENCH_FLAGS="--compile_only" only compiles (memory plans, no timing).
 #
 # Targets (../shared/baselines.md: the official code on an H100 at the same batch):
 #   TiTok-L-32 stage-1 train >= 320 img/s @64 | stage-2 train >= 150 @32, batch 64 fits
@@ -27,13 +28,14 @@ bench() {  # name, then tok1d.bench arguments; TARGETS="name ..." runs a subset
   local name=$1; shift
   if [[ -n "${TARGETS:-}" && " $TARGETS " != *" $name "* ]]; then return 0; fi
   echo "== $name"
-  $PY -m tok1d.bench --steps="$STEPS" --warmup=2 --out="$OUT/bench.jsonl" "$@" \
+  $PY -m tok1d.bench --steps="$STEPS" --warmup=2 --out="$OUT/bench.jsonl" ${TOK1D_BENCH_FLAGS:-} "$@" \
     > "$OUT/$name.log" 2>&1 && tail -n 3 "$OUT/$name.log" || { echo "FAILED (see $OUT/$name.log)"; tail -n 5 "$OUT/$name.log"; }
 }
 
 bench titok_s1_b64   --config=configs/titok_l32_stage1.py --workload=train --batch_size=64
 bench titok_s2_b32   --config=configs/titok_l32_stage2.py --workload=train --batch_size=32
-bench titok_s2_b64   --config=configs/titok_l32_stage2.py --workload=train --batch_size=64
+bench titok_s2_b64   --config=configs/titok_l32_stage2.py --workload=train --batch_size=64 \
+                     --config.model.cnn_remat=full
 bench titok_sample   --config=configs/maskgit_titok_l32.py --workload=sample --batch_size=125 \
                      --tokenizer_config=configs/titok_l32_stage2.py
 bench gigatok_b16    --config=configs/gigatok_b_l.py --workload=train --batch_size=16

@@ -118,3 +118,25 @@ def test_flop_count_multiplies_loops():
     # through jax.grad: the forward matmul and the weight-gradient matmul
     loss = lambda w, x: jnp.sum(x @ w)  # noqa: E731
     assert bench.traced_flops(jax.grad(loss), w, x) == 2 * (2 * 8 * 64 * 64)
+
+
+def test_targets_script_names_real_configs(tmp_path):
+    """benchmarks/targets.sh (run with PYTHON=echo): every target is a tok1d.bench command on a
+    config that exists; TARGETS picks a subset; extra flags reach every command."""
+    script = os.path.join(REPO, "benchmarks", "targets.sh")
+    env = dict(os.environ, PYTHON="echo", TOK1D_BENCH_FLAGS="--compile_only")
+    run = subprocess.run(["bash", script, str(tmp_path / "all")], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    logs = sorted((tmp_path / "all").glob("*.log"))
+    assert len(logs) == 9
+    for log in logs:
+        words = log.read_text().split()
+        assert words[:2] == ["-m", "tok1d.bench"] and "--compile_only" in words
+        for word in words:
+            if word.startswith(("--config=", "--tokenizer_config=")):
+                assert os.path.exists(os.path.join(REPO, word.split("=", 1)[1])), word
+    env["TARGETS"] = "gpt_b_sample"
+    subprocess.run(["bash", script, str(tmp_path / "one")], cwd=REPO, env=env, check=True,
+                   capture_output=True, timeout=60)
+    assert [p.name for p in (tmp_path / "one").glob("*.log")] == ["gpt_b_sample.log"]
