@@ -14,8 +14,9 @@ Reproduces `autoregressive/models/generate.py` of SilentView/GigaTok (c2i):
 
 The whole loop is one jitted program: prefill, then `lax.scan` over the decode steps with the
 cache in the carry, the layer stack unrolled (`gpt.unrolled`) so every layer's cache is
-updated in place, and the weights cast to the compute dtype once (`gpt.compute_params`). Random draws use `jax.random.categorical` with one key per position (split
-from the given key), so the streams are not PyTorch's.
+updated in place, and the weights cast to the compute dtype once (`gpt.compute_params`).
+Random draws use `jax.random.categorical` with one key per position (split from the given
+key), so the streams are not PyTorch's.
 
 Deviations from upstream, all where upstream fails: `cfg_schedule="cosine"` is implemented
 (1 + (s - 1) * (1 + cos(pi * ratio)) / 2; upstream raises NameError, `math` is not imported);

@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tok1d.models.layers import logical, remat_policy
+from tok1d.models.layers import logical
 
 Dtype = Any
 PrecisionLike = Any
@@ -77,13 +77,3 @@ class ResnetBlock(nn.Module):
         self.sow("intermediates", "output", out)
         return out
 
-
-def resnet_block(remat: str = "none"):
-    """`ResnetBlock`, rematerialised with `remat` ("none", "full", "dots" or a
-    `jax.checkpoint_policies` name, see `layers.remat_policy`): with "full" the backward pass
-    keeps only each block's input and recomputes the rest, which at full resolution (B x 256 x
-    256 x 128 activations) is most of a CNN decoder's activation memory. Parameter names are
-    unchanged."""
-    if remat == "none":
-        return ResnetBlock
-    return nn.remat(ResnetBlock, policy=remat_policy(remat))

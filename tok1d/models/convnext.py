@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tok1d.models.layers import gelu_exact, logical, remat_policy
+from tok1d.models.layers import gelu_exact, logical, maybe_remat
 
 Dtype = Any
 
@@ -99,10 +99,8 @@ class ConvNeXt(nn.Module):
     def _stage(self, x: jax.Array, i: int) -> jax.Array:
         kwargs = dict(layer_scale_init=self.layer_scale_init, dtype=self.dtype,
                       param_dtype=self.param_dtype)
-        block_cls = _ScanCNBlock if self.scan else CNBlock
-        if self.remat != "none":
-            block_cls = nn.remat(block_cls, policy=remat_policy(self.remat),
-                                 prevent_cse=not self.scan)
+        block_cls = maybe_remat(_ScanCNBlock if self.scan else CNBlock, self.remat,
+                                prevent_cse=not self.scan)
         if self.scan:
             stack = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
                             length=self.depths[i],

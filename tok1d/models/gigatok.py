@@ -162,7 +162,7 @@ class QFormerEncoder(nn.Module):
         pos = _position(self, "positional_embedding", h * w, width, self.param_dtype)
         query_pos = _position(self, "latent_token_positional_embedding", n, width,
                               self.param_dtype)
-        layer_cls = _maybe_remat(QFormerLayer, self.remat)
+        layer_cls = layers.maybe_remat(QFormerLayer, self.remat)
         for i in range(self.depth):
             queries = layer_cls(self.num_heads, 4 * width, attention_impl=self.attention_impl,
                                 dtype=self.dtype, param_dtype=self.param_dtype,
@@ -197,7 +197,7 @@ class QFormerDecoder(nn.Module):
         query_pos = _position(self, "positional_embedding", g * g, width, self.param_dtype)
         pos = _position(self, "latent_token_positional_embedding", self.num_latent_tokens, width,
                         self.param_dtype)[:n]
-        layer_cls = _maybe_remat(QFormerLayer, self.remat)
+        layer_cls = layers.maybe_remat(QFormerLayer, self.remat)
         inner, layer_feat = None, None
         for i in range(self.depth):
             queries = layer_cls(self.num_heads, 4 * width, attention_impl=self.attention_impl,
@@ -228,12 +228,6 @@ class DistillMlp(nn.Module):
         x = nn.silu(dense(4 * self.width, ("embed", "mlp"), "fc_0")(x))
         x = nn.silu(dense(4 * self.width, ("embed", "mlp"), "fc_1")(x))
         return dense(self.out_dim, ("mlp", "embed"), "fc_2")(x).astype(jnp.float32)
-
-
-def _maybe_remat(cls, policy: str):
-    if policy == "none":
-        return cls
-    return nn.remat(cls, policy=layers.remat_policy(policy))
 
 
 # The 2D halves' block types: GigaTok's `transformer_layer_type` -> ours.
@@ -308,7 +302,7 @@ def _vit_layers(module, x, pos, distill_depth, out_inner_dim=768):
     kw = dict(attention_impl=module.attention_impl, dtype=module.dtype,
               param_dtype=module.param_dtype)
     vit = module.layer_type == "vit"
-    layer_cls = _maybe_remat(layers.Block if vit else QFormerLayer, module.remat)
+    layer_cls = layers.maybe_remat(layers.Block if vit else QFormerLayer, module.remat)
     if vit:
         x = x + pos
     inner = layer_feat = None
@@ -368,7 +362,7 @@ class GigaTok(nn.Module):
     distill_depth: int = 0
     out_inner_dim: int = 768
     remat: str = "none"
-    cnn_remat: str = "none"           # the CNN halves' ResnetBlocks (cnn.resnet_block)
+    cnn_remat: str = "none"           # the CNN halves' ResnetBlocks (layers.maybe_remat)
     attention_impl: Optional[str] = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32

@@ -54,9 +54,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tok1d.models.cnn import TORCH_CONV_INIT, resnet_block
+from tok1d.models.cnn import TORCH_CONV_INIT, ResnetBlock
 from tok1d.models.cnn import conv as _conv, group_norm as _group_norm
-from tok1d.models.layers import logical
+from tok1d.models.layers import logical, maybe_remat
 
 Dtype = Any
 PrecisionLike = Any
@@ -164,7 +164,7 @@ class _Level(nn.Module):
     def __call__(self, h: jax.Array) -> jax.Array:
         kw = dict(precision=self.precision, dtype=self.dtype, param_dtype=self.param_dtype)
         for j in range(self.num_blocks):
-            h = resnet_block(self.remat)(self.out_channels, **kw, name=f"res_{j}")(h)
+            h = maybe_remat(ResnetBlock, self.remat)(self.out_channels, **kw, name=f"res_{j}")(h)
         if self.resample == "down":
             h = Downsample(self.out_channels, **kw, name="downsample")(h)
         elif self.resample == "up":
@@ -183,7 +183,7 @@ class GigaTokCNNEncoder(nn.Module):
     num_res_blocks: int = 2
     z_channels: int = 256
     use_attn: bool = False
-    remat: str = "none"  # rematerialise each ResnetBlock (see `cnn.resnet_block`)
+    remat: str = "none"  # rematerialise each ResnetBlock (`layers.maybe_remat`)
     precision: PrecisionLike = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -204,7 +204,7 @@ class GigaTokCNNEncoder(nn.Module):
                        **kw, name=f"conv_blocks_{i}")(h)
         channels = self.ch * self.ch_mult[-1]
         for j in range(2):
-            h = resnet_block(self.remat)(channels, **kw, name=f"mid_{j}")(h)
+            h = maybe_remat(ResnetBlock, self.remat)(channels, **kw, name=f"mid_{j}")(h)
         h = nn.silu(_group_norm(self.dtype, self.param_dtype, "norm_out")(h))
         return _conv(self.z_channels, 3, name="conv_out", **kw)(h)
 
@@ -226,7 +226,7 @@ class GigaTokCNNDecoder(nn.Module):
     adaptive_gn: bool = True
     d2s_up: bool = True
     use_attn: bool = False
-    remat: str = "none"  # rematerialise each ResnetBlock (see `cnn.resnet_block`)
+    remat: str = "none"  # rematerialise each ResnetBlock (`layers.maybe_remat`)
     precision: PrecisionLike = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -247,7 +247,7 @@ class GigaTokCNNDecoder(nn.Module):
         channels = self.ch * self.ch_mult[-1]
         h = _conv(channels, 3, name="conv_in", **kw)(z.astype(self.dtype))
         for j in range(2):
-            h = resnet_block(self.remat)(channels, **kw, name=f"mid_{j}")(h)
+            h = maybe_remat(ResnetBlock, self.remat)(channels, **kw, name=f"mid_{j}")(h)
         for k in range(levels):
             i_level = levels - 1 - k
             if self.adaptive_gn:

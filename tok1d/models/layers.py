@@ -357,10 +357,8 @@ class Transformer(Block):
     def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None,
                  deterministic: bool = True, decode: bool = False,
                  rope: Optional[tuple[jax.Array, jax.Array]] = None) -> jax.Array:
-        block_cls = _ScanBlock if self.scan else Block
-        if self.remat != "none":
-            block_cls = nn.remat(block_cls, policy=remat_policy(self.remat),
-                                 prevent_cse=not self.scan, static_argnums=(3, 4))
+        block_cls = maybe_remat(_ScanBlock if self.scan else Block, self.remat,
+                                prevent_cse=not self.scan, static_argnums=(3, 4))
         if self.scan:
             stack = nn.scan(block_cls, variable_axes={"params": 0, "cache": 0},
                             split_rngs={"params": True, "dropout": True},
@@ -386,6 +384,16 @@ def remat_policy(name: str):
         raise ValueError(f"Unknown remat policy {name!r}; use 'none', 'full', 'dots' or a name "
                          "from jax.checkpoint_policies.")
     return policy
+
+
+def maybe_remat(cls, policy: str, **kwargs: Any):
+    """`cls` itself for policy "none", else `nn.remat(cls, policy=remat_policy(policy),
+    **kwargs)` (same parameter names: the backward pass recomputes what the policy does not
+    save). Every rematerialisable block (transformer, Q-Former, ConvNeXt, CNN ResnetBlock)
+    goes through here."""
+    if policy == "none":
+        return cls
+    return nn.remat(cls, policy=remat_policy(policy), **kwargs)
 
 
 def embedding_param(module: nn.Module, name: str, shape: tuple[int, ...],

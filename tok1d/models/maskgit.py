@@ -170,10 +170,7 @@ class MaskGITUViT(_GeneratorBase):
     remat: str = "none"
 
     def _block(self, name: str) -> nn.Module:
-        cls = layers.Block
-        if self.remat != "none":
-            cls = nn.remat(layers.Block, policy=layers.remat_policy(self.remat),
-                           static_argnums=(3,))
+        cls = layers.maybe_remat(layers.Block, self.remat, static_argnums=(3,))
         return cls(num_heads=self.num_heads, mlp_dim=self.mlp_dim, pre_norm=True, norm_eps=1e-5,
                    activation="gelu", qkv_bias=False, attention_impl=self.attention_impl,
                    dropout_rate=self.dropout_rate, dtype=self.dtype,

@@ -223,7 +223,7 @@ class TiTok(nn.Module):
     pixel_z_channels: int = 256
     scan: bool = True
     remat: str = "none"
-    cnn_remat: str = "none"  # the stage-2 pixel decoder's ResnetBlocks (see cnn.resnet_block)
+    cnn_remat: str = "none"  # the stage-2 pixel decoder's ResnetBlocks (layers.maybe_remat)
     attention_impl: Optional[str] = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32

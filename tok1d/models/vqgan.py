@@ -46,7 +46,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tok1d.models.cnn import conv as _conv, group_norm as _group_norm, resnet_block
+from tok1d.models.cnn import ResnetBlock, conv as _conv, group_norm as _group_norm
+from tok1d.models.layers import maybe_remat
 from tok1d.models.quantizers import VectorQuantizer
 
 Dtype = Any
@@ -72,9 +73,9 @@ class _Level(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         for j in range(self.num_res_blocks):
-            x = resnet_block(self.remat)(self.out_channels, use_bias=False, shortcut="output",
-                            precision=self.precision, dtype=self.dtype,
-                            param_dtype=self.param_dtype, name=f"block_{j}")(x)
+            x = maybe_remat(ResnetBlock, self.remat)(
+                self.out_channels, use_bias=False, shortcut="output", precision=self.precision,
+                dtype=self.dtype, param_dtype=self.param_dtype, name=f"block_{j}")(x)
         if self.resample == "down":
             # F.avg_pool2d(kernel 2, stride 2): floors odd sizes, like a VALID pool.
             x = nn.avg_pool(x, (2, 2), strides=(2, 2), padding="VALID")
@@ -113,8 +114,8 @@ class VQGANEncoder(nn.Module):
                        name=f"down_{i}")(x)
         channels = self.hidden_channels * self.channel_mult[-1]
         for j in range(self.num_res_blocks):
-            x = resnet_block(self.remat)(channels, use_bias=False, shortcut="output", **kw,
-                            name=f"mid_{j}")(x)
+            x = maybe_remat(ResnetBlock, self.remat)(channels, use_bias=False,
+                                                     shortcut="output", **kw, name=f"mid_{j}")(x)
         x = nn.silu(_group_norm(self.dtype, self.param_dtype, "norm_out")(x))
         return _conv(self.z_channels, 1, use_bias=True, **kw, name="conv_out")(x)
 
@@ -146,8 +147,8 @@ class VQGANDecoder(nn.Module):
         channels = self.hidden_channels * self.channel_mult[-1]
         x = _conv(channels, 3, use_bias=True, **kw, name="conv_in")(z.astype(self.dtype))
         for j in range(self.num_res_blocks):
-            x = resnet_block(self.remat)(channels, use_bias=False, shortcut="output", **kw,
-                            name=f"mid_{j}")(x)
+            x = maybe_remat(ResnetBlock, self.remat)(channels, use_bias=False,
+                                                     shortcut="output", **kw, name=f"mid_{j}")(x)
         for i in reversed(range(len(self.channel_mult))):
             x = _Level(self.hidden_channels * self.channel_mult[i], self.num_res_blocks,
                        resample="up" if i != 0 else "none", remat=self.remat, **kw,
