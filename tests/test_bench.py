@@ -91,12 +91,13 @@ def test_cli_prints_the_table_and_appends_json(tmp_path):
     out = tmp_path / "bench.jsonl"
     cmd = [sys.executable, "-m", "tok1d.bench", f"--config={REPO}/configs/tiny_test.py",
            "--workload=encode", "--batch_size=8", "--steps=2", "--warmup=1",
-           "--peak_tflops=1.0", f"--out={out}"]
+           "--peak_tflops=1.0", f"--out={out}", f"--profile={tmp_path / 'trace'}"]
     run = subprocess.run(cmd, env=subprocess_env(1), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "| workload | model | batch |" in run.stdout and "| encode | titok | 8 |" in run.stdout
     row = json.loads(out.read_text().splitlines()[-1])
     assert row["device_bf16_tflops"] == 1.0 and "tok1d.bench" in row["command"]
+    assert list((tmp_path / "trace").rglob("*.xplane.pb"))  # the profiler trace
 
 
 def test_flop_count_multiplies_loops():

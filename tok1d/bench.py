@@ -25,6 +25,8 @@ their length: XLA's own cost analysis counts a scanned layer stack's body once),
 FLOPs / step time / (devices x the device's bf16 matmul rate, measured here on a large matmul,
 or `--peak_tflops`). Remat recomputation counts as work done. `--out FILE` appends the result
 as a JSON line (record device, versions and command with it, e.g. in benchmarks/RESULTS.md).
+`--profile DIR` writes a `jax.profiler` trace of the timed calls (kernels, launches, memory
+copies) for TensorBoard's profile tab or Perfetto: profile before optimising.
 
 `--compile_only` runs nothing: with the state and params as shapes only it compiles the
 workload's programs and reports the per-device memory XLA plans for the largest of them
@@ -67,14 +69,18 @@ def _define_flags() -> None:
     flags.DEFINE_float("peak_tflops", 0.0, "Device bf16 peak for MFU (0: measure a matmul).")
     flags.DEFINE_bool("compile_only", False, "Compile without running: FLOPs and the memory "
                       "XLA plans per device (does the batch fit?), no timing.")
+    flags.DEFINE_string("profile", "", "Write a jax.profiler trace of the timed calls to this "
+                        "directory (open it in TensorBoard's profile tab or Perfetto).")
     flags.DEFINE_string("out", "", "Append the result as a JSON line to this file.")
 
 
 # ---------------------------------------------------------------------------- measurement
 
 
-def time_calls(call: Callable[[], Any], warmup: int, steps: int) -> tuple[list[float], float]:
-    """(seconds of each timed call, seconds of the first call incl. compilation)."""
+def time_calls(call: Callable[[], Any], warmup: int, steps: int, profile: str = ""
+               ) -> tuple[list[float], float]:
+    """(seconds of each timed call, seconds of the first call incl. compilation); with
+    `profile`, the timed calls run under `jax.profiler.trace(profile)`."""
     import jax
     first = None
     for i in range(max(warmup, 1)):
@@ -83,10 +89,11 @@ def time_calls(call: Callable[[], Any], warmup: int, steps: int) -> tuple[list[f
         if i == 0:
             first = time.perf_counter() - t0
     times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(call())
-        times.append(time.perf_counter() - t0)
+    with jax.profiler.trace(profile) if profile else contextlib.nullcontext():
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            jax.block_until_ready(call())
+            times.append(time.perf_counter() - t0)
     return times, first
 
 
@@ -398,7 +405,7 @@ def bench_sample(config, batch: int, tokenizer_config, abstract: bool = False) -
 
 def run(config, workload: str, batch_size: int = 0, steps: int = 10, warmup: int = 2,
         tokenizer_config=None, peak_tflops: float = 0.0, compile_only: bool = False,
-        log=print) -> dict[str, Any]:
+        profile: str = "", log=print) -> dict[str, Any]:
     """Measures `workload` of `config`; returns (and logs) the result row. `compile_only`:
     nothing runs (the state and params are shapes only); the row gives the FLOPs and the
     memory XLA plans per device (`memory_plan_gib`), e.g. to see whether a batch fits."""
@@ -435,7 +442,7 @@ def run(config, workload: str, batch_size: int = 0, steps: int = 10, warmup: int
         row.update(work.memory_parts())
     else:
         work.prepare()
-        times, first = time_calls(work.call, warmup, steps)
+        times, first = time_calls(work.call, warmup, steps, profile)
         step = statistics.median(times)
         peak = peak_tflops or matmul_tflops()
         row.update(step_ms=1e3 * step, images_per_s=batch / step, first_call_s=first,
@@ -481,7 +488,7 @@ def main(argv: Sequence[str]) -> Optional[int]:
     tok_cfg = _load_config(FLAGS.tokenizer_config) if FLAGS.tokenizer_config else None
     try:
         row = run(FLAGS.config, FLAGS.workload, FLAGS.batch_size, FLAGS.steps, FLAGS.warmup,
-                  tok_cfg, FLAGS.peak_tflops, FLAGS.compile_only)
+                  tok_cfg, FLAGS.peak_tflops, FLAGS.compile_only, FLAGS.profile)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
