@@ -81,6 +81,12 @@ def test_compile_only_plans_memory_without_running(workload):
     assert "n/a" in bench.format_row(rows[0])
 
 
+def test_compile_only_generator_train_counts_state_and_saved_activations():
+    row = bench.run(_generator_config(), "train", compile_only=True, log=lambda _: None)
+    assert row["memory_plan_gib"] > 0 and row["state_gib"] > 0
+    assert row["saved_activations_gib"] > 0
+
+
 def test_compile_only_sample_plans_both_programs():
     row = bench.run(_generator_config(), "sample", batch_size=8, compile_only=True,
                     tokenizer_config=_config("tiny_test"), log=lambda _: None)

@@ -34,8 +34,8 @@ workload's programs and reports the per-device memory XLA plans for the largest 
 fits before a job is queued. Run it on the target backend: the plan depends on the compiler's
 fusion and scheduling decisions, so a CPU plan only approximates a GPU's or TPU's. For training
 it also gives two backend-independent parts per device: the train state (params, optimizer
-state, EMA, discriminator) and, for tokenizers, the activations autodiff saves for the backward
-pass (the loss's VJP residuals; `model.remat` / `model.cnn_remat` shrink them).
+state, EMA, discriminator) and the activations autodiff saves for the backward pass (the
+loss's VJP residuals for one microbatch; `model.remat` / `model.cnn_remat` shrink them).
 """
 
 from __future__ import annotations
@@ -298,12 +298,13 @@ def bench_train(config, batch: int, abstract: bool = False) -> Workload:
         return scalars
 
     def memory_parts():
-        parts = dict(state_gib=_per_device_bytes(shapes) / 2 ** 30)
-        if config.trainer != "generator":
-            with context():
-                saved = _saved_activation_bytes(config, t, shapes, data["image"])
-            parts["saved_activations_gib"] = saved / jax.device_count() / 2 ** 30
-        return parts
+        with context():
+            if config.trainer == "generator":
+                saved = _generator_saved_bytes(config, model, shapes, data)
+            else:
+                saved = _tokenizer_saved_bytes(config, t, shapes, data["image"])
+        return dict(state_gib=_per_device_bytes(shapes) / 2 ** 30,
+                    saved_activations_gib=saved / jax.device_count() / 2 ** 30)
     return Workload(call, [(step_fn, (shapes, data, *extra))], context, prepare, memory_parts)
 
 
@@ -314,28 +315,52 @@ def _per_device_bytes(tree) -> int:
                for x in jax.tree.leaves(tree))
 
 
-def _saved_activation_bytes(config, t, shapes, images) -> int:
-    """Bytes of what autodiff keeps from the tokenizer's forward for its backward pass (the
-    VJP's residuals of the generator loss for one microbatch, every term on: GAN and warm-up
-    losses), over all devices. Backend-independent: XLA may rematerialise some of it when
-    memory runs short, and fuses the rest, but this is what a step has to hold at its peak
-    besides the state; `model.remat` / `model.cnn_remat` shrink it."""
+def _residual_bytes(loss, params, *args) -> int:
+    """Bytes of what autodiff keeps from `loss(params, *args) -> (value, aux)` for the backward
+    pass (the VJP's residuals, from shapes only), over all devices. Backend-independent: XLA
+    fuses some of it away and may rematerialise more when memory runs short, but this is what
+    a training step holds at its peak besides the state; `model.remat` / `model.cnn_remat`
+    shrink it."""
+    import jax
+
+    def residuals(params, *args):
+        return jax.vjp(lambda p: loss(p, *args), params, has_aux=True)[1]
+    res = jax.eval_shape(residuals, params, *args)
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(res))
+
+
+def _microbatch(x, config):
+    import jax
+    rows = x.shape[0] // config.optim.grad_accum_steps
+    return jax.ShapeDtypeStruct((rows,) + x.shape[1:], x.dtype)
+
+
+def _tokenizer_saved_bytes(config, t, shapes, images) -> int:
+    """Saved activations of the tokenizer's generator loss for one microbatch, every term on
+    (GAN and warm-up losses)."""
     import jax
     import jax.numpy as jnp
     from tok1d.trainers import tokenizer as tok_trainer
     g_loss = tok_trainer.make_loss_fn(t.model, config, t.teacher, t.perceptual, t.disc)
-    rows = images.shape[0] // config.optim.grad_accum_steps
-    micro = jax.ShapeDtypeStruct((rows,) + images.shape[1:], images.dtype)
     one = jnp.float32(1)
 
-    def residuals(params, images, frozen, disc_params, disc_state):
-        def loss(p):
-            return g_loss(p, images, frozen, disc_params, disc_state, one, one,
-                          jax.random.key(0))
-        return jax.vjp(loss, params, has_aux=True)[1]
-    res = jax.eval_shape(residuals, shapes.params, micro, t.frozen, shapes.disc_params,
-                         shapes.disc_state)
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(res))
+    def loss(params, images, frozen, disc_params, disc_state):
+        return g_loss(params, images, frozen, disc_params, disc_state, one, one,
+                      jax.random.key(0))
+    return _residual_bytes(loss, shapes.params, _microbatch(images, config), t.frozen,
+                           shapes.disc_params, shapes.disc_state)
+
+
+def _generator_saved_bytes(config, model, shapes, batch) -> int:
+    """Saved activations of the generator's training loss for one microbatch."""
+    import jax
+    from tok1d.trainers import generator as gen_trainer
+    loss_fn = gen_trainer.make_loss_fn(model, config.generator)
+
+    def loss(params, batch):
+        return loss_fn(params, batch, jax.random.key(0), True)
+    return _residual_bytes(loss, shapes.params,
+                           {k: _microbatch(v, config) for k, v in batch.items()})
 
 
 def bench_codec(config, batch: int, workload: str, abstract: bool = False) -> Workload:
