@@ -147,3 +147,11 @@ def test_targets_script_names_real_configs(tmp_path):
     subprocess.run(["bash", script, str(tmp_path / "one")], cwd=REPO, env=env, check=True,
                    capture_output=True, timeout=60)
     assert [p.name for p in (tmp_path / "one").glob("*.log")] == ["gpt_b_sample.log"]
+
+
+def test_cli_refuses_a_bad_combination_with_a_message():
+    cmd = [sys.executable, "-m", "tok1d.bench", f"--config={REPO}/configs/tiny_test.py",
+           "--workload=sample"]
+    run = subprocess.run(cmd, env=subprocess_env(1), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "error: --workload=sample needs a generator config" in \
+        run.stderr and "Traceback" not in run.stderr

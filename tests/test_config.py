@@ -80,3 +80,15 @@ def test_cli_rejects_mistyped_override_and_bad_shapes(tmp_path):
     assert bad_shape.returncode == 2, bad_shape.stderr[-2000:]
     assert "not divisible by model.patch_size" in bad_shape.stderr
     assert not os.path.exists(tmp_path / "b" / "checkpoints")
+
+
+def test_exit_status_of_command_line_jobs(capsys):
+    from tok1d.config_lib import ConfigError, exit_status
+    assert exit_status(lambda: None) == 0
+
+    def bad():
+        raise ConfigError("model.size='huge' is unknown")
+    assert exit_status(bad) == 2
+    assert "error: model.size='huge' is unknown" in capsys.readouterr().err
+    with pytest.raises(RuntimeError):  # real failures keep their traceback
+        exit_status(lambda: (_ for _ in ()).throw(RuntimeError("boom")))

@@ -508,20 +508,18 @@ def main(argv: Sequence[str]) -> Optional[int]:
     if FLAGS.config is None:
         print("--config is required.", file=sys.stderr)
         return 2
-    from tok1d import parallel
+    from tok1d import config_lib, parallel
     parallel.setup_process()
-    tok_cfg = _load_config(FLAGS.tokenizer_config) if FLAGS.tokenizer_config else None
-    try:
+
+    def job():
+        tok_cfg = _load_config(FLAGS.tokenizer_config) if FLAGS.tokenizer_config else None
         row = run(FLAGS.config, FLAGS.workload, FLAGS.batch_size, FLAGS.steps, FLAGS.warmup,
                   tok_cfg, FLAGS.peak_tflops, FLAGS.compile_only, FLAGS.profile)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if FLAGS.out:
-        with open(FLAGS.out, "a", encoding="utf-8") as f:
-            command = "python -m tok1d.bench " + " ".join(sys.argv[1:])
-            f.write(json.dumps(dict(row, command=command)) + "\n")
-    return 0
+        if FLAGS.out:
+            with open(FLAGS.out, "a", encoding="utf-8") as f:
+                command = "python -m tok1d.bench " + " ".join(sys.argv[1:])
+                f.write(json.dumps(dict(row, command=command)) + "\n")
+    return config_lib.exit_status(job)
 
 
 if __name__ == "__main__":

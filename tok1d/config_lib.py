@@ -8,7 +8,8 @@ are not in the defaults (typos), impossible shapes, batch sizes that do not divi
 from __future__ import annotations
 
 import difflib
-from typing import Any, Iterator
+import sys
+from typing import Any, Callable, Iterator
 
 import ml_collections
 
@@ -230,6 +231,18 @@ def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 class ConfigError(ValueError):
     """A config that cannot run; the message lists every problem found."""
+
+
+def exit_status(job: Callable[[], Any]) -> int:
+    """Runs a command-line job: 0 when it completes; a bad config or input (`ConfigError` and
+    other ValueErrors, a missing file) is printed as `error: ...` on stderr and gives 2, not a
+    traceback."""
+    try:
+        job()
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:

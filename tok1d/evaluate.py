@@ -260,12 +260,8 @@ def main(argv: Sequence[str]) -> Optional[int]:
         for key in ("inception", "reference"):
             if getattr(FLAGS, key):
                 config.evaluation[key] = getattr(FLAGS, key)
-    try:
-        run(config, FLAGS.checkpoint, FLAGS.tokenizer, FLAGS.samples, FLAGS.out, FLAGS.seed)
-    except (ValueError, FileNotFoundError) as e:  # ConfigError is a ValueError
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return config_lib.exit_status(lambda: run(config, FLAGS.checkpoint, FLAGS.tokenizer,
+                                              FLAGS.samples, FLAGS.out, FLAGS.seed))
 
 
 if __name__ == "__main__":

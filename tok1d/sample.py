@@ -134,15 +134,11 @@ def main(argv: Sequence[str]) -> Optional[int]:
         if not getattr(FLAGS, name):
             print(f"--{name} is required.", file=sys.stderr)
             return 2
-    from tok1d import parallel
+    from tok1d import config_lib, parallel
     parallel.setup_process()  # TOK1D_DISTRIBUTED=1 on pods / SLURM; the compilation cache
-    try:
-        run(FLAGS.config, FLAGS.checkpoint, FLAGS.tokenizer, FLAGS.num_images, FLAGS.out,
-            FLAGS.batch_size, FLAGS.seed, FLAGS.grid_classes)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return config_lib.exit_status(lambda: run(
+        FLAGS.config, FLAGS.checkpoint, FLAGS.tokenizer, FLAGS.num_images, FLAGS.out,
+        FLAGS.batch_size, FLAGS.seed, FLAGS.grid_classes))
 
 
 if __name__ == "__main__":
