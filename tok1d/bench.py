@@ -175,13 +175,6 @@ def _random_frozen(config) -> None:
             config.discriminator.allow_random_init = True
 
 
-def _mesh(config):
-    from tok1d import parallel
-    mesh = parallel.create_mesh(dict(config.mesh))
-    rules = parallel.rules_from_config(config.sharding.rules)
-    return mesh, rules, parallel.batch_sharding(mesh, rules)
-
-
 def _global(local: dict, sharding, batch: int) -> dict:
     from tok1d import parallel
     start, stop = parallel.host_batch_slice(sharding, batch)
@@ -261,9 +254,10 @@ def bench_train(config, batch: int, abstract: bool = False) -> Workload:
     import jax
     import numpy as np
     from tok1d import checkpoint as ckpt_lib
+    from tok1d import parallel
     from tok1d.trainers import generator as gen_trainer
     from tok1d.trainers import tokenizer as tok_trainer
-    mesh, rules, batch_sh = _mesh(config)
+    mesh, rules, batch_sh = parallel.mesh_from_config(config)
     context = _context(mesh, rules)
     rng = np.random.default_rng(0)
     with config.unlocked():
@@ -366,8 +360,9 @@ def _generator_saved_bytes(config, model, shapes, batch) -> int:
 def bench_codec(config, batch: int, workload: str, abstract: bool = False) -> Workload:
     import jax
     import numpy as np
+    from tok1d import parallel
     from tok1d.trainers.tokenizer import pixel_range_fns
-    mesh, rules, batch_sh = _mesh(config)
+    mesh, rules, batch_sh = parallel.mesh_from_config(config)
     context = _context(mesh, rules)
     model, params = _tokenizer_and_params(config, abstract)
     to_model, _ = pixel_range_fns(model)
@@ -398,11 +393,12 @@ def bench_sample(config, batch: int, tokenizer_config, abstract: bool = False) -
     import flax.linen as nn
     import jax
     import numpy as np
+    from tok1d import parallel
     from tok1d.trainers import generator as gen_trainer
     if tokenizer_config is None:
         raise ValueError("--workload=sample needs --tokenizer_config (the tokenizer config "
                          "whose random-weight model decodes the samples).")
-    mesh, rules, batch_sh = _mesh(config)
+    mesh, rules, batch_sh = parallel.mesh_from_config(config)
     context = _context(mesh, rules)
     model = gen_trainer.build_generator(config)
     init = gen_trainer.init_generator(model, 1)

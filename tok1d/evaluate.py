@@ -56,9 +56,7 @@ def _define_flags() -> None:
 def _setup(config):
     import jax
     from tok1d import parallel
-    mesh = parallel.create_mesh(dict(config.mesh))
-    rules = parallel.rules_from_config(config.sharding.rules)
-    return mesh, rules, parallel.batch_sharding(mesh, rules), jax.process_index() == 0
+    return (*parallel.mesh_from_config(config), jax.process_index() == 0)
 
 
 def _details(config, **extra: Any) -> dict[str, Any]:

@@ -123,6 +123,13 @@ def batch_sharding(mesh: Mesh, rules, ndim: int = 1) -> NamedSharding:
     return NamedSharding(mesh, P(*(tuple(spec) + (None,) * (ndim - 1))))
 
 
+def mesh_from_config(config) -> tuple[Mesh, tuple, NamedSharding]:
+    """(mesh, logical-axis rules, batch sharding) of a config's `mesh` and `sharding.rules`."""
+    mesh = create_mesh(dict(config.mesh))
+    rules = rules_from_config(config.sharding.rules)
+    return mesh, rules, batch_sharding(mesh, rules)
+
+
 def host_batch_slice(sharding: NamedSharding, global_batch: int) -> tuple[int, int]:
     """The contiguous rows [start, stop) of a global batch that this process must load."""
     index_map = sharding.addressable_devices_indices_map((global_batch,))

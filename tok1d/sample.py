@@ -70,9 +70,7 @@ def sample_images(config, model, params, tokenizer, tok_params, num_images: int,
     from tok1d import images as images_lib
     from tok1d import parallel
     from tok1d.trainers.generator import SampleDecoder
-    mesh = parallel.create_mesh(dict(config.mesh))
-    rules = parallel.rules_from_config(config.sharding.rules)
-    sharding = parallel.batch_sharding(mesh, rules)
+    mesh, rules, sharding = parallel.mesh_from_config(config)
     div = mesh.shape["data"] * mesh.shape["fsdp"]
     batch_size = batch_size or 32 * jax.device_count()
     batch_size = -(-batch_size // div) * div

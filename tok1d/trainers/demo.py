@@ -158,9 +158,7 @@ def evaluate_demo(config, tok_cfg, workdir: str, samples: np.ndarray, labels: np
     ecfg = config.evaluation
     nets = evaluator.load_metric_nets(ecfg, "", lambda msg: None)
     if nets.inception is not None:
-        mesh = parallel.create_mesh(dict(config.mesh))
-        sharding = parallel.batch_sharding(mesh, parallel.rules_from_config(
-            config.sharding.rules))
+        mesh, _, sharding = parallel.mesh_from_config(config)
         batch = config.eval_batch_size
         with jax.set_mesh(mesh):
             reference = evaluator.reference_from_data(config.data, nets, mesh, sharding, batch,

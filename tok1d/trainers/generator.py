@@ -288,14 +288,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer = summary.MetricWriter(workdir, enabled=is_chief)
     writer.write_hparams(config.to_dict())
     common.write_json(os.path.join(workdir, "config.json"), config.to_dict())
-    mesh = parallel.create_mesh(dict(config.mesh))
-    rules = parallel.rules_from_config(config.sharding.rules)
+    mesh, rules, batch_sh = parallel.mesh_from_config(config)
 
     # ---------------------------------------------------------------- data
     model = build_generator(config)
     train_src, eval_src, info = token_sources(config)
     check_tokens_match(model, info)
-    batch_sh = parallel.batch_sharding(mesh, rules)
     start, stop = parallel.host_batch_slice(batch_sh, config.batch_size)
     train_ds = tokens_lib.token_dataset(train_src, global_batch=config.batch_size,
                                         host_start=start, host_stop=stop, seed=config.seed)

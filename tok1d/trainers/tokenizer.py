@@ -649,14 +649,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer = summary.MetricWriter(workdir, enabled=is_chief)
     writer.write_hparams(config.to_dict())
     common.write_json(os.path.join(workdir, "config.json"), config.to_dict())
-    mesh = parallel.create_mesh(dict(config.mesh))
-    rules = parallel.rules_from_config(config.sharding.rules)
+    mesh, rules, batch_sh = parallel.mesh_from_config(config)
     logging.info("Mesh %s over %d devices (%d processes).", dict(mesh.shape), mesh.size,
                  jax.process_count())
 
     # ---------------------------------------------------------------- data
     dcfg = config.data
-    batch_sh = parallel.batch_sharding(mesh, rules)
     start, stop = parallel.host_batch_slice(batch_sh, config.batch_size)
     train_src = sources.get_source(dcfg.name, dcfg.train_split, data_dir=dcfg.data_dir,
                                    demo_size=dcfg.demo_size, image_size=dcfg.image_size)
