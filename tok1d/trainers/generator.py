@@ -300,7 +300,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     train_iter = iter(train_ds)
 
     # ---------------------------------------------------------------- model, optimizer, state
-    abstract, shardings, init, step_fn = build_training(config, model, mesh, rules, batch_sh)
+    abstract, shardings, init, train_step = build_training(config, model, mesh, rules,
+                                                           batch_sh)
     checkpointer = ckpt_lib.Checkpointer(
         os.path.join(workdir, "checkpoints"), every_steps=config.checkpoint.every_steps,
         keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
@@ -319,7 +320,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         from tok1d.evaluation import evaluator
         nets = evaluator.load_metric_nets(config.evaluation, "", log)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        train_step = step_fn
         eval_step = jax.jit(make_eval_step(model, config.generator))
         decoder = load_sample_decoder(config, model, batch_sh, log)
         gfid = make_gfid_eval(config, model, decoder, nets, mesh, batch_sh)
