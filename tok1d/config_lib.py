@@ -26,6 +26,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_batch_size = 64
     c.precision = "bfloat16"      # compute dtype; params and optimizer state stay float32
     c.ema_decay = 0.999           # 0 disables the EMA of params
+    c.ema_warmup = "none"         # "none": ema_decay from the first step (GigaTok / LlamaGen);
+                                  # "titok": the official TiTok / MaskGIT EMAModel warm-up,
+                                  # min(ema_decay, (1 + s) / (10 + s)), s = step - 1 (tok1d.optim)
 
     # Model: `name` picks the registry entry in tok1d.models, the rest are its keyword arguments
     # (checked against the module's fields when the config is validated).
@@ -60,7 +63,14 @@ def base_config() -> ml_collections.ConfigDict:
         decay_mask="kernels",         # decayed params: "kernels" (matrices only: not norms,
                                       # biases, embeddings), "all", "no_norm" or "matrices"
                                       # (>= 2-D incl. embeddings; LlamaGen) (tok1d.optim)
+        no_decay_names="",            # comma-separated substrings of parameter paths that are
+                                      # never decayed (TiTok / MaskGIT: optim.TITOK_NO_DECAY_NAMES)
+        schedule_step="before",       # "before": update k uses schedule(k-1) (TiTok's LambdaLR);
+                                      # "after_call": update 1 at lr, k >= 2 at schedule(k-2)
+                                      # (GigaTok / LlamaGen scheduler called after the step)
         grad_clip=1.0,                # global-norm clipping; 0 disables
+        clip_eps=1e-6,                # torch clip_grad_norm_: scale max/(norm + clip_eps) when
+                                      # < 1 (0: optax's max/norm when norm > max)
         grad_accum_steps=1,
         mu_dtype="float32",
     ))
@@ -122,8 +132,9 @@ def base_config() -> ml_collections.ConfigDict:
     ))
     c.disc_optim = ml_collections.ConfigDict(dict(
         lr=1e-4, end_lr=1e-5, warmup_steps=0, warmup_init=0.0, schedule="cosine", b1=0.9,
-        b2=0.999, eps=1e-8, decay_mask="kernels", decay_fraction=0.2,
-        weight_decay=1e-4, grad_clip=1.0, grad_accum_steps=1, mu_dtype="float32", freeze=""))
+        b2=0.999, eps=1e-8, decay_mask="kernels", no_decay_names="", schedule_step="before",
+        decay_fraction=0.2, weight_decay=1e-4, grad_clip=1.0, clip_eps=1e-6, grad_accum_steps=1,
+        mu_dtype="float32", freeze=""))
 
     # Generators (trainer "generator"; model "maskgit" or "gpt"), trained on a token dataset.
     c.generator = ml_collections.ConfigDict(dict(
@@ -281,7 +292,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     if config.optim.schedule not in optim.SCHEDULES:
         problems.append(f"optim.schedule={config.optim.schedule!r} is not one of "
                         f"{optim.SCHEDULES}")
+    if config.ema_warmup not in optim.EMA_WARMUPS:
+        problems.append(f"ema_warmup={config.ema_warmup!r} is not one of {optim.EMA_WARMUPS}")
     for group in ("optim", "disc_optim"):
+        if config[group].schedule_step not in optim.SCHEDULE_STEPS:
+            problems.append(f"{group}.schedule_step={config[group].schedule_step!r} is not one "
+                            f"of {optim.SCHEDULE_STEPS}")
         if config[group].decay_mask not in optim.DECAY_MASKS:
             problems.append(f"{group}.decay_mask={config[group].decay_mask!r} is not one of "
                             f"{optim.DECAY_MASKS}")

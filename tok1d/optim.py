@@ -13,6 +13,16 @@ import optax
 
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
 
+# When the learning-rate schedule is read, relative to the optimizer update it drives:
+#   "before"      update k (1-based) uses schedule(k - 1): optax's convention, and what a torch
+#                 `LambdaLR` stepped after `optimizer.step()` gives (TiTok / MaskGIT: with a
+#                 warm-up from 0 the first update runs at LR 0 and only fills Adam's moments).
+#   "after_call"  update 1 uses the base LR, update k >= 2 uses schedule(k - 2): a scheduler
+#                 *function* called after `optimizer.step()` that sets the next step's LR, with
+#                 nothing set before the first step (GigaTok's vq_train.py, LlamaGen's
+#                 train_c2i.py: `cosine_schedule_with_warmup_v2`).
+SCHEDULE_STEPS = ("before", "after_call")
+
 
 def wsd_schedule(lr: float, total_steps: int, decay_fraction: float) -> optax.Schedule:
     """LlamaGen's warmup-stable-decay after the warm-up: constant `lr`, then over the last
@@ -55,18 +65,37 @@ def make_schedule(lr: float, total_steps: int, warmup_steps: int = 0, schedule: 
 DECAY_MASKS = ("kernels", "all", "no_norm", "matrices")
 
 
-def decay_mask(params: Any, which: str = "kernels") -> Any:
+def names_list(names: Any) -> tuple[str, ...]:
+    """"a,b,c" (or a sequence) -> ("a", "b", "c")."""
+    if isinstance(names, str):
+        names = names.split(",")
+    return tuple(n.strip() for n in names if n.strip())
+
+
+# The official TiTok / MaskGIT `create_optimizer` rule: no weight decay for a parameter whose
+# name contains any of these (besides every 1-D tensor). Applied to tok1d's parameter paths
+# with decay_mask="kernels" it selects the same tensors (tests/test_train_parity_* check it
+# against the official parameter groups through the converters).
+TITOK_NO_DECAY_NAMES = "ln,bias,latent_tokens,mask_token,embedding,norm,gamma,embed"
+
+
+def decay_mask(params: Any, which: str = "kernels", exclude: tuple[str, ...] = ()) -> Any:
     """Which params get weight decay: "kernels" (matrices and conv kernels; not norms, biases,
     embeddings, codebooks), "all" (torch AdamW on every parameter, as GigaTok's DDP trainer) or
     "no_norm" (all but params under a module whose name contains "norm", GigaTok's FSDP
     trainer) or "matrices" (every parameter with >= 2 dims incl. embedding tables, as
-    LlamaGen's GPT optimizer). Frozen leaves (optax MaskedNode) are never decayed."""
+    LlamaGen's GPT optimizer). `exclude`: substrings of the '/'-joined parameter path that
+    exclude a parameter from decay (`optim.no_decay_names`, e.g. `TITOK_NO_DECAY_NAMES`).
+    Frozen leaves (optax MaskedNode) are never decayed."""
     if which not in DECAY_MASKS:
         raise ValueError(f"Unknown weight-decay mask {which!r}; expected one of {DECAY_MASKS}.")
     flat = traverse_util.flatten_dict(params)
 
     def decays(path, value) -> bool:
         if not hasattr(value, "ndim"):  # MaskedNode: frozen
+            return False
+        joined = "/".join(str(p) for p in path)
+        if any(name in joined for name in exclude):
             return False
         if which == "all":
             return True
@@ -78,27 +107,60 @@ def decay_mask(params: Any, which: str = "kernels") -> Any:
     return traverse_util.unflatten_dict({k: decays(k, v) for k, v in flat.items()})
 
 
+def stepped_schedule(schedule: optax.Schedule, lr: float, step: str = "before",
+                     offset: int = 0) -> optax.Schedule:
+    """`schedule` as read by the optimizer's update count `c` (0-based), per `SCHEDULE_STEPS`:
+    "before" -> schedule(c + offset); "after_call" -> lr at c = 0, then schedule(c - 1 + offset).
+
+    `offset` places a late-starting optimizer on the global schedule: a discriminator whose
+    first update is global (0-based) step s uses offset s. With "after_call" its first update
+    still runs at the construction LR (GigaTok's D: its scheduler is only called on D steps)."""
+    if step not in SCHEDULE_STEPS:
+        raise ValueError(f"Unknown schedule_step {step!r}; expected one of {SCHEDULE_STEPS}.")
+    if step == "before":
+        return (lambda count: schedule(count + offset)) if offset else schedule
+    return lambda count: jnp.where(count == 0, jnp.asarray(lr, jnp.float32),
+                                   schedule(jnp.maximum(count - 1, 0) + offset))
+
+
+def clip_by_global_norm(max_norm: float, eps: float = 0.0) -> optax.GradientTransformation:
+    """Global-norm clipping. eps = 0: optax's rule (scale max_norm / norm when norm > max_norm);
+    eps > 0: torch's `clip_grad_norm_` (scale max_norm / (norm + eps) whenever that is < 1;
+    torch uses eps = 1e-6)."""
+    if eps <= 0:
+        return optax.clip_by_global_norm(max_norm)
+
+    def update(updates, state, params=None):
+        del params
+        norm = optax.global_norm(updates)
+        scale = jnp.minimum(max_norm / (norm + eps), 1.0)
+        return jax.tree.map(lambda g: (g * scale).astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(optim_cfg, total_steps: int, param_shapes: Any = None, step_offset: int = 0
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW (+ global-norm clipping) with the configured schedule. Returns (tx, schedule).
+    """AdamW (+ global-norm clipping) with the configured schedule. Returns (tx, schedule):
+    `schedule(count)` is the LR of the update with 0-based index `count`.
 
     With `optim_cfg.freeze`, `param_shapes` (the param tree or its shapes) is needed to label
-    the frozen groups. `step_offset`: the schedule is evaluated at update count + offset (a
-    discriminator that starts at step s but follows the global schedule, as GigaTok's)."""
-    schedule = make_schedule(optim_cfg.lr, total_steps, optim_cfg.warmup_steps,
-                             optim_cfg.schedule, optim_cfg.end_lr,
-                             optim_cfg.get("warmup_init", 0.0),
-                             optim_cfg.get("decay_fraction", 0.2))
-    if step_offset:
-        base = schedule
-        schedule = lambda count: base(count + step_offset)  # noqa: E731
+    the frozen groups. `step_offset`: the global step of the optimizer's first update (a
+    discriminator that starts at step s but follows the global schedule, as GigaTok's); see
+    `stepped_schedule` for `optim.schedule_step`."""
+    base = make_schedule(optim_cfg.lr, total_steps, optim_cfg.warmup_steps,
+                         optim_cfg.schedule, optim_cfg.end_lr,
+                         optim_cfg.get("warmup_init", 0.0),
+                         optim_cfg.get("decay_fraction", 0.2))
+    schedule = stepped_schedule(base, optim_cfg.lr, optim_cfg.get("schedule_step", "before"),
+                                step_offset)
     parts = []
     if optim_cfg.grad_clip > 0:
-        parts.append(optax.clip_by_global_norm(optim_cfg.grad_clip))
+        parts.append(clip_by_global_norm(optim_cfg.grad_clip, optim_cfg.get("clip_eps", 0.0)))
+    mask = functools.partial(decay_mask, which=optim_cfg.get("decay_mask", "kernels"),
+                             exclude=names_list(optim_cfg.get("no_decay_names", "")))
     parts.append(optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
-                             weight_decay=optim_cfg.weight_decay,
-                             mask=functools.partial(decay_mask,
-                                                    which=optim_cfg.get("decay_mask", "kernels")),
+                             weight_decay=optim_cfg.weight_decay, mask=mask,
                              mu_dtype=jnp.dtype(optim_cfg.mu_dtype)))
     tx = optax.chain(*parts)
     frozen = frozen_groups(optim_cfg)
@@ -126,3 +188,21 @@ def freeze_labels(params: Any, frozen: tuple[str, ...]) -> Any:
 
 def global_norm(tree: Any) -> jax.Array:
     return optax.global_norm(tree)
+
+
+EMA_WARMUPS = ("none", "titok")
+
+
+def ema_decay_at(step: jax.Array, decay: float, warmup: str = "none") -> jax.Array:
+    """The EMA decay used by the update after optimizer step `step` (1-based).
+
+    "none": `decay` at every step (GigaTok / LlamaGen `update_ema`; the EMA starts as a copy).
+    "titok": the official TiTok / MaskGIT `EMAModel` (diffusers-style, no `use_ema_warmup`):
+    s = step - 1, decay_s = 0 for s <= 0 else min(decay, (1 + s) / (10 + s)), i.e. the EMA
+    equals the params after step 1, then decays 2/11, 3/12, ... up to `decay`."""
+    if warmup not in EMA_WARMUPS:
+        raise ValueError(f"Unknown ema_warmup {warmup!r}; expected one of {EMA_WARMUPS}.")
+    if warmup == "none":
+        return jnp.asarray(decay, jnp.float32)
+    s = jnp.asarray(step, jnp.float32) - 1.0
+    return jnp.where(s <= 0, 0.0, jnp.minimum(decay, (1.0 + s) / (10.0 + s)))

@@ -129,8 +129,26 @@ def init_or_restore(checkpointer: ckpt_lib.Checkpointer, abstract: TrainState,
     return state, int(latest)
 
 
-def ema_update(ema: Any, params: Any, decay: float) -> Any:
-    return optax.incremental_update(params, ema, step_size=1.0 - decay)
+def ema_update(ema: Any, params: Any, decay: Any) -> Any:
+    """ema <- ema - (1 - decay) * (ema - params) (`decay` may be a traced scalar, e.g.
+    `optim.ema_decay_at`)."""
+    return jax.tree.map(lambda e, p: e - (1.0 - decay) * (e - p), ema, params)
+
+
+def injected(batch: Any, name: str, draw: Callable[[], Any]) -> Any:
+    """A random draw of the train step, replayable: `batch["draws"][name]` when the batch
+    carries it, else `draw()`.
+
+    Every random quantity that the official training code draws with its own RNG (MaskGIT's
+    masking draws, dropped class labels, LPIPS dropout masks, ...) is taken through this, by a
+    documented name, so a batch can carry the official draws (the train-step parity tests
+    replay the draws stored in the `train_*.npz` fixtures through the real jitted step). Which
+    names a step reads is listed in its docstring. Presence is static under `jax.jit`: a batch
+    with draws compiles its own program."""
+    draws = batch.get("draws") if isinstance(batch, Mapping) else None
+    if draws is not None and name in draws:
+        return draws[name]
+    return draw()
 
 
 def keep_if_finite(finite: jax.Array, new: Any, old: Any) -> Any:

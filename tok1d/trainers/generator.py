@@ -113,7 +113,8 @@ def make_train_step(model: nn.Module, tx, schedule, config):
         grad_norm = optim.global_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        ema = (common.ema_update(state.ema_params, params, config.ema_decay)
+        ema_decay = optim.ema_decay_at(state.step + 1, config.ema_decay, config.ema_warmup)
+        ema = (common.ema_update(state.ema_params, params, ema_decay)
                if state.ema_params is not None else None)
         new = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             ema_params=ema)

@@ -425,7 +425,8 @@ def make_train_step(model: nn.Module, tx, schedule, config, teacher=None, percep
         grad_norm = optim.global_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optim.optax.apply_updates(state.params, updates)
-        ema = (common.ema_update(state.ema_params, params, ema_decay)
+        ema = (common.ema_update(state.ema_params, params,
+                                 optim.ema_decay_at(state.step + 1, ema_decay, config.ema_warmup))
                if state.ema_params is not None else None)
         new = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             ema_params=ema)
