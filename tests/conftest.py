@@ -53,10 +53,37 @@ def main_command(config: str, workdir: str, *overrides: str) -> list:
             f"--workdir={workdir}", *overrides]
 
 
+def fixtures_path() -> str:
+    """The golden-fixture directory: $TOK1D_FIXTURES, default ../shared/fixtures."""
+    return os.environ.get("TOK1D_FIXTURES", os.path.join(REPO, "..", "shared", "fixtures"))
+
+
 @pytest.fixture(scope="session")
 def fixtures_dir():
     """Golden fixtures of the official code: $TOK1D_FIXTURES, default ../shared/fixtures."""
-    path = os.environ.get("TOK1D_FIXTURES", os.path.join(REPO, "..", "shared", "fixtures"))
+    path = fixtures_path()
     if not os.path.isdir(path):
         pytest.skip(f"fixture directory {path} not found (set TOK1D_FIXTURES)")
     return path
+
+
+def params_from_fixture(name: str, read, nargs: int = 1) -> list:
+    """Collection-time parametrisation from what a fixture file holds: `read(z)` (z = the open
+    npz) returns the parameter values (plain values / tuples or `pytest.param`s). When the file
+    is absent (or holds no such case) the list is one skipped case that says so, so that the
+    test reports a skip with the reason instead of vanishing."""
+    import numpy as np
+    path = os.path.join(fixtures_path(), name)
+    placeholder = None if nargs == 1 else (None,) * nargs
+    if not os.path.exists(path):
+        why = (f"{path} not found (set TOK1D_FIXTURES)" if os.path.isdir(fixtures_path())
+               else f"fixture directory {fixtures_path()} not found (set TOK1D_FIXTURES)")
+        return [pytest.param(*([placeholder] if nargs == 1 else placeholder),
+                             marks=pytest.mark.skip(reason=why), id="fixture-absent")]
+    with np.load(path) as z:
+        values = list(read(z))
+    if not values:
+        return [pytest.param(*([placeholder] if nargs == 1 else placeholder),
+                             marks=pytest.mark.skip(reason=f"{path} holds no such case"),
+                             id="none-in-fixture")]
+    return values

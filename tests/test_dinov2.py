@@ -28,34 +28,58 @@ def fixture(fixtures_dir):
     return data, sd, json.loads(str(data["meta_json"]))
 
 
+def _one_key(z, prefix):
+    """The single stored key starting with `prefix` (key names carry sizes, e.g. the grid)."""
+    keys = [k for k in z if k.startswith(prefix)]
+    assert len(keys) == 1, (prefix, keys)
+    return keys[0]
+
+
+def _grid(table):
+    """Side of the square patch grid of a (1, 1 + g*g, D) position table."""
+    g = int(round((table.shape[-2] - 1) ** 0.5))
+    assert g * g == table.shape[-2] - 1, table.shape
+    return g
+
+
 def test_fixture_parity(fixture):
     z, sd, meta = fixture
+    hub = meta["hub_kwargs"]
     images = jnp.asarray(z["input/images"].astype(np.float32).transpose(0, 2, 3, 1))
-    pre = dm.preprocess_gigatok(images, 224)
+    teacher_size = z["out/preprocessed_img0"].shape[-1]
+    pre = dm.preprocess_gigatok(images, teacher_size)
     errs = {"preprocessed_img0": rel_err(np.asarray(pre[:1]).transpose(0, 3, 1, 2),
                                         z["out/preprocessed_img0"])}
 
-    # Official table (37x37) with DINOv2's own on-the-fly interpolation (offset 0.1).
+    # Official table with DINOv2's own on-the-fly interpolation (interpolate_offset).
     kw = dm.kwargs_from_fixture_meta(meta)
     assert kw == {**conv.kwargs_from_state_dict(sd, num_heads=meta["num_heads"]),
-                  "num_register_tokens": 0, "interpolate_antialias": False,
-                  "interpolate_offset": 0.1, "norm_eps": 1e-6}
+                  "num_register_tokens": hub["num_register_tokens"],
+                  "interpolate_antialias": hub["interpolate_antialias"],
+                  "interpolate_offset": hub["interpolate_offset"],
+                  "norm_eps": meta.get("layer_norm_eps", 1e-6)}
     native = dm.DinoV2(**kw)
     params = conv.convert_dinov2(sd, native)
     out = jax.jit(native.apply)({"params": params}, pre)
     errs["native_x_norm_patchtokens"] = rel_err(out["patch_tokens"],
                                                z["out/native_x_norm_patchtokens"])
     errs["native_x_norm_clstoken"] = rel_err(out["cls"], z["out/native_x_norm_clstoken"])
-    interp = dm.interpolate_pos_embed(jnp.asarray(params["pos_embed"]), 16, 16, 0.1, False)
-    errs["pos_embed_native_interp_224"] = rel_err(interp[None], z["out/pos_embed_native_interp_224"])
+    native_key = _one_key(z, "out/pos_embed_native_interp_")
+    g = _grid(z[native_key])
+    assert g == teacher_size // hub["patch_size"], (g, teacher_size)
+    interp = dm.interpolate_pos_embed(jnp.asarray(params["pos_embed"]), g, g,
+                                      hub["interpolate_offset"], hub["interpolate_antialias"])
+    errs[native_key] = rel_err(interp[None], z[native_key])
 
-    # GigaTok: table resampled once to 16x16 (timm, antialiased) at conversion time.
-    giga = dm.DinoV2(**conv.kwargs_from_state_dict(sd, num_heads=meta["num_heads"], pos_grid=16))
+    # GigaTok: table resampled once to the teacher's grid (timm, antialiased) at conversion time.
+    resampled_key = _one_key(z, "out/pos_embed_resampled_")
+    giga = dm.DinoV2(**conv.kwargs_from_state_dict(sd, num_heads=meta["num_heads"],
+                                                   pos_grid=_grid(z[resampled_key])))
     gparams = conv.convert_dinov2(sd, giga)
-    errs["pos_embed_resampled_16x16"] = rel_err(gparams["pos_embed"][None],
-                                               z["out/pos_embed_resampled_16x16"])
+    errs[resampled_key] = rel_err(gparams["pos_embed"][None], z[resampled_key])
     out = jax.jit(giga.apply)({"params": gparams}, pre)
-    assert out["registers"].shape == (2, 0, 64)
+    assert out["registers"].shape == (images.shape[0], hub["num_register_tokens"],
+                                      meta["embed_dim"])
     errs["x_norm_patchtokens"] = rel_err(out["patch_tokens"], z["out/x_norm_patchtokens"])
     errs["x_norm_clstoken"] = rel_err(out["cls"], z["out/x_norm_clstoken"])
     errs["x_prenorm_img0"] = rel_err(out["prenorm"][:1], z["out/x_prenorm_img0"])

@@ -28,9 +28,20 @@ def _nhwc(x):
     return jnp.asarray(np.asarray(x, np.float32).transpose(0, 2, 3, 1))
 
 
-def _models(meta):
+def _num_res_blocks(sd):
+    """Res blocks per encoder level (the decoder has one more), counted in the state dict: a
+    constructor default upstream, not a config field."""
+    n = 0
+    while f"encoder.conv_blocks.0.res.{n}.conv1.weight" in sd:
+        n += 1
+    assert f"decoder.conv_blocks.0.res.{n}.conv1.weight" in sd
+    assert f"decoder.conv_blocks.0.res.{n + 1}.conv1.weight" not in sd
+    return n
+
+
+def _models(meta, sd):
     args, patches = meta["init_args"], meta["ctor_patches"]
-    common = dict(num_res_blocks=2, z_channels=int(args["z_channels"]),
+    common = dict(num_res_blocks=_num_res_blocks(sd), z_channels=int(args["z_channels"]),
                   use_attn=bool(args["use_attn"]))
     enc = GigaTokCNNEncoder(ch=int(patches["Encoder.ch"]),
                             ch_mult=tuple(args["encoder_ch_mult"]), **common)
@@ -41,6 +52,28 @@ def _models(meta):
     return enc, dec
 
 
+def _hooks(z, part):
+    """The file's hooks of the CNN `part` ("encoder" / "decoder"): {module name: image-0 NCHW
+    output}, e.g. "decoder.adaptive.0"."""
+    return {k[len("hook/"):]: v for k, v in z.items() if k.startswith(f"hook/{part}.")}
+
+
+def _captured(intermediates, name):
+    """The sown output of the official module `name`: "decoder.conv_blocks.0.upsample" ->
+    intermediates["conv_blocks_0"]["upsample"]["output"][0]."""
+    path = []
+    for part in name.split(".")[1:]:
+        if part.isdigit():
+            path[-1] = f"{path[-1]}_{part}"
+        else:
+            path.append(part)
+    node = intermediates
+    for part in path:
+        assert part in node, (name, part, sorted(node))
+        node = node[part]
+    return node["output"][0]
+
+
 @pytest.fixture(scope="module", params=["gigatok_1d.npz", "gigatok_2d.npz"])
 def case(request, fixtures_dir):
     path = os.path.join(fixtures_dir, request.param)
@@ -49,7 +82,7 @@ def case(request, fixtures_dir):
     z = dict(np.load(path))
     meta = json.loads(str(z["meta_json"]))
     sd = {k[3:]: v for k, v in z.items() if k.startswith("sd/")}
-    enc, dec = _models(meta)
+    enc, dec = _models(meta, sd)
     enc_params = convert_cnn_encoder_only(sd, enc)
     dec_params = convert_cnn_decoder_only(sd, dec)
     return z, enc, dec, enc_params, dec_params
@@ -64,8 +97,11 @@ def test_encoder_matches_official(case):
     inter = state["intermediates"]
     e = rel_err(_nchw(out), z["enc/cnn_out"])
     assert e < CNN_TOL, e
-    e = rel_err(_nchw(inter["mid_1"]["output"][0][:1]), z["hook/encoder.mid.1"])
-    assert e < CNN_TOL, e
+    hooks = _hooks(z, "encoder")
+    assert hooks
+    for name, want in hooks.items():
+        e = rel_err(_nchw(_captured(inter, name)[:1]), want)
+        assert e < CNN_TOL, (name, e)
 
 
 @pytest.mark.parametrize("source,target,tol", [("dec/vit_out", "dec/pixels", CNN_TOL),
@@ -78,15 +114,11 @@ def test_decoder_matches_official(case, source, target, tol):
                              )(params, _nhwc(z[source]))
     e = rel_err(_nchw(out), z[target])
     assert e < tol, (target, e)
-    if source == "dec/vit_out":
-        inter = state["intermediates"]
-        hooks = {"decoder.mid.1": inter["mid_1"]["output"][0],
-                 "decoder.adaptive.0": inter["adaptive_0"]["output"][0],
-                 "decoder.adaptive.1": inter["adaptive_1"]["output"][0],
-                 "decoder.conv_blocks.0.upsample":
-                     inter["conv_blocks_0"]["upsample"]["output"][0]}
-        for name, value in hooks.items():
-            e = rel_err(_nchw(value[:1]), z[f"hook/{name}"])
+    if source == "dec/vit_out":  # the hooks were recorded on the eval decode
+        hooks = _hooks(z, "decoder")
+        assert hooks
+        for name, want in hooks.items():
+            e = rel_err(_nchw(_captured(state["intermediates"], name)[:1]), want)
             assert e < CNN_TOL, (name, e)
 
 

@@ -9,6 +9,7 @@ against an independent NumPy transcription of PyTorch's rule and, when torch imp
 """
 
 import os
+import re
 
 import jax
 import numpy as np
@@ -61,20 +62,28 @@ def forward():
 
 # --------------------------------------------------------------------------- blocks
 
+def _out_channels(sd, conv):
+    return sd[f"{conv}.conv.weight"].shape[0]
+
+
+# The blocks' own width arguments (FIDInceptionA's pool_features, FIDInceptionC's
+# channels_7x7) are read from the stored weights.
 BLOCK_CASES = {
-    "A": ("mixed_a", lambda: I.InceptionA(pool_features=8), "out"),
-    "B": ("mixed_b", I.InceptionB, "out"),
-    "C": ("mixed_c", lambda: I.InceptionC(channels_7x7=8), "out"),
-    "D": ("mixed_d", I.InceptionD, "out"),
-    "E_1": ("mixed_e", lambda: I.InceptionE(pool="avg"), "out_E_1"),
-    "E_2": ("mixed_e", lambda: I.InceptionE(pool="max"), "out_E_2"),
+    "A": ("mixed_a", lambda sd: I.InceptionA(pool_features=_out_channels(sd, "branch_pool")),
+          "out"),
+    "B": ("mixed_b", lambda sd: I.InceptionB(), "out"),
+    "C": ("mixed_c", lambda sd: I.InceptionC(channels_7x7=_out_channels(sd, "branch7x7_1")),
+          "out"),
+    "D": ("mixed_d", lambda sd: I.InceptionD(), "out"),
+    "E_1": ("mixed_e", lambda sd: I.InceptionE(pool="avg"), "out_E_1"),
+    "E_2": ("mixed_e", lambda sd: I.InceptionE(pool="max"), "out_E_2"),
 }
 
 
 @pytest.mark.parametrize("case", list(BLOCK_CASES))
 def test_mixed_block_matches_official(blocks, case):
     key, make, out = BLOCK_CASES[case]
-    block = make()
+    block = make(prefixed(blocks, f"{key}/sd/"))
     x = nhwc(blocks[f"{key}/in"])
     params = CI.convert_block(prefixed(blocks, f"{key}/sd/"), block, x.shape[-1], what=key)
     y = jax.jit(block.apply)({"params": params}, x)
@@ -132,12 +141,20 @@ def resize_reference(x, out_h, out_w, torch_rounding=True):
     return (1 - ly) * top + ly * bottom
 
 
+RESIZE_KEY = re.compile(r"resize/out_(\d+)_ch(\d+)_rows(\d+)to(\d+)$")
+
+
 def test_resize_matches_official_fixture(blocks):
-    r = np.asarray(I.resize_bilinear(nhwc(blocks["resize/in_images01"]), 299))
-    assert r.shape == (1, 299, 299, 3) and r.dtype == np.float32
-    e_top = rel_err(r[:, :40, :, :1], nhwc(blocks["resize/out_299_ch0_rows0to39"]))
-    e_bottom = rel_err(r[:, 259:, :, :1], nhwc(blocks["resize/out_299_ch0_rows259to298"]))
-    assert e_top <= 1e-6 and e_bottom <= 1e-6, (e_top, e_bottom)
+    """Every stored slice `resize/out_<size>_ch<c>_rows<first>to<last>` of the official resize."""
+    x = nhwc(blocks["resize/in_images01"])
+    slices = [(k, *map(int, m.groups())) for k in blocks for m in [RESIZE_KEY.match(k)] if m]
+    assert slices
+    errors = {}
+    for key, size, channel, first, last in slices:
+        r = np.asarray(I.resize_bilinear(x, size))
+        assert r.shape == (x.shape[0], size, size, x.shape[-1]) and r.dtype == np.float32
+        errors[key] = rel_err(r[:, first:last + 1, :, channel:channel + 1], nhwc(blocks[key]))
+    assert all(e <= 1e-6 for e in errors.values()), errors
 
 
 @pytest.mark.parametrize("in_hw", [(512, 400), (300, 301), (37, 53)])

@@ -1,6 +1,7 @@
 """GigaTok's LlamaGen GPT (`gpt_1d.Transformer`, c2i) against the official module: built from
 the config stored in the fixture, official weights converted; teacher-forced logits, the eval
-cross-entropy and three greedy CFG generations (constant / step / linear schedules, KV cache)."""
+cross-entropy and every greedy CFG generation the file stores (KV cache; the runs and their
+settings are read from the file's `meta_json["gpt"]["runs"]`)."""
 
 import json
 import os
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import rel_err
+from conftest import params_from_fixture, rel_err
 from tok1d.convert import common, gpt as convert_gpt
 from tok1d.generation import autoregressive
 from tok1d.models.gpt import GPT
@@ -52,29 +53,57 @@ def test_teacher_forced_logits_and_loss(built):
     assert err < 1e-5
 
 
-@pytest.mark.parametrize("run", ["greedy_constant_cfg4.0", "greedy_step_cfg1.75",
-                                 "greedy_linear_cfg3.0"])
+# gpt/* arrays that are inputs / teacher-forced outputs, not generation runs.
+NOT_RUNS = ("labels", "input_codes", "logits_teacher_forced", "ce_loss_eval")
+
+
+def stored_runs(z):
+    """The generation runs of a gigatok_1d-format file: those its `meta_json["gpt"]["runs"]`
+    lists, then any stored integer (B, N) `gpt/<run>` array without settings there (its test
+    fails and names it, rather than leaving it untested)."""
+    runs = list(json.loads(str(z["meta_json"])).get("gpt", {}).get("runs", {}))
+    for key in z.files:
+        name = key[len("gpt/"):]
+        if (key.startswith("gpt/") and "/" not in name and name not in NOT_RUNS
+                and name not in runs):
+            value = z[key]
+            if value.dtype.kind in "iu" and value.ndim == 2:
+                runs.append(name)
+    return runs
+
+
+@pytest.mark.parametrize("run", params_from_fixture("gigatok_1d.npz", stored_runs))
 def test_greedy_cfg_generation_is_exact(built, run):
     z, cfg, sd, model, params = built
-    spec = cfg["runs"][run]
+    runs = cfg.get("runs", {})
+    assert run in runs, f"gpt/{run} is stored but meta_json['gpt']['runs'] has no settings for it"
+    assert f"gpt/{run}" in z.files, f"meta_json['gpt']['runs'] lists {run!r}; gpt/{run} is absent"
+    spec = runs[run]
+    if not spec.get("greedy", cfg.get("greedy", True)):
+        pytest.skip(f"{run}: a sampled (non-greedy) run draws PyTorch random numbers; only "
+                    "greedy runs are reproducible")
+    optional = {k: spec[k] for k in ("cfg_interval", "temperature", "top_k", "top_p")
+                if k in spec}
     labels = jnp.asarray(z["gpt/labels"], jnp.int32)
     with jax.default_matmul_precision("highest"):
         codes = autoregressive.sample(
             model, params, labels, jax.random.key(0), cfg_scale=spec["cfg_scale"],
-            cfg_schedule=spec["schedule"], cfg_kwargs=spec["schedule_kwargs"], greedy=True)
-    np.testing.assert_array_equal(np.asarray(codes), z[f"gpt/{run}"])
+            cfg_schedule=spec["schedule"], cfg_kwargs=spec.get("schedule_kwargs") or {},
+            greedy=True, **optional)
+    np.testing.assert_array_equal(np.asarray(codes), z[f"gpt/{run}"], err_msg=run)
 
 
 def test_converter_errors_name_the_keys(built):
     z, cfg, sd, model, params = built
     bad = dict(sd)
-    del bad["layers.1.feed_forward.w3.weight"]
+    missing = f"layers.{cfg['n_layer'] - 1}.feed_forward.w3.weight"  # the last layer's
+    del bad[missing]
     bad["layers.0.extra.weight"] = np.zeros(3, np.float32)
     bad["norm.weight"] = np.zeros(cfg["dim"] + 1, np.float32)
     with pytest.raises(common.ConversionError) as e:
         convert_gpt.convert_gpt(bad, model)
     msg = str(e.value)
-    assert "layers.1.feed_forward.w3.weight" in msg
+    assert missing in msg
     assert "layers.0.extra.weight" in msg
     assert "norm.weight" in msg and str((cfg["dim"] + 1,)) in msg
 
@@ -110,5 +139,9 @@ def test_convert_file_reads_training_checkpoints(built, tmp_path):
         np.testing.assert_array_equal(a, b)
     _, from_ema = convert_gpt.convert_file(path, num_heads=cfg["n_head"], weights="ema")
     assert all(not np.any(x) for x in jax.tree.leaves(from_ema))
-    with pytest.raises(common.ConversionError, match="GPT-B|width"):
-        convert_gpt.convert_file(path, size="B")
+    # A released size that does not fit the file's model is refused.
+    from tok1d.models.gpt import GPT_SIZES
+    size = next(k for k, v in GPT_SIZES.items()
+                if (v["width"], v["depth"]) != (cfg["dim"], cfg["n_layer"]))
+    with pytest.raises(common.ConversionError, match="width"):
+        convert_gpt.convert_file(path, size=size)

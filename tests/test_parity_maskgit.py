@@ -2,25 +2,60 @@
 
 Each generator is built from the official config stored in the fixture, its weights are
 converted with `tok1d.convert.maskgit`, and the conditional / unconditional logits (float32
-bound) and the deterministic samples of the three guidance schedules (exactly) are reproduced.
+bound) and the deterministic samples of every guidance schedule the file stores (exactly) are
+reproduced. The generators and schedules are read from the file.
 """
 
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import rel_err
+from conftest import params_from_fixture, rel_err
 from tok1d.convert import common, maskgit as maskgit_convert
 from tok1d.generation import maskgit as gen
 from tok1d.models import maskgit
 
 TRANSFORMER_TOL = 2e-5
-MODELS = ("gen_vit", "gen_uvit")
-SCHEDULES = ("constant", "linear", "power-cosine")
+SAMPLES = "/out/generate_T0_"  # <m>/out/generate_T0_<schedule>: deterministic (T=0) samples
+
+
+def generators(z):
+    """Names of the MaskGIT generators a titok.npz-format file holds (`<m>/config` with a
+    `model.generator`)."""
+    return [key[:-len("/config")] for key in z.files
+            if key.endswith("/config") and key.count("/") == 1
+            and "generator" in json.loads(str(z[key])).get("model", {})]
+
+
+def logit_cases(z):
+    """Every generator; ImageBert (arch "vit") also unscanned."""
+    cases = []
+    for name in generators(z):
+        cases.append(pytest.param(name, {}, id=name))
+        config = json.loads(str(z[f"{name}/config"]))
+        if maskgit_convert.kwargs_from_official(config)["arch"] == "vit":
+            cases.append(pytest.param(name, {"scan": False}, id=f"{name}-unscanned"))
+    return cases
+
+
+def sample_cases(z):
+    """(generator, schedule) for every schedule in `<m>/sampling` and every stored sample (one
+    without settings fails and names itself)."""
+    cases = []
+    for name in generators(z):
+        key = f"{name}/sampling"
+        settings = json.loads(str(z[key])) if key in z.files else {}
+        schedules = [k for k in settings if k != "common"]
+        prefix = name + SAMPLES
+        schedules += [k[len(prefix):] for k in z.files
+                      if k.startswith(prefix) and k[len(prefix):] not in schedules]
+        cases += [pytest.param(name, s, id=f"{name}-{s}") for s in schedules]
+    return cases
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +81,7 @@ def inputs(z, name):
             jnp.asarray(z[f"{name}/in/labels"], jnp.int32))
 
 
-@pytest.mark.parametrize("name,overrides", [("gen_vit", {}), ("gen_vit", {"scan": False}),
-                                            ("gen_uvit", {})])
+@pytest.mark.parametrize("name,overrides", params_from_fixture("titok.npz", logit_cases, 2))
 def test_logits(npz, name, overrides):
     z, model, params = build(npz, name, **overrides)
     ids, labels = inputs(z, name)
@@ -62,28 +96,42 @@ def test_logits(npz, name, overrides):
     assert e_cond < TRANSFORMER_TOL and e_uncond < TRANSFORMER_TOL
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_deterministic_samples(npz, name):
-    z, model, params = build(npz, name)
+@pytest.fixture(scope="module")
+def built(npz):
+    """One converted generator per name (shared by its schedules)."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = build(npz, name)
+        return cache[name]
+    return get
+
+
+@pytest.mark.parametrize("name,schedule", params_from_fixture("titok.npz", sample_cases, 2))
+def test_deterministic_samples(built, name, schedule):
+    z, model, params = built(name)
     _, labels = inputs(z, name)
-    settings = json.loads(str(z[f"{name}/sampling"]))
+    settings = (json.loads(str(z[f"{name}/sampling"])) if f"{name}/sampling" in z.files
+                else {})
+    assert schedule in settings, f"{name}{SAMPLES}{schedule} is stored without settings"
+    assert f"{name}{SAMPLES}{schedule}" in z.files, f"no stored samples for {name} {schedule}"
     common_settings = settings["common"]
     assert common_settings["randomize_temperature"] == 0.0  # rng is irrelevant
-    for schedule in SCHEDULES:
-        s = settings[schedule]
-        with jax.default_matmul_precision("highest"):
-            ids = gen.sample(model, params, labels, jax.random.key(123),
-                             num_steps=common_settings["num_sample_steps"],
-                             guidance_scale=s["guidance_scale"], guidance_schedule=schedule,
-                             guidance_pow=s.get("guidance_scale_pow", 3.0),
-                             randomize_temperature=common_settings["randomize_temperature"],
-                             softmax_annealing=common_settings["softmax_temperature_annealing"])
-        assert ids.dtype == jnp.int32
-        np.testing.assert_array_equal(np.asarray(ids), z[f"{name}/out/generate_T0_{schedule}"],
-                                      err_msg=f"{name} {schedule}")
+    s = {**common_settings, **settings[schedule]}
+    with jax.default_matmul_precision("highest"):
+        ids = gen.sample(model, params, labels, jax.random.key(123),
+                         num_steps=s["num_sample_steps"],
+                         guidance_scale=s["guidance_scale"], guidance_schedule=schedule,
+                         guidance_pow=s.get("guidance_scale_pow", 3.0),
+                         randomize_temperature=s["randomize_temperature"],
+                         softmax_annealing=s["softmax_temperature_annealing"])
+    assert ids.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(ids), z[f"{name}{SAMPLES}{schedule}"],
+                                  err_msg=f"{name} {schedule}")
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", params_from_fixture("titok.npz", generators))
 def test_infer_kwargs_recovers_the_config(npz, name):
     z, path = npz
     config = json.loads(str(z[f"{name}/config"]))
@@ -102,21 +150,27 @@ def test_conversion_errors_name_every_problem(npz):
     config = json.loads(str(z["gen_vit/config"]))
     model = maskgit.build(**maskgit_convert.kwargs_from_official(config))
     sd = common.load_state_dict(path, prefix="gen_vit/sd/")
-    sd["model.embeddings.position_ids"] = np.arange(33)[None]  # old transformers: ignored
-    sd["model.extra_thing"] = sd.pop("model.encoder.layer.1.output.LayerNorm.bias")
-    sd["model.lm_head.weight"] = sd["model.lm_head.weight"][:100]
+    positions = sd["model.embeddings.position_embeddings.weight"].shape[0]
+    sd["model.embeddings.position_ids"] = np.arange(positions)[None]  # old transformers: ignored
+    last = config["model"]["generator"]["num_hidden_layers"] - 1
+    dropped = f"model.encoder.layer.{last}.output.LayerNorm.bias"
+    sd["model.extra_thing"] = sd.pop(dropped)
+    codes, width = sd["model.lm_head.weight"].shape
+    sd["model.lm_head.weight"] = sd["model.lm_head.weight"][:codes - 1]
     with pytest.raises(common.ConversionError) as e:
         maskgit_convert.convert_maskgit(sd, model)
     msg = str(e.value)
-    assert "model.encoder.layer.1.output.LayerNorm.bias" in msg and "model.extra_thing" in msg
-    assert "lm_head/kernel" in msg and "(64, 100)" in msg
+    assert dropped in msg and "model.extra_thing" in msg
+    assert (f"lm_head/kernel: model expects {(width, codes)}" in msg
+            and f"gives {(width, codes - 1)}" in msg), msg
     assert "position_ids" not in msg
 
     config = json.loads(str(z["gen_uvit/config"]))
     model = maskgit.build(**maskgit_convert.kwargs_from_official(config))
     sd = common.load_state_dict(path, prefix="gen_uvit/sd/")
-    del sd["out_blocks.0.skip_linear.bias"]
-    with pytest.raises(common.ConversionError, match="out_blocks.0.skip_linear.bias"):
+    dropped = sorted(k for k in sd if k.endswith(".skip_linear.bias"))[0]
+    del sd[dropped]
+    with pytest.raises(common.ConversionError, match=re.escape(dropped)):
         maskgit_convert.convert_maskgit(sd, model)
     with pytest.raises(common.ConversionError, match="neither ImageBert"):
         maskgit_convert.infer_kwargs({"foo": np.zeros(3)})

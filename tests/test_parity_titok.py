@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import rel_err
+from conftest import params_from_fixture, rel_err
 from tok1d.convert import common, titok as titok_convert
 from tok1d.models.titok import TiTok
 
@@ -28,6 +28,24 @@ def npz(fixtures_dir):
     if not os.path.exists(path):
         pytest.skip(f"{path} not found")
     return np.load(path), path
+
+
+def titok_models(z):
+    """Names of the TiTok models a titok.npz-format file holds (`<m>/config` with a TiTok
+    `model.vq_model`, stage 2's nested under `titok`)."""
+    names = []
+    for key in z.files:
+        if key.endswith("/config") and key.count("/") == 1:
+            config = json.loads(str(z[key]))
+            if "vit_enc_model_size" in config.get("titok", config).get("model", {}).get(
+                    "vq_model", {}):
+                names.append(key[:-len("/config")])
+    return names
+
+
+def vq_config(z, name):
+    config = json.loads(str(z[f"{name}/config"]))
+    return config.get("titok", config)["model"]["vq_model"]
 
 
 def build(npz, name, **overrides):
@@ -60,7 +78,8 @@ def _apply(model, params, *args, method=None, **kw):
 @pytest.mark.parametrize("scan", [True, False])
 def test_vq_legacy_proxy_code_head(npz, scan):
     z, model, params, images = build(npz, "vq_legacy", scan=scan)
-    assert model.legacy_reshape and model.decoder_head == "logits" and model.l2_norm
+    assert model.legacy_reshape and model.decoder_head == "logits"  # what vq_legacy checks
+    assert model.l2_norm == bool(vq_config(z, "vq_legacy").get("use_l2_norm", True))
     m = "vq_legacy/"
     z_q, aux = _apply(model, params, images, method=TiTok.encode)
     z_cont = _apply(model, params, images,
@@ -104,8 +123,13 @@ def test_vq_legacy_hooks(npz):
 
 def test_vq_pixel_head(npz):
     z, model, params, images = build(npz, "vq_pixel")
-    assert not model.legacy_reshape and model.decoder_head == "pixels" and not model.l2_norm
-    assert model.encoder_width != model.decoder_width
+    assert not model.legacy_reshape and model.decoder_head == "pixels"  # what vq_pixel checks
+    vq = vq_config(z, "vq_pixel")
+    assert model.l2_norm == bool(vq.get("use_l2_norm", True))
+    sizes = dict(titok_convert.OFFICIAL_SIZES, **json.loads(str(z["meta"]))["size_tables_added"])
+    # Encoder and decoder widths from their own size names (they may differ, as in BL-64).
+    assert model.encoder_width == sizes[vq["vit_enc_model_size"]]["width"]
+    assert model.decoder_width == sizes[vq["vit_dec_model_size"]]["width"]
     m = "vq_pixel/"
     recon, aux = _apply(model, params, images)
     np.testing.assert_array_equal(np.asarray(aux["codes"]), np.asarray(z[m + "out/codes"])[:, 0])
@@ -162,18 +186,19 @@ def test_stage2_pixel_decoder(npz):
     assert float(jnp.max(jnp.abs(grads["decoder"]["ffn_2"]["kernel"]))) > 0
 
 
-def test_infer_kwargs_matches_the_configs(npz):
-    """Sizes read from the tensor shapes equal the ones the stored configs give."""
+@pytest.mark.parametrize("name", params_from_fixture("titok.npz", titok_models))
+def test_infer_kwargs_matches_the_configs(npz, name):
+    """Sizes read from the tensor shapes equal the ones the stored configs give (every TiTok
+    model the file holds)."""
     z, path = npz
     meta = json.loads(str(z["meta"]))
-    for name in ("vq_legacy", "vq_pixel", "vae", "stage2"):
-        config = json.loads(str(z[f"{name}/config"]))
-        from_config = titok_convert.kwargs_from_official(config, meta["size_tables_added"])
-        inferred = titok_convert.infer_kwargs(common.load_state_dict(path, f"{name}/sd/"))
-        for key, value in inferred.items():
-            if key.endswith("_heads"):
-                continue  # shapes cannot tell heads apart; official sizes use head dim 64
-            assert from_config.get(key, getattr(TiTok, key, None)) == value, (name, key)
+    config = json.loads(str(z[f"{name}/config"]))
+    from_config = titok_convert.kwargs_from_official(config, meta["size_tables_added"])
+    inferred = titok_convert.infer_kwargs(common.load_state_dict(path, f"{name}/sd/"))
+    for key, value in inferred.items():
+        if key.endswith("_heads"):
+            continue  # shapes cannot tell heads apart; official sizes use head dim 64
+        assert from_config.get(key, getattr(TiTok, key, None)) == value, (name, key)
 
 
 def test_conversion_errors_name_every_problem(npz):
@@ -183,9 +208,11 @@ def test_conversion_errors_name_every_problem(npz):
     model = TiTok(**titok_convert.kwargs_from_official(config, meta["size_tables_added"]))
     sd = common.load_state_dict(path, prefix="vq_legacy/sd/")
     sd["encoder.extra_thing"] = sd.pop("encoder.ln_post.bias")
-    sd["decoder.decoder_embed.weight"] = sd["decoder.decoder_embed.weight"][:, :5]
+    width, token_dim = sd["decoder.decoder_embed.weight"].shape  # nn.Linear (out, in)
+    sd["decoder.decoder_embed.weight"] = np.zeros((width, token_dim + 1), np.float32)
     with pytest.raises(common.ConversionError) as e:
         titok_convert.convert_titok(sd, model)
     msg = str(e.value)
     assert "encoder.ln_post.bias" in msg and "encoder.extra_thing" in msg
-    assert "decoder/decoder_embed/kernel" in msg and "(5, 64)" in msg
+    assert (f"decoder/decoder_embed/kernel: model expects {(token_dim, width)}" in msg
+            and f"gives {(token_dim + 1, width)}" in msg), msg

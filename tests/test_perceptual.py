@@ -61,7 +61,10 @@ def test_lpips_head_matches_official_fixture(lpips_fixture):
     z = lpips_fixture
     lins = {k[3:]: v for k, v in z.items() if k.startswith("sd/")}
     params = CP.convert_lpips(fake_vgg16_state_dict(), lins)  # also checks aliases/ScalingLayer
-    for k in range(5):
+    layers = len(TAP_NAMES)  # the VGG16 taps; the file holds one distance per tap
+    assert {k for k in z if k.startswith("out/per_layer_")} == {
+        f"out/per_layer_{k}" for k in range(layers)}
+    for k in range(layers):
         np.testing.assert_array_equal(params["head"][f"lin{k}"],
                                       z[f"sd/lin{k}.model.1.weight"].reshape(-1))
     scaled = P.lpips_scaling(nchw_to_nhwc(z["input/in0"]))
@@ -69,8 +72,8 @@ def test_lpips_head_matches_official_fixture(lpips_fixture):
     feats = [[jnp.asarray(nchw_to_nhwc(z[f"input/feat{i}_{t}"])) for t in TAP_NAMES]
              for i in (0, 1)]
     per_layer = P.LPIPSHead().apply({"params": params["head"]}, *feats)
-    assert per_layer.shape == (2, 5)
-    for k in range(5):
+    assert per_layer.shape == (z["input/in0"].shape[0], layers)
+    for k in range(layers):
         e = rel_err(per_layer[:, k], z[f"out/per_layer_{k}"].reshape(-1))
         assert e < 1e-4, (k, e)
     e = rel_err(per_layer.sum(-1), z["out/lpips"].reshape(-1))
