@@ -272,3 +272,39 @@ def one_device_mesh():
 
 def optional(z: Fixture, key: str) -> Optional[np.ndarray]:
     return z[key] if key in z else None
+
+
+class TensorMap:
+    """Where every official tensor of `state_dict` lands in the converted tok1d tree (its
+    `provenance`, computed once per key), to compare many official states (params after step 1
+    and at the end, EMA, Adam moments) with tok1d trees per official tensor: one conversion per
+    compared state instead of `tensor_in_tok1d`'s three per tensor."""
+
+    def __init__(self, convert: Callable[[dict], Any], state_dict: Mapping[str, np.ndarray],
+                 keys=None):
+        self.convert, self.base = convert, dict(state_dict)
+        self.masks = {k: provenance(convert, state_dict, k)
+                      for k in (state_dict if keys is None else keys)}
+
+    def pairs(self, official: Mapping[str, np.ndarray], tok1d_tree: Any
+              ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """{key: (official value laid out as tok1d, the same elements of `tok1d_tree`)},
+        flattened, for every key of `official` (a full or partial state dict of the same
+        model: missing tensors are taken from the base state dict)."""
+        import jax
+        sd = dict(self.base)
+        sd.update({k: np.asarray(v, np.float32) for k, v in official.items()})
+        converted = jax.tree.leaves(self.convert(sd))
+        tree = jax.tree.leaves(tok1d_tree)
+        out = {}
+        for key in official:
+            want, got = [], []
+            for m, w, g in zip(jax.tree.leaves(self.masks[key], is_leaf=lambda x: x is None),
+                               converted, tree):
+                if m is not None:
+                    want.append(np.asarray(w, np.float64)[m])
+                    got.append(np.asarray(g, np.float64)[m])
+            if not want:
+                raise KeyError(f"official tensor {key} reaches no tok1d parameter")
+            out[key] = (np.concatenate(want), np.concatenate(got))
+        return out

@@ -58,8 +58,11 @@ def make_schedule(lr: float, total_steps: int, warmup_steps: int = 0, schedule: 
         raise ValueError(f"Unknown schedule {schedule!r}; expected one of {SCHEDULES}.")
     if warmup_steps == 0:
         return after
-    return optax.join_schedules([optax.linear_schedule(warmup_init * lr, lr, warmup_steps), after],
-                                [warmup_steps])
+
+    def warmup(count):  # lr·(s/w + (1 - s/w)·warmup_init), the official form: exact at s = 0
+        frac = jnp.clip(jnp.asarray(count, jnp.float32) / warmup_steps, 0.0, 1.0)
+        return lr * (frac + (1.0 - frac) * warmup_init)
+    return optax.join_schedules([warmup, after], [warmup_steps])
 
 
 DECAY_MASKS = ("kernels", "all", "no_norm", "matrices")
@@ -83,10 +86,11 @@ def decay_mask(params: Any, which: str = "kernels", exclude: tuple[str, ...] = (
     """Which params get weight decay: "kernels" (matrices and conv kernels; not norms, biases,
     embeddings, codebooks), "all" (torch AdamW on every parameter, as GigaTok's DDP trainer) or
     "no_norm" (all but params under a module whose name contains "norm", GigaTok's FSDP
-    trainer) or "matrices" (every parameter with >= 2 dims incl. embedding tables, as
-    LlamaGen's GPT optimizer). `exclude`: substrings of the '/'-joined parameter path that
-    exclude a parameter from decay (`optim.no_decay_names`, e.g. `TITOK_NO_DECAY_NAMES`).
-    Frozen leaves (optax MaskedNode) are never decayed."""
+    trainer) or "matrices" (what LlamaGen's GPT optimizer selects with torch's `ndim >= 2`:
+    every matrix and embedding table; not norm scales and biases, whatever their tok1d shape).
+    `exclude`: substrings of the '/'-joined parameter path that exclude a parameter from decay
+    (`optim.no_decay_names`, e.g. `TITOK_NO_DECAY_NAMES`). Frozen leaves (optax MaskedNode) are
+    never decayed."""
     if which not in DECAY_MASKS:
         raise ValueError(f"Unknown weight-decay mask {which!r}; expected one of {DECAY_MASKS}.")
     flat = traverse_util.flatten_dict(params)
@@ -101,10 +105,18 @@ def decay_mask(params: Any, which: str = "kernels", exclude: tuple[str, ...] = (
             return True
         if which == "no_norm":
             return not any("norm" in str(p) for p in path)
-        if which == "matrices":
-            return value.ndim >= 2
+        if which == "matrices":  # torch's ndim >= 2: not norm scales / biases, whose tok1d
+            # leaves can be 2-D (stacked by a scanned layer stack, per-head attention biases)
+            return value.ndim >= 2 and path[-1] not in ("scale", "bias")
         return value.ndim >= 2 and path[-1] == "kernel"
     return traverse_util.unflatten_dict({k: decays(k, v) for k, v in flat.items()})
+
+
+def decay_mask_of(optim_cfg, params: Any) -> Any:
+    """The weight-decay mask `make_optimizer` applies for `optim_cfg` (`decay_mask`,
+    `no_decay_names`)."""
+    return decay_mask(params, optim_cfg.get("decay_mask", "kernels"),
+                      names_list(optim_cfg.get("no_decay_names", "")))
 
 
 def stepped_schedule(schedule: optax.Schedule, lr: float, step: str = "before",
@@ -157,8 +169,7 @@ def make_optimizer(optim_cfg, total_steps: int, param_shapes: Any = None, step_o
     parts = []
     if optim_cfg.grad_clip > 0:
         parts.append(clip_by_global_norm(optim_cfg.grad_clip, optim_cfg.get("clip_eps", 0.0)))
-    mask = functools.partial(decay_mask, which=optim_cfg.get("decay_mask", "kernels"),
-                             exclude=names_list(optim_cfg.get("no_decay_names", "")))
+    mask = functools.partial(decay_mask_of, optim_cfg)
     parts.append(optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
                              weight_decay=optim_cfg.weight_decay, mask=mask,
                              mu_dtype=jnp.dtype(optim_cfg.mu_dtype)))

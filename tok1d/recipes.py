@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from tok1d import config_lib
+from tok1d import config_lib, optim
 
 # name: (encoder size, decoder size, latent tokens)
 TWO_STAGE = {"l32": ("large", "large", 32), "b64": ("base", "base", 64),
@@ -218,6 +218,46 @@ def gigatok(preset: str, dino_disc: bool = False,
     return config
 
 
+# --------------------------------------------------------------------------- official semantics
+
+
+def titok_train_utils(config: ml_collections.ConfigDict) -> None:
+    """The training-step semantics of bytedance/1d-tokenizer's `utils/train_utils.py` on
+    `config.optim` and the EMA (the train-step parity tests check them against the official
+    step):
+
+    * `create_optimizer`: no weight decay for 1-D tensors and names containing any of
+      `optim.TITOK_NO_DECAY_NAMES` (decay_mask "kernels" + no_decay_names); torch AdamW's
+      eps 1e-8 (the YAML's `epsilon` is never passed);
+    * `create_lr_scheduler`: a `LambdaLR` stepped after `optimizer.step()` (schedule_step
+      "before": with a warm-up from 0 the first update runs at LR 0);
+    * accelerate's `clip_grad_norm_` (torch's rule: scale max / (norm + 1e-6));
+    * `EMAModel` (decay 0.999 when used) with its warm-up min(decay, (1 + s) / (10 + s))
+      (ema_warmup "titok")."""
+    o = config.optim
+    o.decay_mask, o.no_decay_names = "kernels", optim.TITOK_NO_DECAY_NAMES
+    o.eps, o.clip_eps, o.schedule_step, o.warmup_init = 1e-8, 1e-6, "before", 0.0
+    config.ema_warmup = "titok"
+
+
+def llamagen_train_c2i(config: ml_collections.ConfigDict) -> None:
+    """The training-step semantics of LlamaGen / GigaTok `autoregressive/train/train_c2i.py` on
+    `config.optim` and the EMA (checked by the train-step parity tests):
+
+    * `creat_optimizer`: weight decay on every tensor with ndim >= 2, embeddings included
+      (decay_mask "matrices"), none on RMSNorm weights; torch AdamW eps 1e-8;
+    * the LR scheduler is a function called after `optimizer.step()` that sets the next step's
+      LR, nothing sets it before the first step (schedule_step "after_call": update 1 at the
+      base LR); its warm-up starts at lr / 100 (`_warmup_lr`'s init_div_factor: warmup_init
+      0.01);
+    * `clip_grad_norm_` (torch's rule, clip_eps 1e-6);
+    * `update_ema(decay=0.9999)` after every step, no warm-up (ema_warmup "none"; with --ema)."""
+    o = config.optim
+    o.decay_mask, o.no_decay_names = "matrices", ""
+    o.eps, o.clip_eps, o.schedule_step, o.warmup_init = 1e-8, 1e-6, "after_call", 0.01
+    config.ema_warmup = "none"
+
+
 # --------------------------------------------------------------------------- generators
 
 # TiTok generators (configs/infer/TiTok/*.yaml): arch, tokens, released sampling settings, and
@@ -252,12 +292,14 @@ def generator_base(total_steps: int, batch: int) -> ml_collections.ConfigDict:
 
 
 def maskgit_titok(variant: str) -> ml_collections.ConfigDict:
-    """MaskGIT on TiTok tokens (configs/training/generator/maskgit.yaml): masks drawn with the
-    arccos schedule, CE with label smoothing 0.1 on all positions (masked weight 1, unmasked
-    0.1), class label dropout 0.1; AdamW lr 2e-4, betas (0.9, 0.96), wd 0.03 on matrices,
-    10k warm-up, cosine to 1e-5, clip 1.0, EMA 0.999; batch 2048 for 500k steps; center crop
-    256 + flip (tokenize with --flip). Sampling: the released settings of
-    configs/infer/TiTok/titok_{variant}.yaml."""
+    """MaskGIT on TiTok tokens (configs/training/generator/maskgit.yaml, scripts/
+    train_maskgit.py): masks drawn with the arccos schedule, CE with label smoothing 0.1 on all
+    positions (masked weight 1, unmasked 0.1), class label dropout 0.1; AdamW lr 2e-4, betas
+    (0.9, 0.96), wd 0.03 (official decay split), 10k warm-up from 0, cosine to 1e-5, clip 1.0,
+    EMA 0.999 with EMAModel's warm-up (`titok_train_utils`); batch 2048 for 500k steps; center
+    crop 256 + flip (tokenize with --flip). Sampling: the released settings of
+    configs/infer/TiTok/titok_{variant}.yaml. `tok1d.official.maskgit.config_from_official`
+    maps any official generator YAML the same way."""
     if variant not in MASKGIT:
         raise ValueError(f"Unknown TiTok generator {variant!r}; choose from {sorted(MASKGIT)}.")
     arch, tokens, sampling, _ = MASKGIT[variant]
@@ -269,10 +311,10 @@ def maskgit_titok(variant: str) -> ml_collections.ConfigDict:
     g = config.generator
     g.label_dropout, g.mask_schedule, g.label_smoothing, g.unmasked_weight = (
         0.1, "arccos", 0.1, 0.1)
+    titok_train_utils(config)
     o = config.optim
     o.lr, o.end_lr, o.warmup_steps, o.schedule = 2e-4, 1e-5, 10_000, "cosine"
-    o.b1, o.b2, o.eps, o.weight_decay, o.grad_clip, o.decay_mask = (
-        0.9, 0.96, 1e-8, 0.03, 1.0, "kernels")
+    o.b1, o.b2, o.weight_decay, o.grad_clip = 0.9, 0.96, 0.03, 1.0
     config.sampling = ml_collections.ConfigDict(sampling)
     return config
 
@@ -284,11 +326,14 @@ GPT = {"B": (256, 1_500_000, 5_000, 2.5), "L": (256, 1_500_000, 5_000, 1.75),
 
 
 def gpt_gigatok(size: str) -> ml_collections.ConfigDict:
-    """LlamaGen-style GPT on GigaTok tokens (autoregressive/train/train_c2i.py as the GigaTok
-    scripts call it): next-token CE, class dropout 0.1, token / residual dropout 0.1; AdamW
-    lr 1e-4, betas (0.9, 0.95), wd 0.05 on >= 2-D params, clip 1.0, WSD schedule (warm-up,
-    constant, 1 - sqrt decay over the last 20%); 300 epochs. Sampling: CFG with the `step`
-    schedule (window_start 0.18), temperature 1, no top-k / top-p."""
+    """LlamaGen-style GPT on GigaTok tokens (autoregressive/train/train_c2i.py as GigaTok's
+    scripts/composite_cmd/train_c2i_and_eval.sh calls it): next-token CE, class dropout 0.1,
+    token / residual dropout 0.1; AdamW lr 1e-4, betas (0.9, 0.95), wd 0.05 on >= 2-D params
+    incl. embeddings, clip 1.0, WSD schedule (warm-up from lr/100, constant, 1 - sqrt decay over
+    the last 20%) read as train_c2i does (step 1 at the base LR: `llamagen_train_c2i`); 300
+    epochs; no EMA (the script does not pass --ema; ema_decay=0.9999 is the official option).
+    Sampling: CFG with the `step` schedule (window_start 0.18), temperature 1, no top-k / top-p.
+    `tok1d.official.gpt.config_from_official` maps any train_c2i run the same way."""
     if size not in GPT:
         raise ValueError(f"Unknown GPT size {size!r}; choose from {sorted(GPT)}.")
     batch, steps, warmup, cfg = GPT[size]
@@ -301,10 +346,10 @@ def gpt_gigatok(size: str) -> ml_collections.ConfigDict:
                         num_classes=1000, token_dropout=0.1, dropout_rate=0.1,
                         remat="none" if size == "B" else "dots")
     config.generator.label_dropout = 0.1
+    llamagen_train_c2i(config)
     o = config.optim
     o.lr, o.warmup_steps, o.schedule, o.decay_fraction = 1e-4, warmup, "wsd", 0.2
-    o.b1, o.b2, o.eps, o.weight_decay, o.grad_clip, o.decay_mask = (
-        0.9, 0.95, 1e-8, 0.05, 1.0, "matrices")
+    o.b1, o.b2, o.weight_decay, o.grad_clip = 0.9, 0.95, 0.05, 1.0
     config.sampling = ml_collections.ConfigDict(dict(
         cfg_scale=cfg, cfg_schedule="step", cfg_kwargs=dict(window_start=0.18),
         temperature=1.0, top_k=0, top_p=1.0))

@@ -2,16 +2,44 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 
 
-def drop_labels(rng: jax.Array, labels: jax.Array, prob: float, null_label: int) -> jax.Array:
+# How a training function takes a random draw: `draw(name, fn)` returns the replayed value of
+# the draw called `name` if there is one, else `fn()` (a fresh jax.random draw). The names are
+# the official code's draws (listed in each function's docstring); see `fresh`.
+Draw = Callable[[str, Callable[[], jax.Array]], jax.Array]
+
+
+def fresh(name: str, draw: Callable[[], jax.Array]) -> jax.Array:
+    """The default `Draw`: always draws (`name` is ignored). The trainers pass
+    `functools.partial(tok1d.trainers.common.injected, batch)` instead, so a batch can carry
+    the official draws under their names."""
+    del name
+    return draw()
+
+
+def drop_labels(rng: jax.Array, labels: jax.Array, prob: float, null_label: int,
+                draw: Draw = fresh) -> jax.Array:
     """Replaces each label by `null_label` with probability `prob` (classifier-free guidance
-    training: the same network learns the conditional and the unconditional model)."""
-    if prob <= 0.0:
-        return labels
-    drop = jax.random.bernoulli(rng, prob, labels.shape)
+    training: the same network learns the conditional and the unconditional model).
+
+    As upstream (TiTok's `ImageBert.forward`, LlamaGen's `LabelEmbedder.token_drop`), label b
+    is dropped iff u_b < prob for a float32 uniform u_b. Random draws, by name (see `Draw`):
+      "drop_labels"  (B,) bool / 0-1 ints: which labels are dropped (the outcome itself; when
+                     given it is used even with prob 0, like upstream's `force_drop_ids`)
+      "drop_rand_u"  (B,) float32 uniform in [0, 1): the u_b (read when "drop_labels" is not)
+    """
+    def from_uniform() -> jax.Array:
+        if prob <= 0.0:
+            return jnp.zeros(labels.shape, bool)
+        u = draw("drop_rand_u", lambda: jax.random.uniform(rng, labels.shape, jnp.float32))
+        return u < prob
+
+    drop = draw("drop_labels", from_uniform).astype(bool)
     return jnp.where(drop, jnp.asarray(null_label, labels.dtype), labels)
 
 

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tok1d.generation import common as gen_common
+
 # --------------------------------------------------------------------------- schedules
 
 
@@ -58,17 +60,25 @@ def mask_ratio(schedule: str, r: Any) -> Any:
 
 
 def random_mask(rng: jax.Array, codes: jax.Array, mask_id: int, schedule: str = "arccos",
-                min_ratio: float = 1e-6) -> tuple[jax.Array, jax.Array]:
-    """Official training masks: per sample t ~ U(0, 1), ratio = schedule(t) clamped to
-    [min_ratio, 1], round(N * ratio) (at least 1) positions chosen uniformly at random are set
-    to `mask_id`. Returns (masked tokens, boolean mask (B, N))."""
+                min_ratio: float = 1e-6, *, draw: gen_common.Draw = gen_common.fresh
+                ) -> tuple[jax.Array, jax.Array]:
+    """Official training masks (`ImageBert.masking_input_tokens`): per sample a float32
+    t ~ U(0, 1), ratio = schedule(t) clamped to [min_ratio, 1], n = round(N * ratio) (half to
+    even, at least 1); then rank = argsort(u) of a (B, N) uniform u and position j is masked iff
+    rank[j] < n -- the argsort *output* is compared with n (a uniformly random set of n
+    positions, not "the n smallest u"). Returns (tokens with masked positions = `mask_id`,
+    boolean mask (B, N)).
+
+    Random draws, by name (see `gen_common.Draw`): "mask_timesteps_u" (B,) float32 t,
+    "mask_rand_u" (B, N) float32 u."""
     b, n = codes.shape
     k_t, k_perm = jax.random.split(rng)
-    t = jax.random.uniform(k_t, (b,))
-    ratio = jnp.clip(mask_ratio(schedule, t), min_ratio, 1.0)
+    t = draw("mask_timesteps_u", lambda: jax.random.uniform(k_t, (b,), jnp.float32))
+    u = draw("mask_rand_u", lambda: jax.random.uniform(k_perm, (b, n), jnp.float32))
+    ratio = jnp.clip(mask_ratio(schedule, t.astype(jnp.float32)), min_ratio, 1.0)
     num = jnp.maximum(jnp.round(n * ratio), 1.0)
-    perm = jnp.argsort(jax.random.uniform(k_perm, (b, n)), axis=-1)  # a random permutation
-    masked = perm < num[:, None]
+    rank = jnp.argsort(u, axis=-1)
+    masked = rank < num[:, None]
     return jnp.where(masked, jnp.asarray(mask_id, codes.dtype), codes), masked
 
 

@@ -9,6 +9,7 @@ loss over the held-out tokens and a grid of samples decoded by the tokenizer), l
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -56,20 +57,26 @@ def next_token_loss(logits: jax.Array, codes: jax.Array) -> tuple[jax.Array, dic
 def make_loss_fn(model: nn.Module, gcfg) -> Callable[..., tuple[jax.Array, dict[str, Any]]]:
     """(params, batch, rng, train) -> (loss, metrics). Training drops labels to the null class
     with probability `label_dropout` (classifier-free guidance); MaskGIT masks a random,
-    schedule-drawn fraction of every sequence."""
+    schedule-drawn fraction of every sequence.
+
+    `batch`: "codes" (B, N) ints, "label" (B,) ints and optionally "draws", the official random
+    draws to replay instead of drawing (`common.injected`), each with a leading batch axis:
+    "drop_rand_u" / "drop_labels" (`generation.common.drop_labels`, training only) and, for
+    MaskGIT, "mask_timesteps_u" / "mask_rand_u" (`generation.maskgit.random_mask`)."""
     maskgit = is_maskgit(model)
 
     def loss_fn(params, batch, rng, train: bool):
         codes = batch["codes"].astype(jnp.int32)
         labels = batch["label"].astype(jnp.int32)
+        draw = functools.partial(common.injected, batch)
         k_label, k_mask, k_dropout = jax.random.split(rng, 3)
         if train:
             labels = gen_common.drop_labels(k_label, labels, gcfg.label_dropout,
-                                            model.null_label)
+                                            model.null_label, draw=draw)
         rngs = {"dropout": k_dropout}
         if maskgit:
             tokens, masked = maskgit_lib.random_mask(k_mask, codes, model.mask_id,
-                                                     gcfg.mask_schedule)
+                                                     gcfg.mask_schedule, draw=draw)
             logits = model.apply({"params": params}, tokens, labels, train=train, rngs=rngs)
             return maskgit_lib.token_loss(logits, codes, masked, gcfg.label_smoothing,
                                           gcfg.unmasked_weight)
@@ -84,7 +91,14 @@ def make_loss_fn(model: nn.Module, gcfg) -> Callable[..., tuple[jax.Array, dict[
 
 def make_train_step(model: nn.Module, tx, schedule, config):
     """(state, batch) -> (state, scalars, finite): loss, grads (accumulated over
-    `optim.grad_accum_steps` microbatches), AdamW, EMA; a non-finite step is not applied."""
+    `optim.grad_accum_steps` microbatches), AdamW, EMA; a non-finite step is not applied.
+
+    The order of the official loops (TiTok's `train_one_epoch_generator`, LlamaGen's
+    train_c2i.py): gradients -> their global norm before clipping (scalar "grad_norm") ->
+    clipping (`optim.grad_clip`, torch's rule with `optim.clip_eps`) -> AdamW at LR
+    `schedule(step)` (scalar "lr"; when the schedule is read: `optim.schedule_step`) -> EMA
+    with `optim.ema_decay_at(step + 1, ema_decay, ema_warmup)`. The batch may carry the
+    official random draws ("draws", see `make_loss_fn`)."""
     loss_fn = make_loss_fn(model, config.generator)
     grad_fn = jax.value_and_grad(lambda p, b, r: loss_fn(p, b, r, True), has_aux=True)
     accum = config.optim.grad_accum_steps
