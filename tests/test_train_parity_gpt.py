@@ -24,13 +24,17 @@ from tok1d.trainers import generator
 def train_args(meta) -> dict:
     """train_c2i.py's arguments (argparse dest names) of the run, from the fixture's
     `meta.params` (README 8.2: its lr / end_lr / wd / betas / max_grad_norm / batch / total /
-    warmup / scheduler) and `meta.ema`; the fixture runs in float32 ("none")."""
+    warmup / scheduler, and fract_decay for a wsd run) and `meta.ema`; the fixture runs in
+    float32 ("none")."""
     p = meta["params"]
-    return dict(lr=p["lr"], end_lr=p["end_lr"], weight_decay=p["wd"], beta1=p["betas"][0],
+    args = dict(lr=p["lr"], end_lr=p["end_lr"], weight_decay=p["wd"], beta1=p["betas"][0],
                 beta2=p["betas"][1], max_grad_norm=p["max_grad_norm"],
                 global_batch_size=p["batch"], iterations=p["total"], warmup=p["warmup"],
                 lr_scheduler=p["scheduler"], ema="ema" in meta, mixed_precision="none",
                 global_seed=meta.get("seed", 0))
+    if "fract_decay" in p:  # the wsd scheduler's decay fraction
+        args["fract_decay"] = p["fract_decay"]
+    return args
 
 
 def batches(z: tp.Fixture) -> list[dict]:
