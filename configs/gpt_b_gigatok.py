@@ -12,9 +12,11 @@ ImageNet-1k 256x256.
         --tokenizer=gigatok_b_l/ --num_images=50000 --out=samples_gpt_b/
 
 Recipe: `tok1d.recipes.gpt_gigatok` (GigaTok's autoregressive/train/train_c2i.py settings:
-AdamW 1e-4, betas (0.9, 0.95), wd 0.05, WSD schedule, 300 epochs, class dropout 0.1).
-GigaTok's AR probing stops GPT-B at 250k steps (--config.total_steps=250000 keeps the constant
-phase). Released GPT checkpoints convert with `python -m tok1d.convert gpt GPT_B.pt gpt_b/`.
+AdamW 1e-4, betas (0.9, 0.95), wd 0.05, WSD schedule, 300 epochs, class dropout 0.1, and its
+training-step semantics, checked against the official step by tests/test_train_parity_gpt.py).
+GigaTok's AR probing stops GPT-B at 250k steps in the constant phase
+(--config.total_steps=250000 --config.optim.decay_fraction=0). Released GPT checkpoints
+convert with `python -m tok1d.convert gpt GPT_B.pt gpt_b/`.
 Target gFID (README, CFG scale from a line search with the step schedule): 3.26 on GigaTok B-L tokens (README: 300 epochs).
 
 Evaluate (gFID / IS / precision-recall of 50k samples; the linear probe too with

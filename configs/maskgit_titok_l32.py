@@ -12,7 +12,8 @@
 `titok_l32/` is the converted tokenizer (python -m tok1d.convert titok tokenizer_titok_l32.bin
 titok_l32/). Recipe: `tok1d.recipes.maskgit_titok` (the official
 configs/training/generator/maskgit.yaml: batch 2048, 500k steps, AdamW 2e-4, arccos masking,
-label smoothing 0.1, unmasked weight 0.1, class dropout 0.1, EMA). Sampling: the released
+label smoothing 0.1, unmasked weight 0.1, class dropout 0.1, EMA; the training step is
+checked against the official one by tests/test_train_parity_maskgit.py). Sampling: the released
 settings of configs/infer/TiTok/titok_l32.yaml. The released generator converts with
 `python -m tok1d.convert maskgit generator_titok_l32.bin maskgit_l32/`.
 Target (paper, 50k samples vs the ADM reference batch): gFID 2.77.
