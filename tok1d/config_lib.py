@@ -128,6 +128,10 @@ def base_config() -> ml_collections.ConfigDict:
         d_weight=1.0,                 # scale of the D loss (GigaTok's disc_weight: 0.5)
         global_schedule=False,        # D's lr at the global step (GigaTok) instead of a schedule
                                       # over its own steps from start_step (TiTok)
+        schedule_processes=1,         # TiTok: D's schedule spans total_steps - start_step / P
+                                      # D updates for P = this (the official run's GPUs:
+                                      # accelerate steps D's scheduler P times per update
+                                      # against a horizon of total_steps * P - start_step)
         model=ml_collections.ConfigDict(),   # size arguments of the discriminator
     ))
     c.disc_optim = ml_collections.ConfigDict(dict(

@@ -41,7 +41,9 @@ def imagenet(config: ml_collections.ConfigDict) -> None:
 
 def base(total_steps: int, warmup: int, b2: float) -> ml_collections.ConfigDict:
     """Batch 256, AdamW lr 1e-4 (wd 1e-4, eps 1e-8), warm-up then cosine to 1e-5, clip 1.0,
-    EMA 0.999, bf16 compute, FSDP over all devices. The TiTok models rematerialise their
+    EMA 0.999, with the official step's semantics (`titok_train_utils`: weight-decay split by
+    name, LR schedule stepped after the update, torch clipping, EMA warm-up), bf16 compute,
+    FSDP over all devices. The TiTok models rematerialise their
     blocks with the "dots" policy (matmul outputs kept, the rest recomputed): at batch 64 per
     device TiTok-L-32 stage 1 saves 18 GiB of activations for its backward pass (83 GiB with
     no remat, 4.8 GiB with "full") and needs 16% fewer FLOPs than "full" (`tok1d.bench
@@ -53,9 +55,10 @@ def base(total_steps: int, warmup: int, b2: float) -> ml_collections.ConfigDict:
     config.precision = "bfloat16"
     config.ema_decay = 0.999
     imagenet(config)
+    titok_train_utils(config)
     o = config.optim
     o.lr, o.end_lr, o.warmup_steps, o.schedule = 1e-4, 1e-5, warmup, "cosine"
-    o.b1, o.b2, o.eps, o.weight_decay, o.grad_clip = 0.9, b2, 1e-8, 1e-4, 1.0
+    o.b1, o.b2, o.weight_decay, o.grad_clip = 0.9, b2, 1e-4, 1.0
     pod_run(config)
     return config
 
@@ -117,7 +120,7 @@ def titok_stage2(variant: str) -> ml_collections.ConfigDict:
     config.optim.freeze = "encoder,latent_tokens,quantize"
     config.losses.update(l2=1.0, quantizer=0.0, perceptual=0.1, gan=0.01)
     config.perceptual.kind = "convnext_s"
-    gan_recipe(config, start_step=20_000, warmup=5_000)
+    gan_recipe(config, start_step=20_000, num_processes=8)  # README_TiTok: 8 GPUs
     return config
 
 
@@ -130,18 +133,43 @@ def titok_single_stage(variant: str) -> ml_collections.ConfigDict:
     config.losses.update(l2=1.0, quantizer=0.0 if vae else 1.0, kl=1e-6 if vae else 0.0,
                          perceptual=1.1, gan=0.1)
     config.perceptual.kind = "lpips+convnext_s"
-    gan_recipe(config, start_step=200_000, warmup=10_000)
+    gan_recipe(config, start_step=200_000)
     return config
 
 
-def gan_recipe(config: ml_collections.ConfigDict, start_step: int, warmup: int) -> None:
-    """TiTok's discriminator (NLayer + BlurPool), hinge loss, LeCam 0.001, AdamW (0.9, 0.999)
-    lr 1e-4 wd 1e-4 with its own warm-up + cosine schedule that starts at `start_step`."""
+def gan_recipe(config: ml_collections.ConfigDict, start_step: int,
+               num_processes: int = 1) -> None:
+    """TiTok's discriminator (NLayer + BlurPool), hinge loss, LeCam 0.001 (EMA decay 0.999),
+    from `start_step`; its AdamW at lr 1e-4 with the generator's settings and schedule
+    (`titok_disc_optim`). Call after the generator's optimizer is set."""
     d = config.discriminator
     d.name, d.start_step, d.loss, d.lecam, d.lecam_decay = "titok", start_step, "hinge", 1e-3, 0.999
-    o = config.disc_optim
-    o.lr, o.end_lr, o.warmup_steps, o.schedule = 1e-4, 1e-5, warmup, "cosine"
-    o.b1, o.b2, o.eps, o.weight_decay, o.grad_clip = 0.9, 0.999, 1e-8, 1e-4, 1.0
+    titok_disc_optim(config, 1e-4, config.optim.lr, config.optim.end_lr, num_processes)
+
+
+def titok_disc_optim(config: ml_collections.ConfigDict, lr: float, base_lr: float,
+                     end_lr: float, num_processes: int = 1) -> None:
+    """TiTok's discriminator optimizer (bytedance/1d-tokenizer `utils/train_utils.py`), from
+    the generator's `config.optim` (set it first):
+
+    * `create_optimizer` gives D the generator's AdamW (betas, weight decay with the same
+      name-based split, torch eps, clipping at `max_grad_norm`) at D's own `lr`;
+    * `create_lr_scheduler` gives D the generator's scheduler: its warm-up and a cosine built
+      with the *generator's* base / end LR (`base_lr`, `end_lr`) multiplying D's LR, i.e. a
+      cosine from `lr` to lr * end_lr / base_lr; stepped only on D steps (D's update k uses
+      step k - 1: schedule_step "before" on D's own count), with a horizon of
+      max_train_steps * P - discriminator_start scheduler steps, P = `num_processes` (the
+      official run's GPUs; accelerate steps it P times per update):
+      `discriminator.schedule_processes`."""
+    g, d = config.optim, config.disc_optim
+    for key in ("b1", "b2", "eps", "weight_decay", "decay_mask", "no_decay_names", "schedule",
+                "schedule_step", "warmup_steps", "warmup_init", "grad_clip", "clip_eps",
+                "mu_dtype"):
+        d[key] = g[key]
+    d.lr = lr
+    d.end_lr = lr * end_lr / base_lr if base_lr else 0.0
+    config.discriminator.global_schedule = False
+    config.discriminator.schedule_processes = num_processes
 
 
 # ---------------------------------------------------------------------------------- GigaTok

@@ -619,7 +619,12 @@ def build_training(config: ml_collections.ConfigDict, mesh, rules, batch_sh) -> 
         if config.discriminator.global_schedule:  # GigaTok: D's lr follows the global step
             disc_steps, offset = config.total_steps, start
         else:  # TiTok: D's schedule (and warm-up) starts when D does
-            disc_steps, offset = max(config.total_steps - start, 1), 0
+            procs = config.discriminator.get("schedule_processes", 1)
+            if procs < 1:
+                raise config_lib.ConfigError(
+                    f"discriminator.schedule_processes={procs} must be >= 1.")
+            late = start // procs if start % procs == 0 else start / procs  # exact either way
+            disc_steps, offset = max(config.total_steps - late, 1), 0
 
         def _init_disc(rng):
             return disc.init({"params": rng, "crop": rng}, dummy)
