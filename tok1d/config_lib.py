@@ -111,8 +111,11 @@ def base_config() -> ml_collections.ConfigDict:
     # Perceptual network (used when losses.perceptual > 0): "lpips", "convnext_s" or
     # "lpips+convnext_s"; `weights`: converted directory (python -m tok1d.convert.perceptual).
     # `image_size`: ConvNeXt input resolution (224 as trained; smaller only for tests).
+    # `lpips_dropout`: rate of the LPIPS linear layers' Dropout in training (GigaTok trains its
+    # LPIPS in train mode: 0.5; 0 = eval-mode LPIPS, TiTok). Its keep masks are the step's
+    # random draws "lpips_keep/<rec|shortcut>/lin<k>" (tok1d.trainers.tokenizer).
     c.perceptual = ml_collections.ConfigDict(dict(kind="lpips", weights="", image_size=224,
-                                                  allow_random_init=False))
+                                                  allow_random_init=False, lpips_dropout=0.0))
 
     # Discriminator (trained when losses.gan > 0) and its optimizer.
     c.discriminator = ml_collections.ConfigDict(dict(
@@ -126,6 +129,9 @@ def base_config() -> ml_collections.ConfigDict:
         lecam=0.0,                    # LeCam regulariser weight (TiTok: 0.001)
         lecam_decay=0.999,
         d_weight=1.0,                 # scale of the D loss (GigaTok's disc_weight: 0.5)
+        call_order="fake_real",       # D step's calls: D(x_hat) then D(x) (TiTok) or
+                                      # "real_fake" (GigaTok / LlamaGen); matters for BatchNorm
+                                      # running stats and DiffAugment draws
         global_schedule=False,        # D's lr at the global step (GigaTok) instead of a schedule
                                       # over its own steps from start_step (TiTok)
         schedule_processes=1,         # TiTok: D's schedule spans total_steps - start_step / P

@@ -22,6 +22,12 @@ frozen (`stop_gradient`). One difference from PyTorch, in gradients only: where 
 tap are exactly 0 the official normalisation has gradient 0 * inf = NaN; here it is 0 (the forward
 value is identical).
 
+LPIPS dropout (`make_perceptual(..., lpips_dropout=0.5)`, config `perceptual.lpips_dropout`): the
+official LPIPS linear layers are `Dropout(0.5) -> 1x1 conv`. Metrics and TiTok use the eval mode
+(no dropout); GigaTok's VQLoss is put in train mode, so its perceptual loss trains with the dropout
+active. With a rate > 0 the loss takes keep masks per layer (`apply(..., keep=KeepFn)`, default
+draw `bernoulli_keep`), so a trainer can replay recorded draws (see `tok1d.trainers.common.injected`).
+
 Weights: convert once with `python -m tok1d.convert.perceptual` (see `tok1d.convert.perceptual`)
 and pass the output directory (or the .npz file) as `weights`.
 
@@ -113,14 +119,31 @@ def unit_normalize(f: jax.Array, eps: float = LPIPS_EPS) -> jax.Array:
     return f / (norm + eps)
 
 
+# keep(k, shape) -> keep mask of the LPIPS Dropout before linear layer `lin{k}`: shape
+# (B, H_k, W_k, C_k) of that layer's squared feature difference, bool or 0/1 values.
+KeepFn = Callable[[int, tuple], jax.Array]
+
+
+def bernoulli_keep(rng: jax.Array, rate: float) -> KeepFn:
+    """The default LPIPS dropout draw: layer k keeps each element with probability 1 - rate
+    (an independent key per layer, folded in from `rng`)."""
+    return lambda k, shape: jax.random.bernoulli(jax.random.fold_in(rng, k), 1.0 - rate, shape)
+
+
 class LPIPSHead(nn.Module):
-    """Everything after the trunk: two lists of taps -> (B, n_layers) per-layer distances."""
+    """Everything after the trunk: two lists of taps -> (B, n_layers) per-layer distances.
+
+    `keep` (optional): the LPIPS `NetLinLayer` Dropout in training mode, as GigaTok trains
+    (`lin{k}.model` = Dropout(0.5) -> 1x1 conv): the squared difference of layer k becomes
+    `d * keep(k, d.shape) / (1 - dropout_rate)` before the linear layer."""
 
     channels: Sequence[int] = TAP_CHANNELS
+    dropout_rate: float = 0.5
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, feats0: Sequence[jax.Array], feats1: Sequence[jax.Array]) -> jax.Array:
+    def __call__(self, feats0: Sequence[jax.Array], feats1: Sequence[jax.Array],
+                 keep: Optional[KeepFn] = None) -> jax.Array:
         if not len(feats0) == len(feats1) == len(self.channels):
             raise ValueError(f"expected {len(self.channels)} taps per image, got {len(feats0)} "
                              f"and {len(feats1)}")
@@ -129,6 +152,12 @@ class LPIPSHead(nn.Module):
             w = self.param(f"lin{k}", logical(_lpips_lin_init, ("conv_in",)),
                            (self.channels[k],), self.param_dtype)
             d = jnp.square(unit_normalize(f0) - unit_normalize(f1))
+            if keep is not None:
+                mask = jnp.asarray(keep(k, d.shape))
+                if mask.shape != d.shape:
+                    raise ValueError(f"LPIPS dropout keep mask of lin{k} has shape {mask.shape}, "
+                                     f"expected {d.shape} (B, H, W, C)")
+                d = d * (mask.astype(jnp.float32) * jnp.float32(1.0 / (1.0 - self.dropout_rate)))
             d = jnp.einsum("bhwc,c->bhw", d, w.astype(jnp.float32),
                            precision=jax.lax.Precision.HIGHEST)
             out.append(jnp.mean(d, axis=(1, 2)))
@@ -141,8 +170,10 @@ def _lpips_lin_init(key, shape, dtype=jnp.float32):
 
 
 class LPIPS(nn.Module):
-    """LPIPS v0.1 (VGG16): NHWC images in [0, 1] -> (B,) float32 distances."""
+    """LPIPS v0.1 (VGG16): NHWC images in [0, 1] -> (B,) float32 distances. `keep`: the
+    training-mode dropout of the linear layers (see `LPIPSHead`); None: eval mode."""
 
+    dropout_rate: float = 0.5
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -150,14 +181,15 @@ class LPIPS(nn.Module):
         return lpips_scaling(2.0 * x.astype(jnp.float32) - 1.0)
 
     @nn.compact
-    def __call__(self, x0: jax.Array, x1: jax.Array) -> jax.Array:
+    def __call__(self, x0: jax.Array, x1: jax.Array, keep: Optional[KeepFn] = None) -> jax.Array:
         if x0.shape != x1.shape:
             raise ValueError(f"LPIPS inputs differ in shape: {x0.shape} vs {x1.shape}")
         # Two calls rather than one on the concatenated batch: the backward pass then runs
         # through the recon images only (B, not 2B).
         net = VGG16Features(dtype=self.dtype, param_dtype=self.param_dtype, name="net")
         taps0, taps1 = net(self.trunk_input(x0)), net(self.trunk_input(x1))
-        per_layer = LPIPSHead(param_dtype=self.param_dtype, name="head")(taps0, taps1)
+        per_layer = LPIPSHead(dropout_rate=self.dropout_rate, param_dtype=self.param_dtype,
+                              name="head")(taps0, taps1, keep)
         return jnp.sum(per_layer, axis=-1)
 
 
@@ -190,25 +222,34 @@ def convnext_small(dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
 class PerceptualLoss:
     """Frozen pretrained network(s) + a pure loss function.
 
-    `apply(params, recon, target)` -> float32 scalar (batch mean); jit/grad friendly, gradients
-    flow to the images, never to the params (wrapped in stop_gradient). `params` is a dict keyed by
-    component ("lpips", "convnext_s") of plain arrays; `logical_axes` has the same structure with
-    the logical PartitionSpec of every leaf (see `tok1d.parallel`) for sharding them.
+    `apply(params, recon, target, keep=None)` -> float32 scalar (batch mean); jit/grad friendly,
+    gradients flow to the images, never to the params (wrapped in stop_gradient). `params` is a
+    dict keyed by component ("lpips", "convnext_s") of plain arrays; `logical_axes` has the same
+    structure with the logical PartitionSpec of every leaf (see `tok1d.parallel`) for sharding
+    them.
+
+    `lpips_dropout` > 0 (GigaTok: 0.5): LPIPS is computed in training mode, with the Dropout of
+    its linear layers active, whenever `apply` gets `keep` (a `KeepFn` giving the keep mask of
+    each layer; `bernoulli_keep(rng, lpips_dropout)` draws them, a trainer may replay recorded
+    ones). Without `keep`, or with `lpips_dropout` = 0, LPIPS is the deterministic eval-mode metric.
     """
 
     kind: str
     params: Mapping[str, Any]
-    apply: Callable[[Any, jax.Array, jax.Array], jax.Array]
+    apply: Callable[..., jax.Array]
     component_weights: Mapping[str, float]
     logical_axes: Mapping[str, Any]
+    lpips_dropout: float = 0.0
 
     def __call__(self, recon: jax.Array, target: jax.Array) -> jax.Array:
         return self.apply(self.params, recon, target)
 
 
 def build_module(component: str, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-                 remat: str = "none") -> nn.Module:
+                 remat: str = "none", lpips_dropout: float = 0.0) -> nn.Module:
     if component == "lpips":
+        if lpips_dropout:
+            return LPIPS(dropout_rate=lpips_dropout, dtype=dtype, param_dtype=param_dtype)
         return LPIPS(dtype=dtype, param_dtype=param_dtype)
     if component == "convnext_s":
         return convnext_small(dtype=dtype, param_dtype=param_dtype, remat=remat)
@@ -225,11 +266,12 @@ def abstract_variables(component: str, module: Optional[nn.Module] = None) -> An
 
 
 def component_loss(component: str, module: nn.Module, params: Any, recon: jax.Array,
-                   target: jax.Array, image_size: int = CONVNEXT_IMAGE_SIZE) -> jax.Array:
-    """One component's batch-mean loss (float32 scalar)."""
+                   target: jax.Array, image_size: int = CONVNEXT_IMAGE_SIZE,
+                   keep: Optional[KeepFn] = None) -> jax.Array:
+    """One component's batch-mean loss (float32 scalar); `keep`: LPIPS dropout masks."""
     variables = {"params": jax.lax.stop_gradient(params)}
     if component == "lpips":
-        return jnp.mean(module.apply(variables, recon, target))
+        return jnp.mean(module.apply(variables, recon, target, keep))
     logits_recon = module.apply(variables, imagenet_preprocess(recon, image_size))
     logits_target = module.apply(variables, imagenet_preprocess(target, image_size))
     return jnp.mean(jnp.square(logits_recon - logits_target))
@@ -253,7 +295,8 @@ def parse_kind(kind: str) -> dict[str, float]:
 
 def make_perceptual(kind: str, weights: Optional[str], allow_random_init: bool = False, *,
                     dtype: Dtype = jnp.float32, remat: str = "none",
-                    image_size: int = CONVNEXT_IMAGE_SIZE, seed: int = 0) -> PerceptualLoss:
+                    image_size: int = CONVNEXT_IMAGE_SIZE, seed: int = 0,
+                    lpips_dropout: float = 0.0) -> PerceptualLoss:
     """Builds a perceptual loss with frozen pretrained params.
 
     `weights`: the directory written by `python -m tok1d.convert.perceptual` (holding
@@ -261,10 +304,14 @@ def make_perceptual(kind: str, weights: Optional[str], allow_random_init: bool =
     two .npz paths joined by a comma. With `weights=None` this raises `MissingPerceptualWeights`
     (saying which files are needed and how to convert them) unless `allow_random_init` (tests),
     which initialises the networks randomly. `dtype` is the compute dtype (params stay float32);
-    `remat` applies to the ConvNeXt blocks; `image_size` is the ConvNeXt resize (224 officially).
+    `remat` applies to the ConvNeXt blocks; `image_size` is the ConvNeXt resize (224 officially);
+    `lpips_dropout`: the rate of LPIPS' training-mode dropout (see `PerceptualLoss`).
     """
+    if not 0.0 <= lpips_dropout < 1.0:
+        raise ValueError(f"lpips_dropout={lpips_dropout} must be in [0, 1).")
     component_weights = parse_kind(kind)
-    modules = {c: build_module(c, dtype=dtype, remat=remat) for c in component_weights}
+    modules = {c: build_module(c, dtype=dtype, remat=remat, lpips_dropout=lpips_dropout)
+               for c in component_weights}
     if weights is None:
         if not allow_random_init:
             raise MissingPerceptualWeights(
@@ -279,17 +326,21 @@ def make_perceptual(kind: str, weights: Optional[str], allow_random_init: bool =
                     for c in component_weights}
     total = float(sum(component_weights.values()))
 
-    def apply(p: Mapping[str, Any], recon: jax.Array, target: jax.Array) -> jax.Array:
+    def apply(p: Mapping[str, Any], recon: jax.Array, target: jax.Array,
+              keep: Optional[KeepFn] = None) -> jax.Array:
         if recon.shape != target.shape or recon.ndim != 4 or recon.shape[-1] != 3:
             raise ValueError(f"perceptual loss expects NHWC RGB images of one shape, got "
                              f"{recon.shape} and {target.shape}")
+        keep = keep if lpips_dropout else None
         loss = jnp.zeros((), jnp.float32)
         for c, w in component_weights.items():
-            loss = loss + w * component_loss(c, modules[c], p[c], recon, target, image_size)
+            loss = loss + w * component_loss(c, modules[c], p[c], recon, target, image_size,
+                                             keep)
         return (loss / total).astype(jnp.float32)
 
     return PerceptualLoss(kind=kind, params=params, apply=apply,
-                          component_weights=component_weights, logical_axes=logical_axes)
+                          component_weights=component_weights, logical_axes=logical_axes,
+                          lpips_dropout=float(lpips_dropout))
 
 
 # --------------------------------------------------------------------------- params I/O

@@ -198,7 +198,9 @@ def gigatok(preset: str, dino_disc: bool = False,
     with weight 0.5 on G and D from step 20k, no LeCam, no adaptive weight. AdamW (0.9, 0.95),
     lr 1e-4, wd 1e-4 on every parameter, clip 10, `cosine_v2` (warm-up from lr/100, cosine to
     1e-5), the same for D. ADM random crop (shorter side 256..320) + flip. No EMA (the release
-    scripts do not pass --ema; set ema_decay=0.9999 for the official option).
+    scripts do not pass --ema; set ema_decay=0.9999 for the official option). The training
+    step's semantics are vq_train.py's (`gigatok_vq_train`: LPIPS dropout, step thresholds,
+    scheduler stepping, D call order and BatchNorm statistics).
 
     `dino_disc`: VQ_BL256_dino_disc (the DINO-v1 ViT-S/16 discriminator with DiffAugment from
     step 80k). `train_new`: VQ_BL256_train_new (no rotation trick, entropy 0.005, 5k warm-up,
@@ -227,7 +229,7 @@ def gigatok(preset: str, dino_disc: bool = False,
     config.losses.update(l2=1.0, quantizer=1.0, entropy=entropy, perceptual=1.0, gan=0.5,
                          semantic=0.5, fea_rec=1.0 if aux_end else 0.0,
                          shortcut=shortcut if aux_end else 0.0)
-    config.aux_loss_end_step = aux_end
+    config.aux_loss_end_step = gigatok_step(aux_end)
     config.perceptual.kind = "lpips"
     config.teacher.name = "dinov2"
     config.teacher.model = ml_collections.ConfigDict(dict(size="vitb14"))
@@ -237,13 +239,55 @@ def gigatok(preset: str, dino_disc: bool = False,
         o.b1, o.b2, o.eps, o.weight_decay, o.grad_clip = 0.9, 0.95, 1e-8, 1e-4, 10.0
         o.decay_mask = "no_norm" if preset == "xl_xxl" else "all"
     d = config.discriminator
-    d.name, d.start_step, d.loss, d.lecam, d.d_weight = "patchgan", 20_000, "hinge", 0.0, 0.5
-    d.global_schedule = True  # scheduler_disc(train_steps)
+    d.name, d.loss, d.lecam, d.d_weight = "patchgan", "hinge", 0.0, 0.5
+    d.start_step = gigatok_step(20_000)
     if dino_disc:  # VQ_BL256_dino_disc: frozen DINO ViT-S/16 trunk, trainable heads, DiffAug
-        d.name, d.start_step, d.diffaug_prob, d.diffaug_cutout = "dino", 80_000, 1.0, 0.2
+        d.name, d.diffaug_prob, d.diffaug_cutout = "dino", 1.0, 0.2
+        d.start_step = gigatok_step(80_000)
         config.disc_optim.freeze = "trunk"
+    gigatok_vq_train(config)
     pod_run(config)
     return config
+
+
+def gigatok_step(official: int) -> int:
+    """vq_train.py compares its thresholds (`aux_loss_end`, `disc_start`) with the 1-based
+    `global_step = train_steps + 1` (`global_step < aux_loss_end`, `>= disc_start`); tok1d's
+    `aux_loss_end_step` / `discriminator.start_step` compare the 0-based step: official - 1."""
+    return max(int(official) - 1, 0)
+
+
+def gigatok_vq_train(config: ml_collections.ConfigDict) -> None:
+    """The training-step semantics of GigaTok's `tokenizer/tokenizer_image/vq/vq_train.py` +
+    `vq_loss.VQLoss` (checked by tests/test_train_parity_gigatok.py against the official step):
+
+    * LPIPS in train mode: its linear layers' Dropout(0.5) is active (perceptual.lpips_dropout);
+    * `cosine_schedule_with_warmup_v2` / `const_lr` / `wsd_lr` are functions called after
+      `optimizer.step()` that set the next step's LR (schedule_step "after_call": step 1 at the
+      base LR), warm-up from lr / 100 (warmup_init 0.01); the D scheduler is called only on D
+      steps but with the global step (global_schedule: D's first step at the construction LR);
+    * torch AdamW (eps 1e-8) over all parameters in one group (decay_mask "all"; the FSDP
+      trainer's "no_norm" is kept where a recipe sets it) and `clip_grad_norm_` with the same
+      threshold for G and D (torch's rule, clip_eps 1e-6);
+    * the PatchGAN's BatchNorm in train mode with its running statistics kept (in the train
+      state's disc_state), D called on the real batch first (call_order "real_fake"; the DINO
+      discriminator's step calls it on the fake batch first);
+    * `update_ema` without warm-up (ema_warmup "none", when ema_decay > 0)."""
+    for o in (config.optim, config.disc_optim):
+        o.schedule_step, o.warmup_init, o.eps, o.clip_eps = "after_call", 0.01, 1e-8, 1e-6
+        if o.decay_mask not in ("all", "no_norm"):
+            o.decay_mask = "all"
+        o.no_decay_names = ""
+    config.disc_optim.grad_clip = config.optim.grad_clip
+    config.perceptual.lpips_dropout = 0.5
+    config.ema_warmup = "none"
+    d = config.discriminator
+    d.global_schedule = True  # scheduler_disc(train_steps)
+    if d.name == "patchgan":
+        d.call_order = "real_fake"
+        d.model.track_running_stats = True
+    else:
+        d.call_order = "fake_real"
 
 
 # --------------------------------------------------------------------------- official semantics

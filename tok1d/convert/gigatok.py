@@ -7,6 +7,8 @@ block type) into a `ParamTree`; the CNN halves are in `convert.gigatok_cnn`.
 
 from __future__ import annotations
 
+import functools
+
 from tok1d.convert import common
 from tok1d.convert.common import ParamTree, StateDict
 
@@ -122,7 +124,8 @@ def kwargs_from_official(init_args: dict, size_tables: dict | None = None,
 
     `size_tables` adds ViT size names ({name: {width, num_layers, num_heads}});
     `ctor_patches` are constructor defaults that are not config fields upstream
-    ({"Encoder.ch": .., "Decoder.ch": ..}, as the golden fixtures record them). `layout`:
+    ({"Encoder.ch": .., "Decoder.ch": .., "Encoder.num_res_blocks": .., "Decoder.num_res_blocks":
+    ..}, as the golden fixtures record them; the two halves must share num_res_blocks). `layout`:
     "1d" / "2d" (see `layout_from_config`); None guesses "2d" only when init_args name a
     `transformer_layer_type`. A 2D config without that field gets the official default,
     TransformerDecoderLayer ("detr")."""
@@ -152,6 +155,11 @@ def kwargs_from_official(init_args: dict, size_tables: dict | None = None,
               adaptive_gn=a.get("adaptive_gn", False), d2s_up=a.get("d2s_up", False),
               distill_depth=a.get("distill_depth") or 0,
               out_inner_dim=a.get("out_inner_dim", 768))
+    blocks = {patches.get(f"{half}.num_res_blocks", 2) for half in ("Encoder", "Decoder")}
+    if len(blocks) != 1:
+        raise common.ConversionError(f"Encoder / Decoder num_res_blocks differ ({patches}); "
+                                     "tok1d's GigaTok shares one num_res_blocks")
+    kw["num_res_blocks"] = blocks.pop()
     if a.get("use_attn"):
         raise common.ConversionError("use_attn=True (CNN attention blocks) is not supported")
     for prefix, key in (("encoder", "encoder_size"), ("decoder", "decoder_size")):
@@ -170,9 +178,6 @@ def kwargs_from_official(init_args: dict, size_tables: dict | None = None,
 
 def convert_gigatok(state_dict, model, what: str = "GigaTok checkpoint") -> dict:
     """Official GigaTok state_dict (VQVitModelPlus / VQVitModel2DPlus) -> params of `model`."""
-    import jax
-    import jax.numpy as jnp
-
     from tok1d.convert import gigatok_cnn
 
     sd = StateDict(state_dict, what)
@@ -198,6 +203,15 @@ def convert_gigatok(state_dict, model, what: str = "GigaTok checkpoint") -> dict
         out.set_tree(name, common.conv1x1_dense(sd, name), name)
     out.set("quantize/embedding", sd.take("quantize.embedding.weight"),
             "quantize.embedding.weight")
+    return common.finish(sd, out, abstract_params(model))
+
+
+@functools.lru_cache(maxsize=8)
+def abstract_params(model):
+    """The (boxed) parameter shapes of a GigaTok module (cached: converting many state dicts
+    of one model, e.g. the train-step parity tests, traces its init once)."""
+    import jax
+    import jax.numpy as jnp
+
     images = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, 3), jnp.float32)
-    abstract = jax.eval_shape(model.init, jax.random.key(0), images)["params"]
-    return common.finish(sd, out, abstract)
+    return jax.eval_shape(model.init, jax.random.key(0), images)["params"]

@@ -53,9 +53,13 @@ Two discriminators, each a faithful port of the one an official recipe trains:
     statistics of the batch it is given, its running averages are updated but never read, and
     DDP without SyncBatchNorm makes those statistics per GPU. The discriminator is called
     separately on the real and on the fake batch (and once more on the fake batch in the
-    generator step), so each call has its own statistics. This port therefore has **no
-    running statistics and no `batch_stats` collection**: `apply` needs no mutable collections,
-    and the module is a pure function of (params, images). Under jit with the batch sharded
+    generator step), so each call has its own statistics. By default this port therefore has
+    **no running statistics and no `batch_stats` collection**: `apply` needs no mutable
+    collections, and the module is a pure function of (params, images). With
+    `track_running_stats=True` (the GigaTok recipes, whose checkpoints carry them) the running
+    averages live in a "batch_stats" collection that every call applied with it mutable
+    advances as torch does (the trainer threads it through every D call of a step, in the
+    official order, as `disc_state`); they never change a logit. Under jit with the batch sharded
     over devices the mean/variance are computed over the whole global batch (SyncBatchNorm
     semantics); set `batch_norm_group_size` to the official per-GPU batch to normalise
     contiguous groups of that many images separately instead (DDP semantics; with the batch
@@ -67,7 +71,9 @@ Two discriminators, each a faithful port of the one an official recipe trains:
 
 `convert_titok_discriminator` / `convert_patchgan_discriminator` turn official PyTorch state
 dicts (a bare discriminator, TiTok's loss-module state dict with its `discriminator.` prefix, or
-GigaTok's `checkpoint["discriminator"]`) into params for these modules.
+GigaTok's `checkpoint["discriminator"]`) into params for these modules;
+`convert_patchgan_batch_stats` turns the BatchNorm running statistics into the "batch_stats"
+collection of a PatchGAN with `track_running_stats=True`.
 """
 
 from __future__ import annotations
@@ -165,15 +171,24 @@ def _avg_pool_2x2(x: jax.Array) -> jax.Array:
 
 
 class BatchNorm(nn.Module):
-    """BatchNorm that always uses the statistics of the current batch (PyTorch train mode) and
-    keeps no running averages. Statistics in float32, biased variance, two-pass.
+    """BatchNorm that always uses the statistics of the current batch (PyTorch train mode).
+    Statistics in float32, biased variance, two-pass.
 
     `group_size`: normalise contiguous groups of this many examples separately (ghost batch
-    norm; emulates per-GPU BatchNorm under DDP). None: the whole (global) batch."""
+    norm; emulates per-GPU BatchNorm under DDP). None: the whole (global) batch.
+
+    `track_running_stats`: also keep PyTorch's running averages (never read: train mode), in
+    the "batch_stats" collection: `mean`, `var` and `count` (= `running_mean`, `running_var`,
+    `num_batches_tracked`), updated by every call applied with "batch_stats" mutable as torch
+    does (momentum 0.1, the unbiased batch variance); a call without it mutable leaves them
+    alone. With groups, the first group's statistics (DDP rank 0, whose buffers a checkpoint
+    saves) feed them."""
 
     epsilon: float = 1e-5
     group_size: Optional[int] = None
     scale_init: Any = nn.initializers.ones
+    track_running_stats: bool = False
+    momentum: float = 0.1
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -191,9 +206,25 @@ class BatchNorm(nn.Module):
         axes = tuple(range(1, xf.ndim - 1))
         mean = jnp.mean(xf, axis=axes, keepdims=True)
         var = jnp.mean(jnp.square(xf - mean), axis=axes, keepdims=True)
+        if self.track_running_stats and self.is_mutable_collection("batch_stats"):
+            self._update_running_stats(mean[0].reshape(c), var[0].reshape(c),
+                                       xf[0].size // c)
         y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon)
         y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
         return y.reshape(x.shape).astype(self.dtype)
+
+    def _update_running_stats(self, mean: jax.Array, var: jax.Array, n: int) -> None:
+        c = mean.shape[0]
+        r_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
+        r_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
+        count = self.variable("batch_stats", "count", jnp.zeros, (), jnp.int32)
+        if self.is_initializing():
+            return
+        m = jnp.float32(self.momentum)
+        unbiased = var * jnp.float32(n / max(n - 1, 1))
+        r_mean.value = (1 - m) * r_mean.value + m * jax.lax.stop_gradient(mean)
+        r_var.value = (1 - m) * r_var.value + m * jax.lax.stop_gradient(unbiased)
+        count.value = count.value + 1
 
 
 # --------------------------------------------------------------------------- TiTok / MaskBit
@@ -254,6 +285,7 @@ class PatchGANDiscriminator(nn.Module):
     max_mult: int = 8
     norm: str = "batch"          # "batch" (official) | "group" (tok1d option, GroupNorm(32))
     batch_norm_group_size: Optional[int] = None
+    track_running_stats: bool = False  # BatchNorm running averages in "batch_stats" (GigaTok)
     norm_epsilon: float = 1e-5
     negative_slope: float = 0.2
     dtype: Dtype = jnp.float32
@@ -272,7 +304,8 @@ class PatchGANDiscriminator(nn.Module):
     def _norm(self, x: jax.Array, name: str) -> jax.Array:
         if self.norm == "batch":
             return BatchNorm(epsilon=self.norm_epsilon, group_size=self.batch_norm_group_size,
-                             scale_init=_normal_around(1.0, 0.02), dtype=self.dtype,
+                             scale_init=_normal_around(1.0, 0.02),
+                             track_running_stats=self.track_running_stats, dtype=self.dtype,
                              param_dtype=self.param_dtype, name=name)(x)
         if self.norm == "group":
             return group_norm(self.dtype, self.param_dtype, name,
@@ -363,3 +396,27 @@ def convert_patchgan_discriminator(state_dict: Mapping[str, Any],
     last = 2 + 3 * model.num_layers
     out.set_tree("conv_out", common.conv_params(sd, f"main.{last}"), f"main.{last}")
     return common.finish(sd, out, _abstract_params(model))
+
+
+def convert_patchgan_batch_stats(state_dict: Mapping[str, Any],
+                                 model: Optional[PatchGANDiscriminator] = None) -> dict[str, Any]:
+    """The BatchNorm running statistics of an official PatchGAN state dict (`main.{i}.running_mean
+    / running_var / num_batches_tracked`) -> the "batch_stats" collection of a
+    `PatchGANDiscriminator(track_running_stats=True)`: {"norm_{n}": {"mean", "var", "count"}}."""
+    from tok1d.convert import common
+
+    model = model or PatchGANDiscriminator(track_running_stats=True)
+    raw = {k: common._to_numpy(v) for k, v in _strip_prefix(state_dict, "main.").items()}
+    out, missing = {}, []
+    for n in range(1, model.num_layers + 1):
+        src = f"main.{2 + 3 * (n - 1) + 1}"
+        names = {"mean": "running_mean", "var": "running_var", "count": "num_batches_tracked"}
+        missing += [f"{src}.{b}" for b in names.values() if f"{src}.{b}" not in raw]
+        if not missing:
+            out[f"norm_{n}"] = {
+                "mean": np.asarray(raw[f"{src}.running_mean"], np.float32),
+                "var": np.asarray(raw[f"{src}.running_var"], np.float32),
+                "count": np.asarray(raw[f"{src}.num_batches_tracked"], np.int32).reshape(())}
+    if missing:
+        raise common.ConversionError(f"PatchGAN state_dict lacks BatchNorm statistics: {missing}")
+    return out

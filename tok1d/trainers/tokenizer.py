@@ -22,6 +22,7 @@ import numpy as np
 
 from tok1d import checkpoint as ckpt_lib
 from tok1d import config_lib, gan, images, losses, models, optim, parallel, pretrained, summary
+from tok1d import perceptual as perceptual_lib
 from tok1d.data import pipeline, sources
 from tok1d.evaluation import codebook as codebook_lib
 from tok1d.evaluation import evaluator
@@ -101,11 +102,11 @@ def build_frozen(config, model: nn.Module):
         frozen["teacher"] = teacher[1]
     perceptual = None
     if config.losses.perceptual:
-        from tok1d import perceptual as perceptual_lib
         perceptual = perceptual_lib.make_perceptual(
             config.perceptual.kind, config.perceptual.weights or None,
             allow_random_init=config.perceptual.allow_random_init,
-            image_size=config.perceptual.image_size)
+            image_size=config.perceptual.image_size,
+            lpips_dropout=config.perceptual.get("lpips_dropout", 0.0))
         frozen["perceptual"] = perceptual.params
     return teacher, perceptual, frozen
 
@@ -253,12 +254,24 @@ def pixel_range_fns(model: nn.Module):
 def make_loss_fn(model: nn.Module, config, teacher=None, perceptual=None, disc=None):
     """The generator objective. Returns
 
-        loss_fn(params, images, frozen, disc_params, disc_state, active, aux_on, rng)
-            -> (total, (terms, extras, reconstructions, new disc_state))
+        loss_fn(params, images, frozen, disc_params, disc_state, active, aux_on, rng,
+                draws=None) -> (total, (terms, extras, outputs, new disc_state))
 
     `images` in [0, 1]; `frozen` holds the teacher / perceptual params (not differentiated:
     they get no gradient and no optimizer state); `active` gates the GAN term, `aux_on` the
-    warm-up terms; `terms` are the unweighted values of every enabled term."""
+    warm-up terms; `terms` are the unweighted values of every enabled term; `outputs` holds the
+    reconstruction ("pixels", the model's range) and, with the shortcut term, the shortcut
+    reconstruction ("shortcut_pixels", zeros while the warm-up is off). `draws`: the batch's
+    recorded random draws (`common.injected`): the LPIPS dropout keep masks
+    "lpips_keep/rec/lin{k}" (reconstruction) and "lpips_keep/shortcut/lin{k}" (shortcut), each
+    (B, H_k, W_k, C_k) for VGG tap k, used when `perceptual.lpips_dropout` > 0 (otherwise
+    drawn with `perceptual.bernoulli_keep`). TiTok stage 1 reads its targets as the draw
+    "proxy_codes", (B, h, w) integer codes (default: the frozen teacher's encode, as
+    upstream's `pretrained_tokenizer.encode(images)`).
+
+    GigaTok's shortcut term (official VQLoss with `use_direct_rec_loss`), for x~ = CNN decoder
+    on the encoder's map: w_l2 MSE(x, x~) + w_perceptual LPIPS(x, x~), plus in a step where the
+    warm-up and the GAN overlap gan * G-loss(D(x~)); `losses.shortcut` (1.0) scales the sum."""
     weights = {k: float(v) for k, v in config.losses.items() if v and k != "gan"}
     gan_weight = float(config.losses.gan)
     num_codes = getattr(model, "num_codes", None)
@@ -269,8 +282,19 @@ def make_loss_fn(model: nn.Module, config, teacher=None, perceptual=None, disc=N
     g_loss_fn_ = gan.g_loss_fn(config.discriminator.loss) if disc is not None else None
     disc_apply = (make_disc_apply(disc, config.discriminator, model) if disc is not None
                   else None)
+    lpips_rate = getattr(perceptual, "lpips_dropout", 0.0)
 
-    def term_values(out, aux, x, images, frozen):
+    def perceptual_value(frozen, pixels, images, draws, call, rng):
+        """The perceptual term of `pixels` (model range) vs `images` ([0, 1]); with LPIPS dropout
+        its keep masks are the draws "lpips_keep/<call>/lin<k>"."""
+        keep = None
+        if lpips_rate:
+            default = perceptual_lib.bernoulli_keep(rng, lpips_rate)
+            keep = lambda k, shape: common.injected(  # noqa: E731
+                {"draws": draws}, f"lpips_keep/{call}/lin{k}", lambda: default(k, shape))
+        return perceptual.apply(frozen["perceptual"], to_unit(pixels), images, keep)
+
+    def term_values(out, aux, x, images, frozen, draws=None, rng=None):
         """Unweighted terms; `x` is the input in the model's range, `images` in [0, 1]."""
         terms = {}
         for name in weights:
@@ -280,9 +304,11 @@ def make_loss_fn(model: nn.Module, config, teacher=None, perceptual=None, disc=N
                                                  "predicts proxy codes (use losses.proxy_ce).")
                 terms[name] = losses.RECONSTRUCTION_TERMS[name](out, x)
             elif name == "proxy_ce":
-                terms[name] = losses.proxy_code_ce(out, teacher_codes(frozen, images))
+                codes = common.injected({"draws": draws}, "proxy_codes",
+                                        lambda: teacher_codes(frozen, images))
+                terms[name] = losses.proxy_code_ce(out, codes)
             elif name == "perceptual":
-                terms[name] = perceptual.apply(frozen["perceptual"], to_unit(out), images)
+                terms[name] = perceptual_value(frozen, out, images, draws, "rec", rng)
             elif name == "semantic":
                 if "semantic_features" not in aux:
                     raise config_lib.ConfigError("losses.semantic needs a model with a semantic "
@@ -301,6 +327,10 @@ def make_loss_fn(model: nn.Module, config, teacher=None, perceptual=None, disc=N
         return terms
 
     def teacher_codes(frozen, images):
+        """TiTok stage 1's targets: the frozen MaskGIT-VQGAN's (B, h, w) codes."""
+        if teacher is None:
+            raise config_lib.ConfigError("losses.proxy_ce needs the teacher (teacher.name="
+                                         "'maskgit_vqgan') or the draw 'proxy_codes' in the batch.")
         _, aux = teacher[0].apply({"params": frozen["teacher"]}, images,
                                   method=teacher[0].encode)
         return jax.lax.stop_gradient(aux["codes"])
@@ -314,49 +344,95 @@ def make_loss_fn(model: nn.Module, config, teacher=None, perceptual=None, disc=N
         feats = t_model.apply({"params": frozen["teacher"]}, pixels)["patch_tokens"]
         return jax.lax.stop_gradient(feats)
 
-    def shortcut_loss(params, cnn_map, x, images, frozen):
-        """GigaTok's early-phase direct reconstruction: CNN decoder on the encoder's map."""
+    def shortcut_terms(params, cnn_map, x, images, frozen, disc_params, disc_state, active,
+                       draws, rng):
+        """GigaTok's early-phase direct reconstruction x~ (CNN decoder on the encoder's map):
+        (weighted loss, unweighted parts, x~, disc_state); see `make_loss_fn`."""
+        k_perc, k_disc = jax.random.split(rng)
         pixels = model.apply({"params": params}, cnn_map, method="decode_cnn_map")
-        loss = losses.l2_loss(pixels, x)
-        if perceptual is not None:
-            loss = loss + weights["perceptual"] * perceptual.apply(frozen["perceptual"],
-                                                                   to_unit(pixels), images)
-        return loss
+        parts = {name: fn(pixels, x) for name, fn in losses.RECONSTRUCTION_TERMS.items()
+                 if name in weights}
+        if "perceptual" in weights:
+            parts["perceptual"] = perceptual_value(frozen, pixels, images, draws, "shortcut",
+                                                   k_perc)
+        loss = losses.weighted_sum(weights, parts)
+        if disc is not None:  # only called in an overlap step, after D(x_hat) (official order)
+            def gan_on():
+                logits, new_state = disc_apply(disc_params, disc_state, pixels, k_disc)
+                return g_loss_fn_(logits), new_state
 
-    def g_loss(params, images, frozen, disc_params, disc_state, active, aux_on, rng):
+            parts["gan"], disc_state = jax.lax.cond(
+                active > 0, gan_on, lambda: (jnp.zeros((), jnp.float32), disc_state))
+            loss = loss + gan_weight * active * parts["gan"]
+        return loss, parts, pixels, disc_state
+
+    def g_loss(params, images, frozen, disc_params, disc_state, active, aux_on, rng,
+               draws=None):
         rng, disc_rng = jax.random.split(rng)
+        rec_rng, short_rng = jax.random.split(jax.random.fold_in(rng, 1))
         x = to_model(images)
         out, aux = model.apply({"params": params}, x, rngs={"sample": rng}, **call_kwargs)
-        terms = term_values(out, aux, x, images, frozen)
-        if "shortcut" in weights:
-            terms["shortcut"] = jax.lax.cond(
-                aux_on > 0, lambda: shortcut_loss(params, aux["cnn_map"], x, images, frozen),
-                lambda: jnp.zeros((), jnp.float32))
+        terms = term_values(out, aux, x, images, frozen, draws, rec_rng)
         scale = {k: w * aux_on if k in WARMUP_TERMS else w for k, w in weights.items()}
-        total = losses.weighted_sum(scale, terms)
         if disc is not None:
             logits, disc_state = disc_apply(disc_params, disc_state, out, disc_rng)
             terms["gan"] = g_loss_fn_(logits)
+        outputs, extras = {"pixels": out}, {}
+        if "shortcut" in weights:
+            def shortcut_on():
+                return shortcut_terms(params, aux["cnn_map"], x, images, frozen, disc_params,
+                                      disc_state, active, draws, short_rng)
+
+            zeros = jax.tree.map(lambda t: jnp.zeros(t.shape, t.dtype),
+                                 jax.eval_shape(shortcut_on)[:3])
+            terms["shortcut"], parts, outputs["shortcut_pixels"], disc_state = jax.lax.cond(
+                aux_on > 0, shortcut_on, lambda: (*zeros, disc_state))
+            extras.update({f"shortcut_{k}": v for k, v in parts.items()})
+        total = losses.weighted_sum(scale, {k: v for k, v in terms.items() if k != "gan"})
+        if disc is not None:
             total = total + gan_weight * active * terms["gan"]
-        extras = {}
+        if "quantizer" in weights and "codebook_loss" in aux:  # the official log's two parts
+            extras.update(quantizer_codebook=aux["codebook_loss"],
+                          quantizer_commitment=aux["commitment_loss"])
         if outputs_pixels:
             extras["psnr"] = jnp.mean(psnr(to_unit(out), images))
         if num_codes:
             hist = codebook_lib.code_histogram(aux["codes"], num_codes)
             extras["batch_perplexity"] = codebook_lib.perplexity(hist)
-        return total, (terms, extras, out, disc_state)
+        return total, (terms, extras, outputs, disc_state)
 
     return g_loss
 
 
+def schedule_count(opt_state: Any) -> jax.Array:
+    """The update count that an optimizer's LR schedule reads (its `ScaleByScheduleState`): the
+    index of the optimizer's next update, whatever steps it skipped."""
+    counts = [v for path, v in optim.optax.tree_utils.tree_get_all_with_path(opt_state, "count")
+              if any(getattr(k, "tuple_name", None) == "ScaleByScheduleState" for k in path)]
+    if not counts:
+        raise ValueError("the optimizer state holds no LR schedule count")
+    return counts[0]
+
+
 def make_train_step(model: nn.Module, tx, schedule, config, teacher=None, perceptual=None,
-                    disc=None, disc_tx=None):
+                    disc=None, disc_tx=None, disc_schedule=None):
     """The jitted-to-be update: forward, losses (`make_loss_fn`), grads (optionally
     accumulated), AdamW, EMA, then (with a GAN) the discriminator update on the same, detached
     reconstructions.
 
     Signature: (state, batch, frozen) -> (state, scalars, finite); `frozen` holds the params of
-    the teacher / perceptual networks, which therefore get no gradient and no optimizer state."""
+    the teacher / perceptual networks, which therefore get no gradient and no optimizer state.
+    `batch["draws"]` (optional) carries recorded random draws by name (`common.injected`); this
+    step reads the LPIPS dropout masks "lpips_keep/rec/lin{k}" and "lpips_keep/shortcut/lin{k}"
+    (see `make_loss_fn`; not with grad_accum_steps > 1) and TiTok stage 1's "proxy_codes".
+
+    The discriminator step calls D on the real and the detached fake batch in
+    `discriminator.call_order`; in a step where GigaTok's warm-up and the GAN overlap it also
+    trains on the detached shortcut reconstruction (d_weight * D-loss(D(x), D(x~)), official
+    VQLoss). Every D call of the step (the generator's on x_hat included) advances the
+    discriminator's non-param state (BatchNorm running stats, spectral-norm vectors).
+    Discriminator scalars: d_loss (what D minimises), d_adv_loss (d_weight * D-loss on x_hat),
+    d_grad_norm (before clipping), d_lr (the LR of its update; 0 when D is not trained)."""
     g_loss = make_loss_fn(model, config, teacher, perceptual, disc)
     weights = {k for k, v in config.losses.items() if v and k != "gan"}
     accum = config.optim.grad_accum_steps
@@ -367,13 +443,34 @@ def make_train_step(model: nn.Module, tx, schedule, config, teacher=None, percep
     d_loss_fn_ = gan.d_loss_fn(dcfg.loss) if disc is not None else None
     disc_apply = make_disc_apply(disc, dcfg, model) if disc is not None else None
     base_rng = jax.random.key(config.seed + 1)
+    orders = {"fake_real": ("fake", "real"), "real_fake": ("real", "fake")}
+    if dcfg.get("call_order", "fake_real") not in orders:
+        raise config_lib.ConfigError(f"discriminator.call_order={dcfg.call_order!r}; expected "
+                                     f"one of {sorted(orders)}.")
+    call_order = orders[dcfg.get("call_order", "fake_real")]
 
-    def d_loss(disc_params, disc_state, images, fake, lecam_state, rng):
-        k_fake, k_real = jax.random.split(rng)  # fake first, as the official step
-        fake_logits, disc_state = disc_apply(disc_params, disc_state, fake, k_fake)
-        real_logits, disc_state = disc_apply(disc_params, disc_state, to_model(images), k_real)
+    def d_loss(disc_params, disc_state, images, fake, lecam_state, rng, shortcut=None,
+               shortcut_on=0.0):
+        k_fake, k_real = jax.random.split(rng)
+        inputs = {"fake": (fake, k_fake), "real": (to_model(images), k_real)}
+        logits = {}
+        for which in call_order:
+            logits[which], disc_state = disc_apply(disc_params, disc_state, *inputs[which])
+        real_logits, fake_logits = logits["real"], logits["fake"]
         loss = dcfg.d_weight * d_loss_fn_(real_logits, fake_logits)
-        means = dict(logits_real=jnp.mean(real_logits), logits_fake=jnp.mean(fake_logits))
+        means = dict(logits_real=jnp.mean(real_logits), logits_fake=jnp.mean(fake_logits),
+                     adv_loss=loss)
+        if shortcut is not None:  # GigaTok warm-up + GAN overlap: x~ is a fake too
+            def shortcut_d_loss():
+                lg, new_state = disc_apply(disc_params, disc_state, shortcut,
+                                           jax.random.fold_in(rng, 2))
+                return d_loss_fn_(real_logits, lg), new_state
+
+            means["shortcut_adv_loss"], disc_state = jax.lax.cond(
+                shortcut_on > 0, shortcut_d_loss,
+                lambda: (jnp.zeros((), jnp.float32), disc_state))
+            means["shortcut_adv_loss"] = dcfg.d_weight * means["shortcut_adv_loss"]
+            loss = loss + means["shortcut_adv_loss"]
         if dcfg.lecam:
             means["lecam"] = gan.lecam_loss(real_logits, fake_logits, lecam_state)
             loss = loss + dcfg.lecam * means["lecam"]
@@ -382,24 +479,29 @@ def make_train_step(model: nn.Module, tx, schedule, config, teacher=None, percep
     g_grad = jax.value_and_grad(g_loss, has_aux=True)
     d_grad = jax.value_and_grad(d_loss, has_aux=True)
 
-    def micro_step(state, disc_state, images, frozen, flags, rng):
+    def micro_step(state, disc_state, images, frozen, flags, rng, draws=None):
         """One microbatch: G loss + grads, then the D loss + grads on the detached output.
         Returns (summable results, the advanced discriminator state)."""
         active, aux_on = flags
         g_rng, d_rng = jax.random.split(rng)
-        (loss, (terms, extras, out, disc_state)), grads = g_grad(
-            state.params, images, frozen, state.disc_params, disc_state, active, aux_on, g_rng)
+        (loss, (terms, extras, outs, disc_state)), grads = g_grad(
+            state.params, images, frozen, state.disc_params, disc_state, active, aux_on, g_rng,
+            draws)
         result = dict(loss=loss, terms=terms, extras=extras, grads=grads)
         if disc is not None:
+            shortcut = outs.get("shortcut_pixels")
             (dl, (means, disc_state)), dg = d_grad(
-                state.disc_params, disc_state, images, jax.lax.stop_gradient(out), state.lecam,
-                d_rng)
+                state.disc_params, disc_state, images, jax.lax.stop_gradient(outs["pixels"]),
+                state.lecam, d_rng,
+                None if shortcut is None else jax.lax.stop_gradient(shortcut), active * aux_on)
             result.update(d_loss=dl, d_means=means, d_grads=dg)
         return result, disc_state
 
-    def accumulate(state, images, frozen, flags, rng):
+    def accumulate(state, images, frozen, flags, rng, draws=None):
         if accum == 1:
-            return micro_step(state, state.disc_state, images, frozen, flags, rng)
+            return micro_step(state, state.disc_state, images, frozen, flags, rng, draws)
+        if draws:
+            raise ValueError("batch['draws'] (recorded random draws) needs grad_accum_steps=1.")
         # Microbatch m takes rows m, m + accum, ... so every device contributes to each one.
         micro = images.reshape((-1, accum) + images.shape[1:]).swapaxes(0, 1)
         rngs = jax.random.split(rng, accum)
@@ -420,7 +522,8 @@ def make_train_step(model: nn.Module, tx, schedule, config, teacher=None, percep
         active = (gan.gan_active(state.step, dcfg.start_step) if disc is not None
                   else jnp.float32(0))
         aux_on = (state.step < aux_end).astype(jnp.float32)
-        r, disc_state = accumulate(state, batch["image"], frozen, (active, aux_on), rng)
+        r, disc_state = accumulate(state, batch["image"], frozen, (active, aux_on), rng,
+                                   batch.get("draws"))
         loss, grads = r["loss"], r["grads"]
         grad_norm = optim.global_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -452,7 +555,10 @@ def make_train_step(model: nn.Module, tx, schedule, config, teacher=None, percep
                               lecam=keep(lecam, state.lecam))
             finite = finite & jnp.isfinite(r["d_loss"])
             scalars.update(d_loss=r["d_loss"], gan_active=active,
+                           d_grad_norm=optim.global_norm(r["d_grads"]),
                            **{f"d_{k}": v for k, v in r["d_means"].items()})
+            if disc_schedule is not None:
+                scalars["d_lr"] = active * disc_schedule(schedule_count(state.disc_opt_state))
         new = common.keep_if_finite(finite, new, state)
         return new, scalars, finite
 
@@ -613,7 +719,7 @@ def build_training(config: ml_collections.ConfigDict, mesh, rules, batch_sh) -> 
     teacher, perceptual, frozen = build_frozen(config, model)
     frozen = replicate(frozen, mesh)
     disc = build_discriminator(config)
-    disc_tx = init_disc = None
+    disc_tx = init_disc = disc_schedule = None
     if disc is not None:
         start = config.discriminator.start_step
         if config.discriminator.global_schedule:  # GigaTok: D's lr follows the global step
@@ -631,15 +737,16 @@ def build_training(config: ml_collections.ConfigDict, mesh, rules, batch_sh) -> 
 
         init_disc = _init_disc
         disc_shapes = nn.unbox(jax.eval_shape(init_disc, jax.random.key(0))["params"])
-        disc_tx, _ = optim.make_optimizer(config.disc_optim, disc_steps, disc_shapes,
-                                          step_offset=offset)
+        disc_tx, disc_schedule = optim.make_optimizer(config.disc_optim, disc_steps,
+                                                      disc_shapes, step_offset=offset)
 
     abstract, shardings, init = common.state_shardings_and_init(
         init_params, tx, mesh, rules, use_ema=config.ema_decay > 0, init_disc=init_disc,
         disc_tx=disc_tx)
     frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
     step_fn = jax.jit(
-        make_train_step(model, tx, schedule, config, teacher, perceptual, disc, disc_tx),
+        make_train_step(model, tx, schedule, config, teacher, perceptual, disc, disc_tx,
+                        disc_schedule),
         in_shardings=(shardings, batch_sh, frozen_sh), out_shardings=(shardings, None, None),
         donate_argnums=(0,))
     return Training(model, teacher, perceptual, disc, frozen, abstract, shardings, init, step_fn)

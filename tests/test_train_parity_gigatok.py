@@ -1,0 +1,361 @@
+"""Train-step parity of GigaTok tokenizer training with the official vq_train.py step
+(`train_gigatok*.npz`, fixture README section 8.3).
+
+For every fixture file with the PatchGAN discriminator: the config comes from the official
+config stored in the file (`tok1d.official.gigatok.config_from_fixture_meta`), the initial
+official tokenizer / discriminator (BatchNorm running statistics included) / DINOv2 teacher /
+LPIPS weights are converted with tok1d's converters, and the stored batches run through the
+tokenizer trainer's own jitted train step (`tokenizer.build_training`), the official LPIPS
+dropout masks replayed through `batch["draws"]` ("lpips_keep/rec/lin{k}",
+"lpips_keep/shortcut/lin{k}"). Compared: per step the LRs (G and D), every value of the
+official log (`official.official_log`), the G and D gradient norms before clipping, the codes,
+reconstructions and step-1 teacher / semantic features; after step 1, the discriminator's
+first update and at the end: the params, EMA, discriminator params and running statistics, the
+recorded AdamW moments; the weight-decay groups. Files with another discriminator
+(`disc_type`, e.g. the DINO-discriminator variant) are skipped here with the reason.
+
+Two runs of the same step:
+
+* float32 (the port as used; `check_fixture(path, FLOAT32)`): step 1 at the README's tight
+  bounds. After step 1 the float32 trajectory is chaotic: the LPIPS gradient is very sensitive
+  to the reconstruction (VGG ReLU / max-pool switching: a 1e-5 change of the pixels moves the
+  perceptual gradient by up to 1e-3), float32 rounding of the pixels (6.7e-6 here vs 3.5e-6 in
+  torch's float32) changes step 1's gradient by 5.7e-5 (torch float32 vs float64: 2.3e-6), and
+  AdamW's sign-like first steps turn gradient elements near zero into +-lr moves. Later steps
+  are therefore compared with bounds measured on this trajectory (`FLOAT32`, about 3x the
+  measured error), and the discriminator's first update per element with 2 x lr (a sign flip).
+* float64 (`test_float64_run_matches_official_at_the_floors`): the same trainer step with every
+  float32 of tok1d / Flax / optax computing in float64 (a subprocess with jax x64 that rebinds
+  `jnp.float32` before anything is imported). It lands on the official float32 step within the
+  file's own float32-vs-float64 floors on every quantity, all steps (`FLOAT64`, the README's
+  bounds), which checks the semantics exactly.
+"""
+
+import dataclasses
+import functools
+import os
+import subprocess
+import sys
+import types
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+import train_parity as tp
+import train_parity_generators as tpg
+from conftest import REPO
+from tok1d import optim, parallel
+from tok1d.convert import dinov2 as convert_dinov2
+from tok1d.convert import gigatok as convert_gigatok
+from tok1d.convert import perceptual as convert_perceptual
+from tok1d.models import discriminator as disc_lib
+from tok1d.models.dinov2 import preprocess_gigatok
+from tok1d.official import gigatok as official
+from tok1d.trainers import tokenizer
+
+SUPPORTED_DISC = "patchgan"
+PIXELS_REL = 3e-4        # README 0: GigaTok training pixels (rotation-trick latents)
+FEATURES_REL = 2e-5      # transformer outputs
+ZERO_REF_ABS = 1e-6      # moments / logs whose official value is exactly 0 (float32 noise here)
+
+
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    """Relative bounds of one run (README 8 / 8.3 unless noted)."""
+
+    name: str
+    step1_loss: float = 1e-5          # losses and every logged value, step 1
+    later_loss: float = 1e-4          # ... later steps
+    step1_grad: float = 1e-4          # G and D grad norms, step 1 / D's first step
+    later_grad_floor: float = 10.0    # later G grad norms: x the file's per-step floor ...
+    later_grad_min: float = 1e-4      # ... at least this
+    later_disc_grad: float = 1e-4     # later D grad norms
+    step1_moments: tuple = (1e-4, 2e-4)   # exp_avg, exp_avg_sq after step 1
+    later_moments: float = 1e-3
+    disc_sign_flips: bool = False     # D params: abs 2 x sum(lr_D) instead of 10 x floor
+    disc_stats: float = 0.0           # D running stats (0: 10 x the D params floor)
+    disc_moments: tuple = (1e-4, 2e-4)    # D exp_avg, exp_avg_sq after its first update
+    disc_later_moments: float = 1e-3
+
+
+FLOAT64 = Bounds("float64 run")
+# float32: README at step 1 (Adam moments at README 8.3's 1e-3); later steps ~3x the measured
+# errors on train_gigatok.npz (losses 4.8e-4, G grad norm 7.7e-3, D grad norm 1.5e-3, moments
+# 1.7e-2, D running stats 8.5e-4, D moments 2.6e-2), see the module docstring.
+FLOAT32 = Bounds("float32 run", later_loss=1.5e-3, later_grad_floor=0.0, later_grad_min=2.5e-2,
+                 later_disc_grad=5e-3, step1_moments=(1e-3, 1e-3), later_moments=5e-2,
+                 disc_sign_flips=True, disc_stats=3e-3, disc_moments=(1e-1, 1e-1),
+                 disc_later_moments=1e-1)
+
+
+def disc_type(z: tp.Fixture) -> str:
+    return z.meta["config"]["loss"]["params"].get("disc_type", "patchgan")
+
+
+def nchw_to_nhwc(x) -> np.ndarray:
+    return np.moveaxis(np.asarray(x, np.float32), -3, -1)
+
+
+def lpips_draws(z: tp.Fixture, step: int, batch: int) -> dict[str, np.ndarray]:
+    """The LPIPS dropout keep masks of one step (1-based) as the step's named draws: call c of
+    `lpips_keep_u/call_step` / `call_is_direct` keeps where u >= 0.5. Steps without a shortcut
+    call get all-ones shortcut masks (never read: the warm-up branch is off), so every step has
+    the same draws and the step compiles once."""
+    calls = np.asarray(z["lpips_keep_u/call_step"])
+    direct = np.asarray(z["lpips_keep_u/call_is_direct"])
+    layers = sorted(k.rsplit("lin", 1)[1] for k in z if k.startswith("lpips_keep_u/lin"))
+    draws = {}
+    for k in layers:
+        u = z[f"lpips_keep_u/lin{k}"]
+        for call, is_direct in (("rec", 0), ("shortcut", 1)):
+            hit = np.flatnonzero((calls == step) & (direct == is_direct))
+            if hit.size:
+                draws[f"lpips_keep/{call}/lin{k}"] = nchw_to_nhwc(u[hit[0]] >= 0.5) > 0
+            else:
+                shape = nchw_to_nhwc(u[0]).shape
+                draws[f"lpips_keep/{call}/lin{k}"] = np.ones(shape, bool)
+        assert draws[f"lpips_keep/rec/lin{k}"].shape[0] == batch
+    return draws
+
+
+def compare_value(report: tp.Report, name: str, got: float, want: float, rel: float) -> None:
+    """NaN (no D step) must stay NaN; an exactly-zero official value gets an absolute bound."""
+    if np.isnan(want):
+        report.check(f"{name} (nan: no update)", float(not np.isnan(got)), 0.0, "mismatches")
+    elif want == 0:
+        report.abs(name, got, want, ZERO_REF_ABS)
+    else:
+        report.rel(name, got, want, rel)
+
+
+def moments(report: tp.Report, z: tp.Fixture, prefix: str, kind: str, tmap: tp.TensorMap,
+            opt_state, bounds: tuple[float, float]) -> None:
+    """`<prefix>/<kind>/<p>/{exp_avg,exp_avg_sq}` against the AdamW mu / nu of `opt_state`."""
+    for name, which, bound in zip(("exp_avg", "exp_avg_sq"), ("mu", "nu"), bounds):
+        head, tail = f"{prefix}/{kind}/", "/" + name
+        official_m = {k[len(head):-len(tail)]: z[k] for k in z
+                      if k.startswith(head) and k.endswith(tail)}
+        assert official_m, f"no {head}*{tail} in {z.path}"
+        tree = tpg.adam_moment(types.SimpleNamespace(opt_state=opt_state), which)
+        for key, (want, got) in tmap.pairs(official_m, tree).items():
+            if not np.any(want):
+                report.abs(f"{prefix}/{kind}/{name}[{key}] (zero)", got, want, ZERO_REF_ABS)
+            else:
+                report.rel(f"{prefix}/{kind}/{name}[{key}]", got, want, bound)
+
+
+def decay_groups(report: tp.Report, tag: str, tmap: tp.TensorMap, names, optim_cfg,
+                 params) -> None:
+    """The optimizer's weight-decay mask selects exactly the tok1d leaves of the official
+    (single, decayed) parameter group."""
+    want = set()
+    for key in names:
+        for path, m in jax.tree_util.tree_flatten_with_path(
+                tmap.masks[key], is_leaf=lambda x: x is None)[0]:
+            if m is not None:
+                want.add("/".join(str(getattr(p, "key", p)) for p in path))
+    flat = jax.tree_util.tree_flatten_with_path(optim.decay_mask_of(optim_cfg, params))[0]
+    decayed = {"/".join(str(getattr(p, "key", p)) for p in path) for path, on in flat if on}
+    report.check(f"{tag} decay group (tok1d leaves decayed xor official)",
+                 len(decayed ^ want), 0.0, "mismatches")
+
+
+def state_dicts(z: tp.Fixture, prefix: str) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v, np.float32 if np.asarray(v).dtype.kind == "f" else np.int64)
+            for k, v in z.sub(prefix).items()}
+
+
+def put(host_tree, like):
+    """Host arrays -> device arrays with the dtypes and shardings of `like` (float64 in the
+    float64 run)."""
+    return jax.tree.map(lambda v, ref: jax.device_put(np.asarray(v, ref.dtype), ref.sharding),
+                        host_tree, like)
+
+
+CASES = tp.fixture_params("train_gigatok*.npz")
+
+
+@pytest.mark.parametrize("path", CASES)
+def test_train_step_matches_official(path):
+    check_fixture(path, FLOAT32)
+
+
+FLOAT64_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+import conftest  # XLA flags and the compilation cache, before JAX starts
+import jax
+jax.config.update("jax_enable_x64", True)
+import jax.numpy as jnp
+jnp.float32 = jnp.float64  # every float32 of tok1d / Flax / optax (imported below): float64
+import test_train_parity_gigatok as t
+t.check_fixture(sys.argv[1], t.FLOAT64)
+"""
+
+
+@pytest.mark.parametrize("path", CASES)
+def test_float64_run_matches_official_at_the_floors(path):
+    """The same trainer step computing in float64 (see the module docstring) against the
+    README's bounds on every step."""
+    if disc_type(tp.load(path)) != SUPPORTED_DISC:
+        pytest.skip(f"{path}: disc_type={disc_type(tp.load(path))!r}; this test covers the "
+                    f"{SUPPORTED_DISC!r} discriminator recipe")
+    script = FLOAT64_SCRIPT.format(tests=os.path.join(REPO, "tests"))
+    run = subprocess.run([sys.executable, "-c", script, path], capture_output=True, text=True,
+                         cwd=REPO, env=dict(os.environ), timeout=1800)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-8000:]
+
+
+def check_fixture(path: str, bounds: Bounds) -> None:
+    z = tp.load(path)
+    meta = z.meta
+    if disc_type(z) != SUPPORTED_DISC:
+        pytest.skip(f"{path}: disc_type={disc_type(z)!r}; this test covers the "
+                    f"{SUPPORTED_DISC!r} discriminator recipe")
+    config = official.config_from_fixture_meta(meta)
+    assert config.precision == "float32", "the fixtures run the official step in float32"
+    # Random stand-ins are built, then replaced by the converted fixture weights.
+    config.teacher.allow_random_init = config.perceptual.allow_random_init = True
+    mesh, rules = tp.one_device_mesh()
+    batch_sh = parallel.batch_sharding(mesh, rules)
+    t = tokenizer.build_training(config, mesh, rules, batch_sh)
+    report = tp.Report(f"gigatok ({bounds.name})", path)
+
+    # ------------------------------------------------------------ official weights
+    sd = state_dicts(z, "init/sd/")
+    convert = functools.partial(convert_gigatok.convert_gigatok, model=t.model)
+    params0 = convert(sd)
+    disc_sd = state_dicts(z, "init/disc_sd/")
+    convert_d = functools.partial(disc_lib.convert_patchgan_discriminator, model=t.disc)
+    disc0 = convert_d(disc_sd)
+    stats0 = disc_lib.convert_patchgan_batch_stats(disc_sd, t.disc)
+    teacher = convert_dinov2.convert_dinov2(state_dicts(z, "teacher/sd/"), t.teacher[0])
+    lpips = convert_perceptual.convert_lpips(None, state_dicts(z, "lpips/sd/"))
+    frozen = put({"teacher": teacher, "perceptual": {"lpips": lpips}}, t.frozen)
+
+    # ------------------------------------------------------------ the trainer's own step
+    images = nchw_to_nhwc(z["images"])                      # [-1, 1], k/128 grid
+    steps, batch = images.shape[0], images.shape[1]
+    data = [{"image": (images[k] + 1.0) / 2.0,              # the trainer's [0, 1] (exact)
+             "draws": lpips_draws(z, k + 1, batch)} for k in range(steps)]
+    gan_on = np.asarray(z["step/gan_on"])
+    first_d = int(np.flatnonzero(gan_on)[0]) if gan_on.any() else None
+    scalars, before, states = [], [], {}
+    with jax.default_matmul_precision("highest"), jax.set_mesh(mesh), \
+            nn.logical_axis_rules(rules):
+        state = t.init(jax.random.key(config.seed))
+        state = state.replace(
+            params=put(params0, state.params),
+            ema_params=None if state.ema_params is None else put(params0, state.ema_params),
+            disc_params=put(disc0, state.disc_params),
+            disc_state=put({"batch_stats": stats0}, state.disc_state))
+        for k, b in enumerate(data):
+            before.append(jax.device_get(state.params))
+            state, out, finite = t.step_fn(state, b, frozen)
+            assert bool(finite), f"step {k + 1} was not finite"
+            scalars.append({n: np.asarray(v) for n, v in out.items()})
+            if k == 0:
+                states["step1"] = jax.device_get(state)
+            if k == first_d:
+                states["disc_first"] = jax.device_get(state)
+        states["final"] = jax.device_get(state)
+        # The forward each step ran (params before the step): codes, pixels, features.
+        forward = jax.jit(lambda p, x: t.model.apply({"params": p}, x, True))
+        teach = jax.jit(lambda p, x: t.teacher[0].apply(
+            {"params": p}, preprocess_gigatok(x, 224))["patch_tokens"])
+        fwd = [jax.device_get(forward(before[k], images[k])) for k in range(steps)]
+        teacher_feat = np.asarray(teach(frozen["teacher"], images[0]))
+
+    # ------------------------------------------------------------ per step
+    aux_on = np.asarray(z["step/aux_on"])
+    grad_floor = np.asarray(z["check/f32_vs_f64_rel_per_step/grad_norm"], np.float64)
+    for k, s in enumerate(scalars):
+        tag = f"[step {k + 1}]"
+        log = official.official_log(s, config)
+        loss_rel = bounds.step1_loss if k == 0 else bounds.later_loss
+        compare_value(report, f"lr{tag}", log["lr"], z["step/lr"][k], tpg.LR_REL)
+        compare_value(report, f"lr_disc{tag}", log["lr_disc"], z["step/lr_disc"][k], tpg.LR_REL)
+        for name in ("loss_gen", "loss_disc", "feature_rec_loss"):
+            compare_value(report, f"{name}{tag}", log[name], z[f"step/{name}"][k], loss_rel)
+        for key in z:
+            if not key.startswith("step/log/"):
+                continue
+            name = key[len("step/log/"):]
+            if name == "(Generator)codebook_usage":
+                continue  # not reproduced (see tok1d.official.gigatok)
+            got = log["loss_gen"] + log["loss_disc"] if name == "train_loss" else log[name]
+            compare_value(report, f"{name}{tag}", got, z[key][k], loss_rel)
+        grad_rel = (bounds.step1_grad if k == 0 else
+                    max(bounds.later_grad_floor * grad_floor[k], bounds.later_grad_min))
+        compare_value(report, f"grad_norm{tag}", log["grad_norm"], z["step/grad_norm"][k],
+                      grad_rel)
+        compare_value(report, f"grad_norm_disc{tag}", log["grad_norm_disc"],
+                      z["step/grad_norm_disc"][k],
+                      bounds.step1_grad if k == 0 else bounds.later_disc_grad)
+        pixels, aux = fwd[k]
+        report.exact(f"codes{tag}", np.asarray(aux["codes"]).reshape(batch, -1),
+                     np.asarray(z["step/codes"][k]).reshape(batch, -1))
+        report.rel(f"recons_img0{tag}", pixels[0], nchw_to_nhwc(z["step/recons_img0"][k]),
+                   PIXELS_REL)
+        if aux_on[k] and k < len(z["step/direct_recons_img0"]):
+            report.rel(f"direct_recons_img0{tag}", aux["shortcut_pixels"][0],
+                       nchw_to_nhwc(z["step/direct_recons_img0"][k]), PIXELS_REL)
+    report.rel("step1_teacher_feat", teacher_feat, z["step1/teacher_feat"], FEATURES_REL)
+    report.rel("step1_inner_feat", fwd[0][1]["semantic_features"], z["step1/inner_feat"],
+               FEATURES_REL)
+
+    # ------------------------------------------------------------ tokenizer state
+    lrs = np.asarray(z["step/lr"], np.float64)
+    zero = tuple(meta.get("zero_grad_params", ()))
+    keys = [k for k in sd if k != "quantize.codebook_used"]  # a logging buffer, not a param
+    tmap = tp.TensorMap(convert, sd, keys)
+    param_sd = lambda prefix: {k: v for k, v in state_dicts(z, prefix).items()  # noqa: E731
+                               if k in keys}
+    for tag, n in (("step1", 1), ("final", steps)):
+        floor = float(z[f"check/f32_vs_f64_maxrel/{tag}_params"])
+        tpg.check_state(report, f"{tag}_params", tmap, param_sd(f"{tag}/sd/"),
+                        states[tag].params, tpg.STATE_FLOOR_FACTOR * max(floor, 1e-6), zero,
+                        tpg.zero_grad_bound(lrs, n))
+    if config.ema_decay:
+        floor = float(z["check/f32_vs_f64_maxrel/final_ema"])
+        tpg.check_state(report, "final_ema", tmap, state_dicts(z, "final/ema/"),
+                        states["final"].ema_params, tpg.STATE_FLOOR_FACTOR * max(floor, 1e-7),
+                        zero, tpg.zero_grad_bound(lrs, steps))
+    moments(report, z, "step1", "adam", tmap, states["step1"].opt_state, bounds.step1_moments)
+    moments(report, z, "final", "adam", tmap, states["final"].opt_state,
+            (bounds.later_moments,) * 2)
+    decay_groups(report, "tokenizer", tmap, meta["param_groups"]["all"], config.optim, params0)
+
+    # ------------------------------------------------------------ discriminator
+    d_keys = [k for k in disc_sd if "running_" not in k and "num_batches" not in k]
+    dmap = tp.TensorMap(convert_d, disc_sd, d_keys)
+    lrs_d = np.nan_to_num(np.asarray(z["step/lr_disc"], np.float64))
+    for tag, floor_key in (("disc_first", "disc_first_params"), ("final", "final_disc_params")):
+        if tag not in states or f"{tag}/disc_sd/main.0.weight" not in z:
+            continue
+        n = first_d + 1 if tag == "disc_first" else steps
+        want_sd = state_dicts(z, f"{tag}/disc_sd/")
+        bound = tpg.STATE_FLOOR_FACTOR * max(float(z[f"check/f32_vs_f64_maxrel/{floor_key}"]),
+                                             1e-6)
+        if bounds.disc_sign_flips:  # every element within one AdamW sign flip per D step
+            for key, (want, got) in dmap.pairs({k: want_sd[k] for k in d_keys},
+                                               states[tag].disc_params).items():
+                report.abs(f"{tag}_disc_params[{key}] (<= sign flips)", got, want,
+                           tpg.zero_grad_bound(lrs_d, n))
+        else:
+            tpg.check_state(report, f"{tag}_disc_params", dmap,
+                            {k: want_sd[k] for k in d_keys}, states[tag].disc_params, bound)
+        got_stats = states[tag].disc_state["batch_stats"]
+        for layer, stats in disc_lib.convert_patchgan_batch_stats(want_sd, t.disc).items():
+            for name in ("mean", "var"):
+                report.rel(f"{tag}_disc_running_{name}[{layer}]", got_stats[layer][name],
+                           stats[name], bounds.disc_stats or bound)
+            report.exact(f"{tag}_disc_num_batches_tracked[{layer}]", got_stats[layer]["count"],
+                         stats["count"])
+        moments(report, z, tag, "disc_adam", dmap, states[tag].disc_opt_state,
+                bounds.disc_moments if tag == "disc_first" else (bounds.disc_later_moments,) * 2)
+    decay_groups(report, "discriminator", dmap, meta["param_groups"]["disc"], config.disc_optim,
+                 disc0)
+    report.finish()
