@@ -13,6 +13,9 @@ hinge (weight 0.5, from step 20k); feature-reconstruction and shortcut warm-up l
 until step 15k.
 AdamW (0.9, 0.95) lr 1e-4, wd 1e-4, clip 10, warm-up from lr/100 then cosine to 1e-5; batch
 256, 200 epochs = 1.0M steps; bf16 compute, FSDP over all devices.
+Training-step semantics are vq_train.py's (`tok1d.recipes.gigatok_vq_train`: LPIPS with its
+dropout active, step 1 at the base LR, the D's BatchNorm statistics and call order), checked
+against the official step by tests/test_train_parity_gigatok.py.
 Weights to supply: DINOv2 ViT-B/14 (`dinov2_vitb14_pretrain.pth`, or a directory from
 `python -m tok1d.convert dinov2 ... --pos_grid 16`) and LPIPS-VGG (`python -m
 tok1d.convert.perceptual`).
