@@ -32,9 +32,21 @@ after each stored snapshot the comparison continues from the official state stor
 buffers; tensors the file does not store keep tok1d's values): step 1 runs from the initial
 state, steps 2-4 from the step-1 snapshot (D's first update from the initial D), D's later
 updates from the first D snapshot. Stage 1 runs end to end.
+
+Float64 run (`test_titok_stage2_float64_run_matches_official_at_the_floors`): the same trainer
+step with every float32 of tok1d / Flax / optax computing in float64 (a subprocess with jax x64
+that rebinds `jnp.float32` before anything is imported, as tests/test_train_parity_gigatok.py
+does), free-running from the initial weights without re-synchronisation. The official float32
+run lies on the float64 side of every kink (its float64 repeat agrees to the floors), so this
+run lands on it within the file's float32-vs-float64 floors on every step: the semantics of
+steps 2-4 are checked end to end.
 """
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import numpy as np
 import flax.linen as nn
@@ -44,6 +56,7 @@ import optax
 import pytest
 
 import train_parity as tp
+from conftest import REPO
 from tok1d import gan, optim, parallel
 from tok1d import perceptual as perceptual_lib
 from tok1d.convert import perceptual as convert_perceptual
@@ -102,6 +115,12 @@ def _adam(opt_state, params):
               if any(getattr(k, "tuple_name", None) == "ScaleByAdamState" for k in path)]
     assert len(found) == len(nus) == len(counts) == 1, "expected one AdamW state"
     return _dense(found[0], params), _dense(nus[0], params), int(counts[0])
+
+
+def _put(tree, like, shardings):
+    """Host tree -> device arrays with the dtypes of `like` (float64 in a float64 run)."""
+    return jax.device_put(jax.tree.map(lambda x, r: np.asarray(x, r.dtype), tree, like),
+                          shardings)
 
 
 def _substitute(convert, sd0, stored, tree):
@@ -163,16 +182,16 @@ class Run:
         self.sd0 = _f32(z.sub("init/sd/"))
         params = self.convert(self.sd0)
         sh = self.t.shardings
-        state = state.replace(params=jax.device_put(params, sh.params),
-                              ema_params=jax.device_put(params, sh.ema_params))
+        state = state.replace(params=_put(params, state.params, sh.params),
+                              ema_params=_put(params, state.params, sh.ema_params))
         if self.t.disc is not None:
             loss_sd = _f32(z.sub("init/loss_sd/"))
             self.dsd0 = {k: v for k, v in loss_sd.items() if k.startswith("discriminator.")}
             lecam = gan.lecam_init(loss_sd["ema_real_logits_mean"].item(),
                                    loss_sd["ema_fake_logits_mean"].item())
-            state = state.replace(disc_params=jax.device_put(self.convert_d(self.dsd0),
-                                                             sh.disc_params),
-                                  lecam=jax.device_put(lecam, sh.lecam))
+            state = state.replace(
+                disc_params=_put(self.convert_d(self.dsd0), state.disc_params, sh.disc_params),
+                lecam=_put(lecam, state.lecam, sh.lecam))
         self.state = state
         model = self.t.model
         self.forward = jax.jit(lambda p, x: (
@@ -235,7 +254,7 @@ class Run:
             d_params = _substitute(self.convert_d, self.dsd0, disc, state.disc_params)
             d_opt = _set_adam(state.disc_opt_state, d_params, self.convert_d, self.dsd0, z,
                               f"{snap}/disc_adam/")
-            lecam = {k: np.asarray(loss_sd[k], np.float32).reshape(())
+            lecam = {k: np.asarray(loss_sd[k], state.lecam[k].dtype).reshape(())
                      for k in ("ema_real_logits_mean", "ema_fake_logits_mean")}
             state = state.replace(disc_params=d_params, disc_opt_state=d_opt, lecam=lecam)
         self.state = jax.device_put(state, self.t.shardings)
@@ -329,7 +348,7 @@ def _check_snapshot(report, run, snap, state, params0, sum_lr):
                     meta.get("disc_adam_step_count", {}).get(snap, {}), 1e-3, 1e-3)
 
 
-def _run(path, tmp_path, recipe):
+def _run(path, tmp_path, recipe, resync=True):
     run = Run(path, tmp_path)
     z, meta, config = run.z, run.meta, run.config
     report = tp.Report(recipe, path)
@@ -340,7 +359,7 @@ def _run(path, tmp_path, recipe):
     norm_bound = 1e-4 if run.stage2 else 1e-5
     # With a discriminator the run is chaotic at float32 noise level (module docstring): after
     # each snapshot the comparison continues from the official state stored there.
-    resync = run.t.disc is not None
+    resync = resync and run.t.disc is not None
     lrs, d_lrs, lr_since_sync = [], [], 0.0
 
     params0 = jax.device_get(run.state.params)
@@ -411,3 +430,29 @@ def test_titok_stage1_train_step(path, tmp_path):
 @pytest.mark.parametrize("path", tp.fixture_params("train_titok_stage2*.npz"))
 def test_titok_stage2_train_step(path, tmp_path):
     _run(path, tmp_path, "titok_stage2")
+
+
+FLOAT64_SCRIPT = """
+import pathlib, sys
+sys.path.insert(0, {tests!r})
+import conftest  # XLA flags and the compilation cache, before JAX starts
+import jax
+jax.config.update("jax_enable_x64", True)
+import jax.numpy as jnp
+jnp.float32 = jnp.float64  # every float32 of tok1d / Flax / optax (imported below): float64
+import test_train_parity_titok as t
+t._run(sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3], resync=False)
+"""
+
+
+@pytest.mark.parametrize("path", tp.fixture_params("train_titok_stage2*.npz"))
+def test_titok_stage2_float64_run_matches_official_at_the_floors(path, tmp_path):
+    """The same trainer step computing in float64, free-running from the initial weights (no
+    re-synchronisation): it lands on the official float32 run within the file's own
+    float32-vs-float64 floors on every step (the official float32 run is on the float64 side
+    of every discriminator kink), which checks the semantics of steps 2-4 end to end."""
+    script = FLOAT64_SCRIPT.format(tests=os.path.join(REPO, "tests"))
+    run = subprocess.run([sys.executable, "-c", script, path, str(tmp_path),
+                          "titok_stage2 (float64)"], capture_output=True, text=True, cwd=REPO,
+                         env=dict(os.environ), timeout=1800)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-8000:]
