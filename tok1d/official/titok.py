@@ -24,7 +24,7 @@ same training step:
       LeCam (EMAs of the mean logits from before their update, decay `lecam_ema_decay`);
 
 and `utils/train_utils.py`'s optimizers, LR schedules, clipping and EMA for both
-(`tok1d.official.maskgit.train_utils_optim`; semantics in `tok1d.recipes.titok_train_utils`),
+(`tok1d.official.train_utils.train_utils_optim`; semantics in `tok1d.recipes.titok_train_utils`),
 including the discriminator scheduler's quirks (`tok1d.recipes.titok_disc_optim`).
 
 Released-size stand-ins: the official code hard-codes the stage-2 pixel decoder (the released
@@ -46,7 +46,6 @@ The official loss log names are derived from the train step's scalars by `log_va
 
 from __future__ import annotations
 
-import re
 from typing import Any, Mapping, Optional
 
 import ml_collections
@@ -54,7 +53,7 @@ import ml_collections
 from tok1d import config_lib, recipes
 from tok1d.convert import titok as convert_titok
 from tok1d.convert.common import ConversionError
-from tok1d.official.maskgit import _get, _require, train_utils_optim
+from tok1d.official.train_utils import get, require, resolve_interpolations, train_utils_optim
 
 # `NLayerDiscriminator`'s BLUR_KERNEL_MAP (blur_kernel_size -> 1-D kernel).
 BLUR_KERNELS = {3: (1, 2, 1), 4: (1, 3, 3, 1), 5: (1, 4, 6, 4, 1)}
@@ -64,27 +63,6 @@ DISCRIMINATOR_DEFAULTS = dict(num_channels=3, hidden_channels=128, num_stages=3,
 # `PerceptualLoss` resizes to 224 px whatever the image size.
 PERCEPTUAL_SIZE = 224
 FROZEN_STAGE2 = "encoder,latent_tokens,quantize"
-
-
-def resolve_interpolations(official: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of an official config with OmegaConf's absolute interpolations resolved: a value
-    "${a.b.c}" becomes the value at a.b.c (the YAMLs' `lr_scheduler.params.learning_rate:
-    ${optimizer.params.learning_rate}`, read without OmegaConf)."""
-    def resolve(value: Any, depth: int = 0) -> Any:
-        if isinstance(value, Mapping):
-            return {k: resolve(v, depth) for k, v in value.items()}
-        if isinstance(value, list):
-            return [resolve(v, depth) for v in value]
-        if isinstance(value, str):
-            m = re.fullmatch(r"\$\{([A-Za-z0-9_.]+)\}", value.strip())
-            if m:
-                target = _get(official, m.group(1))
-                if target is None or depth > 8:
-                    raise config_lib.ConfigError(f"cannot resolve {value!r} in the official "
-                                                 "config")
-                return resolve(target, depth + 1)
-        return value
-    return resolve(official)
 
 
 def _model_kwargs(official: Mapping[str, Any], size_tables, pixel_decoder) -> dict[str, Any]:
@@ -137,8 +115,8 @@ def config_from_official(official: Mapping[str, Any], num_processes: int = 1, *,
     converted MaskGIT-VQGAN) and `perceptual.weights` (the converted ConvNeXt-S). Raises
     ConfigError for settings the official code does not support."""
     official = resolve_interpolations(official)
-    _require(official, ("model.vq_model", "dataset.preprocessing.crop_size", "losses"))
-    vq = _get(official, "model.vq_model")
+    require(official, ("model.vq_model", "dataset.preprocessing.crop_size", "losses"))
+    vq = get(official, "model.vq_model")
     if not vq.get("is_legacy", True):
         raise config_lib.ConfigError(
             "model.vq_model.is_legacy=False: the official two-stage losses need the legacy "
@@ -150,13 +128,13 @@ def config_from_official(official: Mapping[str, Any], num_processes: int = 1, *,
     config.eval_batch_size = config.batch_size  # the eval loader's per-GPU batch is the same
     kwargs = _model_kwargs(official, size_tables, pixel_decoder if stage2 else None)
     config.data.image_size = int(kwargs.pop("image_size"))
-    pre = _get(official, "dataset.preprocessing")
+    pre = get(official, "dataset.preprocessing")
     # resize_shorter_edge is taken as crop_size (equal in the released configs).
     config.data.augment = "random_crop" if pre.get("random_crop", True) else "center_crop"
     config.data.flip = bool(pre.get("random_flip", True))
     config.model = dict(name="titok", **kwargs)
     config.losses.update({k: 0.0 for k in config.losses})
-    losses = _get(official, "losses")
+    losses = get(official, "losses")
     config.losses.quantizer = float(losses.get("quantizer_weight", 1.0))
     if not stage2:
         config.losses.proxy_ce = 1.0
@@ -181,14 +159,14 @@ def config_from_official(official: Mapping[str, Any], num_processes: int = 1, *,
     d.lecam = float(losses.get("lecam_regularization_weight", 0.0))
     d.lecam_decay = float(losses.get("lecam_ema_decay", 0.999))
     d.model = ml_collections.ConfigDict(discriminator_kwargs(discriminator))
-    d_lr = _get(official, "optimizer.params.discriminator_learning_rate")
+    d_lr = get(official, "optimizer.params.discriminator_learning_rate")
     if d_lr is None:
         raise config_lib.ConfigError("The official config lacks "
                                      "optimizer.params.discriminator_learning_rate")
-    base_lr = float(_get(official, "lr_scheduler.params.learning_rate",
-                         _get(official, "optimizer.params.learning_rate")))
+    base_lr = float(get(official, "lr_scheduler.params.learning_rate",
+                         get(official, "optimizer.params.learning_rate")))
     recipes.titok_disc_optim(config, float(d_lr), base_lr,
-                             float(_get(official, "lr_scheduler.params.end_lr", 0.0)),
+                             float(get(official, "lr_scheduler.params.end_lr", 0.0)),
                              num_processes)
     return config
 
