@@ -13,6 +13,12 @@ weight 0.5, from step 80k.
 The trunk (21.7M parameters) lives in the discriminator params under "trunk", frozen by
 `disc_optim.freeze="trunk"` (no update, no weight decay, no Adam state); the heads have
 7.39M parameters, the spectral-norm vectors are the `disc_state` of the train state.
+Training-step semantics are vq_train.py's (`tok1d.recipes.gigatok_vq_train`): D called on the
+fake batch first, every D call (the generator's too) with fresh DiffAugment draws and a power
+iteration, D's first step at the construction LR, and in a warm-up + GAN overlap step the
+"direct" GAN terms on the reconstruction x_hat (`discriminator.direct_fake="reconstruction"`,
+the official dinodisc branch); checked against the official step by
+tests/test_train_parity_gigatok_dino.py.
 
 Compute: as B-L (2.00 TFLOP per image for the tokenizer's forward + backward, 5.1e+20 FLOP for
 the run, about 360 H100-hours at 40% of the bf16 peak) plus the ViT-S/16 discriminator from

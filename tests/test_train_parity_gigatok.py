@@ -81,6 +81,7 @@ class Bounds:
     disc_stats: float = 0.0           # D running stats (0: 10 x the D params floor)
     disc_moments: tuple = (1e-4, 2e-4)    # D exp_avg, exp_avg_sq after its first update
     disc_later_moments: float = 1e-3
+    later_pixels_floor: float = 0.0   # later pixels: max(PIXELS_REL, this x the per-step floor)
 
 
 FLOAT64 = Bounds("float64 run")
@@ -177,6 +178,144 @@ def put(host_tree, like):
                         host_tree, like)
 
 
+def compare_steps(report: tp.Report, z: tp.Fixture, config, scalars, fwd, bounds: Bounds,
+                  extra_names=()) -> None:
+    """Per step (scalars of the trainer's step, the forward `fwd[k]` = (pixels, aux) it ran):
+    LRs, losses, every official log value and `extra_names` (official_log names stored as
+    `step/<name>`), grad norms, codes, reconstructions; step 1's semantic features."""
+    aux_on = np.asarray(z["step/aux_on"])
+    grad_floor = np.asarray(z["check/f32_vs_f64_rel_per_step/grad_norm"], np.float64)
+    for k, s in enumerate(scalars):
+        tag = f"[step {k + 1}]"
+        log = official.official_log(s, config)
+        loss_rel = bounds.step1_loss if k == 0 else bounds.later_loss
+        compare_value(report, f"lr{tag}", log["lr"], z["step/lr"][k], tpg.LR_REL)
+        compare_value(report, f"lr_disc{tag}", log["lr_disc"], z["step/lr_disc"][k], tpg.LR_REL)
+        for name in ("loss_gen", "loss_disc", "feature_rec_loss", *extra_names):
+            compare_value(report, f"{name}{tag}", log[name], z[f"step/{name}"][k], loss_rel)
+        for key in z:
+            if not key.startswith("step/log/"):
+                continue
+            name = key[len("step/log/"):]
+            if name == "(Generator)codebook_usage":
+                continue  # not reproduced (see tok1d.official.gigatok)
+            got = log["loss_gen"] + log["loss_disc"] if name == "train_loss" else log[name]
+            compare_value(report, f"{name}{tag}", got, z[key][k], loss_rel)
+        grad_rel = (bounds.step1_grad if k == 0 else
+                    max(bounds.later_grad_floor * grad_floor[k], bounds.later_grad_min))
+        compare_value(report, f"grad_norm{tag}", log["grad_norm"], z["step/grad_norm"][k],
+                      grad_rel)
+        compare_value(report, f"grad_norm_disc{tag}", log["grad_norm_disc"],
+                      z["step/grad_norm_disc"][k],
+                      bounds.step1_grad if k == 0 else bounds.later_disc_grad)
+        pixels, aux = fwd[k]
+        batch = pixels.shape[0]
+        pix_rel = PIXELS_REL
+        if k and bounds.later_pixels_floor:
+            floor = float(z["check/f32_vs_f64_rel_per_step/recons"][k])
+            pix_rel = max(PIXELS_REL, bounds.later_pixels_floor * floor)
+        report.exact(f"codes{tag}", np.asarray(aux["codes"]).reshape(batch, -1),
+                     np.asarray(z["step/codes"][k]).reshape(batch, -1))
+        report.rel(f"recons_img0{tag}", pixels[0], nchw_to_nhwc(z["step/recons_img0"][k]),
+                   pix_rel)
+        if aux_on[k] and k < len(z["step/direct_recons_img0"]):
+            report.rel(f"direct_recons_img0{tag}", aux["shortcut_pixels"][0],
+                       nchw_to_nhwc(z["step/direct_recons_img0"][k]), pix_rel)
+    report.rel("step1_inner_feat", fwd[0][1]["semantic_features"], z["step1/inner_feat"],
+               FEATURES_REL)
+
+
+def compare_tokenizer_state(report: tp.Report, z: tp.Fixture, config, sd, convert, params0,
+                            states, bounds: Bounds) -> None:
+    """Tokenizer params after step 1 and at the end, the final EMA, the recorded AdamW moments
+    (zero-gradient tensors of `meta.zero_grad_params` within 2 x sum(lr)) and the decay group."""
+    meta = z.meta
+    lrs = np.asarray(z["step/lr"], np.float64)
+    steps = len(lrs)
+    zero = tuple(meta.get("zero_grad_params", ()))
+    keys = [k for k in sd if k != "quantize.codebook_used"]  # a logging buffer, not a param
+    tmap = tp.TensorMap(convert, sd, keys)
+    param_sd = lambda prefix: {k: v for k, v in state_dicts(z, prefix).items()  # noqa: E731
+                               if k in keys}
+    for tag, n in (("step1", 1), ("final", steps)):
+        floor = float(z[f"check/f32_vs_f64_maxrel/{tag}_params"])
+        tpg.check_state(report, f"{tag}_params", tmap, param_sd(f"{tag}/sd/"),
+                        states[tag].params, tpg.STATE_FLOOR_FACTOR * max(floor, 1e-6), zero,
+                        FLIP_MARGIN * tpg.zero_grad_bound(lrs, n))
+    if config.ema_decay:
+        floor = float(z["check/f32_vs_f64_maxrel/final_ema"])
+        tpg.check_state(report, "final_ema", tmap, state_dicts(z, "final/ema/"),
+                        states["final"].ema_params, tpg.STATE_FLOOR_FACTOR * max(floor, 1e-7),
+                        zero, FLIP_MARGIN * tpg.zero_grad_bound(lrs, steps))
+    moments(report, z, "step1", "adam", tmap, states["step1"].opt_state, bounds.step1_moments)
+    moments(report, z, "final", "adam", tmap, states["final"].opt_state,
+            (bounds.later_moments,) * 2)
+    decay_groups(report, "tokenizer", tmap, meta["param_groups"]["all"], config.optim, params0)
+
+
+def build(z: tp.Fixture):
+    """(config, mesh, rules, Training) of a fixture: the config through
+    `official.config_from_fixture_meta`, random stand-ins for the frozen networks (replaced by
+    the converted fixture weights)."""
+    config = official.config_from_fixture_meta(z.meta)
+    assert config.precision == "float32", "the fixtures run the official step in float32"
+    config.teacher.allow_random_init = config.perceptual.allow_random_init = True
+    config.discriminator.allow_random_init = True
+    mesh, rules = tp.one_device_mesh()
+    t = tokenizer.build_training(config, mesh, rules, parallel.batch_sharding(mesh, rules))
+    return config, mesh, rules, t
+
+
+def tokenizer_weights(z: tp.Fixture, t):
+    """(initial official state dict, its converter, converted params, frozen teacher + LPIPS
+    params on the devices)."""
+    sd = state_dicts(z, "init/sd/")
+    convert = functools.partial(convert_gigatok.convert_gigatok, model=t.model)
+    teacher = convert_dinov2.convert_dinov2(state_dicts(z, "teacher/sd/"), t.teacher[0])
+    lpips = convert_perceptual.convert_lpips(None, state_dicts(z, "lpips/sd/"))
+    frozen = put({"teacher": teacher, "perceptual": {"lpips": lpips}}, t.frozen)
+    return sd, convert, convert(sd), frozen
+
+
+def batches(z: tp.Fixture, draws=lambda step: {}):
+    """(images NHWC in [-1, 1], the step batches in [0, 1] with their LPIPS draws and
+    `draws(step)` (1-based), index of D's first step)."""
+    images = nchw_to_nhwc(z["images"])                      # [-1, 1], k/128 grid
+    steps, batch = images.shape[0], images.shape[1]
+    data = [{"image": (images[k] + 1.0) / 2.0,              # the trainer's [0, 1] (exact)
+             "draws": {**lpips_draws(z, k + 1, batch), **draws(k + 1)}} for k in range(steps)]
+    gan_on = np.asarray(z["step/gan_on"])
+    first_d = int(np.flatnonzero(gan_on)[0]) if gan_on.any() else None
+    return images, data, first_d
+
+
+def run_steps(t, config, mesh, rules, frozen, data, images, first_d, load):
+    """The trainer's jitted step over the stored batches from `load(fresh state)` (the converted
+    official weights), float32 matmuls at "highest". Returns (scalars per step, host states
+    {"step1", "disc_first" (after D's first update), "final"}, the forward (pixels, aux) each
+    step ran (params before the step), step 1's teacher features)."""
+    scalars, before, states = [], [], {}
+    with jax.default_matmul_precision("highest"), jax.set_mesh(mesh), \
+            nn.logical_axis_rules(rules):
+        state = load(t.init(jax.random.key(config.seed)))
+        for k, b in enumerate(data):
+            before.append(jax.device_get(state.params))
+            state, out, finite = t.step_fn(state, b, frozen)
+            assert bool(finite), f"step {k + 1} was not finite"
+            scalars.append({n: np.asarray(v) for n, v in out.items()})
+            if k == 0:
+                states["step1"] = jax.device_get(state)
+            if k == first_d:
+                states["disc_first"] = jax.device_get(state)
+        states["final"] = jax.device_get(state)
+        forward = jax.jit(lambda p, x: t.model.apply({"params": p}, x, True))
+        teach = jax.jit(lambda p, x: t.teacher[0].apply(
+            {"params": p}, preprocess_gigatok(x, 224))["patch_tokens"])
+        fwd = [jax.device_get(forward(before[k], images[k])) for k in range(len(data))]
+        teacher_feat = np.asarray(teach(frozen["teacher"], images[0]))
+    return scalars, states, fwd, teacher_feat
+
+
 CASES = tp.fixture_params("train_gigatok*.npz")
 
 
@@ -217,119 +356,27 @@ def check_fixture(path: str, bounds: Bounds) -> None:
     if disc_type(z) != SUPPORTED_DISC:
         pytest.skip(f"{path}: disc_type={disc_type(z)!r}; this test covers the "
                     f"{SUPPORTED_DISC!r} discriminator recipe")
-    config = official.config_from_fixture_meta(meta)
-    assert config.precision == "float32", "the fixtures run the official step in float32"
-    # Random stand-ins are built, then replaced by the converted fixture weights.
-    config.teacher.allow_random_init = config.perceptual.allow_random_init = True
-    mesh, rules = tp.one_device_mesh()
-    batch_sh = parallel.batch_sharding(mesh, rules)
-    t = tokenizer.build_training(config, mesh, rules, batch_sh)
+    config, mesh, rules, t = build(z)
     report = tp.Report(f"gigatok ({bounds.name})", path)
-
-    # ------------------------------------------------------------ official weights
-    sd = state_dicts(z, "init/sd/")
-    convert = functools.partial(convert_gigatok.convert_gigatok, model=t.model)
-    params0 = convert(sd)
+    sd, convert, params0, frozen = tokenizer_weights(z, t)
     disc_sd = state_dicts(z, "init/disc_sd/")
     convert_d = functools.partial(disc_lib.convert_patchgan_discriminator, model=t.disc)
     disc0 = convert_d(disc_sd)
     stats0 = disc_lib.convert_patchgan_batch_stats(disc_sd, t.disc)
-    teacher = convert_dinov2.convert_dinov2(state_dicts(z, "teacher/sd/"), t.teacher[0])
-    lpips = convert_perceptual.convert_lpips(None, state_dicts(z, "lpips/sd/"))
-    frozen = put({"teacher": teacher, "perceptual": {"lpips": lpips}}, t.frozen)
-
-    # ------------------------------------------------------------ the trainer's own step
-    images = nchw_to_nhwc(z["images"])                      # [-1, 1], k/128 grid
-    steps, batch = images.shape[0], images.shape[1]
-    data = [{"image": (images[k] + 1.0) / 2.0,              # the trainer's [0, 1] (exact)
-             "draws": lpips_draws(z, k + 1, batch)} for k in range(steps)]
-    gan_on = np.asarray(z["step/gan_on"])
-    first_d = int(np.flatnonzero(gan_on)[0]) if gan_on.any() else None
-    scalars, before, states = [], [], {}
-    with jax.default_matmul_precision("highest"), jax.set_mesh(mesh), \
-            nn.logical_axis_rules(rules):
-        state = t.init(jax.random.key(config.seed))
-        state = state.replace(
+    images, data, first_d = batches(z)
+    steps = images.shape[0]
+    scalars, states, fwd, teacher_feat = run_steps(
+        t, config, mesh, rules, frozen, data, images, first_d,
+        lambda state: state.replace(
             params=put(params0, state.params),
             ema_params=None if state.ema_params is None else put(params0, state.ema_params),
             disc_params=put(disc0, state.disc_params),
-            disc_state=put({"batch_stats": stats0}, state.disc_state))
-        for k, b in enumerate(data):
-            before.append(jax.device_get(state.params))
-            state, out, finite = t.step_fn(state, b, frozen)
-            assert bool(finite), f"step {k + 1} was not finite"
-            scalars.append({n: np.asarray(v) for n, v in out.items()})
-            if k == 0:
-                states["step1"] = jax.device_get(state)
-            if k == first_d:
-                states["disc_first"] = jax.device_get(state)
-        states["final"] = jax.device_get(state)
-        # The forward each step ran (params before the step): codes, pixels, features.
-        forward = jax.jit(lambda p, x: t.model.apply({"params": p}, x, True))
-        teach = jax.jit(lambda p, x: t.teacher[0].apply(
-            {"params": p}, preprocess_gigatok(x, 224))["patch_tokens"])
-        fwd = [jax.device_get(forward(before[k], images[k])) for k in range(steps)]
-        teacher_feat = np.asarray(teach(frozen["teacher"], images[0]))
+            disc_state=put({"batch_stats": stats0}, state.disc_state)))
 
     # ------------------------------------------------------------ per step
-    aux_on = np.asarray(z["step/aux_on"])
-    grad_floor = np.asarray(z["check/f32_vs_f64_rel_per_step/grad_norm"], np.float64)
-    for k, s in enumerate(scalars):
-        tag = f"[step {k + 1}]"
-        log = official.official_log(s, config)
-        loss_rel = bounds.step1_loss if k == 0 else bounds.later_loss
-        compare_value(report, f"lr{tag}", log["lr"], z["step/lr"][k], tpg.LR_REL)
-        compare_value(report, f"lr_disc{tag}", log["lr_disc"], z["step/lr_disc"][k], tpg.LR_REL)
-        for name in ("loss_gen", "loss_disc", "feature_rec_loss"):
-            compare_value(report, f"{name}{tag}", log[name], z[f"step/{name}"][k], loss_rel)
-        for key in z:
-            if not key.startswith("step/log/"):
-                continue
-            name = key[len("step/log/"):]
-            if name == "(Generator)codebook_usage":
-                continue  # not reproduced (see tok1d.official.gigatok)
-            got = log["loss_gen"] + log["loss_disc"] if name == "train_loss" else log[name]
-            compare_value(report, f"{name}{tag}", got, z[key][k], loss_rel)
-        grad_rel = (bounds.step1_grad if k == 0 else
-                    max(bounds.later_grad_floor * grad_floor[k], bounds.later_grad_min))
-        compare_value(report, f"grad_norm{tag}", log["grad_norm"], z["step/grad_norm"][k],
-                      grad_rel)
-        compare_value(report, f"grad_norm_disc{tag}", log["grad_norm_disc"],
-                      z["step/grad_norm_disc"][k],
-                      bounds.step1_grad if k == 0 else bounds.later_disc_grad)
-        pixels, aux = fwd[k]
-        report.exact(f"codes{tag}", np.asarray(aux["codes"]).reshape(batch, -1),
-                     np.asarray(z["step/codes"][k]).reshape(batch, -1))
-        report.rel(f"recons_img0{tag}", pixels[0], nchw_to_nhwc(z["step/recons_img0"][k]),
-                   PIXELS_REL)
-        if aux_on[k] and k < len(z["step/direct_recons_img0"]):
-            report.rel(f"direct_recons_img0{tag}", aux["shortcut_pixels"][0],
-                       nchw_to_nhwc(z["step/direct_recons_img0"][k]), PIXELS_REL)
+    compare_steps(report, z, config, scalars, fwd, bounds)
     report.rel("step1_teacher_feat", teacher_feat, z["step1/teacher_feat"], FEATURES_REL)
-    report.rel("step1_inner_feat", fwd[0][1]["semantic_features"], z["step1/inner_feat"],
-               FEATURES_REL)
-
-    # ------------------------------------------------------------ tokenizer state
-    lrs = np.asarray(z["step/lr"], np.float64)
-    zero = tuple(meta.get("zero_grad_params", ()))
-    keys = [k for k in sd if k != "quantize.codebook_used"]  # a logging buffer, not a param
-    tmap = tp.TensorMap(convert, sd, keys)
-    param_sd = lambda prefix: {k: v for k, v in state_dicts(z, prefix).items()  # noqa: E731
-                               if k in keys}
-    for tag, n in (("step1", 1), ("final", steps)):
-        floor = float(z[f"check/f32_vs_f64_maxrel/{tag}_params"])
-        tpg.check_state(report, f"{tag}_params", tmap, param_sd(f"{tag}/sd/"),
-                        states[tag].params, tpg.STATE_FLOOR_FACTOR * max(floor, 1e-6), zero,
-                        FLIP_MARGIN * tpg.zero_grad_bound(lrs, n))
-    if config.ema_decay:
-        floor = float(z["check/f32_vs_f64_maxrel/final_ema"])
-        tpg.check_state(report, "final_ema", tmap, state_dicts(z, "final/ema/"),
-                        states["final"].ema_params, tpg.STATE_FLOOR_FACTOR * max(floor, 1e-7),
-                        zero, FLIP_MARGIN * tpg.zero_grad_bound(lrs, steps))
-    moments(report, z, "step1", "adam", tmap, states["step1"].opt_state, bounds.step1_moments)
-    moments(report, z, "final", "adam", tmap, states["final"].opt_state,
-            (bounds.later_moments,) * 2)
-    decay_groups(report, "tokenizer", tmap, meta["param_groups"]["all"], config.optim, params0)
+    compare_tokenizer_state(report, z, config, sd, convert, params0, states, bounds)
 
     # ------------------------------------------------------------ discriminator
     d_keys = [k for k in disc_sd if "running_" not in k and "num_batches" not in k]

@@ -107,7 +107,13 @@ def diff_augment(key: jax.Array, images: jax.Array, prob: float = 1.0,
     """DiffAugment of NHWC `images` with the randomness of `key` (see the module docstring).
     GigaTok's DINO-discriminator recipe: prob=1.0, cutout=0.2, applied independently (separate
     keys) to the real and the fake batch of every discriminator call."""
-    k_flags, k_params = jax.random.split(key)
-    flags = jax.random.uniform(k_flags, (3,), jnp.float32)
-    rand01 = jax.random.uniform(k_params, (7, images.shape[0]), jnp.float32)
+    flags, rand01 = draw_uniforms(key, images.shape[0])
     return diff_augment_with_uniforms(images, flags, rand01, prob=prob, cutout=cutout)
+
+
+def draw_uniforms(key: jax.Array, batch: int) -> tuple[jax.Array, jax.Array]:
+    """The draws of one DiffAugment call from `key`: (flags (3,), rand01 (7, batch)), U[0, 1)
+    float32 (the official `torch.rand(3)` and `torch.rand(7, B, 1, 1)`)."""
+    k_flags, k_params = jax.random.split(key)
+    return (jax.random.uniform(k_flags, (3,), jnp.float32),
+            jax.random.uniform(k_params, (7, batch), jnp.float32))

@@ -132,6 +132,10 @@ def base_config() -> ml_collections.ConfigDict:
         call_order="fake_real",       # D step's calls: D(x_hat) then D(x) (TiTok) or
                                       # "real_fake" (GigaTok / LlamaGen); matters for BatchNorm
                                       # running stats and DiffAugment draws
+        direct_fake="shortcut",       # GigaTok warm-up + GAN overlap steps: the "direct" G term
+                                      # and D's third fake call see the shortcut reconstruction
+                                      # x~ (PatchGAN) or "reconstruction" x_hat again (the
+                                      # official dinodisc branch)
         global_schedule=False,        # D's lr at the global step (GigaTok) instead of a schedule
                                       # over its own steps from start_step (TiTok)
         schedule_processes=1,         # TiTok: D's schedule spans total_steps - start_step / P

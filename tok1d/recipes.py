@@ -272,6 +272,10 @@ def gigatok_vq_train(config: ml_collections.ConfigDict) -> None:
     * the PatchGAN's BatchNorm in train mode with its running statistics kept (in the train
       state's disc_state), D called on the real batch first (call_order "real_fake"; the DINO
       discriminator's step calls it on the fake batch first);
+    * in a warm-up + GAN overlap step the "direct" G term and D's third fake call see the
+      shortcut reconstruction x~ with PatchGAN, but the reconstruction x_hat again with the DINO
+      discriminator (VQLoss's dinodisc branch; `discriminator.direct_fake`), each D call with
+      fresh DiffAugment draws (tests/test_train_parity_gigatok_dino.py);
     * `update_ema` without warm-up (ema_warmup "none", when ema_decay > 0)."""
     for o in (config.optim, config.disc_optim):
         o.schedule_step, o.warmup_init, o.eps, o.clip_eps = "after_call", 0.01, 1e-8, 1e-6
@@ -286,8 +290,10 @@ def gigatok_vq_train(config: ml_collections.ConfigDict) -> None:
     if d.name == "patchgan":
         d.call_order = "real_fake"
         d.model.track_running_stats = True
+        d.direct_fake = "shortcut"
     else:
         d.call_order = "fake_real"
+        d.direct_fake = "reconstruction"
 
 
 # --------------------------------------------------------------------------- official semantics

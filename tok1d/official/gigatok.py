@@ -32,6 +32,11 @@ step against the official step):
   `aux_loss_end` / `disc_start` (`global_step < aux_loss_end`, `global_step >= disc_start`);
   tok1d's `aux_loss_end_step` / `discriminator.start_step` compare the 0-based step, so they
   are the official values minus 1;
+* the DINO discriminator (`disc_type: dinodisc`: `DinoDisc` sizes from `ctor_patches`, its
+  trunk frozen by `disc_optim.freeze` "trunk", DiffAugment with prob 1 and cutout 0.2 before
+  every D call, D called on the fake batch first, and in a warm-up + GAN overlap step the
+  "direct" terms on the reconstruction x_hat, `discriminator.direct_fake` "reconstruction";
+  tests/test_train_parity_gigatok_dino.py) or
 * PatchGAN (`disc_dim`, `disc_num_layers`, `kw`, BatchNorm in train mode with its running
   statistics as `disc_state`), D loss `disc_weight` x hinge, D called on the real batch first
   (`discriminator.call_order` "real_fake"), D's LR on the global schedule with its first step
@@ -43,11 +48,10 @@ step against the official step):
 * `--ema`: `update_ema` with decay 0.9999 from a copy of the initial weights, no warm-up.
 
 Refused (ConfigError, listing every one): options tok1d does not implement -- other model
-classes, discriminators other than PatchGAN here (the DINO discriminator has its own recipe,
-`tok1d.recipes.gigatok(..., dino_disc=True)`), LeCam, the adaptive GAN weight, blur
-down-sampling in D, non-hinge G losses, L1/cosine feature reconstruction, perceptual nets other
-than VGG-LPIPS, causal / dynamic-length training, `entropy_loss_end`, `gen_start`, prior LR
-groups, optimizers other than AdamW.
+classes, discriminators other than PatchGAN and the DINO discriminator, LeCam, the adaptive
+GAN weight, blur down-sampling in D, non-hinge G losses, L1/cosine feature reconstruction,
+perceptual nets other than VGG-LPIPS, causal / dynamic-length training, `entropy_loss_end`,
+`gen_start`, prior LR groups, optimizers other than AdamW.
 Not reproduced: `codebook_show_usage`'s `codebook_usage` log (a 65536-entry shift register of
 the latest codes; tok1d's evaluation reports codebook usage over the eval split instead) and
 `--gradient-accumulation-steps` (parsed but unused upstream).
@@ -84,6 +88,29 @@ LOSS_DEFAULTS: dict[str, Any] = dict(
     entropy_loss_end=None, use_direct_rec_loss=False, norm="batch", kw=4, blur_ds=False,
     lecam=False, proj_weight=0.5, gen_start=0, perceptual_model="vgg", use_semantic_input=False)
 
+# VQLoss disc_type -> tok1d discriminator.name.
+DISC_TYPES = {"patchgan": "patchgan", "dinodisc": "dino"}
+
+# `DinoDisc` / `FrozenDINOSmallNoDrop` constructor defaults (not config fields upstream;
+# `ctor_patches` may override them) -> tok1d `DinoDiscriminator` fields. VQLoss builds
+# `DinoDisc(norm_type="bn")` and `DiffAug(prob=1.0, cutout=0.2)` with these constants.
+DINO_DISC_CTOR = {"DinoDisc.depth": ("depth", 12),
+                  "DinoDisc.key_depths": ("key_depths", (2, 5, 8, 11)),
+                  "FrozenDINOSmallNoDrop.embed_dim": ("embed_dim", 384),
+                  "FrozenDINOSmallNoDrop.num_heads": ("num_heads", 6)}
+DINO_DIFFAUG = dict(diffaug_prob=1.0, diffaug_cutout=0.2)
+
+
+def dino_disc_kwargs(ctor_patches: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+    """`DinoDiscriminator` fields of VQLoss's `DinoDisc` with `ctor_patches` applied."""
+    patches = ctor_patches or {}
+    kw = {}
+    for key, (field, default) in DINO_DISC_CTOR.items():
+        value = patches.get(key, default)
+        kw[field] = tuple(int(v) for v in value) if field == "key_depths" else int(value)
+    return kw
+
+
 def _check(official_config: Mapping[str, Any], loss: Mapping[str, Any],
            init_args: Mapping[str, Any], t: Mapping[str, Any]) -> None:
     trainer = official_config["trainer"]
@@ -95,9 +122,8 @@ def _check(official_config: Mapping[str, Any], loss: Mapping[str, Any],
                         " / VQVitModel2DPlus)")
     if official_config.get("loss", {}).get("loss_cls", "VQLoss") != "VQLoss":
         problems.append(f"loss_cls={official_config['loss']['loss_cls']!r} (VQLoss)")
-    if loss["disc_type"] != "patchgan":
-        problems.append(f"disc_type={loss['disc_type']!r} (patchgan; the DINO discriminator "
-                        "recipe is tok1d.recipes.gigatok(..., dino_disc=True))")
+    if loss["disc_type"] not in DISC_TYPES:
+        problems.append(f"disc_type={loss['disc_type']!r} (one of {sorted(DISC_TYPES)})")
     if loss["disc_loss"] != "hinge" or loss["gen_adv_loss"] != "hinge":
         problems.append(f"disc_loss={loss['disc_loss']!r} / gen_adv_loss="
                         f"{loss['gen_adv_loss']!r} (hinge / hinge)")
@@ -221,11 +247,17 @@ def config_from_official(official_config: Mapping[str, Any],
         o.grad_clip = float(trainer.get("max_grad_norm", 0.0))
 
     d = config.discriminator
-    d.name, d.loss, d.lecam, d.d_weight = "patchgan", "hinge", 0.0, float(loss["disc_weight"])
+    d.name, d.loss, d.lecam = DISC_TYPES[loss["disc_type"]], "hinge", 0.0
+    d.d_weight = float(loss["disc_weight"])
     d.start_step = recipes.gigatok_step(loss["disc_start"])
-    d.model = ml_collections.ConfigDict(dict(
-        base_channels=int(loss["disc_dim"]), num_layers=int(loss["disc_num_layers"]),
-        kernel_size=int(loss["kw"]), norm="batch"))
+    if d.name == "patchgan":
+        d.model = ml_collections.ConfigDict(dict(
+            base_channels=int(loss["disc_dim"]), num_layers=int(loss["disc_num_layers"]),
+            kernel_size=int(loss["kw"]), norm="batch"))
+    else:  # the frozen DINO trunk is not a D parameter upstream (no update, decay, state)
+        d.model = ml_collections.ConfigDict(dino_disc_kwargs(ctor_patches))
+        d.update(DINO_DIFFAUG)
+        config.disc_optim.freeze = "trunk"
     recipes.gigatok_vq_train(config)  # LPIPS dropout, stepping, clipping, D order and stats
     recipes.pod_run(config)
     return config
@@ -238,7 +270,11 @@ def config_from_fixture_meta(meta: Mapping[str, Any]) -> ml_collections.ConfigDi
     params = meta["params"]
     tables = dict(meta.get("size_tables_added") or {})
     teacher = next((v for k, v in tables.items() if k.startswith("dinov2")), None)
-    sizes = {k: v for k, v in tables.items() if not k.startswith("dinov2")}
+    # ViT size names only (the DINO discriminator's sizes come from ctor_patches).
+    sizes = {k: v for k, v in tables.items() if not k.startswith("dinov2") and "num_layers" in v}
+    # ctor_patches recorded as {"upstream": ..., "used": ...} -> the used value.
+    patches = {k: v["used"] if isinstance(v, Mapping) and "used" in v else v
+               for k, v in (meta.get("ctor_patches") or {}).items()}
     train_args = dict(iterations=int(params["iterations"]), image_size=int(params["image"]),
                       ema=bool(meta.get("ema")), mixed_precision="none",
                       global_batch_size=int(params.get("batch") or 0) or None)
@@ -247,7 +283,7 @@ def config_from_fixture_meta(meta: Mapping[str, Any]) -> ml_collections.ConfigDi
         overrides = dict(embed_dim=int(teacher["embed_dim"]), depth=int(teacher["depth"]),
                          num_heads=int(teacher["num_heads"]))
     return config_from_official(meta["config"], train_args, size_tables=sizes,
-                                ctor_patches=meta.get("ctor_patches"), teacher=overrides)
+                                ctor_patches=patches, teacher=overrides)
 
 
 def official_log(scalars: Mapping[str, Any], config: ml_collections.ConfigDict
@@ -256,7 +292,9 @@ def official_log(scalars: Mapping[str, Any], config: ml_collections.ConfigDict
     `make_train_step`) -> the values of vq_train.py's loop under the official names: the
     `vq_loss.py` log dict (`(Generator)...` weighted except proj_loss, `(Discriminator)...`,
     nan when D does not train), `loss_gen`, `loss_disc` (0 without a D step), `grad_norm(_disc)`
-    (before clipping), `lr(_disc)` (the LR the update used), `feature_rec_loss`."""
+    (before clipping), `lr(_disc)` (the LR the update used), `feature_rec_loss`, and the
+    fixtures' unlogged direct terms `direct_generator_adv_loss`, `d_d_adversarial_loss`,
+    `direct_logits_fake`."""
     s = {k: float(v) for k, v in scalars.items()}
     w = config.losses
     rec = "l2" if w.l2 else "l1"
@@ -288,4 +326,13 @@ def official_log(scalars: Mapping[str, Any], config: ml_collections.ConfigDict
                       ("logits_fake", "d_logits_fake")):
         out[f"(Discriminator){name}"] = s.get(key, nan) if gan_on else nan
     out["(Discriminator)disc_weight"] = w.gan if gan_on else nan
+    # The unlogged "direct" GAN terms of a warm-up + GAN overlap step (0 after the warm-up, nan
+    # before disc_start; see discriminator.direct_fake): the G step's second term, the D step's
+    # third-call loss and that call's mean logit.
+    overlap = gan_on and aux_on
+    out["direct_generator_adv_loss"] = (
+        w.gan * s.get("shortcut_gan", 0.0) if overlap else 0.0) if gan_on else nan
+    out["d_d_adversarial_loss"] = (
+        s.get("d_shortcut_adv_loss", 0.0) if overlap else 0.0) if gan_on else nan
+    out["direct_logits_fake"] = s.get("d_direct_logits_fake", nan) if overlap else nan
     return out

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from tok1d import augment
 from tok1d import checkpoint as ckpt_lib
 from tok1d import config_lib, gan, images, losses, models, optim, parallel, pretrained, summary
 from tok1d import perceptual as perceptual_lib
@@ -148,13 +149,27 @@ def load_disc_trunk(config, disc: nn.Module) -> Optional[dict[str, Any]]:
         "--config.discriminator.weights=PATH.")
 
 
+# Discriminator calls of a tokenizer step, in the official order (GigaTok VQLoss), by the names
+# of their replayable DiffAugment draws: the generator's D(x_hat) ("g/rec") and, in a warm-up +
+# GAN overlap step, its direct-term call ("g/direct"); the D step's fake, real and, in an
+# overlap step, direct-fake calls ("d/fake", "d/real", "d/direct"; fake / real in
+# `discriminator.call_order`). The direct calls' input is `discriminator.direct_fake`.
+DISC_CALLS = ("g/rec", "g/direct", "d/fake", "d/real", "d/direct")
+DIRECT_FAKES = ("shortcut", "reconstruction")
+
+
 def make_disc_apply(disc: nn.Module, dcfg, model: nn.Module):
-    """(params, state, images, rng) -> (logits, new state): one discriminator call in training
-    mode on images in the model's range (converted to the discriminator's `pixel_range` when it
-    declares one, e.g. the pretrained DINO trunk's [-1, 1]), with DiffAugment first when
-    `discriminator.diffaug_prob` > 0. `state` holds the discriminator's non-param collections
-    (the DINO discriminator's spectral-norm vectors, advanced by every call as torch's
-    spectral_norm in train mode) or None."""
+    """(params, state, images, rng, draws=None, call="") -> (logits, new state): one
+    discriminator call in training mode on images in the model's range (converted to the
+    discriminator's `pixel_range` when it declares one, e.g. the pretrained DINO trunk's
+    [-1, 1]), with DiffAugment first when `discriminator.diffaug_prob` > 0. `state` holds the
+    discriminator's non-param collections (the DINO discriminator's spectral-norm vectors,
+    advanced by every call as torch's spectral_norm in train mode) or None.
+
+    DiffAugment's uniforms are the step's replayable draws (`common.injected`) of the call named
+    `call` (`DISC_CALLS`): "diffaug/<call>/flags" (3,) and "diffaug/<call>/rand01" (7, B), the
+    official `torch.rand(3)` / `torch.rand(7, B, 1, 1)` of that call (`augment.draw_uniforms`
+    from `rng` otherwise)."""
     import inspect
     takes_train = "train" in inspect.signature(disc.__call__).parameters
     _, to_unit = pixel_range_fns(model)
@@ -162,14 +177,19 @@ def make_disc_apply(disc: nn.Module, dcfg, model: nn.Module):
     disc_range = getattr(disc, "pixel_range", None)
     convert = disc_range is not None and disc_range != getattr(model, "pixel_range", (0.0, 1.0))
 
-    def apply(params, state, images, rng):
+    def apply(params, state, images, rng, draws=None, call=""):
         if convert:
             images = to_disc(to_unit(images))
         k_aug, k_crop = jax.random.split(rng)
         if dcfg.diffaug_prob > 0:
-            from tok1d import augment
-            images = augment.diff_augment(k_aug, images, prob=dcfg.diffaug_prob,
-                                          cutout=dcfg.diffaug_cutout)
+            default = functools.partial(augment.draw_uniforms, k_aug, images.shape[0])
+            flags = common.injected({"draws": draws}, f"diffaug/{call}/flags",
+                                    lambda: default()[0])
+            rand01 = common.injected({"draws": draws}, f"diffaug/{call}/rand01",
+                                     lambda: default()[1])
+            images = augment.diff_augment_with_uniforms(
+                images, jnp.asarray(flags, jnp.float32), jnp.asarray(rand01, jnp.float32),
+                prob=dcfg.diffaug_prob, cutout=dcfg.diffaug_cutout)
         kwargs = {"train": True} if takes_train else {}
         if state is None:
             return disc.apply({"params": params}, images, rngs={"crop": k_crop}, **kwargs), None
@@ -271,7 +291,11 @@ def make_loss_fn(model: nn.Module, config, teacher=None, perceptual=None, disc=N
 
     GigaTok's shortcut term (official VQLoss with `use_direct_rec_loss`), for x~ = CNN decoder
     on the encoder's map: w_l2 MSE(x, x~) + w_perceptual LPIPS(x, x~), plus in a step where the
-    warm-up and the GAN overlap gan * G-loss(D(x~)); `losses.shortcut` (1.0) scales the sum."""
+    warm-up and the GAN overlap the "direct" G term gan * G-loss(D(f)) of a second D call, f =
+    x~ (`discriminator.direct_fake` "shortcut": the PatchGAN branch) or the reconstruction x_hat
+    again ("reconstruction": the official dinodisc branch); `losses.shortcut` (1.0) scales the
+    sum. With DiffAugment the G step's D calls read the draws "diffaug/g/rec/*" and
+    "diffaug/g/direct/*" (`make_disc_apply`)."""
     weights = {k: float(v) for k, v in config.losses.items() if v and k != "gan"}
     gan_weight = float(config.losses.gan)
     num_codes = getattr(model, "num_codes", None)
@@ -283,6 +307,10 @@ def make_loss_fn(model: nn.Module, config, teacher=None, perceptual=None, disc=N
     disc_apply = (make_disc_apply(disc, config.discriminator, model) if disc is not None
                   else None)
     lpips_rate = getattr(perceptual, "lpips_dropout", 0.0)
+    direct_fake = config.discriminator.get("direct_fake", "shortcut")
+    if direct_fake not in DIRECT_FAKES:
+        raise config_lib.ConfigError(f"discriminator.direct_fake={direct_fake!r}; expected one "
+                                     f"of {DIRECT_FAKES}.")
 
     def perceptual_value(frozen, pixels, images, draws, call, rng):
         """The perceptual term of `pixels` (model range) vs `images` ([0, 1]); with LPIPS dropout
@@ -345,7 +373,7 @@ def make_loss_fn(model: nn.Module, config, teacher=None, perceptual=None, disc=N
         return jax.lax.stop_gradient(feats)
 
     def shortcut_terms(params, cnn_map, x, images, frozen, disc_params, disc_state, active,
-                       draws, rng):
+                       draws, rng, x_hat):
         """GigaTok's early-phase direct reconstruction x~ (CNN decoder on the encoder's map):
         (weighted loss, unweighted parts, x~, disc_state); see `make_loss_fn`."""
         k_perc, k_disc = jax.random.split(rng)
@@ -358,7 +386,9 @@ def make_loss_fn(model: nn.Module, config, teacher=None, perceptual=None, disc=N
         loss = losses.weighted_sum(weights, parts)
         if disc is not None:  # only called in an overlap step, after D(x_hat) (official order)
             def gan_on():
-                logits, new_state = disc_apply(disc_params, disc_state, pixels, k_disc)
+                fake = pixels if direct_fake == "shortcut" else x_hat
+                logits, new_state = disc_apply(disc_params, disc_state, fake, k_disc, draws,
+                                               "g/direct")
                 return g_loss_fn_(logits), new_state
 
             parts["gan"], disc_state = jax.lax.cond(
@@ -375,13 +405,14 @@ def make_loss_fn(model: nn.Module, config, teacher=None, perceptual=None, disc=N
         terms = term_values(out, aux, x, images, frozen, draws, rec_rng)
         scale = {k: w * aux_on if k in WARMUP_TERMS else w for k, w in weights.items()}
         if disc is not None:
-            logits, disc_state = disc_apply(disc_params, disc_state, out, disc_rng)
+            logits, disc_state = disc_apply(disc_params, disc_state, out, disc_rng, draws,
+                                            "g/rec")
             terms["gan"] = g_loss_fn_(logits)
         outputs, extras = {"pixels": out}, {}
         if "shortcut" in weights:
             def shortcut_on():
                 return shortcut_terms(params, aux["cnn_map"], x, images, frozen, disc_params,
-                                      disc_state, active, draws, short_rng)
+                                      disc_state, active, draws, short_rng, out)
 
             zeros = jax.tree.map(lambda t: jnp.zeros(t.shape, t.dtype),
                                  jax.eval_shape(shortcut_on)[:3])
@@ -428,11 +459,16 @@ def make_train_step(model: nn.Module, tx, schedule, config, teacher=None, percep
 
     The discriminator step calls D on the real and the detached fake batch in
     `discriminator.call_order`; in a step where GigaTok's warm-up and the GAN overlap it also
-    trains on the detached shortcut reconstruction (d_weight * D-loss(D(x), D(x~)), official
-    VQLoss). Every D call of the step (the generator's on x_hat included) advances the
-    discriminator's non-param state (BatchNorm running stats, spectral-norm vectors).
+    trains on a third, "direct" fake (d_weight * D-loss(D(x), D(f)) with the same real logits,
+    official VQLoss), f = the detached shortcut reconstruction x~ (`discriminator.direct_fake`
+    "shortcut", PatchGAN) or x_hat again ("reconstruction", the dinodisc branch). Every D call of
+    the step (the generator's included) advances the discriminator's non-param state (BatchNorm
+    running stats, spectral-norm vectors). With DiffAugment each call reads its draws
+    "diffaug/<call>/flags" and "diffaug/<call>/rand01", call in `DISC_CALLS` (`make_disc_apply`).
     Discriminator scalars: d_loss (what D minimises), d_adv_loss (d_weight * D-loss on x_hat),
-    d_grad_norm (before clipping), d_lr (the LR of its update; 0 when D is not trained)."""
+    d_shortcut_adv_loss / d_direct_logits_fake (the direct call's weighted D-loss and mean
+    logit), d_grad_norm (before clipping), d_lr (the LR of its update; 0 when D is not
+    trained)."""
     g_loss = make_loss_fn(model, config, teacher, perceptual, disc)
     weights = {k for k, v in config.losses.items() if v and k != "gan"}
     accum = config.optim.grad_accum_steps
@@ -448,27 +484,29 @@ def make_train_step(model: nn.Module, tx, schedule, config, teacher=None, percep
         raise config_lib.ConfigError(f"discriminator.call_order={dcfg.call_order!r}; expected "
                                      f"one of {sorted(orders)}.")
     call_order = orders[dcfg.get("call_order", "fake_real")]
+    direct_fake = dcfg.get("direct_fake", "shortcut")
 
     def d_loss(disc_params, disc_state, images, fake, lecam_state, rng, shortcut=None,
-               shortcut_on=0.0):
+               shortcut_on=0.0, draws=None):
         k_fake, k_real = jax.random.split(rng)
         inputs = {"fake": (fake, k_fake), "real": (to_model(images), k_real)}
         logits = {}
         for which in call_order:
-            logits[which], disc_state = disc_apply(disc_params, disc_state, *inputs[which])
+            logits[which], disc_state = disc_apply(disc_params, disc_state, *inputs[which],
+                                                   draws, f"d/{which}")
         real_logits, fake_logits = logits["real"], logits["fake"]
         loss = dcfg.d_weight * d_loss_fn_(real_logits, fake_logits)
         means = dict(logits_real=jnp.mean(real_logits), logits_fake=jnp.mean(fake_logits),
                      adv_loss=loss)
-        if shortcut is not None:  # GigaTok warm-up + GAN overlap: x~ is a fake too
+        if shortcut is not None:  # GigaTok warm-up + GAN overlap: a third (direct) fake call
             def shortcut_d_loss():
                 lg, new_state = disc_apply(disc_params, disc_state, shortcut,
-                                           jax.random.fold_in(rng, 2))
-                return d_loss_fn_(real_logits, lg), new_state
+                                           jax.random.fold_in(rng, 2), draws, "d/direct")
+                return (d_loss_fn_(real_logits, lg), jnp.mean(lg)), new_state
 
-            means["shortcut_adv_loss"], disc_state = jax.lax.cond(
-                shortcut_on > 0, shortcut_d_loss,
-                lambda: (jnp.zeros((), jnp.float32), disc_state))
+            zero = jnp.zeros((), jnp.float32)
+            (means["shortcut_adv_loss"], means["direct_logits_fake"]), disc_state = jax.lax.cond(
+                shortcut_on > 0, shortcut_d_loss, lambda: ((zero, zero), disc_state))
             means["shortcut_adv_loss"] = dcfg.d_weight * means["shortcut_adv_loss"]
             loss = loss + means["shortcut_adv_loss"]
         if dcfg.lecam:
@@ -490,10 +528,13 @@ def make_train_step(model: nn.Module, tx, schedule, config, teacher=None, percep
         result = dict(loss=loss, terms=terms, extras=extras, grads=grads)
         if disc is not None:
             shortcut = outs.get("shortcut_pixels")
+            if shortcut is not None and direct_fake == "reconstruction":
+                shortcut = outs["pixels"]
             (dl, (means, disc_state)), dg = d_grad(
                 state.disc_params, disc_state, images, jax.lax.stop_gradient(outs["pixels"]),
                 state.lecam, d_rng,
-                None if shortcut is None else jax.lax.stop_gradient(shortcut), active * aux_on)
+                None if shortcut is None else jax.lax.stop_gradient(shortcut), active * aux_on,
+                draws)
             result.update(d_loss=dl, d_means=means, d_grads=dg)
         return result, disc_state
 
