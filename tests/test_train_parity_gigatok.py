@@ -12,7 +12,9 @@ official log (`official.official_log`), the G and D gradient norms before clippi
 reconstructions and step-1 teacher / semantic features; after step 1, the discriminator's
 first update and at the end: the params, EMA, discriminator params and running statistics, the
 recorded AdamW moments; the weight-decay groups. Files with another discriminator
-(`disc_type`, e.g. the DINO-discriminator variant) are skipped here with the reason.
+(`disc_type`) are skipped here with the reason: the DINO-discriminator variant runs in
+tests/test_train_parity_gigatok_dino.py, which reuses this module's helpers (`build`,
+`tokenizer_weights`, `batches`, `run_steps`, `compare_steps`, `compare_tokenizer_state`).
 
 Two runs of the same step:
 

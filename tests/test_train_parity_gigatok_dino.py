@@ -22,6 +22,9 @@ tokenizer state checks) runs with the DINO discriminator's parts:
   `meta.disc_zero_grad_params` are in that bound too), the spectral u / v after D's first
   step and at the end, D's AdamW moments and decay group (heads only: the trunk is frozen).
 
+`test_disc_calls_match_official` checks the trainer's discriminator call alone on the official
+inputs of every D call of the first two D steps (logits, sigma), free of the trajectory.
+
 Bounds: float32 run, see `dino_bounds` (step 1 tight, later steps 10x the file's floors).
 No float64 repeat here (suite time): the PatchGAN test's float64 run covers the shared step.
 """
@@ -29,12 +32,14 @@ No float64 repeat here (suite time): the PatchGAN test's float64 run covers the 
 import dataclasses
 import functools
 
+import jax
 import numpy as np
 import pytest
 
 import train_parity as tp
 import test_train_parity_gigatok as tg
 from tok1d.convert import dino_disc as convert_dino
+from tok1d.official import gigatok as official
 from tok1d.trainers import tokenizer
 
 DISC_TYPE = "dinodisc"
@@ -92,6 +97,64 @@ def test_train_step_matches_official(path):
     if tg.disc_type(z) != DISC_TYPE:
         pytest.skip(f"{path}: disc_type={tg.disc_type(z)!r}; this test covers {DISC_TYPE!r}")
     check_fixture(z, dino_bounds(z))
+
+
+def spectral_sigmas(params, spectral, modules) -> np.ndarray:
+    """u . (W v) of every spectral conv (official module names, `meta.disc.spectral_modules`),
+    W = the kernel as torch's (out, in * k) matrix."""
+    where = {"0.0": ("block_in", "conv"), "1.fn.0": ("block_res", "conv"), "2": ("logits",)}
+    out = []
+    for name in modules:
+        _, t, rest = name.split(".", 2)                          # heads.<t>.<rest>
+        path = (f"heads_{t}", *where[rest])
+        p, s = params, spectral
+        for k in path:
+            p, s = p[k], s[k]
+        kernel = np.asarray(p["kernel"], np.float64)              # (k, in, out)
+        w = np.transpose(kernel, (2, 1, 0)).reshape(kernel.shape[2], -1)
+        out.append(np.asarray(s["u"], np.float64) @ w @ np.asarray(s["v"], np.float64))
+    return np.asarray(out)
+
+
+@pytest.mark.parametrize("path", tg.CASES)
+def test_disc_calls_match_official(path):
+    """The trainer's discriminator call (`tokenizer.make_disc_apply`: DiffAugment from the
+    injected draws, the frozen trunk, the spectral-norm heads in train mode) on the official
+    inputs of every D call of the first two D steps (x_hat = `step/recons`, x = `images`), in
+    order, threading the spectral-norm state from `init/disc_sd` (then `disc_first/disc_sd`):
+    logits (all heads) and sigma after each call (README "suggested tests": the discriminator
+    without the generator's trajectory; logits <= 1e-5 relative, sigma <= 1e-6)."""
+    z = tp.load(path)
+    if tg.disc_type(z) != DISC_TYPE:
+        pytest.skip(f"{path}: disc_type={tg.disc_type(z)!r}; this test covers {DISC_TYPE!r}")
+    config = official.config_from_fixture_meta(z.meta)
+    config.discriminator.allow_random_init = True
+    disc = tokenizer.build_discriminator(config)
+    model = tokenizer.build_model(config)
+    apply = jax.jit(functools.partial(tokenizer.make_disc_apply(disc, config.discriminator,
+                                                                model), call="call"))
+    trunk = convert_dino.convert_trunk(tg.state_dicts(z, "disc_trunk/sd/"), disc)
+    modules = z.meta["disc"]["spectral_modules"]
+    call_step, kinds = np.asarray(z["disc_call/step"]), np.asarray(z["diffaug/call_kind"])
+    images, recons = tg.nchw_to_nhwc(z["images"]), tg.nchw_to_nhwc(z["step/recons"])
+    d_steps = sorted(set(call_step.tolist()))[:2]
+    report = tp.Report("gigatok dino disc (D calls on official inputs)", path)
+    with jax.default_matmul_precision("highest"):
+        for step, prefix in zip(d_steps, ("init/disc_sd/", "disc_first/disc_sd/")):
+            heads, spectral = convert_dino.convert_heads(tg.state_dicts(z, prefix), disc)
+            params, state = {**heads, "trunk": trunk}, {"spectral": spectral}
+            for i in np.flatnonzero(call_step == step):
+                x = images[step - 1] if kinds[i] == 3 else recons[step - 1]
+                draws = {"diffaug/call/flags": np.asarray(z["diffaug/flags"][i], np.float32),
+                         "diffaug/call/rand01": np.asarray(z["diffaug/rand01"][i], np.float32)}
+                logits, state = apply(params, state, x, jax.random.key(0), draws)
+                kind = tokenizer.DISC_CALLS[kinds[i]]
+                report.rel(f"disc_call_logits[{i}: step {step} {kind}]", np.asarray(logits),
+                           z["disc_call/logits"][i], 1e-5)
+                report.rel(f"disc_call_sigma[{i}: step {step} {kind}]",
+                           spectral_sigmas(heads, jax.device_get(state["spectral"]), modules),
+                           z["disc_call/sigma"][i], 1e-6)
+    report.finish()
 
 
 def check_fixture(z: tp.Fixture, bounds: tg.Bounds) -> None:
