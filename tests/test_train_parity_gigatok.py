@@ -35,9 +35,6 @@ Two runs of the same step:
 
 import dataclasses
 import functools
-import os
-import subprocess
-import sys
 import types
 
 import flax.linen as nn
@@ -47,7 +44,6 @@ import pytest
 
 import train_parity as tp
 import train_parity_generators as tpg
-from conftest import REPO
 from tok1d import optim, parallel
 from tok1d.convert import dinov2 as convert_dinov2
 from tok1d.convert import gigatok as convert_gigatok
@@ -326,17 +322,9 @@ def test_train_step_matches_official(path):
     check_fixture(path, FLOAT32)
 
 
-FLOAT64_SCRIPT = """
-import sys
-sys.path.insert(0, {tests!r})
-import conftest  # XLA flags and the compilation cache, before JAX starts
-import jax
-jax.config.update("jax_enable_x64", True)
-import jax.numpy as jnp
-jnp.float32 = jnp.float64  # every float32 of tok1d / Flax / optax (imported below): float64
-import test_train_parity_gigatok as t
-t.check_fixture(sys.argv[1], t.FLOAT64)
-"""
+def check_float64(path: str) -> None:
+    """`check_fixture` with the float64 bounds (called by `tp.run_in_float64`)."""
+    check_fixture(path, FLOAT64)
 
 
 @pytest.mark.parametrize("path", CASES)
@@ -346,10 +334,7 @@ def test_float64_run_matches_official_at_the_floors(path):
     if disc_type(tp.load(path)) != SUPPORTED_DISC:
         pytest.skip(f"{path}: disc_type={disc_type(tp.load(path))!r}; this test covers the "
                     f"{SUPPORTED_DISC!r} discriminator recipe")
-    script = FLOAT64_SCRIPT.format(tests=os.path.join(REPO, "tests"))
-    run = subprocess.run([sys.executable, "-c", script, path], capture_output=True, text=True,
-                         cwd=REPO, env=dict(os.environ), timeout=1800)
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-8000:]
+    tp.run_in_float64("test_train_parity_gigatok", "check_float64", path)
 
 
 def check_fixture(path: str, bounds: Bounds) -> None:

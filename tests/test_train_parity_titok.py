@@ -44,9 +44,7 @@ steps 2-4 are checked end to end.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+import pathlib
 
 import numpy as np
 import flax.linen as nn
@@ -56,7 +54,6 @@ import optax
 import pytest
 
 import train_parity as tp
-from conftest import REPO
 from tok1d import gan, optim, parallel
 from tok1d import perceptual as perceptual_lib
 from tok1d.convert import perceptual as convert_perceptual
@@ -432,17 +429,9 @@ def test_titok_stage2_train_step(path, tmp_path):
     _run(path, tmp_path, "titok_stage2")
 
 
-FLOAT64_SCRIPT = """
-import pathlib, sys
-sys.path.insert(0, {tests!r})
-import conftest  # XLA flags and the compilation cache, before JAX starts
-import jax
-jax.config.update("jax_enable_x64", True)
-import jax.numpy as jnp
-jnp.float32 = jnp.float64  # every float32 of tok1d / Flax / optax (imported below): float64
-import test_train_parity_titok as t
-t._run(sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3], resync=False)
-"""
+def run_float64(path: str, tmp_dir: str, name: str) -> None:
+    """`_run` free-running in float64 (called by `tp.run_in_float64` in a subprocess)."""
+    _run(path, pathlib.Path(tmp_dir), name, resync=False)
 
 
 @pytest.mark.parametrize("path", tp.fixture_params("train_titok_stage2*.npz"))
@@ -451,8 +440,5 @@ def test_titok_stage2_float64_run_matches_official_at_the_floors(path, tmp_path)
     re-synchronisation): it lands on the official float32 run within the file's own
     float32-vs-float64 floors on every step (the official float32 run is on the float64 side
     of every discriminator kink), which checks the semantics of steps 2-4 end to end."""
-    script = FLOAT64_SCRIPT.format(tests=os.path.join(REPO, "tests"))
-    run = subprocess.run([sys.executable, "-c", script, path, str(tmp_path),
-                          "titok_stage2 (float64)"], capture_output=True, text=True, cwd=REPO,
-                         env=dict(os.environ), timeout=1800)
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-8000:]
+    tp.run_in_float64("test_train_parity_titok", "run_float64", path, str(tmp_path),
+                      "titok_stage2 (float64)")

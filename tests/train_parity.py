@@ -18,6 +18,8 @@ import glob
 import json
 import math
 import os
+import subprocess
+import sys
 import zlib
 from typing import Any, Callable, Mapping, Optional
 
@@ -308,3 +310,33 @@ class TensorMap:
                 raise KeyError(f"official tensor {key} reaches no tok1d parameter")
             out[key] = (np.concatenate(want), np.concatenate(got))
         return out
+
+
+# ----------------------------------------------------------------------------- float64 runs
+
+_FLOAT64_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+import conftest  # XLA flags and the compilation cache, before JAX starts
+import jax
+jax.config.update("jax_enable_x64", True)
+import jax.numpy as jnp
+jnp.float32 = jnp.float64  # every float32 of tok1d / Flax / optax (imported below): float64
+import importlib
+getattr(importlib.import_module(sys.argv[1]), sys.argv[2])(*sys.argv[3:])
+"""
+
+
+def run_in_float64(module: str, function: str, *args: str, timeout: int = 1800) -> None:
+    """Runs `tests/<module>.py: function(*args)` (string arguments) in a subprocess where JAX
+    computes in float64: x64 on and `jnp.float32` rebound to float64 before tok1d, Flax and
+    optax are imported, so the trainer's real jitted step runs in float64. Its results must
+    land on the official float32 run within the fixture's own float32-vs-float64 floors: this
+    checks the step's semantics past the steps where float32 rounding noise (amplified by
+    ReLU / max-pool / LeakyReLU kinks and AdamW's sign-like first updates) makes a float32
+    port drift. Asserts that the subprocess succeeded (its output in the message)."""
+    script = _FLOAT64_SCRIPT.format(tests=os.path.join(REPO, "tests"))
+    run = subprocess.run([sys.executable, "-c", script, module, function, *args],
+                         capture_output=True, text=True, cwd=REPO, env=dict(os.environ),
+                         timeout=timeout)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-8000:]

@@ -129,9 +129,10 @@ def base_config() -> ml_collections.ConfigDict:
         lecam=0.0,                    # LeCam regulariser weight (TiTok: 0.001)
         lecam_decay=0.999,
         d_weight=1.0,                 # scale of the D loss (GigaTok's disc_weight: 0.5)
-        call_order="fake_real",       # D step's calls: D(x_hat) then D(x) (TiTok) or
-                                      # "real_fake" (GigaTok / LlamaGen); matters for BatchNorm
-                                      # running stats and DiffAugment draws
+        call_order="fake_real",       # D step's calls: D(x_hat) then D(x) (GigaTok's DINO
+                                      # discriminator) or "real_fake" (GigaTok's PatchGAN;
+                                      # TiTok, whose D is stateless); matters for BatchNorm
+                                      # running stats, spectral norms and DiffAugment draws
         direct_fake="shortcut",       # GigaTok warm-up + GAN overlap steps: the "direct" G term
                                       # and D's third fake call see the shortcut reconstruction
                                       # x~ (PatchGAN) or "reconstruction" x_hat again (the
