@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import functools
 
+import jax
+import jax.numpy as jnp
+
 from tok1d.convert import common
 from tok1d.convert.common import ParamTree, StateDict
 
@@ -210,8 +213,5 @@ def convert_gigatok(state_dict, model, what: str = "GigaTok checkpoint") -> dict
 def abstract_params(model):
     """The (boxed) parameter shapes of a GigaTok module (cached: converting many state dicts
     of one model, e.g. the train-step parity tests, traces its init once)."""
-    import jax
-    import jax.numpy as jnp
-
     images = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, 3), jnp.float32)
     return jax.eval_shape(model.init, jax.random.key(0), images)["params"]
