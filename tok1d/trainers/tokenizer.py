@@ -182,11 +182,10 @@ def make_disc_apply(disc: nn.Module, dcfg, model: nn.Module):
             images = to_disc(to_unit(images))
         k_aug, k_crop = jax.random.split(rng)
         if dcfg.diffaug_prob > 0:
-            default = functools.partial(augment.draw_uniforms, k_aug, images.shape[0])
-            flags = common.injected({"draws": draws}, f"diffaug/{call}/flags",
-                                    lambda: default()[0])
+            fresh = augment.draw_uniforms(k_aug, images.shape[0])  # dead code when replayed
+            flags = common.injected({"draws": draws}, f"diffaug/{call}/flags", lambda: fresh[0])
             rand01 = common.injected({"draws": draws}, f"diffaug/{call}/rand01",
-                                     lambda: default()[1])
+                                     lambda: fresh[1])
             images = augment.diff_augment_with_uniforms(
                 images, jnp.asarray(flags, jnp.float32), jnp.asarray(rand01, jnp.float32),
                 prob=dcfg.diffaug_prob, cutout=dcfg.diffaug_cutout)
