@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every issue-7 speed target of one accelerator, measured with `python -m tok1d.bench` (random
+# Every issue-7 speed target of one accelerator, measured with `python -m tok1d.cli.bench` (random
 # weights, the configs' real programs). One call on the device machine:
 #
 #   bash benchmarks/targets.sh OUT_DIR      # appends OUT_DIR/bench.jsonl, logs OUT_DIR/*.log
@@ -24,11 +24,11 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 STEPS=${TOK1D_BENCH_STEPS:-10}
 
-bench() {  # name, then tok1d.bench arguments; TARGETS="name ..." runs a subset
+bench() {  # name, then tok1d.cli.bench arguments; TARGETS="name ..." runs a subset
   local name=$1; shift
   if [[ -n "${TARGETS:-}" && " $TARGETS " != *" $name "* ]]; then return 0; fi
   echo "== $name"
-  $PY -m tok1d.bench --steps="$STEPS" --warmup=2 --out="$OUT/bench.jsonl" ${TOK1D_BENCH_FLAGS:-} "$@" \
+  $PY -m tok1d.cli.bench --steps="$STEPS" --warmup=2 --out="$OUT/bench.jsonl" ${TOK1D_BENCH_FLAGS:-} "$@" \
     > "$OUT/$name.log" 2>&1 && tail -n 3 "$OUT/$name.log" || { echo "FAILED (see $OUT/$name.log)"; tail -n 5 "$OUT/$name.log"; }
 }
 

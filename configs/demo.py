@@ -3,7 +3,7 @@ handwritten digits (no download), on any machine (CPU is fine).
 
     python -m tok1d.main --config=configs/demo.py --workdir=/tmp/tok1d_demo
 
-Stages (tok1d.trainers.demo): a small TiTok (16 tokens of 8 bits for a 32x32 digit) on the
+Stages (tok1d.cli.demo): a small TiTok (16 tokens of 8 bits for a 32x32 digit) on the
 1618 training digits; both splits encoded to tokens; a small MaskGIT generator on the tokens;
 then samples of every class. Writes to the workdir: `tokenizer/reconstructions.png`
 (validation digits above their reconstructions), `generator/samples.png` and
@@ -24,7 +24,7 @@ class look alike (guidance 2 favours the typical digit); lower `sampling.guidanc
 raise `randomize_temperature` for more variety.
 """
 
-from tok1d import config_lib
+from tok1d.train import config_lib
 
 
 def get_config():

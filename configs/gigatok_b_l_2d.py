@@ -17,8 +17,8 @@ Training-step semantics are vq_train.py's (`tok1d.recipes.gigatok_vq_train`: LPI
 dropout active, step 1 at the base LR, the D's BatchNorm statistics and call order), checked
 against the official step by tests/test_train_parity_gigatok.py.
 Weights to supply: DINOv2 ViT-B/14 (`dinov2_vitb14_pretrain.pth`, or a directory from
-`python -m tok1d.convert dinov2 ... --pos_grid 16`) and LPIPS-VGG (`python -m
-tok1d.convert.perceptual`).
+`python -m tok1d.cli.convert dinov2 ... --pos_grid 16`) and LPIPS-VGG (`python -m
+tok1d.weights.convert.perceptual`).
 
 Compute: the tokenizer's forward + backward is 1.78 TFLOP per image (XLA cost
 analysis), 4.5e+20 FLOP for the run before LPIPS, DINOv2 and the discriminator: about
@@ -28,7 +28,7 @@ compares 2D and 1D scaling curves).
 
 Evaluate (rFID, IS, precision-recall, PSNR, SSIM, LPIPS, codebook usage; 50k val images):
 
-    python -m tok1d.evaluate --config=configs/gigatok_b_l_2d.py --checkpoint=DIR --out=eval/ \
+    python -m tok1d.cli.evaluate --config=configs/gigatok_b_l_2d.py --checkpoint=DIR --out=eval/ \
         --inception=inception_fid/ --config.data.eval_examples=50000
 """
 

@@ -27,7 +27,7 @@ Targets (README, 50k ImageNet val): rFID 0.51, LPIPS 0.2056; GPT-B gFID 3.33, li
 
 Evaluate (rFID, IS, precision-recall, PSNR, SSIM, LPIPS, codebook usage; 50k val images):
 
-    python -m tok1d.evaluate --config=configs/gigatok_b_l_dino_disc.py --checkpoint=DIR --out=eval/ \
+    python -m tok1d.cli.evaluate --config=configs/gigatok_b_l_dino_disc.py --checkpoint=DIR --out=eval/ \
         --inception=inception_fid/ --config.data.eval_examples=50000
 """
 

@@ -1,26 +1,26 @@
 """MaskGIT generator on TiTok-L-32 (32 tokens, ViT/BERT generator, 177M), ImageNet-1k 256x256.
 
-    python -m tok1d.tokenize --tokenizer=titok_l32/ --data=tfds:imagenet2012 --split=train \
+    python -m tok1d.cli.tokenize --tokenizer=titok_l32/ --data=tfds:imagenet2012 --split=train \
         --flip --out=gs://BUCKET/tokens_titok_l32
-    python -m tok1d.tokenize --tokenizer=titok_l32/ --data=tfds:imagenet2012 \
+    python -m tok1d.cli.tokenize --tokenizer=titok_l32/ --data=tfds:imagenet2012 \
         --split=validation --out=gs://BUCKET/tokens_titok_l32
     python -m tok1d.main --config=configs/maskgit_titok_l32.py --workdir=gs://BUCKET/maskgit_l32 \
         --config.generator.tokens=gs://BUCKET/tokens_titok_l32 --config.generator.tokenizer=titok_l32/
-    python -m tok1d.sample --config=configs/maskgit_titok_l32.py --checkpoint=gs://BUCKET/maskgit_l32 \
+    python -m tok1d.cli.sample --config=configs/maskgit_titok_l32.py --checkpoint=gs://BUCKET/maskgit_l32 \
         --tokenizer=titok_l32/ --num_images=50000 --out=samples_l32/
 
-`titok_l32/` is the converted tokenizer (python -m tok1d.convert titok tokenizer_titok_l32.bin
+`titok_l32/` is the converted tokenizer (python -m tok1d.cli.convert titok tokenizer_titok_l32.bin
 titok_l32/). Recipe: `tok1d.recipes.maskgit_titok` (the official
 configs/training/generator/maskgit.yaml: batch 2048, 500k steps, AdamW 2e-4, arccos masking,
 label smoothing 0.1, unmasked weight 0.1, class dropout 0.1, EMA; the training step is
 checked against the official one by tests/test_train_parity_maskgit.py). Sampling: the released
 settings of configs/infer/TiTok/titok_l32.yaml. The released generator converts with
-`python -m tok1d.convert maskgit generator_titok_l32.bin maskgit_l32/`.
+`python -m tok1d.cli.convert maskgit generator_titok_l32.bin maskgit_l32/`.
 Target (paper, 50k samples vs the ADM reference batch): gFID 2.77.
 
 Evaluate (gFID / IS / precision-recall of 50k samples):
 
-    python -m tok1d.evaluate --config=configs/maskgit_titok_l32.py --checkpoint=DIR --tokenizer=TOK \
+    python -m tok1d.cli.evaluate --config=configs/maskgit_titok_l32.py --checkpoint=DIR --tokenizer=TOK \
         --out=eval/ --inception=inception_fid/ --reference=VIRTUAL_imagenet256_labeled.npz
 """
 

@@ -5,7 +5,7 @@
 Not a recipe: 32x32 demo crops, a 1-layer width-32 ViT, 8 tokens, 64 codes.
 """
 
-from tok1d import config_lib
+from tok1d.train import config_lib
 
 
 def get_config():

@@ -10,7 +10,7 @@ teacher's 16 x 16 codes (cross-entropy) + VQ codebook/commitment (0.25) losses. 
 betas (0.9, 0.99), wd 1e-4, 10k warm-up, cosine to 1e-5, clip 1.0, EMA 0.999, batch 256,
 1M steps (200 epochs), bf16 compute (the teacher and the quantizer run in float32).
 The teacher file (HF fun-research/TiTok) is read directly or after
-`python -m tok1d.convert maskgit_vqgan FILE DIR`. New models use the clean per-token
+`python -m tok1d.cli.convert maskgit_vqgan FILE DIR`. New models use the clean per-token
 projection (legacy_reshape=False); the released weights need legacy_reshape=True.
 
 Expected: CE starts at ln 1024 = 6.9 and ends near 3.0 (maintainers, S-128); the eval reports
@@ -20,7 +20,7 @@ Compute: the official run is 8 x A100 for several days; on TPU use a v4-64 or la
 
 Evaluate (rFID, IS, precision-recall, PSNR, SSIM, LPIPS, codebook usage; 50k val images):
 
-    python -m tok1d.evaluate --config=configs/titok_b64_stage1.py --checkpoint=DIR --out=eval/ \
+    python -m tok1d.cli.evaluate --config=configs/titok_b64_stage1.py --checkpoint=DIR --out=eval/ \
         --inception=inception_fid/ --config.data.eval_examples=50000
 """
 

@@ -13,7 +13,7 @@ Recipe (maintainers, issues #67 / #82; loss settings of the TA-TiTok configs): L
 perceptual 1.1 x (LPIPS + 0.1 ConvNeXt-S logits) / 1.1 + 0.1 hinge GAN from step 200k with
 LeCam 0.001; VQ losses (commitment 0.25) or KL 1e-6. AdamW lr 1e-4, betas (0.9, 0.999),
 wd 1e-4, 10k warm-up, cosine to 1e-5, clip 1.0, EMA 0.999, batch 256, 1M steps (200 epochs),
-bf16 compute. Perceptual weights: python -m tok1d.convert.perceptual (LPIPS-VGG + ConvNeXt-S).
+bf16 compute. Perceptual weights: python -m tok1d.cli.convert.perceptual (LPIPS-VGG + ConvNeXt-S).
 (The official VQ-8k runs also re-anchored rarely used codes (clustering_vq); not included.)
 
 Targets (README rFID, 50k val): BL-64 2.06, BL-128 1.49, SL-256 1.03, LL-32 VAE 1.61,
@@ -22,7 +22,7 @@ BL-64 VAE 1.25, BL-128 VAE 0.84. Compute: TiTok-BL-64 at batch 256 is ~0.3 PFLOP
 
 Evaluate (rFID, IS, precision-recall, PSNR, SSIM, LPIPS, codebook usage; 50k val images):
 
-    python -m tok1d.evaluate --config=configs/titok_imagenet_single_stage.py --checkpoint=DIR --out=eval/ \
+    python -m tok1d.cli.evaluate --config=configs/titok_imagenet_single_stage.py --checkpoint=DIR --out=eval/ \
         --inception=inception_fid/ --config.data.eval_examples=50000
 """
 

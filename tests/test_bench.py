@@ -1,4 +1,4 @@
-"""`python -m tok1d.bench`: every workload runs the real programs of a tiny config and reports
+"""`python -m tok1d.cli.bench`: every workload runs the real programs of a tiny config and reports
 step time, images/s, FLOPs and MFU; bad combinations are refused."""
 
 import importlib.util
@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from conftest import REPO, subprocess_env
-from tok1d import bench, config_lib
+from tok1d.cli import bench
+from tok1d.train import config_lib
 
 
 def _config(name):
@@ -95,14 +96,14 @@ def test_compile_only_sample_plans_both_programs():
 
 def test_cli_prints_the_table_and_appends_json(tmp_path):
     out = tmp_path / "bench.jsonl"
-    cmd = [sys.executable, "-m", "tok1d.bench", f"--config={REPO}/configs/tiny_test.py",
+    cmd = [sys.executable, "-m", "tok1d.cli.bench", f"--config={REPO}/configs/tiny_test.py",
            "--workload=encode", "--batch_size=8", "--steps=2", "--warmup=1",
            "--peak_tflops=1.0", f"--out={out}", f"--profile={tmp_path / 'trace'}"]
     run = subprocess.run(cmd, env=subprocess_env(1), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "| workload | model | batch |" in run.stdout and "| encode | titok | 8 |" in run.stdout
     row = json.loads(out.read_text().splitlines()[-1])
-    assert row["device_bf16_tflops"] == 1.0 and "tok1d.bench" in row["command"]
+    assert row["device_bf16_tflops"] == 1.0 and "tok1d.cli.bench" in row["command"]
     assert list((tmp_path / "trace").rglob("*.xplane.pb"))  # the profiler trace
 
 
@@ -128,7 +129,7 @@ def test_flop_count_multiplies_loops():
 
 
 def test_targets_script_names_real_configs(tmp_path):
-    """benchmarks/targets.sh (run with PYTHON=echo): every target is a tok1d.bench command on a
+    """benchmarks/targets.sh (run with PYTHON=echo): every target is a tok1d.cli.bench command on a
     config that exists; TARGETS picks a subset; extra flags reach every command."""
     script = os.path.join(REPO, "benchmarks", "targets.sh")
     env = dict(os.environ, PYTHON="echo", TOK1D_BENCH_FLAGS="--compile_only")
@@ -139,7 +140,7 @@ def test_targets_script_names_real_configs(tmp_path):
     assert len(logs) == 9
     for log in logs:
         words = log.read_text().split()
-        assert words[:2] == ["-m", "tok1d.bench"] and "--compile_only" in words
+        assert words[:2] == ["-m", "tok1d.cli.bench"] and "--compile_only" in words
         for word in words:
             if word.startswith(("--config=", "--tokenizer_config=")):
                 assert os.path.exists(os.path.join(REPO, word.split("=", 1)[1])), word
@@ -150,7 +151,7 @@ def test_targets_script_names_real_configs(tmp_path):
 
 
 def test_cli_refuses_a_bad_combination_with_a_message():
-    cmd = [sys.executable, "-m", "tok1d.bench", f"--config={REPO}/configs/tiny_test.py",
+    cmd = [sys.executable, "-m", "tok1d.cli.bench", f"--config={REPO}/configs/tiny_test.py",
            "--workload=sample"]
     run = subprocess.run(cmd, env=subprocess_env(1), capture_output=True, text=True, timeout=300)
     assert run.returncode == 2 and "error: --workload=sample needs a generator config" in \

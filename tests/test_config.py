@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from conftest import REPO, main_command, subprocess_env
-from tok1d import config_lib
+from tok1d.train import config_lib
 
 
 def load_config(path):
@@ -83,7 +83,7 @@ def test_cli_rejects_mistyped_override_and_bad_shapes(tmp_path):
 
 
 def test_exit_status_of_command_line_jobs(capsys):
-    from tok1d.config_lib import ConfigError, exit_status
+    from tok1d.train.config_lib import ConfigError, exit_status
     assert exit_status(lambda: None) == 0
 
     def bad():

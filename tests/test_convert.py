@@ -1,4 +1,4 @@
-"""`python -m tok1d.convert` on checkpoints written by torch: random weights with the official
+"""`python -m tok1d.cli.convert` on checkpoints written by torch: random weights with the official
 key names and shapes (taken from the fixture's state_dict of the VQ-8k pixel-head TiTok),
 saved as .bin and .safetensors, converted, then encoded / decoded with tok1d."""
 
@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tok1d import pretrained
-from tok1d.convert import __main__ as convert_cli
-from tok1d.convert import common
-from tok1d.models.titok import TiTok
+from tok1d.weights import pretrained
+from tok1d.cli import convert as convert_cli
+from tok1d.weights.convert import common
+from tok1d.models.tokenizers.titok import TiTok
 
 torch = pytest.importorskip("torch", reason="torch is needed to write .bin checkpoints")
 
@@ -70,7 +70,7 @@ def test_safetensors_and_bin_give_identical_params(torch_checkpoint, tmp_path):
     folder, _ = torch_checkpoint
     if not (folder / "model.safetensors").exists():
         pytest.skip("safetensors not installed")
-    from tok1d.convert import titok
+    from tok1d.weights.convert import titok
     _, from_bin = titok.convert_file(str(folder / "tokenizer.bin"))
     _, from_st = titok.convert_file(str(folder / "model.safetensors"))
     jax.tree.map(np.testing.assert_array_equal, from_bin, from_st)
@@ -103,8 +103,8 @@ def test_maskgit_vqgan_cli(fixtures_dir, tmp_path):
     # builds the released model) must refuse it with a shape list.
     assert convert_cli.main(["maskgit_vqgan", str(tmp_path / "vqgan.bin"),
                              str(tmp_path / "out")]) == 2
-    from tok1d.convert import vqgan
-    from tok1d.models.vqgan import MaskGITVQGAN
+    from tok1d.weights.convert import vqgan
+    from tok1d.models.tokenizers.vqgan import MaskGITVQGAN
     import json
     with np.load(path) as z:
         cfg = json.loads(str(z["maskgit_vqgan/config"]))

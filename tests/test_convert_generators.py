@@ -1,4 +1,4 @@
-"""`python -m tok1d.convert maskgit|gpt`: the fixture generators' official weights, written as
+"""`python -m tok1d.cli.convert maskgit|gpt`: the fixture generators' official weights, written as
 checkpoint files, convert through the command line into pretrained directories that reproduce
 the official logits when loaded with `pretrained.load_pretrained`."""
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import rel_err
-from tok1d import pretrained
-from tok1d.convert.__main__ import main as convert_main
+from tok1d.weights import pretrained
+from tok1d.cli.convert import main as convert_main
 
 
 def _npz(fixtures_dir, name):

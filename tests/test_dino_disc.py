@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import rel_err
-from tok1d import augment
-from tok1d.convert import dino_disc as conv
-from tok1d.convert.common import ConversionError
+from tok1d.objectives import augment
+from tok1d.weights.convert import dino_disc as conv
+from tok1d.weights.convert.common import ConversionError
 from tok1d.models import dino_disc as dd
 
 D, DEPTH, HEADS, PATCH, IMG = 32, 3, 2, 8, 32
@@ -406,8 +406,8 @@ def test_trainer_trains_the_heads_and_keeps_the_trunk(tmp_path):
 
     import flax.traverse_util as tu
     from conftest import REPO
-    from tok1d import pretrained
-    from tok1d.trainers import tokenizer
+    from tok1d.weights import pretrained
+    from tok1d.train import tokenizer
 
     path = str(tmp_path / "dino_trunk.npz")
     np.savez(path, **{k: v.numpy() for k, v in official_trunk_state_dict(seed=3).items()})

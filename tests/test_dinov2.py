@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from conftest import rel_err
-from tok1d.convert import dinov2 as conv
-from tok1d.convert.common import ConversionError
-from tok1d.models import dinov2 as dm
+from tok1d.weights.convert import dinov2 as conv
+from tok1d.weights.convert.common import ConversionError
+from tok1d.models.frozen import dinov2 as dm
 
 BOUND = 2e-5  # README §0: transformer outputs (f32-vs-f64 floor here 4e-7 .. 4.7e-6)
 
@@ -162,11 +162,11 @@ def test_converter_errors():
 
 
 def test_gigatok_teacher_from_the_official_file_or_a_converted_directory(tmp_path):
-    """`teacher.weights` may be the official checkpoint or `python -m tok1d.convert dinov2`
+    """`teacher.weights` may be the official checkpoint or `python -m tok1d.cli.convert dinov2`
     output; both give the same params with the table resampled to the student's grid."""
     from tok1d import recipes
-    from tok1d.convert.__main__ import main as convert_main
-    from tok1d.trainers import tokenizer
+    from tok1d.cli.convert import main as convert_main
+    from tok1d.train import tokenizer
 
     _, sd = _tiny_sd(d=64, depth=1)  # 64 wide: one 64-dim head, as every released model
     path = str(tmp_path / "dinov2_tiny_pretrain.npz")

@@ -1,5 +1,5 @@
 """The evaluation pipeline: streaming metrics over sharded batches, references, reports and the
-`python -m tok1d.evaluate` jobs (random Inception / LPIPS weights: no real weights here; the
+`python -m tok1d.cli.evaluate` jobs (random Inception / LPIPS weights: no real weights here; the
 networks themselves are checked against the official code in test_inception / test_perceptual).
 """
 
@@ -10,9 +10,10 @@ import jax
 import numpy as np
 import pytest
 
-from tok1d import config_lib, parallel
+from tok1d import parallel
+from tok1d.train import config_lib
 from tok1d.evaluation import evaluator, fid as fid_lib, report
-from tok1d.models import inception as inception_lib
+from tok1d.models.frozen import inception as inception_lib
 
 SIZE = 32          # image size of the test data (digits)
 INCEPTION = 75     # the smallest input the Inception takes: cheap on CPU
@@ -131,7 +132,9 @@ def _tokenizer_config():
 
 
 def test_evaluate_job_tokenizer_and_samples(tmp_path):
-    from tok1d import evaluate, models, pretrained
+    from tok1d import models
+    from tok1d.cli import evaluate
+    from tok1d.weights import pretrained
     config = _tokenizer_config()
     model = models.create("titok", **config_lib.model_kwargs(config))
     params = model.init(jax.random.key(0), np.zeros((1, SIZE, SIZE, 3), np.float32))["params"]
@@ -173,7 +176,7 @@ def test_missing_inception_weights_are_explained(tmp_path):
     notes = []
     nets = evaluator.load_metric_nets(ecfg, "", notes.append)
     assert nets.inception is None and nets.lpips is None
-    assert "python -m tok1d.convert inception_fid" in notes[0]
+    assert "python -m tok1d.cli.convert inception_fid" in notes[0]
     ecfg.inception = str(tmp_path / "nothing")
     with pytest.raises(FileNotFoundError, match="pt_inception-2015-12-05"):
         evaluator.load_metric_nets(ecfg)
@@ -185,7 +188,7 @@ def test_missing_inception_weights_are_explained(tmp_path):
 
 
 def test_gfid_without_a_reference_is_refused(tmp_path):
-    from tok1d import evaluate
+    from tok1d.cli import evaluate
     config = config_lib.base_config()  # data.name "demo": no real images to compare with
     config.evaluation.allow_random_init, config.evaluation.inception_size = True, INCEPTION
     samples = tmp_path / "s.npz"

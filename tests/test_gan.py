@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tok1d import gan
-from tok1d.convert.common import ConversionError
+from tok1d.objectives import gan
+from tok1d.weights.convert.common import ConversionError
 from tok1d.models import discriminator as disc
 
 

@@ -1,5 +1,5 @@
 """Generator trainer on tokens made by a tiny tokenizer: MaskGIT and GPT losses drop, the
-validation loss and sample grids are written, `tok1d.sample` writes an ADM-style .npz, and a
+validation loss and sample grids are written, `tok1d.cli.sample` writes an ADM-style .npz, and a
 token dataset that does not fit the generator is refused with a clear message."""
 
 import json
@@ -10,10 +10,13 @@ import jax
 import numpy as np
 import pytest
 
-from tok1d import config_lib, models, pretrained, tokenize
-from tok1d import sample as sample_lib
+from tok1d import models
+from tok1d.train import config_lib
+from tok1d.weights import pretrained
+from tok1d.cli import tokenize
+from tok1d.cli import sample as sample_lib
 from tok1d.data import sources
-from tok1d.trainers import generator
+from tok1d.train import generator
 
 TOKENIZER = dict(image_size=32, patch_size=8, num_latent_tokens=8, encoder_size="nano",
                  decoder_size="nano", codebook_size=64, token_dim=8)
@@ -74,7 +77,7 @@ def test_generator_learns_tokens_and_writes_samples(kind, token_data, tmp_path):
     assert np.isfinite(result["loss"]) and result["loss"] < np.log(64)
     assert os.path.getsize(os.path.join(workdir, "samples.png")) > 500
 
-    # tok1d.sample: cyclic labels, uint8 images of the tokenizer's size, an ADM-style npz.
+    # tok1d.cli.sample: cyclic labels, uint8 images of the tokenizer's size, an ADM-style npz.
     config = tiny_config(kind, tokens, tok_dir)
     out = str(tmp_path / "samples")
     info = sample_lib.run(config, workdir, tok_dir, num_images=20, out=out, batch_size=16,
@@ -133,7 +136,7 @@ def test_generator_configs_validate():
 def test_ar_probe_during_tokenizer_training(tmp_path):
     """config.ar_probe: the tokenizer run trains a fresh small GPT on its current codes and
     logs the probe's validation loss (below the uniform-code loss log K after a few steps)."""
-    from tok1d.trainers import tokenizer as tok_trainer
+    from tok1d.train import tokenizer as tok_trainer
     c = config_lib.base_config()
     c.total_steps, c.batch_size, c.eval_batch_size = 4, 16, 16
     c.precision, c.ema_decay = "float32", 0.0
@@ -164,9 +167,9 @@ def test_ar_probe_during_tokenizer_training(tmp_path):
 
 def test_gfid_in_training_and_the_evaluate_job(token_data, tmp_path):
     """A GPT run with evaluation.fid_every_steps logs gFID / IS / precision-recall of its samples
-    against the digits eval split (random Inception: smoke numbers); `tok1d.evaluate` on the
+    against the digits eval split (random Inception: smoke numbers); `tok1d.cli.evaluate` on the
     run adds GigaTok's linear probe and writes the report."""
-    from tok1d import evaluate
+    from tok1d.cli import evaluate
     tokens, tok_dir = token_data
     config = tiny_config("gpt", tokens, tok_dir, steps=8)
     config.data.name, config.data.image_size, config.data.eval_examples = "digits", 32, 24

@@ -1,4 +1,4 @@
-"""GigaTok CNN encoder / decoder (tok1d.models.gigatok_cnn) against the official PyTorch
+"""GigaTok CNN encoder / decoder (tok1d.models.tokenizers.gigatok_cnn) against the official PyTorch
 modules' golden outputs (gigatok_1d.npz, gigatok_2d.npz), through the checkpoint converter."""
 
 import json
@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 
 from conftest import rel_err
-from tok1d.convert.common import ConversionError
-from tok1d.convert.gigatok_cnn import convert_cnn_decoder_only, convert_cnn_encoder_only
-from tok1d.models.gigatok_cnn import (GIGATOK_CNN_256, GigaTokCNNDecoder, GigaTokCNNEncoder,
-                                      depth_to_space_dcr, init_shapes)
+from tok1d.weights.convert.common import ConversionError
+from tok1d.weights.convert.gigatok_cnn import convert_cnn_decoder_only, convert_cnn_encoder_only
+from tok1d.models.tokenizers.gigatok_cnn import GIGATOK_CNN_256, GigaTokCNNDecoder, GigaTokCNNEncoder, depth_to_space_dcr, init_shapes
 
 CNN_TOL = 1e-4        # README §0: CNN outputs
 ROT_TOL = 3e-4        # README §0: train/*pixels

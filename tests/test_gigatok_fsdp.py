@@ -26,8 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tok1d import config_lib, models, optim, parallel
-from tok1d.trainers import common, tokenizer
+from tok1d import models, parallel
+from tok1d.train import config_lib
+from tok1d.train import optim
+from tok1d.train import common
+from tok1d.train import tokenizer
 
 FSDP = (1, 2, 4, 8)
 IMAGE = 16

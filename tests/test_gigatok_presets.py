@@ -16,8 +16,9 @@ import pytest
 from conftest import REPO, rel_err
 
 from tok1d import models
-from tok1d.convert import common, gigatok as convert_gigatok
-from tok1d.models.gigatok import GigaTok, ViT2DDecoder, ViT2DEncoder
+from tok1d.weights.convert import common
+from tok1d.weights.convert import gigatok as convert_gigatok
+from tok1d.models.tokenizers.gigatok import GigaTok, ViT2DDecoder, ViT2DEncoder
 
 # Counted by instantiating the official classes (VQVitModelPlus / VQVitModel2DPlus with
 # configs/vq/*.yaml; the `quantize.codebook_used` logging buffer is not a parameter).

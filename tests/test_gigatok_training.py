@@ -16,9 +16,12 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from tok1d import config_lib, losses, pretrained, recipes
+from tok1d import recipes
+from tok1d.train import config_lib
+from tok1d.objectives import losses
+from tok1d.weights import pretrained
 from tok1d.data import pipeline, sources
-from tok1d.trainers import tokenizer
+from tok1d.train import tokenizer
 
 # Tiny GigaTok: 32 px, CNN 32 channels down to an 8x8 map (64 decoder tokens), 16 latent tokens.
 TINY_MODEL = dict(encoder_ch=32, decoder_ch=32, encoder_ch_mult=(1, 1, 1),
@@ -218,7 +221,7 @@ def test_gigatok_configs_validate_on_a_pod(name):
 def test_schedules_are_cosine_v2_and_the_disc_follows_the_global_step():
     """GigaTok's `cosine_v2`: lr * (t/w + (1 - t/w)/100) during warm-up, then
     end + (lr - end)/2 * (1 + cos(pi * (t - w)/(T - w))); scheduler_disc(train_steps)."""
-    from tok1d import optim
+    from tok1d.train import optim
     config = recipes.gigatok("xl_xxl")
     o, total = config.optim, config.total_steps
     _, schedule = optim.make_optimizer(o, total)

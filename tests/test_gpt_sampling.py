@@ -12,8 +12,8 @@ import pytest
 from flax import linen as nn
 
 from tok1d.generation import autoregressive as ar
-from tok1d.models import gpt as gpt_lib
-from tok1d.models.gpt import GPT, init_cache
+from tok1d.models.generators import gpt as gpt_lib
+from tok1d.models.generators.gpt import GPT, init_cache
 
 VOCAB, TOKENS = 37, 9
 

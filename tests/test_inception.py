@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 
 from conftest import rel_err
-from tok1d import models, pretrained
-from tok1d.convert import inception as CI
-from tok1d.convert.__main__ import main as convert_main
-from tok1d.convert.common import ConversionError
-from tok1d.models import inception as I
+from tok1d import models
+from tok1d.weights import pretrained
+from tok1d.weights.convert import inception as CI
+from tok1d.cli.convert import main as convert_main
+from tok1d.weights.convert.common import ConversionError
+from tok1d.models.frozen import inception as I
 
 BLOCKS_FILE = "inception_fid_blocks.npz"
 FULL_FILE = "inception_fid.npz"
@@ -308,5 +309,5 @@ def test_load_inception_without_weights_says_how(tmp_path):
         I.load_inception(str(tmp_path / "nothing_here"))
     msg = str(e.value)
     for needle in ("pt_inception-2015-12-05-6726825d.pth", I.FID_WEIGHTS_URL,
-                   "python -m tok1d.convert inception_fid"):
+                   "python -m tok1d.cli.convert inception_fid"):
         assert needle in msg, (needle, msg)

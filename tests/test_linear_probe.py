@@ -14,8 +14,8 @@ from flax import linen as nn
 
 from tok1d import parallel
 from tok1d.evaluation import linear_probe as lp
-from tok1d.models import layers
-from tok1d.models.gpt import GPT
+from tok1d.layers import transformer
+from tok1d.models.generators.gpt import GPT
 
 VOCAB, TOKENS, CLASSES, WIDTH, DEPTH = 16, 16, 4, 32, 4
 
@@ -96,7 +96,7 @@ def test_truncation_matches_intermediate_activation(scan):
     # All blocks: the final RMSNorm and the head of the hidden states are the logits.
     h = jax.jit(lambda p: model.apply({"params": p}, codes, labels,
                                       method="hidden_states"))(params)
-    normed = layers.RMSNorm(model.norm_eps).apply({"params": params["norm"]}, h)
+    normed = transformer.RMSNorm(model.norm_eps).apply({"params": params["norm"]}, h)
     np.testing.assert_allclose(normed @ np.asarray(params["output"]["kernel"]), logits, rtol=0,
                                atol=1e-5 * float(np.abs(logits).max()))
     with pytest.raises(ValueError):

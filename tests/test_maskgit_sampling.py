@@ -14,7 +14,7 @@ import optax
 import pytest
 
 from tok1d.generation import maskgit as gen
-from tok1d.models import maskgit
+from tok1d.models.generators import maskgit
 
 K, N, C = 64, 16, 10
 
@@ -203,6 +203,6 @@ def test_tiny_generator_learns():
 def test_released_sizes_parameter_counts(size, count):
     """The released generators' sizes (177.2M ImageBert, 295.0M UViTBert state_dicts)."""
     from flax import linen as nn
-    from tok1d.convert.maskgit import abstract_params
+    from tok1d.weights.convert.maskgit import abstract_params
     params = nn.unbox(abstract_params(maskgit.build(size=size)))
     assert sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params)) == count

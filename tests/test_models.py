@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from tok1d import models
-from tok1d.models import layers
+from tok1d.layers import transformer
 from tok1d.models.quantizers import VectorQuantizer
-from tok1d.models.titok import depth_to_space
+from tok1d.models.tokenizers.titok import depth_to_space
 
 TINY = dict(image_size=32, patch_size=8, encoder_size="nano", decoder_size="nano",
             codebook_size=64, token_dim=8)
@@ -79,8 +79,8 @@ def test_cnn_remat_keeps_the_function_and_cuts_the_saved_activations(kind):
     """`remat="full"` on the CNN decoders (TiTok's pixel decoder, GigaTok's CNN halves: the
     models' `cnn_remat`) keeps the parameter tree and gradients; what autodiff saves for the
     backward pass (the VJP's residuals, backend-independent) shrinks to block inputs."""
-    from tok1d.models.gigatok_cnn import GigaTokCNNDecoder
-    from tok1d.models.vqgan import VQGANDecoder
+    from tok1d.models.tokenizers.gigatok_cnn import GigaTokCNNDecoder
+    from tok1d.models.tokenizers.vqgan import VQGANDecoder
     if kind == "vqgan":
         cls, kw = VQGANDecoder, dict(hidden_channels=32, channel_mult=(1, 2), num_res_blocks=2,
                                      z_channels=8)
@@ -157,7 +157,7 @@ def test_straight_through_gradient_is_identity_to_the_inputs():
 def test_legacy_reshape_reinterprets_memory_like_the_official_code():
     enc_kwargs = dict(image_size=16, patch_size=8, width=8, depth=1, num_heads=2, mlp_dim=16,
                       num_latent_tokens=4, out_dim=3)
-    from tok1d.models.titok import TiTokEncoder
+    from tok1d.models.tokenizers.titok import TiTokEncoder
     x = images(b=1, size=16)
     latents = jnp.ones((4, 8))
     legacy = TiTokEncoder(legacy_reshape=True, **enc_kwargs)
@@ -189,7 +189,7 @@ def test_depth_to_space_channel_order():
 
 
 def test_attention_matches_a_plain_softmax_reference():
-    attn = layers.Attention(num_heads=2)
+    attn = transformer.Attention(num_heads=2)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 8)), jnp.float32)
     variables = attn.init(jax.random.key(0), x)
     p = nn.unbox(variables)["params"]
@@ -223,7 +223,7 @@ def test_entropy_loss_matches_numpy_reference():
 
 
 def test_loss_weights_switch_terms_on_and_off():
-    from tok1d import losses
+    from tok1d.objectives import losses
     recon, target = jnp.zeros((1, 2, 2, 3)), jnp.ones((1, 2, 2, 3))
     aux = dict(quantizer_loss=jnp.float32(2.0), entropy_loss=jnp.float32(-1.0))
     total, terms = losses.combine(dict(l2=1.0, quantizer=0.5, entropy=0.0), recon, target, aux)
@@ -239,8 +239,9 @@ def test_gradient_accumulation_matches_the_full_batch_step():
     import importlib.util
     import os
     from conftest import REPO
-    from tok1d import optim
-    from tok1d.trainers import common, tokenizer
+    from tok1d.train import optim
+    from tok1d.train import common
+    from tok1d.train import tokenizer
     spec = importlib.util.spec_from_file_location("c", os.path.join(REPO, "configs/tiny_test.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

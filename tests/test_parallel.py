@@ -17,8 +17,12 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from tok1d import config_lib, losses, optim, parallel
-from tok1d.trainers import common, tokenizer
+from tok1d import parallel
+from tok1d.train import config_lib
+from tok1d.objectives import losses
+from tok1d.train import optim
+from tok1d.train import common
+from tok1d.train import tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH = 16

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from conftest import rel_err
-from tok1d.convert import common, gigatok as convert_gigatok
-from tok1d.models.gigatok import GigaTok
+from tok1d.weights.convert import common
+from tok1d.weights.convert import gigatok as convert_gigatok
+from tok1d.models.tokenizers.gigatok import GigaTok
 
 
 def nhwc(x):

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from conftest import rel_err
-from tok1d.convert import common, gigatok as convert_gigatok
-from tok1d.models.gigatok import QFormerDecoder, QFormerEncoder, VIT_SIZES
+from tok1d.weights.convert import common
+from tok1d.weights.convert import gigatok as convert_gigatok
+from tok1d.models.tokenizers.gigatok import QFormerDecoder, QFormerEncoder, VIT_SIZES
 
 TOL = 2e-5
 
@@ -85,7 +86,7 @@ def test_decoder_and_semantic_head(fx):
 
 
 def test_multi_level_query_groups():
-    from tok1d.models.gigatok import multi_level_queries
+    from tok1d.models.tokenizers.gigatok import multi_level_queries
     grid = jnp.arange(4 * 8, dtype=jnp.float32).reshape(1, 4, 8, 1)
     q = np.asarray(multi_level_queries(grid, 8))[0, :, 0]
     g = np.arange(32, dtype=np.float32).reshape(4, 8)
@@ -100,7 +101,7 @@ def fx2d(fixtures_dir):
 
 
 def test_2d_encoder_and_decoder(fx2d):
-    from tok1d.models.gigatok import LAYER_TYPES_2D, ViT2DDecoder, ViT2DEncoder
+    from tok1d.models.tokenizers.gigatok import LAYER_TYPES_2D, ViT2DDecoder, ViT2DEncoder
     z, args, sizes, sd = fx2d
     # The block type the file's config names (the official 2D default when it names none).
     official = args.get("transformer_layer_type") or "TransformerDecoderLayer"

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from conftest import params_from_fixture, rel_err
-from tok1d.convert import common, gpt as convert_gpt
+from tok1d.weights.convert import common
+from tok1d.weights.convert import gpt as convert_gpt
 from tok1d.generation import autoregressive
-from tok1d.models.gpt import GPT
+from tok1d.models.generators.gpt import GPT
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +141,7 @@ def test_convert_file_reads_training_checkpoints(built, tmp_path):
     _, from_ema = convert_gpt.convert_file(path, num_heads=cfg["n_head"], weights="ema")
     assert all(not np.any(x) for x in jax.tree.leaves(from_ema))
     # A released size that does not fit the file's model is refused.
-    from tok1d.models.gpt import GPT_SIZES
+    from tok1d.models.generators.gpt import GPT_SIZES
     size = next(k for k, v in GPT_SIZES.items()
                 if (v["width"], v["depth"]) != (cfg["dim"], cfg["n_layer"]))
     with pytest.raises(common.ConversionError, match="width"):

@@ -1,7 +1,7 @@
 """MaskGIT generator parity with the official ImageBert / UViTBert (golden fixtures, titok.npz).
 
 Each generator is built from the official config stored in the fixture, its weights are
-converted with `tok1d.convert.maskgit`, and the conditional / unconditional logits (float32
+converted with `tok1d.weights.convert.maskgit`, and the conditional / unconditional logits (float32
 bound) and the deterministic samples of every guidance schedule the file stores (exactly) are
 reproduced. The generators and schedules are read from the file.
 """
@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 from conftest import params_from_fixture, rel_err
-from tok1d.convert import common, maskgit as maskgit_convert
+from tok1d.weights.convert import common
+from tok1d.weights.convert import maskgit as maskgit_convert
 from tok1d.generation import maskgit as gen
-from tok1d.models import maskgit
+from tok1d.models.generators import maskgit
 
 TRANSFORMER_TOL = 2e-5
 SAMPLES = "/out/generate_T0_"  # <m>/out/generate_T0_<schedule>: deterministic (T=0) samples

@@ -1,7 +1,7 @@
 """TiTok parity with the official PyTorch modules (golden fixtures in titok.npz).
 
 Each model is built from the configuration stored in the fixture, its official weights are
-converted with `tok1d.convert.titok`, and the stored intermediate and final outputs are
+converted with `tok1d.weights.convert.titok`, and the stored intermediate and final outputs are
 reproduced: codes exactly, floats to the fixture README's float32 bounds.
 """
 
@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from conftest import params_from_fixture, rel_err
-from tok1d.convert import common, titok as titok_convert
-from tok1d.models.titok import TiTok
+from tok1d.weights.convert import common
+from tok1d.weights.convert import titok as titok_convert
+from tok1d.models.tokenizers.titok import TiTok
 
 TRANSFORMER_TOL = 2e-5
 CNN_TOL = 1e-4

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from conftest import rel_err
-from tok1d import perceptual as P
-from tok1d.convert import perceptual as CP
-from tok1d.convert.common import ConversionError
-from tok1d.models.vgg import TAP_NAMES, TORCHVISION_INDEX, VGG16Features
+from tok1d.objectives import perceptual as P
+from tok1d.weights.convert import perceptual as CP
+from tok1d.weights.convert.common import ConversionError
+from tok1d.models.frozen.vgg import TAP_NAMES, TORCHVISION_INDEX, VGG16Features
 
 
 # conftest compiles everything at -O0 (fast compiles); these CNN forward/backward passes are
@@ -130,7 +130,7 @@ def test_missing_weights_error_says_what_and_how():
         P.make_perceptual("lpips+convnext_s", None)
     msg = str(e.value)
     for needle in ("vgg16-397923af.pth", "lpips/weights/v0.1/vgg.pth",
-                   "convnext_small-0c510722.pth", "python -m tok1d.convert.perceptual",
+                   "convnext_small-0c510722.pth", "python -m tok1d.cli.convert.perceptual",
                    "--kind lpips", "--kind convnext_s"):
         assert needle in msg, needle
     with pytest.raises(ValueError, match="Unknown perceptual loss kind"):

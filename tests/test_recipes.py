@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from tok1d import config_lib, pretrained
-from tok1d.models.vqgan import MaskGITVQGAN
-from tok1d.trainers import tokenizer
+from tok1d.train import config_lib
+from tok1d.weights import pretrained
+from tok1d.models.tokenizers.vqgan import MaskGITVQGAN
+from tok1d.train import tokenizer
 
 TEACHER = dict(hidden_channels=32, channel_mult=(1, 1, 1, 1), num_res_blocks=1, z_channels=32,
                codebook_size=64)

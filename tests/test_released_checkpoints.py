@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from tok1d.convert import titok
+from tok1d.weights.convert import titok
 
 KEYS_FILE = os.environ.get("TOK1D_TITOK_KEYS", os.path.join(
     REPO, "..", "shared", "research", "titok_state_dict_keys.txt"))

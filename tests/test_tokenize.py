@@ -10,7 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from tok1d import models, tokenize
+from tok1d import models
+from tok1d.cli import tokenize
 from tok1d.data import sources, tokens
 
 TINY = dict(image_size=32, patch_size=8, num_latent_tokens=8, encoder_size="nano",
@@ -212,7 +213,7 @@ def test_clear_errors_for_tokenizer_data_and_image_size(tiny, tmp_path):
 def test_load_tokenizer_from_pretrained_dir_and_training_workdir(tiny, tmp_path):
     import orbax.checkpoint as ocp
     from configs import tiny_test
-    from tok1d import pretrained
+    from tok1d.weights import pretrained
 
     model, params = tiny
     kwargs = {k: v for k, v in TINY.items()}

@@ -44,14 +44,15 @@ import pytest
 
 import train_parity as tp
 import train_parity_generators as tpg
-from tok1d import optim, parallel
-from tok1d.convert import dinov2 as convert_dinov2
-from tok1d.convert import gigatok as convert_gigatok
-from tok1d.convert import perceptual as convert_perceptual
+from tok1d import parallel
+from tok1d.train import optim
+from tok1d.weights.convert import dinov2 as convert_dinov2
+from tok1d.weights.convert import gigatok as convert_gigatok
+from tok1d.weights.convert import perceptual as convert_perceptual
 from tok1d.models import discriminator as disc_lib
-from tok1d.models.dinov2 import preprocess_gigatok
+from tok1d.models.frozen.dinov2 import preprocess_gigatok
 from tok1d.official import gigatok as official
-from tok1d.trainers import tokenizer
+from tok1d.train import tokenizer
 
 SUPPORTED_DISC = "patchgan"
 PIXELS_REL = 3e-4        # README 0: GigaTok training pixels (rotation-trick latents)

@@ -7,7 +7,7 @@ The shared machinery of tests/test_train_parity_gigatok.py (config through
 own jitted step `tokenizer.build_training`, per-step log / grad-norm / codes / pixels checks,
 tokenizer state checks) runs with the DINO discriminator's parts:
 
-* the heads (`init/disc_sd`, `tok1d.convert.dino_disc.convert_heads`: params + spectral u / v
+* the heads (`init/disc_sd`, `tok1d.weights.convert.dino_disc.convert_heads`: params + spectral u / v
   as `disc_state`) and the frozen trunk checkpoint (`disc_trunk/sd`, `convert_trunk`, which
   zeroes the key third of the qkv biases as DinoDisc does);
 * every DiffAugment call's stored uniforms replayed through `batch["draws"]` by the names of
@@ -38,9 +38,9 @@ import pytest
 
 import train_parity as tp
 import test_train_parity_gigatok as tg
-from tok1d.convert import dino_disc as convert_dino
+from tok1d.weights.convert import dino_disc as convert_dino
 from tok1d.official import gigatok as official
-from tok1d.trainers import tokenizer
+from tok1d.train import tokenizer
 
 DISC_TYPE = "dinodisc"
 DIRECT_TERMS = ("direct_generator_adv_loss", "d_d_adversarial_loss", "direct_logits_fake")

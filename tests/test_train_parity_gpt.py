@@ -3,7 +3,7 @@ step (`train_gpt*.npz`, fixture README section 8.2).
 
 For every fixture file: the config comes from the `ModelArgs` and train_c2i arguments stored in
 the file (`tok1d.official.gpt.config_from_official`), the initial official weights are
-converted (`tok1d.convert.gpt`), and the stored batches run through the generator trainer's own
+converted (`tok1d.weights.convert.gpt`), and the stored batches run through the generator trainer's own
 jitted train step with the official class-dropout outcome replayed through `batch["draws"]`
 ("drop_labels"). Compared: per step the LR, the loss, the grad norm; after step 1 and at the end
 the params, the final EMA, the recorded AdamW moments; the weight-decay groups.
@@ -16,9 +16,9 @@ import pytest
 
 import train_parity as tp
 import train_parity_generators as tpg
-from tok1d.convert import gpt as convert_gpt
+from tok1d.weights.convert import gpt as convert_gpt
 from tok1d.official import gpt as official
-from tok1d.trainers import generator
+from tok1d.train import generator
 
 
 def train_args(meta) -> dict:

@@ -3,7 +3,7 @@ training step (`train_maskgit*.npz`, fixture README section 8.4).
 
 For every fixture file: the config comes from the official config stored in the file
 (`tok1d.official.maskgit.config_from_official(meta["config"])`), the initial official weights
-are converted (`tok1d.convert.maskgit`), and the stored batches run through the generator
+are converted (`tok1d.weights.convert.maskgit`), and the stored batches run through the generator
 trainer's own jitted train step with the official random draws replayed through
 `batch["draws"]` (masking draws "mask_timesteps_u" / "mask_rand_u", class-dropout draw
 "drop_rand_u"). Compared: per step the LR, the official loss log values, the grad norm; the
@@ -20,11 +20,12 @@ import pytest
 
 import train_parity as tp
 import train_parity_generators as tpg
-from tok1d.convert import maskgit as convert_maskgit
+from tok1d.weights.convert import maskgit as convert_maskgit
 from tok1d.generation import common as gen_common
 from tok1d.generation import maskgit as maskgit_lib
 from tok1d.official import maskgit as official
-from tok1d.trainers import common, generator
+from tok1d.train import common
+from tok1d.train import generator
 
 # The official random draws the step replays (README 8.4; `generator.make_loss_fn`).
 DRAWS = ("mask_timesteps_u", "mask_rand_u", "drop_rand_u")

@@ -54,13 +54,15 @@ import optax
 import pytest
 
 import train_parity as tp
-from tok1d import gan, optim, parallel
-from tok1d import perceptual as perceptual_lib
-from tok1d.convert import perceptual as convert_perceptual
-from tok1d.convert import titok as convert_titok
+from tok1d import parallel
+from tok1d.objectives import gan
+from tok1d.train import optim
+from tok1d.objectives import perceptual as perceptual_lib
+from tok1d.weights.convert import perceptual as convert_perceptual
+from tok1d.weights.convert import titok as convert_titok
 from tok1d.models import discriminator as disc_lib
 from tok1d.official import titok as official
-from tok1d.trainers import tokenizer
+from tok1d.train import tokenizer
 
 LR_BOUND = 1e-6          # float32 schedule (see the module docstring)
 LOSS_BOUND = 1e-5

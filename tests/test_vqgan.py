@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 
 from conftest import rel_err
-from tok1d.convert import common
-from tok1d.convert.vqgan import convert_maskgit_vqgan, kwargs_from_official
-from tok1d.models.vqgan import (MASKGIT_VQGAN_F16_256, MaskGITVQGAN, VQGANDecoder,
-                                VQGANEncoder)
+from tok1d.weights.convert import common
+from tok1d.weights.convert.vqgan import convert_maskgit_vqgan, kwargs_from_official
+from tok1d.models.tokenizers.vqgan import MASKGIT_VQGAN_F16_256, MaskGITVQGAN, VQGANDecoder, VQGANEncoder
 
 PREFIX = "maskgit_vqgan/"
 TOL = 1e-4  # fixtures README §0: CNN outputs

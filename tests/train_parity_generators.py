@@ -12,8 +12,9 @@ import numpy as np
 from optax import tree_utils
 
 import train_parity as tp
-from tok1d import optim, parallel
-from tok1d.trainers import generator
+from tok1d import parallel
+from tok1d.train import optim
+from tok1d.train import generator
 
 # Fixture README section 8 (port in float32, highest matmul precision).
 LOSS_REL = 1e-5          # per-step losses and grad norms

@@ -18,7 +18,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def trainers():
-    from tok1d.trainers import demo, generator, tokenizer
+    from tok1d.cli import demo
+    from tok1d.train import generator
+    from tok1d.train import tokenizer
     return {"tokenizer": tokenizer.train_and_evaluate,
             "generator": generator.train_and_evaluate,
             "demo": demo.train_and_evaluate}
@@ -36,7 +38,7 @@ def main(argv):
     logging.info("JAX %s, process %d/%d, %d devices (%s).", jax.__version__,
                  jax.process_index(), jax.process_count(), jax.device_count(),
                  jax.devices()[0].platform)
-    from tok1d import config_lib
+    from tok1d.train import config_lib
     table = trainers()
     if config.trainer not in table:
         print(f"Unknown trainer {config.trainer!r}; known: {sorted(table)}.", file=sys.stderr)

@@ -5,7 +5,7 @@ The mesh has three named axes:
   fsdp    data parallelism with params and optimizer state sharded (ZeRO-3 / FSDP)
   tensor  tensor (model) parallelism over heads / MLP width
 Models name the axes of every parameter and of the main activations (see
-`tok1d.models.layers`); the rules table below (overridable from the config as
+`tok1d.layers.transformer`); the rules table below (overridable from the config as
 `config.sharding.rules`) maps those logical names onto mesh axes.
 """
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import ml_collections
 
-from tok1d import config_lib, optim
+from tok1d.train import config_lib
+from tok1d.train import optim
 
 # name: (encoder size, decoder size, latent tokens)
 TWO_STAGE = {"l32": ("large", "large", 32), "b64": ("base", "base", 64),
@@ -46,7 +47,7 @@ def base(total_steps: int, warmup: int, b2: float) -> ml_collections.ConfigDict:
     FSDP over all devices. The TiTok models rematerialise their
     blocks with the "dots" policy (matmul outputs kept, the rest recomputed): at batch 64 per
     device TiTok-L-32 stage 1 saves 18 GiB of activations for its backward pass (83 GiB with
-    no remat, 4.8 GiB with "full") and needs 16% fewer FLOPs than "full" (`tok1d.bench
+    no remat, 4.8 GiB with "full") and needs 16% fewer FLOPs than "full" (`tok1d.cli.bench
     --compile_only`, benchmarks/RESULTS.md)."""
     config = config_lib.base_config()
     config.total_steps = total_steps
@@ -84,7 +85,7 @@ def two_stage_model(variant: str, stage: int) -> dict:
     if stage == 2:
         # cnn_remat="full" rematerialises the pixel decoder's blocks, for batch 64 per 80 GB
         # device: the step's saved activations are 77 GiB at 64 without it, 32 GiB with it
-        # (tok1d.bench --compile_only; 39 / 17 GiB at 32) for 4% more FLOPs.
+        # (tok1d.cli.bench --compile_only; 39 / 17 GiB at 32) for 4% more FLOPs.
         model.update(pixel_decoder=True, finetune_decoder=True, cnn_remat="none")
     return model
 
@@ -219,7 +220,7 @@ def gigatok(preset: str, dino_disc: bool = False,
     big = preset in ("b_l", "xl_xxl", "b_l_2d")
     # B-L and larger rematerialise the transformer blocks and the CNN halves' ResnetBlocks:
     # B-L's saved activations at batch 32 are 127 GiB without cnn_remat, 39 GiB with it
-    # (tok1d.bench --compile_only), for 8% more FLOPs.
+    # (tok1d.cli.bench --compile_only), for 8% more FLOPs.
     config.model = dict(name="gigatok", preset=preset, remat="full" if big else "none",
                         cnn_remat="full" if big else "none")
     shortcut = 1.0
@@ -417,7 +418,7 @@ def gpt_gigatok(size: str) -> ml_collections.ConfigDict:
     batch, steps, warmup, cfg = GPT[size]
     config = generator_base(steps, batch)
     config.ema_decay = 0.0
-    # Remat from tok1d.bench --compile_only at batch 64 per device: GPT-B saves 14 GiB of
+    # Remat from tok1d.cli.bench --compile_only at batch 64 per device: GPT-B saves 14 GiB of
     # activations without remat; from L up the "dots" policy needs ~19% fewer FLOPs than "full"
     # (L: 10 vs 3 GiB saved, XXL: 30 vs 9 GiB, next to 16 GiB of unsharded state).
     config.model = dict(name="gpt", size=size, vocab_size=16384, num_tokens=256,

@@ -1,7 +1,7 @@
 """Token datasets: the discrete codes of a trained tokenizer, with class labels, for training
 generators without running the tokenizer in the loop.
 
-Written by ``python -m tok1d.tokenize`` (see `tok1d.tokenize`); a directory holds::
+Written by ``python -m tok1d.cli.tokenize`` (see `tok1d.cli.tokenize`); a directory holds::
 
     OUT/
         tokens_info.json
@@ -111,7 +111,7 @@ def read_info(directory: str) -> dict[str, Any]:
     """
     from tok1d.data.records import read_format_json
     info = read_format_json(directory, INFO_FILENAME, FORMAT_VERSION, "Token dataset",
-                            "python -m tok1d.tokenize")
+                            "python -m tok1d.cli.tokenize")
     path = os.path.join(directory, INFO_FILENAME)
     missing = [k for k in _REQUIRED_KEYS if k not in info]
     if missing:

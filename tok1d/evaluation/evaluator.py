@@ -1,5 +1,5 @@
 """Streaming image metrics over sharded batches: the one place where images become FID, IS,
-precision/recall, PSNR, SSIM and LPIPS numbers (the eval job `python -m tok1d.evaluate`, the
+precision/recall, PSNR, SSIM and LPIPS numbers (the eval job `python -m tok1d.cli.evaluate`, the
 evals inside training and the demo all use it).
 
     nets = load_metric_nets(config.evaluation, config.perceptual.weights)
@@ -46,7 +46,7 @@ NO_REFERENCE = ("gFID needs a reference: evaluation.reference (--reference=FILE:
 _HOW_TO_GET_INCEPTION = (
     "FID / IS / precision-recall need the FID InceptionV3: download pytorch-fid's "
     "pt_inception-2015-12-05-6726825d.pth (github.com/mseitzer/pytorch-fid releases), convert "
-    "it with `python -m tok1d.convert inception_fid pt_inception-2015-12-05-6726825d.pth DIR` "
+    "it with `python -m tok1d.cli.convert inception_fid pt_inception-2015-12-05-6726825d.pth DIR` "
     "and pass --config.evaluation.inception=DIR")
 
 
@@ -64,8 +64,8 @@ def load_metric_nets(ecfg, perceptual_weights: str = "", log=print) -> MetricNet
 
     A missing network is not an error (its metrics are left out and a note says how to add
     them), except that a path that is given must load."""
-    from tok1d import perceptual
-    from tok1d.models import inception as inception_lib
+    from tok1d.objectives import perceptual
+    from tok1d.models.frozen import inception as inception_lib
     nets = MetricNets()
     size = ecfg.inception_size
     if ecfg.inception:
@@ -88,7 +88,7 @@ def load_metric_nets(ecfg, perceptual_weights: str = "", log=print) -> MetricNet
         nets.notes.append("LPIPS weights are RANDOM (evaluation.allow_random_init).")
     else:
         nets.notes.append("LPIPS needs the converted LPIPS-VGG weights (python -m "
-                          "tok1d.convert.perceptual lpips ...; --config.evaluation.lpips=DIR).")
+                          "tok1d.weights.convert.perceptual lpips ...; --config.evaluation.lpips=DIR).")
     if size != inception_lib.INPUT_SIZE:
         nets.notes.append(f"The Inception sees {size}-px images (evaluation.inception_size), "
                           "not the 299 px that define FID: not comparable with published FIDs.")
@@ -99,7 +99,7 @@ def load_metric_nets(ecfg, perceptual_weights: str = "", log=print) -> MetricNet
 
 def _lpips_file(weights: str) -> str:
     """`weights` (perceptual.weights) when it holds converted LPIPS weights, else ""."""
-    from tok1d import perceptual
+    from tok1d.objectives import perceptual
     if not weights:
         return ""
     try:
@@ -320,7 +320,7 @@ def load_npz_images(path: str, key: str = "arr_0") -> np.ndarray:
     with np.load(path) as z:
         if key not in z.files:
             raise ValueError(f"{path}: no {key!r} array (found {sorted(z.files)}); expected "
-                             "uint8 images (N, H, W, 3) as tok1d.sample / the ADM suite write.")
+                             "uint8 images (N, H, W, 3) as tok1d.cli.sample / the ADM suite write.")
         images = z[key]
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"{path}: {key} has shape {images.shape}; expected (N, H, W, 3).")
@@ -393,7 +393,7 @@ def reference_from_data(dcfg, nets: MetricNets, mesh, sharding: NamedSharding, b
     """Statistics of a config's `data.eval_split` (center crops at `data.image_size`, the first
     `data.eval_examples`), e.g. the 50k ImageNet validation images."""
     from tok1d.data import pipeline, sources
-    from tok1d.trainers.common import Feeder
+    from tok1d.train.common import Feeder
     src = sources.get_source(dcfg.name, dcfg.eval_split, data_dir=dcfg.data_dir,
                              demo_size=dcfg.demo_size, image_size=dcfg.image_size)
     start, stop = parallel.host_batch_slice(sharding, batch_size)

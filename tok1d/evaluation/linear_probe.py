@@ -31,7 +31,7 @@ Training (`train_linear_probe`), MAE's recipe as upstream runs it:
   `drop_last=True`; its DistributedSampler pads, which only matters per GPU);
 * augmentation: upstream encodes a random crop + horizontal flip of every image on the fly. We
   take precomputed variants instead: `train_features` (V, N, D) holds V feature vectors per
-  example (e.g. of the codes of the image and of its mirror, as `python -m tok1d.tokenize
+  example (e.g. of the codes of the image and of its mirror, as `python -m tok1d.cli.tokenize
   --flip` writes them) and every step picks one variant per example at random;
 * metric: top-1 accuracy over the whole validation set with the BatchNorm's running
   statistics (upstream `evaluate`).
@@ -59,7 +59,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from tok1d import parallel
-from tok1d.models.gpt import GPT
+from tok1d.models.generators.gpt import GPT
 
 
 # ---------------------------------------------------------------------------- features

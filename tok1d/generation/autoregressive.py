@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tok1d.models.gpt import GPT, compute_params, init_cache, unrolled
+from tok1d.models.generators.gpt import GPT, compute_params, init_cache, unrolled
 
 SCHEDULES = ("constant", "linear", "linear_re", "triangular", "rectangular", "step", "cosine")
 

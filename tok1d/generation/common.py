@@ -16,7 +16,7 @@ Draw = Callable[[str, Callable[[], jax.Array]], jax.Array]
 
 def fresh(name: str, draw: Callable[[], jax.Array]) -> jax.Array:
     """The default `Draw`: always draws (`name` is ignored). The trainers pass
-    `functools.partial(tok1d.trainers.common.injected, batch)` instead, so a batch can carry
+    `functools.partial(tok1d.train.common.injected, batch)` instead, so a batch can carry
     the official draws under their names."""
     del name
     return draw()

@@ -4,7 +4,7 @@ Reproduces bytedance/1d-tokenizer `ImageBert.masking_input_tokens` (training mas
 `MLMLoss` (the loss) and `ImageBert.generate` (sampling), the latter as one jitted program
 (a `lax.fori_loop` over the decoding steps).
 
-Models follow the `tok1d.models.maskgit` interface: `model.apply({"params": p}, tokens, labels)
+Models follow the `tok1d.models.generators.maskgit` interface: `model.apply({"params": p}, tokens, labels)
 -> (B, N, K) logits`, `model.mask_id` (= K), `model.null_label` (the unconditional label).
 """
 

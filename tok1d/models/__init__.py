@@ -15,9 +15,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from tok1d.models import presets
-from tok1d.models.gigatok import VIT_SIZES as GIGATOK_VIT_SIZES, GigaTok
-from tok1d.models.titok import TiTok
-from tok1d.models.vqgan import MaskGITVQGAN
+from tok1d.models.tokenizers.gigatok import VIT_SIZES as GIGATOK_VIT_SIZES, GigaTok
+from tok1d.models.tokenizers.titok import TiTok
+from tok1d.models.tokenizers.vqgan import MaskGITVQGAN
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -104,7 +104,7 @@ def _gigatok(preset: str | None = None, encoder_size: str | None = None,
 def _dinov2(size: str | None = None, **kwargs: Any) -> nn.Module:
     """DINOv2 ViT from a hub size name (dinov2.DINOV2_SIZES, e.g. "vitb14") and/or explicit
     `DinoV2` arguments (which win)."""
-    from tok1d.models import dinov2
+    from tok1d.models.frozen import dinov2
     if size is not None:
         kwargs = dinov2.dinov2_kwargs(size, **kwargs)
     check_kwargs(dinov2.DinoV2, kwargs, "model 'dinov2' (plus size)")
@@ -113,19 +113,19 @@ def _dinov2(size: str | None = None, **kwargs: Any) -> nn.Module:
 
 def _maskgit(**kwargs: Any) -> nn.Module:
     """MaskGIT generator: `arch` "vit" (TiTok L-32 / B-64) or "uvit" (S-128), `size` names."""
-    from tok1d.models import maskgit
+    from tok1d.models.generators import maskgit
     return maskgit.build(**kwargs)
 
 
 def _gpt(**kwargs: Any) -> nn.Module:
     """LlamaGen-style GPT (GigaTok's AR generator), `size` "B" / "L" / "XL" / "XXL" / ..."""
-    from tok1d.models import gpt
+    from tok1d.models.generators import gpt
     return gpt.build(**kwargs)
 
 
 def _inception_fid(**kwargs: Any) -> nn.Module:
     """pytorch-fid's FID InceptionV3 (+ 1008-way fc head); `resize_input` to 299 px."""
-    from tok1d.models import inception
+    from tok1d.models.frozen import inception
     check_kwargs(inception.FIDInceptionV3, kwargs, "model 'inception_fid'")
     return inception.FIDInceptionV3(**kwargs)
 

@@ -11,10 +11,10 @@ What one call computes (images in [-1, 1], float32 throughout the preprocessing)
      The coin and the offset come from the `"crop"` rng stream (field `random_crop`; with
      random_crop=False the area / bicubic resize is always used and no rng is needed). The
      recipe trains at 256 px, so half of the calls crop and half area-downsample.
-  3. A frozen DINO (v1) ViT-S/16 trunk (`tok1d.models.dinov2.DinoV2` with patch 16, no
+  3. A frozen DINO (v1) ViT-S/16 trunk (`tok1d.models.frozen.dinov2.DinoV2` with patch 16, no
      LayerScale, LayerNorm eps 1e-6, qkv bias, and -- as GigaTok's `MLPNoDrop` -- the tanh GELU,
      not DINO's exact GELU). Its final norm is never used. The official loader zeroes the key
-     part of every qkv bias (a no-op for softmax attention); `tok1d.convert.dino_disc` does the
+     part of every qkv bias (a no-op for softmax attention); `tok1d.weights.convert.dino_disc` does the
      same.
   4. Taps: the tokens entering block 0 (patch embedding + position table) and the output of
      every block in `key_depths` (2, 5, 8, 11), each read out as patch tokens + cls token
@@ -33,7 +33,7 @@ What one call computes (images in [-1, 1], float32 throughout the preprocessing)
 
 Variables (what `init` returns and `apply` needs):
   params["trunk"]   the frozen ViT (21.7M; converted from `dino_deitsmall16_pretrain.pth` by
-                    `tok1d.convert.dino_disc`). Gradients never reach it (`stop_gradient` on its
+                    `tok1d.weights.convert.dino_disc`). Gradients never reach it (`stop_gradient` on its
                     params; gradients still flow through it to the images), but it must also be
                     kept out of the optimizer, or weight decay would change it: use
                     `trunk_frozen_labels(params)` with `optax.multi_transform` (label "frozen" ->
@@ -58,7 +58,7 @@ does not either).
 How a trainer calls it (GigaTok recipe: hinge losses, DiffAug on both inputs):
 
     model, variables = build_dino_discriminator(trunk_file, jax.random.key(0))
-    x = tok1d.augment.diff_augment(aug_key, images_pm1)            # [-1, 1], (B, 256, 256, 3)
+    x = tok1d.objectives.augment.diff_augment(aug_key, images_pm1)            # [-1, 1], (B, 256, 256, 3)
     logits, upd = model.apply({"params": params, "spectral": spectral}, x, train=True,
                               rngs={"crop": crop_key}, mutable=["spectral"])
     spectral = upd["spectral"]
@@ -66,7 +66,7 @@ How a trainer calls it (GigaTok recipe: hinge losses, DiffAug on both inputs):
 Parity with the official code (measured once, not part of the test suite): the official
 `DinoDisc(norm_type="bn")` and `DiffAug` files were run unmodified on CPU (float32) from a scratch
 copy, with random trunk weights in the official key layout (converted by
-`tok1d.convert.dino_disc.convert_trunk`) and the official heads' own init (converted by
+`tok1d.weights.convert.dino_disc.convert_trunk`) and the official heads' own init (converted by
 `convert_heads`), B = 16, consecutive train-mode calls; max |diff| / max |ref|:
   taps (trunk readouts, 256 px area path)            <= 1.3e-6
   logits, eval mode, area path                          2.9e-6
@@ -95,11 +95,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tok1d.models.cnn import TORCH_CONV_INIT
-from tok1d.models.dinov2 import (IMAGENET_MEAN, IMAGENET_STD, DinoV2, _resize_hw,
-                                 bicubic_matrix)
+from tok1d.layers.cnn import TORCH_CONV_INIT
+from tok1d.models.frozen.dinov2 import IMAGENET_MEAN, IMAGENET_STD, DinoV2, _resize_hw, bicubic_matrix
 from tok1d.models.discriminator import BatchNorm, torch_default_bias_init
-from tok1d.models.layers import logical
+from tok1d.layers.transformer import logical
 
 Dtype = Any
 
@@ -399,6 +398,6 @@ def build_dino_discriminator(trunk: Optional[str | Mapping[str, Any]] = None,
     (default key 0). `fields` override `DinoDiscriminator` fields."""
     model = DinoDiscriminator(**fields)
     if isinstance(trunk, str):
-        from tok1d.convert.dino_disc import convert_file
+        from tok1d.weights.convert.dino_disc import convert_file
         trunk = convert_file(trunk, model)
     return model, init_variables(model, jax.random.key(0) if rng is None else rng, trunk)

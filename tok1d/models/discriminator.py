@@ -86,8 +86,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tok1d.models.cnn import TORCH_CONV_INIT, group_norm
-from tok1d.models.layers import logical
+from tok1d.layers.cnn import TORCH_CONV_INIT, group_norm
+from tok1d.layers.transformer import logical
 
 Dtype = Any
 
@@ -348,7 +348,7 @@ def convert_titok_discriminator(state_dict: Mapping[str, Any],
                                 model: Optional[TiTokDiscriminator] = None) -> dict[str, Any]:
     """Official TiTok / MaskBit `NLayerDiscriminator` state dict -> `TiTokDiscriminator` params
     (NumPy). Blur-kernel buffers are checked to be the expected (1,3,3,1) kernel and dropped."""
-    from tok1d.convert import common
+    from tok1d.weights.convert import common
 
     model = model or TiTokDiscriminator()
     raw = {k: common._to_numpy(v) for k, v in _strip_prefix(state_dict, "block_in.").items()}
@@ -377,7 +377,7 @@ def convert_patchgan_discriminator(state_dict: Mapping[str, Any],
     """Official LlamaGen / GigaTok PatchGAN `NLayerDiscriminator` state dict (`main.*` keys) ->
     `PatchGANDiscriminator` params (NumPy). BatchNorm running statistics are dropped (the
     official trainers never read them, see the module docstring)."""
-    from tok1d.convert import common
+    from tok1d.weights.convert import common
 
     model = model or PatchGANDiscriminator()
     if model.norm != "batch":
@@ -403,7 +403,7 @@ def convert_patchgan_batch_stats(state_dict: Mapping[str, Any],
     """The BatchNorm running statistics of an official PatchGAN state dict (`main.{i}.running_mean
     / running_var / num_batches_tracked`) -> the "batch_stats" collection of a
     `PatchGANDiscriminator(track_running_stats=True)`: {"norm_{n}": {"mean", "var", "count"}}."""
-    from tok1d.convert import common
+    from tok1d.weights.convert import common
 
     model = model or PatchGANDiscriminator(track_running_stats=True)
     raw = {k: common._to_numpy(v) for k, v in _strip_prefix(state_dict, "main.").items()}

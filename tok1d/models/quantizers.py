@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tok1d.models.layers import logical
+from tok1d.layers.transformer import logical
 
 Dtype = Any
 HIGHEST = jax.lax.Precision.HIGHEST

@@ -7,14 +7,14 @@ with a `configs/vq/*.yaml` model config) -> a tok1d config.
         yaml.safe_load(open("configs/vq/VQ_SS256.yaml")),
         train_args=dict(iterations=1_000_000, ema=True))
     config.teacher.weights = "dinov2_vitb14_pretrain.pth"
-    config.perceptual.weights = "lpips_vgg/"          # python -m tok1d.convert.perceptual
+    config.perceptual.weights = "lpips_vgg/"          # python -m tok1d.cli.convert.perceptual
 
 `official_config`: the yaml as a dict (`model.model_cls` / `model.init_args`, `trainer`,
 `loss.params`). `train_args`: vq_train.py's argparse values under their `dest` names
 (`TRAIN_DEFAULTS`: iterations, global_batch_size, global_seed, image_size, ema,
 mixed_precision, warmup, fract_decay). `size_tables` / `ctor_patches` add ViT size names and
 constructor defaults that are not config fields upstream (as the golden fixtures record them,
-see `tok1d.convert.gigatok.kwargs_from_official`); `teacher` overrides the DINOv2 teacher's
+see `tok1d.weights.convert.gigatok.kwargs_from_official`); `teacher` overrides the DINOv2 teacher's
 `DinoV2` arguments (a reduced stand-in; default the hub model named by
 `trainer.distill_model`, "dinov2-vit-b").
 
@@ -63,8 +63,9 @@ from typing import Any, Mapping, Optional
 
 import ml_collections
 
-from tok1d import config_lib, recipes
-from tok1d.convert import gigatok as convert_gigatok
+from tok1d import recipes
+from tok1d.train import config_lib
+from tok1d.weights.convert import gigatok as convert_gigatok
 
 # vq_train.py's argparse defaults of the arguments this mapping reads (iterations is required
 # upstream; global_batch_size / warmup None = the yaml's trainer values).

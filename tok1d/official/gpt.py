@@ -5,7 +5,7 @@ a tok1d config.
     config = gpt.config_from_official(
         model_args=dict(dim=768, n_layer=12, n_head=12, vocab_size=16384, block_size=256),
         train_args=dict(lr=1e-4, lr_scheduler="wsd", warmup=5000, iterations=1_500_000))
-    config.generator.tokens = "gs://BUCKET/tokens_gigatok_b_l"   # python -m tok1d.tokenize
+    config.generator.tokens = "gs://BUCKET/tokens_gigatok_b_l"   # python -m tok1d.cli.tokenize
 
 `model_args`: the fields of the `ModelArgs` the script builds (`dataclasses.asdict` of it, or
 just the fields that differ from the defaults: `GPT_models[--gpt-model]`'s sizes plus the
@@ -13,7 +13,7 @@ keyword arguments train_c2i passes). `train_args`: train_c2i.py's argparse value
 `dest` names (lr, weight_decay, beta1, beta2, max_grad_norm, global_batch_size, iterations,
 warmup, lr_scheduler, end_lr, fract_decay, ema, mixed_precision, global_seed, gpt_2d); missing
 ones take train_c2i's defaults (`TRAIN_DEFAULTS`). The result is the generator trainer config
-that runs the same training step: the `gpt_1d.Transformer` (c2i) as `tok1d.models.gpt.GPT`,
+that runs the same training step: the `gpt_1d.Transformer` (c2i) as `tok1d.models.generators.gpt.GPT`,
 the class dropout to the null class, `creat_optimizer`'s decay split, the scheduler function
 called after the step, clipping and `update_ema` (semantics in
 `tok1d.recipes.llamagen_train_c2i`). The train-step parity test
@@ -34,8 +34,9 @@ from typing import Any, Mapping, Optional
 
 import ml_collections
 
-from tok1d import config_lib, recipes
-from tok1d.models.gpt import find_multiple
+from tok1d import recipes
+from tok1d.train import config_lib
+from tok1d.models.generators.gpt import find_multiple
 
 # train_c2i.py's argparse defaults of the arguments this mapping reads.
 TRAIN_DEFAULTS: dict[str, Any] = dict(
@@ -69,7 +70,7 @@ def ffn_hidden(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) 
 
 
 def model_kwargs(model_args: Mapping[str, Any], gpt_2d: bool = False) -> dict[str, Any]:
-    """`tok1d.models.gpt.GPT` keyword arguments of a `ModelArgs` (ConfigError for options
+    """`tok1d.models.generators.gpt.GPT` keyword arguments of a `ModelArgs` (ConfigError for options
     tok1d's GPT does not implement)."""
     m = {**MODEL_DEFAULTS, **model_args}
     problems = []

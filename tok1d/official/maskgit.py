@@ -3,12 +3,12 @@
     import yaml
     from tok1d.official import maskgit
     config = maskgit.config_from_official(yaml.safe_load(open("maskgit.yaml")))
-    config.generator.tokens = "gs://BUCKET/tokens_titok_b64"   # python -m tok1d.tokenize
+    config.generator.tokens = "gs://BUCKET/tokens_titok_b64"   # python -m tok1d.cli.tokenize
 
 `config_from_official` reads an official generator config (`configs/training/generator/*.yaml`
 of `scripts/train_maskgit.py`, after any command-line overrides, as a plain dict) and returns
 the config of tok1d's generator trainer that runs the same training step: the ImageBert /
-UViTBert generator (`tok1d.convert.maskgit.kwargs_from_official`), `MLMLoss`'s label smoothing
+UViTBert generator (`tok1d.weights.convert.maskgit.kwargs_from_official`), `MLMLoss`'s label smoothing
 and unmasked-token weight, the class-label dropout, the arccos masking of
 `masking_input_tokens`, and `utils/train_utils.py`'s optimizer, LR schedule, clipping and EMA
 (`train_utils_optim`, semantics in `tok1d.recipes.titok_train_utils`). The train-step parity
@@ -33,9 +33,10 @@ from typing import Any, Mapping
 
 import ml_collections
 
-from tok1d import config_lib, recipes
-from tok1d.convert import maskgit as convert_maskgit
-from tok1d.convert.common import ConversionError
+from tok1d import recipes
+from tok1d.train import config_lib
+from tok1d.weights.convert import maskgit as convert_maskgit
+from tok1d.weights.convert.common import ConversionError
 from tok1d.official.train_utils import (get, require, resolve_interpolations,
                                         train_utils_optim)
 

@@ -10,10 +10,10 @@ overrides, as a plain dict) and returns the config of tok1d's tokenizer trainer 
 same training step:
 
   stage 1 (`finetune_decoder` false): `TiTok` with the legacy 1024-way proxy-code head
-      (`tok1d.convert.titok.kwargs_from_official`), `ReconstructionLoss_Stage1` (proxy-code CE +
+      (`tok1d.weights.convert.titok.kwargs_from_official`), `ReconstructionLoss_Stage1` (proxy-code CE +
       `quantizer_weight` x VQ losses) against the frozen MaskGIT-VQGAN teacher
       (`teacher.weights` = `pretrained_tokenizer_weight`; the train step takes its codes as the
-      replayable draw "proxy_codes", see `tok1d.trainers.tokenizer.make_loss_fn`);
+      replayable draw "proxy_codes", see `tok1d.train.tokenizer.make_loss_fn`);
   stage 2 (`finetune_decoder` true): encoder / latent tokens / codebook frozen, decoder +
       pixel codebook + MaskGIT-VQGAN pixel decoder trained with `ReconstructionLoss_Stage2`:
       `reconstruction_weight` x L2 (or L1) + `perceptual_weight` x `perceptual_loss` (ConvNeXt-S
@@ -50,9 +50,10 @@ from typing import Any, Mapping, Optional
 
 import ml_collections
 
-from tok1d import config_lib, recipes
-from tok1d.convert import titok as convert_titok
-from tok1d.convert.common import ConversionError
+from tok1d import recipes
+from tok1d.train import config_lib
+from tok1d.weights.convert import titok as convert_titok
+from tok1d.weights.convert.common import ConversionError
 from tok1d.official.train_utils import get, require, resolve_interpolations, train_utils_optim
 
 # `NLayerDiscriminator`'s BLUR_KERNEL_MAP (blur_kernel_size -> 1-D kernel).

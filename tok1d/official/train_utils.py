@@ -9,7 +9,8 @@ from typing import Any, Mapping
 
 import ml_collections
 
-from tok1d import config_lib, recipes
+from tok1d import recipes
+from tok1d.train import config_lib
 
 # accelerate `mixed_precision` -> tok1d compute dtype (params and optimizer state stay float32
 # in both).

@@ -1,0 +1,524 @@
+"""Speed, memory and MFU of any config's real programs, with random weights.
+
+    python -m tok1d.cli.bench --config=configs/titok_l32_stage1.py --workload=train [--batch_size=64]
+    python -m tok1d.cli.bench --config=configs/gigatok_b_l.py --workload=encode --batch_size=64
+    python -m tok1d.cli.bench --config=configs/gigatok_b_l.py --workload=decode --batch_size=64
+    python -m tok1d.cli.bench --config=configs/gpt_b_gigatok.py --workload=sample --batch_size=64 \
+        --tokenizer_config=configs/gigatok_b_l.py
+    python -m tok1d.cli.bench --config=configs/maskgit_titok_l32.py --workload=train
+
+Workloads:
+  train   the trainer's own jitted step (tokenizer configs: with the teacher, perceptual network,
+          discriminator and EMA the config asks for; generator configs: the generator step) on
+          synthetic batches of `--batch_size` (default: the config's global batch);
+  encode  tokenizer: images -> codes;   decode: codes -> pixels (tokenizer configs);
+  sample  generator config: class-conditional sampling with `config.sampling`, then decoding by
+          a random tokenizer built from `--tokenizer_config` (one jitted program per batch).
+Frozen networks (teacher, LPIPS / ConvNeXt, DINO discriminator trunk) use random weights unless
+the config names weight files: the speed does not depend on the values.
+
+After `--warmup` calls (compilation included in the first), `--steps` calls are timed one by one
+(`block_until_ready`); the table gives the median step time, images/s, the first call's time,
+peak device memory (the allocator's high-water mark, where the backend reports it), the matmul
+and convolution FLOPs of one step over all devices (counted on the traced program, loops times
+their length: XLA's own cost analysis counts a scanned layer stack's body once), and MFU: those
+FLOPs / step time / (devices x the device's bf16 matmul rate, measured here on a large matmul,
+or `--peak_tflops`). Remat recomputation counts as work done. `--out FILE` appends the result
+as a JSON line (record device, versions and command with it, e.g. in benchmarks/RESULTS.md).
+`--profile DIR` writes a `jax.profiler` trace of the timed calls (kernels, launches, memory
+copies) for TensorBoard's profile tab or Perfetto: profile before optimising.
+
+`--compile_only` runs nothing: with the state and params as shapes only it compiles the
+workload's programs and reports the per-device memory XLA plans for the largest of them
+(arguments + outputs - donated buffers + temporaries; "planned GiB"), to check that a batch
+fits before a job is queued. Run it on the target backend: the plan depends on the compiler's
+fusion and scheduling decisions, so a CPU plan only approximates a GPU's or TPU's. For training
+it also gives two backend-independent parts per device: the train state (params, optimizer
+state, EMA, discriminator) and the activations autodiff saves for the backward pass (the
+loss's VJP residuals for one microbatch; `model.remat` / `model.cnn_remat` shrink them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import math
+import statistics
+import sys
+import time
+from typing import Any, Callable, Optional, Sequence
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+WORKLOADS = ("train", "encode", "decode", "sample")
+
+
+def _define_flags() -> None:
+    config_flags.DEFINE_config_file("config", None, "Config file (get_config()).",
+                                    lock_config=True)
+    flags.DEFINE_enum("workload", "train", WORKLOADS, "What to measure.")
+    flags.DEFINE_integer("batch_size", 0, "Global batch (0: the config's batch_size).")
+    flags.DEFINE_integer("steps", 10, "Timed calls.")
+    flags.DEFINE_integer("warmup", 2, "Untimed calls first (the first one compiles).")
+    flags.DEFINE_string("tokenizer_config", "", "sample: tokenizer config file (random "
+                        "weights) that decodes the samples.")
+    flags.DEFINE_float("peak_tflops", 0.0, "Device bf16 peak for MFU (0: measure a matmul).")
+    flags.DEFINE_bool("compile_only", False, "Compile without running: FLOPs and the memory "
+                      "XLA plans per device (does the batch fit?), no timing.")
+    flags.DEFINE_string("profile", "", "Write a jax.profiler trace of the timed calls to this "
+                        "directory (open it in TensorBoard's profile tab or Perfetto).")
+    flags.DEFINE_string("out", "", "Append the result as a JSON line to this file.")
+
+
+# ---------------------------------------------------------------------------- measurement
+
+
+def time_calls(call: Callable[[], Any], warmup: int, steps: int, profile: str = ""
+               ) -> tuple[list[float], float]:
+    """(seconds of each timed call, seconds of the first call incl. compilation); with
+    `profile`, the timed calls run under `jax.profiler.trace(profile)`."""
+    import jax
+    first = None
+    for i in range(max(warmup, 1)):
+        t0 = time.perf_counter()
+        jax.block_until_ready(call())
+        if i == 0:
+            first = time.perf_counter() - t0
+    times = []
+    with jax.profiler.trace(profile) if profile else contextlib.nullcontext():
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            jax.block_until_ready(call())
+            times.append(time.perf_counter() - t0)
+    return times, first
+
+
+def _sub_jaxprs(value):
+    from jax.extend import core as jex_core
+    items = value if isinstance(value, (list, tuple)) else [value]
+    for item in items:
+        if isinstance(item, jex_core.ClosedJaxpr):
+            yield item.jaxpr
+        elif isinstance(item, jex_core.Jaxpr):
+            yield item
+
+
+def jaxpr_flops(jaxpr) -> float:
+    """Matmul + convolution FLOPs (2 per multiply-add) of a jaxpr, loops counted `length` times
+    (`scan`; a `while` body once, a `cond` by its most expensive branch). Elementwise work is
+    not counted: these are the FLOPs MFU is quoted in."""
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        out = eqn.outvars[0].aval.shape if eqn.outvars else ()
+        if name == "dot_general":
+            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += 2.0 * math.prod(out) * math.prod(lhs[d] for d in lhs_contract)
+        elif name == "conv_general_dilated":
+            rhs = eqn.invars[1].aval.shape
+            spec = eqn.params["dimension_numbers"].rhs_spec  # (out, in, *spatial)
+            total += 2.0 * math.prod(out) * rhs[spec[1]] * math.prod(rhs[d] for d in spec[2:])
+        elif name == "scan":
+            total += eqn.params["length"] * jaxpr_flops(eqn.params["jaxpr"].jaxpr)
+        elif name == "cond":
+            total += max((jaxpr_flops(b.jaxpr) for b in eqn.params["branches"]), default=0.0)
+        else:  # pjit, remat, custom_jvp / vjp, while, shard_map, ...: their inner jaxprs once
+            for value in eqn.params.values():
+                for sub in _sub_jaxprs(value):
+                    total += jaxpr_flops(sub)
+    return total
+
+
+def traced_flops(fn, *args) -> Optional[float]:
+    """Global matmul FLOPs of one call of `fn(*args)` (see `jaxpr_flops`)."""
+    import jax
+    try:
+        return jaxpr_flops(jax.make_jaxpr(fn)(*args).jaxpr) or None
+    except Exception:  # noqa: BLE001 - a primitive this walker does not know
+        return None
+
+
+def matmul_tflops(size: int = 0, repeats: int = 5) -> float:
+    """The device's measured bf16 matmul rate in TFLOP/s (median of `repeats`)."""
+    import jax
+    import jax.numpy as jnp
+    size = size or (1024 if jax.devices()[0].platform == "cpu" else 8192)
+    x = jax.random.normal(jax.random.key(0), (size, size), jnp.bfloat16)
+    mm = jax.jit(lambda a, b: a @ b)
+    times, _ = time_calls(lambda: mm(x, x), 2, repeats)
+    return 2 * size ** 3 / statistics.median(times) / 1e12
+
+
+def peak_memory_gib() -> Optional[float]:
+    import jax
+    stats = jax.local_devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return peak / 2 ** 30 if peak is not None else None
+
+
+# ---------------------------------------------------------------------------- workloads
+
+
+def _random_frozen(config) -> None:
+    """Frozen helper networks without weight files get random weights (speed only)."""
+    with config.unlocked():
+        if not config.teacher.weights:
+            config.teacher.allow_random_init = True
+        if not config.perceptual.weights:
+            config.perceptual.allow_random_init = True
+        if not config.discriminator.weights:
+            config.discriminator.allow_random_init = True
+
+
+def _global(local: dict, sharding, batch: int) -> dict:
+    from tok1d import parallel
+    start, stop = parallel.host_batch_slice(sharding, batch)
+    return parallel.global_batch({k: v[start:stop] for k, v in local.items()}, sharding, batch)
+
+
+def _tokenizer_and_params(config, abstract: bool = False):
+    """The config's tokenizer and its random params (shapes only with `abstract`)."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    from tok1d.train import tokenizer as tok_trainer
+    model = tok_trainer.build_model(config)
+    size = config.data.image_size
+    init = functools.partial(model.init, jax.random.key(0),
+                             jnp.zeros((1, size, size, 3), jnp.float32))
+    params = jax.eval_shape(init) if abstract else jax.jit(init)()
+    return model, nn.unbox(params)["params"]
+
+
+def _replicated(tree, mesh, abstract: bool):
+    """`tree` replicated on `mesh`: placed there, or as ShapeDtypeStructs carrying that sharding."""
+    import jax
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    if abstract:
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                            tree)
+    return jax.device_put(tree, sharding)
+
+
+@dataclasses.dataclass
+class Workload:
+    """One benchmark: `call()` runs a timed unit of work (after `prepare()`), `programs` are the
+    jitted functions it runs with arguments to lower them with (concrete or abstract), and
+    `context()` enters the mesh and logical-axis rules they need."""
+    call: Callable[[], Any]
+    programs: list
+    context: Callable[[], Any]
+    prepare: Callable[[], None] = lambda: None
+    memory_parts: Callable[[], dict] = dict  # backend-independent parts of the memory plan
+
+    def flops(self) -> Optional[float]:
+        """Traced matmul + conv FLOPs of one call (see `jaxpr_flops`)."""
+        with self.context():
+            counts = [traced_flops(fn, *args) for fn, args in self.programs]
+        return None if None in counts else sum(counts)
+
+    def memory_plan_gib(self) -> Optional[float]:
+        """Per-device memory XLA plans for the largest of the programs: arguments + outputs -
+        donated aliases + temporaries, from the compiled program's memory analysis (None where
+        the backend gives none). Compiles without running anything."""
+        totals = []
+        with self.context():
+            for fn, args in self.programs:
+                m = fn.lower(*args).compile().memory_analysis()
+                if m is None:
+                    return None
+                totals.append(m.argument_size_in_bytes + m.output_size_in_bytes
+                              - m.alias_size_in_bytes + m.temp_size_in_bytes)
+        return max(totals) / 2 ** 30
+
+
+def _context(mesh, rules):
+    import flax.linen as nn
+    import jax
+
+    @contextlib.contextmanager
+    def context():
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            yield
+    return context
+
+
+def bench_train(config, batch: int, abstract: bool = False) -> Workload:
+    """The trainer's jitted step on a synthetic batch (the state is created by `prepare`; with
+    `abstract` only its shapes are used, for compiling)."""
+    import jax
+    import numpy as np
+    from tok1d.train import checkpoint as ckpt_lib
+    from tok1d import parallel
+    from tok1d.train import generator as gen_trainer
+    from tok1d.train import tokenizer as tok_trainer
+    mesh, rules, batch_sh = parallel.mesh_from_config(config)
+    context = _context(mesh, rules)
+    rng = np.random.default_rng(0)
+    with config.unlocked():
+        config.batch_size = batch
+    if config.trainer == "generator":
+        model = gen_trainer.build_generator(config)
+        abstract_state, shardings, init, step_fn = gen_trainer.build_training(
+            config, model, mesh, rules, batch_sh)
+        vocab = gen_trainer.vocab_size(model)
+        local = {"codes": rng.integers(0, vocab, (batch, model.num_tokens), dtype=np.int32),
+                 "label": rng.integers(0, model.num_classes, (batch,), dtype=np.int32)}
+        extra = ()
+    else:
+        _random_frozen(config)
+        t = tok_trainer.build_training(config, mesh, rules, batch_sh)
+        abstract_state, shardings, init, step_fn = t.abstract, t.shardings, t.init, t.step_fn
+        size = config.data.image_size
+        local = {"image": rng.uniform(0, 1, (batch, size, size, 3)).astype(np.float32)}
+        extra = (t.frozen,)
+    with context():
+        data = _global(local, batch_sh, batch)
+    shapes = ckpt_lib.abstract_with_shardings(abstract_state, shardings)
+    state = {}
+
+    def prepare():
+        with context():
+            state["s"] = init(jax.random.key(0))
+
+    def call():
+        with context():
+            state["s"], scalars, _ = step_fn(state["s"], data, *extra)
+        return scalars
+
+    def memory_parts():
+        with context():
+            if config.trainer == "generator":
+                saved = _generator_saved_bytes(config, model, shapes, data)
+            else:
+                saved = _tokenizer_saved_bytes(config, t, shapes, data["image"])
+        return dict(state_gib=_per_device_bytes(shapes) / 2 ** 30,
+                    saved_activations_gib=saved / jax.device_count() / 2 ** 30)
+    return Workload(call, [(step_fn, (shapes, data, *extra))], context, prepare, memory_parts)
+
+
+def _per_device_bytes(tree) -> int:
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs / arrays."""
+    import jax
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+               for x in jax.tree.leaves(tree))
+
+
+def _residual_bytes(loss, params, *args) -> int:
+    """Bytes of what autodiff keeps from `loss(params, *args) -> (value, aux)` for the backward
+    pass (the VJP's residuals, from shapes only), over all devices. Backend-independent: XLA
+    fuses some of it away and may rematerialise more when memory runs short, but this is what
+    a training step holds at its peak besides the state; `model.remat` / `model.cnn_remat`
+    shrink it."""
+    import jax
+
+    def residuals(params, *args):
+        return jax.vjp(lambda p: loss(p, *args), params, has_aux=True)[1]
+    res = jax.eval_shape(residuals, params, *args)
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(res))
+
+
+def _microbatch(x, config):
+    import jax
+    rows = x.shape[0] // config.optim.grad_accum_steps
+    return jax.ShapeDtypeStruct((rows,) + x.shape[1:], x.dtype)
+
+
+def _tokenizer_saved_bytes(config, t, shapes, images) -> int:
+    """Saved activations of the tokenizer's generator loss for one microbatch, every term on
+    (GAN and warm-up losses)."""
+    import jax
+    import jax.numpy as jnp
+    from tok1d.train import tokenizer as tok_trainer
+    g_loss = tok_trainer.make_loss_fn(t.model, config, t.teacher, t.perceptual, t.disc)
+    one = jnp.float32(1)
+
+    def loss(params, images, frozen, disc_params, disc_state):
+        return g_loss(params, images, frozen, disc_params, disc_state, one, one,
+                      jax.random.key(0))
+    return _residual_bytes(loss, shapes.params, _microbatch(images, config), t.frozen,
+                           shapes.disc_params, shapes.disc_state)
+
+
+def _generator_saved_bytes(config, model, shapes, batch) -> int:
+    """Saved activations of the generator's training loss for one microbatch."""
+    import jax
+    from tok1d.train import generator as gen_trainer
+    loss_fn = gen_trainer.make_loss_fn(model, config.generator)
+
+    def loss(params, batch):
+        return loss_fn(params, batch, jax.random.key(0), True)
+    return _residual_bytes(loss, shapes.params,
+                           {k: _microbatch(v, config) for k, v in batch.items()})
+
+
+def bench_codec(config, batch: int, workload: str, abstract: bool = False) -> Workload:
+    import jax
+    import numpy as np
+    from tok1d import parallel
+    from tok1d.train.tokenizer import pixel_range_fns
+    mesh, rules, batch_sh = parallel.mesh_from_config(config)
+    context = _context(mesh, rules)
+    model, params = _tokenizer_and_params(config, abstract)
+    to_model, _ = pixel_range_fns(model)
+    size = config.data.image_size
+    rng = np.random.default_rng(0)
+    encode = jax.jit(lambda p, x: model.apply({"params": p}, to_model(x),
+                                              method=model.encode)[1]["codes"])
+    with context():
+        images = _global({"image": rng.uniform(0, 1, (batch, size, size, 3)).astype(np.float32)},
+                         batch_sh, batch)["image"]
+        params = _replicated(params, mesh, abstract)
+        if workload == "encode":
+            fn, args = encode, (params, images)
+        else:
+            codes = (jax.eval_shape(encode, params, images) if abstract
+                     else encode(params, images))
+            fn = jax.jit(lambda p, c: model.apply({"params": p}, c, method=model.decode_codes))
+            args = (params, codes)
+
+    def call():
+        with context():
+            return fn(*args)
+    return Workload(call, [(fn, args)], context)
+
+
+def bench_sample(config, batch: int, tokenizer_config, abstract: bool = False) -> Workload:
+    """Sampling then decoding (two jitted programs, as `tok1d.cli.sample` runs them)."""
+    import flax.linen as nn
+    import jax
+    import numpy as np
+    from tok1d import parallel
+    from tok1d.train import generator as gen_trainer
+    if tokenizer_config is None:
+        raise ValueError("--workload=sample needs --tokenizer_config (the tokenizer config "
+                         "whose random-weight model decodes the samples).")
+    mesh, rules, batch_sh = parallel.mesh_from_config(config)
+    context = _context(mesh, rules)
+    model = gen_trainer.build_generator(config)
+    init = gen_trainer.init_generator(model, 1)
+    params = nn.unbox(jax.eval_shape(init, jax.random.key(0)) if abstract
+                      else init(jax.random.key(0)))
+    tokenizer, tok_params = _tokenizer_and_params(tokenizer_config, abstract)
+    labels = (np.arange(batch) % model.num_classes).astype(np.int32)
+    with context():
+        params = _replicated(params, mesh, abstract)
+        tok_params = _replicated(tok_params, mesh, abstract)
+        decoder = gen_trainer.SampleDecoder(model, config.sampling.to_dict(), tokenizer,
+                                            tok_params, batch_sh)
+        global_labels = _global({"label": labels}, batch_sh, batch)["label"]
+        key = jax.random.key(0)
+        codes = jax.eval_shape(decoder.sampler, params, global_labels, key)
+    counter = {"i": 0}
+
+    def call():
+        counter["i"] += 1
+        with context():
+            return decoder(params, labels, jax.random.key(counter["i"]))[1]
+    return Workload(call, [(decoder.sampler, (params, global_labels, key)),
+                           (decoder.decode, (tok_params, codes))], context)
+
+
+def run(config, workload: str, batch_size: int = 0, steps: int = 10, warmup: int = 2,
+        tokenizer_config=None, peak_tflops: float = 0.0, compile_only: bool = False,
+        profile: str = "", log=print) -> dict[str, Any]:
+    """Measures `workload` of `config`; returns (and logs) the result row. `compile_only`:
+    nothing runs (the state and params are shapes only); the row gives the FLOPs and the
+    memory XLA plans per device (`memory_plan_gib`), e.g. to see whether a batch fits."""
+    import jax
+    from tok1d.train import config_lib
+    if workload not in WORKLOADS:
+        raise ValueError(f"Unknown workload {workload!r}; expected one of {WORKLOADS}.")
+    is_generator = config.trainer == "generator"
+    if workload in ("encode", "decode") and is_generator:
+        raise ValueError(f"--workload={workload} needs a tokenizer config; "
+                         f"{config.model.name!r} is a generator.")
+    if workload == "sample" and not is_generator:
+        raise ValueError("--workload=sample needs a generator config (and --tokenizer_config).")
+    batch = batch_size or config.batch_size
+    config_lib.validate(config)
+    if workload == "train":
+        work = bench_train(config, batch, compile_only)
+    elif workload == "sample":
+        work = bench_sample(config, batch, tokenizer_config, compile_only)
+    else:
+        work = bench_codec(config, batch, workload, compile_only)
+    device = jax.devices()[0]
+    row = dict(workload=workload, model=config.model.name, batch=batch,
+               devices=f"{jax.device_count()} x {device.device_kind}", step_ms=None,
+               images_per_s=None, first_call_s=None, peak_memory_gib=None,
+               memory_plan_gib=None, tflop_per_step=None, mfu=None, device_bf16_tflops=None,
+               jax=jax.__version__, steps=0 if compile_only else steps)
+    flops = work.flops()
+    row["tflop_per_step"] = None if flops is None else flops / 1e12
+    if compile_only:
+        t0 = time.perf_counter()
+        row["memory_plan_gib"] = work.memory_plan_gib()
+        row["first_call_s"] = time.perf_counter() - t0  # compilation only
+        row.update(work.memory_parts())
+    else:
+        work.prepare()
+        times, first = time_calls(work.call, warmup, steps, profile)
+        step = statistics.median(times)
+        peak = peak_tflops or matmul_tflops()
+        row.update(step_ms=1e3 * step, images_per_s=batch / step, first_call_s=first,
+                   peak_memory_gib=peak_memory_gib(), device_bf16_tflops=peak,
+                   mfu=None if flops is None else flops / step / (peak * 1e12
+                                                                 * jax.device_count()))
+    log(format_row(row))
+    return row
+
+
+def format_row(row: dict[str, Any]) -> str:
+    def fmt(v, spec):
+        return "n/a" if v is None else format(v, spec)
+    header = ("| workload | model | batch | devices | step ms | images/s | first call s | "
+              "peak GiB | planned GiB | TFLOP/step | MFU |")
+    line = (f"| {row['workload']} | {row['model']} | {row['batch']} | {row['devices']} | "
+            f"{fmt(row['step_ms'], '.1f')} | {fmt(row['images_per_s'], '.1f')} | "
+            f"{fmt(row['first_call_s'], '.1f')} | {fmt(row['peak_memory_gib'], '.1f')} | "
+            f"{fmt(row['memory_plan_gib'], '.2f')} | {fmt(row['tflop_per_step'], '.3f')} | "
+            f"{fmt(row['mfu'], '.1%')} |")
+    table = header + "\n|---|---|---|---|---|---|---|---|---|---|---|\n" + line
+    parts = [f"{name[:-4].replace('_', ' ')} {row[name]:.2f} GiB" for name in
+             ("state_gib", "saved_activations_gib") if row.get(name) is not None]
+    return table + ("\nper device: " + ", ".join(parts) if parts else "")
+
+
+def _load_config(path: str):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("tokenizer_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def main(argv: Sequence[str]) -> Optional[int]:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if FLAGS.config is None:
+        print("--config is required.", file=sys.stderr)
+        return 2
+    from tok1d import parallel
+    from tok1d.train import config_lib
+    parallel.setup_process()
+
+    def job():
+        tok_cfg = _load_config(FLAGS.tokenizer_config) if FLAGS.tokenizer_config else None
+        row = run(FLAGS.config, FLAGS.workload, FLAGS.batch_size, FLAGS.steps, FLAGS.warmup,
+                  tok_cfg, FLAGS.peak_tflops, FLAGS.compile_only, FLAGS.profile)
+        if FLAGS.out:
+            with open(FLAGS.out, "a", encoding="utf-8") as f:
+                command = "python -m tok1d.cli.bench " + " ".join(sys.argv[1:])
+                f.write(json.dumps(dict(row, command=command)) + "\n")
+    return config_lib.exit_status(job)
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(lambda argv: sys.exit(main(argv)))

@@ -1,0 +1,211 @@
+"""The end-to-end demo (`config.trainer == "demo"`, configs/demo.py): tokenizer -> tokens ->
+class-conditional generator -> samples judged by a classifier of the real images.
+
+Runs in WORKDIR:
+  tokenizer/   the tokenizer run (tokenizer trainer: reconstructions.png, metrics.json, ...)
+  tokens/      the train and validation splits encoded by it (`python -m tok1d.cli.tokenize`)
+  generator/   the generator run (generator trainer: samples.png, metrics.json, ...)
+  samples_per_class.png   `demo.samples_per_class` samples for every class, one row each
+  eval/                   the tokenizer's evaluation (tok1d.cli.evaluate: PSNR, SSIM, LPIPS, codebook
+                          usage, rFID ...; metrics.json, report.md, reconstructions.png)
+  metrics.json            tokenizer, generator, evaluation and classifier numbers together
+  report.md               all of them in one page with the pictures
+Every stage resumes or is skipped when its outputs exist, so rerunning the command continues.
+
+The classifier: multinomial logistic regression on the real training images reduced to the
+dataset's native 8x8 grey levels (scikit-learn); its accuracy on the real validation images,
+on their reconstructions and, for the generated images, the fraction recognised as the class
+they were asked for.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from tok1d import images
+from tok1d.train import config_lib
+from tok1d.data import sources
+from tok1d.train import common
+
+
+def generator_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+    """The generator stage's config: defaults + `config.demo.generator`, on the tokens and
+    tokenizer written by the earlier stages, with the demo's mesh, seed and precision."""
+    gen = config_lib.base_config()
+    gen.trainer = "generator"
+    gen.seed, gen.precision = config.seed, config.precision
+    gen.mesh = copy.deepcopy(config.mesh)
+    gen.data.train_split, gen.data.eval_split = "train", "validation"
+    _update(gen, config.demo.generator.to_dict(), "demo.generator")
+    gen.generator.tokens = os.path.join(workdir, "tokens")
+    gen.generator.tokenizer = os.path.join(workdir, "tokenizer")
+    return gen
+
+
+def _update(cfg: ml_collections.ConfigDict, values: dict[str, Any], where: str) -> None:
+    for key, value in values.items():
+        if key not in cfg:
+            raise config_lib.ConfigError(f"{where}.{key} is not a config key.")
+        if isinstance(value, dict) and isinstance(cfg[key], ml_collections.ConfigDict) \
+                and key not in ("model", "sampling"):
+            _update(cfg[key], value, f"{where}.{key}")
+        else:
+            cfg[key] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
+
+
+def native_digits(pixels: np.ndarray) -> np.ndarray:
+    """(N, H, W, 3) images in [0, 1] -> (N, 64) features: grey level averaged over 8x8 cells,
+    on the 0..16 scale of the original digits."""
+    n, h, w, _ = pixels.shape
+    grey = pixels.mean(-1)
+    cells = grey.reshape(n, 8, h // 8, 8, w // 8).mean((2, 4))
+    return cells.reshape(n, 64) * 16.0
+
+
+def fit_classifier(train_src) -> Any:
+    from sklearn.linear_model import LogisticRegression
+    x = native_digits(np.stack([train_src[i]["image"] for i in range(len(train_src))]) / 255.0)
+    y = np.asarray([train_src[i]["label"] for i in range(len(train_src))])
+    return LogisticRegression(max_iter=2000, C=1.0).fit(x, y)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    from tok1d.cli import sample as sample_lib
+    from tok1d.cli import tokenize as tokenize_lib
+    from tok1d.train import generator as gen_trainer
+    from tok1d.train import tokenizer as tok_trainer
+
+    config_lib.validate(config)
+    workdir = os.path.abspath(workdir)
+    log = common.log_fn()
+    dcfg = config.data
+
+    # ---------------------------------------------------------------- 1. tokenizer
+    tok_cfg = copy.deepcopy(config)
+    with tok_cfg.unlocked():
+        tok_cfg.trainer = "tokenizer"
+    log("== 1/4 tokenizer")
+    tok_metrics = tok_trainer.train_and_evaluate(tok_cfg, os.path.join(workdir, "tokenizer"))
+
+    # ---------------------------------------------------------------- 2. tokens
+    log("== 2/4 tokens")
+    tokenizer, tok_params = tokenize_lib.load_tokenizer(os.path.join(workdir, "tokenizer"))
+    token_dir = os.path.join(workdir, "tokens")
+    for split in (dcfg.train_split, dcfg.eval_split):
+        src = sources.get_source(dcfg.name, split, data_dir=dcfg.data_dir,
+                                 demo_size=dcfg.demo_size, image_size=dcfg.image_size)
+        tokenize_lib.tokenize_dataset(tokenizer, tok_params, src, token_dir, split=split,
+                                      batch_size=config.eval_batch_size,
+                                      image_size=dcfg.image_size, flip=False, log=log)
+
+    # ---------------------------------------------------------------- 3. generator
+    log("== 3/4 generator")
+    gen_cfg = generator_config(config, workdir)
+    gen_dir = os.path.join(workdir, "generator")
+    gen_metrics = gen_trainer.train_and_evaluate(gen_cfg, gen_dir)
+
+    # ---------------------------------------------------------------- 4. judge the samples
+    log("== 4/4 samples and classifier")
+    model, params = sample_lib.load_generator(gen_cfg, gen_dir)
+    num_classes = min(model.num_classes, 10)
+    per_class = config.demo.samples_per_class
+    samples, labels = sample_lib.sample_images(
+        gen_cfg, model, params, tokenizer, tok_params, per_class * num_classes,
+        batch_size=0, seed=config.seed, log=lambda msg: None)
+    result: dict[str, Any] = dict(
+        tokenizer={k: v for k, v in tok_metrics.items() if isinstance(v, (int, float))},
+        generator={k: v for k, v in gen_metrics.items() if isinstance(v, (int, float))})
+    if jax.process_index() == 0:
+        images.save_png(os.path.join(workdir, "samples_per_class.png"),
+                        sample_lib.class_grid(samples, labels, num_classes, per_row=per_class))
+    if dcfg.name == "digits":
+        train_src = sources.get_source("digits", dcfg.train_split, image_size=dcfg.image_size)
+        eval_src = sources.get_source("digits", dcfg.eval_split, image_size=dcfg.image_size)
+        clf = fit_classifier(train_src)
+        real = np.stack([eval_src[i]["image"] for i in range(len(eval_src))]) / 255.0
+        real_y = np.asarray([eval_src[i]["label"] for i in range(len(eval_src))])
+        recon = _reconstruct(tokenizer, tok_params, real)
+        result["classifier"] = dict(
+            real_accuracy=float(np.mean(clf.predict(native_digits(real)) == real_y)),
+            reconstruction_accuracy=float(np.mean(clf.predict(native_digits(recon)) == real_y)),
+            sample_accuracy=float(np.mean(clf.predict(native_digits(samples / 255.0)) == labels)),
+            num_samples=int(len(labels)))
+        c = result["classifier"]
+        log(f"Classifier accuracy: real {c['real_accuracy']:.3f}, reconstructions "
+            f"{c['reconstruction_accuracy']:.3f}, samples of the requested class "
+            f"{c['sample_accuracy']:.3f} ({c['num_samples']} samples; chance 0.1).")
+    result["evaluation"] = evaluate_demo(config, tok_cfg, workdir, samples, labels, log)
+    common.write_json(os.path.join(workdir, "metrics.json"), result)
+    write_demo_report(workdir, result, config)
+    return result
+
+
+def evaluate_demo(config, tok_cfg, workdir: str, samples: np.ndarray, labels: np.ndarray,
+                  log) -> dict[str, Any]:
+    """The evaluation suite on the demo's own data: reconstruction metrics of the tokenizer on
+    the eval split (tok1d.cli.evaluate), and FID / IS / precision-recall of the samples against
+    the real eval images when `evaluation.inception` is given."""
+    from tok1d.cli import evaluate as evaluate_lib
+    from tok1d import parallel
+    from tok1d.evaluation import evaluator
+    out = {"reconstruction": evaluate_lib.evaluate_tokenizer(
+        tok_cfg, os.path.join(workdir, "tokenizer"), os.path.join(workdir, "eval"), log)}
+    ecfg = config.evaluation
+    nets = evaluator.load_metric_nets(ecfg, "", lambda msg: None)
+    if nets.inception is not None:
+        mesh, _, sharding = parallel.mesh_from_config(config)
+        batch = config.eval_batch_size
+        with jax.set_mesh(mesh):
+            reference = evaluator.reference_from_data(config.data, nets, mesh, sharding, batch,
+                                                      ecfg)
+            gen, _ = evaluator.generation_metrics(
+                nets, mesh, reference, evaluator.numpy_batches(samples, batch, sharding), ecfg)
+        out["generation"] = gen
+    return out
+
+
+def write_demo_report(workdir: str, result: dict[str, Any], config) -> None:
+    """WORKDIR/report.md: every number of the demo with the pictures it is about."""
+    from tok1d.evaluation import report
+    if jax.process_index() != 0:
+        return
+    lines = ["# tok1d demo", "",
+             f"Data: {config.data.name} at {config.data.image_size} px. Pictures: "
+             "validation inputs above their reconstructions, then samples (one row per class).",
+             "", "![reconstructions](tokenizer/reconstructions.png)", "",
+             "![samples](samples_per_class.png)", ""]
+    evaluation = result.get("evaluation", {})
+    sections = [("Tokenizer (eval split)", evaluation.get("reconstruction", {})),
+                ("Generator", result.get("generator", {})),
+                ("Samples vs the real eval images", evaluation.get("generation", {})),
+                ("Classifier of the real digits", result.get("classifier", {}))]
+    for title, metrics in sections:
+        if metrics:
+            lines += [report.markdown(title, metrics).replace("# ", "## ", 1)]
+    if "generation" not in evaluation:
+        lines += ["FID / IS / precision-recall of the samples need the FID Inception: "
+                  "--config.evaluation.inception=DIR (python -m tok1d.cli.convert inception_fid "
+                  "...).", ""]
+    with open(os.path.join(workdir, "report.md"), "w", encoding="utf-8") as f:
+        f.write("\n".join(lines))
+
+
+def _reconstruct(tokenizer, tok_params, pixels: np.ndarray, batch: int = 64) -> np.ndarray:
+    from tok1d.train.tokenizer import pixel_range_fns
+    if not getattr(tokenizer, "outputs_pixels", True):
+        raise ValueError("The demo's tokenizer must output pixels (not proxy-code logits).")
+    to_model, to_unit = pixel_range_fns(tokenizer)
+
+    @jax.jit
+    def run(x):
+        out, _ = tokenizer.apply({"params": tok_params}, to_model(x))
+        return jax.numpy.clip(to_unit(out), 0.0, 1.0)
+
+    return np.concatenate([np.asarray(run(pixels[i:i + batch].astype(np.float32)))
+                           for i in range(0, len(pixels), batch)])

@@ -1,0 +1,271 @@
+"""Evaluation jobs: the numbers of the papers' tables, measured by tok1d on accelerators.
+
+    # Tokenizer (config with trainer "tokenizer"): rFID, IS, precision / recall, PSNR, SSIM,
+    # LPIPS, codebook usage / perplexity over data.eval_split (the papers: 50k ImageNet val).
+    python -m tok1d.cli.evaluate --config=configs/titok_l32_stage2.py --checkpoint=WORKDIR_OR_DIR \
+        --out=eval_l32/ --config.evaluation.inception=inception_fid/ \
+        --config.data.eval_examples=50000
+
+    # Generator (trainer "generator"): samples evaluation.num_samples images (50 per class),
+    # decodes them with --tokenizer (default generator.tokenizer) and computes gFID, IS and
+    # precision / recall against evaluation.reference (the ADM reference batch) or the
+    # data's eval split.
+    python -m tok1d.cli.evaluate --config=configs/maskgit_titok_l32.py --checkpoint=GEN \
+        --tokenizer=titok_l32/ --out=eval_gen/ --config.evaluation.inception=inception_fid/ \
+        --config.evaluation.reference=VIRTUAL_imagenet256_labeled.npz
+
+    # Samples already written (tok1d.cli.sample's or any ADM-format samples.npz):
+    python -m tok1d.cli.evaluate --samples=samples.npz --out=eval_samples/ \
+        --inception=inception_fid/ --reference=VIRTUAL_imagenet256_labeled.npz
+
+`--checkpoint` is a training workdir (its latest checkpoint, EMA params when kept) or a
+converted pretrained directory, checked against the config's model. Without --config the
+defaults of `tok1d.train.config_lib.base_config()` apply; --inception / --reference set
+config.evaluation.inception / .reference (with --config, any key: --config.a.b=v).
+Writes OUT/metrics.json, OUT/report.md with the PNG grids beside it, and TensorBoard events.
+The FID Inception must be converted once:
+`python -m tok1d.cli.convert inception_fid pt_inception-2015-12-05-6726825d.pth inception_fid/`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Optional, Sequence
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+    config_flags.DEFINE_config_file("config", None, "Training config file (get_config()).",
+                                    lock_config=True)
+    flags.DEFINE_string("checkpoint", "", "Training workdir or pretrained directory.")
+    flags.DEFINE_string("tokenizer", "", "Generator evaluation: the tokenizer decoding the "
+                        "samples (default: config.generator.tokenizer).")
+    flags.DEFINE_string("samples", "", "Evaluate this samples .npz (arr_0 uint8 images).")
+    flags.DEFINE_string("out", None, "Output directory.")
+    flags.DEFINE_integer("seed", 0, "Sampling seed (generator evaluation).")
+    flags.DEFINE_string("inception", "", "Converted FID Inception directory (sets "
+                        "config.evaluation.inception).")
+    flags.DEFINE_string("reference", "", "FID reference .npz (sets config.evaluation.reference).")
+
+
+def _setup(config):
+    import jax
+    from tok1d import parallel
+    return (*parallel.mesh_from_config(config), jax.process_index() == 0)
+
+
+def _details(config, **extra: Any) -> dict[str, Any]:
+    import jax
+    ecfg = config.evaluation
+    out = dict(extra)
+    out.update(inception=ecfg.inception or ("random" if ecfg.allow_random_init else "none"),
+               devices=f"{jax.device_count()} x {jax.devices()[0].platform}",
+               processes=jax.process_count(), jax=jax.__version__)
+    return out
+
+
+def evaluate_tokenizer(config, checkpoint: str, out: str, log=print) -> dict[str, Any]:
+    """rFID and the reconstruction metrics of a tokenizer over `data.eval_split`."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    from tok1d import images, parallel
+    from tok1d.train import config_lib
+    from tok1d.weights import pretrained
+    from tok1d.data import pipeline, sources
+    from tok1d.evaluation import evaluator, report
+    from tok1d.train import tokenizer as tok_trainer
+
+    config_lib.validate(config)
+    mesh, rules, batch_sh, is_chief = _setup(config)
+    model = tok_trainer.build_model(config)
+    size = config.data.image_size
+    dummy = jnp.zeros((1, size, size, 3), jnp.float32)
+    boxed = jax.eval_shape(lambda r: model.init(r, dummy)["params"], jax.random.key(0))
+    params = pretrained.load_checked(checkpoint, parallel.unbox_abstract(boxed),
+                                     f"the tokenizer of the config ({config.model.name})")
+    # Sharded like in training (fsdp / tensor axes of config.mesh), not replicated.
+    params = jax.device_put(params, parallel.logical_shardings(boxed, mesh, rules))
+    teacher = tok_trainer.build_teacher(config, model)
+    frozen = {"teacher": teacher[1]} if teacher is not None else {}
+    nets = evaluator.load_metric_nets(config.evaluation, config.perceptual.weights, log)
+
+    dcfg, batch = config.data, config.eval_batch_size
+    src = sources.get_source(dcfg.name, dcfg.eval_split, data_dir=dcfg.data_dir,
+                             demo_size=dcfg.demo_size, image_size=size)
+    start, stop = parallel.host_batch_slice(batch_sh, batch)
+    ds, num_batches = pipeline.eval_dataset(src, global_batch=batch, host_start=start,
+                                            host_stop=stop, image_size=size,
+                                            num_examples=dcfg.eval_examples,
+                                            num_workers=dcfg.num_workers)
+    log(f"Evaluating {checkpoint} on {dcfg.name}:{dcfg.eval_split} "
+        f"({num_batches} batches of {batch}).")
+    ecfg = config.evaluation
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        frozen = tok_trainer.replicate(frozen, mesh)
+        eval_step = jax.jit(tok_trainer.make_eval_step(model, teacher))
+        metrics_acc = evaluator.ImageMetrics.from_config(nets, mesh, ecfg)
+        metrics, (grid_in, grid_out) = tok_trainer.evaluate(
+            eval_step, params, frozen, ds, num_batches, (batch_sh, batch),
+            ecfg.num_report_images, metrics_acc, log)
+    grid = images.make_grid(images.interleave_pairs(grid_in, grid_out))
+    path = report.write_report(
+        out, f"Reconstruction: {os.path.basename(os.path.normpath(checkpoint))}", metrics,
+        {"reconstructions": grid},
+        _details(config, checkpoint=os.path.abspath(checkpoint), model=config.model.name,
+                 data=f"{dcfg.name}:{dcfg.eval_split} at {size} px (center crops)"),
+        nets.notes, enabled=is_chief)
+    log(f"Wrote {path}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    return metrics
+
+
+def evaluate_generator(config, checkpoint: str, tokenizer_path: str, out: str, seed: int = 0,
+                       log=print) -> dict[str, Any]:
+    """gFID / IS / precision-recall of `evaluation.num_samples` samples of a generator."""
+    import jax
+    import flax.linen as nn
+    from tok1d.train import config_lib
+    from tok1d.cli import sample as sample_lib
+    from tok1d.evaluation import evaluator
+    from tok1d.cli.tokenize import load_tokenizer
+    from tok1d.train.generator import SampleDecoder
+
+    config_lib.validate(config)
+    tokenizer_path = tokenizer_path or config.generator.tokenizer
+    if not tokenizer_path:
+        raise ValueError("No tokenizer: pass --tokenizer=DIR or set config.generator.tokenizer.")
+    mesh, rules, batch_sh, is_chief = _setup(config)
+    model, params = sample_lib.load_generator(config, checkpoint)
+    tokenizer, tok_params = load_tokenizer(tokenizer_path)
+    nets = evaluator.load_metric_nets(config.evaluation, "", log)
+    ecfg = config.evaluation
+    labels = sample_lib.cyclic_labels(ecfg.num_samples, model.num_classes)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        params = jax.device_put(params, jax.sharding.NamedSharding(
+            mesh, jax.sharding.PartitionSpec()))
+        decoder = SampleDecoder(model, config.sampling.to_dict(), tokenizer, tok_params,
+                                batch_sh)
+        reference = evaluator.load_reference(ecfg, config.data, nets, mesh, batch_sh,
+                                             config.eval_batch_size)
+        batches = decoder.batches(params, labels, config.eval_batch_size, seed, log)
+        metrics, kept = evaluator.generation_metrics(nets, mesh, reference, batches, ecfg,
+                                                     keep=_grid_rows(ecfg, labels))
+    kept_labels = labels[_grid_rows(ecfg, labels)]
+    metrics.update(_linear_probe(config, model, params, mesh, rules, log))
+    return _finish_samples(config, metrics, kept, kept_labels, model.num_classes, out, is_chief,
+                           nets.notes, log, checkpoint=os.path.abspath(checkpoint),
+                           tokenizer=os.path.abspath(tokenizer_path), model=config.model.name,
+                           sampling=config.sampling.to_dict(), seed=seed,
+                           reference=reference.source)
+
+
+def _linear_probe(config, model, params, mesh, rules, log) -> dict[str, float]:
+    """GigaTok's linear probe of a GPT's features on generator.tokens (train -> eval split),
+    when evaluation.linear_probe_epochs > 0."""
+    from tok1d.data import tokens as tokens_lib
+    from tok1d.evaluation import linear_probe
+    from tok1d.models.generators.gpt import GPT
+    ecfg = config.evaluation
+    if ecfg.linear_probe_epochs <= 0:
+        return {}
+    if not isinstance(model, GPT):
+        raise ValueError("evaluation.linear_probe_epochs > 0 needs a GPT generator (GigaTok's "
+                         f"linear probe of AR features), not {config.model.name!r}.")
+    if not config.generator.tokens:
+        raise ValueError("The linear probe needs generator.tokens (train and eval splits of "
+                         "python -m tok1d.cli.tokenize).")
+    read = lambda split: linear_probe.read_token_split(  # noqa: E731
+        tokens_lib.TokenSource(config.generator.tokens, split))
+    return linear_probe.probe_from_config(model, params, read(config.data.train_split),
+                                          read(config.data.eval_split), ecfg, mesh, rules,
+                                          seed=config.seed, log_fn=log)
+
+
+def evaluate_samples(config, samples: str, out: str, log=print) -> dict[str, Any]:
+    """gFID / IS / precision-recall of the images in a samples .npz."""
+    import jax
+    import numpy as np
+    from tok1d.evaluation import evaluator
+
+    mesh, _, batch_sh, is_chief = _setup(config)
+    images = evaluator.load_npz_images(samples)
+    with np.load(samples) as z:
+        labels = z["arr_1"] if "arr_1" in z.files else np.zeros(len(images), np.int32)
+    nets = evaluator.load_metric_nets(config.evaluation, "", log)
+    ecfg = config.evaluation
+    num_classes = int(labels.max()) + 1 if len(labels) else 1
+    with jax.set_mesh(mesh):
+        reference = evaluator.load_reference(ecfg, config.data, nets, mesh, batch_sh,
+                                             config.eval_batch_size)
+        batches = evaluator.numpy_batches(images, config.eval_batch_size, batch_sh)
+        metrics, kept = evaluator.generation_metrics(nets, mesh, reference, batches, ecfg,
+                                                     keep=_grid_rows(ecfg, labels))
+    kept_labels = labels[_grid_rows(ecfg, labels)]
+    return _finish_samples(config, metrics, kept, kept_labels, num_classes, out, is_chief,
+                           nets.notes,
+                           log, samples=os.path.abspath(samples), reference=reference.source)
+
+
+def _grid_rows(ecfg, labels):
+    """Which samples the report's grid shows: the first 10 of each of the first classes
+    (evaluation.num_report_images // 10 classes, one row each)."""
+    import numpy as np
+    rows = max(1, ecfg.num_report_images // 10)
+    keep = np.zeros(len(labels), bool)
+    for c in range(rows):
+        keep[np.flatnonzero(labels == c)[:10]] = True
+    return keep
+
+
+def _finish_samples(config, metrics, kept, labels, num_classes: int, out: str, is_chief: bool,
+                    notes, log, **details) -> dict[str, Any]:
+    from tok1d.cli import sample as sample_lib
+    from tok1d.evaluation import report
+    rows = min(num_classes, max(1, config.evaluation.num_report_images // 10))
+    grid = sample_lib.class_grid(kept, labels, rows)
+    path = report.write_report(out, "Generation", metrics, {"samples": grid},
+                               _details(config, **details), notes, enabled=is_chief)
+    log(f"Wrote {path}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    return metrics
+
+
+def run(config, checkpoint: str = "", tokenizer: str = "", samples: str = "", out: str = "",
+        seed: int = 0, log=print) -> dict[str, Any]:
+    if samples:
+        return evaluate_samples(config, samples, out, log)
+    if not checkpoint:
+        raise ValueError("Give --checkpoint (a workdir or pretrained directory) or --samples.")
+    if config.trainer == "generator":
+        return evaluate_generator(config, checkpoint, tokenizer, out, seed, log)
+    if config.trainer == "tokenizer":
+        return evaluate_tokenizer(config, checkpoint, out, log)
+    raise ValueError(f"Cannot evaluate a config with trainer {config.trainer!r}: use a tokenizer "
+                     "or generator config.")
+
+
+def main(argv: Sequence[str]) -> Optional[int]:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if not FLAGS.out:
+        print("--out is required.", file=sys.stderr)
+        return 2
+    from tok1d import parallel
+    from tok1d.train import config_lib
+    parallel.setup_process()
+    config = FLAGS.config if FLAGS.config is not None else config_lib.base_config()
+    with config.unlocked():
+        for key in ("inception", "reference"):
+            if getattr(FLAGS, key):
+                config.evaluation[key] = getattr(FLAGS, key)
+    return config_lib.exit_status(lambda: run(config, FLAGS.checkpoint, FLAGS.tokenizer,
+                                              FLAGS.samples, FLAGS.out, FLAGS.seed))
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(lambda argv: sys.exit(main(argv)))

@@ -1,0 +1,657 @@
+r"""Encodes an image dataset with a trained tokenizer into a token dataset (`tok1d.data.tokens`).
+
+    python -m tok1d.cli.tokenize --tokenizer=DIR --data=NAME_OR_DIR --split=train --out=OUT \
+        [--image_size=256] [--batch=256] [--flip] [--crop=center|resize] [--num_shards=0]
+
+--tokenizer  a pretrained directory (`tok1d.weights.pretrained`: tok1d_model.json + params/) or a
+             training workdir (config.json + checkpoints/): the latest checkpoint's EMA params
+             (plain params when the run had no EMA), the model rebuilt from config.json.
+--data       any name `tok1d.data.sources.get_source` knows ("tfds:imagenet2012", "demo",
+             "digits", "array_record:DIR") or a directory prepared by `tok1d.data.prepare`.
+--crop       "center": resize the shorter side, center crop (the eval crop; LlamaGen's
+             `center_crop_arr` up to the resize filter); "resize": squash to a square.
+--flip       also encode the horizontally mirrored images (variant 1, LlamaGen's flip
+             augmentation for the generator).
+
+Encoding is one jitted function over all devices (batch split over the mesh's data axes);
+every host loads only its rows of each global batch, the codes are gathered and process 0 writes.
+The split is cut into contiguous shards, each written to a temporary file and renamed when
+complete: a restarted run skips the shards that exist (with the same settings; anything else is
+an error) and rewrites the rest. `tokens_info.json` is written when the split is complete.
+Run it once per split into the same --out (e.g. train with --flip, then validation).
+
+From Python (the demo does this)::
+
+    model, params = load_tokenizer("runs/tokenizer")
+    tokenize_dataset(model, params, get_source("digits", "train"), "runs/tokens", flip=True)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+import time
+from typing import Any, Callable, Mapping, Optional
+
+import numpy as np
+
+from tok1d.data import tokens
+
+EXAMPLES_PER_SHARD = 10_000  # the auto shard size: the unit of work redone after a crash
+CROPS = ("center", "resize")
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading the tokenizer and the data.
+# ----------------------------------------------------------------------------------------------
+
+def load_tokenizer(path: str, **model_overrides: Any) -> tuple[Any, Any]:
+    """(model, host params) of a pretrained directory or a training workdir (the latest
+    checkpoint's EMA params, the plain params when the run had no EMA; the model rebuilt from
+    the workdir's config.json). `model_overrides` replace model arguments (dtype="bfloat16")."""
+    from tok1d import models
+    from tok1d.weights import pretrained
+
+    kind, name, kwargs = _tokenizer_spec(path)
+    if kind == "pretrained":
+        return pretrained.load_pretrained(os.path.abspath(path), **model_overrides)
+    model = models.create(name, **dict(kwargs, **model_overrides))
+    return model, pretrained.load_params(os.path.abspath(path), use_ema=True)
+
+
+def describe_tokenizer(path: str) -> dict[str, Any]:
+    """What `load_tokenizer(path)` loads, for tokens_info.json (cheap: reads no weights)."""
+    from tok1d.weights import pretrained
+
+    kind, name, kwargs = _tokenizer_spec(path)
+    desc = {"kind": kind, "path": os.path.abspath(path), "name": name,
+            "kwargs": pretrained._jsonable(kwargs)}
+    if kind == "workdir":
+        desc.update(step=_latest_step(os.path.abspath(path)), params="ema if the run had EMA")
+    else:
+        desc["source"] = (pretrained.read_model_spec(os.path.abspath(path)) or {}).get(
+            "source", "")
+    return desc
+
+
+def _tokenizer_spec(path: str) -> tuple[str, str, dict[str, Any]]:
+    """("pretrained" | "workdir", model name, model kwargs) of a tokenizer directory."""
+    from tok1d.weights import pretrained
+
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"Tokenizer directory not found: {path}")
+    spec = pretrained.read_model_spec(path)
+    if spec is not None:
+        return "pretrained", spec["name"], dict(spec["kwargs"])
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(
+            f"{path} is neither a pretrained directory ({pretrained.MODEL_FILE} + params/) nor a "
+            "training workdir (config.json + checkpoints/).")
+    import ml_collections
+    from tok1d.train import config_lib
+
+    with open(config_path, encoding="utf-8") as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    return "workdir", config.model.name, config_lib.model_kwargs(config)
+
+
+def _latest_step(workdir: str) -> Optional[int]:
+    ckpt = os.path.join(workdir, "checkpoints")
+    steps = [int(d) for d in os.listdir(ckpt) if d.isdigit()] if os.path.isdir(ckpt) else []
+    return max(steps) if steps else None
+
+
+def resolve_source(data: str, split: str, *, data_dir: str = "", image_size: int = 0):
+    """The image source of `--data`: a prepared ArrayRecord directory, or a `get_source` name."""
+    from tok1d.data import records, sources
+
+    if os.path.isdir(data):
+        if not os.path.isfile(os.path.join(data, records.INFO_FILENAME)):
+            raise FileNotFoundError(f"{data} is a directory without {records.INFO_FILENAME}; "
+                                    "prepare it with `python -m tok1d.data.prepare` first.")
+        return records.ArrayRecordImageSource(data, split)
+    known = data in ("demo", "digits") or data.startswith(("tfds:", "array_record:"))
+    if not known and (os.sep in data or data.startswith(".")):
+        raise FileNotFoundError(f"Data directory not found: {data}")
+    return sources.get_source(data, split, data_dir=data_dir, image_size=image_size)
+
+
+def load_image(image: Any, image_size: int, crop: str = "center") -> np.ndarray:
+    """An encoded or decoded image -> float32 (image_size, image_size, 3) in [0, 1]."""
+    from PIL import Image
+    from tok1d.data import pipeline, records
+
+    img = records.decode_image(image)
+    if crop == "center":
+        img = pipeline.center_crop(img, image_size)
+    elif crop == "resize":
+        if img.shape[:2] != (image_size, image_size):
+            img = np.asarray(Image.fromarray(img).resize((image_size, image_size),
+                                                         Image.BICUBIC))
+    else:
+        raise ValueError(f"Unknown crop {crop!r}; expected one of {CROPS}.")
+    return np.asarray(img, np.float32) / 255.0
+
+
+def params_fingerprint(params: Any) -> Optional[str]:
+    """A short hash of the parameter tree (paths, shapes, sums, first values): detects resuming
+    with other weights. None when the params are not all readable on this host."""
+    import jax
+
+    h = hashlib.sha1()
+    for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(params)[0],
+                             key=lambda kv: jax.tree_util.keystr(kv[0])):
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            return None
+        a = np.asarray(leaf)
+        h.update(jax.tree_util.keystr(path).encode())
+        h.update(repr((a.shape, str(a.dtype))).encode())
+        h.update(np.float64(np.sum(a, dtype=np.float64)).tobytes())
+        h.update(np.asarray(a.reshape(-1)[:16], np.float64).tobytes())
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------
+# The sharded encoder.
+# ----------------------------------------------------------------------------------------------
+
+def make_encoder(model, params, *, flip: bool, batch_size: int):
+    """Builds the jitted, all-device encoder.
+
+    Returns (encode, global_batch, (host_start, host_stop)): `encode(local_images, local_labels)`
+    takes this host's rows of a global batch (float32 images in [0, 1]) and returns the codes
+    (global_batch, V, N) int32 and labels (global_batch,) of the whole batch on every host.
+    `global_batch` is `batch_size` rounded up to a multiple of the device count."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from tok1d import parallel
+    from tok1d.train.tokenizer import pixel_range_fns, replicate
+
+    mesh = parallel.create_mesh({"data": -1})
+    rules = parallel.DEFAULT_RULES
+    batch_sh = parallel.batch_sharding(mesh, rules)
+    global_batch = -(-batch_size // mesh.size) * mesh.size
+    host_rows = parallel.host_batch_slice(batch_sh, global_batch)
+    to_model, _ = pixel_range_fns(model)
+    replicated = NamedSharding(mesh, P())
+    params = nn.unbox(params)
+    if all(not isinstance(x, jax.Array) for x in jax.tree.leaves(params)):
+        params = replicate(params, mesh)  # host trees (pretrained / checkpoint loads)
+    else:  # device arrays, e.g. a training state sharded on another mesh
+        params = jax.device_put(params, replicated)
+
+    def codes_of(p, x):
+        _, aux = model.apply({"params": p}, x, method="encode")
+        if "codes" not in aux:
+            raise ValueError(f"{type(model).__name__} has no discrete codes (a continuous "
+                             "tokenizer?); only VQ tokenizers can be tokenized.")
+        c = aux["codes"]
+        return c.reshape(c.shape[0], -1).astype(jnp.int32)
+
+    def fn(p, images, labels):
+        x = to_model(images)
+        variants = [codes_of(p, x)] + ([codes_of(p, jnp.flip(x, axis=2))] if flip else [])
+        return jnp.stack(variants, axis=1), labels
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        jitted = jax.jit(fn, out_shardings=(replicated, replicated))
+
+    def encode(local_images: np.ndarray, local_labels: np.ndarray):
+        batch = parallel.global_batch({"image": local_images, "label": local_labels}, batch_sh,
+                                      global_batch)
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            return jitted(params, batch["image"], batch["label"])
+
+    return encode, global_batch, host_rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing.
+# ----------------------------------------------------------------------------------------------
+
+def _shard_bounds(n: int, num_shards: int) -> list[tuple[int, int]]:
+    return [(k * n // num_shards, (k + 1) * n // num_shards) for k in range(num_shards)]
+
+
+def _host_batches(source, lo: int, hi: int, global_batch: int, host_rows: tuple[int, int],
+                  image_size: int, crop: str, num_threads: int):
+    """This host's rows of the padded global batches covering examples [lo, hi): an iterator of
+    {"image": (rows, S, S, 3) float32, "label": (rows,) int32}. Padding rows repeat `lo`."""
+    import grain
+
+    start, stop = host_rows
+    num_batches = -(-(hi - lo) // global_batch)
+    positions = [lo + j * global_batch + r for j in range(num_batches) for r in range(start, stop)]
+
+    def load(i):
+        p = positions[i]
+        record = source[p if p < hi else lo]
+        return {"image": load_image(record["image"], image_size, crop),
+                "label": np.int32(record.get("label", 0))}
+
+    ds = grain.MapDataset.range(len(positions)).map(load).batch(stop - start)
+    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                                     prefetch_buffer_size=2 * (stop - start))))
+
+
+def _encode_range(encode, batches, lo: int, hi: int, global_batch: int):
+    """Yields (codes (b, V, N) numpy, labels (b,), first index) per global batch, dropping the
+    padding; one batch is kept in flight so loading overlaps the device work."""
+    pending, offset = None, lo
+    for batch in batches:
+        out = encode(batch["image"], batch["label"])
+        if pending is not None:
+            yield pending
+        valid = min(global_batch, hi - offset)
+        pending = (out, valid, offset)
+        offset += global_batch
+    if pending is not None:
+        yield pending
+
+
+def _write_shard(path: str, items, dtype: str, histogram: np.ndarray) -> int:
+    """Writes the encoded examples to `path` via a temporary file; returns the count."""
+    from array_record.python import array_record_module
+
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    count = 0
+    writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
+    try:
+        for (codes, labels), valid, first in items:
+            codes, labels = np.asarray(codes)[:valid], np.asarray(labels)[:valid]
+            histogram += np.bincount(codes.reshape(-1), minlength=len(histogram))[:len(histogram)]
+            for i in range(valid):
+                writer.write(tokens.encode_token_record(codes[i], labels[i], first + i, dtype))
+            count += valid
+        writer.close()
+        writer = None
+        os.replace(tmp, path)
+    finally:
+        if writer is not None:
+            writer.close()
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return count
+
+
+def _drain(items) -> int:
+    """Non-writing hosts: run the collective encodes, keep nothing."""
+    return sum(valid for _, valid, _ in items)
+
+
+def _read_histogram(path: str, shape: tuple[int, int], dtype: str,
+                    histogram: np.ndarray) -> int:
+    """Adds the codes of an existing shard to `histogram`; returns its number of records."""
+    import grain
+
+    src = grain.sources.ArrayRecordDataSource([path])
+    for i in range(len(src)):
+        codes = tokens.decode_token_record(src[i], *shape, dtype)["codes"]
+        histogram += np.bincount(codes.reshape(-1), minlength=len(histogram))[:len(histogram)]
+    return len(src)
+
+
+def code_usage(histogram: np.ndarray) -> dict[str, float]:
+    """Distinct codes, their fraction of the codebook, and the perplexity exp(H) of the code
+    distribution (equals the codebook size when every code is equally used)."""
+    total = histogram.sum()
+    p = histogram[histogram > 0] / max(total, 1)
+    return {"distinct_codes": int((histogram > 0).sum()),
+            "usage": float((histogram > 0).mean()) if len(histogram) else 0.0,
+            "perplexity": float(np.exp(-(p * np.log(p)).sum())) if total else 0.0}
+
+
+# ----------------------------------------------------------------------------------------------
+# Plan (what a split is tokenized with) and resumption.
+# ----------------------------------------------------------------------------------------------
+
+_GLOBAL_KEYS = ("num_tokens", "codebook_size", "codes_dtype", "tokenizer_fingerprint")
+
+
+def _plan_path(out_dir: str, split: str) -> str:
+    return os.path.join(out_dir, f".{split}.tokenize_plan.json")
+
+
+def _differences(old: Mapping[str, Any], new: Mapping[str, Any], keys) -> list[str]:
+    return [f"{k}: {old.get(k)!r} there vs {new.get(k)!r} now" for k in keys
+            if old.get(k) != new.get(k)]
+
+
+def _check_plan(out_dir: str, split: str, plan: dict[str, Any]) -> None:
+    """Fails if `out_dir` holds this split (finished or in progress) or other splits made with
+    different settings; nothing there is overwritten in that case."""
+    info_path = os.path.join(out_dir, tokens.INFO_FILENAME)
+    if os.path.isfile(info_path):
+        info = tokens.read_info(out_dir)
+        diff = _differences(info, plan, _GLOBAL_KEYS)
+        if diff:
+            raise ValueError(f"{out_dir} holds tokens of another tokenizer ({'; '.join(diff)}); "
+                             "use another --out.")
+        done = info["splits"].get(split)
+        if done is not None and done.get("plan") != plan:
+            raise ValueError(f"{out_dir} already holds split {split!r} tokenized with other "
+                             f"settings ({'; '.join(_plan_diff(done.get('plan') or {}, plan))}); "
+                             "use another --out or delete that split's files.")
+    path = _plan_path(out_dir, split)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            try:
+                old = json.load(f)
+            except json.JSONDecodeError:
+                old = None  # A torn plan file cannot happen (atomic), but be lenient.
+        if old is not None and old != plan:
+            raise ValueError(f"{out_dir} holds an unfinished tokenization of split {split!r} with "
+                             f"other settings ({'; '.join(_plan_diff(old, plan))}); rerun it "
+                             f"with those settings, or delete {path} and the split's shards.")
+
+
+def _plan_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    return _differences(old, new, sorted(set(old) | set(new))) or ["unknown"]
+
+
+def _remove_stale(out_dir: str, split: str, keep: list[str]) -> None:
+    """Deletes leftovers of an interrupted run: temporary files and shards of another count."""
+    pattern = re.compile(re.escape(split) + r"\.array_record-\d{5}-of-\d{5}$")
+    for name in os.listdir(out_dir):
+        tmp = name.startswith(f".{split}.array_record-") and ".tmp-" in name
+        if tmp or (pattern.match(name) and name not in keep):
+            os.remove(os.path.join(out_dir, name))
+
+
+def _agree(flags: list[bool]) -> list[bool]:
+    """Process 0's view of which shards exist, on every process."""
+    import jax
+    if jax.process_count() == 1:
+        return flags
+    from jax.experimental import multihost_utils
+    return [bool(x) for x in multihost_utils.broadcast_one_to_all(np.asarray(flags, np.int32))]
+
+
+def _sync(name: str) -> None:
+    import jax
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Main entry point.
+# ----------------------------------------------------------------------------------------------
+
+def _model_image_size(model, image_size: int) -> int:
+    native = getattr(model, "image_size", None)
+    if image_size and native and image_size != native:
+        raise ValueError(f"Image size mismatch: {image_size} px requested but the tokenizer "
+                         f"{type(model).__name__} takes {native} px images.")
+    if not (image_size or native):
+        raise ValueError(f"{type(model).__name__} does not fix an image size; pass image_size.")
+    return int(image_size or native)
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def tokenize_dataset(model, params, source, out_dir: str, *, split: str = "train",
+                     batch_size: int = 256, flip: bool = False, num_shards: int = 0,
+                     image_size: int = 0, crop: str = "center", num_examples: int = -1,
+                     num_classes: Optional[int] = None,
+                     tokenizer_info: Optional[Mapping[str, Any]] = None,
+                     data_info: Optional[Mapping[str, Any]] = None, num_threads: int = 16,
+                     log: Callable[[str], None] = print,
+                     progress_every_s: float = 30.0) -> dict[str, Any]:
+    """Encodes the first `num_examples` (-1: all) of `source` into split `split` of `out_dir`.
+
+    Args:
+        model, params: A VQ tokenizer (its `encode` returns aux["codes"]) and its params (host
+            NumPy trees or jax.Arrays of any sharding; replicated over all devices).
+        source: Random-access images {"image": encoded bytes or uint8 array, "label": int}.
+        out_dir: The token dataset directory (created; other splits there are kept).
+        batch_size: Global batch, rounded up to a multiple of the device count.
+        flip: Also store the codes of the horizontally mirrored images (variant 1).
+        num_shards: Shards of the split; 0 gives about EXAMPLES_PER_SHARD examples per shard.
+        image_size: 0 takes the model's; anything else must equal it.
+        crop: "center" (resize shorter side + center crop) or "resize" (squash).
+        num_classes: Default: `source.num_classes`, else max label + 1 of this split.
+        tokenizer_info, data_info: Descriptions stored in tokens_info.json (default for the
+            tokenizer: its class name; see `describe_tokenizer`).
+        log: Progress / summary printer (process 0 only).
+
+    Returns:
+        A summary: examples, shards written / skipped, images per second, code usage.
+    """
+    import jax
+
+    start_time = time.time()
+    chief = jax.process_index() == 0
+    say = log if chief else (lambda _msg: None)
+    if crop not in CROPS:
+        raise ValueError(f"Unknown crop {crop!r}; expected one of {CROPS}.")
+    image_size = _model_image_size(model, image_size)
+    codebook_size = getattr(model, "num_codes", None) or getattr(model, "codebook_size", None)
+    if not codebook_size:
+        raise ValueError(f"{type(model).__name__} has no codebook; only VQ tokenizers produce "
+                         "tokens.")
+    n = len(source) if num_examples < 0 else min(num_examples, len(source))
+    if n == 0:
+        raise ValueError(f"Split {split!r} has no examples to tokenize.")
+    num_shards = max(1, min(num_shards or math.ceil(n / EXAMPLES_PER_SHARD), n))
+
+    encode, global_batch, host_rows = make_encoder(model, params, flip=flip,
+                                                   batch_size=batch_size)
+    probe = np.zeros((host_rows[1] - host_rows[0], image_size, image_size, 3), np.float32)
+    num_variants, num_tokens = (int(d) for d in np.asarray(
+        encode(probe, np.zeros(len(probe), np.int32))[0]).shape[1:])
+    shape = (num_variants, num_tokens)
+    dtype = tokens.codes_dtype_for(int(codebook_size))
+    plan = {"num_examples": n, "num_shards": num_shards, "num_variants": num_variants,
+            "num_tokens": num_tokens, "codebook_size": int(codebook_size),
+            "codes_dtype": dtype, "image_size": image_size, "crop": crop,
+            "tokenizer_fingerprint": params_fingerprint(params), "source_size": len(source)}
+    names = [tokens.shard_name(split, k, num_shards) for k in range(num_shards)]
+    paths = [os.path.join(out_dir, name) for name in names]
+    exists = _start_split(out_dir, split, plan, names, chief)
+
+    bounds = _shard_bounds(n, num_shards)
+    progress = _Progress(sum(hi - lo for (lo, hi), e in zip(bounds, exists) if not e),
+                         progress_every_s, say)
+    say(f"Tokenizing {n} examples of {split!r} -> {out_dir}: {num_shards} shard(s), "
+        f"{sum(exists)} already done; {num_variants} variant(s) x {num_tokens} tokens, global "
+        f"batch {global_batch} on {jax.device_count()} device(s).")
+    histogram = np.zeros(int(codebook_size), np.int64)
+    for k, ((lo, hi), done) in enumerate(zip(bounds, exists)):
+        if done:
+            continue
+        batches = _host_batches(source, lo, hi, global_batch, host_rows, image_size, crop,
+                                num_threads)
+        items = progress.wrap(_encode_range(encode, batches, lo, hi, global_batch),
+                              f"shard {k + 1}/{num_shards}")
+        if chief:
+            _write_shard(paths[k], items, dtype, histogram)
+        else:
+            _drain(items)
+        progress.report(f"shard {k + 1}/{num_shards} done")
+
+    summary = {"split": split, "num_examples": n, "num_shards": num_shards,
+               "shards_written": num_shards - sum(exists), "shards_skipped": sum(exists),
+               "num_variants": num_variants, "num_tokens": num_tokens,
+               "codebook_size": int(codebook_size), "images_per_s": progress.rate(),
+               "out_dir": out_dir}
+    if chief:
+        for path, done in zip(paths, exists):
+            if done:
+                _read_histogram(path, shape, dtype, histogram)
+        classes = _num_classes(source, paths, shape, dtype, num_classes)
+        _write_final_info(out_dir, split, plan, names, classes,
+                          tokenizer_info or {"model": type(model).__name__}, data_info,
+                          code_usage(histogram))
+        os.remove(_plan_path(out_dir, split))
+        summary.update(code_usage(histogram))
+    summary["elapsed_s"] = time.time() - start_time
+    _sync("tok1d.cli.tokenize.done")
+    say(format_summary(summary))
+    return summary
+
+
+def _start_split(out_dir: str, split: str, plan: dict[str, Any], names: list[str],
+                 chief: bool) -> list[bool]:
+    """Checks `out_dir` against the plan, clears leftovers, records the plan (process 0);
+    returns which shards are already complete, as process 0 sees it, on every process."""
+    problem = None
+    if chief:
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            _check_plan(out_dir, split, plan)
+        except (OSError, ValueError) as e:
+            problem = e
+        else:
+            _remove_stale(out_dir, split, names)
+            tokens.atomic_write_json(_plan_path(out_dir, split), plan)
+    if not _agree([problem is None])[0]:
+        raise problem or ValueError(f"Process 0 cannot write {out_dir} (see its log).")
+    exists = _agree([os.path.isfile(os.path.join(out_dir, name)) for name in names])
+    _sync("tok1d.cli.tokenize.plan")
+    return exists
+
+
+class _Progress:
+    """Counts encoded images; prints rate and ETA every `every_s` seconds and on request."""
+
+    def __init__(self, total: int, every_s: float, say: Callable[[str], None]):
+        self.total, self.every_s, self.say = total, every_s, say
+        self.done, self.start, self.last = 0, time.time(), time.time()
+
+    def rate(self) -> float:
+        return self.done / max(time.time() - self.start, 1e-9)
+
+    def report(self, what: str) -> None:
+        self.last = time.time()
+        eta = (self.total - self.done) / max(self.rate(), 1e-9)
+        self.say(f"  {what}: {self.done}/{self.total} images, {self.rate():.1f} images/s, "
+                 f"ETA {_format_eta(eta)}")
+
+    def wrap(self, items, what: str):
+        for item in items:
+            yield item
+            self.done += item[1]
+            if time.time() - self.last >= self.every_s:
+                self.report(what)
+
+
+def _num_classes(source, paths: list[str], shape: tuple[int, int], dtype: str,
+                 given: Optional[int]) -> int:
+    """`given`, else `source.num_classes`, else the largest label in the written split + 1."""
+    if given is not None:
+        return int(given)
+    attr = getattr(source, "num_classes", None)
+    if attr:
+        return int(attr)
+    import grain
+    src = grain.sources.ArrayRecordDataSource(paths)
+    return 1 + max(tokens.decode_token_record(src[i], *shape, dtype)["label"]
+                   for i in range(len(src)))
+
+
+def _write_final_info(out_dir: str, split: str, plan: dict[str, Any], names: list[str],
+                      num_classes: int, tokenizer_info, data_info,
+                      usage: Mapping[str, Any]) -> None:
+    info_path = os.path.join(out_dir, tokens.INFO_FILENAME)
+    old = tokens.read_info(out_dir) if os.path.isfile(info_path) else {"splits": {}}
+    info = {"format": tokens.FORMAT_VERSION, **{k: plan[k] for k in _GLOBAL_KEYS},
+            "num_classes": max(int(old.get("num_classes", 0)), num_classes),
+            "tokenizer": dict(tokenizer_info or old.get("tokenizer") or {}),
+            "splits": dict(old["splits"])}
+    info["splits"][split] = {
+        "num_examples": plan["num_examples"], "num_variants": plan["num_variants"],
+        "variants": list(tokens.VARIANT_NAMES[:plan["num_variants"]]), "shards": names,
+        "data": dict(data_info or {}), "code_usage": dict(usage), "plan": plan}
+    info["splits"] = dict(sorted(info["splits"].items()))
+    tokens.write_info(out_dir, info)
+
+
+def format_summary(summary: Mapping[str, Any]) -> str:
+    """The end-of-run report."""
+    lines = [f"Tokenized {summary['num_examples']} examples of {summary['split']!r} -> "
+             f"{summary['out_dir']} ({summary['shards_written']} shard(s) written, "
+             f"{summary['shards_skipped']} already done)",
+             f"  {summary['num_variants']} variant(s) x {summary['num_tokens']} tokens, codebook "
+             f"{summary['codebook_size']}",
+             f"  {summary['images_per_s']:.1f} images/s, {summary['elapsed_s']:.1f} s"]
+    if "distinct_codes" in summary:
+        lines.append(f"  code usage: {summary['distinct_codes']}/{summary['codebook_size']} "
+                     f"distinct ({100 * summary['usage']:.1f}%), perplexity "
+                     f"{summary['perplexity']:.1f}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI.
+# ----------------------------------------------------------------------------------------------
+
+def _define_flags() -> None:
+    from absl import flags
+    flags.DEFINE_string("tokenizer", None, "Pretrained directory or training workdir.")
+    flags.DEFINE_string("data", None, "Dataset name (get_source) or prepared directory.")
+    flags.DEFINE_string("split", "train", "Split to tokenize.")
+    flags.DEFINE_string("out", None, "Token dataset directory.")
+    flags.DEFINE_integer("image_size", 0, "Image size (0: the tokenizer's).")
+    flags.DEFINE_integer("batch", 256, "Global batch (rounded up to a multiple of the devices).")
+    flags.DEFINE_bool("flip", False, "Also encode horizontally flipped images (variant 1).")
+    flags.DEFINE_enum("crop", "center", list(CROPS), "How images become squares.")
+    flags.DEFINE_integer("num_shards", 0, f"Shards (0: ~{EXAMPLES_PER_SHARD} examples each).")
+    flags.DEFINE_integer("num_examples", -1, "Tokenize only the first N examples (-1: all).")
+    flags.DEFINE_string("data_dir", "", "TFDS data_dir.")
+    flags.DEFINE_string("dtype", "", "Compute dtype override (e.g. bfloat16); default: the "
+                        "tokenizer's.")
+    flags.DEFINE_integer("threads", 16, "Image loading threads per host.")
+    flags.DEFINE_string("coordinator_address", "", "Multi-host: coordinator host:port (or set "
+                        "TOK1D_DISTRIBUTED=1 for auto-detection).")
+    flags.DEFINE_integer("num_processes", 0, "Multi-host: number of processes.")
+    flags.DEFINE_integer("process_id", -1, "Multi-host: this process's id.")
+    flags.mark_flags_as_required(["tokenizer", "data", "out"])
+
+
+def main(argv) -> int:
+    from absl import app, flags
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    fl = flags.FLAGS
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every restore at INFO
+    from tok1d import parallel
+    parallel.setup_process(fl.coordinator_address, fl.num_processes, fl.process_id)
+    try:
+        # The data first: a wrong name fails before a large checkpoint is read.
+        source = resolve_source(fl.data, fl.split, data_dir=fl.data_dir,
+                                image_size=fl.image_size)
+        overrides = {"dtype": fl.dtype} if fl.dtype else {}
+        model, params = load_tokenizer(fl.tokenizer, **overrides)
+        desc = describe_tokenizer(fl.tokenizer)
+        native = getattr(model, "image_size", 0)
+        if not fl.image_size and native and getattr(source, "image_size", native) != native:
+            # Synthetic sources ("digits") render at the tokenizer's size directly.
+            source = resolve_source(fl.data, fl.split, data_dir=fl.data_dir, image_size=native)
+        tokenize_dataset(model, params, source, fl.out, split=fl.split, batch_size=fl.batch,
+                         flip=fl.flip, num_shards=fl.num_shards, image_size=fl.image_size,
+                         crop=fl.crop, num_examples=fl.num_examples, tokenizer_info=desc,
+                         data_info={"data": fl.data, "split": fl.split},
+                         num_threads=fl.threads)
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    from absl import app as _app
+    _define_flags()
+    _app.run(main)

@@ -1,0 +1,328 @@
+"""TiTok: a 1D image tokenizer ("An Image is Worth 32 Tokens for Reconstruction and Generation").
+
+    images -> patches + N learned latent tokens -> ViT encoder -> N latent vectors
+           -> vector quantizer -> N codes
+           -> ViT decoder over [cls, grid of mask tokens, N latents] -> pixels (or proxy-code logits)
+
+Images are NHWC in [0, 1] (TiTok uses no mean/std normalisation). Sequence orders follow the
+official code: encoder [cls, patches, latents], decoder [cls, mask tokens, latents].
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tok1d.layers import transformer
+from tok1d.layers.transformer import logical
+from tok1d.models.quantizers import DiagonalGaussian, VectorQuantizer
+from tok1d.models.tokenizers.vqgan import VQGANDecoder
+
+Dtype = Any
+
+
+def depth_to_space(x: jax.Array, patch_size: int, channels: int) -> jax.Array:
+    """(B, h, w, p*p*c) -> (B, h*p, w*p, c), channel order (p1, p2, c) like einops
+    `b (p1 p2 c) h w -> b c (h p1) (w p2)`."""
+    b, h, w, _ = x.shape
+    x = x.reshape(b, h, w, patch_size, patch_size, channels)
+    x = x.transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h * patch_size, w * patch_size, channels)
+
+
+class _ViTTrunk(nn.Module):
+    """ln_pre -> transformer -> (selection) -> ln_post, shared by the encoder and decoder."""
+
+    width: int
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    scan: bool = True
+    remat: str = "none"
+    attention_impl: Optional[str] = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, keep: slice) -> jax.Array:
+        norm = dict(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype)
+        x = transformer.LayerNorm(**norm, name="ln_pre")(x)
+        x = transformer.Transformer(
+            depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim, pre_norm=True,
+            norm_eps=1e-5, activation="gelu", scan=self.scan, remat=self.remat,
+            attention_impl=self.attention_impl, dtype=self.dtype, param_dtype=self.param_dtype,
+            name="transformer")(x)
+        return transformer.LayerNorm(**norm, name="ln_post")(x[:, keep])
+
+
+class TiTokEncoder(nn.Module):
+    """Patches + latent tokens -> `num_latent_tokens` vectors of size `out_dim`."""
+
+    image_size: int
+    patch_size: int
+    width: int
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    num_latent_tokens: int
+    out_dim: int
+    legacy_reshape: bool = False
+    scan: bool = True
+    remat: str = "none"
+    attention_impl: Optional[str] = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array, latent_tokens: jax.Array) -> jax.Array:
+        b = images.shape[0]
+        grid = self.image_size // self.patch_size
+        n, w = self.num_latent_tokens, self.width
+        scale = w ** -0.5
+        x = nn.Conv(w, (self.patch_size,) * 2, strides=(self.patch_size,) * 2, padding="VALID",
+                    dtype=self.dtype, param_dtype=self.param_dtype,
+                    kernel_init=logical(transformer.default_kernel_init,
+                                        ("conv_h", "conv_w", "conv_in", "embed")),
+                    bias_init=logical(nn.initializers.zeros, ("embed",)),
+                    name="patch_embed")(images.astype(self.dtype))
+        x = x.reshape(b, grid * grid, w)
+        cls = transformer.embedding_param(self, "class_embedding", (1, w), (None, "embed"), scale,
+                                     self.param_dtype)
+        pos = transformer.embedding_param(self, "positional_embedding", (grid * grid + 1, w),
+                                     ("length", "embed"), scale, self.param_dtype)
+        lat_pos = transformer.embedding_param(self, "latent_token_positional_embedding", (n, w),
+                                         ("length", "embed"), scale, self.param_dtype)
+        x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, w)).astype(x.dtype), x], axis=1)
+        x = x + pos.astype(x.dtype)
+        lat = (latent_tokens + lat_pos).astype(x.dtype)
+        x = jnp.concatenate([x, jnp.broadcast_to(lat, (b, n, w))], axis=1)
+        x = transformer.constrain(x)
+        x = _ViTTrunk(w, self.depth, self.num_heads, self.mlp_dim, scan=self.scan,
+                      remat=self.remat, attention_impl=self.attention_impl, dtype=self.dtype,
+                      param_dtype=self.param_dtype, name="trunk")(x, slice(-n, None))
+        proj = nn.Dense(self.out_dim, dtype=self.dtype, param_dtype=self.param_dtype,
+                        kernel_init=logical(transformer.default_kernel_init, ("embed", "code_dim")),
+                        bias_init=logical(nn.initializers.zeros, ("code_dim",)),
+                        name="conv_out")
+        if self.legacy_reshape:
+            # Official released weights (is_legacy=True) apply the 1x1 conv to a raw C-order
+            # reshape (B, N, W) -> (B, W, N): reproduce that memory reinterpretation.
+            return proj(x.reshape(b, w, n).transpose(0, 2, 1))
+        return proj(x)
+
+
+class TiTokDecoder(nn.Module):
+    """N latent vectors -> image (head="pixels") or proxy-code logits (head="logits")."""
+
+    image_size: int
+    patch_size: int
+    width: int
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    num_latent_tokens: int
+    head: str = "pixels"
+    out_channels: int = 3
+    num_logits: int = 1024
+    scan: bool = True
+    remat: str = "none"
+    attention_impl: Optional[str] = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, z: jax.Array) -> jax.Array:
+        b, n, _ = z.shape
+        grid = self.image_size // self.patch_size
+        w = self.width
+        scale = w ** -0.5
+        dense_init = logical(transformer.default_kernel_init, ("code_dim", "embed"))
+        x = nn.Dense(w, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=dense_init,
+                     bias_init=logical(nn.initializers.zeros, ("embed",)),
+                     name="decoder_embed")(z.astype(self.dtype))
+        cls = transformer.embedding_param(self, "class_embedding", (1, w), (None, "embed"), scale,
+                                     self.param_dtype)
+        mask = transformer.embedding_param(self, "mask_token", (1, 1, w), (None, None, "embed"),
+                                      scale, self.param_dtype)
+        pos = transformer.embedding_param(self, "positional_embedding", (grid * grid + 1, w),
+                                     ("length", "embed"), scale, self.param_dtype)
+        lat_pos = transformer.embedding_param(self, "latent_token_positional_embedding",
+                                         (self.num_latent_tokens, w), ("length", "embed"),
+                                         scale, self.param_dtype)
+        seq = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, w)),
+                               jnp.broadcast_to(mask, (b, grid * grid, w))], axis=1)
+        seq = (seq + pos).astype(self.dtype)
+        x = x + lat_pos[:n].astype(self.dtype)
+        x = transformer.constrain(jnp.concatenate([seq, x], axis=1))
+        x = _ViTTrunk(w, self.depth, self.num_heads, self.mlp_dim, scan=self.scan,
+                      remat=self.remat, attention_impl=self.attention_impl, dtype=self.dtype,
+                      param_dtype=self.param_dtype, name="trunk")(x, slice(1, 1 + grid * grid))
+        x = x.reshape(b, grid, grid, w)
+        conv = lambda feats, names, name, k=1: nn.Conv(  # noqa: E731
+            feats, (k, k), padding="SAME", dtype=self.dtype, param_dtype=self.param_dtype,
+            kernel_init=logical(transformer.default_kernel_init, ("conv_h", "conv_w") + names),
+            bias_init=logical(nn.initializers.zeros, names[1:]), name=name)
+        if self.head == "pixels":
+            p, c = self.patch_size, self.out_channels
+            x = conv(p * p * c, ("embed", "conv_out"), "ffn")(x)
+            x = depth_to_space(x, p, c)
+            x = conv(c, ("conv_in", "conv_out"), "conv_out", k=3)(x)
+            return x.astype(jnp.float32)
+        if self.head == "logits":
+            x = jnp.tanh(conv(2 * w, ("embed", "mlp"), "ffn_0")(x))
+            return conv(self.num_logits, ("mlp", "vocab"), "ffn_2")(x).astype(jnp.float32)
+        raise ValueError(f"Unknown decoder head {self.head!r}; expected 'pixels' or 'logits'.")
+
+
+class TiTok(nn.Module):
+    """TiTok tokenizer: `encode` (images -> latents + codes), `decode` / `decode_codes`
+    (latents / codes -> decoder output), `__call__` (the training forward).
+
+    quantizer   "vq" (codebook of `codebook_size` x `token_dim`) or "vae" (KL bottleneck with
+                `token_dim` channels; the encoder emits 2 * token_dim moments).
+    decoder_head  "pixels" (1x1 conv -> depth-to-space -> 3x3 conv) or "logits" (proxy-code
+                logits over the `num_proxy_codes` MaskGIT-VQGAN codes: stage 1 of two-stage
+                training).
+    pixel_decoder  stage 2 of two-stage training (logits head only): softmax over the proxy-code
+                logits mixes the rows of `pixel_quantize` (`num_proxy_codes` x `pixel_z_channels`)
+                and a MaskGIT-VQGAN decoder (`pixel_*` sizes) turns that map into pixels.
+    finetune_decoder  encoder, latent tokens and quantizer are frozen in the forward (stop
+                gradient; their losses report 0), as in the official stage 2.
+    legacy_reshape  the raw reshape of the released two-stage checkpoints (`is_legacy`); keep
+                False for new models.
+    """
+
+    image_size: int = 256
+    patch_size: int = 16
+    num_latent_tokens: int = 32
+    encoder_width: int = 1024
+    encoder_depth: int = 24
+    encoder_heads: int = 16
+    encoder_mlp_dim: int = 4096
+    decoder_width: int = 1024
+    decoder_depth: int = 24
+    decoder_heads: int = 16
+    decoder_mlp_dim: int = 4096
+    quantizer: str = "vq"
+    codebook_size: int = 4096
+    token_dim: int = 12
+    l2_norm: bool = True
+    commitment_cost: float = 0.25
+    entropy_temperature: float = 0.01
+    decoder_head: str = "pixels"
+    num_proxy_codes: int = 1024
+    legacy_reshape: bool = False
+    finetune_decoder: bool = False
+    pixel_decoder: bool = False
+    pixel_channels: int = 128
+    pixel_channel_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
+    pixel_res_blocks: int = 2
+    pixel_z_channels: int = 256
+    scan: bool = True
+    remat: str = "none"
+    cnn_remat: str = "none"  # the stage-2 pixel decoder's ResnetBlocks (transformer.maybe_remat)
+    attention_impl: Optional[str] = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not divisible by patch_size "
+                             f"{self.patch_size}.")
+        if self.quantizer not in ("vq", "vae"):
+            raise ValueError(f"Unknown quantizer {self.quantizer!r}; expected 'vq' or 'vae'.")
+        if self.pixel_decoder and self.decoder_head != "logits":
+            raise ValueError("pixel_decoder=True (stage 2) needs decoder_head='logits'.")
+        common = dict(image_size=self.image_size, patch_size=self.patch_size,
+                      num_latent_tokens=self.num_latent_tokens, scan=self.scan,
+                      remat=self.remat, attention_impl=self.attention_impl, dtype=self.dtype,
+                      param_dtype=self.param_dtype)
+        self.latent_tokens = transformer.embedding_param(
+            self, "latent_tokens", (self.num_latent_tokens, self.encoder_width),
+            ("length", "embed"), self.encoder_width ** -0.5, self.param_dtype)
+        vae = self.quantizer == "vae"
+        self.encoder = TiTokEncoder(
+            width=self.encoder_width, depth=self.encoder_depth, num_heads=self.encoder_heads,
+            mlp_dim=self.encoder_mlp_dim, out_dim=self.token_dim * (2 if vae else 1),
+            legacy_reshape=self.legacy_reshape, **common)
+        if vae:
+            self.quantize = DiagonalGaussian()
+        else:
+            self.quantize = VectorQuantizer(
+                self.codebook_size, self.token_dim, l2_norm=self.l2_norm,
+                commitment_cost=self.commitment_cost,
+                entropy_temperature=self.entropy_temperature, param_dtype=self.param_dtype)
+        self.decoder = TiTokDecoder(
+            width=self.decoder_width, depth=self.decoder_depth, num_heads=self.decoder_heads,
+            mlp_dim=self.decoder_mlp_dim, head=self.decoder_head,
+            num_logits=self.num_proxy_codes, **common)
+        if self.pixel_decoder:
+            self.pixel_quantize = VectorQuantizer(
+                self.num_proxy_codes, self.pixel_z_channels, l2_norm=False,
+                param_dtype=self.param_dtype)
+            self.pixel_decoder_net = VQGANDecoder(
+                hidden_channels=self.pixel_channels, channel_mult=tuple(self.pixel_channel_mult),
+                num_res_blocks=self.pixel_res_blocks, z_channels=self.pixel_z_channels,
+                remat=self.cnn_remat, dtype=self.dtype, param_dtype=self.param_dtype,
+                name="pixel_decoder")
+
+    @property
+    def num_codes(self) -> Optional[int]:
+        """Codebook size of the discrete tokens (None for the continuous VAE variant)."""
+        return self.codebook_size if self.quantizer == "vq" else None
+
+    @property
+    def outputs_pixels(self) -> bool:
+        return self.decoder_head == "pixels" or self.pixel_decoder
+
+    def check_images(self, images: jax.Array) -> None:
+        expected = (self.image_size, self.image_size, 3)
+        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(f"TiTok expects images of shape (B, {expected[0]}, {expected[1]}, 3) "
+                             f"in [0, 1]; got {tuple(images.shape)}.")
+
+    def encode(self, images: jax.Array, sample: bool = False
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Images (B, H, W, 3) in [0, 1] -> (latents (B, N, D), aux). VQ aux has `codes` (B, N)
+        and the quantizer losses; VAE aux has the posterior and `kl_loss` (`sample=True` draws
+        from the posterior with rng "sample", else its mean)."""
+        self.check_images(images)
+        z = self.encoder(images, self.latent_tokens)
+        if self.quantizer == "vae":
+            z_q, aux = self.quantize(z, sample=sample)
+        else:
+            z_q, aux = self.quantize(z)
+        if self.finetune_decoder:
+            z_q = jax.lax.stop_gradient(z_q)
+            aux = {k: jnp.zeros_like(v) if k.endswith("_loss") else jax.lax.stop_gradient(v)
+                   for k, v in aux.items()}
+        return z_q, aux
+
+    def decode(self, z_q: jax.Array) -> jax.Array:
+        """Latents (B, N, D) -> pixels (B, H, W, 3) (not clamped), or proxy-code logits
+        (B, h, w, num_proxy_codes) for a stage-1 model."""
+        out = self.decoder(z_q)
+        if not self.pixel_decoder:
+            return out
+        return self.decode_logits(out)
+
+    def decode_logits(self, logits: jax.Array) -> jax.Array:
+        """Stage 2: proxy-code logits -> softmax-weighted pixel codebook -> VQGAN decoder."""
+        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        e = self.pixel_quantize.codebook()
+        z = jnp.einsum("bhwk,kd->bhwd", probs, e, precision=jax.lax.Precision.HIGHEST)
+        return self.pixel_decoder_net(z).astype(jnp.float32)
+
+    def decode_codes(self, codes: jax.Array) -> jax.Array:
+        """Codes (B, N) int -> decoder output (see `decode`)."""
+        if self.quantizer != "vq":
+            raise ValueError("decode_codes needs a VQ model; this TiTok is a VAE (use decode).")
+        return self.decode(self.quantize.lookup(codes))
+
+    def __call__(self, images: jax.Array, sample: bool = False
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        z_q, aux = self.encode(images, sample=sample)
+        return self.decode(z_q), aux

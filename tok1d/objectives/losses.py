@@ -1,0 +1,77 @@
+"""Tokenizer losses: each term is a function; a weights table (`config.losses`) composes them.
+
+Reconstruction terms work on images in [0, 1]; `proxy_code_ce` is TiTok stage 1's objective;
+model-provided terms (quantizer, entropy, kl) come from the model's aux outputs; the perceptual
+networks live in `tok1d.objectives.perceptual` and the GAN losses in `tok1d.objectives.gan`. A term whose weight is 0
+is never computed.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+
+
+def l2_loss(recon: jax.Array, target: jax.Array) -> jax.Array:
+    return jnp.mean(jnp.square(recon.astype(jnp.float32) - target.astype(jnp.float32)))
+
+
+def l1_loss(recon: jax.Array, target: jax.Array) -> jax.Array:
+    return jnp.mean(jnp.abs(recon.astype(jnp.float32) - target.astype(jnp.float32)))
+
+
+def proxy_code_ce(logits: jax.Array, codes: jax.Array) -> jax.Array:
+    """Mean cross-entropy of (..., K) logits against integer codes (...): TiTok stage 1, where
+    the decoder predicts the frozen MaskGIT-VQGAN's code at every grid position."""
+    if logits.shape[:-1] != codes.shape:
+        raise ValueError(f"proxy-code logits {logits.shape} do not match the teacher's code grid "
+                         f"{codes.shape}: the teacher's downsampling factor must equal the "
+                         "TiTok patch size.")
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, codes[..., None].astype(jnp.int32), axis=-1))
+
+
+def semantic_cosine(student: jax.Array, teacher: jax.Array) -> jax.Array:
+    """GigaTok / REPA alignment: mean over tokens and images of -cos(student, sg(teacher)).
+    Both are (B, N, D) with the same N tokens in the same (raster) order."""
+    if student.shape != teacher.shape:
+        raise ValueError(f"semantic features {student.shape} do not match the teacher's "
+                         f"{teacher.shape}: the tokenizer's decoder grid must equal the teacher's "
+                         "patch grid and model.out_inner_dim its width.")
+    from tok1d.models.quantizers import l2_normalize  # F.normalize: x / max(|x|, 1e-12)
+    s = l2_normalize(student.astype(jnp.float32))
+    t = l2_normalize(jax.lax.stop_gradient(teacher.astype(jnp.float32)))
+    return -jnp.mean(jnp.sum(s * t, -1))
+
+
+def weighted_sum(weights: Mapping[str, float], terms: Mapping[str, jax.Array]) -> jax.Array:
+    return jnp.asarray(sum(weights[name] * value for name, value in terms.items()), jnp.float32)
+
+
+# Terms computed from (reconstruction, target); model-provided terms (e.g. "quantizer") come
+# from the model's aux outputs under "<name>_loss".
+RECONSTRUCTION_TERMS: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
+    "l2": l2_loss,
+    "l1": l1_loss,
+}
+
+
+def combine(weights: Mapping[str, float], recon: jax.Array, target: jax.Array,
+            aux: Mapping[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Weighted sum of the enabled terms. Returns (total, {term: unweighted value})."""
+    terms: dict[str, jax.Array] = {}
+    for name, weight in weights.items():
+        if not weight:
+            continue
+        if name in RECONSTRUCTION_TERMS:
+            terms[name] = RECONSTRUCTION_TERMS[name](recon, target)
+        elif f"{name}_loss" in aux:
+            terms[name] = aux[f"{name}_loss"]
+        else:
+            raise ValueError(f"Loss term {name!r} is neither a reconstruction term "
+                             f"{sorted(RECONSTRUCTION_TERMS)} nor provided by the model "
+                             f"({sorted(k[:-5] for k in aux if k.endswith('_loss'))}).")
+    total = sum(weights[name] * value for name, value in terms.items())
+    return jnp.asarray(total, jnp.float32), terms

@@ -1,0 +1,370 @@
+"""Config defaults and start-up validation.
+
+Every config file starts from `base_config()` and changes what it needs. `validate(config)`
+runs before anything is built and fails with one message that names every problem: keys that
+are not in the defaults (typos), impossible shapes, batch sizes that do not divide over the mesh.
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from typing import Any, Callable, Iterator
+
+import ml_collections
+
+from tok1d import parallel
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """All known config keys with their defaults (the schema that `validate` checks against)."""
+    c = ml_collections.ConfigDict()
+    c.trainer = "tokenizer"
+    c.seed = 0
+    c.total_steps = 1000
+    c.batch_size = 64             # global, over all hosts and devices
+    c.eval_batch_size = 64
+    c.precision = "bfloat16"      # compute dtype; params and optimizer state stay float32
+    c.ema_decay = 0.999           # 0 disables the EMA of params
+    c.ema_warmup = "none"         # "none": ema_decay from the first step (GigaTok / LlamaGen);
+                                  # "titok": the official TiTok / MaskGIT EMAModel warm-up,
+                                  # min(ema_decay, (1 + s) / (10 + s)), s = step - 1 (tok1d.train.optim)
+
+    # Model: `name` picks the registry entry in tok1d.models, the rest are its keyword arguments
+    # (checked against the module's fields when the config is validated).
+    c.model = ml_collections.ConfigDict({"name": "titok"})
+
+    c.data = ml_collections.ConfigDict(dict(
+        name="demo",                  # "demo", "tfds:<name>" or "array_record:<dir>"
+        data_dir="",                  # TFDS data_dir (empty: TFDS default)
+        train_split="train",
+        eval_split="validation",
+        image_size=256,
+        augment="random_resized_crop",  # or "random_crop" / "adm_random_crop" / "center_crop"
+        min_scale=0.8,                # smallest area fraction of random_resized_crop; smallest
+                                      # crop / shorter-side ratio of adm_random_crop
+        flip=True,
+        num_workers=0,                # grain worker processes (0: decode in the main process)
+        eval_examples=-1,             # -1: the whole eval split
+        demo_size=4096,               # number of random crops per epoch of the demo data
+    ))
+
+    c.optim = ml_collections.ConfigDict(dict(
+        lr=1e-4,
+        end_lr=1e-5,
+        warmup_steps=1000,
+        warmup_init=0.0,              # warm-up starts at warmup_init * lr (GigaTok: 0.01)
+        schedule="cosine",            # "cosine", "linear", "constant" or "wsd" after warmup
+        decay_fraction=0.2,           # wsd: 1 - sqrt decay to 0 over this last fraction
+        b1=0.9,
+        b2=0.99,
+        eps=1e-8,
+        weight_decay=1e-4,
+        decay_mask="kernels",         # decayed params: "kernels" (matrices only: not norms,
+                                      # biases, embeddings), "all", "no_norm" or "matrices"
+                                      # (>= 2-D incl. embeddings; LlamaGen) (tok1d.train.optim)
+        no_decay_names="",            # comma-separated substrings of parameter paths that are
+                                      # never decayed (TiTok / MaskGIT: optim.TITOK_NO_DECAY_NAMES)
+        schedule_step="before",       # "before": update k uses schedule(k-1) (TiTok's LambdaLR);
+                                      # "after_call": update 1 at lr, k >= 2 at schedule(k-2)
+                                      # (GigaTok / LlamaGen scheduler called after the step)
+        grad_clip=1.0,                # global-norm clipping; 0 disables
+        clip_eps=1e-6,                # torch clip_grad_norm_: scale max/(norm + clip_eps) when
+                                      # < 1 (0: optax's max/norm when norm > max)
+        grad_accum_steps=1,
+        mu_dtype="float32",
+    ))
+
+    # Comma-separated top-level parameter groups that are not trained (e.g. TiTok stage 2:
+    # "encoder,latent_tokens,quantize"): zero updates, no weight decay, no optimizer state.
+    c.optim.freeze = ""
+
+    # Loss weights; a term with weight 0 is not computed. Pixel terms compare images in the
+    # model's own range (TiTok [0, 1], GigaTok [-1, 1], as the official losses do).
+    #   l2, l1       pixel reconstruction
+    #   quantizer    VQ codebook + commitment; entropy: code-usage entropy; kl: VAE KL
+    #   proxy_ce     stage 1: cross-entropy of the decoder logits vs the teacher's codes
+    #   perceptual   `perceptual.kind` network loss; gan: generator term of `discriminator`
+    #   semantic     GigaTok: mean -cos(decoder features, DINOv2 teacher patch tokens)
+    #   fea_rec      GigaTok warm-up: MSE(transformer-decoder grid, sg(CNN-encoder map))
+    #   shortcut     GigaTok warm-up: the CNN decoder on the CNN-encoder map, l2 + perceptual
+    c.losses = ml_collections.ConfigDict(dict(l2=1.0, l1=0.0, quantizer=1.0, entropy=0.0,
+                                              kl=0.0, proxy_ce=0.0, perceptual=0.0, gan=0.0,
+                                              semantic=0.0, fea_rec=0.0, shortcut=0.0))
+    # The warm-up terms (losses.fea_rec, losses.shortcut) apply while step < aux_loss_end_step
+    # (GigaTok: 15000; 0 for XL-XXL).
+    c.aux_loss_end_step = 0
+
+    # Weights to start from (instead of random init); the optimizer starts fresh. `checkpoint`:
+    # a pretrained directory (python -m tok1d.cli.convert) or a training workdir (its latest EMA
+    # params), matched by parameter path and shape. `pixel_decoder`: a converted MaskGIT-VQGAN
+    # whose decoder / quantizer become TiTok stage 2's pixel_decoder / pixel_quantize.
+    c.init = ml_collections.ConfigDict(dict(checkpoint="", pixel_decoder=""))
+
+    # Frozen teacher (`name` empty: none): "maskgit_vqgan" gives TiTok stage 1 its proxy codes,
+    # "dinov2" gives GigaTok's semantic loss its targets. `weights`: a converted directory or the
+    # official checkpoint (.bin / dinov2_vit*14_pretrain.pth); `model`: its arguments (default:
+    # the released MaskGIT-VQGAN / dinov2 `size` "vitb14"). allow_random_init is for tests only.
+    c.teacher = ml_collections.ConfigDict(dict(name="", weights="", allow_random_init=False,
+                                               model=ml_collections.ConfigDict()))
+
+    # Perceptual network (used when losses.perceptual > 0): "lpips", "convnext_s" or
+    # "lpips+convnext_s"; `weights`: converted directory (python -m tok1d.cli.convert.perceptual).
+    # `image_size`: ConvNeXt input resolution (224 as trained; smaller only for tests).
+    # `lpips_dropout`: rate of the LPIPS linear layers' Dropout in training (GigaTok trains its
+    # LPIPS in train mode: 0.5; 0 = eval-mode LPIPS, TiTok). Its keep masks are the step's
+    # random draws "lpips_keep/<rec|shortcut>/lin<k>" (tok1d.train.tokenizer).
+    c.perceptual = ml_collections.ConfigDict(dict(kind="lpips", weights="", image_size=224,
+                                                  allow_random_init=False, lpips_dropout=0.0))
+
+    # Discriminator (trained when losses.gan > 0) and its optimizer.
+    c.discriminator = ml_collections.ConfigDict(dict(
+        name="titok",                 # "titok" (NLayer + BlurPool), "patchgan" or "dino"
+        weights="",                   # dino: the frozen trunk, dino_deitsmall16_pretrain.pth
+        allow_random_init=False,      # dino: random trunk (tests only)
+        diffaug_prob=0.0,             # DiffAugment on D's inputs (GigaTok dino_disc: 1.0)
+        diffaug_cutout=0.2,
+        start_step=0,                 # neither the G term nor the D update runs before it
+        loss="hinge",                 # D and G loss family (tok1d.objectives.gan)
+        lecam=0.0,                    # LeCam regulariser weight (TiTok: 0.001)
+        lecam_decay=0.999,
+        d_weight=1.0,                 # scale of the D loss (GigaTok's disc_weight: 0.5)
+        call_order="fake_real",       # D step's calls: D(x_hat) then D(x) (GigaTok's DINO
+                                      # discriminator) or "real_fake" (GigaTok's PatchGAN;
+                                      # TiTok, whose D is stateless); matters for BatchNorm
+                                      # running stats, spectral norms and DiffAugment draws
+        direct_fake="shortcut",       # GigaTok warm-up + GAN overlap steps: the "direct" G term
+                                      # and D's third fake call see the shortcut reconstruction
+                                      # x~ (PatchGAN) or "reconstruction" x_hat again (the
+                                      # official dinodisc branch)
+        global_schedule=False,        # D's lr at the global step (GigaTok) instead of a schedule
+                                      # over its own steps from start_step (TiTok)
+        schedule_processes=1,         # TiTok: D's schedule spans total_steps - start_step / P
+                                      # D updates for P = this (the official run's GPUs:
+                                      # accelerate steps D's scheduler P times per update
+                                      # against a horizon of total_steps * P - start_step)
+        model=ml_collections.ConfigDict(),   # size arguments of the discriminator
+    ))
+    c.disc_optim = ml_collections.ConfigDict(dict(
+        lr=1e-4, end_lr=1e-5, warmup_steps=0, warmup_init=0.0, schedule="cosine", b1=0.9,
+        b2=0.999, eps=1e-8, decay_mask="kernels", no_decay_names="", schedule_step="before",
+        decay_fraction=0.2, weight_decay=1e-4, grad_clip=1.0, clip_eps=1e-6, grad_accum_steps=1,
+        mu_dtype="float32", freeze=""))
+
+    # Generators (trainer "generator"; model "maskgit" or "gpt"), trained on a token dataset.
+    c.generator = ml_collections.ConfigDict(dict(
+        tokens="",                    # token dataset directory (python -m tok1d.cli.tokenize)
+        tokenizer="",                 # decodes samples for grids / tok1d.cli.sample: a pretrained
+                                      # directory or a tokenizer training workdir
+        label_dropout=0.1,            # labels -> null class with this probability (CFG)
+        mask_schedule="arccos",       # MaskGIT: training mask-ratio schedule
+        label_smoothing=0.1,          # MaskGIT: CE label smoothing
+        unmasked_weight=0.1,          # MaskGIT: loss weight of the unmasked positions
+        num_sample_classes=10,        # classes (0..n-1) in the periodic sample grid
+    ))
+    # Keyword arguments of the sampler (tok1d.generation.maskgit.sample or
+    # tok1d.generation.autoregressive.sample), used for the sample grids and tok1d.cli.sample.
+    c.sampling = ml_collections.ConfigDict()
+
+    # AR probing of a tokenizer run (GigaTok): at every `every_steps` (0: off) and at the end,
+    # encode `train_examples` training images and the eval split with the current tokenizer,
+    # train a small GPT (`model`: its size arguments) from scratch on those codes for `steps`
+    # steps and log its validation loss: how learnable the tokens are, while the tokenizer trains.
+    c.ar_probe = ml_collections.ConfigDict(dict(
+        every_steps=0, train_examples=2048, steps=300, batch_size=64, lr=1e-3,
+        model=ml_collections.ConfigDict(dict(width=256, depth=4, num_heads=4))))
+
+    # Evaluation (tok1d.evaluation; `python -m tok1d.cli.evaluate` and the evals inside training).
+    # rFID / gFID, Inception Score and precision/recall need the FID InceptionV3 converted with
+    # `python -m tok1d.cli.convert inception_fid pt_inception-2015-12-05-6726825d.pth DIR`; LPIPS
+    # needs the converted LPIPS-VGG (default: `perceptual.weights` when it holds it). Metrics
+    # whose network is missing are left out (and said so); allow_random_init is for tests only.
+    c.evaluation = ml_collections.ConfigDict(dict(
+        inception="",                 # converted FID Inception directory
+        lpips="",                     # converted LPIPS weights (directory or .npz)
+        allow_random_init=False,      # random Inception / LPIPS weights (tests, smoke runs)
+        inception_size=299,           # Inception input resize (299 defines FID; >= 75, smaller
+                                      # only for tests / smoke runs)
+        fid_every_steps=0,            # FID inside training every K steps and at the end (0: off)
+        reference="",                 # gFID reference: an ADM reference batch .npz (mu, sigma
+                                      # and arr_0 images) or FeatureStats .npz; empty: the
+                                      # data's eval split (features computed and cached)
+        num_samples=50_000,           # gFID: generated images (50 per class, 1000 classes)
+        precision_recall=True,        # k=3 manifold precision / recall (keeps pool features)
+        is_splits=10,                 # Inception Score splits
+        chunk_size=8,                 # images per network call on each device: the numbers are
+                                      # bit-identical on any mesh whose per-device batch is a
+                                      # multiple of it (0: the whole per-device batch)
+        num_report_images=32,         # images in the report's grids
+        # GigaTok's linear probe of a GPT generator's features (null class, layer depth // 2,
+        # mean over positions; BN + linear head, LARS): epochs over generator.tokens' train
+        # split, accuracy on its eval split. 0: off; GigaTok: 90 epochs, lr 0.1 x batch / 256.
+        # In a tokenizer run with ar_probe on, the probe GPT is probed too.
+        linear_probe_epochs=0,
+        linear_probe_batch_size=256,
+        linear_probe_lr=0.1,
+    ))
+
+    # Trainer "demo" (configs/demo.py): tokenizer, then tokens, then a generator. `generator`
+    # holds the generator config's values that differ from these defaults.
+    c.demo = ml_collections.ConfigDict(dict(generator=ml_collections.ConfigDict(),
+                                            samples_per_class=10))
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.sharding = ml_collections.ConfigDict(dict(rules=parallel.DEFAULT_RULES))
+
+    c.log_every_steps = 50
+    c.eval_every_steps = 1000
+    c.num_grid_images = 16        # images in the input-vs-reconstruction grid
+
+    c.checkpoint = ml_collections.ConfigDict(dict(
+        every_steps=1000,
+        keep=3,
+        async_save=True,
+    ))
+    c.distributed = ml_collections.ConfigDict(dict(
+        coordinator_address="",       # empty: let jax.distributed auto-detect (TPU, SLURM)
+        num_processes=0,
+        process_id=-1,
+    ))
+    return c
+
+
+# Sub-dicts holding module arguments: checked against the module's fields, not the schema.
+FREE_FORM = ("model", "teacher.model", "discriminator.model", "sampling", "demo.generator",
+             "ar_probe.model")
+
+
+def _walk(cfg: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for key, value in cfg.items():
+        path = f"{prefix}{key}"
+        yield path, value
+        if isinstance(value, ml_collections.ConfigDict) and path not in FREE_FORM:
+            yield from _walk(value, path + ".")
+
+
+def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Keyword arguments for `tok1d.models.create(config.model.name, ...)`: the model dict plus
+    the data's image size and the compute / parameter dtypes."""
+    kwargs = dict(config.model)
+    kwargs.pop("name", None)
+    if config.trainer != "generator":  # generators see codes, not images
+        kwargs.setdefault("image_size", config.data.image_size)
+    kwargs["dtype"] = config.precision
+    kwargs["param_dtype"] = "float32"
+    return kwargs
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message lists every problem found."""
+
+
+def exit_status(job: Callable[[], Any]) -> int:
+    """Runs a command-line job: 0 when it completes; a bad config or input (`ConfigError` and
+    other ValueErrors, a missing file) is printed as `error: ...` on stderr and gives 2, not a
+    traceback."""
+    try:
+        job()
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+    """Checks keys against `base_config()` and the shapes against each other."""
+    problems: list[str] = []
+    known = dict(_walk(base_config()))
+    for path, _ in _walk(config):
+        if path not in known:
+            close = difflib.get_close_matches(path, list(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(f"unknown config key {path!r}{hint}")
+    if problems:  # shape checks below assume a well-formed config
+        raise ConfigError("Invalid config:\n  - " + "\n  - ".join(problems))
+
+    from tok1d import models  # Local import: models import jax/flax.
+    try:
+        model = models.create(config.model.get("name"), **model_kwargs(config))
+    except (ValueError, TypeError) as e:
+        problems.append(f"model: {e}")
+        model = None
+
+    image_size = config.data.image_size
+    if model is not None:
+        if getattr(model, "image_size", image_size) != image_size:
+            problems.append(f"model.image_size={model.image_size} differs from "
+                            f"data.image_size={image_size}")
+        patch = getattr(model, "patch_size", None)
+        if patch and image_size % patch:
+            problems.append(f"data.image_size={image_size} is not divisible by "
+                            f"model.patch_size={patch}")
+
+    augments = ("random_resized_crop", "random_crop", "adm_random_crop", "center_crop")
+    if config.data.augment not in augments:
+        problems.append(f"data.augment={config.data.augment!r} is not one of {augments}")
+    from tok1d.train import optim
+    if config.optim.schedule not in optim.SCHEDULES:
+        problems.append(f"optim.schedule={config.optim.schedule!r} is not one of "
+                        f"{optim.SCHEDULES}")
+    if config.ema_warmup not in optim.EMA_WARMUPS:
+        problems.append(f"ema_warmup={config.ema_warmup!r} is not one of {optim.EMA_WARMUPS}")
+    for group in ("optim", "disc_optim"):
+        if config[group].schedule_step not in optim.SCHEDULE_STEPS:
+            problems.append(f"{group}.schedule_step={config[group].schedule_step!r} is not one "
+                            f"of {optim.SCHEDULE_STEPS}")
+        if config[group].decay_mask not in optim.DECAY_MASKS:
+            problems.append(f"{group}.decay_mask={config[group].decay_mask!r} is not one of "
+                            f"{optim.DECAY_MASKS}")
+    if config.precision not in models.DTYPES:
+        problems.append(f"precision={config.precision!r} is not one of {sorted(models.DTYPES)}")
+
+    try:
+        mesh_shape = parallel.resolve_mesh_shape(dict(config.mesh), num_devices)
+        batch_div = mesh_shape[0] * mesh_shape[1]  # batch is split over data x fsdp
+        accum = config.optim.grad_accum_steps
+        if accum < 1:
+            problems.append(f"optim.grad_accum_steps={accum} must be >= 1")
+        elif config.batch_size % (batch_div * accum):
+            problems.append(
+                f"batch_size={config.batch_size} is not divisible by the data-parallel size "
+                f"{batch_div} (mesh data x fsdp = {mesh_shape[0]} x {mesh_shape[1]})"
+                + (f" times grad_accum_steps={accum}" if accum > 1 else ""))
+        if config.eval_batch_size % batch_div:
+            problems.append(f"eval_batch_size={config.eval_batch_size} is not divisible by the "
+                            f"data-parallel size {batch_div}")
+    except ValueError as e:
+        problems.append(f"mesh: {e}")
+
+    losses, teacher = config.losses, config.teacher.name
+    if teacher not in ("", "maskgit_vqgan", "dinov2"):
+        problems.append(f"teacher.name={teacher!r} is not one of '', 'maskgit_vqgan', 'dinov2'")
+    for term, needs in (("proxy_ce", "maskgit_vqgan"), ("semantic", "dinov2")):
+        if losses[term] and teacher != needs:
+            problems.append(f"losses.{term}={losses[term]} needs teacher.name={needs!r} "
+                            f"(got {teacher!r})")
+    for term in ("fea_rec", "shortcut"):
+        if losses[term] and config.aux_loss_end_step <= 0:
+            problems.append(f"losses.{term}={losses[term]} is a warm-up term but "
+                            f"aux_loss_end_step={config.aux_loss_end_step}: it would never apply "
+                            f"(set losses.{term}=0 or aux_loss_end_step > 0)")
+    ev = config.evaluation
+    if (ev.fid_every_steps > 0 and not ev.inception and not ev.allow_random_init):
+        problems.append(f"evaluation.fid_every_steps={ev.fid_every_steps} needs "
+                        "evaluation.inception (python -m tok1d.cli.convert inception_fid ...)")
+    if (ev.fid_every_steps > 0 and config.trainer == "generator" and not ev.reference
+            and config.data.name == "demo"):
+        problems.append("evaluation.fid_every_steps on a generator needs evaluation.reference "
+                        "(e.g. VIRTUAL_imagenet256_labeled.npz) or data.name set to the real "
+                        "images' dataset (its eval split is the reference)")
+    if ev.inception_size < 75:
+        problems.append(f"evaluation.inception_size={ev.inception_size} must be >= 75 (the "
+                        "smallest input the Inception accepts)")
+    for key in ("num_samples", "is_splits"):
+        if ev[key] <= 0:
+            problems.append(f"evaluation.{key}={ev[key]} must be positive")
+    for key in ("total_steps", "batch_size", "eval_batch_size", "log_every_steps"):
+        if config[key] <= 0:
+            problems.append(f"{key}={config[key]} must be positive")
+    if problems:
+        raise ConfigError("Invalid config:\n  - " + "\n  - ".join(problems))
