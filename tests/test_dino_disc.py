@@ -429,17 +429,17 @@ def test_trainer_trains_the_heads_and_keeps_the_trunk(tmp_path):
     state = pretrained._restore_numpy(pretrained._latest_training_state(workdir))
     model = dd.DinoDiscriminator(**TINY)
     want = tu.flatten_dict(conv.convert_file(path, model))
-    got = tu.flatten_dict(state["disc_params"]["trunk"])
+    got = tu.flatten_dict(state["extras"]["gan"]["params"]["trunk"])
     assert want.keys() == got.keys()
     for k in want:
         np.testing.assert_array_equal(got[k], want[k], err_msg=str(k))
-    heads = tu.flatten_dict({k: v for k, v in state["disc_params"].items() if k != "trunk"})
-    moments = [x for x in jax.tree.leaves(state["disc_opt_state"]) if np.ndim(x) > 0]
+    heads = tu.flatten_dict({k: v for k, v in state["extras"]["gan"]["params"].items() if k != "trunk"})
+    moments = [x for x in jax.tree.leaves(state["extras"]["gan"]["opt_state"]) if np.ndim(x) > 0]
     assert len(moments) == 2 * len(heads)  # Adam state for the heads only
-    counts = [int(x) for x in jax.tree.leaves(state["disc_opt_state"])
+    counts = [int(x) for x in jax.tree.leaves(state["extras"]["gan"]["opt_state"])
               if np.asarray(x).dtype == np.int32 and np.ndim(x) == 0]
     assert counts and set(counts) == {2}  # D updated at steps 3 and 4 only
-    assert set(state["disc_state"]) == {dd.SPECTRAL}
+    assert set(state["extras"]["gan"]["collections"]) == {dd.SPECTRAL}
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f if '"train/loss"' in line]
     assert [r["train/gan_active"] for r in rows] == [0.0, 0.0, 1.0, 1.0]

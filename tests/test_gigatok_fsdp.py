@@ -4,7 +4,7 @@ mesh axis grows.
 A GigaTok with the XL-XXL preset's *structure* (1D Q-Former encoder and decoder, multi-level
 query init, rotation-trick l2 VQ, AdaGN + depth-to-space CNN decoder, distill MLP tapped from an
 inner decoder layer, remat "full") but tiny sizes is built through `tok1d.models.create`,
-its sharded state through `common.state_shardings_and_init` and its step through
+its sharded state through `state.state_shardings_and_init` and its step through
 `tokenizer.make_train_step`, jitted as `train_and_evaluate` does. On (data, fsdp, tensor) =
 (8/f, f, 1) meshes over the 8 fake CPU devices, the compiled step's per-device argument bytes
 (XLA's memory analysis) and the parameter / optimizer-state shards it takes shrink about f-fold.
@@ -29,7 +29,7 @@ import pytest
 from tok1d import models, parallel
 from tok1d.train import config_lib
 from tok1d.train import optim
-from tok1d.train import common
+from tok1d.train import state as state_lib
 from tok1d.train import tokenizer
 
 FSDP = (1, 2, 4, 8)
@@ -94,7 +94,7 @@ def _state_pieces(config):
     init_params = lambda rng: model.init(rng, dummy)["params"]  # noqa: E731
     param_shapes = nn.unbox(jax.eval_shape(init_params, jax.random.key(0)))
     tx, schedule = optim.make_optimizer(config.optim, config.total_steps, param_shapes)
-    abstract, shardings, init = common.state_shardings_and_init(
+    abstract, shardings, init = state_lib.state_shardings_and_init(
         init_params, tx, mesh, rules, use_ema=config.ema_decay > 0)
     return model, tx, schedule, mesh, rules, abstract, shardings, init
 

@@ -18,7 +18,7 @@ from conftest import REPO
 
 from tok1d import recipes
 from tok1d.train import config_lib
-from tok1d.objectives import losses
+from tok1d.objectives import adversarial, losses, tokenizer_loss
 from tok1d.weights import pretrained
 from tok1d.data import pipeline, sources
 from tok1d.train import tokenizer
@@ -126,24 +126,26 @@ def loss_setup():
     config = tiny(recipes.gigatok("b_l"), steps=4, aux_end=2, gan_start=0)
     config.losses.entropy = 0.05
     model = tokenizer.build_model(config)
-    teacher, perceptual, frozen = tokenizer.build_frozen(config, model)
-    disc = tokenizer.build_discriminator(config)
+    nets, frozen = tokenizer.build_frozen(config, model)
     src = sources.get_source("demo", "train", demo_size=8)
     images = jnp.asarray(np.stack([pipeline.preprocess(src[i]["image"], image_size=32,
                                                        augment="center_crop", flip=False,
                                                        min_scale=1.0, rng=None)
                                    for i in range(4)]))
     params = model.init(jax.random.key(0), images)["params"]
-    disc_params = disc.init(jax.random.key(1), images)["params"]
-    return config, model, teacher, perceptual, disc, frozen, params, disc_params, images
+    gan = tokenizer.build_gan(config, model, images)
+    gan_state = adversarial.GANState(params=gan.disc.init(jax.random.key(1), images)["params"],
+                                     opt_state=None, lecam=None)
+    return config, model, nets, gan, frozen, params, gan_state, images
 
 
 def objective(setup, **weights):
-    config, model, teacher, perceptual, disc, frozen, params, disc_params, images = setup
+    config, model, nets, gan, frozen, params, gan_state, images = setup
     config = ml_collections.ConfigDict(config.to_dict())
     config.losses.update(weights)
-    fn = tokenizer.make_loss_fn(model, config, teacher, perceptual, disc)
-    return jax.jit(lambda p, f: fn(p, images, f, disc_params, None, 1.0, 1.0,
+    fn = tokenizer_loss.make_loss_fn(model, config.losses, nets,
+                                     gan if config.losses.gan else None)
+    return jax.jit(lambda p, f: fn(p, images, f, gan_state, None, 1.0, 1.0,
                                     jax.random.key(2))), \
         params, frozen
 

@@ -240,7 +240,7 @@ def test_gradient_accumulation_matches_the_full_batch_step():
     import os
     from conftest import REPO
     from tok1d.train import optim
-    from tok1d.train import common
+    from tok1d.train import state as state_lib
     from tok1d.train import tokenizer
     spec = importlib.util.spec_from_file_location("c", os.path.join(REPO, "configs/tiny_test.py"))
     mod = importlib.util.module_from_spec(spec)
@@ -251,8 +251,8 @@ def test_gradient_accumulation_matches_the_full_batch_step():
     tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
     x = images(b=8)
     params = nn.unbox(model.init(jax.random.key(0), x))["params"]
-    state = common.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                              opt_state=tx.init(params), ema_params=None)
+    state = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                 opt_state=tx.init(params), ema_params=None)
     outs = []
     for accum in (1, 2):
         config.optim.grad_accum_steps = accum

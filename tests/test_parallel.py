@@ -21,7 +21,7 @@ from tok1d import parallel
 from tok1d.train import config_lib
 from tok1d.objectives import losses
 from tok1d.train import optim
-from tok1d.train import common
+from tok1d.train import state as state_lib
 from tok1d.train import tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,7 +68,7 @@ def _setup(shape):
     rules = parallel.rules_from_config(config.sharding.rules)
     dummy = np.zeros((2, IMAGE, IMAGE, 3), np.float32)
     init_params = lambda rng: model.init(rng, dummy)["params"]  # noqa: E731
-    abstract, shardings, init = common.state_shardings_and_init(
+    abstract, shardings, init = state_lib.state_shardings_and_init(
         init_params, tx, mesh, rules, use_ema=True)
     return config, model, tx, schedule, mesh, rules, abstract, shardings, init
 

@@ -117,9 +117,9 @@ def test_stage2_starts_from_stage1_and_gan_starts_on_time(stage1_run, teacher_di
     assert dec.keys() == t_dec.keys()
     assert any(not np.array_equal(dec[k], t_dec[k]) for k in dec)
     # The discriminator trains only from start_step: its optimizer counted steps 4..7.
-    lecam = s2_state["lecam"]
+    lecam = s2_state["extras"]["gan"]["lecam"]
     assert float(lecam["ema_real_logits_mean"]) != 0.0
-    counts = [np.asarray(x) for x in jax.tree.leaves(s2_state["disc_opt_state"])
+    counts = [np.asarray(x) for x in jax.tree.leaves(s2_state["extras"]["gan"]["opt_state"])
               if np.asarray(x).dtype == np.int32 and np.asarray(x).ndim == 0]
     assert counts and all(int(c) == 4 for c in counts), counts
     active = train_losses(workdir, "gan_active")

@@ -270,7 +270,7 @@ def tokenizer_weights(z: tp.Fixture, t):
     params on the devices)."""
     sd = state_dicts(z, "init/sd/")
     convert = functools.partial(convert_gigatok.convert_gigatok, model=t.model)
-    teacher = convert_dinov2.convert_dinov2(state_dicts(z, "teacher/sd/"), t.teacher[0])
+    teacher = convert_dinov2.convert_dinov2(state_dicts(z, "teacher/sd/"), t.nets.teacher)
     lpips = convert_perceptual.convert_lpips(None, state_dicts(z, "lpips/sd/"))
     frozen = put({"teacher": teacher, "perceptual": {"lpips": lpips}}, t.frozen)
     return sd, convert, convert(sd), frozen
@@ -308,7 +308,7 @@ def run_steps(t, config, mesh, rules, frozen, data, images, first_d, load):
                 states["disc_first"] = jax.device_get(state)
         states["final"] = jax.device_get(state)
         forward = jax.jit(lambda p, x: t.model.apply({"params": p}, x, True))
-        teach = jax.jit(lambda p, x: t.teacher[0].apply(
+        teach = jax.jit(lambda p, x: t.nets.teacher.apply(
             {"params": p}, preprocess_gigatok(x, 224))["patch_tokens"])
         fwd = [jax.device_get(forward(before[k], images[k])) for k in range(len(data))]
         teacher_feat = np.asarray(teach(frozen["teacher"], images[0]))
@@ -348,9 +348,9 @@ def check_fixture(path: str, bounds: Bounds) -> None:
     report = tp.Report(f"gigatok ({bounds.name})", path)
     sd, convert, params0, frozen = tokenizer_weights(z, t)
     disc_sd = state_dicts(z, "init/disc_sd/")
-    convert_d = functools.partial(disc_lib.convert_patchgan_discriminator, model=t.disc)
+    convert_d = functools.partial(disc_lib.convert_patchgan_discriminator, model=t.gan.disc)
     disc0 = convert_d(disc_sd)
-    stats0 = disc_lib.convert_patchgan_batch_stats(disc_sd, t.disc)
+    stats0 = disc_lib.convert_patchgan_batch_stats(disc_sd, t.gan.disc)
     images, data, first_d = batches(z)
     steps = images.shape[0]
     scalars, states, fwd, teacher_feat = run_steps(
@@ -358,8 +358,9 @@ def check_fixture(path: str, bounds: Bounds) -> None:
         lambda state: state.replace(
             params=put(params0, state.params),
             ema_params=None if state.ema_params is None else put(params0, state.ema_params),
-            disc_params=put(disc0, state.disc_params),
-            disc_state=put({"batch_stats": stats0}, state.disc_state)))
+            extras={"gan": state.extras["gan"].replace(
+                params=put(disc0, state.extras["gan"].params),
+                collections=put({"batch_stats": stats0}, state.extras["gan"].collections))}))
 
     # ------------------------------------------------------------ per step
     compare_steps(report, z, config, scalars, fwd, bounds)
@@ -379,20 +380,20 @@ def check_fixture(path: str, bounds: Bounds) -> None:
                                              1e-6)
         if bounds.disc_sign_flips:  # every element within one AdamW sign flip per D step
             for key, (want, got) in dmap.pairs({k: want_sd[k] for k in d_keys},
-                                               states[tag].disc_params).items():
+                                               states[tag].extras["gan"].params).items():
                 report.abs(f"{tag}_disc_params[{key}] (<= sign flips)", got, want,
                            FLIP_MARGIN * tpg.zero_grad_bound(lrs_d, n))
         else:
             tpg.check_state(report, f"{tag}_disc_params", dmap,
-                            {k: want_sd[k] for k in d_keys}, states[tag].disc_params, bound)
-        got_stats = states[tag].disc_state["batch_stats"]
-        for layer, stats in disc_lib.convert_patchgan_batch_stats(want_sd, t.disc).items():
+                            {k: want_sd[k] for k in d_keys}, states[tag].extras["gan"].params, bound)
+        got_stats = states[tag].extras["gan"].collections["batch_stats"]
+        for layer, stats in disc_lib.convert_patchgan_batch_stats(want_sd, t.gan.disc).items():
             for name in ("mean", "var"):
                 report.rel(f"{tag}_disc_running_{name}[{layer}]", got_stats[layer][name],
                            stats[name], bounds.disc_stats or bound)
             report.exact(f"{tag}_disc_num_batches_tracked[{layer}]", got_stats[layer]["count"],
                          stats["count"])
-        moments(report, z, tag, "disc_adam", dmap, states[tag].disc_opt_state,
+        moments(report, z, tag, "disc_adam", dmap, states[tag].extras["gan"].opt_state,
                 bounds.disc_moments if tag == "disc_first" else (bounds.disc_later_moments,) * 2)
     decay_groups(report, "discriminator", dmap, meta["param_groups"]["disc"], config.disc_optim,
                  disc0)

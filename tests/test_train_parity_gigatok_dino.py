@@ -11,7 +11,7 @@ tokenizer state checks) runs with the DINO discriminator's parts:
   as `disc_state`) and the frozen trunk checkpoint (`disc_trunk/sd`, `convert_trunk`, which
   zeroes the key third of the qkv biases as DinoDisc does);
 * every DiffAugment call's stored uniforms replayed through `batch["draws"]` by the names of
-  `tokenizer.DISC_CALLS` ("diffaug/<call>/flags" (3,), "diffaug/<call>/rand01" (7, B)), fixture
+  `adversarial.DISC_CALLS` ("diffaug/<call>/flags" (3,), "diffaug/<call>/rand01" (7, B)), fixture
   call kinds 0..4 = g/rec, g/direct, d/fake, d/real, d/direct; calls a step does not make get
   placeholder draws (never read) so that every step has the same draw names and the step
   compiles once;
@@ -33,11 +33,13 @@ import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import train_parity as tp
 import test_train_parity_gigatok as tg
+from tok1d.objectives import adversarial
 from tok1d.weights.convert import dino_disc as convert_dino
 from tok1d.official import gigatok as official
 from tok1d.train import tokenizer
@@ -81,7 +83,7 @@ def diffaug_draws(z: tp.Fixture, step: int) -> dict[str, np.ndarray]:
     steps, kinds = np.asarray(z["diffaug/call_step"]), np.asarray(z["diffaug/call_kind"])
     flags, rand01 = np.asarray(z["diffaug/flags"]), np.asarray(z["diffaug/rand01"])
     draws = {}
-    for kind, call in enumerate(tokenizer.DISC_CALLS):
+    for kind, call in enumerate(adversarial.DISC_CALLS):
         hit = np.flatnonzero((steps == step) & (kinds == kind))
         i = int(hit[0]) if hit.size else None
         draws[f"diffaug/{call}/flags"] = (flags[i] if i is not None else
@@ -118,7 +120,7 @@ def spectral_sigmas(params, spectral, modules) -> np.ndarray:
 
 @pytest.mark.parametrize("path", tg.CASES)
 def test_disc_calls_match_official(path):
-    """The trainer's discriminator call (`tokenizer.make_disc_apply`: DiffAugment from the
+    """The trainer's discriminator call (`GANObjective.apply`: DiffAugment from the
     injected draws, the frozen trunk, the spectral-norm heads in train mode) on the official
     inputs of every D call of the first two D steps (x_hat = `step/recons`, x = `images`), in
     order, threading the spectral-norm state from `init/disc_sd` (then `disc_first/disc_sd`):
@@ -129,10 +131,11 @@ def test_disc_calls_match_official(path):
         pytest.skip(f"{path}: disc_type={tg.disc_type(z)!r}; this test covers {DISC_TYPE!r}")
     config = official.config_from_fixture_meta(z.meta)
     config.discriminator.allow_random_init = True
-    disc = tokenizer.build_discriminator(config)
     model = tokenizer.build_model(config)
-    apply = jax.jit(functools.partial(tokenizer.make_disc_apply(disc, config.discriminator,
-                                                                model), call="call"))
+    size = config.data.image_size
+    gan = tokenizer.build_gan(config, model, jnp.zeros((1, size, size, 3), jnp.float32))
+    disc = gan.disc
+    apply = jax.jit(functools.partial(gan.apply, call="call"))
     trunk = convert_dino.convert_trunk(tg.state_dicts(z, "disc_trunk/sd/"), disc)
     modules = z.meta["disc"]["spectral_modules"]
     call_step, kinds = np.asarray(z["disc_call/step"]), np.asarray(z["diffaug/call_kind"])
@@ -148,7 +151,7 @@ def test_disc_calls_match_official(path):
                 draws = {"diffaug/call/flags": np.asarray(z["diffaug/flags"][i], np.float32),
                          "diffaug/call/rand01": np.asarray(z["diffaug/rand01"][i], np.float32)}
                 logits, state = apply(params, state, x, jax.random.key(0), draws)
-                kind = tokenizer.DISC_CALLS[kinds[i]]
+                kind = adversarial.DISC_CALLS[kinds[i]]
                 report.rel(f"disc_call_logits[{i}: step {step} {kind}]", np.asarray(logits),
                            z["disc_call/logits"][i], 1e-5)
                 report.rel(f"disc_call_sigma[{i}: step {step} {kind}]",
@@ -164,8 +167,8 @@ def check_fixture(z: tp.Fixture, bounds: tg.Bounds) -> None:
     report = tp.Report(f"gigatok dino disc ({bounds.name})", z.path)
     sd, convert, params0, frozen = tg.tokenizer_weights(z, t)
     disc_sd = tg.state_dicts(z, "init/disc_sd/")
-    heads0, spectral0 = convert_dino.convert_heads(disc_sd, t.disc)
-    trunk = convert_dino.convert_trunk(tg.state_dicts(z, "disc_trunk/sd/"), t.disc)
+    heads0, spectral0 = convert_dino.convert_heads(disc_sd, t.gan.disc)
+    trunk = convert_dino.convert_trunk(tg.state_dicts(z, "disc_trunk/sd/"), t.gan.disc)
     images, data, first_d = tg.batches(z, functools.partial(diffaug_draws, z))
     steps = images.shape[0]
     scalars, states, fwd, teacher_feat = tg.run_steps(
@@ -173,8 +176,9 @@ def check_fixture(z: tp.Fixture, bounds: tg.Bounds) -> None:
         lambda state: state.replace(
             params=tg.put(params0, state.params),
             ema_params=None if state.ema_params is None else tg.put(params0, state.ema_params),
-            disc_params=tg.put({**heads0, "trunk": trunk}, state.disc_params),
-            disc_state=tg.put({"spectral": spectral0}, state.disc_state)))
+            extras={"gan": state.extras["gan"].replace(
+                params=tg.put({**heads0, "trunk": trunk}, state.extras["gan"].params),
+                collections=tg.put({"spectral": spectral0}, state.extras["gan"].collections))}))
 
     # ------------------------------------------------------------ tokenizer
     tg.compare_steps(report, z, config, scalars, fwd, bounds, extra_names=DIRECT_TERMS)
@@ -186,22 +190,22 @@ def check_fixture(z: tp.Fixture, bounds: tg.Bounds) -> None:
     uv = ("weight_u", "weight_v")
     d_keys = [k for k in disc_sd if not k.endswith(uv)]
     s_keys = [k for k in disc_sd if k.endswith(uv)]
-    dmap = tp.TensorMap(lambda s: convert_dino.convert_heads(s, t.disc)[0], disc_sd, d_keys)
-    smap = tp.TensorMap(lambda s: convert_dino.convert_heads(s, t.disc)[1], disc_sd, s_keys)
+    dmap = tp.TensorMap(lambda s: convert_dino.convert_heads(s, t.gan.disc)[0], disc_sd, d_keys)
+    smap = tp.TensorMap(lambda s: convert_dino.convert_heads(s, t.gan.disc)[1], disc_sd, s_keys)
     lrs_d = np.nan_to_num(np.asarray(z["step/lr_disc"], np.float64))
     for tag in ("disc_first", "final"):
         n = first_d + 1 if tag == "disc_first" else steps
         rel = FLOOR_FACTOR * float(z[f"check/f32_vs_f64_maxrel/{tag}_spectral_uv"])
         want_sd = tg.state_dicts(z, f"{tag}/disc_sd/")
         for key, (want, got) in dmap.pairs({k: want_sd[k] for k in d_keys},
-                                           heads(states[tag].disc_params)).items():
+                                           heads(states[tag].extras["gan"].params)).items():
             report.abs(f"{tag}_disc_params[{key}] (<= sign flips)", got, want,
                        tg.FLIP_MARGIN * tg.tpg.zero_grad_bound(lrs_d, n))
         for key, (want, got) in smap.pairs({k: want_sd[k] for k in s_keys},
-                                           states[tag].disc_state["spectral"]).items():
+                                           states[tag].extras["gan"].collections["spectral"]).items():
             report.rel(f"{tag}_disc_spectral[{key}]", got, want, rel)
         tg.moments(report, z, tag, "disc_adam", dmap,
-                   states[tag].disc_opt_state,
+                   states[tag].extras["gan"].opt_state,
                    bounds.disc_moments if tag == "disc_first"
                    else (bounds.disc_later_moments,) * 2)
     tg.decay_groups(report, "discriminator", dmap, meta["param_groups"]["disc"],

@@ -24,7 +24,7 @@ from tok1d.weights.convert import maskgit as convert_maskgit
 from tok1d.generation import common as gen_common
 from tok1d.generation import maskgit as maskgit_lib
 from tok1d.official import maskgit as official
-from tok1d.train import common
+from tok1d.objectives import draws as draws_lib
 from tok1d.train import generator
 
 # The official random draws the step replays (README 8.4; `generator.make_loss_fn`).
@@ -45,7 +45,7 @@ def batches(z: tp.Fixture) -> list[dict]:
 def step_inputs(model, gcfg, batch) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(mask, masked tokens, labels after the class dropout, BERT input ids) of a batch, as the
     train step derives them (the library functions it calls, with the batch's draws)."""
-    draw = functools.partial(common.injected, batch)
+    draw = draws_lib.drawer(draws_lib.of_batch(batch))
     codes = jnp.asarray(batch["codes"])
     labels = jnp.asarray(batch["label"])
     tokens, mask = maskgit_lib.random_mask(jax.random.key(0), codes, model.mask_id,

@@ -183,14 +183,15 @@ class Run:
         sh = self.t.shardings
         state = state.replace(params=_put(params, state.params, sh.params),
                               ema_params=_put(params, state.params, sh.ema_params))
-        if self.t.disc is not None:
+        if self.t.gan is not None:
             loss_sd = _f32(z.sub("init/loss_sd/"))
             self.dsd0 = {k: v for k, v in loss_sd.items() if k.startswith("discriminator.")}
             lecam = gan.lecam_init(loss_sd["ema_real_logits_mean"].item(),
                                    loss_sd["ema_fake_logits_mean"].item())
-            state = state.replace(
-                disc_params=_put(self.convert_d(self.dsd0), state.disc_params, sh.disc_params),
-                lecam=_put(lecam, state.lecam, sh.lecam))
+            g, g_sh = state.extras["gan"], sh.extras["gan"]
+            state = state.replace(extras={**state.extras, "gan": g.replace(
+                params=_put(self.convert_d(self.dsd0), g.params, g_sh.params),
+                lecam=_put(lecam, g.lecam, g_sh.lecam))})
         self.state = state
         model = self.t.model
         self.forward = jax.jit(lambda p, x: (
@@ -209,7 +210,7 @@ class Run:
         return convert_titok.convert_titok(sd, self.t.model)
 
     def convert_d(self, sd):
-        return disc_lib.convert_titok_discriminator(sd, self.t.disc)
+        return disc_lib.convert_titok_discriminator(sd, self.t.gan.disc)
 
     def batch(self, i: int) -> dict:
         images = tp.nhwc(self.z["images"][i])
@@ -248,14 +249,16 @@ class Run:
         opt = _set_adam(state.opt_state, params, self.convert, self.sd0, z, f"{snap}/adam/")
         state = state.replace(params=params, ema_params=ema, opt_state=opt)
         loss_sd = z.sub(f"{snap}/loss_sd/")
-        if self.t.disc is not None and loss_sd:
+        if self.t.gan is not None and loss_sd:
             disc = {k: v for k, v in loss_sd.items() if k.startswith("discriminator.")}
-            d_params = _substitute(self.convert_d, self.dsd0, disc, state.disc_params)
-            d_opt = _set_adam(state.disc_opt_state, d_params, self.convert_d, self.dsd0, z,
+            g = state.extras["gan"]
+            d_params = _substitute(self.convert_d, self.dsd0, disc, g.params)
+            d_opt = _set_adam(g.opt_state, d_params, self.convert_d, self.dsd0, z,
                               f"{snap}/disc_adam/")
-            lecam = {k: np.asarray(loss_sd[k], state.lecam[k].dtype).reshape(())
+            lecam = {k: np.asarray(loss_sd[k], g.lecam[k].dtype).reshape(())
                      for k in ("ema_real_logits_mean", "ema_fake_logits_mean")}
-            state = state.replace(disc_params=d_params, disc_opt_state=d_opt, lecam=lecam)
+            state = state.replace(extras={**state.extras, "gan": g.replace(
+                params=d_params, opt_state=d_opt, lecam=lecam)})
         self.state = jax.device_put(state, self.t.shardings)
 
 
@@ -333,17 +336,17 @@ def _check_snapshot(report, run, snap, state, params0, sum_lr):
                 state.opt_state, state.params, meta.get("adam_step_count", {}).get(snap, {}),
                 1e-3 if run.stage2 else 1e-4, 1e-3 if run.stage2 else 2e-4)
     loss_sd = z.sub(f"{snap}/loss_sd/")
-    if run.t.disc is not None and loss_sd:
+    if run.t.gan is not None and loss_sd:
         bound = PARAM_FLOOR_MULT * _floor(z, "check/f32_vs_f64_maxrel/final_discriminator")
         disc = {k: v for k, v in loss_sd.items() if k.startswith("discriminator.")}
         _check_tensors(report, f"{snap}/disc_params", run.convert_d, run.dsd0, disc,
-                       state.disc_params, bound)
+                       state.extras["gan"].params, bound)
         for which in ("real", "fake"):
             key = f"ema_{which}_logits_mean"
-            report.check(f"{snap}/{key}", _rel_scalar(state.lecam[key], loss_sd[key].item()),
+            report.check(f"{snap}/{key}", _rel_scalar(state.extras["gan"].lecam[key], loss_sd[key].item()),
                          LOSS_BOUND)
         _check_adam(report, f"{snap}/disc_adam", run.convert_d, run.dsd0, z,
-                    f"{snap}/disc_adam/", state.disc_opt_state, state.disc_params,
+                    f"{snap}/disc_adam/", state.extras["gan"].opt_state, state.extras["gan"].params,
                     meta.get("disc_adam_step_count", {}).get(snap, {}), 1e-3, 1e-3)
 
 
@@ -358,7 +361,7 @@ def _run(path, tmp_path, recipe, resync=True):
     norm_bound = 1e-4 if run.stage2 else 1e-5
     # With a discriminator the run is chaotic at float32 noise level (module docstring): after
     # each snapshot the comparison continues from the official state stored there.
-    resync = resync and run.t.disc is not None
+    resync = resync and run.t.gan is not None
     lrs, d_lrs, lr_since_sync = [], [], 0.0
 
     params0 = jax.device_get(run.state.params)
@@ -366,7 +369,7 @@ def _run(path, tmp_path, recipe, resync=True):
                         config.optim, "decay_groups")
     if "param_groups_disc" in meta:
         _check_decay_groups(report, meta["param_groups_disc"],
-                            jax.device_get(run.state.disc_params), run.convert_d, run.dsd0,
+                            jax.device_get(run.state.extras["gan"].params), run.convert_d, run.dsd0,
                             config.disc_optim, "disc_decay_groups")
 
     for i in range(steps):
@@ -396,7 +399,7 @@ def _run(path, tmp_path, recipe, resync=True):
         else:
             assert float(scalars.get("gan_active", 0.0)) == 0.0
         if "step/lecam_ema_real_after" in z:
-            lecam = jax.device_get(run.state.lecam)
+            lecam = jax.device_get(run.state.extras["gan"].lecam)
             for which in ("real", "fake"):
                 report.check(f"step/lecam_ema_{which}_after[{i + 1}]",
                              _rel_scalar(lecam[f"ema_{which}_logits_mean"],

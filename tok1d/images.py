@@ -132,3 +132,15 @@ def save_png(path: str | os.PathLike, image) -> None:
         os.makedirs(parent, exist_ok=True)
     with open(path, "wb") as f:
         f.write(encode_png(image))
+
+
+UNIT_RANGE = (0.0, 1.0)
+
+
+def range_converters(pixel_range: tuple[float, float] = UNIT_RANGE):
+    """(to_range, to_unit): images in [0, 1] <-> images in `pixel_range` (GigaTok works in
+    [-1, 1]); the identity for [0, 1]. Works on NumPy and JAX arrays."""
+    lo, hi = pixel_range
+    if (lo, hi) == UNIT_RANGE:
+        return (lambda x: x), (lambda y: y)
+    return (lambda x: x * (hi - lo) + lo), (lambda y: (y - lo) / (hi - lo))

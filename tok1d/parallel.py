@@ -117,6 +117,27 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh, rules) -> Any:
         mesh_specs, unboxed, is_leaf=lambda x: isinstance(x, P))
 
 
+
+def like_params(tree: Any, params: Any, param_sh: Any, default: NamedSharding) -> Any:
+    """Shardings for a tree that tracks `params` leaf by leaf (an optimizer state): each leaf
+    gets the sharding of the parameter whose dict-key path is the longest suffix of the leaf's
+    path, with the same shape; counters and other scalars get `default`. Works through masked
+    and multi-transform optimizer states."""
+    by_path = {}
+    for (path, leaf), sh in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                                jax.tree.leaves(param_sh)):
+        by_path[tuple(k.key for k in path)] = (tuple(leaf.shape), sh)
+
+    def pick(path, leaf):
+        keys = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+        for i in range(len(keys)):
+            hit = by_path.get(keys[i:])
+            if hit is not None and hit[0] == tuple(leaf.shape):
+                return hit[1]
+        return default
+
+    return jax.tree_util.tree_map_with_path(pick, tree)
+
 def batch_sharding(mesh: Mesh, rules, ndim: int = 1) -> NamedSharding:
     """Sharding of a batch: leading axis split like the "act_batch" logical axis."""
     spec = nn.logical_to_mesh(P("act_batch"), rules)

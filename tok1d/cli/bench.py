@@ -334,15 +334,16 @@ def _tokenizer_saved_bytes(config, t, shapes, images) -> int:
     (GAN and warm-up losses)."""
     import jax
     import jax.numpy as jnp
-    from tok1d.train import tokenizer as tok_trainer
-    g_loss = tok_trainer.make_loss_fn(t.model, config, t.teacher, t.perceptual, t.disc)
+    from tok1d.objectives import tokenizer_loss
+    g_loss = tokenizer_loss.make_loss_fn(t.model, config.losses, t.nets, t.gan)
     one = jnp.float32(1)
+    gan_state = shapes.extras["gan"] if t.gan is not None else None
 
-    def loss(params, images, frozen, disc_params, disc_state):
-        return g_loss(params, images, frozen, disc_params, disc_state, one, one,
+    def loss(params, images, frozen, gan_state, collections):
+        return g_loss(params, images, frozen, gan_state, collections, one, one,
                       jax.random.key(0))
     return _residual_bytes(loss, shapes.params, _microbatch(images, config), t.frozen,
-                           shapes.disc_params, shapes.disc_state)
+                           gan_state, gan_state.collections if gan_state is not None else None)
 
 
 def _generator_saved_bytes(config, model, shapes, batch) -> int:
@@ -361,11 +362,11 @@ def bench_codec(config, batch: int, workload: str, abstract: bool = False) -> Wo
     import jax
     import numpy as np
     from tok1d import parallel
-    from tok1d.train.tokenizer import pixel_range_fns
+    from tok1d import images as images_lib
     mesh, rules, batch_sh = parallel.mesh_from_config(config)
     context = _context(mesh, rules)
     model, params = _tokenizer_and_params(config, abstract)
-    to_model, _ = pixel_range_fns(model)
+    to_model, _ = images_lib.range_converters(model.pixel_range)
     size = config.data.image_size
     rng = np.random.default_rng(0)
     encode = jax.jit(lambda p, x: model.apply({"params": p}, to_model(x),

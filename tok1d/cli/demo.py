@@ -31,7 +31,7 @@ import numpy as np
 from tok1d import images
 from tok1d.train import config_lib
 from tok1d.data import sources
-from tok1d.train import common
+from tok1d.train import loop
 
 
 def generator_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
@@ -83,7 +83,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     config_lib.validate(config)
     workdir = os.path.abspath(workdir)
-    log = common.log_fn()
+    log = loop.log_fn()
     dcfg = config.data
 
     # ---------------------------------------------------------------- 1. tokenizer
@@ -141,7 +141,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             f"{c['reconstruction_accuracy']:.3f}, samples of the requested class "
             f"{c['sample_accuracy']:.3f} ({c['num_samples']} samples; chance 0.1).")
     result["evaluation"] = evaluate_demo(config, tok_cfg, workdir, samples, labels, log)
-    common.write_json(os.path.join(workdir, "metrics.json"), result)
+    loop.write_json(os.path.join(workdir, "metrics.json"), result)
     write_demo_report(workdir, result, config)
     return result
 
@@ -197,10 +197,9 @@ def write_demo_report(workdir: str, result: dict[str, Any], config) -> None:
 
 
 def _reconstruct(tokenizer, tok_params, pixels: np.ndarray, batch: int = 64) -> np.ndarray:
-    from tok1d.train.tokenizer import pixel_range_fns
     if not getattr(tokenizer, "outputs_pixels", True):
         raise ValueError("The demo's tokenizer must output pixels (not proxy-code logits).")
-    to_model, to_unit = pixel_range_fns(tokenizer)
+    to_model, to_unit = images.range_converters(tokenizer.pixel_range)
 
     @jax.jit
     def run(x):

@@ -108,7 +108,8 @@ def evaluate_tokenizer(config, checkpoint: str, out: str, log=print) -> dict[str
     ecfg = config.evaluation
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         frozen = tok_trainer.replicate(frozen, mesh)
-        eval_step = jax.jit(tok_trainer.make_eval_step(model, teacher))
+        eval_step = jax.jit(tok_trainer.make_eval_step(
+            model, teacher[0] if teacher is not None else None))
         metrics_acc = evaluator.ImageMetrics.from_config(nets, mesh, ecfg)
         metrics, (grid_in, grid_out) = tok_trainer.evaluate(
             eval_step, params, frozen, ds, num_batches, (batch_sh, batch),

@@ -173,14 +173,15 @@ def make_encoder(model, params, *, flip: bool, batch_size: int):
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
     from tok1d import parallel
-    from tok1d.train.tokenizer import pixel_range_fns, replicate
+    from tok1d.train.tokenizer import replicate
+    from tok1d import images as images_lib
 
     mesh = parallel.create_mesh({"data": -1})
     rules = parallel.DEFAULT_RULES
     batch_sh = parallel.batch_sharding(mesh, rules)
     global_batch = -(-batch_size // mesh.size) * mesh.size
     host_rows = parallel.host_batch_slice(batch_sh, global_batch)
-    to_model, _ = pixel_range_fns(model)
+    to_model, _ = images_lib.range_converters(model.pixel_range)
     replicated = NamedSharding(mesh, P())
     params = nn.unbox(params)
     if all(not isinstance(x, jax.Array) for x in jax.tree.leaves(params)):

@@ -2,24 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
 
-
-# How a training function takes a random draw: `draw(name, fn)` returns the replayed value of
-# the draw called `name` if there is one, else `fn()` (a fresh jax.random draw). The names are
-# the official code's draws (listed in each function's docstring); see `fresh`.
-Draw = Callable[[str, Callable[[], jax.Array]], jax.Array]
-
-
-def fresh(name: str, draw: Callable[[], jax.Array]) -> jax.Array:
-    """The default `Draw`: always draws (`name` is ignored). The trainers pass
-    `functools.partial(tok1d.train.common.injected, batch)` instead, so a batch can carry
-    the official draws under their names."""
-    del name
-    return draw()
+from tok1d.objectives.draws import Draw, fresh
 
 
 def drop_labels(rng: jax.Array, labels: jax.Array, prob: float, null_label: int,

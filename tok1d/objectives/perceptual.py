@@ -26,7 +26,7 @@ LPIPS dropout (`make_perceptual(..., lpips_dropout=0.5)`, config `perceptual.lpi
 official LPIPS linear layers are `Dropout(0.5) -> 1x1 conv`. Metrics and TiTok use the eval mode
 (no dropout); GigaTok's VQLoss is put in train mode, so its perceptual loss trains with the dropout
 active. With a rate > 0 the loss takes keep masks per layer (`apply(..., keep=KeepFn)`, default
-draw `bernoulli_keep`), so a trainer can replay recorded draws (`tok1d.train.common.injected`).
+draw `bernoulli_keep`), so a trainer can replay recorded draws (`tok1d.objectives.draws`).
 
 Weights: convert once with `python -m tok1d.cli.convert.perceptual` (see `tok1d.weights.convert.perceptual`)
 and pass the output directory (or the .npz file) as `weights`.

@@ -289,7 +289,7 @@ def config_from_fixture_meta(meta: Mapping[str, Any]) -> ml_collections.ConfigDi
 
 def official_log(scalars: Mapping[str, Any], config: ml_collections.ConfigDict
                  ) -> dict[str, float]:
-    """A tok1d tokenizer step's scalars (unweighted terms, see `tokenizer.make_loss_fn` /
+    """A tok1d tokenizer step's scalars (unweighted terms, see `tok1d.objectives.tokenizer_loss` /
     `make_train_step`) -> the values of vq_train.py's loop under the official names: the
     `vq_loss.py` log dict (`(Generator)...` weighted except proj_loss, `(Discriminator)...`,
     nan when D does not train), `loss_gen`, `loss_disc` (0 without a D step), `grad_norm(_disc)`

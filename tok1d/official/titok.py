@@ -13,7 +13,7 @@ same training step:
       (`tok1d.weights.convert.titok.kwargs_from_official`), `ReconstructionLoss_Stage1` (proxy-code CE +
       `quantizer_weight` x VQ losses) against the frozen MaskGIT-VQGAN teacher
       (`teacher.weights` = `pretrained_tokenizer_weight`; the train step takes its codes as the
-      replayable draw "proxy_codes", see `tok1d.train.tokenizer.make_loss_fn`);
+      replayable draw "proxy_codes", see `tok1d.objectives.tokenizer_loss`);
   stage 2 (`finetune_decoder` true): encoder / latent tokens / codebook frozen, decoder +
       pixel codebook + MaskGIT-VQGAN pixel decoder trained with `ReconstructionLoss_Stage2`:
       `reconstruction_weight` x L2 (or L1) + `perceptual_weight` x `perceptual_loss` (ConvNeXt-S

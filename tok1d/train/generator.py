@@ -9,7 +9,6 @@ loss over the held-out tokens and a grid of samples decoded by the tokenizer), l
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import time
@@ -22,14 +21,18 @@ import ml_collections
 import numpy as np
 import optax
 
-from tok1d.train import checkpoint as ckpt_lib
-from tok1d import images, models, parallel, summary
+from tok1d import images, models, parallel
 from tok1d.train import config_lib
 from tok1d.train import optim
 from tok1d.data import tokens as tokens_lib
 from tok1d.generation import common as gen_common
 from tok1d.generation import maskgit as maskgit_lib
-from tok1d.train import common
+from tok1d.data import feeding
+from tok1d.objectives import draws as draws_lib
+from tok1d.train import loop
+from tok1d.train import state as state_lib
+from tok1d.train import step as step_lib
+from tok1d.train.state import TrainState
 
 
 # ---------------------------------------------------------------------------- model and loss
@@ -62,7 +65,7 @@ def make_loss_fn(model: nn.Module, gcfg) -> Callable[..., tuple[jax.Array, dict[
     schedule-drawn fraction of every sequence.
 
     `batch`: "codes" (B, N) ints, "label" (B,) ints and optionally "draws", the official random
-    draws to replay instead of drawing (`common.injected`), each with a leading batch axis:
+    draws to replay instead of drawing (`tok1d.objectives.draws`), each with a leading batch axis:
     "drop_rand_u" / "drop_labels" (`generation.common.drop_labels`, training only) and, for
     MaskGIT, "mask_timesteps_u" / "mask_rand_u" (`generation.maskgit.random_mask`)."""
     maskgit = is_maskgit(model)
@@ -70,7 +73,7 @@ def make_loss_fn(model: nn.Module, gcfg) -> Callable[..., tuple[jax.Array, dict[
     def loss_fn(params, batch, rng, train: bool):
         codes = batch["codes"].astype(jnp.int32)
         labels = batch["label"].astype(jnp.int32)
-        draw = functools.partial(common.injected, batch)
+        draw = draws_lib.drawer(draws_lib.of_batch(batch))
         k_label, k_mask, k_dropout = jax.random.split(rng, 3)
         if train:
             labels = gen_common.drop_labels(k_label, labels, gcfg.label_dropout,
@@ -103,41 +106,18 @@ def make_train_step(model: nn.Module, tx, schedule, config):
     official random draws ("draws", see `make_loss_fn`)."""
     loss_fn = make_loss_fn(model, config.generator)
     grad_fn = jax.value_and_grad(lambda p, b, r: loss_fn(p, b, r, True), has_aux=True)
-    accum = config.optim.grad_accum_steps
     base_rng = jax.random.key(config.seed + 1)
 
-    def grads_of(params, batch, rng):
-        if accum == 1:
-            return grad_fn(params, batch, rng)
-        micro = jax.tree.map(lambda x: x.reshape((-1, accum) + x.shape[1:]).swapaxes(0, 1),
-                             batch)
-
-        def body(total, xs):
-            out = grad_fn(params, xs[0], xs[1])
-            return jax.tree.map(jnp.add, total, out), None
-
-        rngs = jax.random.split(rng, accum)
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                             jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro),
-                                            rngs[0]))
-        total, _ = jax.lax.scan(body, zeros, (micro, rngs))
-        return jax.tree.map(lambda x: x / accum, total)
-
-    def train_step(state: common.TrainState, batch):
+    def train_step(state: TrainState, batch):
         rng = jax.random.fold_in(base_rng, state.step)
-        (loss, metrics), grads = grads_of(state.params, batch, rng)
-        grad_norm = optim.global_norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ema_decay = optim.ema_decay_at(state.step + 1, config.ema_decay, config.ema_warmup)
-        ema = (common.ema_update(state.ema_params, params, ema_decay)
-               if state.ema_params is not None else None)
-        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                            ema_params=ema)
-        finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-                  & jnp.isfinite(optim.global_norm(updates)))
+        ((loss, metrics), grads), _ = step_lib.accumulate(
+            lambda _, b, r: (grad_fn(state.params, b, r), None), None, batch, rng,
+            config.optim.grad_accum_steps)
+        new, grad_norm, finite = step_lib.apply_gradients(
+            state, grads, tx, ema_decay=config.ema_decay, ema_warmup=config.ema_warmup)
+        finite = finite & jnp.isfinite(loss)
         scalars = {**metrics, "loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step)}
-        return common.keep_if_finite(finite, new, state), scalars, finite
+        return step_lib.keep_if_finite(finite, new, state), scalars, finite
 
     return train_step
 
@@ -185,11 +165,10 @@ class SampleDecoder:
 
     def __init__(self, model: nn.Module, sampling: dict[str, Any], tokenizer, tok_params,
                  sharding):
-        from tok1d.train.tokenizer import pixel_range_fns
         self.sharding = sharding
         self.sampler = gen_common.make_sampler(model, **sampling)
         self.tokenizer, self.tok_params = tokenizer, tok_params
-        _, to_unit = pixel_range_fns(tokenizer)
+        _, to_unit = images.range_converters(tokenizer.pixel_range)
 
         def decode(tok_params, codes):
             pixels = tokenizer.apply({"params": tok_params}, codes,
@@ -285,7 +264,7 @@ def build_training(config: ml_collections.ConfigDict, model: nn.Module, mesh, ru
     init_params = init_generator(model, 2)
     param_shapes = nn.unbox(jax.eval_shape(init_params, jax.random.key(0)))
     tx, schedule = optim.make_optimizer(config.optim, config.total_steps, param_shapes)
-    abstract, shardings, init = common.state_shardings_and_init(
+    abstract, shardings, init = state_lib.state_shardings_and_init(
         init_params, tx, mesh, rules, use_ema=config.ema_decay > 0)
     step_fn = jax.jit(make_train_step(model, tx, schedule, config),
                       in_shardings=(shardings, batch_sh), out_shardings=(shardings, None, None),
@@ -297,15 +276,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """Trains a class-conditional generator on tokens; writes checkpoints, TensorBoard logs,
     `samples.png` (one row per class) and metrics.json."""
     # ---------------------------------------------------------------- setup
-    config_lib.validate(config)
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    workdir, writer, mesh, rules, batch_sh = loop.setup_run(config, workdir)
     is_chief = jax.process_index() == 0
-    log = common.log_fn()
-    writer = summary.MetricWriter(workdir, enabled=is_chief)
-    writer.write_hparams(config.to_dict())
-    common.write_json(os.path.join(workdir, "config.json"), config.to_dict())
-    mesh, rules, batch_sh = parallel.mesh_from_config(config)
+    log = loop.log_fn()
 
     # ---------------------------------------------------------------- data
     model = build_generator(config)
@@ -319,10 +292,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # ---------------------------------------------------------------- model, optimizer, state
     abstract, shardings, init, train_step = build_training(config, model, mesh, rules,
                                                            batch_sh)
-    checkpointer = ckpt_lib.Checkpointer(
-        os.path.join(workdir, "checkpoints"), every_steps=config.checkpoint.every_steps,
-        keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
-    state, first_step = common.init_or_restore(checkpointer, abstract, shardings, init,
+    checkpointer = loop.checkpointer_for(config, workdir)
+    state, first_step = state_lib.init_or_restore(checkpointer, abstract, shardings, init,
                                                jax.random.key(config.seed), train_iter)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     logging.info("Generator %s: %.2fM parameters; starting at step %d.", config.model.name,
@@ -331,7 +302,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         f"sequences of {model.num_tokens} tokens.")
 
     # ---------------------------------------------------------------- steps
-    feeder = common.Feeder(train_iter, batch_sh, config.batch_size)
+    feeder = feeding.Feeder(train_iter, batch_sh, config.batch_size)
     nets = None
     if config.evaluation.fid_every_steps > 0:
         from tok1d.evaluation import evaluator
@@ -343,7 +314,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
         # ------------------------------------------------------------ evaluation
         def run_eval(state_, step_):
-            params = state_.ema_params if state_.ema_params is not None else state_.params
+            params = loop.eval_params(state_)
             metrics = {}
             if eval_src is not None:
                 metrics.update(evaluate_loss(eval_step, params, eval_src,
@@ -368,7 +339,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             return metrics
 
         # ------------------------------------------------------------ loop
-        result = common.train_loop(config, workdir, state, first_step, train_step, feeder,
+        result = loop.train_loop(config, workdir, state, first_step, train_step, feeder,
                                    train_iter, checkpointer, writer, run_eval)
     writer.close()
     return result
@@ -436,7 +407,7 @@ def fit_probe(config, codes: np.ndarray, labels: np.ndarray, val_codes: np.ndarr
     model = build_generator(config)
     init_params = init_generator(model, 2)
     tx, schedule = optim.make_optimizer(config.optim, config.total_steps)  # nothing frozen
-    _, shardings, init = common.state_shardings_and_init(init_params, tx, mesh, rules, False)
+    _, shardings, init = state_lib.state_shardings_and_init(init_params, tx, mesh, rules, False)
     batch_sh = parallel.batch_sharding(mesh, rules)
     start, stop = parallel.host_batch_slice(batch_sh, config.batch_size)
     rng = np.random.default_rng(config.seed)

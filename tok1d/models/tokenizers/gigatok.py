@@ -428,6 +428,10 @@ class GigaTok(nn.Module):
         return (-1.0, 1.0)
 
     @property
+    def outputs_pixels(self) -> bool:
+        return True
+
+    @property
     def num_tokens(self) -> int:
         return self.num_latent_tokens if self.layout == "1d" else self.grid_size ** 2
 

@@ -278,6 +278,14 @@ class TiTok(nn.Module):
     def outputs_pixels(self) -> bool:
         return self.decoder_head == "pixels" or self.pixel_decoder
 
+    @property
+    def num_tokens(self) -> int:
+        return self.num_latent_tokens
+
+    @property
+    def pixel_range(self) -> tuple[float, float]:
+        return (0.0, 1.0)
+
     def check_images(self, images: jax.Array) -> None:
         expected = (self.image_size, self.image_size, 3)
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
@@ -322,7 +330,9 @@ class TiTok(nn.Module):
             raise ValueError("decode_codes needs a VQ model; this TiTok is a VAE (use decode).")
         return self.decode(self.quantize.lookup(codes))
 
-    def __call__(self, images: jax.Array, sample: bool = False
+    def __call__(self, images: jax.Array, train: bool = False
                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        z_q, aux = self.encode(images, sample=sample)
+        """The training forward: (decoder output, aux of `encode`); `train` draws the VAE
+        variant's latents from its posterior (rng "sample")."""
+        z_q, aux = self.encode(images, sample=train)
         return self.decode(z_q), aux

@@ -171,6 +171,7 @@ class MaskGITVQGAN(nn.Module):
     num_res_blocks: int = 2
     z_channels: int = 256
     codebook_size: int = 1024
+    image_size: int = 256  # the image size `num_tokens` refers to (any size encodes)
     precision: PrecisionLike = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -187,6 +188,22 @@ class MaskGITVQGAN(nn.Module):
     @property
     def downsample_factor(self) -> int:
         return 2 ** (len(self.channel_mult) - 1)
+
+    @property
+    def num_codes(self) -> int:
+        return self.codebook_size
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.image_size // self.downsample_factor) ** 2
+
+    @property
+    def pixel_range(self) -> tuple[float, float]:
+        return (0.0, 1.0)
+
+    @property
+    def outputs_pixels(self) -> bool:
+        return True
 
     def encode(self, images: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         """images (B, H, W, 3) in [0, 1] -> (z_q (B, h, w, z) float32 straight-through, aux).
@@ -215,8 +232,11 @@ class MaskGITVQGAN(nn.Module):
             raise ValueError(f"decode_codes expects (B, h, w) or (B, N) codes, got {codes.shape}.")
         return self.decoder(self.quantize.lookup(codes))
 
-    def __call__(self, images: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """images -> (reconstruction (not clamped), aux of `encode`)."""
+    def __call__(self, images: jax.Array, train: bool = False
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """images -> (reconstruction (not clamped), aux of `encode`); `train` changes nothing
+        (the tokenizer interface's training forward)."""
+        del train
         z_q, aux = self.encode(images)
         return self.decode(z_q), aux
 

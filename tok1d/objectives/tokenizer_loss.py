@@ -1,0 +1,128 @@
+"""The tokenizer's training objective: the registered loss terms (`tok1d.objectives.terms`),
+weighted by `config.losses`, plus the GAN objective's generator term and GigaTok's shortcut
+term, in the official order of the discriminator calls.
+
+    loss_fn(params, images, frozen, gan_state, collections, active, aux_on, rng, draws=None)
+        -> (total, (terms, extras, outputs, new collections))
+
+`images` in [0, 1]; `frozen` holds the frozen networks' params (teacher, perceptual: no
+gradient, no optimizer state); `gan_state` the GAN sub-state (its params are read, not
+differentiated) and `collections` the discriminator's current variable collections; `active`
+gates the GAN term, `aux_on` the warm-up terms; `terms` are the unweighted values of every
+enabled term; `outputs` holds the reconstruction ("pixels", the tokenizer's range) and, with
+the shortcut term, the shortcut reconstruction ("shortcut_pixels", zeros while the warm-up is
+off).
+
+Replayable draws (`tok1d.objectives.draws`): the LPIPS dropout keep masks
+"lpips_keep/rec/lin{k}" and "lpips_keep/shortcut/lin{k}", each (B, H_k, W_k, C_k) for VGG tap
+k, used when the perceptual net has `lpips_dropout` > 0 (otherwise drawn with
+`perceptual.bernoulli_keep`); TiTok stage 1's "proxy_codes", (B, h, w) integer codes (default:
+the frozen teacher's encode); with DiffAugment, the G step's discriminator calls read
+"diffaug/g/rec/*" and "diffaug/g/direct/*" (`GANObjective.apply`).
+
+GigaTok's shortcut term (official VQLoss with `use_direct_rec_loss`), for x~ = the CNN decoder
+on the encoder's map: w_l2 MSE(x, x~) + w_perceptual LPIPS(x, x~), plus in a step where the
+warm-up and the GAN overlap the "direct" G term gan * G-loss(D(f)) of a second D call, f = x~
+(`direct_fake` "shortcut") or the reconstruction again ("reconstruction"); `losses.shortcut`
+scales the sum.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tok1d import images as images_lib
+from tok1d.evaluation import codebook as codebook_lib
+from tok1d.evaluation.image_metrics import psnr
+from tok1d.objectives import losses, terms as terms_lib
+from tok1d.objectives.adversarial import GANObjective
+
+
+def make_loss_fn(model: nn.Module, weights: Mapping[str, float], nets: terms_lib.FrozenNets,
+                 gan: Optional[GANObjective] = None):
+    """The objective of `model` under the loss weights `weights` (`config.losses`); see the
+    module docstring."""
+    weights = terms_lib.enabled(weights)
+    gan_weight = weights.pop("gan", 0.0)
+    unknown = [k for k in weights if k not in terms_lib.TERMS]
+    if unknown:
+        raise ValueError(f"unknown loss terms {unknown}; registered: {sorted(terms_lib.TERMS)}")
+    if gan_weight and gan is None:
+        raise ValueError("losses.gan > 0 needs the GAN objective (a discriminator).")
+    if not model.outputs_pixels:
+        pixel_terms = [k for k in weights if "pixels" in terms_lib.TERMS[k].needs]
+        if pixel_terms:
+            raise ValueError(f"losses {pixel_terms} need pixel outputs; this model predicts "
+                             "proxy codes (use losses.proxy_ce).")
+    warmup = {k for k in weights if terms_lib.TERMS[k].warmup}
+    num_codes = model.num_codes
+    to_model, to_unit = images_lib.range_converters(model.pixel_range)
+
+    def shortcut_terms(params, cnn_map, ctx, gan_state, collections, active, rng, x_hat):
+        """GigaTok's early-phase direct reconstruction x~: (weighted loss, unweighted parts,
+        x~, collections)."""
+        k_perc, k_disc = jax.random.split(rng)
+        pixels = model.apply({"params": params}, cnn_map, method=model.decode_cnn_map)
+        parts = {}
+        if "l2" in weights:
+            parts["l2"] = losses.l2_loss(pixels, ctx.x)
+        if "l1" in weights:
+            parts["l1"] = losses.l1_loss(pixels, ctx.x)
+        if "perceptual" in weights:
+            parts["perceptual"] = terms_lib.perceptual_value(ctx, pixels, "shortcut", k_perc)
+        loss = losses.weighted_sum(weights, parts)
+        if gan is not None:  # only called in an overlap step, after D(x_hat) (official order)
+            def gan_on():
+                fake = pixels if gan.direct_fake == "shortcut" else x_hat
+                return gan.g_term(gan_state.params, collections, fake, k_disc, ctx.draws,
+                                  "g/direct")
+
+            parts["gan"], collections = jax.lax.cond(
+                active > 0, gan_on, lambda: (jnp.zeros((), jnp.float32), collections))
+            loss = loss + gan_weight * active * parts["gan"]
+        return loss, parts, pixels, collections
+
+    def loss_fn(params, images, frozen, gan_state, collections, active, aux_on, rng,
+                draws=None):
+        rng, disc_rng = jax.random.split(rng)
+        rec_rng, short_rng = jax.random.split(jax.random.fold_in(rng, 1))
+        x = to_model(images)
+        out, aux = model.apply({"params": params}, x, train=True, rngs={"sample": rng})
+        ctx = terms_lib.Context(out=out, aux=aux, x=x, images=images, frozen=frozen, nets=nets,
+                                draws=draws, rng=rec_rng, to_unit=to_unit)
+        terms = {k: terms_lib.TERMS[k].fn(ctx) for k in weights
+                 if not terms_lib.TERMS[k].stateful}
+        scale = {k: w * aux_on if k in warmup else w for k, w in weights.items()}
+        if gan is not None:
+            terms["gan"], collections = gan.g_term(gan_state.params, collections, out, disc_rng,
+                                                   draws, "g/rec")
+        outputs, extras = {"pixels": out}, {}
+        if "shortcut" in weights:
+            def shortcut_on():
+                return shortcut_terms(params, aux["cnn_map"], ctx, gan_state, collections,
+                                      active, short_rng, out)
+
+            zeros = jax.tree.map(lambda t: jnp.zeros(t.shape, t.dtype),
+                                 jax.eval_shape(shortcut_on)[:3])
+            terms["shortcut"], parts, outputs["shortcut_pixels"], collections = jax.lax.cond(
+                aux_on > 0, shortcut_on, lambda: (*zeros, collections))
+            extras.update({f"shortcut_{k}": v for k, v in parts.items()})
+        total = losses.weighted_sum(scale, {k: v for k, v in terms.items() if k != "gan"})
+        if gan is not None:
+            total = total + gan_weight * active * terms["gan"]
+        if "quantizer" in weights and "codebook_loss" in aux:  # the official log's two parts
+            extras.update(quantizer_codebook=aux["codebook_loss"],
+                          quantizer_commitment=aux["commitment_loss"])
+        if model.outputs_pixels:
+            extras["psnr"] = jnp.mean(psnr(to_unit(out), images))
+        if num_codes:
+            hist = codebook_lib.code_histogram(aux["codes"], num_codes)
+            extras["batch_perplexity"] = codebook_lib.perplexity(hist)
+        return total, (terms, extras, outputs, collections)
+
+    loss_fn.warmup_terms = warmup
+    return loss_fn

@@ -1,0 +1,166 @@
+"""The training loop shared by every trainer, and its run setup: workdir, metric writer,
+config.json, mesh; progress, evaluations, checkpoints, preemption, the non-finite guard."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Callable, Iterator, Mapping, Optional
+
+import jax
+from clu import metrics as clu_metrics
+
+from tok1d import parallel, summary
+from tok1d.train import checkpoint as ckpt_lib
+from tok1d.train import config_lib
+from tok1d.train.state import TrainState
+
+
+def average_collection(names) -> type[clu_metrics.Collection]:
+    """A clu metrics Collection averaging each named scalar over the steps it is merged over."""
+    return clu_metrics.Collection.create(
+        **{name: clu_metrics.Average.from_output(name) for name in names})
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+def check_finite(step: int, finite: Any, last_saved: Optional[int]) -> None:
+    if not bool(jax.device_get(finite)):
+        raise NonFiniteLossError(
+            f"Loss or gradient norm became NaN/Inf at step {step}; the run stopped there. "
+            + (f"The last good checkpoint (step {last_saved}) is intact."
+               if last_saved is not None else "No checkpoint had been written yet."))
+
+
+def write_json(path: str, data: Mapping[str, Any]) -> None:
+    if jax.process_index() != 0:
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True, default=str)
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# The training loop shared by every trainer.
+# -----------------------------------------------------------------------------
+
+
+def log_fn() -> Callable[[str], None]:
+    """print (flushed) on the chief process, nothing elsewhere."""
+    if jax.process_index() == 0:
+        return lambda msg: print(msg, flush=True)
+    return lambda msg: None
+
+
+def train_loop(config, workdir: str, state: TrainState, first_step: int,
+               train_step: Callable[[TrainState, Any], tuple[TrainState, Any, Any]],
+               feeder: Iterator[Any], train_iter: Any, checkpointer: ckpt_lib.Checkpointer,
+               writer, run_eval: Callable[[TrainState, int], Mapping[str, Any]]
+               ) -> dict[str, Any]:
+    """Steps until `config.total_steps`: averaged train scalars and progress (steps/s, img/s,
+    ETA) every `log_every_steps`, `run_eval(state, step)` every `eval_every_steps` and at the
+    end, checkpoints (with the data iterator) every `checkpoint.every_steps`, at the end and on
+    a preemption signal. A non-finite step stops the run before it can be saved.
+
+    `train_step(state, batch) -> (state, scalars, finite)`; `run_eval` returns the metrics it
+    wrote. Returns {"step": ..., **final eval metrics} (also written to metrics.json)."""
+    total = config.total_steps
+    preempt = ckpt_lib.PreemptionFlag()
+    log = log_fn()
+    progress = summary.ProgressReporter(total, batch_size=config.batch_size,
+                                        every_steps=config.log_every_steps, first_step=first_step,
+                                        print_fn=log)
+    metric_cls, acc = None, None
+    last_saved = first_step if first_step else None
+    pending = None  # (step, finite flag) of the previous step, checked one step late
+    step = first_step
+
+    def evaluate(step_):
+        with progress.timed_pause():
+            metrics = run_eval(state, step_)
+        log(f"eval @ step {step_}: " + ", ".join(
+            f"{k} {summary.format_number(v)}" for k, v in metrics.items()
+            if isinstance(v, (int, float))))
+        return metrics
+
+    try:
+        while step < total:
+            batch = next(feeder)
+            state, scalars, finite = train_step(state, batch)
+            step += 1
+            if pending is not None:
+                check_finite(*pending, last_saved)
+            pending = (step, finite)
+            if metric_cls is None:
+                metric_cls = average_collection(sorted(scalars))
+            update = metric_cls.single_from_model_output(**scalars)
+            acc = update if acc is None else acc.merge(update)
+
+            if step % config.log_every_steps == 0 or step == total:
+                check_finite(*pending, last_saved)
+                values = {k: float(v) for k, v in acc.compute().items()}
+                acc = None
+                rates = progress.update(step, values)
+                if rates:
+                    values.update({f"perf/{k}": v for k, v in rates.items()})
+                writer.write_scalars(step, {f"train/{k}": v for k, v in values.items()})
+
+            if step % config.eval_every_steps == 0 and step != total:
+                evaluate(step)
+
+            stop = (checkpointer.reached_preemption(step) if jax.process_count() > 1
+                    else preempt.is_set())
+            if stop or step % config.checkpoint.every_steps == 0 or step == total:
+                check_finite(*pending, last_saved)
+                with progress.timed_pause():
+                    if checkpointer.save(step, state, train_iter, force=True):
+                        last_saved = step
+            if stop:
+                checkpointer.wait()
+                log(f"Stopped by a preemption signal at step {step}; checkpoint saved. "
+                    "Run the same command again to resume.")
+                return {"step": step, "preempted": True}
+        if first_step >= total:
+            log(f"Nothing to do: the checkpoint is already at step {first_step} >= "
+                f"total_steps {total}.")
+        final = dict(step=step, **evaluate(step))
+        write_json(os.path.join(workdir, "metrics.json"), final)
+        return final
+    finally:
+        preempt.restore()
+        checkpointer.close()
+        writer.flush()
+
+
+def setup_run(config, workdir: str) -> tuple[str, Any, Any, Any, Any]:
+    """The start of every training run: validates the config, makes the workdir, the metric
+    writer (hparams written) and config.json, and the mesh.
+
+    Returns (absolute workdir, writer, mesh, logical-axis rules, batch sharding)."""
+    config_lib.validate(config)
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    writer = summary.MetricWriter(workdir, enabled=jax.process_index() == 0)
+    writer.write_hparams(config.to_dict())
+    write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    mesh, rules, batch_sh = parallel.mesh_from_config(config)
+    logging.info("Mesh %s over %d devices (%d processes).", dict(mesh.shape), mesh.size,
+                 jax.process_count())
+    return workdir, writer, mesh, rules, batch_sh
+
+
+def checkpointer_for(config, workdir: str) -> ckpt_lib.Checkpointer:
+    """The run's checkpointer (`workdir/checkpoints`, `config.checkpoint`)."""
+    return ckpt_lib.Checkpointer(
+        os.path.join(workdir, "checkpoints"), every_steps=config.checkpoint.every_steps,
+        keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+
+
+def eval_params(state: TrainState) -> Any:
+    """The params evaluations use: the EMA when the run keeps one."""
+    return state.ema_params if state.ema_params is not None else state.params
