@@ -46,5 +46,6 @@ setuptools.setup(
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
+    entry_points={"console_scripts": ["tok1d = tok1d.cli.app:main"]},
     license="Apache-2.0",
 )

@@ -1,11 +1,11 @@
 """Speed, memory and MFU of any config's real programs, with random weights.
 
-    python -m tok1d.cli.bench --config=configs/titok_l32_stage1.py --workload=train [--batch_size=64]
-    python -m tok1d.cli.bench --config=configs/gigatok_b_l.py --workload=encode --batch_size=64
-    python -m tok1d.cli.bench --config=configs/gigatok_b_l.py --workload=decode --batch_size=64
-    python -m tok1d.cli.bench --config=configs/gpt_b_gigatok.py --workload=sample --batch_size=64 \
+    tok1d bench --config=configs/titok_l32_stage1.py --workload=train [--batch_size=64]
+    tok1d bench --config=configs/gigatok_b_l.py --workload=encode --batch_size=64
+    tok1d bench --config=configs/gigatok_b_l.py --workload=decode --batch_size=64
+    tok1d bench --config=configs/gpt_b_gigatok.py --workload=sample --batch_size=64 \
         --tokenizer_config=configs/gigatok_b_l.py
-    python -m tok1d.cli.bench --config=configs/maskgit_titok_l32.py --workload=train
+    tok1d bench --config=configs/maskgit_titok_l32.py --workload=train
 
 Workloads:
   train   the trainer's own jitted step (tokenizer configs: with the teacher, perceptual network,
@@ -50,28 +50,47 @@ import sys
 import time
 from typing import Any, Callable, Optional, Sequence
 
-from absl import app, flags
-from ml_collections import config_flags
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+from jax.extend import core as jex_core
 
-FLAGS = flags.FLAGS
+from tok1d import images as images_lib
+from tok1d import parallel
+from tok1d.cli import app
+from tok1d.objectives import tokenizer_loss
+from tok1d.train import checkpoint as ckpt_lib
+from tok1d.train import config_lib
+from tok1d.train import generator as gen_trainer
+from tok1d.train import tokenizer as tok_trainer
+
 WORKLOADS = ("train", "encode", "decode", "sample")
+USAGE = "--config=FILE --workload=train|encode|decode|sample [--batch_size=N] [flags]"
+CONFIG = "Config file (get_config()) whose programs are measured."
+REQUIRED = ("config",)
+POSITIONAL = ""
 
 
-def _define_flags() -> None:
-    config_flags.DEFINE_config_file("config", None, "Config file (get_config()).",
-                                    lock_config=True)
-    flags.DEFINE_enum("workload", "train", WORKLOADS, "What to measure.")
-    flags.DEFINE_integer("batch_size", 0, "Global batch (0: the config's batch_size).")
-    flags.DEFINE_integer("steps", 10, "Timed calls.")
-    flags.DEFINE_integer("warmup", 2, "Untimed calls first (the first one compiles).")
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_enum("workload", "train", WORKLOADS, "What to measure.", flag_values=fv)
+    flags.DEFINE_integer("batch_size", 0, "Global batch (0: the config's batch_size).",
+                         flag_values=fv)
+    flags.DEFINE_integer("steps", 10, "Timed calls.", flag_values=fv)
+    flags.DEFINE_integer("warmup", 2, "Untimed calls first (the first one compiles).",
+                         flag_values=fv)
     flags.DEFINE_string("tokenizer_config", "", "sample: tokenizer config file (random "
-                        "weights) that decodes the samples.")
-    flags.DEFINE_float("peak_tflops", 0.0, "Device bf16 peak for MFU (0: measure a matmul).")
+                        "weights) that decodes the samples.", flag_values=fv)
+    flags.DEFINE_float("peak_tflops", 0.0, "Device bf16 peak for MFU (0: measure a matmul).",
+                       flag_values=fv)
     flags.DEFINE_bool("compile_only", False, "Compile without running: FLOPs and the memory "
-                      "XLA plans per device (does the batch fit?), no timing.")
+                      "XLA plans per device (does the batch fit?), no timing.", flag_values=fv)
     flags.DEFINE_string("profile", "", "Write a jax.profiler trace of the timed calls to this "
-                        "directory (open it in TensorBoard's profile tab or Perfetto).")
-    flags.DEFINE_string("out", "", "Append the result as a JSON line to this file.")
+                        "directory (open it in TensorBoard's profile tab or Perfetto).",
+                        flag_values=fv)
+    flags.DEFINE_string("out", "", "Append the result as a JSON line to this file.",
+                        flag_values=fv)
 
 
 # ---------------------------------------------------------------------------- measurement
@@ -81,7 +100,6 @@ def time_calls(call: Callable[[], Any], warmup: int, steps: int, profile: str = 
                ) -> tuple[list[float], float]:
     """(seconds of each timed call, seconds of the first call incl. compilation); with
     `profile`, the timed calls run under `jax.profiler.trace(profile)`."""
-    import jax
     first = None
     for i in range(max(warmup, 1)):
         t0 = time.perf_counter()
@@ -98,7 +116,6 @@ def time_calls(call: Callable[[], Any], warmup: int, steps: int, profile: str = 
 
 
 def _sub_jaxprs(value):
-    from jax.extend import core as jex_core
     items = value if isinstance(value, (list, tuple)) else [value]
     for item in items:
         if isinstance(item, jex_core.ClosedJaxpr):
@@ -136,7 +153,6 @@ def jaxpr_flops(jaxpr) -> float:
 
 def traced_flops(fn, *args) -> Optional[float]:
     """Global matmul FLOPs of one call of `fn(*args)` (see `jaxpr_flops`)."""
-    import jax
     try:
         return jaxpr_flops(jax.make_jaxpr(fn)(*args).jaxpr) or None
     except Exception:  # noqa: BLE001 - a primitive this walker does not know
@@ -145,8 +161,6 @@ def traced_flops(fn, *args) -> Optional[float]:
 
 def matmul_tflops(size: int = 0, repeats: int = 5) -> float:
     """The device's measured bf16 matmul rate in TFLOP/s (median of `repeats`)."""
-    import jax
-    import jax.numpy as jnp
     size = size or (1024 if jax.devices()[0].platform == "cpu" else 8192)
     x = jax.random.normal(jax.random.key(0), (size, size), jnp.bfloat16)
     mm = jax.jit(lambda a, b: a @ b)
@@ -155,7 +169,6 @@ def matmul_tflops(size: int = 0, repeats: int = 5) -> float:
 
 
 def peak_memory_gib() -> Optional[float]:
-    import jax
     stats = jax.local_devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
     return peak / 2 ** 30 if peak is not None else None
@@ -176,17 +189,12 @@ def _random_frozen(config) -> None:
 
 
 def _global(local: dict, sharding, batch: int) -> dict:
-    from tok1d import parallel
     start, stop = parallel.host_batch_slice(sharding, batch)
     return parallel.global_batch({k: v[start:stop] for k, v in local.items()}, sharding, batch)
 
 
 def _tokenizer_and_params(config, abstract: bool = False):
     """The config's tokenizer and its random params (shapes only with `abstract`)."""
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-    from tok1d.train import tokenizer as tok_trainer
     model = tok_trainer.build_model(config)
     size = config.data.image_size
     init = functools.partial(model.init, jax.random.key(0),
@@ -197,7 +205,6 @@ def _tokenizer_and_params(config, abstract: bool = False):
 
 def _replicated(tree, mesh, abstract: bool):
     """`tree` replicated on `mesh`: placed there, or as ShapeDtypeStructs carrying that sharding."""
-    import jax
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     if abstract:
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
@@ -238,8 +245,6 @@ class Workload:
 
 
 def _context(mesh, rules):
-    import flax.linen as nn
-    import jax
 
     @contextlib.contextmanager
     def context():
@@ -251,12 +256,6 @@ def _context(mesh, rules):
 def bench_train(config, batch: int, abstract: bool = False) -> Workload:
     """The trainer's jitted step on a synthetic batch (the state is created by `prepare`; with
     `abstract` only its shapes are used, for compiling)."""
-    import jax
-    import numpy as np
-    from tok1d.train import checkpoint as ckpt_lib
-    from tok1d import parallel
-    from tok1d.train import generator as gen_trainer
-    from tok1d.train import tokenizer as tok_trainer
     mesh, rules, batch_sh = parallel.mesh_from_config(config)
     context = _context(mesh, rules)
     rng = np.random.default_rng(0)
@@ -304,7 +303,6 @@ def bench_train(config, batch: int, abstract: bool = False) -> Workload:
 
 def _per_device_bytes(tree) -> int:
     """Bytes one device holds of a tree of sharded ShapeDtypeStructs / arrays."""
-    import jax
     return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
                for x in jax.tree.leaves(tree))
 
@@ -315,7 +313,6 @@ def _residual_bytes(loss, params, *args) -> int:
     fuses some of it away and may rematerialise more when memory runs short, but this is what
     a training step holds at its peak besides the state; `model.remat` / `model.cnn_remat`
     shrink it."""
-    import jax
 
     def residuals(params, *args):
         return jax.vjp(lambda p: loss(p, *args), params, has_aux=True)[1]
@@ -324,7 +321,6 @@ def _residual_bytes(loss, params, *args) -> int:
 
 
 def _microbatch(x, config):
-    import jax
     rows = x.shape[0] // config.optim.grad_accum_steps
     return jax.ShapeDtypeStruct((rows,) + x.shape[1:], x.dtype)
 
@@ -332,9 +328,6 @@ def _microbatch(x, config):
 def _tokenizer_saved_bytes(config, t, shapes, images) -> int:
     """Saved activations of the tokenizer's generator loss for one microbatch, every term on
     (GAN and warm-up losses)."""
-    import jax
-    import jax.numpy as jnp
-    from tok1d.objectives import tokenizer_loss
     g_loss = tokenizer_loss.make_loss_fn(t.model, config.losses, t.nets, t.gan)
     one = jnp.float32(1)
     gan_state = shapes.extras["gan"] if t.gan is not None else None
@@ -348,8 +341,6 @@ def _tokenizer_saved_bytes(config, t, shapes, images) -> int:
 
 def _generator_saved_bytes(config, model, shapes, batch) -> int:
     """Saved activations of the generator's training loss for one microbatch."""
-    import jax
-    from tok1d.train import generator as gen_trainer
     loss_fn = gen_trainer.make_loss_fn(model, config.generator)
 
     def loss(params, batch):
@@ -359,10 +350,6 @@ def _generator_saved_bytes(config, model, shapes, batch) -> int:
 
 
 def bench_codec(config, batch: int, workload: str, abstract: bool = False) -> Workload:
-    import jax
-    import numpy as np
-    from tok1d import parallel
-    from tok1d import images as images_lib
     mesh, rules, batch_sh = parallel.mesh_from_config(config)
     context = _context(mesh, rules)
     model, params = _tokenizer_and_params(config, abstract)
@@ -391,11 +378,6 @@ def bench_codec(config, batch: int, workload: str, abstract: bool = False) -> Wo
 
 def bench_sample(config, batch: int, tokenizer_config, abstract: bool = False) -> Workload:
     """Sampling then decoding (two jitted programs, as `tok1d.cli.sample` runs them)."""
-    import flax.linen as nn
-    import jax
-    import numpy as np
-    from tok1d import parallel
-    from tok1d.train import generator as gen_trainer
     if tokenizer_config is None:
         raise ValueError("--workload=sample needs --tokenizer_config (the tokenizer config "
                          "whose random-weight model decodes the samples).")
@@ -431,8 +413,6 @@ def run(config, workload: str, batch_size: int = 0, steps: int = 10, warmup: int
     """Measures `workload` of `config`; returns (and logs) the result row. `compile_only`:
     nothing runs (the state and params are shapes only); the row gives the FLOPs and the
     memory XLA plans per device (`memory_plan_gib`), e.g. to see whether a batch fits."""
-    import jax
-    from tok1d.train import config_lib
     if workload not in WORKLOADS:
         raise ValueError(f"Unknown workload {workload!r}; expected one of {WORKLOADS}.")
     is_generator = config.trainer == "generator"
@@ -491,35 +471,21 @@ def format_row(row: dict[str, Any]) -> str:
     return table + ("\nper device: " + ", ".join(parts) if parts else "")
 
 
-def _load_config(path: str):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("tokenizer_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
-def main(argv: Sequence[str]) -> Optional[int]:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if FLAGS.config is None:
-        print("--config is required.", file=sys.stderr)
-        return 2
-    from tok1d import parallel
-    from tok1d.train import config_lib
+def execute(fv: flags.FlagValues, args: list[str]) -> None:
+    del args
     parallel.setup_process()
+    tok_cfg = app.load_config_file(fv.tokenizer_config) if fv.tokenizer_config else None
+    row = run(fv.config, fv.workload, fv.batch_size, fv.steps, fv.warmup, tok_cfg,
+              fv.peak_tflops, fv.compile_only, fv.profile)
+    if fv.out:
+        with open(fv.out, "a", encoding="utf-8") as f:
+            command = " ".join(app.command_line())
+            f.write(json.dumps(dict(row, command=command)) + "\n")
 
-    def job():
-        tok_cfg = _load_config(FLAGS.tokenizer_config) if FLAGS.tokenizer_config else None
-        row = run(FLAGS.config, FLAGS.workload, FLAGS.batch_size, FLAGS.steps, FLAGS.warmup,
-                  tok_cfg, FLAGS.peak_tflops, FLAGS.compile_only, FLAGS.profile)
-        if FLAGS.out:
-            with open(FLAGS.out, "a", encoding="utf-8") as f:
-                command = "python -m tok1d.cli.bench " + " ".join(sys.argv[1:])
-                f.write(json.dumps(dict(row, command=command)) + "\n")
-    return config_lib.exit_status(job)
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return app.run(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":
-    _define_flags()
-    app.run(lambda argv: sys.exit(main(argv)))
+    sys.exit(main())

@@ -3,10 +3,10 @@ class-conditional generator -> samples judged by a classifier of the real images
 
 Runs in WORKDIR:
   tokenizer/   the tokenizer run (tokenizer trainer: reconstructions.png, metrics.json, ...)
-  tokens/      the train and validation splits encoded by it (`python -m tok1d.cli.tokenize`)
+  tokens/      the train and validation splits encoded by it (`tok1d tokenize`)
   generator/   the generator run (generator trainer: samples.png, metrics.json, ...)
   samples_per_class.png   `demo.samples_per_class` samples for every class, one row each
-  eval/                   the tokenizer's evaluation (tok1d.cli.evaluate: PSNR, SSIM, LPIPS, codebook
+  eval/                   the tokenizer's evaluation (tok1d evaluate: PSNR, SSIM, LPIPS, codebook
                           usage, rFID ...; metrics.json, report.md, reconstructions.png)
   metrics.json            tokenizer, generator, evaluation and classifier numbers together
   report.md               all of them in one page with the pictures
@@ -29,9 +29,16 @@ import ml_collections
 import numpy as np
 
 from tok1d import images
-from tok1d.train import config_lib
+from tok1d import parallel
+from tok1d.cli import evaluate as evaluate_lib
+from tok1d.cli import sample as sample_lib
+from tok1d.cli import tokenize as tokenize_lib
 from tok1d.data import sources
+from tok1d.evaluation import evaluator, report
+from tok1d.train import config_lib
+from tok1d.train import generator as gen_trainer
 from tok1d.train import loop
+from tok1d.train import tokenizer as tok_trainer
 
 
 def generator_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
@@ -76,11 +83,6 @@ def fit_classifier(train_src) -> Any:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    from tok1d.cli import sample as sample_lib
-    from tok1d.cli import tokenize as tokenize_lib
-    from tok1d.train import generator as gen_trainer
-    from tok1d.train import tokenizer as tok_trainer
-
     config_lib.validate(config)
     workdir = os.path.abspath(workdir)
     log = loop.log_fn()
@@ -151,9 +153,6 @@ def evaluate_demo(config, tok_cfg, workdir: str, samples: np.ndarray, labels: np
     """The evaluation suite on the demo's own data: reconstruction metrics of the tokenizer on
     the eval split (tok1d.cli.evaluate), and FID / IS / precision-recall of the samples against
     the real eval images when `evaluation.inception` is given."""
-    from tok1d.cli import evaluate as evaluate_lib
-    from tok1d import parallel
-    from tok1d.evaluation import evaluator
     out = {"reconstruction": evaluate_lib.evaluate_tokenizer(
         tok_cfg, os.path.join(workdir, "tokenizer"), os.path.join(workdir, "eval"), log)}
     ecfg = config.evaluation
@@ -172,7 +171,6 @@ def evaluate_demo(config, tok_cfg, workdir: str, samples: np.ndarray, labels: np
 
 def write_demo_report(workdir: str, result: dict[str, Any], config) -> None:
     """WORKDIR/report.md: every number of the demo with the pictures it is about."""
-    from tok1d.evaluation import report
     if jax.process_index() != 0:
         return
     lines = ["# tok1d demo", "",
@@ -190,8 +188,7 @@ def write_demo_report(workdir: str, result: dict[str, Any], config) -> None:
             lines += [report.markdown(title, metrics).replace("# ", "## ", 1)]
     if "generation" not in evaluation:
         lines += ["FID / IS / precision-recall of the samples need the FID Inception: "
-                  "--config.evaluation.inception=DIR (python -m tok1d.cli.convert inception_fid "
-                  "...).", ""]
+                  "--config.evaluation.inception=DIR (tok1d convert inception_fid ...).", ""]
     with open(os.path.join(workdir, "report.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
 

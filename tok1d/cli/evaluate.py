@@ -2,7 +2,7 @@
 
     # Tokenizer (config with trainer "tokenizer"): rFID, IS, precision / recall, PSNR, SSIM,
     # LPIPS, codebook usage / perplexity over data.eval_split (the papers: 50k ImageNet val).
-    python -m tok1d.cli.evaluate --config=configs/titok_l32_stage2.py --checkpoint=WORKDIR_OR_DIR \
+    tok1d evaluate --config=configs/titok_l32_stage2.py --checkpoint=WORKDIR_OR_DIR \
         --out=eval_l32/ --config.evaluation.inception=inception_fid/ \
         --config.data.eval_examples=50000
 
@@ -10,12 +10,12 @@
     # decodes them with --tokenizer (default generator.tokenizer) and computes gFID, IS and
     # precision / recall against evaluation.reference (the ADM reference batch) or the
     # data's eval split.
-    python -m tok1d.cli.evaluate --config=configs/maskgit_titok_l32.py --checkpoint=GEN \
+    tok1d evaluate --config=configs/maskgit_titok_l32.py --checkpoint=GEN \
         --tokenizer=titok_l32/ --out=eval_gen/ --config.evaluation.inception=inception_fid/ \
         --config.evaluation.reference=VIRTUAL_imagenet256_labeled.npz
 
     # Samples already written (tok1d.cli.sample's or any ADM-format samples.npz):
-    python -m tok1d.cli.evaluate --samples=samples.npz --out=eval_samples/ \
+    tok1d evaluate --samples=samples.npz --out=eval_samples/ \
         --inception=inception_fid/ --reference=VIRTUAL_imagenet256_labeled.npz
 
 `--checkpoint` is a training workdir (its latest checkpoint, EMA params when kept) or a
@@ -24,7 +24,7 @@ defaults of `tok1d.train.config_lib.base_config()` apply; --inception / --refere
 config.evaluation.inception / .reference (with --config, any key: --config.a.b=v).
 Writes OUT/metrics.json, OUT/report.md with the PNG grids beside it, and TensorBoard events.
 The FID Inception must be converted once:
-`python -m tok1d.cli.convert inception_fid pt_inception-2015-12-05-6726825d.pth inception_fid/`.
+`tok1d convert inception_fid --checkpoint=pt_inception-2015-12-05-6726825d.pth --out=inception_fid/`.
 """
 
 from __future__ import annotations
@@ -33,34 +33,53 @@ import os
 import sys
 from typing import Any, Optional, Sequence
 
-from absl import app, flags
-from ml_collections import config_flags
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
 
-FLAGS = flags.FLAGS
+from tok1d import images, parallel
+from tok1d.cli import app
+from tok1d.cli import sample as sample_lib
+from tok1d.cli.tokenize import load_tokenizer
+from tok1d.data import pipeline, sources
+from tok1d.data import tokens as tokens_lib
+from tok1d.evaluation import evaluator, linear_probe, report
+from tok1d.models.generators.gpt import GPT
+from tok1d.train import config_lib
+from tok1d.train import generator as gen_trainer
+from tok1d.train import tokenizer as tok_trainer
+from tok1d.weights import pretrained
+
+USAGE = ("--config=FILE --checkpoint=DIR --out=DIR [--tokenizer=DIR] [flags]  |  "
+         "--samples=NPZ --out=DIR [flags]")
+CONFIG = ("Training config file (get_config()); default: the defaults of "
+          "tok1d.train.config_lib.base_config().")
+REQUIRED = ("out",)
+POSITIONAL = ""
 
 
-def _define_flags() -> None:
-    config_flags.DEFINE_config_file("config", None, "Training config file (get_config()).",
-                                    lock_config=True)
-    flags.DEFINE_string("checkpoint", "", "Training workdir or pretrained directory.")
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("checkpoint", "", "Training workdir or pretrained directory.",
+                        flag_values=fv)
     flags.DEFINE_string("tokenizer", "", "Generator evaluation: the tokenizer decoding the "
-                        "samples (default: config.generator.tokenizer).")
-    flags.DEFINE_string("samples", "", "Evaluate this samples .npz (arr_0 uint8 images).")
-    flags.DEFINE_string("out", None, "Output directory.")
-    flags.DEFINE_integer("seed", 0, "Sampling seed (generator evaluation).")
+                        "samples (default: config.generator.tokenizer).", flag_values=fv)
+    flags.DEFINE_string("samples", "", "Evaluate this samples .npz (arr_0 uint8 images).",
+                        flag_values=fv)
+    flags.DEFINE_string("out", None, "Output directory.", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "Sampling seed (generator evaluation).", flag_values=fv)
     flags.DEFINE_string("inception", "", "Converted FID Inception directory (sets "
-                        "config.evaluation.inception).")
-    flags.DEFINE_string("reference", "", "FID reference .npz (sets config.evaluation.reference).")
+                        "config.evaluation.inception).", flag_values=fv)
+    flags.DEFINE_string("reference", "", "FID reference .npz (sets "
+                        "config.evaluation.reference).", flag_values=fv)
 
 
 def _setup(config):
-    import jax
-    from tok1d import parallel
     return (*parallel.mesh_from_config(config), jax.process_index() == 0)
 
 
 def _details(config, **extra: Any) -> dict[str, Any]:
-    import jax
     ecfg = config.evaluation
     out = dict(extra)
     out.update(inception=ecfg.inception or ("random" if ecfg.allow_random_init else "none"),
@@ -71,16 +90,6 @@ def _details(config, **extra: Any) -> dict[str, Any]:
 
 def evaluate_tokenizer(config, checkpoint: str, out: str, log=print) -> dict[str, Any]:
     """rFID and the reconstruction metrics of a tokenizer over `data.eval_split`."""
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-    from tok1d import images, parallel
-    from tok1d.train import config_lib
-    from tok1d.weights import pretrained
-    from tok1d.data import pipeline, sources
-    from tok1d.evaluation import evaluator, report
-    from tok1d.train import tokenizer as tok_trainer
-
     config_lib.validate(config)
     mesh, rules, batch_sh, is_chief = _setup(config)
     model = tok_trainer.build_model(config)
@@ -128,14 +137,6 @@ def evaluate_tokenizer(config, checkpoint: str, out: str, log=print) -> dict[str
 def evaluate_generator(config, checkpoint: str, tokenizer_path: str, out: str, seed: int = 0,
                        log=print) -> dict[str, Any]:
     """gFID / IS / precision-recall of `evaluation.num_samples` samples of a generator."""
-    import jax
-    import flax.linen as nn
-    from tok1d.train import config_lib
-    from tok1d.cli import sample as sample_lib
-    from tok1d.evaluation import evaluator
-    from tok1d.cli.tokenize import load_tokenizer
-    from tok1d.train.generator import SampleDecoder
-
     config_lib.validate(config)
     tokenizer_path = tokenizer_path or config.generator.tokenizer
     if not tokenizer_path:
@@ -149,8 +150,8 @@ def evaluate_generator(config, checkpoint: str, tokenizer_path: str, out: str, s
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         params = jax.device_put(params, jax.sharding.NamedSharding(
             mesh, jax.sharding.PartitionSpec()))
-        decoder = SampleDecoder(model, config.sampling.to_dict(), tokenizer, tok_params,
-                                batch_sh)
+        decoder = gen_trainer.SampleDecoder(model, config.sampling.to_dict(), tokenizer,
+                                            tok_params, batch_sh)
         reference = evaluator.load_reference(ecfg, config.data, nets, mesh, batch_sh,
                                              config.eval_batch_size)
         batches = decoder.batches(params, labels, config.eval_batch_size, seed, log)
@@ -168,9 +169,6 @@ def evaluate_generator(config, checkpoint: str, tokenizer_path: str, out: str, s
 def _linear_probe(config, model, params, mesh, rules, log) -> dict[str, float]:
     """GigaTok's linear probe of a GPT's features on generator.tokens (train -> eval split),
     when evaluation.linear_probe_epochs > 0."""
-    from tok1d.data import tokens as tokens_lib
-    from tok1d.evaluation import linear_probe
-    from tok1d.models.generators.gpt import GPT
     ecfg = config.evaluation
     if ecfg.linear_probe_epochs <= 0:
         return {}
@@ -179,7 +177,7 @@ def _linear_probe(config, model, params, mesh, rules, log) -> dict[str, float]:
                          f"linear probe of AR features), not {config.model.name!r}.")
     if not config.generator.tokens:
         raise ValueError("The linear probe needs generator.tokens (train and eval splits of "
-                         "python -m tok1d.cli.tokenize).")
+                         "tok1d tokenize).")
     read = lambda split: linear_probe.read_token_split(  # noqa: E731
         tokens_lib.TokenSource(config.generator.tokens, split))
     return linear_probe.probe_from_config(model, params, read(config.data.train_split),
@@ -189,10 +187,6 @@ def _linear_probe(config, model, params, mesh, rules, log) -> dict[str, float]:
 
 def evaluate_samples(config, samples: str, out: str, log=print) -> dict[str, Any]:
     """gFID / IS / precision-recall of the images in a samples .npz."""
-    import jax
-    import numpy as np
-    from tok1d.evaluation import evaluator
-
     mesh, _, batch_sh, is_chief = _setup(config)
     images = evaluator.load_npz_images(samples)
     with np.load(samples) as z:
@@ -215,7 +209,6 @@ def evaluate_samples(config, samples: str, out: str, log=print) -> dict[str, Any
 def _grid_rows(ecfg, labels):
     """Which samples the report's grid shows: the first 10 of each of the first classes
     (evaluation.num_report_images // 10 classes, one row each)."""
-    import numpy as np
     rows = max(1, ecfg.num_report_images // 10)
     keep = np.zeros(len(labels), bool)
     for c in range(rows):
@@ -225,8 +218,6 @@ def _grid_rows(ecfg, labels):
 
 def _finish_samples(config, metrics, kept, labels, num_classes: int, out: str, is_chief: bool,
                     notes, log, **details) -> dict[str, Any]:
-    from tok1d.cli import sample as sample_lib
-    from tok1d.evaluation import report
     rows = min(num_classes, max(1, config.evaluation.num_report_images // 10))
     grid = sample_lib.class_grid(kept, labels, rows)
     path = report.write_report(out, "Generation", metrics, {"samples": grid},
@@ -249,24 +240,20 @@ def run(config, checkpoint: str = "", tokenizer: str = "", samples: str = "", ou
                      "or generator config.")
 
 
-def main(argv: Sequence[str]) -> Optional[int]:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if not FLAGS.out:
-        print("--out is required.", file=sys.stderr)
-        return 2
-    from tok1d import parallel
-    from tok1d.train import config_lib
+def execute(fv: flags.FlagValues, args: list[str]) -> None:
+    del args
     parallel.setup_process()
-    config = FLAGS.config if FLAGS.config is not None else config_lib.base_config()
+    config = fv.config if fv.config is not None else config_lib.base_config()
     with config.unlocked():
         for key in ("inception", "reference"):
-            if getattr(FLAGS, key):
-                config.evaluation[key] = getattr(FLAGS, key)
-    return config_lib.exit_status(lambda: run(config, FLAGS.checkpoint, FLAGS.tokenizer,
-                                              FLAGS.samples, FLAGS.out, FLAGS.seed))
+            if fv[key].value:
+                config.evaluation[key] = fv[key].value
+    run(config, fv.checkpoint, fv.tokenizer, fv.samples, fv.out, fv.seed)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return app.run(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":
-    _define_flags()
-    app.run(lambda argv: sys.exit(main(argv)))
+    sys.exit(main())

@@ -1,13 +1,13 @@
 r"""Encodes an image dataset with a trained tokenizer into a token dataset (`tok1d.data.tokens`).
 
-    python -m tok1d.cli.tokenize --tokenizer=DIR --data=NAME_OR_DIR --split=train --out=OUT \
-        [--image_size=256] [--batch=256] [--flip] [--crop=center|resize] [--num_shards=0]
+    tok1d tokenize --tokenizer=DIR --data=NAME_OR_DIR --split=train --out=OUT \
+        [--image_size=256] [--batch_size=256] [--flip] [--crop=center|resize] [--num_shards=0]
 
 --tokenizer  a pretrained directory (`tok1d.weights.pretrained`: tok1d_model.json + params/) or a
              training workdir (config.json + checkpoints/): the latest checkpoint's EMA params
              (plain params when the run had no EMA), the model rebuilt from config.json.
 --data       any name `tok1d.data.sources.get_source` knows ("tfds:imagenet2012", "demo",
-             "digits", "array_record:DIR") or a directory prepared by `tok1d.data.prepare`.
+             "digits", "array_record:DIR") or a directory prepared by `tok1d prepare`.
 --crop       "center": resize the shorter side, center crop (the eval crop; LlamaGen's
              `center_crop_arr` up to the resize filter); "resize": squash to a square.
 --flip       also encode the horizontally mirrored images (variant 1, LlamaGen's flip
@@ -37,9 +37,22 @@ import sys
 import time
 from typing import Any, Callable, Mapping, Optional
 
+import flax.linen as nn
+import grain
+import jax
+import jax.numpy as jnp
 import numpy as np
+from absl import flags
+from array_record.python import array_record_module
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+from PIL import Image
 
-from tok1d.data import tokens
+from tok1d import images as images_lib
+from tok1d import parallel
+from tok1d.cli import app
+from tok1d.data import pipeline, records, sources, tokens
+from tok1d.train.tokenizer import replicate
 
 EXAMPLES_PER_SHARD = 10_000  # the auto shard size: the unit of work redone after a crash
 CROPS = ("center", "resize")
@@ -109,12 +122,10 @@ def _latest_step(workdir: str) -> Optional[int]:
 
 def resolve_source(data: str, split: str, *, data_dir: str = "", image_size: int = 0):
     """The image source of `--data`: a prepared ArrayRecord directory, or a `get_source` name."""
-    from tok1d.data import records, sources
-
     if os.path.isdir(data):
         if not os.path.isfile(os.path.join(data, records.INFO_FILENAME)):
             raise FileNotFoundError(f"{data} is a directory without {records.INFO_FILENAME}; "
-                                    "prepare it with `python -m tok1d.data.prepare` first.")
+                                    "prepare it with `tok1d prepare` first.")
         return records.ArrayRecordImageSource(data, split)
     known = data in ("demo", "digits") or data.startswith(("tfds:", "array_record:"))
     if not known and (os.sep in data or data.startswith(".")):
@@ -124,9 +135,6 @@ def resolve_source(data: str, split: str, *, data_dir: str = "", image_size: int
 
 def load_image(image: Any, image_size: int, crop: str = "center") -> np.ndarray:
     """An encoded or decoded image -> float32 (image_size, image_size, 3) in [0, 1]."""
-    from PIL import Image
-    from tok1d.data import pipeline, records
-
     img = records.decode_image(image)
     if crop == "center":
         img = pipeline.center_crop(img, image_size)
@@ -142,8 +150,6 @@ def load_image(image: Any, image_size: int, crop: str = "center") -> np.ndarray:
 def params_fingerprint(params: Any) -> Optional[str]:
     """A short hash of the parameter tree (paths, shapes, sums, first values): detects resuming
     with other weights. None when the params are not all readable on this host."""
-    import jax
-
     h = hashlib.sha1()
     for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(params)[0],
                              key=lambda kv: jax.tree_util.keystr(kv[0])):
@@ -168,14 +174,6 @@ def make_encoder(model, params, *, flip: bool, batch_size: int):
     takes this host's rows of a global batch (float32 images in [0, 1]) and returns the codes
     (global_batch, V, N) int32 and labels (global_batch,) of the whole batch on every host.
     `global_batch` is `batch_size` rounded up to a multiple of the device count."""
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec as P
-    from tok1d import parallel
-    from tok1d.train.tokenizer import replicate
-    from tok1d import images as images_lib
-
     mesh = parallel.create_mesh({"data": -1})
     rules = parallel.DEFAULT_RULES
     batch_sh = parallel.batch_sharding(mesh, rules)
@@ -226,8 +224,6 @@ def _host_batches(source, lo: int, hi: int, global_batch: int, host_rows: tuple[
                   image_size: int, crop: str, num_threads: int):
     """This host's rows of the padded global batches covering examples [lo, hi): an iterator of
     {"image": (rows, S, S, 3) float32, "label": (rows,) int32}. Padding rows repeat `lo`."""
-    import grain
-
     start, stop = host_rows
     num_batches = -(-(hi - lo) // global_batch)
     positions = [lo + j * global_batch + r for j in range(num_batches) for r in range(start, stop)]
@@ -260,8 +256,6 @@ def _encode_range(encode, batches, lo: int, hi: int, global_batch: int):
 
 def _write_shard(path: str, items, dtype: str, histogram: np.ndarray) -> int:
     """Writes the encoded examples to `path` via a temporary file; returns the count."""
-    from array_record.python import array_record_module
-
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
     count = 0
     writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
@@ -291,8 +285,6 @@ def _drain(items) -> int:
 def _read_histogram(path: str, shape: tuple[int, int], dtype: str,
                     histogram: np.ndarray) -> int:
     """Adds the codes of an existing shard to `histogram`; returns its number of records."""
-    import grain
-
     src = grain.sources.ArrayRecordDataSource([path])
     for i in range(len(src)):
         codes = tokens.decode_token_record(src[i], *shape, dtype)["codes"]
@@ -367,19 +359,15 @@ def _remove_stale(out_dir: str, split: str, keep: list[str]) -> None:
             os.remove(os.path.join(out_dir, name))
 
 
-def _agree(flags: list[bool]) -> list[bool]:
+def _agree(values: list[bool]) -> list[bool]:
     """Process 0's view of which shards exist, on every process."""
-    import jax
     if jax.process_count() == 1:
-        return flags
-    from jax.experimental import multihost_utils
-    return [bool(x) for x in multihost_utils.broadcast_one_to_all(np.asarray(flags, np.int32))]
+        return values
+    return [bool(x) for x in multihost_utils.broadcast_one_to_all(np.asarray(values, np.int32))]
 
 
 def _sync(name: str) -> None:
-    import jax
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
 
 
@@ -430,8 +418,6 @@ def tokenize_dataset(model, params, source, out_dir: str, *, split: str = "train
     Returns:
         A summary: examples, shards written / skipped, images per second, code usage.
     """
-    import jax
-
     start_time = time.time()
     chief = jax.process_index() == 0
     say = log if chief else (lambda _msg: None)
@@ -556,7 +542,6 @@ def _num_classes(source, paths: list[str], shape: tuple[int, int], dtype: str,
     attr = getattr(source, "num_classes", None)
     if attr:
         return int(attr)
-    import grain
     src = grain.sources.ArrayRecordDataSource(paths)
     return 1 + max(tokens.decode_token_record(src[i], *shape, dtype)["label"]
                    for i in range(len(src)))
@@ -595,64 +580,65 @@ def format_summary(summary: Mapping[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# CLI.
+# Command line (`tok1d tokenize`, see `tok1d.cli.app`).
 # ----------------------------------------------------------------------------------------------
 
-def _define_flags() -> None:
-    from absl import flags
-    flags.DEFINE_string("tokenizer", None, "Pretrained directory or training workdir.")
-    flags.DEFINE_string("data", None, "Dataset name (get_source) or prepared directory.")
-    flags.DEFINE_string("split", "train", "Split to tokenize.")
-    flags.DEFINE_string("out", None, "Token dataset directory.")
-    flags.DEFINE_integer("image_size", 0, "Image size (0: the tokenizer's).")
-    flags.DEFINE_integer("batch", 256, "Global batch (rounded up to a multiple of the devices).")
-    flags.DEFINE_bool("flip", False, "Also encode horizontally flipped images (variant 1).")
-    flags.DEFINE_enum("crop", "center", list(CROPS), "How images become squares.")
-    flags.DEFINE_integer("num_shards", 0, f"Shards (0: ~{EXAMPLES_PER_SHARD} examples each).")
-    flags.DEFINE_integer("num_examples", -1, "Tokenize only the first N examples (-1: all).")
-    flags.DEFINE_string("data_dir", "", "TFDS data_dir.")
+USAGE = "--tokenizer=DIR --data=NAME_OR_DIR --out=DIR [--split=train] [flags]"
+CONFIG = None
+REQUIRED = ("tokenizer", "data", "out")
+POSITIONAL = ""
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("tokenizer", None, "Pretrained directory or training workdir.",
+                        flag_values=fv)
+    flags.DEFINE_string("data", None, "Dataset name (demo, digits, tfds:NAME, array_record:DIR) "
+                        "or a directory written by tok1d prepare.", flag_values=fv)
+    flags.DEFINE_string("split", "train", "Split to tokenize.", flag_values=fv)
+    flags.DEFINE_string("out", None, "Token dataset directory.", flag_values=fv)
+    flags.DEFINE_integer("image_size", 0, "Image size (0: the tokenizer's).", flag_values=fv)
+    flags.DEFINE_integer("batch_size", 256, "Global batch (rounded up to a multiple of the "
+                         "devices).", flag_values=fv)
+    flags.DEFINE_bool("flip", False, "Also encode horizontally flipped images (variant 1).",
+                      flag_values=fv)
+    flags.DEFINE_enum("crop", "center", list(CROPS), "How images become squares.",
+                      flag_values=fv)
+    flags.DEFINE_integer("num_shards", 0, f"Shards (0: ~{EXAMPLES_PER_SHARD} examples each).",
+                         flag_values=fv)
+    flags.DEFINE_integer("num_examples", -1, "Tokenize only the first N examples (-1: all).",
+                         flag_values=fv)
+    flags.DEFINE_string("data_dir", "", "TFDS data_dir.", flag_values=fv)
     flags.DEFINE_string("dtype", "", "Compute dtype override (e.g. bfloat16); default: the "
-                        "tokenizer's.")
-    flags.DEFINE_integer("threads", 16, "Image loading threads per host.")
+                        "tokenizer's.", flag_values=fv)
+    flags.DEFINE_integer("threads", 16, "Image loading threads per host.", flag_values=fv)
     flags.DEFINE_string("coordinator_address", "", "Multi-host: coordinator host:port (or set "
-                        "TOK1D_DISTRIBUTED=1 for auto-detection).")
-    flags.DEFINE_integer("num_processes", 0, "Multi-host: number of processes.")
-    flags.DEFINE_integer("process_id", -1, "Multi-host: this process's id.")
-    flags.mark_flags_as_required(["tokenizer", "data", "out"])
+                        "TOK1D_DISTRIBUTED=1 for auto-detection).", flag_values=fv)
+    flags.DEFINE_integer("num_processes", 0, "Multi-host: number of processes.",
+                         flag_values=fv)
+    flags.DEFINE_integer("process_id", -1, "Multi-host: this process's id.", flag_values=fv)
 
 
-def main(argv) -> int:
-    from absl import app, flags
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    fl = flags.FLAGS
-    from absl import logging as absl_logging
-    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every restore at INFO
-    from tok1d import parallel
-    parallel.setup_process(fl.coordinator_address, fl.num_processes, fl.process_id)
-    try:
-        # The data first: a wrong name fails before a large checkpoint is read.
-        source = resolve_source(fl.data, fl.split, data_dir=fl.data_dir,
-                                image_size=fl.image_size)
-        overrides = {"dtype": fl.dtype} if fl.dtype else {}
-        model, params = load_tokenizer(fl.tokenizer, **overrides)
-        desc = describe_tokenizer(fl.tokenizer)
-        native = getattr(model, "image_size", 0)
-        if not fl.image_size and native and getattr(source, "image_size", native) != native:
-            # Synthetic sources ("digits") render at the tokenizer's size directly.
-            source = resolve_source(fl.data, fl.split, data_dir=fl.data_dir, image_size=native)
-        tokenize_dataset(model, params, source, fl.out, split=fl.split, batch_size=fl.batch,
-                         flip=fl.flip, num_shards=fl.num_shards, image_size=fl.image_size,
-                         crop=fl.crop, num_examples=fl.num_examples, tokenizer_info=desc,
-                         data_info={"data": fl.data, "split": fl.split},
-                         num_threads=fl.threads)
-    except (FileNotFoundError, KeyError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+def execute(fv: flags.FlagValues, args: list[str]) -> None:
+    del args
+    parallel.setup_process(fv.coordinator_address, fv.num_processes, fv.process_id)
+    # The data first: a wrong name fails before a large checkpoint is read.
+    source = resolve_source(fv.data, fv.split, data_dir=fv.data_dir, image_size=fv.image_size)
+    overrides = {"dtype": fv.dtype} if fv.dtype else {}
+    model, params = load_tokenizer(fv.tokenizer, **overrides)
+    desc = describe_tokenizer(fv.tokenizer)
+    native = getattr(model, "image_size", 0)
+    if not fv.image_size and native and getattr(source, "image_size", native) != native:
+        # Synthetic sources ("digits") render at the tokenizer's size directly.
+        source = resolve_source(fv.data, fv.split, data_dir=fv.data_dir, image_size=native)
+    tokenize_dataset(model, params, source, fv.out, split=fv.split, batch_size=fv.batch_size,
+                     flip=fv.flip, num_shards=fv.num_shards, image_size=fv.image_size,
+                     crop=fv.crop, num_examples=fv.num_examples, tokenizer_info=desc,
+                     data_info={"data": fv.data, "split": fv.split}, num_threads=fv.threads)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    return app.run(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":
-    from absl import app as _app
-    _define_flags()
-    _app.run(main)
+    sys.exit(main())

@@ -11,12 +11,10 @@ skipped and listed in ``OUTPUT/skipped_<split>.txt``, never silently
 dropped. The encoded bytes are stored unchanged unless ``--resize_shorter``
 is given. See `tok1d.data.records` for the output format.
 
-Usage::
+The command line is `tok1d prepare` (`tok1d.cli.prepare`)::
 
-    python -m tok1d.data.prepare --input=/data/imagenet/train \
-        --output=/data/imagenet_ar --split=train
-    python -m tok1d.data.prepare --input=/data/imagenet/val \
-        --output=/data/imagenet_ar --split=validation
+    tok1d prepare --input=/data/imagenet/train --out=/data/imagenet_ar --split=train
+    tok1d prepare --input=/data/imagenet/val --out=/data/imagenet_ar --split=validation
 """
 
 from __future__ import annotations
@@ -36,8 +34,6 @@ import time
 import uuid
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from absl import app
-from absl import flags
 import numpy as np
 from PIL import Image
 import tqdm
@@ -364,7 +360,7 @@ def _read_existing_info(output_dir: str,
         raise ValueError(
             f"{path!r} already describes a dataset with different classes "
             f"({len(old)} classes: {_preview(old)}) than the input "
-            f"({len(new)} classes: {_preview(new)}); use another --output.")
+            f"({len(new)} classes: {_preview(new)}); use another --out.")
     return info
 
 
@@ -580,52 +576,3 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"({summary['images_per_s']:.1f} images/s)")
     return "\n".join(lines)
 
-
-def _define_flags() -> None:
-    """Defines the CLI flags.
-
-    Only called when run as a script, so that importing this module never
-    clashes with flags of the same name defined by other modules.
-    """
-    flags.DEFINE_string("input", None, "Input root: INPUT/<class>/<images>.")
-    flags.DEFINE_string("output", None, "Output directory.")
-    flags.DEFINE_string("split", "train", "Name of the split to write.")
-    flags.DEFINE_float(
-        "val_fraction", 0.0,
-        f"Fraction of each class written to a {VALIDATION_SPLIT!r} split.")
-    flags.DEFINE_integer(
-        "num_shards", 0, "Shards of --split; 0 = about 1 GB per shard.")
-    flags.DEFINE_integer(
-        "resize_shorter", 0,
-        "If > 0, downscale images whose shorter side exceeds this.")
-    flags.DEFINE_integer(
-        "workers", None, "Decoding processes (default: all CPUs).")
-    flags.DEFINE_integer("seed", 0, "Seed for splitting and shuffling.")
-    flags.mark_flags_as_required(["input", "output"])
-
-
-def main(argv: Sequence[str]) -> int:
-    """CLI entry point: runs `prepare` with the flags, prints the summary."""
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    fl = flags.FLAGS
-    try:
-        summary = prepare(
-            input_dir=fl.input,
-            output_dir=fl.output,
-            split=fl.split,
-            val_fraction=fl.val_fraction,
-            num_shards=fl.num_shards,
-            resize_shorter=fl.resize_shorter,
-            workers=fl.workers,
-            seed=fl.seed)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(format_summary(summary))
-    return 0
-
-
-if __name__ == "__main__":
-    _define_flags()
-    app.run(main)

@@ -67,7 +67,10 @@ class Checkpointer:
         items = {STATE: ocp.args.StandardSave(state)}
         if data_iter is not None:
             items[DATA_ITER] = grain.checkpoint.CheckpointSave(data_iter)
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        if saved and jax.process_index() == 0:
+            logging.getLogger(__name__).info("checkpoint saved at step %d", step)
+        return saved
 
     def restore(self, step: int, abstract_state: Any, data_iter: Any = None) -> Any:
         """Restores into `abstract_state` (ShapeDtypeStructs carrying the target shardings);

@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 import jax
 from clu import metrics as clu_metrics
 
-from tok1d import parallel, summary
+from tok1d import errors, parallel, summary
 from tok1d.train import checkpoint as ckpt_lib
 from tok1d.train import config_lib
 from tok1d.train.state import TrainState
@@ -23,8 +23,10 @@ def average_collection(names) -> type[clu_metrics.Collection]:
         **{name: clu_metrics.Average.from_output(name) for name in names})
 
 
-class NonFiniteLossError(FloatingPointError):
-    pass
+class NonFiniteLossError(errors.UserError, FloatingPointError):
+    """The loss or gradient norm became NaN/Inf: the run stops (exit status 1), its last good
+    checkpoint intact."""
+    exit_code = 1
 
 
 def check_finite(step: int, finite: Any, last_saved: Optional[int]) -> None:

@@ -1,11 +1,10 @@
 r"""Converters for the perceptual-loss networks: torchvision VGG16 + LPIPS linear layers -> LPIPS
-params, torchvision convnext_small -> ConvNeXt params; and a command line that writes them in the
-format `tok1d.objectives.perceptual.make_perceptual` reads (an .npz of float32 arrays + JSON meta).
+params, torchvision convnext_small -> ConvNeXt params, written by `convert_files` (the command
+`tok1d convert lpips|convnext_s`) in the format `tok1d.objectives.perceptual.make_perceptual`
+reads (an .npz of float32 arrays + JSON meta).
 
-  python -m tok1d.cli.convert.perceptual --kind lpips --vgg vgg16-397923af.pth \
-      --lpips vgg.pth --out DIR
-  python -m tok1d.cli.convert.perceptual --kind convnext_s \
-      --weights convnext_small-0c510722.pth --out DIR
+  tok1d convert lpips --vgg=vgg16-397923af.pth --checkpoint=vgg.pth --out=DIR
+  tok1d convert convnext_s --checkpoint=convnext_small-0c510722.pth --out=DIR
 
 Sources (the user supplies the files; nothing is downloaded):
   * VGG16: torchvision's `vgg16(weights="IMAGENET1K_V1")` state_dict (`vgg16-397923af.pth`), keys
@@ -22,11 +21,9 @@ Reading .pth files needs PyTorch (`pip install 'tok1d[convert]'`); .safetensors 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
-import sys
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional
 
 import numpy as np
 
@@ -207,28 +204,3 @@ def convert_files(kind: str, out_dir: str, vgg: Optional[str] = None, lpips: Opt
                            meta={"sources": [_file_info(p) for p in sources]})
     return path
 
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m tok1d.cli.convert.perceptual",
-        description="Convert torchvision VGG16 + LPIPS (v0.1) or ConvNeXt-S weights for "
-                    "tok1d's perceptual losses.")
-    parser.add_argument("--kind", required=True, choices=("lpips", "convnext_s"))
-    parser.add_argument("--vgg", help="torchvision vgg16 state_dict (vgg16-397923af.pth)")
-    parser.add_argument("--lpips", help="LPIPS linear layers (lpips/weights/v0.1/vgg.pth)")
-    parser.add_argument("--weights", help="torchvision convnext_small state_dict "
-                                          "(convnext_small-0c510722.pth)")
-    parser.add_argument("--out", required=True, help="output directory")
-    args = parser.parse_args(argv)
-    try:
-        path = convert_files(args.kind, args.out, vgg=args.vgg, lpips=args.lpips,
-                             weights=args.weights)
-    except (ConversionError, ValueError, FileNotFoundError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {path}; use it with make_perceptual({args.kind!r}, {args.out!r})")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

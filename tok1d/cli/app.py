@@ -1,0 +1,326 @@
+"""What every tok1d command shares: its flags, a quiet console, and one-line errors.
+
+A command is a module of `tok1d.cli` with
+  USAGE        the arguments part of its usage line ("--config=FILE --workdir=DIR [flags]");
+  CONFIG       None, or the help of its `--config` flag (ml_collections config file; any
+               `--config.KEY=VALUE` overrides a value);
+  REQUIRED     names of flags that must be given;
+  POSITIONAL   the name of the one positional argument it takes ("" for none);
+  define_flags(fv)       its flags, defined on the FlagValues `fv`;
+  execute(fv, args)      the job (args: the positional arguments).
+`run(module, argv)` parses the command line on a FlagValues of its own (so `--help` lists only
+the command's flags, one line each), sets up the console, runs the job and turns the errors a
+user can fix into one `error: ...` line and a non-zero exit status: a bad or unknown flag, a
+mistyped `--config.KEY` override, a missing config file, an invalid config, a missing input,
+a missing optional dependency, a non-finite loss. Anything else is a bug and keeps its
+traceback.
+
+The console: the lines tok1d writes itself (progress with steps/s and ETA, evaluations,
+"checkpoint saved at step N", and INFO records of the root and `tok1d.*` loggers) on stdout;
+other libraries' records (orbax, absl, jax, grain) only from WARNING on, unless
+`--verbosity=1` (their INFO too) or `--verbosity=2` (DEBUG).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.util
+import logging
+import os
+import re
+import sys
+import types
+from typing import Optional, Sequence
+
+from absl import flags
+from absl import logging as absl_logging
+import ml_collections
+from ml_collections import config_flags
+
+from tok1d import errors
+from tok1d.train import config_lib
+
+TOOL = "tok1d"
+# Optional packages and how to get them; a missing one ends in a one-line hint.
+OPTIONAL = {"torch": "pip install 'tok1d[convert]'", "safetensors": "pip install safetensors",
+            "yaml": "pip install pyyaml", "tensorflow": "pip install 'tok1d[tfds_build]'",
+            "matplotlib": "pip install matplotlib", "sklearn": "pip install scikit-learn"}
+_OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=]+)")
+_HELP = ("-h", "--help", "-help", "--helpshort", "--helpfull")
+_running: list[str] = []  # the command line of the command being run
+
+
+# ----------------------------------------------------------------------------------------------
+# Flags and help.
+# ----------------------------------------------------------------------------------------------
+
+def _flag_values(job: types.ModuleType, argv: list[str]) -> flags.FlagValues:
+    fv = flags.FlagValues()
+    if job.CONFIG is not None:
+        config_flags.DEFINE_config_file("config", None, job.CONFIG, flag_values=fv,
+                                        lock_config=True, sys_argv=argv)
+    job.define_flags(fv)
+    flags.DEFINE_integer("verbosity", 0, "0: tok1d's own lines; 1: also the INFO logs of "
+                         "orbax / absl / jax; 2: also DEBUG.", short_name="v", flag_values=fv)
+    return fv
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def help_text(job: types.ModuleType, prog: str, fv: flags.FlagValues) -> str:
+    """The usage line, the command's summary and its flags, one line each."""
+    summary = (job.__doc__ or "").strip().split("\n\n")[0]
+    lines = [f"usage: {prog} {job.USAGE}", "", _one_line(summary), "", "flags:"]
+    seen = []
+    for name in fv:
+        flag = fv[name]
+        if flag in seen:
+            continue
+        seen.append(flag)
+        left = (f"-{flag.short_name}, " if flag.short_name else "") + (
+            f"--[no]{flag.name}" if flag.boolean else f"--{flag.name}")
+        right = _one_line(flag.help)
+        if flag.name in job.REQUIRED:
+            right += " (required)"
+        elif flag.default not in (None, "") and not flag.boolean and flag.name != "config":
+            right += f" (default: {flag.default})"
+        elif flag.boolean and flag.default:
+            right += " (default: on)"
+        lines.append(f"  {left:<24} {right}")
+    if job.CONFIG is not None:
+        lines.append(f"  {'--config.KEY=VALUE':<24} Overrides one value of the config "
+                     "(e.g. --config.optim.lr=1e-4).")
+    lines.append(f"  {'-h, --help':<24} This list.")
+    return "\n".join(lines)
+
+
+def _config_path(args: Sequence[str]) -> Optional[str]:
+    for i, arg in enumerate(args):
+        if arg.startswith(("--config=", "-config=")):
+            return arg.split("=", 1)[1]
+        if arg in ("--config", "-config") and i + 1 < len(args):
+            return args[i + 1]
+    return None
+
+
+def load_config_file(spec: str):
+    """`get_config(ARG)` of a config file given as `FILE[:ARG]` (unlocked)."""
+    path, *arg = spec.split(":", 1)
+    if not os.path.isfile(path):
+        raise errors.UserError(f"config file not found: {path}")
+    module_spec = importlib.util.spec_from_file_location("tok1d_config_file", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(*arg)
+
+
+def _unknown_override(config_file: str, args: Sequence[str]) -> Optional[str]:
+    """The message for the first `--config.KEY` override naming no key of the config."""
+    try:
+        config = load_config_file(config_file)
+    except Exception:  # noqa: BLE001 - the config itself fails: reported by the caller
+        return None
+    for arg in args:
+        m = _OVERRIDE.match(arg)
+        if not m:
+            continue
+        node, done = config, []
+        for key in m.group(1).split("."):
+            if not isinstance(node, (ml_collections.ConfigDict, dict)) or key not in node:
+                known = list(node.keys()) if isinstance(node, (ml_collections.ConfigDict,
+                                                               dict)) else []
+                close = difflib.get_close_matches(key, known, n=1)
+                where = ".".join(done + [key])
+                hint = f" (did you mean {'.'.join(done + close[:1])!r}?)" if close else ""
+                return f"--config.{m.group(1)}: {where!r} is not a config key{hint}."
+            node, done = node[key], done + [key]
+    return None
+
+
+def _parse(job: types.ModuleType, prog: str, args: list[str]
+           ) -> tuple[flags.FlagValues, list[str]]:
+    """Parses `args` (raising UserError); the flags and the positional arguments."""
+    config_file = _config_path(args) if job.CONFIG is not None else None
+    if config_file is not None and not os.path.isfile(config_file.split(":", 1)[0]):
+        raise errors.UserError(f"config file not found: {config_file.split(':', 1)[0]}")
+    argv = [prog] + list(args)
+    fv = _flag_values(job, argv)
+    try:
+        rest = fv(argv)[1:]
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        bad = _unknown_override(config_file, args) if config_file else None
+        if bad:
+            raise errors.UserError(bad) from None
+        message = str(e)
+        if "Error whilst parsing config file" in message:  # get_config raised: its last line
+            last = [line.strip() for line in message.splitlines() if line.strip()][-1]
+            message = f"--config={config_file}: {last}"
+        raise errors.UserError(_one_line(message)) from None
+    if job.CONFIG is not None and fv["config"].value is not None:
+        try:
+            fv.config.keys()  # a config that failed to load raises on first access
+        except OSError as e:
+            raise errors.UserError(_one_line(e)) from None
+    for name in job.REQUIRED:
+        if fv[name].value in (None, ""):
+            raise errors.UserError(f"--{name} is required (see {prog} --help).")
+    if len(rest) > (1 if job.POSITIONAL else 0):
+        raise errors.UserError(f"unexpected arguments: {' '.join(rest)} (see {prog} --help).")
+    if job.POSITIONAL and not rest:
+        raise errors.UserError(f"{job.POSITIONAL} is required (see {prog} --help).")
+    return fv, rest
+
+
+# ----------------------------------------------------------------------------------------------
+# Console.
+# ----------------------------------------------------------------------------------------------
+
+class _ConsoleFilter(logging.Filter):
+    """tok1d's own INFO records always; other loggers' below WARNING only when verbose."""
+
+    def __init__(self, verbosity: int, below_warning: bool):
+        super().__init__()
+        self.verbosity, self.below_warning = verbosity, below_warning
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if (record.levelno < logging.WARNING) != self.below_warning:
+            return False
+        own = record.name == "root" or record.name.startswith("tok1d")
+        if record.levelno >= logging.WARNING:
+            return own or self.verbosity >= 1 or record.name != "py.warnings"
+        return (own and record.levelno >= logging.INFO) or self.verbosity >= 1
+
+
+class _ConsoleFormatter(logging.Formatter):
+    def __init__(self, verbosity: int):
+        super().__init__()
+        self.verbosity = verbosity
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.exc_info and self.verbosity >= 1:
+            message += "\n" + self.formatException(record.exc_info)
+        own = record.name == "root" or record.name.startswith("tok1d")
+        if record.levelno < logging.WARNING and own and self.verbosity == 0:
+            return message
+        return f"{record.levelname.lower()}: {'' if own else record.name + ': '}{message}"
+
+
+def setup_console(verbosity: int = 0) -> None:
+    """Routes logging to the console: tok1d's INFO lines to stdout, warnings and errors to
+    stderr, other libraries' INFO / DEBUG only with `verbosity` 1 / 2. Replaces the handlers
+    of an earlier call and the plain one `logging.basicConfig` adds (absl calls it)."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):  # ours of an earlier call; logging.basicConfig's
+        if getattr(handler, "tok1d_console", False) or type(handler) is logging.StreamHandler:
+            root.removeHandler(handler)
+    for stream, below in ((sys.stdout, True), (sys.stderr, False)):
+        handler = logging.StreamHandler(stream)
+        handler.tok1d_console = True
+        handler.addFilter(_ConsoleFilter(verbosity, below))
+        handler.setFormatter(_ConsoleFormatter(verbosity))
+        root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbosity >= 2 else logging.INFO)
+    logging.captureWarnings(True)
+    absl_logging.set_verbosity({0: "warning", 1: "info"}.get(verbosity, "debug"))
+    if not flags.FLAGS.is_parsed():  # libraries read absl's global flags: their defaults
+        flags.FLAGS.mark_as_parsed()
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors.
+# ----------------------------------------------------------------------------------------------
+
+def user_error_message(e: BaseException) -> Optional[str]:
+    """The one line to print for an error the user can fix, or None for a bug."""
+    if isinstance(e, ImportError):
+        missing = getattr(e, "name", None) or getattr(e.__cause__, "name", None) or ""
+        package = missing.split(".")[0]
+        if package not in OPTIONAL:
+            return None
+        if isinstance(e, ModuleNotFoundError):  # the bare import error: add the hint
+            return f"missing optional dependency {package!r}: {OPTIONAL[package]}"
+        return _one_line(e)  # the code raising it wrote the hint
+    if not isinstance(e, (errors.UserError, ValueError, OSError)):
+        return None
+    message = _one_line(e.args[0] if isinstance(e, KeyError) and e.args else e)
+    if isinstance(e, OSError) and e.filename and str(e.filename) not in message:
+        message = f"{message}: {e.filename}"
+    if type(e) in (errors.UserError, config_lib.ConfigError):
+        return message
+    return f"{message} ({type(e).__name__})"
+
+
+def run(job: types.ModuleType, argv: Optional[Sequence[str]] = None,
+        prog: Optional[str] = None) -> int:
+    """Runs command `job` on `argv` (the arguments, without the program name; default
+    sys.argv[1:]); returns the exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    prog = prog or f"python -m {getattr(job.__spec__, 'name', job.__name__)}"
+    _running[:] = [prog] + args
+    if any(a in _HELP for a in args):
+        fv = _flag_values(job, [prog])
+        print(help_text(job, prog, fv))
+        return 0
+    verbosity = 0
+    try:
+        fv, rest = _parse(job, prog, args)
+        verbosity = fv.verbosity
+        setup_console(verbosity)
+        job.execute(fv, rest)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - a user's error becomes one line, a bug re-raises
+        message = user_error_message(e)
+        if message is None or verbosity >= 2:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return getattr(e, "exit_code", 2)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# The `tok1d` tool.
+# ----------------------------------------------------------------------------------------------
+
+COMMANDS = {
+    "train": "train a tokenizer or generator from a config (as python -m tok1d.main)",
+    "prepare": "convert a folder of class subfolders of images into ArrayRecord shards",
+    "tokenize": "encode an image dataset into a token dataset with a trained tokenizer",
+    "sample": "sample class-conditional images with a trained generator",
+    "evaluate": "rFID / gFID, IS, precision / recall, PSNR, SSIM, LPIPS of a checkpoint",
+    "convert": "convert an official PyTorch checkpoint into a tok1d pretrained directory",
+    "bench": "speed, memory and MFU of a config's programs (random weights)",
+}
+
+
+def tool_help() -> str:
+    lines = [f"usage: {TOOL} COMMAND [flags]     ({TOOL} COMMAND --help lists its flags)", "",
+             "commands:"]
+    lines += [f"  {name:<10} {what}" for name, what in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def command_line() -> list[str]:
+    """The command being run, as typed (program and arguments), e.g. for result records."""
+    return list(_running)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The `tok1d` console script: `tok1d COMMAND [flags]`."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in _HELP:
+        print(tool_help())
+        return 0 if args else 2
+    name, rest = args[0], args[1:]
+    if name not in COMMANDS:
+        close = difflib.get_close_matches(name, list(COMMANDS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        print(f"error: unknown command {name!r}{hint}; commands: {', '.join(COMMANDS)}.",
+              file=sys.stderr)
+        return 2
+    return run(importlib.import_module(f"tok1d.cli.{name}"), rest, prog=f"{TOOL} {name}")

@@ -1,0 +1,74 @@
+"""Trains the tokenizer or generator of a config (`config.trainer`), resuming from the
+workdir's latest checkpoint.
+
+    tok1d train --config=configs/NAME.py --workdir=DIR [--config.key.sub=value ...]
+    python -m tok1d.main --config=configs/NAME.py --workdir=DIR [...]     (the same)
+
+Starts multi-host JAX when asked (`--config.distributed.coordinator_address=...`, or
+TOK1D_DISTRIBUTED=1 for auto-detection on TPU pods / SLURM), validates the config, and runs the
+trainer named by `config.trainer` ("tokenizer", "generator" or "demo").
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import jax
+from absl import flags
+
+from tok1d import errors
+from tok1d import parallel
+from tok1d.cli import app, demo
+from tok1d.train import loop
+from tok1d.train import generator
+from tok1d.train import tokenizer
+
+USAGE = "--config=FILE[:ARG] --workdir=DIR [--config.KEY=VALUE ...] [flags]"
+CONFIG = "Config file (get_config()); FILE:ARG passes ARG to get_config."
+REQUIRED = ("config", "workdir")
+POSITIONAL = ""
+TRAINERS = {"tokenizer": tokenizer.train_and_evaluate,
+            "generator": generator.train_and_evaluate,
+            "demo": demo.train_and_evaluate}
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results (a "
+                        "rerun resumes from it).", flag_values=fv)
+
+
+def check_workdir(workdir: str) -> None:
+    """A local workdir must be (or be creatable as) a writable directory; remote paths
+    (gs://...) are left to the checkpointer."""
+    if "://" in workdir:
+        return
+    path = os.path.abspath(workdir)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise errors.UserError(f"--workdir={workdir} is a file, not a directory.")
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise errors.UserError(f"--workdir={workdir}: {parent} is a file, not a directory.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise errors.UserError(f"--workdir={workdir}: {parent} is not writable.")
+
+
+def execute(fv: flags.FlagValues, args: list[str]) -> None:
+    del args
+    config = fv.config
+    check_workdir(fv.workdir)
+    if config.trainer not in TRAINERS:
+        raise errors.UserError(f"unknown trainer {config.trainer!r} (config.trainer); "
+                               f"known: {', '.join(sorted(TRAINERS))}.")
+    dist = config.distributed
+    parallel.setup_process(dist.coordinator_address, dist.num_processes, dist.process_id)
+    loop.log_fn()(f"JAX {jax.__version__}, process {jax.process_index()}/"
+                    f"{jax.process_count()}, {jax.device_count()} devices "
+                    f"({jax.devices()[0].platform}).")
+    TRAINERS[config.trainer](config, fv.workdir)  # validates the config before the workdir
+
+
+if __name__ == "__main__":
+    sys.exit(app.run(sys.modules[__name__]))
