@@ -43,7 +43,8 @@ def torch_checkpoint(official_keys, tmp_path_factory):
 def test_bin_checkpoint_converts_and_round_trips(torch_checkpoint, tmp_path):
     folder, sd = torch_checkpoint
     out = tmp_path / "converted"
-    assert convert_cli.main(["titok", str(folder / "tokenizer.bin"), str(out)]) == 0
+    assert convert_cli.main(["titok", "--checkpoint", str(folder / "tokenizer.bin"),
+                             "--out", str(out)]) == 0
     model, params = pretrained.load_pretrained(str(out))
     assert isinstance(model, TiTok) and model.decoder_head == "pixels"
     assert not model.legacy_reshape and model.codebook_size == sd["quantize.embedding.weight"].shape[0]
@@ -84,14 +85,17 @@ def test_bad_checkpoint_fails_with_the_list_and_writes_nothing(torch_checkpoint,
     bad["decoder.conv_out.weight"] = bad["decoder.conv_out.weight"][:2]
     torch.save(bad, tmp_path / "bad.bin")
     out = tmp_path / "never"
-    assert convert_cli.main(["titok", str(tmp_path / "bad.bin"), str(out)]) == 2
+    assert convert_cli.main(["titok", "--checkpoint", str(tmp_path / "bad.bin"),
+                             "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "decoder.ln_post.weight" in err and "decoder/conv_out/kernel" in err
     assert not out.exists()
     # An existing output is never overwritten.
     good = tmp_path / "good"
-    assert convert_cli.main(["titok", str(folder / "tokenizer.bin"), str(good)]) == 0
-    assert convert_cli.main(["titok", str(folder / "tokenizer.bin"), str(good)]) == 2
+    assert convert_cli.main(["titok", "--checkpoint", str(folder / "tokenizer.bin"),
+                             "--out", str(good)]) == 0
+    assert convert_cli.main(["titok", "--checkpoint", str(folder / "tokenizer.bin"),
+                             "--out", str(good)]) == 2
 
 
 def test_maskgit_vqgan_cli(fixtures_dir, tmp_path):
@@ -101,8 +105,8 @@ def test_maskgit_vqgan_cli(fixtures_dir, tmp_path):
                tmp_path / "vqgan.bin")
     # The released teacher has fixed sizes; this fixture is a reduced one, so the CLI (which
     # builds the released model) must refuse it with a shape list.
-    assert convert_cli.main(["maskgit_vqgan", str(tmp_path / "vqgan.bin"),
-                             str(tmp_path / "out")]) == 2
+    assert convert_cli.main(["maskgit_vqgan", "--checkpoint", str(tmp_path / "vqgan.bin"),
+                             "--out", str(tmp_path / "out")]) == 2
     from tok1d.weights.convert import vqgan
     from tok1d.models.tokenizers.vqgan import MaskGITVQGAN
     import json
@@ -133,8 +137,9 @@ def test_gigatok_checkpoint_prefers_ema_and_reproduces_codes(fixtures_dir, tmp_p
     config = dict(meta, image_size=images.shape[1])
     (tmp_path / "config.json").write_text(json.dumps(config))
     out = tmp_path / "gigatok"
-    assert convert_cli.main(["gigatok", str(tmp_path / "ckpt.pt"), str(out),
-                             "--config", str(tmp_path / "config.json")]) == 0
+    assert convert_cli.main(["gigatok", "--checkpoint", str(tmp_path / "ckpt.pt"),
+                             "--out", str(out),
+                             "--official_config", str(tmp_path / "config.json")]) == 0
     model, params = pretrained.load_pretrained(str(out))
     with jax.default_matmul_precision("highest"):
         _, aux = model.apply({"params": params}, jnp.asarray(images), method=model.encode)

@@ -32,7 +32,8 @@ def test_maskgit_cli_round_trip(fixtures_dir, tmp_path, name):
     ckpt, cfg, out = tmp_path / "gen.npz", tmp_path / "config.json", str(tmp_path / "out")
     _write_sd(z, f"{name}/sd/", ckpt)
     cfg.write_text(str(z[f"{name}/config"]))
-    assert convert_main(["maskgit", str(ckpt), out, "--config", str(cfg)]) == 0
+    assert convert_main(["maskgit", "--checkpoint", str(ckpt), "--out", out,
+                         "--official_config", str(cfg)]) == 0
     model, params = pretrained.load_pretrained(out)
     with jax.default_matmul_precision("highest"):
         logits = model.apply({"params": params}, z[f"{name}/in/input_ids"].astype(np.int32),
@@ -46,12 +47,14 @@ def test_gpt_cli_round_trip_and_errors(fixtures_dir, tmp_path, capsys):
     heads = json.loads(str(z["meta_json"]))["gpt"]["n_head"]
     ckpt, out = tmp_path / "gpt.npz", str(tmp_path / "out")
     _write_sd(z, "gpt_sd/", ckpt)
-    assert convert_main(["gpt", str(ckpt), out, "--num_heads", str(heads)]) == 0
+    assert convert_main(["gpt", "--checkpoint", str(ckpt), "--out", out,
+                         "--num_heads", str(heads)]) == 0
     model, params = pretrained.load_pretrained(out)
     with jax.default_matmul_precision("highest"):
         logits = model.apply({"params": params}, z["gpt/input_codes"].astype(np.int32),
                              z["gpt/labels"].astype(np.int32))
     assert rel_err(logits, z["gpt/logits_teacher_forced"]) < 2e-5
     # A released size name that does not fit the checkpoint is refused, nothing is written.
-    assert convert_main(["gpt", str(ckpt), str(tmp_path / "bad"), "--size", "B"]) == 2
+    assert convert_main(["gpt", "--checkpoint", str(ckpt), "--out", str(tmp_path / "bad"),
+                         "--size", "B"]) == 2
     assert "size 'B'" in capsys.readouterr().err and not os.path.exists(tmp_path / "bad")

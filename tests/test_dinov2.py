@@ -172,7 +172,7 @@ def test_gigatok_teacher_from_the_official_file_or_a_converted_directory(tmp_pat
     path = str(tmp_path / "dinov2_tiny_pretrain.npz")
     np.savez(path, **sd)
     out = str(tmp_path / "dinov2_dir")
-    assert convert_main(["dinov2", path, out, "--pos_grid", "8"]) == 0
+    assert convert_main(["dinov2", "--checkpoint", path, "--out", out, "--pos_grid", "8"]) == 0
     config = recipes.gigatok("s_s")
     config.data.image_size = 128  # GigaTok S-S at 128 px: an 8x8 decoder grid
     student = tokenizer.build_model(config)

@@ -225,7 +225,7 @@ def test_cli_roundtrip_random_weights(model_and_random_params, forward, tmp_path
     assert sd["Mixed_7c.branch3x3dbl_3b.conv.weight"].shape == (384, 384, 3, 1)
     path = _save_state_dict(sd, str(tmp_path / "pt_inception-2015-12-05-6726825d"))
     out = tmp_path / "inception_fid"
-    assert convert_main(["inception_fid", path, str(out)]) == 0
+    assert convert_main(["inception_fid", "--checkpoint", path, "--out", str(out)]) == 0
     loaded_model, loaded = I.load_inception(str(out))
     assert isinstance(loaded_model, I.FIDInceptionV3) and loaded_model.resize_input
     assert pretrained.read_model_spec(str(out))["name"] == "inception_fid"
@@ -265,7 +265,7 @@ def test_wrong_weight_files_are_refused(model_and_random_params, tmp_path, capsy
     torchvision_like["AuxLogits.fc.weight"] = np.zeros((1000, 768), np.float32)
     path = _save_state_dict(torchvision_like, str(tmp_path / "inception_v3_google-0cc3c7bd"))
     out = tmp_path / "out_tv"
-    assert convert_main(["inception_fid", path, str(out)]) == 2
+    assert convert_main(["inception_fid", "--checkpoint", path, "--out", str(out)]) == 2
     err = capsys.readouterr().err
     for needle in ("torchvision", "AuxLogits", "not the FID Inception",
                    "pt_inception-2015-12-05-6726825d.pth", "github.com/mseitzer/pytorch-fid"):
@@ -284,7 +284,8 @@ def test_wrong_weight_files_are_refused(model_and_random_params, tmp_path, capsy
                    "fc/bias: model expects (1008,)"):
         assert needle in msg, (needle, msg)
     path = _save_state_dict(truncated, str(tmp_path / "truncated"))
-    assert convert_main(["inception_fid", path, str(tmp_path / "out_trunc")]) == 2
+    assert convert_main(["inception_fid", "--checkpoint", path,
+                         "--out", str(tmp_path / "out_trunc")]) == 2
     assert "Mixed_6c.branch1x1.conv.weight" in capsys.readouterr().err
     assert not (tmp_path / "out_trunc").exists()
 
@@ -298,7 +299,8 @@ def test_wrong_weight_files_are_refused(model_and_random_params, tmp_path, capsy
     vgg = {"features.0.weight": np.zeros((64, 3, 3, 3), np.float32),
            "features.0.bias": np.zeros((64,), np.float32)}
     path = _save_state_dict(vgg, str(tmp_path / "vgg16"))
-    assert convert_main(["inception_fid", path, str(tmp_path / "out_vgg")]) == 2
+    assert convert_main(["inception_fid", "--checkpoint", path,
+                         "--out", str(tmp_path / "out_vgg")]) == 2
     err = capsys.readouterr().err
     assert "not an Inception-v3 state dict" in err and "features.0.weight" in err
     assert not (tmp_path / "out_vgg").exists()

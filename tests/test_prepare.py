@@ -186,8 +186,8 @@ def test_cli(tree, tmp_path):
     out = str(tmp_path / "cli_out")
     env = dict(os.environ, PYTHONPATH=REPO_ROOT)
     proc = subprocess.run(
-        [sys.executable, "-m", "tok1d.data.prepare", f"--input={root}",
-         f"--output={out}", "--workers=2"],
+        [sys.executable, "-m", "tok1d.cli.prepare", f"--input={root}",
+         f"--out={out}", "--workers=2"],
         env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert f"skipped (could not decode): {len(BAD_FILES)}" in proc.stdout

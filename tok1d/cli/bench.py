@@ -1,4 +1,4 @@
-"""Speed, memory and MFU of any config's real programs, with random weights.
+r"""Speed, memory and MFU of any config's real programs, with random weights.
 
     tok1d bench --config=configs/titok_l32_stage1.py --workload=train [--batch_size=64]
     tok1d bench --config=configs/gigatok_b_l.py --workload=encode --batch_size=64

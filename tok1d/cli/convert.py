@@ -1,14 +1,16 @@
-"""Converts official PyTorch checkpoints into tok1d pretrained directories.
+r"""Converts official PyTorch checkpoints into tok1d pretrained directories.
 
     tok1d convert titok --checkpoint=tokenizer_titok_l32.bin --out=titok_l32/
-    tok1d convert titok --checkpoint=model.safetensors --out=titok_bl64/ --official_config=config.json
+    tok1d convert titok --checkpoint=model.safetensors --out=titok_bl64/ \
+        --official_config=config.json
     tok1d convert maskgit_vqgan --checkpoint=maskgit-vqgan-imagenet-f16-256.bin --out=maskgit_vqgan/
     tok1d convert gigatok --checkpoint=GigaTok_BL256.pt --out=gigatok_b_l/ --preset=b_l
     tok1d convert gigatok --checkpoint=ckpt.pt --out=out/ --official_config=VQ_BL256.yaml
     tok1d convert dinov2 --checkpoint=dinov2_vitb14_pretrain.pth --out=dinov2_b/ --pos_grid=16
     tok1d convert maskgit --checkpoint=generator_titok_l32.bin --out=maskgit_l32/   # TiTok's
     tok1d convert gpt --checkpoint=GPT_B_256.pt --out=gpt_b/ [--size=B] [--weights=ema]   # GigaTok
-    tok1d convert inception_fid --checkpoint=pt_inception-2015-12-05-6726825d.pth --out=inception_fid/
+    tok1d convert inception_fid --checkpoint=pt_inception-2015-12-05-6726825d.pth \
+        --out=inception_fid/
     tok1d convert lpips --vgg=vgg16-397923af.pth --checkpoint=vgg.pth --out=perceptual/
     tok1d convert convnext_s --checkpoint=convnext_small-0c510722.pth --out=perceptual/
 

@@ -1,4 +1,4 @@
-"""Evaluation jobs: the numbers of the papers' tables, measured by tok1d on accelerators.
+r"""Evaluation jobs: the numbers of the papers' tables, measured by tok1d on accelerators.
 
     # Tokenizer (config with trainer "tokenizer"): rFID, IS, precision / recall, PSNR, SSIM,
     # LPIPS, codebook usage / perplexity over data.eval_split (the papers: 50k ImageNet val).
@@ -23,8 +23,8 @@ converted pretrained directory, checked against the config's model. Without --co
 defaults of `tok1d.train.config_lib.base_config()` apply; --inception / --reference set
 config.evaluation.inception / .reference (with --config, any key: --config.a.b=v).
 Writes OUT/metrics.json, OUT/report.md with the PNG grids beside it, and TensorBoard events.
-The FID Inception must be converted once:
-`tok1d convert inception_fid --checkpoint=pt_inception-2015-12-05-6726825d.pth --out=inception_fid/`.
+The FID Inception must be converted once: `tok1d convert inception_fid
+--checkpoint=pt_inception-2015-12-05-6726825d.pth --out=inception_fid/`.
 """
 
 from __future__ import annotations

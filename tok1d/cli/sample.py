@@ -1,4 +1,4 @@
-"""Class-conditional sampling with a trained generator, decoded to pixels by its tokenizer.
+r"""Class-conditional sampling with a trained generator, decoded to pixels by its tokenizer.
 
     tok1d sample --config=configs/maskgit_titok_l32.py --checkpoint=WORKDIR_OR_DIR \
         --tokenizer=titok_l32/ --num_images=50000 --out=samples_l32/ [--config.sampling.x=v]

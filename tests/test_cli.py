@@ -1,0 +1,171 @@
+"""The `tok1d` tool (`tok1d.cli.app`): every command's --help, one-line user errors, the quiet
+console, and `python -m tok1d.main` (the design card's command). Fast: nothing trains."""
+
+import importlib
+import logging
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+
+from conftest import REPO, subprocess_env
+from tok1d import errors
+from tok1d.cli import app, convert, train
+from tok1d.train import common
+
+TINY = os.path.join(REPO, "configs", "tiny_test.py")
+
+
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """`app.run` installs console handlers on the root logger: undo it after each test."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    logging.captureWarnings(False)
+
+
+def one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.mark.parametrize("name", list(app.COMMANDS))
+def test_every_command_lists_its_flags_one_line_each(name, capsys):
+    assert app.main([name, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: tok1d {name} ")
+    listed = out.split("\nflags:\n", 1)[1].splitlines()
+    assert all(line.startswith("  -") for line in listed), out
+    job = importlib.import_module(f"tok1d.cli.{name}")
+    fv = app._flag_values(job, ["tok1d"])
+    names = {fv[n].name for n in fv}
+    for flag in names:  # each flag once, with a description on its line
+        rows = [line for line in listed
+                if line[:26].strip().endswith((f"--{flag}", f"--[no]{flag}"))]
+        assert len(rows) == 1 and rows[0][26:].strip(), (flag, out)
+    assert len(listed) == len(names) + 1 + (job.CONFIG is not None), out  # + --help, overrides
+    for library_flag in ("--logtostderr", "--only_check_args", "--jax_", "--flagfile"):
+        assert library_flag not in out  # not absl's dump of every library flag
+
+
+def test_tool_lists_commands_and_rejects_unknown_ones(capsys):
+    assert app.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"  {name} " in out for name in app.COMMANDS)
+    assert app.main(["tokenise"]) == 2
+    assert "did you mean 'tokenize'" in one_error_line(capsys.readouterr().err)
+
+
+def test_entry_points():
+    with open(os.path.join(REPO, "setup.py"), encoding="utf-8") as f:
+        assert '"tok1d = tok1d.cli.app:main"' in f.read()
+    for name in app.COMMANDS:  # the protocol of tok1d.cli.app
+        job = importlib.import_module(f"tok1d.cli.{name}")
+        for attr in ("USAGE", "CONFIG", "REQUIRED", "POSITIONAL", "define_flags", "execute"):
+            assert hasattr(job, attr), (name, attr)
+
+
+def test_mistyped_override_is_one_line_naming_the_key(tmp_path, capsys):
+    args = [f"--config={TINY}", f"--workdir={tmp_path}", "--config.optim.lrr=0.1"]
+    assert app.run(train, args) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "optim.lrr" in line and "did you mean 'optim.lr'" in line
+    assert app.run(train, [f"--config={TINY}", f"--workdir={tmp_path}",
+                           "--config.optimm.lr=0.1"]) == 2
+    assert "'optimm' is not a config key" in one_error_line(capsys.readouterr().err)
+    assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--config=configs/nope.py", "--workdir=W"], "config file not found: configs/nope.py"),
+    ([f"--config={TINY}:extra", "--workdir=W"], "get_config() takes 0 positional arguments"),
+    ([f"--config={TINY}"], "--workdir is required"),
+    ([f"--config={TINY}", "--workdir=W", "--wrokdir=X"], "Unknown command line flag 'wrokdir'"),
+    ([f"--config={TINY}", "--workdir=W", "--config.optim.lr=fast"], "--config.optim.lr=fast"),
+    ([f"--config={TINY}", "--workdir=W", "stray"], "unexpected arguments: stray"),
+])
+def test_bad_command_lines_are_one_line(args, needle, capsys):
+    assert app.run(train, args) == 2
+    assert needle in one_error_line(capsys.readouterr().err)
+
+
+def test_workdir_that_is_a_file(tmp_path, capsys):
+    path = tmp_path / "file"
+    path.write_text("")
+    assert app.run(train, [f"--config={TINY}", f"--workdir={path}"]) == 2
+    assert "is a file, not a directory" in one_error_line(capsys.readouterr().err)
+
+
+def test_missing_optional_dependency(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` fails
+    ckpt = tmp_path / "tokenizer.bin"
+    ckpt.write_bytes(b"")
+    assert convert.main(["titok", f"--checkpoint={ckpt}", f"--out={tmp_path / 'out'}"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "PyTorch" in line and "pip install 'tok1d[convert]'" in line
+    assert not (tmp_path / "out").exists()
+    bare = ModuleNotFoundError("No module named 'safetensors'", name="safetensors")
+    assert "pip install safetensors" in app.user_error_message(bare)
+    assert app.user_error_message(ModuleNotFoundError("x", name="tok1d.nope")) is None  # a bug
+
+
+def _job(execute):
+    return types.SimpleNamespace(__name__="job", __spec__=None, __doc__="A job.", USAGE="",
+                                 CONFIG=None, REQUIRED=(), POSITIONAL="",
+                                 define_flags=lambda fv: None, execute=execute)
+
+
+def test_nonfinite_loss_is_one_line_with_exit_status_1(capsys):
+    def execute(fv, args):
+        common.check_finite(5, False, 4)
+    assert app.run(_job(execute), []) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert "NaN/Inf at step 5" in line and "last good checkpoint (step 4)" in line
+    assert "NonFiniteLossError" in line
+
+
+def test_bugs_keep_their_traceback():
+    def execute(fv, args):
+        raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"):
+        app.run(_job(execute), [])
+    assert issubclass(common.NonFiniteLossError, errors.UserError)
+
+
+def test_console_shows_tok1d_lines_and_hides_library_info(capsys):
+    def execute(fv, args):
+        logging.getLogger("tok1d.train.checkpoint").info("checkpoint saved at step 4")
+        logging.info("Model titok: 0.04M parameters")
+        logging.getLogger("absl").info("orbax internals")
+        logging.getLogger("jax._src.xla_bridge").warning("a real warning")
+    assert app.run(_job(execute), []) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines() == ["checkpoint saved at step 4", "Model titok: 0.04M parameters"]
+    assert "orbax internals" not in out + err and "a real warning" in err
+    assert app.run(_job(execute), ["--verbosity=1"]) == 0
+    out, err = capsys.readouterr()
+    assert "orbax internals" in out and "checkpoint saved at step 4" in out
+
+
+def test_python_m_main_still_parses(tmp_path):
+    fv, rest = app._parse(train, "python -m tok1d.main",
+                          [f"--config={TINY}", f"--workdir={tmp_path}", "--config.optim.lr=0.5",
+                           "--config.total_steps=3"])
+    assert rest == [] and fv.workdir == str(tmp_path)
+    assert fv.config.optim.lr == 0.5 and fv.config.total_steps == 3
+    run = subprocess.run([sys.executable, "-m", "tok1d.main", "--help"], env=subprocess_env(1),
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.startswith("usage: python -m tok1d.main --config=")
+    assert "--workdir" in run.stdout
+    bad = subprocess.run([sys.executable, "-m", "tok1d.main", f"--config={TINY}",
+                          f"--workdir={tmp_path}", "--config.optim.lrr=0.1"],
+                         env=subprocess_env(1), capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "optim.lrr" in one_error_line(bad.stderr)
