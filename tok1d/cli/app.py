@@ -12,13 +12,17 @@ A command is a module of `tok1d.cli` with
 the command's flags, one line each), sets up the console, runs the job and turns the errors a
 user can fix into one `error: ...` line and a non-zero exit status: a bad or unknown flag, a
 mistyped `--config.KEY` override, a missing config file, an invalid config, a missing input,
-a missing optional dependency, a non-finite loss. Anything else is a bug and keeps its
-traceback.
+a missing optional dependency, a non-finite loss (`tok1d.errors.UserError` and its subclasses,
+and the ValueErrors / OSErrors the libraries raise for bad inputs). Anything else is a bug and
+keeps its traceback (`--verbosity=2` shows the traceback of every error).
 
 The console: the lines tok1d writes itself (progress with steps/s and ETA, evaluations,
 "checkpoint saved at step N", and INFO records of the root and `tok1d.*` loggers) on stdout;
 other libraries' records (orbax, absl, jax, grain) only from WARNING on, unless
 `--verbosity=1` (their INFO too) or `--verbosity=2` (DEBUG).
+
+`main` is the `tok1d` console script (`tok1d COMMAND [flags]`, also `python -m tok1d.cli`);
+`python -m tok1d.cli.COMMAND` and `python -m tok1d.main` (= train) run one command.
 """
 
 from __future__ import annotations
@@ -62,7 +66,8 @@ def _flag_values(job: types.ModuleType, argv: list[str]) -> flags.FlagValues:
                                         lock_config=True, sys_argv=argv)
     job.define_flags(fv)
     flags.DEFINE_integer("verbosity", 0, "0: tok1d's own lines; 1: also the INFO logs of "
-                         "orbax / absl / jax; 2: also DEBUG.", short_name="v", flag_values=fv)
+                         "orbax / absl / jax; 2: also DEBUG, and errors with their traceback.",
+                         short_name="v", flag_values=fv)
     return fv
 
 
@@ -106,11 +111,17 @@ def _config_path(args: Sequence[str]) -> Optional[str]:
     return None
 
 
-def load_config_file(spec: str):
-    """`get_config(ARG)` of a config file given as `FILE[:ARG]` (unlocked)."""
-    path, *arg = spec.split(":", 1)
+def _existing_config_file(spec: str) -> str:
+    """The file of a `FILE[:ARG]` config argument; UserError when it does not exist."""
+    path = spec.split(":", 1)[0]
     if not os.path.isfile(path):
         raise errors.UserError(f"config file not found: {path}")
+    return path
+
+
+def load_config_file(spec: str):
+    """`get_config(ARG)` of a config file given as `FILE[:ARG]` (unlocked)."""
+    path, arg = _existing_config_file(spec), spec.split(":", 1)[1:]
     module_spec = importlib.util.spec_from_file_location("tok1d_config_file", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
@@ -144,8 +155,8 @@ def _parse(job: types.ModuleType, prog: str, args: list[str]
            ) -> tuple[flags.FlagValues, list[str]]:
     """Parses `args` (raising UserError); the flags and the positional arguments."""
     config_file = _config_path(args) if job.CONFIG is not None else None
-    if config_file is not None and not os.path.isfile(config_file.split(":", 1)[0]):
-        raise errors.UserError(f"config file not found: {config_file.split(':', 1)[0]}")
+    if config_file is not None:
+        _existing_config_file(config_file)
     argv = [prog] + list(args)
     fv = _flag_values(job, argv)
     try:
@@ -154,10 +165,12 @@ def _parse(job: types.ModuleType, prog: str, args: list[str]
         bad = _unknown_override(config_file, args) if config_file else None
         if bad:
             raise errors.UserError(bad) from None
-        message = str(e)
+        message = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
         if "Error whilst parsing config file" in message:  # get_config raised: its last line
             last = [line.strip() for line in message.splitlines() if line.strip()][-1]
             message = f"--config={config_file}: {last}"
+        elif not isinstance(e, flags.Error):  # raised by the config file itself
+            message = f"--config={config_file}: {type(e).__name__}: {message}"
         raise errors.UserError(_one_line(message)) from None
     if job.CONFIG is not None and fv["config"].value is not None:
         try:

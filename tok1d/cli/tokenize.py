@@ -48,6 +48,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 
+from tok1d import errors
 from tok1d import images as images_lib
 from tok1d import parallel
 from tok1d.cli import app
@@ -622,7 +623,11 @@ def execute(fv: flags.FlagValues, args: list[str]) -> None:
     del args
     parallel.setup_process(fv.coordinator_address, fv.num_processes, fv.process_id)
     # The data first: a wrong name fails before a large checkpoint is read.
-    source = resolve_source(fv.data, fv.split, data_dir=fv.data_dir, image_size=fv.image_size)
+    try:
+        source = resolve_source(fv.data, fv.split, data_dir=fv.data_dir,
+                                image_size=fv.image_size)
+    except KeyError as e:  # an unknown split of a prepared directory
+        raise errors.UserError(e.args[0] if e.args else str(e)) from None
     overrides = {"dtype": fv.dtype} if fv.dtype else {}
     model, params = load_tokenizer(fv.tokenizer, **overrides)
     desc = describe_tokenizer(fv.tokenizer)

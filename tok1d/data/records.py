@@ -1,7 +1,7 @@
 """On-disk record format for image datasets prepared by tok1d.
 
 A prepared dataset is a directory holding ArrayRecord shards plus a
-``dataset_info.json`` file, written by ``python -m tok1d.data.prepare``::
+``dataset_info.json`` file, written by ``tok1d prepare`` (`tok1d.cli.prepare`)::
 
     OUTPUT/
         dataset_info.json
@@ -201,7 +201,7 @@ def read_info(directory: str) -> dict[str, Any]:
         ValueError: If the info file is not a tok1d dataset description.
     """
     info = read_format_json(directory, INFO_FILENAME, FORMAT_VERSION, "Dataset",
-                            "python -m tok1d.data.prepare")
+                            "tok1d prepare")
     if "class_names" not in info or "splits" not in info:
         path = os.path.join(directory, INFO_FILENAME)
         raise ValueError(f"{path!r} lacks 'class_names' or 'splits'.")

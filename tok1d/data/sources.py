@@ -8,7 +8,7 @@ images are decoded (and augmented) later, in the grain pipeline, on the host tha
                          upscaled to RGB: a tiny class-labelled set for generator demos
   "tfds:<name>"          a TFDS dataset prepared in array_record format, read with
                          `tfds.data_source` (no TensorFlow): ImageNet-1k is "tfds:imagenet2012"
-  "array_record:<dir>"   a folder prepared by `python -m tok1d.data.prepare`
+  "array_record:<dir>"   a folder prepared by `tok1d prepare`
 """
 
 from __future__ import annotations

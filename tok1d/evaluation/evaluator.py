@@ -46,7 +46,8 @@ NO_REFERENCE = ("gFID needs a reference: evaluation.reference (--reference=FILE:
 _HOW_TO_GET_INCEPTION = (
     "FID / IS / precision-recall need the FID InceptionV3: download pytorch-fid's "
     "pt_inception-2015-12-05-6726825d.pth (github.com/mseitzer/pytorch-fid releases), convert "
-    "it with `python -m tok1d.cli.convert inception_fid pt_inception-2015-12-05-6726825d.pth DIR` "
+    "it with `python -m tok1d.cli.convert inception_fid "
+    "--checkpoint=pt_inception-2015-12-05-6726825d.pth --out=DIR` "
     "and pass --config.evaluation.inception=DIR")
 
 

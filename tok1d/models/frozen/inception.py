@@ -400,8 +400,8 @@ def load_inception(path: str, **model_overrides: Any) -> tuple[FIDInceptionV3, d
     from tok1d.weights import pretrained
 
     how = (f"Download pytorch-fid's FID Inception weights {FID_WEIGHTS_FILE} ({FID_WEIGHTS_URL}) "
-           f"and convert them: `python -m tok1d.cli.convert {REGISTRY_NAME} {FID_WEIGHTS_FILE} "
-           f"{path or 'inception_fid/'}`.")
+           f"and convert them: `python -m tok1d.cli.convert {REGISTRY_NAME} "
+           f"--checkpoint={FID_WEIGHTS_FILE} --out={path or 'inception_fid/'}`.")
     spec = pretrained.read_model_spec(path) if path and os.path.isdir(path) else None
     if spec is None:
         raise FileNotFoundError(f"No converted FID Inception weights at {path!r}. {how}")

@@ -1,6 +1,7 @@
-"""pytorch-fid's FID Inception weights -> `tok1d.models.frozen.inception.FIDInceptionV3` params.
+r"""pytorch-fid's FID Inception weights -> `tok1d.models.frozen.inception.FIDInceptionV3` params.
 
-    python -m tok1d.cli.convert inception_fid pt_inception-2015-12-05-6726825d.pth inception_fid/
+    tok1d convert inception_fid --checkpoint=pt_inception-2015-12-05-6726825d.pth \
+        --out=inception_fid/
 
 The source is pytorch-fid's release file `pt_inception-2015-12-05-6726825d.pth`
 (https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/...), the state dict of
