@@ -144,14 +144,17 @@ def test_console_shows_tok1d_lines_and_hides_library_info(capsys):
         logging.getLogger("tok1d.train.checkpoint").info("checkpoint saved at step 4")
         logging.info("Model titok: 0.04M parameters")
         logging.getLogger("absl").info("orbax internals")
+        logging.getLogger("absl").warning("Metadata file does not exist")
         logging.getLogger("jax._src.xla_bridge").warning("a real warning")
     assert app.run(_job(execute), []) == 0
     out, err = capsys.readouterr()
     assert out.splitlines() == ["checkpoint saved at step 4", "Model titok: 0.04M parameters"]
-    assert "orbax internals" not in out + err and "a real warning" in err
+    assert "orbax internals" not in out + err and "Metadata" not in out + err
+    assert "a real warning" in err
     assert app.run(_job(execute), ["--verbosity=1"]) == 0
     out, err = capsys.readouterr()
     assert "orbax internals" in out and "checkpoint saved at step 4" in out
+    assert "Metadata file does not exist" in err
 
 
 def test_python_m_main_still_parses(tmp_path):

@@ -18,8 +18,9 @@ keeps its traceback (`--verbosity=2` shows the traceback of every error).
 
 The console: the lines tok1d writes itself (progress with steps/s and ETA, evaluations,
 "checkpoint saved at step N", and INFO records of the root and `tok1d.*` loggers) on stdout;
-other libraries' records (orbax, absl, jax, grain) only from WARNING on, unless
-`--verbosity=1` (their INFO too) or `--verbosity=2` (DEBUG).
+other libraries' records (orbax, absl, jax, grain) only from WARNING on (orbax's and grain's
+absl records and Python warnings from ERROR on), unless `--verbosity=1` (their INFO too) or
+`--verbosity=2` (DEBUG).
 
 `main` is the `tok1d` console script (`tok1d COMMAND [flags]`, also `python -m tok1d.cli`);
 `python -m tok1d.cli.COMMAND` and `python -m tok1d.main` (= train) run one command.
@@ -192,7 +193,9 @@ def _parse(job: types.ModuleType, prog: str, args: list[str]
 # ----------------------------------------------------------------------------------------------
 
 class _ConsoleFilter(logging.Filter):
-    """tok1d's own INFO records always; other loggers' below WARNING only when verbose."""
+    """tok1d's own INFO records always; other libraries' warnings (but absl's, which orbax and
+    grain log their internals to, and Python's `warnings`) and errors always; the rest only
+    when verbose."""
 
     def __init__(self, verbosity: int, below_warning: bool):
         super().__init__()
@@ -203,7 +206,8 @@ class _ConsoleFilter(logging.Filter):
             return False
         own = record.name == "root" or record.name.startswith("tok1d")
         if record.levelno >= logging.WARNING:
-            return own or self.verbosity >= 1 or record.name != "py.warnings"
+            quiet = record.name in ("absl", "py.warnings") and record.levelno < logging.ERROR
+            return own or self.verbosity >= 1 or not quiet
         return (own and record.levelno >= logging.INFO) or self.verbosity >= 1
 
 

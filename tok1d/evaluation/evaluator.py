@@ -89,7 +89,7 @@ def load_metric_nets(ecfg, perceptual_weights: str = "", log=print) -> MetricNet
         nets.notes.append("LPIPS weights are RANDOM (evaluation.allow_random_init).")
     else:
         nets.notes.append("LPIPS needs the converted LPIPS-VGG weights (python -m "
-                          "tok1d.weights.convert.perceptual lpips ...; --config.evaluation.lpips=DIR).")
+                          "tok1d.cli.convert lpips ...; --config.evaluation.lpips=DIR).")
     if size != inception_lib.INPUT_SIZE:
         nets.notes.append(f"The Inception sees {size}-px images (evaluation.inception_size), "
                           "not the 299 px that define FID: not comparable with published FIDs.")

@@ -28,7 +28,7 @@ official LPIPS linear layers are `Dropout(0.5) -> 1x1 conv`. Metrics and TiTok u
 active. With a rate > 0 the loss takes keep masks per layer (`apply(..., keep=KeepFn)`, default
 draw `bernoulli_keep`), so a trainer can replay recorded draws (`tok1d.objectives.draws`).
 
-Weights: convert once with `python -m tok1d.cli.convert.perceptual` (see `tok1d.weights.convert.perceptual`)
+Weights: convert once with `tok1d convert lpips|convnext_s` (see `tok1d.weights.convert.perceptual`)
 and pass the output directory (or the .npz file) as `weights`.
 
 Existing JAX LPIPS packages on PyPI (downloaded and read; verdict: none is used):
@@ -86,14 +86,13 @@ _HOW_TO_CONVERT = {
         "LPIPS needs torchvision's ImageNet VGG16 weights (vgg16-397923af.pth, the file "
         "torchvision.models.vgg16(weights='IMAGENET1K_V1') downloads) and the LPIPS v0.1 linear "
         "layers (lpips/weights/v0.1/vgg.pth inside the `lpips` pip package). Convert them once: "
-        "`python -m tok1d.cli.convert.perceptual --kind lpips --vgg vgg16-397923af.pth --lpips vgg.pth "
-        "--out DIR`"),
+        "`python -m tok1d.cli.convert lpips --vgg=vgg16-397923af.pth --checkpoint=vgg.pth "
+        "--out=DIR`"),
     "convnext_s": (
         "The ConvNeXt loss needs torchvision's convnext_small IMAGENET1K_V1 weights "
         "(convnext_small-0c510722.pth, the file torchvision.models.convnext_small("
-        "weights='IMAGENET1K_V1') downloads). Convert them once: `python -m "
-        "tok1d.weights.convert.perceptual --kind convnext_s --weights convnext_small-0c510722.pth "
-        "--out DIR`"),
+        "weights='IMAGENET1K_V1') downloads). Convert them once: `python -m tok1d.cli.convert "
+        "convnext_s --checkpoint=convnext_small-0c510722.pth --out=DIR`"),
 }
 
 
@@ -299,7 +298,7 @@ def make_perceptual(kind: str, weights: Optional[str], allow_random_init: bool =
                     lpips_dropout: float = 0.0) -> PerceptualLoss:
     """Builds a perceptual loss with frozen pretrained params.
 
-    `weights`: the directory written by `python -m tok1d.cli.convert.perceptual` (holding
+    `weights`: the directory written by `tok1d convert lpips|convnext_s` (holding
     lpips_vgg16.npz and/or convnext_small.npz), a single converted .npz, or for the combined kind
     two .npz paths joined by a comma. With `weights=None` this raises `MissingPerceptualWeights`
     (saying which files are needed and how to convert them) unless `allow_random_init` (tests),
