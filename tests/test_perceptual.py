@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import rel_err
+from tok1d.cli import convert as convert_cli
 from tok1d.objectives import perceptual as P
 from tok1d.weights.convert import perceptual as CP
 from tok1d.weights.convert.common import ConversionError
@@ -103,8 +104,8 @@ def test_lpips_converter_cli_roundtrip_and_errors(lpips_fixture, tmp_path):
     np.savez(tmp_path / "vgg16.npz", **vgg)
     np.savez(tmp_path / "vgg.npz", **lins)
     out = tmp_path / "weights"
-    assert CP.main(["--kind", "lpips", "--vgg", str(tmp_path / "vgg16.npz"),
-                    "--lpips", str(tmp_path / "vgg.npz"), "--out", str(out)]) == 0
+    assert convert_cli.main(["lpips", "--vgg", str(tmp_path / "vgg16.npz"),
+                             "--checkpoint", str(tmp_path / "vgg.npz"), "--out", str(out)]) == 0
     meta = P.read_meta(str(out / P.WEIGHT_FILES["lpips"]))
     assert meta["component"] == "lpips" and len(meta["sources"]) == 2
     loss = P.make_perceptual("lpips", str(out))
