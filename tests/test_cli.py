@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO, subprocess_env
 from tok1d import errors
 from tok1d.cli import app, convert, train
-from tok1d.train import common
+from tok1d.train import loop
 
 TINY = os.path.join(REPO, "configs", "tiny_test.py")
 
@@ -124,7 +124,7 @@ def _job(execute):
 
 def test_nonfinite_loss_is_one_line_with_exit_status_1(capsys):
     def execute(fv, args):
-        common.check_finite(5, False, 4)
+        loop.check_finite(5, False, 4)
     assert app.run(_job(execute), []) == 1
     line = one_error_line(capsys.readouterr().err)
     assert "NaN/Inf at step 5" in line and "last good checkpoint (step 4)" in line
@@ -136,7 +136,7 @@ def test_bugs_keep_their_traceback():
         raise RuntimeError("boom")
     with pytest.raises(RuntimeError, match="boom"):
         app.run(_job(execute), [])
-    assert issubclass(common.NonFiniteLossError, errors.UserError)
+    assert issubclass(loop.NonFiniteLossError, errors.UserError)
 
 
 def test_console_shows_tok1d_lines_and_hides_library_info(capsys):
