@@ -19,9 +19,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def trainers():
     from tok1d.cli import demo
+    from tok1d.probes import ar
     from tok1d.train import generator
     from tok1d.train import tokenizer
-    return {"tokenizer": tokenizer.train_and_evaluate,
+    return {"tokenizer": lambda c, w: tokenizer.train_and_evaluate(c, w,
+                                                                   ar_probe=ar.make_ar_probe),
             "generator": generator.train_and_evaluate,
             "demo": demo.train_and_evaluate}
 

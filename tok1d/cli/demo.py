@@ -78,6 +78,7 @@ def fit_classifier(train_src) -> Any:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     from tok1d.cli import sample as sample_lib
     from tok1d.cli import tokenize as tokenize_lib
+    from tok1d.probes import ar
     from tok1d.train import generator as gen_trainer
     from tok1d.train import tokenizer as tok_trainer
 
@@ -91,7 +92,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     with tok_cfg.unlocked():
         tok_cfg.trainer = "tokenizer"
     log("== 1/4 tokenizer")
-    tok_metrics = tok_trainer.train_and_evaluate(tok_cfg, os.path.join(workdir, "tokenizer"))
+    tok_metrics = tok_trainer.train_and_evaluate(tok_cfg, os.path.join(workdir, "tokenizer"),
+                                                 ar_probe=ar.make_ar_probe)
 
     # ---------------------------------------------------------------- 2. tokens
     log("== 2/4 tokens")

@@ -134,7 +134,8 @@ def evaluate_generator(config, checkpoint: str, tokenizer_path: str, out: str, s
     from tok1d.cli import sample as sample_lib
     from tok1d.evaluation import evaluator
     from tok1d.cli.tokenize import load_tokenizer
-    from tok1d.train.generator import SampleDecoder
+    from tok1d.generation import common as gen_common
+    from tok1d.generation.decode import SampleDecoder
 
     config_lib.validate(config)
     tokenizer_path = tokenizer_path or config.generator.tokenizer
@@ -145,7 +146,7 @@ def evaluate_generator(config, checkpoint: str, tokenizer_path: str, out: str, s
     tokenizer, tok_params = load_tokenizer(tokenizer_path)
     nets = evaluator.load_metric_nets(config.evaluation, "", log)
     ecfg = config.evaluation
-    labels = sample_lib.cyclic_labels(ecfg.num_samples, model.num_classes)
+    labels = gen_common.cyclic_labels(ecfg.num_samples, model.num_classes)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         params = jax.device_put(params, jax.sharding.NamedSharding(
             mesh, jax.sharding.PartitionSpec()))

@@ -45,10 +45,6 @@ def _define_flags() -> None:
     flags.DEFINE_integer("grid_classes", 10, "Classes (rows) in grid.png.")
 
 
-def cyclic_labels(num_images: int, num_classes: int) -> np.ndarray:
-    return (np.arange(num_images) % num_classes).astype(np.int32)
-
-
 def load_generator(config, checkpoint: str):
     """(model, params) with params read from `checkpoint` and checked against the model."""
     import flax.linen as nn
@@ -69,12 +65,13 @@ def sample_images(config, model, params, tokenizer, tok_params, num_images: int,
     import flax.linen as nn
     from tok1d import images as images_lib
     from tok1d import parallel
-    from tok1d.train.generator import SampleDecoder
+    from tok1d.generation import common as gen_common
+    from tok1d.generation.decode import SampleDecoder
     mesh, rules, sharding = parallel.mesh_from_config(config)
     div = mesh.shape["data"] * mesh.shape["fsdp"]
     batch_size = batch_size or 32 * jax.device_count()
     batch_size = -(-batch_size // div) * div
-    labels = cyclic_labels(num_images, model.num_classes)
+    labels = gen_common.cyclic_labels(num_images, model.num_classes)
     out = []
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         params = jax.device_put(params, jax.sharding.NamedSharding(mesh,
