@@ -136,6 +136,7 @@ def test_generator_configs_validate():
 def test_ar_probe_during_tokenizer_training(tmp_path):
     """config.ar_probe: the tokenizer run trains a fresh small GPT on its current codes and
     logs the probe's validation loss (below the uniform-code loss log K after a few steps)."""
+    from tok1d.probes import ar
     from tok1d.train import tokenizer as tok_trainer
     c = config_lib.base_config()
     c.total_steps, c.batch_size, c.eval_batch_size = 4, 16, 16
@@ -153,7 +154,7 @@ def test_ar_probe_during_tokenizer_training(tmp_path):
     e = c.evaluation
     e.fid_every_steps, e.allow_random_init, e.inception_size, e.is_splits = 4, True, 75, 2
     e.linear_probe_epochs, e.linear_probe_batch_size, e.linear_probe_lr = 4, 16, 10.0
-    result = tok_trainer.train_and_evaluate(c, str(tmp_path / "tok"))
+    result = tok_trainer.train_and_evaluate(c, str(tmp_path / "tok"), ar_probe=ar.make_ar_probe)
     for key in ("ar_probe_train_loss", "ar_probe_val_loss", "ar_probe_val_accuracy",
                 "ar_probe_linear_probe_accuracy", "rfid", "ssim", "lpips", "inception_score",
                 "precision", "recall"):

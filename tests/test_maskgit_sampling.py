@@ -15,6 +15,7 @@ import pytest
 
 from tok1d.generation import maskgit as gen
 from tok1d.models.generators import maskgit
+from tok1d.objectives import tokens as token_obj
 
 K, N, C = 64, 16, 10
 
@@ -117,11 +118,11 @@ def test_guidance_changes_samples_and_ids_are_codes():
 @pytest.mark.parametrize("schedule", ["arccos", "cosine", "linear", "square", "cubic", "sqrt"])
 def test_mask_ratio_schedules(schedule):
     r = np.linspace(0.0, 1.0, 101)
-    ratio = gen.mask_ratio(schedule, r)
+    ratio = token_obj.mask_ratio(schedule, r)
     np.testing.assert_allclose([ratio[0], ratio[-1]], [1.0, 0.0], atol=1e-12)
     assert np.all(np.diff(ratio) < 0)
-    np.testing.assert_allclose(np.asarray(gen.mask_ratio(schedule, jnp.asarray(r, jnp.float32))),
-                               ratio, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(token_obj.mask_ratio(schedule, jnp.asarray(r, jnp.float32))), ratio, atol=1e-6)
 
 
 @pytest.mark.parametrize("schedule,mean", [("arccos", 2 / math.pi), ("linear", 0.5)])
@@ -129,14 +130,15 @@ def test_random_mask_statistics(schedule, mean):
     b = 4096
     codes = jax.random.randint(jax.random.key(0), (b, N), 0, K)
     rng = jax.random.key(1)
-    tokens, masked = jax.jit(gen.random_mask, static_argnums=(2, 3))(rng, codes, K, schedule)
+    tokens, masked = jax.jit(token_obj.random_mask, static_argnums=(2, 3))(rng, codes, K,
+                                                                           schedule)
     tokens, masked, codes = map(np.asarray, (tokens, masked, codes))
     np.testing.assert_array_equal(tokens, np.where(masked, K, codes))
     counts = masked.sum(1)
     assert counts.min() >= 1 and counts.max() <= N
     # The count of every sample is round(N * clip(schedule(t), 1e-6, 1)) with its own t.
     t = np.asarray(jax.random.uniform(jax.random.split(rng)[0], (b,)), np.float64)
-    want = np.maximum(np.round(N * np.clip(gen.mask_ratio(schedule, t), 1e-6, 1.0)), 1)
+    want = np.maximum(np.round(N * np.clip(token_obj.mask_ratio(schedule, t), 1e-6, 1.0)), 1)
     assert np.mean(counts == want) > 0.99  # float32 vs float64 rounding at .5 boundaries
     assert abs(counts.mean() / N - mean) < 0.02
     # Masked positions are uniform over the sequence.
@@ -150,8 +152,9 @@ def test_token_loss_matches_numpy():
     targets = rng.integers(0, K, size=(3, N))
     masked = rng.random((3, N)) < 0.5
     targets[0, masked[0]] = np.argmax(logits[0, masked[0]], -1)  # some correct predictions
-    loss, metrics = gen.token_loss(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(masked),
-                                   label_smoothing=0.1, unmasked_weight=0.1)
+    loss, metrics = token_obj.masked_token_loss(jnp.asarray(logits), jnp.asarray(targets),
+                                                jnp.asarray(masked), label_smoothing=0.1,
+                                                unmasked_weight=0.1)
     x = logits.astype(np.float64)
     logp = x - x.max(-1, keepdims=True)
     logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
@@ -179,12 +182,12 @@ def test_tiny_generator_learns():
     @jax.jit
     def step(params, opt_state, rng):
         k_mask, k_drop = jax.random.split(rng)
-        tokens, masked = gen.random_mask(k_mask, codes, model.mask_id)
+        tokens, masked = token_obj.random_mask(k_mask, codes, model.mask_id)
 
         def loss_fn(p):
             logits = model.apply({"params": p}, tokens, labels, train=True,
                                  rngs={"dropout": k_drop})
-            return gen.token_loss(logits, codes, masked)[0]
+            return token_obj.masked_token_loss(logits, codes, masked)[0]
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = tx.update(grads, opt_state, params)

@@ -21,13 +21,12 @@ import pytest
 import train_parity as tp
 import train_parity_generators as tpg
 from tok1d.weights.convert import maskgit as convert_maskgit
-from tok1d.generation import common as gen_common
-from tok1d.generation import maskgit as maskgit_lib
 from tok1d.official import maskgit as official
 from tok1d.objectives import draws as draws_lib
+from tok1d.objectives import tokens as token_obj
 from tok1d.train import generator
 
-# The official random draws the step replays (README 8.4; `generator.make_loss_fn`).
+# The official random draws the step replays (README 8.4; `tok1d.objectives.tokens.make_loss_fn`).
 DRAWS = ("mask_timesteps_u", "mask_rand_u", "drop_rand_u")
 
 
@@ -48,10 +47,10 @@ def step_inputs(model, gcfg, batch) -> tuple[np.ndarray, np.ndarray, np.ndarray,
     draw = draws_lib.drawer(draws_lib.of_batch(batch))
     codes = jnp.asarray(batch["codes"])
     labels = jnp.asarray(batch["label"])
-    tokens, mask = maskgit_lib.random_mask(jax.random.key(0), codes, model.mask_id,
-                                           gcfg.mask_schedule, draw=draw)
-    dropped = gen_common.drop_labels(jax.random.key(1), labels, gcfg.label_dropout,
-                                     model.null_label, draw=draw)
+    tokens, mask = token_obj.random_mask(jax.random.key(0), codes, model.mask_id,
+                                         gcfg.mask_schedule, draw=draw)
+    dropped = token_obj.drop_labels(jax.random.key(1), labels, gcfg.label_dropout,
+                                    model.null_label, draw=draw)
     ids = model._input_ids(tokens, dropped)
     return np.asarray(mask), np.asarray(tokens), np.asarray(dropped), np.asarray(ids)
 

@@ -65,6 +65,8 @@ from tok1d.train import checkpoint as ckpt_lib
 from tok1d.train import config_lib
 from tok1d.train import generator as gen_trainer
 from tok1d.train import tokenizer as tok_trainer
+from tok1d.objectives import tokens
+from tok1d.generation.decode import SampleDecoder
 
 WORKLOADS = ("train", "encode", "decode", "sample")
 USAGE = "--config=FILE --workload=train|encode|decode|sample [--batch_size=N] [flags]"
@@ -265,7 +267,7 @@ def bench_train(config, batch: int, abstract: bool = False) -> Workload:
         model = gen_trainer.build_generator(config)
         abstract_state, shardings, init, step_fn = gen_trainer.build_training(
             config, model, mesh, rules, batch_sh)
-        vocab = gen_trainer.vocab_size(model)
+        vocab = model.vocab_size
         local = {"codes": rng.integers(0, vocab, (batch, model.num_tokens), dtype=np.int32),
                  "label": rng.integers(0, model.num_classes, (batch,), dtype=np.int32)}
         extra = ()
@@ -341,7 +343,7 @@ def _tokenizer_saved_bytes(config, t, shapes, images) -> int:
 
 def _generator_saved_bytes(config, model, shapes, batch) -> int:
     """Saved activations of the generator's training loss for one microbatch."""
-    loss_fn = gen_trainer.make_loss_fn(model, config.generator)
+    loss_fn = tokens.make_loss_fn(model, config.generator)
 
     def loss(params, batch):
         return loss_fn(params, batch, jax.random.key(0), True)
@@ -392,8 +394,8 @@ def bench_sample(config, batch: int, tokenizer_config, abstract: bool = False) -
     with context():
         params = _replicated(params, mesh, abstract)
         tok_params = _replicated(tok_params, mesh, abstract)
-        decoder = gen_trainer.SampleDecoder(model, config.sampling.to_dict(), tokenizer,
-                                            tok_params, batch_sh)
+        decoder = SampleDecoder(model, config.sampling.to_dict(), tokenizer, tok_params,
+                                batch_sh)
         global_labels = _global({"label": labels}, batch_sh, batch)["label"]
         key = jax.random.key(0)
         codes = jax.eval_shape(decoder.sampler, params, global_labels, key)

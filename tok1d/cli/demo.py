@@ -39,6 +39,7 @@ from tok1d.train import config_lib
 from tok1d.train import generator as gen_trainer
 from tok1d.train import loop
 from tok1d.train import tokenizer as tok_trainer
+from tok1d.probes import ar
 
 
 def generator_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
@@ -93,7 +94,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     with tok_cfg.unlocked():
         tok_cfg.trainer = "tokenizer"
     log("== 1/4 tokenizer")
-    tok_metrics = tok_trainer.train_and_evaluate(tok_cfg, os.path.join(workdir, "tokenizer"))
+    tok_metrics = tok_trainer.train_and_evaluate(tok_cfg, os.path.join(workdir, "tokenizer"),
+                                                 ar_probe=ar.make_ar_probe)
 
     # ---------------------------------------------------------------- 2. tokens
     log("== 2/4 tokens")

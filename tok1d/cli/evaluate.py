@@ -48,9 +48,10 @@ from tok1d.data import tokens as tokens_lib
 from tok1d.evaluation import evaluator, linear_probe, report
 from tok1d.models.generators.gpt import GPT
 from tok1d.train import config_lib
-from tok1d.train import generator as gen_trainer
 from tok1d.train import tokenizer as tok_trainer
 from tok1d.weights import pretrained
+from tok1d.generation import common as gen_common
+from tok1d.generation.decode import SampleDecoder
 
 USAGE = ("--config=FILE --checkpoint=DIR --out=DIR [--tokenizer=DIR] [flags]  |  "
          "--samples=NPZ --out=DIR [flags]")
@@ -146,11 +147,11 @@ def evaluate_generator(config, checkpoint: str, tokenizer_path: str, out: str, s
     tokenizer, tok_params = load_tokenizer(tokenizer_path)
     nets = evaluator.load_metric_nets(config.evaluation, "", log)
     ecfg = config.evaluation
-    labels = sample_lib.cyclic_labels(ecfg.num_samples, model.num_classes)
+    labels = gen_common.cyclic_labels(ecfg.num_samples, model.num_classes)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         params = jax.device_put(params, jax.sharding.NamedSharding(
             mesh, jax.sharding.PartitionSpec()))
-        decoder = gen_trainer.SampleDecoder(model, config.sampling.to_dict(), tokenizer,
+        decoder = SampleDecoder(model, config.sampling.to_dict(), tokenizer,
                                             tok_params, batch_sh)
         reference = evaluator.load_reference(ecfg, config.data, nets, mesh, batch_sh,
                                              config.eval_batch_size)

@@ -34,6 +34,7 @@ from tok1d.cli import app
 from tok1d.cli.tokenize import load_tokenizer
 from tok1d.train import generator as gen_trainer
 from tok1d.weights import pretrained
+from tok1d.generation import common as gen_common
 
 USAGE = "--config=FILE --checkpoint=DIR --out=DIR [--tokenizer=DIR] [flags]"
 CONFIG = "Generator config file (get_config()); its sampling section sets the sampler."
@@ -54,10 +55,6 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_integer("grid_classes", 10, "Classes (rows) in grid.png.", flag_values=fv)
 
 
-def cyclic_labels(num_images: int, num_classes: int) -> np.ndarray:
-    return (np.arange(num_images) % num_classes).astype(np.int32)
-
-
 def load_generator(config, checkpoint: str):
     """(model, params) with params read from `checkpoint` and checked against the model."""
     model = gen_trainer.build_generator(config)
@@ -74,7 +71,7 @@ def sample_images(config, model, params, tokenizer, tok_params, num_images: int,
     div = mesh.shape["data"] * mesh.shape["fsdp"]
     batch_size = batch_size or 32 * jax.device_count()
     batch_size = -(-batch_size // div) * div
-    labels = cyclic_labels(num_images, model.num_classes)
+    labels = gen_common.cyclic_labels(num_images, model.num_classes)
     out = []
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         params = jax.device_put(params, jax.sharding.NamedSharding(mesh,

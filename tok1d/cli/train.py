@@ -11,6 +11,7 @@ trainer named by `config.trainer` ("tokenizer", "generator" or "demo").
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -20,15 +21,15 @@ from absl import flags
 from tok1d import errors
 from tok1d import parallel
 from tok1d.cli import app, demo
-from tok1d.train import loop
-from tok1d.train import generator
-from tok1d.train import tokenizer
+from tok1d.probes import ar
+from tok1d.train import generator, loop, tokenizer
 
 USAGE = "--config=FILE[:ARG] --workdir=DIR [--config.KEY=VALUE ...] [flags]"
 CONFIG = "Config file (get_config()); FILE:ARG passes ARG to get_config."
 REQUIRED = ("config", "workdir")
 POSITIONAL = ""
-TRAINERS = {"tokenizer": tokenizer.train_and_evaluate,
+TRAINERS = {"tokenizer": functools.partial(tokenizer.train_and_evaluate,
+                                          ar_probe=ar.make_ar_probe),
             "generator": generator.train_and_evaluate,
             "demo": demo.train_and_evaluate}
 

@@ -1,6 +1,7 @@
-"""Class-conditional generation on tokenizer codes.
+"""Class-conditional generation on tokenizer codes (training losses: `tok1d.objectives.tokens`).
 
-  common          label dropout for classifier-free guidance (shared by both generators)
-  maskgit         MaskGIT: training masks, masking schedules, iterative parallel decoding
+  common          the sampler of a generator's objective; class labels to sample
+  maskgit         MaskGIT: iterative parallel decoding
   autoregressive  LlamaGen-style AR: CFG schedules, top-k / top-p, KV-cache sampling
+  decode          SampleDecoder: samples decoded to images by any tokenizer
 """

@@ -1,11 +1,12 @@
-"""MaskGIT training masks, loss and iterative parallel decoding (TiTok's generators).
+"""MaskGIT iterative parallel decoding (TiTok's generators).
 
-Reproduces bytedance/1d-tokenizer `ImageBert.masking_input_tokens` (training masks),
-`MLMLoss` (the loss) and `ImageBert.generate` (sampling), the latter as one jitted program
-(a `lax.fori_loop` over the decoding steps).
+Reproduces bytedance/1d-tokenizer `ImageBert.generate` as one jitted program (a
+`lax.fori_loop` over the decoding steps); the training masks and loss are in
+`tok1d.objectives.tokens` (objective "masked"), with the mask schedules (`mask_ratio`).
 
-Models follow the `tok1d.models.generators.maskgit` interface: `model.apply({"params": p}, tokens, labels)
--> (B, N, K) logits`, `model.mask_id` (= K), `model.null_label` (the unconditional label).
+Models are "masked" generators (`tok1d.models.interfaces.MaskedGenerator`):
+`model.apply({"params": p}, tokens, labels) -> (B, N, K) logits`, `model.mask_id` (= K),
+`model.null_label` (the unconditional label).
 """
 
 from __future__ import annotations
@@ -18,89 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tok1d.generation import common as gen_common
-
-# --------------------------------------------------------------------------- schedules
-
-
-def _xp(r: Any):
-    return jnp if isinstance(r, jax.Array) else np
-
-
-def mask_ratio(schedule: str, r: Any) -> Any:
-    """Fraction of tokens that are masked at progress r in [0, 1] (1 at r = 0, 0 at r = 1).
-
-    arccos  arccos(r) / (pi/2)   the official TiTok schedule (training and sampling)
-    cosine  cos(pi/2 * r)        MaskGIT's default
-    linear  1 - r
-    square  1 - r^2              (MaskGIT "pow" with exponent 2)
-    cubic   1 - r^3
-    sqrt    1 - sqrt(r)
-
-    Works on NumPy values / Python floats (float64) and on JAX arrays.
-    """
-    xp = _xp(r)
-    if schedule == "arccos":
-        return xp.arccos(r) / (math.pi * 0.5)
-    if schedule == "cosine":
-        return xp.cos(math.pi * 0.5 * r)
-    if schedule == "linear":
-        return 1.0 - r
-    if schedule == "square":
-        return 1.0 - r ** 2
-    if schedule == "cubic":
-        return 1.0 - r ** 3
-    if schedule == "sqrt":
-        return 1.0 - xp.sqrt(r)
-    raise ValueError(f"Unknown mask schedule {schedule!r}; expected one of "
-                     "arccos, cosine, linear, square, cubic, sqrt.")
-
-
-# --------------------------------------------------------------------------- training
-
-
-def random_mask(rng: jax.Array, codes: jax.Array, mask_id: int, schedule: str = "arccos",
-                min_ratio: float = 1e-6, *, draw: gen_common.Draw = gen_common.fresh
-                ) -> tuple[jax.Array, jax.Array]:
-    """Official training masks (`ImageBert.masking_input_tokens`): per sample a float32
-    t ~ U(0, 1), ratio = schedule(t) clamped to [min_ratio, 1], n = round(N * ratio) (half to
-    even, at least 1); then rank = argsort(u) of a (B, N) uniform u and position j is masked iff
-    rank[j] < n -- the argsort *output* is compared with n (a uniformly random set of n
-    positions, not "the n smallest u"). Returns (tokens with masked positions = `mask_id`,
-    boolean mask (B, N)).
-
-    Random draws, by name (see `gen_common.Draw`): "mask_timesteps_u" (B,) float32 t,
-    "mask_rand_u" (B, N) float32 u."""
-    b, n = codes.shape
-    k_t, k_perm = jax.random.split(rng)
-    t = draw("mask_timesteps_u", lambda: jax.random.uniform(k_t, (b,), jnp.float32))
-    u = draw("mask_rand_u", lambda: jax.random.uniform(k_perm, (b, n), jnp.float32))
-    ratio = jnp.clip(mask_ratio(schedule, t.astype(jnp.float32)), min_ratio, 1.0)
-    num = jnp.maximum(jnp.round(n * ratio), 1.0)
-    rank = jnp.argsort(u, axis=-1)
-    masked = rank < num[:, None]
-    return jnp.where(masked, jnp.asarray(mask_id, codes.dtype), codes), masked
-
-
-def token_loss(logits: jax.Array, targets: jax.Array, masked: jax.Array,
-               label_smoothing: float = 0.1, unmasked_weight: float = 0.1
-               ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Official `MLMLoss`: cross-entropy with label smoothing (PyTorch convention: the target
-    distribution is (1 - eps) one-hot + eps / K uniform) on all N positions, weighted 1 on masked
-    and `unmasked_weight` on unmasked positions, normalised by the sum of the weights.
-
-    metrics: `loss` and `masked_accuracy` (argmax accuracy over the masked positions, averaged
-    per sample, then over the batch, as the official `correct_tokens`)."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    ce = (1.0 - label_smoothing) * nll - label_smoothing * jnp.mean(logp, axis=-1)
-    m = masked.astype(jnp.float32)
-    w = (1.0 - m) * unmasked_weight + m
-    loss = jnp.sum(ce * w) / (jnp.sum(w) + 1e-8)
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32) * m
-    acc = jnp.mean(jnp.sum(correct, axis=1) / (jnp.sum(m, axis=1) + 1e-8))
-    return loss, {"loss": loss, "masked_accuracy": acc}
-
+from tok1d.objectives.tokens import mask_ratio
 
 # --------------------------------------------------------------------------- sampling
 

@@ -19,7 +19,9 @@ Generator (MaskGIT, GPT), a Linen module with:
     objective        "masked" (MaskGIT: fill masked tokens) | "next_token" (GPT)
     vocab_size       tokenizer codes it predicts
     num_tokens, num_classes, null_label (the class-free label of classifier-free guidance)
-    __call__(tokens, labels, train=False) -> logits
+    __call__(tokens, labels, train=False) -> logits (B, num_tokens, vocab_size)
+A "masked" generator also has `mask_id`, the input id of a masked token. The objective picks the
+training loss (`tok1d.objectives.tokens`) and the sampler (`tok1d.generation.common`).
 """
 
 from __future__ import annotations
@@ -57,3 +59,39 @@ def check_tokenizer(model: Any) -> None:
     missing = [name for name in TOKENIZER_FIELDS if not hasattr(type(model), name)]
     if missing:
         raise TypeError(f"{type(model).__name__} is not a tokenizer: it lacks {missing}.")
+
+
+GENERATOR_FIELDS = ("objective", "vocab_size", "num_tokens", "num_classes", "null_label")
+OBJECTIVES = ("masked", "next_token")
+
+
+@runtime_checkable
+class Generator(Protocol):
+    objective: str
+    vocab_size: int
+    num_tokens: int
+    num_classes: int
+    null_label: int
+
+    def __call__(self, tokens: jax.Array, labels: jax.Array, train: bool = False
+                 ) -> jax.Array: ...
+
+
+@runtime_checkable
+class MaskedGenerator(Generator, Protocol):
+    """A generator with objective "masked" also names the id of its [MASK] input token."""
+
+    mask_id: int
+
+
+def check_generator(model: Any) -> None:
+    """Raises TypeError naming what `model` lacks of the generator interface (fields without a
+    default live on the instance, so the instance is checked)."""
+    fields = GENERATOR_FIELDS + (("mask_id",) if getattr(model, "objective", None) == "masked"
+                                 else ())
+    missing = [name for name in fields if not hasattr(model, name)]
+    if missing:
+        raise TypeError(f"{type(model).__name__} is not a generator: it lacks {missing}.")
+    if model.objective not in OBJECTIVES:
+        raise TypeError(f"{type(model).__name__}.objective={model.objective!r}: expected one "
+                        f"of {OBJECTIVES}.")

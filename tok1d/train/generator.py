@@ -1,94 +1,47 @@
-"""Generator trainer: MaskGIT (masked-token prediction) or a LlamaGen-style GPT (next token),
-class-conditional, on a token dataset written by `python -m tok1d.cli.tokenize`.
+"""Generator trainer: any generator (`tok1d.models.interfaces.Generator`: MaskGIT's masked-token
+or a LlamaGen-style GPT's next-token objective), class-conditional, on a token dataset written by
+`python -m tok1d.cli.tokenize`.
 
-`train_and_evaluate(config, workdir)` runs when `config.trainer == "generator"`. The model
-decides the objective: a model with a `mask_id` (MaskGIT) learns to fill masked tokens, any
-other (GPT) learns the next token. Sections: model and loss, steps, evaluation (validation
-loss over the held-out tokens and a grid of samples decoded by the tokenizer), loop.
+`train_and_evaluate(config, workdir)` runs when `config.trainer == "generator"`; `fit` trains a
+generator from scratch on codes held in memory (the AR probe, `tok1d.probes.ar`). The model's
+`objective` picks the loss (`tok1d.objectives.tokens`) and the sampler
+(`tok1d.generation.common`). Sections: model and steps, evaluation (validation loss over the
+held-out tokens, a grid of samples decoded by the tokenizer, gFID), setup, the run, fit.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import time
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from tok1d import images, models, parallel
-from tok1d.train import config_lib
-from tok1d.train import optim
-from tok1d.data import tokens as tokens_lib
-from tok1d.generation import common as gen_common
-from tok1d.generation import maskgit as maskgit_lib
 from tok1d.data import feeding
-from tok1d.objectives import draws as draws_lib
-from tok1d.train import loop
+from tok1d.data import tokens as tokens_lib
+from tok1d.evaluation import evaluator
+from tok1d.generation import common as gen_common
+from tok1d.generation import decode
+from tok1d.models import interfaces
+from tok1d.objectives import tokens as tokens_obj
+from tok1d.train import config_lib, loop, optim
 from tok1d.train import state as state_lib
 from tok1d.train import step as step_lib
 from tok1d.train.state import TrainState
 
 
-# ---------------------------------------------------------------------------- model and loss
+# ---------------------------------------------------------------------------- model
 
 
 def build_generator(config) -> nn.Module:
-    return models.create(config.model.name, **config_lib.model_kwargs(config))
-
-
-def is_maskgit(model: nn.Module) -> bool:
-    return hasattr(model, "mask_id")
-
-
-def vocab_size(model: nn.Module) -> int:
-    """Number of tokenizer codes the generator predicts."""
-    return model.codebook_size if is_maskgit(model) else model.vocab_size
-
-
-def next_token_loss(logits: jax.Array, codes: jax.Array) -> tuple[jax.Array, dict[str, Any]]:
-    """Mean cross-entropy of teacher-forced logits (B, N, V) against the codes (B, N)
-    (LlamaGen: plain CE, mean over all positions), and the top-1 accuracy."""
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), codes)
-    acc = jnp.mean((jnp.argmax(logits, -1) == codes).astype(jnp.float32))
-    return jnp.mean(ce), dict(accuracy=acc)
-
-
-def make_loss_fn(model: nn.Module, gcfg) -> Callable[..., tuple[jax.Array, dict[str, Any]]]:
-    """(params, batch, rng, train) -> (loss, metrics). Training drops labels to the null class
-    with probability `label_dropout` (classifier-free guidance); MaskGIT masks a random,
-    schedule-drawn fraction of every sequence.
-
-    `batch`: "codes" (B, N) ints, "label" (B,) ints and optionally "draws", the official random
-    draws to replay instead of drawing (`tok1d.objectives.draws`), each with a leading batch axis:
-    "drop_rand_u" / "drop_labels" (`generation.common.drop_labels`, training only) and, for
-    MaskGIT, "mask_timesteps_u" / "mask_rand_u" (`generation.maskgit.random_mask`)."""
-    maskgit = is_maskgit(model)
-
-    def loss_fn(params, batch, rng, train: bool):
-        codes = batch["codes"].astype(jnp.int32)
-        labels = batch["label"].astype(jnp.int32)
-        draw = draws_lib.drawer(draws_lib.of_batch(batch))
-        k_label, k_mask, k_dropout = jax.random.split(rng, 3)
-        if train:
-            labels = gen_common.drop_labels(k_label, labels, gcfg.label_dropout,
-                                            model.null_label, draw=draw)
-        rngs = {"dropout": k_dropout}
-        if maskgit:
-            tokens, masked = maskgit_lib.random_mask(k_mask, codes, model.mask_id,
-                                                     gcfg.mask_schedule, draw=draw)
-            logits = model.apply({"params": params}, tokens, labels, train=train, rngs=rngs)
-            return maskgit_lib.token_loss(logits, codes, masked, gcfg.label_smoothing,
-                                          gcfg.unmasked_weight)
-        logits = model.apply({"params": params}, codes, labels, train=train, rngs=rngs)
-        return next_token_loss(logits, codes)
-
-    return loss_fn
+    model = models.create(config.model.name, **config_lib.model_kwargs(config))
+    interfaces.check_generator(model)
+    return model
 
 
 # ---------------------------------------------------------------------------- steps
@@ -103,8 +56,8 @@ def make_train_step(model: nn.Module, tx, schedule, config):
     clipping (`optim.grad_clip`, torch's rule with `optim.clip_eps`) -> AdamW at LR
     `schedule(step)` (scalar "lr"; when the schedule is read: `optim.schedule_step`) -> EMA
     with `optim.ema_decay_at(step + 1, ema_decay, ema_warmup)`. The batch may carry the
-    official random draws ("draws", see `make_loss_fn`)."""
-    loss_fn = make_loss_fn(model, config.generator)
+    official random draws ("draws", see `tok1d.objectives.tokens`)."""
+    loss_fn = tokens_obj.make_loss_fn(model, config.generator)
     grad_fn = jax.value_and_grad(lambda p, b, r: loss_fn(p, b, r, True), has_aux=True)
     base_rng = jax.random.key(config.seed + 1)
 
@@ -125,7 +78,7 @@ def make_train_step(model: nn.Module, tx, schedule, config):
 def make_eval_step(model: nn.Module, gcfg):
     """(params, batch, rng) -> (loss, metrics) without dropout or label dropout; MaskGIT masks
     with the given rng (fixed per batch, so evaluations are comparable)."""
-    loss_fn = make_loss_fn(model, gcfg)
+    loss_fn = tokens_obj.make_loss_fn(model, gcfg)
     return lambda params, batch, rng: loss_fn(params, batch, rng, False)
 
 
@@ -154,56 +107,6 @@ def evaluate_loss(eval_step, params, source, global_batch: int, num_examples: in
     return out
 
 
-def sample_labels(num_classes: int, per_class: int) -> np.ndarray:
-    """Labels 0..num_classes-1, each repeated per_class times (one grid row per class)."""
-    return np.repeat(np.arange(num_classes, dtype=np.int32), per_class)
-
-
-class SampleDecoder:
-    """Samples codes with the configured sampler and decodes them to [0, 1] images with the
-    tokenizer; jitted once, sharded over the batch axis of the mesh."""
-
-    def __init__(self, model: nn.Module, sampling: dict[str, Any], tokenizer, tok_params,
-                 sharding):
-        self.sharding = sharding
-        self.sampler = gen_common.make_sampler(model, **sampling)
-        self.tokenizer, self.tok_params = tokenizer, tok_params
-        _, to_unit = images.range_converters(tokenizer.pixel_range)
-
-        def decode(tok_params, codes):
-            pixels = tokenizer.apply({"params": tok_params}, codes,
-                                     method=tokenizer.decode_codes)
-            return jnp.clip(to_unit(pixels), 0.0, 1.0)
-        self.decode = jax.jit(decode)
-
-    def __call__(self, params, labels: np.ndarray, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
-        global_labels = parallel.global_batch({"label": labels[self._host_rows(len(labels))]},
-                                              self.sharding, len(labels))["label"]
-        codes = self.sampler(params, global_labels, rng)
-        return codes, self.decode(self.tok_params, codes)
-
-    def batches(self, params, labels: np.ndarray, batch_size: int, seed: int, log=None
-                ) -> Iterator[tuple[jax.Array, np.ndarray]]:
-        """Samples images for every label, `batch_size` at a time (the last batch repeats
-        labels); yields (global [0, 1] pixels of the whole batch, its valid-row mask) and
-        prints progress (images/s, ETA) through `log`."""
-        t0 = time.time()
-        for b, start in enumerate(range(0, len(labels), batch_size)):
-            batch = labels[start:start + batch_size]
-            padded = np.resize(batch, batch_size)
-            _, pixels = self(params, padded, jax.random.fold_in(jax.random.key(seed), b))
-            yield pixels, np.arange(batch_size) < len(batch)
-            done = start + len(batch)
-            if log is not None:
-                rate = done / max(time.time() - t0, 1e-9)
-                log(f"{done}/{len(labels)} images, {rate:.1f} img/s, "
-                    f"ETA {(len(labels) - done) / max(rate, 1e-9):.0f} s")
-
-    def _host_rows(self, n: int) -> slice:
-        start, stop = parallel.host_batch_slice(self.sharding, n)
-        return slice(start, stop)
-
-
 # ---------------------------------------------------------------------------- setup helpers
 
 
@@ -227,9 +130,9 @@ def check_tokens_match(model: nn.Module, info: dict[str, Any]) -> None:
     if info["num_tokens"] != model.num_tokens:
         problems.append(f"the tokens have {info['num_tokens']} codes per image but "
                         f"model.num_tokens={model.num_tokens}")
-    if info["codebook_size"] > vocab_size(model):
+    if info["codebook_size"] > model.vocab_size:
         problems.append(f"the tokenizer has {info['codebook_size']} codes but the generator "
-                        f"predicts {vocab_size(model)}")
+                        f"predicts {model.vocab_size}")
     if info.get("num_classes", 0) > model.num_classes:
         problems.append(f"the tokens have {info['num_classes']} classes but "
                         f"model.num_classes={model.num_classes}")
@@ -238,14 +141,15 @@ def check_tokens_match(model: nn.Module, info: dict[str, Any]) -> None:
                                      + "\n  - ".join(problems))
 
 
-def load_sample_decoder(config, model, sharding, log) -> Optional[SampleDecoder]:
+def load_sample_decoder(config, model, sharding, log) -> Optional[decode.SampleDecoder]:
     path = config.generator.tokenizer
     if not path:
         log("generator.tokenizer is empty: no sample grids (validation loss only).")
         return None
     from tok1d.cli.tokenize import load_tokenizer
     tokenizer, tok_params = load_tokenizer(path)
-    return SampleDecoder(model, config.sampling.to_dict(), tokenizer, tok_params, sharding)
+    return decode.SampleDecoder(model, config.sampling.to_dict(), tokenizer, tok_params,
+                                sharding)
 
 
 def init_generator(model: nn.Module, batch: int):
@@ -305,7 +209,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     feeder = feeding.Feeder(train_iter, batch_sh, config.batch_size)
     nets = None
     if config.evaluation.fid_every_steps > 0:
-        from tok1d.evaluation import evaluator
         nets = evaluator.load_metric_nets(config.evaluation, "", log)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         eval_step = jax.jit(make_eval_step(model, config.generator))
@@ -323,7 +226,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if decoder is not None:
                 n_cls = min(config.generator.num_sample_classes, model.num_classes)
                 per_class = max(1, config.num_grid_images // max(n_cls, 1))
-                labels = sample_labels(n_cls, per_class)
+                labels = gen_common.sample_labels(n_cls, per_class)
                 labels = _pad_to_multiple(labels, mesh.shape["data"] * mesh.shape["fsdp"])
                 _, pixels = decoder(params, labels, jax.random.key(config.seed + step_))
                 pixels = parallel.host_array(pixels)
@@ -345,13 +248,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return result
 
 
-def make_gfid_eval(config, model, decoder: Optional[SampleDecoder], nets, mesh, batch_sh):
+def make_gfid_eval(config, model, decoder: Optional[decode.SampleDecoder], nets, mesh,
+                   batch_sh):
     """`gfid(params, step) -> metrics` (gFID, IS, precision / recall of
     `evaluation.num_samples` cyclic-label samples against `evaluation.reference` or the
     data's eval split, with the metric networks `nets`), or None when
     `evaluation.fid_every_steps` is 0."""
-    from tok1d.evaluation import evaluator
-    from tok1d.cli.sample import cyclic_labels
     ecfg = config.evaluation
     if ecfg.fid_every_steps <= 0:
         return None
@@ -364,7 +266,7 @@ def make_gfid_eval(config, model, decoder: Optional[SampleDecoder], nets, mesh, 
         if "reference" not in cache:
             cache["reference"] = evaluator.load_reference(ecfg, config.data, nets, mesh,
                                                           batch_sh, config.eval_batch_size)
-        labels = cyclic_labels(ecfg.num_samples, model.num_classes)
+        labels = gen_common.cyclic_labels(ecfg.num_samples, model.num_classes)
         batches = decoder.batches(params, labels, config.eval_batch_size, config.seed + step)
         out, _ = evaluator.generation_metrics(nets, mesh, cache["reference"], batches, ecfg)
         out.pop("num_images", None)
@@ -379,31 +281,16 @@ def _pad_to_multiple(labels: np.ndarray, k: int) -> np.ndarray:
 
 
 
-# ---------------------------------------------------------------------------- AR probing
+# ---------------------------------------------------------------------------- fit
 
 
-def probe_config(probe_cfg, vocab: int, num_tokens: int, num_classes: int, mesh_cfg,
-                 seed: int) -> ml_collections.ConfigDict:
-    """The generator config of an AR probe (`config.ar_probe` of a tokenizer run): a small GPT
-    over the tokenizer's codes, AdamW at a constant lr after a short warm-up, no dropout."""
-    c = config_lib.base_config()
-    c.trainer, c.seed, c.precision, c.ema_decay = "generator", seed, "float32", 0.0
-    c.total_steps, c.batch_size, c.eval_batch_size = (probe_cfg.steps, probe_cfg.batch_size,
-                                                      probe_cfg.batch_size)
-    c.mesh = mesh_cfg
-    c.model = dict(name="gpt", vocab_size=vocab, num_tokens=num_tokens, num_classes=num_classes,
-                   token_dropout=0.0, dropout_rate=0.0, **probe_cfg.model.to_dict())
-    o = c.optim
-    o.lr, o.warmup_steps, o.schedule, o.b2, o.weight_decay, o.decay_mask = (
-        probe_cfg.lr, min(50, probe_cfg.steps // 10), "constant", 0.95, 0.05, "matrices")
-    return c
-
-
-def fit_probe(config, codes: np.ndarray, labels: np.ndarray, val_codes: np.ndarray,
-              val_labels: np.ndarray, mesh, rules, ecfg=None) -> dict[str, float]:
-    """Trains the probe GPT of `config` from scratch on (codes, labels) (host arrays, the same
-    on every host) and returns its last train loss and its validation loss / accuracy: how
-    learnable the tokens are for an AR model (GigaTok's AR probing, shortened)."""
+def fit(config, codes: np.ndarray, labels: np.ndarray, val_codes: np.ndarray,
+        val_labels: np.ndarray, mesh, rules) -> tuple[nn.Module, Any, dict[str, float]]:
+    """Trains the generator of `config` from scratch on (codes, labels) (host arrays, the same
+    on every host; `config.total_steps` steps of `config.batch_size` rows drawn with
+    replacement when there are fewer rows) and returns (model, params, metrics): its last train
+    loss ("train_loss", the mean of the last 10 steps) and "val_<metric>" of the validation
+    loss over (val_codes, val_labels). Works inside another run's mesh context."""
     model = build_generator(config)
     init_params = init_generator(model, 2)
     tx, schedule = optim.make_optimizer(config.optim, config.total_steps)  # nothing frozen
@@ -413,8 +300,8 @@ def fit_probe(config, codes: np.ndarray, labels: np.ndarray, val_codes: np.ndarr
     rng = np.random.default_rng(config.seed)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         state = init(jax.random.key(config.seed))
-        # (built here, not with build_training: this runs inside the tokenizer run's mesh
-        # context, where abstract evaluation of the boxed params would fail)
+        # (built here, not with build_training: inside another run's mesh context abstract
+        # evaluation of the boxed params would fail)
         step_fn = jax.jit(make_train_step(model, tx, schedule, config),
                           in_shardings=(shardings, batch_sh), out_shardings=(shardings, None, None),
                           donate_argnums=(0,))
@@ -429,12 +316,6 @@ def fit_probe(config, codes: np.ndarray, labels: np.ndarray, val_codes: np.ndarr
                             tokens_lib.ArrayTokenSource(val_codes, val_labels),
                             config.eval_batch_size, -1, batch_sh)
     tail = [float(x) for x in losses[-10:]]
-    out = {"train_loss": float(np.mean(tail))}
-    out.update({f"val_{k}": v for k, v in val.items() if k != "num_examples"})
-    from tok1d.models.generators.gpt import GPT
-    if ecfg is not None and ecfg.linear_probe_epochs > 0 and isinstance(model, GPT):
-        from tok1d.evaluation import linear_probe
-        out.update(linear_probe.probe_from_config(model, state.params, (codes, labels),
-                                                  (val_codes, val_labels), ecfg, mesh, rules,
-                                                  seed=config.seed))
-    return out
+    metrics = {"train_loss": float(np.mean(tail))}
+    metrics.update({f"val_{k}": v for k, v in val.items() if k != "num_examples"})
+    return model, state.params, metrics

@@ -368,46 +368,6 @@ def evaluate(eval_fn, params, frozen, eval_ds, num_batches: int, feeder_args, nu
     return metrics, (grid_in, grid_out)
 
 
-def make_ar_probe(config, model, train_src, eval_ds, eval_batches: int, feeder_args, mesh, rules,
-                  host_start: int, host_stop: int):
-    """`probe(params) -> metrics` for `config.ar_probe` (None when off or the model has no
-    codes): encodes the first `train_examples` training images (center crops) and the eval
-    split with `params`, then fits a fresh probe GPT on those codes (`generator.fit_probe`)."""
-    pcfg = config.ar_probe
-    num_codes = model.num_codes
-    if pcfg.every_steps <= 0 or not num_codes:
-        return None
-    from tok1d.train import generator as gen_trainer
-    to_model, _ = images.range_converters(model.pixel_range)
-    batch_sh, eval_batch = feeder_args
-    train_ds, train_batches = pipeline.eval_dataset(
-        train_src, global_batch=eval_batch, host_start=host_start, host_stop=host_stop,
-        image_size=config.data.image_size, num_examples=pcfg.train_examples)
-    encode = jax.jit(lambda p, x: model.apply({"params": p}, to_model(x),
-                                              method=model.encode)[1]["codes"])
-    def codes_of(params, ds, num_batches):
-        feeder = feeding.Feeder(iter(ds), batch_sh, eval_batch)
-        codes, labels = [], []
-        for _ in range(num_batches):
-            batch = next(feeder)
-            c = parallel.host_array(encode(params, batch["image"]))
-            keep = parallel.host_array(batch["mask"])
-            codes.append(c.reshape(len(c), -1)[keep])
-            labels.append(parallel.host_array(batch["label"])[keep])
-        return np.concatenate(codes).astype(np.int32), np.concatenate(labels).astype(np.int32)
-
-    def probe(params):
-        codes, labels = codes_of(params, train_ds, train_batches)
-        val_codes, val_labels = codes_of(params, eval_ds, eval_batches)
-        num_classes = int(getattr(train_src, "num_classes", 0) or labels.max() + 1)
-        gcfg = gen_trainer.probe_config(pcfg, num_codes, codes.shape[1], num_classes,
-                                        config.mesh, config.seed)
-        return gen_trainer.fit_probe(gcfg, codes, labels, val_codes, val_labels, mesh, rules,
-                                     config.evaluation)
-
-    return probe
-
-
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _first_rows(x: jax.Array, n: int, replicated: jax.sharding.NamedSharding) -> jax.Array:
     return jax.lax.with_sharding_constraint(x[:n], replicated)
@@ -493,8 +453,19 @@ def build_training(config: ml_collections.ConfigDict, mesh, rules, batch_sh) -> 
     return Training(model, nets, gan, frozen, abstract, shardings, init, step_fn)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Trains a tokenizer; writes checkpoints, TensorBoard logs, grids and metrics.json."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       ar_probe: Optional[Callable] = None) -> dict[str, Any]:
+    """Trains a tokenizer; writes checkpoints, TensorBoard logs, grids and metrics.json.
+
+    `ar_probe`: the AR-probe factory run when `config.ar_probe.every_steps` > 0
+    (`tok1d.probes.ar.make_ar_probe`, passed by `tok1d.main`), called as
+    `ar_probe(config, encode, num_codes, train_src, eval_ds, eval_batches, feeder_args, mesh,
+    rules, host_start, host_stop)` with the tokenizer's jitted `encode(params, images in
+    [0, 1]) -> codes`; it returns `probe(params) -> metrics` or None."""
+    if config.ar_probe.every_steps > 0 and ar_probe is None:
+        raise config_lib.ConfigError(
+            "ar_probe.every_steps > 0 but no AR probe was given: run through "
+            "`python -m tok1d.main`, or pass ar_probe=tok1d.probes.ar.make_ar_probe.")
     # ---------------------------------------------------------------- setup
     workdir, writer, mesh, rules, batch_sh = loop.setup_run(config, workdir)
     is_chief = jax.process_index() == 0
@@ -547,8 +518,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         train_step = lambda s, b: t.step_fn(s, b, frozen)  # noqa: E731
         eval_step = jax.jit(make_eval_step(model, t.nets.teacher))
 
-        probe = make_ar_probe(config, model, train_src, eval_ds, eval_batches, feeder_args,
-                              mesh, rules, e_start, e_stop)
+        probe = None
+        if config.ar_probe.every_steps > 0:
+            to_model, _ = images.range_converters(model.pixel_range)
+            encode = jax.jit(lambda p, x: model.apply({"params": p}, to_model(x),
+                                                      method=model.encode)[1]["codes"])
+            probe = ar_probe(config, encode, model.num_codes, train_src, eval_ds, eval_batches,
+                             feeder_args, mesh, rules, e_start, e_stop)
 
         def run_eval(state_, step_):
             params = loop.eval_params(state_)

@@ -16,7 +16,7 @@ Reproduces `autoregressive/models/gpt_1d.py` `Transformer` of SilentView/GigaTok
 
 Linear / embedding weights start from N(0, 0.02) like upstream. Label dropout for CFG
 (upstream: inside `LabelEmbedder` when training) is the trainer's job here
-(`tok1d.generation.common.drop_labels` with `null_label`).
+(`tok1d.objectives.tokens.drop_labels` with `null_label`).
 
 `rope=True` switches to LlamaGen's `autoregressive/models/gpt.py` variant (`--gpt-2d`): no
 learned positions, 2D rotary embedding on q and k (half of each head's pairs rotate with the
@@ -43,7 +43,7 @@ position argument.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import flax.linen as nn
 import jax
@@ -102,8 +102,10 @@ def rope_2d_tables(positions: jax.Array, num_tokens: int, head_dim: int,
 
 
 class GPT(nn.Module):
-    """Class-conditional LlamaGen GPT over `num_tokens` codes of a `vocab_size` codebook."""
+    """Class-conditional LlamaGen GPT over `num_tokens` codes of a `vocab_size` codebook (the
+    generator interface of `tok1d.models.interfaces`, objective "next_token")."""
 
+    objective: ClassVar[str] = "next_token"
     vocab_size: int
     num_tokens: int
     num_classes: int = 1000

@@ -33,13 +33,14 @@ without pooler. Official key -> tok1d parameter:
 `norm1/attn.qkv/attn.proj/norm2/mlp.fc1/mlp.fc2` -> `ln_1/attn.{query,key,value}/attn.out/ln_2/
 mlp.fc1/mlp.fc2`, `norm` -> `norm`, `lm_head` -> `lm_head`. See `tok1d.weights.convert.maskgit`.
 
-Common interface (trainer and sampler): `model(tokens (B, N) int32 in [0, K], labels (B,) int32
-in [0, C], train=False) -> logits (B, N, K) float32`, properties `mask_id` and `null_label`.
+Generator interface (`tok1d.models.interfaces.Generator`, objective "masked"): `model(tokens
+(B, N) int32 in [0, K], labels (B,) int32 in [0, C], train=False) -> logits (B, N, K) float32`,
+`vocab_size` (= K = `codebook_size`), `mask_id`, `null_label`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import flax.linen as nn
 import jax
@@ -70,8 +71,10 @@ GENERATOR_SIZES: dict[str, dict[str, Any]] = {
 
 
 class _GeneratorBase(nn.Module):
-    """Fields and token-id helpers shared by both generators."""
+    """Fields and token-id helpers shared by both generators (the generator interface of
+    `tok1d.models.interfaces`, objective "masked")."""
 
+    objective: ClassVar[str] = "masked"
     codebook_size: int
     num_tokens: int
     num_classes: int = 1000
@@ -94,6 +97,12 @@ class _GeneratorBase(nn.Module):
 
     @property
     def vocab_size(self) -> int:
+        """Tokenizer codes predicted (K)."""
+        return self.codebook_size
+
+    @property
+    def num_embeddings(self) -> int:
+        """Rows of the input-id table: K codes, [MASK], C classes and the null class."""
         return self.codebook_size + self.num_classes + 2
 
     def _input_ids(self, tokens: jax.Array, labels: jax.Array) -> jax.Array:
@@ -133,7 +142,7 @@ class MaskGITBert(_GeneratorBase):
     @nn.compact
     def __call__(self, tokens: jax.Array, labels: jax.Array, train: bool = False) -> jax.Array:
         ids = self._input_ids(tokens, labels)
-        word = self._table("word_embeddings", self.vocab_size)
+        word = self._table("word_embeddings", self.num_embeddings)
         pos = self.param("position_embeddings",
                          logical(transformer.default_kernel_init, ("length", "embed")),
                          (self.num_tokens + 1, self.width), self.param_dtype)
@@ -179,7 +188,7 @@ class MaskGITUViT(_GeneratorBase):
     @nn.compact
     def __call__(self, tokens: jax.Array, labels: jax.Array, train: bool = False) -> jax.Array:
         ids = self._input_ids(tokens, labels)
-        table = self._table("embeddings", self.vocab_size)
+        table = self._table("embeddings", self.num_embeddings)
         pos = self.param("pos_embed", logical(transformer.default_kernel_init, ("length", "embed")),
                          (self.num_tokens + 1, self.width), self.param_dtype)
         x = (jnp.take(table, ids, axis=0) + pos[: ids.shape[1]]).astype(self.dtype)

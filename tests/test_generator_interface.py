@@ -1,0 +1,51 @@
+"""The generator interface (tok1d.models.interfaces): MaskGIT and GPT implement it, the
+objective picks the loss and the sampler, and a module that lacks a field is named; the
+tokenizer trainer gets the AR probe (tok1d.probes.ar) from its caller."""
+
+import flax.linen as nn
+import pytest
+
+from tok1d.generation import common
+from tok1d.models import interfaces
+from tok1d.models.generators import gpt, maskgit
+
+
+def generators():
+    kw = dict(num_tokens=8, num_classes=10)
+    return [maskgit.build("vit", size="tiny", codebook_size=64, **kw),
+            maskgit.build("uvit", size="tiny", codebook_size=64, **kw),
+            gpt.build(vocab_size=64, width=32, depth=2, num_heads=2, **kw)]
+
+
+def test_generators_implement_the_interface():
+    objectives = []
+    for model in generators():
+        interfaces.check_generator(model)
+        assert isinstance(model, interfaces.Generator)
+        assert (model.vocab_size, model.num_tokens, model.null_label) == (64, 8, 10)
+        assert isinstance(model, interfaces.MaskedGenerator) == (model.objective == "masked")
+        assert common.SAMPLERS[model.objective] is not None
+        objectives.append(model.objective)
+    assert objectives == ["masked", "masked", "next_token"]
+
+
+def test_a_module_without_the_interface_is_named():
+    class NotAGenerator(nn.Module):
+        objective = "masked"
+        num_tokens: int = 8
+
+    with pytest.raises(TypeError, match=r"lacks \['vocab_size', 'num_classes', 'null_label', "
+                                        r"'mask_id'\]"):
+        interfaces.check_generator(NotAGenerator())
+    with pytest.raises(ValueError, match="No sampler for generator objective 'permuted'"):
+        common.make_sampler(type("G", (), {"objective": "permuted"})())
+
+
+def test_the_tokenizer_trainer_takes_the_ar_probe_by_injection(tmp_path):
+    """ar_probe on without a probe factory: one clear config error before anything runs."""
+    from tok1d.train import config_lib, tokenizer
+    config = config_lib.base_config()
+    config.ar_probe.every_steps = 4
+    with pytest.raises(config_lib.ConfigError, match="no AR probe was given"):
+        tokenizer.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()

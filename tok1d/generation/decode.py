@@ -1,0 +1,60 @@
+"""Samples of any generator decoded to images by any tokenizer (through the generator and
+tokenizer interfaces of `tok1d.models.interfaces`), batch by batch over the mesh."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Iterator
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tok1d import images, parallel
+from tok1d.generation import common
+
+
+class SampleDecoder:
+    """Samples codes with the configured sampler and decodes them to [0, 1] images with the
+    tokenizer; jitted once, sharded over the batch axis of the mesh."""
+
+    def __init__(self, model: nn.Module, sampling: dict[str, Any], tokenizer, tok_params,
+                 sharding):
+        self.sharding = sharding
+        self.sampler = common.make_sampler(model, **sampling)
+        self.tokenizer, self.tok_params = tokenizer, tok_params
+        _, to_unit = images.range_converters(tokenizer.pixel_range)
+
+        def decode(tok_params, codes):
+            pixels = tokenizer.apply({"params": tok_params}, codes,
+                                     method=tokenizer.decode_codes)
+            return jnp.clip(to_unit(pixels), 0.0, 1.0)
+        self.decode = jax.jit(decode)
+
+    def __call__(self, params, labels: np.ndarray, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+        global_labels = parallel.global_batch({"label": labels[self._host_rows(len(labels))]},
+                                              self.sharding, len(labels))["label"]
+        codes = self.sampler(params, global_labels, rng)
+        return codes, self.decode(self.tok_params, codes)
+
+    def batches(self, params, labels: np.ndarray, batch_size: int, seed: int, log=None
+                ) -> Iterator[tuple[jax.Array, np.ndarray]]:
+        """Samples images for every label, `batch_size` at a time (the last batch repeats
+        labels); yields (global [0, 1] pixels of the whole batch, its valid-row mask) and
+        prints progress (images/s, ETA) through `log`."""
+        t0 = time.time()
+        for b, start in enumerate(range(0, len(labels), batch_size)):
+            batch = labels[start:start + batch_size]
+            padded = np.resize(batch, batch_size)
+            _, pixels = self(params, padded, jax.random.fold_in(jax.random.key(seed), b))
+            yield pixels, np.arange(batch_size) < len(batch)
+            done = start + len(batch)
+            if log is not None:
+                rate = done / max(time.time() - t0, 1e-9)
+                log(f"{done}/{len(labels)} images, {rate:.1f} img/s, "
+                    f"ETA {(len(labels) - done) / max(rate, 1e-9):.0f} s")
+
+    def _host_rows(self, n: int) -> slice:
+        start, stop = parallel.host_batch_slice(self.sharding, n)
+        return slice(start, stop)
