@@ -49,6 +49,7 @@ COST_BY_FILE = {
     "test_parallel.py": "unit", "test_prepare.py": "unit", "test_released_checkpoints.py": "unit",
     "test_summary.py": "unit", "test_tokenize.py": "unit", "test_architecture.py": "unit",
     "test_gigatok_fsdp.py": "unit", "test_dino_disc.py": "unit", "test_evaluation.py": "unit",
+    "test_cli.py": "unit", "test_loss_terms.py": "unit", "test_interfaces.py": "unit",
     # parity (besides test_parity_* and test_train_parity_*): forward parity with the
     # official code's fixtures, or converters on fixture-shaped checkpoints
     "test_vqgan.py": "parity", "test_gigatok_cnn.py": "parity", "test_dinov2.py": "parity",
@@ -58,7 +59,7 @@ COST_BY_FILE = {
     "test_demo.py": "integration", "test_notebook.py": "integration",
     "test_multiprocess.py": "integration", "test_resume.py": "integration",
     "test_recipes.py": "integration", "test_gigatok_training.py": "integration",
-    "test_generator_training.py": "integration", "test_cli.py": "integration",
+    "test_generator_training.py": "integration",
 }
 COST_BY_TEST = {
     # subprocesses in unit files
@@ -67,6 +68,7 @@ COST_BY_TEST = {
     "test_bench.py::test_cli_refuses_a_bad_combination_with_a_message": "integration",
     "test_config.py::test_cli_rejects_mistyped_override_and_bad_shapes": "integration",
     "test_prepare.py::test_cli": "integration",
+    "test_cli.py::test_python_m_main_still_parses": "integration",
     # cheap tests in costly files
     "test_resume.py::test_data_iterator_state_and_host_slices": "unit",
     "test_recipes.py::test_paper_configs_validate": "unit",
