@@ -48,7 +48,7 @@ COST_BY_FILE = {
     "test_linear_probe.py": "unit", "test_maskgit_sampling.py": "unit", "test_models.py": "unit",
     "test_parallel.py": "unit", "test_prepare.py": "unit", "test_released_checkpoints.py": "unit",
     "test_summary.py": "unit", "test_tokenize.py": "unit", "test_architecture.py": "unit",
-    "test_gigatok_fsdp.py": "unit", "test_dino_disc.py": "unit", "test_evaluation.py": "unit",
+    "test_dino_disc.py": "unit", "test_evaluation.py": "unit",
     "test_cli.py": "unit", "test_loss_terms.py": "unit", "test_interfaces.py": "unit",
     # parity (besides test_parity_* and test_train_parity_*): forward parity with the
     # official code's fixtures, or converters on fixture-shaped checkpoints
@@ -60,6 +60,7 @@ COST_BY_FILE = {
     "test_multiprocess.py": "integration", "test_resume.py": "integration",
     "test_recipes.py": "integration", "test_gigatok_training.py": "integration",
     "test_generator_training.py": "integration",
+    "test_gigatok_fsdp.py": "integration",  # GigaTok steps compiled at four fsdp sizes
 }
 COST_BY_TEST = {
     # subprocesses in unit files
@@ -69,6 +70,17 @@ COST_BY_TEST = {
     "test_config.py::test_cli_rejects_mistyped_override_and_bad_shapes": "integration",
     "test_prepare.py::test_cli": "integration",
     "test_cli.py::test_python_m_main_still_parses": "integration",
+    # costly tests in unit files: sharded train steps on three meshes, the evaluation suite's
+    # Inception through the mesh, a trainer run
+    **{f"test_parallel.py::{name}": "integration" for name in (
+        "test_sharded_step_matches_data_parallel", "test_step_really_updates",
+        "test_step_keeps_state_shardings", "test_fsdp_splits_embed", "test_fsdp_and_tensor_split",
+        "test_optimizer_and_ema_follow_params", "test_codebook_replicated",
+        "test_batch_sharding")},
+    "test_evaluation.py::test_metrics_identical_on_1_and_8_devices": "integration",
+    "test_evaluation.py::test_fid_of_a_set_with_itself_and_against_references": "integration",
+    "test_evaluation.py::test_evaluate_job_tokenizer_and_samples": "integration",
+    "test_dino_disc.py::test_trainer_trains_the_heads_and_keeps_the_trunk": "integration",
     # cheap tests in costly files
     "test_resume.py::test_data_iterator_state_and_host_slices": "unit",
     "test_recipes.py::test_paper_configs_validate": "unit",
@@ -120,6 +132,17 @@ def pytest_collection_modifyitems(config, items):
         raise pytest.UsageError(
             f"no cost marker for the tests of {', '.join(sorted(missing))}: add the file to "
             "COST_BY_FILE in tests/conftest.py (unit, parity or integration)")
+    # Costly files first (files stay contiguous, tests keep their order inside a file): with
+    # `-n 2 --dist loadfile` the long files start early instead of leaving one worker alone
+    # at the end.
+    rank = {}
+    for item in items:
+        costs = {c for c in COSTS if item.get_closest_marker(c)}
+        r = 0 if "integration" in costs else 1 if "parity" in costs else 2
+        if os.path.basename(str(item.path)).startswith("test_train_parity_"):
+            r = 0
+        rank[str(item.path)] = min(r, rank.get(str(item.path), 2))
+    items.sort(key=lambda item: rank[str(item.path)])
 
 
 def rel_err(got, want) -> float:
