@@ -42,7 +42,7 @@ except Exception:  # pragma: no cover
 # collection with a message: put it in the table.
 COST_BY_FILE = {
     # unit
-    "test_bench.py": "unit", "test_config.py": "unit", "test_data.py": "unit",
+    "test_config.py": "unit", "test_data.py": "unit",
     "test_fid.py": "unit", "test_gan.py": "unit", "test_gigatok_presets.py": "unit",
     "test_gpt_sampling.py": "unit", "test_image_metrics.py": "unit", "test_launch.py": "unit",
     "test_linear_probe.py": "unit", "test_maskgit_sampling.py": "unit", "test_models.py": "unit",
@@ -61,12 +61,10 @@ COST_BY_FILE = {
     "test_recipes.py": "integration", "test_gigatok_training.py": "integration",
     "test_generator_training.py": "integration",
     "test_gigatok_fsdp.py": "integration",  # GigaTok steps compiled at four fsdp sizes
+    "test_bench.py": "integration",  # benchmark workloads: whole train / sample programs
 }
 COST_BY_TEST = {
     # subprocesses in unit files
-    "test_bench.py::test_cli_prints_the_table_and_appends_json": "integration",
-    "test_bench.py::test_targets_script_names_real_configs": "integration",
-    "test_bench.py::test_cli_refuses_a_bad_combination_with_a_message": "integration",
     "test_config.py::test_cli_rejects_mistyped_override_and_bad_shapes": "integration",
     "test_prepare.py::test_cli": "integration",
     "test_cli.py::test_python_m_main_still_parses": "integration",
@@ -82,6 +80,7 @@ COST_BY_TEST = {
     "test_evaluation.py::test_evaluate_job_tokenizer_and_samples": "integration",
     "test_dino_disc.py::test_trainer_trains_the_heads_and_keeps_the_trunk": "integration",
     # cheap tests in costly files
+    "test_bench.py::test_flop_count_multiplies_loops": "unit",
     "test_resume.py::test_data_iterator_state_and_host_slices": "unit",
     "test_recipes.py::test_paper_configs_validate": "unit",
     "test_generator_training.py::test_generator_configs_validate": "unit",
