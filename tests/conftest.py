@@ -29,6 +29,121 @@ except Exception:  # pragma: no cover
     pass
 
 
+# Tests by cost: every test carries exactly one of these markers (registered in pytest.ini).
+#   unit         one module or function at a small size, in process: seconds. `-m unit` is the
+#                fast subset for daily work (and the Python 3.12 CI run).
+#   parity       agreement with the official code's golden fixtures: forward parity
+#                (test_parity_*, and the fixture-parity tests of other files) and train-step
+#                parity (test_train_parity_*).
+#   integration  whole training runs, `python -m` subprocesses, the demo and the notebook,
+#                two processes, exact resume.
+# A file's tests take its entry in COST_BY_FILE; COST_BY_TEST overrides single tests (by the
+# function's name, every parametrisation alike). A test file missing from the table fails the
+# collection with a message: put it in the table.
+COST_BY_FILE = {
+    # unit
+    "test_config.py": "unit", "test_data.py": "unit",
+    "test_fid.py": "unit", "test_gan.py": "unit", "test_gigatok_presets.py": "unit",
+    "test_gpt_sampling.py": "unit", "test_image_metrics.py": "unit", "test_launch.py": "unit",
+    "test_linear_probe.py": "unit", "test_maskgit_sampling.py": "unit", "test_models.py": "unit",
+    "test_parallel.py": "unit", "test_prepare.py": "unit", "test_released_checkpoints.py": "unit",
+    "test_summary.py": "unit", "test_tokenize.py": "unit", "test_architecture.py": "unit",
+    "test_dino_disc.py": "unit", "test_evaluation.py": "unit",
+    "test_cli.py": "unit", "test_loss_terms.py": "unit", "test_interfaces.py": "unit",
+    # parity (besides test_parity_* and test_train_parity_*): forward parity with the
+    # official code's fixtures, or converters on fixture-shaped checkpoints
+    "test_vqgan.py": "parity", "test_gigatok_cnn.py": "parity", "test_dinov2.py": "parity",
+    "test_inception.py": "parity", "test_perceptual.py": "parity", "test_convert.py": "parity",
+    "test_convert_generators.py": "parity",
+    # integration
+    "test_demo.py": "integration", "test_notebook.py": "integration",
+    "test_multiprocess.py": "integration", "test_resume.py": "integration",
+    "test_recipes.py": "integration", "test_gigatok_training.py": "integration",
+    "test_generator_training.py": "integration",
+    "test_gigatok_fsdp.py": "integration",  # GigaTok steps compiled at four fsdp sizes
+    "test_bench.py": "integration",  # benchmark workloads: whole train / sample programs
+}
+COST_BY_TEST = {
+    # subprocesses in unit files
+    "test_config.py::test_cli_rejects_mistyped_override_and_bad_shapes": "integration",
+    "test_prepare.py::test_cli": "integration",
+    "test_cli.py::test_python_m_main_still_parses": "integration",
+    # costly tests in unit files: sharded train steps on three meshes, the evaluation suite's
+    # Inception through the mesh, a trainer run
+    **{f"test_parallel.py::{name}": "integration" for name in (
+        "test_sharded_step_matches_data_parallel", "test_step_really_updates",
+        "test_step_keeps_state_shardings", "test_fsdp_splits_embed", "test_fsdp_and_tensor_split",
+        "test_optimizer_and_ema_follow_params", "test_codebook_replicated",
+        "test_batch_sharding")},
+    "test_evaluation.py::test_metrics_identical_on_1_and_8_devices": "integration",
+    "test_evaluation.py::test_fid_of_a_set_with_itself_and_against_references": "integration",
+    "test_evaluation.py::test_evaluate_job_tokenizer_and_samples": "integration",
+    "test_dino_disc.py::test_trainer_trains_the_heads_and_keeps_the_trunk": "integration",
+    # cheap tests in costly files
+    "test_bench.py::test_flop_count_multiplies_loops": "unit",
+    "test_resume.py::test_data_iterator_state_and_host_slices": "unit",
+    "test_recipes.py::test_paper_configs_validate": "unit",
+    "test_generator_training.py::test_generator_configs_validate": "unit",
+    "test_gigatok_training.py::test_semantic_loss_is_mean_negative_cosine": "unit",
+    "test_gigatok_training.py::test_missing_teacher_weights_fail_with_the_download_hint": "unit",
+    "test_gigatok_training.py::test_semantic_loss_without_the_dinov2_teacher_is_a_config_error":
+        "unit",
+    "test_gigatok_training.py::test_gigatok_configs_validate_on_a_pod": "unit",
+    "test_gigatok_training.py::"
+    "test_schedules_are_cosine_v2_and_the_disc_follows_the_global_step": "unit",
+    # no fixture, no torch in parity files
+    "test_vqgan.py::test_full_size_param_counts": "unit",
+    "test_vqgan.py::test_shortcut_layout": "unit",
+    "test_gigatok_cnn.py::test_depth_to_space_is_dcr": "unit",
+    "test_gigatok_cnn.py::test_full_size_parameter_counts": "unit",
+    "test_dinov2.py::test_param_count": "unit",
+    "test_dinov2.py::test_converter_errors": "unit",
+    "test_perceptual.py::test_missing_weights_error_says_what_and_how": "unit",
+    "test_perceptual.py::test_lpips_random_init_shapes_zero_and_gradients": "unit",
+    "test_inception.py::test_load_inception_without_weights_says_how": "unit",
+    "test_inception.py::test_resize_vs_numpy_and_torch": "unit",
+}
+COSTS = ("unit", "parity", "integration")
+
+
+def _cost(path: str, name: str):
+    base = os.path.basename(path)
+    if f"{base}::{name}" in COST_BY_TEST:
+        return COST_BY_TEST[f"{base}::{name}"]
+    if base in COST_BY_FILE:
+        return COST_BY_FILE[base]
+    if base.startswith(("test_parity_", "test_train_parity_")):
+        return "parity"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    missing = set()
+    for item in items:
+        if any(item.get_closest_marker(c) for c in COSTS):  # marked in its own file
+            continue
+        cost = _cost(str(item.path), item.originalname)
+        if cost is None:
+            missing.add(os.path.basename(str(item.path)))
+        else:
+            item.add_marker(cost)
+    if missing:
+        raise pytest.UsageError(
+            f"no cost marker for the tests of {', '.join(sorted(missing))}: add the file to "
+            "COST_BY_FILE in tests/conftest.py (unit, parity or integration)")
+    # Costly files first (files stay contiguous, tests keep their order inside a file): with
+    # `-n 2 --dist loadfile` the long files start early instead of leaving one worker alone
+    # at the end.
+    rank = {}
+    for item in items:
+        costs = {c for c in COSTS if item.get_closest_marker(c)}
+        r = 0 if "integration" in costs else 1 if "parity" in costs else 2
+        if os.path.basename(str(item.path)).startswith("test_train_parity_"):
+            r = 0
+        rank[str(item.path)] = min(r, rank.get(str(item.path), 2))
+    items.sort(key=lambda item: rank[str(item.path)])
+
+
 def rel_err(got, want) -> float:
     """max|got - want| / max|want| in float64 (the fixture README's error measure); the shapes
     must agree exactly."""

@@ -11,14 +11,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 
 from conftest import rel_err
 from tok1d.objectives import augment
 from tok1d.weights.convert import dino_disc as conv
 from tok1d.weights.convert.common import ConversionError
 from tok1d.models import dino_disc as dd
+
+torch = pytest.importorskip("torch", reason="the references are torch modules")
+F = torch.nn.functional
 
 D, DEPTH, HEADS, PATCH, IMG = 32, 3, 2, 8, 32
 KEY_DEPTHS = (0, 2, 7)          # 7 >= depth: dropped, as upstream
