@@ -299,7 +299,7 @@ def make_train_step(model: nn.Module, tx, schedule, config,
 
 def make_eval_step(model: nn.Module, teacher: Optional[nn.Module] = None):
     """(params, batch, frozen) -> (sums, reconstructions in [0, 1]). A proxy-code model is
-    judged through the teacher: pixels = teacher.decode(argmax logits)."""
+    judged through the teacher: pixels = teacher.decode_codes(argmax logits)."""
     num_codes = model.num_codes
     outputs_pixels = model.outputs_pixels
     to_model, to_unit = images.range_converters(model.pixel_range)
@@ -315,9 +315,9 @@ def make_eval_step(model: nn.Module, teacher: Optional[nn.Module] = None):
             if teacher is None:
                 raise ValueError("A proxy-code model needs the teacher to evaluate.")
             t_model = teacher
-            _, t_aux = t_model.apply({"params": frozen["teacher"]}, images, method=t_model.encode)
+            t_codes = t_model.apply({"params": frozen["teacher"]}, images, method=t_model.encode)
             pred = jnp.argmax(out, axis=-1)
-            acc = jnp.mean((pred == t_aux["codes"]).astype(jnp.float32), axis=(1, 2))
+            acc = jnp.mean((pred == t_codes).astype(jnp.float32), axis=(1, 2))
             sums["proxy_accuracy_sum"] = jnp.sum(acc * mask)
             recon = t_model.apply({"params": frozen["teacher"]}, pred,
                                   method=t_model.decode_codes)
@@ -325,7 +325,7 @@ def make_eval_step(model: nn.Module, teacher: Optional[nn.Module] = None):
         sums.update(psnr_sum=jnp.sum(psnr(recon, images) * mask), l2_sum=jnp.sum(err * mask),
                     count=jnp.sum(mask))
         if num_codes:
-            sums["hist"] = codebook_lib.code_histogram(aux["codes"], num_codes, mask)
+            sums["hist"] = codebook_lib.code_histogram(aux.codes, num_codes, mask)
         return sums, jnp.clip(recon, 0.0, 1.0)
 
     return eval_step
@@ -383,8 +383,7 @@ def make_ar_probe(config, model, train_src, eval_ds, eval_batches: int, feeder_a
     train_ds, train_batches = pipeline.eval_dataset(
         train_src, global_batch=eval_batch, host_start=host_start, host_stop=host_stop,
         image_size=config.data.image_size, num_examples=pcfg.train_examples)
-    encode = jax.jit(lambda p, x: model.apply({"params": p}, to_model(x),
-                                              method=model.encode)[1]["codes"])
+    encode = jax.jit(lambda p, x: model.apply({"params": p}, to_model(x), method=model.encode))
     def codes_of(params, ds, num_batches):
         feeder = feeding.Feeder(iter(ds), batch_sh, eval_batch)
         codes, labels = [], []
