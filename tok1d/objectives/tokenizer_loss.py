@@ -103,8 +103,8 @@ def make_loss_fn(model: nn.Module, weights: Mapping[str, float], nets: terms_lib
         outputs, extras = {"pixels": out}, {}
         if "shortcut" in weights:
             def shortcut_on():
-                return shortcut_terms(params, aux.features["cnn_map"], ctx, gan_state, collections,
-                                      active, short_rng, out)
+                return shortcut_terms(params, aux.features["cnn_map"], ctx, gan_state,
+                                      collections, active, short_rng, out)
 
             zeros = jax.tree.map(lambda t: jnp.zeros(t.shape, t.dtype),
                                  jax.eval_shape(shortcut_on)[:3])
