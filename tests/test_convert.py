@@ -54,10 +54,10 @@ def test_bin_checkpoint_converts_and_round_trips(torch_checkpoint, tmp_path):
     np.testing.assert_array_equal(params["encoder"]["patch_embed"]["kernel"],
                                   sd["encoder.patch_embed.weight"].numpy().transpose(2, 3, 1, 0))
     images = jax.random.uniform(jax.random.key(0), (2, model.image_size, model.image_size, 3))
-    z_q, aux = model.apply({"params": params}, images, method=TiTok.encode)
+    z_q, aux = model.apply({"params": params}, images, method=TiTok.encode_latents)
     codes = aux["codes"]
     assert codes.shape == (2, model.num_latent_tokens)
-    recon = model.apply({"params": params}, z_q, method=TiTok.decode)
+    recon = model.apply({"params": params}, z_q, method=TiTok.decode_latents)
     via_codes = model.apply({"params": params}, codes, method=TiTok.decode_codes)
     assert recon.shape == images.shape
     np.testing.assert_allclose(via_codes, recon, atol=1e-5)
@@ -142,5 +142,5 @@ def test_gigatok_checkpoint_prefers_ema_and_reproduces_codes(fixtures_dir, tmp_p
                              "--official_config", str(tmp_path / "config.json")]) == 0
     model, params = pretrained.load_pretrained(str(out))
     with jax.default_matmul_precision("highest"):
-        _, aux = model.apply({"params": params}, jnp.asarray(images), method=model.encode)
-    np.testing.assert_array_equal(np.asarray(aux["codes"]), codes)
+        got = model.apply({"params": params}, jnp.asarray(images), method=model.encode)
+    np.testing.assert_array_equal(np.asarray(got), codes)

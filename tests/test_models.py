@@ -26,7 +26,7 @@ def test_titok_shapes_for_any_number_of_tokens(num_tokens):
     variables = model.init(jax.random.key(0), x)
     recon, aux = model.apply(variables, x)
     assert recon.shape == x.shape and recon.dtype == jnp.float32
-    assert aux["codes"].shape == (2, num_tokens) and aux["codes"].dtype == jnp.int32
+    assert aux.codes.shape == (2, num_tokens) and aux.codes.dtype == jnp.int32
     params = nn.unbox(variables)["params"]
     assert params["latent_tokens"].shape == (num_tokens, 32)
     assert params["quantize"]["embedding"].shape == (64, 8)
@@ -37,7 +37,7 @@ def test_decode_codes_matches_the_training_forward():
     x = images()
     variables = model.init(jax.random.key(1), x)
     recon, aux = model.apply(variables, x)
-    again = model.apply(variables, aux["codes"], method="decode_codes")
+    again = model.apply(variables, aux.codes, method="decode_codes")
     np.testing.assert_allclose(again, recon, rtol=1e-5, atol=1e-5)
 
 
@@ -59,7 +59,7 @@ def test_remat_and_scan_do_not_change_the_function():
 
     def loss(model, p):
         recon, aux = model.apply(p, x)
-        return jnp.mean((recon - x) ** 2) + aux["quantizer_loss"]
+        return jnp.mean((recon - x) ** 2) + aux.losses["quantizer"]
 
     g1 = jax.grad(lambda p: loss(base, p))(variables)
     for policy in ("full", "dots"):  # the recipes use "dots"
@@ -225,7 +225,7 @@ def test_entropy_loss_matches_numpy_reference():
 def test_loss_weights_switch_terms_on_and_off():
     from tok1d.objectives import losses
     recon, target = jnp.zeros((1, 2, 2, 3)), jnp.ones((1, 2, 2, 3))
-    aux = dict(quantizer_loss=jnp.float32(2.0), entropy_loss=jnp.float32(-1.0))
+    aux = dict(quantizer=jnp.float32(2.0), entropy=jnp.float32(-1.0))
     total, terms = losses.combine(dict(l2=1.0, quantizer=0.5, entropy=0.0), recon, target, aux)
     assert set(terms) == {"l2", "quantizer"} and float(total) == 2.0
     total, terms = losses.combine(dict(l2=1.0, quantizer=0.5, entropy=0.1), recon, target, aux)

@@ -82,7 +82,7 @@ def _run(shape):
 
     def loss_fn(params, images_):
         recon, aux = model.apply({"params": params}, images_)
-        return losses.combine(weights, recon, images_, aux)[0]
+        return losses.combine(weights, recon, images_, aux.losses)[0]
 
     state = init(rng)
     init_params = jax.device_get(state.params)

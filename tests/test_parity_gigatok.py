@@ -44,7 +44,7 @@ def _apply(model, params, *args, **kw):
 
 def test_codes_and_eval_pixels(built):
     z, meta, model, params, images = built
-    z_q, aux = _apply(model, params, images, method=GigaTok.encode)
+    z_q, aux = _apply(model, params, images, method=GigaTok.encode_latents)
     b = images.shape[0]
     np.testing.assert_array_equal(np.asarray(aux["codes"]).reshape(b, -1),
                                   np.asarray(z["quant/indices"]).reshape(b, -1))
@@ -55,20 +55,20 @@ def test_codes_and_eval_pixels(built):
 
 def test_training_forward(built):
     z, meta, model, params, images = built
-    pixels, aux = _apply(model, params, images, True)
+    pixels, aux = _apply(model, params, images, train=True)
     assert rel_err(pixels, nhwc(z["train/pixels"])) < 3e-4
-    assert rel_err(aux["shortcut_pixels"], nhwc(z["train/shortcut_pixels"])) < 3e-4
-    assert rel_err(aux["fea_rec_loss"], z["train/fea_rec_loss"]) < 1e-4
-    assert rel_err(aux["codebook_loss"], z["train/vq_loss"]) < 1e-5
-    assert rel_err(aux["commitment_loss"], z["train/commit_loss"]) < 1e-5
+    assert rel_err(aux.features["shortcut_pixels"], nhwc(z["train/shortcut_pixels"])) < 3e-4
+    assert rel_err(aux.losses["fea_rec"], z["train/fea_rec_loss"]) < 1e-4
+    assert rel_err(aux.losses["codebook"], z["train/vq_loss"]) < 1e-5
+    assert rel_err(aux.losses["commitment"], z["train/commit_loss"]) < 1e-5
     ratio = meta["init_args"]["entropy_loss_ratio"]
-    assert rel_err(ratio * aux["entropy_loss"], z["train/entropy_loss"]) < 1e-5
+    assert rel_err(ratio * aux.losses["entropy"], z["train/entropy_loss"]) < 1e-5
     if not meta["init_args"].get("distill_depth"):
         return  # no semantic-regularisation head: no features, no projection loss
-    assert rel_err(aux["semantic_features"], z["train/inner_feat"]) < 2e-5
+    assert rel_err(aux.features["semantic_features"], z["train/inner_feat"]) < 2e-5
     # The official projection loss on a stand-in teacher: mean over tokens of -cos.
     teacher = np.asarray(z["train/fake_teacher"], np.float32)
-    feat = np.asarray(aux["semantic_features"], np.float64)
+    feat = np.asarray(aux.features["semantic_features"], np.float64)
     cos = np.sum(feat * teacher, -1) / (np.linalg.norm(feat, axis=-1)
                                         * np.linalg.norm(teacher, axis=-1))
     assert rel_err(-np.mean(cos), z["train/proj_loss"]) < 1e-5

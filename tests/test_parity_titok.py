@@ -82,7 +82,7 @@ def test_vq_legacy_proxy_code_head(npz, scan):
     assert model.legacy_reshape and model.decoder_head == "logits"  # what vq_legacy checks
     assert model.l2_norm == bool(vq_config(z, "vq_legacy").get("use_l2_norm", True))
     m = "vq_legacy/"
-    z_q, aux = _apply(model, params, images, method=TiTok.encode)
+    z_q, aux = _apply(model, params, images, method=TiTok.encode_latents)
     z_cont = _apply(model, params, images,
                     method=lambda mdl, x: mdl.encoder(x, mdl.latent_tokens))
     assert rel_err(z_cont, tokens_first(z[m + "out/z_continuous"])) < TRANSFORMER_TOL
@@ -90,7 +90,7 @@ def test_vq_legacy_proxy_code_head(npz, scan):
     assert rel_err(z_q, tokens_first(z[m + "out/z_quantized"])) < TRANSFORMER_TOL
     for key in ("quantizer_loss", "commitment_loss", "codebook_loss"):
         assert rel_err(aux[key], z[m + f"out/{key}"]) < 1e-5, key
-    logits = _apply(model, params, z_q, method=TiTok.decode)
+    logits = _apply(model, params, z_q, method=TiTok.decode_latents)
     assert rel_err(nchw(logits), z[m + "out/decoder_logits"]) < TRANSFORMER_TOL
     np.testing.assert_array_equal(np.argmax(np.asarray(logits), -1),
                                   np.asarray(z[m + "out/proxy_code_argmax"]))
@@ -133,13 +133,13 @@ def test_vq_pixel_head(npz):
     assert model.decoder_width == sizes[vq["vit_dec_model_size"]]["width"]
     m = "vq_pixel/"
     recon, aux = _apply(model, params, images)
-    np.testing.assert_array_equal(np.asarray(aux["codes"]), np.asarray(z[m + "out/codes"])[:, 0])
+    np.testing.assert_array_equal(np.asarray(aux.codes), np.asarray(z[m + "out/codes"])[:, 0])
     for key in ("quantizer_loss", "commitment_loss", "codebook_loss"):
-        assert rel_err(aux[key], z[m + f"out/{key}"]) < 1e-5, key
+        assert rel_err(aux.losses[key[:-5]], z[m + f"out/{key}"]) < 1e-5, key
     assert rel_err(nchw(recon), z[m + "out/decoder_pixels"]) < TRANSFORMER_TOL
     # The stored quantised latents decode to the stored pixels (no argmin in between).
     from_zq = _apply(model, params, jnp.asarray(tokens_first(z[m + "out/z_quantized"])),
-                     method=TiTok.decode)
+                     method=TiTok.decode_latents)
     assert rel_err(nchw(from_zq), z[m + "out/decoder_pixels"]) < TRANSFORMER_TOL
 
 
@@ -147,7 +147,7 @@ def test_vae(npz):
     z, model, params, images = build(npz, "vae")
     assert model.quantizer == "vae" and model.num_codes is None
     m = "vae/"
-    z_mean, aux = _apply(model, params, images, method=TiTok.encode)
+    z_mean, aux = _apply(model, params, images, method=TiTok.encode_latents)
     moments = np.concatenate([aux["mean"], aux["logvar"]], -1)
     want_moments = tokens_first(z[m + "out/z_moments"])
     c = model.token_dim
@@ -159,12 +159,12 @@ def test_vae(npz):
                                float(np.sum(z[m + "out/kl_per_sample"])) / 2, rtol=1e-5)
     eps = tokens_first(np.asarray(z[m + "in/eps"], np.float32))
     sample = jnp.asarray(aux["mean"] + aux["std"] * eps)
-    pixels = _apply(model, params, sample, method=TiTok.decode)
+    pixels = _apply(model, params, sample, method=TiTok.decode_latents)
     assert rel_err(nchw(pixels), z[m + "out/decoder_pixels_from_sample"]) < TRANSFORMER_TOL
-    from_mean = _apply(model, params, z_mean[:1], method=TiTok.decode)
+    from_mean = _apply(model, params, z_mean[:1], method=TiTok.decode_latents)
     assert rel_err(nchw(from_mean), z[m + "hook/decoder_pixels_from_mean_img0"]) < TRANSFORMER_TOL
     # Sampling draws from the "sample" rng stream and differs from the mean.
-    drawn, _ = _apply(model, params, images, True, method=TiTok.encode,
+    drawn, _ = _apply(model, params, images, True, method=TiTok.encode_latents,
                       rngs={"sample": jax.random.key(1)})
     assert not np.allclose(drawn, z_mean)
 
@@ -174,13 +174,13 @@ def test_stage2_pixel_decoder(npz):
     assert model.pixel_decoder and model.finetune_decoder
     m = "stage2/"
     pixels, aux = _apply(model, params, images)
-    np.testing.assert_array_equal(np.asarray(aux["codes"]), np.asarray(z[m + "out/codes"])[:, 0])
+    np.testing.assert_array_equal(np.asarray(aux.codes), np.asarray(z[m + "out/codes"])[:, 0])
     logits = _apply(model, params, images[:1],
-                    method=lambda mdl, x: mdl.decoder(mdl.encode(x)[0]))
+                    method=lambda mdl, x: mdl.decoder(mdl.encode_latents(x)[0]))
     assert rel_err(nchw(logits), z[m + "hook/decoder_logits_img0"]) < TRANSFORMER_TOL
     assert rel_err(nchw(pixels), z[m + "out/pixels"]) < SOFTMAX_CNN_TOL
     # Stage 2 freezes the encoder side: its losses are zero and no gradient reaches it.
-    assert float(aux["quantizer_loss"]) == 0.0
+    assert float(aux.losses["quantizer"]) == 0.0
     grads = jax.grad(lambda p: jnp.mean(model.apply({"params": p}, images)[0]))(params)
     assert all(float(jnp.max(jnp.abs(g))) == 0.0
                for g in jax.tree.leaves(grads["encoder"]) + [grads["latent_tokens"]])

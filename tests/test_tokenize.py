@@ -45,7 +45,7 @@ def tokenized(tiny, tmp_path_factory):
 
 def _encode(model, params, images):
     """Plain single-device encoding (jitted only to skip op-by-op dispatch)."""
-    fn = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode")[1]["codes"])
+    fn = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.encode))
     return np.asarray(fn(params, images))
 
 

@@ -213,14 +213,14 @@ def compare_steps(report: tp.Report, z: tp.Fixture, config, scalars, fwd, bounds
         if k and bounds.later_pixels_floor:
             floor = float(z["check/f32_vs_f64_rel_per_step/recons"][k])
             pix_rel = max(PIXELS_REL, bounds.later_pixels_floor * floor)
-        report.exact(f"codes{tag}", np.asarray(aux["codes"]).reshape(batch, -1),
+        report.exact(f"codes{tag}", np.asarray(aux.codes).reshape(batch, -1),
                      np.asarray(z["step/codes"][k]).reshape(batch, -1))
         report.rel(f"recons_img0{tag}", pixels[0], nchw_to_nhwc(z["step/recons_img0"][k]),
                    pix_rel)
         if aux_on[k] and k < len(z["step/direct_recons_img0"]):
-            report.rel(f"direct_recons_img0{tag}", aux["shortcut_pixels"][0],
+            report.rel(f"direct_recons_img0{tag}", aux.features["shortcut_pixels"][0],
                        nchw_to_nhwc(z["step/direct_recons_img0"][k]), pix_rel)
-    report.rel("step1_inner_feat", fwd[0][1]["semantic_features"], z["step1/inner_feat"],
+    report.rel("step1_inner_feat", fwd[0][1].features["semantic_features"], z["step1/inner_feat"],
                FEATURES_REL)
 
 
@@ -307,7 +307,7 @@ def run_steps(t, config, mesh, rules, frozen, data, images, first_d, load):
             if k == first_d:
                 states["disc_first"] = jax.device_get(state)
         states["final"] = jax.device_get(state)
-        forward = jax.jit(lambda p, x: t.model.apply({"params": p}, x, True))
+        forward = jax.jit(lambda p, x: t.model.apply({"params": p}, x, train=True))
         teach = jax.jit(lambda p, x: t.nets.teacher.apply(
             {"params": p}, preprocess_gigatok(x, 224))["patch_tokens"])
         fwd = [jax.device_get(forward(before[k], images[k])) for k in range(len(data))]

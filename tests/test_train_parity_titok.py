@@ -195,7 +195,7 @@ class Run:
         self.state = state
         model = self.t.model
         self.forward = jax.jit(lambda p, x: (
-            model.apply({"params": p}, x, method=model.encode)[1]["codes"],
+            model.apply({"params": p}, x, method=model.encode),
             model.apply({"params": p}, x)[0]))
 
     def context(self):

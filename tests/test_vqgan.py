@@ -59,10 +59,10 @@ def run(converted, fixture):
     @jax.jit
     def forward(variables, images, z_q_ref, codes_ref):
         (recon, aux), state = model.apply(variables, images, mutable=["intermediates"])
-        z_q, _ = model.apply(variables, images, method=model.encode)
+        z_q, _ = model.apply(variables, images, method=model.encode_latents)
         return dict(
             recon=recon, aux=aux, intermediates=state["intermediates"], z_q=z_q,
-            from_zq=model.apply(variables, z_q_ref, method=model.decode),
+            from_zq=model.apply(variables, z_q_ref, method=model.decode_latents),
             from_codes=model.apply(variables, codes_ref, method=model.decode_codes))
 
     with jax.default_matmul_precision("highest"):
@@ -88,9 +88,9 @@ def test_param_count_matches_fixture(converted):
 
 def test_encoder_and_codes(run, fixture):
     aux = run["aux"]
-    e = rel_err(aux["z"], nhwc(fixture["out/encoder_out"]))
+    e = rel_err(aux.features["encoder_map"], nhwc(fixture["out/encoder_out"]))
     assert e < TOL, e
-    codes = aux["codes"]
+    codes = aux.codes
     b, h, w = codes.shape
     assert codes.dtype == np.int32
     np.testing.assert_array_equal(codes.reshape(b, h * w), fixture["out/codes"])
@@ -131,7 +131,7 @@ def test_full_size_param_counts():
     assert n_params(params) == 54_515_587
     out = jax.eval_shape(model.apply, variables, images)
     assert out[0].shape == (1, 256, 256, 3)
-    assert out[1]["codes"].shape == (1, 16, 16)
+    assert out[1].codes.shape == (1, 16, 16)
     # The decoder alone (TiTok stage 2 reuses it as "pixel_decoder").
     kw = {k: v for k, v in MASKGIT_VQGAN_F16_256.items() if k != "codebook_size"}
     dec = VQGANDecoder(**kw)

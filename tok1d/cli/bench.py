@@ -358,8 +358,7 @@ def bench_codec(config, batch: int, workload: str, abstract: bool = False) -> Wo
     to_model, _ = images_lib.range_converters(model.pixel_range)
     size = config.data.image_size
     rng = np.random.default_rng(0)
-    encode = jax.jit(lambda p, x: model.apply({"params": p}, to_model(x),
-                                              method=model.encode)[1]["codes"])
+    encode = jax.jit(lambda p, x: model.apply({"params": p}, to_model(x), method=model.encode))
     with context():
         images = _global({"image": rng.uniform(0, 1, (batch, size, size, 3)).astype(np.float32)},
                          batch_sh, batch)["image"]

@@ -188,12 +188,12 @@ def make_encoder(model, params, *, flip: bool, batch_size: int):
     else:  # device arrays, e.g. a training state sharded on another mesh
         params = jax.device_put(params, replicated)
 
+    if not model.num_codes:
+        raise ValueError(f"{type(model).__name__} has no discrete codes (a continuous "
+                         "tokenizer?); only VQ tokenizers can be tokenized.")
+
     def codes_of(p, x):
-        _, aux = model.apply({"params": p}, x, method="encode")
-        if "codes" not in aux:
-            raise ValueError(f"{type(model).__name__} has no discrete codes (a continuous "
-                             "tokenizer?); only VQ tokenizers can be tokenized.")
-        c = aux["codes"]
+        c = model.apply({"params": p}, x, method=model.encode)
         return c.reshape(c.shape[0], -1).astype(jnp.int32)
 
     def fn(p, images, labels):
@@ -402,7 +402,7 @@ def tokenize_dataset(model, params, source, out_dir: str, *, split: str = "train
     """Encodes the first `num_examples` (-1: all) of `source` into split `split` of `out_dir`.
 
     Args:
-        model, params: A VQ tokenizer (its `encode` returns aux["codes"]) and its params (host
+        model, params: A VQ tokenizer (`tok1d.models.interfaces.Tokenizer`) and its params (host
             NumPy trees or jax.Arrays of any sharding; replicated over all devices).
         source: Random-access images {"image": encoded bytes or uint8 array, "label": int}.
         out_dir: The token dataset directory (created; other splits there are kept).

@@ -6,14 +6,42 @@ Tokenizer (TiTok, GigaTok, MaskGIT-VQGAN), a Linen module with:
     num_codes        codebook size (None for a continuous VAE tokenizer)
     num_tokens       tokens per image
     outputs_pixels   False for TiTok stage 1 (its decoder predicts proxy-code logits)
-    encode(images)   -> (quantized latents, aux): aux["codes"] the integer codes
+    encode(images)   -> integer codes: (B, num_tokens) for TiTok and GigaTok, the (B, h, w) grid
+                     (h * w = num_tokens, row-major) for MaskGIT-VQGAN; a continuous (VAE)
+                     tokenizer raises ValueError (it has no codes)
     decode_codes(codes) -> the decoder's output (pixels, or logits for stage 1)
-    __call__(images, train=False) -> (reconstruction, aux): the training forward; aux holds
-                     "codes", the losses the tokenizer computes itself as "<name>_loss" (read by
-                     the loss terms of `tok1d.objectives.terms`, e.g. quantizer, entropy, kl,
-                     fea_rec) and its features ("semantic_features", "cnn_map", ...).
+    __call__(images, *, train=False) -> (reconstruction, TokenizerAux): the training forward
+                     (`train`: TiTok VAE draws its latents from the posterior, GigaTok adds its
+                     shortcut reconstruction)
 A tokenizer with a shortcut decoder (GigaTok's CNN decoder on the CNN-encoder map, the
-"shortcut" warm-up term) also has `decode_cnn_map(cnn_map)`.
+"shortcut" warm-up term) also has `decode_cnn_map(cnn_map)` (`ShortcutTokenizer`).
+
+The latent level, which the models use internally and the parity tests read:
+    encode_latents(images) -> (latents, the quantizer's outputs: a dict with "codes" and
+                     "<part>_loss" for VQ, the posterior and "kl_loss" for a VAE, plus GigaTok's
+                     "cnn_map" and MaskGIT-VQGAN's "z")
+    decode_latents(latents) -> the decoder's output
+
+TokenizerAux (a pytree) of the training forward:
+    codes     the integer codes of `encode` (None for a continuous VAE tokenizer)
+    losses    the loss terms the tokenizer computes itself, unweighted, by the names of the
+              registry `tok1d.objectives.terms.TERMS`:
+                quantizer   VQ: codebook + commitment (TiTok VQ, GigaTok, MaskGIT-VQGAN)
+                entropy     VQ code-usage entropy loss (weighted in GigaTok)
+                kl          VAE KL divergence (TiTok VAE)
+                fea_rec     GigaTok: MSE(transformer-decoder grid, sg(CNN-encoder map))
+              and the quantizer's parts (LOSS_PARTS, logged, never weighted):
+                codebook    MSE(z_q, sg(z));  commitment  commitment_cost * MSE(sg(z_q), z)
+    features  named features:
+                cnn_map             GigaTok: the CNN encoder's map (B, h, w, C) (the shortcut's
+                                    input, fea_rec's target)
+                semantic_features   GigaTok with distill_depth > 0: the decoder features the
+                                    semantic (DINOv2) loss aligns (B, N, D)
+                shortcut_pixels     GigaTok, train=True: the CNN decoder on cnn_map (B, H, W, 3)
+                encoder_map         MaskGIT-VQGAN: the unquantized encoder output (B, h, w, z)
+                posterior_mean, posterior_logvar, posterior_std, kl_per_token
+                                    TiTok VAE: the diagonal Gaussian posterior (B, N, C) and its
+                                    per-image KL summed over channels (B, N)
 
 Generator (MaskGIT, GPT), a Linen module with:
     objective        "masked" (MaskGIT: fill masked tokens) | "next_token" (GPT)
@@ -26,12 +54,41 @@ training loss (`tok1d.objectives.tokens`) and the sampler (`tok1d.generation.com
 
 from __future__ import annotations
 
-from typing import Any, Optional, Protocol, runtime_checkable
+from typing import Any, Mapping, Optional, Protocol, runtime_checkable
 
 import jax
+from flax import struct
 
 TOKENIZER_FIELDS = ("pixel_range", "num_codes", "num_tokens", "outputs_pixels", "encode",
                     "decode_codes")
+LOSS_PARTS = ("codebook", "commitment")  # the VQ quantizer loss's parts (logged, not weighted)
+FEATURES = ("cnn_map", "semantic_features", "shortcut_pixels", "encoder_map", "posterior_mean",
+            "posterior_logvar", "posterior_std", "kl_per_token")
+
+
+@struct.dataclass
+class TokenizerAux:
+    """What the training forward returns beside the reconstruction (see the module docstring)."""
+    codes: Optional[jax.Array] = None
+    losses: dict[str, jax.Array] = struct.field(default_factory=dict)
+    features: dict[str, jax.Array] = struct.field(default_factory=dict)
+
+
+def vq_aux(quantized: Mapping[str, jax.Array], **features: jax.Array) -> TokenizerAux:
+    """The TokenizerAux of a `VectorQuantizer`'s outputs (plus the model's `features`)."""
+    return TokenizerAux(
+        codes=quantized["codes"],
+        losses={name: quantized[f"{name}_loss"]
+                for name in ("quantizer", "entropy") + LOSS_PARTS},
+        features=features)
+
+
+def gaussian_aux(posterior: Mapping[str, jax.Array]) -> TokenizerAux:
+    """The TokenizerAux of a `DiagonalGaussian`'s outputs (a continuous tokenizer: no codes)."""
+    return TokenizerAux(
+        codes=None, losses={"kl": posterior["kl_loss"]},
+        features={"posterior_mean": posterior["mean"], "posterior_logvar": posterior["logvar"],
+                  "posterior_std": posterior["std"], "kl_per_token": posterior["kl_per_token"]})
 
 
 @runtime_checkable
@@ -41,12 +98,12 @@ class Tokenizer(Protocol):
     num_tokens: int
     outputs_pixels: bool
 
-    def encode(self, images: jax.Array) -> tuple[jax.Array, dict[str, Any]]: ...
+    def encode(self, images: jax.Array) -> jax.Array: ...
 
     def decode_codes(self, codes: jax.Array) -> jax.Array: ...
 
-    def __call__(self, images: jax.Array, train: bool = False
-                 ) -> tuple[jax.Array, dict[str, Any]]: ...
+    def __call__(self, images: jax.Array, *, train: bool = False
+                 ) -> tuple[jax.Array, TokenizerAux]: ...
 
 
 @runtime_checkable

@@ -51,7 +51,7 @@ def weighted_sum(weights: Mapping[str, float], terms: Mapping[str, jax.Array]) -
 
 
 # Terms computed from (reconstruction, target); model-provided terms (e.g. "quantizer") come
-# from the model's aux outputs under "<name>_loss".
+# from the model's own losses (`TokenizerAux.losses`, by term name).
 RECONSTRUCTION_TERMS: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
     "l2": l2_loss,
     "l1": l1_loss,
@@ -59,7 +59,7 @@ RECONSTRUCTION_TERMS: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
 
 
 def combine(weights: Mapping[str, float], recon: jax.Array, target: jax.Array,
-            aux: Mapping[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+            model_losses: Mapping[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Weighted sum of the enabled terms. Returns (total, {term: unweighted value})."""
     terms: dict[str, jax.Array] = {}
     for name, weight in weights.items():
@@ -67,11 +67,11 @@ def combine(weights: Mapping[str, float], recon: jax.Array, target: jax.Array,
             continue
         if name in RECONSTRUCTION_TERMS:
             terms[name] = RECONSTRUCTION_TERMS[name](recon, target)
-        elif f"{name}_loss" in aux:
-            terms[name] = aux[f"{name}_loss"]
+        elif name in model_losses:
+            terms[name] = model_losses[name]
         else:
             raise ValueError(f"Loss term {name!r} is neither a reconstruction term "
                              f"{sorted(RECONSTRUCTION_TERMS)} nor provided by the model "
-                             f"({sorted(k[:-5] for k in aux if k.endswith('_loss'))}).")
+                             f"({sorted(model_losses)}).")
     total = sum(weights[name] * value for name, value in terms.items())
     return jnp.asarray(total, jnp.float32), terms

@@ -33,6 +33,7 @@ from typing import Any, Callable, Mapping, Optional
 import jax
 
 from tok1d.models.frozen.dinov2 import preprocess_gigatok
+from tok1d.models.interfaces import TokenizerAux
 from tok1d.objectives import draws as draws_lib
 from tok1d.objectives import losses
 from tok1d.objectives import perceptual as perceptual_lib
@@ -43,7 +44,7 @@ class Context:
     """What a term reads, built once per forward inside the traced loss.
 
     out      the tokenizer's output: pixels in its range, or proxy-code logits
-    aux      its aux outputs (codes, model-computed losses "<name>_loss", features)
+    aux      its TokenizerAux (codes, the losses it computes itself, named features)
     x        the input in the tokenizer's range; images: the input in [0, 1]
     frozen   the frozen networks' params {"teacher": ..., "perceptual": ...}
     nets     the frozen networks' modules (`FrozenNets`)
@@ -52,7 +53,7 @@ class Context:
     to_unit  the tokenizer's range -> [0, 1]
     """
     out: jax.Array
-    aux: Mapping[str, Any]
+    aux: TokenizerAux
     x: jax.Array
     images: jax.Array
     frozen: Mapping[str, Any]
@@ -161,8 +162,8 @@ def teacher_codes(ctx: Context) -> jax.Array:
     if teacher is None:
         raise ValueError("losses.proxy_ce needs the teacher (teacher.name='maskgit_vqgan') or "
                          "the draw 'proxy_codes' in the batch.")
-    _, aux = teacher.apply({"params": ctx.frozen["teacher"]}, ctx.images, method=teacher.encode)
-    return jax.lax.stop_gradient(aux["codes"])
+    codes = teacher.apply({"params": ctx.frozen["teacher"]}, ctx.images, method=teacher.encode)
+    return jax.lax.stop_gradient(codes)
 
 
 @register("proxy_ce", needs=("teacher:maskgit_vqgan",))
@@ -177,10 +178,10 @@ def proxy_ce(ctx: Context) -> jax.Array:
 def semantic(ctx: Context) -> jax.Array:
     """GigaTok: mean -cos(decoder features, DINOv2 patch tokens on a sqrt(N) x sqrt(N) grid,
     224 px for N = 256, GigaTok's preprocessing)."""
-    if "semantic_features" not in ctx.aux:
+    if "semantic_features" not in ctx.aux.features:
         raise ValueError("losses.semantic needs a tokenizer with a semantic head (gigatok with "
                          "distill_depth > 0).")
-    feats = ctx.aux["semantic_features"]
+    feats = ctx.aux.features["semantic_features"]
     teacher = ctx.nets.teacher
     grid = int(round(feats.shape[1] ** 0.5))
     pixels = preprocess_gigatok(ctx.images * 2.0 - 1.0, size=grid * teacher.patch_size)
@@ -192,11 +193,10 @@ def semantic(ctx: Context) -> jax.Array:
 
 def _model_term(name: str, doc: str, warmup: bool = False):
     def fn(ctx: Context) -> jax.Array:
-        key = f"{name}_loss"
-        if key not in ctx.aux:
+        if name not in ctx.aux.losses:
             raise ValueError(f"losses.{name} is not computed by this tokenizer (it provides "
-                             f"{sorted(k[:-5] for k in ctx.aux if k.endswith('_loss'))}).")
-        return ctx.aux[key]
+                             f"{sorted(ctx.aux.losses)}).")
+        return ctx.aux.losses[name]
     fn.__doc__ = doc
     register(name, needs=("model",), warmup=warmup)(fn)
 

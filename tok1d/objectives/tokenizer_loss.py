@@ -103,8 +103,8 @@ def make_loss_fn(model: nn.Module, weights: Mapping[str, float], nets: terms_lib
         outputs, extras = {"pixels": out}, {}
         if "shortcut" in weights:
             def shortcut_on():
-                return shortcut_terms(params, aux["cnn_map"], ctx, gan_state, collections,
-                                      active, short_rng, out)
+                return shortcut_terms(params, aux.features["cnn_map"], ctx, gan_state,
+                                      collections, active, short_rng, out)
 
             zeros = jax.tree.map(lambda t: jnp.zeros(t.shape, t.dtype),
                                  jax.eval_shape(shortcut_on)[:3])
@@ -114,13 +114,13 @@ def make_loss_fn(model: nn.Module, weights: Mapping[str, float], nets: terms_lib
         total = losses.weighted_sum(scale, {k: v for k, v in terms.items() if k != "gan"})
         if gan is not None:
             total = total + gan_weight * active * terms["gan"]
-        if "quantizer" in weights and "codebook_loss" in aux:  # the official log's two parts
-            extras.update(quantizer_codebook=aux["codebook_loss"],
-                          quantizer_commitment=aux["commitment_loss"])
+        if "quantizer" in weights and "codebook" in aux.losses:  # the official log's two parts
+            extras.update(quantizer_codebook=aux.losses["codebook"],
+                          quantizer_commitment=aux.losses["commitment"])
         if model.outputs_pixels:
             extras["psnr"] = jnp.mean(psnr(to_unit(out), images))
         if num_codes:
-            hist = codebook_lib.code_histogram(aux["codes"], num_codes)
+            hist = codebook_lib.code_histogram(aux.codes, num_codes)
             extras["batch_perplexity"] = codebook_lib.perplexity(hist)
         return total, (terms, extras, outputs, collections)
 

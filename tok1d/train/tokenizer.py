@@ -299,7 +299,7 @@ def make_train_step(model: nn.Module, tx, schedule, config,
 
 def make_eval_step(model: nn.Module, teacher: Optional[nn.Module] = None):
     """(params, batch, frozen) -> (sums, reconstructions in [0, 1]). A proxy-code model is
-    judged through the teacher: pixels = teacher.decode(argmax logits)."""
+    judged through the teacher: pixels = teacher.decode_codes(argmax logits)."""
     num_codes = model.num_codes
     outputs_pixels = model.outputs_pixels
     to_model, to_unit = images.range_converters(model.pixel_range)
@@ -315,9 +315,9 @@ def make_eval_step(model: nn.Module, teacher: Optional[nn.Module] = None):
             if teacher is None:
                 raise ValueError("A proxy-code model needs the teacher to evaluate.")
             t_model = teacher
-            _, t_aux = t_model.apply({"params": frozen["teacher"]}, images, method=t_model.encode)
+            t_codes = t_model.apply({"params": frozen["teacher"]}, images, method=t_model.encode)
             pred = jnp.argmax(out, axis=-1)
-            acc = jnp.mean((pred == t_aux["codes"]).astype(jnp.float32), axis=(1, 2))
+            acc = jnp.mean((pred == t_codes).astype(jnp.float32), axis=(1, 2))
             sums["proxy_accuracy_sum"] = jnp.sum(acc * mask)
             recon = t_model.apply({"params": frozen["teacher"]}, pred,
                                   method=t_model.decode_codes)
@@ -325,7 +325,7 @@ def make_eval_step(model: nn.Module, teacher: Optional[nn.Module] = None):
         sums.update(psnr_sum=jnp.sum(psnr(recon, images) * mask), l2_sum=jnp.sum(err * mask),
                     count=jnp.sum(mask))
         if num_codes:
-            sums["hist"] = codebook_lib.code_histogram(aux["codes"], num_codes, mask)
+            sums["hist"] = codebook_lib.code_histogram(aux.codes, num_codes, mask)
         return sums, jnp.clip(recon, 0.0, 1.0)
 
     return eval_step
@@ -522,7 +522,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         if config.ar_probe.every_steps > 0:
             to_model, _ = images.range_converters(model.pixel_range)
             encode = jax.jit(lambda p, x: model.apply({"params": p}, to_model(x),
-                                                      method=model.encode)[1]["codes"])
+                                                      method=model.encode))
             probe = ar_probe(config, encode, model.num_codes, train_src, eval_ds, eval_batches,
                              feeder_args, mesh, rules, e_start, e_stop)
 

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 from tok1d.layers import transformer
 from tok1d.layers.transformer import logical
+from tok1d.models.interfaces import TokenizerAux, vq_aux
 
 Dtype = Any
 
@@ -327,11 +328,11 @@ class GigaTok(nn.Module):
           -> transformer encoder -> (B, N, z) -> quant_conv -> l2 VQ (rotation trick) -> codes
           -> post_quant_conv -> transformer decoder -> grid (B, h, w, z) -> CNN decoder -> pixels
 
-    `__call__(images, train=True)` is the training forward: aux carries the quantizer losses,
-    the CNN map `cnn_map`,
-    `fea_rec_loss` = MSE(rec_spatial, sg(CNN map)), `shortcut_pixels` (the CNN decoder on the
-    encoder's map: GigaTok's early-phase auxiliary reconstruction) and `semantic_features`
-    (the distill-MLP output aligned with DINOv2 when distill_depth > 0).
+    `__call__(images, train=True)` is the training forward: its `TokenizerAux` carries the
+    quantizer losses and `fea_rec` = MSE(rec_spatial, sg(CNN map)), and the features `cnn_map`,
+    `shortcut_pixels` (the CNN decoder on the encoder's map: GigaTok's early-phase auxiliary
+    reconstruction) and `semantic_features` (the distill-MLP output aligned with DINOv2 when
+    distill_depth > 0).
     """
 
     layout: str = "1d"                # "1d" (Q-Former, num_latent_tokens) or "2d" (raster grid)
@@ -441,9 +442,9 @@ class GigaTok(nn.Module):
             raise ValueError(f"GigaTok expects images of shape (B, {expected[0]}, {expected[1]}, "
                              f"3) in [-1, 1]; got {tuple(images.shape)}.")
 
-    def encode(self, images: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Images in [-1, 1] -> (quantised latents (B, N, code_dim), aux with `codes` (B, N),
-        the quantizer losses and the CNN map `cnn_map`)."""
+    def encode_latents(self, images: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Images in [-1, 1] -> (quantised latents (B, N, code_dim), the quantizer's outputs
+        (`codes` (B, N), the quantizer losses) and the CNN map `cnn_map`)."""
         self.check_images(images)
         cnn_map = self.encoder(images)
         tokens, _ = self.vit_encoder(cnn_map)
@@ -451,30 +452,40 @@ class GigaTok(nn.Module):
         aux["cnn_map"] = cnn_map
         return z_q, aux
 
-    def decode_tokens(self, z_q: jax.Array) -> tuple[jax.Array, jax.Array, Optional[jax.Array]]:
+    def encode(self, images: jax.Array) -> jax.Array:
+        """Images in [-1, 1] -> codes (B, N) int32."""
+        return self.encode_latents(images)[1]["codes"]
+
+    def decode_with_features(self, z_q: jax.Array
+                             ) -> tuple[jax.Array, jax.Array, Optional[jax.Array]]:
         """Latents (B, N, code_dim) -> (pixels, rec_spatial grid, semantic features)."""
         rec_spatial, inner, _ = self.vit_decoder(self.post_quant_conv(z_q))
         return self.decoder(rec_spatial), rec_spatial, inner
 
-    def decode(self, z_q: jax.Array) -> jax.Array:
-        return self.decode_tokens(z_q)[0]
+    def decode_latents(self, z_q: jax.Array) -> jax.Array:
+        """Latents (B, N, code_dim) -> pixels in [-1, 1] (not clamped)."""
+        return self.decode_with_features(z_q)[0]
 
     def decode_cnn_map(self, cnn_map: jax.Array) -> jax.Array:
         """The CNN decoder applied straight to the CNN encoder's map (the warm-up shortcut)."""
         return self.decoder(cnn_map)
 
     def decode_codes(self, codes: jax.Array) -> jax.Array:
-        return self.decode(self.quantize.lookup(codes))
+        return self.decode_latents(self.quantize.lookup(codes))
 
-    def __call__(self, images: jax.Array, train: bool = False
-                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        z_q, aux = self.encode(images)
-        pixels, rec_spatial, inner = self.decode_tokens(z_q)
-        cnn_map = aux["cnn_map"]
-        aux["fea_rec_loss"] = jnp.mean(jnp.square(
+    def __call__(self, images: jax.Array, *, train: bool = False
+                 ) -> tuple[jax.Array, TokenizerAux]:
+        """The training forward: (pixels, TokenizerAux with the fea_rec loss, `cnn_map`,
+        `semantic_features` (distill_depth > 0) and, with `train`, `shortcut_pixels`)."""
+        z_q, quantized = self.encode_latents(images)
+        pixels, rec_spatial, inner = self.decode_with_features(z_q)
+        cnn_map = quantized["cnn_map"]
+        fea_rec = jnp.mean(jnp.square(
             rec_spatial.astype(jnp.float32) - jax.lax.stop_gradient(cnn_map).astype(jnp.float32)))
+        features = {"cnn_map": cnn_map}
         if inner is not None:
-            aux["semantic_features"] = inner
+            features["semantic_features"] = inner
         if train:
-            aux["shortcut_pixels"] = self.decoder(cnn_map)
-        return pixels, aux
+            features["shortcut_pixels"] = self.decoder(cnn_map)
+        aux = vq_aux(quantized, **features)
+        return pixels, aux.replace(losses={**aux.losses, "fea_rec": fea_rec})

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from tok1d.layers import transformer
 from tok1d.layers.transformer import logical
+from tok1d.models.interfaces import TokenizerAux, gaussian_aux, vq_aux
 from tok1d.models.quantizers import DiagonalGaussian, VectorQuantizer
 from tok1d.models.tokenizers.vqgan import VQGANDecoder
 
@@ -178,8 +179,9 @@ class TiTokDecoder(nn.Module):
 
 
 class TiTok(nn.Module):
-    """TiTok tokenizer: `encode` (images -> latents + codes), `decode` / `decode_codes`
-    (latents / codes -> decoder output), `__call__` (the training forward).
+    """TiTok tokenizer (`tok1d.models.interfaces.Tokenizer`): `encode` (images -> codes),
+    `decode_codes` (codes -> decoder output), `encode_latents` / `decode_latents` (the latent
+    level), `__call__` (the training forward).
 
     quantizer   "vq" (codebook of `codebook_size` x `token_dim`) or "vae" (KL bottleneck with
                 `token_dim` channels; the encoder emits 2 * token_dim moments).
@@ -292,11 +294,11 @@ class TiTok(nn.Module):
             raise ValueError(f"TiTok expects images of shape (B, {expected[0]}, {expected[1]}, 3) "
                              f"in [0, 1]; got {tuple(images.shape)}.")
 
-    def encode(self, images: jax.Array, sample: bool = False
-               ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Images (B, H, W, 3) in [0, 1] -> (latents (B, N, D), aux). VQ aux has `codes` (B, N)
-        and the quantizer losses; VAE aux has the posterior and `kl_loss` (`sample=True` draws
-        from the posterior with rng "sample", else its mean)."""
+    def encode_latents(self, images: jax.Array, sample: bool = False
+                       ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Images (B, H, W, 3) in [0, 1] -> (latents (B, N, D), the quantizer's outputs). VQ:
+        `codes` (B, N) and the quantizer losses; VAE: the posterior and `kl_loss` (`sample=True`
+        draws from the posterior with rng "sample", else its mean)."""
         self.check_images(images)
         z = self.encoder(images, self.latent_tokens)
         if self.quantizer == "vae":
@@ -309,7 +311,14 @@ class TiTok(nn.Module):
                    for k, v in aux.items()}
         return z_q, aux
 
-    def decode(self, z_q: jax.Array) -> jax.Array:
+    def encode(self, images: jax.Array) -> jax.Array:
+        """Images (B, H, W, 3) in [0, 1] -> codes (B, N) int32 (VQ only)."""
+        if self.quantizer != "vq":
+            raise ValueError("encode: this TiTok is a continuous (VAE) tokenizer; it has no "
+                             "codes (encode_latents gives its latents).")
+        return self.encode_latents(images)[1]["codes"]
+
+    def decode_latents(self, z_q: jax.Array) -> jax.Array:
         """Latents (B, N, D) -> pixels (B, H, W, 3) (not clamped), or proxy-code logits
         (B, h, w, num_proxy_codes) for a stage-1 model."""
         out = self.decoder(z_q)
@@ -327,12 +336,14 @@ class TiTok(nn.Module):
     def decode_codes(self, codes: jax.Array) -> jax.Array:
         """Codes (B, N) int -> decoder output (see `decode`)."""
         if self.quantizer != "vq":
-            raise ValueError("decode_codes needs a VQ model; this TiTok is a VAE (use decode).")
-        return self.decode(self.quantize.lookup(codes))
+            raise ValueError("decode_codes needs a VQ model; this TiTok is a VAE (use "
+                             "decode_latents).")
+        return self.decode_latents(self.quantize.lookup(codes))
 
-    def __call__(self, images: jax.Array, train: bool = False
-                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """The training forward: (decoder output, aux of `encode`); `train` draws the VAE
+    def __call__(self, images: jax.Array, *, train: bool = False
+                 ) -> tuple[jax.Array, TokenizerAux]:
+        """The training forward: (decoder output, TokenizerAux); `train` draws the VAE
         variant's latents from its posterior (rng "sample")."""
-        z_q, aux = self.encode(images, sample=train)
-        return self.decode(z_q), aux
+        z_q, quantized = self.encode_latents(images, sample=train)
+        aux = gaussian_aux(quantized) if self.quantizer == "vae" else vq_aux(quantized)
+        return self.decode_latents(z_q), aux

@@ -48,6 +48,7 @@ import jax.numpy as jnp
 
 from tok1d.layers.cnn import ResnetBlock, conv as _conv, group_norm as _group_norm
 from tok1d.layers.transformer import maybe_remat
+from tok1d.models.interfaces import TokenizerAux, vq_aux
 from tok1d.models.quantizers import VectorQuantizer
 
 Dtype = Any
@@ -205,17 +206,21 @@ class MaskGITVQGAN(nn.Module):
     def outputs_pixels(self) -> bool:
         return True
 
-    def encode(self, images: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """images (B, H, W, 3) in [0, 1] -> (z_q (B, h, w, z) float32 straight-through, aux).
-
-        aux: `codes` (B, h, w) int32 (flatten row-major for the official (B, h*w) order),
-        `z` the unquantized encoder output, and the quantizer losses."""
+    def encode_latents(self, images: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """images (B, H, W, 3) in [0, 1] -> (z_q (B, h, w, z) float32 straight-through, the
+        quantizer's outputs): `codes` (B, h, w) int32, `z` the unquantized encoder output, and
+        the quantizer losses."""
         z = self.encoder(images)
         z_q, aux = self.quantize(z)
         aux = dict(aux, z=z)
         return z_q, aux
 
-    def decode(self, z_q: jax.Array) -> jax.Array:
+    def encode(self, images: jax.Array) -> jax.Array:
+        """images (B, H, W, 3) in [0, 1] -> codes (B, h, w) int32 (flatten row-major for the
+        official (B, h*w) order)."""
+        return self.encode_latents(images)[1]["codes"]
+
+    def decode_latents(self, z_q: jax.Array) -> jax.Array:
         """(B, h, w, z) latents -> (B, h*f, w*f, 3) images (not clamped to [0, 1])."""
         return self.decoder(z_q)
 
@@ -232,13 +237,13 @@ class MaskGITVQGAN(nn.Module):
             raise ValueError(f"decode_codes expects (B, h, w) or (B, N) codes, got {codes.shape}.")
         return self.decoder(self.quantize.lookup(codes))
 
-    def __call__(self, images: jax.Array, train: bool = False
-                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """images -> (reconstruction (not clamped), aux of `encode`); `train` changes nothing
-        (the tokenizer interface's training forward)."""
+    def __call__(self, images: jax.Array, *, train: bool = False
+                 ) -> tuple[jax.Array, TokenizerAux]:
+        """images -> (reconstruction (not clamped), TokenizerAux with `encoder_map`); `train`
+        changes nothing (the tokenizer interface's training forward)."""
         del train
-        z_q, aux = self.encode(images)
-        return self.decode(z_q), aux
+        z_q, quantized = self.encode_latents(images)
+        return self.decode_latents(z_q), vq_aux(quantized, encoder_map=quantized["z"])
 
 
 def init_shapes(model: MaskGITVQGAN, image_size: Optional[int] = None):

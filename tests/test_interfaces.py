@@ -1,0 +1,91 @@
+"""The tokenizer interface (`tok1d.models.interfaces`): every tokenizer is a `Tokenizer`, its
+`encode` gives integer codes, `decode_codes` maps them back, and its training forward returns a
+`TokenizerAux` whose losses are registered loss terms (or the quantizer's documented parts)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tok1d import models
+from tok1d.models import interfaces
+from tok1d.models.interfaces import ShortcutTokenizer, Tokenizer, TokenizerAux
+from tok1d.objectives.terms import TERMS
+
+SIZE = 32
+TITOK = dict(image_size=SIZE, patch_size=8, encoder_size="nano", decoder_size="nano",
+             num_latent_tokens=8, codebook_size=64, token_dim=8)
+GIGATOK = dict(image_size=SIZE, encoder_ch=32, decoder_ch=32, encoder_ch_mult=(1, 1, 1),
+               decoder_ch_mult=(1, 1, 1), num_res_blocks=1, z_channels=32, encoder_width=32,
+               encoder_depth=1, encoder_heads=2, decoder_width=32, decoder_depth=2,
+               decoder_heads=2, num_latent_tokens=16, codebook_size=64, distill_depth=1,
+               out_inner_dim=32)
+VQGAN = dict(image_size=SIZE, hidden_channels=32, channel_mult=(1, 1, 1), num_res_blocks=1,
+             z_channels=32, codebook_size=64)
+
+TOKENIZERS = {
+    "titok_vq": ("titok", TITOK),
+    "titok_vae": ("titok", dict(TITOK, quantizer="vae")),
+    "gigatok_1d": ("gigatok", GIGATOK),
+    "gigatok_2d": ("gigatok", dict(GIGATOK, layout="2d")),
+    "maskgit_vqgan": ("maskgit_vqgan", VQGAN),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(TOKENIZERS))
+def built(request):
+    name, kwargs = TOKENIZERS[request.param]
+    model = models.create(name, **kwargs)
+    lo, hi = model.pixel_range
+    x = jnp.asarray(np.random.default_rng(0).uniform(lo, hi, (2, SIZE, SIZE, 3)), jnp.float32)
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(0), x))["params"]
+    return request.param, model, params, x
+
+
+def test_every_tokenizer_implements_the_interface(built):
+    name, model, _, _ = built
+    assert isinstance(model, Tokenizer)
+    interfaces.check_tokenizer(model)
+    assert isinstance(model, ShortcutTokenizer) == name.startswith("gigatok")
+
+
+def test_encode_gives_codes_and_decode_codes_round_trips_shapes(built):
+    name, model, params, x = built
+    if model.num_codes is None:
+        with pytest.raises(ValueError, match="no codes"):
+            model.apply({"params": params}, x, method=model.encode)
+        return
+    codes = model.apply({"params": params}, x, method=model.encode)
+    assert codes.dtype == jnp.int32
+    if name == "maskgit_vqgan":  # the documented (B, h, w) grid
+        side = int(round(model.num_tokens ** 0.5))
+        assert codes.shape == (2, side, side)
+    else:
+        assert codes.shape == (2, model.num_tokens)
+    assert 0 <= int(codes.min()) and int(codes.max()) < model.num_codes
+    out = model.apply({"params": params}, codes, method=model.decode_codes)
+    assert out.shape == x.shape
+
+
+def test_training_forward_returns_a_typed_aux(built):
+    name, model, params, x = built
+    out, aux = model.apply({"params": params}, x, train=True, rngs={"sample": jax.random.key(1)})
+    assert out.shape == x.shape and isinstance(aux, TokenizerAux)
+    assert (aux.codes is None) == (model.num_codes is None)
+    for key in aux.losses:
+        assert key in TERMS or key in interfaces.LOSS_PARTS, key
+        assert aux.losses[key].shape == ()
+    assert set(aux.features) <= set(interfaces.FEATURES), aux.features.keys()
+    if aux.codes is not None:
+        np.testing.assert_array_equal(aux.codes,
+                                      model.apply({"params": params}, x, method=model.encode))
+        assert {"quantizer", "codebook", "commitment"} <= set(aux.losses)
+    else:
+        assert set(aux.losses) == {"kl"}
+    if name.startswith("gigatok"):
+        assert {"cnn_map", "semantic_features", "shortcut_pixels"} <= set(aux.features)
+        assert "fea_rec" in aux.losses
+    # The aux is a pytree: it crosses jit.
+    leaves = jax.tree.leaves(jax.jit(lambda p: model.apply({"params": p}, x)[1])(params))
+    assert leaves and all(isinstance(v, jax.Array) for v in leaves)
