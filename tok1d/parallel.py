@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
@@ -175,7 +176,6 @@ def setup_process(coordinator_address: str = "", num_processes: int = 0,
     or TOK1D_DISTRIBUTED=1 for auto-detection on TPU pods / SLURM; CPU collectives over gloo,
     harmless on GPU/TPU) and turns on the persistent compilation cache named by
     $TOK1D_COMPILATION_CACHE."""
-    import os
     if coordinator_address or os.environ.get("TOK1D_DISTRIBUTED") == "1":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         maybe_initialize_distributed(coordinator_address, num_processes, process_id)
