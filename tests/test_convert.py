@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tok1d.weights import pretrained
+from tok1d.weights import loaders
 from tok1d.cli import convert as convert_cli
 from tok1d.weights.convert import common
 from tok1d.models.tokenizers.titok import TiTok
@@ -44,7 +44,7 @@ def test_bin_checkpoint_converts_and_round_trips(torch_checkpoint, tmp_path):
     folder, sd = torch_checkpoint
     out = tmp_path / "converted"
     assert convert_cli.main(["titok", str(folder / "tokenizer.bin"), str(out)]) == 0
-    model, params = pretrained.load_pretrained(str(out))
+    model, params = loaders.load_pretrained(str(out))
     assert isinstance(model, TiTok) and model.decoder_head == "pixels"
     assert not model.legacy_reshape and model.codebook_size == sd["quantize.embedding.weight"].shape[0]
     # Every official tensor landed unchanged (up to the layout change).
@@ -135,7 +135,7 @@ def test_gigatok_checkpoint_prefers_ema_and_reproduces_codes(fixtures_dir, tmp_p
     out = tmp_path / "gigatok"
     assert convert_cli.main(["gigatok", str(tmp_path / "ckpt.pt"), str(out),
                              "--config", str(tmp_path / "config.json")]) == 0
-    model, params = pretrained.load_pretrained(str(out))
+    model, params = loaders.load_pretrained(str(out))
     with jax.default_matmul_precision("highest"):
         _, aux = model.apply({"params": params}, jnp.asarray(images), method=model.encode)
     np.testing.assert_array_equal(np.asarray(aux["codes"]), codes)

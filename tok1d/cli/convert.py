@@ -12,106 +12,34 @@
 
 Every tensor is checked against the model: a mismatch fails with the full list of missing,
 unexpected and mismatched keys, and nothing is written. Load the result with
-`tok1d.weights.pretrained.load_pretrained(DIR)`. Perceptual networks (LPIPS-VGG, ConvNeXt-S) have their
+`tok1d.weights.loaders.load_pretrained(DIR)`. Perceptual networks (LPIPS-VGG, ConvNeXt-S) have their
 own command: `python -m tok1d.cli.convert.perceptual --help`.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
-from tok1d.weights import pretrained
+from tok1d.weights import loaders, pretrained
 from tok1d.weights.convert.common import ConversionError
-
-KINDS = ("titok", "maskgit_vqgan", "gigatok", "dinov2", "maskgit", "gpt", "inception_fid")
-
-
-def _model_kwargs(model) -> dict:
-    return {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
-            if f.name not in ("parent", "name")}
-
-
-def _find_init_args(cfg):
-    """The dict holding GigaTok's `init_args` anywhere inside an official YAML/JSON config."""
-    if isinstance(cfg, dict):
-        if "codebook_size" in cfg and "z_channels" in cfg:
-            return cfg
-        for value in cfg.values():
-            found = _find_init_args(value)
-            if found is not None:
-                return found
-    return None
-
-
-def _gigatok(checkpoint: str, config: str | None, preset: str | None, image_size: int | None):
-    from tok1d import models
-    from tok1d.weights.convert import common
-    from tok1d.weights.convert import gigatok
-    from tok1d.weights.convert import titok
-    if (config is None) == (preset is None):
-        raise ValueError("gigatok needs exactly one of --preset NAME or --config FILE")
-    if preset is not None:
-        model = models.create("gigatok", preset=preset, image_size=image_size or 256)
-    else:
-        cfg = titok._read_config(config)
-        init_args = _find_init_args(cfg)
-        if init_args is None:
-            raise common.ConversionError(f"{config}: no GigaTok init_args (codebook_size, "
-                                         "z_channels, ...) found")
-        kwargs = gigatok.kwargs_from_official(
-            init_args, cfg.get("size_tables_added"), cfg.get("ctor_patches"),
-            image_size=image_size or cfg.get("image_size", 256),
-            layout=cfg.get("variant") or gigatok.layout_from_config(cfg))
-        model = models.create("gigatok", **kwargs)
-    return model, gigatok.convert_gigatok(common.load_state_dict(checkpoint), model,
-                                          what=checkpoint)
 
 
 def convert(kind: str, checkpoint: str, out: str, config: str | None = None,
             image_size: int | None = None, preset: str | None = None,
             pos_grid: int | None = None, size: str | None = None,
             weights: str = "model", num_heads: int | None = None) -> str:
-    if kind == "titok":
-        from tok1d.weights.convert import titok
-        model, params = titok.convert_file(checkpoint, config=config, image_size=image_size)
-    elif kind == "maskgit_vqgan":
-        from tok1d.weights.convert import common
-        from tok1d.weights.convert import vqgan
-        from tok1d.models.tokenizers.vqgan import MaskGITVQGAN
-        model = MaskGITVQGAN()
-        params = vqgan.convert_maskgit_vqgan(common.load_state_dict(checkpoint), model)
-    elif kind == "gigatok":
-        model, params = _gigatok(checkpoint, config, preset, image_size)
-    elif kind == "dinov2":
-        from tok1d.weights.convert import dinov2
-        model, params = dinov2.convert_file(checkpoint, pos_grid=pos_grid)
-    elif kind == "maskgit":
-        from tok1d.weights.convert import maskgit
-        model, params = maskgit.convert_file(checkpoint, config=config)
-    elif kind == "gpt":
-        from tok1d.weights.convert import gpt
-        model, params = gpt.convert_file(checkpoint, size=size, weights=weights,
-                                         num_heads=num_heads)
-    elif kind == "inception_fid":  # pytorch-fid's FID InceptionV3 (+ IS fc head)
-        from tok1d.weights.convert import inception
-        model, params = inception.convert_file(checkpoint)
-    else:
-        raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
-    kwargs = _model_kwargs(model)
-    if kind == "maskgit":  # the registry picks the class by arch
-        from tok1d.models.generators.maskgit import MaskGITUViT
-        kwargs["arch"] = "uvit" if isinstance(model, MaskGITUViT) else "vit"
-    for key in ("dtype", "param_dtype"):
-        kwargs.pop(key, None)
-    return pretrained.save_pretrained(out, kind, kwargs, params, source=checkpoint)
+    model, params = loaders.load_official(kind, checkpoint, config=config, image_size=image_size,
+                                          preset=preset, pos_grid=pos_grid, size=size,
+                                          weights=weights, num_heads=num_heads)
+    return pretrained.save_pretrained(out, kind, pretrained.registry_kwargs(kind, model), params,
+                                      source=checkpoint)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tok1d.cli.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kind", choices=KINDS)
+    parser.add_argument("kind", choices=loaders.OFFICIAL_KINDS)
     parser.add_argument("checkpoint", help=".bin / .pt / .safetensors / .npz state_dict")
     parser.add_argument("out", help="new pretrained directory")
     parser.add_argument("--config", help="official config (JSON/YAML); default: read sizes "

@@ -79,6 +79,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     from tok1d.cli import sample as sample_lib
     from tok1d.cli import tokenize as tokenize_lib
     from tok1d.train import generator as gen_trainer
+    from tok1d.weights import loaders
     from tok1d.train import tokenizer as tok_trainer
 
     config_lib.validate(config)
@@ -95,7 +96,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     # ---------------------------------------------------------------- 2. tokens
     log("== 2/4 tokens")
-    tokenizer, tok_params = tokenize_lib.load_tokenizer(os.path.join(workdir, "tokenizer"))
+    tokenizer, tok_params = loaders.load_tokenizer(os.path.join(workdir, "tokenizer"))
     token_dir = os.path.join(workdir, "tokens")
     for split in (dcfg.train_split, dcfg.eval_split):
         src = sources.get_source(dcfg.name, split, data_dir=dcfg.data_dir,

@@ -76,7 +76,7 @@ def evaluate_tokenizer(config, checkpoint: str, out: str, log=print) -> dict[str
     import jax.numpy as jnp
     from tok1d import images, parallel
     from tok1d.train import config_lib
-    from tok1d.weights import pretrained
+    from tok1d.weights import loaders
     from tok1d.data import pipeline, sources
     from tok1d.evaluation import evaluator, report
     from tok1d.train import tokenizer as tok_trainer
@@ -87,8 +87,8 @@ def evaluate_tokenizer(config, checkpoint: str, out: str, log=print) -> dict[str
     size = config.data.image_size
     dummy = jnp.zeros((1, size, size, 3), jnp.float32)
     boxed = jax.eval_shape(lambda r: model.init(r, dummy)["params"], jax.random.key(0))
-    params = pretrained.load_checked(checkpoint, parallel.unbox_abstract(boxed),
-                                     f"the tokenizer of the config ({config.model.name})")
+    params = loaders.load_checked(checkpoint, parallel.unbox_abstract(boxed),
+                                   f"the tokenizer of the config ({config.model.name})")
     # Sharded like in training (fsdp / tensor axes of config.mesh), not replicated.
     params = jax.device_put(params, parallel.logical_shardings(boxed, mesh, rules))
     teacher = tok_trainer.build_teacher(config, model)
@@ -132,7 +132,8 @@ def evaluate_generator(config, checkpoint: str, tokenizer_path: str, out: str, s
     from tok1d.train import config_lib
     from tok1d.cli import sample as sample_lib
     from tok1d.evaluation import evaluator
-    from tok1d.cli.tokenize import load_tokenizer
+    from tok1d.generation.common import cyclic_labels
+    from tok1d.weights.loaders import load_tokenizer
     from tok1d.train.generator import SampleDecoder
 
     config_lib.validate(config)
@@ -144,7 +145,7 @@ def evaluate_generator(config, checkpoint: str, tokenizer_path: str, out: str, s
     tokenizer, tok_params = load_tokenizer(tokenizer_path)
     nets = evaluator.load_metric_nets(config.evaluation, "", log)
     ecfg = config.evaluation
-    labels = sample_lib.cyclic_labels(ecfg.num_samples, model.num_classes)
+    labels = cyclic_labels(ecfg.num_samples, model.num_classes)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         params = jax.device_put(params, jax.sharding.NamedSharding(
             mesh, jax.sharding.PartitionSpec()))

@@ -27,6 +27,9 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from tok1d.generation import common as gen_common
+from tok1d.weights import loaders
+
 FLAGS = flags.FLAGS
 
 
@@ -45,20 +48,15 @@ def _define_flags() -> None:
     flags.DEFINE_integer("grid_classes", 10, "Classes (rows) in grid.png.")
 
 
-def cyclic_labels(num_images: int, num_classes: int) -> np.ndarray:
-    return (np.arange(num_images) % num_classes).astype(np.int32)
-
-
 def load_generator(config, checkpoint: str):
     """(model, params) with params read from `checkpoint` and checked against the model."""
     import flax.linen as nn
     import jax
-    from tok1d.weights import pretrained
     from tok1d.train import generator as gen_trainer
     model = gen_trainer.build_generator(config)
     shapes = jax.eval_shape(gen_trainer.init_generator(model, 1), jax.random.key(0))
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nn.unbox(shapes))
-    return model, pretrained.load_checked(
+    return model, loaders.load_checked(
         checkpoint, shapes, f"the generator of the config ({config.model.name})")
 
 
@@ -74,7 +72,7 @@ def sample_images(config, model, params, tokenizer, tok_params, num_images: int,
     div = mesh.shape["data"] * mesh.shape["fsdp"]
     batch_size = batch_size or 32 * jax.device_count()
     batch_size = -(-batch_size // div) * div
-    labels = cyclic_labels(num_images, model.num_classes)
+    labels = gen_common.cyclic_labels(num_images, model.num_classes)
     out = []
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         params = jax.device_put(params, jax.sharding.NamedSharding(mesh,
@@ -100,12 +98,11 @@ def run(config, checkpoint: str, tokenizer_path: str, num_images: int, out: str,
         batch_size: int = 0, seed: int = 0, grid_classes: int = 10, log=print) -> dict[str, Any]:
     import jax
     from tok1d import images as images_lib
-    from tok1d.cli.tokenize import load_tokenizer
     tokenizer_path = tokenizer_path or config.generator.tokenizer
     if not tokenizer_path:
         raise ValueError("No tokenizer: pass --tokenizer=DIR or set config.generator.tokenizer.")
     model, params = load_generator(config, checkpoint)
-    tokenizer, tok_params = load_tokenizer(tokenizer_path)
+    tokenizer, tok_params = loaders.load_tokenizer(tokenizer_path)
     t0 = time.time()
     samples, labels = sample_images(config, model, params, tokenizer, tok_params, num_images,
                                     batch_size, seed, log)

@@ -6,6 +6,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 # How a training function takes a random draw: `draw(name, fn)` returns the replayed value of
@@ -41,6 +42,12 @@ def drop_labels(rng: jax.Array, labels: jax.Array, prob: float, null_label: int,
 
     drop = draw("drop_labels", from_uniform).astype(bool)
     return jnp.where(drop, jnp.asarray(null_label, labels.dtype), labels)
+
+
+def cyclic_labels(num_images: int, num_classes: int) -> np.ndarray:
+    """Class labels 0, 1, ..., num_classes - 1, 0, 1, ... for `num_images` samples (50000
+    images = 50 per ImageNet class, as the ADM / LlamaGen evaluations)."""
+    return (np.arange(num_images) % num_classes).astype(np.int32)
 
 
 def make_sampler(model, **kwargs):

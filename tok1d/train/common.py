@@ -1,5 +1,5 @@
-"""Train-loop pieces shared by every trainer: state, sharded creation/restore, data feeding,
-metric collections, non-finite detection."""
+"""Train-loop pieces shared by every trainer: state, sharded creation/restore, metric
+collections, non-finite detection (data feeding: `tok1d.data.feeding`)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from clu import metrics as clu_metrics
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -161,23 +160,6 @@ def average_collection(names) -> type[clu_metrics.Collection]:
     """A clu metrics Collection averaging each named scalar over the steps it is merged over."""
     return clu_metrics.Collection.create(
         **{name: clu_metrics.Average.from_output(name) for name in names})
-
-
-class Feeder:
-    """Turns the host-local numpy batches of a grain iterator into global arrays sharded
-    along the batch axis with `sharding` (see `tok1d.parallel.batch_sharding`)."""
-
-    def __init__(self, iterator: Iterator[Mapping[str, np.ndarray]], sharding: NamedSharding,
-                 global_batch: int):
-        self.iterator = iterator
-        self.sharding = sharding
-        self.global_batch = global_batch
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, jax.Array]:
-        return parallel.global_batch(next(self.iterator), self.sharding, self.global_batch)
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -26,10 +26,12 @@ from tok1d.train import checkpoint as ckpt_lib
 from tok1d import images, models, parallel, summary
 from tok1d.train import config_lib
 from tok1d.train import optim
+from tok1d.data import feeding
 from tok1d.data import tokens as tokens_lib
 from tok1d.generation import common as gen_common
 from tok1d.generation import maskgit as maskgit_lib
 from tok1d.train import common
+from tok1d.weights import layout, loaders
 
 
 # ---------------------------------------------------------------------------- model and loss
@@ -264,8 +266,7 @@ def load_sample_decoder(config, model, sharding, log) -> Optional[SampleDecoder]
     if not path:
         log("generator.tokenizer is empty: no sample grids (validation loss only).")
         return None
-    from tok1d.cli.tokenize import load_tokenizer
-    tokenizer, tok_params = load_tokenizer(path)
+    tokenizer, tok_params = loaders.load_tokenizer(path)
     return SampleDecoder(model, config.sampling.to_dict(), tokenizer, tok_params, sharding)
 
 
@@ -304,7 +305,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     log = common.log_fn()
     writer = summary.MetricWriter(workdir, enabled=is_chief)
     writer.write_hparams(config.to_dict())
-    common.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    common.write_json(layout.config_path(workdir), config.to_dict())
     mesh, rules, batch_sh = parallel.mesh_from_config(config)
 
     # ---------------------------------------------------------------- data
@@ -320,7 +321,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     abstract, shardings, init, train_step = build_training(config, model, mesh, rules,
                                                            batch_sh)
     checkpointer = ckpt_lib.Checkpointer(
-        os.path.join(workdir, "checkpoints"), every_steps=config.checkpoint.every_steps,
+        layout.checkpoint_dir(workdir), every_steps=config.checkpoint.every_steps,
         keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     state, first_step = common.init_or_restore(checkpointer, abstract, shardings, init,
                                                jax.random.key(config.seed), train_iter)
@@ -331,7 +332,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         f"sequences of {model.num_tokens} tokens.")
 
     # ---------------------------------------------------------------- steps
-    feeder = common.Feeder(train_iter, batch_sh, config.batch_size)
+    feeder = feeding.Feeder(train_iter, batch_sh, config.batch_size)
     nets = None
     if config.evaluation.fid_every_steps > 0:
         from tok1d.evaluation import evaluator
@@ -380,7 +381,6 @@ def make_gfid_eval(config, model, decoder: Optional[SampleDecoder], nets, mesh, 
     data's eval split, with the metric networks `nets`), or None when
     `evaluation.fid_every_steps` is 0."""
     from tok1d.evaluation import evaluator
-    from tok1d.cli.sample import cyclic_labels
     ecfg = config.evaluation
     if ecfg.fid_every_steps <= 0:
         return None
@@ -393,7 +393,7 @@ def make_gfid_eval(config, model, decoder: Optional[SampleDecoder], nets, mesh, 
         if "reference" not in cache:
             cache["reference"] = evaluator.load_reference(ecfg, config.data, nets, mesh,
                                                           batch_sh, config.eval_batch_size)
-        labels = cyclic_labels(ecfg.num_samples, model.num_classes)
+        labels = gen_common.cyclic_labels(ecfg.num_samples, model.num_classes)
         batches = decoder.batches(params, labels, config.eval_batch_size, config.seed + step)
         out, _ = evaluator.generation_metrics(nets, mesh, cache["reference"], batches, ecfg)
         out.pop("num_images", None)
