@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tok1d.weights import pretrained
+from tok1d.weights import loaders
 from tok1d.cli import convert as convert_cli
 from tok1d.weights.convert import common
 from tok1d.models.tokenizers.titok import TiTok
@@ -45,7 +45,7 @@ def test_bin_checkpoint_converts_and_round_trips(torch_checkpoint, tmp_path):
     out = tmp_path / "converted"
     assert convert_cli.main(["titok", "--checkpoint", str(folder / "tokenizer.bin"),
                              "--out", str(out)]) == 0
-    model, params = pretrained.load_pretrained(str(out))
+    model, params = loaders.load_pretrained(str(out))
     assert isinstance(model, TiTok) and model.decoder_head == "pixels"
     assert not model.legacy_reshape and model.codebook_size == sd["quantize.embedding.weight"].shape[0]
     # Every official tensor landed unchanged (up to the layout change).
@@ -140,7 +140,7 @@ def test_gigatok_checkpoint_prefers_ema_and_reproduces_codes(fixtures_dir, tmp_p
     assert convert_cli.main(["gigatok", "--checkpoint", str(tmp_path / "ckpt.pt"),
                              "--out", str(out),
                              "--official_config", str(tmp_path / "config.json")]) == 0
-    model, params = pretrained.load_pretrained(str(out))
+    model, params = loaders.load_pretrained(str(out))
     with jax.default_matmul_precision("highest"):
         got = model.apply({"params": params}, jnp.asarray(images), method=model.encode)
     np.testing.assert_array_equal(np.asarray(got), codes)

@@ -1,6 +1,6 @@
 """`python -m tok1d.cli.convert maskgit|gpt`: the fixture generators' official weights, written as
 checkpoint files, convert through the command line into pretrained directories that reproduce
-the official logits when loaded with `pretrained.load_pretrained`."""
+the official logits when loaded with `loaders.load_pretrained`."""
 
 import json
 import os
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import rel_err
-from tok1d.weights import pretrained
+from tok1d.weights import loaders
 from tok1d.cli.convert import main as convert_main
 
 
@@ -34,7 +34,7 @@ def test_maskgit_cli_round_trip(fixtures_dir, tmp_path, name):
     cfg.write_text(str(z[f"{name}/config"]))
     assert convert_main(["maskgit", "--checkpoint", str(ckpt), "--out", out,
                          "--official_config", str(cfg)]) == 0
-    model, params = pretrained.load_pretrained(out)
+    model, params = loaders.load_pretrained(out)
     with jax.default_matmul_precision("highest"):
         logits = model.apply({"params": params}, z[f"{name}/in/input_ids"].astype(np.int32),
                              z[f"{name}/in/labels"].astype(np.int32))
@@ -49,7 +49,7 @@ def test_gpt_cli_round_trip_and_errors(fixtures_dir, tmp_path, capsys):
     _write_sd(z, "gpt_sd/", ckpt)
     assert convert_main(["gpt", "--checkpoint", str(ckpt), "--out", out,
                          "--num_heads", str(heads)]) == 0
-    model, params = pretrained.load_pretrained(out)
+    model, params = loaders.load_pretrained(out)
     with jax.default_matmul_precision("highest"):
         logits = model.apply({"params": params}, z["gpt/input_codes"].astype(np.int32),
                              z["gpt/labels"].astype(np.int32))

@@ -17,6 +17,7 @@ from tok1d.objectives import augment
 from tok1d.weights.convert import dino_disc as conv
 from tok1d.weights.convert.common import ConversionError
 from tok1d.models import dino_disc as dd
+from tok1d.weights import loaders
 
 torch = pytest.importorskip("torch", reason="the references are torch modules")
 F = torch.nn.functional
@@ -369,7 +370,8 @@ def test_converter_file_round_trip_and_errors(tiny, tmp_path):
     np.testing.assert_array_equal(trunk["pos_embed"], sd["pos_embed"].numpy()[0])
     np.testing.assert_array_equal(trunk["blocks_2"]["mlp"]["fc1"]["kernel"],
                                   sd["blocks.2.mlp.fc1.weight"].numpy().T)
-    _, built = dd.build_dino_discriminator(path, jax.random.key(1), **TINY)
+    _, built = dd.build_dino_discriminator(loaders.load_disc_trunk(path, model),
+                                           jax.random.key(1), **TINY)
     for a, b in zip(jax.tree.leaves(built["params"]["trunk"]), jax.tree.leaves(trunk)):
         np.testing.assert_array_equal(a, b)
     assert sd["blocks.0.attn.qkv.bias"][D:2 * D].abs().sum() > 0  # caller's dict untouched
@@ -407,7 +409,6 @@ def test_trainer_trains_the_heads_and_keeps_the_trunk(tmp_path):
 
     import flax.traverse_util as tu
     from conftest import REPO
-    from tok1d.weights import pretrained
     from tok1d.train import tokenizer
 
     path = str(tmp_path / "dino_trunk.npz")
@@ -427,7 +428,7 @@ def test_trainer_trains_the_heads_and_keeps_the_trunk(tmp_path):
     workdir = str(tmp_path / "run")
     tokenizer.train_and_evaluate(config, workdir)
 
-    state = pretrained._restore_numpy(pretrained._latest_training_state(workdir))
+    state = loaders.load_training_state(workdir)
     model = dd.DinoDiscriminator(**TINY)
     want = tu.flatten_dict(conv.convert_file(path, model))
     got = tu.flatten_dict(state["extras"]["gan"]["params"]["trunk"])

@@ -11,6 +11,7 @@ import pytest
 from tok1d.objectives import gan
 from tok1d.weights.convert.common import ConversionError
 from tok1d.models import discriminator as disc
+from tok1d.weights.convert import discriminator as convert_disc
 
 
 def count(model, size):
@@ -73,7 +74,7 @@ def test_titok_discriminator_matches_the_official_code():
     model = disc.TiTokDiscriminator(hidden_channels=32)
     sd = {"discriminator." + k: v for k, v in fake_state_dict(titok_keys(32), 0).items()}
     sd["ema_real_logits_mean"] = np.zeros(1, np.float32)  # TiTok loss-module extras are skipped
-    params = disc.convert_titok_discriminator(sd, model)
+    params = convert_disc.convert_titok_discriminator(sd, model)
     x = np.random.default_rng(1).uniform(size=(2, 3, 20, 20)).astype(np.float32)
     y = jax.jit(model.apply)({"params": params}, jnp.asarray(x.transpose(0, 2, 3, 1)))
     assert y.shape == (2, 16, 16, 1) and y.dtype == jnp.float32
@@ -89,7 +90,7 @@ def test_titok_discriminator_matches_the_official_code():
 
 def test_patchgan_matches_the_official_code_in_train_mode():
     model = disc.PatchGANDiscriminator(base_channels=8, num_layers=2)
-    params = disc.convert_patchgan_discriminator(fake_state_dict(patchgan_keys(8), 2), model)
+    params = convert_disc.convert_patchgan_discriminator(fake_state_dict(patchgan_keys(8), 2), model)
     x = np.random.default_rng(3).uniform(-1, 1, size=(3, 3, 32, 32)).astype(np.float32)
     variables = {"params": params}
     y = jax.jit(model.apply)(variables, jnp.asarray(x.transpose(0, 2, 3, 1)))  # no mutables
@@ -108,9 +109,9 @@ def test_converter_reports_missing_and_wrong_keys():
     sd = fake_state_dict(titok_keys(32), 0)
     del sd["to_logits.2.bias"]
     with pytest.raises(ConversionError, match="to_logits.2.bias"):
-        disc.convert_titok_discriminator(sd, disc.TiTokDiscriminator(hidden_channels=32))
+        convert_disc.convert_titok_discriminator(sd, disc.TiTokDiscriminator(hidden_channels=32))
     with pytest.raises(ConversionError, match="shape"):
-        disc.convert_titok_discriminator(fake_state_dict(titok_keys(32), 0),
+        convert_disc.convert_titok_discriminator(fake_state_dict(titok_keys(32), 0),
                                          disc.TiTokDiscriminator(hidden_channels=64))
 
 

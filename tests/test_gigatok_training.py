@@ -19,7 +19,7 @@ from conftest import REPO
 from tok1d import recipes
 from tok1d.train import config_lib
 from tok1d.objectives import adversarial, losses, tokenizer_loss
-from tok1d.weights import pretrained
+from tok1d.weights import loaders
 from tok1d.data import pipeline, sources
 from tok1d.train import tokenizer
 
@@ -112,7 +112,7 @@ def test_warmup_terms_and_the_gan_start_on_schedule(full_run):
 
 def test_only_the_tokenizer_is_optimized(full_run):
     _, workdir, _ = full_run
-    state = pretrained._restore_numpy(pretrained._latest_training_state(workdir))
+    state = loaders.load_training_state(workdir)
     assert set(state["params"]) == {"encoder", "decoder", "vit_encoder", "vit_decoder",
                                     "quant_conv", "post_quant_conv", "quantize"}
     params = tu.flatten_dict(state["params"])

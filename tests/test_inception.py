@@ -17,7 +17,7 @@ import pytest
 
 from conftest import rel_err
 from tok1d import models
-from tok1d.weights import pretrained
+from tok1d.weights import layout, loaders
 from tok1d.weights.convert import inception as CI
 from tok1d.cli.convert import main as convert_main
 from tok1d.weights.convert.common import ConversionError
@@ -226,9 +226,9 @@ def test_cli_roundtrip_random_weights(model_and_random_params, forward, tmp_path
     path = _save_state_dict(sd, str(tmp_path / "pt_inception-2015-12-05-6726825d"))
     out = tmp_path / "inception_fid"
     assert convert_main(["inception_fid", "--checkpoint", path, "--out", str(out)]) == 0
-    loaded_model, loaded = I.load_inception(str(out))
+    loaded_model, loaded = loaders.load_inception(str(out))
     assert isinstance(loaded_model, I.FIDInceptionV3) and loaded_model.resize_input
-    assert pretrained.read_model_spec(str(out))["name"] == "inception_fid"
+    assert layout.read_model_spec(str(out))["name"] == "inception_fid"
     direct = CI.convert_inception(sd)
     flat_direct = jax.tree_util.tree_leaves_with_path(direct)
     flat_loaded = dict(jax.tree_util.tree_leaves_with_path(loaded))
@@ -308,7 +308,7 @@ def test_wrong_weight_files_are_refused(model_and_random_params, tmp_path, capsy
 
 def test_load_inception_without_weights_says_how(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
-        I.load_inception(str(tmp_path / "nothing_here"))
+        loaders.load_inception(str(tmp_path / "nothing_here"))
     msg = str(e.value)
     for needle in ("pt_inception-2015-12-05-6726825d.pth", I.FID_WEIGHTS_URL,
                    "python -m tok1d.cli.convert inception_fid"):

@@ -16,7 +16,11 @@ import pytest
 
 from conftest import rel_err
 from tok1d.cli import convert as convert_cli
+from tok1d.models.frozen import perceptual as N
+from tok1d.models.frozen.convnext import ConvNeXt
 from tok1d.objectives import perceptual as P
+from tok1d.weights import loaders as L
+from tok1d.weights import perceptual as PW
 from tok1d.weights.convert import perceptual as CP
 from tok1d.weights.convert.common import ConversionError
 from tok1d.models.frozen.vgg import TAP_NAMES, TORCHVISION_INDEX, VGG16Features
@@ -68,11 +72,11 @@ def test_lpips_head_matches_official_fixture(lpips_fixture):
     for k in range(layers):
         np.testing.assert_array_equal(params["head"][f"lin{k}"],
                                       z[f"sd/lin{k}.model.1.weight"].reshape(-1))
-    scaled = P.lpips_scaling(nchw_to_nhwc(z["input/in0"]))
+    scaled = N.lpips_scaling(nchw_to_nhwc(z["input/in0"]))
     assert rel_err(scaled, nchw_to_nhwc(z["out/scaling_layer_in0"])) < 1e-6
     feats = [[jnp.asarray(nchw_to_nhwc(z[f"input/feat{i}_{t}"])) for t in TAP_NAMES]
              for i in (0, 1)]
-    per_layer = P.LPIPSHead().apply({"params": params["head"]}, *feats)
+    per_layer = N.LPIPSHead().apply({"params": params["head"]}, *feats)
     assert per_layer.shape == (z["input/in0"].shape[0], layers)
     for k in range(layers):
         e = rel_err(per_layer[:, k], z[f"out/per_layer_{k}"].reshape(-1))
@@ -93,7 +97,7 @@ def test_full_lpips_matches_official_fixture(fixtures_dir):
           for k, v in z.items() if k.startswith("sd/")}
     params = CP.convert_lpips(None, sd)
     x0, x1 = ((nchw_to_nhwc(z[f"input/in{i}"]) + 1.0) / 2.0 for i in (0, 1))  # [-1,1] -> [0,1]
-    model = P.LPIPS()
+    model = N.LPIPS()
     got = cnn_jit(lambda p, a, b: model.apply({"params": p}, a, b))(params, x0, x1)
     assert rel_err(got, z["out/lpips"].reshape(-1)) < 1e-4
 
@@ -106,16 +110,16 @@ def test_lpips_converter_cli_roundtrip_and_errors(lpips_fixture, tmp_path):
     out = tmp_path / "weights"
     assert convert_cli.main(["lpips", "--vgg", str(tmp_path / "vgg16.npz"),
                              "--checkpoint", str(tmp_path / "vgg.npz"), "--out", str(out)]) == 0
-    meta = P.read_meta(str(out / P.WEIGHT_FILES["lpips"]))
+    meta = PW.read_meta(str(out / PW.WEIGHT_FILES["lpips"]))
     assert meta["component"] == "lpips" and len(meta["sources"]) == 2
-    loss = P.make_perceptual("lpips", str(out))
+    loss = P.make_perceptual("lpips", L.load_perceptual(("lpips",), str(out)))
     np.testing.assert_array_equal(loss.params["lpips"]["net"]["conv3_2"]["kernel"],
                                   vgg["features.12.weight"].transpose(2, 3, 1, 0))
     np.testing.assert_array_equal(loss.params["lpips"]["net"]["conv5_3"]["bias"],
                                   vgg["features.28.bias"])
     # The combined kind needs the ConvNeXt file too: the error names it and the command.
-    with pytest.raises(P.MissingPerceptualWeights, match="convnext_small-0c510722.pth"):
-        P.make_perceptual("lpips+convnext_s", str(out))
+    with pytest.raises(PW.MissingPerceptualWeights, match="convnext_small-0c510722.pth"):
+        L.load_perceptual(P.parse_kind("lpips+convnext_s"), str(out))
     # Converter errors list the problems.
     broken = dict(vgg)
     del broken["features.5.weight"]
@@ -127,21 +131,22 @@ def test_lpips_converter_cli_roundtrip_and_errors(lpips_fixture, tmp_path):
 
 
 def test_missing_weights_error_says_what_and_how():
-    with pytest.raises(P.MissingPerceptualWeights) as e:
-        P.make_perceptual("lpips+convnext_s", None)
+    with pytest.raises(PW.MissingPerceptualWeights) as e:
+        L.load_perceptual(P.parse_kind("lpips+convnext_s"), None)
     msg = str(e.value)
     for needle in ("vgg16-397923af.pth", "lpips/weights/v0.1/vgg.pth",
                    "convnext_small-0c510722.pth", "python -m tok1d.cli.convert lpips",
                    "python -m tok1d.cli.convert convnext_s"):
         assert needle in msg, needle
     with pytest.raises(ValueError, match="Unknown perceptual loss kind"):
-        P.make_perceptual("vgg", None, allow_random_init=True)
+        P.make_perceptual("vgg", {})
     assert P.parse_kind("lpips+convnext_s") == {"lpips": 1.0, "convnext_s": 0.1}
     assert P.parse_kind("lpips-convnext_s-1.0-0.1") == {"lpips": 1.0, "convnext_s": 0.1}
 
 
 def test_lpips_random_init_shapes_zero_and_gradients():
-    loss = P.make_perceptual("lpips", None, allow_random_init=True)
+    loss = P.make_perceptual("lpips", L.load_perceptual(("lpips",), None,
+                                                       allow_random_init=True))
     assert set(loss.params) == {"lpips"}
     shapes = jax.tree.map(jnp.shape, loss.params["lpips"])
     assert shapes["net"]["conv1_1"]["kernel"] == (3, 3, 3, 64)
@@ -155,7 +160,7 @@ def test_lpips_random_init_shapes_zero_and_gradients():
     # images give 0 up to float rounding: XLA may round the two trunk calls differently.)
     recon = jnp.asarray(np.stack([x[0], x[1], np.zeros_like(x[0])]))
     target = jnp.asarray(np.stack([y[0], x[1], np.zeros_like(x[0])]))
-    per_image = cnn_jit(P.LPIPS().apply)({"params": loss.params["lpips"]}, recon, target)
+    per_image = cnn_jit(N.LPIPS().apply)({"params": loss.params["lpips"]}, recon, target)
     assert per_image.shape == (3,) and float(per_image[0]) > 0
     assert abs(float(per_image[1])) < 1e-12 and abs(float(per_image[2])) < 1e-12
     value, grad = cnn_jit(jax.value_and_grad(loss.apply, argnums=1))(loss.params, recon, target)
@@ -170,13 +175,14 @@ def test_lpips_random_init_shapes_zero_and_gradients():
     # (the official f / (sqrt(sum f^2) + eps) has gradient NaN there).
     f = jnp.asarray(np.stack([np.zeros(8), rng.standard_normal(8)]), jnp.float32)
     naive = f / (jnp.sqrt(jnp.sum(f * f, axis=-1, keepdims=True)) + 1e-10)
-    np.testing.assert_array_equal(P.unit_normalize(f), naive)
-    g = jax.grad(lambda t: jnp.sum(jnp.square(P.unit_normalize(t) - 0.3)))(f)
+    np.testing.assert_array_equal(N.unit_normalize(f), naive)
+    g = jax.grad(lambda t: jnp.sum(jnp.square(N.unit_normalize(t) - 0.3)))(f)
     assert bool(jnp.all(jnp.isfinite(g))) and float(jnp.max(jnp.abs(g[0]))) > 0
 
 
 def test_convnext_and_combined_random_init():
-    loss = P.make_perceptual("lpips+convnext_s", None, allow_random_init=True, image_size=32)
+    loss = P.make_perceptual("lpips+convnext_s", L.load_perceptual(
+        ("lpips", "convnext_s"), None, allow_random_init=True), image_size=32)
     assert loss.component_weights == {"lpips": 1.0, "convnext_s": 0.1}
     shapes = jax.tree.map(jnp.shape, loss.params["convnext_s"])
     assert shapes["stem_conv"]["kernel"] == (4, 4, 3, 96)
@@ -189,7 +195,7 @@ def test_convnext_and_combined_random_init():
     x = jnp.asarray(rng.uniform(size=(1, 16, 16, 3)), jnp.float32)
     y = jnp.asarray(rng.uniform(size=(1, 16, 16, 3)), jnp.float32)
     # ConvNeXt part: finite, non-zero gradient w.r.t. recon (tiny sizes: plain -O0 jit).
-    module = P.build_module("convnext_s")
+    module = N.build_module("convnext_s")
     convnext = functools.partial(P.component_loss, "convnext_s", module, image_size=32)
     value, grad = jax.jit(jax.value_and_grad(convnext, argnums=1))(
         loss.params["convnext_s"], x, y)
@@ -197,7 +203,7 @@ def test_convnext_and_combined_random_init():
     assert grad.shape == x.shape and bool(jnp.all(jnp.isfinite(grad)))
     assert float(jnp.max(jnp.abs(grad))) > 0
     # Combined kind = (1.0 * LPIPS + 0.1 * ConvNeXt) / 1.1; 0 for identical images.
-    lpips = functools.partial(P.component_loss, "lpips", P.build_module("lpips"))
+    lpips = functools.partial(P.component_loss, "lpips", N.build_module("lpips"))
     lpips_value = jax.jit(lpips)(loss.params["lpips"], x, y)
     want = (1.0 * float(lpips_value) + 0.1 * float(value)) / 1.1
     combined = jax.jit(loss.apply)
@@ -277,7 +283,7 @@ def test_lpips_matches_lpips_package(monkeypatch):
     x1 = np.clip(x0 + 0.2 * rng.standard_normal(x0.shape), 0, 1).astype(np.float32)
     with torch.no_grad():
         want = ref(torch.from_numpy(x0), torch.from_numpy(x1), normalize=True).numpy().reshape(-1)
-    module = P.LPIPS()
+    module = N.LPIPS()
     got = cnn_jit(module.apply)({"params": params}, nchw_to_nhwc(x0), nchw_to_nhwc(x1))
     e = rel_err(got, want)
     assert e < 1e-4, e
@@ -301,7 +307,7 @@ def test_convnext_small_logits_and_loss_match_torchvision(monkeypatch):
     _perturb_(ref, torch)
     sd = {k: v.numpy() for k, v in ref.state_dict().items()}
     params = CP.convert_convnext(sd)
-    module = P.convnext_small()
+    module = N.convnext_small()
     rng = np.random.default_rng(4)
     # Logits on a small input straight into the network.
     x = rng.standard_normal((2, 3, 64, 64)).astype(np.float32)
@@ -312,7 +318,7 @@ def test_convnext_small_logits_and_loss_match_torchvision(monkeypatch):
     e_logits = rel_err(got, want)
     assert e_logits < 1e-4, e_logits
     # Unscanned layout from the same state_dict holds the same numbers.
-    flat = CP.convert_convnext(sd, model=P.ConvNeXt(scan=False))
+    flat = CP.convert_convnext(sd, model=ConvNeXt(scan=False))
     np.testing.assert_array_equal(flat["stage2_block26"]["fc2"]["kernel"],
                                   params["stage2"]["fc2"]["kernel"][26])
     # The whole TiTok ConvNeXt loss: antialiased bilinear resize (to 64 here instead of 224, to

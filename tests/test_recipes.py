@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO
 
 from tok1d.train import config_lib
-from tok1d.weights import pretrained
+from tok1d.weights import loaders, pretrained
 from tok1d.models.tokenizers.vqgan import MaskGITVQGAN
 from tok1d.train import tokenizer
 
@@ -105,9 +105,9 @@ def test_stage2_starts_from_stage1_and_gan_starts_on_time(stage1_run, teacher_di
     workdir = str(tmp_path / "stage2")
     tokenizer.train_and_evaluate(config, workdir)
 
-    s1 = pretrained.load_params(s1_dir)
-    s2_state = pretrained._restore_numpy(pretrained._latest_training_state(workdir))
-    teacher = pretrained.load_params(teacher_dir)
+    s1 = loaders.load_params(s1_dir)
+    s2_state = loaders.load_training_state(workdir)
+    teacher = loaders.load_params(teacher_dir)
     # Frozen parts are exactly the stage-1 EMA weights; the pixel decoder started from the
     # teacher's decoder and was trained.
     for group in ("encoder", "latent_tokens", "quantize"):

@@ -13,6 +13,7 @@ import pytest
 from tok1d import models
 from tok1d.cli import tokenize
 from tok1d.data import sources, tokens
+from tok1d.weights import loaders
 
 TINY = dict(image_size=32, patch_size=8, num_latent_tokens=8, encoder_size="nano",
             decoder_size="nano", codebook_size=64, token_dim=8)
@@ -194,11 +195,11 @@ def test_corrupt_or_mismatched_datasets_fail_clearly(tokenized, tmp_path):
 def test_clear_errors_for_tokenizer_data_and_image_size(tiny, tmp_path):
     model, params = tiny
     with pytest.raises(FileNotFoundError, match="Tokenizer directory not found"):
-        tokenize.load_tokenizer(str(tmp_path / "missing"))
+        loaders.load_tokenizer(str(tmp_path / "missing"))
     with pytest.raises(FileNotFoundError, match="neither a pretrained directory"):
-        tokenize.load_tokenizer(str(tmp_path))
+        loaders.load_tokenizer(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="Tokenizer directory not found"):
-        tokenize.describe_tokenizer(str(tmp_path / "missing"))
+        loaders.describe_tokenizer(str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="Unknown data source 'imagenet'"):
         tokenize.resolve_source("imagenet", "train")
     with pytest.raises(FileNotFoundError, match="Data directory not found"):
@@ -218,8 +219,8 @@ def test_load_tokenizer_from_pretrained_dir_and_training_workdir(tiny, tmp_path)
     model, params = tiny
     kwargs = {k: v for k, v in TINY.items()}
     pretrained.save_pretrained(str(tmp_path / "pre"), "titok", kwargs, params)
-    m, p = tokenize.load_tokenizer(str(tmp_path / "pre"))
-    desc = tokenize.describe_tokenizer(str(tmp_path / "pre"))
+    m, p = loaders.load_tokenizer(str(tmp_path / "pre"))
+    desc = loaders.describe_tokenizer(str(tmp_path / "pre"))
     assert desc["kind"] == "pretrained" and m.num_latent_tokens == 8
     np.testing.assert_array_equal(p["latent_tokens"], params["latent_tokens"])
     # A training workdir: config.json + checkpoints/<step>/state; EMA params are preferred.
@@ -230,8 +231,8 @@ def test_load_tokenizer_from_pretrained_dir_and_training_workdir(tiny, tmp_path)
     ema = jax.tree.map(lambda x: x + 1.0, params)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(str(work / "checkpoints" / "4" / "state"), {"params": params, "ema_params": ema})
-    m, p = tokenize.load_tokenizer(str(work))
-    desc = tokenize.describe_tokenizer(str(work))
+    m, p = loaders.load_tokenizer(str(work))
+    desc = loaders.describe_tokenizer(str(work))
     assert desc["kind"] == "workdir" and desc["step"] == 4 and m.codebook_size == 64
     np.testing.assert_array_equal(p["latent_tokens"], ema["latent_tokens"])
 

@@ -48,8 +48,8 @@ from tok1d import parallel
 from tok1d.train import optim
 from tok1d.weights.convert import dinov2 as convert_dinov2
 from tok1d.weights.convert import gigatok as convert_gigatok
+from tok1d.weights.convert import discriminator as convert_disc
 from tok1d.weights.convert import perceptual as convert_perceptual
-from tok1d.models import discriminator as disc_lib
 from tok1d.models.frozen.dinov2 import preprocess_gigatok
 from tok1d.official import gigatok as official
 from tok1d.train import tokenizer
@@ -348,9 +348,9 @@ def check_fixture(path: str, bounds: Bounds) -> None:
     report = tp.Report(f"gigatok ({bounds.name})", path)
     sd, convert, params0, frozen = tokenizer_weights(z, t)
     disc_sd = state_dicts(z, "init/disc_sd/")
-    convert_d = functools.partial(disc_lib.convert_patchgan_discriminator, model=t.gan.disc)
+    convert_d = functools.partial(convert_disc.convert_patchgan_discriminator, model=t.gan.disc)
     disc0 = convert_d(disc_sd)
-    stats0 = disc_lib.convert_patchgan_batch_stats(disc_sd, t.gan.disc)
+    stats0 = convert_disc.convert_patchgan_batch_stats(disc_sd, t.gan.disc)
     images, data, first_d = batches(z)
     steps = images.shape[0]
     scalars, states, fwd, teacher_feat = run_steps(
@@ -387,7 +387,7 @@ def check_fixture(path: str, bounds: Bounds) -> None:
             tpg.check_state(report, f"{tag}_disc_params", dmap,
                             {k: want_sd[k] for k in d_keys}, states[tag].extras["gan"].params, bound)
         got_stats = states[tag].extras["gan"].collections["batch_stats"]
-        for layer, stats in disc_lib.convert_patchgan_batch_stats(want_sd, t.gan.disc).items():
+        for layer, stats in convert_disc.convert_patchgan_batch_stats(want_sd, t.gan.disc).items():
             for name in ("mean", "var"):
                 report.rel(f"{tag}_disc_running_{name}[{layer}]", got_stats[layer][name],
                            stats[name], bounds.disc_stats or bound)

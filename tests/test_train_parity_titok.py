@@ -57,10 +57,11 @@ import train_parity as tp
 from tok1d import parallel
 from tok1d.objectives import gan
 from tok1d.train import optim
-from tok1d.objectives import perceptual as perceptual_lib
+from tok1d.models.frozen import perceptual as perceptual_nets
+from tok1d.weights import perceptual as perceptual_files
+from tok1d.weights.convert import discriminator as convert_disc
 from tok1d.weights.convert import perceptual as convert_perceptual
 from tok1d.weights.convert import titok as convert_titok
-from tok1d.models import discriminator as disc_lib
 from tok1d.official import titok as official
 from tok1d.train import tokenizer
 
@@ -168,10 +169,10 @@ class Run:
             config.teacher.name = ""
         if config.losses.perceptual:
             sd = z.sub("init/loss_sd/perceptual_loss.convnext.")
-            module = perceptual_lib.convnext_small()
+            module = perceptual_nets.convnext_small()
             params = convert_perceptual.convert_convnext(_f32(sd), module)
-            weights = str(tmp_path / perceptual_lib.WEIGHT_FILES["convnext_s"])
-            perceptual_lib.save_params(weights, "convnext_s", params)
+            weights = str(tmp_path / perceptual_files.WEIGHT_FILES["convnext_s"])
+            perceptual_files.save_params(weights, "convnext_s", params)
             config.perceptual.weights = weights
         self.mesh, self.rules = tp.one_device_mesh()
         self.batch_sh = parallel.batch_sharding(self.mesh, self.rules)
@@ -210,7 +211,7 @@ class Run:
         return convert_titok.convert_titok(sd, self.t.model)
 
     def convert_d(self, sd):
-        return disc_lib.convert_titok_discriminator(sd, self.t.gan.disc)
+        return convert_disc.convert_titok_discriminator(sd, self.t.gan.disc)
 
     def batch(self, i: int) -> dict:
         images = tp.nhwc(self.z["images"][i])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
@@ -196,7 +197,6 @@ def setup_process(coordinator_address: str = "", num_processes: int = 0,
     or TOK1D_DISTRIBUTED=1 for auto-detection on TPU pods / SLURM; CPU collectives over gloo,
     harmless on GPU/TPU) and turns on the persistent compilation cache named by
     $TOK1D_COMPILATION_CACHE."""
-    import os
     if coordinator_address or os.environ.get("TOK1D_DISTRIBUTED") == "1":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         maybe_initialize_distributed(coordinator_address, num_processes, process_id)
@@ -206,6 +206,28 @@ def setup_process(coordinator_address: str = "", num_processes: int = 0,
 
 
 @functools.lru_cache(maxsize=None)
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Host NumPy tree -> global arrays replicated over the mesh (works across hosts)."""
+    sharding = NamedSharding(mesh, P())
+
+    def put(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+    return jax.tree.map(put, tree)
+
+
+def put_like(host_tree: Any, like: Any) -> Any:
+    """Host arrays -> global arrays with the dtypes and shardings of `like` (same structure
+    and shapes; a shape mismatch raises ValueError)."""
+    def put(x, ref):
+        x = np.asarray(x, ref.dtype)
+        if x.shape != ref.shape:
+            raise ValueError(f"shape {x.shape} does not match the model's {ref.shape}")
+        return jax.make_array_from_callback(x.shape, ref.sharding, lambda idx: x[idx])
+    return jax.tree.map(put, host_tree, like)
+
+
 def _replicate_fn(mesh: Mesh):
     return jax.jit(lambda x: x, out_shardings=NamedSharding(mesh, P()))
 

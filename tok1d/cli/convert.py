@@ -16,7 +16,7 @@ r"""Converts official PyTorch checkpoints into tok1d pretrained directories.
 
 Every tensor is checked against the model: a mismatch fails with the full list of missing,
 unexpected and mismatched keys, and nothing is written. Load the result with
-`tok1d.weights.pretrained.load_pretrained(DIR)`. The perceptual networks (lpips: LPIPS-VGG, the
+`tok1d.weights.loaders.load_pretrained(DIR)`. The perceptual networks (lpips: LPIPS-VGG, the
 linear layers of `lpips/weights/v0.1/vgg.pth` + torchvision's VGG16; convnext_s: torchvision's
 ConvNeXt-S) are written as OUT/<name>.npz, the files `tok1d.objectives.perceptual` reads.
 Reading .bin / .pt / .pth files needs PyTorch (`pip install 'tok1d[convert]'`).
@@ -24,64 +24,21 @@ Reading .bin / .pt / .pth files needs PyTorch (`pip install 'tok1d[convert]'`).
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from typing import Optional, Sequence
 
 from absl import flags
 
 from tok1d import errors
-from tok1d import models
 from tok1d.cli import app
-from tok1d.models.generators.maskgit import MaskGITUViT
-from tok1d.models.tokenizers.vqgan import MaskGITVQGAN
-from tok1d.weights import pretrained
-from tok1d.weights.convert import (common, dinov2, gigatok, gpt, inception, maskgit, perceptual,
-                                   titok, vqgan)
+from tok1d.weights import loaders, pretrained
+from tok1d.weights.convert import perceptual
 
-KINDS = ("titok", "maskgit_vqgan", "gigatok", "dinov2", "maskgit", "gpt", "inception_fid",
-         "lpips", "convnext_s")
+KINDS = loaders.OFFICIAL_KINDS + ("lpips", "convnext_s")
 USAGE = "KIND --checkpoint=FILE --out=DIR [flags]     (KIND: " + " | ".join(KINDS) + ")"
 CONFIG = None
 REQUIRED = ("checkpoint", "out")
 POSITIONAL = "KIND"
-
-
-def _model_kwargs(model) -> dict:
-    return {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
-            if f.name not in ("parent", "name")}
-
-
-def _find_init_args(cfg):
-    """The dict holding GigaTok's `init_args` anywhere inside an official YAML/JSON config."""
-    if isinstance(cfg, dict):
-        if "codebook_size" in cfg and "z_channels" in cfg:
-            return cfg
-        for value in cfg.values():
-            found = _find_init_args(value)
-            if found is not None:
-                return found
-    return None
-
-
-def _gigatok(checkpoint: str, config: str | None, preset: str | None, image_size: int | None):
-    if (config is None) == (preset is None):
-        raise ValueError("gigatok needs exactly one of --preset=NAME or --official_config=FILE")
-    if preset is not None:
-        model = models.create("gigatok", preset=preset, image_size=image_size or 256)
-    else:
-        cfg = titok._read_config(config)
-        init_args = _find_init_args(cfg)
-        if init_args is None:
-            raise common.ConversionError(f"{config}: no GigaTok init_args (codebook_size, "
-                                         "z_channels, ...) found")
-        kwargs = gigatok.kwargs_from_official(
-            init_args, cfg.get("size_tables_added"), cfg.get("ctor_patches"),
-            image_size=image_size or cfg.get("image_size", 256),
-            layout=cfg.get("variant") or gigatok.layout_from_config(cfg))
-        model = models.create("gigatok", **kwargs)
-    return model, gigatok.convert_gigatok(common.load_state_dict(checkpoint), model,
-                                          what=checkpoint)
 
 
 def convert(kind: str, checkpoint: str, out: str, config: str | None = None,
@@ -95,31 +52,11 @@ def convert(kind: str, checkpoint: str, out: str, config: str | None = None,
         return perceptual.convert_files(kind, out, vgg=vgg, lpips=checkpoint)
     if kind == "convnext_s":
         return perceptual.convert_files(kind, out, weights=checkpoint)
-    if kind == "titok":
-        model, params = titok.convert_file(checkpoint, config=config, image_size=image_size)
-    elif kind == "maskgit_vqgan":
-        model = MaskGITVQGAN()
-        params = vqgan.convert_maskgit_vqgan(common.load_state_dict(checkpoint), model)
-    elif kind == "gigatok":
-        model, params = _gigatok(checkpoint, config, preset, image_size)
-    elif kind == "dinov2":
-        model, params = dinov2.convert_file(checkpoint, pos_grid=pos_grid)
-    elif kind == "maskgit":
-        model, params = maskgit.convert_file(checkpoint, config=config)
-    elif kind == "gpt":
-        model, params = gpt.convert_file(checkpoint, size=size, weights=weights,
-                                         num_heads=num_heads)
-    elif kind == "inception_fid":  # pytorch-fid's FID InceptionV3 (+ IS fc head)
-        model, params = inception.convert_file(checkpoint)
-    else:
-        raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
-    kwargs = _model_kwargs(model)
-    if kind == "maskgit":  # the registry picks the class by arch
-        kwargs["arch"] = "uvit" if isinstance(model, MaskGITUViT) else "vit"
-    for key in ("dtype", "param_dtype"):
-        kwargs.pop(key, None)
-    return pretrained.save_pretrained(out, kind, kwargs, params, source=checkpoint)
-
+    model, params = loaders.load_official(kind, checkpoint, config=config, image_size=image_size,
+                                          preset=preset, pos_grid=pos_grid, size=size,
+                                          weights=weights, num_heads=num_heads)
+    return pretrained.save_pretrained(out, kind, pretrained.registry_kwargs(kind, model), params,
+                                      source=checkpoint)
 
 def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("checkpoint", None, "The official file: .bin / .pt / .pth / "

@@ -40,6 +40,7 @@ from tok1d.train import generator as gen_trainer
 from tok1d.train import loop
 from tok1d.train import tokenizer as tok_trainer
 from tok1d.probes import ar
+from tok1d.weights import loaders
 
 
 def generator_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
@@ -99,7 +100,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     # ---------------------------------------------------------------- 2. tokens
     log("== 2/4 tokens")
-    tokenizer, tok_params = tokenize_lib.load_tokenizer(os.path.join(workdir, "tokenizer"))
+    tokenizer, tok_params = loaders.load_tokenizer(os.path.join(workdir, "tokenizer"))
     token_dir = os.path.join(workdir, "tokens")
     for split in (dcfg.train_split, dcfg.eval_split):
         src = sources.get_source(dcfg.name, split, data_dir=dcfg.data_dir,

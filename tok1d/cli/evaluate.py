@@ -42,14 +42,13 @@ from absl import flags
 from tok1d import images, parallel
 from tok1d.cli import app
 from tok1d.cli import sample as sample_lib
-from tok1d.cli.tokenize import load_tokenizer
 from tok1d.data import pipeline, sources
 from tok1d.data import tokens as tokens_lib
 from tok1d.evaluation import evaluator, linear_probe, report
 from tok1d.models.generators.gpt import GPT
 from tok1d.train import config_lib
 from tok1d.train import tokenizer as tok_trainer
-from tok1d.weights import pretrained
+from tok1d.weights import loaders
 from tok1d.generation import common as gen_common
 from tok1d.generation.decode import SampleDecoder
 
@@ -97,8 +96,8 @@ def evaluate_tokenizer(config, checkpoint: str, out: str, log=print) -> dict[str
     size = config.data.image_size
     dummy = jnp.zeros((1, size, size, 3), jnp.float32)
     boxed = jax.eval_shape(lambda r: model.init(r, dummy)["params"], jax.random.key(0))
-    params = pretrained.load_checked(checkpoint, parallel.unbox_abstract(boxed),
-                                     f"the tokenizer of the config ({config.model.name})")
+    params = loaders.load_checked(checkpoint, parallel.unbox_abstract(boxed),
+                                   f"the tokenizer of the config ({config.model.name})")
     # Sharded like in training (fsdp / tensor axes of config.mesh), not replicated.
     params = jax.device_put(params, parallel.logical_shardings(boxed, mesh, rules))
     teacher = tok_trainer.build_teacher(config, model)
@@ -117,7 +116,7 @@ def evaluate_tokenizer(config, checkpoint: str, out: str, log=print) -> dict[str
         f"({num_batches} batches of {batch}).")
     ecfg = config.evaluation
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        frozen = tok_trainer.replicate(frozen, mesh)
+        frozen = parallel.replicate(frozen, mesh)
         eval_step = jax.jit(tok_trainer.make_eval_step(
             model, teacher[0] if teacher is not None else None))
         metrics_acc = evaluator.ImageMetrics.from_config(nets, mesh, ecfg)
@@ -144,7 +143,7 @@ def evaluate_generator(config, checkpoint: str, tokenizer_path: str, out: str, s
         raise ValueError("No tokenizer: pass --tokenizer=DIR or set config.generator.tokenizer.")
     mesh, rules, batch_sh, is_chief = _setup(config)
     model, params = sample_lib.load_generator(config, checkpoint)
-    tokenizer, tok_params = load_tokenizer(tokenizer_path)
+    tokenizer, tok_params = loaders.load_tokenizer(tokenizer_path)
     nets = evaluator.load_metric_nets(config.evaluation, "", log)
     ecfg = config.evaluation
     labels = gen_common.cyclic_labels(ecfg.num_samples, model.num_classes)

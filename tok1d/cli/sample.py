@@ -31,10 +31,9 @@ from absl import flags
 from tok1d import images as images_lib
 from tok1d import parallel
 from tok1d.cli import app
-from tok1d.cli.tokenize import load_tokenizer
-from tok1d.train import generator as gen_trainer
-from tok1d.weights import pretrained
 from tok1d.generation import common as gen_common
+from tok1d.train import generator as gen_trainer
+from tok1d.weights import loaders
 
 USAGE = "--config=FILE --checkpoint=DIR --out=DIR [--tokenizer=DIR] [flags]"
 CONFIG = "Generator config file (get_config()); its sampling section sets the sampler."
@@ -60,7 +59,7 @@ def load_generator(config, checkpoint: str):
     model = gen_trainer.build_generator(config)
     shapes = jax.eval_shape(gen_trainer.init_generator(model, 1), jax.random.key(0))
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nn.unbox(shapes))
-    return model, pretrained.load_checked(
+    return model, loaders.load_checked(
         checkpoint, shapes, f"the generator of the config ({config.model.name})")
 
 
@@ -99,7 +98,7 @@ def run(config, checkpoint: str, tokenizer_path: str, num_images: int, out: str,
     if not tokenizer_path:
         raise ValueError("No tokenizer: pass --tokenizer=DIR or set config.generator.tokenizer.")
     model, params = load_generator(config, checkpoint)
-    tokenizer, tok_params = load_tokenizer(tokenizer_path)
+    tokenizer, tok_params = loaders.load_tokenizer(tokenizer_path)
     t0 = time.time()
     samples, labels = sample_images(config, model, params, tokenizer, tok_params, num_images,
                                     batch_size, seed, log)

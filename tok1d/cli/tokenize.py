@@ -3,7 +3,7 @@ r"""Encodes an image dataset with a trained tokenizer into a token dataset (`tok
     tok1d tokenize --tokenizer=DIR --data=NAME_OR_DIR --split=train --out=OUT \
         [--image_size=256] [--batch_size=256] [--flip] [--crop=center|resize] [--num_shards=0]
 
---tokenizer  a pretrained directory (`tok1d.weights.pretrained`: tok1d_model.json + params/) or a
+--tokenizer  a pretrained directory (`tok1d.weights.layout`: tok1d_model.json + params/) or a
              training workdir (config.json + checkpoints/): the latest checkpoint's EMA params
              (plain params when the run had no EMA), the model rebuilt from config.json.
 --data       any name `tok1d.data.sources.get_source` knows ("tfds:imagenet2012", "demo",
@@ -22,7 +22,7 @@ Run it once per split into the same --out (e.g. train with --flip, then validati
 
 From Python (the demo does this)::
 
-    model, params = load_tokenizer("runs/tokenizer")
+    model, params = loaders.load_tokenizer("runs/tokenizer")   # tok1d.weights.loaders
     tokenize_dataset(model, params, get_source("digits", "train"), "runs/tokens", flip=True)
 """
 
@@ -53,73 +53,15 @@ from tok1d import images as images_lib
 from tok1d import parallel
 from tok1d.cli import app
 from tok1d.data import pipeline, records, sources, tokens
-from tok1d.train.tokenizer import replicate
+from tok1d.weights import loaders
 
 EXAMPLES_PER_SHARD = 10_000  # the auto shard size: the unit of work redone after a crash
 CROPS = ("center", "resize")
 
 
 # ----------------------------------------------------------------------------------------------
-# Loading the tokenizer and the data.
+# Loading the data.
 # ----------------------------------------------------------------------------------------------
-
-def load_tokenizer(path: str, **model_overrides: Any) -> tuple[Any, Any]:
-    """(model, host params) of a pretrained directory or a training workdir (the latest
-    checkpoint's EMA params, the plain params when the run had no EMA; the model rebuilt from
-    the workdir's config.json). `model_overrides` replace model arguments (dtype="bfloat16")."""
-    from tok1d import models
-    from tok1d.weights import pretrained
-
-    kind, name, kwargs = _tokenizer_spec(path)
-    if kind == "pretrained":
-        return pretrained.load_pretrained(os.path.abspath(path), **model_overrides)
-    model = models.create(name, **dict(kwargs, **model_overrides))
-    return model, pretrained.load_params(os.path.abspath(path), use_ema=True)
-
-
-def describe_tokenizer(path: str) -> dict[str, Any]:
-    """What `load_tokenizer(path)` loads, for tokens_info.json (cheap: reads no weights)."""
-    from tok1d.weights import pretrained
-
-    kind, name, kwargs = _tokenizer_spec(path)
-    desc = {"kind": kind, "path": os.path.abspath(path), "name": name,
-            "kwargs": pretrained._jsonable(kwargs)}
-    if kind == "workdir":
-        desc.update(step=_latest_step(os.path.abspath(path)), params="ema if the run had EMA")
-    else:
-        desc["source"] = (pretrained.read_model_spec(os.path.abspath(path)) or {}).get(
-            "source", "")
-    return desc
-
-
-def _tokenizer_spec(path: str) -> tuple[str, str, dict[str, Any]]:
-    """("pretrained" | "workdir", model name, model kwargs) of a tokenizer directory."""
-    from tok1d.weights import pretrained
-
-    path = os.path.abspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"Tokenizer directory not found: {path}")
-    spec = pretrained.read_model_spec(path)
-    if spec is not None:
-        return "pretrained", spec["name"], dict(spec["kwargs"])
-    config_path = os.path.join(path, "config.json")
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(
-            f"{path} is neither a pretrained directory ({pretrained.MODEL_FILE} + params/) nor a "
-            "training workdir (config.json + checkpoints/).")
-    import ml_collections
-    from tok1d.train import config_lib
-
-    with open(config_path, encoding="utf-8") as f:
-        config = ml_collections.ConfigDict(json.load(f))
-    return "workdir", config.model.name, config_lib.model_kwargs(config)
-
-
-def _latest_step(workdir: str) -> Optional[int]:
-    ckpt = os.path.join(workdir, "checkpoints")
-    steps = [int(d) for d in os.listdir(ckpt) if d.isdigit()] if os.path.isdir(ckpt) else []
-    return max(steps) if steps else None
-
 
 def resolve_source(data: str, split: str, *, data_dir: str = "", image_size: int = 0):
     """The image source of `--data`: a prepared ArrayRecord directory, or a `get_source` name."""
@@ -184,7 +126,7 @@ def make_encoder(model, params, *, flip: bool, batch_size: int):
     replicated = NamedSharding(mesh, P())
     params = nn.unbox(params)
     if all(not isinstance(x, jax.Array) for x in jax.tree.leaves(params)):
-        params = replicate(params, mesh)  # host trees (pretrained / checkpoint loads)
+        params = parallel.replicate(params, mesh)  # host trees (pretrained / checkpoint loads)
     else:  # device arrays, e.g. a training state sharded on another mesh
         params = jax.device_put(params, replicated)
 
@@ -413,7 +355,7 @@ def tokenize_dataset(model, params, source, out_dir: str, *, split: str = "train
         crop: "center" (resize shorter side + center crop) or "resize" (squash).
         num_classes: Default: `source.num_classes`, else max label + 1 of this split.
         tokenizer_info, data_info: Descriptions stored in tokens_info.json (default for the
-            tokenizer: its class name; see `describe_tokenizer`).
+            tokenizer: its class name; see `loaders.describe_tokenizer`).
         log: Progress / summary printer (process 0 only).
 
     Returns:
@@ -629,8 +571,8 @@ def execute(fv: flags.FlagValues, args: list[str]) -> None:
     except KeyError as e:  # an unknown split of a prepared directory
         raise errors.UserError(e.args[0] if e.args else str(e)) from None
     overrides = {"dtype": fv.dtype} if fv.dtype else {}
-    model, params = load_tokenizer(fv.tokenizer, **overrides)
-    desc = describe_tokenizer(fv.tokenizer)
+    model, params = loaders.load_tokenizer(fv.tokenizer, **overrides)
+    desc = loaders.describe_tokenizer(fv.tokenizer)
     native = getattr(model, "image_size", 0)
     if not fv.image_size and native and getattr(source, "image_size", native) != native:
         # Synthetic sources ("digits") render at the tokenizer's size directly.

@@ -37,6 +37,7 @@ import json
 import os
 from typing import Any, Sequence, Union
 
+import grain
 import msgpack
 import numpy as np
 from PIL import Image
@@ -233,9 +234,6 @@ class ArrayRecordImageSource:
             KeyError: Unknown split (the message lists the available ones).
             ValueError: Malformed info file, or shards that do not match it.
         """
-        # Imported here so that records can be used without importing grain.
-        import grain  # pylint: disable=g-import-not-at-top
-
         self._directory = directory
         self._split = split
         self._info = read_info(directory)

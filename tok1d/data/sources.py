@@ -20,6 +20,10 @@ import os
 from typing import Any
 
 import numpy as np
+import skimage.data
+from PIL import Image
+
+from tok1d.data import records
 
 # Colour photos and textures that ship inside scikit-image (loaded without network access).
 DEMO_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry",
@@ -30,7 +34,6 @@ DEMO_EVAL_FRACTION = 0.25  # the bottom quarter of every photo is never used for
 
 @functools.lru_cache(maxsize=None)
 def _load_photo(name: str) -> np.ndarray:
-    import skimage.data  # Local import: only the demo needs scikit-image.
     img = np.asarray(getattr(skimage.data, name)())
     if img.dtype == bool:
         img = img.astype(np.uint8) * 255
@@ -130,7 +133,6 @@ def upscale_digit(digit: np.ndarray, size: int) -> np.ndarray:
     """An 8x8 digit in 0..16 -> (size, size, 3) uint8, white on black: a 1-pixel black margin
     is added (so strokes touching the border are not cut), then a bicubic resize of the
     float image (smooth strokes), clipped to 0..255."""
-    from PIL import Image  # Local import, as in records.py users.
     padded = np.pad(digit.astype(np.float32) * (255.0 / 16.0), 1)
     big = Image.fromarray(padded).resize((size, size), Image.BICUBIC)
     gray = np.clip(np.rint(np.asarray(big)), 0, 255).astype(np.uint8)
@@ -211,7 +213,6 @@ def get_source(name: str, split: str, *, data_dir: str = "", demo_size: int = 40
     if name.startswith("tfds:"):
         return TfdsSource(name[len("tfds:"):], split, data_dir)
     if name.startswith("array_record:"):
-        from tok1d.data.records import ArrayRecordImageSource
-        return ArrayRecordImageSource(name[len("array_record:"):], split)
+        return records.ArrayRecordImageSource(name[len("array_record:"):], split)
     raise ValueError(f"Unknown data source {name!r}; use 'demo', 'digits', 'tfds:<name>' or "
                      "'array_record:<dir>'.")

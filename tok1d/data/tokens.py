@@ -40,8 +40,11 @@ import os
 import uuid
 from typing import Any, Mapping, Optional, Sequence
 
+import grain
 import msgpack
 import numpy as np
+
+from tok1d.data import pipeline, records
 
 FORMAT_VERSION = "tok1d.tokens.v1"
 INFO_FILENAME = "tokens_info.json"
@@ -109,8 +112,7 @@ def read_info(directory: str) -> dict[str, Any]:
         FileNotFoundError: Missing directory or info file.
         ValueError: Malformed JSON, another format, or missing keys.
     """
-    from tok1d.data.records import read_format_json
-    info = read_format_json(directory, INFO_FILENAME, FORMAT_VERSION, "Token dataset",
+    info = records.read_format_json(directory, INFO_FILENAME, FORMAT_VERSION, "Token dataset",
                             "python -m tok1d.cli.tokenize")
     path = os.path.join(directory, INFO_FILENAME)
     missing = [k for k in _REQUIRED_KEYS if k not in info]
@@ -146,8 +148,6 @@ class TokenSource:
             KeyError: Unknown split (the message lists the available ones).
             ValueError: Malformed info, or shards that do not match it.
         """
-        import grain  # Local import: the format helpers above do not need grain.
-
         self._directory, self._split = directory, split
         self._info = read_info(directory)
         splits = self._info["splits"]
@@ -298,9 +298,6 @@ def token_dataset(source, *, global_batch: int, host_start: int, host_stop: int,
     batches of a single-host run. Returns a grain IterDataset; its iterator's state can be
     checkpointed (`grain.checkpoint.CheckpointSave`) and restored to resume exactly.
     """
-    import grain
-    from tok1d.data.pipeline import HostSlice
-
     if len(source) < global_batch:
         raise ValueError(f"The token split has {len(source)} examples, fewer than one global "
                          f"batch ({global_batch}).")
@@ -312,7 +309,7 @@ def token_dataset(source, *, global_batch: int, host_start: int, host_stop: int,
         ds = ds.shuffle(seed=seed)
     ds = ds.repeat(num_epochs)
     ds = ds.map_with_index(_pick(seed, variant))
-    ds = HostSlice(ds, global_batch, host_start, host_stop)
+    ds = pipeline.HostSlice(ds, global_batch, host_start, host_stop)
     ds = ds.batch(host_stop - host_start, drop_remainder=True)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=64))
     if num_workers > 0:

@@ -34,9 +34,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from tok1d import images as images_lib
 from tok1d import parallel
+from tok1d.data import feeding, pipeline, sources
 from tok1d.evaluation import fid as fid_lib
 from tok1d.evaluation.image_metrics import psnr, ssim
+from tok1d.evaluation.precision_recall import precision_recall
+from tok1d.models.frozen import inception as inception_lib
+from tok1d.models.frozen import perceptual as perceptual_nets
+from tok1d.weights import loaders
+from tok1d.weights import perceptual as perceptual_files
 
 FEATURE_DIM = 2048
 NO_REFERENCE = ("gFID needs a reference: evaluation.reference (--reference=FILE: the ADM "
@@ -65,12 +72,10 @@ def load_metric_nets(ecfg, perceptual_weights: str = "", log=print) -> MetricNet
 
     A missing network is not an error (its metrics are left out and a note says how to add
     them), except that a path that is given must load."""
-    from tok1d.objectives import perceptual
-    from tok1d.models.frozen import inception as inception_lib
     nets = MetricNets()
     size = ecfg.inception_size
     if ecfg.inception:
-        nets.inception = inception_lib.load_inception(ecfg.inception, input_size=size)
+        nets.inception = loaders.load_inception(ecfg.inception, input_size=size)
     elif ecfg.allow_random_init:
         nets.inception = (inception_lib.FIDInceptionV3(input_size=size),
                           inception_lib.random_params(0))
@@ -80,13 +85,11 @@ def load_metric_nets(ecfg, perceptual_weights: str = "", log=print) -> MetricNet
         nets.notes.append(_HOW_TO_GET_INCEPTION + ".")
 
     lpips_path = ecfg.lpips or _lpips_file(perceptual_weights)
-    module = perceptual.build_module("lpips")
-    if lpips_path:
-        files = perceptual.resolve_weight_files(lpips_path, ("lpips",))
-        nets.lpips = (module, perceptual.load_params(files["lpips"], "lpips", module))
-    elif ecfg.allow_random_init:
-        nets.lpips = (module, perceptual.random_params("lpips", module, 0))
-        nets.notes.append("LPIPS weights are RANDOM (evaluation.allow_random_init).")
+    if lpips_path or ecfg.allow_random_init:
+        params = loaders.load_perceptual(("lpips",), lpips_path, allow_random_init=True)
+        nets.lpips = (perceptual_nets.build_module("lpips"), params["lpips"])
+        if not lpips_path:
+            nets.notes.append("LPIPS weights are RANDOM (evaluation.allow_random_init).")
     else:
         nets.notes.append("LPIPS needs the converted LPIPS-VGG weights (python -m "
                           "tok1d.cli.convert lpips ...; --config.evaluation.lpips=DIR).")
@@ -100,11 +103,10 @@ def load_metric_nets(ecfg, perceptual_weights: str = "", log=print) -> MetricNet
 
 def _lpips_file(weights: str) -> str:
     """`weights` (perceptual.weights) when it holds converted LPIPS weights, else ""."""
-    from tok1d.objectives import perceptual
     if not weights:
         return ""
     try:
-        return perceptual.resolve_weight_files(weights, ("lpips",))["lpips"]
+        return perceptual_files.resolve_weight_files(weights, ("lpips",))["lpips"]
     except (FileNotFoundError, ValueError):
         return ""
 
@@ -243,7 +245,6 @@ class ImageMetrics:
         k = 3  # neighbours of the manifold estimate; both sets need more than k points
         if (self.precision_recall and real_pool is not None and len(real_pool) > k
                 and self.fake.count > k):
-            from tok1d.evaluation.precision_recall import precision_recall
             pr = precision_recall(real_pool, np.concatenate(self._fake_pool), k=k)
             out["precision"], out["recall"] = float(pr["precision"]), float(pr["recall"])
         return out
@@ -393,15 +394,13 @@ def reference_from_data(dcfg, nets: MetricNets, mesh, sharding: NamedSharding, b
                         ecfg) -> Reference:
     """Statistics of a config's `data.eval_split` (center crops at `data.image_size`, the first
     `data.eval_examples`), e.g. the 50k ImageNet validation images."""
-    from tok1d.data import pipeline, sources
-    from tok1d.train.common import Feeder
     src = sources.get_source(dcfg.name, dcfg.eval_split, data_dir=dcfg.data_dir,
                              demo_size=dcfg.demo_size, image_size=dcfg.image_size)
     start, stop = parallel.host_batch_slice(sharding, batch_size)
     ds, num_batches = pipeline.eval_dataset(src, global_batch=batch_size, host_start=start,
                                             host_stop=stop, image_size=dcfg.image_size,
                                             num_examples=dcfg.eval_examples)
-    feeder = Feeder(iter(ds), sharding, batch_size)
+    feeder = feeding.Feeder(iter(ds), sharding, batch_size)
     batches = ((b["image"], b["mask"]) for b in (next(feeder) for _ in range(num_batches)))
     return reference_from_batches(nets, mesh, batches, ecfg, f"{dcfg.name}:{dcfg.eval_split}")
 
@@ -421,7 +420,6 @@ def generation_metrics(nets: MetricNets, mesh, reference: Reference, batches, ec
     """gFID / IS / precision / recall of generated (global images, mask) batches against
     `reference`; also returns, as uint8, the images whose position in the stream (counting
     valid rows only) is True in `keep` (for the report's grid)."""
-    from tok1d import images as images_lib
     metrics = ImageMetrics.from_config(nets, mesh, ecfg)
     reference.apply(metrics)
     kept: list[np.ndarray] = []

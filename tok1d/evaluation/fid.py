@@ -20,6 +20,7 @@ import dataclasses
 from typing import Optional
 
 import numpy as np
+from scipy import linalg
 
 
 @dataclasses.dataclass
@@ -78,7 +79,6 @@ def load_reference(path: str) -> tuple[np.ndarray, np.ndarray]:
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     """Frechet distance between two Gaussians (float64, scipy's matrix square root)."""
-    from scipy import linalg
     mu1 = np.atleast_1d(np.asarray(mu1, np.float64))
     mu2 = np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1 = np.atleast_2d(np.asarray(sigma1, np.float64))

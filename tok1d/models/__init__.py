@@ -7,14 +7,15 @@ with the list of valid ones.
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from tok1d.models import presets
+from tok1d.models.frozen import dinov2, inception
+from tok1d.models.generators import gpt, maskgit
+from tok1d.models.presets import check_kwargs
 from tok1d.models.tokenizers.gigatok import VIT_SIZES as GIGATOK_VIT_SIZES, GigaTok
 from tok1d.models.tokenizers.titok import TiTok
 from tok1d.models.tokenizers.vqgan import MaskGITVQGAN
@@ -28,23 +29,6 @@ def dtype_from_name(name: Any):
     if name not in DTYPES:
         raise ValueError(f"Unknown dtype {name!r}; expected one of {sorted(DTYPES)}.")
     return DTYPES[name]
-
-
-def _module_fields(cls) -> set[str]:
-    return {f.name for f in dataclasses.fields(cls) if f.name not in ("parent", "name")}
-
-
-def check_kwargs(cls, kwargs: dict[str, Any], what: str) -> None:
-    """Raises a ValueError naming every unknown keyword (with close matches)."""
-    fields = _module_fields(cls)
-    unknown = sorted(set(kwargs) - fields)
-    if unknown:
-        hints = []
-        for key in unknown:
-            close = difflib.get_close_matches(key, fields, n=1)
-            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise ValueError(f"Unknown argument(s) for {what}: {', '.join(hints)}. "
-                         f"Valid: {sorted(fields)}.")
 
 
 def _titok(encoder_size: str | None = None, decoder_size: str | None = None,
@@ -104,7 +88,6 @@ def _gigatok(preset: str | None = None, encoder_size: str | None = None,
 def _dinov2(size: str | None = None, **kwargs: Any) -> nn.Module:
     """DINOv2 ViT from a hub size name (dinov2.DINOV2_SIZES, e.g. "vitb14") and/or explicit
     `DinoV2` arguments (which win)."""
-    from tok1d.models.frozen import dinov2
     if size is not None:
         kwargs = dinov2.dinov2_kwargs(size, **kwargs)
     check_kwargs(dinov2.DinoV2, kwargs, "model 'dinov2' (plus size)")
@@ -113,19 +96,16 @@ def _dinov2(size: str | None = None, **kwargs: Any) -> nn.Module:
 
 def _maskgit(**kwargs: Any) -> nn.Module:
     """MaskGIT generator: `arch` "vit" (TiTok L-32 / B-64) or "uvit" (S-128), `size` names."""
-    from tok1d.models.generators import maskgit
     return maskgit.build(**kwargs)
 
 
 def _gpt(**kwargs: Any) -> nn.Module:
     """LlamaGen-style GPT (GigaTok's AR generator), `size` "B" / "L" / "XL" / "XXL" / ..."""
-    from tok1d.models.generators import gpt
     return gpt.build(**kwargs)
 
 
 def _inception_fid(**kwargs: Any) -> nn.Module:
     """pytorch-fid's FID InceptionV3 (+ 1008-way fc head); `resize_input` to 299 px."""
-    from tok1d.models.frozen import inception
     check_kwargs(inception.FIDInceptionV3, kwargs, "model 'inception_fid'")
     return inception.FIDInceptionV3(**kwargs)
 

@@ -57,7 +57,9 @@ does not either).
 
 How a trainer calls it (GigaTok recipe: hinge losses, DiffAug on both inputs):
 
-    model, variables = build_dino_discriminator(trunk_file, jax.random.key(0))
+    model = DinoDiscriminator()
+    model, variables = build_dino_discriminator(
+        tok1d.weights.convert.dino_disc.convert_file(trunk_file, model), jax.random.key(0))
     x = tok1d.objectives.augment.diff_augment(aug_key, images_pm1)            # [-1, 1], (B, 256, 256, 3)
     logits, upd = model.apply({"params": params, "spectral": spectral}, x, train=True,
                               rngs={"crop": crop_key}, mutable=["spectral"])
@@ -389,15 +391,12 @@ def init_variables(model: DinoDiscriminator, rng: jax.Array,
     return {"params": params, SPECTRAL: spectral}
 
 
-def build_dino_discriminator(trunk: Optional[str | Mapping[str, Any]] = None,
+def build_dino_discriminator(trunk: Optional[Mapping[str, Any]] = None,
                              rng: Optional[jax.Array] = None,
                              **fields: Any) -> tuple[DinoDiscriminator, dict[str, Any]]:
-    """(model, variables). `trunk`: a DINO v1 checkpoint file (`dino_deitsmall16_pretrain.pth`,
-    or a .safetensors / .npz with the same keys), an already converted trunk param tree, or None
-    for a random trunk (tests). The heads and the spectral state are initialised from `rng`
-    (default key 0). `fields` override `DinoDiscriminator` fields."""
+    """(model, variables). `trunk`: the converted trunk param tree (`tok1d.weights.convert.
+    dino_disc.convert_file` of `dino_deitsmall16_pretrain.pth`), or None for a random trunk
+    (tests). The heads and the spectral state are initialised from `rng` (default key 0).
+    `fields` override `DinoDiscriminator` fields."""
     model = DinoDiscriminator(**fields)
-    if isinstance(trunk, str):
-        from tok1d.weights.convert.dino_disc import convert_file
-        trunk = convert_file(trunk, model)
     return model, init_variables(model, jax.random.key(0) if rng is None else rng, trunk)

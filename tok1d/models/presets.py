@@ -1,8 +1,15 @@
 """Model size tables: sizes are data, not classes.
 
 `VIT_SIZES` are TiTok's encoder/decoder presets (official `small`/`base`/`large`) plus tiny ones
-for tests and the CPU demo.
+for tests and the CPU demo. `check_kwargs` checks plain keyword arguments against a module's
+fields (the registry `tok1d.models.create` and the generators' `build` use it).
 """
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any
 
 VIT_SIZES: dict[str, dict[str, int]] = {
     # name:   width, depth, heads, MLP hidden (4x width, head dim 64 for the official sizes)
@@ -40,3 +47,16 @@ GIGATOK_PRESETS: dict[str, dict] = {
     "b_l_2d": dict(encoder_size="base", decoder_size="large", layout="2d", entropy=0.005,
                    rot=True),
 }
+
+
+def check_kwargs(cls, kwargs: dict[str, Any], what: str) -> None:
+    """Raises a ValueError naming every unknown keyword (with close matches)."""
+    fields = {f.name for f in dataclasses.fields(cls) if f.name not in ("parent", "name")}
+    unknown = sorted(set(kwargs) - fields)
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ValueError(f"Unknown argument(s) for {what}: {', '.join(hints)}. "
+                         f"Valid: {sorted(fields)}.")

@@ -1,5 +1,6 @@
 """Checkpoints: orbax CheckpointManager over {train state, data iterator}, plus preemption.
 
+- The items of a step (train state, data iterator) are named in `tok1d.weights.layout`.
 - Async saves every `every_steps`, the last `keep` kept; the grain iterator state is saved
   next to the train state so a resumed run sees exactly the batches it would have seen.
 - Restores go straight into the *current* shardings (abstract target tree).
@@ -19,8 +20,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-STATE = "state"
-DATA_ITER = "data_iter"
+from tok1d.weights import layout
 
 
 class PreemptionFlag:
@@ -57,16 +57,17 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=max(every_steps, 1), max_to_keep=max(keep, 1), create=True,
             enable_async_checkpointing=async_save)
-        self.manager = ocp.CheckpointManager(self.directory, item_names=(STATE, DATA_ITER),
-                                             options=options)
+        self.manager = ocp.CheckpointManager(
+            self.directory, item_names=(layout.STATE_ITEM, layout.DATA_ITER_ITEM),
+            options=options)
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, data_iter: Any = None, *, force: bool = False) -> bool:
-        items = {STATE: ocp.args.StandardSave(state)}
+        items = {layout.STATE_ITEM: ocp.args.StandardSave(state)}
         if data_iter is not None:
-            items[DATA_ITER] = grain.checkpoint.CheckpointSave(data_iter)
+            items[layout.DATA_ITER_ITEM] = grain.checkpoint.CheckpointSave(data_iter)
         saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
         if saved and jax.process_index() == 0:
             logging.getLogger(__name__).info("checkpoint saved at step %d", step)
@@ -75,9 +76,9 @@ class Checkpointer:
     def restore(self, step: int, abstract_state: Any, data_iter: Any = None) -> Any:
         """Restores into `abstract_state` (ShapeDtypeStructs carrying the target shardings);
         the data iterator, if given, is restored in place."""
-        items = {STATE: ocp.args.StandardRestore(abstract_state)}
+        items = {layout.STATE_ITEM: ocp.args.StandardRestore(abstract_state)}
         if data_iter is not None:
-            items[DATA_ITER] = grain.checkpoint.CheckpointRestore(data_iter)
+            items[layout.DATA_ITER_ITEM] = grain.checkpoint.CheckpointRestore(data_iter)
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except (ValueError, KeyError, TypeError) as e:
@@ -85,7 +86,7 @@ class Checkpointer:
                 f"Checkpoint {self.directory}/{step} does not match the model/optimizer built "
                 f"from this config ({type(e).__name__}: {e}). Use the config it was trained "
                 "with, or a new --workdir.") from e
-        return restored[STATE]
+        return restored[layout.STATE_ITEM]
 
     def reached_preemption(self, step: int) -> bool:
         """Multi-host preemption notice (all hosts agree on the step)."""

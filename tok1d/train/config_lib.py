@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator
 import ml_collections
 
 from tok1d import parallel
+from tok1d.weights.layout import model_kwargs
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -241,18 +242,6 @@ def _walk(cfg: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
         yield path, value
         if isinstance(value, ml_collections.ConfigDict) and path not in FREE_FORM:
             yield from _walk(value, path + ".")
-
-
-def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """Keyword arguments for `tok1d.models.create(config.model.name, ...)`: the model dict plus
-    the data's image size and the compute / parameter dtypes."""
-    kwargs = dict(config.model)
-    kwargs.pop("name", None)
-    if config.trainer != "generator":  # generators see codes, not images
-        kwargs.setdefault("image_size", config.data.image_size)
-    kwargs["dtype"] = config.precision
-    kwargs["param_dtype"] = "float32"
-    return kwargs
 
 
 class ConfigError(ValueError):

@@ -33,6 +33,7 @@ from tok1d.train import config_lib, loop, optim
 from tok1d.train import state as state_lib
 from tok1d.train import step as step_lib
 from tok1d.train.state import TrainState
+from tok1d.weights import loaders
 
 
 # ---------------------------------------------------------------------------- model
@@ -146,8 +147,7 @@ def load_sample_decoder(config, model, sharding, log) -> Optional[decode.SampleD
     if not path:
         log("generator.tokenizer is empty: no sample grids (validation loss only).")
         return None
-    from tok1d.cli.tokenize import load_tokenizer
-    tokenizer, tok_params = load_tokenizer(path)
+    tokenizer, tok_params = loaders.load_tokenizer(path)
     return decode.SampleDecoder(model, config.sampling.to_dict(), tokenizer, tok_params,
                                 sharding)
 

@@ -15,6 +15,7 @@ from tok1d import errors, parallel, summary
 from tok1d.train import checkpoint as ckpt_lib
 from tok1d.train import config_lib
 from tok1d.train.state import TrainState
+from tok1d.weights import layout
 
 
 def average_collection(names) -> type[clu_metrics.Collection]:
@@ -149,7 +150,7 @@ def setup_run(config, workdir: str) -> tuple[str, Any, Any, Any, Any]:
     os.makedirs(workdir, exist_ok=True)
     writer = summary.MetricWriter(workdir, enabled=jax.process_index() == 0)
     writer.write_hparams(config.to_dict())
-    write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    write_json(layout.config_path(workdir), config.to_dict())
     mesh, rules, batch_sh = parallel.mesh_from_config(config)
     logging.info("Mesh %s over %d devices (%d processes).", dict(mesh.shape), mesh.size,
                  jax.process_count())
@@ -159,7 +160,7 @@ def setup_run(config, workdir: str) -> tuple[str, Any, Any, Any, Any]:
 def checkpointer_for(config, workdir: str) -> ckpt_lib.Checkpointer:
     """The run's checkpointer (`workdir/checkpoints`, `config.checkpoint`)."""
     return ckpt_lib.Checkpointer(
-        os.path.join(workdir, "checkpoints"), every_steps=config.checkpoint.every_steps,
+        layout.checkpoint_dir(workdir), every_steps=config.checkpoint.every_steps,
         keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
 
 

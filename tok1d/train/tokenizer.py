@@ -37,7 +37,8 @@ from tok1d.train import config_lib, loop, optim
 from tok1d.train import state as state_lib
 from tok1d.train import step as step_lib
 from tok1d.train.state import TrainState
-from tok1d.weights import pretrained
+from tok1d.weights import loaders
+
 
 def build_model(config) -> nn.Module:
     return models.create(config.model.name, **config_lib.model_kwargs(config))
@@ -53,54 +54,30 @@ def build_teacher(config, student: Optional[nn.Module] = None) -> Optional[tuple
                      teacher inputs) as the official code does; run at the compute precision
                      (the official code uses fp16 autocast)."""
     tcfg = config.teacher
-    name = tcfg.name
-    if not name:
+    if not tcfg.name:
         return None
-    if name not in ("maskgit_vqgan", "dinov2"):
-        raise config_lib.ConfigError(f"teacher.name={name!r}: expected 'maskgit_vqgan' or "
+    if tcfg.name not in loaders.TEACHERS:
+        raise config_lib.ConfigError(f"teacher.name={tcfg.name!r}: expected 'maskgit_vqgan' or "
                                      "'dinov2'.")
-    kwargs = dict(tcfg.model)
-    if name == "dinov2":
-        grid = getattr(student, "grid_size", None)
-        if "embed_dim" not in kwargs:
-            kwargs.setdefault("size", "vitb14")
-        if grid:
-            kwargs.setdefault("pos_grid", grid)
-        kwargs.setdefault("dtype", config.precision)
-    if tcfg.weights and os.path.isdir(tcfg.weights):
-        overrides = {k: kwargs[k] for k in ("dtype",) if k in kwargs}
-        teacher, params = pretrained.load_pretrained(tcfg.weights, **overrides)
-    elif tcfg.weights and name == "dinov2":
-        from tok1d.weights.convert import dinov2 as convert_dinov2
-        teacher, params = convert_dinov2.convert_file(tcfg.weights,
-                                                      pos_grid=kwargs.get("pos_grid"))
-        teacher = teacher.clone(dtype=models.dtype_from_name(kwargs["dtype"]))
-    elif tcfg.weights:
-        from tok1d.weights.convert import common as convert_common
-        from tok1d.weights.convert import vqgan as convert_vqgan
-        teacher = models.create(name, **kwargs)
-        params = convert_vqgan.convert_maskgit_vqgan(
-            convert_common.load_state_dict(tcfg.weights), teacher)
-    elif tcfg.allow_random_init:
-        teacher = models.create(name, **kwargs)
-        size = config.data.image_size
-        if name == "dinov2":
-            size = teacher.patch_size * (kwargs.get("pos_grid") or teacher.table_grid)
-        params = nn.unbox(teacher.init(jax.random.key(config.seed + 17),
-                                       jnp.zeros((1, size, size, 3)))["params"])
-    elif name == "dinov2":
-        raise config_lib.ConfigError(
-            "teacher.weights is empty: the semantic loss needs the frozen DINOv2 ViT-B/14. "
-            "Download dinov2_vitb14_pretrain.pth (facebookresearch/dinov2) and pass it as "
-            "--config.teacher.weights=PATH (or convert it once: python -m tok1d.cli.convert dinov2 "
-            "dinov2_vitb14_pretrain.pth DIR --pos_grid 16).")
-    else:
-        raise config_lib.ConfigError(
-            "teacher.weights is empty: stage 1 needs the frozen MaskGIT-VQGAN. Download "
-            "maskgit-vqgan-imagenet-f16-256.bin (HF fun-research/TiTok) and pass it as "
-            "--config.teacher.weights=PATH (or convert it once: python -m tok1d.cli.convert "
-            "maskgit_vqgan maskgit-vqgan-imagenet-f16-256.bin DIR).")
-    return teacher, params
+    if not (tcfg.weights or tcfg.allow_random_init):
+        raise config_lib.ConfigError(_MISSING_TEACHER[tcfg.name])
+    return loaders.load_teacher(tcfg.name, tcfg.weights, tcfg.model, precision=config.precision,
+                                grid=getattr(student, "grid_size", None),
+                                image_size=config.data.image_size, seed=config.seed + 17)
+
+
+_MISSING_TEACHER = {
+    "dinov2": (
+        "teacher.weights is empty: the semantic loss needs the frozen DINOv2 ViT-B/14. "
+        "Download dinov2_vitb14_pretrain.pth (facebookresearch/dinov2) and pass it as "
+        "--config.teacher.weights=PATH (or convert it once: python -m tok1d.cli.convert dinov2 "
+        "dinov2_vitb14_pretrain.pth DIR --pos_grid 16)."),
+    "maskgit_vqgan": (
+        "teacher.weights is empty: stage 1 needs the frozen MaskGIT-VQGAN. Download "
+        "maskgit-vqgan-imagenet-f16-256.bin (HF fun-research/TiTok) and pass it as "
+        "--config.teacher.weights=PATH (or convert it once: python -m tok1d.cli.convert "
+        "maskgit_vqgan maskgit-vqgan-imagenet-f16-256.bin DIR)."),
+}
 
 
 def build_frozen(config, model: nn.Module) -> tuple[terms_lib.FrozenNets, dict[str, Any]]:
@@ -113,8 +90,9 @@ def build_frozen(config, model: nn.Module) -> tuple[terms_lib.FrozenNets, dict[s
     perceptual = None
     if config.losses.perceptual:
         perceptual = perceptual_lib.make_perceptual(
-            config.perceptual.kind, config.perceptual.weights or None,
-            allow_random_init=config.perceptual.allow_random_init,
+            config.perceptual.kind, loaders.load_perceptual(
+                perceptual_lib.parse_kind(config.perceptual.kind), config.perceptual.weights,
+                allow_random_init=config.perceptual.allow_random_init),
             image_size=config.perceptual.image_size,
             lpips_dropout=config.perceptual.get("lpips_dropout", 0.0))
         frozen["perceptual"] = perceptual.params
@@ -145,69 +123,24 @@ def build_discriminator(config) -> Optional[nn.Module]:
 
 def load_disc_trunk(config, disc: nn.Module) -> Optional[dict[str, Any]]:
     """Converted frozen trunk params of the DINO discriminator (None for the others)."""
-    from tok1d.models import dino_disc
-    if not isinstance(disc, dino_disc.DinoDiscriminator):
-        return None
     dcfg = config.discriminator
-    if dcfg.weights:
-        from tok1d.weights.convert.dino_disc import convert_file
-        return convert_file(dcfg.weights, disc)
-    if dcfg.allow_random_init:
-        return None
-    raise config_lib.ConfigError(
-        "discriminator.weights is empty: the DINO discriminator needs the frozen DINO ViT-S/16 "
-        "trunk. Download dino_deitsmall16_pretrain.pth (facebookresearch/dino) and pass it as "
-        "--config.discriminator.weights=PATH.")
-
-
-def _put_like(host_tree: Any, like: Any) -> Any:
-    """Host arrays -> global arrays with the shardings of `like` (same structure and shapes)."""
-    def put(x, ref):
-        x = np.asarray(x, ref.dtype)
-        if x.shape != ref.shape:
-            raise ValueError(f"shape {x.shape} does not match the model's {ref.shape}")
-        return jax.make_array_from_callback(x.shape, ref.sharding, lambda idx: x[idx])
-    return jax.tree.map(put, host_tree, like)
-
-
-def replicate(tree: Any, mesh) -> Any:
-    """Host NumPy tree -> arrays replicated over the mesh (works across hosts)."""
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-    def put(x):
-        x = np.asarray(x)
-        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
-
-    return jax.tree.map(put, tree)
+    if loaders.disc_needs_trunk(disc) and not (dcfg.weights or dcfg.allow_random_init):
+        raise config_lib.ConfigError(
+            "discriminator.weights is empty: the DINO discriminator needs the frozen DINO "
+            "ViT-S/16 trunk. Download dino_deitsmall16_pretrain.pth (facebookresearch/dino) and "
+            "pass it as --config.discriminator.weights=PATH.")
+    return loaders.load_disc_trunk(dcfg.weights, disc)
 
 
 def load_initial_weights(config, state: TrainState, log) -> TrainState:
     """Overwrites freshly initialised params with `config.init` weights (path + shape match)."""
-    sources = []
-    if config.init.checkpoint:
-        sources.append((config.init.checkpoint, None))
-    if config.init.pixel_decoder:
-        sources.append((config.init.pixel_decoder, {"decoder": "pixel_decoder",
-                                                     "quantize": "pixel_quantize"}))
-    if not sources:
+    loaded = loaders.load_initial_params(state.params, config.init.checkpoint,
+                                         config.init.pixel_decoder, log)
+    if not loaded:
         return state
     flat = flax.traverse_util.flatten_dict(state.params)
-    shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in flat.items()}
-    shape_tree = flax.traverse_util.unflatten_dict(shapes)
-    for path, mapping in sources:
-        loaded = pretrained.load_params(path)
-        merged, done, problems = pretrained.merge_into(shape_tree, loaded, mapping)
-        if problems:
-            raise ValueError(f"init weights {path} do not match the model: " + "; ".join(problems))
-        if not done:
-            raise ValueError(f"init weights {path}: no parameter matched the model (groups in the "
-                             f"file: {sorted(loaded)}; in the model: {sorted(state.params)}).")
-        new_flat = flax.traverse_util.flatten_dict(merged)
-        for key in done:
-            k = tuple(key.split("/"))
-            flat[k] = _put_like(new_flat[k], flat[k])
-        groups = sorted({d.split("/")[0] for d in done})
-        log(f"Initialised {len(done)} parameter arrays ({', '.join(groups)}) from {path}.")
+    for k, value in loaded.items():
+        flat[k] = parallel.put_like(value, flat[k])
     params = flax.traverse_util.unflatten_dict(flat)
     # The EMA must not share buffers with params: the train step donates both.
     ema = (jax.jit(lambda t: jax.tree.map(jnp.copy, t))(params)
@@ -441,7 +374,7 @@ def build_training(config: ml_collections.ConfigDict, mesh, rules, batch_sh) -> 
     tx, schedule = optim.make_optimizer(config.optim, config.total_steps, param_shapes)
 
     nets, frozen = build_frozen(config, model)
-    frozen = replicate(frozen, mesh)
+    frozen = parallel.replicate(frozen, mesh)
     gan = build_gan(config, model, dummy)
     abstract, shardings, init = state_lib.state_shardings_and_init(
         init_params, tx, mesh, rules, use_ema=config.ema_decay > 0,
@@ -500,7 +433,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         trunk = load_disc_trunk(config, t.gan.disc) if t.gan is not None else None
         if trunk is not None:
             gan_state = state.extras["gan"]
-            params = {**gan_state.params, "trunk": _put_like(trunk, gan_state.params["trunk"])}
+            params = {**gan_state.params, "trunk": parallel.put_like(trunk, gan_state.params["trunk"])}
             state = state.replace(extras={**state.extras,
                                           "gan": gan_state.replace(params=params)})
             log(f"Discriminator trunk loaded from {config.discriminator.weights}.")

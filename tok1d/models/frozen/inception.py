@@ -23,7 +23,7 @@ PyTorch's `F.interpolate(mode="bilinear", align_corners=False)` (no antialiasing
 `resize_bilinear`) and maps them to [-1, 1]; it returns pytorch-fid's four feature blocks
 ("block0" .. "block2" as NHWC maps, "pool3" = the (B, 2048) FID feature) and the (B, 1008)
 "logits". Get the real weights with `python -m tok1d.cli.convert inception_fid` and load them with
-`load_inception`.
+`tok1d.weights.loaders.load_inception`.
 """
 
 from __future__ import annotations
@@ -390,23 +390,3 @@ def random_params(seed: int = 0, model: nn.Module | None = None,
                 for k, v in tree.items()}
 
     return walk(dict(shapes))
-
-
-def load_inception(path: str, **model_overrides: Any) -> tuple[FIDInceptionV3, dict[str, Any]]:
-    """(model, params) from a directory written by `python -m tok1d.cli.convert inception_fid`;
-    FileNotFoundError (saying how to make one) when there is none."""
-    import os
-
-    from tok1d.weights import pretrained
-
-    how = (f"Download pytorch-fid's FID Inception weights {FID_WEIGHTS_FILE} ({FID_WEIGHTS_URL}) "
-           f"and convert them: `python -m tok1d.cli.convert {REGISTRY_NAME} "
-           f"--checkpoint={FID_WEIGHTS_FILE} --out={path or 'inception_fid/'}`.")
-    spec = pretrained.read_model_spec(path) if path and os.path.isdir(path) else None
-    if spec is None:
-        raise FileNotFoundError(f"No converted FID Inception weights at {path!r}. {how}")
-    if spec.get("name") != REGISTRY_NAME:
-        raise ValueError(f"{path} holds a {spec.get('name')!r} model, not the FID Inception "
-                         f"({REGISTRY_NAME!r}). {how}")
-    model, params = pretrained.load_pretrained(path, **model_overrides)
-    return model, params

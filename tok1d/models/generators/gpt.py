@@ -52,6 +52,7 @@ import numpy as np
 
 from tok1d.layers import transformer
 from tok1d.layers.transformer import Dtype, logical
+from tok1d.models.presets import check_kwargs
 
 # LlamaGen's class-conditional sizes (gpt_1d.py GPT_models; parameter counts for vocab 16384
 # and 256 tokens in the comments, see tests/test_gpt_sampling.py).
@@ -272,7 +273,6 @@ def init_cache(model: GPT, params: Any, batch_size: int) -> dict:
 def build(size: Optional[str] = None, **kwargs: Any) -> GPT:
     """GPT from a size name (GPT_SIZES: "B", "L", "XL", "XXL", "XXXL") and/or explicit
     `GPT` arguments (which win); `vocab_size` and `num_tokens` are required."""
-    from tok1d.models import check_kwargs
     if size is not None:
         for key, value in size_kwargs(size).items():
             kwargs.setdefault(key, value)

@@ -48,6 +48,7 @@ import jax.numpy as jnp
 
 from tok1d.layers import transformer
 from tok1d.layers.transformer import logical
+from tok1d.models.presets import check_kwargs
 
 Dtype = Any
 
@@ -218,7 +219,6 @@ def build(arch: Optional[str] = None, size: Optional[str] = None, **kwargs: Any)
     default "vit") and/or a size name of `GENERATOR_SIZES` (released generators "l32", "b64",
     "s128"; architectures "vit", "uvit"; explicit keyword arguments win over the size's
     values)."""
-    from tok1d.models import check_kwargs
     if size is not None:
         if size not in GENERATOR_SIZES:
             raise ValueError(f"Unknown MaskGIT generator size {size!r}; known: "

@@ -17,8 +17,10 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Iterable, Mapping, Optional
 
+import flax.core
 import jax
 import numpy as np
+from flax import linen as nn
 
 Array = np.ndarray
 
@@ -219,9 +221,6 @@ def finish(sd: StateDict, params: ParamTree, abstract_params: Mapping[str, Any],
     """Checks the conversion against the model; returns the param tree or raises one error
     listing every problem. `abstract_params` is `jax.eval_shape(model.init, ...)["params"]`
     (boxed or not)."""
-    import flax.core
-    from flax import linen as nn
-
     abstract = nn.unbox(flax.core.unfreeze(abstract_params))
     want = {k: tuple(v.shape) for k, v in flatten(abstract).items()}
     got = flatten(params.tree)

@@ -19,7 +19,8 @@ weight_v} and heads.t.{0.1, 1.fn.1}.{weight, bias}) -> (params heads_t/..., "spe
 collection). Conv1d weights (out, in, k) become kernels (k, in, out); u, v are copied as they are.
 
 Usage: `model, variables = tok1d.models.dino_disc.build_dino_discriminator(
-"dino_deitsmall16_pretrain.pth")` (converts the trunk and initialises the heads).
+convert_file("dino_deitsmall16_pretrain.pth"))` (the converted trunk, heads initialised), or in
+training `tok1d.weights.loaders.load_disc_trunk`.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from tok1d.weights.convert import common
+from tok1d.models.tokenizers.gigatok import LAYER_TYPES_2D, VIT_SIZES
+from tok1d.weights.convert import common, gigatok_cnn
 from tok1d.weights.convert.common import ParamTree, StateDict
 
 
@@ -132,8 +133,6 @@ def kwargs_from_official(init_args: dict, size_tables: dict | None = None,
     "1d" / "2d" (see `layout_from_config`); None guesses "2d" only when init_args name a
     `transformer_layer_type`. A 2D config without that field gets the official default,
     TransformerDecoderLayer ("detr")."""
-    from tok1d.models.tokenizers.gigatok import LAYER_TYPES_2D, VIT_SIZES
-
     sizes = {k: dict(width=v["width"], num_layers=v["depth"], num_heads=v["num_heads"])
              for k, v in VIT_SIZES.items()}
     sizes.update(size_tables or {})
@@ -181,8 +180,6 @@ def kwargs_from_official(init_args: dict, size_tables: dict | None = None,
 
 def convert_gigatok(state_dict, model, what: str = "GigaTok checkpoint") -> dict:
     """Official GigaTok state_dict (VQVitModelPlus / VQVitModel2DPlus) -> params of `model`."""
-    from tok1d.weights.convert import gigatok_cnn
-
     sd = StateDict(state_dict, what)
     sd.ignore("quantize.codebook_used")  # usage-logging buffer
     out = ParamTree()

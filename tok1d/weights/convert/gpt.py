@@ -18,6 +18,7 @@ stripped.
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 from typing import Any, Mapping, Optional
@@ -28,7 +29,7 @@ import numpy as np
 
 from tok1d.weights.convert import common
 from tok1d.weights.convert.common import ConversionError, ParamTree, StateDict
-from tok1d.models.generators.gpt import GPT, GPT_SIZES
+from tok1d.models.generators.gpt import GPT, GPT_SIZES, size_kwargs
 
 _PREFIXES = ("_orig_mod.", "module.")
 
@@ -133,7 +134,6 @@ def _torch_state_dict(path: str, weights: str) -> dict[str, Any]:
     except ImportError as e:
         raise ImportError("Reading .pt checkpoints needs PyTorch: `pip install "
                           "'tok1d[convert]'`.") from e
-    import argparse
     # Training checkpoints pickle the argparse Namespace under "args".
     with torch.serialization.safe_globals([argparse.Namespace]):
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -170,7 +170,6 @@ def convert_file(path: str, size: Optional[str] = None, weights: str = "model",
         sd = common.load_state_dict(path)
     preset = None
     if size is not None:
-        from tok1d.models.generators.gpt import size_kwargs
         preset = size_kwargs(size)
         num_heads = preset["num_heads"] if num_heads is None else num_heads
     kwargs = infer_kwargs(sd, num_heads=num_heads, num_tokens=num_tokens)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tok1d.weights.convert import common
+from tok1d.weights.convert import titok as convert_titok
 from tok1d.weights.convert.common import ConversionError, ParamTree, StateDict
 from tok1d.models.generators import maskgit
 
@@ -199,10 +200,9 @@ def convert_file(path: str, config: Optional[str | Mapping[str, Any]] = None,
     dict of the official config) supplies the number of heads; the rest is read from the
     shapes. `model_overrides` (scan=False, dtype=jnp.bfloat16, ...) change how the tok1d model
     is built, not what it computes."""
-    from tok1d.weights.convert.titok import _read_config
     state_dict = common.load_state_dict(path)
     if isinstance(config, str):
-        config = _read_config(config)
+        config = convert_titok.read_config(config)
     kwargs = infer_kwargs(state_dict, config)
     kwargs.update(model_overrides)
     model = maskgit.build(**kwargs)

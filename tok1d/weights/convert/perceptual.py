@@ -1,7 +1,7 @@
 r"""Converters for the perceptual-loss networks: torchvision VGG16 + LPIPS linear layers -> LPIPS
 params, torchvision convnext_small -> ConvNeXt params, written by `convert_files` (the command
-`tok1d convert lpips|convnext_s`) in the format `tok1d.objectives.perceptual.make_perceptual`
-reads (an .npz of float32 arrays + JSON meta).
+`tok1d convert lpips|convnext_s`) in the format `tok1d.weights.perceptual` reads (an .npz of
+float32 arrays + JSON meta).
 
   tok1d convert lpips --vgg=vgg16-397923af.pth --checkpoint=vgg.pth --out=DIR
   tok1d convert convnext_s --checkpoint=convnext_small-0c510722.pth --out=DIR
@@ -27,11 +27,12 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from tok1d.objectives import perceptual
 from tok1d.weights.convert import common
 from tok1d.weights.convert.common import ConversionError, ParamTree, StateDict, conv, linear
+from tok1d.models.frozen import perceptual as nets
 from tok1d.models.frozen.convnext import ConvNeXt
 from tok1d.models.frozen.vgg import TAP_CHANNELS, TORCHVISION_INDEX
+from tok1d.weights import perceptual as files
 
 # torchvision `features` index -> LPIPS `net.slice{s}` (slices end after relu1_2 ... relu5_3).
 _SLICE_ENDS = (3, 8, 15, 22, 29)
@@ -67,7 +68,7 @@ def _convert_lpips_lins(sd: StateDict, out: ParamTree) -> None:
             if w is not None and not np.array_equal(sd.take(alias), w):
                 raise ConversionError(f"{sd.what}: {alias} differs from {key}")
             sd.ignore(alias)
-    for name, want in (("shift", perceptual.LPIPS_SHIFT), ("scale", perceptual.LPIPS_SCALE)):
+    for name, want in (("shift", nets.LPIPS_SHIFT), ("scale", nets.LPIPS_SCALE)):
         key = f"scaling_layer.{name}"
         if key in sd:
             got = sd.take(key).reshape(-1)
@@ -79,7 +80,8 @@ def _convert_lpips_lins(sd: StateDict, out: ParamTree) -> None:
 def convert_lpips(vgg_state_dict: Optional[Mapping[str, np.ndarray]],
                   lpips_state_dict: Mapping[str, np.ndarray],
                   what: str = "LPIPS checkpoints") -> dict[str, Any]:
-    """torchvision vgg16 state_dict + lpips `vgg.pth` -> params of `tok1d.objectives.perceptual.LPIPS`.
+    """torchvision vgg16 state_dict + lpips `vgg.pth` -> params of
+    `tok1d.models.frozen.perceptual.LPIPS`.
 
     With `vgg_state_dict=None` the trunk is read from `net.slice{s}.{i}.*` keys of the LPIPS
     state_dict. Raises `ConversionError` listing every missing / unexpected / mismatched tensor.
@@ -102,7 +104,7 @@ def convert_lpips(vgg_state_dict: Optional[Mapping[str, np.ndarray]],
     _convert_vgg_trunk(sd, out, lpips_layout)
     _convert_lpips_lins(sd, out)
     sd.ignore(*(k for k in sd.keys() if k.startswith("classifier.")))
-    return common.finish(sd, out, perceptual.abstract_variables("lpips"))
+    return common.finish(sd, out, nets.abstract_variables("lpips"))
 
 
 # --------------------------------------------------------------------------- ConvNeXt
@@ -129,7 +131,7 @@ def _block_params(sd: StateDict, key: str) -> Optional[dict[str, Any]]:
 def convert_convnext(state_dict: Mapping[str, np.ndarray], model: Optional[ConvNeXt] = None,
                      what: str = "ConvNeXt checkpoint") -> dict[str, Any]:
     """torchvision ConvNeXt state_dict -> params of `model` (default: convnext_small)."""
-    model = perceptual.convnext_small() if model is None else model
+    model = nets.convnext_small() if model is None else model
     sd = StateDict(state_dict, what)
     out = ParamTree()
 
@@ -167,7 +169,7 @@ def convert_convnext(state_dict: Mapping[str, np.ndarray], model: Optional[ConvN
     w = sd.take("classifier.2.weight")
     out.set("head/kernel", None if w is None else linear(w), "classifier.2.weight")
     out.set("head/bias", sd.take("classifier.2.bias"), "classifier.2.bias")
-    return common.finish(sd, out, perceptual.abstract_variables("convnext_s", model))
+    return common.finish(sd, out, nets.abstract_variables("convnext_s", model))
 
 
 # --------------------------------------------------------------------------- files / CLI
@@ -199,8 +201,8 @@ def convert_files(kind: str, out_dir: str, vgg: Optional[str] = None, lpips: Opt
         params = convert_convnext(common.load_state_dict(weights), what=weights)
     else:
         raise ValueError(f"--kind must be 'lpips' or 'convnext_s', got {kind!r}")
-    path = os.path.join(out_dir, perceptual.WEIGHT_FILES[kind])
-    perceptual.save_params(path, kind, params,
+    path = os.path.join(out_dir, files.WEIGHT_FILES[kind])
+    files.save_params(path, kind, params,
                            meta={"sources": [_file_info(p) for p in sources]})
     return path
 

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tok1d.weights.convert import common
+from tok1d.weights.convert import common, vqgan
 from tok1d.weights.convert.common import ConversionError, ParamTree, StateDict
 from tok1d.models.tokenizers.titok import TiTok
 
@@ -181,7 +181,6 @@ def _convert_into(sd: StateDict, model: TiTok, out: ParamTree) -> None:
         out.set("quantize/embedding", sd.take("quantize.embedding.weight"),
                 "quantize.embedding.weight")
     if model.pixel_decoder:
-        from tok1d.weights.convert import vqgan
         out.set("pixel_quantize/embedding", sd.take("pixel_quantize.embedding.weight"),
                 "pixel_quantize.embedding.weight")
         vqgan.convert_decoder(sd, out, "pixel_decoder.", "pixel_decoder",
@@ -221,14 +220,15 @@ def convert_file(path: str, config: Optional[str | Mapping[str, Any]] = None,
         kwargs = infer_kwargs(state_dict, image_size)
     else:
         if isinstance(config, str):
-            config = _read_config(config)
+            config = read_config(config)
         kwargs = kwargs_from_official(config, image_size=image_size)
     kwargs.update(model_overrides)
     model = TiTok(**kwargs)
     return model, convert_titok(state_dict, model, what=path)
 
 
-def _read_config(path: str) -> Mapping[str, Any]:
+def read_config(path: str) -> Mapping[str, Any]:
+    """An official config file (YAML or the HF `config.json`) as a dict."""
     with open(path, encoding="utf-8") as f:
         text = f.read()
     if path.endswith((".yaml", ".yml")):

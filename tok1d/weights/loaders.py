@@ -1,0 +1,351 @@
+"""One family of weight loaders: every place that reads weights goes through these.
+
+Three kinds of source (the layout of the first two is `tok1d.weights.layout`):
+
+  (a) a converted pretrained directory   `load_pretrained(DIR)` -> (model, params)
+  (b) a training workdir                 the latest checkpoint's EMA params (the plain params
+                                         when the run had no EMA); `load_training_state(WORKDIR)`
+                                         gives the whole host state
+  (c) an official file, converted on     `load_official(kind, FILE, **options)` -> (model,
+      the fly                            params) (what `tok1d.cli.convert` saves)
+
+(a) or (b) by path: `load_params(PATH)`, `load_tokenizer(PATH)` -> (model, params) (the model
+rebuilt from tok1d_model.json or config.json), `describe_tokenizer(PATH)`, and
+`load_checked(PATH, shapes, what)` (a model built elsewhere, e.g. a generator from its config).
+
+Built on them, what training, tokenize, sample and evaluate need: `load_teacher`,
+`load_perceptual`, `load_disc_trunk`, `load_initial_params`, `load_inception`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Iterable, Mapping, Optional
+
+import flax.linen as nn
+import flax.traverse_util as tu
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from tok1d import models
+from tok1d.models.dino_disc import DinoDiscriminator
+from tok1d.models.frozen import inception as inception_lib
+from tok1d.models.frozen import perceptual as perceptual_nets
+from tok1d.weights import layout, pretrained
+from tok1d.weights import perceptual as perceptual_files
+from tok1d.weights.convert import common as convert_common
+from tok1d.weights.convert import dino_disc as convert_dino_disc
+from tok1d.weights.convert import dinov2 as convert_dinov2
+from tok1d.weights.convert import gigatok as convert_gigatok
+from tok1d.weights.convert import gpt as convert_gpt
+from tok1d.weights.convert import inception as convert_inception
+from tok1d.weights.convert import maskgit as convert_maskgit
+from tok1d.weights.convert import titok as convert_titok
+from tok1d.weights.convert import vqgan as convert_vqgan
+
+# Official checkpoints `load_official` converts (the registry names they load as).
+OFFICIAL_KINDS = ("titok", "maskgit_vqgan", "gigatok", "dinov2", "maskgit", "gpt",
+                  "inception_fid")
+TEACHERS = ("maskgit_vqgan", "dinov2")
+
+
+# --------------------------------------------------------------------------- (a) and (b)
+
+def _restore_numpy(path: str) -> dict[str, Any]:
+    """Restores an orbax pytree checkpoint as host NumPy arrays, whatever devices wrote it."""
+    with ocp.PyTreeCheckpointer() as ckptr:
+        meta = ckptr.metadata(path)
+        tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        return ckptr.restore(path, restore_args=restore_args)
+
+
+def load_training_state(workdir: str, step: Optional[int] = None) -> dict[str, Any]:
+    """The train state (params, ema_params, opt_state, ...) of checkpoint `step` (default: the
+    latest) of a training workdir (or of its checkpoints/ folder), as host NumPy arrays."""
+    return _restore_numpy(layout.state_path(os.path.abspath(workdir), step))
+
+
+def load_params(path: str, use_ema: bool = True) -> dict[str, Any]:
+    """Params of a pretrained directory, or of the latest checkpoint of a training workdir (or
+    of its checkpoints/ folder): the EMA params unless `use_ema` is False or the run had none."""
+    path = os.path.abspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"pretrained weights {path} do not exist")
+    if layout.read_model_spec(path) is not None:
+        return _restore_numpy(layout.params_dir(path))
+    state = load_training_state(path)
+    if use_ema and state.get("ema_params") is not None:
+        return state["ema_params"]
+    return state["params"]
+
+
+def load_pretrained(directory: str, **model_overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """(model, params) of a pretrained directory; `model_overrides` e.g. dtype="bfloat16"."""
+    spec = layout.read_model_spec(directory)
+    if spec is None:
+        raise FileNotFoundError(f"{directory} has no {layout.MODEL_FILE}; convert or export "
+                                "weights with `tok1d convert` first")
+    kwargs = dict(spec["kwargs"], **model_overrides)
+    return models.create(spec["name"], **kwargs), load_params(directory)
+
+
+def _model_spec(path: str) -> tuple[str, str, dict[str, Any]]:
+    """("pretrained" | "workdir", model name, model kwargs) of a weights directory."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"Tokenizer directory not found: {path}")
+    spec = layout.read_model_spec(path)
+    if spec is not None:
+        return "pretrained", spec["name"], dict(spec["kwargs"])
+    if not os.path.isfile(layout.config_path(path)):
+        raise FileNotFoundError(
+            f"{path} is neither a pretrained directory ({layout.MODEL_FILE} + "
+            f"{layout.PARAMS_DIR}/) nor a training workdir ({layout.CONFIG_FILE} + "
+            f"{layout.CHECKPOINTS_DIR}/).")
+    config = ml_collections.ConfigDict(layout.read_config(path))
+    return "workdir", config.model.name, layout.model_kwargs(config)
+
+
+def load_tokenizer(path: str, **model_overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """(model, host params) of a pretrained directory or a training workdir (the latest
+    checkpoint's EMA params, the plain params when the run had no EMA; the model rebuilt from
+    the workdir's config.json). `model_overrides` replace model arguments (dtype="bfloat16")."""
+    path = os.path.abspath(path)
+    kind, name, kwargs = _model_spec(path)
+    if kind == "pretrained":
+        return load_pretrained(path, **model_overrides)
+    return models.create(name, **dict(kwargs, **model_overrides)), load_params(path)
+
+
+def describe_tokenizer(path: str) -> dict[str, Any]:
+    """What `load_tokenizer(path)` loads, for tokens_info.json (cheap: reads no weights)."""
+    path = os.path.abspath(path)
+    kind, name, kwargs = _model_spec(path)
+    desc = {"kind": kind, "path": path, "name": name, "kwargs": pretrained.jsonable(kwargs)}
+    if kind == "workdir":
+        desc.update(step=layout.latest_step(path), params="ema if the run had EMA")
+    else:
+        desc["source"] = layout.read_model_spec(path).get("source", "")
+    return desc
+
+
+def merge_into(params: Mapping[str, Any], loaded: Mapping[str, Any],
+               mapping: Optional[Mapping[str, str]] = None) -> tuple[dict[str, Any], list[str],
+                                                                     list[str]]:
+    """Copies the leaves of `loaded` into `params` where the path and shape agree.
+
+    `mapping` renames top-level groups of `loaded` first (e.g. {"decoder": "pixel_decoder"}).
+    Returns (new params, loaded paths, problems) where problems lists shape mismatches.
+    """
+    if mapping:
+        loaded = {mapping[k]: v for k, v in loaded.items() if k in mapping}
+    flat = tu.flatten_dict(dict(params))
+    src = tu.flatten_dict(dict(loaded))
+    done, problems = [], []
+    for path, value in src.items():
+        if path not in flat:
+            continue
+        if tuple(np.shape(value)) != tuple(flat[path].shape):
+            problems.append(f"{'/'.join(path)}: model {tuple(flat[path].shape)} vs weights "
+                            f"{tuple(np.shape(value))}")
+            continue
+        flat[path] = np.asarray(value, dtype=flat[path].dtype)
+        done.append("/".join(path))
+    return tu.unflatten_dict(flat), done, problems
+
+
+def load_checked(path: str, shapes: Mapping[str, Any], what: str) -> dict[str, Any]:
+    """Params of `path` (pretrained directory or training workdir) that must match `shapes` (the
+    model's abstract params) exactly: every array present with its shape, else a ValueError
+    naming what differs."""
+    merged, done, problems = merge_into(shapes, load_params(path))
+    missing = len(tu.flatten_dict(dict(shapes))) - len(done)
+    if problems or missing:
+        raise ValueError(f"Weights {path} do not match {what}: "
+                         + "; ".join(problems + ([f"{missing} parameter arrays missing"]
+                                                 if missing else [])))
+    return merged
+
+
+# --------------------------------------------------------------------------- (c)
+
+def _find_init_args(cfg: Any) -> Optional[dict[str, Any]]:
+    """The dict holding GigaTok's `init_args` anywhere inside an official YAML/JSON config."""
+    if isinstance(cfg, dict):
+        if "codebook_size" in cfg and "z_channels" in cfg:
+            return cfg
+        for value in cfg.values():
+            found = _find_init_args(value)
+            if found is not None:
+                return found
+    return None
+
+
+def _official_gigatok(path: str, config: Optional[str], preset: Optional[str],
+                      image_size: Optional[int]) -> tuple[nn.Module, dict[str, Any]]:
+    if (config is None) == (preset is None):
+        raise ValueError("gigatok needs exactly one of --preset NAME or --config FILE")
+    if preset is not None:
+        model = models.create("gigatok", preset=preset, image_size=image_size or 256)
+    else:
+        cfg = convert_titok.read_config(config)
+        init_args = _find_init_args(cfg)
+        if init_args is None:
+            raise convert_common.ConversionError(f"{config}: no GigaTok init_args "
+                                                 "(codebook_size, z_channels, ...) found")
+        kwargs = convert_gigatok.kwargs_from_official(
+            init_args, cfg.get("size_tables_added"), cfg.get("ctor_patches"),
+            image_size=image_size or cfg.get("image_size", 256),
+            layout=cfg.get("variant") or convert_gigatok.layout_from_config(cfg))
+        model = models.create("gigatok", **kwargs)
+    return model, convert_gigatok.convert_gigatok(convert_common.load_state_dict(path), model,
+                                                  what=path)
+
+
+def load_official(kind: str, path: str, *, config: Optional[str] = None,
+                  image_size: Optional[int] = None, preset: Optional[str] = None,
+                  pos_grid: Optional[int] = None, size: Optional[str] = None,
+                  weights: str = "model", num_heads: Optional[int] = None,
+                  model_kwargs: Optional[Mapping[str, Any]] = None
+                  ) -> tuple[nn.Module, dict[str, Any]]:
+    """(model, params) of an official PyTorch checkpoint of `kind` (`OFFICIAL_KINDS`), through
+    its converter (every tensor checked; a mismatch raises one ConversionError listing all).
+    Options as `python -m tok1d.cli.convert`: `config` (official YAML / JSON; titok, gigatok,
+    maskgit), `image_size`, `preset` (gigatok), `pos_grid` (dinov2), `size` / `weights` /
+    `num_heads` (gpt); `model_kwargs` build the maskgit_vqgan model (default: the released
+    MaskGIT-VQGAN)."""
+    if kind == "titok":
+        return convert_titok.convert_file(path, config=config, image_size=image_size)
+    if kind == "maskgit_vqgan":
+        model = models.create("maskgit_vqgan", **dict(model_kwargs or {}))
+        return model, convert_vqgan.convert_maskgit_vqgan(convert_common.load_state_dict(path),
+                                                          model)
+    if kind == "gigatok":
+        return _official_gigatok(path, config, preset, image_size)
+    if kind == "dinov2":
+        return convert_dinov2.convert_file(path, pos_grid=pos_grid)
+    if kind == "maskgit":
+        return convert_maskgit.convert_file(path, config=config)
+    if kind == "gpt":
+        return convert_gpt.convert_file(path, size=size, weights=weights, num_heads=num_heads)
+    if kind == "inception_fid":  # pytorch-fid's FID InceptionV3 (+ IS fc head)
+        return convert_inception.convert_file(path)
+    raise ValueError(f"unknown kind {kind!r}; expected one of {OFFICIAL_KINDS}")
+
+
+# --------------------------------------------------------------------------- users
+
+def load_teacher(name: str, weights: str, model_kwargs: Mapping[str, Any], *, precision: str,
+                 grid: Optional[int] = None, image_size: int = 256,
+                 seed: int = 0) -> tuple[nn.Module, Any]:
+    """A frozen teacher (`TEACHERS`) as (model, params), from a pretrained directory, an
+    official file, or (empty `weights`) a random init (tests):
+      maskgit_vqgan  TiTok stage 1's proxy-code teacher (run in float32);
+      dinov2         GigaTok's semantic-regularisation target, with its position table
+                     resampled to the student's decoder `grid` (16x16 for 256 px, i.e. 224 px
+                     teacher inputs) as the official code does; run at `precision` (the official
+                     code uses fp16 autocast)."""
+    kwargs = dict(model_kwargs)
+    if name == "dinov2":
+        if "embed_dim" not in kwargs:
+            kwargs.setdefault("size", "vitb14")
+        if grid:
+            kwargs.setdefault("pos_grid", grid)
+        kwargs.setdefault("dtype", precision)
+    if weights and os.path.isdir(weights):
+        return load_pretrained(weights, **{k: kwargs[k] for k in ("dtype",) if k in kwargs})
+    if weights and name == "dinov2":
+        teacher, params = load_official(name, weights, pos_grid=kwargs.get("pos_grid"))
+        return teacher.clone(dtype=models.dtype_from_name(kwargs["dtype"])), params
+    if weights:
+        return load_official(name, weights, model_kwargs=kwargs)
+    teacher = models.create(name, **kwargs)
+    size = image_size
+    if name == "dinov2":
+        size = teacher.patch_size * (kwargs.get("pos_grid") or teacher.table_grid)
+    params = nn.unbox(teacher.init(jax.random.key(seed), jnp.zeros((1, size, size, 3)))["params"])
+    return teacher, params
+
+
+def load_perceptual(components: Iterable[str], weights: Optional[str],
+                    allow_random_init: bool = False, seed: int = 0) -> dict[str, Any]:
+    """{component: params} of perceptual networks ("lpips", "convnext_s") from converted files
+    (`weights`: a directory written by `tok1d convert lpips|convnext_s`, a single .npz, or
+    several joined by a comma), each checked against its network. Without `weights` this raises
+    `MissingPerceptualWeights` (saying which files are needed and how to convert them) unless
+    `allow_random_init` (tests), which draws random stand-ins."""
+    components = tuple(components)
+    if not weights:
+        if not allow_random_init:
+            raise perceptual_files.MissingPerceptualWeights(
+                f"The perceptual networks {list(components)} need pretrained weights but none "
+                "were given. " + perceptual_files.how_to_convert(components)
+                + "; then pass DIR as the perceptual weights path.")
+        return {c: perceptual_nets.random_params(c, seed=seed) for c in components}
+    files = perceptual_files.resolve_weight_files(weights, components)
+    return {c: perceptual_files.load_params(files[c], c) for c in components}
+
+
+def disc_needs_trunk(disc: nn.Module) -> bool:
+    """Whether a discriminator has pretrained frozen parts (`load_disc_trunk`)."""
+    return isinstance(disc, DinoDiscriminator)
+
+
+def load_disc_trunk(weights: str, disc: nn.Module) -> Optional[dict[str, Any]]:
+    """Converted frozen trunk params of the DINO discriminator from the official
+    `dino_deitsmall16_pretrain.pth` (or .safetensors / .npz with its keys); None for the other
+    discriminators and when `weights` is empty (a random trunk)."""
+    if not (disc_needs_trunk(disc) and weights):
+        return None
+    return convert_dino_disc.convert_file(weights, disc)
+
+
+def load_initial_params(params: Mapping[str, Any], checkpoint: str = "",
+                        pixel_decoder: str = "",
+                        log: Callable[[str], None] = lambda _: None) -> dict[tuple, np.ndarray]:
+    """Host arrays that initialise `params` (a tree of arrays or ShapeDtypeStructs) from
+    `checkpoint` (path + shape match) and `pixel_decoder` (its decoder / quantize groups as
+    pixel_decoder / pixel_quantize), both pretrained directories or training workdirs:
+    {flat path: array}. A source that matches no parameter, or one of a wrong shape, is a
+    ValueError."""
+    sources = [(p, m) for p, m in ((checkpoint, None), (pixel_decoder, {
+        "decoder": "pixel_decoder", "quantize": "pixel_quantize"})) if p]
+    if not sources:
+        return {}
+    shapes = tu.unflatten_dict({k: jax.ShapeDtypeStruct(v.shape, v.dtype)
+                                for k, v in tu.flatten_dict(dict(params)).items()})
+    out = {}
+    for path, mapping in sources:
+        loaded = load_params(path)
+        merged, done, problems = merge_into(shapes, loaded, mapping)
+        if problems:
+            raise ValueError(f"init weights {path} do not match the model: " + "; ".join(problems))
+        if not done:
+            raise ValueError(f"init weights {path}: no parameter matched the model (groups in the "
+                             f"file: {sorted(loaded)}; in the model: {sorted(params)}).")
+        new_flat = tu.flatten_dict(merged)
+        out.update({tuple(key.split("/")): new_flat[tuple(key.split("/"))] for key in done})
+        groups = sorted({d.split("/")[0] for d in done})
+        log(f"Initialised {len(done)} parameter arrays ({', '.join(groups)}) from {path}.")
+    return out
+
+
+def load_inception(path: str, **model_overrides: Any
+                   ) -> tuple[inception_lib.FIDInceptionV3, dict[str, Any]]:
+    """(model, params) of the FID Inception from a directory written by `python -m
+    tok1d.cli.convert inception_fid`; FileNotFoundError (saying how to make one) when there is
+    none."""
+    how = (f"Download pytorch-fid's FID Inception weights {inception_lib.FID_WEIGHTS_FILE} "
+           f"({inception_lib.FID_WEIGHTS_URL}) and convert them: `python -m tok1d.cli.convert "
+           f"{inception_lib.REGISTRY_NAME} --checkpoint={inception_lib.FID_WEIGHTS_FILE} "
+           f"--out={path or 'inception_fid/'}`.")
+    spec = layout.read_model_spec(path) if path and os.path.isdir(path) else None
+    if spec is None:
+        raise FileNotFoundError(f"No converted FID Inception weights at {path!r}. {how}")
+    if spec.get("name") != inception_lib.REGISTRY_NAME:
+        raise ValueError(f"{path} holds a {spec.get('name')!r} model, not the FID Inception "
+                         f"({inception_lib.REGISTRY_NAME!r}). {how}")
+    return load_pretrained(path, **model_overrides)
