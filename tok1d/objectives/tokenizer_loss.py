@@ -9,7 +9,8 @@ term, in the official order of the discriminator calls.
 gradient, no optimizer state); `gan_state` the GAN sub-state (its params are read, not
 differentiated) and `collections` the discriminator's current variable collections; `active`
 gates the GAN term, `aux_on` the warm-up terms; `terms` are the unweighted values of every
-enabled term; `outputs` holds the reconstruction ("pixels", the tokenizer's range) and, with
+enabled term; `outputs` holds the reconstruction ("pixels", the tokenizer's range), the codes ("codes", VQ
+tokenizers) and, with
 the shortcut term, the shortcut reconstruction ("shortcut_pixels", zeros while the warm-up is
 off).
 
@@ -36,8 +37,6 @@ import jax
 import jax.numpy as jnp
 
 from tok1d import images as images_lib
-from tok1d.evaluation import codebook as codebook_lib
-from tok1d.evaluation.image_metrics import psnr
 from tok1d.objectives import losses, terms as terms_lib
 from tok1d.objectives.adversarial import GANObjective
 
@@ -59,7 +58,6 @@ def make_loss_fn(model: nn.Module, weights: Mapping[str, float], nets: terms_lib
             raise ValueError(f"losses {pixel_terms} need pixel outputs; this model predicts "
                              "proxy codes (use losses.proxy_ce).")
     warmup = {k for k in weights if terms_lib.TERMS[k].warmup}
-    num_codes = model.num_codes
     to_model, to_unit = images_lib.range_converters(model.pixel_range)
 
     def shortcut_terms(params, cnn_map, ctx, gan_state, collections, active, rng, x_hat):
@@ -117,11 +115,8 @@ def make_loss_fn(model: nn.Module, weights: Mapping[str, float], nets: terms_lib
         if "quantizer" in weights and "codebook" in aux.losses:  # the official log's two parts
             extras.update(quantizer_codebook=aux.losses["codebook"],
                           quantizer_commitment=aux.losses["commitment"])
-        if model.outputs_pixels:
-            extras["psnr"] = jnp.mean(psnr(to_unit(out), images))
-        if num_codes:
-            hist = codebook_lib.code_histogram(aux.codes, num_codes)
-            extras["batch_perplexity"] = codebook_lib.perplexity(hist)
+        if aux.codes is not None:
+            outputs["codes"] = aux.codes
         return total, (terms, extras, outputs, collections)
 
     loss_fn.warmup_terms = warmup

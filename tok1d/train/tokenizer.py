@@ -176,7 +176,7 @@ def make_train_step(model: nn.Module, tx, schedule, config,
     g_grad = jax.value_and_grad(loss_fn, has_aux=True)
     accum = config.optim.grad_accum_steps
     aux_end = config.aux_loss_end_step
-    to_model, _ = images.range_converters(model.pixel_range)
+    to_model, to_unit = images.range_converters(model.pixel_range)
     base_rng = jax.random.key(config.seed + 1)
 
     def micro_step(state, collections, images_, rng, frozen, flags, draws):
@@ -187,6 +187,11 @@ def make_train_step(model: nn.Module, tx, schedule, config,
         gan_state = state.extras["gan"] if gan is not None else None
         (loss, (terms, extras, outs, collections)), grads = g_grad(
             state.params, images_, frozen, gan_state, collections, active, aux_on, g_rng, draws)
+        if model.outputs_pixels:
+            extras["psnr"] = jnp.mean(psnr(to_unit(outs["pixels"]), images_))
+        if model.num_codes:
+            hist = codebook_lib.code_histogram(outs["codes"], model.num_codes)
+            extras["batch_perplexity"] = codebook_lib.perplexity(hist)
         result = dict(loss=loss, terms=terms, extras=extras, grads=grads)
         if gan is not None:
             direct = outs.get("shortcut_pixels")
