@@ -95,8 +95,7 @@ def get_config(arg: str = ""):
         return tokenizer("b_l", train_new=True)
     if arg == "b_l_dino_disc":
         return tokenizer("b_l", dino_disc=True)
-    raise ValueError(f"configs/gigatok.py: unknown variant {arg!r}; use configs/gigatok.py:ARG "
-                     f"with ARG one of {', '.join(VARIANTS)}")
+    raise recipes.unknown_variant("gigatok.py", arg, VARIANTS)
 
 
 def tokenizer(preset: str, *, train_new: bool = False, dino_disc: bool = False):

@@ -59,8 +59,7 @@ VARIANTS = {
 
 def get_config(arg: str = ""):
     if arg not in VARIANTS:
-        raise ValueError(f"configs/gpt_gigatok.py: unknown variant {arg!r}; use "
-                         f"configs/gpt_gigatok.py:ARG with ARG one of {', '.join(VARIANTS)}")
+        raise recipes.unknown_variant("gpt_gigatok.py", arg, VARIANTS)
     v = VARIANTS[arg]
     config = recipes.generator_base(total_steps=v["total_steps"], batch_size=v["batch_size"])
     config.ema_decay = 0.0

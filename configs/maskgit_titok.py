@@ -55,8 +55,7 @@ VARIANTS = {
 
 def get_config(arg: str = ""):
     if arg not in VARIANTS:
-        raise ValueError(f"configs/maskgit_titok.py: unknown variant {arg!r}; use "
-                         f"configs/maskgit_titok.py:ARG with ARG one of {', '.join(VARIANTS)}")
+        raise recipes.unknown_variant("maskgit_titok.py", arg, VARIANTS)
     v = VARIANTS[arg]
     config = recipes.generator_base(total_steps=500_000, batch_size=2048)
     config.ema_decay = 0.999

@@ -95,8 +95,7 @@ def get_config(arg: str = ""):
         return stage1(TWO_STAGE[name])
     if name in TWO_STAGE and stage == "2":
         return stage2(TWO_STAGE[name])
-    raise ValueError(f"configs/titok.py: unknown variant {arg!r}; use configs/titok.py:ARG "
-                     f"with ARG one of {', '.join(VARIANTS)}")
+    raise recipes.unknown_variant("titok.py", arg, VARIANTS)
 
 
 def common(*, total_steps: int, warmup_steps: int, b2: float):

@@ -17,6 +17,13 @@ from tok1d.train import config_lib
 from tok1d.train import optim
 
 
+def unknown_variant(family: str, arg: str, variants) -> ValueError:
+    """The error of `get_config(arg)` in `configs/<family>` for an arg that names no variant."""
+    what = f"unknown variant {arg!r}" if arg else "no variant given"
+    return ValueError(f"configs/{family}: {what}; use --config=configs/{family}:ARG with ARG one "
+                      f"of {', '.join(variants)}")
+
+
 def imagenet(config: ml_collections.ConfigDict) -> None:
     """TFDS imagenet2012 (array_record), TiTok's augmentation: shorter side 256 + random crop
     + flip; 10k validation images for the periodic eval."""

@@ -1,11 +1,11 @@
 """Speed, memory and MFU of any config's real programs, with random weights.
 
-    python -m tok1d.cli.bench --config=configs/titok_l32_stage1.py --workload=train [--batch_size=64]
+    python -m tok1d.cli.bench --config=configs/titok.py:l32_stage1 --workload=train [--batch_size=64]
     python -m tok1d.cli.bench --config=configs/gigatok_b_l.py --workload=encode --batch_size=64
     python -m tok1d.cli.bench --config=configs/gigatok_b_l.py --workload=decode --batch_size=64
-    python -m tok1d.cli.bench --config=configs/gpt_b_gigatok.py --workload=sample --batch_size=64 \
+    python -m tok1d.cli.bench --config=configs/gpt_gigatok.py:b --workload=sample --batch_size=64 \
         --tokenizer_config=configs/gigatok_b_l.py
-    python -m tok1d.cli.bench --config=configs/maskgit_titok_l32.py --workload=train
+    python -m tok1d.cli.bench --config=configs/maskgit_titok.py:l32 --workload=train
 
 Workloads:
   train   the trainer's own jitted step (tokenizer configs: with the teacher, perceptual network,
@@ -491,14 +491,6 @@ def format_row(row: dict[str, Any]) -> str:
     return table + ("\nper device: " + ", ".join(parts) if parts else "")
 
 
-def _load_config(path: str):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("tokenizer_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
 def main(argv: Sequence[str]) -> Optional[int]:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -510,7 +502,7 @@ def main(argv: Sequence[str]) -> Optional[int]:
     parallel.setup_process()
 
     def job():
-        tok_cfg = _load_config(FLAGS.tokenizer_config) if FLAGS.tokenizer_config else None
+        tok_cfg = config_lib.load(FLAGS.tokenizer_config) if FLAGS.tokenizer_config else None
         row = run(FLAGS.config, FLAGS.workload, FLAGS.batch_size, FLAGS.steps, FLAGS.warmup,
                   tok_cfg, FLAGS.peak_tflops, FLAGS.compile_only, FLAGS.profile)
         if FLAGS.out:

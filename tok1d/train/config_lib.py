@@ -12,6 +12,7 @@ shapes, batch sizes that do not divide over the mesh.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import importlib.util
 import os
@@ -268,6 +269,17 @@ def base_config(trainer: str = "tokenizer") -> ml_collections.ConfigDict:
     SECTIONS[trainer](c)
     return c
 
+
+
+def for_trainer(config: ml_collections.ConfigDict, trainer: str) -> ml_collections.ConfigDict:
+    """A copy of `config` as a config of `trainer`: its values for the keys of that trainer's
+    schema, the schema's defaults for the keys `config` lacks (e.g. the demo's tokenizer
+    stage: the demo config without its `demo` section)."""
+    out = base_config(trainer)
+    for key in out:
+        if key != "trainer" and key in config:
+            out[key] = copy.deepcopy(config[key])
+    return out
 
 
 def load(spec: str) -> ml_collections.ConfigDict:
