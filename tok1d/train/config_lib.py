@@ -28,6 +28,10 @@ from tok1d.train import optim
 TRAINERS = ("tokenizer", "generator", "demo")
 
 
+class ConfigError(ValueError):
+    """A config that cannot run; the message lists every problem found."""
+
+
 def common_config() -> ml_collections.ConfigDict:
     """The keys every trainer reads, with their defaults (`trainer` is set by `base_config`)."""
     c = ml_collections.ConfigDict()
@@ -270,7 +274,6 @@ def base_config(trainer: str = "tokenizer") -> ml_collections.ConfigDict:
     return c
 
 
-
 def for_trainer(config: ml_collections.ConfigDict, trainer: str) -> ml_collections.ConfigDict:
     """A copy of `config` as a config of `trainer`: its values for the keys of that trainer's
     schema, the schema's defaults for the keys `config` lacks (e.g. the demo's tokenizer
@@ -286,10 +289,10 @@ def load(spec: str) -> ml_collections.ConfigDict:
     """The config of a config file, `path.py` or `path.py:arg` (its `get_config(arg)`), as
     `--config=path.py:arg` gives it to `python -m tok1d.main`."""
     path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} not found")
     module_spec = importlib.util.spec_from_file_location(
         os.path.splitext(os.path.basename(path))[0], path)
-    if module_spec is None or not os.path.isfile(path):
-        raise FileNotFoundError(f"config file {path!r} not found")
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module.get_config(arg) if arg else module.get_config()
@@ -318,10 +321,6 @@ def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
     kwargs["dtype"] = config.precision
     kwargs["param_dtype"] = "float32"
     return kwargs
-
-
-class ConfigError(ValueError):
-    """A config that cannot run; the message lists every problem found."""
 
 
 def exit_status(job: Callable[[], Any]) -> int:
