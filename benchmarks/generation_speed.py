@@ -34,9 +34,11 @@ def _init(model, *args):
 
 
 def titok_l32(dtype, attention_impl, scan=True):
-    from tok1d import models, recipes
+    from tok1d import models
     from tok1d.generation import common
-    kw = recipes.two_stage_model("l32", 2)
+    from tok1d.train import config_lib
+    repo = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    kw = config_lib.load(os.path.join(repo, "configs", "titok.py:l32_stage2")).model.to_dict()
     kw.pop("name")
     kw["remat"] = "none"
     tok = models.create("titok", **kw, dtype=dtype)

@@ -32,15 +32,15 @@ bench() {  # name, then tok1d.cli.bench arguments; TARGETS="name ..." runs a sub
     > "$OUT/$name.log" 2>&1 && tail -n 3 "$OUT/$name.log" || { echo "FAILED (see $OUT/$name.log)"; tail -n 5 "$OUT/$name.log"; }
 }
 
-bench titok_s1_b64   --config=configs/titok_l32_stage1.py --workload=train --batch_size=64
-bench titok_s2_b32   --config=configs/titok_l32_stage2.py --workload=train --batch_size=32
-bench titok_s2_b64   --config=configs/titok_l32_stage2.py --workload=train --batch_size=64 \
+bench titok_s1_b64   --config=configs/titok.py:l32_stage1 --workload=train --batch_size=64
+bench titok_s2_b32   --config=configs/titok.py:l32_stage2 --workload=train --batch_size=32
+bench titok_s2_b64   --config=configs/titok.py:l32_stage2 --workload=train --batch_size=64 \
                      --config.model.cnn_remat=full
-bench titok_sample   --config=configs/maskgit_titok_l32.py --workload=sample --batch_size=125 \
-                     --tokenizer_config=configs/titok_l32_stage2.py
+bench titok_sample   --config=configs/maskgit_titok.py:l32 --workload=sample --batch_size=125 \
+                     --tokenizer_config=configs/titok.py:l32_stage2
 bench gigatok_b16    --config=configs/gigatok_b_l.py --workload=train --batch_size=16
 bench gigatok_b32    --config=configs/gigatok_b_l.py --workload=train --batch_size=32
 bench gigatok_encode --config=configs/gigatok_b_l.py --workload=encode --batch_size=64
 bench gigatok_decode --config=configs/gigatok_b_l.py --workload=decode --batch_size=64
-bench gpt_b_sample   --config=configs/gpt_b_gigatok.py --workload=sample --batch_size=64 \
+bench gpt_b_sample   --config=configs/gpt_gigatok.py:b --workload=sample --batch_size=64 \
                      --tokenizer_config=configs/gigatok_b_l.py

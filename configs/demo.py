@@ -28,8 +28,7 @@ from tok1d.train import config_lib
 
 
 def get_config():
-    config = config_lib.base_config()
-    config.trainer = "demo"
+    config = config_lib.base_config("demo")
     config.seed = 0
     config.total_steps = 1500
     config.batch_size = 32            # ~2x the steps/s of 64 on a 2-core CPU

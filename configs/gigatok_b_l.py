@@ -1,44 +1,17 @@
-"""GigaTok B-L on ImageNet-1k (256x256): 1D Q-Former tokenizer, base encoder (768 x 12) / large
-decoder (1024 x 24), 621.64M parameters.
+"""GigaTok B-L on ImageNet-1k: the design card's command, kept as a short name for
+`configs/gigatok.py:b_l` (that file's docstring has the recipe, weights and targets).
 
-    python -m tok1d.main --config=configs/gigatok_b_l.py --workdir=gs://BUCKET/gigatok_b_l \
+    python -m tok1d.main --config=configs/gigatok_b_l.py --workdir=DIR \
         --config.data.data_dir=/path/to/tensorflow_datasets \
         --config.teacher.weights=dinov2_vitb14_pretrain.pth \
         --config.perceptual.weights=lpips_vgg/
-
-`configs/gigatok_b_l.py:train_new` is VQ_BL256_train_new (the README's easier start: no
-rotation trick, entropy 0.005, 5k LR warm-up, no shortcut reconstruction).
-
-Recipe: the official configs/vq/VQ_BL256.yaml (details in `tok1d.recipes.gigatok`). L2 on
-[-1, 1] + LPIPS-VGG + VQ (16384 x 8, l2-normalised, rotation trick, commitment 0.25) + 0.5 x
-semantic regularisation (decoder layer 3 vs DINOv2-B/14 patch tokens at 224 px) + PatchGAN
-hinge (weight 0.5, from step 20k); feature-reconstruction and shortcut warm-up losses
-until step 15k.
-AdamW (0.9, 0.95) lr 1e-4, wd 1e-4, clip 10, warm-up from lr/100 then cosine to 1e-5; batch
-256, 200 epochs = 1.0M steps; bf16 compute, FSDP over all devices.
-Training-step semantics are vq_train.py's (`tok1d.recipes.gigatok_vq_train`: LPIPS with its
-dropout active, step 1 at the base LR, the D's BatchNorm statistics and call order), checked
-against the official step by tests/test_train_parity_gigatok.py.
-Weights to supply: DINOv2 ViT-B/14 (`dinov2_vitb14_pretrain.pth`, or a directory from
-`python -m tok1d.cli.convert dinov2 ... --pos_grid 16`) and LPIPS-VGG (`python -m
-tok1d.weights.convert.perceptual`).
-
-Compute: the tokenizer's forward + backward is 2.00 TFLOP per image (XLA cost
-analysis), 5.1e+20 FLOP for the run before LPIPS, DINOv2 and the discriminator: about
-360 H100-hours at 40% of the bf16 peak.
-Targets (paper / README, 50k ImageNet val): rFID 0.81, LPIPS 0.2059; GPT-B gFID 3.26 (GPT-XL
-2.13, GPT-XXL 2.03), linear probe 67.6%.
-
-Evaluate (rFID, IS, precision-recall, PSNR, SSIM, LPIPS, codebook usage; 50k val images):
-
-    python -m tok1d.cli.evaluate --config=configs/gigatok_b_l.py --checkpoint=DIR --out=eval/ \
-        --inception=inception_fid/ --config.data.eval_examples=50000
 """
 
-from tok1d import recipes
+import os
+
+from tok1d.train import config_lib
 
 
-def get_config(arg: str = ""):
-    if arg not in ("", "train_new"):
-        raise ValueError(f"Unknown variant {arg!r}; use '' or 'train_new'.")
-    return recipes.gigatok("b_l", train_new=arg == "train_new")
+def get_config():
+    return config_lib.load(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                        "gigatok.py:b_l"))

@@ -9,7 +9,7 @@ from tok1d.train import config_lib
 
 
 def get_config():
-    config = config_lib.base_config()
+    config = config_lib.base_config("tokenizer")
     config.total_steps = 8
     config.batch_size = 16
     config.eval_batch_size = 16

@@ -12,21 +12,82 @@ from tok1d.train import config_lib
 
 
 def load_config(path):
+    return config_lib.load(path)
+
+
+def config_module(path):
     spec = importlib.util.spec_from_file_location("cfg", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.get_config()
+    return mod
 
 
-CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
+def config_specs():
+    """Every config file, with each of its variants (`path:arg`) for the recipe families."""
+    specs = []
+    for path in sorted(glob.glob(os.path.join(REPO, "configs", "*.py"))):
+        variants = getattr(config_module(path), "VARIANTS", None)
+        specs += [f"{path}:{arg}" for arg in variants] if variants else [path]
+    return specs
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
-def test_every_config_validates_and_documents_its_command(path):
-    config = load_config(path)
+@pytest.mark.parametrize("spec", config_specs(), ids=os.path.basename)
+def test_every_config_validates_and_documents_its_command(spec):
+    config = load_config(spec)
     config_lib.validate(config, num_devices=8)
+    path, _, arg = spec.partition(":")
     mod_doc = open(path).read().split('"""')[1]
-    assert "python -m tok1d.main" in mod_doc and os.path.basename(path) in mod_doc
+    command = f"--config=configs/{os.path.basename(path)}" + (":" if arg else "")
+    assert "python -m tok1d.main" in mod_doc and command in mod_doc
+    if arg:  # a row of the docstring's table of variants
+        assert f"| {arg} " in mod_doc
+
+
+def test_family_without_a_variant_names_the_variants():
+    with pytest.raises(ValueError, match="no variant given.*l32_stage1, b64_stage1"):
+        load_config(os.path.join(REPO, "configs", "titok.py"))
+    with pytest.raises(ValueError, match="unknown variant 'B'.*b, l, xl, xxl"):
+        load_config(os.path.join(REPO, "configs", "gpt_gigatok.py:B"))
+
+
+def test_design_card_config_is_gigatok_b_l():
+    card = load_config(os.path.join(REPO, "configs", "gigatok_b_l.py"))
+    assert card == load_config(os.path.join(REPO, "configs", "gigatok.py:b_l"))
+
+
+def test_each_trainer_has_its_own_schema():
+    tokenizer, generator = config_lib.base_config("tokenizer"), config_lib.base_config("generator")
+    for key in ("losses", "teacher", "perceptual", "discriminator", "disc_optim", "ar_probe"):
+        assert key in tokenizer and key not in generator
+    for key in ("generator", "sampling"):
+        assert key in generator and key not in tokenizer
+    assert "demo" in config_lib.base_config("demo") and "demo" not in tokenizer
+    gpt = load_config(os.path.join(REPO, "configs", "gpt_gigatok.py:b"))
+    assert "discriminator" not in gpt and "teacher" not in gpt
+    with pytest.raises(config_lib.ConfigError, match="trainer='gan'"):
+        config_lib.base_config("gan")
+
+
+def test_another_trainers_keys_are_named_with_every_other_problem():
+    config = config_lib.base_config("tokenizer")
+    config.trainer = "generator"
+    config.batch_size = 12
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.validate(config, num_devices=8)
+    msg = str(e.value)
+    assert "config key 'discriminator' is a tokenizer key: trainer 'generator' does not" in msg
+    assert "missing config key 'sampling'" in msg
+    assert "base_config('generator')" in msg
+    assert "batch_size=12 is not divisible" in msg  # the common checks still ran
+    assert "discriminator.name" not in msg  # one line per section, not per key
+
+
+def test_for_trainer_keeps_the_values_of_that_trainers_keys():
+    demo = load_config(os.path.join(REPO, "configs", "demo.py"))
+    tok = config_lib.for_trainer(demo, "tokenizer")
+    assert tok.trainer == "tokenizer" and "demo" not in tok
+    assert tok.model == demo.model and tok.losses == demo.losses
+    config_lib.validate(tok, num_devices=8)
 
 
 def test_unknown_key_in_config_file_is_named_with_suggestion():
@@ -82,13 +143,12 @@ def test_cli_rejects_mistyped_override_and_bad_shapes(tmp_path):
     assert not os.path.exists(tmp_path / "b" / "checkpoints")
 
 
-def test_exit_status_of_command_line_jobs(capsys):
-    from tok1d.train.config_lib import ConfigError, exit_status
-    assert exit_status(lambda: None) == 0
+def test_cli_loads_a_family_variant_with_overrides(tmp_path):
+    """--config=configs/FAMILY.py:ARG picks the variant; --config.x=y overrides still apply."""
+    run = subprocess.run(main_command("configs/titok.py:l32_stage1", str(tmp_path / "a"),
+                                      "--config.data.image_size=36"),
+                         env=subprocess_env(8), capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert "data.image_size=36 is not divisible by model.patch_size=16" in run.stderr
 
-    def bad():
-        raise ConfigError("model.size='huge' is unknown")
-    assert exit_status(bad) == 2
-    assert "error: model.size='huge' is unknown" in capsys.readouterr().err
-    with pytest.raises(RuntimeError):  # real failures keep their traceback
-        exit_status(lambda: (_ for _ in ()).throw(RuntimeError("boom")))
+

@@ -164,7 +164,8 @@ def test_converter_errors():
 def test_gigatok_teacher_from_the_official_file_or_a_converted_directory(tmp_path):
     """`teacher.weights` may be the official checkpoint or `python -m tok1d.cli.convert dinov2`
     output; both give the same params with the table resampled to the student's grid."""
-    from tok1d import recipes
+    from conftest import REPO
+    from tok1d.train import config_lib
     from tok1d.cli.convert import main as convert_main
     from tok1d.train import tokenizer
 
@@ -173,7 +174,7 @@ def test_gigatok_teacher_from_the_official_file_or_a_converted_directory(tmp_pat
     np.savez(path, **sd)
     out = str(tmp_path / "dinov2_dir")
     assert convert_main(["dinov2", "--checkpoint", path, "--out", out, "--pos_grid", "8"]) == 0
-    config = recipes.gigatok("s_s")
+    config = config_lib.load(os.path.join(REPO, "configs/gigatok.py:s_s"))
     config.data.image_size = 128  # GigaTok S-S at 128 px: an 8x8 decoder grid
     student = tokenizer.build_model(config)
     params = {}

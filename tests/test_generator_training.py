@@ -43,8 +43,7 @@ def token_data(tmp_path_factory):
 
 
 def tiny_config(kind: str, tokens: str, tokenizer: str, steps: int = 24):
-    c = config_lib.base_config()
-    c.trainer = "generator"
+    c = config_lib.base_config("generator")
     c.total_steps, c.batch_size, c.eval_batch_size = steps, 32, 32
     c.precision, c.ema_decay = "float32", 0.0
     c.log_every_steps, c.eval_every_steps = 6, 1000
@@ -121,14 +120,10 @@ def test_mismatched_tokens_are_refused(token_data, tmp_path):
 
 def test_generator_configs_validate():
     """The released recipes build and validate on a 64-device pod (shapes only)."""
-    import importlib.util
     root = os.path.join(os.path.dirname(__file__), "..", "configs")
-    for name in ("maskgit_titok_l32", "maskgit_titok_b64", "maskgit_titok_s128", "gpt_b_gigatok",
-                 "gpt_l_gigatok", "gpt_xl_gigatok", "gpt_xxl_gigatok"):
-        spec = importlib.util.spec_from_file_location(name, os.path.join(root, name + ".py"))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        config = module.get_config()
+    for name in ("maskgit_titok.py:l32", "maskgit_titok.py:b64", "maskgit_titok.py:s128",
+                 "gpt_gigatok.py:b", "gpt_gigatok.py:l", "gpt_gigatok.py:xl", "gpt_gigatok.py:xxl"):
+        config = config_lib.load(os.path.join(root, name))
         config_lib.validate(config, num_devices=64)
         assert config.trainer == "generator"
 

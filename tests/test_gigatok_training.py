@@ -4,7 +4,6 @@ terms, PatchGAN) is finite and the learnable ones drop; switching the semantic o
 loss off removes exactly that term; the DINOv2 teacher is frozen (no gradient, no optimizer
 state); the warm-up terms stop at aux_loss_end_step; every GigaTok config validates."""
 
-import importlib.util
 import json
 import os
 
@@ -16,7 +15,6 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from tok1d import recipes
 from tok1d.train import config_lib
 from tok1d.objectives import adversarial, losses, tokenizer_loss
 from tok1d.weights import loaders
@@ -81,7 +79,7 @@ def series(workdir, key):
 def full_run(tmp_path_factory):
     """B-L recipe with every term on (plus the entropy term, which B-L leaves at 0 and which
     keeps this tiny codebook from collapsing): warm-up terms until step 10, GAN from step 14."""
-    config = tiny(recipes.gigatok("b_l"), steps=20, aux_end=10, gan_start=14)
+    config = tiny(config_lib.load(os.path.join(REPO, "configs/gigatok.py:b_l")), steps=20, aux_end=10, gan_start=14)
     config.losses.entropy = 0.1
     workdir = str(tmp_path_factory.mktemp("gigatok_full"))
     result = tokenizer.train_and_evaluate(config, workdir)
@@ -123,7 +121,7 @@ def test_only_the_tokenizer_is_optimized(full_run):
 @pytest.fixture(scope="module")
 def loss_setup():
     """The generator objective of the tiny B-L recipe, with every term on, on demo images."""
-    config = tiny(recipes.gigatok("b_l"), steps=4, aux_end=2, gan_start=0)
+    config = tiny(config_lib.load(os.path.join(REPO, "configs/gigatok.py:b_l")), steps=4, aux_end=2, gan_start=0)
     config.losses.entropy = 0.05
     model = tokenizer.build_model(config)
     nets, frozen = tokenizer.build_frozen(config, model)
@@ -189,30 +187,27 @@ def test_semantic_loss_is_mean_negative_cosine():
 
 
 def test_missing_teacher_weights_fail_with_the_download_hint():
-    config = recipes.gigatok("s_s")
+    config = config_lib.load(os.path.join(REPO, "configs/gigatok.py:s_s"))
     with pytest.raises(config_lib.ConfigError, match="dinov2_vitb14_pretrain.pth"):
         tokenizer.build_teacher(config)
 
 
 def test_semantic_loss_without_the_dinov2_teacher_is_a_config_error():
-    config = recipes.gigatok("s_s")
+    config = config_lib.load(os.path.join(REPO, "configs/gigatok.py:s_s"))
     config.teacher.name = "maskgit_vqgan"
     with pytest.raises(config_lib.ConfigError, match="losses.semantic=0.5 needs "
                                                      "teacher.name='dinov2'"):
         config_lib.validate(config, num_devices=8)
 
 
-GIGATOK_CONFIGS = ["gigatok_s_s.py", "gigatok_s_b.py", "gigatok_b_l.py", "gigatok_xl_xxl.py",
-                   "gigatok_s_s_2d.py", "gigatok_s_b_2d.py", "gigatok_b_l_2d.py",
-                   "gigatok_b_l_dino_disc.py"]
+GIGATOK_CONFIGS = ["gigatok.py:s_s", "gigatok.py:s_b", "gigatok.py:b_l", "gigatok.py:xl_xxl",
+                   "gigatok.py:s_s_2d", "gigatok.py:s_b_2d", "gigatok.py:b_l_2d",
+                   "gigatok.py:b_l_dino_disc"]
 
 
 @pytest.mark.parametrize("name", GIGATOK_CONFIGS)
 def test_gigatok_configs_validate_on_a_pod(name):
-    spec = importlib.util.spec_from_file_location("cfg", os.path.join(REPO, "configs", name))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    config = mod.get_config()
+    config = config_lib.load(os.path.join(REPO, "configs", name))
     config_lib.validate(config, num_devices=64)  # e.g. a v5p-128 slice (64 chips)
     assert config.batch_size * config.total_steps in (128 * 1_000_000, 128 * 2_000_000,
                                                       256 * 1_000_000, 256 * 1_500_000)
@@ -224,7 +219,7 @@ def test_schedules_are_cosine_v2_and_the_disc_follows_the_global_step():
     """GigaTok's `cosine_v2`: lr * (t/w + (1 - t/w)/100) during warm-up, then
     end + (lr - end)/2 * (1 + cos(pi * (t - w)/(T - w))); scheduler_disc(train_steps)."""
     from tok1d.train import optim
-    config = recipes.gigatok("xl_xxl")
+    config = config_lib.load(os.path.join(REPO, "configs/gigatok.py:xl_xxl"))
     o, total = config.optim, config.total_steps
     _, schedule = optim.make_optimizer(o, total)
     w, lr, end = o.warmup_steps, o.lr, o.end_lr

@@ -2,7 +2,6 @@
 stage 2 (from the stage-1 run + a pixel decoder, frozen encoder, GAN from a configured step),
 single-stage VQ / VAE with perceptual + GAN, and every paper config validating."""
 
-import importlib.util
 import os
 
 import flax.traverse_util as tu
@@ -21,11 +20,8 @@ TEACHER = dict(hidden_channels=32, channel_mult=(1, 1, 1, 1), num_res_blocks=1, 
                codebook_size=64)
 
 
-def load_config(name, arg=None):
-    spec = importlib.util.spec_from_file_location("cfg", os.path.join(REPO, "configs", name))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg) if arg else mod.get_config()
+def load_config(spec):
+    return config_lib.load(os.path.join(REPO, "configs", spec))
 
 
 def tiny(config, steps=12):
@@ -79,7 +75,7 @@ def teacher_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def stage1_run(tmp_path_factory, teacher_dir):
-    config = tiny(load_config("titok_s128_stage1.py"), steps=24)
+    config = tiny(load_config("titok.py:s128_stage1"), steps=24)
     config.teacher.weights = teacher_dir
     workdir = str(tmp_path_factory.mktemp("stage1"))
     result = tokenizer.train_and_evaluate(config, workdir)
@@ -97,7 +93,7 @@ def test_stage1_learns_the_teacher_codes(stage1_run):
 
 def test_stage2_starts_from_stage1_and_gan_starts_on_time(stage1_run, teacher_dir, tmp_path):
     s1_dir, _ = stage1_run
-    config = tiny(load_config("titok_s128_stage2.py"), steps=8)
+    config = tiny(load_config("titok.py:s128_stage2"), steps=8)
     config.init.checkpoint = s1_dir
     config.init.pixel_decoder = teacher_dir
     config.discriminator.start_step = 4
@@ -128,7 +124,7 @@ def test_stage2_starts_from_stage1_and_gan_starts_on_time(stage1_run, teacher_di
 
 @pytest.mark.parametrize("variant", ["bl64", "bl64_vae"])
 def test_single_stage_with_perceptual_and_gan(variant, tmp_path):
-    config = tiny(load_config("titok_imagenet_single_stage.py", variant), steps=16)
+    config = tiny(load_config(f"titok.py:{variant}"), steps=16)
     config.discriminator.start_step = 8
     if variant.endswith("vae"):
         config.perceptual.kind = "lpips"  # ConvNeXt is exercised by the VQ variant
@@ -144,16 +140,13 @@ def test_single_stage_with_perceptual_and_gan(variant, tmp_path):
         assert all(np.isfinite(train_losses(workdir, "loss_kl")))
 
 
-CONFIGS = [("titok_l32_stage1.py", None), ("titok_b64_stage1.py", None),
-           ("titok_s128_stage1.py", None), ("titok_l32_stage2.py", None),
-           ("titok_b64_stage2.py", None), ("titok_s128_stage2.py", None)] + [
-    ("titok_imagenet_single_stage.py", v)
-    for v in ("bl64", "bl128", "sl256", "ll32_vae", "bl64_vae", "bl128_vae")]
+CONFIGS = ["l32_stage1", "b64_stage1", "s128_stage1", "l32_stage2", "b64_stage2",
+           "s128_stage2", "bl64", "bl128", "sl256", "ll32_vae", "bl64_vae", "bl128_vae"]
 
 
-@pytest.mark.parametrize("name,arg", CONFIGS)
-def test_paper_configs_validate(name, arg):
-    config = load_config(name, arg)
+@pytest.mark.parametrize("arg", CONFIGS)
+def test_paper_configs_validate(arg):
+    config = load_config(f"titok.py:{arg}")
     config_lib.validate(config, num_devices=256)
     assert config.batch_size == 256 and config.optim.lr == 1e-4
     model = tokenizer.build_model(config)

@@ -122,11 +122,8 @@ def _existing_config_file(spec: str) -> str:
 
 def load_config_file(spec: str):
     """`get_config(ARG)` of a config file given as `FILE[:ARG]` (unlocked)."""
-    path, arg = _existing_config_file(spec), spec.split(":", 1)[1:]
-    module_spec = importlib.util.spec_from_file_location("tok1d_config_file", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(*arg)
+    _existing_config_file(spec)
+    return config_lib.load(spec)
 
 
 def _unknown_override(config_file: str, args: Sequence[str]) -> Optional[str]:

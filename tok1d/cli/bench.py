@@ -1,11 +1,11 @@
 r"""Speed, memory and MFU of any config's real programs, with random weights.
 
-    tok1d bench --config=configs/titok_l32_stage1.py --workload=train [--batch_size=64]
+    tok1d bench --config=configs/titok.py:l32_stage1 --workload=train [--batch_size=64]
     tok1d bench --config=configs/gigatok_b_l.py --workload=encode --batch_size=64
     tok1d bench --config=configs/gigatok_b_l.py --workload=decode --batch_size=64
-    tok1d bench --config=configs/gpt_b_gigatok.py --workload=sample --batch_size=64 \
+    tok1d bench --config=configs/gpt_gigatok.py:b --workload=sample --batch_size=64 \
         --tokenizer_config=configs/gigatok_b_l.py
-    tok1d bench --config=configs/maskgit_titok_l32.py --workload=train
+    tok1d bench --config=configs/maskgit_titok.py:l32 --workload=train
 
 Workloads:
   train   the trainer's own jitted step (tokenizer configs: with the teacher, perceptual network,

@@ -46,8 +46,7 @@ from tok1d.weights import loaders
 def generator_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
     """The generator stage's config: defaults + `config.demo.generator`, on the tokens and
     tokenizer written by the earlier stages, with the demo's mesh, seed and precision."""
-    gen = config_lib.base_config()
-    gen.trainer = "generator"
+    gen = config_lib.base_config("generator")
     gen.seed, gen.precision = config.seed, config.precision
     gen.mesh = copy.deepcopy(config.mesh)
     gen.data.train_split, gen.data.eval_split = "train", "validation"
@@ -91,9 +90,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     dcfg = config.data
 
     # ---------------------------------------------------------------- 1. tokenizer
-    tok_cfg = copy.deepcopy(config)
-    with tok_cfg.unlocked():
-        tok_cfg.trainer = "tokenizer"
+    tok_cfg = config_lib.for_trainer(config, "tokenizer")
     log("== 1/4 tokenizer")
     tok_metrics = tok_trainer.train_and_evaluate(tok_cfg, os.path.join(workdir, "tokenizer"),
                                                  ar_probe=ar.make_ar_probe)

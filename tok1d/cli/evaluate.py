@@ -2,7 +2,7 @@ r"""Evaluation jobs: the numbers of the papers' tables, measured by tok1d on acc
 
     # Tokenizer (config with trainer "tokenizer"): rFID, IS, precision / recall, PSNR, SSIM,
     # LPIPS, codebook usage / perplexity over data.eval_split (the papers: 50k ImageNet val).
-    tok1d evaluate --config=configs/titok_l32_stage2.py --checkpoint=WORKDIR_OR_DIR \
+    tok1d evaluate --config=configs/titok.py:l32_stage2 --checkpoint=WORKDIR_OR_DIR \
         --out=eval_l32/ --config.evaluation.inception=inception_fid/ \
         --config.data.eval_examples=50000
 
@@ -10,7 +10,7 @@ r"""Evaluation jobs: the numbers of the papers' tables, measured by tok1d on acc
     # decodes them with --tokenizer (default generator.tokenizer) and computes gFID, IS and
     # precision / recall against evaluation.reference (the ADM reference batch) or the
     # data's eval split.
-    tok1d evaluate --config=configs/maskgit_titok_l32.py --checkpoint=GEN \
+    tok1d evaluate --config=configs/maskgit_titok.py:l32 --checkpoint=GEN \
         --tokenizer=titok_l32/ --out=eval_gen/ --config.evaluation.inception=inception_fid/ \
         --config.evaluation.reference=VIRTUAL_imagenet256_labeled.npz
 

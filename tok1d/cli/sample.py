@@ -1,6 +1,6 @@
 r"""Class-conditional sampling with a trained generator, decoded to pixels by its tokenizer.
 
-    tok1d sample --config=configs/maskgit_titok_l32.py --checkpoint=WORKDIR_OR_DIR \
+    tok1d sample --config=configs/maskgit_titok.py:l32 --checkpoint=WORKDIR_OR_DIR \
         --tokenizer=titok_l32/ --num_images=50000 --out=samples_l32/ [--config.sampling.x=v]
 
 `--checkpoint` is a generator training workdir (its latest checkpoint, EMA params when kept)

@@ -207,7 +207,7 @@ def config_from_official(official_config: Mapping[str, Any],
     kwargs.pop("image_size")
     distill = bool(trainer.get("distill_loss")) and bool(kwargs["distill_depth"])
 
-    config = config_lib.base_config()
+    config = config_lib.base_config("tokenizer")
     config.seed = int(t["global_seed"])
     config.total_steps = int(t["iterations"])
     config.batch_size = int(t["global_batch_size"] or trainer["global_batch_size"])

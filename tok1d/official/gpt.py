@@ -118,7 +118,8 @@ def config_from_official(model_args: Mapping[str, Any], train_args: Mapping[str,
         raise config_lib.ConfigError(f"mixed_precision={t['mixed_precision']!r} is not one of "
                                      f"{sorted(PRECISIONS)}")
     model = model_kwargs(model_args, gpt_2d=bool(t["gpt_2d"]))
-    config = recipes.generator_base(int(t["iterations"]), int(t["global_batch_size"]))
+    config = recipes.generator_base(total_steps=int(t["iterations"]),
+                                    batch_size=int(t["global_batch_size"]))
     config.precision = PRECISIONS[t["mixed_precision"]]
     config.seed = int(t["global_seed"])
     config.model = dict(name="gpt", **model)

@@ -54,7 +54,7 @@ def config_from_official(official: Mapping[str, Any], num_processes: int = 1
     official = resolve_interpolations(official)
     require(official, ("model.generator", "model.vq_model", "losses.label_smoothing",
                         "losses.loss_weight_unmasked_token"))
-    config = recipes.generator_base(1, 1)
+    config = recipes.generator_base(total_steps=1, batch_size=1)
     train_utils_optim(config, official, num_processes)
     gen = get(official, "model.generator")
     try:

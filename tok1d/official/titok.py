@@ -122,9 +122,9 @@ def config_from_official(official: Mapping[str, Any], num_processes: int = 1, *,
         raise config_lib.ConfigError(
             "model.vq_model.is_legacy=False: the official two-stage losses need the legacy "
             "proxy-code head; single-stage TiTok has no official training config (use "
-            "tok1d.recipes.titok_single_stage)")
+            "configs/titok.py:bl64 and the other single-stage variants)")
     stage2 = bool(vq.get("finetune_decoder", False))
-    config = config_lib.base_config()
+    config = config_lib.base_config("tokenizer")
     train_utils_optim(config, official, num_processes)
     config.eval_batch_size = config.batch_size  # the eval loader's per-GPU batch is the same
     kwargs = _model_kwargs(official, size_tables, pixel_decoder if stage2 else None)
@@ -166,9 +166,9 @@ def config_from_official(official: Mapping[str, Any], num_processes: int = 1, *,
                                      "optimizer.params.discriminator_learning_rate")
     base_lr = float(get(official, "lr_scheduler.params.learning_rate",
                          get(official, "optimizer.params.learning_rate")))
-    recipes.titok_disc_optim(config, float(d_lr), base_lr,
-                             float(get(official, "lr_scheduler.params.end_lr", 0.0)),
-                             num_processes)
+    recipes.titok_disc_optim(config, lr=float(d_lr), base_lr=base_lr,
+                             end_lr=float(get(official, "lr_scheduler.params.end_lr", 0.0)),
+                             num_processes=num_processes)
     return config
 
 

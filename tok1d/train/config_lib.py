@@ -1,26 +1,42 @@
-"""Config defaults and start-up validation.
+"""Config schemas and start-up validation.
 
-Every config file starts from `base_config()` and changes what it needs. `validate(config)`
-runs before anything is built and fails with one message that names every problem: keys that
-are not in the defaults (typos), impossible shapes, batch sizes that do not divide over the mesh.
+A config is the common keys (`common_config`: seed, steps, batch, precision, EMA, model, data,
+optim, evaluation, mesh, sharding, logging, checkpoint, distributed) plus the section of its
+trainer (`SECTIONS`): the tokenizer's losses, teacher, perceptual net, discriminator and AR
+probe; the generator's token data and sampler; the demo's tokenizer section plus its generator
+stage. Every config file starts from `base_config(trainer)` and changes what it needs.
+`validate(config)` runs before anything is built and fails with one message that names every
+problem: keys that are not in the trainer's schema (typos, another trainer's keys), impossible
+shapes, batch sizes that do not divide over the mesh.
 """
 
 from __future__ import annotations
 
+import copy
 import difflib
-import sys
+import importlib.util
+import os
 from typing import Any, Callable, Iterator
 
 import ml_collections
 
-from tok1d import parallel
+from tok1d import models
+from tok1d import errors, parallel
+from tok1d.objectives import terms
+from tok1d.train import optim
 from tok1d.weights.layout import model_kwargs
 
+TRAINERS = ("tokenizer", "generator", "demo")
 
-def base_config() -> ml_collections.ConfigDict:
-    """All known config keys with their defaults (the schema that `validate` checks against)."""
+
+class ConfigError(errors.UserError, ValueError):
+    """A config that cannot run; the message lists every problem found."""
+
+
+def common_config() -> ml_collections.ConfigDict:
+    """The keys every trainer reads, with their defaults (`trainer` is set by `base_config`)."""
     c = ml_collections.ConfigDict()
-    c.trainer = "tokenizer"
+    c.trainer = ""
     c.seed = 0
     c.total_steps = 1000
     c.batch_size = 64             # global, over all hosts and devices
@@ -80,6 +96,60 @@ def base_config() -> ml_collections.ConfigDict:
     # "encoder,latent_tokens,quantize"): zero updates, no weight decay, no optimizer state.
     c.optim.freeze = ""
 
+    # Evaluation (tok1d.evaluation; `python -m tok1d.cli.evaluate` and the evals inside training).
+    # rFID / gFID, Inception Score and precision/recall need the FID InceptionV3 converted with
+    # `python -m tok1d.cli.convert inception_fid pt_inception-2015-12-05-6726825d.pth DIR`; LPIPS
+    # needs the converted LPIPS-VGG (default: `perceptual.weights` when it holds it). Metrics
+    # whose network is missing are left out (and said so); allow_random_init is for tests only.
+    c.evaluation = ml_collections.ConfigDict(dict(
+        inception="",                 # converted FID Inception directory
+        lpips="",                     # converted LPIPS weights (directory or .npz)
+        allow_random_init=False,      # random Inception / LPIPS weights (tests, smoke runs)
+        inception_size=299,           # Inception input resize (299 defines FID; >= 75, smaller
+                                      # only for tests / smoke runs)
+        fid_every_steps=0,            # FID inside training every K steps and at the end (0: off)
+        reference="",                 # gFID reference: an ADM reference batch .npz (mu, sigma
+                                      # and arr_0 images) or FeatureStats .npz; empty: the
+                                      # data's eval split (features computed and cached)
+        num_samples=50_000,           # gFID: generated images (50 per class, 1000 classes)
+        precision_recall=True,        # k=3 manifold precision / recall (keeps pool features)
+        is_splits=10,                 # Inception Score splits
+        chunk_size=8,                 # images per network call on each device: the numbers are
+                                      # bit-identical on any mesh whose per-device batch is a
+                                      # multiple of it (0: the whole per-device batch)
+        num_report_images=32,         # images in the report's grids
+        # GigaTok's linear probe of a GPT generator's features (null class, layer depth // 2,
+        # mean over positions; BN + linear head, LARS): epochs over generator.tokens' train
+        # split, accuracy on its eval split. 0: off; GigaTok: 90 epochs, lr 0.1 x batch / 256.
+        # In a tokenizer run with ar_probe on, the probe GPT is probed too.
+        linear_probe_epochs=0,
+        linear_probe_batch_size=256,
+        linear_probe_lr=0.1,
+    ))
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.sharding = ml_collections.ConfigDict(dict(rules=parallel.DEFAULT_RULES))
+
+    c.log_every_steps = 50
+    c.eval_every_steps = 1000
+    c.num_grid_images = 16        # images in the input-vs-reconstruction grid
+
+    c.checkpoint = ml_collections.ConfigDict(dict(
+        every_steps=1000,
+        keep=3,
+        async_save=True,
+    ))
+    c.distributed = ml_collections.ConfigDict(dict(
+        coordinator_address="",       # empty: let jax.distributed auto-detect (TPU, SLURM)
+        num_processes=0,
+        process_id=-1,
+    ))
+    return c
+
+
+def add_tokenizer_keys(c: ml_collections.ConfigDict) -> None:
+    """The tokenizer trainer's section: loss weights, initial weights, the frozen teacher and
+    perceptual network, the discriminator and its optimizer, the AR probe."""
     # Loss weights; a term with weight 0 is not computed. Pixel terms compare images in the
     # model's own range (TiTok [0, 1], GigaTok [-1, 1], as the official losses do).
     #   l2, l1       pixel reconstruction
@@ -152,6 +222,19 @@ def base_config() -> ml_collections.ConfigDict:
         decay_fraction=0.2, weight_decay=1e-4, grad_clip=1.0, clip_eps=1e-6, grad_accum_steps=1,
         mu_dtype="float32", freeze=""))
 
+
+    # AR probing of a tokenizer run (GigaTok): at every `every_steps` (0: off) and at the end,
+    # encode `train_examples` training images and the eval split with the current tokenizer,
+    # train a small GPT (`model`: its size arguments) from scratch on those codes for `steps`
+    # steps and log its validation loss: how learnable the tokens are, while the tokenizer trains.
+    c.ar_probe = ml_collections.ConfigDict(dict(
+        every_steps=0, train_examples=2048, steps=300, batch_size=64, lr=1e-3,
+        model=ml_collections.ConfigDict(dict(width=256, depth=4, num_heads=4))))
+
+
+
+def add_generator_keys(c: ml_collections.ConfigDict) -> None:
+    """The generator trainer's section: its token data and objective, and the sampler."""
     # Generators (trainer "generator"; model "maskgit" or "gpt"), trained on a token dataset.
     c.generator = ml_collections.ConfigDict(dict(
         tokens="",                    # token dataset directory (python -m tok1d.cli.tokenize)
@@ -167,72 +250,58 @@ def base_config() -> ml_collections.ConfigDict:
     # tok1d.generation.autoregressive.sample), used for the sample grids and tok1d.cli.sample.
     c.sampling = ml_collections.ConfigDict()
 
-    # AR probing of a tokenizer run (GigaTok): at every `every_steps` (0: off) and at the end,
-    # encode `train_examples` training images and the eval split with the current tokenizer,
-    # train a small GPT (`model`: its size arguments) from scratch on those codes for `steps`
-    # steps and log its validation loss: how learnable the tokens are, while the tokenizer trains.
-    c.ar_probe = ml_collections.ConfigDict(dict(
-        every_steps=0, train_examples=2048, steps=300, batch_size=64, lr=1e-3,
-        model=ml_collections.ConfigDict(dict(width=256, depth=4, num_heads=4))))
 
-    # Evaluation (tok1d.evaluation; `python -m tok1d.cli.evaluate` and the evals inside training).
-    # rFID / gFID, Inception Score and precision/recall need the FID InceptionV3 converted with
-    # `python -m tok1d.cli.convert inception_fid pt_inception-2015-12-05-6726825d.pth DIR`; LPIPS
-    # needs the converted LPIPS-VGG (default: `perceptual.weights` when it holds it). Metrics
-    # whose network is missing are left out (and said so); allow_random_init is for tests only.
-    c.evaluation = ml_collections.ConfigDict(dict(
-        inception="",                 # converted FID Inception directory
-        lpips="",                     # converted LPIPS weights (directory or .npz)
-        allow_random_init=False,      # random Inception / LPIPS weights (tests, smoke runs)
-        inception_size=299,           # Inception input resize (299 defines FID; >= 75, smaller
-                                      # only for tests / smoke runs)
-        fid_every_steps=0,            # FID inside training every K steps and at the end (0: off)
-        reference="",                 # gFID reference: an ADM reference batch .npz (mu, sigma
-                                      # and arr_0 images) or FeatureStats .npz; empty: the
-                                      # data's eval split (features computed and cached)
-        num_samples=50_000,           # gFID: generated images (50 per class, 1000 classes)
-        precision_recall=True,        # k=3 manifold precision / recall (keeps pool features)
-        is_splits=10,                 # Inception Score splits
-        chunk_size=8,                 # images per network call on each device: the numbers are
-                                      # bit-identical on any mesh whose per-device batch is a
-                                      # multiple of it (0: the whole per-device batch)
-        num_report_images=32,         # images in the report's grids
-        # GigaTok's linear probe of a GPT generator's features (null class, layer depth // 2,
-        # mean over positions; BN + linear head, LARS): epochs over generator.tokens' train
-        # split, accuracy on its eval split. 0: off; GigaTok: 90 epochs, lr 0.1 x batch / 256.
-        # In a tokenizer run with ar_probe on, the probe GPT is probed too.
-        linear_probe_epochs=0,
-        linear_probe_batch_size=256,
-        linear_probe_lr=0.1,
-    ))
-
+def add_demo_keys(c: ml_collections.ConfigDict) -> None:
+    """The demo (tok1d.cli.demo): the tokenizer's section and the generator stage's values."""
+    add_tokenizer_keys(c)
     # Trainer "demo" (configs/demo.py): tokenizer, then tokens, then a generator. `generator`
     # holds the generator config's values that differ from these defaults.
     c.demo = ml_collections.ConfigDict(dict(generator=ml_collections.ConfigDict(),
                                             samples_per_class=10))
 
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    c.sharding = ml_collections.ConfigDict(dict(rules=parallel.DEFAULT_RULES))
 
-    c.log_every_steps = 50
-    c.eval_every_steps = 1000
-    c.num_grid_images = 16        # images in the input-vs-reconstruction grid
+SECTIONS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
+    "tokenizer": add_tokenizer_keys, "generator": add_generator_keys, "demo": add_demo_keys}
 
-    c.checkpoint = ml_collections.ConfigDict(dict(
-        every_steps=1000,
-        keep=3,
-        async_save=True,
-    ))
-    c.distributed = ml_collections.ConfigDict(dict(
-        coordinator_address="",       # empty: let jax.distributed auto-detect (TPU, SLURM)
-        num_processes=0,
-        process_id=-1,
-    ))
+
+def base_config(trainer: str = "tokenizer") -> ml_collections.ConfigDict:
+    """The schema of `trainer` ("tokenizer", "generator" or "demo") with its defaults: the
+    common keys plus the trainer's section (what `validate` checks a config against)."""
+    if trainer not in SECTIONS:
+        raise ConfigError(f"trainer={trainer!r} is not one of {TRAINERS}")
+    c = common_config()
+    c.trainer = trainer
+    SECTIONS[trainer](c)
     return c
 
 
-# Sub-dicts holding module arguments: checked against the module's fields, not the schema.
-FREE_FORM = ("model", "teacher.model", "discriminator.model", "sampling", "demo.generator",
+def for_trainer(config: ml_collections.ConfigDict, trainer: str) -> ml_collections.ConfigDict:
+    """A copy of `config` as a config of `trainer`: its values for the keys of that trainer's
+    schema, the schema's defaults for the keys `config` lacks (e.g. the demo's tokenizer
+    stage: the demo config without its `demo` section)."""
+    out = base_config(trainer)
+    for key in out:
+        if key != "trainer" and key in config:
+            out[key] = copy.deepcopy(config[key])
+    return out
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+    """The config of a config file, `path.py` or `path.py:arg` (its `get_config(arg)`), as
+    `--config=path.py:arg` gives it to `python -m tok1d.main`."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} not found")
+    module_spec = importlib.util.spec_from_file_location(
+        os.path.splitext(os.path.basename(path))[0], path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+# Sub-dicts checked by their owner, not the schema: module arguments (against the module's
+# fields) and `losses` (against the loss-term registry).
+FREE_FORM = ("model", "losses", "teacher.model", "discriminator.model", "sampling", "demo.generator",
              "ar_probe.model")
 
 
@@ -244,35 +313,76 @@ def _walk(cfg: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
             yield from _walk(value, path + ".")
 
 
-class ConfigError(ValueError):
-    """A config that cannot run; the message lists every problem found."""
 
 
-def exit_status(job: Callable[[], Any]) -> int:
-    """Runs a command-line job: 0 when it completes; a bad config or input (`ConfigError` and
-    other ValueErrors, a missing file) is printed as `error: ...` on stderr and gives 2, not a
-    traceback."""
-    try:
-        job()
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+def _schema_paths(trainer: str) -> dict[str, Any]:
+    return dict(_walk(base_config(trainer)))
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
-    """Checks keys against `base_config()` and the shapes against each other."""
+def _key_problems(config: ml_collections.ConfigDict, trainer: str
+                  ) -> tuple[list[str], list[str]]:
+    """(problems, missing paths) of `config`'s keys against `trainer`'s schema: keys of no
+    schema (with the closest known key), keys of another trainer's section, and schema keys the
+    config lacks. Only the topmost path of an unknown or missing sub-dict is named."""
+    known = _schema_paths(trainer)
+    owners: dict[str, str] = {}
+    for other in TRAINERS:
+        for path in _schema_paths(other):
+            if path not in known:
+                owners.setdefault(path, other)
+    present = dict(_walk(config))
     problems: list[str] = []
-    known = dict(_walk(base_config()))
-    for path, _ in _walk(config):
-        if path not in known:
+    named: list[str] = []
+
+    def below_named(path: str) -> bool:
+        return any(path.startswith(p + ".") for p in named)
+
+    for path in present:
+        if path in known or below_named(path):
+            continue
+        named.append(path)
+        if path in owners:
+            problems.append(f"config key {path!r} is a {owners[path]} key: trainer "
+                            f"{trainer!r} does not read it")
+        else:
             close = difflib.get_close_matches(path, list(known), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             problems.append(f"unknown config key {path!r}{hint}")
-    if problems:  # shape checks below assume a well-formed config
-        raise ConfigError("Invalid config:\n  - " + "\n  - ".join(problems))
+    missing: list[str] = []
+    for path in known:
+        if path not in present and not any(path.startswith(p + ".") for p in missing):
+            missing.append(path)
+            problems.append(f"missing config key {path!r} (trainer {trainer!r} reads it)")
+    if missing or any(path in owners for path in named):
+        problems.append(f"(a config of trainer {trainer!r} starts from "
+                        f"config_lib.base_config({trainer!r}))")
+    return problems, missing
 
-    from tok1d import models  # Local import: models import jax/flax.
+
+def _tokenizer_problems(config: ml_collections.ConfigDict) -> list[str]:
+    """The tokenizer section's checks: the teacher, and the loss weights against the loss-term
+    registry (`tok1d.objectives.terms`: unknown terms, terms whose teacher is missing, warm-up
+    terms that would never apply)."""
+    problems: list[str] = []
+    losses, teacher = config.losses, config.teacher.name
+    if teacher not in ("", "maskgit_vqgan", "dinov2"):
+        problems.append(f"teacher.name={teacher!r} is not one of '', 'maskgit_vqgan', 'dinov2'")
+    problems += terms.problems(losses, teacher, config.aux_loss_end_step)
+    return problems
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+    """Checks the keys against the schema of `config.trainer` (`base_config(trainer)`) and the
+    values against each other; raises one ConfigError that lists every problem."""
+    trainer = config.get("trainer", "")
+    if trainer not in SECTIONS:
+        raise ConfigError(f"Invalid config:\n  - trainer={trainer!r} is not one of {TRAINERS}")
+    problems, missing = _key_problems(config, trainer)
+    common = dict(_walk(common_config()))
+    if any(path in common for path in missing):  # the checks below read the common keys
+        raise ConfigError("Invalid config:\n  - " + "\n  - ".join(problems))
+    section_complete = not missing
+
     try:
         model = models.create(config.model.get("name"), **model_kwargs(config))
     except (ValueError, TypeError) as e:
@@ -292,13 +402,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     augments = ("random_resized_crop", "random_crop", "adm_random_crop", "center_crop")
     if config.data.augment not in augments:
         problems.append(f"data.augment={config.data.augment!r} is not one of {augments}")
-    from tok1d.train import optim
     if config.optim.schedule not in optim.SCHEDULES:
         problems.append(f"optim.schedule={config.optim.schedule!r} is not one of "
                         f"{optim.SCHEDULES}")
     if config.ema_warmup not in optim.EMA_WARMUPS:
         problems.append(f"ema_warmup={config.ema_warmup!r} is not one of {optim.EMA_WARMUPS}")
-    for group in ("optim", "disc_optim"):
+    tokenizer_section = section_complete and trainer in ("tokenizer", "demo")
+    for group in ("optim", "disc_optim") if tokenizer_section else ("optim",):
         if config[group].schedule_step not in optim.SCHEDULE_STEPS:
             problems.append(f"{group}.schedule_step={config[group].schedule_step!r} is not one "
                             f"of {optim.SCHEDULE_STEPS}")
@@ -325,18 +435,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     except ValueError as e:
         problems.append(f"mesh: {e}")
 
-    losses, teacher = config.losses, config.teacher.name
-    if teacher not in ("", "maskgit_vqgan", "dinov2"):
-        problems.append(f"teacher.name={teacher!r} is not one of '', 'maskgit_vqgan', 'dinov2'")
-    for term, needs in (("proxy_ce", "maskgit_vqgan"), ("semantic", "dinov2")):
-        if losses[term] and teacher != needs:
-            problems.append(f"losses.{term}={losses[term]} needs teacher.name={needs!r} "
-                            f"(got {teacher!r})")
-    for term in ("fea_rec", "shortcut"):
-        if losses[term] and config.aux_loss_end_step <= 0:
-            problems.append(f"losses.{term}={losses[term]} is a warm-up term but "
-                            f"aux_loss_end_step={config.aux_loss_end_step}: it would never apply "
-                            f"(set losses.{term}=0 or aux_loss_end_step > 0)")
+    if tokenizer_section:
+        problems += _tokenizer_problems(config)
     ev = config.evaluation
     if (ev.fid_every_steps > 0 and not ev.inception and not ev.allow_random_init):
         problems.append(f"evaluation.fid_every_steps={ev.fid_every_steps} needs "

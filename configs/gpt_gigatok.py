@@ -1,0 +1,83 @@
+"""LlamaGen-style GPT generators (AR, 1D) on GigaTok tokens (256 codes of 16384), ImageNet-1k
+256x256. `--config=configs/gpt_gigatok.py:ARG`:
+
+| arg | what it is                         | paper target (50k samples, README)              |
+|-----|------------------------------------|-------------------------------------------------|
+| b   | GPT-B, 111.1M parameters           | gFID 3.26 on GigaTok B-L tokens                 |
+| l   | GPT-L, 343.2M parameters           | (not reported for GPT-L)                        |
+| xl  | GPT-XL, 775.0M parameters          | gFID 2.13 on B-L tokens                         |
+| xxl | GPT-XXL, 1411.4M parameters        | gFID 2.03 on B-L tokens, 1.98 on XL-XXL tokens  |
+
+gFID with the CFG scale from a line search with the `step` schedule (the search starts at
+`sampling.cfg_scale`). Run (b shown; `gigatok_b_l/` is the converted or trained tokenizer):
+
+    python -m tok1d.cli.tokenize --tokenizer=gigatok_b_l/ --data=tfds:imagenet2012 --split=train \\
+        --crop adm --flip --out=gs://BUCKET/tokens_gigatok_b_l
+    python -m tok1d.cli.tokenize --tokenizer=gigatok_b_l/ --data=tfds:imagenet2012 \\
+        --split=validation --out=gs://BUCKET/tokens_gigatok_b_l
+    python -m tok1d.main --config=configs/gpt_gigatok.py:b --workdir=gs://BUCKET/gpt_b \\
+        --config.generator.tokens=gs://BUCKET/tokens_gigatok_b_l \\
+        --config.generator.tokenizer=gigatok_b_l/
+    python -m tok1d.cli.sample --config=configs/gpt_gigatok.py:b --checkpoint=gs://BUCKET/gpt_b \\
+        --tokenizer=gigatok_b_l/ --num_images=50000 --out=samples_gpt_b/
+    # gFID / IS / precision-recall of 50k samples (the linear probe too with
+    # --config.evaluation.linear_probe_epochs=90)
+    python -m tok1d.cli.evaluate --config=configs/gpt_gigatok.py:b --checkpoint=DIR \\
+        --tokenizer=TOK --out=eval/ --inception=inception_fid/ \\
+        --reference=VIRTUAL_imagenet256_labeled.npz
+
+Recipe (GigaTok's autoregressive/train/train_c2i.py as scripts/composite_cmd/
+train_c2i_and_eval.sh calls it): next-token CE, class dropout 0.1, token / residual dropout
+0.1; AdamW lr 1e-4, betas (0.9, 0.95), wd 0.05 on >= 2-D params incl. embeddings, clip 1.0,
+WSD schedule (warm-up from lr/100, constant, 1 - sqrt decay over the last 20%) read as
+train_c2i does (step 1 at the base LR: `tok1d.recipes.llamagen_train_c2i`, checked against the
+official step by tests/test_train_parity_gpt.py); 300 epochs; no EMA (the script does not pass
+--ema; ema_decay=0.9999 is the official option). Sampling: CFG with the `step` schedule
+(window_start 0.18), temperature 1, no top-k / top-p. GigaTok's AR probing stops GPT-B at 250k
+steps in the constant phase (--config.total_steps=250000 --config.optim.decay_fraction=0).
+Released GPT checkpoints convert with `python -m tok1d.cli.convert gpt GPT_B.pt gpt_b/`;
+`tok1d.official.gpt.config_from_official` maps any train_c2i run the same way.
+"""
+
+from tok1d import recipes
+
+# Per size: batch, steps (300 epochs), LR warm-up, the CFG scale the gFID search starts at, and
+# remat from tok1d.cli.bench --compile_only at batch 64 per device: GPT-B saves 14 GiB of
+# activations without remat; from L up the "dots" policy needs ~19% fewer FLOPs than "full"
+# (L: 10 vs 3 GiB saved, XXL: 30 vs 9 GiB, next to 16 GiB of unsharded state).
+VARIANTS = {
+    "b": dict(size="B", batch_size=256, total_steps=1_500_000, warmup_steps=5_000,
+              cfg_scale=2.5, remat="none"),
+    "l": dict(size="L", batch_size=256, total_steps=1_500_000, warmup_steps=5_000,
+              cfg_scale=1.75, remat="dots"),
+    "xl": dict(size="XL", batch_size=256, total_steps=1_500_000, warmup_steps=5_000,
+               cfg_scale=1.25, remat="dots"),
+    "xxl": dict(size="XXL", batch_size=512, total_steps=750_000, warmup_steps=200,
+                cfg_scale=1.25, remat="dots"),
+}
+
+
+def get_config(arg: str = ""):
+    if arg not in VARIANTS:
+        raise recipes.unknown_variant("gpt_gigatok.py", arg, VARIANTS)
+    v = VARIANTS[arg]
+    config = recipes.generator_base(total_steps=v["total_steps"], batch_size=v["batch_size"])
+    config.ema_decay = 0.0
+    config.model = dict(name="gpt", size=v["size"], vocab_size=16384, num_tokens=256,
+                        num_classes=1000, token_dropout=0.1, dropout_rate=0.1,
+                        remat=v["remat"])
+    config.generator.label_dropout = 0.1
+    recipes.llamagen_train_c2i(config)
+    o = config.optim
+    o.lr = 1e-4
+    o.warmup_steps = v["warmup_steps"]
+    o.schedule = "wsd"
+    o.decay_fraction = 0.2
+    o.b1 = 0.9
+    o.b2 = 0.95
+    o.weight_decay = 0.05
+    o.grad_clip = 1.0
+    config.sampling = dict(cfg_scale=v["cfg_scale"], cfg_schedule="step",
+                           cfg_kwargs=dict(window_start=0.18), temperature=1.0, top_k=0,
+                           top_p=1.0)
+    return config
