@@ -12,6 +12,7 @@ import pytest
 
 from tok1d import parallel
 from tok1d.train import config_lib
+from tok1d.weights import layout
 from tok1d.evaluation import evaluator, fid as fid_lib, report
 from tok1d.models.frozen import inception as inception_lib
 
@@ -136,9 +137,9 @@ def test_evaluate_job_tokenizer_and_samples(tmp_path):
     from tok1d.cli import evaluate
     from tok1d.weights import pretrained
     config = _tokenizer_config()
-    model = models.create("titok", **config_lib.model_kwargs(config))
+    model = models.create("titok", **layout.model_kwargs(config))
     params = model.init(jax.random.key(0), np.zeros((1, SIZE, SIZE, 3), np.float32))["params"]
-    kwargs = {k: v for k, v in config_lib.model_kwargs(config).items()
+    kwargs = {k: v for k, v in layout.model_kwargs(config).items()
               if k not in ("dtype", "param_dtype")}
     ckpt = pretrained.save_pretrained(str(tmp_path / "tok"), "titok", kwargs, params)
 

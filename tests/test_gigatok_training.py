@@ -172,7 +172,7 @@ def test_the_frozen_networks_get_no_gradient(loss_setup):
     # ... while the tokenizer, including the semantic head, does get one.
     head = g_params["vit_decoder"]["distill_mlp"]
     assert all(np.any(np.asarray(x)) for x in jax.tree.leaves(head))
-    teacher = loss_setup[2][0]
+    teacher = loss_setup[2].teacher
     assert teacher.embed_dim == 32 and teacher.pos_grid == 8  # the decoder's 8x8 grid
 
 

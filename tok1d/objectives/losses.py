@@ -13,6 +13,8 @@ from typing import Callable, Mapping
 import jax
 import jax.numpy as jnp
 
+from tok1d.models.quantizers import l2_normalize  # F.normalize: x / max(|x|, 1e-12)
+
 
 def l2_loss(recon: jax.Array, target: jax.Array) -> jax.Array:
     return jnp.mean(jnp.square(recon.astype(jnp.float32) - target.astype(jnp.float32)))
@@ -40,7 +42,6 @@ def semantic_cosine(student: jax.Array, teacher: jax.Array) -> jax.Array:
         raise ValueError(f"semantic features {student.shape} do not match the teacher's "
                          f"{teacher.shape}: the tokenizer's decoder grid must equal the teacher's "
                          "patch grid and model.out_inner_dim its width.")
-    from tok1d.models.quantizers import l2_normalize  # F.normalize: x / max(|x|, 1e-12)
     s = l2_normalize(student.astype(jnp.float32))
     t = l2_normalize(jax.lax.stop_gradient(teacher.astype(jnp.float32)))
     return -jnp.mean(jnp.sum(s * t, -1))

@@ -33,14 +33,14 @@ from tok1d.train import config_lib, loop, optim
 from tok1d.train import state as state_lib
 from tok1d.train import step as step_lib
 from tok1d.train.state import TrainState
-from tok1d.weights import loaders
+from tok1d.weights import layout, loaders
 
 
 # ---------------------------------------------------------------------------- model
 
 
 def build_generator(config) -> nn.Module:
-    model = models.create(config.model.name, **config_lib.model_kwargs(config))
+    model = models.create(config.model.name, **layout.model_kwargs(config))
     interfaces.check_generator(model)
     return model
 

@@ -27,7 +27,8 @@ from tok1d.data import feeding, pipeline, sources
 from tok1d.evaluation import codebook as codebook_lib
 from tok1d.evaluation import evaluator
 from tok1d.evaluation.image_metrics import psnr
-from tok1d.models import interfaces
+from tok1d.models import dino_disc, interfaces, presets
+from tok1d.models import discriminator as disc_lib
 from tok1d.objectives import adversarial
 from tok1d.objectives import draws as draws_lib
 from tok1d.objectives import perceptual as perceptual_lib
@@ -37,11 +38,11 @@ from tok1d.train import config_lib, loop, optim
 from tok1d.train import state as state_lib
 from tok1d.train import step as step_lib
 from tok1d.train.state import TrainState
-from tok1d.weights import loaders
+from tok1d.weights import layout, loaders
 
 
 def build_model(config) -> nn.Module:
-    return models.create(config.model.name, **config_lib.model_kwargs(config))
+    return models.create(config.model.name, **layout.model_kwargs(config))
 
 
 # -------------------------------------------------------------------- frozen helper networks
@@ -108,8 +109,6 @@ def build_discriminator(config) -> Optional[nn.Module]:
     see `load_disc_trunk`)."""
     if not config.losses.gan:
         return None
-    from tok1d.models import discriminator as disc_lib
-    from tok1d.models import dino_disc
     classes = {"titok": disc_lib.TiTokDiscriminator, "patchgan": disc_lib.PatchGANDiscriminator,
                "dino": dino_disc.DinoDiscriminator}
     name = config.discriminator.name
@@ -117,7 +116,7 @@ def build_discriminator(config) -> Optional[nn.Module]:
         raise config_lib.ConfigError(f"discriminator.name={name!r}; expected one of "
                                      f"{sorted(classes)}.")
     kwargs = dict(config.discriminator.model)
-    models.check_kwargs(classes[name], kwargs, f"discriminator {name!r}")
+    presets.check_kwargs(classes[name], kwargs, f"discriminator {name!r}")
     return classes[name](**kwargs)
 
 

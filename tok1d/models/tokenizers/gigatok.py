@@ -31,6 +31,8 @@ import jax.numpy as jnp
 from tok1d.layers import transformer
 from tok1d.layers.transformer import logical
 from tok1d.models.interfaces import TokenizerAux, vq_aux
+from tok1d.models.quantizers import VectorQuantizer
+from tok1d.models.tokenizers.gigatok_cnn import GigaTokCNNDecoder, GigaTokCNNEncoder
 
 Dtype = Any
 
@@ -369,9 +371,6 @@ class GigaTok(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     def setup(self):
-        from tok1d.models.tokenizers.gigatok_cnn import GigaTokCNNDecoder, GigaTokCNNEncoder
-        from tok1d.models.quantizers import VectorQuantizer
-
         if self.layout not in ("1d", "2d"):
             raise ValueError(f"Unknown GigaTok layout {self.layout!r}; expected '1d' or '2d'.")
         if self.layout == "1d" and self.layer_type != "vit":
