@@ -205,7 +205,6 @@ def setup_process(coordinator_address: str = "", num_processes: int = 0,
         jax.config.update("jax_compilation_cache_dir", cache)
 
 
-@functools.lru_cache(maxsize=None)
 def replicate(tree: Any, mesh: Mesh) -> Any:
     """Host NumPy tree -> global arrays replicated over the mesh (works across hosts)."""
     sharding = NamedSharding(mesh, P())
@@ -228,6 +227,7 @@ def put_like(host_tree: Any, like: Any) -> Any:
     return jax.tree.map(put, host_tree, like)
 
 
+@functools.lru_cache(maxsize=None)
 def _replicate_fn(mesh: Mesh):
     return jax.jit(lambda x: x, out_shardings=NamedSharding(mesh, P()))
 
