@@ -32,6 +32,7 @@ from tok1d import images as images_lib
 from tok1d import parallel
 from tok1d.cli import app
 from tok1d.generation import common as gen_common
+from tok1d.generation.decode import SampleDecoder
 from tok1d.train import generator as gen_trainer
 from tok1d.weights import loaders
 
@@ -75,8 +76,8 @@ def sample_images(config, model, params, tokenizer, tok_params, num_images: int,
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         params = jax.device_put(params, jax.sharding.NamedSharding(mesh,
                                                                    jax.sharding.PartitionSpec()))
-        decoder = gen_trainer.SampleDecoder(model, config.sampling.to_dict(), tokenizer,
-                                            tok_params, sharding)
+        decoder = SampleDecoder(model, config.sampling.to_dict(), tokenizer, tok_params,
+                                sharding)
         for pixels, valid in decoder.batches(params, labels, batch_size, seed, log):
             out.append(images_lib.to_uint8(parallel.host_array(pixels))[valid])
     return np.concatenate(out), labels

@@ -12,6 +12,7 @@ trainer named by `config.trainer` ("tokenizer", "generator" or "demo").
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import sys
 
@@ -22,7 +23,7 @@ from tok1d import errors
 from tok1d import parallel
 from tok1d.cli import app, demo
 from tok1d.probes import ar
-from tok1d.train import generator, loop, tokenizer
+from tok1d.train import generator, tokenizer
 
 USAGE = "--config=FILE[:ARG] --workdir=DIR [--config.KEY=VALUE ...] [flags]"
 CONFIG = "Config file (get_config()); FILE:ARG passes ARG to get_config."
@@ -65,9 +66,9 @@ def execute(fv: flags.FlagValues, args: list[str]) -> None:
                                f"known: {', '.join(sorted(TRAINERS))}.")
     dist = config.distributed
     parallel.setup_process(dist.coordinator_address, dist.num_processes, dist.process_id)
-    loop.log_fn()(f"JAX {jax.__version__}, process {jax.process_index()}/"
-                    f"{jax.process_count()}, {jax.device_count()} devices "
-                    f"({jax.devices()[0].platform}).")
+    # Every process says who it is (the launch logs of a multi-host job show each one joined).
+    logging.info("JAX %s, process %d/%d, %d devices (%s).", jax.__version__, jax.process_index(),
+                 jax.process_count(), jax.device_count(), jax.devices()[0].platform)
     TRAINERS[config.trainer](config, fv.workdir)  # validates the config before the workdir
 
 

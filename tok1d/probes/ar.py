@@ -30,8 +30,8 @@ def probe_config(probe_cfg, vocab: int, num_tokens: int, num_classes: int, mesh_
                  seed: int) -> ml_collections.ConfigDict:
     """The generator config of an AR probe (`config.ar_probe` of a tokenizer run): a small GPT
     over the tokenizer's codes, AdamW at a constant lr after a short warm-up, no dropout."""
-    c = config_lib.base_config()
-    c.trainer, c.seed, c.precision, c.ema_decay = "generator", seed, "float32", 0.0
+    c = config_lib.base_config("generator")
+    c.seed, c.precision, c.ema_decay = seed, "float32", 0.0
     c.total_steps, c.batch_size, c.eval_batch_size = (probe_cfg.steps, probe_cfg.batch_size,
                                                       probe_cfg.batch_size)
     c.mesh = mesh_cfg
