@@ -194,7 +194,7 @@ def write_demo_report(workdir: str, result: dict[str, Any], config) -> None:
 
 
 def _reconstruct(tokenizer, tok_params, pixels: np.ndarray, batch: int = 64) -> np.ndarray:
-    if not getattr(tokenizer, "outputs_pixels", True):
+    if not tokenizer.outputs_pixels:
         raise ValueError("The demo's tokenizer must output pixels (not proxy-code logits).")
     to_model, to_unit = images.range_converters(tokenizer.pixel_range)
 

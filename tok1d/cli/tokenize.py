@@ -367,7 +367,7 @@ def tokenize_dataset(model, params, source, out_dir: str, *, split: str = "train
     if crop not in CROPS:
         raise ValueError(f"Unknown crop {crop!r}; expected one of {CROPS}.")
     image_size = _model_image_size(model, image_size)
-    codebook_size = getattr(model, "num_codes", None) or getattr(model, "codebook_size", None)
+    codebook_size = model.num_codes
     if not codebook_size:
         raise ValueError(f"{type(model).__name__} has no codebook; only VQ tokenizers produce "
                          "tokens.")
