@@ -119,6 +119,19 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh, rules) -> Any:
 
 
 
+def params_and_optimizer(init_params, init_optimizer, mesh: Mesh, rules
+                         ) -> tuple[Any, Any, Any, Any]:
+    """(abstract params, their shardings, abstract optimizer state, its shardings) of a model
+    whose boxed params `init_params(rng)` makes, with `init_optimizer(params)` its optimizer
+    state; call under the mesh and the logical rules. Optimizer moments get the sharding of
+    their parameter (FSDP shards them too); counters are replicated."""
+    boxed = jax.eval_shape(init_params, jax.random.key(0))
+    sh = logical_shardings(boxed, mesh, rules)
+    params = unbox_abstract(boxed)
+    opt_state = jax.eval_shape(init_optimizer, params)
+    return params, sh, opt_state, like_params(opt_state, params, sh, NamedSharding(mesh, P()))
+
+
 def like_params(tree: Any, params: Any, param_sh: Any, default: NamedSharding) -> Any:
     """Shardings for a tree that tracks `params` leaf by leaf (an optimizer state): each leaf
     gets the sharding of the parameter whose dict-key path is the longest suffix of the leaf's

@@ -106,10 +106,8 @@ class GANObjective:
         return variables.pop("params"), (variables or None)
 
     def abstract_and_shardings(self, mesh, rules) -> tuple[GANState, GANState]:
-        boxed = jax.eval_shape(lambda r: self._variables(r)[0], jax.random.key(0))
-        param_sh = parallel.logical_shardings(boxed, mesh, rules)
-        params = parallel.unbox_abstract(boxed)
-        opt_state = jax.eval_shape(self.tx.init, params)
+        params, param_sh, opt_state, opt_sh = parallel.params_and_optimizer(
+            lambda r: self._variables(r)[0], self.tx.init, mesh, rules)
         replicated = NamedSharding(mesh, P())
         collections = nn.unbox(jax.eval_shape(lambda r: self._variables(r)[1],
                                               jax.random.key(0)))
@@ -118,7 +116,7 @@ class GANObjective:
                             collections=collections)
         shardings = GANState(
             params=param_sh,
-            opt_state=parallel.like_params(opt_state, params, param_sh, replicated),
+            opt_state=opt_sh,
             lecam=jax.tree.map(lambda _: replicated, lecam),
             collections=jax.tree.map(lambda _: replicated, collections))
         return abstract, shardings

@@ -42,20 +42,6 @@ class SubStateSpec(Protocol):
         """The initial sub-state (traced inside the jitted state init)."""
 
 
-def params_and_optimizer(init_params: Callable[[jax.Array], Any],
-                         tx: optax.GradientTransformation, mesh, rules
-                         ) -> tuple[Any, Any, Any, Any]:
-    """(abstract params, their shardings, abstract optimizer state, its shardings) of a model
-    whose boxed params `init_params(rng)` makes; call under the mesh and the logical rules.
-    Optimizer moments get the sharding of their parameter (FSDP shards them too)."""
-    boxed = jax.eval_shape(init_params, jax.random.key(0))
-    sh = parallel.logical_shardings(boxed, mesh, rules)
-    params = parallel.unbox_abstract(boxed)
-    opt_state = jax.eval_shape(tx.init, params)
-    return params, sh, opt_state, parallel.like_params(opt_state, params, sh,
-                                                       NamedSharding(mesh, P()))
-
-
 def state_shardings_and_init(init_params: Callable[[jax.Array], Any],
                              tx: optax.GradientTransformation, mesh, rules, use_ema: bool,
                              extras: Optional[Mapping[str, SubStateSpec]] = None
@@ -66,7 +52,8 @@ def state_shardings_and_init(init_params: Callable[[jax.Array], Any],
     The init splits its rng into one key for the params and one per sub-state, in order."""
     extras = dict(extras or {})
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        params, param_sh, opt_state, opt_sh = params_and_optimizer(init_params, tx, mesh, rules)
+        params, param_sh, opt_state, opt_sh = parallel.params_and_optimizer(init_params, tx.init,
+                                                                            mesh, rules)
         sub = {name: spec.abstract_and_shardings(mesh, rules) for name, spec in extras.items()}
     replicated = NamedSharding(mesh, P())
     abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
