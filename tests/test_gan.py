@@ -223,6 +223,25 @@ def test_batch_norm_uses_current_batch_statistics_and_optional_groups():
         jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((4, 32, 32, 3)))
 
 
+def test_patchgan_running_stats_advance_only_in_train_calls():
+    """`track_running_stats`: init creates them, a train=True call advances them (torch momentum
+    0.1 from mean 0 / var 1), a train=False call leaves them; the logits are the same in both
+    modes (always the batch's statistics, as the official trainers' train-mode module)."""
+    x = jnp.asarray(np.random.default_rng(1).normal(0.5, 2.0, size=(4, 16, 16, 3)), jnp.float32)
+    model = disc.PatchGANDiscriminator(base_channels=8, num_layers=2, track_running_stats=True)
+    variables = model.init(jax.random.key(0), x)
+    assert set(variables) == {"params", "batch_stats"}
+    stats0 = variables["batch_stats"]["norm_1"]
+    np.testing.assert_array_equal(stats0["mean"], 0.0)
+    out = {train: model.apply(variables, x, train=train, mutable=["batch_stats"])
+           for train in (True, False)}
+    np.testing.assert_array_equal(out[True][0], out[False][0])
+    assert int(out[True][1]["batch_stats"]["norm_1"]["count"]) == 1
+    assert np.abs(np.asarray(out[True][1]["batch_stats"]["norm_1"]["mean"])).max() > 0
+    jax.tree.map(np.testing.assert_array_equal, out[False][1]["batch_stats"],
+                 variables["batch_stats"])
+
+
 # ------------------------------------------------------------------ losses
 
 def test_gan_losses_on_hand_computed_values():

@@ -10,7 +10,9 @@ import pytest
 
 from tok1d import models
 from tok1d.models import interfaces
-from tok1d.models.interfaces import ShortcutTokenizer, Tokenizer, TokenizerAux
+from tok1d.models import discriminator, dino_disc
+from tok1d.models.interfaces import (Discriminator, SemanticTokenizer, ShortcutTokenizer,
+                                     Tokenizer, TokenizerAux)
 from tok1d.objectives.terms import TERMS
 
 SIZE = 32
@@ -48,6 +50,9 @@ def test_every_tokenizer_implements_the_interface(built):
     assert isinstance(model, Tokenizer)
     interfaces.check_tokenizer(model)
     assert isinstance(model, ShortcutTokenizer) == name.startswith("gigatok")
+    assert isinstance(model, SemanticTokenizer) == name.startswith("gigatok")
+    # A fixed input size, except the fully convolutional MaskGIT-VQGAN.
+    assert model.input_size == (None if name == "maskgit_vqgan" else SIZE)
 
 
 def test_encode_gives_codes_and_decode_codes_round_trips_shapes(built):
@@ -89,3 +94,19 @@ def test_training_forward_returns_a_typed_aux(built):
     # The aux is a pytree: it crosses jit.
     leaves = jax.tree.leaves(jax.jit(lambda p: model.apply({"params": p}, x)[1])(params))
     assert leaves and all(isinstance(v, jax.Array) for v in leaves)
+
+
+@pytest.mark.parametrize("disc, pixel_range", [
+    (discriminator.TiTokDiscriminator(hidden_channels=8, num_groups=4), (0.0, 1.0)),
+    (discriminator.PatchGANDiscriminator(base_channels=8, num_layers=2), (-1.0, 1.0)),
+    (dino_disc.DinoDiscriminator(embed_dim=32, depth=2, num_heads=2, img_size=32,
+                                 key_depths=(1,)), (-1.0, 1.0)),
+])
+def test_every_discriminator_implements_the_interface(disc, pixel_range):
+    """The GAN objective reads `pixel_range` and always calls `train=True`."""
+    assert isinstance(disc, Discriminator) and disc.pixel_range == pixel_range
+    x = jnp.zeros((2, 32, 32, 3))
+    variables = disc.init({"params": jax.random.key(0), "crop": jax.random.key(1)}, x)
+    logits, _ = disc.apply(variables, x, train=True, rngs={"crop": jax.random.key(2)},
+                           mutable=[k for k in variables if k != "params"])
+    assert logits.dtype == jnp.float32 and logits.shape[0] == 2

@@ -255,3 +255,20 @@ def test_digits_source_splits_labels_and_determinism():
         sources.DigitsSource("holdout")
     with pytest.raises(IndexError):
         train[len(train)]
+
+
+def test_a_fully_convolutional_tokenizer_tokenizes_at_the_size_asked(tmp_path):
+    """MaskGIT-VQGAN (`input_size` None) encodes any size: its `image_size` field (the size of
+    its 256-token layout) does not refuse 32 px, and the token count follows the size asked."""
+    model = models.create("maskgit_vqgan", hidden_channels=32, channel_mult=(1, 1, 2),
+                          num_res_blocks=1, z_channels=32, codebook_size=16)
+    assert model.input_size is None and model.image_size == 256
+    variables = jax.jit(model.init)(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
+    params = jax.tree.map(np.asarray, nn.unbox(variables)["params"])
+    with pytest.raises(ValueError, match="does not fix an image size; pass image_size"):
+        tokenize.tokenize_dataset(model, params, sources.DigitsSource("train"),
+                                  str(tmp_path / "none"), log=lambda _: None)
+    summary = tokenize.tokenize_dataset(
+        model, params, sources.DigitsSource("train", image_size=32), str(tmp_path / "out"),
+        image_size=32, batch_size=8, num_examples=16, log=lambda _: None)
+    assert summary["num_examples"] == 16 and summary["num_tokens"] == (32 // 4) ** 2

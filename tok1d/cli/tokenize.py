@@ -319,7 +319,7 @@ def _sync(name: str) -> None:
 # ----------------------------------------------------------------------------------------------
 
 def _model_image_size(model, image_size: int) -> int:
-    native = getattr(model, "image_size", None)
+    native = model.input_size
     if image_size and native and image_size != native:
         raise ValueError(f"Image size mismatch: {image_size} px requested but the tokenizer "
                          f"{type(model).__name__} takes {native} px images.")
@@ -573,9 +573,10 @@ def execute(fv: flags.FlagValues, args: list[str]) -> None:
     overrides = {"dtype": fv.dtype} if fv.dtype else {}
     model, params = loaders.load_tokenizer(fv.tokenizer, **overrides)
     desc = loaders.describe_tokenizer(fv.tokenizer)
-    native = getattr(model, "image_size", 0)
-    if not fv.image_size and native and getattr(source, "image_size", native) != native:
-        # Synthetic sources ("digits") render at the tokenizer's size directly.
+    native = model.input_size
+    if not fv.image_size and native:
+        # Opened again at the tokenizer's size: synthetic sources ("digits") render at it
+        # directly (stored images ignore it and are cropped by `load_image`).
         source = resolve_source(fv.data, fv.split, data_dir=fv.data_dir, image_size=native)
     tokenize_dataset(model, params, source, fv.out, split=fv.split, batch_size=fv.batch_size,
                      flip=fv.flip, num_shards=fv.num_shards, image_size=fv.image_size,

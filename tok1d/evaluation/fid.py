@@ -17,6 +17,7 @@ from a `.npz` written by `FeatureStats.save`.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -87,16 +88,24 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
         raise ValueError(f"Statistics differ in shape: mu {mu1.shape} vs {mu2.shape}, sigma "
                          f"{sigma1.shape} vs {sigma2.shape}.")
     diff = mu1 - mu2
-    covmean = linalg.sqrtm(sigma1 @ sigma2)  # no `disp`: SciPy 1.18 removed it
+    covmean = _quiet_sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
         offset = np.eye(sigma1.shape[0]) * eps
-        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+        covmean = _quiet_sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             raise ValueError(f"sqrtm has a large imaginary part "
                              f"({np.max(np.abs(covmean.imag)):.3g}); the statistics are broken.")
         covmean = covmean.real
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+
+
+def _quiet_sqrtm(a: np.ndarray) -> np.ndarray:
+    """`scipy.linalg.sqrtm` without its singular-matrix warning (pytorch-fid passes
+    `disp=False`, which SciPy 1.18 removed; the caller handles a singular product)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        return linalg.sqrtm(a)
 
 
 def inception_score(probs, splits: int = 10) -> tuple[float, float]:

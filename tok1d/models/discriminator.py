@@ -57,8 +57,8 @@ Two discriminators, each a faithful port of the one an official recipe trains:
     **no running statistics and no `batch_stats` collection**: `apply` needs no mutable
     collections, and the module is a pure function of (params, images). With
     `track_running_stats=True` (the GigaTok recipes, whose checkpoints carry them) the running
-    averages live in a "batch_stats" collection that every call applied with it mutable
-    advances as torch does (the trainer threads it through every D call of a step, in the
+    averages live in a "batch_stats" collection that every `train=True` call applied with it
+    mutable advances as torch does (the trainer threads it through every D call of a step, in the
     official order, as `disc_state`); they never change a logit. Under jit with the batch sharded
     over devices the mean/variance are computed over the whole global batch (SyncBatchNorm
     semantics); set `batch_norm_group_size` to the official per-GPU batch to normalise
@@ -176,7 +176,7 @@ class BatchNorm(nn.Module):
 
     `track_running_stats`: also keep PyTorch's running averages (never read: train mode), in
     the "batch_stats" collection: `mean`, `var` and `count` (= `running_mean`, `running_var`,
-    `num_batches_tracked`), updated by every call applied with "batch_stats" mutable as torch
+    `num_batches_tracked`), updated by every `train` call applied with "batch_stats" mutable as torch
     does (momentum 0.1, the unbiased batch variance); a call without it mutable leaves them
     alone. With groups, the first group's statistics (DDP rank 0, whose buffers a checkpoint
     saves) feed them."""
@@ -190,7 +190,7 @@ class BatchNorm(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, *, train: bool = True) -> jax.Array:
         c = x.shape[-1]
         scale = self.param("scale", logical(self.scale_init, ("norm",)), (c,), self.param_dtype)
         bias = self.param("bias", logical(nn.initializers.zeros, ("norm",)), (c,),
@@ -204,18 +204,18 @@ class BatchNorm(nn.Module):
         mean = jnp.mean(xf, axis=axes, keepdims=True)
         var = jnp.mean(jnp.square(xf - mean), axis=axes, keepdims=True)
         if self.track_running_stats and self.is_mutable_collection("batch_stats"):
-            self._update_running_stats(mean[0].reshape(c), var[0].reshape(c),
-                                       xf[0].size // c)
+            self._running_stats(mean[0].reshape(c), var[0].reshape(c), xf[0].size // c, train)
         y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon)
         y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
         return y.reshape(x.shape).astype(self.dtype)
 
-    def _update_running_stats(self, mean: jax.Array, var: jax.Array, n: int) -> None:
+    def _running_stats(self, mean: jax.Array, var: jax.Array, n: int, train: bool) -> None:
+        """Creates the running averages (at init) and advances them (train calls)."""
         c = mean.shape[0]
         r_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
         r_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
         count = self.variable("batch_stats", "count", jnp.zeros, (), jnp.int32)
-        if self.is_initializing():
+        if self.is_initializing() or not train:
             return
         m = jnp.float32(self.momentum)
         unbiased = var * jnp.float32(n / max(n - 1, 1))
@@ -240,6 +240,11 @@ class TiTokDiscriminator(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
+    @property
+    def pixel_range(self) -> tuple[float, float]:
+        """The input range of the official loss (TiTok's pixel range)."""
+        return (0.0, 1.0)
+
     def _conv(self, x: jax.Array, features: int, k: int, name: str,
               names: tuple = CONV) -> jax.Array:
         fan_in = x.shape[-1] * k * k
@@ -250,7 +255,8 @@ class TiTokDiscriminator(nn.Module):
                        name=name)(x)
 
     @nn.compact
-    def __call__(self, images: jax.Array) -> jax.Array:
+    def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+        del train  # no state: the same function in both modes
         if self.num_stages < 1:
             raise ValueError("TiTokDiscriminator needs at least one stage.")
         act = lambda t: nn.leaky_relu(t, self.negative_slope)  # noqa: E731
@@ -288,6 +294,11 @@ class PatchGANDiscriminator(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
+    @property
+    def pixel_range(self) -> tuple[float, float]:
+        """The input range of the official loss (LlamaGen / GigaTok pixel range)."""
+        return (-1.0, 1.0)
+
     def _conv(self, x: jax.Array, features: int, stride: int, use_bias: bool, name: str,
               names: tuple = CONV) -> jax.Array:
         k = self.kernel_size
@@ -298,19 +309,21 @@ class PatchGANDiscriminator(nn.Module):
                        bias_init=logical(torch_default_bias_init(fan_in), names[-1:]),
                        name=name)(x)
 
-    def _norm(self, x: jax.Array, name: str) -> jax.Array:
+    def _norm(self, x: jax.Array, name: str, train: bool) -> jax.Array:
         if self.norm == "batch":
             return BatchNorm(epsilon=self.norm_epsilon, group_size=self.batch_norm_group_size,
                              scale_init=_normal_around(1.0, 0.02),
                              track_running_stats=self.track_running_stats, dtype=self.dtype,
-                             param_dtype=self.param_dtype, name=name)(x)
+                             param_dtype=self.param_dtype, name=name)(x, train=train)
         if self.norm == "group":
             return group_norm(self.dtype, self.param_dtype, name,
                               epsilon=self.norm_epsilon)(x)
         raise ValueError(f"Unknown PatchGAN norm {self.norm!r}; expected 'batch' or 'group'.")
 
     @nn.compact
-    def __call__(self, images: jax.Array) -> jax.Array:
+    def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+        """`train`: advance the BatchNorm running averages (with `track_running_stats`, applied
+        with "batch_stats" mutable); the logits normalise with batch statistics either way."""
         act = lambda t: nn.leaky_relu(t, self.negative_slope)  # noqa: E731
         ndf, bias = self.base_channels, self.norm != "batch"
         x = act(self._conv(images.astype(self.dtype), ndf, 2, True, "conv_0"))
@@ -318,6 +331,6 @@ class PatchGANDiscriminator(nn.Module):
             last = n == self.num_layers
             width = ndf * min(2 ** n, self.max_mult)
             x = self._conv(x, width, 1 if last else 2, bias, f"conv_{n}")
-            x = act(self._norm(x, f"norm_{n}"))
+            x = act(self._norm(x, f"norm_{n}", train))
         x = self._conv(x, 1, 1, True, "conv_out", names=CONV_TO_ONE)
         return x.astype(jnp.float32)

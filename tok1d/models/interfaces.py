@@ -6,6 +6,8 @@ Tokenizer (TiTok, GigaTok, MaskGIT-VQGAN), a Linen module with:
     num_codes        codebook size (None for a continuous VAE tokenizer)
     num_tokens       tokens per image
     outputs_pixels   False for TiTok stage 1 (its decoder predicts proxy-code logits)
+    input_size       the image side it requires (TiTok, GigaTok: their image_size), or None
+                     for a fully convolutional tokenizer that encodes any size (MaskGIT-VQGAN)
     encode(images)   -> integer codes: (B, num_tokens) for TiTok and GigaTok, the (B, h, w) grid
                      (h * w = num_tokens, row-major) for MaskGIT-VQGAN; a continuous (VAE)
                      tokenizer raises ValueError (it has no codes)
@@ -14,7 +16,10 @@ Tokenizer (TiTok, GigaTok, MaskGIT-VQGAN), a Linen module with:
                      (`train`: TiTok VAE draws its latents from the posterior, GigaTok adds its
                      shortcut reconstruction)
 A tokenizer with a shortcut decoder (GigaTok's CNN decoder on the CNN-encoder map, the
-"shortcut" warm-up term) also has `decode_cnn_map(cnn_map)` (`ShortcutTokenizer`).
+"shortcut" warm-up term) also has `decode_cnn_map(cnn_map)` (`ShortcutTokenizer`). A tokenizer
+whose decoder features a semantic loss aligns with a teacher's patch grid (GigaTok) names that
+grid's side as `semantic_grid` (`SemanticTokenizer`; the DINOv2 teacher's position table is
+resampled to it).
 
 The latent level, which the models use internally and the parity tests read:
     encode_latents(images) -> (latents, the quantizer's outputs: a dict with "codes" and
@@ -50,6 +55,13 @@ Generator (MaskGIT, GPT), a Linen module with:
     __call__(tokens, labels, train=False) -> logits (B, num_tokens, vocab_size)
 A "masked" generator also has `mask_id`, the input id of a masked token. The objective picks the
 training loss (`tok1d.objectives.tokens`) and the sampler (`tok1d.generation.common`).
+
+Discriminator (TiTok's NLayer, PatchGAN, GigaTok's DINO discriminator), a Linen module with:
+    pixel_range      (lo, hi): the pixel range it reads (the GAN objective converts to it)
+    __call__(images, *, train=False) -> logits: `train` advances its state collections (PatchGAN
+                     BatchNorm running averages, DINO spectral-norm power iteration) when
+                     applied with them mutable; the official trainers always call it in train
+                     mode, and so does `tok1d.objectives.adversarial`.
 """
 
 from __future__ import annotations
@@ -59,8 +71,8 @@ from typing import Any, Mapping, Optional, Protocol, runtime_checkable
 import jax
 from flax import struct
 
-TOKENIZER_FIELDS = ("pixel_range", "num_codes", "num_tokens", "outputs_pixels", "encode",
-                    "decode_codes")
+TOKENIZER_FIELDS = ("pixel_range", "num_codes", "num_tokens", "outputs_pixels", "input_size",
+                    "encode", "decode_codes")
 LOSS_PARTS = ("codebook", "commitment")  # the VQ quantizer loss's parts (logged, not weighted)
 FEATURES = ("cnn_map", "semantic_features", "shortcut_pixels", "encoder_map", "posterior_mean",
             "posterior_logvar", "posterior_std", "kl_per_token")
@@ -97,6 +109,7 @@ class Tokenizer(Protocol):
     num_codes: Optional[int]
     num_tokens: int
     outputs_pixels: bool
+    input_size: Optional[int]
 
     def encode(self, images: jax.Array) -> jax.Array: ...
 
@@ -111,11 +124,23 @@ class ShortcutTokenizer(Tokenizer, Protocol):
     def decode_cnn_map(self, cnn_map: jax.Array) -> jax.Array: ...
 
 
+@runtime_checkable
+class SemanticTokenizer(Tokenizer, Protocol):
+    semantic_grid: int
+
+
 def check_tokenizer(model: Any) -> None:
     """Raises TypeError naming what `model` lacks of the tokenizer interface."""
     missing = [name for name in TOKENIZER_FIELDS if not hasattr(type(model), name)]
     if missing:
         raise TypeError(f"{type(model).__name__} is not a tokenizer: it lacks {missing}.")
+
+
+@runtime_checkable
+class Discriminator(Protocol):
+    pixel_range: tuple[float, float]
+
+    def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array: ...
 
 
 GENERATOR_FIELDS = ("objective", "vocab_size", "num_tokens", "num_classes", "null_label")

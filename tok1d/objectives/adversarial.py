@@ -19,7 +19,6 @@ branch).
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Callable
 
 import flax
@@ -31,6 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from tok1d import images as images_lib
 from tok1d import parallel
+from tok1d.models.interfaces import Discriminator
 from tok1d.objectives import augment, gan
 from tok1d.objectives import draws as draws_lib
 
@@ -58,11 +58,12 @@ class GANObjective:
     """A discriminator trained against the tokenizer (hinge / non-saturating losses, optional
     LeCam and DiffAugment), with the official recipes' options:
 
-    disc           the discriminator module (`tok1d.models.discriminator`, `dino_disc`)
+    disc           the discriminator (`tok1d.models.interfaces.Discriminator`: TiTok NLayer,
+                   PatchGAN, DINO), always applied with train=True as the official trainers do
     tx, schedule   its optimizer and LR schedule (`tok1d.train.optim.make_optimizer`)
     sample_images  (B, H, W, 3) zeros its variables are initialised with
-    model_range    the tokenizer's pixel range (the discriminator sees that range, converted to
-                   its own `pixel_range` when it declares one, e.g. the DINO trunk's [-1, 1])
+    model_range    the tokenizer's pixel range (images are converted from it to the
+                   discriminator's `pixel_range` where the two differ)
     loss           "hinge" | "non_saturating" (`gan.D_LOSSES` / `gan.G_LOSSES`)
     weight         the generator term's weight (`losses.gan`)
     d_weight       the discriminator loss's weight (GigaTok 0.5)
@@ -73,7 +74,7 @@ class GANObjective:
     diffaug_prob, diffaug_cutout   DiffAugment before every call (0: off)
     """
 
-    def __init__(self, disc: nn.Module, *, tx: optax.GradientTransformation,
+    def __init__(self, disc: Discriminator, *, tx: optax.GradientTransformation,
                  schedule: Callable[[Any], Any], sample_images: jax.Array,
                  model_range: tuple[float, float], loss: str = "hinge", weight: float = 1.0,
                  d_weight: float = 1.0, start_step: int = 0, lecam: float = 0.0,
@@ -93,10 +94,8 @@ class GANObjective:
         self.lecam, self.lecam_decay = lecam, lecam_decay
         self.call_order, self.direct_fake = CALL_ORDERS[call_order], direct_fake
         self.diffaug_prob, self.diffaug_cutout = diffaug_prob, diffaug_cutout
-        self.takes_train = "train" in inspect.signature(disc.__call__).parameters
-        disc_range = getattr(disc, "pixel_range", None)
-        self.convert = disc_range is not None and tuple(disc_range) != tuple(model_range)
-        self.to_disc = images_lib.range_converters(disc_range or model_range)[0]
+        self.convert = tuple(disc.pixel_range) != tuple(model_range)
+        self.to_disc = images_lib.range_converters(disc.pixel_range)[0]
         self.model_to_unit = images_lib.range_converters(model_range)[1]
 
     # ------------------------------------------------------------------ the sub-state
@@ -149,13 +148,12 @@ class GANObjective:
             images = augment.diff_augment_with_uniforms(
                 images, jnp.asarray(flags, jnp.float32), jnp.asarray(rand01, jnp.float32),
                 prob=self.diffaug_prob, cutout=self.diffaug_cutout)
-        kwargs = {"train": True} if self.takes_train else {}
         if collections is None:
             return self.disc.apply({"params": params}, images, rngs={"crop": k_crop},
-                                   **kwargs), None
+                                   train=True), None
         logits, new = self.disc.apply({"params": params, **collections}, images,
                                       rngs={"crop": k_crop}, mutable=list(collections),
-                                      **kwargs)
+                                      train=True)
         return logits, dict(new)
 
     def g_term(self, params, collections, fake, rng, draws=None, call="g/rec"):

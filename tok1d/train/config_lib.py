@@ -22,6 +22,7 @@ import ml_collections
 
 from tok1d import models
 from tok1d import errors, parallel
+from tok1d.models import interfaces
 from tok1d.objectives import terms
 from tok1d.train import optim
 from tok1d.weights.layout import model_kwargs
@@ -391,10 +392,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
 
     image_size = config.data.image_size
     if model is not None:
-        if getattr(model, "image_size", image_size) != image_size:
-            problems.append(f"model.image_size={model.image_size} differs from "
+        if isinstance(model, interfaces.Tokenizer) and model.input_size not in (None,
+                                                                                image_size):
+            problems.append(f"model.image_size={model.input_size} differs from "
                             f"data.image_size={image_size}")
-        patch = getattr(model, "patch_size", None)
+        patch = config.model.get("patch_size")  # a patch-embedding tokenizer's key (TiTok)
         if patch and image_size % patch:
             problems.append(f"data.image_size={image_size} is not divisible by "
                             f"model.patch_size={patch}")

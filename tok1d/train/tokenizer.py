@@ -62,8 +62,9 @@ def build_teacher(config, student: Optional[nn.Module] = None) -> Optional[tuple
                                      "'dinov2'.")
     if not (tcfg.weights or tcfg.allow_random_init):
         raise config_lib.ConfigError(_MISSING_TEACHER[tcfg.name])
+    grid = student.semantic_grid if isinstance(student, interfaces.SemanticTokenizer) else None
     return loaders.load_teacher(tcfg.name, tcfg.weights, tcfg.model, precision=config.precision,
-                                grid=getattr(student, "grid_size", None),
+                                grid=grid,
                                 image_size=config.data.image_size, seed=config.seed + 17)
 
 

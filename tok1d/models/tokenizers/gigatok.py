@@ -420,6 +420,11 @@ class GigaTok(nn.Module):
         return self.image_size // 2 ** (len(self.encoder_ch_mult) - 1)
 
     @property
+    def semantic_grid(self) -> int:
+        """The decoder grid whose features the semantic loss aligns (`SemanticTokenizer`)."""
+        return self.grid_size
+
+    @property
     def num_codes(self) -> int:
         return self.codebook_size
 
@@ -430,6 +435,10 @@ class GigaTok(nn.Module):
     @property
     def outputs_pixels(self) -> bool:
         return True
+
+    @property
+    def input_size(self) -> int:
+        return self.image_size
 
     @property
     def num_tokens(self) -> int:

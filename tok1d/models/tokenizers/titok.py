@@ -285,6 +285,10 @@ class TiTok(nn.Module):
         return self.num_latent_tokens
 
     @property
+    def input_size(self) -> int:
+        return self.image_size
+
+    @property
     def pixel_range(self) -> tuple[float, float]:
         return (0.0, 1.0)
 

@@ -203,6 +203,11 @@ class MaskGITVQGAN(nn.Module):
         return (0.0, 1.0)
 
     @property
+    def input_size(self) -> None:
+        """Fully convolutional: any size whose side is a multiple of `downsample_factor`."""
+        return None
+
+    @property
     def outputs_pixels(self) -> bool:
         return True
 
