@@ -2,6 +2,7 @@
 
 Must run before JAX is imported anywhere (pytest imports conftest first)."""
 
+import gc
 import os
 import sys
 
@@ -18,6 +19,10 @@ CACHE_DIR = os.environ.setdefault("TOK1D_COMPILATION_CACHE", "/tmp/tok1d_test_ja
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
+
+from tok1d import parallel  # noqa: E402
+
+parallel.size_cpu_thread_pool()  # 8 fake devices on 2 cores: see its docstring
 
 jax.config.update("jax_compilation_cache_dir", CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
@@ -145,6 +150,16 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: rank[str(item.path)])
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _drop_compiled_programs():
+    """Each test module's compiled programs are dropped when it ends: an xdist worker runs dozens
+    of modules, and with every executable kept alive two workers grew past 5-7 GB each (the
+    persistent compilation cache still serves a later module that compiles the same program)."""
+    yield
+    jax.clear_caches()
+    gc.collect()
+
+
 def rel_err(got, want) -> float:
     """max|got - want| / max|want| in float64 (the fixture README's error measure); the shapes
     must agree exactly."""
@@ -158,6 +173,7 @@ def subprocess_env(num_devices: int = 8) -> dict:
     """Environment for `python -m tok1d.main` subprocesses in tests."""
     env = dict(os.environ)
     env["XLA_FLAGS"] = FAST_XLA.replace("device_count=8", f"device_count={num_devices}")
+    env.pop("PJRT_NPROC", None)  # sized for num_devices by parallel.size_cpu_thread_pool
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     env["TOK1D_COMPILATION_CACHE"] = CACHE_DIR

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -16,6 +18,8 @@ import numpy as np
 import optax
 import pytest
 from jax.sharding import PartitionSpec as P
+
+from conftest import subprocess_env
 
 from tok1d import parallel
 from tok1d.train import config_lib
@@ -371,3 +375,42 @@ def test_config_validate_rejects_bad_mesh():
     config.batch_size = 12   # not divisible by 8 data-parallel devices
     with pytest.raises(config_lib.ConfigError, match="batch_size"):
         config_lib.validate(config, num_devices=8)
+
+
+def test_fake_cpu_devices_get_a_thread_pool_that_cannot_starve_a_collective():
+    """On N fake CPU devices XLA runs every device's share of a program on max(cores, N)
+    threads; under async dispatch the devices of step k + 1 that start early wait in its first
+    collective, and with only N threads the last participant of step k starved until XLA aborted
+    the process (the CI crash). `setup_process` sizes the pool to 4 N; a dependent loop of
+    collective programs, never blocked on, then finishes."""
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    parallel.size_cpu_thread_pool(env)
+    assert env["PJRT_NPROC"] == "32"
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PJRT_NPROC": "12"}
+    parallel.size_cpu_thread_pool(env)
+    assert env["PJRT_NPROC"] == "12"  # the user's choice stands
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    parallel.size_cpu_thread_pool(env)
+    assert "PJRT_NPROC" not in env
+
+    code = """
+import collections, os
+from tok1d import parallel
+parallel.setup_process()
+import jax, jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+mesh = parallel.create_mesh({"data": 8})
+x = jax.device_put(jnp.ones((8, 1024)), NamedSharding(mesh, P("data")))
+step = jax.jit(lambda x: x / (1 + jnp.sum(x * x)) + jnp.mean(x, axis=0, keepdims=True))
+for _ in range(300):
+    x = step(x)
+x.block_until_ready()
+threads = collections.Counter(open(f"/proc/self/task/{t}/comm").read().strip()
+                              for t in os.listdir("/proc/self/task"))
+print("pool", threads["tf_XLAEigen"])
+"""
+    env = subprocess_env(8)
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "pool 32" in run.stdout

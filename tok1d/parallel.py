@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
@@ -204,12 +205,28 @@ def maybe_initialize_distributed(coordinator_address: str = "", num_processes: i
     jax.distributed.initialize(**kwargs)
 
 
+def size_cpu_thread_pool(environ=os.environ) -> None:
+    """Room for programs in flight on fake CPU devices; call before the CPU backend starts.
+
+    XLA's CPU client runs every device's share of a program on one pool of max(cores, devices)
+    threads. Under async dispatch a device that finishes step k early starts step k + 1 and
+    waits in its first collective, holding a thread; with `--xla_force_host_platform_device_count
+    =N` on a few cores the pool fills with such waiters, the last participant of step k never
+    gets a thread, and XLA aborts the process after 40 s ("Termination timeout for all reduce
+    ... only 7 of them arrived"). Seen in CI; reproduced with one jitted loop on 8 fake devices.
+    Gives the pool 4 N threads (`PJRT_NPROC`) unless the environment already sets it."""
+    m = re.search(r"--xla_force_host_platform_device_count=(\d+)", environ.get("XLA_FLAGS", ""))
+    if m and int(m.group(1)) > 1:
+        environ.setdefault("PJRT_NPROC", str(4 * int(m.group(1))))
+
+
 def setup_process(coordinator_address: str = "", num_processes: int = 0,
                   process_id: int = -1) -> None:
     """What every command does first: joins a multi-host run when asked (a coordinator address,
     or TOK1D_DISTRIBUTED=1 for auto-detection on TPU pods / SLURM; CPU collectives over gloo,
     harmless on GPU/TPU) and turns on the persistent compilation cache named by
     $TOK1D_COMPILATION_CACHE."""
+    size_cpu_thread_pool()
     if coordinator_address or os.environ.get("TOK1D_DISTRIBUTED") == "1":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         maybe_initialize_distributed(coordinator_address, num_processes, process_id)

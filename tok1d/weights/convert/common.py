@@ -14,6 +14,7 @@ Layout rules (PyTorch -> Flax, NHWC):
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Callable, Iterable, Mapping, Optional
 
@@ -214,6 +215,15 @@ def flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple
         else:
             out[prefix + (key,)] = value
     return out
+
+
+@functools.lru_cache(maxsize=32)
+def abstract_variables(model: nn.Module, *inputs: jax.ShapeDtypeStruct) -> Any:
+    """`jax.eval_shape(model.init, key, *inputs)`: the (boxed) variable shapes of `model` for
+    inputs of these shapes. Cached per (model, input shapes) -- Linen modules hash by their
+    fields -- so converting many state dicts of one model (the train-step tests check each
+    stored step's tensors) traces its init once. Read-only: the cache hands out one tree."""
+    return jax.eval_shape(model.init, jax.random.key(0), *inputs)
 
 
 def finish(sd: StateDict, params: ParamTree, abstract_params: Mapping[str, Any],

@@ -85,7 +85,7 @@ def convert_file(path: str, model: Optional[DinoDiscriminator] = None) -> dict[s
 def _abstract_variables(model: DinoDiscriminator) -> Any:
     images = jax.ShapeDtypeStruct(
         (model.virtual_batch_size, model.img_size, model.img_size, 3), jnp.float32)
-    return jax.eval_shape(model.init, jax.random.key(0), images)
+    return common.abstract_variables(model, images)
 
 
 def _strip_wrapper(state_dict: Mapping[str, Any]) -> dict[str, Any]:

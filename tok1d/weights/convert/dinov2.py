@@ -100,7 +100,7 @@ def kwargs_from_state_dict(state_dict: Mapping[str, np.ndarray], num_heads: Opti
 def abstract_params(model: DinoV2) -> Any:
     g = model.table_grid * model.patch_size
     images = jax.ShapeDtypeStruct((1, g, g, 3), jnp.float32)
-    return jax.eval_shape(model.init, jax.random.key(0), images)["params"]
+    return common.abstract_variables(model, images)["params"]
 
 
 def _block(sd: StateDict, src: str, model: DinoV2) -> dict[str, Any]:

@@ -33,7 +33,7 @@ def _strip_prefix(state_dict: Mapping[str, Any], anchor: str) -> dict[str, Any]:
 
 def _abstract_params(model: nn.Module, size: int = 64) -> Any:
     x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
-    return jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+    return common.abstract_variables(model, x)["params"]
 
 
 def convert_titok_discriminator(state_dict: Mapping[str, Any],

@@ -7,7 +7,6 @@ block type) into a `ParamTree`; the CNN halves are in `convert.gigatok_cnn`.
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -206,9 +205,7 @@ def convert_gigatok(state_dict, model, what: str = "GigaTok checkpoint") -> dict
     return common.finish(sd, out, abstract_params(model))
 
 
-@functools.lru_cache(maxsize=8)
 def abstract_params(model):
-    """The (boxed) parameter shapes of a GigaTok module (cached: converting many state dicts
-    of one model, e.g. the train-step parity tests, traces its init once)."""
+    """The (boxed) parameter shapes of a GigaTok module."""
     images = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, 3), jnp.float32)
-    return jax.eval_shape(model.init, jax.random.key(0), images)["params"]
+    return common.abstract_variables(model, images)["params"]

@@ -122,9 +122,9 @@ def convert_gpt(state_dict: Mapping[str, Any], model: GPT) -> dict[str, Any]:
     w = sd.take("output.weight")
     out.set("output/kernel", None if w is None else common.linear(w), "output.weight")
 
-    codes = jnp.zeros((1, model.num_tokens), jnp.int32)
-    labels = jnp.zeros((1,), jnp.int32)
-    abstract = jax.eval_shape(model.init, jax.random.key(0), codes, labels)["params"]
+    codes = jax.ShapeDtypeStruct((1, model.num_tokens), jnp.int32)
+    labels = jax.ShapeDtypeStruct((1,), jnp.int32)
+    abstract = common.abstract_variables(model, codes, labels)["params"]
     return common.finish(sd, out, abstract)
 
 

@@ -175,7 +175,7 @@ def _convert_uvit(sd: StateDict, model: maskgit.MaskGITUViT, out: ParamTree) -> 
 def abstract_params(model: Any) -> Any:
     tokens = jax.ShapeDtypeStruct((1, model.num_tokens), jnp.int32)
     labels = jax.ShapeDtypeStruct((1,), jnp.int32)
-    return jax.eval_shape(model.init, jax.random.key(0), tokens, labels)["params"]
+    return common.abstract_variables(model, tokens, labels)["params"]
 
 
 def convert_maskgit(state_dict: Mapping[str, np.ndarray], model: Any,

@@ -13,7 +13,6 @@ arguments; without a config, `infer_kwargs` reads every size from the tensor sha
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 from typing import Any, Mapping, Optional
@@ -187,13 +186,9 @@ def _convert_into(sd: StateDict, model: TiTok, out: ParamTree) -> None:
                               tuple(model.pixel_channel_mult), model.pixel_res_blocks)
 
 
-@functools.lru_cache(maxsize=8)
 def abstract_params(model: TiTok) -> Any:
-    """Abstract params of `model` (cached per model: Linen modules hash by their fields, so
-    repeated conversions -- e.g. the train-step tests' per-tensor provenance -- trace the
-    model once)."""
     images = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, 3), jnp.float32)
-    return jax.eval_shape(model.init, jax.random.key(0), images)["params"]
+    return common.abstract_variables(model, images)["params"]
 
 
 def convert_titok(state_dict: Mapping[str, np.ndarray], model: TiTok,
