@@ -13,13 +13,14 @@ from tok1d.generation import autoregressive, maskgit
 SAMPLERS: dict[str, Callable[..., Callable]] = {
     "masked": maskgit.make_sampler,
     "next_token": autoregressive.make_sampler,
+    "permuted_next_token": autoregressive.make_rar_sampler,
 }
 
 
 def make_sampler(model, **kwargs: Any) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
     """The jitted `fn(params, labels, rng) -> codes (B, N)` for `model`: MaskGIT's iterative
     decoding for objective "masked", autoregressive decoding with a KV cache for
-    "next_token". `kwargs` are the sampler's options (config.sampling); unknown ones fail."""
+    "next_token" (GPT) and "permuted_next_token" (RAR, in raster order). `kwargs` are the sampler's options (config.sampling); unknown ones fail."""
     if model.objective not in SAMPLERS:
         raise ValueError(f"No sampler for generator objective {model.objective!r}; known: "
                          f"{sorted(SAMPLERS)}.")
