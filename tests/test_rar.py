@@ -20,7 +20,7 @@ from tok1d.cli.convert import main as convert_main
 from tok1d.data import sources
 from tok1d.generation import autoregressive as ar
 from tok1d.generation import guidance
-from tok1d.layers.transformer import init_cache
+from tok1d.layers.transformer import Attention, cast_params, init_cache
 from tok1d.models.generators import rar as rar_lib
 from tok1d.models.generators.rar import RAR
 from tok1d.objectives import tokens as token_obj
@@ -74,6 +74,36 @@ def test_cached_decoding_matches_full_recomputation():
     assert got.shape == full.shape == (3, TOKENS, VOCAB)
     np.testing.assert_allclose(got, full, rtol=0, atol=2e-5 * float(np.abs(full).max()))
     assert int(state["cache"]["position"]) == TOKENS + 1
+
+
+def test_compute_leaves_cast_leaves_bf16_outputs_bitwise_unchanged():
+    """The sampler casts RAR's kernels and tables to the compute dtype once before its loop:
+    the logits are bitwise those of the float32 params; the norms stay float32."""
+    model = _model(dtype=jnp.bfloat16)
+    params = _params(model)
+    cast = cast_params(params, model.dtype, model.compute_leaves)
+    assert cast["pos_embed"].dtype == cast["cls_token"].dtype == jnp.bfloat16
+    assert cast["transformer"]["blocks"]["ln_1"]["norm"]["scale"].dtype == jnp.float32
+    apply = jax.jit(model.apply)
+    np.testing.assert_array_equal(apply({"params": cast}, _codes(), jnp.asarray([0, 1, 2])),
+                                  apply({"params": params}, _codes(), jnp.asarray([0, 1, 2])))
+
+
+def test_explicit_attention_with_dropout_is_the_fused_attention():
+    """Attention dropout computes the attention explicitly (softmax in float32, the causal mask):
+    at a vanishing rate it equals the fused kernel; at a real rate, train mode drops."""
+    x = jax.random.normal(jax.random.key(0), (2, 5, 16))
+    mask = jnp.tril(jnp.ones((5, 5), bool))[None, None]
+    layer = Attention(4, qk_norm=True, dropout_rate=1e-12)
+    params = layer.init(jax.random.key(1), x, mask)
+    rngs = {"dropout": jax.random.key(2)}
+    with jax.default_matmul_precision("highest"):
+        fused = layer.apply(params, x, mask)
+        explicit = layer.apply(params, x, mask, deterministic=False, rngs=rngs)
+        dropped = layer.clone(dropout_rate=0.5).apply(params, x, mask, deterministic=False,
+                                                      rngs=rngs)
+    np.testing.assert_allclose(explicit, fused, rtol=0, atol=1e-6)
+    assert not np.allclose(dropped, fused)
 
 
 def test_permuted_forward_is_a_raster_forward_with_permuted_tables():
