@@ -19,6 +19,7 @@ from tok1d.cli import bench
 from tok1d.cli.convert import main as convert_main
 from tok1d.data import sources
 from tok1d.generation import autoregressive as ar
+from tok1d.generation import common
 from tok1d.generation import guidance
 from tok1d.layers.transformer import Attention, cast_params, init_cache
 from tok1d.models.generators import rar as rar_lib
@@ -393,7 +394,7 @@ def test_released_key_lists_convert(size):
     assert total == sum(numel.values()) - unread
 
 
-def test_size_table_and_build():
+def test_size_table_build_and_sampler_options():
     for size, table in rar_lib.RAR_SIZES.items():
         model = models.create("rar", size=size, vocab_size=1024, num_tokens=256)
         assert (model.width, model.depth, model.num_heads, model.mlp_dim) == (
@@ -404,6 +405,8 @@ def test_size_table_and_build():
         rar_lib.build("M", vocab_size=8, num_tokens=4)
     with pytest.raises(ValueError, match="num_tokens"):
         rar_lib.build("B", vocab_size=8)
+    with pytest.raises(ValueError, match=r"Unknown sampler argument\(s\) \['cfg_scale'\]"):
+        common.make_sampler(_model(), cfg_scale=2.0)  # GPT's option name
 
 
 def test_recipes_validate_and_bench_plans_the_sampler():

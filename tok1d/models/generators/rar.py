@@ -223,7 +223,7 @@ class RAR(nn.Module):
              + target_add.astype(self.dtype))
         cond = condition[:, None] + jnp.take(time_embed, positions, axis=0)[None].astype(
             self.dtype)
-        x = transformer.constrain(x)
+        x, cond = transformer.constrain(x), transformer.constrain(cond)
 
         mask = None if decode else jnp.tril(jnp.ones((length, length), jnp.bool_))[None, None]
         x = transformer.Transformer(
