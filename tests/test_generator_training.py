@@ -1,4 +1,4 @@
-"""Generator trainer on tokens made by a tiny tokenizer: MaskGIT and GPT losses drop, the
+"""Generator trainer on tokens made by a tiny tokenizer: MaskGIT, GPT and RAR losses drop, the
 validation loss and sample grids are written, `tok1d.cli.sample` writes an ADM-style .npz, and a
 token dataset that does not fit the generator is refused with a clear message."""
 
@@ -56,6 +56,12 @@ def tiny_config(kind: str, tokens: str, tokenizer: str, steps: int = 24):
     if kind == "maskgit":
         c.model = dict(name="maskgit", arch="vit", codebook_size=64, dropout_rate=0.0, **common)
         c.sampling = dict(num_steps=4, guidance_scale=1.0, randomize_temperature=1.0)
+    elif kind == "rar":  # permuted until step 6, then less and less: raster from step 18
+        c.model = dict(name="rar", vocab_size=64, dropout_rate=0.0, attention_dropout=0.0,
+                       **common)
+        c.generator.randomness_anneal_start, c.generator.randomness_anneal_end = 6, 18
+        c.optim.decay_mask = "matrices"
+        c.sampling = dict(guidance_scale=3.0, guidance_scale_pow=1.0, top_k=16)
     else:
         c.model = dict(name="gpt", vocab_size=64, token_dropout=0.0, dropout_rate=0.0,
                        **common)
@@ -64,7 +70,7 @@ def tiny_config(kind: str, tokens: str, tokenizer: str, steps: int = 24):
     return c
 
 
-@pytest.mark.parametrize("kind", ["maskgit", "gpt"])
+@pytest.mark.parametrize("kind", ["maskgit", "gpt", "rar"])
 def test_generator_learns_tokens_and_writes_samples(kind, token_data, tmp_path):
     tokens, tok_dir = token_data
     workdir = str(tmp_path / kind)
@@ -74,6 +80,9 @@ def test_generator_learns_tokens_and_writes_samples(kind, token_data, tmp_path):
     train = [line["train/loss"] for line in lines if "train/loss" in line]
     assert len(train) == 4 and train[-1] < 0.8 * train[0], train
     assert np.isfinite(result["loss"]) and result["loss"] < np.log(64)
+    if kind == "rar":  # the permutation probability, averaged over each log window of 6 steps
+        ratios = [line["train/random_ratio"] for line in lines if "train/random_ratio" in line]
+        np.testing.assert_allclose(ratios, [1.0, 1 - 2.5 / 12, 1 - 8.5 / 12, 0.0], atol=1e-6)
     assert os.path.getsize(os.path.join(workdir, "samples.png")) > 500
 
     # tok1d.cli.sample: cyclic labels, uint8 images of the tokenizer's size, an ADM-style npz.
@@ -122,7 +131,8 @@ def test_generator_configs_validate():
     """The released recipes build and validate on a 64-device pod (shapes only)."""
     root = os.path.join(os.path.dirname(__file__), "..", "configs")
     for name in ("maskgit_titok.py:l32", "maskgit_titok.py:b64", "maskgit_titok.py:s128",
-                 "gpt_gigatok.py:b", "gpt_gigatok.py:l", "gpt_gigatok.py:xl", "gpt_gigatok.py:xxl"):
+                 "gpt_gigatok.py:b", "gpt_gigatok.py:l", "gpt_gigatok.py:xl", "gpt_gigatok.py:xxl",
+                 "rar.py:b", "rar.py:l", "rar.py:xl", "rar.py:xxl"):
         config = config_lib.load(os.path.join(root, name))
         config_lib.validate(config, num_devices=64)
         assert config.trainer == "generator"

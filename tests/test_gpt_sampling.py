@@ -13,7 +13,8 @@ from flax import linen as nn
 
 from tok1d.generation import autoregressive as ar
 from tok1d.models.generators import gpt as gpt_lib
-from tok1d.models.generators.gpt import GPT, init_cache
+from tok1d.layers.transformer import init_cache
+from tok1d.models.generators.gpt import GPT
 
 VOCAB, TOKENS = 37, 9
 

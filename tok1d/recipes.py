@@ -1,12 +1,14 @@
 """Shared building blocks of the recipe families in configs/ (titok.py, gigatok.py,
-maskgit_titok.py, gpt_gigatok.py) and of the official-config mappings in tok1d.official.
+maskgit_titok.py, gpt_gigatok.py, rar.py) and of the official-config mappings in
+tok1d.official.
 
 Each block sets one named piece of a recipe on a config: the ImageNet data (`imagenet`), the
 pod-scale run settings (`pod_run`), the generator trainer's defaults (`generator_base`), and
 the official training steps' semantics as tok1d options (`titok_train_utils`,
-`titok_disc_optim`, `gigatok_vq_train` with `gigatok_step`, `llamagen_train_c2i`), which the
-train-step parity tests check against the official code. The numbers of each variant (sizes,
-steps, batch, loss weights, learning rates) are written in its family file.
+`rar_train_utils`, `titok_disc_optim`, `gigatok_vq_train` with `gigatok_step`,
+`llamagen_train_c2i`), which the train-step parity tests check against the official code. The
+numbers of each variant (sizes, steps, batch, loss weights, learning rates) are written in its
+family file.
 """
 
 from __future__ import annotations
@@ -83,6 +85,19 @@ def titok_train_utils(config: ml_collections.ConfigDict) -> None:
     o.decay_mask, o.no_decay_names = "kernels", optim.TITOK_NO_DECAY_NAMES
     o.eps, o.clip_eps, o.schedule_step, o.warmup_init = 1e-8, 1e-6, "before", 0.0
     config.ema_warmup = "titok"
+
+
+def rar_train_utils(config: ml_collections.ConfigDict) -> None:
+    """The training-step semantics of bytedance/1d-tokenizer's RAR (`scripts/train_rar.py`
+    through `utils/train_utils.py`; tests/test_train_parity_rar.py checks them against the
+    official step): `titok_train_utils`, with the weight-decay mask "matrices": the official
+    rule decays every tensor of >= 2 dims whose name contains none of
+    `optim.TITOK_NO_DECAY_NAMES`, which includes RAR's `cls_token` (a (1, 1, W) tensor, not a
+    kernel) and excludes the head's `adaln_before_head.adaLN_modulation` ("ln" in "adaln") but
+    not the blocks' `adaLN_modulation`; tok1d's RAR keeps the official names, so the same
+    substrings select the same tensors."""
+    titok_train_utils(config)
+    config.optim.decay_mask = "matrices"
 
 
 def llamagen_train_c2i(config: ml_collections.ConfigDict) -> None:

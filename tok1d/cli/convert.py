@@ -9,6 +9,7 @@ r"""Converts official PyTorch checkpoints into tok1d pretrained directories.
     tok1d convert dinov2 --checkpoint=dinov2_vitb14_pretrain.pth --out=dinov2_b/ --pos_grid=16
     tok1d convert maskgit --checkpoint=generator_titok_l32.bin --out=maskgit_l32/   # TiTok's
     tok1d convert gpt --checkpoint=GPT_B_256.pt --out=gpt_b/ [--size=B] [--weights=ema]   # GigaTok
+    tok1d convert rar --checkpoint=rar_b.bin --out=rar_b/ [--size=B]     # B / L / XL / XXL
     tok1d convert inception_fid --checkpoint=pt_inception-2015-12-05-6726825d.pth \
         --out=inception_fid/
     tok1d convert lpips --vgg=vgg16-397923af.pth --checkpoint=vgg.pth --out=perceptual/
@@ -72,7 +73,9 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_integer("pos_grid", None, "dinov2: resample the position table to this grid "
                          "(GigaTok's teacher: 16, i.e. 224 px inputs).", flag_values=fv)
     flags.DEFINE_string("size", None, "gpt: size name (B, L, XL, XXL, XXXL) fixing the head "
-                        "count (default: from the width).", flag_values=fv)
+                        "count (default: from the width); rar: the released size (B, L, XL, "
+                        "XXL) the file must be (default: sizes from the shapes).",
+                        flag_values=fv)
     flags.DEFINE_enum("weights", "model", ["model", "ema"], "gpt: which weights of a training "
                       "checkpoint (model, as the official sampler).", flag_values=fv)
     flags.DEFINE_integer("num_heads", None, "gpt: attention heads, for a width that is not a "

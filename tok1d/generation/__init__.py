@@ -2,6 +2,7 @@
 
   common          the sampler of a generator's objective; class labels to sample
   maskgit         MaskGIT: iterative parallel decoding
-  autoregressive  LlamaGen-style AR: CFG schedules, top-k / top-p, KV-cache sampling
+  autoregressive  LlamaGen-style GPT and RAR: CFG schedules, top-k / top-p, KV-cache sampling
+  guidance        CFG scale schedules shared by the samplers (power-cosine)
   decode          SampleDecoder: samples decoded to images by any tokenizer
 """

@@ -1,6 +1,8 @@
-"""Autoregressive sampling of a LlamaGen-style GPT with a static KV cache and CFG.
+"""Autoregressive sampling with a static KV cache and CFG: LlamaGen-style GPT (objective
+"next_token", `make_sampler`) and RAR (objective "permuted_next_token", `make_rar_sampler`),
+both through one cached decoding loop (`decode`).
 
-Reproduces `autoregressive/models/generate.py` of SilentView/GigaTok (c2i):
+GPT: reproduces `autoregressive/models/generate.py` of SilentView/GigaTok (c2i):
 
 * classifier-free guidance is on iff cfg_scale > 1: the batch is doubled as [labels; null];
 * prefill: the class token alone (position 0) -> logits of code 0, combined as
@@ -13,10 +15,11 @@ Reproduces `autoregressive/models/generate.py` of SilentView/GigaTok (c2i):
   then a multinomial draw, or the argmax (`greedy`, upstream `sample_logits=False`).
 
 The whole loop is one jitted program: prefill, then `lax.scan` over the decode steps with the
-cache in the carry, the layer stack unrolled (`gpt.unrolled`) so every layer's cache is
-updated in place, and the weights cast to the compute dtype once (`gpt.compute_params`).
-Random draws use `jax.random.categorical` with one key per position (split from the given
-key), so the streams are not PyTorch's.
+cache in the carry, the layer stack unrolled (`transformer.unrolled`) so every layer's cache
+is updated in place, and the weights cast to the compute dtype once (`transformer.cast_params`).
+Random draws are `jax.random.categorical`'s Gumbel-max with one key per position (split from
+the given key), so the streams are not PyTorch's; parity tests replay the official draws
+(`next_code`).
 
 Deviations from upstream, all where upstream fails: `cfg_schedule="cosine"` is implemented
 (1 + (s - 1) * (1 + cos(pi * ratio)) / 2; upstream raises NameError, `math` is not imported);
@@ -25,6 +28,12 @@ under CFG uses the conditional logits (upstream then feeds a half-size batch int
 cache and crashes); with cfg_scale <= 1 no CFG is done and the schedule is ignored (as upstream
 for "constant"; other schedules crash there). Upstream never passes schedule kwargs to
 "triangular" (peak is always 0.5); here `cfg_kwargs` reach every schedule.
+
+RAR: reproduces `RAR.generate` of bytedance/1d-tokenizer (`modeling/rar.py`) with its KV
+cache: raster order, the prefill feeds the cls and class tokens; with guidance_scale != 0 every
+code is guided as u + (c - u)·s_t with the power-cosine scale of step t = 0 .. N-1
+(`rar_guidance_plan`), then divided by `randomize_temperature` and sampled (tok1d's top-k /
+top-p are extra, off by default).
 """
 
 from __future__ import annotations
@@ -37,7 +46,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tok1d.models.generators.gpt import GPT, compute_params, init_cache, unrolled
+from tok1d.generation import guidance
+from tok1d.layers import transformer
+from tok1d.models.generators.gpt import GPT
+from tok1d.objectives import draws as draws_lib
+from tok1d.objectives.draws import Draw, fresh
 
 SCHEDULES = ("constant", "linear", "linear_re", "triangular", "rectangular", "step", "cosine")
 
@@ -110,13 +123,25 @@ def top_p_filter(logits: jax.Array, top_p: float) -> jax.Array:
 
 
 def next_code(logits: jax.Array, rng: jax.Array, temperature: float = 1.0, top_k: int = 0,
-              top_p: float = 1.0, greedy: bool = False) -> jax.Array:
-    """Upstream `sample`: temperature, top-k, top-p, then a draw (or argmax) -> (B,) int32."""
+              top_p: float = 1.0, greedy: bool = False, draw: Draw = fresh) -> jax.Array:
+    """Upstream `sample`: temperature, top-k, top-p, then a draw (or argmax) -> (B,) int32.
+
+    The draw is the Gumbel-max trick, argmax(logits + g) (`jax.random.categorical`'s own rule,
+    bitwise), with the noise taken through `draw` (`tok1d.objectives.draws`): "gumbel" (B, V)
+    float32 Gumbel(0, 1) noise, or "uniform" (B,) float32 u in [0, 1), which picks by the
+    inverse CDF instead: the first code whose cumulative probability exceeds u (the rule of a
+    multinomial draw from one uniform). Parity tests replay the official draws this way."""
     logits = logits.astype(jnp.float32) / max(temperature, 1e-5)
     logits = top_p_filter(top_k_filter(logits, top_k), top_p)
     if greedy:
         return jnp.argmax(jax.nn.softmax(logits, axis=-1), axis=-1).astype(jnp.int32)
-    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+    u = draw("uniform", lambda: None)
+    if u is not None:
+        cdf = jnp.cumsum(jax.nn.softmax(logits, axis=-1), axis=-1)
+        index = jnp.sum(cdf <= (u * cdf[..., -1])[..., None], axis=-1)
+        return jnp.minimum(index, logits.shape[-1] - 1).astype(jnp.int32)
+    gumbel = draw("gumbel", lambda: jax.random.gumbel(rng, logits.shape, jnp.float32))
+    return jnp.argmax(logits + gumbel, axis=-1).astype(jnp.int32)
 
 
 def guidance_plan(num_tokens: int, cfg_scale: float, cfg_schedule: str = "constant",
@@ -130,21 +155,85 @@ def guidance_plan(num_tokens: int, cfg_scale: float, cfg_schedule: str = "consta
     return np.asarray(scales, np.float32), np.asarray(guide, np.bool_)
 
 
-def _check(cfg_schedule: str, temperature: float, top_k: int, top_p: float) -> None:
-    if cfg_schedule not in SCHEDULES:
-        cfg_scale_at(cfg_schedule, 2.0, 0, 1)  # raises the informative error
+def _check(temperature: float, top_k: int, top_p: float) -> None:
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if top_k < 0 or not 0.0 < top_p <= 1.0:
         raise ValueError(f"need top_k >= 0 and 0 < top_p <= 1, got {top_k}, {top_p}")
 
 
+# --------------------------------------------------------------------------- the decoding loop
+
+
+def decode(model: Any, params: Any, labels: jax.Array, rng: jax.Array, scales: np.ndarray,
+           guide: np.ndarray, cfg: bool, pick: Callable[..., jax.Array],
+           draws: Optional[dict[str, jax.Array]] = None) -> jax.Array:
+    """Cached decoding of `model` (a generator with `prefill(labels)`, `decode(codes)` and
+    `init_cache`, see `tok1d.layers.transformer.init_cache`): the class token(s) first, then one
+    code per step; returns codes (B, num_tokens) int32. For code t (t = 0 .. N-1), with `cfg`
+    the batch is doubled as [labels; null] and the logits are combined as
+    u + (c - u) * scales[t] where guide[t] (else the conditional half is used); then
+    `pick(logits, key_t, draw=...)` chooses the code. Code t draws from key t of
+    `jax.random.split(rng, N)`, or replays `draws` (name -> array with a leading N axis).
+
+    The loop is `lax.scan` over the decode steps with the cache in the carry, the layer stack
+    unrolled (`transformer.unrolled`: each layer's cache updated in place; the scanned stack
+    copies the whole cache at every token) and the weights cast to the compute dtype once
+    (`transformer.cast_params` of the model's `compute_leaves`; an optimisation barrier keeps
+    XLA from sinking the casts back into the loop)."""
+    num_tokens = model.num_tokens
+    params = jax.lax.optimization_barrier(
+        transformer.cast_params(params, model.dtype, model.compute_leaves))
+    net, params = transformer.unrolled(model, params)
+    labels = jnp.asarray(labels, jnp.int32)
+    if cfg:
+        labels = jnp.concatenate([labels, jnp.full_like(labels, model.null_label)])
+    steps = {"key": jax.random.split(rng, num_tokens), "scale": jnp.asarray(scales),
+             "guide": jnp.asarray(guide), **{f"draw/{k}": v for k, v in (draws or {}).items()}}
+
+    def choose(logits, s):
+        if cfg:
+            cond, uncond = jnp.split(logits, 2, axis=0)
+            logits = jnp.where(s["guide"], uncond + (cond - uncond) * s["scale"], cond)
+        replayed = {k[5:]: v for k, v in s.items() if k.startswith("draw/")}
+        return pick(logits, s["key"], draw=draws_lib.drawer(replayed))
+
+    cache = transformer.init_cache(net, params, labels.shape[0])
+    logits, state = net.apply({"params": params, "cache": cache}, labels,
+                              method=type(net).prefill, mutable=["cache"])
+    first = choose(logits, jax.tree.map(lambda x: x[0], steps))
+
+    def step(carry, s):
+        cache, code = carry
+        inputs = jnp.concatenate([code, code]) if cfg else code
+        logits, state = net.apply({"params": params, "cache": cache}, inputs,
+                                  method=type(net).decode, mutable=["cache"])
+        code = choose(logits, s)
+        return (state["cache"], code), code
+
+    _, rest = jax.lax.scan(step, (state["cache"], first),
+                           jax.tree.map(lambda x: x[1:], steps))
+    return jnp.concatenate([first[:, None], rest.T], axis=1)
+
+
+def _jit_sampler(model, scales, guide, cfg, pick) -> Callable:
+    def fn(params, labels, rng, draws=None):
+        return decode(model, params, labels, rng, scales, guide, cfg, pick, draws)
+    return jax.jit(fn)
+
+
+# --------------------------------------------------------------------------- GPT (LlamaGen)
+
+
 def make_sampler(model: GPT, *, cfg_scale: float = 1.0, cfg_schedule: str = "constant",
                  cfg_kwargs: Optional[dict] = None, cfg_interval: int = -1,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 greedy: bool = False) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
-    """Jitted `fn(params, labels (B,) int, rng) -> codes (B, model.num_tokens) int32`."""
-    _check(cfg_schedule, temperature, top_k, top_p)
+                 greedy: bool = False) -> Callable[..., jax.Array]:
+    """Jitted `fn(params, labels (B,) int, rng[, draws]) -> codes (B, model.num_tokens)
+    int32` of a GPT (see the module docstring; `draws`: see `decode`)."""
+    if cfg_schedule not in SCHEDULES:
+        cfg_scale_at(cfg_schedule, 2.0, 0, 1)  # raises the informative error
+    _check(temperature, top_k, top_p)
     cfg = cfg_scale > 1.0
     num_tokens = model.num_tokens
     if cfg:
@@ -152,52 +241,20 @@ def make_sampler(model: GPT, *, cfg_scale: float = 1.0, cfg_schedule: str = "con
                                       cfg_interval)
     else:
         scales, guide = np.ones(num_tokens - 1, np.float32), np.zeros(num_tokens - 1, np.bool_)
+    # Code 0 (after the prefill) is guided with the raw cfg_scale.
+    scales = np.concatenate([np.float32([cfg_scale]), scales])
+    guide = np.concatenate([[cfg], guide])
     pick = functools.partial(next_code, temperature=temperature, top_k=top_k, top_p=top_p,
                              greedy=greedy)
-
-    def combine(logits, scale, use):
-        if not cfg:
-            return logits
-        cond, uncond = jnp.split(logits, 2, axis=0)
-        return jnp.where(use, uncond + (cond - uncond) * scale, cond)
-
-    def fn(params, labels, rng):
-        # Decode with the layer stack unrolled: each layer's KV cache is then updated in place
-        # (the scanned stack copies the whole cache at every token; 2.8x slower on CPU). The
-        # weights enter the token loop already in the compute dtype: cast once, and the barrier
-        # keeps XLA from sinking the casts back into the loop body (once per token).
-        params = jax.lax.optimization_barrier(compute_params(model, params))
-        net, params = unrolled(model, params)
-        labels = jnp.asarray(labels, jnp.int32)
-        if cfg:
-            labels = jnp.concatenate([labels, jnp.full_like(labels, model.null_label)])
-        keys = jax.random.split(rng, num_tokens)
-        cache = init_cache(net, params, labels.shape[0])
-        logits, state = net.apply({"params": params, "cache": cache}, labels,
-                                  method=GPT.prefill, mutable=["cache"])
-        first = pick(combine(logits, jnp.float32(cfg_scale), True), keys[0])
-
-        def step(carry, xs):
-            cache, code = carry
-            key, scale, use = xs
-            inputs = jnp.concatenate([code, code]) if cfg else code
-            logits, state = net.apply({"params": params, "cache": cache}, inputs,
-                                      method=GPT.decode, mutable=["cache"])
-            code = pick(combine(logits, scale, use), key)
-            return (state["cache"], code), code
-
-        _, rest = jax.lax.scan(step, (state["cache"], first),
-                               (keys[1:], jnp.asarray(scales), jnp.asarray(guide)))
-        return jnp.concatenate([first[:, None], rest.T], axis=1)
-
-    return jax.jit(fn)
+    return _jit_sampler(model, scales, guide, cfg, pick)
 
 
 @functools.lru_cache(maxsize=16)
-def _cached_sampler(model: GPT, settings: tuple) -> Callable:
+def _cached_sampler(model: Any, settings: tuple) -> Callable:
     kw = dict(settings)
-    kw["cfg_kwargs"] = dict(kw["cfg_kwargs"])
-    return make_sampler(model, **kw)
+    if "cfg_kwargs" in kw:
+        kw["cfg_kwargs"] = dict(kw["cfg_kwargs"])
+    return SAMPLER_OF[model.objective](model, **kw)
 
 
 def sample(model: GPT, params: Any, labels: jax.Array, rng: jax.Array, *,
@@ -212,3 +269,52 @@ def sample(model: GPT, params: Any, labels: jax.Array, rng: jax.Array, *,
                 ("cfg_interval", int(cfg_interval)), ("temperature", float(temperature)),
                 ("top_k", int(top_k)), ("top_p", float(top_p)), ("greedy", bool(greedy)))
     return _cached_sampler(model, settings)(params, labels, rng)
+
+
+# --------------------------------------------------------------------------- RAR
+
+
+def rar_guidance_plan(num_tokens: int, guidance_scale: float, guidance_scale_pow: float
+                      ) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(scales (N,) float32, guide (N,), cfg) of RAR's `generate`: classifier-free guidance at
+    every step iff guidance_scale != 0, with the power-cosine scale of code t = 0 .. N-1
+    (`guidance.power_cosine`: 1 at code 0 unless pow = 0, the constant g for pow = 0)."""
+    cfg = guidance_scale != 0
+    scales = guidance.power_cosine(num_tokens, guidance_scale, guidance_scale_pow)
+    return scales, np.full(num_tokens, cfg), cfg
+
+
+def make_rar_sampler(model: Any, *, guidance_scale: float = 0.0,
+                     guidance_scale_pow: float = 0.0, randomize_temperature: float = 1.0,
+                     top_k: int = 0, top_p: float = 1.0, greedy: bool = False
+                     ) -> Callable[..., jax.Array]:
+    """Jitted `fn(params, labels (B,) int, rng[, draws]) -> codes (B, model.num_tokens) int32`
+    of a RAR (`tok1d.models.generators.rar`), upstream `RAR.generate` with `kv_cache=True`:
+    raster order; with guidance_scale != 0 every step runs the doubled batch [labels; null] and
+    uses u + (c - u)·s_t with the power-cosine s_t (`rar_guidance_plan`); the logits are
+    divided by `randomize_temperature` (upstream's name: a plain temperature) and sampled
+    (upstream: torch.multinomial of the softmax; here `next_code`, which adds tok1d's top-k /
+    top-p filters (off by default) and `greedy`)."""
+    _check(randomize_temperature, top_k, top_p)
+    scales, guide, cfg = rar_guidance_plan(model.num_tokens, guidance_scale, guidance_scale_pow)
+    pick = functools.partial(next_code, temperature=randomize_temperature, top_k=top_k,
+                             top_p=top_p, greedy=greedy)
+    return _jit_sampler(model, scales, guide, cfg, pick)
+
+
+def sample_rar(model: Any, params: Any, labels: jax.Array, rng: jax.Array, *,
+               guidance_scale: float = 0.0, guidance_scale_pow: float = 0.0,
+               randomize_temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+               greedy: bool = False) -> jax.Array:
+    """Samples codes (B, num_tokens) int32 of a RAR for `labels` (B,); see `make_rar_sampler`
+    (compiled samplers are cached per model and settings)."""
+    settings = (("guidance_scale", float(guidance_scale)),
+                ("guidance_scale_pow", float(guidance_scale_pow)),
+                ("randomize_temperature", float(randomize_temperature)), ("top_k", int(top_k)),
+                ("top_p", float(top_p)), ("greedy", bool(greedy)))
+    return _cached_sampler(model, settings)(params, labels, rng)
+
+
+# objective -> the sampler maker of the generators this module decodes
+SAMPLER_OF: dict[str, Callable[..., Callable]] = {"next_token": make_sampler,
+                                                  "permuted_next_token": make_rar_sampler}

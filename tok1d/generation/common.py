@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 import jax
@@ -13,17 +14,25 @@ from tok1d.generation import autoregressive, maskgit
 SAMPLERS: dict[str, Callable[..., Callable]] = {
     "masked": maskgit.make_sampler,
     "next_token": autoregressive.make_sampler,
+    "permuted_next_token": autoregressive.make_rar_sampler,
 }
 
 
 def make_sampler(model, **kwargs: Any) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
     """The jitted `fn(params, labels, rng) -> codes (B, N)` for `model`: MaskGIT's iterative
     decoding for objective "masked", autoregressive decoding with a KV cache for
-    "next_token". `kwargs` are the sampler's options (config.sampling); unknown ones fail."""
+    "next_token" (GPT) and "permuted_next_token" (RAR, in raster order). `kwargs` are the sampler's options (config.sampling); unknown ones fail."""
     if model.objective not in SAMPLERS:
         raise ValueError(f"No sampler for generator objective {model.objective!r}; known: "
                          f"{sorted(SAMPLERS)}.")
-    return SAMPLERS[model.objective](model, **kwargs)
+    maker = SAMPLERS[model.objective]
+    valid = [name for name, p in inspect.signature(maker).parameters.items()
+             if p.kind == inspect.Parameter.KEYWORD_ONLY]
+    unknown = sorted(set(kwargs) - set(valid))
+    if valid and unknown:  # (MaskGIT's maker takes **kwargs and checks them itself)
+        raise ValueError(f"Unknown sampler argument(s) {unknown} for a {model.objective!r} "
+                         f"generator; valid: {sorted(valid)}.")
+    return maker(model, **kwargs)
 
 
 def cyclic_labels(num_images: int, num_classes: int) -> np.ndarray:

@@ -12,13 +12,13 @@ Models are "masked" generators (`tok1d.models.interfaces.MaskedGenerator`):
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tok1d.generation import guidance
 from tok1d.objectives.tokens import mask_ratio
 
 # --------------------------------------------------------------------------- sampling
@@ -55,10 +55,7 @@ def step_tables(num_tokens: int, num_steps: int, guidance_scale: float, guidance
     elif guidance_schedule == "linear":
         scale = steps / num_steps * guidance_scale
     else:
-        f32 = np.float32
-        x = (steps / num_steps).astype(f32) ** f32(guidance_pow)
-        step = (f32(1) - np.cos(x * f32(math.pi))) * f32(1) / f32(2)
-        scale = f32(guidance_scale - 1) * step + f32(1)
+        scale = guidance.power_cosine(num_steps, guidance_scale, guidance_pow)
     mask_len = np.floor(num_tokens * np.asarray(mask_ratio(mask_schedule, ratio), np.float64))
     soft = 0.5 + 0.8 * (1.0 - ratio) if softmax_annealing else np.ones(num_steps)
     return dict(guidance=scale.astype(np.float32),

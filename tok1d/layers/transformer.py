@@ -146,11 +146,20 @@ class Attention(nn.Module):
 
     `rope=(cos, sin)`: rotary tables for the L query positions, applied to q and k (before
     caching) with `apply_rope`.
+
+    `qk_norm`: a `norm` ("layernorm" / "rmsnorm", epsilon `norm_eps`) over each head's query and
+    key (`q_norm`, `k_norm`, shared by the heads; timm's `qk_norm`, before caching and rope).
+    `dropout_rate`: dropout on the attention probabilities when not `deterministic` (then the
+    attention is computed explicitly, softmax in float32; otherwise the fused kernel).
     """
 
     num_heads: int
     qkv_bias: bool = True
     out_bias: bool = True
+    qk_norm: bool = False
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    dropout_rate: float = 0.0
     implementation: Optional[str] = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -161,7 +170,8 @@ class Attention(nn.Module):
     def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None,
                  kv: Optional[jax.Array] = None, q_pos: Optional[jax.Array] = None,
                  k_pos: Optional[jax.Array] = None, decode: bool = False,
-                 rope: Optional[tuple[jax.Array, jax.Array]] = None) -> jax.Array:
+                 rope: Optional[tuple[jax.Array, jax.Array]] = None,
+                 deterministic: bool = True) -> jax.Array:
         """Self-attention over x, or cross-attention from x to `kv` (DETR / Q-Former style:
         `q_pos` is added to the query input, `k_pos` to the key input, values see neither)."""
         width = x.shape[-1]
@@ -178,6 +188,9 @@ class Attention(nn.Module):
         v = proj(self.num_heads, head_dim, name="value")(kv)
         heads = ("act_batch", "act_len", "act_heads", None)
         q, k, v = (constrain(t, heads) for t in (q, k, v))
+        if self.qk_norm:
+            q = make_norm(self.norm, self.norm_eps, self.dtype, self.param_dtype, "q_norm")(q)
+            k = make_norm(self.norm, self.norm_eps, self.dtype, self.param_dtype, "k_norm")(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if decode:
@@ -187,12 +200,30 @@ class Attention(nn.Module):
             if cached is not None:
                 k, v, cache_mask = cached
                 mask = cache_mask if mask is None else jnp.logical_and(mask, cache_mask)
-        y = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)
+        if deterministic or not self.dropout_rate:
+            y = jax.nn.dot_product_attention(q, k, v, mask=mask,
+                                             implementation=self.implementation)
+        else:
+            y = self._attend_with_dropout(q, k, v, mask)
         y = constrain(y, heads)
         return HeadProjection(self.num_heads, head_dim, out_features=width,
                               use_bias=self.out_bias, dtype=self.dtype,
                               param_dtype=self.param_dtype, kernel_init=self.kernel_init,
                               name="out")(y)
+
+    def _attend_with_dropout(self, q: jax.Array, k: jax.Array, v: jax.Array,
+                             mask: Optional[jax.Array]) -> jax.Array:
+        """softmax(q k^T / sqrt(head_dim)) in float32, dropout on the probabilities, times v
+        (what `dot_product_attention` computes, with PyTorch SDPA's `dropout_p`)."""
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        logits = logits * (q.shape[-1] ** -0.5)
+        if mask is not None:
+            logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1)
+        keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.dropout_rate,
+                                    probs.shape)
+        probs = jnp.where(keep, probs / (1.0 - self.dropout_rate), 0.0)
+        return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
 
     def _update_cache(self, k: jax.Array, v: jax.Array):
         """Creates the cache (first call: returns None) or writes k, v at `cache_index` and
@@ -251,17 +282,20 @@ class HeadProjection(nn.Module):
 
 
 class Mlp(nn.Module):
-    """Two-layer MLP (`activation` = gelu, gelu_tanh, ...) or gated SwiGLU (`activation="swiglu"`)."""
+    """Two-layer MLP (`activation` = gelu, gelu_tanh, ...) or gated SwiGLU (`activation="swiglu"`).
+    `dropout_rate`: dropout on the hidden activations when not `deterministic` (timm `Mlp`'s
+    `drop1`; the output's dropout is the block's)."""
 
     hidden_dim: int
     activation: str = "gelu"
     use_bias: bool = True
+    dropout_rate: float = 0.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     kernel_init: Initializer = default_kernel_init
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
         width = x.shape[-1]
         dense = functools.partial(nn.Dense, use_bias=self.use_bias, dtype=self.dtype,
                                   param_dtype=self.param_dtype)
@@ -275,13 +309,27 @@ class Mlp(nn.Module):
                 raise ValueError(f"Unknown activation {self.activation!r}; known: "
                                  f"{sorted(ACTIVATIONS) + ['swiglu']}.")
             h = ACTIVATIONS[self.activation](up(name="fc1")(x))
+        h = nn.Dropout(self.dropout_rate, deterministic=deterministic or not self.dropout_rate)(h)
         h = constrain(h, ("act_batch", "act_len", "act_mlp"))
         return dense(width, kernel_init=logical(self.kernel_init, ("mlp", "embed")),
                      bias_init=logical(nn.initializers.zeros, ("embed",)), name="fc2")(h)
 
 
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+    """DiT's adaptive-norm modulation: x * (1 + scale) + shift."""
+    return x * (1 + scale) + shift
+
+
 class Block(nn.Module):
-    """One transformer block: pre-norm (ViT/CLIP/LLaMA) or post-norm (BERT)."""
+    """One transformer block: pre-norm (ViT/CLIP/LLaMA) or post-norm (BERT).
+
+    `adaln=True` (pre-norm only): DiT's adaLN-Zero conditioning on `cond` (B, L or 1, W), one
+    condition per position: `adaLN_modulation` = Linear(silu(cond)) -> (shift, scale, gate) of
+    the attention branch and of the MLP branch (zero-initialised), x + gate * branch(
+    modulate(norm(x), shift, scale)) (RAR's blocks). `qk_norm`: a norm over each head's q and k
+    (`Attention`). Dropout: `dropout_rate` on each branch output (BERT, LlamaGen, timm's
+    `proj_drop`), `attention_dropout` on the attention probabilities, `mlp_dropout` on the MLP's
+    hidden activations (timm `Mlp`'s `drop1`)."""
 
     num_heads: int
     mlp_dim: int
@@ -291,8 +339,12 @@ class Block(nn.Module):
     activation: str = "gelu"
     qkv_bias: bool = True
     use_bias: bool = True
+    qk_norm: bool = False
+    adaln: bool = False
     attention_impl: Optional[str] = None
     dropout_rate: float = 0.0  # on each branch output before the residual add (BERT, LlamaGen)
+    attention_dropout: float = 0.0
+    mlp_dropout: float = 0.0
     qkv_init: Optional[Initializer] = None  # None: Attention's default (packed xavier uniform)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -300,20 +352,35 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None,
                  deterministic: bool = True, decode: bool = False,
-                 rope: Optional[tuple[jax.Array, jax.Array]] = None) -> jax.Array:
-        """`decode` / `rope`: see `Attention` (KV cache, rotary tables)."""
+                 rope: Optional[tuple[jax.Array, jax.Array]] = None,
+                 cond: Optional[jax.Array] = None) -> jax.Array:
+        """`decode` / `rope`: see `Attention` (KV cache, rotary tables); `cond`: the adaLN
+        condition (with `adaln`)."""
         norm = functools.partial(make_norm, self.norm, self.norm_eps, self.dtype, self.param_dtype)
         init = {} if self.qkv_init is None else {"qkv_init": self.qkv_init}
         attn = functools.partial(
             Attention(self.num_heads, qkv_bias=self.qkv_bias, out_bias=self.use_bias,
-                      implementation=self.attention_impl, dtype=self.dtype,
-                      param_dtype=self.param_dtype, name="attn", **init),
-            decode=decode, rope=rope)
-        mlp = Mlp(self.mlp_dim, activation=self.activation, use_bias=self.use_bias,
-                  dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")
+                      qk_norm=self.qk_norm, norm=self.norm, norm_eps=self.norm_eps,
+                      dropout_rate=self.attention_dropout, implementation=self.attention_impl,
+                      dtype=self.dtype, param_dtype=self.param_dtype, name="attn", **init),
+            decode=decode, rope=rope, deterministic=deterministic)
+        mlp = functools.partial(
+            Mlp(self.mlp_dim, activation=self.activation, use_bias=self.use_bias,
+                dropout_rate=self.mlp_dropout, dtype=self.dtype, param_dtype=self.param_dtype,
+                name="mlp"), deterministic=deterministic)
         drop = nn.Dropout(self.dropout_rate, deterministic=deterministic or not self.dropout_rate)
         x = constrain(x)
-        if self.pre_norm:
+        if self.adaln:
+            if cond is None or not self.pre_norm:
+                raise ValueError("adaln=True needs a pre-norm block and its `cond` input.")
+            mod = nn.Dense(6 * x.shape[-1], dtype=self.dtype, param_dtype=self.param_dtype,
+                           kernel_init=logical(nn.initializers.zeros, ("embed", "mlp")),
+                           bias_init=logical(nn.initializers.zeros, ("mlp",)),
+                           name="adaLN_modulation")(nn.silu(cond))
+            shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod, 6, axis=-1)
+            x = x + gate1 * drop(attn(modulate(norm(name="ln_1")(x), shift1, scale1), mask))
+            x = x + gate2 * drop(mlp(modulate(norm(name="ln_2")(x), shift2, scale2)))
+        elif self.pre_norm:
             x = x + drop(attn(norm(name="ln_1")(x), mask))
             x = x + drop(mlp(norm(name="ln_2")(x)))
         else:
@@ -328,8 +395,9 @@ class _ScanBlock(Block):
     @nn.compact
     def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None,  # type: ignore[override]
                  deterministic: bool = True, decode: bool = False,
-                 rope: Optional[tuple[jax.Array, jax.Array]] = None):
-        return super().__call__(x, mask, deterministic, decode, rope), None
+                 rope: Optional[tuple[jax.Array, jax.Array]] = None,
+                 cond: Optional[jax.Array] = None):
+        return super().__call__(x, mask, deterministic, decode, rope, cond), None
 
 
 class Transformer(Block):
@@ -342,7 +410,8 @@ class Transformer(Block):
     `jax.checkpoint_policies`.
 
     With `decode=True` every block keeps its KV cache (see `Attention`); when scanned, the cache
-    variables are stacked along the leading layer axis like the parameters.
+    variables are stacked along the leading layer axis like the parameters. `cond` (adaLN
+    blocks) reaches every block.
     """
 
     depth: int = 1
@@ -356,20 +425,21 @@ class Transformer(Block):
     @nn.compact
     def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None,
                  deterministic: bool = True, decode: bool = False,
-                 rope: Optional[tuple[jax.Array, jax.Array]] = None) -> jax.Array:
+                 rope: Optional[tuple[jax.Array, jax.Array]] = None,
+                 cond: Optional[jax.Array] = None) -> jax.Array:
         block_cls = maybe_remat(_ScanBlock if self.scan else Block, self.remat,
                                 prevent_cse=not self.scan, static_argnums=(3, 4))
         if self.scan:
             stack = nn.scan(block_cls, variable_axes={"params": 0, "cache": 0},
                             split_rngs={"params": True, "dropout": True},
-                            in_axes=(nn.broadcast,) * 4, length=self.depth,
+                            in_axes=(nn.broadcast,) * 5, length=self.depth,
                             metadata_params={nn.PARTITION_NAME: "layers"})
             x, _ = stack(**self._block_kwargs(), name="blocks")(x, mask, deterministic, decode,
-                                                                 rope)
+                                                                 rope, cond)
             return x
         for i in range(self.depth):
             x = block_cls(**self._block_kwargs(), name=f"blocks_{i}")(x, mask, deterministic,
-                                                                      decode, rope)
+                                                                      decode, rope, cond)
         return x
 
 
@@ -400,3 +470,49 @@ def embedding_param(module: nn.Module, name: str, shape: tuple[int, ...],
                     names: tuple[Optional[str], ...], scale: float, dtype: Dtype) -> jax.Array:
     """A learned embedding table initialised as `scale * N(0, 1)` (TiTok's `W**-0.5 * randn`)."""
     return module.param(name, logical(nn.initializers.normal(stddev=scale), names), shape, dtype)
+
+
+# --------------------------------------------------------------------------- cached decoding
+# A model with cached decoding (the AR generators) has a `Transformer` child named "transformer"
+# configured by its own `scan` / `depth` fields, and a method `init_cache(batch_size)` that runs
+# its decoding forward once to create the "cache" collection (see `Attention`).
+
+
+def init_cache(model: nn.Module, params: Any, batch_size: int) -> dict:
+    """The empty "cache" collection of `model` for `batch_size` sequences."""
+    _, variables = model.apply({"params": params}, batch_size, method=type(model).init_cache,
+                               mutable=["cache"])
+    return variables["cache"]
+
+
+def unrolled(model: nn.Module, params: Any) -> tuple[nn.Module, Any]:
+    """The same model with its layer stack unrolled (`scan=False`) and its params re-laid out
+    (`transformer/blocks` with a leading layer axis -> `blocks_0` .. `blocks_{depth-1}`);
+    identity for an unrolled model. Cached decoding uses it: with the scanned stack, the layer
+    scan slices and re-stacks the whole KV cache at every token (a full copy of it per token in
+    XLA's program); unrolled, each layer's cache is updated in place. Works under jit (the
+    slices are free)."""
+    if not model.scan:
+        return model, params
+    stack = dict(params["transformer"])
+    blocks = stack.pop("blocks")
+    for i in range(model.depth):
+        stack[f"blocks_{i}"] = jax.tree.map(lambda x, i=i: x[i], blocks)
+    return model.clone(scan=False), {**params, "transformer": stack}
+
+
+def cast_params(params: Any, dtype: Dtype, names: tuple[str, ...]) -> Any:
+    """`params` with the floating leaves named one of `names` (e.g. "kernel", "embedding" and
+    the model's tables) cast to `dtype`. A model that casts each of those leaves to its compute
+    dtype where it is used (a kernel before its matmul, a table row after its lookup, which
+    commute) computes bitwise the same outputs from the cast params; cached decoding casts once
+    before its token loop instead of at every decoded token."""
+    dtype = jnp.dtype(dtype)
+
+    def cast(path, x):
+        name = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)][-1]
+        if name in names and jnp.issubdtype(x.dtype, jnp.floating):
+            return x.astype(dtype)
+        return x
+
+    return jax.tree_util.tree_map_with_path(cast, params)

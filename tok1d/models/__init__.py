@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from tok1d.models import presets
 from tok1d.models.frozen import dinov2, inception
-from tok1d.models.generators import gpt, maskgit
+from tok1d.models.generators import gpt, maskgit, rar
 from tok1d.models.presets import check_kwargs
 from tok1d.models.tokenizers.gigatok import VIT_SIZES as GIGATOK_VIT_SIZES, GigaTok
 from tok1d.models.tokenizers.titok import TiTok
@@ -104,6 +104,11 @@ def _gpt(**kwargs: Any) -> nn.Module:
     return gpt.build(**kwargs)
 
 
+def _rar(**kwargs: Any) -> nn.Module:
+    """RAR (bytedance/1d-tokenizer's randomized AR generator), `size` "B" / "L" / "XL" / "XXL"."""
+    return rar.build(**kwargs)
+
+
 def _inception_fid(**kwargs: Any) -> nn.Module:
     """pytorch-fid's FID InceptionV3 (+ 1008-way fc head); `resize_input` to 299 px."""
     check_kwargs(inception.FIDInceptionV3, kwargs, "model 'inception_fid'")
@@ -112,7 +117,7 @@ def _inception_fid(**kwargs: Any) -> nn.Module:
 
 MODELS: dict[str, Callable[..., nn.Module]] = {"titok": _titok, "maskgit_vqgan": _maskgit_vqgan,
                                                "gigatok": _gigatok, "dinov2": _dinov2,
-                                               "maskgit": _maskgit, "gpt": _gpt,
+                                               "maskgit": _maskgit, "gpt": _gpt, "rar": _rar,
                                                "inception_fid": _inception_fid}
 
 

@@ -48,13 +48,17 @@ TokenizerAux (a pytree) of the training forward:
                                     TiTok VAE: the diagonal Gaussian posterior (B, N, C) and its
                                     per-image KL summed over channels (B, N)
 
-Generator (MaskGIT, GPT), a Linen module with:
-    objective        "masked" (MaskGIT: fill masked tokens) | "next_token" (GPT)
+Generator (MaskGIT, GPT, RAR), a Linen module with:
+    objective        "masked" (MaskGIT: fill masked tokens) | "next_token" (GPT) |
+                     "permuted_next_token" (RAR: next token in a per-sequence order, trained on
+                     random permutations, sampled in raster order)
     vocab_size       tokenizer codes it predicts
     num_tokens, num_classes, null_label (the class-free label of classifier-free guidance)
     __call__(tokens, labels, train=False) -> logits (B, num_tokens, vocab_size)
-A "masked" generator also has `mask_id`, the input id of a masked token. The objective picks the
-training loss (`tok1d.objectives.tokens`) and the sampler (`tok1d.generation.common`).
+A "masked" generator also has `mask_id`, the input id of a masked token; a
+"permuted_next_token" generator's `__call__` also takes `orders` (B, num_tokens), the order in
+which it reads and predicts each sequence (None: raster). The objective picks the training loss
+(`tok1d.objectives.tokens`) and the sampler (`tok1d.generation.common`).
 
 Discriminator (TiTok's NLayer, PatchGAN, GigaTok's DINO discriminator), a Linen module with:
     pixel_range      (lo, hi): the pixel range it reads (the GAN objective converts to it)
@@ -144,7 +148,7 @@ class Discriminator(Protocol):
 
 
 GENERATOR_FIELDS = ("objective", "vocab_size", "num_tokens", "num_classes", "null_label")
-OBJECTIVES = ("masked", "next_token")
+OBJECTIVES = ("masked", "next_token", "permuted_next_token")
 
 
 @runtime_checkable

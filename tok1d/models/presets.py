@@ -2,14 +2,15 @@
 
 `VIT_SIZES` are TiTok's encoder/decoder presets (official `small`/`base`/`large`) plus tiny ones
 for tests and the CPU demo. `check_kwargs` checks plain keyword arguments against a module's
-fields (the registry `tok1d.models.create` and the generators' `build` use it).
+fields (the registry `tok1d.models.create` and the generators' `build` use it);
+`build_generator` is the AR generators' `build` (a size name and/or explicit arguments).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-from typing import Any
+from typing import Any, Callable, Optional
 
 VIT_SIZES: dict[str, dict[str, int]] = {
     # name:   width, depth, heads, MLP hidden (4x width, head dim 64 for the official sizes)
@@ -60,3 +61,19 @@ def check_kwargs(cls, kwargs: dict[str, Any], what: str) -> None:
             hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise ValueError(f"Unknown argument(s) for {what}: {', '.join(hints)}. "
                          f"Valid: {sorted(fields)}.")
+
+
+def build_generator(cls, name: str, size_kwargs: Callable[[str], dict[str, Any]],
+                    size: Optional[str], kwargs: dict[str, Any]) -> Any:
+    """`cls(**kwargs)` of an AR generator (model `name` of the registry): the entries of its
+    size table for `size` (`size_kwargs(size)`) fill the arguments not given; unknown arguments
+    fail (`check_kwargs`), and `vocab_size` and `num_tokens` are required."""
+    if size is not None:
+        for key, value in size_kwargs(size).items():
+            kwargs.setdefault(key, value)
+    check_kwargs(cls, kwargs, f"model {name!r} (plus size)")
+    missing = [k for k in ("vocab_size", "num_tokens") if k not in kwargs]
+    if missing:
+        raise ValueError(f"model {name!r} needs {missing} (the tokenizer's codebook size and "
+                         "codes per image).")
+    return cls(**kwargs)

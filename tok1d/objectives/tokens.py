@@ -5,15 +5,20 @@
               schedule-drawn fraction of every sequence is replaced by [MASK]; label-smoothed
               cross-entropy, unmasked positions down-weighted (`masked_token_loss`)
   next_token  LlamaGen (train_c2i.py): teacher-forced cross-entropy (`next_token_loss`)
+  permuted_next_token
+              RAR (bytedance/1d-tokenizer `RAR.forward` + `ARLoss`): each training sequence is
+              read in a random order with probability `random_ratio(step)` (annealed from 1 to
+              0, `random_orders`), else in raster order; next-token cross-entropy in that order
 
-Both drop class labels to the null class for classifier-free guidance (`drop_labels`).
+All drop class labels to the null class for classifier-free guidance (`drop_labels`).
 
     loss_fn = make_loss_fn(model, gcfg)      # gcfg: config.generator
-    loss, metrics = loss_fn(params, batch, rng, train)
+    loss, metrics = loss_fn(params, batch, rng, train, step)   # step: the 0-based train step
 
 Replayable draws (`tok1d.objectives.draws`), each with a leading batch axis: "drop_labels" /
-"drop_rand_u" (`drop_labels`, training only) and, for "masked", "mask_timesteps_u" /
-"mask_rand_u" (`random_mask`).
+"drop_rand_u" (`drop_labels`, training only); for "masked", "mask_timesteps_u" /
+"mask_rand_u" (`random_mask`); for "permuted_next_token", "orders" / "order_rand_u" /
+"order_perms" (`random_orders`, training only).
 """
 
 from __future__ import annotations
@@ -145,20 +150,60 @@ def next_token_loss(logits: jax.Array, codes: jax.Array) -> tuple[jax.Array, dic
     return jnp.mean(ce), dict(accuracy=acc)
 
 
+# --------------------------------------------------------------------------- permuted (RAR)
+
+
+def random_ratio(step: Any, start: int, end: int) -> Any:
+    """RAR's randomness annealing (`get_rar_random_ratio`): the probability that a training
+    sequence is permuted at (0-based) step `step`: 1 before `start`, 1 - (step - start) /
+    (end - start) from `start` to `end`, 0 after `end` (for end <= start: 1 before `start`,
+    0 from it). Works on Python numbers (float64) and on JAX arrays (float32)."""
+    if end <= start:
+        return _xp(step).where(step < start, 1.0, 0.0)
+    xp = _xp(step)
+    frac = (xp.asarray(step, xp.float32 if xp is jnp else xp.float64) - start) / (end - start)
+    return xp.clip(1.0 - frac, 0.0, 1.0)
+
+
+def random_orders(rng: jax.Array, batch: int, length: int, ratio: Any, *,
+                  draw: Draw = fresh) -> jax.Array:
+    """Official `RAR.sample_orders`: per sequence, with probability `ratio` a uniformly random
+    permutation of the `length` positions, else the raster order -> orders (B, N) int32.
+
+    Random draws, by name (see `Draw`):
+      "orders"        (B, N) ints: the orders themselves (the outcome; used as given)
+      "order_rand_u"  (B,) float32 uniform in [0, 1): sequence b is permuted iff u_b < ratio
+                      (upstream's `random.random()`)
+      "order_perms"   (B, N) ints: the permutation a permuted sequence uses (upstream's
+                      `torch.randperm`; ignored for the raster sequences)
+    (the last two are read when "orders" is not)."""
+    def drawn() -> jax.Array:
+        k_u, k_perm = jax.random.split(rng)
+        u = draw("order_rand_u", lambda: jax.random.uniform(k_u, (batch,), jnp.float32))
+        perms = draw("order_perms", lambda: jnp.argsort(
+            jax.random.uniform(k_perm, (batch, length), jnp.float32), axis=-1))
+        raster = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+        return jnp.where((u < ratio)[:, None], jnp.asarray(perms, jnp.int32), raster)
+
+    return jnp.asarray(draw("orders", drawn), jnp.int32)
+
+
 # --------------------------------------------------------------------------- the loss function
 
 
 def make_loss_fn(model: nn.Module, gcfg) -> Callable[..., tuple[jax.Array, dict[str, Any]]]:
-    """(params, batch, rng, train) -> (loss, metrics) of `model.objective`, with the options of
-    `gcfg` (config.generator: label_dropout; for "masked" mask_schedule, label_smoothing,
-    unmasked_weight). Training drops labels to the null class with probability
-    `label_dropout`; evaluation (train=False) keeps them and uses no dropout.
+    """(params, batch, rng, train, step=0) -> (loss, metrics) of `model.objective`, with the
+    options of `gcfg` (config.generator: label_dropout; for "masked" mask_schedule,
+    label_smoothing, unmasked_weight; for "permuted_next_token" randomness_anneal_start /
+    _end, read at `step`, the 0-based train step). Training drops labels to the null class with
+    probability `label_dropout` (and permutes RAR's sequences); evaluation (train=False) keeps
+    them, reads raster order and uses no dropout.
 
     `batch`: "codes" (B, N) ints, "label" (B,) ints and optionally "draws", the official random
     draws to replay instead of drawing (see the module docstring)."""
-    masked_objective = model.objective == "masked"
+    objective = model.objective
 
-    def loss_fn(params, batch, rng, train: bool):
+    def loss_fn(params, batch, rng, train: bool, step: Any = 0):
         codes = batch["codes"].astype(jnp.int32)
         labels = batch["label"].astype(jnp.int32)
         draw = draws_lib.drawer(draws_lib.of_batch(batch))
@@ -167,12 +212,23 @@ def make_loss_fn(model: nn.Module, gcfg) -> Callable[..., tuple[jax.Array, dict[
             labels = drop_labels(k_label, labels, gcfg.label_dropout, model.null_label,
                                  draw=draw)
         rngs = {"dropout": k_dropout}
-        if masked_objective:
+        if objective == "masked":
             tokens, masked = random_mask(k_mask, codes, model.mask_id, gcfg.mask_schedule,
                                          draw=draw)
             logits = model.apply({"params": params}, tokens, labels, train=train, rngs=rngs)
             return masked_token_loss(logits, codes, masked, gcfg.label_smoothing,
                                      gcfg.unmasked_weight)
+        if objective == "permuted_next_token":
+            ratio = random_ratio(jnp.asarray(step), gcfg.randomness_anneal_start,
+                                 gcfg.randomness_anneal_end)
+            orders = None
+            if train:
+                orders = random_orders(k_mask, *codes.shape, ratio, draw=draw)
+            logits = model.apply({"params": params}, codes, labels, train=train, rngs=rngs,
+                                 orders=orders)
+            targets = codes if orders is None else jnp.take_along_axis(codes, orders, axis=1)
+            loss, metrics = next_token_loss(logits, targets)
+            return loss, ({**metrics, "random_ratio": ratio} if train else metrics)
         logits = model.apply({"params": params}, codes, labels, train=train, rngs=rngs)
         return next_token_loss(logits, codes)
 

@@ -236,7 +236,8 @@ def add_tokenizer_keys(c: ml_collections.ConfigDict) -> None:
 
 def add_generator_keys(c: ml_collections.ConfigDict) -> None:
     """The generator trainer's section: its token data and objective, and the sampler."""
-    # Generators (trainer "generator"; model "maskgit" or "gpt"), trained on a token dataset.
+    # Generators (trainer "generator"; model "maskgit", "gpt" or "rar"), trained on a token
+    # dataset.
     c.generator = ml_collections.ConfigDict(dict(
         tokens="",                    # token dataset directory (python -m tok1d.cli.tokenize)
         tokenizer="",                 # decodes samples for grids / tok1d.cli.sample: a pretrained
@@ -245,10 +246,14 @@ def add_generator_keys(c: ml_collections.ConfigDict) -> None:
         mask_schedule="arccos",       # MaskGIT: training mask-ratio schedule
         label_smoothing=0.1,          # MaskGIT: CE label smoothing
         unmasked_weight=0.1,          # MaskGIT: loss weight of the unmasked positions
+        randomness_anneal_start=0,    # RAR: every training sequence is permuted before this
+        randomness_anneal_end=0,      # step, then with a probability falling linearly to 0 at
+                                      # this one (tok1d.objectives.tokens.random_ratio)
         num_sample_classes=10,        # classes (0..n-1) in the periodic sample grid
     ))
-    # Keyword arguments of the sampler (tok1d.generation.maskgit.sample or
-    # tok1d.generation.autoregressive.sample), used for the sample grids and tok1d.cli.sample.
+    # Keyword arguments of the sampler (tok1d.generation.maskgit.sample,
+    # tok1d.generation.autoregressive.sample or .sample_rar), used for the sample grids and
+    # tok1d.cli.sample.
     c.sampling = ml_collections.ConfigDict()
 
 

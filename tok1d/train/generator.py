@@ -1,5 +1,5 @@
-"""Generator trainer: any generator (`tok1d.models.interfaces.Generator`: MaskGIT's masked-token
-or a LlamaGen-style GPT's next-token objective), class-conditional, on a token dataset written by
+"""Generator trainer: any generator (`tok1d.models.interfaces.Generator`: MaskGIT's masked-token,
+a LlamaGen-style GPT's next-token or RAR's permuted next-token objective), class-conditional, on a token dataset written by
 `python -m tok1d.cli.tokenize`.
 
 `train_and_evaluate(config, workdir)` runs when `config.trainer == "generator"`; `fit` trains a
@@ -56,16 +56,17 @@ def make_train_step(model: nn.Module, tx, schedule, config):
     train_c2i.py): gradients -> their global norm before clipping (scalar "grad_norm") ->
     clipping (`optim.grad_clip`, torch's rule with `optim.clip_eps`) -> AdamW at LR
     `schedule(step)` (scalar "lr"; when the schedule is read: `optim.schedule_step`) -> EMA
-    with `optim.ema_decay_at(step + 1, ema_decay, ema_warmup)`. The batch may carry the
-    official random draws ("draws", see `tok1d.objectives.tokens`)."""
+    with `optim.ema_decay_at(step + 1, ema_decay, ema_warmup)`. The loss reads the 0-based
+    step (RAR's randomness annealing, scalar "random_ratio"). The batch may carry the official
+    random draws ("draws", see `tok1d.objectives.tokens`)."""
     loss_fn = tokens_obj.make_loss_fn(model, config.generator)
-    grad_fn = jax.value_and_grad(lambda p, b, r: loss_fn(p, b, r, True), has_aux=True)
+    grad_fn = jax.value_and_grad(lambda p, b, r, s: loss_fn(p, b, r, True, s), has_aux=True)
     base_rng = jax.random.key(config.seed + 1)
 
     def train_step(state: TrainState, batch):
         rng = jax.random.fold_in(base_rng, state.step)
         ((loss, metrics), grads), _ = step_lib.accumulate(
-            lambda _, b, r: (grad_fn(state.params, b, r), None), None, batch, rng,
+            lambda _, b, r: (grad_fn(state.params, b, r, state.step), None), None, batch, rng,
             config.optim.grad_accum_steps)
         new, grad_norm, finite = step_lib.apply_gradients(
             state, grads, tx, ema_decay=config.ema_decay, ema_warmup=config.ema_warmup)

@@ -43,11 +43,12 @@ from tok1d.weights.convert import gigatok as convert_gigatok
 from tok1d.weights.convert import gpt as convert_gpt
 from tok1d.weights.convert import inception as convert_inception
 from tok1d.weights.convert import maskgit as convert_maskgit
+from tok1d.weights.convert import rar as convert_rar
 from tok1d.weights.convert import titok as convert_titok
 from tok1d.weights.convert import vqgan as convert_vqgan
 
 # Official checkpoints `load_official` converts (the registry names they load as).
-OFFICIAL_KINDS = ("titok", "maskgit_vqgan", "gigatok", "dinov2", "maskgit", "gpt",
+OFFICIAL_KINDS = ("titok", "maskgit_vqgan", "gigatok", "dinov2", "maskgit", "gpt", "rar",
                   "inception_fid")
 TEACHERS = ("maskgit_vqgan", "dinov2")
 
@@ -215,8 +216,8 @@ def load_official(kind: str, path: str, *, config: Optional[str] = None,
     its converter (every tensor checked; a mismatch raises one ConversionError listing all).
     Options as `python -m tok1d.cli.convert`: `config` (official YAML / JSON; titok, gigatok,
     maskgit), `image_size`, `preset` (gigatok), `pos_grid` (dinov2), `size` / `weights` /
-    `num_heads` (gpt); `model_kwargs` build the maskgit_vqgan model (default: the released
-    MaskGIT-VQGAN)."""
+    `num_heads` (gpt), `size` (rar); `model_kwargs` build the maskgit_vqgan model (default: the
+    released MaskGIT-VQGAN)."""
     if kind == "titok":
         return convert_titok.convert_file(path, config=config, image_size=image_size)
     if kind == "maskgit_vqgan":
@@ -231,6 +232,8 @@ def load_official(kind: str, path: str, *, config: Optional[str] = None,
         return convert_maskgit.convert_file(path, config=config)
     if kind == "gpt":
         return convert_gpt.convert_file(path, size=size, weights=weights, num_heads=num_heads)
+    if kind == "rar":
+        return convert_rar.convert_file(path, size=size)
     if kind == "inception_fid":  # pytorch-fid's FID InceptionV3 (+ IS fc head)
         return convert_inception.convert_file(path)
     raise ValueError(f"unknown kind {kind!r}; expected one of {OFFICIAL_KINDS}")

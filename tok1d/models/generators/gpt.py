@@ -31,7 +31,7 @@ cls_token_num in the `base` slot, so base 1 and 120 zero rows; it is off in ever
 
 Cached decoding ("cache" collection, see `transformer.Attention`; apply with `mutable=["cache"]`):
 
-    cache = init_cache(model, params, batch_size)          # zeros, index 0
+    cache = transformer.init_cache(model, params, batch_size)   # zeros, index 0
     logits, v = model.apply({"params": params, "cache": cache}, labels,
                             method=GPT.prefill, mutable=["cache"])   # code 0 logits (B, V)
     logits, v = model.apply({"params": params, **v}, code, method=GPT.decode,
@@ -52,7 +52,7 @@ import numpy as np
 
 from tok1d.layers import transformer
 from tok1d.layers.transformer import Dtype, logical
-from tok1d.models.presets import check_kwargs
+from tok1d.models.presets import build_generator
 
 # LlamaGen's class-conditional sizes (gpt_1d.py GPT_models; parameter counts for vocab 16384
 # and 256 tokens in the comments, see tests/test_gpt_sampling.py).
@@ -63,6 +63,11 @@ GPT_SIZES: dict[str, dict[str, int]] = {
     "XXL": dict(width=1536, depth=48, num_heads=24),    # 1411.4M
     "XXXL": dict(width=2560, depth=48, num_heads=40),   # 3893.7M
 }
+
+
+# The leaves the sampler casts to the compute dtype once (`compute_params`): matmul kernels and
+# embedding tables (the RMSNorm scales, used in float32, stay as they are).
+COMPUTE_LEAVES = ("kernel", "embedding", "positional_embedding")
 
 
 def find_multiple(n: int, k: int) -> int:
@@ -107,6 +112,7 @@ class GPT(nn.Module):
     generator interface of `tok1d.models.interfaces`, objective "next_token")."""
 
     objective: ClassVar[str] = "next_token"
+    compute_leaves: ClassVar[tuple[str, ...]] = COMPUTE_LEAVES
     vocab_size: int
     num_tokens: int
     num_classes: int = 1000
@@ -228,57 +234,13 @@ class GPT(nn.Module):
         return logits.astype(jnp.float32)
 
 
-def unrolled(model: GPT, params: Any) -> tuple[GPT, Any]:
-    """The same GPT with its layer stack unrolled (`scan=False`) and its params re-laid out
-    (`blocks` with a leading layer axis -> `blocks_0` .. `blocks_{depth-1}`); identity for an
-    unrolled model. Cached decoding uses it: with the scanned stack, the layer scan slices and
-    re-stacks the whole KV cache at every token (a full copy of it per token in XLA's program);
-    unrolled, each layer's cache is updated in place. Works under jit (the slices are free)."""
-    if not model.scan:
-        return model, params
-    stack = dict(params["transformer"])
-    blocks = stack.pop("blocks")
-    for i in range(model.depth):
-        stack[f"blocks_{i}"] = jax.tree.map(lambda x, i=i: x[i], blocks)
-    return model.clone(scan=False), {**params, "transformer": stack}
-
-
 def compute_params(model: GPT, params: Any) -> Any:
-    """`params` with the matmul kernels and embedding tables (leaves named `kernel`,
-    `embedding`, `positional_embedding`) cast to the compute dtype `model.dtype`; the RMSNorm
-    scales, used in float32, stay as they are. Each of those leaves is cast to `model.dtype`
-    where it is used (a kernel before its matmul, a table row after its lookup, which commute),
-    so the model's outputs are bitwise unchanged. Cached decoding casts once before its token
-    loop instead of re-reading the float32 weights and writing compute-dtype copies at every
-    decoded token."""
-    dtype = jnp.dtype(model.dtype)
-    names = ("kernel", "embedding", "positional_embedding")
-
-    def cast(path, x):
-        name = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)][-1]
-        if name in names and jnp.issubdtype(x.dtype, jnp.floating):
-            return x.astype(dtype)
-        return x
-
-    return jax.tree_util.tree_map_with_path(cast, params)
-
-
-def init_cache(model: GPT, params: Any, batch_size: int) -> dict:
-    """The empty "cache" collection of `model` for `batch_size` sequences."""
-    _, variables = model.apply({"params": params}, batch_size, method=GPT.init_cache,
-                               mutable=["cache"])
-    return variables["cache"]
+    """`params` with the matmul kernels and embedding tables cast to the compute dtype
+    `model.dtype` (`transformer.cast_params`): the logits are bitwise unchanged."""
+    return transformer.cast_params(params, model.dtype, model.compute_leaves)
 
 
 def build(size: Optional[str] = None, **kwargs: Any) -> GPT:
     """GPT from a size name (GPT_SIZES: "B", "L", "XL", "XXL", "XXXL") and/or explicit
     `GPT` arguments (which win); `vocab_size` and `num_tokens` are required."""
-    if size is not None:
-        for key, value in size_kwargs(size).items():
-            kwargs.setdefault(key, value)
-    check_kwargs(GPT, kwargs, "model 'gpt' (plus size)")
-    missing = [k for k in ("vocab_size", "num_tokens") if k not in kwargs]
-    if missing:
-        raise ValueError(f"model 'gpt' needs {missing} (the tokenizer's codebook size and codes "
-                         "per image).")
-    return GPT(**kwargs)
+    return build_generator(GPT, "gpt", size_kwargs, size, kwargs)

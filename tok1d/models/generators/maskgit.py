@@ -133,8 +133,9 @@ class MaskGITBert(_GeneratorBase):
 
     Dropout (`dropout_rate`, the official `dropout` 0.1) acts after the embedding LayerNorm and on
     both residual branches, only with `train=True` (rng "dropout"). The official model also drops
-    attention probabilities (`attn_drop` 0.1); the shared `transformer.Attention` has no such dropout,
-    so that regulariser is not reproduced in training (inference is unaffected).
+    attention probabilities (`attn_drop` 0.1); this port does not pass it on (the shared blocks'
+    `attention_dropout` could), so that regulariser is not reproduced in training (inference is
+    unaffected).
     """
 
     scan: bool = True

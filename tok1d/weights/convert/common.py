@@ -137,6 +137,14 @@ def out_proj(w: Array, b: Optional[Array], num_heads: int) -> dict[str, Array]:
     return out
 
 
+def shape_of(sd: Mapping[str, Any], key: str, what: str) -> tuple[int, ...]:
+    """The shape of `sd[key]`; a ConversionError "not a {what} state_dict" when it is missing
+    (the first check of a converter's `infer_kwargs`)."""
+    if key not in sd:
+        raise ConversionError(f"not a {what} state_dict: {key!r} is missing")
+    return tuple(np.shape(sd[key]))
+
+
 # --------------------------------------------------------------------------- bookkeeping
 
 class StateDict:

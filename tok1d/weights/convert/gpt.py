@@ -25,7 +25,6 @@ from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from tok1d.weights.convert import common
 from tok1d.weights.convert.common import ConversionError, ParamTree, StateDict
@@ -49,9 +48,7 @@ def strip_prefixes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _shape(sd: Mapping[str, Any], key: str) -> tuple[int, ...]:
-    if key not in sd:
-        raise ConversionError(f"not a LlamaGen GPT state_dict: {key!r} is missing")
-    return tuple(np.shape(sd[key]))
+    return common.shape_of(sd, key, "LlamaGen GPT")
 
 
 def infer_kwargs(state_dict: Mapping[str, Any], num_heads: Optional[int] = None,
