@@ -148,9 +148,9 @@ def convert_rar(state_dict: Mapping[str, Any], model: RAR, what: str = "RAR chec
                  "adaln_before_head.adaLN_modulation.1")
     out.set_tree("lm_head", common.dense(sd, "lm_head"), "lm_head")
 
-    codes = jnp.zeros((1, model.num_tokens), jnp.int32)
-    labels = jnp.zeros((1,), jnp.int32)
-    abstract = jax.eval_shape(model.init, jax.random.key(0), codes, labels)["params"]
+    codes = jax.ShapeDtypeStruct((1, model.num_tokens), jnp.int32)
+    labels = jax.ShapeDtypeStruct((1,), jnp.int32)
+    abstract = common.abstract_variables(model, codes, labels)["params"]
     return common.finish(sd, out, abstract)
 
 
