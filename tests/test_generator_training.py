@@ -171,6 +171,26 @@ def test_ar_probe_during_tokenizer_training(tmp_path):
     assert any("eval/ar_probe_val_loss" in line for line in lines)
 
 
+def test_the_evaluate_job_on_a_rar_run(token_data, tmp_path):
+    """`tok1d.cli.evaluate` samples a RAR run through its cached sampler and the tokenizer and
+    reports gFID / IS (random Inception: smoke numbers), as for the other generators."""
+    from tok1d.cli import evaluate
+    tokens, tok_dir = token_data
+    config = tiny_config("rar", tokens, tok_dir, steps=4)
+    config.data.name, config.data.image_size, config.data.eval_examples = "digits", 32, 24
+    e = config.evaluation
+    e.allow_random_init, e.inception_size, e.is_splits = True, 75, 2
+    e.num_samples, e.num_report_images = 16, 20
+    workdir = str(tmp_path / "rar")
+    generator.train_and_evaluate(config, workdir)
+    out = tmp_path / "eval"
+    metrics = evaluate.run(config, checkpoint=workdir, tokenizer=tok_dir, out=str(out),
+                           log=lambda _: None)
+    assert metrics["num_images"] == 16
+    assert np.isfinite(metrics["gfid"]) and np.isfinite(metrics["inception_score"])
+    assert "gFID" in open(out / "report.md").read()
+
+
 def test_gfid_in_training_and_the_evaluate_job(token_data, tmp_path):
     """A GPT run with evaluation.fid_every_steps logs gFID / IS / precision-recall of its samples
     against the digits eval split (random Inception: smoke numbers); `tok1d.cli.evaluate` on the
