@@ -20,7 +20,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 
+import numpy as np  # noqa: E402
+
 from tok1d import parallel  # noqa: E402
+from tok1d.layers.transformer import init_cache  # noqa: E402
 
 parallel.size_cpu_thread_pool()  # 8 fake devices on 2 cores: see its docstring
 
@@ -160,10 +163,25 @@ def _drop_compiled_programs():
     gc.collect()
 
 
+def step_by_step_logits(model, params, codes, labels):
+    """An AR generator's cached decoding fed `codes` (B, N): `prefill` on the labels, then
+    `decode` of codes[:, t - 1] for t = 1 .. N - 1; the logits of every position (B, N, V), to
+    compare with the full teacher-forced forward, and the variables after the last decode.
+    Run under the caller's matmul precision."""
+    prefill = jax.jit(lambda v, l: model.apply(v, l, method=model.prefill, mutable=["cache"]))
+    decode = jax.jit(lambda v, c: model.apply(v, c, method=model.decode, mutable=["cache"]))
+    cache = jax.jit(init_cache, static_argnums=(0, 2))(model, params, codes.shape[0])
+    logits, state = prefill({"params": params, "cache": cache}, labels)
+    got = [logits]
+    for t in range(1, codes.shape[1]):
+        logits, state = decode({"params": params, **state}, codes[:, t - 1])
+        got.append(logits)
+    return np.stack(got, axis=1), state
+
+
 def rel_err(got, want) -> float:
     """max|got - want| / max|want| in float64 (the fixture README's error measure); the shapes
     must agree exactly."""
-    import numpy as np
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     assert got.shape == want.shape, (got.shape, want.shape)
     return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
@@ -204,7 +222,6 @@ def params_from_fixture(name: str, read, nargs: int = 1) -> list:
     npz) returns the parameter values (plain values / tuples or `pytest.param`s). When the file
     is absent (or holds no such case) the list is one skipped case that says so, so that the
     test reports a skip with the reason instead of vanishing."""
-    import numpy as np
     path = os.path.join(fixtures_path(), name)
     placeholder = None if nargs == 1 else (None,) * nargs
     if not os.path.exists(path):

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import step_by_step_logits
 from flax import linen as nn
 
 from tok1d.generation import autoregressive as ar
@@ -45,18 +46,12 @@ def test_cached_decoding_matches_full_recomputation(kw):
     codes = jnp.asarray(rng.integers(0, VOCAB, (3, TOKENS)), jnp.int32)
     labels = jnp.asarray([1, 7, model.null_label], jnp.int32)
     prefill = jax.jit(lambda v, *a: model.apply(v, *a, method=GPT.prefill, mutable=["cache"]))
-    decode = jax.jit(lambda v, c: model.apply(v, c, method=GPT.decode, mutable=["cache"]))
     with jax.default_matmul_precision("highest"):
         full = jax.jit(model.apply)({"params": params}, codes, labels)
+        got, _ = step_by_step_logits(model, params, codes, labels)
         cache = jax.jit(init_cache, static_argnums=(0, 2))(model, params, 3)
-        logits, state = prefill({"params": params, "cache": cache}, labels)
-        got = [logits]
-        for t in range(1, TOKENS):
-            logits, state = decode({"params": params, **state}, codes[:, t - 1])
-            got.append(logits)
         # A prefix prefill (class token + 4 codes) continues the same way.
         prefix, state = prefill({"params": params, "cache": cache}, labels, codes[:, :4])
-    got = np.stack(got, axis=1)
     assert got.shape == full.shape == (3, TOKENS, VOCAB)
     np.testing.assert_allclose(got, full, rtol=0, atol=2e-5 * float(np.abs(full).max()))
     np.testing.assert_allclose(prefix, full[:, 4], rtol=0, atol=2e-5 * float(np.abs(full).max()))

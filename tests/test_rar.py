@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, step_by_step_logits
 from tok1d import models, parallel
 from tok1d.cli import bench
 from tok1d.cli.convert import main as convert_main
@@ -21,7 +21,7 @@ from tok1d.data import sources
 from tok1d.generation import autoregressive as ar
 from tok1d.generation import common
 from tok1d.generation import guidance
-from tok1d.layers.transformer import Attention, cast_params, init_cache
+from tok1d.layers.transformer import Attention, cast_params
 from tok1d.models.generators import rar as rar_lib
 from tok1d.models.generators.rar import RAR
 from tok1d.objectives import tokens as token_obj
@@ -61,17 +61,9 @@ def test_cached_decoding_matches_full_recomputation():
     params = _params(model)
     codes = _codes()
     labels = jnp.asarray([1, 4, model.null_label], jnp.int32)
-    prefill = jax.jit(lambda v, l: model.apply(v, l, method=RAR.prefill, mutable=["cache"]))
-    decode = jax.jit(lambda v, c: model.apply(v, c, method=RAR.decode, mutable=["cache"]))
     with jax.default_matmul_precision("highest"):
         full = jax.jit(model.apply)({"params": params}, codes, labels)
-        cache = jax.jit(init_cache, static_argnums=(0, 2))(model, params, 3)
-        logits, state = prefill({"params": params, "cache": cache}, labels)
-        got = [logits]
-        for t in range(1, TOKENS):
-            logits, state = decode({"params": params, **state}, codes[:, t - 1])
-            got.append(logits)
-    got = np.stack(got, axis=1)
+        got, state = step_by_step_logits(model, params, codes, labels)
     assert got.shape == full.shape == (3, TOKENS, VOCAB)
     np.testing.assert_allclose(got, full, rtol=0, atol=2e-5 * float(np.abs(full).max()))
     assert int(state["cache"]["position"]) == TOKENS + 1
