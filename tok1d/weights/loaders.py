@@ -303,7 +303,7 @@ def load_perceptual(components: Iterable[str], weights: Optional[str],
             raise perceptual_files.MissingPerceptualWeights(
                 f"The perceptual networks {list(components)} need pretrained weights but none "
                 "were given. " + perceptual_files.how_to_convert(components)
-                + "; then pass DIR as the perceptual weights path.")
+                + "; then pass the name(s) or DIR as the perceptual weights path.")
         return {c: perceptual_nets.random_params(c, seed=seed) for c in components}
     files = perceptual_files.resolve_weight_files(resolve_each(weights), components)
     return {c: perceptual_files.load_params(files[c], c) for c in components}
