@@ -12,6 +12,7 @@ import re
 import shutil
 import threading
 
+import jax
 import numpy as np
 import pytest
 
@@ -252,3 +253,21 @@ def test_the_table():
             assert f.manual == ("drive.google.com" in f.source), name
             if f.sha256:
                 assert re.search(rf"-{f.sha256}\.pth$", f.source), name
+
+
+def test_a_teacher_by_name(cache, monkeypatch):
+    """`teacher.weights` as a released name: DINOv2's official file, fetched (here: put at its
+    manual-download path), its table resampled to the student's grid as from the file itself."""
+    from test_dinov2 import _tiny_sd
+
+    _, sd = _tiny_sd(d=64, depth=1)
+    entry = registry.Released("dinov2_tiny", "dinov2", {"checkpoint": registry.File(
+        "https://dl.example.invalid/dinov2/dinov2_tiny_pretrain.npz")})
+    monkeypatch.setitem(registry.RELEASED, entry.name, entry)
+    path = download.manual_path(entry.files["checkpoint"])
+    os.makedirs(os.path.dirname(path))
+    np.savez(path, **sd)
+    by_name = loaders.load_teacher("dinov2", "dinov2_tiny", {}, precision="float32", grid=8)
+    by_file = loaders.load_teacher("dinov2", path, {}, precision="float32", grid=8)
+    assert by_name[0] == by_file[0] and by_name[0].pos_grid == 8
+    jax.tree.map(np.testing.assert_array_equal, by_name[1], by_file[1])
