@@ -452,21 +452,20 @@ def resolve(source: str, kind: Optional[str] = None, cache_dir: Optional[str] = 
         key = hashlib.sha256(json.dumps([source, kind, options], sort_keys=True,
                                         default=str).encode()).hexdigest()[:12]
         dirname, expect = f"{kind}-{key}", {}
-        get_files = lambda: {"checkpoint": download.fetch(registry.File(source), cache_dir)}
     elif registry.looks_like_a_name(source):
         entry = registry.get(source)
         if entry.kind is None:
             return fetch_released(source, cache_dir)["checkpoint"]
         dirname, kind, expect = entry.name, entry.kind, entry.expect
         options = dict(entry.options)
-        get_files = lambda: fetch_released(source, cache_dir)
     else:
         return source  # a path that does not exist: the caller's error names it
     root = download.cache_root(cache_dir)
     final = os.path.join(root, dirname)
     if os.path.isdir(final):
         return final
-    files = get_files()
+    files = (fetch_released(source, cache_dir) if registry.looks_like_a_name(source) else
+             {"checkpoint": download.fetch(registry.File(source), cache_dir)})
     os.makedirs(root, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".tmp-{dirname}-", dir=root)
     try:
