@@ -27,11 +27,14 @@ EXTRAS_REQUIRE = {
     # pip finds for Python 3.11 on x86_64 (tests needing it skip elsewhere).
     # matplotlib: the notebook's plots (tests/test_notebook.py executes it; Colab has it).
     "test": ["pytest>=8.0", "pytest-timeout>=2.2", "pytest-xdist>=3.5", "import-linter>=2.1", "safetensors>=0.4", "matplotlib>=3.7",
+             "huggingface_hub>=0.20",
              'torch==2.13.0; python_version == "3.11" and platform_machine == "x86_64"'],
     # Building image datasets with `tfds build` needs TensorFlow; training never does.
     "tfds_build": ["tensorflow-cpu>=2.16"],
     # Reading official .bin/.pt checkpoints; .safetensors/.npz need only NumPy.
     "convert": ["torch>=2.2", "safetensors>=0.4"],
+    # Released weights on the Hugging Face Hub (`tok1d.weights.load("titok_l32")`).
+    "hub": ["huggingface_hub>=0.20"],
     "gpu": ["jax[cuda12]>=0.10.2"],
     "tpu": ["jax[tpu]>=0.10.2"],
 }

@@ -18,10 +18,10 @@ from conftest import REPO
 PACKAGE = pathlib.Path(REPO) / "tok1d"
 
 # Heavy dependencies that may be imported inside a function: optional, not installed by default
-# (torch, safetensors, matplotlib, yaml), or slow to import and needed by one path only (sklearn:
+# (torch, safetensors, matplotlib, yaml, huggingface_hub), or slow to import and needed by one path only (sklearn:
 # the demo's digits and classifier; tensorflow_datasets, ~0.6 s: the "tfds:" sources).
 INLINE_ALLOWED = ("torch", "torchvision", "safetensors", "sklearn", "matplotlib", "yaml",
-                  "tensorflow_datasets")
+                  "tensorflow_datasets", "huggingface_hub")
 
 
 def _modules_and_files():

@@ -5,7 +5,8 @@ A command is a module of `tok1d.cli` with
   CONFIG       None, or the help of its `--config` flag (ml_collections config file; any
                `--config.KEY=VALUE` overrides a value);
   REQUIRED     names of flags that must be given;
-  POSITIONAL   the name of the one positional argument it takes ("" for none);
+  POSITIONAL   the name of the one positional argument it takes ("" for none; "[NAME]" when
+               it may be left out);
   define_flags(fv)       its flags, defined on the FlagValues `fv`;
   execute(fv, args)      the job (args: the positional arguments).
 `run(module, argv)` parses the command line on a FlagValues of its own (so `--help` lists only
@@ -50,7 +51,8 @@ TOOL = "tok1d"
 # Optional packages and how to get them; a missing one ends in a one-line hint.
 OPTIONAL = {"torch": "pip install 'tok1d[convert]'", "safetensors": "pip install safetensors",
             "yaml": "pip install pyyaml", "tensorflow": "pip install 'tok1d[tfds_build]'",
-            "matplotlib": "pip install matplotlib", "sklearn": "pip install scikit-learn"}
+            "matplotlib": "pip install matplotlib", "sklearn": "pip install scikit-learn",
+            "huggingface_hub": "pip install 'tok1d[hub]'"}
 _OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=]+)")
 _HELP = ("-h", "--help", "-help", "--helpshort", "--helpfull")
 _running: list[str] = []  # the command line of the command being run
@@ -180,7 +182,7 @@ def _parse(job: types.ModuleType, prog: str, args: list[str]
             raise errors.UserError(f"--{name} is required (see {prog} --help).")
     if len(rest) > (1 if job.POSITIONAL else 0):
         raise errors.UserError(f"unexpected arguments: {' '.join(rest)} (see {prog} --help).")
-    if job.POSITIONAL and not rest:
+    if job.POSITIONAL and not job.POSITIONAL.startswith("[") and not rest:
         raise errors.UserError(f"{job.POSITIONAL} is required (see {prog} --help).")
     return fv, rest
 

@@ -1,5 +1,16 @@
 r"""Converts official PyTorch checkpoints into tok1d pretrained directories.
 
+Released weights by name (`tok1d.weights.registry`): fetched (Hugging Face Hub or URL), checked
+(sha256 where published), converted once into the cache (--cache_dir, $TOK1D_CACHE or
+~/.cache/tok1d) and read from there afterwards, offline too:
+
+    tok1d convert --from titok_l32                  # prints the cached directory
+    tok1d convert --from rar_b --out rar_b/         # and copies it to --out
+    tok1d convert rar --from hf://yucornetto/RAR/rar_b.bin --size=B
+    tok1d convert inception_fid --from https://github.com/.../pt_inception-2015-12-05-6726825d.pth
+
+A local official file, by kind:
+
     tok1d convert titok --checkpoint=tokenizer_titok_l32.bin --out=titok_l32/
     tok1d convert titok --checkpoint=model.safetensors --out=titok_bl64/ \
         --official_config=config.json
@@ -25,21 +36,24 @@ Reading .bin / .pt / .pth files needs PyTorch (`pip install 'tok1d[convert]'`).
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
-from typing import Optional, Sequence
+import tempfile
+from typing import Any, Optional, Sequence
 
 from absl import flags
 
 from tok1d import errors
 from tok1d.cli import app
-from tok1d.weights import loaders, pretrained
-from tok1d.weights.convert import perceptual
+from tok1d.weights import download, loaders, registry
 
-KINDS = loaders.OFFICIAL_KINDS + ("lpips", "convnext_s")
-USAGE = "KIND --checkpoint=FILE --out=DIR [flags]     (KIND: " + " | ".join(KINDS) + ")"
+KINDS = loaders.CONVERT_KINDS
+USAGE = ("[KIND] (--from=NAME|hf://OWNER/REPO/FILE|URL | --checkpoint=FILE --out=DIR) [flags]"
+         "     (KIND: " + " | ".join(KINDS) + ")")
 CONFIG = None
-REQUIRED = ("checkpoint", "out")
-POSITIONAL = "KIND"
+REQUIRED = ()
+POSITIONAL = "[KIND]"
 
 
 def convert(kind: str, checkpoint: str, out: str, config: str | None = None,
@@ -49,21 +63,64 @@ def convert(kind: str, checkpoint: str, out: str, config: str | None = None,
             vgg: str | None = None) -> str:
     """Converts `checkpoint` (an official file of `kind`) into the pretrained directory `out`
     (lpips / convnext_s: OUT/<name>.npz); returns what it wrote."""
-    if kind == "lpips":
-        return perceptual.convert_files(kind, out, vgg=vgg, lpips=checkpoint)
-    if kind == "convnext_s":
-        return perceptual.convert_files(kind, out, weights=checkpoint)
-    model, params = loaders.load_official(kind, checkpoint, config=config, image_size=image_size,
-                                          preset=preset, pos_grid=pos_grid, size=size,
-                                          weights=weights, num_heads=num_heads)
-    return pretrained.save_pretrained(out, kind, pretrained.registry_kwargs(kind, model), params,
-                                      source=checkpoint)
+    return loaders.convert_official(kind, checkpoint, out, vgg=vgg,
+                                    **_options(config=config, image_size=image_size,
+                                               preset=preset, pos_grid=pos_grid, size=size,
+                                               weights=weights, num_heads=num_heads))
+
+
+def _options(**options: Any) -> dict[str, Any]:
+    """The converter options that were given (a released name brings its own)."""
+    return {k: v for k, v in options.items() if v is not None and (k, v) != ("weights", "model")}
+
+
+def convert_from(source: str, kind: Optional[str] = None, out: Optional[str] = None,
+                 cache_dir: Optional[str] = None, **options: Any) -> str:
+    """`tok1d convert --from SOURCE`: a released name, hf://OWNER/REPO/FILE or a URL (with
+    `kind`) -> its converted directory in the cache (copied to `out` when given); a local file
+    -> `convert` into `out`. Returns the directory."""
+    if os.path.isfile(source):
+        if kind is None or not out:
+            raise errors.UserError(f"--from={source} is a local file: give its KIND and --out.")
+        return convert(kind, source, out, **options)
+    if loaders.is_released(source):
+        entry = registry.get(source)
+        if kind is not None and kind != entry.kind:
+            raise errors.UserError(f"{source} is a {entry.kind} checkpoint, not {kind}.")
+        kind, options = entry.kind, {}
+    cached = loaders.resolve(source, kind, cache_dir, **_options(**options))
+    if not os.path.exists(cached):
+        raise errors.UserError(f"--from={source}: no such file, released name or URL.")
+    if not out:
+        return cached
+    if os.path.exists(out):
+        raise errors.UserError(f"--out={out} already exists; choose a new directory (the "
+                               f"converted weights are in {cached}).")
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-convert-", dir=parent)
+    try:
+        copy = os.path.join(tmp, "copy")
+        if os.path.isdir(cached):
+            shutil.copytree(cached, copy)
+        else:
+            shutil.copy2(cached, copy)
+        return download.replace_dir(copy, os.path.abspath(out))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("from", None, "Released weights: a name (" + ", ".join(
+        sorted(registry.RELEASED)) + "), hf://OWNER/REPO/FILE or a URL (with KIND), or a local "
+        "official file (with KIND and --out); fetched, checked and converted once into the "
+        "cache.", flag_values=fv)
+    flags.DEFINE_string("cache_dir", None, "Where fetched and converted weights are kept "
+                        f"(default: ${download.CACHE_ENV} or ~/.cache/tok1d).", flag_values=fv)
     flags.DEFINE_string("checkpoint", None, "The official file: .bin / .pt / .pth / "
                         ".safetensors / .npz state_dict (lpips: the LPIPS linear layers, "
                         "vgg.pth).", flag_values=fv)
-    flags.DEFINE_string("out", None, "The new pretrained directory.", flag_values=fv)
+    flags.DEFINE_string("out", None, "The new pretrained directory (with --from: a copy of "
+                        "the cached one; default: none).", flag_values=fv)
     flags.DEFINE_string("official_config", None, "titok, gigatok, maskgit: the official config "
                         "(JSON / YAML); default: sizes from the tensor shapes.", flag_values=fv)
     flags.DEFINE_integer("image_size", None, "Input resolution (default: from the positional "
@@ -86,11 +143,22 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 
 def execute(fv: flags.FlagValues, args: list[str]) -> None:
-    kind = args[0]
-    if kind not in KINDS:
+    kind = args[0] if args else None
+    if kind is not None and kind not in KINDS:
         raise errors.UserError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}.")
-    out = convert(kind, fv.checkpoint, fv.out, fv.official_config, fv.image_size, fv.preset,
-                  fv.pos_grid, fv.size, fv.weights, fv.num_heads, fv.vgg)
+    options = dict(config=fv.official_config, image_size=fv.image_size, preset=fv.preset,
+                   pos_grid=fv.pos_grid, size=fv.size, weights=fv.weights,
+                   num_heads=fv.num_heads)
+    source = fv["from"].value
+    if source:
+        if fv.checkpoint:
+            raise errors.UserError("give --from or --checkpoint, not both.")
+        out = convert_from(source, kind, fv.out, fv.cache_dir, **options)
+    else:
+        for name, value in (("KIND", kind), ("--checkpoint", fv.checkpoint), ("--out", fv.out)):
+            if not value:
+                raise errors.UserError(f"{name} is required without --from (see --help).")
+        out = convert(kind, fv.checkpoint, fv.out, vgg=fv.vgg, **options)
     print(f"wrote {out}")
 
 

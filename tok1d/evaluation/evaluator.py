@@ -51,7 +51,9 @@ NO_REFERENCE = ("gFID needs a reference: evaluation.reference (--reference=FILE:
                 ".npz) or a config whose data.name / data.eval_split hold the real images.")
 
 _HOW_TO_GET_INCEPTION = (
-    "FID / IS / precision-recall need the FID InceptionV3: download pytorch-fid's "
+    "FID / IS / precision-recall need the FID InceptionV3: pass "
+    "--config.evaluation.inception=inception_fid (downloaded and converted once), or download "
+    "pytorch-fid's "
     "pt_inception-2015-12-05-6726825d.pth (github.com/mseitzer/pytorch-fid releases), convert "
     "it with `python -m tok1d.cli.convert inception_fid "
     "--checkpoint=pt_inception-2015-12-05-6726825d.pth --out=DIR` "
@@ -91,8 +93,9 @@ def load_metric_nets(ecfg, perceptual_weights: str = "", log=print) -> MetricNet
         if not lpips_path:
             nets.notes.append("LPIPS weights are RANDOM (evaluation.allow_random_init).")
     else:
-        nets.notes.append("LPIPS needs the converted LPIPS-VGG weights (python -m "
-                          "tok1d.cli.convert lpips ...; --config.evaluation.lpips=DIR).")
+        nets.notes.append("LPIPS needs the LPIPS-VGG weights: --config.evaluation.lpips="
+                          "lpips_vgg (downloaded and converted once), or a DIR written by "
+                          "`python -m tok1d.cli.convert lpips ...`.")
     if size != inception_lib.INPUT_SIZE:
         nets.notes.append(f"The Inception sees {size}-px images (evaluation.inception_size), "
                           "not the 299 px that define FID: not comparable with published FIDs.")
@@ -106,7 +109,8 @@ def _lpips_file(weights: str) -> str:
     if not weights:
         return ""
     try:
-        return perceptual_files.resolve_weight_files(weights, ("lpips",))["lpips"]
+        return perceptual_files.resolve_weight_files(loaders.resolve_each(weights),
+                                                     ("lpips",))["lpips"]
     except (FileNotFoundError, ValueError):
         return ""
 

@@ -98,13 +98,14 @@ def common_config() -> ml_collections.ConfigDict:
     c.optim.freeze = ""
 
     # Evaluation (tok1d.evaluation; `python -m tok1d.cli.evaluate` and the evals inside training).
-    # rFID / gFID, Inception Score and precision/recall need the FID InceptionV3 converted with
-    # `python -m tok1d.cli.convert inception_fid pt_inception-2015-12-05-6726825d.pth DIR`; LPIPS
-    # needs the converted LPIPS-VGG (default: `perceptual.weights` when it holds it). Metrics
+    # rFID / gFID, Inception Score and precision/recall need the FID InceptionV3 (the released
+    # name "inception_fid", or a DIR from `tok1d convert inception_fid`); LPIPS needs LPIPS-VGG
+    # ("lpips_vgg"; default: `perceptual.weights` when it holds it). Every weights path below
+    # also takes a released name (tok1d.weights.registry: fetched and converted once). Metrics
     # whose network is missing are left out (and said so); allow_random_init is for tests only.
     c.evaluation = ml_collections.ConfigDict(dict(
-        inception="",                 # converted FID Inception directory
-        lpips="",                     # converted LPIPS weights (directory or .npz)
+        inception="",                 # converted FID Inception directory or "inception_fid"
+        lpips="",                     # converted LPIPS weights (directory, .npz, "lpips_vgg")
         allow_random_init=False,      # random Inception / LPIPS weights (tests, smoke runs)
         inception_size=299,           # Inception input resize (299 defines FID; >= 75, smaller
                                       # only for tests / smoke runs)
@@ -168,20 +169,23 @@ def add_tokenizer_keys(c: ml_collections.ConfigDict) -> None:
     c.aux_loss_end_step = 0
 
     # Weights to start from (instead of random init); the optimizer starts fresh. `checkpoint`:
-    # a pretrained directory (python -m tok1d.cli.convert) or a training workdir (its latest EMA
-    # params), matched by parameter path and shape. `pixel_decoder`: a converted MaskGIT-VQGAN
+    # a pretrained directory (python -m tok1d.cli.convert), a released name ("titok_l32") or a
+    # training workdir (its latest EMA params), matched by parameter path and shape.
+    # `pixel_decoder`: a converted MaskGIT-VQGAN ("maskgit_vqgan")
     # whose decoder / quantizer become TiTok stage 2's pixel_decoder / pixel_quantize.
     c.init = ml_collections.ConfigDict(dict(checkpoint="", pixel_decoder=""))
 
     # Frozen teacher (`name` empty: none): "maskgit_vqgan" gives TiTok stage 1 its proxy codes,
-    # "dinov2" gives GigaTok's semantic loss its targets. `weights`: a converted directory or the
-    # official checkpoint (.bin / dinov2_vit*14_pretrain.pth); `model`: its arguments (default:
+    # "dinov2" gives GigaTok's semantic loss its targets. `weights`: a converted directory, the
+    # official checkpoint (.bin / dinov2_vit*14_pretrain.pth) or a released name
+    # ("maskgit_vqgan", "dinov2_vitb14"); `model`: its arguments (default:
     # the released MaskGIT-VQGAN / dinov2 `size` "vitb14"). allow_random_init is for tests only.
     c.teacher = ml_collections.ConfigDict(dict(name="", weights="", allow_random_init=False,
                                                model=ml_collections.ConfigDict()))
 
     # Perceptual network (used when losses.perceptual > 0): "lpips", "convnext_s" or
-    # "lpips+convnext_s"; `weights`: converted directory (python -m tok1d.cli.convert.perceptual).
+    # "lpips+convnext_s"; `weights`: converted directory (python -m tok1d.cli.convert lpips ...)
+    # or released names ("lpips_vgg", "lpips_vgg,convnext_s").
     # `image_size`: ConvNeXt input resolution (224 as trained; smaller only for tests).
     # `lpips_dropout`: rate of the LPIPS linear layers' Dropout in training (GigaTok trains its
     # LPIPS in train mode: 0.5; 0 = eval-mode LPIPS, TiTok). Its keep masks are the step's
@@ -193,6 +197,7 @@ def add_tokenizer_keys(c: ml_collections.ConfigDict) -> None:
     c.discriminator = ml_collections.ConfigDict(dict(
         name="titok",                 # "titok" (NLayer + BlurPool), "patchgan" or "dino"
         weights="",                   # dino: the frozen trunk, dino_deitsmall16_pretrain.pth
+                                      # or the released name "dino_vits16"
         allow_random_init=False,      # dino: random trunk (tests only)
         diffaug_prob=0.0,             # DiffAugment on D's inputs (GigaTok dino_disc: 1.0)
         diffaug_cutout=0.2,
@@ -447,7 +452,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     ev = config.evaluation
     if (ev.fid_every_steps > 0 and not ev.inception and not ev.allow_random_init):
         problems.append(f"evaluation.fid_every_steps={ev.fid_every_steps} needs "
-                        "evaluation.inception (python -m tok1d.cli.convert inception_fid ...)")
+                        "evaluation.inception (the released name inception_fid, or a "
+                        "directory from python -m tok1d.cli.convert inception_fid ...)")
     if (ev.fid_every_steps > 0 and config.trainer == "generator" and not ev.reference
             and config.data.name == "demo"):
         problems.append("evaluation.fid_every_steps on a generator needs evaluation.reference "

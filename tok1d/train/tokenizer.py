@@ -71,11 +71,14 @@ def build_teacher(config, student: Optional[nn.Module] = None) -> Optional[tuple
 _MISSING_TEACHER = {
     "dinov2": (
         "teacher.weights is empty: the semantic loss needs the frozen DINOv2 ViT-B/14. "
-        "Download dinov2_vitb14_pretrain.pth (facebookresearch/dinov2) and pass it as "
+        "Pass the released name: --config.teacher.weights=dinov2_vitb14 (downloaded once), or "
+        "download dinov2_vitb14_pretrain.pth (facebookresearch/dinov2) and pass it as "
         "--config.teacher.weights=PATH (or convert it once: python -m tok1d.cli.convert dinov2 "
         "dinov2_vitb14_pretrain.pth DIR --pos_grid 16)."),
     "maskgit_vqgan": (
-        "teacher.weights is empty: stage 1 needs the frozen MaskGIT-VQGAN. Download "
+        "teacher.weights is empty: stage 1 needs the frozen MaskGIT-VQGAN. Pass the released "
+        "name: --config.teacher.weights=maskgit_vqgan (downloaded and converted once), or "
+        "download "
         "maskgit-vqgan-imagenet-f16-256.bin (HF fun-research/TiTok) and pass it as "
         "--config.teacher.weights=PATH (or convert it once: python -m tok1d.cli.convert "
         "maskgit_vqgan maskgit-vqgan-imagenet-f16-256.bin DIR)."),
@@ -127,8 +130,9 @@ def load_disc_trunk(config, disc: nn.Module) -> Optional[dict[str, Any]]:
     if loaders.disc_needs_trunk(disc) and not (dcfg.weights or dcfg.allow_random_init):
         raise config_lib.ConfigError(
             "discriminator.weights is empty: the DINO discriminator needs the frozen DINO "
-            "ViT-S/16 trunk. Download dino_deitsmall16_pretrain.pth (facebookresearch/dino) and "
-            "pass it as --config.discriminator.weights=PATH.")
+            "ViT-S/16 trunk: pass the released name --config.discriminator.weights=dino_vits16 "
+            "(downloaded once), or download dino_deitsmall16_pretrain.pth "
+            "(facebookresearch/dino) and pass it as --config.discriminator.weights=PATH.")
     return loaders.load_disc_trunk(dcfg.weights, disc)
 
 

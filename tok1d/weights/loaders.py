@@ -15,11 +15,20 @@ rebuilt from tok1d_model.json or config.json), `describe_tokenizer(PATH)`, and
 
 Built on them, what training, tokenize, sample and evaluate need: `load_teacher`,
 `load_perceptual`, `load_disc_trunk`, `load_initial_params`, `load_inception`.
+
+(d) Released weights by name (`tok1d.weights.registry`): every loader here also takes a
+registry name ("titok_l32", "rar_b", "lpips_vgg", ...), fetched, checked and converted once into
+the cache (`tok1d.weights.download.cache_root`) by `resolve`; `load(NAME_OR_SOURCE)` -> (model,
+params) also takes `hf://owner/repo/file`, a URL or a local official file (with `kind`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
+import tempfile
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import flax.linen as nn
@@ -30,11 +39,11 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from tok1d import models
+from tok1d import errors, models
 from tok1d.models.dino_disc import DinoDiscriminator
 from tok1d.models.frozen import inception as inception_lib
 from tok1d.models.frozen import perceptual as perceptual_nets
-from tok1d.weights import layout, pretrained
+from tok1d.weights import download, layout, pretrained, registry
 from tok1d.weights import perceptual as perceptual_files
 from tok1d.weights.convert import common as convert_common
 from tok1d.weights.convert import dino_disc as convert_dino_disc
@@ -43,6 +52,7 @@ from tok1d.weights.convert import gigatok as convert_gigatok
 from tok1d.weights.convert import gpt as convert_gpt
 from tok1d.weights.convert import inception as convert_inception
 from tok1d.weights.convert import maskgit as convert_maskgit
+from tok1d.weights.convert import perceptual as perceptual_convert
 from tok1d.weights.convert import rar as convert_rar
 from tok1d.weights.convert import titok as convert_titok
 from tok1d.weights.convert import vqgan as convert_vqgan
@@ -72,8 +82,9 @@ def load_training_state(workdir: str, step: Optional[int] = None) -> dict[str, A
 
 def load_params(path: str, use_ema: bool = True) -> dict[str, Any]:
     """Params of a pretrained directory, or of the latest checkpoint of a training workdir (or
-    of its checkpoints/ folder): the EMA params unless `use_ema` is False or the run had none."""
-    path = os.path.abspath(path)
+    of its checkpoints/ folder): the EMA params unless `use_ema` is False or the run had none.
+    A released name (`resolve`) loads its converted directory."""
+    path = os.path.abspath(resolve(path))
     if not os.path.exists(path):
         raise FileNotFoundError(f"pretrained weights {path} do not exist")
     if layout.read_model_spec(path) is not None:
@@ -85,7 +96,9 @@ def load_params(path: str, use_ema: bool = True) -> dict[str, Any]:
 
 
 def load_pretrained(directory: str, **model_overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
-    """(model, params) of a pretrained directory; `model_overrides` e.g. dtype="bfloat16"."""
+    """(model, params) of a pretrained directory (or a released name); `model_overrides` e.g.
+    dtype="bfloat16"."""
+    directory = resolve(directory)
     spec = layout.read_model_spec(directory)
     if spec is None:
         raise FileNotFoundError(f"{directory} has no {layout.MODEL_FILE}; convert or export "
@@ -113,8 +126,9 @@ def _model_spec(path: str) -> tuple[str, str, dict[str, Any]]:
 def load_tokenizer(path: str, **model_overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
     """(model, host params) of a pretrained directory or a training workdir (the latest
     checkpoint's EMA params, the plain params when the run had no EMA; the model rebuilt from
-    the workdir's config.json). `model_overrides` replace model arguments (dtype="bfloat16")."""
-    path = os.path.abspath(path)
+    the workdir's config.json), or of a released name (`resolve`). `model_overrides` replace
+    model arguments (dtype="bfloat16")."""
+    path = os.path.abspath(resolve(path))
     kind, name, kwargs = _model_spec(path)
     if kind == "pretrained":
         return load_pretrained(path, **model_overrides)
@@ -123,7 +137,7 @@ def load_tokenizer(path: str, **model_overrides: Any) -> tuple[nn.Module, dict[s
 
 def describe_tokenizer(path: str) -> dict[str, Any]:
     """What `load_tokenizer(path)` loads, for tokens_info.json (cheap: reads no weights)."""
-    path = os.path.abspath(path)
+    path = os.path.abspath(resolve(path))
     kind, name, kwargs = _model_spec(path)
     desc = {"kind": kind, "path": path, "name": name, "kwargs": pretrained.jsonable(kwargs)}
     if kind == "workdir":
@@ -252,6 +266,9 @@ def load_teacher(name: str, weights: str, model_kwargs: Mapping[str, Any], *, pr
                      teacher inputs) as the official code does; run at `precision` (the official
                      code uses fp16 autocast)."""
     kwargs = dict(model_kwargs)
+    # A released name: DINOv2's official file (its table is resampled to `grid` below), the
+    # other teachers' converted directory.
+    weights = resolve_file(weights) if name == "dinov2" else resolve(weights)
     if name == "dinov2":
         if "embed_dim" not in kwargs:
             kwargs.setdefault("size", "vitb14")
@@ -286,9 +303,9 @@ def load_perceptual(components: Iterable[str], weights: Optional[str],
             raise perceptual_files.MissingPerceptualWeights(
                 f"The perceptual networks {list(components)} need pretrained weights but none "
                 "were given. " + perceptual_files.how_to_convert(components)
-                + "; then pass DIR as the perceptual weights path.")
+                + "; then pass the name(s) or DIR as the perceptual weights path.")
         return {c: perceptual_nets.random_params(c, seed=seed) for c in components}
-    files = perceptual_files.resolve_weight_files(weights, components)
+    files = perceptual_files.resolve_weight_files(resolve_each(weights), components)
     return {c: perceptual_files.load_params(files[c], c) for c in components}
 
 
@@ -303,7 +320,7 @@ def load_disc_trunk(weights: str, disc: nn.Module) -> Optional[dict[str, Any]]:
     discriminators and when `weights` is empty (a random trunk)."""
     if not (disc_needs_trunk(disc) and weights):
         return None
-    return convert_dino_disc.convert_file(weights, disc)
+    return convert_dino_disc.convert_file(resolve_file(weights), disc)
 
 
 def load_initial_params(params: Mapping[str, Any], checkpoint: str = "",
@@ -311,7 +328,8 @@ def load_initial_params(params: Mapping[str, Any], checkpoint: str = "",
                         log: Callable[[str], None] = lambda _: None) -> dict[tuple, np.ndarray]:
     """Host arrays that initialise `params` (a tree of arrays or ShapeDtypeStructs) from
     `checkpoint` (path + shape match) and `pixel_decoder` (its decoder / quantize groups as
-    pixel_decoder / pixel_quantize), both pretrained directories or training workdirs:
+    pixel_decoder / pixel_quantize), both pretrained directories, training workdirs or released
+    names (`resolve`):
     {flat path: array}. A source that matches no parameter, or one of a wrong shape, is a
     ValueError."""
     sources = [(p, m) for p, m in ((checkpoint, None), (pixel_decoder, {
@@ -339,12 +357,14 @@ def load_initial_params(params: Mapping[str, Any], checkpoint: str = "",
 def load_inception(path: str, **model_overrides: Any
                    ) -> tuple[inception_lib.FIDInceptionV3, dict[str, Any]]:
     """(model, params) of the FID Inception from a directory written by `python -m
-    tok1d.cli.convert inception_fid`; FileNotFoundError (saying how to make one) when there is
-    none."""
-    how = (f"Download pytorch-fid's FID Inception weights {inception_lib.FID_WEIGHTS_FILE} "
-           f"({inception_lib.FID_WEIGHTS_URL}) and convert them: `python -m tok1d.cli.convert "
-           f"{inception_lib.REGISTRY_NAME} --checkpoint={inception_lib.FID_WEIGHTS_FILE} "
-           f"--out={path or 'inception_fid/'}`.")
+    tok1d.cli.convert inception_fid`, or of the released name "inception_fid" (fetched and
+    converted once); FileNotFoundError (saying how to make one) when there is none."""
+    how = (f"Pass the released name {inception_lib.REGISTRY_NAME!r} (downloaded and converted "
+           f"once), or download pytorch-fid's FID Inception weights "
+           f"{inception_lib.FID_WEIGHTS_FILE} ({inception_lib.FID_WEIGHTS_URL}) and convert them: "
+           f"`python -m tok1d.cli.convert {inception_lib.REGISTRY_NAME} "
+           f"--checkpoint={inception_lib.FID_WEIGHTS_FILE} --out={path or 'inception_fid/'}`.")
+    path = resolve(path)
     spec = layout.read_model_spec(path) if path and os.path.isdir(path) else None
     if spec is None:
         raise FileNotFoundError(f"No converted FID Inception weights at {path!r}. {how}")
@@ -352,3 +372,139 @@ def load_inception(path: str, **model_overrides: Any
         raise ValueError(f"{path} holds a {spec.get('name')!r} model, not the FID Inception "
                          f"({inception_lib.REGISTRY_NAME!r}). {how}")
     return load_pretrained(path, **model_overrides)
+
+
+# --------------------------------------------------------------------------- (d) released weights
+
+PERCEPTUAL_KINDS = tuple(perceptual_files.WEIGHT_FILES)  # converted to OUT/<file>.npz
+CONVERT_KINDS = OFFICIAL_KINDS + PERCEPTUAL_KINDS
+
+
+def check_expected(model: nn.Module, kind: str, expect: Mapping[str, Any], what: str) -> None:
+    """ConversionError when the converted model lacks the arguments a released name promises
+    (e.g. a TiTok-B-64 file fetched as titok_l32: num_latent_tokens 64, not 32)."""
+    kwargs = pretrained.registry_kwargs(kind, model)
+    wrong = [f"{k}={kwargs.get(k)!r} (expected {v!r})" for k, v in expect.items()
+             if kwargs.get(k) != v]
+    if wrong:
+        raise convert_common.ConversionError(f"{what} is not what its name says: "
+                                             + ", ".join(wrong))
+
+
+def convert_official(kind: str, checkpoint: str, out: str, *, vgg: Optional[str] = None,
+                     expect: Optional[Mapping[str, Any]] = None, source: str = "",
+                     **options: Any) -> str:
+    """Converts the official file(s) of `kind` (`CONVERT_KINDS`) into `out`: a pretrained
+    directory, or for the perceptual networks OUT/<name>.npz (lpips: `checkpoint` holds the
+    linear layers, `vgg` torchvision's VGG16). `options` as `load_official`; `expect` as
+    `check_expected`. Returns what it wrote."""
+    if kind == "lpips":
+        return perceptual_convert.convert_files(kind, out, vgg=vgg, lpips=checkpoint)
+    if kind == "convnext_s":
+        return perceptual_convert.convert_files(kind, out, weights=checkpoint)
+    model, params = load_official(kind, checkpoint, **options)
+    check_expected(model, kind, expect or {}, source or checkpoint)
+    return pretrained.save_pretrained(out, kind, pretrained.registry_kwargs(kind, model), params,
+                                      source=source or checkpoint)
+
+
+def is_released(source: str) -> bool:
+    """Whether `source` is a released name (an existing path of that name wins)."""
+    return source in registry.RELEASED and not os.path.exists(source)
+
+
+def fetch_released(name: str, cache_dir: Optional[str] = None) -> dict[str, str]:
+    """{input: local path} of a released name's official files, fetched and checked."""
+    entry = registry.get(name)
+    return {role: download.fetch(f, cache_dir) for role, f in entry.files.items()}
+
+
+def resolve_file(source: str, cache_dir: Optional[str] = None) -> str:
+    """The official checkpoint file of `source` (a released name, hf:// or a URL), fetched and
+    checked; a local path or "" unchanged."""
+    if source and is_released(source):
+        return fetch_released(source, cache_dir)["checkpoint"]
+    if download.is_remote(source):
+        return download.fetch(registry.File(source), cache_dir)
+    _refuse_unknown_name(source)
+    return source
+
+
+def _refuse_unknown_name(source: str) -> None:
+    if registry.looks_like_a_name(source) and not os.path.exists(source):
+        registry.get(source)  # UnknownName, with the closest names
+
+
+def resolve(source: str, kind: Optional[str] = None, cache_dir: Optional[str] = None,
+            **options: Any) -> str:
+    """A local weights path for `source`: an existing path (or "") unchanged; a released name
+    (or `hf://owner/repo/file` / a URL with the converter `kind` and its `options`) -> its
+    converted tok1d directory in the cache (`download.cache_root`), fetched, checked and
+    converted on first use; later calls read the cache and never touch the network. A released
+    file used as it is (dino_vits16) resolves to the checked file. The directory is written
+    under a temporary name and renamed when complete: nothing half-written is ever read."""
+    if not source or os.path.exists(source):
+        return source
+    if download.is_remote(source):
+        if kind not in CONVERT_KINDS:
+            raise errors.UserError(f"{source}: say which converter reads it (kind: "
+                                   f"{' | '.join(CONVERT_KINDS)}).")
+        key = hashlib.sha256(json.dumps([source, kind, options], sort_keys=True,
+                                        default=str).encode()).hexdigest()[:12]
+        dirname, expect = f"{kind}-{key}", {}
+    elif registry.looks_like_a_name(source):
+        entry = registry.get(source)
+        if entry.kind is None:
+            return fetch_released(source, cache_dir)["checkpoint"]
+        dirname, kind, expect = entry.name, entry.kind, entry.expect
+        options = dict(entry.options)
+    else:
+        return source  # a path that does not exist: the caller's error names it
+    root = download.cache_root(cache_dir)
+    final = os.path.join(root, dirname)
+    if os.path.isdir(final):
+        return final
+    files = (fetch_released(source, cache_dir) if registry.looks_like_a_name(source) else
+             {"checkpoint": download.fetch(registry.File(source), cache_dir)})
+    os.makedirs(root, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".tmp-{dirname}-", dir=root)
+    try:
+        convert_official(kind, files["checkpoint"], tmp, vgg=files.get("vgg"), expect=expect,
+                         source=source, **options)
+        return download.replace_dir(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_each(weights: str, cache_dir: Optional[str] = None) -> str:
+    """`resolve` on each part of a comma-separated list (the perceptual weights)."""
+    return ",".join(resolve(p.strip(), cache_dir=cache_dir) for p in str(weights).split(",")
+                    if p.strip())
+
+
+def load(source: str, kind: Optional[str] = None, cache_dir: Optional[str] = None,
+         **options: Any) -> tuple[nn.Module, Any]:
+    """(model, params) of released weights in one line:
+
+        model, params = tok1d.weights.load("titok_l32")
+
+    `source`: a released name (`tok1d.weights.registry.RELEASED`), `hf://owner/repo/file` or a
+    URL (with the converter `kind` and its `options`, e.g. kind="rar", size="B"), a local
+    official file (with `kind`: converted, not cached), a converted directory or a training
+    workdir. Downloads and conversions are cached (see `resolve`)."""
+    if os.path.isfile(source):
+        if kind not in OFFICIAL_KINDS:
+            raise errors.UserError(f"{source}: say which converter reads it (kind: "
+                                   f"{' | '.join(OFFICIAL_KINDS)}).")
+        return load_official(kind, source, **options)
+    path = resolve(source, kind, cache_dir, **options)
+    if os.path.isfile(path):
+        raise errors.UserError(f"{source} is a file another network reads (fetched to {path}): "
+                               "e.g. the DINO discriminator's trunk, --config.disc.weights="
+                               f"{source}.")
+    for component, filename in perceptual_files.WEIGHT_FILES.items():
+        npz = os.path.join(path, filename)
+        if layout.read_model_spec(path) is None and os.path.isfile(npz):
+            return (perceptual_nets.build_module(component),
+                    perceptual_files.load_params(npz, component))
+    return load_tokenizer(path)

@@ -1,0 +1,273 @@
+"""Released weights by name without a network: a tiny RAR written by torch with the official key
+names, served from a Hugging Face Hub cache laid out here (read offline, HF_HUB_OFFLINE) and
+from a local HTTP server on 127.0.0.1; converted once into the tok1d cache and read from there
+afterwards (the server stopped, the Hub cache deleted); a wrong sha256, a file that is not what
+its name says and an unreachable file each refused with one line, nothing half-written left."""
+
+import functools
+import hashlib
+import http.server
+import os
+import re
+import shutil
+import threading
+
+import jax
+import numpy as np
+import pytest
+
+from tok1d.cli import convert as convert_cli
+from tok1d.models.generators.rar import RAR
+from tok1d.weights import download, loaders, registry
+from tok1d.weights.convert import common
+from tok1d.weights.convert import rar as convert_rar
+
+torch = pytest.importorskip("torch", reason="torch writes the official-format .bin files")
+
+TINY = dict(vocab_size=11, num_tokens=4, num_classes=3, width=16, depth=1, num_heads=2,
+            mlp_dim=32)
+
+
+@pytest.fixture(scope="module")
+def tiny_bin(tmp_path_factory):
+    """(path, bytes, sha256) of a tiny RAR in the official layout, saved by torch."""
+    rng = np.random.default_rng(0)
+    sd = {k: torch.from_numpy(rng.normal(size=s).astype(np.float32))
+          for k, s in convert_rar.official_shapes(RAR(**TINY)).items()}
+    path = tmp_path_factory.mktemp("official") / "rar_tiny.bin"
+    torch.save(sd, path)
+    data = path.read_bytes()
+    return str(path), data, hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """The tok1d cache ($TOK1D_CACHE) of this test; no offline switch inherited."""
+    root = tmp_path / "tok1d_cache"
+    monkeypatch.setenv(download.CACHE_ENV, str(root))
+    for name in download.OFFLINE_ENVS:
+        monkeypatch.delenv(name, raising=False)
+    return root
+
+
+def _entry(monkeypatch, name, source, **file_kw):
+    entry = registry.Released(name, "rar", {"checkpoint": registry.File(source, **file_kw)})
+    monkeypatch.setitem(registry.RELEASED, name, entry)
+    return entry
+
+
+def _hub_cache(root, repo, filename, data, commit="0123456789abcdef0123456789abcdef01234567"):
+    """A file in the `huggingface_hub` cache layout: blobs/<sha256>, refs/main holding the
+    commit, snapshots/<commit>/<file> a relative link to the blob."""
+    folder = root / ("models--" + repo.replace("/", "--"))
+    digest = hashlib.sha256(data).hexdigest()
+    (folder / "blobs").mkdir(parents=True)
+    (folder / "blobs" / digest).write_bytes(data)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(commit)
+    snapshot = folder / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    os.symlink(os.path.join("..", "..", "blobs", digest), snapshot / filename)
+    return folder
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """A Hub cache of this test, read with HF_HUB_OFFLINE=1 (the library reads its settings at
+    import: they are set on its constants too)."""
+    pytest.importorskip("huggingface_hub")
+    from huggingface_hub import constants
+    root = tmp_path / "hf_hub"
+    root.mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(root))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(root))
+    return root
+
+
+@pytest.fixture
+def server(tiny_bin, tmp_path):
+    """A local HTTP server on 127.0.0.1 serving the tiny file at /files/rar_tiny.bin."""
+    www = tmp_path / "www"
+    (www / "files").mkdir(parents=True)
+    shutil.copy(tiny_bin[0], www / "files" / "rar_tiny.bin")
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(www)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield httpd, f"http://127.0.0.1:{httpd.server_address[1]}/files/rar_tiny.bin"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def _leftovers(root):
+    return [p for p in root.rglob("*") if p.name.startswith((".tmp-", ".part-"))]
+
+
+def _expected_params(path):
+    return common.flatten(convert_rar.convert_file(path)[1])
+
+
+def _assert_same(params, path):
+    want = _expected_params(path)
+    got = common.flatten(params)
+    assert got.keys() == want.keys()
+    for k in want:
+        np.testing.assert_array_equal(np.asarray(got[k]), want[k])
+
+
+def test_hub_cache_offline_then_the_tok1d_cache(tiny_bin, cache, offline_hub, monkeypatch):
+    """A released name whose file is in the Hub cache loads offline in one line; the converted
+    directory is cached, so with the Hub cache gone the second call still loads."""
+    _entry(monkeypatch, "rar_tiny", "hf://tok1d-test/tiny-rar/rar_tiny.bin")
+    folder = _hub_cache(offline_hub, "tok1d-test/tiny-rar", "rar_tiny.bin", tiny_bin[1])
+    model, params = loaders.load("rar_tiny")
+    assert model == RAR(**TINY).clone(dtype=model.dtype)
+    _assert_same(params, tiny_bin[0])
+    assert os.path.isdir(cache / "rar_tiny") and not _leftovers(cache)
+    shutil.rmtree(folder)
+    assert loaders.resolve("rar_tiny") == str(cache / "rar_tiny")
+    _, again = loaders.load("rar_tiny")
+    _assert_same(again, tiny_bin[0])
+    # Every loader takes the name (here: init from released weights).
+    assert common.flatten(loaders.load_params("rar_tiny")).keys() == common.flatten(params).keys()
+
+
+def test_url_download_then_cache_hit_with_the_server_stopped(tiny_bin, cache, server,
+                                                             monkeypatch, capsys):
+    httpd, url = server
+    _entry(monkeypatch, "rar_url", url, sha256=tiny_bin[2])
+    assert convert_cli.main(["--from", "rar_url"]) == 0
+    first = capsys.readouterr().out.strip()
+    assert first == f"wrote {cache / 'rar_url'}"
+    assert (cache / "downloads" / "127.0.0.1:{}".format(httpd.server_address[1])
+            / "rar_tiny.bin").read_bytes() == tiny_bin[1]
+    httpd.shutdown()
+    httpd.server_close()
+    assert convert_cli.main(["--from", "rar_url"]) == 0
+    assert capsys.readouterr().out.strip() == first
+    # A copy to --out; a Hub/URL source with its converter kind (cached under its own key).
+    out = cache.parent / "copy"
+    assert convert_cli.main(["--from", "rar_url", "--out", str(out)]) == 0
+    _, params = loaders.load_pretrained(str(out))
+    _assert_same(params, tiny_bin[0])
+    assert not _leftovers(cache) and not _leftovers(cache.parent)
+
+
+def test_checksum_mismatch_is_refused_and_nothing_is_kept(tiny_bin, cache, server, monkeypatch,
+                                                          capsys):
+    _, url = server
+    _entry(monkeypatch, "rar_bad", url, sha256="0" * 64)
+    assert convert_cli.main(["--from", "rar_bad"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ")
+    assert "sha256" in err and tiny_bin[2] in err and "refused" in err
+    assert not (cache / "rar_bad").exists()
+    assert not [p for p in cache.rglob("*") if p.is_file()]  # no download kept, no .part
+    with pytest.raises(download.ChecksumError):
+        loaders.load("rar_bad")
+    # A published prefix (torch.hub-style names) is checked too.
+    _entry(monkeypatch, "rar_prefix", url, sha256=tiny_bin[2][:8])
+    assert os.path.isdir(loaders.resolve("rar_prefix"))
+
+
+def test_no_network_names_the_url_and_the_manual_path(tiny_bin, cache, monkeypatch, capsys):
+    url = "http://127.0.0.1:9/files/rar_tiny.bin"  # the discard port: nothing listens
+    _entry(monkeypatch, "rar_far", url)
+    monkeypatch.setenv("TOK1D_OFFLINE", "1")
+    assert convert_cli.main(["--from", "rar_far"]) != 0
+    err = capsys.readouterr().err.strip()
+    manual = cache / "downloads" / "127.0.0.1:9" / "rar_tiny.bin"
+    assert len(err.splitlines()) == 1 and url in err and str(manual) in err
+    assert not (cache / "rar_far").exists() and not _leftovers(cache)
+    monkeypatch.delenv("TOK1D_OFFLINE")
+    with pytest.raises(download.DownloadError, match=re.escape(str(manual))):
+        loaders.resolve("rar_far")
+    # A file put there by hand is used (and still checked), without the network.
+    manual.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(tiny_bin[0], manual)
+    _, params = loaders.load("rar_far")
+    _assert_same(params, tiny_bin[0])
+    # GigaTok's Google Drive files: the page and the path, no download attempted.
+    with pytest.raises(download.DownloadError, match="drive.google.com.*download it by hand|"
+                       "download it by hand.*drive.google.com"):
+        loaders.resolve("gigatok_b_l")
+
+
+def test_offline_hub_miss_names_the_url(cache, offline_hub, capsys):
+    assert convert_cli.main(["--from", "rar_b"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "https://huggingface.co/yucornetto/RAR/resolve/main/rar_b.bin" in err
+    assert str(cache / "downloads" / "yucornetto--RAR" / "rar_b.bin") in err
+
+
+def test_a_file_that_is_not_what_its_name_says(tiny_bin, cache, offline_hub, monkeypatch,
+                                               capsys):
+    """The tiny RAR fetched as the released rar_b (the converter's size check), and as a name
+    promising other model arguments (`expect`): refused, nothing cached."""
+    _hub_cache(offline_hub, "yucornetto/RAR", "rar_b.bin", tiny_bin[1])
+    assert convert_cli.main(["--from", "rar_b"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "size 'B'" in err and "(ConversionError)" in err
+    assert not (cache / "rar_b").exists() and not _leftovers(cache)
+    entry = _entry(monkeypatch, "rar_other", "hf://yucornetto/RAR/rar_b.bin")
+    monkeypatch.setitem(registry.RELEASED, "rar_other",
+                        registry.Released(entry.name, "rar", entry.files,
+                                          expect=dict(num_tokens=256)))
+    with pytest.raises(common.ConversionError, match="num_tokens=4 .expected 256"):
+        loaders.load("rar_other")
+    assert not (cache / "rar_other").exists() and not _leftovers(cache)
+
+
+def test_unknown_names_and_sources():
+    with pytest.raises(registry.UnknownName, match="did you mean titok_l32"):
+        loaders.load("titok_l33")
+    with pytest.raises(registry.UnknownName):
+        loaders.load_tokenizer("titok_l33")
+    with pytest.raises(Exception, match="say which converter"):
+        loaders.resolve("hf://owner/repo/file.bin")
+
+
+def test_the_table():
+    """Every entry converts with a known kind, names its official source, and records only
+    published digests (torch.hub-style names carry their sha256 prefix)."""
+    assert {"titok_l32", "titok_b64", "titok_s128", "titok_bl64_vq8k", "titok_ll32_vae",
+            "maskgit_titok_l32", "maskgit_vqgan", "rar_b", "rar_xxl", "gigatok_b_l",
+            "gpt_b_gigatok_b_l", "dinov2_vitb14", "lpips_vgg", "convnext_s",
+            "inception_fid"} <= set(registry.RELEASED)
+    for name, entry in registry.RELEASED.items():
+        assert entry.kind is None or entry.kind in loaders.CONVERT_KINDS, name
+        assert "checkpoint" in entry.files, name
+        for f in entry.files.values():
+            if f.source.startswith(download.HF_SCHEME):
+                download.split_hub(f.source)
+            else:
+                assert f.source.startswith("https://"), name
+            assert f.manual == ("drive.google.com" in f.source), name
+            if f.sha256:
+                assert re.search(rf"-{f.sha256}\.pth$", f.source), name
+
+
+def test_a_teacher_by_name(cache, monkeypatch):
+    """`teacher.weights` as a released name: DINOv2's official file, fetched (here: put at its
+    manual-download path), its table resampled to the student's grid as from the file itself."""
+    from test_dinov2 import _tiny_sd
+
+    _, sd = _tiny_sd(d=64, depth=1)
+    entry = registry.Released("dinov2_tiny", "dinov2", {"checkpoint": registry.File(
+        "https://dl.example.invalid/dinov2/dinov2_tiny_pretrain.npz")})
+    monkeypatch.setitem(registry.RELEASED, entry.name, entry)
+    path = download.manual_path(entry.files["checkpoint"])
+    os.makedirs(os.path.dirname(path))
+    np.savez(path, **sd)
+    by_name = loaders.load_teacher("dinov2", "dinov2_tiny", {}, precision="float32", grid=8)
+    by_file = loaders.load_teacher("dinov2", path, {}, precision="float32", grid=8)
+    assert by_name[0] == by_file[0] and by_name[0].pos_grid == 8
+    jax.tree.map(np.testing.assert_array_equal, by_name[1], by_file[1])

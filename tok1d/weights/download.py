@@ -1,0 +1,191 @@
+"""Fetching official files: the Hugging Face Hub, plain URLs, installed packages, local files.
+
+    path = fetch(registry.File("hf://yucornetto/RAR/rar_b.bin"))
+
+Where things go (the root is `cache_root()`: --cache_dir, else $TOK1D_CACHE, else
+~/.cache/tok1d):
+
+    ROOT/<name>/                       a converted tok1d directory (`tok1d.weights.loaders`)
+    ROOT/downloads/<host or repo>/FILE  downloaded files; also where to put a file fetched by
+                                       hand (checked before any network access)
+
+Hub files go through `huggingface_hub` (its own cache; HF_HUB_OFFLINE=1 reads only that), URLs
+through the standard library with a progress bar, into a temporary file renamed into place
+once complete and checked, so nothing half-written is ever used. Every failure is one
+`errors.UserError` line: `DownloadError` names the URL and the path to put the file at by hand,
+`ChecksumError` the expected and the actual digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Optional
+
+import tqdm
+
+from tok1d import errors
+from tok1d.weights.registry import File
+
+CACHE_ENV = "TOK1D_CACHE"
+OFFLINE_ENVS = ("TOK1D_OFFLINE", "HF_HUB_OFFLINE")
+HF_SCHEME = "hf://"
+DOWNLOADS = "downloads"
+
+
+class DownloadError(errors.UserError):
+    """A file could not be fetched (no network, offline, not on the server, a manual file)."""
+
+
+class ChecksumError(errors.UserError):
+    """A file's sha256 is not the published one."""
+
+
+def cache_root(cache_dir: Optional[str] = None) -> str:
+    """Where converted directories and downloads live: `cache_dir`, else $TOK1D_CACHE, else
+    ~/.cache/tok1d."""
+    root = cache_dir or os.environ.get(CACHE_ENV) or os.path.join("~", ".cache", "tok1d")
+    return os.path.abspath(os.path.expanduser(root))
+
+
+def is_remote(source: str) -> bool:
+    return source.startswith((HF_SCHEME, "http://", "https://"))
+
+
+def offline() -> bool:
+    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+               for k in OFFLINE_ENVS)
+
+
+def split_hub(source: str) -> tuple[str, str]:
+    """hf://owner/repo/path/in/repo -> ("owner/repo", "path/in/repo")."""
+    parts = source[len(HF_SCHEME):].split("/")
+    if len(parts) < 3 or not all(parts):
+        raise errors.UserError(f"{source!r}: a Hub file is hf://OWNER/REPO/FILE")
+    return "/".join(parts[:2]), "/".join(parts[2:])
+
+
+def hub_url(source: str) -> str:
+    repo, path = split_hub(source)
+    return f"https://huggingface.co/{repo}/resolve/main/{path}"
+
+
+def manual_path(file: File, cache_dir: Optional[str] = None) -> str:
+    """Where a file downloaded by hand is looked for (and where URL downloads are kept)."""
+    if file.source.startswith(HF_SCHEME):
+        repo, path = split_hub(file.source)
+        folder = repo.replace("/", "--")
+        rel = path
+    else:
+        folder = urllib.parse.urlsplit(file.source).netloc or "files"
+        rel = file.name
+    return os.path.join(cache_root(cache_dir), DOWNLOADS, folder, *rel.split("/"))
+
+
+def sha256_of(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify(path: str, expected: Optional[str], what: str) -> None:
+    """Checks `path` against a full sha256 or a published prefix; ChecksumError otherwise."""
+    if not expected:
+        return
+    actual = sha256_of(path)
+    if not actual.startswith(expected.lower()):
+        raise ChecksumError(f"{what}: sha256 {actual} does not match the published "
+                            f"{expected}{'...' if len(expected) < 64 else ''} ({path}); the "
+                            "file is damaged or not the official one (refused).")
+
+
+def fetch(file: File, cache_dir: Optional[str] = None) -> str:
+    """A local, checked copy of `file`: from an installed package that ships it, from the
+    manual-download location, from the Hub's cache, or downloaded now."""
+    if file.package:
+        spec = importlib.util.find_spec(file.package[0])
+        if spec is not None and spec.origin:
+            shipped = os.path.join(os.path.dirname(spec.origin), file.package[1])
+            if os.path.isfile(shipped):
+                verify(shipped, file.sha256, file.source)
+                return shipped
+    local = manual_path(file, cache_dir)
+    if os.path.isfile(local):
+        verify(local, file.sha256, file.source)
+        return local
+    if file.manual:
+        raise DownloadError(f"{file.name} cannot be downloaded automatically: download it by "
+                            f"hand from {file.source} and put it at {local} (or pass the local "
+                            "file with --from FILE).")
+    if file.source.startswith(HF_SCHEME):
+        path = _from_hub(file, local)
+    else:
+        path = _from_url(file, local)
+    verify(path, file.sha256, file.source)
+    return path
+
+
+def _unreachable(url: str, local: str, why: str) -> DownloadError:
+    return DownloadError(f"could not download {url} ({why}); with no network, download it by "
+                         f"hand and put it at {local}, or pass the local file with --from FILE.")
+
+
+def _from_hub(file: File, local: str) -> str:
+    repo, path = split_hub(file.source)
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise _unreachable(hub_url(file.source), local, "huggingface_hub is not installed: "
+                           "pip install 'tok1d[hub]'") from None
+    try:
+        return huggingface_hub.hf_hub_download(repo_id=repo, filename=path)
+    except Exception as e:  # noqa: BLE001 - offline, no network, no such repo/file: one line
+        why = "offline (HF_HUB_OFFLINE) and not in the Hub cache" if offline() else (
+            " ".join(str(e).split())[:200] or type(e).__name__)
+        raise _unreachable(hub_url(file.source), local, why) from None
+
+
+def _from_url(file: File, local: str) -> str:
+    if offline():
+        raise _unreachable(file.source, local, "offline: TOK1D_OFFLINE / HF_HUB_OFFLINE is set")
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".part-", dir=os.path.dirname(local))
+    try:
+        with os.fdopen(fd, "wb") as out:
+            try:
+                response = urllib.request.urlopen(file.source, timeout=60)
+            except (urllib.error.URLError, OSError) as e:
+                raise _unreachable(file.source, local, str(getattr(e, "reason", e))) from None
+            with response:
+                total = int(response.headers.get("Content-Length") or 0) or None
+                with tqdm.tqdm(total=total, unit="B", unit_scale=True, desc=file.name,
+                               disable=None) as bar:
+                    for chunk in iter(lambda: response.read(1 << 20), b""):
+                        out.write(chunk)
+                        bar.update(len(chunk))
+        verify(tmp, file.sha256, file.source)
+        os.replace(tmp, local)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return local
+
+
+def replace_dir(tmp_dir: str, final: str) -> str:
+    """Moves a completely written directory into place; when another process won the race,
+    keeps theirs and drops ours."""
+    try:
+        os.replace(tmp_dir, final)
+    except OSError:
+        if not os.path.isdir(final):
+            raise
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return final
