@@ -32,6 +32,8 @@ EXTRAS_REQUIRE = {
     "tfds_build": ["tensorflow-cpu>=2.16"],
     # Reading official .bin/.pt checkpoints; .safetensors/.npz need only NumPy.
     "convert": ["torch>=2.2", "safetensors>=0.4"],
+    # `tok1d bench --workload=input`: the official loaders (torchvision ImageFolder + DataLoader).
+    "bench": ["torch>=2.2", "torchvision>=0.17"],
     "gpu": ["jax[cuda12]>=0.10.2"],
     "tpu": ["jax[tpu]>=0.10.2"],
 }

@@ -50,7 +50,8 @@ TOOL = "tok1d"
 # Optional packages and how to get them; a missing one ends in a one-line hint.
 OPTIONAL = {"torch": "pip install 'tok1d[convert]'", "safetensors": "pip install safetensors",
             "yaml": "pip install pyyaml", "tensorflow": "pip install 'tok1d[tfds_build]'",
-            "matplotlib": "pip install matplotlib", "sklearn": "pip install scikit-learn"}
+            "matplotlib": "pip install matplotlib", "sklearn": "pip install scikit-learn",
+            "torchvision": "pip install 'tok1d[bench]'"}
 _OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=]+)")
 _HELP = ("-h", "--help", "-help", "--helpshort", "--helpfull")
 _running: list[str] = []  # the command line of the command being run
