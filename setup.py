@@ -27,7 +27,9 @@ EXTRAS_REQUIRE = {
     # pip finds for Python 3.11 on x86_64 (tests needing it skip elsewhere).
     # matplotlib: the notebook's plots (tests/test_notebook.py executes it; Colab has it).
     "test": ["pytest>=8.0", "pytest-timeout>=2.2", "pytest-xdist>=3.5", "import-linter>=2.1", "safetensors>=0.4", "matplotlib>=3.7",
-             'torch==2.13.0; python_version == "3.11" and platform_machine == "x86_64"'],
+             'torch==2.13.0; python_version == "3.11" and platform_machine == "x86_64"',
+             # the official loaders of `tok1d bench --workload=input` (tests/test_input_pipeline.py)
+             'torchvision==0.28.0; python_version == "3.11" and platform_machine == "x86_64"'],
     # Building image datasets with `tfds build` needs TensorFlow; training never does.
     "tfds_build": ["tensorflow-cpu>=2.16"],
     # Reading official .bin/.pt checkpoints; .safetensors/.npz need only NumPy.

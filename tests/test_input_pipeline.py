@@ -1,6 +1,8 @@
 """The input pipeline's fast path against the plain one, uint8 batches normalised on the device,
 worker counts from the core count, and `tok1d bench --workload=input` on a few JPEGs."""
 
+import functools
+import importlib.util
 import io
 import json
 import os
@@ -21,8 +23,12 @@ AUGMENTS = ("center_crop", "random_crop", "adm_random_crop", "random_resized_cro
 # photos, in levels of 255: the bound documented in tok1d/data/pipeline.py. (Measured: mean
 # 0.2-0.8, 99th percentile 2-6; 1.5 / 12 where the image is barely 2x the target.)
 MEAN_BOUND, P99_BOUND = 2.0, 12
+needs_torchvision = pytest.mark.skipif(
+    importlib.util.find_spec("torch") is None or importlib.util.find_spec("torchvision") is None,
+    reason="the official loaders need torch and torchvision (pip install 'tok1d[bench]')")
 
 
+@functools.lru_cache(maxsize=None)
 def _jpeg(photo: str, width: int, height: int) -> bytes:
     image = Image.fromarray(getattr(skimage.data, photo)()).resize((width, height),
                                                                    Image.BICUBIC)
@@ -110,8 +116,8 @@ def test_imagenet_like_jpegs_are_realistic():
         assert 0.1 < len(data) / (image.size[0] * image.size[1]) < 2.0  # bytes per pixel
 
 
+@needs_torchvision
 def test_input_benchmark_runs_both_pipelines(tmp_path, capsys):
-    pytest.importorskip("torch")
     out = tmp_path / "rows.jsonl"
     status = bench.main(["--workload=input", f"--config={REPO}/configs/titok.py:l32_stage1",
                          "--config.data.image_size=32", "--images=8", "--batch_size=4",
@@ -128,8 +134,8 @@ def test_input_benchmark_runs_both_pipelines(tmp_path, capsys):
     assert all(r["command"].startswith("python -m tok1d.cli.bench") for r in rows)
 
 
+@needs_torchvision
 def test_official_transforms_match_the_recipes_crops():
-    pytest.importorskip("torch")
     data = _jpeg("coffee", 500, 375)
     image = Image.open(io.BytesIO(data)).convert("RGB")
     for augment, low in (("random_crop", 0.0), ("adm_random_crop", -1.0), ("center_crop", 0.0)):
@@ -151,3 +157,13 @@ def test_image_folder_for_the_benchmark(tmp_path):
     names = sorted(os.listdir(root))
     assert names == [f"class_{i}" for i in range(7)]
     assert sum(len(os.listdir(os.path.join(root, n))) for n in names) == 9
+
+
+def test_input_benchmark_without_the_official_loaders(capsys):
+    status = bench.main(["--workload=input", f"--config={REPO}/configs/gigatok_b_l.py",
+                         "--config.data.image_size=32", "--images=4", "--batch_size=2",
+                         "--steps=1", "--repeats=1", "--noofficial"])
+    assert status == 0
+    table = capsys.readouterr().out
+    assert "| tok1d | adm_random_crop | 32 | 2 | 0 |" in table and "official" not in table.split(
+        "\n", 2)[2]
