@@ -35,6 +35,8 @@ EXTRAS_REQUIRE = {
     "convert": ["torch>=2.2", "safetensors>=0.4"],
     # Released weights on the Hugging Face Hub (`tok1d.weights.load("titok_l32")`).
     "hub": ["huggingface_hub>=0.20"],
+    # `tok1d bench --workload=input`: the official loaders (torchvision ImageFolder + DataLoader).
+    "bench": ["torch>=2.2", "torchvision>=0.17"],
     "gpu": ["jax[cuda12]>=0.10.2"],
     "tpu": ["jax[tpu]>=0.10.2"],
 }

@@ -336,7 +336,7 @@ def test_data_iterator_state_and_host_slices():
         if i == 1:
             state = it.get_state()  # after batch 2
     assert batches[0]["image"].shape == (8, 16, 16, 3)
-    assert batches[0]["image"].dtype == np.float32
+    assert batches[0]["image"].dtype == np.uint8  # scaled to [0, 1] on the device (Feeder)
     assert not np.array_equal(batches[0]["image"], batches[1]["image"])
 
     fresh = iter(_train_ds(source, 0, 8))

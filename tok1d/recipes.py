@@ -34,7 +34,7 @@ def imagenet(config: ml_collections.ConfigDict) -> None:
     config.data.eval_split = "validation"
     config.data.image_size = 256
     config.data.augment = "random_crop"
-    config.data.num_workers = 16
+    config.data.num_workers = -1  # one grain worker per core but one (at most 16)
     config.data.eval_examples = 10_000
 
 

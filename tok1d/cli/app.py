@@ -52,7 +52,8 @@ TOOL = "tok1d"
 OPTIONAL = {"torch": "pip install 'tok1d[convert]'", "safetensors": "pip install safetensors",
             "yaml": "pip install pyyaml", "tensorflow": "pip install 'tok1d[tfds_build]'",
             "matplotlib": "pip install matplotlib", "sklearn": "pip install scikit-learn",
-            "huggingface_hub": "pip install 'tok1d[hub]'"}
+            "huggingface_hub": "pip install 'tok1d[hub]'",
+            "torchvision": "pip install 'tok1d[bench]'"}
 _OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=]+)")
 _HELP = ("-h", "--help", "-help", "--helpshort", "--helpfull")
 _running: list[str] = []  # the command line of the command being run

@@ -13,7 +13,9 @@ Workloads:
           synthetic batches of `--batch_size` (default: the config's global batch);
   encode  tokenizer: images -> codes;   decode: codes -> pixels (tokenizer configs);
   sample  generator config: class-conditional sampling with `config.sampling`, then decoding by
-          a random tokenizer built from `--tokenizer_config` (one jitted program per batch).
+          a random tokenizer built from `--tokenizer_config` (one jitted program per batch);
+  input   the recipe's input pipeline beside the official loader, images/s per CPU core
+          (`tok1d.cli.input_bench`; `--images`, `--workers`, `--repeats`, `--image_folder`).
 Frozen networks (teacher, LPIPS / ConvNeXt, DINO discriminator trunk) use random weights unless
 the config names weight files: the speed does not depend on the values.
 
@@ -60,6 +62,7 @@ from jax.extend import core as jex_core
 from tok1d import images as images_lib
 from tok1d import parallel
 from tok1d.cli import app
+from tok1d.cli import input_bench
 from tok1d.objectives import tokenizer_loss
 from tok1d.train import checkpoint as ckpt_lib
 from tok1d.train import config_lib
@@ -68,8 +71,8 @@ from tok1d.train import tokenizer as tok_trainer
 from tok1d.objectives import tokens
 from tok1d.generation.decode import SampleDecoder
 
-WORKLOADS = ("train", "encode", "decode", "sample")
-USAGE = "--config=FILE --workload=train|encode|decode|sample [--batch_size=N] [flags]"
+WORKLOADS = ("train", "encode", "decode", "sample", "input")
+USAGE = "--config=FILE --workload=train|encode|decode|sample|input [--batch_size=N] [flags]"
 CONFIG = "Config file (get_config()) whose programs are measured."
 REQUIRED = ("config",)
 POSITIONAL = ""
@@ -93,6 +96,17 @@ def define_flags(fv: flags.FlagValues) -> None:
                         flag_values=fv)
     flags.DEFINE_string("out", "", "Append the result as a JSON line to this file.",
                         flag_values=fv)
+    # --workload=input (tok1d.cli.input_bench): the recipe's input pipeline beside the official.
+    flags.DEFINE_integer("images", 256, "input: ImageNet-like JPEGs to write and read.",
+                         flag_values=fv)
+    flags.DEFINE_string("image_folder", "", "input: read this folder of class subfolders of "
+                        "images instead.", flag_values=fv)
+    flags.DEFINE_integer("workers", 0, "input: worker processes (0: in this process, rates per "
+                         "CPU core; -1: one per core).", flag_values=fv)
+    flags.DEFINE_integer("repeats", 3, "input: runs of each pipeline (the least CPU time "
+                         "counts).", flag_values=fv)
+    flags.DEFINE_bool("official", True, "input: also run the official loader (torchvision).",
+                      flag_values=fv)
 
 
 # ---------------------------------------------------------------------------- measurement
@@ -474,6 +488,15 @@ def format_row(row: dict[str, Any]) -> str:
 
 def execute(fv: flags.FlagValues, args: list[str]) -> None:
     del args
+    if fv.workload == "input":
+        rows = input_bench.run(fv.config, images=fv.images, batch_size=fv.batch_size or 32,
+                               steps=fv.steps, repeats=fv.repeats, workers=fv.workers,
+                               image_folder=fv.image_folder, official=fv.official)
+        if fv.out:
+            with open(fv.out, "a", encoding="utf-8") as f:
+                command = " ".join(app.command_line())
+                f.writelines(json.dumps(dict(row, command=command)) + "\n" for row in rows)
+        return
     parallel.setup_process()
     tok_cfg = app.load_config_file(fv.tokenizer_config) if fv.tokenizer_config else None
     row = run(fv.config, fv.workload, fv.batch_size, fv.steps, fv.warmup, tok_cfg,

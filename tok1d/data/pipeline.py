@@ -7,22 +7,37 @@ batch (its devices' share, see `tok1d.parallel.host_batch_slice`), and every exa
 crop/flip is seeded by its position in the global stream. So a 2-host run sees exactly the
 batches of a 1-host run, and a resumed run (the iterator state is checkpointed) sees exactly
 the batches it would have seen.
+
+Images leave the host as uint8 crops (4x fewer bytes to batch, pass between processes and copy
+to the device than float32); `tok1d.data.feeding.Feeder` scales them to [0, 1] on the device.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+import os
+from typing import Any, Optional
 
 import grain
 import numpy as np
 from PIL import Image
 
-from tok1d.data.records import decode_image
+from tok1d.data.records import decode_image, load_rgb, open_image
 
 
 # ----------------------------------------------------------------------------------------------
-# Augmentations (host-side numpy / PIL). Images come in as uint8 HxWx3, leave as float32 [0, 1].
+# Augmentations. The recipes' crops are written twice on purpose, sharing their random draws:
+# plainly on decoded uint8 HxWx3 arrays (resize the whole image, then crop: the definition, as
+# the official loaders do it), and as `crop`, the pipeline's fast path, which draws the same
+# window from the image's header alone, decodes a JPEG at a reduced size (`Image.draft`) when
+# the window shrinks by 2x or more anyway, and resizes only the window (one PIL resize with a
+# source box). Without reduced decoding `crop` equals the plain path up to the fixed-point
+# rounding of PIL's two resize passes (at most 2 levels of 255; almost no pixel differs when
+# the window is cut along the width, about 15% by one level when cut along the height). With
+# it, within what DCT-domain downscaling changes: on photos a mean absolute difference under
+# 2 levels and a 99th percentile under 12 (measured: 0.2-0.8 and 2-6 where the image is well
+# over twice the crop, 1.5 and 12 where it is barely twice; tests/test_input_pipeline.py),
+# about the error of the quality-90 JPEG compression itself.
 # ----------------------------------------------------------------------------------------------
 
 def _resize(img: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -31,10 +46,14 @@ def _resize(img: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.asarray(Image.fromarray(img).resize((width, height), Image.BICUBIC))
 
 
+def shorter_side_size(height: int, width: int, size: int) -> tuple[int, int]:
+    """(height, width) of an image resized so that its shorter side is `size`."""
+    scale = size / min(height, width)
+    return max(size, round(height * scale)), max(size, round(width * scale))
+
+
 def resize_shorter(img: np.ndarray, size: int) -> np.ndarray:
-    h, w = img.shape[:2]
-    scale = size / min(h, w)
-    return _resize(img, max(size, round(h * scale)), max(size, round(w * scale)))
+    return _resize(img, *shorter_side_size(*img.shape[:2], size))
 
 
 def center_crop(img: np.ndarray, size: int) -> np.ndarray:
@@ -44,10 +63,15 @@ def center_crop(img: np.ndarray, size: int) -> np.ndarray:
     return img[top:top + size, left:left + size]
 
 
+def _square_offsets(height: int, width: int, size: int, rng: np.random.Generator
+                    ) -> tuple[int, int]:
+    top = int(rng.integers(0, height - size + 1))
+    left = int(rng.integers(0, width - size + 1))
+    return top, left
+
+
 def _random_square(img: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-    h, w = img.shape[:2]
-    top = int(rng.integers(0, h - size + 1))
-    left = int(rng.integers(0, w - size + 1))
+    top, left = _square_offsets(*img.shape[:2], size, rng)
     return img[top:top + size, left:left + size]
 
 
@@ -56,33 +80,102 @@ def random_crop(img: np.ndarray, size: int, rng: np.random.Generator) -> np.ndar
     return _random_square(resize_shorter(img, size), size, rng)
 
 
+def _adm_shorter(size: int, min_crop_frac: float, rng: np.random.Generator) -> int:
+    return int(rng.integers(size, math.ceil(size / min_crop_frac) + 1))
+
+
 def adm_random_crop(img: np.ndarray, size: int, rng: np.random.Generator,
                     min_crop_frac: float = 0.8) -> np.ndarray:
     """ADM's `random_crop_arr` (GigaTok, LlamaGen): resize the shorter side to a random integer
     in [size, ceil(size / min_crop_frac)] (256..320 for 256 px), then a random square crop."""
-    shorter = int(rng.integers(size, math.ceil(size / min_crop_frac) + 1))
+    shorter = _adm_shorter(size, min_crop_frac, rng)
     return _random_square(resize_shorter(img, shorter), size, rng)
+
+
+def _inception_window(height: int, width: int, rng: np.random.Generator, min_scale: float,
+                      ratio=(3 / 4, 4 / 3)) -> Optional[tuple[int, int, int, int]]:
+    """(top, left, crop height, crop width) of an Inception-style crop, or None when ten draws
+    found none (then the caller center-crops)."""
+    area = height * width
+    for _ in range(10):
+        target = area * rng.uniform(min_scale, 1.0)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < cw <= width and 0 < ch <= height:
+            top = int(rng.integers(0, height - ch + 1))
+            left = int(rng.integers(0, width - cw + 1))
+            return top, left, ch, cw
+    return None
 
 
 def random_resized_crop(img: np.ndarray, size: int, rng: np.random.Generator,
                         min_scale: float = 0.08, ratio=(3 / 4, 4 / 3)) -> np.ndarray:
     """Inception-style crop: area fraction in [min_scale, 1], log-uniform aspect ratio."""
-    h, w = img.shape[:2]
-    area = h * w
-    for _ in range(10):
-        target = area * rng.uniform(min_scale, 1.0)
-        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
-        cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
-        if 0 < cw <= w and 0 < ch <= h:
-            top = int(rng.integers(0, h - ch + 1))
-            left = int(rng.integers(0, w - cw + 1))
-            return _resize(img[top:top + ch, left:left + cw], size, size)
-    return center_crop(img, size)
+    window = _inception_window(*img.shape[:2], rng, min_scale, ratio)
+    if window is None:
+        return center_crop(img, size)
+    top, left, ch, cw = window
+    return _resize(img[top:top + ch, left:left + cw], size, size)
 
 
-def preprocess(image: Any, *, image_size: int, augment: str, flip: bool, min_scale: float,
-               rng: np.random.Generator | None) -> np.ndarray:
-    """Decoded/encoded image -> float32 (image_size, image_size, 3) in [0, 1]."""
+def crop_plan(height: int, width: int, *, image_size: int, augment: str, min_scale: float,
+              rng: np.random.Generator | None) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+    """The crop a recipe takes of a `height` x `width` image, drawn from `rng` exactly as the
+    plain functions above draw it: ((H, W), (top, left, h, w)) = resize the whole image to
+    H x W, take the window [top, top + h) x [left, left + w) of it, and resize that window to
+    `image_size` (a no-op unless `augment` is "random_resized_crop")."""
+    size = image_size
+    if augment == "center_crop" or rng is None:
+        resized = shorter_side_size(height, width, size)
+        return resized, ((resized[0] - size) // 2, (resized[1] - size) // 2, size, size)
+    if augment == "random_crop":
+        resized = shorter_side_size(height, width, size)
+    elif augment == "adm_random_crop":
+        resized = shorter_side_size(height, width, _adm_shorter(size, min_scale, rng))
+    elif augment == "random_resized_crop":
+        window = _inception_window(height, width, rng, min_scale)
+        if window is None:
+            return crop_plan(height, width, image_size=size, augment="center_crop",
+                             min_scale=min_scale, rng=None)
+        return (height, width), window
+    else:
+        raise ValueError(f"Unknown augmentation {augment!r}.")
+    return resized, (*_square_offsets(*resized, size, rng), size, size)
+
+
+def crop(image: Any, *, image_size: int, augment: str, flip: bool, min_scale: float,
+         rng: np.random.Generator | None) -> np.ndarray:
+    """Encoded/decoded image -> the recipe's uint8 (image_size, image_size, 3) crop: the
+    pipeline's fast path (see the section comment; the plain path is `preprocess_plain`)."""
+    pil = open_image(image)
+    width, height = pil.size
+    (rh, rw), (top, left, ch, cw) = crop_plan(height, width, image_size=image_size,
+                                              augment=augment, min_scale=min_scale, rng=rng)
+    # The window in source pixels, and how many source pixels each output pixel spans.
+    sx, sy = width / rw, height / rh
+    box = (left * sx, top * sy, (left + cw) * sx, (top + ch) * sy)
+    shrink = min((box[2] - box[0]) / image_size, (box[3] - box[1]) / image_size)
+    if shrink >= 2 and pil.format == "JPEG":  # DCT-domain downscaling by 2, 4 or 8
+        pil.draft("RGB", (math.ceil(width / shrink), math.ceil(height / shrink)))
+    pil = load_rgb(pil)
+    dx, dy = pil.size[0] / width, pil.size[1] / height
+    box = (box[0] * dx, box[1] * dy, box[2] * dx, box[3] * dy)
+    if (rh, rw) != (height, width):  # resize-then-crop recipes: resize only the window
+        out = pil.resize((image_size, image_size), Image.BICUBIC, box=box)
+    else:  # crop-then-resize: the filter stops at the crop's edges, as in the plain path
+        outer = (math.floor(box[0]), math.floor(box[1]), math.ceil(box[2]), math.ceil(box[3]))
+        out = pil.crop(outer)
+        inner = (box[0] - outer[0], box[1] - outer[1], box[2] - outer[0], box[3] - outer[1])
+        if inner != (0, 0, image_size, image_size):
+            out = out.resize((image_size, image_size), Image.BICUBIC, box=inner)
+    if flip and rng is not None and rng.random() < 0.5:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.asarray(out)
+
+
+def preprocess_plain(image: Any, *, image_size: int, augment: str, flip: bool,
+                     min_scale: float, rng: np.random.Generator | None) -> np.ndarray:
+    """`crop` the plain way: decode at full size, resize the whole image, crop (uint8)."""
     img = decode_image(image)
     if augment == "center_crop" or rng is None:
         img = center_crop(img, image_size)
@@ -96,7 +189,16 @@ def preprocess(image: Any, *, image_size: int, augment: str, flip: bool, min_sca
         raise ValueError(f"Unknown augmentation {augment!r}.")
     if flip and rng is not None and rng.random() < 0.5:
         img = img[:, ::-1]
-    return np.asarray(img, np.float32) / 255.0
+    return np.ascontiguousarray(img)
+
+
+def preprocess(image: Any, *, image_size: int, augment: str, flip: bool, min_scale: float,
+               rng: np.random.Generator | None) -> np.ndarray:
+    """Decoded/encoded image -> float32 (image_size, image_size, 3) in [0, 1] (`crop` / 255;
+    the pipelines themselves yield the uint8 crops, normalised on the device by
+    `tok1d.data.feeding.Feeder`)."""
+    return np.asarray(crop(image, image_size=image_size, augment=augment, flip=flip,
+                           min_scale=min_scale, rng=rng), np.float32) / 255.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,14 +234,39 @@ class _Preprocess(grain.transforms.Map):
     def map(self, element):
         global_index, record = element
         rng = None if self._seed is None else np.random.default_rng([self._seed, global_index])
-        out = {"image": preprocess(record["image"], rng=rng, **self._kwargs),
+        out = {"image": crop(record["image"], rng=rng, **self._kwargs),
                "label": np.int32(record.get("label", 0)),
                "mask": np.bool_(record.get("mask", True))}
         return out
 
 
+MAX_AUTO_WORKERS = 16
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def resolve_num_workers(num_workers: int) -> int:
+    """`data.num_workers`: >= 0 as given (0: decode in the main process); -1 (auto): one grain
+    worker process per core but one (left to the training loop), at most MAX_AUTO_WORKERS
+    (past that a host's input rate is far above any recipe's need, see benchmarks/RESULTS.md),
+    and 0 on a single core."""
+    if num_workers >= 0:
+        return num_workers
+    return min(MAX_AUTO_WORKERS, available_cores() - 1)
+
+
 def _to_iter(ds: grain.MapDataset, num_workers: int) -> grain.IterDataset:
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=8, prefetch_buffer_size=64))
+    num_workers = resolve_num_workers(num_workers)
+    # Threads overlap reading with decoding (PIL releases the GIL while it decodes and resizes);
+    # with worker processes doing the work, each needs only a couple.
+    threads = 2 if num_workers > 0 else min(8, available_cores())
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=64))
     if num_workers > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return it
@@ -148,7 +275,8 @@ def _to_iter(ds: grain.MapDataset, num_workers: int) -> grain.IterDataset:
 def train_dataset(source, *, global_batch: int, host_start: int, host_stop: int, seed: int,
                   image_size: int, augment: str, flip: bool, min_scale: float,
                   num_workers: int = 0) -> grain.IterDataset:
-    """Infinite, shuffled, augmented batches of this host's rows of each global batch."""
+    """Infinite, shuffled, augmented batches of this host's rows of each global batch: "image"
+    uint8 (rows, image_size, image_size, 3) (see `crop`), "label" int32, "mask" bool."""
     if len(source) < global_batch:
         raise ValueError(f"The training split has {len(source)} examples, fewer than one global "
                          f"batch ({global_batch}).")
@@ -185,8 +313,9 @@ class _Padded(grain.MapDataset):
 def eval_dataset(source, *, global_batch: int, host_start: int, host_stop: int,
                  image_size: int, num_examples: int = -1, num_workers: int = 0
                  ) -> tuple[grain.IterDataset, int]:
-    """One pass over the first `num_examples` (all if -1), center-cropped, padded to whole global
-    batches with `mask=False` rows so every host runs the same number of steps.
+    """One pass over the first `num_examples` (all if -1), center-cropped (uint8 like
+    `train_dataset`), padded to whole global batches with `mask=False` rows so every host
+    runs the same number of steps.
 
     Returns (dataset, number of global batches)."""
     n = len(source) if num_examples < 0 else min(num_examples, len(source))

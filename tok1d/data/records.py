@@ -125,6 +125,49 @@ def _array_to_rgb(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
+def open_image(data: ImageLike, name: str | None = None) -> Image.Image:
+    """The image as a PIL image whose pixels are not decoded yet.
+
+    Encoded bytes are opened lazily (only the header is read), so the caller can still ask a
+    JPEG for reduced-size decoding with `Image.draft` before `load_rgb` decodes it; a decoded
+    array (see `decode_image` for the accepted shapes) becomes an RGB image.
+
+    Raises:
+        CorruptImageError: If ``data`` are bytes that are not a readable image.
+        ValueError: If ``data`` is an array of unsupported dtype or shape.
+        TypeError: If ``data`` is neither bytes nor an array.
+    """
+    if isinstance(data, np.ndarray):
+        return Image.fromarray(_array_to_rgb(data))
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(
+            f"decode_image expects bytes or a numpy array, got {type(data)}.")
+    where = f" {name!r}" if name else ""
+    if len(data) == 0:
+        raise CorruptImageError(f"Cannot decode image{where}: empty data.")
+    try:
+        return Image.open(io.BytesIO(data))
+    except Exception as e:  # PIL raises many kinds of errors on bad input.
+        raise CorruptImageError(
+            f"Cannot decode image{where}: {describe_image_error(e)}") from e
+
+
+def load_rgb(image: Image.Image, name: str | None = None) -> Image.Image:
+    """Decodes an image from `open_image` to RGB pixels (palette, CMYK, 16-bit, ... through
+    PIL's ``convert("RGB")``).
+
+    Raises:
+        CorruptImageError: If the pixels cannot be decoded.
+    """
+    try:
+        image.load()
+        return image if image.mode == "RGB" else image.convert("RGB")
+    except Exception as e:  # PIL raises many kinds of errors on bad input.
+        where = f" {name!r}" if name else ""
+        raise CorruptImageError(
+            f"Cannot decode image{where}: {describe_image_error(e)}") from e
+
+
 def decode_image(data: ImageLike, name: str | None = None) -> np.ndarray:
     """Decodes an image to an RGB uint8 array of shape HxWx3.
 
@@ -146,21 +189,8 @@ def decode_image(data: ImageLike, name: str | None = None) -> np.ndarray:
     """
     if isinstance(data, np.ndarray):
         return _array_to_rgb(data)
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise TypeError(
-            f"decode_image expects bytes or a numpy array, got {type(data)}.")
-    where = f" {name!r}" if name else ""
-    if len(data) == 0:
-        raise CorruptImageError(f"Cannot decode image{where}: empty data.")
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            rgb = image if image.mode == "RGB" else image.convert("RGB")
-            array = np.asarray(rgb, dtype=np.uint8)
-    except Exception as e:  # PIL raises many kinds of errors on bad input.
-        raise CorruptImageError(
-            f"Cannot decode image{where}: {describe_image_error(e)}") from e
-    return array
+    with open_image(data, name) as image:
+        return np.asarray(load_rgb(image, name), dtype=np.uint8)
 
 
 # -----------------------------------------------------------------------------

@@ -216,3 +216,44 @@ def get_source(name: str, split: str, *, data_dir: str = "", demo_size: int = 40
         return records.ArrayRecordImageSource(name[len("array_record:"):], split)
     raise ValueError(f"Unknown data source {name!r}; use 'demo', 'digits', 'tfds:<name>' or "
                      "'array_record:<dir>'.")
+
+
+# ImageNet-like sizes (width, height) and how often `imagenet_like_jpegs` draws them: most
+# ImageNet photos are 500 px on the longer side (4:3, 3:2, square), some are smaller, a few
+# much larger (the ones reduced-size decoding speeds up).
+IMAGENET_LIKE_SIZES = (((500, 375), 0.3), ((375, 500), 0.15), ((500, 333), 0.15),
+                       ((333, 500), 0.05), ((500, 500), 0.1), ((400, 300), 0.1),
+                       ((800, 600), 0.05), ((1024, 768), 0.05), ((1600, 1200), 0.05))
+IMAGENET_LIKE_QUALITY = 90
+
+
+def imagenet_like_jpegs(count: int, seed: int = 0):
+    """`count` realistic JPEG files as (label, bytes): a random window of one of the bundled
+    colour photos (label = its index in DEMO_PHOTOS' first seven), resized to a size drawn
+    from IMAGENET_LIKE_SIZES, randomly mirrored, with a random gain and camera-like noise
+    (sigma 4-8 levels), saved at quality 90 with 4:2:0 chroma subsampling: about ImageNet's
+    bytes per pixel, for input-pipeline benchmarks (`tok1d bench --workload=input`)."""
+    import io  # Local: only the benchmark writes files.
+    photos = DEMO_PHOTOS[:7]  # the colour photos: astronaut .. retina
+    sizes = [s for s, _ in IMAGENET_LIKE_SIZES]
+    weights = np.array([p for _, p in IMAGENET_LIKE_SIZES])
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        label = i % len(photos)
+        photo = _load_photo(photos[label])
+        w, h = sizes[rng.choice(len(sizes), p=weights / weights.sum())]
+        ph, pw = photo.shape[:2]
+        cw = min(pw, int(ph * w / h) if ph * w / h <= pw else pw)
+        cw = int(cw * rng.uniform(0.7, 1.0))
+        ch = min(ph, round(cw * h / w))
+        top, left = int(rng.integers(0, ph - ch + 1)), int(rng.integers(0, pw - cw + 1))
+        window = Image.fromarray(photo[top:top + ch, left:left + cw]).resize((w, h),
+                                                                            Image.BICUBIC)
+        pixels = np.asarray(window, np.float32) * rng.uniform(0.8, 1.2)
+        pixels += rng.uniform(4.0, 8.0) * rng.standard_normal(pixels.shape, np.float32)
+        if rng.random() < 0.5:
+            pixels = pixels[:, ::-1]
+        out = io.BytesIO()
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(
+            out, "JPEG", quality=IMAGENET_LIKE_QUALITY, subsampling="4:2:0")
+        yield label, out.getvalue()

@@ -62,7 +62,8 @@ def common_config() -> ml_collections.ConfigDict:
         min_scale=0.8,                # smallest area fraction of random_resized_crop; smallest
                                       # crop / shorter-side ratio of adm_random_crop
         flip=True,
-        num_workers=0,                # grain worker processes (0: decode in the main process)
+        num_workers=0,                # grain worker processes (0: decode in the main process;
+                                      # -1: one per core but one, at most 16)
         eval_examples=-1,             # -1: the whole eval split
         demo_size=4096,               # number of random crops per epoch of the demo data
     ))

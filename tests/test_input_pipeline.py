@@ -1,0 +1,169 @@
+"""The input pipeline's fast path against the plain one, uint8 batches normalised on the device,
+worker counts from the core count, and `tok1d bench --workload=input` on a few JPEGs."""
+
+import functools
+import importlib.util
+import io
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+import skimage.data
+from PIL import Image
+
+from conftest import REPO
+from tok1d import parallel
+from tok1d.cli import bench, input_bench
+from tok1d.data import feeding, pipeline, sources
+
+AUGMENTS = ("center_crop", "random_crop", "adm_random_crop", "random_resized_crop")
+# Reduced-size (DCT-domain) JPEG decoding against full decoding + PIL's bicubic downscale, on
+# photos, in levels of 255: the bound documented in tok1d/data/pipeline.py. (Measured: mean
+# 0.2-0.8, 99th percentile 2-6; 1.5 / 12 where the image is barely 2x the target.)
+MEAN_BOUND, P99_BOUND = 2.0, 12
+needs_torchvision = pytest.mark.skipif(
+    importlib.util.find_spec("torch") is None or importlib.util.find_spec("torchvision") is None,
+    reason="the official loaders need torch and torchvision (pip install 'tok1d[bench]')")
+
+
+@functools.lru_cache(maxsize=None)
+def _jpeg(photo: str, width: int, height: int) -> bytes:
+    image = Image.fromarray(getattr(skimage.data, photo)()).resize((width, height),
+                                                                   Image.BICUBIC)
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+def _both(data, augment, seed, size=256):
+    kw = dict(image_size=size, augment=augment, flip=True, min_scale=0.5)
+    fast = pipeline.crop(data, rng=np.random.default_rng(seed), **kw)
+    plain = pipeline.preprocess_plain(data, rng=np.random.default_rng(seed), **kw)
+    assert fast.dtype == plain.dtype == np.uint8 and fast.shape == plain.shape == (size, size, 3)
+    return np.abs(fast.astype(np.int16) - plain)
+
+
+@pytest.mark.parametrize("augment", AUGMENTS)
+def test_fast_crop_equals_plain_crop_without_reduced_decoding(augment):
+    # ImageNet-sized (no 2x shrink: full decoding) and an array source: same windows, same
+    # flips, the same pixels up to PIL's fixed-point rounding of the two resize passes.
+    for data in (_jpeg("coffee", 500, 375), _jpeg("chelsea", 333, 500),
+                 np.asarray(skimage.data.astronaut())[:300, :420]):
+        for seed in range(4):
+            diff = _both(data, augment, seed)
+            assert diff.max() <= 2 and diff.mean() < 0.2
+
+
+@pytest.mark.parametrize("augment", AUGMENTS)
+def test_reduced_size_decoding_stays_within_the_documented_bound(augment):
+    for data in (_jpeg("astronaut", 1024, 768), _jpeg("rocket", 600, 900),
+                 _jpeg("coffee", 530, 520)):
+        diff = np.stack([_both(data, augment, seed) for seed in range(3)])
+        # A different window or flip would differ by tens of levels on average.
+        assert diff.mean() <= MEAN_BOUND and np.percentile(diff, 99) <= P99_BOUND
+
+
+def test_reduced_decoding_is_used_when_the_image_shrinks_2x(monkeypatch):
+    from PIL import JpegImagePlugin
+    drafts = []
+    real = JpegImagePlugin.JpegImageFile.draft
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft",
+                        lambda self, mode, size: drafts.append(size) or real(self, mode, size))
+    kw = dict(image_size=256, augment="center_crop", flip=False, min_scale=1.0, rng=None)
+    pipeline.crop(_jpeg("coffee", 500, 375), **kw)
+    assert drafts == []
+    pipeline.crop(_jpeg("coffee", 1024, 768), **kw)
+    assert len(drafts) == 1
+
+
+def test_batches_are_uint8_and_the_feeder_normalises_them_on_device():
+    src = sources.DemoSource("train", size=16)
+    ds = pipeline.train_dataset(src, global_batch=8, host_start=0, host_stop=8, seed=0,
+                                image_size=16, augment="random_crop", flip=True, min_scale=1.0)
+    host = next(iter(ds))
+    assert host["image"].dtype == np.uint8 and host["image"].shape == (8, 16, 16, 3)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    batch = next(feeding.Feeder(iter(ds), sharding, 8))
+    assert batch["image"].dtype == np.float32
+    assert batch["image"].sharding.spec[0] == "data"
+    np.testing.assert_allclose(parallel.host_array(batch["image"]),
+                               host["image"].astype(np.float32) / 255.0, rtol=2e-7, atol=0)
+    # preprocess keeps its float [0, 1] contract (the same crop).
+    image = src[3]["image"]
+    kw = dict(image_size=16, augment="random_crop", flip=True, min_scale=1.0)
+    np.testing.assert_array_equal(
+        pipeline.preprocess(image, rng=np.random.default_rng(5), **kw),
+        pipeline.crop(image, rng=np.random.default_rng(5), **kw) / np.float32(255.0))
+
+
+def test_worker_count_follows_the_cores(monkeypatch):
+    assert pipeline.resolve_num_workers(3) == 3 and pipeline.resolve_num_workers(0) == 0
+    for cores, workers in ((1, 0), (2, 1), (8, 7), (208, pipeline.MAX_AUTO_WORKERS)):
+        monkeypatch.setattr(pipeline, "available_cores", lambda c=cores: c)
+        assert pipeline.resolve_num_workers(-1) == workers
+
+
+def test_imagenet_like_jpegs_are_realistic():
+    files = list(sources.imagenet_like_jpegs(6, seed=1))
+    assert [label for label, _ in files] == [0, 1, 2, 3, 4, 5]
+    for _, data in files:
+        image = Image.open(io.BytesIO(data))
+        assert image.format == "JPEG" and image.mode == "RGB"
+        assert image.size in [s for s, _ in sources.IMAGENET_LIKE_SIZES]
+        assert 0.1 < len(data) / (image.size[0] * image.size[1]) < 2.0  # bytes per pixel
+
+
+@needs_torchvision
+def test_input_benchmark_runs_both_pipelines(tmp_path, capsys):
+    out = tmp_path / "rows.jsonl"
+    status = bench.main(["--workload=input", f"--config={REPO}/configs/titok.py:l32_stage1",
+                         "--config.data.image_size=32", "--images=8", "--batch_size=4",
+                         "--steps=1", "--repeats=1", f"--out={out}"])
+    assert status == 0
+    table = capsys.readouterr().out
+    assert "| tok1d | random_crop | 32 | 4 | 0 |" in table
+    assert "| official | center_crop | 32 | 4 | 0 |" in table
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["pipeline"], r["augment"]) for r in rows] == [
+        ("tok1d", "random_crop"), ("official", "random_crop"),
+        ("tok1d", "center_crop"), ("official", "center_crop")]
+    assert all(r["per_core"] > 0 and r["wall"] > 0 and r["images"] == 4 for r in rows)
+    assert all(r["command"].startswith("python -m tok1d.cli.bench") for r in rows)
+
+
+@needs_torchvision
+def test_official_transforms_match_the_recipes_crops():
+    data = _jpeg("coffee", 500, 375)
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    for augment, low in (("random_crop", 0.0), ("adm_random_crop", -1.0), ("center_crop", 0.0)):
+        t = input_bench.loaders.official_transform(augment, 64, flip=True, min_scale=0.8)
+        x = t(image).numpy()
+        assert x.shape == (3, 64, 64) and x.dtype == np.float32
+        assert low <= x.min() and x.max() <= 1.0
+    # The official center crop and tok1d's (no reduced decoding at this size): the same pixels
+    # up to rounding.
+    t = input_bench.loaders.official_transform("center_crop", 256)
+    official = np.round(t(image).numpy().transpose(1, 2, 0) * 255)
+    ours = pipeline.crop(data, image_size=256, augment="center_crop", flip=False,
+                         min_scale=1.0, rng=None)
+    assert np.abs(official - ours).max() <= 2
+
+
+def test_image_folder_for_the_benchmark(tmp_path):
+    root = input_bench.write_image_folder(str(tmp_path / "jpegs"), 9)
+    names = sorted(os.listdir(root))
+    assert names == [f"class_{i}" for i in range(7)]
+    assert sum(len(os.listdir(os.path.join(root, n))) for n in names) == 9
+
+
+def test_input_benchmark_without_the_official_loaders(capsys):
+    status = bench.main(["--workload=input", f"--config={REPO}/configs/gigatok_b_l.py",
+                         "--config.data.image_size=32", "--images=4", "--batch_size=2",
+                         "--steps=1", "--repeats=1", "--noofficial"])
+    assert status == 0
+    table = capsys.readouterr().out
+    assert "| tok1d | adm_random_crop | 32 | 2 | 0 |" in table and "official" not in table.split(
+        "\n", 2)[2]

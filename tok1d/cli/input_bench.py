@@ -1,0 +1,165 @@
+r"""`tok1d bench --workload=input`: images per second per CPU core of a recipe's input pipeline,
+and of the official loader of the same recipe on the same files.
+
+    tok1d bench --workload=input --config=configs/titok.py:l32_stage1 [--images=256]
+        [--batch_size=32] [--steps=10] [--repeats=3] [--workers=0] [--image_folder=DIR]
+
+The files: `--image_folder` (class subfolders of images), or `--images` ImageNet-like JPEGs
+written to a temporary folder (`tok1d.data.sources.imagenet_like_jpegs`: photos bundled with
+scikit-image at ImageNet's sizes and quality 90). tok1d reads them as `tok1d prepare` writes
+them (ArrayRecord) through `tok1d.data.pipeline.train_dataset` (record read, JPEG decode, the
+recipe's crop / resize / flip, batching: uint8 batches) with the config's `data.image_size`,
+`augment`, `flip`, `min_scale`; the official loader is torchvision's `ImageFolder` with the
+recipe's official transform in a torch `DataLoader` (`tok1d.official.loaders`; float32
+batches, as the official trainers get them). Both also run the evaluation transform (center
+crop) unless the recipe's own is that.
+
+`--workers=0` (default) runs each pipeline in this process (grain's reading threads; torch
+with one intra-op thread, as in a DataLoader worker): "img/s per core" is images / CPU seconds
+of the process, which stays meaningful on a loaded machine. `--workers=N` uses N worker
+processes (grain `mp_prefetch` / DataLoader workers; -1: one per core) and adds the workers'
+CPU time (read from /proc). "wall img/s" is the elapsed-time rate (it depends on the load).
+Each measurement runs `--repeats` times after `warmup` batches; the table gives the run with
+the least CPU time. The 1-minute load average is recorded beside the numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import tempfile
+import time
+from typing import Any, Callable, Iterator
+
+from tok1d.data import pipeline, records, sources
+from tok1d.data.prepare import prepare
+from tok1d.official import loaders
+
+CENTER = "center_crop"
+
+
+def write_image_folder(root: str, count: int, seed: int = 0) -> str:
+    """`count` ImageNet-like JPEGs in class subfolders of `root` (created); returns `root`."""
+    for i, (label, data) in enumerate(sources.imagenet_like_jpegs(count, seed)):
+        folder = os.path.join(root, f"class_{label}")
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, f"{i:06d}.jpg"), "wb") as f:
+            f.write(data)
+    return root
+
+
+def _descendants(pid: int) -> list[int]:
+    """Live descendant processes of `pid` (Linux /proc; [] elsewhere)."""
+    parents = {}
+    with contextlib.suppress(OSError):
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                with contextlib.suppress(OSError), open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                parents.setdefault(int(fields[1]), []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        out += children
+        todo += children
+    return out
+
+
+def cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process, its finished children and its live
+    descendants."""
+    total = time.process_time()
+    child = resource.getrusage(resource.RUSAGE_CHILDREN)
+    total += child.ru_utime + child.ru_stime
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    for pid in _descendants(os.getpid()):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
+
+
+def time_batches(make_batches: Callable[[], Iterator[Any]], batch_size: int, steps: int,
+                 warmup: int = 1) -> dict[str, float]:
+    """Wall and CPU seconds of `steps` batches of a fresh iterator after `warmup` ones."""
+    batches = iter(make_batches())
+    for _ in range(warmup):
+        next(batches)
+    cpu0, wall0 = cpu_seconds(), time.perf_counter()
+    for _ in range(steps):
+        next(batches)
+    cpu, wall = cpu_seconds() - cpu0, time.perf_counter() - wall0
+    del batches
+    return dict(images=batch_size * steps, wall_s=wall, cpu_s=cpu)
+
+
+@contextlib.contextmanager
+def _torch_threads(count: int):
+    import torch  # Local import: optional dependency.
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def run(config, *, images: int = 256, batch_size: int = 32, steps: int = 10,
+        repeats: int = 3, workers: int = 0, image_folder: str = "", official: bool = True,
+        log=print) -> list[dict[str, Any]]:
+    """Measures tok1d's and the official input pipelines of `config`'s recipe (see the module
+    doc); returns (and logs as a table) one row per pipeline and transform."""
+    data = config.data
+    augments = [data.augment] + ([CENTER] if data.augment != CENTER else [])
+    num_workers = pipeline.resolve_num_workers(workers)
+    with tempfile.TemporaryDirectory(prefix="tok1d_input_bench_") as tmp:
+        folder = image_folder or write_image_folder(os.path.join(tmp, "jpegs"), images)
+        prepare(folder, os.path.join(tmp, "records"), workers=1)
+        source = records.ArrayRecordImageSource(os.path.join(tmp, "records"), "train")
+        if len(source) < batch_size:
+            raise ValueError(f"{len(source)} images, fewer than one batch of {batch_size}.")
+        rows = []
+        for augment in augments:
+            kwargs = dict(image_size=data.image_size, augment=augment, flip=data.flip,
+                          min_scale=data.min_scale)
+
+            def tok1d_batches():
+                return pipeline.train_dataset(source, global_batch=batch_size, host_start=0,
+                                              host_stop=batch_size, seed=0,
+                                              num_workers=num_workers, **kwargs)
+            makers = [("tok1d", tok1d_batches)]
+            if official:
+                def official_batches():
+                    return loaders.official_loader(folder, batch_size=batch_size,
+                                                   num_batches=steps + 1,
+                                                   num_workers=num_workers, **kwargs)
+                makers.append(("official", official_batches))
+            for name, make in makers:
+                threads = _torch_threads(1) if name == "official" and num_workers == 0 else (
+                    contextlib.nullcontext())
+                with threads:
+                    runs = [time_batches(make, batch_size, steps) for _ in range(repeats)]
+                best = min(runs, key=lambda r: r["cpu_s"])
+                rows.append(dict(pipeline=name, augment=augment, image_size=data.image_size,
+                                 batch=batch_size, workers=num_workers,
+                                 images=best["images"], repeats=repeats,
+                                 per_core=best["images"] / best["cpu_s"],
+                                 wall=best["images"] / best["wall_s"],
+                                 load=os.getloadavg()[0], files=len(source)))
+    log(format_rows(rows))
+    return rows
+
+
+def format_rows(rows: list[dict[str, Any]]) -> str:
+    """A markdown table; "x official" is tok1d's per-core rate over the official one's."""
+    official = {r["augment"]: r["per_core"] for r in rows if r["pipeline"] == "official"}
+    lines = ["| pipeline | transform | size | batch | workers | img/s per core | wall img/s "
+             "| x official | load |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = (f"{r['per_core'] / official[r['augment']]:.2f}"
+                 if r["pipeline"] == "tok1d" and r["augment"] in official else "")
+        lines.append(f"| {r['pipeline']} | {r['augment']} | {r['image_size']} | {r['batch']} | "
+                     f"{r['workers']} | {r['per_core']:.0f} | {r['wall']:.0f} | {ratio} | "
+                     f"{r['load']:.1f} |")
+    return "\n".join(lines)
