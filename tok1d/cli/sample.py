@@ -25,10 +25,16 @@ OUT/sweep.md, OUT/sweep.json and OUT/sweep.png naming the best (lowest gFID):
     tok1d sample --config=configs/maskgit_titok.py:l32 --checkpoint=... --tokenizer=... \
         --sweep --sweep_guidance=1,2,3,4.5 --sweep_temperature=1,2 --num_images=10000 --out=DIR
 
-Measured on the demo (configs/demo.py, MaskGIT on 16 TiTok tokens of the digits, 500 samples
-per setting on the digit features; see tok1d.cli.demo): guidance 2.0 at temperature 1 (the old
-default) gives FID-digits ~27 with intra-class diversity 0.77x the real digits'; the sweep's best
-is listed in the demo's report.md.
+Measured on the demo (configs/demo.py: MaskGIT on 16 TiTok tokens of the digits; 300 samples
+per setting, FID-digits on the digit CNN against the 179 held-out digits, whose intra-class
+diversity is 15.7): the old default, guidance 2 at temperature 1, gives gFID-digits 28.2,
+recall 0.07, diversity 3.4 (near copies) at class accuracy 1.00; the best of guidance 0..3 x
+temperature 1, 2, 4 is guidance 0 at temperature 2: gFID-digits 20.1, precision 0.99, recall
+0.40, diversity 9.4, class accuracy 0.98 (temperature 4: diversity 16.8 but class accuracy
+0.71). The same generator through this command (`--sweep_features=digits`, guidance 0, 0.5 x
+temperature 2.5, 3; the demo's generator config with --config.data.name=digits
+--config.data.image_size=32): temperature 2.5 gives gFID-digits 21.5, diversity 11.9, class
+accuracy 0.94.
 """
 
 from __future__ import annotations
