@@ -33,8 +33,9 @@ temperature 1, 2, 4 is guidance 0 at temperature 2: gFID-digits 20.1, precision 
 0.40, diversity 9.4, class accuracy 0.98 (temperature 4: diversity 16.8 but class accuracy
 0.71). The same generator through this command (`--sweep_features=digits`, guidance 0, 0.5 x
 temperature 2.5, 3; the demo's generator config with --config.data.name=digits
---config.data.image_size=32): temperature 2.5 gives gFID-digits 21.5, diversity 11.9, class
-accuracy 0.94.
+--config.data.image_size=32) names guidance 0.5 at temperature 2.5 the best of those four:
+gFID-digits 19.3, precision 0.98, recall 0.37, diversity 9.8, class accuracy 0.97 (guidance 0
+at temperature 3: diversity 14.4, class accuracy 0.86).
 """
 
 from __future__ import annotations
