@@ -223,8 +223,8 @@ def _digit_metrics(config, gen_cfg, model, params, tokenizer, tok_params, workdi
     log(f"Digit features: rFID-digits {d['rfid_digits']:.2f}; at "
         + ", ".join(f"{k} {v:g}" for k, v in settings[index].items())
         + f": gFID-digits {d['gfid_digits']:.2f}, precision {d['precision']:.3f}, recall "
-        f"{d['recall']:.3f}, diversity {d['diversity']:.2f} (real digits {d['real_diversity']:.2f}),"
-        f" class accuracy {d['sample_class_accuracy']:.3f}.")
+        f"{d['recall']:.3f}, diversity {d['diversity']:.2f} (real digits "
+        f"{d['real_diversity']:.2f}), class accuracy {d['sample_class_accuracy']:.3f}.")
     samples, labels = drawn[index]
     return samples[:num_samples], labels[:num_samples]
 
