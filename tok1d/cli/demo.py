@@ -273,8 +273,9 @@ def write_demo_report(workdir: str, result: dict[str, Any], config) -> None:
                   "", "### Sampling sweep (guidance x temperature; the samples above use the "
                   "best)", "", sweep_lib.markdown(result["sweep"]["rows"],
                                                   result["sweep"]["best"],
-                                                  result["sweep"]["reference"]),
-                  "![sweep](sweep/sweep.png)", ""]
+                                                  result["sweep"]["reference"])]
+        if os.path.exists(os.path.join(workdir, "sweep", "sweep.png")):  # needs matplotlib
+            lines += ["![sweep](sweep/sweep.png)", ""]
     evaluation = result.get("evaluation", {})
     sections = [("Tokenizer (eval split)", evaluation.get("reconstruction", {})),
                 ("Generator", result.get("generator", {})),
