@@ -68,7 +68,7 @@ def train_digit_net(images: np.ndarray, labels: np.ndarray, *, num_classes: int 
     x = _unit(images)
     y = np.asarray(labels, np.int32)
     module = DigitFeatureNet(num_classes=num_classes, feature_dim=feature_dim)
-    key_init, key_data = jax.random.split(jax.random.key(seed))
+    key_init, _ = jax.random.split(jax.random.key(seed))  # (the measured numbers use this key)
     params = module.init(key_init, x[:1])["params"]
     tx = optax.adam(learning_rate)
     opt_state = tx.init(params)
@@ -84,7 +84,6 @@ def train_digit_net(images: np.ndarray, labels: np.ndarray, *, num_classes: int 
 
     order = np.random.default_rng(seed).permutation
     rows = np.concatenate([order(len(x)) for _ in range(-(-steps * batch_size // len(x)))])
-    del key_data
     for i in range(steps):
         idx = rows[i * batch_size:(i + 1) * batch_size]
         params, opt_state = step(params, opt_state, jnp.asarray(x[idx]), jnp.asarray(y[idx]))
