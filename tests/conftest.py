@@ -51,7 +51,8 @@ except Exception:  # pragma: no cover
 COST_BY_FILE = {
     # unit
     "test_config.py": "unit", "test_data.py": "unit", "test_input_pipeline.py": "unit",
-    "test_fid.py": "unit", "test_gan.py": "unit", "test_gigatok_presets.py": "unit",
+    "test_fid.py": "unit", "test_digit_features.py": "unit", "test_sweep.py": "unit",
+    "test_gan.py": "unit", "test_gigatok_presets.py": "unit",
     "test_gpt_sampling.py": "unit", "test_image_metrics.py": "unit", "test_launch.py": "unit",
     "test_linear_probe.py": "unit", "test_maskgit_sampling.py": "unit", "test_models.py": "unit",
     "test_parallel.py": "unit", "test_prepare.py": "unit", "test_released_checkpoints.py": "unit",

@@ -1,5 +1,7 @@
 """The README's demo, shortened: tokenizer -> tokens -> generator -> samples judged by a
-classifier, all stages writing their outputs; both losses go down; rerunning is a no-op."""
+classifier and by the digit CNN's features (FID-digits, precision / recall, diversity) at the
+setting a two-point sweep picked, all stages writing their outputs; both losses go down;
+rerunning is a no-op."""
 
 import glob
 import json
@@ -23,11 +25,14 @@ def test_shortened_demo_runs_every_stage_and_learns(tmp_path):
         # the evaluation suite with random Inception / LPIPS weights at the Inception's
         # smallest input (the real weights cannot be downloaded here)
         "--config.evaluation.allow_random_init=True", "--config.evaluation.inception_size=75",
-        "--config.evaluation.is_splits=2")
+        "--config.evaluation.is_splits=2",
+        # a short digit CNN and a two-setting sweep at the 4 samples per class
+        "--config.demo.feature_net.steps=100", "--config.demo.sweep.guidance_scales=(2.0,)",
+        "--config.demo.sweep.temperatures=(1.0,3.0)", "--config.demo.sweep.samples_per_class=4")
     run = subprocess.run(cmd, env=subprocess_env(1), capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "img/s" in run.stdout and "ETA" in run.stdout
-    assert "Classifier accuracy" in run.stdout
+    assert "Classifier accuracy" in run.stdout and "Digit features: rFID-digits" in run.stdout
 
     metrics = json.load(open(os.path.join(workdir, "metrics.json")))
     tok, gen, clf = metrics["tokenizer"], metrics["generator"], metrics["classifier"]
@@ -49,6 +54,20 @@ def test_shortened_demo_runs_every_stage_and_learns(tmp_path):
     assert gen_eval["num_images"] == 40 and gen_eval["gfid"] > 0
     report = open(os.path.join(workdir, "report.md")).read()
     assert "rFID" in report and "gFID" in report and "samples_per_class.png" in report
+    digits, sweep = metrics["digits"], metrics["sweep"]
+    assert digits["feature_net_accuracy"] > 0.8 and digits["num_samples"] == 40
+    assert digits["rfid_digits"] > 0 and digits["gfid_digits"] > 0
+    assert 0 <= digits["precision"] <= 1 and 0 <= digits["recall"] <= 1
+    assert digits["diversity"] > 0 and digits["real_diversity"] > 0
+    assert 0 <= digits["sample_class_accuracy"] <= 1
+    assert [(r["guidance_scale"], r["randomize_temperature"]) for r in sweep["rows"]] == [
+        (2.0, 1.0), (2.0, 3.0)]
+    assert sweep["best"] in sweep["rows"] and all(r["num_images"] == 40 for r in sweep["rows"])
+    assert digits["chosen_randomize_temperature"] == sweep["best"]["randomize_temperature"]
+    for text in ("rfid_digits", "gfid_digits", "real_diversity", "NOT comparable",
+                 "sweep/sweep.png", "**best**"):
+        assert text in report, text
+    assert os.path.getsize(os.path.join(workdir, "sweep", "sweep.png")) > 1000
     assert os.path.exists(os.path.join(workdir, "eval", "report.md"))
     info = json.load(open(os.path.join(workdir, "tokens", "tokens_info.json")))
     assert info["num_tokens"] == 16 and set(info["splits"]) == {"train", "validation"}
@@ -63,3 +82,4 @@ def test_shortened_demo_runs_every_stage_and_learns(tmp_path):
                            timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("Nothing to do") == 2
+    assert "Samples and report are up to date" in again.stdout

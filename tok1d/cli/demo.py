@@ -6,21 +6,35 @@ Runs in WORKDIR:
   tokens/      the train and validation splits encoded by it (`tok1d tokenize`)
   generator/   the generator run (generator trainer: samples.png, metrics.json, ...)
   samples_per_class.png   `demo.samples_per_class` samples for every class, one row each
+  sweep/                  the guidance x temperature sweep (digits): sweep.md, sweep.json,
+                          sweep.png (tok1d.evaluation.sweep)
   eval/                   the tokenizer's evaluation (tok1d evaluate: PSNR, SSIM, LPIPS, codebook
                           usage, rFID ...; metrics.json, report.md, reconstructions.png)
   metrics.json            tokenizer, generator, evaluation and classifier numbers together
   report.md               all of them in one page with the pictures
-Every stage resumes or is skipped when its outputs exist, so rerunning the command continues.
+Every stage resumes or is skipped when its outputs exist, so rerunning the command continues
+(the last stage, samples and report, is skipped when metrics.json was written by the same config).
 
 The classifier: multinomial logistic regression on the real training images reduced to the
 dataset's native 8x8 grey levels (scikit-learn); its accuracy on the real validation images,
 on their reconstructions and, for the generated images, the fraction recognised as the class
 they were asked for.
+
+On the digits the demo also trains a LeNet-style CNN on the real training digits (a few seconds,
+tok1d.evaluation.digit_features) and feeds its 64-d penultimate features to the evaluation code
+of the FID Inception: rFID-digits of the reconstructions and gFID-digits, precision / recall,
+intra-class diversity (mean pairwise feature distance within a class; the real held-out digits'
+value beside it) and class accuracy of the samples, all against the 179 held-out digits. These
+are demo metrics, NOT comparable with Inception FID. The sampling settings (guidance scale x
+MaskGIT temperature, `demo.sweep`) are picked by a sweep (tok1d.cli.sample.sweep): the lowest
+gFID-digits among the settings whose samples the CNN recognises as the requested class at least
+`demo.sweep.min_class_accuracy` of the time.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import os
 from typing import Any
 
@@ -34,7 +48,9 @@ from tok1d.cli import evaluate as evaluate_lib
 from tok1d.cli import sample as sample_lib
 from tok1d.cli import tokenize as tokenize_lib
 from tok1d.data import sources
-from tok1d.evaluation import evaluator, report
+from tok1d.evaluation import digit_features, evaluator, report
+from tok1d.evaluation import sweep as sweep_lib
+from tok1d.evaluation.precision_recall import intra_class_diversity
 from tok1d.train import config_lib
 from tok1d.train import generator as gen_trainer
 from tok1d.train import loop
@@ -114,15 +130,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     # ---------------------------------------------------------------- 4. judge the samples
     log("== 4/4 samples and classifier")
+    fingerprint = config.to_json_best_effort(sort_keys=True)
+    done = _read_json(os.path.join(workdir, "metrics.json"))
+    if done.get("config") == fingerprint and os.path.exists(os.path.join(workdir, "report.md")):
+        log(f"Samples and report are up to date ({workdir}/metrics.json has this config; "
+            "delete it to redo them).")
+        return done
     model, params = sample_lib.load_generator(gen_cfg, gen_dir)
     num_classes = min(model.num_classes, 10)
     per_class = config.demo.samples_per_class
-    samples, labels = sample_lib.sample_images(
-        gen_cfg, model, params, tokenizer, tok_params, per_class * num_classes,
-        batch_size=0, seed=config.seed, log=lambda msg: None)
     result: dict[str, Any] = dict(
         tokenizer={k: v for k, v in tok_metrics.items() if isinstance(v, (int, float))},
         generator={k: v for k, v in gen_metrics.items() if isinstance(v, (int, float))})
+    if dcfg.name == "digits":
+        samples, labels = _digit_metrics(config, gen_cfg, model, params, tokenizer, tok_params,
+                                         workdir, result, per_class * num_classes, log)
+    else:
+        samples, labels = sample_lib.sample_images(
+            gen_cfg, model, params, tokenizer, tok_params, per_class * num_classes,
+            batch_size=0, seed=config.seed, log=lambda msg: None)
     if jax.process_index() == 0:
         images.save_png(os.path.join(workdir, "samples_per_class.png"),
                         sample_lib.class_grid(samples, labels, num_classes, per_row=per_class))
@@ -143,9 +169,72 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             f"{c['reconstruction_accuracy']:.3f}, samples of the requested class "
             f"{c['sample_accuracy']:.3f} ({c['num_samples']} samples; chance 0.1).")
     result["evaluation"] = evaluate_demo(config, tok_cfg, workdir, samples, labels, log)
+    result["config"] = fingerprint
     loop.write_json(os.path.join(workdir, "metrics.json"), result)
     write_demo_report(workdir, result, config)
     return result
+
+
+def _digit_metrics(config, gen_cfg, model, params, tokenizer, tok_params, workdir: str,
+                   result: dict[str, Any], num_samples: int, log) -> tuple[np.ndarray, np.ndarray]:
+    """The digit classifier's metrics (result["digits"]) and the sweep (result["sweep"],
+    WORKDIR/sweep/); returns `num_samples` samples (and labels) at the chosen setting."""
+    dcfg, fcfg, scfg = config.data, config.demo.feature_net, config.demo.sweep
+    train = digit_features.source_arrays(
+        sources.get_source("digits", dcfg.train_split, image_size=dcfg.image_size))
+    held = digit_features.source_arrays(
+        sources.get_source("digits", dcfg.eval_split, image_size=dcfg.image_size))
+    net = digit_features.train_digit_net(
+        *train, steps=fcfg.steps, batch_size=fcfg.batch_size, learning_rate=fcfg.learning_rate,
+        feature_dim=fcfg.feature_dim, seed=config.seed)
+    nets = net.metric_nets()
+    mesh, _, sharding = parallel.mesh_from_config(config)
+    batch = config.eval_batch_size
+    ecfg = config.evaluation
+    with jax.set_mesh(mesh):
+        reference = evaluator.reference_from_batches(
+            nets, mesh, evaluator.numpy_batches(held[0], batch, sharding), ecfg)
+        recon = images.to_uint8(_reconstruct(tokenizer, tok_params, held[0] / 255.0))
+        rec, _ = evaluator.generation_metrics(
+            nets, mesh, reference, evaluator.numpy_batches(recon, batch, sharding), ecfg,
+            labels=held[1])
+    real = {"class_accuracy": net.accuracy(*held),
+            "diversity": intra_class_diversity(reference.features, held[1])}
+    settings = sweep_lib.grid(gen_cfg.sampling.to_dict(), gen_cfg.model.name,
+                              scfg.guidance_scales, scfg.temperatures)
+    per_setting = scfg.samples_per_class * min(model.num_classes, 10)
+    rows, drawn = sample_lib.sweep(gen_cfg, model, params, tokenizer, tok_params, nets,
+                                   reference, settings, max(per_setting, num_samples),
+                                   seed=config.seed, log=log)
+    chosen = sweep_lib.best(rows, scfg.min_class_accuracy) or rows[0]
+    index = rows.index(chosen)
+    if jax.process_index() == 0:
+        sweep_lib.write(os.path.join(workdir, "sweep"), rows, chosen, real, log)
+    result["sweep"] = dict(rows=rows, best=chosen, reference=real)
+    result["digits"] = dict(
+        feature_net_accuracy=real["class_accuracy"], rfid_digits=rec["gfid"],
+        reconstruction_class_accuracy=rec["class_accuracy"],
+        gfid_digits=chosen["gfid"], precision=chosen.get("precision", float("nan")),
+        recall=chosen.get("recall", float("nan")), diversity=chosen["diversity"],
+        real_diversity=real["diversity"], sample_class_accuracy=chosen["class_accuracy"],
+        num_samples=int(chosen["num_images"]),
+        **{f"chosen_{k}": v for k, v in settings[index].items()})
+    d = result["digits"]
+    log(f"Digit features: rFID-digits {d['rfid_digits']:.2f}; at "
+        + ", ".join(f"{k} {v:g}" for k, v in settings[index].items())
+        + f": gFID-digits {d['gfid_digits']:.2f}, precision {d['precision']:.3f}, recall "
+        f"{d['recall']:.3f}, diversity {d['diversity']:.2f} (real digits "
+        f"{d['real_diversity']:.2f}), class accuracy {d['sample_class_accuracy']:.3f}.")
+    samples, labels = drawn[index]
+    return samples[:num_samples], labels[:num_samples]
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
 
 
 def evaluate_demo(config, tok_cfg, workdir: str, samples: np.ndarray, labels: np.ndarray,
@@ -178,6 +267,15 @@ def write_demo_report(workdir: str, result: dict[str, Any], config) -> None:
              "validation inputs above their reconstructions, then samples (one row per class).",
              "", "![reconstructions](tokenizer/reconstructions.png)", "",
              "![samples](samples_per_class.png)", ""]
+    if "digits" in result:
+        lines += [report.markdown("Digit-classifier features (demo metrics: NOT comparable with "
+                                  "Inception FID)", result["digits"]).replace("# ", "## ", 1),
+                  "", "### Sampling sweep (guidance x temperature; the samples above use the "
+                  "best)", "", sweep_lib.markdown(result["sweep"]["rows"],
+                                                  result["sweep"]["best"],
+                                                  result["sweep"]["reference"])]
+        if os.path.exists(os.path.join(workdir, "sweep", "sweep.png")):  # needs matplotlib
+            lines += ["![sweep](sweep/sweep.png)", ""]
     evaluation = result.get("evaluation", {})
     sections = [("Tokenizer (eval split)", evaluation.get("reconstruction", {})),
                 ("Generator", result.get("generator", {})),

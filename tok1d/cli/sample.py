@@ -13,6 +13,29 @@ i mod num_classes, so 50000 images = 50 per ImageNet class, as the ADM / LlamaGe
 Writes OUT/samples.npz in the ADM evaluator's format (`arr_0`: uint8 (N, H, W, 3); `arr_1`:
 int labels), OUT/grid.png (one row per class for the first classes) and OUT/sampling.json.
 Batches are sharded over every device of every host; progress (images/s, ETA) is printed.
+
+Guidance / temperature sweep (`--sweep`): samples `--num_images` for every setting of
+`--sweep_guidance` x `--sweep_temperature` (the sampler's guidance scale and temperature,
+tok1d.evaluation.sweep), measures gFID / precision / recall (and, with labels, intra-class
+diversity) against the reference of `config.evaluation` (the FID Inception and
+`evaluation.reference` or the data's eval split) - or, with `--sweep_features=digits`, against
+the held-out digits on the demo's digit classifier (tok1d.evaluation.digit_features) - and writes
+OUT/sweep.md, OUT/sweep.json and OUT/sweep.png naming the best (lowest gFID):
+
+    tok1d sample --config=configs/maskgit_titok.py:l32 --checkpoint=... --tokenizer=... \
+        --sweep --sweep_guidance=1,2,3,4.5 --sweep_temperature=1,2 --num_images=10000 --out=DIR
+
+Measured on the demo (configs/demo.py: MaskGIT on 16 TiTok tokens of the digits; 300 samples
+per setting, FID-digits on the digit CNN against the 179 held-out digits, whose intra-class
+diversity is 15.7): the old default, guidance 2 at temperature 1, gives gFID-digits 28.2,
+recall 0.07, diversity 3.4 (near copies) at class accuracy 1.00; the best of guidance 0..3 x
+temperature 1, 2, 4 is guidance 0 at temperature 2: gFID-digits 20.1, precision 0.99, recall
+0.40, diversity 9.4, class accuracy 0.98 (temperature 4: diversity 16.8 but class accuracy
+0.71). The same generator through this command (`--sweep_features=digits`, guidance 0, 0.5 x
+temperature 2.5, 3; the demo's generator config with --config.data.name=digits
+--config.data.image_size=32) names guidance 0.5 at temperature 2.5 the best of those four:
+gFID-digits 19.3, precision 0.98, recall 0.37, diversity 9.8, class accuracy 0.97 (guidance 0
+at temperature 3: diversity 14.4, class accuracy 0.86).
 """
 
 from __future__ import annotations
@@ -31,6 +54,10 @@ from absl import flags
 from tok1d import images as images_lib
 from tok1d import parallel
 from tok1d.cli import app
+from tok1d.data import sources
+from tok1d.evaluation import digit_features, evaluator
+from tok1d.evaluation import sweep as sweep_lib
+from tok1d.evaluation.precision_recall import intra_class_diversity
 from tok1d.generation import common as gen_common
 from tok1d.generation.decode import SampleDecoder
 from tok1d.train import generator as gen_trainer
@@ -53,6 +80,17 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_integer("seed", 0, "Sampling seed.", flag_values=fv)
     flags.DEFINE_string("out", None, "Output directory.", flag_values=fv)
     flags.DEFINE_integer("grid_classes", 10, "Classes (rows) in grid.png.", flag_values=fv)
+    flags.DEFINE_bool("sweep", False, "Sweep guidance x temperature (module docstring): "
+                      "sweep.md / sweep.json / sweep.png instead of samples.npz.",
+                      flag_values=fv)
+    flags.DEFINE_list("sweep_guidance", [], "Guidance scales of the sweep (empty: the "
+                      "config's).", flag_values=fv)
+    flags.DEFINE_list("sweep_temperature", [], "Temperatures of the sweep (empty: the "
+                      "config's).", flag_values=fv)
+    flags.DEFINE_enum("sweep_features", "inception", ["inception", "digits"],
+                      "Feature network of the sweep's metrics: the FID Inception of "
+                      "config.evaluation, or the demo's digit classifier trained on "
+                      "data.train_split (digits only).", flag_values=fv)
 
 
 def load_generator(config, checkpoint: str):
@@ -119,9 +157,97 @@ def run(config, checkpoint: str, tokenizer_path: str, num_images: int, out: str,
     return info
 
 
+def sweep(config, model, params, tokenizer, tok_params, nets: evaluator.MetricNets,
+          reference: evaluator.Reference, settings: list[dict[str, float]], num_images: int,
+          batch_size: int = 0, seed: int = 0, log=print
+          ) -> tuple[list[dict[str, Any]], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """For every sampler override in `settings`: `num_images` samples (labels cycling through
+    the classes, the same seed) and their generation metrics against `reference` with `nets`.
+    Returns (rows: the setting plus its metrics, {row index: (samples, labels)})."""
+    mesh, _, sharding = parallel.mesh_from_config(config)
+    rows, samples = [], {}
+    for i, setting in enumerate(settings):
+        cfg = config.copy_and_resolve_references()
+        cfg.sampling.update(setting)
+        images, labels = sample_images(cfg, model, params, tokenizer, tok_params, num_images,
+                                       batch_size, seed, log=lambda msg: None)
+        metric_batch = -(-min(256, num_images) // jax.device_count()) * jax.device_count()
+        with jax.set_mesh(mesh):
+            metrics, _ = evaluator.generation_metrics(
+                nets, mesh, reference, evaluator.numpy_batches(images, metric_batch, sharding),
+                config.evaluation, labels=labels)
+        row = dict(setting, **{k: float(v) for k, v in metrics.items()
+                               if k in sweep_lib.COLUMNS + ("num_images",)})
+        rows.append(row)
+        samples[i] = (images, labels)
+        log("sweep " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()))
+    return rows, samples
+
+
+def run_sweep(config, checkpoint: str, tokenizer_path: str, num_images: int, out: str,
+              guidance_scales, temperatures, features: str = "inception", batch_size: int = 0,
+              seed: int = 0, log=print) -> dict[str, Any]:
+    """`tok1d sample --sweep`: the sweep of the module docstring, written to OUT."""
+    tokenizer_path = tokenizer_path or config.generator.tokenizer
+    if not tokenizer_path:
+        raise ValueError("No tokenizer: pass --tokenizer=DIR or set config.generator.tokenizer.")
+    model, params = load_generator(config, checkpoint)
+    tokenizer, tok_params = loaders.load_tokenizer(tokenizer_path)
+    nets, reference, real = sweep_reference(config, features, log)
+    settings = sweep_lib.grid(config.sampling.to_dict(), config.model.name,
+                              [float(g) for g in guidance_scales],
+                              [float(t) for t in temperatures])
+    rows, _ = sweep(config, model, params, tokenizer, tok_params, nets, reference, settings,
+                    num_images, batch_size, seed, log)
+    chosen = sweep_lib.best(rows)
+    if jax.process_index() == 0:
+        paths = sweep_lib.write(out, rows, chosen, real, log)
+        log(sweep_lib.markdown(rows, chosen, real))
+        log(f"Wrote {', '.join(paths.values())}.")
+    return {"rows": rows, "best": chosen, "reference": real}
+
+
+def sweep_reference(config, features: str, log=print):
+    """(nets, reference, real-image numbers) of a sweep: the Inception of config.evaluation
+    with its reference, or the digit classifier (trained here) on the held-out digits."""
+    mesh, _, sharding = parallel.mesh_from_config(config)
+    batch = config.eval_batch_size
+    if features == "digits":
+        dcfg = config.data
+        if dcfg.name != "digits":
+            raise ValueError(f"--sweep_features=digits needs data.name='digits', got "
+                             f"{dcfg.name!r}.")
+        train = digit_features.source_arrays(
+            sources.get_source("digits", dcfg.train_split, image_size=dcfg.image_size))
+        held = digit_features.source_arrays(
+            sources.get_source("digits", dcfg.eval_split, image_size=dcfg.image_size))
+        net = digit_features.train_digit_net(*train, seed=config.seed)
+        nets = net.metric_nets()
+        with jax.set_mesh(mesh):
+            reference = evaluator.reference_from_batches(
+                nets, mesh, evaluator.numpy_batches(held[0], batch, sharding),
+                config.evaluation, f"digits:{dcfg.eval_split}")
+        real = {"class_accuracy": net.accuracy(*held), "diversity":
+                intra_class_diversity(reference.features, held[1])}
+        return nets, reference, real
+    nets = evaluator.load_metric_nets(config.evaluation, "", log)
+    if nets.inception is None:
+        raise ValueError("The sweep needs a feature network: --config.evaluation.inception=DIR "
+                         "(tok1d convert inception_fid ...) or --sweep_features=digits.")
+    with jax.set_mesh(mesh):
+        reference = evaluator.load_reference(config.evaluation, config.data, nets, mesh,
+                                             sharding, batch)
+    return nets, reference, None
+
+
 def execute(fv: flags.FlagValues, args: list[str]) -> None:
     del args
     parallel.setup_process()  # TOK1D_DISTRIBUTED=1 on pods / SLURM; the compilation cache
+    if fv.sweep:
+        run_sweep(fv.config, fv.checkpoint, fv.tokenizer, fv.num_images, fv.out,
+                  fv.sweep_guidance, fv.sweep_temperature, fv.sweep_features, fv.batch_size,
+                  fv.seed)
+        return
     run(fv.config, fv.checkpoint, fv.tokenizer, fv.num_images, fv.out, fv.batch_size, fv.seed,
         fv.grid_classes)
 

@@ -18,6 +18,14 @@ FID compares the Inception pool features of the generated / reconstructed images
 with those of the real images given to `add_real` / `add_pairs`, or with reference statistics
 (`set_reference`, e.g. the ADM reference batch); precision / recall (k=3) use the features of
 the same two sets; IS uses the fake images' 1008-way softmax.
+
+The feature network is a parameter (`MetricNets.inception`): any module returning a dict with
+its feature vector under "pool3" (the Inception) or "features" (e.g. the demo's digit
+classifier, tok1d.evaluation.digit_features) and class logits under "logits";
+`MetricNets.feature_dim` is the feature size. With the fake images' labels (`add_fake(...,
+labels=)`, `generation_metrics(..., labels=)`), the result also holds "diversity" (mean pairwise
+feature distance within a class, `precision_recall.intra_class_diversity`) and, when the
+network classifies those labels (`labels_are_classes`), "class_accuracy".
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ from tok1d import parallel
 from tok1d.data import feeding, pipeline, sources
 from tok1d.evaluation import fid as fid_lib
 from tok1d.evaluation.image_metrics import psnr, ssim
-from tok1d.evaluation.precision_recall import precision_recall
+from tok1d.evaluation.precision_recall import intra_class_diversity, precision_recall
 from tok1d.models.frozen import inception as inception_lib
 from tok1d.models.frozen import perceptual as perceptual_nets
 from tok1d.weights import loaders
@@ -62,11 +70,17 @@ _HOW_TO_GET_INCEPTION = (
 
 @dataclasses.dataclass
 class MetricNets:
-    """Frozen networks of the metrics (None: that metric is skipped) and why any is missing."""
+    """Frozen networks of the metrics (None: that metric is skipped) and why any is missing.
+
+    `inception` is the feature network (module, params) of FID / IS / precision / recall:
+    the FID Inception or another one with `feature_dim` features (see the module docstring);
+    `labels_are_classes`: its logits classify the generator's labels (class_accuracy)."""
 
     inception: Optional[tuple[nn.Module, Any]] = None
     lpips: Optional[tuple[nn.Module, Any]] = None
     notes: list[str] = dataclasses.field(default_factory=list)
+    feature_dim: int = FEATURE_DIM
+    labels_are_classes: bool = False
 
 
 def load_metric_nets(ecfg, perceptual_weights: str = "", log=print) -> MetricNets:
@@ -128,8 +142,9 @@ class ImageMetrics:
         replicated = NamedSharding(mesh, P())
         self._sums: dict[str, float] = {}
         self._count = 0
-        self.real = fid_lib.FeatureStats(FEATURE_DIM)
-        self.fake = fid_lib.FeatureStats(FEATURE_DIM)
+        self.real = fid_lib.FeatureStats(nets.feature_dim)
+        self.fake = fid_lib.FeatureStats(nets.feature_dim)
+        self._labels: list[np.ndarray] = []
         self._real_pool: list[np.ndarray] = []
         self._fake_pool: list[np.ndarray] = []
         self._probs: list[np.ndarray] = []
@@ -183,9 +198,17 @@ class ImageMetrics:
         """Real images (NHWC in [0, 1], global array): the FID / recall reference."""
         self._add_real(images, self._keep(images, mask))
 
-    def add_fake(self, images: jax.Array, mask: Optional[jax.Array] = None) -> None:
-        """Generated or reconstructed images: FID, IS and precision."""
-        self._add_fake(images, self._keep(images, mask))
+    def add_fake(self, images: jax.Array, mask: Optional[jax.Array] = None,
+                 labels: Optional[np.ndarray] = None) -> None:
+        """Generated or reconstructed images: FID, IS and precision; with their class labels
+        (host array, one per valid row, in order) also diversity / class accuracy."""
+        keep = self._keep(images, mask)
+        if labels is not None:
+            labels = np.asarray(labels)
+            if len(labels) != int(keep.sum()):
+                raise ValueError(f"{len(labels)} labels for {int(keep.sum())} valid images.")
+            self._labels.append(labels)
+        self._add_fake(images, keep)
 
     def add_pairs(self, real: jax.Array, recon: jax.Array,
                   mask: Optional[jax.Array] = None) -> None:
@@ -212,7 +235,7 @@ class ImageMetrics:
         pool, probs = self._inception(images, keep)
         self.fake.update(pool)
         self._probs.append(probs.astype(np.float64))
-        if self.precision_recall:
+        if self.precision_recall or self._labels:
             self._fake_pool.append(pool.astype(np.float32))
 
     def set_reference(self, mu: np.ndarray, sigma: np.ndarray,
@@ -251,13 +274,19 @@ class ImageMetrics:
                 and self.fake.count > k):
             pr = precision_recall(real_pool, np.concatenate(self._fake_pool), k=k)
             out["precision"], out["recall"] = float(pr["precision"]), float(pr["recall"])
+        if self._labels:
+            labels = np.concatenate(self._labels)
+            out["diversity"] = intra_class_diversity(np.concatenate(self._fake_pool), labels)
+            if self.nets.labels_are_classes:
+                out["class_accuracy"] = float(np.mean(probs.argmax(-1) == labels))
         return out
 
 
 def _inception_outputs(model):
     def features(p, x):
         out = model.apply({"params": p}, x.astype(jnp.float32))
-        return out["pool3"], jax.nn.softmax(out["logits"], axis=-1)
+        feats = out["pool3"] if "pool3" in out else out["features"]
+        return feats, jax.nn.softmax(out["logits"], axis=-1)
     return features
 
 
@@ -379,9 +408,9 @@ def reference_from_file(path: str, nets: MetricNets, mesh, sharding: NamedShardi
     ref = None
     if {"mu", "sigma"} <= files:
         mu, sigma = fid_lib.load_reference(path)
-        if mu.shape != (FEATURE_DIM,):
-            raise ValueError(f"{path}: mu has shape {mu.shape}; FID Inception pool features "
-                             f"have {FEATURE_DIM} dimensions.")
+        if mu.shape != (nets.feature_dim,):
+            raise ValueError(f"{path}: mu has shape {mu.shape}; the feature network's "
+                             f"features have {nets.feature_dim} dimensions.")
         ref = Reference(mu, sigma, None, path)
         if not (ecfg.precision_recall and "arr_0" in files):
             return ref
@@ -420,18 +449,20 @@ def load_reference(ecfg, dcfg, nets: MetricNets, mesh, sharding: NamedSharding,
 
 
 def generation_metrics(nets: MetricNets, mesh, reference: Reference, batches, ecfg,
-                       keep: Optional[np.ndarray] = None) -> tuple[dict[str, float], np.ndarray]:
+                       keep: Optional[np.ndarray] = None, labels: Optional[np.ndarray] = None
+                       ) -> tuple[dict[str, float], np.ndarray]:
     """gFID / IS / precision / recall of generated (global images, mask) batches against
-    `reference`; also returns, as uint8, the images whose position in the stream (counting
-    valid rows only) is True in `keep` (for the report's grid)."""
+    `reference` (with the images' `labels` in stream order, also diversity / class accuracy);
+    also returns, as uint8, the images whose position in the stream (counting valid rows only)
+    is True in `keep` (for the report's grid)."""
     metrics = ImageMetrics.from_config(nets, mesh, ecfg)
     reference.apply(metrics)
     kept: list[np.ndarray] = []
     seen = 0
     for images, mask in batches:
-        metrics.add_fake(images, mask)
         valid = np.asarray(parallel.host_array(mask), bool)
         n = int(valid.sum())
+        metrics.add_fake(images, mask, None if labels is None else labels[seen:seen + n])
         if keep is not None and keep[seen:seen + n].any():
             rows = parallel.host_array(images)[valid][keep[seen:seen + n]]
             kept.append(images_lib.to_uint8(rows))

@@ -41,6 +41,10 @@ batch) holds ~0.4 GB of distances per tile. The kernels compile once per (block,
 The k + 1 smallest of a row are exact selections of the same distances whatever the tiling,
 so in float32 the results do not depend on `block` (short of the matmul rounding one pair's
 dot product differently).
+
+`intra_class_diversity`: the mean pairwise feature distance within each class, averaged over
+the classes (0 for copies) - what precision / recall of a whole set cannot see when every class
+collapses onto its own typical image.
 """
 
 from __future__ import annotations
@@ -179,3 +183,19 @@ def precision_recall(real, fake, k: int = 3, block: int = DEFAULT_BLOCK,
     recall = np.asarray(jnp.concatenate(real_in))[:n_real].mean()
     precision = np.asarray(jnp.concatenate(fake_in))[:n_fake].mean()
     return {"precision": float(precision), "recall": float(recall)}
+
+
+def intra_class_diversity(features: np.ndarray, labels: np.ndarray) -> float:
+    """Mean pairwise Euclidean feature distance within each class (classes with >= 2 images),
+    averaged over the classes; 0 for a set of copies."""
+    features = np.asarray(features, np.float64)
+    labels = np.asarray(labels)
+    per_class = []
+    for c in np.unique(labels):
+        f = features[labels == c]
+        if len(f) < 2:
+            continue
+        sq = np.sum(f * f, 1)
+        d = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2.0 * f @ f.T, 0.0))
+        per_class.append(d[np.triu_indices(len(f), 1)].mean())
+    return float(np.mean(per_class)) if per_class else float("nan")

@@ -22,8 +22,8 @@ METRIC_DOCS = {
     "fid": "Frechet Inception distance (lower is better)",
     "inception_score": "Inception Score (higher is better)",
     "inception_score_std": "std of the Inception Score over the splits",
-    "precision": "precision, k=3 manifolds of Inception features (higher is better)",
-    "recall": "recall, k=3 manifolds of Inception features (higher is better)",
+    "precision": "precision, k=3 manifolds of the feature network's features (higher is better)",
+    "recall": "recall, k=3 manifolds of the feature network's features (higher is better)",
     "psnr": "PSNR in dB of the reconstructions (higher is better)",
     "ssim": "SSIM of the reconstructions (Gaussian 11x11, sigma 1.5; higher is better)",
     "lpips": "LPIPS-VGG v0.1 distance of the reconstructions (lower is better)",
@@ -33,6 +33,15 @@ METRIC_DOCS = {
     "proxy_accuracy": "stage 1: accuracy of the predicted proxy codes",
     "num_examples": "images evaluated",
     "num_images": "images evaluated",
+    "rfid_digits": "Frechet distance of the reconstructions to the held-out digits on the demo's "
+                   "digit-classifier features (a demo metric, not Inception FID; lower is better)",
+    "gfid_digits": "Frechet distance of the samples to the held-out digits on the digit-"
+                   "classifier features (a demo metric, not Inception FID; lower is better)",
+    "diversity": "mean pairwise feature distance between samples of one class (0: copies)",
+    "real_diversity": "the same for the real held-out digits (what diversity should reach)",
+    "feature_net_accuracy": "digit CNN accuracy on the real held-out digits",
+    "sample_class_accuracy": "fraction of samples the digit CNN sees as the requested class",
+    "reconstruction_class_accuracy": "digit CNN accuracy on the reconstructions",
     "linear_probe_accuracy": "linear probe top-1 accuracy of the AR features (higher is better)",
 }
 

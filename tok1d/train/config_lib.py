@@ -270,6 +270,14 @@ def add_demo_keys(c: ml_collections.ConfigDict) -> None:
     # holds the generator config's values that differ from these defaults.
     c.demo = ml_collections.ConfigDict(dict(generator=ml_collections.ConfigDict(),
                                             samples_per_class=10))
+    # On the digits: the feature network of the demo's metrics (tok1d.evaluation.digit_features)
+    # and the guidance x temperature sweep that picks the sampling settings (lowest
+    # FID-digits among those with class accuracy >= min_class_accuracy).
+    c.demo.feature_net = ml_collections.ConfigDict(dict(
+        steps=300, batch_size=128, learning_rate=2e-3, feature_dim=64))
+    c.demo.sweep = ml_collections.ConfigDict(dict(
+        guidance_scales=(2.0,), temperatures=(1.0,), samples_per_class=10,
+        min_class_accuracy=0.9))
 
 
 SECTIONS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
