@@ -59,7 +59,7 @@ COST_BY_FILE = {
     "test_summary.py": "unit", "test_tokenize.py": "unit", "test_architecture.py": "unit",
     "test_dino_disc.py": "unit", "test_evaluation.py": "unit",
     "test_cli.py": "unit", "test_loss_terms.py": "unit", "test_interfaces.py": "unit",
-    "test_generator_interface.py": "unit", "test_rar.py": "unit",
+    "test_generator_interface.py": "unit", "test_rar.py": "unit", "test_quantizers.py": "unit",
     "test_registry.py": "unit",
     # parity (besides test_parity_* and test_train_parity_*): forward parity with the
     # official code's fixtures, or converters on fixture-shaped checkpoints

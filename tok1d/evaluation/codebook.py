@@ -29,3 +29,9 @@ def usage(counts) -> float | jax.Array:
     """Fraction of codebook entries used at least once."""
     xp = jnp if isinstance(counts, jax.Array) else np
     return xp.mean((counts > 0).astype(xp.float32))
+
+
+def dead_codes(counts) -> int | jax.Array:
+    """Number of codebook entries never used."""
+    xp = jnp if isinstance(counts, jax.Array) else np
+    return xp.sum(counts == 0)

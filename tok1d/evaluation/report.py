@@ -30,6 +30,7 @@ METRIC_DOCS = {
     "l2": "mean squared error of the reconstructions in [0, 1]",
     "codebook_usage": "fraction of the codebook used on this split",
     "codebook_perplexity": "perplexity of the code distribution (effective number of codes)",
+    "codebook_dead": "codebook entries never used on this split",
     "proxy_accuracy": "stage 1: accuracy of the predicted proxy codes",
     "num_examples": "images evaluated",
     "num_images": "images evaluated",

@@ -32,11 +32,13 @@ TokenizerAux (a pytree) of the training forward:
     losses    the loss terms the tokenizer computes itself, unweighted, by the names of the
               registry `tok1d.objectives.terms.TERMS`:
                 quantizer   VQ: codebook + commitment (TiTok VQ, GigaTok, MaskGIT-VQGAN)
-                entropy     VQ code-usage entropy loss (weighted in GigaTok)
+                entropy     code-usage entropy loss (VQ: weighted in GigaTok; LFQ / BSQ: the
+                            per-sample minus the batch entropy)
                 kl          VAE KL divergence (TiTok VAE)
                 fea_rec     GigaTok: MSE(transformer-decoder grid, sg(CNN-encoder map))
               and the quantizer's parts (LOSS_PARTS, logged, never weighted):
                 codebook    MSE(z_q, sg(z));  commitment  commitment_cost * MSE(sg(z_q), z)
+                per_sample_entropy, codebook_entropy   LFQ / BSQ's two entropy terms
     features  named features:
                 cnn_map             GigaTok: the CNN encoder's map (B, h, w, C) (the shortcut's
                                     input, fea_rec's target)
@@ -77,7 +79,9 @@ from flax import struct
 
 TOKENIZER_FIELDS = ("pixel_range", "num_codes", "num_tokens", "outputs_pixels", "input_size",
                     "encode", "decode_codes")
-LOSS_PARTS = ("codebook", "commitment")  # the VQ quantizer loss's parts (logged, not weighted)
+# The quantizers' loss parts (logged, not weighted): VQ's codebook / commitment terms, LFQ /
+# BSQ's per-sample and batch entropies (`tok1d.models.quantizers`).
+LOSS_PARTS = ("codebook", "commitment", "per_sample_entropy", "codebook_entropy")
 FEATURES = ("cnn_map", "semantic_features", "shortcut_pixels", "encoder_map", "posterior_mean",
             "posterior_logvar", "posterior_std", "kl_per_token")
 
@@ -91,11 +95,12 @@ class TokenizerAux:
 
 
 def vq_aux(quantized: Mapping[str, jax.Array], **features: jax.Array) -> TokenizerAux:
-    """The TokenizerAux of a `VectorQuantizer`'s outputs (plus the model's `features`)."""
+    """The TokenizerAux of a discrete quantizer's outputs (`tok1d.models.quantizers`: its
+    codes, and every "<name>_loss" as the loss `name`) plus the model's `features`."""
     return TokenizerAux(
         codes=quantized["codes"],
-        losses={name: quantized[f"{name}_loss"]
-                for name in ("quantizer", "entropy") + LOSS_PARTS},
+        losses={name[:-5]: value for name, value in quantized.items()
+                if name.endswith("_loss") and name[:-5] in ("quantizer", "entropy") + LOSS_PARTS},
         features=features)
 
 

@@ -12,7 +12,10 @@ gates the GAN term, `aux_on` the warm-up terms; `terms` are the unweighted value
 enabled term; `outputs` holds the reconstruction ("pixels", the tokenizer's range), the codes ("codes", VQ
 tokenizers) and, with
 the shortcut term, the shortcut reconstruction ("shortcut_pixels", zeros while the warm-up is
-off).
+off). A tokenizer whose quantizer keeps training state (clustering VQ) takes it as
+`quantizer_state` (the collection "quantizer_state"); `outputs` then carries its new value
+("quantizer_state") and the quantizer's param edits ("param_updates", see
+`tok1d.models.quantizers.clustering`).
 
 Replayable draws (`tok1d.objectives.draws`): the LPIPS dropout keep masks
 "lpips_keep/rec/lin{k}" and "lpips_keep/shortcut/lin{k}", each (B, H_k, W_k, C_k) for VGG tap
@@ -37,6 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from tok1d import images as images_lib
+from tok1d.models import quantizers
 from tok1d.objectives import losses, terms as terms_lib
 from tok1d.objectives.adversarial import GANObjective
 
@@ -85,11 +89,16 @@ def make_loss_fn(model: nn.Module, weights: Mapping[str, float], nets: terms_lib
         return loss, parts, pixels, collections
 
     def loss_fn(params, images, frozen, gan_state, collections, active, aux_on, rng,
-                draws=None):
+                draws=None, quantizer_state=None):
         rng, disc_rng = jax.random.split(rng)
         rec_rng, short_rng = jax.random.split(jax.random.fold_in(rng, 1))
         x = to_model(images)
-        out, aux = model.apply({"params": params}, x, train=True, rngs={"sample": rng})
+        if quantizer_state is None:
+            out, aux = model.apply({"params": params}, x, train=True, rngs={"sample": rng})
+        else:  # a quantizer with training state (clustering VQ): its updates go to `outputs`
+            (out, aux), updates = model.apply(
+                {"params": params, quantizers.STATE: quantizer_state}, x, train=True,
+                rngs={"sample": rng}, mutable=[quantizers.STATE, quantizers.UPDATES])
         ctx = terms_lib.Context(out=out, aux=aux, x=x, images=images, frozen=frozen, nets=nets,
                                 draws=draws, rng=rec_rng, to_unit=to_unit)
         terms = {k: terms_lib.TERMS[k].fn(ctx) for k in weights
@@ -117,6 +126,9 @@ def make_loss_fn(model: nn.Module, weights: Mapping[str, float], nets: terms_lib
                           quantizer_commitment=aux.losses["commitment"])
         if aux.codes is not None:
             outputs["codes"] = aux.codes
+        if quantizer_state is not None:
+            outputs.update(quantizer_state=updates[quantizers.STATE],
+                           param_updates=updates.get(quantizers.UPDATES, {}))
         return total, (terms, extras, outputs, collections)
 
     loss_fn.warmup_terms = warmup

@@ -27,7 +27,7 @@ from tok1d.data import feeding, pipeline, sources
 from tok1d.evaluation import codebook as codebook_lib
 from tok1d.evaluation import evaluator
 from tok1d.evaluation.image_metrics import psnr
-from tok1d.models import dino_disc, interfaces, presets
+from tok1d.models import dino_disc, interfaces, presets, quantizers
 from tok1d.models import discriminator as disc_lib
 from tok1d.objectives import adversarial
 from tok1d.objectives import draws as draws_lib
@@ -189,14 +189,19 @@ def make_train_step(model: nn.Module, tx, schedule, config,
         active, aux_on = flags
         g_rng, d_rng = jax.random.split(rng)
         gan_state = state.extras["gan"] if gan is not None else None
+        q_state = (state.extras or {}).get("quantizer")
         (loss, (terms, extras, outs, collections)), grads = g_grad(
-            state.params, images_, frozen, gan_state, collections, active, aux_on, g_rng, draws)
+            state.params, images_, frozen, gan_state, collections, active, aux_on, g_rng, draws,
+            q_state)
         if model.outputs_pixels:
             extras["psnr"] = jnp.mean(psnr(to_unit(outs["pixels"]), images_))
         if model.num_codes:
             hist = codebook_lib.code_histogram(outs["codes"], model.num_codes)
             extras["batch_perplexity"] = codebook_lib.perplexity(hist)
         result = dict(loss=loss, terms=terms, extras=extras, grads=grads)
+        if q_state is not None:  # averaged over microbatches like the rest
+            result.update(quantizer_state=outs["quantizer_state"],
+                          param_updates=outs["param_updates"])
         if gan is not None:
             direct = outs.get("shortcut_pixels")
             if direct is not None and gan.direct_fake == "reconstruction":
@@ -220,6 +225,10 @@ def make_train_step(model: nn.Module, tx, schedule, config,
             lambda c, b, k: micro_step(state, c, b["image"], k, frozen, (active, aux_on), draws),
             collections, {"image": batch["image"]}, rng, accum)
         loss = r["loss"]
+        if "quantizer_state" in r:  # clustering VQ: re-anchored codes, then the optimizer step
+            state = state.replace(
+                params=quantizers.merge_param_updates(state.params, r["param_updates"]),
+                extras={**state.extras, "quantizer": r["quantizer_state"]})
         new, grad_norm, finite = step_lib.apply_gradients(
             state, r["grads"], tx, ema_decay=config.ema_decay, ema_warmup=config.ema_warmup)
         finite = finite & jnp.isfinite(loss)
@@ -303,6 +312,7 @@ def evaluate(eval_fn, params, frozen, eval_ds, num_batches: int, feeder_args, nu
     if "hist" in totals:
         metrics["codebook_usage"] = float(codebook_lib.usage(np.asarray(totals["hist"])))
         metrics["codebook_perplexity"] = float(codebook_lib.perplexity(np.asarray(totals["hist"])))
+        metrics["codebook_dead"] = int(codebook_lib.dead_codes(np.asarray(totals["hist"])))
     if image_metrics is not None:
         extra = image_metrics.result()
         extra.pop("num_images", None)
@@ -370,6 +380,23 @@ def build_gan(config, model: nn.Module, sample_images: jax.Array
         raise config_lib.ConfigError(str(e)) from None
 
 
+@dataclasses.dataclass(frozen=True)
+class QuantizerState:
+    """`TrainState.extras["quantizer"]`: the training state of a quantizer that keeps one (the
+    clustering VQ's usage EMA, collection "quantizer_state"), replicated."""
+
+    model: nn.Module
+    sample: jax.Array
+
+    def init(self, rng: jax.Array) -> Any:
+        return self.model.init(rng, self.sample)[quantizers.STATE]
+
+    def abstract_and_shardings(self, mesh, rules) -> tuple[Any, Any]:
+        abstract = jax.eval_shape(self.init, jax.random.key(0))
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        return abstract, jax.tree.map(lambda _: replicated, abstract)
+
+
 def build_training(config: ml_collections.ConfigDict, mesh, rules, batch_sh) -> Training:
     """Model, optimizer, frozen networks, GAN objective, state shardings and the jitted step
     (state donated) of `config`."""
@@ -385,9 +412,11 @@ def build_training(config: ml_collections.ConfigDict, mesh, rules, batch_sh) -> 
     nets, frozen = build_frozen(config, model)
     frozen = parallel.replicate(frozen, mesh)
     gan = build_gan(config, model, dummy)
+    extras = {"gan": gan} if gan is not None else {}
+    if quantizers.STATE in jax.eval_shape(model.init, jax.random.key(0), dummy):
+        extras["quantizer"] = QuantizerState(model, dummy)
     abstract, shardings, init = state_lib.state_shardings_and_init(
-        init_params, tx, mesh, rules, use_ema=config.ema_decay > 0,
-        extras={"gan": gan} if gan is not None else None)
+        init_params, tx, mesh, rules, use_ema=config.ema_decay > 0, extras=extras or None)
     frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
     step_fn = jax.jit(make_train_step(model, tx, schedule, config, nets, gan),
                       in_shardings=(shardings, batch_sh, frozen_sh),

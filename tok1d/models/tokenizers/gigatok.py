@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from tok1d.layers import transformer
 from tok1d.layers.transformer import logical
 from tok1d.models.interfaces import TokenizerAux, vq_aux
-from tok1d.models.quantizers import VectorQuantizer
+from tok1d.models import quantizers
 from tok1d.models.tokenizers.gigatok_cnn import GigaTokCNNDecoder, GigaTokCNNEncoder
 
 Dtype = Any
@@ -354,6 +354,8 @@ class GigaTok(nn.Module):
     decoder_heads: int = 16
     num_latent_tokens: int = 256
     multi_level_query_init: bool = True
+    quantizer: str = "vq"             # a name of tok1d.models.quantizers.QUANTIZERS (not "vae")
+    quantizer_options: Any = None     # a mapping of the quantizer's own fields
     codebook_size: int = 16384
     code_dim: int = 8
     l2_norm: bool = True
@@ -410,8 +412,14 @@ class GigaTok(nn.Module):
             bias_init=logical(nn.initializers.zeros, names[1:]), **kw)
         self.quant_conv = dense(self.code_dim, ("embed", "code_dim"))
         self.post_quant_conv = dense(self.z_channels, ("code_dim", "embed"))
-        self.quantize = VectorQuantizer(
-            self.codebook_size, self.code_dim, l2_norm=self.l2_norm,
+        if self.quantizer == "vae":
+            raise ValueError("GigaTok takes a discrete quantizer; quantizer='vae' is TiTok's.")
+        self.quantize = self._quantizer()
+
+    def _quantizer(self, detached: bool = False) -> nn.Module:
+        return quantizers.build(
+            self.quantizer, self.quantizer_options, detached=detached,
+            codebook_size=self.codebook_size, code_dim=self.code_dim, l2_norm=self.l2_norm,
             commitment_cost=self.commitment_cost, entropy_temperature=self.entropy_temperature,
             rotation_trick=self.rotation_trick, param_dtype=self.param_dtype)
 
@@ -426,7 +434,7 @@ class GigaTok(nn.Module):
 
     @property
     def num_codes(self) -> int:
-        return self.codebook_size
+        return self._quantizer(detached=True).num_codes
 
     @property
     def pixel_range(self) -> tuple[float, float]:
@@ -442,7 +450,8 @@ class GigaTok(nn.Module):
 
     @property
     def num_tokens(self) -> int:
-        return self.num_latent_tokens if self.layout == "1d" else self.grid_size ** 2
+        tokens = self.num_latent_tokens if self.layout == "1d" else self.grid_size ** 2
+        return tokens * self._quantizer(detached=True).codes_per_token
 
     def check_images(self, images: jax.Array) -> None:
         expected = (self.image_size, self.image_size, 3)
@@ -450,19 +459,22 @@ class GigaTok(nn.Module):
             raise ValueError(f"GigaTok expects images of shape (B, {expected[0]}, {expected[1]}, "
                              f"3) in [-1, 1]; got {tuple(images.shape)}.")
 
-    def encode_latents(self, images: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def encode_latents(self, images: jax.Array, train: bool = False
+                       ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Images in [-1, 1] -> (quantised latents (B, N, code_dim), the quantizer's outputs
         (`codes` (B, N), the quantizer losses) and the CNN map `cnn_map`)."""
         self.check_images(images)
         cnn_map = self.encoder(images)
         tokens, _ = self.vit_encoder(cnn_map)
-        z_q, aux = self.quantize(self.quant_conv(tokens))
+        z_q, aux = self.quantize(self.quant_conv(tokens), train=train)
         aux["cnn_map"] = cnn_map
         return z_q, aux
 
     def encode(self, images: jax.Array) -> jax.Array:
-        """Images in [-1, 1] -> codes (B, N) int32."""
-        return self.encode_latents(images)[1]["codes"]
+        """Images in [-1, 1] -> codes (B, num_tokens) int32 (residual VQ's (B, N, depth)
+        flattened token-major)."""
+        codes = self.encode_latents(images)[1]["codes"]
+        return codes.reshape(codes.shape[0], -1)
 
     def decode_with_features(self, z_q: jax.Array
                              ) -> tuple[jax.Array, jax.Array, Optional[jax.Array]]:
@@ -479,13 +491,15 @@ class GigaTok(nn.Module):
         return self.decoder(cnn_map)
 
     def decode_codes(self, codes: jax.Array) -> jax.Array:
+        if self.quantize.codes_per_token > 1:
+            codes = codes.reshape(codes.shape[0], -1, self.quantize.codes_per_token)
         return self.decode_latents(self.quantize.lookup(codes))
 
     def __call__(self, images: jax.Array, *, train: bool = False
                  ) -> tuple[jax.Array, TokenizerAux]:
         """The training forward: (pixels, TokenizerAux with the fea_rec loss, `cnn_map`,
         `semantic_features` (distill_depth > 0) and, with `train`, `shortcut_pixels`)."""
-        z_q, quantized = self.encode_latents(images)
+        z_q, quantized = self.encode_latents(images, train=train)
         pixels, rec_spatial, inner = self.decode_with_features(z_q)
         cnn_map = quantized["cnn_map"]
         fea_rec = jnp.mean(jnp.square(

@@ -18,8 +18,9 @@ import jax.numpy as jnp
 
 from tok1d.layers import transformer
 from tok1d.layers.transformer import logical
+from tok1d.models import quantizers
 from tok1d.models.interfaces import TokenizerAux, gaussian_aux, vq_aux
-from tok1d.models.quantizers import DiagonalGaussian, VectorQuantizer
+from tok1d.models.quantizers import VectorQuantizer
 from tok1d.models.tokenizers.vqgan import VQGANDecoder
 
 Dtype = Any
@@ -183,8 +184,13 @@ class TiTok(nn.Module):
     `decode_codes` (codes -> decoder output), `encode_latents` / `decode_latents` (the latent
     level), `__call__` (the training forward).
 
-    quantizer   "vq" (codebook of `codebook_size` x `token_dim`) or "vae" (KL bottleneck with
-                `token_dim` channels; the encoder emits 2 * token_dim moments).
+    quantizer   "vq" (codebook of `codebook_size` x `token_dim`), "vae" (KL bottleneck with
+                `token_dim` channels; the encoder emits 2 * token_dim moments) or any name of
+                `tok1d.models.quantizers.QUANTIZERS` ("clustering_vq", "simvq", "fsq", "lfq",
+                "bsq", "residual_vq"), with `quantizer_options` (its own fields, e.g.
+                {"levels": [8, 8, 8, 5, 5, 5]} for FSQ with token_dim 6, {"depth": 4} for
+                residual VQ); the shared fields (codebook_size, token_dim, l2_norm, ...) fill
+                the rest.
     decoder_head  "pixels" (1x1 conv -> depth-to-space -> 3x3 conv) or "logits" (proxy-code
                 logits over the `num_proxy_codes` MaskGIT-VQGAN codes: stage 1 of two-stage
                 training).
@@ -209,6 +215,7 @@ class TiTok(nn.Module):
     decoder_heads: int = 16
     decoder_mlp_dim: int = 4096
     quantizer: str = "vq"
+    quantizer_options: Any = None     # a mapping of the quantizer's own fields
     codebook_size: int = 4096
     token_dim: int = 12
     l2_norm: bool = True
@@ -234,8 +241,6 @@ class TiTok(nn.Module):
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not divisible by patch_size "
                              f"{self.patch_size}.")
-        if self.quantizer not in ("vq", "vae"):
-            raise ValueError(f"Unknown quantizer {self.quantizer!r}; expected 'vq' or 'vae'.")
         if self.pixel_decoder and self.decoder_head != "logits":
             raise ValueError("pixel_decoder=True (stage 2) needs decoder_head='logits'.")
         common = dict(image_size=self.image_size, patch_size=self.patch_size,
@@ -250,13 +255,7 @@ class TiTok(nn.Module):
             width=self.encoder_width, depth=self.encoder_depth, num_heads=self.encoder_heads,
             mlp_dim=self.encoder_mlp_dim, out_dim=self.token_dim * (2 if vae else 1),
             legacy_reshape=self.legacy_reshape, **common)
-        if vae:
-            self.quantize = DiagonalGaussian()
-        else:
-            self.quantize = VectorQuantizer(
-                self.codebook_size, self.token_dim, l2_norm=self.l2_norm,
-                commitment_cost=self.commitment_cost,
-                entropy_temperature=self.entropy_temperature, param_dtype=self.param_dtype)
+        self.quantize = self._quantizer()
         self.decoder = TiTokDecoder(
             width=self.decoder_width, depth=self.decoder_depth, num_heads=self.decoder_heads,
             mlp_dim=self.decoder_mlp_dim, head=self.decoder_head,
@@ -271,10 +270,17 @@ class TiTok(nn.Module):
                 remat=self.cnn_remat, dtype=self.dtype, param_dtype=self.param_dtype,
                 name="pixel_decoder")
 
+    def _quantizer(self, detached: bool = False) -> nn.Module:
+        return quantizers.build(
+            self.quantizer, self.quantizer_options, detached=detached,
+            codebook_size=self.codebook_size, code_dim=self.token_dim, l2_norm=self.l2_norm,
+            commitment_cost=self.commitment_cost, entropy_temperature=self.entropy_temperature,
+            param_dtype=self.param_dtype)
+
     @property
     def num_codes(self) -> Optional[int]:
-        """Codebook size of the discrete tokens (None for the continuous VAE variant)."""
-        return self.codebook_size if self.quantizer == "vq" else None
+        """Vocabulary of the discrete tokens (None for the continuous VAE variant)."""
+        return self._quantizer(detached=True).num_codes
 
     @property
     def outputs_pixels(self) -> bool:
@@ -282,7 +288,8 @@ class TiTok(nn.Module):
 
     @property
     def num_tokens(self) -> int:
-        return self.num_latent_tokens
+        """Codes per image: latent tokens x the quantizer's codes per token."""
+        return self.num_latent_tokens * self._quantizer(detached=True).codes_per_token
 
     @property
     def input_size(self) -> int:
@@ -308,7 +315,7 @@ class TiTok(nn.Module):
         if self.quantizer == "vae":
             z_q, aux = self.quantize(z, sample=sample)
         else:
-            z_q, aux = self.quantize(z)
+            z_q, aux = self.quantize(z, train=sample)
         if self.finetune_decoder:
             z_q = jax.lax.stop_gradient(z_q)
             aux = {k: jnp.zeros_like(v) if k.endswith("_loss") else jax.lax.stop_gradient(v)
@@ -316,11 +323,13 @@ class TiTok(nn.Module):
         return z_q, aux
 
     def encode(self, images: jax.Array) -> jax.Array:
-        """Images (B, H, W, 3) in [0, 1] -> codes (B, N) int32 (VQ only)."""
-        if self.quantizer != "vq":
+        """Images (B, H, W, 3) in [0, 1] -> codes (B, num_tokens) int32 (discrete quantizers;
+        residual VQ's (B, N, depth) flattened token-major)."""
+        if self.quantizer == "vae":
             raise ValueError("encode: this TiTok is a continuous (VAE) tokenizer; it has no "
                              "codes (encode_latents gives its latents).")
-        return self.encode_latents(images)[1]["codes"]
+        codes = self.encode_latents(images)[1]["codes"]
+        return codes.reshape(codes.shape[0], -1)
 
     def decode_latents(self, z_q: jax.Array) -> jax.Array:
         """Latents (B, N, D) -> pixels (B, H, W, 3) (not clamped), or proxy-code logits
@@ -338,10 +347,12 @@ class TiTok(nn.Module):
         return self.pixel_decoder_net(z).astype(jnp.float32)
 
     def decode_codes(self, codes: jax.Array) -> jax.Array:
-        """Codes (B, N) int -> decoder output (see `decode`)."""
-        if self.quantizer != "vq":
-            raise ValueError("decode_codes needs a VQ model; this TiTok is a VAE (use "
+        """Codes (B, num_tokens) int -> decoder output (see `decode`)."""
+        if self.quantizer == "vae":
+            raise ValueError("decode_codes needs a discrete quantizer; this TiTok is a VAE (use "
                              "decode_latents).")
+        if self.quantize.codes_per_token > 1:
+            codes = codes.reshape(codes.shape[0], -1, self.quantize.codes_per_token)
         return self.decode_latents(self.quantize.lookup(codes))
 
     def __call__(self, images: jax.Array, *, train: bool = False

@@ -1,0 +1,284 @@
+"""The quantizers (`tok1d.models.quantizers`): each one's defining property, straight-through
+gradients, parity with the official LFQ / FSQ / SimVQ (GigaTok) and clustering VQ (TiTok) on
+tests/fixtures/quantizers.npz, and every tokenizer family taking each quantizer."""
+
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import rel_err
+from tok1d.models import quantizers as Q
+from tok1d.models.tokenizers.gigatok import GigaTok
+from tok1d.models.tokenizers.titok import TiTok
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "quantizers.npz")
+MUTABLE = [Q.STATE, Q.UPDATES]
+
+
+def init(module, *args):
+    return nn.unbox(module.init(jax.random.key(0), *args))
+
+
+# --------------------------------------------------------------------- defining properties
+
+def test_fsq_codes_and_values_are_a_bijection_over_the_implicit_codebook():
+    fsq = Q.FSQ(levels=(8, 5, 5, 3))
+    n = fsq.num_codes
+    codes = jnp.arange(n, dtype=jnp.int32)
+    values = fsq.apply({}, codes, method=fsq.lookup)
+    assert len({tuple(v) for v in np.asarray(values).tolist()}) == n
+    # A pre-image of every value: invert the bound, then quantize -> the same code and value.
+    levels = jnp.asarray(fsq.levels, jnp.float32)
+    half = (levels - 1) * (1 + fsq.eps) / 2
+    offset = jnp.where(levels % 2 == 0, 0.5, 0.0)
+    target = values * (levels // 2)
+    z = jnp.arctanh((target + offset) / half) - jnp.arctanh(offset / half)
+    z_q, aux = fsq.apply({}, z)
+    np.testing.assert_array_equal(aux["codes"], codes)
+    np.testing.assert_allclose(z_q, values, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", [Q.LFQ, Q.BSQ])
+def test_binary_codes_and_values_are_a_bijection(cls):
+    module = cls(code_dim=7)
+    codes = jnp.arange(module.num_codes, dtype=jnp.int32)
+    values = module.apply({}, codes, method=module.lookup)
+    assert len({tuple(v) for v in np.asarray(values).tolist()}) == 2 ** 7
+    z_q, aux = module.apply({}, values * 3.0)
+    np.testing.assert_array_equal(aux["codes"], codes)
+    np.testing.assert_allclose(z_q, values, atol=1e-6)
+    if cls is Q.BSQ:
+        np.testing.assert_allclose(jnp.linalg.norm(values, axis=-1), 1.0, atol=1e-6)
+
+
+def test_residual_error_falls_with_depth():
+    rvq = Q.ResidualVQ(codebook_size=32, code_dim=4, depth=4)
+    z = jax.random.normal(jax.random.key(1), (64, 4))
+    params = init(rvq, z)["params"]
+    residual, rng = z, jax.random.key(2)
+    for d in range(4):  # each level's codebook: samples of what the previous levels leave
+        rng, key = jax.random.split(rng)
+        book = residual[jax.random.choice(key, 64, (32,), replace=False)]
+        params[f"level_{d}"]["embedding"] = book
+        _, aux = rvq.apply({"params": params}, z, depth=d + 1)
+        residual = z - rvq.apply({"params": params}, aux["codes"], method=rvq.lookup)
+    errors = []
+    for d in range(5):
+        approx = (jnp.zeros_like(z) if d == 0 else
+                  rvq.apply({"params": params}, z, depth=d)[0])
+        errors.append(float(jnp.mean(jnp.square(z - approx))))
+    assert all(b < a for a, b in zip(errors, errors[1:])), errors
+    assert rvq.apply({"params": params}, z)[1]["codes"].shape == (64, 4)
+
+
+def test_simvq_every_code_gets_gradient_where_plain_vq_does_not():
+    z = jax.random.normal(jax.random.key(3), (3, 6))  # 3 vectors: at most 3 codes used
+    for cls, moved_all in ((Q.SimVQ, True), (Q.VectorQuantizer, False)):
+        vq = cls(codebook_size=16, code_dim=6)
+        params = init(vq, z)["params"]
+
+        def loss(p):
+            return vq.apply({"params": p}, z)[1]["quantizer_loss"]
+
+        grads = jax.grad(loss)(params)
+        new = jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
+        before = vq.apply({"params": params}, method=vq.codebook)
+        after = vq.apply({"params": new}, method=vq.codebook)
+        moved = jnp.any(jnp.abs(after - before) > 0, axis=-1)
+        assert bool(jnp.all(moved)) == moved_all, (cls.__name__, moved)
+    assert float(jnp.abs(grads["embedding"]).sum()) > 0
+    sim = Q.SimVQ(codebook_size=16, code_dim=6)
+    g = jax.grad(lambda p: sim.apply({"params": p}, z)[1]["quantizer_loss"])(
+        init(sim, z)["params"])
+    assert float(jnp.abs(g["embedding"]).sum()) == 0.0  # frozen base codebook
+
+
+def test_clustering_vq_reanchors_a_dead_code():
+    vq = Q.ClusteringVectorQuantizer(codebook_size=8, code_dim=4)
+    z = jax.random.normal(jax.random.key(4), (2, 16, 4)) + jnp.array([2.0, 0, 0, 0])
+    variables = init(vq, z)
+    params = variables["params"]
+    params["embedding"] = params["embedding"].at[3].set(jnp.array([-5.0, 0, 0, 0]))  # dead
+    (_, aux), new = vq.apply({"params": params, Q.STATE: variables[Q.STATE]}, z, train=True,
+                             mutable=MUTABLE)
+    assert 3 not in np.asarray(aux["codes"])
+    anchored = new[Q.UPDATES]["embedding"]
+    flat = z.reshape(-1, 4)
+    counts = np.bincount(np.asarray(aux["codes"]).ravel(), minlength=8) / 32
+    np.testing.assert_allclose(new[Q.STATE]["embed_prob"], 0.01 * counts, rtol=1e-6)
+    # Every code moves towards its nearest feature by a = exp(-p K 10 / (1 - decay) - 1e-3):
+    # a dead code (p = 0) almost all the way, a used one a little (this first step: p is small).
+    a = np.exp(-(0.01 * counts * 8 * 10) / 0.01 - 1e-3)[:, None]
+    sim = Q.l2_normalize(params["embedding"]) @ Q.l2_normalize(flat).T
+    nearest = flat[jnp.argmax(sim, axis=1)]
+    np.testing.assert_allclose(anchored, (1 - a) * params["embedding"] + a * nearest,
+                               rtol=1e-5, atol=1e-6)
+    assert a[3, 0] > 0.99 and float(jnp.linalg.norm(anchored[3] - nearest[3])) < 0.01
+    merged = Q.merge_param_updates({"quantize": params}, {"quantize": new[Q.UPDATES]})
+    np.testing.assert_array_equal(merged["quantize"]["embedding"], anchored)
+    # Evaluation (params only, nothing mutable) leaves everything alone.
+    out, aux_eval = vq.apply({"params": params}, z)
+    np.testing.assert_array_equal(aux_eval["codes"], aux["codes"])
+
+
+@pytest.mark.parametrize("name,options,exact", [
+    ("vq", {"l2_norm": False}, True), ("residual_vq", {"depth": 2}, True),
+    ("lfq", {}, True), ("fsq", {"levels": (7, 5, 5, 5, 5, 5)}, False),
+    ("bsq", {}, False), ("simvq", {"l2_norm": False}, True), ("clustering_vq", {}, False)])
+def test_straight_through_gradient(name, options, exact):
+    q = Q.build(name, options, detached=True, codebook_size=16, code_dim=6)
+    z = jax.random.normal(jax.random.key(5), (2, 3, 6))
+    g = jax.random.normal(jax.random.key(6), z.shape)
+    variables = init(q, z)
+    grad = jax.grad(lambda x: jnp.sum(q.apply(variables, x)[0] * g))(z)
+    if exact:  # the identity: the incoming gradient reaches the input unchanged
+        np.testing.assert_allclose(grad, g, rtol=1e-6, atol=1e-7)
+    elif name == "fsq":  # through the bound, rounding skipped
+        want = g * jax.vmap(jax.vmap(jax.grad(lambda x: jnp.sum(q.bound(x)))))(z) / jnp.asarray(
+            [3, 2, 2, 2, 2, 2], jnp.float32)
+        np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-7)
+    else:  # through the l2 normalisation only
+        unit_grad = jax.grad(lambda x: jnp.sum(Q.l2_normalize(x) * g))(z)
+        np.testing.assert_allclose(grad, unit_grad, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------- official parity
+
+@pytest.fixture(scope="module")
+def fx():
+    if not os.path.exists(FIXTURE):
+        pytest.skip(f"{FIXTURE} not found: the official-quantizer parity fixture (see "
+                    "tests/fixtures/README.md) is absent")
+    with np.load(FIXTURE) as z:
+        return {k: z[k] for k in z.files}
+
+
+def nhwc(x):
+    return jnp.asarray(np.asarray(x, np.float32).transpose(0, 2, 3, 1))
+
+
+def test_lfq_matches_gigatok(fx):
+    lfq = Q.LFQ(code_dim=6, commitment_cost=0.25)
+    z, g = nhwc(fx["lfq/z"]), nhwc(fx["lfq/g"])
+
+    def total(x):
+        q, aux = lfq.apply({}, x)
+        return jnp.sum(q * g) + aux["commitment_loss"] + aux["entropy_loss"], (q, aux)
+
+    with jax.default_matmul_precision("highest"):
+        (_, (q, aux)), grad = jax.value_and_grad(total, has_aux=True)(z)
+    np.testing.assert_array_equal(aux["codes"], fx["lfq/codes"])
+    np.testing.assert_array_equal(q, nhwc(fx["lfq/quantized"]))
+    for ours, theirs in (("commitment_loss", "commitment_loss"), ("entropy_loss", "entropy_loss"),
+                         ("per_sample_entropy_loss", "per_sample_entropy"),
+                         ("codebook_entropy_loss", "codebook_entropy")):
+        assert rel_err(aux[ours], fx[f"lfq/{theirs}"]) < 1e-4, ours
+    assert rel_err(grad, nhwc(fx["lfq/z_grad"])) < 1e-4
+
+
+def test_fsq_matches_gigatok(fx):
+    fsq = Q.FSQ(levels=(8, 5, 5, 3))
+    z = nhwc(fx["fsq/z"])
+    q, aux = fsq.apply({}, z)
+    np.testing.assert_array_equal(aux["codes"], fx["fsq/codes"])
+    assert rel_err(q, nhwc(fx["fsq/quantized"])) < 1e-6
+    grad = jax.grad(lambda x: jnp.sum(fsq.apply({}, x)[0] * nhwc(fx["lfq/g"])[..., :4]))(z)
+    assert rel_err(grad, nhwc(fx["fsq/z_grad"])) < 1e-5
+    values = fsq.apply({}, jnp.arange(600), method=fsq.lookup)
+    np.testing.assert_allclose(values, fx["fsq/implicit_codebook"], atol=1e-7)
+
+
+def test_simvq_matches_gigatok(fx):
+    sim = Q.SimVQ(codebook_size=32, code_dim=6, l2_norm=True, commitment_cost=0.25)
+    params = {"embedding": jnp.asarray(fx["simvq/embedding"], jnp.float32),
+              "codebook_transform": jnp.asarray(fx["simvq/transform_weight"], jnp.float32).T}
+    z, g = nhwc(fx["simvq/z"]), nhwc(fx["lfq/g"])
+
+    def total(p, x):
+        q, aux = sim.apply({"params": p}, x)
+        loss = jnp.sum(q * g) + aux["codebook_loss"] + aux["commitment_loss"]
+        return loss + aux["entropy_loss"], (q, aux)
+
+    with jax.default_matmul_precision("highest"):
+        (_, (q, aux)), (gp, gz) = jax.value_and_grad(total, argnums=(0, 1), has_aux=True)(
+            params, z)
+    np.testing.assert_array_equal(aux["codes"], fx["simvq/codes"])
+    assert rel_err(q, nhwc(fx["simvq/quantized"])) < 1e-5
+    for name in ("codebook_loss", "commitment_loss", "entropy_loss"):
+        assert rel_err(aux[name], fx[f"simvq/{name}"]) < 1e-4, name
+    assert rel_err(gz, nhwc(fx["simvq/z_grad"])) < 1e-4
+    assert rel_err(gp["codebook_transform"].T, fx["simvq/transform_grad"]) < 1e-4
+
+
+def test_clustering_vq_matches_titok(fx):
+    vq = Q.ClusteringVectorQuantizer(codebook_size=16, code_dim=4, l2_norm=True)
+    params = {"embedding": jnp.asarray(fx["clustering/embedding0"], jnp.float32)}
+    state = {"embed_prob": jnp.zeros((16,), jnp.float32)}
+    for step in range(2):
+        z = nhwc(fx[f"clustering/step{step}/z"])
+        with jax.default_matmul_precision("highest"):
+            (q, aux), new = vq.apply({"params": params, Q.STATE: state}, z, train=True,
+                                     mutable=MUTABLE)
+        np.testing.assert_array_equal(aux["codes"], fx[f"clustering/step{step}/codes"])
+        assert rel_err(q, nhwc(fx[f"clustering/step{step}/quantized"])) < 1e-5
+        assert rel_err(aux["quantizer_loss"], fx[f"clustering/step{step}/quantizer_loss"]) < 1e-5
+        state = new[Q.STATE]
+        params = Q.merge_param_updates(params, new[Q.UPDATES])
+        assert rel_err(state["embed_prob"], fx[f"clustering/step{step}/embed_prob"]) < 1e-6
+        assert rel_err(params["embedding"], fx[f"clustering/step{step}/embedding"]) < 1e-5
+
+
+# --------------------------------------------------------------------- tokenizers
+
+TINY_TITOK = dict(image_size=16, patch_size=8, num_latent_tokens=4, encoder_width=32,
+                  encoder_depth=1, encoder_heads=2, encoder_mlp_dim=64, decoder_width=32,
+                  decoder_depth=1, decoder_heads=2, decoder_mlp_dim=64, codebook_size=16,
+                  token_dim=6)
+CASES = [("vq", None, 16, 1), ("clustering_vq", None, 16, 1), ("simvq", None, 16, 1),
+         ("residual_vq", {"depth": 3}, 16, 3), ("fsq", {"levels": [4, 4, 3, 3, 2, 2]}, 576, 1),
+         ("lfq", None, 64, 1), ("bsq", None, 64, 1)]
+
+
+@pytest.mark.parametrize("name,options,num_codes,per_token", CASES)
+def test_titok_takes_every_quantizer(name, options, num_codes, per_token):
+    model = TiTok(quantizer=name, quantizer_options=options, **TINY_TITOK)
+    assert model.num_codes == num_codes and model.num_tokens == 4 * per_token
+    images = jax.random.uniform(jax.random.key(7), (2, 16, 16, 3))
+    variables = init(model, images)
+    out, aux = model.apply({"params": variables["params"]}, images, train=True)
+    assert "quantizer" in aux.losses and out.shape == images.shape
+    codes = model.apply(variables, images, method=model.encode)
+    assert codes.shape == (2, model.num_tokens) and int(codes.max()) < num_codes
+    recon = model.apply(variables, codes, method=model.decode_codes)
+    np.testing.assert_allclose(recon, out, atol=1e-5)
+
+
+def test_gigatok_takes_a_quantizer_by_name():
+    kw = dict(image_size=16, encoder_ch=32, decoder_ch=32, encoder_ch_mult=(1, 2),
+              decoder_ch_mult=(1, 2), num_res_blocks=1, z_channels=32, encoder_width=16,
+              encoder_depth=1, encoder_heads=2, decoder_width=16, decoder_depth=1,
+              decoder_heads=2, num_latent_tokens=4, code_dim=4)
+    images = jax.random.uniform(jax.random.key(8), (1, 16, 16, 3), minval=-1.0)
+    for name, options, per_token in (("fsq", {"levels": [5, 5, 5, 5]}, 1),
+                                     ("residual_vq", {"depth": 2, "codebook_size": 8}, 2)):
+        model = GigaTok(quantizer=name, quantizer_options=options, **kw)
+        assert model.num_tokens == 4 * per_token
+        variables = init(model, images)
+        out, aux = model.apply(variables, images, train=True)
+        codes = model.apply(variables, images, method=model.encode)
+        assert codes.shape == (1, model.num_tokens) and aux.codes is not None
+        np.testing.assert_allclose(model.apply(variables, codes, method=model.decode_codes),
+                                   out, atol=1e-5)
+
+
+def test_a_wrong_quantizer_size_is_one_clear_error():
+    with pytest.raises(ValueError, match="set the tokenizer's code size to 4"):
+        Q.build("fsq", {"levels": [5, 5, 5, 5]}, detached=True, code_dim=6)
+    with pytest.raises(ValueError, match="Unknown quantizer"):
+        Q.build("pq", detached=True)
+    with pytest.raises(ValueError, match="did you mean 'levels'"):
+        Q.build("fsq", {"level": [5]}, detached=True)
