@@ -16,7 +16,8 @@ def get_config():
     config.precision = "float32"
     config.ema_decay = 0.9
     config.model = dict(name="titok", patch_size=8, num_latent_tokens=8, encoder_size="nano",
-                        decoder_size="nano", codebook_size=64, token_dim=8)
+                        decoder_size="nano", codebook_size=64, token_dim=8,
+                        nested_dropout="none")  # "uniform" / "pow2": ordered tokens
     config.data.image_size = 32
     config.data.eval_examples = 32
     config.data.demo_size = 256
