@@ -34,6 +34,7 @@ The FID Inception must be converted once: `tok1d convert inception_fid
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from typing import Any, Optional, Sequence
@@ -181,11 +182,16 @@ def evaluate_prefixes(config, model, params, frozen, teacher, nets, ds, num_batc
                                f"{type(model).__name__} decodes all its tokens.")
     ecfg, batch = config.evaluation, config.eval_batch_size
     rows, grid_rows = {}, []
+    t_model = teacher[0] if teacher is not None else None
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         frozen = parallel.replicate(frozen, mesh)
+        # With the mask vector k is traced (one compilation); without it the decoder reads
+        # k tokens (a static slice per k).
+        traced = (jax.jit(tok_trainer.make_eval_step(model, t_model))
+                  if model.nested_dropout != "none" else None)
         for k in prefixes:
-            eval_step = jax.jit(tok_trainer.make_eval_step(
-                model, teacher[0] if teacher is not None else None, prefix=k))
+            eval_step = (functools.partial(traced, prefix_length=jnp.int32(k)) if traced
+                         else jax.jit(tok_trainer.make_eval_step(model, t_model, prefix=k)))
             metrics_acc = evaluator.ImageMetrics.from_config(nets, mesh, ecfg)
             metrics, (grid_in, grid_out) = tok_trainer.evaluate(
                 eval_step, params, frozen, ds, num_batches, (batch_sh, batch),
