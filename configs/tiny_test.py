@@ -3,12 +3,13 @@
     python -m tok1d.main --config=configs/tiny_test.py --workdir=/tmp/tok1d_tiny
 
 Not a recipe: 32x32 demo crops, a 1-layer width-32 ViT, 8 tokens, 64 codes.
+`configs/tiny_test.py:vae`: the KL bottleneck (4 channels, KL weight 1e-6) instead of the VQ.
 """
 
 from tok1d.train import config_lib
 
 
-def get_config():
+def get_config(arg: str = ""):
     config = config_lib.base_config("tokenizer")
     config.total_steps = 8
     config.batch_size = 16
@@ -16,7 +17,8 @@ def get_config():
     config.precision = "float32"
     config.ema_decay = 0.9
     config.model = dict(name="titok", patch_size=8, num_latent_tokens=8, encoder_size="nano",
-                        decoder_size="nano", codebook_size=64, token_dim=8)
+                        decoder_size="nano", codebook_size=64, token_dim=8,
+                        nested_dropout="none")  # "uniform" / "pow2": ordered tokens
     config.data.image_size = 32
     config.data.eval_examples = 32
     config.data.demo_size = 256
@@ -28,4 +30,10 @@ def get_config():
     config.checkpoint.keep = 10
     config.checkpoint.async_save = True
     config.num_grid_images = 4
+    if arg == "vae":
+        config.model.update(quantizer="vae", token_dim=4)
+        config.losses.quantizer = 0.0
+        config.losses.kl = 1e-6
+    elif arg:
+        raise ValueError(f"configs/tiny_test.py: unknown variant {arg!r} (expected '' or 'vae').")
     return config

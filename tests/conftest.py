@@ -61,6 +61,7 @@ COST_BY_FILE = {
     "test_cli.py": "unit", "test_loss_terms.py": "unit", "test_interfaces.py": "unit",
     "test_generator_interface.py": "unit", "test_rar.py": "unit", "test_quantizers.py": "unit",
     "test_registry.py": "unit",
+    "test_nested_tokens.py": "unit",
     # parity (besides test_parity_* and test_train_parity_*): forward parity with the
     # official code's fixtures, or converters on fixture-shaped checkpoints
     "test_vqgan.py": "parity", "test_gigatok_cnn.py": "parity", "test_dinov2.py": "parity",
@@ -75,6 +76,8 @@ COST_BY_FILE = {
     "test_bench.py": "integration",  # benchmark workloads: whole train / sample programs
 }
 COST_BY_TEST = {
+    # a whole (4-step) generator run on prefix tokens
+    "test_nested_tokens.py::test_generator_on_prefixes_samples_k_decodable_tokens": "integration",
     # subprocesses in unit files
     "test_config.py::test_cli_rejects_mistyped_override_and_bad_shapes": "integration",
     "test_prepare.py::test_cli": "integration",

@@ -18,6 +18,11 @@ r"""Evaluation jobs: the numbers of the papers' tables, measured by tok1d on acc
     tok1d evaluate --samples=samples.npz --out=eval_samples/ \
         --inception=inception_fid/ --reference=VIRTUAL_imagenet256_labeled.npz
 
+    # Ordered tokens (a 1D tokenizer, e.g. trained with model.nested_dropout): PSNR / SSIM /
+    # LPIPS / rFID of the first k tokens for each k, one report with a table and a plot.
+    tok1d evaluate --config=configs/tiny_test.py --checkpoint=WORKDIR --out=eval_k/ \
+        --prefixes=1,2,4,8   # or --prefixes=all
+
 `--checkpoint` is a training workdir (its latest checkpoint, EMA params when kept) or a
 converted pretrained directory, checked against the config's model. Without --config the
 defaults of `tok1d.train.config_lib.base_config()` apply; --inception / --reference set
@@ -29,6 +34,7 @@ The FID Inception must be converted once: `tok1d convert inception_fid
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from typing import Any, Optional, Sequence
@@ -39,13 +45,14 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from tok1d import images, parallel
+from tok1d import errors, images, parallel
 from tok1d.cli import app
 from tok1d.cli import sample as sample_lib
 from tok1d.data import pipeline, sources
 from tok1d.data import tokens as tokens_lib
 from tok1d.evaluation import evaluator, linear_probe, report
 from tok1d.models.generators.gpt import GPT
+from tok1d.models.tokenizers import nested
 from tok1d.train import config_lib
 from tok1d.train import tokenizer as tok_trainer
 from tok1d.weights import loaders
@@ -73,6 +80,9 @@ def define_flags(fv: flags.FlagValues) -> None:
                         "config.evaluation.inception).", flag_values=fv)
     flags.DEFINE_string("reference", "", "FID reference .npz (sets "
                         "config.evaluation.reference).", flag_values=fv)
+    flags.DEFINE_string("prefixes", "", "Tokenizer evaluation of the first k tokens for each "
+                        "k: 'all' (1, 2, 4, ..., N) or e.g. 1,2,4,8 (a 1D tokenizer).",
+                        flag_values=fv)
 
 
 def _setup(config):
@@ -88,8 +98,10 @@ def _details(config, **extra: Any) -> dict[str, Any]:
     return out
 
 
-def evaluate_tokenizer(config, checkpoint: str, out: str, log=print) -> dict[str, Any]:
-    """rFID and the reconstruction metrics of a tokenizer over `data.eval_split`."""
+def evaluate_tokenizer(config, checkpoint: str, out: str, log=print,
+                       prefixes: Sequence[int] = ()) -> dict[str, Any]:
+    """rFID and the reconstruction metrics of a tokenizer over `data.eval_split`; with
+    `prefixes`, of the first k tokens for every k of them (`evaluate_prefixes`)."""
     config_lib.validate(config)
     mesh, rules, batch_sh, is_chief = _setup(config)
     model = tok_trainer.build_model(config)
@@ -115,6 +127,10 @@ def evaluate_tokenizer(config, checkpoint: str, out: str, log=print) -> dict[str
     log(f"Evaluating {checkpoint} on {dcfg.name}:{dcfg.eval_split} "
         f"({num_batches} batches of {batch}).")
     ecfg = config.evaluation
+    if prefixes:
+        return evaluate_prefixes(config, model, params, frozen, teacher, nets, ds, num_batches,
+                                 (mesh, rules, batch_sh, is_chief), prefixes, checkpoint, out,
+                                 log)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         frozen = parallel.replicate(frozen, mesh)
         eval_step = jax.jit(tok_trainer.make_eval_step(
@@ -131,6 +147,79 @@ def evaluate_tokenizer(config, checkpoint: str, out: str, log=print) -> dict[str
                  data=f"{dcfg.name}:{dcfg.eval_split} at {size} px (center crops)"),
         nets.notes, enabled=is_chief)
     log(f"Wrote {path}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    return metrics
+
+
+PREFIX_METRICS = ("psnr", "ssim", "lpips", "rfid")
+
+
+def parse_prefixes(text: str, num_tokens: int) -> list[int]:
+    """`--prefixes`: "all" (1, 2, 4, ..., N) or comma-separated lengths in 1..N."""
+    if text == "all":
+        return [int(k) for k in nested.prefix_choices(num_tokens, "pow2")]
+    try:
+        ks = sorted({int(k) for k in text.split(",") if k.strip()})
+    except ValueError:
+        raise errors.UserError(f"--prefixes={text!r}: expected 'all' or comma-separated token "
+                               "counts, e.g. 1,2,4,8.") from None
+    bad = [k for k in ks if not 1 <= k <= num_tokens]
+    if bad or not ks:
+        raise errors.UserError(f"--prefixes={text!r}: every k must be in 1..{num_tokens} (the "
+                               "tokenizer's tokens).")
+    return ks
+
+
+def evaluate_prefixes(config, model, params, frozen, teacher, nets, ds, num_batches, setup,
+                      prefixes: Sequence[int], checkpoint: str, out: str, log=print
+                      ) -> dict[str, Any]:
+    """Reconstruction quality as a function of the number k of leading tokens decoded (a 1D
+    tokenizer; `tok1d.models.tokenizers.nested`): PSNR, SSIM, LPIPS and rFID (those the
+    configured metric networks give) per k, in one report with a table, the curves
+    (quality_vs_k.png, needs matplotlib) and a grid (inputs, then one row per k)."""
+    mesh, rules, batch_sh, is_chief = setup
+    if not nested.supports_prefix(model):
+        raise errors.UserError(f"--prefixes needs a 1D tokenizer (TiTok, GigaTok 1D); "
+                               f"{type(model).__name__} decodes all its tokens.")
+    ecfg, batch = config.evaluation, config.eval_batch_size
+    rows, grid_rows = {}, []
+    t_model = teacher[0] if teacher is not None else None
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        frozen = parallel.replicate(frozen, mesh)
+        # With the mask vector k is traced (one compilation); without it the decoder reads
+        # k tokens (a static slice per k).
+        traced = (jax.jit(tok_trainer.make_eval_step(model, t_model))
+                  if model.nested_dropout != "none" else None)
+        for k in prefixes:
+            eval_step = (functools.partial(traced, prefix_length=jnp.int32(k)) if traced
+                         else jax.jit(tok_trainer.make_eval_step(model, t_model, prefix=k)))
+            metrics_acc = evaluator.ImageMetrics.from_config(nets, mesh, ecfg)
+            metrics, (grid_in, grid_out) = tok_trainer.evaluate(
+                eval_step, params, frozen, ds, num_batches, (batch_sh, batch),
+                ecfg.num_report_images, metrics_acc)
+            rows[k] = {m: metrics[m] for m in PREFIX_METRICS if m in metrics}
+            grid_rows = grid_rows or [grid_in]
+            grid_rows.append(grid_out)
+            log(f"k={k}: " + ", ".join(f"{m} {v:.4g}" for m, v in rows[k].items()))
+    name = os.path.basename(os.path.normpath(checkpoint))
+    grids = {"prefix_reconstructions": images.make_grid(grid_rows)}
+    plot = report.plot_curves("k (tokens decoded)", rows, f"{name}: quality vs k")
+    notes = list(nets.notes)
+    if plot is None:
+        notes.append("quality_vs_k.png needs matplotlib (pip install matplotlib).")
+    else:
+        grids["quality_vs_k"] = plot
+    metrics = {f"{m}_k{k}": v for k, r in rows.items() for m, v in r.items()}
+    path = report.write_report(
+        out, f"Reconstruction vs number of tokens: {name}", metrics, grids,
+        _details(config, checkpoint=os.path.abspath(checkpoint), model=config.model.name,
+                 prefixes=",".join(map(str, prefixes)),
+                 data=f"{config.data.name}:{config.data.eval_split} at "
+                      f"{config.data.image_size} px (center crops)"),
+        notes, enabled=is_chief,
+        sections=["## Quality vs k (first k tokens decoded)",
+                  report.curve_table("k", rows),
+                  "prefix_reconstructions.png: the inputs, then one row per k."])
+    log(f"Wrote {path}")
     return metrics
 
 
@@ -227,7 +316,7 @@ def _finish_samples(config, metrics, kept, labels, num_classes: int, out: str, i
 
 
 def run(config, checkpoint: str = "", tokenizer: str = "", samples: str = "", out: str = "",
-        seed: int = 0, log=print) -> dict[str, Any]:
+        seed: int = 0, log=print, prefixes: str = "") -> dict[str, Any]:
     if samples:
         return evaluate_samples(config, samples, out, log)
     if not checkpoint:
@@ -235,7 +324,12 @@ def run(config, checkpoint: str = "", tokenizer: str = "", samples: str = "", ou
     if config.trainer == "generator":
         return evaluate_generator(config, checkpoint, tokenizer, out, seed, log)
     if config.trainer == "tokenizer":
-        return evaluate_tokenizer(config, checkpoint, out, log)
+        ks = (parse_prefixes(prefixes, tok_trainer.build_model(config).num_tokens)
+              if prefixes else ())
+        return evaluate_tokenizer(config, checkpoint, out, log, ks)
+    if prefixes:
+        raise errors.UserError("--prefixes evaluates a tokenizer (a config of trainer "
+                               "'tokenizer').")
     raise ValueError(f"Cannot evaluate a config with trainer {config.trainer!r}: use a tokenizer "
                      "or generator config.")
 
@@ -248,7 +342,8 @@ def execute(fv: flags.FlagValues, args: list[str]) -> None:
         for key in ("inception", "reference"):
             if fv[key].value:
                 config.evaluation[key] = fv[key].value
-    run(config, fv.checkpoint, fv.tokenizer, fv.samples, fv.out, fv.seed)
+    run(config, fv.checkpoint, fv.tokenizer, fv.samples, fv.out, fv.seed,
+        prefixes=fv.prefixes)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -1,7 +1,8 @@
 r"""Encodes an image dataset with a trained tokenizer into a token dataset (`tok1d.data.tokens`).
 
     tok1d tokenize --tokenizer=DIR --data=NAME_OR_DIR --split=train --out=OUT \
-        [--image_size=256] [--batch_size=256] [--flip] [--crop=center|resize] [--num_shards=0]
+        [--image_size=256] [--batch_size=256] [--flip] [--crop=center|resize] [--num_shards=0] \
+        [--prefix_tokens=0]
 
 --tokenizer  a pretrained directory (`tok1d.weights.layout`: tok1d_model.json + params/) or a
              training workdir (config.json + checkpoints/): the latest checkpoint's EMA params
@@ -12,6 +13,9 @@ r"""Encodes an image dataset with a trained tokenizer into a token dataset (`tok
              `center_crop_arr` up to the resize filter); "resize": squash to a square.
 --flip       also encode the horizontally mirrored images (variant 1, LlamaGen's flip
              augmentation for the generator).
+--prefix_tokens  store only the first k tokens of every image (0: all): for ordered 1D tokens
+             (a tokenizer trained with model.nested_dropout), whose prefixes decode
+             (`decode_codes` takes (B, k) codes); a generator trained on them samples k tokens.
 
 Encoding is one jitted function over all devices (batch split over the mesh's data axes);
 every host loads only its rows of each global batch, the codes are gathered and process 0 writes.
@@ -110,12 +114,13 @@ def params_fingerprint(params: Any) -> Optional[str]:
 # The sharded encoder.
 # ----------------------------------------------------------------------------------------------
 
-def make_encoder(model, params, *, flip: bool, batch_size: int):
+def make_encoder(model, params, *, flip: bool, batch_size: int, prefix_tokens: int = 0):
     """Builds the jitted, all-device encoder.
 
     Returns (encode, global_batch, (host_start, host_stop)): `encode(local_images, local_labels)`
     takes this host's rows of a global batch (float32 images in [0, 1]) and returns the codes
-    (global_batch, V, N) int32 and labels (global_batch,) of the whole batch on every host.
+    (global_batch, V, N) int32 (N = prefix_tokens when > 0: the first tokens only) and labels
+    (global_batch,) of the whole batch on every host.
     `global_batch` is `batch_size` rounded up to a multiple of the device count."""
     mesh = parallel.create_mesh({"data": -1})
     rules = parallel.DEFAULT_RULES
@@ -133,10 +138,14 @@ def make_encoder(model, params, *, flip: bool, batch_size: int):
     if not model.num_codes:
         raise ValueError(f"{type(model).__name__} has no discrete codes (a continuous "
                          "tokenizer?); only VQ tokenizers can be tokenized.")
+    if not 0 <= prefix_tokens <= model.num_tokens:
+        raise ValueError(f"prefix_tokens={prefix_tokens}: expected 0 (all) to "
+                         f"{model.num_tokens} (the tokenizer's tokens).")
 
     def codes_of(p, x):
         c = model.apply({"params": p}, x, method=model.encode)
-        return c.reshape(c.shape[0], -1).astype(jnp.int32)
+        c = c.reshape(c.shape[0], -1).astype(jnp.int32)
+        return c[:, :prefix_tokens] if prefix_tokens else c
 
     def fn(p, images, labels):
         x = to_model(images)
@@ -336,7 +345,7 @@ def _format_eta(seconds: float) -> str:
 def tokenize_dataset(model, params, source, out_dir: str, *, split: str = "train",
                      batch_size: int = 256, flip: bool = False, num_shards: int = 0,
                      image_size: int = 0, crop: str = "center", num_examples: int = -1,
-                     num_classes: Optional[int] = None,
+                     prefix_tokens: int = 0, num_classes: Optional[int] = None,
                      tokenizer_info: Optional[Mapping[str, Any]] = None,
                      data_info: Optional[Mapping[str, Any]] = None, num_threads: int = 16,
                      log: Callable[[str], None] = print,
@@ -353,6 +362,7 @@ def tokenize_dataset(model, params, source, out_dir: str, *, split: str = "train
         num_shards: Shards of the split; 0 gives about EXAMPLES_PER_SHARD examples per shard.
         image_size: 0 takes the model's; anything else must equal it.
         crop: "center" (resize shorter side + center crop) or "resize" (squash).
+        prefix_tokens: Store the first k tokens only (0: all), e.g. of ordered 1D tokens.
         num_classes: Default: `source.num_classes`, else max label + 1 of this split.
         tokenizer_info, data_info: Descriptions stored in tokens_info.json (default for the
             tokenizer: its class name; see `loaders.describe_tokenizer`).
@@ -377,7 +387,8 @@ def tokenize_dataset(model, params, source, out_dir: str, *, split: str = "train
     num_shards = max(1, min(num_shards or math.ceil(n / EXAMPLES_PER_SHARD), n))
 
     encode, global_batch, host_rows = make_encoder(model, params, flip=flip,
-                                                   batch_size=batch_size)
+                                                   batch_size=batch_size,
+                                                   prefix_tokens=prefix_tokens)
     probe = np.zeros((host_rows[1] - host_rows[0], image_size, image_size, 3), np.float32)
     num_variants, num_tokens = (int(d) for d in np.asarray(
         encode(probe, np.zeros(len(probe), np.int32))[0]).shape[1:])
@@ -548,6 +559,8 @@ def define_flags(fv: flags.FlagValues) -> None:
                       flag_values=fv)
     flags.DEFINE_integer("num_shards", 0, f"Shards (0: ~{EXAMPLES_PER_SHARD} examples each).",
                          flag_values=fv)
+    flags.DEFINE_integer("prefix_tokens", 0, "Store the first k tokens of each image only (0: "
+                         "all; ordered 1D tokens).", flag_values=fv)
     flags.DEFINE_integer("num_examples", -1, "Tokenize only the first N examples (-1: all).",
                          flag_values=fv)
     flags.DEFINE_string("data_dir", "", "TFDS data_dir.", flag_values=fv)
@@ -580,7 +593,8 @@ def execute(fv: flags.FlagValues, args: list[str]) -> None:
         source = resolve_source(fv.data, fv.split, data_dir=fv.data_dir, image_size=native)
     tokenize_dataset(model, params, source, fv.out, split=fv.split, batch_size=fv.batch_size,
                      flip=fv.flip, num_shards=fv.num_shards, image_size=fv.image_size,
-                     crop=fv.crop, num_examples=fv.num_examples, tokenizer_info=desc,
+                     crop=fv.crop, num_examples=fv.num_examples,
+                     prefix_tokens=fv.prefix_tokens, tokenizer_info=desc,
                      data_info={"data": fv.data, "split": fv.split}, num_threads=fv.threads)
 
 

@@ -260,6 +260,48 @@ class ArrayTokenSource:
         return {"codes": self._codes[index], "label": int(self._labels[index]), "index": index}
 
 
+class PrefixTokenSource:
+    """The first `num_tokens` tokens of every record of a token source (`TokenSource`,
+    `ArrayTokenSource`): ordered 1D tokens, whose prefixes decode, for a generator trained on
+    k-token prefixes. Other attributes are the wrapped source's."""
+
+    def __init__(self, source, num_tokens: int):
+        if not 1 <= num_tokens <= source.num_tokens:
+            raise ValueError(f"A prefix of {num_tokens} tokens: expected 1..{source.num_tokens} "
+                             "(the tokens per image of the dataset).")
+        self._source, self._k = source, int(num_tokens)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._source, name)
+
+    @property
+    def num_tokens(self) -> int:
+        return self._k
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return dict(self._source.info, num_tokens=self._k)
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def _cut(self, item: dict[str, Any]) -> dict[str, Any]:
+        return dict(item, codes=np.asarray(item["codes"])[..., :self._k])
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self._cut(self._source[index])
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        items = (self._source.__getitems__(indices) if hasattr(self._source, "__getitems__")
+                 else [self._source[i] for i in indices])
+        return [self._cut(item) for item in items]
+
+
+def prefix_source(source, num_tokens: int):
+    """`source` cut to its first `num_tokens` tokens (0: unchanged)."""
+    return PrefixTokenSource(source, num_tokens) if num_tokens else source
+
+
 # ----------------------------------------------------------------------------------------------
 # Training pipeline.
 # ----------------------------------------------------------------------------------------------

@@ -59,11 +59,15 @@ def _fmt(value: Any) -> str:
 
 
 def markdown(title: str, metrics: Mapping[str, Any], grids: Sequence[str] = (),
-             details: Optional[Mapping[str, Any]] = None, notes: Sequence[str] = ()) -> str:
-    """The text of report.md (grids: PNG file names next to it)."""
+             details: Optional[Mapping[str, Any]] = None, notes: Sequence[str] = (),
+             sections: Sequence[str] = ()) -> str:
+    """The text of report.md (grids: PNG file names next to it; sections: markdown blocks
+    after the metric table)."""
     lines = [f"# {title}", "", "| metric | value | meaning |", "|---|---|---|"]
     for name, value in metrics.items():
         lines.append(f"| {name} | {_fmt(value)} | {METRIC_DOCS.get(name, '')} |")
+    for section in sections:
+        lines += ["", section.rstrip("\n")]
     for grid in grids:
         lines += ["", f"![{grid}]({grid})"]
     if details:
@@ -78,7 +82,7 @@ def markdown(title: str, metrics: Mapping[str, Any], grids: Sequence[str] = (),
 def write_report(out_dir: str, title: str, metrics: Mapping[str, Any],
                  grids: Optional[Mapping[str, np.ndarray]] = None,
                  details: Optional[Mapping[str, Any]] = None, notes: Sequence[str] = (),
-                 step: int = 0, enabled: bool = True) -> str:
+                 step: int = 0, enabled: bool = True, sections: Sequence[str] = ()) -> str:
     """Writes metrics.json, one PNG per grid, report.md and TensorBoard events (scalars under
     "eval/", images) to `out_dir`; returns the report path. `enabled=False` on non-chief hosts."""
     path = os.path.join(out_dir, "report.md")
@@ -95,10 +99,53 @@ def write_report(out_dir: str, title: str, metrics: Mapping[str, Any],
     with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as f:
         json.dump(record, f, indent=2)
     with open(path, "w", encoding="utf-8") as f:
-        f.write(markdown(title, metrics, [f"{n}.png" for n in grids], details, notes))
+        f.write(markdown(title, metrics, [f"{n}.png" for n in grids], details, notes,
+                         sections))
     with summary.MetricWriter(out_dir) as writer:
         writer.write_scalars(step, {f"eval/{k}": float(v) for k, v in metrics.items()
                                     if isinstance(v, (int, float, np.number))})
         if grids:
             writer.write_images(step, {f"eval/{k}": v for k, v in grids.items()})
     return path
+
+
+def curve_table(x_name: str, rows: Mapping[int, Mapping[str, float]]) -> str:
+    """A markdown table with one row per x (e.g. the prefix length k) and one column per
+    metric of `rows[x]`."""
+    names = list(dict.fromkeys(k for r in rows.values() for k in r))
+    lines = [f"| {x_name} | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for x, r in rows.items():
+        lines.append(f"| {x} | " + " | ".join(_fmt(r.get(n, float("nan"))) for n in names)
+                     + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(x_name: str, rows: Mapping[int, Mapping[str, float]], title: str = ""
+                ) -> Optional[np.ndarray]:
+    """One panel per metric of `rows` ({x: {metric: value}}) against x on a log2 axis, as an
+    RGB uint8 image; None when matplotlib (optional) is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        from matplotlib import pyplot as plt
+    except ImportError:
+        return None
+    xs = sorted(rows)
+    names = [n for n in dict.fromkeys(k for r in rows.values() for k in r)
+             if any(math.isfinite(float(rows[x].get(n, float("nan")))) for x in xs)]
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.0), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        ax.plot(xs, [rows[x].get(name, float("nan")) for x in xs], marker="o")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.set_xlabel(x_name)
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        ax.ticklabel_format(axis="y", useOffset=False)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.canvas.draw()
+    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return image

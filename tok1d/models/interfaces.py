@@ -11,10 +11,15 @@ Tokenizer (TiTok, GigaTok, MaskGIT-VQGAN), a Linen module with:
     encode(images)   -> integer codes: (B, num_tokens) for TiTok and GigaTok, the (B, h, w) grid
                      (h * w = num_tokens, row-major) for MaskGIT-VQGAN; a continuous (VAE)
                      tokenizer raises ValueError (it has no codes)
-    decode_codes(codes) -> the decoder's output (pixels, or logits for stage 1)
+    decode_codes(codes) -> the decoder's output (pixels, or logits for stage 1). A 1D tokenizer
+                     (TiTok, GigaTok 1D) also decodes a prefix: codes (B, k), k <= num_tokens,
+                     are its first k tokens (ordered tokens: trained with `nested_dropout`, the
+                     rest is the learned mask vector; `tok1d.models.tokenizers.nested`)
     __call__(images, *, train=False) -> (reconstruction, TokenizerAux): the training forward
                      (`train`: TiTok VAE draws its latents from the posterior, GigaTok adds its
-                     shortcut reconstruction)
+                     shortcut reconstruction, `nested_dropout` draws a prefix length per
+                     example); a 1D tokenizer also takes `prefix_lengths` (an int k: decode
+                     the first k tokens; evaluation)
 A tokenizer with a shortcut decoder (GigaTok's CNN decoder on the CNN-encoder map, the
 "shortcut" warm-up term) also has `decode_cnn_map(cnn_map)` (`ShortcutTokenizer`). A tokenizer
 whose decoder features a semantic loss aligns with a teacher's patch grid (GigaTok) names that

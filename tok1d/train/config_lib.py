@@ -256,6 +256,9 @@ def add_generator_keys(c: ml_collections.ConfigDict) -> None:
         randomness_anneal_end=0,      # step, then with a probability falling linearly to 0 at
                                       # this one (tok1d.objectives.tokens.random_ratio)
         num_sample_classes=10,        # classes (0..n-1) in the periodic sample grid
+        prefix_tokens=0,              # > 0: train on the first k tokens of every sequence
+                                      # (ordered 1D tokens, model.nested_dropout); the model's
+                                      # num_tokens is then k and its samples decode as prefixes
     ))
     # Keyword arguments of the sampler (tok1d.generation.maskgit.sample,
     # tok1d.generation.autoregressive.sample or .sample_rar), used for the sample grids and

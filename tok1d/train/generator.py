@@ -113,16 +113,20 @@ def evaluate_loss(eval_step, params, source, global_batch: int, num_examples: in
 
 
 def token_sources(config):
-    """(train source, eval source or None, dataset info) of `config.generator.tokens`."""
+    """(train source, eval source or None, dataset info) of `config.generator.tokens`, cut to
+    the first `generator.prefix_tokens` tokens when that is > 0."""
     directory = config.generator.tokens
     if not directory:
         raise config_lib.ConfigError(
             "generator.tokens is empty: give the token dataset directory written by "
             "`python -m tok1d.cli.tokenize` (--config.generator.tokens=DIR).")
-    train = tokens_lib.TokenSource(directory, config.data.train_split)
+    k = config.generator.prefix_tokens
+    train = tokens_lib.prefix_source(tokens_lib.TokenSource(directory, config.data.train_split),
+                                     k)
     info = train.info
     splits = info.get("splits", {})
-    evals = (tokens_lib.TokenSource(directory, config.data.eval_split)
+    evals = (tokens_lib.prefix_source(tokens_lib.TokenSource(directory, config.data.eval_split),
+                                      k)
              if config.data.eval_split in splits else None)
     return train, evals, info
 

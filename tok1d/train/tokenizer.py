@@ -248,16 +248,23 @@ def make_train_step(model: nn.Module, tx, schedule, config,
     return train_step
 
 
-def make_eval_step(model: nn.Module, teacher: Optional[nn.Module] = None):
-    """(params, batch, frozen) -> (sums, reconstructions in [0, 1]). A proxy-code model is
-    judged through the teacher: pixels = teacher.decode_codes(argmax logits)."""
+def make_eval_step(model: nn.Module, teacher: Optional[nn.Module] = None,
+                   prefix: Optional[int] = None):
+    """(params, batch, frozen[, prefix_length]) -> (sums, reconstructions in [0, 1]). A
+    proxy-code model is judged through the teacher: pixels = teacher.decode_codes(argmax
+    logits). `prefix` k: decode the first k tokens only (a 1D tokenizer,
+    `tok1d.models.tokenizers.nested`); the traced `prefix_length` does the same for a model
+    trained with nested_dropout (its mask vector), with one compilation for every k."""
     num_codes = model.num_codes
     outputs_pixels = model.outputs_pixels
     to_model, to_unit = images.range_converters(model.pixel_range)
+    kwargs = {} if prefix is None else {"prefix_lengths": int(prefix)}
 
-    def eval_step(params, batch, frozen):
+    def eval_step(params, batch, frozen, prefix_length=None):
         images = batch["image"]
-        out, aux = model.apply({"params": params}, to_model(images))
+        kw = kwargs if prefix_length is None else {
+            "prefix_lengths": jnp.full((images.shape[0],), prefix_length, jnp.int32)}
+        out, aux = model.apply({"params": params}, to_model(images), **kw)
         mask = batch["mask"].astype(jnp.float32)
         sums = {}
         if outputs_pixels:

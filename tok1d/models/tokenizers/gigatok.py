@@ -32,6 +32,7 @@ from tok1d.layers import transformer
 from tok1d.layers.transformer import logical
 from tok1d.models.interfaces import TokenizerAux, vq_aux
 from tok1d.models import quantizers
+from tok1d.models.tokenizers import nested
 from tok1d.models.tokenizers.gigatok_cnn import GigaTokCNNDecoder, GigaTokCNNEncoder
 
 Dtype = Any
@@ -335,6 +336,10 @@ class GigaTok(nn.Module):
     `shortcut_pixels` (the CNN decoder on the encoder's map: GigaTok's early-phase auxiliary
     reconstruction) and `semantic_features` (the distill-MLP output aligned with DINOv2 when
     distill_depth > 0).
+
+    `nested_dropout` (1D layout; "none", "uniform", "pow2"): ordered variable-length tokens, a
+    random prefix kept per example in the training forward and the rest replaced by a learned
+    mask vector before post_quant_conv (`tok1d.models.tokenizers.nested`). Off by default.
     """
 
     layout: str = "1d"                # "1d" (Q-Former, num_latent_tokens) or "2d" (raster grid)
@@ -366,6 +371,7 @@ class GigaTok(nn.Module):
     d2s_up: bool = True
     distill_depth: int = 0
     out_inner_dim: int = 768
+    nested_dropout: str = "none"
     remat: str = "none"
     cnn_remat: str = "none"           # the CNN halves' ResnetBlocks (transformer.maybe_remat)
     attention_impl: Optional[str] = None
@@ -378,6 +384,13 @@ class GigaTok(nn.Module):
         if self.layout == "1d" and self.layer_type != "vit":
             raise ValueError(f"layer_type={self.layer_type!r} applies to the 2D layout only (the "
                              "1D halves are always Q-Former layers).")
+        nested.check_schedule(self.nested_dropout)
+        if self.layout == "2d" and self.nested_dropout != "none":
+            raise ValueError("nested_dropout applies to the 1D layout only (2D tokens are a "
+                             "grid, not an ordered sequence).")
+        self.tail_mask = (nested.TailMask(self.num_latent_tokens, self.code_dim,
+                                          param_dtype=self.param_dtype)
+                          if self.nested_dropout != "none" else None)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         tkw = dict(remat=self.remat, attention_impl=self.attention_impl, **kw)
         self.encoder = GigaTokCNNEncoder(ch=self.encoder_ch, ch_mult=tuple(self.encoder_ch_mult),
@@ -476,31 +489,48 @@ class GigaTok(nn.Module):
         codes = self.encode_latents(images)[1]["codes"]
         return codes.reshape(codes.shape[0], -1)
 
-    def decode_with_features(self, z_q: jax.Array
+    def decode_with_features(self, z_q: jax.Array, prefix_lengths: nested.PrefixLengths = None
                              ) -> tuple[jax.Array, jax.Array, Optional[jax.Array]]:
-        """Latents (B, N, code_dim) -> (pixels, rec_spatial grid, semantic features)."""
+        """Latents (B, n, code_dim) -> (pixels, rec_spatial grid, semantic features). 1D
+        layout: n <= N is a prefix of the tokens, `prefix_lengths` (an int, or (B,) per
+        example) keeps fewer (`nested.apply_prefix`)."""
+        if self.layout == "1d":
+            z_q = nested.apply_prefix(z_q, prefix_lengths, self.num_latent_tokens,
+                                      self.tail_mask)
+        elif prefix_lengths is not None or z_q.shape[1] != self.num_tokens:
+            raise ValueError(f"the 2D layout decodes all {self.num_tokens} tokens (a prefix "
+                             "needs the 1D layout).")
         rec_spatial, inner, _ = self.vit_decoder(self.post_quant_conv(z_q))
         return self.decoder(rec_spatial), rec_spatial, inner
 
-    def decode_latents(self, z_q: jax.Array) -> jax.Array:
-        """Latents (B, N, code_dim) -> pixels in [-1, 1] (not clamped)."""
-        return self.decode_with_features(z_q)[0]
+    def decode_latents(self, z_q: jax.Array, prefix_lengths: nested.PrefixLengths = None
+                       ) -> jax.Array:
+        """Latents (B, n, code_dim) -> pixels in [-1, 1] (not clamped); see
+        `decode_with_features`."""
+        return self.decode_with_features(z_q, prefix_lengths)[0]
 
     def decode_cnn_map(self, cnn_map: jax.Array) -> jax.Array:
         """The CNN decoder applied straight to the CNN encoder's map (the warm-up shortcut)."""
         return self.decoder(cnn_map)
 
     def decode_codes(self, codes: jax.Array) -> jax.Array:
+        """Codes (B, k) int (1D: k <= N, the first k tokens) -> pixels in [-1, 1]."""
         if self.quantize.codes_per_token > 1:
             codes = codes.reshape(codes.shape[0], -1, self.quantize.codes_per_token)
         return self.decode_latents(self.quantize.lookup(codes))
 
-    def __call__(self, images: jax.Array, *, train: bool = False
-                 ) -> tuple[jax.Array, TokenizerAux]:
+    def __call__(self, images: jax.Array, *, train: bool = False,
+                 prefix_lengths: nested.PrefixLengths = None) -> tuple[jax.Array, TokenizerAux]:
         """The training forward: (pixels, TokenizerAux with the fea_rec loss, `cnn_map`,
-        `semantic_features` (distill_depth > 0) and, with `train`, `shortcut_pixels`)."""
+        `semantic_features` (distill_depth > 0) and, with `train`, `shortcut_pixels`).
+        `train` with `nested_dropout` draws the prefix lengths (rng "sample");
+        `prefix_lengths` decodes the first k tokens only (evaluation)."""
         z_q, quantized = self.encode_latents(images, train=train)
-        pixels, rec_spatial, inner = self.decode_with_features(z_q)
+        if prefix_lengths is None and train and self.nested_dropout != "none":
+            prefix_lengths = nested.sample_prefix_lengths(
+                self.make_rng("sample"), z_q.shape[0], self.num_latent_tokens,
+                self.nested_dropout)
+        pixels, rec_spatial, inner = self.decode_with_features(z_q, prefix_lengths)
         cnn_map = quantized["cnn_map"]
         fea_rec = jnp.mean(jnp.square(
             rec_spatial.astype(jnp.float32) - jax.lax.stop_gradient(cnn_map).astype(jnp.float32)))

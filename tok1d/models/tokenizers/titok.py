@@ -21,6 +21,7 @@ from tok1d.layers.transformer import logical
 from tok1d.models import quantizers
 from tok1d.models.interfaces import TokenizerAux, gaussian_aux, vq_aux
 from tok1d.models.quantizers import VectorQuantizer
+from tok1d.models.tokenizers import nested
 from tok1d.models.tokenizers.vqgan import VQGANDecoder
 
 Dtype = Any
@@ -201,6 +202,10 @@ class TiTok(nn.Module):
                 gradient; their losses report 0), as in the official stage 2.
     legacy_reshape  the raw reshape of the released two-stage checkpoints (`is_legacy`); keep
                 False for new models.
+    nested_dropout  ordered variable-length tokens (`tok1d.models.tokenizers.nested`): the
+                schedule of the random prefix length kept per example in the training forward
+                ("none", "uniform", "pow2"); the rest of the tokens reach the decoder as a
+                learned mask vector. Off ("none") by default.
     """
 
     image_size: int = 256
@@ -225,6 +230,7 @@ class TiTok(nn.Module):
     num_proxy_codes: int = 1024
     legacy_reshape: bool = False
     finetune_decoder: bool = False
+    nested_dropout: str = "none"
     pixel_decoder: bool = False
     pixel_channels: int = 128
     pixel_channel_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
@@ -243,6 +249,10 @@ class TiTok(nn.Module):
                              f"{self.patch_size}.")
         if self.pixel_decoder and self.decoder_head != "logits":
             raise ValueError("pixel_decoder=True (stage 2) needs decoder_head='logits'.")
+        nested.check_schedule(self.nested_dropout)
+        self.tail_mask = (nested.TailMask(self.num_latent_tokens, self.token_dim,
+                                          param_dtype=self.param_dtype)
+                          if self.nested_dropout != "none" else None)
         common = dict(image_size=self.image_size, patch_size=self.patch_size,
                       num_latent_tokens=self.num_latent_tokens, scan=self.scan,
                       remat=self.remat, attention_impl=self.attention_impl, dtype=self.dtype,
@@ -331,9 +341,12 @@ class TiTok(nn.Module):
         codes = self.encode_latents(images)[1]["codes"]
         return codes.reshape(codes.shape[0], -1)
 
-    def decode_latents(self, z_q: jax.Array) -> jax.Array:
-        """Latents (B, N, D) -> pixels (B, H, W, 3) (not clamped), or proxy-code logits
-        (B, h, w, num_proxy_codes) for a stage-1 model."""
+    def decode_latents(self, z_q: jax.Array, prefix_lengths: nested.PrefixLengths = None
+                       ) -> jax.Array:
+        """Latents (B, n, D) -> pixels (B, H, W, 3) (not clamped), or proxy-code logits
+        (B, h, w, num_proxy_codes) for a stage-1 model. n <= N: a prefix of the tokens;
+        `prefix_lengths` (an int, or (B,) per example) keeps fewer (`nested.apply_prefix`)."""
+        z_q = nested.apply_prefix(z_q, prefix_lengths, self.num_latent_tokens, self.tail_mask)
         out = self.decoder(z_q)
         if not self.pixel_decoder:
             return out
@@ -347,7 +360,8 @@ class TiTok(nn.Module):
         return self.pixel_decoder_net(z).astype(jnp.float32)
 
     def decode_codes(self, codes: jax.Array) -> jax.Array:
-        """Codes (B, num_tokens) int -> decoder output (see `decode`)."""
+        """Codes (B, k) int, k <= num_tokens (the first k tokens) -> decoder output (see
+        `decode_latents`)."""
         if self.quantizer == "vae":
             raise ValueError("decode_codes needs a discrete quantizer; this TiTok is a VAE (use "
                              "decode_latents).")
@@ -355,10 +369,15 @@ class TiTok(nn.Module):
             codes = codes.reshape(codes.shape[0], -1, self.quantize.codes_per_token)
         return self.decode_latents(self.quantize.lookup(codes))
 
-    def __call__(self, images: jax.Array, *, train: bool = False
-                 ) -> tuple[jax.Array, TokenizerAux]:
+    def __call__(self, images: jax.Array, *, train: bool = False,
+                 prefix_lengths: nested.PrefixLengths = None) -> tuple[jax.Array, TokenizerAux]:
         """The training forward: (decoder output, TokenizerAux); `train` draws the VAE
-        variant's latents from its posterior (rng "sample")."""
+        variant's latents from its posterior and, with `nested_dropout`, the prefix lengths
+        (rng "sample"); `prefix_lengths` decodes the first k tokens only (evaluation)."""
         z_q, quantized = self.encode_latents(images, sample=train)
         aux = gaussian_aux(quantized) if self.quantizer == "vae" else vq_aux(quantized)
-        return self.decode_latents(z_q), aux
+        if prefix_lengths is None and train and self.nested_dropout != "none":
+            prefix_lengths = nested.sample_prefix_lengths(
+                self.make_rng("sample"), z_q.shape[0], self.num_latent_tokens,
+                self.nested_dropout)
+        return self.decode_latents(z_q, prefix_lengths), aux
