@@ -116,7 +116,9 @@ def tokenizer(preset: str, *, train_new: bool = False, dino_disc: bool = False):
     recipes.imagenet(config)
     config.data.augment = "adm_random_crop"
     config.data.min_scale = 0.8
-    config.model = dict(name="gigatok", preset=preset, remat=p["remat"], cnn_remat=p["remat"])
+    # scan: each transformer half compiles one layer (XL-XXL: 36 + 48 layers unrolled otherwise).
+    config.model = dict(name="gigatok", preset=preset, scan=True, remat=p["remat"],
+                        cnn_remat=p["remat"])
     if train_new:
         config.model["rotation_trick"] = False
 
