@@ -7,6 +7,7 @@
 #   bash benchmarks/compile_times.sh OUT_DIR     # OUT_DIR/compile.jsonl, OUT_DIR/*.log, table
 #
 # RECIPES="gigatok.py:xl_xxl titok.py:l32_stage1" runs a subset; WARM=0 skips the warm runs;
+# TABLE_ONLY=1 prints the table of what OUT_DIR holds;
 # BATCH (default 8) is the global batch compiled for (compile time barely depends on it);
 # PYTHON (default python3). Prints the markdown table of benchmarks/RESULTS.md at the end:
 # seconds of wall time, with the process's CPU seconds in parentheses (the steadier number on
@@ -21,6 +22,7 @@ gigatok.py:s_s gigatok.py:s_b gigatok.py:b_l gigatok.py:b_l_dino_disc gigatok.py
 gigatok.py:s_s_2d gigatok.py:s_b_2d gigatok.py:b_l_2d maskgit_titok.py:l32 maskgit_titok.py:s128
 gpt_gigatok.py:b gpt_gigatok.py:l gpt_gigatok.py:xl gpt_gigatok.py:xxl rar.py:b rar.py:xxl"
 
+[[ ${TABLE_ONLY:-0} == 1 ]] && ALL="" RECIPES=""  # TABLE_ONLY=1: the table of OUT_DIR only
 for recipe in ${RECIPES:-$ALL}; do
   name=${recipe/.py:/_}
   cache="$OUT/cache/$name"
@@ -53,13 +55,15 @@ PYEOF
   done
 done
 rm -f "$OUT/compile.jsonl.tmp"
+[[ -f "$OUT/compile.jsonl" ]] || { echo "no measurements in $OUT"; exit 1; }
 
 $PY - "$OUT/compile.jsonl" <<'PYEOF'
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]
 print("| recipe | batch | TFLOP/step | cold: trace+lower | cold: XLA | cold: start to compiled "
-      "| warm: XLA | warm: start to compiled | load (1 min avg) cold / warm |")
-print("|---|---|---|---|---|---|---|---|---|")
+      "| warm: trace+lower | warm: XLA (cache load) | warm: start to compiled "
+      "| load (1 min avg) cold / warm |")
+print("|---|---|---|---|---|---|---|---|---|---|")
 by = {}
 for r in rows:
     by.setdefault(r["recipe"], {})[r["cache"]] = r
@@ -78,6 +82,7 @@ for recipe, runs in by.items():
     load = lambda r: "-" if r is None else r["load"].split()[0]  # noqa: E731
     print(f"| {recipe} | {(c or w)['batch']} | {'-' if tflop is None else f'{tflop:.2f}'} | "
           f"{f(c, 'lower_s', 'lower_cpu_s')} | {f(c, 'compile_s', 'compile_cpu_s')} | "
-          f"{f(c, 'startup_s', 'startup_cpu_s')} | {f(w, 'compile_s', 'compile_cpu_s')} | "
+          f"{f(c, 'startup_s', 'startup_cpu_s')} | {f(w, 'lower_s', 'lower_cpu_s')} | "
+          f"{f(w, 'compile_s', 'compile_cpu_s')} | "
           f"{f(w, 'startup_s', 'startup_cpu_s')} | {load(c)} / {load(w)} |")
 PYEOF

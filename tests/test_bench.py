@@ -197,3 +197,21 @@ def test_compilation_cache_is_on_by_default(monkeypatch, tmp_path):
     for off in ("", "off"):
         monkeypatch.setenv("TOK1D_COMPILATION_CACHE", off)
         assert parallel.compilation_cache_dir() is None
+
+
+def test_pod_plan_arithmetic():
+    """benchmarks/pod_plan.py: FLOPs per image from a compile-only row, step time at an MFU on
+    the config's global batch, chip-days for its images, FSDP memory per chip."""
+    spec = importlib.util.spec_from_file_location(
+        "pod_plan", os.path.join(REPO, "benchmarks", "pod_plan.py"))
+    pod_plan = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pod_plan)
+    config = config_lib.load(os.path.join(REPO, "configs", "titok.py:l32_stage1"))
+    row = dict(batch=8, tflop_per_step=8.0, state_gib=32.0, saved_activations_gib=4.0)
+    plans = pod_plan.plan(row, config, chips=32)
+    v5p = next(p for p in plans if p["accelerator"] == "TPU v5p" and p["mfu"] == 0.4)
+    assert v5p["flops_per_image"] == 1e12
+    assert v5p["step_s"] == pytest.approx(8 * 1e12 / (0.4 * 459e12))  # 256 images / 32 chips
+    assert v5p["chip_days"] == pytest.approx(256e6 * 1e12 / (0.4 * 459e12) / 86400)
+    assert v5p["memory_gib"] == pytest.approx(32 / 32 + 0.5 * 8)
+    assert v5p["host_images_per_s"] == pytest.approx(4 * 8 / v5p["step_s"])
