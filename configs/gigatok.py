@@ -118,8 +118,9 @@ def tokenizer(preset: str, *, train_new: bool = False, dino_disc: bool = False):
     config.data.min_scale = 0.8
     # nested_dropout: ordered variable-length tokens (1D presets; not in the official recipes):
     # "uniform" / "pow2" (tok1d.models.tokenizers.nested), e.g. --config.model.nested_dropout=pow2
-    config.model = dict(name="gigatok", preset=preset, remat=p["remat"], cnn_remat=p["remat"],
-                        nested_dropout="none")
+    # scan: each transformer half compiles one layer (XL-XXL: 36 + 48 layers unrolled otherwise).
+    config.model = dict(name="gigatok", preset=preset, scan=True, remat=p["remat"],
+                        cnn_remat=p["remat"], nested_dropout="none")
     if train_new:
         config.model["rotation_trick"] = False
 

@@ -69,6 +69,11 @@ def test_compile_only_plans_memory_without_running(workload):
     for row in rows:
         assert row["step_ms"] is None and row["steps"] == 0 and row["memory_plan_gib"] > 0
         assert row["tflop_per_step"] > 0
+        # start-up: tracing + lowering and XLA's compile, within the command's time so far
+        assert row["lower_s"] > 0 and row["compile_s"] > 0
+        assert row["first_call_s"] == pytest.approx(row["lower_s"] + row["compile_s"])
+        assert row["startup_s"] >= row["first_call_s"]
+    assert "compile: trace + lower" in bench.format_row(rows[0])
     assert rows[1]["memory_plan_gib"] > rows[0]["memory_plan_gib"]
     if workload == "train":  # state independent of the batch, saved activations grow with it
         assert rows[0]["state_gib"] == rows[1]["state_gib"] > 0
@@ -157,3 +162,56 @@ def test_cli_refuses_a_bad_combination_with_a_message():
     run = subprocess.run(cmd, env=subprocess_env(1), capture_output=True, text=True, timeout=300)
     assert run.returncode == 2 and "error: --workload=sample needs a generator config" in \
         run.stderr and "Traceback" not in run.stderr
+
+
+def test_compile_times_script_measures_a_cold_and_a_warm_start(tmp_path):
+    """benchmarks/compile_times.sh on the tiny config: one compile-only start with an empty
+    persistent compilation cache, one with the cache it filled (XLA's work is then a load),
+    and the markdown table of benchmarks/RESULTS.md."""
+    env = dict(subprocess_env(1), PYTHON=sys.executable, RECIPES="tiny_test.py", BATCH="8")
+    run = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "compile_times.sh"),
+                          str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = {r["cache"]: r for r in map(json.loads, (tmp_path / "compile.jsonl").read_text()
+                                       .splitlines())}
+    assert set(rows) == {"cold", "warm"}
+    for row in rows.values():
+        assert row["recipe"] == "tiny_test.py" and row["batch"] == 8
+        assert row["compilation_cache"] == str(tmp_path / "cache" / "tiny_test.py")
+        assert 0 < row["first_call_s"] <= row["startup_s"] <= row["process_s"]
+    assert rows["warm"]["compile_s"] < rows["cold"]["compile_s"]
+    assert "| tiny_test.py | 8 |" in run.stdout
+
+
+def test_compilation_cache_is_on_by_default(monkeypatch, tmp_path):
+    from tok1d import parallel
+    monkeypatch.delenv("TOK1D_COMPILATION_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert parallel.compilation_cache_dir() == str(tmp_path / "tok1d" / "jax")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert parallel.compilation_cache_dir() == str(tmp_path / ".cache" / "tok1d" / "jax")
+    monkeypatch.setenv("TOK1D_COMPILATION_CACHE", "gs://bucket/cache")
+    assert parallel.compilation_cache_dir() == "gs://bucket/cache"
+    for off in ("", "off"):
+        monkeypatch.setenv("TOK1D_COMPILATION_CACHE", off)
+        assert parallel.compilation_cache_dir() is None
+
+
+def test_pod_plan_arithmetic():
+    """benchmarks/pod_plan.py: FLOPs per image from a compile-only row, step time at an MFU on
+    the config's global batch, chip-days for its images, FSDP memory per chip."""
+    spec = importlib.util.spec_from_file_location(
+        "pod_plan", os.path.join(REPO, "benchmarks", "pod_plan.py"))
+    pod_plan = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pod_plan)
+    config = config_lib.load(os.path.join(REPO, "configs", "titok.py:l32_stage1"))
+    row = dict(batch=8, tflop_per_step=8.0, state_gib=32.0, saved_activations_gib=4.0)
+    plans = pod_plan.plan(row, config, chips=32)
+    v5p = next(p for p in plans if p["accelerator"] == "TPU v5p" and p["mfu"] == 0.4)
+    assert v5p["flops_per_image"] == 1e12
+    assert v5p["step_s"] == pytest.approx(8 * 1e12 / (0.4 * 459e12))  # 256 images / 32 chips
+    assert v5p["chip_days"] == pytest.approx(256e6 * 1e12 / (0.4 * 459e12) / 86400)
+    assert v5p["memory_gib"] == pytest.approx(32 / 32 + 0.5 * 8)
+    assert v5p["host_images_per_s"] == pytest.approx(4 * 8 / v5p["step_s"])

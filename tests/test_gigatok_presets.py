@@ -322,3 +322,40 @@ def test_detr_half_matches_official_layer(part):
             got = np.asarray(grid).transpose(0, 3, 1, 2)
             assert rel_err(inner, want_inner) < 1e-5
     assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("layout,layer_type", [("1d", "vit"), ("2d", "vit"), ("2d", "detr")])
+def test_scanned_halves_equal_the_unrolled_layers(layout, layer_type):
+    """The scanned stacks (`scan=True`, the recipes' setting: `layers` with a leading axis named
+    "layers", one layer compiled whatever the depth) compute what the unrolled `layer_{i}` do
+    with the same weights, the distillation tap read inside the scan (after layer 2 of 3)
+    included."""
+    kw = dict(layout=layout, layer_type=layer_type, image_size=16, encoder_ch=32, decoder_ch=32,
+              encoder_ch_mult=(1, 2), decoder_ch_mult=(1, 2), num_res_blocks=1, z_channels=32,
+              encoder_width=32, encoder_depth=2, encoder_heads=2, decoder_width=32,
+              decoder_depth=3, decoder_heads=2, num_latent_tokens=8, codebook_size=64,
+              distill_depth=2, out_inner_dim=16)
+    scanned, unrolled = GigaTok(**kw, scan=True), GigaTok(**kw)
+    images = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3), minval=-1, maxval=1)
+    boxed = scanned.init(jax.random.key(0), images)["params"]
+    assert nn.get_partition_spec(boxed)["vit_decoder"]["layers"]["mlp"]["fc1"]["kernel"] == \
+        jax.sharding.PartitionSpec("layers", "embed", "mlp")
+    params = nn.unbox(boxed)
+    flat = dict(params)
+    for half in ("vit_encoder", "vit_decoder"):
+        tree = dict(params[half])
+        stacked = tree.pop("layers")
+        depth = len(jax.tree.leaves(stacked)[0])
+        tree.update({f"layer_{i}": jax.tree.map(lambda x, i=i: x[i], stacked)
+                     for i in range(depth)})
+        flat[half] = tree
+    want = jax.tree.map(lambda a: a.shape, nn.unbox(jax.eval_shape(
+        unrolled.init, jax.random.key(0), images)["params"]))
+    assert jax.tree.map(lambda a: a.shape, flat) == want
+    with jax.default_matmul_precision("highest"):
+        (pix_s, aux_s), (pix_u, aux_u) = (m.apply({"params": p}, images)
+                                          for m, p in ((scanned, params), (unrolled, flat)))
+    assert rel_err(pix_s, pix_u) < 1e-5
+    assert rel_err(aux_s.features["semantic_features"],
+                   aux_u.features["semantic_features"]) < 1e-5
+    np.testing.assert_array_equal(aux_s.codes, aux_u.codes)

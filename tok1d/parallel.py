@@ -224,15 +224,27 @@ def setup_process(coordinator_address: str = "", num_processes: int = 0,
                   process_id: int = -1) -> None:
     """What every command does first: joins a multi-host run when asked (a coordinator address,
     or TOK1D_DISTRIBUTED=1 for auto-detection on TPU pods / SLURM; CPU collectives over gloo,
-    harmless on GPU/TPU) and turns on the persistent compilation cache named by
-    $TOK1D_COMPILATION_CACHE."""
+    harmless on GPU/TPU) and turns on the persistent compilation cache
+    (`compilation_cache_dir`): a restarted or resumed run loads its compiled programs."""
     size_cpu_thread_pool()
     if coordinator_address or os.environ.get("TOK1D_DISTRIBUTED") == "1":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         maybe_initialize_distributed(coordinator_address, num_processes, process_id)
-    cache = os.environ.get("TOK1D_COMPILATION_CACHE")
+    cache = compilation_cache_dir()
     if cache:
         jax.config.update("jax_compilation_cache_dir", cache)
+
+
+def compilation_cache_dir() -> Optional[str]:
+    """The persistent compilation cache: $TOK1D_COMPILATION_CACHE (a local or gs:// path; empty
+    or "off" turns it off), by default $XDG_CACHE_HOME/tok1d/jax, i.e. ~/.cache/tok1d/jax. On
+    a pod, point it at a shared bucket so every host and every restart reuses one compile."""
+    cache = os.environ.get("TOK1D_COMPILATION_CACHE")
+    if cache is None:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"),
+                                                                ".cache")
+        return os.path.join(base, "tok1d", "jax")
+    return None if cache.strip().lower() in ("", "off", "none", "0") else cache
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:

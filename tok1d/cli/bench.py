@@ -31,9 +31,12 @@ as a JSON line (record device, versions and command with it, e.g. in benchmarks/
 copies) for TensorBoard's profile tab or Perfetto: profile before optimising.
 
 `--compile_only` runs nothing: with the state and params as shapes only it compiles the
-workload's programs and reports the per-device memory XLA plans for the largest of them
-(arguments + outputs - donated buffers + temporaries; "planned GiB"), to check that a batch
-fits before a job is queued. Run it on the target backend: the plan depends on the compiler's
+workload's programs, times that (tracing + lowering, XLA's compile, and the whole command from
+its start to the programs being ready: the start-up a run pays before its first step, less
+the state's initialisation or restore; a second run loads from the persistent compilation
+cache, `parallel.compilation_cache_dir`) and reports the per-device memory XLA plans for the
+largest of them (arguments + outputs - donated buffers + temporaries; "planned GiB"), to
+check that a batch fits before a job is queued. Run it on the target backend: the plan depends on the compiler's
 fusion and scheduling decisions, so a CPU plan only approximates a GPU's or TPU's. For training
 it also gives two backend-independent parts per device: the train state (params, optimizer
 state, EMA, discriminator) and the activations autodiff saves for the backward pass (the
@@ -47,6 +50,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -184,6 +188,19 @@ def matmul_tflops(size: int = 0, repeats: int = 5) -> float:
     return 2 * size ** 3 / statistics.median(times) / 1e12
 
 
+def process_seconds() -> Optional[float]:
+    """Seconds since this process was started (Linux's /proc; None elsewhere): the whole
+    command's time so far, interpreter start and imports included."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as f:
+            started = float(f.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime
+        with open("/proc/uptime", encoding="ascii") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - started / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def peak_memory_gib() -> Optional[float]:
     stats = jax.local_devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
@@ -245,19 +262,31 @@ class Workload:
             counts = [traced_flops(fn, *args) for fn, args in self.programs]
         return None if None in counts else sum(counts)
 
-    def memory_plan_gib(self) -> Optional[float]:
-        """Per-device memory XLA plans for the largest of the programs: arguments + outputs -
-        donated aliases + temporaries, from the compiled program's memory analysis (None where
-        the backend gives none). Compiles without running anything."""
+    def compile(self) -> dict[str, Optional[float]]:
+        """Compiles the programs without running anything: `lower_s` (tracing + lowering to
+        StableHLO, Python-side), `compile_s` (XLA's passes and code generation, or loading
+        from the persistent compilation cache) summed over the programs, the same in CPU
+        seconds of this process (`lower_cpu_s`, `compile_cpu_s`: steadier than wall time on a
+        shared machine), and
+        `memory_plan_gib`, the per-device memory XLA plans for the largest of them: arguments
+        + outputs - donated aliases + temporaries, from the compiled program's memory analysis
+        (None where the backend gives none)."""
+        wall, cpu = [0.0, 0.0], [0.0, 0.0]  # (lower, compile)
         totals = []
         with self.context():
             for fn, args in self.programs:
-                m = fn.lower(*args).compile().memory_analysis()
-                if m is None:
-                    return None
-                totals.append(m.argument_size_in_bytes + m.output_size_in_bytes
+                t0, c0 = time.perf_counter(), time.process_time()
+                lowered = fn.lower(*args)
+                t1, c1 = time.perf_counter(), time.process_time()
+                m = lowered.compile().memory_analysis()
+                wall[0], wall[1] = wall[0] + t1 - t0, wall[1] + time.perf_counter() - t1
+                cpu[0], cpu[1] = cpu[0] + c1 - c0, cpu[1] + time.process_time() - c1
+                totals.append(None if m is None else
+                              m.argument_size_in_bytes + m.output_size_in_bytes
                               - m.alias_size_in_bytes + m.temp_size_in_bytes)
-        return max(totals) / 2 ** 30
+        plan = None if None in totals else max(totals) / 2 ** 30
+        return dict(lower_s=wall[0], compile_s=wall[1], lower_cpu_s=cpu[0], compile_cpu_s=cpu[1],
+                    memory_plan_gib=plan)
 
 
 def _context(mesh, rules):
@@ -449,13 +478,16 @@ def run(config, workload: str, batch_size: int = 0, steps: int = 10, warmup: int
                devices=f"{jax.device_count()} x {device.device_kind}", step_ms=None,
                images_per_s=None, first_call_s=None, peak_memory_gib=None,
                memory_plan_gib=None, tflop_per_step=None, mfu=None, device_bf16_tflops=None,
-               jax=jax.__version__, steps=0 if compile_only else steps)
+               jax=jax.__version__, steps=0 if compile_only else steps,
+               compilation_cache=jax.config.jax_compilation_cache_dir)
+    if compile_only:
+        row.update(work.compile())
+        row["first_call_s"] = row["lower_s"] + row["compile_s"]  # compilation only
+        row["startup_s"] = process_seconds()  # command start -> programs ready to run
+        row["startup_cpu_s"] = time.process_time()  # the same in CPU seconds (all threads)
     flops = work.flops()
     row["tflop_per_step"] = None if flops is None else flops / 1e12
     if compile_only:
-        t0 = time.perf_counter()
-        row["memory_plan_gib"] = work.memory_plan_gib()
-        row["first_call_s"] = time.perf_counter() - t0  # compilation only
         row.update(work.memory_parts())
     else:
         work.prepare()
@@ -483,7 +515,14 @@ def format_row(row: dict[str, Any]) -> str:
     table = header + "\n|---|---|---|---|---|---|---|---|---|---|---|\n" + line
     parts = [f"{name[:-4].replace('_', ' ')} {row[name]:.2f} GiB" for name in
              ("state_gib", "saved_activations_gib") if row.get(name) is not None]
-    return table + ("\nper device: " + ", ".join(parts) if parts else "")
+    if parts:
+        table += "\nper device: " + ", ".join(parts)
+    if row.get("compile_s") is not None:
+        table += (f"\ncompile: trace + lower {row['lower_s']:.1f} s, XLA {row['compile_s']:.1f} s"
+                  f"; command start to compiled {fmt(row.get('startup_s'), '.1f')} s, "
+                  f"{fmt(row.get('startup_cpu_s'), '.1f')} CPU s "
+                  f"(compilation cache: {row.get('compilation_cache') or 'off'})")
+    return table
 
 
 def execute(fv: flags.FlagValues, args: list[str]) -> None:

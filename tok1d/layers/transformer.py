@@ -389,15 +389,36 @@ class Block(nn.Module):
         return constrain(x)
 
 
-class _ScanBlock(Block):
-    """`Block` with the (carry, xs) -> (carry, ys) signature that `nn.scan` needs."""
+@functools.lru_cache(maxsize=None)
+def scan_body(cls, tap: int = 0):
+    """`cls` (a layer mapping (x, *args) -> x) with the (carry, *args) -> (carry, None)
+    signature that `nn.scan` needs. With `tap` > 0 the carry is (x, tapped, layers done) and
+    `tapped` becomes x after layer `tap` (a select per layer: features read between two layers
+    of one stack, e.g. GigaTok's distillation head)."""
 
-    @nn.compact
-    def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None,  # type: ignore[override]
-                 deterministic: bool = True, decode: bool = False,
-                 rope: Optional[tuple[jax.Array, jax.Array]] = None,
-                 cond: Optional[jax.Array] = None):
-        return super().__call__(x, mask, deterministic, decode, rope, cond), None
+    class ScanBody(cls):
+        @nn.compact
+        def __call__(self, carry, *args):  # type: ignore[override]
+            if not tap:
+                return super().__call__(carry, *args), None
+            x, tapped, done = carry
+            x = super().__call__(x, *args)
+            done = done + 1
+            return (x, jnp.where(done == tap, x, tapped), done), None
+
+    ScanBody.__name__ = ScanBody.__qualname__ = f"Scan{cls.__name__}"
+    return ScanBody
+
+
+def scan_stack(body_cls, depth: int, num_args: int):
+    """`depth` layers of `body_cls` (a `scan_body`, possibly rematerialised) as one `nn.scan`:
+    their params (and KV caches) stacked along a leading axis with the logical name "layers",
+    the `num_args` inputs after the carry broadcast to every layer, one layer compiled whatever
+    the depth. Every scanned stack (`Transformer`, GigaTok's halves) is built here."""
+    return nn.scan(body_cls, variable_axes={"params": 0, "cache": 0},
+                   split_rngs={"params": True, "dropout": True},
+                   in_axes=(nn.broadcast,) * num_args, length=depth,
+                   metadata_params={nn.PARTITION_NAME: "layers"})
 
 
 class Transformer(Block):
@@ -427,13 +448,10 @@ class Transformer(Block):
                  deterministic: bool = True, decode: bool = False,
                  rope: Optional[tuple[jax.Array, jax.Array]] = None,
                  cond: Optional[jax.Array] = None) -> jax.Array:
-        block_cls = maybe_remat(_ScanBlock if self.scan else Block, self.remat,
+        block_cls = maybe_remat(scan_body(Block) if self.scan else Block, self.remat,
                                 prevent_cse=not self.scan, static_argnums=(3, 4))
         if self.scan:
-            stack = nn.scan(block_cls, variable_axes={"params": 0, "cache": 0},
-                            split_rngs={"params": True, "dropout": True},
-                            in_axes=(nn.broadcast,) * 5, length=self.depth,
-                            metadata_params={nn.PARTITION_NAME: "layers"})
+            stack = scan_stack(block_cls, self.depth, 5)
             x, _ = stack(**self._block_kwargs(), name="blocks")(x, mask, deterministic, decode,
                                                                  rope, cond)
             return x

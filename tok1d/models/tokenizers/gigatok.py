@@ -17,6 +17,14 @@ position on the keys, then a GELU MLP; LayerNorm eps 1e-5. Official sizes: `VIT_
 The 2D layout (`ViT2DEncoder` / `ViT2DDecoder`) transforms the h*w grid tokens themselves, with
 plain pre-norm ViT blocks (S-B 2D, B-L 2D) or QFormerLayers whose memory is their own input
 (S-S 2D); see `_vit_layers`.
+
+`scan=True` (the recipes in configs/gigatok.py) runs each half's layers as one `nn.scan`
+(`transformer.scan_stack`: one layer compiled whatever the depth; XL-XXL has 36 + 48), their
+params stacked along a leading "layers" axis under `layers`, the distillation tap read inside
+the scan (`transformer.scan_body`). The default `scan=False` unrolls them as `layer_{i}`: the
+same outputs up to float32 summation order (the scan's backward sums the broadcast inputs'
+gradients layer by layer), which the float32 train-step fixtures' trajectory bounds were
+measured with; the converter writes either layout.
 """
 
 from __future__ import annotations
@@ -66,6 +74,31 @@ def multi_level_queries(grid: jax.Array, num_tokens: int) -> jax.Array:
         pooled = grid.reshape(b, rows, h // rows, cols, w // cols, c).mean(axis=(2, 4))
         groups.append(pooled.reshape(b, rows * cols, c))
     return jnp.concatenate(groups, axis=1)
+
+
+def _apply_layers(module: nn.Module, layer_cls, kwargs: dict, x: jax.Array, args: tuple,
+                  tap: int = 0) -> tuple[jax.Array, Optional[jax.Array]]:
+    """`module.depth` layers `layer_cls(**kwargs)` applied as x = layer(x, *args), rematerialised
+    with `module.remat`; scanned as `layers` (params stacked along a leading "layers" axis) or
+    unrolled as `layer_{i}` by `module.scan`. Returns (x, x after layer `tap` or None)."""
+    depth = module.depth
+    if not module.scan:
+        layer_cls = transformer.maybe_remat(layer_cls, module.remat)
+        tapped = None
+        for i in range(depth):
+            x = layer_cls(**kwargs, name=f"layer_{i}")(x, *args)
+            if tap and i + 1 == tap:
+                tapped = x
+        return x, tapped
+    inside = tap if 0 < tap < depth else 0
+    body = transformer.maybe_remat(transformer.scan_body(layer_cls, inside), module.remat,
+                                   prevent_cse=False)
+    stack = transformer.scan_stack(body, depth, len(args))(**kwargs, name="layers")
+    if inside:
+        (x, tapped, _), _ = stack((x, jnp.zeros_like(x), jnp.zeros((), jnp.int32)), *args)
+        return x, tapped
+    x, _ = stack(x, *args)
+    return x, (x if tap == depth else None)
 
 
 class QFormerLayer(nn.Module):
@@ -144,6 +177,7 @@ class QFormerEncoder(nn.Module):
     num_heads: int
     num_latent_tokens: int
     multi_level_query_init: bool = True
+    scan: bool = False
     remat: str = "none"
     attention_impl: Optional[str] = None
     dtype: Dtype = jnp.float32
@@ -166,12 +200,8 @@ class QFormerEncoder(nn.Module):
         pos = _position(self, "positional_embedding", h * w, width, self.param_dtype)
         query_pos = _position(self, "latent_token_positional_embedding", n, width,
                               self.param_dtype)
-        layer_cls = transformer.maybe_remat(QFormerLayer, self.remat)
-        for i in range(self.depth):
-            queries = layer_cls(self.num_heads, 4 * width, attention_impl=self.attention_impl,
-                                dtype=self.dtype, param_dtype=self.param_dtype,
-                                name=f"layer_{i}")(queries, memory, query_pos.astype(self.dtype),
-                                                   pos.astype(self.dtype))
+        queries, _ = _apply_layers(self, QFormerLayer, _layer_kwargs(self), queries,
+                                   (memory, query_pos.astype(self.dtype), pos.astype(self.dtype)))
         return _tokens_out(self, queries, z)
 
 
@@ -186,6 +216,7 @@ class QFormerDecoder(nn.Module):
     grid_size: int
     distill_depth: int = 0            # 0: no semantic-regularisation head
     out_inner_dim: int = 768
+    scan: bool = False
     remat: str = "none"
     attention_impl: Optional[str] = None
     dtype: Dtype = jnp.float32
@@ -201,18 +232,24 @@ class QFormerDecoder(nn.Module):
         query_pos = _position(self, "positional_embedding", g * g, width, self.param_dtype)
         pos = _position(self, "latent_token_positional_embedding", self.num_latent_tokens, width,
                         self.param_dtype)[:n]
-        layer_cls = transformer.maybe_remat(QFormerLayer, self.remat)
-        inner, layer_feat = None, None
-        for i in range(self.depth):
-            queries = layer_cls(self.num_heads, 4 * width, attention_impl=self.attention_impl,
-                                dtype=self.dtype, param_dtype=self.param_dtype,
-                                name=f"layer_{i}")(queries, memory, query_pos.astype(self.dtype),
-                                                   pos.astype(self.dtype))
-            if self.distill_depth and i + 1 == self.distill_depth:
-                layer_feat = queries
-                inner = DistillMlp(width, self.out_inner_dim, dtype=self.dtype,
-                                   param_dtype=self.param_dtype, name="distill_mlp")(queries)
-        return _grid_out(self, queries, g, z), inner, layer_feat
+        queries, layer_feat = _apply_layers(
+            self, QFormerLayer, _layer_kwargs(self), queries,
+            (memory, query_pos.astype(self.dtype), pos.astype(self.dtype)), self.distill_depth)
+        return _grid_out(self, queries, g, z), _distill(self, layer_feat), layer_feat
+
+
+def _layer_kwargs(module: nn.Module) -> dict:
+    return dict(num_heads=module.num_heads, mlp_dim=4 * module.width,
+                attention_impl=module.attention_impl, dtype=module.dtype,
+                param_dtype=module.param_dtype)
+
+
+def _distill(module: nn.Module, layer_feat: Optional[jax.Array]) -> Optional[jax.Array]:
+    """The distill MLP on the features tapped after layer `distill_depth` (None: no head)."""
+    if layer_feat is None:
+        return None
+    return DistillMlp(module.width, module.out_inner_dim, dtype=module.dtype,
+                      param_dtype=module.param_dtype, name="distill_mlp")(layer_feat)
 
 
 class DistillMlp(nn.Module):
@@ -247,6 +284,7 @@ class ViT2DEncoder(nn.Module):
     depth: int
     num_heads: int
     layer_type: str = "vit"           # "vit" (TransformerLayer) or "detr" (TransformerDecoderLayer)
+    scan: bool = False
     remat: str = "none"
     attention_impl: Optional[str] = None
     dtype: Dtype = jnp.float32
@@ -257,7 +295,7 @@ class ViT2DEncoder(nn.Module):
         b, h, w, z = cnn_map.shape
         x = _embed_in(self, cnn_map.reshape(b, h * w, z), "encoder_embed")
         pos = _position(self, "positional_embedding", h * w, self.width, self.param_dtype)
-        x = _vit_layers(self, x, pos.astype(self.dtype), None)[0]
+        x = _vit_layers(self, x, pos.astype(self.dtype), 0)[0]
         return _tokens_out(self, x, z)
 
 
@@ -273,6 +311,7 @@ class ViT2DDecoder(nn.Module):
     distill_depth: int = 0
     out_inner_dim: int = 768
     layer_type: str = "vit"           # "vit" (TransformerLayer) or "detr" (TransformerDecoderLayer)
+    scan: bool = False
     remat: str = "none"
     attention_impl: Optional[str] = None
     dtype: Dtype = jnp.float32
@@ -285,15 +324,14 @@ class ViT2DDecoder(nn.Module):
         g = self.grid_size
         x = _embed_in(self, tokens, "decoder_embed")
         pos = _position(self, "positional_embedding", g * g, self.width, self.param_dtype)
-        x, inner, layer_feat = _vit_layers(self, x, pos.astype(self.dtype), self.distill_depth,
-                                           self.out_inner_dim)
-        return _grid_out(self, x, g, z), inner, layer_feat
+        x, layer_feat = _vit_layers(self, x, pos.astype(self.dtype), self.distill_depth)
+        return _grid_out(self, x, g, z), _distill(self, layer_feat), layer_feat
 
 
-def _vit_layers(module, x, pos, distill_depth, out_inner_dim=768):
-    """`module.depth` blocks named layer_{i} over the grid tokens x (B, L, W) with positions pos
-    (L, W), the distill MLP tapped after layer `distill_depth` (if set). LayerNorm eps 1e-5,
-    exact GELU. `module.layer_type`:
+def _vit_layers(module, x, pos, distill_depth):
+    """`module.depth` blocks (`_apply_layers`) over the grid tokens x (B, L, W) with positions
+    pos (L, W); returns (x, x after layer `distill_depth` or None). LayerNorm eps 1e-5, exact
+    GELU. `module.layer_type`:
 
     * "vit": pos added once to x, then pre-norm ViT blocks (self-attention, MLP).
     * "detr": no addition to x; every layer is a `QFormerLayer` whose memory is that layer's own
@@ -303,25 +341,19 @@ def _vit_layers(module, x, pos, distill_depth, out_inner_dim=768):
     if module.layer_type not in LAYER_TYPES_2D.values():
         raise ValueError(f"Unknown GigaTok 2D layer type {module.layer_type!r}; expected one "
                          f"of {sorted(LAYER_TYPES_2D.values())}.")
-    kw = dict(attention_impl=module.attention_impl, dtype=module.dtype,
-              param_dtype=module.param_dtype)
-    vit = module.layer_type == "vit"
-    layer_cls = transformer.maybe_remat(transformer.Block if vit else QFormerLayer, module.remat)
-    if vit:
-        x = x + pos
-    inner = layer_feat = None
-    for i in range(module.depth):
-        if vit:
-            x = layer_cls(module.num_heads, 4 * module.width, pre_norm=True, norm_eps=1e-5,
-                          activation="gelu", name=f"layer_{i}", **kw)(x)
-        else:
-            x = layer_cls(module.num_heads, 4 * module.width, name=f"layer_{i}", **kw)(
-                x, x, pos, pos)
-        if distill_depth and i + 1 == distill_depth:
-            layer_feat = x
-            inner = DistillMlp(module.width, out_inner_dim, dtype=module.dtype,
-                               param_dtype=module.param_dtype, name="distill_mlp")(x)
-    return x, inner, layer_feat
+    if module.layer_type == "vit":
+        kw = dict(_layer_kwargs(module), pre_norm=True, norm_eps=1e-5, activation="gelu")
+        return _apply_layers(module, transformer.Block, kw, x + pos, (), distill_depth)
+    return _apply_layers(module, _SelfMemoryQFormerLayer, _layer_kwargs(module), x, (pos,),
+                         distill_depth)
+
+
+class _SelfMemoryQFormerLayer(QFormerLayer):
+    """A `QFormerLayer` whose memory is its own input, with `pos` on queries and keys (S-S 2D)."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array, pos: jax.Array) -> jax.Array:  # type: ignore[override]
+        return super().__call__(x, x, pos, pos)
 
 
 class GigaTok(nn.Module):
@@ -372,6 +404,7 @@ class GigaTok(nn.Module):
     distill_depth: int = 0
     out_inner_dim: int = 768
     nested_dropout: str = "none"
+    scan: bool = False                # True: the halves' layers as nn.scan stacks (recipes)
     remat: str = "none"
     cnn_remat: str = "none"           # the CNN halves' ResnetBlocks (transformer.maybe_remat)
     attention_impl: Optional[str] = None
@@ -392,7 +425,7 @@ class GigaTok(nn.Module):
                                           param_dtype=self.param_dtype)
                           if self.nested_dropout != "none" else None)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        tkw = dict(remat=self.remat, attention_impl=self.attention_impl, **kw)
+        tkw = dict(scan=self.scan, remat=self.remat, attention_impl=self.attention_impl, **kw)
         self.encoder = GigaTokCNNEncoder(ch=self.encoder_ch, ch_mult=tuple(self.encoder_ch_mult),
                                          num_res_blocks=self.num_res_blocks,
                                          z_channels=self.z_channels, remat=self.cnn_remat,

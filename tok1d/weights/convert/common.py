@@ -340,20 +340,22 @@ def transformer(sd: StateDict, out: ParamTree, src: str, dst: str, depth: int, n
 
 
 def put_layers(sd: StateDict, out: ParamTree, src: str, dst: str, depth: int, scan: bool,
-               convert_layer: Callable[[str], dict[str, Any]]) -> None:
-    """Converts `{src}.{i}` with `convert_layer` for i < depth into a `layers.Transformer` at
-    `dst`: stacked under `blocks` for a scanned stack (only when every layer converted; missing
-    keys are already reported), else as `blocks_{i}`."""
+               convert_layer: Callable[[str], dict[str, Any]], stacked: str = "blocks",
+               unrolled: str = "blocks_{}") -> None:
+    """Converts `{src}.{i}` with `convert_layer` for i < depth into a layer stack at `dst`:
+    for a scanned stack stacked along a leading layers axis under `stacked` (only when every
+    layer converted; missing keys are already reported), else each as `unrolled.format(i)`.
+    The defaults are a `layers.Transformer`'s names."""
     missing_before = len(sd.missing)
     blocks = [convert_layer(f"{src}.{i}") for i in range(depth)]
     if not scan:
         for i, block in enumerate(blocks):
-            out.set_tree(f"{dst}/blocks_{i}", block, f"{src}.{i}")
+            out.set_tree(f"{dst}/{unrolled.format(i)}", block, f"{src}.{i}")
         return
     if len(sd.missing) > missing_before:
         return
     try:
-        stacked = stack_layers(blocks)
+        stacked_tree = stack_layers(blocks)
     except ValueError as e:
         raise ConversionError(f"{src}.*: the layers have different shapes ({e})") from e
-    out.set_tree(f"{dst}/blocks", stacked, f"{src}.{{0..{depth - 1}}}")
+    out.set_tree(f"{dst}/{stacked}", stacked_tree, f"{src}.{{0..{depth - 1}}}")

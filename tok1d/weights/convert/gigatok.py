@@ -48,11 +48,12 @@ TRANSFORMER_LAYER = dict(ln_1="norm1", ln_2="norm2", attn="self_attn", fc1="line
 
 def _convert_half(sd: StateDict, out: ParamTree, src: str, dst: str, depth: int,
                   num_heads: int, layer: str, part: str, distill: bool,
-                  one_d: bool = False) -> None:
+                  one_d: bool = False, scan: bool = False) -> None:
     """One transformer half: `layer` "detr" (TransformerDecoderLayer) or "vit"
     (TransformerLayer); `part` "encoder" (encoder_embed, 1x1 conv_out) or "decoder"
     (decoder_embed, 3x3 conv_out, optional distill MLP); `one_d` adds the 1D Q-Former's
-    latent-token positions (and the encoder's global_proj)."""
+    latent-token positions (and the encoder's global_proj); `scan`: the layers stacked under
+    `layers` (a `scan=True` model) or unrolled as `layer_{i}` (the default)."""
     if layer not in ("detr", "vit"):
         raise common.ConversionError(f"unknown GigaTok layer type {layer!r}")
     names = ["positional_embedding"]
@@ -66,11 +67,11 @@ def _convert_half(sd: StateDict, out: ParamTree, src: str, dst: str, depth: int,
     if one_d and part == "encoder":
         out.set_tree(f"{dst}/global_proj", common.dense(sd, f"{src}.global_proj"),
                      f"{src}.global_proj")
-    for i in range(depth):
-        key = f"{src}.transformer.{i}"
-        block = (qformer_layer(sd, key, num_heads) if layer == "detr"
-                 else common.attention_block(sd, key, num_heads, TRANSFORMER_LAYER))
-        out.set_tree(f"{dst}/layer_{i}", block, key)
+    common.put_layers(sd, out, f"{src}.transformer", dst, depth, scan,
+                      lambda key: (qformer_layer(sd, key, num_heads) if layer == "detr"
+                                   else common.attention_block(sd, key, num_heads,
+                                                               TRANSFORMER_LAYER)),
+                      stacked="layers", unrolled="layer_{}")
     out.set_tree(f"{dst}/ln_post/norm", common.norm(sd, f"{src}.ln_post"), f"{src}.ln_post")
     head = common.conv1x1_dense if part == "encoder" else common.conv_params
     out.set_tree(f"{dst}/conv_out", head(sd, f"{src}.conv_out"), f"{src}.conv_out")
@@ -82,21 +83,24 @@ def _convert_half(sd: StateDict, out: ParamTree, src: str, dst: str, depth: int,
 
 
 def convert_qformer_encoder(sd: StateDict, out: ParamTree, src: str, dst: str, depth: int,
-                            num_heads: int) -> None:
-    _convert_half(sd, out, src, dst, depth, num_heads, "detr", "encoder", False, one_d=True)
+                            num_heads: int, scan: bool = False) -> None:
+    _convert_half(sd, out, src, dst, depth, num_heads, "detr", "encoder", False, one_d=True,
+                  scan=scan)
 
 
 def convert_qformer_decoder(sd: StateDict, out: ParamTree, src: str, dst: str, depth: int,
-                            num_heads: int, distill: bool) -> None:
-    _convert_half(sd, out, src, dst, depth, num_heads, "detr", "decoder", distill, one_d=True)
+                            num_heads: int, distill: bool, scan: bool = False) -> None:
+    _convert_half(sd, out, src, dst, depth, num_heads, "detr", "decoder", distill, one_d=True,
+                  scan=scan)
 
 
 def convert_vit2d(sd: StateDict, out: ParamTree, src: str, dst: str, depth: int, num_heads: int,
-                  part: str, distill: bool = False, layer_type: str = "vit") -> None:
+                  part: str, distill: bool = False, layer_type: str = "vit",
+                  scan: bool = False) -> None:
     """`s2dencoder.*` (part="encoder") or `s2ddecoder.*` (part="decoder") -> ViT2D params;
     `layer_type` "vit" (TransformerLayer: ln_1/attn/ln_2/mlp names) or "detr"
     (TransformerDecoderLayer: norm1-3, self_attn, multihead_attn, linear1/2)."""
-    _convert_half(sd, out, src, dst, depth, num_heads, layer_type, part, distill)
+    _convert_half(sd, out, src, dst, depth, num_heads, layer_type, part, distill, scan=scan)
 
 
 MODEL_CLASSES = {"VQVitModelPlus": "1d", "VQVitModel2DPlus": "2d"}
@@ -190,14 +194,16 @@ def convert_gigatok(state_dict, model, what: str = "GigaTok checkpoint") -> dict
     distill = model.distill_depth > 0
     if model.layout == "1d":
         convert_qformer_encoder(sd, out, "s2to1encoder", "vit_encoder", model.encoder_depth,
-                                model.encoder_heads)
+                                model.encoder_heads, scan=model.scan)
         convert_qformer_decoder(sd, out, "s1to2decoder", "vit_decoder", model.decoder_depth,
-                                model.decoder_heads, distill)
+                                model.decoder_heads, distill, scan=model.scan)
     else:
         convert_vit2d(sd, out, "s2dencoder", "vit_encoder", model.encoder_depth,
-                      model.encoder_heads, "encoder", layer_type=model.layer_type)
+                      model.encoder_heads, "encoder", layer_type=model.layer_type,
+                      scan=model.scan)
         convert_vit2d(sd, out, "s2ddecoder", "vit_decoder", model.decoder_depth,
-                      model.decoder_heads, "decoder", distill, layer_type=model.layer_type)
+                      model.decoder_heads, "decoder", distill, layer_type=model.layer_type,
+                      scan=model.scan)
     for name in ("quant_conv", "post_quant_conv"):
         out.set_tree(name, common.conv1x1_dense(sd, name), name)
     out.set("quantize/embedding", sd.take("quantize.embedding.weight"),
