@@ -85,7 +85,9 @@ def test_mistyped_override_is_one_line_naming_the_key(tmp_path, capsys):
 
 @pytest.mark.parametrize("args, needle", [
     (["--config=configs/nope.py", "--workdir=W"], "config file not found: configs/nope.py"),
-    ([f"--config={TINY}:extra", "--workdir=W"], "get_config() takes 0 positional arguments"),
+    (["--config=configs/demo.py:extra", "--workdir=W"],
+     "get_config() takes 0 positional arguments"),
+    ([f"--config={TINY}:extra", "--workdir=W"], "unknown variant 'extra'"),
     ([f"--config={TINY}"], "--workdir is required"),
     ([f"--config={TINY}", "--workdir=W", "--wrokdir=X"], "Unknown command line flag 'wrokdir'"),
     ([f"--config={TINY}", "--workdir=W", "--config.optim.lr=fast"], "--config.optim.lr=fast"),

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import gzip
 import importlib.util
+import io
 import os
 from typing import Any
 
@@ -233,7 +234,6 @@ def imagenet_like_jpegs(count: int, seed: int = 0):
     from IMAGENET_LIKE_SIZES, randomly mirrored, with a random gain and camera-like noise
     (sigma 4-8 levels), saved at quality 90 with 4:2:0 chroma subsampling: about ImageNet's
     bytes per pixel, for input-pipeline benchmarks (`tok1d bench --workload=input`)."""
-    import io  # Local: only the benchmark writes files.
     photos = DEMO_PHOTOS[:7]  # the colour photos: astronaut .. retina
     sizes = [s for s, _ in IMAGENET_LIKE_SIZES]
     weights = np.array([p for _, p in IMAGENET_LIKE_SIZES])
