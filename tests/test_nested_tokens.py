@@ -15,7 +15,8 @@ import optax
 import pytest
 
 from tok1d import models
-from tok1d.cli import tokenize
+from tok1d import errors
+from tok1d.cli import evaluate, tokenize
 from tok1d.data import sources, tokens
 from tok1d.evaluation.image_metrics import psnr
 from tok1d.models.tokenizers import nested
@@ -168,6 +169,40 @@ def test_generator_on_prefixes_samples_k_decodable_tokens(prefix_tokens, tmp_pat
     assert os.path.getsize(os.path.join(workdir, "samples.png")) > 300
     lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     assert any("train/loss" in line for line in lines)
+
+
+def test_evaluate_prefixes_reports_quality_per_k(prefix_tokens, tmp_path):
+    """`tok1d evaluate --prefixes`: PSNR / SSIM per k from the first k tokens (k = N is the
+    plain evaluation; k = 2 is recomputed here from encode -> decode_codes of 2 tokens), the
+    report with its table, curve plot and one grid row per k; bad k named in one line."""
+    model, params, _, tok_dir = prefix_tokens
+    c = config_lib.base_config("tokenizer")
+    c.model = dict(name="titok", nested_dropout="uniform", **TITOK)
+    c.data.name, c.data.image_size, c.data.eval_examples = "digits", SIZE, 16
+    c.eval_batch_size, c.precision = 8, "float32"
+    c.evaluation.num_report_images = 4
+    out = tmp_path / "prefixes"
+    m = evaluate.run(c, checkpoint=tok_dir, out=str(out), prefixes="1,2,8", log=lambda _: None)
+    assert {f"{k}_k{n}" for k in ("psnr", "ssim") for n in (1, 2, 8)} <= set(m)
+    assert len({m["psnr_k1"], m["psnr_k2"], m["psnr_k8"]}) == 3  # the prefix is what is decoded
+
+    full = evaluate.run(c, checkpoint=tok_dir, out=str(tmp_path / "full"), log=lambda _: None)
+    assert m["psnr_k8"] == pytest.approx(full["psnr"], rel=1e-5)
+    assert m["ssim_k8"] == pytest.approx(full["ssim"], rel=1e-5)
+
+    digits = sources.DigitsSource("validation")
+    x = np.stack([tokenize.load_image(digits[i]["image"], SIZE) for i in range(16)])
+    codes = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode"))(params, x)
+    recon = jax.jit(lambda p, c: model.apply({"params": p}, c, method="decode_codes"))(
+        params, codes[:, :2])
+    assert m["psnr_k2"] == pytest.approx(float(jnp.mean(psnr(recon, x))), rel=1e-4)
+
+    assert "Quality vs k" in (out / "report.md").read_text()
+    record = json.load(open(out / "metrics.json"))
+    assert record["metrics"]["psnr_k1"] == pytest.approx(m["psnr_k1"])
+    assert os.path.exists(out / "prefix_reconstructions.png")
+    with pytest.raises(errors.UserError, match=r"1\.\.8"):
+        evaluate.run(c, checkpoint=tok_dir, out=str(tmp_path / "bad"), prefixes="0,9")
 
 
 def test_tiny_titok_quality_rises_with_k():
