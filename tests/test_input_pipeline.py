@@ -15,7 +15,7 @@ from PIL import Image
 
 from conftest import REPO
 from tok1d import parallel
-from tok1d.cli import bench, input_bench
+from tok1d.cli import bench, input_bench, tokenize
 from tok1d.data import feeding, pipeline, sources
 
 AUGMENTS = ("center_crop", "random_crop", "adm_random_crop", "random_resized_crop")
@@ -76,6 +76,16 @@ def test_reduced_decoding_is_used_when_the_image_shrinks_2x(monkeypatch):
     assert drafts == []
     pipeline.crop(_jpeg("coffee", 1024, 768), **kw)
     assert len(drafts) == 1
+
+
+def test_tokenize_reads_images_as_the_evaluation_data_does():
+    """`tok1d tokenize`'s center crops are the evaluation pipeline's (the fast path, reduced
+    decoding included): codes of the eval split are codes of the images evaluation sees."""
+    for data in (_jpeg("astronaut", 1024, 768), _jpeg("coffee", 500, 375)):
+        ours = tokenize.load_image(data, 128)
+        assert ours.dtype == np.float32 and ours.shape == (128, 128, 3)
+        np.testing.assert_array_equal(ours, pipeline.preprocess(
+            data, image_size=128, augment="center_crop", flip=False, min_scale=1.0, rng=None))
 
 
 def test_batches_are_uint8_and_the_feeder_normalises_them_on_device():

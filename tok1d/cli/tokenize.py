@@ -81,11 +81,15 @@ def resolve_source(data: str, split: str, *, data_dir: str = "", image_size: int
 
 
 def load_image(image: Any, image_size: int, crop: str = "center") -> np.ndarray:
-    """An encoded or decoded image -> float32 (image_size, image_size, 3) in [0, 1]."""
-    img = records.decode_image(image)
+    """An encoded or decoded image -> float32 (image_size, image_size, 3) in [0, 1]. "center"
+    is the pipelines' fast path (`tok1d.data.pipeline.crop`: the same center crop as the
+    evaluation data, a JPEG decoded at a reduced size when it is 2x or more the crop)."""
     if crop == "center":
-        img = pipeline.center_crop(img, image_size)
-    elif crop == "resize":
+        img = pipeline.crop(image, image_size=image_size, augment="center_crop", flip=False,
+                            min_scale=1.0, rng=None)
+        return np.asarray(img, np.float32) / 255.0
+    img = records.decode_image(image)
+    if crop == "resize":
         if img.shape[:2] != (image_size, image_size):
             img = np.asarray(Image.fromarray(img).resize((image_size, image_size),
                                                          Image.BICUBIC))
