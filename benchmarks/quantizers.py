@@ -1,6 +1,7 @@
 """The quantizer comparison: every quantizer on the same tiny TiTok (configs/quantizers.py),
 same data (the embedded demo images), same steps; eval PSNR, codebook usage, perplexity and
-dead codes after training. Writes a Markdown table and a plot.
+dead codes after training, and the validation loss of a small GPT fitted on each tokenizer's
+codes (the AR probe of configs/quantizers.py). Writes a Markdown table and a plot.
 
     python benchmarks/quantizers.py --out DIR [--quantizers vq,fsq,...] [--steps N]
 
@@ -42,14 +43,16 @@ def final_eval(metrics) -> dict:
 
 
 def table(rows: dict) -> str:
-    lines = ["| quantizer | PSNR (dB) | codebook usage | perplexity | dead codes |",
-             "|---|---|---|---|---|"]
+    lines = ["| quantizer | PSNR (dB) | codebook usage | perplexity | dead codes "
+             "| AR-probe val loss (nats/code) |", "|---|---|---|---|---|---|"]
     for name, m in rows.items():
         usage = m.get("codebook_usage")
+        probe = m.get("ar_probe_val_loss")
         lines.append(
             f"| `{name}` | {m['psnr']:.2f} | "
-            + (f"{usage:.3f} | {m['codebook_perplexity']:.1f} | {m['codebook_dead']} |"
-               if usage is not None else "– | – | – (continuous) |"))
+            + (f"{usage:.3f} | {m['codebook_perplexity']:.1f} | {m['codebook_dead']:.0f} | "
+               if usage is not None else "– | – | – | ")
+            + (f"{probe:.3f} |" if probe is not None else "– (continuous) |"))
     return "\n".join(lines) + "\n"
 
 
@@ -62,11 +65,14 @@ def plot(rows: dict, path: str) -> None:
         print("matplotlib not installed: no plot")
         return
     names = list(rows)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     axes[0].bar(names, [rows[n]["psnr"] for n in names])
     axes[0].set_ylabel("eval PSNR (dB)")
     axes[1].bar(names, [rows[n].get("codebook_perplexity", 0.0) for n in names])
-    axes[1].set_ylabel("code perplexity")
+    axes[1].set_ylabel("code perplexity (of 64)")
+    axes[2].bar(names, [rows[n].get("ar_probe_val_loss", 0.0) for n in names])
+    axes[2].set_ylabel("AR-probe val loss (nats/code)")
+    fig.suptitle("Quantizers on one tiny TiTok, 32x32 demo crops, same steps (0: not applicable)")
     for ax in axes:
         ax.tick_params(axis="x", rotation=45)
     fig.tight_layout()

@@ -15,7 +15,11 @@
 | vae            | KL bottleneck (weight 1e-4)    | 6         | continuous        |
 
 Same model (32x32 demo crops, 1-layer width-32 ViT halves, 8 tokens), optimizer and steps for
-all; `steps` below.
+all; `steps` below. At the end the AR probe (`config.ar_probe`, tok1d.probes.ar) encodes 2048
+training crops and the 256 validation crops with the trained tokenizer and fits a small GPT
+(width 64, 2 layers, 300 steps) on those codes: its validation loss (nats per code, every
+discrete vocabulary here has 64 entries; residual VQ's 2 codes per token are one flattened
+sequence of 16) says how learnable each quantizer's codes are for a generator.
 """
 
 from tok1d.train import config_lib
@@ -51,8 +55,8 @@ def get_config(arg: str = "vq"):
         config.losses.quantizer = 0.0
         config.losses.kl = 1e-4
     config.data.image_size = 32
-    config.data.eval_examples = 64
-    config.data.demo_size = 256
+    config.data.eval_examples = 256
+    config.data.demo_size = 2048
     config.optim.lr = 3e-3
     config.optim.warmup_steps = 20
     config.log_every_steps = 50
@@ -60,4 +64,9 @@ def get_config(arg: str = "vq"):
     config.checkpoint.every_steps = steps
     config.checkpoint.keep = 1
     config.num_grid_images = 4
+    if arg != "vae":  # continuous latents: no codes to model
+        config.ar_probe.every_steps = steps
+        config.ar_probe.train_examples = 2048
+        config.ar_probe.steps = 300
+        config.ar_probe.model = dict(width=64, depth=2, num_heads=2)
     return config
