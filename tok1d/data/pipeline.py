@@ -155,10 +155,13 @@ def crop(image: Any, *, image_size: int, augment: str, flip: bool, min_scale: fl
     sx, sy = width / rw, height / rh
     box = (left * sx, top * sy, (left + cw) * sx, (top + ch) * sy)
     shrink = min((box[2] - box[0]) / image_size, (box[3] - box[1]) / image_size)
+    dx = dy = 1.0
     if shrink >= 2 and pil.format == "JPEG":  # DCT-domain downscaling by 2, 4 or 8
-        pil.draft("RGB", (math.ceil(width / shrink), math.ceil(height / shrink)))
+        drafted = pil.draft("RGB", (math.ceil(width / shrink), math.ceil(height / shrink)))
+        if drafted is not None:  # the exact scale (W/s, H/s), not the rounded-up pixel size
+            _, (_, _, scaled_w, scaled_h) = drafted
+            dx, dy = scaled_w / width, scaled_h / height
     pil = load_rgb(pil)
-    dx, dy = pil.size[0] / width, pil.size[1] / height
     box = (box[0] * dx, box[1] * dy, box[2] * dx, box[3] * dy)
     if (rh, rw) != (height, width):  # resize-then-crop recipes: resize only the window
         out = pil.resize((image_size, image_size), Image.BICUBIC, box=box)
