@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from conftest import REPO, subprocess_env
@@ -187,16 +188,29 @@ def test_compile_times_script_measures_a_cold_and_a_warm_start(tmp_path):
 def test_compilation_cache_is_on_by_default(monkeypatch, tmp_path):
     from tok1d import parallel
     monkeypatch.delenv("TOK1D_COMPILATION_CACHE", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert parallel.compilation_cache_dir() == str(tmp_path / "tok1d" / "jax")
-    monkeypatch.delenv("XDG_CACHE_HOME")
-    monkeypatch.setenv("HOME", str(tmp_path))
-    assert parallel.compilation_cache_dir() == str(tmp_path / ".cache" / "tok1d" / "jax")
-    monkeypatch.setenv("TOK1D_COMPILATION_CACHE", "gs://bucket/cache")
-    assert parallel.compilation_cache_dir() == "gs://bucket/cache"
-    for off in ("", "off"):
-        monkeypatch.setenv("TOK1D_COMPILATION_CACHE", off)
-        assert parallel.compilation_cache_dir() is None
+    # A directory the user already gave JAX is kept (the suite's conftest sets one).
+    kept, size = jax.config.jax_compilation_cache_dir, jax.config.jax_compilation_cache_max_size
+    assert kept and parallel.compilation_cache_dir() == kept
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+        assert parallel.compilation_cache_dir() == str(tmp_path / "tok1d" / "jax")
+        # tok1d's default directory is capped (least recently used entries evicted).
+        parallel.setup_process()
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "tok1d" / "jax")
+        assert jax.config.jax_compilation_cache_max_size == parallel.DEFAULT_CACHE_MAX_BYTES
+        jax.config.update("jax_compilation_cache_dir", None)
+        monkeypatch.delenv("XDG_CACHE_HOME")
+        monkeypatch.setenv("HOME", str(tmp_path))
+        assert parallel.compilation_cache_dir() == str(tmp_path / ".cache" / "tok1d" / "jax")
+        monkeypatch.setenv("TOK1D_COMPILATION_CACHE", "gs://bucket/cache")
+        assert parallel.compilation_cache_dir() == "gs://bucket/cache"
+        for off in ("", "off"):
+            monkeypatch.setenv("TOK1D_COMPILATION_CACHE", off)
+            assert parallel.compilation_cache_dir() is None
+    finally:
+        jax.config.update("jax_compilation_cache_dir", kept)
+        jax.config.update("jax_compilation_cache_max_size", size)
 
 
 def test_pod_plan_arithmetic():

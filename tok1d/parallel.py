@@ -233,14 +233,26 @@ def setup_process(coordinator_address: str = "", num_processes: int = 0,
     cache = compilation_cache_dir()
     if cache:
         jax.config.update("jax_compilation_cache_dir", cache)
+        if (os.environ.get("TOK1D_COMPILATION_CACHE") is None
+                and jax.config.jax_compilation_cache_max_size < 0):
+            # tok1d's own default directory stays bounded (least recently used entries go).
+            jax.config.update("jax_compilation_cache_max_size", DEFAULT_CACHE_MAX_BYTES)
+
+
+DEFAULT_CACHE_MAX_BYTES = 8 << 30
 
 
 def compilation_cache_dir() -> Optional[str]:
     """The persistent compilation cache: $TOK1D_COMPILATION_CACHE (a local or gs:// path; empty
-    or "off" turns it off), by default $XDG_CACHE_HOME/tok1d/jax, i.e. ~/.cache/tok1d/jax. On
-    a pod, point it at a shared bucket so every host and every restart reuses one compile."""
+    or "off" turns it off); else a directory the user already gave JAX
+    ($JAX_COMPILATION_CACHE_DIR / jax_compilation_cache_dir); else $XDG_CACHE_HOME/tok1d/jax,
+    i.e. ~/.cache/tok1d/jax, kept under DEFAULT_CACHE_MAX_BYTES (8 GiB, least recently used
+    entries evicted; JAX_COMPILATION_CACHE_MAX_SIZE overrides). On a pod, point it at a shared
+    bucket so every host and every restart reuses one compile."""
     cache = os.environ.get("TOK1D_COMPILATION_CACHE")
     if cache is None:
+        if jax.config.jax_compilation_cache_dir:
+            return jax.config.jax_compilation_cache_dir
         base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"),
                                                                 ".cache")
         return os.path.join(base, "tok1d", "jax")
