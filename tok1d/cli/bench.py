@@ -63,6 +63,7 @@ import numpy as np
 from absl import flags
 from jax.extend import core as jex_core
 
+from tok1d import errors
 from tok1d import images as images_lib
 from tok1d import parallel
 from tok1d.cli import app
@@ -106,7 +107,7 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("image_folder", "", "input: read this folder of class subfolders of "
                         "images instead.", flag_values=fv)
     flags.DEFINE_integer("workers", 0, "input: worker processes (0: in this process, rates per "
-                         "CPU core; -1: one per core).", flag_values=fv)
+                         "CPU core; -1: one per core but one, at most 16).", flag_values=fv)
     flags.DEFINE_integer("repeats", 3, "input: runs of each pipeline (the least CPU time "
                          "counts).", flag_values=fv)
     flags.DEFINE_bool("official", True, "input: also run the official loader (torchvision).",
@@ -192,8 +193,7 @@ def process_seconds() -> Optional[float]:
     """Seconds since this process was started (Linux's /proc; None elsewhere): the whole
     command's time so far, interpreter start and imports included."""
     try:
-        with open("/proc/self/stat", encoding="ascii") as f:
-            started = float(f.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime
+        started = float(input_bench.proc_stat()[19])  # field 22: starttime
         with open("/proc/uptime", encoding="ascii") as f:
             uptime = float(f.read().split()[0])
         return uptime - started / os.sysconf("SC_CLK_TCK")
@@ -528,9 +528,16 @@ def format_row(row: dict[str, Any]) -> str:
 def execute(fv: flags.FlagValues, args: list[str]) -> None:
     del args
     if fv.workload == "input":
+        unused = [f"--{name}" for name, on in (("compile_only", fv.compile_only),
+                                                ("profile", fv.profile),
+                                                ("tokenizer_config", fv.tokenizer_config)) if on]
+        if unused:
+            raise errors.UserError(f"{', '.join(unused)}: not used by --workload=input (it "
+                                   "times the input pipelines only).")
         rows = input_bench.run(fv.config, images=fv.images, batch_size=fv.batch_size or 32,
                                steps=fv.steps, repeats=fv.repeats, workers=fv.workers,
-                               image_folder=fv.image_folder, official=fv.official)
+                               image_folder=fv.image_folder, official=fv.official,
+                               warmup=max(fv.warmup, 1))
         if fv.out:
             with open(fv.out, "a", encoding="utf-8") as f:
                 command = " ".join(app.command_line())

@@ -17,7 +17,8 @@ crop) unless the recipe's own is that.
 `--workers=0` (default) runs each pipeline in this process (grain's reading threads; torch
 with one intra-op thread, as in a DataLoader worker): "img/s per core" is images / CPU seconds
 of the process, which stays meaningful on a loaded machine. `--workers=N` uses N worker
-processes (grain `mp_prefetch` / DataLoader workers; -1: one per core) and adds the workers'
+processes (grain `mp_prefetch` / DataLoader workers; -1: `data.num_workers`' auto count, one
+per core but one, at most 16) and adds the workers'
 CPU time (read from /proc). "wall img/s" is the elapsed-time rate (it depends on the load).
 Each measurement runs `--repeats` times after `warmup` batches; the table gives the run with
 the least CPU time. The 1-minute load average is recorded beside the numbers.
@@ -49,14 +50,22 @@ def write_image_folder(root: str, count: int, seed: int = 0) -> str:
     return root
 
 
+def proc_stat(pid: int | str = "self") -> list[str]:
+    """The fields of /proc/PID/stat after the command name (field 3 on: state, ppid, ...;
+    Linux), [] where it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
 def _descendants(pid: int) -> list[int]:
     """Live descendant processes of `pid` (Linux /proc; [] elsewhere)."""
     parents = {}
     with contextlib.suppress(OSError):
         for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                with contextlib.suppress(OSError), open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
+            if entry.isdigit() and (fields := proc_stat(entry)):
                 parents.setdefault(int(fields[1]), []).append(int(entry))
     out, todo = [], [pid]
     while todo:
@@ -74,8 +83,7 @@ def cpu_seconds() -> float:
     total += child.ru_utime + child.ru_stime
     ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
     for pid in _descendants(os.getpid()):
-        with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
+        if fields := proc_stat(pid):
             total += (int(fields[11]) + int(fields[12])) / ticks
     return total
 
@@ -107,7 +115,7 @@ def _torch_threads(count: int):
 
 def run(config, *, images: int = 256, batch_size: int = 32, steps: int = 10,
         repeats: int = 3, workers: int = 0, image_folder: str = "", official: bool = True,
-        log=print) -> list[dict[str, Any]]:
+        warmup: int = 1, log=print) -> list[dict[str, Any]]:
     """Measures tok1d's and the official input pipelines of `config`'s recipe (see the module
     doc); returns (and logs as a table) one row per pipeline and transform."""
     data = config.data
@@ -121,8 +129,9 @@ def run(config, *, images: int = 256, batch_size: int = 32, steps: int = 10,
             raise ValueError(f"{len(source)} images, fewer than one batch of {batch_size}.")
         rows = []
         for augment in augments:
-            kwargs = dict(image_size=data.image_size, augment=augment, flip=data.flip,
-                          min_scale=data.min_scale)
+            # The evaluation transform (center crop) never flips, in tok1d as upstream.
+            kwargs = dict(image_size=data.image_size, augment=augment,
+                          flip=data.flip and augment != CENTER, min_scale=data.min_scale)
 
             def tok1d_batches():
                 return pipeline.train_dataset(source, global_batch=batch_size, host_start=0,
@@ -139,7 +148,8 @@ def run(config, *, images: int = 256, batch_size: int = 32, steps: int = 10,
                 threads = _torch_threads(1) if name == "official" and num_workers == 0 else (
                     contextlib.nullcontext())
                 with threads:
-                    runs = [time_batches(make, batch_size, steps) for _ in range(repeats)]
+                    runs = [time_batches(make, batch_size, steps, warmup)
+                            for _ in range(repeats)]
                 best = min(runs, key=lambda r: r["cpu_s"])
                 rows.append(dict(pipeline=name, augment=augment, image_size=data.image_size,
                                  batch=batch_size, workers=num_workers,
