@@ -10,6 +10,7 @@ import http.server
 import os
 import re
 import shutil
+import stat
 import threading
 
 import jax
@@ -271,3 +272,84 @@ def test_a_teacher_by_name(cache, monkeypatch):
     by_file = loaders.load_teacher("dinov2", path, {}, precision="float32", grid=8)
     assert by_name[0] == by_file[0] and by_name[0].pos_grid == 8
     jax.tree.map(np.testing.assert_array_equal, by_name[1], by_file[1])
+
+
+def test_tok1d_offline_reads_only_the_hub_cache(tiny_bin, cache, tmp_path, monkeypatch):
+    """TOK1D_OFFLINE=1 alone (no HF_HUB_OFFLINE) keeps huggingface_hub off the network; a Hub
+    failure is worded by its cause."""
+    hub = pytest.importorskip("huggingface_hub")
+    from huggingface_hub import constants
+    root = tmp_path / "hf_hub"
+    root.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(root))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(root))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("TOK1D_OFFLINE", "1")
+    calls, real = [], hub.hf_hub_download
+
+    def spy(**kw):
+        calls.append(kw)
+        return real(**kw)
+
+    monkeypatch.setattr(hub, "hf_hub_download", spy)
+    _hub_cache(root, "tok1d-test/tiny-rar", "rar_tiny.bin", tiny_bin[1])
+    _entry(monkeypatch, "rar_tiny", "hf://tok1d-test/tiny-rar/rar_tiny.bin")
+    assert os.path.isdir(loaders.resolve("rar_tiny"))
+    assert calls and all(kw.get("local_files_only") is True for kw in calls)
+    _entry(monkeypatch, "rar_miss", "hf://tok1d-test/tiny-rar/missing.bin")
+    with pytest.raises(download.DownloadError, match=r"offline \(TOK1D_OFFLINE"):
+        loaders.resolve("rar_miss")
+
+    def broken(**kw):
+        raise ValueError("Repo id must use alphanumeric chars")
+
+    monkeypatch.setattr(hub, "hf_hub_download", broken)
+    with pytest.raises(download.DownloadError, match="ValueError: Repo id must") as e:
+        loaders.resolve("rar_miss")
+    assert "offline" not in str(e.value).split("(", 1)[1].split(")")[0]
+
+
+def test_a_download_cut_mid_stream_is_one_error_and_nothing_is_kept(cache, monkeypatch):
+    class Cut(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            self.wfile.write(b"x" * 1000)
+            self.close_connection = True
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Cut)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/files/cut.bin"
+        entry = _entry(monkeypatch, "rar_cut", url)
+        manual = download.manual_path(entry.files["checkpoint"])
+        with pytest.raises(download.DownloadError, match=re.escape(manual)):
+            loaders.resolve("rar_cut")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert not os.path.exists(manual) and not _leftovers(cache)
+    assert not (cache / "rar_cut").exists()
+
+
+def test_cached_files_have_the_umask_modes_and_are_hashed_once(tiny_bin, cache, server,
+                                                               monkeypatch):
+    _, url = server
+    entry = _entry(monkeypatch, "rar_mode", url, sha256=tiny_bin[2])
+    hashed = []
+    monkeypatch.setattr(download, "sha256_of",
+                        lambda path, f=download.sha256_of: hashed.append(path) or f(path))
+    old = os.umask(0o022)
+    try:
+        converted = loaders.resolve("rar_mode")
+    finally:
+        os.umask(old)
+    assert len(hashed) == 1
+    assert stat.S_IMODE(os.stat(converted).st_mode) == 0o755
+    downloaded = download.manual_path(entry.files["checkpoint"])
+    assert stat.S_IMODE(os.stat(downloaded).st_mode) == 0o644
+
