@@ -82,6 +82,12 @@ class MetricNets:
     feature_dim: int = FEATURE_DIM
     labels_are_classes: bool = False
 
+    @property
+    def is_inception(self) -> bool:
+        """Whether the feature network is the FID Inception (its IS is the Inception Score)."""
+        return self.inception is not None and isinstance(self.inception[0],
+                                                         inception_lib.FIDInceptionV3)
+
 
 def load_metric_nets(ecfg, perceptual_weights: str = "", log=print) -> MetricNets:
     """The Inception / LPIPS networks named by a config's `evaluation` section.
