@@ -13,9 +13,9 @@ Hub files go through `huggingface_hub` (its own cache), URLs through the standar
 a progress bar, into a temporary file renamed into place once complete and checked, so nothing
 half-written is ever used; with TOK1D_OFFLINE=1 (or HF_HUB_OFFLINE=1) nothing is downloaded:
 only the caches and the manual-download location are read. What lands in the cache gets the
-modes of any file the user creates (the umask), so a shared $TOK1D_CACHE stays readable. Every failure is one
-`errors.UserError` line: `DownloadError` names the URL and the path to put the file at by hand,
-`ChecksumError` the expected and the actual digest.
+modes of any file the user creates (the umask), so a shared $TOK1D_CACHE stays readable.
+Every failure is one `errors.UserError` line: `DownloadError` names the URL and the path to
+put the file at by hand, `ChecksumError` the expected and the actual digest.
 """
 
 from __future__ import annotations
