@@ -67,3 +67,27 @@ def test_evaluator_runs_on_the_digit_features(digits):
     assert intra_class_diversity(net.apply(val_x)["features"], val_y) == pytest.approx(
         real["diversity"], rel=0.3)
 
+
+
+def test_jitted_once_per_net(digits):
+    (_, _), (val_x, val_y), net, _ = digits
+    net.apply(val_x[:8])
+    compiled = net._forward._cache_size()  # one entry per batch shape seen
+    net.apply(val_x[8:16])
+    net.accuracy(val_x[:8], val_y[:8])
+    assert net._forward._cache_size() == compiled
+
+
+def test_digit_reference_without_precision_recall(monkeypatch):
+    """`tok1d sample --sweep --sweep_features=digits` with evaluation.precision_recall off (the
+    reference keeps no features): the real digits' diversity still comes out, and the
+    config's demo.feature_net options are used."""
+    from tok1d.cli import sample as sample_lib
+    cfg = config_lib.base_config("generator")
+    cfg.data.update(dict(name="digits", image_size=32, train_split="train",
+                         eval_split="validation"))
+    cfg.evaluation.precision_recall = False
+    cfg.demo = dict(feature_net=dict(steps=20, feature_dim=16))
+    nets, reference, real = sample_lib.sweep_reference(cfg, "digits", log=lambda m: None)
+    assert reference.features is None and nets.feature_dim == 16
+    assert real["diversity"] > 0 and 0 <= real["class_accuracy"] <= 1

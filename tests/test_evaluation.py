@@ -200,3 +200,20 @@ def test_gfid_without_a_reference_is_refused(tmp_path):
     config.evaluation.fid_every_steps = 10
     with pytest.raises(config_lib.ConfigError, match="needs evaluation.reference"):
         config_lib.validate(config)
+
+
+def test_lpips_of_the_perceptual_weights_resolves_only_lpips_names(tmp_path, monkeypatch):
+    """perceptual.weights="convnext_s,lpips_vgg": only lpips_vgg is resolved for the
+    evaluation's LPIPS (no ConvNeXt-S download); a mistyped name is one clear error."""
+    from tok1d.weights import loaders, registry
+    resolved = []
+
+    def fake_resolve(source, *args, **kwargs):
+        resolved.append(source)
+        return str(tmp_path)  # holds no converted LPIPS file
+
+    monkeypatch.setattr(loaders, "resolve", fake_resolve)
+    assert evaluator._lpips_file("convnext_s,lpips_vgg") == ""
+    assert resolved == ["lpips_vgg"]
+    with pytest.raises(registry.UnknownName, match="did you mean lpips_vgg"):
+        evaluator._lpips_file("convnext_s,lpips_vg")

@@ -10,6 +10,7 @@ import http.server
 import os
 import re
 import shutil
+import stat
 import threading
 
 import jax
@@ -92,6 +93,7 @@ def server(tiny_bin, tmp_path):
     www = tmp_path / "www"
     (www / "files").mkdir(parents=True)
     shutil.copy(tiny_bin[0], www / "files" / "rar_tiny.bin")
+    shutil.copy(tiny_bin[0], www / "files" / "rar_tiny-0badbeef.pth")  # torch.hub-style name
 
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *args):
@@ -271,3 +273,147 @@ def test_a_teacher_by_name(cache, monkeypatch):
     by_file = loaders.load_teacher("dinov2", path, {}, precision="float32", grid=8)
     assert by_name[0] == by_file[0] and by_name[0].pos_grid == 8
     jax.tree.map(np.testing.assert_array_equal, by_name[1], by_file[1])
+
+
+def test_user_options_override_the_entrys_and_key_the_cache(tiny_bin, cache, monkeypatch,
+                                                             capsys):
+    """Options given with a released name reach the converter and are cached apart; --vgg
+    reaches the LPIPS converter (with a name, and with a local file)."""
+    seen = []
+
+    def fake_convert(kind, checkpoint, out, *, vgg=None, expect=None, source="", **options):
+        seen.append((kind, vgg and os.path.basename(vgg), options))
+        os.makedirs(out, exist_ok=True)
+        return out
+
+    monkeypatch.setattr(loaders, "convert_official", fake_convert)
+    for name, kind, options, roles in (("gpt_opts", "gpt", dict(size="B", weights="model"),
+                                        ("checkpoint",)),
+                                       ("lpips_opts", "lpips", {}, ("checkpoint", "vgg"))):
+        files = {r: registry.File(f"https://dl.example.invalid/{name}/{r}.pth") for r in roles}
+        monkeypatch.setitem(registry.RELEASED, name,
+                            registry.Released(name, kind, files, options=options))
+        for f in files.values():  # put by hand at their manual-download paths: no network
+            os.makedirs(os.path.dirname(download.manual_path(f)), exist_ok=True)
+            shutil.copy(tiny_bin[0], download.manual_path(f))
+    other_vgg = cache.parent / "my_vgg16.pth"
+    shutil.copy(tiny_bin[0], other_vgg)
+
+    dirs = [loaders.resolve("gpt_opts")]
+    assert convert_cli.main(["--from", "gpt_opts", "--weights=ema"]) == 0
+    dirs.append(capsys.readouterr().out.split()[-1])
+    dirs.append(loaders.resolve("gpt_opts", size="XL"))
+    assert loaders.resolve("gpt_opts", size="B") == dirs[0]  # the entry's own options
+    assert convert_cli.main(["--from", "lpips_opts", "--vgg", str(other_vgg)]) == 0
+    dirs.append(capsys.readouterr().out.split()[-1])
+    assert convert_cli.main(["lpips", "--from", tiny_bin[0], "--out", str(cache.parent / "lp"),
+                             "--vgg", str(other_vgg)]) == 0
+    assert len(set(dirs)) == 4 and all(os.path.isdir(d) for d in dirs)
+    assert dirs[0] == str(cache / "gpt_opts") and dirs[1].startswith(str(cache / "gpt_opts-"))
+    assert seen == [("gpt", None, dict(size="B", weights="model")),
+                    ("gpt", None, dict(size="B", weights="ema")),
+                    ("gpt", None, dict(size="XL", weights="model")),
+                    ("lpips", "my_vgg16.pth", {}), ("lpips", "my_vgg16.pth", {})]
+    # A file used as it is takes no options, and is not called a "None checkpoint".
+    with pytest.raises(Exception, match="takes no converter options"):
+        loaders.resolve("dino_vits16", pos_grid=16)
+    assert convert_cli.main(["dinov2", "--from", "dino_vits16"]) != 0
+    err = capsys.readouterr().err
+    assert "None" not in err and "a file used as it is" in err
+
+
+def test_tok1d_offline_reads_only_the_hub_cache(tiny_bin, cache, tmp_path, monkeypatch):
+    """TOK1D_OFFLINE=1 alone (no HF_HUB_OFFLINE) keeps huggingface_hub off the network; a Hub
+    failure is worded by its cause."""
+    hub = pytest.importorskip("huggingface_hub")
+    from huggingface_hub import constants
+    root = tmp_path / "hf_hub"
+    root.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(root))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(root))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("TOK1D_OFFLINE", "1")
+    calls, real = [], hub.hf_hub_download
+
+    def spy(**kw):
+        calls.append(kw)
+        return real(**kw)
+
+    monkeypatch.setattr(hub, "hf_hub_download", spy)
+    _hub_cache(root, "tok1d-test/tiny-rar", "rar_tiny.bin", tiny_bin[1])
+    _entry(monkeypatch, "rar_tiny", "hf://tok1d-test/tiny-rar/rar_tiny.bin")
+    assert os.path.isdir(loaders.resolve("rar_tiny"))
+    assert calls and all(kw.get("local_files_only") is True for kw in calls)
+    _entry(monkeypatch, "rar_miss", "hf://tok1d-test/tiny-rar/missing.bin")
+    with pytest.raises(download.DownloadError, match=r"offline \(TOK1D_OFFLINE"):
+        loaders.resolve("rar_miss")
+
+    def broken(**kw):
+        raise ValueError("Repo id must use alphanumeric chars")
+
+    monkeypatch.setattr(hub, "hf_hub_download", broken)
+    with pytest.raises(download.DownloadError, match="ValueError: Repo id must") as e:
+        loaders.resolve("rar_miss")
+    assert "offline" not in str(e.value).split("(", 1)[1].split(")")[0]
+
+
+def test_a_download_cut_mid_stream_is_one_error_and_nothing_is_kept(cache, monkeypatch):
+    class Cut(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            self.wfile.write(b"x" * 1000)
+            self.close_connection = True
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Cut)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/files/cut.bin"
+        entry = _entry(monkeypatch, "rar_cut", url)
+        manual = download.manual_path(entry.files["checkpoint"])
+        with pytest.raises(download.DownloadError, match=re.escape(manual)):
+            loaders.resolve("rar_cut")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert not os.path.exists(manual) and not _leftovers(cache)
+    assert not (cache / "rar_cut").exists()
+
+
+def test_cached_files_have_the_umask_modes_and_are_hashed_once(tiny_bin, cache, server,
+                                                               monkeypatch):
+    _, url = server
+    entry = _entry(monkeypatch, "rar_mode", url, sha256=tiny_bin[2])
+    hashed = []
+    monkeypatch.setattr(download, "sha256_of",
+                        lambda path, f=download.sha256_of: hashed.append(path) or f(path))
+    old = os.umask(0o022)
+    try:
+        converted = loaders.resolve("rar_mode")
+    finally:
+        os.umask(old)
+    assert len(hashed) == 1
+    assert stat.S_IMODE(os.stat(converted).st_mode) == 0o755
+    downloaded = download.manual_path(entry.files["checkpoint"])
+    assert stat.S_IMODE(os.stat(downloaded).st_mode) == 0o644
+
+
+def test_a_url_of_the_table_or_torch_hub_style_is_checked(tiny_bin, cache, server,
+                                                          monkeypatch):
+    """`--from URL` checks the table's sha256 for that URL, and the digest prefix of a
+    torch.hub-style name (NAME-<sha256 prefix>.pth)."""
+    _, url = server
+    _entry(monkeypatch, "rar_listed", url, sha256="0" * 64)
+    with pytest.raises(download.ChecksumError):
+        loaders.resolve(url, kind="rar")
+    with pytest.raises(download.ChecksumError):
+        loaders.resolve(url.replace("rar_tiny.bin", "rar_tiny-0badbeef.pth"), kind="rar")
+    assert registry.file_of(registry.RELEASED["inception_fid"].files["checkpoint"].source
+                            ).sha256 == "6726825d"
+    assert registry.file_of("https://x.invalid/a/vgg16-397923af.pth").sha256 == "397923af"
+    assert registry.file_of("hf://o/r/model-0123abcd.pth").sha256 is None
+    assert not _leftovers(cache)

@@ -2,9 +2,13 @@
 names, one table row per setting, the best named (lowest gFID among the accurate enough), the
 files written. The sampling itself runs in the demo (tests/test_demo.py)."""
 
+import gc
 import json
 import os
+import weakref
 
+import ml_collections
+import numpy as np
 import pytest
 
 from tok1d.cli import sample as sample_lib
@@ -53,3 +57,57 @@ def test_sweep_without_a_feature_network_is_one_clear_error(tmp_path):
         sample_lib.sweep_reference(cfg, "inception", log=lambda m: None)
     with pytest.raises(ValueError, match="data.name='digits'"):
         sample_lib.sweep_reference(cfg, "digits", log=lambda m: None)
+
+
+def test_choose_falls_back_to_the_most_accurate_setting_and_says_so():
+    settings = sweep.grid({}, "maskgit", (0, 1, 2), (1,))
+    rows = [dict(s, gfid=g, class_accuracy=a)
+            for s, g, a in zip(settings, (20.0, 25.0, 30.0), (0.5, 0.8, 0.7))]
+    assert sweep.best(rows, min_class_accuracy=0.9) is None
+    said = []
+    assert sweep.choose(rows, 0.9, said.append) is rows[1]
+    assert len(said) == 1 and "most accurate" in said[0] and "0.9" in said[0]
+    assert sweep.choose(rows, 0.6) is rows[1] and sweep.choose(rows) is rows[0]
+
+
+def test_sweep_keeps_only_the_chosen_settings_samples_and_no_digit_is(monkeypatch):
+    """sample.sweep holds one setting's samples (the chosen one's), not every setting's; on a
+    feature net that is not the Inception its softmax 'IS' is not reported as the IS."""
+    from tok1d.evaluation import evaluator
+    from tok1d.train import config_lib
+    cfg = config_lib.base_config("generator")
+    settings = sweep.grid(cfg.sampling.to_dict(), cfg.model.name, (0, 1, 2), (1,))
+    metrics = iter([dict(gfid=30.0, class_accuracy=0.99, inception_score=5.0, num_images=4.0),
+                    dict(gfid=20.0, class_accuracy=0.5, inception_score=6.0, num_images=4.0),
+                    dict(gfid=25.0, class_accuracy=0.95, inception_score=7.0, num_images=4.0)])
+    drawn = []
+
+    def fake_sample(cfg, *args, **kwargs):
+        images = np.full((4, 2, 2, 3), len(drawn), np.uint8)
+        drawn.append(weakref.ref(images))
+        return images, np.arange(4) % 2
+
+    monkeypatch.setattr(sample_lib, "sample_images", fake_sample)
+    monkeypatch.setattr(evaluator, "generation_metrics", lambda *a, **k: (next(metrics), {}))
+    rows, kept = sample_lib.sweep(cfg, None, None, None, None, evaluator.MetricNets(), None,
+                                  settings, 4, log=lambda m: None, min_class_accuracy=0.9)
+    gc.collect()
+    assert rows[2] is sweep.choose(rows, 0.9) and int(kept[0][0, 0, 0, 0]) == 2
+    assert [ref() is None for ref in drawn] == [True, True, False]
+    assert all("inception_score" not in r for r in rows) and rows[0]["gfid"] == 30.0
+    assert "inception_score" in sweep.row(settings[0], dict(gfid=1.0, inception_score=2.0))
+
+
+def test_demo_report_shows_this_runs_sweep_plot_only(tmp_path):
+    from tok1d.cli import demo
+    config = ml_collections.ConfigDict(dict(data=dict(name="digits", image_size=32)))
+    rows = [dict(guidance_scale=0.0, randomize_temperature=1.0, gfid=3.0, num_images=4.0)]
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "sweep.png").write_bytes(b"stale")  # an older run's plot
+    result = {"digits": {"gfid_digits": 3.0}, "sweep": dict(rows=rows, best=rows[0],
+                                                            reference=None)}
+    demo.write_demo_report(str(tmp_path), result, config)
+    assert "![sweep]" not in (tmp_path / "report.md").read_text()
+    result["sweep"]["plot"] = "sweep/sweep.png"
+    demo.write_demo_report(str(tmp_path), result, config)
+    assert "![sweep](sweep/sweep.png)" in (tmp_path / "report.md").read_text()

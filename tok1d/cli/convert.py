@@ -6,6 +6,8 @@ Released weights by name (`tok1d.weights.registry`): fetched (Hugging Face Hub o
 
     tok1d convert --from titok_l32                  # prints the cached directory
     tok1d convert --from rar_b --out rar_b/         # and copies it to --out
+    tok1d convert --from dinov2_vitb14 --pos_grid=16   # options override the entry's (cached
+                                                    # apart: dinov2_vitb14-<key>)
     tok1d convert rar --from hf://yucornetto/RAR/rar_b.bin --size=B
     tok1d convert inception_fid --from https://github.com/.../pt_inception-2015-12-05-6726825d.pth
 
@@ -70,7 +72,8 @@ def convert(kind: str, checkpoint: str, out: str, config: str | None = None,
 
 
 def _options(**options: Any) -> dict[str, Any]:
-    """The converter options that were given (a released name brings its own)."""
+    """The converter options that were given (a released name brings its own; these
+    override them)."""
     return {k: v for k, v in options.items() if v is not None and (k, v) != ("weights", "model")}
 
 
@@ -86,8 +89,10 @@ def convert_from(source: str, kind: Optional[str] = None, out: Optional[str] = N
     if loaders.is_released(source):
         entry = registry.get(source)
         if kind is not None and kind != entry.kind:
-            raise errors.UserError(f"{source} is a {entry.kind} checkpoint, not {kind}.")
-        kind, options = entry.kind, {}
+            what = (f"a {entry.kind} checkpoint" if entry.kind else
+                    f"a file used as it is ({entry.description})")
+            raise errors.UserError(f"{source} is {what}, not a {kind} checkpoint.")
+        kind = entry.kind
     cached = loaders.resolve(source, kind, cache_dir, **_options(**options))
     if not os.path.exists(cached):
         raise errors.UserError(f"--from={source}: no such file, released name or URL.")
@@ -148,7 +153,7 @@ def execute(fv: flags.FlagValues, args: list[str]) -> None:
         raise errors.UserError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}.")
     options = dict(config=fv.official_config, image_size=fv.image_size, preset=fv.preset,
                    pos_grid=fv.pos_grid, size=fv.size, weights=fv.weights,
-                   num_heads=fv.num_heads)
+                   num_heads=fv.num_heads, vgg=fv.vgg)
     source = fv["from"].value
     if source:
         if fv.checkpoint:
@@ -158,7 +163,7 @@ def execute(fv: flags.FlagValues, args: list[str]) -> None:
         for name, value in (("KIND", kind), ("--checkpoint", fv.checkpoint), ("--out", fv.out)):
             if not value:
                 raise errors.UserError(f"{name} is required without --from (see --help).")
-        out = convert(kind, fv.checkpoint, fv.out, vgg=fv.vgg, **options)
+        out = convert(kind, fv.checkpoint, fv.out, **options)
     print(f"wrote {out}")
 
 

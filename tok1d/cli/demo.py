@@ -50,7 +50,6 @@ from tok1d.cli import tokenize as tokenize_lib
 from tok1d.data import sources
 from tok1d.evaluation import digit_features, evaluator, report
 from tok1d.evaluation import sweep as sweep_lib
-from tok1d.evaluation.precision_recall import intra_class_diversity
 from tok1d.train import config_lib
 from tok1d.train import generator as gen_trainer
 from tok1d.train import loop
@@ -179,38 +178,32 @@ def _digit_metrics(config, gen_cfg, model, params, tokenizer, tok_params, workdi
                    result: dict[str, Any], num_samples: int, log) -> tuple[np.ndarray, np.ndarray]:
     """The digit classifier's metrics (result["digits"]) and the sweep (result["sweep"],
     WORKDIR/sweep/); returns `num_samples` samples (and labels) at the chosen setting."""
-    dcfg, fcfg, scfg = config.data, config.demo.feature_net, config.demo.sweep
-    train = digit_features.source_arrays(
-        sources.get_source("digits", dcfg.train_split, image_size=dcfg.image_size))
-    held = digit_features.source_arrays(
-        sources.get_source("digits", dcfg.eval_split, image_size=dcfg.image_size))
-    net = digit_features.train_digit_net(
-        *train, steps=fcfg.steps, batch_size=fcfg.batch_size, learning_rate=fcfg.learning_rate,
-        feature_dim=fcfg.feature_dim, seed=config.seed)
-    nets = net.metric_nets()
+    scfg = config.demo.sweep
+    ref = digit_features.digit_reference(config, config.demo.feature_net)
+    nets, reference, held, real = ref.nets, ref.reference, ref.held, ref.real
     mesh, _, sharding = parallel.mesh_from_config(config)
     batch = config.eval_batch_size
     ecfg = config.evaluation
     with jax.set_mesh(mesh):
-        reference = evaluator.reference_from_batches(
-            nets, mesh, evaluator.numpy_batches(held[0], batch, sharding), ecfg)
         recon = images.to_uint8(_reconstruct(tokenizer, tok_params, held[0] / 255.0))
         rec, _ = evaluator.generation_metrics(
             nets, mesh, reference, evaluator.numpy_batches(recon, batch, sharding), ecfg,
             labels=held[1])
-    real = {"class_accuracy": net.accuracy(*held),
-            "diversity": intra_class_diversity(reference.features, held[1])}
     settings = sweep_lib.grid(gen_cfg.sampling.to_dict(), gen_cfg.model.name,
                               scfg.guidance_scales, scfg.temperatures)
     per_setting = scfg.samples_per_class * min(model.num_classes, 10)
-    rows, drawn = sample_lib.sweep(gen_cfg, model, params, tokenizer, tok_params, nets,
-                                   reference, settings, max(per_setting, num_samples),
-                                   seed=config.seed, log=log)
-    chosen = sweep_lib.best(rows, scfg.min_class_accuracy) or rows[0]
+    rows, (samples, labels) = sample_lib.sweep(
+        gen_cfg, model, params, tokenizer, tok_params, nets, reference, settings,
+        max(per_setting, num_samples), seed=config.seed, log=log,
+        min_class_accuracy=scfg.min_class_accuracy)
+    chosen = sweep_lib.choose(rows, scfg.min_class_accuracy, log)
     index = rows.index(chosen)
+    files = {}
     if jax.process_index() == 0:
-        sweep_lib.write(os.path.join(workdir, "sweep"), rows, chosen, real, log)
+        files = sweep_lib.write(os.path.join(workdir, "sweep"), rows, chosen, real, log)
     result["sweep"] = dict(rows=rows, best=chosen, reference=real)
+    if "png" in files:
+        result["sweep"]["plot"] = os.path.relpath(files["png"], workdir)
     result["digits"] = dict(
         feature_net_accuracy=real["class_accuracy"], rfid_digits=rec["gfid"],
         reconstruction_class_accuracy=rec["class_accuracy"],
@@ -225,7 +218,6 @@ def _digit_metrics(config, gen_cfg, model, params, tokenizer, tok_params, workdi
         + f": gFID-digits {d['gfid_digits']:.2f}, precision {d['precision']:.3f}, recall "
         f"{d['recall']:.3f}, diversity {d['diversity']:.2f} (real digits "
         f"{d['real_diversity']:.2f}), class accuracy {d['sample_class_accuracy']:.3f}.")
-    samples, labels = drawn[index]
     return samples[:num_samples], labels[:num_samples]
 
 
@@ -274,8 +266,8 @@ def write_demo_report(workdir: str, result: dict[str, Any], config) -> None:
                   "best)", "", sweep_lib.markdown(result["sweep"]["rows"],
                                                   result["sweep"]["best"],
                                                   result["sweep"]["reference"])]
-        if os.path.exists(os.path.join(workdir, "sweep", "sweep.png")):  # needs matplotlib
-            lines += ["![sweep](sweep/sweep.png)", ""]
+        if result["sweep"].get("plot"):  # this run's plot (needs matplotlib)
+            lines += [f"![sweep]({result['sweep']['plot']})", ""]
     evaluation = result.get("evaluation", {})
     sections = [("Tokenizer (eval split)", evaluation.get("reconstruction", {})),
                 ("Generator", result.get("generator", {})),

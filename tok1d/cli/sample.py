@@ -54,10 +54,8 @@ from absl import flags
 from tok1d import images as images_lib
 from tok1d import parallel
 from tok1d.cli import app
-from tok1d.data import sources
 from tok1d.evaluation import digit_features, evaluator
 from tok1d.evaluation import sweep as sweep_lib
-from tok1d.evaluation.precision_recall import intra_class_diversity
 from tok1d.generation import common as gen_common
 from tok1d.generation.decode import SampleDecoder
 from tok1d.train import generator as gen_trainer
@@ -159,14 +157,16 @@ def run(config, checkpoint: str, tokenizer_path: str, num_images: int, out: str,
 
 def sweep(config, model, params, tokenizer, tok_params, nets: evaluator.MetricNets,
           reference: evaluator.Reference, settings: list[dict[str, float]], num_images: int,
-          batch_size: int = 0, seed: int = 0, log=print
-          ) -> tuple[list[dict[str, Any]], dict[str, tuple[np.ndarray, np.ndarray]]]:
+          batch_size: int = 0, seed: int = 0, log=print, min_class_accuracy: Optional[float] = None
+          ) -> tuple[list[dict[str, Any]], Optional[tuple[np.ndarray, np.ndarray]]]:
     """For every sampler override in `settings`: `num_images` samples (labels cycling through
     the classes, the same seed) and their generation metrics against `reference` with `nets`.
-    Returns (rows: the setting plus its metrics, {row index: (samples, labels)})."""
+    Returns (rows: the setting plus its metrics, samples): with `min_class_accuracy`, samples
+    are the (images, labels) of the setting `sweep_lib.choose(rows, min_class_accuracy)`
+    picks - the only setting's samples kept (beside the one being measured) - else None."""
     mesh, _, sharding = parallel.mesh_from_config(config)
-    rows, samples = [], {}
-    for i, setting in enumerate(settings):
+    rows, kept = [], None
+    for setting in settings:
         cfg = config.copy_and_resolve_references()
         cfg.sampling.update(setting)
         images, labels = sample_images(cfg, model, params, tokenizer, tok_params, num_images,
@@ -176,12 +176,15 @@ def sweep(config, model, params, tokenizer, tok_params, nets: evaluator.MetricNe
             metrics, _ = evaluator.generation_metrics(
                 nets, mesh, reference, evaluator.numpy_batches(images, metric_batch, sharding),
                 config.evaluation, labels=labels)
-        row = dict(setting, **{k: float(v) for k, v in metrics.items()
-                               if k in sweep_lib.COLUMNS + ("num_images",)})
+        row = sweep_lib.row(setting, metrics, inception=nets.is_inception)
         rows.append(row)
-        samples[i] = (images, labels)
+        # The choice over the rows so far: the final choice is chosen when its row arrives.
+        if (min_class_accuracy is not None
+                and sweep_lib.choose(rows, min_class_accuracy) is row):
+            kept = (images, labels)
+        del images, labels
         log("sweep " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()))
-    return rows, samples
+    return rows, kept
 
 
 def run_sweep(config, checkpoint: str, tokenizer_path: str, num_images: int, out: str,
@@ -209,34 +212,19 @@ def run_sweep(config, checkpoint: str, tokenizer_path: str, num_images: int, out
 
 def sweep_reference(config, features: str, log=print):
     """(nets, reference, real-image numbers) of a sweep: the Inception of config.evaluation
-    with its reference, or the digit classifier (trained here) on the held-out digits."""
-    mesh, _, sharding = parallel.mesh_from_config(config)
-    batch = config.eval_batch_size
+    with its reference, or the digit classifier (trained here, with the options of
+    demo.feature_net when the config has them) on the held-out digits."""
     if features == "digits":
-        dcfg = config.data
-        if dcfg.name != "digits":
-            raise ValueError(f"--sweep_features=digits needs data.name='digits', got "
-                             f"{dcfg.name!r}.")
-        train = digit_features.source_arrays(
-            sources.get_source("digits", dcfg.train_split, image_size=dcfg.image_size))
-        held = digit_features.source_arrays(
-            sources.get_source("digits", dcfg.eval_split, image_size=dcfg.image_size))
-        net = digit_features.train_digit_net(*train, seed=config.seed)
-        nets = net.metric_nets()
-        with jax.set_mesh(mesh):
-            reference = evaluator.reference_from_batches(
-                nets, mesh, evaluator.numpy_batches(held[0], batch, sharding),
-                config.evaluation, f"digits:{dcfg.eval_split}")
-        real = {"class_accuracy": net.accuracy(*held), "diversity":
-                intra_class_diversity(reference.features, held[1])}
-        return nets, reference, real
+        ref = digit_features.digit_reference(config, config.get("demo", {}).get("feature_net"))
+        return ref.nets, ref.reference, ref.real
+    mesh, _, sharding = parallel.mesh_from_config(config)
     nets = evaluator.load_metric_nets(config.evaluation, "", log)
     if nets.inception is None:
         raise ValueError("The sweep needs a feature network: --config.evaluation.inception=DIR "
                          "(tok1d convert inception_fid ...) or --sweep_features=digits.")
     with jax.set_mesh(mesh):
         reference = evaluator.load_reference(config.evaluation, config.data, nets, mesh,
-                                             sharding, batch)
+                                             sharding, config.eval_batch_size)
     return nets, reference, None
 
 

@@ -5,6 +5,10 @@ whose penultimate features replace the FID Inception's in the evaluation code.
     net.accuracy(val_images, val_labels)                    # 0.978 on the 179 held-out digits
     nets = net.metric_nets()   # evaluator.MetricNets: FID / precision / recall / diversity
                                # on its 64-d features ("FID-digits")
+    ref = digit_reference(config, config.demo.feature_net)   # all of it for a digits config:
+                               # the net, its MetricNets, the held-out digits' Reference and
+                               # their class accuracy / diversity (the demo and `tok1d sample
+                               # --sweep --sweep_features=digits`)
 
 FID-digits, precision / recall and diversity measured with it are demo metrics: they see what
 the demo's pictures show (e.g. ten identical samples of a class), but are NOT comparable with
@@ -24,14 +28,18 @@ the real digits'.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import functools
+from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from tok1d import parallel
+from tok1d.data import sources
 from tok1d.evaluation import evaluator
+from tok1d.evaluation.precision_recall import intra_class_diversity
 from tok1d.models.frozen.digits import DigitFeatureNet
 
 
@@ -42,10 +50,15 @@ class DigitNet:
     module: DigitFeatureNet
     params: Any
 
+    @functools.cached_property
+    def _forward(self):
+        """The jitted forward pass (one per net: compiled once per batch shape)."""
+        return jax.jit(lambda p, x: self.module.apply({"params": p}, x))
+
     def apply(self, images: np.ndarray, batch: int = 256) -> dict[str, np.ndarray]:
         """{"features", "logits"} of uint8 or [0, 1] float images (N, H, W, 3), on the host."""
-        fn = jax.jit(lambda p, x: self.module.apply({"params": p}, x))
-        outs = [fn(self.params, _unit(images[i:i + batch])) for i in range(0, len(images), batch)]
+        outs = [self._forward(self.params, _unit(images[i:i + batch]))
+                for i in range(0, len(images), batch)]
         return {k: np.concatenate([np.asarray(o[k]) for o in outs]) for k in ("features",
                                                                               "logits")}
 
@@ -88,6 +101,46 @@ def train_digit_net(images: np.ndarray, labels: np.ndarray, *, num_classes: int 
         idx = rows[i * batch_size:(i + 1) * batch_size]
         params, opt_state = step(params, opt_state, jnp.asarray(x[idx]), jnp.asarray(y[idx]))
     return DigitNet(module, jax.device_get(params))
+
+
+@dataclasses.dataclass
+class DigitReference:
+    """What the digit metrics compare samples with: the trained `net`, its evaluator networks
+    `nets`, the held-out digits' `reference` statistics, those digits `held` (images, labels)
+    and their own numbers `real` (class_accuracy, diversity)."""
+
+    net: DigitNet
+    nets: evaluator.MetricNets
+    reference: evaluator.Reference
+    held: tuple[np.ndarray, np.ndarray]
+    real: dict[str, float]
+
+
+def digit_reference(config, feature_net: Optional[Mapping[str, Any]] = None) -> DigitReference:
+    """The digit net trained on `config.data.train_split` (`train_digit_net` with the options
+    `feature_net`, e.g. the demo's demo.feature_net, and config.seed) and the reference of the
+    held-out `config.data.eval_split` under `config.evaluation`, on config's mesh. The real
+    digits' diversity comes from the net's features directly (also with
+    evaluation.precision_recall off, when the reference keeps no features)."""
+    dcfg = config.data
+    if dcfg.name != "digits":
+        raise ValueError(f"The digit features need data.name='digits', got {dcfg.name!r}.")
+    train, held = (source_arrays(sources.get_source("digits", split,
+                                                    image_size=dcfg.image_size))
+                   for split in (dcfg.train_split, dcfg.eval_split))
+    options = (feature_net.to_dict() if hasattr(feature_net, "to_dict")
+               else dict(feature_net or {}))
+    net = train_digit_net(*train, seed=config.seed, **options)
+    nets = net.metric_nets()
+    mesh, _, sharding = parallel.mesh_from_config(config)
+    with jax.set_mesh(mesh):
+        reference = evaluator.reference_from_batches(
+            nets, mesh, evaluator.numpy_batches(held[0], config.eval_batch_size, sharding),
+            config.evaluation, f"digits:{dcfg.eval_split}")
+    out = net.apply(held[0])
+    real = {"class_accuracy": float(np.mean(out["logits"].argmax(-1) == held[1])),
+            "diversity": intra_class_diversity(out["features"], held[1])}
+    return DigitReference(net, nets, reference, held, real)
 
 
 def source_arrays(src) -> tuple[np.ndarray, np.ndarray]:

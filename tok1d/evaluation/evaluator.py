@@ -50,7 +50,7 @@ from tok1d.evaluation.image_metrics import psnr, ssim
 from tok1d.evaluation.precision_recall import intra_class_diversity, precision_recall
 from tok1d.models.frozen import inception as inception_lib
 from tok1d.models.frozen import perceptual as perceptual_nets
-from tok1d.weights import loaders
+from tok1d.weights import loaders, registry
 from tok1d.weights import perceptual as perceptual_files
 
 FEATURE_DIM = 2048
@@ -81,6 +81,12 @@ class MetricNets:
     notes: list[str] = dataclasses.field(default_factory=list)
     feature_dim: int = FEATURE_DIM
     labels_are_classes: bool = False
+
+    @property
+    def is_inception(self) -> bool:
+        """Whether the feature network is the FID Inception (its IS is the Inception Score)."""
+        return self.inception is not None and isinstance(self.inception[0],
+                                                         inception_lib.FIDInceptionV3)
 
 
 def load_metric_nets(ecfg, perceptual_weights: str = "", log=print) -> MetricNets:
@@ -119,12 +125,19 @@ def load_metric_nets(ecfg, perceptual_weights: str = "", log=print) -> MetricNet
 
 
 def _lpips_file(weights: str) -> str:
-    """`weights` (perceptual.weights) when it holds converted LPIPS weights, else ""."""
-    if not weights:
+    """The converted LPIPS file among `weights` (perceptual.weights), else "". Only its LPIPS
+    parts are resolved (paths, and released names of kind lpips: nothing else is fetched or
+    converted for the evaluation); a name that is not released is an error (UnknownName)."""
+    paths = []
+    for part in (p.strip() for p in str(weights or "").split(",") if p.strip()):
+        if os.path.exists(part):
+            paths.append(part)
+        elif registry.looks_like_a_name(part) and registry.get(part).kind == "lpips":
+            paths.append(loaders.resolve(part))
+    if not paths:
         return ""
     try:
-        return perceptual_files.resolve_weight_files(loaders.resolve_each(weights),
-                                                     ("lpips",))["lpips"]
+        return perceptual_files.resolve_weight_files(",".join(paths), ("lpips",))["lpips"]
     except (FileNotFoundError, ValueError):
         return ""
 

@@ -4,14 +4,17 @@ The sampling happens in `tok1d sample --sweep` (tok1d.cli.sample.sweep); this mo
 settings, picks the best one and writes the results:
 
     settings = grid(sampling, model_name, guidance_scales=(0, 1, 2), temperatures=(1, 2, 4))
-    rows = [dict(setting, **generation_metrics) for setting in settings]   # gfid, precision, ...
-    write(out_dir, rows, best(rows))   # sweep.json, sweep.md, sweep.png (with matplotlib)
+    rows = [row(setting, generation_metrics, inception) for setting in settings]  # gfid, ...
+    write(out_dir, rows, choose(rows))  # sweep.json, sweep.md, sweep.png (with matplotlib)
 
 The sampler's option names differ: MaskGIT and RAR take `guidance_scale` and
 `randomize_temperature` (MaskGIT: the Gumbel temperature of its token draws and re-masking, 1 at
 the first step falling to 0; RAR: a plain softmax temperature), GPT `cfg_scale` and
 `temperature`. `best` is the lowest gFID (FID balances fidelity and diversity), among the
-settings whose class accuracy, when measured, is at least `min_class_accuracy`.
+settings whose class accuracy, when measured, is at least `min_class_accuracy`; `choose` falls
+back to the most class-accurate setting (and says so) when none is accurate enough. A row
+carries the Inception Score only when the features are the Inception's (on another classifier,
+e.g. the demo's digit CNN, that number is not the IS).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 GPT_NAMES = ("gpt", "llamagen")
 COLUMNS = ("gfid", "precision", "recall", "diversity", "class_accuracy", "inception_score")
+INCEPTION_ONLY = ("inception_score",)
 
 
 def sampler_keys(sampling: Mapping[str, Any], model_name: str) -> tuple[str, str]:
@@ -50,6 +54,31 @@ def best(rows: Sequence[Mapping[str, Any]], min_class_accuracy: float = 0.0
     ok = [r for r in rows if _finite(r.get("gfid"))
           and r.get("class_accuracy", 1.0) >= min_class_accuracy]
     return min(ok, key=lambda r: r["gfid"]) if ok else None
+
+
+def choose(rows: Sequence[Mapping[str, Any]], min_class_accuracy: float = 0.0,
+           log=None) -> Optional[Mapping[str, Any]]:
+    """`best`; when no setting qualifies, the one of highest class accuracy (the first row when
+    none is measured), logged; None only without rows."""
+    chosen = best(rows, min_class_accuracy)
+    if chosen is not None or not rows:
+        return chosen
+    accuracy = [r.get("class_accuracy") for r in rows]
+    chosen = max(rows, key=lambda r: r["class_accuracy"] if _finite(r.get("class_accuracy"))
+                 else -math.inf)
+    if log is not None:
+        log(f"sweep: no setting has a gFID with class accuracy >= {min_class_accuracy:g} "
+            f"(measured: {', '.join(_fmt(a) for a in accuracy)}); taking the most accurate, "
+            + ", ".join(f"{k} {_fmt(v)}" for k, v in chosen.items()) + ".")
+    return chosen
+
+
+def row(setting: Mapping[str, float], metrics: Mapping[str, Any], inception: bool = True
+        ) -> dict[str, Any]:
+    """A table row: the setting and its metrics of COLUMNS (and num_images); the Inception
+    Score only when `inception` (the features are the Inception's)."""
+    keep = tuple(c for c in COLUMNS if inception or c not in INCEPTION_ONLY) + ("num_images",)
+    return dict(setting, **{k: float(v) for k, v in metrics.items() if k in keep})
 
 
 def markdown(rows: Sequence[Mapping[str, Any]], chosen: Optional[Mapping[str, Any]],

@@ -9,16 +9,19 @@ Where things go (the root is `cache_root()`: --cache_dir, else $TOK1D_CACHE, els
     ROOT/downloads/<host or repo>/FILE  downloaded files; also where to put a file fetched by
                                        hand (checked before any network access)
 
-Hub files go through `huggingface_hub` (its own cache; HF_HUB_OFFLINE=1 reads only that), URLs
-through the standard library with a progress bar, into a temporary file renamed into place
-once complete and checked, so nothing half-written is ever used. Every failure is one
-`errors.UserError` line: `DownloadError` names the URL and the path to put the file at by hand,
-`ChecksumError` the expected and the actual digest.
+Hub files go through `huggingface_hub` (its own cache), URLs through the standard library with
+a progress bar, into a temporary file renamed into place once complete and checked, so nothing
+half-written is ever used; with TOK1D_OFFLINE=1 (or HF_HUB_OFFLINE=1) nothing is downloaded:
+only the caches and the manual-download location are read. What lands in the cache gets the
+modes of any file the user creates (the umask), so a shared $TOK1D_CACHE stays readable.
+Every failure is one `errors.UserError` line: `DownloadError` names the URL and the path to
+put the file at by hand, `ChecksumError` the expected and the actual digest.
 """
 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import importlib.util
 import os
 import shutil
@@ -125,10 +128,9 @@ def fetch(file: File, cache_dir: Optional[str] = None) -> str:
         raise DownloadError(f"{file.name} cannot be downloaded automatically: download it by "
                             f"hand from {file.source} and put it at {local} (or pass the local "
                             "file with --from FILE).")
-    if file.source.startswith(HF_SCHEME):
-        path = _from_hub(file, local)
-    else:
-        path = _from_url(file, local)
+    if not file.source.startswith(HF_SCHEME):
+        return _from_url(file, local)  # checked before it is renamed into place
+    path = _from_hub(file, local)
     verify(path, file.sha256, file.source)
     return path
 
@@ -142,14 +144,20 @@ def _from_hub(file: File, local: str) -> str:
     repo, path = split_hub(file.source)
     try:
         import huggingface_hub
+        from huggingface_hub.utils import LocalEntryNotFoundError
     except ImportError:
         raise _unreachable(hub_url(file.source), local, "huggingface_hub is not installed: "
                            "pip install 'tok1d[hub]'") from None
     try:
-        return huggingface_hub.hf_hub_download(repo_id=repo, filename=path)
+        return huggingface_hub.hf_hub_download(repo_id=repo, filename=path,
+                                               local_files_only=offline())
     except Exception as e:  # noqa: BLE001 - offline, no network, no such repo/file: one line
-        why = "offline (HF_HUB_OFFLINE) and not in the Hub cache" if offline() else (
-            " ".join(str(e).split())[:200] or type(e).__name__)
+        message = " ".join(str(e).split())[:200]
+        if isinstance(e, LocalEntryNotFoundError):
+            why = ("offline (TOK1D_OFFLINE / HF_HUB_OFFLINE) and not in the Hub cache"
+                   if offline() else "the Hub is unreachable and the file is not in its cache")
+        else:
+            why = f"{type(e).__name__}: {message}" if message else type(e).__name__
         raise _unreachable(hub_url(file.source), local, why) from None
 
 
@@ -161,17 +169,12 @@ def _from_url(file: File, local: str) -> str:
     try:
         with os.fdopen(fd, "wb") as out:
             try:
-                response = urllib.request.urlopen(file.source, timeout=60)
-            except (urllib.error.URLError, OSError) as e:
-                raise _unreachable(file.source, local, str(getattr(e, "reason", e))) from None
-            with response:
-                total = int(response.headers.get("Content-Length") or 0) or None
-                with tqdm.tqdm(total=total, unit="B", unit_scale=True, desc=file.name,
-                               disable=None) as bar:
-                    for chunk in iter(lambda: response.read(1 << 20), b""):
-                        out.write(chunk)
-                        bar.update(len(chunk))
+                _copy_response(file, out)
+            except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+                why = str(getattr(e, "reason", e)) or type(e).__name__
+                raise _unreachable(file.source, local, why) from None
         verify(tmp, file.sha256, file.source)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, local)
     finally:
         if os.path.exists(tmp):
@@ -179,9 +182,33 @@ def _from_url(file: File, local: str) -> str:
     return local
 
 
+def _copy_response(file: File, out) -> None:
+    """Writes the body at `file.source` to `out`; an OSError / HTTPException when the
+    connection fails, also mid-stream (a body shorter than its Content-Length)."""
+    with urllib.request.urlopen(file.source, timeout=60) as response:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        done = 0
+        with tqdm.tqdm(total=total, unit="B", unit_scale=True, desc=file.name,
+                       disable=None) as bar:
+            for chunk in iter(lambda: response.read(1 << 20), b""):
+                out.write(chunk)
+                done += len(chunk)
+                bar.update(len(chunk))
+    if total is not None and done != total:
+        raise http.client.IncompleteRead(b"", total - done)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def replace_dir(tmp_dir: str, final: str) -> str:
-    """Moves a completely written directory into place; when another process won the race,
-    keeps theirs and drops ours."""
+    """Moves a completely written directory into place (with the modes of a directory the
+    user creates: mkdtemp's are private); when another process won the race, keeps theirs
+    and drops ours."""
+    os.chmod(tmp_dir, 0o777 & ~_umask())
     try:
         os.replace(tmp_dir, final)
     except OSError:

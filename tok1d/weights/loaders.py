@@ -421,11 +421,11 @@ def fetch_released(name: str, cache_dir: Optional[str] = None) -> dict[str, str]
 
 def resolve_file(source: str, cache_dir: Optional[str] = None) -> str:
     """The official checkpoint file of `source` (a released name, hf:// or a URL), fetched and
-    checked; a local path or "" unchanged."""
+    checked (a URL of the table with its recorded sha256); a local path or "" unchanged."""
     if source and is_released(source):
         return fetch_released(source, cache_dir)["checkpoint"]
     if download.is_remote(source):
-        return download.fetch(registry.File(source), cache_dir)
+        return download.fetch(registry.file_of(source), cache_dir)
     _refuse_unknown_name(source)
     return source
 
@@ -435,37 +435,53 @@ def _refuse_unknown_name(source: str) -> None:
         registry.get(source)  # UnknownName, with the closest names
 
 
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(list(parts), sort_keys=True,
+                                     default=str).encode()).hexdigest()[:12]
+
+
 def resolve(source: str, kind: Optional[str] = None, cache_dir: Optional[str] = None,
             **options: Any) -> str:
     """A local weights path for `source`: an existing path (or "") unchanged; a released name
-    (or `hf://owner/repo/file` / a URL with the converter `kind` and its `options`) -> its
-    converted tok1d directory in the cache (`download.cache_root`), fetched, checked and
-    converted on first use; later calls read the cache and never touch the network. A released
-    file used as it is (dino_vits16) resolves to the checked file. The directory is written
-    under a temporary name and renamed when complete: nothing half-written is ever read."""
+    (or `hf://owner/repo/file` / a URL with the converter `kind`) -> its converted tok1d
+    directory in the cache (`download.cache_root`), fetched, checked and converted on first
+    use; later calls read the cache and never touch the network. `options` are the
+    converter's (`load_official`; `vgg`: torchvision's VGG16 file for lpips); with a released
+    name they override the entry's, and a conversion with other options than the entry's is
+    cached as NAME-<key of those options>. A released file used as it is (dino_vits16)
+    resolves to the checked file. The directory is written under a temporary name and renamed
+    when complete: nothing half-written is ever read."""
     if not source or os.path.exists(source):
         return source
+    vgg = options.pop("vgg", None)
     if download.is_remote(source):
         if kind not in CONVERT_KINDS:
             raise errors.UserError(f"{source}: say which converter reads it (kind: "
                                    f"{' | '.join(CONVERT_KINDS)}).")
-        key = hashlib.sha256(json.dumps([source, kind, options], sort_keys=True,
-                                        default=str).encode()).hexdigest()[:12]
-        dirname, expect = f"{kind}-{key}", {}
+        dirname = f"{kind}-{_key(source, kind, dict(options, vgg=vgg) if vgg else options)}"
+        expect, sources = {}, {"checkpoint": registry.file_of(source)}
     elif registry.looks_like_a_name(source):
         entry = registry.get(source)
         if entry.kind is None:
+            if options or vgg:
+                raise errors.UserError(f"{source} is a file used as it is ({entry.description})"
+                                       f": it takes no converter options.")
             return fetch_released(source, cache_dir)["checkpoint"]
-        dirname, kind, expect = entry.name, entry.kind, entry.expect
-        options = dict(entry.options)
+        changed = {k: v for k, v in options.items() if entry.options.get(k) != v}
+        if vgg:
+            changed["vgg"] = vgg
+        dirname = entry.name + (f"-{_key(changed)}" if changed else "")
+        kind, expect, sources = entry.kind, entry.expect, dict(entry.files)
+        options = dict(entry.options, **options)
     else:
         return source  # a path that does not exist: the caller's error names it
     root = download.cache_root(cache_dir)
     final = os.path.join(root, dirname)
     if os.path.isdir(final):
         return final
-    files = (fetch_released(source, cache_dir) if registry.looks_like_a_name(source) else
-             {"checkpoint": download.fetch(registry.File(source), cache_dir)})
+    files = {role: download.fetch(f, cache_dir) for role, f in sources.items()}
+    if vgg:
+        files["vgg"] = resolve_file(vgg, cache_dir)
     os.makedirs(root, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".tmp-{dirname}-", dir=root)
     try:

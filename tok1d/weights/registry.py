@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from typing import Any, Mapping, Optional
 
 from tok1d import errors
@@ -78,6 +79,23 @@ def get(name: str) -> Released:
                       f"known names: {', '.join(sorted(RELEASED))}.")
 
 
+# torch.hub's convention: NAME-<the first 8 or more hex digits of the file's sha256>.pth
+_HUB_STYLE_DIGEST = re.compile(r"-([0-9a-f]{8,64})\.pth?$")
+
+
+def file_of(source: str) -> File:
+    """The File of a Hub reference or URL: the table's own (with its sha256, its package) when
+    an entry has that source, else a new one checked against the digest prefix of a
+    torch.hub-style URL (`vgg16-397923af.pth`)."""
+    for entry in RELEASED.values():
+        for f in entry.files.values():
+            if f.source == source:
+                return f
+    match = (None if source.startswith("hf://") else
+             _HUB_STYLE_DIGEST.search(source.split("?")[0]))
+    return File(source, sha256=match.group(1) if match else None)
+
+
 def looks_like_a_name(text: str) -> bool:
     """True for a bare word (no path separator, no scheme, no file extension)."""
     return bool(text) and "/" not in text and "\\" not in text and "." not in text
@@ -86,7 +104,8 @@ def looks_like_a_name(text: str) -> bool:
 # --------------------------------------------------------------------------- TiTok (bytedance)
 # Hugging Face repos of the official README (PyTorchModelHubMixin: model.safetensors +
 # config.json, the same tensors as fun-research/TiTok's .bin files). Sizes are read from the
-# tensor shapes (checked against every released key list in tests/test_released_checkpoints.py).
+# tensor shapes (checked in tests/test_released_checkpoints.py against the key lists recorded
+# there: every variant but titok_bl128_vae, whose list is not recorded).
 
 _TITOK = {  # name: (hub repo suffix, paper rFID, expected model arguments)
     "titok_l32": ("l32", 2.21, dict(num_latent_tokens=32, encoder_width=1024, quantizer="vq")),
