@@ -359,3 +359,33 @@ def test_scanned_halves_equal_the_unrolled_layers(layout, layer_type):
     assert rel_err(aux_s.features["semantic_features"],
                    aux_u.features["semantic_features"]) < 1e-5
     np.testing.assert_array_equal(aux_s.codes, aux_u.codes)
+
+
+def test_weights_of_either_layout_load_into_either(tmp_path):
+    """A converted release / run written unrolled (`layer_{i}`, the converter's and the module's
+    default) loads into the recipes' scanned model (`layers`), every array of it, by
+    `load_checked` and the init path (`load_initial_params`), and back: the same numbers."""
+    from tok1d.weights import loaders, pretrained
+    kw = dict(image_size=16, encoder_ch=32, decoder_ch=32, encoder_ch_mult=(1, 2),
+              decoder_ch_mult=(1, 2), num_res_blocks=1, z_channels=32, encoder_width=32,
+              encoder_depth=2, encoder_heads=2, decoder_width=32, decoder_depth=3,
+              decoder_heads=2, num_latent_tokens=8, codebook_size=64, distill_depth=2,
+              out_inner_dim=16)
+    images = jnp.zeros((1, 16, 16, 3))
+    shapes = {scan: nn.unbox(jax.eval_shape(GigaTok(**kw, scan=scan).init, jax.random.key(0),
+                                            images)["params"]) for scan in (False, True)}
+    unrolled = jax.tree.map(np.asarray, nn.unbox(GigaTok(**kw).init(jax.random.key(3),
+                                                                    images)["params"]))
+    src = pretrained.save_pretrained(str(tmp_path / "unrolled"), "gigatok", kw, unrolled)
+    scanned = loaders.load_checked(src, shapes[True], "the scanned model")
+    layers = scanned["vit_decoder"]["layers"]["mlp"]["fc1"]["kernel"]
+    assert layers.shape[0] == 3
+    for i in range(3):
+        np.testing.assert_array_equal(layers[i], unrolled["vit_decoder"][f"layer_{i}"]["mlp"]
+                                      ["fc1"]["kernel"])
+    init = loaders.load_initial_params(shapes[True], checkpoint=src)
+    assert len(init) == len(jax.tree.leaves(shapes[True]))
+    back = pretrained.save_pretrained(str(tmp_path / "scanned"), "gigatok",
+                                      dict(kw, scan=True), scanned)
+    again = loaders.load_checked(back, shapes[False], "the unrolled model")
+    jax.tree.map(np.testing.assert_array_equal, again, unrolled)

@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -501,6 +502,42 @@ def init_cache(model: nn.Module, params: Any, batch_size: int) -> dict:
     _, variables = model.apply({"params": params}, batch_size, method=type(model).init_cache,
                                mutable=["cache"])
     return variables["cache"]
+
+
+# The names of every layer stack's two layouts: scanned (one group, a leading layer axis) ->
+# unrolled (one group per layer). `Transformer` ("blocks"), GigaTok's halves ("layers").
+STACK_NAMES = {"blocks": "blocks_{}", "layers": "layer_{}"}
+
+
+def match_stack_layout(flat: dict[tuple, Any], target: dict[tuple, Any]) -> dict[tuple, Any]:
+    """`flat` (flattened params) with its layer stacks re-laid out as `target` (flattened
+    params or shapes) has them: a scanned stack (`blocks` / `layers`, leading layer axis)
+    where `target` is unrolled (`blocks_{i}` / `layer_{i}`) is sliced, and unrolled layers where
+    `target` is scanned are stacked (only when every layer of the stack is there). Paths that
+    already agree are untouched: checkpoints of either layout load into a model of either."""
+    out = dict(flat)
+    for path, want in target.items():
+        if path not in out:
+            value = _from_other_layout(flat, path, getattr(want, "shape", ()))
+            if value is not None:
+                out[path] = value
+    return out
+
+
+def _from_other_layout(flat: dict[tuple, Any], path: tuple, shape: tuple) -> Optional[Any]:
+    for j, part in enumerate(path):
+        head, tail = path[:j], path[j + 1:]
+        if part in STACK_NAMES and shape:  # scanned in the target: stack the unrolled layers
+            names = [head + (STACK_NAMES[part].format(i),) + tail for i in range(shape[0])]
+            if all(n in flat for n in names):
+                return np.stack([np.asarray(flat[n]) for n in names])
+        for stacked, pattern in STACK_NAMES.items():  # unrolled in the target: slice the stack
+            prefix, index = pattern.format(""), part[len(pattern.format("")):]
+            layers = flat.get(head + (stacked,) + tail)
+            if (part.startswith(prefix) and index.isdigit() and layers is not None
+                    and int(index) < np.shape(layers)[0]):
+                return np.asarray(layers)[int(index)]
+    return None
 
 
 def unrolled(model: nn.Module, params: Any) -> tuple[nn.Module, Any]:

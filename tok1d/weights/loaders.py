@@ -40,6 +40,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from tok1d import errors, models
+from tok1d.layers import transformer
 from tok1d.models.dino_disc import DinoDiscriminator
 from tok1d.models.frozen import inception as inception_lib
 from tok1d.models.frozen import perceptual as perceptual_nets
@@ -153,12 +154,15 @@ def merge_into(params: Mapping[str, Any], loaded: Mapping[str, Any],
     """Copies the leaves of `loaded` into `params` where the path and shape agree.
 
     `mapping` renames top-level groups of `loaded` first (e.g. {"decoder": "pixel_decoder"}).
+    Layer stacks are matched across layouts (scanned `blocks` / `layers` vs unrolled
+    `blocks_{i}` / `layer_{i}`: `transformer.match_stack_layout`), so a converted release or a
+    run of either layout loads into a model of the other.
     Returns (new params, loaded paths, problems) where problems lists shape mismatches.
     """
     if mapping:
         loaded = {mapping[k]: v for k, v in loaded.items() if k in mapping}
     flat = tu.flatten_dict(dict(params))
-    src = tu.flatten_dict(dict(loaded))
+    src = transformer.match_stack_layout(tu.flatten_dict(dict(loaded)), flat)
     done, problems = [], []
     for path, value in src.items():
         if path not in flat:
