@@ -300,3 +300,34 @@ def test_a_wrong_quantizer_size_is_one_clear_error():
         Q.build("pq", detached=True)
     with pytest.raises(ValueError, match="did you mean 'levels'"):
         Q.build("fsq", {"level": [5]}, detached=True)
+
+
+def test_a_skipped_non_finite_step_keeps_the_clustering_vq_codebook():
+    """A NaN batch makes the step non-finite: the trainer keeps the previous params and
+    quantizer state (the re-anchored codebook of that step is dropped with the rest)."""
+    import importlib.util
+    from conftest import REPO
+    from tok1d.train import optim, state as state_lib, tokenizer
+    spec = importlib.util.spec_from_file_location("c", os.path.join(REPO, "configs/tiny_test.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    config = mod.get_config()
+    config.model.update(quantizer="clustering_vq")
+    config.ema_decay = 0.0
+    model = tokenizer.build_model(config)
+    tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
+    x = jax.random.uniform(jax.random.key(9), (2, 32, 32, 3))
+    variables = init(model, x)
+    params = variables["params"]
+    state = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                 opt_state=tx.init(params),
+                                 extras={"quantizer": variables[Q.STATE]})
+    step = jax.jit(tokenizer.make_train_step(model, tx, schedule, config))
+    good, _, finite = step(state, {"image": x}, {})
+    assert bool(finite) and not np.array_equal(good.extras["quantizer"]["quantize"]["embed_prob"],
+                                               state.extras["quantizer"]["quantize"]["embed_prob"])
+    bad, _, finite = step(state, {"image": x.at[0, 0, 0, 0].set(jnp.nan)}, {})
+    assert not bool(finite)
+    for a, b in zip(jax.tree.leaves((state.params, state.extras)),
+                    jax.tree.leaves((bad.params, bad.extras))):
+        np.testing.assert_array_equal(a, b)

@@ -225,6 +225,7 @@ def make_train_step(model: nn.Module, tx, schedule, config,
             lambda c, b, k: micro_step(state, c, b["image"], k, frozen, (active, aux_on), draws),
             collections, {"image": batch["image"]}, rng, accum)
         loss = r["loss"]
+        old = state  # what a non-finite step falls back to (before any re-anchoring)
         if "quantizer_state" in r:  # clustering VQ: re-anchored codes, then the optimizer step
             state = state.replace(
                 params=quantizers.merge_param_updates(state.params, r["param_updates"]),
@@ -243,7 +244,7 @@ def make_train_step(model: nn.Module, tx, schedule, config,
             finite = finite & jnp.isfinite(r["d_loss"])
             scalars.update(d_loss=r["d_loss"], gan_active=active, **d_scalars,
                            **{f"d_{k}": v for k, v in r["d_means"].items()})
-        return step_lib.keep_if_finite(finite, new, state), scalars, finite
+        return step_lib.keep_if_finite(finite, new, old), scalars, finite
 
     return train_step
 
