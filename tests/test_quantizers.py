@@ -281,10 +281,12 @@ def test_gigatok_takes_a_quantizer_by_name():
               encoder_depth=1, encoder_heads=2, decoder_width=16, decoder_depth=1,
               decoder_heads=2, num_latent_tokens=4, code_dim=4)
     images = jax.random.uniform(jax.random.key(8), (1, 16, 16, 3), minval=-1.0)
-    for name, options, per_token in (("fsq", {"levels": [5, 5, 5, 5]}, 1),
-                                     ("residual_vq", {"depth": 2, "codebook_size": 8}, 2)):
-        model = GigaTok(quantizer=name, quantizer_options=options, **kw)
-        assert model.num_tokens == 4 * per_token
+    for name, options, per_token, layout in (
+            ("fsq", {"levels": [5, 5, 5, 5]}, 1, "1d"),
+            ("residual_vq", {"depth": 2, "codebook_size": 8}, 2, "1d"),
+            ("residual_vq", {"depth": 2, "codebook_size": 8}, 2, "2d")):  # 8x8 grid
+        model = GigaTok(quantizer=name, quantizer_options=options, layout=layout, **kw)
+        assert model.num_tokens == (4 if layout == "1d" else 64) * per_token
         variables = init(model, images)
         out, aux = model.apply(variables, images, train=True)
         codes = model.apply(variables, images, method=model.encode)

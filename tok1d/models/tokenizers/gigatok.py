@@ -530,8 +530,8 @@ class GigaTok(nn.Module):
         if self.layout == "1d":
             z_q = nested.apply_prefix(z_q, prefix_lengths, self.num_latent_tokens,
                                       self.tail_mask)
-        elif prefix_lengths is not None or z_q.shape[1] != self.num_tokens:
-            raise ValueError(f"the 2D layout decodes all {self.num_tokens} tokens (a prefix "
+        elif prefix_lengths is not None or z_q.shape[1] != self.grid_size ** 2:
+            raise ValueError(f"the 2D layout decodes all {self.grid_size ** 2} tokens (a prefix "
                              "needs the 1D layout).")
         rec_spatial, inner, _ = self.vit_decoder(self.post_quant_conv(z_q))
         return self.decoder(rec_spatial), rec_spatial, inner
