@@ -333,3 +333,25 @@ def test_a_skipped_non_finite_step_keeps_the_clustering_vq_codebook():
     for a, b in zip(jax.tree.leaves((state.params, state.extras)),
                     jax.tree.leaves((bad.params, bad.extras))):
         np.testing.assert_array_equal(a, b)
+
+
+def test_tokenizer_vq_settings_configure_the_vq_family_only():
+    """codebook_size / code size go to every quantizer, the VQ settings (l2_norm,
+    entropy_temperature, ...) to vq / clustering_vq / simvq only: the others keep their own
+    defaults unless quantizer_options set them, and a changed VQ setting is an error for them
+    (GigaTok's rotation_trick, on by default, just does not apply)."""
+    tiny = dict(TINY_TITOK, token_dim=6)
+    quantizer = lambda **kw: TiTok(**dict(tiny, **kw))._quantizer(detached=True)  # noqa: E731
+    assert quantizer(quantizer="bsq").entropy_temperature == 1.0
+    assert quantizer(quantizer="bsq", quantizer_options={"entropy_temperature": 0.5}
+                     ).entropy_temperature == 0.5
+    assert quantizer(quantizer="residual_vq").l2_norm is False
+    assert quantizer(quantizer="vq", l2_norm=False, entropy_temperature=0.1).l2_norm is False
+    assert quantizer(quantizer="simvq", entropy_temperature=0.1).entropy_temperature == 0.1
+    for name, key, value in (("fsq", "l2_norm", False), ("bsq", "entropy_temperature", 0.1),
+                             ("residual_vq", "commitment_cost", 0.5)):
+        options = {"levels": [4, 4, 3, 3, 2, 2]} if name == "fsq" else None
+        with pytest.raises(ValueError, match=f"{key}=.*quantizer '{name}'.*quantizer_options"):
+            quantizer(quantizer=name, quantizer_options=options, **{key: value})
+    giga = GigaTok(quantizer="lfq", code_dim=6, rotation_trick=True)._quantizer(detached=True)
+    assert isinstance(giga, Q.LFQ) and giga.entropy_temperature == 0.01

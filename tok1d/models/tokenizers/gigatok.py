@@ -463,11 +463,7 @@ class GigaTok(nn.Module):
         self.quantize = self._quantizer()
 
     def _quantizer(self, detached: bool = False) -> nn.Module:
-        return quantizers.build(
-            self.quantizer, self.quantizer_options, detached=detached,
-            codebook_size=self.codebook_size, code_dim=self.code_dim, l2_norm=self.l2_norm,
-            commitment_cost=self.commitment_cost, entropy_temperature=self.entropy_temperature,
-            rotation_trick=self.rotation_trick, param_dtype=self.param_dtype)
+        return quantizers.for_tokenizer(self, self.code_dim, detached=detached)
 
     @property
     def grid_size(self) -> int:

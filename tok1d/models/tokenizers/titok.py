@@ -190,8 +190,9 @@ class TiTok(nn.Module):
                 `tok1d.models.quantizers.QUANTIZERS` ("clustering_vq", "simvq", "fsq", "lfq",
                 "bsq", "residual_vq"), with `quantizer_options` (its own fields, e.g.
                 {"levels": [8, 8, 8, 5, 5, 5]} for FSQ with token_dim 6, {"depth": 4} for
-                residual VQ); the shared fields (codebook_size, token_dim, l2_norm, ...) fill
-                the rest.
+                residual VQ); codebook_size and token_dim size every quantizer, l2_norm,
+                commitment_cost and entropy_temperature configure the VQ family only
+                (`quantizers.for_tokenizer`).
     decoder_head  "pixels" (1x1 conv -> depth-to-space -> 3x3 conv) or "logits" (proxy-code
                 logits over the `num_proxy_codes` MaskGIT-VQGAN codes: stage 1 of two-stage
                 training).
@@ -281,11 +282,7 @@ class TiTok(nn.Module):
                 name="pixel_decoder")
 
     def _quantizer(self, detached: bool = False) -> nn.Module:
-        return quantizers.build(
-            self.quantizer, self.quantizer_options, detached=detached,
-            codebook_size=self.codebook_size, code_dim=self.token_dim, l2_norm=self.l2_norm,
-            commitment_cost=self.commitment_cost, entropy_temperature=self.entropy_temperature,
-            param_dtype=self.param_dtype)
+        return quantizers.for_tokenizer(self, self.token_dim, detached=detached)
 
     @property
     def num_codes(self) -> Optional[int]:
