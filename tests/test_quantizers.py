@@ -355,3 +355,16 @@ def test_tokenizer_vq_settings_configure_the_vq_family_only():
             quantizer(quantizer=name, quantizer_options=options, **{key: value})
     giga = GigaTok(quantizer="lfq", code_dim=6, rotation_trick=True)._quantizer(detached=True)
     assert isinstance(giga, Q.LFQ) and giga.entropy_temperature == 0.01
+
+
+def test_finetune_decoder_does_not_reanchor_the_clustering_vq():
+    """TiTok stage 2 (finetune_decoder) runs its frozen quantizer in eval mode, as upstream:
+    the training forward leaves the clustering VQ's codebook and usage EMA alone."""
+    images = jax.random.uniform(jax.random.key(10), (2, 16, 16, 3))
+    for finetune in (False, True):
+        model = TiTok(quantizer="clustering_vq", finetune_decoder=finetune, **TINY_TITOK)
+        variables = init(model, images)
+        _, new = model.apply(variables, images, train=True, mutable=MUTABLE)
+        prob = new[Q.STATE]["quantize"]["embed_prob"]
+        assert bool(jnp.any(prob != 0)) == (not finetune)
+        assert ("quantize" in new.get(Q.UPDATES, {})) == (not finetune)

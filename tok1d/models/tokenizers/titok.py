@@ -200,7 +200,8 @@ class TiTok(nn.Module):
                 logits mixes the rows of `pixel_quantize` (`num_proxy_codes` x `pixel_z_channels`)
                 and a MaskGIT-VQGAN decoder (`pixel_*` sizes) turns that map into pixels.
     finetune_decoder  encoder, latent tokens and quantizer are frozen in the forward (stop
-                gradient; their losses report 0), as in the official stage 2.
+                gradient; their losses report 0; the quantizer in eval mode: a clustering VQ
+                does not re-anchor), as in the official stage 2.
     legacy_reshape  the raw reshape of the released two-stage checkpoints (`is_legacy`); keep
                 False for new models.
     nested_dropout  ordered variable-length tokens (`tok1d.models.tokenizers.nested`): the
@@ -321,8 +322,8 @@ class TiTok(nn.Module):
         z = self.encoder(images, self.latent_tokens)
         if self.quantizer == "vae":
             z_q, aux = self.quantize(z, sample=sample)
-        else:
-            z_q, aux = self.quantize(z, train=sample)
+        else:  # stage 2 runs the frozen quantizer in eval mode (no clustering re-anchoring)
+            z_q, aux = self.quantize(z, train=sample and not self.finetune_decoder)
         if self.finetune_decoder:
             z_q = jax.lax.stop_gradient(z_q)
             aux = {k: jnp.zeros_like(v) if k.endswith("_loss") else jax.lax.stop_gradient(v)
