@@ -67,8 +67,9 @@ NOT_APPLICABLE = ("rotation_trick",)  # ignored, not an error, outside the VQ fa
 __all__ = ["BSQ", "ClusteringVectorQuantizer", "DiagonalGaussian", "FSQ", "HIGHEST", "LFQ",
            "QUANTIZERS", "ResidualVQ", "STATE", "SimVQ", "UPDATES", "VQ_FAMILY", "VQ_SETTINGS",
            "VectorQuantizer", "bits_to_codes", "build", "codes_to_signs", "entropy_loss",
-           "entropy_terms", "for_tokenizer", "l2_normalize", "merge_param_updates",
-           "rotate_onto", "straight_through", "symmetric_uniform"]
+           "entropy_terms", "for_tokenizer", "l2_normalize", "lookup_codes",
+           "merge_param_updates", "rotate_onto", "straight_through", "symmetric_uniform",
+           "whole_tokens"]
 
 
 def build(name: str, options: Optional[Mapping[str, Any]] = None, *, detached: bool = False,
@@ -122,3 +123,21 @@ def for_tokenizer(tokenizer: nn.Module, code_dim: int, *, detached: bool = False
     return build(name, tokenizer.quantizer_options, detached=detached,
                  codebook_size=tokenizer.codebook_size, code_dim=code_dim,
                  param_dtype=tokenizer.param_dtype, **settings)
+
+
+def whole_tokens(count: int, codes_per_token: int) -> int:
+    """The latent tokens of `count` flat codes (token-major, as a tokenizer's `encode` returns
+    them: residual VQ's depth codes per token); a ValueError unless they are whole tokens."""
+    if count % codes_per_token:
+        raise ValueError(f"{count} codes are not a whole number of tokens: this quantizer has "
+                         f"{codes_per_token} codes per token (give a multiple of "
+                         f"{codes_per_token}).")
+    return count // codes_per_token
+
+
+def lookup_codes(quantizer: nn.Module, codes) -> Any:
+    """Flat codes (B, k) of a tokenizer's `encode` (k whole tokens) -> the quantized latents
+    (B, k / codes_per_token, code_dim): the tokenizers' `decode_codes`."""
+    per = quantizer.codes_per_token
+    tokens = whole_tokens(codes.shape[-1], per)
+    return quantizer.lookup(codes.reshape(codes.shape[0], tokens, per) if per > 1 else codes)

@@ -543,10 +543,9 @@ class GigaTok(nn.Module):
         return self.decoder(cnn_map)
 
     def decode_codes(self, codes: jax.Array) -> jax.Array:
-        """Codes (B, k) int (1D: k <= N, the first k tokens) -> pixels in [-1, 1]."""
-        if self.quantize.codes_per_token > 1:
-            codes = codes.reshape(codes.shape[0], -1, self.quantize.codes_per_token)
-        return self.decode_latents(self.quantize.lookup(codes))
+        """Codes (B, k) int (1D: k <= num_tokens, a prefix of whole tokens; residual VQ: a
+        multiple of its depth) -> pixels in [-1, 1]."""
+        return self.decode_latents(quantizers.lookup_codes(self.quantize, codes))
 
     def __call__(self, images: jax.Array, *, train: bool = False,
                  prefix_lengths: nested.PrefixLengths = None) -> tuple[jax.Array, TokenizerAux]:
@@ -555,10 +554,7 @@ class GigaTok(nn.Module):
         `train` with `nested_dropout` draws the prefix lengths (rng "sample");
         `prefix_lengths` decodes the first k tokens only (evaluation)."""
         z_q, quantized = self.encode_latents(images, train=train)
-        if prefix_lengths is None and train and self.nested_dropout != "none":
-            prefix_lengths = nested.sample_prefix_lengths(
-                self.make_rng("sample"), z_q.shape[0], self.num_latent_tokens,
-                self.nested_dropout)
+        prefix_lengths = nested.forward_lengths(self, prefix_lengths, train, z_q.shape[0])
         pixels, rec_spatial, inner = self.decode_with_features(z_q, prefix_lengths)
         cnn_map = quantized["cnn_map"]
         fea_rec = jnp.mean(jnp.square(

@@ -358,14 +358,12 @@ class TiTok(nn.Module):
         return self.pixel_decoder_net(z).astype(jnp.float32)
 
     def decode_codes(self, codes: jax.Array) -> jax.Array:
-        """Codes (B, k) int, k <= num_tokens (the first k tokens) -> decoder output (see
-        `decode_latents`)."""
+        """Codes (B, k) int, k <= num_tokens (a prefix: the first k codes, whole tokens; residual
+        VQ: a multiple of its depth) -> decoder output (see `decode_latents`)."""
         if self.quantizer == "vae":
             raise ValueError("decode_codes needs a discrete quantizer; this TiTok is a VAE (use "
                              "decode_latents).")
-        if self.quantize.codes_per_token > 1:
-            codes = codes.reshape(codes.shape[0], -1, self.quantize.codes_per_token)
-        return self.decode_latents(self.quantize.lookup(codes))
+        return self.decode_latents(quantizers.lookup_codes(self.quantize, codes))
 
     def __call__(self, images: jax.Array, *, train: bool = False,
                  prefix_lengths: nested.PrefixLengths = None) -> tuple[jax.Array, TokenizerAux]:
@@ -374,8 +372,5 @@ class TiTok(nn.Module):
         (rng "sample"); `prefix_lengths` decodes the first k tokens only (evaluation)."""
         z_q, quantized = self.encode_latents(images, sample=train)
         aux = gaussian_aux(quantized) if self.quantizer == "vae" else vq_aux(quantized)
-        if prefix_lengths is None and train and self.nested_dropout != "none":
-            prefix_lengths = nested.sample_prefix_lengths(
-                self.make_rng("sample"), z_q.shape[0], self.num_latent_tokens,
-                self.nested_dropout)
+        prefix_lengths = nested.forward_lengths(self, prefix_lengths, train, z_q.shape[0])
         return self.decode_latents(z_q, prefix_lengths), aux
