@@ -4,8 +4,10 @@ training forward draws a prefix per example (through the tokenizer objective), `
 stores the first k tokens and a generator trained on them samples k decodable tokens, and a
 tiny TiTok trained with nested dropout on the digits reconstructs better with more tokens."""
 
+import copy as copy_lib
 import json
 import os
+import pickle
 
 import flax.linen as nn
 import jax
@@ -145,6 +147,10 @@ def test_tokenize_stores_the_first_k_tokens(prefix_tokens):
     cut = tokens.prefix_source(tokens.ArrayTokenSource(full, np.zeros(32, np.int64)), 2)
     assert cut.num_tokens == 2 and cut.num_variants == 1
     np.testing.assert_array_equal(cut[5]["codes"], full[5:6, :2])
+    # picklable / copyable (grain's workers pickle the source)
+    for copy in (pickle.loads(pickle.dumps(cut)), copy_lib.deepcopy(cut)):
+        assert copy.num_tokens == 2
+        np.testing.assert_array_equal(copy[5]["codes"], full[5:6, :2])
 
 
 def test_generator_on_prefixes_samples_k_decodable_tokens(prefix_tokens, tmp_path):
