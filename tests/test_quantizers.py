@@ -368,3 +368,20 @@ def test_finetune_decoder_does_not_reanchor_the_clustering_vq():
         prob = new[Q.STATE]["quantize"]["embed_prob"]
         assert bool(jnp.any(prob != 0)) == (not finetune)
         assert ("quantize" in new.get(Q.UPDATES, {})) == (not finetune)
+
+
+def test_the_objective_logs_every_quantizer_loss_part():
+    """quantizer_<part> for every part the quantizer reports whose term is weighted: LFQ's
+    commitment with losses.quantizer, its two entropies with losses.entropy."""
+    from tok1d.objectives import terms, tokenizer_loss
+    model = TiTok(quantizer="lfq", **TINY_TITOK)
+    images = jax.random.uniform(jax.random.key(11), (2, 16, 16, 3))
+    params = init(model, images)["params"]
+    for weights, logged in (
+            ({"l2": 1.0, "quantizer": 1.0}, {"commitment"}),
+            ({"l2": 1.0, "quantizer": 1.0, "entropy": 0.1},
+             {"commitment", "per_sample_entropy", "codebook_entropy"})):
+        loss_fn = tokenizer_loss.make_loss_fn(model, weights, terms.FrozenNets())
+        extras = loss_fn(params, images, {}, None, {}, 0.0, 0.0, jax.random.key(0))[1][1]
+        assert {k for k in extras if k.startswith("quantizer_")} == {
+            f"quantizer_{p}" for p in logged}, extras
