@@ -385,3 +385,21 @@ def test_the_objective_logs_every_quantizer_loss_part():
         extras = loss_fn(params, images, {}, None, {}, 0.0, 0.0, jax.random.key(0))[1][1]
         assert {k for k in extras if k.startswith("quantizer_")} == {
             f"quantizer_{p}" for p in logged}, extras
+
+
+def test_residual_codebook_statistics_are_per_level():
+    """Each residual level has its own codebook: one histogram per level, usage / perplexity
+    averaged over the levels, dead codes summed (a collapsed level shows)."""
+    from tok1d.evaluation import codebook
+    from tok1d.train import tokenizer
+    codes = jnp.array([[[0, 0], [0, 1]]])  # 1 image, 2 tokens x 2 levels
+    hist = codebook.code_histogram(codes, 4, levels=2)
+    np.testing.assert_array_equal(hist, [[2, 0, 0, 0], [1, 1, 0, 0]])
+    assert float(codebook.usage(hist)) == 0.375 and int(codebook.dead_codes(hist)) == 5
+    np.testing.assert_allclose(float(codebook.perplexity(hist)), 1.5, rtol=1e-6)
+    np.testing.assert_array_equal(codebook.code_histogram(codes[..., 0], 4), [2, 0, 0, 0])
+    model = TiTok(quantizer="residual_vq", quantizer_options={"depth": 3}, **TINY_TITOK)
+    images = jax.random.uniform(jax.random.key(12), (2, 16, 16, 3))
+    sums, _ = tokenizer.make_eval_step(model)(
+        init(model, images)["params"], {"image": images, "mask": jnp.ones(2)}, {})
+    assert sums["hist"].shape == (3, 16) and float(sums["hist"].sum()) == 2 * 4 * 3

@@ -491,9 +491,14 @@ class GigaTok(nn.Module):
         return self.image_size
 
     @property
+    def codes_per_token(self) -> int:
+        """The quantizer's codes per latent token (residual VQ: its depth; else 1)."""
+        return self._quantizer(detached=True).codes_per_token
+
+    @property
     def num_tokens(self) -> int:
         tokens = self.num_latent_tokens if self.layout == "1d" else self.grid_size ** 2
-        return tokens * self._quantizer(detached=True).codes_per_token
+        return tokens * self.codes_per_token
 
     def check_images(self, images: jax.Array) -> None:
         expected = (self.image_size, self.image_size, 3)

@@ -108,7 +108,7 @@ def apply_prefix(z: jax.Array, lengths: PrefixLengths, num_tokens: int,
 
 def prefix_step(model: nn.Module) -> int:
     """The codes per latent token of a 1D tokenizer: every prefix length is a multiple."""
-    return model.num_tokens // model.num_latent_tokens
+    return model.codes_per_token
 
 
 def prefix_tokens(model: nn.Module, k: int) -> int:

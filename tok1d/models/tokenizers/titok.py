@@ -295,9 +295,14 @@ class TiTok(nn.Module):
         return self.decoder_head == "pixels" or self.pixel_decoder
 
     @property
+    def codes_per_token(self) -> int:
+        """The quantizer's codes per latent token (residual VQ: its depth; else 1)."""
+        return self._quantizer(detached=True).codes_per_token
+
+    @property
     def num_tokens(self) -> int:
         """Codes per image: latent tokens x the quantizer's codes per token."""
-        return self.num_latent_tokens * self._quantizer(detached=True).codes_per_token
+        return self.num_latent_tokens * self.codes_per_token
 
     @property
     def input_size(self) -> int:
