@@ -257,7 +257,7 @@ def test_residual_prefixes_count_codes_in_whole_tokens(tmp_path):
     not whole tokens is one clear error (evaluate, decode_codes)."""
     model, variables, x = build("titok", quantizer="residual_vq",
                                 quantizer_options={"depth": 2})
-    assert model.num_tokens == 16 and nested.prefix_step(model) == 2
+    assert model.num_tokens == 16 and model.codes_per_token == 2
     assert evaluate.parse_prefixes("all", 16, 2) == [2, 4, 8, 16]
     assert nested.prefix_tokens(model, 4) == 2
     codes = model.apply(variables, x, method="encode")

@@ -335,7 +335,7 @@ def run(config, checkpoint: str = "", tokenizer: str = "", samples: str = "", ou
         if prefixes:
             model = tok_trainer.build_model(config)
             nested.require_prefix_support(model, "--prefixes")
-            ks = parse_prefixes(prefixes, model.num_tokens, nested.prefix_step(model))
+            ks = parse_prefixes(prefixes, model.num_tokens, model.codes_per_token)
         return evaluate_tokenizer(config, checkpoint, out, log, ks)
     if prefixes:
         raise errors.UserError("--prefixes evaluates a tokenizer (a config of trainer "

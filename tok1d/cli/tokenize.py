@@ -150,9 +150,9 @@ def make_encoder(model, params, *, flip: bool, batch_size: int, prefix_tokens: i
         if not 0 <= prefix_tokens <= model.num_tokens:
             raise ValueError(f"prefix_tokens={prefix_tokens}: expected 0 (all) to "
                              f"{model.num_tokens} (the tokenizer's tokens).")
-        if prefix_tokens % nested.prefix_step(model):
+        if prefix_tokens % model.codes_per_token:
             raise ValueError(f"prefix_tokens={prefix_tokens}: not a whole number of tokens, "
-                             f"expected a multiple of {nested.prefix_step(model)} (the "
+                             f"expected a multiple of {model.codes_per_token} (the "
                              "quantizer's codes per token).")
 
     def codes_of(p, x):

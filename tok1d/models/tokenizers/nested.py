@@ -15,6 +15,10 @@ which is what training showed the decoder. A model trained without the option ha
 vector; its decoder then reads the k tokens alone (both decoders accept fewer latent tokens,
 attending to what is there), which is defined but was never trained.
 
+Units: the model's `prefix_lengths` count latent tokens; a prefix of codes (`decode_codes`,
+`prefix_tokens`, the command-line options) counts codes like `num_tokens` (residual VQ: depth
+codes per latent token, so only whole tokens).
+
 Schedules of k (`SCHEDULES`):
     none     no dropout (the default; the model has no mask vector)
     uniform  k uniform over 1..N (One-D-Piece)
@@ -106,11 +110,6 @@ def apply_prefix(z: jax.Array, lengths: PrefixLengths, num_tokens: int,
     return tail_mask(z, lengths)
 
 
-def prefix_step(model: nn.Module) -> int:
-    """The codes per latent token of a 1D tokenizer: every prefix length is a multiple."""
-    return model.codes_per_token
-
-
 def prefix_tokens(model: nn.Module, k: int) -> int:
     """The latent tokens of a prefix of `k` codes of a 1D tokenizer: prefixes count codes, the
     unit of `num_tokens`, `encode` and token datasets (residual VQ: tokens x depth); a
@@ -118,7 +117,7 @@ def prefix_tokens(model: nn.Module, k: int) -> int:
     if not 1 <= k <= model.num_tokens:
         raise ValueError(f"a prefix of {k} tokens: expected 1..{model.num_tokens} (the "
                          "tokenizer's tokens).")
-    return quantizers.whole_tokens(k, prefix_step(model))
+    return quantizers.whole_tokens(k, model.codes_per_token)
 
 
 def forward_lengths(module: nn.Module, lengths: PrefixLengths, train: bool, batch: int
