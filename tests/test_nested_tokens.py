@@ -4,8 +4,10 @@ training forward draws a prefix per example (through the tokenizer objective), `
 stores the first k tokens and a generator trained on them samples k decodable tokens, and a
 tiny TiTok trained with nested dropout on the digits reconstructs better with more tokens."""
 
+import copy as copy_lib
 import json
 import os
+import pickle
 
 import flax.linen as nn
 import jax
@@ -145,6 +147,10 @@ def test_tokenize_stores_the_first_k_tokens(prefix_tokens):
     cut = tokens.prefix_source(tokens.ArrayTokenSource(full, np.zeros(32, np.int64)), 2)
     assert cut.num_tokens == 2 and cut.num_variants == 1
     np.testing.assert_array_equal(cut[5]["codes"], full[5:6, :2])
+    # picklable / copyable (grain's workers pickle the source)
+    for copy in (pickle.loads(pickle.dumps(cut)), copy_lib.deepcopy(cut)):
+        assert copy.num_tokens == 2
+        np.testing.assert_array_equal(copy[5]["codes"], full[5:6, :2])
 
 
 def test_generator_on_prefixes_samples_k_decodable_tokens(prefix_tokens, tmp_path):
@@ -243,3 +249,35 @@ def test_tiny_titok_quality_rises_with_k():
     # measured: {1: 14.97, 2: 15.62, 4: 15.70, 8: 15.67}: the gain saturates at this size
     assert quality[1] < quality[2] < quality[4], quality
     assert quality[8] > quality[1] + 0.5 and quality[8] > max(quality.values()) - 0.1, quality
+
+
+def test_residual_prefixes_count_codes_in_whole_tokens(tmp_path):
+    """A prefix counts codes like num_tokens (residual VQ: tokens x depth): `--prefixes=all`
+    steps by whole tokens, k = 4 codes of depth 2 decodes 2 latent tokens, and a k that is
+    not whole tokens is one clear error (evaluate, decode_codes)."""
+    model, variables, x = build("titok", quantizer="residual_vq",
+                                quantizer_options={"depth": 2})
+    assert model.num_tokens == 16 and model.codes_per_token == 2
+    assert evaluate.parse_prefixes("all", 16, 2) == [2, 4, 8, 16]
+    assert nested.prefix_tokens(model, 4) == 2
+    codes = model.apply(variables, x, method="encode")
+    np.testing.assert_allclose(model.apply(variables, codes[:, :4], method="decode_codes"),
+                               model.apply(variables, x, prefix_lengths=2)[0], atol=1e-4)
+    with pytest.raises(ValueError, match="not a whole number of tokens"):
+        model.apply(variables, codes[:, :3], method="decode_codes")
+    c = config_lib.base_config("tokenizer")
+    c.model = dict(name="titok", nested_dropout="uniform", quantizer="residual_vq",
+                   quantizer_options={"depth": 2}, **TITOK)
+    with pytest.raises(errors.UserError, match="multiple of 2"):
+        evaluate.run(c, checkpoint=str(tmp_path / "none"), out=str(tmp_path / "out"),
+                     prefixes="2,3")
+
+
+def test_tokenize_prefix_needs_a_1d_tokenizer():
+    model, variables, _ = build("gigatok", "none", layout="2d")
+    with pytest.raises(errors.UserError, match="--prefix_tokens needs a 1D tokenizer"):
+        tokenize.make_encoder(model, variables["params"], flip=False, batch_size=8,
+                              prefix_tokens=3)
+    titok, tv, _ = build("titok", quantizer="residual_vq", quantizer_options={"depth": 2})
+    with pytest.raises(ValueError, match="prefix_tokens=3: not a whole number of tokens"):
+        tokenize.make_encoder(titok, tv["params"], flip=False, batch_size=8, prefix_tokens=3)

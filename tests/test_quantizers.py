@@ -281,10 +281,12 @@ def test_gigatok_takes_a_quantizer_by_name():
               encoder_depth=1, encoder_heads=2, decoder_width=16, decoder_depth=1,
               decoder_heads=2, num_latent_tokens=4, code_dim=4)
     images = jax.random.uniform(jax.random.key(8), (1, 16, 16, 3), minval=-1.0)
-    for name, options, per_token in (("fsq", {"levels": [5, 5, 5, 5]}, 1),
-                                     ("residual_vq", {"depth": 2, "codebook_size": 8}, 2)):
-        model = GigaTok(quantizer=name, quantizer_options=options, **kw)
-        assert model.num_tokens == 4 * per_token
+    for name, options, per_token, layout in (
+            ("fsq", {"levels": [5, 5, 5, 5]}, 1, "1d"),
+            ("residual_vq", {"depth": 2, "codebook_size": 8}, 2, "1d"),
+            ("residual_vq", {"depth": 2, "codebook_size": 8}, 2, "2d")):  # 8x8 grid
+        model = GigaTok(quantizer=name, quantizer_options=options, layout=layout, **kw)
+        assert model.num_tokens == (4 if layout == "1d" else 64) * per_token
         variables = init(model, images)
         out, aux = model.apply(variables, images, train=True)
         codes = model.apply(variables, images, method=model.encode)
@@ -300,3 +302,104 @@ def test_a_wrong_quantizer_size_is_one_clear_error():
         Q.build("pq", detached=True)
     with pytest.raises(ValueError, match="did you mean 'levels'"):
         Q.build("fsq", {"level": [5]}, detached=True)
+
+
+def test_a_skipped_non_finite_step_keeps_the_clustering_vq_codebook():
+    """A NaN batch makes the step non-finite: the trainer keeps the previous params and
+    quantizer state (the re-anchored codebook of that step is dropped with the rest)."""
+    import importlib.util
+    from conftest import REPO
+    from tok1d.train import optim, state as state_lib, tokenizer
+    spec = importlib.util.spec_from_file_location("c", os.path.join(REPO, "configs/tiny_test.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    config = mod.get_config()
+    config.model.update(quantizer="clustering_vq")
+    config.ema_decay = 0.0
+    model = tokenizer.build_model(config)
+    tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
+    x = jax.random.uniform(jax.random.key(9), (2, 32, 32, 3))
+    variables = init(model, x)
+    params = variables["params"]
+    state = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                 opt_state=tx.init(params),
+                                 extras={"quantizer": variables[Q.STATE]})
+    step = jax.jit(tokenizer.make_train_step(model, tx, schedule, config))
+    good, _, finite = step(state, {"image": x}, {})
+    assert bool(finite) and not np.array_equal(good.extras["quantizer"]["quantize"]["embed_prob"],
+                                               state.extras["quantizer"]["quantize"]["embed_prob"])
+    bad, _, finite = step(state, {"image": x.at[0, 0, 0, 0].set(jnp.nan)}, {})
+    assert not bool(finite)
+    for a, b in zip(jax.tree.leaves((state.params, state.extras)),
+                    jax.tree.leaves((bad.params, bad.extras))):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_tokenizer_vq_settings_configure_the_vq_family_only():
+    """codebook_size / code size go to every quantizer, the VQ settings (l2_norm,
+    entropy_temperature, ...) to vq / clustering_vq / simvq only: the others keep their own
+    defaults unless quantizer_options set them, and a changed VQ setting is an error for them
+    (GigaTok's rotation_trick, on by default, just does not apply)."""
+    tiny = dict(TINY_TITOK, token_dim=6)
+    quantizer = lambda **kw: TiTok(**dict(tiny, **kw))._quantizer(detached=True)  # noqa: E731
+    assert quantizer(quantizer="bsq").entropy_temperature == 1.0
+    assert quantizer(quantizer="bsq", quantizer_options={"entropy_temperature": 0.5}
+                     ).entropy_temperature == 0.5
+    assert quantizer(quantizer="residual_vq").l2_norm is False
+    assert quantizer(quantizer="vq", l2_norm=False, entropy_temperature=0.1).l2_norm is False
+    assert quantizer(quantizer="simvq", entropy_temperature=0.1).entropy_temperature == 0.1
+    for name, key, value in (("fsq", "l2_norm", False), ("bsq", "entropy_temperature", 0.1),
+                             ("residual_vq", "commitment_cost", 0.5)):
+        options = {"levels": [4, 4, 3, 3, 2, 2]} if name == "fsq" else None
+        with pytest.raises(ValueError, match=f"{key}=.*quantizer '{name}'.*quantizer_options"):
+            quantizer(quantizer=name, quantizer_options=options, **{key: value})
+    giga = GigaTok(quantizer="lfq", code_dim=6, rotation_trick=True)._quantizer(detached=True)
+    assert isinstance(giga, Q.LFQ) and giga.entropy_temperature == 0.01
+
+
+def test_finetune_decoder_does_not_reanchor_the_clustering_vq():
+    """TiTok stage 2 (finetune_decoder) runs its frozen quantizer in eval mode, as upstream:
+    the training forward leaves the clustering VQ's codebook and usage EMA alone."""
+    images = jax.random.uniform(jax.random.key(10), (2, 16, 16, 3))
+    for finetune in (False, True):
+        model = TiTok(quantizer="clustering_vq", finetune_decoder=finetune, **TINY_TITOK)
+        variables = init(model, images)
+        _, new = model.apply(variables, images, train=True, mutable=MUTABLE)
+        prob = new[Q.STATE]["quantize"]["embed_prob"]
+        assert bool(jnp.any(prob != 0)) == (not finetune)
+        assert ("quantize" in new.get(Q.UPDATES, {})) == (not finetune)
+
+
+def test_the_objective_logs_every_quantizer_loss_part():
+    """quantizer_<part> for every part the quantizer reports whose term is weighted: LFQ's
+    commitment with losses.quantizer, its two entropies with losses.entropy."""
+    from tok1d.objectives import terms, tokenizer_loss
+    model = TiTok(quantizer="lfq", **TINY_TITOK)
+    images = jax.random.uniform(jax.random.key(11), (2, 16, 16, 3))
+    params = init(model, images)["params"]
+    for weights, logged in (
+            ({"l2": 1.0, "quantizer": 1.0}, {"commitment"}),
+            ({"l2": 1.0, "quantizer": 1.0, "entropy": 0.1},
+             {"commitment", "per_sample_entropy", "codebook_entropy"})):
+        loss_fn = tokenizer_loss.make_loss_fn(model, weights, terms.FrozenNets())
+        extras = loss_fn(params, images, {}, None, {}, 0.0, 0.0, jax.random.key(0))[1][1]
+        assert {k for k in extras if k.startswith("quantizer_")} == {
+            f"quantizer_{p}" for p in logged}, extras
+
+
+def test_residual_codebook_statistics_are_per_level():
+    """Each residual level has its own codebook: one histogram per level, usage / perplexity
+    averaged over the levels, dead codes summed (a collapsed level shows)."""
+    from tok1d.evaluation import codebook
+    from tok1d.train import tokenizer
+    codes = jnp.array([[[0, 0], [0, 1]]])  # 1 image, 2 tokens x 2 levels
+    hist = codebook.code_histogram(codes, 4, levels=2)
+    np.testing.assert_array_equal(hist, [[2, 0, 0, 0], [1, 1, 0, 0]])
+    assert float(codebook.usage(hist)) == 0.375 and int(codebook.dead_codes(hist)) == 5
+    np.testing.assert_allclose(float(codebook.perplexity(hist)), 1.5, rtol=1e-6)
+    np.testing.assert_array_equal(codebook.code_histogram(codes[..., 0], 4), [2, 0, 0, 0])
+    model = TiTok(quantizer="residual_vq", quantizer_options={"depth": 3}, **TINY_TITOK)
+    images = jax.random.uniform(jax.random.key(12), (2, 16, 16, 3))
+    sums, _ = tokenizer.make_eval_step(model)(
+        init(model, images)["params"], {"image": images, "mask": jnp.ones(2)}, {})
+    assert sums["hist"].shape == (3, 16) and float(sums["hist"].sum()) == 2 * 4 * 3

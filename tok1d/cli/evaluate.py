@@ -20,6 +20,8 @@ r"""Evaluation jobs: the numbers of the papers' tables, measured by tok1d on acc
 
     # Ordered tokens (a 1D tokenizer, e.g. trained with model.nested_dropout): PSNR / SSIM /
     # LPIPS / rFID of the first k tokens for each k, one report with a table and a plot.
+    # k counts tokens as num_tokens and encode do (residual VQ: tokens x depth codes, so every
+    # k must be a multiple of the depth).
     tok1d evaluate --config=configs/tiny_test.py --checkpoint=WORKDIR --out=eval_k/ \
         --prefixes=1,2,4,8   # or --prefixes=all
 
@@ -81,7 +83,8 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("reference", "", "FID reference .npz (sets "
                         "config.evaluation.reference).", flag_values=fv)
     flags.DEFINE_string("prefixes", "", "Tokenizer evaluation of the first k tokens for each "
-                        "k: 'all' (1, 2, 4, ..., N) or e.g. 1,2,4,8 (a 1D tokenizer).",
+                        "k: 'all' (1, 2, 4, ..., N) or e.g. 1,2,4,8 (a 1D tokenizer; k "
+                        "counts codes like num_tokens: residual VQ, multiples of its depth).",
                         flag_values=fv)
 
 
@@ -153,10 +156,12 @@ def evaluate_tokenizer(config, checkpoint: str, out: str, log=print,
 PREFIX_METRICS = ("psnr", "ssim", "lpips", "rfid")
 
 
-def parse_prefixes(text: str, num_tokens: int) -> list[int]:
-    """`--prefixes`: "all" (1, 2, 4, ..., N) or comma-separated lengths in 1..N."""
+def parse_prefixes(text: str, num_tokens: int, step: int = 1) -> list[int]:
+    """`--prefixes`: "all" (1, 2, 4, ..., N tokens) or comma-separated lengths in 1..N, counted
+    like `num_tokens` (codes; residual VQ: `step` = depth codes per token, every k a multiple;
+    "all": step x 1, 2, 4, ... latent tokens)."""
     if text == "all":
-        return [int(k) for k in nested.prefix_choices(num_tokens, "pow2")]
+        return [step * int(k) for k in nested.prefix_choices(num_tokens // step, "pow2")]
     try:
         ks = sorted({int(k) for k in text.split(",") if k.strip()})
     except ValueError:
@@ -166,6 +171,9 @@ def parse_prefixes(text: str, num_tokens: int) -> list[int]:
     if bad or not ks:
         raise errors.UserError(f"--prefixes={text!r}: every k must be in 1..{num_tokens} (the "
                                "tokenizer's tokens).")
+    if any(k % step for k in ks):
+        raise errors.UserError(f"--prefixes={text!r}: every k must be a whole number of tokens, "
+                               f"a multiple of {step} (the quantizer's codes per token).")
     return ks
 
 
@@ -177,9 +185,7 @@ def evaluate_prefixes(config, model, params, frozen, teacher, nets, ds, num_batc
     configured metric networks give) per k, in one report with a table, the curves
     (quality_vs_k.png, needs matplotlib) and a grid (inputs, then one row per k)."""
     mesh, rules, batch_sh, is_chief = setup
-    if not nested.supports_prefix(model):
-        raise errors.UserError(f"--prefixes needs a 1D tokenizer (TiTok, GigaTok 1D); "
-                               f"{type(model).__name__} decodes all its tokens.")
+    nested.require_prefix_support(model, "--prefixes")
     ecfg, batch = config.evaluation, config.eval_batch_size
     rows, grid_rows = {}, []
     t_model = teacher[0] if teacher is not None else None
@@ -189,9 +195,10 @@ def evaluate_prefixes(config, model, params, frozen, teacher, nets, ds, num_batc
         # k tokens (a static slice per k).
         traced = (jax.jit(tok_trainer.make_eval_step(model, t_model))
                   if model.nested_dropout != "none" else None)
-        for k in prefixes:
-            eval_step = (functools.partial(traced, prefix_length=jnp.int32(k)) if traced
-                         else jax.jit(tok_trainer.make_eval_step(model, t_model, prefix=k)))
+        for k in prefixes:  # k codes: the first nested.prefix_tokens latent tokens
+            n = nested.prefix_tokens(model, k)
+            eval_step = (functools.partial(traced, prefix_length=jnp.int32(n)) if traced
+                         else jax.jit(tok_trainer.make_eval_step(model, t_model, prefix=n)))
             metrics_acc = evaluator.ImageMetrics.from_config(nets, mesh, ecfg)
             metrics, (grid_in, grid_out) = tok_trainer.evaluate(
                 eval_step, params, frozen, ds, num_batches, (batch_sh, batch),
@@ -324,8 +331,11 @@ def run(config, checkpoint: str = "", tokenizer: str = "", samples: str = "", ou
     if config.trainer == "generator":
         return evaluate_generator(config, checkpoint, tokenizer, out, seed, log)
     if config.trainer == "tokenizer":
-        ks = (parse_prefixes(prefixes, tok_trainer.build_model(config).num_tokens)
-              if prefixes else ())
+        ks = ()
+        if prefixes:
+            model = tok_trainer.build_model(config)
+            nested.require_prefix_support(model, "--prefixes")
+            ks = parse_prefixes(prefixes, model.num_tokens, model.codes_per_token)
         return evaluate_tokenizer(config, checkpoint, out, log, ks)
     if prefixes:
         raise errors.UserError("--prefixes evaluates a tokenizer (a config of trainer "

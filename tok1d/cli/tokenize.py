@@ -16,6 +16,8 @@ r"""Encodes an image dataset with a trained tokenizer into a token dataset (`tok
 --prefix_tokens  store only the first k tokens of every image (0: all): for ordered 1D tokens
              (a tokenizer trained with model.nested_dropout), whose prefixes decode
              (`decode_codes` takes (B, k) codes); a generator trained on them samples k tokens.
+             k counts codes like num_tokens (residual VQ: a multiple of its depth); a 1D
+             tokenizer only (TiTok, GigaTok 1D).
 
 Encoding is one jitted function over all devices (batch split over the mesh's data axes);
 every host loads only its rows of each global batch, the codes are gathered and process 0 writes.
@@ -57,6 +59,7 @@ from tok1d import images as images_lib
 from tok1d import parallel
 from tok1d.cli import app
 from tok1d.data import pipeline, records, sources, tokens
+from tok1d.models.tokenizers import nested
 from tok1d.weights import loaders
 
 EXAMPLES_PER_SHARD = 10_000  # the auto shard size: the unit of work redone after a crash
@@ -142,9 +145,15 @@ def make_encoder(model, params, *, flip: bool, batch_size: int, prefix_tokens: i
     if not model.num_codes:
         raise ValueError(f"{type(model).__name__} has no discrete codes (a continuous "
                          "tokenizer?); only VQ tokenizers can be tokenized.")
-    if not 0 <= prefix_tokens <= model.num_tokens:
-        raise ValueError(f"prefix_tokens={prefix_tokens}: expected 0 (all) to "
-                         f"{model.num_tokens} (the tokenizer's tokens).")
+    if prefix_tokens:
+        nested.require_prefix_support(model, "--prefix_tokens")
+        if not 0 <= prefix_tokens <= model.num_tokens:
+            raise ValueError(f"prefix_tokens={prefix_tokens}: expected 0 (all) to "
+                             f"{model.num_tokens} (the tokenizer's tokens).")
+        if prefix_tokens % model.codes_per_token:
+            raise ValueError(f"prefix_tokens={prefix_tokens}: not a whole number of tokens, "
+                             f"expected a multiple of {model.codes_per_token} (the "
+                             "quantizer's codes per token).")
 
     def codes_of(p, x):
         c = model.apply({"params": p}, x, method=model.encode)

@@ -272,6 +272,8 @@ class PrefixTokenSource:
         self._source, self._k = source, int(num_tokens)
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # pickle / copy look these up before __dict__ is restored
+            raise AttributeError(name)
         return getattr(self._source, name)
 
     @property

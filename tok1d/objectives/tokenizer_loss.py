@@ -45,6 +45,13 @@ from tok1d.objectives import losses, terms as terms_lib
 from tok1d.objectives.adversarial import GANObjective
 
 
+# The quantizers' loss parts (`tok1d.models.interfaces.LOSS_PARTS`) and the term each belongs
+# to: every part a quantizer reports is logged as quantizer_<part> while that term is weighted
+# (an unweighted entropy term is not computed just for its log).
+QUANTIZER_PARTS = {"codebook": "quantizer", "commitment": "quantizer",
+                   "per_sample_entropy": "entropy", "codebook_entropy": "entropy"}
+
+
 def make_loss_fn(model: nn.Module, weights: Mapping[str, float], nets: terms_lib.FrozenNets,
                  gan: Optional[GANObjective] = None):
     """The objective of `model` under the loss weights `weights` (`config.losses`); see the
@@ -121,9 +128,9 @@ def make_loss_fn(model: nn.Module, weights: Mapping[str, float], nets: terms_lib
         total = losses.weighted_sum(scale, {k: v for k, v in terms.items() if k != "gan"})
         if gan is not None:
             total = total + gan_weight * active * terms["gan"]
-        if "quantizer" in weights and "codebook" in aux.losses:  # the official log's two parts
-            extras.update(quantizer_codebook=aux.losses["codebook"],
-                          quantizer_commitment=aux.losses["commitment"])
+        extras.update({f"quantizer_{part}": aux.losses[part]
+                       for part, term in QUANTIZER_PARTS.items()
+                       if term in weights and part in aux.losses})
         if aux.codes is not None:
             outputs["codes"] = aux.codes
         if quantizer_state is not None:

@@ -259,6 +259,8 @@ def add_generator_keys(c: ml_collections.ConfigDict) -> None:
         prefix_tokens=0,              # > 0: train on the first k tokens of every sequence
                                       # (ordered 1D tokens, model.nested_dropout); the model's
                                       # num_tokens is then k and its samples decode as prefixes
+                                      # (k counts the dataset's codes: residual VQ, a multiple
+                                      # of its depth)
     ))
     # Keyword arguments of the sampler (tok1d.generation.maskgit.sample,
     # tok1d.generation.autoregressive.sample or .sample_rar), used for the sample grids and

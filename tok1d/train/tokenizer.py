@@ -182,6 +182,7 @@ def make_train_step(model: nn.Module, tx, schedule, config,
     aux_end = config.aux_loss_end_step
     to_model, to_unit = images.range_converters(model.pixel_range)
     base_rng = jax.random.key(config.seed + 1)
+    levels = getattr(model, "codes_per_token", 1)  # residual VQ: per-level code statistics
 
     def micro_step(state, collections, images_, rng, frozen, flags, draws):
         """One microbatch: the objective and its grads, then the discriminator's loss and grads
@@ -196,7 +197,7 @@ def make_train_step(model: nn.Module, tx, schedule, config,
         if model.outputs_pixels:
             extras["psnr"] = jnp.mean(psnr(to_unit(outs["pixels"]), images_))
         if model.num_codes:
-            hist = codebook_lib.code_histogram(outs["codes"], model.num_codes)
+            hist = codebook_lib.code_histogram(outs["codes"], model.num_codes, levels=levels)
             extras["batch_perplexity"] = codebook_lib.perplexity(hist)
         result = dict(loss=loss, terms=terms, extras=extras, grads=grads)
         if q_state is not None:  # averaged over microbatches like the rest
@@ -225,6 +226,7 @@ def make_train_step(model: nn.Module, tx, schedule, config,
             lambda c, b, k: micro_step(state, c, b["image"], k, frozen, (active, aux_on), draws),
             collections, {"image": batch["image"]}, rng, accum)
         loss = r["loss"]
+        old = state  # what a non-finite step falls back to (before any re-anchoring)
         if "quantizer_state" in r:  # clustering VQ: re-anchored codes, then the optimizer step
             state = state.replace(
                 params=quantizers.merge_param_updates(state.params, r["param_updates"]),
@@ -243,7 +245,7 @@ def make_train_step(model: nn.Module, tx, schedule, config,
             finite = finite & jnp.isfinite(r["d_loss"])
             scalars.update(d_loss=r["d_loss"], gan_active=active, **d_scalars,
                            **{f"d_{k}": v for k, v in r["d_means"].items()})
-        return step_lib.keep_if_finite(finite, new, state), scalars, finite
+        return step_lib.keep_if_finite(finite, new, old), scalars, finite
 
     return train_step
 
@@ -256,6 +258,7 @@ def make_eval_step(model: nn.Module, teacher: Optional[nn.Module] = None,
     `tok1d.models.tokenizers.nested`); the traced `prefix_length` does the same for a model
     trained with nested_dropout (its mask vector), with one compilation for every k."""
     num_codes = model.num_codes
+    levels = getattr(model, "codes_per_token", 1)  # residual VQ: per-level code statistics
     outputs_pixels = model.outputs_pixels
     to_model, to_unit = images.range_converters(model.pixel_range)
     kwargs = {} if prefix is None else {"prefix_lengths": int(prefix)}
@@ -283,7 +286,7 @@ def make_eval_step(model: nn.Module, teacher: Optional[nn.Module] = None,
         sums.update(psnr_sum=jnp.sum(psnr(recon, images) * mask), l2_sum=jnp.sum(err * mask),
                     count=jnp.sum(mask))
         if num_codes:
-            sums["hist"] = codebook_lib.code_histogram(aux.codes, num_codes, mask)
+            sums["hist"] = codebook_lib.code_histogram(aux.codes, num_codes, mask, levels)
         return sums, jnp.clip(recon, 0.0, 1.0)
 
     return eval_step

@@ -15,8 +15,17 @@ A quantizer is a Linen module with
     lookup(codes) -> values (..., code_dim) float32: codes back to quantized values (the
                        tokenizers' `decode_codes`)
 
-`QUANTIZERS` names them; `build(name, **options)` makes one from a tokenizer's settings (the
-options a quantizer does not take are dropped, except those of `options`, which must exist).
+`QUANTIZERS` names them; `build(name, options, **shared)` makes one, `for_tokenizer` the
+one a tokenizer's fields configure, by this rule:
+    sizes        the tokenizer's codebook_size, code size and param_dtype go to every
+                 quantizer that has the field;
+    VQ settings  its l2_norm, commitment_cost, entropy_temperature and rotation_trick are
+                 options of the VQ family (`VQ_FAMILY`: vq, clustering_vq, simvq) only; every
+                 other quantizer takes its settings from `quantizer_options` alone, with its own
+                 defaults (residual VQ: l2_norm False; BSQ: entropy_temperature 1.0). A VQ
+                 setting changed from the tokenizer's default with such a quantizer is an error
+                 naming it, except rotation_trick (GigaTok's default True), which just does not
+                 apply there.
 Codebook usage, perplexity and dead codes are computed from the codes
 (`tok1d.evaluation.codebook`) for every discrete one.
 """
@@ -50,20 +59,28 @@ QUANTIZERS: dict[str, type] = {
     "vae": DiagonalGaussian,
 }
 
+# The tokenizer fields `for_tokenizer` gives only to the VQ family (module docstring).
+VQ_FAMILY = ("vq", "clustering_vq", "simvq")
+VQ_SETTINGS = ("l2_norm", "commitment_cost", "entropy_temperature", "rotation_trick")
+NOT_APPLICABLE = ("rotation_trick",)  # ignored, not an error, outside the VQ family
+
 __all__ = ["BSQ", "ClusteringVectorQuantizer", "DiagonalGaussian", "FSQ", "HIGHEST", "LFQ",
-           "QUANTIZERS", "ResidualVQ", "STATE", "SimVQ", "UPDATES", "VectorQuantizer",
-           "bits_to_codes", "build", "codes_to_signs", "entropy_loss", "entropy_terms",
-           "l2_normalize", "merge_param_updates", "rotate_onto", "straight_through",
-           "symmetric_uniform"]
+           "QUANTIZERS", "ResidualVQ", "STATE", "SimVQ", "UPDATES", "VQ_FAMILY", "VQ_SETTINGS",
+           "VectorQuantizer", "bits_to_codes", "build", "codes_to_signs", "entropy_loss",
+           "entropy_terms", "for_tokenizer", "l2_normalize", "lookup_codes",
+           "merge_param_updates", "rotate_onto", "straight_through", "symmetric_uniform",
+           "whole_tokens"]
 
 
 def build(name: str, options: Optional[Mapping[str, Any]] = None, *, detached: bool = False,
           **defaults: Any) -> nn.Module:
-    """The quantizer `name` with the tokenizer's `defaults` (codebook_size, code_dim, l2_norm,
-    ...; those it has no field for are dropped) overridden by `options` (all must be fields).
-    Inside a tokenizer's setup assign the result (it is named by the attribute); `detached`
-    makes one outside any module (to read `num_codes` / `codes_per_token`). The quantizer's
-    input size must equal `defaults["code_dim"]` when given (FSQ: len(levels))."""
+    """The quantizer `name` with `defaults` (those it has no field for are dropped) overridden
+    by `options` (all must be fields). A tokenizer builds its quantizer with `for_tokenizer`,
+    which passes as `defaults` the sizes to every quantizer and its VQ settings to the VQ
+    family only (the rule in the module docstring). Inside a tokenizer's setup assign the
+    result (it is named by the attribute); `detached` makes one outside any module (to read
+    `num_codes` / `codes_per_token`). The quantizer's input size must equal
+    `defaults["code_dim"]` when given (FSQ: len(levels))."""
     if name not in QUANTIZERS:
         raise ValueError(f"Unknown quantizer {name!r}; expected one of {sorted(QUANTIZERS)}.")
     cls = QUANTIZERS[name]
@@ -82,3 +99,45 @@ def build(name: str, options: Optional[Mapping[str, Any]] = None, *, detached: b
                          f"emits {defaults['code_dim']} (set the tokenizer's code size to {dim})."
                          )
     return module
+
+
+def for_tokenizer(tokenizer: nn.Module, code_dim: int, *, detached: bool = False) -> nn.Module:
+    """The quantizer of `tokenizer` (fields `quantizer`, `quantizer_options`, `codebook_size`,
+    `param_dtype` and any of `VQ_SETTINGS`) for vectors of size `code_dim`, by the rule of the
+    module docstring: a VQ setting changed from the tokenizer's default raises a ValueError
+    naming it when the quantizer is not of the VQ family (rotation_trick excepted)."""
+    name = tokenizer.quantizer
+    fields = {f.name: f for f in dataclasses.fields(tokenizer)}
+    settings = {k: getattr(tokenizer, k) for k in VQ_SETTINGS if k in fields}
+    if name not in VQ_FAMILY:
+        changed = [k for k, v in settings.items()
+                   if k not in NOT_APPLICABLE and v != fields[k].default]
+        if changed:
+            key = changed[0]
+            raise ValueError(
+                f"{type(tokenizer).__name__}: {key}={settings[key]!r} configures the VQ "
+                f"quantizers ({', '.join(VQ_FAMILY)}) only; quantizer {name!r} takes its "
+                f"settings from quantizer_options (leave {key} at its default "
+                f"{fields[key].default!r}).")
+        settings = {}
+    return build(name, tokenizer.quantizer_options, detached=detached,
+                 codebook_size=tokenizer.codebook_size, code_dim=code_dim,
+                 param_dtype=tokenizer.param_dtype, **settings)
+
+
+def whole_tokens(count: int, codes_per_token: int) -> int:
+    """The latent tokens of `count` flat codes (token-major, as a tokenizer's `encode` returns
+    them: residual VQ's depth codes per token); a ValueError unless they are whole tokens."""
+    if count % codes_per_token:
+        raise ValueError(f"{count} codes are not a whole number of tokens: this quantizer has "
+                         f"{codes_per_token} codes per token (give a multiple of "
+                         f"{codes_per_token}).")
+    return count // codes_per_token
+
+
+def lookup_codes(quantizer: nn.Module, codes) -> Any:
+    """Flat codes (B, k) of a tokenizer's `encode` (k whole tokens) -> the quantized latents
+    (B, k / codes_per_token, code_dim): the tokenizers' `decode_codes`."""
+    per = quantizer.codes_per_token
+    tokens = whole_tokens(codes.shape[-1], per)
+    return quantizer.lookup(codes.reshape(codes.shape[0], tokens, per) if per > 1 else codes)

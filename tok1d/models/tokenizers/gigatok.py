@@ -463,11 +463,7 @@ class GigaTok(nn.Module):
         self.quantize = self._quantizer()
 
     def _quantizer(self, detached: bool = False) -> nn.Module:
-        return quantizers.build(
-            self.quantizer, self.quantizer_options, detached=detached,
-            codebook_size=self.codebook_size, code_dim=self.code_dim, l2_norm=self.l2_norm,
-            commitment_cost=self.commitment_cost, entropy_temperature=self.entropy_temperature,
-            rotation_trick=self.rotation_trick, param_dtype=self.param_dtype)
+        return quantizers.for_tokenizer(self, self.code_dim, detached=detached)
 
     @property
     def grid_size(self) -> int:
@@ -495,9 +491,14 @@ class GigaTok(nn.Module):
         return self.image_size
 
     @property
+    def codes_per_token(self) -> int:
+        """The quantizer's codes per latent token (residual VQ: its depth; else 1)."""
+        return self._quantizer(detached=True).codes_per_token
+
+    @property
     def num_tokens(self) -> int:
         tokens = self.num_latent_tokens if self.layout == "1d" else self.grid_size ** 2
-        return tokens * self._quantizer(detached=True).codes_per_token
+        return tokens * self.codes_per_token
 
     def check_images(self, images: jax.Array) -> None:
         expected = (self.image_size, self.image_size, 3)
@@ -530,8 +531,8 @@ class GigaTok(nn.Module):
         if self.layout == "1d":
             z_q = nested.apply_prefix(z_q, prefix_lengths, self.num_latent_tokens,
                                       self.tail_mask)
-        elif prefix_lengths is not None or z_q.shape[1] != self.num_tokens:
-            raise ValueError(f"the 2D layout decodes all {self.num_tokens} tokens (a prefix "
+        elif prefix_lengths is not None or z_q.shape[1] != self.grid_size ** 2:
+            raise ValueError(f"the 2D layout decodes all {self.grid_size ** 2} tokens (a prefix "
                              "needs the 1D layout).")
         rec_spatial, inner, _ = self.vit_decoder(self.post_quant_conv(z_q))
         return self.decoder(rec_spatial), rec_spatial, inner
@@ -547,10 +548,9 @@ class GigaTok(nn.Module):
         return self.decoder(cnn_map)
 
     def decode_codes(self, codes: jax.Array) -> jax.Array:
-        """Codes (B, k) int (1D: k <= N, the first k tokens) -> pixels in [-1, 1]."""
-        if self.quantize.codes_per_token > 1:
-            codes = codes.reshape(codes.shape[0], -1, self.quantize.codes_per_token)
-        return self.decode_latents(self.quantize.lookup(codes))
+        """Codes (B, k) int (1D: k <= num_tokens, a prefix of whole tokens; residual VQ: a
+        multiple of its depth) -> pixels in [-1, 1]."""
+        return self.decode_latents(quantizers.lookup_codes(self.quantize, codes))
 
     def __call__(self, images: jax.Array, *, train: bool = False,
                  prefix_lengths: nested.PrefixLengths = None) -> tuple[jax.Array, TokenizerAux]:
@@ -559,10 +559,7 @@ class GigaTok(nn.Module):
         `train` with `nested_dropout` draws the prefix lengths (rng "sample");
         `prefix_lengths` decodes the first k tokens only (evaluation)."""
         z_q, quantized = self.encode_latents(images, train=train)
-        if prefix_lengths is None and train and self.nested_dropout != "none":
-            prefix_lengths = nested.sample_prefix_lengths(
-                self.make_rng("sample"), z_q.shape[0], self.num_latent_tokens,
-                self.nested_dropout)
+        prefix_lengths = nested.forward_lengths(self, prefix_lengths, train, z_q.shape[0])
         pixels, rec_spatial, inner = self.decode_with_features(z_q, prefix_lengths)
         cnn_map = quantized["cnn_map"]
         fea_rec = jnp.mean(jnp.square(

@@ -15,6 +15,10 @@ which is what training showed the decoder. A model trained without the option ha
 vector; its decoder then reads the k tokens alone (both decoders accept fewer latent tokens,
 attending to what is there), which is defined but was never trained.
 
+Units: the model's `prefix_lengths` count latent tokens; a prefix of codes (`decode_codes`,
+`prefix_tokens`, the command-line options) counts codes like `num_tokens` (residual VQ: depth
+codes per latent token, so only whole tokens).
+
 Schedules of k (`SCHEDULES`):
     none     no dropout (the default; the model has no mask vector)
     uniform  k uniform over 1..N (One-D-Piece)
@@ -33,7 +37,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tok1d import errors
 from tok1d.layers import transformer
+from tok1d.models import quantizers
 
 Dtype = Any
 SCHEDULES = ("none", "uniform", "pow2")
@@ -104,8 +110,35 @@ def apply_prefix(z: jax.Array, lengths: PrefixLengths, num_tokens: int,
     return tail_mask(z, lengths)
 
 
+def prefix_tokens(model: nn.Module, k: int) -> int:
+    """The latent tokens of a prefix of `k` codes of a 1D tokenizer: prefixes count codes, the
+    unit of `num_tokens`, `encode` and token datasets (residual VQ: tokens x depth); a
+    ValueError unless 1 <= k <= num_tokens and k is a whole number of tokens."""
+    if not 1 <= k <= model.num_tokens:
+        raise ValueError(f"a prefix of {k} tokens: expected 1..{model.num_tokens} (the "
+                         "tokenizer's tokens).")
+    return quantizers.whole_tokens(k, model.codes_per_token)
+
+
+def forward_lengths(module: nn.Module, lengths: PrefixLengths, train: bool, batch: int
+                    ) -> PrefixLengths:
+    """A 1D tokenizer's forward: the given `lengths`, else with `train` and a schedule one
+    draw per example (`sample_prefix_lengths`, rng "sample"), else None (all tokens)."""
+    if lengths is None and train and module.nested_dropout != "none":
+        return sample_prefix_lengths(module.make_rng("sample"), batch, module.num_latent_tokens,
+                                     module.nested_dropout)
+    return lengths
+
+
 def supports_prefix(model: nn.Module) -> bool:
     """Whether `model` is a 1D tokenizer that decodes a prefix of its tokens (TiTok, GigaTok
     1D): it has the `nested_dropout` field and no 2D layout."""
     return (any(f.name == "nested_dropout" for f in dataclasses.fields(model))
             and getattr(model, "layout", "1d") == "1d")
+
+
+def require_prefix_support(model: nn.Module, flag: str) -> None:
+    """A `tok1d.errors.UserError` naming `flag` unless `model` decodes prefixes."""
+    if not supports_prefix(model):
+        raise errors.UserError(f"{flag} needs a 1D tokenizer (TiTok, GigaTok 1D); "
+                               f"{type(model).__name__} decodes all its tokens.")

@@ -190,8 +190,9 @@ class TiTok(nn.Module):
                 `tok1d.models.quantizers.QUANTIZERS` ("clustering_vq", "simvq", "fsq", "lfq",
                 "bsq", "residual_vq"), with `quantizer_options` (its own fields, e.g.
                 {"levels": [8, 8, 8, 5, 5, 5]} for FSQ with token_dim 6, {"depth": 4} for
-                residual VQ); the shared fields (codebook_size, token_dim, l2_norm, ...) fill
-                the rest.
+                residual VQ); codebook_size and token_dim size every quantizer, l2_norm,
+                commitment_cost and entropy_temperature configure the VQ family only
+                (`quantizers.for_tokenizer`).
     decoder_head  "pixels" (1x1 conv -> depth-to-space -> 3x3 conv) or "logits" (proxy-code
                 logits over the `num_proxy_codes` MaskGIT-VQGAN codes: stage 1 of two-stage
                 training).
@@ -199,7 +200,8 @@ class TiTok(nn.Module):
                 logits mixes the rows of `pixel_quantize` (`num_proxy_codes` x `pixel_z_channels`)
                 and a MaskGIT-VQGAN decoder (`pixel_*` sizes) turns that map into pixels.
     finetune_decoder  encoder, latent tokens and quantizer are frozen in the forward (stop
-                gradient; their losses report 0), as in the official stage 2.
+                gradient; their losses report 0; the quantizer in eval mode: a clustering VQ
+                does not re-anchor), as in the official stage 2.
     legacy_reshape  the raw reshape of the released two-stage checkpoints (`is_legacy`); keep
                 False for new models.
     nested_dropout  ordered variable-length tokens (`tok1d.models.tokenizers.nested`): the
@@ -281,11 +283,7 @@ class TiTok(nn.Module):
                 name="pixel_decoder")
 
     def _quantizer(self, detached: bool = False) -> nn.Module:
-        return quantizers.build(
-            self.quantizer, self.quantizer_options, detached=detached,
-            codebook_size=self.codebook_size, code_dim=self.token_dim, l2_norm=self.l2_norm,
-            commitment_cost=self.commitment_cost, entropy_temperature=self.entropy_temperature,
-            param_dtype=self.param_dtype)
+        return quantizers.for_tokenizer(self, self.token_dim, detached=detached)
 
     @property
     def num_codes(self) -> Optional[int]:
@@ -297,9 +295,14 @@ class TiTok(nn.Module):
         return self.decoder_head == "pixels" or self.pixel_decoder
 
     @property
+    def codes_per_token(self) -> int:
+        """The quantizer's codes per latent token (residual VQ: its depth; else 1)."""
+        return self._quantizer(detached=True).codes_per_token
+
+    @property
     def num_tokens(self) -> int:
         """Codes per image: latent tokens x the quantizer's codes per token."""
-        return self.num_latent_tokens * self._quantizer(detached=True).codes_per_token
+        return self.num_latent_tokens * self.codes_per_token
 
     @property
     def input_size(self) -> int:
@@ -324,8 +327,8 @@ class TiTok(nn.Module):
         z = self.encoder(images, self.latent_tokens)
         if self.quantizer == "vae":
             z_q, aux = self.quantize(z, sample=sample)
-        else:
-            z_q, aux = self.quantize(z, train=sample)
+        else:  # stage 2 runs the frozen quantizer in eval mode (no clustering re-anchoring)
+            z_q, aux = self.quantize(z, train=sample and not self.finetune_decoder)
         if self.finetune_decoder:
             z_q = jax.lax.stop_gradient(z_q)
             aux = {k: jnp.zeros_like(v) if k.endswith("_loss") else jax.lax.stop_gradient(v)
@@ -360,14 +363,12 @@ class TiTok(nn.Module):
         return self.pixel_decoder_net(z).astype(jnp.float32)
 
     def decode_codes(self, codes: jax.Array) -> jax.Array:
-        """Codes (B, k) int, k <= num_tokens (the first k tokens) -> decoder output (see
-        `decode_latents`)."""
+        """Codes (B, k) int, k <= num_tokens (a prefix: the first k codes, whole tokens; residual
+        VQ: a multiple of its depth) -> decoder output (see `decode_latents`)."""
         if self.quantizer == "vae":
             raise ValueError("decode_codes needs a discrete quantizer; this TiTok is a VAE (use "
                              "decode_latents).")
-        if self.quantize.codes_per_token > 1:
-            codes = codes.reshape(codes.shape[0], -1, self.quantize.codes_per_token)
-        return self.decode_latents(self.quantize.lookup(codes))
+        return self.decode_latents(quantizers.lookup_codes(self.quantize, codes))
 
     def __call__(self, images: jax.Array, *, train: bool = False,
                  prefix_lengths: nested.PrefixLengths = None) -> tuple[jax.Array, TokenizerAux]:
@@ -376,8 +377,5 @@ class TiTok(nn.Module):
         (rng "sample"); `prefix_lengths` decodes the first k tokens only (evaluation)."""
         z_q, quantized = self.encode_latents(images, sample=train)
         aux = gaussian_aux(quantized) if self.quantizer == "vae" else vq_aux(quantized)
-        if prefix_lengths is None and train and self.nested_dropout != "none":
-            prefix_lengths = nested.sample_prefix_lengths(
-                self.make_rng("sample"), z_q.shape[0], self.num_latent_tokens,
-                self.nested_dropout)
+        prefix_lengths = nested.forward_lengths(self, prefix_lengths, train, z_q.shape[0])
         return self.decode_latents(z_q, prefix_lengths), aux
