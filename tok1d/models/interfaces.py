@@ -4,7 +4,11 @@ and evaluation talk to these only.
 Tokenizer (TiTok, GigaTok, MaskGIT-VQGAN), a Linen module with:
     pixel_range      (lo, hi): the pixel range it reads and writes ([0, 1]; GigaTok [-1, 1])
     num_codes        codebook size (None for a continuous VAE tokenizer)
-    num_tokens       tokens per image
+    num_tokens       codes per image (latent tokens x codes_per_token)
+    decodes_prefixes whether decode_codes takes a prefix of the codes (1D tokenizers: TiTok,
+                     GigaTok 1D; see decode_codes)
+    codes_per_token  codes per latent token: residual VQ's depth, else 1 (codebook statistics
+                     are kept per level; a prefix is a whole number of tokens)
     outputs_pixels   False for TiTok stage 1 (its decoder predicts proxy-code logits)
     input_size       the image side it requires (TiTok, GigaTok: their image_size), or None
                      for a fully convolutional tokenizer that encodes any size (MaskGIT-VQGAN)
@@ -82,8 +86,8 @@ from typing import Any, Mapping, Optional, Protocol, runtime_checkable
 import jax
 from flax import struct
 
-TOKENIZER_FIELDS = ("pixel_range", "num_codes", "num_tokens", "outputs_pixels", "input_size",
-                    "encode", "decode_codes")
+TOKENIZER_FIELDS = ("pixel_range", "num_codes", "num_tokens", "codes_per_token",
+                    "decodes_prefixes", "outputs_pixels", "input_size", "encode", "decode_codes")
 # The quantizers' loss parts (logged, not weighted): VQ's codebook / commitment terms, LFQ /
 # BSQ's per-sample and batch entropies (`tok1d.models.quantizers`).
 LOSS_PARTS = ("codebook", "commitment", "per_sample_entropy", "codebook_entropy")
@@ -122,6 +126,8 @@ class Tokenizer(Protocol):
     pixel_range: tuple[float, float]
     num_codes: Optional[int]
     num_tokens: int
+    codes_per_token: int
+    decodes_prefixes: bool
     outputs_pixels: bool
     input_size: Optional[int]
 

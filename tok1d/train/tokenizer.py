@@ -182,7 +182,7 @@ def make_train_step(model: nn.Module, tx, schedule, config,
     aux_end = config.aux_loss_end_step
     to_model, to_unit = images.range_converters(model.pixel_range)
     base_rng = jax.random.key(config.seed + 1)
-    levels = getattr(model, "codes_per_token", 1)  # residual VQ: per-level code statistics
+    levels = model.codes_per_token  # residual VQ: per-level code statistics
 
     def micro_step(state, collections, images_, rng, frozen, flags, draws):
         """One microbatch: the objective and its grads, then the discriminator's loss and grads
@@ -258,7 +258,7 @@ def make_eval_step(model: nn.Module, teacher: Optional[nn.Module] = None,
     `tok1d.models.tokenizers.nested`); the traced `prefix_length` does the same for a model
     trained with nested_dropout (its mask vector), with one compilation for every k."""
     num_codes = model.num_codes
-    levels = getattr(model, "codes_per_token", 1)  # residual VQ: per-level code statistics
+    levels = model.codes_per_token  # residual VQ: per-level code statistics
     outputs_pixels = model.outputs_pixels
     to_model, to_unit = images.range_converters(model.pixel_range)
     kwargs = {} if prefix is None else {"prefix_lengths": int(prefix)}

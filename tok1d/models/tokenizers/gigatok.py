@@ -491,6 +491,11 @@ class GigaTok(nn.Module):
         return self.image_size
 
     @property
+    def decodes_prefixes(self) -> bool:
+        """The 1D layout decodes the first k tokens (nested.py); the 2D grid does not."""
+        return self.layout == "1d"
+
+    @property
     def codes_per_token(self) -> int:
         """The quantizer's codes per latent token (residual VQ: its depth; else 1)."""
         return self._quantizer(detached=True).codes_per_token

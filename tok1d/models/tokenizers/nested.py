@@ -29,7 +29,6 @@ Schedules of k (`SCHEDULES`):
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Optional, Union
 
 import flax.linen as nn
@@ -132,9 +131,8 @@ def forward_lengths(module: nn.Module, lengths: PrefixLengths, train: bool, batc
 
 def supports_prefix(model: nn.Module) -> bool:
     """Whether `model` is a 1D tokenizer that decodes a prefix of its tokens (TiTok, GigaTok
-    1D): it has the `nested_dropout` field and no 2D layout."""
-    return (any(f.name == "nested_dropout" for f in dataclasses.fields(model))
-            and getattr(model, "layout", "1d") == "1d")
+    1D): the interface's `decodes_prefixes`."""
+    return model.decodes_prefixes
 
 
 def require_prefix_support(model: nn.Module, flag: str) -> None:

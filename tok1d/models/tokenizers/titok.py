@@ -308,6 +308,8 @@ class TiTok(nn.Module):
     def input_size(self) -> int:
         return self.image_size
 
+    decodes_prefixes = True  # 1D tokens: decode_codes takes the first k (nested.py)
+
     @property
     def pixel_range(self) -> tuple[float, float]:
         return (0.0, 1.0)

@@ -198,6 +198,9 @@ class MaskGITVQGAN(nn.Module):
     def num_tokens(self) -> int:
         return (self.image_size // self.downsample_factor) ** 2
 
+    codes_per_token = 1
+    decodes_prefixes = False  # a 2D code grid
+
     @property
     def pixel_range(self) -> tuple[float, float]:
         return (0.0, 1.0)
