@@ -100,8 +100,9 @@ def get_config():
     )
     config.demo.samples_per_class = 10
     # The digit CNN of the demo metrics and the sweep that picks the sampling setting above's
-    # guidance / temperature: 12 settings x 300 samples, scored by FID-digits.
+    # guidance / temperature: 25 settings x 300 samples, scored by FID-digits.
     config.demo.feature_net = dict(steps=300, batch_size=128, learning_rate=2e-3, feature_dim=64)
-    config.demo.sweep = dict(guidance_scales=(0.0, 1.0, 2.0, 3.0), temperatures=(1.0, 2.0, 4.0),
+    config.demo.sweep = dict(guidance_scales=(0.0, 0.5, 1.0, 2.0, 3.0),
+                             temperatures=(1.0, 2.0, 2.5, 3.0, 4.0),
                              samples_per_class=30, min_class_accuracy=0.9)
     return config
