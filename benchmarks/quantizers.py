@@ -1,5 +1,5 @@
-"""The quantizer comparison: every quantizer on the same tiny TiTok (configs/quantizers.py),
-same data (the embedded demo images), same steps; eval PSNR, codebook usage, perplexity and
+"""The quantizer comparison: every quantizer on the same small TiTok (configs/quantizers.py),
+same data (the embedded digits), same steps; eval PSNR, codebook usage, perplexity and
 dead codes after training, and the validation loss of a small GPT fitted on each tokenizer's
 codes (the AR probe of configs/quantizers.py). Writes a Markdown table and a plot.
 
@@ -72,7 +72,8 @@ def plot(rows: dict, path: str) -> None:
     axes[1].set_ylabel("code perplexity (of 64)")
     axes[2].bar(names, [rows[n].get("ar_probe_val_loss", 0.0) for n in names])
     axes[2].set_ylabel("AR-probe val loss (nats/code)")
-    fig.suptitle("Quantizers on one tiny TiTok, 32x32 demo crops, same steps (0: not applicable)")
+    fig.suptitle("Quantizers on one small TiTok (configs/quantizers.py), 32x32 digits, same steps "
+                 "(0: not applicable)")
     for ax in axes:
         ax.tick_params(axis="x", rotation=45)
     fig.tight_layout()

@@ -55,7 +55,8 @@ def get_config(arg: str = "vq"):
     config.ema_decay = 0.0
     config.model = dict(name="titok", patch_size=8, num_latent_tokens=16, encoder_size="tiny",
                         decoder_size="tiny", codebook_size=64, token_dim=token_dim,
-                        quantizer=arg, quantizer_options=options)
+                        quantizer=arg, quantizer_options=options,
+                        nested_dropout="none")  # "uniform" / "pow2": ordered tokens
     if vq_family:
         # The demo's soft usage entropy (distances on the unit sphere lie in [0, 4]; at the
         # default temperature 0.01 the entropy term is met by one code per token position).
