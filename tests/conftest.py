@@ -57,6 +57,7 @@ COST_BY_FILE = {
     "test_linear_probe.py": "unit", "test_maskgit_sampling.py": "unit", "test_models.py": "unit",
     "test_parallel.py": "unit", "test_prepare.py": "unit", "test_released_checkpoints.py": "unit",
     "test_summary.py": "unit", "test_tokenize.py": "unit", "test_architecture.py": "unit",
+    "test_loop.py": "unit",
     "test_dino_disc.py": "unit", "test_evaluation.py": "unit",
     "test_cli.py": "unit", "test_loss_terms.py": "unit", "test_interfaces.py": "unit",
     "test_generator_interface.py": "unit", "test_rar.py": "unit", "test_quantizers.py": "unit",

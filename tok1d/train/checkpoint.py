@@ -49,11 +49,22 @@ class PreemptionFlag:
         self._previous = {}
 
 
+def single_process_array_writes() -> None:
+    """One process writes each array whole. orbax's default, replica-parallel writing, has
+    every replica of a replicated array write one slice of it (the hosts of a pod share the
+    writes); within one process that only adds an eager slice per replica and array (on 8
+    CPU devices, 12 of a small GigaTok's 15-second save)."""
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+
+
 class Checkpointer:
     """Thin wrapper over `ocp.CheckpointManager` with a data-iterator item."""
 
     def __init__(self, directory: str, *, every_steps: int, keep: int, async_save: bool = True):
         self.directory = os.path.abspath(directory)
+        if jax.process_count() == 1:
+            single_process_array_writes()
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=max(every_steps, 1), max_to_keep=max(keep, 1), create=True,
             enable_async_checkpointing=async_save)
