@@ -292,6 +292,9 @@ def make_eval_step(model: nn.Module, teacher: Optional[nn.Module] = None,
     return eval_step
 
 
+_add_totals = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))  # one dispatch per batch
+
+
 def evaluate(eval_fn, params, frozen, eval_ds, num_batches: int, feeder_args, num_grid: int,
              image_metrics=None, log=None):
     """One pass over the eval split. Returns (metrics dict, (inputs, recons) for the grid).
@@ -305,7 +308,7 @@ def evaluate(eval_fn, params, frozen, eval_ds, num_batches: int, feeder_args, nu
     for i in range(num_batches):
         batch = next(feeder)
         out, recon = eval_fn(params, batch, frozen)
-        totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+        totals = out if totals is None else _add_totals(totals, out)
         if image_metrics is not None:
             image_metrics.add_pairs(batch["image"], recon, batch["mask"])
         if progress is not None:
