@@ -72,7 +72,8 @@ def test_fid_of_a_set_with_itself_and_against_references(nets, tmp_path):
     real = _images(16, 2)
     same = _run(nets, _mesh(8), real, real)
     r = same.result()
-    # ~0 up to sqrtm of a singular covariance (16 images, 2048 features): |FID| << tr(sigma)
+    # ~0 up to the square roots of rounding-level eigenvalues of a singular covariance
+    # (16 images, 2048 features): |FID| << tr(sigma)
     trace = np.trace(same.real.mean_cov()[1])
     assert abs(r["fid"]) < 1e-5 * trace and r["precision"] == r["recall"] == 1.0
     assert r["ssim"] == pytest.approx(1.0, abs=1e-6)

@@ -34,6 +34,39 @@ def test_frechet_distance_matches_an_independent_reference():
     assert abs(same) < 1e-8
 
 
+@pytest.mark.parametrize("n", [400, 10])  # full rank, and fewer samples than dimensions
+def test_both_methods_agree_with_the_reference_and_each_other(n):
+    """The eigendecomposition route and pytorch-fid's sqrtm give the same number; on a
+    rank-deficient pair (sqrtm's eps fallback territory) they still agree closely."""
+    rng = np.random.default_rng(3)
+    x, y = _features(rng, n, 24), _features(rng, n, 24, shift=0.2)
+    stats = (x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False))
+    eigh, sqrtm = (fid.frechet_distance(*stats, method=m) for m in ("eigh", "sqrtm"))
+    want = _reference_fid(x, y)
+    tol = 1e-9 if n > 24 else 1e-5
+    assert abs(eigh - want) <= tol * abs(want) and abs(sqrtm - want) <= tol * abs(want)
+    # A set against itself: 0 up to the square roots of rounding-level eigenvalues
+    # (~sqrt(machine eps) x scale each) where the covariance is singular.
+    for method in fid.FID_METHODS:
+        same = fid.frechet_distance(*stats[:2], *stats[:2], method=method)
+        assert abs(same) <= (1e-10 if n > 24 else 1e-6) * np.trace(stats[1]), (method, same)
+
+
+def test_large_means_and_tiny_spreads_lose_digits_but_not_the_answer():
+    """Features like an untrained network's (mean ~10, spread ~1e-3), streamed: the
+    covariance loses digits to cancellation and has slightly negative eigenvalues; FID is
+    still ~0 against itself and agrees between the methods."""
+    rng = np.random.default_rng(4)
+    x, y = (10.0 + 1e-3 * _features(rng, 12, 24, shift=s) for s in (0.0, 0.5))
+    a, b = fid.FeatureStats(24).update(x), fid.FeatureStats(24).update(y)
+    assert np.linalg.eigvalsh(a.mean_cov()[1]).min() < 0  # rounding, as in the real case
+    scale = np.trace(a.mean_cov()[1])
+    assert abs(fid.frechet_distance(*a.mean_cov(), *a.mean_cov())) < 1e-3 * scale
+    eigh, sqrtm = (fid.frechet_distance(*a.mean_cov(), *b.mean_cov(), method=m)
+                   for m in fid.FID_METHODS)
+    assert eigh == pytest.approx(sqrtm, rel=1e-3)
+
+
 def test_streaming_stats_equal_numpy_for_any_split(tmp_path):
     rng = np.random.default_rng(1)
     x = _features(rng, 333, 12)
@@ -73,6 +106,8 @@ def test_bad_inputs_are_named(tmp_path):
         fid.FeatureStats(4).update(np.ones((1, 4))).mean_cov()
     with pytest.raises(ValueError, match="differ in shape"):
         fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+    with pytest.raises(ValueError, match="Unknown FID method 'svd'"):
+        fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), np.eye(3), method="svd")
     path = str(tmp_path / "bad.npz")
     np.savez(path, arr_0=np.zeros((2, 8, 8, 3), np.uint8))
     with pytest.raises(ValueError, match="no \\['mu', 'sigma'\\] arrays"):

@@ -7,10 +7,11 @@ inner decoder layer, remat "full") but tiny sizes is built through `tok1d.models
 its sharded state through `state.state_shardings_and_init` and its step through
 `tokenizer.make_train_step`, jitted as `train_and_evaluate` does. On (data, fsdp, tensor) =
 (8/f, f, 1) meshes over the 8 fake CPU devices, the compiled step's per-device argument bytes
-(XLA's memory analysis) and the parameter / optimizer-state shards it takes shrink about f-fold.
+(XLA's memory analysis) and the parameter / optimizer-state shards it takes shrink about f-fold
+(f = 1, 2, 8).
 The released XL-XXL preset (2.9B parameters) is checked with `jax.eval_shape` only.
 
-Cost: four train-step compiles and one init, about 2.5 CPU-minutes with a cold compilation
+Cost: three train-step compiles and one init, about 2.5 CPU-minutes with a cold compilation
 cache and 40 s with a warm one (GigaTok's layers are unrolled: every layer adds leaves to
 compile for). Compute is float32: a third faster to compile on CPU than bfloat16, and the
 parameter / optimizer-state bytes are float32 either way.
@@ -32,7 +33,7 @@ from tok1d.train import optim
 from tok1d.train import state as state_lib
 from tok1d.train import tokenizer
 
-FSDP = (1, 2, 4, 8)
+FSDP = (1, 2, 8)  # fsdp=1 is the baseline, 8 splits over every device
 IMAGE = 16
 BATCH = 8
 # XL-XXL structure (the preset sets layout "1d", the rotation trick and the distill MLP; it taps

@@ -146,8 +146,10 @@ class ImageMetrics:
     """Accumulates the metrics of a stream of image batches (see the module docstring)."""
 
     def __init__(self, nets: MetricNets, mesh: jax.sharding.Mesh, *,
-                 precision_recall: bool = True, is_splits: int = 10, chunk_size: int = 8):
+                 precision_recall: bool = True, is_splits: int = 10, chunk_size: int = 8,
+                 fid_method: str = "eigh"):
         self.nets = nets
+        self.fid_method = fid_method
         self.mesh = mesh
         self.chunk_size = chunk_size
         self.precision_recall = precision_recall and nets.inception is not None
@@ -192,7 +194,7 @@ class ImageMetrics:
     def from_config(cls, nets: MetricNets, mesh, ecfg) -> "ImageMetrics":
         """With the options of a config's `evaluation` section."""
         return cls(nets, mesh, precision_recall=ecfg.precision_recall, is_splits=ecfg.is_splits,
-                   chunk_size=ecfg.chunk_size)
+                   chunk_size=ecfg.chunk_size, fid_method=ecfg.fid_method)
 
     # ------------------------------------------------------------------ input
 
@@ -275,7 +277,8 @@ class ImageMetrics:
             mu_r = None
         if mu_r is not None:
             mu_f, sigma_f = self.fake.mean_cov()
-            out["fid"] = fid_lib.frechet_distance(mu_f, sigma_f, mu_r, sigma_r)
+            out["fid"] = fid_lib.frechet_distance(mu_f, sigma_f, mu_r, sigma_r,
+                                                  method=self.fid_method)
         probs = np.concatenate(self._probs)
         splits = min(self.is_splits, len(probs))
         out["inception_score"], out["inception_score_std"] = fid_lib.inception_score(probs,

@@ -3,8 +3,18 @@
 The numbers follow the standard evaluators (pytorch-fid, the ADM evaluator):
 
   FID  = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr(sqrtm(S1 S2)), with S the unbiased feature
-         covariance (ddof 1, as `np.cov(features, rowvar=False)`); when the product is singular
-         `eps` is added to both diagonals, and a tiny imaginary part of sqrtm is dropped.
+         covariance (ddof 1, as `np.cov(features, rowvar=False)`).
+
+tr(sqrtm(S1 S2)) is computed one of two ways (`frechet_distance(method=...)`, the config's
+`evaluation.fid_method`):
+  "eigh"   (default) the sum of the square roots of the eigenvalues of S1^1/2 S2 S1^1/2, a
+           symmetric PSD matrix with the eigenvalues of S1 S2; two symmetric eigen-
+           decompositions. At 2048 Inception features it takes 2 s instead of sqrtm's 12 s (two
+           CPU cores) and agrees with sqrtm to ~1e-13 relative on full-rank statistics (5000
+           images) and ~3e-8 on rank-deficient ones (200 images, where sqrtm needs `eps`).
+  "sqrtm"  pytorch-fid's and the ADM evaluator's algorithm, step for step: scipy's sqrtm of
+           S1 S2; when the product is singular `eps` is added to both diagonals, and a tiny
+           imaginary part is dropped.
   IS   = exp(E_x KL(p(y|x) || p(y))), per split of the predictions; mean and std over splits.
 
 `FeatureStats` accumulates sums and outer products batch by batch (and shard by shard: two
@@ -78,8 +88,11 @@ def load_reference(path: str) -> tuple[np.ndarray, np.ndarray]:
     return mu, sigma
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
-    """Frechet distance between two Gaussians (float64, scipy's matrix square root)."""
+FID_METHODS = ("eigh", "sqrtm")
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6, method: str = "eigh") -> float:
+    """Frechet distance between two Gaussians, in float64 (`method`: see the module docstring)."""
     mu1 = np.atleast_1d(np.asarray(mu1, np.float64))
     mu2 = np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1 = np.atleast_2d(np.asarray(sigma1, np.float64))
@@ -87,7 +100,31 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(f"Statistics differ in shape: mu {mu1.shape} vs {mu2.shape}, sigma "
                          f"{sigma1.shape} vs {sigma2.shape}.")
+    if method == "eigh":
+        trace_covmean = _trace_sqrt_product_eigh(sigma1, sigma2)
+    elif method == "sqrtm":
+        trace_covmean = _trace_sqrt_product_sqrtm(sigma1, sigma2, eps)
+    else:
+        raise ValueError(f"Unknown FID method {method!r} (expected one of {FID_METHODS}).")
     diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_covmean)
+
+
+def _trace_sqrt_product_eigh(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """tr(sqrtm(S1 S2)) = sum of sqrt(eig(S1^1/2 S2 S1^1/2)) for symmetric PSD S1, S2.
+
+    Eigenvalues that rounding leaves slightly negative count as 0: covariances of features
+    with large means and tiny spreads (e.g. an untrained network's) lose many digits to
+    cancellation, so no relative bound on them would be safe."""
+    w1, v1 = np.linalg.eigh((sigma1 + sigma1.T) / 2)
+    root1 = (v1 * np.sqrt(np.clip(w1, 0.0, None))) @ v1.T
+    inner = root1 @ ((sigma2 + sigma2.T) / 2) @ root1
+    w = np.linalg.eigvalsh((inner + inner.T) / 2)
+    return float(np.sum(np.sqrt(np.clip(w, 0.0, None))))
+
+
+def _trace_sqrt_product_sqrtm(sigma1: np.ndarray, sigma2: np.ndarray, eps: float) -> float:
+    """pytorch-fid's tr(sqrtm(S1 S2)): scipy's sqrtm, eps on the diagonals if singular."""
     covmean = _quiet_sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
         offset = np.eye(sigma1.shape[0]) * eps
@@ -97,7 +134,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
             raise ValueError(f"sqrtm has a large imaginary part "
                              f"({np.max(np.abs(covmean.imag)):.3g}); the statistics are broken.")
         covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+    return float(np.trace(covmean))
 
 
 def _quiet_sqrtm(a: np.ndarray) -> np.ndarray:

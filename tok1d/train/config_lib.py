@@ -22,6 +22,7 @@ import ml_collections
 
 from tok1d import models
 from tok1d import errors, parallel
+from tok1d.evaluation import fid as fid_lib
 from tok1d.models import interfaces
 from tok1d.objectives import terms
 from tok1d.train import optim
@@ -115,6 +116,9 @@ def common_config() -> ml_collections.ConfigDict:
                                       # and arr_0 images) or FeatureStats .npz; empty: the
                                       # data's eval split (features computed and cached)
         num_samples=50_000,           # gFID: generated images (50 per class, 1000 classes)
+        fid_method="eigh",            # tr(sqrtm(S1 S2)) by two symmetric eigendecompositions
+                                      # (6x faster at 2048 features, same value to ~1e-13
+                                      # relative), or "sqrtm": pytorch-fid's scipy sqrtm
         precision_recall=True,        # k=3 manifold precision / recall (keeps pool features)
         is_splits=10,                 # Inception Score splits
         chunk_size=8,                 # images per network call on each device: the numbers are
@@ -476,6 +480,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     if ev.inception_size < 75:
         problems.append(f"evaluation.inception_size={ev.inception_size} must be >= 75 (the "
                         "smallest input the Inception accepts)")
+    if ev.fid_method not in fid_lib.FID_METHODS:
+        problems.append(f"evaluation.fid_method={ev.fid_method!r} must be one of "
+                        f"{', '.join(fid_lib.FID_METHODS)}")
     for key in ("num_samples", "is_splits"):
         if ev[key] <= 0:
             problems.append(f"evaluation.{key}={ev[key]} must be positive")
