@@ -110,12 +110,14 @@ def test_impossible_shapes_fail_with_clear_messages():
     config.batch_size = 12               # 8 devices on the data axis
     config.mesh.fsdp = 3                 # does not divide 8 devices
     config.evaluation.fid_method = "svd"
+    config.data.resize_on = "gpu"
     with pytest.raises(config_lib.ConfigError) as e:
         config_lib.validate(config, num_devices=8)
     msg = str(e.value)
     assert "image_size=36 is not divisible by model.patch_size=8" in msg
     assert "evaluation.fid_method='svd' must be one of eigh, sqrtm" in msg
-    config.evaluation.fid_method = "sqrtm"
+    assert "data.resize_on='gpu' is not one of ('host', 'device')" in msg
+    config.evaluation.fid_method, config.data.resize_on = "sqrtm", "device"
     assert "mesh" in msg and "does not fit 8 devices" in msg
 
     config.mesh.fsdp = 2

@@ -35,6 +35,7 @@ def imagenet(config: ml_collections.ConfigDict) -> None:
     config.data.image_size = 256
     config.data.augment = "random_crop"
     config.data.num_workers = -1  # one grain worker per core but one (at most 16)
+    config.data.resize_on = "device"  # the host decodes, the accelerator resizes
     config.data.eval_examples = 10_000
 
 

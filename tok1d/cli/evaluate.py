@@ -126,7 +126,8 @@ def evaluate_tokenizer(config, checkpoint: str, out: str, log=print,
     ds, num_batches = pipeline.eval_dataset(src, global_batch=batch, host_start=start,
                                             host_stop=stop, image_size=size,
                                             num_examples=dcfg.eval_examples,
-                                            num_workers=dcfg.num_workers)
+                                            num_workers=dcfg.num_workers,
+                                            resize_on=dcfg.resize_on)
     log(f"Evaluating {checkpoint} on {dcfg.name}:{dcfg.eval_split} "
         f"({num_batches} batches of {batch}).")
     ecfg = config.evaluation

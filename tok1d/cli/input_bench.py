@@ -9,7 +9,10 @@ written to a temporary folder (`tok1d.data.sources.imagenet_like_jpegs`: photos 
 scikit-image at ImageNet's sizes and quality 90). tok1d reads them as `tok1d prepare` writes
 them (ArrayRecord) through `tok1d.data.pipeline.train_dataset` (record read, JPEG decode, the
 recipe's crop / resize / flip, batching: uint8 batches) with the config's `data.image_size`,
-`augment`, `flip`, `min_scale`; the official loader is torchvision's `ImageFolder` with the
+`augment`, `flip`, `min_scale`, `resize_on` (the ImageNet recipes' "device": the host ships
+decoded windows and the accelerator resizes them; the table then adds the resize's
+milliseconds per image on this process's first device, which the host's rate leaves out;
+`--config.data.resize_on=host` measures the host-resizing path); the official loader is torchvision's `ImageFolder` with the
 recipe's official transform in a torch `DataLoader` (`tok1d.official.loaders`; float32
 batches, as the official trainers get them). Both also run the evaluation transform (center
 crop) unless the recipe's own is that.
@@ -33,7 +36,10 @@ import tempfile
 import time
 from typing import Any, Callable, Iterator
 
-from tok1d.data import pipeline, records, sources
+import jax
+import numpy as np
+
+from tok1d.data import feeding, pipeline, records, sources
 from tok1d.data.prepare import prepare
 from tok1d.official import loaders
 
@@ -88,6 +94,21 @@ def cpu_seconds() -> float:
     return total
 
 
+def device_resize_ms(batch: dict[str, np.ndarray], repeats: int = 3) -> float:
+    """Milliseconds per image of `feeding.resize_windows` on this process's first device for one
+    host batch of `data.resize_on="device"` windows (best of `repeats` after a compile)."""
+    size = pipeline.image_size_of_canvas(batch["image"].shape[1])
+    args = [jax.device_put(batch[k]) for k in ("image", "window_box", "window_size",
+                                                "window_flip")]
+    feeding.resize_windows(*args, out_size=size).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        feeding.resize_windows(*args, out_size=size).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 1e3 * best / len(batch["image"])
+
+
 def time_batches(make_batches: Callable[[], Iterator[Any]], batch_size: int, steps: int,
                  warmup: int = 1) -> dict[str, float]:
     """Wall and CPU seconds of `steps` batches of a fresh iterator after `warmup` ones."""
@@ -119,6 +140,7 @@ def run(config, *, images: int = 256, batch_size: int = 32, steps: int = 10,
     """Measures tok1d's and the official input pipelines of `config`'s recipe (see the module
     doc); returns (and logs as a table) one row per pipeline and transform."""
     data = config.data
+    resize_on = data.get("resize_on", "host")
     augments = [data.augment] + ([CENTER] if data.augment != CENTER else [])
     num_workers = pipeline.resolve_num_workers(workers)
     with tempfile.TemporaryDirectory(prefix="tok1d_input_bench_") as tmp:
@@ -136,12 +158,13 @@ def run(config, *, images: int = 256, batch_size: int = 32, steps: int = 10,
             def tok1d_batches():
                 return pipeline.train_dataset(source, global_batch=batch_size, host_start=0,
                                               host_stop=batch_size, seed=0,
-                                              num_workers=num_workers, **kwargs)
+                                              num_workers=num_workers, resize_on=resize_on,
+                                              **kwargs)
             makers = [("tok1d", tok1d_batches)]
             if official:
                 def official_batches():
                     return loaders.official_loader(folder, batch_size=batch_size,
-                                                   num_batches=steps + 1,
+                                                   num_batches=steps + warmup,
                                                    num_workers=num_workers, **kwargs)
                 makers.append(("official", official_batches))
             for name, make in makers:
@@ -156,7 +179,10 @@ def run(config, *, images: int = 256, batch_size: int = 32, steps: int = 10,
                                  images=best["images"], repeats=repeats,
                                  per_core=best["images"] / best["cpu_s"],
                                  wall=best["images"] / best["wall_s"],
-                                 load=os.getloadavg()[0], files=len(source)))
+                                 load=os.getloadavg()[0], files=len(source),
+                                 resize_on=resize_on if name == "tok1d" else "host"))
+                if name == "tok1d" and resize_on == "device":
+                    rows[-1]["device_ms"] = device_resize_ms(next(iter(make())))
     log(format_rows(rows))
     return rows
 
@@ -165,11 +191,13 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
     """A markdown table; "x official" is tok1d's per-core rate over the official one's."""
     official = {r["augment"]: r["per_core"] for r in rows if r["pipeline"] == "official"}
     lines = ["| pipeline | transform | size | batch | workers | img/s per core | wall img/s "
-             "| x official | load |", "|---|---|---|---|---|---|---|---|---|"]
+             "| x official | load | resize on | device ms/img |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = (f"{r['per_core'] / official[r['augment']]:.2f}"
                  if r["pipeline"] == "tok1d" and r["augment"] in official else "")
         lines.append(f"| {r['pipeline']} | {r['augment']} | {r['image_size']} | {r['batch']} | "
                      f"{r['workers']} | {r['per_core']:.0f} | {r['wall']:.0f} | {ratio} | "
-                     f"{r['load']:.1f} |")
+                     f"{r['load']:.1f} | {r.get('resize_on', 'host')} | "
+                     + (f"{r['device_ms']:.2f}" if "device_ms" in r else "") + " |")
     return "\n".join(lines)

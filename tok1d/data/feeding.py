@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Iterator, Mapping
 
 import jax
@@ -10,6 +11,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from tok1d import parallel
+from tok1d.data import pipeline
 
 
 @jax.jit
@@ -19,11 +21,69 @@ def unit_float(images: jax.Array) -> jax.Array:
     return images.astype(jnp.float32) / 255.0
 
 
+def bicubic(x: jax.Array) -> jax.Array:
+    """PIL's bicubic kernel (Keys, a = -0.5; support 2)."""
+    a = -0.5
+    x = jnp.abs(x)
+    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    far = ((a * x - 5.0 * a) * x + 8.0 * a) * x - 4.0 * a
+    return jnp.where(x < 1.0, near, jnp.where(x < 2.0, far, 0.0))
+
+
+def resize_weights(start: jax.Array, stop: jax.Array, valid: jax.Array, out_size: int,
+                   in_size: int) -> jax.Array:
+    """(out_size, in_size) weights of PIL's bicubic resize (`Image.resize(..., BICUBIC,
+    box=...)`) along one axis: the box [start, stop) of a line whose first `valid` of
+    `in_size` pixels are data goes to `out_size` pixels. As PIL: each output pixel's center
+    maps to start + (i + 0.5) * scale, the kernel widens by the scale when shrinking, its taps
+    stop at the data's ends and are renormalised to sum to one."""
+    scale = (stop - start) / out_size
+    widen = jnp.maximum(scale, 1.0)
+    support = 2.0 * widen
+    center = start + (jnp.arange(out_size, dtype=jnp.float32) + 0.5) * scale
+    first = jnp.maximum(jnp.floor(center - support + 0.5), 0.0)
+    last = jnp.minimum(jnp.floor(center + support + 0.5), valid.astype(jnp.float32))
+    j = jnp.arange(in_size, dtype=jnp.float32)[None, :]
+    w = bicubic((j - center[:, None] + 0.5) / widen)
+    w = jnp.where((j >= first[:, None]) & (j < last[:, None]), w, 0.0)
+    total = jnp.sum(w, axis=1, keepdims=True)
+    return w / jnp.where(total == 0.0, 1.0, total)
+
+
+def _resize_window(canvas, box, size, flip, out_size: int):
+    side = canvas.shape[0]
+    wy = resize_weights(box[1], box[3], size[0], out_size, side)
+    wx = resize_weights(box[0], box[2], size[1], out_size, side)
+    wx = jnp.where(flip, wx[::-1], wx)  # output column p from the mirrored column's weights
+    # As PIL: the horizontal pass first, rounded (half up) and clipped to whole levels, then
+    # the vertical one; the bicubic overshoot clipped between the passes matters at edges.
+    hp = jax.lax.Precision.HIGHEST
+    rows = _levels(jnp.einsum("hwc,pw->hpc", canvas.astype(jnp.float32), wx, precision=hp))
+    return _levels(jnp.einsum("oh,hpc->opc", wy, rows, precision=hp))
+
+
+def _levels(x: jax.Array) -> jax.Array:
+    return jnp.clip(jnp.floor(x + 0.5), 0.0, 255.0)
+
+
+@functools.partial(jax.jit, static_argnames="out_size")
+def resize_windows(canvas: jax.Array, box: jax.Array, size: jax.Array, flip: jax.Array, *,
+                   out_size: int) -> jax.Array:
+    """`pipeline.window` batches -> float32 (B, out_size, out_size, 3) in [0, 1], on the device
+    (sharding kept): each canvas's box resized with PIL's bicubic weights and PIL's two
+    passes, each rounded and clipped to whole levels (PIL's weights are fixed point: within a
+    level or two of `pipeline.crop`), mirrored where `flip`."""
+    out = jax.vmap(functools.partial(_resize_window, out_size=out_size))(canvas, box, size, flip)
+    return out / 255.0
+
+
 class Feeder:
     """Turns the host-local numpy batches of a grain iterator into global arrays sharded
     along the batch axis with `sharding` (see `tok1d.parallel.batch_sharding`). uint8
     "image" batches (what `tok1d.data.pipeline` yields) cross to the device as uint8 and are
-    scaled to float32 [0, 1] there (`unit_float`), so consumers always see [0, 1] floats."""
+    scaled to float32 [0, 1] there (`unit_float`), and window canvases (`data.resize_on=
+    "device"`) are resized there (`resize_windows`), so consumers always see the recipe's
+    [0, 1] float crops."""
 
     def __init__(self, iterator: Iterator[Mapping[str, np.ndarray]], sharding: NamedSharding,
                  global_batch: int):
@@ -36,6 +96,12 @@ class Feeder:
 
     def __next__(self) -> dict[str, jax.Array]:
         batch = parallel.global_batch(next(self.iterator), self.sharding, self.global_batch)
-        if "image" in batch and batch["image"].dtype == jnp.uint8:
+        if "window_box" in batch:
+            canvas = batch.pop("image")
+            batch["image"] = resize_windows(
+                canvas, batch.pop("window_box"), batch.pop("window_size"),
+                batch.pop("window_flip"),
+                out_size=pipeline.image_size_of_canvas(canvas.shape[1]))
+        elif "image" in batch and batch["image"].dtype == jnp.uint8:
             batch["image"] = unit_float(batch["image"])
         return batch

@@ -143,10 +143,15 @@ def crop_plan(height: int, width: int, *, image_size: int, augment: str, min_sca
     return resized, (*_square_offsets(*resized, size, rng), size, size)
 
 
-def crop(image: Any, *, image_size: int, augment: str, flip: bool, min_scale: float,
-         rng: np.random.Generator | None) -> np.ndarray:
-    """Encoded/decoded image -> the recipe's uint8 (image_size, image_size, 3) crop: the
-    pipeline's fast path (see the section comment; the plain path is `preprocess_plain`)."""
+def _plan(image: Any, *, image_size: int, augment: str, min_scale: float,
+          rng: np.random.Generator | None):
+    """The decoded image and where the recipe's crop lies in it: (pil, box, bounds). `pil` is
+    RGB, decoded at 1/2, 1/4 or 1/8 size when the window shrinks by 2x or more anyway (a JPEG);
+    `box` = (x0, y0, x1, y1), the window in its pixels, to resize to `image_size` square;
+    `bounds` = (left, top, right, bottom), the pixels the resize filter may read (the whole
+    image for resize-then-crop recipes; the window's whole pixels for crop-then-resize, whose
+    filter stops at the crop's edges as in the plain path). Draws from `rng` what
+    `crop_plan` draws."""
     pil = open_image(image)
     width, height = pil.size
     (rh, rw), (top, left, ch, cw) = crop_plan(height, width, image_size=image_size,
@@ -163,17 +168,100 @@ def crop(image: Any, *, image_size: int, augment: str, flip: bool, min_scale: fl
             dx, dy = scaled_w / width, scaled_h / height
     pil = load_rgb(pil)
     box = (box[0] * dx, box[1] * dy, box[2] * dx, box[3] * dy)
-    if (rh, rw) != (height, width):  # resize-then-crop recipes: resize only the window
-        out = pil.resize((image_size, image_size), Image.BICUBIC, box=box)
-    else:  # crop-then-resize: the filter stops at the crop's edges, as in the plain path
-        outer = (math.floor(box[0]), math.floor(box[1]), math.ceil(box[2]), math.ceil(box[3]))
-        out = pil.crop(outer)
-        inner = (box[0] - outer[0], box[1] - outer[1], box[2] - outer[0], box[3] - outer[1])
-        if inner != (0, 0, image_size, image_size):
-            out = out.resize((image_size, image_size), Image.BICUBIC, box=inner)
-    if flip and rng is not None and rng.random() < 0.5:
+    if (rh, rw) != (height, width):  # resize-then-crop recipes
+        bounds = (0, 0, pil.width, pil.height)
+    else:  # crop-then-resize
+        bounds = (math.floor(box[0]), math.floor(box[1]), math.ceil(box[2]), math.ceil(box[3]))
+    return pil, box, bounds
+
+
+def _flips(flip: bool, rng: np.random.Generator | None) -> bool:
+    return bool(flip and rng is not None and rng.random() < 0.5)
+
+
+def _resize_on_host(pil: Image.Image, box, bounds, image_size: int) -> Image.Image:
+    if bounds == (0, 0, pil.width, pil.height):
+        return pil.resize((image_size, image_size), Image.BICUBIC, box=box)
+    out = pil.crop(bounds)
+    inner = (box[0] - bounds[0], box[1] - bounds[1], box[2] - bounds[0], box[3] - bounds[1])
+    if inner != (0, 0, image_size, image_size):
+        out = out.resize((image_size, image_size), Image.BICUBIC, box=inner)
+    return out
+
+
+def crop(image: Any, *, image_size: int, augment: str, flip: bool, min_scale: float,
+         rng: np.random.Generator | None) -> np.ndarray:
+    """Encoded/decoded image -> the recipe's uint8 (image_size, image_size, 3) crop: the
+    pipeline's fast path (see the section comment; the plain path is `preprocess_plain`)."""
+    pil, box, bounds = _plan(image, image_size=image_size, augment=augment,
+                             min_scale=min_scale, rng=rng)
+    out = _resize_on_host(pil, box, bounds, image_size)
+    if _flips(flip, rng):
         out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return np.asarray(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Resizing on the device (`data.resize_on="device"`). The host decodes (at a reduced size where
+# `crop` would) and ships the window's pixels, with the few pixels around it that PIL's bicubic
+# filter reads, in a fixed-size uint8 canvas; `tok1d.data.feeding.resize_windows` resizes them
+# on the device with PIL's filter weights. The host then does the decode and little else (the
+# resize was about 55% of `crop`'s time on ImageNet-sized JPEGs, benchmarks/RESULTS.md); the
+# device pays ~0.6 GFLOP per 256-px image. Same draws, same windows, PIL's weights and its
+# rounding and clipping between the two passes: pixels within 2 levels of `crop` (PIL's weights
+# are fixed point), except that Pillow picks the order of its passes per image and the device
+# always runs the horizontal pass first, so where the bicubic overshoot is clipped between the
+# passes a few pixels in 1e5 of crop-then-resize windows differ by up to ~6
+# (tests/test_input_pipeline.py).
+# ----------------------------------------------------------------------------------------------
+
+def canvas_size(image_size: int) -> int:
+    """Side of the canvas that carries a window to the device: a window that shrinks by 2x or
+    more is decoded smaller first, so a square window is under 2 x `image_size` wide, plus
+    the filter's margin (`filter_margin`) on each side."""
+    return 2 * image_size + 16
+
+
+def image_size_of_canvas(side: int) -> int:
+    """The crop size whose windows travel in canvases of side `side` (`canvas_size`'s inverse)."""
+    return (side - 16) // 2
+
+
+def filter_margin(scale: float) -> int:
+    """Pixels beyond a window's edge that PIL's bicubic resize (support 2, widened by the
+    scale when shrinking) may read when each output pixel spans `scale` input pixels."""
+    return math.ceil(1.5 * max(scale, 1.0)) + 2
+
+
+def window(image: Any, *, image_size: int, augment: str, flip: bool, min_scale: float,
+           rng: np.random.Generator | None) -> dict[str, np.ndarray]:
+    """`crop`'s work up to the resize, for `feeding.resize_windows` to finish on the device:
+    "image" uint8 (C, C, 3) (C = `canvas_size`) holding the pixels the filter reads at its
+    top left, "window_box" float32 (x0, y0, x1, y1) in canvas pixels, "window_size" int32
+    (height, width) of the pixels held, "window_flip" bool. A window too large for the canvas
+    (an image that cannot be decoded at a reduced size) is resized here, as `crop` does, and
+    shipped as an identity window."""
+    side = canvas_size(image_size)
+    pil, box, bounds = _plan(image, image_size=image_size, augment=augment,
+                             min_scale=min_scale, rng=rng)
+    flipped = _flips(flip, rng)
+    margin = filter_margin(max(box[2] - box[0], box[3] - box[1]) / image_size)
+    region = (max(bounds[0], math.floor(box[0]) - margin),
+              max(bounds[1], math.floor(box[1]) - margin),
+              min(bounds[2], math.ceil(box[2]) + margin),
+              min(bounds[3], math.ceil(box[3]) + margin))
+    canvas = np.zeros((side, side, 3), np.uint8)
+    h, w = region[3] - region[1], region[2] - region[0]
+    if h <= side and w <= side:
+        canvas[:h, :w] = np.asarray(pil.crop(region))
+        shipped = (box[0] - region[0], box[1] - region[1], box[2] - region[0],
+                   box[3] - region[1])
+    else:
+        h = w = image_size
+        canvas[:h, :w] = np.asarray(_resize_on_host(pil, box, bounds, image_size))
+        shipped = (0.0, 0.0, float(image_size), float(image_size))
+    return {"image": canvas, "window_box": np.asarray(shipped, np.float32),
+            "window_size": np.asarray((h, w), np.int32), "window_flip": np.bool_(flipped)}
 
 
 def preprocess_plain(image: Any, *, image_size: int, augment: str, flip: bool,
@@ -230,16 +318,23 @@ class HostSlice(grain.MapDataset):
         return f"HostSlice(global_batch={self._global}, start={self._start}, size={self._size})"
 
 
+RESIZE_ON = ("host", "device")
+
+
 class _Preprocess(grain.transforms.Map):
-    def __init__(self, seed: int | None, **kwargs):
+    def __init__(self, seed: int | None, resize_on: str = "host", **kwargs):
+        if resize_on not in RESIZE_ON:
+            raise ValueError(f"resize_on={resize_on!r} is not one of {RESIZE_ON}.")
         self._seed, self._kwargs = seed, kwargs
+        self._fn = window if resize_on == "device" else crop
 
     def map(self, element):
         global_index, record = element
         rng = None if self._seed is None else np.random.default_rng([self._seed, global_index])
-        out = {"image": crop(record["image"], rng=rng, **self._kwargs),
-               "label": np.int32(record.get("label", 0)),
-               "mask": np.bool_(record.get("mask", True))}
+        out = self._fn(record["image"], rng=rng, **self._kwargs)
+        out = out if isinstance(out, dict) else {"image": out}
+        out.update(label=np.int32(record.get("label", 0)),
+                   mask=np.bool_(record.get("mask", True)))
         return out
 
 
@@ -277,16 +372,18 @@ def _to_iter(ds: grain.MapDataset, num_workers: int) -> grain.IterDataset:
 
 def train_dataset(source, *, global_batch: int, host_start: int, host_stop: int, seed: int,
                   image_size: int, augment: str, flip: bool, min_scale: float,
-                  num_workers: int = 0) -> grain.IterDataset:
+                  num_workers: int = 0, resize_on: str = "host") -> grain.IterDataset:
     """Infinite, shuffled, augmented batches of this host's rows of each global batch: "image"
-    uint8 (rows, image_size, image_size, 3) (see `crop`), "label" int32, "mask" bool."""
+    uint8 (rows, image_size, image_size, 3) (see `crop`), "label" int32, "mask" bool. With
+    `resize_on="device"`, "image" holds `window` canvases and the batch their "window_*"
+    geometry, which `feeding.Feeder` resizes on the device."""
     if len(source) < global_batch:
         raise ValueError(f"The training split has {len(source)} examples, fewer than one global "
                          f"batch ({global_batch}).")
     ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
     ds = ds.map_with_index(lambda i, record: (i, record))
     ds = HostSlice(ds, global_batch, host_start, host_stop)
-    ds = ds.map(_Preprocess(seed, image_size=image_size, augment=augment, flip=flip,
+    ds = ds.map(_Preprocess(seed, resize_on, image_size=image_size, augment=augment, flip=flip,
                             min_scale=min_scale))
     ds = ds.batch(host_stop - host_start, drop_remainder=True)
     return _to_iter(ds, num_workers)
@@ -314,8 +411,8 @@ class _Padded(grain.MapDataset):
 
 
 def eval_dataset(source, *, global_batch: int, host_start: int, host_stop: int,
-                 image_size: int, num_examples: int = -1, num_workers: int = 0
-                 ) -> tuple[grain.IterDataset, int]:
+                 image_size: int, num_examples: int = -1, num_workers: int = 0,
+                 resize_on: str = "host") -> tuple[grain.IterDataset, int]:
     """One pass over the first `num_examples` (all if -1), center-cropped (uint8 like
     `train_dataset`), padded to whole global batches with `mask=False` rows so every host
     runs the same number of steps.
@@ -327,8 +424,8 @@ def eval_dataset(source, *, global_batch: int, host_start: int, host_stop: int,
     num_batches = -(-n // global_batch)
     ds = _Padded(grain.MapDataset.source(source), n, num_batches * global_batch)
     ds = HostSlice(ds, global_batch, host_start, host_stop)
-    ds = ds.map(_Preprocess(None, image_size=image_size, augment="center_crop", flip=False,
-                            min_scale=1.0))
+    ds = ds.map(_Preprocess(None, resize_on, image_size=image_size, augment="center_crop",
+                            flip=False, min_scale=1.0))
     ds = ds.batch(host_stop - host_start, drop_remainder=True)
     return _to_iter(ds, num_workers), num_batches
 

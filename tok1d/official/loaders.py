@@ -105,8 +105,11 @@ def official_loader(image_folder: str, *, augment: str, image_size: int, flip: b
     torchvision = import_torchvision()
     dataset = torchvision.datasets.ImageFolder(
         image_folder, transform=official_transform(augment, image_size, flip, min_scale))
-    sampler = torch.utils.data.RandomSampler(
-        dataset, num_samples=batch_size * num_batches,
-        generator=torch.Generator().manual_seed(seed))
+    # Shuffled epochs back to back (torch's RandomSampler stops after one epoch when asked for
+    # more samples than the folder has without replacement, as of torch 2.13).
+    generator, total = torch.Generator().manual_seed(seed), batch_size * num_batches
+    epochs = -(-total // len(dataset))
+    sampler = torch.cat([torch.randperm(len(dataset), generator=generator)
+                         for _ in range(epochs)])[:total].tolist()
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                                        num_workers=num_workers, drop_last=True)

@@ -72,7 +72,8 @@ def make_ar_probe(config, encode: Callable, num_codes: Optional[int], train_src,
     batch_sh, eval_batch = feeder_args
     train_ds, train_batches = pipeline.eval_dataset(
         train_src, global_batch=eval_batch, host_start=host_start, host_stop=host_stop,
-        image_size=config.data.image_size, num_examples=pcfg.train_examples)
+        image_size=config.data.image_size, num_examples=pcfg.train_examples,
+        resize_on=config.data.resize_on)
 
     def codes_of(params, ds, num_batches):
         feeder = feeding.Feeder(iter(ds), batch_sh, eval_batch)

@@ -22,6 +22,7 @@ import ml_collections
 
 from tok1d import models
 from tok1d import errors, parallel
+from tok1d.data import pipeline
 from tok1d.evaluation import fid as fid_lib
 from tok1d.models import interfaces
 from tok1d.objectives import terms
@@ -65,6 +66,10 @@ def common_config() -> ml_collections.ConfigDict:
         flip=True,
         num_workers=0,                # grain worker processes (0: decode in the main process;
                                       # -1: one per core but one, at most 16)
+        resize_on="host",             # "host": crops leave the host resized (PIL); "device":
+                                      # the host decodes and ships each window, the device
+                                      # resizes it (PIL's weights; ~2x the host's images/s per
+                                      # core, tok1d.data.pipeline)
         eval_examples=-1,             # -1: the whole eval split
         demo_size=4096,               # number of random crops per epoch of the demo data
     ))
@@ -432,6 +437,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     augments = ("random_resized_crop", "random_crop", "adm_random_crop", "center_crop")
     if config.data.augment not in augments:
         problems.append(f"data.augment={config.data.augment!r} is not one of {augments}")
+    if config.data.get("resize_on", "host") not in pipeline.RESIZE_ON:
+        problems.append(f"data.resize_on={config.data.resize_on!r} is not one of "
+                        f"{pipeline.RESIZE_ON}")
     if config.optim.schedule not in optim.SCHEDULES:
         problems.append(f"optim.schedule={config.optim.schedule!r} is not one of "
                         f"{optim.SCHEDULES}")

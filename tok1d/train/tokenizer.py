@@ -464,13 +464,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     train_ds = pipeline.train_dataset(
         train_src, global_batch=config.batch_size, host_start=start, host_stop=stop,
         seed=config.seed, image_size=dcfg.image_size, augment=dcfg.augment, flip=dcfg.flip,
-        min_scale=dcfg.min_scale, num_workers=dcfg.num_workers)
+        min_scale=dcfg.min_scale, num_workers=dcfg.num_workers, resize_on=dcfg.resize_on)
     train_iter = iter(train_ds)
     e_start, e_stop = parallel.host_batch_slice(batch_sh, config.eval_batch_size)
     eval_ds, eval_batches = pipeline.eval_dataset(
         eval_src, global_batch=config.eval_batch_size, host_start=e_start, host_stop=e_stop,
         image_size=dcfg.image_size, num_examples=dcfg.eval_examples,
-        num_workers=dcfg.num_workers)
+        num_workers=dcfg.num_workers, resize_on=dcfg.resize_on)
 
     # ---------------------------------------------------------------- model, frozen nets, state
     log = loop.log_fn()
