@@ -148,9 +148,10 @@ def pytest_collection_modifyitems(config, items):
         raise pytest.UsageError(
             f"no cost marker for the tests of {', '.join(sorted(missing))}: add the file to "
             "COST_BY_FILE in tests/conftest.py (unit, parity or integration)")
-    # Costly files first (files stay contiguous, tests keep their order inside a file): with
+    # Longest files first (files stay contiguous, tests keep their order inside a file): with
     # `-n 2 --dist loadfile` the long files start early instead of leaving one worker alone
-    # at the end.
+    # at the end (`pytest_configure` keeps xdist from re-sorting the files by test count,
+    # which put the one-test demo last). Files without a measured time follow by cost.
     rank = {}
     for item in items:
         costs = {c for c in COSTS if item.get_closest_marker(c)}
@@ -158,7 +159,27 @@ def pytest_collection_modifyitems(config, items):
         if os.path.basename(str(item.path)).startswith("test_train_parity_"):
             r = 0
         rank[str(item.path)] = min(r, rank.get(str(item.path), 2))
-    items.sort(key=lambda item: rank[str(item.path)])
+    items.sort(key=lambda item: (-FILE_SECONDS.get(os.path.basename(str(item.path)), 0),
+                                 rank[str(item.path)]))
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist: keep the order above
+        config.option.loadscopereorder = False
+
+
+# Seconds each costly file took in a cold whole-suite run on the 2-core machine (two workers;
+# 2026-12-03): the scheduling order only, so rough values are fine.
+FILE_SECONDS = {
+    "test_train_parity_titok.py": 350, "test_demo.py": 320, "test_gigatok_training.py": 300,
+    "test_recipes.py": 300, "test_generator_training.py": 300, "test_bench.py": 275,
+    "test_nested_tokens.py": 255, "test_quantizers.py": 200, "test_train_parity_gigatok.py": 200,
+    "test_models.py": 170, "test_gigatok_presets.py": 160, "test_gigatok_fsdp.py": 145,
+    "test_resume.py": 135, "test_train_parity_gigatok_dino.py": 135, "test_dino_disc.py": 130,
+    "test_parallel.py": 125, "test_maskgit_sampling.py": 125, "test_evaluation.py": 125,
+    "test_rar.py": 115, "test_interfaces.py": 115, "test_parity_titok.py": 115,
+    "test_gpt_sampling.py": 105, "test_parity_rar.py": 75, "test_multiprocess.py": 60,
+}
 
 
 @pytest.fixture(autouse=True, scope="module")
