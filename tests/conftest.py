@@ -134,6 +134,20 @@ def _cost(path: str, name: str):
     return None
 
 
+# Seconds each costly file took in a cold whole-suite run on the 2-core machine (two workers;
+# 2026-12-03): the scheduling order only, so rough values are fine.
+FILE_SECONDS = {
+    "test_train_parity_titok.py": 350, "test_demo.py": 320, "test_gigatok_training.py": 300,
+    "test_recipes.py": 300, "test_generator_training.py": 300, "test_bench.py": 275,
+    "test_nested_tokens.py": 255, "test_quantizers.py": 200, "test_train_parity_gigatok.py": 200,
+    "test_models.py": 170, "test_gigatok_presets.py": 160, "test_gigatok_fsdp.py": 145,
+    "test_resume.py": 135, "test_train_parity_gigatok_dino.py": 135, "test_dino_disc.py": 130,
+    "test_parallel.py": 125, "test_maskgit_sampling.py": 125, "test_evaluation.py": 125,
+    "test_rar.py": 115, "test_interfaces.py": 115, "test_parity_titok.py": 115,
+    "test_gpt_sampling.py": 105, "test_parity_rar.py": 75, "test_multiprocess.py": 60,
+}
+
+
 def pytest_collection_modifyitems(config, items):
     missing = set()
     for item in items:
@@ -166,20 +180,6 @@ def pytest_collection_modifyitems(config, items):
 def pytest_configure(config):
     if hasattr(config.option, "loadscopereorder"):  # pytest-xdist: keep the order above
         config.option.loadscopereorder = False
-
-
-# Seconds each costly file took in a cold whole-suite run on the 2-core machine (two workers;
-# 2026-12-03): the scheduling order only, so rough values are fine.
-FILE_SECONDS = {
-    "test_train_parity_titok.py": 350, "test_demo.py": 320, "test_gigatok_training.py": 300,
-    "test_recipes.py": 300, "test_generator_training.py": 300, "test_bench.py": 275,
-    "test_nested_tokens.py": 255, "test_quantizers.py": 200, "test_train_parity_gigatok.py": 200,
-    "test_models.py": 170, "test_gigatok_presets.py": 160, "test_gigatok_fsdp.py": 145,
-    "test_resume.py": 135, "test_train_parity_gigatok_dino.py": 135, "test_dino_disc.py": 130,
-    "test_parallel.py": 125, "test_maskgit_sampling.py": 125, "test_evaluation.py": 125,
-    "test_rar.py": 115, "test_interfaces.py": 115, "test_parity_titok.py": 115,
-    "test_gpt_sampling.py": 105, "test_parity_rar.py": 75, "test_multiprocess.py": 60,
-}
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -140,7 +140,7 @@ def run(config, *, images: int = 256, batch_size: int = 32, steps: int = 10,
     """Measures tok1d's and the official input pipelines of `config`'s recipe (see the module
     doc); returns (and logs as a table) one row per pipeline and transform."""
     data = config.data
-    resize_on = data.get("resize_on", "host")
+    resize_on = data.resize_on
     augments = [data.augment] + ([CENTER] if data.augment != CENTER else [])
     num_workers = pipeline.resolve_num_workers(workers)
     with tempfile.TemporaryDirectory(prefix="tok1d_input_bench_") as tmp:
@@ -198,6 +198,6 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
                  if r["pipeline"] == "tok1d" and r["augment"] in official else "")
         lines.append(f"| {r['pipeline']} | {r['augment']} | {r['image_size']} | {r['batch']} | "
                      f"{r['workers']} | {r['per_core']:.0f} | {r['wall']:.0f} | {ratio} | "
-                     f"{r['load']:.1f} | {r.get('resize_on', 'host')} | "
+                     f"{r['load']:.1f} | {r['resize_on']} | "
                      + (f"{r['device_ms']:.2f}" if "device_ms" in r else "") + " |")
     return "\n".join(lines)

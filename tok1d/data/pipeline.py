@@ -215,16 +215,19 @@ def crop(image: Any, *, image_size: int, augment: str, flip: bool, min_scale: fl
 # (tests/test_input_pipeline.py).
 # ----------------------------------------------------------------------------------------------
 
+CANVAS_MARGINS = 16  # room for `filter_margin` on both sides of a window under 2x the crop
+
+
 def canvas_size(image_size: int) -> int:
     """Side of the canvas that carries a window to the device: a window that shrinks by 2x or
     more is decoded smaller first, so a square window is under 2 x `image_size` wide, plus
     the filter's margin (`filter_margin`) on each side."""
-    return 2 * image_size + 16
+    return 2 * image_size + CANVAS_MARGINS
 
 
 def image_size_of_canvas(side: int) -> int:
     """The crop size whose windows travel in canvases of side `side` (`canvas_size`'s inverse)."""
-    return (side - 16) // 2
+    return (side - CANVAS_MARGINS) // 2
 
 
 def filter_margin(scale: float) -> int:

@@ -437,7 +437,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     augments = ("random_resized_crop", "random_crop", "adm_random_crop", "center_crop")
     if config.data.augment not in augments:
         problems.append(f"data.augment={config.data.augment!r} is not one of {augments}")
-    if config.data.get("resize_on", "host") not in pipeline.RESIZE_ON:
+    if config.data.resize_on not in pipeline.RESIZE_ON:
         problems.append(f"data.resize_on={config.data.resize_on!r} is not one of "
                         f"{pipeline.RESIZE_ON}")
     if config.optim.schedule not in optim.SCHEDULES:
