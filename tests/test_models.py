@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tok1d import models
-from tok1d.layers import transformer
+from tok1d.layers import cnn, transformer
 from tok1d.models.quantizers import VectorQuantizer
 from tok1d.models.tokenizers.titok import depth_to_space
 
@@ -186,6 +186,41 @@ def test_depth_to_space_channel_order():
                 for p2 in range(p):
                     for ch in range(c):
                         assert y[0, h * p + p1, w * p + p2, ch] == x[0, h, w, (p1 * p + p2) * c + ch]
+
+
+@pytest.mark.parametrize("size,k,stride,pad", [(9, 7, 1, (3, 3)), (8, 4, 2, (1, 1)),
+                                               (7, 4, 2, (1, 2)), (6, 3, 1, (0, 2))])
+def test_depthwise_conv_forms_agree_with_a_direct_sum(size, k, stride, pad):
+    """Both forms of `depthwise_conv` (the fused shifted sum XLA:CPU runs fast, the grouped
+    convolution of GPU / TPU) equal the definition, and so do their gradients."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, size, size + 1, 5)).astype(np.float32)
+    w = rng.normal(size=(k, k, 1, 5)).astype(np.float32)
+    pads = (pad, pad)
+    xp = np.pad(x, ((0, 0), pad, pad, (0, 0)))
+    oh, ow = (xp.shape[1] - k) // stride + 1, (xp.shape[2] - k) // stride + 1
+    ref = np.zeros((2, oh, ow, 5))
+    for i in range(oh):
+        for j in range(ow):
+            ref[:, i, j] = np.einsum("bhwc,hwc->bc", xp[:, stride * i:stride * i + k,
+                                                        stride * j:stride * j + k], w[:, :, 0])
+    grads = {}
+    for impl in ("conv", "shifts"):
+        f = lambda x, w: cnn.depthwise_conv(x, w, (stride, stride), pads, impl)  # noqa: E731
+        np.testing.assert_allclose(f(x, w), ref, rtol=1e-5, atol=1e-5)
+        grads[impl] = jax.grad(lambda x, w: (f(x, w) ** 2).sum(), argnums=(0, 1))(x, w)
+    for a, b in zip(grads["conv"], grads["shifts"]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    # the module form keeps nn.Conv(feature_group_count=C)'s parameters and values
+    mod = cnn.DepthwiseConv((k, k), padding=pads, strides=(stride, stride))
+    ref_mod = nn.Conv(5, (k, k), strides=(stride, stride), padding=pads, feature_group_count=5)
+    params = ref_mod.init(jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, mod.init(jax.random.key(0), x)) == \
+        jax.tree.map(jnp.shape, params)
+    np.testing.assert_allclose(mod.apply(params, x), ref_mod.apply(params, x), rtol=1e-5,
+                               atol=1e-5)
+    with pytest.raises(ValueError, match="impl="):
+        cnn.depthwise_conv(x, w, impl="fast")
 
 
 def test_attention_matches_a_plain_softmax_reference():

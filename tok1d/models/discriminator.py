@@ -83,7 +83,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tok1d.layers.cnn import TORCH_CONV_INIT, group_norm
+from tok1d.layers.cnn import TORCH_CONV_INIT, depthwise_conv, group_norm
 from tok1d.layers.transformer import logical
 
 Dtype = Any
@@ -156,10 +156,8 @@ def blur_downsample(x: jax.Array, kernel: Sequence[float] = (1, 3, 3, 1)) -> jax
     k2 = k2 / k2.sum()
     channels = x.shape[-1]
     w = jnp.asarray(np.broadcast_to(k2[:, :, None, None], k2.shape + (1, channels)), x.dtype)
-    pads = [_same_pad(x.shape[1], 4, 2), _same_pad(x.shape[2], 4, 2)]
-    return jax.lax.conv_general_dilated(
-        x, w, window_strides=(2, 2), padding=pads,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels)
+    pads = (_same_pad(x.shape[1], 4, 2), _same_pad(x.shape[2], 4, 2))
+    return depthwise_conv(x, w, strides=(2, 2), padding=pads)
 
 
 def _avg_pool_2x2(x: jax.Array) -> jax.Array:

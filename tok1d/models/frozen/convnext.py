@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tok1d.layers.cnn import DepthwiseConv
 from tok1d.layers.transformer import gelu_exact, logical, maybe_remat
 
 Dtype = Any
@@ -56,10 +57,10 @@ class CNBlock(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         dim = x.shape[-1]
         dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
-        y = nn.Conv(dim, (7, 7), padding=((3, 3), (3, 3)), feature_group_count=dim,
-                    dtype=self.dtype, param_dtype=self.param_dtype,
-                    kernel_init=logical(_kernel_init, ("conv_h", "conv_w", None, "embed")),
-                    bias_init=logical(nn.initializers.zeros, ("embed",)), name="dwconv")(x)
+        y = DepthwiseConv(
+            (7, 7), padding=((3, 3), (3, 3)), dtype=self.dtype, param_dtype=self.param_dtype,
+            kernel_init=logical(_kernel_init, ("conv_h", "conv_w", None, "embed")),
+            bias_init=logical(nn.initializers.zeros, ("embed",)), name="dwconv")(x)
         y = _norm(self.dtype, self.param_dtype, "norm")(y)
         y = dense(4 * dim, kernel_init=logical(_kernel_init, ("embed", "mlp")),
                   bias_init=logical(nn.initializers.zeros, ("mlp",)), name="fc1")(y)
