@@ -96,6 +96,7 @@ COST_BY_TEST = {
     "test_dino_disc.py::test_trainer_trains_the_heads_and_keeps_the_trunk": "integration",
     # cheap tests in costly files
     "test_bench.py::test_flop_count_multiplies_loops": "unit",
+    "test_bench.py::test_flop_count_sees_the_depthwise_shifted_sum": "unit",
     "test_bench.py::test_compilation_cache_is_on_by_default": "unit",
     "test_bench.py::test_pod_plan_arithmetic": "unit",
     "test_resume.py::test_data_iterator_state_and_host_slices": "unit",

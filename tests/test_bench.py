@@ -134,6 +134,30 @@ def test_flop_count_multiplies_loops():
     assert bench.traced_flops(jax.grad(loss), w, x) == 2 * (2 * 8 * 64 * 64)
 
 
+def test_flop_count_sees_the_depthwise_shifted_sum():
+    """The depthwise conv's shifted-sum form (elementwise ops, XLA:CPU's choice) counts as the
+    grouped convolution it replaces: 2 * out * kh * kw forward, the same per gradient, equal to
+    the count of the "conv" form through jax.grad."""
+    import jax.numpy as jnp
+    from tok1d.layers import cnn
+    x = jax.ShapeDtypeStruct((2, 12, 12, 8), jnp.float32)
+    k = jax.ShapeDtypeStruct((7, 7, 1, 8), jnp.float32)
+    pad = ((3, 3), (3, 3))
+    forms = {impl: (lambda a, w, impl=impl: cnn.depthwise_conv(a, w, (1, 1), pad, impl).sum())
+             for impl in ("conv", "shifts")}
+    one = 2 * (2 * 12 * 12 * 8) * (7 * 7)
+    for impl, f in forms.items():
+        assert bench.traced_flops(f, x, k) == one, impl
+        assert bench.traced_flops(jax.grad(f), x, k) == 2 * one, impl  # forward + input grad
+        assert bench.traced_flops(jax.grad(f, (0, 1)), x, k) == 3 * one, impl
+        assert bench.traced_flops(jax.grad(jax.checkpoint(f)), x, k) >= 2 * one, impl
+    # stride 2, asymmetric padding: the output is 4 x 4, both forms
+    for impl in ("conv", "shifts"):
+        strided = lambda a, w, impl=impl: cnn.depthwise_conv(  # noqa: E731
+            a, w, (2, 2), ((0, 1), (1, 1)), impl)
+        assert bench.traced_flops(strided, x, k) == 2 * (2 * 4 * 4 * 8) * 49, impl
+
+
 def test_targets_script_names_real_configs(tmp_path):
     """benchmarks/targets.sh (run with PYTHON=echo): every target is a tok1d.cli.bench command on a
     config that exists; TARGETS picks a subset; extra flags reach every command."""

@@ -68,6 +68,7 @@ from tok1d import images as images_lib
 from tok1d import parallel
 from tok1d.cli import app
 from tok1d.cli import input_bench
+from tok1d.layers import cnn
 from tok1d.objectives import tokenizer_loss
 from tok1d.train import checkpoint as ckpt_lib
 from tok1d.train import config_lib
@@ -145,10 +146,24 @@ def _sub_jaxprs(value):
             yield item
 
 
+def _mul_elements(jaxpr) -> float:
+    """Elements produced by the `mul`s of a jaxpr (its calls included, once)."""
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "mul":
+            total += math.prod(eqn.outvars[0].aval.shape)
+        for value in eqn.params.values():
+            for sub in _sub_jaxprs(value):
+                total += _mul_elements(sub)
+    return total
+
+
 def jaxpr_flops(jaxpr) -> float:
     """Matmul + convolution FLOPs (2 per multiply-add) of a jaxpr, loops counted `length` times
     (`scan`; a `while` body once, a `cond` by its most expensive branch). Elementwise work is
-    not counted: these are the FLOPs MFU is quoted in."""
+    not counted: these are the FLOPs MFU is quoted in. The depthwise convs' shifted-sum form
+    (`layers.cnn.depthwise_shifts`, XLA:CPU's choice) counts as the convolution it computes:
+    2 FLOPs per multiply of a tap (forward, and each gradient its derivatives compute)."""
     total = 0.0
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
@@ -161,6 +176,8 @@ def jaxpr_flops(jaxpr) -> float:
             rhs = eqn.invars[1].aval.shape
             spec = eqn.params["dimension_numbers"].rhs_spec  # (out, in, *spatial)
             total += 2.0 * math.prod(out) * rhs[spec[1]] * math.prod(rhs[d] for d in spec[2:])
+        elif eqn.params.get("name") == cnn.depthwise_shifts.__name__:
+            total += 2.0 * _mul_elements(eqn.params["jaxpr"].jaxpr)
         elif name == "scan":
             total += eqn.params["length"] * jaxpr_flops(eqn.params["jaxpr"].jaxpr)
         elif name == "cond":

@@ -5,6 +5,7 @@ fast CPU form (NHWC)."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -63,6 +64,17 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1,
         return jax.lax.conv_general_dilated(
             x, kernel, window_strides=tuple(strides), padding=tuple(map(tuple, padding)),
             dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels)
+    return depthwise_shifts(x, kernel, tuple(strides), tuple(map(tuple, padding)))
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def depthwise_shifts(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
+                     padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+    """`depthwise_conv`'s "shifts" form. A jitted function of its own so that it shows up in a
+    jaxpr as one named call (with its derivatives: `jvp(depthwise_shifts)`, `transpose(...)`):
+    FLOP counters (`tok1d.cli.bench.jaxpr_flops`) count its multiplies as the depthwise conv's
+    2 * out * kh * kw; XLA inlines it, so the compiled program is the same."""
+    kh, kw = kernel.shape[:2]
     (s0, s1), (pt, pb), (pl, pr) = strides, *padding
     xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
     out_h = (xp.shape[1] - kh) // s0 + 1
