@@ -8,10 +8,12 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from conftest import REPO, subprocess_env
 from tok1d.cli import bench
+from tok1d.layers import cnn
 from tok1d.train import config_lib
 
 
@@ -138,8 +140,6 @@ def test_flop_count_sees_the_depthwise_shifted_sum():
     """The depthwise conv's shifted-sum form (elementwise ops, XLA:CPU's choice) counts as the
     grouped convolution it replaces: 2 * out * kh * kw forward, the same per gradient, equal to
     the count of the "conv" form through jax.grad."""
-    import jax.numpy as jnp
-    from tok1d.layers import cnn
     x = jax.ShapeDtypeStruct((2, 12, 12, 8), jnp.float32)
     k = jax.ShapeDtypeStruct((7, 7, 1, 8), jnp.float32)
     pad = ((3, 3), (3, 3))

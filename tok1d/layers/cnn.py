@@ -71,9 +71,10 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1,
 def depthwise_shifts(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
                      padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
     """`depthwise_conv`'s "shifts" form. A jitted function of its own so that it shows up in a
-    jaxpr as one named call (with its derivatives: `jvp(depthwise_shifts)`, `transpose(...)`):
-    FLOP counters (`tok1d.cli.bench.jaxpr_flops`) count its multiplies as the depthwise conv's
-    2 * out * kh * kw; XLA inlines it, so the compiled program is the same."""
+    jaxpr as one call named `depthwise_shifts` (its linearized and transposed parts keep that
+    name: jax 0.10.2 and 0.12): FLOP counters (`tok1d.cli.bench.jaxpr_flops`) count its
+    multiplies as the depthwise conv's 2 * out * kh * kw; XLA inlines it, so the compiled
+    program is the same."""
     kh, kw = kernel.shape[:2]
     (s0, s1), (pt, pb), (pl, pr) = strides, *padding
     xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
