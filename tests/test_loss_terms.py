@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from tok1d.objectives import terms, tokenizer_loss
+from tok1d.objectives import losses, terms, tokenizer_loss
 from tok1d.train import config_lib, tokenizer
 
 
@@ -77,3 +77,40 @@ def test_every_term_is_documented_with_its_needs():
     assert {k for k, t in terms.TERMS.items() if t.warmup} == {"fea_rec", "shortcut"}
     # Every weight of the default table is a registered term.
     assert set(config_lib.base_config().losses) <= set(terms.TERMS)
+
+
+def _conv_loss(kernel, x):
+    for _ in range(2):
+        x = jax.nn.relu(jax.lax.conv_general_dilated(
+            x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
+    return jnp.mean(jnp.square(x)), x
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_gated_cond_and_select_agree_in_values_and_gradients(on):
+    """`losses.gated` (a term computed only in some steps) gives the same value, tree and
+    gradient as `lax.cond` with its "select" form, which CPU programs use: no conditional is
+    left in them (XLA:CPU runs a differentiated cond's gradient convolutions on its slow path)."""
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
+    kernel = 0.3 * jax.random.normal(jax.random.key(1), (3, 3, 4, 4))
+
+    def f(kernel, flag, impl):
+        value, feats = losses.gated(flag, lambda: _conv_loss(kernel, x),
+                                    lambda: (jnp.zeros(()), jnp.zeros(x.shape)), impl)
+        return value + 0.1 * jnp.mean(feats), value
+
+    flag = jnp.asarray(on)
+    (v_cond, g_cond), (v_sel, g_sel) = [
+        jax.jit(jax.grad(f, has_aux=True), static_argnums=2)(kernel, flag, impl)[::-1]
+        for impl in ("cond", "select")]
+    np.testing.assert_allclose(v_sel, v_cond, rtol=1e-6)
+    np.testing.assert_allclose(g_sel, g_cond, rtol=1e-5, atol=1e-7)
+    if on:
+        assert float(v_cond) > 0 and float(jnp.max(jnp.abs(g_cond))) > 0
+    else:
+        assert float(v_sel) == 0 and not np.any(np.asarray(g_sel))
+    program = jax.jit(jax.grad(f, has_aux=True), static_argnums=2).lower(
+        kernel, flag, "auto").as_text()
+    assert ("stablehlo.case" in program) == (jax.default_backend() != "cpu")
+    with pytest.raises(ValueError, match="gated impl 'scan'"):
+        losses.gated(flag, lambda: 1.0, lambda: 0.0, "scan")

@@ -31,7 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tok1d import images as images_lib
 from tok1d import parallel
 from tok1d.models.interfaces import Discriminator
-from tok1d.objectives import augment, gan
+from tok1d.objectives import augment, gan, losses
 from tok1d.objectives import draws as draws_lib
 
 DISC_CALLS = ("g/rec", "g/direct", "d/fake", "d/real", "d/direct")
@@ -186,7 +186,7 @@ class GANObjective:
 
             zero = jnp.zeros((), jnp.float32)
             (means["shortcut_adv_loss"], means["direct_logits_fake"]), collections = (
-                jax.lax.cond(direct_on > 0, direct_d_loss, lambda: ((zero, zero), collections)))
+                losses.gated(direct_on > 0, direct_d_loss, lambda: ((zero, zero), collections)))
             means["shortcut_adv_loss"] = self.d_weight * means["shortcut_adv_loss"]
             loss = loss + means["shortcut_adv_loss"]
         if self.lecam:

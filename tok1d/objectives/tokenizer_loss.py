@@ -90,7 +90,7 @@ def make_loss_fn(model: nn.Module, weights: Mapping[str, float], nets: terms_lib
                 return gan.g_term(gan_state.params, collections, fake, k_disc, ctx.draws,
                                   "g/direct")
 
-            parts["gan"], collections = jax.lax.cond(
+            parts["gan"], collections = losses.gated(
                 active > 0, gan_on, lambda: (jnp.zeros((), jnp.float32), collections))
             loss = loss + gan_weight * active * parts["gan"]
         return loss, parts, pixels, collections
@@ -122,7 +122,7 @@ def make_loss_fn(model: nn.Module, weights: Mapping[str, float], nets: terms_lib
 
             zeros = jax.tree.map(lambda t: jnp.zeros(t.shape, t.dtype),
                                  jax.eval_shape(shortcut_on)[:3])
-            terms["shortcut"], parts, outputs["shortcut_pixels"], collections = jax.lax.cond(
+            terms["shortcut"], parts, outputs["shortcut_pixels"], collections = losses.gated(
                 aux_on > 0, shortcut_on, lambda: (*zeros, collections))
             extras.update({f"shortcut_{k}": v for k, v in parts.items()})
         total = losses.weighted_sum(scale, {k: v for k, v in terms.items() if k != "gan"})
