@@ -126,6 +126,19 @@ def test_impossible_shapes_fail_with_clear_messages():
         config_lib.validate(config, num_devices=8)
 
 
+def test_narrow_lpips_is_for_random_stand_ins_only():
+    config = load_config(os.path.join(REPO, "configs", "tiny_test.py"))
+    config.perceptual.lpips_channels = (8, 16, 32, 32)
+    config.perceptual.weights = "lpips_vgg"
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.validate(config, num_devices=8)
+    assert "must be 5 positive VGG16 block widths" in str(e.value)
+    assert "sizes a random LPIPS stand-in" in str(e.value)
+    config.perceptual.update(lpips_channels=(8, 16, 32, 32, 32), weights="",
+                             allow_random_init=True)
+    config_lib.validate(config, num_devices=8)
+
+
 def test_grad_accumulation_must_divide_the_per_step_batch():
     config = load_config(os.path.join(REPO, "configs", "tiny_test.py"))
     config.optim.grad_accum_steps = 3

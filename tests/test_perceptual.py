@@ -144,13 +144,18 @@ def test_missing_weights_error_says_what_and_how():
     assert P.parse_kind("lpips-convnext_s-1.0-0.1") == {"lpips": 1.0, "convnext_s": 0.1}
 
 
-def test_lpips_random_init_shapes_zero_and_gradients():
-    loss = P.make_perceptual("lpips", L.load_perceptual(("lpips",), None,
-                                                       allow_random_init=True))
+@pytest.mark.parametrize("channels", [(), (8, 16, 32, 32, 32)])
+def test_lpips_random_init_shapes_zero_and_gradients(channels):
+    """The released network's shapes, or a narrow random stand-in's (`lpips_channels`)."""
+    loss = P.make_perceptual("lpips", L.load_perceptual(
+        ("lpips",), None, allow_random_init=True, lpips_channels=channels),
+        lpips_channels=channels)
+    widths = channels or (64, 128, 256, 512, 512)
     assert set(loss.params) == {"lpips"}
     shapes = jax.tree.map(jnp.shape, loss.params["lpips"])
-    assert shapes["net"]["conv1_1"]["kernel"] == (3, 3, 3, 64)
-    assert shapes["head"]["lin4"] == (512,)
+    assert shapes["net"]["conv1_1"]["kernel"] == (3, 3, 3, widths[0])
+    assert shapes["net"]["conv4_3"]["kernel"] == (3, 3, widths[3], widths[3])
+    assert shapes["head"]["lin4"] == (widths[4],)
     assert tuple(loss.logical_axes["lpips"]["net"]["conv2_1"]["kernel"]) == (
         "conv_h", "conv_w", "conv_in", "conv_out")
     rng = np.random.default_rng(0)
@@ -160,7 +165,8 @@ def test_lpips_random_init_shapes_zero_and_gradients():
     # images give 0 up to float rounding: XLA may round the two trunk calls differently.)
     recon = jnp.asarray(np.stack([x[0], x[1], np.zeros_like(x[0])]))
     target = jnp.asarray(np.stack([y[0], x[1], np.zeros_like(x[0])]))
-    per_image = cnn_jit(N.LPIPS().apply)({"params": loss.params["lpips"]}, recon, target)
+    per_image = cnn_jit(N.build_module("lpips", lpips_channels=channels).apply)(
+        {"params": loss.params["lpips"]}, recon, target)
     assert per_image.shape == (3,) and float(per_image[0]) > 0
     assert abs(float(per_image[1])) < 1e-12 and abs(float(per_image[2])) < 1e-12
     value, grad = cnn_jit(jax.value_and_grad(loss.apply, argnums=1))(loss.params, recon, target)

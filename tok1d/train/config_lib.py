@@ -200,8 +200,12 @@ def add_tokenizer_keys(c: ml_collections.ConfigDict) -> None:
     # `lpips_dropout`: rate of the LPIPS linear layers' Dropout in training (GigaTok trains its
     # LPIPS in train mode: 0.5; 0 = eval-mode LPIPS, TiTok). Its keep masks are the step's
     # random draws "lpips_keep/<rec|shortcut>/lin<k>" (tok1d.train.tokenizer).
+    # `lpips_channels`: VGG16 block widths of a random LPIPS stand-in (allow_random_init; tests
+    # use e.g. (8, 16, 32, 32, 32), 1/60 of the compute); () = the released (64, 128, 256, 512,
+    # 512), the only widths converted weights have.
     c.perceptual = ml_collections.ConfigDict(dict(kind="lpips", weights="", image_size=224,
-                                                  allow_random_init=False, lpips_dropout=0.0))
+                                                  allow_random_init=False, lpips_dropout=0.0,
+                                                  lpips_channels=()))
 
     # Discriminator (trained when losses.gan > 0) and its optimizer.
     c.discriminator = ml_collections.ConfigDict(dict(
@@ -402,6 +406,14 @@ def _tokenizer_problems(config: ml_collections.ConfigDict) -> list[str]:
     if teacher not in ("", "maskgit_vqgan", "dinov2"):
         problems.append(f"teacher.name={teacher!r} is not one of '', 'maskgit_vqgan', 'dinov2'")
     problems += terms.problems(losses, teacher, config.aux_loss_end_step)
+    widths = tuple(config.perceptual.lpips_channels)
+    if widths and (len(widths) != 5 or min(widths) < 1):
+        problems.append(f"perceptual.lpips_channels={widths} must be 5 positive VGG16 block "
+                        "widths (or () for the released network's)")
+    if widths and (config.perceptual.weights or not config.perceptual.allow_random_init):
+        problems.append(f"perceptual.lpips_channels={widths} sizes a random LPIPS stand-in "
+                        "(perceptual.allow_random_init, no perceptual.weights): the released "
+                        "weights have (64, 128, 256, 512, 512)")
     return problems
 
 

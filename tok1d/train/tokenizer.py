@@ -97,9 +97,11 @@ def build_frozen(config, model: nn.Module) -> tuple[terms_lib.FrozenNets, dict[s
         perceptual = perceptual_lib.make_perceptual(
             config.perceptual.kind, loaders.load_perceptual(
                 perceptual_lib.parse_kind(config.perceptual.kind), config.perceptual.weights,
-                allow_random_init=config.perceptual.allow_random_init),
+                allow_random_init=config.perceptual.allow_random_init,
+                lpips_channels=config.perceptual.lpips_channels),
             image_size=config.perceptual.image_size,
-            lpips_dropout=config.perceptual.get("lpips_dropout", 0.0))
+            lpips_dropout=config.perceptual.get("lpips_dropout", 0.0),
+            lpips_channels=config.perceptual.lpips_channels)
         frozen["perceptual"] = perceptual.params
     nets = terms_lib.FrozenNets(teacher=teacher[0] if teacher is not None else None,
                                 teacher_name=config.teacher.name, perceptual=perceptual)

@@ -29,7 +29,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import flax.traverse_util as tu
@@ -295,12 +295,14 @@ def load_teacher(name: str, weights: str, model_kwargs: Mapping[str, Any], *, pr
 
 
 def load_perceptual(components: Iterable[str], weights: Optional[str],
-                    allow_random_init: bool = False, seed: int = 0) -> dict[str, Any]:
+                    allow_random_init: bool = False, seed: int = 0,
+                    lpips_channels: Sequence[int] = ()) -> dict[str, Any]:
     """{component: params} of perceptual networks ("lpips", "convnext_s") from converted files
     (`weights`: a directory written by `tok1d convert lpips|convnext_s`, a single .npz, or
     several joined by a comma), each checked against its network. Without `weights` this raises
     `MissingPerceptualWeights` (saying which files are needed and how to convert them) unless
-    `allow_random_init` (tests), which draws random stand-ins."""
+    `allow_random_init` (tests), which draws random stand-ins (LPIPS' of VGG16 block widths
+    `lpips_channels` when given)."""
     components = tuple(components)
     if not weights:
         if not allow_random_init:
@@ -308,7 +310,9 @@ def load_perceptual(components: Iterable[str], weights: Optional[str],
                 f"The perceptual networks {list(components)} need pretrained weights but none "
                 "were given. " + perceptual_files.how_to_convert(components)
                 + "; then pass the name(s) or DIR as the perceptual weights path.")
-        return {c: perceptual_nets.random_params(c, seed=seed) for c in components}
+        return {c: perceptual_nets.random_params(
+            c, perceptual_nets.build_module(c, lpips_channels=lpips_channels), seed=seed)
+            for c in components}
     files = perceptual_files.resolve_weight_files(resolve_each(weights), components)
     return {c: perceptual_files.load_params(files[c], c) for c in components}
 

@@ -100,9 +100,12 @@ def _lpips_lin_init(key, shape, dtype=jnp.float32):
 
 class LPIPS(nn.Module):
     """LPIPS v0.1 (VGG16): NHWC images in [0, 1] -> (B,) float32 distances. `keep`: the
-    training-mode dropout of the linear layers (see `LPIPSHead`); None: eval mode."""
+    training-mode dropout of the linear layers (see `LPIPSHead`); None: eval mode. `channels`:
+    the VGG16 block widths (the released weights have `TAP_CHANNELS`; narrower ones make cheap
+    random stand-ins for tests)."""
 
     dropout_rate: float = 0.5
+    channels: Sequence[int] = TAP_CHANNELS
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -115,10 +118,11 @@ class LPIPS(nn.Module):
             raise ValueError(f"LPIPS inputs differ in shape: {x0.shape} vs {x1.shape}")
         # Two calls rather than one on the concatenated batch: the backward pass then runs
         # through the recon images only (B, not 2B).
-        net = VGG16Features(dtype=self.dtype, param_dtype=self.param_dtype, name="net")
+        net = VGG16Features(widths=tuple(self.channels), dtype=self.dtype,
+                            param_dtype=self.param_dtype, name="net")
         taps0, taps1 = net(self.trunk_input(x0)), net(self.trunk_input(x1))
-        per_layer = LPIPSHead(dropout_rate=self.dropout_rate, param_dtype=self.param_dtype,
-                              name="head")(taps0, taps1, keep)
+        per_layer = LPIPSHead(channels=tuple(self.channels), dropout_rate=self.dropout_rate,
+                              param_dtype=self.param_dtype, name="head")(taps0, taps1, keep)
         return jnp.sum(per_layer, axis=-1)
 
 
@@ -129,11 +133,16 @@ def convnext_small(dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
 
 
 def build_module(component: str, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-                 remat: str = "none", lpips_dropout: float = 0.0) -> nn.Module:
+                 remat: str = "none", lpips_dropout: float = 0.0,
+                 lpips_channels: Sequence[int] = ()) -> nn.Module:
+    """The module of a component; `lpips_channels` (LPIPS only): VGG16 block widths other than
+    the released ones, for random stand-ins (empty: `TAP_CHANNELS`)."""
     if component == "lpips":
+        channels = tuple(lpips_channels) or TAP_CHANNELS
         if lpips_dropout:
-            return LPIPS(dropout_rate=lpips_dropout, dtype=dtype, param_dtype=param_dtype)
-        return LPIPS(dtype=dtype, param_dtype=param_dtype)
+            return LPIPS(dropout_rate=lpips_dropout, channels=channels, dtype=dtype,
+                         param_dtype=param_dtype)
+        return LPIPS(channels=channels, dtype=dtype, param_dtype=param_dtype)
     if component == "convnext_s":
         return convnext_small(dtype=dtype, param_dtype=param_dtype, remat=remat)
     raise ValueError(f"Unknown perceptual component {component!r}; expected 'lpips' or "

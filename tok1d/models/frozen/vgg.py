@@ -13,7 +13,7 @@ converter in `tok1d.weights.convert.perceptual` uses.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -54,8 +54,11 @@ _kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
 class VGG16Features(nn.Module):
-    """NHWC images (already normalised as the caller's network expects) -> the 5 ReLU taps."""
+    """NHWC images (already normalised as the caller's network expects) -> the 5 ReLU taps.
+    `widths`: the output channels of each block's convolutions (VGG16's `TAP_CHANNELS`; other
+    widths only for random stand-ins in tests and smoke runs)."""
 
+    widths: Sequence[int] = TAP_CHANNELS
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -63,11 +66,14 @@ class VGG16Features(nn.Module):
     def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
         x = x.astype(self.dtype)
         taps = []
-        for b, block in enumerate(VGG16_BLOCKS):
+        if len(self.widths) != len(VGG16_BLOCKS):
+            raise ValueError(f"VGG16 widths {tuple(self.widths)}: expected one per block "
+                             f"({len(VGG16_BLOCKS)})")
+        for b, (block, width) in enumerate(zip(VGG16_BLOCKS, self.widths)):
             if b:
                 x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
-            for name, features in block:
-                x = nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
+            for name, _ in block:
+                x = nn.Conv(width, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
                             param_dtype=self.param_dtype,
                             kernel_init=logical(_kernel_init,
                                                 ("conv_h", "conv_w", "conv_in", "conv_out")),
