@@ -136,10 +136,11 @@ def _cost(path: str, name: str):
 
 
 # Seconds each costly file took in a cold whole-suite run on the 2-core machine (two workers;
-# 2026-12-03): the scheduling order only, so rough values are fine.
+# 2026-12-03; GigaTok training and recipes 2026-12-04): the scheduling order only, so rough
+# values are fine.
 FILE_SECONDS = {
-    "test_train_parity_titok.py": 285, "test_demo.py": 320, "test_gigatok_training.py": 300,
-    "test_recipes.py": 300, "test_generator_training.py": 300, "test_bench.py": 275,
+    "test_train_parity_titok.py": 285, "test_demo.py": 320, "test_gigatok_training.py": 215,
+    "test_recipes.py": 235, "test_generator_training.py": 300, "test_bench.py": 275,
     "test_nested_tokens.py": 255, "test_quantizers.py": 200, "test_train_parity_gigatok.py": 200,
     "test_models.py": 170, "test_gigatok_presets.py": 160, "test_gigatok_fsdp.py": 145,
     "test_resume.py": 135, "test_train_parity_gigatok_dino.py": 135, "test_dino_disc.py": 130,
