@@ -230,18 +230,16 @@ def test_tiny_titok_quality_rises_with_k():
         return jnp.mean(jnp.square(out - x)) + 1e-6 * aux.losses["kl"]
 
     @jax.jit
-    def steps(p, opt, data, order, rngs):
-        def one(carry, inputs):
-            p, opt = carry
-            rows, rng = inputs
-            grads = jax.grad(loss_fn)(p, data[rows], rng)
-            updates, opt = tx.update(grads, opt, p)
-            return (optax.apply_updates(p, updates), opt), None
-        return jax.lax.scan(one, (p, opt), (order, rngs))[0]
+    def step(p, opt, x, rng):
+        updates, opt = tx.update(jax.grad(loss_fn)(p, x, rng), opt, p)
+        return optax.apply_updates(p, updates), opt
 
+    # A Python loop over one jitted step, not a lax.scan: XLA:CPU runs the gradient of the
+    # patch-embedding conv inside a loop body on a slow path (2x the whole run; RESULTS.md).
     order = np.random.default_rng(0).integers(0, len(train), (400, 64))
-    params, _ = steps(params, tx.init(params), train, order,
-                      jax.random.split(jax.random.key(1), 400))
+    opt = tx.init(params)
+    for rows, rng in zip(order, jax.random.split(jax.random.key(1), 400)):
+        params, opt = step(params, opt, train[rows], rng)
     decode = jax.jit(lambda p, k: jnp.mean(psnr(jnp.clip(
         model.apply({"params": p}, val, prefix_lengths=k)[0], 0, 1), val)),
         static_argnums=1)
