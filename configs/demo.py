@@ -23,8 +23,8 @@ setting: the lowest gFID-digits among those with class accuracy >= 0.9.
 Measured (seed 0, one CPU device; a fresh clone of 2026-12-03, `pip install -e ".[test]"`,
 the command above: 7 min 18 s wall on an idle 2-core CPU, 1.5 GB peak memory): tokenizer eval
 PSNR 20.1 dB on the 179 held-out digits, 134 of 256 codes used (perplexity 103); generator
-validation loss 1.47, masked-token accuracy 0.74; logistic-regression classifier 93.9% on the
-real held-out digits, 88.3% on their reconstructions. Digit CNN: 97.8% on the held-out digits;
+validation loss 1.47, masked-token accuracy 0.74; logistic-regression classifier 95.0% on the
+real held-out digits, 87.7% on their reconstructions. Digit CNN: 97.8% on the held-out digits;
 rFID-digits 19.2. The sweep (25 settings x 300 samples; sweep/sweep.md, sweep/sweep.png;
 held-out digits' diversity: 15.7):
   the old fixed setting (guidance 2, temperature 1): gFID-digits 30.4, precision 1.00, recall
