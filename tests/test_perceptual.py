@@ -148,8 +148,7 @@ def test_missing_weights_error_says_what_and_how():
 def test_lpips_random_init_shapes_zero_and_gradients(channels):
     """The released network's shapes, or a narrow random stand-in's (`lpips_channels`)."""
     loss = P.make_perceptual("lpips", L.load_perceptual(
-        ("lpips",), None, allow_random_init=True, lpips_channels=channels),
-        lpips_channels=channels)
+        ("lpips",), None, allow_random_init=True, lpips_channels=channels))
     widths = channels or (64, 128, 256, 512, 512)
     assert set(loss.params) == {"lpips"}
     shapes = jax.tree.map(jnp.shape, loss.params["lpips"])

@@ -52,13 +52,14 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tok1d.models.frozen.perceptual import KeepFn, abstract_variables, build_module
+from tok1d.models.frozen.perceptual import (KeepFn, abstract_variables, build_module,
+                                             lpips_channels_of)
 
 Dtype = Any
 
@@ -151,8 +152,7 @@ def parse_kind(kind: str) -> dict[str, float]:
 
 def make_perceptual(kind: str, params: Mapping[str, Any], *, dtype: Dtype = jnp.float32,
                     remat: str = "none", image_size: int = CONVNEXT_IMAGE_SIZE,
-                    lpips_dropout: float = 0.0,
-                    lpips_channels: Sequence[int] = ()) -> PerceptualLoss:
+                    lpips_dropout: float = 0.0) -> PerceptualLoss:
     """Builds a perceptual loss over frozen pretrained params.
 
     `params`: {component: params} for every component of `kind` ("lpips", "convnext_s"), e.g.
@@ -160,19 +160,19 @@ def make_perceptual(kind: str, params: Mapping[str, Any], *, dtype: Dtype = jnp.
     random stand-in with allow_random_init). `dtype` is the compute dtype (params stay float32);
     `remat` applies to the ConvNeXt blocks; `image_size` is the ConvNeXt resize (224
     officially); `lpips_dropout`: the rate of LPIPS' training-mode dropout (see
-    `PerceptualLoss`); `lpips_channels`: LPIPS' VGG16 block widths when `params` are random
-    stand-ins of other widths (tests; empty: the released network's).
+    `PerceptualLoss`). LPIPS takes the VGG16 block widths of its `params` (narrower than the
+    released ones for random stand-ins: `load_perceptual(..., lpips_channels=...)`).
     """
     if not 0.0 <= lpips_dropout < 1.0:
         raise ValueError(f"lpips_dropout={lpips_dropout} must be in [0, 1).")
     component_weights = parse_kind(kind)
-    modules = {c: build_module(c, dtype=dtype, remat=remat, lpips_dropout=lpips_dropout,
-                               lpips_channels=lpips_channels)
-               for c in component_weights}
     missing = sorted(set(component_weights) - set(params))
     if missing:
         raise ValueError(f"Perceptual loss {kind!r} needs params for {missing}.")
     params = {c: params[c] for c in component_weights}
+    modules = {c: build_module(c, dtype=dtype, remat=remat, lpips_dropout=lpips_dropout,
+                               lpips_channels=lpips_channels_of(p) if c == "lpips" else ())
+               for c, p in params.items()}
     logical_axes = {c: nn.get_partition_spec(abstract_variables(c, modules[c]))
                     for c in component_weights}
     total = float(sum(component_weights.values()))

@@ -25,6 +25,7 @@ from tok1d import errors, parallel
 from tok1d.data import pipeline
 from tok1d.evaluation import fid as fid_lib
 from tok1d.models import interfaces
+from tok1d.models.frozen import vgg
 from tok1d.objectives import terms
 from tok1d.train import optim
 from tok1d.weights.layout import model_kwargs
@@ -406,14 +407,14 @@ def _tokenizer_problems(config: ml_collections.ConfigDict) -> list[str]:
     if teacher not in ("", "maskgit_vqgan", "dinov2"):
         problems.append(f"teacher.name={teacher!r} is not one of '', 'maskgit_vqgan', 'dinov2'")
     problems += terms.problems(losses, teacher, config.aux_loss_end_step)
-    widths = tuple(config.perceptual.lpips_channels)
-    if widths and (len(widths) != 5 or min(widths) < 1):
-        problems.append(f"perceptual.lpips_channels={widths} must be 5 positive VGG16 block "
-                        "widths (or () for the released network's)")
+    widths, released = tuple(config.perceptual.lpips_channels), vgg.TAP_CHANNELS
+    if widths and (len(widths) != len(released) or min(widths) < 1):
+        problems.append(f"perceptual.lpips_channels={widths} must be {len(released)} positive "
+                        "VGG16 block widths (or () for the released network's)")
     if widths and (config.perceptual.weights or not config.perceptual.allow_random_init):
         problems.append(f"perceptual.lpips_channels={widths} sizes a random LPIPS stand-in "
                         "(perceptual.allow_random_init, no perceptual.weights): the released "
-                        "weights have (64, 128, 256, 512, 512)")
+                        f"weights have {released}")
     return problems
 
 

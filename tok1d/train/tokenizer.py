@@ -100,8 +100,7 @@ def build_frozen(config, model: nn.Module) -> tuple[terms_lib.FrozenNets, dict[s
                 allow_random_init=config.perceptual.allow_random_init,
                 lpips_channels=config.perceptual.lpips_channels),
             image_size=config.perceptual.image_size,
-            lpips_dropout=config.perceptual.get("lpips_dropout", 0.0),
-            lpips_channels=config.perceptual.lpips_channels)
+            lpips_dropout=config.perceptual.get("lpips_dropout", 0.0))
         frozen["perceptual"] = perceptual.params
     nets = terms_lib.FrozenNets(teacher=teacher[0] if teacher is not None else None,
                                 teacher_name=config.teacher.name, perceptual=perceptual)

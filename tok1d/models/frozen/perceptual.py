@@ -138,15 +138,18 @@ def build_module(component: str, dtype: Dtype = jnp.float32, param_dtype: Dtype 
     """The module of a component; `lpips_channels` (LPIPS only): VGG16 block widths other than
     the released ones, for random stand-ins (empty: `TAP_CHANNELS`)."""
     if component == "lpips":
-        channels = tuple(lpips_channels) or TAP_CHANNELS
-        if lpips_dropout:
-            return LPIPS(dropout_rate=lpips_dropout, channels=channels, dtype=dtype,
-                         param_dtype=param_dtype)
-        return LPIPS(channels=channels, dtype=dtype, param_dtype=param_dtype)
+        rate = {"dropout_rate": lpips_dropout} if lpips_dropout else {}
+        return LPIPS(channels=tuple(lpips_channels) or TAP_CHANNELS, dtype=dtype,
+                     param_dtype=param_dtype, **rate)
     if component == "convnext_s":
         return convnext_small(dtype=dtype, param_dtype=param_dtype, remat=remat)
     raise ValueError(f"Unknown perceptual component {component!r}; expected 'lpips' or "
                      "'convnext_s'.")
+
+
+def lpips_channels_of(params: Mapping[str, Any]) -> tuple[int, ...]:
+    """The VGG16 block widths of LPIPS params (from the head's linear layers)."""
+    return tuple(int(params["head"][f"lin{k}"].shape[0]) for k in range(len(TAP_CHANNELS)))
 
 
 def abstract_variables(component: str, module: Optional[nn.Module] = None) -> Any:
