@@ -90,19 +90,29 @@ def _conv_loss(kernel, x):
 def test_gated_cond_and_select_agree_in_values_and_gradients(on):
     """`losses.gated` (a term computed only in some steps) gives the same value, tree and
     gradient as `lax.cond` with its "select" form, which CPU programs use: no conditional is
-    left in them (XLA:CPU runs a differentiated cond's gradient convolutions on its slow path)."""
+    left in them (XLA:CPU runs a differentiated cond's gradient convolutions on its slow path).
+    The term is traced once per form; the off branch gets its shapes."""
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
     kernel = 0.3 * jax.random.normal(jax.random.key(1), (3, 3, 4, 4))
 
+    traces = []
+
+    def on_fn(kernel):
+        traces.append(1)
+        return _conv_loss(kernel, x)
+
+    def zeros(shapes):
+        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
     def f(kernel, flag, impl):
-        value, feats = losses.gated(flag, lambda: _conv_loss(kernel, x),
-                                    lambda: (jnp.zeros(()), jnp.zeros(x.shape)), impl)
+        value, feats = losses.gated(flag, lambda: on_fn(kernel), zeros, impl)
         return value + 0.1 * jnp.mean(feats), value
 
     flag = jnp.asarray(on)
     (v_cond, g_cond), (v_sel, g_sel) = [
         jax.jit(jax.grad(f, has_aux=True), static_argnums=2)(kernel, flag, impl)[::-1]
         for impl in ("cond", "select")]
+    assert len(traces) == 2, "each form traces the term once"
     np.testing.assert_allclose(v_sel, v_cond, rtol=1e-6)
     np.testing.assert_allclose(g_sel, g_cond, rtol=1e-5, atol=1e-7)
     if on:
@@ -113,4 +123,4 @@ def test_gated_cond_and_select_agree_in_values_and_gradients(on):
         kernel, flag, "auto").as_text()
     assert ("stablehlo.case" in program) == (jax.default_backend() != "cpu")
     with pytest.raises(ValueError, match="gated impl 'scan'"):
-        losses.gated(flag, lambda: 1.0, lambda: 0.0, "scan")
+        losses.gated(flag, lambda: 1.0, lambda _: 0.0, "scan")

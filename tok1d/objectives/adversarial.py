@@ -186,7 +186,7 @@ class GANObjective:
 
             zero = jnp.zeros((), jnp.float32)
             (means["shortcut_adv_loss"], means["direct_logits_fake"]), collections = (
-                losses.gated(direct_on > 0, direct_d_loss, lambda: ((zero, zero), collections)))
+                losses.gated(direct_on > 0, direct_d_loss, lambda _: ((zero, zero), collections)))
             means["shortcut_adv_loss"] = self.d_weight * means["shortcut_adv_loss"]
             loss = loss + means["shortcut_adv_loss"]
         if self.lecam:

@@ -91,7 +91,7 @@ def make_loss_fn(model: nn.Module, weights: Mapping[str, float], nets: terms_lib
                                   "g/direct")
 
             parts["gan"], collections = losses.gated(
-                active > 0, gan_on, lambda: (jnp.zeros((), jnp.float32), collections))
+                active > 0, gan_on, lambda _: (jnp.zeros((), jnp.float32), collections))
             loss = loss + gan_weight * active * parts["gan"]
         return loss, parts, pixels, collections
 
@@ -120,10 +120,12 @@ def make_loss_fn(model: nn.Module, weights: Mapping[str, float], nets: terms_lib
                 return shortcut_terms(params, aux.features["cnn_map"], ctx, gan_state,
                                       collections, active, short_rng, out)
 
-            zeros = jax.tree.map(lambda t: jnp.zeros(t.shape, t.dtype),
-                                 jax.eval_shape(shortcut_on)[:3])
+            def shortcut_off(shapes):
+                zeros = jax.tree.map(lambda t: jnp.zeros(t.shape, t.dtype), shapes[:3])
+                return (*zeros, collections)
+
             terms["shortcut"], parts, outputs["shortcut_pixels"], collections = losses.gated(
-                aux_on > 0, shortcut_on, lambda: (*zeros, collections))
+                aux_on > 0, shortcut_on, shortcut_off)
             extras.update({f"shortcut_{k}": v for k, v in parts.items()})
         total = losses.weighted_sum(scale, {k: v for k, v in terms.items() if k != "gan"})
         if gan is not None:
