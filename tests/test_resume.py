@@ -32,6 +32,8 @@ BASE = (f"--config.total_steps={TOTAL}", f"--config.checkpoint.every_steps={EVER
 RUN_TIMEOUT = 300  # seconds per subprocess (a cold compile on 2 CPU cores takes ~30 s)
 
 PROGRESS_RE = re.compile(r"^step\s+(\d+)/(\d+)\b")
+STARTED_RE = re.compile(r"^step (\d+) started: .* in ([\d.]+) s, ([\d.]+) s after the process "
+                        r"started$", re.M)
 STOPPED_RE = re.compile(r"Stopped by a preemption signal at step (\d+)")
 NONFINITE_RE = re.compile(r"NaN/Inf at step (\d+)")
 
@@ -191,6 +193,9 @@ def test_resume_after_sigterm_is_exact(reference, tmp_path):
     resumed_steps = [int(m.group(1)) for m in map(PROGRESS_RE.match, proc.stdout.splitlines()) if m]
     if stopped < TOTAL:
         assert resumed_steps and resumed_steps[0] == stopped + 1, resumed_steps
+        started = STARTED_RE.search(proc.stdout)
+        assert started and int(started.group(1)) == stopped + 1, describe(proc)
+        assert 0 < float(started.group(2)) < float(started.group(3)), started.group(0)
     assert checkpoint_steps(wd)[-1] == TOTAL
 
     assert_matches_reference(wd, reference)

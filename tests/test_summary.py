@@ -2,7 +2,9 @@
 
 import json
 import math
+import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -104,6 +106,18 @@ def test_close_is_idempotent(tmp_path):
 # ---------------------------------------------------------------------------
 # ProgressReporter / formatting
 # ---------------------------------------------------------------------------
+
+
+def test_process_age_counts_from_the_process_start():
+    """`process_age` (the "s after the process started" of a run's first-step line) is the
+    process's own age: a fresh interpreter is seconds old, and it grows with the clock."""
+    fresh = subprocess.run([sys.executable, "-c", "from tok1d import summary; "
+                            "print(summary.process_age())"], capture_output=True, text=True,
+                           check=True)
+    assert 0 < float(fresh.stdout) < 60, fresh.stdout
+    first = summary.process_age()
+    time.sleep(0.2)
+    assert 0.15 < summary.process_age() - first < 5
 
 
 def test_format_duration():

@@ -233,6 +233,19 @@ class MetricWriter:
 # ---------------------------------------------------------------------------
 
 
+def process_age() -> float | None:
+    """Seconds since this process started (Linux: /proc/self/stat's start time against
+    /proc/uptime), None where that cannot be read."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        with open("/proc/uptime", encoding="ascii") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def format_duration(secs: float) -> str:
     """Formats seconds compactly: "45s", "11m20s", "1h02m" ("?" if unknown)."""
     if secs is None or not math.isfinite(secs):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from typing import Any, Callable, Iterator, Mapping, Optional
 
 import jax
@@ -119,7 +120,10 @@ def train_loop(config, workdir: str, state: TrainState, first_step: int,
     try:
         while step < total:
             batch = next(feeder)
+            t0 = time.perf_counter()
             state, scalars, finite = train_step(state, batch)
+            if step == first_step:
+                log(started_message(step + 1, time.perf_counter() - t0, summary.process_age()))
             step += 1
             if pending is not None:
                 check_finite(*pending, last_saved)
@@ -159,6 +163,15 @@ def train_loop(config, workdir: str, state: TrainState, first_step: int,
         preempt.restore()
         checkpointer.close()
         writer.flush()
+
+
+def started_message(step: int, compile_s: float, age_s: Optional[float]) -> str:
+    """The line a run prints when its first step is under way: the first call's time is the
+    step's tracing and compilation (or loading from the persistent compilation cache), what a
+    (re)start pays before training."""
+    since = "" if age_s is None else f", {age_s:.1f} s after the process started"
+    return (f"step {step} started: train step traced and compiled (or loaded from the "
+            f"compilation cache) in {compile_s:.1f} s{since}")
 
 
 def setup_run(config, workdir: str) -> tuple[str, Any, Any, Any, Any]:
