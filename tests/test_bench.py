@@ -209,6 +209,24 @@ def test_compile_times_script_measures_a_cold_and_a_warm_start(tmp_path):
     assert "| tiny_test.py | 8 |" in run.stdout
 
 
+def test_resume_times_script_measures_a_start_and_a_resume(tmp_path):
+    """benchmarks/resume_times.sh on the tiny config: the real command started, stopped by
+    SIGTERM once its first step has started, and run again, which resumes from the checkpoint
+    with a warm cache; the table takes both runs' "step N started" lines."""
+    env = dict(subprocess_env(1), PYTHON=sys.executable, RECIPES="tiny_test.py", RUNS="2")
+    run = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "resume_times.sh"),
+                          str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:] + run.stdout[-2000:]
+    rows = [line.split("|")[1:-1] for line in run.stdout.splitlines()
+            if line.startswith("| tiny_test.py |")]
+    assert [r[1].strip() for r in rows] == ["0 (start)", "1 (resume)"], run.stdout
+    for _, _, step_s, age_s in rows:
+        assert 0 < float(step_s) < float(age_s)
+    assert float(rows[1][2]) < float(rows[0][2])  # the resume loads what the start compiled
+    assert "Resuming from" in (tmp_path / "tiny_test.1.log").read_text()
+
+
 def test_compilation_cache_is_on_by_default(monkeypatch, tmp_path):
     from tok1d import parallel
     monkeypatch.delenv("TOK1D_COMPILATION_CACHE", raising=False)
