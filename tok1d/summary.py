@@ -233,15 +233,24 @@ class MetricWriter:
 # ---------------------------------------------------------------------------
 
 
-def process_age() -> float | None:
-    """Seconds since this process started (Linux: /proc/self/stat's start time against
-    /proc/uptime), None where that cannot be read."""
+def proc_stat(pid: int | str = "self") -> list[str]:
+    """The fields of /proc/PID/stat after the command name (field 3 on: state, ppid, ...;
+    Linux), [] where it cannot be read."""
     try:
-        with open("/proc/self/stat", encoding="ascii") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
+def process_age() -> float | None:
+    """Seconds since this process started, interpreter start and imports included (Linux:
+    /proc/self/stat's start time against /proc/uptime), None where that cannot be read."""
+    try:
+        started = float(proc_stat()[19])  # field 22: starttime, in clock ticks after boot
         with open("/proc/uptime", encoding="ascii") as f:
             uptime = float(f.read().split()[0])
-        return uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+        return uptime - started / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return None
 

@@ -65,7 +65,7 @@ from jax.extend import core as jex_core
 
 from tok1d import errors
 from tok1d import images as images_lib
-from tok1d import parallel
+from tok1d import parallel, summary
 from tok1d.cli import app
 from tok1d.cli import input_bench
 from tok1d.layers import cnn
@@ -204,18 +204,6 @@ def matmul_tflops(size: int = 0, repeats: int = 5) -> float:
     mm = jax.jit(lambda a, b: a @ b)
     times, _ = time_calls(lambda: mm(x, x), 2, repeats)
     return 2 * size ** 3 / statistics.median(times) / 1e12
-
-
-def process_seconds() -> Optional[float]:
-    """Seconds since this process was started (Linux's /proc; None elsewhere): the whole
-    command's time so far, interpreter start and imports included."""
-    try:
-        started = float(input_bench.proc_stat()[19])  # field 22: starttime
-        with open("/proc/uptime", encoding="ascii") as f:
-            uptime = float(f.read().split()[0])
-        return uptime - started / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def peak_memory_gib() -> Optional[float]:
@@ -500,7 +488,7 @@ def run(config, workload: str, batch_size: int = 0, steps: int = 10, warmup: int
     if compile_only:
         row.update(work.compile())
         row["first_call_s"] = row["lower_s"] + row["compile_s"]  # compilation only
-        row["startup_s"] = process_seconds()  # command start -> programs ready to run
+        row["startup_s"] = summary.process_age()  # command start -> programs ready to run
         row["startup_cpu_s"] = time.process_time()  # the same in CPU seconds (all threads)
     flops = work.flops()
     row["tflop_per_step"] = None if flops is None else flops / 1e12

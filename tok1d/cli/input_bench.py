@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterator
 import jax
 import numpy as np
 
+from tok1d import summary
 from tok1d.data import feeding, pipeline, records, sources
 from tok1d.data.prepare import prepare
 from tok1d.official import loaders
@@ -56,22 +57,12 @@ def write_image_folder(root: str, count: int, seed: int = 0) -> str:
     return root
 
 
-def proc_stat(pid: int | str = "self") -> list[str]:
-    """The fields of /proc/PID/stat after the command name (field 3 on: state, ppid, ...;
-    Linux), [] where it cannot be read."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            return f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return []
-
-
 def _descendants(pid: int) -> list[int]:
     """Live descendant processes of `pid` (Linux /proc; [] elsewhere)."""
     parents = {}
     with contextlib.suppress(OSError):
         for entry in os.listdir("/proc"):
-            if entry.isdigit() and (fields := proc_stat(entry)):
+            if entry.isdigit() and (fields := summary.proc_stat(entry)):
                 parents.setdefault(int(fields[1]), []).append(int(entry))
     out, todo = [], [pid]
     while todo:
@@ -89,7 +80,7 @@ def cpu_seconds() -> float:
     total += child.ru_utime + child.ru_stime
     ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
     for pid in _descendants(os.getpid()):
-        if fields := proc_stat(pid):
+        if fields := summary.proc_stat(pid):
             total += (int(fields[11]) + int(fields[12])) / ticks
     return total
 
