@@ -167,7 +167,7 @@ def test_targets_script_names_real_configs(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     logs = sorted((tmp_path / "all").glob("*.log"))
-    assert len(logs) == 9
+    assert len(logs) == 10
     for log in logs:
         words = log.read_text().split()
         assert words[:2] == ["-m", "tok1d.cli.bench"] and "--compile_only" in words
@@ -179,6 +179,36 @@ def test_targets_script_names_real_configs(tmp_path):
     subprocess.run(["bash", script, str(tmp_path / "one")], cwd=REPO, env=env, check=True,
                    capture_output=True, timeout=60)
     assert [p.name for p in (tmp_path / "one").glob("*.log")] == ["gpt_b_sample.log"]
+
+
+def test_targets_script_compiles_first_then_times(tmp_path):
+    """benchmarks/targets.sh with WARM=1: every selected target is compiled (--compile_only,
+    JOBS at a time) before any is timed; DEADLINE skips the timing once it has passed."""
+    fake = tmp_path / "python"  # logs its start and end, so the order can be checked
+    fake.write_text('#!/bin/bash\necho "start $(date +%s.%N) $*" >> "$ORDER"\nsleep 0.3\n'
+                    'echo "end $(date +%s.%N)" >> "$ORDER"\necho "$@"\n')
+    fake.chmod(0o755)
+    order = tmp_path / "order"
+    env = dict(os.environ, PYTHON=str(fake), WARM="1", JOBS="2", ORDER=str(order),
+               TARGETS="titok_s1_b64 gigatok_b16 gigatok_encode")
+    out = tmp_path / "out"
+    subprocess.run(["bash", os.path.join(REPO, "benchmarks", "targets.sh"), str(out)], cwd=REPO,
+                   env=env, check=True, capture_output=True, timeout=60)
+    events = [line.split() for line in order.read_text().splitlines()]
+    starts = [e for e in events if e[0] == "start"]
+    assert ["--compile_only" in e for e in starts] == [True] * 3 + [False] * 3
+    running = peak = 0
+    for e in sorted(events, key=lambda e: float(e[1])):
+        running += 1 if e[0] == "start" else -1
+        peak = max(peak, running)
+    assert peak == 2  # JOBS compiles at once, the timed runs one by one
+    assert sorted(p.name for p in out.glob("*.compile.log")) == [
+        "gigatok_b16.compile.log", "gigatok_encode.compile.log", "titok_s1_b64.compile.log"]
+    env["DEADLINE"] = "0"
+    run = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "targets.sh"),
+                          str(tmp_path / "late")], cwd=REPO, env=env, check=True,
+                         capture_output=True, text=True, timeout=60)
+    assert run.stdout.count("skipped (DEADLINE=0 s passed)") == 3
 
 
 def test_cli_refuses_a_bad_combination_with_a_message():
