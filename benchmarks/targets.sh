@@ -12,7 +12,9 @@
 #   export PYTHONPATH=/tmp/site:$PWD && bash benchmarks/targets.sh $OUT
 # Each target is one process (compilation included), so 10 targets need several minutes: split
 # them over calls with the per-call limit in mind, e.g. TARGETS="titok_s1_b64 gpt_b_sample".
-# TOK1D_BENCH_FLAGS="--compile_only" only compiles (memory plans, no timing).
+# TOK1D_BENCH_FLAGS="--compile_only" only compiles (memory plans, no timing);
+# TOK1D_BENCH_STEPS=3 TOK1D_BENCH_FLAGS=--profile=/tmp/prof profiles the timed calls and each
+# target's log ends with where the device's time went (top ops, launches, busy time per call).
 # WARM=1 first compiles the selected targets JOBS at a time (default 3), one --compile_only
 # process each (OUT_DIR/compile.jsonl: the device's memory plans), filling the persistent
 # compilation cache, then times the targets one by one from that cache, so that one call's wall

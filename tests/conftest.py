@@ -75,6 +75,7 @@ COST_BY_FILE = {
     "test_generator_training.py": "integration",
     "test_gigatok_fsdp.py": "integration",  # GigaTok steps compiled at three fsdp sizes
     "test_bench.py": "integration",  # benchmark workloads: whole train / sample programs
+    "test_trace_summary.py": "unit",
 }
 COST_BY_TEST = {
     # a whole (4-step) generator run on prefix tokens

@@ -113,6 +113,8 @@ def test_cli_prints_the_table_and_appends_json(tmp_path):
     row = json.loads(out.read_text().splitlines()[-1])
     assert row["device_bf16_tflops"] == 1.0 and "tok1d.cli.bench" in row["command"]
     assert list((tmp_path / "trace").rglob("*.xplane.pb"))  # the profiler trace
+    assert "profile (2 calls, " in run.stdout and "| op kind | ms per call |" in run.stdout
+    assert row["profile"]["ops"] > 0 and row["profile"]["busy_ms"] > 0
 
 
 def test_flop_count_multiplies_loops():

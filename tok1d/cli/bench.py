@@ -28,7 +28,9 @@ FLOPs / step time / (devices x the device's bf16 matmul rate, measured here on a
 or `--peak_tflops`). Remat recomputation counts as work done. `--out FILE` appends the result
 as a JSON line (record device, versions and command with it, e.g. in benchmarks/RESULTS.md).
 `--profile DIR` writes a `jax.profiler` trace of the timed calls (kernels, launches, memory
-copies) for TensorBoard's profile tab or Perfetto: profile before optimising.
+copies) for TensorBoard's profile tab or Perfetto (`perfetto_trace.json.gz`), and prints what
+it says per call (`trace_summary`): the device's busy time against the call's span, the ops and
+launches, and the ops and op kinds that took the most time: profile before optimising.
 
 `--compile_only` runs nothing: with the state and params as shapes only it compiles the
 workload's programs, times that (tracing + lowering, XLA's compile, and the whole command from
@@ -67,7 +69,7 @@ from tok1d import errors
 from tok1d import images as images_lib
 from tok1d import parallel, summary
 from tok1d.cli import app
-from tok1d.cli import input_bench
+from tok1d.cli import input_bench, trace_summary
 from tok1d.layers import cnn
 from tok1d.objectives import tokenizer_loss
 from tok1d.train import checkpoint as ckpt_lib
@@ -98,7 +100,8 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_bool("compile_only", False, "Compile without running: FLOPs and the memory "
                       "XLA plans per device (does the batch fit?), no timing.", flag_values=fv)
     flags.DEFINE_string("profile", "", "Write a jax.profiler trace of the timed calls to this "
-                        "directory (open it in TensorBoard's profile tab or Perfetto).",
+                        "directory (open it in TensorBoard's profile tab or Perfetto) and "
+                        "print where the device's time went.",
                         flag_values=fv)
     flags.DEFINE_string("out", "", "Append the result as a JSON line to this file.",
                         flag_values=fv)
@@ -129,7 +132,9 @@ def time_calls(call: Callable[[], Any], warmup: int, steps: int, profile: str = 
         if i == 0:
             first = time.perf_counter() - t0
     times = []
-    with jax.profiler.trace(profile) if profile else contextlib.nullcontext():
+    tracing = (jax.profiler.trace(profile, create_perfetto_trace=True) if profile
+               else contextlib.nullcontext())
+    with tracing:
         for _ in range(steps):
             t0 = time.perf_counter()
             jax.block_until_ready(call())
@@ -504,6 +509,13 @@ def run(config, workload: str, batch_size: int = 0, steps: int = 10, warmup: int
                    mfu=None if flops is None else flops / step / (peak * 1e12
                                                                  * jax.device_count()))
     log(format_row(row))
+    if profile and not compile_only:
+        found = trace_summary.summarize(profile, steps)
+        if found is None:
+            log(f"profile: no device op events found in a trace under {profile}")
+        else:
+            row["profile"] = found
+            log(trace_summary.format_summary(found))
     return row
 
 
