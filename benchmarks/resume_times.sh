@@ -9,7 +9,7 @@
 #   bash benchmarks/resume_times.sh OUT_DIR      # OUT_DIR/NAME.RUN.log, then the table
 #
 # RECIPES (default "titok.py:l32_stage1 gigatok.py:b_l"; tokenizer recipes), RUNS (default 3),
-# PYTHON (default python3). Each recipe gets its own compilation cache, OUT_DIR/cache/NAME, and
+# PYTHON (default python3), FLAGS (more tok1d.main flags, e.g. --config.checkpoint.compress=True). Each recipe gets its own compilation cache, OUT_DIR/cache/NAME, and
 # workdir, OUT_DIR/NAME (a full-size state: several GB per checkpoint). Columns: the train
 # step's first call (tracing + compiling or loading from the cache) and the seconds from the
 # process start to that step's start, both from the run's "step N started" line; restoring
@@ -31,7 +31,7 @@ for recipe in ${RECIPES:-titok.py:l32_stage1 gigatok.py:b_l}; do
       --config.data.num_workers=0 --config.batch_size=1 --config.eval_batch_size=1 \
       --config.data.eval_examples=1 --config.teacher.allow_random_init=True \
       --config.perceptual.allow_random_init=True --config.discriminator.allow_random_init=True \
-      --config.total_steps=1000000 --config.log_every_steps=1 > "$log" 2>&1 &
+      --config.total_steps=1000000 --config.log_every_steps=1 ${FLAGS:-} > "$log" 2>&1 &
     pid=$!
     until grep -q " started: " "$log" 2>/dev/null || ! kill -0 $pid 2>/dev/null; do sleep 0.5; done
     kill -TERM $pid 2>/dev/null

@@ -48,3 +48,32 @@ def test_single_process_checkpoints_write_each_array_whole(tmp_path):
     checkpoint.Checkpointer(str(tmp_path / "ckpt"), every_steps=1, keep=1, async_save=False)
     assert jax.process_count() == 1
     assert ocp.type_handlers.get_type_handler(jax.Array)._use_replica_parallel is False
+
+
+def _dir_bytes(path):
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def test_checkpoints_are_uncompressed_unless_asked_and_restore_either_way(tmp_path):
+    """`checkpoint.compress` (default off): zstd on or off for the arrays written; a checkpoint
+    of either kind restores (values and shardings) through a Checkpointer of the other kind."""
+    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
+    sharding = NamedSharding(mesh, PartitionSpec())
+    state = {"w": jax.device_put(jnp.zeros((256, 1024), jnp.float32), sharding),  # 1 MiB
+             "b": jax.device_put(jnp.arange(8, dtype=jnp.int32), sharding)}
+    abstract = checkpoint.abstract_with_shardings(state, jax.tree.map(lambda x: x.sharding, state))
+    sizes = {}
+    for compress in (False, True):
+        ckpt = checkpoint.Checkpointer(str(tmp_path / str(compress)), every_steps=1, keep=1,
+                                       async_save=False, compress=compress)
+        assert ckpt.save(1, state, force=True)
+        ckpt.close()
+        sizes[compress] = _dir_bytes(tmp_path / str(compress))
+        other = checkpoint.Checkpointer(str(tmp_path / str(compress)), every_steps=1, keep=1,
+                                        async_save=False, compress=not compress)
+        restored = other.restore(1, abstract)
+        other.close()
+        for k in state:
+            np.testing.assert_array_equal(np.asarray(restored[k]), np.asarray(state[k]))
+            assert restored[k].sharding == sharding
+    assert sizes[False] > 2 ** 20 > 50 * sizes[True]  # zeros: raw bytes vs a few kB of zstd

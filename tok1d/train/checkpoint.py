@@ -61,7 +61,9 @@ def single_process_array_writes() -> None:
 class Checkpointer:
     """Thin wrapper over `ocp.CheckpointManager` with a data-iterator item."""
 
-    def __init__(self, directory: str, *, every_steps: int, keep: int, async_save: bool = True):
+    def __init__(self, directory: str, *, every_steps: int, keep: int, async_save: bool = True,
+                 compress: bool = False):
+        """`compress`: zstd-compress the arrays written (either kind restores either way)."""
         self.directory = os.path.abspath(directory)
         if jax.process_count() == 1:
             single_process_array_writes()
@@ -70,13 +72,15 @@ class Checkpointer:
             enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(
             self.directory, item_names=(layout.STATE_ITEM, layout.DATA_ITER_ITEM),
+            item_handlers={layout.STATE_ITEM: ocp.PyTreeCheckpointHandler(
+                use_compression=compress)},
             options=options)
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, data_iter: Any = None, *, force: bool = False) -> bool:
-        items = {layout.STATE_ITEM: ocp.args.StandardSave(state)}
+        items = {layout.STATE_ITEM: ocp.args.PyTreeSave(state)}
         if data_iter is not None:
             items[layout.DATA_ITER_ITEM] = grain.checkpoint.CheckpointSave(data_iter)
         saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
@@ -87,7 +91,9 @@ class Checkpointer:
     def restore(self, step: int, abstract_state: Any, data_iter: Any = None) -> Any:
         """Restores into `abstract_state` (ShapeDtypeStructs carrying the target shardings);
         the data iterator, if given, is restored in place."""
-        items = {layout.STATE_ITEM: ocp.args.StandardRestore(abstract_state)}
+        items = {layout.STATE_ITEM: ocp.args.PyTreeRestore(
+            abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(
+                abstract_state))}
         if data_iter is not None:
             items[layout.DATA_ITER_ITEM] = grain.checkpoint.CheckpointRestore(data_iter)
         try:

@@ -195,7 +195,8 @@ def checkpointer_for(config, workdir: str) -> ckpt_lib.Checkpointer:
     """The run's checkpointer (`workdir/checkpoints`, `config.checkpoint`)."""
     return ckpt_lib.Checkpointer(
         layout.checkpoint_dir(workdir), every_steps=config.checkpoint.every_steps,
-        keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+        keep=config.checkpoint.keep, async_save=config.checkpoint.async_save,
+        compress=config.checkpoint.compress)
 
 
 def eval_params(state: TrainState) -> Any:
