@@ -11,9 +11,10 @@
 # RECIPES (default "titok.py:l32_stage1 gigatok.py:b_l"; tokenizer recipes), RUNS (default 3),
 # PYTHON (default python3), FLAGS (more tok1d.main flags, e.g. --config.checkpoint.compress=True). Each recipe gets its own compilation cache, OUT_DIR/cache/NAME, and
 # workdir, OUT_DIR/NAME (a full-size state: several GB per checkpoint). Columns: the train
-# step's first call (tracing + compiling or loading from the cache) and the seconds from the
-# process start to that step's start, both from the run's "step N started" line; restoring
-# the checkpoint, building the frozen networks and the data pipeline are in the second.
+# step's tracing + compiling (or loading from the cache), which runs beside creating or
+# restoring the state, and the seconds from the process start to that step's start, both
+# from the run's "step N started" line; building the frozen networks and the data pipeline
+# are in the second.
 set -uo pipefail
 OUT=${1:?usage: benchmarks/resume_times.sh OUT_DIR}
 mkdir -p "$OUT"
@@ -50,6 +51,6 @@ for recipe in ${RECIPES:-titok.py:l32_stage1 gigatok.py:b_l}; do
   done
 done
 echo
-echo "| recipe | run | train step's first call (s) | process start to first step (s) |"
+echo "| recipe | run | train step compiled (s) | process start to first step (s) |"
 echo "|---|---|---|---|"
 printf '%s\n' "${rows[@]}"

@@ -1,14 +1,18 @@
 """The shared training loop's host-side parts: the logged means of the step scalars (jitted
-clu averages, equal to the eager collection), and single-process checkpoints that write each
-array whole."""
+clu averages, equal to the eager collection), single-process checkpoints that write each array
+whole (compressed or not), and a run's start: the train step compiled beside the state's
+restore."""
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from tok1d.train import checkpoint, loop
+from tok1d.train import state as state_lib
 
 
 def _replicated_steps(num_steps):
@@ -77,3 +81,67 @@ def test_checkpoints_are_uncompressed_unless_asked_and_restore_either_way(tmp_pa
             np.testing.assert_array_equal(np.asarray(restored[k]), np.asarray(state[k]))
             assert restored[k].sharding == sharding
     assert sizes[False] > 2 ** 20 > 50 * sizes[True]  # zeros: raw bytes vs a few kB of zstd
+
+
+def _start_pieces(tmp_path):
+    """A checkpointer, a jitted step (state donated) and a grain iterator of batches."""
+    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
+    rep = NamedSharding(mesh, PartitionSpec())
+    abstract = {"w": jax.ShapeDtypeStruct((4, 4), jnp.float32)}
+    shardings = {"w": rep}
+    init = jax.jit(lambda rng: {"w": jax.random.normal(rng, (4, 4))}, out_shardings=shardings)
+    step = jax.jit(lambda s, b: ({"w": s["w"] + b["x"].sum()}, s["w"].sum()),
+                   in_shardings=(shardings, rep), out_shardings=(shardings, None),
+                   donate_argnums=(0,))
+    data = iter(grain.MapDataset.range(100).map(
+        lambda i: {"x": np.full((2,), i, np.float32)}).to_iter_dataset())
+    feeder = (jax.device_put(b, rep) for b in data)
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"), every_steps=1, keep=1,
+                                   async_save=False)
+    return ckpt, abstract, shardings, init, step, data, feeder, mesh
+
+
+def test_start_or_resume_compiles_the_step_beside_the_restore(tmp_path, caplog):
+    """state.start_or_resume: a fresh start initialises; a resume restores the data iterator
+    (the next batch is the one the stopped run would have drawn) and the state; either way the
+    step is compiled in a background thread and the jitted step's first call reuses it."""
+    ckpt, abstract, shardings, init, step, data, feeder, mesh = _start_pieces(tmp_path)
+    start = state_lib.start_or_resume(ckpt, abstract, shardings, init, jax.random.key(0), data,
+                                      feeder, step, mesh, ())
+    assert start.step == 0 and start.compile_s > 0
+    state = start.state
+    for _ in range(3):
+        batch = next(start.batches)
+        state, _ = step(state, batch)
+    assert float(batch["x"][0]) == 2  # the first batch was put back in front
+    ckpt.save(3, state, data, force=True)
+    want = np.asarray(state["w"])
+    ckpt.close()
+
+    ckpt, abstract, shardings, init, step, data, feeder, mesh = _start_pieces(tmp_path)
+    start = state_lib.start_or_resume(ckpt, abstract, shardings, init, jax.random.key(1), data,
+                                      feeder, step, mesh, ())
+    assert start.step == 3
+    np.testing.assert_array_equal(np.asarray(start.state["w"]), want)
+    batch = next(start.batches)
+    assert float(batch["x"][0]) == 3
+    jax.config.update("jax_log_compiles", True)
+    try:
+        with caplog.at_level("DEBUG"), jax.set_mesh(mesh):  # as the training loop runs it
+            step(start.state, batch)
+    finally:
+        jax.config.update("jax_log_compiles", False)
+    assert not [r for r in caplog.records if "ompil" in r.getMessage()
+                and "<lambda>" in r.getMessage()], [r.getMessage() for r in caplog.records]
+    ckpt.close()
+
+
+def test_start_or_resume_raises_the_compile_error(tmp_path):
+    ckpt, abstract, shardings, init, _, data, feeder, mesh = _start_pieces(tmp_path)
+
+    def broken(state, batch):
+        raise ValueError("no such op")
+    with pytest.raises(ValueError, match="no such op"):
+        state_lib.start_or_resume(ckpt, abstract, shardings, init, jax.random.key(0), data,
+                                  feeder, jax.jit(broken), mesh, ())
+    ckpt.close()

@@ -32,8 +32,9 @@ BASE = (f"--config.total_steps={TOTAL}", f"--config.checkpoint.every_steps={EVER
 RUN_TIMEOUT = 300  # seconds per subprocess (a cold compile on 2 CPU cores takes ~30 s)
 
 PROGRESS_RE = re.compile(r"^step\s+(\d+)/(\d+)\b")
-STARTED_RE = re.compile(r"^step (\d+) started: .* in ([\d.]+) s, ([\d.]+) s after the process "
-                        r"started$", re.M)
+STARTED_RE = re.compile(r"^step (\d+) started: .* in ([\d.]+) s beside creating or restoring the "
+                        r"state \(first call [\d.]+ s\), ([\d.]+) s after the process started$",
+                        re.M)
 STOPPED_RE = re.compile(r"Stopped by a preemption signal at step (\d+)")
 NONFINITE_RE = re.compile(r"NaN/Inf at step (\d+)")
 

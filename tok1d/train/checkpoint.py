@@ -105,6 +105,11 @@ class Checkpointer:
                 "with, or a new --workdir.") from e
         return restored[layout.STATE_ITEM]
 
+    def restore_data(self, step: int, data_iter: Any) -> None:
+        """Restores the data iterator of checkpoint `step` in place (not the train state)."""
+        self.manager.restore(step, args=ocp.args.Composite(**{
+            layout.DATA_ITER_ITEM: grain.checkpoint.CheckpointRestore(data_iter)}))
+
     def reached_preemption(self, step: int) -> bool:
         """Multi-host preemption notice (all hosts agree on the step)."""
         return jax.process_count() > 1 and self.manager.reached_preemption(step)

@@ -202,8 +202,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     abstract, shardings, init, train_step = build_training(config, model, mesh, rules,
                                                            batch_sh)
     checkpointer = loop.checkpointer_for(config, workdir)
-    state, first_step = state_lib.init_or_restore(checkpointer, abstract, shardings, init,
-                                               jax.random.key(config.seed), train_iter)
+    feeder = feeding.Feeder(train_iter, batch_sh, config.batch_size)
+    start = state_lib.start_or_resume(checkpointer, abstract, shardings, init,
+                                      jax.random.key(config.seed), train_iter, feeder,
+                                      train_step, mesh, rules)
+    state, first_step = start.state, start.step
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     logging.info("Generator %s: %.2fM parameters; starting at step %d.", config.model.name,
                  num_params / 1e6, first_step)
@@ -211,7 +214,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         f"sequences of {model.num_tokens} tokens.")
 
     # ---------------------------------------------------------------- steps
-    feeder = feeding.Feeder(train_iter, batch_sh, config.batch_size)
     nets = None
     if config.evaluation.fid_every_steps > 0:
         nets = evaluator.load_metric_nets(config.evaluation, "", log)
@@ -247,8 +249,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             return metrics
 
         # ------------------------------------------------------------ loop
-        result = loop.train_loop(config, workdir, state, first_step, train_step, feeder,
-                                   train_iter, checkpointer, writer, run_eval)
+        result = loop.train_loop(config, workdir, state, first_step, train_step, start.batches,
+                                 train_iter, checkpointer, writer, run_eval, start.compile_s)
     writer.close()
     return result
 

@@ -89,15 +89,17 @@ def log_fn() -> Callable[[str], None]:
 def train_loop(config, workdir: str, state: TrainState, first_step: int,
                train_step: Callable[[TrainState, Any], tuple[TrainState, Any, Any]],
                feeder: Iterator[Any], train_iter: Any, checkpointer: ckpt_lib.Checkpointer,
-               writer, run_eval: Callable[[TrainState, int], Mapping[str, Any]]
-               ) -> dict[str, Any]:
+               writer, run_eval: Callable[[TrainState, int], Mapping[str, Any]],
+               compile_s: Optional[float] = None) -> dict[str, Any]:
     """Steps until `config.total_steps`: averaged train scalars and progress (steps/s, img/s,
     ETA) every `log_every_steps`, `run_eval(state, step)` every `eval_every_steps` and at the
     end, checkpoints (with the data iterator) every `checkpoint.every_steps`, at the end and on
     a preemption signal. A non-finite step stops the run before it can be saved.
 
     `train_step(state, batch) -> (state, scalars, finite)`; `run_eval` returns the metrics it
-    wrote. Returns {"step": ..., **final eval metrics} (also written to metrics.json)."""
+    wrote; `compile_s`: the seconds the step's compilation took before the loop, beside creating
+    or restoring the state (`state.start_or_resume`). Returns {"step": ..., **final eval
+    metrics} (also written to metrics.json)."""
     total = config.total_steps
     preempt = ckpt_lib.PreemptionFlag()
     log = log_fn()
@@ -123,7 +125,8 @@ def train_loop(config, workdir: str, state: TrainState, first_step: int,
             t0 = time.perf_counter()
             state, scalars, finite = train_step(state, batch)
             if step == first_step:
-                log(started_message(step + 1, time.perf_counter() - t0, summary.process_age()))
+                log(started_message(step + 1, time.perf_counter() - t0, summary.process_age(),
+                                    compile_s))
             step += 1
             if pending is not None:
                 check_finite(*pending, last_saved)
@@ -165,13 +168,18 @@ def train_loop(config, workdir: str, state: TrainState, first_step: int,
         writer.flush()
 
 
-def started_message(step: int, compile_s: float, age_s: Optional[float]) -> str:
-    """The line a run prints when its first step is under way: the first call's time is the
-    step's tracing and compilation (or loading from the persistent compilation cache), what a
-    (re)start pays before training."""
+def started_message(step: int, first_call_s: float, age_s: Optional[float],
+                    compile_s: Optional[float] = None) -> str:
+    """The line a run prints when its first step is under way: how long tracing and compiling
+    the step (or loading it from the persistent compilation cache) took, what a (re)start pays
+    before training. With `compile_s` that happened beside creating or restoring the state and
+    the first call only ran it; without, the first call did it."""
     since = "" if age_s is None else f", {age_s:.1f} s after the process started"
-    return (f"step {step} started: train step traced and compiled (or loaded from the "
-            f"compilation cache) in {compile_s:.1f} s{since}")
+    done = ("train step traced and compiled (or loaded from the compilation cache) in "
+            f"{first_call_s if compile_s is None else compile_s:.1f} s")
+    if compile_s is not None:
+        done += f" beside creating or restoring the state (first call {first_call_s:.1f} s)"
+    return f"step {step} started: {done}{since}"
 
 
 def setup_run(config, workdir: str) -> tuple[str, Any, Any, Any, Any]:

@@ -9,8 +9,12 @@ init from an rng.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import logging
-from typing import Any, Callable, Mapping, Optional, Protocol
+import threading
+import time
+from typing import Any, Callable, Iterator, Mapping, Optional, Protocol
 
 import flax
 import flax.linen as nn
@@ -78,14 +82,53 @@ def state_shardings_and_init(init_params: Callable[[jax.Array], Any],
     return abstract, shardings, jitted_init
 
 
-def init_or_restore(checkpointer: ckpt_lib.Checkpointer, abstract: TrainState,
+@dataclasses.dataclass
+class Start:
+    """Where a run starts: its state and first step (0 for a fresh run), its batches (the
+    feeder with the first batch put back in front) and the seconds the train step's
+    compilation took beside restoring or initialising the state."""
+    state: TrainState
+    step: int
+    batches: Iterator[Any]
+    compile_s: float
+
+
+def start_or_resume(checkpointer: ckpt_lib.Checkpointer, abstract: TrainState,
                     shardings: TrainState, init: Callable[[jax.Array], TrainState],
-                    rng: jax.Array, data_iter: Any) -> tuple[TrainState, int]:
-    """Resumes from the latest checkpoint in the workdir, else initialises from scratch."""
+                    rng: jax.Array, data_iter: Any, feeder: Iterator[Any], step_fn: Any,
+                    mesh, rules, step_args: tuple = ()) -> Start:
+    """Resumes from the latest checkpoint in the workdir, else initialises from scratch, while
+    the jitted train step `step_fn(state, batch, *step_args)` compiles beside it: a (re)start
+    pays the longer of the two, not their sum.
+
+    The data iterator is restored first (it is small), the first batch drawn from `feeder`,
+    and the step lowered and compiled for (the abstract state with its shardings, that batch)
+    in a background thread, under `mesh` and the logical axis `rules`, while the state is
+    restored or initialised; the step's first call with the state, under the same mesh and
+    rules, then reuses that executable.
+    An error of the compilation is raised here."""
     latest = checkpointer.latest_step()
-    if latest is None:
-        return init(rng), 0
-    logging.info("Resuming from %s/%d.", checkpointer.directory, latest)
+    if latest is not None:
+        logging.info("Resuming from %s/%d.", checkpointer.directory, latest)
+        checkpointer.restore_data(latest, data_iter)
+    first = next(feeder)
     target = ckpt_lib.abstract_with_shardings(abstract, shardings)
-    state = checkpointer.restore(latest, target, data_iter)
-    return state, int(latest)
+    outcome: dict[str, Any] = {}
+
+    def compile_beside():
+        t0 = time.perf_counter()
+        try:
+            with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+                step_fn.lower(target, first, *step_args).compile()
+        except BaseException as e:  # noqa: BLE001 - raised again in the calling thread
+            outcome["error"] = e
+        outcome["seconds"] = time.perf_counter() - t0
+
+    # A daemon thread: a failing restore exits at once instead of waiting for the compiler.
+    compiling = threading.Thread(target=compile_beside, name="compile-train-step", daemon=True)
+    compiling.start()
+    state = init(rng) if latest is None else checkpointer.restore(latest, target)
+    compiling.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return Start(state, latest or 0, itertools.chain([first], feeder), outcome["seconds"])

@@ -478,8 +478,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     t = build_training(config, mesh, rules, batch_sh)
     model, frozen = t.model, t.frozen
     checkpointer = loop.checkpointer_for(config, workdir)
-    state, first_step = state_lib.init_or_restore(checkpointer, t.abstract, t.shardings, t.init,
-                                                  jax.random.key(config.seed), train_iter)
+    feeder = feeding.Feeder(train_iter, batch_sh, config.batch_size)
+    start = state_lib.start_or_resume(checkpointer, t.abstract, t.shardings, t.init,
+                                      jax.random.key(config.seed), train_iter, feeder,
+                                      t.step_fn, mesh, rules, step_args=(frozen,))
+    state, first_step = start.state, start.step
     if first_step == 0:
         state = load_initial_weights(config, state, log)
         trunk = load_disc_trunk(config, t.gan.disc) if t.gan is not None else None
@@ -494,7 +497,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                  num_params / 1e6, first_step)
 
     # ---------------------------------------------------------------- steps
-    feeder = feeding.Feeder(train_iter, batch_sh, config.batch_size)
     feeder_args = (batch_sh, config.eval_batch_size)
     ecfg = config.evaluation
     nets = (evaluator.load_metric_nets(ecfg, config.perceptual.weights, log)
@@ -531,8 +533,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             return metrics
 
         # ------------------------------------------------------------ loop
-        result = loop.train_loop(config, workdir, state, first_step, train_step, feeder,
-                                   train_iter, checkpointer, writer, run_eval)
+        result = loop.train_loop(config, workdir, state, first_step, train_step, start.batches,
+                                 train_iter, checkpointer, writer, run_eval, start.compile_s)
     writer.close()
     return result
 
