@@ -303,3 +303,17 @@ def test_pod_plan_arithmetic():
     assert v5p["chip_days"] == pytest.approx(256e6 * 1e12 / (0.4 * 459e12) / 86400)
     assert v5p["memory_gib"] == pytest.approx(32 / 32 + 0.5 * 8)
     assert v5p["host_images_per_s"] == pytest.approx(4 * 8 / v5p["step_s"])
+
+
+def test_checkpoint_speed_script_times_both_settings(tmp_path):
+    """benchmarks/checkpoint_speed.py on 128 MiB: one save and two restores per setting."""
+    run = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "checkpoint_speed.py"),
+                          "--gib=0.125", "--repeats=1", f"--dir={tmp_path / 'ckpt'}"],
+                         env=subprocess_env(1), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = [line for line in run.stdout.splitlines() if line.startswith("repeat 0 compress=")]
+    assert [line.split(":")[0] for line in lines] == ["repeat 0 compress=True",
+                                                       "repeat 0 compress=False"]
+    sizes = [float(line.split("on disk ")[1].split(" GiB")[0]) for line in lines]
+    assert 0 < sizes[0] < sizes[1]  # zstd saves some bytes of N(0, 0.02) floats
+    assert not (tmp_path / "ckpt").exists()

@@ -149,7 +149,7 @@ def common_config() -> ml_collections.ConfigDict:
 
     # `compress`: zstd-compress the saved arrays (orbax's default). Off: trained float32 weights
     # shrink only ~8% under zstd, and on a host with few cores the (de)compression bounds saving
-    # and restoring (2 cores: restore 1.7x, save 1.4x faster without; benchmarks/RESULTS.md).
+    # and restoring (2 cores: restore ~1.8x, save ~2x faster without; benchmarks/RESULTS.md).
     c.checkpoint = ml_collections.ConfigDict(dict(
         every_steps=1000,
         keep=3,
