@@ -317,3 +317,28 @@ def test_checkpoint_speed_script_times_both_settings(tmp_path):
     sizes = [float(line.split("on disk ")[1].split(" GiB")[0]) for line in lines]
     assert 0 < sizes[0] < sizes[1]  # zstd saves some bytes of N(0, 0.02) floats
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_gpu_session_script_runs_its_plan_and_returns_few_files(tmp_path):
+    """benchmarks/gpu_session.sh (a fake python): the train part compiles then times GigaTok
+    B-L, the profile part passes --profile; OUT holds a handful of files (a lent machine
+    returns at most 8), every target's log in logs.tgz."""
+    import tarfile
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/bash\necho "$@"\n')
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=str(fake), BUDGET="120")
+    run = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu_session.sh"), str(out)],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert {p.name for p in out.iterdir()} == {"env.txt", "session.log", "logs.tgz"}
+    with tarfile.open(out / "logs.tgz") as tar:
+        logs = {os.path.basename(m.name): tar.extractfile(m).read().decode()
+                for m in tar.getmembers() if m.isfile()}
+    assert set(logs) == {"gigatok_b16.compile.log", "gigatok_b32.compile.log",
+                         "gigatok_b16.log", "gigatok_b32.log", "titok_s1_b64.log",
+                         "gpt_b_sample.log"}
+    assert "--compile_only" in logs["gigatok_b16.compile.log"]
+    assert "--profile=" in logs["gpt_b_sample.log"] and "--steps=3" in logs["gpt_b_sample.log"]
+    assert "== done in" in (out / "session.log").read_text()

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine whose Python has jax / flax / optax / orbax but not tok1d's
+# other dependencies: installs the wheels carried in .whl/ (if any; see targets.sh for the
+# `pip download` line), then runs a PLAN of benchmarks/targets.sh and leaves at most six files
+# in OUT_DIR (env.txt, session.log, bench.jsonl, compile.jsonl, logs.tgz with every target's log):
+#
+#   bash benchmarks/gpu_session.sh OUT_DIR [PLAN]
+#
+# PLAN (default "train profile"), run in this order:
+#   train    GigaTok B-L training at batch 16 and 32: compiled two at a time, then timed
+#            (not measured on 2026-12-04: its compile did not finish under load)
+#   targets  every other target, compiled three at a time, then timed
+#   profile  3 profiled calls of TiTok-L-32 stage 1 and GPT-B sampling; their logs end with
+#            where the device's time went (tok1d.cli.trace_summary)
+# BUDGET (default 480): seconds for the whole script. Each part has its own limit (train and
+# targets 300 s, profile 150 s, less what is left of BUDGET), starts no target in its last
+# 60 s (targets.sh DEADLINE) and cuts any target process 10 s before its end.
+set -uo pipefail
+OUT=${1:?usage: benchmarks/gpu_session.sh OUT_DIR [PLAN]}
+PLAN=${2:-train profile}
+BUDGET=${BUDGET:-480}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if compgen -G ".whl/*.whl" > /dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || { echo "wheel install failed" >&2; exit 1; }
+  export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONUNBUFFERED=1
+LOGS=$(mktemp -d)
+{
+  nvidia-smi 2>&1 | head -n 12; nproc
+  $PY -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, \
+'optax', optax.__version__, jax.devices())" 2>&1 | tail -n 1
+} > "$OUT/env.txt"
+
+part() {  # seconds for this part, then targets.sh's environment
+  local seconds=$1; shift
+  local left=$((BUDGET - SECONDS))
+  (( left < 30 )) && { echo "== budget spent: skipped $*"; return 0; }
+  (( seconds > left )) && seconds=$left
+  env "$@" DEADLINE=$((seconds - 60)) TARGET_TIMEOUT=$((seconds - 10)) \
+    timeout "$seconds" bash benchmarks/targets.sh "$LOGS"
+}
+
+for p in $PLAN; do
+  case $p in
+    train)   part 300 TARGETS="gigatok_b16 gigatok_b32" WARM=1 JOBS=2 ;;
+    targets) part 300 TARGETS="titok_s1_b64 titok_s2_b32 titok_s2_b64 titok_sample \
+gigatok_encode gigatok_decode gpt_b_sample rar_b_sample" WARM=1 JOBS=3 ;;
+    profile) part 150 TARGETS="titok_s1_b64 gpt_b_sample" TOK1D_BENCH_STEPS=3 \
+               TOK1D_BENCH_FLAGS="--profile=$LOGS/profile" ;;
+    *) echo "unknown part $p (train, targets, profile)" >&2 ;;
+  esac
+done 2>&1 | tee "$OUT/session.log"
+for f in bench.jsonl compile.jsonl; do [[ -f $LOGS/$f ]] && cp "$LOGS/$f" "$OUT/"; done
+tar czf "$OUT/logs.tgz" -C "$LOGS" --exclude=profile .
+echo "== done in $SECONDS s" | tee -a "$OUT/session.log"
