@@ -8,6 +8,9 @@
 #
 #   bash benchmarks/resume_times.sh OUT_DIR      # OUT_DIR/NAME.RUN.log, then the table
 #
+# The recipe's frozen teacher is loaded from a converted directory of random weights written
+# once (benchmarks/random_teacher.py, OUT_DIR/frozen/NAME), as a real run loads the converted
+# teacher; the perceptual networks and discriminator are drawn at random (a second or two).
 # RECIPES (default "titok.py:l32_stage1 gigatok.py:b_l"; tokenizer recipes), RUNS (default 3),
 # PYTHON (default python3), FLAGS (more tok1d.main flags, e.g. --config.checkpoint.compress=True). Each recipe gets its own compilation cache, OUT_DIR/cache/NAME, and
 # workdir, OUT_DIR/NAME (a full-size state: several GB per checkpoint). Columns: the train
@@ -25,6 +28,9 @@ for recipe in ${RECIPES:-titok.py:l32_stage1 gigatok.py:b_l}; do
   name=${recipe/.py:/_}
   name=${name%.py}
   rm -rf "${OUT:?}/$name" "$OUT/cache/$name"
+  # the teacher as a real run loads it: a converted directory (random weights), not drawn anew
+  teacher=$($PY benchmarks/random_teacher.py "configs/$recipe" "$OUT/frozen/$name" | tail -n 1) \
+    || { echo "$recipe: could not write its random teacher" >&2; exit 1; }
   for ((run = 0; run < RUNS; run++)); do
     log="$OUT/$name.$run.log"
     TOK1D_COMPILATION_CACHE="$OUT/cache/$name" $PY -m tok1d.main --config="configs/$recipe" \
@@ -32,7 +38,7 @@ for recipe in ${RECIPES:-titok.py:l32_stage1 gigatok.py:b_l}; do
       --config.data.num_workers=0 --config.batch_size=1 --config.eval_batch_size=1 \
       --config.data.eval_examples=1 --config.teacher.allow_random_init=True \
       --config.perceptual.allow_random_init=True --config.discriminator.allow_random_init=True \
-      --config.total_steps=1000000 --config.log_every_steps=1 ${FLAGS:-} > "$log" 2>&1 &
+      --config.total_steps=1000000 --config.log_every_steps=1 $teacher ${FLAGS:-} > "$log" 2>&1 &
     pid=$!
     until grep -q " started: " "$log" 2>/dev/null || ! kill -0 $pid 2>/dev/null; do sleep 0.5; done
     kill -TERM $pid 2>/dev/null
