@@ -88,14 +88,13 @@ class Checkpointer:
             logging.getLogger(__name__).info("checkpoint saved at step %d", step)
         return saved
 
-    def restore(self, step: int, abstract_state: Any, data_iter: Any = None) -> Any:
-        """Restores into `abstract_state` (ShapeDtypeStructs carrying the target shardings);
-        the data iterator, if given, is restored in place."""
+    def restore(self, step: int, abstract_state: Any) -> Any:
+        """The train state of checkpoint `step`, restored into `abstract_state`
+        (ShapeDtypeStructs carrying the target shardings); `restore_data` restores the data
+        iterator."""
         items = {layout.STATE_ITEM: ocp.args.PyTreeRestore(
             abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(
                 abstract_state))}
-        if data_iter is not None:
-            items[layout.DATA_ITER_ITEM] = grain.checkpoint.CheckpointRestore(data_iter)
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except (ValueError, KeyError, TypeError) as e:

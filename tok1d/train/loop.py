@@ -90,7 +90,7 @@ def train_loop(config, workdir: str, state: TrainState, first_step: int,
                train_step: Callable[[TrainState, Any], tuple[TrainState, Any, Any]],
                feeder: Iterator[Any], train_iter: Any, checkpointer: ckpt_lib.Checkpointer,
                writer, run_eval: Callable[[TrainState, int], Mapping[str, Any]],
-               compile_s: Optional[float] = None) -> dict[str, Any]:
+               compile_s: float) -> dict[str, Any]:
     """Steps until `config.total_steps`: averaged train scalars and progress (steps/s, img/s,
     ETA) every `log_every_steps`, `run_eval(state, step)` every `eval_every_steps` and at the
     end, checkpoints (with the data iterator) every `checkpoint.every_steps`, at the end and on
@@ -125,8 +125,8 @@ def train_loop(config, workdir: str, state: TrainState, first_step: int,
             t0 = time.perf_counter()
             state, scalars, finite = train_step(state, batch)
             if step == first_step:
-                log(started_message(step + 1, time.perf_counter() - t0, summary.process_age(),
-                                    compile_s))
+                log(started_message(step + 1, compile_s, time.perf_counter() - t0,
+                                    summary.process_age()))
             step += 1
             if pending is not None:
                 check_finite(*pending, last_saved)
@@ -168,18 +168,15 @@ def train_loop(config, workdir: str, state: TrainState, first_step: int,
         writer.flush()
 
 
-def started_message(step: int, first_call_s: float, age_s: Optional[float],
-                    compile_s: Optional[float] = None) -> str:
+def started_message(step: int, compile_s: float, first_call_s: float,
+                    age_s: Optional[float]) -> str:
     """The line a run prints when its first step is under way: how long tracing and compiling
-    the step (or loading it from the persistent compilation cache) took, what a (re)start pays
-    before training. With `compile_s` that happened beside creating or restoring the state and
-    the first call only ran it; without, the first call did it."""
+    the step (or loading it from the persistent compilation cache) took beside creating or
+    restoring the state, what a (re)start pays before training, and the first call's time."""
     since = "" if age_s is None else f", {age_s:.1f} s after the process started"
-    done = ("train step traced and compiled (or loaded from the compilation cache) in "
-            f"{first_call_s if compile_s is None else compile_s:.1f} s")
-    if compile_s is not None:
-        done += f" beside creating or restoring the state (first call {first_call_s:.1f} s)"
-    return f"step {step} started: {done}{since}"
+    return (f"step {step} started: train step traced and compiled (or loaded from the "
+            f"compilation cache) in {compile_s:.1f} s beside creating or restoring the state "
+            f"(first call {first_call_s:.1f} s){since}")
 
 
 def setup_run(config, workdir: str) -> tuple[str, Any, Any, Any, Any]:
