@@ -136,7 +136,8 @@ def tokenizer(preset: str, *, train_new: bool = False, dino_disc: bool = False):
     config.aux_loss_end_step = recipes.gigatok_step(p["aux_loss_end"])
     config.perceptual.kind = "lpips"
     config.teacher.name = "dinov2"
-    config.teacher.model = dict(size="vitb14")
+    # scan: DINOv2's 12 blocks compile as one (the converted weights are stacked at load time).
+    config.teacher.model = dict(size="vitb14", scan=True)
 
     for o in (config.optim, config.disc_optim):
         o.lr = 1e-4
@@ -158,6 +159,7 @@ def tokenizer(preset: str, *, train_new: bool = False, dino_disc: bool = False):
     d.start_step = recipes.gigatok_step(20_000)
     if dino_disc:
         d.name = "dino"
+        d.model = dict(scan=True)  # the frozen ViT-S/16 trunk's 12 blocks compile as one
         d.diffaug_prob = 1.0
         d.diffaug_cutout = 0.2
         d.start_step = recipes.gigatok_step(80_000)

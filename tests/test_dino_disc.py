@@ -402,7 +402,8 @@ def test_converter_file_round_trip_and_errors(tiny, tmp_path):
 def test_trainer_trains_the_heads_and_keeps_the_trunk(tmp_path):
     """The tokenizer trainer with discriminator.name="dino": the trunk comes from the official
     file and stays bit-identical (no update, no Adam state), the heads train from start_step,
-    the spectral vectors advance, DiffAugment runs on both inputs, the losses are finite."""
+    the spectral vectors advance, DiffAugment runs on both inputs, the losses are finite. The
+    trunk scans its blocks, as the b_l_dino_disc recipe does."""
     import importlib.util
     import json
     import os
@@ -423,14 +424,15 @@ def test_trainer_trains_the_heads_and_keeps_the_trunk(tmp_path):
     config.losses.gan = 0.5
     d = config.discriminator
     d.update(name="dino", weights=path, start_step=2, diffaug_prob=1.0, d_weight=0.5,
-             global_schedule=True, model=dict(TINY))
+             global_schedule=True, model=dict(TINY, scan=True))  # as the recipe: scanned
     config.disc_optim.update(freeze="trunk", decay_mask="all", lr=1e-3)
     workdir = str(tmp_path / "run")
     tokenizer.train_and_evaluate(config, workdir)
 
     state = loaders.load_training_state(workdir)
-    model = dd.DinoDiscriminator(**TINY)
+    model = dd.DinoDiscriminator(**TINY, scan=True)
     want = tu.flatten_dict(conv.convert_file(path, model))
+    assert ("blocks", "mlp", "fc1", "kernel") in want  # the blocks stacked
     got = tu.flatten_dict(state["extras"]["gan"]["params"]["trunk"])
     assert want.keys() == got.keys()
     for k in want:
@@ -447,3 +449,29 @@ def test_trainer_trains_the_heads_and_keeps_the_trunk(tmp_path):
     assert [r["train/gan_active"] for r in rows] == [0.0, 0.0, 1.0, 1.0]
     assert all(np.isfinite(r["train/d_loss"]) and np.isfinite(r["train/loss_gan"])
                for r in rows)
+
+
+def test_scanned_trunk_equals_the_unrolled_one(tiny):
+    """`scan=True` (the b_l_dino_disc recipe): the converter stacks the trunk's blocks, and the
+    logits, the advanced spectral state and the image gradients equal the unrolled trunk's."""
+    sd, model, variables = tiny
+    scanned = model.clone(scan=True)
+    trunk = conv.convert_trunk(sd, scanned)
+    assert trunk["blocks"]["attn"]["key"]["bias"].shape[0] == model.depth
+    s_vars = {**variables, "params": {**variables["params"], dd.TRUNK: trunk}}
+    images = _images(5, 40)
+    rngs = {"crop": jax.random.key(3)}
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def loss_and_grad(m, v, x):
+        def loss(x):
+            logits, upd = m.apply(v, x, rngs=rngs, train=True, mutable=[dd.SPECTRAL])
+            return jnp.mean(jnp.square(logits)), (logits, upd)
+        return jax.grad(loss, has_aux=True)(x)
+
+    g_want, (l_want, u_want) = loss_and_grad(model, variables, images)
+    g_got, (l_got, u_got) = loss_and_grad(scanned, s_vars, images)
+    np.testing.assert_allclose(l_got, l_want, rtol=1e-5, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 u_got, u_want)
+    np.testing.assert_allclose(g_got, g_want, rtol=1e-4, atol=1e-6)

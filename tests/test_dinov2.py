@@ -183,5 +183,33 @@ def test_gigatok_teacher_from_the_official_file_or_a_converted_directory(tmp_pat
         teacher, params[weights] = tokenizer.build_teacher(config, student)
         assert teacher.pos_grid == 8 and teacher.embed_dim == 64
         assert teacher.dtype == jnp.bfloat16  # the compute precision (official: fp16 autocast)
+        assert teacher.scan and "blocks" in params[weights]  # the recipe scans the teacher
     assert params[path]["pos_embed"].shape == (1 + 64, 64)
     jax.tree.map(np.testing.assert_array_equal, params[path], params[out])
+
+
+def test_scanned_blocks_equal_the_unrolled_ones():
+    """`scan=True` (the GigaTok recipes' teacher): the converter stacks the official blocks under
+    `blocks`, `transformer.relayout_stacks` moves between the layouts both ways, and the scanned
+    model gives the unrolled one's outputs and hidden states."""
+    from tok1d.layers import transformer
+
+    model, sd = _tiny_sd(depth=3)
+    scanned = model.clone(scan=True)
+    unrolled_p = conv.convert_dinov2(sd, model)
+    scanned_p = conv.convert_dinov2(sd, scanned)
+    assert sorted(k for k in scanned_p if k.startswith("blocks")) == ["blocks"]
+    assert scanned_p["blocks"]["mlp"]["fc1"]["kernel"].shape == (3, 32, 128)
+    jax.tree.map(np.testing.assert_array_equal, transformer.relayout_stacks(unrolled_p, True),
+                 scanned_p)
+    jax.tree.map(np.testing.assert_array_equal, transformer.relayout_stacks(scanned_p, False),
+                 unrolled_p)
+    images = jax.random.normal(jax.random.key(0), (2, 28, 42, 3))
+    run = jax.jit(lambda m, p, x: m.apply({"params": p}, x), static_argnums=0)
+    want, got = run(model, unrolled_p, images), run(scanned, scanned_p, images)
+    assert isinstance(got["hidden_states"], jax.Array) and got["hidden_states"].shape[0] == 3
+    for key in ("cls", "patch_tokens", "prenorm", "embeddings"):
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-5, err_msg=key)
+    for i in range(3):
+        np.testing.assert_allclose(got["hidden_states"][i], want["hidden_states"][i],
+                                   rtol=1e-5, atol=1e-5)

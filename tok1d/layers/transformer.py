@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import flax.linen as nn
 import jax
@@ -391,17 +391,20 @@ class Block(nn.Module):
 
 
 @functools.lru_cache(maxsize=None)
-def scan_body(cls, tap: int = 0):
+def scan_body(cls, tap: int = 0, emit: bool = False):
     """`cls` (a layer mapping (x, *args) -> x) with the (carry, *args) -> (carry, None)
     signature that `nn.scan` needs. With `tap` > 0 the carry is (x, tapped, layers done) and
     `tapped` becomes x after layer `tap` (a select per layer: features read between two layers
-    of one stack, e.g. GigaTok's distillation head)."""
+    of one stack, e.g. GigaTok's distillation head). `emit` (without `tap`): every layer's
+    output is also the scan's per-layer output, (carry, x), stacked along a leading layer axis
+    (DINO's hidden states)."""
 
     class ScanBody(cls):
         @nn.compact
         def __call__(self, carry, *args):  # type: ignore[override]
             if not tap:
-                return super().__call__(carry, *args), None
+                x = super().__call__(carry, *args)
+                return x, (x if emit else None)
             x, tapped, done = carry
             x = super().__call__(x, *args)
             done = done + 1
@@ -554,6 +557,29 @@ def unrolled(model: nn.Module, params: Any) -> tuple[nn.Module, Any]:
     for i in range(model.depth):
         stack[f"blocks_{i}"] = jax.tree.map(lambda x, i=i: x[i], blocks)
     return model.clone(scan=False), {**params, "transformer": stack}
+
+
+def relayout_stacks(params: Any, scan: bool) -> Any:
+    """`params` (a nested dict) with every layer stack in the layout of a model with `scan`:
+    unrolled layers (`blocks_0` .. / `layer_0` ..) stacked along a leading axis under `blocks` /
+    `layers`, or such a stack sliced back into its layers. Stacks already in that layout are
+    untouched (e.g. converted weights, always unrolled, for a scanned frozen network)."""
+    if not isinstance(params, Mapping):
+        return params
+    out = {k: relayout_stacks(v, scan) for k, v in params.items()}
+    for stacked, pattern in STACK_NAMES.items():
+        if scan and stacked not in out:
+            names = [pattern.format(i) for i in range(len(out))]
+            depth = next((i for i, n in enumerate(names) if n not in out), len(names))
+            if depth:
+                layers = [out.pop(pattern.format(i)) for i in range(depth)]
+                out[stacked] = jax.tree.map(lambda *xs: np.stack(xs), *layers)
+        elif not scan and stacked in out:
+            layers = out.pop(stacked)
+            depth = np.shape(jax.tree.leaves(layers)[0])[0]
+            for i in range(depth):
+                out[pattern.format(i)] = jax.tree.map(lambda x, i=i: np.asarray(x)[i], layers)
+    return out
 
 
 def cast_params(params: Any, dtype: Dtype, names: tuple[str, ...]) -> Any:

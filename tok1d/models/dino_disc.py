@@ -305,6 +305,7 @@ class DinoDiscriminator(nn.Module):
     negative_slope: float = 0.2
     random_crop: bool = True
     attention_impl: Optional[str] = None
+    scan: bool = False  # the trunk's blocks as one nn.scan (`DinoV2.scan`; params stacked)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -330,7 +331,7 @@ class DinoDiscriminator(nn.Module):
                     patch_size=self.patch_size, img_size=self.img_size, mlp_ratio=self.mlp_ratio,
                     layer_scale_init=None, norm_eps=self.norm_eps, qkv_bias=True,
                     mlp_activation="gelu_tanh", attention_impl=self.attention_impl,
-                    dtype=self.dtype, param_dtype=self.param_dtype)
+                    scan=self.scan, dtype=self.dtype, param_dtype=self.param_dtype)
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False,

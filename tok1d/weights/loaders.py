@@ -280,10 +280,12 @@ def load_teacher(name: str, weights: str, model_kwargs: Mapping[str, Any], *, pr
             kwargs.setdefault("pos_grid", grid)
         kwargs.setdefault("dtype", precision)
     if weights and os.path.isdir(weights):
-        return load_pretrained(weights, **{k: kwargs[k] for k in ("dtype",) if k in kwargs})
+        return _with_layout(*load_pretrained(
+            weights, **{k: kwargs[k] for k in ("dtype",) if k in kwargs}), kwargs.get("scan"))
     if weights and name == "dinov2":
         teacher, params = load_official(name, weights, pos_grid=kwargs.get("pos_grid"))
-        return teacher.clone(dtype=models.dtype_from_name(kwargs["dtype"])), params
+        return _with_layout(teacher.clone(dtype=models.dtype_from_name(kwargs["dtype"])),
+                            params, kwargs.get("scan"))
     if weights:
         return load_official(name, weights, model_kwargs=kwargs)
     teacher = models.create(name, **kwargs)
@@ -292,6 +294,14 @@ def load_teacher(name: str, weights: str, model_kwargs: Mapping[str, Any], *, pr
         size = teacher.patch_size * (kwargs.get("pos_grid") or teacher.table_grid)
     params = nn.unbox(teacher.init(jax.random.key(seed), jnp.zeros((1, size, size, 3)))["params"])
     return teacher, params
+
+
+def _with_layout(model: nn.Module, params: Any, scan: Optional[bool]) -> tuple[nn.Module, Any]:
+    """A loaded frozen network with its layer stack scanned or unrolled as asked (`scan` None:
+    as loaded); converted weights are stored unrolled."""
+    if scan is None or getattr(model, "scan", scan) == scan:
+        return model, params
+    return model.clone(scan=bool(scan)), transformer.relayout_stacks(params, bool(scan))
 
 
 def load_perceptual(components: Iterable[str], weights: Optional[str],

@@ -266,7 +266,8 @@ class DinoV2(nn.Module):
       registers     (B, R, D)     register tokens after the final norm (R may be 0)
       prenorm       (B, 1+R+N, D) last block output before the final norm (x_prenorm)
       embeddings    (B, 1+R+N, D) the tokens entering block 0 (position table added)
-      hidden_states tuple of (B, 1+R+N, D), the output of every block
+      hidden_states the output of every block: a tuple of (B, 1+R+N, D), or with `scan` one
+                    (depth, B, 1+R+N, D) array (`hidden_states[i]` reads block i either way)
 
     The position table covers a `pos_grid` x `pos_grid` patch grid (default img_size //
     patch_size = 37 for the official 518 px models); for other input grids it is resampled on the
@@ -291,6 +292,9 @@ class DinoV2(nn.Module):
     qkv_bias: bool = True
     mlp_activation: str = "gelu"  # MLP activation (ffn="mlp"); see transformer.ACTIVATIONS
     attention_impl: Optional[str] = None
+    # scan: the blocks as one `nn.scan` (params stacked under `blocks` with a leading "layers"
+    # axis; one block compiled whatever the depth); hidden_states is then one stacked array.
+    scan: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -336,15 +340,22 @@ class DinoV2(nn.Module):
             x = jnp.concatenate([x[:, :1], jnp.broadcast_to(reg, (b, r, d)).astype(x.dtype),
                                  x[:, 1:]], axis=1)
         embeddings = x
-        hidden = []
-        for i in range(self.depth):
-            x = DinoBlock(self.num_heads, self.mlp_dim, ffn=self.ffn,
-                          layer_scale_init=self.layer_scale_init, norm_eps=self.norm_eps,
-                          qkv_bias=self.qkv_bias, mlp_activation=self.mlp_activation,
-                          attention_impl=self.attention_impl, dtype=self.dtype,
-                          param_dtype=self.param_dtype, name=f"blocks_{i}")(x)
-            hidden.append(x)
+        block = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, ffn=self.ffn,
+                     layer_scale_init=self.layer_scale_init, norm_eps=self.norm_eps,
+                     qkv_bias=self.qkv_bias, mlp_activation=self.mlp_activation,
+                     attention_impl=self.attention_impl, dtype=self.dtype,
+                     param_dtype=self.param_dtype)
+        if self.scan:
+            stack = transformer.scan_stack(transformer.scan_body(DinoBlock, emit=True),
+                                           self.depth, 0)
+            x, hidden = stack(name="blocks", **block)(x)
+        else:
+            hidden = []
+            for i in range(self.depth):
+                x = DinoBlock(name=f"blocks_{i}", **block)(x)
+                hidden.append(x)
+            hidden = tuple(hidden)
         y = transformer.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype,
                              param_dtype=self.param_dtype, name="norm")(x)
         return dict(cls=y[:, 0], registers=y[:, 1:1 + r], patch_tokens=y[:, 1 + r:],
-                    prenorm=x, embeddings=embeddings, hidden_states=tuple(hidden))
+                    prenorm=x, embeddings=embeddings, hidden_states=hidden)

@@ -348,9 +348,10 @@ def put_layers(sd: StateDict, out: ParamTree, src: str, dst: str, depth: int, sc
     The defaults are a `layers.Transformer`'s names."""
     missing_before = len(sd.missing)
     blocks = [convert_layer(f"{src}.{i}") for i in range(depth)]
+    at = (lambda name: f"{dst}/{name}") if dst else (lambda name: name)  # dst "": the top level
     if not scan:
         for i, block in enumerate(blocks):
-            out.set_tree(f"{dst}/{unrolled.format(i)}", block, f"{src}.{i}")
+            out.set_tree(at(unrolled.format(i)), block, f"{src}.{i}")
         return
     if len(sd.missing) > missing_before:
         return
@@ -358,4 +359,4 @@ def put_layers(sd: StateDict, out: ParamTree, src: str, dst: str, depth: int, sc
         stacked_tree = stack_layers(blocks)
     except ValueError as e:
         raise ConversionError(f"{src}.*: the layers have different shapes ({e})") from e
-    out.set_tree(f"{dst}/{stacked}", stacked_tree, f"{src}.{{0..{depth - 1}}}")
+    out.set_tree(at(stacked), stacked_tree, f"{src}.{{0..{depth - 1}}}")

@@ -15,6 +15,7 @@ Key map (i = block index; block_chunks must be 0, as in every released checkpoin
   blocks.i.mlp.fc{1,2}           -> blocks_i/mlp/fc{1,2}                (GELU MLP)
   blocks.i.mlp.w12 (2H,D), w3    -> blocks_i/mlp/{gate = rows[:H], up = rows[H:]}, fc2  (SwiGLU)
   norm                           -> norm/norm/{scale,bias}
+A `scan=True` model gets the blocks stacked along a leading axis under `blocks` instead.
 
 `mask_token` is skipped: it only replaces masked patch embeddings in iBOT training
 (`prepare_tokens_with_masks(x, masks)`); the inference forward never reads it. Any other key
@@ -160,8 +161,8 @@ def convert_dinov2(state_dict: Mapping[str, np.ndarray], model: DinoV2,
                 f"pos_embed (resampled {m}x{m} -> {g}x{g})"
         out.set("pos_embed", pos, src)
     out.set_tree("patch_embed", common.conv_params(sd, "patch_embed.proj"), "patch_embed.proj")
-    for i in range(model.depth):
-        out.set_tree(f"blocks_{i}", _block(sd, f"blocks.{i}", model), f"blocks.{i}")
+    common.put_layers(sd, out, "blocks", "", model.depth, model.scan,
+                      lambda layer: _block(sd, layer, model))
     out.set_tree("norm/norm", common.norm(sd, "norm"), "norm")
     return common.finish(sd, out, abstract_params(model))
 
