@@ -339,16 +339,17 @@ def transformer(sd: StateDict, out: ParamTree, src: str, dst: str, depth: int, n
                lambda layer: attention_block(sd, layer, num_heads, names))
 
 
-def put_layers(sd: StateDict, out: ParamTree, src: str, dst: str, depth: int, scan: bool,
-               convert_layer: Callable[[str], dict[str, Any]], stacked: str = "blocks",
-               unrolled: str = "blocks_{}") -> None:
-    """Converts `{src}.{i}` with `convert_layer` for i < depth into a layer stack at `dst`:
+def put_layers(sd: StateDict, out: ParamTree, src: str, dst: Optional[str], depth: int,
+               scan: bool, convert_layer: Callable[[str], dict[str, Any]],
+               stacked: str = "blocks", unrolled: str = "blocks_{}") -> None:
+    """Converts `{src}.{i}` with `convert_layer` for i < depth into a layer stack at `dst`
+    (None: the top level of the tree):
     for a scanned stack stacked along a leading layers axis under `stacked` (only when every
     layer converted; missing keys are already reported), else each as `unrolled.format(i)`.
     The defaults are a `layers.Transformer`'s names."""
     missing_before = len(sd.missing)
     blocks = [convert_layer(f"{src}.{i}") for i in range(depth)]
-    at = (lambda name: f"{dst}/{name}") if dst else (lambda name: name)  # dst "": the top level
+    at = (lambda name: name) if dst is None else (lambda name: f"{dst}/{name}")
     if not scan:
         for i, block in enumerate(blocks):
             out.set_tree(at(unrolled.format(i)), block, f"{src}.{i}")

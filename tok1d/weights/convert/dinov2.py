@@ -161,7 +161,7 @@ def convert_dinov2(state_dict: Mapping[str, np.ndarray], model: DinoV2,
                 f"pos_embed (resampled {m}x{m} -> {g}x{g})"
         out.set("pos_embed", pos, src)
     out.set_tree("patch_embed", common.conv_params(sd, "patch_embed.proj"), "patch_embed.proj")
-    common.put_layers(sd, out, "blocks", "", model.depth, model.scan,
+    common.put_layers(sd, out, "blocks", None, model.depth, model.scan,
                       lambda layer: _block(sd, layer, model))
     out.set_tree("norm/norm", common.norm(sd, "norm"), "norm")
     return common.finish(sd, out, abstract_params(model))
