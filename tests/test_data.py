@@ -125,3 +125,17 @@ def test_tfds_imagenet_source_without_tensorflow():
                                                  flip=True, min_scale=1.0)))
     assert batch["image"].shape == (4, 16, 16, 3) and batch["label"].dtype == np.int32
     assert "tensorflow" not in sys.modules
+
+
+def test_tfds_dataset_not_prepared_is_one_line(tmp_path):
+    """The recipes' default data (tfds:imagenet2012) where nothing was prepared, and a dataset
+    TFDS does not know: a FileNotFoundError that the command line prints as one line."""
+    from tok1d.cli import app
+    cases = [("tfds:imagenet2012", "has no prepared split 'train'", "tok1d prepare"),
+             ("tfds:no_such_dataset_xyz", "TFDS knows no dataset", "no_such_dataset_xyz")]
+    for name, *expected in cases:
+        with pytest.raises(FileNotFoundError) as e:
+            sources.get_source(name, "train", data_dir=str(tmp_path))
+        line = app.user_error_message(e.value)
+        assert line is not None and "\n" not in line, line
+        assert all(part in line for part in expected) and str(tmp_path) in line, line

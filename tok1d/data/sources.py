@@ -184,8 +184,22 @@ class TfdsSource:
 
     def __init__(self, name: str, split: str, data_dir: str | None = None):
         import tensorflow_datasets as tfds  # Local import: slow, only needed here.
-        self._source = tfds.data_source(name, split=split, data_dir=data_dir or None,
-                                        download=False)
+        where = (repr(data_dir) if data_dir else
+                 "the default TFDS data_dir ($TFDS_DATA_DIR or ~/tensorflow_datasets)")
+        try:
+            self._source = tfds.data_source(name, split=split, data_dir=data_dir or None,
+                                            download=False)
+        except tfds.core.DatasetNotFoundError as e:
+            raise FileNotFoundError(f"TFDS knows no dataset {name!r} (data.name=tfds:{name}) "
+                                    f"and none is prepared under that name in {where}") from e
+        # tfds' errors for a registered dataset never prepared there: KeyError (no splits),
+        # NotImplementedError (no dataset_info.json in a data_dir without it)
+        except (KeyError, NotImplementedError) as e:
+            raise FileNotFoundError(
+                f"TFDS dataset {name!r} has no prepared split {split!r} in {where}: prepare it "
+                "in array_record format there (`tfds build`, which needs TensorFlow) and pass "
+                "--config.data.data_dir, or convert an image folder with `tok1d prepare` and "
+                "use --config.data.name=array_record:DIR") from e
 
     def __len__(self) -> int:
         return len(self._source)
