@@ -190,9 +190,10 @@ def test_gigatok_teacher_from_the_official_file_or_a_converted_directory(tmp_pat
 
 def test_scanned_blocks_equal_the_unrolled_ones():
     """`scan=True` (the GigaTok recipes' teacher): the converter stacks the official blocks under
-    `blocks`, `transformer.relayout_stacks` moves between the layouts both ways, and the scanned
-    model gives the unrolled one's outputs and hidden states."""
-    from tok1d.layers import transformer
+    `blocks`, `loaders.merge_checked` moves between the layouts both ways, and the scanned model
+    gives the unrolled one's outputs and hidden states."""
+    import flax.linen as nn
+    from tok1d.weights import loaders
 
     model, sd = _tiny_sd(depth=3)
     scanned = model.clone(scan=True)
@@ -200,10 +201,10 @@ def test_scanned_blocks_equal_the_unrolled_ones():
     scanned_p = conv.convert_dinov2(sd, scanned)
     assert sorted(k for k in scanned_p if k.startswith("blocks")) == ["blocks"]
     assert scanned_p["blocks"]["mlp"]["fc1"]["kernel"].shape == (3, 32, 128)
-    jax.tree.map(np.testing.assert_array_equal, transformer.relayout_stacks(unrolled_p, True),
-                 scanned_p)
-    jax.tree.map(np.testing.assert_array_equal, transformer.relayout_stacks(scanned_p, False),
-                 unrolled_p)
+    relaid = lambda m, p: loaders.merge_checked(  # noqa: E731
+        nn.unbox(conv.abstract_params(m)), p, "the weights", "the model")
+    jax.tree.map(np.testing.assert_array_equal, relaid(scanned, unrolled_p), scanned_p)
+    jax.tree.map(np.testing.assert_array_equal, relaid(model, scanned_p), unrolled_p)
     images = jax.random.normal(jax.random.key(0), (2, 28, 42, 3))
     run = jax.jit(lambda m, p, x: m.apply({"params": p}, x), static_argnums=0)
     want, got = run(model, unrolled_p, images), run(scanned, scanned_p, images)

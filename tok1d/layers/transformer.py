@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -557,29 +557,6 @@ def unrolled(model: nn.Module, params: Any) -> tuple[nn.Module, Any]:
     for i in range(model.depth):
         stack[f"blocks_{i}"] = jax.tree.map(lambda x, i=i: x[i], blocks)
     return model.clone(scan=False), {**params, "transformer": stack}
-
-
-def relayout_stacks(params: Any, scan: bool) -> Any:
-    """`params` (a nested dict) with every layer stack in the layout of a model with `scan`:
-    unrolled layers (`blocks_0` .. / `layer_0` ..) stacked along a leading axis under `blocks` /
-    `layers`, or such a stack sliced back into its layers. Stacks already in that layout are
-    untouched (e.g. converted weights, always unrolled, for a scanned frozen network)."""
-    if not isinstance(params, Mapping):
-        return params
-    out = {k: relayout_stacks(v, scan) for k, v in params.items()}
-    for stacked, pattern in STACK_NAMES.items():
-        if scan and stacked not in out:
-            names = [pattern.format(i) for i in range(len(out))]
-            depth = next((i for i, n in enumerate(names) if n not in out), len(names))
-            if depth:
-                layers = [out.pop(pattern.format(i)) for i in range(depth)]
-                out[stacked] = jax.tree.map(lambda *xs: np.stack(xs), *layers)
-        elif not scan and stacked in out:
-            layers = out.pop(stacked)
-            depth = np.shape(jax.tree.leaves(layers)[0])[0]
-            for i in range(depth):
-                out[pattern.format(i)] = jax.tree.map(lambda x, i=i: np.asarray(x)[i], layers)
-    return out
 
 
 def cast_params(params: Any, dtype: Dtype, names: tuple[str, ...]) -> Any:

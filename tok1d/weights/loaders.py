@@ -180,10 +180,17 @@ def load_checked(path: str, shapes: Mapping[str, Any], what: str) -> dict[str, A
     """Params of `path` (pretrained directory or training workdir) that must match `shapes` (the
     model's abstract params) exactly: every array present with its shape, else a ValueError
     naming what differs."""
-    merged, done, problems = merge_into(shapes, load_params(path))
+    return merge_checked(shapes, load_params(path), f"Weights {path}", what)
+
+
+def merge_checked(shapes: Mapping[str, Any], loaded: Mapping[str, Any], source: str,
+                  what: str) -> dict[str, Any]:
+    """`loaded` laid out as `shapes` (`merge_into`: either layer-stack layout), which it must
+    match exactly: every array present with its shape, else a ValueError naming what differs."""
+    merged, done, problems = merge_into(shapes, loaded)
     missing = len(tu.flatten_dict(dict(shapes))) - len(done)
     if problems or missing:
-        raise ValueError(f"Weights {path} do not match {what}: "
+        raise ValueError(f"{source} do not match {what}: "
                          + "; ".join(problems + ([f"{missing} parameter arrays missing"]
                                                  if missing else [])))
     return merged
@@ -297,11 +304,13 @@ def load_teacher(name: str, weights: str, model_kwargs: Mapping[str, Any], *, pr
 
 
 def _with_layout(model: nn.Module, params: Any, scan: Optional[bool]) -> tuple[nn.Module, Any]:
-    """A loaded frozen network with its layer stack scanned or unrolled as asked (`scan` None:
-    as loaded); converted weights are stored unrolled."""
+    """A loaded DINOv2 teacher with its blocks scanned or unrolled as asked (`scan` None, or a
+    teacher without the option: as loaded); converted weights are stored unrolled."""
     if scan is None or getattr(model, "scan", scan) == scan:
         return model, params
-    return model.clone(scan=bool(scan)), transformer.relayout_stacks(params, bool(scan))
+    model = model.clone(scan=bool(scan))
+    return model, merge_checked(nn.unbox(convert_dinov2.abstract_params(model)), params,
+                                "The teacher's weights", f"DINOv2 with scan={bool(scan)}")
 
 
 def load_perceptual(components: Iterable[str], weights: Optional[str],
