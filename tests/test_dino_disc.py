@@ -247,6 +247,21 @@ def test_resize_and_crop_match_torch():
     assert seen == {"area", "crop"}
 
 
+def test_crop_draw_is_a_fair_coin_and_uniform_offsets():
+    """torchvision's RandomCrop draws every offset with equal probability; the one-draw form
+    must too (4000 keys: every offset of a 5 x 9 range appears, each near its expected count,
+    and about half the calls crop)."""
+    keys = jax.random.split(jax.random.key(0), 4000)
+    use, top, left = jax.vmap(lambda k: dd.crop_draw(k, 36, 40, 32))(keys)
+    assert top.dtype == left.dtype == jnp.int32 and use.dtype == jnp.bool_
+    assert abs(float(use.mean()) - 0.5) < 0.03
+    for offsets, n in ((np.asarray(top), 5), (np.asarray(left), 9)):
+        counts = np.bincount(offsets, minlength=n)
+        assert len(counts) == n and counts.min() > 0
+        expected = len(offsets) / n
+        assert np.abs(counts - expected).max() < 5 * np.sqrt(expected), counts
+
+
 def test_heads_match_torch_spectral_norm(tiny):
     _, model, variables = tiny
     ref = torch_heads(3, D, 3)

@@ -161,11 +161,21 @@ def preprocess(images: jax.Array, size: int, crop_key: Optional[jax.Array]) -> j
     h, w = x.shape[1:3]
     if crop_key is None or not (h > size and w > size):
         return resize_to(x, size)
-    k_coin, k_top, k_left = jax.random.split(crop_key, 3)
-    use_crop = jax.random.uniform(k_coin, (), jnp.float32) <= 0.5
-    top = jax.random.randint(k_top, (), 0, h - size + 1)
-    left = jax.random.randint(k_left, (), 0, w - size + 1)
-    return crop_or_resize(x, size, use_crop, top, left)
+    return crop_or_resize(x, size, *crop_draw(crop_key, h, w, size))
+
+
+def crop_draw(key: jax.Array, h: int, w: int, size: int
+              ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(use_crop, top, left): a fair coin and a uniform offset in [0, h - size] x [0, w - size].
+
+    One threefry draw of 3 words: every split / uniform / randint is a threefry call of its
+    own, which on CPU compiles to a while loop of a few dozen kernels, and a train step calls
+    this 3 times. The coin is the top bit; the offsets are residues, whose bias towards small
+    offsets is below (h - size + 1) / 2**32."""
+    coin, top, left = jax.random.bits(key, (3,), jnp.uint32)
+    return (coin < jnp.uint32(2 ** 31),
+            (top % jnp.uint32(h - size + 1)).astype(jnp.int32),
+            (left % jnp.uint32(w - size + 1)).astype(jnp.int32))
 
 
 # --------------------------------------------------------------------------- heads
