@@ -159,7 +159,8 @@ def tokenizer(preset: str, *, train_new: bool = False, dino_disc: bool = False):
     d.start_step = recipes.gigatok_step(20_000)
     if dino_disc:
         d.name = "dino"
-        d.model = dict(scan=True)  # the frozen ViT-S/16 trunk's 12 blocks compile as one
+        # the frozen ViT-S/16 trunk's 12 blocks compile as one, and so do the 5 heads
+        d.model = dict(scan=True, scan_heads=True)
         d.diffaug_prob = 1.0
         d.diffaug_cutout = 0.2
         d.start_step = recipes.gigatok_step(80_000)

@@ -439,13 +439,13 @@ def test_trainer_trains_the_heads_and_keeps_the_trunk(tmp_path):
     config.losses.gan = 0.5
     d = config.discriminator
     d.update(name="dino", weights=path, start_step=2, diffaug_prob=1.0, d_weight=0.5,
-             global_schedule=True, model=dict(TINY, scan=True))  # as the recipe: scanned
+             global_schedule=True, model=dict(TINY, scan=True, scan_heads=True))  # as the recipe
     config.disc_optim.update(freeze="trunk", decay_mask="all", lr=1e-3)
     workdir = str(tmp_path / "run")
     tokenizer.train_and_evaluate(config, workdir)
 
     state = loaders.load_training_state(workdir)
-    model = dd.DinoDiscriminator(**TINY, scan=True)
+    model = dd.DinoDiscriminator(**TINY, scan=True, scan_heads=True)
     want = tu.flatten_dict(conv.convert_file(path, model))
     assert ("blocks", "mlp", "fc1", "kernel") in want  # the blocks stacked
     got = tu.flatten_dict(state["extras"]["gan"]["params"]["trunk"])
@@ -453,6 +453,7 @@ def test_trainer_trains_the_heads_and_keeps_the_trunk(tmp_path):
     for k in want:
         np.testing.assert_array_equal(got[k], want[k], err_msg=str(k))
     heads = tu.flatten_dict({k: v for k, v in state["extras"]["gan"]["params"].items() if k != "trunk"})
+    assert {k[0] for k in heads} == {dd.HEADS}  # the heads stacked
     moments = [x for x in jax.tree.leaves(state["extras"]["gan"]["opt_state"]) if np.ndim(x) > 0]
     assert len(moments) == 2 * len(heads)  # Adam state for the heads only
     counts = [int(x) for x in jax.tree.leaves(state["extras"]["gan"]["opt_state"])
@@ -466,6 +467,54 @@ def test_trainer_trains_the_heads_and_keeps_the_trunk(tmp_path):
                for r in rows)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _loss_and_image_grad(model, variables, images):
+    """d mean(logits^2) / d images, (logits, advanced spectral state): one train-mode call."""
+    def loss(x):
+        logits, upd = model.apply(variables, x, rngs={"crop": jax.random.key(3)}, train=True,
+                                  mutable=[dd.SPECTRAL])
+        return jnp.mean(jnp.square(logits)), (logits, upd)
+    return jax.grad(loss, has_aux=True)(images)
+
+
+def test_scanned_heads_equal_the_unrolled_ones(tiny):
+    """`scan_heads=True` (the b_l_dino_disc recipe): the heads' params and spectral state are
+    the unrolled ones stacked (init, the converter, and `merge_checked` both ways), and the
+    logits, the advanced spectral state and the image gradients equal the unrolled heads'."""
+    sd, model, variables = tiny
+    scanned = model.clone(scan_heads=True)
+    s_vars = dd.init_variables(scanned, jax.random.key(1), variables["params"][dd.TRUNK])
+    n = len(model.taps) + 1
+    for col in ("params", dd.SPECTRAL):
+        assert set(s_vars[col]) - {dd.TRUNK} == {dd.HEADS}
+        for t in range(n):
+            jax.tree.map(np.testing.assert_array_equal,
+                         jax.tree.map(lambda x, t=t: x[t], s_vars[col][dd.HEADS]),
+                         variables[col][f"heads_{t}"])
+    abstract = jax.eval_shape(lambda k: scanned.init({"params": k, "crop": k}, _images(0, 40)),
+                              jax.random.key(0))
+    assert jax.tree.structure(nn.unbox(abstract)) == jax.tree.structure(s_vars)
+
+    g_want, (l_want, u_want) = _loss_and_image_grad(model, variables, _images(5, 40))
+    g_got, (l_got, u_got) = _loss_and_image_grad(scanned, s_vars, _images(5, 40))
+    np.testing.assert_allclose(l_got, l_want, rtol=1e-5, atol=1e-6)
+    for t in range(n):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                     jax.tree.map(lambda x, t=t: x[t], u_got[dd.SPECTRAL][dd.HEADS]),
+                     u_want[dd.SPECTRAL][f"heads_{t}"])
+    np.testing.assert_allclose(g_got, g_want, rtol=1e-4, atol=1e-6)
+
+    heads = torch_heads(3, D, 3).state_dict()
+    p_unrolled, s_unrolled = conv.convert_heads(heads, model)
+    p_stacked, s_stacked = conv.convert_heads(heads, scanned)
+    for stacked, unrolled in ((p_stacked, p_unrolled), (s_stacked, s_unrolled)):
+        shapes = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+        jax.tree.map(np.testing.assert_array_equal, stacked,
+                     loaders.merge_checked(shapes(stacked), unrolled, "heads", "stacked"))
+        jax.tree.map(np.testing.assert_array_equal, unrolled,
+                     loaders.merge_checked(shapes(unrolled), stacked, "heads", "unrolled"))
+
+
 def test_scanned_trunk_equals_the_unrolled_one(tiny):
     """`scan=True` (the b_l_dino_disc recipe): the converter stacks the trunk's blocks, and the
     logits, the advanced spectral state and the image gradients equal the unrolled trunk's."""
@@ -475,17 +524,8 @@ def test_scanned_trunk_equals_the_unrolled_one(tiny):
     assert trunk["blocks"]["attn"]["key"]["bias"].shape[0] == model.depth
     s_vars = {**variables, "params": {**variables["params"], dd.TRUNK: trunk}}
     images = _images(5, 40)
-    rngs = {"crop": jax.random.key(3)}
-
-    @functools.partial(jax.jit, static_argnums=0)
-    def loss_and_grad(m, v, x):
-        def loss(x):
-            logits, upd = m.apply(v, x, rngs=rngs, train=True, mutable=[dd.SPECTRAL])
-            return jnp.mean(jnp.square(logits)), (logits, upd)
-        return jax.grad(loss, has_aux=True)(x)
-
-    g_want, (l_want, u_want) = loss_and_grad(model, variables, images)
-    g_got, (l_got, u_got) = loss_and_grad(scanned, s_vars, images)
+    g_want, (l_want, u_want) = _loss_and_image_grad(model, variables, images)
+    g_got, (l_got, u_got) = _loss_and_image_grad(scanned, s_vars, images)
     np.testing.assert_allclose(l_got, l_want, rtol=1e-5, atol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                  u_got, u_want)

@@ -414,14 +414,18 @@ def scan_body(cls, tap: int = 0, emit: bool = False):
     return ScanBody
 
 
-def scan_stack(body_cls, depth: int, num_args: int):
+def scan_stack(body_cls, depth: int, num_args: int, per_layer_args: int = 0,
+               collections: tuple[str, ...] = ()):
     """`depth` layers of `body_cls` (a `scan_body`, possibly rematerialised) as one `nn.scan`:
-    their params (and KV caches) stacked along a leading axis with the logical name "layers",
-    the `num_args` inputs after the carry broadcast to every layer, one layer compiled whatever
-    the depth. Every scanned stack (`Transformer`, GigaTok's halves) is built here."""
-    return nn.scan(body_cls, variable_axes={"params": 0, "cache": 0},
+    their params, KV caches and `collections` stacked along a leading axis with the logical name
+    "layers", one layer compiled whatever the depth. After the carry come `per_layer_args`
+    inputs sliced along their leading axis (layer i gets row i), then `num_args` inputs
+    broadcast to every layer. Every scanned stack (`Transformer`, GigaTok's halves, the DINO
+    discriminator's heads) is built here."""
+    return nn.scan(body_cls, variable_axes={"params": 0, "cache": 0,
+                                            **{c: 0 for c in collections}},
                    split_rngs={"params": True, "dropout": True},
-                   in_axes=(nn.broadcast,) * num_args, length=depth,
+                   in_axes=(0,) * per_layer_args + (nn.broadcast,) * num_args, length=depth,
                    metadata_params={nn.PARTITION_NAME: "layers"})
 
 
@@ -508,8 +512,9 @@ def init_cache(model: nn.Module, params: Any, batch_size: int) -> dict:
 
 
 # The names of every layer stack's two layouts: scanned (one group, a leading layer axis) ->
-# unrolled (one group per layer). `Transformer` ("blocks"), GigaTok's halves ("layers").
-STACK_NAMES = {"blocks": "blocks_{}", "layers": "layer_{}"}
+# unrolled (one group per layer). `Transformer` ("blocks"), GigaTok's halves ("layers"), the
+# DINO discriminator's heads ("heads").
+STACK_NAMES = {"blocks": "blocks_{}", "layers": "layer_{}", "heads": "heads_{}"}
 
 
 def match_stack_layout(flat: dict[tuple, Any], target: dict[tuple, Any]) -> dict[tuple, Any]:

@@ -40,8 +40,10 @@ Variables (what `init` returns and `apply` needs):
                     `optax.set_to_zero()`), or split params into trunk / rest before the update.
   params["heads_i"] the trainable heads (7,386,245 parameters at the default size, the
                     official "7.39M"), PyTorch default init (U(+-1/sqrt(fan_in)) kernels and
-                    biases).
-  "spectral"        collection of the spectral-norm state: heads_i/.../{u, v}, torch's `weight_u`
+                    biases). With `scan_heads`: params["heads"], every leaf stacked along a
+                    leading head axis (logical axis "layers"), head i at index i.
+  "spectral"        collection of the spectral-norm state: heads_i/.../{u, v} (stacked under
+                    "heads" with `scan_heads`), torch's `weight_u`
                     (out,) and `weight_v` (in * k,) (in the torch (in, k) flattening order),
                     initialised as normalised N(0, 1) draws from the "params" rng.
 
@@ -100,12 +102,14 @@ import numpy as np
 from tok1d.layers.cnn import TORCH_CONV_INIT
 from tok1d.models.frozen.dinov2 import IMAGENET_MEAN, IMAGENET_STD, DinoV2, _resize_hw, bicubic_matrix
 from tok1d.models.discriminator import BatchNorm, torch_default_bias_init
+from tok1d.layers import transformer
 from tok1d.layers.transformer import logical
 
 Dtype = Any
 
 SPECTRAL = "spectral"   # variable collection of the spectral-norm u / v vectors
 TRUNK = "trunk"         # params[TRUNK]: the frozen ViT
+HEADS = "heads"         # params[f"{HEADS}_{i}"] (or params[HEADS], stacked): the heads
 CROP_RNG = "crop"       # rng stream of the random-crop coin and offset
 
 
@@ -283,6 +287,15 @@ class DinoDiscHead(nn.Module):
         return y[..., 0].astype(jnp.float32)
 
 
+class _ScannedHead(DinoDiscHead):
+    """`DinoDiscHead` as an `nn.scan` body over the taps: (carry, tap, train) -> (carry,
+    logits); the carry is unused."""
+
+    @nn.compact
+    def __call__(self, carry, x, train=False):  # type: ignore[override]
+        return carry, super().__call__(x, train)
+
+
 # --------------------------------------------------------------------------- discriminator
 
 def _stop_gradient(tree: Any) -> Any:
@@ -316,6 +329,9 @@ class DinoDiscriminator(nn.Module):
     random_crop: bool = True
     attention_impl: Optional[str] = None
     scan: bool = False  # the trunk's blocks as one nn.scan (`DinoV2.scan`; params stacked)
+    # The heads (identical, one per tap) as one nn.scan: one head compiled instead of
+    # 1 + #taps; params and spectral state stacked under "heads".
+    scan_heads: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -356,9 +372,15 @@ class DinoDiscriminator(nn.Module):
         out = trunk_cls(**self.trunk_kwargs(), name=TRUNK)(x)
         tokens = [out["embeddings"]] + [out["hidden_states"][d] for d in self.taps]
         taps = [t[:, 1:].astype(jnp.float32) + t[:, :1].astype(jnp.float32) for t in tokens]
-        logits = [DinoDiscHead(**self.head_kwargs(), name=f"heads_{i}")(t, train)
-                  for i, t in enumerate(taps)]
-        logits = jnp.concatenate(logits, axis=1)
+        if self.scan_heads:
+            heads = transformer.scan_stack(_ScannedHead, len(taps), num_args=1, per_layer_args=1,
+                                           collections=(SPECTRAL,))
+            _, stacked = heads(**self.head_kwargs(), name=HEADS)(None, jnp.stack(taps), train)
+            logits = jnp.moveaxis(stacked, 0, 1).reshape(stacked.shape[1], -1)
+        else:
+            logits = jnp.concatenate([
+                DinoDiscHead(**self.head_kwargs(), name=f"{HEADS}_{i}")(t, train)
+                for i, t in enumerate(taps)], axis=1)
         return (logits, taps) if return_taps else logits
 
 
@@ -393,9 +415,12 @@ def init_variables(model: DinoDiscriminator, rng: jax.Array,
              model.embed_dim)
     params: dict[str, Any] = {}
     spectral: dict[str, Any] = {}
-    for i, key in enumerate(k_heads):
-        v = nn.unbox(_init_head(head, key, shape))
-        params[f"heads_{i}"], spectral[f"heads_{i}"] = v["params"], v[SPECTRAL]
+    heads = [nn.unbox(_init_head(head, key, shape)) for key in k_heads]
+    if model.scan_heads:  # the same heads, stacked
+        heads = [jax.tree.map(lambda *xs: jnp.stack(xs), *heads)]
+    for i, v in enumerate(heads):
+        name = HEADS if model.scan_heads else f"{HEADS}_{i}"
+        params[name], spectral[name] = v["params"], v[SPECTRAL]
     if trunk is None:
         trunk = nn.unbox(_init_trunk(DinoV2(**model.trunk_kwargs()), k_trunk))["params"]
     params[TRUNK] = jax.tree.map(jnp.asarray, dict(trunk))

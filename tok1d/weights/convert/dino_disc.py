@@ -16,7 +16,8 @@ checkpoint (LayerScale, mask or register tokens, patch 14) is rejected with a Co
 Heads (optional, to resume from an official run): the official discriminator state_dict
 (`checkpoint["discriminator"]`, keys heads.t.{0.0, 1.fn.0, 2}.{weight_orig, bias, weight_u,
 weight_v} and heads.t.{0.1, 1.fn.1}.{weight, bias}) -> (params heads_t/..., "spectral"
-collection). Conv1d weights (out, in, k) become kernels (k, in, out); u, v are copied as they are.
+collection; stacked under "heads" for a model with `scan_heads`). Conv1d weights (out, in, k)
+become kernels (k, in, out); u, v are copied as they are.
 
 Usage: `model, variables = tok1d.models.dino_disc.build_dino_discriminator(
 convert_file("dino_deitsmall16_pretrain.pth"))` (the converted trunk, heads initialised), or in
@@ -35,7 +36,7 @@ import numpy as np
 from tok1d.weights.convert import common
 from tok1d.weights.convert.common import ConversionError, ParamTree, StateDict
 from tok1d.weights.convert.dinov2 import convert_dinov2
-from tok1d.models.dino_disc import SPECTRAL, TRUNK, DinoDiscriminator
+from tok1d.models.dino_disc import HEADS, SPECTRAL, TRUNK, DinoDiscriminator
 from tok1d.models.frozen.dinov2 import DinoV2
 
 # Keys whose presence marks a DINOv2 (not DINO v1) checkpoint.
@@ -111,13 +112,15 @@ def convert_heads(state_dict: Mapping[str, Any], model: Optional[DinoDiscriminat
                   what: str = "DINO discriminator state_dict"
                   ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Official `DinoDisc` state_dict (heads only; the trunk is not part of it) -> (params
-    without "trunk", spectral collection)."""
+    without "trunk", spectral collection), with the heads stacked under "heads" for a model
+    with `scan_heads`."""
     model = model or DinoDiscriminator()
+    stacked, model = model.scan_heads, model.clone(scan_heads=False)
     raw = {k: common._to_numpy(v) for k, v in _strip_wrapper(state_dict).items()}
     sd = StateDict(raw, what)
     params, spectral = ParamTree(), ParamTree()
     for t in range(len(model.taps) + 1):
-        src, dst = f"heads.{t}", f"heads_{t}"
+        src, dst = f"heads.{t}", f"{HEADS}_{t}"
         for s, d in ((f"{src}.0", f"{dst}/block_in"), (f"{src}.1.fn", f"{dst}/block_res")):
             _conv1d(sd, params, spectral, f"{s}.0", f"{d}/conv")
             params.set_tree(f"{d}/norm", common.norm(sd, f"{s}.1"), f"{s}.1")
@@ -126,4 +129,10 @@ def convert_heads(state_dict: Mapping[str, Any], model: Optional[DinoDiscriminat
     heads_abstract = {k: v for k, v in abstract["params"].items() if k != TRUNK}
     out_params = common.finish(sd, params, heads_abstract)
     out_spectral = common.finish(StateDict({}, what), spectral, abstract[SPECTRAL])
+    if stacked:
+        n = len(model.taps) + 1
+        out_params, out_spectral = (
+            {**{k: v for k, v in tree.items() if not k.startswith(f"{HEADS}_")},
+             HEADS: common.stack_layers([tree[f"{HEADS}_{t}"] for t in range(n)])}
+            for tree in (out_params, out_spectral))
     return out_params, out_spectral
