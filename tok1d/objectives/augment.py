@@ -113,7 +113,8 @@ def diff_augment(key: jax.Array, images: jax.Array, prob: float = 1.0,
 
 def draw_uniforms(key: jax.Array, batch: int) -> tuple[jax.Array, jax.Array]:
     """The draws of one DiffAugment call from `key`: (flags (3,), rand01 (7, batch)), U[0, 1)
-    float32 (the official `torch.rand(3)` and `torch.rand(7, B, 1, 1)`)."""
-    k_flags, k_params = jax.random.split(key)
-    return (jax.random.uniform(k_flags, (3,), jnp.float32),
-            jax.random.uniform(k_params, (7, batch), jnp.float32))
+    float32 (the official `torch.rand(3)` and `torch.rand(7, B, 1, 1)`). One draw split in two:
+    each random call is a threefry call of its own, a while loop of a few dozen kernels in the
+    compiled step on CPU."""
+    u = jax.random.uniform(key, (3 + 7 * batch,), jnp.float32)
+    return u[:3], u[3:].reshape(7, batch)
