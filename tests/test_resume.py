@@ -23,7 +23,7 @@ import threading
 import numpy as np
 import pytest
 
-from conftest import main_command, subprocess_env
+from conftest import REPO, main_command, subprocess_env
 
 CONFIG = "configs/tiny_test.py"
 TOTAL = 12
@@ -311,6 +311,35 @@ def test_mismatched_checkpoint_fails_clearly(reference, tmp_path):
     assert os.path.isdir(os.path.join(ckpt_dir, "12"))
     assert tree_listing(ckpt_dir) == before  # nothing deleted, nothing written
     assert train_records(wd) == list(reference["records"].values())
+
+
+def test_resume_with_the_other_layer_stack_layout(reference, tmp_path):
+    """A run checkpointed with scanned blocks (TiTok's default), resumed with the blocks
+    unrolled (`model.scan = False`): the checkpoint is re-laid out, not refused, and the run
+    goes on from step 8 to the reference's losses (to float tolerance: scanned and unrolled
+    blocks round differently)."""
+    wd = copy_workdir(reference["workdir"], str(tmp_path / "unrolled"))
+    shutil.rmtree(os.path.join(wd, "checkpoints", "12"))
+    config = tmp_path / "unrolled.py"
+    config.write_text(  # the test config with one key more (an override needs an existing key)
+        "import runpy\n\n\ndef get_config(arg=''):\n"
+        f"    config = runpy.run_path({os.path.join(REPO, CONFIG)!r})['get_config'](arg)\n"
+        "    config.model.scan = False\n    return config\n")
+    proc = subprocess.run(main_command(str(config), wd, *BASE), env=subprocess_env(8),
+                          capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert proc.returncode == 0, describe(proc)
+    assert "checkpoint 8: layer stacks re-laid out" in proc.stdout + proc.stderr, describe(proc)
+    assert [int(m.group(1)) for m in STARTED_RE.finditer(proc.stdout + proc.stderr)] == [9], \
+        describe(proc)
+    assert checkpoint_steps(wd) == [4, 8, 12]
+    got = by_step(train_records(wd))
+    for step in range(9, TOTAL + 1):
+        want = deterministic_values(reference["records"][step])
+        have = deterministic_values(got[step][-1])
+        assert have.keys() == want.keys()
+        for key in want:
+            assert math.isclose(as_float(have[key]), as_float(want[key]), rel_tol=1e-3,
+                                abs_tol=1e-5), (step, key, have[key], want[key])
 
 
 # ----------------------------------------------------------------------------------------------

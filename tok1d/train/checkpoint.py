@@ -3,7 +3,10 @@
 - The items of a step (train state, data iterator) are named in `tok1d.weights.layout`.
 - Async saves every `every_steps`, the last `keep` kept; the grain iterator state is saved
   next to the train state so a resumed run sees exactly the batches it would have seen.
-- Restores go straight into the *current* shardings (abstract target tree).
+- Restores go straight into the *current* shardings (abstract target tree). A checkpoint whose
+  layer stacks have the other layout (scanned `blocks` / `layers` / `heads` against unrolled
+  `blocks_{i}` / ..., e.g. a run resumed with `model.scan` flipped) is re-laid out
+  (`layers.transformer.match_stack_layout`) instead of refused.
 - SIGTERM / SIGINT set a flag; the trainer saves and exits at the next step boundary. On
   multi-host runs the JAX preemption sync point makes all hosts stop at the same step.
 """
@@ -18,8 +21,10 @@ from typing import Any, Optional
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
+from tok1d.layers import transformer
 from tok1d.weights import layout
 
 
@@ -98,11 +103,40 @@ class Checkpointer:
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(
-                f"Checkpoint {self.directory}/{step} does not match the model/optimizer built "
-                f"from this config ({type(e).__name__}: {e}). Use the config it was trained "
-                "with, or a new --workdir.") from e
+            try:
+                relaid = self._restore_relaid(step, abstract_state)
+            except (ValueError, KeyError, TypeError):
+                relaid = None
+            if relaid is None:
+                raise ValueError(
+                    f"Checkpoint {self.directory}/{step} does not match the model/optimizer "
+                    f"built from this config ({type(e).__name__}: {e}). Use the config it was "
+                    "trained with, or a new --workdir.") from e
+            logging.getLogger(__name__).info(
+                "checkpoint %d: layer stacks re-laid out to this config's layout", step)
+            return relaid
         return restored[layout.STATE_ITEM]
+
+    def _restore_relaid(self, step: int, abstract_state: Any) -> Optional[Any]:
+        """Checkpoint `step` read as saved (host arrays), its layer stacks re-laid out as
+        `abstract_state` has them, then placed on the target shardings (every process takes
+        its own shards); None unless that gives every array of the target with its shape."""
+        saved_meta = self.manager.item_metadata(step)[layout.STATE_ITEM]
+        host = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved_meta)
+        saved = self.manager.restore(step, args=ocp.args.Composite(**{
+            layout.STATE_ITEM: ocp.args.PyTreeRestore(saved_meta, restore_args=host)}))
+        target = ocp.tree.to_flat_dict(abstract_state)
+        source = transformer.match_stack_layout(
+            ocp.tree.to_flat_dict(saved[layout.STATE_ITEM]), target)
+        arrays = {}
+        for path, want in target.items():
+            value = source.get(path)
+            if value is None or np.shape(value) != tuple(want.shape):
+                return None
+            value = np.asarray(value, want.dtype)
+            arrays[path] = jax.make_array_from_callback(
+                want.shape, want.sharding, lambda index, value=value: value[index])
+        return ocp.tree.from_flat_dict(arrays, target=abstract_state)
 
     def restore_data(self, step: int, data_iter: Any) -> None:
         """Restores the data iterator of checkpoint `step` in place (not the train state)."""
