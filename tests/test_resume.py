@@ -191,6 +191,7 @@ def test_resume_after_sigterm_is_exact(reference, tmp_path):
     proc = run_main(wd, *BASE)
     assert proc.returncode == 0, describe(proc)
     assert not STOPPED_RE.search(proc.stdout), describe(proc)
+    assert "re-laid out" not in proc.stdout + proc.stderr  # the straight restore
     resumed_steps = [int(m.group(1)) for m in map(PROGRESS_RE.match, proc.stdout.splitlines()) if m]
     if stopped < TOTAL:
         assert resumed_steps and resumed_steps[0] == stopped + 1, resumed_steps

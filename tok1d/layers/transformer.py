@@ -518,8 +518,8 @@ STACK_NAMES = {"blocks": "blocks_{}", "layers": "layer_{}", "heads": "heads_{}"}
 
 
 def match_stack_layout(flat: dict[tuple, Any], target: dict[tuple, Any]) -> dict[tuple, Any]:
-    """`flat` (flattened params) with its layer stacks re-laid out as `target` (flattened
-    params or shapes) has them: a scanned stack (`blocks` / `layers`, leading layer axis)
+    """`flat` (flattened params, or their `jax.ShapeDtypeStruct`s to check a layout) with its
+    layer stacks re-laid out as `target` (flattened params or shapes) has them: a scanned stack (`blocks` / `layers`, leading layer axis)
     where `target` is unrolled (`blocks_{i}` / `layer_{i}`) is sliced, and unrolled layers where
     `target` is scanned are stacked (only when every layer of the stack is there). Paths that
     already agree are untouched: checkpoints of either layout load into a model of either."""
@@ -538,14 +538,26 @@ def _from_other_layout(flat: dict[tuple, Any], path: tuple, shape: tuple) -> Opt
         if part in STACK_NAMES and shape:  # scanned in the target: stack the unrolled layers
             names = [head + (STACK_NAMES[part].format(i),) + tail for i in range(shape[0])]
             if all(n in flat for n in names):
-                return np.stack([np.asarray(flat[n]) for n in names])
+                return _stack([flat[n] for n in names])
         for stacked, pattern in STACK_NAMES.items():  # unrolled in the target: slice the stack
             prefix, index = pattern.format(""), part[len(pattern.format("")):]
             layers = flat.get(head + (stacked,) + tail)
             if (part.startswith(prefix) and index.isdigit() and layers is not None
                     and int(index) < np.shape(layers)[0]):
-                return np.asarray(layers)[int(index)]
+                return _layer(layers, int(index))
     return None
+
+
+def _stack(layers: list) -> Any:
+    if isinstance(layers[0], jax.ShapeDtypeStruct):  # shapes only (a layout check)
+        return jax.ShapeDtypeStruct((len(layers),) + tuple(layers[0].shape), layers[0].dtype)
+    return np.stack([np.asarray(x) for x in layers])
+
+
+def _layer(stack: Any, i: int) -> Any:
+    if isinstance(stack, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(tuple(stack.shape[1:]), stack.dtype)
+    return np.asarray(stack)[i]
 
 
 def unrolled(model: nn.Module, params: Any) -> tuple[nn.Module, Any]:

@@ -97,43 +97,48 @@ class Checkpointer:
         """The train state of checkpoint `step`, restored into `abstract_state`
         (ShapeDtypeStructs carrying the target shardings); `restore_data` restores the data
         iterator."""
+        if _shape_map(self._saved_shapes(step)) != _shape_map(_shapes(abstract_state)):
+            try:  # the other layer-stack layout? (read the arrays only once they all fit)
+                relaid = self._restore_relaid(step, abstract_state)
+            except (ValueError, KeyError, TypeError):
+                relaid = None
+            if relaid is not None:
+                logging.getLogger(__name__).info(
+                    "checkpoint %d: layer stacks re-laid out to this config's layout", step)
+                return relaid
         items = {layout.STATE_ITEM: ocp.args.PyTreeRestore(
             abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(
                 abstract_state))}
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except (ValueError, KeyError, TypeError) as e:
-            try:
-                relaid = self._restore_relaid(step, abstract_state)
-            except (ValueError, KeyError, TypeError):
-                relaid = None
-            if relaid is None:
-                raise ValueError(
-                    f"Checkpoint {self.directory}/{step} does not match the model/optimizer "
-                    f"built from this config ({type(e).__name__}: {e}). Use the config it was "
-                    "trained with, or a new --workdir.") from e
-            logging.getLogger(__name__).info(
-                "checkpoint %d: layer stacks re-laid out to this config's layout", step)
-            return relaid
+            raise ValueError(
+                f"Checkpoint {self.directory}/{step} does not match the model/optimizer built "
+                f"from this config ({type(e).__name__}: {e}). Use the config it was trained "
+                "with, or a new --workdir.") from e
         return restored[layout.STATE_ITEM]
+
+    def _saved_shapes(self, step: int) -> dict[tuple, tuple]:
+        return _shapes(self.manager.item_metadata(step)[layout.STATE_ITEM])
 
     def _restore_relaid(self, step: int, abstract_state: Any) -> Optional[Any]:
         """Checkpoint `step` read as saved (host arrays), its layer stacks re-laid out as
         `abstract_state` has them, then placed on the target shardings (every process takes
         its own shards); None unless that gives every array of the target with its shape."""
+        target = ocp.tree.to_flat_dict(abstract_state)
+        shapes = transformer.match_stack_layout(self._saved_shapes(step), _shapes(abstract_state))
+        if any(path not in shapes or shapes[path].shape != tuple(want.shape)
+               for path, want in target.items()):
+            return None
         saved_meta = self.manager.item_metadata(step)[layout.STATE_ITEM]
         host = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved_meta)
         saved = self.manager.restore(step, args=ocp.args.Composite(**{
             layout.STATE_ITEM: ocp.args.PyTreeRestore(saved_meta, restore_args=host)}))
-        target = ocp.tree.to_flat_dict(abstract_state)
         source = transformer.match_stack_layout(
             ocp.tree.to_flat_dict(saved[layout.STATE_ITEM]), target)
         arrays = {}
         for path, want in target.items():
-            value = source.get(path)
-            if value is None or np.shape(value) != tuple(want.shape):
-                return None
-            value = np.asarray(value, want.dtype)
+            value = np.asarray(source[path], want.dtype)
             arrays[path] = jax.make_array_from_callback(
                 want.shape, want.sharding, lambda index, value=value: value[index])
         return ocp.tree.from_flat_dict(arrays, target=abstract_state)
@@ -153,6 +158,16 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _shape_map(shapes: dict) -> dict[tuple, tuple]:
+    return {path: tuple(x.shape) for path, x in shapes.items()}
+
+
+def _shapes(tree: Any) -> dict[tuple, jax.ShapeDtypeStruct]:
+    """{flat path: shape and dtype} of a state tree, its abstract or its checkpoint metadata."""
+    return {path: jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype)
+            for path, leaf in ocp.tree.to_flat_dict(tree).items() if hasattr(leaf, "shape")}
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
