@@ -108,10 +108,12 @@ def spectral_sigmas(params, spectral, modules) -> np.ndarray:
     out = []
     for name in modules:
         _, t, rest = name.split(".", 2)                          # heads.<t>.<rest>
-        path = (f"heads_{t}", *where[rest])
-        p, s = params, spectral
-        for k in path:
+        stacked = "heads" in params                               # `scan_heads`: one stack
+        p, s = (params["heads"], spectral["heads"]) if stacked else (params[f"heads_{t}"],
+                                                                     spectral[f"heads_{t}"])
+        for k in where[rest]:
             p, s = p[k], s[k]
+        p, s = jax.tree.map(lambda x: np.asarray(x)[int(t)] if stacked else x, (p, s))
         kernel = np.asarray(p["kernel"], np.float64)              # (k, in, out)
         w = np.transpose(kernel, (2, 1, 0)).reshape(kernel.shape[2], -1)
         out.append(np.asarray(s["u"], np.float64) @ w @ np.asarray(s["v"], np.float64))
