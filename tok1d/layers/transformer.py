@@ -519,9 +519,10 @@ STACK_NAMES = {"blocks": "blocks_{}", "layers": "layer_{}", "heads": "heads_{}"}
 
 def match_stack_layout(flat: dict[tuple, Any], target: dict[tuple, Any]) -> dict[tuple, Any]:
     """`flat` (flattened params, or their `jax.ShapeDtypeStruct`s to check a layout) with its
-    layer stacks re-laid out as `target` (flattened params or shapes) has them: a scanned stack (`blocks` / `layers`, leading layer axis)
-    where `target` is unrolled (`blocks_{i}` / `layer_{i}`) is sliced, and unrolled layers where
-    `target` is scanned are stacked (only when every layer of the stack is there). Paths that
+    layer stacks re-laid out as `target` (flattened params or shapes) has them: a scanned stack
+    (`blocks` / `layers` / `heads`, leading layer axis) where `target` is unrolled (`blocks_{i}`
+    / `layer_{i}` / `heads_{i}`) is sliced, and unrolled layers where `target` is scanned are
+    stacked (only when every layer of the stack is there). Paths that
     already agree are untouched: checkpoints of either layout load into a model of either."""
     out = dict(flat)
     for path, want in target.items():

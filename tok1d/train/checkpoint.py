@@ -97,9 +97,11 @@ class Checkpointer:
         """The train state of checkpoint `step`, restored into `abstract_state`
         (ShapeDtypeStructs carrying the target shardings); `restore_data` restores the data
         iterator."""
-        if _shape_map(self._saved_shapes(step)) != _shape_map(_shapes(abstract_state)):
+        saved_meta = self.manager.item_metadata(step)[layout.STATE_ITEM]
+        saved, target = _shapes(saved_meta), _shapes(abstract_state)
+        if {p: x.shape for p, x in saved.items()} != {p: x.shape for p, x in target.items()}:
             try:  # the other layer-stack layout? (read the arrays only once they all fit)
-                relaid = self._restore_relaid(step, abstract_state)
+                relaid = self._restore_relaid(step, saved_meta, saved, abstract_state)
             except (ValueError, KeyError, TypeError):
                 relaid = None
             if relaid is not None:
@@ -118,24 +120,22 @@ class Checkpointer:
                 "with, or a new --workdir.") from e
         return restored[layout.STATE_ITEM]
 
-    def _saved_shapes(self, step: int) -> dict[tuple, tuple]:
-        return _shapes(self.manager.item_metadata(step)[layout.STATE_ITEM])
-
-    def _restore_relaid(self, step: int, abstract_state: Any) -> Optional[Any]:
-        """Checkpoint `step` read as saved (host arrays), its layer stacks re-laid out as
-        `abstract_state` has them, then placed on the target shardings (every process takes
-        its own shards); None unless that gives every array of the target with its shape."""
+    def _restore_relaid(self, step: int, saved_meta: Any, saved: dict[tuple, Any],
+                        abstract_state: Any) -> Optional[Any]:
+        """Checkpoint `step` (its metadata `saved_meta`, flat shapes `saved`) read as saved
+        (host arrays), its layer stacks re-laid out as `abstract_state` has them, then placed on
+        the target shardings (every process takes its own shards); None, without reading any
+        array, unless that gives every array of the target with its shape."""
         target = ocp.tree.to_flat_dict(abstract_state)
-        shapes = transformer.match_stack_layout(self._saved_shapes(step), _shapes(abstract_state))
-        if any(path not in shapes or shapes[path].shape != tuple(want.shape)
+        shapes = transformer.match_stack_layout(saved, target)
+        if any(path not in shapes or tuple(shapes[path].shape) != tuple(want.shape)
                for path, want in target.items()):
             return None
-        saved_meta = self.manager.item_metadata(step)[layout.STATE_ITEM]
         host = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved_meta)
-        saved = self.manager.restore(step, args=ocp.args.Composite(**{
+        restored = self.manager.restore(step, args=ocp.args.Composite(**{
             layout.STATE_ITEM: ocp.args.PyTreeRestore(saved_meta, restore_args=host)}))
         source = transformer.match_stack_layout(
-            ocp.tree.to_flat_dict(saved[layout.STATE_ITEM]), target)
+            ocp.tree.to_flat_dict(restored[layout.STATE_ITEM]), target)
         arrays = {}
         for path, want in target.items():
             value = np.asarray(source[path], want.dtype)
@@ -158,10 +158,6 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
-
-
-def _shape_map(shapes: dict) -> dict[tuple, tuple]:
-    return {path: tuple(x.shape) for path, x in shapes.items()}
 
 
 def _shapes(tree: Any) -> dict[tuple, jax.ShapeDtypeStruct]:
