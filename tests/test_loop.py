@@ -87,8 +87,9 @@ def test_checkpoint_with_the_other_stack_layout_restores_relaid(tmp_path):
     """A run resumed with `model.scan` flipped: a checkpoint of a Transformer with unrolled
     blocks (`blocks_{i}`; params, AdamW moments, step) restores into the scanned model's state
     (`blocks`, a leading layer axis, sharded over the mesh) with every value in place, and
-    back (a checkpoint that differs otherwise still fails with the clear error:
-    test_resume.py's `test_mismatched_checkpoint_fails_clearly`)."""
+    back; a deeper model's checkpoint fails with the clear error instead of losing layers (as
+    does one that differs otherwise: test_resume.py's
+    `test_mismatched_checkpoint_fails_clearly`)."""
     import optax
     from tok1d.layers.transformer import Transformer
 
@@ -96,8 +97,8 @@ def test_checkpoint_with_the_other_stack_layout_restores_relaid(tmp_path):
     x = jnp.ones((1, 4, 16))
     tx = optax.adamw(1e-3)
 
-    def state_of(scan):
-        model = Transformer(depth=3, num_heads=2, mlp_dim=32, scan=scan, name="t")
+    def state_of(scan, depth=3):
+        model = Transformer(depth=depth, num_heads=2, mlp_dim=32, scan=scan, name="t")
         params = model.init(jax.random.key(0), x)["params"]
         params = jax.tree.map(lambda p: p + jax.random.normal(jax.random.key(1), p.shape),
                               jax.tree.map(lambda b: b.unbox() if hasattr(b, "unbox") else b,
@@ -138,6 +139,54 @@ def test_checkpoint_with_the_other_stack_layout_restores_relaid(tmp_path):
                     src = flat_saved[path[:i] + ("blocks",) + path[i + 1:]][layer]
                     np.testing.assert_array_equal(value, src)
         ckpt.close()
+    shallow = state_of(False, depth=2)  # a deeper run's checkpoint: refused, not truncated
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "deeper"), every_steps=1, keep=1,
+                                   async_save=False)
+    assert ckpt.save(7, scanned, force=True)
+    with pytest.raises(ValueError, match="does not match"):
+        ckpt.restore(7, checkpoint.abstract_with_shardings(shallow, sharded(shallow)))
+    ckpt.close()
+
+
+def test_relayout_reads_each_array_sharded_like_its_targets_and_refuses_a_deeper_model():
+    """The re-layout's read plan (`checkpoint.relayout_reads`): a scanned stack to be sliced is
+    read with its layer axis whole and the rest sharded like one target layer, unrolled layers
+    to be stacked sharded like one layer of the target stack, other arrays as the target has
+    them; so each process reads only its shards. A checkpoint with more layers than the target
+    (a stack partly used, or layers left over) gets no plan: the restore takes the straight
+    path and its clear error."""
+    from tok1d.layers import transformer
+
+    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
+    n = jax.device_count()
+    sds = lambda shape, spec=None: jax.ShapeDtypeStruct(  # noqa: E731
+        shape, jnp.float32, sharding=None if spec is None else NamedSharding(mesh, spec))
+    scanned = {("t", "blocks", "w"): sds((3, n, 4)), ("t", "norm"): sds((n,))}
+    unrolled = {("t", f"blocks_{i}", "w"): sds((n, 4)) for i in range(3)}
+    unrolled[("t", "norm")] = sds((n,))
+
+    target = {p: sds(x.shape, PartitionSpec("data")) for p, x in unrolled.items()}
+    reads = checkpoint.relayout_reads(transformer.stack_layout_sources(scanned, target),
+                                      scanned, target)
+    assert reads[("t", "blocks", "w")].sharding.spec == PartitionSpec(None, "data")
+    assert reads[("t", "blocks", "w")].shape == (3, n, 4)
+    assert reads[("t", "norm")].sharding.spec == PartitionSpec("data")
+
+    target = {("t", "blocks", "w"): sds((3, n, 4), PartitionSpec(None, "data")),
+              ("t", "norm"): sds((n,), PartitionSpec("data"))}
+    reads = checkpoint.relayout_reads(transformer.stack_layout_sources(unrolled, target),
+                                      unrolled, target)
+    assert all(reads[("t", f"blocks_{i}", "w")].sharding.spec == PartitionSpec("data")
+               for i in range(3))
+
+    shallow = {p: sds(x.shape, PartitionSpec()) for p, x in unrolled.items()
+               if "blocks_2" not in p}
+    assert checkpoint.relayout_reads(transformer.stack_layout_sources(scanned, shallow),
+                                     scanned, shallow) is None       # stack layer 2 unused
+    shallow = {("t", "blocks", "w"): sds((2, n, 4), PartitionSpec()),
+               ("t", "norm"): sds((n,), PartitionSpec())}
+    assert checkpoint.relayout_reads(transformer.stack_layout_sources(unrolled, shallow),
+                                     unrolled, shallow) is None      # blocks_2 left over
 
 
 def _start_pieces(tmp_path):

@@ -522,30 +522,72 @@ def match_stack_layout(flat: dict[tuple, Any], target: dict[tuple, Any]) -> dict
     layer stacks re-laid out as `target` (flattened params or shapes) has them: a scanned stack
     (`blocks` / `layers` / `heads`, leading layer axis) where `target` is unrolled (`blocks_{i}`
     / `layer_{i}` / `heads_{i}`) is sliced, and unrolled layers where `target` is scanned are
-    stacked (only when every layer of the stack is there). Paths that
-    already agree are untouched: checkpoints of either layout load into a model of either."""
+    stacked (only when every layer of the stack is there). Paths that already agree are
+    untouched: checkpoints of either layout load into a model of either. Where each path comes
+    from: `stack_layout_sources`."""
     out = dict(flat)
-    for path, want in target.items():
-        if path not in out:
-            value = _from_other_layout(flat, path, getattr(want, "shape", ()))
-            if value is not None:
-                out[path] = value
+    for path, source in stack_layout_sources(flat, target).items():
+        if source[0] == "layer":
+            out[path] = _layer(flat[source[1]], source[2])
+        elif source[0] == "stack":
+            out[path] = _stack([flat[p] for p in source[1]])
     return out
 
 
-def _from_other_layout(flat: dict[tuple, Any], path: tuple, shape: tuple) -> Optional[Any]:
+def stack_layout_sources(flat: dict[tuple, Any], target: dict[tuple, Any]) -> dict[tuple, tuple]:
+    """Where each path of `target` comes from in `flat` (see `match_stack_layout`):
+    ("same", path); ("layer", stacked path, i): layer i of a scanned stack of `flat`; or
+    ("stack", (layer paths, ...)): unrolled layers of `flat`, stacked. Paths of `target`
+    found in neither layout are left out."""
+    sources = {}
+    for path, want in target.items():
+        if path in flat:
+            sources[path] = ("same", path)
+        else:
+            source = _other_layout_source(flat, path, getattr(want, "shape", ()))
+            if source is not None:
+                sources[path] = source
+    return sources
+
+
+def unused_by_layout(flat: dict[tuple, Any], sources: dict[tuple, tuple]) -> list[str]:
+    """The arrays of `flat` that `sources` (`stack_layout_sources(flat, target)`) leave unused:
+    "a/b" for a whole array, "a/blocks/w[i]" for a layer of a scanned stack that no target
+    path takes (a deeper model's stack sliced for a shallower one)."""
+    whole, layers = set(), {}
+    for source in sources.values():
+        if source[0] == "layer":
+            layers.setdefault(source[1], set()).add(source[2])
+        else:
+            whole.update(source_paths(source))
+    unused = []
+    for path, value in flat.items():
+        if path in layers:
+            unused += [f"{'/'.join(path)}[{i}]" for i in range(np.shape(value)[0])
+                       if i not in layers[path]]
+        elif path not in whole:
+            unused.append("/".join(path))
+    return unused
+
+
+def source_paths(source: tuple) -> tuple:
+    """The paths of `flat` that a `stack_layout_sources` entry reads."""
+    return source[1] if source[0] == "stack" else (source[1],)
+
+
+def _other_layout_source(flat: dict[tuple, Any], path: tuple, shape: tuple) -> Optional[tuple]:
     for j, part in enumerate(path):
         head, tail = path[:j], path[j + 1:]
         if part in STACK_NAMES and shape:  # scanned in the target: stack the unrolled layers
-            names = [head + (STACK_NAMES[part].format(i),) + tail for i in range(shape[0])]
+            names = tuple(head + (STACK_NAMES[part].format(i),) + tail for i in range(shape[0]))
             if all(n in flat for n in names):
-                return _stack([flat[n] for n in names])
+                return ("stack", names)
         for stacked, pattern in STACK_NAMES.items():  # unrolled in the target: slice the stack
             prefix, index = pattern.format(""), part[len(pattern.format("")):]
-            layers = flat.get(head + (stacked,) + tail)
-            if (part.startswith(prefix) and index.isdigit() and layers is not None
-                    and int(index) < np.shape(layers)[0]):
-                return _layer(layers, int(index))
+            layers = head + (stacked,) + tail
+            if (part.startswith(prefix) and index.isdigit() and layers in flat
+                    and int(index) < np.shape(flat[layers])[0]):
+                return ("layer", layers, int(index))
     return None
 
 

@@ -6,7 +6,8 @@
 - Restores go straight into the *current* shardings (abstract target tree). A checkpoint whose
   layer stacks have the other layout (scanned `blocks` / `layers` / `heads` against unrolled
   `blocks_{i}` / ..., e.g. a run resumed with `model.scan` flipped) is re-laid out
-  (`layers.transformer.match_stack_layout`) instead of refused.
+  (`layers.transformer.stack_layout_sources`) instead of refused: each saved array is read
+  sharded like its targets, then sliced or stacked on the devices.
 - SIGTERM / SIGINT set a flag; the trainer saves and exits at the next step boundary. On
   multi-host runs the JAX preemption sync point makes all hosts stop at the same step.
 """
@@ -21,8 +22,10 @@ from typing import Any, Optional
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from tok1d.layers import transformer
 from tok1d.weights import layout
@@ -100,14 +103,14 @@ class Checkpointer:
         saved_meta = self.manager.item_metadata(step)[layout.STATE_ITEM]
         saved, target = _shapes(saved_meta), _shapes(abstract_state)
         if {p: x.shape for p, x in saved.items()} != {p: x.shape for p, x in target.items()}:
-            try:  # the other layer-stack layout? (read the arrays only once they all fit)
-                relaid = self._restore_relaid(step, saved_meta, saved, abstract_state)
-            except (ValueError, KeyError, TypeError):
-                relaid = None
-            if relaid is not None:
+            # The other layer-stack layout? Decided on shapes, before any array is read.
+            flat_target = ocp.tree.to_flat_dict(abstract_state)
+            sources = transformer.stack_layout_sources(saved, flat_target)
+            reads = relayout_reads(sources, saved, flat_target)
+            if reads is not None:
                 logging.getLogger(__name__).info(
                     "checkpoint %d: layer stacks re-laid out to this config's layout", step)
-                return relaid
+                return self._restore_relaid(step, saved_meta, sources, reads, abstract_state)
         items = {layout.STATE_ITEM: ocp.args.PyTreeRestore(
             abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(
                 abstract_state))}
@@ -120,27 +123,41 @@ class Checkpointer:
                 "with, or a new --workdir.") from e
         return restored[layout.STATE_ITEM]
 
-    def _restore_relaid(self, step: int, saved_meta: Any, saved: dict[tuple, Any],
-                        abstract_state: Any) -> Optional[Any]:
-        """Checkpoint `step` (its metadata `saved_meta`, flat shapes `saved`) read as saved
-        (host arrays), its layer stacks re-laid out as `abstract_state` has them, then placed on
-        the target shardings (every process takes its own shards); None, without reading any
-        array, unless that gives every array of the target with its shape."""
+    def _restore_relaid(self, step: int, saved_meta: Any, sources: dict[tuple, tuple],
+                        reads: dict[tuple, jax.ShapeDtypeStruct], abstract_state: Any) -> Any:
+        """Checkpoint `step` (its metadata `saved_meta`) with its layer stacks re-laid out as
+        `abstract_state` has them, by `sources` (`transformer.stack_layout_sources`), each
+        saved array read as `reads` says (`relayout_reads`): so every process reads only its
+        own shards. The slices and stacks run on the devices, and each saved array is released
+        once its last target is made."""
         target = ocp.tree.to_flat_dict(abstract_state)
-        shapes = transformer.match_stack_layout(saved, target)
-        if any(path not in shapes or tuple(shapes[path].shape) != tuple(want.shape)
-               for path, want in target.items()):
-            return None
-        host = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved_meta)
+        flat_meta = ocp.tree.to_flat_dict(saved_meta)
+        item = ocp.tree.from_flat_dict({p: reads.get(p, v) for p, v in flat_meta.items()},
+                                       target=saved_meta)
         restored = self.manager.restore(step, args=ocp.args.Composite(**{
-            layout.STATE_ITEM: ocp.args.PyTreeRestore(saved_meta, restore_args=host)}))
-        source = transformer.match_stack_layout(
-            ocp.tree.to_flat_dict(restored[layout.STATE_ITEM]), target)
+            layout.STATE_ITEM: ocp.args.PyTreeRestore(
+                item, restore_args=ocp.checkpoint_utils.construct_restore_args(item))}))
+        read = ocp.tree.to_flat_dict(restored[layout.STATE_ITEM])
+        del restored  # `read` holds the only references: each array is freed once used
+        uses: dict[tuple, int] = {}
+        for source in sources.values():
+            for p in transformer.source_paths(source):
+                uses[p] = uses.get(p, 0) + 1
         arrays = {}
-        for path, want in target.items():
-            value = np.asarray(source[path], want.dtype)
-            arrays[path] = jax.make_array_from_callback(
-                want.shape, want.sharding, lambda index, value=value: value[index])
+        for path, source in sources.items():
+            want = target[path]
+            if source[0] == "same":
+                arrays[path] = read[source[1]]
+            elif source[0] == "layer":
+                arrays[path] = jax.jit(_layer_of, static_argnums=2, out_shardings=want.sharding)(
+                    read[source[1]], np.int32(source[2]), want.dtype)
+            else:
+                arrays[path] = jax.jit(_stacked, static_argnums=1, out_shardings=want.sharding)(
+                    tuple(read[p] for p in source[1]), want.dtype)
+            for p in transformer.source_paths(source):  # free it after its last target
+                uses[p] -= 1
+                if not uses[p]:
+                    del read[p]
         return ocp.tree.from_flat_dict(arrays, target=abstract_state)
 
     def restore_data(self, step: int, data_iter: Any) -> None:
@@ -170,3 +187,42 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
     """ShapeDtypeStructs of `tree` carrying `shardings` (the restore target)."""
     return jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def relayout_reads(sources: dict[tuple, tuple], saved: dict[tuple, Any],
+                   target: dict[tuple, Any]) -> Optional[dict[tuple, jax.ShapeDtypeStruct]]:
+    """How to read each saved array (shape, dtype, sharding) for the re-layout `sources`
+    (`transformer.stack_layout_sources(saved, target)`) into `target` (flat
+    ShapeDtypeStructs with NamedShardings); None unless every target array comes out with its
+    shape and every saved array, and every layer of a saved stack, is used."""
+    reads = {}
+    for path, want in target.items():
+        source = sources.get(path)
+        if source is None or not isinstance(want.sharding, NamedSharding):
+            return None
+        mesh, spec = want.sharding.mesh, tuple(want.sharding.spec)
+        if source[0] == "same":
+            got, reads[source[1]] = saved[source[1]].shape, want
+        elif source[0] == "layer":
+            stack = saved[source[1]]
+            got = stack.shape[1:]
+            reads[source[1]] = jax.ShapeDtypeStruct(
+                stack.shape, stack.dtype, sharding=NamedSharding(mesh, P(None, *spec)))
+        else:
+            got = (len(source[1]),) + tuple(saved[source[1][0]].shape)
+            for p in source[1]:
+                if tuple(saved[p].shape) != tuple(got[1:]):
+                    return None
+                reads[p] = jax.ShapeDtypeStruct(saved[p].shape, saved[p].dtype,
+                                                sharding=NamedSharding(mesh, P(*spec[1:])))
+        if tuple(got) != tuple(want.shape):
+            return None
+    return None if transformer.unused_by_layout(saved, sources) else reads
+
+
+def _layer_of(stack: jax.Array, i: jax.Array, dtype: Any) -> jax.Array:
+    return jax.lax.dynamic_index_in_dim(stack, i, keepdims=False).astype(dtype)
+
+
+def _stacked(layers: tuple, dtype: Any) -> jax.Array:
+    return jnp.stack(layers).astype(dtype)

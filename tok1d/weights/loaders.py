@@ -186,13 +186,17 @@ def load_checked(path: str, shapes: Mapping[str, Any], what: str) -> dict[str, A
 def merge_checked(shapes: Mapping[str, Any], loaded: Mapping[str, Any], source: str,
                   what: str) -> dict[str, Any]:
     """`loaded` laid out as `shapes` (`merge_into`: either layer-stack layout), which it must
-    match exactly: every array present with its shape, else a ValueError naming what differs."""
+    match exactly: every array present with its shape and none left over (a deeper model's
+    weights do not load into a shallower one), else a ValueError naming what differs."""
     merged, done, problems = merge_into(shapes, loaded)
-    missing = len(tu.flatten_dict(dict(shapes))) - len(done)
-    if problems or missing:
-        raise ValueError(f"{source} do not match {what}: "
-                         + "; ".join(problems + ([f"{missing} parameter arrays missing"]
-                                                 if missing else [])))
+    flat, target = tu.flatten_dict(dict(loaded)), tu.flatten_dict(dict(shapes))
+    missing = len(target) - len(done)
+    unused = transformer.unused_by_layout(flat, transformer.stack_layout_sources(flat, target))
+    if problems or missing or unused:
+        raise ValueError(f"{source} do not match {what}: " + "; ".join(
+            problems + ([f"{missing} parameter arrays missing"] if missing else [])
+            + ([f"{len(unused)} arrays not in the model (e.g. {', '.join(unused[:3])})"]
+               if unused else [])))
     return merged
 
 
