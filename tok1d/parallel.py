@@ -120,13 +120,15 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh, rules) -> Any:
 
 
 
-def params_and_optimizer(init_params, init_optimizer, mesh: Mesh, rules
+def params_and_optimizer(init_params, init_optimizer, mesh: Mesh, rules, boxed: Any = None
                          ) -> tuple[Any, Any, Any, Any]:
     """(abstract params, their shardings, abstract optimizer state, its shardings) of a model
-    whose boxed params `init_params(rng)` makes, with `init_optimizer(params)` its optimizer
-    state; call under the mesh and the logical rules. Optimizer moments get the sharding of
-    their parameter (FSDP shards them too); counters are replicated."""
-    boxed = jax.eval_shape(init_params, jax.random.key(0))
+    whose boxed params `init_params(rng)` makes (or `boxed`, their abstract value where the
+    caller has traced the init already), with `init_optimizer(params)` its optimizer state;
+    call under the mesh and the logical rules. Optimizer moments get the sharding of their
+    parameter (FSDP shards them too); counters are replicated."""
+    if boxed is None:
+        boxed = jax.eval_shape(init_params, jax.random.key(0))
     sh = logical_shardings(boxed, mesh, rules)
     params = unbox_abstract(boxed)
     opt_state = jax.eval_shape(init_optimizer, params)

@@ -105,11 +105,11 @@ class GANObjective:
         return variables.pop("params"), (variables or None)
 
     def abstract_and_shardings(self, mesh, rules) -> tuple[GANState, GANState]:
+        boxed, collections = jax.eval_shape(self._variables, jax.random.key(0))  # one trace
         params, param_sh, opt_state, opt_sh = parallel.params_and_optimizer(
-            lambda r: self._variables(r)[0], self.tx.init, mesh, rules)
+            lambda r: self._variables(r)[0], self.tx.init, mesh, rules, boxed=boxed)
         replicated = NamedSharding(mesh, P())
-        collections = nn.unbox(jax.eval_shape(lambda r: self._variables(r)[1],
-                                              jax.random.key(0)))
+        collections = nn.unbox(collections)
         lecam = jax.eval_shape(gan.lecam_init)
         abstract = GANState(params=params, opt_state=opt_state, lecam=lecam,
                             collections=collections)

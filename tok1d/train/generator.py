@@ -171,10 +171,10 @@ def build_training(config: ml_collections.ConfigDict, model: nn.Module, mesh, ru
     """(abstract state, its shardings, rng -> sharded state, jitted step (state donated)) of a
     generator config (shared by `train_and_evaluate` and `tok1d.cli.bench`)."""
     init_params = init_generator(model, 2)
-    param_shapes = nn.unbox(jax.eval_shape(init_params, jax.random.key(0)))
-    tx, schedule = optim.make_optimizer(config.optim, config.total_steps, param_shapes)
+    boxed = jax.eval_shape(init_params, jax.random.key(0))  # traced once
+    tx, schedule = optim.make_optimizer(config.optim, config.total_steps, nn.unbox(boxed))
     abstract, shardings, init = state_lib.state_shardings_and_init(
-        init_params, tx, mesh, rules, use_ema=config.ema_decay > 0)
+        init_params, tx, mesh, rules, use_ema=config.ema_decay > 0, boxed_params=boxed)
     step_fn = jax.jit(make_train_step(model, tx, schedule, config),
                       in_shardings=(shardings, batch_sh), out_shardings=(shardings, None, None),
                       donate_argnums=(0,))

@@ -48,16 +48,19 @@ class SubStateSpec(Protocol):
 
 def state_shardings_and_init(init_params: Callable[[jax.Array], Any],
                              tx: optax.GradientTransformation, mesh, rules, use_ema: bool,
-                             extras: Optional[Mapping[str, SubStateSpec]] = None
+                             extras: Optional[Mapping[str, SubStateSpec]] = None,
+                             boxed_params: Any = None
                              ) -> tuple[TrainState, TrainState, Callable[[jax.Array], TrainState]]:
     """Abstract state, its shardings and a jitted init that creates it already sharded.
 
-    `init_params(rng)` returns (boxed) params; `extras` the specs of the objectives' sub-states.
-    The init splits its rng into one key for the params and one per sub-state, in order."""
+    `init_params(rng)` returns (boxed) params; `boxed_params`, their abstract value where the
+    caller has traced the init already (a full-size model's init takes a second or two to
+    trace); `extras` the specs of the objectives' sub-states. The init splits its rng into one
+    key for the params and one per sub-state, in order."""
     extras = dict(extras or {})
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        params, param_sh, opt_state, opt_sh = parallel.params_and_optimizer(init_params, tx.init,
-                                                                            mesh, rules)
+        params, param_sh, opt_state, opt_sh = parallel.params_and_optimizer(
+            init_params, tx.init, mesh, rules, boxed=boxed_params)
         sub = {name: spec.abstract_and_shardings(mesh, rules) for name, spec in extras.items()}
     replicated = NamedSharding(mesh, P())
     abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,

@@ -401,12 +401,15 @@ class QuantizerState:
 
     model: nn.Module
     sample: jax.Array
+    abstract: Any = None  # its abstract value, where the caller has traced the init already
 
     def init(self, rng: jax.Array) -> Any:
         return self.model.init(rng, self.sample)[quantizers.STATE]
 
     def abstract_and_shardings(self, mesh, rules) -> tuple[Any, Any]:
-        abstract = jax.eval_shape(self.init, jax.random.key(0))
+        abstract = self.abstract
+        if abstract is None:
+            abstract = jax.eval_shape(self.init, jax.random.key(0))
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         return abstract, jax.tree.map(lambda _: replicated, abstract)
 
@@ -420,17 +423,19 @@ def build_training(config: ml_collections.ConfigDict, mesh, rules, batch_sh) -> 
     local_rows = config.batch_size // config.optim.grad_accum_steps
     dummy = jnp.zeros((min(local_rows, 2), dcfg.image_size, dcfg.image_size, 3), jnp.float32)
     init_params = lambda rng: model.init(rng, dummy)["params"]  # noqa: E731
-    param_shapes = nn.unbox(jax.eval_shape(init_params, jax.random.key(0)))
+    variables = jax.eval_shape(model.init, jax.random.key(0), dummy)  # boxed; traced once
+    param_shapes = nn.unbox(variables["params"])
     tx, schedule = optim.make_optimizer(config.optim, config.total_steps, param_shapes)
 
     nets, frozen = build_frozen(config, model)
     frozen = parallel.replicate(frozen, mesh)
     gan = build_gan(config, model, dummy)
     extras = {"gan": gan} if gan is not None else {}
-    if quantizers.STATE in jax.eval_shape(model.init, jax.random.key(0), dummy):
-        extras["quantizer"] = QuantizerState(model, dummy)
+    if quantizers.STATE in variables:
+        extras["quantizer"] = QuantizerState(model, dummy, variables[quantizers.STATE])
     abstract, shardings, init = state_lib.state_shardings_and_init(
-        init_params, tx, mesh, rules, use_ema=config.ema_decay > 0, extras=extras or None)
+        init_params, tx, mesh, rules, use_ema=config.ema_decay > 0, extras=extras or None,
+        boxed_params=variables["params"])
     frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
     step_fn = jax.jit(make_train_step(model, tx, schedule, config, nets, gan),
                       in_shardings=(shardings, batch_sh, frozen_sh),
