@@ -148,6 +148,35 @@ def test_checkpoint_with_the_other_stack_layout_restores_relaid(tmp_path):
     ckpt.close()
 
 
+def test_a_same_layout_restore_reads_only_the_tree_metadata_file(tmp_path, monkeypatch):
+    """The usual resume (the checkpoint's array paths are the target's) decides from orbax's
+    small `_METADATA` file and restores straight away: `manager.item_metadata`, which opens
+    every array's store for its shape (~10 s for a GigaTok B-L state), is not called. Empty
+    nodes (None, optax's EmptyState) are no arrays on either side."""
+    import optax
+    from tok1d.train.state import TrainState
+
+    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
+    params = {"a": {"w": jnp.arange(16.0).reshape(8, 2)}, "b": jnp.ones((3,))}
+    state = TrainState(step=jnp.int32(5), params=params, opt_state=tx.init(params),
+                       ema_params=None, extras={"q": {"s": jnp.ones(2)}, "n": None})
+    ckpt = checkpoint.Checkpointer(str(tmp_path), every_steps=1, keep=1, async_save=False)
+    assert ckpt.save(5, state, force=True)
+    rep = NamedSharding(mesh, PartitionSpec())
+    target = checkpoint.abstract_with_shardings(state, jax.tree.map(lambda _: rep, state))
+    assert ckpt._saved_array_paths(5) == set(ocp.tree.to_flat_dict(target))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("item_metadata opened every array")
+
+    monkeypatch.setattr(ckpt.manager, "item_metadata", refuse)
+    got = ckpt.restore(5, target)
+    np.testing.assert_array_equal(got.params["a"]["w"], params["a"]["w"])
+    assert int(got.step) == 5
+    ckpt.close()
+
+
 def test_relayout_reads_each_array_sharded_like_its_targets_and_refuses_a_deeper_model():
     """The re-layout's read plan (`checkpoint.relayout_reads`): a scanned stack to be sliced is
     read with its layer axis whole and the rest sharded like one target layer, unrolled layers

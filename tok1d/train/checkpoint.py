@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -100,17 +101,21 @@ class Checkpointer:
         """The train state of checkpoint `step`, restored into `abstract_state`
         (ShapeDtypeStructs carrying the target shardings); `restore_data` restores the data
         iterator."""
-        saved_meta = self.manager.item_metadata(step)[layout.STATE_ITEM]
-        saved, target = _shapes(saved_meta), _shapes(abstract_state)
-        if {p: x.shape for p, x in saved.items()} != {p: x.shape for p, x in target.items()}:
-            # The other layer-stack layout? Decided on shapes, before any array is read.
-            flat_target = ocp.tree.to_flat_dict(abstract_state)
-            sources = transformer.stack_layout_sources(saved, flat_target)
-            reads = relayout_reads(sources, saved, flat_target)
-            if reads is not None:
-                logging.getLogger(__name__).info(
-                    "checkpoint %d: layer stacks re-laid out to this config's layout", step)
-                return self._restore_relaid(step, saved_meta, sources, reads, abstract_state)
+        target = _shapes(abstract_state)
+        if self._saved_array_paths(step) != set(target):
+            # The other layer-stack layout? Decided on shapes, before any array is read. (Same
+            # paths: the straight restore below, which refuses other shapes itself.)
+            saved_meta = self.manager.item_metadata(step)[layout.STATE_ITEM]
+            saved = _shapes(saved_meta)
+            if {p: x.shape for p, x in saved.items()} != {p: x.shape for p, x in target.items()}:
+                flat_target = ocp.tree.to_flat_dict(abstract_state)
+                sources = transformer.stack_layout_sources(saved, flat_target)
+                reads = relayout_reads(sources, saved, flat_target)
+                if reads is not None:
+                    logging.getLogger(__name__).info(
+                        "checkpoint %d: layer stacks re-laid out to this config's layout", step)
+                    return self._restore_relaid(step, saved_meta, sources, reads,
+                                                abstract_state)
         items = {layout.STATE_ITEM: ocp.args.PyTreeRestore(
             abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(
                 abstract_state))}
@@ -122,6 +127,21 @@ class Checkpointer:
                 f"from this config ({type(e).__name__}: {e}). Use the config it was trained "
                 "with, or a new --workdir.") from e
         return restored[layout.STATE_ITEM]
+
+    def _saved_array_paths(self, step: int) -> Optional[set[tuple]]:
+        """The paths of the arrays in checkpoint `step`, read from its tree-metadata file
+        alone (orbax's `_METADATA`, written with every save: keys and value types); None if
+        that file is not where this manager writes it. Cheap: `manager.item_metadata` opens
+        every array's store for its shape, ~10 s for a GigaTok B-L train state on a local
+        disk, and one small read per array on a bucket."""
+        path = os.path.join(self.directory, str(step), layout.STATE_ITEM, "_METADATA")
+        try:
+            with open(path, encoding="utf-8") as f:
+                entries = json.load(f)["tree_metadata"].values()
+            return {tuple(str(k["key"]) for k in e["key_metadata"]) for e in entries
+                    if not e["value_metadata"].get("skip_deserialize", False)}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
 
     def _restore_relaid(self, step: int, saved_meta: Any, sources: dict[tuple, tuple],
                         reads: dict[tuple, jax.ShapeDtypeStruct], abstract_state: Any) -> Any:
