@@ -19,7 +19,7 @@ branch).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import flax
 import flax.linen as nn
@@ -48,10 +48,16 @@ class GANState:
                               # vectors), advanced by every call; None when it has none
 
 
-def param_shapes(disc: nn.Module, sample_images: jax.Array) -> Any:
-    """The discriminator's abstract (unboxed) params."""
-    return nn.unbox(jax.eval_shape(
-        lambda r: disc.init({"params": r, "crop": r}, sample_images), jax.random.key(0))["params"])
+def init_variables(disc: nn.Module, sample_images: jax.Array, rng: jax.Array
+                   ) -> tuple[Any, Any]:
+    """The discriminator's initial variables: (boxed params, its other collections or None)."""
+    variables = dict(disc.init({"params": rng, "crop": rng}, sample_images))
+    return variables.pop("params"), (variables or None)
+
+
+def abstract_variables(disc: nn.Module, sample_images: jax.Array) -> tuple[Any, Any]:
+    """`init_variables` as shapes (one trace of the discriminator's init)."""
+    return jax.eval_shape(lambda r: init_variables(disc, sample_images, r), jax.random.key(0))
 
 
 class GANObjective:
@@ -72,6 +78,7 @@ class GANObjective:
     call_order     "fake_real" | "real_fake": the order of the D step's calls
     direct_fake    "shortcut" | "reconstruction" (see the module docstring)
     diffaug_prob, diffaug_cutout   DiffAugment before every call (0: off)
+    abstract       `abstract_variables(disc, sample_images)`, where the caller has it already
     """
 
     def __init__(self, disc: Discriminator, *, tx: optax.GradientTransformation,
@@ -80,7 +87,7 @@ class GANObjective:
                  d_weight: float = 1.0, start_step: int = 0, lecam: float = 0.0,
                  lecam_decay: float = 0.999, call_order: str = "fake_real",
                  direct_fake: str = "shortcut", diffaug_prob: float = 0.0,
-                 diffaug_cutout: float = 0.0):
+                 diffaug_cutout: float = 0.0, abstract: Optional[tuple[Any, Any]] = None):
         if call_order not in CALL_ORDERS:
             raise ValueError(f"discriminator.call_order={call_order!r}; expected one of "
                              f"{sorted(CALL_ORDERS)}.")
@@ -88,7 +95,7 @@ class GANObjective:
             raise ValueError(f"discriminator.direct_fake={direct_fake!r}; expected one of "
                              f"{DIRECT_FAKES}.")
         self.disc, self.tx, self.schedule = disc, tx, schedule
-        self.sample_images = sample_images
+        self.sample_images, self.abstract = sample_images, abstract
         self.d_loss_fn, self.g_loss_fn = gan.d_loss_fn(loss), gan.g_loss_fn(loss)
         self.weight, self.d_weight, self.start_step = weight, d_weight, start_step
         self.lecam, self.lecam_decay = lecam, lecam_decay
@@ -101,11 +108,11 @@ class GANObjective:
     # ------------------------------------------------------------------ the sub-state
 
     def _variables(self, rng):
-        variables = dict(self.disc.init({"params": rng, "crop": rng}, self.sample_images))
-        return variables.pop("params"), (variables or None)
+        return init_variables(self.disc, self.sample_images, rng)
 
     def abstract_and_shardings(self, mesh, rules) -> tuple[GANState, GANState]:
-        boxed, collections = jax.eval_shape(self._variables, jax.random.key(0))  # one trace
+        boxed, collections = (self.abstract if self.abstract is not None
+                              else abstract_variables(self.disc, self.sample_images))
         params, param_sh, opt_state, opt_sh = parallel.params_and_optimizer(
             lambda r: self._variables(r)[0], self.tx.init, mesh, rules, boxed=boxed)
         replicated = NamedSharding(mesh, P())

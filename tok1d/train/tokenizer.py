@@ -379,8 +379,8 @@ def build_gan(config, model: nn.Module, sample_images: jax.Array
         start = d.start_step
         late = start // procs if start % procs == 0 else start / procs  # exact either way
         disc_steps, offset = max(config.total_steps - late, 1), 0
-    shapes = adversarial.param_shapes(disc, sample_images)
-    tx, schedule = optim.make_optimizer(config.disc_optim, disc_steps, shapes,
+    abstract = adversarial.abstract_variables(disc, sample_images)  # traced once
+    tx, schedule = optim.make_optimizer(config.disc_optim, disc_steps, nn.unbox(abstract[0]),
                                         step_offset=offset)
     try:
         return adversarial.GANObjective(
@@ -389,7 +389,7 @@ def build_gan(config, model: nn.Module, sample_images: jax.Array
             d_weight=d.d_weight, start_step=d.start_step, lecam=d.lecam,
             lecam_decay=d.lecam_decay, call_order=d.get("call_order", "fake_real"),
             direct_fake=d.get("direct_fake", "shortcut"), diffaug_prob=d.diffaug_prob,
-            diffaug_cutout=d.diffaug_cutout)
+            diffaug_cutout=d.diffaug_cutout, abstract=abstract)
     except ValueError as e:
         raise config_lib.ConfigError(str(e)) from None
 
