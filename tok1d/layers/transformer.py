@@ -518,19 +518,18 @@ STACK_NAMES = {"blocks": "blocks_{}", "layers": "layer_{}", "heads": "heads_{}"}
 
 
 def match_stack_layout(flat: dict[tuple, Any], target: dict[tuple, Any]) -> dict[tuple, Any]:
-    """`flat` (flattened params, or their `jax.ShapeDtypeStruct`s to check a layout) with its
-    layer stacks re-laid out as `target` (flattened params or shapes) has them: a scanned stack
-    (`blocks` / `layers` / `heads`, leading layer axis) where `target` is unrolled (`blocks_{i}`
-    / `layer_{i}` / `heads_{i}`) is sliced, and unrolled layers where `target` is scanned are
-    stacked (only when every layer of the stack is there). Paths that already agree are
-    untouched: checkpoints of either layout load into a model of either. Where each path comes
-    from: `stack_layout_sources`."""
+    """`flat` (flattened params) with its layer stacks re-laid out as `target` (flattened
+    params or shapes) has them: a scanned stack (`blocks` / `layers` / `heads`, leading layer
+    axis) where `target` is unrolled (`blocks_{i}` / `layer_{i}` / `heads_{i}`) is sliced, and
+    unrolled layers where `target` is scanned are stacked (only when every layer of the stack
+    is there). Paths that already agree are untouched: weights of either layout load into a
+    model of either. Where each path comes from: `stack_layout_sources`."""
     out = dict(flat)
     for path, source in stack_layout_sources(flat, target).items():
         if source[0] == "layer":
-            out[path] = _layer(flat[source[1]], source[2])
+            out[path] = np.asarray(flat[source[1]])[source[2]]
         elif source[0] == "stack":
-            out[path] = _stack([flat[p] for p in source[1]])
+            out[path] = np.stack([np.asarray(flat[p]) for p in source[1]])
     return out
 
 
@@ -589,18 +588,6 @@ def _other_layout_source(flat: dict[tuple, Any], path: tuple, shape: tuple) -> O
                     and int(index) < np.shape(flat[layers])[0]):
                 return ("layer", layers, int(index))
     return None
-
-
-def _stack(layers: list) -> Any:
-    if isinstance(layers[0], jax.ShapeDtypeStruct):  # shapes only (a layout check)
-        return jax.ShapeDtypeStruct((len(layers),) + tuple(layers[0].shape), layers[0].dtype)
-    return np.stack([np.asarray(x) for x in layers])
-
-
-def _layer(stack: Any, i: int) -> Any:
-    if isinstance(stack, jax.ShapeDtypeStruct):
-        return jax.ShapeDtypeStruct(tuple(stack.shape[1:]), stack.dtype)
-    return np.asarray(stack)[i]
 
 
 def unrolled(model: nn.Module, params: Any) -> tuple[nn.Module, Any]:

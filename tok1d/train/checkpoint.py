@@ -114,7 +114,7 @@ class Checkpointer:
                 if reads is not None:
                     logging.getLogger(__name__).info(
                         "checkpoint %d: layer stacks re-laid out to this config's layout", step)
-                    return self._restore_relaid(step, saved_meta, sources, reads,
+                    return self._restore_relaid(step, saved_meta, sources, reads, flat_target,
                                                 abstract_state)
         items = {layout.STATE_ITEM: ocp.args.PyTreeRestore(
             abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(
@@ -134,9 +134,9 @@ class Checkpointer:
         that file is not where this manager writes it. Cheap: `manager.item_metadata` opens
         every array's store for its shape, ~10 s for a GigaTok B-L train state on a local
         disk, and one small read per array on a bucket."""
-        path = os.path.join(self.directory, str(step), layout.STATE_ITEM, "_METADATA")
         try:
-            with open(path, encoding="utf-8") as f:
+            with open(os.path.join(layout.state_path(self.directory, step), "_METADATA"),
+                      encoding="utf-8") as f:
                 entries = json.load(f)["tree_metadata"].values()
             return {tuple(str(k["key"]) for k in e["key_metadata"]) for e in entries
                     if not e["value_metadata"].get("skip_deserialize", False)}
@@ -144,13 +144,13 @@ class Checkpointer:
             return None
 
     def _restore_relaid(self, step: int, saved_meta: Any, sources: dict[tuple, tuple],
-                        reads: dict[tuple, jax.ShapeDtypeStruct], abstract_state: Any) -> Any:
+                        reads: dict[tuple, jax.ShapeDtypeStruct], target: dict[tuple, Any],
+                        abstract_state: Any) -> Any:
         """Checkpoint `step` (its metadata `saved_meta`) with its layer stacks re-laid out as
-        `abstract_state` has them, by `sources` (`transformer.stack_layout_sources`), each
-        saved array read as `reads` says (`relayout_reads`): so every process reads only its
-        own shards. The slices and stacks run on the devices, and each saved array is released
-        once its last target is made."""
-        target = ocp.tree.to_flat_dict(abstract_state)
+        `abstract_state` (flattened: `target`) has them, by `sources`
+        (`transformer.stack_layout_sources`), each saved array read as `reads` says
+        (`relayout_reads`): so every process reads only its own shards. The slices and stacks
+        run on the devices, and each saved array is released once its last target is made."""
         flat_meta = ocp.tree.to_flat_dict(saved_meta)
         item = ocp.tree.from_flat_dict({p: reads.get(p, v) for p, v in flat_meta.items()},
                                        target=saved_meta)
