@@ -441,6 +441,7 @@ def test_trainer_trains_the_heads_and_keeps_the_trunk(tmp_path):
     d.update(name="dino", weights=path, start_step=2, diffaug_prob=1.0, d_weight=0.5,
              global_schedule=True, model=dict(TINY, scan=True, scan_heads=True))  # as the recipe
     config.disc_optim.update(freeze="trunk", decay_mask="all", lr=1e-3)
+    config.phase_programs = False  # one program with the GAN switch traced (the option's run)
     workdir = str(tmp_path / "run")
     tokenizer.train_and_evaluate(config, workdir)
 

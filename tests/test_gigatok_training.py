@@ -4,9 +4,12 @@ terms, PatchGAN) is finite and the learnable ones drop; switching the semantic o
 loss off removes exactly that term; the DINOv2 teacher is frozen (no gradient, no optimizer
 state); the warm-up terms stop at aux_loss_end_step; every GigaTok config validates."""
 
+import contextlib
+import io
 import json
 import os
 
+import flax.linen as nn
 import flax.traverse_util as tu
 import jax
 import jax.numpy as jnp
@@ -15,7 +18,8 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from tok1d.train import config_lib
+from tok1d import parallel
+from tok1d.train import checkpoint, config_lib
 from tok1d.objectives import adversarial, losses, tokenizer_loss
 from tok1d.weights import loaders
 from tok1d.data import pipeline, sources
@@ -82,12 +86,17 @@ def series(workdir, key):
 def full_run(tmp_path_factory):
     """B-L recipe with every term on (plus the entropy term, which B-L leaves at 0 and which
     keeps this tiny codebook from collapsing): 40 steps, warm-up terms until step 20, GAN from
-    step 28 (with the narrow LPIPS a step takes about 0.5 s on 2 cores)."""
+    step 20 (with the narrow LPIPS a step takes about 0.5 s on 2 cores): two phases, each
+    with its own train step, the second compiled in the background."""
     config = tiny(config_lib.load(os.path.join(REPO, "configs/gigatok.py:b_l")), steps=40,
-                  aux_end=20, gan_start=28)
+                  aux_end=20, gan_start=20)
     config.losses.entropy = 0.1
     workdir = str(tmp_path_factory.mktemp("gigatok_full"))
-    result = tokenizer.train_and_evaluate(config, workdir)
+    console = io.StringIO()
+    with contextlib.redirect_stdout(console):
+        result = tokenizer.train_and_evaluate(config, workdir)
+    with open(os.path.join(workdir, "console.txt"), "w") as f:
+        f.write(console.getvalue())
     return config, workdir, result
 
 
@@ -120,6 +129,11 @@ def test_warmup_terms_and_the_gan_start_on_schedule(full_run):
     shortcut = series(workdir, "loss_shortcut")
     assert all(v > 0 for v in shortcut[:aux_end]) and all(v == 0 for v in shortcut[aux_end:])
     assert series(workdir, "gan_active") == [0.0] * gan_start + [1.0] * (steps - gan_start)
+    with open(os.path.join(workdir, "console.txt")) as f:
+        switches = [line for line in f if "this phase's train step" in line]
+    assert len(switches) == 1 and switches[0].startswith(
+        f"step {aux_end + 1}: warm-up terms off, discriminator on; this phase's train step "
+        "compiled in the background"), switches
 
 
 def test_only_the_tokenizer_is_optimized(full_run):
@@ -256,3 +270,34 @@ def test_schedules_are_cosine_v2_and_the_disc_follows_the_global_step():
     assert float(d_schedule(0)) == pytest.approx(lr, rel=1e-6)
     for count in (1, 1000, 500_000):
         assert float(d_schedule(count)) == pytest.approx(official(start + count - 1), rel=1e-5)
+
+
+
+def test_each_phase_gets_its_own_program_without_what_is_off():
+    """`config.phase_programs`: the phases of a recipe with warm-up terms and a GAN, where they
+    change, and the last phase's step lowered without the finished warm-up's shortcut decoder
+    (the one program of `phase_programs=False` keeps it). Values: the trainer's phase programs
+    run the GigaTok / TiTok train-step parity tests and `full_run`'s schedule checks."""
+    config = tiny(config_lib.load(os.path.join(REPO, "configs/gigatok.py:b_l")), steps=6,
+                  aux_end=2, gan_start=1)
+    phase_at, bounds = tokenizer.phase_schedule(config)
+    assert [(p.warmup, p.gan) for p in map(phase_at, range(4))] == [
+        (True, False), (True, True), (False, True), (False, True)]
+    assert sorted(bounds) == [1, 2]
+    assert str(phase_at(2)) == "warm-up terms off, discriminator on"
+    mesh, rules, batch_sh = parallel.mesh_from_config(config)
+    t = tokenizer.build_training(config, mesh, rules, batch_sh)
+    assert (t.steps.next_change(0), t.steps.next_change(1), t.steps.next_change(2)) == (1, 2, None)
+    assert t.steps.at(3) is t.steps.at(2) and t.steps.at(0) is not t.steps.at(1)
+    with config.unlocked():
+        config.phase_programs = False
+    single = tokenizer.build_training(config, mesh, rules, batch_sh)
+    assert single.steps.next_change(0) is None and single.steps.at(0) is single.steps.at(5)
+    shapes = checkpoint.abstract_with_shardings(t.abstract, t.shardings)
+    batch = jax.ShapeDtypeStruct((16, 32, 32, 3), jnp.float32, sharding=batch_sh)
+    convs = {}
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        for name, fn in (("last", t.steps.at(5)), ("single", single.steps.at(5))):
+            hlo = fn.lower(shapes, {"image": batch}, t.frozen).as_text()
+            convs[name] = hlo.count("stablehlo.convolution")
+    assert convs["last"] < 0.8 * convs["single"], convs

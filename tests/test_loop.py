@@ -11,7 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from tok1d.train import checkpoint, loop
+from tok1d.train import checkpoint, loop, programs
 from tok1d.train import state as state_lib
 
 
@@ -242,7 +242,7 @@ def test_start_or_resume_compiles_the_step_beside_the_restore(tmp_path, caplog):
     step is compiled in a background thread and the jitted step's first call reuses it."""
     ckpt, abstract, shardings, init, step, data, feeder, mesh = _start_pieces(tmp_path)
     start = state_lib.start_or_resume(ckpt, abstract, shardings, init, jax.random.key(0), data,
-                                      feeder, step, mesh, ())
+                                      feeder, programs.PhasedStep.single(step), mesh, ())
     assert start.step == 0 and start.compile_s > 0
     state = start.state
     for _ in range(3):
@@ -255,7 +255,7 @@ def test_start_or_resume_compiles_the_step_beside_the_restore(tmp_path, caplog):
 
     ckpt, abstract, shardings, init, step, data, feeder, mesh = _start_pieces(tmp_path)
     start = state_lib.start_or_resume(ckpt, abstract, shardings, init, jax.random.key(1), data,
-                                      feeder, step, mesh, ())
+                                      feeder, programs.PhasedStep.single(step), mesh, ())
     assert start.step == 3
     np.testing.assert_array_equal(np.asarray(start.state["w"]), want)
     batch = next(start.batches)
@@ -278,5 +278,46 @@ def test_start_or_resume_raises_the_compile_error(tmp_path):
         raise ValueError("no such op")
     with pytest.raises(ValueError, match="no such op"):
         state_lib.start_or_resume(ckpt, abstract, shardings, init, jax.random.key(0), data,
-                                  feeder, jax.jit(broken), mesh, ())
+                                  feeder, programs.PhasedStep.single(jax.jit(broken)), mesh,
+                                  ())
     ckpt.close()
+
+
+def test_a_phased_step_makes_one_program_per_phase_and_finds_the_next_switch():
+    made = []
+
+    def make(phase):
+        made.append(phase)
+        return jax.jit(lambda x: x + {"a": 1, "b": 10}[phase])
+
+    steps = programs.PhasedStep(make, lambda s: "a" if s < 5 or s >= 9 else "b", (5, 9, 12))
+    assert [steps.next_change(s) for s in (0, 4, 5, 8, 9, 20)] == [5, 5, 9, 9, None, None]
+    assert steps.at(0) is steps.at(4) is steps.at(9) and steps.at(5) is steps.at(8)
+    assert made == ["a", "b"]
+    single = programs.PhasedStep.single(steps.at(0))
+    assert single.at(7) is steps.at(0) and single.next_change(0) is None
+
+
+def test_a_background_compile_is_reused_by_the_call_and_raises_its_error():
+    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
+    fn = jax.jit(lambda x: jnp.sin(x) * 2)
+    x = jax.device_put(jnp.ones((8, 4)), NamedSharding(mesh, PartitionSpec("data")))
+    compiling = programs.BackgroundCompile(fn, programs.abstract_like((x,)), mesh, [])
+    compiling.wait()
+    assert compiling.seconds > 0
+    compiles = []
+
+    def listen(event, secs, **kwargs):
+        if "backend_compile" in event:
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        with jax.set_mesh(mesh):  # the same context as the compile's
+            np.testing.assert_allclose(fn(x), 2 * np.sin(1.0) * np.ones((8, 4)), rtol=1e-6)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert not compiles  # the call ran the executable compiled in the background
+    bad = programs.BackgroundCompile(jax.jit(lambda x: x @ x), (x,), mesh, [])
+    with pytest.raises(TypeError):
+        bad.wait()

@@ -101,8 +101,8 @@ def test_gated_cond_and_select_agree_in_values_and_gradients(on):
         traces.append(1)
         return _conv_loss(kernel, x)
 
-    def zeros(shapes):
-        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    def zeros():
+        return jnp.zeros((), jnp.float32), jnp.zeros(x.shape, x.dtype)
 
     def f(kernel, flag, impl):
         value, feats = losses.gated(flag, lambda: on_fn(kernel), zeros, impl)
@@ -123,4 +123,4 @@ def test_gated_cond_and_select_agree_in_values_and_gradients(on):
         kernel, flag, "auto").as_text()
     assert ("stablehlo.case" in program) == (jax.default_backend() != "cpu")
     with pytest.raises(ValueError, match="gated impl 'scan'"):
-        losses.gated(flag, lambda: 1.0, lambda _: 0.0, "scan")
+        losses.gated(flag, lambda: 1.0, lambda: 0.0, "scan")

@@ -127,6 +127,9 @@ def test_stage2_starts_from_stage1_and_gan_starts_on_time(stage1_run, teacher_di
 def test_single_stage_with_perceptual_and_gan(variant, tmp_path):
     config = tiny(load_config(f"titok.py:{variant}"), steps=12)
     config.discriminator.start_step = 6
+    # one program with the GAN switch traced (the option's runs; the stage-2 test above and
+    # the parity tests run the default, one program per phase)
+    config.phase_programs = False
     config.log_every_steps = 3  # four logged means, two of them with the GAN on
     if variant.endswith("vae"):
         config.perceptual.kind = "lpips"  # ConvNeXt is exercised by the VQ variant

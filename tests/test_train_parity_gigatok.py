@@ -252,11 +252,13 @@ def compare_tokenizer_state(report: tp.Report, z: tp.Fixture, config, sd, conver
     decay_groups(report, "tokenizer", tmap, meta["param_groups"]["all"], config.optim, params0)
 
 
-def build(z: tp.Fixture):
+def build(z: tp.Fixture, phase_programs: bool = True):
     """(config, mesh, rules, Training) of a fixture: the config through
     `official.config_from_fixture_meta`, random stand-ins for the frozen networks (replaced by
-    the converted fixture weights)."""
+    the converted fixture weights); `phase_programs`: one step per phase (the trainer's
+    default) or one for every step."""
     config = official.config_from_fixture_meta(z.meta)
+    config.phase_programs = phase_programs
     assert config.precision == "float32", "the fixtures run the official step in float32"
     config.teacher.allow_random_init = config.perceptual.allow_random_init = True
     config.discriminator.allow_random_init = True
@@ -299,7 +301,7 @@ def run_steps(t, config, mesh, rules, frozen, data, images, first_d, load):
         state = load(t.init(jax.random.key(config.seed)))
         for k, b in enumerate(data):
             before.append(jax.device_get(state.params))
-            state, out, finite = t.step_fn(state, b, frozen)
+            state, out, finite = t.steps.at(k)(state, b, frozen)
             assert bool(finite), f"step {k + 1} was not finite"
             scalars.append({n: np.asarray(v) for n, v in out.items()})
             if k == 0:
@@ -344,7 +346,9 @@ def check_fixture(path: str, bounds: Bounds) -> None:
     if disc_type(z) != SUPPORTED_DISC:
         pytest.skip(f"{path}: disc_type={disc_type(z)!r}; this test covers the "
                     f"{SUPPORTED_DISC!r} discriminator recipe")
-    config, mesh, rules, t = build(z)
+    # the float32 run steps the trainer's default, one program per phase (warm-up, then GAN);
+    # the float64 run one program for every step (config.phase_programs=False)
+    config, mesh, rules, t = build(z, phase_programs=bounds is not FLOAT64)
     report = tp.Report(f"gigatok ({bounds.name})", path)
     sd, convert, params0, frozen = tokenizer_weights(z, t)
     disc_sd = state_dicts(z, "init/disc_sd/")

@@ -164,7 +164,9 @@ def test_disc_calls_match_official(path):
 
 def check_fixture(z: tp.Fixture, bounds: tg.Bounds) -> None:
     meta = z.meta
-    config, mesh, rules, t = tg.build(z)
+    # one program for every step (config.phase_programs=False): the gigatok parity test runs
+    # the trainer's default, one per phase
+    config, mesh, rules, t = tg.build(z, phase_programs=False)
     assert config.discriminator.direct_fake == "reconstruction"
     report = tp.Report(f"gigatok dino disc ({bounds.name})", z.path)
     sd, convert, params0, frozen = tg.tokenizer_weights(z, t)

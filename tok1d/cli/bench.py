@@ -9,8 +9,10 @@ r"""Speed, memory and MFU of any config's real programs, with random weights.
 
 Workloads:
   train   the trainer's own jitted step (tokenizer configs: with the teacher, perceptual network,
-          discriminator and EMA the config asks for; generator configs: the generator step) on
-          synthetic batches of `--batch_size` (default: the config's global batch);
+          discriminator and EMA the config asks for, the step of the run's last phase, i.e.
+          after any warm-up terms and with the discriminator on, `config.phase_programs`;
+          generator configs: the generator step) on synthetic batches of `--batch_size`
+          (default: the config's global batch);
   encode  tokenizer: images -> codes;   decode: codes -> pixels (tokenizer configs);
   sample  generator config: class-conditional sampling with `config.sampling`, then decoding by
           a random tokenizer built from `--tokenizer_config` (one jitted program per batch);
@@ -310,7 +312,8 @@ def _context(mesh, rules):
 
 def bench_train(config, batch: int, abstract: bool = False) -> Workload:
     """The trainer's jitted step on a synthetic batch (the state is created by `prepare`; with
-    `abstract` only its shapes are used, for compiling)."""
+    `abstract` only its shapes are used, for compiling); a tokenizer's is the step of its last
+    phase (`config.phase_programs`: what most of a run trains with)."""
     mesh, rules, batch_sh = parallel.mesh_from_config(config)
     context = _context(mesh, rules)
     rng = np.random.default_rng(0)
@@ -327,7 +330,9 @@ def bench_train(config, batch: int, abstract: bool = False) -> Workload:
     else:
         _random_frozen(config)
         t = tok_trainer.build_training(config, mesh, rules, batch_sh)
-        abstract_state, shardings, init, step_fn = t.abstract, t.shardings, t.init, t.step_fn
+        # the step of the last phase: what a long run trains with (after the warm-up, with D)
+        abstract_state, shardings, init = t.abstract, t.shardings, t.init
+        step_fn = t.steps.at(config.total_steps - 1)
         size = config.data.image_size
         local = {"image": rng.uniform(0, 1, (batch, size, size, 3)).astype(np.float32)}
         extra = (t.frozen,)

@@ -193,7 +193,7 @@ class GANObjective:
 
             zero = jnp.zeros((), jnp.float32)
             (means["shortcut_adv_loss"], means["direct_logits_fake"]), collections = (
-                losses.gated(direct_on > 0, direct_d_loss, lambda _: ((zero, zero), collections)))
+                losses.gated(direct_on > 0, direct_d_loss, lambda: ((zero, zero), collections)))
             means["shortcut_adv_loss"] = self.d_weight * means["shortcut_adv_loss"]
             loss = loss + means["shortcut_adv_loss"]
         if self.lecam:
@@ -211,18 +211,22 @@ class GANObjective:
     def update(self, state: GANState, grads, means, collections, active
                ) -> tuple[GANState, dict[str, jax.Array]]:
         """The discriminator's optimizer step and LeCam EMA update, kept only when `active`
-        (before `start_step` D is not trained: its optimizer count stays 0). Returns (new
+        (before `start_step` D is not trained: its optimizer count stays 0; `active` a traced
+        0/1 float, or a Python number in a step compiled for one phase). Returns (new
         state, scalars: d_grad_norm (before clipping), d_lr (the LR of this update; 0 when D is
         not trained))."""
+        scalars = dict(d_grad_norm=optax.global_norm(grads),
+                       d_lr=active * self.schedule(schedule_count(state.opt_state)))
+        if losses.static_off(active):  # a step compiled before D's start
+            return state, scalars
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         lecam = gan.lecam_update(state.lecam, means["logits_real"], means["logits_fake"],
                                  self.lecam_decay)
         new = GANState(params=params, opt_state=opt_state, lecam=lecam, collections=collections)
-        on = active > 0
-        new = jax.tree.map(lambda n, o: jnp.where(on, n, o), new, state)
-        scalars = dict(d_grad_norm=optax.global_norm(grads),
-                       d_lr=active * self.schedule(schedule_count(state.opt_state)))
+        if not isinstance(active, (bool, int, float)):
+            on = active > 0
+            new = jax.tree.map(lambda n, o: jnp.where(on, n, o), new, state)
         return new, scalars
 
 

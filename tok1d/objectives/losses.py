@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 import jax
-import jax.extend as jax_extend
 import jax.numpy as jnp
 
 from tok1d.models.quantizers import l2_normalize  # F.normalize: x / max(|x|, 1e-12)
@@ -55,16 +54,13 @@ def weighted_sum(weights: Mapping[str, float], terms: Mapping[str, jax.Array]) -
 GATE_IMPLS = ("cond", "select")
 
 
-def gated(on: jax.Array, on_fn: Callable[[], Any], off_fn: Callable[[Any], Any],
+def gated(on: jax.Array | bool, on_fn: Callable[[], Any], off_fn: Callable[[], Any],
           impl: str = "auto") -> Any:
-    """`on_fn()` where the scalar predicate `on` holds, else `off_fn(shapes)` (the same tree of
-    shapes and dtypes; `shapes` is `on_fn`'s output as `jax.ShapeDtypeStruct`s): a term that is
-    computed only in some steps (GigaTok's warm-up shortcut, the discriminator's overlap-step
-    call).
-
-    `on_fn` is traced once, to a jaxpr that gives both the shapes and the branch (an
-    `eval_shape` for the shapes and then the branch would trace the term's networks twice,
-    seconds of start-up for GigaTok's decoder + LPIPS).
+    """`on_fn()` where the scalar predicate `on` holds, else `off_fn()` (the same tree of shapes
+    and dtypes): a term that is computed only in some steps (GigaTok's warm-up shortcut, the
+    discriminator's overlap-step call). A Python bool `on` (a step compiled for one phase,
+    `tok1d.train.programs.PhasedStep`) picks the side while tracing: the other is not traced
+    and not in the program. Each side is traced once.
 
     `impl` "cond" is `lax.cond`: only the taken branch runs, so a step saves the term's compute
     when it is off. "select" runs both and picks with `jnp.where`; "auto" takes it on the CPU
@@ -73,19 +69,15 @@ def gated(on: jax.Array, on_fn: Callable[[], Any], off_fn: Callable[[Any], Any],
     a 6-conv net's gradient through a cond took 1.9 s against 0.06 s outside (2 cores), a tiny
     GigaTok warm-up step 2.4 s against 0.3 s. Both give the same values and gradients; an off
     branch gets exactly zero gradient unless its own values are non-finite (0 x inf)."""
+    if isinstance(on, bool):
+        return on_fn() if on else off_fn()
     if impl == "auto":
         impl = "select" if jax.default_backend() == "cpu" else "cond"
     if impl not in GATE_IMPLS:
         raise ValueError(f"gated impl {impl!r}: expected 'auto' or one of {GATE_IMPLS}")
-    traced, shapes = jax.make_jaxpr(on_fn, return_shape=True)()
-    treedef = jax.tree.structure(shapes)
-
-    def on_branch():
-        return jax.tree.unflatten(treedef, jax_extend.core.jaxpr_as_fun(traced)())
-
     if impl == "cond":
-        return jax.lax.cond(on, on_branch, lambda: off_fn(shapes))
-    return jax.tree.map(lambda a, b: jnp.where(on, a, b), on_branch(), off_fn(shapes))
+        return jax.lax.cond(on, on_fn, off_fn)
+    return jax.tree.map(lambda a, b: jnp.where(on, a, b), on_fn(), off_fn())
 
 
 # Terms computed from (reconstruction, target); model-provided terms (e.g. "quantizer") come
@@ -113,3 +105,9 @@ def combine(weights: Mapping[str, float], recon: jax.Array, target: jax.Array,
                              f"({sorted(model_losses)}).")
     total = sum(weights[name] * value for name, value in terms.items())
     return jnp.asarray(total, jnp.float32), terms
+
+
+def static_off(flag: Any) -> bool:
+    """Whether a phase flag (a traced 0/1 float or a Python number) is a Python zero: the term
+    it scales is left out of the program, gradient paths included."""
+    return isinstance(flag, (bool, int, float)) and not flag

@@ -8,7 +8,8 @@ term, in the official order of the discriminator calls.
 `images` in [0, 1]; `frozen` holds the frozen networks' params (teacher, perceptual: no
 gradient, no optimizer state); `gan_state` the GAN sub-state (its params are read, not
 differentiated) and `collections` the discriminator's current variable collections; `active`
-gates the GAN term, `aux_on` the warm-up terms; `terms` are the unweighted values of every
+gates the GAN term, `aux_on` the warm-up terms (each a traced 0/1 float32, or a Python 0.0 / 1.0
+in a step compiled for one phase: what is off is then not in the program); `terms` are the unweighted values of every
 enabled term; `outputs` holds the reconstruction ("pixels", the tokenizer's range), the codes ("codes", VQ
 tokenizers) and, with
 the shortcut term, the shortcut reconstruction ("shortcut_pixels", zeros while the warm-up is
@@ -69,6 +70,9 @@ def make_loss_fn(model: nn.Module, weights: Mapping[str, float], nets: terms_lib
             raise ValueError(f"losses {pixel_terms} need pixel outputs; this model predicts "
                              "proxy codes (use losses.proxy_ce).")
     warmup = {k for k in weights if terms_lib.TERMS[k].warmup}
+    # the unweighted parts of the shortcut term (`shortcut_terms`)
+    shortcut_parts = [k for k in ("l2", "l1", "perceptual") if k in weights] + (
+        ["gan"] if gan is not None else [])
     to_model, to_unit = images_lib.range_converters(model.pixel_range)
 
     def shortcut_terms(params, cnn_map, ctx, gan_state, collections, active, rng, x_hat):
@@ -76,12 +80,9 @@ def make_loss_fn(model: nn.Module, weights: Mapping[str, float], nets: terms_lib
         x~, collections)."""
         k_perc, k_disc = jax.random.split(rng)
         pixels = model.apply({"params": params}, cnn_map, method=model.decode_cnn_map)
-        parts = {}
-        if "l2" in weights:
-            parts["l2"] = losses.l2_loss(pixels, ctx.x)
-        if "l1" in weights:
-            parts["l1"] = losses.l1_loss(pixels, ctx.x)
-        if "perceptual" in weights:
+        parts = {k: losses.RECONSTRUCTION_TERMS[k](pixels, ctx.x) for k in shortcut_parts
+                 if k in losses.RECONSTRUCTION_TERMS}
+        if "perceptual" in shortcut_parts:
             parts["perceptual"] = terms_lib.perceptual_value(ctx, pixels, "shortcut", k_perc)
         loss = losses.weighted_sum(weights, parts)
         if gan is not None:  # only called in an overlap step, after D(x_hat) (official order)
@@ -91,8 +92,9 @@ def make_loss_fn(model: nn.Module, weights: Mapping[str, float], nets: terms_lib
                                   "g/direct")
 
             parts["gan"], collections = losses.gated(
-                active > 0, gan_on, lambda _: (jnp.zeros((), jnp.float32), collections))
-            loss = loss + gan_weight * active * parts["gan"]
+                active > 0, gan_on, lambda: (jnp.zeros((), jnp.float32), collections))
+            if not losses.static_off(active):
+                loss = loss + gan_weight * active * parts["gan"]
         return loss, parts, pixels, collections
 
     def loss_fn(params, images, frozen, gan_state, collections, active, aux_on, rng,
@@ -120,15 +122,15 @@ def make_loss_fn(model: nn.Module, weights: Mapping[str, float], nets: terms_lib
                 return shortcut_terms(params, aux.features["cnn_map"], ctx, gan_state,
                                       collections, active, short_rng, out)
 
-            def shortcut_off(shapes):
-                zeros = jax.tree.map(lambda t: jnp.zeros(t.shape, t.dtype), shapes[:3])
-                return (*zeros, collections)
+            def shortcut_off():  # x~ decodes to the reconstruction's shape and dtype
+                zero = jnp.zeros((), jnp.float32)
+                return zero, {k: zero for k in shortcut_parts}, jnp.zeros_like(out), collections
 
             terms["shortcut"], parts, outputs["shortcut_pixels"], collections = losses.gated(
                 aux_on > 0, shortcut_on, shortcut_off)
             extras.update({f"shortcut_{k}": v for k, v in parts.items()})
         total = losses.weighted_sum(scale, {k: v for k, v in terms.items() if k != "gan"})
-        if gan is not None:
+        if gan is not None and not losses.static_off(active):  # before D's start: logged only
             total = total + gan_weight * active * terms["gan"]
         extras.update({f"quantizer_{part}": aux.losses[part]
                        for part, term in QUANTIZER_PARTS.items()

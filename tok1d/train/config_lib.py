@@ -182,6 +182,12 @@ def add_tokenizer_keys(c: ml_collections.ConfigDict) -> None:
     # The warm-up terms (losses.fea_rec, losses.shortcut) apply while step < aux_loss_end_step
     # (GigaTok: 15000; 0 for XL-XXL).
     c.aux_loss_end_step = 0
+    # One compiled train step per phase (warm-up terms on / off, discriminator before / from
+    # discriminator.start_step): each program holds only the terms its steps compute, a
+    # (re)start compiles its own phase's, and the run compiles the next phase's in the
+    # background (tok1d.train.programs). False: one program for every step, the switches
+    # traced from the step count (one compilation for short runs that cross a switch).
+    c.phase_programs = True
 
     # Weights to start from (instead of random init); the optimizer starts fresh. `checkpoint`:
     # a pretrained directory (python -m tok1d.cli.convert), a released name ("titok_l32") or a

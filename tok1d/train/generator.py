@@ -29,7 +29,7 @@ from tok1d.generation import common as gen_common
 from tok1d.generation import decode
 from tok1d.models import interfaces
 from tok1d.objectives import tokens as tokens_obj
-from tok1d.train import config_lib, loop, optim
+from tok1d.train import config_lib, loop, optim, programs
 from tok1d.train import state as state_lib
 from tok1d.train import step as step_lib
 from tok1d.train.state import TrainState
@@ -203,9 +203,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                                            batch_sh)
     checkpointer = loop.checkpointer_for(config, workdir)
     feeder = feeding.Feeder(train_iter, batch_sh, config.batch_size)
+    steps = programs.PhasedStep.single(train_step)
     start = state_lib.start_or_resume(checkpointer, abstract, shardings, init,
                                       jax.random.key(config.seed), train_iter, feeder,
-                                      train_step, mesh, rules)
+                                      steps, mesh, rules)
     state, first_step = start.state, start.step
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     logging.info("Generator %s: %.2fM parameters; starting at step %d.", config.model.name,
@@ -249,7 +250,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             return metrics
 
         # ------------------------------------------------------------ loop
-        result = loop.train_loop(config, workdir, state, first_step, train_step, start.batches,
+        result = loop.train_loop(config, workdir, state, first_step, steps, start.batches,
                                  train_iter, checkpointer, writer, run_eval, start.compile_s)
     writer.close()
     return result

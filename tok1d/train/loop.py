@@ -9,12 +9,13 @@ import os
 import time
 from typing import Any, Callable, Iterator, Mapping, Optional
 
+import flax.linen as nn
 import jax
 from clu import metrics as clu_metrics
 
 from tok1d import errors, parallel, summary
 from tok1d.train import checkpoint as ckpt_lib
-from tok1d.train import config_lib
+from tok1d.train import config_lib, programs
 from tok1d.train.state import TrainState
 from tok1d.weights import layout
 
@@ -86,20 +87,30 @@ def log_fn() -> Callable[[str], None]:
     return lambda msg: None
 
 
+# The next phase's train step starts compiling about this long before its first step (or 3x the
+# first step's compile time, when longer), so that it compiles beside training, not at the
+# switch, without taking host cores from the input pipeline for the whole phase before.
+COMPILE_LEAD_S = 600.0
+
+
 def train_loop(config, workdir: str, state: TrainState, first_step: int,
-               train_step: Callable[[TrainState, Any], tuple[TrainState, Any, Any]],
-               feeder: Iterator[Any], train_iter: Any, checkpointer: ckpt_lib.Checkpointer,
-               writer, run_eval: Callable[[TrainState, int], Mapping[str, Any]],
-               compile_s: float) -> dict[str, Any]:
+               steps: programs.PhasedStep, feeder: Iterator[Any], train_iter: Any,
+               checkpointer: ckpt_lib.Checkpointer, writer,
+               run_eval: Callable[[TrainState, int], Mapping[str, Any]], compile_s: float,
+               step_args: tuple = ()) -> dict[str, Any]:
     """Steps until `config.total_steps`: averaged train scalars and progress (steps/s, img/s,
     ETA) every `log_every_steps`, `run_eval(state, step)` every `eval_every_steps` and at the
     end, checkpoints (with the data iterator) every `checkpoint.every_steps`, at the end and on
     a preemption signal. A non-finite step stops the run before it can be saved.
 
-    `train_step(state, batch) -> (state, scalars, finite)`; `run_eval` returns the metrics it
-    wrote; `compile_s`: the seconds the step's compilation took before the loop, beside creating
-    or restoring the state (`state.start_or_resume`). Returns {"step": ..., **final eval
-    metrics} (also written to metrics.json)."""
+    `steps.at(step)(state, batch, *step_args) -> (state, scalars, finite)` is the step of each
+    phase; the next phase's step compiles in the background (under the current mesh and
+    logical axis rules) from about `COMPILE_LEAD_S` (or 3x `compile_s`) before its first step,
+    at the rate the steps have run, and takes over there.
+    `run_eval` returns the metrics it wrote; `compile_s`: the seconds the first step's
+    compilation took before the loop, beside creating or restoring the state
+    (`state.start_or_resume`). Returns {"step": ..., **final eval metrics} (also written to
+    metrics.json)."""
     total = config.total_steps
     preempt = ckpt_lib.PreemptionFlag()
     log = log_fn()
@@ -110,6 +121,17 @@ def train_loop(config, workdir: str, state: TrainState, first_step: int,
     last_saved = first_step if first_step else None
     pending = None  # (step, finite flag) of the previous step, checked one step late
     step = first_step
+    train_step = steps.at(step)
+    change = steps.next_change(step)  # the next phase's first step
+    ahead = None                      # its step, compiling in the background
+    t_loop = time.perf_counter()      # reset when the first step has been dispatched
+    rules = nn.get_logical_axis_rules()
+
+    def compile_ahead(state_, batch_):
+        """The next phase's step, compiling in the background for arguments like these."""
+        mesh = jax.tree.leaves(state_)[0].sharding.mesh
+        return programs.BackgroundCompile(
+            steps.at(change), programs.abstract_like((state_, batch_, *step_args)), mesh, rules)
 
     def evaluate(step_):
         with progress.timed_pause():
@@ -122,11 +144,26 @@ def train_loop(config, workdir: str, state: TrainState, first_step: int,
     try:
         while step < total:
             batch = next(feeder)
+            if step == change:
+                with progress.timed_pause():
+                    t0 = time.perf_counter()
+                    if ahead is None:  # the switch came sooner than the lead time
+                        ahead = compile_ahead(state, batch)
+                    ahead.wait()
+                    log(f"step {step + 1}: {steps.phase_at(step)}; this phase's train step "
+                        f"compiled in the background in {ahead.seconds:.1f} s (waited "
+                        f"{time.perf_counter() - t0:.1f} s)")
+                train_step, change, ahead = steps.at(step), steps.next_change(step), None
             t0 = time.perf_counter()
-            state, scalars, finite = train_step(state, batch)
+            state, scalars, finite = train_step(state, batch, *step_args)
             if step == first_step:
                 log(started_message(step + 1, compile_s, time.perf_counter() - t0,
                                     summary.process_age()))
+                t_loop = time.perf_counter()
+            elif (ahead is None and change is not None and change < total
+                  and (change - step) * (time.perf_counter() - t_loop) / (step - first_step)
+                  <= max(COMPILE_LEAD_S, 3 * compile_s)):
+                ahead = compile_ahead(state, batch)
             step += 1
             if pending is not None:
                 check_finite(*pending, last_saved)

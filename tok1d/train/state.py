@@ -12,8 +12,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-import threading
-import time
 from typing import Any, Callable, Iterator, Mapping, Optional, Protocol
 
 import flax
@@ -25,6 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from tok1d import parallel
 from tok1d.train import checkpoint as ckpt_lib
+from tok1d.train import programs
 
 
 @flax.struct.dataclass
@@ -98,11 +97,11 @@ class Start:
 
 def start_or_resume(checkpointer: ckpt_lib.Checkpointer, abstract: TrainState,
                     shardings: TrainState, init: Callable[[jax.Array], TrainState],
-                    rng: jax.Array, data_iter: Any, feeder: Iterator[Any], step_fn: Any,
-                    mesh, rules, step_args: tuple = ()) -> Start:
+                    rng: jax.Array, data_iter: Any, feeder: Iterator[Any],
+                    steps: programs.PhasedStep, mesh, rules, step_args: tuple = ()) -> Start:
     """Resumes from the latest checkpoint in the workdir, else initialises from scratch, while
-    the jitted train step `step_fn(state, batch, *step_args)` compiles beside it: a (re)start
-    pays the longer of the two, not their sum.
+    the jitted train step of the first step's phase, `steps.at(step)(state, batch,
+    *step_args)`, compiles beside it: a (re)start pays the longer of the two, not their sum.
 
     The data iterator is restored first (it is small), the first batch drawn from `feeder`,
     and the step lowered and compiled for (the abstract state with its shardings, that batch)
@@ -116,22 +115,8 @@ def start_or_resume(checkpointer: ckpt_lib.Checkpointer, abstract: TrainState,
         checkpointer.restore_data(latest, data_iter)
     first = next(feeder)
     target = ckpt_lib.abstract_with_shardings(abstract, shardings)
-    outcome: dict[str, Any] = {}
-
-    def compile_beside():
-        t0 = time.perf_counter()
-        try:
-            with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-                step_fn.lower(target, first, *step_args).compile()
-        except BaseException as e:  # noqa: BLE001 - raised again in the calling thread
-            outcome["error"] = e
-        outcome["seconds"] = time.perf_counter() - t0
-
-    # A daemon thread: a failing restore exits at once instead of waiting for the compiler.
-    compiling = threading.Thread(target=compile_beside, name="compile-train-step", daemon=True)
-    compiling.start()
+    compiling = programs.BackgroundCompile(
+        steps.at(latest or 0), (target, first, *step_args), mesh, rules)
     state = init(rng) if latest is None else checkpointer.restore(latest, target)
-    compiling.join()
-    if "error" in outcome:
-        raise outcome["error"]
-    return Start(state, latest or 0, itertools.chain([first], feeder), outcome["seconds"])
+    compiling.wait()
+    return Start(state, latest or 0, itertools.chain([first], feeder), compiling.seconds)

@@ -34,7 +34,7 @@ from tok1d.objectives import draws as draws_lib
 from tok1d.objectives import perceptual as perceptual_lib
 from tok1d.objectives import terms as terms_lib
 from tok1d.objectives import tokenizer_loss
-from tok1d.train import config_lib, loop, optim
+from tok1d.train import config_lib, loop, optim, programs
 from tok1d.train import state as state_lib
 from tok1d.train import step as step_lib
 from tok1d.train.state import TrainState
@@ -156,9 +156,36 @@ def load_initial_weights(config, state: TrainState, log) -> TrainState:
 # -------------------------------------------------------------------- steps
 
 
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """The switches a step compiled for one phase fixes: the warm-up terms (`losses.fea_rec`,
+    `losses.shortcut`, while step < `aux_loss_end_step`) and the GAN (from
+    `discriminator.start_step`)."""
+    warmup: bool
+    gan: bool
+
+    def __str__(self) -> str:
+        return (f"warm-up terms {'on' if self.warmup else 'off'}, "
+                f"discriminator {'on' if self.gan else 'off'}")
+
+
+def phase_schedule(config) -> tuple[Callable[[int], Phase], tuple[int, ...]]:
+    """(phase_at(step) -> Phase, the steps where it may change) of a tokenizer config."""
+    warmup = bool(terms_lib.enabled(config.losses).keys() & {
+        k for k, t in terms_lib.TERMS.items() if t.warmup})
+    aux_end = config.aux_loss_end_step if warmup else 0
+    start = config.discriminator.start_step if config.losses.gan else None
+
+    def phase_at(step: int) -> Phase:
+        return Phase(warmup=step < aux_end, gan=start is not None and step >= start)
+
+    return phase_at, tuple(b for b in (aux_end, start) if b)
+
+
 def make_train_step(model: nn.Module, tx, schedule, config,
                     nets: terms_lib.FrozenNets = terms_lib.FrozenNets(),
-                    gan: Optional[adversarial.GANObjective] = None):
+                    gan: Optional[adversarial.GANObjective] = None,
+                    phase: Optional[Phase] = None):
     """(state, batch, frozen) -> (state, scalars, finite): the tokenizer objective
     (`tok1d.objectives.tokenizer_loss`) and its gradients, accumulated over
     `optim.grad_accum_steps` microbatches together with the GAN objective's discriminator loss
@@ -176,7 +203,11 @@ def make_train_step(model: nn.Module, tx, schedule, config,
     collections (BatchNorm running stats, spectral-norm vectors). Discriminator scalars: d_loss
     (what D minimises), d_adv_loss (d_weight * D-loss on x_hat), d_shortcut_adv_loss /
     d_direct_logits_fake (the direct call's weighted D-loss and mean logit), d_grad_norm (before
-    clipping), d_lr (the LR of its update; 0 when D is not trained)."""
+    clipping), d_lr (the LR of its update; 0 when D is not trained).
+
+    `phase` (a `Phase`): a step for the steps of that phase only (`phase_schedule`), the
+    switches fixed while tracing, so what is off is not in the program; None: one step for
+    every step, the switches traced from the step count. Both compute the same values."""
     loss_fn = tokenizer_loss.make_loss_fn(model, config.losses, nets, gan)
     g_grad = jax.value_and_grad(loss_fn, has_aux=True)
     accum = config.optim.grad_accum_steps
@@ -217,8 +248,11 @@ def make_train_step(model: nn.Module, tx, schedule, config,
 
     def train_step(state: TrainState, batch, frozen):
         rng = jax.random.fold_in(base_rng, state.step)
-        active = gan.active(state.step) if gan is not None else jnp.float32(0)
-        aux_on = (state.step < aux_end).astype(jnp.float32)
+        if phase is not None:  # Python numbers: the switches are fixed while tracing
+            active, aux_on = float(phase.gan and gan is not None), float(phase.warmup)
+        else:
+            active = gan.active(state.step) if gan is not None else jnp.float32(0)
+            aux_on = (state.step < aux_end).astype(jnp.float32)
         draws = draws_lib.of_batch(batch)
         if draws and accum > 1:
             raise ValueError("batch['draws'] (recorded random draws) needs grad_accum_steps=1.")
@@ -238,13 +272,13 @@ def make_train_step(model: nn.Module, tx, schedule, config,
         scalars = dict(loss=loss, grad_norm=grad_norm, lr=schedule(state.step), **r["extras"],
                        **{f"loss_{k}": v for k, v in r["terms"].items()})
         if loss_fn.warmup_terms:
-            scalars["warmup_losses_active"] = aux_on
+            scalars["warmup_losses_active"] = jnp.float32(aux_on)
         if gan is not None:
             gan_state, d_scalars = gan.update(state.extras["gan"], r["d_grads"], r["d_means"],
                                               collections, active)
             new = new.replace(extras={**new.extras, "gan": gan_state})
             finite = finite & jnp.isfinite(r["d_loss"])
-            scalars.update(d_loss=r["d_loss"], gan_active=active, **d_scalars,
+            scalars.update(d_loss=r["d_loss"], gan_active=jnp.float32(active), **d_scalars,
                            **{f"d_{k}": v for k, v in r["d_means"].items()})
         return step_lib.keep_if_finite(finite, new, old), scalars, finite
 
@@ -357,7 +391,8 @@ class Training:
     abstract: Any              # abstract TrainState
     shardings: Any             # its shardings
     init: Callable             # rng -> sharded TrainState (random init)
-    step_fn: Callable          # jitted (state, batch, frozen) -> (state, scalars, finite)
+    steps: programs.PhasedStep  # .at(step): jitted (state, batch, frozen) -> (state, scalars,
+                                # finite) of that step's phase (`config.phase_programs`)
 
 
 def build_gan(config, model: nn.Module, sample_images: jax.Array
@@ -437,10 +472,17 @@ def build_training(config: ml_collections.ConfigDict, mesh, rules, batch_sh) -> 
         init_params, tx, mesh, rules, use_ema=config.ema_decay > 0, extras=extras or None,
         boxed_params=variables["params"])
     frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
-    step_fn = jax.jit(make_train_step(model, tx, schedule, config, nets, gan),
-                      in_shardings=(shardings, batch_sh, frozen_sh),
-                      out_shardings=(shardings, None, None), donate_argnums=(0,))
-    return Training(model, nets, gan, frozen, abstract, shardings, init, step_fn)
+
+    def make_step(phase: Optional[Phase]):
+        return jax.jit(make_train_step(model, tx, schedule, config, nets, gan, phase),
+                       in_shardings=(shardings, batch_sh, frozen_sh),
+                       out_shardings=(shardings, None, None), donate_argnums=(0,))
+
+    if config.phase_programs:
+        steps = programs.PhasedStep(make_step, *phase_schedule(config))
+    else:
+        steps = programs.PhasedStep.single(make_step(None))
+    return Training(model, nets, gan, frozen, abstract, shardings, init, steps)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -486,7 +528,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     feeder = feeding.Feeder(train_iter, batch_sh, config.batch_size)
     start = state_lib.start_or_resume(checkpointer, t.abstract, t.shardings, t.init,
                                       jax.random.key(config.seed), train_iter, feeder,
-                                      t.step_fn, mesh, rules, step_args=(frozen,))
+                                      t.steps, mesh, rules, step_args=(frozen,))
     state, first_step = start.state, start.step
     if first_step == 0:
         state = load_initial_weights(config, state, log)
@@ -507,7 +549,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     nets = (evaluator.load_metric_nets(ecfg, config.perceptual.weights, log)
             if ecfg.fid_every_steps > 0 else None)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        train_step = lambda s, b: t.step_fn(s, b, frozen)  # noqa: E731
         eval_step = jax.jit(make_eval_step(model, t.nets.teacher))
 
         probe = None
@@ -538,8 +579,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             return metrics
 
         # ------------------------------------------------------------ loop
-        result = loop.train_loop(config, workdir, state, first_step, train_step, start.batches,
-                                 train_iter, checkpointer, writer, run_eval, start.compile_s)
+        result = loop.train_loop(config, workdir, state, first_step, t.steps, start.batches,
+                                 train_iter, checkpointer, writer, run_eval, start.compile_s,
+                                 step_args=(frozen,))
     writer.close()
     return result
 

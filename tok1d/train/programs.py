@@ -1,0 +1,88 @@
+"""A trainer's compiled train steps: `PhasedStep`, one program per training phase, and
+`BackgroundCompile`, which compiles a step beside other work (a restore, training steps)."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from typing import Any, Callable, Hashable, Optional
+
+import flax.linen as nn
+import jax
+
+
+@dataclasses.dataclass
+class PhasedStep:
+    """A trainer's jitted train step, one program per training phase.
+
+    Some terms of an objective switch on or off at fixed steps (GigaTok's warm-up terms end at
+    `aux_loss_end_step`, the discriminator starts at `discriminator.start_step`). Flags traced
+    from the step keep both sides of every switch in one program for the whole run: the
+    finished warm-up's shortcut decoder is compiled into every (re)start, and the step gates
+    it each time (a conditional whose predicate a GPU's host reads, or on the CPU a select that
+    runs both sides). One program per phase holds only the terms its steps use; a (re)start
+    compiles its own phase only, and the loop compiles the next one in the background
+    (`tok1d.train.loop`).
+
+    make(phase) -> the jitted step `(state, batch, *args) -> (state, scalars, finite)` of a
+    phase; phase_at(step) -> the (hashable) phase of a 0-based step; boundaries: the steps
+    where `phase_at` may change. `single(fn)`: one program for every step."""
+
+    make: Callable[[Hashable], Any]
+    phase_at: Callable[[int], Hashable]
+    boundaries: tuple[int, ...] = ()
+    programs: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    @classmethod
+    def single(cls, fn: Any) -> "PhasedStep":
+        return cls(lambda _: fn, lambda _: None)
+
+    def at(self, step: int) -> Any:
+        """The jitted step of `step`'s phase (made once per phase)."""
+        phase = self.phase_at(step)
+        if phase not in self.programs:
+            self.programs[phase] = self.make(phase)
+        return self.programs[phase]
+
+    def next_change(self, step: int) -> Optional[int]:
+        """The first step after `step` whose phase differs from `step`'s, or None."""
+        phase = self.phase_at(step)
+        later = sorted(b for b in self.boundaries if b > step and self.phase_at(b) != phase)
+        return later[0] if later else None
+
+
+class BackgroundCompile:
+    """A jitted function lowered and compiled for given (abstract or concrete) arguments, under
+    `mesh` and the logical axis `rules`, in a daemon thread; its later call with arguments of
+    the same shapes and shardings, under the same mesh (`jax.set_mesh`), reuses the executable.
+    `wait()` joins it and raises its error; `seconds`: how long it took."""
+
+    def __init__(self, fn: Any, args: tuple, mesh, rules):
+        self.seconds = 0.0
+        self._error: Optional[BaseException] = None
+
+        def run():
+            t0 = time.perf_counter()
+            try:
+                with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+                    fn.lower(*args).compile()
+            except BaseException as e:  # noqa: BLE001 - raised again by wait()
+                self._error = e
+            self.seconds = time.perf_counter() - t0
+
+        # A daemon thread: a failing main thread exits at once instead of waiting for it.
+        self._thread = threading.Thread(target=run, name="compile-train-step", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
+def abstract_like(tree: Any) -> Any:
+    """ShapeDtypeStructs with the shapes, dtypes and shardings of a tree of arrays (valid after
+    the arrays were donated)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=x.sharding, weak_type=x.weak_type), tree)
