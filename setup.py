@@ -51,6 +51,6 @@ setuptools.setup(
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
-    entry_points={"console_scripts": ["tok1d = tok1d.cli.app:main"]},
+    entry_points={"console_scripts": ["tok1d = tok1d.cli.app:console"]},
     license="Apache-2.0",
 )

@@ -3,12 +3,17 @@ clu averages, equal to the eager collection), single-process checkpoints that wr
 whole (compressed or not), and a run's start: the train step compiled beside the state's
 restore."""
 
+import os
+import subprocess
+import sys
+
 import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from conftest import REPO
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from tok1d.train import checkpoint, loop, programs
@@ -321,3 +326,34 @@ def test_a_background_compile_is_reused_by_the_call_and_raises_its_error():
     bad = programs.BackgroundCompile(jax.jit(lambda x: x @ x), (x,), mesh, [])
     with pytest.raises(TypeError):
         bad.wait()
+
+
+_EXIT_DURING_COMPILE = """
+import jax, jax.numpy as jnp, sys, time
+from jax.sharding import AxisType
+from tok1d.train import programs
+from tok1d.cli import app
+
+def f(x):
+    for i in range(60):
+        x = jnp.tanh(x @ x.T + i) @ x
+    return x
+
+mesh = jax.make_mesh((1,), ("data",), axis_types=(AxisType.Auto,))
+programs.BackgroundCompile(jax.jit(f), (jnp.ones((32, 32)),), mesh, [])
+time.sleep(0.2)
+assert programs.compiling()
+if sys.argv[1] == "cli":
+    app.exit_process(3)
+"""
+
+
+@pytest.mark.parametrize("how, status", [("library", 0), ("cli", 3)])
+def test_a_process_ends_cleanly_while_a_step_compiles_in_the_background(how, status):
+    """Interpreter exit under a running XLA compile aborts (status 134): a library user's
+    process waits for the compile at exit, the command line ends at once with its status."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+    done = subprocess.run([sys.executable, "-c", _EXIT_DURING_COMPILE, how], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == status, done.stderr[-2000:]
+    assert "terminate called" not in done.stderr

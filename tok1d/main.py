@@ -4,10 +4,8 @@ The same as `tok1d train ...` (`tok1d.cli.train`): trains the tokenizer or gener
 config, resuming from the workdir's latest checkpoint.
 """
 
-import sys
-
 from tok1d.cli import app
 from tok1d.cli import train
 
 if __name__ == "__main__":
-    sys.exit(app.run(train, prog="python -m tok1d.main"))
+    app.exit_process(app.run(train, prog="python -m tok1d.main"))

@@ -37,7 +37,7 @@ import os
 import re
 import sys
 import types
-from typing import Optional, Sequence
+from typing import NoReturn, Optional, Sequence
 
 from absl import flags
 from absl import logging as absl_logging
@@ -45,7 +45,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from tok1d import errors
-from tok1d.train import config_lib
+from tok1d.train import config_lib, programs
 
 TOOL = "tok1d"
 # Optional packages and how to get them; a missing one ends in a one-line hint.
@@ -327,8 +327,25 @@ def command_line() -> list[str]:
     return list(_running)
 
 
+def exit_process(status: int) -> NoReturn:
+    """Ends the command-line process with `status`. While a train step still compiles in the
+    background (a run stopped by a preemption signal or an error before the next phase's
+    step was ready) it ends it without finalizing the interpreter, which would abort inside
+    XLA (`tok1d.train.programs.compiling`); the run's files are written and closed by then."""
+    if programs.compiling():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
+def console() -> NoReturn:
+    """The `tok1d` executable (setup.py's console script)."""
+    exit_process(main())
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """The `tok1d` console script: `tok1d COMMAND [flags]`."""
+    """The `tok1d` command: `tok1d COMMAND [flags]`; returns the exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in _HELP:
         print(tool_help())

@@ -73,4 +73,4 @@ def execute(fv: flags.FlagValues, args: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(app.run(sys.modules[__name__]))
+    app.exit_process(app.run(sys.modules[__name__]))

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import threading
 import time
@@ -70,15 +71,36 @@ class BackgroundCompile:
             except BaseException as e:  # noqa: BLE001 - raised again by wait()
                 self._error = e
             self.seconds = time.perf_counter() - t0
+            _RUNNING.discard(self)
 
-        # A daemon thread: a failing main thread exits at once instead of waiting for it.
+        # A daemon thread, waited for at interpreter exit (`_wait_at_exit`); the command line
+        # exits at once instead (`compiling`, `tok1d.cli.app.exit_process`).
         self._thread = threading.Thread(target=run, name="compile-train-step", daemon=True)
+        _RUNNING.add(self)
         self._thread.start()
 
     def wait(self) -> None:
         self._thread.join()
         if self._error is not None:
             raise self._error
+
+
+# Background compiles still running. A process that finalizes while XLA compiles in another
+# thread aborts ("terminate called ... FATAL: exception not rethrown", exit status 134, seen
+# on jax 0.10.2 when a run stops during a compile): interpreter exit waits for them, and the
+# command line, whose files are closed by then, ends the process without finalizing.
+_RUNNING: set = set()
+
+
+def compiling() -> bool:
+    """Whether a `BackgroundCompile` is still running."""
+    return any(c._thread.is_alive() for c in list(_RUNNING))  # noqa: SLF001
+
+
+@atexit.register
+def _wait_at_exit() -> None:
+    for c in list(_RUNNING):
+        c._thread.join()  # noqa: SLF001
 
 
 def abstract_like(tree: Any) -> Any:
