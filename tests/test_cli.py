@@ -65,7 +65,8 @@ def test_tool_lists_commands_and_rejects_unknown_ones(capsys):
 
 def test_entry_points():
     with open(os.path.join(REPO, "setup.py"), encoding="utf-8") as f:
-        assert '"tok1d = tok1d.cli.app:main"' in f.read()
+        assert '"tok1d = tok1d.cli.app:console"' in f.read()
+    assert callable(app.console) and callable(app.exit_process)
     for name in app.COMMANDS:  # the protocol of tok1d.cli.app
         job = importlib.import_module(f"tok1d.cli.{name}")
         for attr in ("USAGE", "CONFIG", "REQUIRED", "POSITIONAL", "define_flags", "execute"):
