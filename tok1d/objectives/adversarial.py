@@ -217,14 +217,15 @@ class GANObjective:
         not trained))."""
         scalars = dict(d_grad_norm=optax.global_norm(grads),
                        d_lr=active * self.schedule(schedule_count(state.opt_state)))
-        if losses.static_off(active):  # a step compiled before D's start
+        static = losses.static_flag(active)
+        if static is False:  # a step compiled before D's start
             return state, scalars
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         lecam = gan.lecam_update(state.lecam, means["logits_real"], means["logits_fake"],
                                  self.lecam_decay)
         new = GANState(params=params, opt_state=opt_state, lecam=lecam, collections=collections)
-        if not isinstance(active, (bool, int, float)):
+        if static is None:
             on = active > 0
             new = jax.tree.map(lambda n, o: jnp.where(on, n, o), new, state)
         return new, scalars

@@ -69,8 +69,9 @@ def gated(on: jax.Array | bool, on_fn: Callable[[], Any], off_fn: Callable[[], A
     a 6-conv net's gradient through a cond took 1.9 s against 0.06 s outside (2 cores), a tiny
     GigaTok warm-up step 2.4 s against 0.3 s. Both give the same values and gradients; an off
     branch gets exactly zero gradient unless its own values are non-finite (0 x inf)."""
-    if isinstance(on, bool):
-        return on_fn() if on else off_fn()
+    static = static_flag(on)
+    if static is not None:
+        return on_fn() if static else off_fn()
     if impl == "auto":
         impl = "select" if jax.default_backend() == "cpu" else "cond"
     if impl not in GATE_IMPLS:
@@ -107,7 +108,8 @@ def combine(weights: Mapping[str, float], recon: jax.Array, target: jax.Array,
     return jnp.asarray(total, jnp.float32), terms
 
 
-def static_off(flag: Any) -> bool:
-    """Whether a phase flag (a traced 0/1 float or a Python number) is a Python zero: the term
-    it scales is left out of the program, gradient paths included."""
-    return isinstance(flag, (bool, int, float)) and not flag
+def static_flag(flag: Any) -> bool | None:
+    """A phase flag's value while tracing: True / False for a Python number or bool (a step
+    compiled for one phase: a term it switches off is left out of the program, gradient paths
+    included), None for a traced 0/1 float (decided at run time)."""
+    return bool(flag) if isinstance(flag, (bool, int, float)) else None

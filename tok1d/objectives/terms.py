@@ -101,6 +101,12 @@ def enabled(weights: Mapping[str, float]) -> dict[str, float]:
     return {k: float(v) for k, v in weights.items() if v}
 
 
+def warmup_terms(weights: Mapping[str, float]) -> set[str]:
+    """The enabled registered warm-up terms of `config.losses` (applied while step <
+    `aux_loss_end_step`)."""
+    return {k for k in enabled(weights) if k in TERMS and TERMS[k].warmup}
+
+
 def problems(weights: Mapping[str, float], teacher_name: str, aux_loss_end_step: int
              ) -> list[str]:
     """Start-up checks of a `losses` table against the registry (one line per problem)."""

@@ -69,7 +69,7 @@ def make_loss_fn(model: nn.Module, weights: Mapping[str, float], nets: terms_lib
         if pixel_terms:
             raise ValueError(f"losses {pixel_terms} need pixel outputs; this model predicts "
                              "proxy codes (use losses.proxy_ce).")
-    warmup = {k for k in weights if terms_lib.TERMS[k].warmup}
+    warmup = terms_lib.warmup_terms(weights)
     # the unweighted parts of the shortcut term (`shortcut_terms`)
     shortcut_parts = [k for k in ("l2", "l1", "perceptual") if k in weights] + (
         ["gan"] if gan is not None else [])
@@ -93,7 +93,7 @@ def make_loss_fn(model: nn.Module, weights: Mapping[str, float], nets: terms_lib
 
             parts["gan"], collections = losses.gated(
                 active > 0, gan_on, lambda: (jnp.zeros((), jnp.float32), collections))
-            if not losses.static_off(active):
+            if losses.static_flag(active) is not False:
                 loss = loss + gan_weight * active * parts["gan"]
         return loss, parts, pixels, collections
 
@@ -130,7 +130,7 @@ def make_loss_fn(model: nn.Module, weights: Mapping[str, float], nets: terms_lib
                 aux_on > 0, shortcut_on, shortcut_off)
             extras.update({f"shortcut_{k}": v for k, v in parts.items()})
         total = losses.weighted_sum(scale, {k: v for k, v in terms.items() if k != "gan"})
-        if gan is not None and not losses.static_off(active):  # before D's start: logged only
+        if gan is not None and losses.static_flag(active) is not False:  # off: logged only
             total = total + gan_weight * active * terms["gan"]
         extras.update({f"quantizer_{part}": aux.losses[part]
                        for part, term in QUANTIZER_PARTS.items()

@@ -171,9 +171,7 @@ class Phase:
 
 def phase_schedule(config) -> tuple[Callable[[int], Phase], tuple[int, ...]]:
     """(phase_at(step) -> Phase, the steps where it may change) of a tokenizer config."""
-    warmup = bool(terms_lib.enabled(config.losses).keys() & {
-        k for k, t in terms_lib.TERMS.items() if t.warmup})
-    aux_end = config.aux_loss_end_step if warmup else 0
+    aux_end = config.aux_loss_end_step if terms_lib.warmup_terms(config.losses) else 0
     start = config.discriminator.start_step if config.losses.gan else None
 
     def phase_at(step: int) -> Phase:
