@@ -215,7 +215,7 @@ class GANObjective:
         0/1 float, or a Python number in a step compiled for one phase). Returns (new
         state, scalars: d_grad_norm (before clipping), d_lr (the LR of this update; 0 when D is
         not trained))."""
-        scalars = dict(d_grad_norm=optax.global_norm(grads),
+        scalars = dict(d_grad_norm=optax.tree.norm(grads),
                        d_lr=active * self.schedule(schedule_count(state.opt_state)))
         static = losses.static_flag(active)
         if static is False:  # a step compiled before D's start

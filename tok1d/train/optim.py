@@ -144,7 +144,7 @@ def clip_by_global_norm(max_norm: float, eps: float = 0.0) -> optax.GradientTran
 
     def update(updates, state, params=None):
         del params
-        norm = optax.global_norm(updates)
+        norm = global_norm(updates)
         scale = jnp.minimum(max_norm / (norm + eps), 1.0)
         return jax.tree.map(lambda g: (g * scale).astype(g.dtype), updates), state
 
@@ -198,7 +198,7 @@ def freeze_labels(params: Any, frozen: tuple[str, ...]) -> Any:
 
 
 def global_norm(tree: Any) -> jax.Array:
-    return optax.global_norm(tree)
+    return optax.tree.norm(tree)
 
 
 EMA_WARMUPS = ("none", "titok")
