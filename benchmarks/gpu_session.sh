@@ -2,23 +2,30 @@
 # One call on a lent GPU machine whose Python has jax / flax / optax / orbax but not tok1d's
 # other dependencies: installs the wheels carried in .whl/ (if any; see targets.sh for the
 # `pip download` line), then runs a PLAN of benchmarks/targets.sh and leaves at most six files
-# in OUT_DIR (env.txt, session.log, bench.jsonl, compile.jsonl, logs.tgz with every target's log):
+# in OUT_DIR (env.txt, session.log, bench.jsonl, compile.jsonl, cmdbuf.jsonl, logs.tgz with
+# every target's log):
 #
 #   bash benchmarks/gpu_session.sh OUT_DIR [PLAN]
 #
-# PLAN (default "train profile"), run in this order:
+# PLAN (default "train cmdbuf profile"), run in this order:
 #   train    GigaTok B-L training at batch 16 and 32: compiled two at a time, then timed
 #            (not measured on 2026-12-04: its compile did not finish under load)
+#   cmdbuf   GPT-B sampling timed twice, as XLA builds it by default and with while loops and
+#            conditionals recorded into CUDA graphs as well (XLA_FLAGS
+#            --xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL): its 256-token loop ran at
+#            0.91 ms per token on 2026-12-04, which looks launch-bound; rows in cmdbuf.jsonl
+#            (their xla_flags column tells them apart), logs under cmdbuf/ in logs.tgz
 #   targets  every other target, compiled three at a time, then timed
 #   profile  3 profiled calls of TiTok-L-32 stage 1 and GPT-B sampling; their logs end with
 #            where the device's time went (tok1d.cli.trace_summary)
-# BUDGET (default 480): seconds for the whole script. Each part has its own limit (train and
-# targets 300 s, profile 150 s, less what is left of BUDGET), starts no target in its last
-# 60 s (targets.sh DEADLINE) and cuts any target process 10 s before its end.
+# BUDGET (default 540): seconds for the whole script. Each part has its own limit (train and
+# targets 300 s, each of cmdbuf's two runs 120 s, profile 150 s, less what is left of BUDGET),
+# starts no target in its last 60 s (targets.sh DEADLINE) and cuts any target process 10 s
+# before its end.
 set -uo pipefail
 OUT=${1:?usage: benchmarks/gpu_session.sh OUT_DIR [PLAN]}
-PLAN=${2:-train profile}
-BUDGET=${BUDGET:-480}
+PLAN=${2:-train cmdbuf profile}
+BUDGET=${BUDGET:-540}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
@@ -36,25 +43,30 @@ LOGS=$(mktemp -d)
 'optax', optax.__version__, jax.devices())" 2>&1 | tail -n 1
 } > "$OUT/env.txt"
 
-part() {  # seconds for this part, then targets.sh's environment
-  local seconds=$1; shift
+part() {  # seconds for this part, its log folder, then targets.sh's environment
+  local seconds=$1 dir=$2; shift 2
   local left=$((BUDGET - SECONDS))
   (( left < 30 )) && { echo "== budget spent: skipped $*"; return 0; }
   (( seconds > left )) && seconds=$left
   env "$@" DEADLINE=$((seconds - 60)) TARGET_TIMEOUT=$((seconds - 10)) \
-    timeout "$seconds" bash benchmarks/targets.sh "$LOGS"
+    timeout "$seconds" bash benchmarks/targets.sh "$dir"
 }
+CMDBUF="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL"
 
 for p in $PLAN; do
   case $p in
-    train)   part 300 TARGETS="gigatok_b16 gigatok_b32" WARM=1 JOBS=2 ;;
-    targets) part 300 TARGETS="titok_s1_b64 titok_s2_b32 titok_s2_b64 titok_sample \
+    train)   part 300 "$LOGS" TARGETS="gigatok_b16 gigatok_b32" WARM=1 JOBS=2 ;;
+    cmdbuf)  part 120 "$LOGS/cmdbuf" TARGETS="gpt_b_sample"
+             part 120 "$LOGS/cmdbuf/graphs" TARGETS="gpt_b_sample" XLA_FLAGS="$CMDBUF" ;;
+    targets) part 300 "$LOGS" TARGETS="titok_s1_b64 titok_s2_b32 titok_s2_b64 titok_sample \
 gigatok_encode gigatok_decode gpt_b_sample rar_b_sample" WARM=1 JOBS=3 ;;
-    profile) part 150 TARGETS="titok_s1_b64 gpt_b_sample" TOK1D_BENCH_STEPS=3 \
+    profile) part 150 "$LOGS" TARGETS="titok_s1_b64 gpt_b_sample" TOK1D_BENCH_STEPS=3 \
                TOK1D_BENCH_FLAGS="--profile=$LOGS/profile" ;;
-    *) echo "unknown part $p (train, targets, profile)" >&2 ;;
+    *) echo "unknown part $p (train, cmdbuf, targets, profile)" >&2 ;;
   esac
 done 2>&1 | tee "$OUT/session.log"
 for f in bench.jsonl compile.jsonl; do [[ -f $LOGS/$f ]] && cp "$LOGS/$f" "$OUT/"; done
+rows=$(cat "$LOGS"/cmdbuf/bench.jsonl "$LOGS"/cmdbuf/graphs/bench.jsonl 2>/dev/null)
+[[ -n $rows ]] && echo "$rows" > "$OUT/cmdbuf.jsonl"
 tar czf "$OUT/logs.tgz" -C "$LOGS" --exclude=profile .
 echo "== done in $SECONDS s" | tee -a "$OUT/session.log"

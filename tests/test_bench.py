@@ -40,6 +40,7 @@ def _check(row, workload, batch):
     assert row["step_ms"] > 0 and row["images_per_s"] == pytest.approx(
         batch / (row["step_ms"] / 1e3))
     assert row["device_bf16_tflops"] > 0
+    assert row["xla_flags"] == os.environ.get("XLA_FLAGS", "")  # rows of flag variants differ
 
 
 @pytest.mark.parametrize("workload", ["train", "encode", "decode"])
@@ -213,6 +214,32 @@ def test_targets_script_compiles_first_then_times(tmp_path):
     assert run.stdout.count("skipped (DEADLINE=0 s passed)") == 3
 
 
+def test_gpu_session_times_gpt_sampling_with_and_without_graphs_of_its_loop(tmp_path):
+    """benchmarks/gpu_session.sh's cmdbuf part (with a fake Python that writes each bench row
+    with the XLA_FLAGS it saw): GPT-B sampling timed twice, the second time with while loops and
+    conditionals in XLA's command buffers, both rows in OUT/cmdbuf.jsonl and both logs kept."""
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/bash\nfor a in "$@"; do case $a in --out=*) out=${a#--out=};; '
+                    'esac; done\n[[ -n ${out:-} ]] && echo "{\\"args\\": \\"$*\\", '
+                    '\\"xla_flags\\": \\"${XLA_FLAGS:-}\\"}" >> "$out"\necho "$@"\n')
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=str(fake), XLA_FLAGS="--xla_dump_to=/tmp/x")
+    run = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu_session.sh"), str(out),
+                          "cmdbuf"], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 0, run.stderr
+    rows = [json.loads(line) for line in (out / "cmdbuf.jsonl").read_text().splitlines()]
+    assert [r["xla_flags"] for r in rows] == [
+        "--xla_dump_to=/tmp/x",
+        "--xla_dump_to=/tmp/x --xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL"]
+    assert all("--config=configs/gpt_gigatok.py:b --workload=sample" in r["args"] for r in rows)
+    logs = subprocess.run(["tar", "tzf", str(out / "logs.tgz")], capture_output=True, text=True,
+                          check=True).stdout.split()
+    assert {"./cmdbuf/gpt_b_sample.log", "./cmdbuf/graphs/gpt_b_sample.log"} <= set(logs)
+    assert not (out / "bench.jsonl").exists()  # no other part ran
+
+
 def test_cli_refuses_a_bad_combination_with_a_message():
     cmd = [sys.executable, "-m", "tok1d.cli.bench", f"--config={REPO}/configs/tiny_test.py",
            "--workload=sample"]
@@ -321,24 +348,27 @@ def test_checkpoint_speed_script_times_both_settings(tmp_path):
 
 def test_gpu_session_script_runs_its_plan_and_returns_few_files(tmp_path):
     """benchmarks/gpu_session.sh (a fake python): the train part compiles then times GigaTok
-    B-L, the profile part passes --profile; OUT holds a handful of files (a lent machine
-    returns at most 8), every target's log in logs.tgz."""
+    B-L, the cmdbuf part times GPT-B sampling twice, the profile part passes --profile; OUT
+    holds a handful of files (a lent machine returns at most 8), every target's log in
+    logs.tgz."""
     import tarfile
     fake = tmp_path / "python"
     fake.write_text('#!/bin/bash\necho "$@"\n')
     fake.chmod(0o755)
     out = tmp_path / "out"
-    env = dict(os.environ, PYTHON=str(fake), BUDGET="120")
+    env = dict(os.environ, PYTHON=str(fake), BUDGET="180")
     run = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu_session.sh"), str(out)],
                          env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert {p.name for p in out.iterdir()} == {"env.txt", "session.log", "logs.tgz"}
     with tarfile.open(out / "logs.tgz") as tar:
-        logs = {os.path.basename(m.name): tar.extractfile(m).read().decode()
+        logs = {os.path.normpath(m.name): tar.extractfile(m).read().decode()
                 for m in tar.getmembers() if m.isfile()}
     assert set(logs) == {"gigatok_b16.compile.log", "gigatok_b32.compile.log",
-                         "gigatok_b16.log", "gigatok_b32.log", "titok_s1_b64.log",
+                         "gigatok_b16.log", "gigatok_b32.log", "cmdbuf/gpt_b_sample.log",
+                         "cmdbuf/graphs/gpt_b_sample.log", "titok_s1_b64.log",
                          "gpt_b_sample.log"}
     assert "--compile_only" in logs["gigatok_b16.compile.log"]
+    assert "--profile=" not in logs["cmdbuf/graphs/gpt_b_sample.log"]
     assert "--profile=" in logs["gpt_b_sample.log"] and "--steps=3" in logs["gpt_b_sample.log"]
     assert "== done in" in (out / "session.log").read_text()

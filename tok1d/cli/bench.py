@@ -494,7 +494,8 @@ def run(config, workload: str, batch_size: int = 0, steps: int = 10, warmup: int
                images_per_s=None, first_call_s=None, peak_memory_gib=None,
                memory_plan_gib=None, tflop_per_step=None, mfu=None, device_bf16_tflops=None,
                jax=jax.__version__, steps=0 if compile_only else steps,
-               compilation_cache=jax.config.jax_compilation_cache_dir)
+               compilation_cache=jax.config.jax_compilation_cache_dir,
+               xla_flags=os.environ.get("XLA_FLAGS", ""))
     if compile_only:
         row.update(work.compile())
         row["first_call_s"] = row["lower_s"] + row["compile_s"]  # compilation only
