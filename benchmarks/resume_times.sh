@@ -14,10 +14,10 @@
 # RECIPES (default "titok.py:l32_stage1 gigatok.py:b_l"; tokenizer recipes), RUNS (default 3),
 # PYTHON (default python3), FLAGS (more tok1d.main flags, e.g. --config.checkpoint.compress=True). Each recipe gets its own compilation cache, OUT_DIR/cache/NAME, and
 # workdir, OUT_DIR/NAME (a full-size state: several GB per checkpoint). Columns: the train
-# step's tracing + compiling (or loading from the cache), which runs beside creating or
-# restoring the state, and the seconds from the process start to that step's start, both
-# from the run's "step N started" line; building the frozen networks and the data pipeline
-# are in the second.
+# step's tracing + compiling (or loading from the cache), split into trace + lowering and
+# XLA's part, which runs beside creating or restoring the state (its own column), and the
+# seconds from the process start to that step's start, all from the run's "step N started"
+# line; building the frozen networks and the data pipeline are in the last.
 set -uo pipefail
 OUT=${1:?usage: benchmarks/resume_times.sh OUT_DIR}
 mkdir -p "$OUT"
@@ -49,14 +49,15 @@ for recipe in ${RECIPES:-titok.py:l32_stage1 gigatok.py:b_l}; do
       tail -5 "$log" >&2
       exit 1
     fi
-    step_s=$(sed -E 's/.* in ([0-9.]+) s.*/\1/' <<< "$line")
+    step_s=$(sed -E 's/.* in ([0-9.]+) s beside.*/\1/' <<< "$line")
+    parts=$(sed -E 's/.*trace \+ lowering ([0-9.]+) s, XLA ([0-9.]+) s; state [a-z]+ in ([0-9.]+) s;.*/\1 | \2 | \3/' <<< "$line")
     age_s=$(sed -E 's/.*, ([0-9.]+) s after the process started.*/\1/' <<< "$line")
     kind=$([[ $run == 0 ]] && echo "start" || echo "resume")
-    rows+=("| $recipe | $run ($kind) | $step_s | $age_s |")
+    rows+=("| $recipe | $run ($kind) | $step_s | $parts | $age_s |")
     echo "== $recipe run $run: $line"
   done
 done
 echo
-echo "| recipe | run | train step compiled (s) | process start to first step (s) |"
-echo "|---|---|---|---|"
+echo "| recipe | run | train step compiled (s) | of which trace + lowering (s) | of which XLA (s) | state created or restored, beside it (s) | process start to first step (s) |"
+echo "|---|---|---|---|---|---|---|"
 printf '%s\n' "${rows[@]}"

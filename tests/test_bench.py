@@ -271,7 +271,8 @@ def test_compile_times_script_measures_a_cold_and_a_warm_start(tmp_path):
 def test_resume_times_script_measures_a_start_and_a_resume(tmp_path):
     """benchmarks/resume_times.sh on the tiny config: the real command started, stopped by
     SIGTERM once its first step has started, and run again, which resumes from the checkpoint
-    with a warm cache; the table takes both runs' "step N started" lines."""
+    with a warm cache; the table takes both runs' "step N started" lines (the compile, its
+    trace + lowering and XLA parts, the state's creation or restore beside it)."""
     env = dict(subprocess_env(1), PYTHON=sys.executable, RECIPES="tiny_test.py", RUNS="2")
     run = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "resume_times.sh"),
                           str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True,
@@ -280,9 +281,10 @@ def test_resume_times_script_measures_a_start_and_a_resume(tmp_path):
     rows = [line.split("|")[1:-1] for line in run.stdout.splitlines()
             if line.startswith("| tiny_test.py |")]
     assert [r[1].strip() for r in rows] == ["0 (start)", "1 (resume)"], run.stdout
-    for _, _, step_s, age_s in rows:
-        assert 0 < float(step_s) < float(age_s)
-    assert float(rows[1][2]) < float(rows[0][2])  # the resume loads what the start compiled
+    for _, _, step_s, trace_s, xla_s, state_s, age_s in rows:
+        assert 0 < float(step_s) < float(age_s) and float(state_s) > 0
+        assert float(trace_s) + float(xla_s) == pytest.approx(float(step_s), abs=0.11)
+    assert float(rows[1][4]) < float(rows[0][4])  # the resume loads what the start compiled
     assert "Resuming from" in (tmp_path / "tiny_test.1.log").read_text()
 
 

@@ -248,7 +248,15 @@ def test_start_or_resume_compiles_the_step_beside_the_restore(tmp_path, caplog):
     ckpt, abstract, shardings, init, step, data, feeder, mesh = _start_pieces(tmp_path)
     start = state_lib.start_or_resume(ckpt, abstract, shardings, init, jax.random.key(0), data,
                                       feeder, programs.PhasedStep.single(step), mesh, ())
-    assert start.step == 0 and start.compile_s > 0
+    t = start.times
+    assert start.step == 0 and not t.resumed
+    assert 0 < t.lower_s < t.compile_s and t.state_s > 0
+    line = loop.started_message(1, t, 0.25, 9.0)
+    assert line.startswith(f"step 1 started: train step traced and compiled (or loaded from the "
+                           f"compilation cache) in {t.compile_s:.1f} s beside creating or "
+                           "restoring the state (trace + lowering ")
+    assert "; state initialised in " in line and line.endswith(
+        "; first call 0.2 s), 9.0 s after the process started")
     state = start.state
     for _ in range(3):
         batch = next(start.batches)
@@ -261,7 +269,8 @@ def test_start_or_resume_compiles_the_step_beside_the_restore(tmp_path, caplog):
     ckpt, abstract, shardings, init, step, data, feeder, mesh = _start_pieces(tmp_path)
     start = state_lib.start_or_resume(ckpt, abstract, shardings, init, jax.random.key(1), data,
                                       feeder, programs.PhasedStep.single(step), mesh, ())
-    assert start.step == 3
+    assert start.step == 3 and start.times.resumed and start.times.state_s > 0
+    assert "; state restored in " in loop.started_message(4, start.times, 0.0, None)
     np.testing.assert_array_equal(np.asarray(start.state["w"]), want)
     batch = next(start.batches)
     assert float(batch["x"][0]) == 3

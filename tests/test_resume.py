@@ -33,8 +33,9 @@ RUN_TIMEOUT = 300  # seconds per subprocess (a cold compile on 2 CPU cores takes
 
 PROGRESS_RE = re.compile(r"^step\s+(\d+)/(\d+)\b")
 STARTED_RE = re.compile(r"^step (\d+) started: .* in ([\d.]+) s beside creating or restoring the "
-                        r"state \(first call [\d.]+ s\), ([\d.]+) s after the process started$",
-                        re.M)
+                        r"state \(trace \+ lowering [\d.]+ s, XLA [\d.]+ s; state restored in "
+                        r"[\d.]+ s; first call [\d.]+ s\), ([\d.]+) s after the process "
+                        r"started$", re.M)
 STOPPED_RE = re.compile(r"Stopped by a preemption signal at step (\d+)")
 NONFINITE_RE = re.compile(r"NaN/Inf at step (\d+)")
 

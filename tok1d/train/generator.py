@@ -251,7 +251,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
         # ------------------------------------------------------------ loop
         result = loop.train_loop(config, workdir, state, first_step, steps, start.batches,
-                                 train_iter, checkpointer, writer, run_eval, start.compile_s)
+                                 train_iter, checkpointer, writer, run_eval, start.times)
     writer.close()
     return result
 

@@ -16,7 +16,7 @@ from clu import metrics as clu_metrics
 from tok1d import errors, parallel, summary
 from tok1d.train import checkpoint as ckpt_lib
 from tok1d.train import config_lib, programs
-from tok1d.train.state import TrainState
+from tok1d.train.state import StartTimes, TrainState
 from tok1d.weights import layout
 
 
@@ -96,7 +96,7 @@ COMPILE_LEAD_S = 600.0
 def train_loop(config, workdir: str, state: TrainState, first_step: int,
                steps: programs.PhasedStep, feeder: Iterator[Any], train_iter: Any,
                checkpointer: ckpt_lib.Checkpointer, writer,
-               run_eval: Callable[[TrainState, int], Mapping[str, Any]], compile_s: float,
+               run_eval: Callable[[TrainState, int], Mapping[str, Any]], times: StartTimes,
                step_args: tuple = ()) -> dict[str, Any]:
     """Steps until `config.total_steps`: averaged train scalars and progress (steps/s, img/s,
     ETA) every `log_every_steps`, `run_eval(state, step)` every `eval_every_steps` and at the
@@ -105,12 +105,11 @@ def train_loop(config, workdir: str, state: TrainState, first_step: int,
 
     `steps.at(step)(state, batch, *step_args) -> (state, scalars, finite)` is the step of each
     phase; the next phase's step compiles in the background (under the current mesh and
-    logical axis rules) from about `COMPILE_LEAD_S` (or 3x `compile_s`) before its first step,
-    at the rate the steps have run, and takes over there.
-    `run_eval` returns the metrics it wrote; `compile_s`: the seconds the first step's
-    compilation took before the loop, beside creating or restoring the state
-    (`state.start_or_resume`). Returns {"step": ..., **final eval metrics} (also written to
-    metrics.json)."""
+    logical axis rules) from about `COMPILE_LEAD_S` (or 3x the first step's compile) before
+    its first step, at the rate the steps have run, and takes over there.
+    `run_eval` returns the metrics it wrote; `times`: what the start took before the loop
+    (`state.start_or_resume`), logged with the first step. Returns {"step": ...,
+    **final eval metrics} (also written to metrics.json)."""
     total = config.total_steps
     preempt = ckpt_lib.PreemptionFlag()
     log = log_fn()
@@ -157,12 +156,12 @@ def train_loop(config, workdir: str, state: TrainState, first_step: int,
             t0 = time.perf_counter()
             state, scalars, finite = train_step(state, batch, *step_args)
             if step == first_step:
-                log(started_message(step + 1, compile_s, time.perf_counter() - t0,
+                log(started_message(step + 1, times, time.perf_counter() - t0,
                                     summary.process_age()))
                 t_loop = time.perf_counter()
             elif (ahead is None and change is not None and change < total
                   and (change - step) * (time.perf_counter() - t_loop) / (step - first_step)
-                  <= max(COMPILE_LEAD_S, 3 * compile_s)):
+                  <= max(COMPILE_LEAD_S, 3 * times.compile_s)):
                 ahead = compile_ahead(state, batch)
             step += 1
             if pending is not None:
@@ -205,15 +204,19 @@ def train_loop(config, workdir: str, state: TrainState, first_step: int,
         writer.flush()
 
 
-def started_message(step: int, compile_s: float, first_call_s: float,
+def started_message(step: int, times: StartTimes, first_call_s: float,
                     age_s: Optional[float]) -> str:
     """The line a run prints when its first step is under way: how long tracing and compiling
     the step (or loading it from the persistent compilation cache) took beside creating or
-    restoring the state, what a (re)start pays before training, and the first call's time."""
+    restoring the state, what a (re)start pays before training, split into its parts, and the
+    first call's time."""
     since = "" if age_s is None else f", {age_s:.1f} s after the process started"
+    state = "restored" if times.resumed else "initialised"
     return (f"step {step} started: train step traced and compiled (or loaded from the "
-            f"compilation cache) in {compile_s:.1f} s beside creating or restoring the state "
-            f"(first call {first_call_s:.1f} s){since}")
+            f"compilation cache) in {times.compile_s:.1f} s beside creating or restoring the "
+            f"state (trace + lowering {times.lower_s:.1f} s, XLA "
+            f"{times.compile_s - times.lower_s:.1f} s; state {state} in {times.state_s:.1f} s; "
+            f"first call {first_call_s:.1f} s){since}")
 
 
 def setup_run(config, workdir: str) -> tuple[str, Any, Any, Any, Any]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import time
 from typing import Any, Callable, Iterator, Mapping, Optional, Protocol
 
 import flax
@@ -84,15 +85,26 @@ def state_shardings_and_init(init_params: Callable[[jax.Array], Any],
     return abstract, shardings, jitted_init
 
 
+@dataclasses.dataclass(frozen=True)
+class StartTimes:
+    """What a (re)start paid before its first step, in seconds: the train step's compile
+    (`compile_s`, of which `lower_s` tracing and lowering, the rest XLA's compile or its load
+    from the persistent compilation cache) and, beside it, restoring the state from a
+    checkpoint (`resumed`) or initialising it (`state_s`)."""
+    compile_s: float
+    lower_s: float
+    state_s: float
+    resumed: bool
+
+
 @dataclasses.dataclass
 class Start:
     """Where a run starts: its state and first step (0 for a fresh run), its batches (the
-    feeder with the first batch put back in front) and the seconds the train step's
-    compilation took beside restoring or initialising the state."""
+    feeder with the first batch put back in front) and what the start took (`times`)."""
     state: TrainState
     step: int
     batches: Iterator[Any]
-    compile_s: float
+    times: StartTimes
 
 
 def start_or_resume(checkpointer: ckpt_lib.Checkpointer, abstract: TrainState,
@@ -117,6 +129,10 @@ def start_or_resume(checkpointer: ckpt_lib.Checkpointer, abstract: TrainState,
     target = ckpt_lib.abstract_with_shardings(abstract, shardings)
     compiling = programs.BackgroundCompile(
         steps.at(latest or 0), (target, first, *step_args), mesh, rules)
-    state = init(rng) if latest is None else checkpointer.restore(latest, target)
+    t0 = time.perf_counter()
+    state = jax.block_until_ready(
+        init(rng) if latest is None else checkpointer.restore(latest, target))
+    state_s = time.perf_counter() - t0
     compiling.wait()
-    return Start(state, latest or 0, itertools.chain([first], feeder), compiling.seconds)
+    return Start(state, latest or 0, itertools.chain([first], feeder), StartTimes(
+        compiling.seconds, compiling.lower_seconds, state_s, latest is not None))

@@ -578,7 +578,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
         # ------------------------------------------------------------ loop
         result = loop.train_loop(config, workdir, state, first_step, t.steps, start.batches,
-                                 train_iter, checkpointer, writer, run_eval, start.compile_s,
+                                 train_iter, checkpointer, writer, run_eval, start.times,
                                  step_args=(frozen,))
     writer.close()
     return result
