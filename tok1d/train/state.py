@@ -89,8 +89,8 @@ def state_shardings_and_init(init_params: Callable[[jax.Array], Any],
 class StartTimes:
     """What a (re)start paid before its first step, in seconds: the train step's compile
     (`compile_s`, of which `lower_s` tracing and lowering, the rest XLA's compile or its load
-    from the persistent compilation cache) and, beside it, restoring the state from a
-    checkpoint (`resumed`) or initialising it (`state_s`)."""
+    from the persistent compilation cache) and, beside it, creating the state (`state_s`):
+    restored from a checkpoint when `resumed`, else initialised."""
     compile_s: float
     lower_s: float
     state_s: float
