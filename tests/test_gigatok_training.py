@@ -277,8 +277,9 @@ def test_schedules_are_cosine_v2_and_the_disc_follows_the_global_step():
 def test_each_phase_gets_its_own_program_without_what_is_off():
     """`config.phase_programs`: the phases of a recipe with warm-up terms and a GAN, where they
     change, and the last phase's step lowered without the finished warm-up's shortcut decoder
-    (the one program of `phase_programs=False` keeps it). Values: the next test, the GigaTok /
-    TiTok train-step parity tests (phase programs) and `full_run`'s schedule checks."""
+    (the one program of `phase_programs=False` keeps it). Values: the next test (the overlap
+    phase), the GigaTok / TiTok train-step parity tests (phase programs) and `full_run`'s
+    schedule checks."""
     config = tiny(config_lib.load(os.path.join(REPO, "configs/gigatok.py:b_l")), steps=6,
                   aux_end=2, gan_start=1)
     phase_at, bounds = tokenizer.phase_schedule(config)
@@ -304,17 +305,18 @@ def test_each_phase_gets_its_own_program_without_what_is_off():
     assert convs["last"] < 0.8 * convs["single"], convs
 
 
-def test_a_phase_program_steps_like_the_single_program():
-    """In each phase, the step compiled for that phase gives the single program's logged
-    scalars and new state, on the same state and batch. The overlap phase (warm-up terms and
-    the discriminator both on, step 1 here) has no golden fixture run through phase programs
-    (the DINO-disc parity test runs one program), so this is its check.
+def test_the_overlap_phase_program_steps_like_the_single_program():
+    """The step compiled for the overlap phase (warm-up terms and the discriminator both on;
+    step 1 here) gives the single program's logged scalars and new state, on the same state
+    and batch. The other phases step through the golden GigaTok fixture with phase programs
+    (tests/test_train_parity_gigatok.py); this one has no fixture run through them (the
+    DINO-disc parity test runs one program), so this is its check.
 
     Adam's first update moves each parameter by about lr * sign(gradient), so a leaf whose
-    gradient is rounding noise may move either way in two programs that fuse differently (seen:
-    an adaptive norm's bias in the tiny decoder, first moment 1e-9 against a largest 0.3, at
-    step 0). Leaves whose first moment is below 1e-7 of the largest are left out of the state
-    comparison, and only they: in exact arithmetic their gradient is zero (attention key
+    gradient is rounding noise may move either way in two programs that fuse differently (seen
+    at step 0: an adaptive norm's bias in the tiny decoder, first moment 1e-9 against a
+    largest 0.3). Leaves whose first moment is below 1e-7 of the largest are left out of the
+    state comparison, and only they: in exact arithmetic their gradient is zero (attention key
     biases; here also the biases of the convolutions before a group norm of one channel per
     group), so they say nothing about the programs."""
     config = tiny(config_lib.load(os.path.join(REPO, "configs/gigatok.py:b_l")), steps=4,
@@ -324,6 +326,9 @@ def test_a_phase_program_steps_like_the_single_program():
     with config.unlocked():
         config.phase_programs = False
     single = tokenizer.build_training(config, mesh, rules, batch_sh)
+    step = 1
+    phase = tokenizer.phase_schedule(config)[0](step)
+    assert phase.warmup and phase.gan
     images = jax.device_put(jax.random.uniform(jax.random.key(3), (16, 32, 32, 3)), batch_sh)
 
     def param_key(path):  # the parameter a leaf of params / ema / mu / nu belongs to
@@ -332,26 +337,25 @@ def test_a_phase_program_steps_like_the_single_program():
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         start = phased.init(jax.random.key(0))
-        for step in (1, 0, 2):  # the overlap first
-            runs = [t.steps.at(step)(  # a copy each: the step donates its state
-                jax.tree.map(jnp.copy, start).replace(step=jnp.asarray(step, start.step.dtype)),
-                {"image": images}, phased.frozen) for t in (phased, single)]
-            (new_p, scalars_p, finite_p), (new_s, scalars_s, finite_s) = runs
-            assert bool(finite_p) and bool(finite_s)
-            assert set(scalars_p) == set(scalars_s)
-            for name in scalars_s:
-                np.testing.assert_allclose(scalars_p[name], scalars_s[name], rtol=2e-5,
-                                           atol=1e-6, err_msg=f"step {step}: {name}")
-            mu = optax.tree_utils.tree_get(new_s.opt_state, "mu")
-            top = {param_key(p): np.abs(np.asarray(m)).max()
-                   for p, m in jax.tree_util.tree_leaves_with_path(mu)}
-            noise = {k for k, v in top.items() if v < 1e-7 * max(top.values())}
-            assert len(noise) < 0.2 * len(top), noise  # not a way to skip real differences
-            compared = []
-            for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(new_p),
-                                    jax.tree.leaves(new_s)):
-                if param_key(path) not in noise:
-                    np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6,
-                                               err_msg=f"step {step}: {jax.tree_util.keystr(path)}")
-                    compared.append(path)
-            assert len(compared) > 0.8 * len(jax.tree.leaves(new_s))
+        runs = [t.steps.at(step)(  # a copy each: the step donates its state
+            jax.tree.map(jnp.copy, start).replace(step=jnp.asarray(step, start.step.dtype)),
+            {"image": images}, phased.frozen) for t in (phased, single)]
+    (new_p, scalars_p, finite_p), (new_s, scalars_s, finite_s) = runs
+    assert bool(finite_p) and bool(finite_s)
+    assert set(scalars_p) == set(scalars_s)
+    assert float(scalars_s["warmup_losses_active"]) == 1 and float(scalars_s["gan_active"]) == 1
+    for name in scalars_s:
+        np.testing.assert_allclose(scalars_p[name], scalars_s[name], rtol=2e-5, atol=1e-6,
+                                   err_msg=name)
+    mu = optax.tree_utils.tree_get(new_s.opt_state, "mu")
+    top = {param_key(p): np.abs(np.asarray(m)).max()
+           for p, m in jax.tree_util.tree_leaves_with_path(mu)}
+    noise = {k for k, v in top.items() if v < 1e-7 * max(top.values())}
+    assert len(noise) < 0.2 * len(top), noise  # not a way to skip real differences
+    compared = 0
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(new_p), jax.tree.leaves(new_s)):
+        if param_key(path) not in noise:
+            np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6,
+                                       err_msg=jax.tree_util.keystr(path))
+            compared += 1
+    assert compared > 0.8 * len(jax.tree.leaves(new_s))
