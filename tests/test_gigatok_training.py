@@ -327,7 +327,7 @@ def test_the_overlap_phase_program_steps_like_the_single_program():
         config.phase_programs = False
     single = tokenizer.build_training(config, mesh, rules, batch_sh)
     step = 1
-    phase = tokenizer.phase_schedule(config)[0](step)
+    phase = phased.steps.phase_at(step)
     assert phase.warmup and phase.gan
     images = jax.device_put(jax.random.uniform(jax.random.key(3), (16, 32, 32, 3)), batch_sh)
 
