@@ -79,5 +79,7 @@ def get_config(arg: str = ""):
     o.grad_clip = 1.0
     config.sampling = dict(cfg_scale=v["cfg_scale"], cfg_schedule="step",
                            cfg_kwargs=dict(window_start=0.18), temperature=1.0, top_k=0,
-                           top_p=1.0)
+                           top_p=1.0,
+                           # decode in chunks of 32 cache positions (0: one loop, whole cache)
+                           cache_chunk=32)
     return config

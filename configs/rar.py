@@ -93,5 +93,6 @@ def get_config(arg: str = ""):
     o.b2 = 0.96
     o.weight_decay = 0.03
     o.grad_clip = 1.0
-    config.sampling = dict(v["sampling"], top_k=0, top_p=1.0)
+    # cache_chunk: decode in chunks of 32 cache positions (0: one loop over the whole cache)
+    config.sampling = dict(v["sampling"], top_k=0, top_p=1.0, cache_chunk=32)
     return config

@@ -14,6 +14,7 @@ from flax import linen as nn
 
 from tok1d.generation import autoregressive as ar
 from tok1d.models.generators import gpt as gpt_lib
+from tok1d.layers import transformer
 from tok1d.layers.transformer import init_cache
 from tok1d.models.generators.gpt import GPT
 
@@ -81,10 +82,10 @@ def _reference_sample(model, params, labels, rng, cfg_scale, schedule, cfg_kwarg
 
 @pytest.mark.parametrize("settings", [
     dict(cfg_scale=1.0, temperature=1.0),
-    dict(cfg_scale=2.5, temperature=0.8, top_k=10),
-    dict(cfg_scale=3.0, cfg_schedule="linear", top_p=0.7),
+    dict(cfg_scale=2.5, temperature=0.8, top_k=10, cache_chunk=3),   # 3 loops: cache 3, 6, 9
+    dict(cfg_scale=3.0, cfg_schedule="linear", top_p=0.7, cache_chunk=1),  # one per step
     dict(cfg_scale=2.0, cfg_schedule="step", cfg_kwargs={"window_start": 0.5}, top_k=20,
-         top_p=0.9, temperature=1.3),
+         top_p=0.9, temperature=1.3, cache_chunk=0),                  # one loop, whole cache
 ])
 def test_jitted_sampler_matches_uncached_reference(settings):
     model = _model()
@@ -94,15 +95,48 @@ def test_jitted_sampler_matches_uncached_reference(settings):
     cfg_scale = s.pop("cfg_scale")
     schedule = s.pop("cfg_schedule", "constant")
     cfg_kwargs = s.pop("cfg_kwargs", {})
+    chunk = s.pop("cache_chunk", ar.CACHE_CHUNK)
     with jax.default_matmul_precision("highest"):
         for seed in (0, 1):
             rng = jax.random.key(seed)
             got = ar.sample(model, params, labels, rng, cfg_scale=cfg_scale,
-                            cfg_schedule=schedule, cfg_kwargs=cfg_kwargs, **s)
+                            cfg_schedule=schedule, cfg_kwargs=cfg_kwargs, cache_chunk=chunk,
+                            **s)
             want = _reference_sample(model, params, labels, rng, cfg_scale, schedule,
                                      cfg_kwargs, **s)
             assert got.dtype == jnp.int32 and got.shape == (3, TOKENS)
             np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_cache_chunks_cover_every_step_with_the_positions_it_writes():
+    for prefix, steps, chunk in [(1, 255, 32), (2, 256, 32), (1, 8, 3), (2, 8, 1), (1, 8, 0),
+                                 (1, 8, 100)]:
+        chunks = ar.cache_chunks(prefix, steps, chunk)
+        assert [c[0] for c in chunks] == [0] + [c[1] for c in chunks[:-1]]   # contiguous
+        assert chunks[-1][1] == steps and chunks[-1][2] == prefix + steps   # all, whole cache
+        for start, stop, length in chunks:
+            assert start < stop and prefix + stop <= length   # each step's position fits
+            assert length == prefix + steps or length % chunk == 0
+    lengths = [c[2] for c in ar.cache_chunks(1, 255, 32)]
+    assert lengths == [32, 64, 96, 128, 160, 192, 224, 256]   # GPT-B: 8 loops
+    read = sum((stop - start) * length for start, stop, length in ar.cache_chunks(1, 255, 32))
+    assert 0.56 < read / (255 * 256) < 0.57
+    assert ar.cache_chunks(1, 8, 0) == [(0, 8, 9)] and ar.cache_chunks(2, 0, 4) == []
+
+
+def test_resize_cache_cuts_and_pads_the_position_axis():
+    key = jnp.arange(2 * 3 * 5 * 2 * 4, dtype=jnp.float32).reshape(2, 3, 5, 2, 4)  # scanned
+    cache = {"blocks": {"attn": {"cached_key": key, "cached_value": key + 1,
+                                 "cache_index": jnp.int32(3)}}, "position": jnp.int32(3)}
+    short = transformer.resize_cache(cache, 3)
+    assert transformer.cache_length(short) == 3 and short["position"] == 3
+    np.testing.assert_array_equal(short["blocks"]["attn"]["cached_value"], key[:, :, :3] + 1)
+    longer = transformer.resize_cache(short, 6)["blocks"]["attn"]["cached_key"]
+    assert longer.shape == (2, 3, 6, 2, 4)
+    np.testing.assert_array_equal(longer[:, :, :3], key[:, :, :3])
+    assert not np.any(longer[:, :, 3:])
+    with pytest.raises(ValueError, match="no `cached_key`"):
+        transformer.cache_length({"position": jnp.int32(0)})
 
 
 @pytest.mark.parametrize("scan", [True, False])

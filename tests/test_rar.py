@@ -147,9 +147,9 @@ def _reference_sample(model, params, labels, rng, guidance_scale, guidance_pow, 
 
 @pytest.mark.parametrize("settings", [
     dict(guidance_scale=0.0),
-    dict(guidance_scale=16.0, guidance_scale_pow=2.75),          # RAR-B's released settings
+    dict(guidance_scale=16.0, guidance_scale_pow=2.75, cache_chunk=4),  # RAR-B's settings
     dict(guidance_scale=6.9, guidance_scale_pow=1.5, randomize_temperature=1.02, top_k=8,
-         top_p=0.9),
+         top_p=0.9, cache_chunk=0),
 ])
 def test_jitted_sampler_matches_uncached_reference(settings):
     model = _model()
@@ -158,11 +158,13 @@ def test_jitted_sampler_matches_uncached_reference(settings):
     s = dict(settings)
     g, p = s.pop("guidance_scale"), s.pop("guidance_scale_pow", 0.0)
     temperature = s.pop("randomize_temperature", 1.0)
+    chunk = s.pop("cache_chunk", ar.CACHE_CHUNK)
     with jax.default_matmul_precision("highest"):
         for seed in (0, 1):
             rng = jax.random.key(seed)
             got = ar.sample_rar(model, params, labels, rng, guidance_scale=g,
-                                guidance_scale_pow=p, randomize_temperature=temperature, **s)
+                                guidance_scale_pow=p, randomize_temperature=temperature,
+                                cache_chunk=chunk, **s)
             want = _reference_sample(model, params, labels, rng, g, p, temperature=temperature,
                                      **s)
             assert got.dtype == jnp.int32 and got.shape == (3, TOKENS)

@@ -511,6 +511,34 @@ def init_cache(model: nn.Module, params: Any, batch_size: int) -> dict:
     return variables["cache"]
 
 
+def cache_length(cache: Any) -> int:
+    """The number of positions a "cache" collection holds (that of its first key cache)."""
+    keys = [x for path, x in jax.tree_util.tree_leaves_with_path(cache)
+            if getattr(path[-1], "key", None) == "cached_key"]
+    if not keys:
+        raise ValueError("The cache holds no `cached_key`; is it a decoding cache?")
+    return keys[0].shape[-3]
+
+
+def resize_cache(cache: Any, length: int) -> Any:
+    """`cache` with every key / value cache cut or zero-padded to `length` positions (axis -3 of
+    (..., max_len, heads, head_dim): the layer axis of a scanned stack stays in front); indices
+    and positions unchanged. `Attention` attends over whatever length its cache has, masking
+    the unfilled tail, so a decoding step on a shorter cache gives the same result as long as
+    the cache holds every position written so far plus the step's own."""
+    def fit(path, x):
+        if getattr(path[-1], "key", None) not in ("cached_key", "cached_value"):
+            return x
+        axis = x.ndim - 3
+        have = x.shape[axis]
+        if length <= have:
+            return jax.lax.slice_in_dim(x, 0, length, axis=axis)
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (0, length - have)
+        return jnp.pad(x, widths)
+    return jax.tree_util.tree_map_with_path(fit, cache)
+
+
 # The names of every layer stack's two layouts: scanned (one group, a leading layer axis) ->
 # unrolled (one group per layer). `Transformer` ("blocks"), GigaTok's halves ("layers"), the
 # DINO discriminator's heads ("heads").
