@@ -7,24 +7,28 @@
 #
 #   bash benchmarks/gpu_session.sh OUT_DIR [PLAN]
 #
-# PLAN (default "train cmdbuf profile"), run in this order:
+# PLAN (default "attn cmdbuf"; then a second call with "train profile"), run in this order:
+#   attn     TiTok-L-32 stage 1 (batch 64) with XLA's attention and with cuDNN's fused
+#            attention, and stage 2 (batch 32) with cuDNN's (stage 2 with XLA's: 83.7 img/s on
+#            2026-12-04): compiled three at a time, then timed
+#   cmdbuf   GPT-B sampling timed three times: as the sampler decodes by default (the KV cache
+#            read in chunks), on the whole cache at every token (cache_chunk=0, the 2026-12-04
+#            program), and in chunks with while loops and conditionals recorded into CUDA
+#            graphs as well (XLA_FLAGS --xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL);
+#            rows in cmdbuf.jsonl (command and xla_flags tell them apart), logs under cmdbuf/
 #   train    GigaTok B-L training at batch 16 and 32: compiled two at a time, then timed
 #            (not measured on 2026-12-04: its compile did not finish under load)
-#   cmdbuf   GPT-B sampling timed twice, as XLA builds it by default and with while loops and
-#            conditionals recorded into CUDA graphs as well (XLA_FLAGS
-#            --xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL): its 256-token loop ran at
-#            0.91 ms per token on 2026-12-04, which looks launch-bound; rows in cmdbuf.jsonl
-#            (their xla_flags column tells them apart), logs under cmdbuf/ in logs.tgz
 #   targets  every other target, compiled three at a time, then timed
 #   profile  3 profiled calls of TiTok-L-32 stage 1 and GPT-B sampling; their logs end with
 #            where the device's time went (tok1d.cli.trace_summary)
 # BUDGET (default 540): seconds for the whole script. Each part has its own limit (train and
-# targets 300 s, each of cmdbuf's two runs 120 s, profile 150 s, less what is left of BUDGET),
+# targets 300 s, attn 270 s, cmdbuf 150 s for its first two runs and 90 s for the third,
+# profile 150 s, less what is left of BUDGET),
 # starts no target in its last 60 s (targets.sh DEADLINE) and cuts any target process 10 s
 # before its end.
 set -uo pipefail
 OUT=${1:?usage: benchmarks/gpu_session.sh OUT_DIR [PLAN]}
-PLAN=${2:-train cmdbuf profile}
+PLAN=${2:-attn cmdbuf}
 BUDGET=${BUDGET:-540}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -55,14 +59,15 @@ CMDBUF="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_enable_command_buffer=+WHILE,+CONDITI
 
 for p in $PLAN; do
   case $p in
+    attn)    part 270 "$LOGS" TARGETS="titok_s1_b64 titok_s1_cudnn titok_s2_cudnn" WARM=1 ;;
     train)   part 300 "$LOGS" TARGETS="gigatok_b16 gigatok_b32" WARM=1 JOBS=2 ;;
-    cmdbuf)  part 120 "$LOGS/cmdbuf" TARGETS="gpt_b_sample"
-             part 120 "$LOGS/cmdbuf/graphs" TARGETS="gpt_b_sample" XLA_FLAGS="$CMDBUF" ;;
+    cmdbuf)  part 150 "$LOGS/cmdbuf" TARGETS="gpt_b_sample gpt_b_whole"
+             part 90 "$LOGS/cmdbuf/graphs" TARGETS="gpt_b_sample" XLA_FLAGS="$CMDBUF" ;;
     targets) part 300 "$LOGS" TARGETS="titok_s1_b64 titok_s2_b32 titok_s2_b64 titok_sample \
 gigatok_encode gigatok_decode gpt_b_sample rar_b_sample" WARM=1 JOBS=3 ;;
     profile) part 150 "$LOGS" TARGETS="titok_s1_b64 gpt_b_sample" TOK1D_BENCH_STEPS=3 \
                TOK1D_BENCH_FLAGS="--profile=$LOGS/profile" ;;
-    *) echo "unknown part $p (train, cmdbuf, targets, profile)" >&2 ;;
+    *) echo "unknown part $p (attn, cmdbuf, train, targets, profile)" >&2 ;;
   esac
 done 2>&1 | tee "$OUT/session.log"
 for f in bench.jsonl compile.jsonl; do [[ -f $LOGS/$f ]] && cp "$LOGS/$f" "$OUT/"; done

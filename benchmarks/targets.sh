@@ -29,6 +29,7 @@
 #   TiTok-L-32 8-step sampling + decode >= 400 @125 | GigaTok B-L train >= 85 @16, 32 fits
 #   GigaTok B-L encode >= 960 @64, decode >= 500 @64 | GPT-B 256-token CFG sampling >= 220 @64
 #   RAR-B 256-token CFG sampling + MaskGIT-VQGAN decode @64 (no official number in baselines.md)
+# and three variants (titok_s1_cudnn, titok_s2_cudnn, gpt_b_whole) to compare with them.
 set -uo pipefail
 OUT=${1:?usage: benchmarks/targets.sh OUT_DIR}
 mkdir -p "$OUT"
@@ -71,6 +72,15 @@ bench gpt_b_sample   --config=configs/gpt_gigatok.py:b --workload=sample --batch
                      --tokenizer_config=configs/gigatok_b_l.py
 bench rar_b_sample   --config=configs/rar.py:b --workload=sample --batch_size=64 \
                      --tokenizer_config=benchmarks/maskgit_vqgan_tokenizer.py
+# Variants, to compare with the targets above in the same call:
+# cuDNN's fused attention in the TiTok steps (XLA's attention writes 289 x 289 scores per head)
+bench titok_s1_cudnn --config=configs/titok.py:l32_stage1 --workload=train --batch_size=64 \
+                     --config.model.attention_impl=cudnn
+bench titok_s2_cudnn --config=configs/titok.py:l32_stage2 --workload=train --batch_size=32 \
+                     --config.model.attention_impl=cudnn
+# GPT-B decoding on the whole KV cache at every token (one loop; the default reads it in chunks)
+bench gpt_b_whole    --config=configs/gpt_gigatok.py:b --workload=sample --batch_size=64 \
+                     --tokenizer_config=configs/gigatok_b_l.py --config.sampling.cache_chunk=0
 }
 
 if [[ -n "${WARM:-}" ]]; then

@@ -130,11 +130,17 @@ def common(*, total_steps: int, warmup_steps: int, b2: float):
 NESTED_DROPOUT = "none"
 
 
+# Attention kernel: "xla" (XLA's own: materialises the 289 x 289 scores) or "cudnn" (cuDNN's
+# fused attention, NVIDIA GPUs; sequences padded to a multiple of 64, see
+# tok1d.layers.transformer.attend), e.g. --config.model.attention_impl=cudnn.
+ATTENTION = "xla"
+
+
 def two_stage_model(sizes: dict) -> dict:
     """4096 x 12 l2-normalised codebook and the 1024-way proxy-code head."""
     return dict(name="titok", patch_size=16, codebook_size=4096, token_dim=12, l2_norm=True,
                 decoder_head="logits", num_proxy_codes=1024, remat="dots",
-                nested_dropout=NESTED_DROPOUT, **sizes)
+                nested_dropout=NESTED_DROPOUT, attention_impl=ATTENTION, **sizes)
 
 
 def stage1(sizes: dict):
@@ -172,7 +178,7 @@ def single_stage(sizes: dict):
     """L2 + LPIPS + 0.1 ConvNeXt-S + GAN from step 200k, VQ losses or KL; 1M steps."""
     config = common(total_steps=1_000_000, warmup_steps=10_000, b2=0.999)
     config.model = dict(name="titok", patch_size=16, decoder_head="pixels", remat="dots",
-                        nested_dropout=NESTED_DROPOUT, **sizes)
+                        nested_dropout=NESTED_DROPOUT, attention_impl=ATTENTION, **sizes)
     vae = sizes["quantizer"] == "vae"
     if vae:
         config.model["token_dim"] = 16

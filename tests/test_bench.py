@@ -170,7 +170,7 @@ def test_targets_script_names_real_configs(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     logs = sorted((tmp_path / "all").glob("*.log"))
-    assert len(logs) == 10
+    assert len(logs) == 13  # 10 targets, 3 variants
     for log in logs:
         words = log.read_text().split()
         assert words[:2] == ["-m", "tok1d.cli.bench"] and "--compile_only" in words
@@ -178,6 +178,15 @@ def test_targets_script_names_real_configs(tmp_path):
             if word.startswith(("--config=", "--tokenizer_config=")):
                 path = word.split("=", 1)[1].partition(":")[0]  # configs/FAMILY.py:ARG
                 assert os.path.exists(os.path.join(REPO, path)), word
+        config = config_lib.load(os.path.join(
+            REPO, next(w for w in words if w.startswith("--config=")).split("=", 1)[1]))
+        for word in words:  # overrides name fields the config has (else the run fails)
+            if word.startswith("--config."):
+                *parents, last = word[len("--config."):].split("=", 1)[0].split(".")
+                node = config
+                for part in parents:
+                    node = node[part]
+                assert last in node, word
     env["TARGETS"] = "gpt_b_sample"
     subprocess.run(["bash", script, str(tmp_path / "one")], cwd=REPO, env=env, check=True,
                    capture_output=True, timeout=60)
@@ -216,8 +225,9 @@ def test_targets_script_compiles_first_then_times(tmp_path):
 
 def test_gpu_session_times_gpt_sampling_with_and_without_graphs_of_its_loop(tmp_path):
     """benchmarks/gpu_session.sh's cmdbuf part (with a fake Python that writes each bench row
-    with the XLA_FLAGS it saw): GPT-B sampling timed twice, the second time with while loops and
-    conditionals in XLA's command buffers, both rows in OUT/cmdbuf.jsonl and both logs kept."""
+    with the XLA_FLAGS it saw): GPT-B sampling timed three times: as it decodes by default, on
+    the whole KV cache (cache_chunk=0), and with while loops and conditionals in XLA's command
+    buffers; the rows in OUT/cmdbuf.jsonl and every log kept."""
     fake = tmp_path / "python"
     fake.write_text('#!/bin/bash\nfor a in "$@"; do case $a in --out=*) out=${a#--out=};; '
                     'esac; done\n[[ -n ${out:-} ]] && echo "{\\"args\\": \\"$*\\", '
@@ -231,12 +241,14 @@ def test_gpu_session_times_gpt_sampling_with_and_without_graphs_of_its_loop(tmp_
     assert run.returncode == 0, run.stderr
     rows = [json.loads(line) for line in (out / "cmdbuf.jsonl").read_text().splitlines()]
     assert [r["xla_flags"] for r in rows] == [
-        "--xla_dump_to=/tmp/x",
+        "--xla_dump_to=/tmp/x", "--xla_dump_to=/tmp/x",
         "--xla_dump_to=/tmp/x --xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL"]
     assert all("--config=configs/gpt_gigatok.py:b --workload=sample" in r["args"] for r in rows)
+    assert ["cache_chunk=0" in r["args"] for r in rows] == [False, True, False]
     logs = subprocess.run(["tar", "tzf", str(out / "logs.tgz")], capture_output=True, text=True,
                           check=True).stdout.split()
-    assert {"./cmdbuf/gpt_b_sample.log", "./cmdbuf/graphs/gpt_b_sample.log"} <= set(logs)
+    assert {"./cmdbuf/gpt_b_sample.log", "./cmdbuf/gpt_b_whole.log",
+            "./cmdbuf/graphs/gpt_b_sample.log"} <= set(logs)
     assert not (out / "bench.jsonl").exists()  # no other part ran
 
 
@@ -349,28 +361,38 @@ def test_checkpoint_speed_script_times_both_settings(tmp_path):
 
 
 def test_gpu_session_script_runs_its_plan_and_returns_few_files(tmp_path):
-    """benchmarks/gpu_session.sh (a fake python): the train part compiles then times GigaTok
-    B-L, the cmdbuf part times GPT-B sampling twice, the profile part passes --profile; OUT
-    holds a handful of files (a lent machine returns at most 8), every target's log in
-    logs.tgz."""
+    """benchmarks/gpu_session.sh (a fake python): the default plan compiles then times TiTok
+    with both attentions and times GPT-B sampling three ways; the second call's plan ("train
+    profile") compiles then times GigaTok B-L and passes --profile; OUT holds a handful of files
+    (a lent machine returns at most 8), every target's log in logs.tgz."""
     import tarfile
     fake = tmp_path / "python"
     fake.write_text('#!/bin/bash\necho "$@"\n')
     fake.chmod(0o755)
-    out = tmp_path / "out"
     env = dict(os.environ, PYTHON=str(fake), BUDGET="180")
-    run = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu_session.sh"), str(out)],
-                         env=env, capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr
-    assert {p.name for p in out.iterdir()} == {"env.txt", "session.log", "logs.tgz"}
-    with tarfile.open(out / "logs.tgz") as tar:
-        logs = {os.path.normpath(m.name): tar.extractfile(m).read().decode()
-                for m in tar.getmembers() if m.isfile()}
-    assert set(logs) == {"gigatok_b16.compile.log", "gigatok_b32.compile.log",
-                         "gigatok_b16.log", "gigatok_b32.log", "cmdbuf/gpt_b_sample.log",
-                         "cmdbuf/graphs/gpt_b_sample.log", "titok_s1_b64.log",
-                         "gpt_b_sample.log"}
-    assert "--compile_only" in logs["gigatok_b16.compile.log"]
-    assert "--profile=" not in logs["cmdbuf/graphs/gpt_b_sample.log"]
-    assert "--profile=" in logs["gpt_b_sample.log"] and "--steps=3" in logs["gpt_b_sample.log"]
-    assert "== done in" in (out / "session.log").read_text()
+    logs = {}
+    for name, plan in (("first", []), ("second", ["train profile"])):
+        out = tmp_path / name
+        run = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu_session.sh"),
+                              str(out), *plan], env=env, capture_output=True, text=True,
+                             timeout=120)
+        assert run.returncode == 0, run.stderr
+        assert {p.name for p in out.iterdir()} == {"env.txt", "session.log", "logs.tgz"}
+        assert "== done in" in (out / "session.log").read_text()
+        with tarfile.open(out / "logs.tgz") as tar:
+            logs[name] = {os.path.normpath(m.name): tar.extractfile(m).read().decode()
+                          for m in tar.getmembers() if m.isfile()}
+    first, second = logs["first"], logs["second"]
+    assert set(first) == {"titok_s1_b64.compile.log", "titok_s1_cudnn.compile.log",
+                          "titok_s2_cudnn.compile.log", "titok_s1_b64.log",
+                          "titok_s1_cudnn.log", "titok_s2_cudnn.log",
+                          "cmdbuf/gpt_b_sample.log", "cmdbuf/gpt_b_whole.log",
+                          "cmdbuf/graphs/gpt_b_sample.log"}
+    assert "--config.model.attention_impl=cudnn" in first["titok_s1_cudnn.log"]
+    assert "--config.model.attention_impl" not in first["titok_s1_b64.log"]
+    assert "--config.sampling.cache_chunk=0" in first["cmdbuf/gpt_b_whole.log"]
+    assert set(second) == {"gigatok_b16.compile.log", "gigatok_b32.compile.log",
+                           "gigatok_b16.log", "gigatok_b32.log", "titok_s1_b64.log",
+                           "gpt_b_sample.log"}
+    assert "--compile_only" in second["gigatok_b16.compile.log"]
+    assert "--profile=" in second["gpt_b_sample.log"] and "--steps=3" in second["gpt_b_sample.log"]

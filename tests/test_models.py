@@ -239,6 +239,30 @@ def test_attention_matches_a_plain_softmax_reference():
     np.testing.assert_allclose(attn.apply(variables, x), ref, rtol=1e-5, atol=1e-5)
 
 
+
+def test_padded_attention_is_the_unpadded_attention_with_its_gradients():
+    """What `attend` runs for cuDNN (whose fused attention cannot train on odd lengths such as
+    TiTok's 289): queries and keys / values zero-padded to a multiple, the padding masked by
+    sequence lengths and cut off; checked here with XLA's attention, self and cross."""
+    rng = np.random.default_rng(0)
+    for t, s in [(17, 17), (17, 13), (16, 16)]:
+        q, k, v = (jnp.asarray(rng.normal(size=(2, n, 3, 8)), jnp.float32) for n in (t, s, s))
+
+        def loss(fn):
+            return lambda *x: jnp.sum(jnp.sin(fn(*x)))
+        with jax.default_matmul_precision("highest"):
+            want = jax.nn.dot_product_attention(q, k, v)
+            got = transformer.padded_attention(q, k, v, 8)
+            grads = [jax.grad(loss(f), argnums=(0, 1, 2))(q, k, v) for f in (
+                jax.nn.dot_product_attention, lambda *x: transformer.padded_attention(*x, 8))]
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+        for g_want, g_got in zip(*grads):
+            np.testing.assert_allclose(g_got, g_want, rtol=0, atol=1e-5)
+    mask = jnp.tril(jnp.ones((16, 16), bool))[None, None]  # a mask: XLA's attention as given
+    np.testing.assert_array_equal(transformer.attend(q, q, q, mask),
+                                  jax.nn.dot_product_attention(q, q, q, mask=mask))
+
 def test_entropy_loss_matches_numpy_reference():
     from tok1d.models.quantizers import entropy_loss
     a = np.random.default_rng(0).normal(size=(6, 5)).astype(np.float32)

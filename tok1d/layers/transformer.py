@@ -128,11 +128,47 @@ def make_norm(kind: str, epsilon: float, dtype: Dtype, param_dtype: Dtype, name:
     raise ValueError(f"Unknown norm {kind!r}; expected 'layernorm' or 'rmsnorm'.")
 
 
+# cuDNN's fused attention trains only on even sequence lengths; `attend` pads to this multiple
+# (its kernels' tile) instead.
+CUDNN_MULTIPLE = 64
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[jax.Array] = None,
+           implementation: Optional[str] = None) -> jax.Array:
+    """`jax.nn.dot_product_attention` of (B, T, heads, head_dim) queries and (B, S, heads,
+    head_dim) keys / values. With `implementation="cudnn"` and no mask, T and S are padded to a
+    multiple of `CUDNN_MULTIPLE` (`padded_attention`): cuDNN's fused attention cannot train on
+    odd lengths such as TiTok's 289 (256 patches + 32 latent tokens + the class token)."""
+    if implementation == "cudnn" and mask is None:
+        return padded_attention(q, k, v, CUDNN_MULTIPLE, implementation)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+
+
+def padded_attention(q: jax.Array, k: jax.Array, v: jax.Array, multiple: int,
+                     implementation: Optional[str] = None) -> jax.Array:
+    """Unmasked attention computed on sequences zero-padded to a multiple of `multiple`, the
+    padding masked out by sequence lengths (`query_seq_lengths` / `key_value_seq_lengths`)
+    and cut from the output: the same result as without padding."""
+    batch, t, s = q.shape[0], q.shape[1], k.shape[1]
+    t_pad, s_pad = -(-t // multiple) * multiple, -(-s // multiple) * multiple
+    if (t_pad, s_pad) == (t, s):
+        return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+
+    def pad(x, length):
+        return jnp.pad(x, [(0, 0), (0, length - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+    y = jax.nn.dot_product_attention(
+        pad(q, t_pad), pad(k, s_pad), pad(v, s_pad),
+        query_seq_lengths=jnp.full((batch,), t, jnp.int32),
+        key_value_seq_lengths=jnp.full((batch,), s, jnp.int32), implementation=implementation)
+    return y[:, :t]
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with separate q/k/v projections.
 
-    Uses `jax.nn.dot_product_attention`, which XLA lowers to a fused kernel where the backend has
-    one (`implementation="cudnn"` on recent NVIDIA GPUs); softmax statistics are float32.
+    Uses `jax.nn.dot_product_attention` (`attend`), which XLA lowers to a fused kernel where the
+    backend has one (`implementation="cudnn"` on recent NVIDIA GPUs, lengths padded to a
+    multiple of 64 when unmasked); softmax statistics are float32.
 
     Static KV cache (`decode=True`, causal self-attention only), the usual Flax pattern: the
     first call with `decode=True` and an empty "cache" collection (apply with
@@ -202,8 +238,7 @@ class Attention(nn.Module):
                 k, v, cache_mask = cached
                 mask = cache_mask if mask is None else jnp.logical_and(mask, cache_mask)
         if deterministic or not self.dropout_rate:
-            y = jax.nn.dot_product_attention(q, k, v, mask=mask,
-                                             implementation=self.implementation)
+            y = attend(q, k, v, mask, self.implementation)
         else:
             y = self._attend_with_dropout(q, k, v, mask)
         y = constrain(y, heads)
