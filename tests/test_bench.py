@@ -396,3 +396,33 @@ def test_gpu_session_script_runs_its_plan_and_returns_few_files(tmp_path):
                            "gpt_b_sample.log"}
     assert "--compile_only" in second["gigatok_b16.compile.log"]
     assert "--profile=" in second["gpt_b_sample.log"] and "--steps=3" in second["gpt_b_sample.log"]
+
+
+def test_roofline_counts_loop_kernels_gemm_flops_and_in_place_bytes():
+    """benchmarks/hlo_roofline.py on a small scheduled GPU-style HLO (tests/fixtures): a while
+    loop's body counts its known trip count; a cuBLAS gemm's FLOPs are 2·M·N·K; a fused
+    dynamic-update-slice moves its update, not the stacked buffer; a fusion that reads a stack
+    through a dynamic-slice reads one layer; time is max(bytes / bandwidth, FLOPs / peak) plus
+    the launch; parts come from the op names (encoder / decoder, transpose( = backward)."""
+    spec = importlib.util.spec_from_file_location(
+        "hlo_roofline", os.path.join(REPO, "benchmarks", "hlo_roofline.py"))
+    roofline = importlib.util.module_from_spec(spec)
+    sys.modules["hlo_roofline"] = roofline  # its dataclass looks its module up
+    spec.loader.exec_module(roofline)
+    with open(os.path.join(REPO, "tests", "fixtures", "roofline_loop.hlo.txt")) as f:
+        kernels = {k.name: k for k in roofline.Roofline(f.read(), bandwidth=1e9,
+                                                         launch=1e-6).kernels()}
+    assert sorted(kernels) == ["copy", "gemm", "layer", "next", "updated"]
+    assert kernels["copy"].calls == 1 and kernels["gemm"].calls == 4   # trip count 4
+    layer_bytes = 1 * 8 * 16 * 2
+    assert kernels["gemm"].flops == 4 * 2 * 8 * 16 * 32
+    assert kernels["gemm"].bytes == 4 * (8 * 32 * 4 + 32 * 16 * 4 + 8 * 16 * 4)
+    assert kernels["gemm"].seconds == pytest.approx(4 * (kernels["gemm"].bytes / 4 / 1e9 + 1e-6))
+    assert kernels["updated"].bytes == 4 * (layer_bytes + 4 + layer_bytes)  # update in and out
+    assert kernels["layer"].bytes == 4 * (layer_bytes + 4 + layer_bytes)    # one layer read
+    assert kernels["copy"].bytes == 2 * 4 * layer_bytes
+    assert (kernels["gemm"].kind, kernels["updated"].kind) == ("gemm", "slices (stacks, caches)")
+    assert (kernels["gemm"].part, kernels["updated"].part) == ("encoder fwd", "decoder bwd")
+    text = roofline.summarize(list(kernels.values()), top=2)
+    assert text.startswith("estimated 0.0 ms per call: 17 kernels")
+    assert "top 2 kernels:" in text and "encoder/mlp/dot_general" in text

@@ -181,16 +181,19 @@ def host_batch_slice(sharding: NamedSharding, global_batch: int) -> tuple[int, i
     return start, stop
 
 
+def rows_sharding(sharding: NamedSharding, ndim: int) -> NamedSharding:
+    """An ndim-dimensional array's sharding with its rows split as `sharding`'s batch axis."""
+    return NamedSharding(sharding.mesh, P(*(tuple(sharding.spec)[:1] + (None,) * (ndim - 1))))
+
+
 def global_batch(local: Mapping[str, np.ndarray], sharding: NamedSharding,
                  global_size: int) -> dict[str, jax.Array]:
     """Host-local numpy rows -> global jax.Arrays sharded along the batch axis."""
     out = {}
     for key, value in local.items():
         value = np.asarray(value)
-        spec = P(*(tuple(sharding.spec)[:1] + (None,) * (value.ndim - 1)))
-        shard = NamedSharding(sharding.mesh, spec)
         out[key] = jax.make_array_from_process_local_data(
-            shard, value, (global_size,) + value.shape[1:])
+            rows_sharding(sharding, value.ndim), value, (global_size,) + value.shape[1:])
     return out
 
 

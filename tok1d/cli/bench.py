@@ -233,7 +233,14 @@ def _random_frozen(config) -> None:
             config.discriminator.allow_random_init = True
 
 
-def _global(local: dict, sharding, batch: int) -> dict:
+def _global(local: dict, sharding, batch: int, abstract: bool = False) -> dict:
+    """The global batch of which `local` holds every row: placed on the mesh, or (`abstract`)
+    its shapes with their sharding (nothing placed: compiling for devices this process cannot
+    run on, e.g. benchmarks/gpu_aot.py)."""
+    if abstract:
+        return {k: jax.ShapeDtypeStruct((batch,) + v.shape[1:], v.dtype,
+                                        sharding=parallel.rows_sharding(sharding, v.ndim))
+                for k, v in local.items()}
     start, stop = parallel.host_batch_slice(sharding, batch)
     return parallel.global_batch({k: v[start:stop] for k, v in local.items()}, sharding, batch)
 
@@ -337,7 +344,7 @@ def bench_train(config, batch: int, abstract: bool = False) -> Workload:
         local = {"image": rng.uniform(0, 1, (batch, size, size, 3)).astype(np.float32)}
         extra = (t.frozen,)
     with context():
-        data = _global(local, batch_sh, batch)
+        data = _global(local, batch_sh, batch, abstract)
     shapes = ckpt_lib.abstract_with_shardings(abstract_state, shardings)
     state = {}
 
@@ -419,7 +426,7 @@ def bench_codec(config, batch: int, workload: str, abstract: bool = False) -> Wo
     encode = jax.jit(lambda p, x: model.apply({"params": p}, to_model(x), method=model.encode))
     with context():
         images = _global({"image": rng.uniform(0, 1, (batch, size, size, 3)).astype(np.float32)},
-                         batch_sh, batch)["image"]
+                         batch_sh, batch, abstract)["image"]
         params = _replicated(params, mesh, abstract)
         if workload == "encode":
             fn, args = encode, (params, images)
@@ -453,8 +460,13 @@ def bench_sample(config, batch: int, tokenizer_config, abstract: bool = False) -
         tok_params = _replicated(tok_params, mesh, abstract)
         decoder = SampleDecoder(model, config.sampling.to_dict(), tokenizer, tok_params,
                                 batch_sh)
-        global_labels = _global({"label": labels}, batch_sh, batch)["label"]
-        key = jax.random.key(0)
+        global_labels = _global({"label": labels}, batch_sh, batch, abstract)["label"]
+        if abstract:
+            key = jax.eval_shape(lambda: jax.random.key(0))
+            key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=jax.sharding.NamedSharding(
+                mesh, jax.sharding.PartitionSpec()))
+        else:
+            key = jax.random.key(0)
         codes = jax.eval_shape(decoder.sampler, params, global_labels, key)
     counter = {"i": 0}
 
