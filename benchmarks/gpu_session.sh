@@ -19,8 +19,9 @@
 #   train    GigaTok B-L training at batch 16 and 32: compiled two at a time, then timed
 #            (not measured on 2026-12-04: its compile did not finish under load)
 #   targets  every other target, compiled three at a time, then timed
-#   profile  3 profiled calls of TiTok-L-32 stage 1 and GPT-B sampling; their logs end with
-#            where the device's time went (tok1d.cli.trace_summary)
+#   profile  3 profiled calls of TiTok-L-32 stage 2 and GPT-B sampling; their logs end with
+#            where the device's time went (tok1d.cli.trace_summary). Stage 2 took 382 ms per
+#            step where benchmarks/hlo_roofline.py expects about 240 (stage 1: 352 vs 394)
 # BUDGET (default 540): seconds for the whole script. Each part has its own limit (train and
 # targets 300 s, attn 270 s, cmdbuf 150 s for its first two runs and 90 s for the third,
 # profile 150 s, less what is left of BUDGET),
@@ -65,7 +66,7 @@ for p in $PLAN; do
              part 90 "$LOGS/cmdbuf/graphs" TARGETS="gpt_b_sample" XLA_FLAGS="$CMDBUF" ;;
     targets) part 300 "$LOGS" TARGETS="titok_s1_b64 titok_s2_b32 titok_s2_b64 titok_sample \
 gigatok_encode gigatok_decode gpt_b_sample rar_b_sample" WARM=1 JOBS=3 ;;
-    profile) part 150 "$LOGS" TARGETS="titok_s1_b64 gpt_b_sample" TOK1D_BENCH_STEPS=3 \
+    profile) part 150 "$LOGS" TARGETS="titok_s2_b32 gpt_b_sample" TOK1D_BENCH_STEPS=3 \
                TOK1D_BENCH_FLAGS="--profile=$LOGS/profile" ;;
     *) echo "unknown part $p (attn, cmdbuf, train, targets, profile)" >&2 ;;
   esac

@@ -392,7 +392,7 @@ def test_gpu_session_script_runs_its_plan_and_returns_few_files(tmp_path):
     assert "--config.model.attention_impl" not in first["titok_s1_b64.log"]
     assert "--config.sampling.cache_chunk=0" in first["cmdbuf/gpt_b_whole.log"]
     assert set(second) == {"gigatok_b16.compile.log", "gigatok_b32.compile.log",
-                           "gigatok_b16.log", "gigatok_b32.log", "titok_s1_b64.log",
+                           "gigatok_b16.log", "gigatok_b32.log", "titok_s2_b32.log",
                            "gpt_b_sample.log"}
     assert "--compile_only" in second["gigatok_b16.compile.log"]
     assert "--profile=" in second["gpt_b_sample.log"] and "--steps=3" in second["gpt_b_sample.log"]
