@@ -11,11 +11,12 @@
 #   attn     TiTok-L-32 stage 1 (batch 64) with XLA's attention and with cuDNN's fused
 #            attention, and stage 2 (batch 32) with cuDNN's (stage 2 with XLA's: 83.7 img/s on
 #            2026-12-04): compiled three at a time, then timed
-#   cmdbuf   GPT-B sampling timed three times: as the sampler decodes by default (the KV cache
+#   cmdbuf   GPT-B sampling timed four times: as the sampler decodes by default (the KV cache
 #            read in chunks), on the whole cache at every token (cache_chunk=0, the 2026-12-04
-#            program), and in chunks with while loops and conditionals recorded into CUDA
-#            graphs as well (XLA_FLAGS --xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL);
-#            rows in cmdbuf.jsonl (command and xla_flags tell them apart), logs under cmdbuf/
+#            program), with cuDNN's fused attention, and by default with while loops and
+#            conditionals recorded into CUDA graphs as well (XLA_FLAGS
+#            --xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL); rows in cmdbuf.jsonl
+#            (command and xla_flags tell them apart), logs under cmdbuf/
 #   train    GigaTok B-L training at batch 16 and 32: compiled two at a time, then timed
 #            (not measured on 2026-12-04: its compile did not finish under load)
 #   targets  every other target, compiled three at a time, then timed
@@ -23,7 +24,7 @@
 #            where the device's time went (tok1d.cli.trace_summary). Stage 2 took 382 ms per
 #            step where benchmarks/hlo_roofline.py expects about 240 (stage 1: 352 vs 394)
 # BUDGET (default 540): seconds for the whole script. Each part has its own limit (train and
-# targets 300 s, attn 270 s, cmdbuf 150 s for its first two runs and 90 s for the third,
+# targets 300 s, attn 250 s, cmdbuf 200 s for its first three runs and 90 s for the fourth,
 # profile 150 s, less what is left of BUDGET),
 # starts no target in its last 60 s (targets.sh DEADLINE) and cuts any target process 10 s
 # before its end.
@@ -60,9 +61,9 @@ CMDBUF="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_enable_command_buffer=+WHILE,+CONDITI
 
 for p in $PLAN; do
   case $p in
-    attn)    part 270 "$LOGS" TARGETS="titok_s1_b64 titok_s1_cudnn titok_s2_cudnn" WARM=1 ;;
+    attn)    part 250 "$LOGS" TARGETS="titok_s1_b64 titok_s1_cudnn titok_s2_cudnn" WARM=1 ;;
     train)   part 300 "$LOGS" TARGETS="gigatok_b16 gigatok_b32" WARM=1 JOBS=2 ;;
-    cmdbuf)  part 150 "$LOGS/cmdbuf" TARGETS="gpt_b_sample gpt_b_whole"
+    cmdbuf)  part 200 "$LOGS/cmdbuf" TARGETS="gpt_b_sample gpt_b_whole gpt_b_cudnn"
              part 90 "$LOGS/cmdbuf/graphs" TARGETS="gpt_b_sample" XLA_FLAGS="$CMDBUF" ;;
     targets) part 300 "$LOGS" TARGETS="titok_s1_b64 titok_s2_b32 titok_s2_b64 titok_sample \
 gigatok_encode gigatok_decode gpt_b_sample rar_b_sample" WARM=1 JOBS=3 ;;

@@ -57,6 +57,11 @@ VARIANTS = {
 }
 
 
+# Attention kernel: "xla", or "cudnn" (cuDNN's fused attention on NVIDIA GPUs; a decoding step
+# then reads the KV cache by its filled length), e.g. --config.model.attention_impl=cudnn.
+ATTENTION = "xla"
+
+
 def get_config(arg: str = ""):
     if arg not in VARIANTS:
         raise recipes.unknown_variant("gpt_gigatok.py", arg, VARIANTS)
@@ -65,7 +70,7 @@ def get_config(arg: str = ""):
     config.ema_decay = 0.0
     config.model = dict(name="gpt", size=v["size"], vocab_size=16384, num_tokens=256,
                         num_classes=1000, token_dropout=0.1, dropout_rate=0.1,
-                        remat=v["remat"])
+                        remat=v["remat"], attention_impl=ATTENTION)
     config.generator.label_dropout = 0.1
     recipes.llamagen_train_c2i(config)
     o = config.optim

@@ -70,6 +70,11 @@ VARIANTS = {
 }
 
 
+# Attention kernel: "xla", or "cudnn" (cuDNN's fused attention on NVIDIA GPUs; a decoding step
+# then reads the KV cache by its filled length), e.g. --config.model.attention_impl=cudnn.
+ATTENTION = "xla"
+
+
 def get_config(arg: str = ""):
     if arg not in VARIANTS:
         raise recipes.unknown_variant("rar.py", arg, VARIANTS)
@@ -78,7 +83,7 @@ def get_config(arg: str = ""):
     config.ema_decay = 0.0
     config.model = dict(name="rar", size=v["size"], vocab_size=1024, num_tokens=256,
                         num_classes=1000, dropout_rate=0.1, attention_dropout=0.1,
-                        remat=v["remat"])
+                        remat=v["remat"], attention_impl=ATTENTION)
     g = config.generator
     g.label_dropout = 0.1
     g.randomness_anneal_start = 125_000

@@ -243,7 +243,8 @@ def test_attention_matches_a_plain_softmax_reference():
 def test_padded_attention_is_the_unpadded_attention_with_its_gradients():
     """What `attend` runs for cuDNN (whose fused attention cannot train on odd lengths such as
     TiTok's 289): queries and keys / values zero-padded to a multiple, the padding masked by
-    sequence lengths and cut off; checked here with XLA's attention, self and cross."""
+    sequence lengths and cut off; checked here with XLA's attention, self and cross. A decoding
+    step's cache mask given as filled lengths is the boolean mask."""
     rng = np.random.default_rng(0)
     for t, s in [(17, 17), (17, 13), (16, 16)]:
         q, k, v = (jnp.asarray(rng.normal(size=(2, n, 3, 8)), jnp.float32) for n in (t, s, s))
@@ -262,6 +263,13 @@ def test_padded_attention_is_the_unpadded_attention_with_its_gradients():
     mask = jnp.tril(jnp.ones((16, 16), bool))[None, None]  # a mask: XLA's attention as given
     np.testing.assert_array_equal(transformer.attend(q, q, q, mask),
                                   jax.nn.dot_product_attention(q, q, q, mask=mask))
+    # a decoding step: one query over a cache of which the first kv_lengths[b] are filled
+    filled = jnp.asarray([5, 11])
+    by_mask = jnp.arange(16)[None, None, None, :] < filled[:, None, None, None]
+    np.testing.assert_allclose(transformer.attend(q[:, :1], k[:, :16], v[:, :16],
+                                                  kv_lengths=filled),
+                               jax.nn.dot_product_attention(q[:, :1], k[:, :16], v[:, :16],
+                                                            mask=by_mask), rtol=0, atol=1e-6)
 
 def test_entropy_loss_matches_numpy_reference():
     from tok1d.models.quantizers import entropy_loss

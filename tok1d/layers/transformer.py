@@ -134,11 +134,17 @@ CUDNN_MULTIPLE = 64
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[jax.Array] = None,
-           implementation: Optional[str] = None) -> jax.Array:
+           implementation: Optional[str] = None,
+           kv_lengths: Optional[jax.Array] = None) -> jax.Array:
     """`jax.nn.dot_product_attention` of (B, T, heads, head_dim) queries and (B, S, heads,
-    head_dim) keys / values. With `implementation="cudnn"` and no mask, T and S are padded to a
-    multiple of `CUDNN_MULTIPLE` (`padded_attention`): cuDNN's fused attention cannot train on
-    odd lengths such as TiTok's 289 (256 patches + 32 latent tokens + the class token)."""
+    head_dim) keys / values. `kv_lengths` (B,): only the first kv_lengths[b] keys count (a
+    decoding step over a cache; cuDNN's kernel then needs no mask tensor). Otherwise, with
+    `implementation="cudnn"` and no mask, T and S are padded to a multiple of `CUDNN_MULTIPLE`
+    (`padded_attention`): cuDNN's fused attention cannot train on odd lengths such as TiTok's
+    289 (256 patches + 32 latent tokens + the class token)."""
+    if kv_lengths is not None:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation,
+                                            key_value_seq_lengths=kv_lengths)
     if implementation == "cudnn" and mask is None:
         return padded_attention(q, k, v, CUDNN_MULTIPLE, implementation)
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
@@ -230,15 +236,21 @@ class Attention(nn.Module):
             k = make_norm(self.norm, self.norm_eps, self.dtype, self.param_dtype, "k_norm")(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        kv_lengths = None
         if decode:
             if cross:
                 raise ValueError("decode=True supports self-attention only.")
             cached = self._update_cache(k, v)
+            fused = deterministic or not self.dropout_rate
             if cached is not None:
-                k, v, cache_mask = cached
-                mask = cache_mask if mask is None else jnp.logical_and(mask, cache_mask)
+                k, v, cache_mask, filled = cached
+                if mask is None and q.shape[1] == 1 and fused:
+                    # one new position: the cache's filled length is its mask
+                    kv_lengths = jnp.broadcast_to(filled, (q.shape[0],))
+                else:
+                    mask = cache_mask if mask is None else jnp.logical_and(mask, cache_mask)
         if deterministic or not self.dropout_rate:
-            y = attend(q, k, v, mask, self.implementation)
+            y = attend(q, k, v, mask, self.implementation, kv_lengths)
         else:
             y = self._attend_with_dropout(q, k, v, mask)
         y = constrain(y, heads)
@@ -263,7 +275,8 @@ class Attention(nn.Module):
 
     def _update_cache(self, k: jax.Array, v: jax.Array):
         """Creates the cache (first call: returns None) or writes k, v at `cache_index` and
-        returns (all keys, all values, mask (1, 1, L, max_len) over filled causal positions)."""
+        returns (all keys, all values, mask (1, 1, L, max_len) over filled causal positions,
+        the number of positions filled)."""
         initialized = self.has_variable("cache", "cached_key")
         cached_key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
         cached_value = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
@@ -281,7 +294,7 @@ class Attention(nn.Module):
         index.value = start + length
         query_pos = start + jnp.arange(length, dtype=jnp.int32)
         mask = jnp.arange(max_len, dtype=jnp.int32)[None, :] <= query_pos[:, None]
-        return cached_key.value, cached_value.value, mask[None, None]
+        return cached_key.value, cached_value.value, mask[None, None], index.value
 
 
 class HeadProjection(nn.Module):
