@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import pytest
 
 from conftest import REPO, subprocess_env
+from tok1d import parallel
 from tok1d.cli import bench
 from tok1d.layers import cnn
 from tok1d.train import config_lib
@@ -426,3 +427,30 @@ def test_roofline_counts_loop_kernels_gemm_flops_and_in_place_bytes():
     text = roofline.summarize(list(kernels.values()), top=2)
     assert text.startswith("estimated 0.0 ms per call: 17 kernels")
     assert "top 2 kernels:" in text and "encoder/mlp/dot_general" in text
+
+
+def test_gpu_aot_builds_a_workload_with_nothing_placed(monkeypatch):
+    """benchmarks/gpu_aot.py's preparation, on this CPU's devices instead of a GPU topology
+    (which needs jax's CUDA plugin): config overrides typed as literals; meshes on the given
+    devices; the trainer's frozen networks and the batch as shapes only, and the step compiles
+    from them."""
+    monkeypatch.setattr(parallel, "create_mesh", parallel.create_mesh)  # restored afterwards
+    monkeypatch.setattr(parallel, "replicate", parallel.replicate)
+    spec = importlib.util.spec_from_file_location(
+        "gpu_aot", os.path.join(REPO, "benchmarks", "gpu_aot.py"))
+    gpu_aot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_aot)
+    config = _config("tiny_test")
+    gpu_aot.override(config, ["model.remat=full", "optim.lr=0.5", "model.attention_impl=cudnn"])
+    assert (config.model.remat, config.optim.lr) == ("full", 0.5)
+    assert config.model.attention_impl == "cudnn"
+    gpu_aot.override(config, ["model.attention_impl=xla"])
+    devices = jax.devices()[:1]
+    gpu_aot.place_nothing(devices)
+    assert list(parallel.create_mesh({"data": -1}).devices.flat) == devices
+    work = bench.bench_train(config, 4, abstract=True)
+    (fn, args), = work.programs
+    leaves = jax.tree.leaves(args)
+    assert leaves and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+    with work.context():
+        fn.lower(*args).compile()
