@@ -21,7 +21,8 @@ It is an estimate: fusions that re-read operands, kernels too small to fill the 
 autotuner's choices are not modelled (RESULTS.md compares it with measured steps). Kinds come
 from the kernel (gemm, conv, fused attention, pad, transpose, in-place slices) or from the
 jax op names XLA keeps in its metadata (attention, norms, converts); parts from the model's
-module path (teacher, encoder, decoder, rest) and whether it is the backward pass.
+module path (frozen teacher, loss networks such as the discriminator and perceptual nets,
+encoder, decoder, rest) and whether it is the backward pass.
 """
 
 from __future__ import annotations
@@ -246,11 +247,15 @@ def _kind(op: str, target: str, line: str, op_name: str) -> str:
     return "elementwise / reduce"
 
 
+# jax op-name fragments -> the part of a training step they belong to (first match)
+PARTS = (("MaskGITVQGAN", "teacher"), ("DinoV2", "teacher"), ("Discriminator", "loss nets"),
+         ("LPIPS", "loss nets"), ("ConvNeXt", "loss nets"), ("decoder", "decoder"),
+         ("encoder", "encoder"))
+
+
 def _part(op_name: str) -> str:
     backward = "transpose(" in op_name
-    who = next((part for key, part in (("MaskGITVQGAN", "teacher"), ("DINOv2", "teacher"),
-                                       ("decoder", "decoder"), ("encoder", "encoder"))
-                if key in op_name), "rest")
+    who = next((part for key, part in PARTS if key in op_name), "rest")
     return f"{who} {'bwd' if backward else 'fwd'}"
 
 
