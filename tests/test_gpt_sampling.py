@@ -119,6 +119,8 @@ def test_cache_chunks_cover_every_step_with_the_positions_it_writes():
             assert length == prefix + steps or length % chunk == 0
     lengths = [c[2] for c in ar.cache_chunks(1, 255, 32)]
     assert lengths == [32, 64, 96, 128, 160, 192, 224, 256]   # GPT-B: 8 loops
+    lengths = [c[2] for c in ar.cache_chunks(2, 255, 32)]
+    assert lengths == [32, 64, 96, 128, 160, 192, 224, 257]   # RAR-B: no 1-step 9th loop
     read = sum((stop - start) * length for start, stop, length in ar.cache_chunks(1, 255, 32))
     assert 0.56 < read / (255 * 256) < 0.57
     assert ar.cache_chunks(1, 8, 0) == [(0, 8, 9)] and ar.cache_chunks(2, 0, 4) == []

@@ -241,11 +241,12 @@ def decode(model: Any, params: Any, labels: jax.Array, rng: jax.Array, scales: n
 def cache_chunks(prefix: int, steps: int, chunk: int) -> list[tuple[int, int, int]]:
     """How `decode` splits its `steps` decode steps, after a prefill of `prefix` positions:
     (first step, stop step, cache length) per chunk. The cache lengths are the multiples of
-    `chunk` below prefix + steps, then prefix + steps (every position); step s writes position
-    prefix + s, so a chunk holds the steps whose position falls below its length. chunk <= 0:
-    one chunk, the whole cache."""
+    `chunk` below prefix + steps, except one within chunk / 2 of it (each chunk is a loop XLA
+    compiles: RAR's 257 positions would end with a loop of one step), then prefix + steps
+    (every position); step s writes position prefix + s, so a chunk holds the steps whose
+    position falls below its length. chunk <= 0: one chunk, the whole cache."""
     full = prefix + steps
-    lengths = list(range(chunk, full, chunk)) if chunk > 0 else []
+    lengths = [m for m in range(chunk, full, chunk) if 2 * (full - m) >= chunk] if chunk > 0 else []
     out, start = [], 0
     for length in lengths + [full]:
         stop = length - prefix
