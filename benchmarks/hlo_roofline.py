@@ -102,20 +102,26 @@ class Roofline:
     def kernels(self) -> list[Kernel]:
         return list(self._walk(self.entry, 1))
 
+    def _instructions(self, comp: str) -> Iterator[tuple[str, str, str, str, str, dict]]:
+        """(name, shape, op, args, line, shapes) of each instruction of `comp`; `shapes` maps
+        every instruction defined so far to its shape text."""
+        shapes = {}
+        for line in self.comps[comp]:
+            m = INSTRUCTION.match(line)
+            if m:
+                name, shape, op, args = m.groups()
+                shapes[name] = shape
+                yield name, shape, op, args, line, shapes
+
     def _fused_io(self, name: str) -> tuple[dict[int, int], set[int], int]:
         """For a fused computation: parameter -> bytes read where every use is a dynamic-slice
         (or the buffer of a dynamic-update-slice: 0), parameters updated in place, and the
         bytes those updates write."""
         if name in self._fused:
             return self._fused[name]
-        shapes, params, uses = {}, {}, collections.defaultdict(list)
+        params, uses = {}, collections.defaultdict(list)
         in_place, written = set(), 0
-        for line in self.comps[name]:
-            m = INSTRUCTION.match(line)
-            if not m:
-                continue
-            out, shape, op, args = m.groups()
-            shapes[out] = shape
+        for out, shape, op, args, _, shapes in self._instructions(name):
             if op == "parameter":
                 params[out] = int(re.match(r"(\d+)", args).group(1))
                 continue
@@ -137,28 +143,15 @@ class Roofline:
 
     def _fused_dot_flops(self, name: str) -> tuple[float, str]:
         """FLOPs and operand dtype of the dot inside a gemm fusion."""
-        shapes = {}
-        for line in self.comps[name]:
-            m = INSTRUCTION.match(line)
-            if not m:
-                continue
-            out, shape, op, args = m.groups()
-            shapes[out] = shape
+        for _, shape, op, args, line, shapes in self._instructions(name):
             if op == "dot":
-                dtype, lhs = first_shape(shapes.get(_operands(args)[0], ""))
                 dims = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", line)
-                k = math.prod(lhs[int(i)] for i in dims.group(1).split(",") if i) if dims else 1
-                return 2.0 * math.prod(first_shape(shape)[1]) * k, dtype
+                return _gemm(shape, shapes.get(_operands(args)[0], ""),
+                             dims.group(1) if dims else "")
         return 0.0, "bf16"
 
     def _walk(self, comp: str, times: int) -> Iterator[Kernel]:
-        shapes = {}
-        for line in self.comps[comp]:
-            m = INSTRUCTION.match(line)
-            if not m:
-                continue
-            name, shape, op, args = m.groups()
-            shapes[name] = shape
+        for name, shape, op, args, line, shapes in self._instructions(comp):
             if op in NO_KERNEL:
                 continue
             if op == "while":
@@ -196,11 +189,9 @@ class Roofline:
         if op == "fusion" and called and ("gemm" in called.group(1)):  # Triton gemm fusion
             flops, dtype = self._fused_dot_flops(called.group(1))
         elif "cublas" in target:
-            dtype, lhs = first_shape(shapes.get(operands[0], ""))
             contracting = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', line)
-            k = math.prod(lhs[int(i.strip('"'))] for i in contracting.group(1).split(",")
-                          if i) if contracting and contracting.group(1) else 1
-            flops = 2.0 * math.prod(first_shape(shape)[1]) * k
+            flops, dtype = _gemm(shape, shapes.get(operands[0], ""),
+                                 contracting.group(1).replace('"', "") if contracting else "")
         elif "cudnn$conv" in target:
             labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", line).groups()
             if "BackwardFilter" in target or "bw-filter" in name:
@@ -223,6 +214,14 @@ class Roofline:
         op_name = op_name.group(1) if op_name else ""
         return Kernel(name, _kind(op, target, line, op_name), _part(op_name), times,
                       total * times, flops * times, seconds * times, op_name)
+
+
+def _gemm(out: str, lhs: str, contracting: str) -> tuple[float, str]:
+    """2 * (output elements) * K and the lhs dtype of a matmul: `out` and `lhs` are shape texts,
+    `contracting` the lhs's contracting dimensions as "i,j" (none: K = 1)."""
+    dtype, dims = first_shape(lhs)
+    k = math.prod(dims[int(i)] for i in contracting.split(",") if i)
+    return 2.0 * math.prod(first_shape(out)[1]) * k, dtype
 
 
 def _kind(op: str, target: str, line: str, op_name: str) -> str:
