@@ -461,12 +461,8 @@ def bench_sample(config, batch: int, tokenizer_config, abstract: bool = False) -
         decoder = SampleDecoder(model, config.sampling.to_dict(), tokenizer, tok_params,
                                 batch_sh)
         global_labels = _global({"label": labels}, batch_sh, batch, abstract)["label"]
-        if abstract:
-            key = jax.eval_shape(lambda: jax.random.key(0))
-            key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=jax.sharding.NamedSharding(
-                mesh, jax.sharding.PartitionSpec()))
-        else:
-            key = jax.random.key(0)
+        key = (_replicated(jax.eval_shape(lambda: jax.random.key(0)), mesh, True) if abstract
+               else jax.random.key(0))
         codes = jax.eval_shape(decoder.sampler, params, global_labels, key)
     counter = {"i": 0}
 

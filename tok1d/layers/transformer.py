@@ -237,11 +237,11 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         kv_lengths = None
+        fused = deterministic or not self.dropout_rate
         if decode:
             if cross:
                 raise ValueError("decode=True supports self-attention only.")
             cached = self._update_cache(k, v)
-            fused = deterministic or not self.dropout_rate
             if cached is not None:
                 k, v, cache_mask, filled = cached
                 if mask is None and q.shape[1] == 1 and fused:
@@ -249,7 +249,7 @@ class Attention(nn.Module):
                     kv_lengths = jnp.broadcast_to(filled, (q.shape[0],))
                 else:
                     mask = cache_mask if mask is None else jnp.logical_and(mask, cache_mask)
-        if deterministic or not self.dropout_rate:
+        if fused:
             y = attend(q, k, v, mask, self.implementation, kv_lengths)
         else:
             y = self._attend_with_dropout(q, k, v, mask)
