@@ -112,6 +112,9 @@ def tokenizer(preset: str, *, train_new: bool = False, dino_disc: bool = False):
     config.batch_size = p["batch_size"]
     config.eval_batch_size = 256
     config.precision = "bfloat16"
+    # The official step computes its loss (LPIPS, the discriminator) inside the model's bf16
+    # autocast, so the loss networks run in bf16 too (float32: slower, not the official step).
+    config.loss_precision = "bfloat16"
     config.ema_decay = 0.0
     recipes.imagenet(config)
     config.data.augment = "adm_random_crop"

@@ -109,6 +109,9 @@ def common(*, total_steps: int, warmup_steps: int, b2: float):
     config.batch_size = 256
     config.eval_batch_size = 256
     config.precision = "bfloat16"
+    # The official loss module (perceptual nets, discriminator) runs in float32 with autocast
+    # disabled; "bfloat16" is faster and not the official step.
+    config.loss_precision = "float32"
     config.ema_decay = 0.999
     recipes.imagenet(config)
     recipes.titok_train_utils(config)

@@ -41,7 +41,7 @@ TINY_LPIPS = (8, 16, 32, 32, 32)
 def tiny(config, steps, aux_end=0, gan_start=None):
     config.total_steps = steps
     config.batch_size = config.eval_batch_size = 16
-    config.precision = "float32"
+    config.precision = config.loss_precision = "float32"
     config.model = dict(name="gigatok", **TINY_MODEL)
     # random_crop, not the recipe's adm_random_crop: at 32 px the scale jitter tips this tiny
     # codebook into collapse even with the entropy term (seen in CI), which says nothing about
@@ -205,6 +205,36 @@ def test_the_frozen_networks_get_no_gradient(loss_setup):
     assert teacher.embed_dim == 32 and teacher.pos_grid == 8  # the decoder's 8x8 grid
 
 
+def test_loss_networks_compute_at_loss_precision(loss_setup):
+    """`loss_precision` sets the perceptual net's and the discriminator's compute dtype (the
+    GigaTok recipes: bf16, as the official VQLoss inside the autocast); their values stay
+    within bf16 rounding of the float32 nets'."""
+    config, model, _, _, frozen, _, gan_state, images = loss_setup
+    assert config.loss_precision == "float32"  # tiny(): a float32 test run
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.loss_precision = "bfloat16"
+    nets_bf, frozen_bf = tokenizer.build_frozen(config, model)
+    disc_bf = tokenizer.build_discriminator(config)
+    assert disc_bf.dtype == jnp.bfloat16
+    config.loss_precision = "float32"
+    nets, _ = tokenizer.build_frozen(config, model)
+    disc = tokenizer.build_discriminator(config)
+    assert disc.dtype == jnp.float32
+    other = jnp.clip(images[::-1] * 0.9 + 0.05, 0.0, 1.0)
+    p32 = nets.perceptual.apply(frozen["perceptual"], images, other)
+    p16 = nets_bf.perceptual.apply(frozen_bf["perceptual"], images, other)
+    assert p16.dtype == jnp.float32 and float(p32) > 0 and float(p16) != float(p32)
+    np.testing.assert_allclose(p16, p32, rtol=3e-2)
+    variables = {"params": gan_state.params}
+    l32 = disc.apply(variables, images)
+    l16 = disc_bf.apply(variables, images)
+    assert not np.array_equal(l16, l32)  # bf16 convolutions, float32 logits
+    np.testing.assert_allclose(np.asarray(l16, np.float32), l32, rtol=0.1, atol=0.05)
+    config.loss_precision = "fp8"
+    with pytest.raises(config_lib.ConfigError, match="loss_precision='fp8'"):
+        config_lib.validate(config)
+
+
 def test_semantic_loss_is_mean_negative_cosine():
     s = np.random.default_rng(0).normal(size=(3, 5, 4)).astype(np.float32)
     t = np.random.default_rng(1).normal(size=(3, 5, 4)).astype(np.float32)
@@ -242,6 +272,8 @@ def test_gigatok_configs_validate_on_a_pod(name):
                                                       256 * 1_000_000, 256 * 1_500_000)
     assert config.optim.b2 == 0.95 and config.optim.grad_clip == 10.0
     assert config.losses.semantic == 0.5 and config.teacher.name == "dinov2"
+    # the official step computes its loss inside the model's autocast
+    assert config.loss_precision == config.precision == "bfloat16"
 
 
 def test_schedules_are_cosine_v2_and_the_disc_follows_the_global_step():

@@ -213,6 +213,7 @@ def config_from_official(official_config: Mapping[str, Any],
     config.batch_size = int(t["global_batch_size"] or trainer["global_batch_size"])
     config.eval_batch_size = config.batch_size
     config.precision = PRECISIONS[t["mixed_precision"]]
+    config.loss_precision = config.precision  # vq_train computes VQLoss inside the autocast
     config.ema_decay = EMA_DECAY if t["ema"] else 0.0
     config.ema_warmup = "none"
     recipes.imagenet(config)

@@ -188,6 +188,11 @@ def add_tokenizer_keys(c: ml_collections.ConfigDict) -> None:
     # background (tok1d.train.programs). False: one program for every step, the switches
     # traced from the step count (one compilation for short runs that cross a switch).
     c.phase_programs = True
+    # Compute dtype of the loss networks: the perceptual net(s) and the discriminator (their
+    # params stay float32, their norms and distances compute in float32). TiTok's official loss
+    # module runs in float32 (autocast disabled); GigaTok's official step runs its loss inside
+    # the same bf16 autocast as the model, i.e. "bfloat16" with precision="bfloat16".
+    c.loss_precision = "float32"
 
     # Weights to start from (instead of random init); the optimizer starts fresh. `checkpoint`:
     # a pretrained directory (python -m tok1d.cli.convert), a released name ("titok_l32") or a
@@ -417,6 +422,9 @@ def _tokenizer_problems(config: ml_collections.ConfigDict) -> list[str]:
     if teacher not in ("", "maskgit_vqgan", "dinov2"):
         problems.append(f"teacher.name={teacher!r} is not one of '', 'maskgit_vqgan', 'dinov2'")
     problems += terms.problems(losses, teacher, config.aux_loss_end_step)
+    if config.loss_precision not in models.DTYPES:
+        problems.append(f"loss_precision={config.loss_precision!r} is not one of "
+                        f"{sorted(models.DTYPES)}")
     widths, released = tuple(config.perceptual.lpips_channels), vgg.TAP_CHANNELS
     if widths and (len(widths) != len(released) or min(widths) < 1):
         problems.append(f"perceptual.lpips_channels={widths} must be {len(released)} positive "

@@ -87,7 +87,9 @@ _MISSING_TEACHER = {
 
 def build_frozen(config, model: nn.Module) -> tuple[terms_lib.FrozenNets, dict[str, Any]]:
     """(nets, frozen): the frozen networks the loss terms need and their params as one host
-    tree {"teacher": ..., "perceptual": ...} (passed to the step, never optimized)."""
+    tree {"teacher": ..., "perceptual": ...} (passed to the step, never optimized). The
+    perceptual net computes at `loss_precision`; the teacher at its own `teacher.model` dtype
+    (`build_teacher`)."""
     frozen = {}
     teacher = build_teacher(config, model)
     if teacher is not None:
@@ -99,6 +101,7 @@ def build_frozen(config, model: nn.Module) -> tuple[terms_lib.FrozenNets, dict[s
                 perceptual_lib.parse_kind(config.perceptual.kind), config.perceptual.weights,
                 allow_random_init=config.perceptual.allow_random_init,
                 lpips_channels=config.perceptual.lpips_channels),
+            dtype=models.dtype_from_name(config.loss_precision),
             image_size=config.perceptual.image_size,
             lpips_dropout=config.perceptual.get("lpips_dropout", 0.0))
         frozen["perceptual"] = perceptual.params
@@ -111,7 +114,7 @@ def build_discriminator(config) -> Optional[nn.Module]:
     """The discriminator module named by `discriminator.name` (None without a GAN term):
     "titok" (NLayer + BlurPool), "patchgan" (LlamaGen / GigaTok) or "dino" (GigaTok's DINO-v1
     ViT-S/16 trunk + spectral-norm heads; its trunk weights come from `discriminator.weights`,
-    see `load_disc_trunk`)."""
+    see `load_disc_trunk`), computing at `loss_precision` unless its `model` names a dtype."""
     if not config.losses.gan:
         return None
     classes = {"titok": disc_lib.TiTokDiscriminator, "patchgan": disc_lib.PatchGANDiscriminator,
@@ -122,6 +125,7 @@ def build_discriminator(config) -> Optional[nn.Module]:
                                      f"{sorted(classes)}.")
     kwargs = dict(config.discriminator.model)
     presets.check_kwargs(classes[name], kwargs, f"discriminator {name!r}")
+    kwargs["dtype"] = models.dtype_from_name(kwargs.get("dtype", config.loss_precision))
     return classes[name](**kwargs)
 
 
