@@ -7,31 +7,32 @@
 #
 #   bash benchmarks/gpu_session.sh OUT_DIR [PLAN]
 #
-# PLAN (default "attn cmdbuf"; then a second call with "train profile"), run in this order:
-#   attn     TiTok-L-32 stage 1 (batch 64) with XLA's attention and with cuDNN's fused
-#            attention, and stage 2 (batch 32) with cuDNN's (stage 2 with XLA's: 83.7 img/s on
-#            2026-12-04): compiled three at a time, then timed
+# PLAN (default "cmdbuf attn train"; then, budget allowing, a second call with "profile"), run
+# in this order:
 #   cmdbuf   GPT-B sampling timed four times: as the sampler decodes by default (the KV cache
-#            read in chunks), on the whole cache at every token (cache_chunk=0, the 2026-12-04
-#            program), with cuDNN's fused attention, and by default with while loops and
+#            read in chunks), with cuDNN's fused attention, on the whole cache at every token
+#            (cache_chunk=0, the 2026-12-04 program), and by default with while loops and
 #            conditionals recorded into CUDA graphs as well (XLA_FLAGS
 #            --xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL); rows in cmdbuf.jsonl
 #            (command and xla_flags tell them apart), logs under cmdbuf/
-#   train    GigaTok B-L training at batch 16 and 32: compiled two at a time, then timed
-#            (not measured on 2026-12-04: its compile did not finish under load)
+#   attn     TiTok-L-32 stage 1 (batch 64) with XLA's attention and with cuDNN's fused
+#            attention, and stage 2 (batch 32) with cuDNN's (stage 2 with XLA's: 83.7 img/s on
+#            2026-12-04): compiled three at a time, then timed
+#   train    GigaTok B-L training at batch 16 with XLA's and with cuDNN's attention, and at 32:
+#            compiled three at a time, then timed (not measured on 2026-12-04: its compile did
+#            not finish under load)
 #   targets  every other target, compiled three at a time, then timed
 #   profile  3 profiled calls of TiTok-L-32 stage 2 and GPT-B sampling; their logs end with
 #            where the device's time went (tok1d.cli.trace_summary). Stage 2 took 382 ms per
 #            step where benchmarks/hlo_roofline.py expects about 240 (stage 1: 352 vs 394)
-# BUDGET (default 540): seconds for the whole script. Each part has its own limit (train and
-# targets 300 s, attn 250 s, cmdbuf 200 s for its first three runs and 90 s for the fourth,
-# profile 150 s, less what is left of BUDGET),
-# starts no target in its last 60 s (targets.sh DEADLINE) and cuts any target process 10 s
-# before its end.
+# BUDGET (default 560): seconds for the whole script. Each part has its own limit (cmdbuf 130 s
+# for its first three runs and 50 s for the fourth, attn and train 190 s, targets 300 s,
+# profile 150 s, less what is left of BUDGET), starts no target in its last 60 s (targets.sh
+# DEADLINE; 20 s for the cmdbuf parts) and cuts any target process 10 s before its end.
 set -uo pipefail
 OUT=${1:?usage: benchmarks/gpu_session.sh OUT_DIR [PLAN]}
-PLAN=${2:-attn cmdbuf}
-BUDGET=${BUDGET:-540}
+PLAN=${2:-cmdbuf attn train}
+BUDGET=${BUDGET:-560}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
@@ -49,27 +50,27 @@ LOGS=$(mktemp -d)
 'optax', optax.__version__, jax.devices())" 2>&1 | tail -n 1
 } > "$OUT/env.txt"
 
-part() {  # seconds for this part, its log folder, then targets.sh's environment
-  local seconds=$1 dir=$2; shift 2
+part() {  # seconds for this part, the last seconds in which it starts no target, its log
+  local seconds=$1 last=$2 dir=$3; shift 3  # folder, then targets.sh's environment
   local left=$((BUDGET - SECONDS))
   (( left < 30 )) && { echo "== budget spent: skipped $*"; return 0; }
   (( seconds > left )) && seconds=$left
-  env "$@" DEADLINE=$((seconds - 60)) TARGET_TIMEOUT=$((seconds - 10)) \
+  env "$@" DEADLINE=$((seconds - last)) TARGET_TIMEOUT=$((seconds - 10)) \
     timeout "$seconds" bash benchmarks/targets.sh "$dir"
 }
 CMDBUF="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL"
 
 for p in $PLAN; do
   case $p in
-    attn)    part 250 "$LOGS" TARGETS="titok_s1_b64 titok_s1_cudnn titok_s2_cudnn" WARM=1 ;;
-    train)   part 300 "$LOGS" TARGETS="gigatok_b16 gigatok_b32" WARM=1 JOBS=2 ;;
-    cmdbuf)  part 200 "$LOGS/cmdbuf" TARGETS="gpt_b_sample gpt_b_whole gpt_b_cudnn"
-             part 90 "$LOGS/cmdbuf/graphs" TARGETS="gpt_b_sample" XLA_FLAGS="$CMDBUF" ;;
-    targets) part 300 "$LOGS" TARGETS="titok_s1_b64 titok_s2_b32 titok_s2_b64 titok_sample \
+    cmdbuf)  part 130 20 "$LOGS/cmdbuf" TARGETS="gpt_b_sample gpt_b_cudnn gpt_b_whole"
+             part 50 20 "$LOGS/cmdbuf/graphs" TARGETS="gpt_b_sample" XLA_FLAGS="$CMDBUF" ;;
+    attn)    part 190 60 "$LOGS" TARGETS="titok_s1_b64 titok_s1_cudnn titok_s2_cudnn" WARM=1 ;;
+    train)   part 190 60 "$LOGS" TARGETS="gigatok_b16 gigatok_b16_cudnn gigatok_b32" WARM=1 ;;
+    targets) part 300 60 "$LOGS" TARGETS="titok_s1_b64 titok_s2_b32 titok_s2_b64 titok_sample \
 gigatok_encode gigatok_decode gpt_b_sample rar_b_sample" WARM=1 JOBS=3 ;;
-    profile) part 150 "$LOGS" TARGETS="titok_s2_b32 gpt_b_sample" TOK1D_BENCH_STEPS=3 \
+    profile) part 150 60 "$LOGS" TARGETS="titok_s2_b32 gpt_b_sample" TOK1D_BENCH_STEPS=3 \
                TOK1D_BENCH_FLAGS="--profile=$LOGS/profile" ;;
-    *) echo "unknown part $p (attn, cmdbuf, train, targets, profile)" >&2 ;;
+    *) echo "unknown part $p (cmdbuf, attn, train, targets, profile)" >&2 ;;
   esac
 done 2>&1 | tee "$OUT/session.log"
 for f in bench.jsonl compile.jsonl; do [[ -f $LOGS/$f ]] && cp "$LOGS/$f" "$OUT/"; done

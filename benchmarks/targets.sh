@@ -29,8 +29,8 @@
 #   TiTok-L-32 8-step sampling + decode >= 400 @125 | GigaTok B-L train >= 85 @16, 32 fits
 #   GigaTok B-L encode >= 960 @64, decode >= 500 @64 | GPT-B 256-token CFG sampling >= 220 @64
 #   RAR-B 256-token CFG sampling + MaskGIT-VQGAN decode @64 (no official number in baselines.md)
-# and four variants (titok_s1_cudnn, titok_s2_cudnn, gpt_b_whole, gpt_b_cudnn) to compare with
-# them.
+# and five variants (titok_s1_cudnn, titok_s2_cudnn, gigatok_b16_cudnn, gpt_b_whole,
+# gpt_b_cudnn) to compare with them.
 set -uo pipefail
 OUT=${1:?usage: benchmarks/targets.sh OUT_DIR}
 mkdir -p "$OUT"
@@ -79,13 +79,16 @@ bench titok_s1_cudnn --config=configs/titok.py:l32_stage1 --workload=train --bat
                      --config.model.attention_impl=cudnn
 bench titok_s2_cudnn --config=configs/titok.py:l32_stage2 --workload=train --batch_size=32 \
                      --config.model.attention_impl=cudnn
-# GPT-B decoding on the whole KV cache at every token (one loop; the default reads it in chunks)
-bench gpt_b_whole    --config=configs/gpt_gigatok.py:b --workload=sample --batch_size=64 \
-                     --tokenizer_config=configs/gigatok_b_l.py --config.sampling.cache_chunk=0
+# cuDNN's fused attention in GigaTok B-L's training step (XLA's writes the scores)
+bench gigatok_b16_cudnn --config=configs/gigatok_b_l.py --workload=train --batch_size=16 \
+                     --config.model.attention_impl=cudnn
 # GPT-B decoding with cuDNN's fused attention (one kernel per layer and token, the cache's
 # filled length as its mask), in chunks
 bench gpt_b_cudnn    --config=configs/gpt_gigatok.py:b --workload=sample --batch_size=64 \
                      --tokenizer_config=configs/gigatok_b_l.py --config.model.attention_impl=cudnn
+# GPT-B decoding on the whole KV cache at every token (one loop; the default reads it in chunks)
+bench gpt_b_whole    --config=configs/gpt_gigatok.py:b --workload=sample --batch_size=64 \
+                     --tokenizer_config=configs/gigatok_b_l.py --config.sampling.cache_chunk=0
 }
 
 if [[ -n "${WARM:-}" ]]; then

@@ -84,6 +84,11 @@ PRESETS = {
 }
 # ImageNet-1k epochs are counted as 5000 steps of 256 images (vq_train's --epochs).
 STEPS_PER_EPOCH_AT_256 = 5000
+# Attention kernel of the tokenizer's transformers: "xla" (XLA's own) or "cudnn" (cuDNN's fused
+# attention, NVIDIA GPUs; see tok1d.layers.transformer.attend), e.g.
+# --config.model.attention_impl=cudnn.
+ATTENTION = "xla"
+
 VARIANTS = ("s_s", "s_b", "b_l", "b_l_train_new", "b_l_dino_disc", "xl_xxl", "s_s_2d",
             "s_b_2d", "b_l_2d")
 
@@ -123,7 +128,7 @@ def tokenizer(preset: str, *, train_new: bool = False, dino_disc: bool = False):
     # "uniform" / "pow2" (tok1d.models.tokenizers.nested), e.g. --config.model.nested_dropout=pow2
     # scan: each transformer half compiles one layer (XL-XXL: 36 + 48 layers unrolled otherwise).
     config.model = dict(name="gigatok", preset=preset, scan=True, remat=p["remat"],
-                        cnn_remat=p["remat"], nested_dropout="none")
+                        cnn_remat=p["remat"], nested_dropout="none", attention_impl=ATTENTION)
     if train_new:
         config.model["rotation_trick"] = False
 

@@ -171,7 +171,7 @@ def test_targets_script_names_real_configs(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     logs = sorted((tmp_path / "all").glob("*.log"))
-    assert len(logs) == 14  # 10 targets, 4 variants
+    assert len(logs) == 15  # 10 targets, 5 variants
     for log in logs:
         words = log.read_text().split()
         assert words[:2] == ["-m", "tok1d.cli.bench"] and "--compile_only" in words
@@ -227,7 +227,7 @@ def test_targets_script_compiles_first_then_times(tmp_path):
 def test_gpu_session_times_gpt_sampling_with_and_without_graphs_of_its_loop(tmp_path):
     """benchmarks/gpu_session.sh's cmdbuf part (with a fake Python that writes each bench row
     with the XLA_FLAGS it saw): GPT-B sampling timed four times: as it decodes by default, on
-    the whole KV cache (cache_chunk=0), with cuDNN's attention, and with while loops and
+    cuDNN's attention, on the whole KV cache (cache_chunk=0), and with while loops and
     conditionals in XLA's command buffers; the rows in OUT/cmdbuf.jsonl and every log kept."""
     fake = tmp_path / "python"
     fake.write_text('#!/bin/bash\nfor a in "$@"; do case $a in --out=*) out=${a#--out=};; '
@@ -244,8 +244,8 @@ def test_gpu_session_times_gpt_sampling_with_and_without_graphs_of_its_loop(tmp_
     assert [r["xla_flags"] for r in rows] == ["--xla_dump_to=/tmp/x"] * 3 + [
         "--xla_dump_to=/tmp/x --xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL"]
     assert all("--config=configs/gpt_gigatok.py:b --workload=sample" in r["args"] for r in rows)
-    assert ["cache_chunk=0" in r["args"] for r in rows] == [False, True, False, False]
-    assert ["attention_impl=cudnn" in r["args"] for r in rows] == [False, False, True, False]
+    assert ["attention_impl=cudnn" in r["args"] for r in rows] == [False, True, False, False]
+    assert ["cache_chunk=0" in r["args"] for r in rows] == [False, False, True, False]
     logs = subprocess.run(["tar", "tzf", str(out / "logs.tgz")], capture_output=True, text=True,
                           check=True).stdout.split()
     assert {"./cmdbuf/gpt_b_sample.log", "./cmdbuf/gpt_b_whole.log", "./cmdbuf/gpt_b_cudnn.log",
@@ -362,17 +362,17 @@ def test_checkpoint_speed_script_times_both_settings(tmp_path):
 
 
 def test_gpu_session_script_runs_its_plan_and_returns_few_files(tmp_path):
-    """benchmarks/gpu_session.sh (a fake python): the default plan compiles then times TiTok
-    with both attentions and times GPT-B sampling four ways; the second call's plan ("train
-    profile") compiles then times GigaTok B-L and passes --profile; OUT holds a handful of files
-    (a lent machine returns at most 8), every target's log in logs.tgz."""
+    """benchmarks/gpu_session.sh (a fake python): the default plan times GPT-B sampling four
+    ways, then compiles and times TiTok with both attentions and GigaTok B-L training (16 with
+    both attentions, 32); the second call's plan ("profile") passes --profile; OUT holds a
+    handful of files (a lent machine returns at most 8), every target's log in logs.tgz."""
     import tarfile
     fake = tmp_path / "python"
     fake.write_text('#!/bin/bash\necho "$@"\n')
     fake.chmod(0o755)
     env = dict(os.environ, PYTHON=str(fake), BUDGET="180")
     logs = {}
-    for name, plan in (("first", []), ("second", ["train profile"])):
+    for name, plan in (("first", []), ("second", ["profile"])):
         out = tmp_path / name
         run = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu_session.sh"),
                               str(out), *plan], env=env, capture_output=True, text=True,
@@ -388,14 +388,16 @@ def test_gpu_session_script_runs_its_plan_and_returns_few_files(tmp_path):
                           "titok_s2_cudnn.compile.log", "titok_s1_b64.log",
                           "titok_s1_cudnn.log", "titok_s2_cudnn.log",
                           "cmdbuf/gpt_b_sample.log", "cmdbuf/gpt_b_whole.log",
-                          "cmdbuf/gpt_b_cudnn.log", "cmdbuf/graphs/gpt_b_sample.log"}
-    assert "--config.model.attention_impl=cudnn" in first["titok_s1_cudnn.log"]
+                          "cmdbuf/gpt_b_cudnn.log", "cmdbuf/graphs/gpt_b_sample.log",
+                          "gigatok_b16.compile.log", "gigatok_b16_cudnn.compile.log",
+                          "gigatok_b32.compile.log", "gigatok_b16.log", "gigatok_b16_cudnn.log",
+                          "gigatok_b32.log"}
+    for name in ("titok_s1_cudnn", "gigatok_b16_cudnn"):
+        assert "--config.model.attention_impl=cudnn" in first[f"{name}.log"]
     assert "--config.model.attention_impl" not in first["titok_s1_b64.log"]
     assert "--config.sampling.cache_chunk=0" in first["cmdbuf/gpt_b_whole.log"]
-    assert set(second) == {"gigatok_b16.compile.log", "gigatok_b32.compile.log",
-                           "gigatok_b16.log", "gigatok_b32.log", "titok_s2_b32.log",
-                           "gpt_b_sample.log"}
-    assert "--compile_only" in second["gigatok_b16.compile.log"]
+    assert "--compile_only" in first["gigatok_b16.compile.log"]
+    assert set(second) == {"titok_s2_b32.log", "gpt_b_sample.log"}
     assert "--profile=" in second["gpt_b_sample.log"] and "--steps=3" in second["gpt_b_sample.log"]
 
 
