@@ -83,9 +83,10 @@ bench titok_s2_cudnn --config=configs/titok.py:l32_stage2 --workload=train --bat
 bench gigatok_b16_cudnn --config=configs/gigatok_b_l.py --workload=train --batch_size=16 \
                      --config.model.attention_impl=cudnn
 # GPT-B decoding with cuDNN's fused attention (one kernel per layer and token, the cache's
-# filled length as its mask), in chunks
+# filled length as its mask), in chunks, and the B-L decode of its samples with it too
 bench gpt_b_cudnn    --config=configs/gpt_gigatok.py:b --workload=sample --batch_size=64 \
-                     --tokenizer_config=configs/gigatok_b_l.py --config.model.attention_impl=cudnn
+                     --tokenizer_config=benchmarks/gigatok_b_l_cudnn.py \
+                     --config.model.attention_impl=cudnn
 # GPT-B decoding on the whole KV cache at every token (one loop; the default reads it in chunks)
 bench gpt_b_whole    --config=configs/gpt_gigatok.py:b --workload=sample --batch_size=64 \
                      --tokenizer_config=configs/gigatok_b_l.py --config.sampling.cache_chunk=0
