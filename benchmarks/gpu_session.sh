@@ -25,8 +25,8 @@
 #   profile  3 profiled calls of TiTok-L-32 stage 2 and GPT-B sampling; their logs end with
 #            where the device's time went (tok1d.cli.trace_summary). Stage 2 took 382 ms per
 #            step where benchmarks/hlo_roofline.py expects about 240 (stage 1: 352 vs 394)
-# BUDGET (default 560): seconds for the whole script. Each part has its own limit (cmdbuf 130 s
-# for its first three runs and 50 s for the fourth, attn and train 190 s, targets 300 s,
+# BUDGET (default 560): seconds for the whole script. Each part has its own limit (cmdbuf 120 s
+# for its first three runs and 60 s for the fourth, attn and train 190 s, targets 300 s,
 # profile 150 s, less what is left of BUDGET), starts no target in its last 60 s (targets.sh
 # DEADLINE; 20 s for the cmdbuf parts) and cuts any target process 10 s before its end.
 set -uo pipefail
@@ -62,8 +62,8 @@ CMDBUF="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_enable_command_buffer=+WHILE,+CONDITI
 
 for p in $PLAN; do
   case $p in
-    cmdbuf)  part 130 20 "$LOGS/cmdbuf" TARGETS="gpt_b_sample gpt_b_cudnn gpt_b_whole"
-             part 50 20 "$LOGS/cmdbuf/graphs" TARGETS="gpt_b_sample" XLA_FLAGS="$CMDBUF" ;;
+    cmdbuf)  part 120 20 "$LOGS/cmdbuf" TARGETS="gpt_b_sample gpt_b_cudnn gpt_b_whole"
+             part 60 20 "$LOGS/cmdbuf/graphs" TARGETS="gpt_b_sample" XLA_FLAGS="$CMDBUF" ;;
     attn)    part 190 60 "$LOGS" TARGETS="titok_s1_b64 titok_s1_cudnn titok_s2_cudnn" WARM=1 ;;
     train)   part 190 60 "$LOGS" TARGETS="gigatok_b16 gigatok_b16_cudnn gigatok_b32" WARM=1 ;;
     targets) part 300 60 "$LOGS" TARGETS="titok_s1_b64 titok_s2_b32 titok_s2_b64 titok_sample \

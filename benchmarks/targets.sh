@@ -66,6 +66,9 @@ bench titok_s2_b64   --config=configs/titok.py:l32_stage2 --workload=train --bat
 bench titok_sample   --config=configs/maskgit_titok.py:l32 --workload=sample --batch_size=125 \
                      --tokenizer_config=configs/titok.py:l32_stage2
 bench gigatok_b16    --config=configs/gigatok_b_l.py --workload=train --batch_size=16
+# (a variant: cuDNN's fused attention in B-L's training step; timed before batch 32)
+bench gigatok_b16_cudnn --config=configs/gigatok_b_l.py --workload=train --batch_size=16 \
+                     --config.model.attention_impl=cudnn
 bench gigatok_b32    --config=configs/gigatok_b_l.py --workload=train --batch_size=32
 bench gigatok_encode --config=configs/gigatok_b_l.py --workload=encode --batch_size=64
 bench gigatok_decode --config=configs/gigatok_b_l.py --workload=decode --batch_size=64
@@ -78,9 +81,6 @@ bench rar_b_sample   --config=configs/rar.py:b --workload=sample --batch_size=64
 bench titok_s1_cudnn --config=configs/titok.py:l32_stage1 --workload=train --batch_size=64 \
                      --config.model.attention_impl=cudnn
 bench titok_s2_cudnn --config=configs/titok.py:l32_stage2 --workload=train --batch_size=32 \
-                     --config.model.attention_impl=cudnn
-# cuDNN's fused attention in GigaTok B-L's training step (XLA's writes the scores)
-bench gigatok_b16_cudnn --config=configs/gigatok_b_l.py --workload=train --batch_size=16 \
                      --config.model.attention_impl=cudnn
 # GPT-B decoding with cuDNN's fused attention (one kernel per layer and token, the cache's
 # filled length as its mask), in chunks, and the B-L decode of its samples with it too
