@@ -10,7 +10,8 @@
 # PLAN (default "cmdbuf attn train"; then, budget allowing, a second call with "profile"), run
 # in this order:
 #   cmdbuf   GPT-B sampling timed four times: as the sampler decodes by default (the KV cache
-#            read in chunks), with cuDNN's fused attention, on the whole cache at every token
+#            read in chunks), with cuDNN's fused attention (GPT-B and the B-L decoding its
+#            samples), on the whole cache at every token
 #            (cache_chunk=0, the 2026-12-04 program), and by default with while loops and
 #            conditionals recorded into CUDA graphs as well (XLA_FLAGS
 #            --xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL); rows in cmdbuf.jsonl
