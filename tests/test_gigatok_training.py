@@ -209,17 +209,15 @@ def test_loss_networks_compute_at_loss_precision(loss_setup):
     """`loss_precision` sets the perceptual net's and the discriminator's compute dtype (the
     GigaTok recipes: bf16, as the official VQLoss inside the autocast); their values stay
     within bf16 rounding of the float32 nets'."""
-    config, model, _, _, frozen, _, gan_state, images = loss_setup
+    config, model, nets, gan, frozen, _, gan_state, images = loss_setup
     assert config.loss_precision == "float32"  # tiny(): a float32 test run
+    disc = gan.disc
+    assert disc.dtype == jnp.float32
     config = ml_collections.ConfigDict(config.to_dict())
     config.loss_precision = "bfloat16"
     nets_bf, frozen_bf = tokenizer.build_frozen(config, model)
     disc_bf = tokenizer.build_discriminator(config)
     assert disc_bf.dtype == jnp.bfloat16
-    config.loss_precision = "float32"
-    nets, _ = tokenizer.build_frozen(config, model)
-    disc = tokenizer.build_discriminator(config)
-    assert disc.dtype == jnp.float32
     other = jnp.clip(images[::-1] * 0.9 + 0.05, 0.0, 1.0)
     p32 = nets.perceptual.apply(frozen["perceptual"], images, other)
     p16 = nets_bf.perceptual.apply(frozen_bf["perceptual"], images, other)
