@@ -35,7 +35,7 @@ official step by tests/test_train_parity_gpt.py); 300 epochs; no EMA (the script
 --ema; ema_decay=0.9999 is the official option). Sampling: CFG with the `step` schedule
 (window_start 0.18), temperature 1, no top-k / top-p. GigaTok's AR probing stops GPT-B at 250k
 steps in the constant phase (--config.total_steps=250000 --config.optim.decay_fraction=0).
-Released GPT checkpoints convert with `python -m tok1d.cli.convert gpt GPT_B.pt gpt_b/`;
+Released GPT checkpoints convert with `tok1d convert gpt --checkpoint=GPT_B.pt --out=gpt_b/`;
 `tok1d.official.gpt.config_from_official` maps any train_c2i run the same way.
 """
 

@@ -8,7 +8,7 @@
 
 gFID against the ADM reference batch, with the released sampling settings
 (configs/infer/TiTok/titok_{arg}.yaml). Run (l32 shown; `titok_l32/` is the converted
-tokenizer: python -m tok1d.cli.convert titok tokenizer_titok_l32.bin titok_l32/):
+tokenizer: tok1d convert titok --checkpoint=tokenizer_titok_l32.bin --out=titok_l32/):
 
     python -m tok1d.cli.tokenize --tokenizer=titok_l32/ --data=tfds:imagenet2012 --split=train \\
         --flip --out=gs://BUCKET/tokens_titok_l32
@@ -32,7 +32,7 @@ split), 10k warm-up from 0, cosine to 1e-5, clip 1.0, EMA 0.999 with EMAModel's 
 (tokenize with --flip). The training step is checked against the official one by
 tests/test_train_parity_maskgit.py; `tok1d.official.maskgit.config_from_official` maps any
 official generator YAML the same way. The released generators convert with
-`python -m tok1d.cli.convert maskgit generator_titok_l32.bin maskgit_l32/`.
+`tok1d convert maskgit --checkpoint=generator_titok_l32.bin --out=maskgit_l32/`.
 """
 
 from tok1d import recipes

@@ -4,6 +4,8 @@ console, and `python -m tok1d.main` (the design card's command). Fast: nothing t
 import importlib
 import logging
 import os
+import re
+import shlex
 import subprocess
 import sys
 import types
@@ -13,7 +15,9 @@ import pytest
 from conftest import REPO, subprocess_env
 from tok1d import errors
 from tok1d.cli import app, convert, train
-from tok1d.train import loop
+from tok1d.evaluation import evaluator
+from tok1d.train import loop, tokenizer
+from tok1d.weights import perceptual
 
 TINY = os.path.join(REPO, "configs", "tiny_test.py")
 
@@ -97,6 +101,20 @@ def test_mistyped_override_is_one_line_naming_the_key(tmp_path, capsys):
 def test_bad_command_lines_are_one_line(args, needle, capsys):
     assert app.run(train, args) == 2
     assert needle in one_error_line(capsys.readouterr().err)
+
+
+def test_convert_commands_that_messages_suggest_are_valid_command_lines():
+    """A missing teacher, Inception or perceptual net names the convert command that makes it:
+    each such command (`tok1d convert KIND --flag=...`) parses with convert's own flags."""
+    texts = [*tokenizer._MISSING_TEACHER.values(), evaluator._HOW_TO_GET_INCEPTION,
+             *perceptual._HOW_TO_CONVERT.values()]
+    commands = [m.group(1) for text in texts
+                for m in re.finditer(r"(?:tok1d convert|tok1d\.cli\.convert) ([^`)]+)", text)]
+    assert len(commands) == len(texts), commands
+    for command in commands:
+        fv, rest = app._parse(convert, "tok1d convert", shlex.split(command))
+        assert rest and rest[0] in convert.KINDS, command
+        assert fv["checkpoint"].value and fv["out"].value, command
 
 
 def test_workdir_that_is_a_file(tmp_path, capsys):

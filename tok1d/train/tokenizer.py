@@ -73,15 +73,15 @@ _MISSING_TEACHER = {
         "teacher.weights is empty: the semantic loss needs the frozen DINOv2 ViT-B/14. "
         "Pass the released name: --config.teacher.weights=dinov2_vitb14 (downloaded once), or "
         "download dinov2_vitb14_pretrain.pth (facebookresearch/dinov2) and pass it as "
-        "--config.teacher.weights=PATH (or convert it once: python -m tok1d.cli.convert dinov2 "
-        "dinov2_vitb14_pretrain.pth DIR --pos_grid 16)."),
+        "--config.teacher.weights=PATH (or convert it once: tok1d convert dinov2 "
+        "--checkpoint=dinov2_vitb14_pretrain.pth --out=DIR --pos_grid=16)."),
     "maskgit_vqgan": (
         "teacher.weights is empty: stage 1 needs the frozen MaskGIT-VQGAN. Pass the released "
         "name: --config.teacher.weights=maskgit_vqgan (downloaded and converted once), or "
         "download "
         "maskgit-vqgan-imagenet-f16-256.bin (HF fun-research/TiTok) and pass it as "
-        "--config.teacher.weights=PATH (or convert it once: python -m tok1d.cli.convert "
-        "maskgit_vqgan maskgit-vqgan-imagenet-f16-256.bin DIR)."),
+        "--config.teacher.weights=PATH (or convert it once: tok1d convert maskgit_vqgan "
+        "--checkpoint=maskgit-vqgan-imagenet-f16-256.bin --out=DIR)."),
 }
 
 
