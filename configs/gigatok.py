@@ -25,9 +25,10 @@ Run (any arg; the teacher and LPIPS weights are needed):
         --inception=inception_fid/ --config.data.eval_examples=50000
 
 (`configs/gigatok_b_l.py`, the design card's command, is `configs/gigatok.py:b_l`.)
-Weights: DINOv2 ViT-B/14 (`dinov2_vitb14_pretrain.pth`, or a directory from `python -m
-tok1d.cli.convert dinov2 ... --pos_grid 16`), LPIPS-VGG (`python -m
-tok1d.weights.convert.perceptual`), for b_l_dino_disc the DINO (v1) ViT-S/16 trunk.
+Weights: DINOv2 ViT-B/14 (`dinov2_vitb14_pretrain.pth`, or a directory from `tok1d convert
+dinov2 --checkpoint=dinov2_vitb14_pretrain.pth --out=DIR --pos_grid=16`), LPIPS-VGG (the
+released name `lpips_vgg`, or `tok1d convert lpips --vgg=vgg16-397923af.pth --checkpoint=vgg.pth
+--out=DIR`), for b_l_dino_disc the DINO (v1) ViT-S/16 trunk.
 
 Recipe: L2 on [-1, 1] 1.0 + LPIPS-VGG 1.0 + VQ (16384 x 8, l2-normalised, rotation trick,
 codebook + 0.25 commitment) + entropy (per variant) + 0.5 x semantic regularisation (-cos of

@@ -12,7 +12,7 @@ gFID with the CFG scale from a line search with the `step` schedule (the search 
 `sampling.cfg_scale`). Run (b shown; `gigatok_b_l/` is the converted or trained tokenizer):
 
     python -m tok1d.cli.tokenize --tokenizer=gigatok_b_l/ --data=tfds:imagenet2012 --split=train \\
-        --crop adm --flip --out=gs://BUCKET/tokens_gigatok_b_l
+        --crop=center --flip --out=gs://BUCKET/tokens_gigatok_b_l
     python -m tok1d.cli.tokenize --tokenizer=gigatok_b_l/ --data=tfds:imagenet2012 \\
         --split=validation --out=gs://BUCKET/tokens_gigatok_b_l
     python -m tok1d.main --config=configs/gpt_gigatok.py:b --workdir=gs://BUCKET/gpt_b \\

@@ -37,12 +37,12 @@ Stage 1 (configs/training/TiTok/stage1/titok_*.yaml): 4096 x 12 l2-normalised co
 decoder's 1024-way head predicts the frozen MaskGIT-VQGAN's 16 x 16 codes (cross-entropy) +
 VQ codebook / commitment (0.25) losses; AdamW betas (0.9, 0.99), 10k warm-up, 1M steps. CE
 starts at ln 1024 = 6.9 and ends near 3.0 (maintainers, S-128). The teacher file is read
-directly or after `python -m tok1d.cli.convert maskgit_vqgan FILE DIR`; new models use the
+directly or after `tok1d convert maskgit_vqgan --checkpoint=FILE --out=DIR`; new models use the
 clean per-token projection (legacy_reshape=False; the released weights need True).
 
 Stage 2 (configs/training/TiTok/stage2/titok_*.yaml): starts from the stage-1 weights (EMA)
 and the MaskGIT-VQGAN decoder + codebook; encoder, latent tokens and codebook frozen; L2 +
-0.1 x ConvNeXt-S logit MSE (python -m tok1d.cli.convert.perceptual --kind convnext_s) + 0.01 x
+0.1 x ConvNeXt-S logit MSE (`--config.perceptual.weights=convnext_s`) + 0.01 x
 hinge GAN from step 20k (NLayer + BlurPool discriminator, LeCam 0.001, its own AdamW 1e-4 with
 the official scheduler's quirks for 8 GPUs); betas (0.9, 0.999), 5k warm-up, 500k steps.
 

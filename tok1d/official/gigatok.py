@@ -7,7 +7,7 @@ with a `configs/vq/*.yaml` model config) -> a tok1d config.
         yaml.safe_load(open("configs/vq/VQ_SS256.yaml")),
         train_args=dict(iterations=1_000_000, ema=True))
     config.teacher.weights = "dinov2_vitb14_pretrain.pth"
-    config.perceptual.weights = "lpips_vgg/"          # python -m tok1d.cli.convert.perceptual
+    config.perceptual.weights = "lpips_vgg"           # the released name (or a converted DIR)
 
 `official_config`: the yaml as a dict (`model.model_cls` / `model.init_args`, `trainer`,
 `loss.params`). `train_args`: vq_train.py's argparse values under their `dest` names

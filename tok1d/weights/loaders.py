@@ -547,7 +547,7 @@ def load(source: str, kind: Optional[str] = None, cache_dir: Optional[str] = Non
     path = resolve(source, kind, cache_dir, **options)
     if os.path.isfile(path):
         raise errors.UserError(f"{source} is a file another network reads (fetched to {path}): "
-                               "e.g. the DINO discriminator's trunk, --config.disc.weights="
+                               "e.g. the DINO discriminator's trunk, --config.discriminator.weights="
                                f"{source}.")
     for component, filename in perceptual_files.WEIGHT_FILES.items():
         npz = os.path.join(path, filename)
