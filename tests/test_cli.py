@@ -3,6 +3,8 @@ console, and `python -m tok1d.main` (the design card's command). Fast: nothing t
 
 import importlib
 import logging
+import ast
+import glob
 import os
 import re
 import shlex
@@ -115,6 +117,61 @@ def test_convert_commands_that_messages_suggest_are_valid_command_lines():
         fv, rest = app._parse(convert, "tok1d convert", shlex.split(command))
         assert rest and rest[0] in convert.KINDS, command
         assert fv["checkpoint"].value and fv["out"].value, command
+
+
+def docstring_commands(path: str) -> list[str]:
+    """The tok1d command lines of a module's docstring: indented lines that start with
+    `python -m tok1d.main`, `python -m tok1d.cli.COMMAND` or `tok1d COMMAND`, joined over their
+    trailing backslashes; lines with elisions or optional parts (`...`, `[`) are left out."""
+    with open(path, encoding="utf-8") as f:
+        doc = ast.get_docstring(ast.parse(f.read())) or ""
+    commands, current = [], None
+    for line in doc.splitlines():
+        text = line.strip()
+        if current is not None:
+            current += " " + text.rstrip("\\")
+        elif line.startswith("    ") and re.match(r"(python -m tok1d[.]|tok1d [a-z])", text):
+            current = text.rstrip("\\")
+        if current is not None and not text.endswith("\\"):
+            commands.append(current.split("  #")[0])
+            current = None
+    return [c for c in commands if "..." not in c and "[" not in c]
+
+
+def job_of(command: str):
+    """(job module, prog, args) of a tok1d command line."""
+    words = shlex.split(command)
+    if words[:3] == ["python", "-m", "tok1d.main"]:
+        return train, "tok1d train", words[3:]
+    if words[:2] == ["python", "-m"]:
+        name, args = words[2].split(".")[-1], words[3:]
+    else:
+        name, args = words[1], words[2:]
+    return importlib.import_module(f"tok1d.cli.{name}"), f"tok1d {name}", args
+
+
+DOCUMENTED = sorted(glob.glob(os.path.join(REPO, "configs", "*.py"))
+                    + glob.glob(os.path.join(REPO, "tok1d", "cli", "*.py")))
+
+
+@pytest.mark.parametrize("path", DOCUMENTED, ids=lambda p: os.path.relpath(p, REPO))
+def test_commands_in_docstrings_parse(path, monkeypatch):
+    """Every command a config's or a command's docstring shows parses: its flags exist, its
+    config file and variant load and its `--config.` overrides name real keys."""
+    monkeypatch.chdir(REPO)
+    for command in docstring_commands(path):
+        job, prog, args = job_of(command)
+        try:
+            app._parse(job, prog, args)
+        except errors.UserError as e:
+            pytest.fail(f"{os.path.relpath(path, REPO)}: {command}: {e}")
+
+
+def test_docstring_commands_are_found():
+    rar = docstring_commands(os.path.join(REPO, "configs", "rar.py"))
+    assert rar[0].startswith("python -m tok1d.cli.tokenize --tokenizer=maskgit_vqgan/")
+    assert rar[0].endswith("--out=gs://BUCKET/tokens_maskgit_vqgan") and len(rar) == 5
+    assert sum(len(docstring_commands(p)) for p in DOCUMENTED) > 40
 
 
 def test_workdir_that_is_a_file(tmp_path, capsys):
