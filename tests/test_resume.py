@@ -305,11 +305,17 @@ def test_mismatched_checkpoint_fails_clearly(reference, tmp_path):
     wd = copy_workdir(reference["workdir"], str(tmp_path / "mismatch"))
     ckpt_dir = os.path.join(wd, "checkpoints")
     before = tree_listing(ckpt_dir)
+    recorded = {name: open(os.path.join(wd, name)).read() for name in ("config.json",
+                                                                       "hparams.json")}
     proc = run_main(wd, *BASE, "--config.model.codebook_size=32")
     assert proc.returncode != 0, describe(proc)
     assert "ValueError" in proc.stderr, describe(proc)
     assert re.search(r"Checkpoint \S+/checkpoints/12 does not match the model/optimizer",
                      proc.stderr), describe(proc)
+    assert "arrays of another shape, e.g. " in proc.stderr, describe(proc)  # not orbax's tree
+    assert max(len(line) for line in proc.stderr.splitlines()) < 1000, describe(proc)
+    for name, text in recorded.items():  # the workdir still describes its checkpoints
+        assert open(os.path.join(wd, name)).read() == text, name
     assert os.path.isdir(os.path.join(ckpt_dir, "12"))
     assert tree_listing(ckpt_dir) == before  # nothing deleted, nothing written
     assert train_records(wd) == list(reference["records"].values())

@@ -124,9 +124,37 @@ class Checkpointer:
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(
                 f"Checkpoint {self.directory}/{step} does not match the model/optimizer built "
-                f"from this config ({type(e).__name__}: {e}). Use the config it was trained "
-                "with, or a new --workdir.") from e
+                f"from this config ({self._difference(step, target, e)}). Use the config it "
+                "was trained with, or a new --workdir.") from e
         return restored[layout.STATE_ITEM]
+
+    def _difference(self, step: int, target: dict[tuple, Any], error: Exception) -> str:
+        """How checkpoint `step`'s arrays differ from `target`'s, in a line: counts and the
+        first few paths (orbax's own message lists the whole tree)."""
+        try:
+            saved = _shapes(self.manager.item_metadata(step)[layout.STATE_ITEM])
+        except Exception:  # noqa: BLE001 (unreadable metadata: say what orbax said)
+            saved = None
+        if not saved:
+            text = " ".join(f"{type(error).__name__}: {error}".split())
+            return text if len(text) <= 300 else text[:297] + "..."
+
+        def named(paths, n=3):
+            shown = ", ".join("/".join(map(str, p)) for p in sorted(paths, key=str)[:n])
+            return shown + (", ..." if len(paths) > n else "")
+
+        parts = []
+        missing, extra = set(target) - set(saved), set(saved) - set(target)
+        if missing:
+            parts.append(f"{len(missing)} arrays not in the checkpoint: {named(missing)}")
+        if extra:
+            parts.append(f"{len(extra)} saved arrays not in the model: {named(extra)}")
+        shaped = [p for p in set(target) & set(saved) if saved[p].shape != target[p].shape]
+        if shaped:
+            first = sorted(shaped, key=str)[0]
+            parts.append(f"{len(shaped)} arrays of another shape, e.g. {named([first], 1)} "
+                         f"saved {tuple(saved[first].shape)}, built {tuple(target[first].shape)}")
+        return "; ".join(parts) or f"{type(error).__name__}: {str(error)[:300]}"
 
     def _saved_array_paths(self, step: int) -> Optional[set[tuple]]:
         """The paths of the arrays in checkpoint `step`, read from its tree-metadata file

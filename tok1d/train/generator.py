@@ -208,6 +208,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                       jax.random.key(config.seed), train_iter, feeder,
                                       steps, mesh, rules)
     state, first_step = start.state, start.step
+    loop.record_config(config, workdir, writer)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     logging.info("Generator %s: %.2fM parameters; starting at step %d.", config.model.name,
                  num_params / 1e6, first_step)

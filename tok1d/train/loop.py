@@ -221,19 +221,25 @@ def started_message(step: int, times: StartTimes, first_call_s: float,
 
 def setup_run(config, workdir: str) -> tuple[str, Any, Any, Any, Any]:
     """The start of every training run: validates the config, makes the workdir, the metric
-    writer (hparams written) and config.json, and the mesh.
+    writer and the mesh. The config is recorded (`record_config`) only once the state has been
+    created or restored: a resume refused for another config leaves the workdir's config.json,
+    which describes its checkpoints, as it was.
 
     Returns (absolute workdir, writer, mesh, logical-axis rules, batch sharding)."""
     config_lib.validate(config)
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     writer = summary.MetricWriter(workdir, enabled=jax.process_index() == 0)
-    writer.write_hparams(config.to_dict())
-    write_json(layout.config_path(workdir), config.to_dict())
     mesh, rules, batch_sh = parallel.mesh_from_config(config)
     logging.info("Mesh %s over %d devices (%d processes).", dict(mesh.shape), mesh.size,
                  jax.process_count())
     return workdir, writer, mesh, rules, batch_sh
+
+
+def record_config(config, workdir: str, writer: summary.MetricWriter) -> None:
+    """Writes the run's config.json and hyperparameters (call once its state exists)."""
+    writer.write_hparams(config.to_dict())
+    write_json(layout.config_path(workdir), config.to_dict())
 
 
 def checkpointer_for(config, workdir: str) -> ckpt_lib.Checkpointer:

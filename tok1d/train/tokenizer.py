@@ -532,6 +532,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                       jax.random.key(config.seed), train_iter, feeder,
                                       t.steps, mesh, rules, step_args=(frozen,))
     state, first_step = start.state, start.step
+    loop.record_config(config, workdir, writer)
     if first_step == 0:
         state = load_initial_weights(config, state, log)
         trunk = load_disc_trunk(config, t.gan.disc) if t.gan is not None else None
