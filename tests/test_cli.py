@@ -174,6 +174,23 @@ def test_docstring_commands_are_found():
     assert sum(len(docstring_commands(p)) for p in DOCUMENTED) > 40
 
 
+@pytest.mark.parametrize("command, args, needle", [
+    ("tokenize", ["--tokenizer=T", "--data=demo", "--out=O", "--batch_size=0"],
+     "flag --batch_size=0: 0 is not a positive integer"),
+    ("sample", ["--checkpoint=C", "--out=O", "--num_images=-5"],
+     "flag --num_images=-5: -5 is not a positive integer"),
+    ("sample", ["--checkpoint=C", "--out=O", "--batch_size=-2"], "flag --batch_size=-2"),
+    ("bench", [f"--config={TINY}", "--steps=0"], "flag --steps=0"),
+    ("prepare", ["--input=I", "--out=O", "--workers=-2"], "flag --workers=-2"),
+    ("prepare", ["--input=I", "--out=O", "--val_fraction=1.5"], "not a number in the range"),
+])
+def test_counts_out_of_range_are_one_line(command, args, needle, capsys):
+    """A count or fraction out of its range is refused while parsing, naming the flag (it
+    used to reach the job: a ZeroDivisionError, 'need at least one array to concatenate')."""
+    assert app.run(importlib.import_module(f"tok1d.cli.{command}"), args) == 2
+    assert needle in one_error_line(capsys.readouterr().err)
+
+
 def test_workdir_that_is_a_file(tmp_path, capsys):
     path = tmp_path / "file"
     path.write_text("")

@@ -91,14 +91,14 @@ POSITIONAL = ""
 def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_enum("workload", "train", WORKLOADS, "What to measure.", flag_values=fv)
     flags.DEFINE_integer("batch_size", 0, "Global batch (0: the config's batch_size).",
-                         flag_values=fv)
-    flags.DEFINE_integer("steps", 10, "Timed calls.", flag_values=fv)
+                         lower_bound=0, flag_values=fv)
+    flags.DEFINE_integer("steps", 10, "Timed calls.", lower_bound=1, flag_values=fv)
     flags.DEFINE_integer("warmup", 2, "Untimed calls first (the first one compiles).",
-                         flag_values=fv)
+                         lower_bound=0, flag_values=fv)
     flags.DEFINE_string("tokenizer_config", "", "sample: tokenizer config file (random "
                         "weights) that decodes the samples.", flag_values=fv)
     flags.DEFINE_float("peak_tflops", 0.0, "Device bf16 peak for MFU (0: measure a matmul).",
-                       flag_values=fv)
+                       lower_bound=0, flag_values=fv)
     flags.DEFINE_bool("compile_only", False, "Compile without running: FLOPs and the memory "
                       "XLA plans per device (does the batch fit?), no timing.", flag_values=fv)
     flags.DEFINE_string("profile", "", "Write a jax.profiler trace of the timed calls to this "
@@ -109,13 +109,14 @@ def define_flags(fv: flags.FlagValues) -> None:
                         flag_values=fv)
     # --workload=input (tok1d.cli.input_bench): the recipe's input pipeline beside the official.
     flags.DEFINE_integer("images", 256, "input: ImageNet-like JPEGs to write and read.",
-                         flag_values=fv)
+                         lower_bound=1, flag_values=fv)
     flags.DEFINE_string("image_folder", "", "input: read this folder of class subfolders of "
                         "images instead.", flag_values=fv)
     flags.DEFINE_integer("workers", 0, "input: worker processes (0: in this process, rates per "
-                         "CPU core; -1: one per core but one, at most 16).", flag_values=fv)
+                         "CPU core; -1: one per core but one, at most 16).",
+                         lower_bound=-1, flag_values=fv)
     flags.DEFINE_integer("repeats", 3, "input: runs of each pipeline (the least CPU time "
-                         "counts).", flag_values=fv)
+                         "counts).", lower_bound=1, flag_values=fv)
     flags.DEFINE_bool("official", True, "input: also run the official loader (torchvision).",
                       flag_values=fv)
 

@@ -129,11 +129,12 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("official_config", None, "titok, gigatok, maskgit: the official config "
                         "(JSON / YAML); default: sizes from the tensor shapes.", flag_values=fv)
     flags.DEFINE_integer("image_size", None, "Input resolution (default: from the positional "
-                         "embeddings).", flag_values=fv)
+                         "embeddings).", lower_bound=1, flag_values=fv)
     flags.DEFINE_string("preset", None, "gigatok: released size (s_s, s_b, b_l, xl_xxl, s_s_2d, "
                         "s_b_2d, b_l_2d).", flag_values=fv)
     flags.DEFINE_integer("pos_grid", None, "dinov2: resample the position table to this grid "
-                         "(GigaTok's teacher: 16, i.e. 224 px inputs).", flag_values=fv)
+                         "(GigaTok's teacher: 16, i.e. 224 px inputs).",
+                         lower_bound=1, flag_values=fv)
     flags.DEFINE_string("size", None, "gpt: size name (B, L, XL, XXL, XXXL) fixing the head "
                         "count (default: from the width); rar: the released size (B, L, XL, "
                         "XXL) the file must be (default: sizes from the shapes).",
@@ -141,7 +142,7 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_enum("weights", "model", ["model", "ema"], "gpt: which weights of a training "
                       "checkpoint (model, as the official sampler).", flag_values=fv)
     flags.DEFINE_integer("num_heads", None, "gpt: attention heads, for a width that is not a "
-                         "released size.", flag_values=fv)
+                         "released size.", lower_bound=1, flag_values=fv)
     flags.DEFINE_string("vgg", None, "lpips: torchvision's VGG16 state_dict "
                         "(vgg16-397923af.pth), unless --checkpoint holds the whole LPIPS module.",
                         flag_values=fv)

@@ -28,13 +28,14 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("out", None, "Output directory.", flag_values=fv)
     flags.DEFINE_string("split", "train", "Name of the split to write.", flag_values=fv)
     flags.DEFINE_float("val_fraction", 0.0, f"Fraction of each class written to a "
-                       f"{prepare.VALIDATION_SPLIT!r} split.", flag_values=fv)
+                       f"{prepare.VALIDATION_SPLIT!r} split.",
+                       lower_bound=0, upper_bound=1, flag_values=fv)
     flags.DEFINE_integer("num_shards", 0, "Shards of --split; 0 = about 1 GB per shard.",
-                         flag_values=fv)
+                         lower_bound=0, flag_values=fv)
     flags.DEFINE_integer("resize_shorter", 0, "If > 0, downscale images whose shorter side "
-                         "exceeds this.", flag_values=fv)
+                         "exceeds this.", lower_bound=0, flag_values=fv)
     flags.DEFINE_integer("workers", None, "Decoding processes (default: all CPUs).",
-                         flag_values=fv)
+                         lower_bound=0, flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Seed for splitting and shuffling.", flag_values=fv)
 
 

@@ -72,12 +72,14 @@ def define_flags(fv: flags.FlagValues) -> None:
                         flag_values=fv)
     flags.DEFINE_string("tokenizer", "", "Tokenizer (pretrained dir or workdir); default: "
                         "config.generator.tokenizer.", flag_values=fv)
-    flags.DEFINE_integer("num_images", 50_000, "Number of images to sample.", flag_values=fv)
+    flags.DEFINE_integer("num_images", 50_000, "Number of images to sample.",
+                         lower_bound=1, flag_values=fv)
     flags.DEFINE_integer("batch_size", 0, "Global batch per step (0: 32 per device).",
-                         flag_values=fv)
+                         lower_bound=0, flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Sampling seed.", flag_values=fv)
     flags.DEFINE_string("out", None, "Output directory.", flag_values=fv)
-    flags.DEFINE_integer("grid_classes", 10, "Classes (rows) in grid.png.", flag_values=fv)
+    flags.DEFINE_integer("grid_classes", 10, "Classes (rows) in grid.png.",
+                         lower_bound=0, flag_values=fv)
     flags.DEFINE_bool("sweep", False, "Sweep guidance x temperature (module docstring): "
                       "sweep.md / sweep.json / sweep.png instead of samples.npz.",
                       flag_values=fv)

@@ -563,28 +563,31 @@ def define_flags(fv: flags.FlagValues) -> None:
                         "or a directory written by tok1d prepare.", flag_values=fv)
     flags.DEFINE_string("split", "train", "Split to tokenize.", flag_values=fv)
     flags.DEFINE_string("out", None, "Token dataset directory.", flag_values=fv)
-    flags.DEFINE_integer("image_size", 0, "Image size (0: the tokenizer's).", flag_values=fv)
+    flags.DEFINE_integer("image_size", 0, "Image size (0: the tokenizer's).",
+                         lower_bound=0, flag_values=fv)
     flags.DEFINE_integer("batch_size", 256, "Global batch (rounded up to a multiple of the "
-                         "devices).", flag_values=fv)
+                         "devices).", lower_bound=1, flag_values=fv)
     flags.DEFINE_bool("flip", False, "Also encode horizontally flipped images (variant 1).",
                       flag_values=fv)
     flags.DEFINE_enum("crop", "center", list(CROPS), "How images become squares.",
                       flag_values=fv)
     flags.DEFINE_integer("num_shards", 0, f"Shards (0: ~{EXAMPLES_PER_SHARD} examples each).",
-                         flag_values=fv)
+                         lower_bound=0, flag_values=fv)
     flags.DEFINE_integer("prefix_tokens", 0, "Store the first k tokens of each image only (0: "
-                         "all; ordered 1D tokens).", flag_values=fv)
+                         "all; ordered 1D tokens).", lower_bound=0, flag_values=fv)
     flags.DEFINE_integer("num_examples", -1, "Tokenize only the first N examples (-1: all).",
-                         flag_values=fv)
+                         lower_bound=-1, flag_values=fv)
     flags.DEFINE_string("data_dir", "", "TFDS data_dir.", flag_values=fv)
     flags.DEFINE_string("dtype", "", "Compute dtype override (e.g. bfloat16); default: the "
                         "tokenizer's.", flag_values=fv)
-    flags.DEFINE_integer("threads", 16, "Image loading threads per host.", flag_values=fv)
+    flags.DEFINE_integer("threads", 16, "Image loading threads per host.",
+                         lower_bound=1, flag_values=fv)
     flags.DEFINE_string("coordinator_address", "", "Multi-host: coordinator host:port (or set "
                         "TOK1D_DISTRIBUTED=1 for auto-detection).", flag_values=fv)
     flags.DEFINE_integer("num_processes", 0, "Multi-host: number of processes.",
-                         flag_values=fv)
-    flags.DEFINE_integer("process_id", -1, "Multi-host: this process's id.", flag_values=fv)
+                         lower_bound=0, flag_values=fv)
+    flags.DEFINE_integer("process_id", -1, "Multi-host: this process's id.",
+                         lower_bound=-1, flag_values=fv)
 
 
 def execute(fv: flags.FlagValues, args: list[str]) -> None:
