@@ -191,6 +191,14 @@ def test_counts_out_of_range_are_one_line(command, args, needle, capsys):
     assert needle in one_error_line(capsys.readouterr().err)
 
 
+def test_sampling_with_a_tokenizer_config_is_one_line(capsys):
+    """`tok1d sample` given a tokenizer's config (not a generator's) names the mistake."""
+    args = [f"--config={TINY}", "--checkpoint=C", "--tokenizer=T", "--out=O"]
+    assert app.run(importlib.import_module("tok1d.cli.sample"), args) == 2
+    assert "not a generator: pass a generator's config" in one_error_line(
+        capsys.readouterr().err)
+
+
 def test_workdir_that_is_a_file(tmp_path, capsys):
     path = tmp_path / "file"
     path.write_text("")

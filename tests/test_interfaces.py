@@ -2,13 +2,17 @@
 `encode` gives integer codes, `decode_codes` maps them back, and its training forward returns a
 `TokenizerAux` whose losses are registered loss terms (or the quantizer's documented parts)."""
 
+import logging
+import types
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tok1d import models
+from tok1d import errors, models
+from tok1d.generation import decode
 from tok1d.models import interfaces
 from tok1d.models import discriminator, dino_disc
 from tok1d.models.interfaces import (Discriminator, SemanticTokenizer, ShortcutTokenizer,
@@ -110,3 +114,31 @@ def test_every_discriminator_implements_the_interface(disc, pixel_range):
     logits, _ = disc.apply(variables, x, train=True, rngs={"crop": jax.random.key(2)},
                            mutable=[k for k in variables if k != "params"])
     assert logits.dtype == jnp.float32 and logits.shape[0] == 2
+
+
+def test_a_generator_and_a_tokenizer_that_do_not_match_are_refused(caplog):
+    """What a generator samples must be decodable by the tokenizer it is paired with (sample,
+    evaluate, the trainer's sample grids): an 8-token generator decoded by a 16-token
+    tokenizer exited 0 with garbage images."""
+    titok = models.create("titok", **TITOK)  # 8 tokens of 64 codes
+    nested = models.create("titok", **dict(TITOK, nested_dropout="uniform"))
+    vqgan = models.create("maskgit_vqgan", **VQGAN)  # a 2D grid: no prefixes
+    vae = models.create("titok", **dict(TITOK, quantizer="vae"))
+
+    def gen(num_tokens, vocab_size):
+        return types.SimpleNamespace(num_tokens=num_tokens, vocab_size=vocab_size)
+
+    decode.check_pair(gen(8, 64), titok)
+    decode.check_pair(gen(8, 65), titok)  # a [MASK] id beyond the codes
+    with caplog.at_level(logging.WARNING):
+        decode.check_pair(gen(4, 64), nested)  # a prefix of a nested tokenizer: fine
+        assert not caplog.records
+        decode.check_pair(gen(4, 64), titok)  # a prefix of one trained without: a warning
+    assert "not trained with nested dropout" in caplog.text
+    for generator, tokenizer, needle in [
+            (gen(16, 64), titok, "samples 16 tokens per image but the tokenizer decodes 8"),
+            (gen(8, 32), titok, "the tokenizer has 64 codes but the generator predicts 32"),
+            (gen(8, 64), vae, "continuous"),
+            (gen(vqgan.num_tokens // 2, 64), vqgan, "but the tokenizer decodes")]:
+        with pytest.raises(errors.UserError, match=needle):
+            decode.check_pair(generator, tokenizer)

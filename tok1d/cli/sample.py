@@ -102,6 +102,18 @@ def load_generator(config, checkpoint: str):
         checkpoint, shapes, f"the generator of the config ({config.model.name})")
 
 
+def load_models(config, checkpoint: str, tokenizer_path: str):
+    """(generator, its params, tokenizer, its params, the tokenizer's path): the generator of
+    `config` from `checkpoint`, and the tokenizer at `tokenizer_path` (default:
+    config.generator.tokenizer); `SampleDecoder` checks that they match."""
+    model, params = load_generator(config, checkpoint)
+    tokenizer_path = tokenizer_path or config.generator.tokenizer
+    if not tokenizer_path:
+        raise ValueError("No tokenizer: pass --tokenizer=DIR or set config.generator.tokenizer.")
+    tokenizer, tok_params = loaders.load_tokenizer(tokenizer_path)
+    return model, params, tokenizer, tok_params, tokenizer_path
+
+
 def sample_images(config, model, params, tokenizer, tok_params, num_images: int,
                   batch_size: int, seed: int, log=print) -> tuple[np.ndarray, np.ndarray]:
     """uint8 images (N, H, W, 3) and their labels, sampled batch by batch over the mesh."""
@@ -133,11 +145,8 @@ def class_grid(samples: np.ndarray, labels: np.ndarray, num_classes: int, per_ro
 
 def run(config, checkpoint: str, tokenizer_path: str, num_images: int, out: str,
         batch_size: int = 0, seed: int = 0, grid_classes: int = 10, log=print) -> dict[str, Any]:
-    tokenizer_path = tokenizer_path or config.generator.tokenizer
-    if not tokenizer_path:
-        raise ValueError("No tokenizer: pass --tokenizer=DIR or set config.generator.tokenizer.")
-    model, params = load_generator(config, checkpoint)
-    tokenizer, tok_params = loaders.load_tokenizer(tokenizer_path)
+    model, params, tokenizer, tok_params, tokenizer_path = load_models(config, checkpoint,
+                                                                       tokenizer_path)
     t0 = time.time()
     samples, labels = sample_images(config, model, params, tokenizer, tok_params, num_images,
                                     batch_size, seed, log)
@@ -193,11 +202,8 @@ def run_sweep(config, checkpoint: str, tokenizer_path: str, num_images: int, out
               guidance_scales, temperatures, features: str = "inception", batch_size: int = 0,
               seed: int = 0, log=print) -> dict[str, Any]:
     """`tok1d sample --sweep`: the sweep of the module docstring, written to OUT."""
-    tokenizer_path = tokenizer_path or config.generator.tokenizer
-    if not tokenizer_path:
-        raise ValueError("No tokenizer: pass --tokenizer=DIR or set config.generator.tokenizer.")
-    model, params = load_generator(config, checkpoint)
-    tokenizer, tok_params = loaders.load_tokenizer(tokenizer_path)
+    model, params, tokenizer, tok_params, tokenizer_path = load_models(config, checkpoint,
+                                                                       tokenizer_path)
     nets, reference, real = sweep_reference(config, features, log)
     settings = sweep_lib.grid(config.sampling.to_dict(), config.model.name,
                               [float(g) for g in guidance_scales],

@@ -3,6 +3,7 @@ tokenizer interfaces of `tok1d.models.interfaces`), batch by batch over the mesh
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, Iterator
 
@@ -11,8 +12,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tok1d import images, parallel
+from tok1d import errors, images, parallel
 from tok1d.generation import common
+
+
+def check_pair(model: nn.Module, tokenizer: nn.Module) -> None:
+    """Raises UserError when `tokenizer` cannot decode what generator `model` samples: a
+    continuous tokenizer, more codes than the generator predicts, another number of tokens
+    per image (fewer is a prefix, which a 1D tokenizer decodes: logged as a warning unless it
+    was trained with nested dropout)."""
+    problems = []
+    if tokenizer.num_codes is None:
+        problems.append("the tokenizer is continuous (it has no codebook)")
+    elif tokenizer.num_codes > model.vocab_size:
+        problems.append(f"the tokenizer has {tokenizer.num_codes} codes but the generator "
+                        f"predicts {model.vocab_size}")
+    n, m = model.num_tokens, tokenizer.num_tokens
+    if n > m or (n < m and not tokenizer.decodes_prefixes):
+        problems.append(f"the generator samples {n} tokens per image but the tokenizer "
+                        f"decodes {m}")
+    if problems:
+        raise errors.UserError("The generator and the tokenizer do not match: "
+                               + "; ".join(problems) + ".")
+    if n < m and getattr(tokenizer, "nested_dropout", "none") == "none":
+        logging.getLogger(__name__).warning(
+            "The generator samples %d of the tokenizer's %d tokens per image, and the tokenizer "
+            "was not trained with nested dropout: its decoded prefixes may be poor images.",
+            n, m)
 
 
 class SampleDecoder:
@@ -21,6 +47,7 @@ class SampleDecoder:
 
     def __init__(self, model: nn.Module, sampling: dict[str, Any], tokenizer, tok_params,
                  sharding):
+        check_pair(model, tokenizer)
         self.sharding = sharding
         self.sampler = common.make_sampler(model, **sampling)
         self.tokenizer, self.tok_params = tokenizer, tok_params
