@@ -235,6 +235,14 @@ def test_load_tokenizer_from_pretrained_dir_and_training_workdir(tiny, tmp_path)
     desc = loaders.describe_tokenizer(str(work))
     assert desc["kind"] == "workdir" and desc["step"] == 4 and m.codebook_size == 64
     np.testing.assert_array_equal(p["latent_tokens"], ema["latent_tokens"])
+    # A config.json that no longer describes the checkpoint: one error naming what differs.
+    other = tiny_test.get_config()
+    other.model.token_dim = 16
+    with open(work / "config.json", "w") as f:
+        json.dump(other.to_dict(), f)
+    with pytest.raises(ValueError, match=r"weights in .* do not match the model of its "
+                       r"config.json: .*quantize/embedding: model \(64, 16\) vs weights \(64, 8\)"):
+        loaders.load_tokenizer(str(work))
 
 
 def test_digits_source_splits_labels_and_determinism():

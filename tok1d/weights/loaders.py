@@ -133,7 +133,13 @@ def load_tokenizer(path: str, **model_overrides: Any) -> tuple[nn.Module, dict[s
     kind, name, kwargs = _model_spec(path)
     if kind == "pretrained":
         return load_pretrained(path, **model_overrides)
-    return models.create(name, **dict(kwargs, **model_overrides)), load_params(path)
+    model = models.create(name, **dict(kwargs, **model_overrides))
+    size = model.input_size or 256  # the params' shapes do not depend on it otherwise
+    shapes = nn.unbox(convert_common.abstract_variables(
+        model, jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))["params"])
+    return model, merge_checked(shapes, load_params(path),
+                                f"The latest checkpoint's weights in {path}",
+                                f"the model of its {layout.CONFIG_FILE}")
 
 
 def describe_tokenizer(path: str) -> dict[str, Any]:
