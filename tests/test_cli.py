@@ -199,6 +199,16 @@ def test_sampling_with_a_tokenizer_config_is_one_line(capsys):
         capsys.readouterr().err)
 
 
+def test_a_damaged_checkpoint_file_is_one_line(tmp_path, capsys):
+    """`tok1d convert` of a file that is not what its extension says names the file."""
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"junk" * 8)
+    args = ["titok", f"--checkpoint={junk}", f"--out={tmp_path / 'out'}"]
+    assert app.run(convert, args) == 2
+    assert f"{junk} is not a readable checkpoint" in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+
+
 def test_workdir_that_is_a_file(tmp_path, capsys):
     path = tmp_path / "file"
     path.write_text("")

@@ -88,6 +88,20 @@ def test_checkpoints_are_uncompressed_unless_asked_and_restore_either_way(tmp_pa
     assert sizes[False] > 2 ** 20 > 50 * sizes[True]  # zeros: raw bytes vs a few kB of zstd
 
 
+def test_a_damaged_checkpoint_is_refused_with_its_step(tmp_path):
+    """A checkpoint whose tree metadata is damaged: one error naming the step and what to do."""
+    state = {"w": jnp.zeros((4, 2), jnp.float32)}
+    ckpt = checkpoint.Checkpointer(str(tmp_path), every_steps=1, keep=1, async_save=False)
+    assert ckpt.save(3, state, force=True)
+    (tmp_path / "3" / "state" / "_METADATA").write_text("junk")
+    abstract = checkpoint.abstract_with_shardings(state, jax.tree.map(lambda x: x.sharding,
+                                                                      state))
+    with pytest.raises(ValueError, match=r"Checkpoint \S+/3 cannot be read .* damaged or "
+                       "incomplete. Move that step's folder aside"):
+        ckpt.restore(3, abstract)
+    ckpt.close()
+
+
 def test_checkpoint_with_the_other_stack_layout_restores_relaid(tmp_path):
     """A run resumed with `model.scan` flipped: a checkpoint of a Transformer with unrolled
     blocks (`blocks_{i}`; params, AdamW moments, step) restores into the scanned model's state

@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from tok1d import errors
 from tok1d.data import prepare as prepare_lib
 from tok1d.data import records
 
@@ -220,6 +221,11 @@ def test_source_errors(tree, tmp_path):
     prepare_lib.prepare(root, out, workers=1)
     with pytest.raises(KeyError, match="available splits: train"):
         records.ArrayRecordImageSource(out, "test")
+    shard = next(f for f in os.listdir(out) if ".array_record" in f)
+    with open(os.path.join(out, shard), "wb") as f:  # damaged: not an ArrayRecord file
+        f.write(b"junk" * 4)
+    with pytest.raises(errors.UserError, match="a shard is not a readable ArrayRecord file"):
+        records.ArrayRecordImageSource(out, "train")
 
 
 def test_records_and_decode_image():

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from tok1d import models
+from tok1d import errors, models
 from tok1d.cli import tokenize
 from tok1d.data import sources, tokens
 from tok1d.weights import loaders
@@ -242,6 +242,14 @@ def test_load_tokenizer_from_pretrained_dir_and_training_workdir(tiny, tmp_path)
         json.dump(other.to_dict(), f)
     with pytest.raises(ValueError, match=r"weights in .* do not match the model of its "
                        r"config.json: .*quantize/embedding: model \(64, 16\) vs weights \(64, 8\)"):
+        loaders.load_tokenizer(str(work))
+    (work / "config.json").write_text('{"trainer": "tok')  # damaged files: named
+    with pytest.raises(errors.UserError, match="config.json is not valid JSON"):
+        loaders.load_tokenizer(str(work))
+    with open(work / "config.json", "w") as f:
+        json.dump(tiny_test.get_config().to_dict(), f)
+    (work / "checkpoints" / "4" / "state" / "_METADATA").write_text("junk")
+    with pytest.raises(errors.UserError, match="4/state is not a readable checkpoint"):
         loaders.load_tokenizer(str(work))
 
 

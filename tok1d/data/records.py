@@ -42,6 +42,8 @@ import msgpack
 import numpy as np
 from PIL import Image
 
+from tok1d import errors
+
 FORMAT_VERSION = "tok1d.array_record.v1"
 INFO_FILENAME = "dataset_info.json"
 
@@ -280,7 +282,12 @@ class ArrayRecordImageSource:
             raise FileNotFoundError(
                 f"Split {split!r} of {directory!r} is missing shard files: "
                 f"{missing}")
-        self._source = grain.sources.ArrayRecordDataSource(self._paths)
+        try:
+            self._source = grain.sources.ArrayRecordDataSource(self._paths)
+        except RuntimeError as e:  # array_record's reader on a damaged or foreign file
+            raise errors.UserError(f"Split {split!r} of {directory!r}: a shard is not a "
+                                   f"readable ArrayRecord file ({' '.join(str(e).split())[:200]})"
+                                   ".") from None
         expected = split_info.get("num_examples")
         if expected is not None and expected != len(self._source):
             raise ValueError(

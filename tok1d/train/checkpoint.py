@@ -105,7 +105,14 @@ class Checkpointer:
         if self._saved_array_paths(step) != set(target):
             # The other layer-stack layout? Decided on shapes, before any array is read. (Same
             # paths: the straight restore below, which refuses other shapes itself.)
-            saved_meta = self.manager.item_metadata(step)[layout.STATE_ITEM]
+            try:
+                saved_meta = self.manager.item_metadata(step)[layout.STATE_ITEM]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise ValueError(
+                    f"Checkpoint {self.directory}/{step} cannot be read ({type(e).__name__}: "
+                    f"{str(e)[:200]}): its files are damaged or incomplete. Move that step's "
+                    "folder aside to resume from an earlier checkpoint, or use a new "
+                    "--workdir.") from e
             saved = _shapes(saved_meta)
             if {p: x.shape for p, x in saved.items()} != {p: x.shape for p, x in target.items()}:
                 flat_target = ocp.tree.to_flat_dict(abstract_state)

@@ -22,6 +22,8 @@ import json
 import os
 from typing import Any, Mapping, Optional
 
+from tok1d import errors
+
 MODEL_FILE = "tok1d_model.json"
 PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"
@@ -41,8 +43,7 @@ def read_model_spec(directory: str) -> Optional[dict[str, Any]]:
     path = os.path.join(directory, MODEL_FILE)
     if not os.path.exists(path):
         return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return read_json(path)
 
 
 def write_model_spec(directory: str, name: str, kwargs: Mapping[str, Any], source: str) -> None:
@@ -87,8 +88,17 @@ def state_path(path: str, step: Optional[int] = None) -> str:
 
 def read_config(workdir: str) -> dict[str, Any]:
     """The config a training workdir was run with (its config.json as a dict)."""
-    with open(config_path(workdir), encoding="utf-8") as f:
-        return json.load(f)
+    return read_json(config_path(workdir))
+
+
+def read_json(path: str) -> Any:
+    """A JSON file tok1d wrote; a damaged one is a UserError naming it."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise errors.UserError(f"{path} is not valid JSON ({e}): it is damaged or was not "
+                                   "written by tok1d.") from None
 
 
 def model_kwargs(config: Any) -> dict[str, Any]:

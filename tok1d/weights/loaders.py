@@ -67,10 +67,19 @@ TEACHERS = ("maskgit_vqgan", "dinov2")
 # --------------------------------------------------------------------------- (a) and (b)
 
 def _restore_numpy(path: str) -> dict[str, Any]:
-    """Restores an orbax pytree checkpoint as host NumPy arrays, whatever devices wrote it."""
+    """Restores an orbax pytree checkpoint as host NumPy arrays, whatever devices wrote it; a
+    damaged or incomplete one is a UserError naming it."""
     with ocp.PyTreeCheckpointer() as ckptr:
-        meta = ckptr.metadata(path)
-        tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
+        try:
+            meta = ckptr.metadata(path)
+            tree = getattr(getattr(meta, "item_metadata", meta), "tree", None)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            tree, error = None, f"{type(e).__name__}: {str(e)[:200]}"
+        else:
+            error = "it holds no array metadata"
+        if tree is None:
+            raise errors.UserError(f"{path} is not a readable checkpoint ({error}): its files "
+                                   "are damaged or incomplete.")
         restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
         return ckptr.restore(path, restore_args=restore_args)
 

@@ -55,6 +55,24 @@ def _unwrap(obj: Any, path: str) -> dict[str, Any]:
     return dict(obj)
 
 
+def _read(load: Callable[[str], Any], path: str) -> Any:
+    """`load(path)`; what a damaged or foreign file makes a format's reader raise (each has its
+    own error types: pickle, zip, safetensors, torch) is a ConversionError naming the file."""
+    try:
+        return load(path)
+    except (ImportError, MemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001
+        text = " ".join(str(e).split())
+        raise ConversionError(f"{path} is not a readable checkpoint ({type(e).__name__}: "
+                              f"{text[:200]})") from e
+
+
+def _npz(path: str, prefix: str) -> dict[str, Array]:
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files if k.startswith(prefix)}
+
+
 def load_state_dict(path: str, prefix: str = "") -> dict[str, Array]:
     """Reads a state_dict as NumPy arrays from .safetensors, .npz or .bin/.pt/.pth/.ckpt.
 
@@ -70,10 +88,9 @@ def load_state_dict(path: str, prefix: str = "") -> dict[str, Array]:
             from safetensors.numpy import load_file
         except ImportError as e:  # pragma: no cover - depends on the environment
             raise ImportError("Reading .safetensors needs `pip install safetensors`.") from e
-        sd = load_file(path)
+        sd = _read(load_file, path)
     elif ext == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            sd = {k: z[k] for k in z.files if k.startswith(prefix)}
+        sd = _read(lambda p: _npz(p, prefix), path)
     elif ext in (".bin", ".pt", ".pth", ".ckpt"):
         try:
             import torch
@@ -81,7 +98,7 @@ def load_state_dict(path: str, prefix: str = "") -> dict[str, Array]:
             raise ImportError(f"Reading {ext} checkpoints needs PyTorch: "
                               "`pip install 'tok1d[convert]'` (or convert the file to "
                               ".safetensors elsewhere).") from e
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = _read(lambda p: torch.load(p, map_location="cpu", weights_only=True), path)
         sd = _unwrap(obj, path)
     else:
         raise ConversionError(f"{path}: unknown checkpoint format {ext!r}; expected "
