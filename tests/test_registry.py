@@ -7,6 +7,7 @@ its name says and an unreachable file each refused with one line, nothing half-w
 import functools
 import hashlib
 import http.server
+import logging
 import os
 import re
 import shutil
@@ -417,3 +418,16 @@ def test_a_url_of_the_table_or_torch_hub_style_is_checked(tiny_bin, cache, serve
     assert registry.file_of("https://x.invalid/a/vgg16-397923af.pth").sha256 == "397923af"
     assert registry.file_of("hf://o/r/model-0123abcd.pth").sha256 is None
     assert not _leftovers(cache)
+
+
+def test_a_librarys_own_stderr_handler_is_removed_so_its_lines_print_once():
+    """huggingface_hub puts a StreamHandler on its logger and also propagates to the root
+    logger, which tok1d's console prints: every retry warning came out twice."""
+    logger = logging.getLogger("tok1d_test_library")
+    own, file_handler = logging.StreamHandler(), logging.FileHandler(os.devnull)
+    logger.addHandler(own)
+    logger.addHandler(file_handler)
+    download.quiet_own_handler(logger)
+    assert logger.handlers == [file_handler] and logger.propagate
+    logger.removeHandler(file_handler)
+    file_handler.close()

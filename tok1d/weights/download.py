@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import importlib.util
+import logging
 import os
 import shutil
 import tempfile
@@ -140,6 +141,15 @@ def _unreachable(url: str, local: str, why: str) -> DownloadError:
                          f"hand and put it at {local}, or pass the local file with --from FILE.")
 
 
+def quiet_own_handler(logger: logging.Logger) -> None:
+    """Removes the stderr handler a library puts on its own logger (huggingface_hub does, at
+    import): its records still reach the root logger, which the console prints once (twice
+    before: each of the Hub's retry warnings came out raw and as `warning: ...`)."""
+    for handler in list(logger.handlers):
+        if type(handler) is logging.StreamHandler:
+            logger.removeHandler(handler)
+
+
 def _from_hub(file: File, local: str) -> str:
     repo, path = split_hub(file.source)
     try:
@@ -148,9 +158,10 @@ def _from_hub(file: File, local: str) -> str:
     except ImportError:
         raise _unreachable(hub_url(file.source), local, "huggingface_hub is not installed: "
                            "pip install 'tok1d[hub]'") from None
+    hub_download = huggingface_hub.hf_hub_download  # (a lazy import: it adds the handler)
+    quiet_own_handler(logging.getLogger("huggingface_hub"))
     try:
-        return huggingface_hub.hf_hub_download(repo_id=repo, filename=path,
-                                               local_files_only=offline())
+        return hub_download(repo_id=repo, filename=path, local_files_only=offline())
     except Exception as e:  # noqa: BLE001 - offline, no network, no such repo/file: one line
         message = " ".join(str(e).split())[:200]
         if isinstance(e, LocalEntryNotFoundError):
