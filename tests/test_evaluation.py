@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from tok1d import parallel
+from tok1d import errors, parallel
 from tok1d.train import config_lib
 from tok1d.weights import layout
 from tok1d.evaluation import evaluator, fid as fid_lib, report
@@ -187,6 +187,22 @@ def test_missing_inception_weights_are_explained(tmp_path):
     config.evaluation.fid_every_steps = 100
     with pytest.raises(config_lib.ConfigError, match="needs evaluation.inception"):
         config_lib.validate(config)
+
+
+def test_samples_need_a_feature_network_and_come_alone(tmp_path):
+    """`tok1d evaluate --samples` without an Inception says so (it said "FID statistics need at
+    least 2 images, got 0"), and --samples with --checkpoint is refused, not half-ignored."""
+    from tok1d.cli import evaluate
+    config = config_lib.base_config()
+    samples = tmp_path / "s.npz"
+    np.savez(samples, arr_0=np.zeros((4, SIZE, SIZE, 3), np.uint8))
+    with pytest.raises(errors.UserError, match="--samples: FID / IS / precision-recall need "
+                       "the FID InceptionV3"):
+        evaluate.run(config, samples=str(samples), out=str(tmp_path / "out"), log=lambda _: None)
+    with pytest.raises(errors.UserError, match="not both"):
+        evaluate.run(config, checkpoint=str(tmp_path), samples=str(samples),
+                     out=str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
 
 
 def test_gfid_without_a_reference_is_refused(tmp_path):

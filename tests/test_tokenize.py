@@ -198,6 +198,11 @@ def test_clear_errors_for_tokenizer_data_and_image_size(tiny, tmp_path):
         loaders.load_tokenizer(str(tmp_path / "missing"))
     with pytest.raises(FileNotFoundError, match="neither a pretrained directory"):
         loaders.load_tokenizer(str(tmp_path))
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(FileNotFoundError, match="Tokenizer directory expected, but .* is a file"):
+        loaders.load_tokenizer(str(tmp_path / "a_file"))
+    with pytest.raises(FileNotFoundError, match="Data directory expected, but .* is a file"):
+        tokenize.resolve_source(str(tmp_path / "a_file"), "train")
     with pytest.raises(FileNotFoundError, match="Tokenizer directory not found"):
         loaders.describe_tokenizer(str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="Unknown data source 'imagenet'"):

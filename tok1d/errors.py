@@ -1,9 +1,18 @@
 """Errors a user can fix: the command line (`tok1d.cli`) prints them as one `error: ...` line
 and exits non-zero, without a traceback."""
 
+import os
+
 
 class UserError(Exception):
     """A problem the user can fix: a bad flag, config, path or input, or a missing optional
     dependency. `exit_code` is the status the command line exits with."""
 
     exit_code = 2
+
+
+def missing_directory(what: str, path: str) -> FileNotFoundError:
+    """The error for a `what` directory at `path` that is not there, or is a file."""
+    if os.path.isfile(path):
+        return FileNotFoundError(f"{what} directory expected, but {path} is a file")
+    return FileNotFoundError(f"{what} directory not found: {path}")

@@ -289,6 +289,8 @@ def evaluate_samples(config, samples: str, out: str, log=print) -> dict[str, Any
     with np.load(samples) as z:
         labels = z["arr_1"] if "arr_1" in z.files else np.zeros(len(images), np.int32)
     nets = evaluator.load_metric_nets(config.evaluation, "", log)
+    if nets.inception is None:  # every metric of samples alone needs its features
+        raise errors.UserError("--samples: " + nets.notes[0])
     ecfg = config.evaluation
     num_classes = int(labels.max()) + 1 if len(labels) else 1
     with jax.set_mesh(mesh):
@@ -325,6 +327,9 @@ def _finish_samples(config, metrics, kept, labels, num_classes: int, out: str, i
 
 def run(config, checkpoint: str = "", tokenizer: str = "", samples: str = "", out: str = "",
         seed: int = 0, log=print, prefixes: str = "") -> dict[str, Any]:
+    if samples and checkpoint:
+        raise errors.UserError("Give --checkpoint (a model to evaluate) or --samples (images "
+                               "to evaluate), not both.")
     if samples:
         return evaluate_samples(config, samples, out, log)
     if not checkpoint:

@@ -79,7 +79,7 @@ def resolve_source(data: str, split: str, *, data_dir: str = "", image_size: int
         return records.ArrayRecordImageSource(data, split)
     known = data in ("demo", "digits") or data.startswith(("tfds:", "array_record:"))
     if not known and (os.sep in data or data.startswith(".")):
-        raise FileNotFoundError(f"Data directory not found: {data}")
+        raise errors.missing_directory("Data", data)
     return sources.get_source(data, split, data_dir=data_dir, image_size=image_size)
 
 

@@ -39,6 +39,7 @@ from PIL import Image
 import tqdm
 
 from array_record.python import array_record_module
+from tok1d import errors
 from tok1d.data import records
 
 IMAGE_EXTENSIONS = frozenset({
@@ -88,7 +89,7 @@ def scan_input(input_dir: str) -> tuple[list[str], list[_Example], list[str]]:
         ValueError: If there are no class subfolders or no images at all.
     """
     if not os.path.isdir(input_dir):
-        raise FileNotFoundError(f"Input directory not found: {input_dir!r}")
+        raise errors.missing_directory("Input", input_dir)
     class_names, ignored = [], []
     for entry in sorted(os.listdir(input_dir)):
         if os.path.isdir(os.path.join(input_dir, entry)):

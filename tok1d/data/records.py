@@ -210,7 +210,7 @@ def read_format_json(directory: str, filename: str, expected_format: str, what: 
         ValueError: Malformed JSON or another format.
     """
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"{what} directory not found: {directory!r}")
+        raise errors.missing_directory(what, directory)
     path = os.path.join(directory, filename)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No {filename} in {directory!r}; is this a {what.lower()} "

@@ -120,7 +120,7 @@ def load_pretrained(directory: str, **model_overrides: Any) -> tuple[nn.Module, 
 def _model_spec(path: str) -> tuple[str, str, dict[str, Any]]:
     """("pretrained" | "workdir", model name, model kwargs) of a weights directory."""
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"Tokenizer directory not found: {path}")
+        raise errors.missing_directory("Tokenizer", path)
     spec = layout.read_model_spec(path)
     if spec is not None:
         return "pretrained", spec["name"], dict(spec["kwargs"])
