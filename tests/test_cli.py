@@ -207,6 +207,9 @@ def test_a_damaged_checkpoint_file_is_one_line(tmp_path, capsys):
     assert app.run(convert, args) == 2
     assert f"{junk} is not a readable checkpoint" in one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "out").exists()
+    assert app.run(convert, ["titok", f"--checkpoint={tmp_path}", f"--out={tmp_path / 'out'}"]) == 2
+    assert "is a directory: give the official checkpoint file" in one_error_line(
+        capsys.readouterr().err)
 
 
 def test_workdir_that_is_a_file(tmp_path, capsys):

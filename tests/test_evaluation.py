@@ -199,6 +199,10 @@ def test_samples_need_a_feature_network_and_come_alone(tmp_path):
     with pytest.raises(errors.UserError, match="--samples: FID / IS / precision-recall need "
                        "the FID InceptionV3"):
         evaluate.run(config, samples=str(samples), out=str(tmp_path / "out"), log=lambda _: None)
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"junk" * 8)
+    with pytest.raises(ValueError, match="junk.npz is not a readable .npz of images"):
+        evaluator.load_npz_images(str(junk))
     with pytest.raises(errors.UserError, match="not both"):
         evaluate.run(config, checkpoint=str(tmp_path), samples=str(samples),
                      out=str(tmp_path / "out"))

@@ -367,8 +367,13 @@ def _to_unit(x: np.ndarray) -> np.ndarray:
 def load_npz_images(path: str, key: str = "arr_0") -> np.ndarray:
     """NHWC images of an ADM-style .npz (uint8 `arr_0`), checked for shape and range."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"Image file not found: {path}")
-    with np.load(path) as z:
+        raise FileNotFoundError(f"Images (.npz) not found: {path}")
+    try:
+        z = np.load(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable .npz of images "
+                         f"({' '.join(str(e).split())[:120]})") from None
+    with z:
         if key not in z.files:
             raise ValueError(f"{path}: no {key!r} array (found {sorted(z.files)}); expected "
                              "uint8 images (N, H, W, 3) as tok1d.cli.sample / the ADM suite write.")

@@ -82,6 +82,9 @@ def load_state_dict(path: str, prefix: str = "") -> dict[str, Array]:
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if os.path.isdir(path):
+        raise ConversionError(f"{path} is a directory: give the official checkpoint file "
+                              "(.safetensors, .npz, .bin, .pt, .pth or .ckpt).")
     ext = os.path.splitext(path)[1].lower()
     if ext == ".safetensors":
         try:
