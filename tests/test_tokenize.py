@@ -10,9 +10,10 @@ import jax
 import numpy as np
 import pytest
 
-from tok1d import errors, models
+from tok1d import errors, models, parallel
 from tok1d.cli import tokenize
 from tok1d.data import sources, tokens
+from tok1d.train import config_lib
 from tok1d.weights import loaders
 
 TINY = dict(image_size=32, patch_size=8, num_latent_tokens=8, encoder_size="nano",
@@ -240,6 +241,12 @@ def test_load_tokenizer_from_pretrained_dir_and_training_workdir(tiny, tmp_path)
     desc = loaders.describe_tokenizer(str(work))
     assert desc["kind"] == "workdir" and desc["step"] == 4 and m.codebook_size == 64
     np.testing.assert_array_equal(p["latent_tokens"], ema["latent_tokens"])
+    # Inside a generator trainer's mesh and rules (it loads its sample decoder's tokenizer
+    # there): the same params.
+    mesh, rules, _ = parallel.mesh_from_config(config_lib.base_config("generator"))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        _, under_mesh = loaders.load_tokenizer(str(work))
+    np.testing.assert_array_equal(under_mesh["latent_tokens"], ema["latent_tokens"])
     # A config.json that no longer describes the checkpoint: one error naming what differs.
     other = tiny_test.get_config()
     other.model.token_dim = 16

@@ -144,8 +144,11 @@ def load_tokenizer(path: str, **model_overrides: Any) -> tuple[nn.Module, dict[s
         return load_pretrained(path, **model_overrides)
     model = models.create(name, **dict(kwargs, **model_overrides))
     size = model.input_size or 256  # the params' shapes do not depend on it otherwise
-    shapes = nn.unbox(convert_common.abstract_variables(
-        model, jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))["params"])
+    # Shapes alone, whatever mesh and logical rules the caller is under (a generator's trainer
+    # loads its sample decoder's tokenizer inside its own).
+    with jax.set_mesh(None), nn.logical_axis_rules(()):
+        shapes = nn.unbox(convert_common.abstract_variables(
+            model, jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))["params"])
     return model, merge_checked(shapes, load_params(path),
                                 f"The latest checkpoint's weights in {path}",
                                 f"the model of its {layout.CONFIG_FILE}")
