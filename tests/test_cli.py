@@ -183,6 +183,10 @@ def test_docstring_commands_are_found():
     ("bench", [f"--config={TINY}", "--steps=0"], "flag --steps=0"),
     ("prepare", ["--input=I", "--out=O", "--workers=-2"], "flag --workers=-2"),
     ("prepare", ["--input=I", "--out=O", "--val_fraction=1.5"], "not a number in the range"),
+    ("sample", ["--checkpoint=C", "--out=O", "--sweep", "--sweep_guidance=1,abc"],
+     "guidance scales are comma-separated numbers >= 0"),
+    ("sample", ["--checkpoint=C", "--out=O", "--sweep", "--sweep_temperature=-1"],
+     "temperatures are comma-separated numbers > 0"),
 ])
 def test_counts_out_of_range_are_one_line(command, args, needle, capsys):
     """A count or fraction out of its range is refused while parsing, naming the flag (it

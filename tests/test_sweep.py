@@ -76,13 +76,16 @@ def test_sweep_keeps_only_the_chosen_settings_samples_and_no_digit_is(monkeypatc
     from tok1d.evaluation import evaluator
     from tok1d.train import config_lib
     cfg = config_lib.base_config("generator")
+    cfg.lock()  # as the command line hands it over: a setting's new key still applies
     settings = sweep.grid(cfg.sampling.to_dict(), cfg.model.name, (0, 1, 2), (1,))
+    assert any(key not in cfg.sampling for key in settings[0])
     metrics = iter([dict(gfid=30.0, class_accuracy=0.99, inception_score=5.0, num_images=4.0),
                     dict(gfid=20.0, class_accuracy=0.5, inception_score=6.0, num_images=4.0),
                     dict(gfid=25.0, class_accuracy=0.95, inception_score=7.0, num_images=4.0)])
     drawn = []
 
     def fake_sample(cfg, *args, **kwargs):
+        assert all(cfg.sampling[k] == v for k, v in settings[len(drawn)].items())
         images = np.full((4, 2, 2, 3), len(drawn), np.uint8)
         drawn.append(weakref.ref(images))
         return images, np.arange(4) % 2

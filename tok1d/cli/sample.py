@@ -87,10 +87,22 @@ def define_flags(fv: flags.FlagValues) -> None:
                       "config's).", flag_values=fv)
     flags.DEFINE_list("sweep_temperature", [], "Temperatures of the sweep (empty: the "
                       "config's).", flag_values=fv)
+    flags.register_validator("sweep_guidance", lambda v: _numbers(v, positive=False),
+                             "guidance scales are comma-separated numbers >= 0", flag_values=fv)
+    flags.register_validator("sweep_temperature", lambda v: _numbers(v, positive=True),
+                             "temperatures are comma-separated numbers > 0", flag_values=fv)
     flags.DEFINE_enum("sweep_features", "inception", ["inception", "digits"],
                       "Feature network of the sweep's metrics: the FID Inception of "
                       "config.evaluation, or the demo's digit classifier trained on "
                       "data.train_split (digits only).", flag_values=fv)
+
+
+def _numbers(values: Sequence[str], positive: bool) -> bool:
+    try:
+        numbers = [float(v) for v in values]
+    except ValueError:
+        return False
+    return all(x > 0 if positive else x >= 0 for x in numbers)
 
 
 def load_generator(config, checkpoint: str):
@@ -179,7 +191,8 @@ def sweep(config, model, params, tokenizer, tok_params, nets: evaluator.MetricNe
     rows, kept = [], None
     for setting in settings:
         cfg = config.copy_and_resolve_references()
-        cfg.sampling.update(setting)
+        with cfg.unlocked():  # e.g. a temperature the config's sampling section leaves default
+            cfg.sampling.update(setting)
         images, labels = sample_images(cfg, model, params, tokenizer, tok_params, num_images,
                                        batch_size, seed, log=lambda msg: None)
         metric_batch = -(-min(256, num_images) // jax.device_count()) * jax.device_count()
