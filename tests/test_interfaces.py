@@ -128,8 +128,12 @@ def test_a_generator_and_a_tokenizer_that_do_not_match_are_refused(caplog):
     def gen(num_tokens, vocab_size):
         return types.SimpleNamespace(num_tokens=num_tokens, vocab_size=vocab_size)
 
-    decode.check_pair(gen(8, 64), titok)
-    decode.check_pair(gen(8, 65), titok)  # a [MASK] id beyond the codes
+    with caplog.at_level(logging.WARNING):
+        decode.check_pair(gen(8, 64), titok)
+        assert not caplog.records
+        decode.check_pair(gen(8, 128), titok)  # codes the tokenizer lacks: a warning
+    assert "predicts 128 codes and the tokenizer has 64" in caplog.text
+    caplog.clear()
     with caplog.at_level(logging.WARNING):
         decode.check_pair(gen(4, 64), nested)  # a prefix of a nested tokenizer: fine
         assert not caplog.records

@@ -20,7 +20,8 @@ def check_pair(model: nn.Module, tokenizer: nn.Module) -> None:
     """Raises UserError when `tokenizer` cannot decode what generator `model` samples: a
     continuous tokenizer, more codes than the generator predicts, another number of tokens
     per image (fewer is a prefix, which a 1D tokenizer decodes: logged as a warning unless it
-    was trained with nested dropout)."""
+    was trained with nested dropout). A generator that predicts more codes than the tokenizer
+    has is a warning (a generator trained on its tokens never samples the others)."""
     problems = []
     if tokenizer.num_codes is None:
         problems.append("the tokenizer is continuous (it has no codebook)")
@@ -34,6 +35,10 @@ def check_pair(model: nn.Module, tokenizer: nn.Module) -> None:
     if problems:
         raise errors.UserError("The generator and the tokenizer do not match: "
                                + "; ".join(problems) + ".")
+    if tokenizer.num_codes is not None and model.vocab_size > tokenizer.num_codes:
+        logging.getLogger(__name__).warning(
+            "The generator predicts %d codes and the tokenizer has %d: a sampled code beyond "
+            "them is none of the tokenizer's.", model.vocab_size, tokenizer.num_codes)
     if n < m and getattr(tokenizer, "nested_dropout", "none") == "none":
         logging.getLogger(__name__).warning(
             "The generator samples %d of the tokenizer's %d tokens per image, and the tokenizer "
