@@ -170,6 +170,18 @@ def test_val_fraction_and_merge(tree, tmp_path):
     assert len(extra) == len(good)
     for rec in extra:
         assert min(records.decode_image(rec["image"]).shape[:2]) <= 8
+    # A split the output holds is not written again unless asked (`--replace`).
+    with open(os.path.join(out, "dataset_info.json")) as f:
+        before = f.read()
+    with pytest.raises(ValueError, match="already holds split 'train' .* pass --replace"):
+        prepare_lib.prepare(root, out, workers=1, seed=5)
+    with pytest.raises(ValueError, match="already holds split 'extra'"):
+        prepare_lib.prepare(root, out, split="extra", workers=1)
+    with open(os.path.join(out, "dataset_info.json")) as f:
+        assert f.read() == before
+    prepare_lib.prepare(root, out, split="extra", workers=1, replace=True)
+    _, extra = _read_all(out, "extra")
+    assert min(records.decode_image(extra[0]["image"]).shape[:2]) > 8  # full size now
 
 
 def test_class_mismatch_fails(tree, tmp_path):
@@ -264,7 +276,7 @@ def test_interrupted_run_leaves_dataset_intact(tree, tmp_path, monkeypatch):
 
     monkeypatch.setattr(prepare_lib.records, "encode_record", failing_encode)
     with pytest.raises(KeyboardInterrupt):
-        prepare_lib.prepare(root, out, workers=1, num_shards=3, seed=1)
+        prepare_lib.prepare(root, out, workers=1, num_shards=3, seed=1, replace=True)
     monkeypatch.undo()
     with open(os.path.join(out, "dataset_info.json")) as f:
         assert f.read() == before

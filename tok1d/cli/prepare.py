@@ -37,6 +37,8 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_integer("workers", None, "Decoding processes (default: all CPUs).",
                          lower_bound=0, flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Seed for splitting and shuffling.", flag_values=fv)
+    flags.DEFINE_bool("replace", False, "Write a split that --out already holds again "
+                      "(without it, that is refused).", flag_values=fv)
 
 
 def execute(fv: flags.FlagValues, args: list[str]) -> None:
@@ -44,7 +46,7 @@ def execute(fv: flags.FlagValues, args: list[str]) -> None:
     summary = prepare.prepare(input_dir=fv.input, output_dir=fv.out, split=fv.split,
                               val_fraction=fv.val_fraction, num_shards=fv.num_shards,
                               resize_shorter=fv.resize_shorter, workers=fv.workers,
-                              seed=fv.seed)
+                              seed=fv.seed, replace=fv.replace)
     print(prepare.format_summary(summary))
 
 

@@ -392,7 +392,8 @@ def prepare(input_dir: str,
             num_shards: int = 0,
             resize_shorter: int = 0,
             workers: int | None = None,
-            seed: int = 0) -> dict[str, Any]:
+            seed: int = 0,
+            replace: bool = False) -> dict[str, Any]:
     """Converts a class-subfolder image tree into ArrayRecord shards.
 
     Args:
@@ -411,6 +412,9 @@ def prepare(input_dir: str,
         workers: Number of decoding processes; ``None`` uses all CPUs,
             values <= 1 decode in this process.
         seed: Seed for the validation selection and the example shuffling.
+        replace: Write a split the output already holds again (its old shards
+            are removed once the new ones are in place); without it, such a
+            split is refused before anything is read or written.
 
     Returns:
         A summary dict (see `format_summary`), with per-split statistics
@@ -446,7 +450,15 @@ def prepare(input_dir: str,
 
     class_names, examples, ignored = scan_input(input_dir)
     os.makedirs(output_dir, exist_ok=True)
-    _read_existing_info(output_dir, class_names)  # Fail early if incompatible.
+    existing = _read_existing_info(output_dir, class_names)  # Fail early if incompatible.
+    writes = [split] + ([VALIDATION_SPLIT] if val_fraction > 0 else [])
+    held = [name for name in writes if existing and name in existing.get("splits", {})]
+    if held and not replace:
+        counts = ", ".join(f"{name!r} ({existing['splits'][name].get('num_examples', '?')} "
+                           "examples)" for name in held)
+        raise ValueError(
+            f"{output_dir!r} already holds split {counts}; pass --replace to write it "
+            "again, or choose another --split or --out.")
 
     rng = np.random.default_rng(seed)
     if val_fraction > 0:
