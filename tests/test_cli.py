@@ -216,6 +216,18 @@ def test_a_damaged_checkpoint_file_is_one_line(tmp_path, capsys):
         capsys.readouterr().err)
 
 
+def test_a_very_long_error_is_cut_unless_verbose(capsys):
+    """A converter's mismatch lists every key (22k characters for a GigaTok preset): the
+    console's line stops at app.MAX_ERROR_CHARS unless -v 1 asks for all of it."""
+    def execute(fv, args):
+        raise errors.UserError("missing: " + ", ".join(f"key_{i}" for i in range(5000)))
+    assert app.run(_job(execute), []) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert len(line) < app.MAX_ERROR_CHARS + 100 and "-v 1 prints the whole message" in line
+    assert app.run(_job(execute), ["--verbosity=1"]) == 2
+    assert "key_4999" in one_error_line(capsys.readouterr().err)
+
+
 def test_workdir_that_is_a_file(tmp_path, capsys):
     path = tmp_path / "file"
     path.write_text("")

@@ -75,6 +75,9 @@ def _flag_values(job: types.ModuleType, argv: list[str]) -> flags.FlagValues:
     return fv
 
 
+MAX_ERROR_CHARS = 2000  # an error line's length on the console without -v 1
+
+
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
@@ -295,6 +298,9 @@ def run(job: types.ModuleType, argv: Optional[Sequence[str]] = None,
         message = user_error_message(e)
         if message is None or verbosity >= 2:
             raise
+        if len(message) > MAX_ERROR_CHARS and verbosity < 1:  # e.g. a converter's key list
+            message = (message[:MAX_ERROR_CHARS] + f" ... ({len(message) - MAX_ERROR_CHARS} "
+                       "more characters: -v 1 prints the whole message)")
         print(f"error: {message}", file=sys.stderr)
         return getattr(e, "exit_code", 2)
     return 0
