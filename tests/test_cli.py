@@ -183,6 +183,8 @@ def test_docstring_commands_are_found():
     ("bench", [f"--config={TINY}", "--steps=0"], "flag --steps=0"),
     ("prepare", ["--input=I", "--out=O", "--workers=-2"], "flag --workers=-2"),
     ("prepare", ["--input=I", "--out=O", "--val_fraction=1.5"], "not a number in the range"),
+    ("tokenize", ["--tokenizer=T", "--data=demo", "--out=O", "--num_examples=0"],
+     "flag --num_examples=0: -1 (all) or a positive number"),
     ("sample", ["--checkpoint=C", "--out=O", "--sweep", "--sweep_guidance=1,abc"],
      "guidance scales are comma-separated numbers >= 0"),
     ("sample", ["--checkpoint=C", "--out=O", "--sweep", "--sweep_temperature=-1"],

@@ -576,7 +576,9 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_integer("prefix_tokens", 0, "Store the first k tokens of each image only (0: "
                          "all; ordered 1D tokens).", lower_bound=0, flag_values=fv)
     flags.DEFINE_integer("num_examples", -1, "Tokenize only the first N examples (-1: all).",
-                         lower_bound=-1, flag_values=fv)
+                         flag_values=fv)
+    flags.register_validator("num_examples", lambda n: n == -1 or n >= 1,
+                             "-1 (all) or a positive number", flag_values=fv)
     flags.DEFINE_string("data_dir", "", "TFDS data_dir.", flag_values=fv)
     flags.DEFINE_string("dtype", "", "Compute dtype override (e.g. bfloat16); default: the "
                         "tokenizer's.", flag_values=fv)

@@ -408,11 +408,12 @@ def load_inception(path: str, **model_overrides: Any
     """(model, params) of the FID Inception from a directory written by `python -m
     tok1d.cli.convert inception_fid`, or of the released name "inception_fid" (fetched and
     converted once); FileNotFoundError (saying how to make one) when there is none."""
+    new_dir = path if path and not os.path.exists(path) else "inception_fid/"  # never a used one
     how = (f"Pass the released name {inception_lib.REGISTRY_NAME!r} (downloaded and converted "
            f"once), or download pytorch-fid's FID Inception weights "
            f"{inception_lib.FID_WEIGHTS_FILE} ({inception_lib.FID_WEIGHTS_URL}) and convert them: "
            f"`python -m tok1d.cli.convert {inception_lib.REGISTRY_NAME} "
-           f"--checkpoint={inception_lib.FID_WEIGHTS_FILE} --out={path or 'inception_fid/'}`.")
+           f"--checkpoint={inception_lib.FID_WEIGHTS_FILE} --out={new_dir}`.")
     path = resolve(path)
     spec = layout.read_model_spec(path) if path and os.path.isdir(path) else None
     if spec is None:
