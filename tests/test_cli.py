@@ -197,11 +197,19 @@ def test_counts_out_of_range_are_one_line(command, args, needle, capsys):
     assert needle in one_error_line(capsys.readouterr().err)
 
 
-def test_sampling_with_a_tokenizer_config_is_one_line(capsys):
-    """`tok1d sample` given a tokenizer's config (not a generator's) names the mistake."""
+def test_sampling_with_a_tokenizer_config_or_workdir_is_one_line(tmp_path, capsys):
+    """`tok1d sample` given a tokenizer's config, or a tokenizer's workdir as the generator
+    checkpoint, names the mistake."""
+    sample = importlib.import_module("tok1d.cli.sample")
     args = [f"--config={TINY}", "--checkpoint=C", "--tokenizer=T", "--out=O"]
-    assert app.run(importlib.import_module("tok1d.cli.sample"), args) == 2
+    assert app.run(sample, args) == 2
     assert "not a generator: pass a generator's config" in one_error_line(
+        capsys.readouterr().err)
+    (tmp_path / "config.json").write_text('{"trainer": "tokenizer"}')
+    args = [f"--config={os.path.join(REPO, 'configs', 'maskgit_titok.py')}:l32",
+            f"--checkpoint={tmp_path}", "--tokenizer=T", "--out=O"]
+    assert app.run(sample, args) == 2
+    assert "is the workdir of a tokenizer run, not of a generator" in one_error_line(
         capsys.readouterr().err)
 
 

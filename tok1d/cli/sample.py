@@ -52,14 +52,14 @@ import numpy as np
 from absl import flags
 
 from tok1d import images as images_lib
-from tok1d import parallel
+from tok1d import errors, parallel
 from tok1d.cli import app
 from tok1d.evaluation import digit_features, evaluator
 from tok1d.evaluation import sweep as sweep_lib
 from tok1d.generation import common as gen_common
 from tok1d.generation.decode import SampleDecoder
 from tok1d.train import generator as gen_trainer
-from tok1d.weights import loaders
+from tok1d.weights import layout, loaders
 
 USAGE = "--config=FILE --checkpoint=DIR --out=DIR [--tokenizer=DIR] [flags]"
 CONFIG = "Generator config file (get_config()); its sampling section sets the sampler."
@@ -108,6 +108,11 @@ def _numbers(values: Sequence[str], positive: bool) -> bool:
 def load_generator(config, checkpoint: str):
     """(model, params) with params read from `checkpoint` and checked against the model."""
     model = gen_trainer.build_generator(config)
+    if os.path.isfile(layout.config_path(checkpoint)):  # a training workdir: of a generator?
+        trainer = layout.read_config(checkpoint).get("trainer")
+        if trainer not in (None, "generator"):
+            raise errors.UserError(f"{checkpoint} is the workdir of a {trainer} run, not of a "
+                                   "generator: --checkpoint takes the generator's.")
     shapes = jax.eval_shape(gen_trainer.init_generator(model, 1), jax.random.key(0))
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nn.unbox(shapes))
     return model, loaders.load_checked(
