@@ -414,7 +414,7 @@ def prepare(input_dir: str,
         seed: Seed for the validation selection and the example shuffling.
         replace: Write a split the output already holds again (its old shards
             are removed once the new ones are in place); without it, such a
-            split is refused before anything is read or written.
+            split is refused before any image is decoded or shard written.
 
     Returns:
         A summary dict (see `format_summary`), with per-split statistics
@@ -457,8 +457,8 @@ def prepare(input_dir: str,
         counts = ", ".join(f"{name!r} ({existing['splits'][name].get('num_examples', '?')} "
                            "examples)" for name in held)
         raise ValueError(
-            f"{output_dir!r} already holds split {counts}; pass --replace to write it "
-            "again, or choose another --split or --out.")
+            f"{output_dir!r} already holds split{'s' if len(held) > 1 else ''} {counts}; pass "
+            "--replace to write it again, or choose another --split or --out.")
 
     rng = np.random.default_rng(seed)
     if val_fraction > 0:
