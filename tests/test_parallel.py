@@ -348,6 +348,11 @@ def test_resolve_mesh_shape_errors(sizes):
         parallel.resolve_mesh_shape(sizes, 8)
 
 
+def test_a_mesh_size_below_one_is_named():
+    with pytest.raises(ValueError, match="the size of tensor must be >= 1"):
+        parallel.resolve_mesh_shape({"data": -1, "tensor": 0}, 8)
+
+
 def test_resolve_mesh_shape_unknown_axis():
     with pytest.raises(ValueError, match="model"):
         parallel.resolve_mesh_shape({"data": -1, "model": 2}, 8)

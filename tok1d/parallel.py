@@ -60,8 +60,12 @@ def resolve_mesh_shape(sizes: Mapping[str, int], num_devices: Optional[int] = No
     shape = [int(sizes.get(a, 1)) for a in MESH_AXES]
     if sum(s == -1 for s in shape) > 1:
         raise ValueError(f"At most one mesh axis may be -1, got {dict(zip(MESH_AXES, shape))}.")
+    bad = [a for a, s in zip(MESH_AXES, shape) if s == 0 or s < -1]
+    if bad:
+        raise ValueError(f"Mesh {dict(zip(MESH_AXES, shape))}: the size of {', '.join(bad)} "
+                         "must be >= 1 (or -1: the devices left).")
     known = math.prod(s for s in shape if s != -1)
-    if any(s == 0 or s < -1 for s in shape) or n % known:
+    if n % known:
         raise ValueError(f"Mesh {dict(zip(MESH_AXES, shape))} does not fit {n} devices.")
     shape = [n // known if s == -1 else s for s in shape]
     if math.prod(shape) != n:
