@@ -307,6 +307,7 @@ def test_mismatched_checkpoint_fails_clearly(reference, tmp_path):
     before = tree_listing(ckpt_dir)
     recorded = {name: open(os.path.join(wd, name)).read() for name in ("config.json",
                                                                        "hparams.json")}
+    listing = sorted(os.listdir(wd))
     proc = run_main(wd, *BASE, "--config.model.codebook_size=32")
     assert proc.returncode != 0, describe(proc)
     assert "ValueError" in proc.stderr, describe(proc)
@@ -316,6 +317,7 @@ def test_mismatched_checkpoint_fails_clearly(reference, tmp_path):
     assert max(len(line) for line in proc.stderr.splitlines()) < 1000, describe(proc)
     for name, text in recorded.items():  # the workdir still describes its checkpoints
         assert open(os.path.join(wd, name)).read() == text, name
+    assert sorted(os.listdir(wd)) == listing  # not even an empty TensorBoard events file
     assert os.path.isdir(os.path.join(ckpt_dir, "12"))
     assert tree_listing(ckpt_dir) == before  # nothing deleted, nothing written
     assert train_records(wd) == list(reference["records"].values())

@@ -191,7 +191,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """Trains a class-conditional generator on tokens; writes checkpoints, TensorBoard logs,
     `samples.png` (one row per class) and metrics.json."""
     # ---------------------------------------------------------------- setup
-    workdir, writer, mesh, rules, batch_sh = loop.setup_run(config, workdir)
+    workdir, mesh, rules, batch_sh = loop.setup_run(config, workdir)
     is_chief = jax.process_index() == 0
     log = loop.log_fn()
 
@@ -214,7 +214,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                       jax.random.key(config.seed), train_iter, feeder,
                                       steps, mesh, rules)
     state, first_step = start.state, start.step
-    loop.record_config(config, workdir, writer)
+    writer = loop.start_writing(config, workdir)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     logging.info("Generator %s: %.2fM parameters; starting at step %d.", config.model.name,
                  num_params / 1e6, first_step)

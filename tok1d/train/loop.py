@@ -219,27 +219,29 @@ def started_message(step: int, times: StartTimes, first_call_s: float,
             f"first call {first_call_s:.1f} s){since}")
 
 
-def setup_run(config, workdir: str) -> tuple[str, Any, Any, Any, Any]:
-    """The start of every training run: validates the config, makes the workdir, the metric
-    writer and the mesh. The config is recorded (`record_config`) only once the state has been
-    created or restored: a resume refused for another config leaves the workdir's config.json,
+def setup_run(config, workdir: str) -> tuple[str, Any, Any, Any]:
+    """The start of every training run: validates the config, makes the workdir and the mesh.
+    Nothing else is written to the workdir until the state has been created or restored
+    (`start_writing`): a resume refused for another config leaves the workdir's config.json,
     which describes its checkpoints, as it was.
 
-    Returns (absolute workdir, writer, mesh, logical-axis rules, batch sharding)."""
+    Returns (absolute workdir, mesh, logical-axis rules, batch sharding)."""
     config_lib.validate(config)
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
-    writer = summary.MetricWriter(workdir, enabled=jax.process_index() == 0)
     mesh, rules, batch_sh = parallel.mesh_from_config(config)
     logging.info("Mesh %s over %d devices (%d processes).", dict(mesh.shape), mesh.size,
                  jax.process_count())
-    return workdir, writer, mesh, rules, batch_sh
+    return workdir, mesh, rules, batch_sh
 
 
-def record_config(config, workdir: str, writer: summary.MetricWriter) -> None:
-    """Writes the run's config.json and hyperparameters (call once its state exists)."""
+def start_writing(config, workdir: str) -> summary.MetricWriter:
+    """The run's metric writer, with the config recorded: config.json and the hyperparameters
+    (call once the run's state exists)."""
+    writer = summary.MetricWriter(workdir, enabled=jax.process_index() == 0)
     writer.write_hparams(config.to_dict())
     write_json(layout.config_path(workdir), config.to_dict())
+    return writer
 
 
 def checkpointer_for(config, workdir: str) -> ckpt_lib.Checkpointer:

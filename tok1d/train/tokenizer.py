@@ -501,7 +501,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             "ar_probe.every_steps > 0 but no AR probe was given: run through "
             "`python -m tok1d.main`, or pass ar_probe=tok1d.probes.ar.make_ar_probe.")
     # ---------------------------------------------------------------- setup
-    workdir, writer, mesh, rules, batch_sh = loop.setup_run(config, workdir)
+    workdir, mesh, rules, batch_sh = loop.setup_run(config, workdir)
     is_chief = jax.process_index() == 0
 
     # ---------------------------------------------------------------- data
@@ -532,7 +532,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                       jax.random.key(config.seed), train_iter, feeder,
                                       t.steps, mesh, rules, step_args=(frozen,))
     state, first_step = start.state, start.step
-    loop.record_config(config, workdir, writer)
+    writer = loop.start_writing(config, workdir)
     if first_step == 0:
         state = load_initial_weights(config, state, log)
         trunk = load_disc_trunk(config, t.gan.disc) if t.gan is not None else None
