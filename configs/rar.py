@@ -17,9 +17,9 @@ converted tokenizer: python -m tok1d.cli.convert maskgit_vqgan
 --checkpoint=maskgit-vqgan-imagenet-f16-256.bin --out=maskgit_vqgan/):
 
     python -m tok1d.cli.tokenize --tokenizer=maskgit_vqgan/ --data=tfds:imagenet2012 \\
-        --split=train --crop=center --flip --out=gs://BUCKET/tokens_maskgit_vqgan
+        --split=train --image_size=256 --crop=center --flip --out=gs://BUCKET/tokens_maskgit_vqgan
     python -m tok1d.cli.tokenize --tokenizer=maskgit_vqgan/ --data=tfds:imagenet2012 \\
-        --split=validation --crop=center --out=gs://BUCKET/tokens_maskgit_vqgan
+        --split=validation --image_size=256 --crop=center --out=gs://BUCKET/tokens_maskgit_vqgan
     python -m tok1d.main --config=configs/rar.py:b --workdir=gs://BUCKET/rar_b \\
         --config.generator.tokens=gs://BUCKET/tokens_maskgit_vqgan \\
         --config.generator.tokenizer=maskgit_vqgan/

@@ -188,7 +188,10 @@ def test_docstring_commands_are_found():
     ("sample", ["--checkpoint=C", "--out=O", "--sweep", "--sweep_guidance=1,abc"],
      "guidance scales are comma-separated numbers >= 0"),
     ("sample", ["--checkpoint=C", "--out=O", "--sweep", "--sweep_temperature=-1"],
-     "temperatures are comma-separated numbers > 0"),
+     "temperatures are comma-separated numbers >= 0"),
+    ("sample", [f"--config={os.path.join(REPO, 'configs', 'gpt_gigatok.py')}:b",
+                "--checkpoint=C", "--tokenizer=T", "--out=O", "--sweep",
+                "--sweep_temperature=0,1"], "this sampler's temperatures must be > 0"),
 ])
 def test_counts_out_of_range_are_one_line(command, args, needle, capsys):
     """A count or fraction out of its range is refused while parsing, naming the flag (it

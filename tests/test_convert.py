@@ -2,6 +2,7 @@
 key names and shapes (taken from the fixture's state_dict of the VQ-8k pixel-head TiTok),
 saved as .bin and .safetensors, converted, then encoded / decoded with tok1d."""
 
+import argparse
 import os
 
 import jax
@@ -144,3 +145,13 @@ def test_gigatok_checkpoint_prefers_ema_and_reproduces_codes(fixtures_dir, tmp_p
     with jax.default_matmul_precision("highest"):
         got = model.apply({"params": params}, jnp.asarray(images), method=model.encode)
     np.testing.assert_array_equal(np.asarray(got), codes)
+
+
+def test_a_file_that_pickles_more_than_tensors_is_named(tmp_path):
+    """torch's weights-only load refuses a pickled object (e.g. a training run's argparse
+    Namespace); the error names the object and what to do, not torch's boilerplate."""
+    torch.save({"args": argparse.Namespace(lr=1.0), "model": {"w": torch.zeros(2)}},
+               tmp_path / "run.pt")
+    with pytest.raises(common.ConversionError, match="run.pt pickles argparse.Namespace beside "
+                       "its tensors"):
+        common.load_state_dict(str(tmp_path / "run.pt"))

@@ -203,6 +203,12 @@ def test_samples_need_a_feature_network_and_come_alone(tmp_path):
     junk.write_bytes(b"junk" * 8)
     with pytest.raises(ValueError, match="junk.npz is not a readable .npz of images"):
         evaluator.load_npz_images(str(junk))
+    whole = tmp_path / "whole.npz"  # a write cut short
+    np.savez(whole, arr_0=np.zeros((4, SIZE, SIZE, 3), np.uint8))
+    cut = tmp_path / "cut.npz"
+    cut.write_bytes(whole.read_bytes()[:len(whole.read_bytes()) // 2])
+    with pytest.raises(ValueError, match="cut.npz is not a readable .npz of images"):
+        evaluator.load_npz_images(str(cut))
     with pytest.raises(errors.UserError, match="not both"):
         evaluate.run(config, checkpoint=str(tmp_path), samples=str(samples),
                      out=str(tmp_path / "out"))

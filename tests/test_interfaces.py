@@ -130,6 +130,7 @@ def test_a_generator_and_a_tokenizer_that_do_not_match_are_refused(caplog):
 
     with caplog.at_level(logging.WARNING):
         decode.check_pair(gen(8, 64), titok)
+        decode.check_pair(gen(4 * vqgan.num_tokens, 64), vqgan)  # a 2x larger image's grid
         assert not caplog.records
         decode.check_pair(gen(8, 128), titok)  # codes the tokenizer lacks: a warning
     assert "predicts 128 codes and the tokenizer has 64" in caplog.text
@@ -143,6 +144,6 @@ def test_a_generator_and_a_tokenizer_that_do_not_match_are_refused(caplog):
             (gen(16, 64), titok, "samples 16 tokens per image but the tokenizer decodes 8"),
             (gen(8, 32), titok, "the tokenizer has 64 codes but the generator predicts 32"),
             (gen(8, 64), vae, "continuous"),
-            (gen(vqgan.num_tokens // 2, 64), vqgan, "but the tokenizer decodes")]:
+            (gen(vqgan.num_tokens // 2, 64), vqgan, "not a square grid")]:
         with pytest.raises(errors.UserError, match=needle):
             decode.check_pair(generator, tokenizer)

@@ -87,29 +87,31 @@ def define_flags(fv: flags.FlagValues) -> None:
                       "config's).", flag_values=fv)
     flags.DEFINE_list("sweep_temperature", [], "Temperatures of the sweep (empty: the "
                       "config's).", flag_values=fv)
-    flags.register_validator("sweep_guidance", lambda v: _numbers(v, positive=False),
+    flags.register_validator("sweep_guidance", lambda v: _numbers(v),
                              "guidance scales are comma-separated numbers >= 0", flag_values=fv)
-    flags.register_validator("sweep_temperature", lambda v: _numbers(v, positive=True),
-                             "temperatures are comma-separated numbers > 0", flag_values=fv)
+    flags.register_validator("sweep_temperature", lambda v: _numbers(v),
+                             "temperatures are comma-separated numbers >= 0", flag_values=fv)
     flags.DEFINE_enum("sweep_features", "inception", ["inception", "digits"],
                       "Feature network of the sweep's metrics: the FID Inception of "
                       "config.evaluation, or the demo's digit classifier trained on "
                       "data.train_split (digits only).", flag_values=fv)
 
 
-def _numbers(values: Sequence[str], positive: bool) -> bool:
+def _numbers(values: Sequence[str]) -> bool:
     try:
-        numbers = [float(v) for v in values]
+        return all(float(v) >= 0 for v in values)
     except ValueError:
         return False
-    return all(x > 0 if positive else x >= 0 for x in numbers)
 
 
 def load_generator(config, checkpoint: str):
     """(model, params) with params read from `checkpoint` and checked against the model."""
     model = gen_trainer.build_generator(config)
     if os.path.isfile(layout.config_path(checkpoint)):  # a training workdir: of a generator?
-        trainer = layout.read_config(checkpoint).get("trainer")
+        try:
+            trainer = layout.read_config(checkpoint).get("trainer")
+        except errors.UserError:  # a damaged config.json: sampling does not read it
+            trainer = None
         if trainer not in (None, "generator"):
             raise errors.UserError(f"{checkpoint} is the workdir of a {trainer} run, not of a "
                                    "generator: --checkpoint takes the generator's.")
@@ -123,10 +125,11 @@ def load_models(config, checkpoint: str, tokenizer_path: str):
     """(generator, its params, tokenizer, its params, the tokenizer's path): the generator of
     `config` from `checkpoint`, and the tokenizer at `tokenizer_path` (default:
     config.generator.tokenizer); `SampleDecoder` checks that they match."""
-    model, params = load_generator(config, checkpoint)
+    gen_trainer.build_generator(config)  # a tokenizer's config: said before anything is read
     tokenizer_path = tokenizer_path or config.generator.tokenizer
     if not tokenizer_path:
         raise ValueError("No tokenizer: pass --tokenizer=DIR or set config.generator.tokenizer.")
+    model, params = load_generator(config, checkpoint)
     tokenizer, tok_params = loaders.load_tokenizer(tokenizer_path)
     return model, params, tokenizer, tok_params, tokenizer_path
 
@@ -220,6 +223,10 @@ def run_sweep(config, checkpoint: str, tokenizer_path: str, num_images: int, out
               guidance_scales, temperatures, features: str = "inception", batch_size: int = 0,
               seed: int = 0, log=print) -> dict[str, Any]:
     """`tok1d sample --sweep`: the sweep of the module docstring, written to OUT."""
+    _, t_key = sweep_lib.sampler_keys(config.sampling.to_dict(), config.model.name)
+    if t_key == "temperature" and any(float(t) <= 0 for t in temperatures):
+        raise errors.UserError("--sweep_temperature: this sampler's temperatures must be > 0 "
+                               "(MaskGIT's randomize_temperature may be 0).")
     model, params, tokenizer, tok_params, tokenizer_path = load_models(config, checkpoint,
                                                                        tokenizer_path)
     nets, reference, real = sweep_reference(config, features, log)

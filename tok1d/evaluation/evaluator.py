@@ -34,6 +34,7 @@ import dataclasses
 import functools
 import math
 import os
+import zipfile
 from typing import Any, Iterator, Optional
 
 import flax.linen as nn
@@ -369,15 +370,15 @@ def load_npz_images(path: str, key: str = "arr_0") -> np.ndarray:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Images (.npz) not found: {path}")
     try:
-        z = np.load(path)
-    except (OSError, ValueError) as e:
+        with np.load(path) as z:
+            files = list(z.files)
+            images = z[key] if key in files else None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # damaged or truncated
         raise ValueError(f"{path} is not a readable .npz of images "
-                         f"({' '.join(str(e).split())[:120]})") from None
-    with z:
-        if key not in z.files:
-            raise ValueError(f"{path}: no {key!r} array (found {sorted(z.files)}); expected "
-                             "uint8 images (N, H, W, 3) as tok1d.cli.sample / the ADM suite write.")
-        images = z[key]
+                         f"({type(e).__name__}: {' '.join(str(e).split())[:120]})") from None
+    if images is None:
+        raise ValueError(f"{path}: no {key!r} array (found {sorted(files)}); expected uint8 "
+                         "images (N, H, W, 3) as tok1d.cli.sample / the ADM suite write.")
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"{path}: {key} has shape {images.shape}; expected (N, H, W, 3).")
     if images.dtype != np.uint8 and (images.min() < 0 or images.max() > 1):

@@ -4,6 +4,7 @@ tokenizer interfaces of `tok1d.models.interfaces`), batch by batch over the mesh
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any, Iterator
 
@@ -20,7 +21,7 @@ def check_pair(model: nn.Module, tokenizer: nn.Module) -> None:
     """Raises UserError when `tokenizer` cannot decode what generator `model` samples: a
     continuous tokenizer, more codes than the generator predicts, another number of tokens
     per image (fewer is a prefix, which a 1D tokenizer decodes: logged as a warning unless it
-    was trained with nested dropout). A generator that predicts more codes than the tokenizer
+    was trained with nested dropout; a fully convolutional tokenizer decodes any square grid). A generator that predicts more codes than the tokenizer
     has is a warning (a generator trained on its tokens never samples the others)."""
     problems = []
     if tokenizer.num_codes is None:
@@ -29,7 +30,11 @@ def check_pair(model: nn.Module, tokenizer: nn.Module) -> None:
         problems.append(f"the tokenizer has {tokenizer.num_codes} codes but the generator "
                         f"predicts {model.vocab_size}")
     n, m = model.num_tokens, tokenizer.num_tokens
-    if n > m or (n < m and not tokenizer.decodes_prefixes):
+    if tokenizer.input_size is None:  # fully convolutional: any square grid, at any size
+        if math.isqrt(n) ** 2 != n:
+            problems.append(f"the generator samples {n} tokens per image, not a square grid "
+                            "for the tokenizer")
+    elif n > m or (n < m and not tokenizer.decodes_prefixes):
         problems.append(f"the generator samples {n} tokens per image but the tokenizer "
                         f"decodes {m}")
     if problems:
@@ -39,7 +44,8 @@ def check_pair(model: nn.Module, tokenizer: nn.Module) -> None:
         logging.getLogger(__name__).warning(
             "The generator predicts %d codes and the tokenizer has %d: a sampled code beyond "
             "them is none of the tokenizer's.", model.vocab_size, tokenizer.num_codes)
-    if n < m and getattr(tokenizer, "nested_dropout", "none") == "none":
+    if (tokenizer.input_size is not None and n < m
+            and getattr(tokenizer, "nested_dropout", "none") == "none"):
         logging.getLogger(__name__).warning(
             "The generator samples %d of the tokenizer's %d tokens per image, and the tokenizer "
             "was not trained with nested dropout: its decoded prefixes may be poor images.",

@@ -107,7 +107,10 @@ class Checkpointer:
             # paths: the straight restore below, which refuses other shapes itself.)
             try:
                 saved_meta = self.manager.item_metadata(step)[layout.STATE_ITEM]
-            except (OSError, ValueError, KeyError, TypeError) as e:
+            except OSError as e:  # a storage error need not mean a damaged checkpoint
+                raise OSError(f"Checkpoint {self.directory}/{step}: its metadata could not be "
+                              f"read ({e}); check the storage and try again.") from e
+            except (ValueError, KeyError, TypeError) as e:
                 raise ValueError(
                     f"Checkpoint {self.directory}/{step} cannot be read ({type(e).__name__}: "
                     f"{str(e)[:200]}): its files are damaged or incomplete. Move that step's "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import flax.core
@@ -64,8 +65,14 @@ def _read(load: Callable[[str], Any], path: str) -> Any:
         raise
     except Exception as e:  # noqa: BLE001
         text = " ".join(str(e).split())
+        pickled = re.search(r"GLOBAL (\S+)", text)  # torch's weights-only load refusing it
+        if pickled:
+            raise ConversionError(
+                f"{path} pickles {pickled.group(1)} beside its tensors, which a weights-only "
+                "load refuses: save its state_dict alone (or as .safetensors) and convert "
+                "that.") from e
         raise ConversionError(f"{path} is not a readable checkpoint ({type(e).__name__}: "
-                              f"{text[:200]})") from e
+                              f"{text[:500]})") from e
 
 
 def _npz(path: str, prefix: str) -> dict[str, Array]:
