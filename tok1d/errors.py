@@ -11,6 +11,15 @@ class UserError(Exception):
     exit_code = 2
 
 
+def brief(error: BaseException, limit: int = 200) -> str:
+    """`Type: message` of an exception for a one-line error, its message on one line and cut at
+    `limit` characters."""
+    text = " ".join(str(error).split())
+    if len(text) > limit:
+        text = text[:limit - 3] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
 def missing_directory(what: str, path: str) -> FileNotFoundError:
     """The error for a `what` directory at `path` that is not there, or is a file."""
     if os.path.isfile(path):

@@ -125,7 +125,7 @@ def load_models(config, checkpoint: str, tokenizer_path: str):
     """(generator, its params, tokenizer, its params, the tokenizer's path): the generator of
     `config` from `checkpoint`, and the tokenizer at `tokenizer_path` (default:
     config.generator.tokenizer); `SampleDecoder` checks that they match."""
-    gen_trainer.build_generator(config)  # a tokenizer's config: said before anything is read
+    gen_trainer.check_generator_config(config)  # before anything is read
     tokenizer_path = tokenizer_path or config.generator.tokenizer
     if not tokenizer_path:
         raise ValueError("No tokenizer: pass --tokenizer=DIR or set config.generator.tokenizer.")

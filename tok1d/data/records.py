@@ -286,8 +286,7 @@ class ArrayRecordImageSource:
             self._source = grain.sources.ArrayRecordDataSource(self._paths)
         except RuntimeError as e:  # array_record's reader on a damaged or foreign file
             raise errors.UserError(f"Split {split!r} of {directory!r}: a shard is not a "
-                                   f"readable ArrayRecord file ({' '.join(str(e).split())[:200]})"
-                                   ".") from None
+                                   f"readable ArrayRecord file ({errors.brief(e)}).") from None
         expected = split_info.get("num_examples")
         if expected is not None and expected != len(self._source):
             raise ValueError(

@@ -44,7 +44,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from tok1d import images as images_lib
-from tok1d import parallel
+from tok1d import errors, parallel
 from tok1d.data import feeding, pipeline, sources
 from tok1d.evaluation import fid as fid_lib
 from tok1d.evaluation.image_metrics import psnr, ssim
@@ -375,7 +375,7 @@ def load_npz_images(path: str, key: str = "arr_0") -> np.ndarray:
             images = z[key] if key in files else None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # damaged or truncated
         raise ValueError(f"{path} is not a readable .npz of images "
-                         f"({type(e).__name__}: {' '.join(str(e).split())[:120]})") from None
+                         f"({errors.brief(e, 120)})") from None
     if images is None:
         raise ValueError(f"{path}: no {key!r} array (found {sorted(files)}); expected uint8 "
                          "images (N, H, W, 3) as tok1d.cli.sample / the ADM suite write.")

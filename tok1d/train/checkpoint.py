@@ -28,6 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from tok1d import errors
 from tok1d.layers import transformer
 from tok1d.weights import layout
 
@@ -112,8 +113,8 @@ class Checkpointer:
                               f"read ({e}); check the storage and try again.") from e
             except (ValueError, KeyError, TypeError) as e:
                 raise ValueError(
-                    f"Checkpoint {self.directory}/{step} cannot be read ({type(e).__name__}: "
-                    f"{str(e)[:200]}): its files are damaged or incomplete. Move that step's "
+                    f"Checkpoint {self.directory}/{step} cannot be read ({errors.brief(e)}): "
+                    "its files are damaged or incomplete. Move that step's "
                     "folder aside to resume from an earlier checkpoint, or use a new "
                     "--workdir.") from e
             saved = _shapes(saved_meta)
@@ -146,8 +147,7 @@ class Checkpointer:
         except Exception:  # noqa: BLE001 (unreadable metadata: say what orbax said)
             saved = None
         if not saved:
-            text = " ".join(f"{type(error).__name__}: {error}".split())
-            return text if len(text) <= 300 else text[:297] + "..."
+            return errors.brief(error, 300)
 
         def named(paths, n=3):
             shown = ", ".join("/".join(map(str, p)) for p in sorted(paths, key=str)[:n])
@@ -164,7 +164,7 @@ class Checkpointer:
             first = sorted(shaped, key=str)[0]
             parts.append(f"{len(shaped)} arrays of another shape, e.g. {named([first], 1)} "
                          f"saved {tuple(saved[first].shape)}, built {tuple(target[first].shape)}")
-        return "; ".join(parts) or f"{type(error).__name__}: {str(error)[:300]}"
+        return "; ".join(parts) or errors.brief(error, 300)
 
     def _saved_array_paths(self, step: int) -> Optional[set[tuple]]:
         """The paths of the arrays in checkpoint `step`, read from its tree-metadata file

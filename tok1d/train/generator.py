@@ -39,13 +39,18 @@ from tok1d.weights import layout, loaders
 # ---------------------------------------------------------------------------- model
 
 
-def build_generator(config) -> nn.Module:
-    """The generator of a generator config; a tokenizer's config is one ConfigError."""
+def check_generator_config(config) -> None:
+    """A ConfigError unless `config` is a generator's (a tokenizer's config, say)."""
     if config.get("trainer") != "generator":
         raise config_lib.ConfigError(
             f"the config trains a {config.get('trainer') or 'model'} ({config.model.name}), not "
             "a generator: pass a generator's config (configs/maskgit_titok.py, "
             "configs/gpt_gigatok.py, configs/rar.py or your own).")
+
+
+def build_generator(config) -> nn.Module:
+    """The generator of a generator config."""
+    check_generator_config(config)
     model = models.create(config.model.name, **layout.model_kwargs(config))
     interfaces.check_generator(model)
     return model

@@ -163,12 +163,11 @@ def _from_hub(file: File, local: str) -> str:
     try:
         return hub_download(repo_id=repo, filename=path, local_files_only=offline())
     except Exception as e:  # noqa: BLE001 - offline, no network, no such repo/file: one line
-        message = " ".join(str(e).split())[:200]
         if isinstance(e, LocalEntryNotFoundError):
             why = ("offline (TOK1D_OFFLINE / HF_HUB_OFFLINE) and not in the Hub cache"
                    if offline() else "the Hub is unreachable and the file is not in its cache")
         else:
-            why = f"{type(e).__name__}: {message}" if message else type(e).__name__
+            why = errors.brief(e)
         raise _unreachable(hub_url(file.source), local, why) from None
 
 

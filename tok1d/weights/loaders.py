@@ -74,7 +74,7 @@ def _restore_numpy(path: str) -> dict[str, Any]:
             meta = ckptr.metadata(path)
             tree = getattr(getattr(meta, "item_metadata", meta), "tree", None)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            tree, error = None, f"{type(e).__name__}: {str(e)[:200]}"
+            tree, error = None, errors.brief(e)
         else:
             error = "it holds no array metadata"
         if tree is None:
@@ -408,9 +408,7 @@ def load_inception(path: str, **model_overrides: Any
     """(model, params) of the FID Inception from a directory written by `python -m
     tok1d.cli.convert inception_fid`, or of the released name "inception_fid" (fetched and
     converted once); FileNotFoundError (saying how to make one) when there is none."""
-    free = ["inception_fid/"] + [f"inception_fid_{i}/" for i in range(2, 100)]
-    new_dir = path if path and not os.path.exists(path) else next(  # never a used one
-        (d for d in free if not os.path.exists(d)), "DIR")
+    new_dir = path if path and not os.path.exists(path) else "DIR"  # never a used one
     how = (f"Pass the released name {inception_lib.REGISTRY_NAME!r} (downloaded and converted "
            f"once), or download pytorch-fid's FID Inception weights "
            f"{inception_lib.FID_WEIGHTS_FILE} ({inception_lib.FID_WEIGHTS_URL}) and convert them: "

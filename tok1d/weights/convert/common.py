@@ -24,6 +24,8 @@ import jax
 import numpy as np
 from flax import linen as nn
 
+from tok1d import errors
+
 Array = np.ndarray
 
 
@@ -64,15 +66,14 @@ def _read(load: Callable[[str], Any], path: str) -> Any:
     except (ImportError, MemoryError):
         raise
     except Exception as e:  # noqa: BLE001
-        text = " ".join(str(e).split())
-        pickled = re.search(r"GLOBAL (\S+)", text)  # torch's weights-only load refusing it
+        pickled = re.search(r"GLOBAL (\S+)", str(e))  # torch's weights-only load refusing it
         if pickled:
             raise ConversionError(
                 f"{path} pickles {pickled.group(1)} beside its tensors, which a weights-only "
                 "load refuses: save its state_dict alone (or as .safetensors) and convert "
                 "that.") from e
-        raise ConversionError(f"{path} is not a readable checkpoint ({type(e).__name__}: "
-                              f"{text[:500]})") from e
+        raise ConversionError(f"{path} is not a readable checkpoint "
+                              f"({errors.brief(e, 500)})") from e
 
 
 def _npz(path: str, prefix: str) -> dict[str, Array]:
