@@ -84,6 +84,8 @@ COST_BY_TEST = {
     "test_config.py::test_cli_rejects_mistyped_override_and_bad_shapes": "integration",
     "test_prepare.py::test_cli": "integration",
     "test_cli.py::test_python_m_main_still_parses": "integration",
+    "test_registry.py::test_two_hosts_converting_one_name_leave_the_weights_in_a_shared_cache":
+        "integration",
     # costly tests in unit files: sharded train steps on three meshes, the evaluation suite's
     # Inception through the mesh, a trainer run
     **{f"test_parallel.py::{name}": "integration" for name in (

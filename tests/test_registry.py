@@ -11,16 +11,22 @@ import logging
 import os
 import re
 import shutil
+import socket
 import stat
+import subprocess
+import sys
 import threading
+import urllib.parse
 
 import jax
 import numpy as np
 import pytest
 
+from conftest import subprocess_env
+from tok1d import errors
 from tok1d.cli import convert as convert_cli
 from tok1d.models.generators.rar import RAR
-from tok1d.weights import download, loaders, registry
+from tok1d.weights import download, layout, loaders, registry
 from tok1d.weights.convert import common
 from tok1d.weights.convert import rar as convert_rar
 
@@ -109,8 +115,14 @@ def server(tiny_bin, tmp_path):
     httpd.server_close()
 
 
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _leftovers(root):
-    return [p for p in root.rglob("*") if p.name.startswith((".tmp-", ".part-"))]
+    return [p for p in root.rglob("*") if p.name.startswith((".tmp-", ".part-", ".discard-"))]
 
 
 def _expected_params(path):
@@ -406,18 +418,45 @@ def test_cached_files_have_the_umask_modes_and_are_hashed_once(tiny_bin, cache, 
 def test_a_url_of_the_table_or_torch_hub_style_is_checked(tiny_bin, cache, server,
                                                           monkeypatch):
     """`--from URL` checks the table's sha256 for that URL, and the digest prefix of a
-    torch.hub-style name (NAME-<sha256 prefix>.pth)."""
+    torch.hub-style name (NAME-<sha256 prefix>.pth) on torch's model host only: elsewhere such
+    a tail is a date or a step number, and is not a digest."""
     _, url = server
     _entry(monkeypatch, "rar_listed", url, sha256="0" * 64)
-    with pytest.raises(download.ChecksumError):
+    with pytest.raises(download.ChecksumError, match="the download, not kept"):
         loaders.resolve(url, kind="rar")
-    with pytest.raises(download.ChecksumError):
-        loaders.resolve(url.replace("rar_tiny.bin", "rar_tiny-0badbeef.pth"), kind="rar")
+    hub_style = url.replace("rar_tiny.bin", "rar_tiny-0badbeef.pth")
+    assert os.path.isdir(loaders.resolve(hub_style, kind="rar"))  # any host: no digest
+    monkeypatch.setattr(registry, "_HUB_STYLE_HOSTS",
+                        registry._HUB_STYLE_HOSTS + (urllib.parse.urlsplit(url).netloc,))
+    with pytest.raises(download.ChecksumError):  # torch's host: its prefix is checked
+        loaders.resolve(hub_style, kind="rar", cache_dir=str(cache.parent / "fresh"))
     assert registry.file_of(registry.RELEASED["inception_fid"].files["checkpoint"].source
                             ).sha256 == "6726825d"
-    assert registry.file_of("https://x.invalid/a/vgg16-397923af.pth").sha256 == "397923af"
-    assert registry.file_of("hf://o/r/model-0123abcd.pth").sha256 is None
+    assert registry.file_of(
+        "https://download.pytorch.org/models/vgg16-397923af.pth").sha256 == "397923af"
+    for other in ("https://x.invalid/a/vgg16-397923af.pth", "https://x.invalid/run/step-00250000.pt",
+                  "hf://o/r/model-0123abcd.pth"):
+        assert registry.file_of(other).sha256 is None, other
     assert not _leftovers(cache)
+
+
+def test_two_urls_with_one_host_and_file_name_are_two_files(tiny_bin, cache, server, tmp_path):
+    """Downloads are kept per URL: /a/model.bin and /b/model.bin of one host are not taken for
+    each other (each URL's own weights are converted)."""
+    httpd, url = server
+    other = tmp_path / "www" / "b" / "files"
+    other.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    sd = {k: torch.from_numpy(rng.normal(size=s).astype(np.float32))
+          for k, s in convert_rar.official_shapes(RAR(**TINY)).items()}
+    torch.save(sd, other / "rar_tiny.bin")
+    url_b = url.replace("/files/", "/b/files/")
+    paths = [download.manual_path(registry.file_of(u)) for u in (url, url_b)]
+    assert paths[0] != paths[1] and os.path.basename(paths[1]) == "rar_tiny.bin"
+    _, params_a = loaders.load(url, kind="rar")
+    _, params_b = loaders.load(url_b, kind="rar")
+    _assert_same(params_a, tiny_bin[0])
+    _assert_same(params_b, str(other / "rar_tiny.bin"))
 
 
 def test_a_librarys_own_stderr_handler_is_removed_so_its_lines_print_once():
@@ -431,3 +470,52 @@ def test_a_librarys_own_stderr_handler_is_removed_so_its_lines_print_once():
     assert logger.handlers == [file_handler] and logger.propagate
     logger.removeHandler(file_handler)
     file_handler.close()
+
+
+_POD_HOST = r"""
+import os, sys
+pid, port = int(sys.argv[1]), sys.argv[2]
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+from tok1d.weights import loaders, registry
+registry.RELEASED["rar_pod"] = registry.Released(
+    "rar_pod", "rar", {"checkpoint": registry.File(sys.argv[3])})
+_, params = loaders.load("rar_pod")
+print("leaves", len(jax.tree.leaves(params)), flush=True)
+"""
+
+
+def test_two_hosts_converting_one_name_leave_the_weights_in_a_shared_cache(
+        tiny_bin, cache, tmp_path):
+    """On a pod every host resolves the same name at once; orbax writes the converted arrays
+    from process 0 only. The shared cache must end up with process 0's complete copy (it
+    used to keep whichever host renamed first: often one without weights), every host loads
+    it, and a directory left without weights is converted again."""
+    url = "https://dl.example.invalid/pod/rar_tiny.bin"
+    manual = download.manual_path(registry.File(url))
+    os.makedirs(os.path.dirname(manual))
+    shutil.copy(tiny_bin[0], manual)
+    script = tmp_path / "host.py"
+    script.write_text(_POD_HOST)
+    env = subprocess_env(1)
+    env.update({download.CACHE_ENV: str(cache), "TOK1D_OFFLINE": "1"})
+
+    def pod():
+        port = str(_free_port())
+        procs = [subprocess.Popen([sys.executable, str(script), str(i), port, url], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for i in range(2)]
+        outs = [p.communicate(timeout=240) for p in procs]
+        for p, (out, err) in zip(procs, outs):
+            assert p.returncode == 0, err[-2000:]
+            assert "leaves" in out
+        assert not layout.lacks_weights(str(cache / "rar_pod"))
+        assert not _leftovers(cache)
+
+    pod()
+    shutil.rmtree(cache / "rar_pod" / "params")  # what an older tok1d could leave
+    assert layout.lacks_weights(str(cache / "rar_pod"))
+    pod()
+    with pytest.raises(errors.UserError, match="storage every host shares"):
+        loaders._wait_for_process_0(str(tmp_path / "never"), "rar_pod", timeout_s=0.2)

@@ -645,6 +645,30 @@ def unused_by_layout(flat: dict[tuple, Any], sources: dict[tuple, tuple]) -> lis
     return unused
 
 
+def extra_layers(flat: dict[tuple, Any], sources: dict[tuple, tuple]) -> list[str]:
+    """The layers of `flat`'s stacks beyond a shallower target's depth: layers of a scanned
+    stack that `sources` slice but leave out ("a/blocks/w[3]"), and unrolled layers of a stack
+    whose other layers `sources` take ("a/blocks_3/w"). Groups that `sources` take nothing
+    from are not counted (an init may load part of a model)."""
+    def stem(path):
+        out = []
+        for part in path:
+            for pattern in STACK_NAMES.values():
+                prefix = pattern.format("")
+                if part.startswith(prefix) and part[len(prefix):].isdigit():
+                    part = pattern.format("#")
+            out.append(part)
+        return tuple(out)
+
+    taken = {stem(p) for source in sources.values() for p in source_paths(source)}
+    extra = []
+    for item in unused_by_layout(flat, sources):
+        path = tuple(item.split("/"))
+        if item.endswith("]") or (stem(path) != path and stem(path) in taken):
+            extra.append(item)
+    return extra
+
+
 def source_paths(source: tuple) -> tuple:
     """The paths of `flat` that a `stack_layout_sources` entry reads."""
     return source[1] if source[0] == "stack" else (source[1],)

@@ -88,7 +88,7 @@ def manual_path(file: File, cache_dir: Optional[str] = None) -> str:
         rel = path
     else:
         folder = urllib.parse.urlsplit(file.source).netloc or "files"
-        rel = file.name
+        rel = f"{file.folder}/{file.name}" if file.folder else file.name
     return os.path.join(cache_root(cache_dir), DOWNLOADS, folder, *rel.split("/"))
 
 
@@ -100,15 +100,16 @@ def sha256_of(path: str) -> str:
     return h.hexdigest()
 
 
-def verify(path: str, expected: Optional[str], what: str) -> None:
-    """Checks `path` against a full sha256 or a published prefix; ChecksumError otherwise."""
+def verify(path: str, expected: Optional[str], what: str, where: str = "") -> None:
+    """Checks `path` against a full sha256 or a published prefix; ChecksumError otherwise
+    (naming `where` instead of `path`, e.g. for a download that will not be kept)."""
     if not expected:
         return
     actual = sha256_of(path)
     if not actual.startswith(expected.lower()):
         raise ChecksumError(f"{what}: sha256 {actual} does not match the published "
-                            f"{expected}{'...' if len(expected) < 64 else ''} ({path}); the "
-                            "file is damaged or not the official one (refused).")
+                            f"{expected}{'...' if len(expected) < 64 else ''} ({where or path});"
+                            " the file is damaged or not the official one (refused).")
 
 
 def fetch(file: File, cache_dir: Optional[str] = None) -> str:
@@ -183,7 +184,7 @@ def _from_url(file: File, local: str) -> str:
             except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
                 why = str(getattr(e, "reason", e)) or type(e).__name__
                 raise _unreachable(file.source, local, why) from None
-        verify(tmp, file.sha256, file.source)
+        verify(tmp, file.sha256, file.source, where="the download, not kept")
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, local)
     finally:
@@ -212,6 +213,17 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def discard_dir(path: str) -> None:
+    """Removes a cached directory safely beside other processes: renamed away first (one
+    process wins the rename; the others find it gone), then deleted."""
+    aside = tempfile.mkdtemp(prefix=".discard-", dir=os.path.dirname(path))
+    try:
+        os.replace(path, os.path.join(aside, "old"))
+    except FileNotFoundError:
+        pass
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def replace_dir(tmp_dir: str, final: str) -> str:

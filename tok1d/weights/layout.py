@@ -38,6 +38,14 @@ def params_dir(directory: str) -> str:
     return os.path.join(directory, PARAMS_DIR)
 
 
+def lacks_weights(directory: str) -> bool:
+    """True for a pretrained directory whose model file has no finished params checkpoint
+    beside it (orbax writes `_CHECKPOINT_METADATA` last); False for any other directory (the
+    perceptual networks' .npz files)."""
+    return (os.path.isfile(os.path.join(directory, MODEL_FILE))
+            and not os.path.isfile(os.path.join(params_dir(directory), "_CHECKPOINT_METADATA")))
+
+
 def read_model_spec(directory: str) -> Optional[dict[str, Any]]:
     """{"name", "kwargs", "source"} of a pretrained directory; None when it is not one."""
     path = os.path.join(directory, MODEL_FILE)

@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import flax.linen as nn
@@ -175,13 +176,20 @@ def merge_into(params: Mapping[str, Any], loaded: Mapping[str, Any],
     Layer stacks are matched across layouts (scanned `blocks` / `layers` vs unrolled
     `blocks_{i}` / `layer_{i}`: `transformer.match_stack_layout`), so a converted release or a
     run of either layout loads into a model of the other.
-    Returns (new params, loaded paths, problems) where problems lists shape mismatches.
+    Returns (new params, loaded paths, problems) where problems lists shape mismatches and the
+    layers of a deeper model's stack (refused, not truncated: `transformer.extra_layers`).
     """
     if mapping:
         loaded = {mapping[k]: v for k, v in loaded.items() if k in mapping}
     flat = tu.flatten_dict(dict(params))
-    src = transformer.match_stack_layout(tu.flatten_dict(dict(loaded)), flat)
+    flat_loaded = tu.flatten_dict(dict(loaded))
+    src = transformer.match_stack_layout(flat_loaded, flat)
+    extra = transformer.extra_layers(flat_loaded, transformer.stack_layout_sources(flat_loaded,
+                                                                                   flat))
     done, problems = [], []
+    if extra:
+        problems.append(f"{len(extra)} layer arrays beyond the model's depth, from a deeper "
+                        f"model (e.g. {', '.join(extra[:3])})")
     for path, value in src.items():
         if path not in flat:
             continue
@@ -209,7 +217,9 @@ def merge_checked(shapes: Mapping[str, Any], loaded: Mapping[str, Any], source: 
     merged, done, problems = merge_into(shapes, loaded)
     flat, target = tu.flatten_dict(dict(loaded)), tu.flatten_dict(dict(shapes))
     missing = len(target) - len(done)
-    unused = transformer.unused_by_layout(flat, transformer.stack_layout_sources(flat, target))
+    sources = transformer.stack_layout_sources(flat, target)
+    extra = set(transformer.extra_layers(flat, sources))  # named by merge_into's problems
+    unused = [u for u in transformer.unused_by_layout(flat, sources) if u not in extra]
     if problems or missing or unused:
         raise ValueError(f"{source} do not match {what}: " + "; ".join(
             problems + ([f"{missing} parameter arrays missing"] if missing else [])
@@ -528,7 +538,10 @@ def resolve(source: str, kind: Optional[str] = None, cache_dir: Optional[str] = 
     root = download.cache_root(cache_dir)
     final = os.path.join(root, dirname)
     if os.path.isdir(final):
-        return final
+        if not layout.lacks_weights(final):
+            return final
+        if jax.process_index() == 0:  # left without weights by an older tok1d on a pod
+            download.discard_dir(final)
     files = {role: download.fetch(f, cache_dir) for role, f in sources.items()}
     if vgg:
         files["vgg"] = resolve_file(vgg, cache_dir)
@@ -537,9 +550,29 @@ def resolve(source: str, kind: Optional[str] = None, cache_dir: Optional[str] = 
     try:
         convert_official(kind, files["checkpoint"], tmp, vgg=files.get("vgg"), expect=expect,
                          source=source, **options)
-        return download.replace_dir(tmp, final)
+        if not layout.lacks_weights(tmp):
+            return download.replace_dir(tmp, final)
+        # On a pod every process converts (orbax's save is collective) but only process 0's
+        # copy holds the arrays: the others use process 0's, from a cache they share.
+        return _wait_for_process_0(final, source)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _wait_for_process_0(final: str, source: str, timeout_s: float = 120.0) -> str:
+    """`final` once process 0 has moved its conversion there (seconds after this process's own
+    collective save); a clear error where this host cannot see it (a cache on each host's disk)."""
+    deadline = time.monotonic() + timeout_s
+    while not os.path.isdir(final) or layout.lacks_weights(final):
+        if time.monotonic() > deadline:
+            raise errors.UserError(
+                f"{source}: process {jax.process_index()} does not see the conversion process 0 "
+                f"wrote to {final} (orbax writes host arrays from process 0 only, so a cache on "
+                "each host's own disk leaves the other hosts without weights). Put TOK1D_CACHE "
+                "(or --cache_dir) on storage every host shares, or convert once with `tok1d "
+                "convert --from NAME --out DIR` into such storage and pass DIR.")
+        time.sleep(0.5)
+    return final
 
 
 def resolve_each(weights: str, cache_dir: Optional[str] = None) -> str:

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import re
+import urllib.parse
 from typing import Any, Mapping, Optional
 
 from tok1d import errors
@@ -37,6 +39,7 @@ class File:
     manual: bool = False
     filename: str = ""
     package: Optional[tuple[str, str]] = None
+    folder: str = ""  # under the host's download folder: a URL's digest (`file_of`)
 
     @property
     def name(self) -> str:
@@ -79,21 +82,27 @@ def get(name: str) -> Released:
                       f"known names: {', '.join(sorted(RELEASED))}.")
 
 
-# torch.hub's convention: NAME-<the first 8 or more hex digits of the file's sha256>.pth
+# torch.hub's convention: NAME-<the first 8 or more hex digits of the file's sha256>.pth, on
+# torch's own model host only (elsewhere such a tail is as likely a date or a step number).
 _HUB_STYLE_DIGEST = re.compile(r"-([0-9a-f]{8,64})\.pth?$")
+_HUB_STYLE_HOSTS = ("download.pytorch.org",)
 
 
 def file_of(source: str) -> File:
     """The File of a Hub reference or URL: the table's own (with its sha256, its package) when
-    an entry has that source, else a new one checked against the digest prefix of a
-    torch.hub-style URL (`vgg16-397923af.pth`)."""
+    an entry has that source, else a new one, kept in a folder of its own (a digest of the URL:
+    two URLs with the same host and file name are different files) and checked against the
+    digest prefix of a torch.hub-style URL on torch's host (`vgg16-397923af.pth`)."""
     for entry in RELEASED.values():
         for f in entry.files.values():
             if f.source == source:
                 return f
-    match = (None if source.startswith("hf://") else
-             _HUB_STYLE_DIGEST.search(source.split("?")[0]))
-    return File(source, sha256=match.group(1) if match else None)
+    if source.startswith("hf://"):
+        return File(source)  # kept under its repository and path: unique already
+    url = urllib.parse.urlsplit(source)
+    match = _HUB_STYLE_DIGEST.search(url.path) if url.netloc in _HUB_STYLE_HOSTS else None
+    return File(source, sha256=match.group(1) if match else None,
+                folder=hashlib.sha256(source.encode()).hexdigest()[:12])
 
 
 def looks_like_a_name(text: str) -> bool:
