@@ -82,6 +82,17 @@ def test_another_trainers_keys_are_named_with_every_other_problem():
     assert "discriminator.name" not in msg  # one line per section, not per key
 
 
+def test_periods_take_zero_for_only_at_the_end_and_refuse_negatives():
+    config = config_lib.base_config("tokenizer")
+    config.eval_every_steps, config.checkpoint.every_steps = 0, 0
+    config_lib.validate(config, num_devices=8)
+    config.eval_every_steps, config.checkpoint.every_steps = -1, -5
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.validate(config, num_devices=8)
+    assert "eval_every_steps=-1 must be >= 0" in str(e.value)
+    assert "checkpoint.every_steps=-5 must be >= 0" in str(e.value)
+
+
 def test_for_trainer_keeps_the_values_of_that_trainers_keys():
     demo = load_config(os.path.join(REPO, "configs", "demo.py"))
     tok = config_lib.for_trainer(demo, "tokenizer")

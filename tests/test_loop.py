@@ -4,6 +4,7 @@ whole (compressed or not), and a run's start: the train step compiled beside the
 restore."""
 
 import os
+import signal as signal_lib
 import subprocess
 import sys
 
@@ -237,6 +238,26 @@ def test_relayout_reads_each_array_sharded_like_its_targets_and_refuses_a_deeper
                                      unrolled, shallow) is None      # blocks_2 left over
 
 
+def test_init_weights_of_a_deeper_model_are_refused_in_every_layout(monkeypatch):
+    """`config.init.checkpoint` (`loaders.load_initial_params`) may load part of a model (groups
+    it does not hold stay as initialised), but a deeper model's layer stack is refused, not
+    cut to the first layers: scanned or unrolled, into scanned or unrolled."""
+    from tok1d.weights import loaders
+
+    scanned = lambda depth: {"t": {"blocks": {"w": np.ones((depth, 3), np.float32)}}}  # noqa
+    unrolled = lambda depth: {"t": {f"blocks_{i}": {"w": np.full((3,), i, np.float32)}  # noqa
+                                    for i in range(depth)}}
+    for target in (scanned(2), unrolled(2)):
+        target = dict(target, head={"b": np.zeros((2,), np.float32)})
+        for deep in (scanned(4), unrolled(4)):
+            monkeypatch.setattr(loaders, "load_params", lambda path, deep=deep: deep)
+            with pytest.raises(ValueError, match="beyond the model's depth|model .2, 3. vs"):
+                loaders.load_initial_params(target, checkpoint="ckpt")
+        for same in (scanned(2), unrolled(2)):  # the same depth, without the head: loads
+            monkeypatch.setattr(loaders, "load_params", lambda path, same=same: same)
+            assert len(loaders.load_initial_params(target, checkpoint="ckpt")) in (1, 2)
+
+
 def _start_pieces(tmp_path):
     """A checkpointer, a jitted step (state donated) and a grain iterator of batches."""
     mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
@@ -380,3 +401,89 @@ def test_a_process_ends_cleanly_while_a_step_compiles_in_the_background(how, sta
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == status, done.stderr[-2000:]
     assert "terminate called" not in done.stderr
+
+
+class _MemoryCheckpoints:
+    """A Checkpointer stand-in for `train_loop`: the saved steps, in memory."""
+
+    def __init__(self):
+        self.saved = []
+
+    def save(self, step, state, train_iter, force=False):  # noqa: ARG002
+        self.saved.append(step)
+        return True
+
+    def reached_preemption(self, step):  # noqa: ARG002
+        return False
+
+    def wait(self):
+        pass
+
+    def close(self):
+        pass
+
+
+class _Rows:
+    def __init__(self):
+        self.rows = []
+
+    def write_scalars(self, step, values):
+        self.rows.append((step, values["train/x"]))
+
+    def flush(self):
+        pass
+
+
+def _run_loop(tmp_path, *, total, log_every, eval_every, ckpt_every, run_eval=None,
+              signal_at=None, ckpt=None):
+    """`train_loop` over a one-number state whose step k has the scalar x = k."""
+    import ml_collections
+
+    from tok1d.train.state import StartTimes, TrainState
+
+    config = ml_collections.ConfigDict(dict(
+        total_steps=total, batch_size=1, log_every_steps=log_every,
+        eval_every_steps=eval_every, checkpoint=dict(every_steps=ckpt_every)))
+    batches = ({"x": jnp.float32(k)} for k in range(1, total + 1))
+    step = jax.jit(lambda s, b: (s.replace(step=s.step + 1, params=s.params + b["x"]),
+                                 {"x": b["x"]}, jnp.bool_(True)))
+
+    def fn(state, batch):
+        if signal_at is not None and int(batch["x"]) == signal_at:
+            os.kill(os.getpid(), signal_lib.SIGTERM)
+        return step(state, batch)
+
+    ckpt, rows, evals = ckpt or _MemoryCheckpoints(), _Rows(), []
+    run_eval = run_eval or (lambda s, k: evals.append(k) or {})
+    result = loop.train_loop(config, str(tmp_path), TrainState(jnp.int32(0), jnp.float32(0), None),
+                             0, programs.PhasedStep.single(fn), batches, None, ckpt, rows,
+                             run_eval, StartTimes(0.0, 0.0, 0.0, False))
+    return result, rows.rows, evals, ckpt.saved
+
+
+def test_a_failing_eval_comes_after_its_steps_checkpoint(tmp_path):
+    """A periodic eval that fails (a missing FID reference, out of memory) comes after the
+    checkpoint of its step: a rerun resumes there instead of training the interval again."""
+    ckpt, seen = _MemoryCheckpoints(), []
+
+    def failing_eval(state, step):  # noqa: ARG001
+        seen.append(list(ckpt.saved))
+        raise RuntimeError("eval failed")
+
+    with pytest.raises(RuntimeError, match="eval failed"):
+        _run_loop(tmp_path, total=8, log_every=2, eval_every=4, ckpt_every=4,
+                  run_eval=failing_eval, ckpt=ckpt)
+    assert seen == [[4]]
+
+
+def test_a_preempted_run_logs_its_last_partial_window(tmp_path):
+    """A preemption at step 6 of windows of 4 logs the mean of steps 5-6 at step 6 (they were
+    dropped) and saves step 6; periods of 0 mean only at the end (they divided by zero)."""
+    result, rows, evals, saved = _run_loop(tmp_path, total=12, log_every=4, eval_every=4,
+                                           ckpt_every=4, signal_at=6)
+    assert result == {"step": 6, "preempted": True}
+    assert rows == [(4, 2.5), (6, 5.5)] and saved == [4, 6] and evals == [4]
+    result, rows, evals, saved = _run_loop(tmp_path, total=6, log_every=3, eval_every=0,
+                                           ckpt_every=0)
+    assert result["step"] == 6 and rows == [(3, 2.0), (6, 5.0)]
+    assert evals == [6] and saved == [6]

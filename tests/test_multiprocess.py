@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -141,3 +142,42 @@ def test_two_processes_match_one(tmp_path):
     # Both runs saved their final checkpoint (process 0 and 1 cooperated on the save).
     assert os.path.isdir(os.path.join(wd2, "checkpoints", str(STEPS)))
     assert os.path.isdir(os.path.join(wd1, "checkpoints", str(STEPS)))
+
+
+_PREEMPTED_HOST = r"""
+import os, signal, sys, time
+pid, port, directory = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+from tok1d.train import checkpoint
+flag = checkpoint.PreemptionFlag()  # what train_loop installs
+ckpt = checkpoint.Checkpointer(directory, every_steps=100, keep=1)
+for step in range(1, 200):
+    if step == 3 and pid == 0:
+        os.kill(os.getpid(), signal.SIGTERM)  # the notice reaches one host
+    time.sleep(0.05)
+    if ckpt.reached_preemption(step):
+        print(f"stopped at step {step}", flush=True)
+        break
+"""
+
+
+@_timeout_mark
+def test_a_preemption_notice_to_one_host_stops_every_host_at_one_step(tmp_path):
+    """With several processes SIGTERM is left to JAX's preemption notifier (a Python handler
+    replaced it, and no host ever stopped): the loop's `reached_preemption` poll then stops
+    both hosts at the same step."""
+    script = tmp_path / "host.py"
+    script.write_text(_PREEMPTED_HOST)
+    port = str(_free_port())
+    procs = {f"process {i}": subprocess.Popen(
+        [sys.executable, str(script), str(i), port, str(tmp_path / "ckpt")],
+        env=subprocess_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)}
+    outputs = _wait_all(procs, time.monotonic() + 240)
+    report = _report(outputs)
+    stops = [out.strip().splitlines()[-1] if out.strip() else "" for _, out, _ in
+             outputs.values()]
+    assert all(rc == 0 for rc, _, _ in outputs.values()), report
+    assert stops[0].startswith("stopped at step") and stops[0] == stops[1], report

@@ -34,9 +34,16 @@ from tok1d.weights import layout
 
 
 class PreemptionFlag:
-    """Turns SIGTERM/SIGINT into a polled flag; a second SIGINT interrupts at once."""
+    """Turns SIGTERM/SIGINT into a polled flag; a second SIGINT interrupts at once.
 
-    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+    `signals`: by default SIGTERM and SIGINT in a one-process run, and none with several
+    processes. There SIGTERM belongs to JAX's preemption notifier (installed by
+    `jax.distributed.initialize`; a Python handler would replace it, and no host would ever
+    stop), and `Checkpointer.reached_preemption` stops every host at the same step."""
+
+    def __init__(self, signals=None):
+        if signals is None:
+            signals = (signal.SIGTERM, signal.SIGINT) if jax.process_count() == 1 else ()
         self._event = threading.Event()
         self._previous = {}
         if threading.current_thread() is threading.main_thread():

@@ -144,14 +144,14 @@ def common_config() -> ml_collections.ConfigDict:
     c.sharding = ml_collections.ConfigDict(dict(rules=parallel.DEFAULT_RULES))
 
     c.log_every_steps = 50
-    c.eval_every_steps = 1000
+    c.eval_every_steps = 1000       # 0: only at the end
     c.num_grid_images = 16        # images in the input-vs-reconstruction grid
 
     # `compress`: zstd-compress the saved arrays (orbax's default). Off: trained float32 weights
     # shrink only ~8% under zstd, and on a host with few cores the (de)compression bounds saving
     # and restoring (2 cores: restore ~1.8x, save ~2x faster without; benchmarks/RESULTS.md).
     c.checkpoint = ml_collections.ConfigDict(dict(
-        every_steps=1000,
+        every_steps=1000,             # 0: only at the end and on a preemption signal
         keep=3,
         async_save=True,
         compress=False,
@@ -528,5 +528,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     for key in ("total_steps", "batch_size", "eval_batch_size", "log_every_steps"):
         if config[key] <= 0:
             problems.append(f"{key}={config[key]} must be positive")
+    for key, value in (("eval_every_steps", config.eval_every_steps),
+                       ("checkpoint.every_steps", config.checkpoint.every_steps)):
+        if value < 0:
+            problems.append(f"{key}={value} must be >= 0 (0: only at the end)")
     if problems:
         raise ConfigError("Invalid config:\n  - " + "\n  - ".join(problems))

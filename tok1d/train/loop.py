@@ -51,6 +51,12 @@ class ScalarMeans:
         return {k: float(v) for k, v in values.items()}
 
 
+def every(step: int, period: int) -> bool:
+    """True at the steps of a period (`eval_every_steps`, `checkpoint.every_steps`; 0: off,
+    only the end's)."""
+    return period > 0 and step % period == 0
+
+
 class NonFiniteLossError(errors.UserError, FloatingPointError):
     """The loss or gradient norm became NaN/Inf: the run stops (exit status 1), its last good
     checkpoint intact."""
@@ -169,20 +175,19 @@ def train_loop(config, workdir: str, state: TrainState, first_step: int,
             pending = (step, finite)
             means.add(scalars)
 
-            if step % config.log_every_steps == 0 or step == total:
-                check_finite(*pending, last_saved)
+            stop = (checkpointer.reached_preemption(step) if jax.process_count() > 1
+                    else preempt.is_set())
+            if step % config.log_every_steps == 0 or step == total or stop:
+                check_finite(*pending, last_saved)  # (a stop logs its part of a window)
                 values = means.pop()
                 rates = progress.update(step, values)
                 if rates:
                     values.update({f"perf/{k}": v for k, v in rates.items()})
                 writer.write_scalars(step, {f"train/{k}": v for k, v in values.items()})
 
-            if step % config.eval_every_steps == 0 and step != total:
-                evaluate(step)
-
-            stop = (checkpointer.reached_preemption(step) if jax.process_count() > 1
-                    else preempt.is_set())
-            if stop or step % config.checkpoint.every_steps == 0 or step == total:
+            # The checkpoint before the eval of the same step: an eval that fails (a missing
+            # FID reference, out of memory) or is cut by a preemption loses no training.
+            if stop or every(step, config.checkpoint.every_steps) or step == total:
                 check_finite(*pending, last_saved)
                 with progress.timed_pause():
                     if checkpointer.save(step, state, train_iter, force=True):
@@ -192,6 +197,9 @@ def train_loop(config, workdir: str, state: TrainState, first_step: int,
                 log(f"Stopped by a preemption signal at step {step}; checkpoint saved. "
                     "Run the same command again to resume.")
                 return {"step": step, "preempted": True}
+
+            if every(step, config.eval_every_steps) and step != total:
+                evaluate(step)
         if first_step >= total:
             log(f"Nothing to do: the checkpoint is already at step {first_step} >= "
                 f"total_steps {total}.")
