@@ -15,7 +15,7 @@
 gFID: GPT-B trained on the variant's tokens (README). Encoder / decoder widths x depths.
 Run (any arg; the teacher and LPIPS weights are needed):
 
-    python -m tok1d.main --config=configs/gigatok.py:b_l --workdir=gs://BUCKET/gigatok_b_l \\
+    python -m tok1d.main --config=configs/gigatok.py:b_l --workdir=/gcs/BUCKET/gigatok_b_l \\
         --config.data.data_dir=/path/to/tensorflow_datasets \\
         --config.teacher.weights=dinov2_vitb14_pretrain.pth \\
         --config.perceptual.weights=lpips_vgg/

@@ -12,13 +12,13 @@ gFID with the CFG scale from a line search with the `step` schedule (the search 
 `sampling.cfg_scale`). Run (b shown; `gigatok_b_l/` is the converted or trained tokenizer):
 
     python -m tok1d.cli.tokenize --tokenizer=gigatok_b_l/ --data=tfds:imagenet2012 --split=train \\
-        --crop=center --flip --out=gs://BUCKET/tokens_gigatok_b_l
+        --crop=center --flip --out=/gcs/BUCKET/tokens_gigatok_b_l
     python -m tok1d.cli.tokenize --tokenizer=gigatok_b_l/ --data=tfds:imagenet2012 \\
-        --split=validation --out=gs://BUCKET/tokens_gigatok_b_l
-    python -m tok1d.main --config=configs/gpt_gigatok.py:b --workdir=gs://BUCKET/gpt_b \\
-        --config.generator.tokens=gs://BUCKET/tokens_gigatok_b_l \\
+        --split=validation --out=/gcs/BUCKET/tokens_gigatok_b_l
+    python -m tok1d.main --config=configs/gpt_gigatok.py:b --workdir=/gcs/BUCKET/gpt_b \\
+        --config.generator.tokens=/gcs/BUCKET/tokens_gigatok_b_l \\
         --config.generator.tokenizer=gigatok_b_l/
-    python -m tok1d.cli.sample --config=configs/gpt_gigatok.py:b --checkpoint=gs://BUCKET/gpt_b \\
+    python -m tok1d.cli.sample --config=configs/gpt_gigatok.py:b --checkpoint=/gcs/BUCKET/gpt_b \\
         --tokenizer=gigatok_b_l/ --num_images=50000 --out=samples_gpt_b/
     # gFID / IS / precision-recall of 50k samples (the linear probe too with
     # --config.evaluation.linear_probe_epochs=90)

@@ -11,13 +11,13 @@ gFID against the ADM reference batch, with the released sampling settings
 tokenizer: tok1d convert titok --checkpoint=tokenizer_titok_l32.bin --out=titok_l32/):
 
     python -m tok1d.cli.tokenize --tokenizer=titok_l32/ --data=tfds:imagenet2012 --split=train \\
-        --flip --out=gs://BUCKET/tokens_titok_l32
+        --flip --out=/gcs/BUCKET/tokens_titok_l32
     python -m tok1d.cli.tokenize --tokenizer=titok_l32/ --data=tfds:imagenet2012 \\
-        --split=validation --out=gs://BUCKET/tokens_titok_l32
-    python -m tok1d.main --config=configs/maskgit_titok.py:l32 --workdir=gs://BUCKET/maskgit_l32 \\
-        --config.generator.tokens=gs://BUCKET/tokens_titok_l32 --config.generator.tokenizer=titok_l32/
+        --split=validation --out=/gcs/BUCKET/tokens_titok_l32
+    python -m tok1d.main --config=configs/maskgit_titok.py:l32 --workdir=/gcs/BUCKET/maskgit_l32 \\
+        --config.generator.tokens=/gcs/BUCKET/tokens_titok_l32 --config.generator.tokenizer=titok_l32/
     python -m tok1d.cli.sample --config=configs/maskgit_titok.py:l32 \\
-        --checkpoint=gs://BUCKET/maskgit_l32 --tokenizer=titok_l32/ --num_images=50000 \\
+        --checkpoint=/gcs/BUCKET/maskgit_l32 --tokenizer=titok_l32/ --num_images=50000 \\
         --out=samples_l32/
     # gFID / IS / precision-recall of 50k samples
     python -m tok1d.cli.evaluate --config=configs/maskgit_titok.py:l32 --checkpoint=DIR \\

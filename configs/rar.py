@@ -17,13 +17,13 @@ converted tokenizer: python -m tok1d.cli.convert maskgit_vqgan
 --checkpoint=maskgit-vqgan-imagenet-f16-256.bin --out=maskgit_vqgan/):
 
     python -m tok1d.cli.tokenize --tokenizer=maskgit_vqgan/ --data=tfds:imagenet2012 \\
-        --split=train --image_size=256 --crop=center --flip --out=gs://BUCKET/tokens_maskgit_vqgan
+        --split=train --image_size=256 --crop=center --flip --out=/gcs/BUCKET/tokens_maskgit_vqgan
     python -m tok1d.cli.tokenize --tokenizer=maskgit_vqgan/ --data=tfds:imagenet2012 \\
-        --split=validation --image_size=256 --crop=center --out=gs://BUCKET/tokens_maskgit_vqgan
-    python -m tok1d.main --config=configs/rar.py:b --workdir=gs://BUCKET/rar_b \\
-        --config.generator.tokens=gs://BUCKET/tokens_maskgit_vqgan \\
+        --split=validation --image_size=256 --crop=center --out=/gcs/BUCKET/tokens_maskgit_vqgan
+    python -m tok1d.main --config=configs/rar.py:b --workdir=/gcs/BUCKET/rar_b \\
+        --config.generator.tokens=/gcs/BUCKET/tokens_maskgit_vqgan \\
         --config.generator.tokenizer=maskgit_vqgan/
-    python -m tok1d.cli.sample --config=configs/rar.py:b --checkpoint=gs://BUCKET/rar_b \\
+    python -m tok1d.cli.sample --config=configs/rar.py:b --checkpoint=/gcs/BUCKET/rar_b \\
         --tokenizer=maskgit_vqgan/ --num_images=50000 --out=samples_rar_b/
     # gFID / IS / precision-recall of 50k samples
     python -m tok1d.cli.evaluate --config=configs/rar.py:b --checkpoint=DIR \\

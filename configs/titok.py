@@ -19,15 +19,15 @@ single-stage VQ-8k / VAE recipe. `--config=configs/titok.py:ARG`:
 Commands (`--config.data.data_dir=/path/to/tensorflow_datasets` on every run):
 
     # stage 1 (l32 / b64 / s128): the frozen MaskGIT-VQGAN teacher's file (HF fun-research/TiTok)
-    python -m tok1d.main --config=configs/titok.py:l32_stage1 --workdir=gs://BUCKET/titok_l32_s1 \\
+    python -m tok1d.main --config=configs/titok.py:l32_stage1 --workdir=/gcs/BUCKET/titok_l32_s1 \\
         --config.teacher.weights=maskgit-vqgan-imagenet-f16-256.bin
     # stage 2: from the stage-1 run, the converted MaskGIT-VQGAN and ConvNeXt-S
-    python -m tok1d.main --config=configs/titok.py:l32_stage2 --workdir=gs://BUCKET/titok_l32_s2 \\
-        --config.init.checkpoint=gs://BUCKET/titok_l32_s1 \\
+    python -m tok1d.main --config=configs/titok.py:l32_stage2 --workdir=/gcs/BUCKET/titok_l32_s2 \\
+        --config.init.checkpoint=/gcs/BUCKET/titok_l32_s1 \\
         --config.init.pixel_decoder=maskgit_vqgan_converted/ \\
         --config.perceptual.weights=convnext_s_converted/
     # single stage (bl64 ... bl128_vae): LPIPS-VGG + ConvNeXt-S weights
-    python -m tok1d.main --config=configs/titok.py:bl64 --workdir=gs://BUCKET/titok_bl64 \\
+    python -m tok1d.main --config=configs/titok.py:bl64 --workdir=/gcs/BUCKET/titok_bl64 \\
         --config.perceptual.weights=lpips_convnext_converted/
     # evaluate any of them (rFID, IS, precision-recall, PSNR, SSIM, LPIPS, codebook usage)
     python -m tok1d.cli.evaluate --config=configs/titok.py:l32_stage2 --checkpoint=DIR \\

@@ -10,9 +10,10 @@
 #
 # `run` starts the same command on every worker (required: all hosts must join
 # jax.distributed), with TOK1D_DISTRIBUTED=1 (auto-detected coordinator), a persistent
-# compilation cache on the VM's local disk and the workdir where you point it (gs://... works
-# for checkpoints and TensorBoard logs). Data: set TFDS_DATA_DIR / --config.data.data_dir to a
-# local disk or gcsfuse mount holding the array_record files.
+# compilation cache on the VM's local disk and the workdir where you point it (a local path:
+# mount a bucket with gcsfuse, e.g. /gcs/BUCKET/workdir, to keep it past the VMs; gs:// paths
+# are refused). Data: set TFDS_DATA_DIR / --config.data.data_dir to a local disk or gcsfuse
+# mount holding the array_record files.
 # Environment: TOK1D_PROJECT (gcloud project), TOK1D_TPU_VERSION (runtime, default
 # tpu-ubuntu2204-base), TOK1D_REMOTE_DIR (default tok1d).
 set -euo pipefail
@@ -20,7 +21,7 @@ set -euo pipefail
 DRY_RUN=0
 if [[ "${1:-}" == "--dry-run" ]]; then DRY_RUN=1; shift; fi
 
-usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-1}"; }
+usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit "${1:-1}"; }
 run() {
   if [[ $DRY_RUN == 1 ]]; then printf '%q ' "$@"; printf '\n'; else "$@"; fi
 }

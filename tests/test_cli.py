@@ -16,7 +16,7 @@ import pytest
 
 from conftest import REPO, subprocess_env
 from tok1d import errors
-from tok1d.cli import app, convert, train
+from tok1d.cli import app, convert, tokenize, train
 from tok1d.evaluation import evaluator
 from tok1d.train import loop, tokenizer
 from tok1d.weights import perceptual
@@ -170,7 +170,7 @@ def test_commands_in_docstrings_parse(path, monkeypatch):
 def test_docstring_commands_are_found():
     rar = docstring_commands(os.path.join(REPO, "configs", "rar.py"))
     assert rar[0].startswith("python -m tok1d.cli.tokenize --tokenizer=maskgit_vqgan/")
-    assert rar[0].endswith("--out=gs://BUCKET/tokens_maskgit_vqgan") and len(rar) == 5
+    assert rar[0].endswith("--out=/gcs/BUCKET/tokens_maskgit_vqgan") and len(rar) == 5
     assert sum(len(docstring_commands(p)) for p in DOCUMENTED) > 40
 
 
@@ -246,6 +246,19 @@ def test_workdir_that_is_a_file(tmp_path, capsys):
     path.write_text("")
     assert app.run(train, [f"--config={TINY}", f"--workdir={path}"]) == 2
     assert "is a file, not a directory" in one_error_line(capsys.readouterr().err)
+
+
+def test_a_bucket_path_is_refused_instead_of_becoming_a_local_folder(tmp_path, capsys,
+                                                                     monkeypatch):
+    """tok1d writes with the local file API: --workdir=gs://B/run made ./gs:/B/run on each
+    host's own disk. Refused in one line (mount the bucket), before anything is written."""
+    monkeypatch.chdir(tmp_path)
+    assert app.run(train, [f"--config={TINY}", "--workdir=gs://b/run"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "--workdir=gs://b/run" in line and "gcsfuse" in line
+    assert app.run(tokenize, ["--tokenizer=x", "--data=digits", "--out=gs://b/tokens"]) == 2
+    assert "--out=gs://b/tokens" in one_error_line(capsys.readouterr().err)
+    assert not os.listdir(tmp_path)
 
 
 def test_missing_optional_dependency(tmp_path, monkeypatch, capsys):

@@ -15,13 +15,13 @@ def sh(*args, env=None):
 
 
 def test_tpu_run_starts_the_same_command_on_all_workers():
-    out = sh(TPU, "--dry-run", "run", "pod", "us-central2-b", "configs/demo.py", "gs://b/w",
+    out = sh(TPU, "--dry-run", "run", "pod", "us-central2-b", "configs/demo.py", "/gcs/b/w",
              "--config.total_steps=10")
     assert out.returncode == 0, out.stderr
     line = out.stdout.replace("\\", "")
     assert line.startswith("gcloud compute tpus tpu-vm ssh pod --zone us-central2-b")
     assert "--worker=all" in line and "TOK1D_DISTRIBUTED=1" in line
-    assert "python -m tok1d.main --config=configs/demo.py --workdir=gs://b/w" in line
+    assert "python -m tok1d.main --config=configs/demo.py --workdir=/gcs/b/w" in line
     assert "--config.total_steps=10" in line and "TOK1D_COMPILATION_CACHE" in line
 
 

@@ -25,3 +25,12 @@ def missing_directory(what: str, path: str) -> FileNotFoundError:
     if os.path.isfile(path):
         return FileNotFoundError(f"{what} directory expected, but {path} is a file")
     return FileNotFoundError(f"{what} directory not found: {path}")
+
+
+def check_local(path: str, what: str) -> None:
+    """A UserError for a remote path (gs://, s3://, ...) where tok1d reads and writes files with
+    the local file API: it would silently become a local folder named `gs:`."""
+    if "://" in str(path):
+        raise UserError(f"{what}={path}: tok1d reads and writes local paths only; mount the "
+                        "bucket (e.g. `gcsfuse --implicit-dirs BUCKET /gcs/BUCKET`) and pass "
+                        "/gcs/BUCKET/... instead.")

@@ -41,10 +41,9 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 
 def check_workdir(workdir: str) -> None:
-    """A local workdir must be (or be creatable as) a writable directory; remote paths
-    (gs://...) are left to the checkpointer."""
-    if "://" in workdir:
-        return
+    """The workdir must be a local path (a mounted bucket for gs://) that is (or can be
+    created as) a writable directory."""
+    errors.check_local(workdir, "--workdir")
     path = os.path.abspath(workdir)
     if os.path.exists(path) and not os.path.isdir(path):
         raise errors.UserError(f"--workdir={workdir} is a file, not a directory.")

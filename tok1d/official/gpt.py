@@ -5,7 +5,7 @@ a tok1d config.
     config = gpt.config_from_official(
         model_args=dict(dim=768, n_layer=12, n_head=12, vocab_size=16384, block_size=256),
         train_args=dict(lr=1e-4, lr_scheduler="wsd", warmup=5000, iterations=1_500_000))
-    config.generator.tokens = "gs://BUCKET/tokens_gigatok_b_l"   # python -m tok1d.cli.tokenize
+    config.generator.tokens = "/gcs/BUCKET/tokens_gigatok_b_l"   # python -m tok1d.cli.tokenize
 
 `model_args`: the fields of the `ModelArgs` the script builds (`dataclasses.asdict` of it, or
 just the fields that differ from the defaults: `GPT_models[--gpt-model]`'s sizes plus the

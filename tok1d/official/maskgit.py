@@ -3,7 +3,7 @@
     import yaml
     from tok1d.official import maskgit
     config = maskgit.config_from_official(yaml.safe_load(open("maskgit.yaml")))
-    config.generator.tokens = "gs://BUCKET/tokens_titok_b64"   # python -m tok1d.cli.tokenize
+    config.generator.tokens = "/gcs/BUCKET/tokens_titok_b64"   # python -m tok1d.cli.tokenize
 
 `config_from_official` reads an official generator config (`configs/training/generator/*.yaml`
 of `scripts/train_maskgit.py`, after any command-line overrides, as a plain dict) and returns

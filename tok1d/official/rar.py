@@ -3,7 +3,7 @@
     import yaml
     from tok1d.official import rar
     config = rar.config_from_official(yaml.safe_load(open("rar.yaml")), num_processes=32)
-    config.generator.tokens = "gs://BUCKET/tokens_maskgit_vqgan"   # tok1d tokenize
+    config.generator.tokens = "/gcs/BUCKET/tokens_maskgit_vqgan"   # tok1d tokenize
 
 `config_from_official` reads an official RAR config (`configs/training/generator/rar.yaml` of
 `scripts/train_rar.py`, after any command-line overrides, as a plain dict) and returns the

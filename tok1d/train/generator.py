@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from tok1d import images, models, parallel
+from tok1d import errors, images, models, parallel
 from tok1d.data import feeding
 from tok1d.data import tokens as tokens_lib
 from tok1d.evaluation import evaluator
@@ -131,6 +131,7 @@ def token_sources(config):
         raise config_lib.ConfigError(
             "generator.tokens is empty: give the token dataset directory written by "
             "`python -m tok1d.cli.tokenize` (--config.generator.tokens=DIR).")
+    errors.check_local(directory, "generator.tokens")
     k = config.generator.prefix_tokens
     train = tokens_lib.prefix_source(tokens_lib.TokenSource(directory, config.data.train_split),
                                      k)
