@@ -11,8 +11,8 @@
 # `run` starts the same command on every worker (required: all hosts must join
 # jax.distributed), with TOK1D_DISTRIBUTED=1 (auto-detected coordinator), a persistent
 # compilation cache on the VM's local disk and the workdir where you point it (a local path:
-# mount a bucket with gcsfuse, e.g. /gcs/BUCKET/workdir, to keep it past the VMs; gs:// paths
-# are refused). Data: set TFDS_DATA_DIR / --config.data.data_dir to a local disk or gcsfuse
+# mount a bucket with gcsfuse --implicit-dirs --rename-dir-limit=200000, e.g. at /gcs/BUCKET,
+# to keep it past the VMs; gs:// paths are refused). Data: set TFDS_DATA_DIR / --config.data.data_dir to a local disk or gcsfuse
 # mount holding the array_record files.
 # Environment: TOK1D_PROJECT (gcloud project), TOK1D_TPU_VERSION (runtime, default
 # tpu-ubuntu2204-base), TOK1D_REMOTE_DIR (default tok1d).

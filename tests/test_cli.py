@@ -258,6 +258,11 @@ def test_a_bucket_path_is_refused_instead_of_becoming_a_local_folder(tmp_path, c
     assert "--workdir=gs://b/run" in line and "gcsfuse" in line
     assert app.run(tokenize, ["--tokenizer=x", "--data=digits", "--out=gs://b/tokens"]) == 2
     assert "--out=gs://b/tokens" in one_error_line(capsys.readouterr().err)
+    assert convert.main(["--from", "rar_b", "--out=gs://b/rar"]) == 2
+    assert "--out=gs://b/rar" in one_error_line(capsys.readouterr().err)
+    monkeypatch.setenv("TOK1D_CACHE", "gs://b/cache")
+    assert convert.main(["--from", "rar_b"]) == 2
+    assert "$TOK1D_CACHE)=gs://b/cache" in one_error_line(capsys.readouterr().err)
     assert not os.listdir(tmp_path)
 
 

@@ -32,5 +32,6 @@ def check_local(path: str, what: str) -> None:
     the local file API: it would silently become a local folder named `gs:`."""
     if "://" in str(path):
         raise UserError(f"{what}={path}: tok1d reads and writes local paths only; mount the "
-                        "bucket (e.g. `gcsfuse --implicit-dirs BUCKET /gcs/BUCKET`) and pass "
+                        "bucket (e.g. `gcsfuse --implicit-dirs --rename-dir-limit=200000 "
+                        "BUCKET /gcs/BUCKET`: checkpoints are renamed into place) and pass "
                         "/gcs/BUCKET/... instead.")

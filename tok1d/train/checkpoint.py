@@ -8,8 +8,9 @@
   `blocks_{i}` / ..., e.g. a run resumed with `model.scan` flipped) is re-laid out
   (`layers.transformer.stack_layout_sources`) instead of refused: each saved array is read
   sharded like its targets, then sliced or stacked on the devices.
-- SIGTERM / SIGINT set a flag; the trainer saves and exits at the next step boundary. On
-  multi-host runs the JAX preemption sync point makes all hosts stop at the same step.
+- One process: SIGTERM / SIGINT set a flag; the trainer saves and exits at the next step
+  boundary. Several processes: SIGTERM is JAX's preemption notice, and its sync point makes all
+  hosts save and stop at the same step (SIGINT stops at once).
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ Where things go (the root is `cache_root()`: --cache_dir, else $TOK1D_CACHE, els
 ~/.cache/tok1d):
 
     ROOT/<name>/                       a converted tok1d directory (`tok1d.weights.loaders`)
-    ROOT/downloads/<host or repo>/FILE  downloaded files; also where to put a file fetched by
-                                       hand (checked before any network access)
+    ROOT/downloads/<host or repo>/FILE  downloaded files of the table; also where to put a file
+                                       fetched by hand (checked before any network access)
+    ROOT/downloads/<host>/<digest>/FILE a URL outside the table (12 hex digits of its sha256)
 
 Hub files go through `huggingface_hub` (its own cache), URLs through the standard library with
 a progress bar, into a temporary file renamed into place once complete and checked, so nothing
@@ -55,6 +56,7 @@ def cache_root(cache_dir: Optional[str] = None) -> str:
     """Where converted directories and downloads live: `cache_dir`, else $TOK1D_CACHE, else
     ~/.cache/tok1d."""
     root = cache_dir or os.environ.get(CACHE_ENV) or os.path.join("~", ".cache", "tok1d")
+    errors.check_local(root, "the weights cache (--cache_dir / $TOK1D_CACHE)")
     return os.path.abspath(os.path.expanduser(root))
 
 

@@ -538,8 +538,8 @@ def resolve(source: str, kind: Optional[str] = None, cache_dir: Optional[str] = 
     root = download.cache_root(cache_dir)
     final = os.path.join(root, dirname)
     if os.path.isdir(final):
-        if not layout.lacks_weights(final):
-            return final
+        if not layout.lacks_weights(final) and os.path.isdir(final):  # (in this order: process
+            return final  # 0 may be setting a directory without weights aside meanwhile)
         if jax.process_index() == 0:  # left without weights by an older tok1d on a pod
             download.discard_dir(final)
     files = {role: download.fetch(f, cache_dir) for role, f in sources.items()}
