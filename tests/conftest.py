@@ -4,6 +4,7 @@ Must run before JAX is imported anywhere (pytest imports conftest first)."""
 
 import gc
 import os
+import socket
 import sys
 
 import pytest
@@ -230,6 +231,13 @@ def subprocess_env(num_devices: int = 8) -> dict:
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     env["TOK1D_COMPILATION_CACHE"] = CACHE_DIR
     return env
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 free now (for a jax.distributed coordinator)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def main_command(config: str, workdir: str, *overrides: str) -> list:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,10 +17,11 @@ import numpy as np
 import pytest
 
 try:
-    from conftest import main_command, subprocess_env
+    from conftest import free_port, main_command, subprocess_env
 except ImportError:  # pragma: no cover
     import conftest
-    main_command, subprocess_env = conftest.main_command, conftest.subprocess_env
+    free_port, main_command, subprocess_env = (conftest.free_port, conftest.main_command,
+                                               conftest.subprocess_env)
 
 CONFIG = "configs/tiny_test.py"
 STEPS = 4
@@ -35,12 +35,6 @@ try:  # pytest-timeout is optional; the subprocess timeouts below bound the test
 except ImportError:  # pragma: no cover
     def _timeout_mark(f):
         return f
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _read_jsonl(path: str) -> list[dict]:
@@ -84,7 +78,7 @@ def _report(outputs: dict[str, tuple]) -> str:
 @_timeout_mark
 def test_two_processes_match_one(tmp_path):
     wd1, wd2 = str(tmp_path / "one_process"), str(tmp_path / "two_processes")
-    port = _free_port()
+    port = free_port()
     dist = (f"--config.distributed.coordinator_address=127.0.0.1:{port}",
             "--config.distributed.num_processes=2")
     kw = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -170,7 +164,7 @@ def test_a_preemption_notice_to_one_host_stops_every_host_at_one_step(tmp_path):
     both hosts at the same step."""
     script = tmp_path / "host.py"
     script.write_text(_PREEMPTED_HOST)
-    port = str(_free_port())
+    port = str(free_port())
     procs = {f"process {i}": subprocess.Popen(
         [sys.executable, str(script), str(i), port, str(tmp_path / "ckpt")],
         env=subprocess_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

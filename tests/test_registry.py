@@ -11,7 +11,6 @@ import logging
 import os
 import re
 import shutil
-import socket
 import stat
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import subprocess_env
+from conftest import free_port, subprocess_env
 from tok1d import errors
 from tok1d.cli import convert as convert_cli
 from tok1d.models.generators.rar import RAR
@@ -113,12 +112,6 @@ def server(tiny_bin, tmp_path):
     yield httpd, f"http://127.0.0.1:{httpd.server_address[1]}/files/rar_tiny.bin"
     httpd.shutdown()
     httpd.server_close()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _leftovers(root):
@@ -502,7 +495,7 @@ def test_two_hosts_converting_one_name_leave_the_weights_in_a_shared_cache(
     env.update({download.CACHE_ENV: str(cache), "TOK1D_OFFLINE": "1"})
 
     def pod():
-        port = str(_free_port())
+        port = str(free_port())
         procs = [subprocess.Popen([sys.executable, str(script), str(i), port, url], env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for i in range(2)]

@@ -263,8 +263,7 @@ def sweep_reference(config, features: str, log=print):
 
 def execute(fv: flags.FlagValues, args: list[str]) -> None:
     del args
-    if fv.out:
-        errors.check_local(fv.out, "--out")
+    errors.check_local(fv.out, "--out")
     parallel.setup_process()  # TOK1D_DISTRIBUTED=1 on pods / SLURM; the compilation cache
     if fv.sweep:
         run_sweep(fv.config, fv.checkpoint, fv.tokenizer, fv.num_images, fv.out,

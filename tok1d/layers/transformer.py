@@ -593,15 +593,19 @@ def resize_cache(cache: Any, length: int) -> Any:
 STACK_NAMES = {"blocks": "blocks_{}", "layers": "layer_{}", "heads": "heads_{}"}
 
 
-def match_stack_layout(flat: dict[tuple, Any], target: dict[tuple, Any]) -> dict[tuple, Any]:
+def match_stack_layout(flat: dict[tuple, Any], target: dict[tuple, Any],
+                       sources: Optional[dict[tuple, tuple]] = None) -> dict[tuple, Any]:
     """`flat` (flattened params) with its layer stacks re-laid out as `target` (flattened
     params or shapes) has them: a scanned stack (`blocks` / `layers` / `heads`, leading layer
     axis) where `target` is unrolled (`blocks_{i}` / `layer_{i}` / `heads_{i}`) is sliced, and
     unrolled layers where `target` is scanned are stacked (only when every layer of the stack
     is there). Paths that already agree are untouched: weights of either layout load into a
-    model of either. Where each path comes from: `stack_layout_sources`."""
+    model of either. Where each path comes from: `stack_layout_sources` (`sources`, where the
+    caller has it already)."""
     out = dict(flat)
-    for path, source in stack_layout_sources(flat, target).items():
+    if sources is None:
+        sources = stack_layout_sources(flat, target)
+    for path, source in sources.items():
         if source[0] == "layer":
             out[path] = np.asarray(flat[source[1]])[source[2]]
         elif source[0] == "stack":
@@ -650,15 +654,10 @@ def extra_layers(flat: dict[tuple, Any], sources: dict[tuple, tuple]) -> list[st
     stack that `sources` slice but leave out ("a/blocks/w[3]"), and unrolled layers of a stack
     whose other layers `sources` take ("a/blocks_3/w"). Groups that `sources` take nothing
     from are not counted (an init may load part of a model)."""
-    def stem(path):
-        out = []
-        for part in path:
-            for pattern in STACK_NAMES.values():
-                prefix = pattern.format("")
-                if part.startswith(prefix) and part[len(prefix):].isdigit():
-                    part = pattern.format("#")
-            out.append(part)
-        return tuple(out)
+    def stem(path):  # blocks_3 -> blocks_#: the layers of one unrolled stack share a stem
+        layers = [_unrolled_layer(part) for part in path]
+        return tuple(STACK_NAMES[layer[0]].format("#") if layer else part
+                     for part, layer in zip(path, layers))
 
     taken = {stem(p) for source in sources.values() for p in source_paths(source)}
     extra = []
@@ -681,12 +680,21 @@ def _other_layout_source(flat: dict[tuple, Any], path: tuple, shape: tuple) -> O
             names = tuple(head + (STACK_NAMES[part].format(i),) + tail for i in range(shape[0]))
             if all(n in flat for n in names):
                 return ("stack", names)
-        for stacked, pattern in STACK_NAMES.items():  # unrolled in the target: slice the stack
-            prefix, index = pattern.format(""), part[len(pattern.format("")):]
-            layers = head + (stacked,) + tail
-            if (part.startswith(prefix) and index.isdigit() and layers in flat
-                    and int(index) < np.shape(flat[layers])[0]):
-                return ("layer", layers, int(index))
+        layer = _unrolled_layer(part)  # unrolled in the target: slice the stack
+        if layer is not None:
+            layers = head + (layer[0],) + tail
+            if layers in flat and layer[1] < np.shape(flat[layers])[0]:
+                return ("layer", layers, layer[1])
+    return None
+
+
+def _unrolled_layer(part: str) -> Optional[tuple[str, int]]:
+    """(stack name, layer index) of an unrolled layer's name (`blocks_3` -> ("blocks", 3));
+    None for any other name."""
+    for stacked, pattern in STACK_NAMES.items():
+        prefix = pattern.format("")
+        if part.startswith(prefix) and part[len(prefix):].isdigit():
+            return stacked, int(part[len(prefix):])
     return None
 
 

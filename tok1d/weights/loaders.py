@@ -183,9 +183,9 @@ def merge_into(params: Mapping[str, Any], loaded: Mapping[str, Any],
         loaded = {mapping[k]: v for k, v in loaded.items() if k in mapping}
     flat = tu.flatten_dict(dict(params))
     flat_loaded = tu.flatten_dict(dict(loaded))
-    src = transformer.match_stack_layout(flat_loaded, flat)
-    extra = transformer.extra_layers(flat_loaded, transformer.stack_layout_sources(flat_loaded,
-                                                                                   flat))
+    sources = transformer.stack_layout_sources(flat_loaded, flat)
+    src = transformer.match_stack_layout(flat_loaded, flat, sources)
+    extra = transformer.extra_layers(flat_loaded, sources)
     done, problems = [], []
     if extra:
         problems.append(f"{len(extra)} layer arrays beyond the model's depth, from a deeper "
@@ -538,8 +538,8 @@ def resolve(source: str, kind: Optional[str] = None, cache_dir: Optional[str] = 
     root = download.cache_root(cache_dir)
     final = os.path.join(root, dirname)
     if os.path.isdir(final):
-        if not layout.lacks_weights(final) and os.path.isdir(final):  # (in this order: process
-            return final  # 0 may be setting a directory without weights aside meanwhile)
+        if _complete(final):
+            return final
         if jax.process_index() == 0:  # left without weights by an older tok1d on a pod
             download.discard_dir(final)
     files = {role: download.fetch(f, cache_dir) for role, f in sources.items()}
@@ -559,11 +559,17 @@ def resolve(source: str, kind: Optional[str] = None, cache_dir: Optional[str] = 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _complete(final: str) -> bool:
+    """A cached conversion that can be used: there, and not without its weights (checked in
+    this order: process 0 may be setting a directory without weights aside meanwhile)."""
+    return not layout.lacks_weights(final) and os.path.isdir(final)
+
+
 def _wait_for_process_0(final: str, source: str, timeout_s: float = 120.0) -> str:
     """`final` once process 0 has moved its conversion there (seconds after this process's own
     collective save); a clear error where this host cannot see it (a cache on each host's disk)."""
     deadline = time.monotonic() + timeout_s
-    while not os.path.isdir(final) or layout.lacks_weights(final):
+    while not _complete(final):
         if time.monotonic() > deadline:
             raise errors.UserError(
                 f"{source}: process {jax.process_index()} does not see the conversion process 0 "
