@@ -241,11 +241,16 @@ def test_a_very_long_error_is_cut_unless_verbose(capsys):
     assert "key_4999" in one_error_line(capsys.readouterr().err)
 
 
-def test_workdir_that_is_a_file(tmp_path, capsys):
+def test_an_output_directory_that_is_a_file_is_one_line(tmp_path, capsys):
     path = tmp_path / "file"
     path.write_text("")
     assert app.run(train, [f"--config={TINY}", f"--workdir={path}"]) == 2
     assert "is a file, not a directory" in one_error_line(capsys.readouterr().err)
+    # Every output directory: an existing file is one line, not `[Errno 17] File exists`.
+    assert convert.main(["titok", f"--checkpoint={path}", f"--out={path}"]) == 2
+    assert f"--out={path} is a file, not a directory" in one_error_line(capsys.readouterr().err)
+    assert app.run(tokenize, ["--tokenizer=x", "--data=digits", f"--out={path}/tokens"]) == 2
+    assert f"{path} is a file, not a directory" in one_error_line(capsys.readouterr().err)
 
 
 def test_a_bucket_path_is_refused_instead_of_becoming_a_local_folder(tmp_path, capsys,

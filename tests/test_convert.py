@@ -68,6 +68,31 @@ def test_bin_checkpoint_converts_and_round_trips(torch_checkpoint, tmp_path):
     np.testing.assert_array_equal(aux2["codes"], codes)
 
 
+def test_an_interrupted_conversion_is_completed_by_the_same_command(torch_checkpoint, tmp_path,
+                                                                     monkeypatch):
+    """`convert --out` killed while writing the params left params/ without the model file,
+    and the rerun was refused ("already holds pretrained params"). The model file now comes
+    first: the cut directory is incomplete for the loaders and the same command finishes it."""
+    import orbax.checkpoint as ocp
+    from tok1d.weights import layout
+    folder, sd = torch_checkpoint
+    out = tmp_path / "converted"
+    args = ["titok", "--checkpoint", str(folder / "tokenizer.bin"), "--out", str(out)]
+
+    def killed(self, *a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(ocp.StandardCheckpointer, "save", killed)
+        assert convert_cli.main(args) == 130  # Ctrl-C
+    assert layout.lacks_weights(str(out))
+    assert convert_cli.main(args) == 0
+    _, params = loaders.load_pretrained(str(out))
+    np.testing.assert_array_equal(params["quantize"]["embedding"],
+                                  sd["quantize.embedding.weight"].numpy())
+    assert convert_cli.main(args) == 2  # a complete directory is never overwritten
+
+
 def test_safetensors_and_bin_give_identical_params(torch_checkpoint, tmp_path):
     folder, _ = torch_checkpoint
     if not (folder / "model.safetensors").exists():

@@ -35,3 +35,22 @@ def check_local(path: str, what: str) -> None:
                         "bucket (e.g. `gcsfuse --implicit-dirs --rename-dir-limit=200000 "
                         "BUCKET /gcs/BUCKET`: checkpoints are renamed into place) and pass "
                         "/gcs/BUCKET/... instead.")
+
+
+def check_output_dir(path: str, what: str) -> None:
+    """A UserError, before anything runs, for an output directory that tok1d cannot write: a
+    remote path (`check_local`), an existing file, or a missing one under a file or an
+    unwritable folder. An empty `path` (an output that was not asked for) passes."""
+    check_local(path, what)
+    if not path:
+        return
+    full = os.path.abspath(path)
+    if os.path.exists(full) and not os.path.isdir(full):
+        raise UserError(f"{what}={path} is a file, not a directory.")
+    parent = full
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"{what}={path}: {parent} is a file, not a directory.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{what}={path}: {parent} is not writable.")

@@ -149,7 +149,7 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 
 def execute(fv: flags.FlagValues, args: list[str]) -> None:
-    errors.check_local(fv.out, "--out")
+    errors.check_output_dir(fv.out, "--out")
     kind = args[0] if args else None
     if kind is not None and kind not in KINDS:
         raise errors.UserError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}.")

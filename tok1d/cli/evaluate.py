@@ -352,7 +352,7 @@ def run(config, checkpoint: str = "", tokenizer: str = "", samples: str = "", ou
 
 def execute(fv: flags.FlagValues, args: list[str]) -> None:
     del args
-    errors.check_local(fv.out, "--out")
+    errors.check_output_dir(fv.out, "--out")
     parallel.setup_process()
     config = fv.config if fv.config is not None else config_lib.base_config()
     with config.unlocked():

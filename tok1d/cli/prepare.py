@@ -44,7 +44,7 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 def execute(fv: flags.FlagValues, args: list[str]) -> None:
     del args
-    errors.check_local(fv.out, "--out")
+    errors.check_output_dir(fv.out, "--out")
     summary = prepare.prepare(input_dir=fv.input, output_dir=fv.out, split=fv.split,
                               val_fraction=fv.val_fraction, num_shards=fv.num_shards,
                               resize_shorter=fv.resize_shorter, workers=fv.workers,

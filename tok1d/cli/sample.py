@@ -263,7 +263,7 @@ def sweep_reference(config, features: str, log=print):
 
 def execute(fv: flags.FlagValues, args: list[str]) -> None:
     del args
-    errors.check_local(fv.out, "--out")
+    errors.check_output_dir(fv.out, "--out")
     parallel.setup_process()  # TOK1D_DISTRIBUTED=1 on pods / SLURM; the compilation cache
     if fv.sweep:
         run_sweep(fv.config, fv.checkpoint, fv.tokenizer, fv.num_images, fv.out,

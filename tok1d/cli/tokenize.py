@@ -594,7 +594,7 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 def execute(fv: flags.FlagValues, args: list[str]) -> None:
     del args
-    errors.check_local(fv.out, "--out")
+    errors.check_output_dir(fv.out, "--out")
     parallel.setup_process(fv.coordinator_address, fv.num_processes, fv.process_id)
     # The data first: a wrong name fails before a large checkpoint is read.
     try:

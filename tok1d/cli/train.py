@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import sys
 
 import jax
@@ -40,26 +39,10 @@ def define_flags(fv: flags.FlagValues) -> None:
                         "rerun resumes from it).", flag_values=fv)
 
 
-def check_workdir(workdir: str) -> None:
-    """The workdir must be a local path (a mounted bucket for gs://) that is (or can be
-    created as) a writable directory."""
-    errors.check_local(workdir, "--workdir")
-    path = os.path.abspath(workdir)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise errors.UserError(f"--workdir={workdir} is a file, not a directory.")
-    parent = path
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise errors.UserError(f"--workdir={workdir}: {parent} is a file, not a directory.")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise errors.UserError(f"--workdir={workdir}: {parent} is not writable.")
-
-
 def execute(fv: flags.FlagValues, args: list[str]) -> None:
     del args
     config = fv.config
-    check_workdir(fv.workdir)
+    errors.check_output_dir(fv.workdir, "--workdir")
     if config.trainer not in TRAINERS:
         raise errors.UserError(f"unknown trainer {config.trainer!r} (config.trainer); "
                                f"known: {', '.join(sorted(TRAINERS))}.")

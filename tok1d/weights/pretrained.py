@@ -42,16 +42,19 @@ def registry_kwargs(kind: str, model: nn.Module) -> dict[str, Any]:
 
 def save_pretrained(directory: str, name: str, kwargs: Mapping[str, Any],
                     params: Mapping[str, Any], source: str = "") -> str:
-    """Writes params (+ how to rebuild the model) to `directory` (created; must not exist)."""
+    """Writes params (+ how to rebuild the model) to `directory` (created; refused where it
+    already holds params). The model file comes first and the params last (orbax renames them
+    into place when complete): an interrupted write leaves a directory that loaders call
+    incomplete (`layout.lacks_weights`) and that the same command completes."""
     directory = os.path.abspath(directory)
     if os.path.exists(layout.params_dir(directory)):
         raise FileExistsError(f"{directory} already holds pretrained params; choose a new "
                               "directory (nothing was overwritten).")
     os.makedirs(directory, exist_ok=True)
+    layout.write_model_spec(directory, name, jsonable(dict(kwargs)), source)
     host = _to_host(nn.unbox(params))
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(layout.params_dir(directory), host)
-    layout.write_model_spec(directory, name, jsonable(dict(kwargs)), source)
     return directory
 
 
