@@ -103,7 +103,7 @@ COST_BY_TEST = {
     "test_bench.py::test_flop_count_sees_the_depthwise_shifted_sum": "unit",
     "test_bench.py::test_compilation_cache_is_on_by_default": "unit",
     "test_bench.py::test_pod_plan_arithmetic": "unit",
-    "test_resume.py::test_data_iterator_state_and_host_slices": "unit",
+    "test_resume.py::test_batches_from_a_step_and_host_slices": "unit",
     "test_recipes.py::test_paper_configs_validate": "unit",
     "test_generator_training.py::test_generator_configs_validate": "unit",
     "test_gigatok_training.py::test_semantic_loss_is_mean_negative_cosine": "unit",

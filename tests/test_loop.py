@@ -3,6 +3,7 @@ clu averages, equal to the eager collection), single-process checkpoints that wr
 whole (compressed or not), and a run's start: the train step compiled beside the state's
 restore."""
 
+import json
 import os
 import signal as signal_lib
 import subprocess
@@ -259,7 +260,8 @@ def test_init_weights_of_a_deeper_model_are_refused_in_every_layout(monkeypatch)
 
 
 def _start_pieces(tmp_path):
-    """A checkpointer, a jitted step (state donated) and a grain iterator of batches."""
+    """A checkpointer, a jitted step (state donated) and batches from a step (batch k holds
+    k)."""
     mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
     rep = NamedSharding(mesh, PartitionSpec())
     abstract = {"w": jax.ShapeDtypeStruct((4, 4), jnp.float32)}
@@ -268,21 +270,22 @@ def _start_pieces(tmp_path):
     step = jax.jit(lambda s, b: ({"w": s["w"] + b["x"].sum()}, s["w"].sum()),
                    in_shardings=(shardings, rep), out_shardings=(shardings, None),
                    donate_argnums=(0,))
-    data = iter(grain.MapDataset.range(100).map(
-        lambda i: {"x": np.full((2,), i, np.float32)}).to_iter_dataset())
-    feeder = (jax.device_put(b, rep) for b in data)
+    data = grain.MapDataset.range(100).map(lambda i: {"x": np.full((2,), i, np.float32)})
+
+    def batches_from(k):
+        return (jax.device_put(b, rep) for b in data[k:].to_iter_dataset())
     ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"), every_steps=1, keep=1,
                                    async_save=False)
-    return ckpt, abstract, shardings, init, step, data, feeder, mesh
+    return ckpt, abstract, shardings, init, step, batches_from, mesh
 
 
 def test_start_or_resume_compiles_the_step_beside_the_restore(tmp_path, caplog):
-    """state.start_or_resume: a fresh start initialises; a resume restores the data iterator
-    (the next batch is the one the stopped run would have drawn) and the state; either way the
+    """state.start_or_resume: a fresh start initialises; a resume starts the batches at its step
+    (the next batch is the one the stopped run would have drawn) and restores the state; either way the
     step is compiled in a background thread and the jitted step's first call reuses it."""
-    ckpt, abstract, shardings, init, step, data, feeder, mesh = _start_pieces(tmp_path)
-    start = state_lib.start_or_resume(ckpt, abstract, shardings, init, jax.random.key(0), data,
-                                      feeder, programs.PhasedStep.single(step), mesh, ())
+    ckpt, abstract, shardings, init, step, batches_from, mesh = _start_pieces(tmp_path)
+    start = state_lib.start_or_resume(ckpt, abstract, shardings, init, jax.random.key(0),
+                                      batches_from, programs.PhasedStep.single(step), mesh, ())
     t = start.times
     assert start.step == 0 and not t.resumed
     assert 0 < t.lower_s < t.compile_s and t.state_s > 0
@@ -297,13 +300,13 @@ def test_start_or_resume_compiles_the_step_beside_the_restore(tmp_path, caplog):
         batch = next(start.batches)
         state, _ = step(state, batch)
     assert float(batch["x"][0]) == 2  # the first batch was put back in front
-    ckpt.save(3, state, data, force=True)
+    ckpt.save(3, state, force=True)
     want = np.asarray(state["w"])
     ckpt.close()
 
-    ckpt, abstract, shardings, init, step, data, feeder, mesh = _start_pieces(tmp_path)
-    start = state_lib.start_or_resume(ckpt, abstract, shardings, init, jax.random.key(1), data,
-                                      feeder, programs.PhasedStep.single(step), mesh, ())
+    ckpt, abstract, shardings, init, step, batches_from, mesh = _start_pieces(tmp_path)
+    start = state_lib.start_or_resume(ckpt, abstract, shardings, init, jax.random.key(1),
+                                      batches_from, programs.PhasedStep.single(step), mesh, ())
     assert start.step == 3 and start.times.resumed and start.times.state_s > 0
     assert "; state restored in " in loop.started_message(4, start.times, 0.0, None)
     np.testing.assert_array_equal(np.asarray(start.state["w"]), want)
@@ -321,14 +324,14 @@ def test_start_or_resume_compiles_the_step_beside_the_restore(tmp_path, caplog):
 
 
 def test_start_or_resume_raises_the_compile_error(tmp_path):
-    ckpt, abstract, shardings, init, _, data, feeder, mesh = _start_pieces(tmp_path)
+    ckpt, abstract, shardings, init, _, batches_from, mesh = _start_pieces(tmp_path)
 
     def broken(state, batch):
         raise ValueError("no such op")
     with pytest.raises(ValueError, match="no such op"):
-        state_lib.start_or_resume(ckpt, abstract, shardings, init, jax.random.key(0), data,
-                                  feeder, programs.PhasedStep.single(jax.jit(broken)), mesh,
-                                  ())
+        state_lib.start_or_resume(ckpt, abstract, shardings, init, jax.random.key(0),
+                                  batches_from, programs.PhasedStep.single(jax.jit(broken)),
+                                  mesh, ())
     ckpt.close()
 
 
@@ -409,7 +412,7 @@ class _MemoryCheckpoints:
     def __init__(self):
         self.saved = []
 
-    def save(self, step, state, train_iter, force=False):  # noqa: ARG002
+    def save(self, step, state, force=False):  # noqa: ARG002
         self.saved.append(step)
         return True
 
@@ -435,7 +438,7 @@ class _Rows:
 
 
 def _run_loop(tmp_path, *, total, log_every, eval_every, ckpt_every, run_eval=None,
-              signal_at=None, ckpt=None):
+              signal_at=None, ckpt=None, eval_periods=(), first_step=0):
     """`train_loop` over a one-number state whose step k has the scalar x = k."""
     import ml_collections
 
@@ -456,8 +459,9 @@ def _run_loop(tmp_path, *, total, log_every, eval_every, ckpt_every, run_eval=No
     ckpt, rows, evals = ckpt or _MemoryCheckpoints(), _Rows(), []
     run_eval = run_eval or (lambda s, k: evals.append(k) or {})
     result = loop.train_loop(config, str(tmp_path), TrainState(jnp.int32(0), jnp.float32(0), None),
-                             0, programs.PhasedStep.single(fn), batches, None, ckpt, rows,
-                             run_eval, StartTimes(0.0, 0.0, 0.0, False))
+                             first_step, programs.PhasedStep.single(fn), batches, ckpt, rows,
+                             run_eval, StartTimes(0.0, 0.0, 0.0, False),
+                             eval_periods=eval_periods)
     return result, rows.rows, evals, ckpt.saved
 
 
@@ -487,3 +491,31 @@ def test_a_preempted_run_logs_its_last_partial_window(tmp_path):
                                            ckpt_every=0)
     assert result["step"] == 6 and rows == [(3, 2.0), (6, 5.0)]
     assert evals == [6] and saved == [6]
+
+
+def test_the_evals_own_periods_run_it_between_the_evals(tmp_path):
+    """`evaluation.fid_every_steps` / `ar_probe.every_steps` not multiples of
+    `eval_every_steps` ran only at common multiples (FID every 3 with evals every 4: at 12);
+    each period now calls the eval at its own steps, and 0 adds none."""
+    _, _, evals, _ = _run_loop(tmp_path, total=14, log_every=7, eval_every=4, ckpt_every=0,
+                               eval_periods=(3, 0))
+    assert evals == [3, 4, 6, 8, 9, 12, 14]
+    _, _, evals, _ = _run_loop(tmp_path, total=6, log_every=3, eval_every=0, ckpt_every=0,
+                               eval_periods=(0, 5))
+    assert evals == [5, 6]
+
+
+def test_a_complete_run_rerun_keeps_its_final_metrics(tmp_path, capsys):
+    """Rerunning a complete run evaluated it again (a generator's 50k-sample gFID); its
+    metrics.json now stands, and deleting it asks for the final eval again."""
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps({"step": 6, "gfid": 3.5}))
+    result, rows, evals, saved = _run_loop(tmp_path, total=6, log_every=3, eval_every=0,
+                                           ckpt_every=0, first_step=6)
+    assert result == {"step": 6, "gfid": 3.5} and evals == [] and rows == [] and saved == []
+    assert "final metrics are in" in capsys.readouterr().out
+    metrics.write_text(json.dumps({"step": 4, "gfid": 9.0}))  # another step's: evaluated
+    result, _, evals, _ = _run_loop(tmp_path, total=6, log_every=3, eval_every=0,
+                                    ckpt_every=0, first_step=6)
+    assert evals == [6] and result == {"step": 6}
+    assert json.loads(metrics.read_text()) == {"step": 6}

@@ -330,3 +330,39 @@ def test_gradient_accumulation_matches_the_full_batch_step():
     np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-3)
     for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_frozen_groups_get_no_gradient_and_leave_the_logged_norm():
+    """`optim.freeze`: the frozen groups are autodiff constants (no backward pass for them), so
+    the logged grad_norm is the trained groups' (torch's `clip_grad_norm_` over the params with
+    gradients): the norms of two complementary freezes add up to the unfrozen step's."""
+    import importlib.util
+    import os
+    from conftest import REPO
+    from tok1d.train import optim
+    from tok1d.train import state as state_lib
+    from tok1d.train import tokenizer
+    spec = importlib.util.spec_from_file_location("c", os.path.join(REPO, "configs/tiny_test.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    config = mod.get_config()
+    model = tokenizer.build_model(config)
+    x = images(b=4)
+    params = nn.unbox(model.init(jax.random.key(0), x))["params"]
+    groups = sorted(params)
+    assert len(groups) >= 2, groups
+    norms = {}
+    for frozen in ("", groups[0], ",".join(groups[1:])):
+        config.optim.freeze = frozen
+        tx, schedule = optim.make_optimizer(config.optim, config.total_steps, params)
+        state = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                     opt_state=tx.init(params), ema_params=None)
+        new, scalars, _ = jax.jit(tokenizer.make_train_step(model, tx, schedule, config))(
+            state, {"image": x}, {})
+        norms[frozen] = float(scalars["grad_norm"])
+        for group in optim.frozen_groups(config.optim):
+            for a, b in zip(jax.tree.leaves(new.params[group]), jax.tree.leaves(params[group])):
+                np.testing.assert_array_equal(a, b)
+    parts = [norms[groups[0]], norms[",".join(groups[1:])]]
+    assert min(parts) > 0
+    np.testing.assert_allclose(parts[0] ** 2 + parts[1] ** 2, norms[""] ** 2, rtol=1e-4)

@@ -75,22 +75,29 @@ def _report(outputs: dict[str, tuple]) -> str:
     return "\n".join(parts)
 
 
+_PIPES = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _one_process(workdir: str, *args: str) -> subprocess.Popen:
+    """`tok1d.main` on the tiny config, one process with 8 CPU devices."""
+    return subprocess.Popen(main_command(CONFIG, workdir, *args), env=subprocess_env(8),
+                            **_PIPES)
+
+
+def _two_processes(name: str, workdir: str, *args: str) -> dict[str, subprocess.Popen]:
+    """{name0, name1}: the same run as two processes with 4 CPU devices each."""
+    dist = (f"--config.distributed.coordinator_address=127.0.0.1:{free_port()}",
+            "--config.distributed.num_processes=2")
+    return {f"{name}{pid}": subprocess.Popen(
+        main_command(CONFIG, workdir, *args, *dist, f"--config.distributed.process_id={pid}"),
+        env=subprocess_env(4), **_PIPES) for pid in (0, 1)}
+
+
 @_timeout_mark
 def test_two_processes_match_one(tmp_path):
     wd1, wd2 = str(tmp_path / "one_process"), str(tmp_path / "two_processes")
-    port = free_port()
-    dist = (f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-            "--config.distributed.num_processes=2")
-    kw = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # All three start together: the reference shares no state with the pair.
-    procs = {
-        "reference": subprocess.Popen(main_command(CONFIG, wd1, *COMMON),
-                                      env=subprocess_env(8), **kw),
-    }
-    for pid in (0, 1):
-        procs[f"process{pid}"] = subprocess.Popen(
-            main_command(CONFIG, wd2, *COMMON, *dist, f"--config.distributed.process_id={pid}"),
-            env=subprocess_env(4), **kw)
+    procs = {"reference": _one_process(wd1, *COMMON), **_two_processes("process", wd2, *COMMON)}
     outputs = _wait_all(procs, time.monotonic() + TIMEOUT_S)
     report = _report(outputs)
     for name, (rc, _, _) in outputs.items():
@@ -136,6 +143,27 @@ def test_two_processes_match_one(tmp_path):
     # Both runs saved their final checkpoint (process 0 and 1 cooperated on the save).
     assert os.path.isdir(os.path.join(wd2, "checkpoints", str(STEPS)))
     assert os.path.isdir(os.path.join(wd1, "checkpoints", str(STEPS)))
+
+    # A pod that comes back with another number of hosts: each run goes on with the other
+    # process count (the grain iterator state saved per process could not be restored: "File
+    # .../process_0-of-1.json does not exist"). Both continue with the same batches and
+    # states, so their next steps agree.
+    more = tuple(a.replace(f"total_steps={STEPS}", f"total_steps={2 * STEPS}") for a in COMMON)
+    procs = {"two_to_one": _one_process(wd2, *more), **_two_processes("one_to_two_", wd1, *more)}
+    outputs = _wait_all(procs, time.monotonic() + TIMEOUT_S)
+    report = _report(outputs)
+    for name, (rc, _, _) in outputs.items():
+        assert rc == 0, f"{name} exited with {rc}\n{report}"
+    for name in ("two_to_one", "one_to_two_0"):
+        assert f"step {STEPS + 1} started" in outputs[name][1], report
+        assert "state restored" in outputs[name][1], report
+    one = _train_records(_read_jsonl(os.path.join(wd2, "metrics.jsonl")))
+    two = _train_records(_read_jsonl(os.path.join(wd1, "metrics.jsonl")))
+    assert sorted(one) == sorted(two) == list(range(1, 2 * STEPS + 1)), report
+    for step in range(STEPS + 1, 2 * STEPS + 1):
+        for key in ("train/loss", "train/grad_norm"):
+            np.testing.assert_allclose(one[step][key], two[step][key], rtol=1e-5,
+                                       err_msg=f"{key} at step {step}")
 
 
 _PREEMPTED_HOST = r"""

@@ -222,7 +222,7 @@ def test_sigterm_during_first_steps(tmp_path):
     assert 1 <= stopped < TOTAL, stopped
     assert checkpoint_steps(wd) == [stopped], checkpoint_steps(wd)
     items = os.listdir(os.path.join(wd, "checkpoints", str(stopped)))
-    assert {"state", "data_iter"} <= set(items), items
+    assert "state" in items, items
     assert [r["step"] for r in train_records(wd)] == list(range(1, stopped + 1))
     assert not os.path.exists(os.path.join(wd, "metrics.json"))
 
@@ -234,6 +234,8 @@ def test_sigterm_during_first_steps(tmp_path):
 def test_rerun_of_finished_run_trains_nothing(reference, tmp_path):
     wd = copy_workdir(reference["workdir"], str(tmp_path / "finished"))
     before = train_records(wd)
+    with open(os.path.join(wd, "metrics.jsonl")) as f:
+        logged = f.read()
     ckpts_before = checkpoint_steps(wd)
     proc = run_main(wd, *BASE)
     assert proc.returncode == 0, describe(proc)
@@ -241,7 +243,7 @@ def test_rerun_of_finished_run_trains_nothing(reference, tmp_path):
     assert not any(PROGRESS_RE.match(line) for line in proc.stdout.splitlines()), describe(proc)
     assert train_records(wd) == before  # no new train lines at all
     with open(os.path.join(wd, "metrics.jsonl")) as f:
-        assert max(json.loads(line)["step"] for line in f if line.strip()) == TOTAL
+        assert f.read() == logged  # nor the final eval again: its metrics.json stands
     assert checkpoint_steps(wd) == ckpts_before
     with open(os.path.join(wd, "metrics.json")) as f:
         final = json.load(f)
@@ -356,11 +358,11 @@ def test_resume_with_the_other_layer_stack_layout(reference, tmp_path):
 # 5. Data-iterator determinism (in-process).
 # ----------------------------------------------------------------------------------------------
 
-def _train_ds(source, start: int, stop: int):
+def _train_ds(source, start: int, stop: int, **kwargs):
     from tok1d.data import pipeline
     return pipeline.train_dataset(source, global_batch=8, host_start=start, host_stop=stop,
                                   seed=0, image_size=16, augment="random_resized_crop",
-                                  flip=True, min_scale=0.8)
+                                  flip=True, min_scale=0.8, **kwargs)
 
 
 def _assert_batches_equal(a: dict, b: dict, what: str) -> None:
@@ -369,25 +371,24 @@ def _assert_batches_equal(a: dict, b: dict, what: str) -> None:
         assert np.array_equal(a[k], b[k]), f"{what}: {k} differs"
 
 
-def test_data_iterator_state_and_host_slices():
+def test_batches_from_a_step_and_host_slices():
+    """A resumed run starts its batches at its step (`start_batch`): the same batches as the
+    uninterrupted stream, whatever the number of data workers (a saved grain iterator state
+    could not be restored with another process or worker count)."""
     from tok1d.data import sources
     source = sources.DemoSource("train", size=64)
     n = 12  # 8 batches per epoch: also crosses into the second (repeated) epoch
 
     it = iter(_train_ds(source, 0, 8))
-    batches, state = [], None
-    for i in range(n):
-        batches.append(next(it))
-        if i == 1:
-            state = it.get_state()  # after batch 2
+    batches = [next(it) for _ in range(n)]
     assert batches[0]["image"].shape == (8, 16, 16, 3)
     assert batches[0]["image"].dtype == np.uint8  # scaled to [0, 1] on the device (Feeder)
     assert not np.array_equal(batches[0]["image"], batches[1]["image"])
 
-    fresh = iter(_train_ds(source, 0, 8))
-    fresh.set_state(state)
-    for i in range(2, n):
-        _assert_batches_equal(next(fresh), batches[i], f"restored batch {i + 1}")
+    for workers in (0, 2):
+        fresh = iter(_train_ds(source, 0, 8, start_batch=2, num_workers=workers))
+        for i in range(2, n):
+            _assert_batches_equal(next(fresh), batches[i], f"batch {i + 1}, {workers} workers")
 
     # A fresh iterator from scratch replays the same stream.
     again = iter(_train_ds(source, 0, 8))

@@ -375,11 +375,16 @@ def _to_iter(ds: grain.MapDataset, num_workers: int) -> grain.IterDataset:
 
 def train_dataset(source, *, global_batch: int, host_start: int, host_stop: int, seed: int,
                   image_size: int, augment: str, flip: bool, min_scale: float,
-                  num_workers: int = 0, resize_on: str = "host") -> grain.IterDataset:
+                  num_workers: int = 0, resize_on: str = "host",
+                  start_batch: int = 0) -> grain.IterDataset:
     """Infinite, shuffled, augmented batches of this host's rows of each global batch: "image"
     uint8 (rows, image_size, image_size, 3) (see `crop`), "label" int32, "mask" bool. With
     `resize_on="device"`, "image" holds `window` canvases and the batch their "window_*"
-    geometry, which `feeding.Feeder` resizes on the device."""
+    geometry, which `feeding.Feeder` resizes on the device.
+
+    Each global batch depends only on its index (the seed, the epoch's shuffle, each
+    example's position): `start_batch` starts at that one, e.g. a resumed run's step, on
+    any number of hosts and worker processes."""
     if len(source) < global_batch:
         raise ValueError(f"The training split has {len(source)} examples, fewer than one global "
                          f"batch ({global_batch}).")
@@ -389,7 +394,7 @@ def train_dataset(source, *, global_batch: int, host_start: int, host_stop: int,
     ds = ds.map(_Preprocess(seed, resize_on, image_size=image_size, augment=augment, flip=flip,
                             min_scale=min_scale))
     ds = ds.batch(host_stop - host_start, drop_remainder=True)
-    return _to_iter(ds, num_workers)
+    return _to_iter(ds[start_batch:] if start_batch else ds, num_workers)
 
 
 class _Padded(grain.MapDataset):

@@ -332,15 +332,17 @@ def _pick(seed: int, variant: Optional[int]):
 
 def token_dataset(source, *, global_batch: int, host_start: int, host_stop: int, seed: int,
                   num_epochs: Optional[int] = None, variant: Optional[int] = None,
-                  shuffle: bool = True, num_threads: int = 8, num_workers: int = 0):
+                  shuffle: bool = True, num_threads: int = 8, num_workers: int = 0,
+                  start_batch: int = 0):
     """Training batches {"codes": (b, N) int32, "label": (b,) int32} of this host's rows.
 
     The global stream is the source shuffled with `seed` (a new order each epoch) and repeated
     `num_epochs` times (None: forever); host rows [host_start, host_stop) of each global batch of
     `global_batch` are kept (see `tok1d.parallel.host_batch_slice`), and each element takes the
     variant `pick_variant(seed, position)` (or the fixed `variant`): a multi-host run sees the
-    batches of a single-host run. Returns a grain IterDataset; its iterator's state can be
-    checkpointed (`grain.checkpoint.CheckpointSave`) and restored to resume exactly.
+    batches of a single-host run. Each global batch depends only on its index: `start_batch`
+    starts at that one (a resumed run's step, on any number of hosts and workers). Returns a
+    grain IterDataset.
     """
     if len(source) < global_batch:
         raise ValueError(f"The token split has {len(source)} examples, fewer than one global "
@@ -355,6 +357,8 @@ def token_dataset(source, *, global_batch: int, host_start: int, host_stop: int,
     ds = ds.map_with_index(_pick(seed, variant))
     ds = pipeline.HostSlice(ds, global_batch, host_start, host_stop)
     ds = ds.batch(host_stop - host_start, drop_remainder=True)
+    if start_batch:
+        ds = ds[start_batch:]
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=64))
     if num_workers > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))

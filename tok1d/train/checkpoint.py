@@ -1,8 +1,11 @@
-"""Checkpoints: orbax CheckpointManager over {train state, data iterator}, plus preemption.
+"""Checkpoints: orbax CheckpointManager over the train state, plus preemption.
 
-- The items of a step (train state, data iterator) are named in `tok1d.weights.layout`.
-- Async saves every `every_steps`, the last `keep` kept; the grain iterator state is saved
-  next to the train state so a resumed run sees exactly the batches it would have seen.
+- The item of a step (the train state) is named in `tok1d.weights.layout`.
+- Async saves every `every_steps`, the last `keep` kept. The data needs no state of its own:
+  each global batch depends only on its index, so a resumed run starts its batches at the
+  restored step (`tok1d.train.state.start_or_resume`) and sees exactly the batches it would
+  have seen, on any number of hosts and data workers. (Checkpoints of earlier versions also
+  hold the grain iterator's per-process state, `layout.DATA_ITER_ITEM`; it is not read.)
 - Restores go straight into the *current* shardings (abstract target tree). A checkpoint whose
   layer stacks have the other layout (scanned `blocks` / `layers` / `heads` against unrolled
   `blocks_{i}` / ..., e.g. a run resumed with `model.scan` flipped) is re-laid out
@@ -22,7 +25,6 @@ import signal
 import threading
 from typing import Any, Optional
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -77,7 +79,7 @@ def single_process_array_writes() -> None:
 
 
 class Checkpointer:
-    """Thin wrapper over `ocp.CheckpointManager` with a data-iterator item."""
+    """Thin wrapper over `ocp.CheckpointManager` of the train state."""
 
     def __init__(self, directory: str, *, every_steps: int, keep: int, async_save: bool = True,
                  compress: bool = False):
@@ -89,6 +91,7 @@ class Checkpointer:
             save_interval_steps=max(every_steps, 1), max_to_keep=max(keep, 1), create=True,
             enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(
+            # DATA_ITER_ITEM: named so that earlier versions' checkpoints read as before.
             self.directory, item_names=(layout.STATE_ITEM, layout.DATA_ITER_ITEM),
             item_handlers={layout.STATE_ITEM: ocp.PyTreeCheckpointHandler(
                 use_compression=compress)},
@@ -97,19 +100,16 @@ class Checkpointer:
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: Any, data_iter: Any = None, *, force: bool = False) -> bool:
-        items = {layout.STATE_ITEM: ocp.args.PyTreeSave(state)}
-        if data_iter is not None:
-            items[layout.DATA_ITER_ITEM] = grain.checkpoint.CheckpointSave(data_iter)
-        saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    def save(self, step: int, state: Any, *, force: bool = False) -> bool:
+        saved = self.manager.save(step, args=ocp.args.Composite(
+            **{layout.STATE_ITEM: ocp.args.PyTreeSave(state)}), force=force)
         if saved and jax.process_index() == 0:
             logging.getLogger(__name__).info("checkpoint saved at step %d", step)
         return saved
 
     def restore(self, step: int, abstract_state: Any) -> Any:
         """The train state of checkpoint `step`, restored into `abstract_state`
-        (ShapeDtypeStructs carrying the target shardings); `restore_data` restores the data
-        iterator."""
+        (ShapeDtypeStructs carrying the target shardings)."""
         target = _shapes(abstract_state)
         if self._saved_array_paths(step) != set(target):
             # The other layer-stack layout? Decided on shapes, before any array is read. (Same
@@ -225,11 +225,6 @@ class Checkpointer:
                 if not uses[p]:
                     del read[p]
         return ocp.tree.from_flat_dict(arrays, target=abstract_state)
-
-    def restore_data(self, step: int, data_iter: Any) -> None:
-        """Restores the data iterator of checkpoint `step` in place (not the train state)."""
-        self.manager.restore(step, args=ocp.args.Composite(**{
-            layout.DATA_ITER_ITEM: grain.checkpoint.CheckpointRestore(data_iter)}))
 
     def reached_preemption(self, step: int) -> bool:
         """Multi-host preemption notice (all hosts agree on the step)."""

@@ -71,7 +71,8 @@ def make_train_step(model: nn.Module, tx, schedule, config):
     step (RAR's randomness annealing, scalar "random_ratio"). The batch may carry the official
     random draws ("draws", see `tok1d.objectives.tokens`)."""
     loss_fn = tokens_obj.make_loss_fn(model, config.generator)
-    grad_fn = jax.value_and_grad(lambda p, b, r, s: loss_fn(p, b, r, True, s), has_aux=True)
+    grad_fn = jax.value_and_grad(optim.frozen_as_constants(
+        lambda p, b, r, s: loss_fn(p, b, r, True, s), config.optim), has_aux=True)
     base_rng = jax.random.key(config.seed + 1)
 
     def train_step(state: TrainState, batch):
@@ -206,18 +207,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     train_src, eval_src, info = token_sources(config)
     check_tokens_match(model, info)
     start, stop = parallel.host_batch_slice(batch_sh, config.batch_size)
-    train_ds = tokens_lib.token_dataset(train_src, global_batch=config.batch_size,
-                                        host_start=start, host_stop=stop, seed=config.seed)
-    train_iter = iter(train_ds)
+
+    def batches_from(step):
+        return feeding.Feeder(iter(tokens_lib.token_dataset(
+            train_src, global_batch=config.batch_size, host_start=start, host_stop=stop,
+            seed=config.seed, start_batch=step)), batch_sh, config.batch_size)
 
     # ---------------------------------------------------------------- model, optimizer, state
     abstract, shardings, init, train_step = build_training(config, model, mesh, rules,
                                                            batch_sh)
     checkpointer = loop.checkpointer_for(config, workdir)
-    feeder = feeding.Feeder(train_iter, batch_sh, config.batch_size)
     steps = programs.PhasedStep.single(train_step)
     start = state_lib.start_or_resume(checkpointer, abstract, shardings, init,
-                                      jax.random.key(config.seed), train_iter, feeder,
+                                      jax.random.key(config.seed), batches_from,
                                       steps, mesh, rules)
     state, first_step = start.state, start.step
     writer = loop.start_writing(config, workdir)
@@ -264,7 +266,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
         # ------------------------------------------------------------ loop
         result = loop.train_loop(config, workdir, state, first_step, steps, start.batches,
-                                 train_iter, checkpointer, writer, run_eval, start.times)
+                                 checkpointer, writer, run_eval, start.times,
+                                 eval_periods=(config.evaluation.fid_every_steps,))
     writer.close()
     return result
 

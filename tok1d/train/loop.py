@@ -7,11 +7,13 @@ import json
 import logging
 import os
 import time
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
+import numpy as np
 from clu import metrics as clu_metrics
+from jax.experimental import multihost_utils
 
 from tok1d import errors, parallel, summary
 from tok1d.train import checkpoint as ckpt_lib
@@ -86,6 +88,23 @@ def write_json(path: str, data: Mapping[str, Any]) -> None:
 # -----------------------------------------------------------------------------
 
 
+def final_metrics_of(workdir: str, step: int) -> Optional[dict[str, Any]]:
+    """The final metrics (metrics.json) a run wrote when it completed at `step`, or None (not
+    there, another step's, unreadable). Every process follows process 0's answer (a rerun of
+    a complete run skips its final eval, collectives included, on all of them or on none)."""
+    done = None
+    try:
+        data = layout.read_json(os.path.join(workdir, "metrics.json"))
+        if isinstance(data, dict) and data.get("step") == step:
+            done = data
+    except (OSError, errors.UserError):
+        pass
+    if jax.process_count() > 1:
+        found = multihost_utils.broadcast_one_to_all(np.int32(done is not None))
+        return (done or {"step": step}) if int(found) else None
+    return done
+
+
 def log_fn() -> Callable[[str], None]:
     """print (flushed) on the chief process, nothing elsewhere."""
     if jax.process_index() == 0:
@@ -100,14 +119,16 @@ COMPILE_LEAD_S = 600.0
 
 
 def train_loop(config, workdir: str, state: TrainState, first_step: int,
-               steps: programs.PhasedStep, feeder: Iterator[Any], train_iter: Any,
+               steps: programs.PhasedStep, feeder: Iterator[Any],
                checkpointer: ckpt_lib.Checkpointer, writer,
                run_eval: Callable[[TrainState, int], Mapping[str, Any]], times: StartTimes,
-               step_args: tuple = ()) -> dict[str, Any]:
+               step_args: tuple = (), eval_periods: Sequence[int] = ()) -> dict[str, Any]:
     """Steps until `config.total_steps`: averaged train scalars and progress (steps/s, img/s,
-    ETA) every `log_every_steps`, `run_eval(state, step)` every `eval_every_steps` and at the
-    end, checkpoints (with the data iterator) every `checkpoint.every_steps`, at the end and on
-    a preemption signal. A non-finite step stops the run before it can be saved.
+    ETA) every `log_every_steps`, `run_eval(state, step)` every `eval_every_steps`, every one
+    of `eval_periods` (the periods of the eval's own parts, e.g. `evaluation.fid_every_steps`:
+    `run_eval` decides what runs at a step) and at the end, checkpoints every
+    `checkpoint.every_steps`, at the end and on a preemption signal. A
+    non-finite step stops the run before it can be saved.
 
     `steps.at(step)(state, batch, *step_args) -> (state, scalars, finite)` is the step of each
     phase; the next phase's step compiles in the background (under the current mesh and
@@ -117,6 +138,7 @@ def train_loop(config, workdir: str, state: TrainState, first_step: int,
     (`state.start_or_resume`), logged with the first step. Returns {"step": ...,
     **final eval metrics} (also written to metrics.json)."""
     total = config.total_steps
+    periods = (config.eval_every_steps, *eval_periods)
     preempt = ckpt_lib.PreemptionFlag()
     log = log_fn()
     progress = summary.ProgressReporter(total, batch_size=config.batch_size,
@@ -190,7 +212,7 @@ def train_loop(config, workdir: str, state: TrainState, first_step: int,
             if stop or every(step, config.checkpoint.every_steps) or step == total:
                 check_finite(*pending, last_saved)
                 with progress.timed_pause():
-                    if checkpointer.save(step, state, train_iter, force=True):
+                    if checkpointer.save(step, state, force=True):
                         last_saved = step
             if stop:
                 checkpointer.wait()
@@ -198,11 +220,18 @@ def train_loop(config, workdir: str, state: TrainState, first_step: int,
                     "Run the same command again to resume.")
                 return {"step": step, "preempted": True}
 
-            if every(step, config.eval_every_steps) and step != total:
+            if step != total and any(every(step, p) for p in periods):
                 evaluate(step)
         if first_step >= total:
+            done = final_metrics_of(workdir, first_step)
+            if done is not None:
+                log(f"Nothing to do: the run is complete at step {first_step} (total_steps "
+                    f"{total}) and its final metrics are in {workdir}/metrics.json. To "
+                    "evaluate it again (other evaluation settings), delete that file and run "
+                    "again, or run python -m tok1d.cli.evaluate.")
+                return done
             log(f"Nothing to do: the checkpoint is already at step {first_step} >= "
-                f"total_steps {total}.")
+                f"total_steps {total}; its final eval follows.")
         final = dict(step=step, **evaluate(step))
         write_json(os.path.join(workdir, "metrics.json"), final)
         return final

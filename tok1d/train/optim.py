@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import flax.traverse_util as traverse_util
 import jax
@@ -185,6 +185,22 @@ def make_optimizer(optim_cfg, total_steps: int, param_shapes: Any = None, step_o
 
 def frozen_groups(optim_cfg) -> tuple[str, ...]:
     return tuple(s.strip() for s in str(optim_cfg.get("freeze", "")).split(",") if s.strip())
+
+
+def frozen_as_constants(loss_fn: Callable[..., Any], optim_cfg) -> Callable[..., Any]:
+    """`loss_fn(params, *args)` with `optim.freeze`'s groups of `params` as autodiff constants
+    (`stop_gradient`): their gradients are zeros, so the logged norm is the trained groups'
+    (torch's `clip_grad_norm_` over the params that have gradients) and their backward pass is
+    not computed at all (a model may stop them itself, as TiTok's `finetune_decoder`)."""
+    frozen = frozen_groups(optim_cfg)
+    if not frozen:
+        return loss_fn
+
+    def constant_frozen(params, *args, **kwargs):
+        params = {k: jax.lax.stop_gradient(v) if k in frozen else v for k, v in params.items()}
+        return loss_fn(params, *args, **kwargs)
+
+    return constant_frozen
 
 
 def freeze_labels(params: Any, frozen: tuple[str, ...]) -> Any:

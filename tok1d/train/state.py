@@ -109,14 +109,15 @@ class Start:
 
 def start_or_resume(checkpointer: ckpt_lib.Checkpointer, abstract: TrainState,
                     shardings: TrainState, init: Callable[[jax.Array], TrainState],
-                    rng: jax.Array, data_iter: Any, feeder: Iterator[Any],
+                    rng: jax.Array, batches_from: Callable[[int], Iterator[Any]],
                     steps: programs.PhasedStep, mesh, rules, step_args: tuple = ()) -> Start:
     """Resumes from the latest checkpoint in the workdir, else initialises from scratch, while
     the jitted train step of the first step's phase, `steps.at(step)(state, batch,
     *step_args)`, compiles beside it: a (re)start pays the longer of the two, not their sum.
 
-    The data iterator is restored first (it is small), the first batch drawn from `feeder`,
-    and the step lowered and compiled for (the abstract state with its shardings, that batch)
+    The batches start at the resumed step (`batches_from(step)`: each global batch depends only
+    on its index, so a run resumes exactly on any number of hosts and data workers), the
+    first batch is drawn, and the step lowered and compiled for (the abstract state with its shardings, that batch)
     in a background thread, under `mesh` and the logical axis `rules`, while the state is
     restored or initialised; the step's first call with the state, under the same mesh and
     rules, then reuses that executable.
@@ -124,7 +125,7 @@ def start_or_resume(checkpointer: ckpt_lib.Checkpointer, abstract: TrainState,
     latest = checkpointer.latest_step()
     if latest is not None:
         logging.info("Resuming from %s/%d.", checkpointer.directory, latest)
-        checkpointer.restore_data(latest, data_iter)
+    feeder = batches_from(latest or 0)
     first = next(feeder)
     target = ckpt_lib.abstract_with_shardings(abstract, shardings)
     compiling = programs.BackgroundCompile(

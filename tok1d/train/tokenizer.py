@@ -211,7 +211,7 @@ def make_train_step(model: nn.Module, tx, schedule, config,
     switches fixed while tracing, so what is off is not in the program; None: one step for
     every step, the switches traced from the step count. Both compute the same values."""
     loss_fn = tokenizer_loss.make_loss_fn(model, config.losses, nets, gan)
-    g_grad = jax.value_and_grad(loss_fn, has_aux=True)
+    g_grad = jax.value_and_grad(optim.frozen_as_constants(loss_fn, config.optim), has_aux=True)
     accum = config.optim.grad_accum_steps
     aux_end = config.aux_loss_end_step
     to_model, to_unit = images.range_converters(model.pixel_range)
@@ -511,11 +511,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                    demo_size=dcfg.demo_size, image_size=dcfg.image_size)
     eval_src = sources.get_source(dcfg.name, dcfg.eval_split, data_dir=dcfg.data_dir,
                                   demo_size=dcfg.demo_size, image_size=dcfg.image_size)
-    train_ds = pipeline.train_dataset(
-        train_src, global_batch=config.batch_size, host_start=start, host_stop=stop,
-        seed=config.seed, image_size=dcfg.image_size, augment=dcfg.augment, flip=dcfg.flip,
-        min_scale=dcfg.min_scale, num_workers=dcfg.num_workers, resize_on=dcfg.resize_on)
-    train_iter = iter(train_ds)
+
+    def batches_from(step):
+        return feeding.Feeder(iter(pipeline.train_dataset(
+            train_src, global_batch=config.batch_size, host_start=start, host_stop=stop,
+            seed=config.seed, image_size=dcfg.image_size, augment=dcfg.augment, flip=dcfg.flip,
+            min_scale=dcfg.min_scale, num_workers=dcfg.num_workers, resize_on=dcfg.resize_on,
+            start_batch=step)), batch_sh, config.batch_size)
+
     e_start, e_stop = parallel.host_batch_slice(batch_sh, config.eval_batch_size)
     eval_ds, eval_batches = pipeline.eval_dataset(
         eval_src, global_batch=config.eval_batch_size, host_start=e_start, host_stop=e_stop,
@@ -527,9 +530,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     t = build_training(config, mesh, rules, batch_sh)
     model, frozen = t.model, t.frozen
     checkpointer = loop.checkpointer_for(config, workdir)
-    feeder = feeding.Feeder(train_iter, batch_sh, config.batch_size)
     start = state_lib.start_or_resume(checkpointer, t.abstract, t.shardings, t.init,
-                                      jax.random.key(config.seed), train_iter, feeder,
+                                      jax.random.key(config.seed), batches_from,
                                       t.steps, mesh, rules, step_args=(frozen,))
     state, first_step = start.state, start.step
     writer = loop.start_writing(config, workdir)
@@ -583,8 +585,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
         # ------------------------------------------------------------ loop
         result = loop.train_loop(config, workdir, state, first_step, t.steps, start.batches,
-                                 train_iter, checkpointer, writer, run_eval, start.times,
-                                 step_args=(frozen,))
+                                 checkpointer, writer, run_eval, start.times,
+                                 step_args=(frozen,),
+                                 eval_periods=(ecfg.fid_every_steps, config.ar_probe.every_steps))
     writer.close()
     return result
 

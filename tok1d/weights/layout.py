@@ -10,7 +10,8 @@ A training workdir (what `python -m tok1d.main --workdir=WORKDIR` writes):
     WORKDIR/config.json                        the run's config (the model is rebuilt from it)
     WORKDIR/checkpoints/<step>/state/          orbax item: the train state (params, ema_params,
                                                opt_state, ...)
-    WORKDIR/checkpoints/<step>/data_iter/      orbax item: the grain iterator state
+    WORKDIR/checkpoints/<step>/data_iter/      (earlier versions) the grain iterator state,
+                                               not read: batches restart at the step
 
 The trainers' checkpointer (`tok1d.train.checkpoint`) writes the items named here; the loaders
 (`tok1d.weights.loaders`) read them.
