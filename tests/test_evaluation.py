@@ -7,6 +7,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -45,9 +46,9 @@ def _ecfg(**kw):
     return ecfg
 
 
-def _run(nets, mesh, real, recon, batch=16):
+def _run(nets, mesh, real, recon, batch=16, **ecfg):
     sharding = parallel.batch_sharding(mesh, parallel.DEFAULT_RULES)
-    metrics = evaluator.ImageMetrics.from_config(nets, mesh, _ecfg())
+    metrics = evaluator.ImageMetrics.from_config(nets, mesh, _ecfg(**ecfg))
     with jax.set_mesh(mesh):
         for (x, m), (y, _) in zip(evaluator.numpy_batches(real, batch, sharding),
                                   evaluator.numpy_batches(recon, batch, sharding)):
@@ -66,6 +67,59 @@ def test_metrics_identical_on_1_and_8_devices(nets):
     assert one["num_images"] == 20
     assert one == eight, {k: (one[k], eight[k]) for k in one if one[k] != eight[k]}
     assert one["fid"] > 0 and 0 < one["ssim"] < 1
+
+
+def test_inception_outputs_see_8_bit_images_and_the_unbiased_logits(nets):
+    """The Inception Score takes the fc without its bias (ADM's evaluator, torch-fidelity's
+    logits_unbiased), and the images are rounded to 8-bit levels first (as ADM's .npz of PNGs
+    and TiTok's rounded reconstructions): float images within half a level of each other
+    score alike."""
+    model, params = nets.inception
+    params = jax.tree.map(lambda x: x, params)
+    params["fc"] = dict(params["fc"], bias=params["fc"]["bias"] + 3.0 * jnp.arange(
+        params["fc"]["bias"].shape[0]) / params["fc"]["bias"].shape[0])
+    fn = jax.jit(evaluator._inception_outputs(model))
+    x = _images(2, 3)
+    levels = np.round(x * 255.0) / 255.0
+    feats, probs = fn(params, jnp.asarray(x))
+    feats_l, probs_l = fn(params, jnp.asarray(np.clip(levels + 0.4 / 255.0 * (
+        np.random.default_rng(0).uniform(size=x.shape) - 0.5), 0, 1)))
+    np.testing.assert_array_equal(np.asarray(feats), np.asarray(feats_l))
+    np.testing.assert_array_equal(np.asarray(probs), np.asarray(probs_l))
+    out = model.apply({"params": params}, jnp.asarray(levels))
+    np.testing.assert_allclose(np.asarray(probs), np.asarray(jax.nn.softmax(
+        out["pool3"] @ params["fc"]["kernel"])), rtol=1e-5, atol=1e-7)
+    assert not np.allclose(np.asarray(probs), np.asarray(jax.nn.softmax(out["logits"])),
+                           rtol=1e-3)
+
+
+def test_precision_recall_in_adms_float16_on_request(nets):
+    """evaluation.precision_recall_float16: the ADM evaluator's half-precision distances (to
+    compare with published numbers); float32 otherwise."""
+    from tok1d.evaluation.precision_recall import precision_recall
+    real = _images(12, 0)
+    recon = np.clip(real + 0.2 * np.random.default_rng(1).standard_normal(real.shape), 0, 1)
+    for half in (False, True):
+        metrics = _run(nets, _mesh(1), real, recon, precision_recall_float16=half)
+        got = metrics.result()
+        want = precision_recall(np.concatenate(metrics._real_pool),
+                                np.concatenate(metrics._fake_pool), k=3, adm_float16=half)
+        assert (got["precision"], got["recall"]) == (float(want["precision"]),
+                                                     float(want["recall"]))
+        assert metrics.adm_float16 is half
+
+
+def test_metric_networks_run_at_full_float32_precision(nets):
+    """Every convolution and matmul of the metric networks asks for HIGHEST precision (TPUs
+    default to one bf16 pass and recent GPUs to TF32: FIDs that depend on the chip)."""
+    import re
+    from jax.sharding import PartitionSpec
+    model, params = nets.inception
+    mesh = _mesh(1)
+    fn = evaluator._chunked_fn("inception", model, mesh, PartitionSpec("data"), 2, 1)
+    with jax.set_mesh(mesh):
+        text = fn.lower(params, jnp.zeros((2, SIZE, SIZE, 3))).as_text()
+    assert set(re.findall(r"#stablehlo<precision (\w+)>", text)) == {"HIGHEST"}
 
 
 def test_fid_of_a_set_with_itself_and_against_references(nets, tmp_path):
@@ -209,6 +263,11 @@ def test_samples_need_a_feature_network_and_come_alone(tmp_path):
     cut.write_bytes(whole.read_bytes()[:len(whole.read_bytes()) // 2])
     with pytest.raises(ValueError, match="cut.npz is not a readable .npz of images"):
         evaluator.load_npz_images(str(cut))
+    ref = tmp_path / "ref.npy"  # a reference that is not an .npz, and a truncated one
+    np.save(ref, np.zeros(3))
+    for bad in (ref, cut):
+        with pytest.raises(ValueError, match=f"FID reference {bad} is not a readable .npz"):
+            evaluator.reference_from_file(str(bad), None, None, None, 2, None)
     with pytest.raises(errors.UserError, match="not both"):
         evaluate.run(config, checkpoint=str(tmp_path), samples=str(samples),
                      out=str(tmp_path / "out"))

@@ -179,6 +179,38 @@ def test_resize_vs_numpy_and_torch(in_hw):
     assert e <= 1e-6, e
 
 
+def test_tf1_input_convention_resizes_and_scales_like_the_tf_graph():
+    """input_convention="tf1": TF1's resize_bilinear (src = dst * in / out, no half-pixel
+    centres; what ADM's evaluator and torch-fidelity feed the Inception) of the 0-255 values,
+    then (x - 128) / 128; "pytorch_fid" (pytorch-fid's) differs."""
+    x = np.array([0.0, 10.0], np.float32).reshape(1, 1, 2, 1).repeat(2, axis=1)
+    tf1 = np.asarray(I.resize_bilinear(x, 4, half_pixel=False))[0, 0, :, 0]
+    np.testing.assert_allclose(tf1, [0.0, 5.0, 10.0, 10.0])
+    torch_like = np.asarray(I.resize_bilinear(x, 4))[0, 0, :, 0]
+    np.testing.assert_allclose(torch_like, [0.0, 2.5, 7.5, 10.0])
+    rng = np.random.default_rng(0)
+    img = rng.uniform(size=(1, 37, 53, 3)).astype(np.float32)
+    # TF1's rule written out: rows then columns of the 0-255 image (separable, linear).
+    def taps(n_in, n_out):
+        src = np.arange(n_out) * (n_in / n_out)
+        i0 = np.floor(src).astype(int)
+        i1 = np.minimum(i0 + 1, n_in - 1)
+        m = np.zeros((n_out, n_in))
+        m[np.arange(n_out), i0] += 1 - (src - i0)
+        m[np.arange(n_out), i1] += src - i0
+        return m
+    want = np.einsum("yh,bhwc,xw->byxc", taps(37, 75), img * 255.0, taps(53, 75))
+    got = I.FIDInceptionV3(input_size=75, input_convention="tf1").apply(
+        {}, img, method=I.FIDInceptionV3.preprocess)
+    np.testing.assert_allclose(np.asarray(got), (want - 128.0) / 128.0, atol=2e-5)
+    edges = I.FIDInceptionV3(resize_input=False, input_convention="tf1").apply(
+        {}, np.array([0.0, 1.0], np.float32).reshape(1, 1, 2, 1),
+        method=I.FIDInceptionV3.preprocess)
+    np.testing.assert_allclose(np.asarray(edges).ravel(), [-1.0, 127.0 / 128.0])
+    with pytest.raises(ValueError, match="input_convention='tf2'"):
+        I.FIDInceptionV3(input_convention="tf2").apply({}, img, method=I.FIDInceptionV3.preprocess)
+
+
 # --------------------------------------------------------------------------- full network
 
 def test_full_network_matches_official_fixture(fixtures_dir, forward):
@@ -245,7 +277,10 @@ def test_cli_roundtrip_random_weights(model_and_random_params, forward, tmp_path
     result = forward(loaded, images)
     shapes = {k: tuple(v.shape) for k, v in result.items()}
     assert shapes == {"block0": (2, 73, 73, 64), "block1": (2, 35, 35, 192),
-                      "block2": (2, 17, 17, 768), "pool3": (2, 2048), "logits": (2, 1008)}
+                      "block2": (2, 17, 17, 768), "pool3": (2, 2048), "logits": (2, 1008),
+                      "logits_unbiased": (2, 1008)}
+    np.testing.assert_allclose(result["logits"] - loaded["fc"]["bias"],
+                               result["logits_unbiased"], atol=1e-4)
     pool3 = np.asarray(result["pool3"])
     assert result["pool3"].dtype == np.float32 and result["logits"].dtype == np.float32
     assert np.all(np.isfinite(pool3)) and np.all(np.isfinite(np.asarray(result["logits"])))

@@ -97,10 +97,13 @@ def load_metric_nets(ecfg, perceptual_weights: str = "", log=print) -> MetricNet
     them), except that a path that is given must load."""
     nets = MetricNets()
     size = ecfg.inception_size
+    convention = ecfg.get("inception_input", "tf1")
     if ecfg.inception:
-        nets.inception = loaders.load_inception(ecfg.inception, input_size=size)
+        nets.inception = loaders.load_inception(ecfg.inception, input_size=size,
+                                                input_convention=convention)
     elif ecfg.allow_random_init:
-        nets.inception = (inception_lib.FIDInceptionV3(input_size=size),
+        nets.inception = (inception_lib.FIDInceptionV3(input_size=size,
+                                                       input_convention=convention),
                           inception_lib.random_params(0))
         nets.notes.append("Inception weights are RANDOM (evaluation.allow_random_init): "
                           "FID / IS / precision-recall are smoke-test numbers only.")
@@ -148,8 +151,9 @@ class ImageMetrics:
 
     def __init__(self, nets: MetricNets, mesh: jax.sharding.Mesh, *,
                  precision_recall: bool = True, is_splits: int = 10, chunk_size: int = 8,
-                 fid_method: str = "eigh"):
+                 fid_method: str = "eigh", precision_recall_float16: bool = False):
         self.nets = nets
+        self.adm_float16 = precision_recall_float16
         self.fid_method = fid_method
         self.mesh = mesh
         self.chunk_size = chunk_size
@@ -195,7 +199,8 @@ class ImageMetrics:
     def from_config(cls, nets: MetricNets, mesh, ecfg) -> "ImageMetrics":
         """With the options of a config's `evaluation` section."""
         return cls(nets, mesh, precision_recall=ecfg.precision_recall, is_splits=ecfg.is_splits,
-                   chunk_size=ecfg.chunk_size, fid_method=ecfg.fid_method)
+                   chunk_size=ecfg.chunk_size, fid_method=ecfg.fid_method,
+                   precision_recall_float16=ecfg.get("precision_recall_float16", False))
 
     # ------------------------------------------------------------------ input
 
@@ -289,7 +294,8 @@ class ImageMetrics:
         k = 3  # neighbours of the manifold estimate; both sets need more than k points
         if (self.precision_recall and real_pool is not None and len(real_pool) > k
                 and self.fake.count > k):
-            pr = precision_recall(real_pool, np.concatenate(self._fake_pool), k=k)
+            pr = precision_recall(real_pool, np.concatenate(self._fake_pool), k=k,
+                                  adm_float16=self.adm_float16)
             out["precision"], out["recall"] = float(pr["precision"]), float(pr["recall"])
         if self._labels:
             labels = np.concatenate(self._labels)
@@ -300,10 +306,16 @@ class ImageMetrics:
 
 
 def _inception_outputs(model):
+    """(params, images in [0, 1]) -> (features, class probabilities). The images are rounded to
+    8-bit levels first, as every official path sees them (ADM's .npz of PNGs; TiTok's rFID
+    rounds its reconstructions), so generated, reconstructed and stored images score alike;
+    the probabilities are those of the fc without its bias where the network has them (the
+    Inception Score of ADM's evaluator and torch-fidelity)."""
     def features(p, x):
-        out = model.apply({"params": p}, x.astype(jnp.float32))
+        x = jnp.round(jnp.clip(x.astype(jnp.float32), 0.0, 1.0) * 255.0) / 255.0
+        out = model.apply({"params": p}, x)
         feats = out["pool3"] if "pool3" in out else out["features"]
-        return feats, jax.nn.softmax(out["logits"], axis=-1)
+        return feats, jax.nn.softmax(out.get("logits_unbiased", out["logits"]), axis=-1)
     return features
 
 
@@ -326,7 +338,10 @@ def _chunked_fn(kind: str, model, mesh, batch_spec: P, chunk: int, num_arrays: i
     def per_device(p, *arrays):
         k = arrays[0].shape[0] // chunk
         split = tuple(a.reshape((k, chunk) + a.shape[1:]) for a in arrays)
-        out = jax.lax.map(lambda xs: fn(p, *xs), split)
+        # Full float32 convolutions and matmuls on every backend (TPUs default to one bf16
+        # pass, recent GPUs to TF32): the metrics are the same numbers wherever they run.
+        with jax.default_matmul_precision("highest"):
+            out = jax.lax.map(lambda xs: fn(p, *xs), split)
         return jax.tree.map(lambda t: t.reshape((k * chunk,) + t.shape[2:]), out)
 
     return jax.jit(jax.shard_map(per_device, mesh=mesh,
@@ -422,8 +437,13 @@ def reference_from_file(path: str, nets: MetricNets, mesh, sharding: NamedShardi
     precision / recall is on, are run through the Inception for the reference features."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"FID reference not found: {path}")
-    with np.load(path) as z:
-        files = set(z.files)
+    try:
+        with np.load(path) as z:
+            files = set(z.files)
+    except (OSError, ValueError, EOFError, AttributeError, TypeError,
+            zipfile.BadZipFile) as e:  # damaged, truncated, or a .npy (no context manager)
+        raise ValueError(f"FID reference {path} is not a readable .npz "
+                         f"({errors.brief(e, 120)})") from None
     if not ({"mu", "sigma"} <= files or "arr_0" in files):
         raise ValueError(f"{path}: neither FID statistics (mu, sigma) nor images (arr_0); "
                          f"found {sorted(files)}.")

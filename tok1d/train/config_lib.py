@@ -25,6 +25,7 @@ from tok1d import errors, parallel
 from tok1d.data import pipeline
 from tok1d.evaluation import fid as fid_lib
 from tok1d.models import interfaces
+from tok1d.models.frozen import inception as inception_lib
 from tok1d.models.frozen import vgg
 from tok1d.objectives import terms
 from tok1d.train import optim
@@ -117,6 +118,9 @@ def common_config() -> ml_collections.ConfigDict:
         allow_random_init=False,      # random Inception / LPIPS weights (tests, smoke runs)
         inception_size=299,           # Inception input resize (299 defines FID; >= 75, smaller
                                       # only for tests / smoke runs)
+        inception_input="tf1",        # "tf1": the TF FID graph's resize and scaling (ADM's
+                                      # evaluator, torch-fidelity: the official numbers);
+                                      # "pytorch_fid": pytorch-fid's
         fid_every_steps=0,            # FID inside training every K steps and at the end (0: off)
         reference="",                 # gFID reference: an ADM reference batch .npz (mu, sigma
                                       # and arr_0 images) or FeatureStats .npz; empty: the
@@ -126,6 +130,8 @@ def common_config() -> ml_collections.ConfigDict:
                                       # (6x faster at 2048 features, same value to ~1e-13
                                       # relative), or "sqrtm": pytorch-fid's scipy sqrtm
         precision_recall=True,        # k=3 manifold precision / recall (keeps pool features)
+        precision_recall_float16=False,  # ADM's float16 distances (to compare with published
+                                      # numbers; float32, the default, is more accurate)
         is_splits=10,                 # Inception Score splits
         chunk_size=8,                 # images per network call on each device: the numbers are
                                       # bit-identical on any mesh whose per-device batch is a
@@ -516,6 +522,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         problems.append("evaluation.fid_every_steps on a generator needs evaluation.reference "
                         "(e.g. VIRTUAL_imagenet256_labeled.npz) or data.name set to the real "
                         "images' dataset (its eval split is the reference)")
+    if ev.inception_input not in inception_lib.INPUT_CONVENTIONS:
+        problems.append(f"evaluation.inception_input={ev.inception_input!r} must be one of "
+                        f"{', '.join(inception_lib.INPUT_CONVENTIONS)}")
     if ev.inception_size < 75:
         problems.append(f"evaluation.inception_size={ev.inception_size} must be >= 75 (the "
                         "smallest input the Inception accepts)")

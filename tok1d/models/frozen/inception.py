@@ -59,15 +59,19 @@ BLOCK_MODULES: tuple[tuple[str, ...], ...] = (
 
 # --------------------------------------------------------------------------- resize
 
-def _linear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray,
-                                                        np.ndarray]:
-    """Source indices and weights of PyTorch's 1-D linear interpolation (align_corners=False):
-    src = (dst + 0.5) * in / out - 0.5, clamped at 0; i0 = floor(src), i1 = min(i0 + 1, in - 1);
-    out = (1 - l) x[i0] + l x[i1] with l = src - i0. Computed with torch's float32 roundings
-    (scale = float32(in / out), the source index rounded to float32)."""
+def _linear_taps(in_size: int, out_size: int, half_pixel: bool = True
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices and weights of a 1-D linear interpolation: out = (1 - l) x[i0] + l x[i1],
+    i0 = floor(src), i1 = min(i0 + 1, in - 1), l = src - i0, where src is
+    - `half_pixel`: PyTorch's (align_corners=False): (dst + 0.5) * in / out - 0.5, clamped at 0,
+      computed with torch's float32 roundings (scale = float32(in / out), src rounded to
+      float32);
+    - else TF1's `resize_bilinear` (align_corners=False, no half-pixel centres; the TF FID
+      Inception graph, ADM's evaluator, torch-fidelity): dst * in / out."""
     scale = np.float32(in_size) / np.float32(out_size)
     dst = np.arange(out_size, dtype=np.float64)
-    src = (np.float64(scale) * (dst + 0.5) - 0.5).astype(np.float32)
+    offset = 0.5 if half_pixel else 0.0
+    src = (np.float64(scale) * (dst + offset) - offset).astype(np.float32)
     src = np.maximum(src, np.float32(0))
     i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
     i1 = np.minimum(i0 + 1, in_size - 1)
@@ -76,8 +80,8 @@ def _linear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, n
     return i0.astype(np.int32), i1.astype(np.int32), l0, l1
 
 
-def _resize_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
-    i0, i1, l0, l1 = _linear_taps(x.shape[axis], size)
+def _resize_axis(x: jax.Array, axis: int, size: int, half_pixel: bool) -> jax.Array:
+    i0, i1, l0, l1 = _linear_taps(x.shape[axis], size, half_pixel)
     shape = [1] * x.ndim
     shape[axis] = size
     a = jnp.take(x, jnp.asarray(i0), axis=axis)
@@ -85,18 +89,19 @@ def _resize_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
     return a * jnp.asarray(l0).reshape(shape) + b * jnp.asarray(l1).reshape(shape)
 
 
-def resize_bilinear(x: jax.Array, size: int) -> jax.Array:
-    """NHWC float -> (B, size, size, C) float32, PyTorch `F.interpolate(size=(size, size),
-    mode="bilinear", align_corners=False)` without antialiasing (as pytorch-fid resizes; note
-    `jax.image.resize` antialiases when downsampling and so differs). Separable: width first,
-    then height, like torch's CPU kernel; an axis that already has `size` is left untouched."""
+def resize_bilinear(x: jax.Array, size: int, half_pixel: bool = True) -> jax.Array:
+    """NHWC float -> (B, size, size, C) float32, without antialiasing (`jax.image.resize`
+    antialiases when downsampling and so differs). `half_pixel`: PyTorch `F.interpolate(size=
+    (size, size), mode="bilinear", align_corners=False)` (as pytorch-fid resizes); else TF1's
+    `resize_bilinear` (see `_linear_taps`). Separable: width first, then height, like torch's
+    CPU kernel; an axis that already has `size` is left untouched."""
     x = jnp.asarray(x, jnp.float32)
     if x.ndim != 4:
         raise ValueError(f"resize_bilinear expects NHWC images, got shape {x.shape}")
     if x.shape[2] != size:
-        x = _resize_axis(x, 2, size)
+        x = _resize_axis(x, 2, size, half_pixel)
     if x.shape[1] != size:
-        x = _resize_axis(x, 1, size)
+        x = _resize_axis(x, 1, size, half_pixel)
     return x
 
 
@@ -273,19 +278,29 @@ class InceptionE(_Block):
 
 # --------------------------------------------------------------------------- network
 
+INPUT_CONVENTIONS = ("pytorch_fid", "tf1")
+
+
 class FIDInceptionV3(nn.Module):
-    """pytorch-fid's InceptionV3 (all four blocks, resize + [0,1] -> [-1,1] input handling) plus
-    the 1008-way fc head.
+    """pytorch-fid's InceptionV3 (all four blocks, resize + input scaling) plus the 1008-way fc
+    head.
 
     `__call__(images)` takes NHWC images in [0, 1] (resized to 299x299 when `resize_input`) and
     returns {"block0": (B,73,73,64), "block1": (B,35,35,192), "block2": (B,17,17,768) (NHWC, at
-    299 px), "pool3": (B, 2048) float32, "logits": (B, 1008) float32}. The stages are also
-    methods (`preprocess`, `block0` .. `block3`, `head`) for `apply(..., method=...)` with a
-    partial params tree.
+    299 px), "pool3": (B, 2048) float32, "logits": (B, 1008) float32, "logits_unbiased" (the fc
+    without its bias: what ADM's evaluator and torch-fidelity take the Inception Score of)}.
+    The stages are also methods (`preprocess`, `block0` .. `block3`, `head`) for
+    `apply(..., method=...)` with a partial params tree.
+
+    `input_convention`: "pytorch_fid" (PyTorch's half-pixel bilinear resize, then 2x - 1) or
+    "tf1" (the TF FID Inception graph's own input ops, which ADM's evaluator and torch-fidelity
+    reproduce, i.e. what the official gFID / rFID numbers saw: TF1's bilinear resize of the
+    0-255 values, then (x - 128) / 128).
     """
 
     resize_input: bool = True
     input_size: int = INPUT_SIZE  # the resize target; FID is defined at 299 (smaller: tests)
+    input_convention: str = "pytorch_fid"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -310,12 +325,16 @@ class FIDInceptionV3(nn.Module):
         self.fc = nn.Dense(NUM_LOGITS, dtype=self.dtype, param_dtype=self.param_dtype)
 
     def preprocess(self, images: jax.Array) -> jax.Array:
-        """[0, 1] NHWC -> (resized to `input_size` (299) when `resize_input`) -> 2x - 1, in
-        float32."""
-        x = jnp.asarray(images, jnp.float32)
+        """[0, 1] NHWC -> (resized to `input_size` (299) when `resize_input`) -> the network's
+        input range, in float32 (`input_convention`)."""
+        if self.input_convention not in INPUT_CONVENTIONS:
+            raise ValueError(f"input_convention={self.input_convention!r} is not one of "
+                             f"{INPUT_CONVENTIONS}.")
+        tf1 = self.input_convention == "tf1"
+        x = jnp.asarray(images, jnp.float32) * (255.0 if tf1 else 1.0)
         if self.resize_input:
-            x = resize_bilinear(x, self.input_size)
-        return 2.0 * x - 1.0
+            x = resize_bilinear(x, self.input_size, half_pixel=not tf1)
+        return (x - 128.0) / 128.0 if tf1 else 2.0 * x - 1.0
 
     def block0(self, x: jax.Array) -> jax.Array:
         x = self.Conv2d_1a_3x3(x.astype(self.dtype))
@@ -345,8 +364,14 @@ class FIDInceptionV3(nn.Module):
         b1 = self.block1(b0)
         b2 = self.block2(b1)
         pool3 = self.block3(b2)
-        return {"block0": b0, "block1": b1, "block2": b2, "pool3": pool3,
-                "logits": self.head(pool3)}
+        logits = self.head(pool3)
+        return {"block0": b0, "block1": b1, "block2": b2, "pool3": pool3, "logits": logits,
+                "logits_unbiased": logits if self.is_initializing() else self.head_unbiased(pool3)}
+
+    def head_unbiased(self, pool3: jax.Array) -> jax.Array:
+        """The fc without its bias: (B, 2048) -> (B, 1008) float32."""
+        kernel = self.fc.variables["params"]["kernel"]
+        return jnp.dot(pool3.astype(self.dtype), kernel.astype(self.dtype)).astype(jnp.float32)
 
 
 # --------------------------------------------------------------------------- params
