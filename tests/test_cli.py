@@ -192,6 +192,9 @@ def test_docstring_commands_are_found():
     ("sample", [f"--config={os.path.join(REPO, 'configs', 'gpt_gigatok.py')}:b",
                 "--checkpoint=C", "--tokenizer=T", "--out=O", "--sweep",
                 "--sweep_temperature=0,1"], "this sampler's temperatures must be > 0"),
+    ("sample", [f"--config={os.path.join(REPO, 'configs', 'rar.py')}:b",
+                "--checkpoint=C", "--tokenizer=T", "--out=O", "--sweep",
+                "--sweep_temperature=1,0"], "this sampler's temperatures must be > 0"),
 ])
 def test_counts_out_of_range_are_one_line(command, args, needle, capsys):
     """A count or fraction out of its range is refused while parsing, naming the flag (it

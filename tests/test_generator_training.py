@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from tok1d import models
+from tok1d import errors, models
 from tok1d.train import config_lib
 from tok1d.weights import pretrained
 from tok1d.cli import tokenize
@@ -94,6 +94,17 @@ def test_generator_learns_tokens_and_writes_samples(kind, token_data, tmp_path):
     assert data["arr_0"].shape == (20, 32, 32, 3) and data["arr_0"].dtype == np.uint8
     np.testing.assert_array_equal(data["arr_1"], np.arange(20) % 10)
     assert info["num_images"] == 20 and os.path.exists(os.path.join(out, "grid.png"))
+    # --grid_classes=0 (allowed) failed after sampling, without sampling.json.
+    out = str(tmp_path / "no_grid")
+    sample_lib.run(config, workdir, tok_dir, num_images=4, out=out, batch_size=16,
+                   grid_classes=0, log=lambda _: None)
+    assert sorted(os.listdir(out)) == ["samples.npz", "sampling.json"]
+    with pytest.raises(errors.UserError, match="already holds samples.npz"):  # not replaced
+        sample_lib.run(config, workdir, tok_dir, num_images=2, out=out, log=lambda _: None)
+    if kind != "maskgit":  # a temperature of 0: refused before any setting is sampled
+        with pytest.raises(errors.UserError, match="must be > 0"):
+            sample_lib.run_sweep(config, workdir, tok_dir, 4, str(tmp_path / "sweep"), [1.0],
+                                 [1.0, 0.0], log=lambda _: None)
 
 
 def test_sampler_settings_change_the_samples(token_data, tmp_path):

@@ -12,7 +12,7 @@ import pytest
 
 from tok1d import errors, models, parallel
 from tok1d.cli import tokenize
-from tok1d.data import sources, tokens
+from tok1d.data import records, sources, tokens
 from tok1d.train import config_lib
 from tok1d.weights import loaders
 
@@ -210,6 +210,20 @@ def test_clear_errors_for_tokenizer_data_and_image_size(tiny, tmp_path):
     with pytest.raises(ValueError, match="Image size mismatch: 64 px.*32 px"):
         tokenize.tokenize_dataset(model, params, sources.DigitsSource("train"),
                                   str(tmp_path / "o"), image_size=64)
+    # --out at a prepared image dataset (its shards are named like token shards: they were
+    # deleted as leftovers), or at shards no tokenize run started: refused, nothing removed.
+    run = lambda out: tokenize.tokenize_dataset(  # noqa: E731
+        model, params, sources.DigitsSource("train"), str(out), split="train", batch_size=20,
+        num_shards=2, num_examples=20, log=lambda _: None)
+    for folder, extra in (("prepared", records.INFO_FILENAME), ("strangers", None)):
+        out = tmp_path / folder
+        out.mkdir()
+        shards = [tokens.shard_name("train", i, 3) for i in range(3)]
+        for name in shards + [extra] * (extra is not None):
+            (out / name).write_text("")
+        with pytest.raises(ValueError, match="prepared image dataset|no tokenize run started"):
+            run(out)
+        assert set(shards) <= set(os.listdir(out))
 
 
 def test_load_tokenizer_from_pretrained_dir_and_training_workdir(tiny, tmp_path):

@@ -165,6 +165,9 @@ def class_grid(samples: np.ndarray, labels: np.ndarray, num_classes: int, per_ro
 
 def run(config, checkpoint: str, tokenizer_path: str, num_images: int, out: str,
         batch_size: int = 0, seed: int = 0, grid_classes: int = 10, log=print) -> dict[str, Any]:
+    if os.path.exists(os.path.join(out, "samples.npz")):  # an earlier run's: kept
+        raise errors.UserError(f"--out={out} already holds samples.npz; choose another --out "
+                               "(or delete it).")
     model, params, tokenizer, tok_params, tokenizer_path = load_models(config, checkpoint,
                                                                        tokenizer_path)
     t0 = time.time()
@@ -177,12 +180,14 @@ def run(config, checkpoint: str, tokenizer_path: str, num_images: int, out: str,
     if jax.process_index() == 0:
         os.makedirs(out, exist_ok=True)
         np.savez(os.path.join(out, "samples.npz"), arr_0=samples, arr_1=labels)
-        images_lib.save_png(os.path.join(out, "grid.png"),
-                            class_grid(samples, labels, min(grid_classes, model.num_classes)))
         with open(os.path.join(out, "sampling.json"), "w", encoding="utf-8") as f:
             json.dump(info, f, indent=2, default=str)
-        log(f"Wrote {num_images} samples to {out}/samples.npz and grid.png "
-            f"({info['images_per_second']:.1f} img/s).")
+        if grid_classes > 0:
+            images_lib.save_png(os.path.join(out, "grid.png"),
+                                class_grid(samples, labels, min(grid_classes, model.num_classes)))
+        log(f"Wrote {num_images} samples to {out}/samples.npz"
+            + (" and grid.png" if grid_classes > 0 else "")
+            + f" ({info['images_per_second']:.1f} img/s).")
     return info
 
 
@@ -223,10 +228,11 @@ def run_sweep(config, checkpoint: str, tokenizer_path: str, num_images: int, out
               guidance_scales, temperatures, features: str = "inception", batch_size: int = 0,
               seed: int = 0, log=print) -> dict[str, Any]:
     """`tok1d sample --sweep`: the sweep of the module docstring, written to OUT."""
-    _, t_key = sweep_lib.sampler_keys(config.sampling.to_dict(), config.model.name)
-    if t_key == "temperature" and any(float(t) <= 0 for t in temperatures):
+    if (gen_trainer.build_generator(config).objective != "masked"
+            and any(float(t) <= 0 for t in temperatures)):  # (RAR's came after some settings)
         raise errors.UserError("--sweep_temperature: this sampler's temperatures must be > 0 "
-                               "(MaskGIT's randomize_temperature may be 0).")
+                               "(autoregressive: GPT, RAR; MaskGIT's randomize_temperature "
+                               "may be 0).")
     model, params, tokenizer, tok_params, tokenizer_path = load_models(config, checkpoint,
                                                                        tokenizer_path)
     nets, reference, real = sweep_reference(config, features, log)

@@ -285,8 +285,21 @@ def _differences(old: Mapping[str, Any], new: Mapping[str, Any], keys) -> list[s
 
 def _check_plan(out_dir: str, split: str, plan: dict[str, Any]) -> None:
     """Fails if `out_dir` holds this split (finished or in progress) or other splits made with
-    different settings; nothing there is overwritten in that case."""
+    different settings, a prepared image dataset, or shards of this split that no tokenize run
+    started; nothing there is overwritten or deleted in those cases."""
+    if os.path.isfile(os.path.join(out_dir, records.INFO_FILENAME)):
+        raise ValueError(f"{out_dir} holds a prepared image dataset ({records.INFO_FILENAME}): "
+                         "its shards are named like the token shards; write the tokens to "
+                         "another --out.")
     info_path = os.path.join(out_dir, tokens.INFO_FILENAME)
+    started = os.path.isfile(_plan_path(out_dir, split)) or (
+        os.path.isfile(info_path) and split in tokens.read_info(out_dir).get("splits", {}))
+    pattern = _shard_pattern(split)
+    strangers = sorted(n for n in os.listdir(out_dir) if pattern.match(n))
+    if strangers and not started:
+        raise ValueError(f"{out_dir} holds {len(strangers)} shard(s) of split {split!r} (e.g. "
+                         f"{strangers[0]}) that no tokenize run started; use another --out or "
+                         "remove them.")
     if os.path.isfile(info_path):
         info = tokens.read_info(out_dir)
         diff = _differences(info, plan, _GLOBAL_KEYS)
@@ -315,9 +328,15 @@ def _plan_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     return _differences(old, new, sorted(set(old) | set(new))) or ["unknown"]
 
 
+def _shard_pattern(split: str) -> re.Pattern:
+    """The names of a split's shards (`tokens.shard_name`), of any count."""
+    return re.compile(re.escape(split) + r"\.array_record-\d{5}-of-\d{5}$")
+
+
 def _remove_stale(out_dir: str, split: str, keep: list[str]) -> None:
-    """Deletes leftovers of an interrupted run: temporary files and shards of another count."""
-    pattern = re.compile(re.escape(split) + r"\.array_record-\d{5}-of-\d{5}$")
+    """Deletes leftovers of an interrupted run (`_check_plan` passed: a tokenize run started
+    this split here): temporary files and shards of another count."""
+    pattern = _shard_pattern(split)
     for name in os.listdir(out_dir):
         tmp = name.startswith(f".{split}.array_record-") and ".tmp-" in name
         if tmp or (pattern.match(name) and name not in keep):
