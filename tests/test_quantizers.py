@@ -304,6 +304,25 @@ def test_a_wrong_quantizer_size_is_one_clear_error():
         Q.build("fsq", {"level": [5]}, detached=True)
 
 
+def test_clustering_vq_with_gradient_accumulation_is_refused():
+    """Each microbatch re-anchored dead codes on its own part of the batch and the codebooks
+    were averaged (a used code pulled half-way to another microbatch's feature, a dead code
+    onto the mean of two features): one clear config error instead."""
+    import importlib.util
+    from conftest import REPO
+    from tok1d.train import config_lib
+    spec = importlib.util.spec_from_file_location("c", os.path.join(REPO, "configs/tiny_test.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    config = mod.get_config()
+    config.model.update(quantizer="clustering_vq")
+    config.optim.grad_accum_steps = 2
+    with pytest.raises(config_lib.ConfigError, match="grad_accum_steps=2 with the clustering_vq"):
+        config_lib.validate(config, num_devices=1)
+    config.model.update(quantizer="vq")
+    config_lib.validate(config, num_devices=1)
+
+
 def test_a_skipped_non_finite_step_keeps_the_clustering_vq_codebook():
     """A NaN batch makes the step non-finite: the trainer keeps the previous params and
     quantizer state (the re-anchored codebook of that step is dropped with the rest)."""

@@ -50,7 +50,12 @@ def straight_through(z: jax.Array, z_q: jax.Array) -> jax.Array:
 def rotate_onto(z: jax.Array, z_q: jax.Array, eps: float = 1e-6) -> jax.Array:
     """The rotation trick as GigaTok computes it (vectors on the last axis): with
     u = z/|z|, q = z_q/|z_q| and w = (u + q)/|u + q| (all without gradient),
-    e' = e - 2 (e.w) w + 2 (e.u) q for e = z/|z|, scaled by |z_q| / |e| (no gradient)."""
+    e' = e - 2 (e.w) w + 2 (e.u) q for e = z/|z|, scaled by |z_q| / |e| (no gradient).
+
+    Because e is z/|z|, the gradient to z has no radial part. With l2-normalised latents (every
+    GigaTok config) that is also what Fifty et al. 2024 give; without (`l2_norm=False`, which
+    GigaTok's code allows) the paper's form, rotating z itself, would keep the radial part.
+    tok1d follows GigaTok's code (the golden fixtures)."""
     sg = jax.lax.stop_gradient
     e = z / jnp.linalg.norm(z, axis=-1, keepdims=True)
     u = e / (jnp.linalg.norm(e, axis=-1, keepdims=True) + eps)
