@@ -57,7 +57,7 @@ def model_and_random_params():
 @pytest.fixture(scope="module")
 def forward():
     """One jitted forward of the full network (one compile per input shape)."""
-    model = I.FIDInceptionV3()
+    model = I.FIDInceptionV3(input_convention="pytorch_fid")  # the fixtures' (pytorch-fid's)
     return jax.jit(lambda params, images: model.apply({"params": params}, images))
 
 
@@ -100,7 +100,7 @@ def test_stem_matches_official(blocks):
     stem = I.BLOCK_MODULES[0] + I.BLOCK_MODULES[1]
     params = CI.convert_inception(sd, what="stem", modules=stem)
     assert sorted(params) == sorted(stem)
-    model = I.FIDInceptionV3(resize_input=False)
+    model = I.FIDInceptionV3(resize_input=False, input_convention="pytorch_fid")
 
     def run(m, images):
         b0 = m.block0(m.preprocess(images))
@@ -207,6 +207,7 @@ def test_tf1_input_convention_resizes_and_scales_like_the_tf_graph():
         {}, np.array([0.0, 1.0], np.float32).reshape(1, 1, 2, 1),
         method=I.FIDInceptionV3.preprocess)
     np.testing.assert_allclose(np.asarray(edges).ravel(), [-1.0, 127.0 / 128.0])
+    assert I.FIDInceptionV3().input_convention == "tf1"  # as config.evaluation.inception_input
     with pytest.raises(ValueError, match="input_convention='tf2'"):
         I.FIDInceptionV3(input_convention="tf2").apply({}, img, method=I.FIDInceptionV3.preprocess)
 

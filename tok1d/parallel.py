@@ -20,6 +20,7 @@ from typing import Any, Mapping, Optional, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -302,3 +303,12 @@ def host_array(x: Any) -> np.ndarray:
     if not isinstance(sharding, NamedSharding):
         return np.asarray(x)
     return np.asarray(_replicate_fn(sharding.mesh)(x).addressable_data(0))
+
+
+def process_0_view(values: Sequence[bool]) -> list[bool]:
+    """Process 0's `values` (e.g. which files exist, as it sees them) on every process, so that
+    all of them take the same branch around collectives (a check that each host makes on its
+    own disk could differ)."""
+    if jax.process_count() == 1:
+        return [bool(v) for v in values]
+    return [bool(x) for x in multihost_utils.broadcast_one_to_all(np.asarray(values, np.int32))]

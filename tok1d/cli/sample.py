@@ -11,7 +11,9 @@ tokenizer training workdir. Labels cycle through the classes (image i gets class
 i mod num_classes, so 50000 images = 50 per ImageNet class, as the ADM / LlamaGen evaluations).
 
 Writes OUT/samples.npz in the ADM evaluator's format (`arr_0`: uint8 (N, H, W, 3); `arr_1`:
-int labels), OUT/grid.png (one row per class for the first classes) and OUT/sampling.json.
+int labels), OUT/grid.png (one row per class for the first classes; none with --grid_classes=0)
+and OUT/sampling.json. An OUT that holds an earlier run's samples.npz is refused (nothing is
+replaced).
 Batches are sharded over every device of every host; progress (images/s, ETA) is printed.
 
 Guidance / temperature sweep (`--sweep`): samples `--num_images` for every setting of
@@ -78,7 +80,7 @@ def define_flags(fv: flags.FlagValues) -> None:
                          lower_bound=0, flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Sampling seed.", flag_values=fv)
     flags.DEFINE_string("out", None, "Output directory.", flag_values=fv)
-    flags.DEFINE_integer("grid_classes", 10, "Classes (rows) in grid.png.",
+    flags.DEFINE_integer("grid_classes", 10, "Classes (rows) in grid.png (0: no grid).",
                          lower_bound=0, flag_values=fv)
     flags.DEFINE_bool("sweep", False, "Sweep guidance x temperature (module docstring): "
                       "sweep.md / sweep.json / sweep.png instead of samples.npz.",
@@ -165,7 +167,8 @@ def class_grid(samples: np.ndarray, labels: np.ndarray, num_classes: int, per_ro
 
 def run(config, checkpoint: str, tokenizer_path: str, num_images: int, out: str,
         batch_size: int = 0, seed: int = 0, grid_classes: int = 10, log=print) -> dict[str, Any]:
-    if os.path.exists(os.path.join(out, "samples.npz")):  # an earlier run's: kept
+    if parallel.process_0_view([os.path.exists(os.path.join(out, "samples.npz"))])[0]:
+        # an earlier run's (process 0 writes, so its view decides on every host): kept
         raise errors.UserError(f"--out={out} already holds samples.npz; choose another --out "
                                "(or delete it).")
     model, params, tokenizer, tok_params, tokenizer_path = load_models(config, checkpoint,

@@ -343,13 +343,6 @@ def _remove_stale(out_dir: str, split: str, keep: list[str]) -> None:
             os.remove(os.path.join(out_dir, name))
 
 
-def _agree(values: list[bool]) -> list[bool]:
-    """Process 0's view of which shards exist, on every process."""
-    if jax.process_count() == 1:
-        return values
-    return [bool(x) for x in multihost_utils.broadcast_one_to_all(np.asarray(values, np.int32))]
-
-
 def _sync(name: str) -> None:
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
@@ -489,9 +482,9 @@ def _start_split(out_dir: str, split: str, plan: dict[str, Any], names: list[str
         else:
             _remove_stale(out_dir, split, names)
             tokens.atomic_write_json(_plan_path(out_dir, split), plan)
-    if not _agree([problem is None])[0]:
+    if not parallel.process_0_view([problem is None])[0]:
         raise problem or ValueError(f"Process 0 cannot write {out_dir} (see its log).")
-    exists = _agree([os.path.isfile(os.path.join(out_dir, name)) for name in names])
+    exists = parallel.process_0_view([os.path.isfile(os.path.join(out_dir, name)) for name in names])
     _sync("tok1d.cli.tokenize.plan")
     return exists
 

@@ -5,8 +5,8 @@ only on the seed, the source and the global batch size, not on how many hosts re
 global stream is shuffled and repeated once; host h loads only rows [start, stop) of each global
 batch (its devices' share, see `tok1d.parallel.host_batch_slice`), and every example's random
 crop/flip is seeded by its position in the global stream. So a 2-host run sees exactly the
-batches of a 1-host run, and a resumed run (the iterator state is checkpointed) sees exactly
-the batches it would have seen.
+batches of a 1-host run, and a resumed run (its batches start at its step: `start_batch`) sees
+exactly the batches it would have seen, on any number of hosts and workers.
 
 Images leave the host as uint8 crops (4x fewer bytes to batch, pass between processes and copy
 to the device than float32); `tok1d.data.feeding.Feeder` scales them to [0, 1] on the device.

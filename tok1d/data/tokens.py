@@ -30,7 +30,7 @@ separate, equally valid training example).
 
 Readers: `TokenSource` (one split on disk, random access), `ArrayTokenSource` (in memory, for
 tests and demos) and `token_dataset` (the grain training pipeline: shuffled, repeated, one
-random variant per example, host-sliced global batches, checkpointable iterator state).
+random variant per example, host-sliced global batches that start at any step).
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ mask 0 (the padding of the last batch) are dropped before anything is counted.
 FID compares the Inception pool features of the generated / reconstructed images ("fake")
 with those of the real images given to `add_real` / `add_pairs`, or with reference statistics
 (`set_reference`, e.g. the ADM reference batch); precision / recall (k=3) use the features of
-the same two sets; IS uses the fake images' 1008-way softmax.
+the same two sets; IS uses the fake images' 1008-way softmax of the fc without its bias (as
+ADM's evaluator). The feature networks see the images rounded to 8-bit levels.
 
 The feature network is a parameter (`MetricNets.inception`): any module returning a dict with
 its feature vector under "pool3" (the Inception) or "features" (e.g. the demo's digit

@@ -206,12 +206,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     model = build_generator(config)
     train_src, eval_src, info = token_sources(config)
     check_tokens_match(model, info)
-    start, stop = parallel.host_batch_slice(batch_sh, config.batch_size)
+    row_start, row_stop = parallel.host_batch_slice(batch_sh, config.batch_size)
 
     def batches_from(step):
         return feeding.Feeder(iter(tokens_lib.token_dataset(
-            train_src, global_batch=config.batch_size, host_start=start, host_stop=stop,
-            seed=config.seed, start_batch=step)), batch_sh, config.batch_size)
+            train_src, global_batch=config.batch_size, host_start=row_start,
+            host_stop=row_stop, seed=config.seed, start_batch=step)), batch_sh,
+            config.batch_size)
 
     # ---------------------------------------------------------------- model, optimizer, state
     abstract, shardings, init, train_step = build_training(config, model, mesh, rules,

@@ -11,9 +11,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
-import numpy as np
 from clu import metrics as clu_metrics
-from jax.experimental import multihost_utils
 
 from tok1d import errors, parallel, summary
 from tok1d.train import checkpoint as ckpt_lib
@@ -97,12 +95,11 @@ def final_metrics_of(workdir: str, step: int) -> Optional[dict[str, Any]]:
         data = layout.read_json(os.path.join(workdir, "metrics.json"))
         if isinstance(data, dict) and data.get("step") == step:
             done = data
-    except (OSError, errors.UserError):
+    except (OSError, ValueError, errors.UserError):  # unreadable: evaluated again
         pass
-    if jax.process_count() > 1:
-        found = multihost_utils.broadcast_one_to_all(np.int32(done is not None))
-        return (done or {"step": step}) if int(found) else None
-    return done
+    if not parallel.process_0_view([done is not None])[0]:
+        return None
+    return done or {"step": step}
 
 
 def log_fn() -> Callable[[str], None]:

@@ -234,7 +234,7 @@ def make_train_step(model: nn.Module, tx, schedule, config,
             hist = codebook_lib.code_histogram(outs["codes"], model.num_codes, levels=levels)
             extras["batch_perplexity"] = codebook_lib.perplexity(hist)
         result = dict(loss=loss, terms=terms, extras=extras, grads=grads)
-        if q_state is not None:  # averaged over microbatches like the rest
+        if q_state is not None:  # (clustering VQ: validate refuses grad_accum_steps > 1)
             result.update(quantizer_state=outs["quantizer_state"],
                           param_updates=outs["param_updates"])
         if gan is not None:
@@ -506,7 +506,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     # ---------------------------------------------------------------- data
     dcfg = config.data
-    start, stop = parallel.host_batch_slice(batch_sh, config.batch_size)
+    row_start, row_stop = parallel.host_batch_slice(batch_sh, config.batch_size)
     train_src = sources.get_source(dcfg.name, dcfg.train_split, data_dir=dcfg.data_dir,
                                    demo_size=dcfg.demo_size, image_size=dcfg.image_size)
     eval_src = sources.get_source(dcfg.name, dcfg.eval_split, data_dir=dcfg.data_dir,
@@ -514,8 +514,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     def batches_from(step):
         return feeding.Feeder(iter(pipeline.train_dataset(
-            train_src, global_batch=config.batch_size, host_start=start, host_stop=stop,
-            seed=config.seed, image_size=dcfg.image_size, augment=dcfg.augment, flip=dcfg.flip,
+            train_src, global_batch=config.batch_size, host_start=row_start,
+            host_stop=row_stop, seed=config.seed, image_size=dcfg.image_size,
+            augment=dcfg.augment, flip=dcfg.flip,
             min_scale=dcfg.min_scale, num_workers=dcfg.num_workers, resize_on=dcfg.resize_on,
             start_batch=step)), batch_sh, config.batch_size)
 

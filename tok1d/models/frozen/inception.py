@@ -18,11 +18,14 @@ Module names are the official ones (`Conv2d_1a_3x3`, `Mixed_5b`, `branch3x3dbl_2
 `fc`), so `tok1d.weights.convert.inception` maps `Mixed_5b.branch1x1.conv.weight` to
 `params["Mixed_5b"]["branch1x1"]["conv"]["kernel"]` and so on.
 
-`FIDInceptionV3` takes NHWC images in [0, 1] of any size, resizes them to 299x299 exactly like
-PyTorch's `F.interpolate(mode="bilinear", align_corners=False)` (no antialiasing; see
-`resize_bilinear`) and maps them to [-1, 1]; it returns pytorch-fid's four feature blocks
-("block0" .. "block2" as NHWC maps, "pool3" = the (B, 2048) FID feature) and the (B, 1008)
-"logits". Get the real weights with `python -m tok1d.cli.convert inception_fid` and load them with
+`FIDInceptionV3` takes NHWC images in [0, 1] of any size, resizes them to 299x299 without
+antialiasing (`resize_bilinear`) and scales them as `input_convention` says: "tf1" (the
+default: the TF graph's own input ops, TF1's bilinear resize of the 0-255 values and
+(x - 128) / 128, as ADM's evaluator and torch-fidelity compute them) or "pytorch_fid"
+(PyTorch's `F.interpolate(mode="bilinear", align_corners=False)` and 2x - 1, as pytorch-fid).
+It returns pytorch-fid's four feature blocks ("block0" .. "block2" as NHWC maps, "pool3" = the
+(B, 2048) FID feature), the (B, 1008) "logits" and "logits_unbiased" (the fc without its bias,
+which the Inception Score takes). Get the real weights with `python -m tok1d.cli.convert inception_fid` and load them with
 `tok1d.weights.loaders.load_inception`.
 """
 
@@ -300,7 +303,7 @@ class FIDInceptionV3(nn.Module):
 
     resize_input: bool = True
     input_size: int = INPUT_SIZE  # the resize target; FID is defined at 299 (smaller: tests)
-    input_convention: str = "pytorch_fid"
+    input_convention: str = "tf1"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
