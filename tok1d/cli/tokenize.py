@@ -291,17 +291,17 @@ def _check_plan(out_dir: str, split: str, plan: dict[str, Any]) -> None:
         raise ValueError(f"{out_dir} holds a prepared image dataset ({records.INFO_FILENAME}): "
                          "its shards are named like the token shards; write the tokens to "
                          "another --out.")
-    info_path = os.path.join(out_dir, tokens.INFO_FILENAME)
-    started = os.path.isfile(_plan_path(out_dir, split)) or (
-        os.path.isfile(info_path) and split in tokens.read_info(out_dir).get("splits", {}))
+    info = (tokens.read_info(out_dir)
+            if os.path.isfile(os.path.join(out_dir, tokens.INFO_FILENAME)) else None)
+    path = _plan_path(out_dir, split)
+    started = os.path.isfile(path) or (info is not None and split in info.get("splits", {}))
     pattern = _shard_pattern(split)
     strangers = sorted(n for n in os.listdir(out_dir) if pattern.match(n))
     if strangers and not started:
         raise ValueError(f"{out_dir} holds {len(strangers)} shard(s) of split {split!r} (e.g. "
                          f"{strangers[0]}) that no tokenize run started; use another --out or "
                          "remove them.")
-    if os.path.isfile(info_path):
-        info = tokens.read_info(out_dir)
+    if info is not None:
         diff = _differences(info, plan, _GLOBAL_KEYS)
         if diff:
             raise ValueError(f"{out_dir} holds tokens of another tokenizer ({'; '.join(diff)}); "
@@ -311,7 +311,6 @@ def _check_plan(out_dir: str, split: str, plan: dict[str, Any]) -> None:
             raise ValueError(f"{out_dir} already holds split {split!r} tokenized with other "
                              f"settings ({'; '.join(_plan_diff(done.get('plan') or {}, plan))}); "
                              "use another --out or delete that split's files.")
-    path = _plan_path(out_dir, split)
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             try:
@@ -484,7 +483,8 @@ def _start_split(out_dir: str, split: str, plan: dict[str, Any], names: list[str
             tokens.atomic_write_json(_plan_path(out_dir, split), plan)
     if not parallel.process_0_view([problem is None])[0]:
         raise problem or ValueError(f"Process 0 cannot write {out_dir} (see its log).")
-    exists = parallel.process_0_view([os.path.isfile(os.path.join(out_dir, name)) for name in names])
+    exists = parallel.process_0_view([os.path.isfile(os.path.join(out_dir, name))
+                                      for name in names])
     _sync("tok1d.cli.tokenize.plan")
     return exists
 

@@ -117,10 +117,10 @@ def start_or_resume(checkpointer: ckpt_lib.Checkpointer, abstract: TrainState,
 
     The batches start at the resumed step (`batches_from(step)`: each global batch depends only
     on its index, so a run resumes exactly on any number of hosts and data workers), the
-    first batch is drawn, and the step lowered and compiled for (the abstract state with its shardings, that batch)
-    in a background thread, under `mesh` and the logical axis `rules`, while the state is
-    restored or initialised; the step's first call with the state, under the same mesh and
-    rules, then reuses that executable.
+    first batch is drawn, and the step lowered and compiled for (the abstract state with its
+    shardings, that batch) in a background thread, under `mesh` and the logical axis `rules`,
+    while the state is restored or initialised; the step's first call with the state, under
+    the same mesh and rules, then reuses that executable.
     An error of the compilation is raised here."""
     latest = checkpointer.latest_step()
     if latest is not None:

@@ -25,8 +25,8 @@ default: the TF graph's own input ops, TF1's bilinear resize of the 0-255 values
 (PyTorch's `F.interpolate(mode="bilinear", align_corners=False)` and 2x - 1, as pytorch-fid).
 It returns pytorch-fid's four feature blocks ("block0" .. "block2" as NHWC maps, "pool3" = the
 (B, 2048) FID feature), the (B, 1008) "logits" and "logits_unbiased" (the fc without its bias,
-which the Inception Score takes). Get the real weights with `python -m tok1d.cli.convert inception_fid` and load them with
-`tok1d.weights.loaders.load_inception`.
+which the Inception Score takes). Get the real weights with `python -m tok1d.cli.convert
+inception_fid` and load them with `tok1d.weights.loaders.load_inception`.
 """
 
 from __future__ import annotations
