@@ -304,23 +304,42 @@ def test_a_wrong_quantizer_size_is_one_clear_error():
         Q.build("fsq", {"level": [5]}, detached=True)
 
 
-def test_clustering_vq_with_gradient_accumulation_is_refused():
-    """Each microbatch re-anchored dead codes on its own part of the batch and the codebooks
-    were averaged (a used code pulled half-way to another microbatch's feature, a dead code
-    onto the mean of two features): one clear config error instead."""
+def test_clustering_vq_reanchors_microbatch_after_microbatch_as_upstream():
+    """With grad_accum_steps=2 each microbatch re-anchors in turn and the next one sees its
+    codebook and usage (upstream writes both in place inside `accelerator.accumulate`): the
+    step equals two one-microbatch steps that change nothing else (a zero optimizer), and its
+    loss is their mean. (It used to average two re-anchorings of the same codebook.)"""
     import importlib.util
+    import optax
     from conftest import REPO
-    from tok1d.train import config_lib
+    from tok1d.train import config_lib, state as state_lib, tokenizer
     spec = importlib.util.spec_from_file_location("c", os.path.join(REPO, "configs/tiny_test.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     config = mod.get_config()
     config.model.update(quantizer="clustering_vq")
+    config.ema_decay = 0.0
     config.optim.grad_accum_steps = 2
-    with pytest.raises(config_lib.ConfigError, match="grad_accum_steps=2 with the clustering_vq"):
-        config_lib.validate(config, num_devices=1)
-    config.model.update(quantizer="vq")
     config_lib.validate(config, num_devices=1)
+    model = tokenizer.build_model(config)
+    tx, schedule = optax.set_to_zero(), lambda step: 0.0
+    x = jax.random.uniform(jax.random.key(9), (4, 32, 32, 3))
+    variables = init(model, x)
+    state = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                                 opt_state=tx.init(variables["params"]),
+                                 extras={"quantizer": variables[Q.STATE]})
+    accumulated, scalars, _ = jax.jit(tokenizer.make_train_step(model, tx, schedule, config))(
+        state, {"image": x}, {})
+    config.optim.grad_accum_steps = 1
+    one = jax.jit(tokenizer.make_train_step(model, tx, schedule, config))
+    first, s1, _ = one(state, {"image": x[0::2]}, {})  # microbatch m: rows m, m + 2
+    second, s2, _ = one(first, {"image": x[1::2]}, {})
+    codebook = lambda s: s.params["quantize"]["embedding"]  # noqa: E731
+    assert not np.allclose(codebook(first), codebook(second), atol=1e-4)  # both re-anchor
+    np.testing.assert_allclose(codebook(accumulated), codebook(second), atol=1e-6)
+    np.testing.assert_allclose(accumulated.extras["quantizer"]["quantize"]["embed_prob"],
+                               second.extras["quantizer"]["quantize"]["embed_prob"], atol=1e-7)
+    np.testing.assert_allclose(scalars["loss"], (s1["loss"] + s2["loss"]) / 2, rtol=1e-5)
 
 
 def test_a_skipped_non_finite_step_keeps_the_clustering_vq_codebook():

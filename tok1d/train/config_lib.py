@@ -509,12 +509,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
                             f"data-parallel size {batch_div}")
     except ValueError as e:
         problems.append(f"mesh: {e}")
-    accum = config.optim.grad_accum_steps
-    if accum > 1 and getattr(model, "quantizer", None) == "clustering_vq":
-        problems.append(f"optim.grad_accum_steps={accum} with the clustering_vq quantizer: it "
-                        "re-anchors dead codes on the nearest features of the whole batch, and "
-                        "each microbatch would re-anchor on its own part (use "
-                        "grad_accum_steps=1)")
 
     if tokenizer_section:
         problems += _tokenizer_problems(config)

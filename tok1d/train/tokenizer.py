@@ -218,15 +218,21 @@ def make_train_step(model: nn.Module, tx, schedule, config,
     base_rng = jax.random.key(config.seed + 1)
     levels = model.codes_per_token  # residual VQ: per-level code statistics
 
-    def micro_step(state, collections, images_, rng, frozen, flags, draws):
+    def micro_step(state, carry, images_, rng, frozen, flags, draws):
         """One microbatch: the objective and its grads, then the discriminator's loss and grads
-        on the detached outputs. Returns (summable results, the advanced collections)."""
+        on the detached outputs. `carry`: (the discriminator's collections, None or the
+        clustering VQ's (usage EMA, re-anchored codebooks) so far). Returns (summable results,
+        the advanced carry)."""
         active, aux_on = flags
+        collections, quantizer = carry
         g_rng, d_rng = jax.random.split(rng)
         gan_state = state.extras["gan"] if gan is not None else None
-        q_state = (state.extras or {}).get("quantizer")
+        params, q_state = state.params, None
+        if quantizer is not None:  # as upstream, each forward sees the codes the last re-anchored
+            q_state, codebooks = quantizer
+            params = quantizers.merge_param_updates(params, codebooks)
         (loss, (terms, extras, outs, collections)), grads = g_grad(
-            state.params, images_, frozen, gan_state, collections, active, aux_on, g_rng, draws,
+            params, images_, frozen, gan_state, collections, active, aux_on, g_rng, draws,
             q_state)
         if model.outputs_pixels:
             extras["psnr"] = jnp.mean(psnr(to_unit(outs["pixels"]), images_))
@@ -234,9 +240,9 @@ def make_train_step(model: nn.Module, tx, schedule, config,
             hist = codebook_lib.code_histogram(outs["codes"], model.num_codes, levels=levels)
             extras["batch_perplexity"] = codebook_lib.perplexity(hist)
         result = dict(loss=loss, terms=terms, extras=extras, grads=grads)
-        if q_state is not None:  # (clustering VQ: validate refuses grad_accum_steps > 1)
-            result.update(quantizer_state=outs["quantizer_state"],
-                          param_updates=outs["param_updates"])
+        if quantizer is not None:  # (a frozen quantizer, in eval mode, re-anchors nothing)
+            quantizer = (outs["quantizer_state"],
+                         quantizers.merge_param_updates(quantizer[1], outs["param_updates"]))
         if gan is not None:
             direct = outs.get("shortcut_pixels")
             if direct is not None and gan.direct_fake == "reconstruction":
@@ -246,7 +252,7 @@ def make_train_step(model: nn.Module, tx, schedule, config,
                 d_rng, None if direct is None else jax.lax.stop_gradient(direct),
                 active * aux_on, draws)
             result.update(d_loss=dl, d_means=means, d_grads=dg)
-        return result, collections
+        return result, (collections, quantizer)
 
     def train_step(state: TrainState, batch, frozen):
         rng = jax.random.fold_in(base_rng, state.step)
@@ -259,15 +265,17 @@ def make_train_step(model: nn.Module, tx, schedule, config,
         if draws and accum > 1:
             raise ValueError("batch['draws'] (recorded random draws) needs grad_accum_steps=1.")
         collections = state.extras["gan"].collections if gan is not None else None
-        r, collections = step_lib.accumulate(
+        q_state = (state.extras or {}).get("quantizer")
+        quantizer = (None if q_state is None else
+                     (q_state, quantizers.codebooks_of(state.params, q_state)))
+        r, (collections, quantizer) = step_lib.accumulate(
             lambda c, b, k: micro_step(state, c, b["image"], k, frozen, (active, aux_on), draws),
-            collections, {"image": batch["image"]}, rng, accum)
+            (collections, quantizer), {"image": batch["image"]}, rng, accum)
         loss = r["loss"]
         old = state  # what a non-finite step falls back to (before any re-anchoring)
-        if "quantizer_state" in r:  # clustering VQ: re-anchored codes, then the optimizer step
-            state = state.replace(
-                params=quantizers.merge_param_updates(state.params, r["param_updates"]),
-                extras={**state.extras, "quantizer": r["quantizer_state"]})
+        if quantizer is not None:  # clustering VQ: re-anchored codes, then the optimizer step
+            state = state.replace(params=quantizers.merge_param_updates(state.params, quantizer[1]),
+                                  extras={**state.extras, "quantizer": quantizer[0]})
         new, grad_norm, finite = step_lib.apply_gradients(
             state, r["grads"], tx, ema_decay=config.ema_decay, ema_warmup=config.ema_warmup)
         finite = finite & jnp.isfinite(loss)
@@ -541,7 +549,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         trunk = load_disc_trunk(config, t.gan.disc) if t.gan is not None else None
         if trunk is not None:
             gan_state = state.extras["gan"]
-            params = {**gan_state.params, "trunk": parallel.put_like(trunk, gan_state.params["trunk"])}
+            params = {**gan_state.params,
+                      "trunk": parallel.put_like(trunk, gan_state.params["trunk"])}
             state = state.replace(extras={**state.extras,
                                           "gan": gan_state.replace(params=params)})
             log(f"Discriminator trunk loaded from {config.discriminator.weights}.")

@@ -40,7 +40,7 @@ import flax.linen as nn
 from tok1d.models.presets import check_kwargs
 from tok1d.models.quantizers.binary import BSQ, LFQ, bits_to_codes, codes_to_signs
 from tok1d.models.quantizers.clustering import (STATE, UPDATES, ClusteringVectorQuantizer,
-                                                merge_param_updates)
+                                                codebooks_of, merge_param_updates)
 from tok1d.models.quantizers.common import (HIGHEST, entropy_loss, entropy_terms, l2_normalize,
                                             rotate_onto, straight_through, symmetric_uniform)
 from tok1d.models.quantizers.fsq import FSQ
@@ -66,8 +66,8 @@ NOT_APPLICABLE = ("rotation_trick",)  # ignored, not an error, outside the VQ fa
 
 __all__ = ["BSQ", "ClusteringVectorQuantizer", "DiagonalGaussian", "FSQ", "HIGHEST", "LFQ",
            "QUANTIZERS", "ResidualVQ", "STATE", "SimVQ", "UPDATES", "VQ_FAMILY", "VQ_SETTINGS",
-           "VectorQuantizer", "bits_to_codes", "build", "codes_to_signs", "entropy_loss",
-           "entropy_terms", "for_tokenizer", "l2_normalize", "lookup_codes",
+           "VectorQuantizer", "bits_to_codes", "build", "codebooks_of", "codes_to_signs",
+           "entropy_loss", "entropy_terms", "for_tokenizer", "l2_normalize", "lookup_codes",
            "merge_param_updates", "rotate_onto", "straight_through", "symmetric_uniform",
            "whole_tokens"]
 

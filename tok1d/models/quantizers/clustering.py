@@ -14,7 +14,9 @@ forward with `train=True` and the collections "quantizer_state" (the usage EMA `
 and "param_updates" mutable stores the new usage and the re-anchored `embedding` under the
 param's own path; `merge_param_updates` writes those into the params (the trainer does it
 before the optimizer step, as upstream). Without those collections mutable nothing changes.
-The batch is the global batch (upstream gathers it over all devices).
+The batch is the global batch (upstream gathers it over all devices). With gradient
+accumulation each microbatch's forward re-anchors in turn and the next one sees its codes and
+usage, as upstream's in-place writes under `accelerator.accumulate`.
 """
 
 from __future__ import annotations
@@ -60,6 +62,16 @@ class ClusteringVectorQuantizer(VectorQuantizer):
             if self.is_mutable_collection(UPDATES):
                 self.put_variable(UPDATES, "embedding", anchored.astype(self.param_dtype))
         return z_st, aux
+
+
+def codebooks_of(params, state):
+    """The codebooks (`embedding` params) of the clustering quantizers whose usage EMAs `state`
+    (the collection "quantizer_state") holds: a tree mirroring part of `params`, the shape of
+    their "param_updates"."""
+    flat = traverse_util.flatten_dict(params)
+    return traverse_util.unflatten_dict({
+        key[:-1] + ("embedding",): flat[key[:-1] + ("embedding",)]
+        for key in traverse_util.flatten_dict(state)})
 
 
 def merge_param_updates(params, updates):
