@@ -7,6 +7,7 @@ its name says and an unreachable file each refused with one line, nothing half-w
 import functools
 import hashlib
 import http.server
+import json
 import logging
 import os
 import re
@@ -145,6 +146,28 @@ def test_hub_cache_offline_then_the_tok1d_cache(tiny_bin, cache, offline_hub, mo
     _assert_same(again, tiny_bin[0])
     # Every loader takes the name (here: init from released weights).
     assert common.flatten(loaders.load_params("rar_tiny")).keys() == common.flatten(params).keys()
+
+
+def test_a_conversion_by_older_converters_is_converted_again(tiny_bin, cache, offline_hub,
+                                                            monkeypatch):
+    """A cached conversion records the converters' version; after a converter change (the
+    version bumped) the next load converts again instead of serving the old output. A directory
+    without the record (tok1d before it) counts as version 1."""
+    _entry(monkeypatch, "rar_tiny", "hf://tok1d-test/tiny-rar/rar_tiny.bin")
+    _hub_cache(offline_hub, "tok1d-test/tiny-rar", "rar_tiny.bin", tiny_bin[1])
+    final = cache / "rar_tiny"
+    assert loaders.resolve("rar_tiny") == str(final)
+    record = final / loaders.CONVERSION_FILE
+    assert json.loads(record.read_text())["version"] == loaders.CONVERSION_VERSION == 1
+    (final / "sentinel").write_text("the first conversion")
+    record.unlink()  # as an earlier tok1d left it: still version 1, used as it is
+    assert loaders.resolve("rar_tiny") == str(final) and (final / "sentinel").exists()
+    monkeypatch.setattr(loaders, "CONVERSION_VERSION", 2)
+    assert loaders.resolve("rar_tiny") == str(final)
+    assert not (final / "sentinel").exists() and not _leftovers(cache)
+    assert json.loads(record.read_text())["version"] == 2
+    _, params = loaders.load("rar_tiny")
+    _assert_same(params, tiny_bin[0])
 
 
 def test_url_download_then_cache_hit_with_the_server_stopped(tiny_bin, cache, server,

@@ -439,6 +439,12 @@ def load_inception(path: str, **model_overrides: Any
 PERCEPTUAL_KINDS = tuple(perceptual_files.WEIGHT_FILES)  # converted to OUT/<file>.npz
 CONVERT_KINDS = OFFICIAL_KINDS + PERCEPTUAL_KINDS
 
+# The converters' output version. Bump it when a converter's output changes (a fixed key map, a
+# new layout): every cached conversion of an older version is converted again on first use. A
+# cached directory records it in CONVERSION_FILE; one without (tok1d before the file) is 1.
+CONVERSION_VERSION = 1
+CONVERSION_FILE = ".tok1d_conversion.json"
+
 
 def check_expected(model: nn.Module, kind: str, expect: Mapping[str, Any], what: str) -> None:
     """ConversionError when the converted model lacks the arguments a released name promises
@@ -540,7 +546,8 @@ def resolve(source: str, kind: Optional[str] = None, cache_dir: Optional[str] = 
     if os.path.isdir(final):
         if _complete(final):
             return final
-        if jax.process_index() == 0:  # left without weights by an older tok1d on a pod
+        # left without weights by an older tok1d on a pod, or an older converter's output
+        if jax.process_index() == 0:
             download.discard_dir(final)
     files = {role: download.fetch(f, cache_dir) for role, f in sources.items()}
     if vgg:
@@ -550,6 +557,8 @@ def resolve(source: str, kind: Optional[str] = None, cache_dir: Optional[str] = 
     try:
         convert_official(kind, files["checkpoint"], tmp, vgg=files.get("vgg"), expect=expect,
                          source=source, **options)
+        with open(os.path.join(tmp, CONVERSION_FILE), "w", encoding="utf-8") as f:
+            json.dump({"version": CONVERSION_VERSION, "kind": kind, "source": source}, f)
         if not layout.lacks_weights(tmp):
             return download.replace_dir(tmp, final)
         # On a pod every process converts (orbax's save is collective) but only process 0's
@@ -560,9 +569,24 @@ def resolve(source: str, kind: Optional[str] = None, cache_dir: Optional[str] = 
 
 
 def _complete(final: str) -> bool:
-    """A cached conversion that can be used: there, and not without its weights (checked in
-    this order: process 0 may be setting a directory without weights aside meanwhile)."""
-    return not layout.lacks_weights(final) and os.path.isdir(final)
+    """A cached conversion that can be used: there, not without its weights (checked in this
+    order: process 0 may be setting a directory without weights aside meanwhile), and made by
+    this tok1d's converters (`CONVERSION_VERSION`)."""
+    return (not layout.lacks_weights(final) and os.path.isdir(final)
+            and _conversion_version(final) == CONVERSION_VERSION)
+
+
+def _conversion_version(final: str) -> Optional[int]:
+    """The converters' version a cached directory records (1 without the file); None when it
+    cannot be read (being set aside, damaged)."""
+    path = os.path.join(final, CONVERSION_FILE)
+    if not os.path.exists(path):
+        return 1 if os.path.isdir(final) else None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f).get("version")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _wait_for_process_0(final: str, source: str, timeout_s: float = 120.0) -> str:
