@@ -94,7 +94,7 @@ def get_config():
         num_grid_images=40,
         model=dict(name="maskgit", arch="vit", codebook_size=256, num_tokens=16,
                    num_classes=10, width=128, depth=4, num_heads=4, mlp_dim=512,
-                   dropout_rate=0.1),
+                   dropout_rate=0.1, attention_dropout=0.0),
         optim=dict(lr=1e-3, end_lr=1e-5, warmup_steps=100, b2=0.96, weight_decay=0.03),
         sampling=dict(num_steps=8, guidance_scale=2.0, guidance_schedule="constant",
                       randomize_temperature=1.0),

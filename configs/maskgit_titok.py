@@ -38,7 +38,8 @@ official generator YAML the same way. The released generators convert with
 from tok1d import recipes
 
 # Generator architecture, the tokenizer's token count, and the released sampling settings.
-# The BERT generators ("vit") use dropout 0.1 (their default); UViTBert has none.
+# The BERT generators ("vit") use dropout and attention dropout 0.1 (their defaults); UViTBert
+# has none.
 VARIANTS = {
     "l32": dict(arch="vit", num_tokens=32,
                 sampling=dict(num_steps=8, guidance_scale=4.5, guidance_schedule="linear",

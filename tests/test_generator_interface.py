@@ -49,3 +49,34 @@ def test_the_tokenizer_trainer_takes_the_ar_probe_by_injection(tmp_path):
     with pytest.raises(config_lib.ConfigError, match="no AR probe was given"):
         tokenizer.train_and_evaluate(config, str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+def test_the_bert_generator_drops_attention_probabilities_in_training_as_upstream():
+    """The official ImageBert passes `attn_drop` (0.1 in maskgit.yaml) to BERT's
+    attention_probs_dropout_prob: tok1d's MaskGITBert drops attention probabilities in training
+    only, and the official config's value reaches it."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from tok1d.weights.convert import maskgit as convert_maskgit
+    official = {"model": {"vq_model": {"codebook_size": 16, "num_latent_tokens": 4},
+                          "generator": {"hidden_size": 16, "num_hidden_layers": 1,
+                                        "num_attention_heads": 2, "intermediate_size": 32,
+                                        "condition_num_classes": 3, "dropout": 0.0,
+                                        "attn_drop": 0.5}}}
+    kw = convert_maskgit.kwargs_from_official(official)
+    assert kw["attention_dropout"] == 0.5 and kw["dropout_rate"] == 0.0
+    kw.pop("arch")
+    tokens, labels = jnp.array([[1, 16, 3, 16]]), jnp.array([2])
+
+    def run(model, train, seed=0):
+        params = model.init(jax.random.key(0), tokens, labels)["params"]
+        return np.asarray(model.apply({"params": params}, tokens, labels, train=train,
+                                      rngs={"dropout": jax.random.key(seed)}))
+
+    model = maskgit.MaskGITBert(**kw)
+    assert not np.allclose(run(model, True, 1), run(model, True, 2))
+    np.testing.assert_array_equal(run(model, False, 1), run(model, False, 2))
+    off = model.clone(attention_dropout=0.0)
+    np.testing.assert_allclose(run(off, True, 1), run(off, False), rtol=1e-6, atol=1e-6)
+    assert maskgit.MaskGITBert.attention_dropout == 0.1  # maskgit.yaml's attn_drop

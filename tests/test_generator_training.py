@@ -54,7 +54,8 @@ def tiny_config(kind: str, tokens: str, tokenizer: str, steps: int = 24):
     c.generator.num_sample_classes = 4
     common = dict(num_tokens=8, num_classes=10, width=32, depth=2, num_heads=2, mlp_dim=64)
     if kind == "maskgit":
-        c.model = dict(name="maskgit", arch="vit", codebook_size=64, dropout_rate=0.0, **common)
+        c.model = dict(name="maskgit", arch="vit", codebook_size=64, dropout_rate=0.0,
+                       attention_dropout=0.0, **common)
         c.sampling = dict(num_steps=4, guidance_scale=1.0, randomize_temperature=1.0)
     elif kind == "rar":  # permuted until step 6, then less and less: raster from step 18
         c.model = dict(name="rar", vocab_size=64, dropout_rate=0.0, attention_dropout=0.0,

@@ -15,10 +15,8 @@ and unmasked-token weight, the class-label dropout, the arccos masking of
 test (tests/test_train_parity_maskgit.py) builds its model and optimizer through it from the
 `meta.config` of every `train_maskgit*.npz` fixture.
 
-Not reproduced (deliberate; everything else is):
-  * the BERT generator's attention-probability dropout (`attn_drop`): tok1d's attention has no
-    dropout (0 in the fixtures; the released YAML uses 0.1 -- a regulariser, not a numeric
-    difference of the step);
+Not reproduced (deliberate; everything else is, the BERT generator's attention-probability
+dropout `attn_drop` included):
   * accelerate's multi-process mechanics: the global batch is `per_gpu_batch_size x
     num_processes x gradient_accumulation_steps` with `optim.grad_accum_steps` microbatches
     (the official scheduler horizon is multiplied by num_processes and accelerate steps it

@@ -132,12 +132,12 @@ class MaskGITBert(_GeneratorBase):
     row 0, then LayerNorm and dropout; `lm_head` (with bias, not tied) on positions 1..N.
 
     Dropout (`dropout_rate`, the official `dropout` 0.1) acts after the embedding LayerNorm and on
-    both residual branches, only with `train=True` (rng "dropout"). The official model also drops
-    attention probabilities (`attn_drop` 0.1); this port does not pass it on (the shared blocks'
-    `attention_dropout` could), so that regulariser is not reproduced in training (inference is
-    unaffected).
+    both residual branches, `attention_dropout` (the official `attn_drop` 0.1, BERT's
+    `attention_probs_dropout_prob`) on the attention probabilities; both only with `train=True`
+    (rng "dropout"). Inference is unaffected.
     """
 
+    attention_dropout: float = 0.1
     scan: bool = True
     remat: str = "none"
 
@@ -157,7 +157,8 @@ class MaskGITBert(_GeneratorBase):
         x = nn.Dropout(self.dropout_rate, deterministic=not train or not self.dropout_rate)(x)
         x = transformer.Transformer(
             depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim, pre_norm=False,
-            norm_eps=1e-12, activation="gelu", dropout_rate=self.dropout_rate, scan=self.scan,
+            norm_eps=1e-12, activation="gelu", dropout_rate=self.dropout_rate,
+            attention_dropout=self.attention_dropout, scan=self.scan,
             qkv_init=transformer.default_kernel_init,  # HF BERT: every Linear starts N(0, 0.02)
             remat=self.remat, attention_impl=self.attention_impl, dtype=self.dtype,
             param_dtype=self.param_dtype, name="transformer")(x, None, not train)

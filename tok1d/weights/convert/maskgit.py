@@ -50,6 +50,7 @@ def kwargs_from_official(config: Mapping[str, Any]) -> dict[str, Any]:
               num_heads=int(gen["num_attention_heads"]), mlp_dim=int(gen["intermediate_size"]))
     if arch == "vit":  # UViTBert ignores the config's dropout (its blocks use 0)
         kw["dropout_rate"] = float(gen.get("dropout", 0.1))
+        kw["attention_dropout"] = float(gen.get("attn_drop", 0.1))
     return kw
 
 
@@ -98,7 +99,9 @@ def infer_kwargs(state_dict: Mapping[str, np.ndarray],
         raise ConversionError(f"not a TiTok generator checkpoint: key {e} is missing") from e
     kw.update(codebook_size=k, num_classes=vocab - k - 2, width=width, num_heads=heads)
     if config is not None and kw["arch"] == "vit":
-        kw["dropout_rate"] = float(_generator_section(config)[0].get("dropout", 0.1))
+        gen = _generator_section(config)[0]
+        kw["dropout_rate"] = float(gen.get("dropout", 0.1))
+        kw["attention_dropout"] = float(gen.get("attn_drop", 0.1))
     return kw
 
 
