@@ -159,7 +159,10 @@ def tokenizer(preset: str, *, train_new: bool = False, dino_disc: bool = False):
         o.eps = 1e-8
         o.weight_decay = 1e-4
         o.grad_clip = 10.0
-        o.decay_mask = p["decay_mask"]
+    # The FSDP trainer (XL-XXL) groups the tokenizer's params by name; both trainers give the
+    # discriminator a plain AdamW that decays every parameter.
+    config.optim.decay_mask = p["decay_mask"]
+    config.disc_optim.decay_mask = "all"
     d = config.discriminator
     d.name = "patchgan"
     d.loss = "hinge"

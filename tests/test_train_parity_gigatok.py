@@ -250,6 +250,12 @@ def compare_tokenizer_state(report: tp.Report, z: tp.Fixture, config, sd, conver
     moments(report, z, "final", "adam", tmap, states["final"].opt_state,
             (bounds.later_moments,) * 2)
     decay_groups(report, "tokenizer", tmap, meta["param_groups"]["all"], config.optim, params0)
+    # GigaTok's FSDP trainer (the XL-XXL recipe's "no_norm"): decay where the official
+    # parameter name lacks "norm" (its `ln_pre` / `ln_post` are decayed)
+    fsdp = config.optim.copy_and_resolve_references()
+    fsdp.decay_mask = "no_norm"
+    decay_groups(report, "tokenizer, FSDP trainer's rule", tmap,
+                 [k for k in meta["param_groups"]["all"] if "norm" not in k], fsdp, params0)
 
 
 def build(z: tp.Fixture, phase_programs: bool = True):

@@ -85,8 +85,8 @@ TITOK_NO_DECAY_NAMES = "ln,bias,latent_tokens,mask_token,embedding,norm,gamma,em
 def decay_mask(params: Any, which: str = "kernels", exclude: tuple[str, ...] = ()) -> Any:
     """Which params get weight decay: "kernels" (matrices and conv kernels; not norms, biases,
     embeddings, codebooks), "all" (torch AdamW on every parameter, as GigaTok's DDP trainer) or
-    "no_norm" (all but params under a module whose name contains "norm", GigaTok's FSDP
-    trainer) or "matrices" (what LlamaGen's GPT optimizer selects with torch's `ndim >= 2`:
+    "no_norm" (all but params whose official name contains "norm", GigaTok's FSDP trainer:
+    under a module named norm1 / norm_out / ..., not tok1d's own inner "norm") or "matrices" (what LlamaGen's GPT optimizer selects with torch's `ndim >= 2`:
     every matrix and embedding table; not norm scales and biases, whatever their tok1d shape).
     `exclude`: substrings of the '/'-joined parameter path that exclude a parameter from decay
     (`optim.no_decay_names`, e.g. `TITOK_NO_DECAY_NAMES`). Frozen leaves (optax MaskedNode) are
@@ -103,8 +103,9 @@ def decay_mask(params: Any, which: str = "kernels", exclude: tuple[str, ...] = (
             return False
         if which == "all":
             return True
-        if which == "no_norm":
-            return not any("norm" in str(p) for p in path)
+        if which == "no_norm":  # on the official names: tok1d's LayerNorm wrapper adds an
+            # inner module "norm" they lack (official `ln_pre` is tok1d's ln_pre/norm)
+            return not any("norm" in str(p) for p in path if p != "norm")
         if which == "matrices":  # torch's ndim >= 2: not norm scales / biases, whose tok1d
             # leaves can be 2-D (stacked by a scanned layer stack, per-head attention biases)
             return value.ndim >= 2 and path[-1] not in ("scale", "bias")
