@@ -333,6 +333,17 @@ def test_each_phase_gets_its_own_program_without_what_is_off():
             hlo = fn.lower(shapes, {"image": batch}, t.frozen).as_text()
             convs[name] = hlo.count("stablehlo.convolution")
     assert convs["last"] < 0.8 * convs["single"], convs
+    # Before D's start no discriminator is called (upstream skips D's step and logs its
+    # generator term 0): phase 0's program has the convolutions of a run without a GAN.
+    with config.unlocked():
+        config.phase_programs = True
+        config.losses.gan = 0.0
+    no_gan = tokenizer.build_training(config, mesh, rules, batch_sh)
+    shapes_no_gan = checkpoint.abstract_with_shardings(no_gan.abstract, no_gan.shardings)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        before = t.steps.at(0).lower(shapes, {"image": batch}, t.frozen).as_text()
+        without = no_gan.steps.at(0).lower(shapes_no_gan, {"image": batch}, t.frozen).as_text()
+    assert before.count("stablehlo.convolution") == without.count("stablehlo.convolution")
 
 
 def test_the_overlap_phase_program_steps_like_the_single_program():

@@ -163,8 +163,12 @@ class GANObjective:
                                       train=True)
         return logits, dict(new)
 
-    def g_term(self, params, collections, fake, rng, draws=None, call="g/rec"):
-        """(unweighted generator loss of D(fake), new collections)."""
+    def g_term(self, params, collections, fake, rng, draws=None, call="g/rec", active=None):
+        """(unweighted generator loss of D(fake), new collections). In a step compiled before
+        D's start (`active` a Python 0) D is not called: 0 (what upstream logs), the
+        collections unchanged."""
+        if losses.static_flag(active) is False:
+            return jnp.zeros((), jnp.float32), collections
         logits, collections = self.apply(params, collections, fake, rng, draws, call)
         return self.g_loss_fn(logits), collections
 
@@ -202,11 +206,21 @@ class GANObjective:
         return loss, (means, collections)
 
     def d_loss_and_grads(self, state: GANState, collections, real, fake, rng, direct=None,
-                         direct_on=0.0, draws=None):
+                         direct_on=0.0, draws=None, active=None):
         """`d_loss` and its gradients with respect to the discriminator's params:
-        ((loss, (means, collections)), grads)."""
-        return jax.value_and_grad(self.d_loss, has_aux=True)(
-            state.params, collections, state.lecam, real, fake, rng, direct, direct_on, draws)
+        ((loss, (means, collections)), grads). In a step compiled before D's start (`active`
+        a Python 0) D is not called, as upstream skips its step: zeros of the same structure
+        and the collections unchanged."""
+        def run():
+            return jax.value_and_grad(self.d_loss, has_aux=True)(
+                state.params, collections, state.lecam, real, fake, rng, direct, direct_on,
+                draws)
+
+        if losses.static_flag(active) is not False:
+            return run()
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(run))
+        (loss, (means, _)), grads = zeros
+        return (loss, (means, collections)), grads
 
     def update(self, state: GANState, grads, means, collections, active
                ) -> tuple[GANState, dict[str, jax.Array]]:

@@ -115,7 +115,7 @@ def make_loss_fn(model: nn.Module, weights: Mapping[str, float], nets: terms_lib
         scale = {k: w * aux_on if k in warmup else w for k, w in weights.items()}
         if gan is not None:
             terms["gan"], collections = gan.g_term(gan_state.params, collections, out, disc_rng,
-                                                   draws, "g/rec")
+                                                   draws, "g/rec", active)
         outputs, extras = {"pixels": out}, {}
         if "shortcut" in weights:
             def shortcut_on():
@@ -130,7 +130,7 @@ def make_loss_fn(model: nn.Module, weights: Mapping[str, float], nets: terms_lib
                 aux_on > 0, shortcut_on, shortcut_off)
             extras.update({f"shortcut_{k}": v for k, v in parts.items()})
         total = losses.weighted_sum(scale, {k: v for k, v in terms.items() if k != "gan"})
-        if gan is not None and losses.static_flag(active) is not False:  # off: logged only
+        if gan is not None and losses.static_flag(active) is not False:  # traced: logged off
             total = total + gan_weight * active * terms["gan"]
         extras.update({f"quantizer_{part}": aux.losses[part]
                        for part, term in QUANTIZER_PARTS.items()

@@ -202,7 +202,9 @@ def make_train_step(model: nn.Module, tx, schedule, config,
     "diffaug/<call>/{flags,rand01}" (`adversarial.DISC_CALLS`).
 
     Every D call of the step (the generator's included) advances the discriminator's non-param
-    collections (BatchNorm running stats, spectral-norm vectors). Discriminator scalars: d_loss
+    collections (BatchNorm running stats, spectral-norm vectors). A phase step before D's start
+    calls no D (as upstream, which skips D's step and logs its generator term as 0): the D
+    scalars and loss_gan log 0. Discriminator scalars: d_loss
     (what D minimises), d_adv_loss (d_weight * D-loss on x_hat), d_shortcut_adv_loss /
     d_direct_logits_fake (the direct call's weighted D-loss and mean logit), d_grad_norm (before
     clipping), d_lr (the LR of its update; 0 when D is not trained).
@@ -250,7 +252,7 @@ def make_train_step(model: nn.Module, tx, schedule, config,
             (dl, (means, collections)), dg = gan.d_loss_and_grads(
                 gan_state, collections, to_model(images_), jax.lax.stop_gradient(outs["pixels"]),
                 d_rng, None if direct is None else jax.lax.stop_gradient(direct),
-                active * aux_on, draws)
+                active * aux_on, draws, active)
             result.update(d_loss=dl, d_means=means, d_grads=dg)
         return result, (collections, quantizer)
 
