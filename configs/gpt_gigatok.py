@@ -12,7 +12,7 @@ gFID with the CFG scale from a line search with the `step` schedule (the search 
 `sampling.cfg_scale`). Run (b shown; `gigatok_b_l/` is the converted or trained tokenizer):
 
     python -m tok1d.cli.tokenize --tokenizer=gigatok_b_l/ --data=tfds:imagenet2012 --split=train \\
-        --crop=center --flip --out=/gcs/BUCKET/tokens_gigatok_b_l
+        --crop=ten_crop --batch_size=64 --out=/gcs/BUCKET/tokens_gigatok_b_l
     python -m tok1d.cli.tokenize --tokenizer=gigatok_b_l/ --data=tfds:imagenet2012 \\
         --split=validation --out=/gcs/BUCKET/tokens_gigatok_b_l
     python -m tok1d.main --config=configs/gpt_gigatok.py:b --workdir=/gcs/BUCKET/gpt_b \\
@@ -26,6 +26,13 @@ gFID with the CFG scale from a line search with the `step` schedule (the search 
         --tokenizer=TOK --out=eval/ --inception=inception_fid/ \\
         --reference=VIRTUAL_imagenet256_labeled.npz
 
+Training tokens: the ten crops of GigaTok's code extraction (scripts/extract_code_c2i.sh:
+`extract_codes_c2i.py --ten-crop --crop-range 1.1`; ADM's center crop to 281 px, then the
+four corner and center 256 crops and their mirrors), one drawn per example each time, as its
+`CustomDataset` does (10 encodes per image: a smaller tokenize batch). The composite script's
+default (`DATASET=imagenet`) tokenizes a fresh ADM random crop + flip every step instead, which
+tok1d's token datasets do not do.
+
 Recipe (GigaTok's autoregressive/train/train_c2i.py as scripts/composite_cmd/
 train_c2i_and_eval.sh calls it): next-token CE, class dropout 0.1, token / residual dropout
 0.1; AdamW lr 1e-4, betas (0.9, 0.95), wd 0.05 on >= 2-D params incl. embeddings, clip 1.0,
@@ -34,7 +41,9 @@ train_c2i does (step 1 at the base LR: `tok1d.recipes.llamagen_train_c2i`, check
 official step by tests/test_train_parity_gpt.py); 300 epochs; no EMA (the script does not pass
 --ema; ema_decay=0.9999 is the official option). Sampling: CFG with the `step` schedule
 (window_start 0.18), temperature 1, no top-k / top-p. GigaTok's AR probing stops GPT-B at 250k
-steps in the constant phase (--config.total_steps=250000 --config.optim.decay_fraction=0).
+steps in the constant phase, without warm-up (--config.total_steps=250000
+--config.optim.decay_fraction=0 --config.optim.warmup_steps=0: train_vq_and_eval.sh's
+WARM_ITER=0).
 Released GPT checkpoints convert with `tok1d convert gpt --checkpoint=GPT_B.pt --out=gpt_b/`;
 `tok1d.official.gpt.config_from_official` maps any train_c2i run the same way.
 """

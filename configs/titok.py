@@ -37,8 +37,11 @@ Stage 1 (configs/training/TiTok/stage1/titok_*.yaml): 4096 x 12 l2-normalised co
 decoder's 1024-way head predicts the frozen MaskGIT-VQGAN's 16 x 16 codes (cross-entropy) +
 VQ codebook / commitment (0.25) losses; AdamW betas (0.9, 0.99), 10k warm-up, 1M steps. CE
 starts at ln 1024 = 6.9 and ends near 3.0 (maintainers, S-128). The teacher file is read
-directly or after `tok1d convert maskgit_vqgan --checkpoint=FILE --out=DIR`; new models use the
-clean per-token projection (legacy_reshape=False; the released weights need True).
+directly or after `tok1d convert maskgit_vqgan --checkpoint=FILE --out=DIR`. The official
+stage-1 / stage-2 YAMLs leave `is_legacy` at its default True, so the encoder's projection to
+the token dim reads the raw reshape of the latents (tokens mixed; research/titok.md 1.3), as the
+released weights do: legacy_reshape=True here (`--config.model.legacy_reshape=False`: the
+per-token projection of the single-stage models).
 
 Stage 2 (configs/training/TiTok/stage2/titok_*.yaml): starts from the stage-1 weights (EMA)
 and the MaskGIT-VQGAN decoder + codebook; encoder, latent tokens and codebook frozen; L2 +
@@ -48,9 +51,9 @@ the official scheduler's quirks for 8 GPUs); betas (0.9, 0.999), 5k warm-up, 500
 
 Single stage (maintainers, issues #67 / #82; loss settings of the TA-TiTok configs): L2 1.0 +
 perceptual 1.1 x (LPIPS + 0.1 ConvNeXt-S logits) / 1.1 + 0.1 hinge GAN from step 200k with
-LeCam 0.001; VQ losses (8192 x 64 codebook, no l2, commitment 0.25) or KL 1e-6 (VAE);
-betas (0.9, 0.999), 10k warm-up, 1M steps. The official VQ-8k runs also re-anchored rarely
-used codes (clustering_vq); not included.
+LeCam 0.001; VQ losses (8192 x 64 codebook, no l2, commitment 0.25, rarely used codes
+re-anchored on the batch's features: TA-TiTok's `clustering_vq: True`) or KL 1e-6 (VAE);
+betas (0.9, 0.999), 10k warm-up, 1M steps.
 
 All: AdamW lr 1e-4, wd 1e-4, cosine to 1e-5, clip 1.0, EMA 0.999, batch 256, bf16 compute,
 FSDP over all devices, with the official step's semantics (`tok1d.recipes.titok_train_utils`,
@@ -140,9 +143,10 @@ ATTENTION = "xla"
 
 
 def two_stage_model(sizes: dict) -> dict:
-    """4096 x 12 l2-normalised codebook and the 1024-way proxy-code head."""
+    """4096 x 12 l2-normalised codebook and the 1024-way proxy-code head; the official
+    `is_legacy` default (True: the raw-reshape token projection)."""
     return dict(name="titok", patch_size=16, codebook_size=4096, token_dim=12, l2_norm=True,
-                decoder_head="logits", num_proxy_codes=1024, remat="dots",
+                decoder_head="logits", num_proxy_codes=1024, legacy_reshape=True, remat="dots",
                 nested_dropout=NESTED_DROPOUT, attention_impl=ATTENTION, **sizes)
 
 
@@ -186,7 +190,8 @@ def single_stage(sizes: dict):
     if vae:
         config.model["token_dim"] = 16
     else:
-        config.model.update(codebook_size=8192, token_dim=64, l2_norm=False)
+        config.model.update(quantizer="clustering_vq", codebook_size=8192, token_dim=64,
+                            l2_norm=False)
     config.losses.l2 = 1.0
     config.losses.quantizer = 0.0 if vae else 1.0
     config.losses.kl = 1e-6 if vae else 0.0

@@ -90,6 +90,35 @@ def test_tokenize_reads_images_as_the_evaluation_data_does():
             data, image_size=128, augment="center_crop", flip=False, min_scale=1.0, rng=None))
 
 
+def test_ten_crop_is_torchvisions_and_adm_s_center_crop_halves_with_a_box_filter():
+    """`tok1d tokenize --crop=ten_crop` (LlamaGen / GigaTok `extract_codes_c2i.py --ten-crop`):
+    ADM's `center_crop_arr` (BOX halving while the shorter side is >= 2x, bicubic to the
+    size, floored center offsets), then torchvision's TenCrop order and offsets (the center
+    crop's rounded half to even: (7 - 4) / 2 -> 2, (9 - 4) / 2 -> 2)."""
+    img = np.arange(7 * 9).reshape(7, 9, 1)
+    crops = pipeline.ten_crop(img, 4)
+    assert crops.shape == (10, 4, 4, 1)
+    mirror = img[:, ::-1]
+    for k, a in enumerate((img, mirror)):
+        for j, want in enumerate((a[:4, :4], a[:4, 5:], a[3:, :4], a[3:, 5:], a[2:6, 2:6])):
+            np.testing.assert_array_equal(crops[5 * k + j], want)
+    with pytest.raises(ValueError, match="smaller than"):
+        pipeline.ten_crop(img, 8)
+
+    photo = Image.fromarray(skimage.data.astronaut()).resize((700, 600), Image.BICUBIC)
+    # ADM's rule written out: 600 >= 2 x 281, so one BOX halving to 350 x 300, then bicubic
+    # to round(350 * 281 / 300) = 328 x 281, then the floored center offsets (23, 0).
+    half = photo.resize((350, 300), resample=Image.BOX)
+    want = np.asarray(half.resize((328, 281), resample=Image.BICUBIC))[0:281, 23:304]
+    got = np.asarray(pipeline.adm_center_crop_arr(photo, 281))
+    np.testing.assert_array_equal(got, want)
+    out = io.BytesIO()
+    photo.save(out, "PNG")
+    views = tokenize.load_views(out.getvalue(), 256, "ten_crop", 1.1)  # int(256 * 1.1) = 281
+    assert views.dtype == np.float32 and views.shape == (10, 256, 256, 3)
+    np.testing.assert_array_equal(views, pipeline.ten_crop(want, 256) / np.float32(255.0))
+
+
 def test_batches_are_uint8_and_the_feeder_normalises_them_on_device():
     src = sources.DemoSource("train", size=16)
     ds = pipeline.train_dataset(src, global_batch=8, host_start=0, host_stop=8, seed=0,

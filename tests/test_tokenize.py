@@ -104,6 +104,32 @@ def test_resume_rewrites_only_the_missing_shard(tiny, tokenized, tmp_path):
                                   split="validation", batch_size=8, log=lambda _: None)
 
 
+def test_ten_crop_stores_the_ten_views_of_the_official_code_extraction(tiny, tmp_path):
+    """--crop=ten_crop: 10 variants per example, each the codes of one of the ten views
+    (`load_views`), named in tokens_info.json; the crop range is part of the plan; with
+    --flip it is refused (the ten crops hold the mirrored ones)."""
+    model, params = tiny
+    out, n = str(tmp_path / "ten"), 12
+    summary = tokenize.tokenize_dataset(
+        model, params, sources.DigitsSource("train"), out, split="train", batch_size=8,
+        crop="ten_crop", num_examples=n, log=lambda _: None)
+    assert summary["num_variants"] == 10
+    src = sources.DigitsSource("train")
+    views = np.stack([tokenize.load_views(src[i]["image"], 32, "ten_crop") for i in range(n)])
+    ts = tokens.TokenSource(out, "train")
+    got = np.stack([ts[i]["codes"] for i in range(n)])
+    want = _encode(model, params, views.reshape((-1, 32, 32, 3))).reshape(n, 10, -1)
+    np.testing.assert_array_equal(got, want)
+    assert len({tuple(v) for v in got[0]}) > 1  # the views are different images
+    split = tokens.read_info(out)["splits"]["train"]
+    assert split["variants"] == list(tokenize.TEN_CROP_NAMES)
+    assert split["plan"]["crop_range"] == 1.1
+    with pytest.raises(ValueError, match="--flip with --crop=ten_crop"):
+        tokenize.tokenize_dataset(model, params, sources.DigitsSource("train"),
+                                  str(tmp_path / "bad"), crop="ten_crop", flip=True,
+                                  log=lambda _: None)
+
+
 def test_token_dataset_batches_are_seeded_resumable_and_host_sliced():
     n, num_tokens = 40, 4
     index = np.arange(n)

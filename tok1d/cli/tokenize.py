@@ -1,8 +1,8 @@
 r"""Encodes an image dataset with a trained tokenizer into a token dataset (`tok1d.data.tokens`).
 
     tok1d tokenize --tokenizer=DIR --data=NAME_OR_DIR --split=train --out=OUT \
-        [--image_size=256] [--batch_size=256] [--flip] [--crop=center|resize] [--num_shards=0] \
-        [--prefix_tokens=0]
+        [--image_size=256] [--batch_size=256] [--flip] [--crop=center|resize|ten_crop] \
+        [--crop_range=1.1] [--num_shards=0] [--prefix_tokens=0]
 
 --tokenizer  a pretrained directory (`tok1d.weights.layout`: tok1d_model.json + params/) or a
              training workdir (config.json + checkpoints/): the latest checkpoint's EMA params
@@ -10,7 +10,11 @@ r"""Encodes an image dataset with a trained tokenizer into a token dataset (`tok
 --data       any name `tok1d.data.sources.get_source` knows ("tfds:imagenet2012", "demo",
              "digits", "array_record:DIR") or a directory prepared by `tok1d prepare`.
 --crop       "center": resize the shorter side, center crop (the eval crop; LlamaGen's
-             `center_crop_arr` up to the resize filter); "resize": squash to a square.
+             `center_crop_arr` up to the resize filter); "resize": squash to a square;
+             "ten_crop": the code extraction of LlamaGen / GigaTok (`extract_codes_c2i.py
+             --ten-crop --crop-range 1.1`): ADM's center crop to --crop_range x the size, then
+             the four corner and the center crops and their mirror images, 10 variants per
+             example (the GPT recipes' training tokens).
 --flip       also encode the horizontally mirrored images (variant 1, LlamaGen's flip
              augmentation for the generator).
 --prefix_tokens  store only the first k tokens of every image (0: all): for ordered 1D tokens
@@ -63,7 +67,12 @@ from tok1d.models.tokenizers import nested
 from tok1d.weights import loaders
 
 EXAMPLES_PER_SHARD = 10_000  # the auto shard size: the unit of work redone after a crash
-CROPS = ("center", "resize")
+CROPS = ("center", "resize", "ten_crop")
+# The variants a crop stores per example (before --flip's mirrored copy): torchvision's TenCrop
+# order for "ten_crop".
+TEN_CROP_NAMES = ("top_left", "top_right", "bottom_left", "bottom_right", "center",
+                  "hflip_top_left", "hflip_top_right", "hflip_bottom_left",
+                  "hflip_bottom_right", "hflip_center")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,6 +110,25 @@ def load_image(image: Any, image_size: int, crop: str = "center") -> np.ndarray:
     return np.asarray(img, np.float32) / 255.0
 
 
+def load_views(image: Any, image_size: int, crop: str = "center",
+               crop_range: float = 1.1) -> np.ndarray:
+    """An encoded or decoded image -> the views a crop stores, float32 (V, image_size,
+    image_size, 3) in [0, 1]: one for "center" / "resize" (`load_image`); for "ten_crop"
+    LlamaGen's / GigaTok's `extract_codes_c2i.py --ten-crop`: ADM's center crop to
+    int(image_size * crop_range) px, then torchvision's TenCrop (`pipeline.ten_crop`)."""
+    if crop != "ten_crop":
+        return load_image(image, image_size, crop)[None]
+    big = pipeline.adm_center_crop_arr(records.load_rgb(records.open_image(image)),
+                                       int(image_size * crop_range))
+    return pipeline.ten_crop(np.asarray(big), image_size).astype(np.float32) / 255.0
+
+
+def variant_names(crop: str, flip: bool) -> list[str]:
+    """What each stored variant of an example is (tokens_info.json's "variants")."""
+    names = list(TEN_CROP_NAMES) if crop == "ten_crop" else [tokens.VARIANT_NAMES[0]]
+    return names + ([tokens.VARIANT_NAMES[1]] if flip else [])
+
+
 def params_fingerprint(params: Any) -> Optional[str]:
     """A short hash of the parameter tree (paths, shapes, sums, first values): detects resuming
     with other weights. None when the params are not all readable on this host."""
@@ -125,8 +153,9 @@ def make_encoder(model, params, *, flip: bool, batch_size: int, prefix_tokens: i
     """Builds the jitted, all-device encoder.
 
     Returns (encode, global_batch, (host_start, host_stop)): `encode(local_images, local_labels)`
-    takes this host's rows of a global batch (float32 images in [0, 1]) and returns the codes
-    (global_batch, V, N) int32 (N = prefix_tokens when > 0: the first tokens only) and labels
+    takes this host's rows of a global batch (float32 images in [0, 1], (rows, S, S, 3) or
+    (rows, views, S, S, 3)) and returns the codes (global_batch, V, N) int32 (V = views, twice
+    that with `flip`; N = prefix_tokens when > 0: the first tokens only) and labels
     (global_batch,) of the whole batch on every host.
     `global_batch` is `batch_size` rounded up to a multiple of the device count."""
     mesh = parallel.create_mesh({"data": -1})
@@ -161,9 +190,12 @@ def make_encoder(model, params, *, flip: bool, batch_size: int, prefix_tokens: i
         return c[:, :prefix_tokens] if prefix_tokens else c
 
     def fn(p, images, labels):
-        x = to_model(images)
+        if images.ndim == 4:
+            images = images[:, None]
+        b, v = images.shape[:2]
+        x = to_model(images.reshape((b * v,) + images.shape[2:]))
         variants = [codes_of(p, x)] + ([codes_of(p, jnp.flip(x, axis=2))] if flip else [])
-        return jnp.stack(variants, axis=1), labels
+        return jnp.concatenate([c.reshape(b, v, -1) for c in variants], axis=1), labels
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         jitted = jax.jit(fn, out_shardings=(replicated, replicated))
@@ -186,9 +218,10 @@ def _shard_bounds(n: int, num_shards: int) -> list[tuple[int, int]]:
 
 
 def _host_batches(source, lo: int, hi: int, global_batch: int, host_rows: tuple[int, int],
-                  image_size: int, crop: str, num_threads: int):
+                  image_size: int, crop: str, num_threads: int, crop_range: float = 1.1):
     """This host's rows of the padded global batches covering examples [lo, hi): an iterator of
-    {"image": (rows, S, S, 3) float32, "label": (rows,) int32}. Padding rows repeat `lo`."""
+    {"image": (rows, views, S, S, 3) float32, "label": (rows,) int32}. Padding rows repeat
+    `lo`."""
     start, stop = host_rows
     num_batches = -(-(hi - lo) // global_batch)
     positions = [lo + j * global_batch + r for j in range(num_batches) for r in range(start, stop)]
@@ -196,7 +229,7 @@ def _host_batches(source, lo: int, hi: int, global_batch: int, host_rows: tuple[
     def load(i):
         p = positions[i]
         record = source[p if p < hi else lo]
-        return {"image": load_image(record["image"], image_size, crop),
+        return {"image": load_views(record["image"], image_size, crop, crop_range),
                 "label": np.int32(record.get("label", 0))}
 
     ds = grain.MapDataset.range(len(positions)).map(load).batch(stop - start)
@@ -368,7 +401,8 @@ def _format_eta(seconds: float) -> str:
 
 def tokenize_dataset(model, params, source, out_dir: str, *, split: str = "train",
                      batch_size: int = 256, flip: bool = False, num_shards: int = 0,
-                     image_size: int = 0, crop: str = "center", num_examples: int = -1,
+                     image_size: int = 0, crop: str = "center", crop_range: float = 1.1,
+                     num_examples: int = -1,
                      prefix_tokens: int = 0, num_classes: Optional[int] = None,
                      tokenizer_info: Optional[Mapping[str, Any]] = None,
                      data_info: Optional[Mapping[str, Any]] = None, num_threads: int = 16,
@@ -385,7 +419,12 @@ def tokenize_dataset(model, params, source, out_dir: str, *, split: str = "train
         flip: Also store the codes of the horizontally mirrored images (variant 1).
         num_shards: Shards of the split; 0 gives about EXAMPLES_PER_SHARD examples per shard.
         image_size: 0 takes the model's; anything else must equal it.
-        crop: "center" (resize shorter side + center crop) or "resize" (squash).
+        crop: "center" (resize shorter side + center crop), "resize" (squash) or "ten_crop"
+            (LlamaGen's / GigaTok's code extraction: ADM's center crop to image_size x
+            `crop_range`, then the 4 corner + center crops and their mirror images: 10
+            variants, of which the generator's token pipeline draws one per example; encodes
+            10 images per example, so a smaller `batch_size` may be needed).
+        crop_range: "ten_crop"'s enlargement (the official --crop-range, 1.1).
         prefix_tokens: Store the first k tokens only (0: all), e.g. of ordered 1D tokens.
         num_classes: Default: `source.num_classes`, else max label + 1 of this split.
         tokenizer_info, data_info: Descriptions stored in tokens_info.json (default for the
@@ -400,6 +439,12 @@ def tokenize_dataset(model, params, source, out_dir: str, *, split: str = "train
     say = log if chief else (lambda _msg: None)
     if crop not in CROPS:
         raise ValueError(f"Unknown crop {crop!r}; expected one of {CROPS}.")
+    if crop == "ten_crop" and flip:
+        raise ValueError("--flip with --crop=ten_crop: the ten crops already hold the mirrored "
+                         "ones (torchvision's TenCrop, as the official --ten-crop).")
+    if crop == "ten_crop" and not crop_range >= 1.0:
+        raise ValueError(f"crop_range={crop_range}: the ten crops are cut from a center crop "
+                         "crop_range times the image size; expected >= 1.")
     image_size = _model_image_size(model, image_size)
     codebook_size = model.num_codes
     if not codebook_size:
@@ -413,7 +458,9 @@ def tokenize_dataset(model, params, source, out_dir: str, *, split: str = "train
     encode, global_batch, host_rows = make_encoder(model, params, flip=flip,
                                                    batch_size=batch_size,
                                                    prefix_tokens=prefix_tokens)
-    probe = np.zeros((host_rows[1] - host_rows[0], image_size, image_size, 3), np.float32)
+    views = len(variant_names(crop, False))
+    probe = np.zeros((host_rows[1] - host_rows[0], views, image_size, image_size, 3),
+                     np.float32)
     num_variants, num_tokens = (int(d) for d in np.asarray(
         encode(probe, np.zeros(len(probe), np.int32))[0]).shape[1:])
     shape = (num_variants, num_tokens)
@@ -422,6 +469,8 @@ def tokenize_dataset(model, params, source, out_dir: str, *, split: str = "train
             "num_tokens": num_tokens, "codebook_size": int(codebook_size),
             "codes_dtype": dtype, "image_size": image_size, "crop": crop,
             "tokenizer_fingerprint": params_fingerprint(params), "source_size": len(source)}
+    if crop == "ten_crop":
+        plan["crop_range"] = crop_range
     names = [tokens.shard_name(split, k, num_shards) for k in range(num_shards)]
     paths = [os.path.join(out_dir, name) for name in names]
     exists = _start_split(out_dir, split, plan, names, chief)
@@ -437,7 +486,7 @@ def tokenize_dataset(model, params, source, out_dir: str, *, split: str = "train
         if done:
             continue
         batches = _host_batches(source, lo, hi, global_batch, host_rows, image_size, crop,
-                                num_threads)
+                                num_threads, crop_range)
         items = progress.wrap(_encode_range(encode, batches, lo, hi, global_batch),
                               f"shard {k + 1}/{num_shards}")
         if chief:
@@ -537,7 +586,8 @@ def _write_final_info(out_dir: str, split: str, plan: dict[str, Any], names: lis
             "splits": dict(old["splits"])}
     info["splits"][split] = {
         "num_examples": plan["num_examples"], "num_variants": plan["num_variants"],
-        "variants": list(tokens.VARIANT_NAMES[:plan["num_variants"]]), "shards": names,
+        "variants": variant_names(plan["crop"], plan["num_variants"] > len(
+            variant_names(plan["crop"], False))), "shards": names,
         "data": dict(data_info or {}), "code_usage": dict(usage), "plan": plan}
     info["splits"] = dict(sorted(info["splits"].items()))
     tokens.write_info(out_dir, info)
@@ -583,6 +633,8 @@ def define_flags(fv: flags.FlagValues) -> None:
                       flag_values=fv)
     flags.DEFINE_enum("crop", "center", list(CROPS), "How images become squares.",
                       flag_values=fv)
+    flags.DEFINE_float("crop_range", 1.1, "--crop=ten_crop: the ten crops are cut from a "
+                       "center crop of crop_range x the image size.", flag_values=fv)
     flags.DEFINE_integer("num_shards", 0, f"Shards (0: ~{EXAMPLES_PER_SHARD} examples each).",
                          lower_bound=0, flag_values=fv)
     flags.DEFINE_integer("prefix_tokens", 0, "Store the first k tokens of each image only (0: "
@@ -624,7 +676,7 @@ def execute(fv: flags.FlagValues, args: list[str]) -> None:
         source = resolve_source(fv.data, fv.split, data_dir=fv.data_dir, image_size=native)
     tokenize_dataset(model, params, source, fv.out, split=fv.split, batch_size=fv.batch_size,
                      flip=fv.flip, num_shards=fv.num_shards, image_size=fv.image_size,
-                     crop=fv.crop, num_examples=fv.num_examples,
+                     crop=fv.crop, crop_range=fv.crop_range, num_examples=fv.num_examples,
                      prefix_tokens=fv.prefix_tokens, tokenizer_info=desc,
                      data_info={"data": fv.data, "split": fv.split}, num_threads=fv.threads)
 

@@ -92,6 +92,35 @@ def adm_random_crop(img: np.ndarray, size: int, rng: np.random.Generator,
     return _random_square(resize_shorter(img, shorter), size, rng)
 
 
+def adm_center_crop_arr(image: Image.Image, size: int) -> Image.Image:
+    """ADM's `center_crop_arr` (guided-diffusion; LlamaGen's and GigaTok's code extraction and
+    evaluation): halve with a BOX filter while the shorter side is at least 2 x `size`, resize
+    the shorter side to `size` (bicubic, sizes rounded), cut the center square (offsets
+    floored)."""
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
+    left, top = (image.width - size) // 2, (image.height - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def ten_crop(img: np.ndarray, size: int) -> np.ndarray:
+    """torchvision's `TenCrop(size)` of an H x W x C array: the top-left, top-right,
+    bottom-left, bottom-right and center crops (center offsets rounded half to even, as
+    `center_crop`), then the same five of the mirrored image: (10, size, size, C)."""
+    h, w = img.shape[:2]
+    if min(h, w) < size:
+        raise ValueError(f"ten_crop: a {h}x{w} image is smaller than the {size} px crops.")
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+
+    def five(a):
+        return [a[:size, :size], a[:size, w - size:], a[h - size:, :size],
+                a[h - size:, w - size:], a[top:top + size, left:left + size]]
+
+    return np.stack(five(img) + five(img[:, ::-1]))
+
+
 def _inception_window(height: int, width: int, rng: np.random.Generator, min_scale: float,
                       ratio=(3 / 4, 4 / 3)) -> Optional[tuple[int, int, int, int]]:
     """(top, left, crop height, crop width) of an Inception-style crop, or None when ten draws
