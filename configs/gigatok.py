@@ -124,6 +124,8 @@ def tokenizer(preset: str, *, train_new: bool = False, dino_disc: bool = False):
     config.ema_decay = 0.0
     recipes.imagenet(config)
     config.data.augment = "adm_random_crop"
+    config.data.resize_rule = "adm"  # random_crop_arr / center_crop_arr (their BOX halving of
+    # large images is not reproduced: the reduced-size JPEG decode plays that part)
     config.data.min_scale = 0.8
     # nested_dropout: ordered variable-length tokens (1D presets; not in the official recipes):
     # "uniform" / "pow2" (tok1d.models.tokenizers.nested), e.g. --config.model.nested_dropout=pow2

@@ -37,23 +37,49 @@ def _jpeg(photo: str, width: int, height: int) -> bytes:
     return out.getvalue()
 
 
-def _both(data, augment, seed, size=256):
-    kw = dict(image_size=size, augment=augment, flip=True, min_scale=0.5)
+def _both(data, augment, seed, size=256, rule="adm"):
+    kw = dict(image_size=size, augment=augment, flip=True, min_scale=0.5, resize_rule=rule)
     fast = pipeline.crop(data, rng=np.random.default_rng(seed), **kw)
     plain = pipeline.preprocess_plain(data, rng=np.random.default_rng(seed), **kw)
     assert fast.dtype == plain.dtype == np.uint8 and fast.shape == plain.shape == (size, size, 3)
     return np.abs(fast.astype(np.int16) - plain)
 
 
+@pytest.mark.parametrize("rule", pipeline.RESIZE_RULES)
 @pytest.mark.parametrize("augment", AUGMENTS)
-def test_fast_crop_equals_plain_crop_without_reduced_decoding(augment):
+def test_fast_crop_equals_plain_crop_without_reduced_decoding(augment, rule):
     # ImageNet-sized (no 2x shrink: full decoding) and an array source: same windows, same
-    # flips, the same pixels up to PIL's fixed-point rounding of the two resize passes.
+    # flips, the same pixels up to PIL's fixed-point rounding of the two resize passes. (500 x
+    # 332: the two rules resize it to 385 / 386 px wide.)
     for data in (_jpeg("coffee", 500, 375), _jpeg("chelsea", 333, 500),
-                 np.asarray(skimage.data.astronaut())[:300, :420]):
+                 _jpeg("coffee", 500, 332), np.asarray(skimage.data.astronaut())[:300, :420]):
         for seed in range(4):
-            diff = _both(data, augment, seed)
+            diff = _both(data, augment, seed, rule=rule)
             assert diff.max() <= 2 and diff.mean() < 0.2
+
+
+def test_the_resize_rules_round_as_adm_and_as_torchvision():
+    """"adm": round(side * scale), floored center offsets (ADM's crops); "torchvision":
+    Resize's int(size * long / short) and CenterCrop's int(round(d / 2)) (half to even)."""
+    assert pipeline.shorter_side_size(332, 500, 256, "adm") == (256, 386)  # 385.54
+    assert pipeline.shorter_side_size(332, 500, 256, "torchvision") == (256, 385)
+    assert pipeline.shorter_side_size(500, 300, 256, "adm") == (427, 256)  # 426.67
+    assert pipeline.shorter_side_size(500, 300, 256, "torchvision") == (426, 256)
+    assert pipeline.shorter_side_size(300, 300, 256, "torchvision") == (256, 256)
+    assert pipeline.center_offsets(256, 385, 256, "adm") == (0, 64)  # 64.5
+    assert pipeline.center_offsets(256, 385, 256, "torchvision") == (0, 64)
+    assert pipeline.center_offsets(256, 387, 256, "adm") == (0, 65)  # 65.5
+    assert pipeline.center_offsets(256, 387, 256, "torchvision") == (0, 66)  # half to even
+    data = _jpeg("coffee", 500, 332)
+    kw = dict(image_size=256, augment="center_crop", flip=False, min_scale=1.0, rng=None)
+    adm = pipeline.crop(data, resize_rule="adm", **kw)
+    tv = pipeline.crop(data, resize_rule="torchvision", **kw)
+    want = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((385, 256),
+                                                                        Image.BICUBIC))
+    assert np.abs(tv.astype(int) - want[:, 64:320]).max() <= 2
+    assert np.abs(adm.astype(int) - tv).mean() > 1  # another resize: other pixels
+    with pytest.raises(ValueError, match="resize rule"):
+        pipeline.shorter_side_size(332, 500, 256, "pil")
 
 
 @pytest.mark.parametrize("augment", AUGMENTS)
@@ -258,11 +284,15 @@ def test_official_transforms_match_the_recipes_crops():
         assert low <= x.min() and x.max() <= 1.0
     # The official center crop and tok1d's (no reduced decoding at this size): the same pixels
     # up to rounding.
-    t = input_bench.loaders.official_transform("center_crop", 256)
-    official = np.round(t(image).numpy().transpose(1, 2, 0) * 255)
-    ours = pipeline.crop(data, image_size=256, augment="center_crop", flip=False,
-                         min_scale=1.0, rng=None)
-    assert np.abs(official - ours).max() <= 2
+    # TiTok's (torchvision's Resize + CenterCrop: tok1d's resize_rule "torchvision"), also on
+    # a shape where the rules differ.
+    for data in (data, _jpeg("coffee", 500, 332), _jpeg("coffee", 500, 300)):
+        image = Image.open(io.BytesIO(data)).convert("RGB")
+        t = input_bench.loaders.official_transform("center_crop", 256)
+        official = np.round(t(image).numpy().transpose(1, 2, 0) * 255)
+        ours = pipeline.crop(data, image_size=256, augment="center_crop", flip=False,
+                             min_scale=1.0, rng=None, resize_rule="torchvision")
+        assert np.abs(official - ours).max() <= 2
 
 
 def test_image_folder_for_the_benchmark(tmp_path):

@@ -28,12 +28,13 @@ def unknown_variant(family: str, arg: str, variants) -> ValueError:
 
 def imagenet(config: ml_collections.ConfigDict) -> None:
     """TFDS imagenet2012 (array_record), TiTok's augmentation: shorter side 256 + random crop
-    + flip; 10k validation images for the periodic eval."""
+    + flip with torchvision's rounding; 10k validation images for the periodic eval."""
     config.data.name = "tfds:imagenet2012"
     config.data.train_split = "train"
     config.data.eval_split = "validation"
     config.data.image_size = 256
     config.data.augment = "random_crop"
+    config.data.resize_rule = "torchvision"  # Resize(256) + RandomCrop / CenterCrop
     config.data.num_workers = -1  # one grain worker per core but one (at most 16)
     config.data.resize_on = "device"  # the host decodes, the accelerator resizes
     config.data.eval_examples = 10_000

@@ -127,7 +127,8 @@ def evaluate_tokenizer(config, checkpoint: str, out: str, log=print,
                                             host_stop=stop, image_size=size,
                                             num_examples=dcfg.eval_examples,
                                             num_workers=dcfg.num_workers,
-                                            resize_on=dcfg.resize_on)
+                                            resize_on=dcfg.resize_on,
+                                            resize_rule=dcfg.get("resize_rule", "adm"))
     log(f"Evaluating {checkpoint} on {dcfg.name}:{dcfg.eval_split} "
         f"({num_batches} batches of {batch}).")
     ecfg = config.evaluation

@@ -46,20 +46,43 @@ def _resize(img: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.asarray(Image.fromarray(img).resize((width, height), Image.BICUBIC))
 
 
-def shorter_side_size(height: int, width: int, size: int) -> tuple[int, int]:
-    """(height, width) of an image resized so that its shorter side is `size`."""
+# How a recipe's loader rounds the resized sides and the center crop's offsets:
+#   "adm"          ADM's `center_crop_arr` / `random_crop_arr` (LlamaGen, GigaTok, RAR's
+#                  pretokenization): sides round(side * scale), center offsets floored;
+#   "torchvision"  torchvision's `Resize(size)` + `CenterCrop` / `RandomCrop` (TiTok's loaders):
+#                  the long side int(size * long / short) (truncated), center offsets
+#                  int(round(d / 2)) (half to even).
+# They differ by a pixel of size or offset on many ImageNet shapes (500 x 332, 500 x 300, ...).
+RESIZE_RULES = ("adm", "torchvision")
+
+
+def shorter_side_size(height: int, width: int, size: int, rule: str = "adm"
+                      ) -> tuple[int, int]:
+    """(height, width) of an image resized so that its shorter side is `size` (`rule`: see
+    RESIZE_RULES)."""
+    if rule == "torchvision":
+        long = int(size * max(height, width) / min(height, width))
+        return (size, long) if height < width else (long, size)
+    if rule != "adm":
+        raise ValueError(f"resize rule {rule!r} is not one of {RESIZE_RULES}.")
     scale = size / min(height, width)
     return max(size, round(height * scale)), max(size, round(width * scale))
 
 
-def resize_shorter(img: np.ndarray, size: int) -> np.ndarray:
-    return _resize(img, *shorter_side_size(*img.shape[:2], size))
+def center_offsets(height: int, width: int, size: int, rule: str = "adm") -> tuple[int, int]:
+    """(top, left) of the center `size` square of a `height` x `width` image."""
+    if rule == "torchvision":
+        return int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+    return (height - size) // 2, (width - size) // 2
 
 
-def center_crop(img: np.ndarray, size: int) -> np.ndarray:
-    img = resize_shorter(img, size)
-    h, w = img.shape[:2]
-    top, left = (h - size) // 2, (w - size) // 2
+def resize_shorter(img: np.ndarray, size: int, rule: str = "adm") -> np.ndarray:
+    return _resize(img, *shorter_side_size(*img.shape[:2], size, rule))
+
+
+def center_crop(img: np.ndarray, size: int, rule: str = "adm") -> np.ndarray:
+    img = resize_shorter(img, size, rule)
+    top, left = center_offsets(*img.shape[:2], size, rule)
     return img[top:top + size, left:left + size]
 
 
@@ -75,9 +98,10 @@ def _random_square(img: np.ndarray, size: int, rng: np.random.Generator) -> np.n
     return img[top:top + size, left:left + size]
 
 
-def random_crop(img: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+def random_crop(img: np.ndarray, size: int, rng: np.random.Generator,
+                rule: str = "adm") -> np.ndarray:
     """Resize the shorter side to `size`, then a random `size` x `size` crop (TiTok's recipe)."""
-    return _random_square(resize_shorter(img, size), size, rng)
+    return _random_square(resize_shorter(img, size, rule), size, rng)
 
 
 def _adm_shorter(size: int, min_crop_frac: float, rng: np.random.Generator) -> int:
@@ -85,11 +109,11 @@ def _adm_shorter(size: int, min_crop_frac: float, rng: np.random.Generator) -> i
 
 
 def adm_random_crop(img: np.ndarray, size: int, rng: np.random.Generator,
-                    min_crop_frac: float = 0.8) -> np.ndarray:
+                    min_crop_frac: float = 0.8, rule: str = "adm") -> np.ndarray:
     """ADM's `random_crop_arr` (GigaTok, LlamaGen): resize the shorter side to a random integer
     in [size, ceil(size / min_crop_frac)] (256..320 for 256 px), then a random square crop."""
     shorter = _adm_shorter(size, min_crop_frac, rng)
-    return _random_square(resize_shorter(img, shorter), size, rng)
+    return _random_square(resize_shorter(img, shorter, rule), size, rng)
 
 
 def adm_center_crop_arr(image: Image.Image, size: int) -> Image.Image:
@@ -138,34 +162,38 @@ def _inception_window(height: int, width: int, rng: np.random.Generator, min_sca
 
 
 def random_resized_crop(img: np.ndarray, size: int, rng: np.random.Generator,
-                        min_scale: float = 0.08, ratio=(3 / 4, 4 / 3)) -> np.ndarray:
+                        min_scale: float = 0.08, ratio=(3 / 4, 4 / 3),
+                        rule: str = "adm") -> np.ndarray:
     """Inception-style crop: area fraction in [min_scale, 1], log-uniform aspect ratio."""
     window = _inception_window(*img.shape[:2], rng, min_scale, ratio)
     if window is None:
-        return center_crop(img, size)
+        return center_crop(img, size, rule)
     top, left, ch, cw = window
     return _resize(img[top:top + ch, left:left + cw], size, size)
 
 
 def crop_plan(height: int, width: int, *, image_size: int, augment: str, min_scale: float,
-              rng: np.random.Generator | None) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+              rng: np.random.Generator | None, resize_rule: str = "adm"
+              ) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
     """The crop a recipe takes of a `height` x `width` image, drawn from `rng` exactly as the
     plain functions above draw it: ((H, W), (top, left, h, w)) = resize the whole image to
     H x W, take the window [top, top + h) x [left, left + w) of it, and resize that window to
-    `image_size` (a no-op unless `augment` is "random_resized_crop")."""
+    `image_size` (a no-op unless `augment` is "random_resized_crop"). `resize_rule`: how the
+    sizes and center offsets round (RESIZE_RULES)."""
     size = image_size
     if augment == "center_crop" or rng is None:
-        resized = shorter_side_size(height, width, size)
-        return resized, ((resized[0] - size) // 2, (resized[1] - size) // 2, size, size)
+        resized = shorter_side_size(height, width, size, resize_rule)
+        return resized, (*center_offsets(*resized, size, resize_rule), size, size)
     if augment == "random_crop":
-        resized = shorter_side_size(height, width, size)
+        resized = shorter_side_size(height, width, size, resize_rule)
     elif augment == "adm_random_crop":
-        resized = shorter_side_size(height, width, _adm_shorter(size, min_scale, rng))
+        resized = shorter_side_size(height, width, _adm_shorter(size, min_scale, rng),
+                                    resize_rule)
     elif augment == "random_resized_crop":
         window = _inception_window(height, width, rng, min_scale)
         if window is None:
             return crop_plan(height, width, image_size=size, augment="center_crop",
-                             min_scale=min_scale, rng=None)
+                             min_scale=min_scale, rng=None, resize_rule=resize_rule)
         return (height, width), window
     else:
         raise ValueError(f"Unknown augmentation {augment!r}.")
@@ -173,7 +201,7 @@ def crop_plan(height: int, width: int, *, image_size: int, augment: str, min_sca
 
 
 def _plan(image: Any, *, image_size: int, augment: str, min_scale: float,
-          rng: np.random.Generator | None):
+          rng: np.random.Generator | None, resize_rule: str = "adm"):
     """The decoded image and where the recipe's crop lies in it: (pil, box, bounds). `pil` is
     RGB, decoded at 1/2, 1/4 or 1/8 size when the window shrinks by 2x or more anyway (a JPEG);
     `box` = (x0, y0, x1, y1), the window in its pixels, to resize to `image_size` square;
@@ -184,7 +212,8 @@ def _plan(image: Any, *, image_size: int, augment: str, min_scale: float,
     pil = open_image(image)
     width, height = pil.size
     (rh, rw), (top, left, ch, cw) = crop_plan(height, width, image_size=image_size,
-                                              augment=augment, min_scale=min_scale, rng=rng)
+                                              augment=augment, min_scale=min_scale, rng=rng,
+                                              resize_rule=resize_rule)
     # The window in source pixels, and how many source pixels each output pixel spans.
     sx, sy = width / rw, height / rh
     box = (left * sx, top * sy, (left + cw) * sx, (top + ch) * sy)
@@ -219,11 +248,11 @@ def _resize_on_host(pil: Image.Image, box, bounds, image_size: int) -> Image.Ima
 
 
 def crop(image: Any, *, image_size: int, augment: str, flip: bool, min_scale: float,
-         rng: np.random.Generator | None) -> np.ndarray:
+         rng: np.random.Generator | None, resize_rule: str = "adm") -> np.ndarray:
     """Encoded/decoded image -> the recipe's uint8 (image_size, image_size, 3) crop: the
     pipeline's fast path (see the section comment; the plain path is `preprocess_plain`)."""
     pil, box, bounds = _plan(image, image_size=image_size, augment=augment,
-                             min_scale=min_scale, rng=rng)
+                             min_scale=min_scale, rng=rng, resize_rule=resize_rule)
     out = _resize_on_host(pil, box, bounds, image_size)
     if _flips(flip, rng):
         out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -266,7 +295,7 @@ def filter_margin(scale: float) -> int:
 
 
 def window(image: Any, *, image_size: int, augment: str, flip: bool, min_scale: float,
-           rng: np.random.Generator | None) -> dict[str, np.ndarray]:
+           rng: np.random.Generator | None, resize_rule: str = "adm") -> dict[str, np.ndarray]:
     """`crop`'s work up to the resize, for `feeding.resize_windows` to finish on the device:
     "image" uint8 (C, C, 3) (C = `canvas_size`) holding the pixels the filter reads at its
     top left, "window_box" float32 (x0, y0, x1, y1) in canvas pixels, "window_size" int32
@@ -275,7 +304,7 @@ def window(image: Any, *, image_size: int, augment: str, flip: bool, min_scale: 
     shipped as an identity window."""
     side = canvas_size(image_size)
     pil, box, bounds = _plan(image, image_size=image_size, augment=augment,
-                             min_scale=min_scale, rng=rng)
+                             min_scale=min_scale, rng=rng, resize_rule=resize_rule)
     flipped = _flips(flip, rng)
     margin = filter_margin(max(box[2] - box[0], box[3] - box[1]) / image_size)
     region = (max(bounds[0], math.floor(box[0]) - margin),
@@ -297,17 +326,18 @@ def window(image: Any, *, image_size: int, augment: str, flip: bool, min_scale: 
 
 
 def preprocess_plain(image: Any, *, image_size: int, augment: str, flip: bool,
-                     min_scale: float, rng: np.random.Generator | None) -> np.ndarray:
+                     min_scale: float, rng: np.random.Generator | None,
+                     resize_rule: str = "adm") -> np.ndarray:
     """`crop` the plain way: decode at full size, resize the whole image, crop (uint8)."""
     img = decode_image(image)
     if augment == "center_crop" or rng is None:
-        img = center_crop(img, image_size)
+        img = center_crop(img, image_size, resize_rule)
     elif augment == "random_crop":
-        img = random_crop(img, image_size, rng)
+        img = random_crop(img, image_size, rng, resize_rule)
     elif augment == "random_resized_crop":
-        img = random_resized_crop(img, image_size, rng, min_scale=min_scale)
+        img = random_resized_crop(img, image_size, rng, min_scale=min_scale, rule=resize_rule)
     elif augment == "adm_random_crop":
-        img = adm_random_crop(img, image_size, rng, min_crop_frac=min_scale)
+        img = adm_random_crop(img, image_size, rng, min_crop_frac=min_scale, rule=resize_rule)
     else:
         raise ValueError(f"Unknown augmentation {augment!r}.")
     if flip and rng is not None and rng.random() < 0.5:
@@ -316,12 +346,13 @@ def preprocess_plain(image: Any, *, image_size: int, augment: str, flip: bool,
 
 
 def preprocess(image: Any, *, image_size: int, augment: str, flip: bool, min_scale: float,
-               rng: np.random.Generator | None) -> np.ndarray:
+               rng: np.random.Generator | None, resize_rule: str = "adm") -> np.ndarray:
     """Decoded/encoded image -> float32 (image_size, image_size, 3) in [0, 1] (`crop` / 255;
     the pipelines themselves yield the uint8 crops, normalised on the device by
     `tok1d.data.feeding.Feeder`)."""
     return np.asarray(crop(image, image_size=image_size, augment=augment, flip=flip,
-                           min_scale=min_scale, rng=rng), np.float32) / 255.0
+                           min_scale=min_scale, rng=rng, resize_rule=resize_rule),
+                      np.float32) / 255.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -405,7 +436,7 @@ def _to_iter(ds: grain.MapDataset, num_workers: int) -> grain.IterDataset:
 def train_dataset(source, *, global_batch: int, host_start: int, host_stop: int, seed: int,
                   image_size: int, augment: str, flip: bool, min_scale: float,
                   num_workers: int = 0, resize_on: str = "host",
-                  start_batch: int = 0) -> grain.IterDataset:
+                  start_batch: int = 0, resize_rule: str = "adm") -> grain.IterDataset:
     """Infinite, shuffled, augmented batches of this host's rows of each global batch: "image"
     uint8 (rows, image_size, image_size, 3) (see `crop`), "label" int32, "mask" bool. With
     `resize_on="device"`, "image" holds `window` canvases and the batch their "window_*"
@@ -421,7 +452,7 @@ def train_dataset(source, *, global_batch: int, host_start: int, host_stop: int,
     ds = ds.map_with_index(lambda i, record: (i, record))
     ds = HostSlice(ds, global_batch, host_start, host_stop)
     ds = ds.map(_Preprocess(seed, resize_on, image_size=image_size, augment=augment, flip=flip,
-                            min_scale=min_scale))
+                            min_scale=min_scale, resize_rule=resize_rule))
     ds = ds.batch(host_stop - host_start, drop_remainder=True)
     return _to_iter(ds[start_batch:] if start_batch else ds, num_workers)
 
@@ -449,7 +480,8 @@ class _Padded(grain.MapDataset):
 
 def eval_dataset(source, *, global_batch: int, host_start: int, host_stop: int,
                  image_size: int, num_examples: int = -1, num_workers: int = 0,
-                 resize_on: str = "host") -> tuple[grain.IterDataset, int]:
+                 resize_on: str = "host", resize_rule: str = "adm"
+                 ) -> tuple[grain.IterDataset, int]:
     """One pass over the first `num_examples` (all if -1), center-cropped (uint8 like
     `train_dataset`), padded to whole global batches with `mask=False` rows so every host
     runs the same number of steps.
@@ -462,7 +494,7 @@ def eval_dataset(source, *, global_batch: int, host_start: int, host_stop: int,
     ds = _Padded(grain.MapDataset.source(source), n, num_batches * global_batch)
     ds = HostSlice(ds, global_batch, host_start, host_stop)
     ds = ds.map(_Preprocess(None, resize_on, image_size=image_size, augment="center_crop",
-                            flip=False, min_scale=1.0))
+                            flip=False, min_scale=1.0, resize_rule=resize_rule))
     ds = ds.batch(host_stop - host_start, drop_remainder=True)
     return _to_iter(ds, num_workers), num_batches
 

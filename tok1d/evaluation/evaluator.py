@@ -476,7 +476,8 @@ def reference_from_data(dcfg, nets: MetricNets, mesh, sharding: NamedSharding, b
     ds, num_batches = pipeline.eval_dataset(src, global_batch=batch_size, host_start=start,
                                             host_stop=stop, image_size=dcfg.image_size,
                                             num_examples=dcfg.eval_examples,
-                                            resize_on=dcfg.resize_on)
+                                            resize_on=dcfg.resize_on,
+                                            resize_rule=dcfg.get("resize_rule", "adm"))
     feeder = feeding.Feeder(iter(ds), sharding, batch_size)
     batches = ((b["image"], b["mask"]) for b in (next(feeder) for _ in range(num_batches)))
     return reference_from_batches(nets, mesh, batches, ecfg, f"{dcfg.name}:{dcfg.eval_split}")

@@ -65,6 +65,9 @@ def common_config() -> ml_collections.ConfigDict:
         augment="random_resized_crop",  # or "random_crop" / "adm_random_crop" / "center_crop"
         min_scale=0.8,                # smallest area fraction of random_resized_crop; smallest
                                       # crop / shorter-side ratio of adm_random_crop
+        resize_rule="adm",            # how resized sides and center offsets round: "adm"
+                                      # (ADM's crops: LlamaGen, GigaTok) or "torchvision"
+                                      # (Resize + CenterCrop / RandomCrop: TiTok's loaders)
         flip=True,
         num_workers=0,                # grain worker processes (0: decode in the main process;
                                       # -1: one per core but one, at most 16)
@@ -474,6 +477,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     augments = ("random_resized_crop", "random_crop", "adm_random_crop", "center_crop")
     if config.data.augment not in augments:
         problems.append(f"data.augment={config.data.augment!r} is not one of {augments}")
+    if config.data.get("resize_rule", "adm") not in pipeline.RESIZE_RULES:
+        problems.append(f"data.resize_rule={config.data.resize_rule!r} is not one of "
+                        f"{pipeline.RESIZE_RULES}")
     if config.data.resize_on not in pipeline.RESIZE_ON:
         problems.append(f"data.resize_on={config.data.resize_on!r} is not one of "
                         f"{pipeline.RESIZE_ON}")

@@ -528,13 +528,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             host_stop=row_stop, seed=config.seed, image_size=dcfg.image_size,
             augment=dcfg.augment, flip=dcfg.flip,
             min_scale=dcfg.min_scale, num_workers=dcfg.num_workers, resize_on=dcfg.resize_on,
-            start_batch=step)), batch_sh, config.batch_size)
+            start_batch=step, resize_rule=dcfg.get("resize_rule", "adm"))),
+            batch_sh, config.batch_size)
 
     e_start, e_stop = parallel.host_batch_slice(batch_sh, config.eval_batch_size)
     eval_ds, eval_batches = pipeline.eval_dataset(
         eval_src, global_batch=config.eval_batch_size, host_start=e_start, host_stop=e_stop,
         image_size=dcfg.image_size, num_examples=dcfg.eval_examples,
-        num_workers=dcfg.num_workers, resize_on=dcfg.resize_on)
+        num_workers=dcfg.num_workers, resize_on=dcfg.resize_on,
+        resize_rule=dcfg.get("resize_rule", "adm"))
 
     # ---------------------------------------------------------------- model, frozen nets, state
     log = loop.log_fn()
