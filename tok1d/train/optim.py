@@ -86,8 +86,9 @@ def decay_mask(params: Any, which: str = "kernels", exclude: tuple[str, ...] = (
     """Which params get weight decay: "kernels" (matrices and conv kernels; not norms, biases,
     embeddings, codebooks), "all" (torch AdamW on every parameter, as GigaTok's DDP trainer) or
     "no_norm" (all but params whose official name contains "norm", GigaTok's FSDP trainer:
-    under a module named norm1 / norm_out / ..., not tok1d's own inner "norm") or "matrices" (what LlamaGen's GPT optimizer selects with torch's `ndim >= 2`:
-    every matrix and embedding table; not norm scales and biases, whatever their tok1d shape).
+    under a module named norm1 / norm_out / ..., not tok1d's own inner "norm") or "matrices"
+    (what LlamaGen's GPT optimizer selects with torch's `ndim >= 2`: every matrix and embedding
+    table; not norm scales and biases, whatever their tok1d shape).
     `exclude`: substrings of the '/'-joined parameter path that exclude a parameter from decay
     (`optim.no_decay_names`, e.g. `TITOK_NO_DECAY_NAMES`). Frozen leaves (optax MaskedNode) are
     never decayed."""
