@@ -44,7 +44,8 @@ def test_augmentations_give_the_requested_size_and_range(augment):
 def test_adm_random_crop_draws_the_shorter_side_in_its_range(monkeypatch):
     seen = []
     real = pipeline.resize_shorter
-    monkeypatch.setattr(pipeline, "resize_shorter", lambda img, s: seen.append(s) or real(img, s))
+    monkeypatch.setattr(pipeline, "resize_shorter",
+                        lambda img, s, rule="adm": seen.append(s) or real(img, s, rule))
     img = np.zeros((40, 70, 3), np.uint8)
     for seed in range(40):
         pipeline.adm_random_crop(img, 16, np.random.default_rng(seed), min_crop_frac=0.8)

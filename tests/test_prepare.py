@@ -297,3 +297,41 @@ def test_summary_truncates_skipped_list():
     text = prepare_lib.format_summary(summary)
     assert "c/19.jpg" in text and "c/20.jpg" not in text
     assert "... and 5 more" in text and "out/skipped_train.txt" in text
+
+
+def test_odd_inputs_are_read_right_or_refused_in_one_line(tmp_path):
+    """16-bit gray images keep their levels (top 8 bits; PIL's convert clipped them to white),
+    floating-point ones are skipped with a reason; a class folder without images is refused
+    (labels that never occur, as ImageFolder refuses); a folder link back into the tree neither
+    hangs nor duplicates images; image files outside the class folders are named."""
+    root = tmp_path / "in"
+    (root / "a").mkdir(parents=True)
+    wide = (np.arange(12 * 10, dtype=np.uint16).reshape(12, 10) * 500)
+    Image.fromarray(wide).save(root / "a" / "gray16.png")  # mode I;16 (or I)
+    Image.fromarray(np.full((6, 6), 0.5, np.float32)).save(root / "a" / "float.tif")
+    _save(str(root / "b" / "x.png"), np.zeros((8, 8, 3), np.uint8), "PNG")
+    os.symlink(root, root / "b" / "loop")  # back to the input folder: a cycle
+    _save(str(root / "stray.png"), np.zeros((4, 4, 3), np.uint8), "PNG")
+    summary = prepare_lib.prepare(str(root), str(tmp_path / "out"))
+    source, recs = _read_all(str(tmp_path / "out"), "train")
+    assert sorted(r["filename"] for r in recs) == ["a/gray16.png", "b/x.png"]
+    gray = next(r for r in recs if r["filename"] == "a/gray16.png")
+    pixels = records.decode_image(gray["image"])
+    np.testing.assert_array_equal(pixels[..., 0], (wide >> 8).astype(np.uint8))
+    skipped = dict(summary["splits"]["train"]["skipped"])
+    assert "floating-point" in skipped["a/float.tif"]
+    text = prepare_lib.format_summary(summary)
+    assert "directly in the input folder, not in a class folder: 1 (e.g. stray.png)" in text
+    (root / "c").mkdir()
+    with pytest.raises(ValueError, match=r"1 class folder\(s\) .* hold no image files \(c\)"):
+        prepare_lib.prepare(str(root), str(tmp_path / "out2"))
+
+
+def test_an_undecodable_record_in_training_names_its_file():
+    from tok1d.data import pipeline
+    src = [{"image": b"not an image", "label": 0, "filename": "cat/broken.jpg"}] * 4
+    ds = pipeline.train_dataset(src, global_batch=2, host_start=0, host_stop=2, seed=0,
+                                image_size=8, augment="random_crop", flip=False,
+                                min_scale=1.0)
+    with pytest.raises(records.CorruptImageError, match=r"file 'cat/broken.jpg'"):
+        next(iter(ds))

@@ -22,7 +22,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from tok1d.data.records import decode_image, load_rgb, open_image
+from tok1d.data.records import CorruptImageError, decode_image, load_rgb, open_image
 
 
 # ----------------------------------------------------------------------------------------------
@@ -394,7 +394,12 @@ class _Preprocess(grain.transforms.Map):
     def map(self, element):
         global_index, record = element
         rng = None if self._seed is None else np.random.default_rng([self._seed, global_index])
-        out = self._fn(record["image"], rng=rng, **self._kwargs)
+        try:
+            out = self._fn(record["image"], rng=rng, **self._kwargs)
+        except CorruptImageError as e:  # name the record: one line the user can act on
+            where = (f"file {record['filename']!r}" if record.get("filename")
+                     else f"element {global_index} of the stream")
+            raise CorruptImageError(f"{e} ({where})") from None
         out = out if isinstance(out, dict) else {"image": out}
         out.update(label=np.int32(record.get("label", 0)),
                    mask=np.bool_(record.get("mask", True)))

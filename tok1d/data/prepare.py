@@ -86,7 +86,11 @@ def scan_input(input_dir: str) -> tuple[list[str], list[_Example], list[str]]:
 
     Raises:
         FileNotFoundError: If ``input_dir`` is not a directory.
-        ValueError: If there are no class subfolders or no images at all.
+        ValueError: If there are no class subfolders, no images at all, or class
+            folders without images.
+
+    Folder links are followed (as torchvision's ImageFolder does), each real folder once: a
+    link back into the tree neither loops nor duplicates its images.
     """
     if not os.path.isdir(input_dir):
         raise errors.missing_directory("Input", input_dir)
@@ -102,10 +106,15 @@ def scan_input(input_dir: str) -> tuple[list[str], list[_Example], list[str]]:
             f"No class subfolders in {input_dir!r}: expected the layout "
             "INPUT/<class_name>/<image files>.")
 
-    examples = []
+    examples, visited = [], {os.path.realpath(input_dir)}
     for label, name in enumerate(class_names):
         class_dir = os.path.join(input_dir, name)
         for root, dirs, files in os.walk(class_dir, followlinks=True):
+            real = os.path.realpath(root)
+            if real in visited:  # a link to a folder read already (a cycle, or a second name)
+                dirs[:] = []
+                continue
+            visited.add(real)
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             for filename in sorted(files):
                 path = os.path.join(root, filename)
@@ -123,6 +132,14 @@ def scan_input(input_dir: str) -> tuple[list[str], list[_Example], list[str]]:
             f"No image files found under {input_dir!r} ({len(class_names)} "
             f"class folders, {len(ignored)} non-image files). Recognised "
             f"extensions: {', '.join(sorted(IMAGE_EXTENSIONS))}.")
+    used = {e.label for e in examples}
+    empty = [name for label, name in enumerate(class_names) if label not in used]
+    if empty:
+        raise ValueError(
+            f"{len(empty)} class folder(s) of {input_dir!r} hold no image files "
+            f"({', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}): their labels would "
+            "never occur (torchvision's ImageFolder refuses them too); remove them or add "
+            "images.")
     return class_names, examples, ignored
 
 
@@ -192,10 +209,12 @@ def load_image_file(path: str, resize_shorter: int = 0) -> bytes:
         with Image.open(io.BytesIO(data)) as image:
             source_format = image.format
             image.verify()
-        # `verify` leaves the image unusable, so decode from a fresh handle.
+        # `verify` leaves the image unusable, so decode from a fresh handle, as the pipelines
+        # will (16-bit gray by its top 8 bits, floating-point images refused).
         with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            rgb = image.convert("RGB")
+            rgb = records.load_rgb(image)
+    except records.CorruptImageError:
+        raise
     except Exception as e:  # PIL raises many kinds of errors on bad input.
         raise records.CorruptImageError(records.describe_image_error(e)) from e
 
@@ -582,7 +601,12 @@ def format_summary(summary: dict[str, Any]) -> str:
         if more > 0:
             lines.append(f"    ... and {more} more")
         lines.append(f"    full list: {st['skipped_file']}")
-    lines.append(f"  ignored (not images): {summary['num_ignored']}")
+    lines.append(f"  ignored (not images, hidden, or outside class folders): "
+                 f"{summary['num_ignored']}")
+    outside = [p for p in summary.get("ignored", ()) if "/" not in p and is_image_file(p)]
+    if outside:
+        lines.append(f"    of which image files directly in the input folder, not in a class "
+                     f"folder: {len(outside)} (e.g. {outside[0]})")
     lines.append(f"  bytes written: {_format_bytes(summary['bytes_written'])}")
     lines.append(
         f"  elapsed: {summary['elapsed_s']:.1f} s "

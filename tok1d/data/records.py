@@ -154,15 +154,28 @@ def open_image(data: ImageLike, name: str | None = None) -> Image.Image:
             f"Cannot decode image{where}: {describe_image_error(e)}") from e
 
 
+# PIL modes of 16-bit gray images (PNG, TIFF; "I" is how some Pillow versions open them): their
+# top 8 bits are the 8-bit levels (PIL's own convert("RGB") clips them at 255: a white image).
+WIDE_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
 def load_rgb(image: Image.Image, name: str | None = None) -> Image.Image:
-    """Decodes an image from `open_image` to RGB pixels (palette, CMYK, 16-bit, ... through
-    PIL's ``convert("RGB")``).
+    """Decodes an image from `open_image` to RGB pixels (palette, CMYK, 16-bit color, ...
+    through PIL's ``convert("RGB")``; 16-bit gray by its top 8 bits; floating-point images
+    refused).
 
     Raises:
         CorruptImageError: If the pixels cannot be decoded.
     """
     try:
         image.load()
+        if image.mode in WIDE_GRAY_MODES:  # 16-bit / 32-bit gray: PIL's convert clips to 255
+            wide = np.asarray(image)
+            image = Image.fromarray(np.clip(wide.astype(np.int64) >> 8, 0, 255).astype(np.uint8),
+                                    "L")
+        elif image.mode == "F":
+            raise ValueError("a floating-point image (mode F) has no defined 8-bit levels; "
+                             "convert it to 8 or 16 bits")
         return image if image.mode == "RGB" else image.convert("RGB")
     except Exception as e:  # PIL raises many kinds of errors on bad input.
         where = f" {name!r}" if name else ""
