@@ -332,6 +332,49 @@ def test_gradient_accumulation_matches_the_full_batch_step():
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
 
 
+def test_lecam_emas_advance_microbatch_after_microbatch_as_upstream():
+    """With grad_accum_steps=2 each microbatch's D loss sees the LeCam EMAs the previous one
+    advanced (upstream updates them in every forward under `accelerator.accumulate`): the step
+    equals two one-microbatch steps whose optimizers change nothing (G: a zero update; D: lr
+    0), and its D loss is their mean. (It used to advance them once, by the mean logits.)"""
+    import importlib.util
+    import os
+    import optax
+    from conftest import REPO
+    from tok1d.train import state as state_lib
+    from tok1d.train import tokenizer
+    spec = importlib.util.spec_from_file_location("c", os.path.join(REPO, "configs/tiny_test.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    config = mod.get_config()
+    config.ema_decay = 0.0
+    config.losses.gan = 0.1
+    config.discriminator.update(name="titok", lecam=0.001, start_step=0)
+    config.discriminator.model = dict(hidden_channels=8, num_groups=4)
+    config.disc_optim.lr = 0.0
+    model = tokenizer.build_model(config)
+    x = images(b=4)
+    gan = tokenizer.build_gan(config, model, x[:2])
+    params = nn.unbox(model.init(jax.random.key(0), x))["params"]
+    tx, schedule = optax.set_to_zero(), lambda step: 0.0
+    gan_state = gan.init(jax.random.key(1))
+    gan_state = gan_state.replace(lecam=jax.tree.map(lambda v: v + 0.3, gan_state.lecam))
+    state = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                 opt_state=tx.init(params), ema_params=None,
+                                 extras={"gan": gan_state})
+    config.optim.grad_accum_steps = 2
+    accumulated, scalars, _ = jax.jit(tokenizer.make_train_step(
+        model, tx, schedule, config, gan=gan))(state, {"image": x}, {})
+    config.optim.grad_accum_steps = 1
+    one = jax.jit(tokenizer.make_train_step(model, tx, schedule, config, gan=gan))
+    first, s1, _ = one(state, {"image": x[0::2]}, {})
+    second, s2, _ = one(first, {"image": x[1::2]}, {})
+    for k, v in second.extras["gan"].lecam.items():
+        np.testing.assert_allclose(accumulated.extras["gan"].lecam[k], v, rtol=1e-6)
+        assert not np.allclose(first.extras["gan"].lecam[k], v, rtol=1e-6)
+    np.testing.assert_allclose(scalars["d_loss"], (s1["d_loss"] + s2["d_loss"]) / 2, rtol=1e-5)
+
+
 def test_frozen_groups_get_no_gradient_and_leave_the_logged_norm():
     """`optim.freeze`: the frozen groups are autodiff constants (no backward pass for them), so
     the logged grad_norm is the trained groups' (torch's `clip_grad_norm_` over the params with

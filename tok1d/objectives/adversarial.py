@@ -222,13 +222,19 @@ class GANObjective:
         (loss, (means, _)), grads = zeros
         return (loss, (means, collections)), grads
 
-    def update(self, state: GANState, grads, means, collections, active
+    def advance_lecam(self, lecam, means):
+        """The LeCam EMAs after one D call's mean logits (`means` of `d_loss`)."""
+        return gan.lecam_update(lecam, means["logits_real"], means["logits_fake"],
+                                self.lecam_decay)
+
+    def update(self, state: GANState, grads, means, collections, active, lecam=None
                ) -> tuple[GANState, dict[str, jax.Array]]:
         """The discriminator's optimizer step and LeCam EMA update, kept only when `active`
         (before `start_step` D is not trained: its optimizer count stays 0; `active` a traced
-        0/1 float, or a Python number in a step compiled for one phase). Returns (new
-        state, scalars: d_grad_norm (before clipping), d_lr (the LR of this update; 0 when D is
-        not trained))."""
+        0/1 float, or a Python number in a step compiled for one phase). `lecam`: the EMAs
+        already advanced microbatch by microbatch (`advance_lecam`), else advanced here by
+        `means`. Returns (new state, scalars: d_grad_norm (before clipping), d_lr (the LR of
+        this update; 0 when D is not trained))."""
         scalars = dict(d_grad_norm=optax.tree.norm(grads),
                        d_lr=active * self.schedule(schedule_count(state.opt_state)))
         static = losses.static_flag(active)
@@ -236,8 +242,8 @@ class GANObjective:
             return state, scalars
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        lecam = gan.lecam_update(state.lecam, means["logits_real"], means["logits_fake"],
-                                 self.lecam_decay)
+        if lecam is None:
+            lecam = self.advance_lecam(state.lecam, means)
         new = GANState(params=params, opt_state=opt_state, lecam=lecam, collections=collections)
         if static is None:
             on = active > 0

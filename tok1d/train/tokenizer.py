@@ -223,10 +223,10 @@ def make_train_step(model: nn.Module, tx, schedule, config,
     def micro_step(state, carry, images_, rng, frozen, flags, draws):
         """One microbatch: the objective and its grads, then the discriminator's loss and grads
         on the detached outputs. `carry`: (the discriminator's collections, None or the
-        clustering VQ's (usage EMA, re-anchored codebooks) so far). Returns (summable results,
-        the advanced carry)."""
+        clustering VQ's (usage EMA, re-anchored codebooks) so far, None or the LeCam EMAs so
+        far). Returns (summable results, the advanced carry)."""
         active, aux_on = flags
-        collections, quantizer = carry
+        collections, quantizer, lecam = carry
         g_rng, d_rng = jax.random.split(rng)
         gan_state = state.extras["gan"] if gan is not None else None
         params, q_state = state.params, None
@@ -249,12 +249,16 @@ def make_train_step(model: nn.Module, tx, schedule, config,
             direct = outs.get("shortcut_pixels")
             if direct is not None and gan.direct_fake == "reconstruction":
                 direct = outs["pixels"]
+            # as upstream under accelerator.accumulate, each microbatch's D loss sees the LeCam
+            # EMAs the previous one advanced
+            d_state = gan_state.replace(lecam=lecam)
             (dl, (means, collections)), dg = gan.d_loss_and_grads(
-                gan_state, collections, to_model(images_), jax.lax.stop_gradient(outs["pixels"]),
+                d_state, collections, to_model(images_), jax.lax.stop_gradient(outs["pixels"]),
                 d_rng, None if direct is None else jax.lax.stop_gradient(direct),
                 active * aux_on, draws, active)
+            lecam = gan.advance_lecam(lecam, means)
             result.update(d_loss=dl, d_means=means, d_grads=dg)
-        return result, (collections, quantizer)
+        return result, (collections, quantizer, lecam)
 
     def train_step(state: TrainState, batch, frozen):
         rng = jax.random.fold_in(base_rng, state.step)
@@ -270,9 +274,10 @@ def make_train_step(model: nn.Module, tx, schedule, config,
         q_state = (state.extras or {}).get("quantizer")
         quantizer = (None if q_state is None else
                      (q_state, quantizers.codebooks_of(state.params, q_state)))
-        r, (collections, quantizer) = step_lib.accumulate(
+        lecam = state.extras["gan"].lecam if gan is not None else None
+        r, (collections, quantizer, lecam) = step_lib.accumulate(
             lambda c, b, k: micro_step(state, c, b["image"], k, frozen, (active, aux_on), draws),
-            (collections, quantizer), {"image": batch["image"]}, rng, accum)
+            (collections, quantizer, lecam), {"image": batch["image"]}, rng, accum)
         loss = r["loss"]
         old = state  # what a non-finite step falls back to (before any re-anchoring)
         if quantizer is not None:  # clustering VQ: re-anchored codes, then the optimizer step
@@ -287,7 +292,7 @@ def make_train_step(model: nn.Module, tx, schedule, config,
             scalars["warmup_losses_active"] = jnp.float32(aux_on)
         if gan is not None:
             gan_state, d_scalars = gan.update(state.extras["gan"], r["d_grads"], r["d_means"],
-                                              collections, active)
+                                              collections, active, lecam)
             new = new.replace(extras={**new.extras, "gan": gan_state})
             finite = finite & jnp.isfinite(r["d_loss"])
             scalars.update(d_loss=r["d_loss"], gan_active=jnp.float32(active), **d_scalars,
