@@ -58,6 +58,22 @@ def test_fast_crop_equals_plain_crop_without_reduced_decoding(augment, rule):
             assert diff.max() <= 2 and diff.mean() < 0.2
 
 
+def test_random_resized_crop_falls_back_as_torchvision():
+    """Ten failed draws (a 10 x 400 strip, area >= 90%): torchvision's fallback, the central
+    crop with the aspect ratio clamped to 4/3 (13 x 10 px), then squashed to the square; the
+    fast path takes the same window."""
+    rng = np.random.default_rng(0)
+    assert pipeline._inception_window(10, 400, rng, 0.9) == (0, 193, 10, 13)
+    assert pipeline._inception_window(400, 10, rng, 0.9) == (193, 0, 13, 10)  # 10 / (3/4)
+    strip = np.asarray(skimage.data.astronaut())[200:210, :400]
+    kw = dict(image_size=32, augment="random_resized_crop", flip=False, min_scale=0.9)
+    plain = pipeline.preprocess_plain(strip, rng=np.random.default_rng(1), **kw)
+    want = np.asarray(Image.fromarray(strip[:, 193:206]).resize((32, 32), Image.BICUBIC))
+    np.testing.assert_array_equal(plain, want)
+    fast = pipeline.crop(strip, rng=np.random.default_rng(1), **kw)
+    assert np.abs(fast.astype(int) - plain).max() <= 2
+
+
 def test_the_resize_rules_round_as_adm_and_as_torchvision():
     """"adm": round(side * scale), floored center offsets (ADM's crops); "torchvision":
     Resize's int(size * long / short) and CenterCrop's int(round(d / 2)) (half to even)."""

@@ -146,9 +146,10 @@ def ten_crop(img: np.ndarray, size: int) -> np.ndarray:
 
 
 def _inception_window(height: int, width: int, rng: np.random.Generator, min_scale: float,
-                      ratio=(3 / 4, 4 / 3)) -> Optional[tuple[int, int, int, int]]:
-    """(top, left, crop height, crop width) of an Inception-style crop, or None when ten draws
-    found none (then the caller center-crops)."""
+                      ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """(top, left, crop height, crop width) of an Inception-style crop (torchvision's
+    `RandomResizedCrop.get_params`): when ten draws find none, the central crop with the
+    aspect ratio clamped into `ratio` (squashed to a square by the resize, as torchvision)."""
     area = height * width
     for _ in range(10):
         target = area * rng.uniform(min_scale, 1.0)
@@ -158,17 +159,19 @@ def _inception_window(height: int, width: int, rng: np.random.Generator, min_sca
             top = int(rng.integers(0, height - ch + 1))
             left = int(rng.integers(0, width - cw + 1))
             return top, left, ch, cw
-    return None
+    if width / height < min(ratio):
+        cw, ch = width, int(round(width / min(ratio)))
+    elif width / height > max(ratio):
+        cw, ch = int(round(height * max(ratio))), height
+    else:
+        cw, ch = width, height
+    return (height - ch) // 2, (width - cw) // 2, ch, cw
 
 
 def random_resized_crop(img: np.ndarray, size: int, rng: np.random.Generator,
-                        min_scale: float = 0.08, ratio=(3 / 4, 4 / 3),
-                        rule: str = "adm") -> np.ndarray:
+                        min_scale: float = 0.08, ratio=(3 / 4, 4 / 3)) -> np.ndarray:
     """Inception-style crop: area fraction in [min_scale, 1], log-uniform aspect ratio."""
-    window = _inception_window(*img.shape[:2], rng, min_scale, ratio)
-    if window is None:
-        return center_crop(img, size, rule)
-    top, left, ch, cw = window
+    top, left, ch, cw = _inception_window(*img.shape[:2], rng, min_scale, ratio)
     return _resize(img[top:top + ch, left:left + cw], size, size)
 
 
@@ -190,11 +193,7 @@ def crop_plan(height: int, width: int, *, image_size: int, augment: str, min_sca
         resized = shorter_side_size(height, width, _adm_shorter(size, min_scale, rng),
                                     resize_rule)
     elif augment == "random_resized_crop":
-        window = _inception_window(height, width, rng, min_scale)
-        if window is None:
-            return crop_plan(height, width, image_size=size, augment="center_crop",
-                             min_scale=min_scale, rng=None, resize_rule=resize_rule)
-        return (height, width), window
+        return (height, width), _inception_window(height, width, rng, min_scale)
     else:
         raise ValueError(f"Unknown augmentation {augment!r}.")
     return resized, (*_square_offsets(*resized, size, rng), size, size)
@@ -335,7 +334,7 @@ def preprocess_plain(image: Any, *, image_size: int, augment: str, flip: bool,
     elif augment == "random_crop":
         img = random_crop(img, image_size, rng, resize_rule)
     elif augment == "random_resized_crop":
-        img = random_resized_crop(img, image_size, rng, min_scale=min_scale, rule=resize_rule)
+        img = random_resized_crop(img, image_size, rng, min_scale=min_scale)
     elif augment == "adm_random_crop":
         img = adm_random_crop(img, image_size, rng, min_crop_frac=min_scale, rule=resize_rule)
     else:
