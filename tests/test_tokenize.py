@@ -73,6 +73,7 @@ def test_codes_equal_the_unsharded_encoder_and_flip_is_the_mirror(tiny, tokenize
     split = info["splits"]["train"]
     assert (split["num_examples"], split["num_variants"], len(split["shards"])) == (NUM, 2, 3)
     assert (ts.num_tokens, ts.num_variants, ts.codebook_size, ts.num_classes) == (8, 2, 64, 10)
+    assert ts.plain_variant == 0
     assert not [f for f in os.listdir(out) if f.startswith(".")]  # no tmp / plan files left
 
 
@@ -123,6 +124,7 @@ def test_ten_crop_stores_the_ten_views_of_the_official_code_extraction(tiny, tmp
     assert len({tuple(v) for v in got[0]}) > 1  # the views are different images
     split = tokens.read_info(out)["splits"]["train"]
     assert split["variants"] == list(tokenize.TEN_CROP_NAMES)
+    assert ts.plain_variant == 4  # the center crop: what the generator's eval loss reads
     assert split["plan"]["crop_range"] == 1.1
     with pytest.raises(ValueError, match="--flip with --crop=ten_crop"):
         tokenize.tokenize_dataset(model, params, sources.DigitsSource("train"),

@@ -49,6 +49,17 @@ from tok1d.data import pipeline, records
 FORMAT_VERSION = "tok1d.tokens.v1"
 INFO_FILENAME = "tokens_info.json"
 VARIANT_NAMES = ("image", "hflip")
+# The un-augmented view of an example among a split's variants: "image" (--crop=center /
+# resize), or the center crop of `tok1d tokenize --crop=ten_crop`.
+PLAIN_VARIANTS = ("image", "center")
+
+
+def plain_variant(variants: Optional[Sequence[str]]) -> int:
+    """The index of the un-augmented variant in a split's "variants" names (0 without names)."""
+    for i, name in enumerate(variants or ()):
+        if name in PLAIN_VARIANTS:
+            return i
+    return 0
 _REQUIRED_KEYS = ("num_tokens", "codebook_size", "num_classes", "codes_dtype", "splits")
 _SPLIT_KEYS = ("num_examples", "num_variants", "shards")
 
@@ -186,6 +197,11 @@ class TokenSource:
     @property
     def num_variants(self) -> int:
         return self._shape[0]
+
+    @property
+    def plain_variant(self) -> int:
+        """The variant that is the un-augmented image (what evaluation reads)."""
+        return plain_variant(self._split_info.get("variants"))
 
     @property
     def codebook_size(self) -> int:

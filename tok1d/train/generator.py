@@ -1,6 +1,6 @@
-"""Generator trainer: any generator (`tok1d.models.interfaces.Generator`: MaskGIT's masked-token,
-a LlamaGen-style GPT's next-token or RAR's permuted next-token objective), class-conditional, on a token dataset written by
-`python -m tok1d.cli.tokenize`.
+"""Generator trainer: any generator (`tok1d.models.interfaces.Generator`: MaskGIT's
+masked-token, a LlamaGen-style GPT's next-token or RAR's permuted next-token objective),
+class-conditional, on a token dataset written by `python -m tok1d.cli.tokenize`.
 
 `train_and_evaluate(config, workdir)` runs when `config.trainer == "generator"`; `fit` trains a
 generator from scratch on codes held in memory (the AR probe, `tok1d.probes.ar`). The model's
@@ -106,10 +106,11 @@ def evaluate_loss(eval_step, params, source, global_batch: int, num_examples: in
         return {}
     start, stop = parallel.host_batch_slice(sharding, global_batch)
     totals: dict[str, float] = {}
+    # The un-augmented image (the flipped or other cropped variants are for training).
+    plain = getattr(source, "plain_variant", 0)
     for b in range(num_batches):
         rows = [source[b * global_batch + i] for i in range(start, stop)]
-        # Variant 0: the un-augmented image (flipped variants are for training).
-        local = {"codes": np.stack([np.asarray(r["codes"]).reshape(-1, r["codes"].shape[-1])[0]
+        local = {"codes": np.stack([np.asarray(r["codes"]).reshape(-1, r["codes"].shape[-1])[plain]
                                     for r in rows]).astype(np.int32),
                  "label": np.asarray([r["label"] for r in rows], np.int32)}
         batch = parallel.global_batch(local, sharding, global_batch)
