@@ -72,3 +72,31 @@ def test_training_forward(built):
     cos = np.sum(feat * teacher, -1) / (np.linalg.norm(feat, axis=-1)
                                         * np.linalg.norm(teacher, axis=-1))
     assert rel_err(-np.mean(cos), z["train/proj_loss"]) < 1e-5
+
+
+def test_the_fsdp_trainers_weight_decay_rule_on_the_official_names(built):
+    """decay_mask "no_norm" is GigaTok's FSDP trainer's rule (decay a parameter whose official
+    name lacks "norm"): it selects exactly the tok1d leaves of those official tensors, in the
+    1D model (Q-Former layers' norm1-3, ln_pre / ln_post decayed) and the 2D one (its layers'
+    norm1 / norm2 are tok1d's ln_1 / ln_2)."""
+    import train_parity as tp
+    from tok1d.train import optim
+    z, meta, model, params, images = built
+    sd = common.load_state_dict(z.fid.name, prefix="sd/")
+    keys = [k for k in sd if np.asarray(sd[k]).dtype.kind == "f"]
+    tmap = tp.TensorMap(lambda s: convert_gigatok.convert_gigatok(s, model), sd, keys)
+
+    def leaves(names):
+        out = set()
+        for key in names:
+            for path, m in jax.tree_util.tree_flatten_with_path(
+                    tmap.masks[key], is_leaf=lambda x: x is None)[0]:
+                if m is not None:
+                    out.add(jax.tree_util.keystr(path))
+        return out
+
+    decayed = {jax.tree_util.keystr(path) for path, on in
+               jax.tree_util.tree_flatten_with_path(optim.decay_mask(params, "no_norm"))[0]
+               if on}
+    assert decayed == leaves(k for k in keys if "norm" not in k)
+    assert leaves(k for k in keys if "norm" in k)  # some are exempt

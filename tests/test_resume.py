@@ -193,6 +193,7 @@ def test_resume_after_sigterm_is_exact(reference, tmp_path):
     assert proc.returncode == 0, describe(proc)
     assert not STOPPED_RE.search(proc.stdout), describe(proc)
     assert "re-laid out" not in proc.stdout + proc.stderr  # the straight restore
+    assert "Warning: resuming" not in proc.stdout  # the same model settings
     resumed_steps = [int(m.group(1)) for m in map(PROGRESS_RE.match, proc.stdout.splitlines()) if m]
     if stopped < TOTAL:
         assert resumed_steps and resumed_steps[0] == stopped + 1, resumed_steps
@@ -341,6 +342,9 @@ def test_resume_with_the_other_layer_stack_layout(reference, tmp_path):
                           capture_output=True, text=True, timeout=RUN_TIMEOUT)
     assert proc.returncode == 0, describe(proc)
     assert "checkpoint 8: layer stacks re-laid out" in proc.stdout + proc.stderr, describe(proc)
+    # A changed model setting is named (those that keep the shapes would resume silently).
+    assert ("Warning: resuming with model settings other than the checkpoints were trained "
+            "with (scan: None there, False now)") in proc.stdout, describe(proc)
     assert [int(m.group(1)) for m in STARTED_RE.finditer(proc.stdout + proc.stderr)] == [9], \
         describe(proc)
     assert checkpoint_steps(wd) == [4, 8, 12]

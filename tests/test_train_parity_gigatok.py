@@ -327,6 +327,13 @@ CASES = tp.fixture_params("train_gigatok*.npz")
 
 
 @pytest.mark.parametrize("path", CASES)
+def test_the_mapping_crops_images_as_the_official_loader(path):
+    """GigaTok's random_crop_arr / center_crop_arr: ADM's rounding."""
+    config = official.config_from_fixture_meta(tp.load(path).meta)
+    assert (config.data.augment, config.data.resize_rule) == ("adm_random_crop", "adm")
+
+
+@pytest.mark.parametrize("path", CASES)
 def test_train_step_matches_official(path):
     check_fixture(path, FLOAT32)
 

@@ -426,6 +426,17 @@ def _run(path, tmp_path, recipe, resync=True, phase_programs=True):
     return report
 
 
+@pytest.mark.parametrize("path", tp.fixture_params("train_titok_stage*.npz"))
+def test_the_mapping_crops_images_as_the_official_loader(path):
+    """TiTok's webdataset loader: torchvision's Resize + RandomCrop / CenterCrop rounding."""
+    meta = tp.load(path).meta
+    config = official.config_from_official(
+        meta["config"], size_tables=meta.get("size_tables_added"),
+        pixel_decoder=meta.get("pixel_decoder_config"),
+        discriminator=meta.get("discriminator_ctor"))
+    assert config.data.resize_rule == "torchvision"
+
+
 @pytest.mark.parametrize("path", tp.fixture_params("train_titok_stage1*.npz"))
 def test_titok_stage1_train_step(path, tmp_path):
     _run(path, tmp_path, "titok_stage1")

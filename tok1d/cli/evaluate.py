@@ -276,10 +276,10 @@ def _linear_probe(config, model, params, mesh, rules, log) -> dict[str, float]:
     if not config.generator.tokens:
         raise ValueError("The linear probe needs generator.tokens (train and eval splits of "
                          "tok1d tokenize).")
-    read = lambda split: linear_probe.read_token_split(  # noqa: E731
-        tokens_lib.TokenSource(config.generator.tokens, split))
+    read = lambda split, plain=False: linear_probe.read_token_split(  # noqa: E731
+        tokens_lib.TokenSource(config.generator.tokens, split), plain_only=plain)
     return linear_probe.probe_from_config(model, params, read(config.data.train_split),
-                                          read(config.data.eval_split), ecfg, mesh, rules,
+                                          read(config.data.eval_split, True), ecfg, mesh, rules,
                                           seed=config.seed, log_fn=log)
 
 

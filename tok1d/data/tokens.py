@@ -14,7 +14,9 @@ the raw bytes of a C-ordered array of shape ``(num_variants, num_tokens)`` and d
 ``codes_dtype`` (int16 when the codebook fits, else int32); ``index`` is the example's position
 in the source split. Variant 0 encodes the image itself; with flip augmentation variant 1
 encodes its horizontal mirror (LlamaGen's ``extract_codes``: the mirrored image's codes are a
-separate, equally valid training example).
+separate, equally valid training example). ``tok1d tokenize --crop=ten_crop`` stores the ten
+crops of LlamaGen's / GigaTok's code extraction instead (the split's "variants" name them; the
+un-augmented one, what evaluation reads, is `plain_variant`'s "center").
 
 ``tokens_info.json`` looks like::
 

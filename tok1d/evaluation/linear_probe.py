@@ -396,11 +396,15 @@ def run_linear_probe(model: GPT, params: Any, train_codes: np.ndarray, train_lab
     return result
 
 
-def read_token_split(source) -> tuple[np.ndarray, np.ndarray]:
-    """(codes (N, V, T), labels (N,)) of a whole token split (`tok1d.data.tokens`)."""
+def read_token_split(source, plain_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(codes (N, V, T), labels (N,)) of a whole token split (`tok1d.data.tokens`);
+    `plain_only`: (N, T), each example's un-augmented variant (`TokenSource.plain_variant`;
+    the validation codes)."""
     items = source.__getitems__(range(len(source))) if hasattr(source, "__getitems__") else [
         source[i] for i in range(len(source))]
     codes = np.stack([np.asarray(r["codes"]).reshape(source.num_variants, -1) for r in items])
+    if plain_only:
+        codes = codes[:, getattr(source, "plain_variant", 0)]
     return codes.astype(np.int32), np.asarray([r["label"] for r in items], np.int32)
 
 

@@ -219,6 +219,7 @@ def config_from_official(official_config: Mapping[str, Any],
     recipes.imagenet(config)
     config.data.image_size = image_size
     config.data.augment, config.data.min_scale = "adm_random_crop", 0.8  # random_crop_arr
+    config.data.resize_rule = "adm"  # random_crop_arr / center_crop_arr's rounding
     config.model = dict(name="gigatok", **kwargs)
 
     rec = loss["reconstruction_loss"]

@@ -133,6 +133,7 @@ def config_from_official(official: Mapping[str, Any], num_processes: int = 1, *,
     # resize_shorter_edge is taken as crop_size (equal in the released configs).
     config.data.augment = "random_crop" if pre.get("random_crop", True) else "center_crop"
     config.data.flip = bool(pre.get("random_flip", True))
+    config.data.resize_rule = "torchvision"  # the webdataset loader's Resize + Random/CenterCrop
     config.model = dict(name="titok", **kwargs)
     config.losses.update({k: 0.0 for k in config.losses})
     losses = get(official, "losses")

@@ -269,9 +269,29 @@ def setup_run(config, workdir: str) -> tuple[str, Any, Any, Any]:
     return workdir, mesh, rules, batch_sh
 
 
+def changed_model_settings(config, workdir: str) -> list[str]:
+    """The model settings of `config` that differ from those a resumed run's checkpoints were
+    trained with (the workdir's config.json); [] for a fresh run. Settings that keep the
+    parameter shapes (e.g. `legacy_reshape`) resume without any error, so they are named."""
+    if layout.latest_step(workdir) is None or not os.path.isfile(layout.config_path(workdir)):
+        return []
+    try:
+        old = dict(layout.read_config(workdir).get("model") or {})
+    except (OSError, errors.UserError):
+        return []
+    new = config.model.to_dict()
+    return [f"{k}: {old.get(k)!r} there, {new.get(k)!r} now"
+            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
 def start_writing(config, workdir: str) -> summary.MetricWriter:
     """The run's metric writer, with the config recorded: config.json and the hyperparameters
-    (call once the run's state exists)."""
+    (call once the run's state exists). A resumed run whose model settings changed says which
+    (`changed_model_settings`) before config.json records the new ones."""
+    changed = changed_model_settings(config, workdir)
+    if changed:
+        log_fn()(f"Warning: resuming with model settings other than the checkpoints were "
+                 f"trained with ({'; '.join(changed)}); the params are read as they are.")
     writer = summary.MetricWriter(workdir, enabled=jax.process_index() == 0)
     writer.write_hparams(config.to_dict())
     write_json(layout.config_path(workdir), config.to_dict())

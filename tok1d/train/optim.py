@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from tok1d.weights.convert.gigatok import TRANSFORMER_LAYER as GIGATOK_LAYER_NAMES
+
 
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
 
@@ -105,8 +107,10 @@ def decay_mask(params: Any, which: str = "kernels", exclude: tuple[str, ...] = (
         if which == "all":
             return True
         if which == "no_norm":  # on the official names: tok1d's LayerNorm wrapper adds an
-            # inner module "norm" they lack (official `ln_pre` is tok1d's ln_pre/norm)
-            return not any("norm" in str(p) for p in path if p != "norm")
+            # inner module "norm" they lack (official `ln_pre` is tok1d's ln_pre/norm), and the
+            # 2D layers' ln_1 / ln_2 are their norm1 / norm2
+            official = [GIGATOK_LAYER_NAMES.get(str(p), str(p)) for p in path if p != "norm"]
+            return not any("norm" in p for p in official)
         if which == "matrices":  # torch's ndim >= 2: not norm scales / biases, whose tok1d
             # leaves can be 2-D (stacked by a scanned layer stack, per-head attention biases)
             return value.ndim >= 2 and path[-1] not in ("scale", "bias")

@@ -202,8 +202,9 @@ class TiTok(nn.Module):
     finetune_decoder  encoder, latent tokens and quantizer are frozen in the forward (stop
                 gradient; their losses report 0; the quantizer in eval mode: a clustering VQ
                 does not re-anchor), as in the official stage 2.
-    legacy_reshape  the raw reshape of the released two-stage checkpoints (`is_legacy`); keep
-                False for new models.
+    legacy_reshape  the raw reshape of the two-stage models (`is_legacy`: the released
+                checkpoints and the official two-stage training, whose YAMLs leave it True);
+                False: the per-token projection of the single-stage models.
     nested_dropout  ordered variable-length tokens (`tok1d.models.tokenizers.nested`): the
                 schedule of the random prefix length kept per example in the training forward
                 ("none", "uniform", "pow2"); the rest of the tokens reach the decoder as a
