@@ -137,9 +137,9 @@ def scan_input(input_dir: str) -> tuple[list[str], list[_Example], list[str]]:
     if empty:
         raise ValueError(
             f"{len(empty)} class folder(s) of {input_dir!r} hold no image files "
-            f"({', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}): their labels would "
-            "never occur (torchvision's ImageFolder refuses them too); remove them or add "
-            "images.")
+            f"({', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}; a link to a folder "
+            "read already counts as empty): their labels would never occur (torchvision's "
+            "ImageFolder refuses them too); remove them or add images.")
     return class_names, examples, ignored
 
 

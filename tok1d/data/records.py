@@ -170,9 +170,10 @@ def load_rgb(image: Image.Image, name: str | None = None) -> Image.Image:
     try:
         image.load()
         if image.mode in WIDE_GRAY_MODES:  # 16-bit / 32-bit gray: PIL's convert clips to 255
-            wide = np.asarray(image)
-            image = Image.fromarray(np.clip(wide.astype(np.int64) >> 8, 0, 255).astype(np.uint8),
-                                    "L")
+            wide = np.asarray(image).astype(np.int64)
+            if image.mode != "I" or wide.max() > 255:  # ("I" holding 8-bit levels: as they are)
+                wide = wide >> 8
+            image = Image.fromarray(np.clip(wide, 0, 255).astype(np.uint8), "L")
         elif image.mode == "F":
             raise ValueError("a floating-point image (mode F) has no defined 8-bit levels; "
                              "convert it to 8 or 16 bits")
