@@ -323,7 +323,7 @@ def test_odd_inputs_are_read_right_or_refused_in_one_line(tmp_path):
     text = prepare_lib.format_summary(summary)
     assert "directly in the input folder, not in a class folder: 1 (e.g. stray.png)" in text
     (root / "c").mkdir()
-    with pytest.raises(ValueError, match=r"1 class folder\(s\) .* hold no image files \(c\)"):
+    with pytest.raises(ValueError, match=r"1 class folder\(s\) .* hold no image files \(c;"):
         prepare_lib.prepare(str(root), str(tmp_path / "out2"))
 
 
