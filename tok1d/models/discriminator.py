@@ -83,7 +83,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tok1d.layers.cnn import TORCH_CONV_INIT, depthwise_conv, group_norm
+from tok1d.layers.cnn import TORCH_CONV_INIT, Conv, depthwise_conv, group_norm
 from tok1d.layers.transformer import logical
 
 Dtype = Any
@@ -246,7 +246,7 @@ class TiTokDiscriminator(nn.Module):
     def _conv(self, x: jax.Array, features: int, k: int, name: str,
               names: tuple = CONV) -> jax.Array:
         fan_in = x.shape[-1] * k * k
-        return nn.Conv(features, (k, k), padding="SAME", use_bias=True, dtype=self.dtype,
+        return Conv(features, (k, k), padding="SAME", use_bias=True, dtype=self.dtype,
                        param_dtype=self.param_dtype,
                        kernel_init=logical(torch_default_kernel_init, names),
                        bias_init=logical(torch_default_bias_init(fan_in), names[-1:]),
@@ -301,7 +301,7 @@ class PatchGANDiscriminator(nn.Module):
               names: tuple = CONV) -> jax.Array:
         k = self.kernel_size
         fan_in = x.shape[-1] * k * k
-        return nn.Conv(features, (k, k), strides=(stride, stride), padding=((1, 1), (1, 1)),
+        return Conv(features, (k, k), strides=(stride, stride), padding=((1, 1), (1, 1)),
                        use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
                        kernel_init=logical(nn.initializers.normal(0.02), names),
                        bias_init=logical(torch_default_bias_init(fan_in), names[-1:]),
