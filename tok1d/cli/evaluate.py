@@ -128,7 +128,7 @@ def evaluate_tokenizer(config, checkpoint: str, out: str, log=print,
                                             num_examples=dcfg.eval_examples,
                                             num_workers=dcfg.num_workers,
                                             resize_on=dcfg.resize_on,
-                                            resize_rule=dcfg.get("resize_rule", "adm"))
+                                            resize_rule=pipeline.resize_rule_of(dcfg))
     log(f"Evaluating {checkpoint} on {dcfg.name}:{dcfg.eval_split} "
         f"({num_batches} batches of {batch}).")
     ecfg = config.evaluation

@@ -505,11 +505,12 @@ def tokenize_dataset(model, params, source, out_dir: str, *, split: str = "train
             if done:
                 _read_histogram(path, shape, dtype, histogram)
         classes = _num_classes(source, paths, shape, dtype, num_classes)
+        usage = code_usage(histogram)
         _write_final_info(out_dir, split, plan, names, classes,
-                          tokenizer_info or {"model": type(model).__name__}, data_info,
-                          code_usage(histogram))
+                          tokenizer_info or {"model": type(model).__name__}, data_info, usage,
+                          variant_names(crop, flip))
         os.remove(_plan_path(out_dir, split))
-        summary.update(code_usage(histogram))
+        summary.update(usage)
     summary["elapsed_s"] = time.time() - start_time
     _sync("tok1d.cli.tokenize.done")
     say(format_summary(summary))
@@ -577,7 +578,7 @@ def _num_classes(source, paths: list[str], shape: tuple[int, int], dtype: str,
 
 def _write_final_info(out_dir: str, split: str, plan: dict[str, Any], names: list[str],
                       num_classes: int, tokenizer_info, data_info,
-                      usage: Mapping[str, Any]) -> None:
+                      usage: Mapping[str, Any], variants: list[str]) -> None:
     info_path = os.path.join(out_dir, tokens.INFO_FILENAME)
     old = tokens.read_info(out_dir) if os.path.isfile(info_path) else {"splits": {}}
     info = {"format": tokens.FORMAT_VERSION, **{k: plan[k] for k in _GLOBAL_KEYS},
@@ -586,8 +587,7 @@ def _write_final_info(out_dir: str, split: str, plan: dict[str, Any], names: lis
             "splits": dict(old["splits"])}
     info["splits"][split] = {
         "num_examples": plan["num_examples"], "num_variants": plan["num_variants"],
-        "variants": variant_names(plan["crop"], plan["num_variants"] > len(
-            variant_names(plan["crop"], False))), "shards": names,
+        "variants": variants, "shards": names,
         "data": dict(data_info or {}), "code_usage": dict(usage), "plan": plan}
     info["splits"] = dict(sorted(info["splits"].items()))
     tokens.write_info(out_dir, info)

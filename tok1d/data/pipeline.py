@@ -56,6 +56,11 @@ def _resize(img: np.ndarray, height: int, width: int) -> np.ndarray:
 RESIZE_RULES = ("adm", "torchvision")
 
 
+def resize_rule_of(data_config) -> str:
+    """A config's `data.resize_rule` ("adm" for configs written before it existed)."""
+    return data_config.get("resize_rule", RESIZE_RULES[0])
+
+
 def shorter_side_size(height: int, width: int, size: int, rule: str = "adm"
                       ) -> tuple[int, int]:
     """(height, width) of an image resized so that its shorter side is `size` (`rule`: see
@@ -123,9 +128,9 @@ def adm_center_crop_arr(image: Image.Image, size: int) -> Image.Image:
     floored)."""
     while min(image.size) >= 2 * size:
         image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
-    scale = size / min(image.size)
-    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
-    left, top = (image.width - size) // 2, (image.height - size) // 2
+    height, width = shorter_side_size(image.height, image.width, size, "adm")
+    image = image.resize((width, height), resample=Image.BICUBIC)
+    top, left = center_offsets(height, width, size, "adm")
     return image.crop((left, top, left + size, top + size))
 
 
@@ -136,7 +141,7 @@ def ten_crop(img: np.ndarray, size: int) -> np.ndarray:
     h, w = img.shape[:2]
     if min(h, w) < size:
         raise ValueError(f"ten_crop: a {h}x{w} image is smaller than the {size} px crops.")
-    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    top, left = center_offsets(h, w, size, "torchvision")
 
     def five(a):
         return [a[:size, :size], a[:size, w - size:], a[h - size:, :size],

@@ -55,6 +55,9 @@ VARIANT_NAMES = ("image", "hflip")
 # resize), or the center crop of `tok1d tokenize --crop=ten_crop`.
 PLAIN_VARIANTS = ("image", "center")
 
+_REQUIRED_KEYS = ("num_tokens", "codebook_size", "num_classes", "codes_dtype", "splits")
+_SPLIT_KEYS = ("num_examples", "num_variants", "shards")
+
 
 def plain_variant(variants: Optional[Sequence[str]]) -> int:
     """The index of the un-augmented variant in a split's "variants" names (0 without names)."""
@@ -62,8 +65,6 @@ def plain_variant(variants: Optional[Sequence[str]]) -> int:
         if name in PLAIN_VARIANTS:
             return i
     return 0
-_REQUIRED_KEYS = ("num_tokens", "codebook_size", "num_classes", "codes_dtype", "splits")
-_SPLIT_KEYS = ("num_examples", "num_variants", "shards")
 
 
 # ----------------------------------------------------------------------------------------------

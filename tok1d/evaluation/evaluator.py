@@ -477,7 +477,7 @@ def reference_from_data(dcfg, nets: MetricNets, mesh, sharding: NamedSharding, b
                                             host_stop=stop, image_size=dcfg.image_size,
                                             num_examples=dcfg.eval_examples,
                                             resize_on=dcfg.resize_on,
-                                            resize_rule=dcfg.get("resize_rule", "adm"))
+                                            resize_rule=pipeline.resize_rule_of(dcfg))
     feeder = feeding.Feeder(iter(ds), sharding, batch_size)
     batches = ((b["image"], b["mask"]) for b in (next(feeder) for _ in range(num_batches)))
     return reference_from_batches(nets, mesh, batches, ecfg, f"{dcfg.name}:{dcfg.eval_split}")

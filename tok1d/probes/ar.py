@@ -73,7 +73,7 @@ def make_ar_probe(config, encode: Callable, num_codes: Optional[int], train_src,
     train_ds, train_batches = pipeline.eval_dataset(
         train_src, global_batch=eval_batch, host_start=host_start, host_stop=host_stop,
         image_size=config.data.image_size, num_examples=pcfg.train_examples,
-        resize_on=config.data.resize_on, resize_rule=config.data.get("resize_rule", "adm"))
+        resize_on=config.data.resize_on, resize_rule=pipeline.resize_rule_of(config.data))
 
     def codes_of(params, ds, num_batches):
         feeder = feeding.Feeder(iter(ds), batch_sh, eval_batch)

@@ -477,7 +477,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     augments = ("random_resized_crop", "random_crop", "adm_random_crop", "center_crop")
     if config.data.augment not in augments:
         problems.append(f"data.augment={config.data.augment!r} is not one of {augments}")
-    if config.data.get("resize_rule", "adm") not in pipeline.RESIZE_RULES:
+    if pipeline.resize_rule_of(config.data) not in pipeline.RESIZE_RULES:
         problems.append(f"data.resize_rule={config.data.resize_rule!r} is not one of "
                         f"{pipeline.RESIZE_RULES}")
     if config.data.resize_on not in pipeline.RESIZE_ON:

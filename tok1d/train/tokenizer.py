@@ -533,7 +533,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             host_stop=row_stop, seed=config.seed, image_size=dcfg.image_size,
             augment=dcfg.augment, flip=dcfg.flip,
             min_scale=dcfg.min_scale, num_workers=dcfg.num_workers, resize_on=dcfg.resize_on,
-            start_batch=step, resize_rule=dcfg.get("resize_rule", "adm"))),
+            start_batch=step, resize_rule=pipeline.resize_rule_of(dcfg))),
             batch_sh, config.batch_size)
 
     e_start, e_stop = parallel.host_batch_slice(batch_sh, config.eval_batch_size)
@@ -541,7 +541,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         eval_src, global_batch=config.eval_batch_size, host_start=e_start, host_stop=e_stop,
         image_size=dcfg.image_size, num_examples=dcfg.eval_examples,
         num_workers=dcfg.num_workers, resize_on=dcfg.resize_on,
-        resize_rule=dcfg.get("resize_rule", "adm"))
+        resize_rule=pipeline.resize_rule_of(dcfg))
 
     # ---------------------------------------------------------------- model, frozen nets, state
     log = loop.log_fn()

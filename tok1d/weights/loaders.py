@@ -583,9 +583,8 @@ def _conversion_version(final: str) -> Optional[int]:
     if not os.path.exists(path):
         return 1 if os.path.isdir(final) else None
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f).get("version")
-    except (OSError, ValueError, AttributeError):
+        return layout.read_json(path).get("version")
+    except (OSError, errors.UserError, AttributeError):
         return None
 
 
