@@ -122,11 +122,7 @@ def tokenizer(preset: str, *, train_new: bool = False, dino_disc: bool = False):
     # autocast, so the loss networks run in bf16 too (float32: slower, not the official step).
     config.loss_precision = "bfloat16"
     config.ema_decay = 0.0
-    recipes.imagenet(config)
-    config.data.augment = "adm_random_crop"
-    config.data.resize_rule = "adm"  # random_crop_arr / center_crop_arr (their BOX halving of
-    # large images is not reproduced: the reduced-size JPEG decode plays that part)
-    config.data.min_scale = 0.8
+    recipes.imagenet_adm(config)  # random_crop_arr + flip, center_crop_arr
     # nested_dropout: ordered variable-length tokens (1D presets; not in the official recipes):
     # "uniform" / "pow2" (tok1d.models.tokenizers.nested), e.g. --config.model.nested_dropout=pow2
     # scan: each transformer half compiles one layer (XL-XXL: 36 + 48 layers unrolled otherwise).

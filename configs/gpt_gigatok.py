@@ -11,27 +11,33 @@
 gFID with the CFG scale from a line search with the `step` schedule (the search starts at
 `sampling.cfg_scale`). Run (b shown; `gigatok_b_l/` is the converted or trained tokenizer):
 
-    python -m tok1d.cli.tokenize --tokenizer=gigatok_b_l/ --data=tfds:imagenet2012 --split=train \\
-        --crop=ten_crop --batch_size=64 --out=/gcs/BUCKET/tokens_gigatok_b_l
-    python -m tok1d.cli.tokenize --tokenizer=gigatok_b_l/ --data=tfds:imagenet2012 \\
-        --split=validation --out=/gcs/BUCKET/tokens_gigatok_b_l
-    python -m tok1d.main --config=configs/gpt_gigatok.py:b --workdir=/gcs/BUCKET/gpt_b \\
-        --config.generator.tokens=/gcs/BUCKET/tokens_gigatok_b_l \\
+    python -m tok1d.main --config=configs/gpt_gigatok.py:b --workdir=/gcs/BUCKET/gpt_b \
         --config.generator.tokenizer=gigatok_b_l/
-    python -m tok1d.cli.sample --config=configs/gpt_gigatok.py:b --checkpoint=/gcs/BUCKET/gpt_b \\
+    python -m tok1d.cli.sample --config=configs/gpt_gigatok.py:b --checkpoint=/gcs/BUCKET/gpt_b \
         --tokenizer=gigatok_b_l/ --num_images=50000 --out=samples_gpt_b/
     # gFID / IS / precision-recall of 50k samples (the linear probe too with
-    # --config.evaluation.linear_probe_epochs=90)
-    python -m tok1d.cli.evaluate --config=configs/gpt_gigatok.py:b --checkpoint=DIR \\
-        --tokenizer=TOK --out=eval/ --inception=inception_fid/ \\
+    # --config.evaluation.linear_probe_epochs=90 on a token dataset, below)
+    python -m tok1d.cli.evaluate --config=configs/gpt_gigatok.py:b --checkpoint=DIR \
+        --tokenizer=TOK --out=eval/ --inception=inception_fid/ \
         --reference=VIRTUAL_imagenet256_labeled.npz
 
-Training tokens: the ten crops of GigaTok's code extraction (scripts/extract_code_c2i.sh:
-`extract_codes_c2i.py --ten-crop --crop-range 1.1`; ADM's center crop to 281 px, then the
-four corner and center 256 crops and their mirrors), one drawn per example each time, as its
-`CustomDataset` does (10 encodes per image: a smaller tokenize batch). The composite script's
-default (`DATASET=imagenet`) tokenizes a fresh ADM random crop + flip every step instead, which
-tok1d's token datasets do not do.
+Training sequences (`generator.token_source`), both official:
+- "images" (the default, as GigaTok's Detailed_instructions and composite script run it,
+  `DATASET=imagenet`): every step encodes an ADM random crop (256..320 px shorter side) +
+  flip of each ImageNet image with the frozen tokenizer; the validation loss encodes center
+  crops (val_loss_cal.py).
+- "dataset" (GigaTok's "pre-computed indices for acceleration", which it suggests for the
+  large GPTs): the ten crops of its code extraction (scripts/extract_code_c2i.sh:
+  `extract_codes_c2i.py --ten-crop --crop-range 1.1`; ADM's center crop to 281 px, then the
+  four corner and center 256 crops and their mirrors), one drawn per example each time, as
+  its `CustomDataset` does:
+
+    python -m tok1d.cli.tokenize --tokenizer=gigatok_b_l/ --data=tfds:imagenet2012 --split=train \
+        --crop=ten_crop --batch_size=64 --out=/gcs/BUCKET/tokens_gigatok_b_l
+    python -m tok1d.cli.tokenize --tokenizer=gigatok_b_l/ --data=tfds:imagenet2012 \
+        --split=validation --out=/gcs/BUCKET/tokens_gigatok_b_l
+    ... --config.generator.token_source=dataset \
+        --config.generator.tokens=/gcs/BUCKET/tokens_gigatok_b_l
 
 Recipe (GigaTok's autoregressive/train/train_c2i.py as scripts/composite_cmd/
 train_c2i_and_eval.sh calls it): next-token CE, class dropout 0.1, token / residual dropout
@@ -66,6 +72,10 @@ VARIANTS = {
 }
 
 
+# Training sequences: "images" (encoded in every step, the official default) or "dataset"
+# (generator.tokens), e.g. --config.generator.token_source=dataset.
+TOKEN_SOURCE = "images"
+
 # Attention kernel: "xla", or "cudnn" (cuDNN's fused attention on NVIDIA GPUs; a decoding step
 # then reads the KV cache by its filled length), e.g. --config.model.attention_impl=cudnn.
 ATTENTION = "xla"
@@ -77,6 +87,8 @@ def get_config(arg: str = ""):
     v = VARIANTS[arg]
     config = recipes.generator_base(total_steps=v["total_steps"], batch_size=v["batch_size"])
     config.ema_decay = 0.0
+    recipes.imagenet_adm(config)  # random_crop_arr + flip; center_crop_arr for the val loss
+    config.generator.token_source = TOKEN_SOURCE
     config.model = dict(name="gpt", size=v["size"], vocab_size=16384, num_tokens=256,
                         num_classes=1000, token_dropout=0.1, dropout_rate=0.1,
                         remat=v["remat"], attention_impl=ATTENTION)

@@ -181,3 +181,25 @@ def test_cli_loads_a_family_variant_with_overrides(tmp_path):
     assert "data.image_size=36 is not divisible by model.patch_size=16" in run.stderr
 
 
+
+
+def test_generator_token_source_and_the_official_dataset_flag():
+    """generator.token_source: "dataset" by default, "images" in the GPT recipe and for
+    train_c2i.py's default --dataset imagenet (ADM random crop + flip, encoded in the step),
+    "dataset" for --dataset imagenet_code; anything else is refused."""
+    from tok1d.official import gpt
+    assert config_lib.base_config("generator").generator.token_source == "dataset"
+    recipe = load_config(os.path.join(REPO, "configs", "gpt_gigatok.py:b"))
+    args = dict(dim=64, n_layer=2, n_head=2, vocab_size=64, block_size=8)
+    mapped = gpt.config_from_official(args, {})
+    for c in (recipe, mapped):
+        assert c.generator.token_source == "images"
+        assert (c.data.augment, c.data.resize_rule, c.data.min_scale, c.data.flip,
+                c.data.image_size) == ("adm_random_crop", "adm", 0.8, True, 256)
+    codes = gpt.config_from_official(args, dict(dataset="imagenet_code", image_size=384))
+    assert codes.generator.token_source == "dataset" and codes.data.image_size == 384
+    with pytest.raises(config_lib.ConfigError, match="dataset='coco'"):
+        gpt.config_from_official(args, dict(dataset="coco"))
+    codes.generator.token_source = "codes"
+    with pytest.raises(config_lib.ConfigError, match="generator.token_source='codes'"):
+        config_lib.validate(codes, num_devices=8)

@@ -139,6 +139,93 @@ def test_mismatched_tokens_are_refused(token_data, tmp_path):
         generator.train_and_evaluate(config, str(tmp_path / "bad2"))
 
 
+def images_config(tok_dir: str, steps: int = 16):
+    """tiny_config("gpt") trained on digit images its tokenizer encodes in the step."""
+    c = tiny_config("gpt", "", tok_dir, steps)
+    c.generator.token_source = "images"
+    c.data.name, c.data.image_size, c.data.augment, c.data.flip = "digits", 32, "center_crop", False
+    c.data.eval_examples = 64
+    return c
+
+
+def test_the_images_step_is_the_token_step_on_the_encoded_images(token_data):
+    """generator.token_source "images" (GigaTok's --dataset imagenet): the step that encodes a
+    batch of images with the frozen tokenizer is exactly the step on that batch's codes (also
+    with 2 microbatches); the tokenizer's params do not change."""
+    from tok1d import parallel
+    _, tok_dir = token_data
+    mesh = parallel.create_mesh({"data": -1})
+    rules = parallel.DEFAULT_RULES
+    batch_sh = parallel.batch_sharding(mesh, rules)
+    for accum in (1, 2):
+        config = images_config(tok_dir)
+        config.optim.grad_accum_steps = accum
+        model = generator.build_generator(config)
+        frozen = generator.load_frozen_tokenizer(config, mesh)
+        tokenizer, tok_params = frozen
+        images = sources.DigitsSource("train", image_size=32)
+        local = {"image": np.stack([images[i]["image"] for i in range(32)]).astype(np.float32)
+                 / 255.0, "label": np.asarray([images[i]["label"] for i in range(32)], np.int32),
+                 "mask": np.ones(32, bool)}
+        _, _, init, step_images = generator.build_training(config, model, mesh, rules,
+                                                           batch_sh, frozen)
+        config.generator.token_source = "dataset"
+        _, _, _, step_codes = generator.build_training(config, model, mesh, rules, batch_sh)
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            codes = jax.jit(lambda p, x: models.interfaces.encode_images(tokenizer, p, x))(
+                tok_params, local["image"])
+            assert len(np.unique(np.asarray(codes))) > 8  # the images differ in codes
+            before = jax.tree.map(np.asarray, tok_params)
+            a, sa, _ = step_images(init(jax.random.key(0)),
+                                   parallel.global_batch(local, batch_sh, 32), tok_params)
+            b, sb, _ = step_codes(init(jax.random.key(0)), parallel.global_batch(
+                {"codes": np.asarray(codes), "label": local["label"]}, batch_sh, 32))
+        np.testing.assert_allclose(float(sa["loss"]), float(sb["loss"]), rtol=1e-6)
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y),
+                                                             rtol=1e-5, atol=1e-7),
+                     a.params, b.params)
+        jax.tree.map(np.testing.assert_array_equal, before,
+                     jax.tree.map(np.asarray, tok_params))
+
+
+def test_a_generator_trains_on_images_it_encodes(token_data, tmp_path):
+    """The trainer with token_source "images": digit images, encoded in every step; the loss
+    drops, the validation loss runs on the encoded validation images, the grid is written, and
+    a resumed run continues from its checkpoint. Without a tokenizer: one clear error."""
+    _, tok_dir = token_data
+    workdir = str(tmp_path / "gpt_images")
+    config = images_config(tok_dir)
+    config.checkpoint.every_steps = 8
+    with config.unlocked():
+        config.total_steps = 8
+    first = generator.train_and_evaluate(config, workdir)
+    assert first["step"] == 8 and first["num_examples"] == 64
+    config = images_config(tok_dir)
+    config.checkpoint.every_steps = 8
+    result = generator.train_and_evaluate(config, workdir)
+    assert result["step"] == 16 and np.isfinite(result["loss"])
+    lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    train = [line["train/loss"] for line in lines if "train/loss" in line]
+    assert train[-1] < 0.8 * train[0], train
+    assert os.path.getsize(os.path.join(workdir, "samples.png")) > 500
+    with pytest.raises(config_lib.ConfigError, match="needs generator.tokenizer"):
+        generator.train_and_evaluate(images_config(""), str(tmp_path / "bad"))
+    assert not os.path.exists(tmp_path / "bad")  # refused before the workdir is made
+
+    # tok1d bench times the step with its encode (a tokenizer given), else on codes.
+    from tok1d.cli import bench
+    said = []
+    row = bench.run(images_config(tok_dir), "train", batch_size=32, steps=2, warmup=1,
+                    log=said.append)
+    assert row["images_per_s"] > 0 and not any("timing the step on codes" in s for s in said)
+    bench.run(images_config(""), "train", batch_size=32, compile_only=True, log=said.append)
+    assert any("timing the step on codes" in s for s in said)
+    config = images_config(tok_dir)
+    config.model["num_tokens"] = 16
+    with pytest.raises(config_lib.ConfigError, match="8 codes per image but model.num_tokens=16"):
+        generator.train_and_evaluate(config, str(tmp_path / "bad2"))
+
+
 def test_generator_configs_validate():
     """The released recipes build and validate on a 64-device pod (shapes only)."""
     root = os.path.join(os.path.dirname(__file__), "..", "configs")

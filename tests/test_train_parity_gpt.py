@@ -31,7 +31,8 @@ def train_args(meta) -> dict:
                 beta2=p["betas"][1], max_grad_norm=p["max_grad_norm"],
                 global_batch_size=p["batch"], iterations=p["total"], warmup=p["warmup"],
                 lr_scheduler=p["scheduler"], ema="ema" in meta, mixed_precision="none",
-                global_seed=meta.get("seed", 0))
+                global_seed=meta.get("seed", 0),
+                dataset="imagenet_code")  # the fixture stores the codes of each step
     if "fract_decay" in p:  # the wsd scheduler's decay fraction
         args["fract_decay"] = p["fract_decay"]
     return args

@@ -2,13 +2,13 @@
 maskgit_titok.py, gpt_gigatok.py, rar.py) and of the official-config mappings in
 tok1d.official.
 
-Each block sets one named piece of a recipe on a config: the ImageNet data (`imagenet`), the
-pod-scale run settings (`pod_run`), the generator trainer's defaults (`generator_base`), and
-the official training steps' semantics as tok1d options (`titok_train_utils`,
-`rar_train_utils`, `titok_disc_optim`, `gigatok_vq_train` with `gigatok_step`,
-`llamagen_train_c2i`), which the train-step parity tests check against the official code. The
-numbers of each variant (sizes, steps, batch, loss weights, learning rates) are written in its
-family file.
+Each block sets one named piece of a recipe on a config: the ImageNet data (`imagenet`,
+`imagenet_adm`), the pod-scale run settings (`pod_run`), the generator trainer's defaults
+(`generator_base`), and the official training steps' semantics as tok1d options
+(`titok_train_utils`, `rar_train_utils`, `titok_disc_optim`, `gigatok_vq_train` with
+`gigatok_step`, `llamagen_train_c2i`), which the train-step parity tests check against the
+official code. The numbers of each variant (sizes, steps, batch, loss weights, learning rates)
+are written in its family file.
 """
 
 from __future__ import annotations
@@ -38,6 +38,17 @@ def imagenet(config: ml_collections.ConfigDict) -> None:
     config.data.num_workers = -1  # one grain worker per core but one (at most 16)
     config.data.resize_on = "device"  # the host decodes, the accelerator resizes
     config.data.eval_examples = 10_000
+
+
+def imagenet_adm(config: ml_collections.ConfigDict) -> None:
+    """`imagenet` with LlamaGen / GigaTok's augmentation: ADM's `random_crop_arr` (shorter
+    side drawn from 256..320 = 256 / 0.8, a random 256 crop, flip) and `center_crop_arr` for
+    evaluation, with ADM's rounding. Their BOX halving of large images is not reproduced: the
+    reduced-size JPEG decode plays that part."""
+    imagenet(config)
+    config.data.augment = "adm_random_crop"
+    config.data.resize_rule = "adm"
+    config.data.min_scale = 0.8
 
 
 def pod_run(config: ml_collections.ConfigDict) -> None:

@@ -318,10 +318,11 @@ def _context(mesh, rules):
     return context
 
 
-def bench_train(config, batch: int, abstract: bool = False) -> Workload:
+def bench_train(config, batch: int, abstract: bool = False, log=print) -> Workload:
     """The trainer's jitted step on a synthetic batch (the state is created by `prepare`; with
     `abstract` only its shapes are used, for compiling); a tokenizer's is the step of its last
-    phase (`config.phase_programs`: what most of a run trains with)."""
+    phase (`config.phase_programs`: what most of a run trains with); a generator's with
+    generator.token_source "images" encodes the images first (with generator.tokenizer)."""
     mesh, rules, batch_sh = parallel.mesh_from_config(config)
     context = _context(mesh, rules)
     rng = np.random.default_rng(0)
@@ -329,12 +330,25 @@ def bench_train(config, batch: int, abstract: bool = False) -> Workload:
         config.batch_size = batch
     if config.trainer == "generator":
         model = gen_trainer.build_generator(config)
+        frozen_tokenizer = None
+        if gen_trainer.encodes_images(config) and not config.generator.tokenizer:
+            log("generator.token_source='images' without generator.tokenizer: timing the "
+                "step on codes (give --config.generator.tokenizer=DIR to include the encode)")
+            with config.unlocked():
+                config.generator.token_source = "dataset"
+        elif gen_trainer.encodes_images(config):
+            frozen_tokenizer = gen_trainer.load_frozen_tokenizer(config, mesh)
         abstract_state, shardings, init, step_fn = gen_trainer.build_training(
-            config, model, mesh, rules, batch_sh)
-        vocab = model.vocab_size
-        local = {"codes": rng.integers(0, vocab, (batch, model.num_tokens), dtype=np.int32),
-                 "label": rng.integers(0, model.num_classes, (batch,), dtype=np.int32)}
-        extra = ()
+            config, model, mesh, rules, batch_sh, frozen_tokenizer)
+        labels = rng.integers(0, model.num_classes, (batch,), dtype=np.int32)
+        codes = rng.integers(0, model.vocab_size, (batch, model.num_tokens), dtype=np.int32)
+        if frozen_tokenizer is None:
+            local, extra = {"codes": codes, "label": labels}, ()
+        else:
+            size = config.data.image_size
+            local = {"image": rng.uniform(0, 1, (batch, size, size, 3)).astype(np.float32),
+                     "label": labels}
+            extra = (frozen_tokenizer[1],)
     else:
         _random_frozen(config)
         t = tok_trainer.build_training(config, mesh, rules, batch_sh)
@@ -360,8 +374,10 @@ def bench_train(config, batch: int, abstract: bool = False) -> Workload:
 
     def memory_parts():
         with context():
-            if config.trainer == "generator":
-                saved = _generator_saved_bytes(config, model, shapes, data)
+            if config.trainer == "generator":  # the loss on codes (the encode keeps none)
+                saved = _generator_saved_bytes(config, model, shapes, {
+                    "codes": jax.ShapeDtypeStruct(codes.shape, jnp.int32),
+                    "label": data["label"]})
             else:
                 saved = _tokenizer_saved_bytes(config, t, shapes, data["image"])
         return dict(state_gib=_per_device_bytes(shapes) / 2 ** 30,
@@ -492,7 +508,7 @@ def run(config, workload: str, batch_size: int = 0, steps: int = 10, warmup: int
     batch = batch_size or config.batch_size
     config_lib.validate(config)
     if workload == "train":
-        work = bench_train(config, batch, compile_only)
+        work = bench_train(config, batch, compile_only, log)
     elif workload == "sample":
         work = bench_sample(config, batch, tokenizer_config, compile_only)
     else:

@@ -59,10 +59,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 
 from tok1d import errors
-from tok1d import images as images_lib
 from tok1d import parallel
 from tok1d.cli import app
 from tok1d.data import pipeline, records, sources, tokens
+from tok1d.models import interfaces
 from tok1d.models.tokenizers import nested
 from tok1d.weights import loaders
 
@@ -163,7 +163,6 @@ def make_encoder(model, params, *, flip: bool, batch_size: int, prefix_tokens: i
     batch_sh = parallel.batch_sharding(mesh, rules)
     global_batch = -(-batch_size // mesh.size) * mesh.size
     host_rows = parallel.host_batch_slice(batch_sh, global_batch)
-    to_model, _ = images_lib.range_converters(model.pixel_range)
     replicated = NamedSharding(mesh, P())
     params = nn.unbox(params)
     if all(not isinstance(x, jax.Array) for x in jax.tree.leaves(params)):
@@ -174,27 +173,15 @@ def make_encoder(model, params, *, flip: bool, batch_size: int, prefix_tokens: i
     if not model.num_codes:
         raise ValueError(f"{type(model).__name__} has no discrete codes (a continuous "
                          "tokenizer?); only VQ tokenizers can be tokenized.")
-    if prefix_tokens:
-        nested.require_prefix_support(model, "--prefix_tokens")
-        if not 0 <= prefix_tokens <= model.num_tokens:
-            raise ValueError(f"prefix_tokens={prefix_tokens}: expected 0 (all) to "
-                             f"{model.num_tokens} (the tokenizer's tokens).")
-        if prefix_tokens % model.codes_per_token:
-            raise ValueError(f"prefix_tokens={prefix_tokens}: not a whole number of tokens, "
-                             f"expected a multiple of {model.codes_per_token} (the "
-                             "quantizer's codes per token).")
-
-    def codes_of(p, x):
-        c = model.apply({"params": p}, x, method=model.encode)
-        c = c.reshape(c.shape[0], -1).astype(jnp.int32)
-        return c[:, :prefix_tokens] if prefix_tokens else c
+    nested.check_code_prefix(model, prefix_tokens, "--prefix_tokens")
 
     def fn(p, images, labels):
         if images.ndim == 4:
             images = images[:, None]
         b, v = images.shape[:2]
-        x = to_model(images.reshape((b * v,) + images.shape[2:]))
-        variants = [codes_of(p, x)] + ([codes_of(p, jnp.flip(x, axis=2))] if flip else [])
+        x = images.reshape((b * v,) + images.shape[2:])
+        views = [x, jnp.flip(x, axis=2)] if flip else [x]
+        variants = [interfaces.encode_images(model, p, view, prefix_tokens) for view in views]
         return jnp.concatenate([c.reshape(b, v, -1) for c in variants], axis=1), labels
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):

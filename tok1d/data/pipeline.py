@@ -466,6 +466,27 @@ def train_dataset(source, *, global_batch: int, host_start: int, host_stop: int,
     return _to_iter(ds[start_batch:] if start_batch else ds, num_workers)
 
 
+def recipe_train_dataset(source, data_config, *, global_batch: int, host_start: int,
+                         host_stop: int, seed: int, start_batch: int = 0) -> grain.IterDataset:
+    """`train_dataset` with the crop, flip, resizing and workers of a config's `data` section."""
+    d = data_config
+    return train_dataset(source, global_batch=global_batch, host_start=host_start,
+                         host_stop=host_stop, seed=seed, image_size=d.image_size,
+                         augment=d.augment, flip=d.flip, min_scale=d.min_scale,
+                         num_workers=d.num_workers, resize_on=d.resize_on,
+                         start_batch=start_batch, resize_rule=resize_rule_of(d))
+
+
+def recipe_eval_dataset(source, data_config, *, global_batch: int, host_start: int,
+                        host_stop: int) -> tuple[grain.IterDataset, int]:
+    """`eval_dataset` of the first `data.eval_examples` with a config's `data` section."""
+    d = data_config
+    return eval_dataset(source, global_batch=global_batch, host_start=host_start,
+                        host_stop=host_stop, image_size=d.image_size,
+                        num_examples=d.eval_examples, num_workers=d.num_workers,
+                        resize_on=d.resize_on, resize_rule=resize_rule_of(d))
+
+
 class _Padded(grain.MapDataset):
     """The first `num_examples` of a source, padded with masked copies of element 0."""
 

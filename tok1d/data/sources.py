@@ -233,6 +233,13 @@ def get_source(name: str, split: str, *, data_dir: str = "", demo_size: int = 40
                      "'array_record:<dir>'.")
 
 
+def source_of(data_config, split: str):
+    """The source of one split of a config's `data` section (name, data_dir, demo_size,
+    image_size)."""
+    return get_source(data_config.name, split, data_dir=data_config.data_dir,
+                      demo_size=data_config.demo_size, image_size=data_config.image_size)
+
+
 # ImageNet-like sizes (width, height) and how often `imagenet_like_jpegs` draws them: most
 # ImageNet photos are 500 px on the longer side (4:3, 3:2, square), some are smaller, a few
 # much larger (the ones reduced-size decoding speeds up).

@@ -84,7 +84,10 @@ from __future__ import annotations
 from typing import Any, Mapping, Optional, Protocol, runtime_checkable
 
 import jax
+import jax.numpy as jnp
 from flax import struct
+
+from tok1d import images as images_lib
 
 TOKENIZER_FIELDS = ("pixel_range", "num_codes", "num_tokens", "codes_per_token",
                     "decodes_prefixes", "outputs_pixels", "input_size", "encode", "decode_codes")
@@ -154,6 +157,17 @@ def check_tokenizer(model: Any) -> None:
     missing = [name for name in TOKENIZER_FIELDS if not hasattr(type(model), name)]
     if missing:
         raise TypeError(f"{type(model).__name__} is not a tokenizer: it lacks {missing}.")
+
+
+def encode_images(tokenizer: Any, params: Any, images: jax.Array, prefix_tokens: int = 0
+                  ) -> jax.Array:
+    """[0, 1] images (B, S, S, 3) -> `tokenizer`'s codes as sequences (B, num_tokens) int32
+    (MaskGIT-VQGAN's grid row-major), or their first `prefix_tokens` codes when > 0 (see
+    `tok1d.models.tokenizers.nested.check_code_prefix`); no gradient flows back."""
+    to_model, _ = images_lib.range_converters(tokenizer.pixel_range)
+    codes = tokenizer.apply({"params": params}, to_model(images), method=tokenizer.encode)
+    codes = jax.lax.stop_gradient(codes.reshape(codes.shape[0], -1).astype(jnp.int32))
+    return codes[:, :prefix_tokens] if prefix_tokens else codes
 
 
 @runtime_checkable

@@ -5,18 +5,22 @@ a tok1d config.
     config = gpt.config_from_official(
         model_args=dict(dim=768, n_layer=12, n_head=12, vocab_size=16384, block_size=256),
         train_args=dict(lr=1e-4, lr_scheduler="wsd", warmup=5000, iterations=1_500_000))
-    config.generator.tokens = "/gcs/BUCKET/tokens_gigatok_b_l"   # python -m tok1d.cli.tokenize
+    config.generator.tokenizer = "gigatok_b_l/"   # encodes the images (--dataset imagenet)
 
 `model_args`: the fields of the `ModelArgs` the script builds (`dataclasses.asdict` of it, or
 just the fields that differ from the defaults: `GPT_models[--gpt-model]`'s sizes plus the
 keyword arguments train_c2i passes). `train_args`: train_c2i.py's argparse values under their
 `dest` names (lr, weight_decay, beta1, beta2, max_grad_norm, global_batch_size, iterations,
-warmup, lr_scheduler, end_lr, fract_decay, ema, mixed_precision, global_seed, gpt_2d); missing
-ones take train_c2i's defaults (`TRAIN_DEFAULTS`). The result is the generator trainer config
+warmup, lr_scheduler, end_lr, fract_decay, ema, mixed_precision, global_seed, gpt_2d, dataset,
+image_size); missing ones take train_c2i's defaults (`TRAIN_DEFAULTS`). The result is the generator trainer config
 that runs the same training step: the `gpt_1d.Transformer` (c2i) as `tok1d.models.generators.gpt.GPT`,
 the class dropout to the null class, `creat_optimizer`'s decay split, the scheduler function
 called after the step, clipping and `update_ema` (semantics in
-`tok1d.recipes.llamagen_train_c2i`). The train-step parity test
+`tok1d.recipes.llamagen_train_c2i`), and the data: `--dataset imagenet` (the default)
+encodes an ADM random crop + flip of each image with the frozen `generator.tokenizer` in every
+step (generator.token_source "images"), `imagenet_code` reads a token dataset
+(`generator.tokens`, written by `tok1d tokenize`, e.g. `--crop=ten_crop` as
+extract_codes_c2i.py's ten crops). The train-step parity test
 (tests/test_train_parity_gpt.py) builds its model and optimizer through it from the `meta` of
 every `train_gpt*.npz` fixture.
 
@@ -42,7 +46,13 @@ from tok1d.models.generators.gpt import find_multiple
 TRAIN_DEFAULTS: dict[str, Any] = dict(
     lr=1e-4, weight_decay=5e-2, beta1=0.9, beta2=0.95, max_grad_norm=1.0,
     global_batch_size=256, iterations=1_500_000, warmup=0, lr_scheduler="const", end_lr=1e-5,
-    fract_decay=0.2, ema=False, mixed_precision="bf16", global_seed=0, gpt_2d=False)
+    fract_decay=0.2, ema=False, mixed_precision="bf16", global_seed=0, gpt_2d=False,
+    dataset="imagenet", image_size=256)
+
+# --dataset -> generator.token_source: "imagenet" encodes an ADM random crop + flip of each
+# image in every step (the frozen tokenizer's `encode` under no_grad), "imagenet_code" reads
+# codes extracted beforehand (extract_codes_c2i.py; tok1d: `tok1d tokenize`).
+DATASETS = {"imagenet": "images", "imagenet_code": "dataset"}
 
 # gpt_1d.ModelArgs defaults of the fields this mapping reads.
 MODEL_DEFAULTS: dict[str, Any] = dict(
@@ -144,4 +154,10 @@ def config_from_official(model_args: Mapping[str, Any], train_args: Mapping[str,
         raise config_lib.ConfigError(f"lr_scheduler={scheduler!r} is not one of const, "
                                      "cosine, wsd")
     config.ema_decay = EMA_DECAY if t["ema"] else 0.0
+    if t["dataset"] not in DATASETS:
+        raise config_lib.ConfigError(f"dataset={t['dataset']!r} is not one of "
+                                     f"{', '.join(DATASETS)}")
+    config.generator.token_source = DATASETS[t["dataset"]]
+    recipes.imagenet_adm(config)  # random_crop_arr + flip; center_crop_arr for the val loss
+    config.data.image_size = int(t["image_size"])
     return config

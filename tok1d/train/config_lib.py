@@ -32,6 +32,8 @@ from tok1d.train import optim
 from tok1d.weights.layout import model_kwargs
 
 TRAINERS = ("tokenizer", "generator", "demo")
+# Where a generator's training sequences come from (generator.token_source).
+TOKEN_SOURCES = ("dataset", "images")
 
 
 class ConfigError(errors.UserError, ValueError):
@@ -283,9 +285,14 @@ def add_generator_keys(c: ml_collections.ConfigDict) -> None:
     # Generators (trainer "generator"; model "maskgit", "gpt" or "rar"), trained on a token
     # dataset.
     c.generator = ml_collections.ConfigDict(dict(
+        token_source="dataset",       # "dataset": the token dataset in `tokens`; "images": the
+                                      # images of `data` (its crop and flip), encoded by the
+                                      # frozen `tokenizer` in every train step (GigaTok's
+                                      # --dataset imagenet; validation loss on center crops)
         tokens="",                    # token dataset directory (python -m tok1d.cli.tokenize)
-        tokenizer="",                 # decodes samples for grids / tok1d.cli.sample: a pretrained
-                                      # directory or a tokenizer training workdir
+        tokenizer="",                 # decodes samples for grids / tok1d.cli.sample (and
+                                      # encodes the images with token_source "images"): a
+                                      # pretrained directory or a tokenizer training workdir
         label_dropout=0.1,            # labels -> null class with this probability (CFG)
         mask_schedule="arccos",       # MaskGIT: training mask-ratio schedule
         label_smoothing=0.1,          # MaskGIT: CE label smoothing
@@ -518,6 +525,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
 
     if tokenizer_section:
         problems += _tokenizer_problems(config)
+    if section_complete and trainer == "generator":
+        g = config.generator
+        if g.token_source not in TOKEN_SOURCES:
+            problems.append(f"generator.token_source={g.token_source!r} is not one of "
+                            f"{TOKEN_SOURCES}")
     ev = config.evaluation
     if (ev.fid_every_steps > 0 and not ev.inception and not ev.allow_random_init):
         problems.append(f"evaluation.fid_every_steps={ev.fid_every_steps} needs "

@@ -1,6 +1,7 @@
 """Generator trainer: any generator (`tok1d.models.interfaces.Generator`: MaskGIT's
 masked-token, a LlamaGen-style GPT's next-token or RAR's permuted next-token objective),
-class-conditional, on a token dataset written by `python -m tok1d.cli.tokenize`.
+class-conditional, on a token dataset written by `python -m tok1d.cli.tokenize`, or on images
+that the frozen tokenizer encodes inside every train step (`generator.token_source`).
 
 `train_and_evaluate(config, workdir)` runs when `config.trainer == "generator"`; `fit` trains a
 generator from scratch on codes held in memory (the AR probe, `tok1d.probes.ar`). The model's
@@ -11,9 +12,10 @@ held-out tokens, a grid of samples decoded by the tokenizer, gFID), setup, the r
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import flax.linen as nn
 import jax
@@ -22,12 +24,13 @@ import ml_collections
 import numpy as np
 
 from tok1d import errors, images, models, parallel
-from tok1d.data import feeding
+from tok1d.data import feeding, pipeline, sources
 from tok1d.data import tokens as tokens_lib
 from tok1d.evaluation import evaluator
 from tok1d.generation import common as gen_common
 from tok1d.generation import decode
 from tok1d.models import interfaces
+from tok1d.models.tokenizers import nested
 from tok1d.objectives import tokens as tokens_obj
 from tok1d.train import config_lib, loop, optim, programs
 from tok1d.train import state as state_lib
@@ -59,9 +62,14 @@ def build_generator(config) -> nn.Module:
 # ---------------------------------------------------------------------------- steps
 
 
-def make_train_step(model: nn.Module, tx, schedule, config):
+def make_train_step(model: nn.Module, tx, schedule, config,
+                    tokenizer: Optional[nn.Module] = None):
     """(state, batch) -> (state, scalars, finite): loss, grads (accumulated over
     `optim.grad_accum_steps` microbatches), AdamW, EMA; a non-finite step is not applied.
+    With a `tokenizer` (generator.token_source "images") the step is (state, batch, tok_params)
+    and the batch holds [0, 1] "image"s that the frozen tokenizer encodes first, the whole
+    batch at once (GigaTok's train_c2i.py with --dataset imagenet: `tokenizer.encode` under
+    no_grad, then the GPT step).
 
     The order of the official loops (TiTok's `train_one_epoch_generator`, LlamaGen's
     train_c2i.py): gradients -> their global norm before clipping (scalar "grad_norm") ->
@@ -75,7 +83,9 @@ def make_train_step(model: nn.Module, tx, schedule, config):
         lambda p, b, r, s: loss_fn(p, b, r, True, s), config.optim), has_aux=True)
     base_rng = jax.random.key(config.seed + 1)
 
-    def train_step(state: TrainState, batch):
+    def train_step(state: TrainState, batch, tok_params=None):
+        if tokenizer is not None:
+            batch = images_to_codes(tokenizer, tok_params, batch, config.generator.prefix_tokens)
         rng = jax.random.fold_in(base_rng, state.step)
         ((loss, metrics), grads), _ = step_lib.accumulate(
             lambda _, b, r: (grad_fn(state.params, b, r, state.step), None), None, batch, rng,
@@ -89,6 +99,14 @@ def make_train_step(model: nn.Module, tx, schedule, config):
     return train_step
 
 
+def images_to_codes(tokenizer: nn.Module, tok_params, batch, prefix_tokens: int = 0):
+    """A batch of [0, 1] "image"s (and "label", maybe "mask") -> the batch of their codes
+    ("codes", "label"; other entries kept, the images and mask dropped)."""
+    out = {k: v for k, v in batch.items() if k not in ("image", "mask")}
+    out["codes"] = interfaces.encode_images(tokenizer, tok_params, batch["image"], prefix_tokens)
+    return out
+
+
 def make_eval_step(model: nn.Module, gcfg):
     """(params, batch, rng) -> (loss, metrics) without dropout or label dropout; MaskGIT masks
     with the given rng (fixed per batch, so evaluations are comparable)."""
@@ -96,30 +114,50 @@ def make_eval_step(model: nn.Module, gcfg):
     return lambda params, batch, rng: loss_fn(params, batch, rng, False)
 
 
-def evaluate_loss(eval_step, params, source, global_batch: int, num_examples: int, sharding
-                  ) -> dict[str, float]:
-    """Mean validation loss and accuracy over the first whole batches of `source` (at most
-    `num_examples`; -1: all). Every host loads its rows of each global batch."""
-    n = len(source) if num_examples < 0 else min(num_examples, len(source))
-    num_batches = n // global_batch
-    if num_batches == 0:
-        return {}
-    start, stop = parallel.host_batch_slice(sharding, global_batch)
+def evaluate_loss(eval_step, params, batches: Iterable[Any]) -> dict[str, float]:
+    """Mean validation loss and accuracy over global batches of codes ({"codes", "label"})."""
     totals: dict[str, float] = {}
-    # The un-augmented image (the flipped or other cropped variants are for training).
+    count = num_examples = 0
+    for b, batch in enumerate(batches):
+        loss, metrics = eval_step(params, batch, jax.random.key(b))
+        for k, v in {**metrics, "loss": loss}.items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+        count, num_examples = count + 1, num_examples + batch["label"].shape[0]
+    if not count:
+        return {}
+    out = {k: v / count for k, v in totals.items()}
+    out["num_examples"] = num_examples
+    return out
+
+
+def num_eval_batches(source_size: int, global_batch: int, num_examples: int) -> int:
+    """Whole global batches of the first `num_examples` (-1: all) of `source_size` examples."""
+    n = source_size if num_examples < 0 else min(num_examples, source_size)
+    return n // global_batch
+
+
+def token_batches(source, global_batch: int, num_examples: int, sharding) -> Iterator[Any]:
+    """The validation batches of a token source: its first whole global batches (at most
+    `num_examples`; -1: all), the un-augmented variant of each example (the flipped or other
+    cropped variants are for training). Every host loads its rows of each global batch."""
+    start, stop = parallel.host_batch_slice(sharding, global_batch)
     plain = getattr(source, "plain_variant", 0)
-    for b in range(num_batches):
+    for b in range(num_eval_batches(len(source), global_batch, num_examples)):
         rows = [source[b * global_batch + i] for i in range(start, stop)]
         local = {"codes": np.stack([np.asarray(r["codes"]).reshape(-1, r["codes"].shape[-1])[plain]
                                     for r in rows]).astype(np.int32),
                  "label": np.asarray([r["label"] for r in rows], np.int32)}
-        batch = parallel.global_batch(local, sharding, global_batch)
-        loss, metrics = eval_step(params, batch, jax.random.key(b))
-        for k, v in {**metrics, "loss": loss}.items():
-            totals[k] = totals.get(k, 0.0) + float(v)
-    out = {k: v / num_batches for k, v in totals.items()}
-    out["num_examples"] = num_batches * global_batch
-    return out
+        yield parallel.global_batch(local, sharding, global_batch)
+
+
+def image_batches(encode, tok_params, eval_ds, num_batches: int, sharding, global_batch: int
+                  ) -> Iterator[Any]:
+    """The validation batches of an image split (`tok1d.data.pipeline.eval_dataset`: center
+    crops), encoded by `encode(tok_params, batch)` (`images_to_codes`, jitted); whole batches
+    only, as `token_batches`."""
+    feeder = feeding.Feeder(iter(eval_ds), sharding, global_batch)
+    for _ in range(num_batches):
+        yield encode(tok_params, next(feeder))
 
 
 # ---------------------------------------------------------------------------- setup helpers
@@ -128,11 +166,8 @@ def evaluate_loss(eval_step, params, source, global_batch: int, num_examples: in
 def token_sources(config):
     """(train source, eval source or None, dataset info) of `config.generator.tokens`, cut to
     the first `generator.prefix_tokens` tokens when that is > 0."""
+    check_token_source(config)
     directory = config.generator.tokens
-    if not directory:
-        raise config_lib.ConfigError(
-            "generator.tokens is empty: give the token dataset directory written by "
-            "`python -m tok1d.cli.tokenize` (--config.generator.tokens=DIR).")
     errors.check_local(directory, "generator.tokens")
     k = config.generator.prefix_tokens
     train = tokens_lib.prefix_source(tokens_lib.TokenSource(directory, config.data.train_split),
@@ -161,14 +196,58 @@ def check_tokens_match(model: nn.Module, info: dict[str, Any]) -> None:
                                      + "\n  - ".join(problems))
 
 
-def load_sample_decoder(config, model, sharding, log) -> Optional[decode.SampleDecoder]:
+def load_frozen_tokenizer(config, mesh) -> Optional[tuple[nn.Module, Any]]:
+    """(tokenizer, its params replicated over `mesh`) of `generator.tokenizer`, or None when
+    it is empty. It encodes the training images (token_source "images") and decodes the
+    sample grids."""
+    check_token_source(config)
     path = config.generator.tokenizer
     if not path:
-        log("generator.tokenizer is empty: no sample grids (validation loss only).")
         return None
     tokenizer, tok_params = loaders.load_tokenizer(path)
-    return decode.SampleDecoder(model, config.sampling.to_dict(), tokenizer, tok_params,
-                                sharding)
+    return tokenizer, parallel.replicate(nn.unbox(tok_params), mesh)
+
+
+def check_token_source(config) -> None:
+    """A ConfigError when the training sequences' source lacks what it needs."""
+    if encodes_images(config) and not config.generator.tokenizer:
+        raise config_lib.ConfigError(
+            "generator.token_source='images' needs generator.tokenizer, the tokenizer that "
+            "encodes the training images (--config.generator.tokenizer=DIR).")
+    if not encodes_images(config) and not config.generator.tokens:
+        raise config_lib.ConfigError(
+            "generator.tokens is empty: give the token dataset directory written by "
+            "`python -m tok1d.cli.tokenize` (--config.generator.tokens=DIR), or train on "
+            "images encoded in the step (--config.generator.token_source=images).")
+
+
+def tokenizer_info(tokenizer: nn.Module, prefix_tokens: int, image_size: int
+                   ) -> dict[str, Any]:
+    """What a token dataset's info says of its codes, for the sequences `tokenizer` encodes
+    from `image_size` images (the first `prefix_tokens` when > 0); a ConfigError where it
+    cannot encode them."""
+    if not tokenizer.num_codes:
+        raise config_lib.ConfigError(
+            f"generator.token_source='images' needs a VQ tokenizer: generator.tokenizer is a "
+            f"{type(tokenizer).__name__} without discrete codes.")
+    if tokenizer.input_size not in (None, image_size):
+        raise config_lib.ConfigError(
+            f"generator.tokenizer encodes {tokenizer.input_size} px images but "
+            f"data.image_size={image_size}.")
+    try:
+        nested.check_code_prefix(tokenizer, prefix_tokens, "generator.prefix_tokens")
+    except ValueError as e:
+        raise config_lib.ConfigError(str(e)) from None
+    return {"num_tokens": prefix_tokens or tokenizer.num_tokens,
+            "codebook_size": tokenizer.num_codes}
+
+
+def sample_decoder(config, model, frozen_tokenizer, sharding, log
+                   ) -> Optional[decode.SampleDecoder]:
+    if frozen_tokenizer is None:
+        log("generator.tokenizer is empty: no sample grids (validation loss only).")
+        return None
+    return decode.SampleDecoder(model, config.sampling.to_dict(), *frozen_tokenizer, sharding)
 
 
 def init_generator(model: nn.Module, batch: int):
@@ -180,56 +259,109 @@ def init_generator(model: nn.Module, batch: int):
 # ---------------------------------------------------------------------------- train_and_evaluate
 
 
-def build_training(config: ml_collections.ConfigDict, model: nn.Module, mesh, rules, batch_sh
+def build_training(config: ml_collections.ConfigDict, model: nn.Module, mesh, rules, batch_sh,
+                   frozen_tokenizer: Optional[tuple[nn.Module, Any]] = None
                    ) -> tuple[Any, Any, Callable, Callable]:
     """(abstract state, its shardings, rng -> sharded state, jitted step (state donated)) of a
-    generator config (shared by `train_and_evaluate` and `tok1d.cli.bench`)."""
+    generator config (shared by `train_and_evaluate` and `tok1d.cli.bench`). With
+    generator.token_source "images" the step encodes images with `frozen_tokenizer`
+    ((tokenizer, replicated params), `load_frozen_tokenizer`) and takes its params as a third
+    argument."""
     init_params = init_generator(model, 2)
     boxed = jax.eval_shape(init_params, jax.random.key(0))  # traced once
     tx, schedule = optim.make_optimizer(config.optim, config.total_steps, nn.unbox(boxed))
     abstract, shardings, init = state_lib.state_shardings_and_init(
         init_params, tx, mesh, rules, use_ema=config.ema_decay > 0, boxed_params=boxed)
-    step_fn = jax.jit(make_train_step(model, tx, schedule, config),
-                      in_shardings=(shardings, batch_sh), out_shardings=(shardings, None, None),
-                      donate_argnums=(0,))
+    if encodes_images(config):
+        tokenizer, tok_params = frozen_tokenizer
+        tok_sh = jax.tree.map(lambda x: x.sharding, tok_params)
+        step_fn = jax.jit(make_train_step(model, tx, schedule, config, tokenizer),
+                          in_shardings=(shardings, batch_sh, tok_sh),
+                          out_shardings=(shardings, None, None), donate_argnums=(0,))
+    else:
+        step_fn = jax.jit(make_train_step(model, tx, schedule, config),
+                          in_shardings=(shardings, batch_sh),
+                          out_shardings=(shardings, None, None), donate_argnums=(0,))
     return abstract, shardings, init, step_fn
+
+
+def encodes_images(config) -> bool:
+    """Whether the generator trains on images its tokenizer encodes in the step."""
+    return config.generator.get("token_source", "dataset") == "images"
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains a class-conditional generator on tokens; writes checkpoints, TensorBoard logs,
     `samples.png` (one row per class) and metrics.json."""
     # ---------------------------------------------------------------- setup
+    check_token_source(config)  # before the workdir is made
     workdir, mesh, rules, batch_sh = loop.setup_run(config, workdir)
     is_chief = jax.process_index() == 0
     log = loop.log_fn()
 
     # ---------------------------------------------------------------- data
     model = build_generator(config)
-    train_src, eval_src, info = token_sources(config)
-    check_tokens_match(model, info)
+    frozen_tokenizer = load_frozen_tokenizer(config, mesh)
     row_start, row_stop = parallel.host_batch_slice(batch_sh, config.batch_size)
+    e_start, e_stop = parallel.host_batch_slice(batch_sh, config.eval_batch_size)
+    step_args: tuple = ()
+    if encodes_images(config):  # images, encoded in the step by the frozen tokenizer
+        dcfg = config.data
+        tokenizer, tok_params = frozen_tokenizer
+        info = tokenizer_info(tokenizer, config.generator.prefix_tokens, dcfg.image_size)
+        check_tokens_match(model, info)
+        train_src = sources.source_of(dcfg, dcfg.train_split)
+        step_args = (tok_params,)
+        data_line = (f"{len(train_src)} training images ({dcfg.name}:{dcfg.train_split}, "
+                     f"{dcfg.augment}{' + flip' if dcfg.flip else ''}) encoded in every step "
+                     f"into {info['num_tokens']} tokens")
 
-    def batches_from(step):
-        return feeding.Feeder(iter(tokens_lib.token_dataset(
-            train_src, global_batch=config.batch_size, host_start=row_start,
-            host_stop=row_stop, seed=config.seed, start_batch=step)), batch_sh,
-            config.batch_size)
+        def batches_from(step):
+            return feeding.Feeder(iter(pipeline.recipe_train_dataset(
+                train_src, dcfg, global_batch=config.batch_size, host_start=row_start,
+                host_stop=row_stop, seed=config.seed, start_batch=step)), batch_sh,
+                config.batch_size)
+
+        eval_src = sources.source_of(dcfg, dcfg.eval_split)
+        encode_batch = jax.jit(functools.partial(images_to_codes, tokenizer,
+                                                 prefix_tokens=config.generator.prefix_tokens))
+
+        def eval_batches():
+            ds, _ = pipeline.recipe_eval_dataset(eval_src, dcfg,
+                                                 global_batch=config.eval_batch_size,
+                                                 host_start=e_start, host_stop=e_stop)
+            n = num_eval_batches(len(eval_src), config.eval_batch_size, dcfg.eval_examples)
+            return image_batches(encode_batch, tok_params, ds, n, batch_sh,
+                                 config.eval_batch_size)
+    else:  # a token dataset
+        train_src, eval_src, info = token_sources(config)
+        check_tokens_match(model, info)
+        data_line = f"{len(train_src)} training sequences of {model.num_tokens} tokens"
+
+        def batches_from(step):
+            return feeding.Feeder(iter(tokens_lib.token_dataset(
+                train_src, global_batch=config.batch_size, host_start=row_start,
+                host_stop=row_stop, seed=config.seed, start_batch=step)), batch_sh,
+                config.batch_size)
+
+        def eval_batches():
+            return token_batches(eval_src, config.eval_batch_size, config.data.eval_examples,
+                                 batch_sh)
 
     # ---------------------------------------------------------------- model, optimizer, state
     abstract, shardings, init, train_step = build_training(config, model, mesh, rules,
-                                                           batch_sh)
+                                                           batch_sh, frozen_tokenizer)
     checkpointer = loop.checkpointer_for(config, workdir)
     steps = programs.PhasedStep.single(train_step)
     start = state_lib.start_or_resume(checkpointer, abstract, shardings, init,
                                       jax.random.key(config.seed), batches_from,
-                                      steps, mesh, rules)
+                                      steps, mesh, rules, step_args=step_args)
     state, first_step = start.state, start.step
     writer = loop.start_writing(config, workdir)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     logging.info("Generator %s: %.2fM parameters; starting at step %d.", config.model.name,
                  num_params / 1e6, first_step)
-    log(f"{config.model.name}: {num_params / 1e6:.2f}M parameters, {len(train_src)} training "
-        f"sequences of {model.num_tokens} tokens.")
+    log(f"{config.model.name}: {num_params / 1e6:.2f}M parameters, {data_line}.")
 
     # ---------------------------------------------------------------- steps
     nets = None
@@ -237,7 +369,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         nets = evaluator.load_metric_nets(config.evaluation, "", log)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         eval_step = jax.jit(make_eval_step(model, config.generator))
-        decoder = load_sample_decoder(config, model, batch_sh, log)
+        decoder = sample_decoder(config, model, frozen_tokenizer, batch_sh, log)
         gfid = make_gfid_eval(config, model, decoder, nets, mesh, batch_sh)
 
         # ------------------------------------------------------------ evaluation
@@ -245,9 +377,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             params = loop.eval_params(state_)
             metrics = {}
             if eval_src is not None:
-                metrics.update(evaluate_loss(eval_step, params, eval_src,
-                                             config.eval_batch_size, config.data.eval_examples,
-                                             batch_sh))
+                metrics.update(evaluate_loss(eval_step, params, eval_batches()))
             if decoder is not None:
                 n_cls = min(config.generator.num_sample_classes, model.num_classes)
                 per_class = max(1, config.num_grid_images // max(n_cls, 1))
@@ -269,6 +399,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         # ------------------------------------------------------------ loop
         result = loop.train_loop(config, workdir, state, first_step, steps, start.batches,
                                  checkpointer, writer, run_eval, start.times,
+                                 step_args=step_args,
                                  eval_periods=(config.evaluation.fid_every_steps,))
     writer.close()
     return result
@@ -339,8 +470,8 @@ def fit(config, codes: np.ndarray, labels: np.ndarray, val_codes: np.ndarray,
                                                                      config.batch_size))
             losses.append(scalars["loss"])
         val = evaluate_loss(jax.jit(make_eval_step(model, config.generator)), state.params,
-                            tokens_lib.ArrayTokenSource(val_codes, val_labels),
-                            config.eval_batch_size, -1, batch_sh)
+                            token_batches(tokens_lib.ArrayTokenSource(val_codes, val_labels),
+                                          config.eval_batch_size, -1, batch_sh))
     tail = [float(x) for x in losses[-10:]]
     metrics = {"train_loss": float(np.mean(tail))}
     metrics.update({f"val_{k}": v for k, v in val.items() if k != "num_examples"})

@@ -522,26 +522,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     # ---------------------------------------------------------------- data
     dcfg = config.data
     row_start, row_stop = parallel.host_batch_slice(batch_sh, config.batch_size)
-    train_src = sources.get_source(dcfg.name, dcfg.train_split, data_dir=dcfg.data_dir,
-                                   demo_size=dcfg.demo_size, image_size=dcfg.image_size)
-    eval_src = sources.get_source(dcfg.name, dcfg.eval_split, data_dir=dcfg.data_dir,
-                                  demo_size=dcfg.demo_size, image_size=dcfg.image_size)
+    train_src = sources.source_of(dcfg, dcfg.train_split)
+    eval_src = sources.source_of(dcfg, dcfg.eval_split)
 
     def batches_from(step):
-        return feeding.Feeder(iter(pipeline.train_dataset(
-            train_src, global_batch=config.batch_size, host_start=row_start,
-            host_stop=row_stop, seed=config.seed, image_size=dcfg.image_size,
-            augment=dcfg.augment, flip=dcfg.flip,
-            min_scale=dcfg.min_scale, num_workers=dcfg.num_workers, resize_on=dcfg.resize_on,
-            start_batch=step, resize_rule=pipeline.resize_rule_of(dcfg))),
-            batch_sh, config.batch_size)
+        return feeding.Feeder(iter(pipeline.recipe_train_dataset(
+            train_src, dcfg, global_batch=config.batch_size, host_start=row_start,
+            host_stop=row_stop, seed=config.seed, start_batch=step)), batch_sh, config.batch_size)
 
     e_start, e_stop = parallel.host_batch_slice(batch_sh, config.eval_batch_size)
-    eval_ds, eval_batches = pipeline.eval_dataset(
-        eval_src, global_batch=config.eval_batch_size, host_start=e_start, host_stop=e_stop,
-        image_size=dcfg.image_size, num_examples=dcfg.eval_examples,
-        num_workers=dcfg.num_workers, resize_on=dcfg.resize_on,
-        resize_rule=pipeline.resize_rule_of(dcfg))
+    eval_ds, eval_batches = pipeline.recipe_eval_dataset(
+        eval_src, dcfg, global_batch=config.eval_batch_size, host_start=e_start, host_stop=e_stop)
 
     # ---------------------------------------------------------------- model, frozen nets, state
     log = loop.log_fn()

@@ -140,3 +140,19 @@ def require_prefix_support(model: nn.Module, flag: str) -> None:
     if not supports_prefix(model):
         raise errors.UserError(f"{flag} needs a 1D tokenizer (TiTok, GigaTok 1D); "
                                f"{type(model).__name__} decodes all its tokens.")
+
+
+def check_code_prefix(model: nn.Module, k: int, flag: str) -> None:
+    """Checks that the first `k` codes of `model`'s sequences (0: all of them) can stand for
+    its tokens, e.g. as a generator's training sequences (`flag` names the option): a UserError
+    unless `model` decodes prefixes (k > 0), a ValueError unless 0 <= k <= num_tokens and k is
+    a whole number of tokens."""
+    if not k:
+        return
+    require_prefix_support(model, flag)
+    if not 0 <= k <= model.num_tokens:
+        raise ValueError(f"{flag}={k}: expected 0 (all) to {model.num_tokens} (the "
+                         "tokenizer's tokens).")
+    if k % model.codes_per_token:
+        raise ValueError(f"{flag}={k}: not a whole number of tokens, expected a multiple of "
+                         f"{model.codes_per_token} (the quantizer's codes per token).")
