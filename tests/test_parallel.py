@@ -8,12 +8,14 @@ kernel is genuinely split rather than silently replicated.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import subprocess
 import sys
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -456,3 +458,33 @@ def test_strided_conv_gradients_on_a_data_fsdp_tensor_mesh(which):
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         a, b = np.asarray(a), np.asarray(b)
         assert np.linalg.norm(a - b) <= 1e-4 * np.linalg.norm(b) + 1e-6
+
+
+def test_tensors_the_mesh_cannot_split_are_named_once(caplog):
+    """A >= 1 MiB kernel whose dimension a ruled axis does not divide stays whole on every
+    device along it (`_fit_spec`); building its state says so in one warning line, naming the
+    largest such tensor; small ones (biases) are not named."""
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Dense(300, name="odd", kernel_init=nn.with_logical_partitioning(
+                nn.initializers.lecun_normal(), ("embed", "mlp")),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)))(x)
+            return nn.Dense(1024, name="even", kernel_init=nn.with_logical_partitioning(
+                nn.initializers.lecun_normal(), ("mlp", "embed")))(x[..., :256])
+
+    mesh = parallel.create_mesh({"data": 1, "fsdp": 1, "tensor": 8})
+    rules = parallel.DEFAULT_RULES
+    boxed = jax.eval_shape(Net().init, jax.random.key(0), jnp.zeros((1, 1024)))["params"]
+    found = parallel.whole_over_axes(boxed, mesh, rules)
+    assert found == [("odd/kernel", (1024, 300), ("tensor",), 1024 * 300 * 4)]
+    sh = parallel.logical_shardings(boxed, mesh, rules)
+    assert sh["odd"]["kernel"].spec == P("fsdp", None)  # fsdp = 1 divides anything
+    assert sh["even"]["kernel"].spec == P("tensor", "fsdp")
+    with caplog.at_level(logging.WARNING):
+        parallel.params_and_optimizer(None, lambda p: {}, mesh, rules, boxed=boxed)
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(lines) == 1 and "1 parameter tensors (1 MiB)" in lines[0]
+    assert "odd/kernel (1024, 300) over tensor" in lines[0]
+    assert parallel.whole_over_axes(boxed, parallel.create_mesh({"fsdp": 8}), rules) == []

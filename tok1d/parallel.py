@@ -12,6 +12,7 @@ Models name the axes of every parameter and of the main activations (see
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 import re
@@ -107,6 +108,45 @@ def _fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
     return P(*fitted)
 
 
+def whole_over_axes(abstract_tree: Any, mesh: Mesh, rules, min_bytes: int = 1 << 20
+                    ) -> list[tuple[str, tuple[int, ...], tuple[str, ...], int]]:
+    """The tensors of a boxed tree of at least `min_bytes` that the logical `rules` split over
+    mesh axes (of size > 1) that do not divide their dimension, so that every device along
+    those axes holds them whole (`_fit_spec`), e.g. 20 heads on a tensor axis of 8:
+    (path, shape, the axes not split over, bytes) each, largest first."""
+    specs = nn.logical_to_mesh(nn.get_partition_spec(abstract_tree), rules)
+    leaves = unbox_abstract(abstract_tree)
+    found = []
+
+    def visit(path, spec, leaf):
+        nbytes = math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+        if nbytes < min_bytes:
+            return
+        fitted = _fit_spec(spec, leaf.shape, mesh)
+        axes = tuple(a for want, got in zip(tuple(spec), tuple(fitted))
+                     if want is not None and got is None
+                     for a in ((want,) if isinstance(want, str) else want) if mesh.shape[a] > 1)
+        if axes:
+            found.append((jax.tree_util.keystr(path, simple=True, separator="/"),
+                          tuple(leaf.shape), axes, nbytes))
+
+    jax.tree_util.tree_map_with_path(visit, specs, leaves, is_leaf=lambda x: isinstance(x, P))
+    return sorted(found, key=lambda t: -t[3])
+
+
+def warn_whole_over_axes(abstract_tree: Any, mesh: Mesh, rules) -> None:
+    """One console warning (process 0) naming the large tensors `whole_over_axes` finds."""
+    found = whole_over_axes(abstract_tree, mesh, rules)
+    if not found or jax.process_index() != 0:
+        return
+    path, shape, axes, _ = found[0]
+    total = sum(t[3] for t in found) / 2 ** 20
+    logging.getLogger(__name__).warning(
+        "%d parameter tensors (%.0f MiB) are not split over mesh axes that do not divide them "
+        "(each device along those axes holds them whole), e.g. %s %s over %s (mesh %s).",
+        len(found), total, path, shape, "/".join(axes), dict(mesh.shape))
+
+
 def unbox_abstract(tree: Any) -> Any:
     """Removes Flax metadata boxes without applying sharding constraints (abstract trees)."""
     return jax.tree.map(
@@ -135,6 +175,7 @@ def params_and_optimizer(init_params, init_optimizer, mesh: Mesh, rules, boxed: 
     if boxed is None:
         boxed = jax.eval_shape(init_params, jax.random.key(0))
     sh = logical_shardings(boxed, mesh, rules)
+    warn_whole_over_axes(boxed, mesh, rules)
     params = unbox_abstract(boxed)
     opt_state = jax.eval_shape(init_optimizer, params)
     return params, sh, opt_state, like_params(opt_state, params, sh, NamedSharding(mesh, P()))
