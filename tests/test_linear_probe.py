@@ -286,3 +286,22 @@ def test_run_linear_probe_end_to_end():
                               warmup_epochs=2)
     assert out["layer"] == DEPTH // 2 and out["feature_dim"] == WIDTH
     assert out["val_accuracy"] > 0.7, out  # chance: 0.25
+
+
+def test_the_evaluate_job_refuses_a_probe_it_cannot_run_before_sampling(tmp_path):
+    """The GPT recipe trains on images (generator.token_source "images"), but the probe reads
+    a token dataset: without generator.tokens the evaluate job stops before it samples (it
+    used to sample 50k images, compute gFID, then fail and write nothing)."""
+    import os
+    from conftest import REPO
+    from tok1d.cli import evaluate
+    from tok1d.train import config_lib
+    config = config_lib.load(os.path.join(REPO, "configs", "gpt_gigatok.py:b"))
+    config.evaluation.linear_probe_epochs = 90
+    with pytest.raises(ValueError, match="reads its codes from a token dataset"):
+        evaluate.evaluate_generator(config, str(tmp_path / "no_checkpoint"), "no_tokenizer/",
+                                    str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
+    config.model.name = "maskgit"
+    with pytest.raises(ValueError, match="needs a GPT generator"):
+        evaluate._check_linear_probe(config)

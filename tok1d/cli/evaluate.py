@@ -239,6 +239,7 @@ def evaluate_generator(config, checkpoint: str, tokenizer_path: str, out: str, s
     tokenizer_path = tokenizer_path or config.generator.tokenizer
     if not tokenizer_path:
         raise ValueError("No tokenizer: pass --tokenizer=DIR or set config.generator.tokenizer.")
+    _check_linear_probe(config)  # before sampling: its failure would lose the gFID
     mesh, rules, batch_sh, is_chief = _setup(config)
     model, params = sample_lib.load_generator(config, checkpoint)
     tokenizer, tok_params = loaders.load_tokenizer(tokenizer_path)
@@ -264,18 +265,31 @@ def evaluate_generator(config, checkpoint: str, tokenizer_path: str, out: str, s
                            reference=reference.source)
 
 
+def _check_linear_probe(config) -> None:
+    """A ValueError when evaluation.linear_probe_epochs > 0 cannot run: the probe needs a GPT
+    and reads its codes from a token dataset."""
+    if config.evaluation.linear_probe_epochs <= 0:
+        return
+    if config.model.name != "gpt":
+        raise ValueError("evaluation.linear_probe_epochs > 0 needs a GPT generator (GigaTok's "
+                         f"linear probe of AR features), not {config.model.name!r}.")
+    if not config.generator.tokens:
+        raise ValueError(
+            "The linear probe reads its codes from a token dataset: set generator.tokens (the "
+            "train and eval splits written by tok1d tokenize, e.g. --crop=ten_crop for train), "
+            "also for a generator trained on images (generator.token_source='images').")
+
+
 def _linear_probe(config, model, params, mesh, rules, log) -> dict[str, float]:
     """GigaTok's linear probe of a GPT's features on generator.tokens (train -> eval split),
     when evaluation.linear_probe_epochs > 0."""
     ecfg = config.evaluation
     if ecfg.linear_probe_epochs <= 0:
         return {}
+    _check_linear_probe(config)
     if not isinstance(model, GPT):
         raise ValueError("evaluation.linear_probe_epochs > 0 needs a GPT generator (GigaTok's "
                          f"linear probe of AR features), not {config.model.name!r}.")
-    if not config.generator.tokens:
-        raise ValueError("The linear probe needs generator.tokens (train and eval splits of "
-                         "tok1d tokenize).")
     read = lambda split, plain=False: linear_probe.read_token_split(  # noqa: E731
         tokens_lib.TokenSource(config.generator.tokens, split), plain_only=plain)
     return linear_probe.probe_from_config(model, params, read(config.data.train_split),

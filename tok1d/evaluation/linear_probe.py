@@ -14,7 +14,8 @@ Features (`probe_features`), as upstream's `main` / `evaluate` compute them:
 
 Probe (`LinearProbe`, upstream `LinProb`): `BatchNorm1d(width, affine=False, eps=1e-6)` then
 `Linear(width, num_classes)`, weight N(0, 0.01) (timm's `trunc_normal_(std=0.01)` cuts at
-+-2 absolute, i.e. not at all), bias 0.
++-2 absolute, i.e. not at all), bias 0 (upstream leaves torch's default U(+-1/sqrt(width)),
++-0.036 at width 768: negligible).
 
 Training (`train_linear_probe`), MAE's recipe as upstream runs it:
 
@@ -36,11 +37,22 @@ Training (`train_linear_probe`), MAE's recipe as upstream runs it:
 * metric: top-1 accuracy over the whole validation set with the BatchNorm's running
   statistics (upstream `evaluate`).
 
-Deviations: BatchNorm is Flax's, whose running variance averages the biased batch variance
-(torch: unbiased, a factor B / (B - 1) = 1.004 at B = 256); the probe trains with the global
-batch's statistics on one device (upstream: DDP, each GPU normalises with its own 512 rows);
-float32 throughout (upstream: autocast). The probe step is jitted once and scanned over an
-epoch on device, the training features living on the device (V * N * D float32).
+Deviations:
+* upstream computes the training features with the GPT in train mode (lin_probe.py never
+  calls `eval()` before training; only its separate `--eval` run does): token, residual and
+  FFN dropout 0.1 on them, drawn afresh every epoch, while the validation features are clean.
+  Here both are clean (eval mode, computed once), so accuracies are not directly comparable
+  with GigaTok's published ones (a review measured on a tiny random GPT: the same accuracy on
+  an easy task, 0.76 here vs 0.61 with dropout features on a harder one);
+* upstream probes the checkpoint's raw weights ("model"); `tok1d evaluate` probes the EMA
+  params when the run kept an EMA (the GPT recipe keeps none);
+* BatchNorm is Flax's, whose running variance averages the biased batch variance (torch:
+  unbiased, a factor B / (B - 1) = 1.004 at B = 256); the probe trains with the global
+  batch's statistics on one device (upstream: DDP, each GPU normalises with its own rows, 128
+  in GigaTok's scripts: LIN_BSZ=128 on 64 GPUs, lr scaled by the global 8192);
+* float32 throughout (upstream: autocast).
+The probe step is jitted once and scanned over an epoch on device, the training features
+living on the device (V * N * D float32).
 
     acc = run_linear_probe(model, params, train_codes, train_labels, val_codes, val_labels)
     acc["val_accuracy"]
@@ -369,10 +381,11 @@ def run_linear_probe(model: GPT, params: Any, train_codes: np.ndarray, train_lab
                      feature_batch_size: int = 256, mesh: Optional[Mesh] = None,
                      rules: Optional[Sequence[tuple[str, Any]]] = None,
                      num_classes: Optional[int] = None, log_fn: Optional[Callable[[str], None]]
-                     = None, **probe_kwargs: Any) -> dict[str, Any]:
+                     = None, val_variant: int = 0, **probe_kwargs: Any) -> dict[str, Any]:
     """GigaTok's AR linear probe end to end: `probe_features` of the training codes (N, T) or
     (N, V, T) (the token dataset's layout: V variants per example, all of them featurised and
-    sampled during training) and of the validation codes (M, T) (or (M, V, T): variant 0), then
+    sampled during training) and of the validation codes (M, T) (or (M, V, T): the variant
+    `val_variant`, the un-augmented one: `TokenSource.plain_variant`), then
     `train_linear_probe` (`probe_kwargs`: epochs, batch_size, base_lr, warmup_epochs, seed).
     `num_classes` defaults to the GPT's. Returns its dict plus "layer" and "feature_dim"."""
     layer = default_layer(model) if layer is None else int(layer)
@@ -380,7 +393,7 @@ def run_linear_probe(model: GPT, params: Any, train_codes: np.ndarray, train_lab
     if train_codes.ndim == 2:
         train_codes = train_codes[:, None]
     if val_codes.ndim == 3:
-        val_codes = val_codes[:, 0]
+        val_codes = val_codes[:, val_variant]
     n, num_variants, num_tokens = train_codes.shape
     feature = lambda c: probe_features(model, params, c, layer, feature_batch_size, mesh, rules)
     flat = feature(train_codes.transpose(1, 0, 2).reshape(num_variants * n, num_tokens))
