@@ -90,6 +90,18 @@ def test_mistyped_override_is_one_line_naming_the_key(tmp_path, capsys):
     assert not os.listdir(tmp_path)
 
 
+def test_a_fresh_run_that_fails_before_writing_leaves_no_empty_workdir(tmp_path, capsys):
+    """The workdir is made before the data is opened; a fresh run refused there removes it
+    again (an existing workdir is left as it was)."""
+    args = [f"--config={TINY}", f"--config.data.name=array_record:{tmp_path / 'none'}"]
+    assert app.run(train, args + [f"--workdir={tmp_path / 'run'}"]) == 2
+    assert "Dataset directory not found" in one_error_line(capsys.readouterr().err)
+    assert not os.path.exists(tmp_path / "run")
+    os.makedirs(tmp_path / "kept")
+    assert app.run(train, args + [f"--workdir={tmp_path / 'kept'}"]) == 2
+    assert os.path.isdir(tmp_path / "kept")
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--config=configs/nope.py", "--workdir=W"], "config file not found: configs/nope.py"),
     (["--config=configs/demo.py:extra", "--workdir=W"],

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 
 import jax
@@ -51,7 +52,20 @@ def execute(fv: flags.FlagValues, args: list[str]) -> None:
     # Every process says who it is (the launch logs of a multi-host job show each one joined).
     logging.info("JAX %s, process %d/%d, %d devices (%s).", jax.__version__, jax.process_index(),
                  jax.process_count(), jax.device_count(), jax.devices()[0].platform)
-    TRAINERS[config.trainer](config, fv.workdir)  # validates the config before the workdir
+    fresh = not os.path.exists(fv.workdir)
+    try:
+        TRAINERS[config.trainer](config, fv.workdir)  # validates the config before the workdir
+    except BaseException:
+        if fresh:  # a fresh run that stopped before writing anything leaves no empty folder
+            remove_if_empty(fv.workdir)
+        raise
+
+
+def remove_if_empty(directory: str) -> None:
+    try:
+        os.rmdir(directory)  # only removes an empty directory
+    except OSError:
+        pass
 
 
 if __name__ == "__main__":
