@@ -16,6 +16,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 import urllib.parse
 
 import jax
@@ -168,6 +169,30 @@ def test_a_conversion_by_older_converters_is_converted_again(tiny_bin, cache, of
     assert json.loads(record.read_text())["version"] == 2
     _, params = loaders.load("rar_tiny")
     _assert_same(params, tiny_bin[0])
+
+
+def test_leftovers_of_a_killed_conversion_are_removed_by_the_next_one(tiny_bin, cache,
+                                                                      offline_hub, monkeypatch):
+    """A conversion or download killed outright (SIGKILL, the OOM killer) cannot clean up: its
+    ".tmp-" directory (maybe GBs) or ".part-" file stays. The next conversion removes those
+    older than a day (a live process's are younger: a pod's other hosts may be converting)."""
+    _entry(monkeypatch, "rar_tiny", "hf://tok1d-test/tiny-rar/rar_tiny.bin")
+    _hub_cache(offline_hub, "tok1d-test/tiny-rar", "rar_tiny.bin", tiny_bin[1])
+    cache.mkdir(parents=True, exist_ok=True)
+    old = time.time() - 2 * download.STALE_AFTER_S
+    for name in (".tmp-rar_tiny-killed", ".part-killed", ".tmp-other-live"):
+        path = cache / name
+        if name.startswith(".tmp-"):
+            (path / "params").mkdir(parents=True)
+        else:
+            path.write_bytes(b"partial")
+        if "live" not in name:
+            os.utime(path, (old, old))
+    (cache / "kept_old_dir").mkdir()
+    os.utime(cache / "kept_old_dir", (old, old))
+    assert loaders.resolve("rar_tiny") == str(cache / "rar_tiny")
+    assert sorted(p.name for p in cache.iterdir()) == [".tmp-other-live", "kept_old_dir",
+                                                       "rar_tiny"]
 
 
 def test_url_download_then_cache_hit_with_the_server_stopped(tiny_bin, cache, server,

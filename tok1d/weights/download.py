@@ -28,6 +28,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -178,6 +179,7 @@ def _from_url(file: File, local: str) -> str:
     if offline():
         raise _unreachable(file.source, local, "offline: TOK1D_OFFLINE / HF_HUB_OFFLINE is set")
     os.makedirs(os.path.dirname(local), exist_ok=True)
+    remove_stale(os.path.dirname(local))
     fd, tmp = tempfile.mkstemp(prefix=".part-", dir=os.path.dirname(local))
     try:
         with os.fdopen(fd, "wb") as out:
@@ -215,6 +217,40 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+# Work files (".tmp-*" conversion directories, ".part-*" downloads, ".discard-*" directories
+# being deleted) older than this are leftovers of a killed process: nothing still writes them.
+STALE_AFTER_S = 24 * 3600
+
+
+def remove_stale(directory: str, prefixes=(".tmp-", ".part-", ".discard-"),
+                 older_than_s: float = STALE_AFTER_S) -> list[str]:
+    """Deletes the work files and directories in `directory` whose names start with one of
+    `prefixes` and that nothing has modified for `older_than_s` (those of a process killed
+    mid-download or mid-conversion; a live one's are younger). Returns the names removed."""
+    removed = []
+    now = time.time()
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        path = os.path.join(directory, name)
+        try:
+            if not name.startswith(tuple(prefixes)) or now - os.path.getmtime(path) < older_than_s:
+                continue
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+            removed.append(name)
+        except OSError:
+            continue  # another process removed it, or it is not ours to remove
+    if removed:
+        logging.info("Removed leftovers of killed downloads / conversions in %s: %s",
+                     directory, ", ".join(sorted(removed)))
+    return removed
 
 
 def discard_dir(path: str) -> None:

@@ -553,6 +553,7 @@ def resolve(source: str, kind: Optional[str] = None, cache_dir: Optional[str] = 
     if vgg:
         files["vgg"] = resolve_file(vgg, cache_dir)
     os.makedirs(root, exist_ok=True)
+    download.remove_stale(root)
     tmp = tempfile.mkdtemp(prefix=f".tmp-{dirname}-", dir=root)
     try:
         convert_official(kind, files["checkpoint"], tmp, vgg=files.get("vgg"), expect=expect,
