@@ -42,6 +42,9 @@ from array_record.python import array_record_module
 from tok1d import errors
 from tok1d.data import records
 
+_START_METHOD = ("forkserver" if "forkserver" in multiprocessing.get_all_start_methods()
+                 else "spawn")
+
 IMAGE_EXTENSIONS = frozenset({
     ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp",
     ".tif", ".tiff",
@@ -501,7 +504,9 @@ def prepare(input_dir: str,
     pool = None
     try:
         if workers > 1:
-            pool = multiprocessing.get_context().Pool(workers)
+            # not fork: the parent has usually imported JAX, whose threads a fork copies
+            # in whatever state they are (Python warns; a held lock would hang a worker)
+            pool = multiprocessing.get_context(_START_METHOD).Pool(workers)
         for name, exs in plan.items():
             stats[name] = _write_split(
                 name, exs, shard_counts[name], output_dir, resize_shorter,
