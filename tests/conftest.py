@@ -98,6 +98,10 @@ COST_BY_TEST = {
     "test_evaluation.py::test_fid_of_a_set_with_itself_and_against_references": "integration",
     "test_evaluation.py::test_evaluate_job_tokenizer_and_samples": "integration",
     "test_dino_disc.py::test_trainer_trains_the_heads_and_keeps_the_trunk": "integration",
+    # two compilations of a tokenizer train step each (50-65 s on a 2-core CPU)
+    "test_models.py::test_gradient_accumulation_matches_the_full_batch_step": "integration",
+    "test_models.py::test_lecam_emas_advance_microbatch_after_microbatch_as_upstream":
+        "integration",
     # cheap tests in costly files
     "test_bench.py::test_flop_count_multiplies_loops": "unit",
     "test_bench.py::test_flop_count_sees_the_depthwise_shifted_sum": "unit",
