@@ -200,6 +200,8 @@ def test_generator_token_source_and_the_official_dataset_flag():
     assert codes.generator.token_source == "dataset" and codes.data.image_size == 384
     with pytest.raises(config_lib.ConfigError, match="dataset='coco'"):
         gpt.config_from_official(args, dict(dataset="coco"))
+    with pytest.raises(config_lib.ConfigError, match="image_size=300 is not one of"):
+        gpt.config_from_official(args, dict(image_size=300))
     codes.generator.token_source = "codes"
     with pytest.raises(config_lib.ConfigError, match="generator.token_source='codes'"):
         config_lib.validate(codes, num_devices=8)

@@ -161,7 +161,7 @@ def test_the_images_step_is_the_token_step_on_the_encoded_images(token_data):
         config = images_config(tok_dir)
         config.optim.grad_accum_steps = accum
         model = generator.build_generator(config)
-        frozen = generator.load_frozen_tokenizer(config, mesh)
+        frozen = generator.load_frozen_tokenizer(config, mesh, rules)
         tokenizer, tok_params = frozen
         images = sources.DigitsSource("train", image_size=32)
         local = {"image": np.stack([images[i]["image"] for i in range(32)]).astype(np.float32)
@@ -186,6 +186,27 @@ def test_the_images_step_is_the_token_step_on_the_encoded_images(token_data):
                      a.params, b.params)
         jax.tree.map(np.testing.assert_array_equal, before,
                      jax.tree.map(np.asarray, tok_params))
+    # On an fsdp mesh the frozen tokenizer is split like a trained model, not whole on every
+    # device; it computes in float32 (upstream's encode runs outside the autocast).
+    tokenizer, tok_params = generator.load_frozen_tokenizer(
+        images_config(tok_dir), parallel.create_mesh({"fsdp": -1}), rules)
+    assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(tok_params))
+    assert np.dtype(tokenizer.dtype) == np.float32
+
+
+def test_the_codes_per_image_are_counted_at_the_datas_size():
+    """A fully convolutional tokenizer (MaskGIT-VQGAN, input_size None) encodes a larger image
+    into more codes than its num_tokens: the images path counts them at data.image_size (it
+    trained a 64-token GPT on 256 codes into NaN before)."""
+    from tok1d import parallel
+    vqgan = models.create("maskgit_vqgan", image_size=16, hidden_channels=32,
+                          channel_mult=(1, 1, 1), num_res_blocks=1, z_channels=32,
+                          codebook_size=64, dtype="bfloat16")
+    params = nn.unbox(vqgan.init(jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32)))
+    assert vqgan.num_tokens == 16
+    for size, tokens in ((16, 16), (32, 64)):
+        info = generator.tokenizer_info(vqgan, params["params"], 0, size, 10)
+        assert info == {"num_tokens": tokens, "codebook_size": 64, "num_classes": 10}
 
 
 def test_a_generator_trains_on_images_it_encodes(token_data, tmp_path):
@@ -224,6 +245,14 @@ def test_a_generator_trains_on_images_it_encodes(token_data, tmp_path):
     config.model["num_tokens"] = 16
     with pytest.raises(config_lib.ConfigError, match="8 codes per image but model.num_tokens=16"):
         generator.train_and_evaluate(config, str(tmp_path / "bad2"))
+    config = images_config(tok_dir)  # the digits' 10 classes (it trained into NaN before)
+    config.model["num_classes"] = 5
+    with pytest.raises(config_lib.ConfigError, match="10 classes but model.num_classes=5"):
+        generator.train_and_evaluate(config, str(tmp_path / "bad3"))
+    config = images_config(tok_dir)  # the GPT recipe's old command line: refused, not ignored
+    config.generator.tokens = str(tmp_path / "tokens")
+    with pytest.raises(config_lib.ConfigError, match="generator.tokens is set but"):
+        generator.train_and_evaluate(config, str(tmp_path / "bad4"))
 
 
 def test_generator_configs_validate():

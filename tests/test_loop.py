@@ -519,3 +519,28 @@ def test_a_complete_run_rerun_keeps_its_final_metrics(tmp_path, capsys):
                                     ckpt_every=0, first_step=6)
     assert evals == [6] and result == {"step": 6}
     assert json.loads(metrics.read_text()) == {"step": 6}
+
+
+def test_a_resume_on_other_training_data_is_named(tmp_path):
+    """A run resumed with another data source than its checkpoints were trained on (the GPT
+    recipe's default went from a token dataset to encoding the images) says so; a config.json
+    written before generator.token_source counts as "dataset"; a fresh run says nothing."""
+    from tok1d.train import config_lib
+    config = config_lib.base_config("generator")
+    config.generator.tokens = "/tokens"
+    wd = str(tmp_path)
+    assert loop.changed_data_settings(config, wd) == []  # no checkpoint: a fresh run
+    os.makedirs(os.path.join(wd, "checkpoints", "8"))
+    old = config.to_dict()
+    del old["generator"]["token_source"]
+    with open(os.path.join(wd, "config.json"), "w") as f:
+        json.dump(old, f)
+    assert loop.changed_data_settings(config, wd) == []
+    config.generator.token_source, config.generator.tokens = "images", ""
+    assert loop.changed_data_settings(config, wd) == [
+        "generator.token_source: 'dataset' there, 'images' now",
+        "generator.tokens: '/tokens' there, '' now"]
+    tokenizer_config = config_lib.base_config("tokenizer")  # no generator section: data.name
+    tokenizer_config.data.name = "digits"
+    assert loop.changed_data_settings(tokenizer_config, wd) == [
+        "data.name: 'demo' there, 'digits' now"]

@@ -321,6 +321,19 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     return jax.tree.map(put, tree)
 
 
+def put_by_rules(init_params, host_params: Any, mesh: Mesh, rules) -> Any:
+    """Host params -> global arrays sharded like a trained model's (`logical_shardings` of
+    the boxed params `init_params(rng)` makes, traced for their shapes only: call outside a
+    mesh context): a frozen model's weights split over fsdp / tensor, not whole on every
+    device."""
+    sh = logical_shardings(jax.eval_shape(init_params, jax.random.key(0)), mesh, rules)
+
+    def put(x, s):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+    return jax.tree.map(put, host_params, sh)
+
+
 def put_like(host_tree: Any, like: Any) -> Any:
     """Host arrays -> global arrays with the dtypes and shardings of `like` (same structure
     and shapes; a shape mismatch raises ValueError)."""

@@ -337,7 +337,7 @@ def bench_train(config, batch: int, abstract: bool = False, log=print) -> Worklo
             with config.unlocked():
                 config.generator.token_source = "dataset"
         elif gen_trainer.encodes_images(config):
-            frozen_tokenizer = gen_trainer.load_frozen_tokenizer(config, mesh)
+            frozen_tokenizer = gen_trainer.load_frozen_tokenizer(config, mesh, rules)
         abstract_state, shardings, init, step_fn = gen_trainer.build_training(
             config, model, mesh, rules, batch_sh, frozen_tokenizer)
         labels = rng.integers(0, model.num_classes, (batch,), dtype=np.int32)

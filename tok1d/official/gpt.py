@@ -53,6 +53,7 @@ TRAIN_DEFAULTS: dict[str, Any] = dict(
 # image in every step (the frozen tokenizer's `encode` under no_grad), "imagenet_code" reads
 # codes extracted beforehand (extract_codes_c2i.py; tok1d: `tok1d tokenize`).
 DATASETS = {"imagenet": "images", "imagenet_code": "dataset"}
+IMAGE_SIZES = (256, 384, 448, 512)
 
 # gpt_1d.ModelArgs defaults of the fields this mapping reads.
 MODEL_DEFAULTS: dict[str, Any] = dict(
@@ -157,6 +158,9 @@ def config_from_official(model_args: Mapping[str, Any], train_args: Mapping[str,
     if t["dataset"] not in DATASETS:
         raise config_lib.ConfigError(f"dataset={t['dataset']!r} is not one of "
                                      f"{', '.join(DATASETS)}")
+    if int(t["image_size"]) not in IMAGE_SIZES:
+        raise config_lib.ConfigError(f"image_size={t['image_size']} is not one of "
+                                     f"{IMAGE_SIZES} (train_c2i's --image-size choices)")
     config.generator.token_source = DATASETS[t["dataset"]]
     recipes.imagenet_adm(config)  # random_crop_arr + flip; center_crop_arr for the val loss
     config.data.image_size = int(t["image_size"])

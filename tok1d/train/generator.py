@@ -196,16 +196,22 @@ def check_tokens_match(model: nn.Module, info: dict[str, Any]) -> None:
                                      + "\n  - ".join(problems))
 
 
-def load_frozen_tokenizer(config, mesh) -> Optional[tuple[nn.Module, Any]]:
-    """(tokenizer, its params replicated over `mesh`) of `generator.tokenizer`, or None when
-    it is empty. It encodes the training images (token_source "images") and decodes the
-    sample grids."""
+def load_frozen_tokenizer(config, mesh, rules) -> Optional[tuple[nn.Module, Any]]:
+    """(tokenizer, its params on `mesh`) of `generator.tokenizer`, or None when it is empty.
+    It encodes the training images (token_source "images") and decodes the sample grids. It
+    computes in float32, as upstream's encode runs outside the autocast (a tok1d-trained
+    tokenizer would otherwise compute in its run's bf16), and its params are split over the
+    mesh by the logical rules like a trained model's (an XL-XXL tokenizer is 10.8 GiB in
+    float32; upstream deletes the decoder instead, which the grids need here)."""
     check_token_source(config)
     path = config.generator.tokenizer
     if not path:
         return None
-    tokenizer, tok_params = loaders.load_tokenizer(path)
-    return tokenizer, parallel.replicate(nn.unbox(tok_params), mesh)
+    tokenizer, tok_params = loaders.load_tokenizer(path, dtype="float32")
+    size = tokenizer.input_size or config.data.image_size
+    sample = jnp.zeros((1, size, size, 3), jnp.float32)
+    init = lambda rng: tokenizer.init(rng, sample)["params"]  # noqa: E731
+    return tokenizer, parallel.put_by_rules(init, nn.unbox(tok_params), mesh, rules)
 
 
 def check_token_source(config) -> None:
@@ -214,6 +220,12 @@ def check_token_source(config) -> None:
         raise config_lib.ConfigError(
             "generator.token_source='images' needs generator.tokenizer, the tokenizer that "
             "encodes the training images (--config.generator.tokenizer=DIR).")
+    if encodes_images(config) and config.generator.tokens:
+        raise config_lib.ConfigError(
+            "generator.tokens is set but generator.token_source='images' encodes the images "
+            "of `data` instead: drop --config.generator.tokens, or read it with "
+            "--config.generator.token_source=dataset (configs/gpt_gigatok.py trains on images "
+            "by default since 2026-12-06).")
     if not encodes_images(config) and not config.generator.tokens:
         raise config_lib.ConfigError(
             "generator.tokens is empty: give the token dataset directory written by "
@@ -221,11 +233,11 @@ def check_token_source(config) -> None:
             "images encoded in the step (--config.generator.token_source=images).")
 
 
-def tokenizer_info(tokenizer: nn.Module, prefix_tokens: int, image_size: int
-                   ) -> dict[str, Any]:
+def tokenizer_info(tokenizer: nn.Module, tok_params, prefix_tokens: int, image_size: int,
+                   num_classes: Optional[int]) -> dict[str, Any]:
     """What a token dataset's info says of its codes, for the sequences `tokenizer` encodes
-    from `image_size` images (the first `prefix_tokens` when > 0); a ConfigError where it
-    cannot encode them."""
+    from `image_size` images (the first `prefix_tokens` when > 0) of `num_classes` classes;
+    a ConfigError where it cannot encode them."""
     if not tokenizer.num_codes:
         raise config_lib.ConfigError(
             f"generator.token_source='images' needs a VQ tokenizer: generator.tokenizer is a "
@@ -238,8 +250,14 @@ def tokenizer_info(tokenizer: nn.Module, prefix_tokens: int, image_size: int
         nested.check_code_prefix(tokenizer, prefix_tokens, "generator.prefix_tokens")
     except ValueError as e:
         raise config_lib.ConfigError(str(e)) from None
-    return {"num_tokens": prefix_tokens or tokenizer.num_tokens,
-            "codebook_size": tokenizer.num_codes}
+    # The codes of one image at this size (a fully convolutional tokenizer, MaskGIT-VQGAN,
+    # gives more at a larger size than its num_tokens says).
+    codes = jax.eval_shape(lambda p: interfaces.encode_images(
+        tokenizer, p, jnp.zeros((1, image_size, image_size, 3), jnp.float32)), tok_params)
+    info = {"num_tokens": prefix_tokens or codes.shape[1], "codebook_size": tokenizer.num_codes}
+    if num_classes:
+        info["num_classes"] = int(num_classes)
+    return info
 
 
 def sample_decoder(config, model, frozen_tokenizer, sharding, log
@@ -265,7 +283,7 @@ def build_training(config: ml_collections.ConfigDict, model: nn.Module, mesh, ru
     """(abstract state, its shardings, rng -> sharded state, jitted step (state donated)) of a
     generator config (shared by `train_and_evaluate` and `tok1d.cli.bench`). With
     generator.token_source "images" the step encodes images with `frozen_tokenizer`
-    ((tokenizer, replicated params), `load_frozen_tokenizer`) and takes its params as a third
+    ((tokenizer, its params on the mesh), `load_frozen_tokenizer`) and takes its params as a third
     argument."""
     init_params = init_generator(model, 2)
     boxed = jax.eval_shape(init_params, jax.random.key(0))  # traced once
@@ -301,16 +319,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     # ---------------------------------------------------------------- data
     model = build_generator(config)
-    frozen_tokenizer = load_frozen_tokenizer(config, mesh)
+    frozen_tokenizer = load_frozen_tokenizer(config, mesh, rules)
     row_start, row_stop = parallel.host_batch_slice(batch_sh, config.batch_size)
     e_start, e_stop = parallel.host_batch_slice(batch_sh, config.eval_batch_size)
     step_args: tuple = ()
     if encodes_images(config):  # images, encoded in the step by the frozen tokenizer
         dcfg = config.data
         tokenizer, tok_params = frozen_tokenizer
-        info = tokenizer_info(tokenizer, config.generator.prefix_tokens, dcfg.image_size)
-        check_tokens_match(model, info)
         train_src = sources.source_of(dcfg, dcfg.train_split)
+        info = tokenizer_info(tokenizer, tok_params, config.generator.prefix_tokens,
+                              dcfg.image_size, getattr(train_src, "num_classes", None))
+        check_tokens_match(model, info)
         step_args = (tok_params,)
         data_line = (f"{len(train_src)} training images ({dcfg.name}:{dcfg.train_split}, "
                      f"{dcfg.augment}{' + flip' if dcfg.flip else ''}) encoded in every step "

@@ -269,29 +269,65 @@ def setup_run(config, workdir: str) -> tuple[str, Any, Any, Any]:
     return workdir, mesh, rules, batch_sh
 
 
+def _trained_config(workdir: str) -> Optional[dict[str, Any]]:
+    """The config.json a resumed run's checkpoints were trained with; None for a fresh run."""
+    if layout.latest_step(workdir) is None or not os.path.isfile(layout.config_path(workdir)):
+        return None
+    try:
+        return layout.read_config(workdir)
+    except (OSError, errors.UserError):
+        return None
+
+
 def changed_model_settings(config, workdir: str) -> list[str]:
     """The model settings of `config` that differ from those a resumed run's checkpoints were
     trained with (the workdir's config.json); [] for a fresh run. Settings that keep the
     parameter shapes (e.g. `legacy_reshape`) resume without any error, so they are named."""
-    if layout.latest_step(workdir) is None or not os.path.isfile(layout.config_path(workdir)):
+    trained = _trained_config(workdir)
+    if trained is None:
         return []
-    try:
-        old = dict(layout.read_config(workdir).get("model") or {})
-    except (OSError, errors.UserError):
-        return []
+    old = dict(trained.get("model") or {})
     new = config.model.to_dict()
     return [f"{k}: {old.get(k)!r} there, {new.get(k)!r} now"
             for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
+# Where the training examples come from, with the value of configs written before the key.
+DATA_SETTINGS = (("data.name", None), ("generator.token_source", "dataset"),
+                 ("generator.tokens", None))
+
+
+def changed_data_settings(config, workdir: str) -> list[str]:
+    """The `DATA_SETTINGS` of `config` that differ from a resumed run's config.json (e.g. a
+    GPT run started on a token dataset, resumed with the recipe's newer default of encoding
+    the images); [] for a fresh run or keys the config does not have."""
+    trained = _trained_config(workdir)
+    if trained is None:
+        return []
+    changed = []
+    for key, default in DATA_SETTINGS:
+        section, name = key.split(".")
+        if section not in config or name not in config[section]:
+            continue
+        old = (trained.get(section) or {}).get(name, default)
+        if old != config[section][name]:
+            changed.append(f"{key}: {old!r} there, {config[section][name]!r} now")
+    return changed
+
+
 def start_writing(config, workdir: str) -> summary.MetricWriter:
     """The run's metric writer, with the config recorded: config.json and the hyperparameters
-    (call once the run's state exists). A resumed run whose model settings changed says which
-    (`changed_model_settings`) before config.json records the new ones."""
+    (call once the run's state exists). A resumed run whose model settings or training data
+    changed says which (`changed_model_settings`, `changed_data_settings`) before config.json
+    records the new ones."""
     changed = changed_model_settings(config, workdir)
     if changed:
         log_fn()(f"Warning: resuming with model settings other than the checkpoints were "
                  f"trained with ({'; '.join(changed)}); the params are read as they are.")
+    changed = changed_data_settings(config, workdir)
+    if changed:
+        log_fn()(f"Warning: resuming on other training data than the checkpoints were trained "
+                 f"on ({'; '.join(changed)}).")
     writer = summary.MetricWriter(workdir, enabled=jax.process_index() == 0)
     writer.write_hparams(config.to_dict())
     write_json(layout.config_path(workdir), config.to_dict())
