@@ -5,11 +5,12 @@
 #   bash benchmarks/targets.sh OUT_DIR      # appends OUT_DIR/bench.jsonl, logs OUT_DIR/*.log
 #
 # The device machine (Python 3.12, jax + CUDA, flax, optax, orbax) lacks grain, clu and
-# ml_collections: carry an ignored .whl/ folder holding the cp312 wheels of grain, array_record,
-# dm-tree, more-itertools, portpicker, clu and ml_collections (`pip download --no-deps
-# --only-binary=:all: --python-version 3.12 ...`) and start with
-#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl &&
-#   export PYTHONPATH=/tmp/site:$PWD && bash benchmarks/targets.sh $OUT
+# ml_collections: carry an ignored .whl/ folder holding their wheels for Python 3.12 and 3.11
+# (gpu_session.sh installs those of the machine's Python by name):
+#   for v in 3.12 3.11; do pip download -q -d .whl --no-deps --only-binary=:all: \
+#     --python-version $v --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+#     --platform manylinux_2_28_x86_64 grain array_record dm-tree more-itertools portpicker \
+#     clu ml_collections; done
 # Each target is one process (compilation included), so 10 targets need several minutes: split
 # them over calls with the per-call limit in mind, e.g. TARGETS="titok_s1_b64 gpt_b_sample".
 # TOK1D_BENCH_FLAGS="--compile_only" only compiles (memory plans, no timing);
@@ -39,22 +40,33 @@ STEPS=${TOK1D_BENCH_STEPS:-10}
 LIMIT=${TARGET_TIMEOUT:-0}  # seconds per target process (0: none)
 JOBS=${JOBS:-3}             # WARM=1: compiles at once
 
-PHASE=time
-bench() {  # name, then tok1d.cli.bench arguments; TARGETS="name ..." runs a subset
+# Each `bench NAME ARGS...` line in targets() registers a target; they run in the order of
+# TARGETS="name ..." (default: every target, in the listed order).
+NAMES=()
+declare -A ARGS
+bench() { local name=$1; shift; NAMES+=("$name"); ARGS[$name]=$(printf '%q ' "$@"); }
+
+compile_one() {  # in the background, JOBS at a time; the caller waits
   local name=$1; shift
-  if [[ -n "${TARGETS:-}" && " $TARGETS " != *" $name "* ]]; then return 0; fi
-  if [[ $PHASE == compile ]]; then  # in the background, JOBS at a time; the caller waits
-    while (( $(jobs -rp | wc -l) >= JOBS )); do wait -n; done
-    XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "$LIMIT" $PY -m tok1d.cli.bench --compile_only \
-      --out="$OUT/compile.jsonl" "$@" > "$OUT/$name.compile.log" 2>&1 &
-    return 0
-  fi
+  while (( $(jobs -rp | wc -l) >= JOBS )); do wait -n; done
+  # --foreground: a timeout killed by an outer one (gpu_session.sh's parts) takes its command
+  # with it, instead of leaving it running on the device into the next part
+  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout --foreground "$LIMIT" $PY -m tok1d.cli.bench \
+    --compile_only --out="$OUT/compile.jsonl" "$@" > "$OUT/$name.compile.log" 2>&1 &
+}
+
+time_one() {
+  local name=$1; shift
   if [[ -n "${DEADLINE:-}" && $SECONDS -ge $DEADLINE ]]; then
     echo "== $name: skipped (DEADLINE=$DEADLINE s passed)"; return 0
   fi
   echo "== $name"
-  timeout "$LIMIT" $PY -m tok1d.cli.bench --steps="$STEPS" --warmup=2 --out="$OUT/bench.jsonl" ${TOK1D_BENCH_FLAGS:-} "$@" \
-    > "$OUT/$name.log" 2>&1 && tail -n 3 "$OUT/$name.log" || { echo "FAILED (see $OUT/$name.log)"; tail -n 5 "$OUT/$name.log"; }
+  if timeout --foreground "$LIMIT" $PY -m tok1d.cli.bench --steps="$STEPS" --warmup=2 \
+      --out="$OUT/bench.jsonl" ${TOK1D_BENCH_FLAGS:-} "$@" > "$OUT/$name.log" 2>&1; then
+    tail -n 3 "$OUT/$name.log"
+  else
+    echo "FAILED (see $OUT/$name.log)"; tail -n 5 "$OUT/$name.log"
+  fi
 }
 
 targets() {
@@ -92,10 +104,19 @@ bench gpt_b_whole    --config=configs/gpt_gigatok.py:b --workload=sample --batch
                      --tokenizer_config=configs/gigatok_b_l.py --config.sampling.cache_chunk=0
 }
 
+targets
+if [[ -n "${TARGETS:-}" ]]; then read -ra SELECTED <<< "$TARGETS"; else SELECTED=("${NAMES[@]}"); fi
+for name in "${SELECTED[@]}"; do
+  [[ -n ${ARGS[$name]+x} ]] || echo "== $name: unknown target (one of: ${NAMES[*]})"
+done
 if [[ -n "${WARM:-}" ]]; then
-  echo "== compiling every target at once (--compile_only, $OUT/*.compile.log)"
-  PHASE=compile targets
+  echo "== compiling the targets (--compile_only, $OUT/*.compile.log)"
+  for name in "${SELECTED[@]}"; do
+    [[ -n ${ARGS[$name]+x} ]] && eval "compile_one $name ${ARGS[$name]}"
+  done
   wait
   echo "== compiled after $SECONDS s"
 fi
-targets
+for name in "${SELECTED[@]}"; do
+  [[ -n ${ARGS[$name]+x} ]] && eval "time_one $name ${ARGS[$name]}"
+done

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -226,9 +227,9 @@ def test_targets_script_compiles_first_then_times(tmp_path):
 
 def test_gpu_session_times_gpt_sampling_with_and_without_graphs_of_its_loop(tmp_path):
     """benchmarks/gpu_session.sh's cmdbuf part (with a fake Python that writes each bench row
-    with the XLA_FLAGS it saw): GPT-B sampling timed four times: as it decodes by default, on
-    cuDNN's attention, on the whole KV cache (cache_chunk=0), and with while loops and
-    conditionals in XLA's command buffers; the rows in OUT/cmdbuf.jsonl and every log kept."""
+    with the XLA_FLAGS it saw): GPT-B sampling timed three times: as it decodes by default, on
+    cuDNN's attention, and with while loops and conditionals in XLA's command buffers; the
+    rows in OUT/cmdbuf.jsonl and every log kept."""
     fake = tmp_path / "python"
     fake.write_text('#!/bin/bash\nfor a in "$@"; do case $a in --out=*) out=${a#--out=};; '
                     'esac; done\n[[ -n ${out:-} ]] && echo "{\\"args\\": \\"$*\\", '
@@ -241,14 +242,13 @@ def test_gpu_session_times_gpt_sampling_with_and_without_graphs_of_its_loop(tmp_
                          timeout=60)
     assert run.returncode == 0, run.stderr
     rows = [json.loads(line) for line in (out / "cmdbuf.jsonl").read_text().splitlines()]
-    assert [r["xla_flags"] for r in rows] == ["--xla_dump_to=/tmp/x"] * 3 + [
+    assert [r["xla_flags"] for r in rows] == ["--xla_dump_to=/tmp/x"] * 2 + [
         "--xla_dump_to=/tmp/x --xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL"]
     assert all("--config=configs/gpt_gigatok.py:b --workload=sample" in r["args"] for r in rows)
-    assert ["attention_impl=cudnn" in r["args"] for r in rows] == [False, True, False, False]
-    assert ["cache_chunk=0" in r["args"] for r in rows] == [False, False, True, False]
+    assert ["attention_impl=cudnn" in r["args"] for r in rows] == [False, True, False]
     logs = subprocess.run(["tar", "tzf", str(out / "logs.tgz")], capture_output=True, text=True,
                           check=True).stdout.split()
-    assert {"./cmdbuf/gpt_b_sample.log", "./cmdbuf/gpt_b_whole.log", "./cmdbuf/gpt_b_cudnn.log",
+    assert {"./cmdbuf/gpt_b_sample.log", "./cmdbuf/gpt_b_cudnn.log",
             "./cmdbuf/graphs/gpt_b_sample.log"} <= set(logs)
     assert not (out / "bench.jsonl").exists()  # no other part ran
 
@@ -362,10 +362,11 @@ def test_checkpoint_speed_script_times_both_settings(tmp_path):
 
 
 def test_gpu_session_script_runs_its_plan_and_returns_few_files(tmp_path):
-    """benchmarks/gpu_session.sh (a fake python): the default plan times GPT-B sampling four
-    ways, then compiles and times TiTok with both attentions and GigaTok B-L training (16 with
-    both attentions, 32); the second call's plan ("profile") passes --profile; OUT holds a
-    handful of files (a lent machine returns at most 8), every target's log in logs.tgz."""
+    """benchmarks/gpu_session.sh (a fake python): the default plan times GigaTok B-L training
+    at 16 alone, GPT-B sampling three ways, then compiles and times TiTok with cuDNN's
+    attention (stages 2 and 1) and stage 1 with XLA's; the second call's plan ("profile")
+    passes --profile and runs its targets in its order (GPT-B first); OUT holds a handful of
+    files (a lent machine returns at most 8), every target's log in logs.tgz."""
     import tarfile
     fake = tmp_path / "python"
     fake.write_text('#!/bin/bash\necho "$@"\n')
@@ -384,21 +385,37 @@ def test_gpu_session_script_runs_its_plan_and_returns_few_files(tmp_path):
             logs[name] = {os.path.normpath(m.name): tar.extractfile(m).read().decode()
                           for m in tar.getmembers() if m.isfile()}
     first, second = logs["first"], logs["second"]
-    assert set(first) == {"titok_s1_b64.compile.log", "titok_s1_cudnn.compile.log",
+    assert set(first) == {"gigatok_b16.log",
+                          "cmdbuf/gpt_b_sample.log", "cmdbuf/gpt_b_cudnn.log",
+                          "cmdbuf/graphs/gpt_b_sample.log",
+                          "titok_s1_b64.compile.log", "titok_s1_cudnn.compile.log",
                           "titok_s2_cudnn.compile.log", "titok_s1_b64.log",
-                          "titok_s1_cudnn.log", "titok_s2_cudnn.log",
-                          "cmdbuf/gpt_b_sample.log", "cmdbuf/gpt_b_whole.log",
-                          "cmdbuf/gpt_b_cudnn.log", "cmdbuf/graphs/gpt_b_sample.log",
-                          "gigatok_b16.compile.log", "gigatok_b16_cudnn.compile.log",
-                          "gigatok_b32.compile.log", "gigatok_b16.log", "gigatok_b16_cudnn.log",
-                          "gigatok_b32.log"}
-    for name in ("titok_s1_cudnn", "gigatok_b16_cudnn"):
+                          "titok_s1_cudnn.log", "titok_s2_cudnn.log"}
+    for name in ("titok_s1_cudnn", "titok_s2_cudnn", "cmdbuf/gpt_b_cudnn"):
         assert "--config.model.attention_impl=cudnn" in first[f"{name}.log"]
     assert "--config.model.attention_impl" not in first["titok_s1_b64.log"]
-    assert "--config.sampling.cache_chunk=0" in first["cmdbuf/gpt_b_whole.log"]
-    assert "--compile_only" in first["gigatok_b16.compile.log"]
+    assert "--compile_only" in first["titok_s2_cudnn.compile.log"]
     assert set(second) == {"titok_s2_b32.log", "gpt_b_sample.log"}
     assert "--profile=" in second["gpt_b_sample.log"] and "--steps=3" in second["gpt_b_sample.log"]
+    session = (tmp_path / "second" / "session.log").read_text()
+    assert session.index("== gpt_b_sample") < session.index("== titok_s2_b32")
+
+
+def test_a_part_cut_by_its_timeout_leaves_no_target_running(tmp_path):
+    """targets.sh's per-target timeout runs in the foreground, so gpu_session.sh's timeout of
+    a part takes the running target with it (before, the target kept the device busy while
+    the next part measured)."""
+    fake = tmp_path / "slow_python"
+    fake.write_text("#!/bin/bash\nsleep 30\n")
+    fake.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(fake), TARGETS="gpt_b_sample", TARGET_TIMEOUT="60")
+    run = subprocess.run(["timeout", "2", "bash", os.path.join(REPO, "benchmarks", "targets.sh"),
+                          str(tmp_path / "out")], cwd=REPO, env=env, capture_output=True,
+                         timeout=60)
+    assert run.returncode == 124
+    time.sleep(0.5)
+    left = subprocess.run(["pgrep", "-f", str(fake)], capture_output=True, text=True)
+    assert left.stdout.strip() == "", left.stdout
 
 
 def test_roofline_counts_loop_kernels_gemm_flops_and_in_place_bytes():
