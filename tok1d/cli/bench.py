@@ -534,9 +534,10 @@ def run(config, workload: str, batch_size: int = 0, steps: int = 10, warmup: int
         work.prepare()
         times, first = time_calls(work.call, warmup, steps, profile)
         step = statistics.median(times)
+        memory = peak_memory_gib()  # before the peak-FLOPs matmul adds its 384 MiB
         peak = peak_tflops or matmul_tflops()
         row.update(step_ms=1e3 * step, images_per_s=batch / step, first_call_s=first,
-                   peak_memory_gib=peak_memory_gib(), device_bf16_tflops=peak,
+                   peak_memory_gib=memory, device_bf16_tflops=peak,
                    mfu=None if flops is None else flops / step / (peak * 1e12
                                                                  * jax.device_count()))
     log(format_row(row))
