@@ -11,14 +11,14 @@
 gFID with the CFG scale from a line search with the `step` schedule (the search starts at
 `sampling.cfg_scale`). Run (b shown; `gigatok_b_l/` is the converted or trained tokenizer):
 
-    python -m tok1d.main --config=configs/gpt_gigatok.py:b --workdir=/gcs/BUCKET/gpt_b \
+    python -m tok1d.main --config=configs/gpt_gigatok.py:b --workdir=/gcs/BUCKET/gpt_b \\
         --config.generator.tokenizer=gigatok_b_l/
-    python -m tok1d.cli.sample --config=configs/gpt_gigatok.py:b --checkpoint=/gcs/BUCKET/gpt_b \
+    python -m tok1d.cli.sample --config=configs/gpt_gigatok.py:b --checkpoint=/gcs/BUCKET/gpt_b \\
         --tokenizer=gigatok_b_l/ --num_images=50000 --out=samples_gpt_b/
     # gFID / IS / precision-recall of 50k samples (the linear probe too with
     # --config.evaluation.linear_probe_epochs=90 on a token dataset, below)
-    python -m tok1d.cli.evaluate --config=configs/gpt_gigatok.py:b --checkpoint=DIR \
-        --tokenizer=TOK --out=eval/ --inception=inception_fid/ \
+    python -m tok1d.cli.evaluate --config=configs/gpt_gigatok.py:b --checkpoint=DIR \\
+        --tokenizer=TOK --out=eval/ --inception=inception_fid/ \\
         --reference=VIRTUAL_imagenet256_labeled.npz
 
 Training sequences (`generator.token_source`), both official:
@@ -32,11 +32,11 @@ Training sequences (`generator.token_source`), both official:
   four corner and center 256 crops and their mirrors), one drawn per example each time, as
   its `CustomDataset` does:
 
-    python -m tok1d.cli.tokenize --tokenizer=gigatok_b_l/ --data=tfds:imagenet2012 --split=train \
+    python -m tok1d.cli.tokenize --tokenizer=gigatok_b_l/ --data=tfds:imagenet2012 --split=train \\
         --crop=ten_crop --batch_size=64 --out=/gcs/BUCKET/tokens_gigatok_b_l
-    python -m tok1d.cli.tokenize --tokenizer=gigatok_b_l/ --data=tfds:imagenet2012 \
+    python -m tok1d.cli.tokenize --tokenizer=gigatok_b_l/ --data=tfds:imagenet2012 \\
         --split=validation --out=/gcs/BUCKET/tokens_gigatok_b_l
-    ... --config.generator.token_source=dataset \
+    ... --config.generator.token_source=dataset \\
         --config.generator.tokens=/gcs/BUCKET/tokens_gigatok_b_l
 
 Recipe (GigaTok's autoregressive/train/train_c2i.py as scripts/composite_cmd/

@@ -536,8 +536,11 @@ def test_a_resume_on_other_training_data_is_named(tmp_path):
     with open(os.path.join(wd, "config.json"), "w") as f:
         json.dump(old, f)
     assert loop.changed_data_settings(config, wd) == []
+    config.data.name = "tfds:imagenet2012"  # the recipe's data, unread on a token dataset
+    assert loop.changed_data_settings(config, wd) == []
     config.generator.token_source, config.generator.tokens = "images", ""
     assert loop.changed_data_settings(config, wd) == [
+        "data.name: 'demo' there, 'tfds:imagenet2012' now",
         "generator.token_source: 'dataset' there, 'images' now",
         "generator.tokens: '/tokens' there, '' now"]
     tokenizer_config = config_lib.base_config("tokenizer")  # no generator section: data.name

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -174,25 +175,45 @@ def test_a_conversion_by_older_converters_is_converted_again(tiny_bin, cache, of
 def test_leftovers_of_a_killed_conversion_are_removed_by_the_next_one(tiny_bin, cache,
                                                                       offline_hub, monkeypatch):
     """A conversion or download killed outright (SIGKILL, the OOM killer) cannot clean up: its
-    ".tmp-" directory (maybe GBs) or ".part-" file stays. The next conversion removes those
-    older than a day (a live process's are younger: a pod's other hosts may be converting)."""
+    ".tmp-" directory (maybe GBs) or ".part-" file stays. Their names carry the writer's host
+    and pid: the next conversion removes this host's of exited processes at once, and another
+    host's (or an unnamed, older tok1d's) only when nothing in them changed for a day; an
+    empty one of another host may have just been made (object-store mounts can report old
+    directory mtimes), a live process's is kept."""
     _entry(monkeypatch, "rar_tiny", "hf://tok1d-test/tiny-rar/rar_tiny.bin")
     _hub_cache(offline_hub, "tok1d-test/tiny-rar", "rar_tiny.bin", tiny_bin[1])
     cache.mkdir(parents=True, exist_ok=True)
+    exited = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    host = socket.gethostname()
     old = time.time() - 2 * download.STALE_AFTER_S
-    for name in (".tmp-rar_tiny-killed", ".part-killed", ".tmp-other-live"):
+    entries = {  # name: (a file inside, made a day ago)
+        f".tmp-rar_tiny@{host}@{exited}@x1": (True, False),      # killed here: removed
+        f".part-@{host}@{exited}@x2": (False, False),            # killed here: removed
+        f".tmp-rar_tiny@{host}@{os.getppid()}@x3": (True, True),  # live here: kept
+        ".tmp-rar_tiny@other-host@12@x4": (True, True),           # old elsewhere: removed
+        ".tmp-rar_tiny@other-host@13@x5": (False, True),          # empty elsewhere: kept
+        ".tmp-rar_tiny@other-host@14@x6": (True, False),          # recent elsewhere: kept
+        ".tmp-rar_tiny-unnamed": (True, True),                    # older tok1d, old: removed
+    }
+    for name, (filled, aged) in entries.items():
         path = cache / name
         if name.startswith(".tmp-"):
-            (path / "params").mkdir(parents=True)
+            path.mkdir()
+            if filled:
+                (path / "params").write_bytes(b"partial")
         else:
             path.write_bytes(b"partial")
-        if "live" not in name:
-            os.utime(path, (old, old))
+        if aged:
+            for p in [path, *path.rglob("*")]:
+                os.utime(p, (old, old))
     (cache / "kept_old_dir").mkdir()
     os.utime(cache / "kept_old_dir", (old, old))
     assert loaders.resolve("rar_tiny") == str(cache / "rar_tiny")
-    assert sorted(p.name for p in cache.iterdir()) == [".tmp-other-live", "kept_old_dir",
-                                                       "rar_tiny"]
+    assert sorted(p.name for p in cache.iterdir()) == sorted([
+        f".tmp-rar_tiny@{host}@{os.getppid()}@x3", ".tmp-rar_tiny@other-host@13@x5",
+        ".tmp-rar_tiny@other-host@14@x6", "kept_old_dir", "rar_tiny"])
+    assert download.work_prefix(".tmp-", "x") == f".tmp-x@{host}@{os.getpid()}@"
 
 
 def test_url_download_then_cache_hit_with_the_server_stopped(tiny_bin, cache, server,

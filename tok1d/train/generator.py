@@ -198,16 +198,18 @@ def check_tokens_match(model: nn.Module, info: dict[str, Any]) -> None:
 
 def load_frozen_tokenizer(config, mesh, rules) -> Optional[tuple[nn.Module, Any]]:
     """(tokenizer, its params on `mesh`) of `generator.tokenizer`, or None when it is empty.
-    It encodes the training images (token_source "images") and decodes the sample grids. It
-    computes in float32, as upstream's encode runs outside the autocast (a tok1d-trained
-    tokenizer would otherwise compute in its run's bf16), and its params are split over the
-    mesh by the logical rules like a trained model's (an XL-XXL tokenizer is 10.8 GiB in
-    float32; upstream deletes the decoder instead, which the grids need here)."""
+    It encodes the training images (token_source "images") and decodes the sample grids. When
+    it encodes, it computes in float32, as upstream's encode runs outside the autocast (a
+    tok1d-trained tokenizer would otherwise compute in its run's bf16, as `tok1d tokenize`,
+    `sample` and `evaluate` run it); its params are split over the mesh by the logical rules
+    like a trained model's (an XL-XXL tokenizer is 10.8 GiB in float32; upstream deletes the
+    decoder instead, which the grids need here)."""
     check_token_source(config)
     path = config.generator.tokenizer
     if not path:
         return None
-    tokenizer, tok_params = loaders.load_tokenizer(path, dtype="float32")
+    overrides = {"dtype": "float32"} if encodes_images(config) else {}
+    tokenizer, tok_params = loaders.load_tokenizer(path, **overrides)
     size = tokenizer.input_size or config.data.image_size
     sample = jnp.zeros((1, size, size, 3), jnp.float32)
     init = lambda rng: tokenizer.init(rng, sample)["params"]  # noqa: E731

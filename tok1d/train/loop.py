@@ -304,14 +304,23 @@ def changed_data_settings(config, workdir: str) -> list[str]:
     trained = _trained_config(workdir)
     if trained is None:
         return []
+
+    def value(tree, key, default):
+        section, name = key.split(".")
+        return (tree.get(section) or {}).get(name, default)
+
+    now = config.to_dict()
+    generator = "generator" in now
+    # a generator on a token dataset does not read `data`: its recipe may change it freely
+    reads_images = not generator or "images" in {
+        value(tree, "generator.token_source", "dataset") for tree in (trained, now)}
     changed = []
     for key, default in DATA_SETTINGS:
-        section, name = key.split(".")
-        if section not in config or name not in config[section]:
+        if key.split(".")[0] not in now or (key.startswith("data.") and not reads_images):
             continue
-        old = (trained.get(section) or {}).get(name, default)
-        if old != config[section][name]:
-            changed.append(f"{key}: {old!r} there, {config[section][name]!r} now")
+        old, new = value(trained, key, default), value(now, key, default)
+        if old != new:
+            changed.append(f"{key}: {old!r} there, {new!r} now")
     return changed
 
 

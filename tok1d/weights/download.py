@@ -27,6 +27,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import time
 import urllib.error
@@ -180,7 +181,7 @@ def _from_url(file: File, local: str) -> str:
         raise _unreachable(file.source, local, "offline: TOK1D_OFFLINE / HF_HUB_OFFLINE is set")
     os.makedirs(os.path.dirname(local), exist_ok=True)
     remove_stale(os.path.dirname(local))
-    fd, tmp = tempfile.mkstemp(prefix=".part-", dir=os.path.dirname(local))
+    fd, tmp = tempfile.mkstemp(prefix=work_prefix(".part-"), dir=os.path.dirname(local))
     try:
         with os.fdopen(fd, "wb") as out:
             try:
@@ -219,26 +220,75 @@ def _umask() -> int:
     return mask
 
 
-# Work files (".tmp-*" conversion directories, ".part-*" downloads, ".discard-*" directories
-# being deleted) older than this are leftovers of a killed process: nothing still writes them.
+# Work files: ".tmp-" conversion directories, ".part-" downloads, ".discard-" directories being
+# deleted. Their names carry the host and process that write them (`work_prefix`), so that a
+# later run can tell a killed process's leftovers from another live process's work.
+WORK_PREFIXES = (".tmp-", ".part-", ".discard-")
+# Another host's leftovers (or those of a tok1d before the names carried the writer) go when
+# nothing in them has changed for this long.
 STALE_AFTER_S = 24 * 3600
 
 
-def remove_stale(directory: str, prefixes=(".tmp-", ".part-", ".discard-"),
-                 older_than_s: float = STALE_AFTER_S) -> list[str]:
-    """Deletes the work files and directories in `directory` whose names start with one of
-    `prefixes` and that nothing has modified for `older_than_s` (those of a process killed
-    mid-download or mid-conversion; a live one's are younger). Returns the names removed."""
+def work_prefix(kind: str, name: str = "") -> str:
+    """The name prefix of a work file or directory of this process (`kind` one of
+    WORK_PREFIXES): kind + name + "@host@pid@" (tempfile appends a random part)."""
+    return f"{kind}{name}@{socket.gethostname()}@{os.getpid()}@"
+
+
+def _writer(name: str) -> tuple[str, int] | None:
+    parts = name.split("@")
+    if len(parts) == 4 and parts[2].isdigit():
+        return parts[1], int(parts[2])
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process
+        return True
+    return True
+
+
+def _newest_mtime(path: str) -> float:
+    """The newest mtime of `path` and everything in it (object-store mounts may report an old
+    or zero mtime for directories; the files' own are more reliable)."""
+    newest = os.path.getmtime(path)
+    if os.path.isdir(path) and not os.path.islink(path):
+        for root, dirs, files in os.walk(path):
+            for entry in dirs + files:
+                try:
+                    newest = max(newest, os.path.getmtime(os.path.join(root, entry)))
+                except OSError:
+                    pass
+    return newest
+
+
+def remove_stale(directory: str, older_than_s: float = STALE_AFTER_S) -> list[str]:
+    """Deletes the work files and directories in `directory` that no live process writes:
+    this host's of processes that have exited (killed mid-download or mid-conversion), and
+    other hosts' (or unnamed ones) in which nothing has changed for `older_than_s`; an empty
+    one of another host is kept (it may have just been made). Returns the names removed."""
     removed = []
-    now = time.time()
+    now, host = time.time(), socket.gethostname()
     try:
         names = os.listdir(directory)
     except OSError:
         return removed
     for name in names:
+        if not name.startswith(WORK_PREFIXES):
+            continue
         path = os.path.join(directory, name)
         try:
-            if not name.startswith(tuple(prefixes)) or now - os.path.getmtime(path) < older_than_s:
+            writer = _writer(name)
+            if writer is not None and writer[0] == host:
+                stale = writer[1] != os.getpid() and not _alive(writer[1])
+            else:
+                empty = os.path.isdir(path) and not os.listdir(path)
+                stale = not empty and now - _newest_mtime(path) >= older_than_s
+            if not stale:
                 continue
             if os.path.isdir(path) and not os.path.islink(path):
                 shutil.rmtree(path)
@@ -256,7 +306,7 @@ def remove_stale(directory: str, prefixes=(".tmp-", ".part-", ".discard-"),
 def discard_dir(path: str) -> None:
     """Removes a cached directory safely beside other processes: renamed away first (one
     process wins the rename; the others find it gone), then deleted."""
-    aside = tempfile.mkdtemp(prefix=".discard-", dir=os.path.dirname(path))
+    aside = tempfile.mkdtemp(prefix=work_prefix(".discard-"), dir=os.path.dirname(path))
     try:
         os.replace(path, os.path.join(aside, "old"))
     except FileNotFoundError:

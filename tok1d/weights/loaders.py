@@ -554,7 +554,7 @@ def resolve(source: str, kind: Optional[str] = None, cache_dir: Optional[str] = 
         files["vgg"] = resolve_file(vgg, cache_dir)
     os.makedirs(root, exist_ok=True)
     download.remove_stale(root)
-    tmp = tempfile.mkdtemp(prefix=f".tmp-{dirname}-", dir=root)
+    tmp = tempfile.mkdtemp(prefix=download.work_prefix(".tmp-", dirname), dir=root)
     try:
         convert_official(kind, files["checkpoint"], tmp, vgg=files.get("vgg"), expect=expect,
                          source=source, **options)
