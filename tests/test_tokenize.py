@@ -337,3 +337,29 @@ def test_a_fully_convolutional_tokenizer_tokenizes_at_the_size_asked(tmp_path):
         model, params, sources.DigitsSource("train", image_size=32), str(tmp_path / "out"),
         image_size=32, batch_size=8, num_examples=16, log=lambda _: None)
     assert summary["num_examples"] == 16 and summary["num_tokens"] == (32 // 4) ** 2
+
+
+def test_the_command_encodes_in_float32_unless_told(tiny, tmp_path):
+    """`tok1d tokenize` computes in float32 by default, as the official code extraction (no
+    autocast), also for a tokenizer saved in bfloat16 (a tok1d run's precision); --dtype=
+    (empty) keeps the tokenizer's own."""
+    from tok1d.cli import app
+    from tok1d.weights import pretrained
+    model, params = tiny
+    tok_dir = str(tmp_path / "bf16_tokenizer")
+    pretrained.save_pretrained(tok_dir, "titok", dict(TINY, dtype="bfloat16"), params)
+    assert np.dtype(loaders.load_tokenizer(tok_dir)[0].dtype) == np.dtype("bfloat16")
+    codes = {}
+    for name, extra in (("default", []), ("own", ["--dtype="])):
+        out = str(tmp_path / name)
+        assert app.run(tokenize, [f"--tokenizer={tok_dir}", "--data=digits", "--split=train",
+                                  f"--out={out}", "--num_examples=40", "--batch_size=40",
+                                  *extra]) == 0
+        source = tokens.TokenSource(out, "train")
+        codes[name] = np.stack([np.asarray(source[i]["codes"]).reshape(-1) for i in range(40)])
+    images = np.stack([tokenize.load_image(sources.DigitsSource("train", image_size=32)[i]
+                                           ["image"], 32) for i in range(40)])
+    np.testing.assert_array_equal(codes["default"], _encode(model, params, images))
+    bf16 = model.clone(dtype="bfloat16")
+    np.testing.assert_array_equal(codes["own"], _encode(bf16, params, images))
+    assert (codes["default"] != codes["own"]).any()  # ~1% of this tiny model's codes

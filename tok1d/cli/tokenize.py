@@ -2,7 +2,7 @@ r"""Encodes an image dataset with a trained tokenizer into a token dataset (`tok
 
     tok1d tokenize --tokenizer=DIR --data=NAME_OR_DIR --split=train --out=OUT \
         [--image_size=256] [--batch_size=256] [--flip] [--crop=center|resize|ten_crop] \
-        [--crop_range=1.1] [--num_shards=0] [--prefix_tokens=0]
+        [--crop_range=1.1] [--num_shards=0] [--prefix_tokens=0] [--dtype=float32]
 
 --tokenizer  a pretrained directory (`tok1d.weights.layout`: tok1d_model.json + params/) or a
              training workdir (config.json + checkpoints/): the latest checkpoint's EMA params
@@ -22,6 +22,10 @@ r"""Encodes an image dataset with a trained tokenizer into a token dataset (`tok
              (`decode_codes` takes (B, k) codes); a generator trained on them samples k tokens.
              k counts codes like num_tokens (residual VQ: a multiple of its depth); a 1D
              tokenizer only (TiTok, GigaTok 1D).
+--dtype      the encoder's compute dtype: float32 (default) as the official code extraction,
+             which encodes outside any autocast, and as the generator trainer's
+             token_source="images"; a tok1d-trained tokenizer's own (empty) is its run's
+             precision, bf16 in the recipes, which changes a few percent of the codes.
 
 Encoding is one jitted function over all devices (batch split over the mesh's data axes);
 every host loads only its rows of each global batch, the codes are gathered and process 0 writes.
@@ -631,8 +635,11 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.register_validator("num_examples", lambda n: n == -1 or n >= 1,
                              "-1 (all) or a positive number", flag_values=fv)
     flags.DEFINE_string("data_dir", "", "TFDS data_dir.", flag_values=fv)
-    flags.DEFINE_string("dtype", "", "Compute dtype override (e.g. bfloat16); default: the "
-                        "tokenizer's.", flag_values=fv)
+    flags.DEFINE_string("dtype", "float32", "Compute dtype of the encoder: float32 as the "
+                        "official code extraction (extract_codes_c2i.py encodes outside any "
+                        "autocast; a tok1d-trained tokenizer's own dtype is its run's, bf16 in "
+                        "the recipes), bfloat16 for speed, empty for the tokenizer's own.",
+                        flag_values=fv)
     flags.DEFINE_integer("threads", 16, "Image loading threads per host.",
                          lower_bound=1, flag_values=fv)
     flags.DEFINE_string("coordinator_address", "", "Multi-host: coordinator host:port (or set "
