@@ -313,12 +313,12 @@ def compilation_cache_dir() -> Optional[str]:
 def replicate(tree: Any, mesh: Mesh) -> Any:
     """Host NumPy tree -> global arrays replicated over the mesh (works across hosts)."""
     sharding = NamedSharding(mesh, P())
+    return jax.tree.map(lambda x: _put_host(np.asarray(x), sharding), tree)
 
-    def put(x):
-        x = np.asarray(x)
-        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
-    return jax.tree.map(put, tree)
+def _put_host(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A host array (the same on every host) -> a global array with `sharding`."""
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
 
 def put_by_rules(init_params, host_params: Any, mesh: Mesh, rules) -> Any:
@@ -327,11 +327,7 @@ def put_by_rules(init_params, host_params: Any, mesh: Mesh, rules) -> Any:
     mesh context): a frozen model's weights split over fsdp / tensor, not whole on every
     device."""
     sh = logical_shardings(jax.eval_shape(init_params, jax.random.key(0)), mesh, rules)
-
-    def put(x, s):
-        x = np.asarray(x)
-        return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
-    return jax.tree.map(put, host_params, sh)
+    return jax.tree.map(lambda x, s: _put_host(np.asarray(x), s), host_params, sh)
 
 
 def put_like(host_tree: Any, like: Any) -> Any:
@@ -341,7 +337,7 @@ def put_like(host_tree: Any, like: Any) -> Any:
         x = np.asarray(x, ref.dtype)
         if x.shape != ref.shape:
             raise ValueError(f"shape {x.shape} does not match the model's {ref.shape}")
-        return jax.make_array_from_callback(x.shape, ref.sharding, lambda idx: x[idx])
+        return _put_host(x, ref.sharding)
     return jax.tree.map(put, host_tree, like)
 
 

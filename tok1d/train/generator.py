@@ -292,16 +292,13 @@ def build_training(config: ml_collections.ConfigDict, model: nn.Module, mesh, ru
     tx, schedule = optim.make_optimizer(config.optim, config.total_steps, nn.unbox(boxed))
     abstract, shardings, init = state_lib.state_shardings_and_init(
         init_params, tx, mesh, rules, use_ema=config.ema_decay > 0, boxed_params=boxed)
+    tokenizer, tok_sh = None, ()
     if encodes_images(config):
         tokenizer, tok_params = frozen_tokenizer
-        tok_sh = jax.tree.map(lambda x: x.sharding, tok_params)
-        step_fn = jax.jit(make_train_step(model, tx, schedule, config, tokenizer),
-                          in_shardings=(shardings, batch_sh, tok_sh),
-                          out_shardings=(shardings, None, None), donate_argnums=(0,))
-    else:
-        step_fn = jax.jit(make_train_step(model, tx, schedule, config),
-                          in_shardings=(shardings, batch_sh),
-                          out_shardings=(shardings, None, None), donate_argnums=(0,))
+        tok_sh = (jax.tree.map(lambda x: x.sharding, tok_params),)
+    step_fn = jax.jit(make_train_step(model, tx, schedule, config, tokenizer),
+                      in_shardings=(shardings, batch_sh, *tok_sh),
+                      out_shardings=(shardings, None, None), donate_argnums=(0,))
     return abstract, shardings, init, step_fn
 
 
