@@ -15,8 +15,8 @@ gFID with the CFG scale from a line search with the `step` schedule (the search 
         --config.generator.tokenizer=gigatok_b_l/
     python -m tok1d.cli.sample --config=configs/gpt_gigatok.py:b --checkpoint=/gcs/BUCKET/gpt_b \\
         --tokenizer=gigatok_b_l/ --num_images=50000 --out=samples_gpt_b/
-    # gFID / IS / precision-recall of 50k samples (the linear probe too with
-    # --config.evaluation.linear_probe_epochs=90 on a token dataset, below)
+    # gFID / IS / precision-recall of 50k samples (GigaTok's linear probe too with
+    # --config.evaluation.linear_probe_epochs=90: on ImageNet's images, as lin_probe.py)
     python -m tok1d.cli.evaluate --config=configs/gpt_gigatok.py:b --checkpoint=DIR \\
         --tokenizer=TOK --out=eval/ --inception=inception_fid/ \\
         --reference=VIRTUAL_imagenet256_labeled.npz

@@ -10,9 +10,9 @@ import jax
 import numpy as np
 import pytest
 
-from tok1d import errors, models
+from tok1d import errors, models, parallel
 from tok1d.train import config_lib
-from tok1d.weights import pretrained
+from tok1d.weights import loaders, pretrained
 from tok1d.cli import tokenize
 from tok1d.cli import sample as sample_lib
 from tok1d.data import sources
@@ -253,6 +253,39 @@ def test_a_generator_trains_on_images_it_encodes(token_data, tmp_path):
     config.generator.tokens = str(tmp_path / "tokens")
     with pytest.raises(config_lib.ConfigError, match="generator.tokens is set but"):
         generator.train_and_evaluate(config, str(tmp_path / "bad4"))
+
+
+def test_the_linear_probe_on_images_it_encodes(token_data):
+    """`tok1d evaluate`'s linear probe on images (evaluation.linear_probe_source "images", as
+    GigaTok's lin_probe.py): every step encodes the next batch of augmented digit images with
+    the frozen tokenizer and trains the probe on the GPT's features (dropout on); validation
+    on the encoded center crops of the whole eval split. A random GPT's features still carry
+    the digit (chance 0.1)."""
+    from tok1d.cli import evaluate
+    _, tok_dir = token_data
+    config = images_config(tok_dir)
+    config.data.augment, config.data.flip = "adm_random_crop", True  # recipes.imagenet_adm
+    config.data.resize_rule, config.data.min_scale = "adm", 0.8
+    e = config.evaluation
+    e.linear_probe_epochs, e.linear_probe_batch_size, e.linear_probe_lr = 8, 32, 30.0
+    e.linear_probe_source = "images"
+    model = generator.build_generator(config)
+    params = nn.unbox(generator.init_generator(model, 2)(jax.random.key(1)))
+    tokenizer, tok_params = loaders.load_tokenizer(tok_dir)
+    mesh, rules = parallel.mesh_from_config(config)[:2]
+    logs = []
+    metrics = evaluate._linear_probe(config, model, params, tokenizer, tok_params, mesh, rules,
+                                     logs.append)
+    assert any("encoded in every step (GPT dropout on)" in line for line in logs), logs
+    assert sum("linear probe epoch" in line for line in logs) == 8
+    source = sources.DigitsSource("validation")
+    assert f"({len(source)}, 32) validation" in logs[0]  # the whole split, padding dropped
+    assert 0.25 < metrics["linear_probe_accuracy"] <= 1.0, metrics  # measured 0.37
+    assert metrics["linear_probe_layer"] == 1
+    e.linear_probe_batch_size = 36  # not a multiple of the 8 devices' batch shards
+    with pytest.raises(config_lib.ConfigError, match="not a multiple of the mesh's 8"):
+        evaluate._linear_probe(config, model, params, tokenizer, tok_params, mesh, rules,
+                               logs.append)
 
 
 def test_generator_configs_validate():

@@ -289,19 +289,129 @@ def test_run_linear_probe_end_to_end():
 
 
 def test_the_evaluate_job_refuses_a_probe_it_cannot_run_before_sampling(tmp_path):
-    """The GPT recipe trains on images (generator.token_source "images"), but the probe reads
-    a token dataset: without generator.tokens the evaluate job stops before it samples (it
-    used to sample 50k images, compute gFID, then fail and write nothing)."""
+    """The evaluate job checks that the probe can read its data before it samples (it used to
+    sample 50k images, compute gFID, then fail and write nothing): the GPT recipe probes on
+    `data`'s images by default (here ImageNet, not prepared on this machine); on tokens it
+    needs generator.tokens."""
     import os
     from conftest import REPO
     from tok1d.cli import evaluate
     from tok1d.train import config_lib
     config = config_lib.load(os.path.join(REPO, "configs", "gpt_gigatok.py:b"))
     config.evaluation.linear_probe_epochs = 90
+    assert evaluate.linear_probe_source(config) == "images"
+    with pytest.raises(FileNotFoundError, match="has no prepared split 'train'"):
+        evaluate.evaluate_generator(config, str(tmp_path / "no_checkpoint"), "no_tokenizer/",
+                                    str(tmp_path / "out"))
+    config.evaluation.linear_probe_source = "tokens"
     with pytest.raises(ValueError, match="reads its codes from a token dataset"):
         evaluate.evaluate_generator(config, str(tmp_path / "no_checkpoint"), "no_tokenizer/",
                                     str(tmp_path / "out"))
     assert not os.path.exists(tmp_path / "out")
+    config.evaluation.linear_probe_source = "pixels"
+    with pytest.raises(config_lib.ConfigError, match="linear_probe_source='pixels'"):
+        config_lib.validate(config)
+    config.evaluation.linear_probe_source = ""
+    config.generator.tokens = str(tmp_path / "tokens")
+    assert evaluate.linear_probe_source(config) == "tokens"
     config.model.name = "maskgit"
     with pytest.raises(ValueError, match="needs a GPT generator"):
         evaluate._check_linear_probe(config)
+
+
+# ---------------------------------------------------------------------------- in every step
+
+
+def test_the_online_trainer_is_the_scanned_one_on_the_same_batches():
+    """`train_linear_probe_online` (features computed inside every step, upstream's loop)
+    trains the probe exactly like `train_linear_probe` (features precomputed, epochs scanned)
+    when it is fed the same rows in the same order: here the "codes" carry each row's index
+    and the feature function looks the row up."""
+    rng = np.random.default_rng(0)
+    dim, n, batch, epochs, seed = 8, 96, 32, 4, 3
+    means = 2.0 * rng.normal(size=(CLASSES, dim))
+    x, y = _gaussian_classes(rng, n, means)
+    xv, yv = _gaussian_classes(rng, 40, means)
+    kw = dict(epochs=epochs, batch_size=batch, base_lr=5.0, warmup_epochs=1, seed=seed)
+    scanned = lp.train_linear_probe(x, y, xv, yv, CLASSES, **kw)
+
+    order = np.random.default_rng(seed)  # train_linear_probe's per-epoch shuffles
+
+    def batches():
+        for _ in range(epochs):
+            rows = order.permutation(n)[:n // batch * batch].reshape(-1, batch)
+            for r in rows:
+                yield {"codes": jnp.asarray(r[:, None]), "label": jnp.asarray(y[r])}
+
+    table = jnp.asarray(x)
+    lookup = lambda p, tok_p, b, rng: p[b["codes"][:, 0]]  # noqa: E731
+    logs = []
+    online = lp.train_linear_probe_online(lookup, table, None, batches(), n, xv, yv, CLASSES,
+                                          log_fn=logs.append, **kw)
+    for k in ("val_accuracy", "lr", "steps"):
+        assert online[k] == scanned[k], k
+    assert online["train_loss"] == pytest.approx(scanned["train_loss"], rel=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 online["variables"], scanned["variables"])
+    assert len(logs) == epochs + 1
+
+
+def test_code_batches_visit_every_example_once_per_epoch():
+    codes = np.arange(10 * 2 * 3).reshape(10, 2, 3)  # (N, V, T): row i's variants 6i.., 6i+3..
+    labels = np.arange(10) % CLASSES
+    it = lp.code_batches(codes, labels, batch_size=4, seed=0)
+    for _ in range(3):  # epochs: 2 whole batches of 4 (the last 2 examples dropped)
+        rows = []
+        for _ in range(2):
+            b = next(it)
+            row = np.asarray(b["codes"])[:, 0] // 6
+            assert np.all(np.asarray(b["codes"])[:, 0] % 3 == 0)  # one whole variant per row
+            np.testing.assert_array_equal(np.asarray(b["label"]), labels[row])
+            rows += list(row)
+        assert len(set(rows)) == 8
+    variants = {int(np.asarray(next(it)["codes"])[0, 0]) % 6 for _ in range(40)}
+    assert variants == {0, 3}  # both variants drawn
+
+
+def test_dropout_features_and_the_probe_with_dropout_on_devices():
+    """hidden_states(train=True) applies the GPT's dropout (different per rng; eval mode when
+    the rates are 0), and `run_linear_probe(dropout=True)` (upstream's train-mode features in
+    every step, the batch sharded over 8 devices) still finds the class in the codes."""
+    model = _model(scan=True, token_dropout=0.1, dropout_rate=0.1)
+    params = _params(model, perturb=0.0)
+    codes = _codes(8)
+    sub, sub_params = lp.truncate(model, params, 2)
+    clean = lp.feature_fn(sub)(sub_params, None, {"codes": codes}, None)
+    noisy = lp.feature_fn(sub, train=True)
+    a, b = (noisy(sub_params, None, {"codes": codes}, jax.random.key(k)) for k in (0, 1))
+    assert not np.allclose(a, clean) and not np.allclose(a, b)
+    quiet, _ = lp.truncate(model.clone(token_dropout=0.0, dropout_rate=0.0), params, 2)
+    np.testing.assert_allclose(
+        lp.feature_fn(quiet, train=True)(sub_params, None, {"codes": codes}, jax.random.key(0)),
+        clean, rtol=1e-5, atol=1e-6)
+
+    rng = np.random.default_rng(1)
+
+    def sample(n):
+        y = rng.integers(0, CLASSES, n)
+        own = 4 * y[:, None] + rng.integers(0, 4, (n, TOKENS))
+        return np.where(rng.random((n, TOKENS)) < 0.7, own,
+                        rng.integers(0, VOCAB, (n, TOKENS))).astype(np.int32), y
+
+    (codes, y), (val_codes, val_y) = sample(256), sample(128)
+    mesh = jax.make_mesh((8, 1, 1), ("data", "fsdp", "tensor"),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    kw = dict(mesh=mesh, feature_batch_size=128, epochs=20, batch_size=32, base_lr=10.0,
+              warmup_epochs=2)
+    logs = []
+    quiet_model = model.clone(token_dropout=0.0, dropout_rate=0.0)
+    online = lp.run_linear_probe(quiet_model, params, codes, y, val_codes, val_y, dropout=True,
+                                 log_fn=logs.append, **kw)
+    assert "with dropout in every step" in logs[0] and online["steps"] == 20 * 8
+    once = lp.run_linear_probe(quiet_model, params, codes, y, val_codes, val_y, **kw)
+    assert online["val_accuracy"] > 0.7 and once["val_accuracy"] > 0.7, (online, once)
+    assert abs(online["val_accuracy"] - once["val_accuracy"]) < 0.05
+    # With the GPT's dropout (0.1) the features of this tiny random GPT are much noisier:
+    # upstream's training features (measured 0.53 here against 0.91 clean; chance 0.25).
+    noisy = lp.run_linear_probe(model, params, codes, y, val_codes, val_y, dropout=True, **kw)
+    assert 0.35 < noisy["val_accuracy"] < online["val_accuracy"], noisy

@@ -207,6 +207,15 @@ def batch_sharding(mesh: Mesh, rules, ndim: int = 1) -> NamedSharding:
     return NamedSharding(mesh, P(*(tuple(spec) + (None,) * (ndim - 1))))
 
 
+def batch_shards(sharding: NamedSharding) -> int:
+    """How many ways a batch sharding splits the batch (the product of its batch axes)."""
+    axes = tuple(sharding.spec)[0] if len(sharding.spec) else None
+    if axes is None:
+        return 1
+    names = (axes,) if isinstance(axes, str) else tuple(axes)
+    return math.prod(sharding.mesh.shape[a] for a in names)
+
+
 def mesh_from_config(config) -> tuple[Mesh, tuple, NamedSharding]:
     """(mesh, logical-axis rules, batch sharding) of a config's `mesh` and `sharding.rules`."""
     mesh = create_mesh(dict(config.mesh))

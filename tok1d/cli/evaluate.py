@@ -50,12 +50,13 @@ from absl import flags
 from tok1d import errors, images, parallel
 from tok1d.cli import app
 from tok1d.cli import sample as sample_lib
-from tok1d.data import pipeline, sources
+from tok1d.data import feeding, pipeline, sources
 from tok1d.data import tokens as tokens_lib
 from tok1d.evaluation import evaluator, linear_probe, report
 from tok1d.models.generators.gpt import GPT
 from tok1d.models.tokenizers import nested
 from tok1d.train import config_lib
+from tok1d.train import generator as gen_trainer
 from tok1d.train import tokenizer as tok_trainer
 from tok1d.weights import loaders
 from tok1d.generation import common as gen_common
@@ -243,6 +244,7 @@ def evaluate_generator(config, checkpoint: str, tokenizer_path: str, out: str, s
     mesh, rules, batch_sh, is_chief = _setup(config)
     model, params = sample_lib.load_generator(config, checkpoint)
     tokenizer, tok_params = loaders.load_tokenizer(tokenizer_path)
+    probe_images = _probe_images(config, model, tokenizer, tok_params)  # before sampling too
     nets = evaluator.load_metric_nets(config.evaluation, "", log)
     ecfg = config.evaluation
     labels = gen_common.cyclic_labels(ecfg.num_samples, model.num_classes)
@@ -257,7 +259,8 @@ def evaluate_generator(config, checkpoint: str, tokenizer_path: str, out: str, s
         metrics, kept = evaluator.generation_metrics(nets, mesh, reference, batches, ecfg,
                                                      keep=_grid_rows(ecfg, labels))
     kept_labels = labels[_grid_rows(ecfg, labels)]
-    metrics.update(_linear_probe(config, model, params, mesh, rules, log))
+    metrics.update(_linear_probe(config, model, params, tokenizer, tok_params, mesh, rules,
+                                 log, probe_images))
     return _finish_samples(config, metrics, kept, kept_labels, model.num_classes, out, is_chief,
                            nets.notes, log, checkpoint=os.path.abspath(checkpoint),
                            tokenizer=os.path.abspath(tokenizer_path), model=config.model.name,
@@ -265,24 +268,54 @@ def evaluate_generator(config, checkpoint: str, tokenizer_path: str, out: str, s
                            reference=reference.source)
 
 
+def linear_probe_source(config) -> str:
+    """What the linear probe reads: evaluation.linear_probe_source, or when it is empty
+    "tokens" if generator.tokens is set, else "images"."""
+    return config.evaluation.linear_probe_source or (
+        "tokens" if config.generator.get("tokens") else "images")
+
+
 def _check_linear_probe(config) -> None:
-    """A ValueError when evaluation.linear_probe_epochs > 0 cannot run: the probe needs a GPT
-    and reads its codes from a token dataset."""
+    """A ValueError when evaluation.linear_probe_epochs > 0 cannot run: the probe needs a GPT,
+    and the token dataset or the image splits it reads."""
     if config.evaluation.linear_probe_epochs <= 0:
         return
     if config.model.name != "gpt":
         raise ValueError("evaluation.linear_probe_epochs > 0 needs a GPT generator (GigaTok's "
                          f"linear probe of AR features), not {config.model.name!r}.")
-    if not config.generator.tokens:
-        raise ValueError(
-            "The linear probe reads its codes from a token dataset: set generator.tokens (the "
-            "train and eval splits written by tok1d tokenize, e.g. --crop=ten_crop for train), "
-            "also for a generator trained on images (generator.token_source='images').")
+    if linear_probe_source(config) == "tokens":
+        if not config.generator.tokens:
+            raise ValueError(
+                "evaluation.linear_probe_source='tokens' reads its codes from a token dataset: "
+                "set generator.tokens (the train and eval splits written by tok1d tokenize), "
+                "or probe on images (evaluation.linear_probe_source=images).")
+        return
+    for split in (config.data.train_split, config.data.eval_split):  # opens them: fails early
+        sources.source_of(config.data, split)
 
 
-def _linear_probe(config, model, params, mesh, rules, log) -> dict[str, float]:
-    """GigaTok's linear probe of a GPT's features on generator.tokens (train -> eval split),
-    when evaluation.linear_probe_epochs > 0."""
+def _probe_images(config, model, tokenizer, tok_params) -> Optional[tuple[Any, Any]]:
+    """(train, eval) image sources of the linear probe when it runs on images, after checking
+    that the tokenizer's codes of `data.image_size` images fit the GPT (a ConfigError
+    otherwise); None when it does not."""
+    ecfg = config.evaluation
+    if ecfg.linear_probe_epochs <= 0 or linear_probe_source(config) != "images":
+        return None
+    _check_linear_probe(config)
+    dcfg = config.data
+    train_src = sources.source_of(dcfg, dcfg.train_split)
+    info = gen_trainer.tokenizer_info(tokenizer, tok_params, config.generator.prefix_tokens,
+                                      dcfg.image_size, getattr(train_src, "num_classes", None))
+    gen_trainer.check_tokens_match(model, info)
+    return train_src, sources.source_of(dcfg, dcfg.eval_split)
+
+
+def _linear_probe(config, model, params, tokenizer, tok_params, mesh, rules, log,
+                  images: Optional[tuple[Any, Any]] = None) -> dict[str, float]:
+    """GigaTok's linear probe of a GPT's features (train -> eval split) when
+    evaluation.linear_probe_epochs > 0: on the codes of generator.tokens, or on `data`'s
+    images encoded by the tokenizer in every step (`linear_probe_source`; `images`: their
+    sources from `_probe_images`, read here when not given)."""
     ecfg = config.evaluation
     if ecfg.linear_probe_epochs <= 0:
         return {}
@@ -290,11 +323,35 @@ def _linear_probe(config, model, params, mesh, rules, log) -> dict[str, float]:
     if not isinstance(model, GPT):
         raise ValueError("evaluation.linear_probe_epochs > 0 needs a GPT generator (GigaTok's "
                          f"linear probe of AR features), not {config.model.name!r}.")
-    read = lambda split, plain=False: linear_probe.read_token_split(  # noqa: E731
-        tokens_lib.TokenSource(config.generator.tokens, split), plain_only=plain)
-    return linear_probe.probe_from_config(model, params, read(config.data.train_split),
-                                          read(config.data.eval_split, True), ecfg, mesh, rules,
-                                          seed=config.seed, log_fn=log)
+    if linear_probe_source(config) == "tokens":
+        read = lambda split, plain=False: linear_probe.read_token_split(  # noqa: E731
+            tokens_lib.TokenSource(config.generator.tokens, split), plain_only=plain)
+        return linear_probe.probe_from_config(model, params, read(config.data.train_split),
+                                              read(config.data.eval_split, True), ecfg, mesh,
+                                              rules, seed=config.seed, log_fn=log)
+    dcfg = config.data
+    train_src, eval_src = images or _probe_images(config, model, tokenizer, tok_params)
+    options = linear_probe.probe_options(ecfg, len(train_src), config.seed)
+    batch = options["batch_size"]
+    batch_sh = parallel.batch_sharding(mesh, rules)
+    shards = parallel.batch_shards(batch_sh)
+    if batch % shards:
+        raise config_lib.ConfigError(
+            f"evaluation.linear_probe_batch_size={batch} is not a multiple of the mesh's "
+            f"{shards} batch shards.")
+    start, stop = parallel.host_batch_slice(batch_sh, batch)
+    train = feeding.Feeder(iter(pipeline.recipe_train_dataset(
+        train_src, dcfg, global_batch=batch, host_start=start, host_stop=stop,
+        seed=config.seed)), batch_sh, batch)
+    val_ds, _ = pipeline.recipe_eval_dataset(eval_src, dcfg, global_batch=batch,
+                                             host_start=start, host_stop=stop, num_examples=-1)
+    tok_params = gen_trainer.place_tokenizer(tokenizer, tok_params, dcfg.image_size, mesh, rules)
+    out = linear_probe.run_linear_probe_on_images(
+        model, params, tokenizer, tok_params, train, len(train_src),
+        feeding.Feeder(iter(val_ds), batch_sh, batch),
+        prefix_tokens=config.generator.prefix_tokens, dropout=ecfg.linear_probe_dropout,
+        mesh=mesh, rules=rules, log_fn=log, **options)
+    return linear_probe.probe_metrics(out)
 
 
 def evaluate_samples(config, samples: str, out: str, log=print) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any
+from typing import Any, Optional
 
 import grain
 import numpy as np
@@ -478,12 +478,15 @@ def recipe_train_dataset(source, data_config, *, global_batch: int, host_start: 
 
 
 def recipe_eval_dataset(source, data_config, *, global_batch: int, host_start: int,
-                        host_stop: int) -> tuple[grain.IterDataset, int]:
-    """`eval_dataset` of the first `data.eval_examples` with a config's `data` section."""
+                        host_stop: int, num_examples: Optional[int] = None
+                        ) -> tuple[grain.IterDataset, int]:
+    """`eval_dataset` of the first `num_examples` (default `data.eval_examples`; -1: all) with
+    a config's `data` section."""
     d = data_config
     return eval_dataset(source, global_batch=global_batch, host_start=host_start,
                         host_stop=host_stop, image_size=d.image_size,
-                        num_examples=d.eval_examples, num_workers=d.num_workers,
+                        num_examples=d.eval_examples if num_examples is None else num_examples,
+                        num_workers=d.num_workers,
                         resize_on=d.resize_on, resize_rule=resize_rule_of(d))
 
 

@@ -30,29 +30,37 @@ Training (`train_linear_probe`), MAE's recipe as upstream runs it:
 * every epoch visits each training example once in a fresh seeded shuffle (NumPy
   `default_rng(seed)`) and drops the last incomplete batch (upstream's training DataLoader has
   `drop_last=True`; its DistributedSampler pads, which only matters per GPU);
-* augmentation: upstream encodes a random crop + horizontal flip of every image on the fly. We
-  take precomputed variants instead: `train_features` (V, N, D) holds V feature vectors per
-  example (e.g. of the codes of the image and of its mirror, as `python -m tok1d.cli.tokenize
-  --flip` writes them) and every step picks one variant per example at random;
+* augmentation and features, two trainers:
+  - `run_linear_probe_on_images` / `train_linear_probe_online` train as upstream does: every
+    step encodes the next batch of images (upstream: ADM's random_crop_arr + flip, a fresh
+    draw every epoch; the caller's pipeline) with the frozen tokenizer, takes the GPT's
+    features of the codes with its dropout (`dropout`, upstream: train mode) and updates the
+    probe, in one jitted step; on codes (`run_linear_probe(dropout=True)`) the step draws one
+    of each example's precomputed variants (`code_batches`);
+  - `train_linear_probe` takes clean features computed once: `train_features` (V, N, D)
+    holds V feature vectors per example (e.g. of the codes of the image and of its mirror, as
+    `python -m tok1d.cli.tokenize --flip` writes them) and every step picks one variant per
+    example at random; the probe's epochs are scanned on device (fast, but not upstream's
+    numbers: see the deviations);
 * metric: top-1 accuracy over the whole validation set with the BatchNorm's running
   statistics (upstream `evaluate`).
 
 Deviations:
-* upstream computes the training features with the GPT in train mode (lin_probe.py never
-  calls `eval()` before training; only its separate `--eval` run does): token, residual and
-  FFN dropout 0.1 on them, drawn afresh every epoch, while the validation features are clean.
-  Here both are clean (eval mode, computed once), so accuracies are not directly comparable
-  with GigaTok's published ones (a review measured on a tiny random GPT: the same accuracy on
-  an easy task, 0.76 here vs 0.61 with dropout features on a harder one);
+* with clean features (`dropout=False`, evaluation.linear_probe_dropout=False), upstream's
+  training features differ: lin_probe.py never calls `eval()` before training, so token,
+  residual and FFN dropout 0.1 act on them, drawn afresh every step, while the validation
+  features are clean (here too). A review measured on a tiny random GPT the same accuracy on
+  an easy task, but 0.76 clean vs 0.61 with dropout features on a harder one;
+* the encode: upstream encodes the training images under autocast in --mixed-precision
+  (default "none": float32) and the validation images under torch's default fp16 autocast;
+  tok1d encodes both in the tokenizer's own dtype (float32 for a converted release);
 * upstream probes the checkpoint's raw weights ("model"); `tok1d evaluate` probes the EMA
   params when the run kept an EMA (the GPT recipe keeps none);
 * BatchNorm is Flax's, whose running variance averages the biased batch variance (torch:
   unbiased, a factor B / (B - 1) = 1.004 at B = 256); the probe trains with the global
-  batch's statistics on one device (upstream: DDP, each GPU normalises with its own rows, 128
+  batch's statistics (upstream: DDP, each GPU normalises with its own rows, 128
   in GigaTok's scripts: LIN_BSZ=128 on 64 GPUs, lr scaled by the global 8192);
-* float32 throughout (upstream: autocast).
-The probe step is jitted once and scanned over an epoch on device, the training features
-living on the device (V * N * D float32).
+* the GPT and the probe compute in float32 (upstream: the autocast above).
 
     acc = run_linear_probe(model, params, train_codes, train_labels, val_codes, val_labels)
     acc["val_accuracy"]
@@ -60,8 +68,8 @@ living on the device (V * N * D float32).
 
 from __future__ import annotations
 
-import math
-from typing import Any, Callable, Optional, Sequence
+import functools
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -71,6 +79,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from tok1d import parallel
+from tok1d.models import interfaces
 from tok1d.models.generators.gpt import GPT
 
 
@@ -99,14 +108,6 @@ def truncate(model: GPT, params: Any, n: int) -> tuple[GPT, Any]:
     return model.clone(depth=n), params
 
 
-def _batch_shards(sharding: NamedSharding) -> int:
-    axes = tuple(sharding.spec)[0] if len(sharding.spec) else None
-    if axes is None:
-        return 1
-    names = (axes,) if isinstance(axes, str) else tuple(axes)
-    return math.prod(sharding.mesh.shape[a] for a in names)
-
-
 def _on_mesh(params: Any, mesh: Mesh) -> Any:
     """Leaves already laid out on `mesh` stay as they are; others are replicated onto it."""
     replicated = NamedSharding(mesh, P())
@@ -117,6 +118,59 @@ def _on_mesh(params: Any, mesh: Mesh) -> Any:
             return x
         return jax.device_put(x, replicated)
     return jax.tree.map(place, params)
+
+
+def feature_fn(sub: GPT, tokenizer: Any = None, prefix_tokens: int = 0, train: bool = False
+               ) -> Callable[..., jax.Array]:
+    """(params of `sub`, tokenizer params, batch, rng) -> (B, width) float32: the mean over all
+    positions of the residual stream of `sub` (a GPT cut to the probed depth, `truncate`),
+    teacher-forced with the null class on the batch's "codes", or on the codes that
+    `tokenizer` encodes from its [0, 1] "image"s (the first `prefix_tokens` when > 0).
+    `train`: with the GPT's token / residual / FFN dropout drawn from `rng` (upstream's
+    training features: lin_probe.py never puts the GPT in eval mode before training)."""
+    null = sub.null_label
+
+    def features(p, tok_p, batch, rng):
+        codes = batch["codes"] if tokenizer is None else interfaces.encode_images(
+            tokenizer, tok_p, batch["image"], prefix_tokens)
+        codes = jax.lax.stop_gradient(codes)
+        labels = jnp.full((codes.shape[0],), null, jnp.int32)
+        h = sub.apply({"params": p}, codes, labels, train=train, method="hidden_states",
+                      rngs={"dropout": rng} if train else None)
+        return jnp.mean(h.astype(jnp.float32), axis=1)
+    return features
+
+
+def features_of_batches(features: Callable[..., jax.Array], params: Any, tok_params: Any,
+                        batches: Iterable[dict[str, Any]], rng: Optional[jax.Array] = None
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """(features (N, D) float32, labels (N,)) of the rows of global `batches` whose "mask" is
+    True (all rows without a mask; labels -1 without a "label"), in order, the same on every
+    host: `features` (`feature_fn`) jitted once, one batch in flight while the previous one
+    is copied back. `rng`: folded with the batch index (dropout features)."""
+    fn = jax.jit(features)
+    rng = jax.random.key(0) if rng is None else rng
+    feats, labels, pending = [], [], None
+
+    def store(result):
+        f, batch = result
+        keep = (parallel.host_array(batch["mask"]).astype(bool) if "mask" in batch
+                else slice(None))
+        feats.append(parallel.host_array(f)[keep])
+        y = (parallel.host_array(batch["label"]) if "label" in batch
+             else np.full((f.shape[0],), -1))
+        labels.append(np.asarray(y, np.int32)[keep])
+
+    for b, batch in enumerate(batches):
+        result = (fn(params, tok_params, batch, jax.random.fold_in(rng, b)), batch)
+        if pending is not None:
+            store(pending)
+        pending = result
+    if pending is not None:
+        store(pending)
+    if not feats:
+        return np.zeros((0, 0), np.float32), np.zeros((0,), np.int32)
+    return np.concatenate(feats).astype(np.float32), np.concatenate(labels)
 
 
 def probe_features(model: GPT, params: Any, codes: np.ndarray, layer: Optional[int] = None,
@@ -139,52 +193,36 @@ def probe_features(model: GPT, params: Any, codes: np.ndarray, layer: Optional[i
         raise ValueError(f"batch_size must be positive, got {batch_size}.")
     layer = default_layer(model) if layer is None else int(layer)
     sub, sub_params = truncate(model, params, layer)
-    null = model.null_label
-
-    def features(p, c):
-        labels = jnp.full((c.shape[0],), null, jnp.int32)
-        h = sub.apply({"params": p}, c, labels, method="hidden_states")
-        return jnp.mean(h, axis=1)
-
     n = len(codes)
-    out = np.zeros((n, model.width), np.float32)
     if mesh is None:
-        place = jnp.asarray
+        place = lambda batch: jax.tree.map(jnp.asarray, batch)  # noqa: E731
         context = _NullContext()
     else:
         rules = parallel.DEFAULT_RULES if rules is None else tuple(rules)
         sharding = parallel.batch_sharding(mesh, rules)
-        shards = _batch_shards(sharding)
+        shards = parallel.batch_shards(sharding)
         batch_size = -(-batch_size // shards) * shards
         start, stop = parallel.host_batch_slice(sharding, batch_size)
         sub_params = _on_mesh(sub_params, mesh)
 
-        def place(chunk):
-            return parallel.global_batch({"codes": chunk[start:stop]}, sharding,
-                                         batch_size)["codes"]
+        def place(batch):
+            return parallel.global_batch({k: v[start:stop] for k, v in batch.items()},
+                                         sharding, batch_size)
         context = _MeshContext(mesh, rules)
 
-    with context:
-        fn = jax.jit(features)
-        pending = None  # one batch in flight while the previous one is copied back
+    def batches():
         for begin in range(0, n, batch_size):
             chunk = codes[begin:begin + batch_size].astype(np.int32)
             rows = len(chunk)
+            mask = np.arange(batch_size) < rows
             if rows < batch_size:
                 chunk = np.concatenate([chunk, np.zeros((batch_size - rows, chunk.shape[1]),
                                                         np.int32)])
-            result = (begin, rows, fn(sub_params, place(chunk)))
-            if pending is not None:
-                _store(out, pending)
-            pending = result
-        if pending is not None:
-            _store(out, pending)
-    return out
+            yield place({"codes": chunk, "mask": mask})
 
-
-def _store(out: np.ndarray, pending: tuple[int, int, jax.Array]) -> None:
-    begin, rows, feats = pending
-    out[begin:begin + rows] = parallel.host_array(feats)[:rows]
+    with context:
+        feats, _ = features_of_batches(feature_fn(sub), sub_params, None, batches())
+    return feats.reshape(n, model.width)
 
 
 class _NullContext:
@@ -284,6 +322,60 @@ def predict(probe: LinearProbe, variables: Any, features: np.ndarray,
     return np.concatenate(out) if out else np.zeros((0,), np.int64)
 
 
+def _check_labels(name: str, y: np.ndarray, num_classes: int) -> None:
+    if len(y) and (y.min() < 0 or y.max() >= num_classes):
+        raise ValueError(f"{name} must lie in [0, {num_classes}).")
+
+
+class _Probe:
+    """The probe's model, MAE schedule and LARS, its initial variables and optimizer state,
+    and one update on a batch of features; shared by the two trainers below."""
+
+    def __init__(self, num_classes: int, dim: int, batch_size: int, steps_per_epoch: int,
+                 epochs: int, base_lr: float, warmup_epochs: float, seed: int):
+        self.peak_lr = base_lr * batch_size / 256
+        self.steps_per_epoch, self.epochs = steps_per_epoch, epochs
+        self.schedule = mae_schedule(self.peak_lr, steps_per_epoch, epochs, warmup_epochs)
+        self.tx = mae_lars(self.schedule)
+        self.model = LinearProbe(num_classes)
+        variables = self.model.init(jax.random.key(seed), jnp.zeros((2, dim), jnp.float32),
+                                    train=False)
+        self.params, self.batch_stats = variables["params"], variables["batch_stats"]
+        self.opt_state = self.tx.init(self.params)
+
+    def update(self, params, batch_stats, opt_state, x, y):
+        """One LARS step on features x (B, D), labels y (B,) (train-mode BN) -> (params,
+        batch_stats, opt_state, loss, accuracy)."""
+        def loss_fn(p):
+            logits, new = self.model.apply({"params": p, "batch_stats": batch_stats}, x,
+                                           train=True, mutable=["batch_stats"])
+            ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+            return jnp.mean(ce), (logits, new["batch_stats"])
+        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = self.tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        acc = jnp.mean((jnp.argmax(logits, -1) == y).astype(jnp.float32))
+        return params, batch_stats, opt_state, loss, acc
+
+    def log_epoch(self, log_fn, epoch: int, loss, acc) -> None:
+        if log_fn is not None:
+            lr = float(self.schedule((epoch + 1) * self.steps_per_epoch - 1))
+            log_fn(f"linear probe epoch {epoch + 1}/{self.epochs}: loss {float(loss):.4f}, "
+                   f"train accuracy {float(acc):.4f}, lr {lr:.4g}")
+
+    def finish(self, params, batch_stats, val: np.ndarray, val_labels: np.ndarray, loss, acc,
+               log_fn) -> dict[str, Any]:
+        variables = {"params": params, "batch_stats": batch_stats}
+        preds = predict(self.model, variables, val)
+        val_acc = float(np.mean(preds == val_labels)) if len(val_labels) else float("nan")
+        if log_fn is not None:
+            log_fn(f"linear probe: top-1 validation accuracy {val_acc:.4f} "
+                   f"({len(val_labels)} examples)")
+        return {"val_accuracy": val_acc, "train_loss": float(loss),
+                "train_accuracy": float(acc), "lr": self.peak_lr,
+                "steps": self.epochs * self.steps_per_epoch, "variables": variables}
+
+
 def train_linear_probe(train_features: np.ndarray, train_labels: np.ndarray,
                        val_features: np.ndarray, val_labels: np.ndarray, num_classes: int,
                        epochs: int = 90, batch_size: int = 256, base_lr: float = 0.1,
@@ -309,44 +401,27 @@ def train_linear_probe(train_features: np.ndarray, train_labels: np.ndarray,
     if len(labels) != n or len(val_labels) != len(val) or val.shape[1] != dim:
         raise ValueError(f"Shapes do not match: train features {feats.shape}, labels "
                          f"{labels.shape}; val features {val.shape}, labels {val_labels.shape}.")
-    for name, y in (("train_labels", labels), ("val_labels", val_labels)):
-        if len(y) and (y.min() < 0 or y.max() >= num_classes):
-            raise ValueError(f"{name} must lie in [0, {num_classes}).")
+    _check_labels("train_labels", labels, num_classes)
+    _check_labels("val_labels", val_labels, num_classes)
     steps_per_epoch = n // batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"{n} training examples do not fill one batch of {batch_size}.")
-
-    peak_lr = base_lr * batch_size / 256
-    schedule = mae_schedule(peak_lr, steps_per_epoch, epochs, warmup_epochs)
-    tx = mae_lars(schedule)
-    probe = LinearProbe(num_classes)
-    variables = probe.init(jax.random.key(seed), jnp.zeros((2, dim), jnp.float32), train=False)
-    params, batch_stats = variables["params"], variables["batch_stats"]
-    opt_state = tx.init(params)
-
-    def loss_fn(p, stats, x, y):
-        logits, new = probe.apply({"params": p, "batch_stats": stats}, x, train=True,
-                                  mutable=["batch_stats"])
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-        return jnp.mean(ce), (logits, new["batch_stats"])
+    probe = _Probe(num_classes, dim, batch_size, steps_per_epoch, epochs, base_lr,
+                   warmup_epochs, seed)
 
     @jax.jit
     def train_epoch(params, batch_stats, opt_state, all_feats, all_labels, rows, variants):
-        """The jitted train step scanned over one epoch's (steps, batch) row / variant ids."""
+        """The probe's update scanned over one epoch's (steps, batch) row / variant ids."""
         def train_step(carry, idx):
-            params, batch_stats, opt_state = carry
             x, y = all_feats[idx[1], idx[0]], all_labels[idx[0]]
-            (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-                params, batch_stats, x, y)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            params = optax.apply_updates(params, updates)
-            acc = jnp.mean((jnp.argmax(logits, -1) == y).astype(jnp.float32))
-            return (params, batch_stats, opt_state), (loss, acc)
+            *carry, loss, acc = probe.update(*carry, x, y)
+            return tuple(carry), (loss, acc)
 
         (params, batch_stats, opt_state), (losses, accs) = jax.lax.scan(
             train_step, (params, batch_stats, opt_state), (rows, variants))
         return params, batch_stats, opt_state, jnp.mean(losses), jnp.mean(accs)
 
+    params, batch_stats, opt_state = probe.params, probe.batch_stats, probe.opt_state
     device_feats, device_labels = jnp.asarray(feats), jnp.asarray(labels)
     rng = np.random.default_rng(seed)
     loss = acc = float("nan")
@@ -358,22 +433,96 @@ def train_linear_probe(train_features: np.ndarray, train_labels: np.ndarray,
         params, batch_stats, opt_state, loss, acc = train_epoch(
             params, batch_stats, opt_state, device_feats, device_labels,
             rows.astype(np.int32), variants.astype(np.int32))
-        if log_fn is not None:
-            log_fn(f"linear probe epoch {epoch + 1}/{epochs}: loss {float(loss):.4f}, "
-                   f"train accuracy {float(acc):.4f}, "
-                   f"lr {float(schedule((epoch + 1) * steps_per_epoch - 1)):.4g}")
+        probe.log_epoch(log_fn, epoch, loss, acc)
+    return probe.finish(params, batch_stats, val, val_labels, loss, acc, log_fn)
 
-    variables = {"params": params, "batch_stats": batch_stats}
-    preds = predict(probe, variables, val)
-    val_acc = float(np.mean(preds == val_labels)) if len(val_labels) else float("nan")
-    if log_fn is not None:
-        log_fn(f"linear probe: top-1 validation accuracy {val_acc:.4f} ({len(val_labels)} "
-               "examples)")
-    return {"val_accuracy": val_acc, "train_loss": float(loss), "train_accuracy": float(acc),
-            "lr": peak_lr, "steps": epochs * steps_per_epoch, "variables": variables}
+
+def train_linear_probe_online(features: Callable[..., jax.Array], params: Any, tok_params: Any,
+                              batches: Iterator[dict[str, Any]], num_train: int,
+                              val_features: np.ndarray, val_labels: np.ndarray,
+                              num_classes: int, epochs: int = 90, batch_size: int = 256,
+                              base_lr: float = 0.1, warmup_epochs: float = 10, seed: int = 0,
+                              log_fn: Optional[Callable[[str], None]] = None
+                              ) -> dict[str, Any]:
+    """`train_linear_probe` with the training features computed inside every step, as
+    upstream trains: `features(params, tok_params, batch, rng)` (`feature_fn`, e.g. encoding
+    a fresh random crop + flip of each image, with the GPT's dropout) on the next of the
+    global `batches` ({"codes" or "image", "label"} of `batch_size` rows; its augmentation is
+    the caller's), then the probe's update, in one jitted step. An epoch is
+    num_train // batch_size steps (upstream's drop_last). Same result dict."""
+    val = np.asarray(val_features, np.float32)
+    val_labels = np.asarray(val_labels).reshape(-1).astype(np.int32)
+    _check_labels("val_labels", val_labels, num_classes)
+    if val.ndim != 2 or len(val) != len(val_labels):
+        raise ValueError(f"Shapes do not match: val features {val.shape}, labels "
+                         f"{val_labels.shape}.")
+    steps_per_epoch = num_train // batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{num_train} training examples do not fill one batch of "
+                         f"{batch_size}.")
+    probe = _Probe(num_classes, val.shape[1], batch_size, steps_per_epoch, epochs, base_lr,
+                   warmup_epochs, seed)
+    base_rng = jax.random.key(seed + 1)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
+    def train_step(probe_params, batch_stats, opt_state, params, tok_params, batch, step):
+        x = features(params, tok_params, batch, jax.random.fold_in(base_rng, step))
+        return probe.update(probe_params, batch_stats, opt_state, x,
+                            batch["label"].astype(jnp.int32))
+
+    params_, batch_stats, opt_state = probe.params, probe.batch_stats, probe.opt_state
+    loss = acc = float("nan")
+    for epoch in range(epochs):
+        sums = []
+        for i in range(steps_per_epoch):
+            step = epoch * steps_per_epoch + i
+            params_, batch_stats, opt_state, loss_i, acc_i = train_step(
+                params_, batch_stats, opt_state, params, tok_params, next(batches),
+                jnp.int32(step))
+            sums.append((loss_i, acc_i))
+        loss, acc = (float(np.mean([float(v[k]) for v in sums])) for k in (0, 1))
+        probe.log_epoch(log_fn, epoch, loss, acc)
+    return probe.finish(params_, batch_stats, val, val_labels, loss, acc, log_fn)
 
 
 # ---------------------------------------------------------------------------- both
+
+
+def code_batches(codes: np.ndarray, labels: np.ndarray, batch_size: int, seed: int = 0,
+                 sharding: Optional[NamedSharding] = None) -> Iterator[dict[str, Any]]:
+    """Endless training batches {"codes" (B, T) int32, "label" (B,)} of in-memory codes
+    (N, V, T): every epoch a fresh seeded shuffle of the N examples (the last incomplete batch
+    dropped, upstream's drop_last), each row one of its V variants drawn at random (the token
+    dataset's augmentation). With a batch `sharding` every batch is a global array of which
+    this host loads its rows (`codes` the same on every host)."""
+    codes, labels = np.asarray(codes), np.asarray(labels).reshape(-1)
+    if codes.ndim == 2:
+        codes = codes[:, None]
+    n, num_variants = codes.shape[:2]
+    steps = n // batch_size
+    if steps == 0:
+        raise ValueError(f"{n} training examples do not fill one batch of {batch_size}.")
+    if sharding is not None and batch_size % parallel.batch_shards(sharding):
+        raise ValueError(f"The probe's batch of {batch_size} is not a multiple of the mesh's "
+                         f"{parallel.batch_shards(sharding)} batch shards.")
+    rng = np.random.default_rng(seed)
+    while True:
+        rows = rng.permutation(n)[:steps * batch_size].reshape(steps, batch_size)
+        variants = rng.integers(0, num_variants, rows.shape)
+        for r, v in zip(rows, variants):
+            batch = {"codes": codes[r, v].astype(np.int32), "label": labels[r].astype(np.int32)}
+            if sharding is None:
+                yield jax.tree.map(jnp.asarray, batch)
+            else:
+                start, stop = parallel.host_batch_slice(sharding, batch_size)
+                yield parallel.global_batch({k: x[start:stop] for k, x in batch.items()},
+                                            sharding, batch_size)
+
+
+def _mesh_context(mesh: Optional[Mesh], rules):
+    if mesh is None:
+        return _NullContext()
+    return _MeshContext(mesh, parallel.DEFAULT_RULES if rules is None else tuple(rules))
 
 
 def run_linear_probe(model: GPT, params: Any, train_codes: np.ndarray, train_labels: np.ndarray,
@@ -381,13 +530,20 @@ def run_linear_probe(model: GPT, params: Any, train_codes: np.ndarray, train_lab
                      feature_batch_size: int = 256, mesh: Optional[Mesh] = None,
                      rules: Optional[Sequence[tuple[str, Any]]] = None,
                      num_classes: Optional[int] = None, log_fn: Optional[Callable[[str], None]]
-                     = None, val_variant: int = 0, **probe_kwargs: Any) -> dict[str, Any]:
-    """GigaTok's AR linear probe end to end: `probe_features` of the training codes (N, T) or
-    (N, V, T) (the token dataset's layout: V variants per example, all of them featurised and
-    sampled during training) and of the validation codes (M, T) (or (M, V, T): the variant
-    `val_variant`, the un-augmented one: `TokenSource.plain_variant`), then
-    `train_linear_probe` (`probe_kwargs`: epochs, batch_size, base_lr, warmup_epochs, seed).
-    `num_classes` defaults to the GPT's. Returns its dict plus "layer" and "feature_dim"."""
+                     = None, val_variant: int = 0, dropout: bool = False,
+                     **probe_kwargs: Any) -> dict[str, Any]:
+    """GigaTok's AR linear probe end to end on codes: `probe_features` of the validation codes
+    (M, T) (or (M, V, T): the variant `val_variant`, the un-augmented one:
+    `TokenSource.plain_variant`), and of the training codes (N, T) or (N, V, T) (the token
+    dataset's layout: V variants per example), then the probe (`probe_kwargs`: epochs,
+    batch_size, base_lr, warmup_epochs, seed).
+
+    Without `dropout` the training features are computed once, clean, for every variant
+    (`train_linear_probe`: fast, the probe's epochs scanned on device). With `dropout` they are
+    computed in every step with the GPT's dropout, as upstream trains, on one variant drawn
+    per example (`train_linear_probe_online` over `code_batches`).
+    `num_classes` defaults to the GPT's. Returns the trainer's dict plus "layer" and
+    "feature_dim"."""
     layer = default_layer(model) if layer is None else int(layer)
     train_codes, val_codes = np.asarray(train_codes), np.asarray(val_codes)
     if train_codes.ndim == 2:
@@ -395,17 +551,71 @@ def run_linear_probe(model: GPT, params: Any, train_codes: np.ndarray, train_lab
     if val_codes.ndim == 3:
         val_codes = val_codes[:, val_variant]
     n, num_variants, num_tokens = train_codes.shape
+    num_classes = model.num_classes if num_classes is None else num_classes
     feature = lambda c: probe_features(model, params, c, layer, feature_batch_size, mesh, rules)
-    flat = feature(train_codes.transpose(1, 0, 2).reshape(num_variants * n, num_tokens))
-    train_features = flat.reshape(num_variants, n, -1)
     val_features = feature(val_codes)
-    if log_fn is not None:
-        log_fn(f"linear probe: features after {layer} of {model.depth} blocks, "
-               f"{train_features.shape} train, {val_features.shape} validation")
-    result = train_linear_probe(train_features, train_labels, val_features, val_labels,
-                                model.num_classes if num_classes is None else num_classes,
-                                log_fn=log_fn, **probe_kwargs)
-    result.update(layer=layer, feature_dim=int(train_features.shape[-1]))
+    if not dropout:
+        flat = feature(train_codes.transpose(1, 0, 2).reshape(num_variants * n, num_tokens))
+        train_features = flat.reshape(num_variants, n, -1)
+        if log_fn is not None:
+            log_fn(f"linear probe: features after {layer} of {model.depth} blocks, "
+                   f"{train_features.shape} train, {val_features.shape} validation")
+        result = train_linear_probe(train_features, train_labels, val_features, val_labels,
+                                    num_classes, log_fn=log_fn, **probe_kwargs)
+    else:
+        batch_size = probe_kwargs.get("batch_size", 256)
+        sharding = (None if mesh is None else parallel.batch_sharding(
+            mesh, parallel.DEFAULT_RULES if rules is None else tuple(rules)))
+        batches = code_batches(train_codes, train_labels, batch_size,
+                               probe_kwargs.get("seed", 0), sharding)
+        if log_fn is not None:
+            log_fn(f"linear probe: features after {layer} of {model.depth} blocks with "
+                   f"dropout in every step, {n} x {num_variants} train codes, "
+                   f"{val_features.shape} validation")
+        sub, sub_params = truncate(model, params, layer)
+        with _mesh_context(mesh, rules):
+            if mesh is not None:
+                sub_params = _on_mesh(sub_params, mesh)
+            result = train_linear_probe_online(
+                feature_fn(sub, train=True), sub_params, None, batches, n, val_features,
+                val_labels, num_classes, log_fn=log_fn, **probe_kwargs)
+    result.update(layer=layer, feature_dim=int(val_features.shape[-1]))
+    return result
+
+
+def run_linear_probe_on_images(model: GPT, params: Any, tokenizer: Any, tok_params: Any,
+                               train_batches: Iterator[dict[str, Any]], num_train: int,
+                               val_batches: Iterable[dict[str, Any]], prefix_tokens: int = 0,
+                               layer: Optional[int] = None, dropout: bool = True,
+                               mesh: Optional[Mesh] = None,
+                               rules: Optional[Sequence[tuple[str, Any]]] = None,
+                               num_classes: Optional[int] = None,
+                               log_fn: Optional[Callable[[str], None]] = None,
+                               **probe_kwargs: Any) -> dict[str, Any]:
+    """GigaTok's AR linear probe as lin_probe.py runs it, on images: every training step
+    encodes the next of the global `train_batches` ({"image" [0, 1], "label"}, the caller's
+    augmentation: upstream's random_crop_arr + flip, a fresh draw every epoch) with the frozen
+    `tokenizer`, takes the GPT's features of the codes (with its dropout when `dropout`) and
+    updates the probe; `val_batches` ({"image", "label", "mask"}: upstream's center crops) are
+    encoded and featurised once in eval mode. An epoch is `num_train` // batch_size steps.
+    Returns `train_linear_probe`'s dict plus "layer" and "feature_dim"."""
+    layer = default_layer(model) if layer is None else int(layer)
+    sub, sub_params = truncate(model, params, layer)
+    with _mesh_context(mesh, rules):
+        if mesh is not None:
+            sub_params = _on_mesh(sub_params, mesh)
+        val_features, val_labels = features_of_batches(
+            feature_fn(sub, tokenizer, prefix_tokens), sub_params, tok_params, val_batches)
+        if log_fn is not None:
+            log_fn(f"linear probe: features after {layer} of {model.depth} blocks of images "
+                   f"encoded in every step{' (GPT dropout on)' if dropout else ''}, "
+                   f"{num_train} train, {val_features.shape} validation")
+        result = train_linear_probe_online(
+            feature_fn(sub, tokenizer, prefix_tokens, train=dropout), sub_params, tok_params,
+            train_batches, num_train, val_features, val_labels,
+            model.num_classes if num_classes is None else num_classes, log_fn=log_fn,
+            **probe_kwargs)
+    result.update(layer=layer, feature_dim=int(val_features.shape[-1]))
     return result
 
 
@@ -421,16 +631,29 @@ def read_token_split(source, plain_only: bool = False) -> tuple[np.ndarray, np.n
     return codes.astype(np.int32), np.asarray([r["label"] for r in items], np.int32)
 
 
-def probe_from_config(model: GPT, params: Any, train: tuple[np.ndarray, np.ndarray],
-                      val: tuple[np.ndarray, np.ndarray], ecfg, mesh: Optional[Mesh] = None,
-                      rules=None, seed: int = 0, log_fn=None) -> dict[str, float]:
-    """`run_linear_probe` with a config's `evaluation.linear_probe_*` options; returns
-    {"linear_probe_accuracy", "linear_probe_train_accuracy", "linear_probe_layer"}."""
-    out = run_linear_probe(model, params, train[0], train[1], val[0], val[1], mesh=mesh,
-                           rules=rules, log_fn=log_fn, epochs=ecfg.linear_probe_epochs,
-                           batch_size=min(ecfg.linear_probe_batch_size, len(train[0])),
-                           base_lr=ecfg.linear_probe_lr,
-                           warmup_epochs=min(10, ecfg.linear_probe_epochs / 9), seed=seed)
+def probe_options(ecfg, num_train: int, seed: int = 0) -> dict[str, Any]:
+    """The probe's keyword arguments from a config's `evaluation.linear_probe_*` options
+    (the batch at most the training set; warm-up min(10, epochs / 9) epochs)."""
+    return dict(epochs=ecfg.linear_probe_epochs,
+                batch_size=min(ecfg.linear_probe_batch_size, num_train),
+                base_lr=ecfg.linear_probe_lr,
+                warmup_epochs=min(10, ecfg.linear_probe_epochs / 9), seed=seed)
+
+
+def probe_metrics(out: dict[str, Any]) -> dict[str, float]:
+    """{"linear_probe_accuracy", "linear_probe_train_accuracy", "linear_probe_layer"}."""
     return {"linear_probe_accuracy": float(out["val_accuracy"]),
             "linear_probe_train_accuracy": float(out["train_accuracy"]),
             "linear_probe_layer": float(out["layer"])}
+
+
+def probe_from_config(model: GPT, params: Any, train: tuple[np.ndarray, np.ndarray],
+                      val: tuple[np.ndarray, np.ndarray], ecfg, mesh: Optional[Mesh] = None,
+                      rules=None, seed: int = 0, log_fn=None) -> dict[str, float]:
+    """`run_linear_probe` of (codes, labels) pairs with a config's `evaluation.linear_probe_*`
+    options (`linear_probe_dropout`: upstream's dropout features); `probe_metrics`."""
+    out = run_linear_probe(model, params, train[0], train[1], val[0], val[1], mesh=mesh,
+                           rules=rules, log_fn=log_fn,
+                           dropout=bool(ecfg.get("linear_probe_dropout", False)),
+                           **probe_options(ecfg, len(train[0]), seed))
+    return probe_metrics(out)

@@ -34,6 +34,9 @@ from tok1d.weights.layout import model_kwargs
 TRAINERS = ("tokenizer", "generator", "demo")
 # Where a generator's training sequences come from (generator.token_source).
 TOKEN_SOURCES = ("dataset", "images")
+# What `tok1d evaluate`'s linear probe reads (evaluation.linear_probe_source; "": tokens when
+# generator.tokens is set, else images).
+LINEAR_PROBE_SOURCES = ("", "tokens", "images")
 
 
 class ConfigError(errors.UserError, ValueError):
@@ -143,12 +146,21 @@ def common_config() -> ml_collections.ConfigDict:
                                       # multiple of it (0: the whole per-device batch)
         num_report_images=32,         # images in the report's grids
         # GigaTok's linear probe of a GPT generator's features (null class, layer depth // 2,
-        # mean over positions; BN + linear head, LARS): epochs over generator.tokens' train
-        # split, accuracy on its eval split. 0: off; GigaTok: 90 epochs, lr 0.1 x batch / 256.
+        # mean over positions; BN + linear head, LARS): epochs over the train split, accuracy
+        # on the eval split. 0: off; GigaTok: 90 epochs, lr 0.1 x batch / 256.
         # In a tokenizer run with ar_probe on, the probe GPT is probed too.
         linear_probe_epochs=0,
         linear_probe_batch_size=256,
         linear_probe_lr=0.1,
+        # What `tok1d evaluate` probes on: "images" (upstream: `data`'s images, ADM random crop
+        # + flip drawn afresh every epoch, encoded by the tokenizer in every step; center crops
+        # for validation), "tokens" (the codes of generator.tokens), "" (tokens when
+        # generator.tokens is set, else images).
+        linear_probe_source="",
+        # The training features with the GPT's dropout, drawn in every step (upstream's
+        # lin_probe.py trains with the GPT in train mode); False: clean features, and on
+        # tokens computed once for the whole run (faster, not comparable with GigaTok's).
+        linear_probe_dropout=True,
     ))
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
@@ -531,6 +543,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
             problems.append(f"generator.token_source={g.token_source!r} is not one of "
                             f"{TOKEN_SOURCES}")
     ev = config.evaluation
+    if ev.get("linear_probe_source", "") not in LINEAR_PROBE_SOURCES:
+        problems.append(f"evaluation.linear_probe_source={ev.linear_probe_source!r} is not one "
+                        f"of {LINEAR_PROBE_SOURCES}")
     if (ev.fid_every_steps > 0 and not ev.inception and not ev.allow_random_init):
         problems.append(f"evaluation.fid_every_steps={ev.fid_every_steps} needs "
                         "evaluation.inception (the released name inception_fid, or a "

@@ -210,10 +210,17 @@ def load_frozen_tokenizer(config, mesh, rules) -> Optional[tuple[nn.Module, Any]
         return None
     overrides = {"dtype": "float32"} if encodes_images(config) else {}
     tokenizer, tok_params = loaders.load_tokenizer(path, **overrides)
-    size = tokenizer.input_size or config.data.image_size
+    return tokenizer, place_tokenizer(tokenizer, tok_params, config.data.image_size, mesh,
+                                      rules)
+
+
+def place_tokenizer(tokenizer: nn.Module, tok_params, image_size: int, mesh, rules):
+    """A loaded tokenizer's params split over `mesh` by the logical `rules`, like a trained
+    model's (its init traced at `image_size` for the logical axes)."""
+    size = tokenizer.input_size or image_size
     sample = jnp.zeros((1, size, size, 3), jnp.float32)
     init = lambda rng: tokenizer.init(rng, sample)["params"]  # noqa: E731
-    return tokenizer, parallel.put_by_rules(init, nn.unbox(tok_params), mesh, rules)
+    return parallel.put_by_rules(init, nn.unbox(tok_params), mesh, rules)
 
 
 def check_token_source(config) -> None:

@@ -25,8 +25,8 @@ position's table is all zeros, i.e. the class token's q and k are zeroed, as ups
 RoPE option of `gpt_1d.py` is not reproduced: it calls `precompute_freqs_cis` with
 cls_token_num in the `base` slot, so base 1 and 120 zero rows; it is off in every release.)
 
-`hidden_states` is the teacher-forced, eval-mode residual stream before the final RMSNorm
-(upstream `forward(..., ret_inner_feat_layer=...)`), for GigaTok's linear probe
+`hidden_states` is the teacher-forced residual stream (eval mode unless `train`) before the
+final RMSNorm (upstream `forward(..., ret_inner_feat_layer=...)`), for GigaTok's linear probe
 (`tok1d.evaluation.linear_probe`, which cuts the stack to its first n blocks).
 
 Cached decoding ("cache" collection, see `transformer.Attention`; apply with `mutable=["cache"]`):
@@ -146,14 +146,16 @@ class GPT(nn.Module):
         `forward(idx=codes[:, :-1], cond_idx=labels)`)."""
         return self._forward(labels, codes[:, :-1], train=train, decode=False)
 
-    def hidden_states(self, codes: jax.Array, labels: jax.Array) -> jax.Array:
-        """Teacher forcing in eval mode without the head: codes (B, N), labels (B,) -> the
+    def hidden_states(self, codes: jax.Array, labels: jax.Array, train: bool = False
+                      ) -> jax.Array:
+        """Teacher forcing without the head (`train`: with dropout, as upstream's
+        train-mode features; default eval mode): codes (B, N), labels (B,) -> the
         residual stream after the last of the `depth` blocks, before the final RMSNorm,
         (B, N, width) float32, position 0 being the class token (upstream `forward` with
         `ret_inner_feat_layer=depth`). For the state after the first n blocks, apply this to
         `model.clone(depth=n)` with the first n layers' parameters
         (`tok1d.evaluation.linear_probe.truncate`)."""
-        return self._forward(labels, codes[:, :-1], train=False, decode=False, hidden=True)
+        return self._forward(labels, codes[:, :-1], train=train, decode=False, hidden=True)
 
     def prefill(self, labels: jax.Array, codes: Optional[jax.Array] = None) -> jax.Array:
         """Cached decoding, first call: feeds the class token (and optionally a prefix of codes
