@@ -76,6 +76,12 @@ VARIANTS = {
 # (generator.tokens), e.g. --config.generator.token_source=dataset.
 TOKEN_SOURCE = "images"
 
+# Where the frozen tokenizer's decoder lives while the GPT trains on images: "host" (its
+# params in host memory, put on the devices only while an evaluation decodes the sample grid:
+# upstream deletes its decoder; 7.2 GiB in float32 for XL-XXL, whole on every device of a
+# data-parallel mesh otherwise) or "device".
+TOKENIZER_DECODER = "host"
+
 # Attention kernel: "xla", or "cudnn" (cuDNN's fused attention on NVIDIA GPUs; a decoding step
 # then reads the KV cache by its filled length), e.g. --config.model.attention_impl=cudnn.
 ATTENTION = "xla"
@@ -89,6 +95,7 @@ def get_config(arg: str = ""):
     config.ema_decay = 0.0
     recipes.imagenet_adm(config)  # random_crop_arr + flip; center_crop_arr for the val loss
     config.generator.token_source = TOKEN_SOURCE
+    config.generator.tokenizer_decoder = TOKENIZER_DECODER
     config.model = dict(name="gpt", size=v["size"], vocab_size=16384, num_tokens=256,
                         num_classes=1000, token_dropout=0.1, dropout_rate=0.1,
                         remat=v["remat"], attention_impl=ATTENTION)

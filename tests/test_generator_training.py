@@ -157,12 +157,19 @@ def test_the_images_step_is_the_token_step_on_the_encoded_images(token_data):
     mesh = parallel.create_mesh({"data": -1})
     rules = parallel.DEFAULT_RULES
     batch_sh = parallel.batch_sharding(mesh, rules)
-    for accum in (1, 2):
+    for accum, place in ((1, "device"), (2, "host")):
         config = images_config(tok_dir)
         config.optim.grad_accum_steps = accum
+        config.generator.tokenizer_decoder = place
         model = generator.build_generator(config)
         frozen = generator.load_frozen_tokenizer(config, mesh, rules)
-        tokenizer, tok_params = frozen
+        tokenizer, tok_params = frozen.module, frozen.encode_params
+        # "host": the decoder's params stay NumPy, the step gets only what encoding reads.
+        assert frozen.keeps_host_params == (place == "host")
+        assert ("decoder" in tok_params) == (place == "device")
+        assert isinstance(frozen.params["decoder"], dict)
+        on_devices = frozen.on_devices()
+        assert not any(isinstance(x, np.ndarray) for x in jax.tree.leaves(on_devices))
         images = sources.DigitsSource("train", image_size=32)
         local = {"image": np.stack([images[i]["image"] for i in range(32)]).astype(np.float32)
                  / 255.0, "label": np.asarray([images[i]["label"] for i in range(32)], np.int32),
@@ -188,10 +195,10 @@ def test_the_images_step_is_the_token_step_on_the_encoded_images(token_data):
                      jax.tree.map(np.asarray, tok_params))
     # On an fsdp mesh the frozen tokenizer is split like a trained model, not whole on every
     # device; it computes in float32 (upstream's encode runs outside the autocast).
-    tokenizer, tok_params = generator.load_frozen_tokenizer(
-        images_config(tok_dir), parallel.create_mesh({"fsdp": -1}), rules)
-    assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(tok_params))
-    assert np.dtype(tokenizer.dtype) == np.float32
+    frozen = generator.load_frozen_tokenizer(images_config(tok_dir),
+                                             parallel.create_mesh({"fsdp": -1}), rules)
+    assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(frozen.params))
+    assert np.dtype(frozen.module.dtype) == np.float32
 
 
 def test_the_codes_per_image_are_counted_at_the_datas_size():
@@ -223,6 +230,8 @@ def test_a_generator_trains_on_images_it_encodes(token_data, tmp_path):
     assert first["step"] == 8 and first["num_examples"] == 64
     config = images_config(tok_dir)
     config.checkpoint.every_steps = 8
+    config.generator.tokenizer_decoder = "host"  # the grid decodes with a copy on the devices
+    os.remove(os.path.join(workdir, "samples.png"))
     result = generator.train_and_evaluate(config, workdir)
     assert result["step"] == 16 and np.isfinite(result["loss"])
     lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
@@ -282,10 +291,12 @@ def test_the_linear_probe_on_images_it_encodes(token_data):
     assert f"({len(source)}, 32) validation" in logs[0]  # the whole split, padding dropped
     assert 0.25 < metrics["linear_probe_accuracy"] <= 1.0, metrics  # measured 0.37
     assert metrics["linear_probe_layer"] == 1
-    e.linear_probe_batch_size = 36  # not a multiple of the 8 devices' batch shards
-    with pytest.raises(config_lib.ConfigError, match="not a multiple of the mesh's 8"):
-        evaluate._linear_probe(config, model, params, tokenizer, tok_params, mesh, rules,
-                               logs.append)
+    # A batch the 8 devices cannot split: refused by the check evaluate_generator runs
+    # before it samples.
+    e.linear_probe_batch_size = 36
+    images = evaluate._probe_images(config, model, tokenizer, tok_params)
+    with pytest.raises(ValueError, match="36 is not a multiple of the mesh's 8 batch shards"):
+        evaluate._probe_options(config, model, mesh, rules, images)
 
 
 def test_generator_configs_validate():
@@ -297,6 +308,9 @@ def test_generator_configs_validate():
         config = config_lib.load(os.path.join(root, name))
         config_lib.validate(config, num_devices=64)
         assert config.trainer == "generator"
+    config.generator.tokenizer_decoder = "cpu"
+    with pytest.raises(config_lib.ConfigError, match="tokenizer_decoder='cpu' is not one of"):
+        config_lib.validate(config, num_devices=64)
 
 
 def test_ar_probe_during_tokenizer_training(tmp_path):

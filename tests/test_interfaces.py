@@ -77,6 +77,33 @@ def test_encode_gives_codes_and_decode_codes_round_trips_shapes(built):
     assert out.shape == x.shape
 
 
+def test_encoding_reads_no_decoder_params(built):
+    """`params_encode_reads` (generator.tokenizer_decoder "host"): the decoder's params are
+    not read by the encode, and encoding with only the params it reads gives the same codes."""
+    name, model, params, x = built
+    if not model.num_codes:
+        pytest.skip("a continuous tokenizer has no codes to encode")
+    reads = interfaces.params_encode_reads(model, params, SIZE)
+    paths = {jax.tree_util.keystr(k): v for k, v in
+             jax.tree_util.tree_flatten_with_path(reads)[0]}
+    unread = {k.split("]")[0][2:-1] for k, v in paths.items() if not v}  # top-level names
+    decoder_side = {"decoder", "vit_decoder", "post_quant_conv"}  # GigaTok: all three
+    assert "decoder" in unread and unread <= decoder_side, unread
+    assert all(v for k, v in paths.items() if k.startswith("['encoder']")), paths
+
+    def keep(tree, mask):
+        if isinstance(tree, dict):
+            out = {k: keep(tree[k], mask[k]) for k in tree}
+            return {k: v for k, v in out.items()
+                if v is not None and (not isinstance(v, dict) or v)}
+        return tree if mask else None
+    to_unit = lambda y: (y - model.pixel_range[0]) / (  # noqa: E731
+        model.pixel_range[1] - model.pixel_range[0])
+    full = interfaces.encode_images(model, params, to_unit(x))
+    np.testing.assert_array_equal(
+        interfaces.encode_images(model, keep(params, reads), to_unit(x)), full)
+
+
 def test_training_forward_returns_a_typed_aux(built):
     name, model, params, x = built
     out, aux = model.apply({"params": params}, x, train=True, rngs={"sample": jax.random.key(1)})

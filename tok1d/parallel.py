@@ -322,21 +322,18 @@ def compilation_cache_dir() -> Optional[str]:
 def replicate(tree: Any, mesh: Mesh) -> Any:
     """Host NumPy tree -> global arrays replicated over the mesh (works across hosts)."""
     sharding = NamedSharding(mesh, P())
-    return jax.tree.map(lambda x: _put_host(np.asarray(x), sharding), tree)
+    return jax.tree.map(lambda x: put_host(np.asarray(x), sharding), tree)
 
 
-def _put_host(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+def put_host(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
     """A host array (the same on every host) -> a global array with `sharding`."""
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
 
-def put_by_rules(init_params, host_params: Any, mesh: Mesh, rules) -> Any:
-    """Host params -> global arrays sharded like a trained model's (`logical_shardings` of
-    the boxed params `init_params(rng)` makes, traced for their shapes only: call outside a
-    mesh context): a frozen model's weights split over fsdp / tensor, not whole on every
-    device."""
-    sh = logical_shardings(jax.eval_shape(init_params, jax.random.key(0)), mesh, rules)
-    return jax.tree.map(lambda x, s: _put_host(np.asarray(x), s), host_params, sh)
+def rules_shardings(init_params, mesh: Mesh, rules) -> Any:
+    """The shardings of a trained model's params: `logical_shardings` of the boxed params
+    `init_params(rng)` makes, traced for their shapes only (call outside a mesh context)."""
+    return logical_shardings(jax.eval_shape(init_params, jax.random.key(0)), mesh, rules)
 
 
 def put_like(host_tree: Any, like: Any) -> Any:
@@ -346,7 +343,7 @@ def put_like(host_tree: Any, like: Any) -> Any:
         x = np.asarray(x, ref.dtype)
         if x.shape != ref.shape:
             raise ValueError(f"shape {x.shape} does not match the model's {ref.shape}")
-        return _put_host(x, ref.sharding)
+        return put_host(x, ref.sharding)
     return jax.tree.map(put, host_tree, like)
 
 

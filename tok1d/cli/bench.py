@@ -348,7 +348,7 @@ def bench_train(config, batch: int, abstract: bool = False, log=print) -> Worklo
             size = config.data.image_size
             local = {"image": rng.uniform(0, 1, (batch, size, size, 3)).astype(np.float32),
                      "label": labels}
-            extra = (frozen_tokenizer[1],)
+            extra = (frozen_tokenizer.encode_params,)
     else:
         _random_frozen(config)
         t = tok_trainer.build_training(config, mesh, rules, batch_sh)

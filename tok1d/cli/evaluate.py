@@ -245,6 +245,7 @@ def evaluate_generator(config, checkpoint: str, tokenizer_path: str, out: str, s
     model, params = sample_lib.load_generator(config, checkpoint)
     tokenizer, tok_params = loaders.load_tokenizer(tokenizer_path)
     probe_images = _probe_images(config, model, tokenizer, tok_params)  # before sampling too
+    _probe_options(config, model, mesh, rules, probe_images)
     nets = evaluator.load_metric_nets(config.evaluation, "", log)
     ecfg = config.evaluation
     labels = gen_common.cyclic_labels(ecfg.num_samples, model.num_classes)
@@ -310,6 +311,22 @@ def _probe_images(config, model, tokenizer, tok_params) -> Optional[tuple[Any, A
     return train_src, sources.source_of(dcfg, dcfg.eval_split)
 
 
+def _probe_options(config, model, mesh, rules, images: Optional[tuple[Any, Any]]
+                   ) -> Optional[dict[str, Any]]:
+    """The probe's options (`linear_probe.probe_options`: a ValueError for a batch the mesh
+    cannot split), or None when no probe runs."""
+    ecfg = config.evaluation
+    if ecfg.linear_probe_epochs <= 0 or not isinstance(model, GPT):
+        return None
+    if images is not None:  # trained online: batches sharded over the mesh
+        return linear_probe.probe_options(ecfg, len(images[0]), config.seed,
+                                          linear_probe.batch_shards(mesh, rules))
+    online = ecfg.linear_probe_dropout and linear_probe.has_dropout(model)
+    n = len(tokens_lib.TokenSource(config.generator.tokens, config.data.train_split))
+    return linear_probe.probe_options(ecfg, n, config.seed,
+                                      linear_probe.batch_shards(mesh, rules) if online else 1)
+
+
 def _linear_probe(config, model, params, tokenizer, tok_params, mesh, rules, log,
                   images: Optional[tuple[Any, Any]] = None) -> dict[str, float]:
     """GigaTok's linear probe of a GPT's features (train -> eval split) when
@@ -331,14 +348,9 @@ def _linear_probe(config, model, params, tokenizer, tok_params, mesh, rules, log
                                               rules, seed=config.seed, log_fn=log)
     dcfg = config.data
     train_src, eval_src = images or _probe_images(config, model, tokenizer, tok_params)
-    options = linear_probe.probe_options(ecfg, len(train_src), config.seed)
+    options = _probe_options(config, model, mesh, rules, (train_src, eval_src))
     batch = options["batch_size"]
     batch_sh = parallel.batch_sharding(mesh, rules)
-    shards = parallel.batch_shards(batch_sh)
-    if batch % shards:
-        raise config_lib.ConfigError(
-            f"evaluation.linear_probe_batch_size={batch} is not a multiple of the mesh's "
-            f"{shards} batch shards.")
     start, stop = parallel.host_batch_slice(batch_sh, batch)
     train = feeding.Feeder(iter(pipeline.recipe_train_dataset(
         train_src, dcfg, global_batch=batch, host_start=start, host_stop=stop,

@@ -449,7 +449,9 @@ def train_linear_probe_online(features: Callable[..., jax.Array], params: Any, t
     a fresh random crop + flip of each image, with the GPT's dropout) on the next of the
     global `batches` ({"codes" or "image", "label"} of `batch_size` rows; its augmentation is
     the caller's), then the probe's update, in one jitted step. An epoch is
-    num_train // batch_size steps (upstream's drop_last). Same result dict."""
+    num_train // batch_size steps (upstream's drop_last); over a stream that runs on from one
+    pass to the next (tok1d's training pipelines), an epoch's batches may start in the
+    previous pass (at most batch_size - 1 examples each). Same result dict."""
     val = np.asarray(val_features, np.float32)
     val_labels = np.asarray(val_labels).reshape(-1).astype(np.int32)
     _check_labels("val_labels", val_labels, num_classes)
@@ -538,10 +540,12 @@ def run_linear_probe(model: GPT, params: Any, train_codes: np.ndarray, train_lab
     dataset's layout: V variants per example), then the probe (`probe_kwargs`: epochs,
     batch_size, base_lr, warmup_epochs, seed).
 
-    Without `dropout` the training features are computed once, clean, for every variant
-    (`train_linear_probe`: fast, the probe's epochs scanned on device). With `dropout` they are
-    computed in every step with the GPT's dropout, as upstream trains, on one variant drawn
-    per example (`train_linear_probe_online` over `code_batches`).
+    Without `dropout` (or for a GPT without dropout, where it changes nothing) the training
+    features are computed once, clean, for every variant (`train_linear_probe`: fast, the
+    probe's epochs scanned on device). With `dropout` they are computed in every step with
+    the GPT's dropout, as upstream trains, on one variant drawn per example
+    (`train_linear_probe_online` over `code_batches`; with a mesh the batch must be a
+    multiple of its batch shards).
     `num_classes` defaults to the GPT's. Returns the trainer's dict plus "layer" and
     "feature_dim"."""
     layer = default_layer(model) if layer is None else int(layer)
@@ -552,6 +556,7 @@ def run_linear_probe(model: GPT, params: Any, train_codes: np.ndarray, train_lab
         val_codes = val_codes[:, val_variant]
     n, num_variants, num_tokens = train_codes.shape
     num_classes = model.num_classes if num_classes is None else num_classes
+    dropout = dropout and has_dropout(model)
     feature = lambda c: probe_features(model, params, c, layer, feature_batch_size, mesh, rules)
     val_features = feature(val_codes)
     if not dropout:
@@ -631,13 +636,36 @@ def read_token_split(source, plain_only: bool = False) -> tuple[np.ndarray, np.n
     return codes.astype(np.int32), np.asarray([r["label"] for r in items], np.int32)
 
 
-def probe_options(ecfg, num_train: int, seed: int = 0) -> dict[str, Any]:
-    """The probe's keyword arguments from a config's `evaluation.linear_probe_*` options
-    (the batch at most the training set; warm-up min(10, epochs / 9) epochs)."""
-    return dict(epochs=ecfg.linear_probe_epochs,
-                batch_size=min(ecfg.linear_probe_batch_size, num_train),
+def probe_options(ecfg, num_train: int, seed: int = 0, shards: int = 1) -> dict[str, Any]:
+    """The probe's keyword arguments from a config's `evaluation.linear_probe_*` options:
+    warm-up min(10, epochs / 9) epochs; the batch at most the training set, and a multiple of
+    `shards` (the mesh's batch shards, where batches are sharded: the training set cut to a
+    multiple of them when it is the smaller; a ValueError for a configured batch that is
+    not)."""
+    batch = ecfg.linear_probe_batch_size
+    if batch % shards:
+        raise ValueError(f"evaluation.linear_probe_batch_size={batch} is not a multiple of "
+                         f"the mesh's {shards} batch shards.")
+    batch = min(batch, num_train // shards * shards)
+    if batch < 1:
+        raise ValueError(f"The linear probe's {num_train} training examples do not fill one "
+                         f"batch over the mesh's {shards} batch shards.")
+    return dict(epochs=ecfg.linear_probe_epochs, batch_size=batch,
                 base_lr=ecfg.linear_probe_lr,
                 warmup_epochs=min(10, ecfg.linear_probe_epochs / 9), seed=seed)
+
+
+def batch_shards(mesh: Optional[Mesh], rules=None) -> int:
+    """How many ways the mesh splits a batch (1 without a mesh)."""
+    if mesh is None:
+        return 1
+    return parallel.batch_shards(parallel.batch_sharding(
+        mesh, parallel.DEFAULT_RULES if rules is None else tuple(rules)))
+
+
+def has_dropout(model: GPT) -> bool:
+    """Whether the GPT's train mode differs from its eval mode (token / residual dropout)."""
+    return model.token_dropout > 0 or model.dropout_rate > 0
 
 
 def probe_metrics(out: dict[str, Any]) -> dict[str, float]:
@@ -652,8 +680,9 @@ def probe_from_config(model: GPT, params: Any, train: tuple[np.ndarray, np.ndarr
                       rules=None, seed: int = 0, log_fn=None) -> dict[str, float]:
     """`run_linear_probe` of (codes, labels) pairs with a config's `evaluation.linear_probe_*`
     options (`linear_probe_dropout`: upstream's dropout features); `probe_metrics`."""
+    dropout = bool(ecfg.get("linear_probe_dropout", False)) and has_dropout(model)
+    shards = batch_shards(mesh, rules) if dropout else 1  # online: the batches are sharded
     out = run_linear_probe(model, params, train[0], train[1], val[0], val[1], mesh=mesh,
-                           rules=rules, log_fn=log_fn,
-                           dropout=bool(ecfg.get("linear_probe_dropout", False)),
-                           **probe_options(ecfg, len(train[0]), seed))
+                           rules=rules, log_fn=log_fn, dropout=dropout,
+                           **probe_options(ecfg, len(train[0]), seed, shards))
     return probe_metrics(out)

@@ -3,6 +3,7 @@ tokenizer interfaces of `tok1d.models.interfaces`), batch by batch over the mesh
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -69,6 +70,16 @@ class SampleDecoder:
                                      method=tokenizer.decode_codes)
             return jnp.clip(to_unit(pixels), 0.0, 1.0)
         self.decode = jax.jit(decode)
+
+    @contextlib.contextmanager
+    def decoding_with(self, tok_params):
+        """Inside, decodes with `tok_params` (e.g. a copy put on the devices for an evaluation,
+        where the decoder's params are otherwise kept in host memory)."""
+        saved, self.tok_params = self.tok_params, tok_params
+        try:
+            yield self
+        finally:
+            self.tok_params = saved
 
     def __call__(self, params, labels: np.ndarray, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
         global_labels = parallel.global_batch({"label": labels[self._host_rows(len(labels))]},

@@ -170,6 +170,20 @@ def encode_images(tokenizer: Any, params: Any, images: jax.Array, prefix_tokens:
     return codes[:, :prefix_tokens] if prefix_tokens else codes
 
 
+def params_encode_reads(tokenizer: Any, params: Any, image_size: int) -> Any:
+    """A tree like `params` of bools: whether `encode_images` of `image_size` images reads the
+    leaf (from the traced program: a parameter no equation uses is not read). The others, the
+    decoder's, need not be on the devices while only encoding."""
+    images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    leaves, treedef = jax.tree.flatten(params)
+    closed = jax.make_jaxpr(lambda p, x: encode_images(
+        tokenizer, jax.tree.unflatten(treedef, p), x))(leaves, images)
+    jaxpr = closed.jaxpr
+    used = {id(v) for eqn in jaxpr.eqns for v in eqn.invars}
+    used |= {id(v) for v in jaxpr.outvars}
+    return jax.tree.unflatten(treedef, [id(v) in used for v in jaxpr.invars[:len(leaves)]])
+
+
 @runtime_checkable
 class Discriminator(Protocol):
     pixel_range: tuple[float, float]

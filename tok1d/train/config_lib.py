@@ -37,6 +37,8 @@ TOKEN_SOURCES = ("dataset", "images")
 # What `tok1d evaluate`'s linear probe reads (evaluation.linear_probe_source; "": tokens when
 # generator.tokens is set, else images).
 LINEAR_PROBE_SOURCES = ("", "tokens", "images")
+# Where a generator run keeps its frozen tokenizer's decoder (generator.tokenizer_decoder).
+TOKENIZER_DECODER_PLACES = ("device", "host")
 
 
 class ConfigError(errors.UserError, ValueError):
@@ -305,6 +307,10 @@ def add_generator_keys(c: ml_collections.ConfigDict) -> None:
         tokenizer="",                 # decodes samples for grids / tok1d.cli.sample (and
                                       # encodes the images with token_source "images"): a
                                       # pretrained directory or a tokenizer training workdir
+        tokenizer_decoder="device",   # with token_source "images": "host" keeps the params
+                                      # the encode does not read (the decoder's) in host
+                                      # memory, put on the devices only while an evaluation
+                                      # decodes (upstream deletes its decoder)
         label_dropout=0.1,            # labels -> null class with this probability (CFG)
         mask_schedule="arccos",       # MaskGIT: training mask-ratio schedule
         label_smoothing=0.1,          # MaskGIT: CE label smoothing
@@ -542,6 +548,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         if g.token_source not in TOKEN_SOURCES:
             problems.append(f"generator.token_source={g.token_source!r} is not one of "
                             f"{TOKEN_SOURCES}")
+        if g.get("tokenizer_decoder", "device") not in TOKENIZER_DECODER_PLACES:
+            problems.append(f"generator.tokenizer_decoder={g.tokenizer_decoder!r} is not one "
+                            f"of {TOKENIZER_DECODER_PLACES}")
     ev = config.evaluation
     if ev.get("linear_probe_source", "") not in LINEAR_PROBE_SOURCES:
         problems.append(f"evaluation.linear_probe_source={ev.linear_probe_source!r} is not one "

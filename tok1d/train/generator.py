@@ -12,6 +12,8 @@ held-out tokens, a grid of samples decoded by the tokenizer, gFID), setup, the r
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -196,31 +198,83 @@ def check_tokens_match(model: nn.Module, info: dict[str, Any]) -> None:
                                      + "\n  - ".join(problems))
 
 
-def load_frozen_tokenizer(config, mesh, rules) -> Optional[tuple[nn.Module, Any]]:
-    """(tokenizer, its params on `mesh`) of `generator.tokenizer`, or None when it is empty.
-    It encodes the training images (token_source "images") and decodes the sample grids. When
-    it encodes, it computes in float32, as upstream's encode runs outside the autocast (a
+@dataclasses.dataclass(frozen=True)
+class FrozenTokenizer:
+    """A generator run's frozen tokenizer (`load_frozen_tokenizer`): the module, its params
+    (global arrays split over the mesh by the logical rules, except, with
+    generator.tokenizer_decoder "host", the ones encoding does not read: NumPy in host memory)
+    and every param's sharding by the rules."""
+    module: nn.Module
+    params: Any
+    shardings: Any
+
+    @property
+    def encode_params(self) -> Any:
+        """The params on the devices (all of them, or the ones encoding reads): what the
+        train step takes."""
+        return _without_host_leaves(self.params)
+
+    @property
+    def keeps_host_params(self) -> bool:
+        return any(isinstance(x, np.ndarray) for x in jax.tree.leaves(self.params))
+
+    def on_devices(self) -> Any:
+        """All params on the devices: the host ones put with their shardings (a copy that
+        lives as long as the caller keeps it: an evaluation's decoding)."""
+        return jax.tree.map(lambda x, s: parallel.put_host(x, s) if isinstance(x, np.ndarray)
+                            else x, self.params, self.shardings)
+
+
+def _without_host_leaves(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        out = {k: _without_host_leaves(v) for k, v in tree.items()}
+        return {k: v for k, v in out.items()
+                if v is not None and (not isinstance(v, dict) or v)}
+    return None if isinstance(tree, np.ndarray) else tree
+
+
+def load_frozen_tokenizer(config, mesh, rules) -> Optional[FrozenTokenizer]:
+    """The `FrozenTokenizer` of `generator.tokenizer`, or None when it is empty. It encodes
+    the training images (token_source "images") and decodes the sample grids. When it
+    encodes, it computes in float32, as upstream's encode runs outside the autocast (a
     tok1d-trained tokenizer would otherwise compute in its run's bf16, as `tok1d tokenize`,
     `sample` and `evaluate` run it); its params are split over the mesh by the logical rules
-    like a trained model's (an XL-XXL tokenizer is 10.8 GiB in float32; upstream deletes the
-    decoder instead, which the grids need here)."""
+    like a trained model's (an XL-XXL tokenizer is 10.8 GiB in float32). With
+    generator.tokenizer_decoder "host" (only when it encodes) the params encoding does not
+    read, 7.2 GiB of the decoder for XL-XXL, stay in host memory and are put on the devices
+    only while an evaluation decodes (upstream deletes its decoder; tok1d's grids need it)."""
     check_token_source(config)
     path = config.generator.tokenizer
     if not path:
         return None
-    overrides = {"dtype": "float32"} if encodes_images(config) else {}
-    tokenizer, tok_params = loaders.load_tokenizer(path, **overrides)
-    return tokenizer, place_tokenizer(tokenizer, tok_params, config.data.image_size, mesh,
-                                      rules)
+    encodes = encodes_images(config)
+    tokenizer, tok_params = loaders.load_tokenizer(path, **({"dtype": "float32"} if encodes
+                                                             else {}))
+    tok_params = nn.unbox(tok_params)
+    shardings = tokenizer_shardings(tokenizer, config.data.image_size, mesh, rules)
+    on_devices = jax.tree.map(lambda _: True, tok_params)
+    if encodes and config.generator.get("tokenizer_decoder", "device") == "host":
+        on_devices = interfaces.params_encode_reads(
+            tokenizer, tok_params, tokenizer.input_size or config.data.image_size)
+    params = jax.tree.map(lambda x, s, dev: parallel.put_host(np.asarray(x), s) if dev
+                          else np.asarray(x), tok_params, shardings, on_devices)
+    return FrozenTokenizer(tokenizer, params, shardings)
+
+
+def tokenizer_shardings(tokenizer: nn.Module, image_size: int, mesh, rules) -> Any:
+    """The shardings of a tokenizer's params by the logical `rules`, like a trained model's
+    (its init traced at `image_size` for the logical axes)."""
+    size = tokenizer.input_size or image_size
+    sample = jnp.zeros((1, size, size, 3), jnp.float32)
+    return parallel.rules_shardings(lambda rng: tokenizer.init(rng, sample)["params"], mesh,
+                                    rules)
 
 
 def place_tokenizer(tokenizer: nn.Module, tok_params, image_size: int, mesh, rules):
-    """A loaded tokenizer's params split over `mesh` by the logical `rules`, like a trained
-    model's (its init traced at `image_size` for the logical axes)."""
-    size = tokenizer.input_size or image_size
-    sample = jnp.zeros((1, size, size, 3), jnp.float32)
-    init = lambda rng: tokenizer.init(rng, sample)["params"]  # noqa: E731
-    return parallel.put_by_rules(init, nn.unbox(tok_params), mesh, rules)
+    """A loaded tokenizer's params split over `mesh` by the logical `rules`
+    (`tokenizer_shardings`)."""
+    return jax.tree.map(lambda x, s: parallel.put_host(np.asarray(x), s), nn.unbox(tok_params),
+                        tokenizer_shardings(tokenizer, image_size, mesh, rules))
 
 
 def check_token_source(config) -> None:
@@ -269,12 +323,13 @@ def tokenizer_info(tokenizer: nn.Module, tok_params, prefix_tokens: int, image_s
     return info
 
 
-def sample_decoder(config, model, frozen_tokenizer, sharding, log
+def sample_decoder(config, model, frozen_tokenizer: Optional[FrozenTokenizer], sharding, log
                    ) -> Optional[decode.SampleDecoder]:
     if frozen_tokenizer is None:
         log("generator.tokenizer is empty: no sample grids (validation loss only).")
         return None
-    return decode.SampleDecoder(model, config.sampling.to_dict(), *frozen_tokenizer, sharding)
+    return decode.SampleDecoder(model, config.sampling.to_dict(), frozen_tokenizer.module,
+                                frozen_tokenizer.params, sharding)
 
 
 def init_generator(model: nn.Module, batch: int):
@@ -287,12 +342,12 @@ def init_generator(model: nn.Module, batch: int):
 
 
 def build_training(config: ml_collections.ConfigDict, model: nn.Module, mesh, rules, batch_sh,
-                   frozen_tokenizer: Optional[tuple[nn.Module, Any]] = None
+                   frozen_tokenizer: Optional[FrozenTokenizer] = None
                    ) -> tuple[Any, Any, Callable, Callable]:
     """(abstract state, its shardings, rng -> sharded state, jitted step (state donated)) of a
     generator config (shared by `train_and_evaluate` and `tok1d.cli.bench`). With
     generator.token_source "images" the step encodes images with `frozen_tokenizer`
-    ((tokenizer, its params on the mesh), `load_frozen_tokenizer`) and takes its params as a third
+    (`load_frozen_tokenizer`) and takes its `encode_params` as a third
     argument."""
     init_params = init_generator(model, 2)
     boxed = jax.eval_shape(init_params, jax.random.key(0))  # traced once
@@ -301,8 +356,8 @@ def build_training(config: ml_collections.ConfigDict, model: nn.Module, mesh, ru
         init_params, tx, mesh, rules, use_ema=config.ema_decay > 0, boxed_params=boxed)
     tokenizer, tok_sh = None, ()
     if encodes_images(config):
-        tokenizer, tok_params = frozen_tokenizer
-        tok_sh = (jax.tree.map(lambda x: x.sharding, tok_params),)
+        tokenizer = frozen_tokenizer.module
+        tok_sh = (jax.tree.map(lambda x: x.sharding, frozen_tokenizer.encode_params),)
     step_fn = jax.jit(make_train_step(model, tx, schedule, config, tokenizer),
                       in_shardings=(shardings, batch_sh, *tok_sh),
                       out_shardings=(shardings, None, None), donate_argnums=(0,))
@@ -331,7 +386,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     step_args: tuple = ()
     if encodes_images(config):  # images, encoded in the step by the frozen tokenizer
         dcfg = config.data
-        tokenizer, tok_params = frozen_tokenizer
+        tokenizer, tok_params = frozen_tokenizer.module, frozen_tokenizer.encode_params
         train_src = sources.source_of(dcfg, dcfg.train_split)
         info = tokenizer_info(tokenizer, tok_params, config.generator.prefix_tokens,
                               dcfg.image_size, getattr(train_src, "num_classes", None))
@@ -403,6 +458,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             metrics = {}
             if eval_src is not None:
                 metrics.update(evaluate_loss(eval_step, params, eval_batches()))
+            with decoding_params(frozen_tokenizer, decoder):
+                metrics.update(eval_samples(params, step_))
+            writer.write_scalars(step_, {f"eval/{k}": v for k, v in metrics.items()})
+            return metrics
+
+        def eval_samples(params, step_):
+            metrics = {}
             if decoder is not None:
                 n_cls = min(config.generator.num_sample_classes, model.num_classes)
                 per_class = max(1, config.num_grid_images // max(n_cls, 1))
@@ -418,7 +480,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             every = config.evaluation.fid_every_steps
             if gfid is not None and (step_ % every == 0 or step_ >= config.total_steps):
                 metrics.update(gfid(params, step_))
-            writer.write_scalars(step_, {f"eval/{k}": v for k, v in metrics.items()})
             return metrics
 
         # ------------------------------------------------------------ loop
@@ -428,6 +489,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                  eval_periods=(config.evaluation.fid_every_steps,))
     writer.close()
     return result
+
+
+def decoding_params(frozen_tokenizer: Optional[FrozenTokenizer],
+                    decoder: Optional[decode.SampleDecoder]):
+    """A context in which `decoder` decodes with all the tokenizer's params on the devices:
+    with generator.tokenizer_decoder "host", a copy put there for the evaluation and dropped
+    after it."""
+    if decoder is None or frozen_tokenizer is None or not frozen_tokenizer.keeps_host_params:
+        return contextlib.nullcontext()
+    return decoder.decoding_with(frozen_tokenizer.on_devices())
 
 
 def make_gfid_eval(config, model, decoder: Optional[decode.SampleDecoder], nets, mesh,
