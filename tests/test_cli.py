@@ -111,9 +111,25 @@ def test_a_fresh_run_that_fails_before_writing_leaves_no_empty_workdir(tmp_path,
     ([f"--config={TINY}", "--workdir=W", "--wrokdir=X"], "Unknown command line flag 'wrokdir'"),
     ([f"--config={TINY}", "--workdir=W", "--config.optim.lr=fast"], "--config.optim.lr=fast"),
     ([f"--config={TINY}", "--workdir=W", "stray"], "unexpected arguments: stray"),
+    ([f"--config={TINY}", "--workdir=W", "--config.model.qqq=1"],
+     "model holds its module's arguments"),
 ])
 def test_bad_command_lines_are_one_line(args, needle, capsys):
     assert app.run(train, args) == 2
+    assert needle in one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("name, text, needle", [
+    ("broken.py", "def get_config(:\n    pass\n", "broken.py, line 1: SyntaxError"),
+    ("raises.py", "def get_config():\n    return undefined\n",
+     "raises.py, line 2: NameError: name 'undefined' is not defined"),
+    ("config.json", '{"seed": true}\n', "config.json is not a tok1d run's config"),
+    ("settings.cfg", "[run]\nseed: 1\n", "a config is a Python file with get_config()"),
+])
+def test_a_config_file_that_fails_is_one_line_naming_its_line(name, text, needle, tmp_path,
+                                                              capsys):
+    (tmp_path / name).write_text(text)
+    assert app.run(train, [f"--config={tmp_path / name}", f"--workdir={tmp_path / 'w'}"]) == 2
     assert needle in one_error_line(capsys.readouterr().err)
 
 
@@ -355,3 +371,36 @@ def test_python_m_main_still_parses(tmp_path):
                           f"--workdir={tmp_path}", "--config.optim.lrr=0.1"],
                          env=subprocess_env(1), capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "optim.lrr" in one_error_line(bad.stderr)
+
+
+def test_a_runs_own_config_is_the_default_config(tmp_path):
+    """A run's config.json serves as `--config` (`--config=RUN/config.json` or `--config=RUN`,
+    with --config.KEY overrides on top), and `tok1d sample` / `evaluate` without --config use
+    the --checkpoint run's: laid onto the trainer's schema (keys added since keep their
+    defaults, lists back to tuples), so it validates."""
+    import json
+    from tok1d.cli import evaluate, sample
+    from tok1d.train import config_lib
+    original = config_lib.load(os.path.join(REPO, "configs", "gpt_gigatok.py:b"))
+    run = tmp_path / "run"
+    written = original.to_dict()
+    del written["evaluation"]["linear_probe_source"]  # as a run from before that key
+    loop.write_json(str(run / "config.json"), written)
+    json.loads((run / "config.json").read_text())  # JSON: the rules' tuples became lists
+
+    loaded = config_lib.from_run(str(run))
+    config_lib.validate(loaded, num_devices=8)
+    assert loaded.to_dict() == original.to_dict()
+    assert isinstance(loaded.sharding.rules, tuple)
+    fv, _ = app._parse(sample, "tok1d sample", [f"--checkpoint={run}", "--out=o",
+                                                "--config.sampling.cfg_scale=3.0"])
+    assert fv.config.sampling.cfg_scale == 3.0 and fv.config.model.size == "B"
+    for spec in (str(run / "config.json"), str(run)):
+        fv, _ = app._parse(evaluate, "tok1d evaluate", [f"--config={spec}", "--out=o",
+                                                        "--config.seed=7"])
+        assert fv.config.seed == 7 and fv.config.trainer == "generator"
+    fv, _ = app._parse(evaluate, "tok1d evaluate", [f"--checkpoint={tmp_path}", "--out=o"])
+    assert fv.config is None or "generator" not in fv.config  # no config.json: the default
+    with pytest.raises(errors.UserError, match="'sampling.cfg_scal' is not a config key"):
+        app._parse(sample, "tok1d sample", [f"--checkpoint={run}", "--out=o",
+                                            "--config.sampling.cfg_scal=3.0"])

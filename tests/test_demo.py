@@ -1,7 +1,7 @@
 """The README's demo, shortened: tokenizer -> tokens -> generator -> samples judged by a
 classifier and by the digit CNN's features (FID-digits, precision / recall, diversity) at the
 setting a two-point sweep picked, all stages writing their outputs; both losses go down;
-rerunning is a no-op."""
+rerunning is a no-op; training the tokenizer on makes the later stages stale: one clear line."""
 
 import glob
 import json
@@ -83,3 +83,13 @@ def test_shortened_demo_runs_every_stage_and_learns(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("Nothing to do") == 2
     assert "Samples and report are up to date" in again.stdout
+
+    # Training the tokenizer on (more steps) makes the tokens and the generator stale: one
+    # clear line that says what to delete, nothing removed.
+    longer = [a if a != "--config.total_steps=60" else "--config.total_steps=64" for a in cmd]
+    stale = subprocess.run(longer, env=subprocess_env(1), capture_output=True, text=True,
+                           timeout=900)
+    assert stale.returncode == 2, stale.stderr[-3000:]
+    last = stale.stderr.strip().splitlines()[-1]
+    assert "changed since" in last and "stale" in last and "Traceback" not in stale.stderr
+    assert os.path.isdir(os.path.join(workdir, "generator"))

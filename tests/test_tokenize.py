@@ -14,7 +14,7 @@ from tok1d import errors, models, parallel
 from tok1d.cli import tokenize
 from tok1d.data import records, sources, tokens
 from tok1d.train import config_lib
-from tok1d.weights import loaders
+from tok1d.weights import loaders, pretrained
 
 TINY = dict(image_size=32, patch_size=8, num_latent_tokens=8, encoder_size="nano",
             decoder_size="nano", codebook_size=64, token_dim=8)
@@ -229,6 +229,14 @@ def test_clear_errors_for_tokenizer_data_and_image_size(tiny, tmp_path):
         tokenize.resolve_source(str(tmp_path / "a_file"), "train")
     with pytest.raises(FileNotFoundError, match="Tokenizer directory not found"):
         loaders.describe_tokenizer(str(tmp_path / "missing"))
+    # A generator's directory (or run) given as the tokenizer: one clear line, no traceback.
+    gpt = dict(vocab_size=16, num_tokens=4, num_classes=2, width=16, depth=1, num_heads=2,
+               mlp_dim=32)
+    gpt_params = nn.unbox(models.create("gpt", **gpt).init(
+        jax.random.key(0), np.zeros((1, 4), np.int32), np.zeros((1,), np.int32)))["params"]
+    pretrained.save_pretrained(str(tmp_path / "gpt"), "gpt", gpt, gpt_params)
+    with pytest.raises(errors.UserError, match="holds a GPT, not a tokenizer"):
+        loaders.load_tokenizer(str(tmp_path / "gpt"))
     with pytest.raises(ValueError, match="Unknown data source 'imagenet'"):
         tokenize.resolve_source("imagenet", "train")
     with pytest.raises(FileNotFoundError, match="Data directory not found"):

@@ -36,6 +36,7 @@ import logging
 import os
 import re
 import sys
+import traceback
 import types
 from typing import NoReturn, Optional, Sequence
 
@@ -46,6 +47,7 @@ from ml_collections import config_flags
 
 from tok1d import errors
 from tok1d.train import config_lib, programs
+from tok1d.weights import layout
 
 TOOL = "tok1d"
 # Optional packages and how to get them; a missing one ends in a one-line hint.
@@ -109,6 +111,40 @@ def help_text(job: types.ModuleType, prog: str, fv: flags.FlagValues) -> str:
     return "\n".join(lines)
 
 
+RUN_CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               "train", "run_config.py")
+
+
+def _with_run_config(job: types.ModuleType, args: list[str]) -> list[str]:
+    """`args` with a run's own config put in as the config file: `--config=RUN/config.json`
+    or `--config=RUN` (a workdir) becomes `--config=run_config.py:PATH`; a command with a
+    `checkpoint` flag (sample, evaluate) given none uses its checkpoint run's config."""
+    if job.CONFIG is None:
+        return args
+    spec = _config_path(args)
+    if spec is not None:
+        path = spec.split(":", 1)[0]
+        if not (os.path.isdir(path) or (path.endswith(".json") and os.path.isfile(path))):
+            return args
+        out, skip = [], False
+        for i, arg in enumerate(args):
+            if skip:
+                skip = False
+                continue
+            if arg.startswith(("--config=", "-config=")):
+                out.append(f"--config={RUN_CONFIG_FILE}:{os.path.abspath(path)}")
+            elif arg in ("--config", "-config") and i + 1 < len(args):
+                out.append(f"--config={RUN_CONFIG_FILE}:{os.path.abspath(path)}")
+                skip = True
+            else:
+                out.append(arg)
+        return out
+    checkpoint = next((a.split("=", 1)[1] for a in args if a.startswith("--checkpoint=")), "")
+    if checkpoint and os.path.isfile(layout.config_path(checkpoint)):
+        return [f"--config={RUN_CONFIG_FILE}:{os.path.abspath(checkpoint)}"] + list(args)
+    return args
+
+
 def _config_path(args: Sequence[str]) -> Optional[str]:
     for i, arg in enumerate(args):
         if arg.startswith(("--config=", "-config=")):
@@ -150,14 +186,30 @@ def _unknown_override(config_file: str, args: Sequence[str]) -> Optional[str]:
                 close = difflib.get_close_matches(key, known, n=1)
                 where = ".".join(done + [key])
                 hint = f" (did you mean {'.'.join(done + close[:1])!r}?)" if close else ""
+                section = ".".join(done)
+                if not close and section in config_lib.FREE_FORM:
+                    hint = (f" ({section} holds its module's arguments, here "
+                            f"{sorted(known)}: give the whole section to add one, e.g. "
+                            f"--config.{section}=\"{{'name': ..., '{key}': ...}}\")")
                 return f"--config.{m.group(1)}: {where!r} is not a config key{hint}."
             node, done = node[key], done + [key]
     return None
 
 
+def _config_line(e: BaseException, config_file: Optional[str]) -> str:
+    """", line N" of the config file's last frame in `e`'s traceback, or ""."""
+    if not config_file:
+        return ""
+    path = os.path.abspath(config_file.split(":", 1)[0])
+    lines = [f.lineno for f in traceback.extract_tb(e.__traceback__)
+             if os.path.abspath(f.filename) == path]
+    return f", line {lines[-1]}" if lines else ""
+
+
 def _parse(job: types.ModuleType, prog: str, args: list[str]
            ) -> tuple[flags.FlagValues, list[str]]:
     """Parses `args` (raising UserError); the flags and the positional arguments."""
+    args = _with_run_config(job, args)
     config_file = _config_path(args) if job.CONFIG is not None else None
     if config_file is not None:
         _existing_config_file(config_file)
@@ -165,16 +217,22 @@ def _parse(job: types.ModuleType, prog: str, args: list[str]
     fv = _flag_values(job, argv)
     try:
         rest = fv(argv)[1:]
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - a bad flag, or the config file's own error
         bad = _unknown_override(config_file, args) if config_file else None
         if bad:
             raise errors.UserError(bad) from None
         message = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
-        if "Error whilst parsing config file" in message:  # get_config raised: its last line
+        hint = ("" if not config_file or config_file.split(":", 1)[0].endswith(".py") else
+                " (a config is a Python file with get_config(), e.g. a recipe in configs/; "
+                "a run's config.json is what it resolved to)")
+        if isinstance(e, SyntaxError):  # the file does not parse
+            message = f"--config={config_file}, line {e.lineno}: SyntaxError: {e.msg}{hint}"
+        elif "Error whilst parsing config file" in message:  # get_config raised: last line
             last = [line.strip() for line in message.splitlines() if line.strip()][-1]
             message = f"--config={config_file}: {last}"
         elif not isinstance(e, flags.Error):  # raised by the config file itself
-            message = f"--config={config_file}: {type(e).__name__}: {message}"
+            line = _config_line(e, config_file)
+            message = f"--config={config_file}{line}: {type(e).__name__}: {message}{hint}"
         raise errors.UserError(_one_line(message)) from None
     if job.CONFIG is not None and fv["config"].value is not None:
         try:

@@ -42,7 +42,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from tok1d import images
+from tok1d import errors, images
 from tok1d import parallel
 from tok1d.cli import evaluate as evaluate_lib
 from tok1d.cli import sample as sample_lib
@@ -118,9 +118,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     for split in (dcfg.train_split, dcfg.eval_split):
         src = sources.get_source(dcfg.name, split, data_dir=dcfg.data_dir,
                                  demo_size=dcfg.demo_size, image_size=dcfg.image_size)
-        tokenize_lib.tokenize_dataset(tokenizer, tok_params, src, token_dir, split=split,
-                                      batch_size=config.eval_batch_size,
-                                      image_size=dcfg.image_size, flip=False, log=log)
+        try:
+            tokenize_lib.tokenize_dataset(tokenizer, tok_params, src, token_dir, split=split,
+                                          batch_size=config.eval_batch_size,
+                                          image_size=dcfg.image_size, flip=False, log=log)
+        except tokenize_lib.OtherTokenizerError:  # the tokenizer run went on since
+            raise errors.UserError(
+                f"The tokenizer in {workdir}/tokenizer changed since {token_dir} was written "
+                "(its run trained on), so the tokens and the generator trained on them are "
+                f"stale: delete {token_dir}, {workdir}/generator and {workdir}/metrics.json "
+                "to redo stages 2-4 with it (or use another --workdir).") from None
 
     # ---------------------------------------------------------------- 3. generator
     log("== 3/4 generator")

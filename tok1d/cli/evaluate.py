@@ -62,9 +62,10 @@ from tok1d.weights import loaders
 from tok1d.generation import common as gen_common
 from tok1d.generation.decode import SampleDecoder
 
-USAGE = ("--config=FILE --checkpoint=DIR --out=DIR [--tokenizer=DIR] [flags]  |  "
+USAGE = ("[--config=FILE] --checkpoint=DIR --out=DIR [--tokenizer=DIR] [flags]  |  "
          "--samples=NPZ --out=DIR [flags]")
-CONFIG = ("Training config file (get_config()); default: the defaults of "
+CONFIG = ("Training config file (get_config()) or a run's config.json; default: the "
+          "--checkpoint run's config.json, else the defaults of "
           "tok1d.train.config_lib.base_config().")
 REQUIRED = ("out",)
 POSITIONAL = ""

@@ -5,8 +5,9 @@ r"""Class-conditional sampling with a trained generator, decoded to pixels by it
 
 `--checkpoint` is a generator training workdir (its latest checkpoint, EMA params when kept)
 or a pretrained directory (`tok1d convert maskgit|gpt ...`); the model is built from
-`--config` and the sampler options come from `config.sampling` (overridable on the command
-line). `--tokenizer` (default `config.generator.tokenizer`) is a pretrained directory or a
+`--config` (default for a training workdir: the run's own config.json, so
+`tok1d sample --checkpoint=RUN --out=DIR` is enough) and the sampler options come from
+`config.sampling` (overridable on the command line). `--tokenizer` (default `config.generator.tokenizer`) is a pretrained directory or a
 tokenizer training workdir. Labels cycle through the classes (image i gets class
 i mod num_classes, so 50000 images = 50 per ImageNet class, as the ADM / LlamaGen evaluations).
 
@@ -63,8 +64,9 @@ from tok1d.generation.decode import SampleDecoder
 from tok1d.train import generator as gen_trainer
 from tok1d.weights import layout, loaders
 
-USAGE = "--config=FILE --checkpoint=DIR --out=DIR [--tokenizer=DIR] [flags]"
-CONFIG = "Generator config file (get_config()); its sampling section sets the sampler."
+USAGE = "[--config=FILE] --checkpoint=DIR --out=DIR [--tokenizer=DIR] [flags]"
+CONFIG = ("Generator config file (get_config()) or a run's config.json; default: the "
+          "--checkpoint run's config.json. Its sampling section sets the sampler.")
 REQUIRED = ("config", "checkpoint", "out")
 POSITIONAL = ""
 

@@ -298,6 +298,11 @@ def code_usage(histogram: np.ndarray) -> dict[str, float]:
 _GLOBAL_KEYS = ("num_tokens", "codebook_size", "codes_dtype", "tokenizer_fingerprint")
 
 
+class OtherTokenizerError(ValueError):
+    """The output directory holds tokens written by another tokenizer (or another state of
+    it: a tokenizer run that trained on)."""
+
+
 def _plan_path(out_dir: str, split: str) -> str:
     return os.path.join(out_dir, f".{split}.tokenize_plan.json")
 
@@ -328,8 +333,8 @@ def _check_plan(out_dir: str, split: str, plan: dict[str, Any]) -> None:
     if info is not None:
         diff = _differences(info, plan, _GLOBAL_KEYS)
         if diff:
-            raise ValueError(f"{out_dir} holds tokens of another tokenizer ({'; '.join(diff)}); "
-                             "use another --out.")
+            raise OtherTokenizerError(f"{out_dir} holds tokens of another tokenizer "
+                                      f"({'; '.join(diff)}); use another --out.")
         done = info["splits"].get(split)
         if done is not None and done.get("plan") != plan:
             raise ValueError(f"{out_dir} already holds split {split!r} tokenized with other "

@@ -26,7 +26,8 @@ from tok1d.probes import ar
 from tok1d.train import generator, tokenizer
 
 USAGE = "--config=FILE[:ARG] --workdir=DIR [--config.KEY=VALUE ...] [flags]"
-CONFIG = "Config file (get_config()); FILE:ARG passes ARG to get_config."
+CONFIG = ("Config file (get_config()); FILE:ARG passes ARG to get_config. A run's "
+          "config.json (or its workdir) gives the config that run was started with.")
 REQUIRED = ("config", "workdir")
 POSITIONAL = ""
 TRAINERS = {"tokenizer": functools.partial(tokenizer.train_and_evaluate,

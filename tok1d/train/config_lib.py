@@ -29,6 +29,7 @@ from tok1d.models.frozen import inception as inception_lib
 from tok1d.models.frozen import vgg
 from tok1d.objectives import terms
 from tok1d.train import optim
+from tok1d.weights import layout
 from tok1d.weights.layout import model_kwargs
 
 TRAINERS = ("tokenizer", "generator", "demo")
@@ -372,6 +373,39 @@ def for_trainer(config: ml_collections.ConfigDict, trainer: str) -> ml_collectio
         if key != "trainer" and key in config:
             out[key] = copy.deepcopy(config[key])
     return out
+
+
+def from_run(path: str) -> ml_collections.ConfigDict:
+    """The config a training run was started with: its workdir's config.json (or the file
+    `path`), laid onto its trainer's schema, so keys tok1d added since keep their defaults
+    (JSON lists become tuples where the schema holds tuples)."""
+    file = path if os.path.isfile(path) else layout.config_path(path)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{path} holds no {layout.CONFIG_FILE} of a training run.")
+    values = layout.read_json(file)
+    if not isinstance(values, dict) or values.get("trainer") not in TRAINERS:
+        raise ConfigError(f"{file} is not a tok1d run's config (no trainer among {TRAINERS}).")
+    out = base_config(values["trainer"])
+    _lay_onto(out, values, "")
+    return out
+
+
+def _lay_onto(cfg: ml_collections.ConfigDict, values: dict[str, Any], prefix: str) -> None:
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        current = cfg.get(key) if key in cfg else None
+        if (isinstance(current, ml_collections.ConfigDict) and isinstance(value, dict)
+                and path not in FREE_FORM):
+            _lay_onto(current, value, path + ".")
+            continue
+        if isinstance(current, tuple) and isinstance(value, list):
+            value = _as_tuples(value)
+        with cfg.ignore_type():
+            cfg[key] = value
+
+
+def _as_tuples(value: Any) -> Any:
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 def load(spec: str) -> ml_collections.ConfigDict:

@@ -42,6 +42,7 @@ import orbax.checkpoint as ocp
 
 from tok1d import errors, models
 from tok1d.layers import transformer
+from tok1d.models import interfaces
 from tok1d.models.dino_disc import DinoDiscriminator
 from tok1d.models.frozen import inception as inception_lib
 from tok1d.models.frozen import perceptual as perceptual_nets
@@ -142,8 +143,11 @@ def load_tokenizer(path: str, **model_overrides: Any) -> tuple[nn.Module, dict[s
     path = os.path.abspath(resolve(path))
     kind, name, kwargs = _model_spec(path)
     if kind == "pretrained":
-        return load_pretrained(path, **model_overrides)
+        model, params = load_pretrained(path, **model_overrides)
+        _check_is_tokenizer(model, path)
+        return model, params
     model = models.create(name, **dict(kwargs, **model_overrides))
+    _check_is_tokenizer(model, path)
     size = model.input_size or 256  # the params' shapes do not depend on it otherwise
     # Shapes alone, whatever mesh and logical rules the caller is under (a generator's trainer
     # loads its sample decoder's tokenizer inside its own).
@@ -153,6 +157,15 @@ def load_tokenizer(path: str, **model_overrides: Any) -> tuple[nn.Module, dict[s
     return model, merge_checked(shapes, load_params(path),
                                 f"The latest checkpoint's weights in {path}",
                                 f"the model of its {layout.CONFIG_FILE}")
+
+
+def _check_is_tokenizer(model: nn.Module, path: str) -> None:
+    try:
+        interfaces.check_tokenizer(model)
+    except TypeError:
+        raise errors.UserError(
+            f"{path} holds a {type(model).__name__}, not a tokenizer: give a tokenizer's "
+            "pretrained directory or training workdir.") from None
 
 
 def describe_tokenizer(path: str) -> dict[str, Any]:
