@@ -233,6 +233,13 @@ def test_missing_inception_weights_are_explained(tmp_path):
     nets = evaluator.load_metric_nets(ecfg, "", notes.append)
     assert nets.inception is None and nets.lpips is None
     assert "python -m tok1d.cli.convert inception_fid" in notes[0]
+    # Generated images have no pairs: no LPIPS loaded, and no note about its weights.
+    ecfg.allow_random_init = True
+    notes = []
+    nets = evaluator.load_metric_nets(ecfg, "", notes.append, lpips=False)
+    assert nets.lpips is None and nets.inception is not None
+    assert not any("LPIPS" in note for note in notes), notes
+    ecfg.allow_random_init = False
     ecfg.inception = str(tmp_path / "nothing")
     with pytest.raises(FileNotFoundError, match="pt_inception-2015-12-05"):
         evaluator.load_metric_nets(ecfg)

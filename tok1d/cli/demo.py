@@ -245,7 +245,7 @@ def evaluate_demo(config, tok_cfg, workdir: str, samples: np.ndarray, labels: np
     out = {"reconstruction": evaluate_lib.evaluate_tokenizer(
         tok_cfg, os.path.join(workdir, "tokenizer"), os.path.join(workdir, "eval"), log)}
     ecfg = config.evaluation
-    nets = evaluator.load_metric_nets(ecfg, "", lambda msg: None)
+    nets = evaluator.load_metric_nets(ecfg, "", lambda msg: None, lpips=False)
     if nets.inception is not None:
         mesh, _, sharding = parallel.mesh_from_config(config)
         batch = config.eval_batch_size

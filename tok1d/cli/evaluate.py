@@ -247,7 +247,7 @@ def evaluate_generator(config, checkpoint: str, tokenizer_path: str, out: str, s
     tokenizer, tok_params = loaders.load_tokenizer(tokenizer_path)
     probe_images = _probe_images(config, model, tokenizer, tok_params)  # before sampling too
     _probe_options(config, model, mesh, rules, probe_images)
-    nets = evaluator.load_metric_nets(config.evaluation, "", log)
+    nets = evaluator.load_metric_nets(config.evaluation, "", log, lpips=False)
     ecfg = config.evaluation
     labels = gen_common.cyclic_labels(ecfg.num_samples, model.num_classes)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -373,7 +373,7 @@ def evaluate_samples(config, samples: str, out: str, log=print) -> dict[str, Any
     images = evaluator.load_npz_images(samples)
     with np.load(samples) as z:
         labels = z["arr_1"] if "arr_1" in z.files else np.zeros(len(images), np.int32)
-    nets = evaluator.load_metric_nets(config.evaluation, "", log)
+    nets = evaluator.load_metric_nets(config.evaluation, "", log, lpips=False)
     if nets.inception is None:  # every metric of samples alone needs its features
         raise errors.UserError("--samples: " + nets.notes[0])
     ecfg = config.evaluation

@@ -262,7 +262,7 @@ def sweep_reference(config, features: str, log=print):
         ref = digit_features.digit_reference(config, config.get("demo", {}).get("feature_net"))
         return ref.nets, ref.reference, ref.real
     mesh, _, sharding = parallel.mesh_from_config(config)
-    nets = evaluator.load_metric_nets(config.evaluation, "", log)
+    nets = evaluator.load_metric_nets(config.evaluation, "", log, lpips=False)
     if nets.inception is None:
         raise ValueError("The sweep needs a feature network: --config.evaluation.inception=DIR "
                          "(tok1d convert inception_fid ...) or --sweep_features=digits.")

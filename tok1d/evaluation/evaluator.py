@@ -91,8 +91,10 @@ class MetricNets:
                                                          inception_lib.FIDInceptionV3)
 
 
-def load_metric_nets(ecfg, perceptual_weights: str = "", log=print) -> MetricNets:
-    """The Inception / LPIPS networks named by a config's `evaluation` section.
+def load_metric_nets(ecfg, perceptual_weights: str = "", log=print,
+                     lpips: bool = True) -> MetricNets:
+    """The Inception / LPIPS networks named by a config's `evaluation` section (`lpips`
+    False: the Inception only, for generated images, which have no pairs to compare).
 
     A missing network is not an error (its metrics are left out and a note says how to add
     them), except that a path that is given must load."""
@@ -112,7 +114,9 @@ def load_metric_nets(ecfg, perceptual_weights: str = "", log=print) -> MetricNet
         nets.notes.append(_HOW_TO_GET_INCEPTION + ".")
 
     lpips_path = ecfg.lpips or _lpips_file(perceptual_weights)
-    if lpips_path or ecfg.allow_random_init:
+    if not lpips:
+        pass
+    elif lpips_path or ecfg.allow_random_init:
         params = loaders.load_perceptual(("lpips",), lpips_path, allow_random_init=True)
         nets.lpips = (perceptual_nets.build_module("lpips"), params["lpips"])
         if not lpips_path:

@@ -446,7 +446,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # ---------------------------------------------------------------- steps
     nets = None
     if config.evaluation.fid_every_steps > 0:
-        nets = evaluator.load_metric_nets(config.evaluation, "", log)
+        nets = evaluator.load_metric_nets(config.evaluation, "", log, lpips=False)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         eval_step = jax.jit(make_eval_step(model, config.generator))
         decoder = sample_decoder(config, model, frozen_tokenizer, batch_sh, log)
