@@ -400,7 +400,12 @@ def test_a_runs_own_config_is_the_default_config(tmp_path):
                                                         "--config.seed=7"])
         assert fv.config.seed == 7 and fv.config.trainer == "generator"
     fv, _ = app._parse(evaluate, "tok1d evaluate", [f"--checkpoint={tmp_path}", "--out=o"])
-    assert fv.config is None or "generator" not in fv.config  # no config.json: the default
+    assert fv.config is None  # no config.json: evaluate's defaults (base_config())
+    fv, _ = app._parse(evaluate, "tok1d evaluate", [
+        "--samples=s.npz", "--out=o", "--config.evaluation.allow_random_init=True"])
+    assert fv.config.evaluation.allow_random_init  # overrides of the defaults, no --config
+    assert fv.config.to_dict() == dict(config_lib.base_config().to_dict(), evaluation=dict(
+        config_lib.base_config().evaluation.to_dict(), allow_random_init=True))
     with pytest.raises(errors.UserError, match="'sampling.cfg_scal' is not a config key"):
         app._parse(sample, "tok1d sample", [f"--checkpoint={run}", "--out=o",
                                             "--config.sampling.cfg_scal=3.0"])

@@ -142,6 +142,8 @@ def _with_run_config(job: types.ModuleType, args: list[str]) -> list[str]:
     checkpoint = next((a.split("=", 1)[1] for a in args if a.startswith("--checkpoint=")), "")
     if checkpoint and os.path.isfile(layout.config_path(checkpoint)):
         return [f"--config={RUN_CONFIG_FILE}:{os.path.abspath(checkpoint)}"] + list(args)
+    if "config" not in job.REQUIRED and any(a.startswith("--config.") for a in args):
+        return [f"--config={RUN_CONFIG_FILE}"] + list(args)  # overrides of the defaults
     return args
 
 
