@@ -409,3 +409,15 @@ def test_a_runs_own_config_is_the_default_config(tmp_path):
     with pytest.raises(errors.UserError, match="'sampling.cfg_scal' is not a config key"):
         app._parse(sample, "tok1d sample", [f"--checkpoint={run}", "--out=o",
                                             "--config.sampling.cfg_scal=3.0"])
+
+
+def test_the_resource_trackers_exit_warning_is_silenced():
+    """grain's worker processes leave shared-memory batches in flight at exit, which the
+    resource tracker removes while warning "There appear to be N leaked shared_memory
+    objects" (library noise at the end of every run with data workers). The tracker takes its
+    warning filters from this process's -W options: the commands add one for it."""
+    import multiprocessing.util
+    app.quiet_resource_tracker()
+    app.quiet_resource_tracker()
+    flags = multiprocessing.util._args_from_interpreter_flags()
+    assert flags.count("-W" + app._TRACKER_FILTER) == 1, flags

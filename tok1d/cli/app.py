@@ -334,6 +334,19 @@ def user_error_message(e: BaseException) -> Optional[str]:
     return f"{message} ({type(e).__name__})"
 
 
+# The warning multiprocessing's resource tracker prints at exit for the shared-memory batches
+# grain's worker processes still had in flight ("There appear to be N leaked shared_memory
+# objects to clean up at shutdown"): it then removes them itself, so nothing is lost. The
+# tracker is a separate process that takes its warning filters from this one's -W options.
+_TRACKER_FILTER = "ignore::UserWarning:multiprocessing.resource_tracker"
+
+
+def quiet_resource_tracker() -> None:
+    """Silences that exit-time warning in the resource tracker this process will start."""
+    if _TRACKER_FILTER not in sys.warnoptions:
+        sys.warnoptions.append(_TRACKER_FILTER)
+
+
 def run(job: types.ModuleType, argv: Optional[Sequence[str]] = None,
         prog: Optional[str] = None) -> int:
     """Runs command `job` on `argv` (the arguments, without the program name; default
@@ -341,6 +354,7 @@ def run(job: types.ModuleType, argv: Optional[Sequence[str]] = None,
     args = list(sys.argv[1:] if argv is None else argv)
     prog = prog or f"python -m {getattr(job.__spec__, 'name', job.__name__)}"
     _running[:] = [prog] + args
+    quiet_resource_tracker()
     if any(a in _HELP for a in args):
         fv = _flag_values(job, [prog])
         print(help_text(job, prog, fv))
