@@ -547,3 +547,25 @@ def test_a_resume_on_other_training_data_is_named(tmp_path):
     tokenizer_config.data.name = "digits"
     assert loop.changed_data_settings(tokenizer_config, wd) == [
         "data.name: 'demo' there, 'digits' now"]
+
+
+def test_a_resume_with_other_schedule_settings_is_named(tmp_path):
+    """A run extended with more steps (or another LR) follows another schedule from the
+    resumed step on: the resume names what changed. Keys tok1d added after the run started
+    (absent from its config.json) and tuples saved as JSON lists are not changes."""
+    from tok1d.train import config_lib
+    config = config_lib.base_config("tokenizer")
+    config.total_steps = 300
+    wd = str(tmp_path)
+    assert loop.changed_schedule_settings(config, wd) == []  # a fresh run
+    os.makedirs(os.path.join(wd, "checkpoints", "300"))
+    old = json.loads(json.dumps(config.to_dict()))  # as config.json holds it: lists
+    key = sorted(old["optim"])[0]
+    del old["optim"][key]
+    with open(os.path.join(wd, "config.json"), "w") as f:
+        json.dump(old, f)
+    assert loop.changed_schedule_settings(config, wd) == []
+    config.total_steps, config.optim.lr = 1500, config.optim.lr * 2
+    assert loop.changed_schedule_settings(config, wd) == [
+        "total_steps: 300 there, 1500 now",
+        f"optim.lr: {old['optim']['lr']!r} there, {config.optim.lr!r} now"]

@@ -324,6 +324,31 @@ def changed_data_settings(config, workdir: str) -> list[str]:
     return changed
 
 
+def changed_schedule_settings(config, workdir: str) -> list[str]:
+    """`total_steps` and the `optim` settings of `config` that differ from a resumed run's
+    config.json (e.g. a run extended with more steps: its LR schedule, computed from them, is
+    another one from the resumed step on); [] for a fresh run."""
+    trained = _trained_config(workdir)
+    if trained is None:
+        return []
+    now = config.to_dict()
+    pairs = [("total_steps", trained.get("total_steps"), now.get("total_steps"))]
+    old_optim, new_optim = dict(trained.get("optim") or {}), dict(now.get("optim") or {})
+    # keys added to tok1d after the run started are not in its config.json: not changes
+    pairs += [(f"optim.{k}", old_optim[k], new_optim.get(k)) for k in sorted(old_optim)]
+    return [f"{key}: {_json_like(old)!r} there, {_json_like(new)!r} now"
+            for key, old, new in pairs if _json_like(old) != _json_like(new)]
+
+
+def _json_like(value: Any) -> Any:
+    """A config value as its config.json holds it (tuples as lists)."""
+    if isinstance(value, (tuple, list)):
+        return [_json_like(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _json_like(v) for k, v in value.items()}
+    return value
+
+
 def start_writing(config, workdir: str) -> summary.MetricWriter:
     """The run's metric writer, with the config recorded: config.json and the hyperparameters
     (call once the run's state exists). A resumed run whose model settings or training data
@@ -337,6 +362,11 @@ def start_writing(config, workdir: str) -> summary.MetricWriter:
     if changed:
         log_fn()(f"Warning: resuming on other training data than the checkpoints were trained "
                  f"on ({'; '.join(changed)}).")
+    changed = changed_schedule_settings(config, workdir)
+    if changed:
+        log_fn()(f"Warning: resuming with other optimizer or schedule settings than the run "
+                 f"started with ({'; '.join(changed)}): the learning-rate schedule follows "
+                 "the new ones from the resumed step on.")
     writer = summary.MetricWriter(workdir, enabled=jax.process_index() == 0)
     writer.write_hparams(config.to_dict())
     write_json(layout.config_path(workdir), config.to_dict())
