@@ -139,15 +139,24 @@ def load_tokenizer(path: str, **model_overrides: Any) -> tuple[nn.Module, dict[s
     """(model, host params) of a pretrained directory or a training workdir (the latest
     checkpoint's EMA params, the plain params when the run had no EMA; the model rebuilt from
     the workdir's config.json), or of a released name (`resolve`). `model_overrides` replace
-    model arguments (dtype="bfloat16")."""
+    model arguments (dtype="bfloat16"). Another model's directory (a generator's) is a
+    UserError that says so."""
+    return _load_directory(path, True, model_overrides)
+
+
+def _load_directory(path: str, tokenizer_only: bool, model_overrides: dict[str, Any]
+                    ) -> tuple[nn.Module, dict[str, Any]]:
+    """`load_tokenizer`; without `tokenizer_only`, a pretrained directory of any model loads
+    too (`load`: a converted generator)."""
     path = os.path.abspath(resolve(path))
     kind, name, kwargs = _model_spec(path)
     if kind == "pretrained":
         model, params = load_pretrained(path, **model_overrides)
-        _check_is_tokenizer(model, path)
+        if tokenizer_only:
+            _check_is_tokenizer(model, path)
         return model, params
     model = models.create(name, **dict(kwargs, **model_overrides))
-    _check_is_tokenizer(model, path)
+    _check_is_tokenizer(model, path)  # a workdir's params are shaped from an image input
     size = model.input_size or 256  # the params' shapes do not depend on it otherwise
     # Shapes alone, whatever mesh and logical rules the caller is under (a generator's trainer
     # loads its sample decoder's tokenizer inside its own).
@@ -649,4 +658,4 @@ def load(source: str, kind: Optional[str] = None, cache_dir: Optional[str] = Non
         if layout.read_model_spec(path) is None and os.path.isfile(npz):
             return (perceptual_nets.build_module(component),
                     perceptual_files.load_params(npz, component))
-    return load_tokenizer(path)
+    return _load_directory(path, False, {})
