@@ -322,10 +322,9 @@ def _probe_options(config, model, mesh, rules, images: Optional[tuple[Any, Any]]
     if images is not None:  # trained online: batches sharded over the mesh
         return linear_probe.probe_options(ecfg, len(images[0]), config.seed,
                                           linear_probe.batch_shards(mesh, rules))
-    online = ecfg.linear_probe_dropout and linear_probe.has_dropout(model)
     n = len(tokens_lib.TokenSource(config.generator.tokens, config.data.train_split))
     return linear_probe.probe_options(ecfg, n, config.seed,
-                                      linear_probe.batch_shards(mesh, rules) if online else 1)
+                                      linear_probe.code_probe_shards(ecfg, model, mesh, rules))
 
 
 def _linear_probe(config, model, params, tokenizer, tok_params, mesh, rules, log,

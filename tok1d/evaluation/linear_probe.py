@@ -196,10 +196,8 @@ def probe_features(model: GPT, params: Any, codes: np.ndarray, layer: Optional[i
     n = len(codes)
     if mesh is None:
         place = lambda batch: jax.tree.map(jnp.asarray, batch)  # noqa: E731
-        context = _NullContext()
     else:
-        rules = parallel.DEFAULT_RULES if rules is None else tuple(rules)
-        sharding = parallel.batch_sharding(mesh, rules)
+        sharding = parallel.batch_sharding(mesh, _rules(rules))
         shards = parallel.batch_shards(sharding)
         batch_size = -(-batch_size // shards) * shards
         start, stop = parallel.host_batch_slice(sharding, batch_size)
@@ -208,7 +206,7 @@ def probe_features(model: GPT, params: Any, codes: np.ndarray, layer: Optional[i
         def place(batch):
             return parallel.global_batch({k: v[start:stop] for k, v in batch.items()},
                                          sharding, batch_size)
-        context = _MeshContext(mesh, rules)
+    context = _mesh_context(mesh, rules)
 
     def batches():
         for begin in range(0, n, batch_size):
@@ -524,7 +522,11 @@ def code_batches(codes: np.ndarray, labels: np.ndarray, batch_size: int, seed: i
 def _mesh_context(mesh: Optional[Mesh], rules):
     if mesh is None:
         return _NullContext()
-    return _MeshContext(mesh, parallel.DEFAULT_RULES if rules is None else tuple(rules))
+    return _MeshContext(mesh, _rules(rules))
+
+
+def _rules(rules) -> tuple:
+    return parallel.DEFAULT_RULES if rules is None else tuple(rules)
 
 
 def run_linear_probe(model: GPT, params: Any, train_codes: np.ndarray, train_labels: np.ndarray,
@@ -569,8 +571,7 @@ def run_linear_probe(model: GPT, params: Any, train_codes: np.ndarray, train_lab
                                     num_classes, log_fn=log_fn, **probe_kwargs)
     else:
         batch_size = probe_kwargs.get("batch_size", 256)
-        sharding = (None if mesh is None else parallel.batch_sharding(
-            mesh, parallel.DEFAULT_RULES if rules is None else tuple(rules)))
+        sharding = None if mesh is None else parallel.batch_sharding(mesh, _rules(rules))
         batches = code_batches(train_codes, train_labels, batch_size,
                                probe_kwargs.get("seed", 0), sharding)
         if log_fn is not None:
@@ -659,8 +660,14 @@ def batch_shards(mesh: Optional[Mesh], rules=None) -> int:
     """How many ways the mesh splits a batch (1 without a mesh)."""
     if mesh is None:
         return 1
-    return parallel.batch_shards(parallel.batch_sharding(
-        mesh, parallel.DEFAULT_RULES if rules is None else tuple(rules)))
+    return parallel.batch_shards(parallel.batch_sharding(mesh, _rules(rules)))
+
+
+def code_probe_shards(ecfg, model: GPT, mesh: Optional[Mesh], rules=None) -> int:
+    """The batch shards the probe on codes must split its batch into: the mesh's when it
+    trains online (`linear_probe_dropout` on a GPT with dropout: sharded batches), else 1."""
+    online = bool(ecfg.get("linear_probe_dropout", False)) and has_dropout(model)
+    return batch_shards(mesh, rules) if online else 1
 
 
 def has_dropout(model: GPT) -> bool:
@@ -681,8 +688,8 @@ def probe_from_config(model: GPT, params: Any, train: tuple[np.ndarray, np.ndarr
     """`run_linear_probe` of (codes, labels) pairs with a config's `evaluation.linear_probe_*`
     options (`linear_probe_dropout`: upstream's dropout features); `probe_metrics`."""
     dropout = bool(ecfg.get("linear_probe_dropout", False)) and has_dropout(model)
-    shards = batch_shards(mesh, rules) if dropout else 1  # online: the batches are sharded
     out = run_linear_probe(model, params, train[0], train[1], val[0], val[1], mesh=mesh,
                            rules=rules, log_fn=log_fn, dropout=dropout,
-                           **probe_options(ecfg, len(train[0]), seed, shards))
+                           **probe_options(ecfg, len(train[0]), seed,
+                                           code_probe_shards(ecfg, model, mesh, rules)))
     return probe_metrics(out)
