@@ -180,7 +180,10 @@ class DigitsSource:
 
 
 class TfdsSource:
-    """A TFDS dataset in array_record format through `tfds.data_source` (no TensorFlow)."""
+    """A TFDS dataset in array_record format through `tfds.data_source` (no TensorFlow). An
+    encoded "image" feature (tfds.features.Image: imagenet2012's JPEGs) comes out as its
+    stored bytes, which the pipeline decodes, at a reduced size where the recipe resizes down
+    (as it does a `tok1d prepare` folder's); tfds' own decode would be full size."""
 
     def __init__(self, name: str, split: str, data_dir: str | None = None):
         import tensorflow_datasets as tfds  # Local import: slow, only needed here.
@@ -200,6 +203,11 @@ class TfdsSource:
                 "in array_record format there (`tfds build`, which needs TensorFlow) and pass "
                 "--config.data.data_dir, or convert an image folder with `tok1d prepare` and "
                 "use --config.data.name=array_record:DIR") from e
+        features = self._source.dataset_info.features
+        if "image" in features and isinstance(features["image"], tfds.features.Image):
+            self._source = tfds.data_source(name, split=split, data_dir=data_dir or None,
+                                            download=False,
+                                            decoders={"image": tfds.decode.SkipDecoding()})
 
     def __len__(self) -> int:
         return len(self._source)
