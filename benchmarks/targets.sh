@@ -31,7 +31,8 @@
 #   GigaTok B-L encode >= 960 @64, decode >= 500 @64 | GPT-B 256-token CFG sampling >= 220 @64
 #   RAR-B 256-token CFG sampling + MaskGIT-VQGAN decode @64 (no official number in baselines.md)
 # and five variants (titok_s1_cudnn, titok_s2_cudnn, gigatok_b16_cudnn, gpt_b_whole,
-# gpt_b_cudnn) to compare with them.
+# gpt_b_cudnn) to compare with them. The samplers run in bf16, as the official baselines
+# (the recipes' own sampling_precision is the gFID protocols' float32).
 set -uo pipefail
 OUT=${1:?usage: benchmarks/targets.sh OUT_DIR}
 mkdir -p "$OUT"
@@ -76,7 +77,8 @@ bench titok_s2_b32   --config=configs/titok.py:l32_stage2 --workload=train --bat
 bench titok_s2_b64   --config=configs/titok.py:l32_stage2 --workload=train --batch_size=64 \
                      --config.model.cnn_remat=full
 bench titok_sample   --config=configs/maskgit_titok.py:l32 --workload=sample --batch_size=125 \
-                     --tokenizer_config=configs/titok.py:l32_stage2
+                     --tokenizer_config=configs/titok.py:l32_stage2 \
+                     --config.sampling_precision=bfloat16
 bench gigatok_b16    --config=configs/gigatok_b_l.py --workload=train --batch_size=16
 # (a variant: cuDNN's fused attention in B-L's training step; timed before batch 32)
 bench gigatok_b16_cudnn --config=configs/gigatok_b_l.py --workload=train --batch_size=16 \
@@ -85,9 +87,11 @@ bench gigatok_b32    --config=configs/gigatok_b_l.py --workload=train --batch_si
 bench gigatok_encode --config=configs/gigatok_b_l.py --workload=encode --batch_size=64
 bench gigatok_decode --config=configs/gigatok_b_l.py --workload=decode --batch_size=64
 bench gpt_b_sample   --config=configs/gpt_gigatok.py:b --workload=sample --batch_size=64 \
-                     --tokenizer_config=configs/gigatok_b_l.py
+                     --tokenizer_config=configs/gigatok_b_l.py \
+                     --config.sampling_precision=bfloat16
 bench rar_b_sample   --config=configs/rar.py:b --workload=sample --batch_size=64 \
-                     --tokenizer_config=benchmarks/maskgit_vqgan_tokenizer.py
+                     --tokenizer_config=benchmarks/maskgit_vqgan_tokenizer.py \
+                     --config.sampling_precision=bfloat16
 # Variants, to compare with the targets above in the same call:
 # cuDNN's fused attention in the TiTok steps (XLA's attention writes 289 x 289 scores per head)
 bench titok_s1_cudnn --config=configs/titok.py:l32_stage1 --workload=train --batch_size=64 \
@@ -98,10 +102,12 @@ bench titok_s2_cudnn --config=configs/titok.py:l32_stage2 --workload=train --bat
 # filled length as its mask), in chunks, and the B-L decode of its samples with it too
 bench gpt_b_cudnn    --config=configs/gpt_gigatok.py:b --workload=sample --batch_size=64 \
                      --tokenizer_config=benchmarks/gigatok_b_l_cudnn.py \
-                     --config.model.attention_impl=cudnn
+                     --config.model.attention_impl=cudnn \
+                     --config.sampling_precision=bfloat16
 # GPT-B decoding on the whole KV cache at every token (one loop; the default reads it in chunks)
 bench gpt_b_whole    --config=configs/gpt_gigatok.py:b --workload=sample --batch_size=64 \
-                     --tokenizer_config=configs/gigatok_b_l.py --config.sampling.cache_chunk=0
+                     --tokenizer_config=configs/gigatok_b_l.py --config.sampling.cache_chunk=0 \
+                     --config.sampling_precision=bfloat16
 }
 
 targets

@@ -46,8 +46,9 @@ WSD schedule (warm-up from lr/100, constant, 1 - sqrt decay over the last 20%) r
 train_c2i does (step 1 at the base LR: `tok1d.recipes.llamagen_train_c2i`, checked against the
 official step by tests/test_train_parity_gpt.py); 300 epochs; no EMA (the script does not pass
 --ema; ema_decay=0.9999 is the official option). Sampling: CFG with the `step` schedule
-(window_start 0.18), temperature 1, no top-k / top-p. GigaTok's AR probing stops GPT-B at 250k
-steps in the constant phase, without warm-up (--config.total_steps=250000
+(window_start 0.18), temperature 1, no top-k / top-p, in float32 (the gFID runs'
+PRECISION="none"). GigaTok's AR probing stops GPT-B at 250k steps in the constant phase,
+without warm-up (--config.total_steps=250000
 --config.optim.decay_fraction=0 --config.optim.warmup_steps=0: train_vq_and_eval.sh's
 WARM_ITER=0).
 Released GPT checkpoints convert with `tok1d convert gpt --checkpoint=GPT_B.pt --out=gpt_b/`;
@@ -86,6 +87,12 @@ TOKENIZER_DECODER = "host"
 # then reads the KV cache by its filled length), e.g. --config.model.attention_impl=cudnn.
 ATTENTION = "xla"
 
+# Compute dtype of the sampler and of the decode of its samples (grids, gFID): "float32"
+# as the official sample scripts (GigaTok's gFID runs, PRECISION="none": fp32 with TF32 matmuls),
+# "bfloat16" (faster; the official speed baselines'), or "" (the run's `precision`),
+# e.g. --config.sampling_precision=bfloat16.
+SAMPLING_PRECISION = "float32"
+
 
 def get_config(arg: str = ""):
     if arg not in VARIANTS:
@@ -115,4 +122,5 @@ def get_config(arg: str = ""):
                            top_p=1.0,
                            # decode in chunks of 32 cache positions (0: one loop, whole cache)
                            cache_chunk=32)
+    config.sampling_precision = SAMPLING_PRECISION
     return config

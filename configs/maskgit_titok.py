@@ -53,6 +53,12 @@ VARIANTS = {
                                randomize_temperature=2.8, softmax_annealing=True)),
 }
 
+# Compute dtype of the sampler and of the decode of its samples (grids, gFID): "float32"
+# as the official sample scripts (sample_imagenet_titok.py: fp32 with TF32 matmuls),
+# "bfloat16" (faster; the official speed baselines'), or "" (the run's `precision`),
+# e.g. --config.sampling_precision=bfloat16.
+SAMPLING_PRECISION = "float32"
+
 
 def get_config(arg: str = ""):
     if arg not in VARIANTS:
@@ -78,4 +84,5 @@ def get_config(arg: str = ""):
     o.weight_decay = 0.03
     o.grad_clip = 1.0
     config.sampling = v["sampling"]
+    config.sampling_precision = SAMPLING_PRECISION
     return config

@@ -74,6 +74,12 @@ VARIANTS = {
 # then reads the KV cache by its filled length), e.g. --config.model.attention_impl=cudnn.
 ATTENTION = "xla"
 
+# Compute dtype of the sampler and of the decode of its samples (grids, gFID): "float32"
+# as the official sample scripts (sample_imagenet_rar.py: fp32 with TF32 matmuls),
+# "bfloat16" (faster; the official speed baselines'), or "" (the run's `precision`),
+# e.g. --config.sampling_precision=bfloat16.
+SAMPLING_PRECISION = "float32"
+
 
 def get_config(arg: str = ""):
     if arg not in VARIANTS:
@@ -100,4 +106,5 @@ def get_config(arg: str = ""):
     o.grad_clip = 1.0
     # cache_chunk: decode in chunks of 32 cache positions (0: one loop over the whole cache)
     config.sampling = dict(v["sampling"], top_k=0, top_p=1.0, cache_chunk=32)
+    config.sampling_precision = SAMPLING_PRECISION
     return config

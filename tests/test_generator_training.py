@@ -308,8 +308,11 @@ def test_generator_configs_validate():
         config = config_lib.load(os.path.join(root, name))
         config_lib.validate(config, num_devices=64)
         assert config.trainer == "generator"
+        assert config.sampling_precision == "float32"  # the official sample scripts' fp32
     config.generator.tokenizer_decoder = "cpu"
-    with pytest.raises(config_lib.ConfigError, match="tokenizer_decoder='cpu' is not one of"):
+    config.sampling_precision = "fp16"
+    with pytest.raises(config_lib.ConfigError, match="tokenizer_decoder='cpu' is not one of"
+                       r"(.|\n)*sampling_precision='fp16' is not one of"):
         config_lib.validate(config, num_devices=64)
 
 

@@ -2,6 +2,7 @@
 sampler vs a slow uncached reference loop, CFG schedules, top-k / top-p filtering, a few
 training steps, and the size table's parameter counts."""
 
+import logging
 import math
 
 import jax
@@ -12,7 +13,9 @@ import pytest
 from conftest import step_by_step_logits
 from flax import linen as nn
 
+from tok1d import models, parallel
 from tok1d.generation import autoregressive as ar
+from tok1d.generation import decode
 from tok1d.models.generators import gpt as gpt_lib
 from tok1d.layers import transformer
 from tok1d.layers.transformer import init_cache
@@ -277,3 +280,50 @@ def test_build_validates_arguments():
         gpt_lib.build("M", vocab_size=8, num_tokens=4)
     assert gpt_lib.build("GPT-L", vocab_size=8, num_tokens=4).width == 1024
     assert gpt_lib.build(vocab_size=8, num_tokens=4).null_label == 1000
+
+
+def test_sampling_precision_float32_samples_and_decodes_as_float32_builds(caplog):
+    """sampling_precision="float32" (the official gFID protocols: the generator and the
+    tokenizer in fp32, TF32 matmuls) runs a bf16 run's GPT and tokenizer as their float32
+    builds, to the bit, their matmuls at HIGH precision (TF32 on GPUs, 3-pass bf16 on TPUs);
+    "" keeps the run's bf16; cuDNN attention gives way to XLA's; a bad value is refused."""
+    tok_kw = dict(image_size=16, patch_size=8, encoder_size="nano", decoder_size="nano",
+                  num_latent_tokens=TOKENS, codebook_size=VOCAB, token_dim=8)
+    mesh = parallel.create_mesh({"data": -1})
+    rules = parallel.DEFAULT_RULES
+    sharding = parallel.batch_sharding(mesh, rules)
+    labels = np.arange(2 * jax.device_count()) % 10
+    params = _params(_model())
+    tok = models.create("titok", **tok_kw)
+    tok_params = nn.unbox(tok.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3))))["params"]
+
+    def run(precision, dtype):
+        gen = _model(dtype=dtype)
+        t = models.create("titok", **dict(tok_kw, dtype=dtype))
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            d = decode.SampleDecoder(gen, {"cfg_scale": 2.0}, t, tok_params, sharding,
+                                     precision)
+            codes, pixels = d(params, labels, jax.random.key(3))
+            hlo = d.sampler.lower(params, jnp.asarray(labels, jnp.int32),
+                                  jax.random.key(3)).as_text()
+        return np.asarray(codes), np.asarray(pixels), hlo
+
+    codes32, pixels32, hlo_plain = run("", jnp.float32)
+    codes, pixels, hlo = run("float32", jnp.bfloat16)
+    np.testing.assert_array_equal(codes, codes32)
+    np.testing.assert_array_equal(pixels, pixels32)
+    assert "precision = [HIGH, HIGH]" in hlo and "DEFAULT" not in hlo
+    assert "precision = [DEFAULT, DEFAULT]" in hlo_plain
+    codes16, _, hlo16 = run("", jnp.bfloat16)
+    assert "bf16" in hlo16 and "bf16" not in hlo
+    assert codes16.shape == codes.shape
+
+    with caplog.at_level(logging.WARNING):
+        gen, t = decode.at_precision("float32", _model(attention_impl="cudnn",
+                                                       dtype=jnp.bfloat16), tok)
+    assert gen.attention_impl == "xla" and gen.dtype == jnp.float32
+    assert "attends with XLA's attention" in caplog.text
+    (same,) = decode.at_precision("", tok)
+    assert same is tok
+    with pytest.raises(ValueError, match="sampling_precision='fp32' is not one of"):
+        decode.at_precision("fp32", tok)

@@ -476,7 +476,7 @@ def bench_sample(config, batch: int, tokenizer_config, abstract: bool = False) -
         params = _replicated(params, mesh, abstract)
         tok_params = _replicated(tok_params, mesh, abstract)
         decoder = SampleDecoder(model, config.sampling.to_dict(), tokenizer, tok_params,
-                                batch_sh)
+                                batch_sh, config.sampling_precision)
         global_labels = _global({"label": labels}, batch_sh, batch, abstract)["label"]
         key = (_replicated(jax.eval_shape(lambda: jax.random.key(0)), mesh, True) if abstract
                else jax.random.key(0))

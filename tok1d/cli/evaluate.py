@@ -253,8 +253,8 @@ def evaluate_generator(config, checkpoint: str, tokenizer_path: str, out: str, s
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         params = jax.device_put(params, jax.sharding.NamedSharding(
             mesh, jax.sharding.PartitionSpec()))
-        decoder = SampleDecoder(model, config.sampling.to_dict(), tokenizer,
-                                            tok_params, batch_sh)
+        decoder = SampleDecoder(model, config.sampling.to_dict(), tokenizer, tok_params,
+                                batch_sh, config.sampling_precision)
         reference = evaluator.load_reference(ecfg, config.data, nets, mesh, batch_sh,
                                              config.eval_batch_size)
         batches = decoder.batches(params, labels, config.eval_batch_size, seed, log)
@@ -266,7 +266,8 @@ def evaluate_generator(config, checkpoint: str, tokenizer_path: str, out: str, s
     return _finish_samples(config, metrics, kept, kept_labels, model.num_classes, out, is_chief,
                            nets.notes, log, checkpoint=os.path.abspath(checkpoint),
                            tokenizer=os.path.abspath(tokenizer_path), model=config.model.name,
-                           sampling=config.sampling.to_dict(), seed=seed,
+                           sampling=config.sampling.to_dict(),
+                           sampling_precision=config.sampling_precision, seed=seed,
                            reference=reference.source)
 
 

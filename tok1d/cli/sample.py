@@ -151,7 +151,7 @@ def sample_images(config, model, params, tokenizer, tok_params, num_images: int,
         params = jax.device_put(params, jax.sharding.NamedSharding(mesh,
                                                                    jax.sharding.PartitionSpec()))
         decoder = SampleDecoder(model, config.sampling.to_dict(), tokenizer, tok_params,
-                                sharding)
+                                sharding, config.sampling_precision)
         for pixels, valid in decoder.batches(params, labels, batch_size, seed, log):
             out.append(images_lib.to_uint8(parallel.host_array(pixels))[valid])
     return np.concatenate(out), labels
@@ -181,7 +181,8 @@ def run(config, checkpoint: str, tokenizer_path: str, num_images: int, out: str,
     seconds = time.time() - t0
     info = dict(num_images=int(num_images), seconds=seconds, images_per_second=num_images / seconds,
                 checkpoint=checkpoint, tokenizer=tokenizer_path, seed=seed,
-                model=config.model.to_dict(), sampling=config.sampling.to_dict())
+                model=config.model.to_dict(), sampling=config.sampling.to_dict(),
+                sampling_precision=config.sampling_precision)
     if jax.process_index() == 0:
         os.makedirs(out, exist_ok=True)
         np.savez(os.path.join(out, "samples.npz"), arr_0=samples, arr_1=labels)

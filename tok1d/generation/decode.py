@@ -17,6 +17,15 @@ import numpy as np
 from tok1d import errors, images, parallel
 from tok1d.generation import common
 
+# sampling_precision: the compute dtype of the sampler and of the tokenizer's decode. "" keeps
+# each model's own (the generator's is its run's `precision`); "float32" is the official gFID
+# protocols' (TiTok's / RAR's sample_imagenet_*.py and GigaTok's PRECISION="none" run the
+# generator and the tokenizer in fp32 with TF32 matmuls), its matmuls and convolutions at
+# `FLOAT32_MATMULS` ("tensorfloat32": TF32 on NVIDIA GPUs, 3-pass bf16 on TPUs, whose default
+# would be 1-pass bf16); "bfloat16" is the official speed baselines'.
+SAMPLING_PRECISIONS = ("", "float32", "bfloat16")
+FLOAT32_MATMULS = "tensorfloat32"
+
 
 def check_pair(model: nn.Module, tokenizer: nn.Module) -> None:
     """Raises UserError when `tokenizer` cannot decode what generator `model` samples: a
@@ -53,21 +62,59 @@ def check_pair(model: nn.Module, tokenizer: nn.Module) -> None:
             n, m)
 
 
+def at_precision(precision: str, *modules: nn.Module) -> tuple[nn.Module, ...]:
+    """`modules` computing in `precision` (SAMPLING_PRECISIONS; "" leaves them as they are);
+    their params keep their dtype. Under float32, a module on cuDNN's fused attention (bf16 /
+    fp16 only) attends with XLA's, logged. A bad value is a ValueError."""
+    if precision not in SAMPLING_PRECISIONS:
+        raise ValueError(f"sampling_precision={precision!r} is not one of "
+                         f"{SAMPLING_PRECISIONS}.")
+    if not precision:
+        return modules
+    out = []
+    for m in modules:
+        changes = dict(dtype=jnp.dtype(precision))
+        if precision == "float32" and getattr(m, "attention_impl", None) == "cudnn":
+            changes["attention_impl"] = "xla"
+            logging.getLogger(__name__).warning(
+                "sampling_precision=float32: the %s attends with XLA's attention (cuDNN's "
+                "fused attention computes in bf16 / fp16 only).", type(m).__name__)
+        out.append(m.clone(**changes))
+    return tuple(out)
+
+
+def _matmuls(precision: str) -> contextlib.AbstractContextManager:
+    """The matmul precision a program of `precision` traces under (`FLOAT32_MATMULS` for
+    float32, else the backend's default)."""
+    if precision == "float32":
+        return jax.default_matmul_precision(FLOAT32_MATMULS)
+    return contextlib.nullcontext()
+
+
 class SampleDecoder:
     """Samples codes with the configured sampler and decodes them to [0, 1] images with the
-    tokenizer; jitted once, sharded over the batch axis of the mesh."""
+    tokenizer; jitted once, sharded over the batch axis of the mesh. `sampling`: the sampler's
+    options (config.sampling); `precision`: what both the sampler and the decode compute in
+    (SAMPLING_PRECISIONS; config.sampling_precision)."""
 
     def __init__(self, model: nn.Module, sampling: dict[str, Any], tokenizer, tok_params,
-                 sharding):
+                 sharding, precision: str = ""):
         check_pair(model, tokenizer)
+        model, tokenizer = at_precision(precision, model, tokenizer)
         self.sharding = sharding
-        self.sampler = common.make_sampler(model, **sampling)
+        sampler = common.make_sampler(model, **sampling)
+
+        def sample(params, labels, rng):
+            with _matmuls(precision):
+                return sampler(params, labels, rng)
+        self.sampler = jax.jit(sample) if precision == "float32" else sampler
         self.tokenizer, self.tok_params = tokenizer, tok_params
         _, to_unit = images.range_converters(tokenizer.pixel_range)
 
         def decode(tok_params, codes):
-            pixels = tokenizer.apply({"params": tok_params}, codes,
-                                     method=tokenizer.decode_codes)
+            with _matmuls(precision):
+                pixels = tokenizer.apply({"params": tok_params}, codes,
+                                         method=tokenizer.decode_codes)
             return jnp.clip(to_unit(pixels), 0.0, 1.0)
         self.decode = jax.jit(decode)
 

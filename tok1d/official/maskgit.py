@@ -68,4 +68,5 @@ def config_from_official(official: Mapping[str, Any], num_processes: int = 1
     g.num_sample_classes = min(g.num_sample_classes, model["num_classes"])
     config.sampling = ml_collections.ConfigDict(
         convert_maskgit.sampling_kwargs_from_official(official))
+    config.sampling_precision = "float32"  # sample_imagenet_titok.py's fp32
     return config

@@ -85,4 +85,5 @@ def config_from_official(official: Mapping[str, Any], num_processes: int = 1
     g.randomness_anneal_end = int(gen["randomness_anneal_end"])
     g.num_sample_classes = min(g.num_sample_classes, config.model.num_classes)
     config.sampling = ml_collections.ConfigDict(sampling_kwargs(official))
+    config.sampling_precision = "float32"  # sample_imagenet_rar.py's fp32
     return config

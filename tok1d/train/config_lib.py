@@ -24,6 +24,7 @@ from tok1d import models
 from tok1d import errors, parallel
 from tok1d.data import pipeline
 from tok1d.evaluation import fid as fid_lib
+from tok1d.generation import decode
 from tok1d.models import interfaces
 from tok1d.models.frozen import inception as inception_lib
 from tok1d.models.frozen import vgg
@@ -330,6 +331,11 @@ def add_generator_keys(c: ml_collections.ConfigDict) -> None:
     # tok1d.generation.autoregressive.sample or .sample_rar), used for the sample grids and
     # tok1d.cli.sample.
     c.sampling = ml_collections.ConfigDict()
+    # Compute dtype of the sampler and of the tokenizer's decode of its samples (grids,
+    # tok1d sample, gFID; tok1d.generation.decode.SAMPLING_PRECISIONS): "" = each model's own
+    # (the generator's is `precision`), "float32" (the official gFID protocols', TF32
+    # matmuls) or "bfloat16".
+    c.sampling_precision = ""
 
 
 def add_demo_keys(c: ml_collections.ConfigDict) -> None:
@@ -585,6 +591,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         if g.get("tokenizer_decoder", "device") not in TOKENIZER_DECODER_PLACES:
             problems.append(f"generator.tokenizer_decoder={g.tokenizer_decoder!r} is not one "
                             f"of {TOKENIZER_DECODER_PLACES}")
+        if config.sampling_precision not in decode.SAMPLING_PRECISIONS:
+            problems.append(f"sampling_precision={config.sampling_precision!r} is not one of "
+                            f"{decode.SAMPLING_PRECISIONS}")
     ev = config.evaluation
     if ev.get("linear_probe_source", "") not in LINEAR_PROBE_SOURCES:
         problems.append(f"evaluation.linear_probe_source={ev.linear_probe_source!r} is not one "

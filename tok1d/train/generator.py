@@ -329,7 +329,7 @@ def sample_decoder(config, model, frozen_tokenizer: Optional[FrozenTokenizer], s
         log("generator.tokenizer is empty: no sample grids (validation loss only).")
         return None
     return decode.SampleDecoder(model, config.sampling.to_dict(), frozen_tokenizer.module,
-                                frozen_tokenizer.params, sharding)
+                                frozen_tokenizer.params, sharding, config.sampling_precision)
 
 
 def init_generator(model: nn.Module, batch: int):
