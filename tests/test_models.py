@@ -1,12 +1,19 @@
 """TiTok model, transformer layers and the vector quantizer."""
 
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from conftest import REPO
 
 from tok1d import models
+from tok1d.train import config_lib
+from tok1d.train import state as state_lib
+from tok1d.train import tokenizer
 from tok1d.layers import cnn, transformer
 from tok1d.models.quantizers import VectorQuantizer
 from tok1d.models.tokenizers.titok import depth_to_space
@@ -332,21 +339,17 @@ def test_gradient_accumulation_matches_the_full_batch_step():
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
 
 
+def _tiny_config():
+    """configs/tiny_test.py's config."""
+    return config_lib.load(os.path.join(REPO, "configs/tiny_test.py"))
+
+
 def test_lecam_emas_advance_microbatch_after_microbatch_as_upstream():
     """With grad_accum_steps=2 each microbatch's D loss sees the LeCam EMAs the previous one
     advanced (upstream updates them in every forward under `accelerator.accumulate`): the step
     equals two one-microbatch steps whose optimizers change nothing (G: a zero update; D: lr
     0), and its D loss is their mean. (It used to advance them once, by the mean logits.)"""
-    import importlib.util
-    import os
-    import optax
-    from conftest import REPO
-    from tok1d.train import state as state_lib
-    from tok1d.train import tokenizer
-    spec = importlib.util.spec_from_file_location("c", os.path.join(REPO, "configs/tiny_test.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    config = mod.get_config()
+    config = _tiny_config()
     config.ema_decay = 0.0
     config.losses.gan = 0.1
     config.discriminator.update(name="titok", lecam=0.001, start_step=0)
@@ -373,6 +376,63 @@ def test_lecam_emas_advance_microbatch_after_microbatch_as_upstream():
         np.testing.assert_allclose(accumulated.extras["gan"].lecam[k], v, rtol=1e-6)
         assert not np.allclose(first.extras["gan"].lecam[k], v, rtol=1e-6)
     np.testing.assert_allclose(scalars["d_loss"], (s1["d_loss"] + s2["d_loss"]) / 2, rtol=1e-5)
+
+
+def test_gigatok_lecam_form_is_upstreams_ema_losses():
+    """discriminator.lecam_form="gigatok" (lecam-gan's code as GigaTok's vq_loss.py runs it):
+    each D loss first advances the EMAs by its batch-mean logits (decay 0 until 1000 steps
+    after D's 1-based start, then 0.99; twice in an overlap step, the second time by the
+    shortcut's fake logits), then adds lecam_weight x the per-logit regulariser from the step
+    after D's start. Checked against a NumPy transcription of upstream's arithmetic."""
+    config = _tiny_config()
+    config.losses.gan = 0.1
+    start = 5  # tok1d's 0-based start: upstream's disc_start is 6
+    config.discriminator.update(name="titok", lecam=0.002, lecam_form="gigatok",
+                                lecam_decay=0.99, start_step=start, d_weight=0.5)
+    config.discriminator.model = dict(hidden_channels=8, num_groups=4)
+    model = tokenizer.build_model(config)
+    real, fake, direct = images(b=2, seed=1), images(b=2, seed=2), images(b=2, seed=3)
+    gan = tokenizer.build_gan(config, model, real)
+    state = gan.init(jax.random.key(1))
+    rng = jax.random.key(2)
+
+    def logits(x):
+        return np.asarray(gan.apply(state.params, state.collections, x, rng, None, "d")[0],
+                          np.float64)
+    lr, lf, ld = logits(real), logits(fake), logits(direct)
+    hinge = 0.5 * (np.mean(np.maximum(1 - lr, 0)) + np.mean(np.maximum(1 + lf, 0)))
+
+    def upstream(step, ema, overlap=False):
+        """vq_loss.py at global_step = step + 1: ema_losses.update, then lecam_reg."""
+        g, disc_start = step + 1, start + 1
+        decay = 0.0 if g < disc_start + 1000 else 0.99
+        ema = dict(ema)
+        for f in ([lf, ld] if overlap else [lf]):
+            ema["fake"] = ema["fake"] * decay + f.mean() * (1 - decay)
+            ema["real"] = ema["real"] * decay + lr.mean() * (1 - decay)
+        reg = (np.mean(np.maximum(lr - ema["fake"], 0) ** 2)
+               + np.mean(np.maximum(ema["real"] - lf, 0) ** 2)) if g > disc_start else 0.0
+        return ema, reg
+
+    prev = {"real": 0.7, "fake": -0.4}
+    for step, overlap in [(start, False), (start + 1, False), (start + 999, False),
+                          (start + 1000, False), (start + 1500, True)]:
+        lecam = {"ema_real_logits_mean": jnp.float32(prev["real"]),
+                 "ema_fake_logits_mean": jnp.float32(prev["fake"])}
+        loss, (means, _) = gan.d_loss(state.params, state.collections, lecam, real, fake, rng,
+                                      direct if overlap else None, float(overlap), None,
+                                      jnp.int32(step))
+        want_ema, want_reg = upstream(step, prev, overlap)
+        np.testing.assert_allclose(means["lecam"], want_reg, rtol=2e-5, atol=1e-7)
+        if not overlap:
+            np.testing.assert_allclose(loss, 0.5 * hinge + 0.002 * want_reg, rtol=2e-5)
+        ema = gan.advance_lecam(lecam, means, jnp.int32(step), float(overlap))
+        np.testing.assert_allclose(ema["ema_real_logits_mean"], want_ema["real"], rtol=2e-6)
+        np.testing.assert_allclose(ema["ema_fake_logits_mean"], want_ema["fake"], rtol=2e-6)
+    assert upstream(start, prev)[1] == 0.0 and upstream(start + 1, prev)[1] > 0
+    with pytest.raises(ValueError, match="lecam_form='lecam'"):
+        config.discriminator.lecam_form = "lecam"
+        tokenizer.build_gan(config, model, real)
 
 
 def test_frozen_groups_get_no_gradient_and_leave_the_logged_norm():

@@ -33,6 +33,7 @@ Two runs of the same step:
   bounds), which checks the semantics exactly.
 """
 
+import copy
 import dataclasses
 import functools
 import types
@@ -331,6 +332,19 @@ def test_the_mapping_crops_images_as_the_official_loader(path):
     """GigaTok's random_crop_arr / center_crop_arr: ADM's rounding."""
     config = official.config_from_fixture_meta(tp.load(path).meta)
     assert (config.data.augment, config.data.resize_rule) == ("adm_random_crop", "adm")
+
+
+@pytest.mark.parametrize("path", CASES)
+def test_the_mapping_takes_lecam_in_gigatoks_form(path):
+    """`lecam: True` (off in every released config) maps to the "gigatok" LeCam form with
+    `lecam_weight` and ema_losses' decay 0.99; off, the weight is 0."""
+    meta = tp.load(path).meta
+    config = official.config_from_fixture_meta(meta)
+    assert config.discriminator.lecam == 0.0
+    meta = copy.deepcopy(meta)
+    meta["config"]["loss"]["params"].update(lecam=True, lecam_weight=0.002)
+    d = official.config_from_fixture_meta(meta).discriminator
+    assert (d.lecam, d.lecam_form, d.lecam_decay) == (0.002, "gigatok", 0.99)
 
 
 @pytest.mark.parametrize("path", CASES)

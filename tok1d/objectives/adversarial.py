@@ -74,7 +74,10 @@ class GANObjective:
     weight         the generator term's weight (`losses.gan`)
     d_weight       the discriminator loss's weight (GigaTok 0.5)
     start_step     neither the G term nor the D update runs before it
-    lecam, lecam_decay   LeCam weight and EMA decay (TiTok 1e-3, 0.999)
+    lecam, lecam_decay   LeCam weight and EMA decay (TiTok 1e-3, 0.999; GigaTok 1e-3, 0.99)
+    lecam_form     `gan.LECAM_FORMS`: "titok" (batch-mean logits, EMAs updated after the loss)
+                   or "gigatok" (per logit, EMAs updated first in every D loss call, decay 0
+                   until start_step + 1000, the term from the step after start_step)
     call_order     "fake_real" | "real_fake": the order of the D step's calls
     direct_fake    "shortcut" | "reconstruction" (see the module docstring)
     diffaug_prob, diffaug_cutout   DiffAugment before every call (0: off)
@@ -85,12 +88,16 @@ class GANObjective:
                  schedule: Callable[[Any], Any], sample_images: jax.Array,
                  model_range: tuple[float, float], loss: str = "hinge", weight: float = 1.0,
                  d_weight: float = 1.0, start_step: int = 0, lecam: float = 0.0,
-                 lecam_decay: float = 0.999, call_order: str = "fake_real",
+                 lecam_decay: float = 0.999, lecam_form: str = "titok",
+                 call_order: str = "fake_real",
                  direct_fake: str = "shortcut", diffaug_prob: float = 0.0,
                  diffaug_cutout: float = 0.0, abstract: Optional[tuple[Any, Any]] = None):
         if call_order not in CALL_ORDERS:
             raise ValueError(f"discriminator.call_order={call_order!r}; expected one of "
                              f"{sorted(CALL_ORDERS)}.")
+        if lecam_form not in gan.LECAM_FORMS:
+            raise ValueError(f"discriminator.lecam_form={lecam_form!r}; expected one of "
+                             f"{gan.LECAM_FORMS}.")
         if direct_fake not in DIRECT_FAKES:
             raise ValueError(f"discriminator.direct_fake={direct_fake!r}; expected one of "
                              f"{DIRECT_FAKES}.")
@@ -98,7 +105,7 @@ class GANObjective:
         self.sample_images, self.abstract = sample_images, abstract
         self.d_loss_fn, self.g_loss_fn = gan.d_loss_fn(loss), gan.g_loss_fn(loss)
         self.weight, self.d_weight, self.start_step = weight, d_weight, start_step
-        self.lecam, self.lecam_decay = lecam, lecam_decay
+        self.lecam, self.lecam_decay, self.lecam_form = lecam, lecam_decay, lecam_form
         self.call_order, self.direct_fake = CALL_ORDERS[call_order], direct_fake
         self.diffaug_prob, self.diffaug_cutout = diffaug_prob, diffaug_cutout
         self.convert = tuple(disc.pixel_range) != tuple(model_range)
@@ -173,12 +180,12 @@ class GANObjective:
         return self.g_loss_fn(logits), collections
 
     def d_loss(self, params, collections, lecam_state, real, fake, rng, direct=None,
-               direct_on=0.0, draws=None):
+               direct_on=0.0, draws=None, step=None):
         """The discriminator's loss on `real` and the detached `fake` (model range), called in
         `call_order`; in a warm-up + GAN overlap step (`direct_on` > 0) also on the detached
-        `direct` fake with the same real logits (official VQLoss). Returns (loss, (means,
-        new collections)); means: logits_real, logits_fake, adv_loss, [shortcut_adv_loss,
-        direct_logits_fake], [lecam]."""
+        `direct` fake with the same real logits (official VQLoss). `step`: the train step (the
+        "gigatok" LeCam reads it). Returns (loss, (means, new collections)); means:
+        logits_real, logits_fake, adv_loss, [shortcut_adv_loss, direct_logits_fake], [lecam]."""
         k_fake, k_real = jax.random.split(rng)
         inputs = {"fake": (fake, k_fake), "real": (real, k_real)}
         logits = {}
@@ -200,13 +207,18 @@ class GANObjective:
                 losses.gated(direct_on > 0, direct_d_loss, lambda: ((zero, zero), collections)))
             means["shortcut_adv_loss"] = self.d_weight * means["shortcut_adv_loss"]
             loss = loss + means["shortcut_adv_loss"]
-        if self.lecam:
+        if self.lecam and self.lecam_form == "gigatok":  # the EMAs this call advances first
+            emas = self.advance_lecam(lecam_state, means, step, direct_on)
+            means["lecam"] = (gan.lecam_loss(real_logits, fake_logits, emas, per_logit=True)
+                              * (jnp.asarray(step) > self.start_step))
+            loss = loss + self.lecam * means["lecam"]
+        elif self.lecam:
             means["lecam"] = gan.lecam_loss(real_logits, fake_logits, lecam_state)
             loss = loss + self.lecam * means["lecam"]
         return loss, (means, collections)
 
     def d_loss_and_grads(self, state: GANState, collections, real, fake, rng, direct=None,
-                         direct_on=0.0, draws=None, active=None):
+                         direct_on=0.0, draws=None, active=None, step=None):
         """`d_loss` and its gradients with respect to the discriminator's params:
         ((loss, (means, collections)), grads). In a step compiled before D's start (`active`
         a Python 0) D is not called, as upstream skips its step: zeros of the same structure
@@ -214,7 +226,7 @@ class GANObjective:
         def run():
             return jax.value_and_grad(self.d_loss, has_aux=True)(
                 state.params, collections, state.lecam, real, fake, rng, direct, direct_on,
-                draws)
+                draws, step)
 
         if losses.static_flag(active) is not False:
             return run()
@@ -222,18 +234,29 @@ class GANObjective:
         (loss, (means, _)), grads = zeros
         return (loss, (means, collections)), grads
 
-    def advance_lecam(self, lecam, means):
-        """The LeCam EMAs after one D call's mean logits (`means` of `d_loss`)."""
-        return gan.lecam_update(lecam, means["logits_real"], means["logits_fake"],
-                                self.lecam_decay)
+    def advance_lecam(self, lecam, means, step=None, direct_on=0.0):
+        """The LeCam EMAs after one D loss's mean logits (`means` of `d_loss`). The "gigatok"
+        form's decay follows `step`, and in an overlap step (`direct_on` > 0) the EMAs advance
+        again by the shortcut decoder's fake logits, as upstream's second D loss call does."""
+        if self.lecam_form != "gigatok":
+            return gan.lecam_update(lecam, means["logits_real"], means["logits_fake"],
+                                    self.lecam_decay)
+        if step is None:
+            raise ValueError("the gigatok LeCam form needs the train step")
+        decay, rest = gan.gigatok_lecam_decay(step, self.start_step, self.lecam_decay)
+        lecam = gan.lecam_update(lecam, means["logits_real"], means["logits_fake"], decay, rest)
+        if "direct_logits_fake" in means:
+            again = gan.lecam_update(lecam, means["logits_real"], means["direct_logits_fake"],
+                                     decay, rest)
+            lecam = jax.tree.map(lambda a, b: jnp.where(direct_on > 0, a, b), again, lecam)
+        return lecam
 
-    def update(self, state: GANState, grads, means, collections, active, lecam=None
+    def update(self, state: GANState, grads, means, collections, active, lecam
                ) -> tuple[GANState, dict[str, jax.Array]]:
         """The discriminator's optimizer step and LeCam EMA update, kept only when `active`
         (before `start_step` D is not trained: its optimizer count stays 0; `active` a traced
         0/1 float, or a Python number in a step compiled for one phase). `lecam`: the EMAs
-        already advanced microbatch by microbatch (`advance_lecam`), else advanced here by
-        `means`. Returns (new state, scalars: d_grad_norm (before clipping), d_lr (the LR of
+        advanced microbatch by microbatch (`advance_lecam`). Returns (new state, scalars: d_grad_norm (before clipping), d_lr (the LR of
         this update; 0 when D is not trained))."""
         scalars = dict(d_grad_norm=optax.tree.norm(grads),
                        d_lr=active * self.schedule(schedule_count(state.opt_state)))
@@ -242,8 +265,6 @@ class GANObjective:
             return state, scalars
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        if lecam is None:
-            lecam = self.advance_lecam(state.lecam, means)
         new = GANState(params=params, opt_state=opt_state, lecam=lecam, collections=collections)
         if static is None:
             on = active > 0

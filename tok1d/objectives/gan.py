@@ -30,21 +30,29 @@ LeCam (Tseng et al. 2021), TiTok's formula exactly: with EMAs of the batch-mean 
 *before* this step; then each EMA becomes `ema * decay + mean * (1 - decay)` (decay 0.999,
 EMAs start at 0, updated only on steps that train D). `lecam_loss(..., per_logit=True)` gives
 the original lecam-gan / GigaTok form `mean relu(D(x) - ema_fake)^2 + mean relu(ema_real -
-D(x_hat))^2` (per logit, not of the batch mean); GigaTok additionally starts its EMAs at 1000
-with decay 0.99 (0 until `disc_start + 1000`) and updates them before computing the loss - pass
-such a `decay` to `lecam_update` and call it first to reproduce that. In official TiTok the EMA
-is of DDP-rank-0's local batch means (buffers are broadcast from rank 0); here it is of the
-global batch means.
+D(x_hat))^2` (per logit, not of the batch mean). GigaTok's LeCam (`LECAM_FORMS` "gigatok",
+lecam-gan's own code as GigaTok's vq_loss.py copies it) also updates the EMAs *before* the loss
+reads them, in every call of its hinge D loss (twice in a warm-up + GAN overlap step: the
+reconstruction's logits, then the shortcut decoder's), with decay 0 until D's start + 1000
+steps (`gigatok_lecam_decay`; so its initial 1000 never shows) and its `decay` (0.99) after,
+and adds the term only from the step after D's start. In official TiTok the EMA is of
+DDP-rank-0's local batch means (buffers are broadcast from rank 0); in GigaTok each rank keeps
+its own; here it is of the global batch means.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
 
 LeCamState = dict  # {"ema_real_logits_mean": f32 scalar, "ema_fake_logits_mean": f32 scalar}
+
+# LeCam forms (discriminator.lecam_form): TiTok's and GigaTok's (see the module docstring).
+LECAM_FORMS = ("titok", "gigatok")
+# GigaTok's EMAs use decay 0 until D's start + this many steps (`ema_losses(start_itr=...)`).
+GIGATOK_LECAM_DELAY = 1000
 
 
 def _mean(x: jax.Array) -> jax.Array:
@@ -115,14 +123,16 @@ def lecam_init(ema_real: float = 0.0, ema_fake: float = 0.0) -> LeCamState:
 
 
 def lecam_update(state: LeCamState, real_logits: jax.Array, fake_logits: jax.Array,
-                 decay: float | jax.Array = 0.999) -> LeCamState:
-    """`ema * decay + mean(logits) * (1 - decay)` for real and fake (no gradient flows).
+                 decay: float | jax.Array = 0.999, rest: Optional[jax.Array] = None
+                 ) -> LeCamState:
+    """`ema * decay + mean(logits) * rest` for real and fake (no gradient flows); `rest`
+    defaults to `1 - decay`.
 
     A Python-float `decay` has `1 - decay` formed in double precision, as in the official code
     (float32 `1 - 0.999` is off by 1.3e-5 relative); a traced `decay` works too."""
-    if isinstance(decay, (int, float)):
+    if rest is None and isinstance(decay, (int, float)):
         rest = jnp.float32(1.0 - decay)
-    else:
+    elif rest is None:
         rest = 1.0 - jnp.asarray(decay, jnp.float32)
     decay = jnp.asarray(decay, jnp.float32)
     real = jax.lax.stop_gradient(_mean(real_logits))
@@ -131,6 +141,16 @@ def lecam_update(state: LeCamState, real_logits: jax.Array, fake_logits: jax.Arr
         "ema_real_logits_mean": state["ema_real_logits_mean"] * decay + real * rest,
         "ema_fake_logits_mean": state["ema_fake_logits_mean"] * decay + fake * rest,
     }
+
+
+def gigatok_lecam_decay(step: jax.Array, start_step: int, decay: float = 0.99
+                        ) -> tuple[jax.Array, jax.Array]:
+    """(decay, 1 - decay) of GigaTok's LeCam EMAs at `step`: (0, 1) until `start_step` +
+    GIGATOK_LECAM_DELAY, then `decay` with its complement formed in double precision as
+    upstream's Python floats."""
+    late = jnp.asarray(step) >= start_step + GIGATOK_LECAM_DELAY
+    return (jnp.where(late, jnp.float32(decay), jnp.float32(0.0)),
+            jnp.where(late, jnp.float32(1.0 - decay), jnp.float32(1.0)))
 
 
 def lecam_loss(real_logits: jax.Array, fake_logits: jax.Array, state: LeCamState,

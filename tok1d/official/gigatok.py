@@ -48,7 +48,7 @@ step against the official step):
 * `--ema`: `update_ema` with decay 0.9999 from a copy of the initial weights, no warm-up.
 
 Refused (ConfigError, listing every one): options tok1d does not implement -- other model
-classes, discriminators other than PatchGAN and the DINO discriminator, LeCam, the adaptive
+classes, discriminators other than PatchGAN and the DINO discriminator, the adaptive
 GAN weight, blur down-sampling in D, non-hinge G losses, L1/cosine feature reconstruction,
 perceptual nets other than VGG-LPIPS, causal / dynamic-length training, `entropy_loss_end`,
 `gen_start`, prior LR groups, optimizers other than AdamW.
@@ -87,7 +87,7 @@ LOSS_DEFAULTS: dict[str, Any] = dict(
     disc_adaptive_weight=False, gen_adv_loss="hinge", reconstruction_loss="l2",
     reconstruction_weight=1.0, codebook_weight=1.0, perceptual_weight=1.0, aux_loss_end=0,
     entropy_loss_end=None, use_direct_rec_loss=False, norm="batch", kw=4, blur_ds=False,
-    lecam=False, proj_weight=0.5, gen_start=0, perceptual_model="vgg", use_semantic_input=False)
+    lecam=False, lecam_weight=0.001, proj_weight=0.5, gen_start=0, perceptual_model="vgg", use_semantic_input=False)
 
 # VQLoss disc_type -> tok1d discriminator.name.
 DISC_TYPES = {"patchgan": "patchgan", "dinodisc": "dino"}
@@ -128,7 +128,7 @@ def _check(official_config: Mapping[str, Any], loss: Mapping[str, Any],
     if loss["disc_loss"] != "hinge" or loss["gen_adv_loss"] != "hinge":
         problems.append(f"disc_loss={loss['disc_loss']!r} / gen_adv_loss="
                         f"{loss['gen_adv_loss']!r} (hinge / hinge)")
-    for flag in ("lecam", "disc_adaptive_weight", "blur_ds", "use_semantic_input"):
+    for flag in ("disc_adaptive_weight", "blur_ds", "use_semantic_input"):
         if loss[flag]:
             problems.append(f"{flag}=True")
     if loss["norm"] != "batch":
@@ -250,7 +250,10 @@ def config_from_official(official_config: Mapping[str, Any],
         o.grad_clip = float(trainer.get("max_grad_norm", 0.0))
 
     d = config.discriminator
-    d.name, d.loss, d.lecam = DISC_TYPES[loss["disc_type"]], "hinge", 0.0
+    d.name, d.loss = DISC_TYPES[loss["disc_type"]], "hinge"
+    # LeCam (off in every released config): lecam-gan's form, EMA decay 0.99 (`ema_losses`)
+    d.lecam = float(loss["lecam_weight"]) if loss["lecam"] else 0.0
+    d.lecam_form, d.lecam_decay = "gigatok", 0.99
     d.d_weight = float(loss["disc_weight"])
     d.start_step = recipes.gigatok_step(loss["disc_start"])
     if d.name == "patchgan":

@@ -261,7 +261,8 @@ def add_tokenizer_keys(c: ml_collections.ConfigDict) -> None:
         start_step=0,                 # neither the G term nor the D update runs before it
         loss="hinge",                 # D and G loss family (tok1d.objectives.gan)
         lecam=0.0,                    # LeCam regulariser weight (TiTok: 0.001)
-        lecam_decay=0.999,
+        lecam_decay=0.999,            # its EMAs' decay (TiTok 0.999; GigaTok 0.99)
+        lecam_form="titok",           # "titok" or "gigatok" (tok1d.objectives.gan.LECAM_FORMS)
         d_weight=1.0,                 # scale of the D loss (GigaTok's disc_weight: 0.5)
         call_order="fake_real",       # D step's calls: D(x_hat) then D(x) (GigaTok's DINO
                                       # discriminator) or "real_fake" (GigaTok's PatchGAN;

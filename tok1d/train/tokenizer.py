@@ -255,8 +255,8 @@ def make_train_step(model: nn.Module, tx, schedule, config,
             (dl, (means, collections)), dg = gan.d_loss_and_grads(
                 d_state, collections, to_model(images_), jax.lax.stop_gradient(outs["pixels"]),
                 d_rng, None if direct is None else jax.lax.stop_gradient(direct),
-                active * aux_on, draws, active)
-            lecam = gan.advance_lecam(lecam, means)
+                active * aux_on, draws, active, state.step)
+            lecam = gan.advance_lecam(lecam, means, state.step, active * aux_on)
             result.update(d_loss=dl, d_means=means, d_grads=dg)
         return result, (collections, quantizer, lecam)
 
@@ -439,7 +439,8 @@ def build_gan(config, model: nn.Module, sample_images: jax.Array
             disc, tx=tx, schedule=schedule, sample_images=sample_images,
             model_range=model.pixel_range, loss=d.loss, weight=float(config.losses.gan),
             d_weight=d.d_weight, start_step=d.start_step, lecam=d.lecam,
-            lecam_decay=d.lecam_decay, call_order=d.get("call_order", "fake_real"),
+            lecam_decay=d.lecam_decay, lecam_form=d.lecam_form,
+            call_order=d.get("call_order", "fake_real"),
             direct_fake=d.get("direct_fake", "shortcut"), diffaug_prob=d.diffaug_prob,
             diffaug_cutout=d.diffaug_cutout, abstract=abstract)
     except ValueError as e:
