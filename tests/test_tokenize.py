@@ -8,13 +8,16 @@ import shutil
 import flax.linen as nn
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
+from configs import tiny_test
 
-from tok1d import errors, models, parallel
+from tok1d import errors, models, parallel, weights
 from tok1d.cli import tokenize
 from tok1d.data import records, sources, tokens
 from tok1d.train import config_lib
-from tok1d.weights import loaders, pretrained
+from tok1d.train import generator as gen_trainer
+from tok1d.weights import layout, loaders, pretrained
 
 TINY = dict(image_size=32, patch_size=8, num_latent_tokens=8, encoder_size="nano",
             decoder_size="nano", codebook_size=64, token_dim=8)
@@ -260,6 +263,50 @@ def test_clear_errors_for_tokenizer_data_and_image_size(tiny, tmp_path):
         with pytest.raises(ValueError, match="prepared image dataset|no tokenize run started"):
             run(out)
         assert set(shards) <= set(os.listdir(out))
+
+
+def _workdir(path, config, seed=0):
+    """A training workdir of `config` (config.json, checkpoints/1/state) with random params;
+    returns them."""
+    model = models.create(config.model.name, **layout.model_kwargs(config))
+    if config.trainer == "generator":
+        params = gen_trainer.init_generator(model, 1)(jax.random.key(seed))
+    else:
+        size = config.data.image_size
+        params = model.init(jax.random.key(seed), np.zeros((1, size, size, 3)))["params"]
+    params = jax.tree.map(np.asarray, nn.unbox(params))
+    (path / "checkpoints" / "1").mkdir(parents=True)
+    with open(path / "config.json", "w") as f:
+        json.dump(config.to_dict(), f)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(str(path / "checkpoints" / "1" / "state"), {"params": params})
+    return params
+
+
+def test_a_run_with_quantizer_options_and_a_generator_run_load(tmp_path):
+    """A tokenizer run whose model has `quantizer_options` (every configs/quantizers.py
+    variant; a ConfigDict in the config) loads for tokenize / a generator's trainer: its module
+    hashes (it used to fail in the shape cache); `tok1d.weights.load` takes a generator's
+    training workdir (it used to say "not a tokenizer"), `load_tokenizer` still refuses it."""
+    config = tiny_test.get_config()
+    config.model.update(quantizer="fsq", token_dim=4, quantizer_options={"levels": [8, 5, 5, 5]})
+    params = _workdir(tmp_path / "fsq", config)
+    model, loaded = loaders.load_tokenizer(str(tmp_path / "fsq"))
+    assert model.quantizer_options["levels"] == (8, 5, 5, 5) and hash(model)
+    images = np.random.default_rng(0).uniform(0, 1, (2, 32, 32, 3)).astype(np.float32)
+    codes = _encode(model, loaded, images)
+    np.testing.assert_array_equal(codes, _encode(model, params, images))
+    assert codes.max() < 8 * 5 * 5 * 5
+
+    gen = config_lib.base_config("generator")
+    gen.model = dict(name="maskgit", arch="vit", codebook_size=64, num_tokens=8, num_classes=10,
+                     width=32, depth=1, num_heads=2, mlp_dim=64)
+    params = _workdir(tmp_path / "gen", gen)
+    model, loaded = weights.load(str(tmp_path / "gen"))
+    assert type(model).__name__ == "MaskGITBert" and model.num_tokens == 8
+    jax.tree.map(np.testing.assert_array_equal, loaded, params)
+    with pytest.raises(errors.UserError, match="holds a MaskGITBert, not a tokenizer"):
+        loaders.load_tokenizer(str(tmp_path / "gen"))
 
 
 def test_load_tokenizer_from_pretrained_dir_and_training_workdir(tiny, tmp_path):

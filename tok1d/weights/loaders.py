@@ -156,16 +156,34 @@ def _load_directory(path: str, tokenizer_only: bool, model_overrides: dict[str, 
             _check_is_tokenizer(model, path)
         return model, params
     model = models.create(name, **dict(kwargs, **model_overrides))
-    _check_is_tokenizer(model, path)  # a workdir's params are shaped from an image input
-    size = model.input_size or 256  # the params' shapes do not depend on it otherwise
+    if tokenizer_only:
+        _check_is_tokenizer(model, path)
     # Shapes alone, whatever mesh and logical rules the caller is under (a generator's trainer
     # loads its sample decoder's tokenizer inside its own).
     with jax.set_mesh(None), nn.logical_axis_rules(()):
         shapes = nn.unbox(convert_common.abstract_variables(
-            model, jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))["params"])
+            model, *_init_inputs(model, path))["params"])
     return model, merge_checked(shapes, load_params(path),
                                 f"The latest checkpoint's weights in {path}",
                                 f"the model of its {layout.CONFIG_FILE}")
+
+
+def _init_inputs(model: nn.Module, path: str) -> tuple[jax.ShapeDtypeStruct, ...]:
+    """The inputs a workdir's model is initialised with: a tokenizer's image (at any size where
+    the params do not depend on it), a generator's codes and labels."""
+    try:
+        interfaces.check_tokenizer(model)
+        size = model.input_size or 256
+        return (jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32),)
+    except TypeError:
+        pass
+    try:
+        interfaces.check_generator(model)
+    except TypeError:
+        raise errors.UserError(f"{path} holds a {type(model).__name__}, neither a tokenizer nor "
+                               "a generator.") from None
+    return (jax.ShapeDtypeStruct((1, model.num_tokens), jnp.int32),
+            jax.ShapeDtypeStruct((1,), jnp.int32))
 
 
 def _check_is_tokenizer(model: nn.Module, path: str) -> None:
