@@ -94,6 +94,12 @@ VARIANTS = ("s_s", "s_b", "b_l", "b_l_train_new", "b_l_dino_disc", "xl_xxl", "s_
             "s_b_2d", "b_l_2d")
 
 
+# The bottleneck (tok1d.models.quantizers, README "Quantizers"): any quantizer by name with its
+# own fields, e.g. --config.model.quantizer=fsq --config.model.token_dim=6
+# --config.model.quantizer_options='{"levels": [8, 8, 8, 5, 5, 5]}'.
+QUANTIZER_OPTIONS = {}
+
+
 def get_config(arg: str = ""):
     if arg in PRESETS:
         return tokenizer(arg)
@@ -127,7 +133,9 @@ def tokenizer(preset: str, *, train_new: bool = False, dino_disc: bool = False):
     # "uniform" / "pow2" (tok1d.models.tokenizers.nested), e.g. --config.model.nested_dropout=pow2
     # scan: each transformer half compiles one layer (XL-XXL: 36 + 48 layers unrolled otherwise).
     config.model = dict(name="gigatok", preset=preset, scan=True, remat=p["remat"],
-                        cnn_remat=p["remat"], nested_dropout="none", attention_impl=ATTENTION)
+                        cnn_remat=p["remat"], nested_dropout="none", attention_impl=ATTENTION,
+                        quantizer="vq", quantizer_options=dict(QUANTIZER_OPTIONS),
+                        code_dim=8)  # codebook_embed_dim of every released GigaTok
     if train_new:
         config.model["rotation_trick"] = False
 

@@ -18,7 +18,8 @@ def get_config(arg: str = ""):
     config.ema_decay = 0.9
     config.model = dict(name="titok", patch_size=8, num_latent_tokens=8, encoder_size="nano",
                         decoder_size="nano", codebook_size=64, token_dim=8,
-                        nested_dropout="none")  # "uniform" / "pow2": ordered tokens
+                        nested_dropout="none",  # "uniform" / "pow2": ordered tokens
+                        quantizer="vq", quantizer_options={})  # tok1d.models.quantizers
     config.data.image_size = 32
     config.data.eval_examples = 32
     config.data.demo_size = 256

@@ -141,13 +141,19 @@ NESTED_DROPOUT = "none"
 # tok1d.layers.transformer.attend), e.g. --config.model.attention_impl=cudnn.
 ATTENTION = "xla"
 
+# The bottleneck (tok1d.models.quantizers, README "Quantizers"): any quantizer by name with its
+# own fields, e.g. --config.model.quantizer=fsq --config.model.token_dim=6
+# --config.model.quantizer_options='{"levels": [8, 8, 8, 5, 5, 5]}'.
+QUANTIZER_OPTIONS = {}
+
 
 def two_stage_model(sizes: dict) -> dict:
     """4096 x 12 l2-normalised codebook and the 1024-way proxy-code head; the official
     `is_legacy` default (True: the raw-reshape token projection)."""
     return dict(name="titok", patch_size=16, codebook_size=4096, token_dim=12, l2_norm=True,
                 decoder_head="logits", num_proxy_codes=1024, legacy_reshape=True, remat="dots",
-                nested_dropout=NESTED_DROPOUT, attention_impl=ATTENTION, **sizes)
+                nested_dropout=NESTED_DROPOUT, attention_impl=ATTENTION, quantizer="vq",
+                quantizer_options=dict(QUANTIZER_OPTIONS), **sizes)
 
 
 def stage1(sizes: dict):
@@ -185,7 +191,8 @@ def single_stage(sizes: dict):
     """L2 + LPIPS + 0.1 ConvNeXt-S + GAN from step 200k, VQ losses or KL; 1M steps."""
     config = common(total_steps=1_000_000, warmup_steps=10_000, b2=0.999)
     config.model = dict(name="titok", patch_size=16, decoder_head="pixels", remat="dots",
-                        nested_dropout=NESTED_DROPOUT, attention_impl=ATTENTION, **sizes)
+                        nested_dropout=NESTED_DROPOUT, attention_impl=ATTENTION,
+                        quantizer_options=dict(QUANTIZER_OPTIONS), **sizes)
     vae = sizes["quantizer"] == "vae"
     if vae:
         config.model["token_dim"] = 16

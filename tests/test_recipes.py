@@ -176,3 +176,26 @@ def test_paper_configs_validate(arg):
     assert config.batch_size == 256 and config.optim.lr == 1e-4
     model = tokenizer.build_model(config)
     assert model.image_size == 256 and model.patch_size == 16
+
+
+@pytest.mark.parametrize("spec", [f"titok.py:{arg}" for arg in CONFIGS]
+                         + ["gigatok.py:s_s", "gigatok.py:b_l_2d", "tiny_test.py"])
+def test_any_quantizer_is_one_override_on_every_tokenizer_recipe(spec):
+    """README's `--config.model.quantizer=fsq --config.model.quantizer_options='{...}'` works
+    on every tokenizer recipe: its model section names both keys (a section holds only the
+    arguments it names). FSQ's levels are one per channel of the model's code size."""
+    config = load_config(spec)
+    assert {"quantizer", "quantizer_options"} <= set(config.model)
+    if config.model.quantizer == "vae":
+        return
+    model = tokenizer.build_model(config)
+    size = getattr(model, "token_dim", None) or model.code_dim
+    config.model.quantizer = "fsq"
+    config.model.quantizer_options = {"levels": [5] * size}
+    if "l2_norm" in config.model:  # a VQ setting (bl64's False): FSQ takes none but defaults
+        config.model.l2_norm = True
+    model = tokenizer.build_model(config)
+    size = config.data.image_size
+    jax.eval_shape(model.init, jax.random.key(0),  # builds: FSQ takes the model's codes
+                   jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
+    assert model.quantizer_options["levels"] == (5,) * len(config.model.quantizer_options.levels)
