@@ -127,8 +127,9 @@ def test_warmup_terms_and_the_gan_start_on_schedule(full_run):
     steps, aux_end, gan_start = (config.total_steps, config.aux_loss_end_step,
                                  config.discriminator.start_step)
     assert series(workdir, "warmup_losses_active") == [1.0] * aux_end + [0.0] * (steps - aux_end)
-    shortcut = series(workdir, "loss_shortcut")
-    assert all(v > 0 for v in shortcut[:aux_end]) and all(v == 0 for v in shortcut[aux_end:])
+    for term in ("shortcut", "fea_rec"):  # the later program computes neither (fea_rec was
+        values = series(workdir, f"loss_{term}")  # still computed and logged)
+        assert all(v > 0 for v in values[:aux_end]) and all(v == 0 for v in values[aux_end:])
     assert series(workdir, "gan_active") == [0.0] * gan_start + [1.0] * (steps - gan_start)
     with open(os.path.join(workdir, "console.txt")) as f:
         switches = [line for line in f if "this phase's train step" in line]
@@ -317,6 +318,10 @@ def test_each_phase_gets_its_own_program_without_what_is_off():
         (True, False), (True, True), (False, True), (False, True)]
     assert sorted(bounds) == [1, 2]
     assert str(phase_at(2)) == "warm-up terms off, discriminator on"
+    plain = tiny(config_lib.load(os.path.join(REPO, "configs/gigatok.py:b_l")), steps=6,
+                 aux_end=2, gan_start=1)
+    plain.losses.update(fea_rec=0.0, shortcut=0.0)  # a run without warm-up terms (TiTok's)
+    assert str(tokenizer.phase_schedule(plain)[0](3)) == "discriminator on"
     mesh, rules, batch_sh = parallel.mesh_from_config(config)
     t = tokenizer.build_training(config, mesh, rules, batch_sh)
     assert (t.steps.next_change(0), t.steps.next_change(1), t.steps.next_change(2)) == (1, 2, None)

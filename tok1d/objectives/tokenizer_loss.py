@@ -110,8 +110,10 @@ def make_loss_fn(model: nn.Module, weights: Mapping[str, float], nets: terms_lib
                 rngs={"sample": rng}, mutable=[quantizers.STATE, quantizers.UPDATES])
         ctx = terms_lib.Context(out=out, aux=aux, x=x, images=images, frozen=frozen, nets=nets,
                                 draws=draws, rng=rec_rng, to_unit=to_unit)
-        terms = {k: terms_lib.TERMS[k].fn(ctx) for k in weights
-                 if not terms_lib.TERMS[k].stateful}
+        # a step compiled after the warm-up (aux_on a Python 0) computes no warm-up term
+        skipped = warmup if losses.static_flag(aux_on) is False else set()
+        terms = {k: (jnp.zeros((), jnp.float32) if k in skipped else terms_lib.TERMS[k].fn(ctx))
+                 for k in weights if not terms_lib.TERMS[k].stateful}
         scale = {k: w * aux_on if k in warmup else w for k, w in weights.items()}
         if gan is not None:
             terms["gan"], collections = gan.g_term(gan_state.params, collections, out, disc_rng,

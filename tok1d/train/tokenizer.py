@@ -164,22 +164,28 @@ def load_initial_weights(config, state: TrainState, log) -> TrainState:
 class Phase:
     """The switches a step compiled for one phase fixes: the warm-up terms (`losses.fea_rec`,
     `losses.shortcut`, while step < `aux_loss_end_step`) and the GAN (from
-    `discriminator.start_step`)."""
+    `discriminator.start_step`). `has_warmup` / `has_gan`: whether the run has them at all
+    (what the phase's description names)."""
     warmup: bool
     gan: bool
+    has_warmup: bool = True
+    has_gan: bool = True
 
     def __str__(self) -> str:
-        return (f"warm-up terms {'on' if self.warmup else 'off'}, "
-                f"discriminator {'on' if self.gan else 'off'}")
+        parts = ([f"warm-up terms {'on' if self.warmup else 'off'}"] if self.has_warmup else []
+                 ) + ([f"discriminator {'on' if self.gan else 'off'}"] if self.has_gan else [])
+        return ", ".join(parts) or "no warm-up terms, no discriminator"
 
 
 def phase_schedule(config) -> tuple[Callable[[int], Phase], tuple[int, ...]]:
     """(phase_at(step) -> Phase, the steps where it may change) of a tokenizer config."""
-    aux_end = config.aux_loss_end_step if terms_lib.warmup_terms(config.losses) else 0
+    has_warmup = bool(terms_lib.warmup_terms(config.losses))
+    aux_end = config.aux_loss_end_step if has_warmup else 0
     start = config.discriminator.start_step if config.losses.gan else None
 
     def phase_at(step: int) -> Phase:
-        return Phase(warmup=step < aux_end, gan=start is not None and step >= start)
+        return Phase(warmup=step < aux_end, gan=start is not None and step >= start,
+                     has_warmup=has_warmup, has_gan=start is not None)
 
     return phase_at, tuple(b for b in (aux_end, start) if b)
 
