@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import rel_err
+from tok1d import models
 from tok1d.weights.convert import common
 from tok1d.weights.convert import gigatok as convert_gigatok
 from tok1d.models.tokenizers.gigatok import GigaTok
@@ -100,3 +101,16 @@ def test_the_fsdp_trainers_weight_decay_rule_on_the_official_names(built):
                if on}
     assert decayed == leaves(k for k in keys if "norm" not in k)
     assert leaves(k for k in keys if "norm" in k)  # some are exempt
+
+
+def test_a_checkpoint_of_another_size_is_one_error_naming_the_models_sizes(built, fixtures_dir):
+    """The tiny official file converted into the B-L preset (`tok1d convert --from gigatok_b_l`
+    with a file of another size): one ConversionError naming the file and the preset's sizes."""
+    z, meta, model, _, _ = built
+    big = models.create("gigatok", preset="b_l", layout=model.layout, image_size=256)
+    path = os.path.join(fixtures_dir, "gigatok_1d.npz" if model.layout == "1d"
+                        else "gigatok_2d.npz")
+    with pytest.raises(common.ConversionError, match=r"^the file does not fit the model \(its "
+                       r"preset or config: encoder width 768, depth \d+, 12 heads"):
+        convert_gigatok.convert_gigatok(common.load_state_dict(path, prefix="sd/"), big,
+                                        what="the file")

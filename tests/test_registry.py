@@ -301,6 +301,15 @@ def test_a_file_that_is_not_what_its_name_says(tiny_bin, cache, offline_hub, mon
     with pytest.raises(common.ConversionError, match="num_tokens=4 .expected 256"):
         loaders.load("rar_other")
     assert not (cache / "rar_other").exists() and not _leftovers(cache)
+    # a small DINOv2 at dinov2_vitb14's manual-download path (it was converted and cached)
+    from test_dinov2 import _tiny_sd
+    _, sd = _tiny_sd(d=64, depth=1)
+    path = download.manual_path(registry.RELEASED["dinov2_vitb14"].files["checkpoint"])
+    os.makedirs(os.path.dirname(path))
+    torch.save({k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()}, path)
+    with pytest.raises(common.ConversionError, match="embed_dim=64 .expected 768"):
+        loaders.load("dinov2_vitb14")
+    assert not (cache / "dinov2_vitb14").exists() and not _leftovers(cache)
 
 
 def test_unknown_names_and_sources():
@@ -581,3 +590,22 @@ def test_two_hosts_converting_one_name_leave_the_weights_in_a_shared_cache(
     pod()
     with pytest.raises(errors.UserError, match="storage every host shares"):
         loaders._wait_for_process_0(str(tmp_path / "never"), "rar_pod", timeout_s=0.2)
+
+
+def test_an_unreachable_hub_fails_at_once_and_still_reads_its_cache(tiny_bin, cache,
+                                                                      offline_hub, monkeypatch,
+                                                                      capsys):
+    """No network (the Hub's endpoint refuses connections): one line in a few seconds, not the
+    library's ~26 s of retries; a file in the Hub cache still loads."""
+    from huggingface_hub import constants
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens
+    t0 = time.time()
+    assert convert_cli.main(["--from", "rar_b"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert time.time() - t0 < 10
+    assert len(err.splitlines()) == 1 and "the Hub is unreachable" in err
+    _entry(monkeypatch, "rar_tiny", "hf://tok1d-test/tiny-rar/rar_tiny.bin")
+    _hub_cache(offline_hub, "tok1d-test/tiny-rar", "rar_tiny.bin", tiny_bin[1])
+    _assert_same(loaders.load("rar_tiny")[1], tiny_bin[0])

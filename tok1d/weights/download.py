@@ -132,8 +132,8 @@ def fetch(file: File, cache_dir: Optional[str] = None) -> str:
         return local
     if file.manual:
         raise DownloadError(f"{file.name} cannot be downloaded automatically: download it by "
-                            f"hand from {file.source} and put it at {local} (or pass the local "
-                            "file with --from FILE).")
+                            f"hand from {file.source} and put it at {local} (or convert it "
+                            "where it is: tok1d convert KIND --checkpoint=FILE --out=DIR).")
     if not file.source.startswith(HF_SCHEME):
         return _from_url(file, local)  # checked before it is renamed into place
     path = _from_hub(file, local)
@@ -143,7 +143,9 @@ def fetch(file: File, cache_dir: Optional[str] = None) -> str:
 
 def _unreachable(url: str, local: str, why: str) -> DownloadError:
     return DownloadError(f"could not download {url} ({why}); with no network, download it by "
-                         f"hand and put it at {local}, or pass the local file with --from FILE.")
+                         f"hand and put it at {local}, or convert the file you have: tok1d "
+                         "convert KIND --checkpoint=FILE --out=DIR (in Python: "
+                         "tok1d.weights.load(FILE, kind=KIND)).")
 
 
 def quiet_own_handler(logger: logging.Logger) -> None:
@@ -165,8 +167,10 @@ def _from_hub(file: File, local: str) -> str:
                            "pip install 'tok1d[hub]'") from None
     hub_download = huggingface_hub.hf_hub_download  # (a lazy import: it adds the handler)
     quiet_own_handler(logging.getLogger("huggingface_hub"))
+    reachable = offline() or _hub_reachable(huggingface_hub.constants.ENDPOINT)
     try:
-        return hub_download(repo_id=repo, filename=path, local_files_only=offline())
+        return hub_download(repo_id=repo, filename=path,
+                            local_files_only=offline() or not reachable)
     except Exception as e:  # noqa: BLE001 - offline, no network, no such repo/file: one line
         if isinstance(e, LocalEntryNotFoundError):
             why = ("offline (TOK1D_OFFLINE / HF_HUB_OFFLINE) and not in the Hub cache"
@@ -174,6 +178,19 @@ def _from_hub(file: File, local: str) -> str:
         else:
             why = errors.brief(e)
         raise _unreachable(hub_url(file.source), local, why) from None
+
+
+def _hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
+    """Whether the Hub's host accepts a connection. Without a network this answers in
+    `timeout` at most (a failed DNS lookup at once); huggingface_hub's own retries take about
+    26 s to give up."""
+    url = urllib.parse.urlparse(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def _from_url(file: File, local: str) -> str:

@@ -161,7 +161,8 @@ for _name, (_size, _gfid) in _RAR.items():
 
 # --------------------------------------------------------------------------- GigaTok (Google Drive)
 # The official README links Google Drive files only: download them by hand (the error names the
-# page and the path to put the file at), or pass the local file with `--from`.
+# page and the path to put the file at), or convert the local file with `tok1d convert KIND
+# --checkpoint=FILE --out=DIR`.
 
 _DRIVE = "https://drive.google.com/file/d/{}/view"
 _GIGATOK = {  # name: (preset, file, drive id, rFID)
@@ -210,6 +211,7 @@ for _name, (_size, _file, _id, _gfid) in _GPT.items():
 
 _add(Released("dinov2_vitb14", "dinov2", {"checkpoint": File(
     "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_pretrain.pth")},
+    expect=dict(embed_dim=768, depth=12, num_heads=12, patch_size=14),
     paper="DINOv2 ViT-B/14 (LVD-142M), no registers",
     description="GigaTok's semantic-regularisation teacher (its position table is resampled to "
                 "the student's grid when used as the teacher)"))

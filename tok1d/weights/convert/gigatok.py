@@ -182,7 +182,21 @@ def kwargs_from_official(init_args: dict, size_tables: dict | None = None,
 
 
 def convert_gigatok(state_dict, model, what: str = "GigaTok checkpoint") -> dict:
-    """Official GigaTok state_dict (VQVitModelPlus / VQVitModel2DPlus) -> params of `model`."""
+    """Official GigaTok state_dict (VQVitModelPlus / VQVitModel2DPlus) -> params of `model`. A
+    checkpoint of another size is one ConversionError naming `what` and the model's sizes."""
+    try:
+        return _convert_gigatok(state_dict, model, what)
+    except common.ConversionError as e:
+        if str(e).startswith(what):
+            raise
+        raise common.ConversionError(
+            f"{what} does not fit the model (its preset or config: encoder width "
+            f"{model.encoder_width}, depth {model.encoder_depth}, {model.encoder_heads} heads; "
+            f"decoder width {model.decoder_width}, depth {model.decoder_depth}, "
+            f"{model.decoder_heads} heads): {e}") from None
+
+
+def _convert_gigatok(state_dict, model, what: str) -> dict:
     sd = StateDict(state_dict, what)
     sd.ignore("quantize.codebook_used")  # usage-logging buffer
     out = ParamTree()
