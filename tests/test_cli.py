@@ -391,6 +391,8 @@ def test_a_runs_own_config_is_the_default_config(tmp_path):
     loaded = config_lib.from_run(str(run))
     config_lib.validate(loaded, num_devices=8)
     assert loaded.to_dict() == original.to_dict()
+    for spec in (run, run / "config.json"):  # config_lib.load takes them too (the notebook)
+        assert config_lib.load(str(spec)).to_dict() == original.to_dict()
     assert isinstance(loaded.sharding.rules, tuple)
     fv, _ = app._parse(sample, "tok1d sample", [f"--checkpoint={run}", "--out=o",
                                                 "--config.sampling.cfg_scale=3.0"])

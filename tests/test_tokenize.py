@@ -418,3 +418,13 @@ def test_the_command_encodes_in_float32_unless_told(tiny, tmp_path):
     bf16 = model.clone(dtype="bfloat16")
     np.testing.assert_array_equal(codes["own"], _encode(bf16, params, images))
     assert (codes["default"] != codes["own"]).any()  # ~1% of this tiny model's codes
+
+
+def test_a_continuous_tokenizer_has_no_tokens_to_write(tmp_path):
+    """The KL bottleneck is refused in one message naming what does produce tokens."""
+    model = models.create("titok", **dict(TINY, quantizer="vae", token_dim=4))
+    with pytest.raises(ValueError, match="no discrete codes .* FSQ, LFQ, BSQ"):
+        tokenize.tokenize_dataset(model, {}, sources.DigitsSource("train"),
+                                  str(tmp_path / "t"), split="train", batch_size=4,
+                                  log=lambda _: None)
+    assert not (tmp_path / "t").exists()

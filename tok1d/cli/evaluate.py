@@ -153,7 +153,8 @@ def evaluate_tokenizer(config, checkpoint: str, out: str, log=print,
         _details(config, checkpoint=os.path.abspath(checkpoint), model=config.model.name,
                  data=f"{dcfg.name}:{dcfg.eval_split} at {size} px (center crops)"),
         nets.notes, enabled=is_chief)
-    log(f"Wrote {path}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    log(f"Wrote {path}: " + ", ".join(f"{k} {report.format_value(v)}"
+                                      for k, v in metrics.items()))
     return metrics
 
 
@@ -210,7 +211,8 @@ def evaluate_prefixes(config, model, params, frozen, teacher, nets, ds, num_batc
             rows[k] = {m: metrics[m] for m in PREFIX_METRICS if m in metrics}
             grid_rows = grid_rows or [grid_in]
             grid_rows.append(grid_out)
-            log(f"k={k}: " + ", ".join(f"{m} {v:.4g}" for m, v in rows[k].items()))
+            log(f"k={k}: " + ", ".join(f"{m} {report.format_value(v)}"
+                                       for m, v in rows[k].items()))
     name = os.path.basename(os.path.normpath(checkpoint))
     grids = {"prefix_reconstructions": images.make_grid(grid_rows)}
     plot = report.plot_curves("k (tokens decoded)", rows, f"{name}: quality vs k")
@@ -406,7 +408,8 @@ def _finish_samples(config, metrics, kept, labels, num_classes: int, out: str, i
     grid = sample_lib.class_grid(kept, labels, rows)
     path = report.write_report(out, "Generation", metrics, {"samples": grid},
                                _details(config, **details), notes, enabled=is_chief)
-    log(f"Wrote {path}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    log(f"Wrote {path}: " + ", ".join(f"{k} {report.format_value(v)}"
+                                      for k, v in metrics.items()))
     return metrics
 
 

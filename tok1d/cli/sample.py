@@ -191,7 +191,7 @@ def run(config, checkpoint: str, tokenizer_path: str, num_images: int, out: str,
         if grid_classes > 0:
             images_lib.save_png(os.path.join(out, "grid.png"),
                                 class_grid(samples, labels, min(grid_classes, model.num_classes)))
-        log(f"Wrote {num_images} samples to {out}/samples.npz"
+        log(f"Wrote {num_images} samples to {os.path.join(out, 'samples.npz')}"
             + (" and grid.png" if grid_classes > 0 else "")
             + f" ({info['images_per_second']:.1f} img/s).")
     return info

@@ -153,6 +153,15 @@ def params_fingerprint(params: Any) -> Optional[str]:
 # The sharded encoder.
 # ----------------------------------------------------------------------------------------------
 
+def require_codes(model) -> None:
+    """A ValueError unless `model` has discrete codes to write (any quantizer but the KL
+    bottleneck)."""
+    if not model.num_codes:
+        raise ValueError(f"{type(model).__name__} has no discrete codes (a continuous KL "
+                         "bottleneck); only a tokenizer with a quantizer (VQ, FSQ, LFQ, BSQ, "
+                         "...) produces tokens.")
+
+
 def make_encoder(model, params, *, flip: bool, batch_size: int, prefix_tokens: int = 0):
     """Builds the jitted, all-device encoder.
 
@@ -174,9 +183,7 @@ def make_encoder(model, params, *, flip: bool, batch_size: int, prefix_tokens: i
     else:  # device arrays, e.g. a training state sharded on another mesh
         params = jax.device_put(params, replicated)
 
-    if not model.num_codes:
-        raise ValueError(f"{type(model).__name__} has no discrete codes (a continuous "
-                         "tokenizer?); only VQ tokenizers can be tokenized.")
+    require_codes(model)
     nested.check_code_prefix(model, prefix_tokens, "--prefix_tokens")
 
     def fn(p, images, labels):
@@ -443,9 +450,7 @@ def tokenize_dataset(model, params, source, out_dir: str, *, split: str = "train
                          "crop_range times the image size; expected >= 1.")
     image_size = _model_image_size(model, image_size)
     codebook_size = model.num_codes
-    if not codebook_size:
-        raise ValueError(f"{type(model).__name__} has no codebook; only VQ tokenizers produce "
-                         "tokens.")
+    require_codes(model)
     n = len(source) if num_examples < 0 else min(num_examples, len(source))
     if n == 0:
         raise ValueError(f"Split {split!r} has no examples to tokenize.")

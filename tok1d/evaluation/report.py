@@ -47,7 +47,18 @@ METRIC_DOCS = {
 }
 
 
-def _fmt(value: Any) -> str:
+def meaning(name: str) -> str:
+    """The report's description of a metric (`{metric}_k{k}`: of the first k tokens)."""
+    if name in METRIC_DOCS:
+        return METRIC_DOCS[name]
+    base, _, k = name.rpartition("_k")
+    if base in METRIC_DOCS and k.isdigit():
+        return f"{METRIC_DOCS[base]}, first {k} tokens decoded"
+    return ""
+
+
+def format_value(value: Any) -> str:
+    """A metric as reports and consoles print it (integers whole, with thousands separators)."""
     if isinstance(value, (int, np.integer)) or (isinstance(value, float) and value.is_integer()
                                                  and abs(value) >= 100):
         return f"{int(value):,}"
@@ -65,7 +76,7 @@ def markdown(title: str, metrics: Mapping[str, Any], grids: Sequence[str] = (),
     after the metric table)."""
     lines = [f"# {title}", "", "| metric | value | meaning |", "|---|---|---|"]
     for name, value in metrics.items():
-        lines.append(f"| {name} | {_fmt(value)} | {METRIC_DOCS.get(name, '')} |")
+        lines.append(f"| {name} | {format_value(value)} | {meaning(name)} |")
     for section in sections:
         lines += ["", section.rstrip("\n")]
     for grid in grids:
@@ -115,8 +126,8 @@ def curve_table(x_name: str, rows: Mapping[int, Mapping[str, float]]) -> str:
     names = list(dict.fromkeys(k for r in rows.values() for k in r))
     lines = [f"| {x_name} | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for x, r in rows.items():
-        lines.append(f"| {x} | " + " | ".join(_fmt(r.get(n, float("nan"))) for n in names)
-                     + " |")
+        cells = (format_value(r.get(n, float("nan"))) for n in names)
+        lines.append(f"| {x} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

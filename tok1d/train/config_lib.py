@@ -417,7 +417,10 @@ def _as_tuples(value: Any) -> Any:
 
 def load(spec: str) -> ml_collections.ConfigDict:
     """The config of a config file, `path.py` or `path.py:arg` (its `get_config(arg)`), as
-    `--config=path.py:arg` gives it to `python -m tok1d.main`."""
+    `--config=path.py:arg` gives it to `python -m tok1d.main`; or a training run's own config
+    (its workdir or config.json: `from_run`)."""
+    if os.path.isdir(spec) or spec.endswith(".json"):
+        return from_run(spec)
     path, _, arg = spec.partition(":")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file {path!r} not found")
