@@ -256,8 +256,9 @@ class GANObjective:
         """The discriminator's optimizer step and LeCam EMA update, kept only when `active`
         (before `start_step` D is not trained: its optimizer count stays 0; `active` a traced
         0/1 float, or a Python number in a step compiled for one phase). `lecam`: the EMAs
-        advanced microbatch by microbatch (`advance_lecam`). Returns (new state, scalars: d_grad_norm (before clipping), d_lr (the LR of
-        this update; 0 when D is not trained))."""
+        advanced microbatch by microbatch (`advance_lecam`). Returns (new state, scalars:
+        d_grad_norm (before clipping), d_lr (the LR of this update; 0 when D is not
+        trained))."""
         scalars = dict(d_grad_norm=optax.tree.norm(grads),
                        d_lr=active * self.schedule(schedule_count(state.opt_state)))
         static = losses.static_flag(active)

@@ -87,7 +87,8 @@ LOSS_DEFAULTS: dict[str, Any] = dict(
     disc_adaptive_weight=False, gen_adv_loss="hinge", reconstruction_loss="l2",
     reconstruction_weight=1.0, codebook_weight=1.0, perceptual_weight=1.0, aux_loss_end=0,
     entropy_loss_end=None, use_direct_rec_loss=False, norm="batch", kw=4, blur_ds=False,
-    lecam=False, lecam_weight=0.001, proj_weight=0.5, gen_start=0, perceptual_model="vgg", use_semantic_input=False)
+    lecam=False, lecam_weight=0.001, proj_weight=0.5, gen_start=0, perceptual_model="vgg",
+    use_semantic_input=False)
 
 # VQLoss disc_type -> tok1d discriminator.name.
 DISC_TYPES = {"patchgan": "patchgan", "dinodisc": "dino"}

@@ -146,8 +146,8 @@ def load_tokenizer(path: str, **model_overrides: Any) -> tuple[nn.Module, dict[s
 
 def _load_directory(path: str, tokenizer_only: bool, model_overrides: dict[str, Any]
                     ) -> tuple[nn.Module, dict[str, Any]]:
-    """`load_tokenizer`; without `tokenizer_only`, a pretrained directory of any model loads
-    too (`load`: a converted generator)."""
+    """`load_tokenizer`; without `tokenizer_only`, a pretrained directory or training workdir
+    of a generator loads too (`load`)."""
     path = os.path.abspath(resolve(path))
     kind, name, kwargs = _model_spec(path)
     if kind == "pretrained":
