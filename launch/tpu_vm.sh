@@ -8,6 +8,8 @@
 #   launch/tpu_vm.sh [--dry-run] tail    NAME ZONE [WORKER]
 #   launch/tpu_vm.sh [--dry-run] delete  NAME ZONE
 #
+# --dry-run (anywhere among the arguments) prints the commands instead of running them.
+#
 # `run` starts the same command on every worker (required: all hosts must join
 # jax.distributed), with TOK1D_DISTRIBUTED=1 (auto-detected coordinator), a persistent
 # compilation cache on the VM's local disk and the workdir where you point it (a local path:
@@ -18,8 +20,12 @@
 # tpu-ubuntu2204-base), TOK1D_REMOTE_DIR (default tok1d).
 set -euo pipefail
 
-DRY_RUN=0
-if [[ "${1:-}" == "--dry-run" ]]; then DRY_RUN=1; shift; fi
+DRY_RUN=0  # --dry-run anywhere among the arguments
+ARGS=()
+for arg in "$@"; do
+  if [[ "$arg" == "--dry-run" ]]; then DRY_RUN=1; else ARGS+=("$arg"); fi
+done
+set -- ${ARGS[@]+"${ARGS[@]}"}
 
 usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit "${1:-1}"; }
 run() {
@@ -52,7 +58,8 @@ case "$CMD" in
   run)
     [[ $# -ge 4 ]] || usage
     NAME=$1 ZONE=$2 CONFIG=$3 WORKDIR=$4; shift 4
-    OVERRIDES=$(printf '%q ' "$@")
+    OVERRIDES=""  # (printf of no arguments would pass one empty argument)
+    if [[ $# -gt 0 ]]; then OVERRIDES=$(printf '%q ' "$@"); fi
     REMOTE_CMD="cd $REMOTE && . .venv/bin/activate && export TOK1D_DISTRIBUTED=1 TOK1D_COMPILATION_CACHE=\$HOME/.cache/tok1d_jax && nohup python -m tok1d.main --config=$CONFIG --workdir=$WORKDIR $OVERRIDES > \$HOME/tok1d.log 2>&1 &"
     run gcloud compute tpus tpu-vm ssh "$NAME" --zone "$ZONE" "${PROJECT_FLAG[@]}" --worker=all \
       --command "$REMOTE_CMD"

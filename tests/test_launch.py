@@ -25,6 +25,15 @@ def test_tpu_run_starts_the_same_command_on_all_workers():
     assert "--config.total_steps=10" in line and "TOK1D_COMPILATION_CACHE" in line
 
 
+def test_tpu_run_without_overrides_and_dry_run_anywhere():
+    """`run` with no overrides passes no empty argument (tok1d.main refused it: "unexpected
+    arguments"), and --dry-run after the command still only prints (it ran gcloud)."""
+    out = sh(TPU, "run", "--dry-run", "pod", "z", "configs/demo.py", "/gcs/b/w")
+    assert out.returncode == 0, out.stderr
+    line = out.stdout.replace("\\", "")
+    assert "--workdir=/gcs/b/w  > $HOME/tok1d.log" in line and "''" not in line
+
+
 def test_tpu_lifecycle_commands():
     create = sh(TPU, "--dry-run", "create", "pod", "z", "v4-32", "--spot").stdout
     assert "tpu-vm create pod --zone z" in create and "--accelerator-type v4-32" in create

@@ -488,3 +488,15 @@ def test_tensors_the_mesh_cannot_split_are_named_once(caplog):
     assert len(lines) == 1 and "1 parameter tensors (1 MiB)" in lines[0]
     assert "odd/kernel (1024, 300) over tensor" in lines[0]
     assert parallel.whole_over_axes(boxed, parallel.create_mesh({"fsdp": 8}), rules) == []
+
+
+@pytest.mark.parametrize("address, n, pid, needle", [
+    ("localhost", 1, 0, "coordinator_address='localhost' is not HOST:PORT"),
+    ("127.0.0.1:1234", 0, -1, "num_processes=0"),
+    ("127.0.0.1:1234", 2, 2, r"process_id=2 \(this process: 0 .. 1\)")])
+def test_a_bad_coordinator_setting_is_one_line_before_jax_distributed(address, n, pid, needle):
+    """An explicit coordinator without a port, or without a valid place among the processes:
+    one ValueError naming the settings (jax.distributed raised an IndexError traceback or
+    "Got process_id=-1, num_processes=0")."""
+    with pytest.raises(ValueError, match=needle):
+        parallel.maybe_initialize_distributed(address, n, pid)

@@ -256,10 +256,22 @@ def maybe_initialize_distributed(coordinator_address: str = "", num_processes: i
                                  process_id: int = -1) -> None:
     """Starts multi-host JAX. Must run before anything touches the backend.
 
-    With no arguments, jax.distributed auto-detects TPU pods, SLURM and Open MPI clusters.
-    """
+    With no arguments, jax.distributed auto-detects TPU pods, SLURM and Open MPI clusters. An
+    explicit coordinator needs HOST:PORT and this process's place among `num_processes`
+    (a ValueError naming the settings otherwise)."""
     kwargs = {}
     if coordinator_address:
+        _, colon, port = coordinator_address.rpartition(":")
+        problems = ([f"coordinator_address={coordinator_address!r} is not HOST:PORT"]
+                    if not (colon and port.isdigit()) else [])
+        if num_processes < 1:
+            problems.append(f"num_processes={num_processes} (the number of processes, >= 1)")
+        elif not 0 <= process_id < num_processes:
+            problems.append(f"process_id={process_id} (this process: 0 .. "
+                            f"{num_processes - 1})")
+        if problems:
+            raise ValueError("distributed: " + "; ".join(problems) + " (--config.distributed."
+                             "coordinator_address / num_processes / process_id).")
         kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes,
                       process_id=process_id)
     jax.distributed.initialize(**kwargs)
