@@ -167,10 +167,9 @@ def _from_hub(file: File, local: str) -> str:
                            "pip install 'tok1d[hub]'") from None
     hub_download = huggingface_hub.hf_hub_download  # (a lazy import: it adds the handler)
     quiet_own_handler(logging.getLogger("huggingface_hub"))
-    reachable = offline() or _hub_reachable(huggingface_hub.constants.ENDPOINT)
+    local_only = offline() or not _hub_reachable(huggingface_hub.constants.ENDPOINT)
     try:
-        return hub_download(repo_id=repo, filename=path,
-                            local_files_only=offline() or not reachable)
+        return hub_download(repo_id=repo, filename=path, local_files_only=local_only)
     except Exception as e:  # noqa: BLE001 - offline, no network, no such repo/file: one line
         if isinstance(e, LocalEntryNotFoundError):
             why = ("offline (TOK1D_OFFLINE / HF_HUB_OFFLINE) and not in the Hub cache"
