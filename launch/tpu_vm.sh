@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run a tok1d config on a Cloud TPU VM (single host or pod slice): create, copy code, install,
+# Run a tok1d config on a Cloud TPU VM (single host or pod slice): create, copy the source, install,
 # run on all workers, tail logs, delete.
 #
 #   launch/tpu_vm.sh [--dry-run] create  NAME ZONE ACCELERATOR [--spot]
@@ -50,10 +50,21 @@ case "$CMD" in
   setup)
     [[ $# -eq 2 ]] || usage
     NAME=$1 ZONE=$2
-    run gcloud compute tpus tpu-vm scp --recurse "$REPO" "$NAME:$REMOTE" --zone "$ZONE" \
+    # The source only (git's tracked and not-ignored files: no .venv, .git or workdirs), as one
+    # archive unpacked into ~/$REMOTE, so that a second `setup` updates the code in place.
+    ARCHIVE=${TMPDIR:-/tmp}/tok1d-src-$NAME.tar.gz
+    if [[ -d "$REPO/.git" ]]; then
+      run bash -c 'cd "$1" && git ls-files -z -co --exclude-standard |
+        while IFS= read -r -d "" f; do [[ -e "$f" ]] && printf "%s\0" "$f"; done |
+        tar --null -T - -czf "$2"' _ "$REPO" "$ARCHIVE"
+    else
+      run tar -czf "$ARCHIVE" -C "$REPO" --exclude=.venv --exclude=.git \
+        --exclude=__pycache__ --exclude='*.egg-info' .
+    fi
+    run gcloud compute tpus tpu-vm scp "$ARCHIVE" "$NAME:tok1d-src.tar.gz" --zone "$ZONE" \
       "${PROJECT_FLAG[@]}" --worker=all
     run gcloud compute tpus tpu-vm ssh "$NAME" --zone "$ZONE" "${PROJECT_FLAG[@]}" --worker=all \
-      --command "cd $REMOTE && python3 -m venv .venv && . .venv/bin/activate && pip install -U pip && pip install -e '.[tpu]' && python -c 'import jax; print(jax.__version__, jax.device_count())'"
+      --command "mkdir -p $REMOTE && tar -xzf tok1d-src.tar.gz -C $REMOTE && rm tok1d-src.tar.gz && cd $REMOTE && python3 -m venv .venv && . .venv/bin/activate && pip install -U pip && pip install -e '.[tpu]' && python -c 'import jax; print(jax.__version__, jax.device_count())'"
     ;;
   run)
     [[ $# -ge 4 ]] || usage

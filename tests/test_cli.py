@@ -231,6 +231,23 @@ def test_counts_out_of_range_are_one_line(command, args, needle, capsys):
     assert needle in one_error_line(capsys.readouterr().err)
 
 
+@pytest.mark.parametrize("command, args", [
+    ("tokenize", ["--tokenizer=T", "--data=demo"]),
+    ("sample", [f"--config={os.path.join(REPO, 'configs', 'gpt_gigatok.py')}:b", "--checkpoint=C",
+                "--tokenizer=T"]),
+    ("evaluate", ["--checkpoint=C"]),
+    ("bench", [f"--config={TINY}"])])
+def test_every_command_takes_the_multi_host_flags(command, args, tmp_path, capsys):
+    """tokenize, sample, evaluate and bench take --coordinator_address / --num_processes /
+    --process_id (only tokenize did); process settings without a coordinator are one line
+    (they were ignored: a one-process run)."""
+    job = importlib.import_module(f"tok1d.cli.{command}")
+    out = [f"--out={tmp_path / 'o'}"] if command != "bench" else []
+    assert app.run(job, args + out + ["--num_processes=2", "--process_id=1"]) == 2
+    assert "num_processes=2 / process_id=1 need a coordinator_address" in one_error_line(
+        capsys.readouterr().err)
+
+
 def test_sampling_with_a_tokenizer_config_or_workdir_is_one_line(tmp_path, capsys):
     """`tok1d sample` given a tokenizer's config, or a tokenizer's workdir as the generator
     checkpoint, names the mistake."""

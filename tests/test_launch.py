@@ -2,6 +2,7 @@
 
 import os
 import subprocess
+import tarfile
 
 from conftest import REPO
 
@@ -39,8 +40,8 @@ def test_tpu_lifecycle_commands():
     assert "tpu-vm create pod --zone z" in create and "--accelerator-type v4-32" in create
     assert "--spot" in create
     setup = sh(TPU, "--dry-run", "setup", "pod", "z").stdout.replace("\\", "")
-    assert "tpu-vm scp --recurse" in setup and "--worker=all" in setup
-    assert "pip install -e '.[tpu]'" in setup
+    assert "tpu-vm scp" in setup and "--worker=all" in setup and "--recurse" not in setup
+    assert "tar -xzf tok1d-src.tar.gz -C tok1d" in setup and "pip install -e '.[tpu]'" in setup
     assert "tpu-vm delete pod --zone z" in sh(TPU, "--dry-run", "delete", "pod", "z").stdout
     assert "--worker=3" in sh(TPU, "--dry-run", "tail", "pod", "z", "3").stdout
 
@@ -52,12 +53,48 @@ def test_tpu_bad_usage_fails_with_help():
     assert out.returncode != 0 and "unknown command" in out.stderr
 
 
-def test_slurm_dry_run_prints_srun_command(tmp_path):
-    venv = tmp_path / "venv" / "bin"
-    venv.mkdir(parents=True)
-    (venv / "activate").write_text("")
-    out = sh(SLURM, "configs/demo.py", "/shared/w", "--config.seed=1",
-             env={"TOK1D_DRY_RUN": "1", "TOK1D_VENV": str(tmp_path / "venv")})
+def test_tpu_setup_copies_the_source_without_venv_or_git(tmp_path):
+    """`setup` ships git's tracked and not-ignored files as one archive unpacked into
+    ~/tok1d (it copied the whole checkout, .venv and .git included, with scp --recurse, which
+    lands in tok1d/main/ the second time). Runs the real archive step with a fake gcloud."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "gcloud").write_text('#!/bin/sh\necho "$@" >> "$GCLOUD_LOG"\n')
+    (bin_dir / "gcloud").chmod(0o755)
+    log = tmp_path / "gcloud.log"
+    out = sh(TPU, "setup", "pod", "z", env={"PATH": f"{bin_dir}:{os.environ['PATH']}",
+                                            "TMPDIR": str(tmp_path), "GCLOUD_LOG": str(log)})
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == ("srun python -m tok1d.main --config=configs/demo.py "
-                                  "--workdir=/shared/w --config.seed=1")
+    archive = tmp_path / "tok1d-src-pod.tar.gz"
+    with tarfile.open(archive) as tar:
+        names = tar.getnames()
+    assert "tok1d/__init__.py" in names and "launch/tpu_vm.sh" in names and "setup.py" in names
+    assert not [n for n in names if n.split("/")[0] in (".venv", ".git") or "__pycache__" in n]
+    calls = log.read_text().splitlines()
+    assert calls[0].startswith(f"compute tpus tpu-vm scp {archive} pod:tok1d-src.tar.gz")
+    assert "tar -xzf tok1d-src.tar.gz -C tok1d" in calls[1]
+
+
+def test_slurm_dry_run_prints_srun_command(tmp_path):
+    out = sh(SLURM, "configs/demo.py", "/shared/w", "--config.seed=1",
+             env={"TOK1D_DRY_RUN": "1", "TOK1D_VENV": str(tmp_path / "venv"),
+                  "TOK1D_REPO": REPO})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == (f"cd {REPO} && . {tmp_path}/venv/bin/activate && srun python "
+                                  "-m tok1d.main --config=configs/demo.py --workdir=/shared/w "
+                                  "--config.seed=1")
+
+
+def test_slurm_bad_usage_is_one_line(tmp_path):
+    """No arguments: a usage line (it was bash's "1: config file"); submitted from outside a
+    checkout without TOK1D_REPO, or without an environment: one line naming the setting."""
+    out = sh(SLURM)
+    assert out.returncode == 2 and out.stderr.startswith("usage: sbatch")
+    env = {k: v for k, v in os.environ.items() if k not in ("TOK1D_REPO", "SLURM_SUBMIT_DIR")}
+    out = subprocess.run(["bash", SLURM, "c.py", "/w"], capture_output=True, text=True,
+                         cwd=tmp_path, env=env, timeout=30)
+    assert out.returncode == 2 and "not a tok1d checkout" in out.stderr
+    assert "TOK1D_REPO" in out.stderr
+    out = sh(SLURM, "c.py", "/w", env={"SLURM_SUBMIT_DIR": REPO,
+                                      "TOK1D_VENV": str(tmp_path / "none")})
+    assert out.returncode == 2 and "no environment at" in out.stderr

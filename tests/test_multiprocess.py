@@ -108,6 +108,7 @@ def test_two_processes_match_one(tmp_path):
         _, out, err = outputs[f"process{pid}"]
         log = out + err
         assert f"process {pid}/2" in log, report
+        assert f"Joining 2 processes at 127.0.0.1:" in out and f"as process {pid}" in out, report
         assert "8 devices" in log, report
     _, out0, err0 = outputs["process0"]
     assert "over 8 devices (2 processes)" in out0 + err0, report

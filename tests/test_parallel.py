@@ -500,3 +500,22 @@ def test_a_bad_coordinator_setting_is_one_line_before_jax_distributed(address, n
     "Got process_id=-1, num_processes=0")."""
     with pytest.raises(ValueError, match=needle):
         parallel.maybe_initialize_distributed(address, n, pid)
+
+
+def test_process_settings_without_a_coordinator_are_refused():
+    """num_processes / process_id alone were silently ignored (a one-process run)."""
+    with pytest.raises(ValueError, match=r"num_processes=2 / process_id=1 need a coordinator"):
+        parallel.maybe_initialize_distributed("", 2, 1)
+
+
+def test_auto_detection_that_finds_nothing_says_so():
+    """TOK1D_DISTRIBUTED=1 off a pod or cluster: one line saying that nothing was detected (it
+    was JAX's "coordinator_address should be defined"). A fresh process: jax.distributed
+    refuses to start after the backend has."""
+    env = {k: v for k, v in subprocess_env(1).items()
+           if not k.startswith(("SLURM_", "OMPI_", "TPU_", "CLOUD_TPU", "MEGASCALE"))}
+    code = ("from tok1d import parallel\ntry:\n    parallel.maybe_initialize_distributed()\n"
+            "except ValueError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert "no TPU pod, SLURM or Open MPI environment was found" in out.stdout, out.stderr

@@ -256,25 +256,52 @@ def maybe_initialize_distributed(coordinator_address: str = "", num_processes: i
                                  process_id: int = -1) -> None:
     """Starts multi-host JAX. Must run before anything touches the backend.
 
-    With no arguments, jax.distributed auto-detects TPU pods, SLURM and Open MPI clusters. An
-    explicit coordinator needs HOST:PORT and this process's place among `num_processes`
-    (a ValueError naming the settings otherwise)."""
-    kwargs = {}
-    if coordinator_address:
-        _, colon, port = coordinator_address.rpartition(":")
-        problems = ([f"coordinator_address={coordinator_address!r} is not HOST:PORT"]
-                    if not (colon and port.isdigit()) else [])
-        if num_processes < 1:
-            problems.append(f"num_processes={num_processes} (the number of processes, >= 1)")
-        elif not 0 <= process_id < num_processes:
-            problems.append(f"process_id={process_id} (this process: 0 .. "
-                            f"{num_processes - 1})")
-        if problems:
-            raise ValueError("distributed: " + "; ".join(problems) + " (--config.distributed."
-                             "coordinator_address / num_processes / process_id).")
-        kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes,
-                      process_id=process_id)
-    jax.distributed.initialize(**kwargs)
+    With no arguments, jax.distributed auto-detects TPU pods, SLURM and Open MPI clusters (a
+    ValueError saying so where none is found). An explicit coordinator needs HOST:PORT and this
+    process's place among `num_processes`; `num_processes` / `process_id` without a coordinator
+    are refused rather than ignored (a ValueError naming the settings in each case). Logs one
+    line before joining: JAX waits, silently, up to five minutes for absent processes."""
+    flags = ("(--config.distributed.coordinator_address / num_processes / process_id, or "
+             "--coordinator_address / --num_processes / --process_id)")
+    if not coordinator_address:
+        if num_processes > 0 or process_id >= 0:
+            raise ValueError(f"distributed: num_processes={num_processes} / process_id="
+                             f"{process_id} need a coordinator_address=HOST:PORT {flags}.")
+        logging.getLogger(__name__).info(
+            "Joining a multi-host run (coordinator auto-detected; JAX waits up to 5 min for "
+            "every process)")
+        try:
+            jax.distributed.initialize()
+        except ValueError as e:  # "coordinator_address should be defined": nothing detected
+            if "coordinator_address" not in str(e):
+                raise
+            raise ValueError(
+                "distributed: TOK1D_DISTRIBUTED=1 asks to auto-detect a multi-host run, but no "
+                "TPU pod, SLURM or Open MPI environment was found; give a coordinator "
+                f"{flags} or unset TOK1D_DISTRIBUTED.") from None
+        _cpu_collectives_over_gloo()
+        return
+    _, colon, port = coordinator_address.rpartition(":")
+    problems = ([f"coordinator_address={coordinator_address!r} is not HOST:PORT"]
+                if not (colon and port.isdigit()) else [])
+    if num_processes < 1:
+        problems.append(f"num_processes={num_processes} (the number of processes, >= 1)")
+    elif not 0 <= process_id < num_processes:
+        problems.append(f"process_id={process_id} (this process: 0 .. {num_processes - 1})")
+    if problems:
+        raise ValueError("distributed: " + "; ".join(problems) + f" {flags}.")
+    logging.getLogger(__name__).info(
+        "Joining %d processes at %s as process %d (JAX waits up to 5 min for every process)",
+        num_processes, coordinator_address, process_id)
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)
+    _cpu_collectives_over_gloo()
+
+
+def _cpu_collectives_over_gloo() -> None:
+    """CPU devices' cross-process collectives (read when the backend starts, after
+    jax.distributed; harmless on GPU / TPU)."""
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
 
 def size_cpu_thread_pool(environ=os.environ) -> None:
@@ -295,12 +322,12 @@ def size_cpu_thread_pool(environ=os.environ) -> None:
 def setup_process(coordinator_address: str = "", num_processes: int = 0,
                   process_id: int = -1) -> None:
     """What every command does first: joins a multi-host run when asked (a coordinator address,
-    or TOK1D_DISTRIBUTED=1 for auto-detection on TPU pods / SLURM; CPU collectives over gloo,
-    harmless on GPU/TPU) and turns on the persistent compilation cache
-    (`compilation_cache_dir`): a restarted or resumed run loads its compiled programs."""
+    or TOK1D_DISTRIBUTED=1 for auto-detection on TPU pods / SLURM) and turns on the persistent
+    compilation cache (`compilation_cache_dir`): a restarted or resumed run loads its compiled
+    programs."""
     size_cpu_thread_pool()
-    if coordinator_address or os.environ.get("TOK1D_DISTRIBUTED") == "1":
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if (coordinator_address or num_processes > 0 or process_id >= 0
+            or os.environ.get("TOK1D_DISTRIBUTED") == "1"):
         maybe_initialize_distributed(coordinator_address, num_processes, process_id)
     cache = compilation_cache_dir()
     if cache:

@@ -45,7 +45,7 @@ from absl import logging as absl_logging
 import ml_collections
 from ml_collections import config_flags
 
-from tok1d import errors
+from tok1d import errors, parallel
 from tok1d.train import config_lib, programs
 from tok1d.weights import layout
 
@@ -393,6 +393,23 @@ COMMANDS = {
     "convert": "convert an official PyTorch checkpoint into a tok1d pretrained directory",
     "bench": "speed, memory and MFU of a config's programs (random weights)",
 }
+
+
+def define_distributed_flags(fv: flags.FlagValues) -> None:
+    """The multi-host flags of the commands without a run config (`tok1d train` has
+    `--config.distributed.*`): an explicit coordinator, or TOK1D_DISTRIBUTED=1 for
+    auto-detection on TPU pods / SLURM / Open MPI."""
+    flags.DEFINE_string("coordinator_address", "", "Multi-host: coordinator host:port (or set "
+                        "TOK1D_DISTRIBUTED=1 for auto-detection).", flag_values=fv)
+    flags.DEFINE_integer("num_processes", 0, "Multi-host: number of processes.",
+                         lower_bound=0, flag_values=fv)
+    flags.DEFINE_integer("process_id", -1, "Multi-host: this process's id.",
+                         lower_bound=-1, flag_values=fv)
+
+
+def setup_process(fv: flags.FlagValues) -> None:
+    """`parallel.setup_process` with the flags of `define_distributed_flags`."""
+    parallel.setup_process(fv.coordinator_address, fv.num_processes, fv.process_id)
 
 
 def tool_help() -> str:

@@ -119,6 +119,7 @@ def define_flags(fv: flags.FlagValues) -> None:
                          "counts).", lower_bound=1, flag_values=fv)
     flags.DEFINE_bool("official", True, "input: also run the official loader (torchvision).",
                       flag_values=fv)
+    app.define_distributed_flags(fv)
 
 
 # ---------------------------------------------------------------------------- measurement
@@ -592,7 +593,7 @@ def execute(fv: flags.FlagValues, args: list[str]) -> None:
                 command = " ".join(app.command_line())
                 f.writelines(json.dumps(dict(row, command=command)) + "\n" for row in rows)
         return
-    parallel.setup_process()
+    app.setup_process(fv)
     tok_cfg = app.load_config_file(fv.tokenizer_config) if fv.tokenizer_config else None
     row = run(fv.config, fv.workload, fv.batch_size, fv.steps, fv.warmup, tok_cfg,
               fv.peak_tflops, fv.compile_only, fv.profile)

@@ -88,6 +88,7 @@ def define_flags(fv: flags.FlagValues) -> None:
                         "k: 'all' (1, 2, 4, ..., N) or e.g. 1,2,4,8 (a 1D tokenizer; k "
                         "counts codes like num_tokens: residual VQ, multiples of its depth).",
                         flag_values=fv)
+    app.define_distributed_flags(fv)
 
 
 def _setup(config):
@@ -441,7 +442,7 @@ def run(config, checkpoint: str = "", tokenizer: str = "", samples: str = "", ou
 def execute(fv: flags.FlagValues, args: list[str]) -> None:
     del args
     errors.check_output_dir(fv.out, "--out")
-    parallel.setup_process()
+    app.setup_process(fv)
     config = fv.config if fv.config is not None else config_lib.base_config()
     with config.unlocked():
         for key in ("inception", "reference"):

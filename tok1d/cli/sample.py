@@ -99,6 +99,7 @@ def define_flags(fv: flags.FlagValues) -> None:
                       "Feature network of the sweep's metrics: the FID Inception of "
                       "config.evaluation, or the demo's digit classifier trained on "
                       "data.train_split (digits only).", flag_values=fv)
+    app.define_distributed_flags(fv)
 
 
 def _numbers(values: Sequence[str]) -> bool:
@@ -276,7 +277,7 @@ def sweep_reference(config, features: str, log=print):
 def execute(fv: flags.FlagValues, args: list[str]) -> None:
     del args
     errors.check_output_dir(fv.out, "--out")
-    parallel.setup_process()  # TOK1D_DISTRIBUTED=1 on pods / SLURM; the compilation cache
+    app.setup_process(fv)  # multi-host (flags or TOK1D_DISTRIBUTED=1); the compilation cache
     if fv.sweep:
         run_sweep(fv.config, fv.checkpoint, fv.tokenizer, fv.num_images, fv.out,
                   fv.sweep_guidance, fv.sweep_temperature, fv.sweep_features, fv.batch_size,

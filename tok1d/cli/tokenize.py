@@ -652,18 +652,13 @@ def define_flags(fv: flags.FlagValues) -> None:
                         flag_values=fv)
     flags.DEFINE_integer("threads", 16, "Image loading threads per host.",
                          lower_bound=1, flag_values=fv)
-    flags.DEFINE_string("coordinator_address", "", "Multi-host: coordinator host:port (or set "
-                        "TOK1D_DISTRIBUTED=1 for auto-detection).", flag_values=fv)
-    flags.DEFINE_integer("num_processes", 0, "Multi-host: number of processes.",
-                         lower_bound=0, flag_values=fv)
-    flags.DEFINE_integer("process_id", -1, "Multi-host: this process's id.",
-                         lower_bound=-1, flag_values=fv)
+    app.define_distributed_flags(fv)
 
 
 def execute(fv: flags.FlagValues, args: list[str]) -> None:
     del args
     errors.check_output_dir(fv.out, "--out")
-    parallel.setup_process(fv.coordinator_address, fv.num_processes, fv.process_id)
+    app.setup_process(fv)
     # The data first: a wrong name fails before a large checkpoint is read.
     try:
         source = resolve_source(fv.data, fv.split, data_dir=fv.data_dir,
