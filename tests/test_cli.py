@@ -112,11 +112,41 @@ def test_a_fresh_run_that_fails_before_writing_leaves_no_empty_workdir(tmp_path,
     ([f"--config={TINY}", "--workdir=W", "--config.optim.lr=fast"], "--config.optim.lr=fast"),
     ([f"--config={TINY}", "--workdir=W", "stray"], "unexpected arguments: stray"),
     ([f"--config={TINY}", "--workdir=W", "--config.model.qqq=1"],
-     "model holds its module's arguments"),
+     "Unknown argument(s) for model 'titok' (plus encoder_size/decoder_size): 'qqq'"),
+    ([f"--config={TINY}", "--workdir=W", "--config.model.decoder_heed=logits"],
+     "'decoder_heed' (did you mean 'decoder_head'?)"),
+    ([f"--config={TINY}", "--workdir=W", "--config.losses.qqq=1"],
+     "losses holds its module's arguments"),
 ])
 def test_bad_command_lines_are_one_line(args, needle, capsys):
     assert app.run(train, args) == 2
     assert needle in one_error_line(capsys.readouterr().err)
+
+
+def test_any_module_argument_is_an_override(tmp_path, capsys):
+    """`--config.model.KEY=VALUE` (and teacher / discriminator / ar_probe `.model`) adds any
+    argument of the module, not only those the config file names ("not a config key"
+    before); values are Python literals or strings, and a dict or list override may be JSON
+    (ml_collections refused `true`). A tokenizer whose reconstruction is
+    not its input's size is one line before the train step is traced (it was the pixel
+    loss's broadcasting traceback): here a pixel decoder upsampling by 16 after patch 8."""
+    args = [f"--config={TINY}", f"--workdir={tmp_path / 'w'}",
+            "--config.model.decoder_head=logits", "--config.model.pixel_decoder=true",
+            "--config.model.num_proxy_codes=64", "--config.model.finetune_decoder=True",
+            "--config.model.pixel_channel_mult=(1, 1, 2, 2, 4)",
+            "--config.discriminator.model.num_stages=2"]
+    fv, _ = app._parse(train, "python -m tok1d.main", args + [
+        '--config.model.quantizer_options={"levels": [8, 8], "flag": true, "none": null}'])
+    assert fv.config.model.quantizer_options.to_dict() == {"levels": [8, 8], "flag": True,
+                                                           "none": None}  # JSON's names
+    model = fv.config.model
+    assert (model.decoder_head, model.pixel_decoder, model.num_proxy_codes) == ("logits", True, 64)
+    assert model.pixel_channel_mult == (1, 1, 2, 2, 4) and model.finetune_decoder is True
+    assert fv.config.discriminator.model.num_stages == 2
+    assert app.run(train, args) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "the tokenizer reconstructs 64x64x3 images from 32x32x3 inputs" in line, line
+    assert not os.path.exists(tmp_path / "w")
 
 
 @pytest.mark.parametrize("name, text, needle", [

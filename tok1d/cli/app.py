@@ -29,16 +29,18 @@ absl records and Python warnings from ERROR on), unless `--verbosity=1` (their I
 
 from __future__ import annotations
 
+import ast
 import difflib
 import importlib
 import importlib.util
+import json
 import logging
 import os
 import re
 import sys
 import traceback
 import types
-from typing import NoReturn, Optional, Sequence
+from typing import Any, NoReturn, Optional, Sequence
 
 from absl import flags
 from absl import logging as absl_logging
@@ -189,13 +191,85 @@ def _unknown_override(config_file: str, args: Sequence[str]) -> Optional[str]:
                 where = ".".join(done + [key])
                 hint = f" (did you mean {'.'.join(done + close[:1])!r}?)" if close else ""
                 section = ".".join(done)
-                if not close and section in config_lib.FREE_FORM:
+                if not close and section in config_lib.FREE_FORM and section not in MODULE_SECTIONS:
                     hint = (f" ({section} holds its module's arguments, here "
                             f"{sorted(known)}: give the whole section to add one, e.g. "
                             f"--config.{section}=\"{{'name': ..., '{key}': ...}}\")")
                 return f"--config.{m.group(1)}: {where!r} is not a config key{hint}."
             node, done = node[key], done + [key]
     return None
+
+
+# Config sections that hold a module's keyword arguments: `--config.SECTION.KEY=VALUE` may add
+# any argument of the module, also one the config file does not name (the module's own check,
+# in `validate` or where the module is built, refuses a key it does not take).
+MODULE_SECTIONS = ("model", "teacher.model", "discriminator.model", "ar_probe.model")
+_OVERRIDE_VALUE = re.compile(r"^(--?config\.[^=]+)=(.*)$", re.DOTALL)
+_MODULE_ARGUMENT = re.compile(r"^--?config\.(.+)\.([A-Za-z_]\w*)=(.*)$", re.DOTALL)
+
+
+def _split_new_module_arguments(config_file: Optional[str], args: Sequence[str]
+                                ) -> tuple[list[str], list[tuple[str, str, Any]]]:
+    """(the other arguments, [(section, key, value)]) for the `--config.SECTION.KEY=VALUE`
+    overrides that add a module argument the config file does not name (`_literal` values)."""
+    matches = [_MODULE_ARGUMENT.match(a) for a in args]
+    if not config_file or not any(m and m.group(1) in MODULE_SECTIONS for m in matches):
+        return list(args), []
+    try:
+        config = load_config_file(config_file)
+    except Exception:  # noqa: BLE001 - the config itself fails: reported by the parser
+        return list(args), []
+    kept, added = [], []
+    for arg, m in zip(args, matches):
+        if m and m.group(1) in MODULE_SECTIONS:
+            section = _section(config, m.group(1))
+            if section is not None and m.group(2) not in section:
+                added.append((m.group(1), m.group(2), _literal(m.group(3))))
+                continue
+        kept.append(arg)
+    return kept, added
+
+
+def _section(config: Any, path: str) -> Optional[Any]:
+    node = config
+    for key in path.split("."):
+        if not isinstance(node, (ml_collections.ConfigDict, dict)) or key not in node:
+            return None
+        node = node[key]
+    return node if isinstance(node, (ml_collections.ConfigDict, dict)) else None
+
+
+def _json_as_literal(arg: str) -> str:
+    """A `--config.KEY={...}` / `[...]` override written in JSON (`true`, `false`, `null`)
+    rewritten as the Python literal that ml_collections parses (it refused JSON's names)."""
+    m = _OVERRIDE_VALUE.match(arg)
+    return f"{m.group(1)}={_python_literal_text(m.group(2))}" if m else arg
+
+
+def _python_literal_text(text: str) -> str:
+    """`text`, or the Python literal of a JSON object / array that is not one already."""
+    if not text.lstrip().startswith(("{", "[")):
+        return text
+    try:
+        ast.literal_eval(text)
+        return text
+    except (ValueError, SyntaxError):
+        pass
+    try:
+        return repr(json.loads(text))
+    except ValueError:
+        return text
+
+
+def _literal(text: str) -> Any:
+    """A new module argument's value: a Python literal (JSON's objects and `true` / `false`
+    too), else the string itself."""
+    if text.strip() in ("true", "false"):
+        return text.strip() == "true"
+    try:
+        return ast.literal_eval(_python_literal_text(text))
+    except (ValueError, SyntaxError):
+        return text
 
 
 def _config_line(e: BaseException, config_file: Optional[str]) -> str:
@@ -215,6 +289,8 @@ def _parse(job: types.ModuleType, prog: str, args: list[str]
     config_file = _config_path(args) if job.CONFIG is not None else None
     if config_file is not None:
         _existing_config_file(config_file)
+    args = [_json_as_literal(a) for a in args]
+    args, new_arguments = _split_new_module_arguments(config_file, args)
     argv = [prog] + list(args)
     fv = _flag_values(job, argv)
     try:
@@ -241,6 +317,10 @@ def _parse(job: types.ModuleType, prog: str, args: list[str]
             fv.config.keys()  # a config that failed to load raises on first access
         except OSError as e:
             raise errors.UserError(_one_line(e)) from None
+    for path, key, value in new_arguments:
+        section = _section(fv.config, path)
+        with section.unlocked(), section.ignore_type():
+            section[key] = value
     for name in job.REQUIRED:
         if fv[name].value in (None, ""):
             raise errors.UserError(f"--{name} is required (see {prog} --help).")

@@ -473,6 +473,17 @@ class QuantizerState:
         return abstract, jax.tree.map(lambda _: replicated, abstract)
 
 
+def check_reconstruction_shape(recon: tuple[int, ...], images: tuple[int, ...]) -> None:
+    """A ConfigError when the tokenizer's reconstruction is not the size of its input (the
+    pixel losses' shape error came from inside the train step's trace, as a traceback)."""
+    if tuple(recon) != tuple(images):
+        raise config_lib.ConfigError(
+            f"the tokenizer reconstructs {'x'.join(map(str, recon[1:]))} images from "
+            f"{'x'.join(map(str, images[1:]))} inputs (data.image_size={images[1]}): its "
+            "decoder's upsampling differs from its encoder's downsampling (e.g. a pixel "
+            "decoder that upsamples by 16 after model.patch_size=8).")
+
+
 def build_training(config: ml_collections.ConfigDict, mesh, rules, batch_sh) -> Training:
     """Model, optimizer, frozen networks, GAN objective, state shardings and the jitted step
     (state donated) of `config`."""
@@ -482,7 +493,10 @@ def build_training(config: ml_collections.ConfigDict, mesh, rules, batch_sh) -> 
     local_rows = config.batch_size // config.optim.grad_accum_steps
     dummy = jnp.zeros((min(local_rows, 2), dcfg.image_size, dcfg.image_size, 3), jnp.float32)
     init_params = lambda rng: model.init(rng, dummy)["params"]  # noqa: E731
-    variables = jax.eval_shape(model.init, jax.random.key(0), dummy)  # boxed; traced once
+    # Boxed; traced once, with the reconstruction's shape for free.
+    (recon, _), variables = jax.eval_shape(model.init_with_output, jax.random.key(0), dummy)
+    if model.outputs_pixels:  # (not TiTok stage 1's proxy-code logits)
+        check_reconstruction_shape(recon.shape, dummy.shape)
     param_shapes = nn.unbox(variables["params"])
     tx, schedule = optim.make_optimizer(config.optim, config.total_steps, param_shapes)
 
