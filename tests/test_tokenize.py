@@ -2,6 +2,7 @@
 through TokenSource / token_dataset, and the embedded digits source."""
 
 import json
+import logging
 import os
 import shutil
 
@@ -309,7 +310,7 @@ def test_a_run_with_quantizer_options_and_a_generator_run_load(tmp_path):
         loaders.load_tokenizer(str(tmp_path / "gen"))
 
 
-def test_load_tokenizer_from_pretrained_dir_and_training_workdir(tiny, tmp_path):
+def test_load_tokenizer_from_pretrained_dir_and_training_workdir(tiny, tmp_path, caplog):
     import orbax.checkpoint as ocp
     from configs import tiny_test
     from tok1d.weights import pretrained
@@ -329,7 +330,13 @@ def test_load_tokenizer_from_pretrained_dir_and_training_workdir(tiny, tmp_path)
     ema = jax.tree.map(lambda x: x + 1.0, params)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(str(work / "checkpoints" / "4" / "state"), {"params": params, "ema_params": ema})
-    m, p = loaders.load_tokenizer(str(work))
+    # As a run's CheckpointManager lays it out: the step folder holds the step's metadata;
+    # reading the item alone logs no orbax "Metadata file does not exist" warning.
+    os.replace(work / "checkpoints" / "4" / "state" / "_CHECKPOINT_METADATA",
+               work / "checkpoints" / "4" / "_CHECKPOINT_METADATA")
+    with caplog.at_level(logging.WARNING):
+        m, p = loaders.load_tokenizer(str(work))
+    assert not [r for r in caplog.records if "Metadata file" in r.getMessage()]
     desc = loaders.describe_tokenizer(str(work))
     assert desc["kind"] == "workdir" and desc["step"] == 4 and m.codebook_size == 64
     np.testing.assert_array_equal(p["latent_tokens"], ema["latent_tokens"])

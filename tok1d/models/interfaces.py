@@ -225,3 +225,9 @@ def check_generator(model: Any) -> None:
     if model.objective not in OBJECTIVES:
         raise TypeError(f"{type(model).__name__}.objective={model.objective!r}: expected one "
                         f"of {OBJECTIVES}.")
+
+
+def generator_inputs(model: Generator, batch: int) -> tuple[jax.Array, jax.Array]:
+    """What a generator is initialised with: zero codes (batch, num_tokens) and zero class
+    labels (batch,), int32."""
+    return (jnp.zeros((batch, model.num_tokens), jnp.int32), jnp.zeros((batch,), jnp.int32))

@@ -333,9 +333,8 @@ def sample_decoder(config, model, frozen_tokenizer: Optional[FrozenTokenizer], s
 
 
 def init_generator(model: nn.Module, batch: int):
-    codes = jnp.zeros((batch, model.num_tokens), jnp.int32)
-    labels = jnp.zeros((batch,), jnp.int32)
-    return lambda rng: model.init(rng, codes, labels)["params"]
+    inputs = interfaces.generator_inputs(model, batch)
+    return lambda rng: model.init(rng, *inputs)["params"]
 
 
 # ---------------------------------------------------------------------------- train_and_evaluate

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -68,9 +69,27 @@ TEACHERS = ("maskgit_vqgan", "dinov2")
 
 # --------------------------------------------------------------------------- (a) and (b)
 
+class _NoStepMetadataWarning(logging.Filter):
+    """Drops orbax's "Metadata file does not exist: .../state/_CHECKPOINT_METADATA", logged
+    for every item read directly (a train state's item folder has none: the step folder holds
+    it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Metadata file does not exist")
+
+
 def _restore_numpy(path: str) -> dict[str, Any]:
     """Restores an orbax pytree checkpoint as host NumPy arrays, whatever devices wrote it; a
     damaged or incomplete one is a UserError naming it."""
+    quiet = _NoStepMetadataWarning()
+    logging.getLogger("absl").addFilter(quiet)
+    try:
+        return _restore_numpy_item(path)
+    finally:
+        logging.getLogger("absl").removeFilter(quiet)
+
+
+def _restore_numpy_item(path: str) -> dict[str, Any]:
     with ocp.PyTreeCheckpointer() as ckptr:
         try:
             meta = ckptr.metadata(path)
@@ -182,8 +201,7 @@ def _init_inputs(model: nn.Module, path: str) -> tuple[jax.ShapeDtypeStruct, ...
     except TypeError:
         raise errors.UserError(f"{path} holds a {type(model).__name__}, neither a tokenizer nor "
                                "a generator.") from None
-    return (jax.ShapeDtypeStruct((1, model.num_tokens), jnp.int32),
-            jax.ShapeDtypeStruct((1,), jnp.int32))
+    return jax.eval_shape(lambda: interfaces.generator_inputs(model, 1))  # (hashable specs)
 
 
 def _check_is_tokenizer(model: nn.Module, path: str) -> None:
