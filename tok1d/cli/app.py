@@ -108,7 +108,8 @@ def help_text(job: types.ModuleType, prog: str, fv: flags.FlagValues) -> str:
         lines.append(f"  {left:<24} {right}")
     if job.CONFIG is not None:
         lines.append(f"  {'--config.KEY=VALUE':<24} Overrides one value of the config "
-                     "(e.g. --config.optim.lr=1e-4).")
+                     "(e.g. --config.optim.lr=1e-4); --config.model.ARG=VALUE sets any "
+                     "argument of the model.")
     lines.append(f"  {'-h, --help':<24} This list.")
     return "\n".join(lines)
 
