@@ -53,7 +53,8 @@ case "$CMD" in
     # The source only (git's tracked and not-ignored files: no .venv, .git or workdirs), as one
     # archive unpacked into ~/$REMOTE, so that a second `setup` updates the code in place.
     ARCHIVE=${TMPDIR:-/tmp}/tok1d-src-$NAME.tar.gz
-    if [[ -d "$REPO/.git" ]]; then
+    TOP=$(git -C "$REPO" rev-parse --show-toplevel 2> /dev/null || true)  # (worktrees too)
+    if [[ -n "$TOP" && "$(cd "$TOP" && pwd -P)" == "$(cd "$REPO" && pwd -P)" ]]; then
       run bash -c 'cd "$1" && git ls-files -z -co --exclude-standard |
         while IFS= read -r -d "" f; do [[ -e "$f" ]] && printf "%s\0" "$f"; done |
         tar --null -T - -czf "$2"' _ "$REPO" "$ARCHIVE"
@@ -63,6 +64,7 @@ case "$CMD" in
     fi
     run gcloud compute tpus tpu-vm scp "$ARCHIVE" "$NAME:tok1d-src.tar.gz" --zone "$ZONE" \
       "${PROJECT_FLAG[@]}" --worker=all
+    run rm -f "$ARCHIVE"
     run gcloud compute tpus tpu-vm ssh "$NAME" --zone "$ZONE" "${PROJECT_FLAG[@]}" --worker=all \
       --command "mkdir -p $REMOTE && tar -xzf tok1d-src.tar.gz -C $REMOTE && rm tok1d-src.tar.gz && cd $REMOTE && python3 -m venv .venv && . .venv/bin/activate && pip install -U pip && pip install -e '.[tpu]' && python -c 'import jax; print(jax.__version__, jax.device_count())'"
     ;;

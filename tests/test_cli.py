@@ -143,6 +143,19 @@ def test_any_module_argument_is_an_override(tmp_path, capsys):
     assert (model.decoder_head, model.pixel_decoder, model.num_proxy_codes) == ("logits", True, 64)
     assert model.pixel_channel_mult == (1, 1, 2, 2, 4) and model.finetune_decoder is True
     assert fv.config.discriminator.model.num_stages == 2
+    # The space-separated form, JSON in it, a value holding ".x=", JSON's null.
+    fv, _ = app._parse(train, "python -m tok1d.main", [
+        f"--config={TINY}", "--workdir=w", "--config.model.decoder_head", "logits",
+        "--config.model.quantizer_options", '{"levels": [8, 8], "flag": true}',
+        "--config.model.note=a.b=c", "--config.model.cnn_remat=null"])
+    model = fv.config.model
+    assert (model.decoder_head, model.note, model.cnn_remat) == ("logits", "a.b=c", None)
+    assert model.quantizer_options.to_dict() == {"levels": [8, 8], "flag": True}
+    # With an override of its whole section (applied first by the parser): refused.
+    assert app.run(train, [f"--config={TINY}", f"--workdir={tmp_path / 'w'}",
+                           "--config.model.decoder_head=logits",
+                           "--config.model={'name': 'titok'}"]) == 2
+    assert "replaces that section" in one_error_line(capsys.readouterr().err)
     assert app.run(train, args) == 2
     line = one_error_line(capsys.readouterr().err)
     assert "the tokenizer reconstructs 64x64x3 images from 32x32x3 inputs" in line, line

@@ -59,14 +59,16 @@ def test_tpu_setup_copies_the_source_without_venv_or_git(tmp_path):
     lands in tok1d/main/ the second time). Runs the real archive step with a fake gcloud."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "gcloud").write_text('#!/bin/sh\necho "$@" >> "$GCLOUD_LOG"\n')
+    (bin_dir / "gcloud").write_text('#!/bin/sh\necho "$@" >> "$GCLOUD_LOG"\n'
+                                    'case "$4" in scp) cp "$5" "$GCLOUD_LOG.tar.gz";; esac\n')
     (bin_dir / "gcloud").chmod(0o755)
     log = tmp_path / "gcloud.log"
     out = sh(TPU, "setup", "pod", "z", env={"PATH": f"{bin_dir}:{os.environ['PATH']}",
                                             "TMPDIR": str(tmp_path), "GCLOUD_LOG": str(log)})
     assert out.returncode == 0, out.stderr
     archive = tmp_path / "tok1d-src-pod.tar.gz"
-    with tarfile.open(archive) as tar:
+    assert not archive.exists()  # removed once copied
+    with tarfile.open(f"{log}.tar.gz") as tar:
         names = tar.getnames()
     assert "tok1d/__init__.py" in names and "launch/tpu_vm.sh" in names and "setup.py" in names
     assert not [n for n in names if n.split("/")[0] in (".venv", ".git") or "__pycache__" in n]

@@ -202,17 +202,21 @@ def _unknown_override(config_file: str, args: Sequence[str]) -> Optional[str]:
 
 
 # Config sections that hold a module's keyword arguments: `--config.SECTION.KEY=VALUE` may add
-# any argument of the module, also one the config file does not name (the module's own check,
-# in `validate` or where the module is built, refuses a key it does not take).
+# any argument of the module, also one the config file does not name (the model's check in
+# `validate`, or where the teacher / discriminator / probe model is built, refuses a key it
+# does not take).
 MODULE_SECTIONS = ("model", "teacher.model", "discriminator.model", "ar_probe.model")
 _OVERRIDE_VALUE = re.compile(r"^(--?config\.[^=]+)=(.*)$", re.DOTALL)
-_MODULE_ARGUMENT = re.compile(r"^--?config\.(.+)\.([A-Za-z_]\w*)=(.*)$", re.DOTALL)
+_OVERRIDE_NAME = re.compile(r"^--?config\.[\w.]+$")
+_MODULE_ARGUMENT = re.compile(r"^--?config\.([^=]+)\.([A-Za-z_]\w*)(?:=(.*))?$", re.DOTALL)
 
 
 def _split_new_module_arguments(config_file: Optional[str], args: Sequence[str]
                                 ) -> tuple[list[str], list[tuple[str, str, Any]]]:
     """(the other arguments, [(section, key, value)]) for the `--config.SECTION.KEY=VALUE`
-    overrides that add a module argument the config file does not name (`_literal` values)."""
+    (or `--config.SECTION.KEY VALUE`) overrides that add a module argument the config file
+    does not name (`_literal` values). Such an argument together with an override of its
+    whole section is refused (the parser applies that one first)."""
     matches = [_MODULE_ARGUMENT.match(a) for a in args]
     if not config_file or not any(m and m.group(1) in MODULE_SECTIONS for m in matches):
         return list(args), []
@@ -220,15 +224,33 @@ def _split_new_module_arguments(config_file: Optional[str], args: Sequence[str]
         config = load_config_file(config_file)
     except Exception:  # noqa: BLE001 - the config itself fails: reported by the parser
         return list(args), []
-    kept, added = [], []
-    for arg, m in zip(args, matches):
+    kept, added, skip = [], [], False
+    for i, (arg, m) in enumerate(zip(args, matches)):
+        if skip:
+            skip = False
+            continue
         if m and m.group(1) in MODULE_SECTIONS:
-            section = _section(config, m.group(1))
-            if section is not None and m.group(2) not in section:
-                added.append((m.group(1), m.group(2), _literal(m.group(3))))
+            section, value = _section(config, m.group(1)), m.group(3)
+            if value is None and i + 1 < len(args) and not args[i + 1].startswith("-"):
+                value, skip = args[i + 1], True  # the space-separated form
+            if section is not None and m.group(2) not in section and value is not None:
+                _refuse_whole_section_beside(m.group(1), m.group(2), args)
+                added.append((m.group(1), m.group(2), _literal(value)))
                 continue
+            skip = False
         kept.append(arg)
     return kept, added
+
+
+def _refuse_whole_section_beside(path: str, key: str, args: Sequence[str]) -> None:
+    parts = path.split(".")
+    for n in range(1, len(parts) + 1):
+        whole = re.compile(rf"^--?config\.{re.escape('.'.join(parts[:n]))}(=|$)")
+        if any(whole.match(a) for a in args):
+            raise errors.UserError(
+                f"--config.{path}.{key} adds an argument to {path}, and --config."
+                f"{'.'.join(parts[:n])} replaces that section: give {key!r} inside the "
+                "replacement, or only the single arguments.")
 
 
 def _section(config: Any, path: str) -> Optional[Any]:
@@ -240,11 +262,19 @@ def _section(config: Any, path: str) -> Optional[Any]:
     return node if isinstance(node, (ml_collections.ConfigDict, dict)) else None
 
 
-def _json_as_literal(arg: str) -> str:
-    """A `--config.KEY={...}` / `[...]` override written in JSON (`true`, `false`, `null`)
-    rewritten as the Python literal that ml_collections parses (it refused JSON's names)."""
-    m = _OVERRIDE_VALUE.match(arg)
-    return f"{m.group(1)}={_python_literal_text(m.group(2))}" if m else arg
+def _json_as_literal(args: Sequence[str]) -> list[str]:
+    """`args` with each `--config.KEY={...}` / `[...]` override written in JSON (`true`,
+    `false`, `null`), also as `--config.KEY VALUE`, rewritten as the Python literal that
+    ml_collections parses (it refused JSON's names)."""
+    out = []
+    for i, arg in enumerate(args):
+        m = _OVERRIDE_VALUE.match(arg)
+        if m:
+            arg = f"{m.group(1)}={_python_literal_text(m.group(2))}"
+        elif i and _OVERRIDE_NAME.match(args[i - 1]):
+            arg = _python_literal_text(arg)
+        out.append(arg)
+    return out
 
 
 def _python_literal_text(text: str) -> str:
@@ -263,10 +293,10 @@ def _python_literal_text(text: str) -> str:
 
 
 def _literal(text: str) -> Any:
-    """A new module argument's value: a Python literal (JSON's objects and `true` / `false`
-    too), else the string itself."""
-    if text.strip() in ("true", "false"):
-        return text.strip() == "true"
+    """A new module argument's value: a Python literal (JSON's objects, `true`, `false` and
+    `null` too), else the string itself."""
+    if text.strip() in ("true", "false", "null"):
+        return {"true": True, "false": False, "null": None}[text.strip()]
     try:
         return ast.literal_eval(_python_literal_text(text))
     except (ValueError, SyntaxError):
@@ -290,7 +320,7 @@ def _parse(job: types.ModuleType, prog: str, args: list[str]
     config_file = _config_path(args) if job.CONFIG is not None else None
     if config_file is not None:
         _existing_config_file(config_file)
-    args = [_json_as_literal(a) for a in args]
+    args = _json_as_literal(args)
     args, new_arguments = _split_new_module_arguments(config_file, args)
     argv = [prog] + list(args)
     fv = _flag_values(job, argv)
@@ -320,6 +350,8 @@ def _parse(job: types.ModuleType, prog: str, args: list[str]
             raise errors.UserError(_one_line(e)) from None
     for path, key, value in new_arguments:
         section = _section(fv.config, path)
+        if section is None:
+            raise errors.UserError(f"--config.{path}.{key}: the config has no section {path}.")
         with section.unlocked(), section.ignore_type():
             section[key] = value
     for name in job.REQUIRED:
