@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Run a tok1d config on a Cloud TPU VM (single host or pod slice): create, copy the source, install,
-# run on all workers, tail logs, delete.
+# Run a tok1d config on a Cloud TPU VM (single host or pod slice): create, copy the source,
+# install, run on all workers, tail logs, delete.
 #
 #   launch/tpu_vm.sh [--dry-run] create  NAME ZONE ACCELERATOR [--spot]
 #   launch/tpu_vm.sh [--dry-run] setup   NAME ZONE

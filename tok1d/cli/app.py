@@ -206,8 +206,6 @@ def _unknown_override(config_file: str, args: Sequence[str]) -> Optional[str]:
 # `validate`, or where the teacher / discriminator / probe model is built, refuses a key it
 # does not take).
 MODULE_SECTIONS = ("model", "teacher.model", "discriminator.model", "ar_probe.model")
-_OVERRIDE_VALUE = re.compile(r"^(--?config\.[^=]+)=(.*)$", re.DOTALL)
-_OVERRIDE_NAME = re.compile(r"^--?config\.[\w.]+$")
 _MODULE_ARGUMENT = re.compile(r"^--?config\.([^=]+)\.([A-Za-z_]\w*)(?:=(.*))?$", re.DOTALL)
 
 
@@ -224,21 +222,22 @@ def _split_new_module_arguments(config_file: Optional[str], args: Sequence[str]
         config = load_config_file(config_file)
     except Exception:  # noqa: BLE001 - the config itself fails: reported by the parser
         return list(args), []
-    kept, added, skip = [], [], False
-    for i, (arg, m) in enumerate(zip(args, matches)):
-        if skip:
-            skip = False
-            continue
+    kept, added, i = [], [], 0
+    while i < len(args):
+        m, value, used = matches[i], None, 1
         if m and m.group(1) in MODULE_SECTIONS:
-            section, value = _section(config, m.group(1)), m.group(3)
+            value = m.group(3)
             if value is None and i + 1 < len(args) and not args[i + 1].startswith("-"):
-                value, skip = args[i + 1], True  # the space-separated form
-            if section is not None and m.group(2) not in section and value is not None:
-                _refuse_whole_section_beside(m.group(1), m.group(2), args)
-                added.append((m.group(1), m.group(2), _literal(value)))
-                continue
-            skip = False
-        kept.append(arg)
+                value, used = args[i + 1], 2  # the space-separated form
+            section = _section(config, m.group(1))
+            if section is None or m.group(2) in section:
+                value, used = None, 1  # a key the parser knows
+        if value is None:
+            kept.append(args[i])
+        else:
+            _refuse_whole_section_beside(m.group(1), m.group(2), args)
+            added.append((m.group(1), m.group(2), _literal(value)))
+        i += used
     return kept, added
 
 
@@ -268,10 +267,10 @@ def _json_as_literal(args: Sequence[str]) -> list[str]:
     ml_collections parses (it refused JSON's names)."""
     out = []
     for i, arg in enumerate(args):
-        m = _OVERRIDE_VALUE.match(arg)
-        if m:
-            arg = f"{m.group(1)}={_python_literal_text(m.group(2))}"
-        elif i and _OVERRIDE_NAME.match(args[i - 1]):
+        if _OVERRIDE.match(arg) and "=" in arg:
+            name, value = arg.split("=", 1)
+            arg = f"{name}={_python_literal_text(value)}"
+        elif i and _OVERRIDE.match(args[i - 1]) and "=" not in args[i - 1]:
             arg = _python_literal_text(arg)
         out.append(arg)
     return out
