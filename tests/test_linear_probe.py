@@ -426,3 +426,76 @@ def test_dropout_features_and_the_probe_with_dropout_on_devices():
     Options.linear_probe_batch_size = 36
     with pytest.raises(ValueError, match="36 is not a multiple of the mesh's 8 batch shards"):
         lp.probe_options(Options, 10_000, shards=8)
+
+
+# ---------------------------------------------------------------------------- tokenizer probe
+
+GIGATOK = dict(image_size=32, encoder_ch=32, decoder_ch=32, encoder_ch_mult=(1, 1, 1),
+               decoder_ch_mult=(1, 1, 1), num_res_blocks=1, z_channels=32, encoder_width=32,
+               encoder_depth=1, encoder_heads=2, decoder_width=32, decoder_depth=2,
+               decoder_heads=2, num_latent_tokens=16, codebook_size=64, distill_depth=1,
+               out_inner_dim=32)
+
+
+def test_the_tokenizer_probe_of_a_gigatok_in_the_evaluate_job(tmp_path):
+    """GigaTok's tokenizer linear probe (evaluation.tokenizer_probe) in `tok1d evaluate` of a
+    tokenizer, beside its reconstruction metrics: every step encodes the next batch of digit
+    images (ADM random crop + flip) and trains the probe on the mean of the tap's features; a
+    random GigaTok's encoder features carry the digit (chance 0.1). What cannot run is refused
+    before the reconstruction metrics are computed, and nothing is written."""
+    import json
+    import os
+    from tok1d import models
+    from tok1d.cli import evaluate
+    from tok1d.models import interfaces
+    from tok1d.train import config_lib
+    from tok1d.weights import pretrained
+    model = models.create("gigatok", **GIGATOK)
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(0),
+                                          jnp.zeros((1, 32, 32, 3), jnp.float32)))["params"]
+    tok_dir = str(tmp_path / "gigatok")
+    pretrained.save_pretrained(tok_dir, "gigatok", GIGATOK, jax.tree.map(np.asarray, params))
+    c = config_lib.base_config()
+    c.model = dict(name="gigatok", **GIGATOK)
+    c.eval_batch_size = 64
+    c.data.name, c.data.image_size, c.data.eval_examples = "digits", 32, 128
+    c.data.augment, c.data.flip, c.data.resize_rule, c.data.min_scale = (
+        "adm_random_crop", True, "adm", 0.8)  # recipes.imagenet_adm, as lin_probe.py trains
+    e = c.evaluation
+    e.tokenizer_probe = "encoder"
+    e.linear_probe_batch_size, e.linear_probe_lr = 64, 30.0
+    with pytest.raises(ValueError, match="set them"):  # epochs 0
+        evaluate.evaluate_tokenizer(c, tok_dir, str(tmp_path / "out"))
+    e.linear_probe_epochs = 6
+    e.tokenizer_probe = "pixels"
+    with pytest.raises(ValueError, match="no probe tap 'pixels'"):
+        evaluate.evaluate_tokenizer(c, tok_dir, str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
+    plain = models.create("gigatok", **dict(GIGATOK, distill_depth=0))  # no semantic head
+    assert plain.probe_taps == ("encoder", "encoder_tokens")
+    with pytest.raises(ValueError, match="distill_depth > 0"):
+        jax.eval_shape(lambda x: plain.init_with_output(jax.random.key(0), x, "decoder",
+                                                        method="probe_features"),
+                       jnp.zeros((1, 32, 32, 3)))
+    with pytest.raises(ValueError, match="has no features to probe"):
+        interfaces.check_probed(models.create("titok", image_size=32, patch_size=8,
+                                              num_latent_tokens=8, encoder_size="nano",
+                                              decoder_size="nano", codebook_size=64,
+                                              token_dim=8))
+
+    e.tokenizer_probe = "encoder"
+    logs = []
+    metrics = evaluate.evaluate_tokenizer(c, tok_dir, str(tmp_path / "out"), logs.append)
+    assert any("the tokenizer's 'encoder' features of images encoded in every step" in line
+               for line in logs), logs
+    assert sum("linear probe epoch" in line for line in logs) == 6
+    assert 0.25 < metrics["tokenizer_probe_accuracy"] <= 1.0, metrics  # measured 0.35
+    assert "psnr" in metrics  # the reconstruction metrics too
+    written = json.load(open(tmp_path / "out" / "metrics.json"))
+    assert written["metrics"]["tokenizer_probe_accuracy"] == metrics["tokenizer_probe_accuracy"]
+    report = open(tmp_path / "out" / "report.md").read()
+    assert "tokenizer's own features" in report and "encoder features, 6 epochs" in report
+
+    c.trainer = "generator"
+    with pytest.raises(config_lib.ConfigError, match="tokenizer_probe='encoder' probes"):
+        config_lib.validate(c)

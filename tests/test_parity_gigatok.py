@@ -75,6 +75,36 @@ def test_training_forward(built):
     assert rel_err(-np.mean(cos), z["train/proj_loss"]) < 1e-5
 
 
+def test_the_tokenizer_linear_probes_features(built):
+    """`probe_features` end to end from the images: the official encoder's `return_feat`
+    (after ln_post) and `--fix-dim` (after conv_out) features, and with a semantic head the
+    decoder's `return_feat` queries (the fixture decodes the codebook lookup; tok1d the
+    rotation-trick latents, equal to ~4e-6)."""
+    z, meta, model, params, images = built
+    b = images.shape[0]
+
+    def tokens_last(x):  # official (B, D, 1, N) or (B, D, h, w) -> (B, L, D)
+        x = np.asarray(x, np.float32)
+        return x.reshape(x.shape[0], x.shape[1], -1).transpose(0, 2, 1)
+
+    feat = _apply(model, params, images, "encoder", method=GigaTok.probe_features)
+    assert rel_err(feat, tokens_last(z["enc/vit_feat_ln_post"])) < 1e-4
+    tokens = _apply(model, params, images, "encoder_tokens", method=GigaTok.probe_features)
+    assert rel_err(tokens, tokens_last(z["enc/vit_out"])) < 1e-4
+    assert feat.shape[:2] == tokens.shape[:2] == (b, model.num_latent_tokens
+                                                  if model.layout == "1d" else model.grid_size ** 2)
+    if model.distill_depth:  # the 2D fixture stores none (upstream's 2D model fails on it)
+        dec = _apply(model, params, images, "decoder", method=GigaTok.probe_features)
+        assert dec.shape == (b, model.grid_size ** 2, model.decoder_width)
+        if "sem/decoder_layer_feat" in z.files:
+            assert rel_err(dec, z["sem/decoder_layer_feat"]) < 1e-4
+    else:
+        with pytest.raises(ValueError, match="distill_depth"):
+            _apply(model, params, images, "decoder", method=GigaTok.probe_features)
+    with pytest.raises(ValueError, match="no probe tap 'pixels'"):
+        _apply(model, params, images, "pixels", method=GigaTok.probe_features)
+
+
 def test_the_fsdp_trainers_weight_decay_rule_on_the_official_names(built):
     """decay_mask "no_norm" is GigaTok's FSDP trainer's rule (decay a parameter whose official
     name lacks "norm"): it selects exactly the tok1d leaves of those official tensors, in the

@@ -25,6 +25,11 @@ r"""Evaluation jobs: the numbers of the papers' tables, measured by tok1d on acc
     tok1d evaluate --config=configs/tiny_test.py --checkpoint=WORKDIR --out=eval_k/ \
         --prefixes=1,2,4,8   # or --prefixes=all
 
+    # GigaTok's tokenizer linear probe (lin_probe.py; "not recommended" upstream: it does not
+    # follow the AR probe) of the encoder's features, beside the reconstruction metrics:
+    tok1d evaluate --config=configs/gigatok.py:b_l --checkpoint=TOK --out=eval_probe/ \
+        --config.evaluation.tokenizer_probe=encoder --config.evaluation.linear_probe_epochs=90
+
 `--checkpoint` is a training workdir (its latest checkpoint, EMA params when kept) or a
 converted pretrained directory, checked against the config's model. Without --config the
 defaults of `tok1d.train.config_lib.base_config()` apply; --inception / --reference set
@@ -118,6 +123,8 @@ def evaluate_tokenizer(config, checkpoint: str, out: str, log=print,
                                    f"the tokenizer of the config ({config.model.name})")
     # Sharded like in training (fsdp / tensor axes of config.mesh), not replicated.
     params = jax.device_put(params, parallel.logical_shardings(boxed, mesh, rules))
+    # before the reconstruction metrics: a failure there would lose them
+    probe_sources = _check_tokenizer_probe(config, model, params, prefixes)
     teacher = tok_trainer.build_teacher(config, model)
     frozen = {"teacher": teacher[1]} if teacher is not None else {}
     nets = evaluator.load_metric_nets(config.evaluation, config.perceptual.weights, log)
@@ -147,12 +154,16 @@ def evaluate_tokenizer(config, checkpoint: str, out: str, log=print,
         metrics, (grid_in, grid_out) = tok_trainer.evaluate(
             eval_step, params, frozen, ds, num_batches, (batch_sh, batch),
             ecfg.num_report_images, metrics_acc, log)
+    metrics.update(_tokenizer_probe(config, model, params, mesh, rules, log, probe_sources))
     grid = images.make_grid(images.interleave_pairs(grid_in, grid_out))
     path = report.write_report(
         out, f"Reconstruction: {os.path.basename(os.path.normpath(checkpoint))}", metrics,
         {"reconstructions": grid},
         _details(config, checkpoint=os.path.abspath(checkpoint), model=config.model.name,
-                 data=f"{dcfg.name}:{dcfg.eval_split} at {size} px (center crops)"),
+                 data=f"{dcfg.name}:{dcfg.eval_split} at {size} px (center crops)",
+                 **({"tokenizer_probe": f"{ecfg.tokenizer_probe} features, "
+                     f"{ecfg.linear_probe_epochs} epochs on {dcfg.train_split}"}
+                    if probe_sources else {})),
         nets.notes, enabled=is_chief)
     log(f"Wrote {path}: " + ", ".join(f"{k} {report.format_value(v)}"
                                       for k, v in metrics.items()))
@@ -350,10 +361,69 @@ def _linear_probe(config, model, params, tokenizer, tok_params, mesh, rules, log
         return linear_probe.probe_from_config(model, params, read(config.data.train_split),
                                               read(config.data.eval_split, True), ecfg, mesh,
                                               rules, seed=config.seed, log_fn=log)
-    dcfg = config.data
     train_src, eval_src = images or _probe_images(config, model, tokenizer, tok_params)
     options = _probe_options(config, model, mesh, rules, (train_src, eval_src))
-    batch = options["batch_size"]
+    train, val = _probe_image_batches(config, train_src, eval_src, options["batch_size"],
+                                      mesh, rules)
+    tok_params = gen_trainer.place_tokenizer(tokenizer, tok_params, config.data.image_size,
+                                             mesh, rules)
+    out = linear_probe.run_linear_probe_on_images(
+        model, params, tokenizer, tok_params, train, len(train_src), val,
+        prefix_tokens=config.generator.prefix_tokens, dropout=ecfg.linear_probe_dropout,
+        mesh=mesh, rules=rules, log_fn=log, **options)
+    return linear_probe.probe_metrics(out)
+
+
+def _check_tokenizer_probe(config, model, params, prefixes: Sequence[int] = ()
+                           ) -> Optional[tuple[Any, Any]]:
+    """(train, eval) image sources of GigaTok's tokenizer linear probe when
+    evaluation.tokenizer_probe names a tap, after checking that it can run: epochs set, no
+    --prefixes, the tap traced on the model, labelled splits (ValueErrors); else None."""
+    ecfg, dcfg = config.evaluation, config.data
+    tap = ecfg.get("tokenizer_probe", "")
+    if not tap:
+        return None
+    if ecfg.linear_probe_epochs <= 0:
+        raise ValueError(f"evaluation.tokenizer_probe={tap!r} trains its probe for "
+                         "evaluation.linear_probe_epochs epochs: set them (GigaTok: 90).")
+    if prefixes:
+        raise ValueError("evaluation.tokenizer_probe runs without --prefixes (it probes the "
+                         "whole tokenizer's features).")
+    size = dcfg.image_size
+    jax.eval_shape(lambda p: linear_probe.tokenizer_feature_fn(model, tap)(
+        p, None, {"image": jnp.zeros((1, size, size, 3))}, None), params)
+    train_src = sources.source_of(dcfg, dcfg.train_split)
+    if getattr(train_src, "num_classes", None) is None:
+        raise ValueError(f"The tokenizer linear probe needs class labels; {dcfg.name}:"
+                         f"{dcfg.train_split} has none.")
+    return train_src, sources.source_of(dcfg, dcfg.eval_split)
+
+
+def _tokenizer_probe(config, model, params, mesh, rules, log,
+                     probe_sources: Optional[tuple[Any, Any]]) -> dict[str, float]:
+    """GigaTok's tokenizer linear probe (`linear_probe.run_tokenizer_linear_probe`) of the
+    evaluation.tokenizer_probe tap, train -> eval split, when `probe_sources` are given:
+    {"tokenizer_probe_accuracy", "tokenizer_probe_train_accuracy"}."""
+    if probe_sources is None:
+        return {}
+    train_src, eval_src = probe_sources
+    ecfg = config.evaluation
+    options = linear_probe.probe_options(ecfg, len(train_src), config.seed,
+                                         linear_probe.batch_shards(mesh, rules))
+    train, val = _probe_image_batches(config, train_src, eval_src, options["batch_size"],
+                                      mesh, rules)
+    out = linear_probe.run_tokenizer_linear_probe(
+        model, params, train, len(train_src), val, train_src.num_classes,
+        tap=ecfg.tokenizer_probe, mesh=mesh, rules=rules, log_fn=log, **options)
+    return {"tokenizer_probe_accuracy": float(out["val_accuracy"]),
+            "tokenizer_probe_train_accuracy": float(out["train_accuracy"])}
+
+
+def _probe_image_batches(config, train_src, eval_src, batch: int, mesh, rules):
+    """The linear probes' global image batches: the recipe's training augmentation (GigaTok:
+    ADM random crop + flip, a fresh draw every epoch) over `train_src`, endless, and the
+    whole `eval_src` once (center crops, masked padding)."""
+    dcfg = config.data
     batch_sh = parallel.batch_sharding(mesh, rules)
     start, stop = parallel.host_batch_slice(batch_sh, batch)
     train = feeding.Feeder(iter(pipeline.recipe_train_dataset(
@@ -361,13 +431,7 @@ def _linear_probe(config, model, params, tokenizer, tok_params, mesh, rules, log
         seed=config.seed)), batch_sh, batch)
     val_ds, _ = pipeline.recipe_eval_dataset(eval_src, dcfg, global_batch=batch,
                                              host_start=start, host_stop=stop, num_examples=-1)
-    tok_params = gen_trainer.place_tokenizer(tokenizer, tok_params, dcfg.image_size, mesh, rules)
-    out = linear_probe.run_linear_probe_on_images(
-        model, params, tokenizer, tok_params, train, len(train_src),
-        feeding.Feeder(iter(val_ds), batch_sh, batch),
-        prefix_tokens=config.generator.prefix_tokens, dropout=ecfg.linear_probe_dropout,
-        mesh=mesh, rules=rules, log_fn=log, **options)
-    return linear_probe.probe_metrics(out)
+    return train, feeding.Feeder(iter(val_ds), batch_sh, batch)
 
 
 def evaluate_samples(config, samples: str, out: str, log=print) -> dict[str, Any]:

@@ -1,6 +1,12 @@
 """Linear probe of an AR generator's features: how semantic its representation of a
 tokenizer's codes is (GigaTok's `autoregressive/lin_probe/lin_probe.py`, itself MAE's
-`main_linprobe.py` with a frozen LlamaGen GPT in place of the ViT).
+`main_linprobe.py` with a frozen LlamaGen GPT in place of the ViT). And GigaTok's tokenizer
+linear probe (`tokenizer/lin_probe/lin_probe.py`, `run_tokenizer_linear_probe`): the same
+probe and training on the frozen tokenizer's own features (`interfaces.probe_features`: the
+encoder's after ln_post by default, or after its conv_out, or the decoder's semantic-head
+input) averaged over positions, encoded in every step from the augmented images. GigaTok's
+instructions call it "not recommended" (its accuracy does not follow the AR probe's, the
+paper's point); it is here to reproduce that comparison.
 
 Features (`probe_features`), as upstream's `main` / `evaluate` compute them:
 
@@ -138,6 +144,20 @@ def feature_fn(sub: GPT, tokenizer: Any = None, prefix_tokens: int = 0, train: b
         h = sub.apply({"params": p}, codes, labels, train=train, method="hidden_states",
                       rngs={"dropout": rng} if train else None)
         return jnp.mean(h.astype(jnp.float32), axis=1)
+    return features
+
+
+def tokenizer_feature_fn(tokenizer: Any, tap: str) -> Callable[..., jax.Array]:
+    """(tokenizer params, unused, batch, rng) -> (B, D) float32: the mean over positions of
+    the tokenizer's features at `tap` (`interfaces.probe_features`, eval mode) of the batch's
+    [0, 1] "image"s: GigaTok's tokenizer linear probe (`tokenizer/lin_probe/lin_probe.py`).
+    A tap the tokenizer lacks is its ValueError when the features are first traced."""
+    interfaces.check_probed(tokenizer)
+
+    def features(p, _, batch, rng):
+        del rng  # the tokenizer has no dropout
+        f = interfaces.probe_features(tokenizer, p, batch["image"], tap)
+        return jnp.mean(f.astype(jnp.float32), axis=1)
     return features
 
 
@@ -607,21 +627,59 @@ def run_linear_probe_on_images(model: GPT, params: Any, tokenizer: Any, tok_para
     Returns `train_linear_probe`'s dict plus "layer" and "feature_dim"."""
     layer = default_layer(model) if layer is None else int(layer)
     sub, sub_params = truncate(model, params, layer)
+    what = (f"features after {layer} of {model.depth} blocks of images encoded in every step"
+            f"{' (GPT dropout on)' if dropout else ''}")
+    result = _probe_on_images(
+        feature_fn(sub, tokenizer, prefix_tokens, train=dropout),
+        feature_fn(sub, tokenizer, prefix_tokens), sub_params, tok_params, train_batches,
+        num_train, val_batches, model.num_classes if num_classes is None else num_classes,
+        mesh, rules, log_fn, what, **probe_kwargs)
+    result.update(layer=layer)
+    return result
+
+
+def run_tokenizer_linear_probe(tokenizer: Any, params: Any,
+                               train_batches: Iterator[dict[str, Any]], num_train: int,
+                               val_batches: Iterable[dict[str, Any]], num_classes: int,
+                               tap: str = "encoder", mesh: Optional[Mesh] = None,
+                               rules: Optional[Sequence[tuple[str, Any]]] = None,
+                               log_fn: Optional[Callable[[str], None]] = None,
+                               **probe_kwargs: Any) -> dict[str, Any]:
+    """GigaTok's tokenizer linear probe (`tokenizer/lin_probe/lin_probe.py`, which GigaTok's
+    instructions call "not recommended": its accuracy does not follow the AR probe's): the
+    same probe and recipe as the AR probe, on the frozen tokenizer's own features at `tap`
+    (`interfaces.probe_features`; "encoder", upstream's default) averaged over positions,
+    computed in every step from the next of the global `train_batches` (upstream: ADM
+    random_crop_arr + flip) and once from `val_batches` (center crops). Returns
+    `train_linear_probe`'s dict plus "tap" and "feature_dim"."""
+    features = tokenizer_feature_fn(tokenizer, tap)
+    result = _probe_on_images(features, features, params, None, train_batches, num_train,
+                              val_batches, num_classes, mesh, rules, log_fn,
+                              f"the tokenizer's {tap!r} features of images encoded in every "
+                              "step", **probe_kwargs)
+    result.update(tap=tap)
+    return result
+
+
+def _probe_on_images(train_features: Callable[..., jax.Array],
+                     val_features_fn: Callable[..., jax.Array], params: Any, tok_params: Any,
+                     train_batches: Iterator[dict[str, Any]], num_train: int,
+                     val_batches: Iterable[dict[str, Any]], num_classes: int,
+                     mesh: Optional[Mesh], rules, log_fn, what: str,
+                     **probe_kwargs: Any) -> dict[str, Any]:
+    """The validation features once, then `train_linear_probe_online`, on `mesh` (`params`
+    not on it are replicated onto it); adds "feature_dim"."""
     with _mesh_context(mesh, rules):
         if mesh is not None:
-            sub_params = _on_mesh(sub_params, mesh)
-        val_features, val_labels = features_of_batches(
-            feature_fn(sub, tokenizer, prefix_tokens), sub_params, tok_params, val_batches)
+            params = _on_mesh(params, mesh)
+        val_features, val_labels = features_of_batches(val_features_fn, params, tok_params,
+                                                       val_batches)
         if log_fn is not None:
-            log_fn(f"linear probe: features after {layer} of {model.depth} blocks of images "
-                   f"encoded in every step{' (GPT dropout on)' if dropout else ''}, "
-                   f"{num_train} train, {val_features.shape} validation")
+            log_fn(f"linear probe: {what}, {num_train} train, {val_features.shape} validation")
         result = train_linear_probe_online(
-            feature_fn(sub, tokenizer, prefix_tokens, train=dropout), sub_params, tok_params,
-            train_batches, num_train, val_features, val_labels,
-            model.num_classes if num_classes is None else num_classes, log_fn=log_fn,
-            **probe_kwargs)
-    result.update(layer=layer, feature_dim=int(val_features.shape[-1]))
+            train_features, params, tok_params, train_batches, num_train, val_features,
+            val_labels, num_classes, log_fn=log_fn, **probe_kwargs)
+    result.update(feature_dim=int(val_features.shape[-1]))
     return result
 
 

@@ -44,6 +44,10 @@ METRIC_DOCS = {
     "sample_class_accuracy": "fraction of samples the digit CNN sees as the requested class",
     "reconstruction_class_accuracy": "digit CNN accuracy on the reconstructions",
     "linear_probe_accuracy": "linear probe top-1 accuracy of the AR features (higher is better)",
+    "tokenizer_probe_accuracy": "linear probe top-1 accuracy of the tokenizer's own features "
+                                "(GigaTok: does not follow generation quality)",
+    "tokenizer_probe_train_accuracy": "the tokenizer probe's accuracy on its last epoch's "
+                                      "training batches",
 }
 
 

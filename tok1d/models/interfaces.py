@@ -28,7 +28,9 @@ A tokenizer with a shortcut decoder (GigaTok's CNN decoder on the CNN-encoder ma
 "shortcut" warm-up term) also has `decode_cnn_map(cnn_map)` (`ShortcutTokenizer`). A tokenizer
 whose decoder features a semantic loss aligns with a teacher's patch grid (GigaTok) names that
 grid's side as `semantic_grid` (`SemanticTokenizer`; the DINOv2 teacher's position table is
-resampled to it).
+resampled to it). A tokenizer whose inner features can be probed (GigaTok's tokenizer linear
+probe, `tok1d.evaluation.linear_probe`) names its taps in `probe_taps` and returns a tap's
+features (B, L, D) from `probe_features(images, tap)` (`ProbedTokenizer`).
 
 The latent level, which the models use internally and the parity tests read:
     encode_latents(images) -> (latents, the quantizer's outputs: a dict with "codes" and
@@ -152,6 +154,13 @@ class SemanticTokenizer(Tokenizer, Protocol):
     semantic_grid: int
 
 
+@runtime_checkable
+class ProbedTokenizer(Tokenizer, Protocol):
+    probe_taps: tuple[str, ...]
+
+    def probe_features(self, images: jax.Array, tap: str) -> jax.Array: ...
+
+
 def check_tokenizer(model: Any) -> None:
     """Raises TypeError naming what `model` lacks of the tokenizer interface."""
     missing = [name for name in TOKENIZER_FIELDS if not hasattr(type(model), name)]
@@ -168,6 +177,23 @@ def encode_images(tokenizer: Any, params: Any, images: jax.Array, prefix_tokens:
     codes = tokenizer.apply({"params": params}, to_model(images), method=tokenizer.encode)
     codes = jax.lax.stop_gradient(codes.reshape(codes.shape[0], -1).astype(jnp.int32))
     return codes[:, :prefix_tokens] if prefix_tokens else codes
+
+
+def check_probed(tokenizer: Any) -> None:
+    """A ValueError for a tokenizer without features to probe (not a `ProbedTokenizer`)."""
+    if not isinstance(tokenizer, ProbedTokenizer):
+        raise ValueError(f"{type(tokenizer).__name__} has no features to probe (GigaTok's "
+                         "tokenizer linear probe needs a tokenizer with probe_taps: GigaTok).")
+
+
+def probe_features(tokenizer: Any, params: Any, images: jax.Array, tap: str) -> jax.Array:
+    """[0, 1] images (B, S, S, 3) -> the `ProbedTokenizer`'s features (B, L, D) at `tap`, as
+    `encode_images` converts its input; no gradient flows back."""
+    check_probed(tokenizer)
+    to_model, _ = images_lib.range_converters(tokenizer.pixel_range)
+    feats = tokenizer.apply({"params": params}, to_model(images), tap,
+                            method=tokenizer.probe_features)
+    return jax.lax.stop_gradient(feats)
 
 
 def params_encode_reads(tokenizer: Any, params: Any, image_size: int) -> Any:

@@ -165,6 +165,13 @@ def common_config() -> ml_collections.ConfigDict:
         # lin_probe.py trains with the GPT in train mode); False: clean features, and on
         # tokens computed once for the whole run (faster, not comparable with GigaTok's).
         linear_probe_dropout=True,
+        # GigaTok's tokenizer linear probe in `tok1d evaluate` of a tokenizer (its
+        # tokenizer/lin_probe; "not recommended" there): the same probe, epochs, batch and lr
+        # (linear_probe_*) on the tokenizer's own features averaged over positions, at this
+        # tap: "encoder" (upstream's default: after the encoder's ln_post), "encoder_tokens"
+        # (--fix-dim: after its conv_out), "decoder" (--from-decoder: the decoder's queries
+        # after distill_depth layers); "": off.
+        tokenizer_probe="",
     ))
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
@@ -599,6 +606,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
             problems.append(f"sampling_precision={config.sampling_precision!r} is not one of "
                             f"{decode.SAMPLING_PRECISIONS}")
     ev = config.evaluation
+    if ev.get("tokenizer_probe", "") and trainer != "tokenizer":
+        problems.append(f"evaluation.tokenizer_probe={ev.tokenizer_probe!r} probes a "
+                        "tokenizer's own features (`tok1d evaluate` of a tokenizer config); "
+                        f"this config's trainer is {trainer!r}")
     if ev.get("linear_probe_source", "") not in LINEAR_PROBE_SOURCES:
         problems.append(f"evaluation.linear_probe_source={ev.linear_probe_source!r} is not one "
                         f"of {LINEAR_PROBE_SOURCES}")

@@ -271,6 +271,10 @@ class DistillMlp(nn.Module):
         return dense(self.out_dim, ("mlp", "embed"), "fc_2")(x).astype(jnp.float32)
 
 
+# GigaTok's tokenizer linear-probe features (`GigaTok.probe_features`); the last needs the
+# semantic head (distill_depth > 0).
+PROBE_TAPS = ("encoder", "encoder_tokens", "decoder")
+
 # The 2D halves' block types: GigaTok's `transformer_layer_type` -> ours.
 LAYER_TYPES_2D = {"TransformerLayer": "vit", "TransformerDecoderLayer": "detr"}
 
@@ -528,18 +532,55 @@ class GigaTok(nn.Module):
         codes = self.encode_latents(images)[1]["codes"]
         return codes.reshape(codes.shape[0], -1)
 
-    def decode_with_features(self, z_q: jax.Array, prefix_lengths: nested.PrefixLengths = None
-                             ) -> tuple[jax.Array, jax.Array, Optional[jax.Array]]:
-        """Latents (B, n, code_dim) -> (pixels, rec_spatial grid, semantic features). 1D
-        layout: n <= N is a prefix of the tokens, `prefix_lengths` (an int, or (B,) per
-        example) keeps fewer (`nested.apply_prefix`)."""
+    @property
+    def probe_taps(self) -> tuple[str, ...]:
+        """The features GigaTok's tokenizer linear probe reads (`probe_features`)."""
+        return PROBE_TAPS if self.distill_depth > 0 else PROBE_TAPS[:2]
+
+    def probe_features(self, images: jax.Array, tap: str = "encoder") -> jax.Array:
+        """Images in [-1, 1] -> the features (B, L, D) of GigaTok's tokenizer linear probe
+        (`tokenizer/lin_probe/lin_probe.py`), which averages them over L:
+
+        * "encoder": the transformer encoder's tokens after ln_post, before conv_out (upstream
+          `encode(return_feat=True)`, the default; D = encoder_width);
+        * "encoder_tokens": the same after conv_out, before quant_conv (`--fix-dim`,
+          `return_fix_dim_feat`; D = z_channels);
+        * "decoder": the transformer decoder's queries after layer `distill_depth`, the input
+          of the semantic head's MLP, decoding all the quantised tokens (`--from-decoder`,
+          `decode(return_feat=True)`; D = decoder_width; needs distill_depth > 0).
+
+        Upstream implements the last two for the 1D layout only (its 2D model fails on them);
+        here both layouts have all three. L: latent tokens (1D), grid positions (2D and the
+        decoder)."""
+        if tap not in self.probe_taps:
+            why = (" (the decoder tap is the semantic head's input: distill_depth > 0)"
+                   if tap == "decoder" else "")
+            raise ValueError(f"GigaTok has no probe tap {tap!r}{why}; taps: "
+                             f"{', '.join(self.probe_taps)}.")
+        if tap == "decoder":
+            return self._vit_decode(self.encode_latents(images)[0], None)[2]
+        self.check_images(images)
+        tokens, feat = self.vit_encoder(self.encoder(images))
+        return feat if tap == "encoder" else tokens
+
+    def _vit_decode(self, z_q: jax.Array, prefix_lengths: nested.PrefixLengths
+                    ) -> tuple[jax.Array, Optional[jax.Array], Optional[jax.Array]]:
+        """Latents -> the transformer decoder's (grid, semantic features, raw features after
+        layer distill_depth); see `decode_with_features`."""
         if self.layout == "1d":
             z_q = nested.apply_prefix(z_q, prefix_lengths, self.num_latent_tokens,
                                       self.tail_mask)
         elif prefix_lengths is not None or z_q.shape[1] != self.grid_size ** 2:
             raise ValueError(f"the 2D layout decodes all {self.grid_size ** 2} tokens (a prefix "
                              "needs the 1D layout).")
-        rec_spatial, inner, _ = self.vit_decoder(self.post_quant_conv(z_q))
+        return self.vit_decoder(self.post_quant_conv(z_q))
+
+    def decode_with_features(self, z_q: jax.Array, prefix_lengths: nested.PrefixLengths = None
+                             ) -> tuple[jax.Array, jax.Array, Optional[jax.Array]]:
+        """Latents (B, n, code_dim) -> (pixels, rec_spatial grid, semantic features). 1D
+        layout: n <= N is a prefix of the tokens, `prefix_lengths` (an int, or (B,) per
+        example) keeps fewer (`nested.apply_prefix`)."""
+        rec_spatial, inner, _ = self._vit_decode(z_q, prefix_lengths)
         return self.decoder(rec_spatial), rec_spatial, inner
 
     def decode_latents(self, z_q: jax.Array, prefix_lengths: nested.PrefixLengths = None
