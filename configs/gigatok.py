@@ -129,6 +129,10 @@ def tokenizer(preset: str, *, train_new: bool = False, dino_disc: bool = False):
     config.loss_precision = "bfloat16"
     config.ema_decay = 0.0
     recipes.imagenet_adm(config)  # random_crop_arr + flip, center_crop_arr
+    # PSNR / SSIM as reconstruction_ddp.py computes them (8-bit reconstructions, scikit-image's
+    # default SSIM at data_range 2): comparable with GigaTok's tables; "standard" is the
+    # Gaussian SSIM of the other recipes.
+    config.evaluation.pixel_metrics = "gigatok"
     # nested_dropout: ordered variable-length tokens (1D presets; not in the official recipes):
     # "uniform" / "pow2" (tok1d.models.tokenizers.nested), e.g. --config.model.nested_dropout=pow2
     # scan: each transformer half compiles one layer (XL-XXL: 36 + 48 layers unrolled otherwise).

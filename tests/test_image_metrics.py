@@ -56,6 +56,67 @@ def test_ssim_matches_skimage_on_photos():
     print(f"max |ssim - skimage| = {worst:.2e}")
 
 
+def test_box_ssim_is_skimages_default():
+    """window="box": scikit-image's `structural_similarity` with nothing but data_range set
+    (7x7 uniform window, sample covariance), at data range 1 and GigaTok's 2.0."""
+    from skimage.metrics import structural_similarity
+    rng = np.random.default_rng(2)
+    box = jax.jit(ssim, static_argnames=("window", "data_range"))
+    for target in _photos():
+        for name, recon in _distorted(target, rng).items():
+            for data_range in (1.0, 2.0):
+                got = np.asarray(box(jnp.asarray(recon, jnp.float32),
+                                     jnp.asarray(target, jnp.float32), window="box",
+                                     data_range=data_range))
+                want = np.array([structural_similarity(r, t, data_range=data_range,
+                                                       channel_axis=-1)
+                                 for r, t in zip(recon, target)])
+                assert np.max(np.abs(got - want)) <= 1e-5, (name, data_range, got, want)
+    with pytest.raises(ValueError, match="at least 7x7 pixels"):
+        ssim(jnp.zeros((1, 6, 9, 3)), jnp.zeros((1, 6, 9, 3)), window="box")
+    with pytest.raises(ValueError, match="'disc' is not"):
+        ssim(jnp.zeros((1, 16, 16, 3)), jnp.zeros((1, 16, 16, 3)), window="disc")
+
+
+def test_gigatok_pixel_metrics_are_reconstruction_ddps():
+    """evaluation.pixel_metrics="gigatok" gives the numbers of GigaTok's
+    reconstruction_ddp.py, written out here as it computes them: the decoder output x in
+    [-1, 1] saved as uint8(clamp(127.5 x + 128, 0, 255)), the input (x_in + 1) / 2 of the
+    loader's normalised uint8 image, scikit-image's PSNR and its default SSIM with
+    data_range=2.0; also through `ImageMetrics` (per-image means)."""
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+    from tok1d.evaluation import evaluator
+    from tok1d.evaluation.image_metrics import pixel_metrics
+    rng = np.random.default_rng(3)
+    square, _ = _photos()
+    gt8 = np.round(square * 255).astype(np.uint8)
+    x_in = (gt8.astype(np.float32) / 255.0 - 0.5) / 0.5          # the loader's Normalize
+    decoded = np.float32(x_in + rng.normal(0.0, 0.15, x_in.shape))  # beyond [-1, 1] at places
+    saved = np.clip(127.5 * decoded + 128.0, 0, 255).astype(np.uint8)  # torch .to(uint8)
+    restored = saved.astype(np.float32) / 255.0
+    rgb_gt = (x_in + 1.0) / 2.0
+    want_psnr = [peak_signal_noise_ratio(r, g) for r, g in zip(restored, rgb_gt)]
+    want_ssim = [structural_similarity(r, g, data_range=2.0, channel_axis=-1)
+                 for r, g in zip(restored, rgb_gt)]
+    recon = jnp.asarray((decoded + 1.0) / 2.0)  # tok1d's [0, 1] reconstruction, unclipped
+    target = jnp.asarray(gt8 / 255.0, jnp.float32)
+    got = pixel_metrics(recon, target, "gigatok")
+    np.testing.assert_allclose(np.asarray(got["psnr"]), want_psnr, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(got["ssim"]), want_ssim, atol=1e-5)
+    standard = pixel_metrics(recon, target)
+    assert np.all(np.asarray(standard["ssim"]) < np.asarray(got["ssim"]) - 0.01)  # another scale
+
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=jax.devices()[:1])
+    acc = evaluator.ImageMetrics(evaluator.MetricNets(), mesh, pixel_convention="gigatok")
+    acc.add_pairs(target, recon)
+    out = acc.result()
+    assert out["psnr"] == pytest.approx(np.mean(want_psnr), rel=1e-5)
+    assert out["ssim"] == pytest.approx(np.mean(want_ssim), abs=1e-5)
+    with pytest.raises(ValueError, match="'adm' is not|expected one of"):
+        pixel_metrics(recon, target, "adm")
+
+
 def test_ssim_identical_clipping_and_errors():
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.uniform(size=(2, 16, 20, 3)), jnp.float32)

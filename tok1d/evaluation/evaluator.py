@@ -48,7 +48,7 @@ from tok1d import images as images_lib
 from tok1d import errors, parallel
 from tok1d.data import feeding, pipeline, sources
 from tok1d.evaluation import fid as fid_lib
-from tok1d.evaluation.image_metrics import psnr, ssim
+from tok1d.evaluation.image_metrics import pixel_metrics
 from tok1d.evaluation.precision_recall import intra_class_diversity, precision_recall
 from tok1d.models.frozen import inception as inception_lib
 from tok1d.models.frozen import perceptual as perceptual_nets
@@ -156,8 +156,10 @@ class ImageMetrics:
 
     def __init__(self, nets: MetricNets, mesh: jax.sharding.Mesh, *,
                  precision_recall: bool = True, is_splits: int = 10, chunk_size: int = 8,
-                 fid_method: str = "eigh", precision_recall_float16: bool = False):
+                 fid_method: str = "eigh", precision_recall_float16: bool = False,
+                 pixel_convention: str = "standard"):
         self.nets = nets
+        self.pixel_convention = pixel_convention
         self.adm_float16 = precision_recall_float16
         self.fid_method = fid_method
         self.mesh = mesh
@@ -198,14 +200,16 @@ class ImageMetrics:
 
     def _pair_metrics(self, real: jax.Array, recon: jax.Array):
         lpips = self.nets.lpips[0] if self.nets.lpips is not None else None
-        return self._compiled("pairs", lpips, real)(self._lpips_params, real, recon)
+        return self._compiled(f"pairs:{self.pixel_convention}", lpips, real)(
+            self._lpips_params, real, recon)
 
     @classmethod
     def from_config(cls, nets: MetricNets, mesh, ecfg) -> "ImageMetrics":
         """With the options of a config's `evaluation` section."""
         return cls(nets, mesh, precision_recall=ecfg.precision_recall, is_splits=ecfg.is_splits,
                    chunk_size=ecfg.chunk_size, fid_method=ecfg.fid_method,
-                   precision_recall_float16=ecfg.get("precision_recall_float16", False))
+                   precision_recall_float16=ecfg.get("precision_recall_float16", False),
+                   pixel_convention=ecfg.get("pixel_metrics", "standard"))
 
     # ------------------------------------------------------------------ input
 
@@ -324,9 +328,9 @@ def _inception_outputs(model):
     return features
 
 
-def _pair_outputs(lpips):
+def _pair_outputs(lpips, convention: str):
     def pair_metrics(lp, real, recon):
-        out = {"psnr": psnr(recon, real), "ssim": ssim(recon, real)}
+        out = pixel_metrics(recon, real, convention)
         if lpips is not None:
             out["lpips"] = lpips.apply({"params": lp}, jnp.clip(recon, 0.0, 1.0), real)
         return out
@@ -338,7 +342,8 @@ def _chunked_fn(kind: str, model, mesh, batch_spec: P, chunk: int, num_arrays: i
     """jit(shard_map(...)): each device runs the metric network over its rows in `chunk`-image
     pieces (`lax.map`), so a row's numbers are computed by the same program whatever the mesh.
     Cached by (kind, model, mesh, spec, chunk): evals during training compile once."""
-    fn = _inception_outputs(model) if kind == "inception" else _pair_outputs(model)
+    fn = (_inception_outputs(model) if kind == "inception"
+          else _pair_outputs(model, kind.partition(":")[2]))
 
     def per_device(p, *arrays):
         k = arrays[0].shape[0] // chunk

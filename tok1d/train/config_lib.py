@@ -24,6 +24,7 @@ from tok1d import models
 from tok1d import errors, parallel
 from tok1d.data import pipeline
 from tok1d.evaluation import fid as fid_lib
+from tok1d.evaluation import image_metrics
 from tok1d.generation import decode
 from tok1d.models import interfaces
 from tok1d.models.frozen import inception as inception_lib
@@ -149,6 +150,11 @@ def common_config() -> ml_collections.ConfigDict:
                                       # bit-identical on any mesh whose per-device batch is a
                                       # multiple of it (0: the whole per-device batch)
         num_report_images=32,         # images in the report's grids
+        # PSNR / SSIM convention (tok1d.evaluation.image_metrics): "standard" (Gaussian 11x11
+        # SSIM of the reconstructions as they are) or "gigatok" (GigaTok's
+        # reconstruction_ddp.py: 8-bit reconstructions, scikit-image's default 7x7 SSIM called
+        # with data_range=2.0; its recipes).
+        pixel_metrics="standard",
         # GigaTok's linear probe of a GPT generator's features (null class, layer depth // 2,
         # mean over positions; BN + linear head, LARS): epochs over the train split, accuracy
         # on the eval split. 0: off; GigaTok: 90 epochs, lr 0.1 x batch / 256.
@@ -610,6 +616,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         problems.append(f"evaluation.tokenizer_probe={ev.tokenizer_probe!r} probes a "
                         "tokenizer's own features (`tok1d evaluate` of a tokenizer config); "
                         f"this config's trainer is {trainer!r}")
+    if ev.get("pixel_metrics", "standard") not in image_metrics.PIXEL_METRICS:
+        problems.append(f"evaluation.pixel_metrics={ev.pixel_metrics!r} is not one of "
+                        f"{image_metrics.PIXEL_METRICS}")
     if ev.get("linear_probe_source", "") not in LINEAR_PROBE_SOURCES:
         problems.append(f"evaluation.linear_probe_source={ev.linear_probe_source!r} is not one "
                         f"of {LINEAR_PROBE_SOURCES}")
