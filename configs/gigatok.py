@@ -189,4 +189,5 @@ def tokenizer(preset: str, *, train_new: bool = False, dino_disc: bool = False):
         config.disc_optim.freeze = "trunk"
     recipes.gigatok_vq_train(config)
     recipes.pod_run(config)
+    recipes.adm_evaluation(config)  # IS over 5,000-image parts
     return config

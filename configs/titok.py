@@ -118,6 +118,7 @@ def common(*, total_steps: int, warmup_steps: int, b2: float):
     config.ema_decay = 0.999
     recipes.imagenet(config)
     recipes.titok_train_utils(config)
+    recipes.adm_evaluation(config)  # IS over 5,000-image parts
     o = config.optim
     o.lr = 1e-4
     o.end_lr = 1e-5

@@ -101,6 +101,24 @@ def test_inception_score_matches_a_direct_computation():
     assert fid.inception_score(uniform, splits=2)[0] == pytest.approx(1.0)
 
 
+def test_inception_score_in_adms_parts():
+    """split_size: ADM's evaluator (`compute_inception_score(activations, split_size=5000)`),
+    written out: consecutive parts of split_size rows, the last one shorter, mean of the
+    parts' scores; at a multiple of split_size the same as that many equal splits."""
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(23, 6)) * 3
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    scores = []
+    for i in range(0, len(p), 10):  # ADM's loop: parts of 10, 10, 3
+        part = p[i:i + 10]
+        kl = part * (np.log(part) - np.log(np.expand_dims(np.mean(part, 0), 0)))
+        scores.append(np.exp(np.mean(np.sum(kl, 1))))
+    assert fid.inception_score(p, split_size=10)[0] == pytest.approx(np.mean(scores), rel=1e-9)
+    assert fid.inception_score(p[:20], split_size=10) == pytest.approx(
+        fid.inception_score(p[:20], splits=2), rel=1e-12)
+    assert fid.inception_score(p[:3], split_size=10)[1] == 0.0  # one part
+
+
 def test_bad_inputs_are_named(tmp_path):
     with pytest.raises(ValueError, match="at least 2 images"):
         fid.FeatureStats(4).update(np.ones((1, 4))).mean_cov()

@@ -309,6 +309,7 @@ def test_generator_configs_validate():
         config_lib.validate(config, num_devices=64)
         assert config.trainer == "generator"
         assert config.sampling_precision == "float32"  # the official sample scripts' fp32
+        assert config.evaluation.is_split_size == 5000  # ADM's evaluator's Inception Score
     config.generator.tokenizer_decoder = "cpu"
     config.sampling_precision = "fp16"
     with pytest.raises(config_lib.ConfigError, match="tokenizer_decoder='cpu' is not one of"

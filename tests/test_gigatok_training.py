@@ -273,6 +273,9 @@ def test_gigatok_configs_validate_on_a_pod(name):
     assert config.losses.semantic == 0.5 and config.teacher.name == "dinov2"
     # the official step computes its loss inside the model's autocast
     assert config.loss_precision == config.precision == "bfloat16"
+    # reconstruction_ddp.py's PSNR / SSIM, ADM's evaluator's Inception Score
+    assert config.evaluation.pixel_metrics == "gigatok"
+    assert config.evaluation.is_split_size == 5000
 
 
 def test_schedules_are_cosine_v2_and_the_disc_follows_the_global_step():

@@ -174,6 +174,8 @@ def test_paper_configs_validate(arg):
     config = load_config(f"titok.py:{arg}")
     config_lib.validate(config, num_devices=256)
     assert config.batch_size == 256 and config.optim.lr == 1e-4
+    assert config.evaluation.is_split_size == 5000  # ADM's evaluator, as TiTok reports IS
+    assert config.evaluation.pixel_metrics == "standard"  # TiTok's code has no PSNR / SSIM
     model = tokenizer.build_model(config)
     assert model.image_size == 256 and model.patch_size == 16
 

@@ -51,6 +51,12 @@ def imagenet_adm(config: ml_collections.ConfigDict) -> None:
     config.data.min_scale = 0.8
 
 
+def adm_evaluation(config: ml_collections.ConfigDict) -> None:
+    """The Inception Score of ADM's evaluator (guided-diffusion's evaluations/evaluator.py,
+    which TiTok's and GigaTok's papers report): consecutive parts of 5,000 images."""
+    config.evaluation.is_split_size = 5_000
+
+
 def pod_run(config: ml_collections.ConfigDict) -> None:
     """FSDP over all devices, logs every 100 steps, eval every 50k, checkpoints every 5k."""
     config.mesh.data, config.mesh.fsdp = 1, -1
@@ -73,6 +79,7 @@ def generator_base(*, total_steps: int, batch_size: int) -> ml_collections.Confi
     config.data.eval_examples = 10_000
     config.generator.num_sample_classes = 10
     config.num_grid_images = 80
+    adm_evaluation(config)
     pod_run(config)
     config.eval_every_steps = 25_000
     return config

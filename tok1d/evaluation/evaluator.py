@@ -155,7 +155,8 @@ class ImageMetrics:
     """Accumulates the metrics of a stream of image batches (see the module docstring)."""
 
     def __init__(self, nets: MetricNets, mesh: jax.sharding.Mesh, *,
-                 precision_recall: bool = True, is_splits: int = 10, chunk_size: int = 8,
+                 precision_recall: bool = True, is_splits: int = 10, is_split_size: int = 0,
+                 chunk_size: int = 8,
                  fid_method: str = "eigh", precision_recall_float16: bool = False,
                  pixel_convention: str = "standard"):
         self.nets = nets
@@ -165,7 +166,7 @@ class ImageMetrics:
         self.mesh = mesh
         self.chunk_size = chunk_size
         self.precision_recall = precision_recall and nets.inception is not None
-        self.is_splits = is_splits
+        self.is_splits, self.is_split_size = is_splits, is_split_size
         replicated = NamedSharding(mesh, P())
         self._sums: dict[str, float] = {}
         self._count = 0
@@ -207,6 +208,7 @@ class ImageMetrics:
     def from_config(cls, nets: MetricNets, mesh, ecfg) -> "ImageMetrics":
         """With the options of a config's `evaluation` section."""
         return cls(nets, mesh, precision_recall=ecfg.precision_recall, is_splits=ecfg.is_splits,
+                   is_split_size=ecfg.get("is_split_size", 0),
                    chunk_size=ecfg.chunk_size, fid_method=ecfg.fid_method,
                    precision_recall_float16=ecfg.get("precision_recall_float16", False),
                    pixel_convention=ecfg.get("pixel_metrics", "standard"))
@@ -296,8 +298,8 @@ class ImageMetrics:
                                                   method=self.fid_method)
         probs = np.concatenate(self._probs)
         splits = min(self.is_splits, len(probs))
-        out["inception_score"], out["inception_score_std"] = fid_lib.inception_score(probs,
-                                                                                     splits)
+        out["inception_score"], out["inception_score_std"] = fid_lib.inception_score(
+            probs, splits, self.is_split_size)
         real_pool = (self._reference_pool if self._reference_pool is not None
                      else (np.concatenate(self._real_pool) if self._real_pool else None))
         k = 3  # neighbours of the manifold estimate; both sets need more than k points

@@ -145,7 +145,10 @@ def common_config() -> ml_collections.ConfigDict:
         precision_recall=True,        # k=3 manifold precision / recall (keeps pool features)
         precision_recall_float16=False,  # ADM's float16 distances (to compare with published
                                       # numbers; float32, the default, is more accurate)
-        is_splits=10,                 # Inception Score splits
+        is_splits=10,                 # Inception Score splits (equal parts; torch-fidelity)
+        # > 0: parts of this many images instead, the last one shorter (ADM's evaluator, which
+        # TiTok and GigaTok report: 5000, set by the recipes; at 50k the same as 10 splits)
+        is_split_size=0,
         chunk_size=8,                 # images per network call on each device: the numbers are
                                       # bit-identical on any mesh whose per-device batch is a
                                       # multiple of it (0: the whole per-device batch)
@@ -643,6 +646,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     for key in ("num_samples", "is_splits"):
         if ev[key] <= 0:
             problems.append(f"evaluation.{key}={ev[key]} must be positive")
+    if ev.get("is_split_size", 0) < 0:
+        problems.append(f"evaluation.is_split_size={ev.is_split_size} must be >= 0 (0: "
+                        "evaluation.is_splits equal parts)")
     for key in ("total_steps", "batch_size", "eval_batch_size", "log_every_steps"):
         if config[key] <= 0:
             problems.append(f"{key}={config[key]} must be positive")
