@@ -356,6 +356,28 @@ def test_the_online_trainer_is_the_scanned_one_on_the_same_batches():
     assert len(logs) == epochs + 1
 
 
+def test_features_over_the_device_budget_train_the_same_from_the_host():
+    """Training features larger than `device_bytes` stay on the host and go to the device a
+    piece of an epoch at a time (here 3 batches, the last piece of each epoch shorter): the
+    probe takes the same steps as with the features copied to the device whole."""
+    rng = np.random.default_rng(4)
+    dim, n, batch = 8, 256, 32
+    means = 2.0 * rng.normal(size=(CLASSES, dim))
+    x, y = _gaussian_classes(rng, n, means)
+    x = np.stack([x, x + 0.1 * rng.normal(size=x.shape).astype(np.float32)])  # (V, N, D)
+    xv, yv = _gaussian_classes(rng, 40, means)
+    kw = dict(epochs=3, batch_size=batch, base_lr=5.0, warmup_epochs=1, seed=1)
+    whole = lp.train_linear_probe(x, y, xv, yv, CLASSES, **kw)
+    logs = []
+    pieces = lp.train_linear_probe(x, y, xv, yv, CLASSES, log_fn=logs.append,
+                                   device_bytes=3 * batch * dim * 4, **kw)
+    assert "features stay on the host" in logs[0] and "3 batches are sent at a time" in logs[0]
+    assert pieces["val_accuracy"] == whole["val_accuracy"] and pieces["steps"] == whole["steps"]
+    assert pieces["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+                 pieces["variables"], whole["variables"])
+
+
 def test_code_batches_visit_every_example_once_per_epoch():
     codes = np.arange(10 * 2 * 3).reshape(10, 2, 3)  # (N, V, T): row i's variants 6i.., 6i+3..
     labels = np.arange(10) % CLASSES

@@ -315,6 +315,10 @@ def mae_lars(learning_rate: optax.ScalarOrSchedule, weight_decay: float = 0.0,
         optax.scale_by_learning_rate(learning_rate))
 
 
+# The largest training-feature array `train_linear_probe` copies to the device whole.
+DEVICE_FEATURE_BYTES = 4 << 30
+
+
 def _as_variants(features: np.ndarray, name: str) -> np.ndarray:
     features = np.asarray(features, np.float32)
     if features.ndim == 2:
@@ -398,9 +402,12 @@ def train_linear_probe(train_features: np.ndarray, train_labels: np.ndarray,
                        val_features: np.ndarray, val_labels: np.ndarray, num_classes: int,
                        epochs: int = 90, batch_size: int = 256, base_lr: float = 0.1,
                        warmup_epochs: float = 10, seed: int = 0,
-                       log_fn: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
+                       log_fn: Optional[Callable[[str], None]] = None,
+                       device_bytes: int = DEVICE_FEATURE_BYTES) -> dict[str, Any]:
     """Trains a `LinearProbe` on (train_features, train_labels) with MAE's linear-probe recipe
-    (see the module docstring) and evaluates it on the validation set.
+    (see the module docstring) and evaluates it on the validation set. Features over
+    `device_bytes` stay in host memory (ten-crop ImageNet features of a GPT: tens of GB) and
+    are sent in pieces of that size; smaller ones are copied to the device once.
 
     train_features: (N, D) or (V, N, D) (V augmentation variants per example; each step picks
     one per example at random); val_features: (M, D) (or (V, M, D): variant 0, the image
@@ -428,19 +435,29 @@ def train_linear_probe(train_features: np.ndarray, train_labels: np.ndarray,
                    warmup_epochs, seed)
 
     @jax.jit
-    def train_epoch(params, batch_stats, opt_state, all_feats, all_labels, rows, variants):
-        """The probe's update scanned over one epoch's (steps, batch) row / variant ids."""
+    def train_steps(params, batch_stats, opt_state, feats_, labels_, rows, variants):
+        """The probe's update scanned over (steps, batch) row / variant ids of the features
+        (V, n, D) and labels (n,); returns the sums of the steps' loss and accuracy."""
         def train_step(carry, idx):
-            x, y = all_feats[idx[1], idx[0]], all_labels[idx[0]]
+            x, y = feats_[idx[1], idx[0]], labels_[idx[0]]
             *carry, loss, acc = probe.update(*carry, x, y)
             return tuple(carry), (loss, acc)
 
         (params, batch_stats, opt_state), (losses, accs) = jax.lax.scan(
             train_step, (params, batch_stats, opt_state), (rows, variants))
-        return params, batch_stats, opt_state, jnp.mean(losses), jnp.mean(accs)
+        return params, batch_stats, opt_state, jnp.sum(losses), jnp.sum(accs)
 
+    # Features that fit in `device_bytes` go to the device once and every epoch is one call;
+    # larger ones stay on the host, which sends each piece of an epoch's batches (at most
+    # `device_bytes` of features) with its rows renumbered: the same steps, in the same order.
+    resident = feats.nbytes <= device_bytes
+    piece = steps_per_epoch if resident else max(1, device_bytes // (batch_size * dim * 4))
+    if resident:
+        device_feats, device_labels = jnp.asarray(feats), jnp.asarray(labels)
+    elif log_fn is not None:
+        log_fn(f"linear probe: {feats.nbytes / 2**30:.1f} GiB of features stay on the host "
+               f"(over {device_bytes / 2**30:.1f} GiB); {piece} batches are sent at a time")
     params, batch_stats, opt_state = probe.params, probe.batch_stats, probe.opt_state
-    device_feats, device_labels = jnp.asarray(feats), jnp.asarray(labels)
     rng = np.random.default_rng(seed)
     loss = acc = float("nan")
     for epoch in range(epochs):
@@ -448,9 +465,19 @@ def train_linear_probe(train_features: np.ndarray, train_labels: np.ndarray,
                                                                            batch_size)
         variants = (rng.integers(0, num_variants, rows.shape) if num_variants > 1
                     else np.zeros(rows.shape, np.int64))
-        params, batch_stats, opt_state, loss, acc = train_epoch(
-            params, batch_stats, opt_state, device_feats, device_labels,
-            rows.astype(np.int32), variants.astype(np.int32))
+        loss = acc = 0.0
+        for start in range(0, steps_per_epoch, piece):
+            r, v = rows[start:start + piece], variants[start:start + piece]
+            if resident:
+                args = (device_feats, device_labels, r.astype(np.int32), v.astype(np.int32))
+            else:  # this piece's feature rows alone, numbered 0 .. rows - 1
+                ids = np.arange(r.size, dtype=np.int32).reshape(r.shape)
+                args = (feats[v.reshape(1, -1), r.reshape(1, -1)], labels[r.reshape(-1)], ids,
+                        np.zeros_like(ids))
+            params, batch_stats, opt_state, loss_sum, acc_sum = train_steps(
+                params, batch_stats, opt_state, *args)
+            loss, acc = loss + loss_sum, acc + acc_sum
+        loss, acc = loss / steps_per_epoch, acc / steps_per_epoch
         probe.log_epoch(log_fn, epoch, loss, acc)
     return probe.finish(params, batch_stats, val, val_labels, loss, acc, log_fn)
 
