@@ -116,6 +116,22 @@ def test_gigatok_pixel_metrics_are_reconstruction_ddps():
     with pytest.raises(ValueError, match="'adm' is not|expected one of"):
         pixel_metrics(recon, target, "adm")
 
+    # LPIPS: GigaTok's reads the decoder output unclipped (here 30% of the values are outside
+    # [0, 1]), the standard one clipped.
+    from tok1d.models.frozen import perceptual as perceptual_nets
+    from tok1d.weights import loaders
+    lpips = (perceptual_nets.build_module("lpips"),
+             loaders.load_perceptual(("lpips",), "", allow_random_init=True)["lpips"])
+    small, small_t = recon[:, :32, :32], target[:, :32, :32]
+    lpips_of = lambda x: np.asarray(lpips[0].apply({"params": lpips[1]}, x, small_t))  # noqa
+    for convention, want in (("gigatok", lpips_of(small)),
+                             ("standard", lpips_of(jnp.clip(small, 0.0, 1.0)))):
+        acc = evaluator.ImageMetrics(evaluator.MetricNets(lpips=lpips), mesh,
+                                     pixel_convention=convention)
+        acc.add_pairs(small_t, small)
+        assert acc.result()["lpips"] == pytest.approx(float(np.mean(want)), rel=1e-4)
+    assert not np.allclose(lpips_of(small), lpips_of(jnp.clip(small, 0.0, 1.0)))
+
 
 def test_ssim_identical_clipping_and_errors():
     rng = np.random.default_rng(1)

@@ -492,6 +492,10 @@ def test_the_tokenizer_probe_of_a_gigatok_in_the_evaluate_job(tmp_path):
     e.tokenizer_probe = "pixels"
     with pytest.raises(ValueError, match="no probe tap 'pixels'"):
         evaluate.evaluate_tokenizer(c, tok_dir, str(tmp_path / "out"))
+    e.tokenizer_probe, e.linear_probe_batch_size = "encoder", 36  # the 8 devices cannot split it
+    with pytest.raises(ValueError, match="36 is not a multiple of the mesh's 8 batch shards"):
+        evaluate.evaluate_tokenizer(c, tok_dir, str(tmp_path / "out"))
+    e.linear_probe_batch_size = 64
     assert not os.path.exists(tmp_path / "out")
     plain = models.create("gigatok", **dict(GIGATOK, distill_depth=0))  # no semantic head
     assert plain.probe_taps == ("encoder", "encoder_tokens")

@@ -124,7 +124,7 @@ def evaluate_tokenizer(config, checkpoint: str, out: str, log=print,
     # Sharded like in training (fsdp / tensor axes of config.mesh), not replicated.
     params = jax.device_put(params, parallel.logical_shardings(boxed, mesh, rules))
     # before the reconstruction metrics: a failure there would lose them
-    probe_sources = _check_tokenizer_probe(config, model, params, prefixes)
+    probe = _check_tokenizer_probe(config, model, params, mesh, rules, prefixes)
     teacher = tok_trainer.build_teacher(config, model)
     frozen = {"teacher": teacher[1]} if teacher is not None else {}
     nets = evaluator.load_metric_nets(config.evaluation, config.perceptual.weights, log)
@@ -154,7 +154,7 @@ def evaluate_tokenizer(config, checkpoint: str, out: str, log=print,
         metrics, (grid_in, grid_out) = tok_trainer.evaluate(
             eval_step, params, frozen, ds, num_batches, (batch_sh, batch),
             ecfg.num_report_images, metrics_acc, log)
-    metrics.update(_tokenizer_probe(config, model, params, mesh, rules, log, probe_sources))
+    metrics.update(_tokenizer_probe(config, model, params, mesh, rules, log, probe))
     grid = images.make_grid(images.interleave_pairs(grid_in, grid_out))
     path = report.write_report(
         out, f"Reconstruction: {os.path.basename(os.path.normpath(checkpoint))}", metrics,
@@ -163,7 +163,7 @@ def evaluate_tokenizer(config, checkpoint: str, out: str, log=print,
                  data=f"{dcfg.name}:{dcfg.eval_split} at {size} px (center crops)",
                  **({"tokenizer_probe": f"{ecfg.tokenizer_probe} features, "
                      f"{ecfg.linear_probe_epochs} epochs on {dcfg.train_split}"}
-                    if probe_sources else {})),
+                    if probe else {})),
         nets.notes, enabled=is_chief)
     log(f"Wrote {path}: " + ", ".join(f"{k} {report.format_value(v)}"
                                       for k, v in metrics.items()))
@@ -374,11 +374,12 @@ def _linear_probe(config, model, params, tokenizer, tok_params, mesh, rules, log
     return linear_probe.probe_metrics(out)
 
 
-def _check_tokenizer_probe(config, model, params, prefixes: Sequence[int] = ()
-                           ) -> Optional[tuple[Any, Any]]:
-    """(train, eval) image sources of GigaTok's tokenizer linear probe when
+def _check_tokenizer_probe(config, model, params, mesh, rules, prefixes: Sequence[int] = ()
+                           ) -> Optional[tuple[Any, Any, dict[str, Any]]]:
+    """(train and eval image sources, probe options) of GigaTok's tokenizer linear probe when
     evaluation.tokenizer_probe names a tap, after checking that it can run: epochs set, no
-    --prefixes, the tap traced on the model, labelled splits (ValueErrors); else None."""
+    --prefixes, the tap traced on the model, labelled splits, a batch the mesh splits
+    (ValueErrors); else None."""
     ecfg, dcfg = config.evaluation, config.data
     tap = ecfg.get("tokenizer_probe", "")
     if not tap:
@@ -396,20 +397,24 @@ def _check_tokenizer_probe(config, model, params, prefixes: Sequence[int] = ()
     if getattr(train_src, "num_classes", None) is None:
         raise ValueError(f"The tokenizer linear probe needs class labels; {dcfg.name}:"
                          f"{dcfg.train_split} has none.")
-    return train_src, sources.source_of(dcfg, dcfg.eval_split)
+    options = linear_probe.probe_options(ecfg, len(train_src), config.seed,
+                                         linear_probe.batch_shards(mesh, rules))
+    return train_src, sources.source_of(dcfg, dcfg.eval_split), options
 
 
 def _tokenizer_probe(config, model, params, mesh, rules, log,
-                     probe_sources: Optional[tuple[Any, Any]]) -> dict[str, float]:
+                     probe: Optional[tuple[Any, Any, dict[str, Any]]]) -> dict[str, float]:
     """GigaTok's tokenizer linear probe (`linear_probe.run_tokenizer_linear_probe`) of the
-    evaluation.tokenizer_probe tap, train -> eval split, when `probe_sources` are given:
-    {"tokenizer_probe_accuracy", "tokenizer_probe_train_accuracy"}."""
-    if probe_sources is None:
+    evaluation.tokenizer_probe tap, train -> eval split, when `probe` (from
+    `_check_tokenizer_probe`) is given: {"tokenizer_probe_accuracy",
+    "tokenizer_probe_train_accuracy"}. The tokenizer computes in float32 here (upstream's
+    default --mixed-precision none), whatever the run's compute dtype."""
+    if probe is None:
         return {}
-    train_src, eval_src = probe_sources
+    train_src, eval_src, options = probe
     ecfg = config.evaluation
-    options = linear_probe.probe_options(ecfg, len(train_src), config.seed,
-                                         linear_probe.batch_shards(mesh, rules))
+    if hasattr(model, "dtype"):
+        model = model.clone(dtype=jnp.float32)
     train, val = _probe_image_batches(config, train_src, eval_src, options["batch_size"],
                                       mesh, rules)
     out = linear_probe.run_tokenizer_linear_probe(

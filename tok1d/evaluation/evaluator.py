@@ -333,8 +333,9 @@ def _inception_outputs(model):
 def _pair_outputs(lpips, convention: str):
     def pair_metrics(lp, real, recon):
         out = pixel_metrics(recon, real, convention)
-        if lpips is not None:
-            out["lpips"] = lpips.apply({"params": lp}, jnp.clip(recon, 0.0, 1.0), real)
+        if lpips is not None:  # GigaTok's LPIPS reads the decoder output unclipped
+            x = recon if convention == "gigatok" else jnp.clip(recon, 0.0, 1.0)
+            out["lpips"] = lpips.apply({"params": lp}, x, real)
         return out
     return pair_metrics
 

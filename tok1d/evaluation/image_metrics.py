@@ -23,10 +23,10 @@ Conventions of whole evaluations (`pixel_metrics`, evaluation.pixel_metrics):
   "standard"  PSNR and the Gaussian SSIM above of the reconstructions as they are (clipped);
   "gigatok"   GigaTok's tokenizer/tokenizer_image/reconstruction_ddp.py: the reconstructions
               saved as 8-bit images first (uint8(clamp(127.5 x + 128, 0, 255)) of x in
-              [-1, 1], i.e. floor(255 y + 0.5) of y in [0, 1]), then scikit-image's PSNR
+              [-1, 1], `to_8bit`), then scikit-image's PSNR
               (range 1) and its default SSIM called with data_range=2.0 on [0, 1] images (the
               box window; C1, C2 four times the range-1 ones): the numbers of its tables.
-              (Its LPIPS reads the unclipped decoder output; tok1d's the clipped one.)
+              Its LPIPS (`ImageMetrics`) reads the decoder output unclipped.
 """
 
 from __future__ import annotations
@@ -109,9 +109,12 @@ def ssim(recon: jax.Array, target: jax.Array, max_value: float = 1.0, *,
 
 
 def to_8bit(images: jax.Array) -> jax.Array:
-    """[0, 1] images as GigaTok saves its reconstructions, back in [0, 1]:
-    uint8(clamp(127.5 x + 128, 0, 255)) of x = 2 y - 1, i.e. floor(clip(255 y + 0.5, 0, 255))."""
-    return jnp.floor(jnp.clip(images.astype(jnp.float32) * 255.0 + 0.5, 0.0, 255.0)) / 255.0
+    """[0, 1] images y as GigaTok saves its reconstructions, back in [0, 1]: the decoder's
+    x = 2 y - 1, then uint8(clamp(127.5 x + 128, 0, 255)) (the cast truncates), in that
+    float32 arithmetic (floor(255 y + 0.5) would move ~3e-5 of the values at a level's
+    boundary by one level)."""
+    x = 2.0 * images.astype(jnp.float32) - 1.0
+    return jnp.floor(jnp.clip(127.5 * x + 128.0, 0.0, 255.0)) / 255.0
 
 
 def pixel_metrics(recon: jax.Array, target: jax.Array, convention: str = "standard"

@@ -310,7 +310,8 @@ def make_train_step(model: nn.Module, tx, schedule, config,
 
 def make_eval_step(model: nn.Module, teacher: Optional[nn.Module] = None,
                    prefix: Optional[int] = None):
-    """(params, batch, frozen[, prefix_length]) -> (sums, reconstructions in [0, 1]). A
+    """(params, batch, frozen[, prefix_length]) -> (sums, reconstructions in [0, 1] as decoded,
+    not clipped: the metrics clip them as their convention says). A
     proxy-code model is judged through the teacher: pixels = teacher.decode_codes(argmax
     logits). `prefix` k: decode the first k tokens only (a 1D tokenizer,
     `tok1d.models.tokenizers.nested`); the traced `prefix_length` does the same for a model
@@ -345,7 +346,7 @@ def make_eval_step(model: nn.Module, teacher: Optional[nn.Module] = None,
                     count=jnp.sum(mask))
         if num_codes:
             sums["hist"] = codebook_lib.code_histogram(aux.codes, num_codes, mask, levels)
-        return sums, jnp.clip(recon, 0.0, 1.0)
+        return sums, recon
 
     return eval_step
 
