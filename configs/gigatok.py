@@ -133,6 +133,7 @@ def tokenizer(preset: str, *, train_new: bool = False, dino_disc: bool = False):
     # default SSIM at data_range 2): comparable with GigaTok's tables; "standard" is the
     # Gaussian SSIM of the other recipes.
     config.evaluation.pixel_metrics = "gigatok"
+    config.evaluation.tokenizer_precision = "float32"  # its reconstruction eval: no autocast
     # nested_dropout: ordered variable-length tokens (1D presets; not in the official recipes):
     # "uniform" / "pow2" (tok1d.models.tokenizers.nested), e.g. --config.model.nested_dropout=pow2
     # scan: each transformer half compiles one layer (XL-XXL: 36 + 48 layers unrolled otherwise).

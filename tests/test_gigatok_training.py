@@ -275,6 +275,7 @@ def test_gigatok_configs_validate_on_a_pod(name):
     assert config.loss_precision == config.precision == "bfloat16"
     # reconstruction_ddp.py's PSNR / SSIM, ADM's evaluator's Inception Score
     assert config.evaluation.pixel_metrics == "gigatok"
+    assert config.evaluation.tokenizer_precision == "float32"  # reconstruction_ddp.py: no autocast
     assert config.evaluation.is_split_size == 5000
 
 

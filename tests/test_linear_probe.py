@@ -480,6 +480,7 @@ def test_the_tokenizer_probe_of_a_gigatok_in_the_evaluate_job(tmp_path):
     c = config_lib.base_config()
     c.model = dict(name="gigatok", **GIGATOK)
     c.eval_batch_size = 64
+    c.precision, c.evaluation.tokenizer_precision = "bfloat16", "float32"  # as the recipes
     c.data.name, c.data.image_size, c.data.eval_examples = "digits", 32, 128
     c.data.augment, c.data.flip, c.data.resize_rule, c.data.min_scale = (
         "adm_random_crop", True, "adm", 0.8)  # recipes.imagenet_adm, as lin_probe.py trains
@@ -519,9 +520,14 @@ def test_the_tokenizer_probe_of_a_gigatok_in_the_evaluate_job(tmp_path):
     assert "psnr" in metrics  # the reconstruction metrics too
     written = json.load(open(tmp_path / "out" / "metrics.json"))
     assert written["metrics"]["tokenizer_probe_accuracy"] == metrics["tokenizer_probe_accuracy"]
+    assert written["details"]["tokenizer_precision"] == "float32"  # GigaTok's, over the run's
     report = open(tmp_path / "out" / "report.md").read()
     assert "tokenizer's own features" in report and "encoder features, 6 epochs" in report
 
+    c.evaluation.tokenizer_precision = "fp16"
+    with pytest.raises(config_lib.ConfigError, match="tokenizer_precision='fp16' is not one"):
+        config_lib.validate(c)
+    c.evaluation.tokenizer_precision = "float32"
     c.trainer = "generator"
     with pytest.raises(config_lib.ConfigError, match="tokenizer_probe='encoder' probes"):
         config_lib.validate(c)

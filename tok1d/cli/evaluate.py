@@ -65,6 +65,7 @@ from tok1d.train import generator as gen_trainer
 from tok1d.train import tokenizer as tok_trainer
 from tok1d.weights import loaders
 from tok1d.generation import common as gen_common
+from tok1d.generation import decode as decode_lib
 from tok1d.generation.decode import SampleDecoder
 
 USAGE = ("[--config=FILE] --checkpoint=DIR --out=DIR [--tokenizer=DIR] [flags]  |  "
@@ -115,7 +116,8 @@ def evaluate_tokenizer(config, checkpoint: str, out: str, log=print,
     `prefixes`, of the first k tokens for every k of them (`evaluate_prefixes`)."""
     config_lib.validate(config)
     mesh, rules, batch_sh, is_chief = _setup(config)
-    model = tok_trainer.build_model(config)
+    precision = config.evaluation.get("tokenizer_precision", "")
+    model, = decode_lib.at_precision(precision, tok_trainer.build_model(config))
     size = config.data.image_size
     dummy = jnp.zeros((1, size, size, 3), jnp.float32)
     boxed = jax.eval_shape(lambda r: model.init(r, dummy)["params"], jax.random.key(0))
@@ -143,10 +145,11 @@ def evaluate_tokenizer(config, checkpoint: str, out: str, log=print,
         f"({num_batches} batches of {batch}).")
     ecfg = config.evaluation
     if prefixes:
-        return evaluate_prefixes(config, model, params, frozen, teacher, nets, ds, num_batches,
-                                 (mesh, rules, batch_sh, is_chief), prefixes, checkpoint, out,
-                                 log)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        with decode_lib.matmuls_at(precision):
+            return evaluate_prefixes(config, model, params, frozen, teacher, nets, ds,
+                                     num_batches, (mesh, rules, batch_sh, is_chief), prefixes,
+                                     checkpoint, out, log)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules), decode_lib.matmuls_at(precision):
         frozen = parallel.replicate(frozen, mesh)
         eval_step = jax.jit(tok_trainer.make_eval_step(
             model, teacher[0] if teacher is not None else None))
@@ -161,6 +164,7 @@ def evaluate_tokenizer(config, checkpoint: str, out: str, log=print,
         {"reconstructions": grid},
         _details(config, checkpoint=os.path.abspath(checkpoint), model=config.model.name,
                  data=f"{dcfg.name}:{dcfg.eval_split} at {size} px (center crops)",
+                 tokenizer_precision=precision or config.precision,
                  **({"tokenizer_probe": f"{ecfg.tokenizer_probe} features, "
                      f"{ecfg.linear_probe_epochs} epochs on {dcfg.train_split}"}
                     if probe else {})),
@@ -413,13 +417,13 @@ def _tokenizer_probe(config, model, params, mesh, rules, log,
         return {}
     train_src, eval_src, options = probe
     ecfg = config.evaluation
-    if hasattr(model, "dtype"):
-        model = model.clone(dtype=jnp.float32)
+    model, = decode_lib.at_precision("float32", model)
     train, val = _probe_image_batches(config, train_src, eval_src, options["batch_size"],
                                       mesh, rules)
-    out = linear_probe.run_tokenizer_linear_probe(
-        model, params, train, len(train_src), val, train_src.num_classes,
-        tap=ecfg.tokenizer_probe, mesh=mesh, rules=rules, log_fn=log, **options)
+    with decode_lib.matmuls_at("float32"):
+        out = linear_probe.run_tokenizer_linear_probe(
+            model, params, train, len(train_src), val, train_src.num_classes,
+            tap=ecfg.tokenizer_probe, mesh=mesh, rules=rules, log_fn=log, **options)
     return {"tokenizer_probe_accuracy": float(out["val_accuracy"]),
             "tokenizer_probe_train_accuracy": float(out["train_accuracy"])}
 

@@ -83,7 +83,7 @@ def at_precision(precision: str, *modules: nn.Module) -> tuple[nn.Module, ...]:
     return tuple(out)
 
 
-def _matmuls(precision: str) -> contextlib.AbstractContextManager:
+def matmuls_at(precision: str) -> contextlib.AbstractContextManager:
     """The matmul precision a program of `precision` traces under (`FLOAT32_MATMULS` for
     float32, else the backend's default)."""
     if precision == "float32":
@@ -105,14 +105,14 @@ class SampleDecoder:
         sampler = common.make_sampler(model, **sampling)
 
         def sample(params, labels, rng):
-            with _matmuls(precision):
+            with matmuls_at(precision):
                 return sampler(params, labels, rng)
         self.sampler = jax.jit(sample) if precision == "float32" else sampler
         self.tokenizer, self.tok_params = tokenizer, tok_params
         _, to_unit = images.range_converters(tokenizer.pixel_range)
 
         def decode(tok_params, codes):
-            with _matmuls(precision):
+            with matmuls_at(precision):
                 pixels = tokenizer.apply({"params": tok_params}, codes,
                                          method=tokenizer.decode_codes)
             return jnp.clip(to_unit(pixels), 0.0, 1.0)

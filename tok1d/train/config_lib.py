@@ -158,6 +158,10 @@ def common_config() -> ml_collections.ConfigDict:
         # reconstruction_ddp.py: 8-bit reconstructions, scikit-image's default 7x7 SSIM called
         # with data_range=2.0; its recipes).
         pixel_metrics="standard",
+        # Compute dtype of the tokenizer in `tok1d evaluate`'s reconstruction metrics
+        # (tok1d.generation.decode.SAMPLING_PRECISIONS): "" = the run's `precision`,
+        # "float32" (GigaTok's reconstruction_ddp.py; TF32 matmuls) or "bfloat16".
+        tokenizer_precision="",
         # GigaTok's linear probe of a GPT generator's features (null class, layer depth // 2,
         # mean over positions; BN + linear head, LARS): epochs over the train split, accuracy
         # on the eval split. 0: off; GigaTok: 90 epochs, lr 0.1 x batch / 256.
@@ -619,6 +623,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         problems.append(f"evaluation.tokenizer_probe={ev.tokenizer_probe!r} probes a "
                         "tokenizer's own features (`tok1d evaluate` of a tokenizer config); "
                         f"this config's trainer is {trainer!r}")
+    if ev.get("tokenizer_precision", "") not in decode.SAMPLING_PRECISIONS:
+        problems.append(f"evaluation.tokenizer_precision={ev.tokenizer_precision!r} is not one "
+                        f"of {decode.SAMPLING_PRECISIONS}")
     if ev.get("pixel_metrics", "standard") not in image_metrics.PIXEL_METRICS:
         problems.append(f"evaluation.pixel_metrics={ev.pixel_metrics!r} is not one of "
                         f"{image_metrics.PIXEL_METRICS}")
