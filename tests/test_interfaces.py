@@ -59,6 +59,25 @@ def test_every_tokenizer_implements_the_interface(built):
     assert model.input_size == (None if name == "maskgit_vqgan" else SIZE)
 
 
+def test_probe_taps_give_per_token_features(built):
+    """`ProbedTokenizer` (the tokenizer linear probe): TiTok (VQ and VAE) and GigaTok (1D, 2D)
+    give (B, L, D) features at each of their taps from [0, 1] images, and the probe's feature
+    function averages them over L; MaskGIT-VQGAN has none."""
+    from tok1d.evaluation import linear_probe
+    name, model, params, x = built
+    if name == "maskgit_vqgan":
+        assert not isinstance(model, interfaces.ProbedTokenizer)
+        return
+    assert isinstance(model, interfaces.ProbedTokenizer)
+    images01 = jnp.asarray(np.random.default_rng(1).uniform(0, 1, x.shape), jnp.float32)
+    for tap in model.probe_taps:
+        feats = interfaces.probe_features(model, params, images01, tap)
+        assert feats.ndim == 3 and feats.shape[0] == 2 and bool(jnp.all(jnp.isfinite(feats)))
+        mean = linear_probe.tokenizer_feature_fn(model, tap)(params, None, {"image": images01},
+                                                             None)
+        np.testing.assert_allclose(mean, feats.mean(1), rtol=1e-5, atol=1e-6)
+
+
 def test_encode_gives_codes_and_decode_codes_round_trips_shapes(built):
     name, model, params, x = built
     if model.num_codes is None:

@@ -505,10 +505,10 @@ def test_the_tokenizer_probe_of_a_gigatok_in_the_evaluate_job(tmp_path):
                                                         method="probe_features"),
                        jnp.zeros((1, 32, 32, 3)))
     with pytest.raises(ValueError, match="has no features to probe"):
-        interfaces.check_probed(models.create("titok", image_size=32, patch_size=8,
-                                              num_latent_tokens=8, encoder_size="nano",
-                                              decoder_size="nano", codebook_size=64,
-                                              token_dim=8))
+        interfaces.check_probed(models.create("maskgit_vqgan", image_size=32,
+                                              hidden_channels=32, channel_mult=(1, 1, 1),
+                                              num_res_blocks=1, z_channels=32,
+                                              codebook_size=64))
 
     e.tokenizer_probe = "encoder"
     logs = []

@@ -122,6 +122,20 @@ def test_vq_legacy_hooks(npz):
     assert rel_err(trunk["ln_post"]["__call__"][0][:1], z[m + "encoder.ln_post"]) < TRANSFORMER_TOL
 
 
+def test_probe_taps(npz):
+    """`probe_features`: "encoder" is the official encoder's `ln_post` output (image 0's hook),
+    "encoder_tokens" the continuous latents before the quantizer (legacy reshape included)."""
+    z, model, params, images = build(npz, "vq_legacy")
+    m = "vq_legacy/"
+    feat = _apply(model, params, images, "encoder", method=TiTok.probe_features)
+    assert feat.shape == (images.shape[0], model.num_latent_tokens, model.encoder_width)
+    assert rel_err(feat[:1], z[m + "hook/encoder.ln_post"]) < TRANSFORMER_TOL
+    tokens = _apply(model, params, images, "encoder_tokens", method=TiTok.probe_features)
+    assert rel_err(tokens, tokens_first(z[m + "out/z_continuous"])) < TRANSFORMER_TOL
+    with pytest.raises(ValueError, match="no probe tap 'decoder'"):
+        _apply(model, params, images, "decoder", method=TiTok.probe_features)
+
+
 def test_vq_pixel_head(npz):
     z, model, params, images = build(npz, "vq_pixel")
     assert not model.legacy_reshape and model.decoder_head == "pixels"  # what vq_pixel checks

@@ -183,7 +183,7 @@ def common_config() -> ml_collections.ConfigDict:
         # (linear_probe_*) on the tokenizer's own features averaged over positions, at this
         # tap: "encoder" (upstream's default: after the encoder's ln_post), "encoder_tokens"
         # (--fix-dim: after its conv_out), "decoder" (--from-decoder: the decoder's queries
-        # after distill_depth layers); "": off.
+        # after distill_depth layers; GigaTok only); "": off. TiTok has the first two.
         tokenizer_probe="",
     ))
 

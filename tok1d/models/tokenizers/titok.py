@@ -61,8 +61,13 @@ class _ViTTrunk(nn.Module):
         return transformer.LayerNorm(**norm, name="ln_post")(x[:, keep])
 
 
+# The features of TiTok's latent tokens a linear probe reads (`TiTok.probe_features`).
+PROBE_TAPS = ("encoder", "encoder_tokens")
+
+
 class TiTokEncoder(nn.Module):
-    """Patches + latent tokens -> `num_latent_tokens` vectors of size `out_dim`."""
+    """Patches + latent tokens -> `num_latent_tokens` vectors of size `out_dim` (with
+    `features=True` also the latent tokens after ln_post, (B, N, width), conv_out's input)."""
 
     image_size: int
     patch_size: int
@@ -80,7 +85,8 @@ class TiTokEncoder(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, images: jax.Array, latent_tokens: jax.Array) -> jax.Array:
+    def __call__(self, images: jax.Array, latent_tokens: jax.Array, features: bool = False
+                 ) -> jax.Array | tuple[jax.Array, jax.Array]:
         b = images.shape[0]
         grid = self.image_size // self.patch_size
         n, w = self.num_latent_tokens, self.width
@@ -113,8 +119,10 @@ class TiTokEncoder(nn.Module):
         if self.legacy_reshape:
             # Official released weights (is_legacy=True) apply the 1x1 conv to a raw C-order
             # reshape (B, N, W) -> (B, W, N): reproduce that memory reinterpretation.
-            return proj(x.reshape(b, w, n).transpose(0, 2, 1))
-        return proj(x)
+            z = proj(x.reshape(b, w, n).transpose(0, 2, 1))
+        else:
+            z = proj(x)
+        return (z, x) if features else z
 
 
 class TiTokDecoder(nn.Module):
@@ -337,6 +345,23 @@ class TiTok(nn.Module):
             aux = {k: jnp.zeros_like(v) if k.endswith("_loss") else jax.lax.stop_gradient(v)
                    for k, v in aux.items()}
         return z_q, aux
+
+    @property
+    def probe_taps(self) -> tuple[str, ...]:
+        """The features a tokenizer linear probe can read (`probe_features`)."""
+        return PROBE_TAPS
+
+    def probe_features(self, images: jax.Array, tap: str = "encoder") -> jax.Array:
+        """Images (B, H, W, 3) in [0, 1] -> features (B, N, D) of the latent tokens for a
+        linear probe (GigaTok's tokenizer probe, `tok1d.evaluation.linear_probe`; TiTok's
+        code has none): "encoder", after the encoder's ln_post (D = width), as GigaTok's
+        default tap; "encoder_tokens", after its conv_out, before the quantizer (D = token_dim,
+        a VAE's posterior mean and log-variance: twice that)."""
+        if tap not in PROBE_TAPS:
+            raise ValueError(f"TiTok has no probe tap {tap!r}; taps: {', '.join(PROBE_TAPS)}.")
+        self.check_images(images)
+        z, feat = self.encoder(images, self.latent_tokens, features=True)
+        return feat if tap == "encoder" else z
 
     def encode(self, images: jax.Array) -> jax.Array:
         """Images (B, H, W, 3) in [0, 1] -> codes (B, num_tokens) int32 (discrete quantizers;
