@@ -97,6 +97,7 @@ COST_BY_TEST = {
     "test_evaluation.py::test_metrics_identical_on_1_and_8_devices": "integration",
     "test_evaluation.py::test_fid_of_a_set_with_itself_and_against_references": "integration",
     "test_evaluation.py::test_evaluate_job_tokenizer_and_samples": "integration",
+    "test_evaluation.py::test_sfid_is_adms_spatial_frechet_distance": "integration",
     "test_linear_probe.py::test_the_tokenizer_probe_of_a_gigatok_in_the_evaluate_job":
         "integration",
     "test_dino_disc.py::test_trainer_trains_the_heads_and_keeps_the_trunk": "integration",

@@ -81,9 +81,10 @@ def test_inception_outputs_see_8_bit_images_and_the_unbiased_logits(nets):
     fn = jax.jit(evaluator._inception_outputs(model))
     x = _images(2, 3)
     levels = np.round(x * 255.0) / 255.0
-    feats, probs = fn(params, jnp.asarray(x))
-    feats_l, probs_l = fn(params, jnp.asarray(np.clip(levels + 0.4 / 255.0 * (
-        np.random.default_rng(0).uniform(size=x.shape) - 0.5), 0, 1)))
+    feats, probs = (fn(params, jnp.asarray(x))[k] for k in ("pool", "probs"))
+    feats_l, probs_l = (fn(params, jnp.asarray(np.clip(levels + 0.4 / 255.0 * (
+        np.random.default_rng(0).uniform(size=x.shape) - 0.5), 0, 1)))[k]
+        for k in ("pool", "probs"))
     np.testing.assert_array_equal(np.asarray(feats), np.asarray(feats_l))
     np.testing.assert_array_equal(np.asarray(probs), np.asarray(probs_l))
     out = model.apply({"params": params}, jnp.asarray(levels))
@@ -160,6 +161,47 @@ def test_fid_of_a_set_with_itself_and_against_references(nets, tmp_path):
     np.savez(bad, something=np.zeros(3))
     with pytest.raises(ValueError, match="neither FID statistics"):
         evaluator.reference_from_file(str(bad), nets, mesh, sharding, 8, _ecfg())
+
+
+def test_sfid_is_adms_spatial_frechet_distance(nets, tmp_path):
+    """sFID (ADM's evaluator: `mixed_6/conv:0[..., :7]`, flattened): the Inception's "spatial"
+    output is the first 7 channels of Mixed_6d's 1x1 branch; sFID is the Frechet distance of
+    those features, against the real images or an ADM reference batch's mu_s / sigma_s."""
+    model, params = nets.inception
+    x = jnp.asarray(_images(3, 5))
+    out, inter = model.apply({"params": params}, x, capture_intermediates=True,
+                             mutable=["intermediates"])
+    branch = inter["intermediates"]["Mixed_6d"]["branch1x1"]["__call__"][0]
+    np.testing.assert_array_equal(np.asarray(out["spatial"]),
+                                  np.asarray(branch[..., :7]).reshape(3, -1))
+
+    real = _images(16, 2)
+    fake = np.clip(real + 0.15 * np.random.default_rng(4).standard_normal(real.shape), 0, 1)
+    got = _run(nets, _mesh(8), real, fake).result()
+    fn = jax.jit(evaluator._inception_outputs(model))
+    stats = [fid_lib.FeatureStats(out["spatial"].shape[-1]).update(
+        np.asarray(fn(params, jnp.asarray(images))["spatial"])) for images in (real, fake)]
+    (mu_r, sigma_r), (mu_f, sigma_f) = (st.mean_cov() for st in stats)
+    assert got["sfid"] == pytest.approx(
+        fid_lib.frechet_distance(mu_f, sigma_f, mu_r, sigma_r), rel=1e-5)  # other programs
+    same = _run(nets, _mesh(8), real, real).result()
+    assert abs(same["sfid"]) < 1e-5 * np.trace(sigma_r) < got["sfid"]
+
+    # An ADM reference batch's mu_s / sigma_s are used as they are (here: the fake set's own).
+    path = tmp_path / "adm_ref.npz"
+    np.savez(path, mu=np.zeros(2048), sigma=np.eye(2048), mu_s=mu_f, sigma_s=sigma_f)
+    mesh = _mesh(8)
+    sharding = parallel.batch_sharding(mesh, parallel.DEFAULT_RULES)
+    with jax.set_mesh(mesh):
+        ref = evaluator.reference_from_file(str(path), nets, mesh, sharding, 8,
+                                            _ecfg(precision_recall=False))
+        gen, _ = evaluator.generation_metrics(
+            nets, mesh, ref, evaluator.numpy_batches(fake, 8, sharding),
+            _ecfg(precision_recall=False))
+    assert abs(gen["sfid"]) < 1e-5 * np.trace(sigma_f)
+    np.savez(path, mu=np.zeros(2048), sigma=np.eye(2048), mu_s=mu_f, sigma_s=sigma_f[:5])
+    with pytest.raises(ValueError, match="sigma_s .* does not match mu_s"):
+        evaluator.reference_from_file(str(path), nets, mesh, sharding, 8, _ecfg())
 
 
 def test_report_files(tmp_path):

@@ -279,7 +279,7 @@ def test_cli_roundtrip_random_weights(model_and_random_params, forward, tmp_path
     shapes = {k: tuple(v.shape) for k, v in result.items()}
     assert shapes == {"block0": (2, 73, 73, 64), "block1": (2, 35, 35, 192),
                       "block2": (2, 17, 17, 768), "pool3": (2, 2048), "logits": (2, 1008),
-                      "logits_unbiased": (2, 1008)}
+                      "logits_unbiased": (2, 1008), "spatial": (2, 17 * 17 * 7)}
     np.testing.assert_allclose(result["logits"] - loaded["fc"]["bias"],
                                result["logits_unbiased"], atol=1e-4)
     pool3 = np.asarray(result["pool3"])

@@ -1,7 +1,7 @@
 r"""Evaluation jobs: the numbers of the papers' tables, measured by tok1d on accelerators.
 
-    # Tokenizer (config with trainer "tokenizer"): rFID, IS, precision / recall, PSNR, SSIM,
-    # LPIPS, codebook usage / perplexity over data.eval_split (the papers: 50k ImageNet val).
+    # Tokenizer (config with trainer "tokenizer"): rFID, sFID, IS, precision / recall, PSNR,
+    # SSIM, LPIPS, codebook usage / perplexity over data.eval_split (papers: 50k ImageNet val).
     tok1d evaluate --config=configs/titok.py:l32_stage2 --checkpoint=WORKDIR_OR_DIR \
         --out=eval_l32/ --config.evaluation.inception=inception_fid/ \
         --config.data.eval_examples=50000

@@ -172,6 +172,11 @@ class ImageMetrics:
         self._count = 0
         self.real = fid_lib.FeatureStats(nets.feature_dim)
         self.fake = fid_lib.FeatureStats(nets.feature_dim)
+        # ADM's sFID: the Inception's "spatial" features (created at the first batch; None for
+        # a feature network without them)
+        self.real_spatial: Optional[fid_lib.FeatureStats] = None
+        self.fake_spatial: Optional[fid_lib.FeatureStats] = None
+        self._reference_spatial: Optional[tuple[np.ndarray, np.ndarray]] = None
         self._labels: list[np.ndarray] = []
         self._real_pool: list[np.ndarray] = []
         self._fake_pool: list[np.ndarray] = []
@@ -221,10 +226,22 @@ class ImageMetrics:
             return np.ones(images.shape[0], bool)
         return np.asarray(parallel.host_array(mask)).astype(bool)
 
-    def _inception(self, images: jax.Array, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        pool, probs = self._features(images)
-        return (parallel.host_array(pool)[keep].astype(np.float64),
-                parallel.host_array(probs)[keep])
+    def _inception(self, images: jax.Array, keep: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+        """(pool features, class probabilities, spatial features or None) of the kept rows."""
+        out = self._features(images)
+        spatial = out.get("spatial")
+        return (parallel.host_array(out["pool"])[keep].astype(np.float64),
+                parallel.host_array(out["probs"])[keep],
+                None if spatial is None else parallel.host_array(spatial)[keep])
+
+    @staticmethod
+    def _add_spatial(stats: Optional[fid_lib.FeatureStats], spatial: Optional[np.ndarray]
+                     ) -> Optional[fid_lib.FeatureStats]:
+        if spatial is None:
+            return stats
+        stats = fid_lib.FeatureStats(spatial.shape[-1]) if stats is None else stats
+        return stats.update(spatial)
 
     def add_real(self, images: jax.Array, mask: Optional[jax.Array] = None) -> None:
         """Real images (NHWC in [0, 1], global array): the FID / recall reference."""
@@ -255,8 +272,9 @@ class ImageMetrics:
     def _add_real(self, images: jax.Array, keep: np.ndarray) -> None:
         if self.nets.inception is None:
             return
-        pool, _ = self._inception(images, keep)
+        pool, _, spatial = self._inception(images, keep)
         self.real.update(pool)
+        self.real_spatial = self._add_spatial(self.real_spatial, spatial)
         if self.precision_recall:
             self._real_pool.append(pool.astype(np.float32))
 
@@ -264,21 +282,43 @@ class ImageMetrics:
         self._count += int(keep.sum())
         if self.nets.inception is None:
             return
-        pool, probs = self._inception(images, keep)
+        pool, probs, spatial = self._inception(images, keep)
         self.fake.update(pool)
+        self.fake_spatial = self._add_spatial(self.fake_spatial, spatial)
         self._probs.append(probs.astype(np.float64))
         if self.precision_recall or self._labels:
             self._fake_pool.append(pool.astype(np.float32))
 
     def set_reference(self, mu: np.ndarray, sigma: np.ndarray,
-                      features: Optional[np.ndarray] = None) -> None:
+                      features: Optional[np.ndarray] = None,
+                      spatial: Optional[tuple[np.ndarray, np.ndarray]] = None) -> None:
         """Reference statistics for FID (instead of the real images given here) and optionally
-        reference pool features for precision / recall."""
+        reference pool features for precision / recall and the spatial statistics of sFID
+        (an ADM reference batch's mu_s, sigma_s)."""
         self._reference = (np.asarray(mu, np.float64), np.asarray(sigma, np.float64))
         if features is not None:
             self._reference_pool = np.asarray(features, np.float32)
+        if spatial is not None:
+            self._reference_spatial = tuple(np.asarray(a, np.float64) for a in spatial)
 
     # ------------------------------------------------------------------ output
+
+    def _sfid(self) -> Optional[float]:
+        """ADM's sFID: the Frechet distance of the spatial features against the reference's
+        (its mu_s / sigma_s) or the real images'; None without them, or when the reference's
+        were taken at another Inception input size (another number of features)."""
+        if self.fake_spatial is None or self.fake_spatial.count < 2:
+            return None
+        if self._reference is not None:
+            ref = self._reference_spatial
+        elif self.real_spatial is not None and self.real_spatial.count >= 2:
+            ref = self.real_spatial.mean_cov()
+        else:
+            ref = None
+        if ref is None or ref[0].shape != (self.fake_spatial.dim,):
+            return None
+        mu_f, sigma_f = self.fake_spatial.mean_cov()
+        return fid_lib.frechet_distance(mu_f, sigma_f, *ref, method=self.fid_method)
 
     def result(self) -> dict[str, float]:
         out: dict[str, float] = {"num_images": float(self._count)}
@@ -296,6 +336,9 @@ class ImageMetrics:
             mu_f, sigma_f = self.fake.mean_cov()
             out["fid"] = fid_lib.frechet_distance(mu_f, sigma_f, mu_r, sigma_r,
                                                   method=self.fid_method)
+        sfid = self._sfid()
+        if sfid is not None:
+            out["sfid"] = sfid
         probs = np.concatenate(self._probs)
         splits = min(self.is_splits, len(probs))
         out["inception_score"], out["inception_score_std"] = fid_lib.inception_score(
@@ -317,7 +360,8 @@ class ImageMetrics:
 
 
 def _inception_outputs(model):
-    """(params, images in [0, 1]) -> (features, class probabilities). The images are rounded to
+    """(params, images in [0, 1]) -> {"pool": features, "probs": class probabilities, and the
+    Inception's "spatial" sFID features where it has them}. The images are rounded to
     8-bit levels first, as every official path sees them (ADM's .npz of PNGs; TiTok's rFID
     rounds its reconstructions), so generated, reconstructed and stored images score alike;
     the probabilities are those of the fc without its bias where the network has them (the
@@ -325,8 +369,11 @@ def _inception_outputs(model):
     def features(p, x):
         x = jnp.round(jnp.clip(x.astype(jnp.float32), 0.0, 1.0) * 255.0) / 255.0
         out = model.apply({"params": p}, x)
-        feats = out["pool3"] if "pool3" in out else out["features"]
-        return feats, jax.nn.softmax(out.get("logits_unbiased", out["logits"]), axis=-1)
+        result = {"pool": out["pool3"] if "pool3" in out else out["features"],
+                  "probs": jax.nn.softmax(out.get("logits_unbiased", out["logits"]), axis=-1)}
+        if "spatial" in out:
+            result["spatial"] = out["spatial"]
+        return result
     return features
 
 
@@ -426,9 +473,10 @@ class Reference:
     sigma: np.ndarray
     features: Optional[np.ndarray] = None
     source: str = ""
+    spatial: Optional[tuple[np.ndarray, np.ndarray]] = None  # sFID's (mu_s, sigma_s)
 
     def apply(self, metrics: ImageMetrics) -> None:
-        metrics.set_reference(self.mu, self.sigma, self.features)
+        metrics.set_reference(self.mu, self.sigma, self.features, self.spatial)
 
 
 def reference_from_batches(nets: MetricNets, mesh, batches, ecfg, source: str = ""
@@ -439,7 +487,9 @@ def reference_from_batches(nets: MetricNets, mesh, batches, ecfg, source: str = 
         metrics.add_real(images, mask)
     mu, sigma = metrics.real.mean_cov()
     pool = np.concatenate(metrics._real_pool) if metrics._real_pool else None
-    return Reference(mu, sigma, pool, source)
+    spatial = metrics.real_spatial
+    return Reference(mu, sigma, pool, source,
+                     spatial.mean_cov() if spatial is not None and spatial.count >= 2 else None)
 
 
 def reference_from_file(path: str, nets: MetricNets, mesh, sharding: NamedSharding,
@@ -466,7 +516,7 @@ def reference_from_file(path: str, nets: MetricNets, mesh, sharding: NamedShardi
         if mu.shape != (nets.feature_dim,):
             raise ValueError(f"{path}: mu has shape {mu.shape}; the feature network's "
                              f"features have {nets.feature_dim} dimensions.")
-        ref = Reference(mu, sigma, None, path)
+        ref = Reference(mu, sigma, None, path, fid_lib.load_spatial_reference(path))
         if not (ecfg.precision_recall and "arr_0" in files):
             return ref
     images = load_npz_images(path)
@@ -475,6 +525,7 @@ def reference_from_file(path: str, nets: MetricNets, mesh, sharding: NamedShardi
     if ref is None:
         return from_images
     ref.features = from_images.features
+    ref.spatial = ref.spatial or from_images.spatial
     return ref
 
 

@@ -20,8 +20,8 @@ tr(sqrtm(S1 S2)) is computed one of two ways (`frechet_distance(method=...)`, th
 `FeatureStats` accumulates sums and outer products batch by batch (and shard by shard: two
 stats merge exactly), so the statistics of 50k images never need all features in memory and
 come out the same however the images were split over devices and hosts. Reference statistics
-come from an ADM reference batch (`VIRTUAL_imagenet256_labeled.npz`: keys "mu", "sigma") or
-from a `.npz` written by `FeatureStats.save`.
+come from an ADM reference batch (`VIRTUAL_imagenet256_labeled.npz`: keys "mu", "sigma", and
+"mu_s", "sigma_s" for sFID) or from a `.npz` written by `FeatureStats.save`.
 """
 
 from __future__ import annotations
@@ -85,6 +85,18 @@ def load_reference(path: str) -> tuple[np.ndarray, np.ndarray]:
         mu, sigma = np.asarray(z["mu"], np.float64), np.asarray(z["sigma"], np.float64)
     if sigma.shape != (mu.shape[0], mu.shape[0]):
         raise ValueError(f"{path}: sigma {sigma.shape} does not match mu {mu.shape}.")
+    return mu, sigma
+
+
+def load_spatial_reference(path: str) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """(mu_s, sigma_s), the spatial statistics of ADM's sFID in an ADM reference batch, or
+    None when the file has none."""
+    with np.load(path) as z:
+        if not {"mu_s", "sigma_s"} <= set(z.files):
+            return None
+        mu, sigma = np.asarray(z["mu_s"], np.float64), np.asarray(z["sigma_s"], np.float64)
+    if sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise ValueError(f"{path}: sigma_s {sigma.shape} does not match mu_s {mu.shape}.")
     return mu, sigma
 
 

@@ -23,10 +23,10 @@ Conventions of whole evaluations (`pixel_metrics`, evaluation.pixel_metrics):
   "standard"  PSNR and the Gaussian SSIM above of the reconstructions as they are (clipped);
   "gigatok"   GigaTok's tokenizer/tokenizer_image/reconstruction_ddp.py: the reconstructions
               saved as 8-bit images first (uint8(clamp(127.5 x + 128, 0, 255)) of x in
-              [-1, 1], `to_8bit`), then scikit-image's PSNR
-              (range 1) and its default SSIM called with data_range=2.0 on [0, 1] images (the
-              box window; C1, C2 four times the range-1 ones): the numbers of its tables.
-              Its LPIPS (`ImageMetrics`) reads the decoder output unclipped.
+              [-1, 1], `to_8bit`), then scikit-image's PSNR (range 1) and its default SSIM
+              called with data_range=2.0 on [0, 1] images (the box window; C1, C2 four times
+              the range-1 ones): the numbers of its tables. Its LPIPS (`ImageMetrics`) reads
+              the decoder output unclipped.
 """
 
 from __future__ import annotations

@@ -20,6 +20,8 @@ METRIC_DOCS = {
             "better)",
     "gfid": "gFID: Frechet Inception distance of the samples to the reference (lower is better)",
     "fid": "Frechet Inception distance (lower is better)",
+    "sfid": "sFID: Frechet distance of ADM's spatial Inception features (mixed_6/conv, 7 "
+            "channels; lower is better)",
     "inception_score": "Inception Score (higher is better)",
     "inception_score_std": "std of the Inception Score over the splits",
     "precision": "precision, k=3 manifolds of the feature network's features (higher is better)",

@@ -25,7 +25,8 @@ default: the TF graph's own input ops, TF1's bilinear resize of the 0-255 values
 (PyTorch's `F.interpolate(mode="bilinear", align_corners=False)` and 2x - 1, as pytorch-fid).
 It returns pytorch-fid's four feature blocks ("block0" .. "block2" as NHWC maps, "pool3" = the
 (B, 2048) FID feature), the (B, 1008) "logits" and "logits_unbiased" (the fc without its bias,
-which the Inception Score takes). Get the real weights with `python -m tok1d.cli.convert
+which the Inception Score takes) and "spatial", the (B, 2023) features of ADM's sFID. Get the
+real weights with `python -m tok1d.cli.convert
 inception_fid` and load them with `tok1d.weights.loaders.load_inception`.
 """
 
@@ -48,6 +49,10 @@ INPUT_SIZE = 299
 POOL3_FEATURES = 2048
 NUM_LOGITS = 1008
 BN_EPS = 1e-3
+# ADM's sFID features: the TF graph's `mixed_6/conv` (the 1x1 branch of Mixed_6d, whose 192
+# channels come first in that block's output), its first 7 channels, flattened (h, w, c).
+SPATIAL_BLOCK = "Mixed_6d"
+SPATIAL_CHANNELS = 7
 
 # The official top-level modules of each of pytorch-fid's four output blocks (the max pools and
 # the final average pool have no parameters).
@@ -291,7 +296,8 @@ class FIDInceptionV3(nn.Module):
     `__call__(images)` takes NHWC images in [0, 1] (resized to 299x299 when `resize_input`) and
     returns {"block0": (B,73,73,64), "block1": (B,35,35,192), "block2": (B,17,17,768) (NHWC, at
     299 px), "pool3": (B, 2048) float32, "logits": (B, 1008) float32, "logits_unbiased" (the fc
-    without its bias: what ADM's evaluator and torch-fidelity take the Inception Score of)}.
+    without its bias: what ADM's evaluator and torch-fidelity take the Inception Score of),
+    "spatial": (B, 2023) float32 (ADM's sFID features, `block2_and_spatial`)}.
     The stages are also methods (`preprocess`, `block0` .. `block3`, `head`) for
     `apply(..., method=...)` with a partial params tree.
 
@@ -348,10 +354,18 @@ class FIDInceptionV3(nn.Module):
         return max_pool_3x3_stride2(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)))
 
     def block2(self, x: jax.Array) -> jax.Array:
-        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a,
-                      self.Mixed_6b, self.Mixed_6c, self.Mixed_6d, self.Mixed_6e):
-            x = block(x)
-        return x
+        return self.block2_and_spatial(x)[0]
+
+    def block2_and_spatial(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """block2's output and ADM's sFID features (B, h * w * 7) float32 (h = w = 17 at 299
+        px): the first SPATIAL_CHANNELS channels of SPATIAL_BLOCK's 1x1 branch."""
+        spatial = None
+        for name in BLOCK_MODULES[2]:
+            x = getattr(self, name)(x)
+            if name == SPATIAL_BLOCK:
+                spatial = x[..., :SPATIAL_CHANNELS].astype(jnp.float32)
+                spatial = spatial.reshape(spatial.shape[0], -1)
+        return x, spatial
 
     def block3(self, x: jax.Array) -> jax.Array:
         """Mixed_7a/7b/7c + global average pool -> pool3 (B, 2048) float32."""
@@ -365,10 +379,11 @@ class FIDInceptionV3(nn.Module):
     def __call__(self, images: jax.Array) -> dict[str, jax.Array]:
         b0 = self.block0(self.preprocess(images))
         b1 = self.block1(b0)
-        b2 = self.block2(b1)
+        b2, spatial = self.block2_and_spatial(b1)
         pool3 = self.block3(b2)
         logits = self.head(pool3)
         return {"block0": b0, "block1": b1, "block2": b2, "pool3": pool3, "logits": logits,
+                "spatial": spatial,
                 "logits_unbiased": logits if self.is_initializing() else self.head_unbiased(pool3)}
 
     def head_unbiased(self, pool3: jax.Array) -> jax.Array:
