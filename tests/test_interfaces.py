@@ -70,9 +70,20 @@ def test_probe_taps_give_per_token_features(built):
         return
     assert isinstance(model, interfaces.ProbedTokenizer)
     images01 = jnp.asarray(np.random.default_rng(1).uniform(0, 1, x.shape), jnp.float32)
+    if name.startswith("gigatok"):
+        sizes = {"encoder": model.encoder_width, "encoder_tokens": model.z_channels,
+                 "decoder": model.decoder_width}
+        positions = {"encoder": model.num_tokens, "encoder_tokens": model.num_tokens,
+                     "decoder": model.grid_size ** 2}
+    else:  # TiTok: a VAE's tokens before the quantizer are its posterior's mean and log-var
+        sizes = {"encoder": model.encoder_width,
+                 "encoder_tokens": model.token_dim * (2 if model.quantizer == "vae" else 1)}
+        positions = dict.fromkeys(sizes, model.num_latent_tokens)
+    assert set(model.probe_taps) == set(sizes)
     for tap in model.probe_taps:
         feats = interfaces.probe_features(model, params, images01, tap)
-        assert feats.ndim == 3 and feats.shape[0] == 2 and bool(jnp.all(jnp.isfinite(feats)))
+        assert feats.shape == (2, positions[tap], sizes[tap]), tap
+        assert bool(jnp.all(jnp.isfinite(feats)))
         mean = linear_probe.tokenizer_feature_fn(model, tap)(params, None, {"image": images01},
                                                              None)
         np.testing.assert_allclose(mean, feats.mean(1), rtol=1e-5, atol=1e-6)

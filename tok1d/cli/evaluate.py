@@ -243,7 +243,9 @@ def evaluate_prefixes(config, model, params, frozen, teacher, nets, ds, num_batc
         _details(config, checkpoint=os.path.abspath(checkpoint), model=config.model.name,
                  prefixes=",".join(map(str, prefixes)),
                  data=f"{config.data.name}:{config.data.eval_split} at "
-                      f"{config.data.image_size} px (center crops)"),
+                      f"{config.data.image_size} px (center crops)",
+                 tokenizer_precision=(config.evaluation.get("tokenizer_precision", "")
+                                      or config.precision)),
         notes, enabled=is_chief,
         sections=["## Quality vs k (first k tokens decoded)",
                   report.curve_table("k", rows),

@@ -77,8 +77,8 @@ def at_precision(precision: str, *modules: nn.Module) -> tuple[nn.Module, ...]:
         if precision == "float32" and getattr(m, "attention_impl", None) == "cudnn":
             changes["attention_impl"] = "xla"
             logging.getLogger(__name__).warning(
-                "sampling_precision=float32: the %s attends with XLA's attention (cuDNN's "
-                "fused attention computes in bf16 / fp16 only).", type(m).__name__)
+                "Computing in float32, the %s attends with XLA's attention (cuDNN's fused "
+                "attention computes in bf16 / fp16 only).", type(m).__name__)
         out.append(m.clone(**changes))
     return tuple(out)
 
