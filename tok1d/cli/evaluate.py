@@ -164,7 +164,7 @@ def evaluate_tokenizer(config, checkpoint: str, out: str, log=print,
         {"reconstructions": grid},
         _details(config, checkpoint=os.path.abspath(checkpoint), model=config.model.name,
                  data=f"{dcfg.name}:{dcfg.eval_split} at {size} px (center crops)",
-                 tokenizer_precision=precision or config.precision,
+                 tokenizer_precision=_tokenizer_precision(config),
                  **({"tokenizer_probe": f"{ecfg.tokenizer_probe} features, "
                      f"{ecfg.linear_probe_epochs} epochs on {dcfg.train_split}"}
                     if probe else {})),
@@ -175,6 +175,11 @@ def evaluate_tokenizer(config, checkpoint: str, out: str, log=print,
 
 
 PREFIX_METRICS = ("psnr", "ssim", "lpips", "rfid")
+
+
+def _tokenizer_precision(config) -> str:
+    """The tokenizer's compute dtype in the evaluate job, for its reports."""
+    return config.evaluation.get("tokenizer_precision", "") or config.precision
 
 
 def parse_prefixes(text: str, num_tokens: int, step: int = 1) -> list[int]:
@@ -244,8 +249,7 @@ def evaluate_prefixes(config, model, params, frozen, teacher, nets, ds, num_batc
                  prefixes=",".join(map(str, prefixes)),
                  data=f"{config.data.name}:{config.data.eval_split} at "
                       f"{config.data.image_size} px (center crops)",
-                 tokenizer_precision=(config.evaluation.get("tokenizer_precision", "")
-                                      or config.precision)),
+                 tokenizer_precision=_tokenizer_precision(config)),
         notes, enabled=is_chief,
         sections=["## Quality vs k (first k tokens decoded)",
                   report.curve_table("k", rows),

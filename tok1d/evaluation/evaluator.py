@@ -303,18 +303,20 @@ class ImageMetrics:
 
     # ------------------------------------------------------------------ output
 
+    def _reference_stats(self, reference: Optional[tuple[np.ndarray, np.ndarray]],
+                         real: Optional[fid_lib.FeatureStats]
+                         ) -> Optional[tuple[np.ndarray, np.ndarray]]:
+        """What the fake statistics are compared with: the set reference's `reference` when a
+        reference is set, else the real images' (None with fewer than two)."""
+        return reference if self._reference is not None else _mean_cov(real)
+
     def _sfid(self) -> Optional[float]:
         """ADM's sFID: the Frechet distance of the spatial features against the reference's
         (its mu_s / sigma_s) or the real images'; None without them, or when the reference's
         were taken at another Inception input size (another number of features)."""
-        if self.fake_spatial is None or self.fake_spatial.count < 2:
+        if _mean_cov(self.fake_spatial) is None:
             return None
-        if self._reference is not None:
-            ref = self._reference_spatial
-        elif self.real_spatial is not None and self.real_spatial.count >= 2:
-            ref = self.real_spatial.mean_cov()
-        else:
-            ref = None
+        ref = self._reference_stats(self._reference_spatial, self.real_spatial)
         if ref is None or ref[0].shape != (self.fake_spatial.dim,):
             return None
         mu_f, sigma_f = self.fake_spatial.mean_cov()
@@ -326,16 +328,10 @@ class ImageMetrics:
             out[name] = total / max(self._count, 1)
         if self.nets.inception is None or self.fake.count < 2:
             return out
-        if self._reference is not None:
-            mu_r, sigma_r = self._reference
-        elif self.real.count >= 2:
-            mu_r, sigma_r = self.real.mean_cov()
-        else:
-            mu_r = None
-        if mu_r is not None:
+        ref = self._reference_stats(self._reference, self.real)
+        if ref is not None:
             mu_f, sigma_f = self.fake.mean_cov()
-            out["fid"] = fid_lib.frechet_distance(mu_f, sigma_f, mu_r, sigma_r,
-                                                  method=self.fid_method)
+            out["fid"] = fid_lib.frechet_distance(mu_f, sigma_f, *ref, method=self.fid_method)
         sfid = self._sfid()
         if sfid is not None:
             out["sfid"] = sfid
@@ -357,6 +353,11 @@ class ImageMetrics:
             if self.nets.labels_are_classes:
                 out["class_accuracy"] = float(np.mean(probs.argmax(-1) == labels))
         return out
+
+
+def _mean_cov(stats: Optional[fid_lib.FeatureStats]) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """`stats.mean_cov()`, or None without stats or with fewer than two features."""
+    return stats.mean_cov() if stats is not None and stats.count >= 2 else None
 
 
 def _inception_outputs(model):
@@ -487,9 +488,7 @@ def reference_from_batches(nets: MetricNets, mesh, batches, ecfg, source: str = 
         metrics.add_real(images, mask)
     mu, sigma = metrics.real.mean_cov()
     pool = np.concatenate(metrics._real_pool) if metrics._real_pool else None
-    spatial = metrics.real_spatial
-    return Reference(mu, sigma, pool, source,
-                     spatial.mean_cov() if spatial is not None and spatial.count >= 2 else None)
+    return Reference(mu, sigma, pool, source, _mean_cov(metrics.real_spatial))
 
 
 def reference_from_file(path: str, nets: MetricNets, mesh, sharding: NamedSharding,

@@ -82,10 +82,7 @@ def load_reference(path: str) -> tuple[np.ndarray, np.ndarray]:
         if missing:
             raise ValueError(f"{path}: no {missing} arrays (found {sorted(z.files)}); expected "
                              "an ADM reference batch or a file written by FeatureStats.save.")
-        mu, sigma = np.asarray(z["mu"], np.float64), np.asarray(z["sigma"], np.float64)
-    if sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise ValueError(f"{path}: sigma {sigma.shape} does not match mu {mu.shape}.")
-    return mu, sigma
+        return _statistics(z, path, "mu", "sigma")
 
 
 def load_spatial_reference(path: str) -> Optional[tuple[np.ndarray, np.ndarray]]:
@@ -94,9 +91,15 @@ def load_spatial_reference(path: str) -> Optional[tuple[np.ndarray, np.ndarray]]
     with np.load(path) as z:
         if not {"mu_s", "sigma_s"} <= set(z.files):
             return None
-        mu, sigma = np.asarray(z["mu_s"], np.float64), np.asarray(z["sigma_s"], np.float64)
+        return _statistics(z, path, "mu_s", "sigma_s")
+
+
+def _statistics(z, path: str, mu_key: str, sigma_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) float64 from the open .npz `z`; a ValueError when their shapes disagree."""
+    mu, sigma = np.asarray(z[mu_key], np.float64), np.asarray(z[sigma_key], np.float64)
     if sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise ValueError(f"{path}: sigma_s {sigma.shape} does not match mu_s {mu.shape}.")
+        raise ValueError(f"{path}: {sigma_key} {sigma.shape} does not match {mu_key} "
+                         f"{mu.shape}.")
     return mu, sigma
 
 

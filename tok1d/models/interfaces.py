@@ -183,7 +183,8 @@ def check_probed(tokenizer: Any) -> None:
     """A ValueError for a tokenizer without features to probe (not a `ProbedTokenizer`)."""
     if not isinstance(tokenizer, ProbedTokenizer):
         raise ValueError(f"{type(tokenizer).__name__} has no features to probe (GigaTok's "
-                         "tokenizer linear probe needs a tokenizer with probe_taps: GigaTok, TiTok).")
+                         "tokenizer linear probe needs a tokenizer with probe_taps: GigaTok, "
+                         "TiTok).")
 
 
 def probe_features(tokenizer: Any, params: Any, images: jax.Array, tap: str) -> jax.Array:
