@@ -123,17 +123,23 @@ def test_vq_legacy_hooks(npz):
 
 
 def test_probe_taps(npz):
-    """`probe_features`: "encoder" is the official encoder's `ln_post` output (image 0's hook),
-    "encoder_tokens" the continuous latents before the quantizer (legacy reshape included)."""
-    z, model, params, images = build(npz, "vq_legacy")
-    m = "vq_legacy/"
-    feat = _apply(model, params, images, "encoder", method=TiTok.probe_features)
-    assert feat.shape == (images.shape[0], model.num_latent_tokens, model.encoder_width)
-    assert rel_err(feat[:1], z[m + "hook/encoder.ln_post"]) < TRANSFORMER_TOL
-    tokens = _apply(model, params, images, "encoder_tokens", method=TiTok.probe_features)
-    assert rel_err(tokens, tokens_first(z[m + "out/z_continuous"])) < TRANSFORMER_TOL
-    with pytest.raises(ValueError, match="no probe tap 'decoder'"):
-        _apply(model, params, images, "decoder", method=TiTok.probe_features)
+    """`probe_features` of every model of the file that stores the hooks: "encoder" is the
+    official encoder's `ln_post` output (image 0's hook), "encoder_tokens" the continuous
+    latents before the quantizer (legacy reshape included)."""
+    z = npz[0]
+    names = [n for n in titok_models(z)
+             if {f"{n}/hook/encoder.ln_post", f"{n}/out/z_continuous"} <= set(z.files)]
+    if not names:
+        pytest.skip("no model of the file stores the encoder's ln_post hook")
+    for name in names:
+        _, model, params, images = build(npz, name)
+        feat = _apply(model, params, images, "encoder", method=TiTok.probe_features)
+        assert feat.shape == (images.shape[0], model.num_latent_tokens, model.encoder_width)
+        assert rel_err(feat[:1], z[f"{name}/hook/encoder.ln_post"]) < TRANSFORMER_TOL, name
+        tokens = _apply(model, params, images, "encoder_tokens", method=TiTok.probe_features)
+        assert rel_err(tokens, tokens_first(z[f"{name}/out/z_continuous"])) < TRANSFORMER_TOL
+        with pytest.raises(ValueError, match="no probe tap 'decoder'"):
+            _apply(model, params, images, "decoder", method=TiTok.probe_features)
 
 
 def test_vq_pixel_head(npz):
