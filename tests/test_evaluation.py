@@ -138,7 +138,7 @@ def test_fid_of_a_set_with_itself_and_against_references(nets, tmp_path):
     np.testing.assert_allclose(mu, features.mean(0), rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(sigma, np.cov(features, rowvar=False), rtol=1e-8, atol=1e-10)
 
-    # A reference file: stats (FeatureStats.save / ADM mu, sigma) plus images for recall.
+    # A reference file: stats (ADM mu, sigma) plus images for recall.
     stats = tmp_path / "ref.npz"
     np.savez(stats, mu=mu, sigma=sigma, arr_0=(real * 255).round().astype(np.uint8))
     mesh = _mesh(8)
@@ -186,6 +186,9 @@ def test_sfid_is_adms_spatial_frechet_distance(nets, tmp_path):
         fid_lib.frechet_distance(mu_f, sigma_f, mu_r, sigma_r), rel=1e-5)  # other programs
     same = _run(nets, _mesh(8), real, real).result()
     assert abs(same["sfid"]) < 1e-5 * np.trace(sigma_r) < got["sfid"]
+    off = _run(nets, _mesh(8), real, fake, sfid=False)  # evaluation.sfid: no spatial stats
+    assert off.real_spatial is None and "sfid" not in off.result()
+    assert off.result()["fid"] == pytest.approx(got["fid"], rel=1e-9)
 
     # An ADM reference batch's mu_s / sigma_s are used as they are (here: the fake set's own).
     path = tmp_path / "adm_ref.npz"
@@ -260,6 +263,46 @@ def test_evaluate_job_tokenizer_and_samples(tmp_path):
                        log=lambda m: None)
     assert gen["num_images"] == 12 and gen["gfid"] > 0 and "inception_score" in gen
     assert os.path.exists(tmp_path / "gen" / "samples.png")
+
+    # The eval split's statistics written once (--save_reference) give the same numbers as a
+    # reference, without its images; one made with another Inception input is refused.
+    saved = tmp_path / "digits_ref.npz"
+    ref = evaluate.run(config, reference_out=str(saved), log=lambda m: None)
+    assert ref.count == 20 and ref.features.shape == (20, 2048) and ref.spatial is not None
+    with np.load(saved) as z:
+        assert {"mu", "sigma", "mu_s", "sigma_s", "features", "meta"} <= set(z.files)
+    with_file = _tokenizer_config()
+    with_file.evaluation.reference = str(saved)
+    again = evaluate.run(with_file, samples=str(samples), out=str(tmp_path / "gen_saved"),
+                         log=lambda m: None)
+    for key in ("gfid", "sfid", "precision", "recall", "inception_score"):
+        assert again[key] == pytest.approx(gen[key], rel=1e-6, abs=1e-9), key
+    with_file.evaluation.inception_input = "pytorch_fid"
+    with pytest.raises(ValueError, match="computed with inception_input='tf1'; this evaluation "
+                       "uses 'pytorch_fid'"):
+        evaluate.run(with_file, samples=str(samples), out=str(tmp_path / "gen_other"))
+    for kwargs, message in (({"reference_out": str(saved)}, "exists; remove it"),
+                            ({"reference_out": str(tmp_path / "r.txt")}, "must end in .npz"),
+                            ({"reference_out": str(tmp_path / "no" / "r.npz")},
+                             "not a writable folder"),
+                            ({"reference_out": str(tmp_path / "r.npz"), "checkpoint": ckpt},
+                             "a job of its own"),
+                            ({"samples": str(samples)}, "--out is required")):
+        with pytest.raises(errors.UserError, match=message):
+            evaluate.run(config, **kwargs)
+    assert not (tmp_path / "r.npz").exists() and not (tmp_path / "gen_other").exists()
+
+    # A reference without spatial statistics (pytorch-fid's, say): no sFID, and the report
+    # says why.
+    plain = tmp_path / "plain.npz"
+    np.savez(plain, mu=ref.mu, sigma=ref.sigma)
+    with_file.evaluation.inception_input, with_file.evaluation.reference = "tf1", str(plain)
+    with_file.evaluation.precision_recall = False
+    no_sfid = evaluate.run(with_file, samples=str(samples), out=str(tmp_path / "gen_plain"),
+                           log=lambda m: None)
+    assert "sfid" not in no_sfid and no_sfid["gfid"] == pytest.approx(gen["gfid"], rel=1e-6)
+    notes = json.load(open(tmp_path / "gen_plain" / "metrics.json"))["notes"]
+    assert any("No sFID" in note and "plain.npz" in note for note in notes), notes
 
     # A checkpoint of another model is refused, naming the mismatch; nothing is written.
     other = _tokenizer_config()

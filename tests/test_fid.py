@@ -1,6 +1,8 @@
 """FID / IS arithmetic against independent float64 references (eigenvalues instead of sqrtm;
 a direct loop for IS); streaming statistics equal np.cov however the data is split."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -80,9 +82,11 @@ def test_streaming_stats_equal_numpy_for_any_split(tmp_path):
         np.testing.assert_allclose(mu, x.mean(0), rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(sigma, np.cov(x, rowvar=False), rtol=1e-10, atol=1e-12)
     path = str(tmp_path / "ref.npz")
-    whole.save(path)
+    fid.save_statistics(path, *whole.mean_cov(), meta={"count": whole.count})
     mu, sigma = fid.load_reference(path)
     assert fid.frechet_distance(mu, sigma, *merged.mean_cov()) == pytest.approx(0, abs=1e-8)
+    assert fid.load_meta(path) == {"count": 333} and fid.load_spatial_reference(path) is None
+    assert os.listdir(tmp_path) == ["ref.npz"]  # no temporary file left
 
 
 def test_inception_score_matches_a_direct_computation():

@@ -30,6 +30,12 @@ r"""Evaluation jobs: the numbers of the papers' tables, measured by tok1d on acc
     tok1d evaluate --config=configs/gigatok.py:b_l --checkpoint=TOK --out=eval_probe/ \
         --config.evaluation.tokenizer_probe=encoder --config.evaluation.linear_probe_epochs=90
 
+    # The reference statistics of a data's eval split (FID, sFID, and the pool features of
+    # precision / recall), computed once and written for later --reference=FILE runs; also
+    # the features of an ADM reference batch's images, which every run would recompute:
+    tok1d evaluate --config=configs/gpt_gigatok.py:b --save_reference=imagenet256_val.npz \
+        --config.evaluation.inception=inception_fid --config.data.eval_examples=-1
+
 `--checkpoint` is a training workdir (its latest checkpoint, EMA params when kept) or a
 converted pretrained directory, checked against the config's model. Without --config the
 defaults of `tok1d.train.config_lib.base_config()` apply; --inception / --reference set
@@ -69,11 +75,11 @@ from tok1d.generation import decode as decode_lib
 from tok1d.generation.decode import SampleDecoder
 
 USAGE = ("[--config=FILE] --checkpoint=DIR --out=DIR [--tokenizer=DIR] [flags]  |  "
-         "--samples=NPZ --out=DIR [flags]")
+         "--samples=NPZ --out=DIR [flags]  |  [--config=FILE] --save_reference=NPZ [flags]")
 CONFIG = ("Training config file (get_config()) or a run's config.json; default: the "
           "--checkpoint run's config.json, else the defaults of "
           "tok1d.train.config_lib.base_config().")
-REQUIRED = ("out",)
+REQUIRED = ()  # --out: every job but --save_reference (checked by `run`)
 POSITIONAL = ""
 
 
@@ -84,12 +90,17 @@ def define_flags(fv: flags.FlagValues) -> None:
                         "samples (default: config.generator.tokenizer).", flag_values=fv)
     flags.DEFINE_string("samples", "", "Evaluate this samples .npz (arr_0 uint8 images).",
                         flag_values=fv)
-    flags.DEFINE_string("out", None, "Output directory.", flag_values=fv)
+    flags.DEFINE_string("out", None, "Output directory (required except with --save_reference).",
+                        flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Sampling seed (generator evaluation).", flag_values=fv)
     flags.DEFINE_string("inception", "", "Converted FID Inception directory (sets "
                         "config.evaluation.inception).", flag_values=fv)
     flags.DEFINE_string("reference", "", "FID reference .npz (sets "
                         "config.evaluation.reference).", flag_values=fv)
+    flags.DEFINE_string("save_reference", "", "Write the FID reference statistics (of "
+                        "evaluation.reference's images, else of the data's eval split) to this "
+                        ".npz, for --reference later; no --checkpoint or --out.",
+                        flag_values=fv)
     flags.DEFINE_string("prefixes", "", "Tokenizer evaluation of the first k tokens for each "
                         "k: 'all' (1, 2, 4, ..., N) or e.g. 1,2,4,8 (a 1D tokenizer; k "
                         "counts codes like num_tokens: residual VQ, multiples of its depth).",
@@ -288,7 +299,8 @@ def evaluate_generator(config, checkpoint: str, tokenizer_path: str, out: str, s
     metrics.update(_linear_probe(config, model, params, tokenizer, tok_params, mesh, rules,
                                  log, probe_images))
     return _finish_samples(config, metrics, kept, kept_labels, model.num_classes, out, is_chief,
-                           nets.notes, log, checkpoint=os.path.abspath(checkpoint),
+                           nets.notes + reference.notes(), log,
+                           checkpoint=os.path.abspath(checkpoint),
                            tokenizer=os.path.abspath(tokenizer_path), model=config.model.name,
                            sampling=config.sampling.to_dict(),
                            sampling_precision=config.sampling_precision, seed=seed,
@@ -468,8 +480,46 @@ def evaluate_samples(config, samples: str, out: str, log=print) -> dict[str, Any
                                                      keep=_grid_rows(ecfg, labels))
     kept_labels = labels[_grid_rows(ecfg, labels)]
     return _finish_samples(config, metrics, kept, kept_labels, num_classes, out, is_chief,
-                           nets.notes,
-                           log, samples=os.path.abspath(samples), reference=reference.source)
+                           nets.notes + reference.notes(), log,
+                           samples=os.path.abspath(samples), reference=reference.source)
+
+
+def save_reference(config, path: str, log=print) -> evaluator.Reference:
+    """The FID reference of `evaluation.reference` (its images' features added) or of the
+    data's eval split, written to `path` (`evaluator.Reference.save`)."""
+    _check_reference_path(path)
+    mesh, _, batch_sh, is_chief = _setup(config)
+    nets = evaluator.load_metric_nets(config.evaluation, "", log, lpips=False)
+    if nets.inception is None:
+        raise errors.UserError("--save_reference: " + nets.notes[0])
+    with jax.set_mesh(mesh):
+        reference = evaluator.load_reference(config.evaluation, config.data, nets, mesh,
+                                             batch_sh, config.eval_batch_size)
+    if is_chief:
+        reference.save(path, config.evaluation, nets)
+    parts = [f"FID statistics ({len(reference.mu)} features)"]
+    if reference.spatial is not None:
+        parts.append(f"sFID statistics ({len(reference.spatial[0])} features)")
+    if reference.features is not None:
+        parts.append("precision / recall features")
+    count = f", {reference.count} images" if reference.count else ""
+    log(f"Wrote {path} ({reference.source}{count}): {', '.join(parts)}.")
+    return reference
+
+
+def _check_reference_path(path: str) -> None:
+    """One error, before any work, for a --save_reference the job could not or should not
+    write: not a .npz, an existing file (kept: remove it first), a missing or unwritable
+    folder."""
+    errors.check_local(path, "--save_reference")
+    if not path.endswith(".npz"):
+        raise errors.UserError(f"--save_reference={path}: the name must end in .npz.")
+    if os.path.exists(path):
+        raise errors.UserError(f"--save_reference={path} exists; remove it or choose another "
+                               "name (it is not overwritten).")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+        raise errors.UserError(f"--save_reference={path}: {folder} is not a writable folder.")
 
 
 def _grid_rows(ecfg, labels):
@@ -494,7 +544,14 @@ def _finish_samples(config, metrics, kept, labels, num_classes: int, out: str, i
 
 
 def run(config, checkpoint: str = "", tokenizer: str = "", samples: str = "", out: str = "",
-        seed: int = 0, log=print, prefixes: str = "") -> dict[str, Any]:
+        seed: int = 0, log=print, prefixes: str = "", reference_out: str = "") -> Any:
+    if reference_out:
+        if checkpoint or samples or out or prefixes:
+            raise errors.UserError("--save_reference is a job of its own: give it without "
+                                   "--checkpoint, --samples, --out or --prefixes.")
+        return save_reference(config, reference_out, log)
+    if not out:
+        raise errors.UserError("--out is required (see tok1d evaluate --help).")
     if samples and checkpoint:
         raise errors.UserError("Give --checkpoint (a model to evaluate) or --samples (images "
                                "to evaluate), not both.")
@@ -527,8 +584,8 @@ def execute(fv: flags.FlagValues, args: list[str]) -> None:
         for key in ("inception", "reference"):
             if fv[key].value:
                 config.evaluation[key] = fv[key].value
-    run(config, fv.checkpoint, fv.tokenizer, fv.samples, fv.out, fv.seed,
-        prefixes=fv.prefixes)
+    run(config, fv.checkpoint, fv.tokenizer, fv.samples, fv.out or "", fv.seed,
+        prefixes=fv.prefixes, reference_out=fv.save_reference)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -158,8 +158,9 @@ class ImageMetrics:
                  precision_recall: bool = True, is_splits: int = 10, is_split_size: int = 0,
                  chunk_size: int = 8,
                  fid_method: str = "eigh", precision_recall_float16: bool = False,
-                 pixel_convention: str = "standard"):
+                 pixel_convention: str = "standard", sfid: bool = True):
         self.nets = nets
+        self.sfid = sfid
         self.pixel_convention = pixel_convention
         self.adm_float16 = precision_recall_float16
         self.fid_method = fid_method
@@ -216,7 +217,8 @@ class ImageMetrics:
                    is_split_size=ecfg.get("is_split_size", 0),
                    chunk_size=ecfg.chunk_size, fid_method=ecfg.fid_method,
                    precision_recall_float16=ecfg.get("precision_recall_float16", False),
-                   pixel_convention=ecfg.get("pixel_metrics", "standard"))
+                   pixel_convention=ecfg.get("pixel_metrics", "standard"),
+                   sfid=ecfg.get("sfid", True))
 
     # ------------------------------------------------------------------ input
 
@@ -228,9 +230,10 @@ class ImageMetrics:
 
     def _inception(self, images: jax.Array, keep: np.ndarray
                    ) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
-        """(pool features, class probabilities, spatial features or None) of the kept rows."""
+        """(pool features, class probabilities, spatial features or None) of the kept rows
+        (the spatial ones stay on the device when sFID is off)."""
         out = self._features(images)
-        spatial = out.get("spatial")
+        spatial = out.get("spatial") if self.sfid else None
         return (parallel.host_array(out["pool"])[keep].astype(np.float64),
                 parallel.host_array(out["probs"])[keep],
                 None if spatial is None else parallel.host_array(spatial)[keep])
@@ -475,9 +478,45 @@ class Reference:
     features: Optional[np.ndarray] = None
     source: str = ""
     spatial: Optional[tuple[np.ndarray, np.ndarray]] = None  # sFID's (mu_s, sigma_s)
+    count: int = 0  # images behind the statistics (0: not known, e.g. ADM's mu / sigma)
 
     def apply(self, metrics: ImageMetrics) -> None:
         metrics.set_reference(self.mu, self.sigma, self.features, self.spatial)
+
+    def save(self, path: str, ecfg, nets: MetricNets) -> None:
+        """The statistics to `path` (`fid.save_statistics`: ADM's keys, the pool features when
+        kept, and what they were computed with, which `reference_from_file` checks)."""
+        meta = dict(reference_meta(ecfg, nets), source=self.source, count=int(self.count),
+                    inception=str(ecfg.inception or "random"))
+        fid_lib.save_statistics(path, self.mu, self.sigma, spatial=self.spatial,
+                                features=self.features, meta=meta)
+
+    def notes(self) -> list[str]:
+        """What the report should say about metrics this reference cannot give."""
+        if self.spatial is None and self.source and os.path.isfile(self.source):
+            return [f"No sFID: the reference {self.source} has no spatial statistics (mu_s, "
+                    "sigma_s; e.g. pytorch-fid's statistics)."]
+        return []
+
+
+# What a saved reference's statistics depend on beside the images (`reference_meta`): a file
+# made under other values would give FIDs silently off, so loading it against them is an error.
+REFERENCE_INPUTS = ("feature_net", "feature_dim", "inception_input", "inception_size")
+
+
+def reference_meta(ecfg, nets: MetricNets) -> dict[str, Any]:
+    net = type(nets.inception[0]).__name__ if nets.inception is not None else None
+    return {"feature_net": net, "feature_dim": nets.feature_dim,
+            "inception_input": ecfg.get("inception_input", "tf1"),
+            "inception_size": int(ecfg.inception_size)}
+
+
+def _check_reference_meta(path: str, saved: dict[str, Any], now: dict[str, Any]) -> None:
+    for key in REFERENCE_INPUTS:
+        if key in saved and now[key] is not None and saved[key] != now[key]:
+            raise ValueError(f"{path} was computed with {key}={saved[key]!r}; this evaluation "
+                             f"uses {now[key]!r} (recompute it with tok1d evaluate "
+                             "--save_reference).")
 
 
 def reference_from_batches(nets: MetricNets, mesh, batches, ecfg, source: str = ""
@@ -488,15 +527,17 @@ def reference_from_batches(nets: MetricNets, mesh, batches, ecfg, source: str = 
         metrics.add_real(images, mask)
     mu, sigma = metrics.real.mean_cov()
     pool = np.concatenate(metrics._real_pool) if metrics._real_pool else None
-    return Reference(mu, sigma, pool, source, _mean_cov(metrics.real_spatial))
+    return Reference(mu, sigma, pool, source, _mean_cov(metrics.real_spatial),
+                     metrics.real.count)
 
 
 def reference_from_file(path: str, nets: MetricNets, mesh, sharding: NamedSharding,
                         batch_size: int, ecfg) -> Reference:
     """An ADM reference batch (`mu`, `sigma` and uint8 `arr_0` images, e.g.
-    VIRTUAL_imagenet256_labeled.npz), a `FeatureStats.save` file (mu, sigma) or a plain image
-    .npz (arr_0 only). FID uses the file's mu / sigma when present; the images, when present and
-    precision / recall is on, are run through the Inception for the reference features."""
+    VIRTUAL_imagenet256_labeled.npz), a `Reference.save` file (mu, sigma, mu_s, sigma_s,
+    features, meta) or a plain image .npz (arr_0 only). FID uses the file's mu / sigma when
+    present; for precision / recall its `features`, else its images run through the Inception.
+    A saved file made with another feature network or Inception input is an error."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"FID reference not found: {path}")
     try:
@@ -509,13 +550,19 @@ def reference_from_file(path: str, nets: MetricNets, mesh, sharding: NamedShardi
     if not ({"mu", "sigma"} <= files or "arr_0" in files):
         raise ValueError(f"{path}: neither FID statistics (mu, sigma) nor images (arr_0); "
                          f"found {sorted(files)}.")
+    meta = fid_lib.load_meta(path)
+    _check_reference_meta(path, meta, reference_meta(ecfg, nets))
     ref = None
     if {"mu", "sigma"} <= files:
         mu, sigma = fid_lib.load_reference(path)
         if mu.shape != (nets.feature_dim,):
             raise ValueError(f"{path}: mu has shape {mu.shape}; the feature network's "
                              f"features have {nets.feature_dim} dimensions.")
-        ref = Reference(mu, sigma, None, path, fid_lib.load_spatial_reference(path))
+        ref = Reference(mu, sigma, None, path, fid_lib.load_spatial_reference(path),
+                        int(meta.get("count", 0)))
+        if ecfg.precision_recall and "features" in files:
+            ref.features = _saved_features(path, nets.feature_dim)
+            return ref
         if not (ecfg.precision_recall and "arr_0" in files):
             return ref
     images = load_npz_images(path)
@@ -525,7 +572,16 @@ def reference_from_file(path: str, nets: MetricNets, mesh, sharding: NamedShardi
         return from_images
     ref.features = from_images.features
     ref.spatial = ref.spatial or from_images.spatial
+    ref.count = ref.count or from_images.count
     return ref
+
+
+def _saved_features(path: str, dim: int) -> np.ndarray:
+    with np.load(path) as z:
+        features = np.asarray(z["features"], np.float32)
+    if features.ndim != 2 or features.shape[1] != dim:
+        raise ValueError(f"{path}: features have shape {features.shape}; expected (N, {dim}).")
+    return features
 
 
 def reference_from_data(dcfg, nets: MetricNets, mesh, sharding: NamedSharding, batch_size: int,

@@ -21,12 +21,16 @@ tr(sqrtm(S1 S2)) is computed one of two ways (`frechet_distance(method=...)`, th
 stats merge exactly), so the statistics of 50k images never need all features in memory and
 come out the same however the images were split over devices and hosts. Reference statistics
 come from an ADM reference batch (`VIRTUAL_imagenet256_labeled.npz`: keys "mu", "sigma", and
-"mu_s", "sigma_s" for sFID) or from a `.npz` written by `FeatureStats.save`.
+"mu_s", "sigma_s" for sFID) or from a `.npz` written by `save_statistics` (the same keys, and
+optionally the pool "features" of precision / recall and a JSON "meta" record; `tok1d evaluate
+--save_reference`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import warnings
 from typing import Optional
 
@@ -70,18 +74,53 @@ class FeatureStats:
         sigma = (self.outer - self.count * np.outer(mu, mu)) / (self.count - 1)
         return mu, sigma
 
-    def save(self, path: str) -> None:
-        mu, sigma = self.mean_cov()
-        np.savez(path, mu=mu, sigma=sigma, count=self.count)
+
+
+def save_statistics(path: str, mu: np.ndarray, sigma: np.ndarray, *,
+                    spatial: Optional[tuple[np.ndarray, np.ndarray]] = None,
+                    features: Optional[np.ndarray] = None, meta: Optional[dict] = None) -> None:
+    """Reference statistics to `path` (.npz) in the ADM reference batch's keys ("mu", "sigma";
+    "mu_s", "sigma_s" with `spatial`), plus "features" (float32 pool features) and "meta" (a
+    JSON string) when given. Written to a temporary file first and renamed, so an interrupted
+    write leaves no partial file under `path`."""
+    arrays = {"mu": np.asarray(mu, np.float64), "sigma": np.asarray(sigma, np.float64)}
+    if spatial is not None:
+        arrays["mu_s"], arrays["sigma_s"] = (np.asarray(a, np.float64) for a in spatial)
+    if features is not None:
+        arrays["features"] = np.asarray(features, np.float32)
+    if meta is not None:
+        arrays["meta"] = np.asarray(json.dumps(meta, sort_keys=True))
+    tmp = f"{path}.tmp{os.getpid()}.npz"
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_meta(path: str) -> dict:
+    """The "meta" record of a `save_statistics` file ({} for a file without one)."""
+    with np.load(path) as z:
+        if "meta" not in z.files:
+            return {}
+        try:
+            meta = json.loads(str(z["meta"][()]))
+        except (ValueError, TypeError):
+            raise ValueError(f"{path}: its 'meta' entry is not a JSON record.") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: its 'meta' entry is not a JSON record.")
+    return meta
 
 
 def load_reference(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """(mu, sigma) of a reference: an ADM reference batch or a `FeatureStats.save` file."""
+    """(mu, sigma) of a reference: an ADM reference batch or a `save_statistics` file."""
     with np.load(path) as z:
         missing = [k for k in ("mu", "sigma") if k not in z.files]
         if missing:
             raise ValueError(f"{path}: no {missing} arrays (found {sorted(z.files)}); expected "
-                             "an ADM reference batch or a file written by FeatureStats.save.")
+                             "an ADM reference batch or a file written by save_statistics "
+                             "(tok1d evaluate --save_reference).")
         return _statistics(z, path, "mu", "sigma")
 
 

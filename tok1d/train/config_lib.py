@@ -136,8 +136,12 @@ def common_config() -> ml_collections.ConfigDict:
                                       # "pytorch_fid": pytorch-fid's
         fid_every_steps=0,            # FID inside training every K steps and at the end (0: off)
         reference="",                 # gFID reference: an ADM reference batch .npz (mu, sigma
-                                      # and arr_0 images) or FeatureStats .npz; empty: the
-                                      # data's eval split (features computed and cached)
+                                      # and arr_0 images) or a file of `tok1d evaluate
+                                      # --save_reference`; empty: the data's eval split
+                                      # (features computed, cached for the run)
+        sfid=True,                    # ADM's sFID beside FID (the Inception's spatial
+                                      # features; their statistics cost the host about as
+                                      # much again as FID's)
         num_samples=50_000,           # gFID: generated images (50 per class, 1000 classes)
         fid_method="eigh",            # tr(sqrtm(S1 S2)) by two symmetric eigendecompositions
                                       # (6x faster at 2048 features, same value to ~1e-13
