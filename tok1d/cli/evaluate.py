@@ -299,7 +299,7 @@ def evaluate_generator(config, checkpoint: str, tokenizer_path: str, out: str, s
     metrics.update(_linear_probe(config, model, params, tokenizer, tok_params, mesh, rules,
                                  log, probe_images))
     return _finish_samples(config, metrics, kept, kept_labels, model.num_classes, out, is_chief,
-                           nets.notes + reference.notes(), log,
+                           nets.notes + reference.notes(ecfg), log,
                            checkpoint=os.path.abspath(checkpoint),
                            tokenizer=os.path.abspath(tokenizer_path), model=config.model.name,
                            sampling=config.sampling.to_dict(),
@@ -480,7 +480,7 @@ def evaluate_samples(config, samples: str, out: str, log=print) -> dict[str, Any
                                                      keep=_grid_rows(ecfg, labels))
     kept_labels = labels[_grid_rows(ecfg, labels)]
     return _finish_samples(config, metrics, kept, kept_labels, num_classes, out, is_chief,
-                           nets.notes + reference.notes(), log,
+                           nets.notes + reference.notes(ecfg), log,
                            samples=os.path.abspath(samples), reference=reference.source)
 
 

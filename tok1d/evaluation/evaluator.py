@@ -491,9 +491,10 @@ class Reference:
         fid_lib.save_statistics(path, self.mu, self.sigma, spatial=self.spatial,
                                 features=self.features, meta=meta)
 
-    def notes(self) -> list[str]:
+    def notes(self, ecfg) -> list[str]:
         """What the report should say about metrics this reference cannot give."""
-        if self.spatial is None and self.source and os.path.isfile(self.source):
+        if (ecfg.get("sfid", True) and self.spatial is None and self.source
+                and os.path.isfile(self.source)):
             return [f"No sFID: the reference {self.source} has no spatial statistics (mu_s, "
                     "sigma_s; e.g. pytorch-fid's statistics)."]
         return []
