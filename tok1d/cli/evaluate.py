@@ -291,7 +291,7 @@ def evaluate_generator(config, checkpoint: str, tokenizer_path: str, out: str, s
         decoder = SampleDecoder(model, config.sampling.to_dict(), tokenizer, tok_params,
                                 batch_sh, config.sampling_precision)
         reference = evaluator.load_reference(ecfg, config.data, nets, mesh, batch_sh,
-                                             config.eval_batch_size)
+                                             config.eval_batch_size, log)
         batches = decoder.batches(params, labels, config.eval_batch_size, seed, log)
         metrics, kept = evaluator.generation_metrics(nets, mesh, reference, batches, ecfg,
                                                      keep=_grid_rows(ecfg, labels))
@@ -474,7 +474,7 @@ def evaluate_samples(config, samples: str, out: str, log=print) -> dict[str, Any
     num_classes = int(labels.max()) + 1 if len(labels) else 1
     with jax.set_mesh(mesh):
         reference = evaluator.load_reference(ecfg, config.data, nets, mesh, batch_sh,
-                                             config.eval_batch_size)
+                                             config.eval_batch_size, log)
         batches = evaluator.numpy_batches(images, config.eval_batch_size, batch_sh)
         metrics, kept = evaluator.generation_metrics(nets, mesh, reference, batches, ecfg,
                                                      keep=_grid_rows(ecfg, labels))
@@ -494,7 +494,7 @@ def save_reference(config, path: str, log=print) -> evaluator.Reference:
         raise errors.UserError("--save_reference: " + nets.notes[0])
     with jax.set_mesh(mesh):
         reference = evaluator.load_reference(config.evaluation, config.data, nets, mesh,
-                                             batch_sh, config.eval_batch_size)
+                                             batch_sh, config.eval_batch_size, log)
     if is_chief:
         reference.save(path, config.evaluation, nets)
     parts = [f"FID statistics ({len(reference.mu)} features)"]

@@ -270,7 +270,7 @@ def sweep_reference(config, features: str, log=print):
                          "(tok1d convert inception_fid ...) or --sweep_features=digits.")
     with jax.set_mesh(mesh):
         reference = evaluator.load_reference(config.evaluation, config.data, nets, mesh,
-                                             sharding, config.eval_batch_size)
+                                             sharding, config.eval_batch_size, log)
     return nets, reference, None
 
 

@@ -45,7 +45,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from tok1d import images as images_lib
-from tok1d import errors, parallel
+from tok1d import errors, parallel, summary
 from tok1d.data import feeding, pipeline, sources
 from tok1d.evaluation import fid as fid_lib
 from tok1d.evaluation.image_metrics import pixel_metrics
@@ -520,12 +520,14 @@ def _check_reference_meta(path: str, saved: dict[str, Any], now: dict[str, Any])
                              "--save_reference).")
 
 
-def reference_from_batches(nets: MetricNets, mesh, batches, ecfg, source: str = ""
-                           ) -> Reference:
+def reference_from_batches(nets: MetricNets, mesh, batches, ecfg, source: str = "",
+                           progress: Optional[summary.ProgressReporter] = None) -> Reference:
     """Statistics of real images given as (global images, global mask) batches."""
     metrics = ImageMetrics.from_config(nets, mesh, ecfg)
-    for images, mask in batches:
+    for i, (images, mask) in enumerate(batches):
         metrics.add_real(images, mask)
+        if progress is not None:
+            progress.update(i + 1)
     mu, sigma = metrics.real.mean_cov()
     pool = np.concatenate(metrics._real_pool) if metrics._real_pool else None
     return Reference(mu, sigma, pool, source, _mean_cov(metrics.real_spatial),
@@ -586,7 +588,7 @@ def _saved_features(path: str, dim: int) -> np.ndarray:
 
 
 def reference_from_data(dcfg, nets: MetricNets, mesh, sharding: NamedSharding, batch_size: int,
-                        ecfg) -> Reference:
+                        ecfg, log=None) -> Reference:
     """Statistics of a config's `data.eval_split` (center crops at `data.image_size`, the first
     `data.eval_examples`), e.g. the 50k ImageNet validation images."""
     src = sources.get_source(dcfg.name, dcfg.eval_split, data_dir=dcfg.data_dir,
@@ -599,17 +601,25 @@ def reference_from_data(dcfg, nets: MetricNets, mesh, sharding: NamedSharding, b
                                             resize_rule=pipeline.resize_rule_of(dcfg))
     feeder = feeding.Feeder(iter(ds), sharding, batch_size)
     batches = ((b["image"], b["mask"]) for b in (next(feeder) for _ in range(num_batches)))
-    return reference_from_batches(nets, mesh, batches, ecfg, f"{dcfg.name}:{dcfg.eval_split}")
+    source = f"{dcfg.name}:{dcfg.eval_split}"
+    progress = None
+    if log is not None:
+        log(f"FID reference: the Inception features of {source} ({num_batches} batches of "
+            f"{batch_size}).")
+        progress = summary.ProgressReporter(num_batches, batch_size=batch_size,
+                                            every_secs=30.0, print_fn=log)
+    return reference_from_batches(nets, mesh, batches, ecfg, source, progress)
 
 
 def load_reference(ecfg, dcfg, nets: MetricNets, mesh, sharding: NamedSharding,
-                   batch_size: int) -> Reference:
-    """`evaluation.reference` when set, else the statistics of the data's eval split."""
+                   batch_size: int, log=None) -> Reference:
+    """`evaluation.reference` when set, else the statistics of the data's eval split (its
+    progress through `log`)."""
     if ecfg.reference:
         return reference_from_file(ecfg.reference, nets, mesh, sharding, batch_size, ecfg)
     if dcfg.name == "demo":
         raise ValueError(NO_REFERENCE)
-    return reference_from_data(dcfg, nets, mesh, sharding, batch_size, ecfg)
+    return reference_from_data(dcfg, nets, mesh, sharding, batch_size, ecfg, log)
 
 
 def generation_metrics(nets: MetricNets, mesh, reference: Reference, batches, ecfg,
