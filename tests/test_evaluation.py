@@ -207,6 +207,50 @@ def test_sfid_is_adms_spatial_frechet_distance(nets, tmp_path):
         evaluator.reference_from_file(str(path), nets, mesh, sharding, 8, _ecfg())
 
 
+def test_a_saved_reference_is_checked_and_never_replaced(nets, tmp_path):
+    """`Reference.save` records what the statistics were computed with; loading them under
+    another Inception input, size or random weights is an error (none without a feature
+    network); an existing file is not replaced; a malformed record is one error; the report's
+    notes say which metrics a reference cannot give."""
+    ecfg = _ecfg()
+    ecfg.allow_random_init = True
+    rng = np.random.default_rng(0)
+    feats = rng.standard_normal((5, 2048)).astype(np.float32)
+    ref = evaluator.Reference(feats.mean(0), np.eye(2048), feats, "digits:validation",
+                              (np.zeros(63), np.eye(63)), 5)
+    path = str(tmp_path / "ref.npz")
+    ref.save(path, ecfg, nets)
+    meta = fid_lib.load_meta(path)
+    assert meta["random_weights"] is True and meta["count"] == 5
+    evaluator.check_reference_file(path, ecfg, nets)  # the same settings pass
+    params = nets.inception[1]
+    for net, inception, message in (
+            (nets.inception[0], "inception_fid", "random_weights=True"),
+            (inception_lib.FIDInceptionV3(input_size=INCEPTION, input_convention="pytorch_fid"),
+             "", "inception_input='tf1'"),
+            (inception_lib.FIDInceptionV3(input_size=99), "", "inception_size=75")):
+        other = evaluator.MetricNets(inception=(net, params))
+        with pytest.raises(ValueError, match=f"computed with {message}; this evaluation"):
+            evaluator.check_reference_file(path, _ecfg(inception=inception), other)
+    evaluator.check_reference_file(path, ecfg, evaluator.MetricNets())  # no features: no check
+    with pytest.raises(ValueError, match="ref.npz exists; remove it"):
+        fid_lib.save_statistics(path, np.zeros(3), np.eye(3))
+    assert fid_lib.load_meta(path)["count"] == 5 and sorted(os.listdir(tmp_path)) == ["ref.npz"]
+    bad = str(tmp_path / "bad.npz")
+    np.savez(bad, mu=np.zeros(3), sigma=np.eye(3), meta=np.asarray('{"count": null}'))
+    with pytest.raises(ValueError, match="bad.npz: its 'meta' entry is not a JSON record"):
+        fid_lib.load_meta(bad)
+
+    assert ref.notes(ecfg, nets) == []  # 63 spatial features: the 75-px Inception's
+    plain = evaluator.Reference(ref.mu, ref.sigma, None, path)
+    assert [n.split(":")[0] for n in plain.notes(ecfg, nets)] == [
+        "No precision / recall", "No sFID"]
+    big = evaluator.Reference(ref.mu, ref.sigma, feats, path, (np.zeros(2023), np.eye(2023)))
+    assert "has 2023 spatial features; the Inception at evaluation.inception_size gives 63" in (
+        big.notes(ecfg, nets)[0])
+    assert plain.notes(_ecfg(precision_recall=False, sfid=False), nets) == []
+
+
 def test_report_files(tmp_path):
     grid = np.zeros((10, 20, 3), np.uint8)
     path = report.write_report(str(tmp_path), "Reconstruction: x", {"rfid": 1.25, "psnr": 20.0},

@@ -381,6 +381,17 @@ def test_gfid_in_training_and_the_evaluate_job(token_data, tmp_path):
     e = config.evaluation
     e.fid_every_steps, e.allow_random_init, e.inception_size, e.is_splits = 8, True, 75, 2
     e.num_samples, e.num_report_images = 16, 20
+    # A saved reference made at another Inception size is refused before training starts.
+    from tok1d.evaluation import fid as fid_lib
+    other = tmp_path / "other_ref.npz"
+    fid_lib.save_statistics(str(other), np.zeros(2048), np.eye(2048),
+                            meta={"inception_size": 299})
+    e.reference = str(other)
+    with pytest.raises(ValueError, match="computed with inception_size=299; this evaluation "
+                       "uses 75"):
+        generator.train_and_evaluate(config, str(tmp_path / "refused"))
+    assert not os.path.exists(tmp_path / "refused" / "checkpoints")
+    e.reference = ""
     workdir = str(tmp_path / "gpt")
     result = generator.train_and_evaluate(config, workdir)
     for key in ("gfid", "inception_score", "precision", "recall"):

@@ -299,7 +299,7 @@ def evaluate_generator(config, checkpoint: str, tokenizer_path: str, out: str, s
     metrics.update(_linear_probe(config, model, params, tokenizer, tok_params, mesh, rules,
                                  log, probe_images))
     return _finish_samples(config, metrics, kept, kept_labels, model.num_classes, out, is_chief,
-                           nets.notes + reference.notes(ecfg), log,
+                           nets.notes + reference.notes(ecfg, nets), log,
                            checkpoint=os.path.abspath(checkpoint),
                            tokenizer=os.path.abspath(tokenizer_path), model=config.model.name,
                            sampling=config.sampling.to_dict(),
@@ -480,7 +480,7 @@ def evaluate_samples(config, samples: str, out: str, log=print) -> dict[str, Any
                                                      keep=_grid_rows(ecfg, labels))
     kept_labels = labels[_grid_rows(ecfg, labels)]
     return _finish_samples(config, metrics, kept, kept_labels, num_classes, out, is_chief,
-                           nets.notes + reference.notes(ecfg), log,
+                           nets.notes + reference.notes(ecfg, nets), log,
                            samples=os.path.abspath(samples), reference=reference.source)
 
 
@@ -495,8 +495,9 @@ def save_reference(config, path: str, log=print) -> evaluator.Reference:
     with jax.set_mesh(mesh):
         reference = evaluator.load_reference(config.evaluation, config.data, nets, mesh,
                                              batch_sh, config.eval_batch_size, log)
-    if is_chief:
-        reference.save(path, config.evaluation, nets)
+    if not is_chief:
+        return reference
+    reference.save(path, config.evaluation, nets)
     parts = [f"FID statistics ({len(reference.mu)} features)"]
     if reference.spatial is not None:
         parts.append(f"sFID statistics ({len(reference.spatial[0])} features)")
@@ -546,9 +547,10 @@ def _finish_samples(config, metrics, kept, labels, num_classes: int, out: str, i
 def run(config, checkpoint: str = "", tokenizer: str = "", samples: str = "", out: str = "",
         seed: int = 0, log=print, prefixes: str = "", reference_out: str = "") -> Any:
     if reference_out:
-        if checkpoint or samples or out or prefixes:
+        if checkpoint or samples or out or prefixes or tokenizer:
             raise errors.UserError("--save_reference is a job of its own: give it without "
-                                   "--checkpoint, --samples, --out or --prefixes.")
+                                   "--checkpoint, --samples, --out, --prefixes or "
+                                   "--tokenizer.")
         return save_reference(config, reference_out, log)
     if not out:
         raise errors.UserError("--out is required (see tok1d evaluate --help).")

@@ -491,30 +491,58 @@ class Reference:
         fid_lib.save_statistics(path, self.mu, self.sigma, spatial=self.spatial,
                                 features=self.features, meta=meta)
 
-    def notes(self, ecfg) -> list[str]:
+    def notes(self, ecfg, nets: MetricNets) -> list[str]:
         """What the report should say about metrics this reference cannot give."""
-        if (ecfg.get("sfid", True) and self.spatial is None and self.source
-                and os.path.isfile(self.source)):
-            return [f"No sFID: the reference {self.source} has no spatial statistics (mu_s, "
-                    "sigma_s; e.g. pytorch-fid's statistics)."]
-        return []
+        notes = []
+        if ecfg.precision_recall and self.features is None:
+            notes.append(f"No precision / recall: the reference {self.source} has neither "
+                         "pool features nor images.")
+        want = spatial_dim(nets) if ecfg.get("sfid", True) else None
+        if want is not None and self.spatial is None:
+            notes.append(f"No sFID: the reference {self.source} has no spatial statistics "
+                         "(mu_s, sigma_s; e.g. pytorch-fid's statistics).")
+        elif want is not None and len(self.spatial[0]) != want:
+            notes.append(f"No sFID: the reference {self.source} has {len(self.spatial[0])} "
+                         f"spatial features; the Inception at evaluation.inception_size gives "
+                         f"{want}.")
+        return notes
+
+
+def spatial_dim(nets: MetricNets) -> Optional[int]:
+    """The size of the feature network's sFID features (None: it has none)."""
+    if nets.inception is None:
+        return None
+    model, params = nets.inception
+    shapes = jax.eval_shape(_inception_outputs(model), params,
+                            jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
+    return shapes["spatial"].shape[-1] if "spatial" in shapes else None
 
 
 # What a saved reference's statistics depend on beside the images (`reference_meta`): a file
 # made under other values would give FIDs silently off, so loading it against them is an error.
-REFERENCE_INPUTS = ("feature_net", "feature_dim", "inception_input", "inception_size")
+REFERENCE_INPUTS = ("feature_net", "feature_dim", "random_weights", "inception_input",
+                    "inception_size")
 
 
 def reference_meta(ecfg, nets: MetricNets) -> dict[str, Any]:
-    net = type(nets.inception[0]).__name__ if nets.inception is not None else None
-    return {"feature_net": net, "feature_dim": nets.feature_dim,
-            "inception_input": ecfg.get("inception_input", "tf1"),
-            "inception_size": int(ecfg.inception_size)}
+    """What the statistics are computed with ({} without a feature network): the network's
+    own input settings where it has them (the Inception's), else the config's."""
+    if nets.inception is None:
+        return {}
+    model = nets.inception[0]
+    return {"feature_net": type(model).__name__, "feature_dim": nets.feature_dim,
+            "random_weights": nets.is_inception and not ecfg.inception,
+            "inception_input": getattr(model, "input_convention",
+                                       ecfg.get("inception_input", "tf1")),
+            "inception_size": int(getattr(model, "input_size", ecfg.inception_size))}
 
 
-def _check_reference_meta(path: str, saved: dict[str, Any], now: dict[str, Any]) -> None:
+def check_reference_file(path: str, ecfg, nets: MetricNets) -> None:
+    """A ValueError when the `Reference.save` file at `path` was computed with other
+    `REFERENCE_INPUTS` than `ecfg` and `nets` use (files without a record pass)."""
+    saved, now = fid_lib.load_meta(path), reference_meta(ecfg, nets)
     for key in REFERENCE_INPUTS:
-        if key in saved and now[key] is not None and saved[key] != now[key]:
+        if key in saved and key in now and saved[key] != now[key]:
             raise ValueError(f"{path} was computed with {key}={saved[key]!r}; this evaluation "
                              f"uses {now[key]!r} (recompute it with tok1d evaluate "
                              "--save_reference).")
@@ -553,8 +581,7 @@ def reference_from_file(path: str, nets: MetricNets, mesh, sharding: NamedShardi
     if not ({"mu", "sigma"} <= files or "arr_0" in files):
         raise ValueError(f"{path}: neither FID statistics (mu, sigma) nor images (arr_0); "
                          f"found {sorted(files)}.")
-    meta = fid_lib.load_meta(path)
-    _check_reference_meta(path, meta, reference_meta(ecfg, nets))
+    check_reference_file(path, ecfg, nets)
     ref = None
     if {"mu", "sigma"} <= files:
         mu, sigma = fid_lib.load_reference(path)
@@ -562,7 +589,7 @@ def reference_from_file(path: str, nets: MetricNets, mesh, sharding: NamedShardi
             raise ValueError(f"{path}: mu has shape {mu.shape}; the feature network's "
                              f"features have {nets.feature_dim} dimensions.")
         ref = Reference(mu, sigma, None, path, fid_lib.load_spatial_reference(path),
-                        int(meta.get("count", 0)))
+                        fid_lib.load_meta(path).get("count", 0))
         if ecfg.precision_recall and "features" in files:
             ref.features = _saved_features(path, nets.feature_dim)
             return ref

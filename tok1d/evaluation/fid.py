@@ -79,10 +79,11 @@ class FeatureStats:
 def save_statistics(path: str, mu: np.ndarray, sigma: np.ndarray, *,
                     spatial: Optional[tuple[np.ndarray, np.ndarray]] = None,
                     features: Optional[np.ndarray] = None, meta: Optional[dict] = None) -> None:
-    """Reference statistics to `path` (.npz) in the ADM reference batch's keys ("mu", "sigma";
-    "mu_s", "sigma_s" with `spatial`), plus "features" (float32 pool features) and "meta" (a
-    JSON string) when given. Written to a temporary file first and renamed, so an interrupted
-    write leaves no partial file under `path`."""
+    """Reference statistics to a new file `path` (.npz) in the ADM reference batch's keys ("mu",
+    "sigma"; "mu_s", "sigma_s" with `spatial`), plus "features" (float32 pool features) and
+    "meta" (a JSON string) when given. An existing `path` is an error (nothing is replaced);
+    the arrays go to a temporary file renamed onto `path`, so an interrupted write leaves no
+    partial file."""
     arrays = {"mu": np.asarray(mu, np.float64), "sigma": np.asarray(sigma, np.float64)}
     if spatial is not None:
         arrays["mu_s"], arrays["sigma_s"] = (np.asarray(a, np.float64) for a in spatial)
@@ -90,13 +91,21 @@ def save_statistics(path: str, mu: np.ndarray, sigma: np.ndarray, *,
         arrays["features"] = np.asarray(features, np.float32)
     if meta is not None:
         arrays["meta"] = np.asarray(json.dumps(meta, sort_keys=True))
+    try:  # claims the name: a file made since the caller's checks is not replaced
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        raise ValueError(f"{path} exists; remove it or choose another name (it is not "
+                         "overwritten).") from None
     tmp = f"{path}.tmp{os.getpid()}.npz"
+    done = False
     try:
         np.savez(tmp, **arrays)
         os.replace(tmp, path)
+        done = True
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for name in ((tmp,) if done else (tmp, path)):
+            if os.path.exists(name):
+                os.remove(name)
 
 
 def load_meta(path: str) -> dict:
@@ -108,8 +117,10 @@ def load_meta(path: str) -> dict:
             meta = json.loads(str(z["meta"][()]))
         except (ValueError, TypeError):
             raise ValueError(f"{path}: its 'meta' entry is not a JSON record.") from None
-    if not isinstance(meta, dict):
-        raise ValueError(f"{path}: its 'meta' entry is not a JSON record.")
+    count = meta.get("count", 0) if isinstance(meta, dict) else None
+    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        raise ValueError(f"{path}: its 'meta' entry is not a JSON record with a count of "
+                         "images.")
     return meta
 
 

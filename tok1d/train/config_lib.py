@@ -141,7 +141,8 @@ def common_config() -> ml_collections.ConfigDict:
                                       # (features computed, cached for the run)
         sfid=True,                    # ADM's sFID beside FID (the Inception's spatial
                                       # features; their statistics cost the host about as
-                                      # much again as FID's)
+                                      # much again as FID's; off: --save_reference writes
+                                      # no mu_s / sigma_s)
         num_samples=50_000,           # gFID: generated images (50 per class, 1000 classes)
         fid_method="eigh",            # tr(sqrtm(S1 S2)) by two symmetric eigendecompositions
                                       # (6x faster at 2048 features, same value to ~1e-13

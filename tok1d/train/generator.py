@@ -376,6 +376,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     workdir, mesh, rules, batch_sh = loop.setup_run(config, workdir)
     is_chief = jax.process_index() == 0
     log = loop.log_fn()
+    nets = None
+    if config.evaluation.fid_every_steps > 0:  # before any work: a wrong reference fails now
+        nets = evaluator.load_metric_nets(config.evaluation, "", log, lpips=False)
+        check_gfid_reference(config.evaluation, nets)
 
     # ---------------------------------------------------------------- data
     model = build_generator(config)
@@ -443,9 +447,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     log(f"{config.model.name}: {num_params / 1e6:.2f}M parameters, {data_line}.")
 
     # ---------------------------------------------------------------- steps
-    nets = None
-    if config.evaluation.fid_every_steps > 0:
-        nets = evaluator.load_metric_nets(config.evaluation, "", log, lpips=False)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         eval_step = jax.jit(make_eval_step(model, config.generator))
         decoder = sample_decoder(config, model, frozen_tokenizer, batch_sh, log)
@@ -498,6 +499,16 @@ def decoding_params(frozen_tokenizer: Optional[FrozenTokenizer],
     if decoder is None or frozen_tokenizer is None or not frozen_tokenizer.keeps_host_params:
         return contextlib.nullcontext()
     return decoder.decoding_with(frozen_tokenizer.on_devices())
+
+
+def check_gfid_reference(ecfg, nets) -> None:
+    """A missing `evaluation.reference` file, or one saved with other feature settings, fails
+    at the start of the run instead of at its first gFID evaluation."""
+    if not ecfg.reference:
+        return
+    if not os.path.isfile(ecfg.reference):
+        raise FileNotFoundError(f"FID reference not found: {ecfg.reference}")
+    evaluator.check_reference_file(ecfg.reference, ecfg, nets)
 
 
 def make_gfid_eval(config, model, decoder: Optional[decode.SampleDecoder], nets, mesh,
