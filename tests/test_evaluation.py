@@ -321,6 +321,8 @@ def test_evaluate_job_tokenizer_and_samples(tmp_path):
                          log=lambda m: None)
     for key in ("gfid", "sfid", "precision", "recall", "inception_score"):
         assert again[key] == pytest.approx(gen[key], rel=1e-6, abs=1e-9), key
+    details = json.load(open(tmp_path / "gen_saved" / "metrics.json"))["details"]
+    assert details["reference"] == f"{saved} (20 images)"
     with_file.evaluation.inception_input = "pytorch_fid"
     with pytest.raises(ValueError, match="computed with inception_input='tf1'; this evaluation "
                        "uses 'pytorch_fid'"):

@@ -304,7 +304,7 @@ def evaluate_generator(config, checkpoint: str, tokenizer_path: str, out: str, s
                            tokenizer=os.path.abspath(tokenizer_path), model=config.model.name,
                            sampling=config.sampling.to_dict(),
                            sampling_precision=config.sampling_precision, seed=seed,
-                           reference=reference.source)
+                           reference=_reference_line(reference))
 
 
 def linear_probe_source(config) -> str:
@@ -481,7 +481,7 @@ def evaluate_samples(config, samples: str, out: str, log=print) -> dict[str, Any
     kept_labels = labels[_grid_rows(ecfg, labels)]
     return _finish_samples(config, metrics, kept, kept_labels, num_classes, out, is_chief,
                            nets.notes + reference.notes(ecfg, nets), log,
-                           samples=os.path.abspath(samples), reference=reference.source)
+                           samples=os.path.abspath(samples), reference=_reference_line(reference))
 
 
 def save_reference(config, path: str, log=print) -> evaluator.Reference:
@@ -521,6 +521,11 @@ def _check_reference_path(path: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
         raise errors.UserError(f"--save_reference={path}: {folder} is not a writable folder.")
+
+
+def _reference_line(reference: evaluator.Reference) -> str:
+    """The report's "reference" detail: its source, and how many images when known."""
+    return reference.source + (f" ({reference.count} images)" if reference.count else "")
 
 
 def _grid_rows(ecfg, labels):
