@@ -207,7 +207,7 @@ def test_sfid_is_adms_spatial_frechet_distance(nets, tmp_path):
         evaluator.reference_from_file(str(path), nets, mesh, sharding, 8, _ecfg())
 
 
-def test_a_saved_reference_is_checked_and_never_replaced(nets, tmp_path):
+def test_a_saved_reference_is_checked_and_never_replaced(nets, tmp_path, monkeypatch):
     """`Reference.save` records what the statistics were computed with; loading them under
     another Inception input, size or random weights is an error (none without a feature
     network); an existing file is not replaced; a malformed record is one error; the report's
@@ -240,6 +240,23 @@ def test_a_saved_reference_is_checked_and_never_replaced(nets, tmp_path):
     np.savez(bad, mu=np.zeros(3), sigma=np.eye(3), meta=np.asarray('{"count": null}'))
     with pytest.raises(ValueError, match="bad.npz: its 'meta' entry is not a JSON record"):
         fid_lib.load_meta(bad)
+    junk = tmp_path / "junk.npz"  # the check of a run's reference at its start reads it safely
+    junk.write_bytes(b"junk")
+    with pytest.raises(ValueError, match="junk.npz is not a readable .npz"):
+        evaluator.check_reference_file(str(junk), ecfg, nets)
+    with pytest.raises(FileNotFoundError, match="FID reference not found"):
+        evaluator.check_reference_file(str(tmp_path / "none.npz"), ecfg, nets)
+    # Where the file system has no hard links, the write renames; a failed write leaves nothing.
+    monkeypatch.setattr(os, "link", lambda *a: (_ for _ in ()).throw(PermissionError("no")))
+    fid_lib.save_statistics(str(tmp_path / "renamed.npz"), np.zeros(3), np.eye(3))
+    assert fid_lib.load_reference(str(tmp_path / "renamed.npz"))[0].shape == (3,)
+    with pytest.raises(ValueError, match="renamed.npz exists"):
+        fid_lib.save_statistics(str(tmp_path / "renamed.npz"), np.zeros(3), np.eye(3))
+    monkeypatch.setattr(np, "savez", lambda *a, **k: (_ for _ in ()).throw(OSError("full")))
+    with pytest.raises(OSError, match="full"):
+        fid_lib.save_statistics(str(tmp_path / "failed.npz"), np.zeros(3), np.eye(3))
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["bad.npz", "junk.npz", "ref.npz", "renamed.npz"]
 
     assert ref.notes(ecfg, nets) == []  # 63 spatial features: the 75-px Inception's
     plain = evaluator.Reference(ref.mu, ref.sigma, None, path)

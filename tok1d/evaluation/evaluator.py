@@ -525,21 +525,37 @@ REFERENCE_INPUTS = ("feature_net", "feature_dim", "random_weights", "inception_i
 
 
 def reference_meta(ecfg, nets: MetricNets) -> dict[str, Any]:
-    """What the statistics are computed with ({} without a feature network): the network's
-    own input settings where it has them (the Inception's), else the config's."""
+    """What the statistics are computed with ({} without a feature network); for the FID
+    Inception also its weights' kind and input settings, read from the module itself."""
     if nets.inception is None:
         return {}
     model = nets.inception[0]
-    return {"feature_net": type(model).__name__, "feature_dim": nets.feature_dim,
-            "random_weights": nets.is_inception and not ecfg.inception,
-            "inception_input": getattr(model, "input_convention",
-                                       ecfg.get("inception_input", "tf1")),
-            "inception_size": int(getattr(model, "input_size", ecfg.inception_size))}
+    meta = {"feature_net": type(model).__name__, "feature_dim": nets.feature_dim}
+    if nets.is_inception:
+        meta.update(random_weights=not ecfg.inception, inception_input=model.input_convention,
+                    inception_size=int(model.input_size))
+    return meta
+
+
+def _reference_files(path: str) -> set[str]:
+    """The array names of the reference .npz at `path`; one clear error for a missing,
+    damaged, truncated or non-.npz file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"FID reference not found: {path}")
+    try:
+        with np.load(path) as z:
+            return set(z.files)
+    except (OSError, ValueError, EOFError, AttributeError, TypeError,
+            zipfile.BadZipFile) as e:  # damaged, truncated, or a .npy (no context manager)
+        raise ValueError(f"FID reference {path} is not a readable .npz "
+                         f"({errors.brief(e, 120)})") from None
 
 
 def check_reference_file(path: str, ecfg, nets: MetricNets) -> None:
     """A ValueError when the `Reference.save` file at `path` was computed with other
-    `REFERENCE_INPUTS` than `ecfg` and `nets` use (files without a record pass)."""
+    `REFERENCE_INPUTS` than `ecfg` and `nets` use (files without a record pass); a
+    FileNotFoundError / ValueError for a missing or unreadable file."""
+    _reference_files(path)
     saved, now = fid_lib.load_meta(path), reference_meta(ecfg, nets)
     for key in REFERENCE_INPUTS:
         if key in saved and key in now and saved[key] != now[key]:
@@ -569,15 +585,7 @@ def reference_from_file(path: str, nets: MetricNets, mesh, sharding: NamedShardi
     features, meta) or a plain image .npz (arr_0 only). FID uses the file's mu / sigma when
     present; for precision / recall its `features`, else its images run through the Inception.
     A saved file made with another feature network or Inception input is an error."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"FID reference not found: {path}")
-    try:
-        with np.load(path) as z:
-            files = set(z.files)
-    except (OSError, ValueError, EOFError, AttributeError, TypeError,
-            zipfile.BadZipFile) as e:  # damaged, truncated, or a .npy (no context manager)
-        raise ValueError(f"FID reference {path} is not a readable .npz "
-                         f"({errors.brief(e, 120)})") from None
+    files = _reference_files(path)
     if not ({"mu", "sigma"} <= files or "arr_0" in files):
         raise ValueError(f"{path}: neither FID statistics (mu, sigma) nor images (arr_0); "
                          f"found {sorted(files)}.")

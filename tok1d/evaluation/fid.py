@@ -82,8 +82,8 @@ def save_statistics(path: str, mu: np.ndarray, sigma: np.ndarray, *,
     """Reference statistics to a new file `path` (.npz) in the ADM reference batch's keys ("mu",
     "sigma"; "mu_s", "sigma_s" with `spatial`), plus "features" (float32 pool features) and
     "meta" (a JSON string) when given. An existing `path` is an error (nothing is replaced);
-    the arrays go to a temporary file renamed onto `path`, so an interrupted write leaves no
-    partial file."""
+    the arrays go to a temporary file that is then linked as `path`, so an interrupted write
+    leaves no partial file there."""
     arrays = {"mu": np.asarray(mu, np.float64), "sigma": np.asarray(sigma, np.float64)}
     if spatial is not None:
         arrays["mu_s"], arrays["sigma_s"] = (np.asarray(a, np.float64) for a in spatial)
@@ -91,21 +91,22 @@ def save_statistics(path: str, mu: np.ndarray, sigma: np.ndarray, *,
         arrays["features"] = np.asarray(features, np.float32)
     if meta is not None:
         arrays["meta"] = np.asarray(json.dumps(meta, sort_keys=True))
-    try:  # claims the name: a file made since the caller's checks is not replaced
-        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError:
-        raise ValueError(f"{path} exists; remove it or choose another name (it is not "
-                         "overwritten).") from None
+    exists = ValueError(f"{path} exists; remove it or choose another name (it is not "
+                        "overwritten).")
     tmp = f"{path}.tmp{os.getpid()}.npz"
-    done = False
     try:
         np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-        done = True
+        try:  # fails if `path` exists, e.g. made by another job since the caller's checks
+            os.link(tmp, path)
+        except FileExistsError:
+            raise exists from None
+        except OSError:  # a file system without hard links (e.g. gcsfuse): rename instead
+            if os.path.exists(path):
+                raise exists from None
+            os.replace(tmp, path)
     finally:
-        for name in ((tmp,) if done else (tmp, path)):
-            if os.path.exists(name):
-                os.remove(name)
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def load_meta(path: str) -> dict:
