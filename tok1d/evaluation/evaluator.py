@@ -317,13 +317,13 @@ class ImageMetrics:
         """ADM's sFID: the Frechet distance of the spatial features against the reference's
         (its mu_s / sigma_s) or the real images'; None without them, or when the reference's
         were taken at another Inception input size (another number of features)."""
-        if _mean_cov(self.fake_spatial) is None:
+        fake = _mean_cov(self.fake_spatial)
+        if fake is None:
             return None
         ref = self._reference_stats(self._reference_spatial, self.real_spatial)
-        if ref is None or ref[0].shape != (self.fake_spatial.dim,):
+        if ref is None or ref[0].shape != fake[0].shape:
             return None
-        mu_f, sigma_f = self.fake_spatial.mean_cov()
-        return fid_lib.frechet_distance(mu_f, sigma_f, *ref, method=self.fid_method)
+        return fid_lib.frechet_distance(*fake, *ref, method=self.fid_method)
 
     def result(self) -> dict[str, float]:
         out: dict[str, float] = {"num_images": float(self._count)}
@@ -556,7 +556,11 @@ def check_reference_file(path: str, ecfg, nets: MetricNets) -> None:
     `REFERENCE_INPUTS` than `ecfg` and `nets` use (files without a record pass); a
     FileNotFoundError / ValueError for a missing or unreadable file."""
     _reference_files(path)
-    saved, now = fid_lib.load_meta(path), reference_meta(ecfg, nets)
+    _check_reference_meta(path, fid_lib.load_meta(path), ecfg, nets)
+
+
+def _check_reference_meta(path: str, saved: dict[str, Any], ecfg, nets: MetricNets) -> None:
+    now = reference_meta(ecfg, nets)
     for key in REFERENCE_INPUTS:
         if key in saved and key in now and saved[key] != now[key]:
             raise ValueError(f"{path} was computed with {key}={saved[key]!r}; this evaluation "
@@ -589,7 +593,8 @@ def reference_from_file(path: str, nets: MetricNets, mesh, sharding: NamedShardi
     if not ({"mu", "sigma"} <= files or "arr_0" in files):
         raise ValueError(f"{path}: neither FID statistics (mu, sigma) nor images (arr_0); "
                          f"found {sorted(files)}.")
-    check_reference_file(path, ecfg, nets)
+    meta = fid_lib.load_meta(path)
+    _check_reference_meta(path, meta, ecfg, nets)
     ref = None
     if {"mu", "sigma"} <= files:
         mu, sigma = fid_lib.load_reference(path)
@@ -597,7 +602,7 @@ def reference_from_file(path: str, nets: MetricNets, mesh, sharding: NamedShardi
             raise ValueError(f"{path}: mu has shape {mu.shape}; the feature network's "
                              f"features have {nets.feature_dim} dimensions.")
         ref = Reference(mu, sigma, None, path, fid_lib.load_spatial_reference(path),
-                        fid_lib.load_meta(path).get("count", 0))
+                        meta.get("count", 0))
         if ecfg.precision_recall and "features" in files:
             ref.features = _saved_features(path, nets.feature_dim)
             return ref

@@ -75,7 +75,6 @@ class FeatureStats:
         return mu, sigma
 
 
-
 def save_statistics(path: str, mu: np.ndarray, sigma: np.ndarray, *,
                     spatial: Optional[tuple[np.ndarray, np.ndarray]] = None,
                     features: Optional[np.ndarray] = None, meta: Optional[dict] = None) -> None:
