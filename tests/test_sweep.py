@@ -28,11 +28,14 @@ def test_grid_uses_each_samplers_option_names():
 
 def test_sweep_table_has_one_row_per_setting_and_names_the_best(tmp_path):
     settings = sweep.grid({}, "maskgit", (0, 2), (1, 3))
-    metrics = [dict(gfid=30.0, precision=0.5, recall=0.6, diversity=12.0, class_accuracy=0.7),
+    metrics = [dict(gfid=30.0, sfid=40.0, precision=0.5, recall=0.6, diversity=12.0,
+                    class_accuracy=0.7),
                dict(gfid=20.0, precision=0.6, recall=0.7, diversity=14.0, class_accuracy=0.8),
                dict(gfid=25.0, precision=0.8, recall=0.4, diversity=9.0, class_accuracy=0.99),
                dict(gfid=22.0, precision=0.8, recall=0.6, diversity=13.0, class_accuracy=0.95)]
-    rows = [dict(s, num_images=100.0, **m) for s, m in zip(settings, metrics)]
+    rows = [sweep.row(s, dict(m, num_images=100.0, lpips=0.1)) for s, m in zip(settings, metrics)]
+    assert set(rows[0]) == {"guidance_scale", "randomize_temperature", "gfid", "sfid", "precision",
+                            "recall", "diversity", "class_accuracy", "num_images"}
     assert sweep.best(rows) is rows[1]
     chosen = sweep.best(rows, min_class_accuracy=0.9)
     assert chosen is rows[3]
@@ -40,6 +43,8 @@ def test_sweep_table_has_one_row_per_setting_and_names_the_best(tmp_path):
 
     paths = sweep.write(str(tmp_path), rows, chosen, {"diversity": 15.0}, log=lambda m: None)
     table = open(paths["md"]).read().splitlines()
+    assert table[0] == ("| guidance_scale | randomize_temperature | gfid | sfid | precision | "
+                        "recall | diversity | class_accuracy | best |")
     body = [line for line in table if line.startswith("| ") and "---" not in line][1:]
     assert len(body) == 4 and sum("**best**" in line for line in body) == 1
     assert "**best**" in body[3]

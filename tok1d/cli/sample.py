@@ -20,9 +20,10 @@ Batches are sharded over every device of every host; progress (images/s, ETA) is
 Guidance / temperature sweep (`--sweep`): samples `--num_images` for every setting of
 `--sweep_guidance` x `--sweep_temperature` (the sampler's guidance scale and temperature,
 tok1d.evaluation.sweep), measures gFID / precision / recall (and, with labels, intra-class
-diversity) against the reference of `config.evaluation` (the FID Inception and
-`evaluation.reference` or the data's eval split) - or, with `--sweep_features=digits`, against
-the held-out digits on the demo's digit classifier (tok1d.evaluation.digit_features) - and writes
+diversity; on the Inception also sFID and IS) against the reference of `config.evaluation` (the
+FID Inception and `evaluation.reference` or the data's eval split; a metric the reference
+cannot give is named on the console) - or, with `--sweep_features=digits`, against the
+held-out digits on the demo's digit classifier (tok1d.evaluation.digit_features) - and writes
 OUT/sweep.md, OUT/sweep.json and OUT/sweep.png naming the best (lowest gFID):
 
     tok1d sample --config=configs/maskgit_titok.py:l32 --checkpoint=... --tokenizer=... \
@@ -271,6 +272,8 @@ def sweep_reference(config, features: str, log=print):
     with jax.set_mesh(mesh):
         reference = evaluator.load_reference(config.evaluation, config.data, nets, mesh,
                                              sharding, config.eval_batch_size, log)
+    for note in reference.notes(config.evaluation, nets):
+        log(note)
     return nets, reference, None
 
 

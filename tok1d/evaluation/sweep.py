@@ -4,7 +4,7 @@ The sampling happens in `tok1d sample --sweep` (tok1d.cli.sample.sweep); this mo
 settings, picks the best one and writes the results:
 
     settings = grid(sampling, model_name, guidance_scales=(0, 1, 2), temperatures=(1, 2, 4))
-    rows = [row(setting, generation_metrics, inception) for setting in settings]  # gfid, ...
+    rows = [row(setting, generation_metrics, inception) for setting in settings]  # gfid, sfid...
     write(out_dir, rows, choose(rows))  # sweep.json, sweep.md, sweep.png (with matplotlib)
 
 The sampler's option names differ: MaskGIT and RAR take `guidance_scale` and
@@ -25,7 +25,8 @@ import os
 from typing import Any, Mapping, Optional, Sequence
 
 GPT_NAMES = ("gpt", "llamagen")
-COLUMNS = ("gfid", "precision", "recall", "diversity", "class_accuracy", "inception_score")
+COLUMNS = ("gfid", "sfid", "precision", "recall", "diversity", "class_accuracy",
+           "inception_score")
 INCEPTION_ONLY = ("inception_score",)
 
 
