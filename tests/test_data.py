@@ -1,8 +1,10 @@
 """Sources, augmentations and eval padding of the grain pipelines."""
 
+import glob
 import io
 import os
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -127,7 +129,9 @@ def _tfds_imagenet(data_dir, jpegs, labels) -> None:
     made without TensorFlow (tfds' own copy of the Example proto)."""
     import tensorflow_datasets as tfds  # (slow: only here)
     from tensorflow_datasets.proto import tf_example_pb2
-    builder = tfds.builder("imagenet2012", data_dir=str(data_dir), file_format="array_record")
+    with sources.tfds_scratch_removed():
+        builder = tfds.builder("imagenet2012", data_dir=str(data_dir),
+                               file_format="array_record")
     os.makedirs(builder.data_dir)
     path = os.path.join(builder.data_dir, "imagenet2012-train.array_record-00000-of-00001")
     writer = ArrayRecordWriter(path, "group_size:1")
@@ -187,8 +191,11 @@ def test_tfds_imagenet_source_without_tensorflow(tmp_path, monkeypatch):
 
 def test_tfds_dataset_not_prepared_is_one_line(tmp_path):
     """The recipes' default data (tfds:imagenet2012) where nothing was prepared, and a dataset
-    TFDS does not know: a FileNotFoundError that the command line prints as one line."""
+    TFDS does not know: a FileNotFoundError that the command line prints as one line, and no
+    empty scratch folder of tfds' left in the temp dir."""
     from tok1d.cli import app
+    scratch = os.path.join(tempfile.gettempdir(), "tmp*tfds")
+    before = set(glob.glob(scratch))
     cases = [("tfds:imagenet2012", "has no prepared split 'train'", "tok1d prepare"),
              ("tfds:no_such_dataset_xyz", "TFDS knows no dataset", "no_such_dataset_xyz")]
     for name, *expected in cases:
@@ -197,3 +204,4 @@ def test_tfds_dataset_not_prepared_is_one_line(tmp_path):
         line = app.user_error_message(e.value)
         assert line is not None and "\n" not in line, line
         assert all(part in line for part in expected) and str(tmp_path) in line, line
+    assert set(glob.glob(scratch)) <= before

@@ -13,11 +13,14 @@ images are decoded (and augmented) later, in the grain pipeline, on the host tha
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import glob
 import gzip
 import importlib.util
 import io
 import os
+import tempfile
 from typing import Any
 
 import numpy as np
@@ -179,6 +182,23 @@ class DigitsSource:
         return f"DigitsSource(split={self.split!r}, image_size={self.image_size}, n={len(self)})"
 
 
+@contextlib.contextmanager
+def tfds_scratch_removed():
+    """Removes the empty `tmpXXXXtfds` folders tfds left in the temp dir inside the block: it
+    makes one, and never removes it, whenever it builds the info of a dataset not prepared in
+    its data_dir (`DatasetInfo.initialize_from_bucket`). Only new, empty ones go."""
+    pattern = os.path.join(tempfile.gettempdir(), "tmp*tfds")
+    before = set(glob.glob(pattern))
+    try:
+        yield
+    finally:
+        for path in set(glob.glob(pattern)) - before:
+            try:
+                os.rmdir(path)
+            except OSError:  # not empty (tfds copied files into it), or already gone
+                pass
+
+
 class TfdsSource:
     """A TFDS dataset in array_record format through `tfds.data_source` (no TensorFlow). An
     encoded "image" feature (tfds.features.Image: imagenet2012's JPEGs) comes out as its
@@ -190,8 +210,9 @@ class TfdsSource:
         where = (repr(data_dir) if data_dir else
                  "the default TFDS data_dir ($TFDS_DATA_DIR or ~/tensorflow_datasets)")
         try:
-            self._source = tfds.data_source(name, split=split, data_dir=data_dir or None,
-                                            download=False)
+            with tfds_scratch_removed():
+                self._source = tfds.data_source(name, split=split, data_dir=data_dir or None,
+                                                download=False)
         except tfds.core.DatasetNotFoundError as e:
             raise FileNotFoundError(f"TFDS knows no dataset {name!r} (data.name=tfds:{name}) "
                                     f"and none is prepared under that name in {where}") from e
