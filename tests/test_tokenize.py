@@ -287,7 +287,7 @@ def _workdir(path, config, seed=0):
 def test_a_run_with_quantizer_options_and_a_generator_run_load(tmp_path):
     """A tokenizer run whose model has `quantizer_options` (every configs/quantizers.py
     variant; a ConfigDict in the config) loads for tokenize / a generator's trainer: its module
-    hashes (it used to fail in the shape cache); `tok1d.weights.load` takes a generator's
+    hashes (it used to fail in the shape cache) and its description is JSON (tokens_info.json); `tok1d.weights.load` takes a generator's
     training workdir (it used to say "not a tokenizer"), `load_tokenizer` still refuses it."""
     config = tiny_test.get_config()
     config.model.update(quantizer="fsq", token_dim=4, quantizer_options={"levels": [8, 5, 5, 5]})
@@ -298,6 +298,9 @@ def test_a_run_with_quantizer_options_and_a_generator_run_load(tmp_path):
     codes = _encode(model, loaded, images)
     np.testing.assert_array_equal(codes, _encode(model, params, images))
     assert codes.max() < 8 * 5 * 5 * 5
+    # tokens_info.json's record of it (tok1d tokenize wrote the codes, then failed here)
+    described = json.loads(json.dumps(loaders.describe_tokenizer(str(tmp_path / "fsq"))))
+    assert described["kwargs"]["quantizer_options"] == {"levels": [8, 5, 5, 5]}
 
     gen = config_lib.base_config("generator")
     gen.model = dict(name="maskgit", arch="vit", codebook_size=64, num_tokens=8, num_classes=10,

@@ -12,6 +12,7 @@ import os
 from typing import Any, Mapping
 
 import flax.linen as nn
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -20,7 +21,10 @@ from tok1d.weights import layout
 
 
 def jsonable(value: Any) -> Any:
-    """`value` with tuples as lists and dtypes as their names (JSON-serialisable kwargs)."""
+    """`value` with tuples as lists, ConfigDicts as dicts and dtypes as their names
+    (JSON-serialisable kwargs)."""
+    if isinstance(value, ml_collections.ConfigDict):  # e.g. a run's quantizer_options
+        value = value.to_dict()
     if isinstance(value, tuple):
         return [jsonable(v) for v in value]
     if isinstance(value, Mapping):
