@@ -454,9 +454,15 @@ def test_a_runs_own_config_is_the_default_config(tmp_path):
     for spec in (run, run / "config.json"):  # config_lib.load takes them too (the notebook)
         assert config_lib.load(str(spec)).to_dict() == original.to_dict()
     assert isinstance(loaded.sharding.rules, tuple)
-    fv, _ = app._parse(sample, "tok1d sample", [f"--checkpoint={run}", "--out=o",
-                                                "--config.sampling.cfg_scale=3.0"])
-    assert fv.config.sampling.cfg_scale == 3.0 and fv.config.model.size == "B"
+    for form in ([f"--checkpoint={run}"], ["--checkpoint", str(run)], [f"-checkpoint={run}"]):
+        fv, _ = app._parse(sample, "tok1d sample", form + ["--out=o",
+                                                           "--config.sampling.cfg_scale=3.0"])
+        assert fv.config.sampling.cfg_scale == 3.0 and fv.config.model.size == "B"
+    fv, _ = app._parse(evaluate, "tok1d evaluate", ["--checkpoint", str(run), "--out", "o"])
+    assert fv.config.model.size == "B"  # (the space form used to fall back to the defaults)
+    assert "(required)" not in next(line for line in app.help_text(
+        sample, "tok1d sample", app._flag_values(sample, ["tok1d"])).splitlines()
+        if line.strip().startswith("--config "))
     for spec in (str(run / "config.json"), str(run)):
         fv, _ = app._parse(evaluate, "tok1d evaluate", [f"--config={spec}", "--out=o",
                                                         "--config.seed=7"])

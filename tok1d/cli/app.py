@@ -99,7 +99,7 @@ def help_text(job: types.ModuleType, prog: str, fv: flags.FlagValues) -> str:
         left = (f"-{flag.short_name}, " if flag.short_name else "") + (
             f"--[no]{flag.name}" if flag.boolean else f"--{flag.name}")
         right = _one_line(flag.help)
-        if flag.name in job.REQUIRED:
+        if flag.name in job.REQUIRED and not (flag.name == "config" and "checkpoint" in fv):
             right += " (required)"
         elif flag.default not in (None, "") and not flag.boolean and flag.name != "config":
             right += f" (default: {flag.default})"
@@ -142,7 +142,7 @@ def _with_run_config(job: types.ModuleType, args: list[str]) -> list[str]:
             else:
                 out.append(arg)
         return out
-    checkpoint = next((a.split("=", 1)[1] for a in args if a.startswith("--checkpoint=")), "")
+    checkpoint = _flag_arg(args, "checkpoint")
     if checkpoint and os.path.isfile(layout.config_path(checkpoint)):
         return [f"--config={RUN_CONFIG_FILE}:{os.path.abspath(checkpoint)}"] + list(args)
     if "config" not in job.REQUIRED and any(a.startswith("--config.") for a in args):
@@ -151,10 +151,16 @@ def _with_run_config(job: types.ModuleType, args: list[str]) -> list[str]:
 
 
 def _config_path(args: Sequence[str]) -> Optional[str]:
+    return _flag_arg(args, "config")
+
+
+def _flag_arg(args: Sequence[str], name: str) -> Optional[str]:
+    """The value of flag `name` in `args`, in any form absl takes (--name=V, --name V, -name=V,
+    -name V); None when absent."""
     for i, arg in enumerate(args):
-        if arg.startswith(("--config=", "-config=")):
+        if arg.startswith((f"--{name}=", f"-{name}=")):
             return arg.split("=", 1)[1]
-        if arg in ("--config", "-config") and i + 1 < len(args):
+        if arg in (f"--{name}", f"-{name}") and i + 1 < len(args):
             return args[i + 1]
     return None
 
