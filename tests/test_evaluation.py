@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import REPO
 from tok1d import errors, parallel
 from tok1d.train import config_lib
 from tok1d.weights import layout
@@ -426,6 +427,17 @@ def test_samples_need_a_feature_network_and_come_alone(tmp_path):
     with pytest.raises(errors.UserError, match="not both"):
         evaluate.run(config, checkpoint=str(tmp_path), samples=str(samples),
                      out=str(tmp_path / "out"))
+    # A generator's checkpoint without an Inception (and no linear probe): refused before
+    # anything is loaded or sampled (it sampled, then said "FID statistics need at least 2
+    # images, got 0"); with a probe the report's other metrics go on, without a reference.
+    gen = config_lib.load(os.path.join(REPO, "configs", "gpt_gigatok.py:b"))
+    with pytest.raises(errors.UserError, match="Generator evaluation: FID / IS / "
+                       "precision-recall need the FID InceptionV3"):
+        evaluate.run(gen, checkpoint=str(tmp_path / "none"), tokenizer="none/",
+                     out=str(tmp_path / "out"))
+    nets = evaluator.load_metric_nets(gen.evaluation, "", lambda _: None, lpips=False)
+    reference = evaluator.load_reference(gen.evaluation, gen.data, nets, None, None, 8)
+    assert reference.mu is None and reference.notes(gen.evaluation, nets) == []
     assert not (tmp_path / "out").exists()
 
 

@@ -277,12 +277,14 @@ def evaluate_generator(config, checkpoint: str, tokenizer_path: str, out: str, s
     if not tokenizer_path:
         raise ValueError("No tokenizer: pass --tokenizer=DIR or set config.generator.tokenizer.")
     _check_linear_probe(config)  # before sampling: its failure would lose the gFID
+    nets = evaluator.load_metric_nets(config.evaluation, "", log, lpips=False)
+    if nets.inception is None and config.evaluation.linear_probe_epochs <= 0:
+        raise errors.UserError("Generator evaluation: " + nets.notes[0])  # nothing to measure
     mesh, rules, batch_sh, is_chief = _setup(config)
     model, params = sample_lib.load_generator(config, checkpoint)
     tokenizer, tok_params = loaders.load_tokenizer(tokenizer_path)
     probe_images = _probe_images(config, model, tokenizer, tok_params)  # before sampling too
     _probe_options(config, model, mesh, rules, probe_images)
-    nets = evaluator.load_metric_nets(config.evaluation, "", log, lpips=False)
     ecfg = config.evaluation
     labels = gen_common.cyclic_labels(ecfg.num_samples, model.num_classes)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):

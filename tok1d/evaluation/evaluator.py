@@ -471,17 +471,19 @@ def load_npz_images(path: str, key: str = "arr_0") -> np.ndarray:
 
 @dataclasses.dataclass
 class Reference:
-    """FID reference statistics and (optionally) pool features for precision / recall."""
+    """FID reference statistics and (optionally) pool features for precision / recall; no
+    statistics (`mu` None) without a feature network (`load_reference`)."""
 
-    mu: np.ndarray
-    sigma: np.ndarray
+    mu: Optional[np.ndarray]
+    sigma: Optional[np.ndarray]
     features: Optional[np.ndarray] = None
     source: str = ""
     spatial: Optional[tuple[np.ndarray, np.ndarray]] = None  # sFID's (mu_s, sigma_s)
     count: int = 0  # images behind the statistics (0: not known, e.g. ADM's mu / sigma)
 
     def apply(self, metrics: ImageMetrics) -> None:
-        metrics.set_reference(self.mu, self.sigma, self.features, self.spatial)
+        if self.mu is not None:
+            metrics.set_reference(self.mu, self.sigma, self.features, self.spatial)
 
     def save(self, path: str, ecfg, nets: MetricNets) -> None:
         """The statistics to `path` (`fid.save_statistics`: ADM's keys, the pool features when
@@ -492,8 +494,11 @@ class Reference:
                                 features=self.features, meta=meta)
 
     def notes(self, ecfg, nets: MetricNets) -> list[str]:
-        """What the report should say about metrics this reference cannot give."""
+        """What the report should say about metrics this reference cannot give (nothing
+        without a feature network: `MetricNets.notes` says how to add one)."""
         notes = []
+        if nets.inception is None:
+            return notes
         if ecfg.precision_recall and self.features is None:
             notes.append(f"No precision / recall: the reference {self.source} has neither "
                          "pool features nor images.")
@@ -654,7 +659,10 @@ def reference_from_data(dcfg, nets: MetricNets, mesh, sharding: NamedSharding, b
 def load_reference(ecfg, dcfg, nets: MetricNets, mesh, sharding: NamedSharding,
                    batch_size: int, log=None) -> Reference:
     """`evaluation.reference` when set, else the statistics of the data's eval split (its
-    progress through `log`)."""
+    progress through `log`); none without a feature network (the metrics that need one are
+    left out, and `MetricNets.notes` says how to add it)."""
+    if nets.inception is None:
+        return Reference(None, None, source="none (no feature network)")
     if ecfg.reference:
         return reference_from_file(ecfg.reference, nets, mesh, sharding, batch_size, ecfg)
     if dcfg.name == "demo":
