@@ -453,6 +453,10 @@ def test_gfid_without_a_reference_is_refused(tmp_path):
     config.evaluation.fid_every_steps = 10
     with pytest.raises(config_lib.ConfigError, match="needs evaluation.reference"):
         config_lib.validate(config)
+    # A tokenizer's rFID has its originals: a reference there was silently unused.
+    config.trainer, config.evaluation.reference = "tokenizer", "ref.npz"
+    with pytest.raises(config_lib.ConfigError, match="'ref.npz' is gFID's real side"):
+        config_lib.validate(config)
 
 
 def test_lpips_of_the_perceptual_weights_resolves_only_lpips_names(tmp_path, monkeypatch):

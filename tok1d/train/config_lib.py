@@ -646,6 +646,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         problems.append("evaluation.fid_every_steps on a generator needs evaluation.reference "
                         "(e.g. VIRTUAL_imagenet256_labeled.npz) or data.name set to the real "
                         "images' dataset (its eval split is the reference)")
+    if config.trainer == "tokenizer" and ev.reference:
+        problems.append(f"evaluation.reference={ev.reference!r} is gFID's real side (a "
+                        "generator's evaluation); a tokenizer's rFID compares its "
+                        "reconstructions with the eval split's originals: leave it empty")
     if ev.inception_input not in inception_lib.INPUT_CONVENTIONS:
         problems.append(f"evaluation.inception_input={ev.inception_input!r} must be one of "
                         f"{', '.join(inception_lib.INPUT_CONVENTIONS)}")
