@@ -69,6 +69,8 @@ def test_shortened_demo_runs_every_stage_and_learns(tmp_path):
         assert text in report, text
     assert os.path.getsize(os.path.join(workdir, "sweep", "sweep.png")) > 1000
     assert os.path.exists(os.path.join(workdir, "eval", "report.md"))
+    gen_config = json.load(open(os.path.join(workdir, "generator", "config.json")))
+    assert (gen_config["data"]["name"], gen_config["data"]["image_size"]) == ("digits", 32)
     info = json.load(open(os.path.join(workdir, "tokens", "tokens_info.json")))
     assert info["num_tokens"] == 16 and set(info["splits"]) == {"train", "validation"}
 

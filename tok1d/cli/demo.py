@@ -60,10 +60,12 @@ from tok1d.weights import loaders
 
 def generator_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
     """The generator stage's config: defaults + `config.demo.generator`, on the tokens and
-    tokenizer written by the earlier stages, with the demo's mesh, seed and precision."""
+    tokenizer written by the earlier stages, with the demo's data (the images its tokens and
+    its gFID reference come from), mesh, seed and precision."""
     gen = config_lib.base_config("generator")
     gen.seed, gen.precision = config.seed, config.precision
     gen.mesh = copy.deepcopy(config.mesh)
+    gen.data = copy.deepcopy(config.data)
     gen.data.train_split, gen.data.eval_split = "train", "validation"
     _update(gen, config.demo.generator.to_dict(), "demo.generator")
     gen.generator.tokens = os.path.join(workdir, "tokens")
