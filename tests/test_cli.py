@@ -489,3 +489,27 @@ def test_the_resource_trackers_exit_warning_is_silenced():
     app.quiet_resource_tracker()
     flags = multiprocessing.util._args_from_interpreter_flags()
     assert flags.count("-W" + app._TRACKER_FILTER) == 1, flags
+
+
+def test_the_closed_event_loop_tracebacks_of_a_failed_restore_are_silenced(capsys):
+    """After a failed checkpoint read, tensorstore's callbacks into orbax's closed event loop
+    each printed a "RuntimeError: Event loop is closed" traceback (hundreds of lines above the
+    one error line); the console drops those, and only those, unless --verbosity >= 1."""
+    class RaisesWhenCollected:
+        def __init__(self, error):
+            self.error = error
+
+        def __del__(self):
+            raise self.error
+
+    before = sys.unraisablehook
+    try:
+        for verbosity, shown in ((0, False), (1, True)):
+            app.setup_console(verbosity)
+            for error, expect in ((RuntimeError("Event loop is closed"), shown),
+                                  (ValueError("something else"), True)):
+                RaisesWhenCollected(error)  # collected at once: an unraisable exception
+                assert (str(error) in capsys.readouterr().err) == expect, (verbosity, error)
+    finally:
+        app.setup_console(0)
+        sys.unraisablehook = before

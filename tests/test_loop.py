@@ -91,17 +91,34 @@ def test_checkpoints_are_uncompressed_unless_asked_and_restore_either_way(tmp_pa
 
 
 def test_a_damaged_checkpoint_is_refused_with_its_step(tmp_path):
-    """A checkpoint whose tree metadata is damaged: one error naming the step and what to do."""
-    state = {"w": jnp.zeros((4, 2), jnp.float32)}
-    ckpt = checkpoint.Checkpointer(str(tmp_path), every_steps=1, keep=1, async_save=False)
-    assert ckpt.save(3, state, force=True)
-    (tmp_path / "3" / "state" / "_METADATA").write_text("junk")
+    """A checkpoint whose files are damaged (its tree metadata junk, its array index empty, an
+    array's data cut short): one error naming the step and what to do, never "does
+    not match this config" (said before for all but the first) nor orbax's bare Exception."""
+    state = {"w": jnp.arange(4096, dtype=jnp.float32).reshape(64, 64),
+             "b": jnp.zeros((4,), jnp.float32)}
     abstract = checkpoint.abstract_with_shardings(state, jax.tree.map(lambda x: x.sharding,
                                                                       state))
-    with pytest.raises(ValueError, match=r"Checkpoint \S+/3 cannot be read .* damaged or "
-                       "incomplete. Move that step's folder aside"):
-        ckpt.restore(3, abstract)
-    ckpt.close()
+
+    def junk_metadata(state_dir):
+        (state_dir / "_METADATA").write_text("junk")
+
+    def empty_index(state_dir):
+        (state_dir / "manifest.ocdbt").write_bytes(b"")
+
+    def cut_data(state_dir):
+        data = max((p for p in state_dir.rglob("*") if p.is_file() and "/d/" in str(p)),
+                   key=lambda p: p.stat().st_size)
+        data.write_bytes(data.read_bytes()[:10])
+
+    for damage in (junk_metadata, empty_index, cut_data):
+        where = tmp_path / damage.__name__
+        ckpt = checkpoint.Checkpointer(str(where), every_steps=1, keep=1, async_save=False)
+        assert ckpt.save(3, state, force=True)
+        damage(where / "3" / "state")
+        with pytest.raises(ValueError, match=r"Checkpoint \S+/3 cannot be read .* damaged or "
+                           "incomplete .* Move that step's folder aside"):
+            ckpt.restore(3, abstract)
+        ckpt.close()
 
 
 def test_checkpoint_with_the_other_stack_layout_restores_relaid(tmp_path):

@@ -407,6 +407,16 @@ class _ConsoleFormatter(logging.Formatter):
         return f"{record.levelname.lower()}: {'' if own else record.name + ': '}{message}"
 
 
+def _unraisable_hook(unraisable) -> None:
+    """Python's own hook, less tensorstore's callbacks into orbax's closed event loop: after a
+    failed checkpoint read (e.g. a damaged array index) each one printed a traceback of
+    "RuntimeError: Event loop is closed", hundreds of lines above the run's one error line."""
+    value = unraisable.exc_value
+    if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def setup_console(verbosity: int = 0) -> None:
     """Routes logging to the console: tok1d's INFO lines to stdout, warnings and errors to
     stderr, other libraries' INFO / DEBUG only with `verbosity` 1 / 2. Replaces the handlers
@@ -424,6 +434,7 @@ def setup_console(verbosity: int = 0) -> None:
     root.setLevel(logging.DEBUG if verbosity >= 2 else logging.INFO)
     logging.captureWarnings(True)
     absl_logging.set_verbosity({0: "warning", 1: "info"}.get(verbosity, "debug"))
+    sys.unraisablehook = (sys.__unraisablehook__ if verbosity >= 1 else _unraisable_hook)
     if not flags.FLAGS.is_parsed():  # libraries read absl's global flags: their defaults
         flags.FLAGS.mark_as_parsed()
 

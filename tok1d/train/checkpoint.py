@@ -120,11 +120,7 @@ class Checkpointer:
                 raise OSError(f"Checkpoint {self.directory}/{step}: its metadata could not be "
                               f"read ({e}); check the storage and try again.") from e
             except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(
-                    f"Checkpoint {self.directory}/{step} cannot be read ({errors.brief(e)}): "
-                    "its files are damaged or incomplete. Move that step's "
-                    "folder aside to resume from an earlier checkpoint, or use a new "
-                    "--workdir.") from e
+                raise self._unreadable(step, e) from e
             saved = _shapes(saved_meta)
             if {p: x.shape for p, x in saved.items()} != {p: x.shape for p, x in target.items()}:
                 flat_target = ocp.tree.to_flat_dict(abstract_state)
@@ -140,22 +136,36 @@ class Checkpointer:
                 abstract_state))}
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        except (ValueError, KeyError, TypeError) as e:
+        except Exception as e:  # noqa: BLE001 (orbax / tensorstore raise bare Exceptions too)
+            difference = self._difference(step, target)
+            if not difference:  # the arrays agree (or their record is unreadable): the files
+                raise self._unreadable(step, e) from e
             raise ValueError(
                 f"Checkpoint {self.directory}/{step} does not match the model/optimizer built "
-                f"from this config ({self._difference(step, target, e)}). Use the config it "
-                "was trained with, or a new --workdir.") from e
-        return restored[layout.STATE_ITEM]
+                f"from this config ({difference}). Use the config it was trained with, or a "
+                "new --workdir.") from e
+        state = restored.get(layout.STATE_ITEM)
+        if state is None:  # orbax found the item's folder but not its tree metadata (_METADATA)
+            raise self._unreadable(step, FileNotFoundError("no tree metadata of its state"))
+        return state
 
-    def _difference(self, step: int, target: dict[tuple, Any], error: Exception) -> str:
+    def _unreadable(self, step: int, error: Exception) -> ValueError:
+        return ValueError(
+            f"Checkpoint {self.directory}/{step} cannot be read ({errors.brief(error, 300)}): "
+            "its files are damaged or incomplete (or the storage failed: then try again). "
+            "Move that step's folder aside to resume from an earlier checkpoint, or use a new "
+            "--workdir.")
+
+    def _difference(self, step: int, target: dict[tuple, Any]) -> str:
         """How checkpoint `step`'s arrays differ from `target`'s, in a line: counts and the
-        first few paths (orbax's own message lists the whole tree)."""
+        first few paths (orbax's own message lists the whole tree); "" when they agree or the
+        checkpoint's record of them cannot be read."""
         try:
             saved = _shapes(self.manager.item_metadata(step)[layout.STATE_ITEM])
-        except Exception:  # noqa: BLE001 (unreadable metadata: say what orbax said)
-            saved = None
+        except Exception:  # noqa: BLE001 (unreadable metadata: the caller says damaged)
+            return ""
         if not saved:
-            return errors.brief(error, 300)
+            return ""
 
         def named(paths, n=3):
             shown = ", ".join("/".join(map(str, p)) for p in sorted(paths, key=str)[:n])
@@ -172,7 +182,7 @@ class Checkpointer:
             first = sorted(shaped, key=str)[0]
             parts.append(f"{len(shaped)} arrays of another shape, e.g. {named([first], 1)} "
                          f"saved {tuple(saved[first].shape)}, built {tuple(target[first].shape)}")
-        return "; ".join(parts) or errors.brief(error, 300)
+        return "; ".join(parts)
 
     def _saved_array_paths(self, step: int) -> Optional[set[tuple]]:
         """The paths of the arrays in checkpoint `step`, read from its tree-metadata file
