@@ -342,6 +342,15 @@ def test_an_output_directory_that_is_a_file_is_one_line(tmp_path, capsys):
     assert f"--out={path} is a file, not a directory" in one_error_line(capsys.readouterr().err)
     assert app.run(tokenize, ["--tokenizer=x", "--data=digits", f"--out={path}/tokens"]) == 2
     assert f"{path} is a file, not a directory" in one_error_line(capsys.readouterr().err)
+    # A workdir whose checkpoints folder is a file: refused at the start (it trained to the
+    # first save, then failed there with orbax's errors).
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoints").write_text("")
+    assert app.run(train, [f"--config={TINY}", f"--workdir={run}"]) == 2
+    assert (f"{run / 'checkpoints'} is a file: the run keeps its checkpoints"
+            in one_error_line(capsys.readouterr().err))
+    assert sorted(os.listdir(run)) == ["checkpoints"]
 
 
 def test_a_bucket_path_is_refused_instead_of_becoming_a_local_folder(tmp_path, capsys,

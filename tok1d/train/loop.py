@@ -262,6 +262,10 @@ def setup_run(config, workdir: str) -> tuple[str, Any, Any, Any]:
     Returns (absolute workdir, mesh, logical-axis rules, batch sharding)."""
     config_lib.validate(config)
     workdir = os.path.abspath(workdir)
+    checkpoints = layout.checkpoint_dir(workdir)
+    if os.path.exists(checkpoints) and not os.path.isdir(checkpoints):  # found at the 1st save
+        raise errors.UserError(f"{checkpoints} is a file: the run keeps its checkpoints in a "
+                               "folder of that name (move the file aside).")
     os.makedirs(workdir, exist_ok=True)
     mesh, rules, batch_sh = parallel.mesh_from_config(config)
     logging.info("Mesh %s over %d devices (%d processes).", dict(mesh.shape), mesh.size,
