@@ -93,6 +93,22 @@ def test_periods_take_zero_for_only_at_the_end_and_refuse_negatives():
     assert "checkpoint.every_steps=-5 must be >= 0" in str(e.value)
 
 
+def test_sizes_decays_and_counts_out_of_range_are_named():
+    """Values that failed deep inside (a ZeroDivisionError in the model or the grain pipeline)
+    or were silently bent (checkpoint.keep 0 kept one; an ema_decay of 2 ran): each named."""
+    config = load_config(os.path.join(REPO, "configs", "tiny_test.py"))
+    config_lib.validate(config, num_devices=8)
+    config.model.codebook_size, config.model.token_dim = 0, -1
+    config.data.image_size, config.ema_decay, config.checkpoint.keep = 0, 2.0, 0
+    config.optim.warmup_steps = -3
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.validate(config, num_devices=8)
+    for text in ("model.codebook_size=0 must be positive", "model.token_dim=-1 must be positive",
+                 "data.image_size=0 must be positive", "ema_decay=2.0 must be in [0, 1)",
+                 "checkpoint.keep=0 must be >= 1", "optim.warmup_steps=-3 must be >= 0"):
+        assert text in str(e.value), text
+
+
 def test_for_trainer_keeps_the_values_of_that_trainers_keys():
     demo = load_config(os.path.join(REPO, "configs", "demo.py"))
     tok = config_lib.for_trainer(demo, "tokenizer")

@@ -539,6 +539,12 @@ def _tokenizer_problems(config: ml_collections.ConfigDict) -> list[str]:
     return problems
 
 
+# Model arguments that are sizes or counts wherever a model has them: 0 or less is an error
+# of the config (it failed as a ZeroDivisionError inside the model or the data pipeline).
+MODEL_SIZES = ("codebook_size", "token_dim", "num_latent_tokens", "num_tokens", "patch_size",
+               "width", "depth", "num_heads", "mlp_dim", "image_size", "num_classes")
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Checks the keys against the schema of `config.trainer` (`base_config(trainer)`) and the
     values against each other; raises one ConfigError that lists every problem."""
@@ -668,6 +674,20 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     for key in ("total_steps", "batch_size", "eval_batch_size", "log_every_steps"):
         if config[key] <= 0:
             problems.append(f"{key}={config[key]} must be positive")
+    if config.data.image_size <= 0:
+        problems.append(f"data.image_size={config.data.image_size} must be positive")
+    for key in MODEL_SIZES:  # (a 0 divided by zero deep in the model or the data pipeline)
+        value = config.model.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value <= 0:
+            problems.append(f"model.{key}={value} must be positive")
+    if not 0 <= config.ema_decay < 1:
+        problems.append(f"ema_decay={config.ema_decay} must be in [0, 1) (0: no EMA)")
+    if config.checkpoint.keep < 1:
+        problems.append(f"checkpoint.keep={config.checkpoint.keep} must be >= 1 (the "
+                        "checkpoints kept)")
+    for group in ("optim", "disc_optim") if tokenizer_section else ("optim",):
+        if config[group].warmup_steps < 0:
+            problems.append(f"{group}.warmup_steps={config[group].warmup_steps} must be >= 0")
     for key, value in (("eval_every_steps", config.eval_every_steps),
                        ("checkpoint.every_steps", config.checkpoint.every_steps)):
         if value < 0:
