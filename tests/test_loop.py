@@ -4,6 +4,7 @@ whole (compressed or not), and a run's start: the train step compiled beside the
 restore."""
 
 import json
+import logging
 import os
 import signal as signal_lib
 import subprocess
@@ -88,6 +89,36 @@ def test_checkpoints_are_uncompressed_unless_asked_and_restore_either_way(tmp_pa
             np.testing.assert_array_equal(np.asarray(restored[k]), np.asarray(state[k]))
             assert restored[k].sharding == sharding
     assert sizes[False] > 2 ** 20 > 50 * sizes[True]  # zeros: raw bytes vs a few kB of zstd
+
+
+def test_checkpoint_saved_is_logged_once_the_save_is_complete(tmp_path):
+    """An async save's "checkpoint saved at step N" comes when the step's folder is complete
+    on storage, once per save, in order (it was logged when the save started: a run killed
+    then had said "saved" for a step it did not have)."""
+    seen = []
+
+    class Seen(logging.Handler):
+        def emit(self, record):
+            step = int(record.getMessage().rsplit(" ", 1)[1])
+            seen.append((step, os.path.isdir(tmp_path / str(step) / "state")))
+
+    handler = Seen()
+    logger = logging.getLogger("tok1d.train.checkpoint")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        ckpt = checkpoint.Checkpointer(str(tmp_path), every_steps=2, keep=5, async_save=True)
+        state = {"w": jnp.ones((256, 256), jnp.float32)}
+        for step in range(1, 6):
+            ckpt.save(step, state)  # saves 1 (the first), 2, 4
+        assert ckpt.save(5, state, force=True)
+        ckpt.close()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert seen == [(1, True), (2, True), (4, True), (5, True)]
+    assert not [p for p in os.listdir(tmp_path) if "tmp" in p]
 
 
 def test_a_damaged_checkpoint_is_refused_with_its_step(tmp_path):
@@ -435,6 +466,9 @@ class _MemoryCheckpoints:
 
     def reached_preemption(self, step):  # noqa: ARG002
         return False
+
+    def report_saved(self):
+        pass
 
     def wait(self):
         pass

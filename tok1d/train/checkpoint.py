@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -87,6 +88,7 @@ class Checkpointer:
         self.directory = os.path.abspath(directory)
         if jax.process_count() == 1:
             single_process_array_writes()
+        self._pending: collections.deque[int] = collections.deque()  # saves not yet reported
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=max(every_steps, 1), max_to_keep=max(keep, 1), create=True,
             enable_async_checkpointing=async_save)
@@ -101,11 +103,24 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, *, force: bool = False) -> bool:
+        """Starts saving `state` as checkpoint `step` (in the background when async): True if
+        the step is one to save. "checkpoint saved at step N" is logged once the step's folder
+        is complete (`report_saved`), not when its save starts."""
         saved = self.manager.save(step, args=ocp.args.Composite(
             **{layout.STATE_ITEM: ocp.args.PyTreeSave(state)}), force=force)
         if saved and jax.process_index() == 0:
-            logging.getLogger(__name__).info("checkpoint saved at step %d", step)
+            self._pending.append(step)
+        self.report_saved()
         return saved
+
+    def report_saved(self) -> None:
+        """Logs "checkpoint saved at step N" for each save started here whose step folder is
+        now in place: orbax writes a save under a temporary name and renames it when it is
+        complete. Cheap (a stat per save in flight): the loop calls it at every log step."""
+        while self._pending and os.path.isdir(os.path.join(self.directory,
+                                                           str(self._pending[0]))):
+            logging.getLogger(__name__).info("checkpoint saved at step %d",
+                                             self._pending.popleft())
 
     def restore(self, step: int, abstract_state: Any) -> Any:
         """The train state of checkpoint `step`, restored into `abstract_state`
@@ -242,9 +257,11 @@ class Checkpointer:
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
+        self.report_saved()
 
     def close(self) -> None:
         self.manager.wait_until_finished()
+        self.report_saved()
         self.manager.close()
 
 

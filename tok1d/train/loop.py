@@ -203,6 +203,7 @@ def train_loop(config, workdir: str, state: TrainState, first_step: int,
                 if rates:
                     values.update({f"perf/{k}": v for k, v in rates.items()})
                 writer.write_scalars(step, {f"train/{k}": v for k, v in values.items()})
+                checkpointer.report_saved()  # the saves completed since the last log step
 
             # The checkpoint before the eval of the same step: an eval that fails (a missing
             # FID reference, out of memory) or is cut by a preemption loses no training.
