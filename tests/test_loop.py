@@ -590,10 +590,12 @@ def test_a_resume_on_other_training_data_is_named(tmp_path):
     config.data.name = "tfds:imagenet2012"  # the recipe's data, unread on a token dataset
     assert loop.changed_data_settings(config, wd) == []
     config.generator.token_source, config.generator.tokens = "images", ""
+    config.generator.tokenizer = "/other_tokenizer"  # what encodes the images it trains on
     assert loop.changed_data_settings(config, wd) == [
         "data.name: 'demo' there, 'tfds:imagenet2012' now",
         "generator.token_source: 'dataset' there, 'images' now",
-        "generator.tokens: '/tokens' there, '' now"]
+        "generator.tokens: '/tokens' there, '' now",
+        f"generator.tokenizer: {old['generator']['tokenizer']!r} there, '/other_tokenizer' now"]
     tokenizer_config = config_lib.base_config("tokenizer")  # no generator section: data.name
     tokenizer_config.data.name = "digits"
     assert loop.changed_data_settings(tokenizer_config, wd) == [
@@ -617,6 +619,8 @@ def test_a_resume_with_other_schedule_settings_is_named(tmp_path):
         json.dump(old, f)
     assert loop.changed_schedule_settings(config, wd) == []
     config.total_steps, config.optim.lr = 1500, config.optim.lr * 2
+    config.batch_size = old["batch_size"] * 2
     assert loop.changed_schedule_settings(config, wd) == [
         "total_steps: 300 there, 1500 now",
+        f"batch_size: {old['batch_size']} there, {config.batch_size} now",
         f"optim.lr: {old['optim']['lr']!r} there, {config.optim.lr!r} now"]

@@ -299,7 +299,8 @@ def changed_model_settings(config, workdir: str) -> list[str]:
 
 # Where the training examples come from, with the value of configs written before the key.
 DATA_SETTINGS = (("data.name", None), ("generator.token_source", "dataset"),
-                 ("generator.tokens", None))
+                 ("generator.tokens", None), ("generator.tokenizer", None))
+READ_FROM_IMAGES = ("data.name", "generator.tokenizer")  # the images, and what encodes them
 
 
 def changed_data_settings(config, workdir: str) -> list[str]:
@@ -321,7 +322,7 @@ def changed_data_settings(config, workdir: str) -> list[str]:
         value(tree, "generator.token_source", "dataset") for tree in (trained, now)}
     changed = []
     for key, default in DATA_SETTINGS:
-        if key.split(".")[0] not in now or (key.startswith("data.") and not reads_images):
+        if key.split(".")[0] not in now or (key in READ_FROM_IMAGES and not reads_images):
             continue
         old, new = value(trained, key, default), value(now, key, default)
         if old != new:
@@ -330,14 +331,14 @@ def changed_data_settings(config, workdir: str) -> list[str]:
 
 
 def changed_schedule_settings(config, workdir: str) -> list[str]:
-    """`total_steps` and the `optim` settings of `config` that differ from a resumed run's
-    config.json (e.g. a run extended with more steps: its LR schedule, computed from them, is
-    another one from the resumed step on); [] for a fresh run."""
+    """`total_steps`, `batch_size` and the `optim` settings of `config` that differ from a
+    resumed run's config.json (e.g. a run extended with more steps: its LR schedule, computed
+    from them, is another one from the resumed step on); [] for a fresh run."""
     trained = _trained_config(workdir)
     if trained is None:
         return []
     now = config.to_dict()
-    pairs = [("total_steps", trained.get("total_steps"), now.get("total_steps"))]
+    pairs = [(k, trained.get(k), now.get(k)) for k in ("total_steps", "batch_size")]
     old_optim, new_optim = dict(trained.get("optim") or {}), dict(now.get("optim") or {})
     # keys added to tok1d after the run started are not in its config.json: not changes
     pairs += [(f"optim.{k}", old_optim[k], new_optim.get(k)) for k in sorted(old_optim)]
@@ -371,7 +372,10 @@ def start_writing(config, workdir: str) -> summary.MetricWriter:
     if changed:
         log_fn()(f"Warning: resuming with other optimizer or schedule settings than the run "
                  f"started with ({'; '.join(changed)}): the learning-rate schedule follows "
-                 "the new ones from the resumed step on.")
+                 "the new ones from the resumed step on"
+                 + ("; the data stream's position is counted in batches of the new size, so "
+                    "some examples of this epoch are skipped or seen again."
+                    if any(c.startswith("batch_size:") for c in changed) else "."))
     writer = summary.MetricWriter(workdir, enabled=jax.process_index() == 0)
     writer.write_hparams(config.to_dict())
     write_json(layout.config_path(workdir), config.to_dict())
