@@ -522,3 +522,22 @@ def test_the_closed_event_loop_tracebacks_of_a_failed_restore_are_silenced(capsy
     finally:
         app.setup_console(0)
         sys.unraisablehook = before
+
+
+def test_a_second_run_on_a_workdir_in_use_is_refused(tmp_path, capsys):
+    """Two runs on one workdir (a job resubmitted while the first still runs) saved into the
+    same step folders and interleaved metrics.jsonl: the second is refused in one line while
+    the first holds the workdir's lock, which goes with the first (a kernel lock: a killed run
+    leaves none)."""
+    from tok1d.train import loop
+    run = tmp_path / "run"
+    run.mkdir()
+    with loop.workdir_lock(str(run)):
+        assert app.run(train, [f"--config={TINY}", f"--workdir={run}"]) == 2
+        assert "is in use by another run" in one_error_line(capsys.readouterr().err)
+        with pytest.raises(errors.UserError, match="in use by another run"):
+            with loop.workdir_lock(str(run)):
+                pass
+    assert os.listdir(run) == []  # the refused run wrote nothing
+    with loop.workdir_lock(str(run)):  # released
+        pass

@@ -23,7 +23,7 @@ from tok1d import errors
 from tok1d import parallel
 from tok1d.cli import app, demo
 from tok1d.probes import ar
-from tok1d.train import generator, tokenizer
+from tok1d.train import generator, loop, tokenizer
 
 USAGE = "--config=FILE[:ARG] --workdir=DIR [--config.KEY=VALUE ...] [flags]"
 CONFIG = ("Config file (get_config()); FILE:ARG passes ARG to get_config. A run's "
@@ -55,7 +55,9 @@ def execute(fv: flags.FlagValues, args: list[str]) -> None:
                  jax.process_count(), jax.device_count(), jax.devices()[0].platform)
     fresh = not os.path.exists(fv.workdir)
     try:
-        TRAINERS[config.trainer](config, fv.workdir)  # validates the config before the workdir
+        os.makedirs(fv.workdir, exist_ok=True)
+        with loop.workdir_lock(fv.workdir):  # one run at a time in a workdir
+            TRAINERS[config.trainer](config, fv.workdir)  # validates the config first
     except BaseException:
         if fresh:  # a fresh run that stopped before writing anything leaves no empty folder
             remove_if_empty(fv.workdir)

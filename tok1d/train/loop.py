@@ -3,6 +3,8 @@ config.json, mesh; progress, evaluations, checkpoints, preemption, the non-finit
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -252,6 +254,30 @@ def started_message(step: int, times: StartTimes, first_call_s: float,
             f"state (trace + lowering {times.lower_s:.1f} s, XLA "
             f"{times.compile_s - times.lower_s:.1f} s; state {state} in {times.state_s:.1f} s; "
             f"first call {first_call_s:.1f} s){since}")
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+    """Holds an exclusive lock on the (existing) `workdir` folder for the block, on process 0:
+    a second run started on the same workdir (a job resubmitted while the first still runs or
+    saves) is refused with one line instead of saving into the same step folders. The lock is
+    the kernel's (`flock`), so a killed run leaves none behind; where the file system has no
+    such locks (some network mounts), runs go on unlocked."""
+    fd = os.open(workdir, os.O_RDONLY) if jax.process_index() == 0 else None
+    try:
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise errors.UserError(
+                    f"--workdir={workdir} is in use by another run (a process holds its "
+                    "lock): wait for it to end, or choose another --workdir.") from None
+            except OSError:  # no locks on this file system
+                pass
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # (releases the lock)
 
 
 def setup_run(config, workdir: str) -> tuple[str, Any, Any, Any]:
