@@ -84,6 +84,27 @@ def test_metric_writer_roundtrip(tmp_path):
     assert "tensorflow" not in sys.modules
 
 
+def test_a_resumed_writer_drops_the_steps_after_its_checkpoint(tmp_path):
+    """A run killed after its checkpoint at step 20 had logged steps 30 and 40 (and half a
+    line): resumed at 20, those are dropped from metrics.jsonl and purged for TensorBoard, so
+    the redone steps appear once (they appeared twice)."""
+    with summary.MetricWriter(tmp_path) as first:
+        for step in (10, 20, 30, 40):
+            first.write_scalars(step, {"loss": float(step)})
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 50, "lo')  # cut short by the kill
+    time.sleep(1.1)  # (event file names carry the second they were made)
+    with summary.MetricWriter(tmp_path) as resumed:
+        resumed.resume_at(20)
+        for step in (30, 40):
+            resumed.write_scalars(step, {"loss": step + 0.5})
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines == [{"step": 10, "loss": 10.0}, {"step": 20, "loss": 20.0},
+                     {"step": 30, "loss": 30.5}, {"step": 40, "loss": 40.5}]
+    assert [(e.step, e.value) for e in _load_events(tmp_path).Scalars("loss")] == [
+        (10, 10.0), (20, 20.0), (30, 30.5), (40, 40.5)]
+
+
 def test_metric_writer_disabled(tmp_path):
     logdir = tmp_path / "logs"
     writer = summary.MetricWriter(logdir, enabled=False)

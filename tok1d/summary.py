@@ -130,6 +130,14 @@ class _EventFile:
 # ---------------------------------------------------------------------------
 
 
+def _jsonl_step(line: str) -> int | None:
+    """The step of a metrics.jsonl line; None for a line that is not a whole record."""
+    try:
+        return int(json.loads(line)["step"]) if line.endswith("\n") else None
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 class MetricWriter:
     """Writes scalars, images, texts and hparams to TensorBoard + JSON files.
 
@@ -160,6 +168,29 @@ class MetricWriter:
         record.update({tag: _json_float(v) for tag, v in scalars.items()})
         with open(self.jsonl_path, "a") as f:
             f.write(json.dumps(record, allow_nan=False) + "\n")
+
+    def resume_at(self, step: int) -> None:
+        """A run resumed from its checkpoint at `step`: the records of later steps, written
+        before the run stopped (a hard kill after its last checkpoint), are dropped from the
+        JSONL file (with a line cut short by the kill) and, for TensorBoard, purged by a
+        session-start event at step + 1 (TensorBoard drops the earlier files' events from
+        that step on); the resumed run writes those steps again."""
+        if self._events is None:
+            return
+        self._events.add(event_pb2.Event(
+            wall_time=time.time(), step=int(step) + 1,
+            session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+        if not os.path.exists(self.jsonl_path):
+            return
+        with open(self.jsonl_path, encoding="utf-8") as f:
+            lines = f.readlines()
+        kept = [line for line in lines if _jsonl_step(line) is not None
+                and _jsonl_step(line) <= step]
+        if len(kept) < len(lines):
+            tmp = f"{self.jsonl_path}.tmp{os.getpid()}"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(kept)
+            os.replace(tmp, self.jsonl_path)
 
     def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
         """Writes PNG image summaries.
