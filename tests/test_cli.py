@@ -176,6 +176,14 @@ def test_a_config_file_that_fails_is_one_line_naming_its_line(name, text, needle
     assert needle in one_error_line(capsys.readouterr().err)
 
 
+def test_a_folder_that_is_no_run_as_config_is_one_line(tmp_path, capsys):
+    """--config=DIR without a run's config.json: the error itself (config_flags prefixed it
+    with "Configuration is not available because of an earlier failure to load")."""
+    assert app.run(train, [f"--config={tmp_path}", f"--workdir={tmp_path / 'w'}"]) == 2
+    assert one_error_line(capsys.readouterr().err) == (
+        f"error: {tmp_path} holds no config.json of a training run.")
+
+
 def test_convert_commands_that_messages_suggest_are_valid_command_lines():
     """A missing teacher, Inception or perceptual net names the convert command that makes it:
     each such command (`tok1d convert KIND --flag=...`) parses with convert's own flags."""

@@ -3,6 +3,7 @@ clu averages, equal to the eager collection), single-process checkpoints that wr
 whole (compressed or not), and a run's start: the train step compiled beside the state's
 restore."""
 
+import gc
 import json
 import logging
 import os
@@ -121,6 +122,7 @@ def test_checkpoint_saved_is_logged_once_the_save_is_complete(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if "tmp" in p]
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_damaged_checkpoint_is_refused_with_its_step(tmp_path):
     """A checkpoint whose files are damaged (its tree metadata junk, its array index empty, an
     array's data cut short): one error naming the step and what to do, never "does
@@ -150,6 +152,14 @@ def test_a_damaged_checkpoint_is_refused_with_its_step(tmp_path):
                            "incomplete .* Move that step's folder aside"):
             ckpt.restore(3, abstract)
         ckpt.close()
+    # orbax's abandoned read coroutines raise when they are collected, at its next restore:
+    # here (the warning filtered), not in the next test.
+    good = checkpoint.Checkpointer(str(tmp_path / "good"), every_steps=1, keep=1,
+                                   async_save=False)
+    assert good.save(3, state, force=True)
+    good.restore(3, abstract)
+    good.close()
+    gc.collect()
 
 
 def test_checkpoint_with_the_other_stack_layout_restores_relaid(tmp_path):

@@ -351,8 +351,8 @@ def _parse(job: types.ModuleType, prog: str, args: list[str]
     if job.CONFIG is not None and fv["config"].value is not None:
         try:
             fv.config.keys()  # a config that failed to load raises on first access
-        except OSError as e:
-            raise errors.UserError(_one_line(e)) from None
+        except OSError as e:  # (config_flags' wrapper: its cause is the failure)
+            raise errors.UserError(_one_line(e.__cause__ or e)) from None
     for path, key, value in new_arguments:
         section = _section(fv.config, path)
         if section is None:
