@@ -106,21 +106,34 @@ class Checkpointer:
         """Starts saving `state` as checkpoint `step` (in the background when async): True if
         the step is one to save. "checkpoint saved at step N" is logged once the step's folder
         is complete (`report_saved`), not when its save starts."""
+        if self._pending:  # the wait orbax's save does first, then what became of them
+            self.wait()       # (before this save's end can remove one of them: `keep`)
         saved = self.manager.save(step, args=ocp.args.Composite(
             **{layout.STATE_ITEM: ocp.args.PyTreeSave(state)}), force=force)
-        if saved and jax.process_index() == 0:
+        if saved:
             self._pending.append(step)
         self.report_saved()
         return saved
 
     def report_saved(self) -> None:
-        """Logs "checkpoint saved at step N" for each save started here whose step folder is
-        now in place: orbax writes a save under a temporary name and renames it when it is
-        complete. Cheap (a stat per save in flight): the loop calls it at every log step."""
-        while self._pending and os.path.isdir(os.path.join(self.directory,
-                                                           str(self._pending[0]))):
-            logging.getLogger(__name__).info("checkpoint saved at step %d",
-                                             self._pending.popleft())
+        """Logs "checkpoint saved at step N" for the save in flight once its step folder is in
+        place: orbax writes a save under a temporary name and renames it when it is complete.
+        Cheap, a stat: the loop calls it at every log step."""
+        while self._pending and self._on_storage(self._pending[0]):
+            self._report(self._pending.popleft())
+
+    def _on_storage(self, step: int) -> bool:
+        return os.path.isdir(os.path.join(self.directory, str(step)))
+
+    def _report(self, step: int) -> None:
+        if jax.process_index() != 0:
+            return
+        if self._on_storage(step):
+            logging.getLogger(__name__).info("checkpoint saved at step %d", step)
+        else:  # orbax logs a failed background save and goes on
+            logging.getLogger(__name__).warning(
+                "checkpoint at step %d was NOT saved (--verbosity=1 shows orbax's error); the "
+                "run goes on, and the next save tries again", step)
 
     def restore(self, step: int, abstract_state: Any) -> Any:
         """The train state of checkpoint `step`, restored into `abstract_state`
@@ -153,12 +166,14 @@ class Checkpointer:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # noqa: BLE001 (orbax / tensorstore raise bare Exceptions too)
             difference = self._difference(step, target)
-            if not difference:  # the arrays agree (or their record is unreadable): the files
+            if difference:
+                raise ValueError(
+                    f"Checkpoint {self.directory}/{step} does not match the model/optimizer "
+                    f"built from this config ({difference}). Use the config it was trained "
+                    "with, or a new --workdir.") from e
+            if self._saved_array_paths(step) is None or _reads_as_damaged(e):
                 raise self._unreadable(step, e) from e
-            raise ValueError(
-                f"Checkpoint {self.directory}/{step} does not match the model/optimizer built "
-                f"from this config ({difference}). Use the config it was trained with, or a "
-                "new --workdir.") from e
+            raise  # anything else (out of memory, a sharding error, a bug) as it is
         state = restored.get(layout.STATE_ITEM)
         if state is None:  # orbax found the item's folder but not its tree metadata (_METADATA)
             raise self._unreadable(step, FileNotFoundError("no tree metadata of its state"))
@@ -256,13 +271,30 @@ class Checkpointer:
         return jax.process_count() > 1 and self.manager.reached_preemption(step)
 
     def wait(self) -> None:
+        """Waits for the saves in flight, and reports them."""
         self.manager.wait_until_finished()
-        self.report_saved()
+        while self._pending:
+            self._report(self._pending.popleft())
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.report_saved()
+        self.wait()
         self.manager.close()
+
+
+# What tensorstore / orbax say when a checkpoint's files cannot be read (an array's data cut
+# short, an empty or missing index): `_reads_as_damaged`.
+DAMAGE_MARKERS = ("DATA_LOSS", "NOT_FOUND", "Error reading", "Error decoding", "Error opening",
+                  "error while reading array")
+
+
+def _reads_as_damaged(error: BaseException) -> bool:
+    """Whether `error` (or an error it came from) is a failure to read a checkpoint's files."""
+    seen = 0
+    while error is not None and seen < 10:
+        if any(marker in str(error) for marker in DAMAGE_MARKERS):
+            return True
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return False
 
 
 def _shapes(tree: Any) -> dict[tuple, jax.ShapeDtypeStruct]:
