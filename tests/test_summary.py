@@ -89,6 +89,7 @@ def test_a_resumed_writer_drops_the_steps_after_its_checkpoint(tmp_path):
     line): resumed at 20, those are dropped from metrics.jsonl and purged for TensorBoard, so
     the redone steps appear once (they appeared twice)."""
     with summary.MetricWriter(tmp_path) as first:
+        first.resume_at(0)  # (what a fresh run does)
         for step in (10, 20, 30, 40):
             first.write_scalars(step, {"loss": float(step)})
     with open(tmp_path / "metrics.jsonl", "a") as f:
@@ -103,6 +104,26 @@ def test_a_resumed_writer_drops_the_steps_after_its_checkpoint(tmp_path):
                      {"step": 30, "loss": 30.5}, {"step": 40, "loss": 40.5}]
     assert [(e.step, e.value) for e in _load_events(tmp_path).Scalars("loss")] == [
         (10, 10.0), (20, 20.0), (30, 30.5), (40, 40.5)]
+    # TensorBoard's own loader (the server's) ignores the first start event of a run: the
+    # same steps once, also for a run whose first session wrote no start event (older runs).
+    from tensorboard.backend.event_processing import plugin_event_accumulator
+    for fresh_start in (True, False):
+        logdir = tmp_path / f"tb_{fresh_start}"
+        with summary.MetricWriter(logdir) as first:
+            if fresh_start:
+                first.resume_at(0)
+            for step in (10, 20, 30, 40):
+                first.write_scalars(step, {"loss": float(step)})
+        time.sleep(1.1)
+        with summary.MetricWriter(logdir) as resumed:
+            resumed.resume_at(20)
+            for step in (30, 40):
+                resumed.write_scalars(step, {"loss": step + 0.5})
+        acc = plugin_event_accumulator.EventAccumulator(str(logdir))
+        acc.Reload()
+        assert [(e.step, float(np.asarray(e.tensor_proto.float_val[0])))
+                for e in acc.Tensors("loss")] == [(10, 10.0), (20, 20.0), (30, 30.5),
+                                                  (40, 40.5)], fresh_start
 
 
 def test_metric_writer_disabled(tmp_path):

@@ -170,16 +170,19 @@ class MetricWriter:
             f.write(json.dumps(record, allow_nan=False) + "\n")
 
     def resume_at(self, step: int) -> None:
-        """A run resumed from its checkpoint at `step`: the records of later steps, written
-        before the run stopped (a hard kill after its last checkpoint), are dropped from the
-        JSONL file (with a line cut short by the kill) and, for TensorBoard, purged by a
-        session-start event at step + 1 (TensorBoard drops the earlier files' events from
-        that step on); the resumed run writes those steps again."""
+        """A run (re)starting from its checkpoint at `step` (0: none): the records of later
+        steps, written before the run stopped (a hard kill after its last checkpoint), are
+        dropped from the JSONL file (with a line cut short by the kill) and, for TensorBoard,
+        purged by a session-start event at step + 1 (TensorBoard's loader drops the events of
+        steps from there on, except at the first start event it sees: so every run writes
+        one, and a resume two, for runs whose first session wrote none); the run writes those
+        steps again."""
         if self._events is None:
             return
-        self._events.add(event_pb2.Event(
-            wall_time=time.time(), step=int(step) + 1,
-            session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+        for _ in range(2 if step else 1):
+            self._events.add(event_pb2.Event(
+                wall_time=time.time(), step=int(step) + 1,
+                session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
         if not os.path.exists(self.jsonl_path):
             return
         with open(self.jsonl_path, encoding="utf-8") as f:

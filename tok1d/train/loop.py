@@ -385,7 +385,7 @@ def start_writing(config, workdir: str, first_step: int = 0) -> summary.MetricWr
     """The run's metric writer, with the config recorded: config.json and the hyperparameters
     (call once the run's state exists). A resumed run whose model settings or training data
     changed says which (`changed_model_settings`, `changed_data_settings`) before config.json
-    records the new ones. A run resumed at `first_step` drops its logs of later steps
+    records the new ones. A run (re)starting at `first_step` drops its logs of later steps
     (`MetricWriter.resume_at`)."""
     changed = changed_model_settings(config, workdir)
     if changed:
@@ -404,8 +404,7 @@ def start_writing(config, workdir: str, first_step: int = 0) -> summary.MetricWr
                     "some examples of this epoch are skipped or seen again."
                     if any(c.startswith("batch_size:") for c in changed) else "."))
     writer = summary.MetricWriter(workdir, enabled=jax.process_index() == 0)
-    if first_step:  # (the steps after the checkpoint, logged before a hard kill, are redone)
-        writer.resume_at(first_step)
+    writer.resume_at(first_step)  # (steps after the checkpoint, logged before a kill: redone)
     writer.write_hparams(config.to_dict())
     write_json(layout.config_path(workdir), config.to_dict())
     return writer
