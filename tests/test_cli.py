@@ -520,13 +520,23 @@ def test_the_closed_event_loop_tracebacks_of_a_failed_restore_are_silenced(capsy
             raise self.error
 
     before = sys.unraisablehook
+    sys.unraisablehook = sys.__unraisablehook__  # (pytest's would turn them into warnings)
     try:
-        for verbosity, shown in ((0, False), (1, True)):
+        for verbosity, shown in ((0, False), (1, True), (0, False)):
             app.setup_console(verbosity)
             for error, expect in ((RuntimeError("Event loop is closed"), shown),
                                   (ValueError("something else"), True)):
                 RaisesWhenCollected(error)  # collected at once: an unraisable exception
                 assert (str(error) in capsys.readouterr().err) == expect, (verbosity, error)
+        # The hook in place before goes on (called once: no wrapper of a wrapper).
+        calls = []
+        sys.unraisablehook = calls.append
+        app.setup_console(0)
+        app.setup_console(0)
+        RaisesWhenCollected(ValueError("to the notebook's hook"))
+        assert len(calls) == 1 and str(calls[0].exc_value) == "to the notebook's hook"
+        app.setup_console(1)
+        assert sys.unraisablehook == calls.append
     finally:
         app.setup_console(0)
         sys.unraisablehook = before
@@ -549,3 +559,13 @@ def test_a_second_run_on_a_workdir_in_use_is_refused(tmp_path, capsys):
     assert os.listdir(run) == []  # the refused run wrote nothing
     with loop.workdir_lock(str(run)):  # released
         pass
+
+
+def test_a_refused_fresh_run_leaves_no_folders(tmp_path, capsys):
+    """A fresh run refused for its config leaves neither its workdir nor the folders made
+    above it (the workdir is made before the config is validated, to hold its lock)."""
+    workdir = tmp_path / "a" / "b" / "w"
+    assert app.run(train, [f"--config={TINY}", f"--workdir={workdir}",
+                           "--config.ema_decay=2.0"]) == 2
+    assert "ema_decay=2.0 must be in [0, 1)" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []

@@ -40,7 +40,7 @@ import re
 import sys
 import traceback
 import types
-from typing import Any, NoReturn, Optional, Sequence
+from typing import Any, Callable, NoReturn, Optional, Sequence
 
 from absl import flags
 from absl import logging as absl_logging
@@ -407,14 +407,19 @@ class _ConsoleFormatter(logging.Formatter):
         return f"{record.levelname.lower()}: {'' if own else record.name + ': '}{message}"
 
 
-def _unraisable_hook(unraisable) -> None:
-    """Python's own hook, less tensorstore's callbacks into orbax's closed event loop: after a
-    failed checkpoint read (e.g. a damaged array index) each one printed a traceback of
-    "RuntimeError: Event loop is closed", hundreds of lines above the run's one error line."""
-    value = unraisable.exc_value
-    if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
-        return
-    sys.__unraisablehook__(unraisable)
+def _quiet_unraisable(inner: Callable[[Any], None]) -> Callable[[Any], None]:
+    """`inner` (the hook in place: Python's, pytest's, a notebook's), less tensorstore's
+    callbacks into orbax's closed event loop: after a failed checkpoint read (e.g. a damaged
+    array index) each one printed a traceback of "RuntimeError: Event loop is closed",
+    hundreds of lines above the run's one error line."""
+    def hook(unraisable) -> None:
+        value = unraisable.exc_value
+        if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+            return
+        inner(unraisable)
+
+    hook.tok1d_inner = inner
+    return hook
 
 
 def setup_console(verbosity: int = 0) -> None:
@@ -434,7 +439,8 @@ def setup_console(verbosity: int = 0) -> None:
     root.setLevel(logging.DEBUG if verbosity >= 2 else logging.INFO)
     logging.captureWarnings(True)
     absl_logging.set_verbosity({0: "warning", 1: "info"}.get(verbosity, "debug"))
-    sys.unraisablehook = (sys.__unraisablehook__ if verbosity >= 1 else _unraisable_hook)
+    inner = getattr(sys.unraisablehook, "tok1d_inner", sys.unraisablehook)  # (a 2nd call)
+    sys.unraisablehook = inner if verbosity >= 1 else _quiet_unraisable(inner)
     if not flags.FLAGS.is_parsed():  # libraries read absl's global flags: their defaults
         flags.FLAGS.mark_as_parsed()
 

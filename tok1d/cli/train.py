@@ -53,22 +53,36 @@ def execute(fv: flags.FlagValues, args: list[str]) -> None:
     # Every process says who it is (the launch logs of a multi-host job show each one joined).
     logging.info("JAX %s, process %d/%d, %d devices (%s).", jax.__version__, jax.process_index(),
                  jax.process_count(), jax.device_count(), jax.devices()[0].platform)
-    fresh = not os.path.exists(fv.workdir)
+    made = first_missing(fv.workdir)  # None: the workdir exists
     try:
         os.makedirs(fv.workdir, exist_ok=True)
         with loop.workdir_lock(fv.workdir):  # one run at a time in a workdir
             TRAINERS[config.trainer](config, fv.workdir)  # validates the config first
     except BaseException:
-        if fresh:  # a fresh run that stopped before writing anything leaves no empty folder
-            remove_if_empty(fv.workdir)
+        if made is not None:  # a fresh run that stopped before writing anything leaves no
+            remove_empty(fv.workdir, made)  # empty folders (the workdir and those above)
         raise
 
 
-def remove_if_empty(directory: str) -> None:
-    try:
-        os.rmdir(directory)  # only removes an empty directory
-    except OSError:
-        pass
+def first_missing(path: str) -> str | None:
+    """The outermost folder of `path` that does not exist yet (None if `path` exists)."""
+    path, missing = os.path.abspath(path), None
+    while not os.path.exists(path):
+        path, missing = os.path.dirname(path), path
+    return missing
+
+
+def remove_empty(directory: str, up_to: str) -> None:
+    """Removes `directory` and its parents up to `up_to` while they are empty."""
+    directory = os.path.abspath(directory)
+    while True:
+        try:
+            os.rmdir(directory)  # only removes an empty directory
+        except OSError:
+            return
+        if directory == up_to or len(directory) <= len(up_to):
+            return
+        directory = os.path.dirname(directory)
 
 
 if __name__ == "__main__":

@@ -260,20 +260,24 @@ def started_message(step: int, times: StartTimes, first_call_s: float,
 def workdir_lock(workdir: str):
     """Holds an exclusive lock on the (existing) `workdir` folder for the block, on process 0:
     a second run started on the same workdir (a job resubmitted while the first still runs or
-    saves) is refused with one line instead of saving into the same step folders. The lock is
-    the kernel's (`flock`), so a killed run leaves none behind; where the file system has no
-    such locks (some network mounts), runs go on unlocked."""
+    saves) is refused with one line, on every process, instead of saving into the same step
+    folders. The lock is the kernel's (`flock`), so a killed run leaves none behind. It holds
+    between processes of one machine: network mounts (NFS, gcsfuse) grant it locally only,
+    and file systems that refuse it run unlocked."""
     fd = os.open(workdir, os.O_RDONLY) if jax.process_index() == 0 else None
     try:
+        in_use = False
         if fd is not None:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise errors.UserError(
-                    f"--workdir={workdir} is in use by another run (a process holds its "
-                    "lock): wait for it to end, or choose another --workdir.") from None
+                in_use = True
             except OSError:  # no locks on this file system
                 pass
+        if parallel.process_0_view([in_use])[0]:  # on every process (the others would wait)
+            raise errors.UserError(
+                f"--workdir={workdir} is in use by another run (a process holds its lock): "
+                "wait for it to end, or choose another --workdir.")
         yield
     finally:
         if fd is not None:
