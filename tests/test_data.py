@@ -120,6 +120,17 @@ def test_prepared_folder_trains_through_the_same_pipeline(tmp_path):
                                              flip=True, min_scale=1.0)))
     assert batch["image"].shape == (4, 16, 16, 3)
     assert set(batch["label"].tolist()) <= {0, 1}
+    # No validation split (prepare's --val_fraction defaults to 0): one line naming the fix,
+    # not a KeyError's traceback; still a KeyError for callers that look splits up.
+    from tok1d import errors
+    from tok1d.cli import app
+    with pytest.raises(KeyError) as e:
+        sources.get_source(f"array_record:{tmp_path / 'out'}", "validation")
+    assert isinstance(e.value, errors.UserError)
+    assert app.user_error_message(e.value) == (
+        f"Unknown split 'validation' in '{tmp_path / 'out'}'; available splits: train. "
+        "`tok1d prepare --val_fraction=F` (or --split) writes another; or set "
+        "--config.data.train_split / eval_split to one it has.")
     assert "broken" in str(summary)
 
 

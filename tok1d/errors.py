@@ -11,6 +11,14 @@ class UserError(Exception):
     exit_code = 2
 
 
+class UnknownSplit(UserError, KeyError):
+    """A dataset has no split of that name (the message lists those it has). A KeyError too,
+    for callers that look a split up."""
+
+    def __str__(self) -> str:  # (KeyError's would quote the message)
+        return str(self.args[0]) if self.args else ""
+
+
 def brief(error: BaseException, limit: int = 200) -> str:
     """`Type: message` of an exception for a one-line error, its message on one line and cut at
     `limit` characters."""

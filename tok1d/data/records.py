@@ -277,7 +277,8 @@ class ArrayRecordImageSource:
 
         Raises:
             FileNotFoundError: Missing directory, info file or shard files.
-            KeyError: Unknown split (the message lists the available ones).
+            errors.UnknownSplit: Unknown split (a KeyError; the message lists the available
+                ones).
             ValueError: Malformed info file, or shards that do not match it.
         """
         self._directory = directory
@@ -286,9 +287,10 @@ class ArrayRecordImageSource:
         splits = self._info["splits"]
         if split not in splits:
             available = ", ".join(sorted(splits)) or "<none>"
-            raise KeyError(
-                f"Unknown split {split!r} in {directory!r}; available "
-                f"splits: {available}.")
+            raise errors.UnknownSplit(
+                f"Unknown split {split!r} in {directory!r}; available splits: {available}. "
+                "`tok1d prepare --val_fraction=F` (or --split) writes another; or set "
+                "--config.data.train_split / eval_split to one it has.")
         split_info = splits[split]
         self._paths = [os.path.join(directory, s) for s in split_info["shards"]]
         missing = [p for p in self._paths if not os.path.isfile(p)]

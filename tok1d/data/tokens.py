@@ -46,6 +46,7 @@ import grain
 import msgpack
 import numpy as np
 
+from tok1d import errors
 from tok1d.data import pipeline, records
 
 FORMAT_VERSION = "tok1d.tokens.v1"
@@ -159,15 +160,17 @@ class TokenSource:
 
         Raises:
             FileNotFoundError: Missing directory, info file or shard files.
-            KeyError: Unknown split (the message lists the available ones).
+            errors.UnknownSplit: Unknown split (a KeyError; the message lists the available
+                ones).
             ValueError: Malformed info, or shards that do not match it.
         """
         self._directory, self._split = directory, split
         self._info = read_info(directory)
         splits = self._info["splits"]
         if split not in splits:
-            raise KeyError(f"Unknown split {split!r} in token dataset {directory!r}; available: "
-                           f"{', '.join(sorted(splits)) or '<none>'}.")
+            raise errors.UnknownSplit(
+                f"Unknown split {split!r} in token dataset {directory!r}; available: "
+                f"{', '.join(sorted(splits)) or '<none>'}.")
         self._split_info = splits[split]
         self._paths = [os.path.join(directory, s) for s in self._split_info["shards"]]
         missing = [p for p in self._paths if not os.path.isfile(p)]
