@@ -508,6 +508,32 @@ def test_process_settings_without_a_coordinator_are_refused():
         parallel.maybe_initialize_distributed("", 2, 1)
 
 
+def test_a_slurm_step_with_one_task_per_node_drives_every_gpu_of_its_node(monkeypatch):
+    """launch/slurm.sbatch runs one task per node over its 8 GPUs; jax.distributed's SLURM
+    detection restricted each process to the GPU of its local task id (1 of 8). One task per
+    node: all of them; one task per GPU (JAX's own layout), or JAX_LOCAL_DEVICE_IDS: JAX's."""
+    job = {"SLURM_JOB_ID": "7", "SLURM_STEP_TASKS_PER_NODE": "1(x4)",
+           "SLURM_GPUS_ON_NODE": "8"}
+    assert parallel.slurm_local_device_ids(job) == list(range(8))
+    assert parallel.slurm_local_device_ids(dict(job, SLURM_STEP_TASKS_PER_NODE="8(x4)")) is None
+    assert parallel.slurm_local_device_ids(dict(job, SLURM_STEP_TASKS_PER_NODE="1,2")) is None
+    assert parallel.slurm_local_device_ids(dict(job, JAX_LOCAL_DEVICE_IDS="0,1")) is None
+    assert parallel.slurm_local_device_ids({k: v for k, v in job.items()
+                                            if k != "SLURM_GPUS_ON_NODE"}) is None
+    assert parallel.slurm_local_device_ids({"SLURM_GPUS_ON_NODE": "8"}) is None  # no SLURM
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(parallel, "_cpu_collectives_over_gloo", lambda: None)
+    for key in [k for k in os.environ if k.startswith("SLURM_") or k == "JAX_LOCAL_DEVICE_IDS"]:
+        monkeypatch.delenv(key)
+    for key, value in job.items():
+        monkeypatch.setenv(key, value)
+    parallel.maybe_initialize_distributed()
+    monkeypatch.setenv("SLURM_STEP_TASKS_PER_NODE", "8(x4)")
+    parallel.maybe_initialize_distributed()
+    assert calls == [{"local_device_ids": list(range(8))}, {}]
+
+
 def test_auto_detection_that_finds_nothing_says_so():
     """TOK1D_DISTRIBUTED=1 off a pod or cluster: one line saying that nothing was detected (it
     was JAX's "coordinator_address should be defined"). A fresh process: jax.distributed

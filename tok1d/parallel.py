@@ -261,17 +261,19 @@ def maybe_initialize_distributed(coordinator_address: str = "", num_processes: i
     process's place among `num_processes`; `num_processes` / `process_id` without a coordinator
     are refused rather than ignored (a ValueError naming the settings in each case). Logs one
     line before joining: JAX waits, silently, up to five minutes for absent processes."""
-    flags = ("(--config.distributed.coordinator_address / num_processes / process_id, or "
-             "--coordinator_address / --num_processes / --process_id)")
+    flags = ("(training: --config.distributed.coordinator_address / num_processes / "
+             "process_id; tok1d sample / evaluate / tokenize: --coordinator_address / "
+             "--num_processes / --process_id)")
     if not coordinator_address:
         if num_processes > 0 or process_id >= 0:
             raise ValueError(f"distributed: num_processes={num_processes} / process_id="
                              f"{process_id} need a coordinator_address=HOST:PORT {flags}.")
+        local = slurm_local_device_ids(os.environ)
         logging.getLogger(__name__).info(
             "Joining a multi-host run (coordinator auto-detected; JAX waits up to 5 min for "
-            "every process)")
+            "every process)%s", f"; this process drives GPUs {local}" if local else "")
         try:
-            jax.distributed.initialize()
+            jax.distributed.initialize(**({"local_device_ids": local} if local else {}))
         except ValueError as e:  # "coordinator_address should be defined": nothing detected
             if "coordinator_address" not in str(e):
                 raise
@@ -296,6 +298,23 @@ def maybe_initialize_distributed(coordinator_address: str = "", num_processes: i
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes, process_id=process_id)
     _cpu_collectives_over_gloo()
+
+
+def slurm_local_device_ids(environ: Mapping[str, str]) -> Optional[list[int]]:
+    """Every GPU of the node, for a SLURM job step with one task per node (as
+    launch/slurm.sbatch runs): jax.distributed's SLURM detection gives each process only the
+    GPU of its local task id (its layout is one process per GPU), which left 7 of a node's 8
+    GPUs idle. None elsewhere, with several tasks per node, or where JAX_LOCAL_DEVICE_IDS
+    says which."""
+    if "SLURM_JOB_ID" not in environ or environ.get("JAX_LOCAL_DEVICE_IDS"):
+        return None
+    tasks = next((environ[k] for k in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE",
+                                       "SLURM_NTASKS_PER_NODE") if environ.get(k)), "")
+    counts = [part.split("(")[0] for part in tasks.split(",") if part]  # e.g. "1(x4)", "2,1"
+    gpus = environ.get("SLURM_GPUS_ON_NODE", "")
+    if not counts or set(counts) != {"1"} or not gpus.isdigit() or int(gpus) < 2:
+        return None
+    return list(range(int(gpus)))
 
 
 def _cpu_collectives_over_gloo() -> None:
