@@ -44,8 +44,8 @@ case "$CMD" in
     [[ $# -ge 3 ]] || usage
     NAME=$1 ZONE=$2 ACC=$3; shift 3
     EXTRA=(); [[ "${1:-}" == "--spot" ]] && EXTRA=(--spot)
-    run gcloud compute tpus tpu-vm create "$NAME" --zone "$ZONE" "${PROJECT_FLAG[@]}" \
-      --accelerator-type "$ACC" --version "${TOK1D_TPU_VERSION:-tpu-ubuntu2204-base}" "${EXTRA[@]}"
+    run gcloud compute tpus tpu-vm create "$NAME" --zone "$ZONE" ${PROJECT_FLAG[@]+"${PROJECT_FLAG[@]}"} \
+      --accelerator-type "$ACC" --version "${TOK1D_TPU_VERSION:-tpu-ubuntu2204-base}" ${EXTRA[@]+"${EXTRA[@]}"}
     ;;
   setup)
     [[ $# -eq 2 ]] || usage
@@ -63,9 +63,9 @@ case "$CMD" in
         --exclude=__pycache__ --exclude='*.egg-info' .
     fi
     run gcloud compute tpus tpu-vm scp "$ARCHIVE" "$NAME:tok1d-src.tar.gz" --zone "$ZONE" \
-      "${PROJECT_FLAG[@]}" --worker=all
+      ${PROJECT_FLAG[@]+"${PROJECT_FLAG[@]}"} --worker=all
     run rm -f "$ARCHIVE"
-    run gcloud compute tpus tpu-vm ssh "$NAME" --zone "$ZONE" "${PROJECT_FLAG[@]}" --worker=all \
+    run gcloud compute tpus tpu-vm ssh "$NAME" --zone "$ZONE" ${PROJECT_FLAG[@]+"${PROJECT_FLAG[@]}"} --worker=all \
       --command "mkdir -p $REMOTE && tar -xzf tok1d-src.tar.gz -C $REMOTE && rm tok1d-src.tar.gz && cd $REMOTE && python3 -m venv .venv && . .venv/bin/activate && pip install -U pip && pip install -e '.[tpu]' && python -c 'import jax; print(jax.__version__, jax.device_count())'"
     ;;
   run)
@@ -74,18 +74,18 @@ case "$CMD" in
     OVERRIDES=""  # (printf of no arguments would pass one empty argument)
     if [[ $# -gt 0 ]]; then OVERRIDES=$(printf '%q ' "$@"); fi
     REMOTE_CMD="cd $REMOTE && . .venv/bin/activate && export TOK1D_DISTRIBUTED=1 TOK1D_COMPILATION_CACHE=\$HOME/.cache/tok1d_jax && nohup python -m tok1d.main --config=$CONFIG --workdir=$WORKDIR $OVERRIDES > \$HOME/tok1d.log 2>&1 &"
-    run gcloud compute tpus tpu-vm ssh "$NAME" --zone "$ZONE" "${PROJECT_FLAG[@]}" --worker=all \
+    run gcloud compute tpus tpu-vm ssh "$NAME" --zone "$ZONE" ${PROJECT_FLAG[@]+"${PROJECT_FLAG[@]}"} --worker=all \
       --command "$REMOTE_CMD"
     ;;
   tail)
     [[ $# -ge 2 ]] || usage
     NAME=$1 ZONE=$2 WORKER=${3:-0}
-    run gcloud compute tpus tpu-vm ssh "$NAME" --zone "$ZONE" "${PROJECT_FLAG[@]}" \
+    run gcloud compute tpus tpu-vm ssh "$NAME" --zone "$ZONE" ${PROJECT_FLAG[@]+"${PROJECT_FLAG[@]}"} \
       --worker="$WORKER" --command "tail -n 100 -f \$HOME/tok1d.log"
     ;;
   delete)
     [[ $# -eq 2 ]] || usage
-    run gcloud compute tpus tpu-vm delete "$1" --zone "$2" "${PROJECT_FLAG[@]}" --quiet
+    run gcloud compute tpus tpu-vm delete "$1" --zone "$2" ${PROJECT_FLAG[@]+"${PROJECT_FLAG[@]}"} --quiet
     ;;
   -h|--help|help) usage 0 ;;
   *) echo "unknown command: $CMD" >&2; usage ;;

@@ -196,6 +196,12 @@ def test_convert_commands_that_messages_suggest_are_valid_command_lines():
         fv, rest = app._parse(convert, "tok1d convert", shlex.split(command))
         assert rest and rest[0] in convert.KINDS, command
         assert fv["checkpoint"].value and fv["out"].value, command
+    # gigatok's choice of size names convert's own flags (it said --config, which it has not)
+    from tok1d.weights import loaders
+    with pytest.raises(ValueError, match="--preset NAME or --official_config FILE") as e:
+        loaders._official_gigatok("unused.pt", None, None, None)
+    fv, _ = app._parse(convert, "tok1d convert", ["gigatok", "--checkpoint=c", "--out=o"])
+    assert all(flag in fv for flag in re.findall(r"--(\w+)", str(e.value)))
 
 
 def docstring_commands(path: str) -> list[str]:

@@ -489,8 +489,10 @@ def test_the_tokenizer_probe_of_a_gigatok_in_the_evaluate_job(tmp_path):
     e.linear_probe_batch_size, e.linear_probe_lr = 64, 30.0
     with pytest.raises(ValueError, match="set them"):  # epochs 0
         evaluate.evaluate_tokenizer(c, tok_dir, str(tmp_path / "out"))
+    e.tokenizer_probe = "pixels"  # a mistyped tap is named first (not "set the epochs")
+    with pytest.raises(ValueError, match="no probe tap 'pixels'"):
+        evaluate.evaluate_tokenizer(c, tok_dir, str(tmp_path / "out"))
     e.linear_probe_epochs = 6
-    e.tokenizer_probe = "pixels"
     with pytest.raises(ValueError, match="no probe tap 'pixels'"):
         evaluate.evaluate_tokenizer(c, tok_dir, str(tmp_path / "out"))
     e.tokenizer_probe, e.linear_probe_batch_size = "encoder", 36  # the 8 devices cannot split it

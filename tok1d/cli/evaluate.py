@@ -408,15 +408,15 @@ def _check_tokenizer_probe(config, model, params, mesh, rules, prefixes: Sequenc
     tap = ecfg.get("tokenizer_probe", "")
     if not tap:
         return None
+    size = dcfg.image_size  # the tap first: a mistyped one is the problem to name
+    jax.eval_shape(lambda p: linear_probe.tokenizer_feature_fn(model, tap)(
+        p, None, {"image": jnp.zeros((1, size, size, 3))}, None), params)
     if ecfg.linear_probe_epochs <= 0:
         raise ValueError(f"evaluation.tokenizer_probe={tap!r} trains its probe for "
                          "evaluation.linear_probe_epochs epochs: set them (GigaTok: 90).")
     if prefixes:
         raise ValueError("evaluation.tokenizer_probe runs without --prefixes (it probes the "
                          "whole tokenizer's features).")
-    size = dcfg.image_size
-    jax.eval_shape(lambda p: linear_probe.tokenizer_feature_fn(model, tap)(
-        p, None, {"image": jnp.zeros((1, size, size, 3))}, None), params)
     train_src = sources.source_of(dcfg, dcfg.train_split)
     if getattr(train_src, "num_classes", None) is None:
         raise ValueError(f"The tokenizer linear probe needs class labels; {dcfg.name}:"

@@ -303,7 +303,8 @@ def _find_init_args(cfg: Any) -> Optional[dict[str, Any]]:
 def _official_gigatok(path: str, config: Optional[str], preset: Optional[str],
                       image_size: Optional[int]) -> tuple[nn.Module, dict[str, Any]]:
     if (config is None) == (preset is None):
-        raise ValueError("gigatok needs exactly one of --preset NAME or --config FILE")
+        raise ValueError("gigatok needs exactly one of --preset NAME or --official_config FILE "
+                         "(in Python: preset= or config=)")
     if preset is not None:
         model = models.create("gigatok", preset=preset, image_size=image_size or 256)
     else:
