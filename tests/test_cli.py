@@ -548,7 +548,7 @@ def test_the_closed_event_loop_tracebacks_of_a_failed_restore_are_silenced(capsy
         sys.unraisablehook = before
 
 
-def test_a_second_run_on_a_workdir_in_use_is_refused(tmp_path, capsys):
+def test_a_second_run_on_a_workdir_in_use_is_refused(tmp_path, capsys, monkeypatch):
     """Two runs on one workdir (a job resubmitted while the first still runs) saved into the
     same step folders and interleaved metrics.jsonl: the second is refused in one line while
     the first holds the workdir's lock, which goes with the first (a kernel lock: a killed run
@@ -565,6 +565,15 @@ def test_a_second_run_on_a_workdir_in_use_is_refused(tmp_path, capsys):
     assert os.listdir(run) == []  # the refused run wrote nothing
     with loop.workdir_lock(str(run)):  # released
         pass
+    # Two runs on one fresh workdir at once: the refused one leaves the folder the other made
+    # (and holds) in place, though it saw none.
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    monkeypatch.setattr(train, "first_missing", lambda path: str(fresh))
+    with loop.workdir_lock(str(fresh)):
+        assert app.run(train, [f"--config={TINY}", f"--workdir={fresh}"]) == 2
+        assert "is in use by another run" in one_error_line(capsys.readouterr().err)
+        assert fresh.is_dir()
 
 
 def test_a_refused_fresh_run_leaves_no_folders(tmp_path, capsys):

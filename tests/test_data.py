@@ -129,8 +129,8 @@ def test_prepared_folder_trains_through_the_same_pipeline(tmp_path):
     assert isinstance(e.value, errors.UserError)
     assert app.user_error_message(e.value) == (
         f"Unknown split 'validation' in '{tmp_path / 'out'}'; available splits: train. "
-        "`tok1d prepare --val_fraction=F` (or --split) writes another; or set "
-        "--config.data.train_split / eval_split to one it has.")
+        "`tok1d prepare --val_fraction=F` (or --split) writes another; or use one it has "
+        "(--split, or --config.data.train_split / eval_split).")
     assert "broken" in str(summary)
 
 

@@ -126,6 +126,24 @@ def test_checkpoint_saved_is_logged_once_the_save_is_complete(tmp_path):
                     ("WARNING", 6, False)]
     assert sorted(os.listdir(tmp_path)) == ["4", "5"]  # keep=2: reported before removed
 
+    # A background save that failed (orbax re-raises its error at the next wait): one error
+    # naming the step and what to do, at the next save or at the end.
+    failing = checkpoint.Checkpointer(str(tmp_path / "failing"), every_steps=1, keep=1,
+                                      async_save=True)
+    assert failing.save(1, state, force=True)
+    wait = failing.manager.wait_until_finished
+
+    def no_space():
+        wait()
+        raise OSError(28, "No space left on device")
+
+    failing.manager.wait_until_finished = no_space
+    with pytest.raises(OSError, match=r"Checkpoint \S+/1 could not be saved \(OSError: .*No "
+                       r"space left.*check the storage"):
+        failing.save(2, state, force=True)
+    failing.manager.wait_until_finished = wait
+    failing.close()
+
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_damaged_checkpoint_is_refused_with_its_step(tmp_path):

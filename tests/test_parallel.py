@@ -521,6 +521,9 @@ def test_a_slurm_step_with_one_task_per_node_drives_every_gpu_of_its_node(monkey
     assert parallel.slurm_local_device_ids({k: v for k, v in job.items()
                                             if k != "SLURM_GPUS_ON_NODE"}) is None
     assert parallel.slurm_local_device_ids({"SLURM_GPUS_ON_NODE": "8"}) is None  # no SLURM
+    assert parallel.slurm_local_device_ids(dict(job, OMPI_COMM_WORLD_SIZE="16")) is None
+    no_step = {k: v for k, v in job.items() if k != "SLURM_STEP_TASKS_PER_NODE"}
+    assert parallel.slurm_local_device_ids(dict(no_step, SLURM_TASKS_PER_NODE="1(x2)")) is None
     calls = []
     monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
     monkeypatch.setattr(parallel, "_cpu_collectives_over_gloo", lambda: None)
@@ -529,9 +532,12 @@ def test_a_slurm_step_with_one_task_per_node_drives_every_gpu_of_its_node(monkey
     for key, value in job.items():
         monkeypatch.setenv(key, value)
     parallel.maybe_initialize_distributed()
+    parallel.maybe_initialize_distributed("node001:1234", 4, 0)  # JAX detects SLURM here too
     monkeypatch.setenv("SLURM_STEP_TASKS_PER_NODE", "8(x4)")
     parallel.maybe_initialize_distributed()
-    assert calls == [{"local_device_ids": list(range(8))}, {}]
+    explicit = dict(coordinator_address="node001:1234", num_processes=4, process_id=0)
+    assert calls == [{"local_device_ids": list(range(8))},
+                     dict(explicit, local_device_ids=list(range(8))), {}]
 
 
 def test_auto_detection_that_finds_nothing_says_so():

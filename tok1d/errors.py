@@ -19,6 +19,10 @@ class UnknownSplit(UserError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class WorkdirInUse(UserError):
+    """Another run holds the workdir (`tok1d.train.loop.workdir_lock`)."""
+
+
 def brief(error: BaseException, limit: int = 200) -> str:
     """`Type: message` of an exception for a one-line error, its message on one line and cut at
     `limit` characters."""

@@ -292,24 +292,27 @@ def maybe_initialize_distributed(coordinator_address: str = "", num_processes: i
         problems.append(f"process_id={process_id} (this process: 0 .. {num_processes - 1})")
     if problems:
         raise ValueError("distributed: " + "; ".join(problems) + f" {flags}.")
+    local = slurm_local_device_ids(os.environ)  # (JAX detects SLURM's ids here too)
     logging.getLogger(__name__).info(
-        "Joining %d processes at %s as process %d (JAX waits up to 5 min for every process)",
-        num_processes, coordinator_address, process_id)
+        "Joining %d processes at %s as process %d (JAX waits up to 5 min for every process)%s",
+        num_processes, coordinator_address, process_id,
+        f"; this process drives GPUs {local}" if local else "")
     jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id)
+                               num_processes=num_processes, process_id=process_id,
+                               **({"local_device_ids": local} if local else {}))
     _cpu_collectives_over_gloo()
 
 
 def slurm_local_device_ids(environ: Mapping[str, str]) -> Optional[list[int]]:
-    """Every GPU of the node, for a SLURM job step with one task per node (as
-    launch/slurm.sbatch runs): jax.distributed's SLURM detection gives each process only the
-    GPU of its local task id (its layout is one process per GPU), which left 7 of a node's 8
-    GPUs idle. None elsewhere, with several tasks per node, or where JAX_LOCAL_DEVICE_IDS
-    says which."""
-    if "SLURM_JOB_ID" not in environ or environ.get("JAX_LOCAL_DEVICE_IDS"):
+    """Every GPU of the node, for an srun step with one task per node (as launch/slurm.sbatch
+    runs): jax.distributed's SLURM detection gives each process only the GPU of its local
+    task id (its layout is one process per GPU), which left 7 of a node's 8 GPUs idle. None
+    elsewhere (outside srun, under mpirun), with several tasks per node, or where
+    JAX_LOCAL_DEVICE_IDS says which."""
+    if ("SLURM_JOB_ID" not in environ or environ.get("JAX_LOCAL_DEVICE_IDS")
+            or "OMPI_COMM_WORLD_SIZE" in environ):  # (mpirun's ranks: JAX's Open MPI layout)
         return None
-    tasks = next((environ[k] for k in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE",
-                                       "SLURM_NTASKS_PER_NODE") if environ.get(k)), "")
+    tasks = environ.get("SLURM_STEP_TASKS_PER_NODE", "")  # an srun step's (not the job's)
     counts = [part.split("(")[0] for part in tasks.split(",") if part]  # e.g. "1(x4)", "2,1"
     gpus = environ.get("SLURM_GPUS_ON_NODE", "")
     if not counts or set(counts) != {"1"} or not gpus.isdigit() or int(gpus) < 2:

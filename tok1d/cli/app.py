@@ -464,7 +464,8 @@ def user_error_message(e: BaseException) -> Optional[str]:
     message = _one_line(e.args[0] if isinstance(e, KeyError) and e.args else e)
     if isinstance(e, OSError) and e.filename and str(e.filename) not in message:
         message = f"{message}: {e.filename}"
-    if type(e) in (errors.UserError, errors.UnknownSplit, config_lib.ConfigError):
+    if type(e) in (errors.UserError, errors.UnknownSplit, errors.WorkdirInUse,
+                   config_lib.ConfigError):
         return message
     return f"{message} ({type(e).__name__})"
 

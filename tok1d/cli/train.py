@@ -58,6 +58,8 @@ def execute(fv: flags.FlagValues, args: list[str]) -> None:
         os.makedirs(fv.workdir, exist_ok=True)
         with loop.workdir_lock(fv.workdir):  # one run at a time in a workdir
             TRAINERS[config.trainer](config, fv.workdir)  # validates the config first
+    except errors.WorkdirInUse:
+        raise  # (the folder is the other run's, even if it was made a moment ago)
     except BaseException:
         if made is not None:  # a fresh run that stopped before writing anything leaves no
             remove_empty(fv.workdir, made)  # empty folders (the workdir and those above)

@@ -289,8 +289,8 @@ class ArrayRecordImageSource:
             available = ", ".join(sorted(splits)) or "<none>"
             raise errors.UnknownSplit(
                 f"Unknown split {split!r} in {directory!r}; available splits: {available}. "
-                "`tok1d prepare --val_fraction=F` (or --split) writes another; or set "
-                "--config.data.train_split / eval_split to one it has.")
+                "`tok1d prepare --val_fraction=F` (or --split) writes another; or use one "
+                "it has (--split, or --config.data.train_split / eval_split).")
         split_info = splits[split]
         self._paths = [os.path.join(directory, s) for s in split_info["shards"]]
         missing = [p for p in self._paths if not os.path.isfile(p)]

@@ -130,10 +130,9 @@ class Checkpointer:
             return
         if self._on_storage(step):
             logging.getLogger(__name__).info("checkpoint saved at step %d", step)
-        else:  # orbax logs a failed background save and goes on
+        else:  # (orbax's wait raises a failed save's error: not expected)
             logging.getLogger(__name__).warning(
-                "checkpoint at step %d was NOT saved (--verbosity=1 shows orbax's error); the "
-                "run goes on, and the next save tries again", step)
+                "checkpoint at step %d is not on storage (its save did not complete)", step)
 
     def restore(self, step: int, abstract_state: Any) -> Any:
         """The train state of checkpoint `step`, restored into `abstract_state`
@@ -271,14 +270,25 @@ class Checkpointer:
         return jax.process_count() > 1 and self.manager.reached_preemption(step)
 
     def wait(self) -> None:
-        """Waits for the saves in flight, and reports them."""
-        self.manager.wait_until_finished()
+        """Waits for the saves in flight, and reports them. A background save that failed
+        (storage full, permissions) raises here, as one error naming its step."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 (orbax re-raises the save's own error)
+            steps = list(self._pending)
+            self._pending.clear()
+            raise OSError(
+                f"Checkpoint {self.directory}/{steps[0] if steps else '?'} could not be saved "
+                f"({errors.brief(e)}): check the storage (space, permissions), then run the "
+                "same command again: it resumes from the last checkpoint saved.") from e
         while self._pending:
             self._report(self._pending.popleft())
 
     def close(self) -> None:
-        self.wait()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
 
 
 # What tensorstore / orbax say when a checkpoint's files cannot be read (an array's data cut

@@ -275,7 +275,7 @@ def workdir_lock(workdir: str):
             except OSError:  # no locks on this file system
                 pass
         if parallel.process_0_view([in_use])[0]:  # on every process (the others would wait)
-            raise errors.UserError(
+            raise errors.WorkdirInUse(
                 f"--workdir={workdir} is in use by another run (a process holds its lock): "
                 "wait for it to end, or choose another --workdir.")
         yield
