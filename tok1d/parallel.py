@@ -264,16 +264,19 @@ def maybe_initialize_distributed(coordinator_address: str = "", num_processes: i
     flags = ("(training: --config.distributed.coordinator_address / num_processes / "
              "process_id; tok1d sample / evaluate / tokenize: --coordinator_address / "
              "--num_processes / --process_id)")
+    # Under SLURM JAX fills local_device_ids itself in both cases below (one GPU per process)
+    local = slurm_local_device_ids(os.environ)
+    devices = {"local_device_ids": local} if local else {}
+    drives = f"; this process drives GPUs {local}" if local else ""
     if not coordinator_address:
         if num_processes > 0 or process_id >= 0:
             raise ValueError(f"distributed: num_processes={num_processes} / process_id="
                              f"{process_id} need a coordinator_address=HOST:PORT {flags}.")
-        local = slurm_local_device_ids(os.environ)
         logging.getLogger(__name__).info(
             "Joining a multi-host run (coordinator auto-detected; JAX waits up to 5 min for "
-            "every process)%s", f"; this process drives GPUs {local}" if local else "")
+            "every process)%s", drives)
         try:
-            jax.distributed.initialize(**({"local_device_ids": local} if local else {}))
+            jax.distributed.initialize(**devices)
         except ValueError as e:  # "coordinator_address should be defined": nothing detected
             if "coordinator_address" not in str(e):
                 raise
@@ -292,14 +295,11 @@ def maybe_initialize_distributed(coordinator_address: str = "", num_processes: i
         problems.append(f"process_id={process_id} (this process: 0 .. {num_processes - 1})")
     if problems:
         raise ValueError("distributed: " + "; ".join(problems) + f" {flags}.")
-    local = slurm_local_device_ids(os.environ)  # (JAX detects SLURM's ids here too)
     logging.getLogger(__name__).info(
         "Joining %d processes at %s as process %d (JAX waits up to 5 min for every process)%s",
-        num_processes, coordinator_address, process_id,
-        f"; this process drives GPUs {local}" if local else "")
+        num_processes, coordinator_address, process_id, drives)
     jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id,
-                               **({"local_device_ids": local} if local else {}))
+                               num_processes=num_processes, process_id=process_id, **devices)
     _cpu_collectives_over_gloo()
 
 

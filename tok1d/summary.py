@@ -187,8 +187,8 @@ class MetricWriter:
             return
         with open(self.jsonl_path, encoding="utf-8") as f:
             lines = f.readlines()
-        kept = [line for line in lines if _jsonl_step(line) is not None
-                and _jsonl_step(line) <= step]
+        steps = [_jsonl_step(line) for line in lines]  # (each line parsed once)
+        kept = [line for line, s in zip(lines, steps) if s is not None and s <= step]
         if len(kept) < len(lines):
             tmp = f"{self.jsonl_path}.tmp{os.getpid()}"
             with open(tmp, "w", encoding="utf-8") as f:
