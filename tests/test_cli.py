@@ -410,7 +410,7 @@ def test_nonfinite_loss_is_one_line_with_exit_status_1(capsys):
     assert app.run(_job(execute), []) == 1
     line = one_error_line(capsys.readouterr().err)
     assert "NaN/Inf at step 5" in line and "last good checkpoint (step 4)" in line
-    assert "NonFiniteLossError" in line
+    assert line.startswith("error: Loss or gradient norm")  # a UserError's: no type name
 
 
 def test_bugs_keep_their_traceback():
@@ -500,6 +500,25 @@ def test_a_runs_own_config_is_the_default_config(tmp_path):
     with pytest.raises(errors.UserError, match="'sampling.cfg_scal' is not a config key"):
         app._parse(sample, "tok1d sample", [f"--checkpoint={run}", "--out=o",
                                             "--config.sampling.cfg_scal=3.0"])
+
+
+def test_a_checkpoint_without_a_run_config_is_named(tmp_path, capsys):
+    """`tok1d sample` given no --config and a --checkpoint that is not a run names that
+    checkpoint: missing, or a folder without the run's config.json (it said "--config is
+    required" either way); `evaluate` of a missing checkpoint names it (it called any path
+    "pretrained weights")."""
+    from tok1d.cli import evaluate, sample
+    assert app.run(sample, [f"--checkpoint={tmp_path / 'none'}", "--out=o"]) == 2
+    assert one_error_line(capsys.readouterr().err).endswith(
+        f"--checkpoint={tmp_path / 'none'}: no such folder or file.")
+    assert app.run(sample, ["--checkpoint", str(tmp_path), "--out=o"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "--config is required" in line and "no config.json" in line and str(tmp_path) in line
+    assert app.run(evaluate, [f"--checkpoint={tmp_path / 'none'}",
+                              f"--out={tmp_path / 'o'}"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"weights not found: {tmp_path / 'none'}" in line
+    assert not os.path.exists(tmp_path / "o")
 
 
 def test_the_resource_trackers_exit_warning_is_silenced():

@@ -314,6 +314,7 @@ def test_evaluate_job_tokenizer_and_samples(tmp_path):
     record = json.load(open(out / "metrics.json"))
     assert record["metrics"]["rfid"] == pytest.approx(metrics["rfid"])
     assert "RANDOM" in " ".join(record["notes"])
+    assert record["step"] is None  # a pretrained directory's weights: no training step
     assert os.path.exists(out / "reconstructions.png") and os.path.exists(out / "report.md")
 
     # gFID of a samples .npz against the digits eval split.

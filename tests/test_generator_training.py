@@ -16,6 +16,7 @@ from tok1d.weights import loaders, pretrained
 from tok1d.cli import tokenize
 from tok1d.cli import sample as sample_lib
 from tok1d.data import sources
+from tok1d.data import tokens as tokens_lib
 from tok1d.train import generator
 
 TOKENIZER = dict(image_size=32, patch_size=8, num_latent_tokens=8, encoder_size="nano",
@@ -95,17 +96,42 @@ def test_generator_learns_tokens_and_writes_samples(kind, token_data, tmp_path):
     assert data["arr_0"].shape == (20, 32, 32, 3) and data["arr_0"].dtype == np.uint8
     np.testing.assert_array_equal(data["arr_1"], np.arange(20) % 10)
     assert info["num_images"] == 20 and os.path.exists(os.path.join(out, "grid.png"))
+    assert json.load(open(os.path.join(out, "sampling.json")))["step"] == 24  # the checkpoint's
     # --grid_classes=0 (allowed) failed after sampling, without sampling.json.
     out = str(tmp_path / "no_grid")
+    said = []
     sample_lib.run(config, workdir, tok_dir, num_images=4, out=out, batch_size=16,
-                   grid_classes=0, log=lambda _: None)
+                   grid_classes=0, log=said.append)
     assert sorted(os.listdir(out)) == ["samples.npz", "sampling.json"]
+    assert not any("Warning" in line for line in said)  # the tokenizer that wrote the tokens
     with pytest.raises(errors.UserError, match="already holds samples.npz"):  # not replaced
         sample_lib.run(config, workdir, tok_dir, num_images=2, out=out, log=lambda _: None)
     if kind != "maskgit":  # a temperature of 0: refused before any setting is sampled
         with pytest.raises(errors.UserError, match="must be > 0"):
             sample_lib.run_sweep(config, workdir, tok_dir, 4, str(tmp_path / "sweep"), [1.0],
                                  [1.0, 0.0], log=lambda _: None)
+
+
+def test_a_tokenizer_other_than_the_tokens_one_is_named(token_data, tmp_path):
+    """Decoding a generator's tokens with another tokenizer than the one that wrote them (its
+    codes mean other images) is a warning naming both, from the fingerprint tokenize recorded
+    in tokens_info.json (sampling, evaluation and generator training call this check)."""
+    tokens, tok_dir = token_data
+    config = tiny_config("gpt", tokens, tok_dir)
+    tokenizer, params = loaders.load_tokenizer(tok_dir)
+    said = []
+    generator.check_tokens_tokenizer(config, params, tok_dir, said.append)
+    assert said == []
+    other = jax.tree.map(lambda x: x + 1.0, params)  # same shapes, other weights
+    generator.check_tokens_tokenizer(config, other, "other/", said.append)
+    assert len(said) == 1 and said[0].startswith("Warning: the tokenizer other/ is not the one "
+                                                 f"that wrote the tokens {tokens}: its weights")
+    info = dict(tokens_lib.read_info(tokens), tokenizer={"path": "/runs/tok", "step": 7})
+    generator.check_tokens_tokenizer(config, other, "other/", said.append, info)
+    assert f"the tokens {tokens} (/runs/tok at step 7): its weights" in said[1]
+    config.generator.tokens = str(tmp_path)  # no tokens_info.json there: nothing to compare
+    generator.check_tokens_tokenizer(config, other, "other/", said.append)
+    assert len(said) == 2
 
 
 def test_sampler_settings_change_the_samples(token_data, tmp_path):
@@ -368,6 +394,7 @@ def test_the_evaluate_job_on_a_rar_run(token_data, tmp_path):
     assert metrics["num_images"] == 16
     assert np.isfinite(metrics["gfid"]) and np.isfinite(metrics["inception_score"])
     assert "gFID" in open(out / "report.md").read()
+    assert json.load(open(out / "metrics.json"))["step"] == 4  # the checkpoint's (was 0)
 
 
 def test_gfid_in_training_and_the_evaluate_job(token_data, tmp_path):

@@ -49,7 +49,7 @@ from ml_collections import config_flags
 
 from tok1d import errors, parallel
 from tok1d.train import config_lib, programs
-from tok1d.weights import layout
+from tok1d.weights import download, layout, registry
 
 TOOL = "tok1d"
 # Optional packages and how to get them; a missing one ends in a one-line hint.
@@ -148,6 +148,16 @@ def _with_run_config(job: types.ModuleType, args: list[str]) -> list[str]:
     if "config" not in job.REQUIRED and any(a.startswith("--config.") for a in args):
         return [f"--config={RUN_CONFIG_FILE}"] + list(args)  # overrides of the defaults
     return args
+
+
+def _config_for_checkpoint(checkpoint: str, prog: str) -> str:
+    """Why --config is needed with this --checkpoint (which gave no run config)."""
+    if not (os.path.exists(checkpoint) or registry.looks_like_a_name(checkpoint)
+            or download.is_remote(checkpoint)):
+        return f"--checkpoint={checkpoint}: no such folder or file."
+    return (f"--config is required: --checkpoint={checkpoint} is not a training run's workdir "
+            f"(it has no {layout.CONFIG_FILE}), so the model's config must be given "
+            f"(see {prog} --help).")
 
 
 def _config_path(args: Sequence[str]) -> Optional[str]:
@@ -361,6 +371,8 @@ def _parse(job: types.ModuleType, prog: str, args: list[str]
             section[key] = value
     for name in job.REQUIRED:
         if fv[name].value in (None, ""):
+            if name == "config" and "checkpoint" in fv and fv["checkpoint"].value:
+                raise errors.UserError(_config_for_checkpoint(fv["checkpoint"].value, prog))
             raise errors.UserError(f"--{name} is required (see {prog} --help).")
     if len(rest) > (1 if job.POSITIONAL else 0):
         raise errors.UserError(f"unexpected arguments: {' '.join(rest)} (see {prog} --help).")
@@ -464,8 +476,7 @@ def user_error_message(e: BaseException) -> Optional[str]:
     message = _one_line(e.args[0] if isinstance(e, KeyError) and e.args else e)
     if isinstance(e, OSError) and e.filename and str(e.filename) not in message:
         message = f"{message}: {e.filename}"
-    if type(e) in (errors.UserError, errors.UnknownSplit, errors.WorkdirInUse,
-                   config_lib.ConfigError):
+    if isinstance(e, errors.UserError):  # written for the user: no type name
         return message
     return f"{message} ({type(e).__name__})"
 

@@ -132,8 +132,9 @@ def evaluate_tokenizer(config, checkpoint: str, out: str, log=print,
     size = config.data.image_size
     dummy = jnp.zeros((1, size, size, 3), jnp.float32)
     boxed = jax.eval_shape(lambda r: model.init(r, dummy)["params"], jax.random.key(0))
+    step = loaders.checkpoint_step(checkpoint)  # (a run still training saves more)
     params = loaders.load_checked(checkpoint, parallel.unbox_abstract(boxed),
-                                   f"the tokenizer of the config ({config.model.name})")
+                                   f"the tokenizer of the config ({config.model.name})", step)
     # Sharded like in training (fsdp / tensor axes of config.mesh), not replicated.
     params = jax.device_put(params, parallel.logical_shardings(boxed, mesh, rules))
     # before the reconstruction metrics: a failure there would lose them
@@ -159,7 +160,7 @@ def evaluate_tokenizer(config, checkpoint: str, out: str, log=print,
         with decode_lib.matmuls_at(precision):
             return evaluate_prefixes(config, model, params, frozen, teacher, nets, ds,
                                      num_batches, (mesh, rules, batch_sh, is_chief), prefixes,
-                                     checkpoint, out, log)
+                                     checkpoint, out, log, step)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules), decode_lib.matmuls_at(precision):
         frozen = parallel.replicate(frozen, mesh)
         eval_step = jax.jit(tok_trainer.make_eval_step(
@@ -179,7 +180,7 @@ def evaluate_tokenizer(config, checkpoint: str, out: str, log=print,
                  **({"tokenizer_probe": f"{ecfg.tokenizer_probe} features, "
                      f"{ecfg.linear_probe_epochs} epochs on {dcfg.train_split}"}
                     if probe else {})),
-        nets.notes, enabled=is_chief)
+        nets.notes, step=step, enabled=is_chief)
     log(f"Wrote {path}: " + ", ".join(f"{k} {report.format_value(v)}"
                                       for k, v in metrics.items()))
     return metrics
@@ -215,8 +216,8 @@ def parse_prefixes(text: str, num_tokens: int, step: int = 1) -> list[int]:
 
 
 def evaluate_prefixes(config, model, params, frozen, teacher, nets, ds, num_batches, setup,
-                      prefixes: Sequence[int], checkpoint: str, out: str, log=print
-                      ) -> dict[str, Any]:
+                      prefixes: Sequence[int], checkpoint: str, out: str, log=print,
+                      step: Optional[int] = None) -> dict[str, Any]:
     """Reconstruction quality as a function of the number k of leading tokens decoded (a 1D
     tokenizer; `tok1d.models.tokenizers.nested`): PSNR, SSIM, LPIPS and rFID (those the
     configured metric networks give) per k, in one report with a table, the curves
@@ -261,7 +262,7 @@ def evaluate_prefixes(config, model, params, frozen, teacher, nets, ds, num_batc
                  data=f"{config.data.name}:{config.data.eval_split} at "
                       f"{config.data.image_size} px (center crops)",
                  tokenizer_precision=_tokenizer_precision(config)),
-        notes, enabled=is_chief,
+        notes, step=step, enabled=is_chief,
         sections=["## Quality vs k (first k tokens decoded)",
                   report.curve_table("k", rows),
                   "prefix_reconstructions.png: the inputs, then one row per k."])
@@ -281,8 +282,10 @@ def evaluate_generator(config, checkpoint: str, tokenizer_path: str, out: str, s
     if nets.inception is None and config.evaluation.linear_probe_epochs <= 0:
         raise errors.UserError("Generator evaluation: " + nets.notes[0])  # nothing to measure
     mesh, rules, batch_sh, is_chief = _setup(config)
-    model, params = sample_lib.load_generator(config, checkpoint)
+    step = loaders.checkpoint_step(checkpoint)  # (a run still training saves more)
+    model, params = sample_lib.load_generator(config, checkpoint, step)
     tokenizer, tok_params = loaders.load_tokenizer(tokenizer_path)
+    gen_trainer.check_tokens_tokenizer(config, tok_params, tokenizer_path, log)
     probe_images = _probe_images(config, model, tokenizer, tok_params)  # before sampling too
     _probe_options(config, model, mesh, rules, probe_images)
     ecfg = config.evaluation
@@ -301,7 +304,7 @@ def evaluate_generator(config, checkpoint: str, tokenizer_path: str, out: str, s
     metrics.update(_linear_probe(config, model, params, tokenizer, tok_params, mesh, rules,
                                  log, probe_images))
     return _finish_samples(config, metrics, kept, kept_labels, model.num_classes, out, is_chief,
-                           nets.notes + reference.notes(ecfg, nets), log,
+                           nets.notes + reference.notes(ecfg, nets), log, step,
                            checkpoint=os.path.abspath(checkpoint),
                            tokenizer=os.path.abspath(tokenizer_path), model=config.model.name,
                            sampling=config.sampling.to_dict(),
@@ -482,7 +485,7 @@ def evaluate_samples(config, samples: str, out: str, log=print) -> dict[str, Any
                                                      keep=_grid_rows(ecfg, labels))
     kept_labels = labels[_grid_rows(ecfg, labels)]
     return _finish_samples(config, metrics, kept, kept_labels, num_classes, out, is_chief,
-                           nets.notes + reference.notes(ecfg, nets), log,
+                           nets.notes + reference.notes(ecfg, nets), log, None,
                            samples=os.path.abspath(samples), reference=_reference_line(reference))
 
 
@@ -541,11 +544,12 @@ def _grid_rows(ecfg, labels):
 
 
 def _finish_samples(config, metrics, kept, labels, num_classes: int, out: str, is_chief: bool,
-                    notes, log, **details) -> dict[str, Any]:
+                    notes, log, step: Optional[int], **details) -> dict[str, Any]:
     rows = min(num_classes, max(1, config.evaluation.num_report_images // 10))
     grid = sample_lib.class_grid(kept, labels, rows)
     path = report.write_report(out, "Generation", metrics, {"samples": grid},
-                               _details(config, **details), notes, enabled=is_chief)
+                               _details(config, **details), notes, step=step,
+                               enabled=is_chief)
     log(f"Wrote {path}: " + ", ".join(f"{k} {report.format_value(v)}"
                                       for k, v in metrics.items()))
     return metrics

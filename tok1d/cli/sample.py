@@ -110,8 +110,9 @@ def _numbers(values: Sequence[str]) -> bool:
         return False
 
 
-def load_generator(config, checkpoint: str):
-    """(model, params) with params read from `checkpoint` and checked against the model."""
+def load_generator(config, checkpoint: str, step: Optional[int] = None):
+    """(model, params) with params read from `checkpoint` (a workdir's checkpoint `step`,
+    default the latest) and checked against the model."""
     model = gen_trainer.build_generator(config)
     if os.path.isfile(layout.config_path(checkpoint)):  # a training workdir: of a generator?
         try:
@@ -124,19 +125,23 @@ def load_generator(config, checkpoint: str):
     shapes = jax.eval_shape(gen_trainer.init_generator(model, 1), jax.random.key(0))
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nn.unbox(shapes))
     return model, loaders.load_checked(
-        checkpoint, shapes, f"the generator of the config ({config.model.name})")
+        checkpoint, shapes, f"the generator of the config ({config.model.name})", step)
 
 
-def load_models(config, checkpoint: str, tokenizer_path: str):
+def load_models(config, checkpoint: str, tokenizer_path: str, step: Optional[int] = None,
+                log=print):
     """(generator, its params, tokenizer, its params, the tokenizer's path): the generator of
-    `config` from `checkpoint`, and the tokenizer at `tokenizer_path` (default:
-    config.generator.tokenizer); `SampleDecoder` checks that they match."""
+    `config` from `checkpoint` (its checkpoint `step`, default the latest), and the tokenizer
+    at `tokenizer_path` (default: config.generator.tokenizer); `SampleDecoder` checks that
+    they match, and a warning says when it is not the one that wrote the generator's tokens
+    (`check_tokens_tokenizer`)."""
     gen_trainer.check_generator_config(config)  # before anything is read
     tokenizer_path = tokenizer_path or config.generator.tokenizer
     if not tokenizer_path:
         raise ValueError("No tokenizer: pass --tokenizer=DIR or set config.generator.tokenizer.")
-    model, params = load_generator(config, checkpoint)
+    model, params = load_generator(config, checkpoint, step)
     tokenizer, tok_params = loaders.load_tokenizer(tokenizer_path)
+    gen_trainer.check_tokens_tokenizer(config, tok_params, tokenizer_path, log)
     return model, params, tokenizer, tok_params, tokenizer_path
 
 
@@ -175,14 +180,15 @@ def run(config, checkpoint: str, tokenizer_path: str, num_images: int, out: str,
         # an earlier run's (process 0 writes, so its view decides on every host): kept
         raise errors.UserError(f"--out={out} already holds samples.npz; choose another --out "
                                "(or delete it).")
+    step = loaders.checkpoint_step(checkpoint)  # (a run still training saves more)
     model, params, tokenizer, tok_params, tokenizer_path = load_models(config, checkpoint,
-                                                                       tokenizer_path)
+                                                                       tokenizer_path, step, log)
     t0 = time.time()
     samples, labels = sample_images(config, model, params, tokenizer, tok_params, num_images,
                                     batch_size, seed, log)
     seconds = time.time() - t0
     info = dict(num_images=int(num_images), seconds=seconds, images_per_second=num_images / seconds,
-                checkpoint=checkpoint, tokenizer=tokenizer_path, seed=seed,
+                checkpoint=checkpoint, step=step, tokenizer=tokenizer_path, seed=seed,
                 model=config.model.to_dict(), sampling=config.sampling.to_dict(),
                 sampling_precision=config.sampling_precision)
     if jax.process_index() == 0:
@@ -241,8 +247,8 @@ def run_sweep(config, checkpoint: str, tokenizer_path: str, num_images: int, out
         raise errors.UserError("--sweep_temperature: this sampler's temperatures must be > 0 "
                                "(autoregressive: GPT, RAR; MaskGIT's randomize_temperature "
                                "may be 0).")
-    model, params, tokenizer, tok_params, tokenizer_path = load_models(config, checkpoint,
-                                                                       tokenizer_path)
+    model, params, tokenizer, tok_params, tokenizer_path = load_models(
+        config, checkpoint, tokenizer_path, loaders.checkpoint_step(checkpoint), log)
     nets, reference, real = sweep_reference(config, features, log)
     settings = sweep_lib.grid(config.sampling.to_dict(), config.model.name,
                               [float(g) for g in guidance_scales],

@@ -42,7 +42,6 @@ From Python (the demo does this)::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -131,22 +130,6 @@ def variant_names(crop: str, flip: bool) -> list[str]:
     """What each stored variant of an example is (tokens_info.json's "variants")."""
     names = list(TEN_CROP_NAMES) if crop == "ten_crop" else [tokens.VARIANT_NAMES[0]]
     return names + ([tokens.VARIANT_NAMES[1]] if flip else [])
-
-
-def params_fingerprint(params: Any) -> Optional[str]:
-    """A short hash of the parameter tree (paths, shapes, sums, first values): detects resuming
-    with other weights. None when the params are not all readable on this host."""
-    h = hashlib.sha1()
-    for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(params)[0],
-                             key=lambda kv: jax.tree_util.keystr(kv[0])):
-        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-            return None
-        a = np.asarray(leaf)
-        h.update(jax.tree_util.keystr(path).encode())
-        h.update(repr((a.shape, str(a.dtype))).encode())
-        h.update(np.float64(np.sum(a, dtype=np.float64)).tobytes())
-        h.update(np.asarray(a.reshape(-1)[:16], np.float64).tobytes())
-    return h.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -469,7 +452,8 @@ def tokenize_dataset(model, params, source, out_dir: str, *, split: str = "train
     plan = {"num_examples": n, "num_shards": num_shards, "num_variants": num_variants,
             "num_tokens": num_tokens, "codebook_size": int(codebook_size),
             "codes_dtype": dtype, "image_size": image_size, "crop": crop,
-            "tokenizer_fingerprint": params_fingerprint(params), "source_size": len(source)}
+            "tokenizer_fingerprint": loaders.params_fingerprint(params),
+            "source_size": len(source)}
     if crop == "ten_crop":
         plan["crop_range"] = crop_range
     names = [tokens.shard_name(split, k, num_shards) for k in range(num_shards)]

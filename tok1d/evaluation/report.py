@@ -99,9 +99,11 @@ def markdown(title: str, metrics: Mapping[str, Any], grids: Sequence[str] = (),
 def write_report(out_dir: str, title: str, metrics: Mapping[str, Any],
                  grids: Optional[Mapping[str, np.ndarray]] = None,
                  details: Optional[Mapping[str, Any]] = None, notes: Sequence[str] = (),
-                 step: int = 0, enabled: bool = True, sections: Sequence[str] = ()) -> str:
+                 step: Optional[int] = None, enabled: bool = True, sections: Sequence[str] = ()) -> str:
     """Writes metrics.json, one PNG per grid, report.md and TensorBoard events (scalars under
-    "eval/", images) to `out_dir`; returns the report path. `enabled=False` on non-chief hosts."""
+    "eval/", images) to `out_dir`; returns the report path. `step`: the training step of the
+    weights evaluated (None: not a training checkpoint's; TensorBoard's events at step 0).
+    `enabled=False` on non-chief hosts."""
     path = os.path.join(out_dir, "report.md")
     if not enabled:
         return path
@@ -119,10 +121,10 @@ def write_report(out_dir: str, title: str, metrics: Mapping[str, Any],
         f.write(markdown(title, metrics, [f"{n}.png" for n in grids], details, notes,
                          sections))
     with summary.MetricWriter(out_dir) as writer:
-        writer.write_scalars(step, {f"eval/{k}": float(v) for k, v in metrics.items()
+        writer.write_scalars(step or 0, {f"eval/{k}": float(v) for k, v in metrics.items()
                                     if isinstance(v, (int, float, np.number))})
         if grids:
-            writer.write_images(step, {f"eval/{k}": v for k, v in grids.items()})
+            writer.write_images(step or 0, {f"eval/{k}": v for k, v in grids.items()})
     return path
 
 

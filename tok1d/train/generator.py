@@ -277,6 +277,36 @@ def place_tokenizer(tokenizer: nn.Module, tok_params, image_size: int, mesh, rul
                         tokenizer_shardings(tokenizer, image_size, mesh, rules))
 
 
+def check_tokens_tokenizer(config, tok_params, tokenizer_path: str, log,
+                           info: Optional[dict[str, Any]] = None) -> None:
+    """Warns when the tokenizer that decodes a generator's tokens is not the one that wrote
+    its token dataset (`info`, default config.generator.tokens' tokens_info.json when there
+    is one): the fingerprint of its params differs, so its codes mean other images and the
+    samples (and their gFID) are wrong. A warning, not an error: the weights may have moved."""
+    directory = config.generator.get("tokens")
+    if info is None:
+        if not directory or not os.path.isfile(os.path.join(directory,
+                                                            tokens_lib.INFO_FILENAME)):
+            return
+        try:
+            info = tokens_lib.read_info(directory)
+        except (OSError, ValueError):  # (a damaged info: training on it says so)
+            return
+    written = info.get("tokenizer_fingerprint")
+    if not written:
+        return
+    now = loaders.params_fingerprint(tok_params)
+    if now is None or now == written:
+        return
+    made = info.get("tokenizer") or {}
+    by = (f" ({made['path']}" + (f" at step {made['step']}" if made.get("step") is not None
+                                 else "") + ")") if made.get("path") else ""
+    log(f"Warning: the tokenizer {tokenizer_path} is not the one that wrote the tokens "
+        f"{directory}{by}: its weights' fingerprint differs from the one in "
+        f"{tokens_lib.INFO_FILENAME}, so its codes mean other images and the samples and their "
+        "metrics are wrong. Give that tokenizer (--tokenizer / --config.generator.tokenizer).")
+
+
 def check_token_source(config) -> None:
     """A ConfigError when the training sequences' source lacks what it needs."""
     if encodes_images(config) and not config.generator.tokenizer:
@@ -419,6 +449,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     else:  # a token dataset
         train_src, eval_src, info = token_sources(config)
         check_tokens_match(model, info)
+        if frozen_tokenizer is not None:
+            check_tokens_tokenizer(config, frozen_tokenizer.params, config.generator.tokenizer,
+                                   log, info)
         data_line = f"{len(train_src)} training sequences of {model.num_tokens} tokens"
 
         def batches_from(step):

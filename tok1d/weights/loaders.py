@@ -111,19 +111,47 @@ def load_training_state(workdir: str, step: Optional[int] = None) -> dict[str, A
     return _restore_numpy(layout.state_path(os.path.abspath(workdir), step))
 
 
-def load_params(path: str, use_ema: bool = True) -> dict[str, Any]:
-    """Params of a pretrained directory, or of the latest checkpoint of a training workdir (or
-    of its checkpoints/ folder): the EMA params unless `use_ema` is False or the run had none.
-    A released name (`resolve`) loads its converted directory."""
+def checkpoint_step(path: str) -> Optional[int]:
+    """The step `load_params(path)` reads: the latest checkpoint of a training workdir (or of
+    its checkpoints/ folder); None for a pretrained directory, a released name or a path that
+    is not there."""
+    if not os.path.isdir(path) or layout.read_model_spec(path) is not None:
+        return None
+    return layout.latest_step(path)
+
+
+def load_params(path: str, use_ema: bool = True, step: Optional[int] = None
+                ) -> dict[str, Any]:
+    """Params of a pretrained directory, or of checkpoint `step` (default: the latest) of a
+    training workdir (or of its checkpoints/ folder): the EMA params unless `use_ema` is False
+    or the run had none. A released name (`resolve`) loads its converted directory."""
     path = os.path.abspath(resolve(path))
     if not os.path.exists(path):
-        raise FileNotFoundError(f"pretrained weights {path} do not exist")
+        raise registry.UnknownName(f"weights not found: {path} (a training workdir, a "
+                                   "pretrained directory or a released name)")
     if layout.read_model_spec(path) is not None:
         return _restore_numpy(layout.params_dir(path))
-    state = load_training_state(path)
+    state = load_training_state(path, step)
     if use_ema and state.get("ema_params") is not None:
         return state["ema_params"]
     return state["params"]
+
+
+def params_fingerprint(params: Any) -> Optional[str]:
+    """A short hash of the parameter tree (paths, shapes, sums, first values): tokens_info.json's
+    `tokenizer_fingerprint`, which detects tokens written (or a tokenize run resumed) with other
+    weights. None when the params are not all readable on this host."""
+    h = hashlib.sha1()
+    for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(params)[0],
+                             key=lambda kv: jax.tree_util.keystr(kv[0])):
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            return None
+        a = np.asarray(leaf)
+        h.update(jax.tree_util.keystr(path).encode())
+        h.update(repr((a.shape, str(a.dtype))).encode())
+        h.update(np.float64(np.sum(a, dtype=np.float64)).tobytes())
+        h.update(np.asarray(a.reshape(-1)[:16], np.float64).tobytes())
+    return h.hexdigest()[:16]
 
 
 def load_pretrained(directory: str, **model_overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
@@ -260,11 +288,12 @@ def merge_into(params: Mapping[str, Any], loaded: Mapping[str, Any],
     return tu.unflatten_dict(flat), done, problems
 
 
-def load_checked(path: str, shapes: Mapping[str, Any], what: str) -> dict[str, Any]:
-    """Params of `path` (pretrained directory or training workdir) that must match `shapes` (the
-    model's abstract params) exactly: every array present with its shape, else a ValueError
-    naming what differs."""
-    return merge_checked(shapes, load_params(path), f"Weights {path}", what)
+def load_checked(path: str, shapes: Mapping[str, Any], what: str, step: Optional[int] = None
+                 ) -> dict[str, Any]:
+    """Params of `path` (pretrained directory or training workdir: its checkpoint `step`,
+    default the latest) that must match `shapes` (the model's abstract params) exactly: every
+    array present with its shape, else a ValueError naming what differs."""
+    return merge_checked(shapes, load_params(path, step=step), f"Weights {path}", what)
 
 
 def merge_checked(shapes: Mapping[str, Any], loaded: Mapping[str, Any], source: str,
