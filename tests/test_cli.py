@@ -502,6 +502,72 @@ def test_a_runs_own_config_is_the_default_config(tmp_path):
                                             "--config.sampling.cfg_scal=3.0"])
 
 
+def test_one_checkpoints_folder_is_a_checkpoint(tmp_path, capsys):
+    """`--checkpoint=RUN/checkpoints/<step>` (or `tokenize --tokenizer=...` of it) reads that
+    step, with the run's config.json (there was no way to choose a step: the latest only,
+    and a damaged latest left the earlier ones out of reach); a step that is not there is
+    named with the run's steps."""
+    import json
+    import jax
+    import numpy as np
+    import orbax.checkpoint as ocp
+    from configs import tiny_test
+    from flax import linen as nn
+    from tok1d import models
+    from tok1d.cli import evaluate, sample
+    from tok1d.weights import layout, loaders
+    config = tiny_test.get_config()
+    model = models.create(config.model.name, **layout.model_kwargs(config))
+    params = jax.tree.map(np.asarray, nn.unbox(model.init(jax.random.key(0), np.zeros(
+        (1, config.data.image_size, config.data.image_size, 3), np.float32))["params"]))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(config.to_dict()))
+    with ocp.StandardCheckpointer() as ckptr:
+        for step in (4, 8):
+            ckptr.save(str(run / "checkpoints" / str(step) / "state"),
+                       {"params": jax.tree.map(lambda x, s=step: x + s, params)})
+    for path, step in ((run, 8), (run / "checkpoints", 8), (run / "checkpoints" / "4", 4)):
+        assert loaders.checkpoint_step(str(path)) == step
+        got = loaders.load_params(str(path))
+        np.testing.assert_array_equal(got["latent_tokens"], params["latent_tokens"] + step)
+        _, tok = loaders.load_tokenizer(str(path))
+        np.testing.assert_array_equal(tok["latent_tokens"], params["latent_tokens"] + step)
+    assert loaders.describe_tokenizer(str(run / "checkpoints" / "4"))["step"] == 4
+    step4 = str(run / "checkpoints" / "4")
+    for job in (sample, evaluate):  # the run's config.json
+        fv, _ = app._parse(job, "tok1d x", [f"--checkpoint={step4}", "--out=o"])
+        assert fv.config.model.name == config.model.name
+    with pytest.raises(errors.UserError, match=r"run has no checkpoint at step 6 \(its steps: "
+                       r"4, 8\)"):
+        loaders.load_params(str(run / "checkpoints" / "6"))
+    assert app.run(evaluate, [f"--checkpoint={run / 'checkpoints' / '6'}",
+                              f"--out={tmp_path / 'o'}"]) == 2
+    assert "has no checkpoint at step 6" in one_error_line(capsys.readouterr().err)
+    # Another model's config: the first shape differences, the rest counted, and the run's own
+    # config.json named (it printed every array of other shapes: 2000 characters).
+    assert app.run(evaluate, [f"--config={TINY}", "--config.model.encoder_width=64",
+                              f"--checkpoint={step4}", f"--out={tmp_path / 'o'}"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert re.search(r"; \d+ more arrays of other shapes", line) and len(line) < 800, line
+    assert line.endswith(f"{run / 'config.json'} describes the model of these weights: leave "
+                         "out --config to use it. (ValueError)"), line
+
+
+def test_a_damaged_run_config_is_named_alone(tmp_path, capsys):
+    """A run's damaged config.json, read as --config (or through --checkpoint), is one line
+    naming that file: not tok1d's internal run_config.py loader, its line and error type."""
+    from tok1d.cli import sample
+    (tmp_path / "config.json").write_text('{"trainer": "gen')
+    for job, args in ((sample, [f"--checkpoint={tmp_path}", "--out=o"]),
+                      (train, [f"--config={tmp_path / 'config.json'}",
+                               f"--workdir={tmp_path / 'w'}"])):
+        assert app.run(job, args) == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert line.startswith(f"error: {tmp_path / 'config.json'} is not valid JSON"), line
+        assert "run_config.py" not in line and "UserError" not in line
+
+
 def test_a_checkpoint_without_a_run_config_is_named(tmp_path, capsys):
     """`tok1d sample` given no --config and a --checkpoint that is not a run names that
     checkpoint: missing, or a folder without the run's config.json (it said "--config is

@@ -644,6 +644,27 @@ def test_a_resume_on_other_training_data_is_named(tmp_path):
         "data.name: 'demo' there, 'digits' now"]
 
 
+def test_a_resume_on_a_dataset_of_another_size_is_named(tmp_path, capsys):
+    """A dataset re-prepared under the same name (more or fewer training examples) is other
+    data for a resumed run (its batches are not those of an uninterrupted run): the run
+    records the size of its training split in data.json and a resume names a change."""
+    from tok1d.train import config_lib
+    config = config_lib.base_config("tokenizer")
+    wd = str(tmp_path)
+    loop.start_writing(config, wd, 0, train_examples=10).close()  # a fresh run: recorded
+    assert json.loads((tmp_path / loop.DATA_FILE).read_text()) == {"train_examples": 10}
+    assert "Warning" not in capsys.readouterr().out
+    os.makedirs(os.path.join(wd, "checkpoints", "8"))
+    assert loop.changed_data_size(wd, 10) is None and loop.changed_data_size(wd, None) is None
+    loop.start_writing(config, wd, 8, train_examples=16).close()
+    out = capsys.readouterr().out
+    assert ("Warning: resuming on other training data than the checkpoints were trained on "
+            "(the training split: 10 examples there, 16 now).") in out
+    assert json.loads((tmp_path / loop.DATA_FILE).read_text()) == {"train_examples": 16}
+    (tmp_path / loop.DATA_FILE).write_text("{junk")  # unreadable: nothing known to differ
+    assert loop.changed_data_size(wd, 3) is None
+
+
 def test_a_resume_with_other_schedule_settings_is_named(tmp_path):
     """A run extended with more steps (or another LR) follows another schedule from the
     resumed step on: the resume names what changed. Keys tok1d added after the run started

@@ -143,8 +143,9 @@ def _with_run_config(job: types.ModuleType, args: list[str]) -> list[str]:
                 out.append(arg)
         return out
     checkpoint = _flag_arg(args, "checkpoint")
-    if checkpoint and os.path.isfile(layout.config_path(checkpoint)):
-        return [f"--config={RUN_CONFIG_FILE}:{os.path.abspath(checkpoint)}"] + list(args)
+    run = layout.run_dir(checkpoint) if checkpoint else ""  # (a checkpoint's folder: its run's)
+    if run and os.path.isfile(layout.config_path(run)):
+        return [f"--config={RUN_CONFIG_FILE}:{run}"] + list(args)
     if "config" not in job.REQUIRED and any(a.startswith("--config.") for a in args):
         return [f"--config={RUN_CONFIG_FILE}"] + list(args)  # overrides of the defaults
     return args
@@ -354,6 +355,8 @@ def _parse(job: types.ModuleType, prog: str, args: list[str]
         elif "Error whilst parsing config file" in message:  # get_config raised: last line
             last = [line.strip() for line in message.splitlines() if line.strip()][-1]
             message = f"--config={config_file}: {last}"
+        elif isinstance(e, errors.UserError):  # written for the user (a run's config.json)
+            message = str(e)
         elif not isinstance(e, flags.Error):  # raised by the config file itself
             line = _config_line(e, config_file)
             message = f"--config={config_file}{line}: {type(e).__name__}: {message}{hint}"

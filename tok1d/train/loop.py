@@ -385,17 +385,42 @@ def _json_like(value: Any) -> Any:
     return value
 
 
-def start_writing(config, workdir: str, first_step: int = 0) -> summary.MetricWriter:
+DATA_FILE = "data.json"  # in the workdir: {"train_examples": N} of the data the run trains on
+
+
+def changed_data_size(workdir: str, train_examples: Optional[int]) -> Optional[str]:
+    """What differs between the number of training examples a resumed run's checkpoints were
+    trained on (its workdir's data.json) and `train_examples` now (a dataset re-prepared under
+    the same name); None when nothing is known to differ."""
+    path = os.path.join(workdir, DATA_FILE)
+    if train_examples is None or layout.latest_step(workdir) is None or not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            before = json.load(f).get("train_examples")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if before is None or before == train_examples:
+        return None
+    return f"the training split: {before} examples there, {train_examples} now"
+
+
+def start_writing(config, workdir: str, first_step: int = 0,
+                  train_examples: Optional[int] = None) -> summary.MetricWriter:
     """The run's metric writer, with the config recorded: config.json and the hyperparameters
     (call once the run's state exists). A resumed run whose model settings or training data
-    changed says which (`changed_model_settings`, `changed_data_settings`) before config.json
-    records the new ones. A run (re)starting at `first_step` drops its logs of later steps
-    (`MetricWriter.resume_at`)."""
+    changed says which (`changed_model_settings`, `changed_data_settings`, and with
+    `train_examples`, the size of its training split: `changed_data_size`) before config.json
+    and data.json record the new ones. A run (re)starting at `first_step` drops its logs of
+    later steps (`MetricWriter.resume_at`)."""
     changed = changed_model_settings(config, workdir)
     if changed:
         log_fn()(f"Warning: resuming with model settings other than the checkpoints were "
                  f"trained with ({'; '.join(changed)}); the params are read as they are.")
     changed = changed_data_settings(config, workdir)
+    size = changed_data_size(workdir, train_examples)
+    if size is not None:
+        changed.append(size)
     if changed:
         log_fn()(f"Warning: resuming on other training data than the checkpoints were trained "
                  f"on ({'; '.join(changed)}).")
@@ -411,6 +436,8 @@ def start_writing(config, workdir: str, first_step: int = 0) -> summary.MetricWr
     writer.resume_at(first_step)  # (steps after the checkpoint, logged before a kill: redone)
     writer.write_hparams(config.to_dict())
     write_json(layout.config_path(workdir), config.to_dict())
+    if train_examples is not None:
+        write_json(os.path.join(workdir, DATA_FILE), {"train_examples": int(train_examples)})
     return writer
 
 

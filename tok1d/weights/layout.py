@@ -13,6 +13,9 @@ A training workdir (what `python -m tok1d.main --workdir=WORKDIR` writes):
     WORKDIR/checkpoints/<step>/data_iter/      (earlier versions) the grain iterator state,
                                                not read: batches restart at the step
 
+Wherever weights are read, a workdir means its latest checkpoint and `WORKDIR/checkpoints/<step>`
+that step's (`step_folder`, `run_dir`).
+
 The trainers' checkpointer (`tok1d.train.checkpoint`) writes the items named here; the loaders
 (`tok1d.weights.loaders`) read them.
 """
@@ -68,6 +71,28 @@ def config_path(workdir: str) -> str:
 
 def checkpoint_dir(workdir: str) -> str:
     return os.path.join(workdir, CHECKPOINTS_DIR)
+
+
+def step_folder(path: str) -> Optional[tuple[str, int]]:
+    """(workdir, step) of one checkpoint's folder `WORKDIR/checkpoints/<step>` (there or not);
+    None for any other path."""
+    path = os.path.normpath(os.path.abspath(path))
+    parent, name = os.path.split(path)
+    if name.isdigit() and os.path.basename(parent) == CHECKPOINTS_DIR:
+        return os.path.dirname(parent), int(name)
+    return None
+
+
+def run_dir(path: str) -> str:
+    """The training workdir `path` belongs to: the workdir of one checkpoint's folder or of a
+    checkpoints/ folder; `path` itself otherwise."""
+    found = step_folder(path)
+    if found is not None:
+        return found[0]
+    path = os.path.normpath(os.path.abspath(path))
+    if os.path.basename(path) == CHECKPOINTS_DIR and not os.path.isfile(config_path(path)):
+        return os.path.dirname(path)
+    return path
 
 
 def checkpoint_steps(path: str) -> list[int]:

@@ -113,24 +113,34 @@ def load_training_state(workdir: str, step: Optional[int] = None) -> dict[str, A
 
 def checkpoint_step(path: str) -> Optional[int]:
     """The step `load_params(path)` reads: the latest checkpoint of a training workdir (or of
-    its checkpoints/ folder); None for a pretrained directory, a released name or a path that
-    is not there."""
+    its checkpoints/ folder), the step of one checkpoint's folder (`layout.step_folder`); None
+    for a pretrained directory, a released name or a path that is not there."""
     if not os.path.isdir(path) or layout.read_model_spec(path) is not None:
         return None
-    return layout.latest_step(path)
+    found = layout.step_folder(path)
+    return found[1] if found is not None else layout.latest_step(path)
 
 
 def load_params(path: str, use_ema: bool = True, step: Optional[int] = None
                 ) -> dict[str, Any]:
     """Params of a pretrained directory, or of checkpoint `step` (default: the latest) of a
-    training workdir (or of its checkpoints/ folder): the EMA params unless `use_ema` is False
-    or the run had none. A released name (`resolve`) loads its converted directory."""
+    training workdir (or of its checkpoints/ folder), or of one checkpoint's folder
+    (`WORKDIR/checkpoints/<step>`): the EMA params unless `use_ema` is False or the run had
+    none. A released name (`resolve`) loads its converted directory."""
     path = os.path.abspath(resolve(path))
+    found = layout.step_folder(path)
     if not os.path.exists(path):
+        if found is not None and os.path.isdir(found[0]):
+            steps = layout.checkpoint_steps(found[0])
+            raise registry.UnknownName(
+                f"{found[0]} has no checkpoint at step {found[1]} (its steps: "
+                f"{', '.join(map(str, steps)) or 'none'})")
         raise registry.UnknownName(f"weights not found: {path} (a training workdir, a "
                                    "pretrained directory or a released name)")
     if layout.read_model_spec(path) is not None:
         return _restore_numpy(layout.params_dir(path))
+    if found is not None:
+        path, step = found
     state = load_training_state(path, step)
     if use_ema and state.get("ema_params") is not None:
         return state["ema_params"]
@@ -173,12 +183,13 @@ def _model_spec(path: str) -> tuple[str, str, dict[str, Any]]:
     spec = layout.read_model_spec(path)
     if spec is not None:
         return "pretrained", spec["name"], dict(spec["kwargs"])
-    if not os.path.isfile(layout.config_path(path)):
+    run = layout.run_dir(path)  # (of a checkpoints/ folder or one checkpoint's folder too)
+    if not os.path.isfile(layout.config_path(run)):
         raise FileNotFoundError(
             f"{path} is neither a pretrained directory ({layout.MODEL_FILE} + "
             f"{layout.PARAMS_DIR}/) nor a training workdir ({layout.CONFIG_FILE} + "
             f"{layout.CHECKPOINTS_DIR}/).")
-    config = ml_collections.ConfigDict(layout.read_config(path))
+    config = ml_collections.ConfigDict(layout.read_config(run))
     return "workdir", config.model.name, layout.model_kwargs(config)
 
 
@@ -211,7 +222,7 @@ def _load_directory(path: str, tokenizer_only: bool, model_overrides: dict[str, 
         shapes = nn.unbox(convert_common.abstract_variables(
             model, *_init_inputs(model, path))["params"])
     return model, merge_checked(shapes, load_params(path),
-                                f"The latest checkpoint's weights in {path}",
+                                f"The checkpoint's weights in {path}",
                                 f"the model of its {layout.CONFIG_FILE}")
 
 
@@ -247,7 +258,7 @@ def describe_tokenizer(path: str) -> dict[str, Any]:
     kind, name, kwargs = _model_spec(path)
     desc = {"kind": kind, "path": path, "name": name, "kwargs": pretrained.jsonable(kwargs)}
     if kind == "workdir":
-        desc.update(step=layout.latest_step(path), params="ema if the run had EMA")
+        desc.update(step=checkpoint_step(path), params="ema if the run had EMA")
     else:
         desc["source"] = layout.read_model_spec(path).get("source", "")
     return desc
@@ -292,8 +303,21 @@ def load_checked(path: str, shapes: Mapping[str, Any], what: str, step: Optional
                  ) -> dict[str, Any]:
     """Params of `path` (pretrained directory or training workdir: its checkpoint `step`,
     default the latest) that must match `shapes` (the model's abstract params) exactly: every
-    array present with its shape, else a ValueError naming what differs."""
-    return merge_checked(shapes, load_params(path, step=step), f"Weights {path}", what)
+    array present with its shape, else a ValueError naming what differs (and, for a training
+    run's weights, the run's config.json, which describes their model)."""
+    loaded = load_params(path, step=step)
+    try:
+        return merge_checked(shapes, loaded, f"Weights {path}", what)
+    except ValueError as e:
+        run = layout.run_dir(os.path.abspath(path))
+        if layout.read_model_spec(path) is not None or not os.path.isfile(
+                layout.config_path(run)):
+            raise
+        raise ValueError(f"{e}. {layout.config_path(run)} describes the model of these "
+                         "weights: leave out --config to use it.") from None
+
+
+SHOWN_PROBLEMS = 4  # arrays of other shapes named in a mismatch error (the rest counted)
 
 
 def merge_checked(shapes: Mapping[str, Any], loaded: Mapping[str, Any], source: str,
@@ -308,8 +332,13 @@ def merge_checked(shapes: Mapping[str, Any], loaded: Mapping[str, Any], source: 
     extra = set(transformer.extra_layers(flat, sources))  # named by merge_into's problems
     unused = [u for u in transformer.unused_by_layout(flat, sources) if u not in extra]
     if problems or missing or unused:
+        mismatched = len(problems) - (1 if extra else 0)  # arrays of other shapes
+        missing -= mismatched
+        shown = problems[:SHOWN_PROBLEMS] + ([f"{len(problems) - SHOWN_PROBLEMS} more arrays of "
+                                              "other shapes"]
+                                             if len(problems) > SHOWN_PROBLEMS else [])
         raise ValueError(f"{source} do not match {what}: " + "; ".join(
-            problems + ([f"{missing} parameter arrays missing"] if missing else [])
+            shown + ([f"{missing} parameter arrays missing"] if missing else [])
             + ([f"{len(unused)} arrays not in the model (e.g. {', '.join(unused[:3])})"]
                if unused else [])))
     return merged
