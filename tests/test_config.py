@@ -109,6 +109,24 @@ def test_sizes_decays_and_counts_out_of_range_are_named():
         assert text in str(e.value), text
 
 
+def test_data_values_are_checked_before_the_first_batch():
+    """data.min_scale above 1 failed at the first batch ("high - low < 0"), num_workers=-2 was
+    taken, eval_examples=0 said the evaluation split was empty: each named by the config check."""
+    config = load_config(os.path.join(REPO, "configs", "tiny_test.py"))
+    for min_scale in (1.5, 0.0):
+        config.data.min_scale = min_scale
+        config.data.num_workers, config.data.eval_examples = -2, 0
+        with pytest.raises(config_lib.ConfigError) as e:
+            config_lib.validate(config, num_devices=8)
+        for text in (f"data.min_scale={min_scale} must be in (0, 1]",
+                     "data.num_workers=-2 must be >= 0, or -1",
+                     "data.eval_examples=0 must be positive, or -1"):
+            assert text in str(e.value), text
+    config.data.min_scale, config.data.num_workers, config.data.eval_examples = 1.0, -1, 5
+    config_lib.validate(config, num_devices=8)
+    assert config_lib.data_problems(config.data) == []
+
+
 def test_for_trainer_keeps_the_values_of_that_trainers_keys():
     demo = load_config(os.path.join(REPO, "configs", "demo.py"))
     tok = config_lib.for_trainer(demo, "tokenizer")

@@ -14,7 +14,7 @@ import skimage.data
 from PIL import Image
 
 from conftest import REPO
-from tok1d import parallel
+from tok1d import errors, parallel
 from tok1d.cli import bench, input_bench, tokenize
 from tok1d.data import feeding, pipeline, sources
 
@@ -326,3 +326,74 @@ def test_input_benchmark_without_the_official_loaders(capsys):
     table = capsys.readouterr().out
     assert "| tok1d | adm_random_crop | 32 | 2 | 0 |" in table and "official" not in table.split(
         "\n", 2)[2]
+
+
+def _prefetching_batches(cost_s: float, buffer: int, warmup_s: float):
+    """A fake pipeline: a thread that spends `cost_s` CPU seconds per batch and runs up to
+    `buffer` batches ahead of the consumer; the first batch comes after `warmup_s` (a slow
+    start, as grain's, during which the buffer fills)."""
+    import queue
+    import threading
+    import time
+    ready, stop = queue.Queue(maxsize=buffer), threading.Event()
+
+    def produce():
+        while not stop.is_set():
+            start = time.process_time()
+            while time.process_time() - start < cost_s:  # (process CPU time: this thread's)
+                pass
+            while not stop.is_set():
+                try:
+                    ready.put(0, timeout=0.05)
+                    break
+                except queue.Full:
+                    pass
+
+    threading.Thread(target=produce, daemon=True).start()
+    try:
+        time.sleep(warmup_s)
+        while True:
+            yield ready.get()
+    finally:
+        stop.set()
+
+
+def test_the_input_benchmark_times_from_a_full_buffer_to_a_full_one():
+    """Batches decoded ahead before the clocks start are not counted for free: the CPU per batch
+    is the pipeline's cost at 1 step as at 6 (it was ~1/8 of it at 1 step)."""
+    make = functools.partial(_prefetching_batches, cost_s=0.04, buffer=8, warmup_s=0.5)
+    per_batch = {}
+    for steps in (1, 6):
+        r = input_bench.time_batches(make, batch_size=1, steps=steps, warmup=1)
+        per_batch[steps] = r["cpu_s"] / steps
+        assert r["wall_s"] > 0
+    assert 0.03 < per_batch[1] < 0.08 and 0.03 < per_batch[6] < 0.06, per_batch
+
+
+def test_input_benchmark_refuses_bad_inputs_in_one_line(tmp_path, capsys):
+    """Undecodable files in --image_folder (tok1d's side dropped them silently, torchvision's
+    failed on them), an image size of 0 (a ZeroDivisionError at the first batch) and an --out
+    that is a directory (refused only after the whole run): each one `error:` line, up front."""
+    folder = input_bench.write_image_folder(str(tmp_path / "jpegs"), 4)
+    with open(os.path.join(folder, "class_0", "broken.jpg"), "wb") as f:
+        f.write(b"not a jpeg")
+    common = ["--workload=input", f"--config={REPO}/configs/gigatok_b_l.py", "--batch_size=2",
+              "--steps=1", "--repeats=1", "--noofficial"]
+    cases = [([f"--image_folder={folder}", "--config.data.image_size=32"],
+              "1 file(s) cannot be decoded (e.g. class_0/broken.jpg: "),
+             (["--images=4", "--config.data.image_size=0"], "data.image_size=0 must be positive"),
+             (["--images=4", "--config.data.image_size=32", f"--out={tmp_path}"],
+              "is a directory")]
+    for extra, text in cases:
+        status = bench.main(common + extra)
+        err = capsys.readouterr().err
+        last = err.strip().splitlines()[-1]  # (after prepare's progress bar)
+        assert status == 2 and last.startswith("error: ") and text in last, err
+        assert "Traceback" not in err
+        assert "--out" not in extra[-1] or "train:" not in err  # refused before any work
+    # An error of torchvision's loader itself (e.g. a file it lists that tok1d ignores) says
+    # whose it is.
+    with pytest.raises(errors.UserError, match=r"official loader \(torchvision's ImageFolder\) "
+                                               r"failed on d: FileNotFoundError: gone"):
+        with input_bench._naming("official", "d"):
+            raise FileNotFoundError("gone")

@@ -335,3 +335,138 @@ def test_an_undecodable_record_in_training_names_its_file():
                                 min_scale=1.0)
     with pytest.raises(records.CorruptImageError, match=r"file 'cat/broken.jpg'"):
         next(iter(ds))
+
+
+def _png_bytes(value: int = 0) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((6, 6, 3), value, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_names_that_are_not_utf8_are_stored_escaped(tmp_path):
+    """A file name whose bytes are not UTF-8 (e.g. Latin-1 'é') is written as a \\xNN escape,
+    to the records and to the skipped list, instead of failing the whole run."""
+    root = os.fsencode(str(tmp_path / "in"))
+    for folder in (b"cat", b"dog"):
+        os.makedirs(os.path.join(root, folder))
+    for name, data in ((b"cat/ok\xe9.png", _png_bytes()), (b"cat/bad\xe9.jpg", b"junk"),
+                       (b"dog/x.png", _png_bytes(9))):
+        with open(os.path.join(root, name), "wb") as f:
+            f.write(data)
+    out = str(tmp_path / "out")
+    prepare_lib.prepare(os.fsdecode(root), out, workers=1)
+    _, recs = _read_all(out, "train")
+    assert sorted(r["filename"] for r in recs) == ["cat/ok\\xe9.png", "dog/x.png"]
+    with open(os.path.join(out, "skipped_train.txt"), encoding="utf-8") as f:
+        assert f.read().startswith("cat/bad\\xe9.jpg\t")
+
+
+def test_a_failed_commit_keeps_the_split_it_would_replace(tree, tmp_path, monkeypatch):
+    root, good = tree
+    out = str(tmp_path / "out")
+    prepare_lib.prepare(root, out, workers=1)
+    before = {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)}
+
+    real = prepare_lib._write_text
+
+    def failing(path, text):
+        if "skipped_" in path:
+            raise OSError("simulated: disk full")
+        real(path, text)
+
+    monkeypatch.setattr(prepare_lib, "_write_text", failing)
+    with pytest.raises(OSError, match="disk full"):
+        prepare_lib.prepare(root, out, workers=1, seed=1, replace=True)
+    monkeypatch.undo()
+    after = {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)}
+    assert after == before  # the same files, unchanged: no temporary file left either
+    assert len(records.ArrayRecordImageSource(out, "train")) == len(good)
+
+
+def test_a_token_dataset_is_not_overwritten(tree, tmp_path):
+    root, _ = tree
+    out = tmp_path / "tokens"
+    out.mkdir()
+    (out / "tokens_info.json").write_text("{}")
+    (out / "train.array_record-00000-of-00001").write_bytes(b"codes")
+    with pytest.raises(ValueError, match="holds a token dataset .* another --out"):
+        prepare_lib.prepare(root, str(out), workers=1)
+    assert sorted(os.listdir(out)) == ["tokens_info.json", "train.array_record-00000-of-00001"]
+    assert (out / "train.array_record-00000-of-00001").read_bytes() == b"codes"
+
+
+def test_replacing_the_split_a_validation_split_was_taken_from(tree, tmp_path):
+    """Writing 'train' again without --val_fraction would leave a 'validation' split whose
+    images are in 'train' too: refused; with --val_fraction both are written anew."""
+    root, good = tree
+    out = str(tmp_path / "out")
+    prepare_lib.prepare(root, out, val_fraction=0.3, workers=1)
+    with open(os.path.join(out, "dataset_info.json")) as f:
+        before = f.read()
+    assert json.loads(before)["splits"]["validation"]["split_off_from"] == "train"
+    with pytest.raises(ValueError, match=r"'validation' split .* was taken from 'train' by "
+                                         r"--val_fraction=0.3: .* pass --val_fraction again"):
+        prepare_lib.prepare(root, out, workers=1, replace=True)
+    with open(os.path.join(out, "dataset_info.json")) as f:
+        assert f.read() == before
+    prepare_lib.prepare(root, out, val_fraction=0.5, workers=1, replace=True)
+    _, train = _read_all(out, "train")
+    _, val = _read_all(out, "validation")
+    assert not {r["filename"] for r in train} & {r["filename"] for r in val}
+    prepare_lib.prepare(root, out, split="extra", workers=1)  # another split: not concerned
+
+
+def test_a_class_whose_images_all_fail_to_decode_is_refused(tmp_path):
+    root = tmp_path / "in"
+    _save(str(root / "a" / "x.png"), np.zeros((4, 4, 3), np.uint8), "PNG")
+    (root / "b").mkdir()
+    (root / "b" / "broken.jpg").write_bytes(b"junk")
+    (root / "b" / "empty.png").write_bytes(b"")
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"1 class folder\(s\) .* hold no image that decodes "
+                                         r"\(b; e.g. b/(broken.jpg|empty.png): "
+                                         r".*Nothing was written"):
+        prepare_lib.prepare(str(root), str(out), workers=1)
+    assert not os.listdir(out)
+
+
+def test_a_damaged_shard_is_named(tree, tmp_path):
+    """Bytes overwritten in the middle of a shard: reading its records fails in one line that
+    names the shard (the reader's own error names no file)."""
+    root, good = tree
+    out = str(tmp_path / "out")
+    prepare_lib.prepare(root, out, workers=1)
+    shard = os.path.join(out, "train.array_record-00000-of-00001")
+    with open(shard, "rb") as f:
+        used = len(f.read().rstrip(b"\0"))  # (the file ends in zero padding)
+    with open(shard, "r+b") as f:
+        for k in range(1, 6):  # a tenth of the way in hits a record of this tree
+            f.seek(used * k // 10)
+            f.write(b"\xff" * 16)
+    source = records.ArrayRecordImageSource(out, "train")
+    with pytest.raises(errors.UserError, match=f"Shard '{shard}' of split 'train' is damaged: "
+                                               r"record \d+ cannot be read"):
+        for i in range(len(source)):
+            source[i]
+    with pytest.raises(errors.UserError, match="is damaged"):
+        source.__getitems__(list(range(len(source))))
+
+
+def test_a_record_that_is_not_an_image_record_is_named(tmp_path):
+    from array_record.python import array_record_module
+    out = tmp_path / "out"
+    out.mkdir()
+    writer = array_record_module.ArrayRecordWriter(
+        str(out / "train.array_record-00000-of-00001"), "group_size:1")
+    writer.write(records.encode_record(_png_bytes(), 0, "a/x.png"))
+    writer.write(b"\x01\x02not msgpack")
+    writer.close()
+    (out / "dataset_info.json").write_text(json.dumps({
+        "format": records.FORMAT_VERSION, "class_names": ["a"],
+        "splits": {"train": {"num_examples": 2,
+                             "shards": ["train.array_record-00000-of-00001"]}}}))
+    source = records.ArrayRecordImageSource(str(out), "train")
+    assert source[0]["filename"] == "a/x.png"
+    with pytest.raises(ValueError, match=r"Record 1 of split 'train' of .*: not a tok1d image "
+                                         r"record \(ExtraData"):
+        source[1]

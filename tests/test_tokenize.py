@@ -438,3 +438,32 @@ def test_a_continuous_tokenizer_has_no_tokens_to_write(tmp_path):
                                   str(tmp_path / "t"), split="train", batch_size=4,
                                   log=lambda _: None)
     assert not (tmp_path / "t").exists()
+
+
+def test_an_undecodable_record_is_named_with_its_file_and_index(tiny, tmp_path):
+    """A record whose image does not decode fails in one line naming the source file, the record
+    index and the dataset (the decoder's own message names neither)."""
+    import io
+    from array_record.python import array_record_module
+    from PIL import Image
+    model, params = tiny
+    data = tmp_path / "data"
+    data.mkdir()
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(buf, format="JPEG")
+    good = buf.getvalue()
+    writer = array_record_module.ArrayRecordWriter(
+        str(data / "train.array_record-00000-of-00001"), "group_size:1")
+    for i, (image, name) in enumerate([(good, "a/0.jpg"), (good[:len(good) // 2], "a/cut.jpg"),
+                                       (good, "a/2.jpg")]):
+        writer.write(records.encode_record(image, 0, name))
+    writer.close()
+    (data / records.INFO_FILENAME).write_text(json.dumps({
+        "format": records.FORMAT_VERSION, "class_names": ["a"],
+        "splits": {"train": {"num_examples": 3,
+                             "shards": ["train.array_record-00000-of-00001"]}}}))
+    source = tokenize.resolve_source(str(data), "train")
+    with pytest.raises(records.CorruptImageError,
+                       match=f"file 'a/cut.jpg', record 1 of split 'train' of {data}"):
+        tokenize.tokenize_dataset(model, params, source, str(tmp_path / "out"), split="train",
+                                  batch_size=8, num_shards=1, log=lambda _: None)

@@ -575,8 +575,27 @@ def format_row(row: dict[str, Any]) -> str:
     return table
 
 
+def check_out_file(path: str) -> None:
+    """A UserError, before anything runs, for an `--out` file the result cannot be appended to:
+    a remote path, a directory, or a file in a missing or unwritable folder. An empty `path`
+    passes."""
+    if not path:
+        return
+    errors.check_local(path, "--out")
+    full = os.path.abspath(path)
+    folder = os.path.dirname(full)
+    if os.path.isdir(full):
+        raise errors.UserError(f"--out={path} is a directory; give the file to append the JSON "
+                               "lines to.")
+    if not os.path.isdir(folder):
+        raise errors.UserError(f"--out={path}: the folder {folder} does not exist.")
+    if not os.access(full if os.path.exists(full) else folder, os.W_OK):
+        raise errors.UserError(f"--out={path} is not writable.")
+
+
 def execute(fv: flags.FlagValues, args: list[str]) -> None:
     del args
+    check_out_file(fv.out)
     if fv.workload == "input":
         unused = [f"--{name}" for name, on in (("compile_only", fv.compile_only),
                                                 ("profile", fv.profile),

@@ -23,8 +23,10 @@ of the process, which stays meaningful on a loaded machine. `--workers=N` uses N
 processes (grain `mp_prefetch` / DataLoader workers; -1: `data.num_workers`' auto count, one
 per core but one, at most 16) and adds the workers'
 CPU time (read from /proc). "wall img/s" is the elapsed-time rate (it depends on the load).
-Each measurement runs `--repeats` times after `warmup` batches; the table gives the run with
-the least CPU time. The 1-minute load average is recorded beside the numbers.
+Each measurement runs `--repeats` times after `warmup` batches, from a full prefetch buffer to
+a full one (`time_batches`: the rate does not depend on `--steps`); the table gives the run
+with the least CPU time. Files of `--image_folder` that cannot be decoded are refused (named),
+as the official loader would fail on them. The 1-minute load average is recorded beside the numbers.
 """
 
 from __future__ import annotations
@@ -39,10 +41,11 @@ from typing import Any, Callable, Iterator
 import jax
 import numpy as np
 
-from tok1d import summary
+from tok1d import errors, summary
 from tok1d.data import feeding, pipeline, records, sources
 from tok1d.data.prepare import prepare
 from tok1d.official import loaders
+from tok1d.train import config_lib
 
 CENTER = "center_crop"
 
@@ -100,18 +103,40 @@ def device_resize_ms(batch: dict[str, np.ndarray], repeats: int = 3) -> float:
     return 1e3 * best / len(batch["image"])
 
 
+def wait_idle(poll_s: float = 0.05, busy_share: float = 0.1,
+              timeout_s: float = 30.0) -> tuple[float, float]:
+    """Waits until this process and its descendants use less than `busy_share` of a core over
+    `poll_s` (a pipeline whose prefetch buffers are full), at most `timeout_s`; returns
+    (`cpu_seconds()`, `time.perf_counter()` when they were last seen busy)."""
+    cpu, busy = cpu_seconds(), time.perf_counter()
+    deadline = busy + timeout_s
+    while True:
+        time.sleep(poll_s)
+        now_cpu, now = cpu_seconds(), time.perf_counter()
+        if now_cpu - cpu < busy_share * poll_s or now > deadline:
+            return now_cpu, busy
+        cpu, busy = now_cpu, now
+
+
 def time_batches(make_batches: Callable[[], Iterator[Any]], batch_size: int, steps: int,
                  warmup: int = 1) -> dict[str, float]:
-    """Wall and CPU seconds of `steps` batches of a fresh iterator after `warmup` ones."""
+    """Wall and CPU seconds of `steps` batches of a fresh iterator after `warmup` ones.
+
+    The window runs from a full prefetch buffer to a full one: after the warm-up the pipeline
+    is left to fill its buffers, then the clocks start, `steps` batches are taken, and the
+    clocks stop when the buffers are full again (the time it was last busy). So the window
+    holds the work of exactly `steps` batches, however many the buffers hold: images decoded
+    ahead before it would otherwise count for free (a rate that grows as `steps` shrinks)."""
     batches = iter(make_batches())
     for _ in range(warmup):
         next(batches)
-    cpu0, wall0 = cpu_seconds(), time.perf_counter()
+    cpu0, _ = wait_idle()
+    wall0 = time.perf_counter()
     for _ in range(steps):
         next(batches)
-    cpu, wall = cpu_seconds() - cpu0, time.perf_counter() - wall0
+    cpu1, wall1 = wait_idle()
     del batches
-    return dict(images=batch_size * steps, wall_s=wall, cpu_s=cpu)
+    return dict(images=batch_size * steps, wall_s=max(wall1 - wall0, 1e-9), cpu_s=cpu1 - cpu0)
 
 
 @contextlib.contextmanager
@@ -125,18 +150,42 @@ def _torch_threads(count: int):
         torch.set_num_threads(before)
 
 
+@contextlib.contextmanager
+def _naming(pipeline_name: str, folder: str):
+    """Names the official loader in the errors it raises on `folder`'s files (torch's own
+    messages name neither the loader nor that tok1d's side is not at fault)."""
+    if pipeline_name != "official":
+        yield
+        return
+    try:
+        yield
+    except (OSError, ValueError) as e:
+        raise errors.UserError(f"The official loader (torchvision's ImageFolder) failed on "
+                               f"{folder}: {errors.brief(e)}") from None
+
+
 def run(config, *, images: int = 256, batch_size: int = 32, steps: int = 10,
         repeats: int = 3, workers: int = 0, image_folder: str = "", official: bool = True,
         warmup: int = 1, log=print) -> list[dict[str, Any]]:
     """Measures tok1d's and the official input pipelines of `config`'s recipe (see the module
     doc); returns (and logs as a table) one row per pipeline and transform."""
     data = config.data
+    problems = config_lib.data_problems(data)
+    if problems:
+        raise config_lib.ConfigError("Invalid config:\n  - " + "\n  - ".join(problems))
     resize_on = data.resize_on
     augments = [data.augment] + ([CENTER] if data.augment != CENTER else [])
     num_workers = pipeline.resolve_num_workers(workers)
     with tempfile.TemporaryDirectory(prefix="tok1d_input_bench_") as tmp:
         folder = image_folder or write_image_folder(os.path.join(tmp, "jpegs"), images)
-        prepare(folder, os.path.join(tmp, "records"), workers=1)
+        prepared = prepare(folder, os.path.join(tmp, "records"), workers=1)
+        skipped = [item for st in prepared["splits"].values() for item in st["skipped"]]
+        if skipped:  # tok1d would time the others, torchvision's ImageFolder fail on them
+            path, reason = skipped[0]
+            raise errors.UserError(
+                f"--image_folder={image_folder}: {len(skipped)} file(s) cannot be decoded (e.g. "
+                f"{path}: {reason}); both pipelines must time the same files: remove them "
+                "(`tok1d prepare` lists them all in OUT/skipped_train.txt).")
         source = records.ArrayRecordImageSource(os.path.join(tmp, "records"), "train")
         if len(source) < batch_size:
             raise ValueError(f"{len(source)} images, fewer than one batch of {batch_size}.")
@@ -161,7 +210,7 @@ def run(config, *, images: int = 256, batch_size: int = 32, steps: int = 10,
             for name, make in makers:
                 threads = _torch_threads(1) if name == "official" and num_workers == 0 else (
                     contextlib.nullcontext())
-                with threads:
+                with threads, _naming(name, folder):
                     runs = [time_batches(make, batch_size, steps, warmup)
                             for _ in range(repeats)]
                 best = min(runs, key=lambda r: r["cpu_s"])

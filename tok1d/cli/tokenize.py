@@ -198,6 +198,13 @@ def _shard_bounds(n: int, num_shards: int) -> list[tuple[int, int]]:
     return [(k * n // num_shards, (k + 1) * n // num_shards) for k in range(num_shards)]
 
 
+def _describe(source) -> str:
+    """The dataset a source reads, for error messages."""
+    if isinstance(source, records.ArrayRecordImageSource):
+        return f"split {source.split!r} of {source.directory}"
+    return "the data"
+
+
 def _host_batches(source, lo: int, hi: int, global_batch: int, host_rows: tuple[int, int],
                   image_size: int, crop: str, num_threads: int, crop_range: float = 1.1):
     """This host's rows of the padded global batches covering examples [lo, hi): an iterator of
@@ -208,10 +215,14 @@ def _host_batches(source, lo: int, hi: int, global_batch: int, host_rows: tuple[
     positions = [lo + j * global_batch + r for j in range(num_batches) for r in range(start, stop)]
 
     def load(i):
-        p = positions[i]
-        record = source[p if p < hi else lo]
-        return {"image": load_views(record["image"], image_size, crop, crop_range),
-                "label": np.int32(record.get("label", 0))}
+        p = positions[i] if positions[i] < hi else lo
+        record = source[p]
+        try:
+            views = load_views(record["image"], image_size, crop, crop_range)
+        except records.CorruptImageError as e:  # name the record: one line the user can act on
+            raise records.name_record(e, record, f"record {p} of {_describe(source)}",
+                                      always_index=True) from None
+        return {"image": views, "label": np.int32(record.get("label", 0))}
 
     ds = grain.MapDataset.range(len(positions)).map(load).batch(stop - start)
     return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,

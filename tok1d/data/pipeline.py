@@ -22,7 +22,8 @@ import grain
 import numpy as np
 from PIL import Image
 
-from tok1d.data.records import CorruptImageError, decode_image, load_rgb, open_image
+from tok1d.data.records import (CorruptImageError, decode_image, load_rgb, name_record,
+                                open_image)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -401,9 +402,7 @@ class _Preprocess(grain.transforms.Map):
         try:
             out = self._fn(record["image"], rng=rng, **self._kwargs)
         except CorruptImageError as e:  # name the record: one line the user can act on
-            where = (f"file {record['filename']!r}" if record.get("filename")
-                     else f"element {global_index} of the stream")
-            raise CorruptImageError(f"{e} ({where})") from None
+            raise name_record(e, record, f"element {global_index} of the stream") from None
         out = out if isinstance(out, dict) else {"image": out}
         out.update(label=np.int32(record.get("label", 0)),
                    mask=np.bool_(record.get("mask", True)))

@@ -40,7 +40,7 @@ import tqdm
 
 from array_record.python import array_record_module
 from tok1d import errors
-from tok1d.data import records
+from tok1d.data import records, tokens
 
 _START_METHOD = ("forkserver" if "forkserver" in multiprocessing.get_all_start_methods()
                  else "spawn")
@@ -76,6 +76,17 @@ def is_image_file(path: str) -> bool:
     return os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS
 
 
+def text_name(name: str) -> str:
+    """``name`` as valid UTF-8 text, for storing and printing.
+
+    Bytes of a file name that are not UTF-8 reach Python as lone surrogates
+    (``os.listdir``'s "surrogateescape"), which cannot be written as UTF-8;
+    each becomes a ``\\xNN`` escape, e.g. ``b"caf\\xe9.jpg"`` gives
+    ``"caf\\xe9.jpg"``. Other names are returned unchanged.
+    """
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def scan_input(input_dir: str) -> tuple[list[str], list[_Example], list[str]]:
     """Lists the classes and image files of a class-subfolder tree.
 
@@ -86,6 +97,8 @@ def scan_input(input_dir: str) -> tuple[list[str], list[_Example], list[str]]:
         ``(class_names, examples, ignored)``: sorted class names, the image
         files in deterministic (sorted) order, and the relative paths of
         ignored files (non-images, hidden files, files directly in the root).
+        Class names and relative paths are passed through `text_name`; the
+        examples' ``path`` is the name on disk.
 
     Raises:
         FileNotFoundError: If ``input_dir`` is not a directory.
@@ -103,7 +116,7 @@ def scan_input(input_dir: str) -> tuple[list[str], list[_Example], list[str]]:
             if not entry.startswith("."):
                 class_names.append(entry)
         else:
-            ignored.append(entry)
+            ignored.append(text_name(entry))
     if not class_names:
         raise ValueError(
             f"No class subfolders in {input_dir!r}: expected the layout "
@@ -112,6 +125,7 @@ def scan_input(input_dir: str) -> tuple[list[str], list[_Example], list[str]]:
     examples, visited = [], {os.path.realpath(input_dir)}
     for label, name in enumerate(class_names):
         class_dir = os.path.join(input_dir, name)
+        class_names[label] = text_name(name)
         for root, dirs, files in os.walk(class_dir, followlinks=True):
             real = os.path.realpath(root)
             if real in visited:  # a link to a folder read already (a cycle, or a second name)
@@ -121,7 +135,7 @@ def scan_input(input_dir: str) -> tuple[list[str], list[_Example], list[str]]:
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             for filename in sorted(files):
                 path = os.path.join(root, filename)
-                relpath = os.path.relpath(path, input_dir).replace(os.sep, "/")
+                relpath = text_name(os.path.relpath(path, input_dir).replace(os.sep, "/"))
                 if filename.startswith(".") or not is_image_file(filename):
                     ignored.append(relpath)
                     continue
@@ -293,12 +307,22 @@ def _tmp_path(output_dir: str, name: str, token: str) -> str:
     return os.path.join(output_dir, f".{name}.tmp-{token}")
 
 
-def _atomic_write_text(path: str, text: str, token: str) -> None:
-    tmp = _tmp_path(os.path.dirname(path), os.path.basename(path), token)
-    with open(tmp, "w", encoding="utf-8") as f:
+def _write_text(path: str, text: str) -> None:
+    """Writes ``text`` (UTF-8) to ``path`` and syncs it to disk."""
+    with open(path, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _atomic_write_text(path: str, text: str, token: str) -> None:
+    tmp = _tmp_path(os.path.dirname(path), os.path.basename(path), token)
+    try:
+        _write_text(tmp, text)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     os.replace(tmp, path)
 
 
@@ -320,7 +344,7 @@ def _write_split(split: str, examples: Sequence[_Example], num_shards: int,
 
     Returns:
         A dict with the split's statistics; ``tmp_shards`` maps temporary
-        paths to final shard names.
+        paths to final shard names, ``labels`` holds the labels written.
     """
     n = len(examples)
     num_shards = max(1, min(num_shards, n))
@@ -334,7 +358,7 @@ def _write_split(split: str, examples: Sequence[_Example], num_shards: int,
         load, ([e.path for e in chunk] for chunk in chunks), pool,
         max_in_flight)
 
-    skipped, num_written, index = [], 0, 0
+    skipped, num_written, index, labels = [], 0, 0, set()
     writer, current = None, -1
     bar = tqdm.tqdm(total=n, desc=f"{split}", unit="img", file=sys.stderr,
                     dynamic_ncols=True)
@@ -355,6 +379,7 @@ def _write_split(split: str, examples: Sequence[_Example], num_shards: int,
                 writer.write(records.encode_record(
                     data, example.label, example.relpath))
                 num_written += 1
+                labels.add(example.label)
             bar.update(len(chunk))
             bar.set_postfix(skipped=len(skipped), refresh=False)
     finally:
@@ -367,8 +392,29 @@ def _write_split(split: str, examples: Sequence[_Example], num_shards: int,
         "skipped": skipped,
         "shards": names,
         "tmp_shards": dict(zip(tmp_paths, names)),
+        "labels": labels,
         "bytes_written": sum(os.path.getsize(p) for p in tmp_paths),
     }
+
+
+def _check_every_class_written(input_dir: str, class_names: Sequence[str],
+                               stats: dict[str, dict[str, Any]]) -> None:
+    """Fails if a class has no image that decoded in any split written.
+
+    Such a label would never occur, which is why class folders without image
+    files are refused too (`scan_input`).
+    """
+    written = set().union(*(st["labels"] for st in stats.values()))
+    dead = [name for label, name in enumerate(class_names) if label not in written]
+    if not dead:
+        return
+    skipped = [item for st in stats.values() for item in st["skipped"]]
+    example = next((f"{path}: {reason}" for path, reason in skipped
+                    if path.split("/")[0] == dead[0]), "")
+    raise ValueError(
+        f"{len(dead)} class folder(s) of {input_dir!r} hold no image that decodes "
+        f"({_preview(dead)}; e.g. {example}): their labels would never occur; remove them "
+        "or replace their images. Nothing was written.")
 
 
 def _read_existing_info(output_dir: str,
@@ -426,7 +472,8 @@ def prepare(input_dir: str,
         split: Name of the split to write.
         val_fraction: If > 0, this fraction of each class goes to a second
             split named ``validation`` (at least 1 file per class with >= 2
-            files), the rest to ``split``.
+            files), the rest to ``split``; ``dataset_info.json`` records it
+            (``split_off_from``, ``val_fraction``).
         num_shards: Number of shards of ``split``; 0 picks about 1 GB per
             shard. The validation split is always sharded automatically.
         resize_shorter: If > 0, images whose shorter side exceeds it are
@@ -445,8 +492,11 @@ def prepare(input_dir: str,
     Raises:
         FileNotFoundError: If ``input_dir`` does not exist.
         ValueError: For invalid arguments, an input without class folders or
-            images, incompatible existing output, or a split whose images
-            all fail to decode.
+            images, incompatible existing output (other classes, a token
+            dataset), a split whose images all fail to decode, a class none
+            of whose images decode, or, without ``val_fraction``, the split a
+            validation split of the output was taken from (its images would
+            be in both).
     """
     start = time.time()
     if not _SPLIT_NAME_RE.match(split):
@@ -470,6 +520,10 @@ def prepare(input_dir: str,
             f"The output {output_dir!r} must not be inside the input "
             f"{input_dir!r} (it would be taken for a class folder).")
 
+    if os.path.isfile(os.path.join(output_dir, tokens.INFO_FILENAME)):
+        raise ValueError(f"{output_dir!r} holds a token dataset ({tokens.INFO_FILENAME}, "
+                         "written by `tok1d tokenize`): its shards are named like the image "
+                         "shards; write the images to another --out.")
     class_names, examples, ignored = scan_input(input_dir)
     os.makedirs(output_dir, exist_ok=True)
     existing = _read_existing_info(output_dir, class_names)  # Fail early if incompatible.
@@ -481,6 +535,14 @@ def prepare(input_dir: str,
         raise ValueError(
             f"{output_dir!r} already holds split{'s' if len(held) > 1 else ''} {counts}; pass "
             "--replace to write it again, or choose another --split or --out.")
+
+    carved = (existing or {}).get("splits", {}).get(VALIDATION_SPLIT, {})
+    if val_fraction == 0 and carved.get("split_off_from") == split:
+        raise ValueError(
+            f"The {VALIDATION_SPLIT!r} split of {output_dir!r} was taken from {split!r} by "
+            f"--val_fraction={carved.get('val_fraction')}: writing {split!r} again without "
+            f"--val_fraction would put its images in both splits; pass --val_fraction again "
+            f"(both splits are written anew), or choose another --split or --out.")
 
     rng = np.random.default_rng(seed)
     if val_fraction > 0:
@@ -515,7 +577,11 @@ def prepare(input_dir: str,
                 raise ValueError(
                     f"None of the {len(exs)} images of split {name!r} could "
                     f"be decoded; e.g. {stats[name]['skipped'][0]}.")
-        _commit(output_dir, class_names, stats, token)
+        _check_every_class_written(input_dir, class_names, stats)
+        if val_fraction > 0:
+            stats[VALIDATION_SPLIT]["split_off_from"] = split
+            stats[VALIDATION_SPLIT]["val_fraction"] = val_fraction
+        _commit(output_dir, class_names, stats, token, tmp_files)
     finally:
         if pool is not None:
             pool.terminate()
@@ -526,7 +592,7 @@ def prepare(input_dir: str,
 
     elapsed = time.time() - start
     for name, st in stats.items():
-        del st["tmp_shards"]
+        del st["tmp_shards"], st["labels"]
         st["skipped_file"] = os.path.join(output_dir, f"skipped_{name}.txt")
     total_written = sum(st["num_examples"] for st in stats.values())
     return {
@@ -545,18 +611,30 @@ def prepare(input_dir: str,
 
 
 def _commit(output_dir: str, class_names: list[str],
-            stats: dict[str, dict[str, Any]], token: str) -> None:
-    """Moves temporary shards into place and updates ``dataset_info.json``.
+            stats: dict[str, dict[str, Any]], token: str,
+            tmp_files: list[str]) -> None:
+    """Moves temporary shards and skipped lists into place and updates
+    ``dataset_info.json``.
 
-    Order matters for crash safety: splits being replaced are first removed
-    from the info file, then shards are renamed, then the new info is
-    written. At no point does the info file list a partial shard.
+    Order matters for crash safety: everything that can fail on the content
+    (the skipped lists) is written to temporary files first, so a failure
+    there leaves the output as it was; then splits being replaced are removed
+    from the info file, files are renamed, and the new info is written. At
+    no point does the info file list a partial shard.
     """
     info = _read_existing_info(output_dir, class_names) or {
         "format": records.FORMAT_VERSION,
         "class_names": class_names,
         "splits": {},
     }
+    skipped_tmp = {}
+    for name, st in stats.items():
+        skipped_path = os.path.join(output_dir, f"skipped_{name}.txt")
+        tmp = _tmp_path(output_dir, os.path.basename(skipped_path), token)
+        tmp_files.append(tmp)
+        lines = "".join(f"{path}\t{reason}\n" for path, reason in st["skipped"])
+        _write_text(tmp, lines)
+        skipped_tmp[name] = (tmp, skipped_path)
     if any(name in info["splits"] for name in stats):
         for name in stats:
             info["splits"].pop(name, None)
@@ -564,14 +642,15 @@ def _commit(output_dir: str, class_names: list[str],
     for name, st in stats.items():
         for tmp, final in st["tmp_shards"].items():
             os.replace(tmp, os.path.join(output_dir, final))
-        lines = "".join(f"{path}\t{reason}\n" for path, reason in st["skipped"])
-        skipped_path = os.path.join(output_dir, f"skipped_{name}.txt")
-        _atomic_write_text(skipped_path, lines, token)
+        os.replace(*skipped_tmp[name])
         info["splits"][name] = {
             "num_examples": st["num_examples"],
             "shards": st["shards"],
             "num_skipped": st["num_skipped"],
         }
+        if "split_off_from" in st:
+            info["splits"][name]["split_off_from"] = st["split_off_from"]
+            info["splits"][name]["val_fraction"] = st["val_fraction"]
     info["splits"] = dict(sorted(info["splits"].items()))
     _write_info(output_dir, info, token)
     for name, st in stats.items():

@@ -28,6 +28,10 @@ Decoding to pixels is left to the training pipeline (see `decode_image`).
             }
         }
     }
+
+A ``validation`` split written by ``tok1d prepare --val_fraction=F`` also records
+``"split_off_from"`` (the split it was taken from) and ``"val_fraction"``. File names that
+are not valid UTF-8 are stored with ``\\xNN`` escapes (`tok1d.data.prepare.text_name`).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import json
 import os
 from typing import Any, Sequence, Union
 
+from array_record.python import array_record_module
 import grain
 import msgpack
 import numpy as np
@@ -87,13 +92,30 @@ def decode_record(raw: bytes) -> dict[str, Any]:
     Returns:
         A dict with keys ``image`` (bytes, still encoded), ``label`` (int)
         and ``filename`` (str).
+
+    Raises:
+        ValueError: If ``raw`` is not such a record.
     """
-    record = msgpack.unpackb(raw, raw=False)
-    return {
-        "image": bytes(record["image"]),
-        "label": int(record["label"]),
-        "filename": str(record["filename"]),
-    }
+    try:
+        record = msgpack.unpackb(raw, raw=False)
+        return {
+            "image": bytes(record["image"]),
+            "label": int(record["label"]),
+            "filename": str(record["filename"]),
+        }
+    except Exception as e:  # msgpack and the field look-ups raise many kinds of errors.
+        raise ValueError(f"not a tok1d image record ({errors.brief(e)})") from None
+
+
+def name_record(error: BaseException, record: dict[str, Any], index: str,
+                always_index: bool = False) -> CorruptImageError:
+    """A `CorruptImageError` for a record whose image fails to decode, naming the record: its
+    ``filename`` and, when it has none or ``always_index``, ``index`` (e.g. "record 7 of
+    ...")."""
+    where = [f"file {record['filename']!r}"] if record.get("filename") else []
+    if always_index or not where:
+        where.append(index)
+    return CorruptImageError(f"{error} ({', '.join(where)})")
 
 
 # -----------------------------------------------------------------------------
@@ -346,12 +368,48 @@ class ArrayRecordImageSource:
             index += size
         if not 0 <= index < size:
             raise IndexError(f"Index {index} out of range for {size} records.")
-        return decode_record(self._source[index])
+        try:
+            raw = self._source[index]
+        except RuntimeError as e:  # array_record's reader on a damaged shard
+            raise self._damaged(index, e) from None
+        return self._decode(index, raw)
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
         """Reads several records at once (used by grain when available)."""
-        raws = self._source.__getitems__([int(i) for i in indices])
-        return [decode_record(raw) for raw in raws]
+        indices = [int(i) for i in indices]
+        try:
+            raws = self._source.__getitems__(indices)
+        except RuntimeError as e:  # a damaged shard: read one by one to name it
+            for index in indices:
+                self[index]
+            raise self._damaged(indices[0], e) from None
+        return [self._decode(index, raw) for index, raw in zip(indices, raws)]
+
+    def _decode(self, index: int, raw: bytes) -> dict[str, Any]:
+        try:
+            return decode_record(raw)
+        except ValueError as e:
+            raise ValueError(f"Record {index} of split {self._split!r} of "
+                             f"{self._directory!r}: {e}") from None
+
+    def _damaged(self, index: int, error: BaseException) -> errors.UserError:
+        """The error for record ``index`` that the reader failed on: names its shard."""
+        end, path = 0, self._paths[-1]
+        for shard in self._paths:
+            try:
+                reader = array_record_module.ArrayRecordReader(shard)
+                end += reader.num_records()
+                reader.close()
+            except RuntimeError:  # (damaged where the reader starts)
+                path = shard
+                break
+            if index < end:
+                path = shard
+                break
+        return errors.UserError(
+            f"Shard {path!r} of split {self._split!r} is damaged: record {index} cannot be "
+            f"read ({errors.brief(error)}); prepare the split again (`tok1d prepare "
+            "--replace`) or restore the file.")
 
     def __repr__(self) -> str:
         return (

@@ -247,7 +247,7 @@ def add_tokenizer_keys(c: ml_collections.ConfigDict) -> None:
     c.loss_precision = "float32"
 
     # Weights to start from (instead of random init); the optimizer starts fresh. `checkpoint`:
-    # a pretrained directory (python -m tok1d.cli.convert), a released name ("titok_l32") or a
+    # a pretrained directory (tok1d convert), a released name ("titok_l32") or a
     # training workdir (its latest EMA params), matched by parameter path and shape.
     # `pixel_decoder`: a converted MaskGIT-VQGAN ("maskgit_vqgan")
     # whose decoder / quantizer become TiTok stage 2's pixel_decoder / pixel_quantize.
@@ -262,7 +262,7 @@ def add_tokenizer_keys(c: ml_collections.ConfigDict) -> None:
                                                model=ml_collections.ConfigDict()))
 
     # Perceptual network (used when losses.perceptual > 0): "lpips", "convnext_s" or
-    # "lpips+convnext_s"; `weights`: converted directory (python -m tok1d.cli.convert lpips ...)
+    # "lpips+convnext_s"; `weights`: converted directory (tok1d convert lpips ...)
     # or released names ("lpips_vgg", "lpips_vgg,convnext_s").
     # `image_size`: ConvNeXt input resolution (224 as trained; smaller only for tests).
     # `lpips_dropout`: rate of the LPIPS linear layers' Dropout in training (GigaTok trains its
@@ -545,6 +545,32 @@ MODEL_SIZES = ("codebook_size", "token_dim", "num_latent_tokens", "num_tokens", 
                "width", "depth", "num_heads", "mlp_dim", "image_size", "num_classes")
 
 
+def data_problems(data: ml_collections.ConfigDict) -> list[str]:
+    """The problems of the image-pipeline keys of a config's `data` section (part of `validate`;
+    `tok1d bench --workload=input` checks only these)."""
+    problems = []
+    if data.image_size <= 0:
+        problems.append(f"data.image_size={data.image_size} must be positive")
+    augments = ("random_resized_crop", "random_crop", "adm_random_crop", "center_crop")
+    if data.augment not in augments:
+        problems.append(f"data.augment={data.augment!r} is not one of {augments}")
+    if not 0 < data.min_scale <= 1:
+        problems.append(f"data.min_scale={data.min_scale} must be in (0, 1] (the smallest "
+                        "crop, as a fraction of the image; the largest is 1)")
+    if pipeline.resize_rule_of(data) not in pipeline.RESIZE_RULES:
+        problems.append(f"data.resize_rule={data.resize_rule!r} is not one of "
+                        f"{pipeline.RESIZE_RULES}")
+    if data.resize_on not in pipeline.RESIZE_ON:
+        problems.append(f"data.resize_on={data.resize_on!r} is not one of {pipeline.RESIZE_ON}")
+    if data.num_workers < -1:
+        problems.append(f"data.num_workers={data.num_workers} must be >= 0, or -1 (one per "
+                        "core but one)")
+    if data.eval_examples == 0 or data.eval_examples < -1:
+        problems.append(f"data.eval_examples={data.eval_examples} must be positive, or -1 (the "
+                        "whole eval split)")
+    return problems
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Checks the keys against the schema of `config.trainer` (`base_config(trainer)`) and the
     values against each other; raises one ConfigError that lists every problem."""
@@ -574,15 +600,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
             problems.append(f"data.image_size={image_size} is not divisible by "
                             f"model.patch_size={patch}")
 
-    augments = ("random_resized_crop", "random_crop", "adm_random_crop", "center_crop")
-    if config.data.augment not in augments:
-        problems.append(f"data.augment={config.data.augment!r} is not one of {augments}")
-    if pipeline.resize_rule_of(config.data) not in pipeline.RESIZE_RULES:
-        problems.append(f"data.resize_rule={config.data.resize_rule!r} is not one of "
-                        f"{pipeline.RESIZE_RULES}")
-    if config.data.resize_on not in pipeline.RESIZE_ON:
-        problems.append(f"data.resize_on={config.data.resize_on!r} is not one of "
-                        f"{pipeline.RESIZE_ON}")
+    problems += data_problems(config.data)
     if config.optim.schedule not in optim.SCHEDULES:
         problems.append(f"optim.schedule={config.optim.schedule!r} is not one of "
                         f"{optim.SCHEDULES}")
@@ -646,7 +664,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     if (ev.fid_every_steps > 0 and not ev.inception and not ev.allow_random_init):
         problems.append(f"evaluation.fid_every_steps={ev.fid_every_steps} needs "
                         "evaluation.inception (the released name inception_fid, or a "
-                        "directory from python -m tok1d.cli.convert inception_fid ...)")
+                        "directory from tok1d convert inception_fid ...)")
     if (ev.fid_every_steps > 0 and config.trainer == "generator" and not ev.reference
             and config.data.name == "demo"):
         problems.append("evaluation.fid_every_steps on a generator needs evaluation.reference "
@@ -674,8 +692,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     for key in ("total_steps", "batch_size", "eval_batch_size", "log_every_steps"):
         if config[key] <= 0:
             problems.append(f"{key}={config[key]} must be positive")
-    if config.data.image_size <= 0:
-        problems.append(f"data.image_size={config.data.image_size} must be positive")
     for key in MODEL_SIZES:  # (a 0 divided by zero deep in the model or the data pipeline)
         value = config.model.get(key)
         if isinstance(value, int) and not isinstance(value, bool) and value <= 0:
