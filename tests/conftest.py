@@ -87,6 +87,7 @@ COST_BY_TEST = {
     "test_cli.py::test_python_m_main_still_parses": "integration",
     "test_registry.py::test_two_hosts_converting_one_name_leave_the_weights_in_a_shared_cache":
         "integration",
+    "test_registry.py::test_hosts_with_a_cache_each_all_stop_with_the_error": "integration",
     # costly tests in unit files: sharded train steps on three meshes, the evaluation suite's
     # Inception through the mesh, a trainer run
     **{f"test_parallel.py::{name}": "integration" for name in (

@@ -180,3 +180,27 @@ def test_a_file_that_pickles_more_than_tensors_is_named(tmp_path):
     with pytest.raises(common.ConversionError, match="run.pt pickles argparse.Namespace beside "
                        "its tensors"):
         common.load_state_dict(str(tmp_path / "run.pt"))
+
+
+@pytest.mark.parametrize("kind,flag,named", [
+    ("titok", "--preset=b_l", "gigatok"),
+    ("rar", "--official_config=cfg.json", "titok and gigatok and maskgit"),
+    ("dinov2", "--vgg=vgg16.pth", "lpips"),
+    ("convnext_s", "--size=B", "gpt and rar"),
+    ("titok", "--weights=ema", "gpt"),
+])
+def test_an_option_the_kind_does_not_take_is_refused(torch_checkpoint, tmp_path, capsys, kind,
+                                                     flag, named):
+    """Each converter option applies to some kinds only: given for another, it is refused in
+    one line naming the flag and the kinds that take it, and nothing is written."""
+    folder, _ = torch_checkpoint
+    out = tmp_path / "never"
+    assert convert_cli.main([kind, "--checkpoint", str(folder / "tokenizer.bin"),
+                             "--out", str(out), flag]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert f"{flag.split('=')[0]} " in err and f"does not apply to {kind}" in err
+    assert f"only {named} take it" in err
+    assert not out.exists()
+    with pytest.raises(Exception, match="does not apply"):
+        loaders.load(str(folder / "tokenizer.bin"), kind="titok", pos_grid=16)

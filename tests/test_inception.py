@@ -347,5 +347,5 @@ def test_load_inception_without_weights_says_how(tmp_path):
         loaders.load_inception(str(tmp_path / "nothing_here"))
     msg = str(e.value)
     for needle in ("pt_inception-2015-12-05-6726825d.pth", I.FID_WEIGHTS_URL,
-                   "python -m tok1d.cli.convert inception_fid"):
+                   "tok1d convert inception_fid"):
         assert needle in msg, (needle, msg)

@@ -135,8 +135,8 @@ def test_missing_weights_error_says_what_and_how():
         L.load_perceptual(P.parse_kind("lpips+convnext_s"), None)
     msg = str(e.value)
     for needle in ("vgg16-397923af.pth", "lpips/weights/v0.1/vgg.pth",
-                   "convnext_small-0c510722.pth", "python -m tok1d.cli.convert lpips",
-                   "python -m tok1d.cli.convert convnext_s"):
+                   "convnext_small-0c510722.pth", "tok1d convert lpips",
+                   "tok1d convert convnext_s"):
         assert needle in msg, needle
     with pytest.raises(ValueError, match="Unknown perceptual loss kind"):
         P.make_perceptual("vgg", {})

@@ -10,6 +10,7 @@ import http.server
 import json
 import logging
 import os
+import pathlib
 import re
 import shutil
 import socket
@@ -172,6 +173,33 @@ def test_a_conversion_by_older_converters_is_converted_again(tiny_bin, cache, of
     _assert_same(params, tiny_bin[0])
 
 
+def test_a_conversion_by_older_converters_stays_until_a_new_one_is_made(tiny_bin, cache,
+                                                                      offline_hub, monkeypatch,
+                                                                      capsys):
+    """The file to convert again cannot be fetched (offline, not in the Hub cache): the
+    command refuses in one line naming the cached directory, which is kept as it was; once the
+    file is back, the new conversion replaces it."""
+    _entry(monkeypatch, "rar_tiny", "hf://tok1d-test/tiny-rar/rar_tiny.bin")
+    folder = _hub_cache(offline_hub, "tok1d-test/tiny-rar", "rar_tiny.bin", tiny_bin[1])
+    final = cache / "rar_tiny"
+    assert loaders.resolve("rar_tiny") == str(final)
+    (final / "sentinel").write_text("the first conversion")
+    shutil.rmtree(folder)
+    monkeypatch.setattr(loaders, "CONVERSION_VERSION", 2)
+    monkeypatch.setenv("TOK1D_OFFLINE", "1")
+    assert convert_cli.main(["--from", "rar_tiny"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert f"{final} was converted by other converters (version 1" in err
+    assert "could not download" in err and "is kept" in err
+    assert (final / "sentinel").exists() and not _leftovers(cache)
+    # the file back: converted again, replacing the old directory
+    _hub_cache(offline_hub, "tok1d-test/tiny-rar", "rar_tiny.bin", tiny_bin[1])
+    assert loaders.resolve("rar_tiny") == str(final)
+    assert not (final / "sentinel").exists() and not _leftovers(cache)
+    assert json.loads((final / loaders.CONVERSION_FILE).read_text())["version"] == 2
+
+
 def test_leftovers_of_a_killed_conversion_are_removed_by_the_next_one(tiny_bin, cache,
                                                                       offline_hub, monkeypatch):
     """A conversion or download killed outright (SIGKILL, the OOM killer) cannot clean up: its
@@ -228,7 +256,7 @@ def test_url_download_then_cache_hit_with_the_server_stopped(tiny_bin, cache, se
     httpd.shutdown()
     httpd.server_close()
     assert convert_cli.main(["--from", "rar_url"]) == 0
-    assert capsys.readouterr().out.strip() == first
+    assert capsys.readouterr().out.strip() == f"already converted: {cache / 'rar_url'}"
     # A copy to --out; a Hub/URL source with its converter kind (cached under its own key).
     out = cache.parent / "copy"
     assert convert_cli.main(["--from", "rar_url", "--out", str(out)]) == 0
@@ -252,6 +280,30 @@ def test_checksum_mismatch_is_refused_and_nothing_is_kept(tiny_bin, cache, serve
     # A published prefix (torch.hub-style names) is checked too.
     _entry(monkeypatch, "rar_prefix", url, sha256=tiny_bin[2][:8])
     assert os.path.isdir(loaders.resolve("rar_prefix"))
+
+
+def test_a_download_the_converter_rejects_is_not_kept(tiny_bin, cache, server, capsys):
+    """A URL without a published digest serving an HTML page: refused in one line that says
+    so (not torch's advice to load it with weights_only=False), and not cached, so once the
+    server has the right file the next run downloads it again and converts."""
+    httpd, url = server
+    www = pathlib.Path(httpd.RequestHandlerClass.keywords["directory"])
+    (www / "files" / "page.bin").write_text("<!DOCTYPE html><html><body>Sign in</body></html>")
+    page = url.replace("rar_tiny.bin", "page.bin")
+    assert convert_cli.main(["rar", "--from", page]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "HTML" in err and "not kept" in err and "weights_only" not in err
+    assert not [p for p in cache.rglob("*") if p.is_file()] and not _leftovers(cache)
+    shutil.copy(tiny_bin[0], www / "files" / "page.bin")
+    assert convert_cli.main(["rar", "--from", page]) == 0
+    _assert_same(loaders.load(page, kind="rar")[1], tiny_bin[0])
+    # torch's refusal of another foreign file, without its advice
+    other = cache.parent / "garbage.bin"
+    other.write_bytes(b"\xcd" * 64)
+    with pytest.raises(common.ConversionError, match="Unsupported operand 205") as e:
+        common.load_state_dict(str(other))
+    assert str(other) in str(e.value) and "weights_only" not in str(e.value)
 
 
 def test_no_network_names_the_url_and_the_manual_path(tiny_bin, cache, monkeypatch, capsys):
@@ -307,12 +359,17 @@ def test_a_file_that_is_not_what_its_name_says(tiny_bin, cache, offline_hub, mon
     path = download.manual_path(registry.RELEASED["dinov2_vitb14"].files["checkpoint"])
     os.makedirs(os.path.dirname(path))
     torch.save({k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()}, path)
-    with pytest.raises(common.ConversionError, match="embed_dim=64 .expected 768"):
+    with pytest.raises(common.ConversionError, match="embed_dim=64 .expected 768") as e:
         loaders.load("dinov2_vitb14")
+    assert f"remove {path} (or put the official file there)" in str(e.value)
     assert not (cache / "dinov2_vitb14").exists() and not _leftovers(cache)
+    assert os.path.isfile(path)  # what the user put there stays: the error names it
 
 
 def test_unknown_names_and_sources():
+    for source in ("hf://yucornetto/RAR", "hf://yucornetto/RAR/"):  # no file: its format
+        with pytest.raises(errors.UserError, match="a Hub file is hf://OWNER/REPO/FILE"):
+            loaders.resolve(source)
     with pytest.raises(registry.UnknownName, match="did you mean titok_l32"):
         loaders.load("titok_l33")
     with pytest.raises(registry.UnknownName):
@@ -444,6 +501,9 @@ def test_tok1d_offline_reads_only_the_hub_cache(tiny_bin, cache, tmp_path, monke
 def test_a_download_cut_mid_stream_is_one_error_and_nothing_is_kept(cache, monkeypatch):
     class Cut(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
+            if not self.path.endswith("cut.bin"):
+                self.send_error(404)
+                return
             self.send_response(200)
             self.send_header("Content-Length", "100000")
             self.end_headers()
@@ -459,8 +519,14 @@ def test_a_download_cut_mid_stream_is_one_error_and_nothing_is_kept(cache, monke
         url = f"http://127.0.0.1:{httpd.server_address[1]}/files/cut.bin"
         entry = _entry(monkeypatch, "rar_cut", url)
         manual = download.manual_path(entry.files["checkpoint"])
-        with pytest.raises(download.DownloadError, match=re.escape(manual)):
+        with pytest.raises(download.DownloadError, match=re.escape(manual)) as e:
             loaders.resolve("rar_cut")
+        assert "the connection closed after 1000 of 100000 bytes); run again or" in str(e.value)
+        assert "no network" not in str(e.value)
+        missing = url.replace("cut.bin", "missing.bin")
+        with pytest.raises(download.DownloadError, match="HTTP 404") as e:
+            loaders.resolve(missing, kind="rar")
+        assert "no network" not in str(e.value) and "check the URL" in str(e.value)
     finally:
         httpd.shutdown()
         httpd.server_close()
@@ -590,6 +656,59 @@ def test_two_hosts_converting_one_name_leave_the_weights_in_a_shared_cache(
     pod()
     with pytest.raises(errors.UserError, match="storage every host shares"):
         loaders._wait_for_process_0(str(tmp_path / "never"), "rar_pod", timeout_s=0.2)
+
+
+_POD_HOST_OWN_CACHE = r"""
+import os, sys
+pid, port = int(sys.argv[1]), sys.argv[2]
+os.environ["TOK1D_CACHE"] = os.path.join(sys.argv[4], f"host{pid}")
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+from tok1d import errors
+from tok1d.weights import loaders, registry
+loaders.WAIT_FOR_PROCESS_0_S = 3.0
+registry.RELEASED["rar_pod"] = registry.Released(
+    "rar_pod", "rar", {"checkpoint": registry.File(sys.argv[3])})
+try:
+    loaders.load("rar_pod")
+except errors.UserError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
+print("loaded", flush=True)
+"""
+
+
+def test_hosts_with_a_cache_each_all_stop_with_the_error(tiny_bin, tmp_path):
+    """A cache on each host's own disk: process 1 cannot see process 0's conversion. Every
+    process agrees on it before the collective restore, so both exit non-zero with one line
+    (process 1 used to raise alone, process 0 waiting for it in the restore: both hung)."""
+    url = "https://dl.example.invalid/pod/rar_tiny.bin"
+    for pid in range(2):
+        manual = download.manual_path(registry.File(url), str(tmp_path / f"host{pid}"))
+        os.makedirs(os.path.dirname(manual))
+        shutil.copy(tiny_bin[0], manual)
+    script = tmp_path / "host.py"
+    script.write_text(_POD_HOST_OWN_CACHE)
+    env = subprocess_env(1)
+    env.update({"TOK1D_OFFLINE": "1"})
+    port = str(free_port())
+    t0 = time.monotonic()
+    procs = [subprocess.Popen([sys.executable, str(script), str(i), port, url, str(tmp_path)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=180) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert time.monotonic() - t0 < 180
+    errs = [err for _, err in outs]
+    assert [p.returncode for p in procs] == [2, 2], errs
+    assert "process 1 does not see the conversion process 0" in errs[1]
+    assert "process(es) 1 could not use the conversion" in errs[0]
+    assert not any("loaded" in out for out, _ in outs)
 
 
 def test_an_unreachable_hub_fails_at_once_and_still_reads_its_cache(tiny_bin, cache,

@@ -78,10 +78,12 @@ def _options(**options: Any) -> dict[str, Any]:
 
 
 def convert_from(source: str, kind: Optional[str] = None, out: Optional[str] = None,
-                 cache_dir: Optional[str] = None, **options: Any) -> str:
+                 cache_dir: Optional[str] = None, converted: Optional[list[str]] = None,
+                 **options: Any) -> str:
     """`tok1d convert --from SOURCE`: a released name, hf://OWNER/REPO/FILE or a URL (with
     `kind`) -> its converted directory in the cache (copied to `out` when given); a local file
-    -> `convert` into `out`. Returns the directory."""
+    -> `convert` into `out`. Returns the directory; one converted into the cache now is
+    appended to `converted` (`loaders.resolve`)."""
     if os.path.isfile(source):
         if kind is None or not out:
             raise errors.UserError(f"--from={source} is a local file: give its KIND and --out.")
@@ -93,7 +95,7 @@ def convert_from(source: str, kind: Optional[str] = None, out: Optional[str] = N
                     f"a file used as it is ({entry.description})")
             raise errors.UserError(f"{source} is {what}, not a {kind} checkpoint.")
         kind = entry.kind
-    cached = loaders.resolve(source, kind, cache_dir, **_options(**options))
+    cached = loaders.resolve(source, kind, cache_dir, converted, **_options(**options))
     if not os.path.exists(cached):
         raise errors.UserError(f"--from={source}: no such file, released name or URL.")
     if not out:
@@ -160,7 +162,12 @@ def execute(fv: flags.FlagValues, args: list[str]) -> None:
     if source:
         if fv.checkpoint:
             raise errors.UserError("give --from or --checkpoint, not both.")
-        out = convert_from(source, kind, fv.out, fv.cache_dir, **options)
+        converted: list[str] = []
+        out = convert_from(source, kind, fv.out, fv.cache_dir, converted, **options)
+        if not fv.out and not converted:  # nothing written
+            print(f"already converted: {out}" if os.path.isdir(out) else
+                  f"an official file used as it is: {out}")
+            return
     else:
         for name, value in (("KIND", kind), ("--checkpoint", fv.checkpoint), ("--out", fv.out)):
             if not value:

@@ -116,9 +116,11 @@ def verify(path: str, expected: Optional[str], what: str, where: str = "") -> No
                             " the file is damaged or not the official one (refused).")
 
 
-def fetch(file: File, cache_dir: Optional[str] = None) -> str:
+def fetch(file: File, cache_dir: Optional[str] = None,
+          downloaded: Optional[list[str]] = None) -> str:
     """A local, checked copy of `file`: from an installed package that ships it, from the
-    manual-download location, from the Hub's cache, or downloaded now."""
+    manual-download location, from the Hub's cache, or downloaded now (a URL's file: its path
+    is appended to `downloaded`, so that a caller whose reader rejects it can `forget` it)."""
     if file.package:
         spec = importlib.util.find_spec(file.package[0])
         if spec is not None and spec.origin:
@@ -135,14 +137,29 @@ def fetch(file: File, cache_dir: Optional[str] = None) -> str:
                             f"hand from {file.source} and put it at {local} (or convert it "
                             "where it is: tok1d convert KIND --checkpoint=FILE --out=DIR).")
     if not file.source.startswith(HF_SCHEME):
-        return _from_url(file, local)  # checked before it is renamed into place
+        path = _from_url(file, local)  # checked before it is renamed into place
+        if downloaded is not None:
+            downloaded.append(path)
+        return path
     path = _from_hub(file, local)
     verify(path, file.sha256, file.source)
     return path
 
 
-def _unreachable(url: str, local: str, why: str) -> DownloadError:
-    return DownloadError(f"could not download {url} ({why}); with no network, download it by "
+def forget(paths: list[str]) -> None:
+    """Removes files downloaded now that their reader rejected (e.g. an HTML page where a
+    checkpoint was expected, with no published digest to refuse it earlier): the next run
+    downloads them again instead of failing on the cached copy."""
+    for path in paths:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+
+
+def _unreachable(url: str, local: str, why: str,
+                 what_to_do: str = "with no network,") -> DownloadError:
+    return DownloadError(f"could not download {url} ({why}); {what_to_do} download it by "
                          f"hand and put it at {local}, or convert the file you have: tok1d "
                          "convert KIND --checkpoint=FILE --out=DIR (in Python: "
                          "tok1d.weights.load(FILE, kind=KIND)).")
@@ -202,6 +219,14 @@ def _from_url(file: File, local: str) -> str:
         with os.fdopen(fd, "wb") as out:
             try:
                 _copy_response(file, out)
+            except urllib.error.HTTPError as e:  # the server answered, with an error
+                raise _unreachable(file.source, local, f"the server answered HTTP {e.code} "
+                                   f"{e.reason}", "check the URL or") from None
+            except http.client.IncompleteRead as e:
+                done = out.tell() + len(e.partial or b"")
+                raise _unreachable(file.source, local, f"the connection closed after {done} "
+                                   f"of {done + (e.expected or 0)} bytes",
+                                   "run again or") from None
             except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
                 why = str(getattr(e, "reason", e)) or type(e).__name__
                 raise _unreachable(file.source, local, why) from None

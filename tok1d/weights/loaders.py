@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import flax.linen as nn
 import flax.traverse_util as tu
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -65,6 +66,27 @@ from tok1d.weights.convert import vqgan as convert_vqgan
 OFFICIAL_KINDS = ("titok", "maskgit_vqgan", "gigatok", "dinov2", "maskgit", "gpt", "rar",
                   "inception_fid")
 TEACHERS = ("maskgit_vqgan", "dinov2")
+# The kinds each converter option applies to (its `tok1d convert` flag where named otherwise):
+# an option given for another kind is refused, not ignored.
+OPTION_KINDS = {
+    "config": ("titok", "gigatok", "maskgit"), "image_size": ("titok", "gigatok"),
+    "preset": ("gigatok",), "pos_grid": ("dinov2",), "size": ("gpt", "rar"),
+    "weights": ("gpt",), "num_heads": ("gpt",), "model_kwargs": ("maskgit_vqgan",),
+    "vgg": ("lpips",)}
+OPTION_FLAGS = {"config": "official_config"}
+
+
+def check_options(kind: str, options: Mapping[str, Any]) -> None:
+    """A UserError naming the first option given (not None; `weights` other than "model")
+    that `kind`'s converter does not take, and the kinds that take it."""
+    for name, value in options.items():
+        if value is None or (name, value) == ("weights", "model"):
+            continue
+        kinds = OPTION_KINDS.get(name, ())
+        if kind not in kinds:
+            raise errors.UserError(
+                f"--{OPTION_FLAGS.get(name, name)} ({name}=) does not apply to {kind}: "
+                + (f"only {' and '.join(kinds)} take it." if kinds else "no converter takes it."))
 
 
 # --------------------------------------------------------------------------- (a) and (b)
@@ -388,10 +410,14 @@ def load_official(kind: str, path: str, *, config: Optional[str] = None,
                   ) -> tuple[nn.Module, dict[str, Any]]:
     """(model, params) of an official PyTorch checkpoint of `kind` (`OFFICIAL_KINDS`), through
     its converter (every tensor checked; a mismatch raises one ConversionError listing all).
-    Options as `python -m tok1d.cli.convert`: `config` (official YAML / JSON; titok, gigatok,
-    maskgit), `image_size`, `preset` (gigatok), `pos_grid` (dinov2), `size` / `weights` /
-    `num_heads` (gpt), `size` (rar); `model_kwargs` build the maskgit_vqgan model (default: the
-    released MaskGIT-VQGAN)."""
+    Options as `tok1d convert` (`check_options`: refused for other kinds): `config` (official
+    YAML / JSON; titok, gigatok, maskgit), `image_size`, `preset` (gigatok), `pos_grid`
+    (dinov2), `size` / `weights` / `num_heads` (gpt), `size` (rar); `model_kwargs` build the
+    maskgit_vqgan model (default: the released MaskGIT-VQGAN)."""
+    if kind in OFFICIAL_KINDS:  # (an unknown kind: the error below)
+        check_options(kind, dict(config=config, image_size=image_size, preset=preset,
+                                 pos_grid=pos_grid, size=size, weights=weights,
+                                 num_heads=num_heads, model_kwargs=model_kwargs))
     if kind == "titok":
         return convert_titok.convert_file(path, config=config, image_size=image_size)
     if kind == "maskgit_vqgan":
@@ -539,7 +565,7 @@ def load_inception(path: str, **model_overrides: Any
     how = (f"Pass the released name {inception_lib.REGISTRY_NAME!r} (downloaded and converted "
            f"once), or download pytorch-fid's FID Inception weights "
            f"{inception_lib.FID_WEIGHTS_FILE} ({inception_lib.FID_WEIGHTS_URL}) and convert them: "
-           f"`python -m tok1d.cli.convert {inception_lib.REGISTRY_NAME} "
+           f"`tok1d convert {inception_lib.REGISTRY_NAME} "
            f"--checkpoint={inception_lib.FID_WEIGHTS_FILE} --out={new_dir}`.")
     path = resolve(path)
     spec = layout.read_model_spec(path) if path and os.path.isdir(path) else None
@@ -581,6 +607,7 @@ def convert_official(kind: str, checkpoint: str, out: str, *, vgg: Optional[str]
     directory, or for the perceptual networks OUT/<name>.npz (lpips: `checkpoint` holds the
     linear layers, `vgg` torchvision's VGG16). `options` as `load_official`; `expect` as
     `check_expected`. Returns what it wrote."""
+    check_options(kind, dict(options, vgg=vgg))
     if kind == "lpips":
         return perceptual_convert.convert_files(kind, out, vgg=vgg, lpips=checkpoint)
     if kind == "convnext_s":
@@ -602,13 +629,15 @@ def fetch_released(name: str, cache_dir: Optional[str] = None) -> dict[str, str]
     return {role: download.fetch(f, cache_dir) for role, f in entry.files.items()}
 
 
-def resolve_file(source: str, cache_dir: Optional[str] = None) -> str:
+def resolve_file(source: str, cache_dir: Optional[str] = None,
+                 downloaded: Optional[list[str]] = None) -> str:
     """The official checkpoint file of `source` (a released name, hf:// or a URL), fetched and
-    checked (a URL of the table with its recorded sha256); a local path or "" unchanged."""
+    checked (a URL of the table with its recorded sha256); a local path or "" unchanged.
+    `downloaded` as `download.fetch`."""
     if source and is_released(source):
-        return fetch_released(source, cache_dir)["checkpoint"]
+        return download.fetch(registry.get(source).files["checkpoint"], cache_dir, downloaded)
     if download.is_remote(source):
-        return download.fetch(registry.file_of(source), cache_dir)
+        return download.fetch(registry.file_of(source), cache_dir, downloaded)
     _refuse_unknown_name(source)
     return source
 
@@ -624,7 +653,7 @@ def _key(*parts: Any) -> str:
 
 
 def resolve(source: str, kind: Optional[str] = None, cache_dir: Optional[str] = None,
-            **options: Any) -> str:
+            converted: Optional[list[str]] = None, **options: Any) -> str:
     """A local weights path for `source`: an existing path (or "") unchanged; a released name
     (or `hf://owner/repo/file` / a URL with the converter `kind`) -> its converted tok1d
     directory in the cache (`download.cache_root`), fetched, checked and converted on first
@@ -633,11 +662,14 @@ def resolve(source: str, kind: Optional[str] = None, cache_dir: Optional[str] = 
     name they override the entry's, and a conversion with other options than the entry's is
     cached as NAME-<key of those options>. A released file used as it is (dino_vits16)
     resolves to the checked file. The directory is written under a temporary name and renamed
-    when complete: nothing half-written is ever read."""
+    when complete: nothing half-written is ever read. A directory converted now is appended
+    to `converted` (a cached one is not)."""
     if not source or os.path.exists(source):
         return source
     vgg = options.pop("vgg", None)
     if download.is_remote(source):
+        if source.startswith(download.HF_SCHEME):
+            download.split_hub(source)  # its format first: hf://OWNER/REPO/FILE
         if kind not in CONVERT_KINDS:
             raise errors.UserError(f"{source}: say which converter reads it (kind: "
                                    f"{' | '.join(CONVERT_KINDS)}).")
@@ -660,30 +692,94 @@ def resolve(source: str, kind: Optional[str] = None, cache_dir: Optional[str] = 
         return source  # a path that does not exist: the caller's error names it
     root = download.cache_root(cache_dir)
     final = os.path.join(root, dirname)
-    if os.path.isdir(final):
-        if _complete(final):
-            return final
-        # left without weights by an older tok1d on a pod, or an older converter's output
-        if jax.process_index() == 0:
-            download.discard_dir(final)
-    files = {role: download.fetch(f, cache_dir) for role, f in sources.items()}
-    if vgg:
-        files["vgg"] = resolve_file(vgg, cache_dir)
+    if _complete(final):
+        return final
+    # An existing `final` (left without weights by an older tok1d on a pod, or an older
+    # converter's output) stays until the new conversion is complete, then is replaced.
+    downloaded: list[str] = []
+    try:
+        files = {role: download.fetch(f, cache_dir, downloaded) for role, f in sources.items()}
+        if vgg:
+            files["vgg"] = resolve_file(vgg, cache_dir, downloaded)
+    except errors.UserError as e:
+        raise _outdated(final, e) from None
     os.makedirs(root, exist_ok=True)
     download.remove_stale(root)
     tmp = tempfile.mkdtemp(prefix=download.work_prefix(".tmp-", dirname), dir=root)
     try:
-        convert_official(kind, files["checkpoint"], tmp, vgg=files.get("vgg"), expect=expect,
-                         source=source, **options)
+        try:
+            convert_official(kind, files["checkpoint"], tmp, vgg=files.get("vgg"),
+                             expect=expect, source=source, **options)
+        except convert_common.ConversionError as e:
+            raise _rejected(e, downloaded, [files[role] for role, f in sources.items()
+                                            if not f.sha256], root) from None
         with open(os.path.join(tmp, CONVERSION_FILE), "w", encoding="utf-8") as f:
             json.dump({"version": CONVERSION_VERSION, "kind": kind, "source": source}, f)
         if not layout.lacks_weights(tmp):
-            return download.replace_dir(tmp, final)
+            if os.path.isdir(final) and not _complete(final):
+                download.discard_dir(final)
+            path = _all_agree(download.replace_dir(tmp, final), source)
+            if converted is not None:
+                converted.append(path)
+            return path
         # On a pod every process converts (orbax's save is collective) but only process 0's
         # copy holds the arrays: the others use process 0's, from a cache they share.
-        return _wait_for_process_0(final, source)
+        try:
+            _wait_for_process_0(final, source)
+        except errors.UserError as e:
+            _all_agree(None, source, e)
+        return _all_agree(final, source)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _all_agree(path: Optional[str], source: str,
+               error: Optional[errors.UserError] = None) -> str:
+    """`path` once every process has its conversion (None here: `error`); else each raises
+    (`error`, or a line naming the processes without it). On a pod the weights are read next
+    with a collective restore: a process that raised alone left the others blocked in it, and
+    itself blocked at exit in JAX's shutdown barrier."""
+    if jax.process_count() > 1:
+        ok = multihost_utils.process_allgather(np.asarray(path is not None, np.int32))
+        if error is None and not np.all(ok):
+            failed = ", ".join(str(i) for i in np.flatnonzero(np.asarray(ok) == 0))
+            error = errors.UserError(f"{source}: process(es) {failed} could not use the "
+                                     "conversion (see their error line).")
+    if error is not None:
+        raise error
+    return path
+
+
+def _rejected(error: convert_common.ConversionError, downloaded: list[str],
+              unchecked: list[str], root: str) -> convert_common.ConversionError:
+    """`error` (the converter rejected the files) saying what becomes of them: those
+    `downloaded` now are removed (the next run downloads them again); a file without a
+    published digest found in the cache (fetched earlier, or put there by hand) is named, to
+    be removed or replaced by the official file."""
+    download.forget(downloaded)
+    if downloaded:
+        note = "refused: the download is not kept"
+    else:
+        cached = [p for p in unchecked if os.path.abspath(p).startswith(root + os.sep)]
+        if not cached:
+            return error
+        note = (f"refused: remove {', '.join(cached)} (or put the official file there) and run "
+                "again")
+    return type(error)(f"{str(error).rstrip('.')} ({note}).")
+
+
+def _outdated(final: str, error: errors.UserError) -> errors.UserError:
+    """`error` (the file to convert from could not be fetched), naming a cached conversion of
+    older converters where there is one: it is kept, and not used (older converters' output
+    may differ from what this tok1d's models expect), but its path can be passed as it is."""
+    version = _conversion_version(final)
+    if version is None or version == CONVERSION_VERSION:
+        return error
+    return type(error)(f"{final} was converted by other converters (version {version}; this "
+                       f"tok1d's: {CONVERSION_VERSION}) and the file to convert it again from "
+                       f"cannot be fetched: {str(error).rstrip('.')}. The cached conversion is "
+                       "kept, not used: "
+                       f"pass {final} itself to use it as it is.")
 
 
 def _complete(final: str) -> bool:
@@ -706,10 +802,13 @@ def _conversion_version(final: str) -> Optional[int]:
         return None
 
 
-def _wait_for_process_0(final: str, source: str, timeout_s: float = 120.0) -> str:
+WAIT_FOR_PROCESS_0_S = 120.0  # how long a process waits for process 0's conversion
+
+
+def _wait_for_process_0(final: str, source: str, timeout_s: Optional[float] = None) -> str:
     """`final` once process 0 has moved its conversion there (seconds after this process's own
     collective save); a clear error where this host cannot see it (a cache on each host's disk)."""
-    deadline = time.monotonic() + timeout_s
+    deadline = time.monotonic() + (WAIT_FOR_PROCESS_0_S if timeout_s is None else timeout_s)
     while not _complete(final):
         if time.monotonic() > deadline:
             raise errors.UserError(

@@ -31,13 +31,13 @@ _HOW_TO_CONVERT = {
         "torchvision's ImageNet VGG16 weights (vgg16-397923af.pth, the file "
         "torchvision.models.vgg16(weights='IMAGENET1K_V1') downloads) and the LPIPS v0.1 linear "
         "layers (lpips/weights/v0.1/vgg.pth inside the `lpips` pip package). Convert them once: "
-        "`python -m tok1d.cli.convert lpips --vgg=vgg16-397923af.pth --checkpoint=vgg.pth "
+        "`tok1d convert lpips --vgg=vgg16-397923af.pth --checkpoint=vgg.pth "
         "--out=DIR`"),
     "convnext_s": (
         "The ConvNeXt loss needs the released name convnext_s (downloaded and converted once), "
         "or torchvision's convnext_small IMAGENET1K_V1 weights "
         "(convnext_small-0c510722.pth, the file torchvision.models.convnext_small("
-        "weights='IMAGENET1K_V1') downloads). Convert them once: `python -m tok1d.cli.convert "
+        "weights='IMAGENET1K_V1') downloads). Convert them once: `tok1d convert "
         "convnext_s --checkpoint=convnext_small-0c510722.pth --out=DIR`"),
 }
 

@@ -26,7 +26,7 @@ default: the TF graph's own input ops, TF1's bilinear resize of the 0-255 values
 It returns pytorch-fid's four feature blocks ("block0" .. "block2" as NHWC maps, "pool3" = the
 (B, 2048) FID feature), the (B, 1008) "logits" and "logits_unbiased" (the fc without its bias,
 which the Inception Score takes) and "spatial", the (B, 2023) features of ADM's sFID. Get the
-real weights with `python -m tok1d.cli.convert
+real weights with `tok1d convert
 inception_fid` and load them with `tok1d.weights.loaders.load_inception`.
 """
 

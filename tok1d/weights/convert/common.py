@@ -72,8 +72,28 @@ def _read(load: Callable[[str], Any], path: str) -> Any:
                 f"{path} pickles {pickled.group(1)} beside its tensors, which a weights-only "
                 "load refuses: save its state_dict alone (or as .safetensors) and convert "
                 "that.") from e
-        raise ConversionError(f"{path} is not a readable checkpoint "
-                              f"({errors.brief(e, 500)})") from e
+        raise ConversionError(f"{path} is not a readable checkpoint ({_why_unreadable(e, path)})"
+                              ) from e
+
+
+def _why_unreadable(error: Exception, path: str) -> str:
+    """What a reader's error says about the file, without torch's advice to load it with
+    weights_only=False (which runs whatever code the file pickles)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512).lstrip().lower()
+    except OSError:
+        head = b""
+    if head.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head", b"<body")):
+        return "an HTML or XML page, not a checkpoint: check the URL or the file"
+    text = str(error)
+    found = re.search(r"WeightsUnpickler error:\s*(.*?)\s*(?:Check the documentation|$)", text,
+                      re.S)
+    if found:
+        return f"{type(error).__name__}: {' '.join(found.group(1).split())}"
+    if "weights_only" in text:
+        return f"{type(error).__name__}: torch's weights-only load refused it"
+    return errors.brief(error, 500)
 
 
 def _npz(path: str, prefix: str) -> dict[str, Array]:
