@@ -271,9 +271,9 @@ def test_docstring_commands_are_found():
     ("tokenize", ["--tokenizer=T", "--data=demo", "--out=O", "--num_examples=0"],
      "flag --num_examples=0: -1 (all) or a positive number"),
     ("sample", ["--checkpoint=C", "--out=O", "--sweep", "--sweep_guidance=1,abc"],
-     "guidance scales are comma-separated numbers >= 0"),
+     "guidance scales are comma-separated finite numbers >= 0"),
     ("sample", ["--checkpoint=C", "--out=O", "--sweep", "--sweep_temperature=-1"],
-     "temperatures are comma-separated numbers >= 0"),
+     "temperatures are comma-separated finite numbers >= 0"),
     ("sample", [f"--config={os.path.join(REPO, 'configs', 'gpt_gigatok.py')}:b",
                 "--checkpoint=C", "--tokenizer=T", "--out=O", "--sweep",
                 "--sweep_temperature=0,1"], "this sampler's temperatures must be > 0"),
@@ -396,6 +396,27 @@ def test_missing_optional_dependency(tmp_path, monkeypatch, capsys):
     bare = ModuleNotFoundError("No module named 'safetensors'", name="safetensors")
     assert "pip install safetensors" in app.user_error_message(bare)
     assert app.user_error_message(ModuleNotFoundError("x", name="tok1d.nope")) is None  # a bug
+
+
+def test_a_collective_left_waiting_by_another_process_is_one_line(monkeypatch, capsys):
+    """In a multi-process run, a collective that timed out because another process stopped
+    (its own error printed there) is one line saying so (it was a 64-line JaxRuntimeError
+    traceback about Gloo); one process's runtime error is a bug's traceback as before."""
+    import jax
+    gloo = jax.errors.JaxRuntimeError("UNKNOWN: Gloo context initialization failed: "
+                                      "DEADLINE_EXCEEDED: GetKeyValue() timed out")
+
+    def execute(fv, args):
+        raise gloo
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    assert app.run(_job(execute), []) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith("error: process 0 of 2 stopped waiting for the others (")
+    assert line.endswith("another process has probably stopped with an error; its own "
+                         "output says which.")
+    monkeypatch.setattr(jax, "process_count", lambda: 1)
+    with pytest.raises(jax.errors.JaxRuntimeError):
+        app.run(_job(execute), [])
 
 
 def _job(execute):
@@ -552,6 +573,29 @@ def test_one_checkpoints_folder_is_a_checkpoint(tmp_path, capsys):
     assert re.search(r"; \d+ more arrays of other shapes", line) and len(line) < 800, line
     assert line.endswith(f"{run / 'config.json'} describes the model of these weights: leave "
                          "out --config to use it. (ValueError)"), line
+
+
+def test_any_sampler_option_is_an_override(capsys):
+    """`--config.sampling.KEY=VALUE` adds any option of the config's sampler that the config
+    file does not name (RAR's `greedy` was refused, with a hint to give the whole section
+    with a 'name' it does not have); another key is refused with the sampler's options."""
+    from tok1d.cli import sample
+    from tok1d.generation import common
+    rar = [f"--config={os.path.join(REPO, 'configs', 'rar.py')}:b", "--checkpoint=C", "--out=o"]
+    fv, _ = app._parse(sample, "tok1d sample", rar + ["--config.sampling.greedy=True",
+                                                      "--config.sampling.top_k", "5"])
+    assert fv.config.sampling.greedy is True and fv.config.sampling.top_k == 5
+    assert app.run(sample, rar + ["--config.sampling.gredy=True"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "'sampling.gredy' is not a config key (the rar sampler's options: cache_chunk, " \
+           "greedy," in line
+    gpt = [f"--config={os.path.join(REPO, 'configs', 'gpt_gigatok.py')}:b", "--checkpoint=C",
+           "--out=o"]
+    assert app.run(sample, gpt + ["--config.sampling.cfg_scal=3.0"]) == 2  # a typo: named
+    assert "did you mean 'sampling.cfg_scale'" in one_error_line(capsys.readouterr().err)
+    from tok1d.generation import maskgit
+    assert common.sampler_options(types.SimpleNamespace(objective="masked")) == tuple(
+        sorted(maskgit.SAMPLER_DEFAULTS))
 
 
 def test_a_damaged_run_config_is_named_alone(tmp_path, capsys):

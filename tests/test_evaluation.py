@@ -271,13 +271,18 @@ def test_a_saved_reference_is_checked_and_never_replaced(nets, tmp_path, monkeyp
 
 def test_report_files(tmp_path):
     grid = np.zeros((10, 20, 3), np.uint8)
-    path = report.write_report(str(tmp_path), "Reconstruction: x", {"rfid": 1.25, "psnr": 20.0},
+    path = report.write_report(str(tmp_path), "Reconstruction: x",
+                               {"rfid": 1.25, "psnr": 20.0, "num_images": 40.0},
                                {"reconstructions": grid}, {"checkpoint": "x"}, ["a note"], step=7)
     text = open(path).read()
     assert "| rfid | 1.2500 | rFID" in text and "![reconstructions.png](reconstructions.png)" in text
+    # a count is whole (it printed num_images 40.0000); a whole PSNR keeps its decimals
+    assert "| num_images | 40 | images evaluated |" in text and "| psnr | 20.0000 |" in text
+    assert report.format_value(40.0, "num_images") == "40" and report.format_value(1.0) == "1.0000"
     assert "a note" in text
     record = json.load(open(tmp_path / "metrics.json"))
-    assert record["metrics"] == {"rfid": 1.25, "psnr": 20.0} and record["step"] == 7
+    assert record["metrics"] == {"rfid": 1.25, "psnr": 20.0, "num_images": 40.0}
+    assert record["step"] == 7
     assert os.path.exists(tmp_path / "reconstructions.png")
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path))
 
@@ -326,6 +331,28 @@ def test_evaluate_job_tokenizer_and_samples(tmp_path):
                        log=lambda m: None)
     assert gen["num_images"] == 12 and gen["gfid"] > 0 and "inception_score" in gen
     assert os.path.exists(tmp_path / "gen" / "samples.png")
+    # A second evaluation into an --out holding one's results is refused before any work:
+    # nothing replaced or appended to.
+    before = {n: (tmp_path / "gen" / n).read_bytes()
+              for n in ("report.md", "metrics.json", "metrics.jsonl", "samples.png")}
+    for kwargs in ({"samples": str(samples)}, {"checkpoint": ckpt}):
+        with pytest.raises(errors.UserError, match=f"--out={tmp_path / 'gen'} already holds "
+                           "report.md and metrics.json and metrics.jsonl; choose another "
+                           "--out \\(or delete it\\)"):
+            evaluate.run(config, out=str(tmp_path / "gen"), log=lambda m: None, **kwargs)
+    assert before == {n: (tmp_path / "gen" / n).read_bytes() for n in before}
+    # Flags that do not apply to the evaluation are refused, not dropped.
+    for kwargs, message in (({"samples": str(samples), "prefixes": "1"},
+                             "--prefixes evaluates a tokenizer's prefixes .* not --samples"),
+                            ({"samples": str(samples), "tokenizer": ckpt},
+                             "--tokenizer decodes a generator's samples .* --samples are "
+                             "images already"),
+                            ({"checkpoint": ckpt, "tokenizer": ckpt},
+                             "--tokenizer decodes a generator's samples .* a tokenizer "
+                             "evaluation decodes with --checkpoint itself")):
+        with pytest.raises(errors.UserError, match=message):
+            evaluate.run(config, out=str(tmp_path / "unused"), **kwargs)
+    assert not (tmp_path / "unused").exists()
 
     # The eval split's statistics written once (--save_reference) give the same numbers as a
     # reference, without its images; one made with another Inception input is refused.
@@ -382,7 +409,7 @@ def test_missing_inception_weights_are_explained(tmp_path):
     notes = []
     nets = evaluator.load_metric_nets(ecfg, "", notes.append)
     assert nets.inception is None and nets.lpips is None
-    assert "python -m tok1d.cli.convert inception_fid" in notes[0]
+    assert "tok1d convert inception_fid" in notes[0]
     # Generated images have no pairs: no LPIPS loaded, and no note about its weights.
     ecfg.allow_random_init = True
     notes = []
@@ -407,9 +434,11 @@ def test_samples_need_a_feature_network_and_come_alone(tmp_path):
     config = config_lib.base_config()
     samples = tmp_path / "s.npz"
     np.savez(samples, arr_0=np.zeros((4, SIZE, SIZE, 3), np.uint8))
+    said = []
     with pytest.raises(errors.UserError, match="--samples: FID / IS / precision-recall need "
                        "the FID InceptionV3"):
-        evaluate.run(config, samples=str(samples), out=str(tmp_path / "out"), log=lambda _: None)
+        evaluate.run(config, samples=str(samples), out=str(tmp_path / "out"), log=said.append)
+    assert said == []  # the error says it once (the same note was logged before it)
     junk = tmp_path / "junk.npz"
     junk.write_bytes(b"junk" * 8)
     with pytest.raises(ValueError, match="junk.npz is not a readable .npz of images"):
@@ -435,6 +464,11 @@ def test_samples_need_a_feature_network_and_come_alone(tmp_path):
     with pytest.raises(errors.UserError, match="Generator evaluation: FID / IS / "
                        "precision-recall need the FID InceptionV3"):
         evaluate.run(gen, checkpoint=str(tmp_path / "none"), tokenizer="none/",
+                     out=str(tmp_path / "out"), log=said.append)
+    assert said == []
+    with pytest.raises(errors.UserError, match="--prefixes evaluates a tokenizer's prefixes .* "
+                       "not a generator config"):  # (it ran gFID, ignoring --prefixes)
+        evaluate.run(gen, checkpoint=str(tmp_path / "none"), prefixes="1,2",
                      out=str(tmp_path / "out"))
     nets = evaluator.load_metric_nets(gen.evaluation, "", lambda _: None, lpips=False)
     reference = evaluator.load_reference(gen.evaluation, gen.data, nets, None, None, 8)

@@ -128,6 +128,13 @@ def test_bad_inputs_are_named(tmp_path):
         fid.FeatureStats(4).update(np.ones((1, 4))).mean_cov()
     with pytest.raises(ValueError, match="differ in shape"):
         fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+    for method in fid.FID_METHODS:  # NaN features: the cause named, not a LinAlgError
+        nan = fid.FeatureStats(3).update(np.full((4, 3), np.nan)).mean_cov()
+        with pytest.raises(ValueError, match="The first FID statistics are not finite"):
+            fid.frechet_distance(*nan, np.zeros(3), np.eye(3), method=method)
+        with pytest.raises(ValueError, match="The second FID statistics are not finite"):
+            fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), np.full((3, 3), np.inf),
+                                 method=method)
     with pytest.raises(ValueError, match="Unknown FID method 'svd'"):
         fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), np.eye(3), method="svd")
     path = str(tmp_path / "bad.npz")

@@ -80,3 +80,31 @@ def test_the_bert_generator_drops_attention_probabilities_in_training_as_upstrea
     off = model.clone(attention_dropout=0.0)
     np.testing.assert_allclose(run(off, True, 1), run(off, False), rtol=1e-6, atol=1e-6)
     assert maskgit.MaskGITBert.attention_dropout == 0.1  # maskgit.yaml's attn_drop
+
+
+def test_a_generator_predicting_codes_the_tokenizer_lacks_is_refused():
+    """A sampled code beyond the tokenizer's codebook decodes to NaN pixels (black images, a
+    failed FID): refused before sampling. Official pairs predict exactly the codebook (MaskGIT's
+    [MASK] is an input id beyond vocab_size, not a predicted code)."""
+    import types
+
+    from tok1d import errors, models
+    from tok1d.generation import decode
+
+    titok = models.create("titok", image_size=32, patch_size=8, num_latent_tokens=8,
+                          encoder_size="nano", decoder_size="nano", codebook_size=32, token_dim=8)
+    for generator in generators():  # all predict 64 codes
+        assert generator.vocab_size == 64
+        with pytest.raises(errors.UserError, match="the generator predicts 64 codes but the "
+                           "tokenizer has 32 .*NaN pixels"):
+            decode.check_pair(generator, titok)
+    masked = maskgit.build("vit", size="tiny", codebook_size=32, num_tokens=8, num_classes=10)
+    assert masked.mask_id == 32
+    decode.check_pair(masked, titok)  # its [MASK] id is no code it predicts
+    decode.check_pair(types.SimpleNamespace(vocab_size=32, num_tokens=8), titok)
+    # Its warnings are "Warning: ..." lines of the caller's log (as the CLI's others).
+    said = []
+    decode.check_pair(types.SimpleNamespace(vocab_size=32, num_tokens=4), titok, said.append)
+    assert said == ["Warning: the generator samples 4 of the tokenizer's 8 tokens per image, and "
+                    "the tokenizer was not trained with nested dropout: its decoded prefixes "
+                    "may be poor images."]

@@ -160,9 +160,30 @@ def test_mismatched_tokens_are_refused(token_data, tmp_path):
     config.model["num_tokens"] = 16
     with pytest.raises(config_lib.ConfigError, match="8 codes per image but model.num_tokens=16"):
         generator.train_and_evaluate(config, str(tmp_path / "bad"))
+    config = tiny_config("gpt", tokens, tok_dir)
+    config.model["vocab_size"] = 128  # codes no sample could be decoded from: refused too
+    with pytest.raises(config_lib.ConfigError, match="the tokenizer has 64 codes but the "
+                       "generator predicts 128 \\(give it 64"):
+        generator.train_and_evaluate(config, str(tmp_path / "bad_vocab"))
+    assert not os.path.exists(str(tmp_path / "bad_vocab" / "checkpoints"))
     config = tiny_config("gpt", "", tok_dir)
     with pytest.raises(config_lib.ConfigError, match="generator.tokens is empty"):
         generator.train_and_evaluate(config, str(tmp_path / "bad2"))
+
+
+def test_tokens_without_the_eval_split_say_so_once_at_the_start(token_data, tmp_path, capsys):
+    """data.eval_split absent from the tokens: training goes on, and says once, at its start,
+    that there is no validation loss (it logged `eval @ step 2: ` with nothing after)."""
+    tokens, _ = token_data
+    config = tiny_config("gpt", tokens, "", steps=2)
+    config.eval_every_steps, config.data.eval_split = 1, "test"
+    result = generator.train_and_evaluate(config, str(tmp_path / "no_eval"))
+    assert result["step"] == 2 and "loss" not in result
+    said = [line for line in capsys.readouterr().out.splitlines() if "no validation loss" in line]
+    assert said == [f"Warning: the tokens {tokens} have no 'test' split (data.eval_split; they "
+                    "have: train, validation), so there is no validation loss. Tokenize that "
+                    "split into them (tok1d tokenize --split=test) or name one they have "
+                    "(--config.data.eval_split=...)."]
 
 
 def images_config(tok_dir: str, steps: int = 16):

@@ -418,3 +418,17 @@ def test_recipes_validate_and_bench_plans_the_sampler():
     row = bench.run(c, "sample", batch_size=8, compile_only=True, tokenizer_config=tokenizer,
                     log=lambda _: None)
     assert row["memory_plan_gib"] > 0 and row["tflop_per_step"] > 0
+
+
+def test_a_negative_guidance_power_is_refused_where_the_sampler_is_set_up():
+    """guidance_scale_pow < 0 makes the power-cosine scale of code 0 infinite (0 ** -1):
+    refused with one line naming the option (RAR's and MaskGIT's power-cosine)."""
+    from tok1d.generation import maskgit as maskgit_sampling
+    model = _model()
+    for bad in (-1.0, float("inf")):
+        with pytest.raises(ValueError, match="sampling.guidance_scale_pow must be a finite "
+                           "number >= 0"):
+            ar.make_rar_sampler(model, guidance_scale=2.0, guidance_scale_pow=bad)
+        with pytest.raises(ValueError, match="sampling.guidance_pow must be a finite number >= 0"):
+            maskgit_sampling.step_tables(8, 4, 2.0, "power-cosine", bad, 1.0, False, "arccos")
+    ar.make_rar_sampler(model, guidance_scale=2.0, guidance_scale_pow=0.0)

@@ -11,6 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from tok1d import errors
 from tok1d.cli import sample as sample_lib
 from tok1d.evaluation import sweep
 
@@ -119,3 +120,37 @@ def test_demo_report_shows_this_runs_sweep_plot_only(tmp_path):
     result["sweep"]["plot"] = "sweep/sweep.png"
     demo.write_demo_report(str(tmp_path), result, config)
     assert "![sweep](sweep/sweep.png)" in (tmp_path / "report.md").read_text()
+
+
+def test_sweep_json_is_strict_and_a_nan_diversity_is_explained(tmp_path):
+    """Non-finite metrics are null in sweep.json (strict JSON, as metrics.json); a diversity
+    that is NaN (one image per class) gets a note in sweep.md."""
+    settings = sweep.grid({}, "maskgit", (0, 2), (1,))
+    rows = [sweep.row(settings[0], dict(gfid=float("inf"), diversity=float("nan"))),
+            sweep.row(settings[1], dict(gfid=20.0, diversity=float("nan")))]
+    paths = sweep.write(str(tmp_path), rows, sweep.best(rows), log=lambda m: None)
+
+    def refuse(constant):
+        raise AssertionError(f"not strict JSON: {constant}")
+    saved = json.loads(open(paths["json"]).read(), parse_constant=refuse)
+    assert saved["rows"][0]["gfid"] is None and saved["rows"][0]["diversity"] is None
+    assert saved["best"]["gfid"] == 20.0
+    assert sweep.DIVERSITY_NOTE in open(paths["md"]).read()
+    assert "diversity is NaN: every class has fewer than 2 images" in sweep.DIVERSITY_NOTE
+    assert sweep.DIVERSITY_NOTE not in sweep.markdown(
+        [sweep.row(settings[0], dict(gfid=1.0, diversity=3.0))], None)
+
+
+def test_an_out_holding_a_sweep_is_refused_before_any_work(tmp_path):
+    (tmp_path / "sweep.json").write_text('{"rows": [1, 2, 3, 4]}')
+    with pytest.raises(errors.UserError, match=f"--out={tmp_path} already holds "
+                       "sweep.json; choose another --out \\(or delete it\\)"):
+        # (nothing is read: the config and checkpoint are never looked at)
+        sample_lib.run_sweep(None, "no_such_checkpoint", "", 4, str(tmp_path), ["1"], ["1"])
+    assert (tmp_path / "sweep.json").read_text() == '{"rows": [1, 2, 3, 4]}'
+
+
+def test_sweep_numbers_must_be_finite():
+    assert sample_lib._numbers(["0", "1.5", "3"])
+    for bad in (["1e400"], ["inf"], ["nan"], ["-1"], ["x"]):
+        assert not sample_lib._numbers(bad), bad

@@ -44,10 +44,12 @@ from typing import Any, Callable, NoReturn, Optional, Sequence
 
 from absl import flags
 from absl import logging as absl_logging
+import jax
 import ml_collections
 from ml_collections import config_flags
 
-from tok1d import errors, parallel
+from tok1d import errors, models, parallel
+from tok1d.generation import common as gen_common
 from tok1d.train import config_lib, programs
 from tok1d.weights import download, layout, registry
 
@@ -209,7 +211,12 @@ def _unknown_override(config_file: str, args: Sequence[str]) -> Optional[str]:
                 where = ".".join(done + [key])
                 hint = f" (did you mean {'.'.join(done + close[:1])!r}?)" if close else ""
                 section = ".".join(done)
-                if not close and section in config_lib.FREE_FORM and section not in MODULE_SECTIONS:
+                options = _sampler_options(config) if section == SAMPLING_SECTION else ()
+                if not close and options:
+                    hint = (f" (the {config.model.name} sampler's options: "
+                            f"{', '.join(options)})")
+                elif (not close and section in config_lib.FREE_FORM
+                      and section not in MODULE_SECTIONS):
                     hint = (f" ({section} holds its module's arguments, here "
                             f"{sorted(known)}: give the whole section to add one, e.g. "
                             f"--config.{section}=\"{{'name': ..., '{key}': ...}}\")")
@@ -223,6 +230,32 @@ def _unknown_override(config_file: str, args: Sequence[str]) -> Optional[str]:
 # `validate`, or where the teacher / discriminator / probe model is built, refuses a key it
 # does not take).
 MODULE_SECTIONS = ("model", "teacher.model", "discriminator.model", "ar_probe.model")
+# The generator's sampler options: `--config.sampling.KEY=VALUE` may add any option of the
+# config's sampler (`gen_common.sampler_options`: e.g. RAR's `greedy`), not another key.
+SAMPLING_SECTION = "sampling"
+
+
+def _sampler_options(config) -> tuple[str, ...]:
+    """The options of the sampler of `config`'s generator; () for another config (or a model
+    that cannot be built: `validate` names its problem)."""
+    if config.get("trainer") != "generator":
+        return ()
+    try:
+        return gen_common.sampler_options(models.create(config.model.name,
+                                                        **layout.model_kwargs(config)))
+    except Exception:  # noqa: BLE001 - a bad model section is reported by validate
+        return ()
+
+
+def _adds_argument(config, path: str, key: str) -> bool:
+    """Whether `--config.PATH.KEY=...` adds an argument the config file does not name."""
+    section = _section(config, path)
+    if section is None or key in section:
+        return False  # a key the parser knows (or a section it will refuse)
+    return path in MODULE_SECTIONS or (path == SAMPLING_SECTION
+                                       and key in _sampler_options(config))
+
+
 _MODULE_ARGUMENT = re.compile(r"^--?config\.([^=]+)\.([A-Za-z_]\w*)(?:=(.*))?$", re.DOTALL)
 
 
@@ -233,7 +266,8 @@ def _split_new_module_arguments(config_file: Optional[str], args: Sequence[str]
     does not name (`_literal` values). Such an argument together with an override of its
     whole section is refused (the parser applies that one first)."""
     matches = [_MODULE_ARGUMENT.match(a) for a in args]
-    if not config_file or not any(m and m.group(1) in MODULE_SECTIONS for m in matches):
+    sections = MODULE_SECTIONS + (SAMPLING_SECTION,)
+    if not config_file or not any(m and m.group(1) in sections for m in matches):
         return list(args), []
     try:
         config = load_config_file(config_file)
@@ -242,13 +276,10 @@ def _split_new_module_arguments(config_file: Optional[str], args: Sequence[str]
     kept, added, i = [], [], 0
     while i < len(args):
         m, value, used = matches[i], None, 1
-        if m and m.group(1) in MODULE_SECTIONS:
+        if m and m.group(1) in sections and _adds_argument(config, m.group(1), m.group(2)):
             value = m.group(3)
             if value is None and i + 1 < len(args) and not args[i + 1].startswith("-"):
                 value, used = args[i + 1], 2  # the space-separated form
-            section = _section(config, m.group(1))
-            if section is None or m.group(2) in section:
-                value, used = None, 1  # a key the parser knows
         if value is None:
             kept.append(args[i])
         else:
@@ -464,8 +495,30 @@ def setup_console(verbosity: int = 0) -> None:
 # Errors.
 # ----------------------------------------------------------------------------------------------
 
+# What a runtime error of a collective with the other processes says when one of them is gone
+# (stopped by its own error, killed): the processes wait for it until a deadline.
+PEER_FAILURE_MARKERS = ("DEADLINE_EXCEEDED", "Gloo context", "Barrier timed out",
+                        "heartbeat", "coordination service", "CoordinationService")
+
+
+def _peer_failure(e: BaseException) -> Optional[str]:
+    """The one line for a multi-process run's collective that timed out waiting for another
+    process (which failed on its own and said why there); None for another error."""
+    if type(e).__name__ not in ("JaxRuntimeError", "XlaRuntimeError") or not any(
+            marker in str(e) for marker in PEER_FAILURE_MARKERS):
+        return None
+    if jax.process_count() <= 1:  # (the backend is up: a collective ran)
+        return None
+    return (f"process {jax.process_index()} of {jax.process_count()} stopped waiting for the "
+            f"others ({errors.brief(e, 120)}): another process has probably stopped with an "
+            "error; its own output says which.")
+
+
 def user_error_message(e: BaseException) -> Optional[str]:
     """The one line to print for an error the user can fix, or None for a bug."""
+    peer = _peer_failure(e)
+    if peer is not None:
+        return peer
     if isinstance(e, ImportError):
         missing = getattr(e, "name", None) or getattr(e.__cause__, "name", None) or ""
         package = missing.split(".")[0]

@@ -66,7 +66,7 @@ from tok1d.data import tokens as tokens_lib
 from tok1d.evaluation import evaluator, linear_probe, report
 from tok1d.models.generators.gpt import GPT
 from tok1d.models.tokenizers import nested
-from tok1d.train import config_lib
+from tok1d.train import config_lib, loop
 from tok1d.train import generator as gen_trainer
 from tok1d.train import tokenizer as tok_trainer
 from tok1d.weights import loaders
@@ -181,7 +181,7 @@ def evaluate_tokenizer(config, checkpoint: str, out: str, log=print,
                      f"{ecfg.linear_probe_epochs} epochs on {dcfg.train_split}"}
                     if probe else {})),
         nets.notes, step=step, enabled=is_chief)
-    log(f"Wrote {path}: " + ", ".join(f"{k} {report.format_value(v)}"
+    log(f"Wrote {path}: " + ", ".join(f"{k} {report.format_value(v, k)}"
                                       for k, v in metrics.items()))
     return metrics
 
@@ -244,7 +244,7 @@ def evaluate_prefixes(config, model, params, frozen, teacher, nets, ds, num_batc
             rows[k] = {m: metrics[m] for m in PREFIX_METRICS if m in metrics}
             grid_rows = grid_rows or [grid_in]
             grid_rows.append(grid_out)
-            log(f"k={k}: " + ", ".join(f"{m} {report.format_value(v)}"
+            log(f"k={k}: " + ", ".join(f"{m} {report.format_value(v, m)}"
                                        for m, v in rows[k].items()))
     name = os.path.basename(os.path.normpath(checkpoint))
     grids = {"prefix_reconstructions": images.make_grid(grid_rows)}
@@ -278,9 +278,9 @@ def evaluate_generator(config, checkpoint: str, tokenizer_path: str, out: str, s
     if not tokenizer_path:
         raise ValueError("No tokenizer: pass --tokenizer=DIR or set config.generator.tokenizer.")
     _check_linear_probe(config)  # before sampling: its failure would lose the gFID
+    if config.evaluation.linear_probe_epochs <= 0:  # else nothing to measure
+        evaluator.require_inception(config.evaluation, "Generator evaluation")
     nets = evaluator.load_metric_nets(config.evaluation, "", log, lpips=False)
-    if nets.inception is None and config.evaluation.linear_probe_epochs <= 0:
-        raise errors.UserError("Generator evaluation: " + nets.notes[0])  # nothing to measure
     mesh, rules, batch_sh, is_chief = _setup(config)
     step = loaders.checkpoint_step(checkpoint)  # (a run still training saves more)
     model, params = sample_lib.load_generator(config, checkpoint, step)
@@ -294,7 +294,7 @@ def evaluate_generator(config, checkpoint: str, tokenizer_path: str, out: str, s
         params = jax.device_put(params, jax.sharding.NamedSharding(
             mesh, jax.sharding.PartitionSpec()))
         decoder = SampleDecoder(model, config.sampling.to_dict(), tokenizer, tok_params,
-                                batch_sh, config.sampling_precision)
+                                batch_sh, config.sampling_precision, log)
         reference = evaluator.load_reference(ecfg, config.data, nets, mesh, batch_sh,
                                              config.eval_batch_size, log)
         batches = decoder.batches(params, labels, config.eval_batch_size, seed, log)
@@ -472,9 +472,8 @@ def evaluate_samples(config, samples: str, out: str, log=print) -> dict[str, Any
     images = evaluator.load_npz_images(samples)
     with np.load(samples) as z:
         labels = z["arr_1"] if "arr_1" in z.files else np.zeros(len(images), np.int32)
+    evaluator.require_inception(config.evaluation, "--samples")  # every metric needs it
     nets = evaluator.load_metric_nets(config.evaluation, "", log, lpips=False)
-    if nets.inception is None:  # every metric of samples alone needs its features
-        raise errors.UserError("--samples: " + nets.notes[0])
     ecfg = config.evaluation
     num_classes = int(labels.max()) + 1 if len(labels) else 1
     with jax.set_mesh(mesh):
@@ -494,9 +493,8 @@ def save_reference(config, path: str, log=print) -> evaluator.Reference:
     data's eval split, written to `path` (`evaluator.Reference.save`)."""
     _check_reference_path(path)
     mesh, _, batch_sh, is_chief = _setup(config)
+    evaluator.require_inception(config.evaluation, "--save_reference")
     nets = evaluator.load_metric_nets(config.evaluation, "", log, lpips=False)
-    if nets.inception is None:
-        raise errors.UserError("--save_reference: " + nets.notes[0])
     with jax.set_mesh(mesh):
         reference = evaluator.load_reference(config.evaluation, config.data, nets, mesh,
                                              batch_sh, config.eval_batch_size, log)
@@ -550,7 +548,7 @@ def _finish_samples(config, metrics, kept, labels, num_classes: int, out: str, i
     path = report.write_report(out, "Generation", metrics, {"samples": grid},
                                _details(config, **details), notes, step=step,
                                enabled=is_chief)
-    log(f"Wrote {path}: " + ", ".join(f"{k} {report.format_value(v)}"
+    log(f"Wrote {path}: " + ", ".join(f"{k} {report.format_value(v, k)}"
                                       for k, v in metrics.items()))
     return metrics
 
@@ -568,22 +566,32 @@ def run(config, checkpoint: str = "", tokenizer: str = "", samples: str = "", ou
     if samples and checkpoint:
         raise errors.UserError("Give --checkpoint (a model to evaluate) or --samples (images "
                                "to evaluate), not both.")
+    if not samples and not checkpoint:
+        raise ValueError("Give --checkpoint (a workdir or pretrained directory) or --samples.")
+    # Flags that do not apply to this evaluation are refused, not dropped.
+    kind = "samples" if samples else config.trainer
+    if prefixes and kind != "tokenizer":
+        raise errors.UserError("--prefixes evaluates a tokenizer's prefixes (a --checkpoint "
+                               "with a config of trainer 'tokenizer'), not "
+                               + ("--samples." if samples else f"a {kind} config."))
+    if tokenizer and kind != "generator":
+        raise errors.UserError("--tokenizer decodes a generator's samples (a --checkpoint with a "
+                               "config of trainer 'generator'); "
+                               + ("--samples are images already." if samples else
+                                  "a tokenizer evaluation decodes with --checkpoint itself."))
+    ks = ()
+    if kind == "tokenizer" and prefixes:
+        model = tok_trainer.build_model(config)
+        nested.require_prefix_support(model, "--prefixes")
+        ks = parse_prefixes(prefixes, model.num_tokens, model.codes_per_token)
+    if kind in ("samples", "generator", "tokenizer"):
+        report.refuse_earlier_results(out)  # an earlier evaluation's results: kept
     if samples:
         return evaluate_samples(config, samples, out, log)
-    if not checkpoint:
-        raise ValueError("Give --checkpoint (a workdir or pretrained directory) or --samples.")
-    if config.trainer == "generator":
+    if kind == "generator":
         return evaluate_generator(config, checkpoint, tokenizer, out, seed, log)
-    if config.trainer == "tokenizer":
-        ks = ()
-        if prefixes:
-            model = tok_trainer.build_model(config)
-            nested.require_prefix_support(model, "--prefixes")
-            ks = parse_prefixes(prefixes, model.num_tokens, model.codes_per_token)
+    if kind == "tokenizer":
         return evaluate_tokenizer(config, checkpoint, out, log, ks)
-    if prefixes:
-        raise errors.UserError("--prefixes evaluates a tokenizer (a config of trainer "
-                               "'tokenizer').")
     raise ValueError(f"Cannot evaluate a config with trainer {config.trainer!r}: use a tokenizer "
                      "or generator config.")
 
@@ -598,7 +606,7 @@ def execute(fv: flags.FlagValues, args: list[str]) -> None:
             if fv[key].value:
                 config.evaluation[key] = fv[key].value
     run(config, fv.checkpoint, fv.tokenizer, fv.samples, fv.out or "", fv.seed,
-        prefixes=fv.prefixes, reference_out=fv.save_reference)
+        log=loop.log_fn(), prefixes=fv.prefixes, reference_out=fv.save_reference)  # (process 0)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -58,11 +58,12 @@ from absl import flags
 from tok1d import images as images_lib
 from tok1d import errors, parallel
 from tok1d.cli import app
-from tok1d.evaluation import digit_features, evaluator
+from tok1d.evaluation import digit_features, evaluator, report
 from tok1d.evaluation import sweep as sweep_lib
 from tok1d.generation import common as gen_common
 from tok1d.generation.decode import SampleDecoder
 from tok1d.train import generator as gen_trainer
+from tok1d.train import loop
 from tok1d.weights import layout, loaders
 
 USAGE = "[--config=FILE] --checkpoint=DIR --out=DIR [--tokenizer=DIR] [flags]"
@@ -93,9 +94,11 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_list("sweep_temperature", [], "Temperatures of the sweep (empty: the "
                       "config's).", flag_values=fv)
     flags.register_validator("sweep_guidance", lambda v: _numbers(v),
-                             "guidance scales are comma-separated numbers >= 0", flag_values=fv)
+                             "guidance scales are comma-separated finite numbers >= 0",
+                             flag_values=fv)
     flags.register_validator("sweep_temperature", lambda v: _numbers(v),
-                             "temperatures are comma-separated numbers >= 0", flag_values=fv)
+                             "temperatures are comma-separated finite numbers >= 0",
+                             flag_values=fv)
     flags.DEFINE_enum("sweep_features", "inception", ["inception", "digits"],
                       "Feature network of the sweep's metrics: the FID Inception of "
                       "config.evaluation, or the demo's digit classifier trained on "
@@ -104,8 +107,9 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 
 def _numbers(values: Sequence[str]) -> bool:
+    """Finite numbers >= 0 (1e400 is inf, not a guidance scale)."""
     try:
-        return all(float(v) >= 0 for v in values)
+        return all(0 <= float(v) < float("inf") for v in values)
     except ValueError:
         return False
 
@@ -158,7 +162,7 @@ def sample_images(config, model, params, tokenizer, tok_params, num_images: int,
         params = jax.device_put(params, jax.sharding.NamedSharding(mesh,
                                                                    jax.sharding.PartitionSpec()))
         decoder = SampleDecoder(model, config.sampling.to_dict(), tokenizer, tok_params,
-                                sharding, config.sampling_precision)
+                                sharding, config.sampling_precision, log)
         for pixels, valid in decoder.batches(params, labels, batch_size, seed, log):
             out.append(images_lib.to_uint8(parallel.host_array(pixels))[valid])
     return np.concatenate(out), labels
@@ -176,10 +180,7 @@ def class_grid(samples: np.ndarray, labels: np.ndarray, num_classes: int, per_ro
 
 def run(config, checkpoint: str, tokenizer_path: str, num_images: int, out: str,
         batch_size: int = 0, seed: int = 0, grid_classes: int = 10, log=print) -> dict[str, Any]:
-    if parallel.process_0_view([os.path.exists(os.path.join(out, "samples.npz"))])[0]:
-        # an earlier run's (process 0 writes, so its view decides on every host): kept
-        raise errors.UserError(f"--out={out} already holds samples.npz; choose another --out "
-                               "(or delete it).")
+    report.refuse_earlier_results(out, ["samples.npz"])  # an earlier run's: kept
     step = loaders.checkpoint_step(checkpoint)  # (a run still training saves more)
     model, params, tokenizer, tok_params, tokenizer_path = load_models(config, checkpoint,
                                                                        tokenizer_path, step, log)
@@ -216,12 +217,15 @@ def sweep(config, model, params, tokenizer, tok_params, nets: evaluator.MetricNe
     picks - the only setting's samples kept (beside the one being measured) - else None."""
     mesh, _, sharding = parallel.mesh_from_config(config)
     rows, kept = [], None
-    for setting in settings:
+    for i, setting in enumerate(settings):
         cfg = config.copy_and_resolve_references()
         with cfg.unlocked():  # e.g. a temperature the config's sampling section leaves default
             cfg.sampling.update(setting)
+        # no progress lines; the pair's warnings once (the first setting's)
+        quiet = (lambda msg, i=i: log(msg) if i == 0 and msg.startswith("Warning:")  # noqa: E731
+                 else None)
         images, labels = sample_images(cfg, model, params, tokenizer, tok_params, num_images,
-                                       batch_size, seed, log=lambda msg: None)
+                                       batch_size, seed, log=quiet)
         metric_batch = -(-min(256, num_images) // jax.device_count()) * jax.device_count()
         with jax.set_mesh(mesh):
             metrics, _ = evaluator.generation_metrics(
@@ -241,7 +245,9 @@ def sweep(config, model, params, tokenizer, tok_params, nets: evaluator.MetricNe
 def run_sweep(config, checkpoint: str, tokenizer_path: str, num_images: int, out: str,
               guidance_scales, temperatures, features: str = "inception", batch_size: int = 0,
               seed: int = 0, log=print) -> dict[str, Any]:
-    """`tok1d sample --sweep`: the sweep of the module docstring, written to OUT."""
+    """`tok1d sample --sweep`: the sweep of the module docstring, written to OUT (an OUT that
+    holds an earlier sweep's results is refused before any work)."""
+    report.refuse_earlier_results(out, sweep_lib.FILES)
     if (gen_trainer.build_generator(config).objective != "masked"
             and any(float(t) <= 0 for t in temperatures)):  # (RAR's came after some settings)
         raise errors.UserError("--sweep_temperature: this sampler's temperatures must be > 0 "
@@ -290,10 +296,10 @@ def execute(fv: flags.FlagValues, args: list[str]) -> None:
     if fv.sweep:
         run_sweep(fv.config, fv.checkpoint, fv.tokenizer, fv.num_images, fv.out,
                   fv.sweep_guidance, fv.sweep_temperature, fv.sweep_features, fv.batch_size,
-                  fv.seed)
+                  fv.seed, log=loop.log_fn())  # (process 0 prints)
         return
     run(fv.config, fv.checkpoint, fv.tokenizer, fv.num_images, fv.out, fv.batch_size, fv.seed,
-        fv.grid_classes)
+        fv.grid_classes, log=loop.log_fn())
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -65,7 +65,7 @@ _HOW_TO_GET_INCEPTION = (
     "--config.evaluation.inception=inception_fid (downloaded and converted once), or download "
     "pytorch-fid's "
     "pt_inception-2015-12-05-6726825d.pth (github.com/mseitzer/pytorch-fid releases), convert "
-    "it with `python -m tok1d.cli.convert inception_fid "
+    "it with `tok1d convert inception_fid "
     "--checkpoint=pt_inception-2015-12-05-6726825d.pth --out=DIR` "
     "and pass --config.evaluation.inception=DIR")
 
@@ -89,6 +89,13 @@ class MetricNets:
         """Whether the feature network is the FID Inception (its IS is the Inception Score)."""
         return self.inception is not None and isinstance(self.inception[0],
                                                          inception_lib.FIDInceptionV3)
+
+
+def require_inception(ecfg, what: str) -> None:
+    """A UserError naming `what` and how to get the FID Inception when `ecfg` (a config's
+    `evaluation`) names none: before `load_metric_nets`, whose note would say it again."""
+    if not (ecfg.inception or ecfg.allow_random_init):
+        raise errors.UserError(f"{what}: {_HOW_TO_GET_INCEPTION}.")
 
 
 def load_metric_nets(ecfg, perceptual_weights: str = "", log=print,
@@ -124,7 +131,7 @@ def load_metric_nets(ecfg, perceptual_weights: str = "", log=print,
     else:
         nets.notes.append("LPIPS needs the LPIPS-VGG weights: --config.evaluation.lpips="
                           "lpips_vgg (downloaded and converted once), or a DIR written by "
-                          "`python -m tok1d.cli.convert lpips ...`.")
+                          "`tok1d convert lpips ...`.")
     if size != inception_lib.INPUT_SIZE:
         nets.notes.append(f"The Inception sees {size}-px images (evaluation.inception_size), "
                           "not the 299 px that define FID: not comparable with published FIDs.")

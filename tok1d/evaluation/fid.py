@@ -165,6 +165,11 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6, method: str = 
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(f"Statistics differ in shape: mu {mu1.shape} vs {mu2.shape}, sigma "
                          f"{sigma1.shape} vs {sigma2.shape}.")
+    for which, arrays in (("first", (mu1, sigma1)), ("second", (mu2, sigma2))):
+        if not all(np.isfinite(a).all() for a in arrays):
+            raise ValueError(f"The {which} FID statistics are not finite (NaN or inf features: "
+                             "e.g. images with NaN pixels, from a tokenizer decoding codes it "
+                             "does not have, or a diverged model).")
     if method == "eigh":
         trace_covmean = _trace_sqrt_product_eigh(sigma1, sigma2)
     elif method == "sqrtm":

@@ -12,7 +12,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from tok1d import images as images_lib
-from tok1d import summary
+from tok1d import errors, parallel, summary
 
 # What each metric is, for the report (lower / higher is better).
 METRIC_DOCS = {
@@ -63,10 +63,12 @@ def meaning(name: str) -> str:
     return ""
 
 
-def format_value(value: Any) -> str:
-    """A metric as reports and consoles print it (integers whole, with thousands separators)."""
-    if isinstance(value, (int, np.integer)) or (isinstance(value, float) and value.is_integer()
-                                                 and abs(value) >= 100):
+def format_value(value: Any, name: str = "") -> str:
+    """A metric as reports and consoles print it (integers whole, with thousands separators;
+    so is a count, a metric `name`d num_*, kept as a float: num_images 40, not 40.0000)."""
+    whole = isinstance(value, (float, np.floating)) and float(value).is_integer()
+    if isinstance(value, (int, np.integer)) or (whole and (abs(value) >= 100
+                                                           or name.startswith("num_"))):
         return f"{int(value):,}"
     if isinstance(value, (float, np.floating)):
         if not math.isfinite(value):
@@ -82,7 +84,7 @@ def markdown(title: str, metrics: Mapping[str, Any], grids: Sequence[str] = (),
     after the metric table)."""
     lines = [f"# {title}", "", "| metric | value | meaning |", "|---|---|---|"]
     for name, value in metrics.items():
-        lines.append(f"| {name} | {format_value(value)} | {meaning(name)} |")
+        lines.append(f"| {name} | {format_value(value, name)} | {meaning(name)} |")
     for section in sections:
         lines += ["", section.rstrip("\n")]
     for grid in grids:
@@ -94,6 +96,22 @@ def markdown(title: str, metrics: Mapping[str, Any], grids: Sequence[str] = (),
         lines += ["", "## Notes", ""]
         lines += [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
+
+
+# What `write_report` leaves in its directory that a later report would replace or append to.
+REPORT_FILES = ("report.md", "metrics.json", "metrics.jsonl")
+
+
+def refuse_earlier_results(out_dir: str, names: Sequence[str] = REPORT_FILES,
+                           flag: str = "--out") -> None:
+    """A UserError when `out_dir` already holds one of `names` (an earlier run's results,
+    kept: nothing is replaced or appended to). Process 0 writes, so its view decides on every
+    host. Call it before any work."""
+    held = parallel.process_0_view([os.path.exists(os.path.join(out_dir, n)) for n in names])
+    found = [n for n, h in zip(names, held) if h]
+    if found:
+        raise errors.UserError(f"{flag}={out_dir} already holds {' and '.join(found)}; choose "
+                               f"another {flag} (or delete it).")
 
 
 def write_report(out_dir: str, title: str, metrics: Mapping[str, Any],
@@ -134,7 +152,7 @@ def curve_table(x_name: str, rows: Mapping[int, Mapping[str, float]]) -> str:
     names = list(dict.fromkeys(k for r in rows.values() for k in r))
     lines = [f"| {x_name} | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for x, r in rows.items():
-        cells = (format_value(r.get(n, float("nan"))) for n in names)
+        cells = (format_value(r.get(n, float("nan")), n) for n in names)
         lines.append(f"| {x} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -28,6 +28,11 @@ GPT_NAMES = ("gpt", "llamagen")
 COLUMNS = ("gfid", "sfid", "precision", "recall", "diversity", "class_accuracy",
            "inception_score")
 INCEPTION_ONLY = ("inception_score",)
+# What `write` leaves in its directory (a later sweep there is refused: `tok1d sample --sweep`).
+FILES = ("sweep.json", "sweep.md", "sweep.png")
+DIVERSITY_NOTE = ("diversity is NaN: every class has fewer than 2 images (intra-class diversity "
+                  "compares images of one class); sample at least 2 per class (--num_images >= "
+                  "2 x the classes).")
 
 
 def sampler_keys(sampling: Mapping[str, Any], model_name: str) -> tuple[str, str]:
@@ -95,6 +100,8 @@ def markdown(rows: Sequence[Mapping[str, Any]], chosen: Optional[Mapping[str, An
     if reference:
         lines += ["", "Real held-out images: " + ", ".join(
             f"{k} {_fmt(v)}" for k, v in reference.items()) + "."]
+    if notes(rows):
+        lines += [""] + notes(rows)
     if chosen is not None:
         lines += ["", "Best (lowest gFID): " + ", ".join(f"{k}={chosen[k]:g}" for k in keys)
                   + f" (gFID {chosen['gfid']:.2f})."]
@@ -103,11 +110,13 @@ def markdown(rows: Sequence[Mapping[str, Any]], chosen: Optional[Mapping[str, An
 
 def write(out_dir: str, rows: Sequence[Mapping[str, Any]], chosen: Optional[Mapping[str, Any]],
           reference: Optional[Mapping[str, float]] = None, log=print) -> dict[str, str]:
-    """OUT/sweep.json, OUT/sweep.md and (matplotlib installed) OUT/sweep.png; their paths."""
+    """OUT/sweep.json (strict JSON: a non-finite number is null), OUT/sweep.md and (matplotlib
+    installed) OUT/sweep.png; their paths."""
     os.makedirs(out_dir, exist_ok=True)
     paths = {"json": os.path.join(out_dir, "sweep.json"), "md": os.path.join(out_dir, "sweep.md")}
     with open(paths["json"], "w", encoding="utf-8") as f:
-        json.dump({"rows": list(rows), "best": chosen, "reference": reference}, f, indent=2)
+        json.dump(_strict({"rows": list(rows), "best": chosen, "reference": reference}), f,
+                  indent=2, allow_nan=False)
     with open(paths["md"], "w", encoding="utf-8") as f:
         f.write(markdown(rows, chosen, reference))
     if plot(rows, os.path.join(out_dir, "sweep.png"), chosen, reference):
@@ -157,6 +166,25 @@ def plot(rows: Sequence[Mapping[str, Any]], path: str, chosen=None,
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return True
+
+
+def notes(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """What a reader of the table needs to read its NaNs (a diversity without two images of a
+    class)."""
+    if any("diversity" in r and not _finite(r["diversity"]) for r in rows):
+        return [DIVERSITY_NOTE]
+    return []
+
+
+def _strict(value: Any) -> Any:
+    """`value` with every non-finite float as None (JSON null)."""
+    if isinstance(value, Mapping):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _finite(v) -> bool:

@@ -338,6 +338,9 @@ def make_rar_sampler(model: Any, *, guidance_scale: float = 0.0,
     (upstream: torch.multinomial of the softmax; here `next_code`, which adds tok1d's top-k /
     top-p filters (off by default) and `greedy`); `cache_chunk`: see `decode`."""
     _check(randomize_temperature, top_k, top_p)
+    if not 0 <= guidance_scale_pow < math.inf:  # (a negative power divides by 0 at code 0)
+        raise ValueError(f"sampling.guidance_scale_pow must be a finite number >= 0, got "
+                         f"{guidance_scale_pow}.")
     scales, guide, cfg = rar_guidance_plan(model.num_tokens, guidance_scale, guidance_scale_pow)
     pick = functools.partial(next_code, temperature=randomize_temperature, top_k=top_k,
                              top_p=top_p, greedy=greedy)

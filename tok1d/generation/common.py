@@ -18,21 +18,29 @@ SAMPLERS: dict[str, Callable[..., Callable]] = {
 }
 
 
-def make_sampler(model, **kwargs: Any) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
-    """The jitted `fn(params, labels, rng) -> codes (B, N)` for `model`: MaskGIT's iterative
-    decoding for objective "masked", autoregressive decoding with a KV cache for
-    "next_token" (GPT) and "permuted_next_token" (RAR, in raster order). `kwargs` are the sampler's options (config.sampling); unknown ones fail."""
+def sampler_options(model) -> tuple[str, ...]:
+    """The options of `model`'s sampler (the keys `config.sampling` may hold), sorted."""
     if model.objective not in SAMPLERS:
         raise ValueError(f"No sampler for generator objective {model.objective!r}; known: "
                          f"{sorted(SAMPLERS)}.")
     maker = SAMPLERS[model.objective]
-    valid = [name for name, p in inspect.signature(maker).parameters.items()
-             if p.kind == inspect.Parameter.KEYWORD_ONLY]
+    if maker is maskgit.make_sampler:  # (it takes **kwargs: its settings' table)
+        return tuple(sorted(maskgit.SAMPLER_DEFAULTS))
+    return tuple(sorted(name for name, p in inspect.signature(maker).parameters.items()
+                        if p.kind == inspect.Parameter.KEYWORD_ONLY))
+
+
+def make_sampler(model, **kwargs: Any) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
+    """The jitted `fn(params, labels, rng) -> codes (B, N)` for `model`: MaskGIT's iterative
+    decoding for objective "masked", autoregressive decoding with a KV cache for
+    "next_token" (GPT) and "permuted_next_token" (RAR, in raster order). `kwargs` are the
+    sampler's options (config.sampling, `sampler_options`); unknown ones fail."""
+    valid = sampler_options(model)
     unknown = sorted(set(kwargs) - set(valid))
-    if valid and unknown:  # (MaskGIT's maker takes **kwargs and checks them itself)
+    if unknown:
         raise ValueError(f"Unknown sampler argument(s) {unknown} for a {model.objective!r} "
-                         f"generator; valid: {sorted(valid)}.")
-    return maker(model, **kwargs)
+                         f"generator; valid: {list(valid)}.")
+    return SAMPLERS[model.objective](model, **kwargs)
 
 
 def cyclic_labels(num_images: int, num_classes: int) -> np.ndarray:

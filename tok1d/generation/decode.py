@@ -27,18 +27,27 @@ SAMPLING_PRECISIONS = ("", "float32", "bfloat16")
 FLOAT32_MATMULS = "tensorfloat32"
 
 
-def check_pair(model: nn.Module, tokenizer: nn.Module) -> None:
+def check_pair(model: nn.Module, tokenizer: nn.Module, log=None) -> None:
     """Raises UserError when `tokenizer` cannot decode what generator `model` samples: a
-    continuous tokenizer, more codes than the generator predicts, another number of tokens
-    per image (fewer is a prefix, which a 1D tokenizer decodes: logged as a warning unless it
-    was trained with nested dropout; a fully convolutional tokenizer decodes any square grid). A generator that predicts more codes than the tokenizer
-    has is a warning (a generator trained on its tokens never samples the others)."""
+    continuous tokenizer, another number of codes than the generator predicts, another number
+    of tokens per image (fewer is a prefix, which a 1D tokenizer decodes: logged as a warning
+    unless it was trained with nested dropout; a fully convolutional tokenizer decodes any
+    square grid). A generator that predicts more codes than the tokenizer has is refused too:
+    sampling draws every code with some probability, and a code beyond the codebook decodes
+    to NaN pixels (black images, then a failed FID). Every official pair predicts exactly the
+    tokenizer's codebook (MaskGIT's [MASK] id is an input id beyond `vocab_size`, not a
+    predicted code; LlamaGen's and RAR's `vocab_size` is the VQ's `codebook_size`). A warning
+    goes to `log` as a "Warning: ..." line (None: this module's logger)."""
     problems = []
     if tokenizer.num_codes is None:
         problems.append("the tokenizer is continuous (it has no codebook)")
     elif tokenizer.num_codes > model.vocab_size:
         problems.append(f"the tokenizer has {tokenizer.num_codes} codes but the generator "
                         f"predicts {model.vocab_size}")
+    elif model.vocab_size > tokenizer.num_codes:
+        problems.append(f"the generator predicts {model.vocab_size} codes but the tokenizer "
+                        f"has {tokenizer.num_codes} (a sampled code beyond them decodes to "
+                        "NaN pixels): give the tokenizer the generator was trained on")
     n, m = model.num_tokens, tokenizer.num_tokens
     if tokenizer.input_size is None:  # fully convolutional: any square grid, at any size
         if math.isqrt(n) ** 2 != n:
@@ -50,16 +59,15 @@ def check_pair(model: nn.Module, tokenizer: nn.Module) -> None:
     if problems:
         raise errors.UserError("The generator and the tokenizer do not match: "
                                + "; ".join(problems) + ".")
-    if tokenizer.num_codes is not None and model.vocab_size > tokenizer.num_codes:
-        logging.getLogger(__name__).warning(
-            "The generator predicts %d codes and the tokenizer has %d: a sampled code beyond "
-            "them is none of the tokenizer's.", model.vocab_size, tokenizer.num_codes)
     if (tokenizer.input_size is not None and n < m
             and getattr(tokenizer, "nested_dropout", "none") == "none"):
-        logging.getLogger(__name__).warning(
-            "The generator samples %d of the tokenizer's %d tokens per image, and the tokenizer "
-            "was not trained with nested dropout: its decoded prefixes may be poor images.",
-            n, m)
+        warning = (f"The generator samples {n} of the tokenizer's {m} tokens per image, and "
+                   "the tokenizer was not trained with nested dropout: its decoded prefixes may "
+                   "be poor images.")
+        if log is None:
+            logging.getLogger(__name__).warning(warning)
+        else:
+            log("Warning: " + warning[0].lower() + warning[1:])
 
 
 def at_precision(precision: str, *modules: nn.Module) -> tuple[nn.Module, ...]:
@@ -95,11 +103,12 @@ class SampleDecoder:
     """Samples codes with the configured sampler and decodes them to [0, 1] images with the
     tokenizer; jitted once, sharded over the batch axis of the mesh. `sampling`: the sampler's
     options (config.sampling); `precision`: what both the sampler and the decode compute in
-    (SAMPLING_PRECISIONS; config.sampling_precision)."""
+    (SAMPLING_PRECISIONS; config.sampling_precision); `log`: where `check_pair`'s warnings go
+    (None: the logger)."""
 
     def __init__(self, model: nn.Module, sampling: dict[str, Any], tokenizer, tok_params,
-                 sharding, precision: str = ""):
-        check_pair(model, tokenizer)
+                 sharding, precision: str = "", log=None):
+        check_pair(model, tokenizer, log)
         model, tokenizer = at_precision(precision, model, tokenizer)
         self.sharding = sharding
         sampler = common.make_sampler(model, **sampling)

@@ -48,6 +48,9 @@ def step_tables(num_tokens: int, num_steps: int, guidance_scale: float, guidance
     if guidance_schedule not in GUIDANCE_SCHEDULES:
         raise ValueError(f"Unknown guidance schedule {guidance_schedule!r}; expected one of "
                          f"{GUIDANCE_SCHEDULES}.")
+    if guidance_schedule == "power-cosine" and not 0 <= guidance_pow < np.inf:
+        raise ValueError(f"sampling.guidance_pow must be a finite number >= 0, got "
+                         f"{guidance_pow}.")  # (a negative power divides by 0 at step 0)
     steps = np.arange(num_steps)
     ratio = (steps + 1) / num_steps
     if guidance_schedule == "constant":
@@ -158,12 +161,16 @@ def sample(model: Any, params: Any, labels: jax.Array, rng: jax.Array, *, num_st
                        softmax_annealing=bool(softmax_annealing), mask_schedule=mask_schedule)
 
 
+# The settings of `make_sampler` (keyword arguments of `sample`) and their defaults.
+SAMPLER_DEFAULTS = dict(num_steps=8, guidance_scale=0.0, guidance_schedule="constant",
+                        guidance_pow=3.0, randomize_temperature=0.0, softmax_annealing=False,
+                        mask_schedule="arccos")
+
+
 def make_sampler(model: Any, **kwargs: Any):
     """A jitted `fn(params, labels, rng) -> ids` with the `sample` settings (keyword arguments
-    of `sample`) fixed."""
-    settings = dict(num_steps=8, guidance_scale=0.0, guidance_schedule="constant",
-                    guidance_pow=3.0, randomize_temperature=0.0, softmax_annealing=False,
-                    mask_schedule="arccos")
+    of `sample`, `SAMPLER_DEFAULTS`) fixed."""
+    settings = dict(SAMPLER_DEFAULTS)
     unknown = set(kwargs) - set(settings)
     if unknown:
         raise ValueError(f"Unknown sampler argument(s) {sorted(unknown)}; valid: "

@@ -182,14 +182,24 @@ def token_sources(config):
     return train, evals, info
 
 
+def no_eval_split_warning(config, info: dict[str, Any]) -> str:
+    """The line a run on a token dataset without `data.eval_split` says once at its start."""
+    splits = ", ".join(sorted(info.get("splits", {}))) or "none"
+    return (f"Warning: the tokens {config.generator.tokens} have no {config.data.eval_split!r} "
+            f"split (data.eval_split; they have: {splits}), so there is no validation loss. "
+            f"Tokenize that split into them (tok1d tokenize --split={config.data.eval_split}) "
+            "or name one they have (--config.data.eval_split=...).")
+
+
 def check_tokens_match(model: nn.Module, info: dict[str, Any]) -> None:
     problems = []
     if info["num_tokens"] != model.num_tokens:
         problems.append(f"the tokens have {info['num_tokens']} codes per image but "
                         f"model.num_tokens={model.num_tokens}")
-    if info["codebook_size"] > model.vocab_size:
+    if info["codebook_size"] != model.vocab_size:  # (fewer: sampling is refused, check_pair)
         problems.append(f"the tokenizer has {info['codebook_size']} codes but the generator "
-                        f"predicts {model.vocab_size}")
+                        f"predicts {model.vocab_size} (give it {info['codebook_size']}: "
+                        "model.vocab_size, MaskGIT's model.codebook_size)")
     if info.get("num_classes", 0) > model.num_classes:
         problems.append(f"the tokens have {info['num_classes']} classes but "
                         f"model.num_classes={model.num_classes}")
@@ -359,7 +369,7 @@ def sample_decoder(config, model, frozen_tokenizer: Optional[FrozenTokenizer], s
         log("generator.tokenizer is empty: no sample grids (validation loss only).")
         return None
     return decode.SampleDecoder(model, config.sampling.to_dict(), frozen_tokenizer.module,
-                                frozen_tokenizer.params, sharding, config.sampling_precision)
+                                frozen_tokenizer.params, sharding, config.sampling_precision, log)
 
 
 def init_generator(model: nn.Module, batch: int):
@@ -453,6 +463,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             check_tokens_tokenizer(config, frozen_tokenizer.params, config.generator.tokenizer,
                                    log, info)
         data_line = f"{len(train_src)} training sequences of {model.num_tokens} tokens"
+        if eval_src is None:  # (training goes on: a token dataset of the train split alone)
+            log(no_eval_split_warning(config, info))
 
         def batches_from(step):
             return feeding.Feeder(iter(tokens_lib.token_dataset(
@@ -473,7 +485,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                       jax.random.key(config.seed), batches_from,
                                       steps, mesh, rules, step_args=step_args)
     state, first_step = start.state, start.step
-    writer = loop.start_writing(config, workdir, first_step)
+    writer = loop.start_writing(config, workdir, first_step, len(train_src))
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     logging.info("Generator %s: %.2fM parameters; starting at step %d.", config.model.name,
                  num_params / 1e6, first_step)
