@@ -317,7 +317,12 @@ def test_sampling_with_a_tokenizer_config_or_workdir_is_one_line(tmp_path, capsy
     args = [f"--config={os.path.join(REPO, 'configs', 'maskgit_titok.py')}:l32",
             f"--checkpoint={tmp_path}", "--tokenizer=T", "--out=O"]
     assert app.run(sample, args) == 2
-    assert "is the workdir of a tokenizer run, not of a generator" in one_error_line(
+    assert "is of a tokenizer run, not of a generator" in one_error_line(
+        capsys.readouterr().err)
+    (tmp_path / "checkpoints" / "5").mkdir(parents=True)  # one checkpoint's folder: its run's
+    args[1] = f"--checkpoint={tmp_path / 'checkpoints' / '5'}"
+    assert app.run(sample, args) == 2
+    assert "5 is of a tokenizer run, not of a generator" in one_error_line(
         capsys.readouterr().err)
 
 
@@ -383,6 +388,9 @@ def test_a_bucket_path_is_refused_instead_of_becoming_a_local_folder(tmp_path, c
     assert convert.main(["--from", "rar_b"]) == 2
     assert "$TOK1D_CACHE)=gs://b/cache" in one_error_line(capsys.readouterr().err)
     assert not os.listdir(tmp_path)
+    # A local folder is no source to convert (it printed "already converted: FOLDER").
+    assert convert.main(["--from", str(REPO)]) == 2
+    assert f"--from={REPO} is a local folder" in one_error_line(capsys.readouterr().err)
 
 
 def test_missing_optional_dependency(tmp_path, monkeypatch, capsys):
@@ -571,8 +579,8 @@ def test_one_checkpoints_folder_is_a_checkpoint(tmp_path, capsys):
                               f"--checkpoint={step4}", f"--out={tmp_path / 'o'}"]) == 2
     line = one_error_line(capsys.readouterr().err)
     assert re.search(r"; \d+ more arrays of other shapes", line) and len(line) < 800, line
-    assert line.endswith(f"{run / 'config.json'} describes the model of these weights: leave "
-                         "out --config to use it. (ValueError)"), line
+    assert line.endswith("The run's config.json has other model settings (encoder_width): "
+                         "without --config, sample and evaluate use it. (ValueError)"), line
 
 
 def test_any_sampler_option_is_an_override(capsys):

@@ -6,6 +6,7 @@ import importlib.util
 import io
 import json
 import os
+import time
 
 import jax
 import numpy as np
@@ -368,6 +369,26 @@ def test_the_input_benchmark_times_from_a_full_buffer_to_a_full_one():
         per_batch[steps] = r["cpu_s"] / steps
         assert r["wall_s"] > 0
     assert 0.03 < per_batch[1] < 0.08 and 0.03 < per_batch[6] < 0.06, per_batch
+
+
+
+def test_the_input_benchmarks_own_polling_is_not_the_pipelines(monkeypatch):
+    """Reading the CPU time scans /proc, which costs the benchmark process CPU (11 ms per scan
+    with 450 processes on the host): that is not counted as the pipeline's, so an idle
+    pipeline is seen idle however costly the scan (it waited out the 30 s deadline)."""
+    real = input_bench.cpu_seconds
+
+    def costly(pids=None):  # a scan of a host with many processes
+        start = time.thread_time()
+        while time.thread_time() - start < 0.02:
+            pass
+        return real(pids)
+    monkeypatch.setattr(input_bench, "cpu_seconds", costly)
+    poller = input_bench._Poller([])
+    start = time.perf_counter()
+    cpu0, _ = input_bench.wait_idle(poller, timeout_s=5.0)
+    assert time.perf_counter() - start < 2.0  # idle at the first polls
+    assert poller.polling >= 0.02 and abs(poller.cpu() - cpu0) < 0.01
 
 
 def test_input_benchmark_refuses_bad_inputs_in_one_line(tmp_path, capsys):

@@ -88,6 +88,9 @@ def convert_from(source: str, kind: Optional[str] = None, out: Optional[str] = N
         if kind is None or not out:
             raise errors.UserError(f"--from={source} is a local file: give its KIND and --out.")
         return convert(kind, source, out, **options)
+    if os.path.isdir(source):  # (resolve would return it as it is: nothing converted)
+        raise errors.UserError(f"--from={source} is a local folder: --from takes a released "
+                               "name, hf://OWNER/REPO/FILE, a URL or a checkpoint file.")
     if loaders.is_released(source):
         entry = registry.get(source)
         if kind is not None and kind != entry.kind:

@@ -133,8 +133,8 @@ def evaluate_tokenizer(config, checkpoint: str, out: str, log=print,
     dummy = jnp.zeros((1, size, size, 3), jnp.float32)
     boxed = jax.eval_shape(lambda r: model.init(r, dummy)["params"], jax.random.key(0))
     step = loaders.checkpoint_step(checkpoint)  # (a run still training saves more)
-    params = loaders.load_checked(checkpoint, parallel.unbox_abstract(boxed),
-                                   f"the tokenizer of the config ({config.model.name})", step)
+    params = sample_lib.load_checked(config, checkpoint, parallel.unbox_abstract(boxed),
+                                     "tokenizer", step)
     # Sharded like in training (fsdp / tensor axes of config.mesh), not replicated.
     params = jax.device_put(params, parallel.logical_shardings(boxed, mesh, rules))
     # before the reconstruction metrics: a failure there would lose them

@@ -32,11 +32,12 @@ as the official loader would fail on them. The 1-minute load average is recorded
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import resource
 import tempfile
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import jax
 import numpy as np
@@ -75,14 +76,15 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
-def cpu_seconds() -> float:
+def cpu_seconds(pids: Optional[Sequence[int]] = None) -> float:
     """CPU seconds (user + system) of this process, its finished children and its live
-    descendants."""
+    descendants (or the processes `pids`, found once by the caller: the scan of /proc costs
+    this process CPU time, ~1 ms per hundred processes on the host)."""
     total = time.process_time()
     child = resource.getrusage(resource.RUSAGE_CHILDREN)
     total += child.ru_utime + child.ru_stime
     ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    for pid in _descendants(os.getpid()):
+    for pid in _descendants(os.getpid()) if pids is None else pids:
         if fields := summary.proc_stat(pid):
             total += (int(fields[11]) + int(fields[12])) / ticks
     return total
@@ -103,18 +105,38 @@ def device_resize_ms(batch: dict[str, np.ndarray], repeats: int = 3) -> float:
     return 1e3 * best / len(batch["image"])
 
 
-def wait_idle(poll_s: float = 0.05, busy_share: float = 0.1,
+class _Poller:
+    """The pipeline's CPU seconds (`cpu_seconds` of this process and the worker processes
+    `pids`), less what reading them cost this thread: the poller's own CPU is not the
+    pipeline's, and would keep it from ever looking idle on a host with many processes."""
+
+    def __init__(self, pids: Sequence[int]):
+        self.pids, self.polling = list(pids), 0.0
+
+    def cpu(self) -> float:
+        start = time.thread_time()
+        total = cpu_seconds(self.pids)
+        self.polling += time.thread_time() - start
+        return total - self.polling
+
+
+def wait_idle(poller: _Poller, poll_s: float = 0.05, busy_share: float = 0.1,
               timeout_s: float = 30.0) -> tuple[float, float]:
-    """Waits until this process and its descendants use less than `busy_share` of a core over
-    `poll_s` (a pipeline whose prefetch buffers are full), at most `timeout_s`; returns
-    (`cpu_seconds()`, `time.perf_counter()` when they were last seen busy)."""
-    cpu, busy = cpu_seconds(), time.perf_counter()
+    """Waits until the pipeline uses less than `busy_share` of a core over `poll_s` (its
+    prefetch buffers are full), at most `timeout_s` (then with a warning: the rate includes
+    idle time); returns (`poller.cpu()`, `time.perf_counter()` when it was last seen busy)."""
+    cpu, busy = poller.cpu(), time.perf_counter()
     deadline = busy + timeout_s
     while True:
         time.sleep(poll_s)
-        now_cpu, now = cpu_seconds(), time.perf_counter()
-        if now_cpu - cpu < busy_share * poll_s or now > deadline:
+        now_cpu, now = poller.cpu(), time.perf_counter()
+        if now_cpu - cpu < busy_share * poll_s:
             return now_cpu, busy
+        if now > deadline:
+            logging.warning("The input pipeline did not go idle within %.0f s: this rate "
+                            "includes time it was not working for the batches timed.",
+                            timeout_s)
+            return now_cpu, now
         cpu, busy = now_cpu, now
 
 
@@ -130,11 +152,12 @@ def time_batches(make_batches: Callable[[], Iterator[Any]], batch_size: int, ste
     batches = iter(make_batches())
     for _ in range(warmup):
         next(batches)
-    cpu0, _ = wait_idle()
+    poller = _Poller(_descendants(os.getpid()))  # the worker processes, started by now
+    cpu0, _ = wait_idle(poller)
     wall0 = time.perf_counter()
     for _ in range(steps):
         next(batches)
-    cpu1, wall1 = wait_idle()
+    cpu1, wall1 = wait_idle(poller)
     del batches
     return dict(images=batch_size * steps, wall_s=max(wall1 - wall0, 1e-9), cpu_s=cpu1 - cpu0)
 

@@ -118,18 +118,40 @@ def load_generator(config, checkpoint: str, step: Optional[int] = None):
     """(model, params) with params read from `checkpoint` (a workdir's checkpoint `step`,
     default the latest) and checked against the model."""
     model = gen_trainer.build_generator(config)
-    if os.path.isfile(layout.config_path(checkpoint)):  # a training workdir: of a generator?
+    run = layout.run_dir(checkpoint)  # (of one checkpoint's folder too)
+    if os.path.isfile(layout.config_path(run)):  # a training workdir: of a generator?
         try:
-            trainer = layout.read_config(checkpoint).get("trainer")
+            trainer = layout.read_config(run).get("trainer")
         except errors.UserError:  # a damaged config.json: sampling does not read it
             trainer = None
         if trainer not in (None, "generator"):
-            raise errors.UserError(f"{checkpoint} is the workdir of a {trainer} run, not of a "
-                                   "generator: --checkpoint takes the generator's.")
+            raise errors.UserError(f"{checkpoint} is of a {trainer} run, not of a generator: "
+                                   "--checkpoint takes the generator's.")
     shapes = jax.eval_shape(gen_trainer.init_generator(model, 1), jax.random.key(0))
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nn.unbox(shapes))
-    return model, loaders.load_checked(
-        checkpoint, shapes, f"the generator of the config ({config.model.name})", step)
+    return model, load_checked(config, checkpoint, shapes, "generator", step)
+
+
+def load_checked(config, checkpoint: str, shapes, what: str, step: Optional[int] = None):
+    """`loaders.load_checked` of the model of `config` (the `what` of it); a mismatch with a
+    training run's weights whose config.json has other model settings says so (--config
+    gave another model than the run's)."""
+    try:
+        return loaders.load_checked(checkpoint, shapes,
+                                    f"the {what} of the config ({config.model.name})", step)
+    except ValueError as e:
+        run = layout.run_dir(checkpoint)
+        try:
+            trained = layout.read_config(run).get("model") or {}
+        except (OSError, errors.UserError):
+            raise e from None
+        now = json.loads(json.dumps(config.model.to_dict(), default=str))  # (as saved)
+        differ = sorted(k for k in set(trained) | set(now) if trained.get(k) != now.get(k))
+        if not differ:
+            raise
+        raise ValueError(f"{e}. The run's {layout.CONFIG_FILE} has other model settings "
+                         f"({', '.join(differ[:6])}): without --config, sample and evaluate "
+                         "use it.") from None
 
 
 def load_models(config, checkpoint: str, tokenizer_path: str, step: Optional[int] = None,
@@ -221,11 +243,8 @@ def sweep(config, model, params, tokenizer, tok_params, nets: evaluator.MetricNe
         cfg = config.copy_and_resolve_references()
         with cfg.unlocked():  # e.g. a temperature the config's sampling section leaves default
             cfg.sampling.update(setting)
-        # no progress lines; the pair's warnings once (the first setting's)
-        quiet = (lambda msg, i=i: log(msg) if i == 0 and msg.startswith("Warning:")  # noqa: E731
-                 else None)
         images, labels = sample_images(cfg, model, params, tokenizer, tok_params, num_images,
-                                       batch_size, seed, log=quiet)
+                                       batch_size, seed, log=_warnings_only(log, first=i == 0))
         metric_batch = -(-min(256, num_images) // jax.device_count()) * jax.device_count()
         with jax.set_mesh(mesh):
             metrics, _ = evaluator.generation_metrics(
@@ -240,6 +259,15 @@ def sweep(config, model, params, tokenizer, tok_params, nets: evaluator.MetricNe
         del images, labels
         log("sweep " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()))
     return rows, kept
+
+
+def _warnings_only(log, first: bool):
+    """A sweep setting's log: no progress lines; the generator / tokenizer pair's warnings,
+    for the first setting only (every setting would repeat them)."""
+    def quiet(message: str) -> None:
+        if first and message.startswith("Warning:"):
+            log(message)
+    return quiet
 
 
 def run_sweep(config, checkpoint: str, tokenizer_path: str, num_images: int, out: str,

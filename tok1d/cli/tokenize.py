@@ -221,7 +221,7 @@ def _host_batches(source, lo: int, hi: int, global_batch: int, host_rows: tuple[
             views = load_views(record["image"], image_size, crop, crop_range)
         except records.CorruptImageError as e:  # name the record: one line the user can act on
             raise records.name_record(e, record, f"record {p} of {_describe(source)}",
-                                      always_index=True) from None
+                                      always_position=True) from None
         return {"image": views, "label": np.int32(record.get("label", 0))}
 
     ds = grain.MapDataset.range(len(positions)).map(load).batch(stop - start)

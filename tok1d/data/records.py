@@ -107,14 +107,14 @@ def decode_record(raw: bytes) -> dict[str, Any]:
         raise ValueError(f"not a tok1d image record ({errors.brief(e)})") from None
 
 
-def name_record(error: BaseException, record: dict[str, Any], index: str,
-                always_index: bool = False) -> CorruptImageError:
+def name_record(error: BaseException, record: dict[str, Any], position: str,
+                always_position: bool = False) -> CorruptImageError:
     """A `CorruptImageError` for a record whose image fails to decode, naming the record: its
-    ``filename`` and, when it has none or ``always_index``, ``index`` (e.g. "record 7 of
-    ...")."""
+    ``filename`` and, when it has none or ``always_position``, ``position`` (where it is, e.g.
+    "record 7 of ...")."""
     where = [f"file {record['filename']!r}"] if record.get("filename") else []
-    if always_index or not where:
-        where.append(index)
+    if always_position or not where:
+        where.append(position)
     return CorruptImageError(f"{error} ({', '.join(where)})")
 
 
@@ -379,10 +379,8 @@ class ArrayRecordImageSource:
         indices = [int(i) for i in indices]
         try:
             raws = self._source.__getitems__(indices)
-        except RuntimeError as e:  # a damaged shard: read one by one to name it
-            for index in indices:
-                self[index]
-            raise self._damaged(indices[0], e) from None
+        except RuntimeError:  # a damaged shard (one by one: named) or a transient failure
+            return [self[index] for index in indices]
         return [self._decode(index, raw) for index, raw in zip(indices, raws)]
 
     def _decode(self, index: int, raw: bytes) -> dict[str, Any]:

@@ -117,7 +117,8 @@ def refuse_earlier_results(out_dir: str, names: Sequence[str] = REPORT_FILES,
 def write_report(out_dir: str, title: str, metrics: Mapping[str, Any],
                  grids: Optional[Mapping[str, np.ndarray]] = None,
                  details: Optional[Mapping[str, Any]] = None, notes: Sequence[str] = (),
-                 step: Optional[int] = None, enabled: bool = True, sections: Sequence[str] = ()) -> str:
+                 step: Optional[int] = None, enabled: bool = True,
+                 sections: Sequence[str] = ()) -> str:
     """Writes metrics.json, one PNG per grid, report.md and TensorBoard events (scalars under
     "eval/", images) to `out_dir`; returns the report path. `step`: the training step of the
     weights evaluated (None: not a training checkpoint's; TensorBoard's events at step 0).

@@ -325,18 +325,8 @@ def load_checked(path: str, shapes: Mapping[str, Any], what: str, step: Optional
                  ) -> dict[str, Any]:
     """Params of `path` (pretrained directory or training workdir: its checkpoint `step`,
     default the latest) that must match `shapes` (the model's abstract params) exactly: every
-    array present with its shape, else a ValueError naming what differs (and, for a training
-    run's weights, the run's config.json, which describes their model)."""
-    loaded = load_params(path, step=step)
-    try:
-        return merge_checked(shapes, loaded, f"Weights {path}", what)
-    except ValueError as e:
-        run = layout.run_dir(os.path.abspath(path))
-        if layout.read_model_spec(path) is not None or not os.path.isfile(
-                layout.config_path(run)):
-            raise
-        raise ValueError(f"{e}. {layout.config_path(run)} describes the model of these "
-                         "weights: leave out --config to use it.") from None
+    array present with its shape, else a ValueError naming what differs."""
+    return merge_checked(shapes, load_params(path, step=step), f"Weights {path}", what)
 
 
 SHOWN_PROBLEMS = 4  # arrays of other shapes named in a mismatch error (the rest counted)
@@ -690,6 +680,7 @@ def resolve(source: str, kind: Optional[str] = None, cache_dir: Optional[str] = 
         options = dict(entry.options, **options)
     else:
         return source  # a path that does not exist: the caller's error names it
+    check_options(kind, dict(options, vgg=vgg))  # before anything is downloaded
     root = download.cache_root(cache_dir)
     final = os.path.join(root, dirname)
     if _complete(final):
@@ -753,9 +744,12 @@ def _all_agree(path: Optional[str], source: str,
 def _rejected(error: convert_common.ConversionError, downloaded: list[str],
               unchecked: list[str], root: str) -> convert_common.ConversionError:
     """`error` (the converter rejected the files) saying what becomes of them: those
-    `downloaded` now are removed (the next run downloads them again); a file without a
-    published digest found in the cache (fetched earlier, or put there by hand) is named, to
-    be removed or replaced by the official file."""
+    `downloaded` now without a published digest (`unchecked`) are removed (the next run
+    downloads them again; a file that matched its digest is the official one, and kept); a
+    file without a digest found in the cache (fetched earlier, or put there by hand) is named,
+    to be removed or replaced by the official file."""
+    unchecked = [os.path.abspath(p) for p in unchecked]
+    downloaded = [p for p in downloaded if os.path.abspath(p) in unchecked]
     download.forget(downloaded)
     if downloaded:
         note = "refused: the download is not kept"
