@@ -142,11 +142,10 @@ def load_checked(config, checkpoint: str, shapes, what: str, step: Optional[int]
     except ValueError as e:
         run = layout.run_dir(checkpoint)
         try:
-            trained = layout.read_config(run).get("model") or {}
+            trained = layout.read_config(run)
         except (OSError, errors.UserError):
             raise e from None
-        now = json.loads(json.dumps(config.model.to_dict(), default=str))  # (as saved)
-        differ = sorted(k for k in set(trained) | set(now) if trained.get(k) != now.get(k))
+        differ = loop.differing_model_keys(config, trained)
         if not differ:
             raise
         raise ValueError(f"{e}. The run's {layout.CONFIG_FILE} has other model settings "

@@ -321,10 +321,16 @@ def changed_model_settings(config, workdir: str) -> list[str]:
     trained = _trained_config(workdir)
     if trained is None:
         return []
-    old = dict(trained.get("model") or {})
-    new = config.model.to_dict()
+    old, new = dict(trained.get("model") or {}), _json_like(config.model.to_dict())
     return [f"{k}: {old.get(k)!r} there, {new.get(k)!r} now"
-            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+            for k in differing_model_keys(config, trained)]
+
+
+def differing_model_keys(config, trained: Mapping[str, Any]) -> list[str]:
+    """The keys of `config.model` whose values differ from those of a run's config.json
+    (`trained`, as read: tuples are JSON lists there), sorted."""
+    old, new = dict(trained.get("model") or {}), _json_like(config.model.to_dict())
+    return [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
 # Where the training examples come from, with the value of configs written before the key.
