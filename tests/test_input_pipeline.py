@@ -4,6 +4,7 @@ worker counts from the core count, and `tok1d bench --workload=input` on a few J
 import functools
 import importlib.util
 import io
+import itertools
 import json
 import os
 import time
@@ -288,6 +289,19 @@ def test_input_benchmark_runs_both_pipelines(tmp_path, capsys):
         ("tok1d", "center_crop"), ("official", "center_crop")]
     assert all(r["per_core"] > 0 and r["wall"] > 0 and r["images"] == 4 for r in rows)
     assert all(r["command"].startswith("python -m tok1d.cli.bench") for r in rows)
+
+
+@needs_torchvision
+def test_the_official_loader_is_endless_as_tok1d_s_stream(tmp_path):
+    """It runs past its epochs: a loader that stopped after the batches a benchmark takes left
+    the batches its workers had prefetched undone, and looked cheaper per image than it is."""
+    folder = input_bench.write_image_folder(str(tmp_path / "jpegs"), 4)
+    loader = input_bench.loaders.official_loader(
+        folder, augment="center_crop", image_size=16, flip=False, min_scale=1.0,
+        batch_size=3, num_workers=0)
+    batches = itertools.islice(iter(loader), 5)  # 15 images of 4: four epochs
+    labels = [list(labels.numpy()) for _, labels in batches]
+    assert len(labels) == 5 and all(len(row) == 3 for row in labels)
 
 
 @needs_torchvision

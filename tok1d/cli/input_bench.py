@@ -227,7 +227,6 @@ def run(config, *, images: int = 256, batch_size: int = 32, steps: int = 10,
             if official:
                 def official_batches():
                     return loaders.official_loader(folder, batch_size=batch_size,
-                                                   num_batches=steps + warmup,
                                                    num_workers=num_workers, **kwargs)
                 makers.append(("official", official_batches))
             for name, make in makers:

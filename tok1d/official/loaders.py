@@ -14,7 +14,7 @@ files (`tok1d bench --workload=input`). torch and torchvision are imported only 
   random_resized_crop: torchvision RandomResizedCrop(S, scale=(min_scale, 1), bicubic)
       -> RandomHorizontalFlip -> ToTensor -> Normalize(0.5, 0.5).
 The files are read by `ImageFolder`'s default loader (PIL, converted to RGB), batches collated
-by the `DataLoader` (float32 NCHW tensors), shuffled by a seeded `RandomSampler`.
+by the `DataLoader` (float32 NCHW tensors), shuffled by seeded `torch.randperm` epochs.
 """
 
 from __future__ import annotations
@@ -96,20 +96,30 @@ def official_transform(augment: str, image_size: int, flip: bool = True,
     return transforms.Compose(steps)
 
 
+class _EndlessShuffle:
+    """Shuffled epochs of `size` indices, back to back, without end (a torch `Sampler`)."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed = size, seed
+
+    def __iter__(self):
+        import torch  # Local import: optional dependency.
+        generator = torch.Generator().manual_seed(self.seed)
+        while True:
+            yield from torch.randperm(self.size, generator=generator).tolist()
+
+
 def official_loader(image_folder: str, *, augment: str, image_size: int, flip: bool,
-                    min_scale: float, batch_size: int, num_batches: int, num_workers: int,
-                    seed: int = 0):
+                    min_scale: float, batch_size: int, num_workers: int, seed: int = 0):
     """A torch `DataLoader` over `ImageFolder(image_folder)` with the official transform of
-    `augment`, `num_batches` shuffled batches (epochs repeat), `num_workers` processes."""
+    `augment`: shuffled batches without end (epochs repeat, as tok1d's training stream), from
+    `num_workers` processes. Endless, so that its workers refill their prefetch buffers after
+    the batches a benchmark takes, as tok1d's pipeline does (a loader that stops after them
+    leaves its last prefetched batches undone, and looks that much cheaper)."""
     import torch  # Local import: optional dependency.
     torchvision = import_torchvision()
     dataset = torchvision.datasets.ImageFolder(
         image_folder, transform=official_transform(augment, image_size, flip, min_scale))
-    # Shuffled epochs back to back (torch's RandomSampler stops after one epoch when asked for
-    # more samples than the folder has without replacement, as of torch 2.13).
-    generator, total = torch.Generator().manual_seed(seed), batch_size * num_batches
-    epochs = -(-total // len(dataset))
-    sampler = torch.cat([torch.randperm(len(dataset), generator=generator)
-                         for _ in range(epochs)])[:total].tolist()
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size,
+                                       sampler=_EndlessShuffle(len(dataset), seed),
                                        num_workers=num_workers, drop_last=True)
