@@ -1,10 +1,12 @@
 """Sources, augmentations and eval padding of the grain pipelines."""
 
+import gc
 import glob
 import io
 import os
 import sys
 import tempfile
+import time
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ import skimage.data
 from array_record.python.array_record_module import ArrayRecordWriter
 from PIL import Image, JpegImagePlugin
 
-from tok1d.data import pipeline, records, sources
+from tok1d.data import pipeline, records, shared_batches, sources
 from tok1d.data.prepare import prepare
 
 
@@ -81,6 +83,36 @@ def test_train_batches_are_seeded_and_shuffled():
     np.testing.assert_array_equal(a["image"], b["image"])
     assert not np.array_equal(a["image"], c["image"])
     assert a["image"].shape == (8, 16, 16, 3) and a["label"].shape == (8,)
+
+
+class _CountingSource:
+    """A DemoSource that counts the records read."""
+
+    def __init__(self, size: int):
+        self._source, self.reads = sources.DemoSource("train", size=size), []
+
+    def __len__(self):
+        return len(self._source)
+
+    def __getitem__(self, index):
+        self.reads.append(index)  # (list.append is atomic under the GIL: threads read)
+        return self._source[index]
+
+
+def test_the_pipeline_reads_a_few_batches_ahead_not_64():
+    """A consumer slower than the input (training) leaves the reading threads
+    PREFETCH_PER_THREAD batches each ahead: the buffer counted 64 batches (1.7 GB of 256-px
+    canvases per process at batch 32), meant as 64 examples."""
+    src = _CountingSource(64)
+    it = iter(pipeline.train_dataset(src, global_batch=4, host_start=0, host_stop=4, seed=0,
+                                     image_size=16, augment="random_crop", flip=False,
+                                     min_scale=1.0))
+    next(it)
+    time.sleep(1.0)  # the threads fill their buffer
+    threads = min(8, pipeline.available_cores())
+    ahead = -(-len(src.reads) // 4) - 1
+    assert 1 <= ahead <= shared_batches.PREFETCH_PER_THREAD * threads, ahead
+    del it
 
 
 def test_eval_pass_is_padded_to_whole_batches_with_a_mask():
@@ -216,3 +248,84 @@ def test_tfds_dataset_not_prepared_is_one_line(tmp_path):
         assert line is not None and "\n" not in line, line
         assert all(part in line for part in expected) and str(tmp_path) in line, line
     assert set(glob.glob(scratch)) <= before
+
+
+def _batches(ds, count):
+    it = iter(ds)
+    out = [next(it) for _ in range(count)]
+    del it
+    return out
+
+
+@pytest.mark.parametrize("resize_on", ["host", "device"])
+def test_worker_processes_give_the_batches_of_one_process(resize_on):
+    """Worker processes (their images through reused shared memory, `shared_batches`) yield
+    exactly the batches of the main process, from any start batch; a resumed run and a
+    single-process run see the same stream."""
+    src = sources.DemoSource("train", size=24)
+    kw = dict(global_batch=4, host_start=0, host_stop=4, seed=3, image_size=16,
+              augment="random_crop", flip=True, min_scale=1.0, resize_on=resize_on)
+    plain = _batches(pipeline.train_dataset(src, num_workers=0, **kw), 9)
+    workers = _batches(pipeline.train_dataset(src, num_workers=2, **kw), 9)
+    resumed = _batches(pipeline.train_dataset(src, num_workers=2, start_batch=5, **kw), 4)
+    for want, got in zip(plain, workers):
+        assert set(got) == set(want)
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key])
+    for want, got in zip(plain[5:], resumed):
+        np.testing.assert_array_equal(got["image"], want["image"])
+    evals = [list(pipeline.eval_dataset(src, global_batch=4, host_start=0, host_stop=4,
+                                        image_size=16, num_examples=10, num_workers=n,
+                                        resize_on=resize_on)[0]) for n in (0, 2)]
+    assert len(evals[1]) == 3
+    for want, got in zip(*evals):
+        np.testing.assert_array_equal(got["image"], want["image"])
+        np.testing.assert_array_equal(got["mask"], want["mask"])
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="POSIX shared memory in /dev/shm")
+def test_shared_rings_are_reused_and_removed_with_their_iterator(monkeypatch):
+    """A worker writes each batch into the lowest free slot of its ring (so a slot's pages are
+    allocated once, not per batch; the main process frees a slot as it takes the batch) and
+    the rings leave /dev/shm with their iterator."""
+    slots_used, names = [], []
+    real_take, real_init = shared_batches._Rings.take, shared_batches._Rings.__init__
+
+    def take(self, batch):
+        slots_used.append(int(batch[shared_batches.TICKET][1]))
+        return real_take(self, batch)
+
+    def init(self, *args):
+        real_init(self, *args)
+        names.extend(self.names)
+    monkeypatch.setattr(shared_batches._Rings, "take", take)
+    monkeypatch.setattr(shared_batches._Rings, "__init__", init)
+    src = sources.DemoSource("train", size=24)
+    it = iter(pipeline.train_dataset(src, global_batch=4, host_start=0, host_stop=4, seed=0,
+                                     image_size=16, augment="random_crop", flip=False,
+                                     min_scale=1.0, num_workers=1))
+    for _ in range(16):
+        batch = next(it)
+        assert batch["image"].shape == (4, 16, 16, 3) and shared_batches.TICKET not in batch
+    assert len(names) == 1 and all(os.path.exists(f"/dev/shm/{n}") for n in names)
+    held = 2 * shared_batches.PREFETCH_PER_THREAD * 2  # the worker's threads' buffers, twice
+    assert len(slots_used) == 16 and max(slots_used) < held, slots_used
+    del it
+    gc.collect()
+    assert not any(os.path.exists(f"/dev/shm/{n}") for n in names)
+
+
+def test_workers_fall_back_to_grains_segments_without_room_in_dev_shm(monkeypatch, caplog):
+    """A /dev/shm too small for the rings (a container's 64 MB; here 1 MB): the batches come
+    through grain's own segments, the same batches, with a warning that says how to give it
+    room."""
+    monkeypatch.setattr(shared_batches, "shm_free_bytes", lambda: 1 << 20)
+    monkeypatch.setattr(shared_batches, "_Rings", None)  # (never made)
+    src = sources.DemoSource("train", size=24)
+    kw = dict(global_batch=4, host_start=0, host_stop=4, seed=0, image_size=64,
+              augment="random_crop", flip=False, min_scale=1.0, resize_on="device")
+    with caplog.at_level("WARNING"):
+        got = _batches(pipeline.train_dataset(src, num_workers=2, **kw), 3)
+    assert "--shm-size" in caplog.text and "/dev/shm" in caplog.text
+    for want, batch in zip(_batches(pipeline.train_dataset(src, num_workers=0, **kw), 3), got):
+        np.testing.assert_array_equal(batch["image"], want["image"])

@@ -18,7 +18,7 @@ from PIL import Image
 from conftest import REPO
 from tok1d import errors, parallel
 from tok1d.cli import bench, input_bench, tokenize
-from tok1d.data import feeding, pipeline, sources
+from tok1d.data import feeding, pipeline, shared_batches, sources
 
 AUGMENTS = ("center_crop", "random_crop", "adm_random_crop", "random_resized_crop")
 # Reduced-size (DCT-domain) JPEG decoding against full decoding + PIL's bicubic downscale, on
@@ -207,8 +207,9 @@ def test_resize_weights_are_pils_bicubic():
 
 
 def _on_device(windows, size):
-    stack = {k: np.stack([w[k] for w in windows]) for k in windows[0]}
-    assert stack["image"].shape[1:] == (pipeline.canvas_size(size),) * 2 + (3,)
+    side = pipeline.canvas_size(size)
+    assert all(w["image"].shape[0] <= side and w["image"].shape[1] <= side for w in windows)
+    stack = shared_batches.Stack((side, side, 3))(windows)
     out = feeding.resize_windows(stack["image"], stack["window_box"], stack["window_size"],
                                  stack["window_flip"], out_size=size)
     return np.round(np.asarray(out) * 255).astype(np.int16)

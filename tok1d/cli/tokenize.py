@@ -224,9 +224,11 @@ def _host_batches(source, lo: int, hi: int, global_batch: int, host_rows: tuple[
                                       always_position=True) from None
         return {"image": views, "label": np.int32(record.get("label", 0))}
 
-    ds = grain.MapDataset.range(len(positions)).map(load).batch(stop - start)
-    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
-                                                     prefetch_buffer_size=2 * (stop - start))))
+    # The threads prefetch examples, two batches' worth, batched on top (a buffer of
+    # 2 x rows whole batches of float32 views held gigabytes once the encoder fell behind).
+    ds = grain.MapDataset.range(len(positions)).map(load).to_iter_dataset(
+        grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * (stop - start)))
+    return iter(ds.batch(stop - start))
 
 
 def _encode_range(encode, batches, lo: int, hi: int, global_batch: int):

@@ -22,6 +22,7 @@ import grain
 import numpy as np
 from PIL import Image
 
+from tok1d.data import shared_batches
 from tok1d.data.records import (CorruptImageError, decode_image, load_rgb, name_record,
                                 open_image)
 
@@ -302,11 +303,11 @@ def filter_margin(scale: float) -> int:
 def window(image: Any, *, image_size: int, augment: str, flip: bool, min_scale: float,
            rng: np.random.Generator | None, resize_rule: str = "adm") -> dict[str, np.ndarray]:
     """`crop`'s work up to the resize, for `feeding.resize_windows` to finish on the device:
-    "image" uint8 (C, C, 3) (C = `canvas_size`) holding the pixels the filter reads at its
-    top left, "window_box" float32 (x0, y0, x1, y1) in canvas pixels, "window_size" int32
-    (height, width) of the pixels held, "window_flip" bool. A window too large for the canvas
-    (an image that cannot be decoded at a reduced size) is resized here, as `crop` does, and
-    shipped as an identity window."""
+    "image" uint8 (h, w, 3), the pixels the filter reads (h, w <= C = `canvas_size`; batching
+    puts them at the top left of a (C, C, 3) canvas, `shared_batches.place`), "window_box"
+    float32 (x0, y0, x1, y1) in those pixels, "window_size" int32 (h, w), "window_flip" bool.
+    A window too large for the canvas (an image that cannot be decoded at a reduced size) is
+    resized here, as `crop` does, and shipped as an identity window."""
     side = canvas_size(image_size)
     pil, box, bounds = _plan(image, image_size=image_size, augment=augment,
                              min_scale=min_scale, rng=rng, resize_rule=resize_rule)
@@ -316,17 +317,17 @@ def window(image: Any, *, image_size: int, augment: str, flip: bool, min_scale: 
               max(bounds[1], math.floor(box[1]) - margin),
               min(bounds[2], math.ceil(box[2]) + margin),
               min(bounds[3], math.ceil(box[3]) + margin))
-    canvas = np.zeros((side, side, 3), np.uint8)
     h, w = region[3] - region[1], region[2] - region[0]
     if h <= side and w <= side:
-        canvas[:h, :w] = np.asarray(pil.crop(region))
+        # A slice of the whole decoded image: one copy out of PIL, none for the crop.
+        pixels = np.asarray(pil)[region[1]:region[3], region[0]:region[2]]
         shipped = (box[0] - region[0], box[1] - region[1], box[2] - region[0],
                    box[3] - region[1])
     else:
         h = w = image_size
-        canvas[:h, :w] = np.asarray(_resize_on_host(pil, box, bounds, image_size))
+        pixels = np.asarray(_resize_on_host(pil, box, bounds, image_size))
         shipped = (0.0, 0.0, float(image_size), float(image_size))
-    return {"image": canvas, "window_box": np.asarray(shipped, np.float32),
+    return {"image": pixels, "window_box": np.asarray(shipped, np.float32),
             "window_size": np.asarray((h, w), np.int32), "window_flip": np.bool_(flipped)}
 
 
@@ -430,15 +431,32 @@ def resolve_num_workers(num_workers: int) -> int:
     return min(MAX_AUTO_WORKERS, available_cores() - 1)
 
 
-def _to_iter(ds: grain.MapDataset, num_workers: int) -> grain.IterDataset:
+def _batched(ds: grain.MapDataset, rows: int, *, num_workers: int, image_shape: tuple,
+             start_batch: int = 0):
+    """`ds`'s examples in batches of `rows` from batch `start_batch` on, their images stacked
+    into uint8 (rows, *image_shape) arrays (`shared_batches.Stack`: a window's pixels at the
+    top left of its canvas), read by threads in this process or by grain worker processes
+    whose batches' images come through reused shared memory (`shared_batches`)."""
     num_workers = resolve_num_workers(num_workers)
-    # Threads overlap reading with decoding (PIL releases the GIL while it decodes and resizes);
-    # with worker processes doing the work, each needs only a couple.
-    threads = 2 if num_workers > 0 else min(8, available_cores())
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=64))
-    if num_workers > 0:
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-    return it
+
+    def make(batch_fn) -> grain.MapDataset:
+        batches = ds.batch(rows, drop_remainder=True, batch_fn=batch_fn)
+        return batches[start_batch:] if start_batch else batches
+
+    if num_workers == 0:
+        # Threads overlap reading with decoding (PIL releases the GIL while it decodes and
+        # resizes).
+        return shared_batches.iterate_batches(make(shared_batches.Stack(image_shape)),
+                                              num_threads=min(8, available_cores()))
+    # With worker processes doing the work, each needs only a couple of threads.
+    return shared_batches.SharedBatches(make, rows=rows, image_shape=image_shape,
+                                        num_workers=num_workers, num_threads=2)
+
+
+def _image_shape(image_size: int, resize_on: str) -> tuple[int, int, int]:
+    """The uint8 image of one example as `_Preprocess` yields it."""
+    side = canvas_size(image_size) if resize_on == "device" else image_size
+    return side, side, 3
 
 
 def train_dataset(source, *, global_batch: int, host_start: int, host_stop: int, seed: int,
@@ -461,8 +479,8 @@ def train_dataset(source, *, global_batch: int, host_start: int, host_stop: int,
     ds = HostSlice(ds, global_batch, host_start, host_stop)
     ds = ds.map(_Preprocess(seed, resize_on, image_size=image_size, augment=augment, flip=flip,
                             min_scale=min_scale, resize_rule=resize_rule))
-    ds = ds.batch(host_stop - host_start, drop_remainder=True)
-    return _to_iter(ds[start_batch:] if start_batch else ds, num_workers)
+    return _batched(ds, host_stop - host_start, num_workers=num_workers,
+                    image_shape=_image_shape(image_size, resize_on), start_batch=start_batch)
 
 
 def recipe_train_dataset(source, data_config, *, global_batch: int, host_start: int,
@@ -527,6 +545,6 @@ def eval_dataset(source, *, global_batch: int, host_start: int, host_stop: int,
     ds = HostSlice(ds, global_batch, host_start, host_stop)
     ds = ds.map(_Preprocess(None, resize_on, image_size=image_size, augment="center_crop",
                             flip=False, min_scale=1.0, resize_rule=resize_rule))
-    ds = ds.batch(host_stop - host_start, drop_remainder=True)
-    return _to_iter(ds, num_workers), num_batches
+    return _batched(ds, host_stop - host_start, num_workers=num_workers,
+                    image_shape=_image_shape(image_size, resize_on)), num_batches
 

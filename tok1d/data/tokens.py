@@ -47,7 +47,7 @@ import msgpack
 import numpy as np
 
 from tok1d import errors
-from tok1d.data import pipeline, records
+from tok1d.data import pipeline, records, shared_batches
 
 FORMAT_VERSION = "tok1d.tokens.v1"
 INFO_FILENAME = "tokens_info.json"
@@ -381,7 +381,4 @@ def token_dataset(source, *, global_batch: int, host_start: int, host_stop: int,
     ds = ds.batch(host_stop - host_start, drop_remainder=True)
     if start_batch:
         ds = ds[start_batch:]
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=64))
-    if num_workers > 0:
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-    return it
+    return shared_batches.iterate_batches(ds, num_threads=num_threads, num_workers=num_workers)
