@@ -306,6 +306,29 @@ def test_the_official_loader_is_endless_as_tok1d_s_stream(tmp_path):
 
 
 @needs_torchvision
+def test_the_official_loader_reads_the_files_in_the_order_given(tmp_path, caplog):
+    """The benchmark's two sides read the same files in the same order (tok1d's shuffle):
+    a folder's files differ in size, and so in cost. Names it cannot find: its own shuffle,
+    with a warning."""
+    folder = input_bench.write_image_folder(str(tmp_path / "jpegs"), 6)
+    names = sorted(os.path.relpath(os.path.join(root, f), folder)
+                   for root, _, files in os.walk(folder) for f in files)
+    order = names[::-1] + names[:2]
+    loader = input_bench.loaders.official_loader(
+        folder, augment="center_crop", image_size=16, flip=False, min_scale=1.0,
+        batch_size=4, num_workers=0, order=order)
+    labels = [int(x) for _, batch in itertools.islice(iter(loader), 3) for x in batch]
+    classes = sorted({name.split("/")[0] for name in names})
+    want = [classes.index(name.split("/")[0]) for name in order]
+    assert labels == want + want[:4]  # then the order again
+    with caplog.at_level("WARNING"):
+        input_bench.loaders.official_loader(
+            folder, augment="center_crop", image_size=16, flip=False, min_scale=1.0,
+            batch_size=4, num_workers=0, order=["nowhere/x.jpg"])
+    assert "own shuffle" in caplog.text
+
+
+@needs_torchvision
 def test_official_transforms_match_the_recipes_crops():
     data = _jpeg("coffee", 500, 375)
     image = Image.open(io.BytesIO(data)).convert("RGB")

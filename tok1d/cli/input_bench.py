@@ -12,10 +12,11 @@ recipe's crop / resize / flip, batching: uint8 batches) with the config's `data.
 `augment`, `flip`, `min_scale`, `resize_on` (the ImageNet recipes' "device": the host ships
 decoded windows and the accelerator resizes them; the table then adds the resize's
 milliseconds per image on this process's first device, which the host's rate leaves out;
-`--config.data.resize_on=host` measures the host-resizing path); the official loader is torchvision's `ImageFolder` with the
-recipe's official transform in a torch `DataLoader` (`tok1d.official.loaders`; float32
-batches, as the official trainers get them). Both also run the evaluation transform (center
-crop) unless the recipe's own is that.
+`--config.data.resize_on=host` measures the host-resizing path); the official loader is
+torchvision's `ImageFolder` with the recipe's official transform in a torch `DataLoader`
+(`tok1d.official.loaders`; float32 batches, as the official trainers get them), reading the
+same files in the same order as tok1d's shuffled stream. Both also run the evaluation
+transform (center crop) unless the recipe's own is that.
 
 `--workers=0` (default) runs each pipeline in this process (grain's reading threads; torch
 with one intra-op thread, as in a DataLoader worker): "img/s per core" is images / CPU seconds
@@ -49,6 +50,7 @@ from tok1d.official import loaders
 from tok1d.train import config_lib
 
 CENTER = "center_crop"
+SEED = 0  # tok1d's shuffle, whose order the official loader then follows
 
 
 def write_image_folder(root: str, count: int, seed: int = 0) -> str:
@@ -212,6 +214,11 @@ def run(config, *, images: int = 256, batch_size: int = 32, steps: int = 10,
         source = records.ArrayRecordImageSource(os.path.join(tmp, "records"), "train")
         if len(source) < batch_size:
             raise ValueError(f"{len(source)} images, fewer than one batch of {batch_size}.")
+        # The official loader reads the files tok1d reads, in the same order (a folder's
+        # files differ in size, and so in cost).
+        stream = pipeline.training_order(source, seed=SEED)
+        order = [stream[k]["filename"]
+                 for k in range(batch_size * (warmup + steps + 4 + 2 * num_workers))]
         rows = []
         for augment in augments:
             # The evaluation transform (center crop) never flips, in tok1d as upstream.
@@ -220,14 +227,15 @@ def run(config, *, images: int = 256, batch_size: int = 32, steps: int = 10,
 
             def tok1d_batches():
                 return pipeline.train_dataset(source, global_batch=batch_size, host_start=0,
-                                              host_stop=batch_size, seed=0,
+                                              host_stop=batch_size, seed=SEED,
                                               num_workers=num_workers, resize_on=resize_on,
                                               **kwargs)
             makers = [("tok1d", tok1d_batches)]
             if official:
                 def official_batches():
                     return loaders.official_loader(folder, batch_size=batch_size,
-                                                   num_workers=num_workers, **kwargs)
+                                                   num_workers=num_workers, order=order,
+                                                   **kwargs)
                 makers.append(("official", official_batches))
             for name, make in makers:
                 threads = _torch_threads(1) if name == "official" and num_workers == 0 else (

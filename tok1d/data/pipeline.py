@@ -459,6 +459,12 @@ def _image_shape(image_size: int, resize_on: str) -> tuple[int, int, int]:
     return side, side, 3
 
 
+def training_order(source, seed: int) -> grain.MapDataset:
+    """`source`'s records in the order the training stream reads them: shuffled with `seed`,
+    a new order each epoch, without end (before each host keeps its rows)."""
+    return grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
+
+
 def train_dataset(source, *, global_batch: int, host_start: int, host_stop: int, seed: int,
                   image_size: int, augment: str, flip: bool, min_scale: float,
                   num_workers: int = 0, resize_on: str = "host",
@@ -474,8 +480,7 @@ def train_dataset(source, *, global_batch: int, host_start: int, host_stop: int,
     if len(source) < global_batch:
         raise ValueError(f"The training split has {len(source)} examples, fewer than one global "
                          f"batch ({global_batch}).")
-    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
-    ds = ds.map_with_index(lambda i, record: (i, record))
+    ds = training_order(source, seed).map_with_index(lambda i, record: (i, record))
     ds = HostSlice(ds, global_batch, host_start, host_stop)
     ds = ds.map(_Preprocess(seed, resize_on, image_size=image_size, augment=augment, flip=flip,
                             min_scale=min_scale, resize_rule=resize_rule))

@@ -19,9 +19,12 @@ by the `DataLoader` (float32 NCHW tensors), shuffled by seeded `torch.randperm` 
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 import random
 import sys
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -97,29 +100,41 @@ def official_transform(augment: str, image_size: int, flip: bool = True,
 
 
 class _EndlessShuffle:
-    """Shuffled epochs of `size` indices, back to back, without end (a torch `Sampler`)."""
+    """Shuffled epochs of `size` indices, back to back, without end (a torch `Sampler`); or,
+    given `order`, those indices over and over."""
 
-    def __init__(self, size: int, seed: int):
-        self.size, self.seed = size, seed
+    def __init__(self, size: int, seed: int, order: Sequence[int] = ()):
+        self.size, self.seed, self.order = size, seed, list(order)
 
     def __iter__(self):
         import torch  # Local import: optional dependency.
         generator = torch.Generator().manual_seed(self.seed)
         while True:
-            yield from torch.randperm(self.size, generator=generator).tolist()
+            yield from self.order or torch.randperm(self.size, generator=generator).tolist()
 
 
 def official_loader(image_folder: str, *, augment: str, image_size: int, flip: bool,
-                    min_scale: float, batch_size: int, num_workers: int, seed: int = 0):
+                    min_scale: float, batch_size: int, num_workers: int, seed: int = 0,
+                    order: Sequence[str] = ()):
     """A torch `DataLoader` over `ImageFolder(image_folder)` with the official transform of
     `augment`: shuffled batches without end (epochs repeat, as tok1d's training stream), from
-    `num_workers` processes. Endless, so that its workers refill their prefetch buffers after
-    the batches a benchmark takes, as tok1d's pipeline does (a loader that stops after them
-    leaves its last prefetched batches undone, and looks that much cheaper)."""
+    `num_workers` processes; with `order` (files relative to the folder, "class/name.jpg"),
+    those files in that order, over and over (a benchmark reads the files tok1d reads).
+    Endless, so that its workers refill their prefetch buffers after the batches a benchmark
+    takes, as tok1d's pipeline does (a loader that stops after them leaves its last
+    prefetched batches undone, and looks that much cheaper)."""
     import torch  # Local import: optional dependency.
     torchvision = import_torchvision()
     dataset = torchvision.datasets.ImageFolder(
         image_folder, transform=official_transform(augment, image_size, flip, min_scale))
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size,
-                                       sampler=_EndlessShuffle(len(dataset), seed),
+    index = {os.path.relpath(path, image_folder).replace(os.sep, "/"): i
+             for i, (path, _) in enumerate(dataset.samples)}
+    missing = [name for name in order if name not in index]
+    if missing:  # (e.g. a name that is not UTF-8, which `tok1d prepare` stores escaped)
+        logging.warning("The official loader reads its own shuffle of %s: %d of the files "
+                        "to read in order are not its images (e.g. %r).", image_folder,
+                        len(missing), missing[0])
+        order = ()
+    sampler = _EndlessShuffle(len(dataset), seed, [index[name] for name in order])
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                                        num_workers=num_workers, drop_last=True)
