@@ -473,3 +473,30 @@ def test_gpu_aot_builds_a_workload_with_nothing_placed(monkeypatch):
     assert leaves and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
     with work.context():
         fn.lower(*args).compile()
+
+
+def test_bench_refuses_bad_inputs_before_running(tmp_path, capsys):
+    """Each in one line, before anything compiles or runs (these failed after the timed calls,
+    losing the result, or crashed inside the model): a generator given as the tokenizer
+    config, a negative --peak_tflops, a --batch_size the mesh does not divide, a --profile that
+    is a file, --profile with --compile_only, --tokenizer_config with another workload, an
+    --out that cannot be written."""
+    with pytest.raises(ValueError, match="--tokenizer_config names a generator"):
+        bench.run(_generator_config(), "sample", tokenizer_config=_generator_config())
+    with pytest.raises(ValueError, match="--peak_tflops=-1"):
+        bench.run(_config("tiny_test"), "encode", peak_tflops=-1.0)
+    if jax.device_count() > 1:
+        with pytest.raises(ValueError, match="batch_size=3 is not divisible"):
+            bench.run(_config("tiny_test"), "encode", batch_size=3)
+    afile = tmp_path / "a_file"
+    afile.write_text("x")
+    base = [f"--config={REPO}/configs/tiny_test.py", "--workload=encode"]
+    for flags, message in (([f"--profile={afile}"], "is a file"),
+                           (["--compile_only", f"--profile={tmp_path}"], "--compile_only"),
+                           ([f"--tokenizer_config={REPO}/configs/tiny_test.py"],
+                            "used by --workload=sample"),
+                           (["--out=/proc/tok1d_bench.jsonl"], "cannot be written")):
+        assert bench.main(base + flags) == 2, flags
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (flags, err)
+    assert afile.read_text() == "x"

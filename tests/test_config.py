@@ -101,11 +101,18 @@ def test_sizes_decays_and_counts_out_of_range_are_named():
     config.model.codebook_size, config.model.token_dim = 0, -1
     config.data.image_size, config.ema_decay, config.checkpoint.keep = 0, 2.0, 0
     config.optim.warmup_steps = -3
+    # (a negative probe epoch count read as "off", a negative lr trained, a batch of 0 said
+    # the training set does not fill one batch)
+    e = config.evaluation
+    e.linear_probe_epochs, e.linear_probe_lr, e.linear_probe_batch_size = -1, -1.0, 0
     with pytest.raises(config_lib.ConfigError) as e:
         config_lib.validate(config, num_devices=8)
     for text in ("model.codebook_size=0 must be positive", "model.token_dim=-1 must be positive",
                  "data.image_size=0 must be positive", "ema_decay=2.0 must be in [0, 1)",
-                 "checkpoint.keep=0 must be >= 1", "optim.warmup_steps=-3 must be >= 0"):
+                 "checkpoint.keep=0 must be >= 1", "optim.warmup_steps=-3 must be >= 0",
+                 "evaluation.linear_probe_epochs=-1 must be >= 0",
+                 "evaluation.linear_probe_lr=-1.0 must be positive",
+                 "evaluation.linear_probe_batch_size=0 must be positive"):
         assert text in str(e.value), text
 
 

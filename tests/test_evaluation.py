@@ -279,6 +279,9 @@ def test_report_files(tmp_path):
     # a count is whole (it printed num_images 40.0000); a whole PSNR keeps its decimals
     assert "| num_images | 40 | images evaluated |" in text and "| psnr | 20.0000 |" in text
     assert report.format_value(40.0, "num_images") == "40" and report.format_value(1.0) == "1.0000"
+    # the probe's block index is whole too (it printed 1.0000, with no meaning beside it)
+    assert report.format_value(1.0, "linear_probe_layer") == "1"
+    assert all(report.meaning(k) for k in ("linear_probe_layer", "linear_probe_train_accuracy"))
     assert "a note" in text
     record = json.load(open(tmp_path / "metrics.json"))
     assert record["metrics"] == {"rfid": 1.25, "psnr": 20.0, "num_images": 40.0}

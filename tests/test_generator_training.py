@@ -378,7 +378,8 @@ def test_ar_probe_during_tokenizer_training(tmp_path):
     c.data.name, c.data.image_size, c.data.augment, c.data.flip = "digits", 32, "center_crop", False
     c.data.eval_examples = 32
     c.ar_probe.every_steps, c.ar_probe.train_examples, c.ar_probe.steps = 4, 64, 20
-    c.ar_probe.batch_size = 16
+    c.ar_probe.batch_size = 48  # more than the 32 validation examples (its val loss was left
+    # out without a word): validated in batches of 32
     c.ar_probe.model = dict(width=32, depth=2, num_heads=2)
     # The evals inside training: rFID & co. (random Inception / LPIPS) and the linear probe of
     # the probe GPT's features.
@@ -453,3 +454,4 @@ def test_gfid_in_training_and_the_evaluate_job(token_data, tmp_path):
     assert metrics["linear_probe_layer"] == 1
     text = open(out / "report.md").read()
     assert "gFID" in text and "samples.png" in text and "linear_probe_accuracy" in text
+    assert "3 epochs, batch 32, lr 10, source default, dropout on" in text  # the settings

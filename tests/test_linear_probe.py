@@ -524,7 +524,8 @@ def test_the_tokenizer_probe_of_a_gigatok_in_the_evaluate_job(tmp_path):
     assert written["metrics"]["tokenizer_probe_accuracy"] == metrics["tokenizer_probe_accuracy"]
     assert written["details"]["tokenizer_precision"] == "float32"  # GigaTok's, over the run's
     report = open(tmp_path / "out" / "report.md").read()
-    assert "tokenizer's own features" in report and "encoder features, 6 epochs" in report
+    assert "tokenizer's own features" in report
+    assert "encoder features on train, 6 epochs" in report
 
     c.evaluation.tokenizer_precision = "fp16"
     with pytest.raises(config_lib.ConfigError, match="tokenizer_precision='fp16' is not one"):

@@ -50,6 +50,7 @@ loss's VJP residuals for one microbatch; `model.remat` / `model.cnn_remat` shrin
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import json
@@ -506,8 +507,21 @@ def run(config, workload: str, batch_size: int = 0, steps: int = 10, warmup: int
                          f"{config.model.name!r} is a generator.")
     if workload == "sample" and not is_generator:
         raise ValueError("--workload=sample needs a generator config (and --tokenizer_config).")
+    if tokenizer_config is not None and tokenizer_config.trainer == "generator":
+        raise ValueError(f"--tokenizer_config names a generator ({tokenizer_config.model.name!r})"
+                         "; give the tokenizer config whose model decodes the samples.")
+    if peak_tflops < 0:
+        raise ValueError(f"--peak_tflops={peak_tflops:g}: give the device's bf16 peak in "
+                         "TFLOP/s, or 0 to measure it.")
     batch = batch_size or config.batch_size
+    if batch != config.batch_size:  # validate the batch that runs (divisible over the mesh)
+        config = copy.deepcopy(config)
+        with config.unlocked():
+            config.batch_size = batch
     config_lib.validate(config)
+    log(f"{workload}: {config.model.name} at batch {batch} on {jax.device_count()} device(s): "
+        + ("compiling (nothing runs)..." if compile_only else
+           f"compiling, {warmup} warm-up call(s), then {steps} timed..."))
     if workload == "train":
         work = bench_train(config, batch, compile_only, log)
     elif workload == "sample":
@@ -542,6 +556,9 @@ def run(config, workload: str, batch_size: int = 0, steps: int = 10, warmup: int
                    mfu=None if flops is None else flops / step / (peak * 1e12
                                                                  * jax.device_count()))
     log(format_row(row))
+    if (row["mfu"] or 0) > 1:
+        log(f"note: MFU over 100%: --peak_tflops={peak_tflops:g} is below what this device "
+            "ran; leave it out to measure the peak.")
     if profile and not compile_only:
         found = trace_summary.summarize(profile, steps)
         if found is None:
@@ -589,8 +606,14 @@ def check_out_file(path: str) -> None:
                                "lines to.")
     if not os.path.isdir(folder):
         raise errors.UserError(f"--out={path}: the folder {folder} does not exist.")
-    if not os.access(full if os.path.exists(full) else folder, os.W_OK):
-        raise errors.UserError(f"--out={path} is not writable.")
+    existed = os.path.exists(full)
+    try:  # (os.access passes read-only files for root, and knows nothing of /proc)
+        with open(full, "a", encoding="utf-8"):
+            pass
+    except OSError as e:
+        raise errors.UserError(f"--out={path} cannot be written: {errors.brief(e)}") from None
+    if not existed:
+        os.remove(full)
 
 
 def execute(fv: flags.FlagValues, args: list[str]) -> None:
@@ -612,6 +635,13 @@ def execute(fv: flags.FlagValues, args: list[str]) -> None:
                 command = " ".join(app.command_line())
                 f.writelines(json.dumps(dict(row, command=command)) + "\n" for row in rows)
         return
+    unused = [f"--{name}" for name, on in (
+        ("profile (nothing runs with --compile_only)", fv.profile and fv.compile_only),
+        ("tokenizer_config (used by --workload=sample)",
+         fv.tokenizer_config and fv.workload != "sample")) if on]
+    if unused:
+        raise errors.UserError(f"not used here: {'; '.join(unused)}.")
+    errors.check_output_dir(fv.profile, "--profile")  # (jax.profiler fails after the run)
     app.setup_process(fv)
     tok_cfg = app.load_config_file(fv.tokenizer_config) if fv.tokenizer_config else None
     row = run(fv.config, fv.workload, fv.batch_size, fv.steps, fv.warmup, tok_cfg,

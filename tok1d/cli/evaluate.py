@@ -112,6 +112,14 @@ def _setup(config):
     return (*parallel.mesh_from_config(config), jax.process_index() == 0)
 
 
+def _probe_setting(ecfg) -> str:
+    """A report's line on the linear probe's settings (what decides whether two probes'
+    accuracies compare)."""
+    return (f"{ecfg.linear_probe_epochs} epochs, batch {ecfg.linear_probe_batch_size}, lr "
+            f"{ecfg.linear_probe_lr:g}, source {ecfg.get('linear_probe_source', '') or 'default'}"
+            f", dropout {'on' if ecfg.get('linear_probe_dropout', True) else 'off'}")
+
+
 def _details(config, **extra: Any) -> dict[str, Any]:
     ecfg = config.evaluation
     out = dict(extra)
@@ -177,9 +185,8 @@ def evaluate_tokenizer(config, checkpoint: str, out: str, log=print,
         _details(config, checkpoint=os.path.abspath(checkpoint), model=config.model.name,
                  data=f"{dcfg.name}:{dcfg.eval_split} at {size} px (center crops)",
                  tokenizer_precision=_tokenizer_precision(config),
-                 **({"tokenizer_probe": f"{ecfg.tokenizer_probe} features, "
-                     f"{ecfg.linear_probe_epochs} epochs on {dcfg.train_split}"}
-                    if probe else {})),
+                 **({"tokenizer_probe": f"{ecfg.tokenizer_probe} features on "
+                     f"{dcfg.train_split}, {_probe_setting(ecfg)}"} if probe else {})),
         nets.notes, step=step, enabled=is_chief)
     log(f"Wrote {path}: " + ", ".join(f"{k} {report.format_value(v, k)}"
                                       for k, v in metrics.items()))
@@ -545,6 +552,8 @@ def _finish_samples(config, metrics, kept, labels, num_classes: int, out: str, i
                     notes, log, step: Optional[int], **details) -> dict[str, Any]:
     rows = min(num_classes, max(1, config.evaluation.num_report_images // 10))
     grid = sample_lib.class_grid(kept, labels, rows)
+    if "linear_probe_accuracy" in metrics:
+        details["linear_probe"] = _probe_setting(config.evaluation)
     path = report.write_report(out, "Generation", metrics, {"samples": grid},
                                _details(config, **details), notes, step=step,
                                enabled=is_chief)

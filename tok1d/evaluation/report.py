@@ -46,6 +46,9 @@ METRIC_DOCS = {
     "sample_class_accuracy": "fraction of samples the digit CNN sees as the requested class",
     "reconstruction_class_accuracy": "digit CNN accuracy on the reconstructions",
     "linear_probe_accuracy": "linear probe top-1 accuracy of the AR features (higher is better)",
+    "linear_probe_train_accuracy": "the linear probe's accuracy on its last epoch's training "
+                                   "batches",
+    "linear_probe_layer": "the block whose features the linear probe reads (1 = the first)",
     "tokenizer_probe_accuracy": "linear probe top-1 accuracy of the tokenizer's own features "
                                 "(GigaTok: does not follow generation quality)",
     "tokenizer_probe_train_accuracy": "the tokenizer probe's accuracy on its last epoch's "
@@ -65,10 +68,11 @@ def meaning(name: str) -> str:
 
 def format_value(value: Any, name: str = "") -> str:
     """A metric as reports and consoles print it (integers whole, with thousands separators;
-    so is a count, a metric `name`d num_*, kept as a float: num_images 40, not 40.0000)."""
+    so is a count or an index, a metric `name`d num_* or *_layer, kept as a float:
+    num_images 40, not 40.0000)."""
     whole = isinstance(value, (float, np.floating)) and float(value).is_integer()
-    if isinstance(value, (int, np.integer)) or (whole and (abs(value) >= 100
-                                                           or name.startswith("num_"))):
+    counted = name.startswith("num_") or name.endswith("_layer")
+    if isinstance(value, (int, np.integer)) or (whole and (abs(value) >= 100 or counted)):
         return f"{int(value):,}"
     if isinstance(value, (float, np.floating)):
         if not math.isfinite(value):

@@ -686,6 +686,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     for key in ("num_samples", "is_splits"):
         if ev[key] <= 0:
             problems.append(f"evaluation.{key}={ev[key]} must be positive")
+    if ev.get("linear_probe_epochs", 0) < 0:
+        problems.append(f"evaluation.linear_probe_epochs={ev.linear_probe_epochs} must be >= 0 "
+                        "(0: no linear probe)")
+    for key in ("linear_probe_batch_size", "linear_probe_lr"):
+        if key in ev and ev[key] <= 0:
+            problems.append(f"evaluation.{key}={ev[key]} must be positive")
     if ev.get("is_split_size", 0) < 0:
         problems.append(f"evaluation.is_split_size={ev.is_split_size} must be >= 0 (0: "
                         "evaluation.is_splits equal parts)")

@@ -617,9 +617,18 @@ def fit(config, codes: np.ndarray, labels: np.ndarray, val_codes: np.ndarray,
             state, scalars, _ = step_fn(state, parallel.global_batch(local, batch_sh,
                                                                      config.batch_size))
             losses.append(scalars["loss"])
-        val = evaluate_loss(jax.jit(make_eval_step(model, config.generator)), state.params,
-                            token_batches(tokens_lib.ArrayTokenSource(val_codes, val_labels),
-                                          config.eval_batch_size, -1, batch_sh))
+        # Validation batches no larger than the validation rows (a whole number of batch
+        # shards): a validation set smaller than one batch was skipped without a word.
+        shards = parallel.batch_shards(batch_sh)
+        eval_batch = min(config.eval_batch_size, len(val_codes) // shards * shards)
+        if eval_batch == 0:
+            logging.warning("The validation loss is left out: %d validation examples do not "
+                            "fill one row per batch shard (%d).", len(val_codes), shards)
+            val = {}
+        else:
+            val = evaluate_loss(jax.jit(make_eval_step(model, config.generator)), state.params,
+                                token_batches(tokens_lib.ArrayTokenSource(val_codes, val_labels),
+                                              eval_batch, -1, batch_sh))
     tail = [float(x) for x in losses[-10:]]
     metrics = {"train_loss": float(np.mean(tail))}
     metrics.update({f"val_{k}": v for k, v in val.items() if k != "num_examples"})
