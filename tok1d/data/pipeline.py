@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import grain
 import numpy as np
@@ -431,8 +431,13 @@ def resolve_num_workers(num_workers: int) -> int:
     return min(MAX_AUTO_WORKERS, available_cores() - 1)
 
 
+# What the pipelines return: an iterable of host batches (a grain IterDataset in this process,
+# `shared_batches.SharedBatches` with worker processes; iterate it, nothing more).
+Batches = Iterable[dict[str, np.ndarray]]
+
+
 def _batched(ds: grain.MapDataset, rows: int, *, num_workers: int, image_shape: tuple,
-             start_batch: int = 0):
+             start_batch: int = 0) -> Batches:
     """`ds`'s examples in batches of `rows` from batch `start_batch` on, their images stacked
     into uint8 (rows, *image_shape) arrays (`shared_batches.Stack`: a window's pixels at the
     top left of its canvas), read by threads in this process or by grain worker processes
@@ -468,7 +473,7 @@ def training_order(source, seed: int) -> grain.MapDataset:
 def train_dataset(source, *, global_batch: int, host_start: int, host_stop: int, seed: int,
                   image_size: int, augment: str, flip: bool, min_scale: float,
                   num_workers: int = 0, resize_on: str = "host",
-                  start_batch: int = 0, resize_rule: str = "adm") -> grain.IterDataset:
+                  start_batch: int = 0, resize_rule: str = "adm") -> Batches:
     """Infinite, shuffled, augmented batches of this host's rows of each global batch: "image"
     uint8 (rows, image_size, image_size, 3) (see `crop`), "label" int32, "mask" bool. With
     `resize_on="device"`, "image" holds `window` canvases and the batch their "window_*"
@@ -489,7 +494,7 @@ def train_dataset(source, *, global_batch: int, host_start: int, host_stop: int,
 
 
 def recipe_train_dataset(source, data_config, *, global_batch: int, host_start: int,
-                         host_stop: int, seed: int, start_batch: int = 0) -> grain.IterDataset:
+                         host_stop: int, seed: int, start_batch: int = 0) -> Batches:
     """`train_dataset` with the crop, flip, resizing and workers of a config's `data` section."""
     d = data_config
     return train_dataset(source, global_batch=global_batch, host_start=host_start,
@@ -501,7 +506,7 @@ def recipe_train_dataset(source, data_config, *, global_batch: int, host_start: 
 
 def recipe_eval_dataset(source, data_config, *, global_batch: int, host_start: int,
                         host_stop: int, num_examples: Optional[int] = None
-                        ) -> tuple[grain.IterDataset, int]:
+                        ) -> tuple[Batches, int]:
     """`eval_dataset` of the first `num_examples` (default `data.eval_examples`; -1: all) with
     a config's `data` section."""
     d = data_config
@@ -536,7 +541,7 @@ class _Padded(grain.MapDataset):
 def eval_dataset(source, *, global_batch: int, host_start: int, host_stop: int,
                  image_size: int, num_examples: int = -1, num_workers: int = 0,
                  resize_on: str = "host", resize_rule: str = "adm"
-                 ) -> tuple[grain.IterDataset, int]:
+                 ) -> tuple[Batches, int]:
     """One pass over the first `num_examples` (all if -1), center-cropped (uint8 like
     `train_dataset`), padded to whole global batches with `mask=False` rows so every host
     runs the same number of steps.

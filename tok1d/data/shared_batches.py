@@ -37,6 +37,7 @@ TICKET = "_shared_slot"  # (worker, slot, *image shape) in place of the batch's 
 HEADER_BYTES = 4096  # the slots' states (0 free, 1 written), then the slots, page aligned
 EXTRA_SLOTS = 4  # beyond the reading threads' buffers: grain's queue, the batch being taken
 _WAIT_S = 0.0005
+SLOT_WAIT_LIMIT_S = 120.0
 SHM_DIR = "/dev/shm"
 
 PREFETCH_PER_THREAD = 2
@@ -77,10 +78,11 @@ def _set_worker(index: int, count: int) -> None:
 
 
 def _attach(name: str, slots: int) -> tuple[shared_memory.SharedMemory, np.ndarray]:
-    if name not in _attached:
-        shm = shared_memory.SharedMemory(name)
-        _attached[name] = shm, np.ndarray((slots,), np.uint8, buffer=shm.buf)
-    return _attached[name]
+    with _slot_lock:  # (the worker's reading threads)
+        if name not in _attached:
+            shm = shared_memory.SharedMemory(name)
+            _attached[name] = shm, np.ndarray((slots,), np.uint8, buffer=shm.buf)
+        return _attached[name]
 
 
 def place(images: Sequence[np.ndarray], out: np.ndarray) -> np.ndarray:
@@ -123,12 +125,18 @@ class Stack:
 
     @staticmethod
     def _take(states: np.ndarray) -> int:
+        deadline = time.monotonic() + SLOT_WAIT_LIMIT_S
         while True:
             with _slot_lock:  # this worker's reading threads share its ring
                 free = np.flatnonzero(states == 0)
                 if free.size:
                     states[free[0]] = 1
                     return int(free[0])
+            if time.monotonic() > deadline:  # (never in use: at most 9 of 12 slots are held)
+                raise RuntimeError(
+                    "No free shared-memory slot for an input batch: batches were dropped "
+                    "without being taken (grain's set_state?); restart the pipeline at a "
+                    "batch with start_batch instead.")
             time.sleep(_WAIT_S)
 
 
@@ -166,7 +174,12 @@ class _Rings:
         return batch
 
 
-def _close(shms: list[shared_memory.SharedMemory], states: list[np.ndarray]) -> None:
+_reserved = [0]  # bytes of SHM_DIR the live rings may fill (their pages come on first use)
+
+
+def _close(shms: list[shared_memory.SharedMemory], states: list[np.ndarray],
+           reserved: int) -> None:
+    _reserved[0] -= reserved
     states.clear()
     for shm in shms:
         try:
@@ -196,6 +209,8 @@ class SharedBatches:
         needed = self._workers * (HEADER_BYTES
                                   + slots * _slot_bytes(self._rows, self._image_shape))
         free = shm_free_bytes()
+        if free is not None:  # (other live rings' untouched pages are spoken for)
+            free -= _reserved[0]
         if free is None or free < needed:
             if free is not None:
                 logging.warning(
@@ -210,5 +225,14 @@ class SharedBatches:
                              num_threads=self._threads, num_workers=self._workers,
                              worker_init_fn=_set_worker)
         iterator = iter(it.map(rings.take))
-        weakref.finalize(iterator, _close, rings.shms, rings.states)
+        _reserved[0] += needed
+        weakref.finalize(iterator, _close, rings.shms, rings.states, needed)
+        iterator.set_state = _no_set_state  # (batches it drops would keep their slots)
         return iterator
+
+
+def _no_set_state(state) -> None:
+    del state
+    raise NotImplementedError("The input workers' iterator cannot be restored with set_state "
+                              "(its shared-memory slots would stay taken); start the pipeline "
+                              "at a batch with start_batch instead, as tok1d's resume does.")
