@@ -417,11 +417,26 @@ def test_a_collective_left_waiting_by_another_process_is_one_line(monkeypatch, c
     def execute(fv, args):
         raise gloo
     monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(app, "_peer_failed", False)
     assert app.run(_job(execute), []) == 2
     line = one_error_line(capsys.readouterr().err)
     assert line.startswith("error: process 0 of 2 stopped waiting for the others (")
     assert line.endswith("another process has probably stopped with an error; its own "
                          "output says which.")
+    assert app._peer_failed  # exit_process skips JAX's shutdown barrier (~90 s, then abort)
+    # What real runs print when a peer was killed (a walkthrough): a collective's reset
+    # connection, and a backend that never started because the other process stopped first.
+    for error in (jax.errors.JaxRuntimeError("UNKNOWN: Gloo AllGather failed: [...] Read "
+                                             "error [127.0.0.1]:5: Connection reset by peer"),
+                  RuntimeError("Unable to initialize backend 'cpu': INTERNAL: Getting local "
+                               "topologies failed: GetKeyValue() timed out with key: x")):
+        gloo = error
+        assert app.run(_job(execute), []) == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert "another process has probably stopped with an error" in line, line
+    monkeypatch.setattr(app, "_peer_failed", False)
+    gloo = jax.errors.JaxRuntimeError("UNKNOWN: Gloo context initialization failed: "
+                                      "DEADLINE_EXCEEDED: GetKeyValue() timed out")
     monkeypatch.setattr(jax, "process_count", lambda: 1)
     with pytest.raises(jax.errors.JaxRuntimeError):
         app.run(_job(execute), [])

@@ -204,3 +204,30 @@ def test_a_preemption_notice_to_one_host_stops_every_host_at_one_step(tmp_path):
              outputs.values()]
     assert all(rc == 0 for rc, _, _ in outputs.values()), report
     assert stops[0].startswith("stopped at step") and stops[0] == stops[1], report
+
+
+@_timeout_mark
+def test_processes_given_other_arguments_all_stop_at_the_start(tmp_path):
+    """Every process of a run must get the same command but its process id: one process with
+    another setting did its share of another job (another --seed or --tokenizer wrote rows of
+    another sampler or tokenizer into the output) or hung in mismatched collectives. Both now
+    stop at the start, each with one line; nothing is trained."""
+    workdir = str(tmp_path / "run")
+    dist = (f"--config.distributed.coordinator_address=127.0.0.1:{free_port()}",
+            "--config.distributed.num_processes=2")
+    procs = {f"p{pid}": subprocess.Popen(
+        main_command(CONFIG, workdir, *COMMON, *dist, f"--config.distributed.process_id={pid}",
+                     f"--config.seed={pid}"), env=subprocess_env(4), **_PIPES)
+        for pid in (0, 1)}
+    outputs = _wait_all(procs, time.monotonic() + TIMEOUT_S)
+    report = _report(outputs)
+    assert all(rc == 2 for rc, _, _ in outputs.values()), report
+    errs = {name: [line for line in err.splitlines() if line.startswith("error:")]
+            for name, (_, _, err) in outputs.items()}
+    assert errs["p1"] == ["error: process 1 was given other arguments than process 0: "
+                          "--config.seed=1 here, --config.seed=0 there; every process of a run "
+                          "takes the same command, all but its process id (--process_id, "
+                          "--config.distributed.process_id)."], report
+    assert errs["p0"][0].startswith("error: process(es) 1 were given other arguments"), report
+    assert not any("Traceback" in err for _, _, err in outputs.values()), report
+    assert not glob.glob(os.path.join(workdir, "checkpoints", "*")), report

@@ -40,12 +40,15 @@ import re
 import sys
 import traceback
 import types
+import zlib
 from typing import Any, Callable, NoReturn, Optional, Sequence
 
 from absl import flags
 from absl import logging as absl_logging
 import jax
 import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from tok1d import errors, models, parallel
@@ -497,15 +500,28 @@ def setup_console(verbosity: int = 0) -> None:
 
 # What a runtime error of a collective with the other processes says when one of them is gone
 # (stopped by its own error, killed): the processes wait for it until a deadline.
-PEER_FAILURE_MARKERS = ("DEADLINE_EXCEEDED", "Gloo context", "Barrier timed out",
-                        "heartbeat", "coordination service", "CoordinationService")
+PEER_FAILURE_MARKERS = ("DEADLINE_EXCEEDED", "Gloo", "Barrier timed out", "heartbeat",
+                        "coordination service", "CoordinationService",
+                        "Connection reset by peer", "GetKeyValue() timed out")
+# A backend that could not start because another process never joined (it stopped first).
+BACKEND_START_MARKER = "Unable to initialize backend"
+
+_peer_failed = False  # set when a run ended on `_peer_failure`: `exit_process` skips JAX's
+# shutdown barrier, which would wait for the stopped process (~90 s), then abort
 
 
 def _peer_failure(e: BaseException) -> Optional[str]:
     """The one line for a multi-process run's collective that timed out waiting for another
-    process (which failed on its own and said why there); None for another error."""
-    if type(e).__name__ not in ("JaxRuntimeError", "XlaRuntimeError") or not any(
-            marker in str(e) for marker in PEER_FAILURE_MARKERS):
+    process (which failed on its own and said why there), or for a backend that could not
+    start without it; None for another error."""
+    text = str(e)
+    if not any(marker in text for marker in PEER_FAILURE_MARKERS):
+        return None
+    if type(e).__name__ == "RuntimeError" and BACKEND_START_MARKER in text:
+        return (f"this process stopped waiting for the others to start ({errors.brief(e, 120)})"
+                ": another process has probably stopped with an error before it; its own "
+                "output says which.")
+    if type(e).__name__ not in ("JaxRuntimeError", "XlaRuntimeError"):
         return None
     if jax.process_count() <= 1:  # (the backend is up: a collective ran)
         return None
@@ -575,6 +591,9 @@ def run(job: types.ModuleType, argv: Optional[Sequence[str]] = None,
         message = user_error_message(e)
         if message is None or verbosity >= 2:
             raise
+        if _peer_failure(e) is not None:
+            global _peer_failed
+            _peer_failed = True
         if len(message) > MAX_ERROR_CHARS and verbosity < 1:  # e.g. a converter's key list
             message = (message[:MAX_ERROR_CHARS] + f" ... ({len(message) - MAX_ERROR_CHARS} "
                        "more characters: -v 1 prints the whole message)")
@@ -611,8 +630,55 @@ def define_distributed_flags(fv: flags.FlagValues) -> None:
 
 
 def setup_process(fv: flags.FlagValues) -> None:
-    """`parallel.setup_process` with the flags of `define_distributed_flags`."""
+    """`parallel.setup_process` with the flags of `define_distributed_flags`, then
+    `check_same_command`."""
     parallel.setup_process(fv.coordinator_address, fv.num_processes, fv.process_id)
+    check_same_command()
+
+
+_PROCESS_ID_FLAGS = ("--process_id", "--config.distributed.process_id")
+
+
+def _without_process_id(args: Sequence[str]) -> list[str]:
+    out, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg in _PROCESS_ID_FLAGS:
+            skip = True  # (its value follows)
+        elif not arg.startswith(tuple(f + "=" for f in _PROCESS_ID_FLAGS)):
+            out.append(arg)
+    return out
+
+
+def check_same_command() -> None:
+    """A UserError on every process of a multi-process run whose processes were not given the
+    same arguments (all but the process id): each process did its share of another job (one
+    process's other --tokenizer or --seed silently wrote rows of another tokenizer or sampler
+    into the output), or they stopped in mismatched collectives."""
+    if jax.process_count() <= 1:
+        return
+    args = _without_process_id(_running[1:])
+    mine = json.dumps(args).encode()
+    digests = np.asarray(multihost_utils.process_allgather(np.uint32(zlib.crc32(mine))))
+    if (digests == digests[0]).all():
+        return
+    lengths = np.asarray(multihost_utils.process_allgather(np.int32(len(mine))))
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[:len(mine)] = np.frombuffer(mine, np.uint8)
+    first = np.asarray(multihost_utils.broadcast_one_to_all(padded))
+    theirs = json.loads(first[:int(lengths[0])].tobytes())
+    others = [i for i in range(len(digests)) if digests[i] != digests[0]]
+    rule = ("every process of a run takes the same command, all but its process id (" +
+            ", ".join(_PROCESS_ID_FLAGS) + ")")
+    if jax.process_index() not in others:
+        raise errors.UserError(f"process(es) {', '.join(map(str, others))} were given other "
+                               f"arguments than process 0 (each says which): {rule}.")
+    here = [a for a in args if a not in theirs] or ["(none)"]
+    there = [a for a in theirs if a not in args] or ["(none)"]
+    raise errors.UserError(f"process {jax.process_index()} was given other arguments than "
+                           f"process 0: {' '.join(here)} here, {' '.join(there)} there; "
+                           f"{rule}.")
 
 
 def tool_help() -> str:
@@ -631,8 +697,10 @@ def exit_process(status: int) -> NoReturn:
     """Ends the command-line process with `status`. While a train step still compiles in the
     background (a run stopped by a preemption signal or an error before the next phase's
     step was ready) it ends it without finalizing the interpreter, which would abort inside
-    XLA (`tok1d.train.programs.compiling`); the run's files are written and closed by then."""
-    if programs.compiling():
+    XLA (`tok1d.train.programs.compiling`); the run's files are written and closed by then.
+    So does a multi-process run that stopped because another process did (`_peer_failure`):
+    JAX's shutdown barrier would wait for that process, then abort."""
+    if programs.compiling() or _peer_failed:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)
