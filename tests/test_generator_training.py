@@ -455,3 +455,18 @@ def test_gfid_in_training_and_the_evaluate_job(token_data, tmp_path):
     text = open(out / "report.md").read()
     assert "gFID" in text and "samples.png" in text and "linear_probe_accuracy" in text
     assert "3 epochs, batch 32, lr 10, source default, dropout on" in text  # the settings
+
+
+def test_the_bench_checks_an_images_runs_tokenizer_as_the_trainer_does(token_data):
+    """`tok1d bench --workload=train` of a generator that encodes images: an image size the
+    tokenizer does not take is named as training names it (it was the model's shape error),
+    and the step with its encode runs."""
+    from tok1d.cli import bench
+    _, tok_dir = token_data
+    config = images_config(tok_dir)
+    config.data.image_size = 64
+    with pytest.raises(config_lib.ConfigError, match="encodes 32 px images but "
+                       "data.image_size=64"):
+        bench.run(config, "train", steps=1, warmup=1, log=lambda _: None)
+    row = bench.run(images_config(tok_dir), "train", steps=1, warmup=1, log=lambda _: None)
+    assert row["images_per_s"] > 0

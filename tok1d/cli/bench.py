@@ -340,6 +340,12 @@ def bench_train(config, batch: int, abstract: bool = False, log=print) -> Worklo
                 config.generator.token_source = "dataset"
         elif gen_trainer.encodes_images(config):
             frozen_tokenizer = gen_trainer.load_frozen_tokenizer(config, mesh, rules)
+            # The trainer's checks of the pair (the image size, the codes the generator takes)
+            info = gen_trainer.tokenizer_info(frozen_tokenizer.module,
+                                              frozen_tokenizer.encode_params,
+                                              config.generator.prefix_tokens,
+                                              config.data.image_size, model.num_classes)
+            gen_trainer.check_tokens_match(model, info)
         abstract_state, shardings, init, step_fn = gen_trainer.build_training(
             config, model, mesh, rules, batch_sh, frozen_tokenizer)
         labels = rng.integers(0, model.num_classes, (batch,), dtype=np.int32)
