@@ -5,6 +5,7 @@ import importlib
 import logging
 import ast
 import glob
+import json
 import os
 import re
 import shlex
@@ -324,6 +325,13 @@ def test_sampling_with_a_tokenizer_config_or_workdir_is_one_line(tmp_path, capsy
     assert app.run(sample, args) == 2
     assert "5 is of a tokenizer run, not of a generator" in one_error_line(
         capsys.readouterr().err)
+    # Without --config the run's own config is used: the error names the checkpoint given,
+    # not "the config" (which the user never passed).
+    (tmp_path / "config.json").write_text(json.dumps(app.load_config_file(TINY).to_dict()))
+    assert app.run(sample, [f"--checkpoint={tmp_path}", "--tokenizer=T", "--out=O"]) == 2
+    assert one_error_line(capsys.readouterr().err) == (
+        f"error: --checkpoint={tmp_path} is of a tokenizer run (titok), not of a generator: "
+        "sample takes a generator's checkpoint (a tokenizer goes to --tokenizer).")
 
 
 def test_a_damaged_checkpoint_file_is_one_line(tmp_path, capsys):

@@ -166,6 +166,13 @@ def _config_for_checkpoint(checkpoint: str, prog: str) -> str:
             f"(see {prog} --help).")
 
 
+def run_config_used() -> bool:
+    """Whether the running command took its config from its --checkpoint's run (it was given
+    no --config): what a config error should then name is the checkpoint."""
+    args = _running[1:]
+    return _config_path(args) is None and bool(_flag_arg(args, "checkpoint"))
+
+
 def _config_path(args: Sequence[str]) -> Optional[str]:
     return _flag_arg(args, "config")
 

@@ -319,6 +319,12 @@ def sweep_reference(config, features: str, log=print):
 def execute(fv: flags.FlagValues, args: list[str]) -> None:
     del args
     errors.check_output_dir(fv.out, "--out")
+    trainer = fv.config.get("trainer") if fv.config is not None else None
+    if trainer not in (None, "generator") and app.run_config_used():
+        raise errors.UserError(
+            f"--checkpoint={fv.checkpoint} is of a {trainer} run ({fv.config.model.name}), not "
+            "of a generator: sample takes a generator's checkpoint (a tokenizer goes to "
+            "--tokenizer).")
     app.setup_process(fv)  # multi-host (flags or TOK1D_DISTRIBUTED=1); the compilation cache
     if fv.sweep:
         run_sweep(fv.config, fv.checkpoint, fv.tokenizer, fv.num_images, fv.out,
