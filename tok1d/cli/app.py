@@ -663,8 +663,8 @@ def check_same_command() -> None:
     same arguments (all but the process id): each process did its share of another job (one
     process's other --tokenizer or --seed silently wrote rows of another tokenizer or sampler
     into the output), or they stopped in mismatched collectives."""
-    if jax.process_count() <= 1:
-        return
+    if not jax.distributed.is_initialized() or jax.process_count() <= 1:
+        return  # (a single process: the backend is not started for this)
     args = _without_process_id(_running[1:])
     mine = json.dumps(args).encode()
     digests = np.asarray(multihost_utils.process_allgather(np.uint32(zlib.crc32(mine))))
