@@ -744,3 +744,18 @@ def test_a_refused_fresh_run_leaves_no_folders(tmp_path, capsys):
                            "--config.ema_decay=2.0"]) == 2
     assert "ema_decay=2.0 must be in [0, 1)" in capsys.readouterr().err
     assert os.listdir(tmp_path) == []
+
+
+def test_flags_are_found_and_replaced_in_every_form_absl_takes():
+    """One reader of flags in a command line serves the run config's substitution, the
+    checkpoint lookup and the processes' command comparison: `--name=V`, `--name V`,
+    `-name=V`, `-name V`; `--name.x=y` overrides and a trailing bare flag are not the flag."""
+    args = ["--config", "a.py", "--config.seed=3", "-process_id", "1", "--x=2", "--config"]
+    assert app._flag_arg(args, "config") == "a.py"
+    assert app._flag_arg(["-config=b.py"], "config") == "b.py"
+    assert app._flag_arg(["--config.seed=3"], "config") is None
+    assert app._replace_flag(args, "config", "c.py") == [
+        "--config=c.py", "--config.seed=3", "-process_id", "1", "--x=2", "--config"]
+    assert app._without_process_id(
+        args + ["--config.distributed.process_id=4", "--process_id=0"]) == [
+        "--config", "a.py", "--config.seed=3", "--x=2", "--config"]

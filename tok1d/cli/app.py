@@ -134,26 +134,23 @@ def _with_run_config(job: types.ModuleType, args: list[str]) -> list[str]:
         path = spec.split(":", 1)[0]
         if not (os.path.isdir(path) or (path.endswith(".json") and os.path.isfile(path))):
             return args
-        out, skip = [], False
-        for i, arg in enumerate(args):
-            if skip:
-                skip = False
-                continue
-            if arg.startswith(("--config=", "-config=")):
-                out.append(f"--config={RUN_CONFIG_FILE}:{os.path.abspath(path)}")
-            elif arg in ("--config", "-config") and i + 1 < len(args):
-                out.append(f"--config={RUN_CONFIG_FILE}:{os.path.abspath(path)}")
-                skip = True
-            else:
-                out.append(arg)
-        return out
-    checkpoint = _flag_arg(args, "checkpoint")
-    run = layout.run_dir(checkpoint) if checkpoint else ""  # (a checkpoint's folder: its run's)
-    if run and os.path.isfile(layout.config_path(run)):
+        return _replace_flag(args, "config", f"{RUN_CONFIG_FILE}:{os.path.abspath(path)}")
+    run = _checkpoint_run(args)
+    if run is not None:
         return [f"--config={RUN_CONFIG_FILE}:{run}"] + list(args)
     if "config" not in job.REQUIRED and any(a.startswith("--config.") for a in args):
         return [f"--config={RUN_CONFIG_FILE}"] + list(args)  # overrides of the defaults
     return args
+
+
+def _checkpoint_run(args: Sequence[str]) -> Optional[str]:
+    """The training run whose saved config a command given --checkpoint and no --config
+    uses (a checkpoint's folder gives its run's); None when there is none."""
+    checkpoint = _flag_arg(args, "checkpoint")
+    if _config_path(args) is not None or not checkpoint:
+        return None
+    run = layout.run_dir(checkpoint)
+    return run if os.path.isfile(layout.config_path(run)) else None
 
 
 def _config_for_checkpoint(checkpoint: str, prog: str) -> str:
@@ -169,23 +166,45 @@ def _config_for_checkpoint(checkpoint: str, prog: str) -> str:
 def run_config_used() -> bool:
     """Whether the running command took its config from its --checkpoint's run (it was given
     no --config): what a config error should then name is the checkpoint."""
-    args = _running[1:]
-    return _config_path(args) is None and bool(_flag_arg(args, "checkpoint"))
+    return _checkpoint_run(_running[1:]) is not None
 
 
 def _config_path(args: Sequence[str]) -> Optional[str]:
     return _flag_arg(args, "config")
 
 
+def _flag_spans(args: Sequence[str], names: Sequence[str]) -> list[tuple[int, int]]:
+    """Where flags `names` are in `args`, in any form absl takes (--name=V, --name V, -name=V,
+    -name V): (first, end) index ranges, the value included."""
+    spans, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith(tuple(f"{d}{n}=" for n in names for d in ("--", "-"))):
+            spans.append((i, i + 1))
+        elif arg in tuple(f"{d}{n}" for n in names for d in ("--", "-")) and i + 1 < len(args):
+            spans.append((i, i + 2))
+            i += 1
+        i += 1
+    return spans
+
+
 def _flag_arg(args: Sequence[str], name: str) -> Optional[str]:
-    """The value of flag `name` in `args`, in any form absl takes (--name=V, --name V, -name=V,
-    -name V); None when absent."""
-    for i, arg in enumerate(args):
-        if arg.startswith((f"--{name}=", f"-{name}=")):
-            return arg.split("=", 1)[1]
-        if arg in (f"--{name}", f"-{name}") and i + 1 < len(args):
-            return args[i + 1]
-    return None
+    """The value of flag `name` in `args` (its first); None when absent."""
+    spans = _flag_spans(args, [name])
+    if not spans:
+        return None
+    first, end = spans[0]
+    return args[first + 1] if end - first == 2 else args[first].split("=", 1)[1]
+
+
+def _replace_flag(args: Sequence[str], name: str, value: Optional[str]) -> list[str]:
+    """`args` with each flag `name` (and its value) replaced by `--name=value`, or removed
+    where `value` is None."""
+    out, last = [], 0
+    for first, end in _flag_spans(args, [name]):
+        out += args[last:first] + ([] if value is None else [f"--{name}={value}"])
+        last = end
+    return out + list(args[last:])
 
 
 def _existing_config_file(spec: str) -> str:
@@ -643,19 +662,13 @@ def setup_process(fv: flags.FlagValues) -> None:
     check_same_command()
 
 
-_PROCESS_ID_FLAGS = ("--process_id", "--config.distributed.process_id")
+_PROCESS_ID_FLAGS = ("process_id", "config.distributed.process_id")
 
 
 def _without_process_id(args: Sequence[str]) -> list[str]:
-    out, skip = [], False
-    for arg in args:
-        if skip:
-            skip = False
-        elif arg in _PROCESS_ID_FLAGS:
-            skip = True  # (its value follows)
-        elif not arg.startswith(tuple(f + "=" for f in _PROCESS_ID_FLAGS)):
-            out.append(arg)
-    return out
+    for name in _PROCESS_ID_FLAGS:
+        args = _replace_flag(args, name, None)
+    return list(args)
 
 
 def check_same_command() -> None:
@@ -677,7 +690,7 @@ def check_same_command() -> None:
     theirs = json.loads(first[:int(lengths[0])].tobytes())
     others = [i for i in range(len(digests)) if digests[i] != digests[0]]
     rule = ("every process of a run takes the same command, all but its process id (" +
-            ", ".join(_PROCESS_ID_FLAGS) + ")")
+            ", ".join("--" + f for f in _PROCESS_ID_FLAGS) + ")")
     if jax.process_index() not in others:
         raise errors.UserError(f"process(es) {', '.join(map(str, others))} were given other "
                                f"arguments than process 0 (each says which): {rule}.")

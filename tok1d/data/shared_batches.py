@@ -144,15 +144,19 @@ def _slot_bytes(rows: int, image_shape: Sequence[int]) -> int:
     return rows * math.prod(image_shape)
 
 
+def _ring_bytes(slots: int, rows: int, image_shape: Sequence[int]) -> int:
+    """The size of one worker's ring: the slots' states, then `slots` batches."""
+    return HEADER_BYTES + slots * _slot_bytes(rows, image_shape)
+
+
 class _Rings:
     """The training process's side: one ring of `slots` batches of `rows` uint8 images of
     `image_shape` per worker; `take` copies a batch's images out of its slot and frees it."""
 
     def __init__(self, workers: int, slots: int, rows: int, image_shape: Sequence[int]):
         self.slots, self.slot_bytes = slots, _slot_bytes(rows, image_shape)
-        self.shms = [shared_memory.SharedMemory(create=True,
-                                                size=HEADER_BYTES + slots * self.slot_bytes)
-                     for _ in range(workers)]
+        size = _ring_bytes(slots, rows, image_shape)
+        self.shms = [shared_memory.SharedMemory(create=True, size=size) for _ in range(workers)]
         self.states = [np.ndarray((slots,), np.uint8, buffer=s.buf) for s in self.shms]
         for states in self.states:
             states[:] = 0
@@ -206,8 +210,7 @@ class SharedBatches:
 
     def __iter__(self):
         slots = 2 * PREFETCH_PER_THREAD * self._threads + EXTRA_SLOTS
-        needed = self._workers * (HEADER_BYTES
-                                  + slots * _slot_bytes(self._rows, self._image_shape))
+        needed = self._workers * _ring_bytes(slots, self._rows, self._image_shape)
         free = shm_free_bytes()
         if free is not None:  # (other live rings' untouched pages are spoken for)
             free -= _reserved[0]
