@@ -7,6 +7,8 @@ import io
 import itertools
 import json
 import os
+import re
+import sys
 import time
 
 import jax
@@ -365,6 +367,25 @@ def test_input_benchmark_without_the_official_loaders(capsys):
     table = capsys.readouterr().out
     assert "| tok1d | adm_random_crop | 32 | 2 | 0 |" in table and "official" not in table.split(
         "\n", 2)[2]
+
+
+def test_input_benchmark_without_torchvision_stops_before_preparing(monkeypatch, capsys):
+    """No torchvision (the `bench` extra not installed): one line at once, naming the extra
+    and --noofficial; it came after minutes of writing and preparing the images."""
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # (import raises ImportError)
+    monkeypatch.setattr(input_bench, "write_image_folder", _never_called)
+    status = bench.main(["--workload=input", f"--config={REPO}/configs/gigatok_b_l.py",
+                         "--config.data.image_size=32", "--images=4", "--batch_size=2",
+                         "--steps=1", "--repeats=1"])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and len(err.splitlines()) == 1, err
+    assert re.fullmatch(r"error: the official loader needs torch(vision)? \(pip install "
+                        r"'tok1d\[bench\]'\); --noofficial times tok1d's pipeline alone\.",
+                        err), err
+
+
+def _never_called(*args, **kwargs):
+    raise AssertionError("the images were written before the dependency was checked")
 
 
 def _prefetching_batches(cost_s: float, buffer: int, warmup_s: float):

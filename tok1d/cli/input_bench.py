@@ -198,6 +198,13 @@ def run(config, *, images: int = 256, batch_size: int = 32, steps: int = 10,
     problems = config_lib.data_problems(data)
     if problems:
         raise config_lib.ConfigError("Invalid config:\n  - " + "\n  - ".join(problems))
+    if official:  # (before minutes of writing and preparing images)
+        try:
+            loaders.import_torchvision()
+        except ModuleNotFoundError as e:
+            raise errors.UserError(f"the official loader needs {e.name} (pip install "
+                                   "'tok1d[bench]'); --noofficial times tok1d's pipeline "
+                                   "alone.") from None
     resize_on = data.resize_on
     augments = [data.augment] + ([CENTER] if data.augment != CENTER else [])
     num_workers = pipeline.resolve_num_workers(workers)

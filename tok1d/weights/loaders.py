@@ -683,7 +683,7 @@ def resolve(source: str, kind: Optional[str] = None, cache_dir: Optional[str] = 
     check_options(kind, dict(options, vgg=vgg))  # before anything is downloaded
     root = download.cache_root(cache_dir)
     final = os.path.join(root, dirname)
-    if _complete(final):
+    if _complete_everywhere(final):
         return final
     # An existing `final` (left without weights by an older tok1d on a pod, or an older
     # converter's output) stays until the new conversion is complete, then is replaced.
@@ -722,6 +722,17 @@ def resolve(source: str, kind: Optional[str] = None, cache_dir: Optional[str] = 
         return _all_agree(final, source)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _complete_everywhere(final: str) -> bool:
+    """Whether every process finds a usable conversion at `final`. Where one does and another
+    does not (a cache on each host's disk, one filled earlier), they all convert: the one
+    that used its cache restored it while the other saved a conversion, and both crashed in
+    the mismatched collectives."""
+    complete = _complete(final)
+    if jax.process_count() > 1:
+        return bool(np.all(multihost_utils.process_allgather(np.asarray(complete, np.int32))))
+    return complete
 
 
 def _all_agree(path: Optional[str], source: str,
