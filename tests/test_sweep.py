@@ -59,8 +59,10 @@ def test_sweep_table_has_one_row_per_setting_and_names_the_best(tmp_path):
 def test_sweep_without_a_feature_network_is_one_clear_error(tmp_path):
     from tok1d.train import config_lib
     cfg = config_lib.base_config("generator")
+    said = []
     with pytest.raises(ValueError, match="needs a feature network"):
-        sample_lib.sweep_reference(cfg, "inception", log=lambda m: None)
+        sample_lib.sweep_reference(cfg, "inception", log=said.append)
+    assert said == []  # (the metric nets' note on the missing Inception came before the error)
     with pytest.raises(ValueError, match="data.name='digits'"):
         sample_lib.sweep_reference(cfg, "digits", log=lambda m: None)
 

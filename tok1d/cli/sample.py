@@ -304,10 +304,13 @@ def sweep_reference(config, features: str, log=print):
         ref = digit_features.digit_reference(config, config.get("demo", {}).get("feature_net"))
         return ref.nets, ref.reference, ref.real
     mesh, _, sharding = parallel.mesh_from_config(config)
-    nets = evaluator.load_metric_nets(config.evaluation, "", log, lpips=False)
+    notes: list[str] = []  # (said once the sweep can go on: the error comes alone)
+    nets = evaluator.load_metric_nets(config.evaluation, "", notes.append, lpips=False)
     if nets.inception is None:
         raise ValueError("The sweep needs a feature network: --config.evaluation.inception=DIR "
                          "(tok1d convert inception_fid ...) or --sweep_features=digits.")
+    for note in notes:
+        log(note)
     with jax.set_mesh(mesh):
         reference = evaluator.load_reference(config.evaluation, config.data, nets, mesh,
                                              sharding, config.eval_batch_size, log)
