@@ -352,7 +352,11 @@ def test_evaluate_job_tokenizer_and_samples(tmp_path):
                              "images already"),
                             ({"checkpoint": ckpt, "tokenizer": ckpt},
                              "--tokenizer decodes a generator's samples .* a tokenizer "
-                             "evaluation decodes with --checkpoint itself")):
+                             "evaluation decodes with --checkpoint itself"),
+                            ({"samples": str(samples), "seed": 1},
+                             "--seed is a generator's sampling seed; --samples are images"),
+                            ({"checkpoint": ckpt, "seed": 0},
+                             "--seed .* a tokenizer evaluation draws nothing")):
         with pytest.raises(errors.UserError, match=message):
             evaluate.run(config, out=str(tmp_path / "unused"), **kwargs)
     assert not (tmp_path / "unused").exists()
@@ -382,6 +386,8 @@ def test_evaluate_job_tokenizer_and_samples(tmp_path):
                              "not a writable folder"),
                             ({"reference_out": str(tmp_path / "r.npz"), "checkpoint": ckpt},
                              "a job of its own"),
+                            ({"reference_out": str(tmp_path / "r.npz"), "seed": 3},
+                             "a job of its own: .* or --seed"),
                             ({"samples": str(samples)}, "--out is required")):
         with pytest.raises(errors.UserError, match=message):
             evaluate.run(config, **kwargs)

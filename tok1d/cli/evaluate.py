@@ -563,12 +563,15 @@ def _finish_samples(config, metrics, kept, labels, num_classes: int, out: str, i
 
 
 def run(config, checkpoint: str = "", tokenizer: str = "", samples: str = "", out: str = "",
-        seed: int = 0, log=print, prefixes: str = "", reference_out: str = "") -> Any:
+        seed: Optional[int] = None, log=print, prefixes: str = "",
+        reference_out: str = "") -> Any:
+    """`tok1d evaluate` (module docstring); `seed`: the generator's sampling seed (None: not
+    given, 0), refused by the other evaluations, which draw nothing."""
     if reference_out:
-        if checkpoint or samples or out or prefixes or tokenizer:
+        if checkpoint or samples or out or prefixes or tokenizer or seed is not None:
             raise errors.UserError("--save_reference is a job of its own: give it without "
-                                   "--checkpoint, --samples, --out, --prefixes or "
-                                   "--tokenizer.")
+                                   "--checkpoint, --samples, --out, --prefixes, --tokenizer "
+                                   "or --seed.")
         return save_reference(config, reference_out, log)
     if not out:
         raise errors.UserError("--out is required (see tok1d evaluate --help).")
@@ -588,6 +591,10 @@ def run(config, checkpoint: str = "", tokenizer: str = "", samples: str = "", ou
                                "config of trainer 'generator'); "
                                + ("--samples are images already." if samples else
                                   "a tokenizer evaluation decodes with --checkpoint itself."))
+    if seed is not None and kind != "generator":
+        raise errors.UserError("--seed is a generator's sampling seed; "
+                               + ("--samples are images already." if samples else
+                                  f"a {kind} evaluation draws nothing."))
     ks = ()
     if kind == "tokenizer" and prefixes:
         model = tok_trainer.build_model(config)
@@ -598,7 +605,7 @@ def run(config, checkpoint: str = "", tokenizer: str = "", samples: str = "", ou
     if samples:
         return evaluate_samples(config, samples, out, log)
     if kind == "generator":
-        return evaluate_generator(config, checkpoint, tokenizer, out, seed, log)
+        return evaluate_generator(config, checkpoint, tokenizer, out, seed or 0, log)
     if kind == "tokenizer":
         return evaluate_tokenizer(config, checkpoint, out, log, ks)
     raise ValueError(f"Cannot evaluate a config with trainer {config.trainer!r}: use a tokenizer "
@@ -614,7 +621,8 @@ def execute(fv: flags.FlagValues, args: list[str]) -> None:
         for key in ("inception", "reference"):
             if fv[key].value:
                 config.evaluation[key] = fv[key].value
-    run(config, fv.checkpoint, fv.tokenizer, fv.samples, fv.out or "", fv.seed,
+    run(config, fv.checkpoint, fv.tokenizer, fv.samples, fv.out or "",
+        fv.seed if fv["seed"].present else None,
         log=loop.log_fn(), prefixes=fv.prefixes, reference_out=fv.save_reference)  # (process 0)
 
 
