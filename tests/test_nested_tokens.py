@@ -279,3 +279,19 @@ def test_tokenize_prefix_needs_a_1d_tokenizer():
     titok, tv, _ = build("titok", quantizer="residual_vq", quantizer_options={"depth": 2})
     with pytest.raises(ValueError, match="prefix_tokens=3: not a whole number of tokens"):
         tokenize.make_encoder(titok, tv["params"], flip=False, batch_size=8, prefix_tokens=3)
+
+
+def test_prefixes_of_an_unordered_tokenizer_are_warned_of(tmp_path):
+    """`tokenize --prefix_tokens` on a tokenizer trained without nested dropout says its
+    prefixes may be poor images, as training and sampling a generator on them do; one
+    trained with it does not."""
+    for schedule in ("none", "uniform"):
+        model, variables, _ = build("titok", schedule)
+        said = []
+        tokenize.tokenize_dataset(model, variables["params"], sources.DigitsSource("train"),
+                                  str(tmp_path / schedule), batch_size=8, num_examples=8,
+                                  prefix_tokens=2, log=said.append)
+        warnings = [line for line in said if line.startswith("Warning:")]
+        assert warnings == ([] if schedule == "uniform" else [
+            "Warning: --prefix_tokens=2 keeps the first of 8 tokens, and the tokenizer was "
+            "not trained with nested dropout: its decoded prefixes may be poor images."]), said

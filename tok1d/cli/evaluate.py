@@ -231,6 +231,9 @@ def evaluate_prefixes(config, model, params, frozen, teacher, nets, ds, num_batc
     (quality_vs_k.png, needs matplotlib) and a grid (inputs, then one row per k)."""
     mesh, rules, batch_sh, is_chief = setup
     nested.require_prefix_support(model, "--prefixes")
+    warning = nested.unordered_warning(model, "--prefixes decodes the first k tokens")
+    if warning:
+        log("Warning: " + warning)
     ecfg, batch = config.evaluation, config.eval_batch_size
     rows, grid_rows = {}, []
     t_model = teacher[0] if teacher is not None else None

@@ -455,6 +455,10 @@ def tokenize_dataset(model, params, source, out_dir: str, *, split: str = "train
     encode, global_batch, host_rows = make_encoder(model, params, flip=flip,
                                                    batch_size=batch_size,
                                                    prefix_tokens=prefix_tokens)
+    warning = prefix_tokens and nested.unordered_warning(
+        model, f"--prefix_tokens={prefix_tokens} keeps the first of {model.num_tokens} tokens")
+    if warning:
+        say("Warning: " + warning)
     views = len(variant_names(crop, False))
     probe = np.zeros((host_rows[1] - host_rows[0], views, image_size, image_size, 3),
                      np.float32)

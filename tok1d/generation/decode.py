@@ -16,6 +16,7 @@ import numpy as np
 
 from tok1d import errors, images, parallel
 from tok1d.generation import common
+from tok1d.models.tokenizers import nested
 
 # sampling_precision: the compute dtype of the sampler and of the tokenizer's decode. "" keeps
 # each model's own (the generator's is its run's `precision`); "float32" is the official gFID
@@ -59,11 +60,10 @@ def check_pair(model: nn.Module, tokenizer: nn.Module, log=None) -> None:
     if problems:
         raise errors.UserError("The generator and the tokenizer do not match: "
                                + "; ".join(problems) + ".")
-    if (tokenizer.input_size is not None and n < m
-            and getattr(tokenizer, "nested_dropout", "none") == "none"):
-        warning = (f"The generator samples {n} of the tokenizer's {m} tokens per image, and "
-                   "the tokenizer was not trained with nested dropout: its decoded prefixes may "
-                   "be poor images.")
+    warning = (nested.unordered_warning(tokenizer, f"The generator samples {n} of the "
+                                        f"tokenizer's {m} tokens per image")
+               if tokenizer.input_size is not None and n < m else None)
+    if warning:
         if log is None:
             logging.getLogger(__name__).warning(warning)
         else:

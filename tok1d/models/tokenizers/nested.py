@@ -142,6 +142,15 @@ def require_prefix_support(model: nn.Module, flag: str) -> None:
                                f"{type(model).__name__} decodes all its tokens.")
 
 
+def unordered_warning(model: nn.Module, what: str) -> Optional[str]:
+    """The warning for `what` (a use of prefixes of `model`'s tokens) where `model` was not
+    trained with nested dropout (its tokens are not ordered); None where it was."""
+    if getattr(model, "nested_dropout", "none") != "none":
+        return None
+    return (f"{what}, and the tokenizer was not trained with nested dropout: its decoded "
+            "prefixes may be poor images.")
+
+
 def check_code_prefix(model: nn.Module, k: int, flag: str) -> None:
     """Checks that the first `k` codes of `model`'s sequences (0: all of them) can stand for
     its tokens, e.g. as a generator's training sequences (`flag` names the option): a UserError
