@@ -133,6 +133,12 @@ def prefix_tokens(tmp_path_factory):
 
 def test_tokenize_stores_the_first_k_tokens(prefix_tokens):
     model, params, out, _ = prefix_tokens
+    with pytest.raises(tokenize.OtherTokenizerError, match=(
+            "holds 3 tokens per example of this tokenizer, this run keeps 2 \\(another "
+            "--prefix_tokens\\); use another --out.")):
+        tokenize.tokenize_dataset(model, params, sources.DigitsSource("test"), out, split="test",
+                                  batch_size=32, num_examples=8, prefix_tokens=2,
+                                  log=lambda _: None)
     src = tokens.TokenSource(out, "validation")
     assert src.num_tokens == 3 and src.info["num_tokens"] == 3
     digits = sources.DigitsSource("validation")

@@ -335,6 +335,11 @@ def _check_plan(out_dir: str, split: str, plan: dict[str, Any]) -> None:
                          "remove them.")
     if info is not None:
         diff = _differences(info, plan, _GLOBAL_KEYS)
+        if diff and _differences(info, plan, set(_GLOBAL_KEYS) - {"num_tokens"}) == []:
+            raise OtherTokenizerError(
+                f"{out_dir} holds {info['num_tokens']} tokens per example of this tokenizer, "
+                f"this run keeps {plan['num_tokens']} (another --prefix_tokens); use another "
+                "--out.")
         if diff:
             raise OtherTokenizerError(f"{out_dir} holds tokens of another tokenizer "
                                       f"({'; '.join(diff)}); use another --out.")
