@@ -94,13 +94,17 @@ def test_an_interrupted_conversion_is_completed_by_the_same_command(torch_checkp
 
 
 def test_safetensors_and_bin_give_identical_params(torch_checkpoint, tmp_path):
-    folder, _ = torch_checkpoint
+    folder, sd = torch_checkpoint
     if not (folder / "model.safetensors").exists():
         pytest.skip("safetensors not installed")
     from tok1d.weights.convert import titok
     _, from_bin = titok.convert_file(str(folder / "tokenizer.bin"))
     _, from_st = titok.convert_file(str(folder / "model.safetensors"))
     jax.tree.map(np.testing.assert_array_equal, from_bin, from_st)
+    # Saved from a DDP / torch.compile wrapper (every key prefixed): the same weights.
+    torch.save({f"module._orig_mod.{k}": v for k, v in sd.items()}, tmp_path / "ddp.bin")
+    _, from_ddp = titok.convert_file(str(tmp_path / "ddp.bin"))
+    jax.tree.map(np.testing.assert_array_equal, from_bin, from_ddp)
 
 
 def test_bad_checkpoint_fails_with_the_list_and_writes_nothing(torch_checkpoint, tmp_path,
@@ -146,8 +150,9 @@ def test_maskgit_vqgan_cli(fixtures_dir, tmp_path):
 
 
 def test_gigatok_checkpoint_prefers_ema_and_reproduces_codes(fixtures_dir, tmp_path):
-    """A GigaTok trainer checkpoint ({"model", "ema", ...}) written by torch converts with the
-    EMA weights (as the official loaders do) and encodes the fixture images to its codes."""
+    """A GigaTok trainer checkpoint ({"model", "ema", "optimizer", "steps", "args"}) written by
+    torch converts with the EMA weights (as the official loaders do) and encodes the fixture
+    images to its codes (its pickled arguments were refused)."""
     import json
     path = os.path.join(fixtures_dir, "gigatok_1d.npz")
     if not os.path.exists(path):
@@ -155,7 +160,10 @@ def test_gigatok_checkpoint_prefers_ema_and_reproduces_codes(fixtures_dir, tmp_p
     sd = common.load_state_dict(path, prefix="sd/")
     ema = {k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()}
     noise = {k: torch.randn(v.shape) if v.dtype.is_floating_point else v for k, v in ema.items()}
-    torch.save({"model": noise, "ema": ema, "steps": 7}, tmp_path / "ckpt.pt")
+    # As GigaTok's vq_train.py saves it, its arguments (an argparse Namespace) included.
+    torch.save({"model": noise, "ema": ema, "optimizer": {"state": {}}, "steps": 7,
+                "args": argparse.Namespace(vq_model="VQ-16", image_size=256)},
+               tmp_path / "ckpt.pt")
     with np.load(path) as z:
         meta = json.loads(str(z["meta_json"]))
         images = np.asarray(z["input/images"], np.float32).transpose(0, 2, 3, 1)
@@ -173,13 +181,35 @@ def test_gigatok_checkpoint_prefers_ema_and_reproduces_codes(fixtures_dir, tmp_p
 
 
 def test_a_file_that_pickles_more_than_tensors_is_named(tmp_path):
-    """torch's weights-only load refuses a pickled object (e.g. a training run's argparse
-    Namespace); the error names the object and what to do, not torch's boilerplate."""
-    torch.save({"args": argparse.Namespace(lr=1.0), "model": {"w": torch.zeros(2)}},
+    """torch's weights-only load refuses a pickled object (other than a training run's
+    argparse Namespace, which the official trainers save); the error names the object and
+    what to do, not torch's boilerplate."""
+    import datetime
+    torch.save({"day": datetime.date(2024, 1, 1), "model": {"w": torch.zeros(2)}},
                tmp_path / "run.pt")
-    with pytest.raises(common.ConversionError, match="run.pt pickles argparse.Namespace beside "
+    with pytest.raises(common.ConversionError, match="run.pt pickles datetime.date beside "
                        "its tensors"):
         common.load_state_dict(str(tmp_path / "run.pt"))
+
+
+@pytest.mark.parametrize("kind", ["titok", "gpt", "gigatok"])
+def test_a_page_or_a_cut_file_in_place_of_a_checkpoint_is_one_line(tmp_path, capsys, kind):
+    """Google Drive serves an HTML page for a large file (every GPT and GigaTok file is a
+    manual Drive download): each kind names it in one line (the GPT converter printed
+    torch's 13-frame UnpicklingError); so does a file cut short."""
+    (tmp_path / "page.pt").write_text("<!DOCTYPE html><html><head><title>Google Drive - "
+                                      "Virus scan warning</title></head></html>")
+    torch.save({"w": torch.zeros(1000)}, tmp_path / "whole.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "whole.pt").read_bytes()[:600])
+    options = ["--preset=s_s"] if kind == "gigatok" else []
+    for name, why in (("page.pt", "an HTML or XML page, not a checkpoint"),
+                      ("cut.pt", "")):
+        assert convert_cli.main([kind, "--checkpoint", str(tmp_path / name),
+                                 "--out", str(tmp_path / "never"), *options]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        assert f"{tmp_path / name} is not a readable checkpoint ({why}" in err, err
+    assert not (tmp_path / "never").exists()
 
 
 @pytest.mark.parametrize("kind,flag,named", [
@@ -204,3 +234,16 @@ def test_an_option_the_kind_does_not_take_is_refused(torch_checkpoint, tmp_path,
     assert not out.exists()
     with pytest.raises(Exception, match="does not apply"):
         loaders.load(str(folder / "tokenizer.bin"), kind="titok", pos_grid=16)
+
+
+def test_gpt_ema_weights_need_a_training_checkpoint(torch_checkpoint, tmp_path, capsys):
+    """--weights=ema picks the "ema" entry of a training checkpoint: a .safetensors holds one
+    state_dict, and the flag was silently ignored (the model weights written)."""
+    folder, _ = torch_checkpoint
+    if not (folder / "model.safetensors").exists():
+        pytest.skip("safetensors is not installed")
+    assert convert_cli.main(["gpt", "--checkpoint", str(folder / "model.safetensors"),
+                             "--out", str(tmp_path / "never"), "--weights=ema"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds one state_dict: weights='ema'" in err, err
+    assert not (tmp_path / "never").exists()

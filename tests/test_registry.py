@@ -340,7 +340,8 @@ def test_offline_hub_miss_names_the_url(cache, offline_hub, capsys):
 def test_a_file_that_is_not_what_its_name_says(tiny_bin, cache, offline_hub, monkeypatch,
                                                capsys):
     """The tiny RAR fetched as the released rar_b (the converter's size check), and as a name
-    promising other model arguments (`expect`): refused, nothing cached."""
+    promising other model arguments (`expect`): refused, nothing cached; converted with a
+    wrong kind, the kind is named and the file kept."""
     _hub_cache(offline_hub, "yucornetto/RAR", "rar_b.bin", tiny_bin[1])
     assert convert_cli.main(["--from", "rar_b"]) != 0
     err = capsys.readouterr().err.strip()
@@ -364,6 +365,17 @@ def test_a_file_that_is_not_what_its_name_says(tiny_bin, cache, offline_hub, mon
     assert f"remove {path} (or put the official file there)" in str(e.value)
     assert not (cache / "dinov2_vitb14").exists() and not _leftovers(cache)
     assert os.path.isfile(path)  # what the user put there stays: the error names it
+    # A file of a URL converted with the wrong kind: the kind may be what is wrong (the
+    # file was blamed, "remove it and run again", which only downloaded it again).
+    url = "https://dl.example.invalid/x/rar_tiny.bin"
+    manual = download.manual_path(registry.file_of(url))
+    os.makedirs(os.path.dirname(manual))
+    shutil.copy(tiny_bin[0], manual)
+    with pytest.raises(common.ConversionError) as e:
+        loaders.resolve(url, kind="titok")
+    assert str(e.value).endswith("(check the converter (kind='titok'): the file is kept).")
+    assert "remove" not in str(e.value) and os.path.isfile(manual) and not _leftovers(cache)
+    assert loaders.load(url, kind="rar")[0] is not None  # the right kind converts it
 
 
 def test_unknown_names_and_sources():

@@ -665,6 +665,8 @@ def resolve(source: str, kind: Optional[str] = None, cache_dir: Optional[str] = 
                                    f"{' | '.join(CONVERT_KINDS)}).")
         dirname = f"{kind}-{_key(source, kind, dict(options, vgg=vgg) if vgg else options)}"
         expect, sources = {}, {"checkpoint": registry.file_of(source)}
+        chosen = f"the converter (kind={kind!r})" + (f" and its options {options}" if options
+                                                      else "")
     elif registry.looks_like_a_name(source):
         entry = registry.get(source)
         if entry.kind is None:
@@ -676,6 +678,7 @@ def resolve(source: str, kind: Optional[str] = None, cache_dir: Optional[str] = 
         if vgg:
             changed["vgg"] = vgg
         dirname = entry.name + (f"-{_key(changed)}" if changed else "")
+        chosen = f"the options {changed}" if changed else ""
         kind, expect, sources = entry.kind, entry.expect, dict(entry.files)
         options = dict(entry.options, **options)
     else:
@@ -703,7 +706,7 @@ def resolve(source: str, kind: Optional[str] = None, cache_dir: Optional[str] = 
                              expect=expect, source=source, **options)
         except convert_common.ConversionError as e:
             raise _rejected(e, downloaded, [files[role] for role, f in sources.items()
-                                            if not f.sha256], root) from None
+                                            if not f.sha256], root, chosen) from None
         with open(os.path.join(tmp, CONVERSION_FILE), "w", encoding="utf-8") as f:
             json.dump({"version": CONVERSION_VERSION, "kind": kind, "source": source}, f)
         if not layout.lacks_weights(tmp):
@@ -753,12 +756,17 @@ def _all_agree(path: Optional[str], source: str,
 
 
 def _rejected(error: convert_common.ConversionError, downloaded: list[str],
-              unchecked: list[str], root: str) -> convert_common.ConversionError:
+              unchecked: list[str], root: str, chosen: str = ""
+              ) -> convert_common.ConversionError:
     """`error` (the converter rejected the files) saying what becomes of them: those
     `downloaded` now without a published digest (`unchecked`) are removed (the next run
     downloads them again; a file that matched its digest is the official one, and kept); a
     file without a digest found in the cache (fetched earlier, or put there by hand) is named,
-    to be removed or replaced by the official file."""
+    to be removed or replaced by the official file. Where the user `chosen` the converter or
+    its options and the file was readable, those may be what is wrong, not the file: it is
+    kept, and they are named."""
+    if chosen and not isinstance(error, convert_common.UnreadableCheckpoint):
+        return type(error)(f"{str(error).rstrip('.')} (check {chosen}: the file is kept).")
     unchecked = [os.path.abspath(p) for p in unchecked]
     downloaded = [p for p in downloaded if os.path.abspath(p) in unchecked]
     download.forget(downloaded)

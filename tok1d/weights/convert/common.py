@@ -14,6 +14,7 @@ Layout rules (PyTorch -> Flax, NHWC):
 
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import re
@@ -31,6 +32,11 @@ Array = np.ndarray
 
 class ConversionError(ValueError):
     """A checkpoint does not match the model it is converted for."""
+
+
+class UnreadableCheckpoint(ConversionError):
+    """The file is no checkpoint a reader takes (damaged, cut short, a web page, a pickle of
+    other objects): the file is at fault, whatever it was to be converted into."""
 
 
 # --------------------------------------------------------------------------- reading files
@@ -68,12 +74,12 @@ def _read(load: Callable[[str], Any], path: str) -> Any:
     except Exception as e:  # noqa: BLE001
         pickled = re.search(r"GLOBAL (\S+)", str(e))  # torch's weights-only load refusing it
         if pickled:
-            raise ConversionError(
+            raise UnreadableCheckpoint(
                 f"{path} pickles {pickled.group(1)} beside its tensors, which a weights-only "
                 "load refuses: save its state_dict alone (or as .safetensors) and convert "
                 "that.") from e
-        raise ConversionError(f"{path} is not a readable checkpoint ({_why_unreadable(e, path)})"
-                              ) from e
+        raise UnreadableCheckpoint(f"{path} is not a readable checkpoint "
+                                   f"({_why_unreadable(e, path)})") from e
 
 
 def _why_unreadable(error: Exception, path: str) -> str:
@@ -94,6 +100,42 @@ def _why_unreadable(error: Exception, path: str) -> str:
     if "weights_only" in text:
         return f"{type(error).__name__}: torch's weights-only load refused it"
     return errors.brief(error, 500)
+
+
+TORCH_EXTENSIONS = (".bin", ".pt", ".pth", ".ckpt")
+# Key prefixes that wrappers add to every key of a saved model (torch.compile, DDP).
+WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+
+
+def strip_prefixes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """`state_dict` with the leading WRAPPER_PREFIXES removed from every key."""
+    out = {}
+    for key, value in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in WRAPPER_PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix):], True
+        out[key] = value
+    return out
+
+
+def read_torch(path: str) -> Any:
+    """What a torch pickle holds, read weights-only (a training checkpoint's argparse
+    Namespace of its arguments is allowed: GigaTok's and LlamaGen's trainers pickle one under
+    "args"); a damaged or foreign file is a ConversionError (`_read`)."""
+    try:
+        import torch  # Local import: optional dependency.
+    except ImportError as e:
+        raise ImportError(f"Reading {os.path.splitext(path)[1]} checkpoints needs PyTorch: "
+                          "`pip install 'tok1d[convert]'` (or convert the file to "
+                          ".safetensors elsewhere).") from e
+
+    def load(p: str) -> Any:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(p, map_location="cpu", weights_only=True)
+    return _read(load, path)
 
 
 def _npz(path: str, prefix: str) -> dict[str, Array]:
@@ -122,15 +164,8 @@ def load_state_dict(path: str, prefix: str = "") -> dict[str, Array]:
         sd = _read(load_file, path)
     elif ext == ".npz":
         sd = _read(lambda p: _npz(p, prefix), path)
-    elif ext in (".bin", ".pt", ".pth", ".ckpt"):
-        try:
-            import torch
-        except ImportError as e:
-            raise ImportError(f"Reading {ext} checkpoints needs PyTorch: "
-                              "`pip install 'tok1d[convert]'` (or convert the file to "
-                              ".safetensors elsewhere).") from e
-        obj = _read(lambda p: torch.load(p, map_location="cpu", weights_only=True), path)
-        sd = _unwrap(obj, path)
+    elif ext in TORCH_EXTENSIONS:
+        sd = _unwrap(read_torch(path), path)
     else:
         raise ConversionError(f"{path}: unknown checkpoint format {ext!r}; expected "
                               ".safetensors, .npz, .bin, .pt, .pth or .ckpt.")
@@ -141,7 +176,7 @@ def load_state_dict(path: str, prefix: str = "") -> dict[str, Array]:
         value = _to_numpy(value)
         if hasattr(value, "shape"):
             out[key[len(prefix):]] = np.asarray(value)
-    return out
+    return strip_prefixes(out)
 
 
 # --------------------------------------------------------------------------- layout helpers

@@ -7,9 +7,12 @@ block type) into a `ParamTree`; the CNN halves are in `convert.gigatok_cnn`.
 
 from __future__ import annotations
 
+import re
+from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from tok1d.models.tokenizers.gigatok import LAYER_TYPES_2D, VIT_SIZES
 from tok1d.weights.convert import common, gigatok_cnn
@@ -181,9 +184,39 @@ def kwargs_from_official(init_args: dict, size_tables: dict | None = None,
     return kw
 
 
+# The transformer halves' key prefixes in the official state_dicts, by layout.
+HALVES = {"1d": ("s2to1encoder", "s1to2decoder"), "2d": ("s2dencoder", "s2ddecoder")}
+
+
+def file_sizes(state_dict: Mapping[str, Any]) -> Optional[dict[str, Any]]:
+    """The layout and the transformer halves' widths and depths of an official GigaTok
+    state_dict, from its keys and shapes; None where it has no GigaTok halves."""
+    for layout, halves in HALVES.items():
+        if all(f"{h}.ln_post.weight" in state_dict for h in halves):
+            sizes: dict[str, Any] = {"layout": layout}
+            for part, half in zip(("encoder", "decoder"), halves):
+                layer = re.compile(re.escape(half) + r"\.transformer\.(\d+)\.")
+                sizes[f"{part}_width"] = int(np.shape(state_dict[f"{half}.ln_post.weight"])[0])
+                sizes[f"{part}_depth"] = len({m.group(1) for m in map(layer.match, state_dict)
+                                              if m})
+            return sizes
+    return None
+
+
 def convert_gigatok(state_dict, model, what: str = "GigaTok checkpoint") -> dict:
     """Official GigaTok state_dict (VQVitModelPlus / VQVitModel2DPlus) -> params of `model`. A
-    checkpoint of another size is one ConversionError naming `what` and the model's sizes."""
+    checkpoint of another size is one ConversionError naming `what` and both sizes."""
+    found = file_sizes(state_dict)
+    wanted = {"layout": model.layout, **{k: getattr(model, k) for k in (
+        "encoder_width", "encoder_depth", "decoder_width", "decoder_depth")}}
+    if found is not None and found != wanted:
+        def describe(s):
+            return (f"{s['layout'].upper()}, encoder width {s['encoder_width']} depth "
+                    f"{s['encoder_depth']}, decoder width {s['decoder_width']} depth "
+                    f"{s['decoder_depth']}")
+        raise common.ConversionError(f"{what} is a GigaTok of another size: the file's is "
+                                     f"{describe(found)}; the model's (its preset or config) "
+                                     f"{describe(wanted)}.")
     try:
         return _convert_gigatok(state_dict, model, what)
     except common.ConversionError as e:

@@ -18,7 +18,6 @@ stripped.
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 from typing import Any, Mapping, Optional
@@ -30,23 +29,6 @@ from tok1d.weights.convert import common
 from tok1d.weights.convert.common import ConversionError, ParamTree, StateDict
 from tok1d.models.generators.gpt import GPT, GPT_SIZES, size_kwargs
 
-_PREFIXES = ("_orig_mod.", "module.")
-
-
-def strip_prefixes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """Removes leading `_orig_mod.` / `module.` (torch.compile, DDP) from every key."""
-    out = {}
-    for key, value in state_dict.items():
-        changed = True
-        while changed:
-            changed = False
-            for prefix in _PREFIXES:
-                if key.startswith(prefix):
-                    key, changed = key[len(prefix):], True
-        out[key] = value
-    return out
-
-
 def _shape(sd: Mapping[str, Any], key: str) -> tuple[int, ...]:
     return common.shape_of(sd, key, "LlamaGen GPT")
 
@@ -57,7 +39,7 @@ def infer_kwargs(state_dict: Mapping[str, Any], num_heads: Optional[int] = None,
     num_tokens (positional_embedding rows - 1; must be given for 2D-RoPE checkpoints, which
     store no positions) and rope. Heads are not in the shapes: taken from GPT_SIZES by width
     unless given."""
-    sd = strip_prefixes(state_dict)
+    sd = common.strip_prefixes(state_dict)
     vocab, width = _shape(sd, "tok_embeddings.weight")
     classes = _shape(sd, "cls_embedding.embedding_table.weight")[0] - 1
     depth = len({m.group(1) for k in sd
@@ -105,7 +87,7 @@ def _block(sd: StateDict, src: str, num_heads: int) -> dict[str, Any]:
 def convert_gpt(state_dict: Mapping[str, Any], model: GPT) -> dict[str, Any]:
     """Official GPT state_dict -> `model`'s params; every tensor is checked (one
     ConversionError lists all missing / unexpected / mis-shaped keys)."""
-    sd = StateDict(strip_prefixes(state_dict), what="GPT checkpoint")
+    sd = StateDict(common.strip_prefixes(state_dict), what="GPT checkpoint")
     sd.ignore("freqs_cis")  # a non-persistent table in some LlamaGen versions
     out = ParamTree()
     out.set("tok_embeddings/embedding", sd.take("tok_embeddings.weight"), "tok_embeddings.weight")
@@ -126,14 +108,7 @@ def convert_gpt(state_dict: Mapping[str, Any], model: GPT) -> dict[str, Any]:
 
 
 def _torch_state_dict(path: str, weights: str) -> dict[str, Any]:
-    try:
-        import torch
-    except ImportError as e:
-        raise ImportError("Reading .pt checkpoints needs PyTorch: `pip install "
-                          "'tok1d[convert]'`.") from e
-    # Training checkpoints pickle the argparse Namespace under "args".
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = common.read_torch(path)
     if not isinstance(obj, Mapping):
         raise ConversionError(f"{path}: expected a dict, got {type(obj).__name__}")
     if any(hasattr(v, "shape") for v in obj.values()):
@@ -159,10 +134,13 @@ def convert_file(path: str, size: Optional[str] = None, weights: str = "model",
     if weights not in ("model", "ema"):
         raise ValueError(f"weights must be 'model' or 'ema', got {weights!r}")
     ext = os.path.splitext(path)[1].lower()
-    if ext in (".pt", ".pth", ".bin", ".ckpt"):
+    if ext in common.TORCH_EXTENSIONS:
         if not os.path.exists(path):
             raise FileNotFoundError(f"checkpoint {path} does not exist")
         sd = _torch_state_dict(path, weights)
+    elif weights == "ema":
+        raise ConversionError(f"{path} holds one state_dict: weights='ema' (--weights=ema) "
+                              "picks the 'ema' entry of a training checkpoint (.pt).")
     else:
         sd = common.load_state_dict(path)
     preset = None

@@ -35,7 +35,6 @@ import jax.numpy as jnp
 
 from tok1d.weights.convert import common
 from tok1d.weights.convert.common import ConversionError, ParamTree, StateDict
-from tok1d.weights.convert.gpt import strip_prefixes
 from tok1d.models.generators.rar import RAR, size_kwargs
 
 # Rows of the official tables beyond the N tokens (`RAR.__init__`).
@@ -81,7 +80,7 @@ def infer_kwargs(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """`RAR` arguments from tensor shapes: vocab_size (lm_head rows), num_tokens (timestep
     table rows - 100), num_classes (embedding rows - K - 2), width, depth, num_heads (width /
     the q_norm width) and mlp_dim."""
-    sd = strip_prefixes(state_dict)
+    sd = common.strip_prefixes(state_dict)
     vocab, width = _shape(sd, "lm_head.weight")
     rows = _shape(sd, "embeddings.weight")[0]
     depth = len({m.group(1) for k in sd
@@ -128,7 +127,7 @@ def convert_rar(state_dict: Mapping[str, Any], model: RAR, what: str = "RAR chec
                 ) -> dict[str, Any]:
     """Official RAR state_dict -> `model`'s params; every tensor is checked (one
     ConversionError lists all missing / unexpected / mis-shaped keys)."""
-    sd = StateDict(strip_prefixes(state_dict), what=what)
+    sd = StateDict(common.strip_prefixes(state_dict), what=what)
     n, width = model.num_tokens, model.width
     out = ParamTree()
     cls = sd.take("cls_token")
