@@ -16,6 +16,10 @@
 # mount a bucket with gcsfuse --implicit-dirs --rename-dir-limit=200000, e.g. at /gcs/BUCKET,
 # to keep it past the VMs; gs:// paths are refused). Data: set TFDS_DATA_DIR / --config.data.data_dir to a local disk or gcsfuse
 # mount holding the array_record files.
+# `setup` makes the environment with Python >= 3.11 (tok1d's and jax's minimum): python3 where
+# it is new enough, else python3.12 / python3.11, else python3.11 from the deadsnakes PPA
+# (tpu-ubuntu2204-base ships 3.10). `run` refuses to start while a run is going on any worker
+# (a second one took over the first one's coordinator) and appends to ~/tok1d.log.
 # Environment: TOK1D_PROJECT (gcloud project), TOK1D_TPU_VERSION (runtime, default
 # tpu-ubuntu2204-base), TOK1D_REMOTE_DIR (default tok1d).
 set -euo pipefail
@@ -49,6 +53,14 @@ case "$CMD" in
     ;;
   setup)
     [[ $# -eq 2 ]] || usage
+    # (on the worker) PY: a Python >= 3.11, installed from deadsnakes where there is none.
+    NEW_ENOUGH="-c 'import sys; sys.exit(sys.version_info < (3, 11))'"
+    PICK_PYTHON="{ PY=; for p in python3 python3.12 python3.11; do command -v \$p > /dev/null \
+&& \$p $NEW_ENOUGH && PY=\$p && break; done; if [ -z \"\$PY\" ]; then \
+sudo apt-get update -qq && sudo apt-get install -y -qq software-properties-common \
+&& sudo add-apt-repository -y ppa:deadsnakes/ppa && sudo apt-get install -y -qq python3.11 \
+python3.11-venv && PY=python3.11; fi; [ -n \"\$PY\" ] \
+|| { echo \"\$(hostname): no Python >= 3.11 (tok1d needs it)\" >&2; false; }; }"
     NAME=$1 ZONE=$2
     # The source only (git's tracked and not-ignored files: no .venv, .git or workdirs), as one
     # archive unpacked into ~/$REMOTE, so that a second `setup` updates the code in place.
@@ -66,14 +78,21 @@ case "$CMD" in
       ${PROJECT_FLAG[@]+"${PROJECT_FLAG[@]}"} --worker=all
     run rm -f "$ARCHIVE"
     run gcloud compute tpus tpu-vm ssh "$NAME" --zone "$ZONE" ${PROJECT_FLAG[@]+"${PROJECT_FLAG[@]}"} --worker=all \
-      --command "mkdir -p $REMOTE && tar -xzf tok1d-src.tar.gz -C $REMOTE && rm tok1d-src.tar.gz && cd $REMOTE && python3 -m venv .venv && . .venv/bin/activate && pip install -U pip && pip install -e '.[tpu]' && python -c 'import jax; print(jax.__version__, jax.device_count())'"
+      --command "mkdir -p $REMOTE && tar -xzf tok1d-src.tar.gz -C $REMOTE && rm tok1d-src.tar.gz && cd $REMOTE && $PICK_PYTHON && \$PY -m venv .venv && . .venv/bin/activate && pip install -U pip && pip install -e '.[tpu]' && python -c 'import jax; print(jax.__version__, jax.device_count())'"
     ;;
   run)
     [[ $# -ge 4 ]] || usage
     NAME=$1 ZONE=$2 CONFIG=$3 WORKDIR=$4; shift 4
     OVERRIDES=""  # (printf of no arguments would pass one empty argument)
     if [[ $# -gt 0 ]]; then OVERRIDES=$(printf '%q ' "$@"); fi
-    REMOTE_CMD="cd $REMOTE && . .venv/bin/activate && export TOK1D_DISTRIBUTED=1 TOK1D_COMPILATION_CACHE=\$HOME/.cache/tok1d_jax && nohup python -m tok1d.main --config=$CONFIG --workdir=$WORKDIR $OVERRIDES > \$HOME/tok1d.log 2>&1 &"
+    # First on every worker: no run going (a second one joined the first one's coordinator
+    # and both died) and the environment there. Then the run, in the background (the command
+    # returns at once; ssh's exit status is the start's, not the run's).
+    CHECK_CMD="if pgrep -f 'python -m [t]ok1d[.]main' > /dev/null; then echo \"\$(hostname): a tok1d run is going (launch/tpu_vm.sh tail; stop it with pkill -f tok1d.main)\" >&2; exit 1; fi; [ -f $REMOTE/.venv/bin/activate ] || { echo \"\$(hostname): no ~/$REMOTE/.venv: run launch/tpu_vm.sh setup first\" >&2; exit 1; }"
+    MAIN=$(printf '%q ' python -m tok1d.main "--config=$CONFIG" "--workdir=$WORKDIR")
+    REMOTE_CMD="cd $REMOTE && . .venv/bin/activate && export TOK1D_DISTRIBUTED=1 && echo \"=== \$(date -u) $MAIN$OVERRIDES\" >> \$HOME/tok1d.log && { nohup $MAIN$OVERRIDES >> \$HOME/tok1d.log 2>&1 < /dev/null & }"
+    run gcloud compute tpus tpu-vm ssh "$NAME" --zone "$ZONE" ${PROJECT_FLAG[@]+"${PROJECT_FLAG[@]}"} --worker=all \
+      --command "$CHECK_CMD"
     run gcloud compute tpus tpu-vm ssh "$NAME" --zone "$ZONE" ${PROJECT_FLAG[@]+"${PROJECT_FLAG[@]}"} --worker=all \
       --command "$REMOTE_CMD"
     ;;

@@ -1,6 +1,7 @@
 """Launch scripts: argument handling and the commands their dry-run mode prints."""
 
 import os
+import shutil
 import subprocess
 import tarfile
 
@@ -11,8 +12,9 @@ SLURM = os.path.join(REPO, "launch", "slurm.sbatch")
 
 
 def sh(*args, env=None):
+    inherited = {k: v for k, v in os.environ.items() if k != "TOK1D_COMPILATION_CACHE"}
     return subprocess.run(["bash", *args], capture_output=True, text=True, timeout=30,
-                          env={**os.environ, **(env or {})})
+                          env={**inherited, **(env or {})})
 
 
 def test_tpu_run_starts_the_same_command_on_all_workers():
@@ -23,7 +25,7 @@ def test_tpu_run_starts_the_same_command_on_all_workers():
     assert line.startswith("gcloud compute tpus tpu-vm ssh pod --zone us-central2-b")
     assert "--worker=all" in line and "TOK1D_DISTRIBUTED=1" in line
     assert "python -m tok1d.main --config=configs/demo.py --workdir=/gcs/b/w" in line
-    assert "--config.total_steps=10" in line and "TOK1D_COMPILATION_CACHE" in line
+    assert "--config.total_steps=10" in line
 
 
 def test_tpu_run_without_overrides_and_dry_run_anywhere():
@@ -32,7 +34,44 @@ def test_tpu_run_without_overrides_and_dry_run_anywhere():
     out = sh(TPU, "run", "--dry-run", "pod", "z", "configs/demo.py", "/gcs/b/w")
     assert out.returncode == 0, out.stderr
     line = out.stdout.replace("\\", "")
-    assert "--workdir=/gcs/b/w  > $HOME/tok1d.log" in line and "''" not in line
+    assert "--workdir=/gcs/b/w  >> $HOME/tok1d.log" in line and "''" not in line
+
+
+def test_tpu_run_returns_at_once_and_refuses_a_second_run(tmp_path):
+    """With a fake gcloud that runs --command on a local "worker": `run` returns while the run
+    goes on (it waited for the run to end, and exited 0 whatever happened), refuses a second
+    run while one is going (it took over the first one's coordinator: both died), and names
+    a worker without `setup`. (The worker's pgrep sees this test's processes only: other
+    tests run tok1d.main beside it.)"""
+    bin_dir, home = tmp_path / "bin", tmp_path / "home"
+    bin_dir.mkdir()
+    workdir = str(tmp_path / "w")
+    # The worker's "python -m tok1d.main": sleeps, so that a run is going.
+    fake_bin = home / "tok1d" / ".venv" / "bin"
+    fake_bin.mkdir(parents=True)
+    (fake_bin / "activate").write_text(f'PATH="{fake_bin}:$PATH"\n')
+    (fake_bin / "python").write_text('#!/bin/bash\nexec -a "python $*" sleep 30\n')
+    (fake_bin / "python").chmod(0o755)
+    (bin_dir / "gcloud").write_text(
+        '#!/bin/bash\nwhile [[ $# -gt 0 ]]; do [[ "$1" == --command ]] && c=$2; shift; done\n'
+        'cd "$HOME" && bash -c "$c"\n')
+    pgrep = shutil.which("pgrep")
+    (bin_dir / "pgrep").write_text(f'#!/bin/bash\nexec {pgrep} -f -- "$2.*{workdir}"\n')
+    for tool in ("gcloud", "pgrep"):
+        (bin_dir / tool).chmod(0o755)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(home)}
+    try:
+        first = sh(TPU, "run", "pod", "z", "configs/demo.py", workdir, env=env)
+        assert first.returncode == 0, first.stderr
+        second = sh(TPU, "run", "pod", "z", "configs/demo.py", workdir, env=env)
+        assert second.returncode == 1 and "a tok1d run is going" in second.stderr
+        log = (home / "tok1d.log").read_text()
+        assert log.startswith("=== ") and f"--workdir={workdir}" in log
+    finally:
+        subprocess.run(["pkill", "-f", f"[p]ython -m tok1d.main .*{workdir}"])
+    (fake_bin / "activate").unlink()
+    out = sh(TPU, "run", "pod", "z", "configs/demo.py", workdir, env=env)
+    assert out.returncode == 1 and "run launch/tpu_vm.sh setup first" in out.stderr
 
 
 def test_tpu_lifecycle_commands():
@@ -42,6 +81,7 @@ def test_tpu_lifecycle_commands():
     setup = sh(TPU, "--dry-run", "setup", "pod", "z").stdout.replace("\\", "")
     assert "tpu-vm scp" in setup and "--worker=all" in setup and "--recurse" not in setup
     assert "tar -xzf tok1d-src.tar.gz -C tok1d" in setup and "pip install -e '.[tpu]'" in setup
+    assert "sys.version_info < (3, 11)" in setup and "python3.11-venv" in setup
     assert "tpu-vm delete pod --zone z" in sh(TPU, "--dry-run", "delete", "pod", "z").stdout
     assert "--worker=3" in sh(TPU, "--dry-run", "tail", "pod", "z", "3").stdout
 
@@ -80,11 +120,39 @@ def test_tpu_setup_copies_the_source_without_venv_or_git(tmp_path):
 def test_slurm_dry_run_prints_srun_command(tmp_path):
     out = sh(SLURM, "configs/demo.py", "/shared/w", "--config.seed=1",
              env={"TOK1D_DRY_RUN": "1", "TOK1D_VENV": str(tmp_path / "venv"),
-                  "TOK1D_REPO": REPO})
+                  "TOK1D_REPO": REPO, "SLURM_CPUS_PER_TASK": "32"})
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == (f"cd {REPO} && . {tmp_path}/venv/bin/activate && srun python "
-                                  "-m tok1d.main --config=configs/demo.py --workdir=/shared/w "
-                                  "--config.seed=1")
+    assert out.stdout.strip() == (
+        f"cd {REPO} && . {tmp_path}/venv/bin/activate && export TOK1D_DISTRIBUTED=1 "
+        "TOK1D_COMPILATION_CACHE=/shared/w/jax_cache XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 "
+        "SRUN_CPUS_PER_TASK=32 && srun --kill-on-bad-exit=1 python -m tok1d.main "
+        "--config=configs/demo.py --workdir=/shared/w --config.seed=1")
+
+
+def test_slurm_dry_run_command_starts_the_multi_host_run(tmp_path):
+    """The printed command, run as it is, joins one run (it left out the exports: each task
+    ran alone as process 0 of 1, all in one workdir): a fake srun records the environment
+    and the arguments its tasks get."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/sh\necho "$TOK1D_DISTRIBUTED $SRUN_CPUS_PER_TASK '
+                                  '$*" > "$SRUN_LOG"\n')
+    (bin_dir / "srun").chmod(0o755)
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "activate").write_text("")
+    env = {"TOK1D_DRY_RUN": "1", "TOK1D_VENV": str(venv), "TOK1D_REPO": REPO,
+           "SLURM_CPUS_PER_TASK": "8"}
+    printed = sh(SLURM, "configs/demo.py", "/shared/w", env=env).stdout
+    log = tmp_path / "srun.log"
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("TOK1D_", "SRUN_"))}
+    ran = subprocess.run(["bash", "-c", printed], capture_output=True, text=True, timeout=30,
+                         env={**clean, "PATH": f"{bin_dir}:{os.environ['PATH']}",
+                              "SRUN_LOG": str(log)})
+    assert ran.returncode == 0, ran.stderr
+    assert log.read_text().split() == [
+        "1", "8", "--kill-on-bad-exit=1", "python", "-m", "tok1d.main",
+        "--config=configs/demo.py", "--workdir=/shared/w"]
 
 
 def test_slurm_bad_usage_is_one_line(tmp_path):

@@ -112,6 +112,11 @@ def test_two_processes_match_one(tmp_path):
         assert "8 devices" in log, report
     _, out0, err0 = outputs["process0"]
     assert "over 8 devices (2 processes)" in out0 + err0, report
+    # tok1d's progress lines come once, from process 0 (every process printed its Mesh,
+    # Model and Resuming lines); each process's JAX / devices line stays.
+    _, out1, err1 = outputs["process1"]
+    assert "Mesh " not in out1 + err1 and "parameters; starting at step" not in out1, report
+    assert "parameters; starting at step" in out0, report
     _, ref_out, ref_err = outputs["reference"]
     assert "process 0/1" in ref_out + ref_err, report
 

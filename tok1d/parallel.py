@@ -20,6 +20,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
+from jax._src import distributed as jax_distributed  # (the joined process id, backend-free)
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
@@ -250,6 +251,14 @@ def global_batch(local: Mapping[str, np.ndarray], sharding: NamedSharding,
         out[key] = jax.make_array_from_process_local_data(
             rows_sharding(sharding, value.ndim), value, (global_size,) + value.shape[1:])
     return out
+
+
+def joined_process_index() -> int:
+    """This process's index in a joined multi-process run (0 when none was joined), known
+    without starting the backend, as `jax.process_index()` would (e.g. in a log filter)."""
+    if not jax.distributed.is_initialized():
+        return 0
+    return int(jax_distributed.global_state.process_id or 0)
 
 
 def maybe_initialize_distributed(coordinator_address: str = "", num_processes: int = 0,
