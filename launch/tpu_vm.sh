@@ -32,6 +32,7 @@ done
 set -- ${ARGS[@]+"${ARGS[@]}"}
 
 usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit "${1:-1}"; }
+bad() { echo "tpu_vm.sh: $*" >&2; usage 2 >&2; }  # one line naming the problem, then the usage
 run() {
   if [[ $DRY_RUN == 1 ]]; then printf '%q ' "$@"; printf '\n'; else "$@"; fi
 }
@@ -45,14 +46,15 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 
 case "$CMD" in
   create)
-    [[ $# -ge 3 ]] || usage
+    [[ $# -ge 3 ]] || bad "create needs NAME ZONE ACCELERATOR [--spot]"
     NAME=$1 ZONE=$2 ACC=$3; shift 3
-    EXTRA=(); [[ "${1:-}" == "--spot" ]] && EXTRA=(--spot)
+    EXTRA=(); [[ "${1:-}" == "--spot" ]] && EXTRA=(--spot) && shift
+    [[ $# -eq 0 ]] || bad "create: unknown argument(s) $* (only --spot follows the accelerator)"
     run gcloud compute tpus tpu-vm create "$NAME" --zone "$ZONE" ${PROJECT_FLAG[@]+"${PROJECT_FLAG[@]}"} \
       --accelerator-type "$ACC" --version "${TOK1D_TPU_VERSION:-tpu-ubuntu2204-base}" ${EXTRA[@]+"${EXTRA[@]}"}
     ;;
   setup)
-    [[ $# -eq 2 ]] || usage
+    [[ $# -eq 2 ]] || bad "setup needs NAME ZONE (and nothing else)"
     # (on the worker) PY: a Python >= 3.11, installed from deadsnakes where there is none.
     NEW_ENOUGH="-c 'import sys; sys.exit(sys.version_info < (3, 11))'"
     PICK_PYTHON="{ PY=; for p in python3 python3.12 python3.11; do command -v \$p > /dev/null \
@@ -81,7 +83,7 @@ python3.11-venv && PY=python3.11; fi; [ -n \"\$PY\" ] \
       --command "mkdir -p $REMOTE && tar -xzf tok1d-src.tar.gz -C $REMOTE && rm tok1d-src.tar.gz && cd $REMOTE && $PICK_PYTHON && \$PY -m venv .venv && . .venv/bin/activate && pip install -U pip && pip install -e '.[tpu]' && python -c 'import jax; print(jax.__version__, jax.device_count())'"
     ;;
   run)
-    [[ $# -ge 4 ]] || usage
+    [[ $# -ge 4 ]] || bad "run needs NAME ZONE CONFIG WORKDIR [--config.x=y ...]"
     NAME=$1 ZONE=$2 CONFIG=$3 WORKDIR=$4; shift 4
     OVERRIDES=""  # (printf of no arguments would pass one empty argument)
     if [[ $# -gt 0 ]]; then OVERRIDES=$(printf '%q ' "$@"); fi
@@ -97,15 +99,15 @@ python3.11-venv && PY=python3.11; fi; [ -n \"\$PY\" ] \
       --command "$REMOTE_CMD"
     ;;
   tail)
-    [[ $# -ge 2 ]] || usage
+    [[ $# -ge 2 && $# -le 3 ]] || bad "tail needs NAME ZONE [WORKER]"
     NAME=$1 ZONE=$2 WORKER=${3:-0}
     run gcloud compute tpus tpu-vm ssh "$NAME" --zone "$ZONE" ${PROJECT_FLAG[@]+"${PROJECT_FLAG[@]}"} \
       --worker="$WORKER" --command "tail -n 100 -f \$HOME/tok1d.log"
     ;;
   delete)
-    [[ $# -eq 2 ]] || usage
+    [[ $# -eq 2 ]] || bad "delete needs NAME ZONE"
     run gcloud compute tpus tpu-vm delete "$1" --zone "$2" ${PROJECT_FLAG[@]+"${PROJECT_FLAG[@]}"} --quiet
     ;;
   -h|--help|help) usage 0 ;;
-  *) echo "unknown command: $CMD" >&2; usage ;;
+  *) bad "unknown command: $CMD" ;;
 esac

@@ -149,7 +149,7 @@ def test_maskgit_vqgan_cli(fixtures_dir, tmp_path):
     assert model.apply({"params": params}, images)[0].shape == images.shape
 
 
-def test_gigatok_checkpoint_prefers_ema_and_reproduces_codes(fixtures_dir, tmp_path):
+def test_gigatok_checkpoint_prefers_ema_and_reproduces_codes(fixtures_dir, tmp_path, capsys):
     """A GigaTok trainer checkpoint ({"model", "ema", "optimizer", "steps", "args"}) written by
     torch converts with the EMA weights (as the official loaders do) and encodes the fixture
     images to its codes (its pickled arguments were refused)."""
@@ -174,6 +174,8 @@ def test_gigatok_checkpoint_prefers_ema_and_reproduces_codes(fixtures_dir, tmp_p
     assert convert_cli.main(["gigatok", "--checkpoint", str(tmp_path / "ckpt.pt"),
                              "--out", str(out),
                              "--official_config", str(tmp_path / "config.json")]) == 0
+    assert "ckpt.pt: converting its 'ema' weights (of args, ema, model, optimizer, steps)." in (
+        capsys.readouterr().out)  # (which of the file's weights is said)
     model, params = loaders.load_pretrained(str(out))
     with jax.default_matmul_precision("highest"):
         got = model.apply({"params": params}, jnp.asarray(images), method=model.encode)

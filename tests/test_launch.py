@@ -87,10 +87,17 @@ def test_tpu_lifecycle_commands():
 
 
 def test_tpu_bad_usage_fails_with_help():
+    """A line naming what is wrong, then the usage, on stderr (a typo such as --spto made an
+    on-demand VM without a word)."""
     out = sh(TPU, "--dry-run", "run", "pod")
-    assert out.returncode != 0 and "Cloud TPU VM" in out.stdout + out.stderr
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.startswith("tpu_vm.sh: run needs NAME ZONE CONFIG WORKDIR")
+    assert "Cloud TPU VM" in out.stderr
     out = sh(TPU, "frobnicate")
-    assert out.returncode != 0 and "unknown command" in out.stderr
+    assert out.returncode == 2 and out.stderr.startswith("tpu_vm.sh: unknown command")
+    out = sh(TPU, "--dry-run", "create", "pod", "z", "v4-32", "--spto")
+    assert out.returncode == 2 and "unknown argument(s) --spto" in out.stderr
+    assert out.stdout == ""
 
 
 def test_tpu_setup_copies_the_source_without_venv_or_git(tmp_path):

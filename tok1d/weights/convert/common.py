@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import logging
 import os
 import re
 from typing import Any, Callable, Iterable, Mapping, Optional
@@ -57,6 +58,9 @@ def _unwrap(obj: Any, path: str) -> dict[str, Any]:
     for key in ("ema", "state_dict", "model", "module", "params"):
         if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
             if not any(hasattr(v, "shape") for v in obj.values()):
+                if len([k for k, v in obj.items() if isinstance(v, Mapping)]) > 1:
+                    logging.info("%s: converting its %r weights (of %s).", path, key,
+                                 ", ".join(sorted(map(str, obj))))
                 return _unwrap(obj[key], path)
     if not isinstance(obj, Mapping):
         raise ConversionError(f"{path}: expected a state_dict (a dict of tensors), got "
