@@ -161,8 +161,18 @@ def test_ten_crop_is_torchvisions_and_adm_s_center_crop_halves_with_a_box_filter
     out = io.BytesIO()
     photo.save(out, "PNG")
     views = tokenize.load_views(out.getvalue(), 256, "ten_crop", 1.1)  # int(256 * 1.1) = 281
-    assert views.dtype == np.float32 and views.shape == (10, 256, 256, 3)
-    np.testing.assert_array_equal(views, pipeline.ten_crop(want, 256) / np.float32(255.0))
+    assert views.dtype == np.uint8 and views.shape == (10, 256, 256, 3)
+    np.testing.assert_array_equal(views, pipeline.ten_crop(want, 256))
+
+
+def test_exact_unit_float_is_the_hosts_division():
+    """`unit_float(exact=True)` (tokenize's: the official extraction scales on the host) gives
+    np.float32(x) / 255 bit for bit; the plain one (XLA's reciprocal) is within one ulp."""
+    x = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    host = x.astype(np.float32) / np.float32(255.0)
+    np.testing.assert_array_equal(np.asarray(feeding.unit_float(x, exact=True)), host)
+    fast = np.asarray(feeding.unit_float(x))
+    assert fast.dtype == np.float32 and np.all(np.abs(fast - host) <= np.spacing(host))
 
 
 def test_batches_are_uint8_and_the_feeder_normalises_them_on_device():

@@ -120,7 +120,8 @@ def test_ten_crop_stores_the_ten_views_of_the_official_code_extraction(tiny, tmp
         crop="ten_crop", num_examples=n, log=lambda _: None)
     assert summary["num_variants"] == 10
     src = sources.DigitsSource("train")
-    views = np.stack([tokenize.load_views(src[i]["image"], 32, "ten_crop") for i in range(n)])
+    views = np.stack([tokenize.load_views(src[i]["image"], 32, "ten_crop")
+                      for i in range(n)]).astype(np.float32) / np.float32(255.0)
     ts = tokens.TokenSource(out, "train")
     got = np.stack([ts[i]["codes"] for i in range(n)])
     want = _encode(model, params, views.reshape((-1, 32, 32, 3))).reshape(n, 10, -1)

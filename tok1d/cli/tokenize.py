@@ -64,7 +64,7 @@ from PIL import Image
 from tok1d import errors
 from tok1d import parallel
 from tok1d.cli import app
-from tok1d.data import pipeline, records, sources, tokens
+from tok1d.data import feeding, pipeline, records, sources, tokens
 from tok1d.models import interfaces
 from tok1d.models.tokenizers import nested
 from tok1d.weights import loaders
@@ -95,14 +95,13 @@ def resolve_source(data: str, split: str, *, data_dir: str = "", image_size: int
     return sources.get_source(data, split, data_dir=data_dir, image_size=image_size)
 
 
-def load_image(image: Any, image_size: int, crop: str = "center") -> np.ndarray:
-    """An encoded or decoded image -> float32 (image_size, image_size, 3) in [0, 1]. "center"
-    is the pipelines' fast path (`tok1d.data.pipeline.crop`: the same center crop as the
-    evaluation data, a JPEG decoded at a reduced size when it is 2x or more the crop)."""
+def load_pixels(image: Any, image_size: int, crop: str = "center") -> np.ndarray:
+    """An encoded or decoded image -> uint8 (image_size, image_size, 3). "center" is the
+    pipelines' fast path (`tok1d.data.pipeline.crop`: the same center crop as the evaluation
+    data, a JPEG decoded at a reduced size when it is 2x or more the crop)."""
     if crop == "center":
-        img = pipeline.crop(image, image_size=image_size, augment="center_crop", flip=False,
-                            min_scale=1.0, rng=None)
-        return np.asarray(img, np.float32) / 255.0
+        return np.asarray(pipeline.crop(image, image_size=image_size, augment="center_crop",
+                                        flip=False, min_scale=1.0, rng=None))
     img = records.decode_image(image)
     if crop == "resize":
         if img.shape[:2] != (image_size, image_size):
@@ -110,20 +109,26 @@ def load_image(image: Any, image_size: int, crop: str = "center") -> np.ndarray:
                                                          Image.BICUBIC))
     else:
         raise ValueError(f"Unknown crop {crop!r}; expected one of {CROPS}.")
-    return np.asarray(img, np.float32) / 255.0
+    return np.asarray(img, np.uint8)
+
+
+def load_image(image: Any, image_size: int, crop: str = "center") -> np.ndarray:
+    """`load_pixels` as float32 in [0, 1] (what the encoder reads)."""
+    return load_pixels(image, image_size, crop).astype(np.float32) / 255.0
 
 
 def load_views(image: Any, image_size: int, crop: str = "center",
                crop_range: float = 1.1) -> np.ndarray:
-    """An encoded or decoded image -> the views a crop stores, float32 (V, image_size,
-    image_size, 3) in [0, 1]: one for "center" / "resize" (`load_image`); for "ten_crop"
-    LlamaGen's / GigaTok's `extract_codes_c2i.py --ten-crop`: ADM's center crop to
-    int(image_size * crop_range) px, then torchvision's TenCrop (`pipeline.ten_crop`)."""
+    """An encoded or decoded image -> the views a crop stores, uint8 (V, image_size,
+    image_size, 3): one for "center" / "resize" (`load_pixels`); for "ten_crop" LlamaGen's /
+    GigaTok's `extract_codes_c2i.py --ten-crop`: ADM's center crop to int(image_size *
+    crop_range) px, then torchvision's TenCrop (`pipeline.ten_crop`). The encoder scales them
+    to [0, 1] on the device, exactly as on the host (`feeding.unit_float`)."""
     if crop != "ten_crop":
-        return load_image(image, image_size, crop)[None]
+        return load_pixels(image, image_size, crop)[None]
     big = pipeline.adm_center_crop_arr(records.load_rgb(records.open_image(image)),
                                        int(image_size * crop_range))
-    return pipeline.ten_crop(np.asarray(big), image_size).astype(np.float32) / 255.0
+    return np.asarray(pipeline.ten_crop(np.asarray(big), image_size), np.uint8)
 
 
 def variant_names(crop: str, flip: bool) -> list[str]:
@@ -149,8 +154,8 @@ def make_encoder(model, params, *, flip: bool, batch_size: int, prefix_tokens: i
     """Builds the jitted, all-device encoder.
 
     Returns (encode, global_batch, (host_start, host_stop)): `encode(local_images, local_labels)`
-    takes this host's rows of a global batch (float32 images in [0, 1], (rows, S, S, 3) or
-    (rows, views, S, S, 3)) and returns the codes (global_batch, V, N) int32 (V = views, twice
+    takes this host's rows of a global batch (uint8 pixels, or float32 images in [0, 1], of
+    shape (rows, S, S, 3) or (rows, views, S, S, 3)) and returns the codes (global_batch, V, N) int32 (V = views, twice
     that with `flip`; N = prefix_tokens when > 0: the first tokens only) and labels
     (global_batch,) of the whole batch on every host.
     `global_batch` is `batch_size` rounded up to a multiple of the device count."""
@@ -170,6 +175,8 @@ def make_encoder(model, params, *, flip: bool, batch_size: int, prefix_tokens: i
     nested.check_code_prefix(model, prefix_tokens, "--prefix_tokens")
 
     def fn(p, images, labels):
+        if images.dtype == jnp.uint8:  # (4x fewer bytes to the device than float32)
+            images = feeding.unit_float(images, exact=True)
         if images.ndim == 4:
             images = images[:, None]
         b, v = images.shape[:2]
@@ -208,7 +215,7 @@ def _describe(source) -> str:
 def _host_batches(source, lo: int, hi: int, global_batch: int, host_rows: tuple[int, int],
                   image_size: int, crop: str, num_threads: int, crop_range: float = 1.1):
     """This host's rows of the padded global batches covering examples [lo, hi): an iterator of
-    {"image": (rows, views, S, S, 3) float32, "label": (rows,) int32}. Padding rows repeat
+    {"image": (rows, views, S, S, 3) uint8, "label": (rows,) int32}. Padding rows repeat
     `lo`."""
     start, stop = host_rows
     num_batches = -(-(hi - lo) // global_batch)
@@ -225,7 +232,8 @@ def _host_batches(source, lo: int, hi: int, global_batch: int, host_rows: tuple[
         return {"image": views, "label": np.int32(record.get("label", 0))}
 
     # The threads prefetch examples, two batches' worth, batched on top (a buffer of
-    # 2 x rows whole batches of float32 views held gigabytes once the encoder fell behind).
+    # 2 x rows whole batches of float32 views held gigabytes once the encoder fell behind;
+    # the views are uint8 now, scaled on the device).
     ds = grain.MapDataset.range(len(positions)).map(load).to_iter_dataset(
         grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * (stop - start)))
     return iter(ds.batch(stop - start))
@@ -466,7 +474,7 @@ def tokenize_dataset(model, params, source, out_dir: str, *, split: str = "train
         say("Warning: " + warning)
     views = len(variant_names(crop, False))
     probe = np.zeros((host_rows[1] - host_rows[0], views, image_size, image_size, 3),
-                     np.float32)
+                     np.uint8)  # (the batches' dtype: one compilation)
     num_variants, num_tokens = (int(d) for d in np.asarray(
         encode(probe, np.zeros(len(probe), np.int32))[0]).shape[1:])
     shape = (num_variants, num_tokens)

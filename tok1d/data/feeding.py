@@ -14,10 +14,17 @@ from tok1d import parallel
 from tok1d.data import pipeline
 
 
-@jax.jit
-def unit_float(images: jax.Array) -> jax.Array:
+# np.float32(x) / 255 for every uint8 x, as the host (and torchvision's ToTensor) computes it.
+_UNIT_FLOATS = np.arange(256, dtype=np.float32) / np.float32(255.0)
+
+
+@functools.partial(jax.jit, static_argnames="exact")
+def unit_float(images: jax.Array, exact: bool = False) -> jax.Array:
     """uint8 pixels -> float32 in [0, 1], on the device (sharding kept); within one ulp of
-    `np.float32(x) / 255` on the host (XLA multiplies by the reciprocal)."""
+    `np.float32(x) / 255` on the host (XLA multiplies by the reciprocal: 126 of the 256
+    values differ), or equal to it with `exact` (a lookup of the 256 host values)."""
+    if exact:
+        return jnp.asarray(_UNIT_FLOATS)[images.astype(jnp.int32)]
     return images.astype(jnp.float32) / 255.0
 
 
