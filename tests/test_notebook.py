@@ -7,6 +7,10 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+import pytest
+from PIL import Image
+
 from conftest import REPO, subprocess_env
 
 NOTEBOOK = os.path.join(REPO, "notebooks", "explore.ipynb")
@@ -22,10 +26,22 @@ def notebook_source(path: str) -> str:
     return "\n\n".join(cells)
 
 
-def test_notebook_runs_top_to_bottom(tmp_path):
+@pytest.mark.parametrize("variant", ["default", "residual_vq"])
+def test_notebook_runs_top_to_bottom(tmp_path, variant):
+    """As shipped; and with a residual-VQ tokenizer (several codes per token: its codes were
+    passed to decode_codes unflattened) and a 16-bit greyscale photo of the user's."""
+    source = notebook_source(NOTEBOOK)
+    if variant == "residual_vq":
+        for old, new in (("token_dim=8)", 'token_dim=8, quantizer="residual_vq", '
+                                          'quantizer_options={"depth": 2})'),
+                         ("OWN_IMAGES = []", f"OWN_IMAGES = [{str(tmp_path / 'grey16.png')!r}]")):
+            assert source.count(old) == 1, old
+            source = source.replace(old, new)
+        ramp = np.linspace(0, 65535, 40 * 30).reshape(30, 40).astype(np.uint16)
+        Image.fromarray(ramp).save(tmp_path / "grey16.png")
     script = tmp_path / "explore.py"
-    script.write_text(notebook_source(NOTEBOOK) + "\n\nprint('NOTEBOOK DONE', samples.shape, "
-                      "influence.shape)\n")
+    script.write_text(source + "\n\nprint('NOTEBOOK DONE', samples.shape, influence.shape, "
+                      "len(x))\n")
     env = subprocess_env(1)
     env["MPLBACKEND"] = "Agg"
     run = subprocess.run([sys.executable, str(script)], env=env, cwd=str(tmp_path),
@@ -33,4 +49,5 @@ def test_notebook_runs_top_to_bottom(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     out = run.stdout
     assert "PSNR" in out and "SSIM" in out
-    assert "NOTEBOOK DONE (16, 64, 64, 3) (16, 64, 64)" in out, out[-2000:]
+    photos = 5 if variant == "residual_vq" else 4
+    assert f"NOTEBOOK DONE (16, 64, 64, 3) (16, 64, 64) {photos}" in out, out[-2000:]

@@ -189,11 +189,12 @@ def _flag_spans(args: Sequence[str], names: Sequence[str]) -> list[tuple[int, in
 
 
 def _flag_arg(args: Sequence[str], name: str) -> Optional[str]:
-    """The value of flag `name` in `args` (its first); None when absent."""
+    """The value of flag `name` in `args` (its last, as absl takes a repeated flag); None when
+    absent."""
     spans = _flag_spans(args, [name])
     if not spans:
         return None
-    first, end = spans[0]
+    first, end = spans[-1]
     return args[first + 1] if end - first == 2 else args[first].split("=", 1)[1]
 
 

@@ -766,7 +766,7 @@ def _rejected(error: convert_common.ConversionError, downloaded: list[str],
     its options and the file was readable, those may be what is wrong, not the file: it is
     kept, and they are named."""
     if chosen and not isinstance(error, convert_common.UnreadableCheckpoint):
-        return type(error)(f"{str(error).rstrip('.')} (check {chosen}: the file is kept).")
+        return type(error)(f"{chosen} may not fit the file (it is kept): {error}")
     unchecked = [os.path.abspath(p) for p in unchecked]
     downloaded = [p for p in downloaded if os.path.abspath(p) in unchecked]
     download.forget(downloaded)
