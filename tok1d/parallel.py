@@ -253,6 +253,11 @@ def global_batch(local: Mapping[str, np.ndarray], sharding: NamedSharding,
     return out
 
 
+# `logging.info(..., extra={EVERY_PROCESS: True})`: a line every process of a run prints
+# (the console shows tok1d's other INFO lines from process 0 only: `tok1d.cli.app`).
+EVERY_PROCESS = "tok1d_every_process"
+
+
 def joined_process_index() -> int:
     """This process's index in a joined multi-process run (0 when none was joined), known
     without starting the backend, as `jax.process_index()` would (e.g. in a log filter)."""

@@ -449,14 +449,11 @@ def _parse(job: types.ModuleType, prog: str, args: list[str]
 # Console.
 # ----------------------------------------------------------------------------------------------
 
-# `logging.info(..., extra={EVERY_PROCESS: True})`: a line every process of a run prints.
-EVERY_PROCESS = "tok1d_every_process"
-
-
 class _ConsoleFilter(logging.Filter):
     """tok1d's own INFO records (on process 0 of a multi-process run, but those marked
-    EVERY_PROCESS); other libraries' warnings (but absl's, which orbax and grain log their
-    internals to, and Python's `warnings`) and errors always; the rest only when verbose."""
+    parallel.EVERY_PROCESS); other libraries' warnings (but absl's, which orbax and grain log
+    their internals to, and Python's `warnings`) and errors always; the rest only when
+    verbose."""
 
     def __init__(self, verbosity: int, below_warning: bool):
         super().__init__()
@@ -472,9 +469,10 @@ class _ConsoleFilter(logging.Filter):
         if self.verbosity >= 1:
             return True
         # tok1d's progress lines once per run: process 0's (the others' say the same), but
-        # for those marked EVERY_PROCESS (each process's own facts).
+        # for those marked parallel.EVERY_PROCESS (each process's own facts).
         return own and record.levelno >= logging.INFO and (
-            parallel.joined_process_index() == 0 or getattr(record, EVERY_PROCESS, False))
+            parallel.joined_process_index() == 0
+            or getattr(record, parallel.EVERY_PROCESS, False))
 
 
 class _ConsoleFormatter(logging.Formatter):

@@ -155,9 +155,9 @@ def make_encoder(model, params, *, flip: bool, batch_size: int, prefix_tokens: i
 
     Returns (encode, global_batch, (host_start, host_stop)): `encode(local_images, local_labels)`
     takes this host's rows of a global batch (uint8 pixels, or float32 images in [0, 1], of
-    shape (rows, S, S, 3) or (rows, views, S, S, 3)) and returns the codes (global_batch, V, N) int32 (V = views, twice
-    that with `flip`; N = prefix_tokens when > 0: the first tokens only) and labels
-    (global_batch,) of the whole batch on every host.
+    shape (rows, S, S, 3) or (rows, views, S, S, 3)) and returns the codes (global_batch, V, N)
+    int32 (V = views, twice that with `flip`; N = prefix_tokens when > 0: the first tokens
+    only) and labels (global_batch,) of the whole batch on every host.
     `global_batch` is `batch_size` rounded up to a multiple of the device count."""
     mesh = parallel.create_mesh({"data": -1})
     rules = parallel.DEFAULT_RULES

@@ -54,7 +54,7 @@ def execute(fv: flags.FlagValues, args: list[str]) -> None:
     # Every process says who it is (the launch logs of a multi-host job show each one joined).
     logging.info("JAX %s, process %d/%d, %d devices (%s).", jax.__version__, jax.process_index(),
                  jax.process_count(), jax.device_count(), jax.devices()[0].platform,
-                 extra={app.EVERY_PROCESS: True})
+                 extra={parallel.EVERY_PROCESS: True})
     made = first_missing(fv.workdir)  # None: the workdir exists
     try:
         os.makedirs(fv.workdir, exist_ok=True)

@@ -37,7 +37,7 @@ from typing import Optional
 
 import tqdm
 
-from tok1d import errors
+from tok1d import errors, parallel
 from tok1d.weights.registry import File
 
 CACHE_ENV = "TOK1D_CACHE"
@@ -340,7 +340,8 @@ def remove_stale(directory: str, older_than_s: float = STALE_AFTER_S) -> list[st
             continue  # another process removed it, or it is not ours to remove
     if removed:
         logging.info("Removed leftovers of killed downloads / conversions in %s: %s",
-                     directory, ", ".join(sorted(removed)))
+                     directory, ", ".join(sorted(removed)),
+                     extra={parallel.EVERY_PROCESS: True})  # (each host's own cache)
     return removed
 
 
