@@ -694,6 +694,14 @@ def test_the_closed_event_loop_tracebacks_of_a_failed_restore_are_silenced(capsy
                                   (ValueError("something else"), True)):
                 RaisesWhenCollected(error)  # collected at once: an unraisable exception
                 assert (str(error) in capsys.readouterr().err) == expect, (verbosity, error)
+        # A Ctrl-C caught in a finalizer (JAX's gc callback) is the main thread's again,
+        # without the "Exception ignored" traceback.
+        app.setup_console(0)
+        with pytest.raises(KeyboardInterrupt):
+            RaisesWhenCollected(KeyboardInterrupt())
+            for _ in range(10 ** 7):  # (the interrupt comes at the next bytecode check)
+                pass
+        assert "KeyboardInterrupt" not in capsys.readouterr().err
         # The hook in place before goes on (called once: no wrapper of a wrapper).
         calls = []
         sys.unraisablehook = calls.append

@@ -29,6 +29,7 @@ absl records and Python warnings from ERROR on), unless `--verbosity=1` (their I
 
 from __future__ import annotations
 
+import _thread
 import ast
 import difflib
 import importlib
@@ -38,6 +39,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import traceback
 import types
 import zlib
@@ -494,10 +496,15 @@ def _quiet_unraisable(inner: Callable[[Any], None]) -> Callable[[Any], None]:
     """`inner` (the hook in place: Python's, pytest's, a notebook's), less tensorstore's
     callbacks into orbax's closed event loop: after a failed checkpoint read (e.g. a damaged
     array index) each one printed a traceback of "RuntimeError: Event loop is closed",
-    hundreds of lines above the run's one error line."""
+    hundreds of lines above the run's one error line. A Ctrl-C that landed in a callback or
+    finalizer (JAX's garbage-collection callback: "Exception ignored in _xla_gc_callback")
+    is raised again in the main thread, not printed and lost."""
     def hook(unraisable) -> None:
         value = unraisable.exc_value
         if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+            return
+        if isinstance(value, KeyboardInterrupt):  # (raised from here, it would be ignored)
+            threading.Timer(0.01, _thread.interrupt_main).start()
             return
         inner(unraisable)
 
