@@ -762,6 +762,7 @@ def test_flags_are_found_and_replaced_in_every_form_absl_takes():
     assert app._flag_arg(args, "config") == "a.py"
     assert app._flag_arg(["-config=b.py"], "config") == "b.py"
     assert app._flag_arg(["--config=a.py", "--config", "b.py"], "config") == "b.py"  # absl's
+    assert app._flag_arg(["--config=a.py", "--", "--config=b.py"], "config") == "a.py"
     assert app._flag_arg(["--config.seed=3"], "config") is None
     assert app._replace_flag(args, "config", "c.py") == [
         "--config=c.py", "--config.seed=3", "-process_id", "1", "--x=2", "--config"]

@@ -177,10 +177,13 @@ def _config_path(args: Sequence[str]) -> Optional[str]:
 
 def _flag_spans(args: Sequence[str], names: Sequence[str]) -> list[tuple[int, int]]:
     """Where flags `names` are in `args`, in any form absl takes (--name=V, --name V, -name=V,
-    -name V): (first, end) index ranges, the value included."""
+    -name V): (first, end) index ranges, the value included; none after "--" (absl's end
+    of flags)."""
     spans, i = [], 0
     while i < len(args):
         arg = args[i]
+        if arg == "--":
+            break
         if arg.startswith(tuple(f"{d}{n}=" for n in names for d in ("--", "-"))):
             spans.append((i, i + 1))
         elif arg in tuple(f"{d}{n}" for n in names for d in ("--", "-")) and i + 1 < len(args):
