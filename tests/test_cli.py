@@ -480,11 +480,18 @@ def test_console_shows_tok1d_lines_and_hides_library_info(capsys):
         logging.getLogger("absl").info("orbax internals")
         logging.getLogger("absl").warning("Metadata file does not exist")
         logging.getLogger("jax._src.xla_bridge").warning("a real warning")
+        # orbax's save thread on a full disk (tok1d's Checkpointer raises its own line).
+        logging.getLogger("absl").handle(logging.LogRecord(
+            "absl", logging.ERROR, os.path.join(os.sep, "site-packages", "orbax", "checkpoint",
+                                                "async.py"), 1,
+            "Save Finalize thread failed: No space left on device", None, None))
+        logging.getLogger("absl").error("an absl error of another library")
     assert app.run(_job(execute), []) == 0
     out, err = capsys.readouterr()
     assert out.splitlines() == ["checkpoint saved at step 4", "Model titok: 0.04M parameters"]
     assert "orbax internals" not in out + err and "Metadata" not in out + err
-    assert "a real warning" in err
+    assert "a real warning" in err and "Save Finalize" not in err
+    assert "an absl error of another library" in err
     assert app.run(_job(execute), ["--verbosity=1"]) == 0
     out, err = capsys.readouterr()
     assert "orbax internals" in out and "checkpoint saved at step 4" in out

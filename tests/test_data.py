@@ -355,3 +355,46 @@ def test_live_rings_keep_their_room_in_dev_shm(monkeypatch, caplog):
     del first, second
     gc.collect()
     assert shared_batches._reserved[0] == 0
+
+
+_KILLED_PARENT = r"""
+import multiprocessing, os, signal
+from absl import flags
+flags.FLAGS.mark_as_parsed()
+from tok1d.data import pipeline, sources
+src = sources.DemoSource("train", size=24)
+it = iter(pipeline.train_dataset(src, global_batch=4, host_start=0, host_stop=4, seed=0,
+                                 image_size=16, augment="random_crop", flip=False,
+                                 min_scale=1.0, num_workers=2))
+next(it)
+print(" ".join(str(p.pid) for p in multiprocessing.active_children()), flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "\nState:\tZ" not in f.read()  # (a zombie is gone, only not yet reaped)
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+def test_input_workers_end_when_the_training_process_is_killed():
+    """`kill -9` of a run with input worker processes: its workers lived on (holding their
+    memory, /dev/shm and the dead run's output pipes: a `| tee` waited for them); they now
+    end within seconds of their parent."""
+    import subprocess
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_PARENT], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    workers = [int(p) for p in proc.stdout.readline().split()]
+    proc.wait(timeout=120)
+    assert len(workers) >= 2 and proc.returncode == -9
+    deadline = time.monotonic() + 3 * shared_batches.PARENT_POLL_S + 10
+    while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [p for p in workers if _alive(p)]
+    for p in left:
+        os.kill(p, 9)
+    assert not left, "input workers outlived the killed training process"

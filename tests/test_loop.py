@@ -145,6 +145,22 @@ def test_checkpoint_saved_is_logged_once_the_save_is_complete(tmp_path):
     failing.close()
 
 
+def test_a_partial_checkpoint_of_a_killed_save_is_found(tmp_path):
+    """`kill -9` during a save leaves N.orbax-checkpoint-tmp-*: the next run resumed from the
+    last complete checkpoint without a word about the one it dropped (start_or_resume now
+    warns of `partial_saves`)."""
+    state = {"w": jnp.ones((4,), jnp.float32)}
+    first = checkpoint.Checkpointer(str(tmp_path), every_steps=1, keep=2, async_save=False)
+    first.save(4, state, force=True)
+    first.close()
+    assert first.partial_saves() == []
+    (tmp_path / "8.orbax-checkpoint-tmp-1765000000").mkdir()
+    again = checkpoint.Checkpointer(str(tmp_path), every_steps=1, keep=2, async_save=False)
+    assert again.latest_step() == 4
+    assert again.partial_saves() == ["8.orbax-checkpoint-tmp-1765000000"]
+    again.close()
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_damaged_checkpoint_is_refused_with_its_step(tmp_path):
     """A checkpoint whose files are damaged (its tree metadata junk, its array index empty, an
@@ -584,6 +600,20 @@ def test_a_preempted_run_logs_its_last_partial_window(tmp_path):
                                            ckpt_every=0)
     assert result["step"] == 6 and rows == [(3, 2.0), (6, 5.0)]
     assert evals == [6] and saved == [6]
+
+
+def test_a_signal_during_an_eval_stops_at_its_step(tmp_path):
+    """A preemption signal that comes during an eval (FID can take minutes) stops the run at
+    that step, saved: it trained one more step first (and waited for the next phase's
+    compile, when one came), which a grace period may not cover."""
+    def signalling_eval(state, step):  # noqa: ARG001
+        os.kill(os.getpid(), signal_lib.SIGTERM)
+        return {}
+
+    result, rows, _, saved = _run_loop(tmp_path, total=12, log_every=4, eval_every=4,
+                                       ckpt_every=0, run_eval=signalling_eval)
+    assert result == {"step": 4, "preempted": True}
+    assert rows == [(4, 2.5)] and saved == [4]
 
 
 def test_the_evals_own_periods_run_it_between_the_evals(tmp_path):

@@ -470,6 +470,10 @@ class _ConsoleFilter(logging.Filter):
         own = record.name == "root" or record.name.startswith("tok1d")
         if record.levelno >= logging.WARNING:
             quiet = record.name in ("absl", "py.warnings") and record.levelno < logging.ERROR
+            # orbax's background save threads log a failed save (e.g. a full disk) in four
+            # long lines; tok1d raises its own one line for it (`Checkpointer.wait`).
+            quiet = quiet or (record.name == "absl" and record.levelno < logging.CRITICAL
+                              and f"{os.sep}orbax{os.sep}" in record.pathname)
             return own or self.verbosity >= 1 or not quiet
         if self.verbosity >= 1:
             return True

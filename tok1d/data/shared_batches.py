@@ -21,8 +21,10 @@ taken waits for the training process to free one: its slots outnumber the batche
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import os
 import shutil
 import threading
 import time
@@ -58,15 +60,37 @@ def iterate_batches(batches: grain.MapDataset, *, num_threads: int, num_workers:
     process (this one, or each of `num_workers` grain worker processes, which take every
     `num_workers`-th batch), each thread PREFETCH_PER_THREAD batches ahead. The buffer counts
     batches: the pipelines' earlier 64 (meant as examples) held 64 batches of 32 canvases, 1.7
-    GB, in every process once training ran slower than the input (benchmarks/RESULTS.md)."""
+    GB, in every process once training ran slower than the input (benchmarks/RESULTS.md).
+    The workers end when the training process is gone (`_start_worker`)."""
     it = batches.to_iter_dataset(grain.ReadOptions(
         num_threads=num_threads, prefetch_buffer_size=PREFETCH_PER_THREAD * max(num_threads, 1)))
     if num_workers > 0:
         it = grain.experimental.WithOptionsIterDataset(
             it, grain.experimental.DatasetOptions(min_shm_size=MIN_SHM_BYTES))
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers),
-                            worker_init_fn=worker_init_fn)
+                            worker_init_fn=functools.partial(_start_worker,
+                                                             then=worker_init_fn))
     return it
+
+
+PARENT_POLL_S = 1.0
+
+
+def _start_worker(index: int, count: int,
+                  then: Callable[[int, int], None] | None = None) -> None:
+    """A grain worker's start: a thread that ends the worker once the process that started it
+    is gone (killed, `kill -9`: its workers lived on, holding their memory, the shared-memory
+    segments and the dead run's output pipes, which kept e.g. `| tee` waiting), then `then`."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="tok1d-parent-watch", daemon=True).start()
+    if then is not None:
+        then(index, count)
 
 
 def shm_free_bytes() -> int | None:

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import collections
+import glob
 import json
 import logging
 import os
@@ -79,6 +80,10 @@ def single_process_array_writes() -> None:
         jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
 
 
+# A save in progress: orbax writes checkpoint N under this name and renames it when complete.
+PARTIAL_PATTERN = "*.orbax-checkpoint-tmp*"
+
+
 class Checkpointer:
     """Thin wrapper over `ocp.CheckpointManager` of the train state."""
 
@@ -101,6 +106,13 @@ class Checkpointer:
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
+
+    def partial_saves(self) -> list[str]:
+        """The folders of saves in progress, or cut short: orbax writes checkpoint N under a
+        temporary name and renames it when complete. A run starting in its workdir (which it
+        holds: no other run saves there) finds those of a killed process."""
+        return sorted(os.path.basename(p)
+                      for p in glob.glob(os.path.join(self.directory, PARTIAL_PATTERN)))
 
     def save(self, step: int, state: Any, *, force: bool = False) -> bool:
         """Starts saving `state` as checkpoint `step` (in the background when async): True if
@@ -130,9 +142,10 @@ class Checkpointer:
             return
         if self._on_storage(step):
             logging.getLogger(__name__).info("checkpoint saved at step %d", step)
-        else:  # (orbax's wait raises a failed save's error: not expected)
+        else:  # (orbax's wait raises a failed save's error: an interrupted wait)
             logging.getLogger(__name__).warning(
-                "checkpoint at step %d is not on storage (its save did not complete)", step)
+                "checkpoint at step %d was not on storage yet when the run stopped (its save "
+                "was interrupted): the next run uses it only if it is complete", step)
 
     def restore(self, step: int, abstract_state: Any) -> Any:
         """The train state of checkpoint `step`, restored into `abstract_state`

@@ -167,10 +167,30 @@ def train_loop(config, workdir: str, state: TrainState, first_step: int,
             if isinstance(v, (int, float))))
         return metrics
 
+    def stop_requested(step_) -> bool:
+        return (checkpointer.reached_preemption(step_) if jax.process_count() > 1
+                else preempt.is_set())
+
+    def stopped(step_):
+        """Saves the state of `step_` (unless saved) and ends the run on a preemption."""
+        nonlocal last_saved
+        if pending is not None:
+            check_finite(*pending, last_saved)  # (a non-finite state is never saved)
+        if last_saved != step_:
+            with progress.timed_pause():
+                if checkpointer.save(step_, state, force=True):
+                    last_saved = step_
+        checkpointer.wait()
+        log(f"Stopped by a preemption signal at step {step_}; checkpoint saved. "
+            "Run the same command again to resume.")
+        return {"step": step_, "preempted": True}
+
     try:
         while step < total:
             batch = next(feeder)
             if step == change:
+                if step > first_step and stop_requested(step):  # (before the compile's wait)
+                    return stopped(step)
                 with progress.timed_pause():
                     t0 = time.perf_counter()
                     if ahead is None:  # the switch came sooner than the lead time
@@ -196,8 +216,7 @@ def train_loop(config, workdir: str, state: TrainState, first_step: int,
             pending = (step, finite)
             means.add(scalars)
 
-            stop = (checkpointer.reached_preemption(step) if jax.process_count() > 1
-                    else preempt.is_set())
+            stop = stop_requested(step)
             if step % config.log_every_steps == 0 or step == total or stop:
                 check_finite(*pending, last_saved)  # (a stop logs its part of a window)
                 values = means.pop()
@@ -215,13 +234,12 @@ def train_loop(config, workdir: str, state: TrainState, first_step: int,
                     if checkpointer.save(step, state, force=True):
                         last_saved = step
             if stop:
-                checkpointer.wait()
-                log(f"Stopped by a preemption signal at step {step}; checkpoint saved. "
-                    "Run the same command again to resume.")
-                return {"step": step, "preempted": True}
+                return stopped(step)
 
             if step != total and any(every(step, p) for p in periods):
                 evaluate(step)
+                if stop_requested(step):  # (a signal during the eval: no step more)
+                    return stopped(step)
         if first_step >= total:
             done = final_metrics_of(workdir, first_step)
             if done is not None:

@@ -123,6 +123,11 @@ def start_or_resume(checkpointer: ckpt_lib.Checkpointer, abstract: TrainState,
     the same mesh and rules, then reuses that executable.
     An error of the compilation is raised here."""
     latest = checkpointer.latest_step()
+    partial = checkpointer.partial_saves()
+    if partial and jax.process_index() == 0:
+        logging.warning("%s holds a checkpoint whose save was cut short (the run was killed): "
+                        "%s, not used (it can be deleted).", checkpointer.directory,
+                        ", ".join(partial))
     if latest is not None:
         logging.info("Resuming from %s/%d.", checkpointer.directory, latest)
     feeder = batches_from(latest or 0)
