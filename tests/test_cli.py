@@ -407,7 +407,7 @@ def test_missing_optional_dependency(tmp_path, monkeypatch, capsys):
     ckpt.write_bytes(b"")
     assert convert.main(["titok", f"--checkpoint={ckpt}", f"--out={tmp_path / 'out'}"]) == 2
     line = one_error_line(capsys.readouterr().err)
-    assert "PyTorch" in line and "pip install 'tok1d[convert]'" in line
+    assert "PyTorch" in line and "pip install -e '.[convert]'` in tok1d's checkout" in line
     assert not (tmp_path / "out").exists()
     bare = ModuleNotFoundError("No module named 'safetensors'", name="safetensors")
     assert "pip install safetensors" in app.user_error_message(bare)

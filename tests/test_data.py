@@ -239,7 +239,8 @@ def test_tfds_dataset_not_prepared_is_one_line(tmp_path):
     from tok1d.cli import app
     scratch = os.path.join(tempfile.gettempdir(), "tmp*tfds")
     before = set(glob.glob(scratch))
-    cases = [("tfds:imagenet2012", "has no prepared split 'train'", "tok1d prepare"),
+    cases = [("tfds:imagenet2012", "has no prepared split 'train'", "tok1d prepare",
+              "--config.data.data_dir; tok1d tokenize: --data_dir"),
              ("tfds:no_such_dataset_xyz", "TFDS knows no dataset", "no_such_dataset_xyz")]
     for name, *expected in cases:
         with pytest.raises(FileNotFoundError) as e:

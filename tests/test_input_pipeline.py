@@ -29,7 +29,7 @@ AUGMENTS = ("center_crop", "random_crop", "adm_random_crop", "random_resized_cro
 MEAN_BOUND, P99_BOUND = 2.0, 12
 needs_torchvision = pytest.mark.skipif(
     importlib.util.find_spec("torch") is None or importlib.util.find_spec("torchvision") is None,
-    reason="the official loaders need torch and torchvision (pip install 'tok1d[bench]')")
+    reason="the official loaders need torch and torchvision (pip install -e '.[bench]')")
 
 
 @functools.lru_cache(maxsize=None)
@@ -389,9 +389,9 @@ def test_input_benchmark_without_torchvision_stops_before_preparing(monkeypatch,
                          "--steps=1", "--repeats=1"])
     err = capsys.readouterr().err.strip()
     assert status == 2 and len(err.splitlines()) == 1, err
-    assert re.fullmatch(r"error: the official loader needs torch(vision)? \(pip install "
-                        r"'tok1d\[bench\]'\); --noofficial times tok1d's pipeline alone\.",
-                        err), err
+    assert re.fullmatch(r"error: the official loader needs torch(vision)? \(pip install -e "
+                        r"'\.\[bench\]' in tok1d's checkout\); --noofficial times tok1d's "
+                        r"pipeline alone\.", err), err
 
 
 def _never_called(*args, **kwargs):

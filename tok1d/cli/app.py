@@ -60,11 +60,13 @@ from tok1d.weights import download, layout, registry
 
 TOOL = "tok1d"
 # Optional packages and how to get them; a missing one ends in a one-line hint.
-OPTIONAL = {"torch": "pip install 'tok1d[convert]'", "safetensors": "pip install safetensors",
-            "yaml": "pip install pyyaml", "tensorflow": "pip install 'tok1d[tfds_build]'",
+# (tok1d is not on PyPI: its extras install from its checkout)
+OPTIONAL = {"torch": "pip install -e '.[convert]' in tok1d's checkout",
+            "safetensors": "pip install safetensors", "yaml": "pip install pyyaml",
+            "tensorflow": "pip install -e '.[tfds_build]' in tok1d's checkout",
             "matplotlib": "pip install matplotlib", "sklearn": "pip install scikit-learn",
-            "huggingface_hub": "pip install 'tok1d[hub]'",
-            "torchvision": "pip install 'tok1d[bench]'"}
+            "huggingface_hub": "pip install -e '.[hub]' in tok1d's checkout",
+            "torchvision": "pip install -e '.[bench]' in tok1d's checkout"}
 _OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=]+)")
 _HELP = ("-h", "--help", "-help", "--helpshort", "--helpfull")
 _running: list[str] = []  # the command line of the command being run
@@ -659,8 +661,9 @@ COMMANDS = {
     "prepare": "convert a folder of class subfolders of images into ArrayRecord shards",
     "tokenize": "encode an image dataset into a token dataset with a trained tokenizer",
     "sample": "sample class-conditional images with a trained generator",
-    "evaluate": "rFID / gFID, IS, precision / recall, PSNR, SSIM, LPIPS of a checkpoint",
-    "convert": "convert an official PyTorch checkpoint into a tok1d pretrained directory",
+    "evaluate": "rFID / gFID, sFID, IS, precision / recall, PSNR, SSIM, LPIPS, codebook usage",
+    "convert": "an official PyTorch checkpoint, or released weights by name (--from NAME), "
+               "-> a tok1d pretrained directory",
     "bench": "speed, memory and MFU of a config's programs (random weights)",
 }
 

@@ -33,7 +33,7 @@ unexpected and mismatched keys, and nothing is written. Load the result with
 `tok1d.weights.loaders.load_pretrained(DIR)`. The perceptual networks (lpips: LPIPS-VGG, the
 linear layers of `lpips/weights/v0.1/vgg.pth` + torchvision's VGG16; convnext_s: torchvision's
 ConvNeXt-S) are written as OUT/<name>.npz, the files `tok1d.objectives.perceptual` reads.
-Reading .bin / .pt / .pth files needs PyTorch (`pip install 'tok1d[convert]'`).
+Reading .bin / .pt / .pth files needs PyTorch (`pip install -e '.[convert]'` in the checkout).
 """
 
 from __future__ import annotations

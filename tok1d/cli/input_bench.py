@@ -202,9 +202,9 @@ def run(config, *, images: int = 256, batch_size: int = 32, steps: int = 10,
         try:
             loaders.import_torchvision()
         except ModuleNotFoundError as e:
-            raise errors.UserError(f"the official loader needs {e.name} (pip install "
-                                   "'tok1d[bench]'); --noofficial times tok1d's pipeline "
-                                   "alone.") from None
+            raise errors.UserError(f"the official loader needs {e.name} (pip install -e "
+                                   "'.[bench]' in tok1d's checkout); --noofficial times "
+                                   "tok1d's pipeline alone.") from None
     resize_on = data.resize_on
     augments = [data.augment] + ([CENTER] if data.augment != CENTER else [])
     num_workers = pipeline.resolve_num_workers(workers)

@@ -221,9 +221,10 @@ class TfdsSource:
         except (KeyError, NotImplementedError) as e:
             raise FileNotFoundError(
                 f"TFDS dataset {name!r} has no prepared split {split!r} in {where}: prepare it "
-                "in array_record format there (`tfds build`, which needs TensorFlow) and pass "
-                "--config.data.data_dir, or convert an image folder with `tok1d prepare` and "
-                "use --config.data.name=array_record:DIR") from e
+                "in array_record format there (`tfds build`, which needs TensorFlow) and give "
+                "that data_dir (--config.data.data_dir; tok1d tokenize: --data_dir), or convert "
+                "an image folder with `tok1d prepare` and use the data name array_record:DIR "
+                "(--config.data.name=...; tok1d tokenize: --data=...)") from e
         features = self._source.dataset_info.features
         if "image" in features and isinstance(features["image"], tfds.features.Image):
             self._source = tfds.data_source(name, split=split, data_dir=data_dir or None,

@@ -124,7 +124,9 @@ def digit_reference(config, feature_net: Optional[Mapping[str, Any]] = None) -> 
     evaluation.precision_recall off, when the reference keeps no features)."""
     dcfg = config.data
     if dcfg.name != "digits":
-        raise ValueError(f"The digit features need data.name='digits', got {dcfg.name!r}.")
+        raise ValueError(f"The digit features (the demo's, --sweep_features=digits) need the "
+                         f"digits data, data.name='digits', got {dcfg.name!r} (a generator "
+                         "trained on tokens of the digits: add --config.data.name=digits).")
     train, held = (source_arrays(sources.get_source("digits", split,
                                                     image_size=dcfg.image_size))
                    for split in (dcfg.train_split, dcfg.eval_split))

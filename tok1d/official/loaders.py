@@ -1,7 +1,7 @@
 """The official training loaders' image pipelines (torchvision `ImageFolder` + `DataLoader`),
 rewritten from their descriptions, to run side by side with tok1d's grain pipeline on the same
 files (`tok1d bench --workload=input`). torch and torchvision are imported only here
-(`pip install 'tok1d[bench]'`).
+(`pip install -e '.[bench]' in tok1d's checkout`).
 
   random_crop (TiTok, bytedance/1d-tokenizer's `ImageTransform`): torchvision
       Resize(shorter side to S, bicubic, antialias) -> RandomCrop(S) -> RandomHorizontalFlip

@@ -450,8 +450,8 @@ def start_writing(config, workdir: str, first_step: int = 0,
                  f"on ({'; '.join(changed)}).")
     changed = changed_schedule_settings(config, workdir)
     if changed:
-        log_fn()(f"Warning: resuming with other optimizer or schedule settings than the run "
-                 f"started with ({'; '.join(changed)}): the learning-rate schedule follows "
+        log_fn()(f"Warning: resuming with other optimizer or schedule settings than the run's "
+                 f"last start ({'; '.join(changed)}): the learning-rate schedule follows "
                  "the new ones from the resumed step on"
                  + ("; the data stream's position is counted in batches of the new size, so "
                     "some examples of this epoch are skipped or seen again."

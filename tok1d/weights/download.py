@@ -181,7 +181,7 @@ def _from_hub(file: File, local: str) -> str:
         from huggingface_hub.utils import LocalEntryNotFoundError
     except ImportError:
         raise _unreachable(hub_url(file.source), local, "huggingface_hub is not installed: "
-                           "pip install 'tok1d[hub]'") from None
+                           "pip install -e '.[hub]' in tok1d's checkout") from None
     hub_download = huggingface_hub.hf_hub_download  # (a lazy import: it adds the handler)
     quiet_own_handler(logging.getLogger("huggingface_hub"))
     local_only = offline() or not _hub_reachable(huggingface_hub.constants.ENDPOINT)

@@ -133,8 +133,8 @@ def read_torch(path: str) -> Any:
         import torch  # Local import: optional dependency.
     except ImportError as e:
         raise ImportError(f"Reading {os.path.splitext(path)[1]} checkpoints needs PyTorch: "
-                          "`pip install 'tok1d[convert]'` (or convert the file to "
-                          ".safetensors elsewhere).") from e
+                          "`pip install -e '.[convert]'` in tok1d's checkout (or convert the "
+                          "file to .safetensors elsewhere).") from e
 
     def load(p: str) -> Any:
         with torch.serialization.safe_globals([argparse.Namespace]):
@@ -151,8 +151,9 @@ def load_state_dict(path: str, prefix: str = "") -> dict[str, Array]:
     """Reads a state_dict as NumPy arrays from .safetensors, .npz or .bin/.pt/.pth/.ckpt.
 
     .safetensors and .npz need only NumPy (and `safetensors`); torch pickles need torch
-    (`pip install tok1d[convert]`). With `prefix`, only keys starting with it are kept, with the
-    prefix removed (e.g. prefix="vq_legacy/sd/" for the golden fixtures).
+    (`pip install -e '.[convert]'` in tok1d's checkout). With `prefix`, only keys starting
+    with it are kept, with the prefix removed (e.g. prefix="vq_legacy/sd/" for the golden
+    fixtures).
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")

@@ -16,7 +16,8 @@ Sources (the user supplies the files; nothing is downloaded):
     aliases and the ScalingLayer buffers are accepted and checked / ignored).
   * ConvNeXt-S: torchvision's `convnext_small(weights="IMAGENET1K_V1")` state_dict
     (`convnext_small-0c510722.pth`).
-Reading .pth files needs PyTorch (`pip install 'tok1d[convert]'`); .safetensors / .npz do not.
+Reading .pth files needs PyTorch (`pip install -e '.[convert]'` in tok1d's checkout);
+.safetensors / .npz do not.
 """
 
 from __future__ import annotations
