@@ -11,6 +11,17 @@ TPU = os.path.join(REPO, "launch", "tpu_vm.sh")
 SLURM = os.path.join(REPO, "launch", "slurm.sbatch")
 
 
+def fake_tools(tmp_path, **scripts: str) -> str:
+    """Executables named as the keywords, with those scripts, in tmp_path/bin; returns a PATH
+    that finds them first."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, script in scripts.items():
+        (bin_dir / name).write_text(script)
+        (bin_dir / name).chmod(0o755)
+    return f"{bin_dir}:{os.environ['PATH']}"
+
+
 def sh(*args, env=None):
     inherited = {k: v for k, v in os.environ.items() if k != "TOK1D_COMPILATION_CACHE"}
     return subprocess.run(["bash", *args], capture_output=True, text=True, timeout=30,
@@ -43,23 +54,19 @@ def test_tpu_run_returns_at_once_and_refuses_a_second_run(tmp_path):
     run while one is going (it took over the first one's coordinator: both died), and names
     a worker without `setup`. (The worker's pgrep sees this test's processes only: other
     tests run tok1d.main beside it.)"""
-    bin_dir, home = tmp_path / "bin", tmp_path / "home"
-    bin_dir.mkdir()
-    workdir = str(tmp_path / "w")
+    home, workdir = tmp_path / "home", str(tmp_path / "w")
     # The worker's "python -m tok1d.main": sleeps, so that a run is going.
     fake_bin = home / "tok1d" / ".venv" / "bin"
     fake_bin.mkdir(parents=True)
     (fake_bin / "activate").write_text(f'PATH="{fake_bin}:$PATH"\n')
     (fake_bin / "python").write_text('#!/bin/bash\nexec -a "python $*" sleep 30\n')
     (fake_bin / "python").chmod(0o755)
-    (bin_dir / "gcloud").write_text(
-        '#!/bin/bash\nwhile [[ $# -gt 0 ]]; do [[ "$1" == --command ]] && c=$2; shift; done\n'
-        'cd "$HOME" && bash -c "$c"\n')
-    pgrep = shutil.which("pgrep")
-    (bin_dir / "pgrep").write_text(f'#!/bin/bash\nexec {pgrep} -f -- "$2.*{workdir}"\n')
-    for tool in ("gcloud", "pgrep"):
-        (bin_dir / tool).chmod(0o755)
-    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(home)}
+    path = fake_tools(
+        tmp_path,
+        gcloud='#!/bin/bash\nwhile [[ $# -gt 0 ]]; do [[ "$1" == --command ]] && c=$2; shift; '
+               'done\ncd "$HOME" && bash -c "$c"\n',
+        pgrep=f'#!/bin/bash\nexec {shutil.which("pgrep")} -f -- "$2.*{workdir}"\n')
+    env = {"PATH": path, "HOME": str(home)}
     try:
         first = sh(TPU, "run", "pod", "z", "configs/demo.py", workdir, env=env)
         assert first.returncode == 0, first.stderr
@@ -104,14 +111,11 @@ def test_tpu_setup_copies_the_source_without_venv_or_git(tmp_path):
     """`setup` ships git's tracked and not-ignored files as one archive unpacked into
     ~/tok1d (it copied the whole checkout, .venv and .git included, with scp --recurse, which
     lands in tok1d/main/ the second time). Runs the real archive step with a fake gcloud."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "gcloud").write_text('#!/bin/sh\necho "$@" >> "$GCLOUD_LOG"\n'
-                                    'case "$4" in scp) cp "$5" "$GCLOUD_LOG.tar.gz";; esac\n')
-    (bin_dir / "gcloud").chmod(0o755)
+    path = fake_tools(tmp_path, gcloud='#!/bin/sh\necho "$@" >> "$GCLOUD_LOG"\n'
+                      'case "$4" in scp) cp "$5" "$GCLOUD_LOG.tar.gz";; esac\n')
     log = tmp_path / "gcloud.log"
-    out = sh(TPU, "setup", "pod", "z", env={"PATH": f"{bin_dir}:{os.environ['PATH']}",
-                                            "TMPDIR": str(tmp_path), "GCLOUD_LOG": str(log)})
+    out = sh(TPU, "setup", "pod", "z", env={"PATH": path, "TMPDIR": str(tmp_path),
+                                            "GCLOUD_LOG": str(log)})
     assert out.returncode == 0, out.stderr
     archive = tmp_path / "tok1d-src-pod.tar.gz"
     assert not archive.exists()  # removed once copied
@@ -140,11 +144,8 @@ def test_slurm_dry_run_command_starts_the_multi_host_run(tmp_path):
     """The printed command, run as it is, joins one run (it left out the exports: each task
     ran alone as process 0 of 1, all in one workdir): a fake srun records the environment
     and the arguments its tasks get."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "srun").write_text('#!/bin/sh\necho "$TOK1D_DISTRIBUTED $SRUN_CPUS_PER_TASK '
-                                  '$*" > "$SRUN_LOG"\n')
-    (bin_dir / "srun").chmod(0o755)
+    path = fake_tools(tmp_path, srun='#!/bin/sh\necho "$TOK1D_DISTRIBUTED $SRUN_CPUS_PER_TASK '
+                      '$*" > "$SRUN_LOG"\n')
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
     (venv / "bin" / "activate").write_text("")
@@ -154,8 +155,7 @@ def test_slurm_dry_run_command_starts_the_multi_host_run(tmp_path):
     log = tmp_path / "srun.log"
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("TOK1D_", "SRUN_"))}
     ran = subprocess.run(["bash", "-c", printed], capture_output=True, text=True, timeout=30,
-                         env={**clean, "PATH": f"{bin_dir}:{os.environ['PATH']}",
-                              "SRUN_LOG": str(log)})
+                         env={**clean, "PATH": path, "SRUN_LOG": str(log)})
     assert ran.returncode == 0, ran.stderr
     assert log.read_text().split() == [
         "1", "8", "--kill-on-bad-exit=1", "python", "-m", "tok1d.main",
