@@ -359,7 +359,7 @@ def test_live_rings_keep_their_room_in_dev_shm(monkeypatch, caplog):
 
 
 _KILLED_PARENT = r"""
-import multiprocessing, os, signal
+import multiprocessing, os, signal, sys, threading, time
 from absl import flags
 flags.FLAGS.mark_as_parsed()
 from tok1d.data import pipeline, sources
@@ -367,7 +367,12 @@ src = sources.DemoSource("train", size=24)
 it = iter(pipeline.train_dataset(src, global_batch=4, host_start=0, host_stop=4, seed=0,
                                  image_size=16, augment="random_crop", flip=False,
                                  min_scale=1.0, num_workers=2))
-next(it)
+if sys.argv[1] == "after_first_batch":
+    next(it)
+else:  # while the workers start: before any of them reached its init
+    threading.Thread(target=next, args=(it,), daemon=True).start()
+    while len(multiprocessing.active_children()) < 2:
+        time.sleep(0.001)
 print(" ".join(str(p.pid) for p in multiprocessing.active_children()), flush=True)
 os.kill(os.getpid(), signal.SIGKILL)
 """
@@ -382,17 +387,20 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
-def test_input_workers_end_when_the_training_process_is_killed():
+@pytest.mark.parametrize("when", ["after_first_batch", "while_workers_start"])
+def test_input_workers_end_when_the_training_process_is_killed(when):
     """`kill -9` of a run with input worker processes: its workers lived on (holding their
     memory, /dev/shm and the dead run's output pipes: a `| tee` waited for them); they now
-    end within seconds of their parent."""
+    end within seconds of their parent, also one killed before a worker had started (CI's
+    loaded machine: the worker then read init's pid as its parent's and lived on)."""
     import subprocess
-    proc = subprocess.Popen([sys.executable, "-c", _KILLED_PARENT], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_PARENT, when], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)
     workers = [int(p) for p in proc.stdout.readline().split()]
     proc.wait(timeout=120)
     assert len(workers) >= 2 and proc.returncode == -9
-    deadline = time.monotonic() + 3 * shared_batches.PARENT_POLL_S + 10
+    # (a worker may still be importing when its parent dies)
+    deadline = time.monotonic() + 3 * shared_batches.PARENT_POLL_S + 60
     while any(_alive(p) for p in workers) and time.monotonic() < deadline:
         time.sleep(0.2)
     left = [p for p in workers if _alive(p)]

@@ -24,6 +24,8 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import multiprocessing
+import multiprocessing.connection
 import os
 import shutil
 import threading
@@ -81,11 +83,16 @@ def _start_worker(index: int, count: int,
     """A grain worker's start: a thread that ends the worker once the process that started it
     is gone (killed, `kill -9`: its workers lived on, holding their memory, the shared-memory
     segments and the dead run's output pipes, which kept e.g. `| tee` waiting), then `then`."""
-    parent = os.getppid()
+    # The parent's end of a pipe closes when it dies, also if that was before this worker got
+    # here (the parent's pid, read now, is then init's: a worker that started slowly lived on).
+    parent = multiprocessing.parent_process()
+    sentinels = [] if parent is None else [parent.sentinel]
+    first = os.getppid()
 
     def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(PARENT_POLL_S)
+        while (not multiprocessing.connection.wait(sentinels, timeout=PARENT_POLL_S)
+               and os.getppid() == first):
+            pass
         os._exit(1)
 
     threading.Thread(target=watch, name="tok1d-parent-watch", daemon=True).start()
