@@ -325,8 +325,11 @@ def test_no_network_names_the_url_and_the_manual_path(tiny_bin, cache, monkeypat
     _assert_same(params, tiny_bin[0])
     # GigaTok's Google Drive files: the page and the path, no download attempted.
     with pytest.raises(download.DownloadError, match="drive.google.com.*download it by hand|"
-                       "download it by hand.*drive.google.com"):
+                       "download it by hand.*drive.google.com") as e:
         loaders.resolve("gigatok_b_l")
+    # ... and how to convert it where it is, with the converter and options the name uses
+    assert ("tok1d convert gigatok --checkpoint=FILE --preset=b_l --out=DIR (in Python: "
+            "tok1d.weights.load(FILE, kind='gigatok', preset='b_l'))") in str(e.value)
 
 
 def test_offline_hub_miss_names_the_url(cache, offline_hub, capsys):
@@ -335,6 +338,11 @@ def test_offline_hub_miss_names_the_url(cache, offline_hub, capsys):
     assert len(err.splitlines()) == 1
     assert "https://huggingface.co/yucornetto/RAR/resolve/main/rar_b.bin" in err
     assert str(cache / "downloads" / "yucornetto--RAR" / "rar_b.bin") in err
+    assert "tok1d convert rar --checkpoint=FILE --size=B --out=DIR" in err and "KIND" not in err
+    # a perceptual network's: its own flags, no Python form (its directory is not a model's)
+    with pytest.raises(download.DownloadError) as e:
+        loaders.resolve("lpips_vgg")
+    assert "tok1d convert lpips --vgg=VGG16_FILE --checkpoint=FILE --out=DIR." in str(e.value)
 
 
 def test_a_file_that_is_not_what_its_name_says(tiny_bin, cache, offline_hub, monkeypatch,

@@ -116,6 +116,12 @@ def verify(path: str, expected: Optional[str], what: str, where: str = "") -> No
                             " the file is damaged or not the official one (refused).")
 
 
+# How to convert a file fetched by hand, in the errors above; a caller that knows the
+# converter and its options names them instead (`loaders.resolve`).
+CONVERT_ANY = ("tok1d convert KIND --checkpoint=FILE --out=DIR (in Python: "
+               "tok1d.weights.load(FILE, kind=KIND))")
+
+
 def fetch(file: File, cache_dir: Optional[str] = None,
           downloaded: Optional[list[str]] = None) -> str:
     """A local, checked copy of `file`: from an installed package that ships it, from the
@@ -134,8 +140,8 @@ def fetch(file: File, cache_dir: Optional[str] = None,
         return local
     if file.manual:
         raise DownloadError(f"{file.name} cannot be downloaded automatically: download it by "
-                            f"hand from {file.source} and put it at {local} (or convert it "
-                            "where it is: tok1d convert KIND --checkpoint=FILE --out=DIR).")
+                            f"hand from {file.source} and put it at {local}, or convert it "
+                            f"where it is: {CONVERT_ANY}.")
     if not file.source.startswith(HF_SCHEME):
         path = _from_url(file, local)  # checked before it is renamed into place
         if downloaded is not None:
@@ -160,9 +166,8 @@ def forget(paths: list[str]) -> None:
 def _unreachable(url: str, local: str, why: str,
                  what_to_do: str = "with no network,") -> DownloadError:
     return DownloadError(f"could not download {url} ({why}); {what_to_do} download it by "
-                         f"hand and put it at {local}, or convert the file you have: tok1d "
-                         "convert KIND --checkpoint=FILE --out=DIR (in Python: "
-                         "tok1d.weights.load(FILE, kind=KIND)).")
+                         f"hand and put it at {local}, or convert the file you have: "
+                         f"{CONVERT_ANY}.")
 
 
 def quiet_own_handler(logger: logging.Logger) -> None:

@@ -696,7 +696,7 @@ def resolve(source: str, kind: Optional[str] = None, cache_dir: Optional[str] = 
         if vgg:
             files["vgg"] = resolve_file(vgg, cache_dir, downloaded)
     except errors.UserError as e:
-        raise _outdated(final, e) from None
+        raise _outdated(final, _naming_the_converter(e, kind, options, vgg)) from None
     os.makedirs(root, exist_ok=True)
     download.remove_stale(root)
     tmp = tempfile.mkdtemp(prefix=download.work_prefix(".tmp-", dirname), dir=root)
@@ -779,6 +779,27 @@ def _rejected(error: convert_common.ConversionError, downloaded: list[str],
         note = (f"refused: remove {', '.join(cached)} (or put the official file there) and run "
                 "again")
     return type(error)(f"{str(error).rstrip('.')} ({note}).")
+
+
+def _naming_the_converter(error: errors.UserError, kind: str, options: dict[str, Any],
+                          vgg: Optional[str]) -> errors.UserError:
+    """`error` (a file could not be fetched) with the converter and options that read it in its
+    hint where it had the generic one (`KIND`), e.g. `tok1d convert gigatok
+    --checkpoint=FILE --preset=b_l --out=DIR`."""
+    text = str(error)
+    if download.CONVERT_ANY not in text:
+        return error
+    given = {k: v for k, v in options.items()  # (model_kwargs: no flag; --weights=model: default)
+             if v is not None and k != "model_kwargs" and (k, v) != ("weights", "model")}
+    flags = "".join(f" --{OPTION_FLAGS.get(k, k)}={v}" for k, v in given.items())
+    if kind in PERCEPTUAL_KINDS:  # (a directory of its own, `tok1d convert` only)
+        command = (f"tok1d convert {kind}" + (" --vgg=VGG16_FILE" if kind == "lpips" else "")
+                   + f" --checkpoint=FILE{flags} --out=DIR")
+    else:
+        arguments = "".join(f", {k}={v!r}" for k, v in given.items())
+        command = (f"tok1d convert {kind} --checkpoint=FILE{flags} --out=DIR (in Python: "
+                   f"tok1d.weights.load(FILE, kind={kind!r}{arguments}))")
+    return type(error)(text.replace(download.CONVERT_ANY, command))
 
 
 def _outdated(final: str, error: errors.UserError) -> errors.UserError:
