@@ -470,3 +470,136 @@ def test_a_record_that_is_not_an_image_record_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"Record 1 of split 'train' of .*: not a tok1d image "
                                          r"record \(ExtraData"):
         source[1]
+
+
+def _small_tree(root, classes=("a", "b"), per_class=40):
+    for name in classes:
+        for i in range(per_class):
+            _save(os.path.join(root, name, f"{i:03d}.png"),
+                  np.full((8, 8, 3), i, np.uint8), "PNG")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo") or not hasattr(os, "killpg"),
+                    reason="needs FIFOs and process groups")
+@pytest.mark.parametrize("signum,to_group", [("SIGINT", True), ("SIGTERM", False),
+                                             ("SIGTERM", True)])
+def test_a_signal_stops_prepare_at_once_and_removes_its_temporary_files(tmp_path, signum,
+                                                                        to_group):
+    """Ctrl-C reaches the whole process group: the decoding workers died of it and the pool's
+    shutdown then waited forever (a second Ctrl-C left a partial shard). SIGTERM (a scheduler's
+    limit, to the parent alone or to every process) left its shards: a split's shards are all
+    temporary until the last is written. Both now end the run at once (rc 130), files removed.
+    A FIFO among the images blocks a worker, so the run is always interrupted mid-way."""
+    import signal
+    import time
+    root = tmp_path / "in"
+    _small_tree(str(root))
+    os.mkfifo(root / "b" / "zz_blocks.png")  # opened for reading: waits for a writer forever
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tok1d.cli.prepare", f"--input={root}", f"--out={out}",
+         "--workers=2", "--seed=1"], env=dict(os.environ, PYTHONPATH=REPO_ROOT),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out.is_dir() and [f for f in os.listdir(out) if ".tmp-" in f]):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        time.sleep(0.5)  # (the writer waits for the FIFO's chunk now)
+        number = getattr(signal, signum)
+        os.killpg(proc.pid, number) if to_group else os.kill(proc.pid, number)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "interrupted", err
+    assert "Traceback" not in err, err
+    assert not [f for f in os.listdir(out) if ".tmp-" in f]
+
+
+def test_temporary_files_of_a_killed_run_are_removed(tmp_path, caplog):
+    """`kill -9` cannot clean up: a later run removes the temporary files of this host's
+    exited processes and keeps a live one's (two runs into one OUT)."""
+    import socket
+    from tok1d import workfiles
+    root, out = tmp_path / "in", tmp_path / "out"
+    _small_tree(str(root), per_class=2)
+    out.mkdir()
+    exited = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    host = socket.gethostname()
+    dead = f".train.array_record-00000-of-00001.tmp-+{host}+{exited}+0123456789ab"
+    live = f".train.array_record-00000-of-00001.tmp-+{host}+{os.getppid()}+0123456789ab"
+    for name in (dead, live):
+        (out / name).write_bytes(b"partial shard")
+    with caplog.at_level("INFO"):
+        prepare_lib.prepare(str(root), str(out), workers=1)
+    assert (out / live).exists() and not (out / dead).exists()
+    assert "temporary files of a killed run" in caplog.text and dead in caplog.text
+    assert prepare_lib._new_token().startswith(workfiles.owner_tag())
+
+
+def test_folders_that_are_not_read_are_named(tmp_path, monkeypatch):
+    """An unreadable folder was dropped without a word (and an unreadable class folder was
+    called empty); a link from one class into another's folder moved those images to the
+    first class (whichever came first in the walk took them); hidden folders (which
+    torchvision's ImageFolder reads) were skipped unnamed. ImageFolder's .ppm / .pgm count."""
+    root = tmp_path / "in"
+    _small_tree(str(root), classes=("a", "b", "c"), per_class=1)
+    _save(str(root / "b" / "sub" / "in_b.png"), np.zeros((4, 4, 3), np.uint8), "PNG")
+    os.symlink(root / "b" / "sub", root / "a" / "shortcut")
+    _save(str(root / "a" / ".ipynb_checkpoints" / "x.png"), np.zeros((4, 4, 3), np.uint8), "PNG")
+    (root / ".cache").mkdir()
+    _save(str(root / "c" / "locked" / "y.png"), np.zeros((4, 4, 3), np.uint8), "PNG")
+    _save(str(root / "c" / "z.ppm"), np.zeros((4, 4, 3), np.uint8), "PPM")
+    real_scandir, locked = os.scandir, ["locked"]
+
+    def scandir(path="."):
+        if os.path.basename(str(path)) in locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)  # (root reads a chmod 000 folder anyway)
+    summary = prepare_lib.prepare(str(root), str(tmp_path / "out"), workers=1)
+    _, recs = _read_all(str(tmp_path / "out"), "train")
+    labels = {r["filename"]: r["label"] for r in recs}
+    assert labels["b/sub/in_b.png"] == 1 and "a/shortcut/in_b.png" not in labels
+    assert labels["c/z.ppm"] == 2 and "c/locked/y.png" not in labels
+    text = prepare_lib.format_summary(summary)
+    assert "unreadable folders (their images are not in the output): 1 (e.g. c/locked/ " \
+           "(unreadable: Permission denied))" in text
+    assert "hidden folders, not read (torchvision's ImageFolder reads them): 2" in text
+    assert "links into another class's folder, not read twice: 1 (e.g. a/shortcut/ (a link " \
+           "into class b))" in text
+    # an unreadable class folder is named as such, not as empty
+    locked.append("c")
+    with pytest.raises(ValueError, match=r"hold no image files \(c: c/ \(unreadable: "
+                                         r"Permission denied\)"):
+        prepare_lib.prepare(str(root), str(tmp_path / "out2"), workers=1)
+
+
+def test_a_full_disk_is_one_line_and_the_output_stays_as_it_was(tree, tmp_path, monkeypatch,
+                                                               capsys):
+    """The ArrayRecord writer's failure (a RuntimeError) came out as two tracebacks."""
+    from tok1d.cli import prepare as prepare_cli
+    root, good = tree
+    out = tmp_path / "out"
+
+    class Full:
+        def __init__(self, path, options):
+            open(path, "wb").close()
+
+        def write(self, record):
+            raise RuntimeError("write() failed: No space left on device")
+
+        def close(self):
+            raise RuntimeError("close() failed: No space left on device")
+
+    monkeypatch.setattr(prepare_lib.array_record_module, "ArrayRecordWriter", Full)
+    assert prepare_cli.main([f"--input={root}", f"--out={out}", "--workers=1"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # (after the progress bar)
+    assert err.startswith("error: could not write ") and "Traceback" not in err
+    assert err.endswith("No space left on device (the output is left as it was).")
+    assert not [f for f in os.listdir(out) if ".tmp-" in f]

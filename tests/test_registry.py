@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from conftest import free_port, subprocess_env
-from tok1d import errors
+from tok1d import errors, workfiles
 from tok1d.cli import convert as convert_cli
 from tok1d.models.generators.rar import RAR
 from tok1d.weights import download, layout, loaders, registry
@@ -214,9 +214,9 @@ def test_leftovers_of_a_killed_conversion_are_removed_by_the_next_one(tiny_bin, 
     exited = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                             capture_output=True, text=True, check=True).stdout.strip()
     host = socket.gethostname()
-    old = time.time() - 2 * download.STALE_AFTER_S
+    old = time.time() - 2 * workfiles.STALE_AFTER_S
     entries = {  # name: (a file inside, made a day ago)
-        f".tmp-rar_tiny@{host}@{exited}@x1": (True, False),      # killed here: removed
+        f".tmp-rar_tiny+{host}+{exited}+x1": (True, False),      # killed here: removed
         f".part-@{host}@{exited}@x2": (False, False),            # killed here: removed
         f".tmp-rar_tiny@{host}@{os.getppid()}@x3": (True, True),  # live here: kept
         ".tmp-rar_tiny@other-host@12@x4": (True, True),           # old elsewhere: removed
@@ -241,7 +241,7 @@ def test_leftovers_of_a_killed_conversion_are_removed_by_the_next_one(tiny_bin, 
     assert sorted(p.name for p in cache.iterdir()) == sorted([
         f".tmp-rar_tiny@{host}@{os.getppid()}@x3", ".tmp-rar_tiny@other-host@13@x5",
         ".tmp-rar_tiny@other-host@14@x6", "kept_old_dir", "rar_tiny"])
-    assert download.work_prefix(".tmp-", "x") == f".tmp-x@{host}@{os.getpid()}@"
+    assert download.work_prefix(".tmp-", "x") == f".tmp-x+{host}+{os.getpid()}+"
 
 
 def test_url_download_then_cache_hit_with_the_server_stopped(tiny_bin, cache, server,

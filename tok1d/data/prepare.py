@@ -20,16 +20,20 @@ The command line is `tok1d prepare` (`tok1d.cli.prepare`)::
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import io
 import itertools
 import json
+import logging
 import math
 import multiprocessing
 import os
 import re
+import signal
 import sys
+import threading
 import time
 import uuid
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -39,15 +43,16 @@ from PIL import Image
 import tqdm
 
 from array_record.python import array_record_module
-from tok1d import errors
+from tok1d import errors, workfiles
 from tok1d.data import records, tokens
 
 _START_METHOD = ("forkserver" if "forkserver" in multiprocessing.get_all_start_methods()
                  else "spawn")
 
+# torchvision's ImageFolder's (IMG_EXTENSIONS) and three more JPEG / GIF names it does not take.
 IMAGE_EXTENSIONS = frozenset({
-    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp",
-    ".tif", ".tiff",
+    ".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp",
+    ".jpe", ".jfif", ".gif",
 })
 VALIDATION_SPLIT = "validation"
 TARGET_SHARD_BYTES = 1 << 30  # About 1 GB per shard when auto-sharding.
@@ -96,7 +101,9 @@ def scan_input(input_dir: str) -> tuple[list[str], list[_Example], list[str]]:
     Returns:
         ``(class_names, examples, ignored)``: sorted class names, the image
         files in deterministic (sorted) order, and the relative paths of
-        ignored files (non-images, hidden files, files directly in the root).
+        ignored files (non-images, hidden files, files directly in the root)
+        and folders (hidden ones, ending in "/"; unreadable ones and links into
+        another class's folder, ending in "/ (why)").
         Class names and relative paths are passed through `text_name`; the
         examples' ``path`` is the name on disk.
 
@@ -106,7 +113,10 @@ def scan_input(input_dir: str) -> tuple[list[str], list[_Example], list[str]]:
             folders without images.
 
     Folder links are followed (as torchvision's ImageFolder does), each real folder once: a
-    link back into the tree neither loops nor duplicates its images.
+    link back into the tree neither loops nor duplicates its images, and a folder inside a
+    class folder belongs to that class only (ImageFolder reads it again under a link from
+    another class, with that class's label). Hidden folders (".ipynb_checkpoints") are
+    skipped; ImageFolder reads them, and takes one at the top as a class.
     """
     if not os.path.isdir(input_dir):
         raise errors.missing_directory("Input", input_dir)
@@ -115,6 +125,8 @@ def scan_input(input_dir: str) -> tuple[list[str], list[_Example], list[str]]:
         if os.path.isdir(os.path.join(input_dir, entry)):
             if not entry.startswith("."):
                 class_names.append(entry)
+            else:
+                ignored.append(text_name(entry) + "/")
         else:
             ignored.append(text_name(entry))
     if not class_names:
@@ -122,20 +134,43 @@ def scan_input(input_dir: str) -> tuple[list[str], list[_Example], list[str]]:
             f"No class subfolders in {input_dir!r}: expected the layout "
             "INPUT/<class_name>/<image files>.")
 
+    def relative(path: str) -> str:
+        return text_name(os.path.relpath(path, input_dir).replace(os.sep, "/"))
+
+    def unreadable(error: OSError) -> None:
+        ignored.append(f"{relative(error.filename)}/ (unreadable: {error.strerror})")
+
+    owners = {os.path.realpath(os.path.join(input_dir, name)): name for name in class_names}
+
+    def owner(real: str) -> str | None:
+        """The class whose folder holds `real` (None: outside every class folder)."""
+        while real not in owners:
+            parent = os.path.dirname(real)
+            if parent == real:
+                return None
+            real = parent
+        return owners[real]
+
     examples, visited = [], {os.path.realpath(input_dir)}
     for label, name in enumerate(class_names):
         class_dir = os.path.join(input_dir, name)
         class_names[label] = text_name(name)
-        for root, dirs, files in os.walk(class_dir, followlinks=True):
+        for root, dirs, files in os.walk(class_dir, onerror=unreadable, followlinks=True):
             real = os.path.realpath(root)
             if real in visited:  # a link to a folder read already (a cycle, or a second name)
                 dirs[:] = []
                 continue
+            if owner(real) not in (name, None):
+                ignored.append(f"{relative(root)}/ (a link into class {owner(real)})")
+                dirs[:] = []
+                continue
             visited.add(real)
+            ignored.extend(relative(os.path.join(root, d)) + "/" for d in dirs
+                           if d.startswith("."))
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             for filename in sorted(files):
                 path = os.path.join(root, filename)
-                relpath = text_name(os.path.relpath(path, input_dir).replace(os.sep, "/"))
+                relpath = relative(path)
                 if filename.startswith(".") or not is_image_file(filename):
                     ignored.append(relpath)
                     continue
@@ -152,9 +187,12 @@ def scan_input(input_dir: str) -> tuple[list[str], list[_Example], list[str]]:
     used = {e.label for e in examples}
     empty = [name for label, name in enumerate(class_names) if label not in used]
     if empty:
+        why = {path.split("/")[0]: path for path in ignored
+               if path.endswith(")") and path.count("/") == 1}  # the class folder itself
+        shown = [f"{name}: {why[name]}" if name in why else name for name in empty[:5]]
         raise ValueError(
             f"{len(empty)} class folder(s) of {input_dir!r} hold no image files "
-            f"({', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}; a link to a folder "
+            f"({', '.join(shown)}{', ...' if len(empty) > 5 else ''}; a link to a folder "
             "read already counts as empty): their labels would never occur (torchvision's "
             "ImageFolder refuses them too); remove them or add images.")
     return class_names, examples, ignored
@@ -307,6 +345,58 @@ def _tmp_path(output_dir: str, name: str, token: str) -> str:
     return os.path.join(output_dir, f".{name}.tmp-{token}")
 
 
+def _new_token() -> str:
+    """The temporary files' tag of this run: it names this process (`workfiles`), so that a
+    later run removes what a killed one left (a split's shards stay temporary until all are
+    written: up to the whole split's size) and keeps a live one's."""
+    return f"{workfiles.owner_tag()}{uuid.uuid4().hex[:12]}"
+
+
+def _is_work_file(name: str) -> bool:
+    return name.startswith(".") and ".tmp-" in name
+
+
+def _writing(call: Callable[..., Any], path: str, *args: Any) -> Any:
+    """`call(*args)` of an ArrayRecord writer of `path`, whose failures (a full disk) are
+    RuntimeErrors: as one line naming the file (its temporary files are removed)."""
+    try:
+        return call(*args)
+    except RuntimeError as e:
+        raise errors.UserError(
+            f"could not write {path}: {e} (the output is left as it was).") from None
+
+
+def _worker_signals() -> None:
+    """A decoding worker's start. Ctrl-C reaches the whole process group: the parent alone
+    handles it. SIGTERM (to every process from a scheduler, and the pool's own shutdown) ends
+    a worker through SystemExit, which releases the pool's queue locks: a worker that died
+    of either while waiting for a task held the lock the pool's shutdown then waited for."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit)
+
+
+def _exit(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a scheduler's time limit, `kill`) raises KeyboardInterrupt meanwhile, so that
+    the temporary files are removed as for Ctrl-C (only the main thread can set handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _write_text(path: str, text: str) -> None:
     """Writes ``text`` (UTF-8) to ``path`` and syncs it to disk."""
     with open(path, "w", encoding="utf-8") as f:
@@ -367,25 +457,31 @@ def _write_split(split: str, examples: Sequence[_Example], num_shards: int,
             for example, (data, reason) in zip(chunk, chunk_results):
                 if shard_of[index] != current:
                     if writer is not None:
-                        writer.close()
+                        _writing(writer.close, tmp_paths[current])
                     current = shard_of[index]
                     tmp_files.append(tmp_paths[current])
-                    writer = array_record_module.ArrayRecordWriter(
-                        tmp_paths[current], "group_size:1")
+                    writer = _writing(array_record_module.ArrayRecordWriter,
+                                      tmp_paths[current], tmp_paths[current], "group_size:1")
                 index += 1
                 if data is None:
                     skipped.append((example.relpath, reason))
                     continue
-                writer.write(records.encode_record(
-                    data, example.label, example.relpath))
+                _writing(writer.write, tmp_paths[current],
+                         records.encode_record(data, example.label, example.relpath))
                 num_written += 1
                 labels.add(example.label)
             bar.update(len(chunk))
             bar.set_postfix(skipped=len(skipped), refresh=False)
+        if writer is not None:
+            _writing(writer.close, tmp_paths[current])
+            writer = None
     finally:
         bar.close()
-        if writer is not None:
-            writer.close()
+        if writer is not None:  # (failing: its error is the one to report)
+            try:
+                writer.close()
+            except RuntimeError:
+                pass
     return {
         "num_examples": num_written,
         "num_skipped": len(skipped),
@@ -560,35 +656,41 @@ def prepare(input_dir: str,
     if num_shards > 0:
         shard_counts[split] = num_shards
 
-    token = uuid.uuid4().hex[:12]
+    removed = workfiles.remove_stale(output_dir, _is_work_file)
+    if removed:
+        logging.info("Removed the temporary files of a killed run in %s: %s", output_dir,
+                     _preview(removed))
+    token = _new_token()
     tmp_files: list[str] = []
     stats: dict[str, dict[str, Any]] = {}
     pool = None
-    try:
-        if workers > 1:
-            # not fork: the parent has usually imported JAX, whose threads a fork copies
-            # in whatever state they are (Python warns; a held lock would hang a worker)
-            pool = multiprocessing.get_context(_START_METHOD).Pool(workers)
-        for name, exs in plan.items():
-            stats[name] = _write_split(
-                name, exs, shard_counts[name], output_dir, resize_shorter,
-                pool, 4 * max(workers, 1), token, tmp_files)
-            if stats[name]["num_examples"] == 0:
-                raise ValueError(
-                    f"None of the {len(exs)} images of split {name!r} could "
-                    f"be decoded; e.g. {stats[name]['skipped'][0]}.")
-        _check_every_class_written(input_dir, class_names, stats)
-        if val_fraction > 0:
-            stats[VALIDATION_SPLIT]["split_off_from"] = split
-            stats[VALIDATION_SPLIT]["val_fraction"] = val_fraction
-        _commit(output_dir, class_names, stats, token, tmp_files)
-    finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-        for path in tmp_files:
-            if os.path.exists(path):
-                os.remove(path)
+    with _terminate_as_interrupt():
+        try:
+            if workers > 1:
+                # not fork: the parent has usually imported JAX, whose threads a fork copies
+                # in whatever state they are (Python warns; a held lock would hang a worker)
+                pool = multiprocessing.get_context(_START_METHOD).Pool(
+                    workers, initializer=_worker_signals)
+            for name, exs in plan.items():
+                stats[name] = _write_split(
+                    name, exs, shard_counts[name], output_dir, resize_shorter,
+                    pool, 4 * max(workers, 1), token, tmp_files)
+                if stats[name]["num_examples"] == 0:
+                    raise ValueError(
+                        f"None of the {len(exs)} images of split {name!r} could "
+                        f"be decoded; e.g. {stats[name]['skipped'][0]}.")
+            _check_every_class_written(input_dir, class_names, stats)
+            if val_fraction > 0:
+                stats[VALIDATION_SPLIT]["split_off_from"] = split
+                stats[VALIDATION_SPLIT]["val_fraction"] = val_fraction
+            _commit(output_dir, class_names, stats, token, tmp_files)
+        finally:  # the files first: a second Ctrl-C during the pool's shutdown keeps nothing
+            for path in tmp_files:
+                if os.path.exists(path):
+                    os.remove(path)
+            if pool is not None:
+                pool.terminate()
+                pool.join()
 
     elapsed = time.time() - start
     for name, st in stats.items():
@@ -685,12 +787,21 @@ def format_summary(summary: dict[str, Any]) -> str:
         if more > 0:
             lines.append(f"    ... and {more} more")
         lines.append(f"    full list: {st['skipped_file']}")
-    lines.append(f"  ignored (not images, hidden, or outside class folders): "
+    lines.append(f"  ignored (not images, hidden, unreadable, or outside class folders): "
                  f"{summary['num_ignored']}")
-    outside = [p for p in summary.get("ignored", ()) if "/" not in p and is_image_file(p)]
-    if outside:
-        lines.append(f"    of which image files directly in the input folder, not in a class "
-                     f"folder: {len(outside)} (e.g. {outside[0]})")
+    ignored = summary.get("ignored", ())
+    kinds = {
+        "image files directly in the input folder, not in a class folder":
+            [p for p in ignored if "/" not in p and is_image_file(p)],
+        "unreadable folders (their images are not in the output)":
+            [p for p in ignored if "/ (unreadable: " in p],
+        "hidden folders, not read (torchvision's ImageFolder reads them)":
+            [p for p in ignored if p.endswith("/")],
+        "links into another class's folder, not read twice":
+            [p for p in ignored if "/ (a link into class " in p]}
+    for kind, paths in kinds.items():
+        if paths:
+            lines.append(f"    of which {kind}: {len(paths)} (e.g. {paths[0]})")
     lines.append(f"  bytes written: {_format_bytes(summary['bytes_written'])}")
     lines.append(
         f"  elapsed: {summary['elapsed_s']:.1f} s "

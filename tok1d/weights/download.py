@@ -29,7 +29,6 @@ import os
 import shutil
 import socket
 import tempfile
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -37,7 +36,7 @@ from typing import Optional
 
 import tqdm
 
-from tok1d import errors, parallel
+from tok1d import errors, parallel, workfiles
 from tok1d.weights.registry import File
 
 CACHE_ENV = "TOK1D_CACHE"
@@ -266,86 +265,24 @@ def _umask() -> int:
     return mask
 
 
-# Work files: ".tmp-" conversion directories, ".part-" downloads, ".discard-" directories being
-# deleted. Their names carry the host and process that write them (`work_prefix`), so that a
-# later run can tell a killed process's leftovers from another live process's work.
+# Work files (`tok1d.workfiles`): ".tmp-" conversion directories, ".part-" downloads,
+# ".discard-" directories being deleted.
 WORK_PREFIXES = (".tmp-", ".part-", ".discard-")
-# Another host's leftovers (or those of a tok1d before the names carried the writer) go when
-# nothing in them has changed for this long.
-STALE_AFTER_S = 24 * 3600
 
 
 def work_prefix(kind: str, name: str = "") -> str:
     """The name prefix of a work file or directory of this process (`kind` one of
-    WORK_PREFIXES): kind + name + "@host@pid@" (tempfile appends a random part)."""
-    return f"{kind}{name}@{socket.gethostname()}@{os.getpid()}@"
+    WORK_PREFIXES): kind + name + "+host+pid+" (tempfile appends a random part)."""
+    return f"{kind}{name}{workfiles.owner_tag()}"
 
 
-def _writer(name: str) -> tuple[str, int] | None:
-    parts = name.split("@")
-    if len(parts) == 4 and parts[2].isdigit():
-        return parts[1], int(parts[2])
-    return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # e.g. another user's process
-        return True
-    return True
-
-
-def _newest_mtime(path: str) -> float:
-    """The newest mtime of `path` and everything in it (object-store mounts may report an old
-    or zero mtime for directories; the files' own are more reliable)."""
-    newest = os.path.getmtime(path)
-    if os.path.isdir(path) and not os.path.islink(path):
-        for root, dirs, files in os.walk(path):
-            for entry in dirs + files:
-                try:
-                    newest = max(newest, os.path.getmtime(os.path.join(root, entry)))
-                except OSError:
-                    pass
-    return newest
-
-
-def remove_stale(directory: str, older_than_s: float = STALE_AFTER_S) -> list[str]:
-    """Deletes the work files and directories in `directory` that no live process writes:
-    this host's of processes that have exited (killed mid-download or mid-conversion), and
-    other hosts' (or unnamed ones) in which nothing has changed for `older_than_s`; an empty
-    one of another host is kept (it may have just been made). Returns the names removed."""
-    removed = []
-    now, host = time.time(), socket.gethostname()
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return removed
-    for name in names:
-        if not name.startswith(WORK_PREFIXES):
-            continue
-        path = os.path.join(directory, name)
-        try:
-            writer = _writer(name)
-            if writer is not None and writer[0] == host:
-                stale = writer[1] != os.getpid() and not _alive(writer[1])
-            else:
-                empty = os.path.isdir(path) and not os.listdir(path)
-                stale = not empty and now - _newest_mtime(path) >= older_than_s
-            if not stale:
-                continue
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path)
-            else:
-                os.remove(path)
-            removed.append(name)
-        except OSError:
-            continue  # another process removed it, or it is not ours to remove
+def remove_stale(directory: str) -> list[str]:
+    """Deletes the leftovers of killed downloads / conversions in `directory`
+    (`workfiles.remove_stale`); returns their names."""
+    removed = workfiles.remove_stale(directory, lambda name: name.startswith(WORK_PREFIXES))
     if removed:
         logging.info("Removed leftovers of killed downloads / conversions in %s: %s",
-                     directory, ", ".join(sorted(removed)),
+                     directory, ", ".join(removed),
                      extra={parallel.EVERY_PROCESS: True})  # (each host's own cache)
     return removed
 
