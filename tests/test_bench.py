@@ -324,7 +324,16 @@ def test_compilation_cache_is_on_by_default(monkeypatch, tmp_path):
         for off in ("", "off"):
             monkeypatch.setenv("TOK1D_COMPILATION_CACHE", off)
             assert parallel.compilation_cache_dir() is None
+        # A multi-process CPU run: off (its other processes got other keys than process 0
+        # and compiled while it loaded: a warm restart timed out in its first collective)
+        monkeypatch.setenv("TOK1D_COMPILATION_CACHE", str(tmp_path / "shared"))
+        monkeypatch.setattr(parallel.jax_distributed.global_state, "num_processes", 2)
+        jax.config.update("jax_compilation_cache_dir", None)
+        parallel.setup_process()
+        assert not jax.config.jax_enable_compilation_cache
+        assert jax.config.jax_compilation_cache_dir is None
     finally:
+        jax.config.update("jax_enable_compilation_cache", True)
         jax.config.update("jax_compilation_cache_dir", kept)
         jax.config.update("jax_compilation_cache_max_size", size)
 

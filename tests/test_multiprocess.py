@@ -236,3 +236,74 @@ def test_processes_given_other_arguments_all_stop_at_the_start(tmp_path):
     assert errs["p0"][0].startswith("error: process(es) 1 were given other arguments"), report
     assert not any("Traceback" in err for _, _, err in outputs.values()), report
     assert not glob.glob(os.path.join(workdir, "checkpoints", "*")), report
+
+
+def _hosts_apart(tmp_path, case: str) -> tuple[list[str], list[str]]:
+    """(each process's working folder, the arguments both get) for a run whose two "hosts"
+    see the same relative paths differently, with the `case` that differs."""
+    homes = [tmp_path / "host0", tmp_path / "host1"]
+    for home in homes:
+        home.mkdir()
+    shared = str(tmp_path / "shared_run")
+    if case == "workdir":  # `--workdir=run`: each host's own folder
+        return [str(h) for h in homes], ["--workdir=run"]
+    if case == "data":  # a prepared folder on host 0 only
+        from tok1d.data import prepare
+        images = tmp_path / "images"
+        for label in ("a", "b"):
+            (images / label).mkdir(parents=True)
+            for i in range(4):
+                from PIL import Image
+                Image.fromarray(np.full((40, 40, 3), 60 * i, np.uint8)).save(
+                    images / label / f"{i}.png")
+        prepare.prepare(str(images), str(homes[0] / "data"), workers=1)
+        return [str(h) for h in homes], [f"--workdir={shared}",
+                                         "--config.data.name=array_record:data",
+                                         "--config.data.eval_split=train"]
+    # "config": `--config=run.py` reads another batch size on host 1
+    text = open(os.path.join(REPO_ROOT, CONFIG)).read()
+    (homes[0] / "run.py").write_text(text)
+    (homes[1] / "run.py").write_text(text.replace("config.batch_size = 16",
+                                                  "config.batch_size = 32"))
+    return [str(h) for h in homes], [f"--workdir={shared}", "--config=run.py"]
+
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@_timeout_mark
+@pytest.mark.parametrize("case,line0,line1", [
+    ("workdir", "error: the workdir {home0}/run is not one folder for every process: "
+                "process(es) 1 do not see",
+     "error: the workdir {home1}/run is not one folder for every process: process(es) 1"),
+    ("data", "error: the data array_record:data: process(es) 1 failed (their own output "
+             "says why).", "error: Dataset directory not found: data"),
+    ("config", "error: process(es) 1 read another config than process 0",
+     "error: process 1 read another config than process 0 from the same command "
+     "(batch_size: 32 here, 16 there)"),
+])
+def test_hosts_that_see_the_run_differently_all_stop_at_the_start(tmp_path, case, line0,
+                                                                    line1):
+    """What each host reads from its own disk, the same command on every host: a workdir
+    that is not shared (the first save waited forever for the other host's files), data on
+    one host only (it stopped alone; the other waited in orbax's start-up barrier, with no
+    deadline), a config file that differs (another batch size trained without a word). Each
+    host now stops at the start with one line, and its exit does not abort."""
+    homes, args = _hosts_apart(tmp_path, case)
+    dist = (f"--config.distributed.coordinator_address=127.0.0.1:{free_port()}",
+            "--config.distributed.num_processes=2")
+    config = [] if case == "config" else [f"--config={os.path.join(REPO_ROOT, CONFIG)}"]
+    procs = {f"p{pid}": subprocess.Popen(
+        [sys.executable, "-m", "tok1d.main", *config, *args, *COMMON, *dist,
+         f"--config.distributed.process_id={pid}"], cwd=homes[pid], env=subprocess_env(4),
+        **_PIPES) for pid in (0, 1)}
+    outputs = _wait_all(procs, time.monotonic() + TIMEOUT_S)
+    report = _report(outputs)
+    assert all(rc == 2 for rc, _, _ in outputs.values()), report
+    for pid, expected in enumerate((line0, line1)):
+        _, _, err = outputs[f"p{pid}"]
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        expected = expected.format(home0=homes[0], home1=homes[1])
+        assert len(lines) == 1 and lines[0].startswith(expected), report
+        assert "Traceback" not in err and "Fatal" not in err and "abort" not in err, report
+    assert not glob.glob(os.path.join(str(tmp_path), "*", "checkpoints", "*")), report

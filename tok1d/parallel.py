@@ -16,7 +16,7 @@ import logging
 import math
 import os
 import re
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -366,6 +366,15 @@ def setup_process(coordinator_address: str = "", num_processes: int = 0,
             or os.environ.get("TOK1D_DISTRIBUTED") == "1"):
         maybe_initialize_distributed(coordinator_address, num_processes, process_id)
     cache = compilation_cache_dir()
+    if cache and (jax_distributed.global_state.num_processes or 1) > 1 \
+            and jax.default_backend() == "cpu":
+        # JAX gives a CPU run's other processes other cache keys than process 0 (the only
+        # one that writes): they compiled a train step (a minute) while process 0 loaded it
+        # and then timed out in its first collective; every warm restart crashed.
+        logging.info("The persistent compilation cache is off: a multi-process CPU run's "
+                     "processes do not share its entries.")
+        jax.config.update("jax_enable_compilation_cache", False)  # (a JAX_... dir too)
+        cache = None
     if cache:
         jax.config.update("jax_compilation_cache_dir", cache)
         if (os.environ.get("TOK1D_COMPILATION_CACHE") is None
@@ -443,3 +452,27 @@ def process_0_view(values: Sequence[bool]) -> list[bool]:
     if jax.process_count() == 1:
         return [bool(v) for v in values]
     return [bool(x) for x in multihost_utils.broadcast_one_to_all(np.asarray(values, np.int32))]
+
+
+def everywhere(call: Callable[[], Any], what: str) -> Any:
+    """`call()`, on every process of a multi-process run; where it fails on one (a data folder
+    or file its host lacks), it fails on all: that process stopped alone while the others
+    waited in their next collective (orbax's start-up barrier has no deadline), and its own
+    exit waited for them in JAX's shutdown barrier, then aborted. The others raise a
+    ValueError naming the processes that failed (their own output says why)."""
+    if jax.process_count() == 1:
+        return call()
+    result, error = None, None
+    try:
+        result = call()
+    except Exception as e:  # noqa: BLE001 - raised again below, on this process
+        error = e
+    failed = np.flatnonzero(np.asarray(
+        multihost_utils.process_allgather(np.int32(error is not None))))
+    if error is not None:
+        raise error
+    if failed.size:
+        raise ValueError(f"{what}: process(es) {', '.join(map(str, failed))} failed (their "
+                         "own output says why).")
+    return result
+

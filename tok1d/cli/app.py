@@ -157,7 +157,7 @@ def _checkpoint_run(args: Sequence[str]) -> Optional[str]:
     return run if os.path.isfile(layout.config_path(run)) else None
 
 
-def _config_for_checkpoint(checkpoint: str, prog: str) -> str:
+def config_for_checkpoint(checkpoint: str, prog: str) -> str:
     """Why --config is needed with this --checkpoint (which gave no run config)."""
     if not (os.path.exists(checkpoint) or registry.looks_like_a_name(checkpoint)
             or download.is_remote(checkpoint)):
@@ -443,7 +443,7 @@ def _parse(job: types.ModuleType, prog: str, args: list[str]
     for name in job.REQUIRED:
         if fv[name].value in (None, ""):
             if name == "config" and "checkpoint" in fv and fv["checkpoint"].value:
-                raise errors.UserError(_config_for_checkpoint(fv["checkpoint"].value, prog))
+                raise errors.UserError(config_for_checkpoint(fv["checkpoint"].value, prog))
             raise errors.UserError(f"--{name} is required (see {prog} --help).")
     if len(rest) > (1 if job.POSITIONAL else 0):
         raise errors.UserError(f"unexpected arguments: {' '.join(rest)} (see {prog} --help).")
@@ -684,7 +684,7 @@ def setup_process(fv: flags.FlagValues) -> None:
     """`parallel.setup_process` with the flags of `define_distributed_flags`, then
     `check_same_command`."""
     parallel.setup_process(fv.coordinator_address, fv.num_processes, fv.process_id)
-    check_same_command()
+    check_same_command(fv["config"].value if "config" in fv else None)
 
 
 _PROCESS_ID_FLAGS = ("process_id", "config.distributed.process_id")
@@ -696,34 +696,83 @@ def _without_process_id(args: Sequence[str]) -> list[str]:
     return list(args)
 
 
-def check_same_command() -> None:
+def check_same_command(config: Optional[ml_collections.ConfigDict] = None) -> None:
     """A UserError on every process of a multi-process run whose processes were not given the
-    same arguments (all but the process id): each process did its share of another job (one
-    process's other --tokenizer or --seed silently wrote rows of another tokenizer or sampler
-    into the output), or they stopped in mismatched collectives."""
+    same arguments (all but the process id), or, with the same arguments, read another
+    `config` (a config file that differs on one host): each process did its share of another
+    job (one process's other --tokenizer or --seed silently wrote rows of another tokenizer
+    or sampler into the output; another batch size trained on without a word), or they
+    stopped in mismatched collectives. Hosts with different numbers of devices are named
+    first (the comparison's own collective failed on them with a numpy error)."""
     if not jax.distributed.is_initialized() or jax.process_count() <= 1:
         return  # (a single process: the backend is not started for this)
+    if jax.device_count() != jax.local_device_count() * jax.process_count():
+        raise errors.UserError(  # (each process finds it on its own)
+            f"the processes have different numbers of devices ({jax.local_device_count()} "
+            f"here, {jax.device_count()} in all over {jax.process_count()} processes): tok1d "
+            "runs take the same number on every host.")
+    rule = ("every process of a run takes the same command, all but its process id (" +
+            ", ".join("--" + f for f in _PROCESS_ID_FLAGS) + ")")
     args = _without_process_id(_running[1:])
-    mine = json.dumps(args).encode()
-    digests = np.asarray(multihost_utils.process_allgather(np.uint32(zlib.crc32(mine))))
-    if (digests == digests[0]).all():
+    theirs, others = _process_0s(args)
+    if others:
+        if jax.process_index() not in others:
+            raise errors.UserError(
+                f"process(es) {', '.join(map(str, others))} were given other arguments than "
+                f"process 0 (each says which): {rule}.")
+        here = [a for a in args if a not in theirs] or ["(none)"]
+        there = [a for a in theirs if a not in args] or ["(none)"]
+        raise errors.UserError(
+            f"process {jax.process_index()} was given other arguments than process 0: "
+            f"{' '.join(here)} here, {' '.join(there)} there; {rule}.")
+    if config is None:
         return
+    settings = _flat_settings(config)
+    settings.pop("distributed.process_id", None)
+    theirs, others = _process_0s(settings)
+    if not others:
+        return
+    if jax.process_index() not in others:
+        raise errors.UserError(
+            f"process(es) {', '.join(map(str, others))} read another config than process 0 "
+            "from the same command (each says which settings): is the config file the same "
+            "on every host?")
+    differ = sorted(set(settings) ^ set(theirs)
+                    | {k for k in set(settings) & set(theirs) if settings[k] != theirs[k]})
+    shown = "; ".join(f"{k}: {settings.get(k, '(none)')} here, {theirs.get(k, '(none)')} "
+                      "there" for k in differ[:5]) + ("; ..." if len(differ) > 5 else "")
+    raise errors.UserError(
+        f"process {jax.process_index()} read another config than process 0 from the same "
+        f"command ({shown}): is the config file the same on every host?")
+
+
+def _process_0s(value: Any) -> tuple[Any, list[int]]:
+    """(process 0's `value` (JSON-like), the processes whose own differs) (collectives)."""
+    mine = json.dumps(value, sort_keys=True).encode()
+    digests = np.asarray(multihost_utils.process_allgather(np.uint32(zlib.crc32(mine))))
+    others = [i for i in range(len(digests)) if digests[i] != digests[0]]
+    if not others:
+        return value, []
     lengths = np.asarray(multihost_utils.process_allgather(np.int32(len(mine))))
     padded = np.zeros(int(lengths.max()), np.uint8)
     padded[:len(mine)] = np.frombuffer(mine, np.uint8)
     first = np.asarray(multihost_utils.broadcast_one_to_all(padded))
-    theirs = json.loads(first[:int(lengths[0])].tobytes())
-    others = [i for i in range(len(digests)) if digests[i] != digests[0]]
-    rule = ("every process of a run takes the same command, all but its process id (" +
-            ", ".join("--" + f for f in _PROCESS_ID_FLAGS) + ")")
-    if jax.process_index() not in others:
-        raise errors.UserError(f"process(es) {', '.join(map(str, others))} were given other "
-                               f"arguments than process 0 (each says which): {rule}.")
-    here = [a for a in args if a not in theirs] or ["(none)"]
-    there = [a for a in theirs if a not in args] or ["(none)"]
-    raise errors.UserError(f"process {jax.process_index()} was given other arguments than "
-                           f"process 0: {' '.join(here)} here, {' '.join(there)} there; "
-                           f"{rule}.")
+    return json.loads(first[:int(lengths[0])].tobytes()), others
+
+
+def _flat_settings(config: ml_collections.ConfigDict) -> dict[str, str]:
+    """{"a.b": repr of the value} of every leaf setting of `config`."""
+    flat: dict[str, str] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, (ml_collections.ConfigDict, dict)) and len(value):
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[f"{prefix}{key}"] = repr(value)
+
+    walk(config, "")
+    return flat
 
 
 def tool_help() -> str:

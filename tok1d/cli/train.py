@@ -50,7 +50,7 @@ def execute(fv: flags.FlagValues, args: list[str]) -> None:
                                f"known: {', '.join(sorted(TRAINERS))}.")
     dist = config.distributed
     parallel.setup_process(dist.coordinator_address, dist.num_processes, dist.process_id)
-    app.check_same_command()
+    app.check_same_command(config)
     # Every process says who it is (the launch logs of a multi-host job show each one joined).
     logging.info("JAX %s, process %d/%d, %d devices (%s).", jax.__version__, jax.process_index(),
                  jax.process_count(), jax.device_count(), jax.devices()[0].platform,

@@ -430,7 +430,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if encodes_images(config):  # images, encoded in the step by the frozen tokenizer
         dcfg = config.data
         tokenizer, tok_params = frozen_tokenizer.module, frozen_tokenizer.encode_params
-        train_src = sources.source_of(dcfg, dcfg.train_split)
+        train_src, eval_src = parallel.everywhere(  # (a host without the data: all stop)
+            lambda: (sources.source_of(dcfg, dcfg.train_split),
+                     sources.source_of(dcfg, dcfg.eval_split)), f"the data {dcfg.name}")
         info = tokenizer_info(tokenizer, tok_params, config.generator.prefix_tokens,
                               dcfg.image_size, getattr(train_src, "num_classes", None))
         check_tokens_match(model, info)
@@ -445,7 +447,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 host_stop=row_stop, seed=config.seed, start_batch=step)), batch_sh,
                 config.batch_size)
 
-        eval_src = sources.source_of(dcfg, dcfg.eval_split)
         encode_batch = jax.jit(functools.partial(images_to_codes, tokenizer,
                                                  prefix_tokens=config.generator.prefix_tokens))
 
@@ -457,7 +458,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             return image_batches(encode_batch, tok_params, ds, n, batch_sh,
                                  config.eval_batch_size)
     else:  # a token dataset
-        train_src, eval_src, info = token_sources(config)
+        train_src, eval_src, info = parallel.everywhere(  # (a host without them: all stop)
+            lambda: token_sources(config), f"the tokens {config.generator.tokens}")
         check_tokens_match(model, info)
         if frozen_tokenizer is not None:
             check_tokens_tokenizer(config, frozen_tokenizer.params, config.generator.tokenizer,

@@ -13,7 +13,9 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
+import numpy as np
 from clu import metrics as clu_metrics
+from jax.experimental import multihost_utils
 
 from tok1d import errors, parallel, summary
 from tok1d.train import checkpoint as ckpt_lib
@@ -316,10 +318,45 @@ def setup_run(config, workdir: str) -> tuple[str, Any, Any, Any]:
         raise errors.UserError(f"{checkpoints} is a file: the run keeps its checkpoints in a "
                                "folder of that name (move the file aside).")
     os.makedirs(workdir, exist_ok=True)
+    check_shared(workdir)
     mesh, rules, batch_sh = parallel.mesh_from_config(config)
     logging.info("Mesh %s over %d devices (%d processes).", dict(mesh.shape), mesh.size,
                  jax.process_count())
     return workdir, mesh, rules, batch_sh
+
+
+SHARED_WAIT_S = 10.0  # how long a process looks for process 0's file (a slow shared mount)
+
+
+def check_shared(workdir: str) -> None:
+    """A UserError on every process of a multi-process run whose processes do not share
+    `workdir` (each host its own folder of that path): all of them write each checkpoint into
+    it, and the first save waited forever for the others' files; a host with an old run's
+    checkpoints there resumed alone. Process 0 writes a file of a new name; each process
+    looks for it."""
+    if jax.process_count() == 1:
+        return
+    token = int(multihost_utils.broadcast_one_to_all(
+        np.asarray(np.random.default_rng().integers(1 << 31), np.int32)))
+    marker = os.path.join(workdir, f".tok1d-shared-{token:08x}")
+    if jax.process_index() == 0:
+        with open(marker, "w", encoding="utf-8") as f:
+            f.write("process 0 of a multi-process run checks that every process sees this\n")
+    multihost_utils.sync_global_devices("tok1d: shared-workdir file written")
+    deadline = time.monotonic() + SHARED_WAIT_S
+    while not os.path.exists(marker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    sees = np.asarray(multihost_utils.process_allgather(np.int32(os.path.exists(marker))))
+    if jax.process_index() == 0:
+        with contextlib.suppress(OSError):
+            os.remove(marker)
+    blind = np.flatnonzero(sees == 0)
+    if blind.size:
+        raise errors.UserError(
+            f"the workdir {workdir} is not one folder for every process: process(es) "
+            f"{', '.join(map(str, blind))} do not see the file process 0 wrote there (each "
+            "host has its own folder of that path?); every process writes its part of each "
+            "checkpoint into it: put it on storage all hosts share (NFS, a mounted bucket).")
 
 
 def _trained_config(workdir: str) -> Optional[dict[str, Any]]:

@@ -266,6 +266,9 @@ def make_train_step(model: nn.Module, tx, schedule, config,
             result.update(d_loss=dl, d_means=means, d_grads=dg)
         return result, (collections, quantizer, lecam)
 
+    stateful = issubclass(quantizers.QUANTIZERS.get(getattr(model, "quantizer", ""), object),
+                          quantizers.ClusteringVectorQuantizer)
+
     def train_step(state: TrainState, batch, frozen):
         rng = jax.random.fold_in(base_rng, state.step)
         if phase is not None:  # Python numbers: the switches are fixed while tracing
@@ -278,6 +281,11 @@ def make_train_step(model: nn.Module, tx, schedule, config,
             raise ValueError("batch['draws'] (recorded random draws) needs grad_accum_steps=1.")
         collections = state.extras["gan"].collections if gan is not None else None
         q_state = (state.extras or {}).get("quantizer")
+        if q_state is None and stateful:
+            raise ValueError(  # (it trained on as a plain VQ: no re-anchoring, no word)
+                f"{model.quantizer} trains with its codes' usage EMA, the "
+                f"{quantizers.STATE!r} collection of model.init: keep it in "
+                "state.extras['quantizer'] (as build_training's QuantizerState does).")
         quantizer = (None if q_state is None else
                      (q_state, quantizers.codebooks_of(state.params, q_state)))
         lecam = state.extras["gan"].lecam if gan is not None else None
@@ -544,8 +552,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     # ---------------------------------------------------------------- data
     dcfg = config.data
     row_start, row_stop = parallel.host_batch_slice(batch_sh, config.batch_size)
-    train_src = sources.source_of(dcfg, dcfg.train_split)
-    eval_src = sources.source_of(dcfg, dcfg.eval_split)
+    train_src, eval_src = parallel.everywhere(  # (a host without the data: all stop)
+        lambda: (sources.source_of(dcfg, dcfg.train_split),
+                 sources.source_of(dcfg, dcfg.eval_split)), f"the data {dcfg.name}")
 
     def batches_from(step):
         return feeding.Feeder(iter(pipeline.recipe_train_dataset(
