@@ -79,6 +79,19 @@ def test_every_term_is_documented_with_its_needs():
     assert set(config_lib.base_config().losses) <= set(terms.TERMS)
 
 
+def test_a_term_registered_wrong_or_needing_what_the_model_lacks_is_one_line(toy_term):
+    """A misspelt need ("pixel") skipped the check it names; a cell run again in a notebook
+    registers twice; losses.shortcut on a TiTok passed validation, then KeyError 'cnn_map'."""
+    with pytest.raises(ValueError, match=r"'bad': needs \['pixel'\] unknown \(known: pixels"):
+        terms.register("bad", needs=("pixel",))
+    with pytest.raises(ValueError, match=r"registered twice .*del tok1d.objectives.terms."
+                                         r"TERMS\['toy_tv'\]"):
+        terms.register("toy_tv", needs=("pixels",))(lambda ctx: 0.0)
+    model = tokenizer.build_model(tiny_config())
+    with pytest.raises(ValueError, match="losses.shortcut needs GigaTok's direct CNN decode"):
+        tokenizer_loss.make_loss_fn(model, {"l2": 1.0, "shortcut": 1.0}, terms.FrozenNets())
+
+
 def _conv_loss(kernel, x):
     for _ in range(2):
         x = jax.nn.relu(jax.lax.conv_general_dilated(

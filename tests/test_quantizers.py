@@ -273,6 +273,10 @@ def test_titok_takes_every_quantizer(name, options, num_codes, per_token):
     assert codes.shape == (2, model.num_tokens) and int(codes.max()) < num_codes
     recon = model.apply(variables, codes, method=model.decode_codes)
     np.testing.assert_allclose(recon, out, atol=1e-5)
+    # built here with plain dict / list options, the module hashes (a jit static argument)
+    from tok1d.models import interfaces
+    np.testing.assert_array_equal(jax.jit(interfaces.encode_images, static_argnums=0)(
+        model, variables["params"], images), codes)
 
 
 def test_gigatok_takes_a_quantizer_by_name():
@@ -340,6 +344,9 @@ def test_clustering_vq_reanchors_microbatch_after_microbatch_as_upstream():
     np.testing.assert_allclose(accumulated.extras["quantizer"]["quantize"]["embed_prob"],
                                second.extras["quantizer"]["quantize"]["embed_prob"], atol=1e-7)
     np.testing.assert_allclose(scalars["loss"], (s1["loss"] + s2["loss"]) / 2, rtol=1e-5)
+    # A state built by hand from model.init's params alone trained on as a plain VQ, silently
+    with pytest.raises(ValueError, match="clustering_vq trains with its codes' usage EMA"):
+        one(state.replace(extras=None), {"image": x[0::2]}, {})
 
 
 def test_a_skipped_non_finite_step_keeps_the_clustering_vq_codebook():

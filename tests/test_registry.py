@@ -755,3 +755,46 @@ def test_an_unreachable_hub_fails_at_once_and_still_reads_its_cache(tiny_bin, ca
     _entry(monkeypatch, "rar_tiny", "hf://tok1d-test/tiny-rar/rar_tiny.bin")
     _hub_cache(offline_hub, "tok1d-test/tiny-rar", "rar_tiny.bin", tiny_bin[1])
     _assert_same(loaders.load("rar_tiny")[1], tiny_bin[0])
+
+
+def test_a_name_in_the_wrong_place_is_refused_before_any_download(cache, monkeypatch, capsys):
+    """A generator's name given as the tokenizer (or a tokenizer's as the generator) was
+    downloaded and converted (GBs) before the refusal; offline, the download's error hid the
+    real mistake. A released generator brings its own tokenizer; evaluate without --config
+    of a released name asks for one (it read the default TiTok's and dumped 163 shapes); the
+    report records the name, not a folder of that name under the current directory."""
+    from tok1d import summary
+    from tok1d.cli import evaluate as evaluate_cli
+    from tok1d.cli import sample as sample_cli
+    from tok1d.train import config_lib
+    monkeypatch.setenv("TOK1D_OFFLINE", "1")
+    with pytest.raises(errors.UserError, match="rar_b is not a tokenizer but a RAR-B generator"
+                       ".*give a tokenizer \\(titok_l32, "):
+        loaders.load_tokenizer("rar_b")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config = config_lib.load(os.path.join(repo, "configs", "maskgit_titok.py") + ":l32")
+    with pytest.raises(errors.UserError, match="titok_l32 is not a generator but a TiTok"):
+        sample_cli.load_generator(config, "titok_l32")
+    logged = []
+    assert sample_cli.tokenizer_of(config, "maskgit_titok_l32", "", logged.append) == "titok_l32"
+    assert logged == ["Tokenizer: titok_l32 (the released tokenizer maskgit_titok_l32 was "
+                      "trained on)."]
+    assert sample_cli.tokenizer_of(config, "maskgit_titok_l32", "mine/", logged.append) == "mine/"
+    assert {e.tokenizer for e in registry.RELEASED.values() if e.kind in loaders.GENERATOR_KINDS
+            } <= {n for n, e in registry.RELEASED.items() if e.kind in loaders.TOKENIZER_KINDS}
+    assert evaluate_cli.main(["--checkpoint=titok_l32", "--out", str(cache / "ev")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --config is required: --checkpoint=titok_l32 is not a training run's workdir "
+        "(it has no config.json), so the model's config must be given (see python -m "
+        "tok1d.cli.evaluate --help).")
+    assert evaluate_cli._recorded("titok_l32") == "titok_l32"
+    assert summary.format_rate(0.0213) == "0.021" and summary.format_rate(537.14) == "537.1"
+    # a step a workdir does not have, and a workdir given as a pretrained directory
+    run = cache / "run"
+    (run / layout.CHECKPOINTS_DIR / "4").mkdir(parents=True)
+    (run / layout.CONFIG_FILE).write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"has no checkpoint at step 3 \(its steps: 4\)"):
+        loaders.load_params(str(run), step=3)
+    with pytest.raises(FileNotFoundError, match="is a training workdir, not a pretrained "
+                       "directory .*tok1d.weights.load\\(DIR\\)"):
+        loaders.load_pretrained(str(run))

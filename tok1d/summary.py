@@ -27,7 +27,8 @@ from tensorboard.summary.writer.record_writer import RecordWriter
 
 from tok1d import images as image_lib
 
-__all__ = ["MetricWriter", "ProgressReporter", "format_duration", "format_number"]
+__all__ = ["MetricWriter", "ProgressReporter", "format_duration", "format_number",
+           "format_rate"]
 
 _file_uid = itertools.count()
 
@@ -313,6 +314,12 @@ def format_number(x: float) -> str:
     if abs(x) < 0.1:
         return f"{x:.3e}"
     return f"{x:#.4g}".rstrip(".")
+
+
+def format_rate(x: float) -> str:
+    """Formats a rate (img/s, steps/s): one decimal, two significant digits under 1 ("0.021",
+    where "0.0" said nothing on a slow machine)."""
+    return f"{x:.1f}" if x >= 1 or x == 0 else f"{x:.2g}"
 
 
 class ProgressReporter:

@@ -182,7 +182,7 @@ def evaluate_tokenizer(config, checkpoint: str, out: str, log=print,
     path = report.write_report(
         out, f"Reconstruction: {os.path.basename(os.path.normpath(checkpoint))}", metrics,
         {"reconstructions": grid},
-        _details(config, checkpoint=os.path.abspath(checkpoint), model=config.model.name,
+        _details(config, checkpoint=_recorded(checkpoint), model=config.model.name,
                  data=f"{dcfg.name}:{dcfg.eval_split} at {size} px (center crops)",
                  tokenizer_precision=_tokenizer_precision(config),
                  **({"tokenizer_probe": f"{ecfg.tokenizer_probe} features on "
@@ -267,7 +267,7 @@ def evaluate_prefixes(config, model, params, frozen, teacher, nets, ds, num_batc
     metrics = {f"{m}_k{k}": v for k, r in rows.items() for m, v in r.items()}
     path = report.write_report(
         out, f"Reconstruction vs number of tokens: {name}", metrics, grids,
-        _details(config, checkpoint=os.path.abspath(checkpoint), model=config.model.name,
+        _details(config, checkpoint=_recorded(checkpoint), model=config.model.name,
                  prefixes=",".join(map(str, prefixes)),
                  data=f"{config.data.name}:{config.data.eval_split} at "
                       f"{config.data.image_size} px (center crops)",
@@ -284,9 +284,7 @@ def evaluate_generator(config, checkpoint: str, tokenizer_path: str, out: str, s
                        log=print) -> dict[str, Any]:
     """gFID / IS / precision-recall of `evaluation.num_samples` samples of a generator."""
     config_lib.validate(config)
-    tokenizer_path = tokenizer_path or config.generator.tokenizer
-    if not tokenizer_path:
-        raise ValueError("No tokenizer: pass --tokenizer=DIR or set config.generator.tokenizer.")
+    tokenizer_path = sample_lib.tokenizer_of(config, checkpoint, tokenizer_path, log)
     _check_linear_probe(config)  # before sampling: its failure would lose the gFID
     if config.evaluation.linear_probe_epochs <= 0:  # else nothing to measure
         evaluator.require_inception(config.evaluation, "Generator evaluation")
@@ -315,8 +313,8 @@ def evaluate_generator(config, checkpoint: str, tokenizer_path: str, out: str, s
                                  log, probe_images))
     return _finish_samples(config, metrics, kept, kept_labels, model.num_classes, out, is_chief,
                            nets.notes + reference.notes(ecfg, nets), log, step,
-                           checkpoint=os.path.abspath(checkpoint),
-                           tokenizer=os.path.abspath(tokenizer_path), model=config.model.name,
+                           checkpoint=_recorded(checkpoint),
+                           tokenizer=_recorded(tokenizer_path), model=config.model.name,
                            sampling=config.sampling.to_dict(),
                            sampling_precision=config.sampling_precision, seed=seed,
                            reference=_reference_line(reference))
@@ -615,10 +613,19 @@ def run(config, checkpoint: str = "", tokenizer: str = "", samples: str = "", ou
                      "or generator config.")
 
 
+def _recorded(path: str) -> str:
+    """`path` as the report records it: absolute, or a released name as it is (its absolute
+    form named a folder that does not exist)."""
+    return path if loaders.is_released(path) else os.path.abspath(path)
+
+
 def execute(fv: flags.FlagValues, args: list[str]) -> None:
     del args
     errors.check_output_dir(fv.out, "--out")
     app.setup_process(fv)
+    if fv.config is None and fv.checkpoint:  # (a run's workdir gave its config.json)
+        raise errors.UserError(app.config_for_checkpoint(fv.checkpoint,
+                                                         app.command_line()[0]))
     config = fv.config if fv.config is not None else config_lib.base_config()
     with config.unlocked():
         for key in ("inception", "reference"):

@@ -56,7 +56,7 @@ import numpy as np
 from absl import flags
 
 from tok1d import images as images_lib
-from tok1d import errors, parallel
+from tok1d import errors, parallel, summary
 from tok1d.cli import app
 from tok1d.evaluation import digit_features, evaluator, report
 from tok1d.evaluation import sweep as sweep_lib
@@ -64,7 +64,7 @@ from tok1d.generation import common as gen_common
 from tok1d.generation.decode import SampleDecoder
 from tok1d.train import generator as gen_trainer
 from tok1d.train import loop
-from tok1d.weights import layout, loaders
+from tok1d.weights import layout, loaders, registry
 
 USAGE = "[--config=FILE] --checkpoint=DIR --out=DIR [--tokenizer=DIR] [flags]"
 CONFIG = ("Generator config file (get_config()) or a run's config.json; default: the "
@@ -117,6 +117,7 @@ def _numbers(values: Sequence[str]) -> bool:
 def load_generator(config, checkpoint: str, step: Optional[int] = None):
     """(model, params) with params read from `checkpoint` (a workdir's checkpoint `step`,
     default the latest) and checked against the model."""
+    loaders.check_kind(checkpoint, loaders.GENERATOR_KINDS, "a generator")
     model = gen_trainer.build_generator(config)
     run = layout.run_dir(checkpoint)  # (of one checkpoint's folder too)
     if os.path.isfile(layout.config_path(run)):  # a training workdir: of a generator?
@@ -153,6 +154,21 @@ def load_checked(config, checkpoint: str, shapes, what: str, step: Optional[int]
                          "use it.") from None
 
 
+def tokenizer_of(config, checkpoint: str, tokenizer_path: str, log=print) -> str:
+    """The tokenizer decoding the samples of the generator at `checkpoint`: `tokenizer_path`,
+    else config.generator.tokenizer, else a released generator's own (e.g. titok_l32 for
+    maskgit_titok_l32)."""
+    path = tokenizer_path or config.generator.tokenizer
+    own = registry.RELEASED[checkpoint].tokenizer if loaders.is_released(checkpoint) else ""
+    if not path and own:
+        log(f"Tokenizer: {own} (the released tokenizer {checkpoint} was trained on).")
+        return own
+    if not path:
+        raise ValueError("No tokenizer: pass --tokenizer=DIR (or a released name) or set "
+                         "config.generator.tokenizer.")
+    return path
+
+
 def load_models(config, checkpoint: str, tokenizer_path: str, step: Optional[int] = None,
                 log=print):
     """(generator, its params, tokenizer, its params, the tokenizer's path): the generator of
@@ -161,9 +177,7 @@ def load_models(config, checkpoint: str, tokenizer_path: str, step: Optional[int
     they match, and a warning says when it is not the one that wrote the generator's tokens
     (`check_tokens_tokenizer`)."""
     gen_trainer.check_generator_config(config)  # before anything is read
-    tokenizer_path = tokenizer_path or config.generator.tokenizer
-    if not tokenizer_path:
-        raise ValueError("No tokenizer: pass --tokenizer=DIR or set config.generator.tokenizer.")
+    tokenizer_path = tokenizer_of(config, checkpoint, tokenizer_path, log)
     model, params = load_generator(config, checkpoint, step)
     tokenizer, tok_params = loaders.load_tokenizer(tokenizer_path)
     gen_trainer.check_tokens_tokenizer(config, tok_params, tokenizer_path, log)
@@ -223,7 +237,7 @@ def run(config, checkpoint: str, tokenizer_path: str, num_images: int, out: str,
                                 class_grid(samples, labels, min(grid_classes, model.num_classes)))
         log(f"Wrote {num_images} samples to {os.path.join(out, 'samples.npz')}"
             + (" and grid.png" if grid_classes > 0 else "")
-            + f" ({info['images_per_second']:.1f} img/s).")
+            + f" ({summary.format_rate(info['images_per_second'])} img/s).")
     return info
 
 

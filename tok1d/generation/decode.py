@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tok1d import errors, images, parallel
+from tok1d import errors, images, parallel, summary
 from tok1d.generation import common
 from tok1d.models.tokenizers import nested
 
@@ -157,7 +157,7 @@ class SampleDecoder:
             done = start + len(batch)
             if log is not None:
                 rate = done / max(time.time() - t0, 1e-9)
-                log(f"{done}/{len(labels)} images, {rate:.1f} img/s, "
+                log(f"{done}/{len(labels)} images, {summary.format_rate(rate)} img/s, "
                     f"ETA {(len(labels) - done) / max(rate, 1e-9):.0f} s")
 
     def _host_rows(self, n: int) -> slice:

@@ -7,12 +7,10 @@ with the list of valid ones.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax.numpy as jnp
-from flax.core import FrozenDict
 
 from tok1d.models import presets
 from tok1d.models.frozen import dinov2, inception
@@ -129,18 +127,9 @@ def create(name: str, **kwargs: Any) -> nn.Module:
     lists tuples, so that the module hashes as Linen modules must (jit, caches)."""
     if name not in MODELS:
         raise ValueError(f"Unknown model {name!r}; known models: {sorted(MODELS)}.")
-    kwargs = {k: _hashable(v) for k, v in kwargs.items()}
+    kwargs = {k: presets.hashable(v) for k, v in kwargs.items()}
     for key in ("dtype", "param_dtype"):
         if key in kwargs:
             kwargs[key] = dtype_from_name(kwargs[key])
     return MODELS[name](**kwargs)
 
-
-def _hashable(value: Any) -> Any:
-    if hasattr(value, "to_dict") and not isinstance(value, Mapping):  # a ConfigDict
-        value = value.to_dict()
-    if isinstance(value, Mapping):
-        return FrozenDict({k: _hashable(v) for k, v in value.items()})
-    if isinstance(value, list):
-        return tuple(_hashable(v) for v in value)
-    return value

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from collections.abc import Mapping
 from typing import Any, Callable, Optional
+
+from flax.core import FrozenDict
 
 VIT_SIZES: dict[str, dict[str, int]] = {
     # name:   width, depth, heads, MLP hidden (4x width, head dim 64 for the official sizes)
@@ -77,3 +80,15 @@ def build_generator(cls, name: str, size_kwargs: Callable[[str], dict[str, Any]]
         raise ValueError(f"model {name!r} needs {missing} (the tokenizer's codebook size and "
                          "codes per image).")
     return cls(**kwargs)
+
+
+def hashable(value: Any) -> Any:
+    """`value` with its mappings (a ConfigDict's too) as FrozenDicts and lists as tuples, at
+    every depth: a Linen module's fields must hash (jit's static arguments, caches)."""
+    if hasattr(value, "to_dict") and not isinstance(value, Mapping):  # a ConfigDict
+        value = value.to_dict()
+    if isinstance(value, Mapping):
+        return FrozenDict({k: hashable(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return tuple(hashable(v) for v in value)
+    return value

@@ -84,12 +84,24 @@ class Term:
 TERMS: dict[str, Term] = {}
 
 
+# What a term may need: the model's pixel outputs, the model itself (its own auxiliary loss),
+# the discriminator, the perceptual network, GigaTok's shortcut decode; or "teacher:NAME".
+NEEDS = ("pixels", "model", "discriminator", "perceptual", "shortcut")
+
+
 def register(name: str, *, needs: tuple[str, ...] = (), warmup: bool = False,
              stateful: bool = False):
-    """Decorator: registers `fn(ctx) -> unweighted scalar` as the loss term `name`."""
+    """Decorator: registers `fn(ctx) -> unweighted scalar` as the loss term `name`; `needs`
+    among NEEDS (a misspelt one skipped its check: "pixel" for "pixels")."""
+    unknown = [n for n in needs if n not in NEEDS and not n.startswith("teacher:")]
+    if unknown:
+        raise ValueError(f"loss term {name!r}: needs {unknown} unknown (known: "
+                         f"{', '.join(NEEDS)}, teacher:NAME)")
+
     def deco(fn):
         if name in TERMS:
-            raise ValueError(f"loss term {name!r} is registered twice")
+            raise ValueError(f"loss term {name!r} is registered twice (a notebook cell run "
+                             f"again: `del tok1d.objectives.terms.TERMS[{name!r}]` first)")
         TERMS[name] = Term(name, None if stateful else fn, tuple(needs), warmup, stateful,
                            (fn.__doc__ or "").strip().split("\n")[0])
         return fn

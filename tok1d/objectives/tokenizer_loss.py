@@ -69,6 +69,9 @@ def make_loss_fn(model: nn.Module, weights: Mapping[str, float], nets: terms_lib
         if pixel_terms:
             raise ValueError(f"losses {pixel_terms} need pixel outputs; this model predicts "
                              "proxy codes (use losses.proxy_ce).")
+    if "shortcut" in weights and not hasattr(model, "decode_cnn_map"):
+        raise ValueError(f"losses.shortcut needs GigaTok's direct CNN decode (x~); a "
+                         f"{type(model).__name__} has none: set losses.shortcut=0.")
     warmup = terms_lib.warmup_terms(weights)
     # the unweighted parts of the shortcut term (`shortcut_terms`)
     shortcut_parts = [k for k in ("l2", "l1", "perceptual") if k in weights] + (

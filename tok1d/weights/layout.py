@@ -117,6 +117,9 @@ def state_path(path: str, step: Optional[int] = None) -> str:
         raise FileNotFoundError(f"{path}: neither a pretrained directory ({MODEL_FILE} + "
                                 f"{PARAMS_DIR}/) nor a training workdir with checkpoints")
     ckpt = checkpoint_dir(path) if os.path.isdir(checkpoint_dir(path)) else path
+    if not os.path.isdir(os.path.join(ckpt, str(step))):
+        raise FileNotFoundError(f"{ckpt} has no checkpoint at step {step} (its steps: "
+                                f"{', '.join(map(str, checkpoint_steps(ckpt))) or 'none'})")
     return os.path.join(ckpt, str(step), STATE_ITEM)
 
 

@@ -66,6 +66,8 @@ from tok1d.weights.convert import vqgan as convert_vqgan
 OFFICIAL_KINDS = ("titok", "maskgit_vqgan", "gigatok", "dinov2", "maskgit", "gpt", "rar",
                   "inception_fid")
 TEACHERS = ("maskgit_vqgan", "dinov2")
+TOKENIZER_KINDS = ("titok", "maskgit_vqgan", "gigatok")  # (converter kinds = model names)
+GENERATOR_KINDS = ("maskgit", "gpt", "rar")
 # The kinds each converter option applies to (its `tok1d convert` flag where named otherwise):
 # an option given for another kind is refused, not ignored.
 OPTION_KINDS = {
@@ -191,6 +193,10 @@ def load_pretrained(directory: str, **model_overrides: Any) -> tuple[nn.Module, 
     dtype="bfloat16"."""
     directory = resolve(directory)
     spec = layout.read_model_spec(directory)
+    if spec is None and os.path.isfile(layout.config_path(layout.run_dir(directory))):
+        raise FileNotFoundError(f"{directory} is a training workdir, not a pretrained "
+                                f"directory ({layout.MODEL_FILE}): load it with "
+                                "tok1d.weights.load(DIR) or loaders.load_tokenizer(DIR)")
     if spec is None:
         raise FileNotFoundError(f"{directory} has no {layout.MODEL_FILE}; convert or export "
                                 "weights with `tok1d convert` first")
@@ -228,6 +234,8 @@ def _load_directory(path: str, tokenizer_only: bool, model_overrides: dict[str, 
                     ) -> tuple[nn.Module, dict[str, Any]]:
     """`load_tokenizer`; without `tokenizer_only`, a pretrained directory or training workdir
     of a generator loads too (`load`)."""
+    if tokenizer_only:
+        check_kind(path, TOKENIZER_KINDS, "a tokenizer")
     path = os.path.abspath(resolve(path))
     kind, name, kwargs = _model_spec(path)
     if kind == "pretrained":
@@ -263,6 +271,23 @@ def _init_inputs(model: nn.Module, path: str) -> tuple[jax.ShapeDtypeStruct, ...
         raise errors.UserError(f"{path} holds a {type(model).__name__}, neither a tokenizer nor "
                                "a generator.") from None
     return jax.eval_shape(lambda: interfaces.generator_inputs(model, 1))  # (hashable specs)
+
+
+def check_kind(path: str, kinds: Sequence[str], what: str) -> None:
+    """A UserError when `path`, a released name or a pretrained directory, holds a model of
+    another kind than `kinds` (`what`, e.g. "a tokenizer"): for a name, before it is
+    downloaded and converted (GBs, only to be refused then)."""
+    if is_released(path):
+        entry = registry.get(path)
+        if entry.kind in kinds:
+            return
+        names = [n for n, e in registry.RELEASED.items() if e.kind in kinds]
+        raise errors.UserError(f"{path} is not {what} but a {entry.description}: give "
+                               f"{what} ({', '.join(names)}, or a pretrained directory or "
+                               "training workdir).")
+    spec = layout.read_model_spec(path) if os.path.isdir(path) else None
+    if spec is not None and spec["name"] not in kinds:
+        raise errors.UserError(f"{path} holds a {spec['name']} model, not {what}.")
 
 
 def _check_is_tokenizer(model: nn.Module, path: str) -> None:

@@ -59,6 +59,7 @@ class Released:
     expect: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     paper: str = ""
     description: str = ""
+    tokenizer: str = ""  # a generator's: the released tokenizer whose codes it was trained on
 
 
 class UnknownName(errors.UserError, FileNotFoundError):
@@ -143,7 +144,8 @@ for _name, (_repo, _gfid, _tokens) in _MASKGIT.items():
                                       "model.safetensors")},
                   expect=dict(num_tokens=_tokens),
                   paper=f"gFID {_gfid} (ImageNet 256, with titok_{_repo}; README_TiTok)",
-                  description=f"MaskGIT generator on the TiTok-{_repo} tokens"))
+                  description=f"MaskGIT generator on the TiTok-{_repo} tokens",
+                  tokenizer=f"titok_{_repo}"))
 
 _add(Released("maskgit_vqgan", "maskgit_vqgan",
               {"checkpoint": File("hf://fun-research/TiTok/maskgit-vqgan-imagenet-f16-256.bin")},
@@ -157,7 +159,8 @@ for _name, (_size, _gfid) in _RAR.items():
     _add(Released(_name, "rar", {"checkpoint": File(f"hf://yucornetto/RAR/{_name}.bin")},
                   options=dict(size=_size),
                   paper=f"gFID {_gfid} (ImageNet 256, with maskgit_vqgan; README_RAR)",
-                  description=f"RAR-{_size} generator on MaskGIT-VQGAN codes"))
+                  description=f"RAR-{_size} generator on MaskGIT-VQGAN codes",
+                  tokenizer="maskgit_vqgan"))
 
 # --------------------------------------------------------------------------- GigaTok (Google Drive)
 # The official README links Google Drive files only: download them by hand (the error names the
@@ -176,10 +179,11 @@ _GIGATOK = {  # name: (preset, file, drive id, rFID)
 
 
 def _from_drive(name: str, kind: str, filename: str, drive_id: str, options: dict[str, Any],
-                paper: str, description: str) -> None:
+                paper: str, description: str, tokenizer: str = "") -> None:
     _add(Released(name, kind, {"checkpoint": File(_DRIVE.format(drive_id), manual=True,
                                                   filename=filename)},
-                  options=options, paper=paper, description=f"{description} (manual download)"))
+                  options=options, paper=paper, description=f"{description} (manual download)",
+                  tokenizer=tokenizer))
 
 
 for _name, (_preset, _file, _id, _rfid) in _GIGATOK.items():
@@ -205,7 +209,7 @@ for _name, (_size, _file, _id, _gfid) in _GPT.items():
     _tok = _name.split("_gigatok_")[1]
     _from_drive(_name, "gpt", _file, _id, dict(size=_size, weights="model"),
                 f"gFID {_gfid} (ImageNet 256, with gigatok_{_tok}; GigaTok README)",
-                f"GPT-{_size} on the GigaTok {_tok} tokens")
+                f"GPT-{_size} on the GigaTok {_tok} tokens", tokenizer=f"gigatok_{_tok}")
 
 # --------------------------------------------------------------------------- frozen networks
 

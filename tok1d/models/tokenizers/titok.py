@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from tok1d.layers import transformer
 from tok1d.layers.transformer import logical
-from tok1d.models import quantizers
+from tok1d.models import presets, quantizers
 from tok1d.models.interfaces import TokenizerAux, gaussian_aux, vq_aux
 from tok1d.models.quantizers import VectorQuantizer
 from tok1d.models.tokenizers import nested
@@ -253,6 +253,12 @@ class TiTok(nn.Module):
     attention_impl: Optional[str] = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+
+    def __post_init__(self):
+        # A mapping of options built here ({"depth": 2}, as models.create gets them) hashes
+        # as a Linen module's fields must (jit's static arguments): "Failed to hash" before.
+        object.__setattr__(self, "quantizer_options", presets.hashable(self.quantizer_options))
+        super().__post_init__()
 
     def setup(self):
         if self.image_size % self.patch_size:
