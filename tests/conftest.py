@@ -84,6 +84,8 @@ COST_BY_TEST = {
     # subprocesses in unit files
     "test_config.py::test_cli_rejects_mistyped_override_and_bad_shapes": "integration",
     "test_prepare.py::test_cli": "integration",
+    "test_prepare.py::test_a_signal_stops_prepare_at_once_and_removes_its_temporary_files":
+        "integration",
     "test_data.py::test_worker_processes_give_the_batches_of_one_process": "integration",
     "test_data.py::test_input_workers_end_when_the_training_process_is_killed": "integration",
     "test_cli.py::test_python_m_main_still_parses": "integration",
