@@ -508,7 +508,12 @@ def test_a_signal_stops_prepare_at_once_and_removes_its_temporary_files(tmp_path
         time.sleep(0.5)  # (the writer waits for the FIFO's chunk now)
         number = getattr(signal, signum)
         os.killpg(proc.pid, number) if to_group else os.kill(proc.pid, number)
-        _, err = proc.communicate(timeout=60)
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            _, err = proc.communicate()
+            raise AssertionError(f"still running 60 s after {signum}:\n{err[-3000:]}")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -603,3 +608,25 @@ def test_a_full_disk_is_one_line_and_the_output_stays_as_it_was(tree, tmp_path, 
     assert err.startswith("error: could not write ") and "Traceback" not in err
     assert err.endswith("No space left on device (the output is left as it was).")
     assert not [f for f in os.listdir(out) if ".tmp-" in f]
+
+
+def test_a_pool_shutdown_that_hangs_is_given_up(monkeypatch):
+    """After an interruption the pool's shutdown can wait forever for a queue lock that the
+    interrupted thread or a worker holds (seen once in a CI run): it is given up after
+    SHUTDOWN_WAIT_S, and the workers are killed."""
+    import threading
+    killed, never = [], threading.Event()
+
+    class Worker:
+        def kill(self):
+            killed.append(self)
+
+    class StuckPool:
+        _pool = [Worker(), Worker()]
+
+        def terminate(self):
+            never.wait()
+
+    monkeypatch.setattr(prepare_lib, "SHUTDOWN_WAIT_S", 0.2)
+    prepare_lib._shut_down(StuckPool())
+    assert killed == StuckPool._pool

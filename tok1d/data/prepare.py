@@ -379,6 +379,27 @@ def _exit(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
+SHUTDOWN_WAIT_S = 10.0
+
+
+def _shut_down(pool: Any) -> None:
+    """`pool.terminate()` and `join()`, given up after SHUTDOWN_WAIT_S with the workers killed:
+    after an interruption the shutdown may wait for a queue lock that the interrupted thread
+    or a worker holds (a Ctrl-C to the process group hung it, once in a CI run)."""
+    def shut() -> None:
+        pool.terminate()
+        pool.join()
+
+    thread = threading.Thread(target=shut, name="tok1d-pool-shutdown", daemon=True)
+    thread.start()
+    thread.join(SHUTDOWN_WAIT_S)
+    if thread.is_alive():
+        logging.warning("The decoding workers did not stop within %.0f s: killed.",
+                        SHUTDOWN_WAIT_S)
+        for worker in list(getattr(pool, "_pool", ())):
+            worker.kill()
+
+
 @contextlib.contextmanager
 def _terminate_as_interrupt() -> Iterator[None]:
     """SIGTERM (a scheduler's time limit, `kill`) raises KeyboardInterrupt meanwhile, so that
@@ -689,8 +710,7 @@ def prepare(input_dir: str,
                 if os.path.exists(path):
                     os.remove(path)
             if pool is not None:
-                pool.terminate()
-                pool.join()
+                _shut_down(pool)
 
     elapsed = time.time() - start
     for name, st in stats.items():

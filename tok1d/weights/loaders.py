@@ -234,7 +234,7 @@ def _load_directory(path: str, tokenizer_only: bool, model_overrides: dict[str, 
                     ) -> tuple[nn.Module, dict[str, Any]]:
     """`load_tokenizer`; without `tokenizer_only`, a pretrained directory or training workdir
     of a generator loads too (`load`)."""
-    if tokenizer_only:
+    if tokenizer_only and is_released(path):  # (a directory: `_check_is_tokenizer` below)
         check_kind(path, TOKENIZER_KINDS, "a tokenizer")
     path = os.path.abspath(resolve(path))
     kind, name, kwargs = _model_spec(path)
