@@ -367,16 +367,11 @@ def _writing(call: Callable[..., Any], path: str, *args: Any) -> Any:
 
 
 def _worker_signals() -> None:
-    """A decoding worker's start. Ctrl-C reaches the whole process group: the parent alone
-    handles it. SIGTERM (to every process from a scheduler, and the pool's own shutdown) ends
-    a worker through SystemExit, which releases the pool's queue locks: a worker that died
-    of either while waiting for a task held the lock the pool's shutdown then waited for."""
+    """A decoding worker's start: Ctrl-C reaches the whole process group; the parent alone
+    handles it (it removes the temporary files, then stops the workers). SIGTERM keeps its
+    default (the pool's own shutdown sends it); where a worker that died holds a queue lock,
+    the shutdown is given up (`_shut_down`)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _exit)
-
-
-def _exit(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)
 
 
 SHUTDOWN_WAIT_S = 10.0
@@ -394,28 +389,44 @@ def _shut_down(pool: Any) -> None:
     thread.start()
     thread.join(SHUTDOWN_WAIT_S)
     if thread.is_alive():
-        logging.warning("The decoding workers did not stop within %.0f s: killed.",
-                        SHUTDOWN_WAIT_S)
+        logging.warning("The decoding pool did not shut down within %.0f s: its workers "
+                        "were killed.", SHUTDOWN_WAIT_S)
         for worker in list(getattr(pool, "_pool", ())):
             worker.kill()
 
 
 @contextlib.contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM (a scheduler's time limit, `kill`) raises KeyboardInterrupt meanwhile, so that
-    the temporary files are removed as for Ctrl-C (only the main thread can set handlers)."""
+def _stop_on_signals(tmp_files: list[str]) -> Iterator[None]:
+    """SIGTERM (a scheduler's time limit, `kill`) raises KeyboardInterrupt meanwhile, as Ctrl-C
+    does, so that the temporary files are removed. Either also arms a watchdog: if the process
+    has not ended 2 x SHUTDOWN_WAIT_S later (an interrupted pool can hang its shutdown, seen in
+    CI runs), it removes `tmp_files` and exits (130). Only the main thread sets handlers."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
+    def watchdog() -> None:
+        time.sleep(2 * SHUTDOWN_WAIT_S)
+        for path in list(tmp_files):
+            with contextlib.suppress(OSError):
+                os.remove(path)
+        print("interrupted (the decoding workers did not stop: exited)", file=sys.stderr,
+              flush=True)
+        os._exit(130)
+
     def interrupt(signum, frame):
+        if not any(t.name == "tok1d-prepare-watchdog" for t in threading.enumerate()):
+            threading.Thread(target=watchdog, name="tok1d-prepare-watchdog",
+                             daemon=True).start()
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {number: signal.signal(number, interrupt)
+                for number in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def _write_text(path: str, text: str) -> None:
@@ -685,7 +696,7 @@ def prepare(input_dir: str,
     tmp_files: list[str] = []
     stats: dict[str, dict[str, Any]] = {}
     pool = None
-    with _terminate_as_interrupt():
+    with _stop_on_signals(tmp_files):
         try:
             if workers > 1:
                 # not fork: the parent has usually imported JAX, whose threads a fork copies
