@@ -27,7 +27,7 @@ from tensorboard.summary.writer.record_writer import RecordWriter
 
 from tok1d import images as image_lib
 
-__all__ = ["MetricWriter", "ProgressReporter", "format_duration", "format_number",
+__all__ = ["MetricWriter", "ProgressReporter", "flatten", "format_duration", "format_number",
            "format_rate"]
 
 _file_uid = itertools.count()
@@ -66,13 +66,13 @@ def _json_value(value: Any) -> Any:
     return str(value)
 
 
-def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Flattens nested mappings into a single dict with dotted keys."""
     flat: dict[str, Any] = {}
     for key, value in mapping.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
-            flat.update(_flatten(value, prefix=name + "."))
+            flat.update(flatten(value, prefix=name + "."))
         else:
             flat[name] = _json_value(value)
     return flat
@@ -239,7 +239,7 @@ class MetricWriter:
         """Writes `hparams.json` (flat, dotted keys) and an "hparams" text table."""
         if self._events is None:
             return
-        flat = _flatten(hparams)
+        flat = flatten(hparams)
         with open(os.path.join(self.logdir, "hparams.json"), "w") as f:
             json.dump(flat, f, indent=2, allow_nan=False)
             f.write("\n")

@@ -53,7 +53,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from tok1d import errors, models, parallel
+from tok1d import errors, models, parallel, summary
 from tok1d.generation import common as gen_common
 from tok1d.train import config_lib, programs
 from tok1d.weights import download, layout, registry
@@ -727,7 +727,7 @@ def check_same_command(config: Optional[ml_collections.ConfigDict] = None) -> No
             f"{' '.join(here)} here, {' '.join(there)} there; {rule}.")
     if config is None:
         return
-    settings = _flat_settings(config)
+    settings = {k: repr(v) for k, v in summary.flatten(config.to_dict()).items()}
     settings.pop("distributed.process_id", None)
     theirs, others = _process_0s(settings)
     if not others:
@@ -758,21 +758,6 @@ def _process_0s(value: Any) -> tuple[Any, list[int]]:
     padded[:len(mine)] = np.frombuffer(mine, np.uint8)
     first = np.asarray(multihost_utils.broadcast_one_to_all(padded))
     return json.loads(first[:int(lengths[0])].tobytes()), others
-
-
-def _flat_settings(config: ml_collections.ConfigDict) -> dict[str, str]:
-    """{"a.b": repr of the value} of every leaf setting of `config`."""
-    flat: dict[str, str] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        for key, value in node.items():
-            if isinstance(value, (ml_collections.ConfigDict, dict)) and len(value):
-                walk(value, f"{prefix}{key}.")
-            else:
-                flat[f"{prefix}{key}"] = repr(value)
-
-    walk(config, "")
-    return flat
 
 
 def tool_help() -> str:
