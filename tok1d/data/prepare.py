@@ -20,6 +20,7 @@ The command line is `tok1d prepare` (`tok1d.cli.prepare`)::
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -310,9 +311,32 @@ def _load_chunk(
     return results
 
 
+def _get(future: concurrent.futures.Future) -> Any:
+    """`future.result()`, waited for in slices. A wait without a timeout is a lock that only a
+    signal delivered to this thread interrupts; a Ctrl-C or SIGTERM that the kernel hands to
+    another thread of the process (the pool's, JAX's) leaves its Python handler pending until
+    the wait ends, which may be never: a worker blocked on a file, or killed by the same
+    signal (the hang of ~1 in 16 runs after a signal to the whole process group). With slices
+    the handler runs within WAIT_SLICE_S."""
+    while True:
+        try:
+            return future.result(timeout=WAIT_SLICE_S)
+        except concurrent.futures.TimeoutError:
+            continue
+        except concurrent.futures.BrokenExecutor:
+            raise errors.UserError(
+                "a decoding worker process died (killed: the out-of-memory killer, or a "
+                "signal to it alone); the output is left as it was. Run again, with fewer "
+                "--workers if memory is short.") from None
+
+
+WAIT_SLICE_S = 0.2
+
+
 def _ordered_map(fn: Callable[[Any], Any], items: Iterable[Any],
-                 pool: Any | None, max_in_flight: int) -> Iterator[Any]:
-    """Like ``pool.imap`` but with at most ``max_in_flight`` pending tasks.
+                 pool: concurrent.futures.Executor | None,
+                 max_in_flight: int) -> Iterator[Any]:
+    """Like ``pool.map`` but with at most ``max_in_flight`` pending tasks.
 
     Bounding the number of pending tasks bounds memory when the consumer
     (the writer) is slower than the workers.
@@ -322,12 +346,11 @@ def _ordered_map(fn: Callable[[Any], Any], items: Iterable[Any],
         return
     items = iter(items)
     pending = collections.deque(
-        pool.apply_async(fn, (item,))
-        for item in itertools.islice(items, max_in_flight))
+        pool.submit(fn, item) for item in itertools.islice(items, max_in_flight))
     while pending:
-        result = pending.popleft().get()
+        result = _get(pending.popleft())
         for item in itertools.islice(items, 1):
-            pending.append(pool.apply_async(fn, (item,)))
+            pending.append(pool.submit(fn, item))
         yield result
 
 
@@ -369,30 +392,30 @@ def _writing(call: Callable[..., Any], path: str, *args: Any) -> Any:
 def _worker_signals() -> None:
     """A decoding worker's start: Ctrl-C reaches the whole process group; the parent alone
     handles it (it removes the temporary files, then stops the workers). SIGTERM keeps its
-    default (the pool's own shutdown sends it); where a worker that died holds a queue lock,
-    the shutdown is given up (`_shut_down`)."""
+    default (a worker that it kills breaks the pool, which the parent sees)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 SHUTDOWN_WAIT_S = 10.0
 
 
-def _shut_down(pool: Any) -> None:
-    """`pool.terminate()` and `join()`, given up after SHUTDOWN_WAIT_S with the workers killed:
-    after an interruption the shutdown may wait for a queue lock that the interrupted thread
-    or a worker holds (a Ctrl-C to the process group hung it, once in a CI run)."""
+def _shut_down(pool: concurrent.futures.ProcessPoolExecutor, finished: bool) -> None:
+    """Ends the decoding pool. A run that `finished` waits for its idle workers to exit; any
+    other (interrupted, failed) kills them first: they may be mid-way through a file that
+    never ends (a FIFO, a hung network mount), and their work is not wanted. Given up after
+    SHUTDOWN_WAIT_S (the pool's queues may be held by a killed worker)."""
     def shut() -> None:
-        pool.terminate()
-        pool.join()
+        if not finished:
+            # (the executor has no public way to stop running tasks before Python 3.14)
+            for worker in list((getattr(pool, "_processes", None) or {}).values()):
+                worker.kill()
+        pool.shutdown(wait=True, cancel_futures=True)
 
     thread = threading.Thread(target=shut, name="tok1d-pool-shutdown", daemon=True)
     thread.start()
     thread.join(SHUTDOWN_WAIT_S)
     if thread.is_alive():
-        logging.warning("The decoding pool did not shut down within %.0f s: its workers "
-                        "were killed.", SHUTDOWN_WAIT_S)
-        for worker in list(getattr(pool, "_pool", ())):
-            worker.kill()
+        logging.warning("The decoding pool did not shut down within %.0f s.", SHUTDOWN_WAIT_S)
 
 
 @contextlib.contextmanager
@@ -695,14 +718,15 @@ def prepare(input_dir: str,
     token = _new_token()
     tmp_files: list[str] = []
     stats: dict[str, dict[str, Any]] = {}
-    pool = None
+    pool, finished = None, False
     with _stop_on_signals(tmp_files):
         try:
             if workers > 1:
                 # not fork: the parent has usually imported JAX, whose threads a fork copies
                 # in whatever state they are (Python warns; a held lock would hang a worker)
-                pool = multiprocessing.get_context(_START_METHOD).Pool(
-                    workers, initializer=_worker_signals)
+                pool = concurrent.futures.ProcessPoolExecutor(
+                    workers, mp_context=multiprocessing.get_context(_START_METHOD),
+                    initializer=_worker_signals)
             for name, exs in plan.items():
                 stats[name] = _write_split(
                     name, exs, shard_counts[name], output_dir, resize_shorter,
@@ -716,12 +740,13 @@ def prepare(input_dir: str,
                 stats[VALIDATION_SPLIT]["split_off_from"] = split
                 stats[VALIDATION_SPLIT]["val_fraction"] = val_fraction
             _commit(output_dir, class_names, stats, token, tmp_files)
+            finished = True
         finally:  # the files first: a second Ctrl-C during the pool's shutdown keeps nothing
             for path in tmp_files:
                 if os.path.exists(path):
                     os.remove(path)
             if pool is not None:
-                _shut_down(pool)
+                _shut_down(pool, finished)
 
     elapsed = time.time() - start
     for name, st in stats.items():
