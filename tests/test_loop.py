@@ -10,6 +10,8 @@ import os
 import signal as signal_lib
 import subprocess
 import sys
+import threading
+import time
 
 import grain
 import jax
@@ -481,6 +483,41 @@ def test_a_background_compile_is_reused_by_the_call_and_raises_its_error():
         bad.wait()
 
 
+
+@pytest.mark.skipif(not hasattr(signal_lib, "pthread_kill"), reason="needs pthread_kill")
+def test_waiting_for_a_background_compile_runs_a_signal_handed_to_another_thread():
+    """A Ctrl-C that the kernel hands to a thread other than the main one (the process has
+    many: the compile's, JAX's) ran its handler only when the compile ended: the main
+    thread's join waited on a lock that only its own signals interrupt. A later `wait()`
+    still waits for the compile and raises its error."""
+
+    class Slow:  # a program whose lowering takes 5 s
+        def lower(self, *args):
+            time.sleep(5)
+            raise RuntimeError("not compiled")
+
+    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
+    compiling = programs.BackgroundCompile(Slow(), (), mesh, [])
+    other = threading.Thread(target=lambda: (time.sleep(0.3), signal_lib.pthread_kill(
+        compiling._thread.ident, signal_lib.SIGUSR1)))
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal_lib.signal(signal_lib.SIGUSR1, handler)
+    start = time.monotonic()
+    try:
+        other.start()
+        with pytest.raises(KeyboardInterrupt):
+            compiling.wait()
+    finally:
+        signal_lib.signal(signal_lib.SIGUSR1, previous)
+        other.join()
+    assert time.monotonic() - start < 3
+    with pytest.raises(RuntimeError, match="not compiled"):
+        compiling.wait()
+
+
 _EXIT_DURING_COMPILE = """
 import jax, jax.numpy as jnp, sys, time
 from jax.sharding import AxisType
@@ -717,3 +754,34 @@ def test_a_resume_with_other_schedule_settings_is_named(tmp_path):
         "total_steps: 300 there, 1500 now",
         f"batch_size: {old['batch_size']} there, {config.batch_size} now",
         f"optim.lr: {old['optim']['lr']!r} there, {config.optim.lr!r} now"]
+
+
+
+def test_a_resume_with_other_training_settings_is_named(tmp_path):
+    """A GAN's start step, the discriminator's learning rate, a loss weight, the EMA decay or
+    the seed changed on a resume trained on silently (a started discriminator switched off
+    again). They are named; where and how often the run logs, evaluates or saves is not."""
+    from tok1d.train import config_lib
+    config = config_lib.base_config("tokenizer")
+    config.discriminator.start_step = 3
+    wd = str(tmp_path)
+    assert loop.changed_training_settings(config, wd) == []  # a fresh run
+    os.makedirs(os.path.join(wd, "checkpoints", "4"))
+    old = json.loads(json.dumps(config.to_dict()))
+    old["key_of_an_older_tok1d"] = 1
+    with open(os.path.join(wd, "config.json"), "w") as f:
+        json.dump(old, f)
+    config.checkpoint.every_steps += 1
+    config.log_every_steps += 1
+    config.evaluation.num_samples += 1
+    config.optim.lr *= 2  # (the schedule's warning names it)
+    assert loop.changed_training_settings(config, wd) == []
+    config.discriminator.start_step = 8
+    config.disc_optim.lr *= 2
+    config.ema_decay = 0.5
+    config.seed += 1
+    assert loop.changed_training_settings(config, wd) == [
+        f"disc_optim.lr: {old['disc_optim']['lr']!r} there, {config.disc_optim.lr!r} now",
+        "discriminator.start_step: 3 there, 8 now",
+        f"ema_decay: {old['ema_decay']!r} there, 0.5 now",
+        f"seed: {old['seed']!r} there, {config.seed!r} now"]

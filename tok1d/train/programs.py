@@ -64,6 +64,7 @@ class BackgroundCompile:
     def __init__(self, fn: Any, args: tuple, mesh, rules):
         self.seconds = self.lower_seconds = 0.0
         self._error: Optional[BaseException] = None
+        self._done = threading.Event()
 
         def run():
             t0 = time.perf_counter()
@@ -76,6 +77,7 @@ class BackgroundCompile:
                 self._error = e
             self.seconds = time.perf_counter() - t0
             _RUNNING.discard(self)
+            self._done.set()
 
         # A daemon thread, waited for at interpreter exit (`_wait_at_exit`); the command line
         # exits at once instead (`compiling`, `tok1d.cli.app.exit_process`).
@@ -84,7 +86,13 @@ class BackgroundCompile:
         self._thread.start()
 
     def wait(self) -> None:
-        self._thread.join()
+        # In slices: a wait without a timeout is a lock that only a signal delivered to the
+        # main thread interrupts; a Ctrl-C the kernel hands to another thread would wait
+        # (its handler pending) until the compile ends, a second Ctrl-C too. On an event, not
+        # a join: a KeyboardInterrupt inside `Thread.join` marks the thread as ended while it
+        # still runs (Python 3.11), and a later `wait()` would not wait.
+        while not self._done.wait(0.2):
+            pass
         if self._error is not None:
             raise self._error
 
