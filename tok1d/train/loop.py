@@ -437,6 +437,32 @@ def changed_schedule_settings(config, workdir: str) -> list[str]:
             for key, old, new in pairs if _json_like(old) != _json_like(new)]
 
 
+# Settings that do not change what is trained (where it runs, what is logged, evaluated or
+# saved, and how often), and those the other checks name: not named again on a resume.
+_NOT_TRAINING = ("checkpoint.", "distributed.", "evaluation.", "ar_probe.", "mesh.",
+                 "sharding.", "log_every_steps", "eval_every_steps", "eval_batch_size",
+                 "num_grid_images", "phase_programs", "data.num_workers", "data.data_dir",
+                 "data.eval_split", "data.eval_examples", "data.demo_size", "sampling.",
+                 "sampling_precision", "generator.num_sample_classes",
+                 "generator.tokenizer_decoder", "model.", "optim.", "total_steps",
+                 "batch_size")
+
+
+def changed_training_settings(config, workdir: str) -> list[str]:
+    """Every other setting of `config` that trains differently (a loss weight, the
+    discriminator's start step or learning rate, the EMA decay, the seed) and differs from a
+    resumed run's config.json; [] for a fresh run. Keys that the run's config.json does not
+    have (added to tok1d later) or that it no longer has are not changes."""
+    trained = _trained_config(workdir)
+    if trained is None:
+        return []
+    old = summary.flatten(_json_like(trained))
+    new = summary.flatten(_json_like(config.to_dict()))
+    skip = _NOT_TRAINING + tuple(key for key, _ in DATA_SETTINGS)
+    return [f"{key}: {old[key]!r} there, {new.get(key)!r} now" for key in sorted(old)
+            if not key.startswith(skip) and key in new and old[key] != new[key]]
+
+
 def _json_like(value: Any) -> Any:
     """A config value as its config.json holds it (tuples as lists)."""
     if isinstance(value, (tuple, list)):
@@ -493,6 +519,10 @@ def start_writing(config, workdir: str, first_step: int = 0,
                  + ("; the data stream's position is counted in batches of the new size, so "
                     "some examples of this epoch are skipped or seen again."
                     if any(c.startswith("batch_size:") for c in changed) else "."))
+    changed = changed_training_settings(config, workdir)
+    if changed:
+        log_fn()(f"Warning: resuming with other training settings than the run's last start "
+                 f"({'; '.join(changed)}): they apply from the resumed step on.")
     writer = summary.MetricWriter(workdir, enabled=jax.process_index() == 0)
     writer.resume_at(first_step)  # (steps after the checkpoint, logged before a kill: redone)
     writer.write_hparams(config.to_dict())
