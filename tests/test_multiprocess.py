@@ -238,6 +238,19 @@ def test_processes_given_other_arguments_all_stop_at_the_start(tmp_path):
     assert not glob.glob(os.path.join(workdir, "checkpoints", "*")), report
 
 
+def _prepared(images, out) -> None:
+    """A prepared dataset of 8 images in two classes at `out` (their folder: `images`)."""
+    from PIL import Image
+    from tok1d.data import prepare
+    if not images.exists():
+        for label in ("a", "b"):
+            (images / label).mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(np.full((40, 40, 3), 60 * i, np.uint8)).save(
+                    images / label / f"{i}.png")
+    prepare.prepare(str(images), str(out), workers=1)
+
+
 def _hosts_apart(tmp_path, case: str) -> tuple[list[str], list[str]]:
     """(each process's working folder, the arguments both get) for a run whose two "hosts"
     see the same relative paths differently, with the `case` that differs."""
@@ -248,15 +261,7 @@ def _hosts_apart(tmp_path, case: str) -> tuple[list[str], list[str]]:
     if case == "workdir":  # `--workdir=run`: each host's own folder
         return [str(h) for h in homes], ["--workdir=run"]
     if case == "data":  # a prepared folder on host 0 only
-        from tok1d.data import prepare
-        images = tmp_path / "images"
-        for label in ("a", "b"):
-            (images / label).mkdir(parents=True)
-            for i in range(4):
-                from PIL import Image
-                Image.fromarray(np.full((40, 40, 3), 60 * i, np.uint8)).save(
-                    images / label / f"{i}.png")
-        prepare.prepare(str(images), str(homes[0] / "data"), workers=1)
+        _prepared(tmp_path / "images", homes[0] / "data")
         return [str(h) for h in homes], [f"--workdir={shared}",
                                          "--config.data.name=array_record:data",
                                          "--config.data.eval_split=train"]
@@ -307,3 +312,44 @@ def test_hosts_that_see_the_run_differently_all_stop_at_the_start(tmp_path, case
         assert len(lines) == 1 and lines[0].startswith(expected), report
         assert "Traceback" not in err and "Fatal" not in err and "abort" not in err, report
     assert not glob.glob(os.path.join(str(tmp_path), "*", "checkpoints", "*")), report
+
+
+@_timeout_mark
+@pytest.mark.parametrize("missing", ["data", "tokenizer"])
+def test_tokenize_stops_every_host_when_one_lacks_the_data_or_the_tokenizer(tmp_path, missing):
+    """`tok1d tokenize` on two hosts, where one host lacks the data folder or the tokenizer
+    (the same relative path, each host its own folder): that host stopped alone, the other
+    hung in its first collective, then both aborted. Both now stop with one line."""
+    import jax
+    from tok1d import models
+    from tok1d.weights import pretrained
+    homes = [tmp_path / "host0", tmp_path / "host1"]
+    kwargs = dict(image_size=32, patch_size=8, num_latent_tokens=8, encoder_size="nano",
+                  decoder_size="nano", codebook_size=64, token_dim=8)
+    model = models.create("titok", **kwargs)
+    params = jax.jit(model.init)(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
+    for k, home in enumerate(homes):
+        home.mkdir()
+        if k == 0 or missing != "data":
+            _prepared(tmp_path / "images", home / "data")
+        if k == 0 or missing != "tokenizer":
+            pretrained.save_pretrained(str(home / "tok"), "titok", kwargs,
+                                       jax.tree.map(np.asarray, params["params"]))
+    port = free_port()
+    procs = {f"p{pid}": subprocess.Popen(
+        [sys.executable, "-m", "tok1d.cli.tokenize", "--tokenizer=tok", "--data=data",
+         f"--out={tmp_path / 'tokens'}", "--batch_size=4",
+         f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+         f"--process_id={pid}"], cwd=str(homes[pid]), env=subprocess_env(2), **_PIPES)
+        for pid in (0, 1)}
+    outputs = _wait_all(procs, time.monotonic() + TIMEOUT_S)
+    report = _report(outputs)
+    assert all(rc == 2 for rc, _, _ in outputs.values()), report
+    flag = {"data": "--data=data", "tokenizer": "--tokenizer=tok"}[missing]
+    for pid, (_, _, err) in enumerate(outputs.values()):
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1, report
+        if pid == 0:
+            assert lines[0].startswith(f"error: {flag}: process(es) 1 failed"), report
+        assert "Traceback" not in err and "Fatal" not in err and "abort" not in err, report
+    assert not glob.glob(str(tmp_path / "tokens" / "*.array_record*")), report

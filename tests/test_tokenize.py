@@ -98,6 +98,14 @@ def test_resume_rewrites_only_the_missing_shard(tiny, tokenized, tmp_path):
     assert os.stat(os.path.join(out, shards[0])).st_mtime_ns == stats[shards[0]]
     assert os.stat(os.path.join(out, shards[2])).st_mtime_ns == stats[shards[2]]
     assert summary["distinct_codes"] == tokenized[1]["distinct_codes"]  # read back the others
+    # A damaged shard (cut short, e.g. by a full disk) is written again, not read (a traceback).
+    with open(os.path.join(out, shards[2]), "r+b") as f:
+        f.truncate(5000)
+    summary = tokenize.tokenize_dataset(
+        model, params, sources.DigitsSource("train"), out, split="train", batch_size=20,
+        flip=True, num_shards=3, num_examples=NUM, log=lambda _: None)
+    assert (summary["shards_written"], summary["shards_skipped"]) == (1, 2)
+    assert open(os.path.join(out, shards[2]), "rb").read() == before[shards[2]]
     # Other settings or other weights never mix into an existing split.
     with pytest.raises(ValueError, match="other settings.*num_variants"):
         tokenize.tokenize_dataset(model, params, sources.DigitsSource("train"), out,
@@ -405,7 +413,7 @@ def test_a_fully_convolutional_tokenizer_tokenizes_at_the_size_asked(tmp_path):
     assert summary["num_examples"] == 16 and summary["num_tokens"] == (32 // 4) ** 2
 
 
-def test_the_command_encodes_in_float32_unless_told(tiny, tmp_path):
+def test_the_command_encodes_in_float32_unless_told(tiny, tmp_path, capsys):
     """`tok1d tokenize` computes in float32 by default, as the official code extraction (no
     autocast), also for a tokenizer saved in bfloat16 (a tok1d run's precision); --dtype=
     (empty) keeps the tokenizer's own."""
@@ -429,6 +437,13 @@ def test_the_command_encodes_in_float32_unless_told(tiny, tmp_path):
     bf16 = model.clone(dtype="bfloat16")
     np.testing.assert_array_equal(codes["own"], _encode(bf16, params, images))
     assert (codes["default"] != codes["own"]).any()  # ~1% of this tiny model's codes
+    info = json.load(open(os.path.join(str(tmp_path / "default"), tokens.INFO_FILENAME)))
+    assert info["tokenizer"]["kwargs"]["dtype"] == "float32"  # what encoded, not the file's
+    # A run in another dtype would mix shards of both in one split: refused.
+    assert app.run(tokenize, [f"--tokenizer={tok_dir}", "--data=digits", "--split=train",
+                              f"--out={tmp_path / 'default'}", "--num_examples=40",
+                              "--batch_size=40", "--dtype=bfloat16"]) == 2
+    assert "encoder_dtype: 'float32' there" in capsys.readouterr().err
 
 
 def test_a_continuous_tokenizer_has_no_tokens_to_write(tmp_path):

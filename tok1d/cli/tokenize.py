@@ -284,12 +284,36 @@ def _drain(items) -> int:
 
 def _read_histogram(path: str, shape: tuple[int, int], dtype: str,
                     histogram: np.ndarray) -> int:
-    """Adds the codes of an existing shard to `histogram`; returns its number of records."""
-    src = grain.sources.ArrayRecordDataSource([path])
-    for i in range(len(src)):
-        codes = tokens.decode_token_record(src[i], *shape, dtype)["codes"]
-        histogram += np.bincount(codes.reshape(-1), minlength=len(histogram))[:len(histogram)]
+    """Adds the codes of an existing shard to `histogram`; returns its number of records. A
+    damaged shard is a UserError naming it."""
+    try:
+        src = grain.sources.ArrayRecordDataSource([path])
+        for i in range(len(src)):
+            codes = tokens.decode_token_record(src[i], *shape, dtype)["codes"]
+            histogram += np.bincount(codes.reshape(-1),
+                                     minlength=len(histogram))[:len(histogram)]
+    except (RuntimeError, ValueError) as e:  # (ArrayRecord's reader: RuntimeError)
+        raise errors.UserError(f"{path} is damaged ({errors.brief(e)}): remove it and run "
+                               "again to have it written again.") from None
     return len(src)
+
+
+def _shard_complete(path: str, num_records: int) -> bool:
+    """Whether an existing shard opens and holds `num_records` records; one that does not (a
+    file cut short by a full disk, a damaged copy) is removed, to be written again."""
+    if not os.path.isfile(path):
+        return False
+    try:
+        found = len(grain.sources.ArrayRecordDataSource([path]))
+    except (RuntimeError, ValueError) as e:
+        problem = f"unreadable: {errors.brief(e)}"
+    else:
+        if found == num_records:
+            return True
+        problem = f"{found} records, {num_records} expected"
+    print(f"{path} is damaged ({problem}): written again.", flush=True)
+    os.remove(path)
+    return False
 
 
 def code_usage(histogram: np.ndarray) -> dict[str, float]:
@@ -352,7 +376,7 @@ def _check_plan(out_dir: str, split: str, plan: dict[str, Any]) -> None:
             raise OtherTokenizerError(f"{out_dir} holds tokens of another tokenizer "
                                       f"({'; '.join(diff)}); use another --out.")
         done = info["splits"].get(split)
-        if done is not None and done.get("plan") != plan:
+        if done is not None and _as_now(done.get("plan") or {}, plan) != plan:
             raise ValueError(f"{out_dir} already holds split {split!r} tokenized with other "
                              f"settings ({'; '.join(_plan_diff(done.get('plan') or {}, plan))}); "
                              "use another --out or delete that split's files.")
@@ -362,10 +386,21 @@ def _check_plan(out_dir: str, split: str, plan: dict[str, Any]) -> None:
                 old = json.load(f)
             except json.JSONDecodeError:
                 old = None  # A torn plan file cannot happen (atomic), but be lenient.
-        if old is not None and old != plan:
+        if old is not None and _as_now(old, plan) != plan:
             raise ValueError(f"{out_dir} holds an unfinished tokenization of split {split!r} with "
                              f"other settings ({'; '.join(_plan_diff(old, plan))}); rerun it "
                              f"with those settings, or delete {path} and the split's shards.")
+
+
+def _dtype_name(model: nn.Module) -> str:
+    dtype = getattr(model, "dtype", None)
+    return "" if dtype is None else jnp.dtype(dtype).name
+
+
+def _as_now(old: Mapping[str, Any], plan: Mapping[str, Any]) -> dict[str, Any]:
+    """A plan of an earlier tok1d, with the keys it did not record (the encoder's dtype)
+    taken as this run's: such a run is resumed as before."""
+    return {**{k: plan[k] for k in ("encoder_dtype",) if k in plan}, **old}
 
 
 def _plan_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
@@ -483,14 +518,14 @@ def tokenize_dataset(model, params, source, out_dir: str, *, split: str = "train
             "num_tokens": num_tokens, "codebook_size": int(codebook_size),
             "codes_dtype": dtype, "image_size": image_size, "crop": crop,
             "tokenizer_fingerprint": loaders.params_fingerprint(params),
-            "source_size": len(source)}
+            "source_size": len(source), "encoder_dtype": _dtype_name(model)}
     if crop == "ten_crop":
         plan["crop_range"] = crop_range
     names = [tokens.shard_name(split, k, num_shards) for k in range(num_shards)]
     paths = [os.path.join(out_dir, name) for name in names]
-    exists = _start_split(out_dir, split, plan, names, chief)
-
     bounds = _shard_bounds(n, num_shards)
+    exists = _start_split(out_dir, split, plan, names, [hi - lo for lo, hi in bounds], chief)
+
     progress = _Progress(sum(hi - lo for (lo, hi), e in zip(bounds, exists) if not e),
                          progress_every_s, say)
     say(f"Tokenizing {n} examples of {split!r} -> {out_dir}: {num_shards} shard(s), "
@@ -533,9 +568,10 @@ def tokenize_dataset(model, params, source, out_dir: str, *, split: str = "train
 
 
 def _start_split(out_dir: str, split: str, plan: dict[str, Any], names: list[str],
-                 chief: bool) -> list[bool]:
+                 sizes: list[int], chief: bool) -> list[bool]:
     """Checks `out_dir` against the plan, clears leftovers, records the plan (process 0);
-    returns which shards are already complete, as process 0 sees it, on every process."""
+    returns which shards (of `sizes` records) are already complete, as process 0 sees it, on
+    every process."""
     problem = None
     if chief:
         try:
@@ -548,8 +584,9 @@ def _start_split(out_dir: str, split: str, plan: dict[str, Any], names: list[str
             tokens.atomic_write_json(_plan_path(out_dir, split), plan)
     if not parallel.process_0_view([problem is None])[0]:
         raise problem or ValueError(f"Process 0 cannot write {out_dir} (see its log).")
-    exists = parallel.process_0_view([os.path.isfile(os.path.join(out_dir, name))
-                                      for name in names])
+    exists = parallel.process_0_view([
+        chief and _shard_complete(os.path.join(out_dir, name), size)
+        for name, size in zip(names, sizes)])
     _sync("tok1d.cli.tokenize.plan")
     return exists
 
@@ -673,20 +710,31 @@ def execute(fv: flags.FlagValues, args: list[str]) -> None:
     del args
     errors.check_output_dir(fv.out, "--out")
     app.setup_process(fv)
-    # The data first: a wrong name fails before a large checkpoint is read.
-    try:
-        source = resolve_source(fv.data, fv.split, data_dir=fv.data_dir,
-                                image_size=fv.image_size)
-    except KeyError as e:  # an unknown split of a prepared directory
-        raise errors.UserError(e.args[0] if e.args else str(e)) from None
+    def open_source(image_size: int) -> Any:
+        try:
+            return resolve_source(fv.data, fv.split, data_dir=fv.data_dir,
+                                  image_size=image_size)
+        except KeyError as e:  # an unknown split of a prepared directory
+            raise errors.UserError(e.args[0] if e.args else str(e)) from None
+
+    # The data first: a wrong name fails before a large checkpoint is read. A host that lacks
+    # the data or the tokenizer stops every host (it stopped alone; the others hung).
+    source = parallel.everywhere(lambda: open_source(fv.image_size), f"--data={fv.data}")
     overrides = {"dtype": fv.dtype} if fv.dtype else {}
-    model, params = loaders.load_tokenizer(fv.tokenizer, **overrides)
-    desc = loaders.describe_tokenizer(fv.tokenizer)
+
+    if loaders.is_released(fv.tokenizer):  # (its download makes the processes agree)
+        model, params = loaders.load_tokenizer(fv.tokenizer, **overrides)
+        desc = loaders.describe_tokenizer(fv.tokenizer)
+    else:  # the description first: it reads no weights (a restore holds collectives)
+        desc = parallel.everywhere(lambda: loaders.describe_tokenizer(fv.tokenizer),
+                                   f"--tokenizer={fv.tokenizer}")
+        model, params = loaders.load_tokenizer(fv.tokenizer, **overrides)
+    desc["kwargs"] = dict(desc["kwargs"], **overrides)  # (what encoded: --dtype's)
     native = model.input_size
     if not fv.image_size and native:
         # Opened again at the tokenizer's size: synthetic sources ("digits") render at it
         # directly (stored images ignore it and are cropped by `load_image`).
-        source = resolve_source(fv.data, fv.split, data_dir=fv.data_dir, image_size=native)
+        source = parallel.everywhere(lambda: open_source(native), f"--data={fv.data}")
     tokenize_dataset(model, params, source, fv.out, split=fv.split, batch_size=fv.batch_size,
                      flip=fv.flip, num_shards=fv.num_shards, image_size=fv.image_size,
                      crop=fv.crop, crop_range=fv.crop_range, num_examples=fv.num_examples,
