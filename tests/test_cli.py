@@ -783,3 +783,30 @@ def test_flags_are_found_and_replaced_in_every_form_absl_takes():
     assert app._without_process_id(
         args + ["--config.distributed.process_id=4", "--process_id=0"]) == [
         "--config", "a.py", "--config.seed=3", "--x=2", "--config"]
+
+
+def test_sigterm_before_a_command_takes_it_over_ends_it_as_ctrl_c_does(capsys):
+    """A training run sent SIGTERM during its start-up (restoring, compiling: before the loop
+    takes the signal over to save and stop) ended without a word (status 143 from the
+    default action); every command now ends as for Ctrl-C, its `finally` blocks run."""
+    import signal
+    import time
+    import types
+    cleaned = []
+    job = types.ModuleType("job")
+    job.CONFIG, job.REQUIRED, job.POSITIONAL = None, (), None
+    job.define_flags = lambda fv: None
+
+    def execute(fv, args):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)
+        finally:
+            cleaned.append(True)
+
+    job.execute = execute
+    before = signal.getsignal(signal.SIGTERM)
+    assert app.run(job, []) == 128 + signal.SIGTERM
+    assert cleaned == [True]
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "interrupted (SIGTERM)"
+    assert signal.getsignal(signal.SIGTERM) is before

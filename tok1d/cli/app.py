@@ -38,6 +38,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 import threading
 import traceback
@@ -629,14 +630,16 @@ def run(job: types.ModuleType, argv: Optional[Sequence[str]] = None,
         print(help_text(job, prog, fv))
         return 0
     verbosity = 0
+    previous = _terminate_like_ctrl_c()
     try:
         fv, rest = _parse(job, prog, args)
         verbosity = fv.verbosity
         setup_console(verbosity)
         job.execute(fv, rest)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        terminated = isinstance(e, Terminated)
+        print("interrupted" + (" (SIGTERM)" if terminated else ""), file=sys.stderr)
+        return 128 + signal.SIGTERM if terminated else 130
     except Exception as e:  # noqa: BLE001 - a user's error becomes one line, a bug re-raises
         message = user_error_message(e)
         if message is None or verbosity >= 2:
@@ -649,7 +652,30 @@ def run(job: types.ModuleType, argv: Optional[Sequence[str]] = None,
                        "more characters: -v 1 prints the whole message)")
         print(f"error: {message}", file=sys.stderr)
         return getattr(e, "exit_code", 2)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's limit, `kill`) before a command handles it itself."""
+
+
+def _terminate_like_ctrl_c() -> Any:
+    """Makes SIGTERM end a command as Ctrl-C does ("interrupted (SIGTERM)", status 143, its
+    temporary files removed) where the command has not taken it over: a training run killed
+    during its start-up (restore, compile) ended silently. The training loop saves and stops
+    on it instead (`PreemptionFlag`); with several processes JAX's preemption notifier,
+    installed later by `jax.distributed.initialize`, takes it. Returns the previous handler
+    (None off the main thread, where handlers cannot be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def terminate(signum, frame):  # noqa: ARG001
+        raise Terminated
+
+    return signal.signal(signal.SIGTERM, terminate)
 
 
 # ----------------------------------------------------------------------------------------------
