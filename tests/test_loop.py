@@ -121,12 +121,28 @@ def test_checkpoint_saved_is_logged_once_the_save_is_complete(tmp_path):
         ckpt.wait()
         ckpt._pending.append(6)  # as a background save that failed: no folder
         ckpt.close()
+        # A wait that a second Ctrl-C interrupted (orbax returned from it): the save is
+        # completed by the manager's close, and then reported as saved, not as lost.
+        other = checkpoint.Checkpointer(str(tmp_path / "other"), every_steps=1, keep=2,
+                                        async_save=True)
+        close = other.manager.close
+
+        def completing_close():
+            close()
+            os.makedirs(tmp_path / "other" / "7" / "state")
+
+        other.manager.close = completing_close
+        other._pending.append(7)
+        other.wait()
+        assert seen[-1][1] == 6  # (nothing said of 7 yet)
+        other.close()
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
-    assert seen == [("INFO", 1, True), ("INFO", 2, True), ("INFO", 4, True), ("INFO", 5, True),
-                    ("WARNING", 6, False)]
-    assert sorted(os.listdir(tmp_path)) == ["4", "5"]  # keep=2: reported before removed
+    assert seen[:5] == [("INFO", 1, True), ("INFO", 2, True), ("INFO", 4, True),
+                        ("INFO", 5, True), ("WARNING", 6, False)]
+    assert seen[5][:2] == ("INFO", 7) and len(seen) == 6
+    assert sorted(os.listdir(tmp_path)) == ["4", "5", "other"]  # keep=2: reported first
 
     # A background save that failed (orbax re-raises its error at the next wait): one error
     # naming the step and what to do, at the next save or at the end.

@@ -142,10 +142,10 @@ class Checkpointer:
             return
         if self._on_storage(step):
             logging.getLogger(__name__).info("checkpoint saved at step %d", step)
-        else:  # (orbax's wait raises a failed save's error: an interrupted wait)
+        else:  # (after the manager's close: the save did not complete)
             logging.getLogger(__name__).warning(
-                "checkpoint at step %d was not on storage yet when the run stopped (its save "
-                "was interrupted): the next run uses it only if it is complete", step)
+                "checkpoint at step %d was not completed when the run stopped (its save was "
+                "interrupted): the next run resumes from the one before it", step)
 
     def restore(self, step: int, abstract_state: Any) -> Any:
         """The train state of checkpoint `step`, restored into `abstract_state`
@@ -294,14 +294,17 @@ class Checkpointer:
                 f"Checkpoint {self.directory}/{steps[0] if steps else '?'} could not be saved "
                 f"({errors.brief(e)}): check the storage (space, permissions), then run the "
                 "same command again: it resumes from the last checkpoint saved.") from e
-        while self._pending:
-            self._report(self._pending.popleft())
+        # (one not on storage yet: an interrupted wait, which orbax may return from; the
+        # manager's close finishes it, then `close` reports it)
+        self.report_saved()
 
     def close(self) -> None:
         try:
             self.wait()
         finally:
             self.manager.close()
+            while self._pending:
+                self._report(self._pending.popleft())
 
 
 # What tensorstore / orbax say when a checkpoint's files cannot be read (an array's data cut
