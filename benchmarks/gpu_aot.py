@@ -44,8 +44,12 @@ def gpu_devices(spec: str) -> list:
     """Compile-only devices of one GPU described by the target config file `spec`."""
     with open(spec, encoding="utf-8") as f:
         target = f.read()
-    return list(topologies.get_topology_desc("", "cuda", target_config=target,
-                                             topology="1x1x1").devices)
+    try:
+        return list(topologies.get_topology_desc("", "cuda", target_config=target,
+                                                 topology="1x1x1").devices)
+    except NotImplementedError:  # (jax without its CUDA plugin)
+        sys.exit("error: gpu_aot.py compiles for a GPU without one, through jax's CUDA plugin: "
+                 "install it (pip install \"jax[cuda12]\", see this file's docstring).")
 
 
 def place_nothing(devices: list) -> None:

@@ -289,8 +289,12 @@ def main() -> None:
     parser.add_argument("--launch", type=float, default=3e-6, help="seconds per kernel")
     parser.add_argument("--top", type=int, default=0, help="also list the N slowest kernels")
     args = parser.parse_args()
-    with open(args.hlo, encoding="utf-8") as f:
-        roofline = Roofline(f.read(), args.bandwidth, args.launch)
+    try:
+        with open(args.hlo, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        parser.error(f"cannot read {args.hlo}: {e.strerror}")
+    roofline = Roofline(text, args.bandwidth, args.launch)
     print(summarize(roofline.kernels(), args.top))
 
 

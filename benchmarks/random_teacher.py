@@ -37,4 +37,7 @@ def main(spec: str, out_dir: str) -> str:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] in ("-h", "--help"):
+        print(__doc__)
+        sys.exit(0 if sys.argv[1:2] in (["-h"], ["--help"]) else 2)
     print(main(*sys.argv[1:3]))

@@ -125,7 +125,7 @@ def test_prepare_train(tree, tmp_path):
             "num_skipped": len(BAD_FILES),
         }},
     }
-    assert not [f for f in os.listdir(out) if ".tmp-" in f]
+    assert not _work_files(out)
 
     source, recs = _read_all(out, "train")
     assert len(source) == len(good)
@@ -280,7 +280,7 @@ def test_interrupted_run_leaves_dataset_intact(tree, tmp_path, monkeypatch):
     monkeypatch.undo()
     with open(os.path.join(out, "dataset_info.json")) as f:
         assert f.read() == before
-    assert not [f for f in os.listdir(out) if ".tmp-" in f]
+    assert not _work_files(out)
     assert len(records.ArrayRecordImageSource(out, "train")) == len(good)
 
 
@@ -427,7 +427,7 @@ def test_a_class_whose_images_all_fail_to_decode_is_refused(tmp_path):
                                          r"\(b; e.g. b/(broken.jpg|empty.png): "
                                          r".*Nothing was written"):
         prepare_lib.prepare(str(root), str(out), workers=1)
-    assert not os.listdir(out)
+    assert not out.exists()  # (created by the run, nothing written: removed)
 
 
 def test_a_damaged_shard_is_named(tree, tmp_path):
@@ -470,6 +470,12 @@ def test_a_record_that_is_not_an_image_record_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"Record 1 of split 'train' of .*: not a tok1d image "
                                          r"record \(ExtraData"):
         source[1]
+
+
+def _work_files(out):
+    """The temporary files in OUT (none where OUT was removed: a run that created it and
+    wrote nothing)."""
+    return [f for f in os.listdir(out) if ".tmp-" in f] if os.path.isdir(out) else []
 
 
 def _small_tree(root, classes=("a", "b"), per_class=40):
@@ -543,7 +549,7 @@ def test_a_signal_stops_prepare_at_once_and_removes_its_temporary_files(tmp_path
     assert rc == 130, err
     assert err.strip().splitlines()[-1].startswith("interrupted"), err  # (or its watchdog's)
     assert "Traceback" not in err, err
-    assert not [f for f in os.listdir(out) if ".tmp-" in f]
+    assert not _work_files(out)
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo") or not os.path.isdir("/proc/self/task"),
@@ -572,7 +578,7 @@ def test_a_decoding_worker_killed_alone_stops_prepare_with_one_line(tmp_path):
     assert rc not in (0, 130), err
     assert "a decoding worker process died" in err.strip().splitlines()[-1], err
     assert "Traceback" not in err, err
-    assert not [f for f in os.listdir(out) if ".tmp-" in f]
+    assert not _work_files(out)
     assert not (out / "dataset_info.json").exists()
 
 
@@ -659,7 +665,7 @@ def test_a_full_disk_is_one_line_and_the_output_stays_as_it_was(tree, tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()[-1]  # (after the progress bar)
     assert err.startswith("error: could not write ") and "Traceback" not in err
     assert err.endswith("No space left on device (the output is left as it was).")
-    assert not [f for f in os.listdir(out) if ".tmp-" in f]
+    assert not _work_files(out)
 
 
 def test_an_interrupted_pool_is_ended_at_once_and_a_finished_one_waits_for_its_workers():
@@ -689,3 +695,27 @@ def test_an_interrupted_pool_is_ended_at_once_and_a_finished_one_waits_for_its_w
     workers = list(idle._processes.values())
     prepare_lib._shut_down(idle, finished=True)
     assert not any(w.is_alive() for w in workers) and all(w.exitcode == 0 for w in workers)
+
+
+def test_a_run_that_writes_nothing_leaves_no_output_folder(tmp_path):
+    """No image decodes: the error, and no empty OUT folder left behind (an OUT that existed
+    is kept)."""
+    root, out = tmp_path / "in", tmp_path / "out"
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        (root / name / "x.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="None of the 2 images of split .train. could be"):
+        prepare_lib.prepare(str(root), str(out), workers=1)
+    assert not out.exists()
+    out.mkdir()
+    with pytest.raises(ValueError):
+        prepare_lib.prepare(str(root), str(out), workers=1)
+    assert out.is_dir()
+
+
+def test_a_split_without_shards_is_one_line(tmp_path):
+    (tmp_path / "dataset_info.json").write_text(json.dumps({
+        "format": records.FORMAT_VERSION, "class_names": ["a"],
+        "splits": {"train": {"num_examples": 0, "shards": []}}}))
+    with pytest.raises(errors.UserError, match="Split 'train' of .* has no shards"):
+        records.ArrayRecordImageSource(str(tmp_path), "train")

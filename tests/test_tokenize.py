@@ -106,6 +106,10 @@ def test_resume_rewrites_only_the_missing_shard(tiny, tokenized, tmp_path):
         flip=True, num_shards=3, num_examples=NUM, log=lambda _: None)
     assert (summary["shards_written"], summary["shards_skipped"]) == (1, 2)
     assert open(os.path.join(out, shards[2]), "rb").read() == before[shards[2]]
+    again = tokenize.tokenize_dataset(
+        model, params, sources.DigitsSource("train"), out, split="train", batch_size=20,
+        flip=True, num_shards=3, num_examples=NUM, log=lambda _: None)
+    assert "nothing to encode: every shard was done" in tokenize.format_summary(again)
     # Other settings or other weights never mix into an existing split.
     with pytest.raises(ValueError, match="other settings.*num_variants"):
         tokenize.tokenize_dataset(model, params, sources.DigitsSource("train"), out,
@@ -229,7 +233,7 @@ def test_corrupt_or_mismatched_datasets_fail_clearly(tokenized, tmp_path):
         tokens.TokenSource(out, "train")
 
 
-def test_clear_errors_for_tokenizer_data_and_image_size(tiny, tmp_path):
+def test_clear_errors_for_tokenizer_data_and_image_size(tiny, tmp_path, capsys):
     model, params = tiny
     with pytest.raises(FileNotFoundError, match="Tokenizer directory not found"):
         loaders.load_tokenizer(str(tmp_path / "missing"))
@@ -250,6 +254,11 @@ def test_clear_errors_for_tokenizer_data_and_image_size(tiny, tmp_path):
     pretrained.save_pretrained(str(tmp_path / "gpt"), "gpt", gpt, gpt_params)
     with pytest.raises(errors.UserError, match="holds a GPT, not a tokenizer"):
         loaders.load_tokenizer(str(tmp_path / "gpt"))
+    from tok1d.cli import app
+    assert app.run(tokenize, [f"--tokenizer={tmp_path / 'gpt'}", "--data=digits",
+                              f"--out={tmp_path / 'gpt'}"]) == 2  # (its own folder: refused)
+    assert "is the tokenizer's own folder" in capsys.readouterr().err
+    assert not (tmp_path / "gpt" / tokens.INFO_FILENAME).exists()
     with pytest.raises(ValueError, match="Unknown data source 'imagenet'"):
         tokenize.resolve_source("imagenet", "train")
     with pytest.raises(FileNotFoundError, match="Data directory not found"):

@@ -91,7 +91,8 @@ POSITIONAL = ""
 
 def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_enum("workload", "train", WORKLOADS, "What to measure.", flag_values=fv)
-    flags.DEFINE_integer("batch_size", 0, "Global batch (0: the config's batch_size).",
+    flags.DEFINE_integer("batch_size", 0, "Global batch (0: the config's batch_size; "
+                         "--workload=input: 32, a rate per image that does not depend on it).",
                          lower_bound=0, flag_values=fv)
     flags.DEFINE_integer("steps", 10, "Timed calls.", lower_bound=1, flag_values=fv)
     flags.DEFINE_integer("warmup", 2, "Untimed calls first (the first one compiles).",
@@ -556,6 +557,8 @@ def run(config, workload: str, batch_size: int = 0, steps: int = 10, warmup: int
         times, first = time_calls(work.call, warmup, steps, profile)
         step = statistics.median(times)
         memory = peak_memory_gib()  # before the peak-FLOPs matmul adds its 384 MiB
+        if not peak_tflops:
+            log("measuring the device's bf16 matmul peak for MFU (--peak_tflops=X skips it)...")
         peak = peak_tflops or matmul_tflops()
         row.update(step_ms=1e3 * step, images_per_s=batch / step, first_call_s=first,
                    peak_memory_gib=memory, device_bf16_tflops=peak,

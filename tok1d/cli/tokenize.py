@@ -652,7 +652,9 @@ def format_summary(summary: Mapping[str, Any]) -> str:
              f"{summary['shards_skipped']} already done)",
              f"  {summary['num_variants']} variant(s) x {summary['num_tokens']} tokens, codebook "
              f"{summary['codebook_size']}",
-             f"  {summary['images_per_s']:.1f} images/s, {summary['elapsed_s']:.1f} s"]
+             (f"  {summary['images_per_s']:.1f} images/s, {summary['elapsed_s']:.1f} s"
+              if summary["shards_written"] else
+              f"  nothing to encode: every shard was done, {summary['elapsed_s']:.1f} s")]
     if "distinct_codes" in summary:
         lines.append(f"  code usage: {summary['distinct_codes']}/{summary['codebook_size']} "
                      f"distinct ({100 * summary['usage']:.1f}%), perplexity "
@@ -709,6 +711,10 @@ def define_flags(fv: flags.FlagValues) -> None:
 def execute(fv: flags.FlagValues, args: list[str]) -> None:
     del args
     errors.check_output_dir(fv.out, "--out")
+    if os.path.isdir(fv.tokenizer) and os.path.realpath(fv.out) == os.path.realpath(
+            fv.tokenizer):
+        raise errors.UserError(f"--out={fv.out} is the tokenizer's own folder: write the "
+                               "tokens to another one.")
     app.setup_process(fv)
     def open_source(image_size: int) -> Any:
         try:
@@ -735,11 +741,17 @@ def execute(fv: flags.FlagValues, args: list[str]) -> None:
         # Opened again at the tokenizer's size: synthetic sources ("digits") render at it
         # directly (stored images ignore it and are cropped by `load_image`).
         source = parallel.everywhere(lambda: open_source(native), f"--data={fv.data}")
-    tokenize_dataset(model, params, source, fv.out, split=fv.split, batch_size=fv.batch_size,
-                     flip=fv.flip, num_shards=fv.num_shards, image_size=fv.image_size,
-                     crop=fv.crop, crop_range=fv.crop_range, num_examples=fv.num_examples,
-                     prefix_tokens=fv.prefix_tokens, tokenizer_info=desc,
-                     data_info={"data": fv.data, "split": fv.split}, num_threads=fv.threads)
+    try:
+        tokenize_dataset(model, params, source, fv.out, split=fv.split,
+                         batch_size=fv.batch_size, flip=fv.flip, num_shards=fv.num_shards,
+                         image_size=fv.image_size, crop=fv.crop, crop_range=fv.crop_range,
+                         num_examples=fv.num_examples, prefix_tokens=fv.prefix_tokens,
+                         tokenizer_info=desc, data_info={"data": fv.data, "split": fv.split},
+                         num_threads=fv.threads)
+    except KeyboardInterrupt:
+        print(f"The shards written are kept in {fv.out}: the same command resumes at the "
+              "first one not written.", file=sys.stderr)
+        raise
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -676,6 +676,7 @@ def prepare(input_dir: str,
                          "written by `tok1d tokenize`): its shards are named like the image "
                          "shards; write the images to another --out.")
     class_names, examples, ignored = scan_input(input_dir)
+    created = not os.path.exists(output_dir)  # (removed again if nothing is written)
     os.makedirs(output_dir, exist_ok=True)
     existing = _read_existing_info(output_dir, class_names)  # Fail early if incompatible.
     writes = [split] + ([VALIDATION_SPLIT] if val_fraction > 0 else [])
@@ -747,6 +748,9 @@ def prepare(input_dir: str,
                     os.remove(path)
             if pool is not None:
                 _shut_down(pool, finished)
+            if created and not finished:
+                with contextlib.suppress(OSError):  # (only if empty)
+                    os.rmdir(output_dir)
 
     elapsed = time.time() - start
     for name, st in stats.items():

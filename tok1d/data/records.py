@@ -315,6 +315,9 @@ class ArrayRecordImageSource:
                 "it has (--split, or --config.data.train_split / eval_split).")
         split_info = splits[split]
         self._paths = [os.path.join(directory, s) for s in split_info["shards"]]
+        if not self._paths:
+            raise errors.UserError(f"Split {split!r} of {directory!r} has no shards (its "
+                                   f"{INFO_FILENAME} lists none): prepare it again.")
         missing = [p for p in self._paths if not os.path.isfile(p)]
         if missing:
             raise FileNotFoundError(
