@@ -86,6 +86,8 @@ COST_BY_TEST = {
     "test_prepare.py::test_cli": "integration",
     "test_prepare.py::test_a_signal_stops_prepare_at_once_and_removes_its_temporary_files":
         "integration",
+    "test_prepare.py::test_a_decoding_worker_killed_alone_stops_prepare_with_one_line":
+        "integration",
     "test_data.py::test_worker_processes_give_the_batches_of_one_process": "integration",
     "test_data.py::test_input_workers_end_when_the_training_process_is_killed": "integration",
     "test_cli.py::test_python_m_main_still_parses": "integration",
