@@ -751,9 +751,10 @@ def check_same_command(config: Optional[ml_collections.ConfigDict] = None) -> No
         raise errors.UserError(
             f"process {jax.process_index()} was given other arguments than process 0: "
             f"{' '.join(here)} here, {' '.join(there)} there; {rule}.")
-    if config is None:
-        return
-    settings = {k: repr(v) for k, v in summary.flatten(config.to_dict()).items()}
+    # (a process without a config compares too: one whose --checkpoint folder, with the run's
+    # config.json, is on another host only stopped alone, the others hung in this collective)
+    settings = {NO_CONFIG: ""} if config is None else {
+        k: repr(v) for k, v in summary.flatten(config.to_dict()).items()}
     settings.pop("distributed.process_id", None)
     theirs, others = _process_0s(settings)
     if not others:
@@ -761,8 +762,15 @@ def check_same_command(config: Optional[ml_collections.ConfigDict] = None) -> No
     if jax.process_index() not in others:
         raise errors.UserError(
             f"process(es) {', '.join(map(str, others))} read another config than process 0 "
-            "from the same command (each says which settings): is the config file the same "
-            "on every host?")
+            "from the same command (each says which settings): is the config file (or the "
+            "--checkpoint folder with its config.json) the same on every host?")
+    if (NO_CONFIG in settings) != (NO_CONFIG in theirs):
+        raise errors.UserError(
+            f"process {jax.process_index()} has "
+            + ("no config, process 0 has one" if config is None else
+               "a config, process 0 has none")
+            + " from the same command: is the --checkpoint folder (with the run's "
+            "config.json) or the config file on every host?")
     differ = sorted(set(settings) ^ set(theirs)
                     | {k for k in set(settings) & set(theirs) if settings[k] != theirs[k]})
     shown = "; ".join(f"{k}: {settings.get(k, '(none)')} here, {theirs.get(k, '(none)')} "
@@ -770,6 +778,9 @@ def check_same_command(config: Optional[ml_collections.ConfigDict] = None) -> No
     raise errors.UserError(
         f"process {jax.process_index()} read another config than process 0 from the same "
         f"command ({shown}): is the config file the same on every host?")
+
+
+NO_CONFIG = "(no config)"  # `check_same_command`'s settings of a process without a config
 
 
 def _process_0s(value: Any) -> tuple[Any, list[int]]:
