@@ -356,20 +356,23 @@ def test_tokenize_stops_every_host_when_one_lacks_the_data_or_the_tokenizer(tmp_
 
 
 @_timeout_mark
-def test_a_checkpoint_folder_on_one_host_only_stops_every_host(tmp_path):
-    """`tok1d evaluate --checkpoint=run` (a workdir bringing its config.json) where only host 0
-    has `run`: host 1 stopped alone ("--config is required") while host 0 waited in the
-    config comparison's collective, which host 1 skipped without a config. Both now stop with
-    one line."""
+@pytest.mark.parametrize("with_config", [False, True])
+def test_a_checkpoint_folder_on_one_host_only_stops_every_host(tmp_path, with_config):
+    """`tok1d evaluate --checkpoint=run` where only host 0 has `run`. Without --config (the
+    workdir's config.json is the config), host 1 stopped alone ("--config is required") while
+    host 0 waited in the config comparison's collective, which host 1 skipped without a
+    config; with --config, host 1 stopped at the load and host 0 waited in its first
+    collective. Both now stop with one line each."""
     from configs import tiny_test
     homes = [tmp_path / "host0", tmp_path / "host1"]
     for home in homes:
         home.mkdir()
     (homes[0] / "run").mkdir()
     (homes[0] / "run" / "config.json").write_text(json.dumps(tiny_test.get_config().to_dict()))
+    config = [f"--config={os.path.join(REPO_ROOT, CONFIG)}"] if with_config else []
     port = free_port()
     procs = {f"p{pid}": subprocess.Popen(
-        [sys.executable, "-m", "tok1d.cli.evaluate", "--checkpoint=run",
+        [sys.executable, "-m", "tok1d.cli.evaluate", *config, "--checkpoint=run",
          f"--out={tmp_path / 'out'}", f"--coordinator_address=127.0.0.1:{port}",
          "--num_processes=2", f"--process_id={pid}"], cwd=str(homes[pid]),
         env=subprocess_env(2), **_PIPES) for pid in (0, 1)}
@@ -378,11 +381,18 @@ def test_a_checkpoint_folder_on_one_host_only_stops_every_host(tmp_path):
     assert all(rc == 2 for rc, _, _ in outputs.values()), report
     lines = {name: [line for line in err.splitlines() if line.startswith("error:")]
              for name, (_, _, err) in outputs.items()}
-    assert lines["p0"] == ["error: process(es) 1 read another config than process 0 from the "
-                           "same command (each says which settings): is the config file (or "
-                           "the --checkpoint folder with its config.json) the same on every "
-                           "host?"], report
-    assert lines["p1"] == ["error: process 1 has no config, process 0 has one from the same "
-                           "command: is the --checkpoint folder (with the run's config.json) "
-                           "or the config file on every host?"], report
+    if with_config:
+        expected = {"p0": "error: --checkpoint=run: process(es) 1 failed (their own output "
+                          "says why). (ValueError)",
+                    "p1": "error: --checkpoint=run: no such file or folder on this host "
+                          "(every host must see it)."}
+    else:
+        expected = {"p0": "error: process(es) 1 read another config than process 0 from the "
+                          "same command (each says which settings): is the config file (or "
+                          "the --checkpoint folder with its config.json) the same on every "
+                          "host?",
+                    "p1": "error: process 1 has no config, process 0 has one from the same "
+                          "command: is the --checkpoint folder (with the run's config.json) "
+                          "or the config file on every host?"}
+    assert lines == {name: [line] for name, line in expected.items()}, report
     assert not any("Traceback" in err for _, _, err in outputs.values()), report

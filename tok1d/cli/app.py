@@ -706,11 +706,25 @@ def define_distributed_flags(fv: flags.FlagValues) -> None:
                          lower_bound=-1, flag_values=fv)
 
 
-def setup_process(fv: flags.FlagValues) -> None:
+def setup_process(fv: flags.FlagValues, paths: Sequence[str] = ()) -> None:
     """`parallel.setup_process` with the flags of `define_distributed_flags`, then
-    `check_same_command`."""
+    `check_same_command`, then, with several processes, that every process sees the local
+    files or folders of the flags named in `paths` (e.g. "checkpoint": a process without it
+    stopped alone while the others waited in their next collective)."""
     parallel.setup_process(fv.coordinator_address, fv.num_processes, fv.process_id)
     check_same_command(fv["config"].value if "config" in fv else None)
+    if jax.process_count() == 1:
+        return
+    for name in paths:
+        value = fv[name].value
+
+        def check(value=value, name=name) -> None:
+            if value and not (os.path.exists(value) or value in registry.RELEASED
+                              or download.is_remote(value)):
+                raise errors.UserError(f"--{name}={value}: no such file or folder on this "
+                                       "host (every host must see it).")
+
+        parallel.everywhere(check, f"--{name}={value}")
 
 
 _PROCESS_ID_FLAGS = ("process_id", "config.distributed.process_id")
