@@ -713,18 +713,23 @@ def setup_process(fv: flags.FlagValues, paths: Sequence[str] = ()) -> None:
     stopped alone while the others waited in their next collective)."""
     parallel.setup_process(fv.coordinator_address, fv.num_processes, fv.process_id)
     check_same_command(fv["config"].value if "config" in fv else None)
-    if jax.process_count() == 1:
+    given = {f"--{name}={fv[name].value}": fv[name].value for name in paths if fv[name].value}
+    if jax.process_count() == 1 or not given:  # (the same on every process: same arguments)
         return
-    for name in paths:
-        value = fv[name].value
 
-        def check(value=value, name=name) -> None:
-            if value and not (os.path.exists(value) or value in registry.RELEASED
-                              or download.is_remote(value)):
-                raise errors.UserError(f"--{name}={value}: no such file or folder on this "
-                                       "host (every host must see it).")
+    def check() -> None:
+        missing = [flag for flag, value in given.items() if not _seen_here(value)]
+        if missing:
+            raise errors.UserError(f"{', '.join(missing)}: no such file or folder on this "
+                                   "host (every host must see it).")
 
-        parallel.everywhere(check, f"--{name}={value}")
+    parallel.everywhere(check, ", ".join(given))
+
+
+def _seen_here(value: str) -> bool:
+    """Whether a path flag's value is on this host, or is no local path (a released name, a
+    URL)."""
+    return os.path.exists(value) or value in registry.RELEASED or download.is_remote(value)
 
 
 _PROCESS_ID_FLAGS = ("process_id", "config.distributed.process_id")

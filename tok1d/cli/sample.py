@@ -342,7 +342,8 @@ def execute(fv: flags.FlagValues, args: list[str]) -> None:
             f"--checkpoint={fv.checkpoint} is of a {trainer} run ({fv.config.model.name}), not "
             "of a generator: sample takes a generator's checkpoint (a tokenizer goes to "
             "--tokenizer).")
-    app.setup_process(fv, paths=("checkpoint", "tokenizer"))  # multi-host (flags or TOK1D_DISTRIBUTED=1); the compilation cache
+    # multi-host (flags or TOK1D_DISTRIBUTED=1); the compilation cache
+    app.setup_process(fv, paths=("checkpoint", "tokenizer"))
     if fv.sweep:
         run_sweep(fv.config, fv.checkpoint, fv.tokenizer, fv.num_images, fv.out,
                   fv.sweep_guidance, fv.sweep_temperature, fv.sweep_features, fv.batch_size,

@@ -715,7 +715,8 @@ def execute(fv: flags.FlagValues, args: list[str]) -> None:
             fv.tokenizer):
         raise errors.UserError(f"--out={fv.out} is the tokenizer's own folder: write the "
                                "tokens to another one.")
-    app.setup_process(fv)
+    app.setup_process(fv, paths=("tokenizer",))
+
     def open_source(image_size: int) -> Any:
         try:
             return resolve_source(fv.data, fv.split, data_dir=fv.data_dir,
@@ -724,17 +725,12 @@ def execute(fv: flags.FlagValues, args: list[str]) -> None:
             raise errors.UserError(e.args[0] if e.args else str(e)) from None
 
     # The data first: a wrong name fails before a large checkpoint is read. A host that lacks
-    # the data or the tokenizer stops every host (it stopped alone; the others hung).
+    # the data (or the tokenizer: `setup_process`) stops every host (it stopped alone; the
+    # others hung).
     source = parallel.everywhere(lambda: open_source(fv.image_size), f"--data={fv.data}")
     overrides = {"dtype": fv.dtype} if fv.dtype else {}
-
-    if loaders.is_released(fv.tokenizer):  # (its download makes the processes agree)
-        model, params = loaders.load_tokenizer(fv.tokenizer, **overrides)
-        desc = loaders.describe_tokenizer(fv.tokenizer)
-    else:  # the description first: it reads no weights (a restore holds collectives)
-        desc = parallel.everywhere(lambda: loaders.describe_tokenizer(fv.tokenizer),
-                                   f"--tokenizer={fv.tokenizer}")
-        model, params = loaders.load_tokenizer(fv.tokenizer, **overrides)
+    model, params = loaders.load_tokenizer(fv.tokenizer, **overrides)
+    desc = loaders.describe_tokenizer(fv.tokenizer)
     desc["kwargs"] = dict(desc["kwargs"], **overrides)  # (what encoded: --dtype's)
     native = model.input_size
     if not fv.image_size and native:
