@@ -90,6 +90,7 @@ COST_BY_TEST = {
         "integration",
     "test_data.py::test_worker_processes_give_the_batches_of_one_process": "integration",
     "test_data.py::test_input_workers_end_when_the_training_process_is_killed": "integration",
+    "test_data.py::test_a_killed_input_worker_is_one_error_naming_the_signal": "integration",
     "test_cli.py::test_python_m_main_still_parses": "integration",
     "test_registry.py::test_two_hosts_converting_one_name_leave_the_weights_in_a_shared_cache":
         "integration",

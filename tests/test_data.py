@@ -386,6 +386,39 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def test_a_killed_input_worker_is_one_error_naming_the_signal():
+    """An input worker killed alone (the out-of-memory killer's pick): grain's RuntimeError
+    (a traceback) becomes one error naming the signal and the remedy, and any other error
+    of the input passes through as itself."""
+    import multiprocessing
+    import signal
+
+    import jax
+
+    from tok1d import errors
+    from tok1d.data import feeding
+    src = sources.DemoSource("train", size=24)
+    ds = pipeline.train_dataset(src, global_batch=4, host_start=0, host_stop=4, seed=0,
+                                image_size=16, augment="random_crop", flip=False,
+                                min_scale=1.0, num_workers=1)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    feeder = feeding.Feeder(iter(ds), sharding, 4)
+    next(feeder)
+    workers = multiprocessing.active_children()
+    assert workers
+    for worker in workers:
+        os.kill(worker.pid, signal.SIGKILL)
+    with pytest.raises(errors.InputWorkerDied) as raised:
+        for _ in range(100):  # (the batches already made come first)
+            next(feeder)
+    assert "killed by SIGKILL" in str(raised.value) and "dmesg" in str(raised.value)
+    assert "--config.data.num_workers" in str(raised.value)
+    assert feeding.worker_died(RuntimeError("bad record")) is None
+    assert "exit code 3" in str(feeding.worker_died(RuntimeError(
+        "Worker process was terminated unexpectedly with exit code 3")))
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
 @pytest.mark.parametrize("when", ["after_first_batch", "while_workers_start"])
 def test_input_workers_end_when_the_training_process_is_killed(when):

@@ -22,6 +22,7 @@ import pytest
 from conftest import REPO
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
+from tok1d import errors
 from tok1d.train import checkpoint, loop, programs
 from tok1d.train import state as state_lib
 
@@ -600,8 +601,9 @@ class _Rows:
 
 
 def _run_loop(tmp_path, *, total, log_every, eval_every, ckpt_every, run_eval=None,
-              signal_at=None, ckpt=None, eval_periods=(), first_step=0):
-    """`train_loop` over a one-number state whose step k has the scalar x = k."""
+              signal_at=None, ckpt=None, eval_periods=(), first_step=0, input_dies_at=None):
+    """`train_loop` over a one-number state whose step k has the scalar x = k; the input
+    fails as a dead input worker does at batch `input_dies_at`."""
     import ml_collections
 
     from tok1d.train.state import StartTimes, TrainState
@@ -609,7 +611,14 @@ def _run_loop(tmp_path, *, total, log_every, eval_every, ckpt_every, run_eval=No
     config = ml_collections.ConfigDict(dict(
         total_steps=total, batch_size=1, log_every_steps=log_every,
         eval_every_steps=eval_every, checkpoint=dict(every_steps=ckpt_every)))
-    batches = ({"x": jnp.float32(k)} for k in range(1, total + 1))
+
+    def input_batches():
+        for k in range(1, total + 1):
+            if k == input_dies_at:
+                raise errors.InputWorkerDied("an input worker process died (killed).")
+            yield {"x": jnp.float32(k)}
+
+    batches = input_batches()
     step = jax.jit(lambda s, b: (s.replace(step=s.step + 1, params=s.params + b["x"]),
                                  {"x": b["x"]}, jnp.bool_(True)))
 
@@ -640,6 +649,23 @@ def test_a_failing_eval_comes_after_its_steps_checkpoint(tmp_path):
         _run_loop(tmp_path, total=8, log_every=2, eval_every=4, ckpt_every=4,
                   run_eval=failing_eval, ckpt=ckpt)
     assert seen == [[4]]
+
+
+def test_a_dead_input_worker_stops_the_run_with_its_step_saved(tmp_path):
+    """An input worker process that dies (out of memory) stopped the run with a traceback
+    and lost the steps since the last checkpoint; the state is intact (the input failed, not
+    the step): it is saved and the error says where the same command resumes."""
+    with pytest.raises(errors.InputWorkerDied) as raised:
+        _run_loop(tmp_path, total=12, log_every=4, eval_every=0, ckpt_every=4,
+                  input_dies_at=7)
+    assert str(raised.value) == ("an input worker process died (killed). The run stopped at "
+                                 "step 6. Checkpoint at step 6 saved: the same command "
+                                 "resumes there.")
+    ckpt = _MemoryCheckpoints()
+    with pytest.raises(errors.InputWorkerDied, match="stopped at step 0. No checkpoint"):
+        _run_loop(tmp_path, total=12, log_every=4, eval_every=0, ckpt_every=4,
+                  input_dies_at=1, ckpt=ckpt)
+    assert ckpt.saved == []
 
 
 def test_a_preempted_run_logs_its_last_partial_window(tmp_path):

@@ -23,6 +23,14 @@ class WorkdirInUse(UserError):
     """Another run holds the workdir (`tok1d.train.loop.workdir_lock`)."""
 
 
+class InputWorkerDied(UserError):
+    """An input worker process (grain's `mp_prefetch`) died: killed (SIGKILL is the kernel's
+    out-of-memory killer's signal) or crashed. Not a bug of the command, so one line; the
+    training loop saves its state first (`tok1d.train.loop.train_loop`)."""
+
+    exit_code = 1
+
+
 def brief(error: BaseException, limit: int = 200) -> str:
     """`Type: message` of an exception for a one-line error, its message on one line and cut at
     `limit` characters."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import re
+import signal
 from typing import Iterator, Mapping
 
 import jax
@@ -10,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from tok1d import parallel
+from tok1d import errors, parallel
 from tok1d.data import pipeline
 
 
@@ -84,13 +86,35 @@ def resize_windows(canvas: jax.Array, box: jax.Array, size: jax.Array, flip: jax
     return out / 255.0
 
 
+# What grain raises when one of its worker processes ended without a result (`mp_prefetch`).
+_WORKER_DIED = re.compile(r"Worker process was terminated unexpectedly with exit code (-?\d+)")
+
+
+def worker_died(error: BaseException) -> errors.InputWorkerDied | None:
+    """The one-line error for grain's "worker process was terminated" `error`, or None for
+    any other error (a failure inside a worker re-raises as itself: a bug or bad data)."""
+    found = _WORKER_DIED.search(str(error)) if isinstance(error, RuntimeError) else None
+    if found is None:
+        return None
+    code = int(found.group(1))
+    try:
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+    except ValueError:
+        how = f"exit code {code}"
+    if code == -signal.SIGKILL:
+        how += ", which the kernel's out-of-memory killer sends: see `dmesg`"
+    return errors.InputWorkerDied(
+        f"an input worker process died ({how}). Fewer --config.data.num_workers use less "
+        "host memory.")
+
+
 class Feeder:
     """Turns the host-local numpy batches of a grain iterator into global arrays sharded
     along the batch axis with `sharding` (see `tok1d.parallel.batch_sharding`). uint8
     "image" batches (what `tok1d.data.pipeline` yields) cross to the device as uint8 and are
     scaled to float32 [0, 1] there (`unit_float`), and window canvases (`data.resize_on=
     "device"`) are resized there (`resize_windows`), so consumers always see the recipe's
-    [0, 1] float crops."""
+    [0, 1] float crops. A grain worker process that died is `errors.InputWorkerDied`."""
 
     def __init__(self, iterator: Iterator[Mapping[str, np.ndarray]], sharding: NamedSharding,
                  global_batch: int):
@@ -102,7 +126,14 @@ class Feeder:
         return self
 
     def __next__(self) -> dict[str, jax.Array]:
-        batch = parallel.global_batch(next(self.iterator), self.sharding, self.global_batch)
+        try:
+            host = next(self.iterator)
+        except RuntimeError as e:
+            died = worker_died(e)
+            if died is None:
+                raise
+            raise died from e
+        batch = parallel.global_batch(host, self.sharding, self.global_batch)
         if "window_box" in batch:
             canvas = batch.pop("image")
             batch["image"] = resize_windows(
