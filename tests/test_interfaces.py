@@ -107,6 +107,59 @@ def test_encode_gives_codes_and_decode_codes_round_trips_shapes(built):
     assert out.shape == x.shape
 
 
+def test_images_that_are_not_a_float_batch_are_refused(built):
+    """uint8 pixels were encoded as their values without a word (a [0, 1] TiTok read 0..255),
+    an empty batch failed on a division by zero."""
+    name, model, params, x = built
+    with pytest.raises(ValueError, match=r"got uint8 pixels \(from uint8 ones: x / 255"):
+        model.apply({"params": params}, (x * 255).astype(jnp.uint8), method=model.encode_latents)
+    with pytest.raises(ValueError, match="got an empty batch"):
+        model.apply({"params": params}, x[:0], method=model.encode_latents)
+    with pytest.raises(ValueError, match=r"expects float images of shape \(B, "):
+        model.apply({"params": params}, x[0], method=model.encode_latents)
+
+
+def _decode_with_bad_codes(model, params, codes):
+    """The images of `codes` with code -1 in image 1 and code num_codes in image 2."""
+    flat = codes.reshape(len(codes), -1)
+    flat = flat.at[1, 2].set(-1).at[2, 0].set(model.num_codes)
+    return np.asarray(model.apply({"params": params}, flat.reshape(codes.shape),
+                                  method=model.decode_codes))
+
+
+def test_codes_outside_the_codebook_decode_to_nan_images(built):
+    """A code outside [0, num_codes) decodes to NaN pixels, only in its image: -1 decoded as
+    the last code (another image, silently). Codes that are not integers, or not one row
+    per image, are one clear error."""
+    name, model, params, x = built
+    if model.num_codes is None:
+        return
+    x3 = jnp.concatenate([x, x[:1]])
+    codes = model.apply({"params": params}, x3, method=model.encode)
+    out = _decode_with_bad_codes(model, params, codes)
+    assert np.isfinite(out[0]).all() and np.isnan(out[1:]).all()
+    with pytest.raises(TypeError, match="codes must be integers, got float32"):
+        model.apply({"params": params}, codes.astype(jnp.float32), method=model.decode_codes)
+    if name != "maskgit_vqgan":  # (a grid: its own shape check)
+        with pytest.raises(ValueError, match=r"codes of shape \(B, k\).*got \(%d,\)"
+                           % codes.shape[1]):
+            model.apply({"params": params}, codes[0], method=model.decode_codes)
+
+
+@pytest.mark.parametrize("quantizer, options, token_dim", [
+    ("fsq", {"levels": (4, 4, 4)}, 3), ("bsq", {}, 6), ("residual_vq", {"depth": 2}, 8)])
+def test_codes_outside_the_codebook_are_nan_with_every_quantizer(quantizer, options, token_dim):
+    """FSQ's and the binary quantizers' arithmetic made latents of any integer; residual VQ
+    reads `depth` codes per token."""
+    model = models.create("titok", **dict(TITOK, quantizer=quantizer, token_dim=token_dim,
+                                          quantizer_options=options))
+    x = jnp.asarray(np.random.default_rng(0).uniform(0, 1, (3, SIZE, SIZE, 3)), jnp.float32)
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(0), x))["params"]
+    codes = model.apply({"params": params}, x, method=model.encode)
+    out = _decode_with_bad_codes(model, params, codes)
+    assert np.isfinite(out[0]).all() and np.isnan(out[1:]).all()
+
+
 def test_encoding_reads_no_decoder_params(built):
     """`params_encode_reads` (generator.tokenizer_decoder "host"): the decoder's params are
     not read by the encode, and encoding with only the params it reads gives the same codes."""

@@ -123,7 +123,8 @@ def test_bfloat16_compute_keeps_float32_params_and_outputs():
 def test_wrong_image_size_is_a_clear_error():
     model = models.create("titok", num_latent_tokens=8, **TINY)
     variables = model.init(jax.random.key(0), images())
-    with pytest.raises(ValueError, match=r"expects images of shape \(B, 32, 32, 3\)"):
+    with pytest.raises(ValueError,
+                       match=r"expects float images of shape \(B, 32, 32, 3\) in \[0, 1\]; got sh"):
         model.apply(variables, images(size=64))
 
 

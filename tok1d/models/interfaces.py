@@ -15,7 +15,8 @@ Tokenizer (TiTok, GigaTok, MaskGIT-VQGAN), a Linen module with:
     encode(images)   -> integer codes: (B, num_tokens) for TiTok and GigaTok, the (B, h, w) grid
                      (h * w = num_tokens, row-major) for MaskGIT-VQGAN; a continuous (VAE)
                      tokenizer raises ValueError (it has no codes)
-    decode_codes(codes) -> the decoder's output (pixels, or logits for stage 1). A 1D tokenizer
+    decode_codes(codes) -> the decoder's output (pixels, or logits for stage 1; NaN for an
+                     image with a code outside [0, num_codes), not another image). A 1D tokenizer
                      (TiTok, GigaTok 1D) also decodes a prefix: codes (B, k), k <= num_tokens,
                      are its first k tokens (ordered tokens: trained with `nested_dropout`, the
                      rest is the learned mask vector; `tok1d.models.tokenizers.nested`)
@@ -166,6 +167,25 @@ def check_tokenizer(model: Any) -> None:
     missing = [name for name in TOKENIZER_FIELDS if not hasattr(type(model), name)]
     if missing:
         raise TypeError(f"{type(model).__name__} is not a tokenizer: it lacks {missing}.")
+
+
+def check_images(name: str, images: jax.Array, image_size: Optional[int],
+                 pixel_range: tuple[float, float]) -> None:
+    """A ValueError unless `images` is a batch of float images (B >= 1, image_size,
+    image_size, 3) (image_size None: any height and width), what tokenizer `name` encodes (in
+    `pixel_range`, which only the caller can know): uint8 pixels were encoded as their
+    values, without a word, and an empty batch failed on a division by zero."""
+    lo, hi = (f"{v:g}" for v in pixel_range)
+    side = "H, W" if image_size is None else f"{image_size}, {image_size}"
+    expected = f"float images of shape (B, {side}, 3) in [{lo}, {hi}]"
+    if (images.ndim != 4 or images.shape[-1] != 3
+            or (image_size is not None and tuple(images.shape[1:3]) != (image_size,) * 2)):
+        raise ValueError(f"{name} expects {expected}; got shape {tuple(images.shape)}.")
+    if not images.shape[0]:
+        raise ValueError(f"{name} expects {expected}; got an empty batch.")
+    if not jnp.issubdtype(images.dtype, jnp.floating):
+        raise ValueError(f"{name} expects {expected}; got {images.dtype} pixels (from uint8 "
+                         f"ones: x / 255{' * 2 - 1' if float(lo) < 0 else ''}).")
 
 
 def encode_images(tokenizer: Any, params: Any, images: jax.Array, prefix_tokens: int = 0

@@ -36,6 +36,7 @@ import dataclasses
 from typing import Any, Mapping, Optional
 
 import flax.linen as nn
+import jax.numpy as jnp
 
 from tok1d.models.presets import check_kwargs
 from tok1d.models.quantizers.binary import BSQ, LFQ, bits_to_codes, codes_to_signs
@@ -68,7 +69,7 @@ __all__ = ["BSQ", "ClusteringVectorQuantizer", "DiagonalGaussian", "FSQ", "HIGHE
            "QUANTIZERS", "ResidualVQ", "STATE", "SimVQ", "UPDATES", "VQ_FAMILY", "VQ_SETTINGS",
            "VectorQuantizer", "bits_to_codes", "build", "codebooks_of", "codes_to_signs",
            "entropy_loss", "entropy_terms", "for_tokenizer", "l2_normalize", "lookup_codes",
-           "merge_param_updates", "rotate_onto", "straight_through", "symmetric_uniform",
+           "lookup_valid", "merge_param_updates", "rotate_onto", "straight_through", "symmetric_uniform",
            "whole_tokens"]
 
 
@@ -137,7 +138,25 @@ def whole_tokens(count: int, codes_per_token: int) -> int:
 
 def lookup_codes(quantizer: nn.Module, codes) -> Any:
     """Flat codes (B, k) of a tokenizer's `encode` (k whole tokens) -> the quantized latents
-    (B, k / codes_per_token, code_dim): the tokenizers' `decode_codes`."""
+    (B, k / codes_per_token, code_dim): the tokenizers' `decode_codes` (`lookup_valid`)."""
+    if codes.ndim != 2:
+        raise ValueError(f"decode_codes expects codes of shape (B, k), one row per image; got "
+                         f"{tuple(codes.shape)}.")
     per = quantizer.codes_per_token
     tokens = whole_tokens(codes.shape[-1], per)
-    return quantizer.lookup(codes.reshape(codes.shape[0], tokens, per) if per > 1 else codes)
+    return lookup_valid(quantizer,
+                        codes.reshape(codes.shape[0], tokens, per) if per > 1 else codes)
+
+
+def lookup_valid(quantizer: nn.Module, codes) -> Any:
+    """`quantizer.lookup(codes)`, where a vector with a code outside [0, num_codes) is NaN, so
+    that its decoded pixels are: `jnp.take` wrapped -1 to the last code (another image,
+    silently), and FSQ's / the binary quantizers' arithmetic made latents of any integer.
+    Codes of another dtype than an integer one are a TypeError."""
+    if not jnp.issubdtype(codes.dtype, jnp.integer):
+        raise TypeError(f"codes must be integers, got {codes.dtype}.")
+    valid = (codes >= 0) & (codes < quantizer.num_codes)
+    vectors = quantizer.lookup(jnp.where(valid, codes, 0))
+    while valid.ndim >= vectors.ndim:  # (residual VQ: one vector per `depth` codes)
+        valid = valid.all(axis=-1)
+    return jnp.where(valid[..., None], vectors, jnp.nan)

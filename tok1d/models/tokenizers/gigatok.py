@@ -38,7 +38,7 @@ import jax.numpy as jnp
 
 from tok1d.layers import transformer
 from tok1d.layers.transformer import logical
-from tok1d.models.interfaces import TokenizerAux, vq_aux
+from tok1d.models.interfaces import TokenizerAux, check_images, vq_aux
 from tok1d.models import presets, quantizers
 from tok1d.models.tokenizers import nested
 from tok1d.models.tokenizers.gigatok_cnn import GigaTokCNNDecoder, GigaTokCNNEncoder
@@ -516,10 +516,7 @@ class GigaTok(nn.Module):
         return tokens * self.codes_per_token
 
     def check_images(self, images: jax.Array) -> None:
-        expected = (self.image_size, self.image_size, 3)
-        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-            raise ValueError(f"GigaTok expects images of shape (B, {expected[0]}, {expected[1]}, "
-                             f"3) in [-1, 1]; got {tuple(images.shape)}.")
+        check_images("GigaTok", images, self.image_size, self.pixel_range)
 
     def encode_latents(self, images: jax.Array, train: bool = False
                        ) -> tuple[jax.Array, dict[str, jax.Array]]:

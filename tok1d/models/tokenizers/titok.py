@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from tok1d.layers import transformer
 from tok1d.layers.transformer import logical
 from tok1d.models import presets, quantizers
-from tok1d.models.interfaces import TokenizerAux, gaussian_aux, vq_aux
+from tok1d.models.interfaces import TokenizerAux, check_images, gaussian_aux, vq_aux
 from tok1d.models.quantizers import VectorQuantizer
 from tok1d.models.tokenizers import nested
 from tok1d.models.tokenizers.vqgan import VQGANDecoder
@@ -330,10 +330,7 @@ class TiTok(nn.Module):
         return (0.0, 1.0)
 
     def check_images(self, images: jax.Array) -> None:
-        expected = (self.image_size, self.image_size, 3)
-        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-            raise ValueError(f"TiTok expects images of shape (B, {expected[0]}, {expected[1]}, 3) "
-                             f"in [0, 1]; got {tuple(images.shape)}.")
+        check_images("TiTok", images, self.image_size, self.pixel_range)
 
     def encode_latents(self, images: jax.Array, sample: bool = False
                        ) -> tuple[jax.Array, dict[str, jax.Array]]:

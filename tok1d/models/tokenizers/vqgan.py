@@ -48,8 +48,8 @@ import jax.numpy as jnp
 
 from tok1d.layers.cnn import ResnetBlock, conv as _conv, group_norm as _group_norm
 from tok1d.layers.transformer import maybe_remat
-from tok1d.models.interfaces import TokenizerAux, vq_aux
-from tok1d.models.quantizers import VectorQuantizer
+from tok1d.models.interfaces import TokenizerAux, check_images, vq_aux
+from tok1d.models.quantizers import VectorQuantizer, lookup_valid
 
 Dtype = Any
 PrecisionLike = Any
@@ -218,6 +218,7 @@ class MaskGITVQGAN(nn.Module):
         """images (B, H, W, 3) in [0, 1] -> (z_q (B, h, w, z) float32 straight-through, the
         quantizer's outputs): `codes` (B, h, w) int32, `z` the unquantized encoder output, and
         the quantizer losses."""
+        check_images("MaskGIT-VQGAN", images, None, self.pixel_range)
         z = self.encoder(images)
         z_q, aux = self.quantize(z)
         aux = dict(aux, z=z)
@@ -234,7 +235,8 @@ class MaskGITVQGAN(nn.Module):
 
     def decode_codes(self, codes: jax.Array) -> jax.Array:
         """codes (B, h, w), or (B, N) with N a square (row-major, as the official
-        `get_codebook_entry`) -> images (not clamped)."""
+        `get_codebook_entry`) -> images (not clamped; NaN where a code is outside the
+        codebook, `quantizers.lookup_valid`)."""
         if codes.ndim == 2:
             side = math.isqrt(codes.shape[1])
             if side * side != codes.shape[1]:
@@ -243,7 +245,7 @@ class MaskGITVQGAN(nn.Module):
             codes = codes.reshape(codes.shape[0], side, side)
         elif codes.ndim != 3:
             raise ValueError(f"decode_codes expects (B, h, w) or (B, N) codes, got {codes.shape}.")
-        return self.decoder(self.quantize.lookup(codes))
+        return self.decoder(lookup_valid(self.quantize, codes))
 
     def __call__(self, images: jax.Array, *, train: bool = False
                  ) -> tuple[jax.Array, TokenizerAux]:
