@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tok1d import errors
 from tok1d.weights import loaders
 from tok1d.cli import convert as convert_cli
 from tok1d.weights.convert import common
@@ -86,11 +87,31 @@ def test_an_interrupted_conversion_is_completed_by_the_same_command(torch_checkp
         m.setattr(ocp.StandardCheckpointer, "save", killed)
         assert convert_cli.main(args) == 130  # Ctrl-C
     assert layout.lacks_weights(str(out))
+    with pytest.raises(errors.UserError, match="run the same `tok1d convert` again"):
+        loaders.load_pretrained(str(out))
     assert convert_cli.main(args) == 0
     _, params = loaders.load_pretrained(str(out))
     np.testing.assert_array_equal(params["quantize"]["embedding"],
                                   sd["quantize.embedding.weight"].numpy())
     assert convert_cli.main(args) == 2  # a complete directory is never overwritten
+
+
+
+def test_a_conversion_into_a_training_workdir_is_refused(torch_checkpoint, tmp_path, capsys):
+    """`--out` = a training workdir was taken over without a word: its pretrained files made
+    every loader read the converted model instead of the run's own."""
+    folder, _ = torch_checkpoint
+    for marker in ("config.json", "checkpoints"):
+        run = tmp_path / marker.split(".")[0]
+        (run / "checkpoints").mkdir(parents=True)
+        if marker == "config.json":
+            (run / "checkpoints").rmdir()
+            (run / marker).write_text("{}")
+        assert convert_cli.main(["titok", "--checkpoint", str(folder / "tokenizer.bin"),
+                                 "--out", str(run)]) == 2
+        err = capsys.readouterr().err
+        assert "is a training workdir" in err and "nothing was written" in err
+        assert sorted(p.name for p in run.iterdir()) == [marker]
 
 
 def test_safetensors_and_bin_give_identical_params(torch_checkpoint, tmp_path):

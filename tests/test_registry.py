@@ -258,8 +258,13 @@ def test_url_download_then_cache_hit_with_the_server_stopped(tiny_bin, cache, se
     assert convert_cli.main(["--from", "rar_url"]) == 0
     assert capsys.readouterr().out.strip() == f"already converted: {cache / 'rar_url'}"
     # A copy to --out; a Hub/URL source with its converter kind (cached under its own key).
+    # The copy of a run killed midway (kill -9) is removed by the next (it stayed).
     out = cache.parent / "copy"
+    killed = cache.parent / download.work_prefix(".tmp-convert").replace(
+        f"+{os.getpid()}+", "+999999999+")
+    (killed / "copy").mkdir(parents=True)
     assert convert_cli.main(["--from", "rar_url", "--out", str(out)]) == 0
+    assert not killed.exists()
     _, params = loaders.load_pretrained(str(out))
     _assert_same(params, tiny_bin[0])
     assert not _leftovers(cache) and not _leftovers(cache.parent)
@@ -775,6 +780,8 @@ def test_a_name_in_the_wrong_place_is_refused_before_any_download(cache, monkeyp
     config = config_lib.load(os.path.join(repo, "configs", "maskgit_titok.py") + ":l32")
     with pytest.raises(errors.UserError, match="titok_l32 is not a generator but a TiTok"):
         sample_cli.load_generator(config, "titok_l32")
+    with pytest.raises(errors.UserError, match="titok_l32 is not a generator but a TiTok"):
+        loaders.load_generator("titok_l32")
     logged = []
     assert sample_cli.tokenizer_of(config, "maskgit_titok_l32", "", logged.append) == "titok_l32"
     assert logged == ["Tokenizer: titok_l32 (the released tokenizer maskgit_titok_l32 was "

@@ -254,6 +254,12 @@ def test_clear_errors_for_tokenizer_data_and_image_size(tiny, tmp_path, capsys):
     pretrained.save_pretrained(str(tmp_path / "gpt"), "gpt", gpt, gpt_params)
     with pytest.raises(errors.UserError, match="holds a GPT, not a tokenizer"):
         loaders.load_tokenizer(str(tmp_path / "gpt"))
+    model_, gpt_loaded = loaders.load_generator(str(tmp_path / "gpt"))
+    assert type(model_).__name__ == "GPT" and gpt_loaded.keys() == gpt_params.keys()
+    pretrained.save_pretrained(str(tmp_path / "tok"), "titok",
+                               pretrained.registry_kwargs("titok", model), params)
+    with pytest.raises(errors.UserError, match="holds a TiTok, not a generator"):
+        loaders.load_generator(str(tmp_path / "tok"))  # (the notebook's GENERATOR)
     from tok1d.cli import app
     assert app.run(tokenize, [f"--tokenizer={tmp_path / 'gpt'}", "--data=digits",
                               f"--out={tmp_path / 'gpt'}"]) == 2  # (its own folder: refused)

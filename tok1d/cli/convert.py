@@ -46,7 +46,7 @@ from typing import Any, Optional, Sequence
 
 from absl import flags
 
-from tok1d import errors
+from tok1d import errors, workfiles
 from tok1d.cli import app
 from tok1d.weights import download, loaders, registry
 
@@ -75,6 +75,9 @@ def _options(**options: Any) -> dict[str, Any]:
     """The converter options that were given (a released name brings its own; these
     override them)."""
     return {k: v for k, v in options.items() if v is not None and (k, v) != ("weights", "model")}
+
+
+COPY_PREFIX = ".tmp-convert"  # (+host+pid+: `tok1d.workfiles`) a copy to --out being made
 
 
 def convert_from(source: str, kind: Optional[str] = None, out: Optional[str] = None,
@@ -108,7 +111,9 @@ def convert_from(source: str, kind: Optional[str] = None, out: Optional[str] = N
                                f"converted weights are in {cached}).")
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-convert-", dir=parent)
+    # (a copy killed midway, kill -9, is removed by the next copy into the same folder)
+    workfiles.remove_stale(parent, lambda name: name.startswith(COPY_PREFIX))
+    tmp = tempfile.mkdtemp(prefix=download.work_prefix(COPY_PREFIX), dir=parent)
     try:
         copy = os.path.join(tmp, "copy")
         if os.path.isdir(cached):

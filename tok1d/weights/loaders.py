@@ -200,14 +200,19 @@ def load_pretrained(directory: str, **model_overrides: Any) -> tuple[nn.Module, 
     if spec is None:
         raise FileNotFoundError(f"{directory} has no {layout.MODEL_FILE}; convert or export "
                                 "weights with `tok1d convert` first")
+    if layout.lacks_weights(directory):
+        raise errors.UserError(f"{directory} has no complete params (a conversion that was "
+                               "interrupted?): run the same `tok1d convert` again, it "
+                               "completes the directory.")
     kwargs = dict(spec["kwargs"], **model_overrides)
     return models.create(spec["name"], **kwargs), load_params(directory)
 
 
-def _model_spec(path: str) -> tuple[str, str, dict[str, Any]]:
-    """("pretrained" | "workdir", model name, model kwargs) of a weights directory."""
+def _model_spec(path: str, what: str = "tokenizer") -> tuple[str, str, dict[str, Any]]:
+    """("pretrained" | "workdir", model name, model kwargs) of a weights directory (of a
+    `what`, for the message of a missing one)."""
     if not os.path.isdir(path):
-        raise errors.missing_directory("Tokenizer", path)
+        raise errors.missing_directory(what.capitalize(), path)
     spec = layout.read_model_spec(path)
     if spec is not None:
         return "pretrained", spec["name"], dict(spec["kwargs"])
@@ -227,25 +232,34 @@ def load_tokenizer(path: str, **model_overrides: Any) -> tuple[nn.Module, dict[s
     the workdir's config.json), or of a released name (`resolve`). `model_overrides` replace
     model arguments (dtype="bfloat16"). Another model's directory (a generator's) is a
     UserError that says so."""
-    return _load_directory(path, True, model_overrides)
+    return _load_directory(path, "tokenizer", model_overrides)
 
 
-def _load_directory(path: str, tokenizer_only: bool, model_overrides: dict[str, Any]
+def load_generator(path: str, **model_overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """(model, host params) of a generator, as `load_tokenizer` loads a tokenizer; a
+    tokenizer's directory or name is a UserError that says so."""
+    return _load_directory(path, "generator", model_overrides)
+
+
+# What `_load_directory` may be asked for: the released kinds and the interface check.
+_WANTED = {"tokenizer": (TOKENIZER_KINDS, interfaces.check_tokenizer),
+           "generator": (GENERATOR_KINDS, interfaces.check_generator)}
+
+
+def _load_directory(path: str, wanted: Optional[str], model_overrides: dict[str, Any]
                     ) -> tuple[nn.Module, dict[str, Any]]:
-    """`load_tokenizer`; without `tokenizer_only`, a pretrained directory or training workdir
-    of a generator loads too (`load`)."""
-    if tokenizer_only and is_released(path):  # (a directory: `_check_is_tokenizer` below)
-        check_kind(path, TOKENIZER_KINDS, "a tokenizer")
+    """`load_tokenizer` / `load_generator` (`wanted`); with `wanted` None, a pretrained
+    directory or training workdir of either loads (`load`)."""
+    if wanted and is_released(path):  # (a directory: `_check_is` below)
+        check_kind(path, _WANTED[wanted][0], f"a {wanted}")
     path = os.path.abspath(resolve(path))
-    kind, name, kwargs = _model_spec(path)
+    kind, name, kwargs = _model_spec(path, wanted or "weights")
     if kind == "pretrained":
         model, params = load_pretrained(path, **model_overrides)
-        if tokenizer_only:
-            _check_is_tokenizer(model, path)
+        _check_is(model, path, wanted)
         return model, params
     model = models.create(name, **dict(kwargs, **model_overrides))
-    if tokenizer_only:
-        _check_is_tokenizer(model, path)
+    _check_is(model, path, wanted)
     # Shapes alone, whatever mesh and logical rules the caller is under (a generator's trainer
     # loads its sample decoder's tokenizer inside its own).
     with jax.set_mesh(None), nn.logical_axis_rules(()):
@@ -290,12 +304,14 @@ def check_kind(path: str, kinds: Sequence[str], what: str) -> None:
         raise errors.UserError(f"{path} holds a {spec['name']} model, not {what}.")
 
 
-def _check_is_tokenizer(model: nn.Module, path: str) -> None:
+def _check_is(model: nn.Module, path: str, wanted: Optional[str]) -> None:
+    if wanted is None:
+        return
     try:
-        interfaces.check_tokenizer(model)
+        _WANTED[wanted][1](model)
     except TypeError:
         raise errors.UserError(
-            f"{path} holds a {type(model).__name__}, not a tokenizer: give a tokenizer's "
+            f"{path} holds a {type(model).__name__}, not a {wanted}: give a {wanted}'s "
             "pretrained directory or training workdir.") from None
 
 
@@ -623,6 +639,8 @@ def convert_official(kind: str, checkpoint: str, out: str, *, vgg: Optional[str]
     linear layers, `vgg` torchvision's VGG16). `options` as `load_official`; `expect` as
     `check_expected`. Returns what it wrote."""
     check_options(kind, dict(options, vgg=vgg))
+    if kind not in ("lpips", "convnext_s"):
+        pretrained.check_target(out)  # (before the conversion's minutes)
     if kind == "lpips":
         return perceptual_convert.convert_files(kind, out, vgg=vgg, lpips=checkpoint)
     if kind == "convnext_s":
@@ -911,4 +929,4 @@ def load(source: str, kind: Optional[str] = None, cache_dir: Optional[str] = Non
         if layout.read_model_spec(path) is None and os.path.isfile(npz):
             return (perceptual_nets.build_module(component),
                     perceptual_files.load_params(npz, component))
-    return _load_directory(path, False, {})
+    return _load_directory(path, None, {})

@@ -44,6 +44,22 @@ def registry_kwargs(kind: str, model: nn.Module) -> dict[str, Any]:
     return kwargs
 
 
+def check_target(directory: str) -> None:
+    """A FileExistsError for a directory that a pretrained directory must not be written to:
+    one that holds params already, or a training workdir (its config.json or checkpoints/):
+    the loaders read a pretrained directory first, so the run's own model would be hidden
+    behind the converted one, without a word."""
+    directory = os.path.abspath(directory)
+    if os.path.exists(layout.params_dir(directory)):
+        raise FileExistsError(f"{directory} already holds pretrained params; choose a new "
+                              "directory (nothing was overwritten).")
+    if (os.path.exists(layout.config_path(directory))
+            or os.path.exists(layout.checkpoint_dir(directory))):
+        raise FileExistsError(f"{directory} is a training workdir ({layout.CONFIG_FILE}, "
+                              f"{layout.CHECKPOINTS_DIR}/): converted weights there would hide "
+                              "the run's own; choose a new directory (nothing was written).")
+
+
 def save_pretrained(directory: str, name: str, kwargs: Mapping[str, Any],
                     params: Mapping[str, Any], source: str = "") -> str:
     """Writes params (+ how to rebuild the model) to `directory` (created; refused where it
@@ -51,9 +67,7 @@ def save_pretrained(directory: str, name: str, kwargs: Mapping[str, Any],
     into place when complete): an interrupted write leaves a directory that loaders call
     incomplete (`layout.lacks_weights`) and that the same command completes."""
     directory = os.path.abspath(directory)
-    if os.path.exists(layout.params_dir(directory)):
-        raise FileExistsError(f"{directory} already holds pretrained params; choose a new "
-                              "directory (nothing was overwritten).")
+    check_target(directory)
     os.makedirs(directory, exist_ok=True)
     layout.write_model_spec(directory, name, jsonable(dict(kwargs)), source)
     host = _to_host(nn.unbox(params))
