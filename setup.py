@@ -33,6 +33,8 @@ EXTRAS_REQUIRE = {
     "tfds_build": ["tensorflow-cpu>=2.16"],
     # Reading official .bin/.pt checkpoints; .safetensors/.npz need only NumPy.
     "convert": ["torch>=2.2", "safetensors>=0.4"],
+    # notebooks/explore.ipynb's plots (Colab has matplotlib; Jupyter itself is yours).
+    "notebook": ["matplotlib>=3.7"],
     # Released weights on the Hugging Face Hub (`tok1d.weights.load("titok_l32")`).
     "hub": ["huggingface_hub>=0.20"],
     # `tok1d bench --workload=input`: the official loaders (torchvision ImageFolder + DataLoader).

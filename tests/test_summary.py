@@ -287,3 +287,27 @@ def test_save_png_roundtrip(tmp_path):
     gray = rng.random((4, 5, 1))
     images.save_png(tmp_path / "g.png", gray)
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "g.png")), images.to_uint8(gray)[..., 0])
+
+
+def test_read_rgb_gives_photos_upright_and_in_rgb_whatever_their_mode(tmp_path):
+    """`np.asarray(Image.open(p))` (the notebook's) gave palette indices as grey levels, CMYK
+    as 4 channels and a phone photo's pixels sideways (EXIF orientation 6)."""
+    from PIL import Image
+    rgb = np.zeros((6, 10, 3), np.uint8)
+    rgb[:, :5] = (200, 30, 10)
+    rgb[:, 5:] = (10, 40, 220)
+    Image.fromarray(rgb).quantize(colors=2).save(tmp_path / "palette.png")
+    np.testing.assert_array_equal(images.read_rgb(tmp_path / "palette.png"), rgb)
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.tif")
+    assert np.abs(images.read_rgb(tmp_path / "cmyk.tif").astype(int) - rgb).max() <= 2
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees: shown turned clockwise
+    Image.fromarray(rgb).save(tmp_path / "phone.png", exif=exif)
+    np.testing.assert_array_equal(images.read_rgb(tmp_path / "phone.png"), np.rot90(rgb, -1))
+    ramp = np.linspace(0, 4000, 12, dtype=np.uint16).reshape(3, 4)
+    Image.fromarray(ramp).save(tmp_path / "grey16.png")
+    grey = images.read_rgb(tmp_path / "grey16.png")
+    assert grey.dtype == np.uint8 and grey.shape == (3, 4, 3)
+    assert grey[0, 0, 0] == 0 and grey[-1, -1, 0] == 255 and (grey[..., 0] == grey[..., 2]).all()
+    Image.fromarray(np.dstack([rgb, np.full((6, 10), 7, np.uint8)])).save(tmp_path / "a.png")
+    np.testing.assert_array_equal(images.read_rgb(tmp_path / "a.png"), rgb)

@@ -12,9 +12,12 @@ import os
 from typing import Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
-__all__ = ["to_uint8", "make_grid", "interleave_pairs", "save_png", "encode_png"]
+__all__ = ["to_uint8", "make_grid", "interleave_pairs", "save_png", "encode_png", "read_rgb"]
+
+# PIL modes of one channel of more than 8 bits (16-bit PNGs, 32-bit integer or float TIFFs).
+_WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 
 def to_uint8(x) -> np.ndarray:
@@ -135,6 +138,20 @@ def save_png(path: str | os.PathLike, image) -> None:
 
 
 UNIT_RANGE = (0.0, 1.0)
+
+
+def read_rgb(path: str | os.PathLike) -> np.ndarray:
+    """A photo file as uint8 RGB (H, W, 3), upright as a viewer shows it: turned by its EXIF
+    orientation, palette, CMYK, greyscale and alpha images converted to RGB (alpha dropped),
+    one channel of 16 or 32 bits scaled to 8 by its own maximum. (`np.asarray(Image.open(p))`
+    gave palette indices as grey levels, CMYK as RGBA and rotated phone photos sideways.)"""
+    with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image)
+        if image.mode in _WIDE_MODES:
+            x = np.asarray(image, np.float64)
+            x = np.clip(x * (255.0 / max(float(x.max()), 1.0)), 0.0, 255.0)
+            image = Image.fromarray(np.round(x).astype(np.uint8))
+        return np.asarray(image.convert("RGB"))
 
 
 def range_converters(pixel_range: tuple[float, float] = UNIT_RANGE):
