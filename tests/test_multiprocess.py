@@ -356,23 +356,28 @@ def test_tokenize_stops_every_host_when_one_lacks_the_data_or_the_tokenizer(tmp_
 
 
 @_timeout_mark
-@pytest.mark.parametrize("with_config", [False, True])
-def test_a_checkpoint_folder_on_one_host_only_stops_every_host(tmp_path, with_config):
-    """`tok1d evaluate --checkpoint=run` where only host 0 has `run`. Without --config (the
-    workdir's config.json is the config), host 1 stopped alone ("--config is required") while
-    host 0 waited in the config comparison's collective, which host 1 skipped without a
-    config; with --config, host 1 stopped at the load and host 0 waited in its first
-    collective. Both now stop with one line each."""
+@pytest.mark.parametrize("command, with_config", [("evaluate", False), ("evaluate", True),
+                                                  ("sample", False)])
+def test_a_checkpoint_folder_on_one_host_only_stops_every_host(tmp_path, command, with_config):
+    """`tok1d evaluate` / `sample --checkpoint=run` where only host 0 has `run`. Without
+    --config (the workdir's config.json is the config), host 1 stopped alone ("--config is
+    required") while host 0 waited in the config comparison's collective, which host 1
+    skipped without a config (sample: in JAX's start-up, host 1 stopped before it); with
+    --config, host 1 stopped at the load and host 0 waited in its first collective. Both now
+    stop with one line each."""
     from configs import tiny_test
+    from test_generator_training import tiny_config
     homes = [tmp_path / "host0", tmp_path / "host1"]
     for home in homes:
         home.mkdir()
     (homes[0] / "run").mkdir()
-    (homes[0] / "run" / "config.json").write_text(json.dumps(tiny_test.get_config().to_dict()))
+    run_config = (tiny_test.get_config() if command == "evaluate"
+                  else tiny_config("gpt", "tokens", "tok"))
+    (homes[0] / "run" / "config.json").write_text(json.dumps(run_config.to_dict()))
     config = [f"--config={os.path.join(REPO_ROOT, CONFIG)}"] if with_config else []
     port = free_port()
     procs = {f"p{pid}": subprocess.Popen(
-        [sys.executable, "-m", "tok1d.cli.evaluate", *config, "--checkpoint=run",
+        [sys.executable, "-m", f"tok1d.cli.{command}", *config, "--checkpoint=run",
          f"--out={tmp_path / 'out'}", f"--coordinator_address=127.0.0.1:{port}",
          "--num_processes=2", f"--process_id={pid}"], cwd=str(homes[pid]),
         env=subprocess_env(2), **_PIPES) for pid in (0, 1)}
@@ -396,3 +401,68 @@ def test_a_checkpoint_folder_on_one_host_only_stops_every_host(tmp_path, with_co
                           "or the config file on every host?"}
     assert lines == {name: [line] for name, line in expected.items()}, report
     assert not any("Traceback" in err for _, _, err in outputs.values()), report
+
+
+@_timeout_mark
+@pytest.mark.parametrize("case", ["no_tokenizer", "other_codebook", "other_tokens"])
+def test_a_generator_run_whose_hosts_see_other_tokens_or_no_tokenizer_stops_every_host(
+        tmp_path, case):
+    """A generator run on two hosts (each its own `tokens` / `tok` folders): host 1 without
+    the tokenizer stopped alone while host 0 waited in the tokenizer load's collective;
+    host 1's tokens of another codebook stopped it alone (host 0 waited in orbax's start);
+    host 1's tokens of another tokenizer of the same sizes trained on, mixed into every
+    batch, without a word. Both hosts now stop at the start with one line each."""
+    import jax
+    import flax.linen as nn
+    from test_generator_training import TOKENIZER, tiny_config
+    from tok1d import models
+    from tok1d.cli import tokenize
+    from tok1d.data import sources
+    from tok1d.weights import pretrained
+
+    def tokenizer(seed, codebook_size=64):
+        kwargs = dict(TOKENIZER, codebook_size=codebook_size)
+        model = models.create("titok", **kwargs)
+        params = nn.unbox(jax.jit(model.init)(jax.random.key(seed),
+                                              np.zeros((1, 32, 32, 3), np.float32)))["params"]
+        return model, kwargs, jax.tree.map(np.asarray, params)
+
+    homes = [tmp_path / "host0", tmp_path / "host1"]
+    mine = tokenizer(0)
+    other = {"other_codebook": tokenizer(0, 32), "other_tokens": tokenizer(1)}.get(case, mine)
+    for k, home in enumerate(homes):
+        home.mkdir()
+        model, kwargs, params = other if k == 1 else mine
+        for split in ("train", "validation"):
+            tokenize.tokenize_dataset(model, params, sources.DigitsSource(split),
+                                      str(home / "tokens"), split=split, batch_size=32,
+                                      num_examples=32, log=lambda _: None)
+        if k == 0 or case != "no_tokenizer":
+            pretrained.save_pretrained(str(home / "tok"), "titok", mine[1], mine[2])
+    config = tiny_config("gpt", "tokens", "tok", steps=4)
+    (tmp_path / "gen.json").write_text(json.dumps(config.to_dict()))
+    dist = (f"--config.distributed.coordinator_address=127.0.0.1:{free_port()}",
+            "--config.distributed.num_processes=2")
+    procs = {f"p{pid}": subprocess.Popen(
+        [sys.executable, "-m", "tok1d.main", f"--config={tmp_path / 'gen.json'}",
+         f"--workdir={tmp_path / 'run'}", *dist, f"--config.distributed.process_id={pid}"],
+        cwd=str(homes[pid]), env=subprocess_env(4), **_PIPES) for pid in (0, 1)}
+    outputs = _wait_all(procs, time.monotonic() + TIMEOUT_S)
+    report = _report(outputs)
+    assert all(rc == 2 for rc, _, _ in outputs.values()), report
+    expected = {
+        "no_tokenizer": ("error: the tokenizer tok: process(es) 1 failed",
+                         "error: 'tok' is not a released checkpoint name nor an existing "
+                         "path"),
+        "other_codebook": ("error: the tokens tokens: process(es) 1 failed",
+                           "error: Token dataset does not match the generator:"),
+        "other_tokens": ("error: the tokens tokens: process(es) 1 see another one than "
+                         "process 0", "error: the tokens tokens differ here from process 0's "
+                         "(tokenizer_fingerprint)"),
+    }[case]
+    for pid, start in enumerate(expected):
+        _, _, err = outputs[f"p{pid}"]
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and lines[0].startswith(start), report
+        assert "Traceback" not in err and "Fatal" not in err and "abort" not in err, report
+    assert not glob.glob(str(tmp_path / "run" / "checkpoints" / "*")), report

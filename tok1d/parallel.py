@@ -12,10 +12,12 @@ Models name the axes of every parameter and of the main activations (see
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import os
 import re
+import zlib
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import flax.linen as nn
@@ -476,3 +478,35 @@ def everywhere(call: Callable[[], Any], what: str) -> Any:
                          "own output says why).")
     return result
 
+
+def process_0s(value: Any) -> tuple[Any, list[int]]:
+    """(process 0's `value` (JSON-like), the processes whose own differs) (collectives, on
+    every process)."""
+    mine = json.dumps(value, sort_keys=True).encode()
+    digests = np.asarray(multihost_utils.process_allgather(np.uint32(zlib.crc32(mine))))
+    others = [i for i in range(len(digests)) if digests[i] != digests[0]]
+    if not others:
+        return value, []
+    lengths = np.asarray(multihost_utils.process_allgather(np.int32(len(mine))))
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[:len(mine)] = np.frombuffer(mine, np.uint8)
+    first = np.asarray(multihost_utils.broadcast_one_to_all(padded))
+    return json.loads(first[:int(lengths[0])].tobytes()), others
+
+
+def check_same(value: Mapping[str, Any], what: str) -> None:
+    """A ValueError on every process of a multi-process run where `value` (JSON-like: e.g. a
+    dataset's description) is not process 0's: `what` (e.g. "the tokens DIR") differs
+    between hosts. Each process trained on its own host's copy without a word (one host's
+    token dataset of another tokenizer, mixed into every batch)."""
+    if jax.process_count() == 1:
+        return
+    theirs, others = process_0s(value)
+    if not others:
+        return
+    if jax.process_index() not in others:
+        raise ValueError(f"{what}: process(es) {', '.join(map(str, others))} see another one "
+                         "than process 0 (each says how): every host must see the same.")
+    differ = sorted(k for k in set(value) | set(theirs) if value.get(k) != theirs.get(k))
+    raise ValueError(f"{what} differ here from process 0's ({', '.join(differ[:6])}"
+                     f"{', ...' if len(differ) > 6 else ''}): every host must see the same.")

@@ -43,15 +43,12 @@ import sys
 import threading
 import traceback
 import types
-import zlib
 from typing import Any, Callable, NoReturn, Optional, Sequence
 
 from absl import flags
 from absl import logging as absl_logging
 import jax
 import ml_collections
-import numpy as np
-from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from tok1d import errors, models, parallel, summary
@@ -160,8 +157,13 @@ def _checkpoint_run(args: Sequence[str]) -> Optional[str]:
 
 def config_for_checkpoint(checkpoint: str, prog: str) -> str:
     """Why --config is needed with this --checkpoint (which gave no run config)."""
-    if not (os.path.exists(checkpoint) or registry.looks_like_a_name(checkpoint)
+    if not (os.path.exists(checkpoint) or checkpoint in registry.RELEASED
             or download.is_remote(checkpoint)):
+        if registry.looks_like_a_name(checkpoint):  # ("run": a folder on another host only?)
+            try:
+                registry.get(checkpoint)
+            except registry.UnknownName as e:
+                return f"--checkpoint={checkpoint}: {e}"
         return f"--checkpoint={checkpoint}: no such folder or file."
     return (f"--config is required: --checkpoint={checkpoint} is not a training run's workdir "
             f"(it has no {layout.CONFIG_FILE}), so the model's config must be given "
@@ -444,7 +446,8 @@ def _parse(job: types.ModuleType, prog: str, args: list[str]
     for name in job.REQUIRED:
         if fv[name].value in (None, ""):
             if name == "config" and "checkpoint" in fv and fv["checkpoint"].value:
-                raise errors.UserError(config_for_checkpoint(fv["checkpoint"].value, prog))
+                continue  # (the command says why after its process setup, `setup_process`:
+                # the --checkpoint run, with its config, may be on another host only)
             raise errors.UserError(f"--{name} is required (see {prog} --help).")
     if len(rest) > (1 if job.POSITIONAL else 0):
         raise errors.UserError(f"unexpected arguments: {' '.join(rest)} (see {prog} --help).")
@@ -708,12 +711,26 @@ def define_distributed_flags(fv: flags.FlagValues) -> None:
 
 def setup_process(fv: flags.FlagValues, paths: Sequence[str] = ()) -> None:
     """`parallel.setup_process` with the flags of `define_distributed_flags`, then
-    `check_same_command`, then, with several processes, that every process sees the local
-    files or folders of the flags named in `paths` (e.g. "checkpoint": a process without it
-    stopped alone while the others waited in their next collective)."""
+    `check_same_command` (and, for a command that takes a config, given none and a
+    --checkpoint that gave none, `config_for_checkpoint`'s error), then, with several
+    processes, that every process sees the local files or folders named in `paths`: flags
+    (e.g. "checkpoint") or config keys ("config.generator.tokenizer"). A process without one
+    stopped alone while the others waited in their next collective."""
     parallel.setup_process(fv.coordinator_address, fv.num_processes, fv.process_id)
-    check_same_command(fv["config"].value if "config" in fv else None)
-    given = {f"--{name}={fv[name].value}": fv[name].value for name in paths if fv[name].value}
+    config = fv["config"].value if "config" in fv else None
+    check_same_command(config)
+    if "config" in fv and config is None and "checkpoint" in fv and fv["checkpoint"].value:
+        raise errors.UserError(config_for_checkpoint(fv["checkpoint"].value, _running[0]))
+    given = {}
+    for name in paths:
+        if name.startswith("config."):
+            value = _setting(config, name[len("config."):])
+            label = f"{name[len('config.'):]}={value} (of the config)"
+        else:
+            value = fv[name].value
+            label = f"--{name}={value}"
+        if value:
+            given[label] = value
     if jax.process_count() == 1 or not given:  # (the same on every process: same arguments)
         return
 
@@ -724,6 +741,15 @@ def setup_process(fv: flags.FlagValues, paths: Sequence[str] = ()) -> None:
                                    "host (every host must see it).")
 
     parallel.everywhere(check, ", ".join(given))
+
+
+def _setting(config: Optional[ml_collections.ConfigDict], key: str) -> Any:
+    """The value of dotted `key` in `config`, or None where it (or the config) is not there."""
+    for part in key.split("."):
+        if config is None or part not in config:
+            return None
+        config = config[part]
+    return config
 
 
 def _seen_here(value: str) -> bool:
@@ -759,7 +785,7 @@ def check_same_command(config: Optional[ml_collections.ConfigDict] = None) -> No
     rule = ("every process of a run takes the same command, all but its process id (" +
             ", ".join("--" + f for f in _PROCESS_ID_FLAGS) + ")")
     args = _without_process_id(_running[1:])
-    theirs, others = _process_0s(args)
+    theirs, others = parallel.process_0s(args)
     if others:
         if jax.process_index() not in others:
             raise errors.UserError(
@@ -775,7 +801,7 @@ def check_same_command(config: Optional[ml_collections.ConfigDict] = None) -> No
     settings = {NO_CONFIG: ""} if config is None else {
         k: repr(v) for k, v in summary.flatten(config.to_dict()).items()}
     settings.pop("distributed.process_id", None)
-    theirs, others = _process_0s(settings)
+    theirs, others = parallel.process_0s(settings)
     if not others:
         return
     if jax.process_index() not in others:
@@ -800,20 +826,6 @@ def check_same_command(config: Optional[ml_collections.ConfigDict] = None) -> No
 
 
 NO_CONFIG = "(no config)"  # `check_same_command`'s settings of a process without a config
-
-
-def _process_0s(value: Any) -> tuple[Any, list[int]]:
-    """(process 0's `value` (JSON-like), the processes whose own differs) (collectives)."""
-    mine = json.dumps(value, sort_keys=True).encode()
-    digests = np.asarray(multihost_utils.process_allgather(np.uint32(zlib.crc32(mine))))
-    others = [i for i in range(len(digests)) if digests[i] != digests[0]]
-    if not others:
-        return value, []
-    lengths = np.asarray(multihost_utils.process_allgather(np.int32(len(mine))))
-    padded = np.zeros(int(lengths.max()), np.uint8)
-    padded[:len(mine)] = np.frombuffer(mine, np.uint8)
-    first = np.asarray(multihost_utils.broadcast_one_to_all(padded))
-    return json.loads(first[:int(lengths[0])].tobytes()), others
 
 
 def tool_help() -> str:

@@ -622,10 +622,8 @@ def _recorded(path: str) -> str:
 def execute(fv: flags.FlagValues, args: list[str]) -> None:
     del args
     errors.check_output_dir(fv.out, "--out")
-    app.setup_process(fv, paths=("checkpoint", "tokenizer", "samples"))
-    if fv.config is None and fv.checkpoint:  # (a run's workdir gave its config.json)
-        raise errors.UserError(app.config_for_checkpoint(fv.checkpoint,
-                                                         app.command_line()[0]))
+    app.setup_process(fv, paths=("checkpoint", "samples", "tokenizer" if fv.tokenizer
+                                 else "config.generator.tokenizer"))
     config = fv.config if fv.config is not None else config_lib.base_config()
     with config.unlocked():
         for key in ("inception", "reference"):

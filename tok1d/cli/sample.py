@@ -336,14 +336,16 @@ def sweep_reference(config, features: str, log=print):
 def execute(fv: flags.FlagValues, args: list[str]) -> None:
     del args
     errors.check_output_dir(fv.out, "--out")
-    trainer = fv.config.get("trainer") if fv.config is not None else None
+    # multi-host (flags or TOK1D_DISTRIBUTED=1); the compilation cache. (A process without a
+    # config, its --checkpoint run on another host only, stops there with the others.)
+    app.setup_process(fv, paths=("checkpoint", "tokenizer" if fv.tokenizer
+                                 else "config.generator.tokenizer"))
+    trainer = fv.config.get("trainer")
     if trainer not in (None, "generator") and app.run_config_used():
         raise errors.UserError(
             f"--checkpoint={fv.checkpoint} is of a {trainer} run ({fv.config.model.name}), not "
             "of a generator: sample takes a generator's checkpoint (a tokenizer goes to "
             "--tokenizer).")
-    # multi-host (flags or TOK1D_DISTRIBUTED=1); the compilation cache
-    app.setup_process(fv, paths=("checkpoint", "tokenizer"))
     if fv.sweep:
         run_sweep(fv.config, fv.checkpoint, fv.tokenizer, fv.num_images, fv.out,
                   fv.sweep_guidance, fv.sweep_temperature, fv.sweep_features, fv.batch_size,

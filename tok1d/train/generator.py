@@ -17,7 +17,7 @@ import dataclasses
 import functools
 import logging
 import os
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -191,6 +191,20 @@ def no_eval_split_warning(config, info: dict[str, Any]) -> str:
             "or name one they have (--config.data.eval_split=...).")
 
 
+def tokens_identity(info: dict[str, Any], splits: Sequence[str]) -> dict[str, Any]:
+    """What must be the same in the token dataset every host reads (`parallel.check_same`):
+    its tokens and tokenizer, and the examples and code statistics of each split of
+    `splits` it has; not where it was written from."""
+    same = {k: info.get(k) for k in ("format", "num_tokens", "codebook_size", "codes_dtype",
+                                      "tokenizer_fingerprint", "num_classes")}
+    for split in splits:
+        done = info.get("splits", {}).get(split)
+        if done is not None:
+            same[f"splits.{split}"] = {k: done.get(k) for k in (
+                "num_examples", "num_variants", "variants", "shards", "code_usage")}
+    return same
+
+
 def check_tokens_match(model: nn.Module, info: dict[str, Any]) -> None:
     problems = []
     if info["num_tokens"] != model.num_tokens:
@@ -258,9 +272,15 @@ def load_frozen_tokenizer(config, mesh, rules) -> Optional[FrozenTokenizer]:
     if not path:
         return None
     encodes = encodes_images(config)
+    if not loaders.is_released(path):  # (a name's download and conversion agree on their own)
+        # A host without it stopped alone; the others waited in the load's collective.
+        parallel.everywhere(lambda: loaders.describe_tokenizer(path), f"the tokenizer {path}")
     tokenizer, tok_params = loaders.load_tokenizer(path, **({"dtype": "float32"} if encodes
                                                              else {}))
     tok_params = nn.unbox(tok_params)
+    if jax.process_count() > 1:  # (another tokenizer under that path on one host)
+        parallel.check_same({"weights": loaders.params_fingerprint(tok_params)},
+                            f"the tokenizer {path}")
     shardings = tokenizer_shardings(tokenizer, config.data.image_size, mesh, rules)
     on_devices = jax.tree.map(lambda _: True, tok_params)
     if encodes and config.generator.get("tokenizer_decoder", "device") == "host":
@@ -435,7 +455,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                      sources.source_of(dcfg, dcfg.eval_split)), f"the data {dcfg.name}")
         info = tokenizer_info(tokenizer, tok_params, config.generator.prefix_tokens,
                               dcfg.image_size, getattr(train_src, "num_classes", None))
-        check_tokens_match(model, info)
+        parallel.everywhere(lambda: check_tokens_match(model, info), "the tokenizer's codes")
         step_args = (tok_params,)
         data_line = (f"{len(train_src)} training images ({dcfg.name}:{dcfg.train_split}, "
                      f"{dcfg.augment}{' + flip' if dcfg.flip else ''}) encoded in every step "
@@ -458,9 +478,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             return image_batches(encode_batch, tok_params, ds, n, batch_sh,
                                  config.eval_batch_size)
     else:  # a token dataset
+        def matching_tokens():
+            found = token_sources(config)
+            check_tokens_match(model, found[2])
+            return found
+
         train_src, eval_src, info = parallel.everywhere(  # (a host without them: all stop)
-            lambda: token_sources(config), f"the tokens {config.generator.tokens}")
-        check_tokens_match(model, info)
+            matching_tokens, f"the tokens {config.generator.tokens}")
+        parallel.check_same(tokens_identity(info, (config.data.train_split,
+                                                   config.data.eval_split)),
+                            f"the tokens {config.generator.tokens}")
         if frozen_tokenizer is not None:
             check_tokens_tokenizer(config, frozen_tokenizer.params, config.generator.tokenizer,
                                    log, info)
