@@ -248,6 +248,29 @@ def subprocess_env(num_devices: int = 8) -> dict:
     return env
 
 
+def damage_records(shard: str) -> None:
+    """Overwrites bytes among the records of an ArrayRecord `shard` (the file: its records,
+    zero padding to the next block, its index), not its header or its footer: reading some
+    of its records fails, opening it does not."""
+    with open(shard, "rb") as f:
+        records_end = f.read().find(b"\0" * 256, 128)
+    with open(shard, "r+b") as f:
+        for at in range(records_end // 4, records_end // 2, 64):
+            f.seek(at)
+            f.write(b"\xff" * 8)
+
+
+def assert_damage_is_named(source, match: str) -> None:
+    """Reading the records of `source` (with a `damage_records` shard) one by one, and all
+    at once, fails with the one-line `DamagedRecord` error that `match` matches."""
+    from tok1d import errors
+    with pytest.raises(errors.DamagedRecord, match=match):
+        for i in range(len(source)):
+            source[i]
+    with pytest.raises(errors.DamagedRecord, match=match):
+        source.__getitems__(list(range(len(source))))
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 free now (for a jax.distributed coordinator)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

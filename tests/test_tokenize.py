@@ -12,6 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from configs import tiny_test
+from conftest import assert_damage_is_named, damage_records
 
 from tok1d import errors, models, parallel, weights
 from tok1d.cli import tokenize
@@ -231,6 +232,21 @@ def test_corrupt_or_mismatched_datasets_fail_clearly(tokenized, tmp_path):
     os.remove(os.path.join(out, info["splits"]["train"]["shards"][0]))
     with pytest.raises(FileNotFoundError, match="missing shard files"):
         tokens.TokenSource(out, "train")
+
+
+def test_a_damaged_token_shard_is_named(tokenized, tmp_path):
+    """Bytes overwritten inside a token shard: the reader's error (a traceback mid-run that
+    names no file) becomes one line naming the shard, the kind of error the training loop
+    saves its state on (`errors.InputFailed`)."""
+    out = str(tmp_path / "copy")
+    shutil.copytree(tokenized[0], out)
+    shards = tokens.read_info(out)["splits"]["train"]["shards"]
+    shard = os.path.join(out, shards[1])
+    damage_records(shard)
+    assert issubclass(errors.DamagedRecord, errors.InputFailed)
+    assert_damage_is_named(tokens.TokenSource(out, "train"),
+                           f"Shard '{shard}' of split 'train' of the tokens is damaged: record "
+                           r"\d+ cannot be read .*; tokenize the split again")
 
 
 def test_clear_errors_for_tokenizer_data_and_image_size(tiny, tmp_path, capsys):

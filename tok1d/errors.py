@@ -23,12 +23,20 @@ class WorkdirInUse(UserError):
     """Another run holds the workdir (`tok1d.train.loop.workdir_lock`)."""
 
 
-class InputWorkerDied(UserError):
-    """An input worker process (grain's `mp_prefetch`) died: killed (SIGKILL is the kernel's
-    out-of-memory killer's signal) or crashed. Not a bug of the command, so one line; the
-    training loop saves its state first (`tok1d.train.loop.train_loop`)."""
+class InputFailed(UserError):
+    """The input of a run failed midway, not the run's own state: the training loop saves
+    that state first (`tok1d.train.loop.train_loop`), then the command prints one line."""
 
     exit_code = 1
+
+
+class InputWorkerDied(InputFailed):
+    """An input worker process (grain's `mp_prefetch`) died: killed (SIGKILL is the kernel's
+    out-of-memory killer's signal) or crashed."""
+
+
+class DamagedRecord(InputFailed):
+    """A record of a dataset's shard could not be read (`tok1d.data.records.damaged_record`)."""
 
 
 def brief(error: BaseException, limit: int = 200) -> str:

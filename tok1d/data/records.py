@@ -277,6 +277,28 @@ def read_info(directory: str) -> dict[str, Any]:
     return info
 
 
+def damaged_record(paths: Sequence[str], index: int, error: BaseException, what: str,
+                   remedy: str) -> errors.DamagedRecord:
+    """The error for record `index` of the ArrayRecord shards `paths` (of `what`, e.g. "split
+    'train'") that the reader failed on with `error`: names the shard (the reader's own error
+    names no file) and the `remedy`."""
+    end, path = 0, paths[-1]
+    for shard in paths:
+        try:
+            reader = array_record_module.ArrayRecordReader(shard)
+            end += reader.num_records()
+            reader.close()
+        except RuntimeError:  # (damaged where the reader starts)
+            path = shard
+            break
+        if index < end:
+            path = shard
+            break
+    return errors.DamagedRecord(
+        f"Shard {path!r} of {what} is damaged: record {index} cannot be read "
+        f"({errors.brief(error)}); {remedy} or restore the file.")
+
+
 class ArrayRecordImageSource:
     """Random-access source over one split of a prepared dataset.
 
@@ -374,7 +396,8 @@ class ArrayRecordImageSource:
         try:
             raw = self._source[index]
         except RuntimeError as e:  # array_record's reader on a damaged shard
-            raise self._damaged(index, e) from None
+            raise damaged_record(self._paths, index, e, f"split {self._split!r}",
+                                 "prepare the split again (`tok1d prepare --replace`)") from None
         return self._decode(index, raw)
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
@@ -392,25 +415,6 @@ class ArrayRecordImageSource:
         except ValueError as e:
             raise ValueError(f"Record {index} of split {self._split!r} of "
                              f"{self._directory!r}: {e}") from None
-
-    def _damaged(self, index: int, error: BaseException) -> errors.UserError:
-        """The error for record ``index`` that the reader failed on: names its shard."""
-        end, path = 0, self._paths[-1]
-        for shard in self._paths:
-            try:
-                reader = array_record_module.ArrayRecordReader(shard)
-                end += reader.num_records()
-                reader.close()
-            except RuntimeError:  # (damaged where the reader starts)
-                path = shard
-                break
-            if index < end:
-                path = shard
-                break
-        return errors.UserError(
-            f"Shard {path!r} of split {self._split!r} is damaged: record {index} cannot be "
-            f"read ({errors.brief(error)}); prepare the split again (`tok1d prepare "
-            "--replace`) or restore the file.")
 
     def __repr__(self) -> str:
         return (

@@ -177,7 +177,11 @@ class TokenSource:
         if missing:
             raise FileNotFoundError(f"Split {split!r} of {directory!r} is missing shard files: "
                                     f"{missing}")
-        self._source = grain.sources.ArrayRecordDataSource(self._paths)
+        try:
+            self._source = grain.sources.ArrayRecordDataSource(self._paths)
+        except RuntimeError as e:  # array_record's reader on a damaged or foreign file
+            raise errors.UserError(f"Split {split!r} of {directory!r}: a shard is not a "
+                                   f"readable ArrayRecord file ({errors.brief(e)}).") from None
         expected = int(self._split_info["num_examples"])
         if expected != len(self._source):
             raise ValueError(f"Split {split!r} of {directory!r}: {INFO_FILENAME} says {expected} "
@@ -230,10 +234,20 @@ class TokenSource:
             index += len(self)
         if not 0 <= index < len(self):
             raise IndexError(f"Index {index} out of range for {len(self)} records.")
-        return decode_token_record(self._source[index], *self._shape, self._dtype)
+        try:
+            raw = self._source[index]
+        except RuntimeError as e:  # array_record's reader on a damaged shard
+            raise records.damaged_record(
+                self._paths, index, e, f"split {self._split!r} of the tokens",
+                "tokenize the split again (`tok1d tokenize`, into a new --out)") from None
+        return decode_token_record(raw, *self._shape, self._dtype)
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
-        raws = self._source.__getitems__([int(i) for i in indices])
+        indices = [int(i) for i in indices]
+        try:
+            raws = self._source.__getitems__(indices)
+        except RuntimeError:  # a damaged shard (one by one: named) or a transient failure
+            return [self[index] for index in indices]
         return [decode_token_record(raw, *self._shape, self._dtype) for raw in raws]
 
     def __repr__(self) -> str:

@@ -128,8 +128,8 @@ def train_loop(config, workdir: str, state: TrainState, first_step: int,
     ETA) every `log_every_steps`, `run_eval(state, step)` every `eval_every_steps`, every one
     of `eval_periods` (the periods of the eval's own parts, e.g. `evaluation.fid_every_steps`:
     `run_eval` decides what runs at a step) and at the end, checkpoints every
-    `checkpoint.every_steps`, at the end, on a preemption signal and when an input worker
-    process dies (one process). A non-finite step stops the run before it can be saved.
+    `checkpoint.every_steps`, at the end, on a preemption signal and when the input fails
+    (`errors.InputFailed`: a dead input worker, a damaged record; one process). A non-finite step stops the run before it can be saved.
 
     `steps.at(step)(state, batch, *step_args) -> (state, scalars, finite)` is the step of each
     phase; the next phase's step compiles in the background (under the current mesh and
@@ -187,7 +187,7 @@ def train_loop(config, workdir: str, state: TrainState, first_step: int,
             "Run the same command again to resume.")
         return {"step": step_, "preempted": True}
 
-    def input_died(error: errors.InputWorkerDied, step_) -> errors.InputWorkerDied:
+    def input_failed(error: errors.InputFailed, step_) -> errors.InputFailed:
         """`error` (the input failed before step `step_ + 1`) with where to resume from,
         after saving the state of `step_` (intact: the input failed, not the step). With
         several processes the others may be inside a step: no save, the last one stands."""
@@ -203,14 +203,14 @@ def train_loop(config, workdir: str, state: TrainState, first_step: int,
         saved = ("No checkpoint was saved yet: the same command starts over"
                  if last_saved is None else f"Checkpoint at step {last_saved} saved: the "
                  "same command resumes there")
-        return errors.InputWorkerDied(f"{error} The run stopped at step {step_}. {saved}.")
+        return type(error)(f"{error} The run stopped at step {step_}. {saved}.")
 
     try:
         while step < total:
             try:
                 batch = next(feeder)
-            except errors.InputWorkerDied as e:
-                raise input_died(e, step) from e
+            except errors.InputFailed as e:  # (a dead input worker, a damaged record)
+                raise input_failed(e, step) from e
             if step == change:
                 if step > first_step and stop_requested(step):  # (before the compile's wait)
                     return stopped(step)
