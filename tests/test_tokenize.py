@@ -383,6 +383,8 @@ def test_load_tokenizer_from_pretrained_dir_and_training_workdir(tiny, tmp_path,
     desc = loaders.describe_tokenizer(str(work))
     assert desc["kind"] == "workdir" and desc["step"] == 4 and m.codebook_size == 64
     np.testing.assert_array_equal(p["latent_tokens"], ema["latent_tokens"])
+    _, plain = loaders.load_tokenizer(str(work), use_ema=False)  # (the raw weights)
+    np.testing.assert_array_equal(plain["latent_tokens"], params["latent_tokens"])
     # Inside a generator trainer's mesh and rules (it loads its sample decoder's tokenizer
     # there): the same params.
     mesh, rules, _ = parallel.mesh_from_config(config_lib.base_config("generator"))

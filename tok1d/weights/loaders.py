@@ -226,19 +226,22 @@ def _model_spec(path: str, what: str = "tokenizer") -> tuple[str, str, dict[str,
     return "workdir", config.model.name, layout.model_kwargs(config)
 
 
-def load_tokenizer(path: str, **model_overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
+def load_tokenizer(path: str, use_ema: bool = True, **model_overrides: Any
+                   ) -> tuple[nn.Module, dict[str, Any]]:
     """(model, host params) of a pretrained directory or a training workdir (the latest
-    checkpoint's EMA params, the plain params when the run had no EMA; the model rebuilt from
-    the workdir's config.json), or of a released name (`resolve`). `model_overrides` replace
-    model arguments (dtype="bfloat16"). Another model's directory (a generator's) is a
-    UserError that says so."""
-    return _load_directory(path, "tokenizer", model_overrides)
+    checkpoint's EMA params, its plain params without `use_ema` or when the run had no EMA; a
+    checkpoint's own folder, WORKDIR/checkpoints/STEP, for another step; the model rebuilt
+    from the workdir's config.json), or of a released name (`resolve`). `model_overrides`
+    replace model arguments (dtype="bfloat16"). Another model's directory (a generator's) is
+    a UserError that says so."""
+    return _load_directory(path, "tokenizer", model_overrides, use_ema)
 
 
-def load_generator(path: str, **model_overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
+def load_generator(path: str, use_ema: bool = True, **model_overrides: Any
+                   ) -> tuple[nn.Module, dict[str, Any]]:
     """(model, host params) of a generator, as `load_tokenizer` loads a tokenizer; a
     tokenizer's directory or name is a UserError that says so."""
-    return _load_directory(path, "generator", model_overrides)
+    return _load_directory(path, "generator", model_overrides, use_ema)
 
 
 # What `_load_directory` may be asked for: the released kinds and the interface check.
@@ -246,8 +249,8 @@ _WANTED = {"tokenizer": (TOKENIZER_KINDS, interfaces.check_tokenizer),
            "generator": (GENERATOR_KINDS, interfaces.check_generator)}
 
 
-def _load_directory(path: str, wanted: Optional[str], model_overrides: dict[str, Any]
-                    ) -> tuple[nn.Module, dict[str, Any]]:
+def _load_directory(path: str, wanted: Optional[str], model_overrides: dict[str, Any],
+                    use_ema: bool = True) -> tuple[nn.Module, dict[str, Any]]:
     """`load_tokenizer` / `load_generator` (`wanted`); with `wanted` None, a pretrained
     directory or training workdir of either loads (`load`)."""
     if wanted and is_released(path):  # (a directory: `_check_is` below)
@@ -265,7 +268,7 @@ def _load_directory(path: str, wanted: Optional[str], model_overrides: dict[str,
     with jax.set_mesh(None), nn.logical_axis_rules(()):
         shapes = nn.unbox(convert_common.abstract_variables(
             model, *_init_inputs(model, path))["params"])
-    return model, merge_checked(shapes, load_params(path),
+    return model, merge_checked(shapes, load_params(path, use_ema),
                                 f"The checkpoint's weights in {path}",
                                 f"the model of its {layout.CONFIG_FILE}")
 
