@@ -100,9 +100,11 @@ def test_generator_learns_tokens_and_writes_samples(kind, token_data, tmp_path):
     # --grid_classes=0 (allowed) failed after sampling, without sampling.json.
     out = str(tmp_path / "no_grid")
     said = []
-    sample_lib.run(config, workdir, tok_dir, num_images=4, out=out, batch_size=16,
-                   grid_classes=0, log=said.append)
+    sample_lib.run(config, workdir, os.path.relpath(tok_dir), num_images=4, out=out,
+                   batch_size=16, grid_classes=0, log=said.append)
     assert sorted(os.listdir(out)) == ["samples.npz", "sampling.json"]
+    recorded = json.load(open(os.path.join(out, "sampling.json")))  # (paths made absolute)
+    assert (recorded["tokenizer"], recorded["checkpoint"]) == (tok_dir, os.path.abspath(workdir))
     assert not any("Warning" in line for line in said)  # the tokenizer that wrote the tokens
     with pytest.raises(errors.UserError, match="already holds samples.npz"):  # not replaced
         sample_lib.run(config, workdir, tok_dir, num_images=2, out=out, log=lambda _: None)

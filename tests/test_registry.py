@@ -794,7 +794,8 @@ def test_a_name_in_the_wrong_place_is_refused_before_any_download(cache, monkeyp
         "error: --config is required: --checkpoint=titok_l32 is not a training run's workdir "
         "(it has no config.json), so the model's config must be given (see python -m "
         "tok1d.cli.evaluate --help).")
-    assert evaluate_cli._recorded("titok_l32") == "titok_l32"
+    assert loaders.recorded_path("titok_l32") == "titok_l32"
+    assert loaders.recorded_path("hf://owner/repo/f.bin") == "hf://owner/repo/f.bin"
     assert summary.format_rate(0.0213) == "0.021" and summary.format_rate(537.14) == "537.1"
     # a step a workdir does not have, and a workdir given as a pretrained directory
     run = cache / "run"

@@ -182,7 +182,7 @@ def evaluate_tokenizer(config, checkpoint: str, out: str, log=print,
     path = report.write_report(
         out, f"Reconstruction: {os.path.basename(os.path.normpath(checkpoint))}", metrics,
         {"reconstructions": grid},
-        _details(config, checkpoint=_recorded(checkpoint), model=config.model.name,
+        _details(config, checkpoint=loaders.recorded_path(checkpoint), model=config.model.name,
                  data=f"{dcfg.name}:{dcfg.eval_split} at {size} px (center crops)",
                  tokenizer_precision=_tokenizer_precision(config),
                  **({"tokenizer_probe": f"{ecfg.tokenizer_probe} features on "
@@ -267,7 +267,7 @@ def evaluate_prefixes(config, model, params, frozen, teacher, nets, ds, num_batc
     metrics = {f"{m}_k{k}": v for k, r in rows.items() for m, v in r.items()}
     path = report.write_report(
         out, f"Reconstruction vs number of tokens: {name}", metrics, grids,
-        _details(config, checkpoint=_recorded(checkpoint), model=config.model.name,
+        _details(config, checkpoint=loaders.recorded_path(checkpoint), model=config.model.name,
                  prefixes=",".join(map(str, prefixes)),
                  data=f"{config.data.name}:{config.data.eval_split} at "
                       f"{config.data.image_size} px (center crops)",
@@ -313,8 +313,8 @@ def evaluate_generator(config, checkpoint: str, tokenizer_path: str, out: str, s
                                  log, probe_images))
     return _finish_samples(config, metrics, kept, kept_labels, model.num_classes, out, is_chief,
                            nets.notes + reference.notes(ecfg, nets), log, step,
-                           checkpoint=_recorded(checkpoint),
-                           tokenizer=_recorded(tokenizer_path), model=config.model.name,
+                           checkpoint=loaders.recorded_path(checkpoint),
+                           tokenizer=loaders.recorded_path(tokenizer_path), model=config.model.name,
                            sampling=config.sampling.to_dict(),
                            sampling_precision=config.sampling_precision, seed=seed,
                            reference=_reference_line(reference))
@@ -611,12 +611,6 @@ def run(config, checkpoint: str = "", tokenizer: str = "", samples: str = "", ou
         return evaluate_tokenizer(config, checkpoint, out, log, ks)
     raise ValueError(f"Cannot evaluate a config with trainer {config.trainer!r}: use a tokenizer "
                      "or generator config.")
-
-
-def _recorded(path: str) -> str:
-    """`path` as the report records it: absolute, or a released name as it is (its absolute
-    form named a folder that does not exist)."""
-    return path if loaders.is_released(path) else os.path.abspath(path)
 
 
 def execute(fv: flags.FlagValues, args: list[str]) -> None:

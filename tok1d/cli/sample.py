@@ -224,7 +224,8 @@ def run(config, checkpoint: str, tokenizer_path: str, num_images: int, out: str,
                                     batch_size, seed, log)
     seconds = time.time() - t0
     info = dict(num_images=int(num_images), seconds=seconds, images_per_second=num_images / seconds,
-                checkpoint=checkpoint, step=step, tokenizer=tokenizer_path, seed=seed,
+                checkpoint=loaders.recorded_path(checkpoint), step=step,
+                tokenizer=loaders.recorded_path(tokenizer_path), seed=seed,
                 model=config.model.to_dict(), sampling=config.sampling.to_dict(),
                 sampling_precision=config.sampling_precision)
     if jax.process_index() == 0:

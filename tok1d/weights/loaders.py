@@ -654,6 +654,13 @@ def convert_official(kind: str, checkpoint: str, out: str, *, vgg: Optional[str]
                                       source=source or checkpoint)
 
 
+def recorded_path(path: str) -> str:
+    """`path` as a result record (a report, sampling.json) keeps it: absolute, or a released
+    name, hf:// or URL as it is (its absolute form named a folder that does not exist)."""
+    return (path if is_released(path) or download.is_remote(path)
+            else os.path.abspath(path))
+
+
 def is_released(source: str) -> bool:
     """Whether `source` is a released name (an existing path of that name wins)."""
     return source in registry.RELEASED and not os.path.exists(source)
