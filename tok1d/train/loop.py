@@ -129,7 +129,8 @@ def train_loop(config, workdir: str, state: TrainState, first_step: int,
     of `eval_periods` (the periods of the eval's own parts, e.g. `evaluation.fid_every_steps`:
     `run_eval` decides what runs at a step) and at the end, checkpoints every
     `checkpoint.every_steps`, at the end, on a preemption signal and when the input fails
-    (`errors.InputFailed`: a dead input worker, a damaged record; one process). A non-finite step stops the run before it can be saved.
+    (`errors.InputFailed`: a dead input worker, a damaged record; one process). A
+    non-finite step stops the run before it can be saved.
 
     `steps.at(step)(state, batch, *step_args) -> (state, scalars, finite)` is the step of each
     phase; the next phase's step compiles in the background (under the current mesh and

@@ -69,8 +69,8 @@ __all__ = ["BSQ", "ClusteringVectorQuantizer", "DiagonalGaussian", "FSQ", "HIGHE
            "QUANTIZERS", "ResidualVQ", "STATE", "SimVQ", "UPDATES", "VQ_FAMILY", "VQ_SETTINGS",
            "VectorQuantizer", "bits_to_codes", "build", "codebooks_of", "codes_to_signs",
            "entropy_loss", "entropy_terms", "for_tokenizer", "l2_normalize", "lookup_codes",
-           "lookup_valid", "merge_param_updates", "rotate_onto", "straight_through", "symmetric_uniform",
-           "whole_tokens"]
+           "lookup_valid", "merge_param_updates", "rotate_onto", "straight_through",
+           "symmetric_uniform", "whole_tokens"]
 
 
 def build(name: str, options: Optional[Mapping[str, Any]] = None, *, detached: bool = False,
