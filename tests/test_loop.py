@@ -654,13 +654,24 @@ def test_a_failing_eval_comes_after_its_steps_checkpoint(tmp_path):
 def test_a_dead_input_worker_stops_the_run_with_its_step_saved(tmp_path):
     """An input worker process that dies (out of memory) stopped the run with a traceback
     and lost the steps since the last checkpoint; the state is intact (the input failed, not
-    the step): it is saved and the error says where the same command resumes."""
+    the step): it is saved and the error says where the same command resumes. The same for
+    an eval whose input fails (a damaged shard of its split)."""
     with pytest.raises(errors.InputWorkerDied) as raised:
         _run_loop(tmp_path, total=12, log_every=4, eval_every=0, ckpt_every=4,
                   input_dies_at=7)
     assert str(raised.value) == ("an input worker process died (killed). The run stopped at "
                                  "step 6. Checkpoint at step 6 saved: the same command "
                                  "resumes there.")
+
+    def failing_eval(state, step):  # noqa: ARG001 (an eval split's damaged shard)
+        raise errors.DamagedRecord("Shard 'x' of split 'validation' is damaged.")
+
+    ckpt = _MemoryCheckpoints()
+    with pytest.raises(errors.DamagedRecord, match="The run stopped at step 6. Checkpoint at "
+                                                   "step 6 saved"):
+        _run_loop(tmp_path, total=12, log_every=4, eval_every=6, ckpt_every=4,
+                  run_eval=failing_eval, ckpt=ckpt)
+    assert ckpt.saved == [4, 6]
     ckpt = _MemoryCheckpoints()
     with pytest.raises(errors.InputWorkerDied, match="stopped at step 0. No checkpoint"):
         _run_loop(tmp_path, total=12, log_every=4, eval_every=0, ckpt_every=4,

@@ -164,7 +164,10 @@ def train_loop(config, workdir: str, state: TrainState, first_step: int,
 
     def evaluate(step_):
         with progress.timed_pause():
-            metrics = run_eval(state, step_)
+            try:
+                metrics = run_eval(state, step_)
+            except errors.InputFailed as e:  # (the eval's input: its damaged shard, say)
+                raise input_failed(e, step_) from e
         log(f"eval @ step {step_}: " + ", ".join(
             f"{k} {summary.format_number(v)}" for k, v in metrics.items()
             if isinstance(v, (int, float))))
