@@ -341,11 +341,7 @@ def _refuse_whole_section_beside(path: str, key: str, args: Sequence[str]) -> No
 
 
 def _section(config: Any, path: str) -> Optional[Any]:
-    node = config
-    for key in path.split("."):
-        if not isinstance(node, (ml_collections.ConfigDict, dict)) or key not in node:
-            return None
-        node = node[key]
+    node = _setting(config, path)
     return node if isinstance(node, (ml_collections.ConfigDict, dict)) else None
 
 
@@ -743,13 +739,14 @@ def setup_process(fv: flags.FlagValues, paths: Sequence[str] = ()) -> None:
     parallel.everywhere(check, ", ".join(given))
 
 
-def _setting(config: Optional[ml_collections.ConfigDict], key: str) -> Any:
+def _setting(config: Any, key: str) -> Any:
     """The value of dotted `key` in `config`, or None where it (or the config) is not there."""
+    node = config
     for part in key.split("."):
-        if config is None or part not in config:
+        if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
             return None
-        config = config[part]
-    return config
+        node = node[part]
+    return node
 
 
 def _seen_here(value: str) -> bool:

@@ -277,6 +277,17 @@ def read_info(directory: str) -> dict[str, Any]:
     return info
 
 
+def open_shards(paths: Sequence[str], split: str, directory: str
+                ) -> grain.sources.ArrayRecordDataSource:
+    """grain's source over the ArrayRecord shards `paths` of `split` of `directory`; a shard
+    the reader cannot open (damaged, or another format) is one UserError."""
+    try:
+        return grain.sources.ArrayRecordDataSource(paths)
+    except RuntimeError as e:  # array_record's reader on a damaged or foreign file
+        raise errors.UserError(f"Split {split!r} of {directory!r}: a shard is not a "
+                               f"readable ArrayRecord file ({errors.brief(e)}).") from None
+
+
 def damaged_record(paths: Sequence[str], index: int, error: BaseException, what: str,
                    remedy: str) -> errors.DamagedRecord:
     """The error for record `index` of the ArrayRecord shards `paths` (of `what`, e.g. "split
@@ -345,11 +356,7 @@ class ArrayRecordImageSource:
             raise FileNotFoundError(
                 f"Split {split!r} of {directory!r} is missing shard files: "
                 f"{missing}")
-        try:
-            self._source = grain.sources.ArrayRecordDataSource(self._paths)
-        except RuntimeError as e:  # array_record's reader on a damaged or foreign file
-            raise errors.UserError(f"Split {split!r} of {directory!r}: a shard is not a "
-                                   f"readable ArrayRecord file ({errors.brief(e)}).") from None
+        self._source = open_shards(self._paths, split, directory)
         expected = split_info.get("num_examples")
         if expected is not None and expected != len(self._source):
             raise ValueError(

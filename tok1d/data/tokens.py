@@ -177,11 +177,7 @@ class TokenSource:
         if missing:
             raise FileNotFoundError(f"Split {split!r} of {directory!r} is missing shard files: "
                                     f"{missing}")
-        try:
-            self._source = grain.sources.ArrayRecordDataSource(self._paths)
-        except RuntimeError as e:  # array_record's reader on a damaged or foreign file
-            raise errors.UserError(f"Split {split!r} of {directory!r}: a shard is not a "
-                                   f"readable ArrayRecord file ({errors.brief(e)}).") from None
+        self._source = records.open_shards(self._paths, split, directory)
         expected = int(self._split_info["num_examples"])
         if expected != len(self._source):
             raise ValueError(f"Split {split!r} of {directory!r}: {INFO_FILENAME} says {expected} "
