@@ -238,15 +238,16 @@ def test_processes_given_other_arguments_all_stop_at_the_start(tmp_path):
     assert not glob.glob(os.path.join(workdir, "checkpoints", "*")), report
 
 
-def _prepared(images, out) -> None:
-    """A prepared dataset of 8 images in two classes at `out` (their folder: `images`)."""
+def _prepared(images, out, per_class: int = 4) -> None:
+    """A prepared dataset of 2 `per_class` images in two classes at `out` (their folder:
+    `images`)."""
     from PIL import Image
     from tok1d.data import prepare
     if not images.exists():
         for label in ("a", "b"):
             (images / label).mkdir(parents=True)
-            for i in range(4):
-                Image.fromarray(np.full((40, 40, 3), 60 * i, np.uint8)).save(
+            for i in range(per_class):
+                Image.fromarray(np.full((40, 40, 3), 60 * i % 256, np.uint8)).save(
                     images / label / f"{i}.png")
     prepare.prepare(str(images), str(out), workers=1)
 
@@ -312,6 +313,46 @@ def test_hosts_that_see_the_run_differently_all_stop_at_the_start(tmp_path, case
         assert len(lines) == 1 and lines[0].startswith(expected), report
         assert "Traceback" not in err and "Fatal" not in err and "abort" not in err, report
     assert not glob.glob(os.path.join(str(tmp_path), "*", "checkpoints", "*")), report
+
+
+@_timeout_mark
+@pytest.mark.parametrize("failing", [0, 1])
+def test_a_host_whose_input_fails_stops_every_host(tmp_path, failing):
+    """Each host reads its own copy of the data; one copy has a damaged shard. That host
+    stopped alone with its line once it read the damage, while the other waited in the
+    train step's collective (silent, until JAX's heartbeat aborted it minutes later) and the
+    stopped one's exit waited for it in JAX's shutdown barrier. Now the stopped process tells
+    the others (`parallel.tell_others`): both stop within seconds, each with one line, and
+    neither aborts, whichever process hosts the coordination service."""
+    from conftest import damage_records
+    homes = [tmp_path / "host0", tmp_path / "host1"]
+    for home in homes:
+        home.mkdir()
+        _prepared(tmp_path / "images", home / "data", per_class=16)
+    damage_records(glob.glob(str(homes[failing] / "data" / "train.array_record*"))[0])
+    dist = (f"--config.distributed.coordinator_address=127.0.0.1:{free_port()}",
+            "--config.distributed.num_processes=2")
+    started = time.monotonic()
+    procs = {f"p{pid}": subprocess.Popen(
+        main_command(CONFIG, str(tmp_path / "run"), "--config.data.name=array_record:data",
+                     "--config.data.eval_split=train", "--config.total_steps=50",
+                     "--config.checkpoint.every_steps=100", "--config.mesh.data=-1", *dist,
+                     f"--config.distributed.process_id={pid}"),
+        cwd=str(homes[pid]), env=subprocess_env(4), **_PIPES) for pid in (0, 1)}
+    outputs = _wait_all(procs, time.monotonic() + TIMEOUT_S)
+    report = _report(outputs)
+    assert time.monotonic() - started < 100, report  # (JAX's heartbeat: 100 s)
+    assert all(rc == 1 for rc, _, _ in outputs.values()), report
+    damaged = "Shard 'data/train.array_record-00000-of-00001' of split 'train' is damaged"
+    for pid in (0, 1):
+        _, _, err = outputs[f"p{pid}"]
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        start = (f"error: {damaged}" if pid == failing else
+                 f"error: process {failing} stopped ({damaged}")
+        assert len(lines) == 1 and lines[0].startswith(start), report
+        if pid != failing:
+            assert lines[0].endswith(f"): process {pid} stops too."), report
+        assert "Traceback" not in err and "Fatal" not in err and "abort" not in err, report
 
 
 @_timeout_mark

@@ -11,12 +11,15 @@ Models name the axes of every parameter and of the main activations (see
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import logging
 import math
 import os
 import re
+import sys
+import threading
 import zlib
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -367,6 +370,7 @@ def setup_process(coordinator_address: str = "", num_processes: int = 0,
     if (coordinator_address or num_processes > 0 or process_id >= 0
             or os.environ.get("TOK1D_DISTRIBUTED") == "1"):
         maybe_initialize_distributed(coordinator_address, num_processes, process_id)
+        watch_for_stops()
     cache = compilation_cache_dir()
     if cache and (jax_distributed.global_state.num_processes or 1) > 1 \
             and jax.default_backend() == "cpu":
@@ -386,6 +390,99 @@ def setup_process(coordinator_address: str = "", num_processes: int = 0,
 
 
 DEFAULT_CACHE_MAX_BYTES = 8 << 30
+
+
+# ----------------------------------------------------------------------------------------------
+# A process that stops alone tells the others.
+# ----------------------------------------------------------------------------------------------
+# A process of a multi-process run that stopped on an error of its own mid-run (a damaged shard
+# or a dead input worker on its host, Ctrl-C there) left the others in their next collective,
+# silent, until JAX's heartbeat aborted them minutes later; its own exit waited for them in
+# JAX's shutdown barrier, then aborted too. Now it leaves a notice for each other process in
+# the coordination service's key-value store (`tell_others`), where a thread of each process
+# waits for its own (`watch_for_stops`: one pending request, no cost to the steps). That
+# process then prints one line and joins the stopped one in JAX's shutdown, and both exit.
+
+_STOP_KEY = "tok1d/stop/{}"  # a process's notice: why another one stopped ("" at its own exit)
+STOP_GRACE_S = 5.0  # how long a notified process leaves its own error to say so first
+_stopping = threading.Event()  # this process is ending: its own error, or its normal exit
+_watcher: list[threading.Thread] = []
+
+
+def _client() -> Any:
+    """The coordination service's client of a joined run of several processes, else None."""
+    if (jax_distributed.global_state.num_processes or 1) <= 1:
+        return None
+    return jax_distributed.global_state.client
+
+
+def tell_others(message: str) -> None:
+    """Leaves `message` (why this process stops, one line) for every other process of a joined
+    run, whose watcher stops it too (no-op with one process). Never raises: the process is on
+    its way out already."""
+    _stopping.set()
+    client = _client()
+    if client is None:
+        return
+    me = joined_process_index()
+    notice = f"process {me} stopped ({message[:400]})"
+    for other in range(jax_distributed.global_state.num_processes):
+        if other != me:
+            try:
+                client.key_value_set(_STOP_KEY.format(other), notice)
+            except Exception:  # noqa: BLE001 - another stopped process told it first, or the
+                pass  # service is gone (process 0 ended): nothing more to tell
+
+
+def watch_for_stops() -> None:
+    """Starts this process's watcher (once, after joining a run of several processes): when
+    another process tells it that it stopped, and this one has not ended on its own within
+    STOP_GRACE_S (every process failing the same check says its own reason), prints
+    "error: process N stopped (its line): process M stops too.", takes part in JAX's
+    shutdown (the stopped process waits there) and ends the process with status 1."""
+    client = _client()
+    if client is None or _watcher:
+        return
+    thread = threading.Thread(target=_watch, args=(client, joined_process_index()),
+                              name="tok1d-stop-watcher", daemon=True)
+    thread.start()
+    _watcher.append(thread)
+    atexit.register(_stop_watching, client, joined_process_index())  # before JAX's shutdown
+
+
+def _watch(client: Any, me: int) -> None:
+    while True:
+        try:
+            notice = client.blocking_key_value_get(_STOP_KEY.format(me), 24 * 3600 * 1000)
+        except Exception as e:  # noqa: BLE001 - a day without news, or the service is gone
+            if "DEADLINE_EXCEEDED" in str(e) and not _stopping.is_set():
+                continue
+            return
+        if not notice or _stopping.wait(STOP_GRACE_S):
+            return  # this process's own exit, or its own error says why
+        _stopping.set()
+        print(f"error: {notice}: process {me} stops too.", file=sys.stderr, flush=True)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        try:
+            jax_distributed.global_state.shutdown()  # the stopped process waits there for us
+        except Exception:  # noqa: BLE001 - it is gone already
+            pass
+        sys.stdout.flush()
+        os._exit(1)  # (the main thread waits in a collective that will never complete)
+
+
+def _stop_watching(client: Any, me: int) -> None:
+    """At this process's exit: ends the watcher's pending request (JAX's shutdown aborted the
+    process under one)."""
+    _stopping.set()
+    if not _watcher or not _watcher[0].is_alive():
+        return
+    try:
+        client.key_value_set(_STOP_KEY.format(me), "", allow_overwrite=True)
+    except Exception:  # noqa: BLE001 - the service is gone: so is the request
+        return
+    _watcher[0].join(10.0)
 
 
 def compilation_cache_dir() -> Optional[str]:

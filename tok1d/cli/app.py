@@ -638,14 +638,17 @@ def run(job: types.ModuleType, argv: Optional[Sequence[str]] = None,
     except KeyboardInterrupt as e:
         terminated = isinstance(e, Terminated)
         print("interrupted" + (" (SIGTERM)" if terminated else ""), file=sys.stderr)
+        parallel.tell_others("interrupted" + (" by SIGTERM" if terminated else ""))
         return 128 + signal.SIGTERM if terminated else 130
     except Exception as e:  # noqa: BLE001 - a user's error becomes one line, a bug re-raises
         message = user_error_message(e)
-        if message is None or verbosity >= 2:
-            raise
         if _peer_failure(e) is not None:
             global _peer_failed
             _peer_failed = True
+        else:  # the others of a multi-process run would wait for this one in a collective
+            parallel.tell_others(message or f"a bug, {type(e).__name__}: see its traceback")
+        if message is None or verbosity >= 2:
+            raise
         if len(message) > MAX_ERROR_CHARS and verbosity < 1:  # e.g. a converter's key list
             message = (message[:MAX_ERROR_CHARS] + f" ... ({len(message) - MAX_ERROR_CHARS} "
                        "more characters: -v 1 prints the whole message)")
