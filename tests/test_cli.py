@@ -810,3 +810,16 @@ def test_sigterm_before_a_command_takes_it_over_ends_it_as_ctrl_c_does(capsys):
     assert cleaned == [True]
     assert capsys.readouterr().err.strip().splitlines()[-1] == "interrupted (SIGTERM)"
     assert signal.getsignal(signal.SIGTERM) is before
+
+    def execute_in_a_library(fv, args):  # one that raises a KeyboardInterrupt of its own
+        try:
+            execute(fv, args)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt from None  # (orbax's async write of a conversion did)
+
+    job.execute = execute_in_a_library
+    assert app.run(job, []) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "interrupted (SIGTERM)"
+    job.execute = lambda fv, args: (_ for _ in ()).throw(KeyboardInterrupt)  # Ctrl-C: still 130
+    assert app.run(job, []) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "interrupted"

@@ -636,7 +636,9 @@ def run(job: types.ModuleType, argv: Optional[Sequence[str]] = None,
         setup_console(verbosity)
         job.execute(fv, rest)
     except KeyboardInterrupt as e:
-        terminated = isinstance(e, Terminated)
+        # (a library on the way may raise a plain KeyboardInterrupt in its place: orbax's
+        # async write of a conversion did, which ended SIGTERM with "interrupted", 130)
+        terminated = isinstance(e, Terminated) or _terminated.is_set()
         print("interrupted" + (" (SIGTERM)" if terminated else ""), file=sys.stderr)
         parallel.tell_others("interrupted" + (" by SIGTERM" if terminated else ""))
         return 128 + signal.SIGTERM if terminated else 130
@@ -664,6 +666,9 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler's limit, `kill`) before a command handles it itself."""
 
 
+_terminated = threading.Event()  # SIGTERM came (while `_terminate_like_ctrl_c`'s handler is on)
+
+
 def _terminate_like_ctrl_c() -> Any:
     """Makes SIGTERM end a command as Ctrl-C does ("interrupted (SIGTERM)", status 143, its
     temporary files removed) where the command has not taken it over: a training run killed
@@ -673,8 +678,10 @@ def _terminate_like_ctrl_c() -> Any:
     (None off the main thread, where handlers cannot be set)."""
     if threading.current_thread() is not threading.main_thread():
         return None
+    _terminated.clear()
 
     def terminate(signum, frame):  # noqa: ARG001
+        _terminated.set()
         raise Terminated
 
     return signal.signal(signal.SIGTERM, terminate)
