@@ -2,6 +2,7 @@
 `encode` gives integer codes, `decode_codes` maps them back, and its training forward returns a
 `TokenizerAux` whose losses are registered loss terms (or the quantizer's documented parts)."""
 
+import functools
 import logging
 import types
 
@@ -117,6 +118,25 @@ def test_images_that_are_not_a_float_batch_are_refused(built):
         model.apply({"params": params}, x[:0], method=model.encode_latents)
     with pytest.raises(ValueError, match=r"expects float images of shape \(B, "):
         model.apply({"params": params}, x[0], method=model.encode_latents)
+
+
+def test_images_outside_the_pixel_range_are_refused_outside_jit(built):
+    """[0, 255] float pixels (`np.asarray(image, np.float32)`) were encoded as such without a
+    word, and so were [-1, 1] images by a [0, 1] tokenizer: refused where the values are
+    known (an eager call), with the conversion. Inside jit nothing is checked, and a little
+    overshoot (a resize's) passes."""
+    name, model, params, x = built
+    lo, hi = model.pixel_range
+    unit = (x - lo) / (hi - lo)  # [0, 1] images, whatever the model's range
+    encode = functools.partial(model.apply, {"params": params}, method=model.encode_latents)
+    with pytest.raises(ValueError, match=r"got values from .* \(from \[0, 255\] pixels: "
+                                         r"x / 255" + (r" \* 2 - 1" if lo < 0 else r"\)")):
+        encode(unit * 255)
+    if lo == 0:
+        with pytest.raises(ValueError, match=r"\(from \[-1, 1\] pixels: \(x \+ 1\) / 2\)"):
+            encode(unit * 2 - 1)
+    encode(x + 0.05 * (hi - lo))  # a little over: passes
+    jax.jit(encode)(unit * 255)  # inside jit: not checked
 
 
 def _decode_with_bad_codes(model, params, codes):

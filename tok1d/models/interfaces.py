@@ -183,9 +183,23 @@ def check_images(name: str, images: jax.Array, image_size: Optional[int],
         raise ValueError(f"{name} expects {expected}; got shape {tuple(images.shape)}.")
     if not images.shape[0]:
         raise ValueError(f"{name} expects {expected}; got an empty batch.")
+    to_range = " * 2 - 1" if pixel_range[0] < 0 else ""
     if not jnp.issubdtype(images.dtype, jnp.floating):
         raise ValueError(f"{name} expects {expected}; got {images.dtype} pixels (from uint8 "
-                         f"ones: x / 255{' * 2 - 1' if float(lo) < 0 else ''}).")
+                         f"ones: x / 255{to_range}).")
+    if isinstance(images, jax.core.Tracer):  # (inside jit: the values are not known here)
+        return
+    # Outside jit (the Python API's eager calls) the values are: [0, 255] floats were
+    # encoded as such, [-1, 1] images by a [0, 1] TiTok too. Half a range of slack: resizing
+    # overshoots a little.
+    with jax.ensure_compile_time_eval():  # (concrete images closed over by a traced call)
+        low, high = float(jnp.min(images)), float(jnp.max(images))
+    span = pixel_range[1] - pixel_range[0]
+    if low < pixel_range[0] - span / 2 or high > pixel_range[1] + span / 2:
+        hint = (f" (from [0, 255] pixels: x / 255{to_range})" if high > 2 * span + 1 else
+                " (from [-1, 1] pixels: (x + 1) / 2)" if pixel_range[0] >= 0 > low else "")
+        raise ValueError(f"{name} expects {expected}; got values from {low:.4g} to "
+                         f"{high:.4g}{hint}.")
 
 
 def encode_images(tokenizer: Any, params: Any, images: jax.Array, prefix_tokens: int = 0
