@@ -635,6 +635,26 @@ def test_folders_that_are_not_read_are_named(tmp_path, monkeypatch):
         prepare_lib.prepare(str(root), str(tmp_path / "out2"), workers=1)
 
 
+def test_names_that_are_not_images_or_not_files_are_named_and_never_read(tmp_path):
+    """A FIFO named pipe.jpg made prepare wait forever, without a word; a broken link was a
+    decoding failure ("No such file"); files of other types (.heic) were only counted."""
+    root = tmp_path / "in"
+    _small_tree(str(root), classes=("a", "b"), per_class=2)
+    os.mkfifo(root / "a" / "pipe.jpg")
+    os.symlink(root / "gone.png", root / "b" / "dangling.png")
+    for name in ("x.heic", "y.HEIC", "notes"):
+        (root / "a" / name).write_bytes(b"not an image")
+    summary = prepare_lib.prepare(str(root), str(tmp_path / "out"), workers=1)
+    assert summary["splits"]["train"]["num_examples"] == 4
+    assert summary["num_skipped"] == 0
+    text = prepare_lib.format_summary(summary)
+    assert "image names that are not regular files, never read: 2 (e.g. a/pipe.jpg (not a " \
+           "regular file: FIFO or device))" in text
+    assert "b/dangling.png (not a regular file: broken link)" in summary["ignored"]
+    assert "of which files of other types, by extension: .heic 2, no extension 1 (images " \
+           "take .bmp, " in text
+
+
 def test_a_full_disk_is_one_line_and_the_output_stays_as_it_was(tree, tmp_path, monkeypatch,
                                                                capsys):
     """The ArrayRecord writer's failure (a RuntimeError) came out as two tracebacks."""

@@ -93,6 +93,10 @@ def text_name(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+_NOT_A_FILE = "not a regular file:"  # (an ignored name's reason)
+_REASONS = ("unreadable: ", "a link into class ", _NOT_A_FILE)  # (those `scan_input` gives)
+
+
 def scan_input(input_dir: str) -> tuple[list[str], list[_Example], list[str]]:
     """Lists the classes and image files of a class-subfolder tree.
 
@@ -174,6 +178,10 @@ def scan_input(input_dir: str) -> tuple[list[str], list[_Example], list[str]]:
                 relpath = relative(path)
                 if filename.startswith(".") or not is_image_file(filename):
                     ignored.append(relpath)
+                    continue
+                if not os.path.isfile(path):  # a FIFO (reading it waited forever), a device
+                    what = "broken link" if os.path.islink(path) else "FIFO or device"
+                    ignored.append(f"{relpath} ({_NOT_A_FILE} {what})")
                     continue
                 try:
                     size = os.path.getsize(path)
@@ -858,10 +866,21 @@ def format_summary(summary: dict[str, Any]) -> str:
         "hidden folders, not read (torchvision's ImageFolder reads them)":
             [p for p in ignored if p.endswith("/")],
         "links into another class's folder, not read twice":
-            [p for p in ignored if "/ (a link into class " in p]}
+            [p for p in ignored if "/ (a link into class " in p],
+        "image names that are not regular files, never read":
+            [p for p in ignored if f" ({_NOT_A_FILE} " in p]}
     for kind, paths in kinds.items():
         if paths:
             lines.append(f"    of which {kind}: {len(paths)} (e.g. {paths[0]})")
+    other = collections.Counter(
+        os.path.splitext(p)[1].lower() or "no extension" for p in ignored
+        if "/" in p and not p.endswith("/") and not p.rsplit("/", 1)[1].startswith(".")
+        and not any(f" ({why}" in p for why in _REASONS))
+    if other:
+        counts = ", ".join(f"{ext} {n}" for ext, n in other.most_common(8))
+        lines.append(f"    of which files of other types, by extension: {counts}"
+                     f"{', ...' if len(other) > 8 else ''} (images take "
+                     f"{', '.join(sorted(IMAGE_EXTENSIONS))})")
     lines.append(f"  bytes written: {_format_bytes(summary['bytes_written'])}")
     lines.append(
         f"  elapsed: {summary['elapsed_s']:.1f} s "
