@@ -764,25 +764,65 @@ def test_a_resume_on_other_training_data_is_named(tmp_path):
         "data.name: 'demo' there, 'digits' now"]
 
 
-def test_a_resume_on_a_dataset_of_another_size_is_named(tmp_path, capsys):
-    """A dataset re-prepared under the same name (more or fewer training examples) is other
-    data for a resumed run (its batches are not those of an uninterrupted run): the run
-    records the size of its training split in data.json and a resume names a change."""
+def test_a_resume_on_a_dataset_prepared_again_is_named(tmp_path, capsys):
+    """A dataset re-prepared under the same name is other data for a resumed run (its
+    batches are not those of an uninterrupted run): the run records the size and content
+    fingerprints of its splits in data.json and a resume names a change, also one of the
+    same size (other images: it resumed without a word) and of the eval split (its evals
+    then mix two validation sets)."""
     from tok1d.train import config_lib
     config = config_lib.base_config("tokenizer")
     wd = str(tmp_path)
-    loop.start_writing(config, wd, 0, train_examples=10).close()  # a fresh run: recorded
-    assert json.loads((tmp_path / loop.DATA_FILE).read_text()) == {"train_examples": 10}
+
+    def data(n, train="a", evals="e"):
+        return {"train_examples": n, "train_fingerprint": train, "eval_fingerprint": evals}
+
+    loop.start_writing(config, wd, 0, data(10)).close()  # a fresh run: recorded
+    assert json.loads((tmp_path / loop.DATA_FILE).read_text()) == data(10)
     assert "Warning" not in capsys.readouterr().out
     os.makedirs(os.path.join(wd, "checkpoints", "8"))
-    assert loop.changed_data_size(wd, 10) is None and loop.changed_data_size(wd, None) is None
-    loop.start_writing(config, wd, 8, train_examples=16).close()
+    assert loop.changed_data(wd, data(10)) == ([], False)
+    assert loop.changed_data(wd, None) == ([], False)
+    assert loop.changed_data(wd, data(10, None, None)) == ([], False)  # (not known now)
+    loop.start_writing(config, wd, 8, data(16)).close()
     out = capsys.readouterr().out
     assert ("Warning: resuming on other training data than the checkpoints were trained on "
-            "(the training split: 10 examples there, 16 now).") in out
-    assert json.loads((tmp_path / loop.DATA_FILE).read_text()) == {"train_examples": 16}
+            "(the training split: 10 examples there, 16 now); the data stream resumes at the "
+            "same batch count, in the new data's order.") in out
+    assert json.loads((tmp_path / loop.DATA_FILE).read_text()) == data(16)
+    loop.start_writing(config, wd, 8, data(16, "b", "f")).close()
+    out = capsys.readouterr().out
+    assert "(the training split: prepared again from other images, as many); " in out
+    assert (f"Warning: the eval split {config.data.eval_split!r} was prepared again since the "
+            "run's last start") in out
+    (tmp_path / loop.DATA_FILE).write_text('{"train_examples": 16}')  # an older run's
+    assert loop.changed_data(wd, data(16, "c", "g")) == ([], False)
     (tmp_path / loop.DATA_FILE).write_text("{junk")  # unreadable: nothing known to differ
-    assert loop.changed_data_size(wd, 3) is None
+    assert loop.changed_data(wd, data(3)) == ([], False)
+
+
+def test_prepare_fingerprints_the_content_of_each_split(tmp_path):
+    """`tok1d prepare` records a digest of each split's records: the same images prepared
+    again give the same one, other images (as many) another."""
+    from PIL import Image
+    from tok1d.data import prepare, records
+
+    def prepared(name, shade):
+        root = tmp_path / name
+        for label in ("a", "b"):
+            (root / label).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(np.full((8, 8, 3), shade + i, np.uint8)).save(
+                    root / label / f"{i}.png")
+        prepare.prepare(str(root), str(tmp_path / f"{name}_out"), workers=1)
+        return records.ArrayRecordImageSource(str(tmp_path / f"{name}_out"), "train")
+
+    one, same, other = prepared("one", 10), prepared("same", 10), prepared("other", 50)
+    assert len(one.fingerprint) == 16 and one.fingerprint == same.fingerprint
+    assert other.fingerprint != one.fingerprint and len(other) == len(one)
+    assert loop.data_record(one, other) == {"train_examples": 6,
+                                            "train_fingerprint": one.fingerprint,
+                                            "eval_fingerprint": other.fingerprint}
 
 
 def test_a_resume_with_other_schedule_settings_is_named(tmp_path):

@@ -24,6 +24,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import io
 import itertools
 import json
@@ -93,8 +94,8 @@ def text_name(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-_NOT_A_FILE = "not a regular file:"  # (an ignored name's reason)
-_REASONS = ("unreadable: ", "a link into class ", _NOT_A_FILE)  # (those `scan_input` gives)
+_BROKEN_LINK = "a broken link"  # (an ignored name's reason)
+_REASONS = ("unreadable: ", "a link into class ", _BROKEN_LINK)  # (those `scan_input` gives)
 
 
 def scan_input(input_dir: str) -> tuple[list[str], list[_Example], list[str]]:
@@ -179,9 +180,8 @@ def scan_input(input_dir: str) -> tuple[list[str], list[_Example], list[str]]:
                 if filename.startswith(".") or not is_image_file(filename):
                     ignored.append(relpath)
                     continue
-                if not os.path.isfile(path):  # a FIFO (reading it waited forever), a device
-                    what = "broken link" if os.path.islink(path) else "FIFO or device"
-                    ignored.append(f"{relpath} ({_NOT_A_FILE} {what})")
+                if os.path.islink(path) and not os.path.exists(path):
+                    ignored.append(f"{relpath} ({_BROKEN_LINK})")
                     continue
                 try:
                     size = os.path.getsize(path)
@@ -512,6 +512,7 @@ def _write_split(split: str, examples: Sequence[_Example], num_shards: int,
         max_in_flight)
 
     skipped, num_written, index, labels = [], 0, 0, set()
+    content = hashlib.blake2b(digest_size=8)  # the records written, in order: `fingerprint`
     writer, current = None, -1
     bar = tqdm.tqdm(total=n, desc=f"{split}", unit="img", file=sys.stderr,
                     dynamic_ncols=True)
@@ -529,8 +530,9 @@ def _write_split(split: str, examples: Sequence[_Example], num_shards: int,
                 if data is None:
                     skipped.append((example.relpath, reason))
                     continue
-                _writing(writer.write, tmp_paths[current],
-                         records.encode_record(data, example.label, example.relpath))
+                record = records.encode_record(data, example.label, example.relpath)
+                _writing(writer.write, tmp_paths[current], record)
+                content.update(record)
                 num_written += 1
                 labels.add(example.label)
             bar.update(len(chunk))
@@ -553,6 +555,7 @@ def _write_split(split: str, examples: Sequence[_Example], num_shards: int,
         "tmp_shards": dict(zip(tmp_paths, names)),
         "labels": labels,
         "bytes_written": sum(os.path.getsize(p) for p in tmp_paths),
+        "fingerprint": content.hexdigest(),
     }
 
 
@@ -817,6 +820,9 @@ def _commit(output_dir: str, class_names: list[str],
             "num_examples": st["num_examples"],
             "shards": st["shards"],
             "num_skipped": st["num_skipped"],
+            # its content: a run resumed on a split prepared again (other images, the same
+            # count) says so (`tok1d.train.loop.changed_data`)
+            "fingerprint": st["fingerprint"],
         }
         if "split_off_from" in st:
             info["splits"][name]["split_off_from"] = st["split_off_from"]
@@ -867,8 +873,8 @@ def format_summary(summary: dict[str, Any]) -> str:
             [p for p in ignored if p.endswith("/")],
         "links into another class's folder, not read twice":
             [p for p in ignored if "/ (a link into class " in p],
-        "image names that are not regular files, never read":
-            [p for p in ignored if f" ({_NOT_A_FILE} " in p]}
+        "broken links":
+            [p for p in ignored if p.endswith(f" ({_BROKEN_LINK})")]}
     for kind, paths in kinds.items():
         if paths:
             lines.append(f"    of which {kind}: {len(paths)} (e.g. {paths[0]})")

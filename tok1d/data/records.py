@@ -347,6 +347,7 @@ class ArrayRecordImageSource:
                 "`tok1d prepare --val_fraction=F` (or --split) writes another; or use one "
                 "it has (--split, or --config.data.train_split / eval_split).")
         split_info = splits[split]
+        self._fingerprint = split_info.get("fingerprint")
         self._paths = [os.path.join(directory, s) for s in split_info["shards"]]
         if not self._paths:
             raise errors.UserError(f"Split {split!r} of {directory!r} has no shards (its "
@@ -378,6 +379,13 @@ class ArrayRecordImageSource:
     def paths(self) -> list[str]:
         """Paths of the shard files, in order."""
         return list(self._paths)
+
+    @property
+    def fingerprint(self) -> str | None:
+        """A digest of the split's records, written by `tok1d prepare` (None in datasets
+        prepared before it was): another one means the split was prepared again from other
+        images."""
+        return self._fingerprint
 
     @property
     def class_names(self) -> list[str]:

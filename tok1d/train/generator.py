@@ -514,7 +514,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                       jax.random.key(config.seed), batches_from,
                                       steps, mesh, rules, step_args=step_args)
     state, first_step = start.state, start.step
-    writer = loop.start_writing(config, workdir, first_step, len(train_src))
+    writer = loop.start_writing(config, workdir, first_step,
+                                loop.data_record(train_src, eval_src))
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     logging.info("Generator %s: %.2fM parameters; starting at step %d.", config.model.name,
                  num_params / 1e6, first_step)

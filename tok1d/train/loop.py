@@ -497,45 +497,73 @@ def _json_like(value: Any) -> Any:
     return value
 
 
-DATA_FILE = "data.json"  # in the workdir: {"train_examples": N} of the data the run trains on
+DATA_FILE = "data.json"  # in the workdir: what the run trains and evaluates on (`data_record`)
 
 
-def changed_data_size(workdir: str, train_examples: Optional[int]) -> Optional[str]:
-    """What differs between the number of training examples a resumed run's checkpoints were
-    trained on (its workdir's data.json) and `train_examples` now (a dataset re-prepared under
-    the same name); None when nothing is known to differ."""
+def data_record(train_source: Any, eval_source: Any = None) -> dict[str, Any]:
+    """What data.json records of a run's data: the training split's size, and the content
+    fingerprints of its training and eval splits where their sources know them (a split
+    `tok1d prepare` wrote: `ArrayRecordImageSource.fingerprint`)."""
+    return {"train_examples": len(train_source),
+            "train_fingerprint": getattr(train_source, "fingerprint", None),
+            "eval_fingerprint": getattr(eval_source, "fingerprint", None)}
+
+
+def _recorded_data(workdir: str) -> dict[str, Any]:
+    """A resumed run's data.json ({} for a fresh run, or none readable)."""
     path = os.path.join(workdir, DATA_FILE)
-    if train_examples is None or layout.latest_step(workdir) is None or not os.path.isfile(path):
-        return None
+    if layout.latest_step(workdir) is None or not os.path.isfile(path):
+        return {}
     try:
         with open(path, encoding="utf-8") as f:
-            before = json.load(f).get("train_examples")
-    except (OSError, ValueError, AttributeError):
-        return None
-    if before is None or before == train_examples:
-        return None
-    return f"the training split: {before} examples there, {train_examples} now"
+            before = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return before if isinstance(before, dict) else {}
+
+
+def changed_data(workdir: str, data: Optional[Mapping[str, Any]]) -> tuple[list[str], bool]:
+    """(what differs between the training split a resumed run's checkpoints were trained on
+    (its workdir's data.json) and `data` now (`data_record`): its size, or its content, a
+    dataset prepared again under the same name; whether its eval split's content differs).
+    Nothing is known to differ where either side lacks a value."""
+    before, data = (_recorded_data(workdir), data) if data else ({}, {})
+
+    def differs(key):
+        return None not in (before.get(key), data.get(key)) and before[key] != data[key]
+
+    changed = []
+    if differs("train_examples"):
+        changed.append(f"the training split: {before['train_examples']} examples there, "
+                       f"{data['train_examples']} now")
+    elif differs("train_fingerprint"):
+        changed.append("the training split: prepared again from other images, as many")
+    return changed, differs("eval_fingerprint")
 
 
 def start_writing(config, workdir: str, first_step: int = 0,
-                  train_examples: Optional[int] = None) -> summary.MetricWriter:
+                  data: Optional[Mapping[str, Any]] = None) -> summary.MetricWriter:
     """The run's metric writer, with the config recorded: config.json and the hyperparameters
     (call once the run's state exists). A resumed run whose model settings or training data
-    changed says which (`changed_model_settings`, `changed_data_settings`, and with
-    `train_examples`, the size of its training split: `changed_data_size`) before config.json
-    and data.json record the new ones. A run (re)starting at `first_step` drops its logs of
+    changed says which (`changed_model_settings`, `changed_data_settings`, and with `data`
+    (`data_record`), its splits' size and content: `changed_data`) before config.json and
+    data.json record the new ones. A run (re)starting at `first_step` drops its logs of
     later steps (`MetricWriter.resume_at`)."""
     changed = changed_model_settings(config, workdir)
     if changed:
         log_fn()(f"Warning: resuming with model settings other than the checkpoints were "
                  f"trained with ({'; '.join(changed)}); the params are read as they are.")
     changed = changed_data_settings(config, workdir)
-    size = changed_data_size(workdir, train_examples)
-    if size is not None:
-        changed.append(size)
-    if changed:
+    content, other_eval = changed_data(workdir, data)
+    if changed or content:
         log_fn()(f"Warning: resuming on other training data than the checkpoints were trained "
-                 f"on ({'; '.join(changed)}).")
+                 f"on ({'; '.join(changed + content)})"
+                 + ("; the data stream resumes at the same batch count, in the new data's "
+                    "order." if content else "."))
+    if other_eval:
+        log_fn()(f"Warning: the eval split {config.data.eval_split!r} was prepared again "
+                 "since the run's last start: its evals from here on are of other images "
+                 "than those logged before.")
     changed = changed_schedule_settings(config, workdir)
     if changed:
         log_fn()(f"Warning: resuming with other optimizer or schedule settings than the run's "
@@ -552,8 +580,8 @@ def start_writing(config, workdir: str, first_step: int = 0,
     writer.resume_at(first_step)  # (steps after the checkpoint, logged before a kill: redone)
     writer.write_hparams(config.to_dict())
     write_json(layout.config_path(workdir), config.to_dict())
-    if train_examples is not None:
-        write_json(os.path.join(workdir, DATA_FILE), {"train_examples": int(train_examples)})
+    if data is not None:
+        write_json(os.path.join(workdir, DATA_FILE), dict(data))
     return writer
 
 

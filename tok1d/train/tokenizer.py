@@ -574,7 +574,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                       jax.random.key(config.seed), batches_from,
                                       t.steps, mesh, rules, step_args=(frozen,))
     state, first_step = start.state, start.step
-    writer = loop.start_writing(config, workdir, first_step, len(train_src))
+    writer = loop.start_writing(config, workdir, first_step,
+                                loop.data_record(train_src, eval_src))
     if first_step == 0:
         state = load_initial_weights(config, state, log)
         trunk = load_disc_trunk(config, t.gan.disc) if t.gan is not None else None
