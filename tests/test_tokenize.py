@@ -404,6 +404,17 @@ def test_load_tokenizer_from_pretrained_dir_and_training_workdir(tiny, tmp_path,
         loaders.load_tokenizer(str(work))
     with open(work / "config.json", "w") as f:
         json.dump(tiny_test.get_config().to_dict(), f)
+    data = max((p for p in (work / "checkpoints" / "4" / "state").rglob("*")
+                if p.is_file() and "/d/" in str(p)), key=lambda p: p.stat().st_size)
+    data.write_bytes(data.read_bytes()[:10])  # an array file cut short: orbax's raw error was
+    with pytest.raises(errors.UserError, match=r"4/state is not a readable checkpoint \(.*Error "
+                       r"reading .*\): its files are damaged or incomplete"):
+        loaders.load_tokenizer(str(work))
+    (work / "checkpoints" / "2").mkdir()  # an earlier checkpoint: named as the way on
+    with pytest.raises(errors.UserError, match=r"incomplete; the run's other checkpoints are "
+                       r"at steps 2 \(e.g. --checkpoint=\S+/checkpoints/2\)\.$"):
+        loaders.load_tokenizer(str(work))
+    (work / "checkpoints" / "2").rmdir()
     (work / "checkpoints" / "4" / "state" / "_METADATA").write_text("junk")
     with pytest.raises(errors.UserError, match="4/state is not a readable checkpoint"):
         loaders.load_tokenizer(str(work))

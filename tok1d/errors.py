@@ -48,6 +48,19 @@ def brief(error: BaseException, limit: int = 200) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
+def innermost(error: BaseException) -> BaseException:
+    """The deepest exception `error` was raised from (its explicit causes, then the context it
+    was raised in, unless suppressed): e.g. TensorStore's "Error reading X ... Not enough
+    data" under orbax's "Encountered error while reading array index ... <bound method ...>"."""
+    seen = {id(error)}
+    while True:
+        inner = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+        if inner is None or id(inner) in seen:
+            return error
+        seen.add(id(inner))
+        error = inner
+
+
 def missing_directory(what: str, path: str) -> FileNotFoundError:
     """The error for a `what` directory at `path` that is not there, or is a file."""
     if os.path.isfile(path):

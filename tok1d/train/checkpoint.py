@@ -193,7 +193,8 @@ class Checkpointer:
 
     def _unreadable(self, step: int, error: Exception) -> ValueError:
         return ValueError(
-            f"Checkpoint {self.directory}/{step} cannot be read ({errors.brief(error, 300)}): "
+            f"Checkpoint {self.directory}/{step} cannot be read "
+            f"({errors.brief(errors.innermost(error), 300)}): "
             "its files are damaged or incomplete (or the storage failed: then try again). "
             "Move that step's folder aside to resume from an earlier checkpoint, or use a new "
             "--workdir.")

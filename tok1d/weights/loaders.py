@@ -126,7 +126,27 @@ def _restore_numpy_item(path: str) -> dict[str, Any]:
             raise errors.UserError(f"{path} is not a readable checkpoint ({error}): its files "
                                    "are damaged or incomplete.")
         restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-        return ckptr.restore(path, restore_args=restore_args)
+        try:
+            return ckptr.restore(path, restore_args=restore_args)
+        except (OSError, ValueError) as e:  # an array file missing or cut short
+            raise errors.UserError(
+                f"{path} is not a readable checkpoint ({errors.brief(errors.innermost(e), 300)})"
+                f": its files are damaged or incomplete{_earlier_checkpoints(path)}.") from None
+
+
+def _earlier_checkpoints(state: str) -> str:
+    """", the run's other checkpoints: --checkpoint=..." for the state item of a training
+    workdir's checkpoint with others beside it; "" otherwise."""
+    found = layout.step_folder(os.path.dirname(state))
+    if found is None:
+        return ""
+    workdir, step = found
+    others = [s for s in layout.checkpoint_steps(workdir) if s != step]
+    if not others:
+        return ""
+    folder = os.path.join(layout.checkpoint_dir(workdir), str(max(others)))
+    return (f"; the run's other checkpoints are at steps {', '.join(map(str, others))} "
+            f"(e.g. --checkpoint={folder})")
 
 
 def load_training_state(workdir: str, step: Optional[int] = None) -> dict[str, Any]:
