@@ -18,7 +18,7 @@ import types
 import pytest
 
 from conftest import REPO, subprocess_env
-from tok1d import errors
+from tok1d import errors, parallel
 from tok1d.cli import app, convert, tokenize, train
 from tok1d.evaluation import evaluator
 from tok1d.train import loop, tokenizer
@@ -823,3 +823,29 @@ def test_sigterm_before_a_command_takes_it_over_ends_it_as_ctrl_c_does(capsys):
     job.execute = lambda fv, args: (_ for _ in ()).throw(KeyboardInterrupt)  # Ctrl-C: still 130
     assert app.run(job, []) == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == "interrupted"
+
+
+def test_sigterm_still_ends_a_command_after_joining_a_multi_process_run(monkeypatch, capsys):
+    """`jax.distributed.initialize` puts JAX's preemption notifier in place of the SIGTERM
+    handler (here: SIG_IGN in its place), which only the training loop polls: two-process
+    sample / evaluate / tokenize runs went on to their end after SIGTERM. `app.setup_process`
+    puts tok1d's handler back."""
+    import signal
+    import time
+    import types
+    monkeypatch.setattr(parallel, "setup_process",
+                        lambda *args: signal.signal(signal.SIGTERM, signal.SIG_IGN))
+    job = types.ModuleType("job")
+    job.CONFIG, job.REQUIRED, job.POSITIONAL = None, (), None
+    job.define_flags = app.define_distributed_flags
+
+    def execute(fv, args):
+        app.setup_process(fv)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+
+    job.execute = execute
+    before = signal.getsignal(signal.SIGTERM)
+    assert app.run(job, []) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "interrupted (SIGTERM)"
+    assert signal.getsignal(signal.SIGTERM) is before

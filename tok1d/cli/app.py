@@ -667,6 +667,7 @@ class Terminated(KeyboardInterrupt):
 
 
 _terminated = threading.Event()  # SIGTERM came (while `_terminate_like_ctrl_c`'s handler is on)
+_TERMINATE = "terminate"  # that handler's name
 
 
 def _terminate_like_ctrl_c() -> Any:
@@ -680,7 +681,7 @@ def _terminate_like_ctrl_c() -> Any:
         return None
     _terminated.clear()
 
-    def terminate(signum, frame):  # noqa: ARG001
+    def terminate(signum, frame):  # noqa: ARG001 - (named _TERMINATE)
         _terminated.set()
         raise Terminated
 
@@ -721,8 +722,17 @@ def setup_process(fv: flags.FlagValues, paths: Sequence[str] = ()) -> None:
     --checkpoint that gave none, `config_for_checkpoint`'s error), then, with several
     processes, that every process sees the local files or folders named in `paths`: flags
     (e.g. "checkpoint") or config keys ("config.generator.tokenizer"). A process without one
-    stopped alone while the others waited in their next collective."""
+    stopped alone while the others waited in their next collective.
+
+    With several processes `jax.distributed` puts JAX's preemption notifier in place of the
+    SIGTERM handler of `run`, which only the training loop polls: a sample, evaluate or
+    tokenize run went on to its end after SIGTERM (a scheduler's `scancel`, `kill`). The
+    handler is put back: the process ends as for Ctrl-C and tells the others."""
+    handler = signal.getsignal(signal.SIGTERM)
     parallel.setup_process(fv.coordinator_address, fv.num_processes, fv.process_id)
+    if (getattr(handler, "__name__", "") == _TERMINATE
+            and threading.current_thread() is threading.main_thread()):
+        signal.signal(signal.SIGTERM, handler)
     config = fv["config"].value if "config" in fv else None
     check_same_command(config)
     if "config" in fv and config is None and "checkpoint" in fv and fv["checkpoint"].value:
