@@ -48,6 +48,12 @@ def brief(error: BaseException, limit: int = 200) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's limit, `kill`), raised as Ctrl-C's KeyboardInterrupt is (the same
+    clean-up) where a command has not taken it over; the command line ends with
+    "interrupted (SIGTERM)", status 143."""
+
+
 def innermost(error: BaseException) -> BaseException:
     """The deepest exception `error` was raised from (its explicit causes, then the context it
     was raised in, unless suppressed): e.g. TensorStore's "Error reading X ... Not enough

@@ -638,7 +638,7 @@ def run(job: types.ModuleType, argv: Optional[Sequence[str]] = None,
     except KeyboardInterrupt as e:
         # (a library on the way may raise a plain KeyboardInterrupt in its place: orbax's
         # async write of a conversion did, which ended SIGTERM with "interrupted", 130)
-        terminated = isinstance(e, Terminated) or _terminated.is_set()
+        terminated = isinstance(e, errors.Terminated) or _terminated.is_set()
         print("interrupted" + (" (SIGTERM)" if terminated else ""), file=sys.stderr)
         parallel.tell_others("interrupted" + (" by SIGTERM" if terminated else ""))
         return 128 + signal.SIGTERM if terminated else 130
@@ -662,10 +662,6 @@ def run(job: types.ModuleType, argv: Optional[Sequence[str]] = None,
     return 0
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler's limit, `kill`) before a command handles it itself."""
-
-
 _terminated = threading.Event()  # SIGTERM came (while `_terminate_like_ctrl_c`'s handler is on)
 _TERMINATE = "terminate"  # that handler's name
 
@@ -683,7 +679,7 @@ def _terminate_like_ctrl_c() -> Any:
 
     def terminate(signum, frame):  # noqa: ARG001 - (named _TERMINATE)
         _terminated.set()
-        raise Terminated
+        raise errors.Terminated
 
     return signal.signal(signal.SIGTERM, terminate)
 

@@ -428,28 +428,29 @@ def _shut_down(pool: concurrent.futures.ProcessPoolExecutor, finished: bool) -> 
 
 @contextlib.contextmanager
 def _stop_on_signals(tmp_files: list[str]) -> Iterator[None]:
-    """SIGTERM (a scheduler's time limit, `kill`) raises KeyboardInterrupt meanwhile, as Ctrl-C
-    does, so that the temporary files are removed. Either also arms a watchdog: if the process
-    has not ended 2 x SHUTDOWN_WAIT_S later (an interrupted pool can hang its shutdown, seen in
-    CI runs), it removes `tmp_files` and exits (130). Only the main thread sets handlers."""
+    """SIGTERM (a scheduler's time limit, `kill`) raises `errors.Terminated` meanwhile, a
+    KeyboardInterrupt as Ctrl-C's, so that the temporary files are removed. Either also arms a
+    watchdog: if the process has not ended 2 x SHUTDOWN_WAIT_S later (an interrupted pool can
+    hang its shutdown, seen in CI runs), it removes `tmp_files` and exits (130, or 143 for
+    SIGTERM). Only the main thread sets handlers."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
-    def watchdog() -> None:
+    def watchdog(status: int) -> None:
         time.sleep(2 * SHUTDOWN_WAIT_S)
         for path in list(tmp_files):
             with contextlib.suppress(OSError):
                 os.remove(path)
         print("interrupted (the decoding workers did not stop: exited)", file=sys.stderr,
               flush=True)
-        os._exit(130)
+        os._exit(status)
 
     def interrupt(signum, frame):
         if not any(t.name == "tok1d-prepare-watchdog" for t in threading.enumerate()):
-            threading.Thread(target=watchdog, name="tok1d-prepare-watchdog",
-                             daemon=True).start()
-        raise KeyboardInterrupt
+            threading.Thread(target=watchdog, args=(128 + signum,),
+                             name="tok1d-prepare-watchdog", daemon=True).start()
+        raise errors.Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
     previous = {number: signal.signal(number, interrupt)
                 for number in (signal.SIGTERM, signal.SIGINT)}
