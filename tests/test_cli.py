@@ -170,13 +170,18 @@ def test_any_module_argument_is_an_override(tmp_path, capsys):
     ("raises.py", "def get_config():\n    return undefined\n",
      "raises.py, line 2: NameError: name 'undefined' is not defined"),
     ("config.json", '{"seed": true}\n', "config.json is not a tok1d run's config"),
+    ("config.json", 'null\n', "config.json is not a tok1d run's config"),
+    ("config.json", '{"trainer": "tokenizer"}\n', "config.json has no model section with a name"),
     ("settings.cfg", "[run]\nseed: 1\n", "a config is a Python file with get_config()"),
 ])
 def test_a_config_file_that_fails_is_one_line_naming_its_line(name, text, needle, tmp_path,
                                                               capsys):
     (tmp_path / name).write_text(text)
     assert app.run(train, [f"--config={tmp_path / name}", f"--workdir={tmp_path / 'w'}"]) == 2
-    assert needle in one_error_line(capsys.readouterr().err)
+    line = one_error_line(capsys.readouterr().err)
+    assert needle in line
+    # (a run's config.json: its reader's own path and error class were shown before it)
+    assert "run_config.py" not in line and "tok1d.train" not in line, line
 
 
 def test_a_folder_that_is_no_run_as_config_is_one_line(tmp_path, capsys):

@@ -421,7 +421,9 @@ def _parse(job: types.ModuleType, prog: str, args: list[str]
             message = f"--config={config_file}, line {e.lineno}: SyntaxError: {e.msg}{hint}"
         elif "Error whilst parsing config file" in message:  # get_config raised: last line
             last = [line.strip() for line in message.splitlines() if line.strip()][-1]
-            message = f"--config={config_file}: {last}"
+            ours = re.match(r"tok1d\.[\w.]+\.(?:ConfigError|UserError): (.*)", last)
+            # (tok1d's own error names the file: a run's config.json, not its internal reader)
+            message = ours.group(1) if ours else f"--config={config_file}: {last}"
         elif isinstance(e, errors.UserError):  # written for the user (a run's config.json)
             message = str(e)
         elif not isinstance(e, flags.Error):  # raised by the config file itself

@@ -417,6 +417,10 @@ def from_run(path: str) -> ml_collections.ConfigDict:
     values = layout.read_json(file)
     if not isinstance(values, dict) or values.get("trainer") not in TRAINERS:
         raise ConfigError(f"{file} is not a tok1d run's config (no trainer among {TRAINERS}).")
+    if not isinstance(values.get("model"), dict) or "name" not in values["model"]:
+        # (laid onto the schema, the default model was benchmarked or blamed in its place)
+        raise ConfigError(f"{file} has no model section with a name: not a whole run config "
+                          "(damaged or edited?).")
     out = base_config(values["trainer"])
     _lay_onto(out, values, "")
     return out
