@@ -24,7 +24,6 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import functools
-import hashlib
 import io
 import itertools
 import json
@@ -38,6 +37,7 @@ import sys
 import threading
 import time
 import uuid
+import zlib
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -513,7 +513,9 @@ def _write_split(split: str, examples: Sequence[_Example], num_shards: int,
         max_in_flight)
 
     skipped, num_written, index, labels = [], 0, 0, set()
-    content = hashlib.blake2b(digest_size=8)  # the records written, in order: `fingerprint`
+    # The records written, in order: `fingerprint` (a CRC, 4x cheaper than a hash here: the
+    # main thread writes every record; it detects changes, it does not authenticate them).
+    content = content_bytes = 0
     writer, current = None, -1
     bar = tqdm.tqdm(total=n, desc=f"{split}", unit="img", file=sys.stderr,
                     dynamic_ncols=True)
@@ -533,7 +535,7 @@ def _write_split(split: str, examples: Sequence[_Example], num_shards: int,
                     continue
                 record = records.encode_record(data, example.label, example.relpath)
                 _writing(writer.write, tmp_paths[current], record)
-                content.update(record)
+                content, content_bytes = zlib.crc32(record, content), content_bytes + len(record)
                 num_written += 1
                 labels.add(example.label)
             bar.update(len(chunk))
@@ -556,7 +558,7 @@ def _write_split(split: str, examples: Sequence[_Example], num_shards: int,
         "tmp_shards": dict(zip(tmp_paths, names)),
         "labels": labels,
         "bytes_written": sum(os.path.getsize(p) for p in tmp_paths),
-        "fingerprint": content.hexdigest(),
+        "fingerprint": f"{content:08x}{content_bytes % (1 << 32):08x}",
     }
 
 
