@@ -780,8 +780,9 @@ def test_a_resume_on_a_dataset_prepared_again_is_named(tmp_path, capsys):
     config = config_lib.base_config("tokenizer")
     wd = str(tmp_path)
 
-    def data(n, train="a", evals="e"):
-        return {"train_examples": n, "train_fingerprint": train, "eval_fingerprint": evals}
+    def data(n, train="a", evals="e", eval_split="/d/validation"):
+        return {"train_examples": n, "train_split": "/d/train", "train_fingerprint": train,
+                "eval_split": eval_split, "eval_fingerprint": evals}
 
     loop.start_writing(config, wd, 0, data(10)).close()  # a fresh run: recorded
     assert json.loads((tmp_path / loop.DATA_FILE).read_text()) == data(10)
@@ -798,9 +799,12 @@ def test_a_resume_on_a_dataset_prepared_again_is_named(tmp_path, capsys):
     assert json.loads((tmp_path / loop.DATA_FILE).read_text()) == data(16)
     loop.start_writing(config, wd, 8, data(16, "b", "f")).close()
     out = capsys.readouterr().out
-    assert "(the training split: prepared again from other images, as many); " in out
+    assert ("(the training split: prepared again, as many examples (other images, order or "
+            "preprocessing)); ") in out
     assert (f"Warning: the eval split {config.data.eval_split!r} was prepared again since the "
             "run's last start") in out
+    # another eval split (`--config.data.eval_split`) is not the same split prepared again
+    assert loop.changed_data(wd, data(16, "b", "g", "/d/test")) == ([], False)
     (tmp_path / loop.DATA_FILE).write_text('{"train_examples": 16}')  # an older run's
     assert loop.changed_data(wd, data(16, "c", "g")) == ([], False)
     (tmp_path / loop.DATA_FILE).write_text("{junk")  # unreadable: nothing known to differ
@@ -826,9 +830,11 @@ def test_prepare_fingerprints_the_content_of_each_split(tmp_path):
     one, same, other = prepared("one", 10), prepared("same", 10), prepared("other", 50)
     assert len(one.fingerprint) == 16 and one.fingerprint == same.fingerprint
     assert other.fingerprint != one.fingerprint and len(other) == len(one)
-    assert loop.data_record(one, other) == {"train_examples": 6,
-                                            "train_fingerprint": one.fingerprint,
-                                            "eval_fingerprint": other.fingerprint}
+    assert loop.data_record(one, other) == {
+        "train_examples": 6, "train_split": str(tmp_path / "one_out" / "train"),
+        "train_fingerprint": one.fingerprint,
+        "eval_split": str(tmp_path / "other_out" / "train"),
+        "eval_fingerprint": other.fingerprint}
 
 
 def test_a_resume_with_other_schedule_settings_is_named(tmp_path):

@@ -20,6 +20,7 @@ import os
 import re
 import sys
 import threading
+import time
 import zlib
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -406,7 +407,15 @@ DEFAULT_CACHE_MAX_BYTES = 8 << 30
 _STOP_KEY = "tok1d/stop/{}"  # a process's notice: why another one stopped ("" at its own exit)
 STOP_GRACE_S = 5.0  # how long a notified process leaves its own error to say so first
 _stopping = threading.Event()  # this process is ending: its own error, or its normal exit
+_acting = threading.Event()  # the watcher stops this process (it ends it: `_stop_watching`)
+_exchanged = threading.Event()  # a notice went out or came in: the processes involved are alive
 _watcher: list[threading.Thread] = []
+
+
+def stopping() -> None:
+    """Marks this process as ending on its own (e.g. an error from a collective that another
+    process left): its watcher then leaves the saying to it."""
+    _stopping.set()
 
 
 def _client() -> Any:
@@ -422,8 +431,9 @@ def tell_others(message: str) -> None:
     its way out already."""
     _stopping.set()
     client = _client()
-    if client is None:
+    if client is None or not _watcher:  # (not joined: `initialize` failed before connecting)
         return
+    _exchanged.set()
     me = joined_process_index()
     notice = f"process {me} stopped ({message[:400]})"
     for other in range(jax_distributed.global_state.num_processes):
@@ -443,6 +453,7 @@ def watch_for_stops() -> None:
     client = _client()
     if client is None or _watcher:
         return
+    _stopping.clear()
     thread = threading.Thread(target=_watch, args=(client, joined_process_index()),
                               name="tok1d-stop-watcher", daemon=True)
     thread.start()
@@ -452,24 +463,41 @@ def watch_for_stops() -> None:
 
 def _watch(client: Any, me: int) -> None:
     while True:
+        asked = time.monotonic()
         try:
             notice = client.blocking_key_value_get(_STOP_KEY.format(me), 24 * 3600 * 1000)
         except Exception as e:  # noqa: BLE001 - a day without news, or the service is gone
             if "DEADLINE_EXCEEDED" in str(e) and not _stopping.is_set():
+                time.sleep(max(0.0, 1.0 - (time.monotonic() - asked)))  # (never a spin)
                 continue
             return
-        if not notice or _stopping.wait(STOP_GRACE_S):
-            return  # this process's own exit, or its own error says why
+        if not notice:
+            return  # this process's own exit
+        _exchanged.set()
+        if _stopping.wait(STOP_GRACE_S):
+            return  # its own error says why
+        _acting.set()
         _stopping.set()
         print(f"error: {notice}: process {me} stops too.", file=sys.stderr, flush=True)
         for handler in logging.getLogger().handlers:
             handler.flush()
-        try:
-            jax_distributed.global_state.shutdown()  # the stopped process waits there for us
-        except Exception:  # noqa: BLE001 - it is gone already
-            pass
+        shut_down_with_the_others()  # the stopped process waits there for us
         sys.stdout.flush()
         os._exit(1)  # (the main thread waits in a collective that will never complete)
+
+
+def shut_down_with_the_others() -> None:
+    """JAX's distributed shutdown (its barrier with every process), where a stop notice went
+    out or came in: those processes are alive and on their way there, and a process that left
+    without it (`os._exit` after a "stopped waiting" error, or with a step still compiling)
+    kept them in that barrier up to its 5-min timeout. A no-op otherwise: a process that was
+    killed never reaches it."""
+    if not _exchanged.is_set():
+        return
+    try:
+        jax_distributed.global_state.shutdown()
+    except Exception:  # noqa: BLE001 - the service is gone already
+        pass
 
 
 def _stop_watching(client: Any, me: int) -> None:
@@ -478,6 +506,8 @@ def _stop_watching(client: Any, me: int) -> None:
     _stopping.set()
     if not _watcher or not _watcher[0].is_alive():
         return
+    if _acting.is_set():  # it is in JAX's shutdown and ends the process: not twice at once
+        _watcher[0].join()
     try:
         client.key_value_set(_STOP_KEY.format(me), "", allow_overwrite=True)
     except Exception:  # noqa: BLE001 - the service is gone: so is the request

@@ -649,6 +649,7 @@ def run(job: types.ModuleType, argv: Optional[Sequence[str]] = None,
         if _peer_failure(e) is not None:
             global _peer_failed
             _peer_failed = True
+            parallel.stopping()  # (its own line: not also the watcher's)
         else:  # the others of a multi-process run would wait for this one in a collective
             parallel.tell_others(message or f"a bug, {type(e).__name__}: see its traceback")
         if message is None or verbosity >= 2:
@@ -865,6 +866,7 @@ def exit_process(status: int) -> NoReturn:
     if programs.compiling() or _peer_failed:
         sys.stdout.flush()
         sys.stderr.flush()
+        parallel.shut_down_with_the_others()  # (after a stop notice: they wait for this one)
         os._exit(status)
     sys.exit(status)
 

@@ -187,7 +187,8 @@ def check_images(name: str, images: jax.Array, image_size: Optional[int],
     if not jnp.issubdtype(images.dtype, jnp.floating):
         raise ValueError(f"{name} expects {expected}; got {images.dtype} pixels (from uint8 "
                          f"ones: x / 255{to_range}).")
-    if isinstance(images, jax.core.Tracer):  # (inside jit: the values are not known here)
+    if (isinstance(images, jax.core.Tracer)  # (inside jit: the values are not known here)
+            or not getattr(images, "is_fully_addressable", True)):  # (other hosts' rows)
         return
     # Outside jit (the Python API's eager calls) the values are: [0, 255] floats were
     # encoded as such, [-1, 1] images by a [0, 1] TiTok too. Half a range of slack: resizing

@@ -503,9 +503,17 @@ DATA_FILE = "data.json"  # in the workdir: what the run trains and evaluates on 
 def data_record(train_source: Any, eval_source: Any = None) -> dict[str, Any]:
     """What data.json records of a run's data: the training split's size, and the content
     fingerprints of its training and eval splits where their sources know them (a split
-    `tok1d prepare` wrote: `ArrayRecordImageSource.fingerprint`)."""
+    `tok1d prepare` wrote: `ArrayRecordImageSource.fingerprint`), with the split each is of
+    (DIR/SPLIT: a run moved to another split is not told that its split was prepared again)."""
+    def split_of(source):
+        if getattr(source, "fingerprint", None) is None:
+            return None
+        return os.path.join(os.path.abspath(source.directory), source.split)
+
     return {"train_examples": len(train_source),
+            "train_split": split_of(train_source),
             "train_fingerprint": getattr(train_source, "fingerprint", None),
+            "eval_split": split_of(eval_source),
             "eval_fingerprint": getattr(eval_source, "fingerprint", None)}
 
 
@@ -532,13 +540,18 @@ def changed_data(workdir: str, data: Optional[Mapping[str, Any]]) -> tuple[list[
     def differs(key):
         return None not in (before.get(key), data.get(key)) and before[key] != data[key]
 
+    def prepared_again(split):  # (the same split's content: another split is named elsewhere)
+        same = before.get(f"{split}_split") == data.get(f"{split}_split") is not None
+        return same and differs(f"{split}_fingerprint")
+
     changed = []
     if differs("train_examples"):
         changed.append(f"the training split: {before['train_examples']} examples there, "
                        f"{data['train_examples']} now")
-    elif differs("train_fingerprint"):
-        changed.append("the training split: prepared again from other images, as many")
-    return changed, differs("eval_fingerprint")
+    elif prepared_again("train"):
+        changed.append("the training split: prepared again, as many examples (other images, "
+                       "order or preprocessing)")
+    return changed, prepared_again("eval")
 
 
 def start_writing(config, workdir: str, first_step: int = 0,

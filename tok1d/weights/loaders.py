@@ -131,10 +131,10 @@ def _restore_numpy_item(path: str) -> dict[str, Any]:
         except (OSError, ValueError) as e:  # an array file missing or cut short
             raise errors.UserError(
                 f"{path} is not a readable checkpoint ({errors.brief(errors.innermost(e), 300)})"
-                f": its files are damaged or incomplete{_earlier_checkpoints(path)}.") from None
+                f": its files are damaged or incomplete{_other_checkpoints(path)}.") from None
 
 
-def _earlier_checkpoints(state: str) -> str:
+def _other_checkpoints(state: str) -> str:
     """", the run's other checkpoints: --checkpoint=..." for the state item of a training
     workdir's checkpoint with others beside it; "" otherwise."""
     found = layout.step_folder(os.path.dirname(state))
