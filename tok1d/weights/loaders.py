@@ -123,20 +123,24 @@ def _restore_numpy_item(path: str) -> dict[str, Any]:
         else:
             error = "it holds no array metadata"
         if tree is None:
-            raise errors.UserError(f"{path} is not a readable checkpoint ({error}): its files "
-                                   "are damaged or incomplete.")
+            raise _damaged(path, error)
         restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
         try:
             return ckptr.restore(path, restore_args=restore_args)
         except (OSError, ValueError) as e:  # an array file missing or cut short
-            raise errors.UserError(
-                f"{path} is not a readable checkpoint ({errors.brief(errors.innermost(e), 300)})"
-                f": its files are damaged or incomplete{_other_checkpoints(path)}.") from None
+            raise _damaged(path, errors.brief(errors.innermost(e), 300)) from None
+
+
+def _damaged(state: str, why: str) -> errors.UserError:
+    """The error for a checkpoint's state item `state` that cannot be read (`why`), naming the
+    run's other checkpoints where there are some."""
+    return errors.UserError(f"{state} is not a readable checkpoint ({why}): its files are "
+                            f"damaged or incomplete{_other_checkpoints(state)}.")
 
 
 def _other_checkpoints(state: str) -> str:
-    """", the run's other checkpoints: --checkpoint=..." for the state item of a training
-    workdir's checkpoint with others beside it; "" otherwise."""
+    """"; the run's other checkpoints are at steps ... (e.g. --checkpoint=...)" for the state
+    item of a training workdir's checkpoint with others beside it; "" otherwise."""
     found = layout.step_folder(os.path.dirname(state))
     if found is None:
         return ""
